@@ -1,0 +1,17 @@
+//! ferry-core: the pure, deterministic heart of ferry.
+//!
+//! Nothing in this crate touches a socket, a file or a clock. Everything here is
+//! driven by values passed in and returns values out, so it can be unit-tested,
+//! property-tested and (for the state machines that later issues add: link,
+//! resync, cluster roles, migration phases) simulated deterministically.
+//!
+//! Today it holds the geometry every other layer agrees on:
+//! - [`size`]: byte sizes as operators write them (`10GiB`, `512k`) and as we print them;
+//! - [`extent`]: checked byte ranges inside a device, and the bounds rules that
+//!   protect a volume from requests that fall outside it.
+
+pub mod extent;
+pub mod size;
+
+pub use extent::{Extent, RangeError};
+pub use size::{ByteSize, SizeParseError};

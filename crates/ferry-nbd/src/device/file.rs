@@ -1,0 +1,320 @@
+//! A raw, sparse image file as a [`BlockDevice`].
+//!
+//! - Reads and writes are positioned (`pread`/`pwrite`): no shared file offset,
+//!   no lock on the hot path, any number of threads at once.
+//! - `flush` and FUA are `fdatasync`: one call covers every completed write of
+//!   every connection, which is what lets the export promise `CAN_MULTI_CONN`.
+//! - TRIM and WRITE_ZEROES punch holes (`FALLOC_FL_PUNCH_HOLE`) where allowed, or
+//!   zero in place (`FALLOC_FL_ZERO_RANGE`), falling back to writing zero bytes on
+//!   filesystems that support neither (unless the client asked for a fast zero).
+//! - BLOCK_STATUS reports the file's real allocation from `SEEK_DATA`/`SEEK_HOLE`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{Allocation, BlockDevice, ZeroMode};
+
+/// Zero bytes written when the filesystem cannot zero a range itself.
+const ZERO_CHUNK_BYTES: usize = 256 * 1024;
+
+/// A raw image file.
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    /// Cleared after the filesystem answered `EOPNOTSUPP` to a hole punch.
+    punch_supported: AtomicBool,
+    /// Cleared after the filesystem answered `EOPNOTSUPP` to a zero range.
+    zero_range_supported: AtomicBool,
+}
+
+fn einval(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what.to_string())
+}
+
+fn to_off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| einval("offset does not fit in off_t"))
+}
+
+impl FileDevice {
+    /// Creates a new sparse image of `size` bytes; fails if `path` exists.
+    pub fn create(path: &Path, size: u64) -> io::Result<FileDevice> {
+        to_off(size)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        file.set_len(size)?;
+        file.sync_all()?;
+        Self::from_file(file, path)
+    }
+
+    /// Opens an existing image; its size is the file's length.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<FileDevice> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        Self::from_file(file, path)
+    }
+
+    fn from_file(file: File, path: &Path) -> io::Result<FileDevice> {
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(einval("image is not a regular file"));
+        }
+        Ok(FileDevice {
+            file,
+            path: path.to_path_buf(),
+            size: meta.len(),
+            punch_supported: AtomicBool::new(true),
+            zero_range_supported: AtomicBool::new(true),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes actually allocated on disk (what `du` shows).
+    pub fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
+        let (off, len) = (to_off(offset)?, to_off(length)?);
+        loop {
+            // SAFETY: fallocate only reads its integer arguments; the fd is owned by
+            // `self.file` and stays open for the duration of the call.
+            let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
+    fn try_punch(&self, offset: u64, length: u64) -> io::Result<bool> {
+        if !self.punch_supported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.punch_supported.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn try_zero_range(&self, offset: u64, length: u64) -> io::Result<bool> {
+        if !self.zero_range_supported.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.zero_range_supported.store(false, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_zero_bytes(&self, offset: u64, length: u64) -> io::Result<()> {
+        static ZEROS: [u8; ZERO_CHUNK_BYTES] = [0; ZERO_CHUNK_BYTES];
+        let mut pos = offset;
+        let end = offset + length;
+        while pos < end {
+            let n = (end - pos).min(ZERO_CHUNK_BYTES as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// `lseek` with `SEEK_DATA`/`SEEK_HOLE`; `None` when there is no data at or
+    /// after `offset` (`ENXIO`).
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        let off = to_off(offset)?;
+        // SAFETY: lseek only reads its integer arguments. It moves the shared file
+        // offset, which ferry never uses (all I/O is positioned).
+        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        Ok(Some(rc as u64))
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        // TRIM is advisory: when the filesystem cannot punch, doing nothing is correct.
+        if self.try_punch(offset, length)? && fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
+        let done = (mode.may_punch && self.try_punch(offset, length)?)
+            || self.try_zero_range(offset, length)?;
+        if !done {
+            if mode.fast_only {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            self.write_zero_bytes(offset, length)?;
+        }
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        max_runs: usize,
+        out: &mut Vec<Allocation>,
+    ) -> io::Result<()> {
+        let end = offset.saturating_add(length).min(self.size);
+        let mut pos = offset;
+        let mut runs = 0;
+        while pos < end && runs < max_runs {
+            let data_start = self.seek(pos, libc::SEEK_DATA)?.unwrap_or(end);
+            let run = if data_start > pos {
+                Allocation {
+                    length: data_start.min(end) - pos,
+                    hole: true,
+                    zero: true,
+                }
+            } else {
+                // Every file has an implicit hole at EOF, so SEEK_HOLE always answers.
+                let hole_start = self.seek(pos, libc::SEEK_HOLE)?.unwrap_or(end);
+                Allocation {
+                    length: hole_start.clamp(pos + 1, end) - pos,
+                    hole: false,
+                    zero: false,
+                }
+            };
+            pos += run.length;
+            out.push(run);
+            runs += 1;
+        }
+        Ok(())
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        let (off, len) = (to_off(offset)?, to_off(length)?);
+        // SAFETY: posix_fadvise only reads its integer arguments; the fd is valid.
+        let rc = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED)
+        };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_file_reports_holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let dev = FileDevice::create(&path, 4 << 20).unwrap();
+        dev.write_at(&[0xAB; 65536], 1 << 20, false).unwrap();
+        let mut runs = Vec::new();
+        dev.block_status(0, 4 << 20, 64, &mut runs).unwrap();
+        let total: u64 = runs.iter().map(|r| r.length).sum();
+        assert_eq!(total, 4 << 20);
+        assert!(runs[0].hole && runs[0].zero);
+        let data: Vec<_> = runs.iter().filter(|r| !r.hole).collect();
+        assert_eq!(data.len(), 1, "{runs:?}");
+        assert!(data[0].length >= 65536);
+
+        // Punch it back out; the whole file is a hole again and reads as zeroes.
+        dev.write_zeroes(
+            1 << 20,
+            65536,
+            ZeroMode {
+                may_punch: true,
+                fast_only: false,
+            },
+            true,
+        )
+        .unwrap();
+        runs.clear();
+        dev.block_status(0, 4 << 20, 64, &mut runs).unwrap();
+        assert_eq!(
+            runs,
+            vec![Allocation {
+                length: 4 << 20,
+                hole: true,
+                zero: true
+            }]
+        );
+        let mut buf = vec![1u8; 65536];
+        dev.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn block_status_respects_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::create(&dir.path().join("img"), 1 << 20).unwrap();
+        for i in 0..8u64 {
+            dev.write_at(&[1; 4096], i * 131072, false).unwrap();
+        }
+        let mut runs = Vec::new();
+        dev.block_status(0, 1 << 20, 3, &mut runs).unwrap();
+        assert_eq!(runs.len(), 3);
+        runs.clear();
+        dev.block_status(4096, 100, 16, &mut runs).unwrap();
+        assert_eq!(runs.iter().map(|r| r.length).sum::<u64>(), 100);
+    }
+}

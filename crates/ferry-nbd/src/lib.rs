@@ -1,0 +1,20 @@
+//! ferry-nbd: an NBD server written for ferry's IO filter.
+//!
+//! - [`proto`]: wire constants and fixed-size encodings (pure);
+//! - [`handshake`]: fixed-newstyle option negotiation (sans I/O);
+//! - [`transmission`]: request validation, the one gate before the device (sans I/O);
+//! - [`connection`]: one connection's handshake and worker pool, generic over `Read`/`Write`;
+//! - [`server`]: TCP and Unix listeners, connection limits, shutdown;
+//! - [`device`]: the [`BlockDevice`] trait, a sparse-file and an in-memory device.
+
+pub mod connection;
+pub mod device;
+pub mod handshake;
+pub mod proto;
+pub mod server;
+pub mod transmission;
+
+pub use connection::ConnectionLimits;
+pub use device::{Allocation, BlockDevice, FileDevice, MemDevice, ZeroMode};
+pub use handshake::{ExportInfo, NegotiationLimits};
+pub use server::{Export, ListenAddr, Listener, Server, ServerError, ServerLimits};

@@ -1,0 +1,149 @@
+//! The `ferry` binary: a thin edge over the library crates. Parses the command
+//! line, sets up logging, runs one command, prints its result, and turns errors
+//! into exit codes (0 ok, 1 failed, 2 usage).
+
+mod cli;
+mod demo;
+mod export;
+mod signals;
+mod volume;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+use ferry_core::ByteSize;
+use serde::Serialize;
+
+use cli::{Cli, Command, VolumeCommand};
+use volume::VolumeStore;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(cli.global.log_level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if cli.global.json {
+                let _ = print_json(&serde_json::json!({ "error": format!("{e:#}") }));
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let json = cli.global.json;
+    match &cli.command {
+        Command::Volume(cmd) => {
+            volume_command(&VolumeStore::open(&cli.global.data_dir)?, cmd, json)
+        }
+        Command::Export(args) => export::run(&VolumeStore::open(&cli.global.data_dir)?, args, json),
+        Command::Demo(args) => demo::run(args, json),
+    }
+}
+
+fn volume_command(store: &VolumeStore, cmd: &VolumeCommand, json: bool) -> Result<()> {
+    match cmd {
+        VolumeCommand::Create { name, size } => {
+            store.create(name, size.bytes())?;
+            let info = store.info(name)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!(
+                    "created volume {} ({}) at {}",
+                    info.name,
+                    ByteSize(info.size_bytes),
+                    info.path.display()
+                );
+            }
+        }
+        VolumeCommand::List => {
+            let list = store.list()?;
+            if json {
+                print_json(&list)?;
+            } else if list.is_empty() {
+                println!("no volumes (create one with `ferry volume create NAME --size 10GiB`)");
+            } else {
+                println!(
+                    "{:<24} {:>12} {:>12}  EXPORTED",
+                    "NAME", "SIZE", "ALLOCATED"
+                );
+                for v in &list {
+                    println!(
+                        "{:<24} {:>12} {:>12}  {}",
+                        v.name,
+                        ByteSize(v.size_bytes).to_string(),
+                        ByteSize(v.allocated_bytes).to_string(),
+                        if v.exported { "yes" } else { "no" }
+                    );
+                }
+            }
+        }
+        VolumeCommand::Show { name } => {
+            let v = store.info(name)?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("name:      {}", v.name);
+                println!("id:        {}", v.id);
+                println!(
+                    "size:      {} ({} bytes)",
+                    ByteSize(v.size_bytes),
+                    v.size_bytes
+                );
+                println!("allocated: {}", ByteSize(v.allocated_bytes));
+                println!("exported:  {}", if v.exported { "yes" } else { "no" });
+                println!("image:     {}", v.path.display());
+            }
+        }
+        VolumeCommand::Resize { name, size, shrink } => {
+            store.resize(name, size.bytes(), *shrink)?;
+            let info = store.info(name)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!(
+                    "resized volume {} to {}",
+                    info.name,
+                    ByteSize(info.size_bytes)
+                );
+            }
+        }
+        VolumeCommand::Delete { name, yes } => {
+            store.delete(name, *yes)?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted volume {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints one JSON document on its own line.
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
+pub fn flush_stdout() {
+    let _ = std::io::stdout().flush();
+}
