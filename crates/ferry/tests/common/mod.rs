@@ -1,0 +1,240 @@
+//! Shared harness for the integration tests: a data dir, the real `ferry` binary,
+//! and the real NBD clients (qemu-io, qemu-img, nbdinfo, nbdcopy, nbdsh, fio).
+//!
+//! Every process a test starts is owned by a guard that kills it (by PID) and
+//! reaps it on drop, so a failing test leaves nothing behind.
+
+#![allow(dead_code)]
+
+pub mod raw;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn ferry_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+/// Panics with a clear message when a client the tests need is missing.
+pub fn require(tool: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
+        let p = Path::new(dir).join(tool);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("`{tool}` is not installed: run scripts/test, which installs the Debian packages the tests need");
+}
+
+/// A data dir with the `ferry` CLI pointed at it.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+}
+
+impl Node {
+    pub fn new() -> Node {
+        Node {
+            dir: tempfile::Builder::new()
+                .prefix("ferry-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(ferry_bin());
+        c.env("FERRY_DATA_DIR", self.dir.path())
+            .env("FERRY_LOG", "warn");
+        c
+    }
+
+    /// Runs `ferry ARGS`, returning its output whatever its status.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Runs `ferry ARGS` and requires success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn create(&self, name: &str, size: &str) {
+        self.ok(&["volume", "create", name, "--size", size]);
+    }
+
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.dir.path().join("volumes").join(name).join("data.raw")
+    }
+
+    /// Starts `ferry export NAME --listen 127.0.0.1:0 --json EXTRA...` and waits
+    /// until it prints where it listens.
+    pub fn export(&self, name: &str, extra: &[&str]) -> Exported {
+        let mut args = vec!["--json", "export", name];
+        if !extra.iter().any(|a| *a == "--listen") {
+            args.extend(["--listen", "127.0.0.1:0"]);
+        }
+        args.extend(extra);
+        let mut child = self
+            .cmd()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        if line.is_empty() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            let _ = child.wait();
+            panic!("ferry export {args:?} did not start: {err}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let uris = v["uris"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap().to_string())
+            .collect();
+        Exported {
+            child: Some(child),
+            uris,
+            size: v["size_bytes"].as_u64().unwrap(),
+        }
+    }
+}
+
+/// A running `ferry export`; killed on drop.
+pub struct Exported {
+    child: Option<Child>,
+    pub uris: Vec<String>,
+    pub size: u64,
+}
+
+impl Exported {
+    pub fn uri(&self) -> &str {
+        &self.uris[0]
+    }
+
+    /// `HOST:PORT` of the first (TCP) listener.
+    pub fn addr(&self) -> String {
+        let rest = self.uri().strip_prefix("nbd://").unwrap();
+        rest.split('/').next().unwrap().to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status and stderr.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on the PID of a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return (status, err);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ferry export did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Exported {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a client command; panics with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// qemu-io against `uri` with the given `-c` commands.
+pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut c = Command::new(require("qemu-io"));
+    c.args(["-f", "raw"]);
+    for cmd in commands {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    let out = run_ok(&mut c);
+    // qemu-io exits 0 even when a pattern check fails; it says so on stdout.
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "qemu-io reported a failure:\n{out}"
+    );
+    out
+}
+
+/// A Command for a Debian tool, with /usr/bin first on PATH (nbdsh needs
+/// Debian's python3, not another one earlier on PATH).
+pub fn debian_tool(tool: &str) -> Command {
+    let path = require(tool);
+    let mut c = Command::new(path);
+    let old = std::env::var("PATH").unwrap_or_default();
+    c.env("PATH", format!("/usr/bin:/bin:{old}"));
+    c
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
