@@ -263,7 +263,15 @@ fn worker<'scope, 'env, R, W>(
             if shared.closing.load(Ordering::SeqCst) {
                 return;
             }
-            read_request(&mut *reader, &shared.ctx, &mut buf)
+            let incoming = read_request(&mut *reader, &shared.ctx, &mut buf);
+            // Decide about the end of the stream while still holding the reader,
+            // so no other worker starts a read that nothing will ever answer.
+            if !matches!(incoming, Ok(Some(Incoming::Run { cmd, .. })) if cmd != Command::Disconnect)
+                && !matches!(incoming, Ok(Some(Incoming::Refused { .. })))
+            {
+                shared.closing.store(true, Ordering::SeqCst);
+            }
+            incoming
         };
         let incoming = match incoming {
             Ok(Some(i)) => i,

@@ -317,4 +317,80 @@ mod tests {
         dev.block_status(4096, 100, 16, &mut runs).unwrap();
         assert_eq!(runs.iter().map(|r| r.length).sum::<u64>(), 100);
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        const SIZE: u64 = 1 << 20;
+        const BLOCK: u64 = 4096;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Write { block: u64, blocks: u64, byte: u8 },
+            Punch { block: u64, blocks: u64 },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0..SIZE / BLOCK, 1u64..16, 1u8..=255).prop_map(|(block, blocks, byte)| {
+                    Op::Write {
+                        block,
+                        blocks,
+                        byte,
+                    }
+                }),
+                (0..SIZE / BLOCK, 1u64..32).prop_map(|(block, blocks)| Op::Punch { block, blocks }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            /// Whatever was written and punched, BLOCK_STATUS runs are contiguous,
+            /// inside the query, within `max_runs`, and a run reported as a hole
+            /// (or zero) really reads as zeroes.
+            #[test]
+            fn block_status_extents_are_truthful(
+                ops in proptest::collection::vec(op(), 0..24),
+                start in 0..SIZE,
+                len in 1..SIZE,
+                max_runs in 1usize..8,
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                let dev = FileDevice::create(&dir.path().join("img"), SIZE).unwrap();
+                for op in &ops {
+                    match *op {
+                        Op::Write { block, blocks, byte } => {
+                            let n = blocks.min(SIZE / BLOCK - block);
+                            dev.write_at(&vec![byte; (n * BLOCK) as usize], block * BLOCK, false).unwrap();
+                        }
+                        Op::Punch { block, blocks } => {
+                            let n = blocks.min(SIZE / BLOCK - block);
+                            let mode = ZeroMode { may_punch: true, fast_only: false };
+                            dev.write_zeroes(block * BLOCK, n * BLOCK, mode, false).unwrap();
+                        }
+                    }
+                }
+                let len = len.min(SIZE - start);
+                let mut runs = Vec::new();
+                dev.block_status(start, len, max_runs, &mut runs).unwrap();
+                prop_assert!(!runs.is_empty() && runs.len() <= max_runs);
+                let mut pos = start;
+                for r in &runs {
+                    prop_assert!(r.length > 0);
+                    if r.hole || r.zero {
+                        let mut buf = vec![1u8; r.length as usize];
+                        dev.read_at(&mut buf, pos).unwrap();
+                        prop_assert!(buf.iter().all(|&b| b == 0), "run at {} reported zero but is not", pos);
+                    }
+                    pos += r.length;
+                }
+                prop_assert!(pos <= start + len);
+                if runs.len() < max_runs {
+                    prop_assert_eq!(pos, start + len, "fewer runs than allowed must cover the query");
+                }
+            }
+        }
+    }
 }

@@ -83,7 +83,7 @@ impl Node {
     /// until it prints where it listens.
     pub fn export(&self, name: &str, extra: &[&str]) -> Exported {
         let mut args = vec!["--json", "export", name];
-        if !extra.iter().any(|a| *a == "--listen") {
+        if !extra.contains(&"--listen") {
             args.extend(["--listen", "127.0.0.1:0"]);
         }
         args.extend(extra);

@@ -1,0 +1,236 @@
+//! The server answers requests out of order as each completes, and never runs
+//! more than `max_in_flight_per_connection` of one connection's requests at once.
+//!
+//! A gated device (a `MemDevice` whose reads can be held) makes the timing
+//! deterministic: the server under test is real, over real TCP.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use ferry_nbd::device::{Allocation, BlockDevice, MemDevice, ZeroMode};
+use ferry_nbd::{ConnectionLimits, Export, ListenAddr, Listener, Server, ServerLimits};
+
+/// Holds every read until `open()` is called; counts reads running at once.
+struct Gate {
+    inner: MemDevice,
+    open: Mutex<bool>,
+    cv: Condvar,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Gate {
+    fn new() -> Arc<Gate> {
+        Arc::new(Gate {
+            inner: MemDevice::new(1 << 20),
+            open: Mutex::new(false),
+            cv: Condvar::new(),
+            running: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        })
+    }
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl BlockDevice for Gate {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        let g = self.open.lock().unwrap();
+        let _g = self
+            .cv
+            .wait_timeout_while(g, Duration::from_secs(10), |open| !*open)
+            .unwrap();
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.trim(offset, length, fua)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode, fua: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l, m, fua)
+    }
+    fn block_status(
+        &self,
+        o: u64,
+        l: u64,
+        max: usize,
+        out: &mut Vec<Allocation>,
+    ) -> std::io::Result<()> {
+        self.inner.block_status(o, l, max, out)
+    }
+}
+
+fn serve(dev: Arc<Gate>, max_in_flight: usize) -> (Server, String) {
+    let server = Server::new(
+        vec![Export {
+            name: "g".into(),
+            description: String::new(),
+            read_only: false,
+            device: dev,
+        }],
+        ServerLimits {
+            connection: ConnectionLimits {
+                max_in_flight_per_connection: max_in_flight,
+                ..ConnectionLimits::default()
+            },
+            ..ServerLimits::default()
+        },
+    )
+    .unwrap();
+    let l = Listener::bind(&"127.0.0.1:0".parse::<ListenAddr>().unwrap()).unwrap();
+    let ListenAddr::Tcp(addr) = l.local_addr().clone() else {
+        unreachable!()
+    };
+    server.serve(l).unwrap();
+    (server, addr.to_string())
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    // NBD_OPT_EXPORT_NAME "g" (with NO_ZEROES negotiated: size + flags only).
+    let mut o = 0x4948_4156_454F_5054u64.to_be_bytes().to_vec();
+    o.extend_from_slice(&1u32.to_be_bytes());
+    o.extend_from_slice(&1u32.to_be_bytes());
+    o.push(b'g');
+    s.write_all(&o).unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    s
+}
+
+fn request(s: &mut TcpStream, kind: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&kind.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(payload);
+    s.write_all(&b).unwrap();
+}
+
+/// Reads a simple reply; returns (error, cookie) and skips `data` bytes for reads.
+fn reply(s: &mut TcpStream, data: usize) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    let mut d = vec![0u8; data];
+    s.read_exact(&mut d).unwrap();
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+#[test]
+fn a_slow_read_does_not_hold_back_later_writes() {
+    let dev = Gate::new();
+    let (server, addr) = serve(dev.clone(), 16);
+    let mut s = connect(&addr);
+    request(&mut s, 0, 1, 0, 4096, &[]); // held by the gate
+    request(&mut s, 1, 2, 4096, 4, b"fast");
+    request(&mut s, 3, 3, 0, 0, &[]); // flush
+                                      // The write and the flush are answered while the read is still held.
+    let mut first = [reply(&mut s, 0), reply(&mut s, 0)];
+    first.sort();
+    assert_eq!(first, [(0, 2), (0, 3)]);
+    dev.open();
+    assert_eq!(reply(&mut s, 4096), (0, 1));
+    server.shutdown();
+}
+
+#[test]
+fn in_flight_requests_are_bounded_per_connection() {
+    let dev = Gate::new();
+    let (server, addr) = serve(dev.clone(), 4);
+    let mut s = connect(&addr);
+    for cookie in 0..20 {
+        request(&mut s, 0, cookie, 0, 512, &[]);
+    }
+    // Give the server every chance to overrun its limit.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(dev.peak.load(Ordering::SeqCst), 4);
+    dev.open();
+    let mut cookies: Vec<u64> = (0..20).map(|_| reply(&mut s, 512).1).collect();
+    cookies.sort();
+    assert_eq!(cookies, (0..20).collect::<Vec<_>>());
+    assert!(dev.peak.load(Ordering::SeqCst) <= 4);
+    server.shutdown();
+}
+
+#[test]
+fn shutdown_closes_connections_and_stops_accepting() {
+    let dev = Gate::new();
+    dev.open();
+    let (server, addr) = serve(dev, 4);
+    let mut s = connect(&addr);
+    request(&mut s, 1, 1, 0, 3, b"abc");
+    assert_eq!(reply(&mut s, 0), (0, 1));
+    server.shutdown();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        s.read(&mut b).unwrap_or(0),
+        0,
+        "connection closed by shutdown"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    match TcpStream::connect(&addr) {
+        Err(_) => {}
+        Ok(mut c) => {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(c.read(&mut b).unwrap_or(0), 0, "no greeting after shutdown");
+        }
+    }
+}
+
+/// Regression: a worker could start reading after another had read DISC, so the
+/// server never closed the connection. Repeated to catch the interleaving.
+#[test]
+fn disconnect_after_pipelined_requests_always_closes() {
+    let dev = Gate::new();
+    dev.open();
+    let (server, addr) = serve(dev, 16);
+    for round in 0..100u64 {
+        let mut s = connect(&addr);
+        // Pipelined writes grow the worker pool; then one request at a time, so an
+        // idle worker is queued on the reader lock when DISC arrives.
+        for cookie in 0..8 {
+            request(&mut s, 1, cookie, cookie * 8, 8, &round.to_be_bytes());
+        }
+        for _ in 0..8 {
+            assert_eq!(reply(&mut s, 0).0, 0);
+        }
+        request(&mut s, 1, 8, 0, 8, &round.to_be_bytes());
+        assert_eq!(reply(&mut s, 0), (0, 8));
+        request(&mut s, 0, 9, 0, 8, &[]);
+        assert_eq!(reply(&mut s, 8), (0, 9));
+        request(&mut s, 2, 99, 0, 0, &[]);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(
+            s.read(&mut b).unwrap_or(1),
+            0,
+            "round {round}: server kept the connection open"
+        );
+    }
+    server.shutdown();
+}
