@@ -101,40 +101,44 @@ impl FileDevice {
         }
     }
 
-    fn try_punch(&self, offset: u64, length: u64) -> io::Result<bool> {
-        if !self.punch_supported.load(Ordering::Relaxed) {
+    /// `fallocate(mode)`, remembering when the filesystem does not support it.
+    /// `Ok(false)`: not supported here (now or before); nothing was done.
+    fn try_fallocate(
+        &self,
+        supported: &AtomicBool,
+        mode: libc::c_int,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<bool> {
+        if !supported.load(Ordering::Relaxed) {
             return Ok(false);
         }
-        match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            length,
-        ) {
+        match self.fallocate(mode | libc::FALLOC_FL_KEEP_SIZE, offset, length) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.punch_supported.store(false, Ordering::Relaxed);
+                supported.store(false, Ordering::Relaxed);
                 Ok(false)
             }
             Err(e) => Err(e),
         }
     }
 
-    fn try_zero_range(&self, offset: u64, length: u64) -> io::Result<bool> {
-        if !self.zero_range_supported.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        match self.fallocate(
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+    fn try_punch(&self, offset: u64, length: u64) -> io::Result<bool> {
+        self.try_fallocate(
+            &self.punch_supported,
+            libc::FALLOC_FL_PUNCH_HOLE,
             offset,
             length,
-        ) {
-            Ok(()) => Ok(true),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.zero_range_supported.store(false, Ordering::Relaxed);
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
+        )
+    }
+
+    fn try_zero_range(&self, offset: u64, length: u64) -> io::Result<bool> {
+        self.try_fallocate(
+            &self.zero_range_supported,
+            libc::FALLOC_FL_ZERO_RANGE,
+            offset,
+            length,
+        )
     }
 
     fn write_zero_bytes(&self, offset: u64, length: u64) -> io::Result<()> {
