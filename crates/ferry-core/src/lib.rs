@@ -10,8 +10,13 @@
 //! - [`extent`]: checked byte ranges inside a device, and the bounds rules that
 //!   protect a volume from requests that fall outside it.
 
+pub mod crc32c;
+pub mod dirty;
 pub mod extent;
+pub mod generation;
 pub mod size;
 
+pub use dirty::{DirtyMap, DirtyMapError};
 pub use extent::{Extent, RangeError};
+pub use generation::{GenerationHistory, Relation};
 pub use size::{ByteSize, SizeParseError};
