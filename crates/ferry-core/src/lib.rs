@@ -14,9 +14,11 @@ pub mod crc32c;
 pub mod dirty;
 pub mod extent;
 pub mod generation;
+pub mod link;
 pub mod size;
 
 pub use dirty::{DirtyMap, DirtyMapError};
 pub use extent::{Extent, RangeError};
 pub use generation::{GenerationHistory, Relation};
+pub use link::{LinkConfig, Mode, Phase, ReplicaState, Replicator, WriteDecision};
 pub use size::{ByteSize, SizeParseError};
