@@ -1,0 +1,60 @@
+//! The link handshake: who I am, which volume, which data history.
+
+use serde::{Deserialize, Serialize};
+
+/// The replication protocol version this ferry speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Sent by the connecting (primary) side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol versions the sender speaks.
+    pub protocol_versions: Vec<u32>,
+    pub node_name: String,
+    pub volume: String,
+    pub volume_id: String,
+    pub size_bytes: u64,
+    pub granularity_bytes: u64,
+    pub generation: u64,
+    pub ancestors: Vec<u64>,
+    /// "sync" or "async".
+    pub mode: String,
+}
+
+/// The replica's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub protocol_version: u32,
+    pub node_name: String,
+    /// `None` when accepted; otherwise why not, in words an operator can act on.
+    pub refused: Option<String>,
+    pub generation: u64,
+    pub ancestors: Vec<u64>,
+    /// Blocks the replica itself knows differ (encoded dirty map), if any.
+    #[serde(default)]
+    pub dirty_map: Option<Vec<u8>>,
+}
+
+impl Hello {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<Hello, crate::WireError> {
+        serde_json::from_slice(b).map_err(|e| crate::WireError::Malformed {
+            kind: crate::Kind::Hello,
+            reason: e.to_string(),
+        })
+    }
+}
+
+impl HelloReply {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<HelloReply, crate::WireError> {
+        serde_json::from_slice(b).map_err(|e| crate::WireError::Malformed {
+            kind: crate::Kind::HelloReply,
+            reason: e.to_string(),
+        })
+    }
+}
