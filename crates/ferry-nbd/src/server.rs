@@ -301,18 +301,24 @@ pub struct ServerStats {
     pub connections_active: AtomicUsize,
 }
 
-struct Inner {
-    exports: Vec<Export>,
+/// The exports at one moment; connections keep the snapshot they negotiated with.
+struct Catalog {
+    exports: Vec<Arc<Export>>,
     infos: Vec<ExportInfo>,
+}
+
+struct Inner {
+    catalog: std::sync::RwLock<Arc<Catalog>>,
     limits: ServerLimits,
     stopping: AtomicBool,
     next_id: AtomicU64,
-    live: Mutex<HashMap<u64, Stream>>,
+    /// Open connections: the export they use (once chosen) and a handle to close them.
+    live: Mutex<HashMap<u64, (Option<String>, Stream)>>,
     listeners: Mutex<Vec<Arc<Listener>>>,
     stats: ServerStats,
 }
 
-/// An NBD server over a fixed set of exports. Cheap to clone.
+/// An NBD server over a set of exports that can change while it runs. Cheap to clone.
 #[derive(Clone)]
 pub struct Server {
     inner: Arc<Inner>,
@@ -321,7 +327,7 @@ pub struct Server {
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")
-            .field("exports", &self.inner.exports)
+            .field("exports", &self.catalog().exports)
             .field("limits", &self.inner.limits)
             .finish()
     }
@@ -344,25 +350,10 @@ impl Server {
                 "max_request_bytes must be between 512 B and 1 GiB",
             ));
         }
-        let mut infos: Vec<ExportInfo> = Vec::with_capacity(exports.len());
-        for e in &exports {
-            if infos.iter().any(|i| i.name == e.name) {
-                return Err(ServerError::DuplicateExport(e.name.clone()));
-            }
-            infos.push(ExportInfo {
-                name: e.name.clone(),
-                description: e.description.clone(),
-                size: e.device.size(),
-                read_only: e.read_only,
-                min_block_bytes: 1,
-                preferred_block_bytes: 4096,
-                max_block_bytes: limits.connection.max_request_bytes,
-            });
-        }
+        let catalog = build_catalog(exports.into_iter().map(Arc::new).collect(), &limits)?;
         Ok(Server {
             inner: Arc::new(Inner {
-                exports,
-                infos,
+                catalog: std::sync::RwLock::new(Arc::new(catalog)),
                 limits,
                 stopping: AtomicBool::new(false),
                 next_id: AtomicU64::new(1),
@@ -371,6 +362,68 @@ impl Server {
                 stats: ServerStats::default(),
             }),
         })
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.inner.catalog()
+    }
+
+    /// Names of the current exports.
+    pub fn export_names(&self) -> Vec<String> {
+        self.catalog()
+            .exports
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Adds an export; new connections can pick it at once.
+    pub fn add_export(&self, export: Export) -> Result<(), ServerError> {
+        let mut guard = self
+            .inner
+            .catalog
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut exports = guard.exports.clone();
+        exports.push(Arc::new(export));
+        *guard = Arc::new(build_catalog(exports, &self.inner.limits)?);
+        Ok(())
+    }
+
+    /// Removes an export from new connections and closes the connections using it.
+    /// Returns whether it existed.
+    pub fn remove_export(&self, name: &str) -> bool {
+        let mut guard = self
+            .inner
+            .catalog
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let before = guard.exports.len();
+        let exports: Vec<_> = guard
+            .exports
+            .iter()
+            .filter(|e| e.name != name)
+            .cloned()
+            .collect();
+        if exports.len() == before {
+            return false;
+        }
+        if let Ok(c) = build_catalog(exports, &self.inner.limits) {
+            *guard = Arc::new(c);
+        }
+        drop(guard);
+        for (export, s) in self
+            .inner
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            if export.as_deref() == Some(name) {
+                s.shutdown();
+            }
+        }
+        true
     }
 
     pub fn stats(&self) -> &ServerStats {
@@ -411,9 +464,37 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            s.shutdown();
+            s.1.shutdown();
         }
     }
+}
+
+impl Inner {
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn build_catalog(exports: Vec<Arc<Export>>, limits: &ServerLimits) -> Result<Catalog, ServerError> {
+    let mut infos: Vec<ExportInfo> = Vec::with_capacity(exports.len());
+    for e in &exports {
+        if infos.iter().any(|i| i.name == e.name) {
+            return Err(ServerError::DuplicateExport(e.name.clone()));
+        }
+        infos.push(ExportInfo {
+            name: e.name.clone(),
+            description: e.description.clone(),
+            size: e.device.size(),
+            read_only: e.read_only,
+            min_block_bytes: 1,
+            preferred_block_bytes: 4096,
+            max_block_bytes: limits.connection.max_request_bytes,
+        });
+    }
+    Ok(Catalog { exports, infos })
 }
 
 fn accept_loop(inner: Arc<Inner>, listener: Arc<Listener>) {
@@ -507,19 +588,37 @@ fn serve_stream(
         if inner.stopping.load(Ordering::SeqCst) {
             return Ok(None);
         }
-        live.insert(id, control.try_clone()?);
+        live.insert(id, (None, control.try_clone()?));
     }
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let timeout = Duration::from_millis(inner.limits.handshake_timeout_ms.max(1));
     reader.get_ref().set_read_timeout(Some(timeout))?;
     let limits = &inner.limits.connection;
-    let Some(session) = connection::handshake(&mut reader, &mut writer, &inner.infos, limits)?
+    let catalog = inner.catalog();
+    let Some(session) = connection::handshake(&mut reader, &mut writer, &catalog.infos, limits)?
     else {
         return Ok(None);
     };
     reader.get_ref().set_read_timeout(None)?;
-    let export = &inner.exports[session.export];
+    let export = &catalog.exports[session.export];
+    if let Some(entry) = inner
+        .live
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&id)
+    {
+        entry.0 = Some(export.name.clone());
+    }
+    // Removed while we negotiated: do not serve it.
+    if !inner
+        .catalog()
+        .exports
+        .iter()
+        .any(|e| Arc::ptr_eq(e, export))
+    {
+        return Ok(None);
+    }
     tracing::info!(conn = id, %peer, export = %export.name,
         structured = session.structured_replies, base_allocation = session.base_allocation,
         "nbd.connection.open");
@@ -528,7 +627,7 @@ fn serve_stream(
         reader,
         writer,
         &*export.device,
-        &inner.infos[session.export],
+        &catalog.infos[session.export],
         session,
         limits,
         &close,
