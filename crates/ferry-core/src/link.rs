@@ -432,6 +432,19 @@ impl Replicator {
         Some(seq)
     }
 
+    /// The peer is known to already hold `extent` as we do (e.g. holes of a
+    /// fresh, all-zero replica): blocks fully inside it are no longer dirty.
+    pub fn assume_equal(&mut self, extent: Extent) {
+        if let Some((first, last)) = self.dirty.blocks_of(extent.offset, extent.length) {
+            for b in first..=last {
+                let be = self.dirty.block_extent(b);
+                if be.offset >= extent.offset && be.end() <= extent.end() {
+                    self.dirty.clear_block(b);
+                }
+            }
+        }
+    }
+
     /// The copier could not read the block: it stays dirty.
     pub fn copy_failed(&mut self, task: CopyTask) {
         if self.copying.remove(&task.block).is_some() {

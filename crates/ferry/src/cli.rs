@@ -44,6 +44,159 @@ pub enum Command {
     Export(ExportArgs),
     /// The main job on an embedded default: a fresh sparse volume served on 127.0.0.1.
     Demo(DemoArgs),
+    /// Run the node agent (volumes, exports, replication, REST API) until SIGTERM.
+    Agent {
+        /// The agent's TOML config (node_name, data_dir, api_listen, replication_listen, nbd_listen).
+        #[arg(long, default_value = "/etc/ferry/ferry.toml")]
+        config: PathBuf,
+    },
+    /// Register peer nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Replicate volumes to another node.
+    #[command(subcommand)]
+    Replicate(ReplicateCommand),
+}
+
+/// How to reach the local agent's REST API.
+#[derive(Debug, Args, Clone)]
+pub struct AgentConn {
+    /// The agent's API address, HOST:PORT.
+    #[arg(long, env = "FERRY_API")]
+    pub api: Option<String>,
+    /// A file holding the agent's API token (else FERRY_TOKEN, else DATA_DIR/api.token).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Register the peer NAME both ways (pins both certificates). The local agent
+    /// is FERRY_API (token: FERRY_TOKEN or DATA_DIR/api.token).
+    Add {
+        name: String,
+        /// The peer's API address, HOST:PORT.
+        #[arg(long)]
+        api: String,
+        /// A file holding the peer's API token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Expected fingerprint of the peer's certificate (sha256:…), checked before trusting it.
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// List registered peers.
+    List {
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Show this node (name, fingerprint, addresses).
+    Show {
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateArg {
+    UpToDate,
+    Inconsistent,
+    Outdated,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicateCommand {
+    /// Create the replica on NODE if needed and bring the link up.
+    Start {
+        name: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_enum, default_value = "sync")]
+        mode: ModeArg,
+        /// Limit of the background copy, e.g. 200MiB/s.
+        #[arg(long)]
+        max_rate: Option<Rate>,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Wait until the replica reaches a state.
+    Wait {
+        name: String,
+        #[arg(long, value_enum, default_value = "up-to-date")]
+        state: StateArg,
+        /// Give up after this long (e.g. 60s, 5m).
+        #[arg(long, default_value = "60s")]
+        timeout: DurationArg,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// State, % synced, backlog, rate and ETA of one or all replications.
+    Status {
+        name: Option<String>,
+        /// Refresh with a progress bar until the replica is up to date.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Change the background copy's rate limit live (0 = unlimited).
+    Set {
+        name: String,
+        #[arg(long)]
+        max_rate: Rate,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Stop replicating (writes keep being tracked; start again resyncs only changes).
+    Stop {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+}
+
+/// A transfer rate: a size per second, e.g. `200MiB/s` (the `/s` is optional).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate(pub u64);
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().trim_end_matches("/s");
+        t.parse::<ByteSize>()
+            .map(|b| Rate(b.0))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A duration such as `500ms`, `60s`, `5m`, `1h` (a bare number is seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationArg(pub std::time::Duration);
+
+impl std::str::FromStr for DurationArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (n, unit) = s.split_at(split);
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration: use e.g. 500ms, 60s, 5m"))?;
+        let ms = match unit {
+            "ms" => n,
+            "" | "s" => n * 1000,
+            "m" => n * 60_000,
+            "h" => n * 3_600_000,
+            _ => return Err(format!("unknown unit in `{s}`: use ms, s, m or h")),
+        };
+        Ok(DurationArg(std::time::Duration::from_millis(ms)))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +220,13 @@ pub enum VolumeCommand {
         /// Allow a smaller size; the bytes past the new end are lost.
         #[arg(long)]
         shrink: bool,
+    },
+    /// Compare a replicated volume with its replica (Merkle trees of BLAKE3
+    /// block hashes) after draining the link; exit 0 only when equal.
+    Verify {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
     },
     /// Delete a volume and its data (refused while it is exported).
     Delete {

@@ -2,9 +2,13 @@
 //! line, sets up logging, runs one command, prints its result, and turns errors
 //! into exit codes (0 ok, 1 failed, 2 usage).
 
+mod agent;
+mod api;
 mod cli;
 mod demo;
 mod export;
+mod remote;
+mod replication;
 mod signals;
 mod volume;
 
@@ -47,16 +51,45 @@ fn main() -> ExitCode {
 fn run(cli: &Cli) -> Result<()> {
     let json = cli.global.json;
     match &cli.command {
+        Command::Volume(VolumeCommand::Create { name, size })
+            if std::env::var_os("FERRY_API").is_some() =>
+        {
+            // With an agent, volumes are created through it so it exports them at once.
+            let conn = cli::AgentConn {
+                api: std::env::var("FERRY_API").ok(),
+                token_file: None,
+            };
+            let v = remote::client(&conn, &cli.global.data_dir)?.post(
+                "/api/v1/volumes",
+                &serde_json::json!({"name": name, "size_bytes": size.bytes()}),
+            )?;
+            if json {
+                print_json(&v)
+            } else {
+                println!(
+                    "created volume {name} ({}) through the agent at {}",
+                    ByteSize(size.bytes()),
+                    conn.api.unwrap_or_default()
+                );
+                Ok(())
+            }
+        }
         Command::Volume(cmd) => {
             volume_command(&VolumeStore::open(&cli.global.data_dir)?, cmd, json)
         }
         Command::Export(args) => export::run(&VolumeStore::open(&cli.global.data_dir)?, args, json),
         Command::Demo(args) => demo::run(args, json),
+        Command::Agent { config } => agent::run(config),
+        Command::Node(cmd) => remote::node(cmd, &cli.global.data_dir, json),
+        Command::Replicate(cmd) => remote::replicate(cmd, &cli.global.data_dir, json),
     }
 }
 
 fn volume_command(store: &VolumeStore, cmd: &VolumeCommand, json: bool) -> Result<()> {
     match cmd {
+        VolumeCommand::Verify { name, conn } => {
+            return remote::verify(name, conn, store.data_dir(), json);
+        }
         VolumeCommand::Create { name, size } => {
             store.create(name, size.bytes())?;
             let info = store.info(name)?;

@@ -156,6 +156,11 @@ impl VolumeStore {
         Ok(VolumeStore { root })
     }
 
+    /// The data dir this store lives in.
+    pub fn data_dir(&self) -> &Path {
+        self.root.parent().unwrap_or(&self.root)
+    }
+
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
@@ -165,6 +170,17 @@ impl VolumeStore {
     }
 
     pub fn create(&self, name: &str, size: u64) -> Result<VolumeMeta, VolumeError> {
+        let id = random_id().map_err(io_err(Path::new("/dev/urandom")))?;
+        self.create_with_id(name, size, &id)
+    }
+
+    /// Creates a volume with a given identity (a replica of another node's volume).
+    pub fn create_with_id(
+        &self,
+        name: &str,
+        size: u64,
+        id: &str,
+    ) -> Result<VolumeMeta, VolumeError> {
         validate_name(name)?;
         validate_size(size)?;
         let dir = self.dir(name);
@@ -183,7 +199,7 @@ impl VolumeStore {
             ferry_nbd::FileDevice::create(&image, size).map_err(io_err(&image))?;
             let meta = VolumeMeta {
                 name: name.to_string(),
-                id: random_id().map_err(io_err(Path::new("/dev/urandom")))?,
+                id: id.to_string(),
                 size_bytes: size,
                 created_unix: now_unix(),
             };

@@ -1,0 +1,168 @@
+//! `ferry agent --config FILE`: the node's TOML configuration.
+//!
+//! ```toml
+//! node_name = "a"
+//! data_dir = "/var/lib/ferry"
+//! api_listen = "127.0.0.1:7360"
+//! replication_listen = "127.0.0.1:7361"
+//! nbd_listen = "127.0.0.1:10809"      # or "unix:/run/ferry/nbd.sock"
+//!
+//! [replication]                        # all optional; defaults shown
+//! granularity_bytes = 65536
+//! backlog_bytes_max = 67108864
+//! peer_ack_timeout_ms = 5000
+//! frame_bytes_max = 8388608
+//! copies_in_flight_max = 8
+//! reconnect_backoff_max_ms = 5000
+//! al_extents_max = 256
+//! ```
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a default),
+//! and every error names the file, line and key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub data_dir: PathBuf,
+    pub api_listen: SocketAddr,
+    pub replication_listen: SocketAddr,
+    pub nbd_listen: String,
+    #[serde(default)]
+    pub replication: ReplicationSettings,
+}
+
+/// Limits of replication links, each with its unit in its name.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSettings {
+    /// Dirty-map block size (power of two, 4 KiB to 64 MiB).
+    pub granularity_bytes: u64,
+    /// Async mode: bytes sent but not yet acknowledged before the link falls behind.
+    pub backlog_bytes_max: u64,
+    /// A peer silent this long while acknowledgements are due is failed.
+    pub peer_ack_timeout_ms: u64,
+    /// Largest frame payload accepted from a peer.
+    pub frame_bytes_max: u32,
+    /// Blocks the background copier has in flight at once.
+    pub copies_in_flight_max: usize,
+    /// Reconnect backoff grows up to this.
+    pub reconnect_backoff_max_ms: u64,
+    /// Activity-log extents (4 MiB each) kept hot; bounds resync after a crash.
+    pub al_extents_max: usize,
+}
+
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        ReplicationSettings {
+            granularity_bytes: ferry_core::dirty::DEFAULT_GRANULARITY_BYTES,
+            backlog_bytes_max: 64 * 1024 * 1024,
+            peer_ack_timeout_ms: 5_000,
+            frame_bytes_max: 8 * 1024 * 1024,
+            copies_in_flight_max: 8,
+            reconnect_backoff_max_ms: 5_000,
+            al_extents_max: 256,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg: AgentConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: describe(&text, &e),
+        })?;
+        cfg.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        crate::volume::validate_name(&self.node_name).map_err(|_| {
+            format!(
+                "key `node_name`: {:?} is not a valid node name",
+                self.node_name
+            )
+        })?;
+        self.nbd_listen
+            .parse::<ferry_nbd::ListenAddr>()
+            .map_err(|e| format!("key `nbd_listen`: {e}"))?;
+        let r = &self.replication;
+        ferry_core::DirtyMap::new(0, r.granularity_bytes)
+            .map_err(|e| format!("key `replication.granularity_bytes`: {e}"))?;
+        if r.frame_bytes_max < 1024 * 1024 {
+            return Err("key `replication.frame_bytes_max`: must be at least 1 MiB".into());
+        }
+        if r.copies_in_flight_max == 0 || r.al_extents_max == 0 {
+            return Err(
+                "keys `replication.copies_in_flight_max` and `al_extents_max` must be at least 1"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// toml's message with the line number spelled out.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<AgentConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ferry.toml");
+        std::fs::write(&p, text).unwrap();
+        AgentConfig::load(&p)
+    }
+
+    const GOOD: &str = "node_name = \"a\"\ndata_dir = \"/tmp/a\"\napi_listen = \"127.0.0.1:7360\"\nreplication_listen = \"127.0.0.1:7361\"\nnbd_listen = \"127.0.0.1:10809\"\n";
+
+    #[test]
+    fn loads_and_refuses_with_line_and_key() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.replication.granularity_bytes, 65536);
+        let e = load(&format!("{GOOD}[replication]\ngranularity_bytes = 5000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replication.granularity_bytes"), "{e}");
+        let e = load(&format!("{GOOD}typo_key = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 6") && e.contains("typo_key"), "{e}");
+        let e = load("node_name = \"a\"\n").unwrap_err().to_string();
+        assert!(e.contains("data_dir"), "{e}");
+    }
+}

@@ -1,0 +1,112 @@
+//! A node's identity, made on first start: a TLS key and self-signed
+//! certificate (`DATA_DIR/tls/node.{key,crt}`, the key 0600) and the REST API
+//! bearer token (`DATA_DIR/api.token`, 0600). Peers pin the certificate by its
+//! SHA-256 fingerprint; there is no CA.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+pub struct Identity {
+    pub node_name: String,
+    pub cert_pem: String,
+    pub cert_der: CertificateDer<'static>,
+    pub key_der: PrivateKeyDer<'static>,
+    pub fingerprint: String,
+    pub api_token: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("node_name", &self.node_name)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SHA-256 of a DER certificate, as `sha256:` and lowercase hex.
+pub fn fingerprint(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+pub fn random_hex(bytes: usize) -> Result<String> {
+    let mut b = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_le_bytes(b).max(1)
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+pub fn token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("api.token")
+}
+
+impl Identity {
+    /// Loads the identity from `data_dir`, making whatever is missing.
+    pub fn load_or_create(data_dir: &Path, node_name: &str) -> Result<Identity> {
+        let tls = data_dir.join("tls");
+        fs::create_dir_all(&tls).with_context(|| format!("cannot create {}", tls.display()))?;
+        let (key_path, crt_path) = (tls.join("node.key"), tls.join("node.crt"));
+        if !key_path.exists() || !crt_path.exists() {
+            let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
+            let mut params = rcgen::CertificateParams::new(vec![node_name.to_string()])
+                .context("bad node name for a certificate")?;
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, format!("ferry node {node_name}"));
+            params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2124, 1, 1);
+            let cert = params
+                .self_signed(&key)
+                .context("cannot make a certificate")?;
+            write_private(&key_path, key.serialize_pem().as_bytes())?;
+            write_private(&crt_path, cert.pem().as_bytes())?;
+        }
+        let token_file = token_path(data_dir);
+        if !token_file.exists() {
+            write_private(&token_file, format!("{}\n", random_hex(32)?).as_bytes())?;
+        }
+        let cert_pem = fs::read_to_string(&crt_path)?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .with_context(|| format!("{} is not a PEM certificate", crt_path.display()))?;
+        let key_der = PrivateKeyDer::from_pem_file(&key_path)
+            .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
+        let api_token = fs::read_to_string(&token_file)?.trim().to_string();
+        Ok(Identity {
+            node_name: node_name.to_string(),
+            fingerprint: fingerprint(&cert_der),
+            cert_pem,
+            cert_der,
+            key_der,
+            api_token,
+        })
+    }
+}

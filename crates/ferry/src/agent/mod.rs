@@ -1,0 +1,534 @@
+//! `ferry agent`: the long-running node process.
+//!
+//! It owns this node's volumes: it exports the ones it is primary for over NBD
+//! (through the replicating IO filter), accepts replication links for the ones
+//! it holds replicas of, runs the REST API the CLI talks to, and serves
+//! Prometheus metrics. SIGTERM or SIGINT stops it cleanly: exports close, links
+//! drop, dirty maps are saved and every volume is marked cleanly stopped, so a
+//! restart resumes without a full resync.
+
+pub mod config;
+pub mod identity;
+pub mod peers;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_core::link::Mode;
+use ferry_core::DirtyMap;
+use ferry_nbd::{Export, FileDevice, ListenAddr, Listener, Server, ServerLimits};
+
+use crate::replication::meta::{self, MetaFile, MetaState, Role, AL_EXTENT_SHIFT};
+use crate::replication::primary::PrimaryVolume;
+use crate::replication::secondary::{self, SecondaryVolume};
+use crate::volume::{VolumeLock, VolumeStore};
+use config::AgentConfig;
+use identity::Identity;
+use peers::Peers;
+
+/// Writes a file atomically with mode 0600.
+pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Shared state of a running agent.
+pub struct AgentCtx {
+    pub cfg: AgentConfig,
+    pub identity: Identity,
+    pub peers: Arc<Peers>,
+    pub store: VolumeStore,
+    pub tls_server: Arc<rustls::ServerConfig>,
+    pub nbd: Server,
+    pub nbd_uri_base: ListenAddr,
+    primaries: Mutex<HashMap<String, Arc<PrimaryVolume>>>,
+    secondaries: secondary::Secondaries,
+    locks: Mutex<HashMap<String, VolumeLock>>,
+    pub rt: tokio::runtime::Handle,
+    pub started: Instant,
+    /// Serialises volume creation and role changes.
+    admin: Mutex<()>,
+}
+
+impl std::fmt::Debug for AgentCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCtx")
+            .field("node", &self.identity.node_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentCtx {
+    pub fn secondary(&self, name: &str) -> Option<Arc<SecondaryVolume>> {
+        self.secondaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn primary(&self, name: &str) -> Option<Arc<PrimaryVolume>> {
+        self.primaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn primaries(&self) -> Vec<Arc<PrimaryVolume>> {
+        let mut v: Vec<_> = self
+            .primaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn secondaries(&self) -> Vec<Arc<SecondaryVolume>> {
+        let mut v: Vec<_> = self
+            .secondaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Opens a volume of the store in its recorded role.
+    pub fn load_volume(self: &Arc<Self>, name: &str) -> Result<()> {
+        if self.primary(name).is_some() || self.secondary(name).is_some() {
+            return Ok(());
+        }
+        let lock = self.store.lock(name)?;
+        let info = self.store.meta(name)?;
+        let dir = self.store.dir(name);
+        let mut m = MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_primary())?;
+        let image = self.store.image_path(name);
+        match m.state().role {
+            Role::Secondary => {
+                let dev = FileDevice::open(&image, false)
+                    .with_context(|| format!("cannot open {}", image.display()))?;
+                m.update(|s| s.clean = false)?;
+                let v = Arc::new(SecondaryVolume::new(name.to_string(), info.id, dev, m));
+                self.secondaries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_string(), v);
+                tracing::info!(volume = name, role = "secondary", "volume.loaded");
+            }
+            Role::Primary => {
+                let dev = FileDevice::open(&image, false)
+                    .with_context(|| format!("cannot open {}", image.display()))?;
+                let size = ferry_nbd::BlockDevice::size(&dev);
+                let g = self.cfg.replication.granularity_bytes;
+                let st = m.state().clone();
+                let mut dirty = match meta::load_dirty_map(&dir, size, g)? {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => {
+                        tracing::warn!(volume = name, error = %e, "volume.dirty_map.unreadable: resyncing everything");
+                        DirtyMap::all_dirty(size, g)?
+                    }
+                    None if st.peer.is_some() => DirtyMap::all_dirty(size, g)?,
+                    None => DirtyMap::new(size, g)?,
+                };
+                if !st.clean {
+                    for x in &st.al_extents {
+                        dirty.mark(x << AL_EXTENT_SHIFT, 1 << AL_EXTENT_SHIFT);
+                    }
+                    tracing::warn!(
+                        volume = name,
+                        al_extents = st.al_extents.len(),
+                        "volume.unclean_stop: activity-log extents count as dirty"
+                    );
+                }
+                m.update(|s| s.clean = false)?;
+                let vol = Arc::new(PrimaryVolume::new(
+                    name.to_string(),
+                    info.id,
+                    dir,
+                    dev,
+                    m,
+                    dirty,
+                    self.cfg.replication,
+                ));
+                vol.save_dirty_map(true)?;
+                self.nbd.add_export(Export {
+                    name: name.to_string(),
+                    description: format!("ferry volume {name}"),
+                    read_only: false,
+                    device: vol.clone(),
+                })?;
+                self.primaries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_string(), vol.clone());
+                tracing::info!(volume = name, role = "primary", peer = ?st.peer, "volume.loaded");
+                if st.peer.is_some() {
+                    self.spawn_link(&vol);
+                }
+            }
+        }
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), lock);
+        Ok(())
+    }
+
+    /// Loads a volume created in the data dir while the agent ran (by `ferry volume create`).
+    pub fn adopt_volume(self: &Arc<Self>, name: &str) {
+        if self.primary(name).is_none()
+            && self.secondary(name).is_none()
+            && self.store.meta(name).is_ok()
+        {
+            if let Err(e) = self.load_volume(name) {
+                tracing::warn!(volume = name, error = %format!("{e:#}"), "volume.adopt_failed");
+            }
+        }
+    }
+
+    fn spawn_link(self: &Arc<Self>, vol: &Arc<PrimaryVolume>) {
+        {
+            let mut l = vol.link.lock();
+            if l.task_running {
+                return;
+            }
+            l.task_running = true;
+        }
+        let (vol, ctx) = (vol.clone(), self.clone());
+        self.rt.spawn(async move {
+            crate::replication::link::run(vol.clone(), ctx).await;
+            vol.link.lock().task_running = false;
+        });
+    }
+
+    pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<()> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.create(name, size)?;
+        self.load_volume(name)
+    }
+
+    /// A primary asks this node to hold a replica of its volume.
+    pub fn create_replica(
+        self: &Arc<Self>,
+        name: &str,
+        id: &str,
+        size: u64,
+        primary: &str,
+    ) -> Result<()> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        if self.peers.get(primary).is_none() {
+            bail!("node {primary:?} is not registered here");
+        }
+        if let Some(p) = self.primary(name) {
+            bail!(
+                "volume {name:?} is a primary on node {} (id {}); refusing to make it a replica",
+                self.identity.node_name,
+                p.id
+            );
+        }
+        if let Some(s) = self.secondary(name) {
+            let size_here = ferry_nbd::BlockDevice::size(&s.dev);
+            if s.id != id || size_here != size {
+                bail!("volume {name:?} here has id {} and {size_here} bytes, the primary's has id {id} and {size} bytes: delete the old one first", s.id);
+            }
+            return Ok(());
+        }
+        match self.store.meta(name) {
+            Ok(m) if m.id != id => bail!(
+                "a different volume named {name:?} (id {}) exists on node {}",
+                m.id,
+                self.identity.node_name
+            ),
+            Ok(_) => {}
+            Err(crate::volume::VolumeError::NotFound { .. }) => {
+                let free = free_bytes(&self.cfg.data_dir).unwrap_or(u64::MAX);
+                if free < size / 100 {
+                    tracing::warn!(
+                        volume = name,
+                        free,
+                        size,
+                        "replica.create: little free space; a sparse image may fill the disk"
+                    );
+                }
+                self.store.create_with_id(name, size, id)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let dir = self.store.dir(name);
+        let meta_path = dir.join("meta.bin");
+        if !meta_path.exists() {
+            MetaFile::open_or_create(&meta_path, MetaState::new_secondary(primary))?;
+        }
+        self.load_volume(name)?;
+        if self.secondary(name).is_none() {
+            bail!("volume {name:?} exists here as a primary");
+        }
+        Ok(())
+    }
+
+    /// `ferry replicate start`: make `to` hold a replica and bring the link up.
+    pub fn start_replication(
+        self: &Arc<Self>,
+        name: &str,
+        to: &str,
+        mode: Mode,
+        max_rate: Option<u64>,
+    ) -> Result<()> {
+        let vol = self.primary(name).ok_or_else(|| {
+            anyhow!(
+                "volume {name:?} is not a primary on node {}",
+                self.identity.node_name
+            )
+        })?;
+        let peer = self.peers.get(to).ok_or_else(|| {
+            anyhow!(
+                "node {to:?} is not registered: run `ferry node add {to} --api HOST:PORT` first"
+            )
+        })?;
+        if to == self.identity.node_name {
+            bail!("a volume cannot be replicated to its own node");
+        }
+        {
+            let l = vol.link.lock();
+            if let Some(p) = &l.peer {
+                if p != to {
+                    bail!("volume {name:?} already replicates to {p}; stop that first");
+                }
+            }
+        }
+        let size = ferry_nbd::BlockDevice::size(&vol.local);
+        let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+        client
+            .post(
+                "/api/v1/replicas",
+                &serde_json::json!({"volume": name, "volume_id": vol.id, "size_bytes": size, "primary": self.identity.node_name}),
+            )
+            .with_context(|| format!("node {to} could not create the replica"))?;
+        {
+            let mut meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+            meta.update(|s| {
+                s.peer = Some(to.to_string());
+                s.mode = mode;
+                if s.generation.is_blank() {
+                    s.generation.bump(identity::random_u64());
+                }
+            })?;
+            let mut l = vol.link.lock();
+            l.peer = Some(to.to_string());
+            l.rep.set_mode(mode);
+            l.max_rate_bytes_per_s = max_rate;
+            l.bumped_while_down = true;
+        }
+        self.spawn_link(&vol);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            {
+                let l = vol.link.lock();
+                if l.stats.connected_since.is_some() {
+                    return Ok(());
+                }
+                if l.stats.split_brain {
+                    bail!(
+                        "{}",
+                        l.stats
+                            .last_error
+                            .clone()
+                            .unwrap_or_else(|| "split brain".into())
+                    );
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the link to {to} did not come up within 15 s: {}",
+                        l.stats
+                            .last_error
+                            .clone()
+                            .unwrap_or_else(|| "no answer".into())
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop_replication(&self, name: &str) -> Result<()> {
+        let vol = self
+            .primary(name)
+            .ok_or_else(|| anyhow!("volume {name:?} is not a primary here"))?;
+        vol.meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(|s| s.peer = None)?;
+        vol.link.lock().peer = None;
+        vol.link.sender.notify_one();
+        Ok(())
+    }
+
+    /// Clean shutdown: close exports, drop links, save dirty maps, mark clean.
+    pub fn shutdown(&self) {
+        self.nbd.shutdown();
+        for v in self.primaries() {
+            v.link.lock().stop = true;
+            v.link.sender.notify_one();
+            v.link.copier.notify_all();
+            v.link.disconnected(None);
+            if let Err(e) = v.save_dirty_map(true) {
+                tracing::error!(volume = %v.name, error = %e, "volume.dirty_map.save_failed");
+            }
+            let r = v
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .update(|s| s.clean = true);
+            if let Err(e) = r {
+                tracing::error!(volume = %v.name, error = %e, "volume.meta.save_failed");
+            }
+        }
+        for s in self.secondaries() {
+            let _ = ferry_nbd::BlockDevice::flush(&s.dev);
+            let _ = s
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .update(|m| m.clean = true);
+        }
+    }
+}
+
+fn free_bytes(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs is a plain C struct that statvfs(3) fills; all-zero is a valid start value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub fn run(config_path: &Path) -> Result<()> {
+    let signals = crate::signals::Signals::block()?;
+    let cfg = AgentConfig::load(config_path)?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    let identity = Identity::load_or_create(&cfg.data_dir, &cfg.node_name)?;
+    let peers = Arc::new(Peers::load(&cfg.data_dir)?);
+    let store = VolumeStore::open(&cfg.data_dir)?;
+    let tls_server = tls::server_config(&identity, peers.clone())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("ferry-rt")
+        .build()?;
+    let nbd = Server::new(vec![], ServerLimits::default())?;
+    let nbd_addr: ListenAddr = cfg.nbd_listen.parse()?;
+    let nbd_listener = Listener::bind(&nbd_addr)?;
+    let nbd_uri_base = nbd_listener.local_addr().clone();
+    nbd.serve(nbd_listener)?;
+    let repl_listener = std::net::TcpListener::bind(cfg.replication_listen).with_context(|| {
+        format!(
+            "cannot listen for replication on {}",
+            cfg.replication_listen
+        )
+    })?;
+    let api_listener = std::net::TcpListener::bind(cfg.api_listen)
+        .with_context(|| format!("cannot listen for the API on {}", cfg.api_listen))?;
+    api_listener.set_nonblocking(true)?;
+    let ctx = Arc::new(AgentCtx {
+        cfg,
+        identity,
+        peers,
+        store,
+        tls_server,
+        nbd,
+        nbd_uri_base,
+        primaries: Mutex::new(HashMap::new()),
+        secondaries: Mutex::new(HashMap::new()),
+        locks: Mutex::new(HashMap::new()),
+        rt: rt.handle().clone(),
+        started: Instant::now(),
+        admin: Mutex::new(()),
+    });
+    for v in ctx.store.list()? {
+        if let Err(e) = ctx.load_volume(&v.name) {
+            tracing::error!(volume = %v.name, error = %format!("{e:#}"), "volume.load_failed");
+        }
+    }
+    {
+        let ctx = ctx.clone();
+        std::thread::Builder::new()
+            .name("repl-accept".into())
+            .spawn(move || secondary::serve(repl_listener, ctx))?;
+    }
+    rt.spawn(crate::api::server::serve(api_listener, ctx.clone()));
+    rt.spawn(housekeeping(ctx.clone()));
+    tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint,
+        api = %ctx.cfg.api_listen, replication = %ctx.cfg.replication_listen, nbd = %ctx.nbd_uri_base,
+        "agent.started");
+    println!(
+        "{}",
+        serde_json::json!({
+            "node_name": ctx.identity.node_name,
+            "api": ctx.cfg.api_listen.to_string(),
+            "replication": ctx.cfg.replication_listen.to_string(),
+            "nbd": ctx.nbd_uri_base.to_string(),
+            "fingerprint": ctx.identity.fingerprint,
+        })
+    );
+    crate::flush_stdout();
+    let sig = signals.wait()?;
+    tracing::info!(signal = sig, "agent.stopping");
+    ctx.shutdown();
+    rt.shutdown_timeout(Duration::from_secs(2));
+    tracing::info!("agent.stopped");
+    Ok(())
+}
+
+/// Once a second: transfer rates, and the dirty maps saved when they changed.
+async fn housekeeping(ctx: Arc<AgentCtx>) {
+    let mut tick = 0u64;
+    let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        for v in ctx.primaries() {
+            let (sent, dirty) = {
+                let l = v.link.lock();
+                (
+                    l.stats.copy_bytes_sent + l.stats.write_bytes_sent,
+                    l.rep.dirty_map().dirty_blocks(),
+                )
+            };
+            let prev = last.insert(v.name.clone(), (sent, dirty));
+            if let Some((p, _)) = prev {
+                let inst = sent.saturating_sub(p) as f64;
+                let mut l = v.link.lock();
+                l.stats.rate_bytes_per_s = 0.5 * l.stats.rate_bytes_per_s + 0.5 * inst;
+            }
+            if tick % 5 == 0 && prev.is_some_and(|(_, d)| d != dirty) {
+                let v = v.clone();
+                let _ = tokio::task::spawn_blocking(move || v.save_dirty_map(true)).await;
+            }
+        }
+    }
+}

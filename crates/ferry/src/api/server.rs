@@ -1,0 +1,525 @@
+//! The agent's REST API. Handlers only translate HTTP to calls on
+//! [`AgentCtx`] and back; blocking work runs on the blocking pool.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | /api/v1/node | this node: name, fingerprint, addresses |
+//! | GET, POST | /api/v1/nodes | registered peers; register one both ways |
+//! | POST | /api/v1/nodes/pair | (peer → peer) the other half of `node add` |
+//! | GET, POST | /api/v1/volumes | volumes; create one |
+//! | GET | /api/v1/volumes/{name}/hashes | BLAKE3 per block (verify) |
+//! | POST | /api/v1/volumes/{name}/verify | drain the link, compare with the peer |
+//! | POST | /api/v1/replicas | (peer → peer) hold a replica |
+//! | GET, POST | /api/v1/replications | status of all; start one |
+//! | GET, PATCH, DELETE | /api/v1/replications/{name} | status; change max rate; stop |
+//! | GET | /metrics | Prometheus text (no token) |
+//!
+//! Every `/api/v1` call needs `Authorization: Bearer <DATA_DIR/api.token>`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_core::link::{Mode, Phase};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::agent::peers::Peer;
+use crate::agent::AgentCtx;
+
+type Ctx = State<Arc<AgentCtx>>;
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, format!("{e:#}"))
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// Compares without an early exit, so the time taken does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(ctx): Ctx, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), ctx.identity.api_token.as_bytes()));
+    if !ok {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API token".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
+    let api = Router::new()
+        .route("/api/v1/node", get(node))
+        .route("/api/v1/nodes", get(nodes).post(add_node))
+        .route("/api/v1/nodes/pair", post(pair))
+        .route("/api/v1/volumes", get(volumes).post(create_volume))
+        .route("/api/v1/volumes/{name}/hashes", get(hashes))
+        .route("/api/v1/volumes/{name}/verify", post(verify))
+        .route("/api/v1/replicas", post(create_replica))
+        .route(
+            "/api/v1/replications",
+            get(replications).post(start_replication),
+        )
+        .route(
+            "/api/v1/replications/{name}",
+            get(replication)
+                .patch(set_replication)
+                .delete(stop_replication),
+        )
+        .layer(middleware::from_fn_with_state(ctx.clone(), auth));
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .with_state(ctx);
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "api.listen_failed");
+            return;
+        }
+    };
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "api.stopped");
+    }
+}
+
+fn node_json(ctx: &AgentCtx) -> Value {
+    json!({
+        "node_name": ctx.identity.node_name,
+        "fingerprint": ctx.identity.fingerprint,
+        "cert_pem": ctx.identity.cert_pem,
+        "api": ctx.cfg.api_listen.to_string(),
+        "replication": ctx.cfg.replication_listen.to_string(),
+        "nbd": ctx.nbd_uri_base.to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": ctx.started.elapsed().as_secs(),
+    })
+}
+
+async fn node(State(ctx): Ctx) -> ApiResult {
+    Ok(Json(node_json(&ctx)))
+}
+
+async fn nodes(State(ctx): Ctx) -> ApiResult {
+    let list: Vec<Value> = ctx
+        .peers
+        .list()
+        .into_iter()
+        .map(|p| json!({"name": p.name, "api": p.api, "replication": p.replication, "fingerprint": p.fingerprint}))
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+#[derive(Deserialize)]
+struct AddNode {
+    name: String,
+    api: String,
+    token: String,
+    fingerprint: Option<String>,
+}
+
+/// `ferry node add`: fetch the peer, check its name (and fingerprint), pair both ways.
+async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
+    let peer = blocking(move || {
+        let client = crate::api::client::ApiClient::new(&req.api, &req.token);
+        let info = client.get("/api/v1/node")?;
+        let name = info["node_name"].as_str().unwrap_or_default().to_string();
+        if name != req.name {
+            anyhow::bail!(
+                "the node at {} calls itself {name:?}, not {:?}",
+                req.api,
+                req.name
+            );
+        }
+        if name == ctx.identity.node_name {
+            anyhow::bail!("a node cannot be its own peer");
+        }
+        let fp = info["fingerprint"].as_str().unwrap_or_default().to_string();
+        if let Some(expected) = &req.fingerprint {
+            if expected.trim() != fp {
+                anyhow::bail!(
+                    "the node at {} presents fingerprint {fp}, not the expected {expected}",
+                    req.api
+                );
+            }
+        }
+        let cert_pem = info["cert_pem"].as_str().unwrap_or_default().to_string();
+        let der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("the peer's certificate is not PEM: {e}"))?;
+        let der: rustls_pki_types::CertificateDer = der;
+        if crate::agent::identity::fingerprint(&der) != fp {
+            anyhow::bail!("the peer's certificate does not match its fingerprint");
+        }
+        client.post(
+            "/api/v1/nodes/pair",
+            &json!({
+                "name": ctx.identity.node_name,
+                "api": ctx.cfg.api_listen.to_string(),
+                "replication": ctx.cfg.replication_listen.to_string(),
+                "cert_pem": ctx.identity.cert_pem,
+                "fingerprint": ctx.identity.fingerprint,
+                "token": ctx.identity.api_token,
+            }),
+        )?;
+        let peer = Peer {
+            name,
+            api: req.api.clone(),
+            replication: info["replication"].as_str().unwrap_or_default().to_string(),
+            fingerprint: fp,
+            cert_pem,
+            token: req.token.clone(),
+        };
+        ctx.peers.upsert(peer.clone())?;
+        tracing::info!(peer = %peer.name, fingerprint = %peer.fingerprint, "node.registered");
+        Ok(peer)
+    })
+    .await?;
+    Ok(Json(
+        json!({"name": peer.name, "api": peer.api, "replication": peer.replication, "fingerprint": peer.fingerprint}),
+    ))
+}
+
+async fn pair(State(ctx): Ctx, Json(p): Json<Peer>) -> ApiResult {
+    let der: rustls_pki_types::CertificateDer =
+        rustls_pki_types::pem::PemObject::from_pem_slice(p.cert_pem.as_bytes()).map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("certificate is not PEM: {e}"),
+            )
+        })?;
+    if crate::agent::identity::fingerprint(&der) != p.fingerprint {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "certificate does not match fingerprint".into(),
+        ));
+    }
+    if p.name == ctx.identity.node_name {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a node cannot pair with itself".into(),
+        ));
+    }
+    let name = p.name.clone();
+    blocking(move || ctx.peers.upsert(p)).await?;
+    tracing::info!(peer = %name, "node.paired");
+    Ok(Json(json!({"paired": name})))
+}
+
+async fn volumes(State(ctx): Ctx) -> ApiResult {
+    let list = blocking(move || Ok(ctx.store.list()?)).await?;
+    Ok(Json(serde_json::to_value(list).unwrap_or(Value::Null)))
+}
+
+#[derive(Deserialize)]
+struct CreateVolume {
+    name: String,
+    size_bytes: u64,
+}
+
+async fn create_volume(State(ctx): Ctx, Json(req): Json<CreateVolume>) -> ApiResult {
+    let c = ctx.clone();
+    let name = req.name.clone();
+    blocking(move || c.create_volume(&req.name, req.size_bytes)).await?;
+    let info = blocking(move || Ok(ctx.store.info(&name)?)).await?;
+    Ok(Json(serde_json::to_value(info).unwrap_or(Value::Null)))
+}
+
+#[derive(Deserialize)]
+struct CreateReplica {
+    volume: String,
+    volume_id: String,
+    size_bytes: u64,
+    primary: String,
+}
+
+async fn create_replica(State(ctx): Ctx, Json(r): Json<CreateReplica>) -> ApiResult {
+    let name = r.volume.clone();
+    blocking(move || ctx.create_replica(&r.volume, &r.volume_id, r.size_bytes, &r.primary)).await?;
+    Ok(Json(json!({"replica": name})))
+}
+
+#[derive(Deserialize)]
+struct StartReplication {
+    volume: String,
+    to: String,
+    mode: Option<String>,
+    max_rate_bytes_per_s: Option<u64>,
+}
+
+fn parse_mode(s: Option<&str>) -> Result<Mode, ApiError> {
+    match s.unwrap_or("sync") {
+        "sync" => Ok(Mode::Sync),
+        "async" => Ok(Mode::Async),
+        other => Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("mode {other:?}: use sync or async"),
+        )),
+    }
+}
+
+async fn start_replication(State(ctx): Ctx, Json(r): Json<StartReplication>) -> ApiResult {
+    let mode = parse_mode(r.mode.as_deref())?;
+    let c = ctx.clone();
+    let name = r.volume.clone();
+    ctx.adopt_volume(&name);
+    blocking(move || c.start_replication(&r.volume, &r.to, mode, r.max_rate_bytes_per_s)).await?;
+    status_of(&ctx, &name).map(Json)
+}
+
+fn phase_str(p: Phase) -> &'static str {
+    match p {
+        Phase::Disconnected => "disconnected",
+        Phase::Resyncing => "resyncing",
+        Phase::Streaming => "connected",
+        Phase::SplitBrain => "split-brain",
+    }
+}
+
+/// The status document of one volume (docs/status.md describes it).
+pub fn status_of(ctx: &Arc<AgentCtx>, name: &str) -> Result<Value, ApiError> {
+    ctx.adopt_volume(name);
+    if let Some(v) = ctx.primary(name) {
+        let l = v.link.lock();
+        let st = l.rep.status();
+        let total = l.stats.resync_total_bytes.max(st.dirty_bytes);
+        let synced_percent = if total == 0 {
+            100.0
+        } else {
+            100.0 * (total - st.dirty_bytes.min(total)) as f64 / total as f64
+        };
+        let rate = l.stats.rate_bytes_per_s;
+        let eta = if st.dirty_bytes == 0 {
+            Some(0)
+        } else if rate > 1.0 {
+            Some((st.dirty_bytes as f64 / rate).ceil() as u64)
+        } else {
+            None
+        };
+        return Ok(json!({
+            "volume": v.name,
+            "role": "primary",
+            "peer": l.peer,
+            "mode": if l.rep.config().mode == Mode::Sync { "sync" } else { "async" },
+            "link": if l.stats.split_brain { "split-brain" } else { phase_str(st.phase) },
+            "state": st.replica.as_str(),
+            "synced_percent": (synced_percent * 10.0).round() / 10.0,
+            "dirty_bytes": st.dirty_bytes,
+            "backlog_bytes": st.backlog_bytes,
+            "behind": st.behind,
+            "bytes_sent": l.stats.bytes_sent,
+            "copy_bytes_sent": l.stats.copy_bytes_sent,
+            "write_bytes_sent": l.stats.write_bytes_sent,
+            "rate_bytes_per_s": rate.round() as u64,
+            "eta_seconds": eta,
+            "max_rate_bytes_per_s": l.max_rate_bytes_per_s,
+            "last_error": l.stats.last_error,
+        }));
+    }
+    if let Some(s) = ctx.secondary(name) {
+        let m = s.meta.lock().unwrap_or_else(|p| p.into_inner());
+        return Ok(json!({
+            "volume": s.name,
+            "role": "secondary",
+            "peer": m.state().peer,
+            "state": if m.state().consistent { "up-to-date" } else { "inconsistent" },
+            "received_seq": s.received_seq.load(std::sync::atomic::Ordering::Relaxed),
+            "bytes_applied": s.bytes_applied.load(std::sync::atomic::Ordering::Relaxed),
+            "last_error": *s.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+        }));
+    }
+    Err(ApiError(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no volume named {name:?} on node {}",
+            ctx.identity.node_name
+        ),
+    ))
+}
+
+async fn replications(State(ctx): Ctx) -> ApiResult {
+    let mut out = Vec::new();
+    for v in ctx.primaries() {
+        if v.link.lock().peer.is_some() {
+            out.push(status_of(&ctx, &v.name)?);
+        }
+    }
+    for s in ctx.secondaries() {
+        out.push(status_of(&ctx, &s.name)?);
+    }
+    Ok(Json(json!(out)))
+}
+
+async fn replication(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    status_of(&ctx, &name).map(Json)
+}
+
+#[derive(Deserialize)]
+struct SetReplication {
+    max_rate_bytes_per_s: Option<u64>,
+}
+
+async fn set_replication(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<SetReplication>,
+) -> ApiResult {
+    let v = ctx.primary(&name).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{name:?} is not a primary here"),
+        )
+    })?;
+    v.link.lock().max_rate_bytes_per_s = r.max_rate_bytes_per_s.filter(|&x| x > 0);
+    status_of(&ctx, &name).map(Json)
+}
+
+async fn stop_replication(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let c = ctx.clone();
+    let n = name.clone();
+    blocking(move || c.stop_replication(&n)).await?;
+    status_of(&ctx, &name).map(Json)
+}
+
+async fn hashes(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let g = ctx.cfg.replication.granularity_bytes;
+    let leaves = blocking(move || {
+        let dev: Box<dyn ferry_nbd::BlockDevice> = if let Some(p) = ctx.primary(&name) {
+            Box::new(p)
+        } else if let Some(s) = ctx.secondary(&name) {
+            Box::new(SecondaryImage(s))
+        } else {
+            anyhow::bail!("no volume named {name:?} here");
+        };
+        crate::replication::verify::leaf_hashes(&*dev, g)
+    })
+    .await?;
+    Ok(Json(
+        json!({"granularity_bytes": g, "hashes": leaves.iter().map(|h| h.to_hex().to_string()).collect::<Vec<_>>()}),
+    ))
+}
+
+/// A replica's image, read-only, for hashing.
+struct SecondaryImage(Arc<crate::replication::secondary::SecondaryVolume>);
+
+impl ferry_nbd::BlockDevice for SecondaryImage {
+    fn size(&self) -> u64 {
+        self.0.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, _: &[u8], _: u64, _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EROFS))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EROFS))
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: ferry_nbd::ZeroMode, _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EROFS))
+    }
+    fn block_status(
+        &self,
+        o: u64,
+        l: u64,
+        m: usize,
+        out: &mut Vec<ferry_nbd::Allocation>,
+    ) -> std::io::Result<()> {
+        self.0.dev.block_status(o, l, m, out)
+    }
+}
+
+async fn verify(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let result = blocking(move || {
+        crate::replication::verify::verify(&ctx, &name, Duration::from_secs(60), Instant::now())
+    })
+    .await?;
+    Ok(Json(result))
+}
+
+async fn metrics(State(ctx): Ctx) -> Response {
+    let mut out = String::new();
+    out.push_str("# HELP ferry_replication_bytes_sent_total Bytes sent on replication links.\n# TYPE ferry_replication_bytes_sent_total counter\n");
+    let prim = ctx.primaries();
+    for v in &prim {
+        let l = v.link.lock();
+        out.push_str(&format!(
+            "ferry_replication_bytes_sent_total{{volume=\"{}\"}} {}\n",
+            v.name, l.stats.bytes_sent
+        ));
+    }
+    out.push_str("# HELP ferry_replication_backlog_bytes Bytes sent or queued and not yet acknowledged.\n# TYPE ferry_replication_backlog_bytes gauge\n");
+    for v in &prim {
+        let st = v.link.lock().rep.status();
+        out.push_str(&format!(
+            "ferry_replication_backlog_bytes{{volume=\"{}\"}} {}\n",
+            v.name, st.backlog_bytes
+        ));
+    }
+    out.push_str("# HELP ferry_replication_dirty_bytes Bytes not known equal on the peer.\n# TYPE ferry_replication_dirty_bytes gauge\n");
+    for v in &prim {
+        let st = v.link.lock().rep.status();
+        out.push_str(&format!(
+            "ferry_replication_dirty_bytes{{volume=\"{}\"}} {}\n",
+            v.name, st.dirty_bytes
+        ));
+    }
+    out.push_str("# HELP ferry_replication_link_up 1 when the replication link is connected.\n# TYPE ferry_replication_link_up gauge\n");
+    for v in &prim {
+        let st = v.link.lock().rep.status();
+        let up = u8::from(matches!(st.phase, Phase::Resyncing | Phase::Streaming));
+        out.push_str(&format!(
+            "ferry_replication_link_up{{volume=\"{}\"}} {up}\n",
+            v.name
+        ));
+    }
+    for s in ctx.secondaries() {
+        let bad = s
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        out.push_str(&format!(
+            "ferry_replica_error{{volume=\"{}\"}} {}\n",
+            s.name,
+            u8::from(bad)
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

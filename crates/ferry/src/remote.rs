@@ -1,0 +1,306 @@
+//! CLI commands that talk to a running agent over its REST API.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_core::ByteSize;
+use serde_json::{json, Value};
+
+use crate::api::client::ApiClient;
+use crate::cli::{AgentConn, ModeArg, NodeCommand, ReplicateCommand, StateArg};
+
+/// The API token: FERRY_TOKEN, else `token_file`, else DATA_DIR/api.token.
+fn token(token_file: Option<&Path>, data_dir: &Path) -> Result<String> {
+    if let Ok(t) = std::env::var("FERRY_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let path = token_file
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| crate::agent::identity::token_path(data_dir));
+    std::fs::read_to_string(&path)
+        .map(|t| t.trim().to_string())
+        .with_context(|| {
+            format!(
+                "cannot read the API token from {} (set FERRY_TOKEN or --token-file)",
+                path.display()
+            )
+        })
+}
+
+pub fn client(conn: &AgentConn, data_dir: &Path) -> Result<ApiClient> {
+    let api = conn
+        .api
+        .clone()
+        .ok_or_else(|| anyhow!("which agent? pass --api HOST:PORT or set FERRY_API"))?;
+    Ok(ApiClient::new(
+        &api,
+        &token(conn.token_file.as_deref(), data_dir)?,
+    ))
+}
+
+fn print(v: &Value, json: bool, human: impl FnOnce(&Value)) -> Result<()> {
+    if json {
+        crate::print_json(v)
+    } else {
+        human(v);
+        Ok(())
+    }
+}
+
+pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
+    match cmd {
+        NodeCommand::Add {
+            name,
+            api,
+            token_file,
+            fingerprint,
+        } => {
+            let local = client(
+                &AgentConn {
+                    api: std::env::var("FERRY_API").ok(),
+                    token_file: None,
+                },
+                data_dir,
+            )?;
+            let peer_token = match token_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+                None => std::env::var("FERRY_PEER_TOKEN")
+                    .map_err(|_| anyhow!("pass the peer's token with --token-file"))?,
+            };
+            let v = local.post(
+                "/api/v1/nodes",
+                &json!({"name": name, "api": api, "token": peer_token.trim(), "fingerprint": fingerprint}),
+            )?;
+            print(&v, json, |v| {
+                println!(
+                    "registered node {} (fingerprint {}) both ways",
+                    v["name"].as_str().unwrap_or(""),
+                    v["fingerprint"].as_str().unwrap_or("")
+                )
+            })
+        }
+        NodeCommand::List { conn } => {
+            let v = client(conn, data_dir)?.get("/api/v1/nodes")?;
+            print(&v, json, |v| {
+                for p in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<16} api {:<22} replication {:<22} {}",
+                        p["name"].as_str().unwrap_or(""),
+                        p["api"].as_str().unwrap_or(""),
+                        p["replication"].as_str().unwrap_or(""),
+                        p["fingerprint"].as_str().unwrap_or("")
+                    );
+                }
+            })
+        }
+        NodeCommand::Show { conn } => {
+            let mut v = client(conn, data_dir)?.get("/api/v1/node")?;
+            if let Some(o) = v.as_object_mut() {
+                o.remove("cert_pem");
+            }
+            print(&v, json, |v| {
+                println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+            })
+        }
+    }
+}
+
+fn human_status(v: &Value) -> String {
+    let g = |k: &str| v[k].clone();
+    let bytes = |k: &str| ByteSize(v[k].as_u64().unwrap_or(0)).to_string();
+    if g("role") == "secondary" {
+        return format!(
+            "{:<16} secondary  peer {:<10} {:<13} applied {}",
+            g("volume").as_str().unwrap_or(""),
+            g("peer").as_str().unwrap_or("-"),
+            g("state").as_str().unwrap_or(""),
+            bytes("bytes_applied")
+        );
+    }
+    let eta = match g("eta_seconds").as_u64() {
+        Some(s) => format!("{s}s"),
+        None => "-".into(),
+    };
+    let mut line = format!(
+        "{:<16} primary → {:<10} {:<5} {:<12} {:<13} {:>5.1}%  dirty {:>10}  backlog {:>10}  {:>10}/s  ETA {}",
+        g("volume").as_str().unwrap_or(""),
+        g("peer").as_str().unwrap_or("-"),
+        g("mode").as_str().unwrap_or(""),
+        g("link").as_str().unwrap_or(""),
+        g("state").as_str().unwrap_or(""),
+        g("synced_percent").as_f64().unwrap_or(0.0),
+        bytes("dirty_bytes"),
+        bytes("backlog_bytes"),
+        bytes("rate_bytes_per_s"),
+        eta
+    );
+    if let Some(e) = g("last_error").as_str() {
+        line.push_str(&format!("\n    last error: {e}"));
+    }
+    line
+}
+
+fn progress_bar(v: &Value) -> String {
+    let pct = v["synced_percent"].as_f64().unwrap_or(0.0);
+    let filled = ((pct / 100.0) * 30.0).round() as usize;
+    format!(
+        "\r{} [{}{}] {:>5.1}% {} {:>10}/s ETA {}   ",
+        v["volume"].as_str().unwrap_or(""),
+        "#".repeat(filled.min(30)),
+        "-".repeat(30 - filled.min(30)),
+        pct,
+        v["state"].as_str().unwrap_or(""),
+        ByteSize(v["rate_bytes_per_s"].as_u64().unwrap_or(0)).to_string(),
+        v["eta_seconds"]
+            .as_u64()
+            .map(|s| format!("{s}s"))
+            .unwrap_or_else(|| "-".into())
+    )
+}
+
+pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<()> {
+    match cmd {
+        ReplicateCommand::Start {
+            name,
+            to,
+            mode,
+            max_rate,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.post(
+                "/api/v1/replications",
+                &json!({
+                    "volume": name,
+                    "to": to,
+                    "mode": if *mode == ModeArg::Sync { "sync" } else { "async" },
+                    "max_rate_bytes_per_s": max_rate.map(|r| r.0),
+                }),
+            )?;
+            print(&v, json, |v| {
+                println!("replicating {name} to {to}: link up\n{}", human_status(v))
+            })
+        }
+        ReplicateCommand::Wait {
+            name,
+            state,
+            timeout,
+            conn,
+        } => {
+            let c = client(conn, data_dir)?;
+            let want = match state {
+                StateArg::UpToDate => "up-to-date",
+                StateArg::Inconsistent => "inconsistent",
+                StateArg::Outdated => "outdated",
+            };
+            let deadline = Instant::now() + timeout.0;
+            let tty = std::io::stderr().is_terminal() && !json;
+            loop {
+                let v = c.get(&format!("/api/v1/replications/{name}"))?;
+                if tty {
+                    eprint!("{}", progress_bar(&v));
+                }
+                if v["state"] == want {
+                    if tty {
+                        eprintln!();
+                    }
+                    return print(&v, json, |v| println!("{}", human_status(v)));
+                }
+                if Instant::now() > deadline {
+                    if tty {
+                        eprintln!();
+                    }
+                    bail!(
+                        "{name} is {} after {:?}, not {want}{}",
+                        v["state"].as_str().unwrap_or("?"),
+                        timeout.0,
+                        v["last_error"]
+                            .as_str()
+                            .map(|e| format!(" (last error: {e})"))
+                            .unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        ReplicateCommand::Status { name, watch, conn } => {
+            let c = client(conn, data_dir)?;
+            match name {
+                Some(n) if *watch && std::io::stdout().is_terminal() => loop {
+                    let v = c.get(&format!("/api/v1/replications/{n}"))?;
+                    print!("{}", progress_bar(&v));
+                    crate::flush_stdout();
+                    if v["state"] == "up-to-date" {
+                        println!();
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                },
+                Some(n) => {
+                    let v = c.get(&format!("/api/v1/replications/{n}"))?;
+                    print(&v, json, |v| println!("{}", human_status(v)))
+                }
+                None => {
+                    let v = c.get("/api/v1/replications")?;
+                    print(&v, json, |v| {
+                        let list = v.as_array().cloned().unwrap_or_default();
+                        if list.is_empty() {
+                            println!("no replications (start one with `ferry replicate start NAME --to NODE`)");
+                        }
+                        for s in list {
+                            println!("{}", human_status(&s));
+                        }
+                    })
+                }
+            }
+        }
+        ReplicateCommand::Set {
+            name,
+            max_rate,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.patch(
+                &format!("/api/v1/replications/{name}"),
+                &json!({"max_rate_bytes_per_s": max_rate.0}),
+            )?;
+            print(&v, json, |v| println!("{}", human_status(v)))
+        }
+        ReplicateCommand::Stop { name, conn } => {
+            let v = client(conn, data_dir)?.delete(&format!("/api/v1/replications/{name}"))?;
+            print(&v, json, |_| {
+                println!("stopped replicating {name}; writes are tracked for the next start")
+            })
+        }
+    }
+}
+
+pub fn verify(name: &str, conn: &AgentConn, data_dir: &Path, json: bool) -> Result<()> {
+    let v = client(conn, data_dir)?.post(&format!("/api/v1/volumes/{name}/verify"), &json!({}))?;
+    let equal = v["equal"].as_bool().unwrap_or(false);
+    print(&v, json, |v| {
+        if equal {
+            println!(
+                "{name}: equal on {} ({} blocks, Merkle root {})",
+                v["peer"].as_str().unwrap_or(""),
+                v["blocks"],
+                v["root"].as_str().unwrap_or("")
+            );
+        } else {
+            println!(
+                "{name}: DIFFERENT from {}",
+                v["peer"].as_str().unwrap_or("")
+            );
+            for d in v["differing"].as_array().into_iter().flatten() {
+                println!("  offset {} length {}", d["offset"], d["length"]);
+            }
+        }
+    })?;
+    if !equal {
+        bail!("volume {name} differs from its replica");
+    }
+    Ok(())
+}

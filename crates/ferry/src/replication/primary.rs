@@ -1,0 +1,609 @@
+//! The primary's side: a volume exported over NBD whose writes are replicated.
+//!
+//! [`PrimaryVolume`] is the `BlockDevice` the NBD server serves (the IO filter).
+//! For every write, on the NBD worker thread that carries it:
+//!
+//! 1. wait for in-flight writes that overlap it (ordering on the primary);
+//! 2. make sure its activity-log extent is durably recorded;
+//! 3. write it locally;
+//! 4. hand it to the [`Replicator`] under the link lock, which sequences it and
+//!    queues its frame (or marks it dirty when the peer is away or behind);
+//! 5. in sync mode, wait until the peer has received it (FUA: made it durable);
+//! 6. if it could not reach the peer, make sure a new generation is recorded
+//!    before answering (DESIGN: a node persists a new generation before the
+//!    first write it acknowledges while its peer is disconnected).
+//!
+//! The link's network side (TLS connection, frame writer, ack reader) lives in
+//! [`super::link`]; the background copier is a thread per volume here.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_core::link::{CopyTask, LinkConfig, Mode, WriteDecision};
+use ferry_core::{DirtyMap, Extent, Replicator};
+use ferry_nbd::device::{Allocation, BlockDevice, FileDevice, ZeroMode};
+
+use super::meta::{MetaFile, AL_EXTENT_SHIFT};
+use crate::agent::config::ReplicationSettings;
+
+/// A frame waiting to be sent.
+#[derive(Debug)]
+pub enum Out {
+    Data {
+        kind: ferry_wire::Kind,
+        seq: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        seq: u64,
+        offset: u64,
+        length: u64,
+    },
+    Flush {
+        seq: u64,
+        up_to_date_generation: Option<u64>,
+    },
+}
+
+impl Out {
+    pub fn wire_bytes(&self) -> u64 {
+        ferry_wire::HEADER_BYTES as u64
+            + match self {
+                Out::Data { data, .. } => data.len() as u64 + 4,
+                Out::Zero { .. } => 12,
+                Out::Flush { .. } => 0,
+            }
+    }
+}
+
+/// Counters and the last error of a link, for status and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct LinkStats {
+    pub bytes_sent: u64,
+    pub copy_bytes_sent: u64,
+    pub write_bytes_sent: u64,
+    pub frames_sent: u64,
+    pub last_error: Option<String>,
+    pub split_brain: bool,
+    pub connected_since: Option<Instant>,
+    /// Bytes to copy when the current resync started (for % and ETA).
+    pub resync_total_bytes: u64,
+    /// Smoothed bytes/s sent (copy + writes), updated once a second.
+    pub rate_bytes_per_s: f64,
+}
+
+/// Everything guarded by the link lock.
+#[derive(Debug)]
+pub struct LinkInner {
+    pub rep: Replicator,
+    pub queue: VecDeque<Out>,
+    pub peer: Option<String>,
+    pub max_rate_bytes_per_s: Option<u64>,
+    /// A generation was recorded since the peer went away.
+    pub bumped_while_down: bool,
+    /// The peer was told it is up to date for the current streaming phase.
+    pub announced_up_to_date: bool,
+    pub stats: LinkStats,
+    pub stop: bool,
+    /// A link task is running for this volume.
+    pub task_running: bool,
+}
+
+/// The link lock and its wake-ups.
+#[derive(Debug)]
+pub struct Link {
+    pub inner: Mutex<LinkInner>,
+    /// Acks arrived or the link went down: writers re-check.
+    pub acked: Condvar,
+    /// Work for the copier.
+    pub copier: Condvar,
+    /// Frames queued: the sender task drains the queue.
+    pub sender: tokio::sync::Notify,
+}
+
+impl Link {
+    pub fn lock(&self) -> MutexGuard<'_, LinkInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, inner: &mut LinkInner, out: Out) {
+        inner.queue.push_back(out);
+        self.sender.notify_one();
+    }
+
+    /// Queues a link-level flush if enough unconfirmed extents piled up.
+    fn maybe_flush(&self, inner: &mut LinkInner, now_ms: u64) {
+        if inner.rep.flush_due() {
+            if let Some(seq) = inner.rep.on_flush(now_ms) {
+                self.push(
+                    inner,
+                    Out::Flush {
+                        seq,
+                        up_to_date_generation: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The link is gone: unconfirmed extents to the dirty map, waiters released.
+    pub fn disconnected(&self, error: Option<String>) {
+        let mut l = self.lock();
+        l.rep.on_disconnect();
+        l.queue.clear();
+        l.announced_up_to_date = false;
+        l.stats.connected_since = None;
+        if error.is_some() {
+            l.stats.last_error = error;
+        }
+        drop(l);
+        self.acked.notify_all();
+        self.copier.notify_all();
+    }
+}
+
+/// In-flight write ranges; a new write overlapping one waits for it.
+#[derive(Debug, Default)]
+struct Overlap {
+    ranges: Mutex<Vec<(u64, u64, u64)>>,
+    cv: Condvar,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+struct OverlapGuard<'a> {
+    o: &'a Overlap,
+    id: u64,
+}
+
+impl Overlap {
+    fn acquire(&self, e: Extent) -> OverlapGuard<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        while r.iter().any(|&(_, s, end)| s < e.end() && e.offset < end) {
+            r = self.cv.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+        r.push((id, e.offset, e.end()));
+        OverlapGuard { o: self, id }
+    }
+
+    fn busy(&self, start: u64, end: u64) -> bool {
+        let r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        r.iter().any(|&(_, s, e)| s < end && start < e)
+    }
+}
+
+impl Drop for OverlapGuard<'_> {
+    fn drop(&mut self) {
+        let mut r = self.o.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        r.retain(|&(id, _, _)| id != self.id);
+        drop(r);
+        self.o.cv.notify_all();
+    }
+}
+
+/// A volume this node is primary for.
+pub struct PrimaryVolume {
+    pub name: String,
+    pub id: String,
+    pub dir: PathBuf,
+    pub local: FileDevice,
+    pub link: Arc<Link>,
+    pub meta: Mutex<MetaFile>,
+    pub settings: ReplicationSettings,
+    overlap: Overlap,
+    epoch_start: Instant,
+    copier_started: AtomicBool,
+}
+
+impl std::fmt::Debug for PrimaryVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryVolume")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl PrimaryVolume {
+    pub fn new(
+        name: String,
+        id: String,
+        dir: PathBuf,
+        local: FileDevice,
+        meta: MetaFile,
+        dirty: DirtyMap,
+        settings: ReplicationSettings,
+    ) -> PrimaryVolume {
+        let st = meta.state().clone();
+        let cfg = LinkConfig {
+            mode: st.mode,
+            backlog_bytes_max: settings.backlog_bytes_max,
+            peer_ack_timeout_ms: settings.peer_ack_timeout_ms,
+            copies_in_flight_max: settings.copies_in_flight_max,
+            ..LinkConfig::default()
+        };
+        let rep = Replicator::new(cfg, dirty, st.consistent);
+        PrimaryVolume {
+            name,
+            id,
+            dir,
+            local,
+            link: Arc::new(Link {
+                inner: Mutex::new(LinkInner {
+                    rep,
+                    queue: VecDeque::new(),
+                    peer: st.peer.clone(),
+                    max_rate_bytes_per_s: None,
+                    bumped_while_down: false,
+                    announced_up_to_date: false,
+                    stats: LinkStats::default(),
+                    stop: false,
+                    task_running: false,
+                }),
+                acked: Condvar::new(),
+                copier: Condvar::new(),
+                sender: tokio::sync::Notify::new(),
+            }),
+            meta: Mutex::new(meta),
+            settings,
+            overlap: Overlap::default(),
+            epoch_start: Instant::now(),
+            copier_started: AtomicBool::new(false),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.epoch_start.elapsed().as_millis() as u64
+    }
+
+    fn meta(&self) -> MutexGuard<'_, MetaFile> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the activity-log extents `e` touches before a write into them.
+    fn activity_log(&self, e: Extent) -> io::Result<()> {
+        let first = e.offset >> AL_EXTENT_SHIFT;
+        let last = (e.end().max(e.offset + 1) - 1) >> AL_EXTENT_SHIFT;
+        let mut meta = self.meta();
+        let missing: Vec<u64> = (first..=last)
+            .filter(|x| !meta.state().al_extents.contains(x))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let max = self.settings.al_extents_max.min(super::meta::AL_SLOTS);
+        let mut al = meta.state().al_extents.clone();
+        let mut evicted = false;
+        for m in missing {
+            while al.len() >= max {
+                // Evict the oldest extent with no write in flight.
+                let pos = al
+                    .iter()
+                    .position(|&x| {
+                        !self
+                            .overlap
+                            .busy(x << AL_EXTENT_SHIFT, (x + 1) << AL_EXTENT_SHIFT)
+                    })
+                    .unwrap_or(0);
+                al.remove(pos);
+                evicted = true;
+            }
+            al.push(m);
+        }
+        if evicted {
+            // What the evicted extents may still differ in must survive a crash
+            // without them: save a pessimistic dirty map first.
+            self.save_dirty_map(true)?;
+        }
+        meta.update(|s| s.al_extents = al).map_err(io_other)
+    }
+
+    /// Saves the dirty map; `pessimistic` adds everything not yet confirmed on the peer.
+    pub fn save_dirty_map(&self, pessimistic: bool) -> io::Result<()> {
+        let map = {
+            let l = self.link.lock();
+            let mut m = l.rep.dirty_map().clone();
+            if pessimistic {
+                for b in 0..m.blocks() {
+                    if !m.is_dirty(b) && l.rep.tracks(b) {
+                        m.mark_block(b);
+                    }
+                }
+            }
+            m
+        };
+        super::meta::save_dirty_map(&self.dir, &map)
+    }
+
+    /// Records a new generation once per disconnection, before acknowledging a
+    /// write the peer did not confirm.
+    fn ensure_generation_bumped(&self) -> io::Result<()> {
+        {
+            let l = self.link.lock();
+            if l.bumped_while_down || l.peer.is_none() {
+                return Ok(());
+            }
+        }
+        let mut meta = self.meta();
+        let mut l = self.link.lock();
+        if l.bumped_while_down {
+            return Ok(());
+        }
+        let id = crate::agent::identity::random_u64();
+        meta.update(|s| s.generation.bump(id)).map_err(io_other)?;
+        l.bumped_while_down = true;
+        tracing::info!(volume = %self.name, generation = format!("{id:016x}"), "replication.generation.bump: peer not confirming writes");
+        Ok(())
+    }
+
+    fn write_common(
+        &self,
+        extent: Extent,
+        local: impl FnOnce() -> io::Result<()>,
+        wire: u64,
+        out: impl FnOnce(u64) -> Out,
+        fua: bool,
+    ) -> io::Result<()> {
+        let guard = self.overlap.acquire(extent);
+        self.activity_log(extent)?;
+        local()?;
+        if fua {
+            self.local.flush()?;
+        }
+        // Sequencing happens while the overlap guard is held, so overlapping
+        // writes reach the peer in the order they completed here.
+        let now = self.now_ms();
+        let mut l = self.link.lock();
+        let decision = l.rep.on_write(extent, wire, now);
+        let mut wait = None;
+        match decision {
+            WriteDecision::Stream { seq, wait: w } => {
+                self.link.push(&mut l, out(seq));
+                let mut target = (seq, false);
+                if fua {
+                    if let Some(f) = l.rep.on_flush(now) {
+                        self.link.push(
+                            &mut l,
+                            Out::Flush {
+                                seq: f,
+                                up_to_date_generation: None,
+                            },
+                        );
+                        target = (f, true);
+                    }
+                }
+                self.link.maybe_flush(&mut l, now);
+                if w {
+                    wait = Some((l.rep.epoch(), target));
+                }
+            }
+            WriteDecision::Overflow => {
+                l.queue.clear();
+                tracing::warn!(volume = %self.name, "replication.backlog.overflow: peer falls behind, resync from the dirty map");
+            }
+            WriteDecision::Dirty => {}
+        }
+        drop(guard);
+        let confirmed = match wait {
+            Some((epoch, (seq, durable))) => {
+                while !(if durable {
+                    l.rep.is_durable(epoch, seq)
+                } else {
+                    l.rep.is_received(epoch, seq)
+                }) {
+                    l = self.link.acked.wait(l).unwrap_or_else(|p| p.into_inner());
+                }
+                l.rep.epoch() == epoch
+            }
+            None => matches!(decision, WriteDecision::Stream { .. }),
+        };
+        drop(l);
+        if !confirmed {
+            self.ensure_generation_bumped()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the background copier thread (once).
+    pub fn start_copier(self: &Arc<Self>) {
+        if self.copier_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("copier-{}", self.name))
+            .spawn(move || me.copier_loop());
+    }
+
+    fn copier_loop(&self) {
+        let mut buf = vec![0u8; self.settings.granularity_bytes as usize];
+        let mut next_send = Instant::now();
+        let copy_backlog_bytes_max = (self.settings.backlog_bytes_max / 2).clamp(1 << 20, 32 << 20);
+        loop {
+            let task: CopyTask = {
+                let mut l = self.link.lock();
+                loop {
+                    if l.stop {
+                        return;
+                    }
+                    let room = l.rep.status().backlog_bytes < copy_backlog_bytes_max;
+                    if room {
+                        if let Some(t) = l.rep.next_copy() {
+                            break t;
+                        }
+                    }
+                    let (g, _) = self
+                        .link
+                        .copier
+                        .wait_timeout(l, Duration::from_millis(200))
+                        .unwrap_or_else(|p| p.into_inner());
+                    l = g;
+                }
+            };
+            let len = task.extent.length as usize;
+            let frame = match self.read_for_copy(task.extent, &mut buf[..len]) {
+                Ok(true) => None, // a hole or zeroes
+                Ok(false) => Some(buf[..len].to_vec()),
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, block = task.block, error = %e, "replication.copy.read_failed");
+                    self.link.lock().rep.copy_failed(task);
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let rate = self.link.lock().max_rate_bytes_per_s;
+            if let Some(rate) = rate.filter(|&r| r > 0) {
+                let now = Instant::now();
+                if next_send > now {
+                    std::thread::sleep(next_send - now);
+                }
+                next_send = next_send.max(now) + Duration::from_secs_f64(len as f64 / rate as f64);
+            }
+            let now = self.now_ms();
+            let mut l = self.link.lock();
+            let out = |seq: u64| match &frame {
+                Some(data) => Out::Data {
+                    kind: ferry_wire::Kind::Copy,
+                    seq,
+                    offset: task.extent.offset,
+                    data: data.clone(),
+                },
+                None => Out::Zero {
+                    seq,
+                    offset: task.extent.offset,
+                    length: task.extent.length,
+                },
+            };
+            let wire = out(0).wire_bytes();
+            if let Some(seq) = l.rep.copy_ready(task, wire, now) {
+                let o = out(seq);
+                self.link.push(&mut l, o);
+                self.link.maybe_flush(&mut l, now);
+            }
+        }
+    }
+
+    /// Reads a block for the copier; `Ok(true)` when it is a hole or all zeroes.
+    fn read_for_copy(&self, e: Extent, buf: &mut [u8]) -> io::Result<bool> {
+        let mut runs = Vec::new();
+        self.local.block_status(e.offset, e.length, 2, &mut runs)?;
+        if runs.len() == 1 && runs[0].hole && runs[0].length == e.length {
+            return Ok(true);
+        }
+        self.local.read_at(buf, e.offset)?;
+        Ok(buf.iter().all(|&b| b == 0))
+    }
+}
+
+impl BlockDevice for PrimaryVolume {
+    fn size(&self) -> u64 {
+        self.local.size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.local.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let e = Extent {
+            offset,
+            length: buf.len() as u64,
+        };
+        self.write_common(
+            e,
+            || self.local.write_at(buf, offset, false),
+            ferry_wire::HEADER_BYTES as u64 + buf.len() as u64 + 4,
+            |seq| Out::Data {
+                kind: ferry_wire::Kind::Write,
+                seq,
+                offset,
+                data: buf.to_vec(),
+            },
+            fua,
+        )
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.local.flush()?;
+        let now = self.now_ms();
+        let mut l = self.link.lock();
+        let Some(seq) = l.rep.on_flush(now) else {
+            let peer_away = l.peer.is_some();
+            drop(l);
+            if peer_away {
+                self.ensure_generation_bumped()?;
+            }
+            return Ok(());
+        };
+        self.link.push(
+            &mut l,
+            Out::Flush {
+                seq,
+                up_to_date_generation: None,
+            },
+        );
+        if l.rep.config().mode == Mode::Async {
+            return Ok(());
+        }
+        let epoch = l.rep.epoch();
+        while !l.rep.is_durable(epoch, seq) {
+            l = self.link.acked.wait(l).unwrap_or_else(|p| p.into_inner());
+        }
+        let confirmed = l.rep.epoch() == epoch;
+        drop(l);
+        if !confirmed {
+            self.ensure_generation_bumped()?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        // Replicated as its effect: the range reads as zeroes on both nodes.
+        self.write_zeroes(
+            offset,
+            length,
+            ZeroMode {
+                may_punch: true,
+                fast_only: false,
+            },
+            fua,
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64, mode: ZeroMode, fua: bool) -> io::Result<()> {
+        let e = Extent { offset, length };
+        self.write_common(
+            e,
+            || self.local.write_zeroes(offset, length, mode, false),
+            ferry_wire::HEADER_BYTES as u64 + 12,
+            |seq| Out::Zero {
+                seq,
+                offset,
+                length,
+            },
+            fua,
+        )
+    }
+
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        max_runs: usize,
+        out: &mut Vec<Allocation>,
+    ) -> io::Result<()> {
+        self.local.block_status(offset, length, max_runs, out)
+    }
+
+    fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        self.local.cache(offset, length)
+    }
+}

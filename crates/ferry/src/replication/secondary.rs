@@ -1,0 +1,321 @@
+//! The replica's side: accept links from registered primaries and apply their
+//! stream in order (std threads, blocking TLS: the replica only reacts).
+//!
+//! Frames are applied strictly in stream order, and a Flush is acknowledged as
+//! durable only after `fdatasync`, so the image is crash-consistent whenever it
+//! is up to date; while resyncing it is marked `inconsistent` in its metadata
+//! (persisted) until the primary says it has caught up.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_core::generation::Relation;
+use ferry_core::GenerationHistory;
+use ferry_nbd::device::{BlockDevice, FileDevice, ZeroMode};
+use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, HEADER_BYTES, PROTOCOL_VERSION};
+
+use super::link::FLAG_UP_TO_DATE;
+use super::meta::MetaFile;
+use crate::agent::AgentCtx;
+
+/// A replica held on this node.
+pub struct SecondaryVolume {
+    pub name: String,
+    pub id: String,
+    pub dev: FileDevice,
+    pub meta: Mutex<MetaFile>,
+    /// The socket of the current link, to close it when a newer one arrives.
+    current: Mutex<Option<TcpStream>>,
+    pub received_seq: AtomicU64,
+    pub bytes_applied: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for SecondaryVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecondaryVolume")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecondaryVolume {
+    pub fn new(name: String, id: String, dev: FileDevice, meta: MetaFile) -> SecondaryVolume {
+        SecondaryVolume {
+            name,
+            id,
+            dev,
+            meta: Mutex::new(meta),
+            current: Mutex::new(None),
+            received_seq: AtomicU64::new(0),
+            bytes_applied: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+/// Accepts replication links on `listener` until the process ends.
+pub fn serve(listener: TcpListener, ctx: Arc<AgentCtx>) {
+    for conn in listener.incoming() {
+        let Ok(tcp) = conn else { continue };
+        let ctx = ctx.clone();
+        let _ = std::thread::Builder::new()
+            .name("repl-in".into())
+            .spawn(move || {
+                let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                if let Err(e) = handle(tcp, &ctx) {
+                    tracing::warn!(%peer, error = %format!("{e:#}"), "replication.inbound.closed");
+                }
+            });
+    }
+}
+
+fn read_frame<R: Read>(r: &mut R, max: u32, body: &mut Vec<u8>) -> Result<FrameHeader> {
+    let mut h = [0u8; HEADER_BYTES];
+    r.read_exact(&mut h)?;
+    let hdr = FrameHeader::parse(&h, max)?;
+    body.resize(hdr.body_bytes(), 0);
+    r.read_exact(body)?;
+    hdr.verify(body)?;
+    Ok(hdr)
+}
+
+fn refuse<W: Write>(w: &mut W, me: &str, why: String) -> Result<()> {
+    let reply = HelloReply {
+        protocol_version: PROTOCOL_VERSION,
+        node_name: me.to_string(),
+        refused: Some(why.clone()),
+        generation: 0,
+        ancestors: vec![],
+        dirty_map: None,
+    };
+    w.write_all(&ferry_wire::encode_frame(
+        Kind::HelloReply,
+        0,
+        0,
+        &reply.to_bytes(),
+    ))?;
+    w.flush()?;
+    bail!("refused: {why}")
+}
+
+fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let control = tcp.try_clone()?;
+    let conn = rustls::ServerConnection::new(ctx.tls_server.clone())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // Drive the handshake now, so an unregistered client is refused here.
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .context("TLS handshake")?;
+    }
+    let cert = tls
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or_else(|| anyhow!("peer presented no certificate"))?;
+    let fp = crate::agent::identity::fingerprint(cert);
+    let peer = ctx
+        .peers
+        .by_fingerprint(&fp)
+        .ok_or_else(|| anyhow!("unregistered certificate {fp}"))?;
+    let max = ctx.cfg.replication.frame_bytes_max;
+    let mut reader = BufReader::with_capacity(1 << 20, tls);
+    let mut body = Vec::new();
+    let hdr = read_frame(&mut reader, max, &mut body)?;
+    if hdr.kind != Kind::Hello {
+        bail!("expected Hello, got {:?}", hdr.kind);
+    }
+    let hello = Hello::from_bytes(&body[..hdr.len as usize])?;
+    let me = ctx.identity.node_name.clone();
+    let w = reader.get_mut();
+    if hello.node_name != peer.name {
+        return refuse(
+            w,
+            &me,
+            format!(
+                "your certificate belongs to {:?}, not {:?}",
+                peer.name, hello.node_name
+            ),
+        );
+    }
+    if !hello.protocol_versions.contains(&PROTOCOL_VERSION) {
+        return refuse(
+            w,
+            &me,
+            format!("no common protocol version (I speak {PROTOCOL_VERSION})"),
+        );
+    }
+    let Some(vol) = ctx.secondary(&hello.volume) else {
+        return refuse(w, &me, format!("node {me} holds no replica of volume {:?}; start it with `ferry replicate start {} --to {me}`", hello.volume, hello.volume));
+    };
+    if vol.id != hello.volume_id || vol.dev.size() != hello.size_bytes {
+        return refuse(w, &me, format!(
+            "volume {:?} here is id {} with {} bytes, yours is id {} with {} bytes: not the same volume",
+            hello.volume, vol.id, vol.dev.size(), hello.volume_id, hello.size_bytes));
+    }
+    let theirs = GenerationHistory::from_parts(hello.generation, hello.ancestors.clone(), 16);
+    let (mine, was_consistent) = {
+        let m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+        (m.state().generation.clone(), m.state().consistent)
+    };
+    match mine.relate(&theirs) {
+        Relation::Ahead => {
+            return refuse(
+                w,
+                &me,
+                "this replica holds newer data than the primary".into(),
+            )
+        }
+        Relation::SplitBrain => {
+            return refuse(
+                w,
+                &me,
+                "split brain: this replica and the primary were written separately".into(),
+            )
+        }
+        _ => {}
+    }
+    // Take over from an older link of the same volume.
+    if let Some(old) = vol
+        .current
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .replace(control.try_clone()?)
+    {
+        let _ = old.shutdown(Shutdown::Both);
+    }
+    let in_sync = mine.relate(&theirs) == Relation::InSync && was_consistent;
+    {
+        let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+        m.update(|s| {
+            s.generation.adopt(&theirs);
+            s.consistent = in_sync;
+            s.peer = Some(peer.name.clone());
+        })?;
+    }
+    let reply = HelloReply {
+        protocol_version: PROTOCOL_VERSION,
+        node_name: me.clone(),
+        refused: None,
+        generation: mine.current(),
+        ancestors: mine.ancestors().collect(),
+        dirty_map: None,
+    };
+    w.write_all(&ferry_wire::encode_frame(
+        Kind::HelloReply,
+        0,
+        0,
+        &reply.to_bytes(),
+    ))?;
+    w.flush()?;
+    tracing::info!(volume = %vol.name, peer = %peer.name, consistent = in_sync, "replication.inbound.up");
+    control.set_read_timeout(None)?;
+    let result = apply_stream(&mut reader, &vol, max);
+    if let Err(e) = &result {
+        let msg = format!("{e:#}");
+        *vol.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+        let _ = reader.get_mut().write_all(&ferry_wire::encode_frame(
+            Kind::Error,
+            0,
+            0,
+            msg.as_bytes(),
+        ));
+        let _ = reader.get_mut().flush();
+    }
+    result
+}
+
+fn apply_stream<S: Read + Write>(
+    reader: &mut BufReader<S>,
+    vol: &SecondaryVolume,
+    max: u32,
+) -> Result<()> {
+    let mut body = Vec::with_capacity(1 << 20);
+    let (mut received, mut durable) = (0u64, 0u64);
+    let mut unacked = 0u32;
+    loop {
+        let hdr = match read_frame(reader, max, &mut body) {
+            Ok(h) => h,
+            Err(e) => {
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+                {
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        };
+        let payload = &body[..hdr.len as usize];
+        match hdr.kind {
+            Kind::Write | Kind::Copy => {
+                check_range(vol, hdr.offset, payload.len() as u64)?;
+                vol.dev
+                    .write_at(payload, hdr.offset, false)
+                    .with_context(|| {
+                        format!("writing {} bytes at {}", payload.len(), hdr.offset)
+                    })?;
+                vol.bytes_applied
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            }
+            Kind::Zero => {
+                let len =
+                    u64::from_be_bytes(payload.try_into().map_err(|_| anyhow!("bad Zero frame"))?);
+                check_range(vol, hdr.offset, len)?;
+                vol.dev.write_zeroes(
+                    hdr.offset,
+                    len,
+                    ZeroMode {
+                        may_punch: true,
+                        fast_only: false,
+                    },
+                    false,
+                )?;
+            }
+            Kind::Flush => {
+                vol.dev.flush().context("fdatasync")?;
+                durable = hdr.seq;
+                if hdr.flags & FLAG_UP_TO_DATE != 0 {
+                    let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+                    m.update(|s| s.consistent = true)?;
+                    tracing::info!(volume = %vol.name, "replication.replica.up_to_date");
+                }
+            }
+            Kind::Ping => {
+                send_ack(reader.get_mut(), received, durable)?;
+                continue;
+            }
+            other => bail!("unexpected {other:?} frame in the stream"),
+        }
+        received = hdr.seq;
+        vol.received_seq.store(received, Ordering::Relaxed);
+        unacked += 1;
+        // Coalesce: acknowledge when nothing more is buffered, or every 64 frames.
+        if reader.buffer().is_empty() || unacked >= 64 || hdr.kind == Kind::Flush {
+            send_ack(reader.get_mut(), received, durable)?;
+            unacked = 0;
+        }
+    }
+}
+
+fn check_range(vol: &SecondaryVolume, offset: u64, len: u64) -> Result<()> {
+    ferry_core::Extent::within(offset, len, vol.dev.size())
+        .map_err(|e| anyhow!("peer sent a range outside the volume: {e}"))?;
+    Ok(())
+}
+
+fn send_ack<W: Write>(w: &mut W, received: u64, durable: u64) -> Result<()> {
+    w.write_all(&FrameHeader::new(Kind::Ack, received, durable, 0).encode())?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Secondary volumes by name.
+pub type Secondaries = Mutex<HashMap<String, Arc<SecondaryVolume>>>;
