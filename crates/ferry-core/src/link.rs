@@ -59,6 +59,9 @@ pub struct LinkConfig {
     /// Extents kept until the peer confirms them durable; past half of it the
     /// edge sends a link flush ([`Replicator::flush_due`]) so memory stays bounded.
     pub unconfirmed_extents_max: usize,
+    /// Unconfirmed extents older than this get a link flush, so a crash of the
+    /// peer re-sends at most this much of the stream.
+    pub flush_interval_ms: u64,
 }
 
 impl Default for LinkConfig {
@@ -69,6 +72,7 @@ impl Default for LinkConfig {
             peer_ack_timeout_ms: 5_000,
             copies_in_flight_max: 8,
             unconfirmed_extents_max: 65_536,
+            flush_interval_ms: 250,
         }
     }
 }
@@ -168,8 +172,11 @@ pub struct Replicator {
     /// Blocks being copied → re-dirtied by a write during the copy.
     copying: BTreeMap<u64, bool>,
     copy_cursor: u64,
-    /// Seq of the newest flush frame sent this connection.
+    /// Seq of the newest flush frame sent this connection, and when.
     flush_seq: u64,
+    flush_sent_ms: u64,
+    /// Seq of the newest copy frame: the resync is done once the peer has it.
+    last_copy_seq: u64,
     /// When the oldest acknowledgement became due (first unacked frame sent).
     ack_due_since_ms: Option<u64>,
 }
@@ -193,6 +200,8 @@ impl Replicator {
             copying: BTreeMap::new(),
             copy_cursor: 0,
             flush_seq: 0,
+            flush_sent_ms: 0,
+            last_copy_seq: 0,
             ack_due_since_ms: None,
         }
     }
@@ -265,6 +274,7 @@ impl Replicator {
         self.behind = false;
         self.copy_cursor = 0;
         self.flush_seq = 0;
+        self.last_copy_seq = 0;
         self.ack_due_since_ms = None;
     }
 
@@ -349,11 +359,13 @@ impl Replicator {
 
     /// Enough unconfirmed extents have piled up (no client flush lately) that the
     /// edge should send a flush of its own, so the peer confirms and they go.
-    pub fn flush_due(&self) -> bool {
+    pub fn flush_due(&self, now_ms: u64) -> bool {
         self.connected()
             && !self.behind
             && self.flush_seq <= self.durable_seq
-            && self.unconfirmed.len() >= self.cfg.unconfirmed_extents_max / 2
+            && !self.unconfirmed.is_empty()
+            && (self.unconfirmed.len() >= self.cfg.unconfirmed_extents_max / 2
+                || now_ms.saturating_sub(self.flush_sent_ms) >= self.cfg.flush_interval_ms)
     }
 
     /// The peer acknowledged: received (applied in order) up to `received`,
@@ -429,6 +441,7 @@ impl Replicator {
             self.dirty.mark_block(task.block);
         }
         let seq = self.sequence(task.extent, wire_bytes, now_ms);
+        self.last_copy_seq = seq;
         Some(seq)
     }
 
@@ -453,7 +466,11 @@ impl Replicator {
     }
 
     fn maybe_streaming(&mut self, _now_ms: u64) {
-        if self.phase == Phase::Resyncing && self.dirty.is_clean() && self.copying.is_empty() {
+        if self.phase == Phase::Resyncing
+            && self.dirty.is_clean()
+            && self.copying.is_empty()
+            && self.received_seq >= self.last_copy_seq
+        {
             self.phase = Phase::Streaming;
             self.behind = false;
             self.peer_consistent = true;
@@ -509,6 +526,7 @@ mod tests {
             peer_ack_timeout_ms: 1000,
             copies_in_flight_max: 2,
             unconfirmed_extents_max: 8,
+            flush_interval_ms: 1_000_000,
         };
         Replicator::new(cfg, DirtyMap::new(16 * G, G).unwrap(), true)
     }
@@ -651,11 +669,15 @@ mod tests {
         for b in 0..4 {
             r.on_write(ext(b), G, 0);
         }
-        assert!(r.flush_due());
+        assert!(r.flush_due(0));
         let f = r.on_flush(0).unwrap();
-        assert!(!r.flush_due(), "one flush in flight is enough");
+        assert!(!r.flush_due(0), "one flush in flight is enough");
         r.on_ack(f, f, 1);
-        assert!(!r.flush_due());
+        assert!(!r.flush_due(1));
+        r.on_write(ext(9), G, 2);
+        assert!(!r.flush_due(2));
+        r.cfg.flush_interval_ms = 100;
+        assert!(r.flush_due(100), "old unconfirmed extents get a flush");
     }
 
     mod sim {
@@ -717,7 +739,7 @@ mod tests {
                             if let WriteDecision::Stream { seq, .. } = r.on_write(ext(b), G, now) {
                                 wire.push_back((seq, Some((b, ver[b as usize]))));
                             }
-                            if r.flush_due() {
+                            if r.flush_due(now) {
                                 let s = r.on_flush(now).unwrap();
                                 wire.push_back((s, None));
                             }

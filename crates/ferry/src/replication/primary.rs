@@ -116,9 +116,9 @@ impl Link {
         self.sender.notify_one();
     }
 
-    /// Queues a link-level flush if enough unconfirmed extents piled up.
-    fn maybe_flush(&self, inner: &mut LinkInner, now_ms: u64) {
-        if inner.rep.flush_due() {
+    /// Queues a link-level flush if unconfirmed extents piled up or aged.
+    pub fn maybe_flush(&self, inner: &mut LinkInner, now_ms: u64) {
+        if inner.rep.flush_due(now_ms) {
             if let Some(seq) = inner.rep.on_flush(now_ms) {
                 self.push(
                     inner,

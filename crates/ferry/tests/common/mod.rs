@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod raw;
 
 use std::io::{BufRead, BufReader, Read};

@@ -1,0 +1,219 @@
+//! Agents for replication tests: each in its own temporary data dir, on fixed
+//! loopback ports (so a restart keeps its address), killed by PID on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::ferry_bin;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub api: String,
+    pub nbd: String,
+    pub replication: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts agent `name` in `root/name` with extra `[replication]` settings.
+    pub fn start(root: &Path, name: &str, replication_toml: &str) -> Agent {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (api, repl, nbd) = (free_port(), free_port(), free_port());
+        let config = root.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"{name}\"\ndata_dir = \"{}\"\napi_listen = \"127.0.0.1:{api}\"\nreplication_listen = \"127.0.0.1:{repl}\"\nnbd_listen = \"127.0.0.1:{nbd}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n{replication_toml}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut a = Agent {
+            name: name.to_string(),
+            log: root.join(format!("{name}.log")),
+            dir,
+            config,
+            api: format!("127.0.0.1:{api}"),
+            nbd: format!("127.0.0.1:{nbd}"),
+            replication: format!("127.0.0.1:{repl}"),
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    /// (Re)starts the process and waits until it prints its addresses.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut child = Command::new(ferry_bin())
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .env("FERRY_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains("fingerprint"),
+            "agent {} did not start: {}",
+            self.name,
+            self.log_text()
+        );
+        self.child = Some(child);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on the PID of our own unreaped child.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().unwrap().is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "agent {} did not stop on SIGTERM",
+                    self.name
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("api.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// A `ferry` command aimed at this agent.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(ferry_bin());
+        c.env("FERRY_API", &self.api)
+            .env("FERRY_DATA_DIR", &self.dir)
+            .env("FERRY_LOG", "warn");
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ferry {args:?} on {} failed: {}\n{}\n--- agent log ---\n{}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    pub fn status(&self, volume: &str) -> Value {
+        self.json(&["replicate", "status", volume])
+    }
+
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+
+    pub fn image(&self, volume: &str) -> PathBuf {
+        self.dir.join("volumes").join(volume).join("data.raw")
+    }
+
+    /// RSS of the agent process in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Registers `b` at `a`, both ways.
+pub fn pair(a: &Agent, b: &Agent) {
+    let tok = a.dir.join("peer-token");
+    std::fs::write(&tok, b.token()).unwrap();
+    a.ok(&[
+        "node",
+        "add",
+        &b.name,
+        "--api",
+        &b.api,
+        "--token-file",
+        tok.to_str().unwrap(),
+    ]);
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,376 @@
+//! Two agents on 127.0.0.1 replicating a volume: initial sync under live
+//! writes, crashes of either side by `kill -9`, async backlog overflow, and
+//! links from nodes that are not trusted.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::agent::{pair, wait_until, Agent};
+use common::raw::Raw;
+use common::*;
+
+fn two_agents(extra: &str) -> (tempfile::TempDir, Agent, Agent) {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-repl-")
+        .tempdir()
+        .unwrap();
+    let a = Agent::start(root.path(), "a", extra);
+    let b = Agent::start(root.path(), "b", extra);
+    pair(&a, &b);
+    (root, a, b)
+}
+
+fn assert_images_equal(a: &Agent, b: &Agent, vol: &str) {
+    let out = a.json(&["volume", "verify", vol]);
+    assert_eq!(out["equal"], true, "verify: {out}");
+    run_ok(Command::new("cmp").arg(a.image(vol)).arg(b.image(vol)));
+}
+
+#[test]
+fn initial_sync_under_live_fio_writes_ends_equal() {
+    let (_root, a, b) = two_agents("");
+    a.ok(&["volume", "create", "vol", "--size", "256MiB"]);
+    // 96 MiB of data before replication starts, holes elsewhere.
+    qemu_io(
+        &a.uri("vol"),
+        &["write -P 0x5a 0 64M", "write -P 0x6b 128M 32M"],
+    );
+    // Slow the background copy so the live writes really overlap it.
+    a.ok(&[
+        "replicate",
+        "start",
+        "vol",
+        "--to",
+        "b",
+        "--mode",
+        "sync",
+        "--max-rate",
+        "8MiB/s",
+    ]);
+    let fio = Command::new(require("fio"))
+        .args([
+            "--name=live",
+            "--ioengine=nbd",
+            &format!("--uri={}", a.uri("vol")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            "--offset=32M",
+            "--size=64M",
+            "--io_size=24M",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        fio.status.success(),
+        "fio: {}",
+        String::from_utf8_lossy(&fio.stderr)
+    );
+    let st = a.status("vol");
+    assert_ne!(
+        st["state"], "up-to-date",
+        "the sync should still run when fio ends: {st}"
+    );
+    a.ok(&["replicate", "set", "vol", "--max-rate", "0"]);
+    a.ok(&[
+        "replicate",
+        "wait",
+        "vol",
+        "--state",
+        "up-to-date",
+        "--timeout",
+        "120s",
+    ]);
+    let st = a.status("vol");
+    // Holes were not sent: well under the volume size went over the link.
+    assert!(st["copy_bytes_sent"].as_u64().unwrap() < 130 << 20, "{st}");
+    assert_eq!(b.status("vol")["state"], "up-to-date");
+    assert_images_equal(&a, &b, "vol");
+}
+
+#[test]
+fn killing_the_replica_mid_sync_resumes_with_only_dirty_blocks() {
+    let (_root, a, mut b) = two_agents("");
+    a.ok(&["volume", "create", "vol", "--size", "256MiB"]);
+    qemu_io(
+        &a.uri("vol"),
+        &["write -P 0x11 0 128M", "write -P 0x22 192M 64M"],
+    );
+    a.ok(&[
+        "replicate",
+        "start",
+        "vol",
+        "--to",
+        "b",
+        "--max-rate",
+        "64MiB/s",
+    ]);
+    wait_until(60, "a third of the sync", || {
+        a.status("vol")["copy_bytes_sent"].as_u64().unwrap() > 64 << 20
+    });
+    b.kill9();
+    let sent_before = a.status("vol")["copy_bytes_sent"].as_u64().unwrap();
+    wait_until(20, "the link to notice", || {
+        a.status("vol")["link"] == "disconnected"
+    });
+    b.spawn();
+    a.ok(&["replicate", "set", "vol", "--max-rate", "0"]);
+    a.ok(&["replicate", "wait", "vol", "--timeout", "120s"]);
+    let sent_total = a.status("vol")["copy_bytes_sent"].as_u64().unwrap();
+    let data = 192u64 << 20;
+    // Resumed, not restarted: the second round moved about what was left.
+    assert!(
+        sent_total < data + (32 << 20),
+        "sent {sent_total} for {data} bytes of data (before kill: {sent_before})"
+    );
+    assert_images_equal(&a, &b, "vol");
+}
+
+/// A sequential writer over NBD that records each write once acknowledged.
+fn acked_writer(addr: &str, stop_after: usize, acked: &std::sync::Mutex<Vec<u64>>) {
+    let (mut r, _) = Raw::go(addr, "vol", false);
+    for i in 0..stop_after as u64 {
+        let rec = pattern(i + 1, 4096);
+        r.request(1, 0, i, i * 4096, 4096, &rec);
+        let mut h = [0u8; 16];
+        if r.s.read_exact(&mut h).is_err() {
+            return;
+        }
+        if u32::from_be_bytes(h[4..8].try_into().unwrap()) != 0 {
+            return;
+        }
+        acked.lock().unwrap().push(i);
+    }
+}
+
+#[test]
+fn killing_the_primary_loses_no_acknowledged_write_and_it_resyncs_from_its_activity_log() {
+    let (_root, mut a, b) = two_agents("");
+    a.ok(&["volume", "create", "vol", "--size", "64MiB"]);
+    a.ok(&["replicate", "start", "vol", "--to", "b", "--mode", "sync"]);
+    a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = {
+        let (addr, acked) = (a.nbd.clone(), acked.clone());
+        std::thread::spawn(move || acked_writer(&addr, 16384, &acked))
+    };
+    wait_until(60, "1000 acknowledged writes", || {
+        acked.lock().unwrap().len() >= 1000
+    });
+    a.kill9();
+    writer.join().unwrap();
+    let acked = acked.lock().unwrap().clone();
+    // Every write the client saw acknowledged is on B's image.
+    let mut img = Vec::new();
+    std::fs::File::open(b.image("vol"))
+        .unwrap()
+        .read_to_end(&mut img)
+        .unwrap();
+    for &i in &acked {
+        let at = (i * 4096) as usize;
+        assert!(
+            img[at..at + 4096] == pattern(i + 1, 4096)[..],
+            "acknowledged write {i} is missing on b"
+        );
+    }
+    // A restarts after its crash: its activity log marks what may differ.
+    a.spawn();
+    a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
+    assert!(
+        a.log_text().contains("volume.unclean_stop"),
+        "the restart must see the unclean stop"
+    );
+    let st = a.status("vol");
+    assert!(st["copy_bytes_sent"].as_u64().unwrap() <= 64 << 20, "{st}");
+    assert_images_equal(&a, &b, "vol");
+}
+
+#[test]
+fn clean_restart_of_both_agents_needs_no_full_resync() {
+    let (_root, mut a, mut b) = two_agents("");
+    a.ok(&["volume", "create", "vol", "--size", "128MiB"]);
+    qemu_io(&a.uri("vol"), &["write -P 0x42 0 96M"]);
+    a.ok(&["replicate", "start", "vol", "--to", "b"]);
+    a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
+    b.stop();
+    // Written while B is away: tracked in the dirty map.
+    qemu_io(&a.uri("vol"), &["write -P 0x43 10M 1M"]);
+    a.stop();
+    a.spawn();
+    b.spawn();
+    a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
+    let st = a.status("vol");
+    let sent = st["copy_bytes_sent"].as_u64().unwrap();
+    assert!(
+        sent <= 2 << 20,
+        "after clean restarts only the 1 MiB written meanwhile moves, sent {sent}: {st}"
+    );
+    assert_images_equal(&a, &b, "vol");
+}
+
+#[test]
+fn async_backlog_overflow_keeps_memory_bounded_then_converges() {
+    let (_root, a, b) = two_agents("backlog_bytes_max = 4194304\n");
+    a.ok(&["volume", "create", "vol", "--size", "256MiB"]);
+    a.ok(&["replicate", "start", "vol", "--to", "b", "--mode", "async"]);
+    a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
+    let rss_idle = a.rss_bytes();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let saw_inconsistent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, saw, done) = (peak.clone(), saw_inconsistent.clone(), done.clone());
+        let pid = a.pid();
+        let (api, dir) = (a.api.clone(), a.dir.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+                    if let Some(kb) = s
+                        .lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse::<u64>().ok())
+                    {
+                        peak.fetch_max(kb * 1024, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                let out = Command::new(ferry_bin())
+                    .env("FERRY_API", &api)
+                    .env("FERRY_DATA_DIR", &dir)
+                    .args(["--json", "replicate", "status", "vol"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&out.stdout).contains("\"inconsistent\"") {
+                    saw.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    // A 192 MiB burst, far above the 4 MiB backlog.
+    let out = run_ok(Command::new(require("fio")).args([
+        "--name=burst",
+        "--ioengine=nbd",
+        &format!("--uri={}", a.uri("vol")),
+        "--rw=write",
+        "--bs=1M",
+        "--iodepth=8",
+        "--size=192M",
+    ]));
+    assert!(out.contains("burst"), "{out}");
+    a.ok(&["replicate", "wait", "vol", "--timeout", "120s"]);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        saw_inconsistent.load(std::sync::atomic::Ordering::SeqCst),
+        "B must go inconsistent while the backlog overflowed"
+    );
+    assert!(a.log_text().contains("replication.backlog.overflow"));
+    // Bounded: far below the burst size.
+    assert!(
+        peak < rss_idle + (64 << 20),
+        "RSS peaked at {peak} (idle {rss_idle})"
+    );
+    assert_images_equal(&a, &b, "vol");
+}
+
+#[test]
+fn unregistered_nodes_and_wrong_certificates_cannot_open_a_link() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-trust-")
+        .tempdir()
+        .unwrap();
+    let a = Agent::start(root.path(), "a", "");
+    let mut b = Agent::start(root.path(), "b", "");
+    let c = Agent::start(root.path(), "c", "");
+    pair(&a, &b);
+    a.ok(&["volume", "create", "vol", "--size", "16MiB"]);
+    a.ok(&["replicate", "start", "vol", "--to", "b"]);
+    a.ok(&["replicate", "wait", "vol", "--timeout", "30s"]);
+
+    // C is not registered at B: the replication port refuses its certificate.
+    c.ok(&["volume", "create", "vol", "--size", "16MiB"]);
+    let out = c
+        .cli()
+        .args(["replicate", "start", "vol", "--to", "b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not registered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = root.path().join("stranger.key");
+    let crt = root.path().join("stranger.crt");
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=stranger",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt),
+    );
+    let s_client = Command::new("openssl")
+        .args(["s_client", "-tls1_3", "-connect", &b.replication, "-cert"])
+        .arg(&crt)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = s_client.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("Verify return code: 0") || text.contains("alert"),
+        "{text}"
+    );
+    wait_until(10, "b to log the refusal", || {
+        b.log_text().contains("replication.inbound.closed")
+    });
+    // The API needs the token, too.
+    let mut s = std::net::TcpStream::connect(&b.api).unwrap();
+    s.write_all(b"GET /api/v1/nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+
+    // B is reinstalled with a new certificate: A no longer trusts it.
+    b.stop();
+    std::fs::remove_dir_all(b.dir.join("tls")).unwrap();
+    b.spawn();
+    let t = Instant::now();
+    wait_until(30, "a to refuse b's new certificate", || {
+        a.status("vol")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not a registered ferry node") || e.contains("certificate"))
+    });
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_eq!(a.status("vol")["link"], "disconnected");
+}
