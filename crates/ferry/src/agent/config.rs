@@ -12,7 +12,7 @@
 //! backlog_bytes_max = 67108864
 //! peer_ack_timeout_ms = 5000
 //! frame_bytes_max = 8388608
-//! copies_in_flight_max = 8
+//! copies_in_flight_max = 32
 //! reconnect_backoff_max_ms = 5000
 //! al_extents_max = 256
 //! ```
@@ -76,7 +76,7 @@ impl Default for ReplicationSettings {
             backlog_bytes_max: 64 * 1024 * 1024,
             peer_ack_timeout_ms: 5_000,
             frame_bytes_max: 8 * 1024 * 1024,
-            copies_in_flight_max: 8,
+            copies_in_flight_max: 32,
             reconnect_backoff_max_ms: 5_000,
             al_extents_max: 256,
         }

@@ -30,6 +30,9 @@ use ferry_nbd::device::{Allocation, BlockDevice, FileDevice, ZeroMode};
 use super::meta::{MetaFile, AL_EXTENT_SHIFT};
 use crate::agent::config::ReplicationSettings;
 
+/// Contiguous dirty blocks the copier reads with one `pread`.
+const COPY_BATCH_BLOCKS: usize = 16;
+
 /// A frame waiting to be sent.
 #[derive(Debug)]
 pub enum Out {
@@ -424,37 +427,62 @@ impl PrimaryVolume {
     }
 
     fn copier_loop(&self) {
-        let mut buf = vec![0u8; self.settings.granularity_bytes as usize];
+        let g = self.settings.granularity_bytes as usize;
+        let mut buf = vec![0u8; g * COPY_BATCH_BLOCKS];
         let mut next_send = Instant::now();
         let copy_backlog_bytes_max = (self.settings.backlog_bytes_max / 2).clamp(1 << 20, 32 << 20);
         loop {
-            let task: CopyTask = {
+            // Take a run of contiguous dirty blocks (up to COPY_BATCH_BLOCKS) at once.
+            let tasks: Vec<CopyTask> = {
                 let mut l = self.link.lock();
                 loop {
                     if l.stop {
                         return;
                     }
-                    let room = l.rep.status().backlog_bytes < copy_backlog_bytes_max;
-                    if room {
-                        if let Some(t) = l.rep.next_copy() {
-                            break t;
+                    if l.rep.status().backlog_bytes < copy_backlog_bytes_max {
+                        if let Some(first) = l.rep.next_copy() {
+                            let mut v = vec![first];
+                            while v.len() < COPY_BATCH_BLOCKS {
+                                let want = v[v.len() - 1].block + 1;
+                                if !l.rep.dirty_map().is_dirty(want) {
+                                    break;
+                                }
+                                match l.rep.next_copy() {
+                                    Some(t) if t.block == want => v.push(t),
+                                    Some(t) => {
+                                        // Not contiguous after all: keep it for the next batch.
+                                        l.rep.copy_failed(t);
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            break v;
                         }
                     }
-                    let (g, _) = self
+                    let (guard, _) = self
                         .link
                         .copier
                         .wait_timeout(l, Duration::from_millis(200))
                         .unwrap_or_else(|p| p.into_inner());
-                    l = g;
+                    l = guard;
                 }
             };
-            let len = task.extent.length as usize;
-            let frame = match self.read_for_copy(task.extent, &mut buf[..len]) {
-                Ok(true) => None, // a hole or zeroes
-                Ok(false) => Some(buf[..len].to_vec()),
+            let start = tasks[0].extent.offset;
+            let len: u64 = tasks.iter().map(|t| t.extent.length).sum();
+            let whole = Extent {
+                offset: start,
+                length: len,
+            };
+            let zero = match self.read_for_copy(whole, &mut buf[..len as usize]) {
+                Ok(z) => z,
                 Err(e) => {
-                    tracing::warn!(volume = %self.name, block = task.block, error = %e, "replication.copy.read_failed");
-                    self.link.lock().rep.copy_failed(task);
+                    tracing::warn!(volume = %self.name, offset = start, error = %e, "replication.copy.read_failed");
+                    let mut l = self.link.lock();
+                    for t in tasks {
+                        l.rep.copy_failed(t);
+                    }
+                    drop(l);
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
@@ -469,29 +497,35 @@ impl PrimaryVolume {
             }
             let now = self.now_ms();
             let mut l = self.link.lock();
-            let out = |seq: u64| match &frame {
-                Some(data) => Out::Data {
-                    kind: ferry_wire::Kind::Copy,
-                    seq,
-                    offset: task.extent.offset,
-                    data: data.clone(),
-                },
-                None => Out::Zero {
-                    seq,
-                    offset: task.extent.offset,
-                    length: task.extent.length,
-                },
-            };
-            let wire = out(0).wire_bytes();
-            if let Some(seq) = l.rep.copy_ready(task, wire, now) {
-                let o = out(seq);
-                self.link.push(&mut l, o);
-                self.link.maybe_flush(&mut l, now);
+            for t in tasks {
+                let at = (t.extent.offset - start) as usize;
+                let block = &buf[at..at + t.extent.length as usize];
+                let is_zero = zero || block.iter().all(|&b| b == 0);
+                let wire = if is_zero { 12 } else { block.len() as u64 + 4 }
+                    + ferry_wire::HEADER_BYTES as u64;
+                if let Some(seq) = l.rep.copy_ready(t, wire, now) {
+                    let o = if is_zero {
+                        Out::Zero {
+                            seq,
+                            offset: t.extent.offset,
+                            length: t.extent.length,
+                        }
+                    } else {
+                        Out::Data {
+                            kind: ferry_wire::Kind::Copy,
+                            seq,
+                            offset: t.extent.offset,
+                            data: block.to_vec(),
+                        }
+                    };
+                    self.link.push(&mut l, o);
+                }
             }
+            self.link.maybe_flush(&mut l, now);
         }
     }
 
-    /// Reads a block for the copier; `Ok(true)` when it is a hole or all zeroes.
+    /// Reads a run for the copier; `Ok(true)` when all of it is a hole (not read).
     fn read_for_copy(&self, e: Extent, buf: &mut [u8]) -> io::Result<bool> {
         let mut runs = Vec::new();
         self.local.block_status(e.offset, e.length, 2, &mut runs)?;
@@ -499,7 +533,7 @@ impl PrimaryVolume {
             return Ok(true);
         }
         self.local.read_at(buf, e.offset)?;
-        Ok(buf.iter().all(|&b| b == 0))
+        Ok(false)
     }
 }
 

@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Benchmark: block replication between two agents on 127.0.0.1, with the peers
+# measured in the same run.
+#   1. initial sync of a 1 GiB random image A → B vs nbdcopy (nbdkit file → nbdkit
+#      file) and an rsync daemon whole-file copy; agent RSS during the sync;
+#   2. resync after 160 random 64 KiB-aligned writes (~1%) vs
+#      rsync --inplace --no-whole-file -I; bytes sent vs bytes changed;
+#   3. fio 4k randwrite QD16 over NBD: unreplicated vs sync vs async link (IOPS,
+#      CPU-seconds per GiB on A and B), and p99 latency at 50% of the
+#      unreplicated peak IOPS.
+# Usage: bench/replication.sh [--size 1G] [--runtime 10] [--reps 3]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+size_mib=1024
+runtime=10
+reps=3
+while (($#)); do
+  case "$1" in
+    --size) size_mib=$(( $(numfmt --from=iec "$2") / 1048576 )); shift 2 ;;
+    --runtime) runtime="$2"; shift 2 ;;
+    --reps) reps="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+scripts/install-deps
+cargo build --release --quiet -p ferry
+ferry="$PWD/target/release/ferry"
+work=$(mktemp -d /var/tmp/ferry-rbench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export FERRY_LOG=warn
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+declare -A API NBD PID
+start_agent() { # name
+  local n=$1 api repl nbd
+  api=$(port); repl=$(port); nbd=$(port)
+  mkdir -p "$work/$n"
+  cat >"$work/$n.toml" <<EOT
+node_name = "$n"
+data_dir = "$work/$n"
+api_listen = "127.0.0.1:$api"
+replication_listen = "127.0.0.1:$repl"
+nbd_listen = "127.0.0.1:$nbd"
+EOT
+  "$ferry" agent --config "$work/$n.toml" >"$work/$n.out" 2>"$work/$n.log" &
+  PID[$n]=$!; pids+=($!)
+  for _ in $(seq 100); do [[ -s "$work/$n.out" ]] && break; sleep 0.05; done
+  API[$n]="127.0.0.1:$api"; NBD[$n]="127.0.0.1:$nbd"
+}
+on() { local n=$1; shift; FERRY_API="${API[$n]}" FERRY_DATA_DIR="$work/$n" "$ferry" "$@"; }
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+echo "preparing a ${size_mib} MiB random image" >&2
+head -c $((size_mib << 20)) /dev/urandom >"$work/random.img"
+
+# ---------- 1. initial sync ----------
+sync_times=(); rss_peaks=()
+for rep in $(seq "$reps"); do
+  for n in a b; do rm -rf "${work:?}/$n"; done
+  FERRY_DATA_DIR="$work/a" "$ferry" volume create vol --size "${size_mib}MiB" >/dev/null
+  cp "$work/random.img" "$work/a/volumes/vol/data.raw"
+  sync
+  start_agent a; start_agent b
+  cp "$work/b/api.token" "$work/b.token"
+  on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
+  ( peak=0; while kill -0 "${PID[a]}" 2>/dev/null; do r=$(rss_kib "${PID[a]}" 2>/dev/null || echo 0); ((r > peak)) && peak=$r && echo "$peak" >"$work/rss.peak"; sleep 0.1; done ) &
+  sampler=$!
+  t0=$(now)
+  on a replicate start vol --to b --mode sync >/dev/null
+  on a replicate wait vol --timeout 600s >/dev/null
+  t1=$(now)
+  kill $sampler 2>/dev/null || true; wait $sampler 2>/dev/null || true
+  peak=$(cat "$work/rss.peak")
+  sync_times+=("$(echo "$t1 - $t0" | bc)"); rss_peaks+=("$peak")
+  on a volume verify vol >/dev/null
+  echo "rep $rep: ferry initial sync ${sync_times[-1]} s, A RSS peak $((peak / 1024)) MiB" >&2
+  kill "${PID[a]}" "${PID[b]}"; wait "${PID[a]}" "${PID[b]}" 2>/dev/null || true; pids=()
+done
+ferry_sync=$(printf '%s\n' "${sync_times[@]}" | median)
+ferry_rss=$(( $(printf '%s\n' "${rss_peaks[@]}" | median) / 1024 ))
+
+nbdcopy_times=()
+for rep in $(seq "$reps"); do
+  truncate -s 0 "$work/dst.img"; truncate -s "${size_mib}M" "$work/dst.img"; sync
+  p1=$(port); p2=$(port)
+  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$p1" file "$work/random.img" & k1=$!
+  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$p2" file "$work/dst.img" & k2=$!
+  sleep 0.3
+  t0=$(now); nbdcopy --flush "nbd://127.0.0.1:$p1/" "nbd://127.0.0.1:$p2/"; t1=$(now)
+  nbdcopy_times+=("$(echo "$t1 - $t0" | bc)")
+  kill $k1 $k2; wait $k1 $k2 2>/dev/null || true
+done
+nbdcopy_sync=$(printf '%s\n' "${nbdcopy_times[@]}" | median)
+
+mkdir -p "$work/rsyncd/dst"
+rport=$(port)
+cat >"$work/rsyncd.conf" <<EOT
+use chroot = no
+uid = root
+gid = root
+[dst]
+path = $work/rsyncd/dst
+read only = no
+EOT
+rsync --daemon --no-detach --address=127.0.0.1 --port="$rport" --config="$work/rsyncd.conf" & rs=$!; pids+=($rs)
+sleep 0.3
+rsync_times=()
+for rep in $(seq "$reps"); do
+  rm -f "$work/rsyncd/dst/random.img"; sync
+  t0=$(now); rsync --whole-file "$work/random.img" "rsync://127.0.0.1:$rport/dst/random.img"; t1=$(now)
+  rsync_times+=("$(echo "$t1 - $t0" | bc)")
+done
+rsync_sync=$(printf '%s\n' "${rsync_times[@]}" | median)
+
+# ---------- 2. resync after ~1% change ----------
+for n in a b; do rm -rf "${work:?}/$n"; done
+FERRY_DATA_DIR="$work/a" "$ferry" volume create vol --size "${size_mib}MiB" >/dev/null
+cp "$work/random.img" "$work/a/volumes/vol/data.raw"
+start_agent a; start_agent b
+cp "$work/b/api.token" "$work/b.token"
+on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
+on a replicate start vol --to b >/dev/null
+on a replicate wait vol --timeout 300s >/dev/null
+resync_times=(); resync_bytes=()
+blocks=$((size_mib * 16))
+for rep in $(seq "$reps"); do
+  on a replicate stop vol >/dev/null
+  cmds=()
+  for off in $(python3 -c "import random; r=random.Random($rep); print(' '.join(str(b*65536) for b in r.sample(range($blocks), 160)))"); do
+    cmds+=(-c "write -P $((rep + 16)) $off 64k")
+  done
+  qemu-io -f raw "${cmds[@]}" "nbd://${NBD[a]}/vol" >/dev/null
+  before=$(on a --json replicate status vol | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')
+  t0=$(now)
+  on a replicate start vol --to b >/dev/null
+  on a replicate wait vol --timeout 300s >/dev/null
+  t1=$(now)
+  after=$(on a --json replicate status vol | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')
+  resync_times+=("$(echo "$t1 - $t0" | bc)"); resync_bytes+=("$((after - before))")
+  echo "rep $rep: ferry resync $(echo "$t1 - $t0" | bc) s, $((after - before)) bytes" >&2
+done
+on a volume verify vol >/dev/null
+ferry_resync=$(printf '%s\n' "${resync_times[@]}" | median)
+ferry_resync_bytes=$(printf '%s\n' "${resync_bytes[@]}" | median)
+changed=$((160 * 65536))
+
+rsync_resync_times=()
+for rep in $(seq "$reps"); do
+  cp "$work/random.img" "$work/rsyncd/dst/random.img"
+  cp "$work/random.img" "$work/changed.img"
+  python3 - "$work/changed.img" "$rep" "$blocks" <<'PY'
+import os, random, sys
+path, rep, blocks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+r = random.Random(rep)
+with open(path, "r+b") as f:
+    for b in r.sample(range(blocks), 160):
+        f.seek(b * 65536); f.write(bytes([rep + 16]) * 65536)
+PY
+  sync
+  t0=$(now); rsync --inplace --no-whole-file -I "$work/changed.img" "rsync://127.0.0.1:$rport/dst/random.img"; t1=$(now)
+  rsync_resync_times+=("$(echo "$t1 - $t0" | bc)")
+done
+rsync_resync=$(printf '%s\n' "${rsync_resync_times[@]}" | median)
+
+# ---------- 3. fio over NBD: unreplicated vs sync vs async ----------
+FERRY_API="${API[a]}" FERRY_DATA_DIR="$work/a" "$ferry" volume create plain --size 1GiB >/dev/null
+on a volume create rasync --size 1GiB >/dev/null
+on a replicate start rasync --to b --mode async >/dev/null
+on a replicate wait vol --timeout 60s >/dev/null
+on a replicate wait rasync --timeout 60s >/dev/null
+fio_run() { # uri [extra] -> "iops p99_us"
+  fio --name=b --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=16 --size=1G \
+      --time_based --runtime="$runtime" --ramp_time=1 --output-format=json ${2:-} >"$work/fio.json"
+  python3 - "$work/fio.json" <<'PY'
+import json, sys
+t = open(sys.argv[1]).read(); j = json.loads(t[t.index("{"):])["jobs"][0]["write"]
+print(f'{j["iops"]:.0f} {j["clat_ns"]["percentile"].get("99.000000", 0) / 1000:.0f}')
+PY
+}
+declare -A IOPS P99 CPUA CPUB
+for target in plain vol rasync; do
+  ca=$(cpu_s "${PID[a]}"); cb=$(cpu_s "${PID[b]}")
+  read -r IOPS[$target] _ < <(fio_run "nbd://${NBD[a]}/$target")
+  CPUA[$target]=$(echo "$(cpu_s "${PID[a]}") - $ca" | bc); CPUB[$target]=$(echo "$(cpu_s "${PID[b]}") - $cb" | bc)
+  echo "fio $target: ${IOPS[$target]} IOPS" >&2
+done
+half=$((IOPS[plain] / 2))
+for target in plain vol rasync; do
+  read -r _ P99[$target] < <(fio_run "nbd://${NBD[a]}/$target" "--rate_iops=$half")
+done
+on a volume verify vol >/dev/null
+gib_written() { echo "scale=3; ${IOPS[$1]} * 4096 * $runtime / 1073741824" | bc; }
+
+out="bench/out/replication-$(date -u +%Y%m%dT%H%M%SZ).md"
+mkdir -p bench/out
+{
+  echo "2 agents on 127.0.0.1 (TLS 1.3), ${size_mib} MiB random image, median of $reps runs, $(nproc) cores, $(uname -r)"
+  echo
+  echo "| test | ferry | peer | ratio | target |"
+  echo "|---|---|---|---|---|"
+  faster=$(printf '%s\n%s\n' "$nbdcopy_sync" "$rsync_sync" | sort -n | head -1)
+  echo "| initial sync ${size_mib} MiB | ${ferry_sync} s | nbdcopy ${nbdcopy_sync} s, rsync daemon ${rsync_sync} s | $(echo "scale=2; $faster / $ferry_sync" | bc)× the faster | ≥ 1.0× |"
+  echo "| resync 160 × 64 KiB | ${ferry_resync} s | rsync -I --inplace ${rsync_resync} s | $(echo "scale=1; $rsync_resync / $ferry_resync" | bc)× faster | ≥ 20× |"
+  echo "| resync bytes sent | ${ferry_resync_bytes} B | changed ${changed} B | $(echo "scale=2; $ferry_resync_bytes / $changed" | bc)× changed | ≤ 1.2× |"
+  echo "| agent A RSS peak during sync | ${ferry_rss} MiB | | | ≤ 64 MiB + backlog (64 MiB) |"
+  echo
+  echo "| fio 4k randwrite QD16 | IOPS | vs unreplicated | p99 at ${half} IOPS | p99 ratio | CPU-s/GiB A | CPU-s/GiB B |"
+  echo "|---|---|---|---|---|---|---|"
+  for t in plain vol rasync; do
+    label=$([[ $t == plain ]] && echo unreplicated || ([[ $t == vol ]] && echo "sync link" || echo "async link"))
+    g=$(gib_written "$t")
+    echo "| $label | ${IOPS[$t]} | $(echo "scale=2; ${IOPS[$t]} / ${IOPS[plain]}" | bc)× | ${P99[$t]} µs | $(echo "scale=2; ${P99[$t]} / ${P99[plain]}" | bc)× | $(echo "scale=1; ${CPUA[$t]} / $g" | bc) | $(echo "scale=1; ${CPUB[$t]} / $g" | bc) |"
+  done
+} | tee "$out"
