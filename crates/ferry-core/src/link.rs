@@ -218,6 +218,12 @@ impl Replicator {
         &self.dirty
     }
 
+    /// The dirty map, for a caller that knows better what differs (a checksum
+    /// comparison while disconnected). Never while connected.
+    pub fn dirty_map_mut(&mut self) -> Option<&mut DirtyMap> {
+        (!self.connected()).then_some(&mut self.dirty)
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }

@@ -122,6 +122,10 @@ pub enum ReplicateCommand {
         /// Limit of the background copy, e.g. 200MiB/s.
         #[arg(long)]
         max_rate: Option<Rate>,
+        /// The peer already holds an old copy: compare block hashes (BLAKE3)
+        /// and send only the blocks that differ.
+        #[arg(long)]
+        checksum: bool,
         #[command(flatten)]
         conn: AgentConn,
     },

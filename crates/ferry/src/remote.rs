@@ -170,6 +170,7 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
             to,
             mode,
             max_rate,
+            checksum,
             conn,
         } => {
             let v = client(conn, data_dir)?.post(
@@ -179,6 +180,7 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
                     "to": to,
                     "mode": if *mode == ModeArg::Sync { "sync" } else { "async" },
                     "max_rate_bytes_per_s": max_rate.map(|r| r.0),
+                    "checksum": checksum,
                 }),
             )?;
             print(&v, json, |v| {

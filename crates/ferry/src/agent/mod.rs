@@ -295,6 +295,7 @@ impl AgentCtx {
         to: &str,
         mode: Mode,
         max_rate: Option<u64>,
+        checksum: bool,
     ) -> Result<()> {
         let vol = self.primary(name).ok_or_else(|| {
             anyhow!(
@@ -326,6 +327,9 @@ impl AgentCtx {
                 &serde_json::json!({"volume": name, "volume_id": vol.id, "size_bytes": size, "primary": self.identity.node_name}),
             )
             .with_context(|| format!("node {to} could not create the replica"))?;
+        if checksum && vol.link.lock().rep.phase() == ferry_core::link::Phase::Disconnected {
+            self.checksum_baseline(&vol, &client)?;
+        }
         {
             let mut meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
             meta.update(|s| {
@@ -370,6 +374,42 @@ impl AgentCtx {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Checksum resync: compare BLAKE3 block hashes with the peer's existing
+    /// copy and mark only the blocks that differ.
+    fn checksum_baseline(&self, vol: &Arc<PrimaryVolume>, peer: &crate::api::client::ApiClient) -> Result<()> {
+        let g = self.cfg.replication.granularity_bytes;
+        // Writes from now on are marked dirty by the replicator itself.
+        if let Some(d) = vol.link.lock().rep.dirty_map_mut() {
+            d.clear_all();
+        }
+        let remote = peer.get(&format!("/api/v1/volumes/{}/hashes", vol.name))?;
+        let remote: Vec<&str> = remote["hashes"]
+            .as_array()
+            .ok_or_else(|| anyhow!("the peer sent no block hashes"))?
+            .iter()
+            .filter_map(|h| h.as_str())
+            .collect();
+        let local = crate::replication::verify::leaf_hashes(&**vol, g)?;
+        if remote.len() != local.len() {
+            bail!("the peer's copy has {} blocks, this one {}", remote.len(), local.len());
+        }
+        let mut l = vol.link.lock();
+        let d = l
+            .rep
+            .dirty_map_mut()
+            .ok_or_else(|| anyhow!("the link came up during the checksum comparison"))?;
+        let mut differing = 0u64;
+        for (i, (a, b)) in local.iter().zip(&remote).enumerate() {
+            if a.to_hex().as_str() != *b {
+                d.mark_block(i as u64);
+                differing += 1;
+            }
+        }
+        l.checksum_baseline = true;
+        tracing::info!(volume = %vol.name, blocks = local.len(), differing, "replication.checksum.compared");
+        Ok(())
     }
 
     pub fn stop_replication(&self, name: &str) -> Result<()> {

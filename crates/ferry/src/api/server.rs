@@ -278,6 +278,8 @@ struct StartReplication {
     to: String,
     mode: Option<String>,
     max_rate_bytes_per_s: Option<u64>,
+    #[serde(default)]
+    checksum: bool,
 }
 
 fn parse_mode(s: Option<&str>) -> Result<Mode, ApiError> {
@@ -296,7 +298,7 @@ async fn start_replication(State(ctx): Ctx, Json(r): Json<StartReplication>) -> 
     let c = ctx.clone();
     let name = r.volume.clone();
     ctx.adopt_volume(&name);
-    blocking(move || c.start_replication(&r.volume, &r.to, mode, r.max_rate_bytes_per_s)).await?;
+    blocking(move || c.start_replication(&r.volume, &r.to, mode, r.max_rate_bytes_per_s, r.checksum)).await?;
     status_of(&ctx, &name).map(Json)
 }
 

@@ -143,10 +143,15 @@ async fn connect_once(
         bail!("{} refused the link: {reason}", peer.name);
     }
     let peer_gen = GenerationHistory::from_parts(reply.generation, reply.ancestors.clone(), 16);
-    let relation = generation.relate(&peer_gen);
+    let mut relation = generation.relate(&peer_gen);
     {
         let now = vol.now_ms();
         let mut l = vol.link.lock();
+        if relation == Relation::PeerBlank && l.checksum_baseline {
+            // The dirty map already says exactly which blocks differ.
+            relation = Relation::InSync;
+        }
+        l.checksum_baseline = false;
         if !l.rep.on_connect(relation, now) {
             l.stats.split_brain = relation == Relation::SplitBrain;
             let why = match relation {
@@ -220,8 +225,8 @@ async fn connect_once(
                                 tracing::info!(volume = %vol.name, "replication.resync.done: peer up to date");
                             }
                         }
+                        vol.link.wake_acked(&mut l);
                         drop(l);
-                        vol.link.acked.notify_all();
                         vol.link.copier.notify_all();
                     }
                     Kind::Error => {

@@ -93,6 +93,11 @@ pub struct LinkInner {
     pub announced_up_to_date: bool,
     pub stats: LinkStats,
     pub stop: bool,
+    /// The dirty map was computed by comparing block hashes with the peer's
+    /// existing copy: a blank peer needs only those blocks, not a full sync.
+    pub checksum_baseline: bool,
+    /// Writers waiting for an acknowledgement: (seq, durable?, thread to unpark).
+    pub waiters: Vec<(u64, bool, std::thread::Thread)>,
     /// A link task is running for this volume.
     pub task_running: bool,
 }
@@ -101,8 +106,7 @@ pub struct LinkInner {
 #[derive(Debug)]
 pub struct Link {
     pub inner: Mutex<LinkInner>,
-    /// Acks arrived or the link went down: writers re-check.
-    pub acked: Condvar,
+
     /// Work for the copier.
     pub copier: Condvar,
     /// Frames queued: the sender task drains the queue.
@@ -144,9 +148,57 @@ impl Link {
         if error.is_some() {
             l.stats.last_error = error;
         }
+        for (_, _, t) in l.waiters.drain(..) {
+            t.unpark();
+        }
         drop(l);
-        self.acked.notify_all();
         self.copier.notify_all();
+    }
+
+    /// Blocks until the peer has received (or, with `durable`, made durable)
+    /// frame `seq` of connection `epoch`, or that connection is gone. Only the
+    /// writers whose acknowledgement arrived are woken ([`Link::wake_acked`]).
+    pub fn wait_for<'a>(
+        &'a self,
+        mut l: MutexGuard<'a, LinkInner>,
+        epoch: u64,
+        seq: u64,
+        durable: bool,
+    ) -> MutexGuard<'a, LinkInner> {
+        loop {
+            let done = if durable {
+                l.rep.is_durable(epoch, seq)
+            } else {
+                l.rep.is_received(epoch, seq)
+            };
+            if done {
+                return l;
+            }
+            l.waiters.push((seq, durable, std::thread::current()));
+            drop(l);
+            // The timeout is a safety net only; wake_acked unparks us.
+            std::thread::park_timeout(Duration::from_millis(200));
+            l = self.lock();
+        }
+    }
+
+    /// Wakes the writers whose acknowledgement has arrived.
+    pub fn wake_acked(&self, l: &mut LinkInner) {
+        let epoch = l.rep.epoch();
+        let mut i = 0;
+        while i < l.waiters.len() {
+            let (seq, durable, _) = l.waiters[i];
+            let done = if durable {
+                l.rep.is_durable(epoch, seq)
+            } else {
+                l.rep.is_received(epoch, seq)
+            };
+            if done {
+                l.waiters.swap_remove(i).2.unpark();
+            } else {
+                i += 1;
+            }
+        }
     }
 }
 
@@ -249,9 +301,10 @@ impl PrimaryVolume {
                     announced_up_to_date: false,
                     stats: LinkStats::default(),
                     stop: false,
+                    waiters: Vec::new(),
+                    checksum_baseline: false,
                     task_running: false,
                 }),
-                acked: Condvar::new(),
                 copier: Condvar::new(),
                 sender: tokio::sync::Notify::new(),
             }),
@@ -397,13 +450,7 @@ impl PrimaryVolume {
         drop(guard);
         let confirmed = match wait {
             Some((epoch, (seq, durable))) => {
-                while !(if durable {
-                    l.rep.is_durable(epoch, seq)
-                } else {
-                    l.rep.is_received(epoch, seq)
-                }) {
-                    l = self.link.acked.wait(l).unwrap_or_else(|p| p.into_inner());
-                }
+                l = self.link.wait_for(l, epoch, seq, durable);
                 l.rep.epoch() == epoch
             }
             None => matches!(decision, WriteDecision::Stream { .. }),
@@ -588,9 +635,7 @@ impl BlockDevice for PrimaryVolume {
             return Ok(());
         }
         let epoch = l.rep.epoch();
-        while !l.rep.is_durable(epoch, seq) {
-            l = self.link.acked.wait(l).unwrap_or_else(|p| p.into_inner());
-        }
+        l = self.link.wait_for(l, epoch, seq, true);
         let confirmed = l.rep.epoch() == epoch;
         drop(l);
         if !confirmed {

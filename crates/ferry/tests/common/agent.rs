@@ -172,6 +172,25 @@ impl Agent {
         self.dir.join("volumes").join(volume).join("data.raw")
     }
 
+    /// A function that POSTs a JSON body to this agent's /api/v1/replicas, as a
+    /// primary does, and requires success.
+    pub fn api_client(&self) -> impl Fn(&str) {
+        let (api, token) = (self.api.clone(), self.token());
+        move |body: &str| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&api).unwrap();
+            write!(
+                s,
+                "POST /api/v1/replicas HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).unwrap();
+            assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        }
+    }
+
     /// RSS of the agent process in bytes.
     pub fn rss_bytes(&self) -> u64 {
         let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
