@@ -380,7 +380,10 @@ fn checksum_resync_sends_only_blocks_that_differ_from_an_old_copy() {
     let (_root, a, b) = two_agents("");
     a.ok(&["volume", "create", "vol", "--size", "64MiB"]);
     qemu_io(&a.uri("vol"), &["write -P 0x61 0 48M"]);
-    let id = a.json(&["volume", "show", "vol"])["id"].as_str().unwrap().to_string();
+    let id = a.json(&["volume", "show", "vol"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // B already holds an old copy of the volume (same identity, e.g. restored
     // from a backup): make the replica as a primary would, and fill it.
     let api = common::agent::Agent::api_client(&b);
@@ -390,14 +393,168 @@ fn checksum_resync_sends_only_blocks_that_differ_from_an_old_copy() {
     ));
     std::fs::copy(a.image("vol"), b.image("vol")).unwrap();
     // A changes 20 blocks after the copy was taken.
-    let cmds: Vec<String> = (0..20).map(|i| format!("write -P 0x7{} {} 64k", i % 10, (i * 37 % 1024) * 65536)).collect();
+    let cmds: Vec<String> = (0..20)
+        .map(|i| format!("write -P 0x7{} {} 64k", i % 10, (i * 37 % 1024) * 65536))
+        .collect();
     let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&a.uri("vol"), &refs);
     a.ok(&["replicate", "start", "vol", "--to", "b", "--checksum"]);
     a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
     let st = a.status("vol");
     let sent = st["copy_bytes_sent"].as_u64().unwrap();
-    assert!(sent <= 20 * 65536, "only the 20 changed blocks move, sent {sent}: {st}");
+    assert!(
+        sent <= 20 * 65536,
+        "only the 20 changed blocks move, sent {sent}: {st}"
+    );
     assert!(a.log_text().contains("replication.checksum.compared"));
     assert_images_equal(&a, &b, "vol");
+}
+
+/// Forwards `listen` → `to`, flipping one byte of the A → B direction once
+/// `after` bytes have passed. Runs until the test ends.
+fn corrupting_proxy(to: String, after: usize) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let corrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            let Ok(up) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+            let (mut c, mut up) = (c, up);
+            let corrupted = corrupted.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let mut seen = 0usize;
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if seen + n > after
+                        && !corrupted.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        let i = after.saturating_sub(seen).min(n - 1);
+                        buf[i] ^= 0x40;
+                    }
+                    seen += n;
+                    if up.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = up.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_corrupted_stream_drops_the_link_and_resyncs_never_a_wrong_byte() {
+    let (_root, mut a, b) = two_agents("");
+    // Route A's link to B through a proxy that corrupts one byte mid-sync.
+    let proxy = corrupting_proxy(b.replication.clone(), 8 << 20);
+    a.stop();
+    let peers = a.dir.join("peers.json");
+    let text = std::fs::read_to_string(&peers)
+        .unwrap()
+        .replace(&b.replication, &proxy);
+    std::fs::write(&peers, text).unwrap();
+    a.spawn();
+    a.ok(&["volume", "create", "vol", "--size", "64MiB"]);
+    qemu_io(&a.uri("vol"), &["write -P 0x3c 0 40M"]);
+    a.ok(&["replicate", "start", "vol", "--to", "b"]);
+    a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
+    let log = a.log_text();
+    assert!(
+        log.contains("replication.link.down"),
+        "the corruption must drop the link:\n{log}"
+    );
+    assert_images_equal(&a, &b, "vol");
+}
+
+/// Unmounts on drop, even when the test fails.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn disk_full_on_the_replica_is_reported_and_the_primary_keeps_serving() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-full-")
+        .tempdir()
+        .unwrap();
+    let bdir = root.path().join("b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&bdir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a small tmpfs needs root");
+    let _m = Mount(bdir.clone());
+    let a = Agent::start(root.path(), "a", "");
+    let b = Agent::start(root.path(), "b", "");
+    pair(&a, &b);
+    a.ok(&["volume", "create", "vol", "--size", "64MiB"]);
+    qemu_io(&a.uri("vol"), &["write -P 0x77 0 48M"]);
+    a.ok(&["replicate", "start", "vol", "--to", "b"]);
+    wait_until(60, "the replica to report a full disk", || {
+        a.status("vol")["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space left"))
+    });
+    // B says so in its status and metrics; A keeps serving and tracking.
+    assert!(b.status("vol")["last_error"]
+        .as_str()
+        .unwrap_or("")
+        .contains("No space left"));
+    let metrics = {
+        let mut s = std::net::TcpStream::connect(&b.api).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut m = String::new();
+        s.read_to_string(&mut m).unwrap();
+        m
+    };
+    assert!(
+        metrics.contains("ferry_replica_error{volume=\"vol\"} 1"),
+        "{metrics}"
+    );
+    let a_metrics = {
+        let mut s = std::net::TcpStream::connect(&a.api).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut m = String::new();
+        s.read_to_string(&mut m).unwrap();
+        m
+    };
+    for name in [
+        "ferry_replication_bytes_sent_total",
+        "ferry_replication_backlog_bytes",
+        "ferry_replication_dirty_bytes",
+        "ferry_replication_link_up",
+        "ferry_write_latency_seconds_bucket",
+    ] {
+        assert!(
+            a_metrics.contains(name),
+            "{name} missing from /metrics:\n{a_metrics}"
+        );
+    }
+    qemu_io(
+        &a.uri("vol"),
+        &["write -P 0x78 60M 1M", "read -P 0x78 60M 1M"],
+    );
+    let st = a.status("vol");
+    assert_ne!(st["state"], "up-to-date");
+    assert!(st["dirty_bytes"].as_u64().unwrap() > 0, "{st}");
 }

@@ -378,7 +378,11 @@ impl AgentCtx {
 
     /// Checksum resync: compare BLAKE3 block hashes with the peer's existing
     /// copy and mark only the blocks that differ.
-    fn checksum_baseline(&self, vol: &Arc<PrimaryVolume>, peer: &crate::api::client::ApiClient) -> Result<()> {
+    fn checksum_baseline(
+        &self,
+        vol: &Arc<PrimaryVolume>,
+        peer: &crate::api::client::ApiClient,
+    ) -> Result<()> {
         let g = self.cfg.replication.granularity_bytes;
         // Writes from now on are marked dirty by the replicator itself.
         if let Some(d) = vol.link.lock().rep.dirty_map_mut() {
@@ -393,7 +397,11 @@ impl AgentCtx {
             .collect();
         let local = crate::replication::verify::leaf_hashes(&**vol, g)?;
         if remote.len() != local.len() {
-            bail!("the peer's copy has {} blocks, this one {}", remote.len(), local.len());
+            bail!(
+                "the peer's copy has {} blocks, this one {}",
+                remote.len(),
+                local.len()
+            );
         }
         let mut l = vol.link.lock();
         let d = l

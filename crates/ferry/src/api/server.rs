@@ -298,7 +298,10 @@ async fn start_replication(State(ctx): Ctx, Json(r): Json<StartReplication>) -> 
     let c = ctx.clone();
     let name = r.volume.clone();
     ctx.adopt_volume(&name);
-    blocking(move || c.start_replication(&r.volume, &r.to, mode, r.max_rate_bytes_per_s, r.checksum)).await?;
+    blocking(move || {
+        c.start_replication(&r.volume, &r.to, mode, r.max_rate_bytes_per_s, r.checksum)
+    })
+    .await?;
     status_of(&ctx, &name).map(Json)
 }
 
@@ -508,6 +511,37 @@ async fn metrics(State(ctx): Ctx) -> Response {
         let up = u8::from(matches!(st.phase, Phase::Resyncing | Phase::Streaming));
         out.push_str(&format!(
             "ferry_replication_link_up{{volume=\"{}\"}} {up}\n",
+            v.name
+        ));
+    }
+    out.push_str("# HELP ferry_write_latency_seconds Client write latency on primaries, replication included.\n# TYPE ferry_write_latency_seconds histogram\n");
+    for v in &prim {
+        let h = &v.write_latency;
+        let mut cum = 0u64;
+        for (i, b) in crate::replication::primary::LATENCY_BUCKETS_US
+            .iter()
+            .enumerate()
+        {
+            cum += h.buckets[i].load(std::sync::atomic::Ordering::Relaxed);
+            out.push_str(&format!(
+                "ferry_write_latency_seconds_bucket{{volume=\"{}\",le=\"{}\"}} {cum}\n",
+                v.name,
+                *b as f64 / 1e6
+            ));
+        }
+        cum += h.buckets[crate::replication::primary::LATENCY_BUCKETS_US.len()]
+            .load(std::sync::atomic::Ordering::Relaxed);
+        out.push_str(&format!(
+            "ferry_write_latency_seconds_bucket{{volume=\"{}\",le=\"+Inf\"}} {cum}\n",
+            v.name
+        ));
+        out.push_str(&format!(
+            "ferry_write_latency_seconds_sum{{volume=\"{}\"}} {}\n",
+            v.name,
+            h.sum_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
+        ));
+        out.push_str(&format!(
+            "ferry_write_latency_seconds_count{{volume=\"{}\"}} {cum}\n",
             v.name
         ));
     }

@@ -241,6 +241,29 @@ impl Drop for OverlapGuard<'_> {
     }
 }
 
+/// Upper bounds (µs) of the write latency histogram buckets.
+pub const LATENCY_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+];
+
+/// A Prometheus-style latency histogram: cumulative counts are computed on export.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    pub buckets: [std::sync::atomic::AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    pub sum_us: std::sync::atomic::AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+}
+
 /// A volume this node is primary for.
 pub struct PrimaryVolume {
     pub name: String,
@@ -251,6 +274,8 @@ pub struct PrimaryVolume {
     pub meta: Mutex<MetaFile>,
     pub settings: ReplicationSettings,
     overlap: Overlap,
+    /// Client write latency (NBD WRITE/WRITE_ZEROES/TRIM, replication included).
+    pub write_latency: LatencyHistogram,
     epoch_start: Instant,
     copier_started: AtomicBool,
 }
@@ -311,6 +336,7 @@ impl PrimaryVolume {
             meta: Mutex::new(meta),
             settings,
             overlap: Overlap::default(),
+            write_latency: LatencyHistogram::default(),
             epoch_start: Instant::now(),
             copier_started: AtomicBool::new(false),
         }
@@ -401,6 +427,21 @@ impl PrimaryVolume {
     }
 
     fn write_common(
+        &self,
+        extent: Extent,
+        local: impl FnOnce() -> io::Result<()>,
+        wire: u64,
+        out: impl FnOnce(u64) -> Out,
+        fua: bool,
+    ) -> io::Result<()> {
+        let started = Instant::now();
+        let result = self.write_inner(extent, local, wire, out, fua);
+        self.write_latency
+            .record(started.elapsed().as_micros() as u64);
+        result
+    }
+
+    fn write_inner(
         &self,
         extent: Extent,
         local: impl FnOnce() -> io::Result<()>,
