@@ -62,6 +62,8 @@ pub struct LinkConfig {
     /// Unconfirmed extents older than this get a link flush, so a crash of the
     /// peer re-sends at most this much of the stream.
     pub flush_interval_ms: u64,
+    /// …or once this many bytes are unconfirmed (the copier reaches it first).
+    pub flush_bytes: u64,
 }
 
 impl Default for LinkConfig {
@@ -72,7 +74,8 @@ impl Default for LinkConfig {
             peer_ack_timeout_ms: 5_000,
             copies_in_flight_max: 8,
             unconfirmed_extents_max: 65_536,
-            flush_interval_ms: 250,
+            flush_interval_ms: 2_000,
+            flush_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -166,6 +169,7 @@ pub struct Replicator {
     durable_seq: u64,
     /// Frames sent this connection and not yet durable on the peer.
     unconfirmed: VecDeque<(u64, Extent)>,
+    unconfirmed_bytes: u64,
     /// Bytes of frames not yet received by the peer, by seq.
     backlog: VecDeque<(u64, u64)>,
     backlog_bytes: u64,
@@ -195,6 +199,7 @@ impl Replicator {
             received_seq: 0,
             durable_seq: 0,
             unconfirmed: VecDeque::new(),
+            unconfirmed_bytes: 0,
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             copying: BTreeMap::new(),
@@ -261,6 +266,7 @@ impl Replicator {
         for (_, e) in self.unconfirmed.drain(..) {
             self.dirty.mark(e.offset, e.length);
         }
+        self.unconfirmed_bytes = 0;
         for (block, _) in std::mem::take(&mut self.copying) {
             self.dirty.mark_block(block);
         }
@@ -293,6 +299,7 @@ impl Replicator {
         self.next_seq += 1;
         if extent.length > 0 {
             self.unconfirmed.push_back((seq, extent));
+            self.unconfirmed_bytes += extent.length;
         }
         self.backlog.push_back((seq, wire_bytes));
         self.backlog_bytes += wire_bytes;
@@ -339,6 +346,7 @@ impl Replicator {
         for (_, e) in self.unconfirmed.drain(..) {
             self.dirty.mark(e.offset, e.length);
         }
+        self.unconfirmed_bytes = 0;
         self.backlog.clear();
         self.backlog_bytes = 0;
         self.phase = Phase::Resyncing;
@@ -371,6 +379,7 @@ impl Replicator {
             && self.flush_seq <= self.durable_seq
             && !self.unconfirmed.is_empty()
             && (self.unconfirmed.len() >= self.cfg.unconfirmed_extents_max / 2
+                || self.unconfirmed_bytes >= self.cfg.flush_bytes
                 || now_ms.saturating_sub(self.flush_sent_ms) >= self.cfg.flush_interval_ms)
     }
 
@@ -389,11 +398,12 @@ impl Replicator {
             self.backlog.pop_front();
             self.backlog_bytes -= bytes;
         }
-        while let Some(&(seq, _)) = self.unconfirmed.front() {
+        while let Some(&(seq, e)) = self.unconfirmed.front() {
             if seq > durable {
                 break;
             }
             self.unconfirmed.pop_front();
+            self.unconfirmed_bytes -= e.length;
         }
         // Still waiting for something: the timer restarts from this sign of life.
         self.ack_due_since_ms = (received < sent || durable < self.flush_seq).then_some(now_ms);
@@ -533,6 +543,7 @@ mod tests {
             copies_in_flight_max: 2,
             unconfirmed_extents_max: 8,
             flush_interval_ms: 1_000_000,
+            flush_bytes: u64::MAX,
         };
         Replicator::new(cfg, DirtyMap::new(16 * G, G).unwrap(), true)
     }

@@ -96,7 +96,7 @@ fn initial_sync_under_live_fio_writes_ends_equal() {
 
 #[test]
 fn killing_the_replica_mid_sync_resumes_with_only_dirty_blocks() {
-    let (_root, a, mut b) = two_agents("");
+    let (_root, a, mut b) = two_agents("link_flush_bytes = 8388608\n");
     a.ok(&["volume", "create", "vol", "--size", "256MiB"]);
     qemu_io(
         &a.uri("vol"),

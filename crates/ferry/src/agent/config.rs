@@ -15,6 +15,8 @@
 //! copies_in_flight_max = 32
 //! reconnect_backoff_max_ms = 5000
 //! al_extents_max = 256
+//! link_flush_interval_ms = 2000
+//! link_flush_bytes = 67108864
 //! ```
 //!
 //! Unknown keys are errors (a typo must not silently fall back to a default),
@@ -67,6 +69,11 @@ pub struct ReplicationSettings {
     pub reconnect_backoff_max_ms: u64,
     /// Activity-log extents (4 MiB each) kept hot; bounds resync after a crash.
     pub al_extents_max: usize,
+    /// The primary asks the replica to make the stream durable at least this
+    /// often, and after this many bytes: a crash of the replica re-sends at most
+    /// that much. Each is an `fdatasync` on the replica.
+    pub link_flush_interval_ms: u64,
+    pub link_flush_bytes: u64,
 }
 
 impl Default for ReplicationSettings {
@@ -79,6 +86,8 @@ impl Default for ReplicationSettings {
             copies_in_flight_max: 32,
             reconnect_backoff_max_ms: 5_000,
             al_extents_max: 256,
+            link_flush_interval_ms: 2_000,
+            link_flush_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -60,7 +60,6 @@ pub struct AgentCtx {
     primaries: Mutex<HashMap<String, Arc<PrimaryVolume>>>,
     secondaries: secondary::Secondaries,
     locks: Mutex<HashMap<String, VolumeLock>>,
-    pub rt: tokio::runtime::Handle,
     pub started: Instant,
     /// Serialises volume creation and role changes.
     admin: Mutex<()>,
@@ -217,10 +216,15 @@ impl AgentCtx {
             l.task_running = true;
         }
         let (vol, ctx) = (vol.clone(), self.clone());
-        self.rt.spawn(async move {
-            crate::replication::link::run(vol.clone(), ctx).await;
-            vol.link.lock().task_running = false;
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("link-{}", vol.name))
+            .spawn(move || {
+                crate::replication::link::run(vol.clone(), ctx);
+                vol.link.lock().task_running = false;
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "replication.link.spawn_failed");
+        }
     }
 
     pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<()> {
@@ -429,7 +433,6 @@ impl AgentCtx {
             .unwrap_or_else(|p| p.into_inner())
             .update(|s| s.peer = None)?;
         vol.link.lock().peer = None;
-        vol.link.sender.notify_one();
         Ok(())
     }
 
@@ -438,7 +441,6 @@ impl AgentCtx {
         self.nbd.shutdown();
         for v in self.primaries() {
             v.link.lock().stop = true;
-            v.link.sender.notify_one();
             v.link.copier.notify_all();
             v.link.disconnected(None);
             if let Err(e) = v.save_dirty_map(true) {
@@ -513,7 +515,6 @@ pub fn run(config_path: &Path) -> Result<()> {
         primaries: Mutex::new(HashMap::new()),
         secondaries: Mutex::new(HashMap::new()),
         locks: Mutex::new(HashMap::new()),
-        rt: rt.handle().clone(),
         started: Instant::now(),
         admin: Mutex::new(()),
     });

@@ -1,17 +1,28 @@
-//! The network side of a primary's link (tokio): connect with TLS to the peer,
-//! handshake, then stream queued frames and read acknowledgements until the
-//! link fails; reconnect with backoff. The state machine itself is the
-//! [`ferry_core::Replicator`] inside [`super::primary::Link`].
+//! The network side of a primary's link: a thread per replicated volume that
+//! connects to the peer with TLS, runs the handshake, then reads
+//! acknowledgements until the link fails, and reconnects with backoff.
+//!
+//! Frames are *sent* by whichever thread queued them ([`super::primary::Link::pump`]):
+//! an NBD worker encrypts and writes its own write frame, so a replicated write
+//! costs no thread hand-off on the way out, and the ack reader wakes only the
+//! writers whose acknowledgement arrived on the way back.
+//!
+//! One rustls connection is shared by the sender and the reader: `conn` guards
+//! the TLS state; `sock_w` keeps ciphertext in order on the socket and is taken
+//! before `conn` is released, so a sender blocked on a full socket never keeps
+//! the reader from decrypting acknowledgements.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_core::generation::Relation;
 use ferry_core::link::{Mode, Phase, TickAction};
 use ferry_core::GenerationHistory;
 use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, HEADER_BYTES, PROTOCOL_VERSION};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 
 use super::primary::{Out, PrimaryVolume};
 use crate::agent::AgentCtx;
@@ -20,23 +31,116 @@ use crate::agent::AgentCtx;
 pub const FLAG_UP_TO_DATE: u16 = 1;
 /// Idle links send a ping this often, so a dead peer is noticed.
 const PING_INTERVAL_MS: u64 = 1000;
+/// Ciphertext gathered before it is written out while sending a batch.
+const CIPHER_FLUSH_BYTES: usize = 1 << 20;
+/// How often the reader wakes to tick the state machine when nothing arrives.
+const TICK_MS: u64 = 50;
 
-pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-    frame_bytes_max: u32,
-    body: &mut Vec<u8>,
-) -> Result<FrameHeader> {
-    let mut h = [0u8; HEADER_BYTES];
-    r.read_exact(&mut h).await?;
-    let hdr = FrameHeader::parse(&h, frame_bytes_max)?;
-    body.resize(hdr.body_bytes(), 0);
-    r.read_exact(body).await?;
-    hdr.verify(body)?;
-    Ok(hdr)
+/// A live TLS connection to the peer.
+pub struct Wire {
+    conn: Mutex<rustls::ClientConnection>,
+    sock_w: Mutex<TcpStream>,
+    ctl: TcpStream,
+    /// Held by the one thread currently sending (see `Link::pump`).
+    pub send_token: Mutex<()>,
+    dead: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wire")
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Wire {
+    /// Encrypts and writes `frames`; returns the plaintext bytes sent.
+    pub fn send(&self, frames: &[Out]) -> io::Result<u64> {
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(io::Error::new(io::ErrorKind::NotConnected, "link is down"));
+        }
+        let mut cipher = Vec::new();
+        let mut bytes = 0u64;
+        let mut conn = lock(&self.conn);
+        for o in frames {
+            bytes += o.wire_bytes();
+            encode_out(&mut conn.writer(), o)?;
+            while conn.wants_write() {
+                conn.write_tls(&mut cipher)?;
+            }
+            if cipher.len() >= CIPHER_FLUSH_BYTES {
+                // Large batches (the copier's) go out in pieces: bounded memory.
+                lock(&self.sock_w).write_all(&cipher)?;
+                cipher.clear();
+            }
+        }
+        let mut sock = lock(&self.sock_w);
+        drop(conn);
+        sock.write_all(&cipher)?;
+        Ok(bytes)
+    }
+
+    /// Marks the connection failed. Sending stops at once; the reader keeps
+    /// reading briefly, so a last Error frame from the peer (say, its disk is
+    /// full) is what the operator sees. `"stopped"` closes both directions.
+    pub fn fail(&self, why: &str) {
+        if !self.dead.swap(true, Ordering::SeqCst) {
+            *lock(&self.error) = Some(why.to_string());
+        }
+        let how = if why == "stopped" {
+            Shutdown::Both
+        } else {
+            Shutdown::Write
+        };
+        let _ = self.ctl.shutdown(how);
+    }
+}
+
+fn encode_out<W: Write>(w: &mut W, o: &Out) -> io::Result<()> {
+    match o {
+        Out::Data {
+            kind,
+            seq,
+            offset,
+            data,
+        } => {
+            let h = FrameHeader::new(*kind, *seq, *offset, data.len() as u32);
+            w.write_all(&h.encode())?;
+            w.write_all(data)?;
+            w.write_all(&ferry_wire::trailer(data))?;
+        }
+        Out::Zero {
+            seq,
+            offset,
+            length,
+        } => {
+            w.write_all(&ferry_wire::encode_frame(
+                Kind::Zero,
+                *seq,
+                *offset,
+                &length.to_be_bytes(),
+            ))?;
+        }
+        Out::Flush {
+            seq,
+            up_to_date_generation,
+        } => {
+            let mut h = FrameHeader::new(Kind::Flush, *seq, up_to_date_generation.unwrap_or(0), 0);
+            if up_to_date_generation.is_some() {
+                h.flags = FLAG_UP_TO_DATE;
+            }
+            w.write_all(&h.encode())?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs the link of `vol` until it is stopped, reconnecting with backoff.
-pub async fn run(vol: Arc<PrimaryVolume>, ctx: Arc<AgentCtx>) {
+pub fn run(vol: Arc<PrimaryVolume>, ctx: Arc<AgentCtx>) {
     vol.start_copier();
     let mut backoff_ms = 100;
     loop {
@@ -48,7 +152,7 @@ pub async fn run(vol: Arc<PrimaryVolume>, ctx: Arc<AgentCtx>) {
             vol.link.disconnected(None);
             return;
         };
-        let result = connect_once(&vol, &ctx, &peer, &mut backoff_ms).await;
+        let result = connect_and_serve(&vol, &ctx, &peer, &mut backoff_ms);
         let msg = result.err().map(|e| format!("{e:#}"));
         if let Some(m) = &msg {
             tracing::warn!(volume = %vol.name, %peer, error = %m, "replication.link.down");
@@ -57,12 +161,22 @@ pub async fn run(vol: Arc<PrimaryVolume>, ctx: Arc<AgentCtx>) {
         if let Err(e) = vol.save_dirty_map(true) {
             tracing::error!(volume = %vol.name, error = %e, "replication.dirty_map.save_failed");
         }
-        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+        std::thread::sleep(Duration::from_millis(backoff_ms));
         backoff_ms = (backoff_ms * 2).min(vol.settings.reconnect_backoff_max_ms.max(100));
     }
 }
 
-async fn connect_once(
+fn read_frame_blocking<R: Read>(r: &mut R, max: u32, body: &mut Vec<u8>) -> Result<FrameHeader> {
+    let mut h = [0u8; HEADER_BYTES];
+    r.read_exact(&mut h)?;
+    let hdr = FrameHeader::parse(&h, max)?;
+    body.resize(hdr.body_bytes(), 0);
+    r.read_exact(body)?;
+    hdr.verify(body)?;
+    Ok(hdr)
+}
+
+fn connect_and_serve(
     vol: &Arc<PrimaryVolume>,
     ctx: &Arc<AgentCtx>,
     peer_name: &str,
@@ -72,25 +186,30 @@ async fn connect_once(
         .peers
         .get(peer_name)
         .ok_or_else(|| anyhow!("node {peer_name:?} is not registered (ferry node add)"))?;
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&peer.replication),
-    )
-    .await
-    .map_err(|_| anyhow!("connecting to {} timed out", peer.replication))?
-    .with_context(|| format!("cannot connect to {} at {}", peer.name, peer.replication))?;
+    let addr = peer
+        .replication
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            anyhow!(
+                "bad replication address {:?} for {}",
+                peer.replication,
+                peer.name
+            )
+        })?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot connect to {} at {}", peer.name, peer.replication))?;
     tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     let tls_cfg = crate::agent::tls::client_config(&ctx.identity, peer.fingerprint.clone())?;
-    let connector = tokio_rustls::TlsConnector::from(tls_cfg);
-    let tls = tokio::time::timeout(
-        Duration::from_secs(10),
-        connector.connect(crate::agent::tls::server_name(), tcp),
-    )
-    .await
-    .map_err(|_| anyhow!("TLS handshake with {} timed out", peer.name))?
-    .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
-    let (mut rd, wr) = tokio::io::split(tls);
-    let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+    let conn = rustls::ClientConnection::new(tls_cfg, crate::agent::tls::server_name())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
+    }
 
     let (generation, mode) = {
         let meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -107,22 +226,17 @@ async fn connect_once(
         ancestors: generation.ancestors().collect(),
         mode: if mode == Mode::Sync { "sync" } else { "async" }.into(),
     };
-    wr.write_all(&ferry_wire::encode_frame(
+    tls.write_all(&ferry_wire::encode_frame(
         Kind::Hello,
         0,
         0,
         &hello.to_bytes(),
-    ))
-    .await?;
-    wr.flush().await?;
-    let mut body = Vec::new();
+    ))?;
+    tls.flush()?;
     let frame_max = vol.settings.frame_bytes_max;
-    let hdr = tokio::time::timeout(
-        Duration::from_secs(10),
-        read_frame(&mut rd, frame_max, &mut body),
-    )
-    .await
-    .map_err(|_| anyhow!("{} did not answer the handshake", peer.name))??;
+    let mut body = Vec::new();
+    let hdr = read_frame_blocking(&mut tls, frame_max, &mut body)
+        .with_context(|| format!("{} did not answer the handshake", peer.name))?;
     if hdr.kind != Kind::HelloReply {
         bail!(
             "{} answered the handshake with a {:?} frame",
@@ -144,6 +258,20 @@ async fn connect_once(
     }
     let peer_gen = GenerationHistory::from_parts(reply.generation, reply.ancestors.clone(), 16);
     let mut relation = generation.relate(&peer_gen);
+
+    let rustls::StreamOwned { mut conn, sock } = tls;
+    // Frames are written whole into rustls and encrypted at once; the queue
+    // that feeds them is what bounds memory.
+    conn.set_buffer_limit(None);
+    sock.set_read_timeout(Some(Duration::from_millis(TICK_MS)))?;
+    let wire = Arc::new(Wire {
+        conn: Mutex::new(conn),
+        sock_w: Mutex::new(sock.try_clone()?),
+        ctl: sock.try_clone()?,
+        send_token: Mutex::new(()),
+        dead: AtomicBool::new(false),
+        error: Mutex::new(None),
+    });
     {
         let now = vol.now_ms();
         let mut l = vol.link.lock();
@@ -170,6 +298,9 @@ async fn connect_once(
             while pos < size {
                 runs.clear();
                 ferry_nbd::BlockDevice::block_status(&vol.local, pos, size - pos, 1024, &mut runs)?;
+                if runs.is_empty() {
+                    break;
+                }
                 for r in &runs {
                     if r.hole {
                         l.rep.assume_equal(ferry_core::Extent {
@@ -179,165 +310,160 @@ async fn connect_once(
                     }
                     pos += r.length;
                 }
-                if runs.is_empty() {
-                    break;
-                }
             }
         }
         l.bumped_while_down = false;
         l.stats.last_error = None;
         l.stats.split_brain = false;
-        l.stats.connected_since = Some(std::time::Instant::now());
+        l.stats.connected_since = Some(Instant::now());
         l.stats.resync_total_bytes = l.rep.dirty_map().dirty_bytes();
+        l.wire = Some(wire.clone());
         tracing::info!(volume = %vol.name, peer = %peer.name, ?relation,
             resync_bytes = l.stats.resync_total_bytes, "replication.link.up");
     }
     *backoff_ms = 100;
     vol.link.copier.notify_all();
-    vol.link.sender.notify_one();
-
-    let reader = {
-        let vol = vol.clone();
-        async move {
-            let mut body = Vec::new();
-            loop {
-                let hdr = read_frame(&mut rd, frame_max, &mut body).await?;
-                match hdr.kind {
-                    Kind::Ack => {
-                        let now = vol.now_ms();
-                        let mut l = vol.link.lock();
-                        l.rep.on_ack(hdr.seq, hdr.offset, now);
-                        if l.rep.phase() == Phase::Streaming && !l.announced_up_to_date {
-                            if let Some(seq) = l.rep.on_flush(now) {
-                                let g = vol
-                                    .meta
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .state()
-                                    .generation
-                                    .current();
-                                l.queue.push_back(Out::Flush {
-                                    seq,
-                                    up_to_date_generation: Some(g),
-                                });
-                                l.announced_up_to_date = true;
-                                vol.link.sender.notify_one();
-                                tracing::info!(volume = %vol.name, "replication.resync.done: peer up to date");
-                            }
-                        }
-                        vol.link.wake_acked(&mut l);
-                        drop(l);
-                        vol.link.copier.notify_all();
-                    }
-                    Kind::Error => {
-                        let msg = String::from_utf8_lossy(&body[..hdr.len as usize]).into_owned();
-                        bail!("peer reported: {msg}");
-                    }
-                    other => bail!("unexpected {other:?} frame from the peer"),
-                }
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), anyhow::Error>(())
-        }
-    };
-    let writer = {
-        let vol = vol.clone();
-        async move {
-            let mut last_sent = std::time::Instant::now();
-            loop {
-                let batch: Vec<Out> = {
-                    let mut l = vol.link.lock();
-                    if l.stop || l.peer.is_none() {
-                        return Ok(());
-                    }
-                    if let Some(TickAction::PeerFailed { silent_ms }) = l.rep.tick(vol.now_ms()) {
-                        bail!(
-                            "peer silent for {silent_ms} ms (peer_ack_timeout_ms {})",
-                            vol.settings.peer_ack_timeout_ms
-                        );
-                    }
-                    l.queue.drain(..).collect()
-                };
-                if batch.is_empty() {
-                    if last_sent.elapsed() >= Duration::from_millis(PING_INTERVAL_MS) {
-                        wr.write_all(&FrameHeader::new(Kind::Ping, 0, 0, 0).encode())
-                            .await?;
-                        wr.flush().await?;
-                        last_sent = std::time::Instant::now();
-                    }
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(100),
-                        vol.link.sender.notified(),
-                    )
-                    .await;
-                    continue;
-                }
-                let mut bytes = 0u64;
-                for o in &batch {
-                    bytes += o.wire_bytes();
-                    write_out(&mut wr, o).await?;
-                }
-                wr.flush().await?;
-                last_sent = std::time::Instant::now();
-                let mut l = vol.link.lock();
-                l.stats.bytes_sent += bytes;
-                l.stats.frames_sent += batch.len() as u64;
-                for o in &batch {
-                    match o {
-                        Out::Data {
-                            kind: Kind::Copy,
-                            data,
-                            ..
-                        } => l.stats.copy_bytes_sent += data.len() as u64,
-                        Out::Data { data, .. } => l.stats.write_bytes_sent += data.len() as u64,
-                        _ => {}
-                    }
-                }
-            }
-        }
-    };
-    tokio::select! {
-        r = reader => r,
-        w = writer => w,
+    vol.link.pump();
+    let result = read_acks(vol, &wire, sock, frame_max);
+    wire.fail("link closed");
+    let err = lock(&wire.error).clone();
+    match result {
+        Err(e) => Err(e),
+        Ok(()) => match err {
+            Some(e) if e != "link closed" && e != "stopped" => bail!("{e}"),
+            _ => Ok(()),
+        },
     }
 }
 
-async fn write_out<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, o: &Out) -> Result<()> {
-    match o {
-        Out::Data {
-            kind,
-            seq,
-            offset,
-            data,
-        } => {
-            let h = FrameHeader::new(*kind, *seq, *offset, data.len() as u32);
-            w.write_all(&h.encode()).await?;
-            w.write_all(data).await?;
-            w.write_all(&ferry_wire::trailer(data)).await?;
-        }
-        Out::Zero {
-            seq,
-            offset,
-            length,
-        } => {
-            w.write_all(&ferry_wire::encode_frame(
-                Kind::Zero,
-                *seq,
-                *offset,
-                &length.to_be_bytes(),
-            ))
-            .await?;
-        }
-        Out::Flush {
-            seq,
-            up_to_date_generation,
-        } => {
-            let mut h = FrameHeader::new(Kind::Flush, *seq, up_to_date_generation.unwrap_or(0), 0);
-            if up_to_date_generation.is_some() {
-                h.flags = FLAG_UP_TO_DATE;
+/// Reads acknowledgements until the link fails; ticks the state machine.
+fn read_acks(
+    vol: &Arc<PrimaryVolume>,
+    wire: &Wire,
+    mut sock: TcpStream,
+    frame_max: u32,
+) -> Result<()> {
+    let mut raw = vec![0u8; 64 * 1024];
+    let mut plain: Vec<u8> = Vec::new();
+    let mut last_ping = Instant::now();
+    let mut dead_since: Option<Instant> = None;
+    loop {
+        if wire.dead.load(Ordering::SeqCst) {
+            let since = *dead_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(1) {
+                return Ok(());
             }
-            w.write_all(&h.encode()).await?;
+        }
+        match sock.read(&mut raw) {
+            Ok(0) if wire.dead.load(Ordering::SeqCst) => return Ok(()),
+            Ok(0) => bail!("the peer closed the connection"),
+            Ok(n) => {
+                let mut conn = lock(&wire.conn);
+                let mut slice = &raw[..n];
+                while !slice.is_empty() {
+                    conn.read_tls(&mut slice)?;
+                    conn.process_new_packets()
+                        .map_err(|e| anyhow!("TLS: {e}"))?;
+                }
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match conn.reader().read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(m) => plain.extend_from_slice(&buf[..m]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        // Whole frames in `plain`.
+        let mut used = 0;
+        while plain.len() - used >= HEADER_BYTES {
+            let h: [u8; HEADER_BYTES] = plain[used..used + HEADER_BYTES]
+                .try_into()
+                .unwrap_or([0; HEADER_BYTES]);
+            let hdr = FrameHeader::parse(&h, frame_max)?;
+            let total = HEADER_BYTES + hdr.body_bytes();
+            if plain.len() - used < total {
+                break;
+            }
+            let payload = hdr
+                .verify(&plain[used + HEADER_BYTES..used + total])?
+                .to_vec();
+            used += total;
+            match hdr.kind {
+                Kind::Ack => on_ack(vol, hdr.seq, hdr.offset),
+                Kind::Error => bail!("peer reported: {}", String::from_utf8_lossy(&payload)),
+                other => bail!("unexpected {other:?} frame from the peer"),
+            }
+        }
+        plain.drain(..used);
+        if dead_since.is_some() {
+            continue;
+        }
+        // Tick: ack timeout, periodic flush, keep-alive.
+        let now = vol.now_ms();
+        {
+            let mut l = vol.link.lock();
+            if l.stop || l.peer.is_none() {
+                drop(l);
+                wire.fail("stopped");
+                return Ok(());
+            }
+            if let Some(TickAction::PeerFailed { silent_ms }) = l.rep.tick(now) {
+                bail!(
+                    "peer silent for {silent_ms} ms (peer_ack_timeout_ms {})",
+                    vol.settings.peer_ack_timeout_ms
+                );
+            }
+            vol.link.maybe_flush(&mut l, now);
+        }
+        if last_ping.elapsed() >= Duration::from_millis(PING_INTERVAL_MS) {
+            last_ping = Instant::now();
+            let ping = FrameHeader::new(Kind::Ping, 0, 0, 0).encode();
+            let mut conn = lock(&wire.conn);
+            conn.writer().write_all(&ping)?;
+            let mut cipher = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut cipher)?;
+            }
+            let mut s = lock(&wire.sock_w);
+            drop(conn);
+            s.write_all(&cipher)?;
+        }
+        vol.link.pump();
+    }
+}
+
+fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
+    let now = vol.now_ms();
+    let mut l = vol.link.lock();
+    l.rep.on_ack(received, durable, now);
+    if l.rep.phase() == Phase::Streaming && !l.announced_up_to_date {
+        if let Some(seq) = l.rep.on_flush(now) {
+            let g = vol
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state()
+                .generation
+                .current();
+            l.queue.push_back(Out::Flush {
+                seq,
+                up_to_date_generation: Some(g),
+            });
+            l.announced_up_to_date = true;
+            tracing::info!(volume = %vol.name, "replication.resync.done: peer up to date");
         }
     }
-    Ok(())
+    vol.link.wake_acked(&mut l);
+    drop(l);
+    vol.link.copier.notify_all();
 }

@@ -100,17 +100,16 @@ pub struct LinkInner {
     pub waiters: Vec<(u64, bool, std::thread::Thread)>,
     /// A link task is running for this volume.
     pub task_running: bool,
+    /// The live connection to the peer, if any.
+    pub wire: Option<Arc<super::link::Wire>>,
 }
 
 /// The link lock and its wake-ups.
 #[derive(Debug)]
 pub struct Link {
     pub inner: Mutex<LinkInner>,
-
     /// Work for the copier.
     pub copier: Condvar,
-    /// Frames queued: the sender task drains the queue.
-    pub sender: tokio::sync::Notify,
 }
 
 impl Link {
@@ -120,7 +119,55 @@ impl Link {
 
     fn push(&self, inner: &mut LinkInner, out: Out) {
         inner.queue.push_back(out);
-        self.sender.notify_one();
+    }
+
+    /// Sends the queued frames on the current connection, from the calling
+    /// thread — no hand-off to a sender thread. One thread sends at a time (the
+    /// wire's send token); a thread that finds the token taken leaves its frames
+    /// to the holder, which looks at the queue again before it lets go.
+    pub fn pump(&self) {
+        loop {
+            let Some(wire) = self.lock().wire.clone() else {
+                return;
+            };
+            let Ok(token) = wire.send_token.try_lock() else {
+                return;
+            };
+            loop {
+                let batch: Vec<Out> = self.lock().queue.drain(..).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                match wire.send(&batch) {
+                    Ok(bytes) => {
+                        let mut l = self.lock();
+                        l.stats.bytes_sent += bytes;
+                        l.stats.frames_sent += batch.len() as u64;
+                        for o in &batch {
+                            match o {
+                                Out::Data {
+                                    kind: ferry_wire::Kind::Copy,
+                                    data,
+                                    ..
+                                } => l.stats.copy_bytes_sent += data.len() as u64,
+                                Out::Data { data, .. } => {
+                                    l.stats.write_bytes_sent += data.len() as u64
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        wire.fail(&format!("sending to the peer failed: {e}"));
+                        return;
+                    }
+                }
+            }
+            drop(token);
+            if self.lock().queue.is_empty() {
+                return;
+            }
+        }
     }
 
     /// Queues a link-level flush if unconfirmed extents piled up or aged.
@@ -147,6 +194,9 @@ impl Link {
         l.stats.connected_since = None;
         if error.is_some() {
             l.stats.last_error = error;
+        }
+        if let Some(w) = l.wire.take() {
+            w.fail("stopped");
         }
         for (_, _, t) in l.waiters.drain(..) {
             t.unpark();
@@ -308,6 +358,8 @@ impl PrimaryVolume {
             backlog_bytes_max: settings.backlog_bytes_max,
             peer_ack_timeout_ms: settings.peer_ack_timeout_ms,
             copies_in_flight_max: settings.copies_in_flight_max,
+            flush_interval_ms: settings.link_flush_interval_ms,
+            flush_bytes: settings.link_flush_bytes,
             ..LinkConfig::default()
         };
         let rep = Replicator::new(cfg, dirty, st.consistent);
@@ -328,10 +380,10 @@ impl PrimaryVolume {
                     stop: false,
                     waiters: Vec::new(),
                     checksum_baseline: false,
+                    wire: None,
                     task_running: false,
                 }),
                 copier: Condvar::new(),
-                sender: tokio::sync::Notify::new(),
             }),
             meta: Mutex::new(meta),
             settings,
@@ -489,6 +541,9 @@ impl PrimaryVolume {
             WriteDecision::Dirty => {}
         }
         drop(guard);
+        drop(l);
+        self.link.pump();
+        let mut l = self.link.lock();
         let confirmed = match wait {
             Some((epoch, (seq, durable))) => {
                 l = self.link.wait_for(l, epoch, seq, durable);
@@ -610,6 +665,8 @@ impl PrimaryVolume {
                 }
             }
             self.link.maybe_flush(&mut l, now);
+            drop(l);
+            self.link.pump();
         }
     }
 
@@ -673,9 +730,14 @@ impl BlockDevice for PrimaryVolume {
             },
         );
         if l.rep.config().mode == Mode::Async {
+            drop(l);
+            self.link.pump();
             return Ok(());
         }
         let epoch = l.rep.epoch();
+        drop(l);
+        self.link.pump();
+        let mut l = self.link.lock();
         l = self.link.wait_for(l, epoch, seq, true);
         let confirmed = l.rep.epoch() == epoch;
         drop(l);
