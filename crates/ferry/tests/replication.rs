@@ -508,11 +508,21 @@ fn disk_full_on_the_replica_is_reported_and_the_primary_keeps_serving() {
     a.ok(&["volume", "create", "vol", "--size", "64MiB"]);
     qemu_io(&a.uri("vol"), &["write -P 0x77 0 48M"]);
     a.ok(&["replicate", "start", "vol", "--to", "b"]);
-    wait_until(60, "the replica to report a full disk", || {
-        a.status("vol")["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("No space left"))
-    });
+    let mut last = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !last["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("No space left"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no full-disk error reported: {last}\n--- a ---\n{}\n--- b ---\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        last = a.status("vol");
+    }
     // B says so in its status and metrics; A keeps serving and tracking.
     assert!(b.status("vol")["last_error"]
         .as_str()

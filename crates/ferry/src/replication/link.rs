@@ -65,22 +65,25 @@ impl Wire {
         }
         let mut cipher = Vec::new();
         let mut bytes = 0u64;
-        let mut conn = lock(&self.conn);
-        for o in frames {
-            bytes += o.wire_bytes();
-            encode_out(&mut conn.writer(), o)?;
-            while conn.wants_write() {
-                conn.write_tls(&mut cipher)?;
+        let mut frames = frames.iter().peekable();
+        while frames.peek().is_some() {
+            let mut conn = lock(&self.conn);
+            // Encrypt up to CIPHER_FLUSH_BYTES (large copier batches go in pieces).
+            while let Some(o) = frames.next_if(|_| cipher.len() < CIPHER_FLUSH_BYTES) {
+                bytes += o.wire_bytes();
+                encode_out(&mut conn.writer(), o)?;
+                while conn.wants_write() {
+                    conn.write_tls(&mut cipher)?;
+                }
             }
-            if cipher.len() >= CIPHER_FLUSH_BYTES {
-                // Large batches (the copier's) go out in pieces: bounded memory.
-                lock(&self.sock_w).write_all(&cipher)?;
-                cipher.clear();
-            }
+            // Take the socket before letting go of the TLS state, so records go
+            // out in the order they were sealed; write without holding the TLS
+            // state, so the reader can still decrypt acknowledgements.
+            let mut sock = lock(&self.sock_w);
+            drop(conn);
+            sock.write_all(&cipher)?;
+            cipher.clear();
         }
-        let mut sock = lock(&self.sock_w);
-        drop(conn);
-        sock.write_all(&cipher)?;
         Ok(bytes)
     }
 

@@ -230,6 +230,17 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
         ));
         let _ = reader.get_mut().flush();
     }
+    // Close the connection for real (a clone of the socket is kept to replace
+    // stale links), so the primary sees the end at once.
+    let _ = control.shutdown(Shutdown::Both);
+    let mut current = vol.current.lock().unwrap_or_else(|p| p.into_inner());
+    if current
+        .as_ref()
+        .and_then(|s| s.local_addr().ok().zip(s.peer_addr().ok()))
+        == control.local_addr().ok().zip(control.peer_addr().ok())
+    {
+        *current = None;
+    }
     result
 }
 
