@@ -568,3 +568,71 @@ fn disk_full_on_the_replica_is_reported_and_the_primary_keeps_serving() {
     assert_ne!(st["state"], "up-to-date");
     assert!(st["dirty_bytes"].as_u64().unwrap() > 0, "{st}");
 }
+
+#[test]
+fn mismatched_names_volumes_and_sizes_are_refused_with_a_clear_message() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-mismatch-")
+        .tempdir()
+        .unwrap();
+    let a = Agent::start(root.path(), "a", "");
+    let b = Agent::start(root.path(), "b", "");
+    let c = Agent::start(root.path(), "c", "");
+    // `node add` checks that the node at the address is the one named.
+    let tok = a.dir.join("peer-token");
+    std::fs::write(&tok, b.token()).unwrap();
+    let out = a
+        .cli()
+        .args([
+            "node",
+            "add",
+            "bee",
+            "--api",
+            &b.api,
+            "--token-file",
+            tok.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("calls itself \"b\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and the fingerprint, when given.
+    let out = a
+        .cli()
+        .args([
+            "node",
+            "add",
+            "b",
+            "--api",
+            &b.api,
+            "--token-file",
+            tok.to_str().unwrap(),
+            "--fingerprint",
+            "sha256:00",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fingerprint"));
+    pair(&a, &b);
+    pair(&c, &b);
+    a.ok(&["volume", "create", "vol", "--size", "16MiB"]);
+    a.ok(&["replicate", "start", "vol", "--to", "b"]);
+    // C has its own, different volume of the same name: B refuses to mix them up.
+    c.ok(&["volume", "create", "vol", "--size", "32MiB"]);
+    let out = c
+        .cli()
+        .args(["replicate", "start", "vol", "--to", "b"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("primary on node b") || err.contains("different volume") || err.contains("id"),
+        "{err}"
+    );
+}
