@@ -363,18 +363,19 @@ fn read_acks(
             Ok(n) => {
                 let mut conn = lock(&wire.conn);
                 let mut slice = &raw[..n];
+                let mut buf = [0u8; 16 * 1024];
                 while !slice.is_empty() {
                     conn.read_tls(&mut slice)?;
                     conn.process_new_packets()
                         .map_err(|e| anyhow!("TLS: {e}"))?;
-                }
-                let mut buf = [0u8; 16 * 1024];
-                loop {
-                    match conn.reader().read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(m) => plain.extend_from_slice(&buf[..m]),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e.into()),
+                    // Drain as we go: rustls bounds the plaintext it holds.
+                    loop {
+                        match conn.reader().read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(m) => plain.extend_from_slice(&buf[..m]),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                 }
             }
@@ -450,14 +451,22 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
     let mut l = vol.link.lock();
     l.rep.on_ack(received, durable, now);
     if l.rep.phase() == Phase::Streaming && !l.announced_up_to_date {
+        // Lock order is meta → link everywhere: read the generation without
+        // holding the link, then look again.
+        drop(l);
+        let g = vol
+            .meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state()
+            .generation
+            .current();
+        l = vol.link.lock();
+        if l.rep.phase() != Phase::Streaming || l.announced_up_to_date {
+            vol.link.wake_acked(&mut l);
+            return;
+        }
         if let Some(seq) = l.rep.on_flush(now) {
-            let g = vol
-                .meta
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .state()
-                .generation
-                .current();
             l.queue.push_back(Out::Flush {
                 seq,
                 up_to_date_generation: Some(g),

@@ -32,6 +32,8 @@ pub struct SecondaryVolume {
     /// The socket of the current link, to close it when a newer one arrives.
     current: Mutex<Option<TcpStream>>,
     pub received_seq: AtomicU64,
+    /// Durable up to (set by the flusher after `fdatasync`).
+    pub durable_seq: AtomicU64,
     pub bytes_applied: AtomicU64,
     pub last_error: Mutex<Option<String>>,
 }
@@ -53,6 +55,7 @@ impl SecondaryVolume {
             meta: Mutex::new(meta),
             current: Mutex::new(None),
             received_seq: AtomicU64::new(0),
+            durable_seq: AtomicU64::new(0),
             bytes_applied: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
@@ -218,17 +221,17 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
     w.flush()?;
     tracing::info!(volume = %vol.name, peer = %peer.name, consistent = in_sync, "replication.inbound.up");
     control.set_read_timeout(None)?;
-    let result = apply_stream(&mut reader, &vol, max);
+    let leftover = reader.buffer().to_vec();
+    let rustls::StreamOwned { conn, sock } = reader.into_inner();
+    let wire = Arc::new(ServerWire {
+        conn: Mutex::new(conn),
+        sock_w: Mutex::new(sock.try_clone()?),
+    });
+    let result = apply_stream(sock, &wire, leftover, &vol, max);
     if let Err(e) = &result {
         let msg = format!("{e:#}");
         *vol.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-        let _ = reader.get_mut().write_all(&ferry_wire::encode_frame(
-            Kind::Error,
-            0,
-            0,
-            msg.as_bytes(),
-        ));
-        let _ = reader.get_mut().flush();
+        let _ = wire.send(&ferry_wire::encode_frame(Kind::Error, 0, 0, msg.as_bytes()));
     }
     // Close the connection for real (a clone of the socket is kept to replace
     // stale links), so the primary sees the end at once.
@@ -244,87 +247,226 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
     result
 }
 
-fn apply_stream<S: Read + Write>(
-    reader: &mut BufReader<S>,
+/// The replica's TLS connection after the handshake, shared by the apply
+/// loop (reads) and whoever sends acknowledgements (the apply loop and the
+/// flusher). `sock_w` is taken before `conn` is let go, so records stay in order.
+struct ServerWire {
+    conn: Mutex<rustls::ServerConnection>,
+    sock_w: Mutex<TcpStream>,
+}
+
+impl ServerWire {
+    fn send(&self, plain: &[u8]) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.writer().write_all(plain)?;
+        let mut cipher = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut cipher)?;
+        }
+        let mut sock = self.sock_w.lock().unwrap_or_else(|p| p.into_inner());
+        drop(conn);
+        sock.write_all(&cipher)?;
+        Ok(())
+    }
+
+    fn ack(&self, received: u64, durable: u64) -> Result<()> {
+        self.send(&FrameHeader::new(Kind::Ack, received, durable, 0).encode())
+    }
+}
+
+/// A flush the apply loop has reached: make it durable off the apply path.
+#[derive(Default)]
+struct FlushState {
+    /// Newest flush seq applied up to, and whether it declared us up to date.
+    pending: Option<(u64, bool)>,
+    closed: bool,
+}
+
+/// Makes flushes durable (`fdatasync`) on its own thread, so the apply loop
+/// keeps applying the frames that follow, then acknowledges them as durable.
+/// Safe because the sync starts after every frame up to the flush was written.
+fn flusher(
+    vol: &SecondaryVolume,
+    wire: &ServerWire,
+    state: &(Mutex<FlushState>, std::sync::Condvar),
+) -> Result<()> {
+    loop {
+        let (seq, up_to_date) = {
+            let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if let Some(p) = st.pending.take() {
+                    break p;
+                }
+                if st.closed {
+                    return Ok(());
+                }
+                st = state.1.wait(st).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        vol.dev.flush().context("fdatasync")?;
+        if up_to_date {
+            let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+            m.update(|s| s.consistent = true)?;
+            tracing::info!(volume = %vol.name, "replication.replica.up_to_date");
+        }
+        vol.durable_seq.fetch_max(seq, Ordering::SeqCst);
+        wire.ack(
+            vol.received_seq.load(Ordering::SeqCst),
+            vol.durable_seq.load(Ordering::SeqCst),
+        )?;
+    }
+}
+
+fn apply_stream(
+    mut sock: TcpStream,
+    wire: &ServerWire,
+    leftover: Vec<u8>,
     vol: &SecondaryVolume,
     max: u32,
 ) -> Result<()> {
-    let mut body = Vec::with_capacity(1 << 20);
-    let (mut received, mut durable) = (0u64, 0u64);
-    let mut unacked = 0u32;
+    vol.received_seq.store(0, Ordering::SeqCst);
+    vol.durable_seq.store(0, Ordering::SeqCst);
+    let state = (Mutex::new(FlushState::default()), std::sync::Condvar::new());
+    std::thread::scope(|scope| {
+        let flush = scope.spawn(|| {
+            let r = flusher(vol, wire, &state);
+            if r.is_err() {
+                // Unblock the apply loop's read: the link is over.
+                let _ = sock_shutdown(wire);
+            }
+            r
+        });
+        let applied = apply_frames(&mut sock, wire, leftover, vol, max, &state);
+        {
+            let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
+            st.closed = true;
+            state.1.notify_all();
+        }
+        let flushed = flush
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the flusher thread panicked")));
+        applied.and(flushed)
+    })
+}
+
+fn sock_shutdown(wire: &ServerWire) -> std::io::Result<()> {
+    wire.sock_w
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .shutdown(Shutdown::Both)
+}
+
+fn apply_frames(
+    sock: &mut TcpStream,
+    wire: &ServerWire,
+    leftover: Vec<u8>,
+    vol: &SecondaryVolume,
+    max: u32,
+    state: &(Mutex<FlushState>, std::sync::Condvar),
+) -> Result<()> {
+    let mut plain = leftover;
+    let mut raw = vec![0u8; 256 * 1024];
+    let mut tmp = vec![0u8; 256 * 1024];
     loop {
-        let hdr = match read_frame(reader, max, &mut body) {
-            Ok(h) => h,
-            Err(e) => {
-                if e.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
-                {
-                    return Ok(());
-                }
-                return Err(e);
+        // Apply every whole frame we have.
+        let mut used = 0;
+        while plain.len() - used >= HEADER_BYTES {
+            let h: [u8; HEADER_BYTES] = plain[used..used + HEADER_BYTES]
+                .try_into()
+                .unwrap_or([0; HEADER_BYTES]);
+            let hdr = FrameHeader::parse(&h, max)?;
+            let total = HEADER_BYTES + hdr.body_bytes();
+            if plain.len() - used < total {
+                break;
             }
-        };
-        let payload = &body[..hdr.len as usize];
-        match hdr.kind {
-            Kind::Write | Kind::Copy => {
-                check_range(vol, hdr.offset, payload.len() as u64)?;
-                vol.dev
-                    .write_at(payload, hdr.offset, false)
-                    .with_context(|| {
-                        format!("writing {} bytes at {}", payload.len(), hdr.offset)
-                    })?;
-                vol.bytes_applied
-                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
-            }
-            Kind::Zero => {
-                let len =
-                    u64::from_be_bytes(payload.try_into().map_err(|_| anyhow!("bad Zero frame"))?);
-                check_range(vol, hdr.offset, len)?;
-                vol.dev.write_zeroes(
-                    hdr.offset,
-                    len,
-                    ZeroMode {
-                        may_punch: true,
-                        fast_only: false,
-                    },
-                    false,
+            let payload = hdr.verify(&plain[used + HEADER_BYTES..used + total])?;
+            apply_one(vol, &hdr, payload, state)?;
+            used += total;
+            if hdr.kind == Kind::Ping {
+                wire.ack(
+                    vol.received_seq.load(Ordering::SeqCst),
+                    vol.durable_seq.load(Ordering::SeqCst),
                 )?;
             }
-            Kind::Flush => {
-                vol.dev.flush().context("fdatasync")?;
-                durable = hdr.seq;
-                if hdr.flags & FLAG_UP_TO_DATE != 0 {
-                    let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
-                    m.update(|s| s.consistent = true)?;
-                    tracing::info!(volume = %vol.name, "replication.replica.up_to_date");
+        }
+        plain.drain(..used);
+        if used > 0 {
+            // Coalesced: one acknowledgement for everything applied from this read.
+            wire.ack(
+                vol.received_seq.load(Ordering::SeqCst),
+                vol.durable_seq.load(Ordering::SeqCst),
+            )?;
+        }
+        let n = match sock.read(&mut raw) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut conn = wire.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slice = &raw[..n];
+        while !slice.is_empty() {
+            conn.read_tls(&mut slice)?;
+            conn.process_new_packets()
+                .map_err(|e| anyhow!("TLS: {e}"))?;
+            // Drain as we go: rustls bounds the plaintext it holds.
+            loop {
+                match conn.reader().read(&mut tmp) {
+                    Ok(0) => break,
+                    Ok(m) => plain.extend_from_slice(&tmp[..m]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e.into()),
                 }
             }
-            Kind::Ping => {
-                send_ack(reader.get_mut(), received, durable)?;
-                continue;
-            }
-            other => bail!("unexpected {other:?} frame in the stream"),
-        }
-        received = hdr.seq;
-        vol.received_seq.store(received, Ordering::Relaxed);
-        unacked += 1;
-        // Coalesce: acknowledge when nothing more is buffered, or every 64 frames.
-        if reader.buffer().is_empty() || unacked >= 64 || hdr.kind == Kind::Flush {
-            send_ack(reader.get_mut(), received, durable)?;
-            unacked = 0;
         }
     }
+}
+
+fn apply_one(
+    vol: &SecondaryVolume,
+    hdr: &FrameHeader,
+    payload: &[u8],
+    state: &(Mutex<FlushState>, std::sync::Condvar),
+) -> Result<()> {
+    match hdr.kind {
+        Kind::Write | Kind::Copy => {
+            check_range(vol, hdr.offset, payload.len() as u64)?;
+            vol.dev
+                .write_at(payload, hdr.offset, false)
+                .with_context(|| format!("writing {} bytes at {}", payload.len(), hdr.offset))?;
+            vol.bytes_applied
+                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        }
+        Kind::Zero => {
+            let len =
+                u64::from_be_bytes(payload.try_into().map_err(|_| anyhow!("bad Zero frame"))?);
+            check_range(vol, hdr.offset, len)?;
+            vol.dev.write_zeroes(
+                hdr.offset,
+                len,
+                ZeroMode {
+                    may_punch: true,
+                    fast_only: false,
+                },
+                false,
+            )?;
+        }
+        Kind::Flush => {
+            let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
+            let up = hdr.flags & FLAG_UP_TO_DATE != 0 || st.pending.is_some_and(|(_, u)| u);
+            st.pending = Some((hdr.seq, up));
+            state.1.notify_all();
+        }
+        Kind::Ping => return Ok(()),
+        other => bail!("unexpected {other:?} frame in the stream"),
+    }
+    vol.received_seq.store(hdr.seq, Ordering::SeqCst);
+    Ok(())
 }
 
 fn check_range(vol: &SecondaryVolume, offset: u64, len: u64) -> Result<()> {
     ferry_core::Extent::within(offset, len, vol.dev.size())
         .map_err(|e| anyhow!("peer sent a range outside the volume: {e}"))?;
-    Ok(())
-}
-
-fn send_ack<W: Write>(w: &mut W, received: u64, durable: u64) -> Result<()> {
-    w.write_all(&FrameHeader::new(Kind::Ack, received, durable, 0).encode())?;
-    w.flush()?;
     Ok(())
 }
 
