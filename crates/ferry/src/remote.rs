@@ -226,7 +226,7 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
                             .unwrap_or_default()
                     );
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         ReplicateCommand::Status { name, watch, conn } => {

@@ -247,6 +247,7 @@ fn fio_randwrite_with_crc32c_verify() {
         "--iodepth=16",
         "--size=32M",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--verify_fatal=1",
         "--do_verify=1",
         "--output-format=json",

@@ -62,6 +62,7 @@ fn initial_sync_under_live_fio_writes_ends_equal() {
             "--size=64M",
             "--io_size=24M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--verify_fatal=1",
             "--do_verify=1",
         ])

@@ -376,7 +376,7 @@ impl AgentCtx {
                     );
                 }
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
