@@ -410,6 +410,19 @@ impl Replicator {
         self.maybe_streaming(now_ms);
     }
 
+    /// The dirty map plus every block being copied or written and not yet
+    /// confirmed durable on the peer: what must be resent if this side crashes now.
+    pub fn pessimistic_dirty_map(&self) -> DirtyMap {
+        let mut m = self.dirty.clone();
+        for (_, e) in &self.unconfirmed {
+            m.mark(e.offset, e.length);
+        }
+        for &b in self.copying.keys() {
+            m.mark_block(b);
+        }
+        m
+    }
+
     /// Whether block `block` is known to (possibly) differ on the peer: dirty,
     /// being copied, or written and not yet confirmed durable there.
     pub fn tracks(&self, block: u64) -> bool {
@@ -677,6 +690,27 @@ mod tests {
         assert!(!r.on_connect(Relation::SplitBrain, 0));
         assert_eq!(r.phase(), Phase::SplitBrain);
         assert_eq!(r.on_write(ext(0), G, 0), WriteDecision::Dirty);
+    }
+
+    #[test]
+    fn pessimistic_map_is_what_tracks_says() {
+        let mut r = rep(Mode::Sync, 1 << 20);
+        r.dirty.mark_block(2);
+        r.on_connect(Relation::Ahead, 0);
+        let copying = r.next_copy().unwrap();
+        r.on_write(
+            Extent {
+                offset: 5 * G + 10,
+                length: G,
+            },
+            G,
+            1,
+        );
+        let m = r.pessimistic_dirty_map();
+        for b in 0..16 {
+            assert_eq!(m.is_dirty(b), r.tracks(b), "block {b}");
+        }
+        assert!(m.is_dirty(copying.block) && m.is_dirty(5) && m.is_dirty(6));
     }
 
     #[test]

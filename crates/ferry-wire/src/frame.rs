@@ -167,6 +167,48 @@ impl FrameHeader {
     }
 }
 
+/// A whole frame found in a buffer: header, checked payload, bytes it takes.
+pub type SplitFrame<'a> = (FrameHeader, &'a [u8], usize);
+
+/// The first whole frame at the start of `buf`, if it holds one: its header,
+/// its checked payload, and the bytes it takes. `Ok(None)` means "read more".
+pub fn split_frame(buf: &[u8], frame_bytes_max: u32) -> Result<Option<SplitFrame<'_>>, WireError> {
+    let Some(h) = buf.first_chunk::<HEADER_BYTES>() else {
+        return Ok(None);
+    };
+    let hdr = FrameHeader::parse(h, frame_bytes_max)?;
+    let total = HEADER_BYTES + hdr.body_bytes();
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let payload = hdr.verify(&buf[HEADER_BYTES..total])?;
+    Ok(Some((hdr, payload, total)))
+}
+
+/// Reads one whole frame from a blocking reader; the payload is `body[..hdr.len]`.
+pub fn read_frame<R: std::io::Read>(
+    r: &mut R,
+    frame_bytes_max: u32,
+    body: &mut Vec<u8>,
+) -> Result<FrameHeader, ReadFrameError> {
+    let mut h = [0u8; HEADER_BYTES];
+    r.read_exact(&mut h)?;
+    let hdr = FrameHeader::parse(&h, frame_bytes_max)?;
+    body.resize(hdr.body_bytes(), 0);
+    r.read_exact(body)?;
+    hdr.verify(body)?;
+    Ok(hdr)
+}
+
+/// A frame could not be read: the stream failed or the frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
 /// The trailer for `payload`.
 pub fn trailer(payload: &[u8]) -> [u8; TRAILER_BYTES] {
     crc32c(payload).to_be_bytes()
@@ -215,6 +257,18 @@ mod tests {
             FrameHeader::parse(&h2, 1 << 20),
             Err(WireError::HeaderChecksum)
         );
+    }
+
+    #[test]
+    fn split_frame_waits_for_whole_frames() {
+        let mut buf = encode_frame(Kind::Write, 1, 0, b"abc");
+        buf.extend_from_slice(&encode_frame(Kind::Flush, 2, 0, b""));
+        let first_len = HEADER_BYTES + 3 + TRAILER_BYTES;
+        assert_eq!(split_frame(&buf[..first_len - 1], 1 << 20), Ok(None));
+        let (h, payload, used) = split_frame(&buf, 1 << 20).unwrap().unwrap();
+        assert_eq!((h.seq, payload, used), (1, &b"abc"[..], first_len));
+        let (h, _, used) = split_frame(&buf[first_len..], 1 << 20).unwrap().unwrap();
+        assert_eq!((h.kind, used), (Kind::Flush, HEADER_BYTES));
     }
 
     proptest! {

@@ -37,6 +37,7 @@ mod hello;
 
 pub use crc::crc32c;
 pub use frame::{
-    encode_frame, trailer, FrameHeader, Kind, WireError, FRAME_FORMAT_VERSION, HEADER_BYTES,
+    encode_frame, read_frame, split_frame, trailer, FrameHeader, Kind, ReadFrameError, WireError,
+    FRAME_FORMAT_VERSION, HEADER_BYTES,
 };
 pub use hello::{Hello, HelloReply, PROTOCOL_VERSION};

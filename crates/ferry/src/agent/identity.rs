@@ -3,9 +3,7 @@
 //! bearer token (`DATA_DIR/api.token`, 0600). Peers pin the certificate by its
 //! SHA-256 fingerprint; there is no CA.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -50,21 +48,6 @@ pub fn random_u64() -> u64 {
     u64::from_le_bytes(b).max(1)
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
 pub fn token_path(data_dir: &Path) -> PathBuf {
     data_dir.join("api.token")
 }
@@ -87,12 +70,12 @@ impl Identity {
             let cert = params
                 .self_signed(&key)
                 .context("cannot make a certificate")?;
-            write_private(&key_path, key.serialize_pem().as_bytes())?;
-            write_private(&crt_path, cert.pem().as_bytes())?;
+            super::write_atomic_private(&key_path, key.serialize_pem().as_bytes())?;
+            super::write_atomic_private(&crt_path, cert.pem().as_bytes())?;
         }
         let token_file = token_path(data_dir);
         if !token_file.exists() {
-            write_private(&token_file, format!("{}\n", random_hex(32)?).as_bytes())?;
+            super::write_atomic_private(&token_file, format!("{}\n", random_hex(32)?).as_bytes())?;
         }
         let cert_pem = fs::read_to_string(&crt_path)?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())

@@ -7,10 +7,9 @@
 //! costs no thread hand-off on the way out, and the ack reader wakes only the
 //! writers whose acknowledgement arrived on the way back.
 //!
-//! One rustls connection is shared by the sender and the reader: `conn` guards
-//! the TLS state; `sock_w` keeps ciphertext in order on the socket and is taken
-//! before `conn` is released, so a sender blocked on a full socket never keeps
-//! the reader from decrypting acknowledgements.
+//! One rustls connection is shared by the sender and the reader
+//! ([`super::tls_io::SharedTls`]), so a sender blocked on a full socket never
+//! keeps the reader from decrypting acknowledgements.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -22,24 +21,24 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferry_core::generation::Relation;
 use ferry_core::link::{Mode, Phase, TickAction};
 use ferry_core::GenerationHistory;
-use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, HEADER_BYTES, PROTOCOL_VERSION};
+use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
 use super::primary::{Out, PrimaryVolume};
+use super::tls_io::SharedTls;
 use crate::agent::AgentCtx;
 
 /// Flag on a Flush frame: the peer is now up to date at generation `offset`.
 pub const FLAG_UP_TO_DATE: u16 = 1;
 /// Idle links send a ping this often, so a dead peer is noticed.
 const PING_INTERVAL_MS: u64 = 1000;
-/// Ciphertext gathered before it is written out while sending a batch.
-const CIPHER_FLUSH_BYTES: usize = 1 << 20;
+/// Plaintext sealed and written at a time while sending a large batch.
+const CIPHER_FLUSH_BYTES: u64 = 1 << 20;
 /// How often the reader wakes to tick the state machine when nothing arrives.
 const TICK_MS: u64 = 50;
 
 /// A live TLS connection to the peer.
 pub struct Wire {
-    conn: Mutex<rustls::ClientConnection>,
-    sock_w: Mutex<TcpStream>,
+    tls: SharedTls,
     ctl: TcpStream,
     /// Held by the one thread currently sending (see `Link::pump`).
     pub send_token: Mutex<()>,
@@ -63,26 +62,21 @@ impl Wire {
         if self.dead.load(Ordering::SeqCst) {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "link is down"));
         }
-        let mut cipher = Vec::new();
         let mut bytes = 0u64;
-        let mut frames = frames.iter().peekable();
-        while frames.peek().is_some() {
-            let mut conn = lock(&self.conn);
-            // Encrypt up to CIPHER_FLUSH_BYTES (large copier batches go in pieces).
-            while let Some(o) = frames.next_if(|_| cipher.len() < CIPHER_FLUSH_BYTES) {
-                bytes += o.wire_bytes();
-                encode_out(&mut conn.writer(), o)?;
-                while conn.wants_write() {
-                    conn.write_tls(&mut cipher)?;
-                }
+        let mut rest = frames;
+        while !rest.is_empty() {
+            // Large batches (the copier's) are sealed and written in pieces.
+            let mut n = 0;
+            let mut chunk = 0u64;
+            while n < rest.len() && (n == 0 || chunk < CIPHER_FLUSH_BYTES) {
+                chunk += rest[n].wire_bytes();
+                n += 1;
             }
-            // Take the socket before letting go of the TLS state, so records go
-            // out in the order they were sealed; write without holding the TLS
-            // state, so the reader can still decrypt acknowledgements.
-            let mut sock = lock(&self.sock_w);
-            drop(conn);
-            sock.write_all(&cipher)?;
-            cipher.clear();
+            let (now, later) = rest.split_at(n);
+            self.tls
+                .send_with(|w| now.iter().try_for_each(|o| encode_out(w, o)))?;
+            bytes += chunk;
+            rest = later;
         }
         Ok(bytes)
     }
@@ -103,7 +97,7 @@ impl Wire {
     }
 }
 
-fn encode_out<W: Write>(w: &mut W, o: &Out) -> io::Result<()> {
+fn encode_out(w: &mut dyn Write, o: &Out) -> io::Result<()> {
     match o {
         Out::Data {
             kind,
@@ -169,16 +163,6 @@ pub fn run(vol: Arc<PrimaryVolume>, ctx: Arc<AgentCtx>) {
     }
 }
 
-fn read_frame_blocking<R: Read>(r: &mut R, max: u32, body: &mut Vec<u8>) -> Result<FrameHeader> {
-    let mut h = [0u8; HEADER_BYTES];
-    r.read_exact(&mut h)?;
-    let hdr = FrameHeader::parse(&h, max)?;
-    body.resize(hdr.body_bytes(), 0);
-    r.read_exact(body)?;
-    hdr.verify(body)?;
-    Ok(hdr)
-}
-
 fn connect_and_serve(
     vol: &Arc<PrimaryVolume>,
     ctx: &Arc<AgentCtx>,
@@ -238,7 +222,7 @@ fn connect_and_serve(
     tls.flush()?;
     let frame_max = vol.settings.frame_bytes_max;
     let mut body = Vec::new();
-    let hdr = read_frame_blocking(&mut tls, frame_max, &mut body)
+    let hdr = ferry_wire::read_frame(&mut tls, frame_max, &mut body)
         .with_context(|| format!("{} did not answer the handshake", peer.name))?;
     if hdr.kind != Kind::HelloReply {
         bail!(
@@ -262,14 +246,10 @@ fn connect_and_serve(
     let peer_gen = GenerationHistory::from_parts(reply.generation, reply.ancestors.clone(), 16);
     let mut relation = generation.relate(&peer_gen);
 
-    let rustls::StreamOwned { mut conn, sock } = tls;
-    // Frames are written whole into rustls and encrypted at once; the queue
-    // that feeds them is what bounds memory.
-    conn.set_buffer_limit(None);
+    let rustls::StreamOwned { conn, sock } = tls;
     sock.set_read_timeout(Some(Duration::from_millis(TICK_MS)))?;
     let wire = Arc::new(Wire {
-        conn: Mutex::new(conn),
-        sock_w: Mutex::new(sock.try_clone()?),
+        tls: SharedTls::new(conn, &sock)?,
         ctl: sock.try_clone()?,
         send_token: Mutex::new(()),
         dead: AtomicBool::new(false),
@@ -360,25 +340,7 @@ fn read_acks(
         match sock.read(&mut raw) {
             Ok(0) if wire.dead.load(Ordering::SeqCst) => return Ok(()),
             Ok(0) => bail!("the peer closed the connection"),
-            Ok(n) => {
-                let mut conn = lock(&wire.conn);
-                let mut slice = &raw[..n];
-                let mut buf = [0u8; 16 * 1024];
-                while !slice.is_empty() {
-                    conn.read_tls(&mut slice)?;
-                    conn.process_new_packets()
-                        .map_err(|e| anyhow!("TLS: {e}"))?;
-                    // Drain as we go: rustls bounds the plaintext it holds.
-                    loop {
-                        match conn.reader().read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(m) => plain.extend_from_slice(&buf[..m]),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                }
-            }
+            Ok(n) => wire.tls.open(&raw[..n], &mut plain)?,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -389,22 +351,11 @@ fn read_acks(
         }
         // Whole frames in `plain`.
         let mut used = 0;
-        while plain.len() - used >= HEADER_BYTES {
-            let h: [u8; HEADER_BYTES] = plain[used..used + HEADER_BYTES]
-                .try_into()
-                .unwrap_or([0; HEADER_BYTES]);
-            let hdr = FrameHeader::parse(&h, frame_max)?;
-            let total = HEADER_BYTES + hdr.body_bytes();
-            if plain.len() - used < total {
-                break;
-            }
-            let payload = hdr
-                .verify(&plain[used + HEADER_BYTES..used + total])?
-                .to_vec();
-            used += total;
+        while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], frame_max)? {
+            used += len;
             match hdr.kind {
                 Kind::Ack => on_ack(vol, hdr.seq, hdr.offset),
-                Kind::Error => bail!("peer reported: {}", String::from_utf8_lossy(&payload)),
+                Kind::Error => bail!("peer reported: {}", String::from_utf8_lossy(payload)),
                 other => bail!("unexpected {other:?} frame from the peer"),
             }
         }
@@ -431,16 +382,8 @@ fn read_acks(
         }
         if last_ping.elapsed() >= Duration::from_millis(PING_INTERVAL_MS) {
             last_ping = Instant::now();
-            let ping = FrameHeader::new(Kind::Ping, 0, 0, 0).encode();
-            let mut conn = lock(&wire.conn);
-            conn.writer().write_all(&ping)?;
-            let mut cipher = Vec::new();
-            while conn.wants_write() {
-                conn.write_tls(&mut cipher)?;
-            }
-            let mut s = lock(&wire.sock_w);
-            drop(conn);
-            s.write_all(&cipher)?;
+            wire.tls
+                .send(&FrameHeader::new(Kind::Ping, 0, 0, 0).encode())?;
         }
         vol.link.pump();
     }

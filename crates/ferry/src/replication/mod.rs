@@ -9,4 +9,5 @@ pub mod link;
 pub mod meta;
 pub mod primary;
 pub mod secondary;
+pub mod tls_io;
 pub mod verify;

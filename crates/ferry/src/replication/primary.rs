@@ -55,13 +55,20 @@ pub enum Out {
 
 impl Out {
     pub fn wire_bytes(&self) -> u64 {
-        ferry_wire::HEADER_BYTES as u64
-            + match self {
-                Out::Data { data, .. } => data.len() as u64 + 4,
-                Out::Zero { .. } => 12,
-                Out::Flush { .. } => 0,
-            }
+        match self {
+            Out::Data { data, .. } => Out::data_wire_bytes(data.len()),
+            Out::Zero { .. } => Out::ZERO_WIRE_BYTES,
+            Out::Flush { .. } => ferry_wire::HEADER_BYTES as u64,
+        }
     }
+
+    /// Bytes on the wire of a Data frame carrying `len` bytes (header, payload, CRC).
+    pub const fn data_wire_bytes(len: usize) -> u64 {
+        (ferry_wire::HEADER_BYTES + len + 4) as u64
+    }
+
+    /// Bytes on the wire of a Zero frame (header, u64 length, CRC).
+    pub const ZERO_WIRE_BYTES: u64 = (ferry_wire::HEADER_BYTES + 8 + 4) as u64;
 }
 
 /// Counters and the last error of a link, for status and metrics.
@@ -444,15 +451,11 @@ impl PrimaryVolume {
     pub fn save_dirty_map(&self, pessimistic: bool) -> io::Result<()> {
         let map = {
             let l = self.link.lock();
-            let mut m = l.rep.dirty_map().clone();
             if pessimistic {
-                for b in 0..m.blocks() {
-                    if !m.is_dirty(b) && l.rep.tracks(b) {
-                        m.mark_block(b);
-                    }
-                }
+                l.rep.pessimistic_dirty_map()
+            } else {
+                l.rep.dirty_map().clone()
             }
-            m
         };
         super::meta::save_dirty_map(&self.dir, &map)
     }
@@ -638,28 +641,37 @@ impl PrimaryVolume {
                 }
                 next_send = next_send.max(now) + Duration::from_secs_f64(len as f64 / rate as f64);
             }
+            // Build the frames' payloads before taking the link lock: writers
+            // wait on it. `None` is a block of zeroes.
+            let blocks: Vec<(CopyTask, Option<Vec<u8>>)> = tasks
+                .into_iter()
+                .map(|t| {
+                    let at = (t.extent.offset - start) as usize;
+                    let block = &buf[at..at + t.extent.length as usize];
+                    let data = (!zero && block.iter().any(|&b| b != 0)).then(|| block.to_vec());
+                    (t, data)
+                })
+                .collect();
             let now = self.now_ms();
             let mut l = self.link.lock();
-            for t in tasks {
-                let at = (t.extent.offset - start) as usize;
-                let block = &buf[at..at + t.extent.length as usize];
-                let is_zero = zero || block.iter().all(|&b| b == 0);
-                let wire = if is_zero { 12 } else { block.len() as u64 + 4 }
-                    + ferry_wire::HEADER_BYTES as u64;
+            for (t, data) in blocks {
+                let wire = data
+                    .as_ref()
+                    .map_or(Out::ZERO_WIRE_BYTES, |d| Out::data_wire_bytes(d.len()));
                 if let Some(seq) = l.rep.copy_ready(t, wire, now) {
-                    let o = if is_zero {
-                        Out::Zero {
-                            seq,
-                            offset: t.extent.offset,
-                            length: t.extent.length,
-                        }
-                    } else {
-                        Out::Data {
+                    let offset = t.extent.offset;
+                    let o = match data {
+                        Some(data) => Out::Data {
                             kind: ferry_wire::Kind::Copy,
                             seq,
-                            offset: t.extent.offset,
-                            data: block.to_vec(),
-                        }
+                            offset,
+                            data,
+                        },
+                        None => Out::Zero {
+                            seq,
+                            offset,
+                            length: t.extent.length,
+                        },
                     };
                     self.link.push(&mut l, o);
                 }
@@ -699,7 +711,7 @@ impl BlockDevice for PrimaryVolume {
         self.write_common(
             e,
             || self.local.write_at(buf, offset, false),
-            ferry_wire::HEADER_BYTES as u64 + buf.len() as u64 + 4,
+            Out::data_wire_bytes(buf.len()),
             |seq| Out::Data {
                 kind: ferry_wire::Kind::Write,
                 seq,
@@ -765,7 +777,7 @@ impl BlockDevice for PrimaryVolume {
         self.write_common(
             e,
             || self.local.write_zeroes(offset, length, mode, false),
-            ferry_wire::HEADER_BYTES as u64 + 12,
+            Out::ZERO_WIRE_BYTES,
             |seq| Out::Zero {
                 seq,
                 offset,

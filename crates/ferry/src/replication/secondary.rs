@@ -17,10 +17,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use ferry_core::generation::Relation;
 use ferry_core::GenerationHistory;
 use ferry_nbd::device::{BlockDevice, FileDevice, ZeroMode};
-use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, HEADER_BYTES, PROTOCOL_VERSION};
+use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
 use super::link::FLAG_UP_TO_DATE;
 use super::meta::MetaFile;
+use super::tls_io::SharedTls;
 use crate::agent::AgentCtx;
 
 /// A replica held on this node.
@@ -78,16 +79,6 @@ pub fn serve(listener: TcpListener, ctx: Arc<AgentCtx>) {
     }
 }
 
-fn read_frame<R: Read>(r: &mut R, max: u32, body: &mut Vec<u8>) -> Result<FrameHeader> {
-    let mut h = [0u8; HEADER_BYTES];
-    r.read_exact(&mut h)?;
-    let hdr = FrameHeader::parse(&h, max)?;
-    body.resize(hdr.body_bytes(), 0);
-    r.read_exact(body)?;
-    hdr.verify(body)?;
-    Ok(hdr)
-}
-
 fn refuse<W: Write>(w: &mut W, me: &str, why: String) -> Result<()> {
     let reply = HelloReply {
         protocol_version: PROTOCOL_VERSION,
@@ -132,7 +123,7 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
     let max = ctx.cfg.replication.frame_bytes_max;
     let mut reader = BufReader::with_capacity(1 << 20, tls);
     let mut body = Vec::new();
-    let hdr = read_frame(&mut reader, max, &mut body)?;
+    let hdr = ferry_wire::read_frame(&mut reader, max, &mut body)?;
     if hdr.kind != Kind::Hello {
         bail!("expected Hello, got {:?}", hdr.kind);
     }
@@ -223,10 +214,10 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
     control.set_read_timeout(None)?;
     let leftover = reader.buffer().to_vec();
     let rustls::StreamOwned { conn, sock } = reader.into_inner();
-    let wire = Arc::new(ServerWire {
-        conn: Mutex::new(conn),
-        sock_w: Mutex::new(sock.try_clone()?),
-    });
+    let wire = ServerWire {
+        tls: SharedTls::new(conn, &sock)?,
+        ctl: control.try_clone()?,
+    };
     let result = apply_stream(sock, &wire, leftover, &vol, max);
     if let Err(e) = &result {
         let msg = format!("{e:#}");
@@ -248,25 +239,16 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
 }
 
 /// The replica's TLS connection after the handshake, shared by the apply
-/// loop (reads) and whoever sends acknowledgements (the apply loop and the
-/// flusher). `sock_w` is taken before `conn` is let go, so records stay in order.
+/// loop (reads) and whoever sends acknowledgements (the apply loop and the flusher).
 struct ServerWire {
-    conn: Mutex<rustls::ServerConnection>,
-    sock_w: Mutex<TcpStream>,
+    tls: SharedTls,
+    /// To end the link without waiting for a sender.
+    ctl: TcpStream,
 }
 
 impl ServerWire {
     fn send(&self, plain: &[u8]) -> Result<()> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.writer().write_all(plain)?;
-        let mut cipher = Vec::new();
-        while conn.wants_write() {
-            conn.write_tls(&mut cipher)?;
-        }
-        let mut sock = self.sock_w.lock().unwrap_or_else(|p| p.into_inner());
-        drop(conn);
-        sock.write_all(&cipher)?;
-        Ok(())
+        Ok(self.tls.send(plain)?)
     }
 
     fn ack(&self, received: u64, durable: u64) -> Result<()> {
@@ -332,7 +314,7 @@ fn apply_stream(
             let r = flusher(vol, wire, &state);
             if r.is_err() {
                 // Unblock the apply loop's read: the link is over.
-                let _ = sock_shutdown(wire);
+                let _ = wire.ctl.shutdown(Shutdown::Both);
             }
             r
         });
@@ -349,13 +331,6 @@ fn apply_stream(
     })
 }
 
-fn sock_shutdown(wire: &ServerWire) -> std::io::Result<()> {
-    wire.sock_w
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .shutdown(Shutdown::Both)
-}
-
 fn apply_frames(
     sock: &mut TcpStream,
     wire: &ServerWire,
@@ -366,22 +341,12 @@ fn apply_frames(
 ) -> Result<()> {
     let mut plain = leftover;
     let mut raw = vec![0u8; 256 * 1024];
-    let mut tmp = vec![0u8; 256 * 1024];
     loop {
         // Apply every whole frame we have.
         let mut used = 0;
-        while plain.len() - used >= HEADER_BYTES {
-            let h: [u8; HEADER_BYTES] = plain[used..used + HEADER_BYTES]
-                .try_into()
-                .unwrap_or([0; HEADER_BYTES]);
-            let hdr = FrameHeader::parse(&h, max)?;
-            let total = HEADER_BYTES + hdr.body_bytes();
-            if plain.len() - used < total {
-                break;
-            }
-            let payload = hdr.verify(&plain[used + HEADER_BYTES..used + total])?;
+        while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
             apply_one(vol, &hdr, payload, state)?;
-            used += total;
+            used += len;
             if hdr.kind == Kind::Ping {
                 wire.ack(
                     vol.received_seq.load(Ordering::SeqCst),
@@ -403,22 +368,7 @@ fn apply_frames(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e.into()),
         };
-        let mut conn = wire.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut slice = &raw[..n];
-        while !slice.is_empty() {
-            conn.read_tls(&mut slice)?;
-            conn.process_new_packets()
-                .map_err(|e| anyhow!("TLS: {e}"))?;
-            // Drain as we go: rustls bounds the plaintext it holds.
-            loop {
-                match conn.reader().read(&mut tmp) {
-                    Ok(0) => break,
-                    Ok(m) => plain.extend_from_slice(&tmp[..m]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+        wire.tls.open(&raw[..n], &mut plain)?;
     }
 }
 
