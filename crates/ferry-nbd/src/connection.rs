@@ -13,16 +13,24 @@
 //! under the writer lock with a single `writev`. There is no hand-off between
 //! threads on the hot path, replies go out as each request completes (out of
 //! order), and the number of workers — started lazily, when every existing one is
-//! busy — is the connection's in-flight limit, `max_in_flight_per_connection`.
+//! busy — is bounded by the connection's in-flight limit,
+//! `max_in_flight_per_connection`.
+//!
+//! A WRITE may be *deferred* by the device ([`BlockDevice::write_at_deferred`]):
+//! the worker goes back to the socket at once and the device answers later
+//! through a [`Completion`], from whichever thread learns the outcome (say, the
+//! thread reading a replica's acknowledgements, which answers many writes with
+//! one `write`). Deferred writes count against the same in-flight limit, and
+//! the connection ends only once every one of them has been answered.
 //!
 //! The code is generic over `Read`/`Write`, so the fuzz target drives the real
 //! connection logic over in-memory buffers.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crate::device::{Allocation, BlockDevice};
+use crate::device::{Allocation, BlockDevice, Completion, Responder};
 use crate::handshake::{
     greeting, ExportInfo, HandshakeError, NegotiationLimits, Negotiator, Session, Step,
 };
@@ -151,9 +159,68 @@ fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::
     Ok(())
 }
 
+/// The reply side of a connection, shared with deferred completions.
+struct Replies<W> {
+    writer: Mutex<W>,
+    /// Requests read and not answered yet (deferred ones included).
+    in_flight: AtomicUsize,
+    /// Threads waiting on `settled` for `deferred` to go down.
+    waiters: AtomicUsize,
+    wait_lock: Mutex<()>,
+    settled: Condvar,
+}
+
+impl<W> Replies<W> {
+    /// Blocks while more than `max` requests are unanswered.
+    fn wait_at_most(&self, max: usize) {
+        if self.in_flight.load(Ordering::SeqCst) <= max {
+            return;
+        }
+        let mut g = lock(&self.wait_lock);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        while self.in_flight.load(Ordering::SeqCst) > max {
+            g = self.settled.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// `n` requests were answered.
+    fn answered(&self, n: usize) {
+        self.in_flight.fetch_sub(n, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = lock(&self.wait_lock);
+            self.settled.notify_all();
+        }
+    }
+}
+
+impl<W: Write + Send> Responder for Replies<W> {
+    fn respond(&self, replies: &[(u64, io::Result<()>)]) {
+        let mut out = Vec::with_capacity(replies.len() * SIMPLE_REPLY_BYTES);
+        for (cookie, result) in replies {
+            let code = match result {
+                Ok(()) => 0,
+                Err(e) => {
+                    let errno = Errno::from_io(e);
+                    tracing::warn!(cookie, error = %e, errno = errno.code(), "nbd.request.failed");
+                    errno.code()
+                }
+            };
+            out.extend_from_slice(&simple_reply(*cookie, code));
+        }
+        // A failed write means the client is gone; its reader sees that too.
+        if let Err(e) = lock(&self.writer).write_all(&out) {
+            tracing::debug!(error = %e, "nbd.reply.lost");
+        }
+        self.answered(replies.len());
+    }
+}
+
 struct Shared<'a, R, W> {
     reader: Mutex<R>,
-    writer: Mutex<W>,
+    replies: Arc<Replies<W>>,
+    /// `replies`, as deferred completions see it.
+    responder: Arc<dyn Responder>,
     closing: AtomicBool,
     /// Workers waiting for the reader lock.
     idle: AtomicUsize,
@@ -208,11 +275,19 @@ pub fn transmission<R, W>(
 ) -> Result<Ending, ConnectionError>
 where
     R: Read + Send,
-    W: Write + Send,
+    W: Write + Send + 'static,
 {
+    let replies = Arc::new(Replies {
+        writer: Mutex::new(writer),
+        in_flight: AtomicUsize::new(0),
+        waiters: AtomicUsize::new(0),
+        wait_lock: Mutex::new(()),
+        settled: Condvar::new(),
+    });
     let shared = Shared {
         reader: Mutex::new(reader),
-        writer: Mutex::new(writer),
+        replies: replies.clone(),
+        responder: replies,
         closing: AtomicBool::new(false),
         idle: AtomicUsize::new(0),
         workers: AtomicUsize::new(1),
@@ -229,6 +304,8 @@ where
         limits: *limits,
     };
     std::thread::scope(|scope| worker(scope, &shared));
+    // Every request (deferred ones too) is answered before the connection ends.
+    shared.replies.wait_at_most(0);
     if let Some(e) = shared
         .failure
         .into_inner()
@@ -263,7 +340,16 @@ fn worker<'scope, 'env, R, W>(
             if shared.closing.load(Ordering::SeqCst) {
                 return;
             }
+            // The in-flight limit counts requests until they are answered,
+            // deferred ones included; only the reader-lock holder takes one.
+            shared
+                .replies
+                .wait_at_most(shared.limits.max_in_flight_per_connection.saturating_sub(1));
             let incoming = read_request(&mut *reader, &shared.ctx, &mut buf);
+            if matches!(&incoming, Ok(Some(i)) if !matches!(i, Incoming::Run { cmd: Command::Disconnect, .. }))
+            {
+                shared.replies.in_flight.fetch_add(1, Ordering::SeqCst);
+            }
             // Decide about the end of the stream while still holding the reader,
             // so no other worker starts a read that nothing will ever answer.
             if !matches!(incoming, Ok(Some(Incoming::Run { cmd, .. })) if cmd != Command::Disconnect)
@@ -316,11 +402,14 @@ fn worker<'scope, 'env, R, W>(
                 cookie,
                 errno,
                 read,
-            } => reply_error(shared, cookie, errno, read),
+            } => reply_error(shared, cookie, errno, read).map(|()| false),
             Incoming::Run { cookie, cmd } => {
                 execute(shared, cookie, cmd, &mut buf, &mut runs, &mut status)
             }
         };
+        if !matches!(result, Ok(true)) {
+            shared.replies.answered(1);
+        }
         if let Err(e) = result {
             shared.fail(e.into());
             return;
@@ -385,7 +474,7 @@ fn execute<R, W: Write>(
     buf: &mut Vec<u8>,
     runs: &mut Vec<Allocation>,
     status: &mut Vec<u8>,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let dev = shared.device;
     let outcome = match cmd {
         Command::Read { offset, length } => {
@@ -394,7 +483,7 @@ fn execute<R, W: Write>(
                 buf.resize(len, 0);
             }
             match dev.read_at(&mut buf[..len], offset) {
-                Ok(()) => return reply_read(shared, cookie, offset, &buf[..len]),
+                Ok(()) => return reply_read(shared, cookie, offset, &buf[..len]).map(|()| false),
                 Err(e) => Err(e),
             }
         }
@@ -402,7 +491,11 @@ fn execute<R, W: Write>(
             offset,
             length,
             fua,
-        } => dev.write_at(&buf[..length as usize], offset, fua),
+        } => {
+            let done = Completion::new(shared.responder.clone(), cookie);
+            dev.write_at_deferred(&buf[..length as usize], offset, fua, done);
+            return Ok(true);
+        }
         Command::Flush => dev.flush(),
         Command::Trim {
             offset,
@@ -428,7 +521,9 @@ fn execute<R, W: Write>(
                 shared.limits.block_status_runs_max
             };
             match dev.block_status(offset, u64::from(length), max, runs) {
-                Ok(()) => return reply_block_status(shared, cookie, length, runs, status),
+                Ok(()) => {
+                    return reply_block_status(shared, cookie, length, runs, status).map(|()| false)
+                }
                 Err(e) => Err(e),
             }
         }
@@ -442,10 +537,11 @@ fn execute<R, W: Write>(
             reply_error(shared, cookie, errno, matches!(cmd, Command::Read { .. }))
         }
     }
+    .map(|()| false)
 }
 
 fn reply_ok<R, W: Write>(shared: &Shared<'_, R, W>, cookie: u64) -> io::Result<()> {
-    lock(&shared.writer).write_all(&simple_reply(cookie, 0))
+    lock(&shared.replies.writer).write_all(&simple_reply(cookie, 0))
 }
 
 fn reply_error<R, W: Write>(
@@ -454,7 +550,7 @@ fn reply_error<R, W: Write>(
     errno: Errno,
     is_read: bool,
 ) -> io::Result<()> {
-    let mut w = lock(&shared.writer);
+    let mut w = lock(&shared.replies.writer);
     if shared.ctx.session.structured_replies && is_read {
         // A READ under structured replies must answer with chunks.
         let mut b = [0u8; 26];
@@ -473,7 +569,7 @@ fn reply_read<R, W: Write>(
     offset: u64,
     data: &[u8],
 ) -> io::Result<()> {
-    let mut w = lock(&shared.writer);
+    let mut w = lock(&shared.replies.writer);
     if shared.ctx.session.structured_replies {
         // data.len() <= max_request_bytes < 2^32 - 8, checked by validation.
         let len = (data.len() + 8) as u32;
@@ -520,6 +616,6 @@ fn reply_block_status<R, W: Write>(
         REPLY_TYPE_BLOCK_STATUS,
         payload.len() as u32,
     );
-    let mut w = lock(&shared.writer);
+    let mut w = lock(&shared.replies.writer);
     write_all_vectored(&mut *w, &mut [IoSlice::new(&hdr), IoSlice::new(payload)])
 }

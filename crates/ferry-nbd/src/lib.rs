@@ -15,6 +15,6 @@ pub mod server;
 pub mod transmission;
 
 pub use connection::ConnectionLimits;
-pub use device::{Allocation, BlockDevice, FileDevice, MemDevice, ZeroMode};
+pub use device::{Allocation, BlockDevice, Completion, FileDevice, MemDevice, Responder, ZeroMode};
 pub use handshake::{ExportInfo, NegotiationLimits};
 pub use server::{Export, ListenAddr, Listener, Server, ServerError, ServerLimits};

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use ferry_nbd::device::{Allocation, BlockDevice, MemDevice, ZeroMode};
+use ferry_nbd::device::{Allocation, BlockDevice, Completion, MemDevice, ZeroMode};
 use ferry_nbd::{ConnectionLimits, Export, ListenAddr, Listener, Server, ServerLimits};
 
 /// Holds every read until `open()` is called; counts reads running at once.
@@ -76,7 +76,7 @@ impl BlockDevice for Gate {
     }
 }
 
-fn serve(dev: Arc<Gate>, max_in_flight: usize) -> (Server, String) {
+fn serve(dev: Arc<dyn BlockDevice>, max_in_flight: usize) -> (Server, String) {
     let server = Server::new(
         vec![Export {
             name: "g".into(),
@@ -232,5 +232,137 @@ fn disconnect_after_pipelined_requests_always_closes() {
             "round {round}: server kept the connection open"
         );
     }
+    server.shutdown();
+}
+
+/// Writes at once, answers only when the test says so (as a replicated
+/// volume answers when its peer acknowledges).
+struct Deferring {
+    inner: MemDevice,
+    held: Mutex<Vec<Completion>>,
+}
+
+impl BlockDevice for Deferring {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
+        match self.inner.write_at(buf, offset, fua) {
+            Ok(()) => self.held.lock().unwrap().push(done),
+            Err(e) => done.complete(Err(e)),
+        }
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.trim(offset, length, fua)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode, fua: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l, m, fua)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        max_runs: usize,
+        out: &mut Vec<Allocation>,
+    ) -> std::io::Result<()> {
+        self.inner.block_status(offset, length, max_runs, out)
+    }
+}
+
+impl Deferring {
+    fn wait_held(&self, n: usize) {
+        for _ in 0..500 {
+            if self.held.lock().unwrap().len() >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("never held {n} writes");
+    }
+    fn take(&self) -> Vec<Completion> {
+        std::mem::take(&mut *self.held.lock().unwrap())
+    }
+}
+
+fn nothing_arrives(s: &mut TcpStream) {
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let r = s.read(&mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "expected silence, got {r:?}"
+    );
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+}
+
+#[test]
+fn deferred_writes_are_answered_later_bounded_and_before_the_end() {
+    let dev = Arc::new(Deferring {
+        inner: MemDevice::new(1 << 20),
+        held: Mutex::new(Vec::new()),
+    });
+    let (server, addr) = serve(dev.clone(), 4);
+    let mut s = connect(&addr);
+    for cookie in 0..20u64 {
+        request(&mut s, 1, cookie, cookie * 8, 8, &cookie.to_be_bytes());
+    }
+    // Deferred writes count against the in-flight limit: four held, no reply.
+    dev.wait_held(4);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(dev.held.lock().unwrap().len(), 4);
+    nothing_arrives(&mut s);
+    // Answer them in batches, from this thread; the next ones come in.
+    let mut answered = Vec::new();
+    while answered.len() < 19 {
+        let batch = dev.take();
+        let n = batch.len();
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        let mut items: Vec<_> = batch.into_iter().map(|c| (c, Ok(()))).collect();
+        if answered.len() + n >= 20 {
+            // The last one fails: its reply carries the error.
+            let (c, _) = items.pop().unwrap();
+            items.push((c, Err(std::io::Error::from_raw_os_error(28))));
+        }
+        Completion::complete_batch(items);
+        for _ in 0..n {
+            answered.push(reply(&mut s, 0));
+        }
+    }
+    let errors: Vec<_> = answered.iter().filter(|(e, _)| *e != 0).collect();
+    assert!(
+        answered.len() == 20 && errors.len() == 1 && errors[0].0 == 28,
+        "{answered:?}"
+    );
+    let mut cookies: Vec<u64> = answered.iter().map(|a| a.1).collect();
+    cookies.sort();
+    assert_eq!(cookies, (0..20).collect::<Vec<_>>());
+    // Every write reached the device.
+    let mut b = [0u8; 8];
+    dev.inner.read_at(&mut b, 19 * 8).unwrap();
+    assert_eq!(u64::from_be_bytes(b), 19);
+
+    // DISC while a write is held: the reply still comes, then the end.
+    request(&mut s, 1, 50, 0, 8, &[7; 8]);
+    dev.wait_held(1);
+    request(&mut s, 2, 51, 0, 0, &[]);
+    nothing_arrives(&mut s);
+    // A completion dropped unanswered answers EIO rather than hanging the client.
+    drop(dev.take());
+    assert_eq!(reply(&mut s, 0), (5, 50));
+    let mut end = [0u8; 1];
+    assert_eq!(s.read(&mut end).unwrap_or(1), 0, "connection kept open");
     server.shutdown();
 }

@@ -8,15 +8,19 @@
 //! inside `0..size()`: the server checks them before calling.
 //!
 //! Later layers (replication, snapshots) are `BlockDevice`s that wrap another one,
-//! which is why the trait is small and synchronous: a wrapper blocks its caller
-//! until the replica has answered, and the server's per-connection worker pool
-//! keeps many such calls in flight.
+//! which is why the trait is small and mostly synchronous. The one exception is
+//! [`BlockDevice::write_at_deferred`]: a wrapper that must wait for something
+//! else (a replica's acknowledgement) before a write is done answers later
+//! through a [`Completion`], so the worker that read the request is not parked
+//! for the round trip.
 
 use std::io;
 
+mod completion;
 mod file;
 mod mem;
 
+pub use completion::{Completion, Responder};
 pub use file::FileDevice;
 pub use mem::MemDevice;
 
@@ -64,6 +68,13 @@ pub trait BlockDevice: Send + Sync {
     /// Writes `buf` at `offset`; with `fua`, durable before returning.
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()>;
 
+    /// Like [`BlockDevice::write_at`], answering through `done`, possibly later
+    /// and from another thread. `buf` is only borrowed for the call. The default
+    /// answers at once.
+    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
+        done.complete(self.write_at(buf, offset, fua));
+    }
+
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> io::Result<()>;
 
@@ -99,6 +110,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         (**self).write_at(buf, offset, fua)
+    }
+    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
+        (**self).write_at_deferred(buf, offset, fua, done)
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()

@@ -442,7 +442,7 @@ impl AgentCtx {
         for v in self.primaries() {
             v.link.lock().stop = true;
             v.link.copier.notify_all();
-            v.link.disconnected(None);
+            v.link_down(None);
             if let Err(e) = v.save_dirty_map(true) {
                 tracing::error!(volume = %v.name, error = %e, "volume.dirty_map.save_failed");
             }

@@ -146,7 +146,7 @@ pub fn run(vol: Arc<PrimaryVolume>, ctx: Arc<AgentCtx>) {
             (l.stop, l.peer.clone())
         };
         let Some(peer) = peer.filter(|_| !stop) else {
-            vol.link.disconnected(None);
+            vol.link_down(None);
             return;
         };
         let result = connect_and_serve(&vol, &ctx, &peer, &mut backoff_ms);
@@ -154,7 +154,7 @@ pub fn run(vol: Arc<PrimaryVolume>, ctx: Arc<AgentCtx>) {
         if let Some(m) = &msg {
             tracing::warn!(volume = %vol.name, %peer, error = %m, "replication.link.down");
         }
-        vol.link.disconnected(msg);
+        vol.link_down(msg);
         if let Err(e) = vol.save_dirty_map(true) {
             tracing::error!(volume = %vol.name, error = %e, "replication.dirty_map.save_failed");
         }
@@ -406,7 +406,9 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
             .current();
         l = vol.link.lock();
         if l.rep.phase() != Phase::Streaming || l.announced_up_to_date {
-            vol.link.wake_acked(&mut l);
+            let done = vol.link.wake_acked(&mut l);
+            drop(l);
+            vol.finish_confirmed(done);
             return;
         }
         if let Some(seq) = l.rep.on_flush(now) {
@@ -418,7 +420,8 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
             tracing::info!(volume = %vol.name, "replication.resync.done: peer up to date");
         }
     }
-    vol.link.wake_acked(&mut l);
+    let done = vol.link.wake_acked(&mut l);
     drop(l);
+    vol.finish_confirmed(done);
     vol.link.copier.notify_all();
 }

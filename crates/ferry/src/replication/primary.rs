@@ -9,6 +9,9 @@
 //! 4. hand it to the [`Replicator`] under the link lock, which sequences it and
 //!    queues its frame (or marks it dirty when the peer is away or behind);
 //! 5. in sync mode, wait until the peer has received it (FUA: made it durable);
+//!    an NBD WRITE does not park its worker for this: it is *deferred*
+//!    ([`BlockDevice::write_at_deferred`]) and answered by the link's ack reader,
+//!    which answers every write an acknowledgement covers with one socket write;
 //! 6. if it could not reach the peer, make sure a new generation is recorded
 //!    before answering (DESIGN: a node persists a new generation before the
 //!    first write it acknowledges while its peer is disconnected).
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use ferry_core::link::{CopyTask, LinkConfig, Mode, WriteDecision};
 use ferry_core::{DirtyMap, Extent, Replicator};
-use ferry_nbd::device::{Allocation, BlockDevice, FileDevice, ZeroMode};
+use ferry_nbd::device::{Allocation, BlockDevice, Completion, FileDevice, ZeroMode};
 
 use super::meta::{MetaFile, AL_EXTENT_SHIFT};
 use crate::agent::config::ReplicationSettings;
@@ -71,6 +74,24 @@ impl Out {
     pub const ZERO_WIRE_BYTES: u64 = (ferry_wire::HEADER_BYTES + 8 + 4) as u64;
 }
 
+/// An NBD write waiting for the peer's acknowledgement of frame `seq`.
+#[derive(Debug)]
+pub struct Deferred {
+    pub epoch: u64,
+    pub seq: u64,
+    pub durable: bool,
+    pub started: Instant,
+    pub done: Completion,
+}
+
+/// How far a write got before it needs the peer.
+enum Begun {
+    /// Nothing to wait for; `true` when the peer has (or will get) it in order.
+    Answered(bool),
+    /// Wait for frame `seq` of connection `epoch` (`durable`: made durable).
+    Wait { epoch: u64, seq: u64, durable: bool },
+}
+
 /// Counters and the last error of a link, for status and metrics.
 #[derive(Debug, Default, Clone)]
 pub struct LinkStats {
@@ -105,6 +126,8 @@ pub struct LinkInner {
     pub checksum_baseline: bool,
     /// Writers waiting for an acknowledgement: (seq, durable?, thread to unpark).
     pub waiters: Vec<(u64, bool, std::thread::Thread)>,
+    /// Deferred NBD writes waiting for an acknowledgement.
+    pub deferred: Vec<Deferred>,
     /// A link task is running for this volume.
     pub task_running: bool,
     /// The live connection to the peer, if any.
@@ -192,8 +215,11 @@ impl Link {
         }
     }
 
-    /// The link is gone: unconfirmed extents to the dirty map, waiters released.
-    pub fn disconnected(&self, error: Option<String>) {
+    /// The link is gone: unconfirmed extents to the dirty map, waiters
+    /// released. Returns the deferred writes it did not confirm, for
+    /// [`PrimaryVolume::finish_unconfirmed`].
+    #[must_use]
+    pub fn disconnected(&self, error: Option<String>) -> Vec<Deferred> {
         let mut l = self.lock();
         l.rep.on_disconnect();
         l.queue.clear();
@@ -208,8 +234,10 @@ impl Link {
         for (_, _, t) in l.waiters.drain(..) {
             t.unpark();
         }
+        let unconfirmed = std::mem::take(&mut l.deferred);
         drop(l);
         self.copier.notify_all();
+        unconfirmed
     }
 
     /// Blocks until the peer has received (or, with `durable`, made durable)
@@ -239,9 +267,28 @@ impl Link {
         }
     }
 
-    /// Wakes the writers whose acknowledgement has arrived.
-    pub fn wake_acked(&self, l: &mut LinkInner) {
+    /// Wakes the writers whose acknowledgement has arrived, and returns the
+    /// deferred writes it confirmed (to answer once the lock is released).
+    #[must_use]
+    pub fn wake_acked(&self, l: &mut LinkInner) -> Vec<Deferred> {
         let epoch = l.rep.epoch();
+        let mut confirmed = Vec::new();
+        let mut i = 0;
+        while i < l.deferred.len() {
+            let d = &l.deferred[i];
+            let done = if d.durable {
+                l.rep.is_durable(d.epoch, d.seq)
+            } else {
+                l.rep.is_received(d.epoch, d.seq)
+            };
+            if done && d.epoch == epoch {
+                confirmed.push(l.deferred.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        // Answer in stream order.
+        confirmed.sort_unstable_by_key(|d| d.seq);
         let mut i = 0;
         while i < l.waiters.len() {
             let (seq, durable, _) = l.waiters[i];
@@ -256,6 +303,7 @@ impl Link {
                 i += 1;
             }
         }
+        confirmed
     }
 }
 
@@ -386,6 +434,7 @@ impl PrimaryVolume {
                     stats: LinkStats::default(),
                     stop: false,
                     waiters: Vec::new(),
+                    deferred: Vec::new(),
                     checksum_baseline: false,
                     wire: None,
                     task_running: false,
@@ -490,20 +539,89 @@ impl PrimaryVolume {
         fua: bool,
     ) -> io::Result<()> {
         let started = Instant::now();
-        let result = self.write_inner(extent, local, wire, out, fua);
+        let result = self
+            .write_begin(extent, local, wire, out, fua)
+            .and_then(|b| match b {
+                Begun::Answered(confirmed) => self.answer(confirmed),
+                Begun::Wait {
+                    epoch,
+                    seq,
+                    durable,
+                } => {
+                    let mut l = self.link.lock();
+                    l = self.link.wait_for(l, epoch, seq, durable);
+                    let confirmed = l.rep.epoch() == epoch;
+                    drop(l);
+                    self.answer(confirmed)
+                }
+            });
         self.write_latency
             .record(started.elapsed().as_micros() as u64);
         result
     }
 
-    fn write_inner(
+    /// The result of a write that got as far as it will: a write the peer did
+    /// not confirm is acknowledged only once a new generation is recorded.
+    fn answer(&self, confirmed: bool) -> io::Result<()> {
+        if confirmed {
+            Ok(())
+        } else {
+            self.ensure_generation_bumped()
+        }
+    }
+
+    /// Answers deferred writes the peer confirmed.
+    pub fn finish_confirmed(&self, done: Vec<Deferred>) {
+        if done.is_empty() {
+            return;
+        }
+        let batch = done
+            .into_iter()
+            .map(|d| {
+                self.write_latency
+                    .record(d.started.elapsed().as_micros() as u64);
+                (d.done, Ok(()))
+            })
+            .collect();
+        Completion::complete_batch(batch);
+    }
+
+    /// Answers deferred writes the link dropped: a new generation first.
+    pub fn finish_unconfirmed(&self, pending: Vec<Deferred>) {
+        if pending.is_empty() {
+            return;
+        }
+        let result = self.ensure_generation_bumped();
+        let batch = pending
+            .into_iter()
+            .map(|d| {
+                self.write_latency
+                    .record(d.started.elapsed().as_micros() as u64);
+                let r = match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                };
+                (d.done, r)
+            })
+            .collect();
+        Completion::complete_batch(batch);
+    }
+
+    /// The link is gone (or stopped): see [`Link::disconnected`].
+    pub fn link_down(&self, error: Option<String>) {
+        let pending = self.link.disconnected(error);
+        self.finish_unconfirmed(pending);
+    }
+
+    /// Steps 1–4 of a write (see the module documentation).
+    fn write_begin(
         &self,
         extent: Extent,
         local: impl FnOnce() -> io::Result<()>,
         wire: u64,
         out: impl FnOnce(u64) -> Out,
         fua: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<Begun> {
         let guard = self.overlap.acquire(extent);
         self.activity_log(extent)?;
         local()?;
@@ -534,7 +652,11 @@ impl PrimaryVolume {
                 }
                 self.link.maybe_flush(&mut l, now);
                 if w {
-                    wait = Some((l.rep.epoch(), target));
+                    wait = Some(Begun::Wait {
+                        epoch: l.rep.epoch(),
+                        seq: target.0,
+                        durable: target.1,
+                    });
                 }
             }
             WriteDecision::Overflow => {
@@ -546,19 +668,10 @@ impl PrimaryVolume {
         drop(guard);
         drop(l);
         self.link.pump();
-        let mut l = self.link.lock();
-        let confirmed = match wait {
-            Some((epoch, (seq, durable))) => {
-                l = self.link.wait_for(l, epoch, seq, durable);
-                l.rep.epoch() == epoch
-            }
-            None => matches!(decision, WriteDecision::Stream { .. }),
-        };
-        drop(l);
-        if !confirmed {
-            self.ensure_generation_bumped()?;
-        }
-        Ok(())
+        Ok(wait.unwrap_or(Begun::Answered(matches!(
+            decision,
+            WriteDecision::Stream { .. }
+        ))))
     }
 
     /// Starts the background copier thread (once).
@@ -720,6 +833,59 @@ impl BlockDevice for PrimaryVolume {
             },
             fua,
         )
+    }
+
+    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
+        let started = Instant::now();
+        let e = Extent {
+            offset,
+            length: buf.len() as u64,
+        };
+        let begun = self.write_begin(
+            e,
+            || self.local.write_at(buf, offset, false),
+            Out::data_wire_bytes(buf.len()),
+            |seq| Out::Data {
+                kind: ferry_wire::Kind::Write,
+                seq,
+                offset,
+                data: buf.to_vec(),
+            },
+            fua,
+        );
+        let result = match begun {
+            Err(e) => Err(e),
+            Ok(Begun::Answered(confirmed)) => self.answer(confirmed),
+            Ok(Begun::Wait {
+                epoch,
+                seq,
+                durable,
+            }) => {
+                let mut l = self.link.lock();
+                let arrived = if durable {
+                    l.rep.is_durable(epoch, seq)
+                } else {
+                    l.rep.is_received(epoch, seq)
+                };
+                if !arrived {
+                    // The ack reader answers it (or the link's end does).
+                    l.deferred.push(Deferred {
+                        epoch,
+                        seq,
+                        durable,
+                        started,
+                        done,
+                    });
+                    return;
+                }
+                let confirmed = l.rep.epoch() == epoch;
+                drop(l);
+                self.answer(confirmed)
+            }
+        };
+        self.write_latency
+            .record(started.elapsed().as_micros() as u64);
+        done.complete(result);
     }
 
     fn flush(&self) -> io::Result<()> {
