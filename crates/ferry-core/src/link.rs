@@ -74,8 +74,8 @@ impl Default for LinkConfig {
             peer_ack_timeout_ms: 5_000,
             copies_in_flight_max: 8,
             unconfirmed_extents_max: 65_536,
-            flush_interval_ms: 2_000,
-            flush_bytes: 64 * 1024 * 1024,
+            flush_interval_ms: 5_000,
+            flush_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -183,6 +183,10 @@ pub struct Replicator {
     last_copy_seq: u64,
     /// When the oldest acknowledgement became due (first unacked frame sent).
     ack_due_since_ms: Option<u64>,
+    /// A resync made the peer equal, but it does not know yet: it is
+    /// consistent once the flush announcing it (`announce_seq`) is durable.
+    announce_wait: bool,
+    announce_seq: Option<u64>,
 }
 
 impl Replicator {
@@ -208,6 +212,8 @@ impl Replicator {
             flush_sent_ms: 0,
             last_copy_seq: 0,
             ack_due_since_ms: None,
+            announce_wait: false,
+            announce_seq: None,
         }
     }
 
@@ -288,6 +294,8 @@ impl Replicator {
         self.flush_seq = 0;
         self.last_copy_seq = 0;
         self.ack_due_since_ms = None;
+        self.announce_wait = false;
+        self.announce_seq = None;
     }
 
     fn connected(&self) -> bool {
@@ -407,7 +415,19 @@ impl Replicator {
         }
         // Still waiting for something: the timer restarts from this sign of life.
         self.ack_due_since_ms = (received < sent || durable < self.flush_seq).then_some(now_ms);
+        if self.announce_wait && self.announce_seq.is_some_and(|s| durable >= s) {
+            self.announce_wait = false;
+            self.peer_consistent = true;
+        }
         self.maybe_streaming(now_ms);
+    }
+
+    /// Sequences the flush that tells the peer it is up to date (the edge
+    /// flags it); the peer counts as up to date once that flush is durable.
+    pub fn announce_up_to_date(&mut self, now_ms: u64) -> Option<u64> {
+        let seq = self.on_flush(now_ms)?;
+        self.announce_seq = Some(seq);
+        Some(seq)
     }
 
     /// The dirty map plus every block being copied or written and not yet
@@ -502,7 +522,9 @@ impl Replicator {
         {
             self.phase = Phase::Streaming;
             self.behind = false;
-            self.peer_consistent = true;
+            if !self.peer_consistent {
+                self.announce_wait = true;
+            }
         }
     }
 
@@ -518,7 +540,7 @@ impl Replicator {
     /// The peer's state as this side knows it.
     pub fn replica_state(&self) -> ReplicaState {
         match self.phase {
-            Phase::Streaming if !self.behind => ReplicaState::UpToDate,
+            Phase::Streaming if !self.behind && !self.announce_wait => ReplicaState::UpToDate,
             _ if !self.peer_consistent => ReplicaState::Inconsistent,
             Phase::Resyncing => ReplicaState::Inconsistent,
             _ if self.dirty.is_clean() && self.unconfirmed.is_empty() => ReplicaState::UpToDate,
@@ -660,6 +682,12 @@ mod tests {
             let s = r.copy_ready(t, G, 1).unwrap();
             r.on_ack(s, 0, 1);
         }
+        // Caught up, but the peer is told so by a flush: up to date once it is durable.
+        assert_eq!(r.replica_state(), ReplicaState::Inconsistent);
+        let a = r.announce_up_to_date(1).unwrap();
+        r.on_ack(a, a - 1, 1);
+        assert_eq!(r.replica_state(), ReplicaState::Inconsistent);
+        r.on_ack(a, a, 1);
         assert_eq!(r.replica_state(), ReplicaState::UpToDate);
         assert!(matches!(
             r.on_write(ext(0), G, 2),
@@ -867,7 +895,7 @@ mod tests {
                         None => {}
                     }
                 }
-                let f = r.on_flush(now).unwrap();
+                let f = r.announce_up_to_date(now).unwrap();
                 r.on_ack(f, f, now);
                 prop_assert_eq!(peer, ver);
                 prop_assert_eq!(r.replica_state(), ReplicaState::UpToDate);

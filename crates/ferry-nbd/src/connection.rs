@@ -55,7 +55,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         ConnectionLimits {
             max_request_bytes: 32 * 1024 * 1024,
-            max_in_flight_per_connection: 16,
+            max_in_flight_per_connection: 64,
             block_status_runs_max: 1024,
             buffer_retain_bytes: 4 * 1024 * 1024,
             negotiation: NegotiationLimits::default(),

@@ -248,7 +248,7 @@ pub struct ExportLimitArgs {
     #[arg(long, default_value = "32MiB")]
     pub max_request_bytes: ByteSize,
     /// Requests served at once on one connection.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 64)]
     pub max_in_flight_per_connection: usize,
     /// Connections served at once; more are closed on accept.
     #[arg(long, default_value_t = 64)]

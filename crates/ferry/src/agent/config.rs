@@ -15,8 +15,14 @@
 //! copies_in_flight_max = 32
 //! reconnect_backoff_max_ms = 5000
 //! al_extents_max = 256
-//! link_flush_interval_ms = 2000
-//! link_flush_bytes = 67108864
+//! link_flush_interval_ms = 5000
+//! link_flush_bytes = 268435456
+//!
+//! [nbd]                                # all optional; defaults shown
+//! max_connections = 64
+//! max_in_flight_per_connection = 64
+//! max_request_bytes = 33554432
+//! handshake_timeout_ms = 10000
 //! ```
 //!
 //! Unknown keys are errors (a typo must not silently fall back to a default),
@@ -49,6 +55,50 @@ pub struct AgentConfig {
     pub nbd_listen: String,
     #[serde(default)]
     pub replication: ReplicationSettings,
+    #[serde(default)]
+    pub nbd: NbdSettings,
+}
+
+/// Limits of the node's NBD server, each with its unit in its name.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdSettings {
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Requests read and not yet answered on one connection (writes waiting
+    /// for a replica's acknowledgement included).
+    pub max_in_flight_per_connection: usize,
+    /// Largest single read or write (also the advertised maximum block size).
+    pub max_request_bytes: u32,
+    /// A client must pick an export within this time after connecting.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for NbdSettings {
+    fn default() -> Self {
+        let d = ferry_nbd::ServerLimits::default();
+        NbdSettings {
+            max_connections: d.max_connections,
+            max_in_flight_per_connection: d.connection.max_in_flight_per_connection,
+            max_request_bytes: d.connection.max_request_bytes,
+            handshake_timeout_ms: d.handshake_timeout_ms,
+        }
+    }
+}
+
+impl NbdSettings {
+    pub fn to_limits(self) -> ferry_nbd::ServerLimits {
+        let d = ferry_nbd::ServerLimits::default();
+        ferry_nbd::ServerLimits {
+            max_connections: self.max_connections,
+            handshake_timeout_ms: self.handshake_timeout_ms,
+            connection: ferry_nbd::ConnectionLimits {
+                max_in_flight_per_connection: self.max_in_flight_per_connection,
+                max_request_bytes: self.max_request_bytes,
+                ..d.connection
+            },
+        }
+    }
 }
 
 /// Limits of replication links, each with its unit in its name.
@@ -86,8 +136,8 @@ impl Default for ReplicationSettings {
             copies_in_flight_max: 32,
             reconnect_backoff_max_ms: 5_000,
             al_extents_max: 256,
-            link_flush_interval_ms: 2_000,
-            link_flush_bytes: 64 * 1024 * 1024,
+            link_flush_interval_ms: 5_000,
+            link_flush_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -124,6 +174,16 @@ impl AgentConfig {
             .map_err(|e| format!("key `replication.granularity_bytes`: {e}"))?;
         if r.frame_bytes_max < 1024 * 1024 {
             return Err("key `replication.frame_bytes_max`: must be at least 1 MiB".into());
+        }
+        let n = &self.nbd;
+        if n.max_connections == 0 || n.max_in_flight_per_connection == 0 {
+            return Err(
+                "keys `nbd.max_connections` and `nbd.max_in_flight_per_connection` must be at least 1"
+                    .into(),
+            );
+        }
+        if !(4096..=(1 << 30)).contains(&n.max_request_bytes) {
+            return Err("key `nbd.max_request_bytes`: must be between 4 KiB and 1 GiB".into());
         }
         if r.copies_in_flight_max == 0 || r.al_extents_max == 0 {
             return Err(

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_core::link::Mode;
 use ferry_core::DirtyMap;
-use ferry_nbd::{Export, FileDevice, ListenAddr, Listener, Server, ServerLimits};
+use ferry_nbd::{Export, FileDevice, ListenAddr, Listener, Server};
 
 use crate::replication::meta::{self, MetaFile, MetaState, Role, AL_EXTENT_SHIFT};
 use crate::replication::primary::PrimaryVolume;
@@ -490,7 +490,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         .enable_all()
         .thread_name("ferry-rt")
         .build()?;
-    let nbd = Server::new(vec![], ServerLimits::default())?;
+    let nbd = Server::new(vec![], cfg.nbd.to_limits())?;
     let nbd_addr: ListenAddr = cfg.nbd_listen.parse()?;
     let nbd_listener = Listener::bind(&nbd_addr)?;
     let nbd_uri_base = nbd_listener.local_addr().clone();

@@ -411,7 +411,7 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
             vol.finish_confirmed(done);
             return;
         }
-        if let Some(seq) = l.rep.on_flush(now) {
+        if let Some(seq) = l.rep.announce_up_to_date(now) {
             l.queue.push_back(Out::Flush {
                 seq,
                 up_to_date_generation: Some(g),
@@ -421,7 +421,11 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
         }
     }
     let done = vol.link.wake_acked(&mut l);
+    // The copier has nothing to gain from an ack when no block is dirty.
+    let copier_work = l.rep.dirty_map().dirty_blocks() > 0;
     drop(l);
     vol.finish_confirmed(done);
-    vol.link.copier.notify_all();
+    if copier_work {
+        vol.link.copier.notify_all();
+    }
 }

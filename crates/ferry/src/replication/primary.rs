@@ -313,6 +313,9 @@ struct Overlap {
     ranges: Mutex<Vec<(u64, u64, u64)>>,
     cv: Condvar,
     next_id: std::sync::atomic::AtomicU64,
+    /// Writers waiting on `cv` (guarded by `ranges`): a notify is a syscall,
+    /// so it is made only when someone waits.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 struct OverlapGuard<'a> {
@@ -325,7 +328,9 @@ impl Overlap {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
         while r.iter().any(|&(_, s, end)| s < e.end() && e.offset < end) {
+            self.waiting.fetch_add(1, Ordering::Relaxed);
             r = self.cv.wait(r).unwrap_or_else(|p| p.into_inner());
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         r.push((id, e.offset, e.end()));
         OverlapGuard { o: self, id }
@@ -341,8 +346,11 @@ impl Drop for OverlapGuard<'_> {
     fn drop(&mut self) {
         let mut r = self.o.ranges.lock().unwrap_or_else(|p| p.into_inner());
         r.retain(|&(id, _, _)| id != self.id);
+        let waiting = self.o.waiting.load(Ordering::Relaxed) > 0;
         drop(r);
-        self.o.cv.notify_all();
+        if waiting {
+            self.o.cv.notify_all();
+        }
     }
 }
 

@@ -341,27 +341,32 @@ fn apply_frames(
 ) -> Result<()> {
     let mut plain = leftover;
     let mut raw = vec![0u8; 256 * 1024];
+    let mut frames: Vec<(FrameHeader, usize, usize)> = Vec::new();
     loop {
-        // Apply every whole frame we have.
+        // Every whole frame we have: acknowledge receipt first (sync mode
+        // answers a write once the replica has it in order), then apply them in
+        // order. Durability is acknowledged separately, by the flusher, after
+        // the frames up to a flush were applied and synced.
+        frames.clear();
         let mut used = 0;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
-            apply_one(vol, &hdr, payload, state)?;
+            frames.push((hdr, used + ferry_wire::HEADER_BYTES, payload.len()));
             used += len;
-            if hdr.kind == Kind::Ping {
-                wire.ack(
-                    vol.received_seq.load(Ordering::SeqCst),
-                    vol.durable_seq.load(Ordering::SeqCst),
-                )?;
-            }
         }
-        plain.drain(..used);
-        if used > 0 {
-            // Coalesced: one acknowledgement for everything applied from this read.
+        if let Some(last) = frames.iter().rev().find(|f| f.0.kind != Kind::Ping) {
+            vol.received_seq.store(last.0.seq, Ordering::SeqCst);
+        }
+        if !frames.is_empty() {
+            // Coalesced: one acknowledgement for everything in this read.
             wire.ack(
                 vol.received_seq.load(Ordering::SeqCst),
                 vol.durable_seq.load(Ordering::SeqCst),
             )?;
         }
+        for (hdr, start, len) in &frames {
+            apply_one(vol, hdr, &plain[*start..*start + *len], state)?;
+        }
+        plain.drain(..used);
         let n = match sock.read(&mut raw) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
@@ -410,7 +415,6 @@ fn apply_one(
         Kind::Ping => return Ok(()),
         other => bail!("unexpected {other:?} frame in the stream"),
     }
-    vol.received_seq.store(hdr.seq, Ordering::SeqCst);
     Ok(())
 }
 
