@@ -5,9 +5,10 @@
 #      file) and an rsync daemon whole-file copy; agent RSS during the sync;
 #   2. resync after 160 random 64 KiB-aligned writes (~1%) vs
 #      rsync --inplace --no-whole-file -I; bytes sent vs bytes changed;
-#   3. fio 4k randwrite QD16 over NBD: unreplicated vs sync vs async link (IOPS,
+#   3. fio 4k randwrite QD16 over NBD on fresh sparse volumes: unreplicated vs
+#      sync vs async link (IOPS over the run, durable IOPS with --end_fsync=1,
 #      CPU-seconds per GiB on A and B), and p99 latency at 50% of the
-#      unreplicated peak IOPS.
+#      unreplicated peak (durable) IOPS; reps interleaved.
 # Usage: bench/replication.sh [--size 1G] [--runtime 10] [--reps 3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -174,11 +175,14 @@ done
 rsync_resync=$(printf '%s\n' "${rsync_resync_times[@]}" | median)
 
 # ---------- 3. fio over NBD: unreplicated vs sync vs async ----------
-FERRY_API="${API[a]}" FERRY_DATA_DIR="$work/a" "$ferry" volume create plain --size 1GiB >/dev/null
-on a volume create rasync --size 1GiB >/dev/null
-on a replicate start rasync --to b --mode async >/dev/null
-on a replicate wait vol --timeout 60s >/dev/null
-on a replicate wait rasync --timeout 60s >/dev/null
+# Every run gets a fresh sparse 1 GiB volume (the same kind of export for all
+# three), and the reps are interleaved (plain, sync, async, plain, …) so that
+# drift of this shared machine hits all three alike. Two figures per run:
+#  - IOPS over the run (fio's default: data may still be in page caches);
+#  - durable IOPS: the same with --end_fsync=1, whose final flush fio counts
+#    in the run time. Without it the unreplicated run leaves all its writeback
+#    to after the window, while the replica writes back inside it (link
+#    flushes), so this is the like-for-like figure.
 fio_run() { # uri [extra] -> "iops p99_us"
   fio --name=b --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=16 --size=1G \
       --time_based --runtime="$runtime" --ramp_time=1 --output-format=json ${2:-} >"$work/fio.json"
@@ -188,19 +192,60 @@ t = open(sys.argv[1]).read(); j = json.loads(t[t.index("{"):])["jobs"][0]["write
 print(f'{j["iops"]:.0f} {j["clat_ns"]["percentile"].get("99.000000", 0) / 1000:.0f}')
 PY
 }
-declare -A IOPS P99 CPUA CPUB
-for target in plain vol rasync; do
-  ca=$(cpu_s "${PID[a]}"); cb=$(cpu_s "${PID[b]}")
-  read -r IOPS[$target] _ < <(fio_run "nbd://${NBD[a]}/$target")
-  CPUA[$target]=$(echo "$(cpu_s "${PID[a]}") - $ca" | bc); CPUB[$target]=$(echo "$(cpu_s "${PID[b]}") - $cb" | bc)
-  echo "fio $target: ${IOPS[$target]} IOPS" >&2
+fresh() { # target rep -> volume name, replicated as the target says
+  local v="$1$2"
+  on a volume create "$v" --size 1GiB >/dev/null
+  case $1 in
+    sync) on a replicate start "$v" --to b --mode sync >/dev/null ;;
+    async) on a replicate start "$v" --to b --mode async >/dev/null ;;
+  esac
+  [[ $1 == plain ]] || on a replicate wait "$v" --timeout 60s >/dev/null
+  echo "$v"
+}
+drop() { # target volume: delete it on A (and its replica on B)
+  [[ $1 == plain ]] || on a replicate stop "$2" >/dev/null
+  on a volume delete "$2" --yes >/dev/null
+  [[ $1 == plain ]] || on b volume delete "$2" --yes >/dev/null
+}
+declare -A RUNS DURABLE CPUA CPUB P99S
+n=0
+for rep in $(seq "$reps"); do
+  for target in plain sync async; do
+    for variant in run durable; do
+      n=$((n + 1)); v=$(fresh "$target" "$n")
+      extra=""; [[ $variant == durable ]] && extra="--end_fsync=1"
+      ca=$(cpu_s "${PID[a]}"); cb=$(cpu_s "${PID[b]}")
+      read -r iops _ < <(fio_run "nbd://${NBD[a]}/$v" "$extra")
+      if [[ $variant == run ]]; then
+        RUNS[$target]+="$iops "
+        # CPU-seconds per GiB written, A and B.
+        g=$(echo "scale=6; $iops * 4096 * $runtime / 1073741824" | bc)
+        CPUA[$target]+="$(echo "scale=1; ($(cpu_s "${PID[a]}") - $ca) / $g" | bc) "
+        CPUB[$target]+="$(echo "scale=1; ($(cpu_s "${PID[b]}") - $cb) / $g" | bc) "
+      else
+        DURABLE[$target]+="$iops "
+      fi
+      echo "rep $rep $target $variant: $iops IOPS" >&2
+      drop "$target" "$v"
+    done
+  done
 done
-half=$((IOPS[plain] / 2))
-for target in plain vol rasync; do
-  read -r _ P99[$target] < <(fio_run "nbd://${NBD[a]}/$target" "--rate_iops=$half")
+med() { printf '%s\n' $1 | median; }
+half=$(( $(med "${DURABLE[plain]}") / 2 ))
+for rep in $(seq "$reps"); do
+  for target in plain sync async; do
+    n=$((n + 1)); v=$(fresh "$target" "$n")
+    read -r _ p99 < <(fio_run "nbd://${NBD[a]}/$v" "--rate_iops=$half")
+    P99S[$target]+="$p99 "
+    echo "rep $rep $target at $half IOPS: p99 $p99 us" >&2
+    drop "$target" "$v"
+  done
 done
 on a volume verify vol >/dev/null
-gib_written() { echo "scale=3; ${IOPS[$1]} * 4096 * $runtime / 1073741824" | bc; }
+declare -A IOPS DIOPS P99
+for t in plain sync async; do
+  IOPS[$t]=$(med "${RUNS[$t]}"); DIOPS[$t]=$(med "${DURABLE[$t]}"); P99[$t]=$(med "${P99S[$t]}")
+done
 
 out="bench/out/replication-$(date -u +%Y%m%dT%H%M%SZ).md"
 mkdir -p bench/out
@@ -215,11 +260,14 @@ mkdir -p bench/out
   echo "| resync bytes sent | ${ferry_resync_bytes} B | changed ${changed} B | $(echo "scale=2; $ferry_resync_bytes / $changed" | bc)× changed | ≤ 1.2× |"
   echo "| agent A RSS peak during sync | ${ferry_rss} MiB | | | ≤ 64 MiB + backlog (64 MiB) |"
   echo
-  echo "| fio 4k randwrite QD16 | IOPS | vs unreplicated | p99 at ${half} IOPS | p99 ratio | CPU-s/GiB A | CPU-s/GiB B |"
-  echo "|---|---|---|---|---|---|---|"
-  for t in plain vol rasync; do
-    label=$([[ $t == plain ]] && echo unreplicated || ([[ $t == vol ]] && echo "sync link" || echo "async link"))
-    g=$(gib_written "$t")
-    echo "| $label | ${IOPS[$t]} | $(echo "scale=2; ${IOPS[$t]} / ${IOPS[plain]}" | bc)× | ${P99[$t]} µs | $(echo "scale=2; ${P99[$t]} / ${P99[plain]}" | bc)× | $(echo "scale=1; ${CPUA[$t]} / $g" | bc) | $(echo "scale=1; ${CPUB[$t]} / $g" | bc) |"
+  echo "| fio 4k randwrite QD16 | IOPS (run) | vs unreplicated | durable IOPS | vs unreplicated | p99 at ${half} IOPS | p99 ratio | CPU-s/GiB A | CPU-s/GiB B |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for t in plain sync async; do
+    label=$([[ $t == plain ]] && echo unreplicated || echo "$t link")
+    echo "| $label | ${IOPS[$t]} | $(echo "scale=2; ${IOPS[$t]} / ${IOPS[plain]}" | bc)× | ${DIOPS[$t]} | $(echo "scale=2; ${DIOPS[$t]} / ${DIOPS[plain]}" | bc)× | ${P99[$t]} µs | $(echo "scale=2; ${P99[$t]} / ${P99[plain]}" | bc)× | $(med "${CPUA[$t]}") | $(med "${CPUB[$t]}") |"
   done
+  echo
+  echo "raw IOPS (run): plain ${RUNS[plain]}/ sync ${RUNS[sync]}/ async ${RUNS[async]}"
+  echo "raw durable IOPS: plain ${DURABLE[plain]}/ sync ${DURABLE[sync]}/ async ${DURABLE[async]}"
+  echo "raw p99 µs: plain ${P99S[plain]}/ sync ${P99S[sync]}/ async ${P99S[async]}"
 } | tee "$out"

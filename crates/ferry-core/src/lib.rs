@@ -9,16 +9,21 @@
 //! - [`size`]: byte sizes as operators write them (`10GiB`, `512k`) and as we print them;
 //! - [`extent`]: checked byte ranges inside a device, and the bounds rules that
 //!   protect a volume from requests that fall outside it.
+//!
+//! and the state machines: [`dirty`] maps, [`generation`] histories, the
+//! [`link`] replicator, and the [`migration`] lifecycle.
 
 pub mod crc32c;
 pub mod dirty;
 pub mod extent;
 pub mod generation;
 pub mod link;
+pub mod migration;
 pub mod size;
 
 pub use dirty::{DirtyMap, DirtyMapError};
 pub use extent::{Extent, RangeError};
 pub use generation::{GenerationHistory, Relation};
 pub use link::{LinkConfig, Mode, Phase, ReplicaState, Replicator, WriteDecision};
+pub use migration::{Migration, MigrationPhase};
 pub use size::{ByteSize, SizeParseError};

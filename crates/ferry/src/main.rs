@@ -15,7 +15,7 @@ mod volume;
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
 use ferry_core::ByteSize;
 use serde::Serialize;
@@ -71,6 +71,25 @@ fn run(cli: &Cli) -> Result<()> {
                     ByteSize(size.bytes()),
                     conn.api.unwrap_or_default()
                 );
+                Ok(())
+            }
+        }
+        Command::Volume(VolumeCommand::Delete { name, yes })
+            if std::env::var_os("FERRY_API").is_some() =>
+        {
+            if !*yes {
+                bail!("deleting volume {name} destroys its data: pass --yes to confirm");
+            }
+            let conn = cli::AgentConn {
+                api: std::env::var("FERRY_API").ok(),
+                token_file: None,
+            };
+            let v = remote::client(&conn, &cli.global.data_dir)?
+                .delete(&format!("/api/v1/volumes/{name}"))?;
+            if json {
+                print_json(&v)
+            } else {
+                println!("deleted volume {name} through the agent");
                 Ok(())
             }
         }

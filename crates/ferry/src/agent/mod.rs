@@ -227,6 +227,68 @@ impl AgentCtx {
         }
     }
 
+    /// Takes a volume out of service on this node, keeping its files: the
+    /// export is closed (clients are disconnected), a primary's link stopped and
+    /// its dirty map saved, a replica's inbound link closed, the lock released.
+    pub fn unload_volume(&self, name: &str) -> Result<()> {
+        if let Some(v) = self
+            .primaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+        {
+            self.nbd.remove_export(name);
+            v.link.lock().stop = true;
+            v.link.copier.notify_all();
+            v.link_down(None);
+            // Let the link thread finish its own last save before ours.
+            let deadline = Instant::now() + std::time::Duration::from_secs(3);
+            while v.link.lock().task_running && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            v.save_dirty_map(true)?;
+            v.meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .update(|s| s.clean = true)?;
+        } else if let Some(v) = self
+            .secondaries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+        {
+            v.close_link();
+        } else {
+            bail!(
+                "no volume {name:?} on node {}",
+                self.identity.node_name
+            );
+        }
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        tracing::info!(volume = name, "volume.unloaded");
+        Ok(())
+    }
+
+    /// `ferry volume delete` through the agent. A primary that still
+    /// replicates must be stopped first (its replica would be orphaned).
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = self.primary(name) {
+            if let Some(peer) = v.link.lock().peer.clone() {
+                bail!("volume {name:?} replicates to {peer}; run `ferry replicate stop {name}` first");
+            }
+        }
+        if self.primary(name).is_some() || self.secondary(name).is_some() {
+            self.unload_volume(name)?;
+        }
+        self.store.delete(name, true)?;
+        tracing::info!(volume = name, "volume.deleted");
+        Ok(())
+    }
+
     pub fn create_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<()> {
         let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         self.store.create(name, size)?;

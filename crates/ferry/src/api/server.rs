@@ -23,7 +23,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use ferry_core::link::{Mode, Phase};
 use serde::Deserialize;
@@ -87,6 +87,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/nodes", get(nodes).post(add_node))
         .route("/api/v1/nodes/pair", post(pair))
         .route("/api/v1/volumes", get(volumes).post(create_volume))
+        .route("/api/v1/volumes/{name}", delete(delete_volume))
         .route("/api/v1/volumes/{name}/hashes", get(hashes))
         .route("/api/v1/volumes/{name}/verify", post(verify))
         .route("/api/v1/replicas", post(create_replica))
@@ -256,6 +257,12 @@ async fn create_volume(State(ctx): Ctx, Json(req): Json<CreateVolume>) -> ApiRes
     blocking(move || c.create_volume(&req.name, req.size_bytes)).await?;
     let info = blocking(move || Ok(ctx.store.info(&name)?)).await?;
     Ok(Json(serde_json::to_value(info).unwrap_or(Value::Null)))
+}
+
+async fn delete_volume(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let n = name.clone();
+    blocking(move || ctx.delete_volume(&n)).await?;
+    Ok(Json(json!({"deleted": name})))
 }
 
 #[derive(Deserialize)]

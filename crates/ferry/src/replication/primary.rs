@@ -391,6 +391,9 @@ pub struct PrimaryVolume {
     pub write_latency: LatencyHistogram,
     epoch_start: Instant,
     copier_started: AtomicBool,
+    /// One dirty-map save at a time (they share a temporary file, and a later
+    /// snapshot must not be overwritten by an earlier one).
+    dirty_save: Mutex<()>,
 }
 
 impl std::fmt::Debug for PrimaryVolume {
@@ -455,6 +458,7 @@ impl PrimaryVolume {
             write_latency: LatencyHistogram::default(),
             epoch_start: Instant::now(),
             copier_started: AtomicBool::new(false),
+            dirty_save: Mutex::new(()),
         }
     }
 
@@ -506,6 +510,7 @@ impl PrimaryVolume {
 
     /// Saves the dirty map; `pessimistic` adds everything not yet confirmed on the peer.
     pub fn save_dirty_map(&self, pessimistic: bool) -> io::Result<()> {
+        let _one = self.dirty_save.lock().unwrap_or_else(|p| p.into_inner());
         let map = {
             let l = self.link.lock();
             if pessimistic {

@@ -63,6 +63,20 @@ impl SecondaryVolume {
     }
 }
 
+impl SecondaryVolume {
+    /// Ends the current inbound link, if any.
+    pub fn close_link(&self) {
+        if let Some(s) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 /// Accepts replication links on `listener` until the process ends.
 pub fn serve(listener: TcpListener, ctx: Arc<AgentCtx>) {
     for conn in listener.incoming() {
