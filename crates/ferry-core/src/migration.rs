@@ -120,8 +120,11 @@ pub struct Migration {
     pub bytes_remaining: u64,
     /// Why it failed or rolled back.
     pub reason: Option<String>,
+    #[serde(skip)]
     last: Option<LinkSample>,
+    #[serde(skip)]
     outrun_since_ms: Option<u64>,
+    #[serde(skip)]
     last_step_ms: u64,
 }
 
@@ -169,8 +172,10 @@ impl Migration {
             if dt > 0 {
                 let sec = dt as f64 / 1000.0;
                 let sent = s.bytes_sent_total.saturating_sub(prev.bytes_sent_total) as f64 / sec;
-                let written =
-                    s.bytes_written_total.saturating_sub(prev.bytes_written_total) as f64 / sec;
+                let written = s
+                    .bytes_written_total
+                    .saturating_sub(prev.bytes_written_total) as f64
+                    / sec;
                 self.send_rate_bytes_per_s =
                     RATE_ALPHA * sent + (1.0 - RATE_ALPHA) * self.send_rate_bytes_per_s;
                 self.write_rate_bytes_per_s =
@@ -276,10 +281,7 @@ mod tests {
             ..LinkSample::default()
         });
         assert_eq!(m.phase, MigrationPhase::Seeding);
-        assert_eq!(
-            m.begin_cutover(),
-            Err(CutoverRefused::NotReady("seeding"))
-        );
+        assert_eq!(m.begin_cutover(), Err(CutoverRefused::NotReady("seeding")));
         m.observe(sample(1000, 100, 0, 10));
         assert_eq!(m.phase, MigrationPhase::Syncing);
         m.observe(sample(2000, 110, 0, 0));
@@ -300,7 +302,11 @@ mod tests {
         m.cutover_aborted("target died");
         assert_eq!(m.phase, MigrationPhase::RolledBack);
         m.observe(sample(6000, 160, 50, 0));
-        assert_eq!(m.phase, MigrationPhase::Ready, "a rolled-back migration can try again");
+        assert_eq!(
+            m.phase,
+            MigrationPhase::Ready,
+            "a rolled-back migration can try again"
+        );
         m.begin_cutover().unwrap();
         m.cutover_done();
         assert!(m.phase.is_final());
@@ -327,13 +333,18 @@ mod tests {
         assert_eq!(throttles[3], 0);
         let first = throttles.iter().position(|&t| t > 0).unwrap();
         assert_eq!(throttles[first], 20);
-        assert!(throttles.windows(2).all(|w| w[1] >= w[0] && w[1] - w[0] <= 20));
+        assert!(throttles
+            .windows(2)
+            .all(|w| w[1] >= w[0] && w[1] - w[0] <= 20));
         // 80 × (1 − t) < 50 once t > 37.5%: the throttle stops climbing there.
         let last = *throttles.last().unwrap();
         assert!((40..=60).contains(&last), "{throttles:?}");
         // Ready releases the throttle.
         m.observe(sample(31_000, sent + 50 * mib, written, 0));
-        assert_eq!((m.phase, m.throttle_pct, m.not_converging), (MigrationPhase::Ready, 0, false));
+        assert_eq!(
+            (m.phase, m.throttle_pct, m.not_converging),
+            (MigrationPhase::Ready, 0, false)
+        );
     }
 
     #[test]

@@ -56,6 +56,90 @@ pub enum Command {
     /// Replicate volumes to another node.
     #[command(subcommand)]
     Replicate(ReplicateCommand),
+    /// Define workloads: a set of volumes plus start/stop/check hooks.
+    #[command(subcommand)]
+    Workload(WorkloadCommand),
+    /// Live-migrate workloads to another node with a verified cutover.
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkloadCommand {
+    /// Define a workload on the local agent (its volumes must be primaries there).
+    Create {
+        name: String,
+        /// A volume of the workload (repeat for more).
+        #[arg(long = "volume", required = true)]
+        volumes: Vec<String>,
+        /// Shell command that starts the application (run where it should run).
+        #[arg(long)]
+        start: Option<String>,
+        /// Shell command that stops it (run on the source at cutover).
+        #[arg(long)]
+        stop: Option<String>,
+        /// Shell command that exits 0 when the application serves.
+        #[arg(long)]
+        check: Option<String>,
+        /// Each hook is killed after this long and counts as failed.
+        #[arg(long, default_value = "30s")]
+        hook_timeout: DurationArg,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// List workloads.
+    List {
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Show one workload's definition.
+    Show {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Delete a workload's definition (its volumes stay).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Replicate the workload's volumes to NODE; phases seeding → syncing → ready.
+    Start {
+        name: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, value_enum, default_value = "sync")]
+        mode: ModeArg,
+        /// Limit of the background copy, e.g. 200MiB/s.
+        #[arg(long)]
+        max_rate: Option<Rate>,
+        /// Slow the workload's writes stepwise while the link cannot keep up.
+        #[arg(long)]
+        auto_converge: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Phase, bytes remaining, rates, ETA of one or all migrations.
+    Status {
+        name: Option<String>,
+        /// Refresh until the migration is ready (or ends).
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Stop at the source, freeze, drain, verify, switch, start at the target.
+    /// Blocks until done; prints the downtime.
+    Cutover {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
 }
 
 /// How to reach the local agent's REST API.

@@ -7,6 +7,7 @@ mod api;
 mod cli;
 mod demo;
 mod export;
+mod migrate;
 mod remote;
 mod replication;
 mod signals;
@@ -101,6 +102,8 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Agent { config } => agent::run(config),
         Command::Node(cmd) => remote::node(cmd, &cli.global.data_dir, json),
         Command::Replicate(cmd) => remote::replicate(cmd, &cli.global.data_dir, json),
+        Command::Workload(cmd) => remote::workload(cmd, &cli.global.data_dir, json),
+        Command::Migrate(cmd) => remote::migrate(cmd, &cli.global.data_dir, json),
     }
 }
 

@@ -9,7 +9,9 @@ use ferry_core::ByteSize;
 use serde_json::{json, Value};
 
 use crate::api::client::ApiClient;
-use crate::cli::{AgentConn, ModeArg, NodeCommand, ReplicateCommand, StateArg};
+use crate::cli::{
+    AgentConn, MigrateCommand, ModeArg, NodeCommand, ReplicateCommand, StateArg, WorkloadCommand,
+};
 
 /// The API token: FERRY_TOKEN, else `token_file`, else DATA_DIR/api.token.
 fn token(token_file: Option<&Path>, data_dir: &Path) -> Result<String> {
@@ -305,4 +307,169 @@ pub fn verify(name: &str, conn: &AgentConn, data_dir: &Path, json: bool) -> Resu
         bail!("volume {name} differs from its replica");
     }
     Ok(())
+}
+
+pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()> {
+    match cmd {
+        WorkloadCommand::Create {
+            name,
+            volumes,
+            start,
+            stop,
+            check,
+            hook_timeout,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.post(
+                "/api/v1/workloads",
+                &json!({
+                    "name": name, "volumes": volumes, "start": start, "stop": stop,
+                    "check": check, "hook_timeout_ms": hook_timeout.0.as_millis() as u64,
+                }),
+            )?;
+            print(&v, json, |_| {
+                println!("created workload {name} ({})", volumes.join(", "))
+            })
+        }
+        WorkloadCommand::List { conn } => {
+            let v = client(conn, data_dir)?.get("/api/v1/workloads")?;
+            print(&v, json, |v| {
+                for w in v.as_array().into_iter().flatten() {
+                    let vols: Vec<&str> = w["volumes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|x| x.as_str())
+                        .collect();
+                    println!(
+                        "{:<20} volumes: {}",
+                        w["name"].as_str().unwrap_or("?"),
+                        vols.join(", ")
+                    );
+                }
+            })
+        }
+        WorkloadCommand::Show { name, conn } => {
+            let v = client(conn, data_dir)?.get(&format!("/api/v1/workloads/{name}"))?;
+            print(&v, json, |v| {
+                println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+            })
+        }
+        WorkloadCommand::Delete { name, conn } => {
+            let v = client(conn, data_dir)?.delete(&format!("/api/v1/workloads/{name}"))?;
+            print(&v, json, |_| println!("deleted workload {name}"))
+        }
+    }
+}
+
+fn human_migration(v: &Value) -> String {
+    let eta = v["eta_seconds"]
+        .as_f64()
+        .map_or("unknown".to_string(), |s| format!("{s:.0} s"));
+    let mut line = format!(
+        "{} {} → {}: {}, {} left, link {}/s, writes {}/s, ETA {}",
+        v["workload"].as_str().unwrap_or("?"),
+        v["source"].as_str().unwrap_or("?"),
+        v["target"].as_str().unwrap_or("?"),
+        v["phase"].as_str().unwrap_or("?"),
+        ByteSize(v["bytes_remaining"].as_u64().unwrap_or(0)),
+        ByteSize(v["bandwidth_bytes_per_s"].as_u64().unwrap_or(0)),
+        ByteSize(v["write_rate_bytes_per_s"].as_u64().unwrap_or(0)),
+        eta
+    );
+    if v["not_converging"].as_bool() == Some(true) {
+        line.push_str(", NOT CONVERGING (writes outrun the link");
+        line.push_str(if v["auto_converge"].as_bool() == Some(true) {
+            "; auto-converge is slowing them"
+        } else {
+            "; try --auto-converge or --max-rate"
+        });
+        line.push(')');
+    }
+    if let Some(t) = v["throttle_pct"].as_u64().filter(|&t| t > 0) {
+        line.push_str(&format!(", writes throttled {t}%"));
+    }
+    if let Some(r) = v["reason"].as_str() {
+        line.push_str(&format!("\n  reason: {r}"));
+    }
+    line
+}
+
+pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> {
+    match cmd {
+        MigrateCommand::Start {
+            name,
+            to,
+            mode,
+            max_rate,
+            auto_converge,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.post(
+                "/api/v1/migrations",
+                &json!({
+                    "workload": name,
+                    "to": to,
+                    "mode": if *mode == ModeArg::Sync { "sync" } else { "async" },
+                    "max_rate_bytes_per_s": max_rate.map(|r| r.0),
+                    "auto_converge": auto_converge,
+                }),
+            )?;
+            print(&v, json, |v| println!("migrating {}", human_migration(v)))
+        }
+        MigrateCommand::Status { name, watch, conn } => {
+            let c = client(conn, data_dir)?;
+            let path = name.as_ref().map_or("/api/v1/migrations".to_string(), |n| {
+                format!("/api/v1/migrations/{n}")
+            });
+            if !*watch || json {
+                let v = c.get(&path)?;
+                return print(&v, json, |v| match v.as_array() {
+                    Some(a) if a.is_empty() => println!("no migrations"),
+                    Some(a) => a.iter().for_each(|m| println!("{}", human_migration(m))),
+                    None => println!("{}", human_migration(v)),
+                });
+            }
+            let tty = std::io::stdout().is_terminal();
+            loop {
+                let v = c.get(&path)?;
+                let all: Vec<Value> = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+                let lines: Vec<String> = all.iter().map(human_migration).collect();
+                if tty {
+                    print!("\x1b[2K\r{}", lines.join(" | "));
+                } else {
+                    println!("{}", lines.join(" | "));
+                }
+                crate::flush_stdout();
+                let done = all.iter().all(|m| {
+                    matches!(
+                        m["phase"].as_str(),
+                        Some("ready" | "completed" | "failed" | "rolled-back")
+                    )
+                });
+                if done {
+                    if tty {
+                        println!();
+                    }
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        MigrateCommand::Cutover { name, conn } => {
+            let v = client(conn, data_dir)?
+                .post(&format!("/api/v1/migrations/{name}/cutover"), &json!({}))?;
+            print(&v, json, |v| {
+                println!(
+                    "cut over {name} from {} to {}: downtime {} ms (freeze → {} serving), app outage {} ms (stop → check passing){}",
+                    v["from"].as_str().unwrap_or("?"),
+                    v["to"].as_str().unwrap_or("?"),
+                    v["downtime_ms"],
+                    v["to"].as_str().unwrap_or("?"),
+                    v["outage_ms"],
+                    if v["target_healthy"].as_bool() == Some(false) { "; WARNING: the target's start/check hook failed" } else { "" }
+                )
+            })
+        }
+    }
 }

@@ -18,6 +18,10 @@
 //! link_flush_interval_ms = 5000
 //! link_flush_bytes = 268435456
 //!
+//! [migration]                          # all optional; defaults shown
+//! migrations_max = 4                   # workloads migrating at once
+//! cutover_drain_timeout_ms = 30000     # a cutover aborts if the links do not drain by then
+//!
 //! [nbd]                                # all optional; defaults shown
 //! max_connections = 64
 //! max_in_flight_per_connection = 64
@@ -57,6 +61,28 @@ pub struct AgentConfig {
     pub replication: ReplicationSettings,
     #[serde(default)]
     pub nbd: NbdSettings,
+    #[serde(default)]
+    pub migration: MigrationSettings,
+}
+
+/// Limits of migrations, each with its unit in its name.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationSettings {
+    /// Workloads migrating at once (a cutover is not counted twice).
+    pub migrations_max: usize,
+    /// A cutover whose links have not drained (everything durable on the
+    /// target) this long after the freeze aborts, and the source resumes.
+    pub cutover_drain_timeout_ms: u64,
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        MigrationSettings {
+            migrations_max: 4,
+            cutover_drain_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// Limits of the node's NBD server, each with its unit in its name.
@@ -174,6 +200,9 @@ impl AgentConfig {
             .map_err(|e| format!("key `replication.granularity_bytes`: {e}"))?;
         if r.frame_bytes_max < 1024 * 1024 {
             return Err("key `replication.frame_bytes_max`: must be at least 1 MiB".into());
+        }
+        if self.migration.migrations_max == 0 {
+            return Err("key `migration.migrations_max` must be at least 1".into());
         }
         let n = &self.nbd;
         if n.max_connections == 0 || n.max_in_flight_per_connection == 0 {

@@ -63,6 +63,10 @@ pub struct AgentCtx {
     pub started: Instant,
     /// Serialises volume creation and role changes.
     admin: Mutex<()>,
+    /// Migrations this node is the source of, by workload.
+    migrations: Mutex<HashMap<String, crate::migrate::MigrationRecord>>,
+    /// One cutover at a time on this node (`--one-by-one` is the natural order).
+    pub cutover_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -74,6 +78,12 @@ impl std::fmt::Debug for AgentCtx {
 }
 
 impl AgentCtx {
+    pub fn migrations(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::MigrationRecord>> {
+        self.migrations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn secondary(&self, name: &str) -> Option<Arc<SecondaryVolume>> {
         self.secondaries
             .lock()
@@ -259,10 +269,7 @@ impl AgentCtx {
         {
             v.close_link();
         } else {
-            bail!(
-                "no volume {name:?} on node {}",
-                self.identity.node_name
-            );
+            bail!("no volume {name:?} on node {}", self.identity.node_name);
         }
         self.locks
             .lock()
@@ -272,13 +279,106 @@ impl AgentCtx {
         Ok(())
     }
 
+    /// Cutover, commit point on the target: this replica durably records
+    /// itself primary under a new generation, is exported here, and (with
+    /// `reverse_to`) replicates back to the old primary. The caller checked
+    /// that both copies are equal, so the reverse link starts with an empty
+    /// dirty map.
+    pub fn promote_volume(
+        self: &Arc<Self>,
+        name: &str,
+        reverse_to: Option<&str>,
+        mode: Mode,
+    ) -> Result<u64> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let sec = self.secondary(name).ok_or_else(|| {
+            anyhow!(
+                "volume {name:?} is not a replica on node {}",
+                self.identity.node_name
+            )
+        })?;
+        if !sec
+            .meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state()
+            .consistent
+        {
+            bail!(
+                "the replica of {name:?} on node {} is inconsistent; refusing to promote it",
+                self.identity.node_name
+            );
+        }
+        let size = ferry_nbd::BlockDevice::size(&sec.dev);
+        drop(sec);
+        self.unload_volume(name)?;
+        let dir = self.store.dir(name);
+        let g = self.cfg.replication.granularity_bytes;
+        meta::save_dirty_map(&dir, &DirtyMap::new(size, g)?)?;
+        let generation = identity::random_u64();
+        {
+            let mut m = MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_primary())?;
+            m.update(|s| {
+                s.role = Role::Primary;
+                s.consistent = true;
+                s.clean = true;
+                s.mode = mode;
+                s.al_extents.clear();
+                s.peer = reverse_to.map(str::to_string);
+                s.generation.bump(generation);
+            })?;
+        }
+        tracing::info!(
+            volume = name,
+            generation = format!("{generation:016x}"),
+            "cutover.commit: this node is now primary"
+        );
+        self.load_volume(name)?;
+        Ok(generation)
+    }
+
+    /// Cutover, after the commit point, on the old primary: held and new
+    /// writes fail, the export closes, and the volume becomes the replica of
+    /// `new_primary` (which replicates back to it).
+    pub fn demote_volume(self: &Arc<Self>, name: &str, new_primary: &str) -> Result<()> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let vol = self.primary(name).ok_or_else(|| {
+            anyhow!(
+                "volume {name:?} is not a primary on node {}",
+                self.identity.node_name
+            )
+        })?;
+        vol.close_gate();
+        drop(vol);
+        self.unload_volume(name)?;
+        let dir = self.store.dir(name);
+        let mut m =
+            MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_secondary(new_primary))?;
+        m.update(|s| {
+            s.role = Role::Secondary;
+            s.peer = Some(new_primary.to_string());
+            s.al_extents.clear();
+        })?;
+        drop(m);
+        let _ = std::fs::remove_file(dir.join("dirty.map"));
+        self.load_volume(name)?;
+        tracing::info!(
+            volume = name,
+            primary = new_primary,
+            "cutover.demoted: this node now holds the replica"
+        );
+        Ok(())
+    }
+
     /// `ferry volume delete` through the agent. A primary that still
     /// replicates must be stopped first (its replica would be orphaned).
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = self.primary(name) {
             if let Some(peer) = v.link.lock().peer.clone() {
-                bail!("volume {name:?} replicates to {peer}; run `ferry replicate stop {name}` first");
+                bail!(
+                    "volume {name:?} replicates to {peer}; run `ferry replicate stop {name}` first"
+                );
             }
         }
         if self.primary(name).is_some() || self.secondary(name).is_some() {
@@ -528,7 +628,7 @@ impl AgentCtx {
     }
 }
 
-fn free_bytes(path: &Path) -> Option<u64> {
+pub fn free_bytes(path: &Path) -> Option<u64> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statvfs is a plain C struct that statvfs(3) fills; all-zero is a valid start value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -577,6 +677,8 @@ pub fn run(config_path: &Path) -> Result<()> {
         primaries: Mutex::new(HashMap::new()),
         secondaries: Mutex::new(HashMap::new()),
         locks: Mutex::new(HashMap::new()),
+        migrations: Mutex::new(HashMap::new()),
+        cutover_lock: Mutex::new(()),
         started: Instant::now(),
         admin: Mutex::new(()),
     });
@@ -585,6 +687,8 @@ pub fn run(config_path: &Path) -> Result<()> {
             tracing::error!(volume = %v.name, error = %format!("{e:#}"), "volume.load_failed");
         }
     }
+    let migrations = crate::migrate::load_migrations(&ctx)?;
+    *ctx.migrations() = migrations;
     {
         let ctx = ctx.clone();
         std::thread::Builder::new()
@@ -622,6 +726,16 @@ async fn housekeeping(ctx: Arc<AgentCtx>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         tick += 1;
+        let active: Vec<String> = ctx
+            .migrations()
+            .values()
+            .filter(|m| !m.state.phase.is_final())
+            .map(|m| m.workload.clone())
+            .collect();
+        for w in active {
+            let c = ctx.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::migrate::sample(&c, &w)).await;
+        }
         for v in ctx.primaries() {
             let (sent, dirty) = {
                 let l = v.link.lock();

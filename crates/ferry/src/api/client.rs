@@ -39,6 +39,10 @@ impl ApiClient {
     pub fn patch(&self, path: &str, body: &Value) -> Result<Value> {
         self.call("PATCH", path, Some(body))
     }
+    pub fn put(&self, path: &str, body: &Value) -> Result<Value> {
+        self.call("PUT", path, Some(body))
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value> {
         self.call("DELETE", path, None)
     }

@@ -90,7 +90,20 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/volumes/{name}", delete(delete_volume))
         .route("/api/v1/volumes/{name}/hashes", get(hashes))
         .route("/api/v1/volumes/{name}/verify", post(verify))
+        .route("/api/v1/volumes/{name}/promote", post(promote_volume))
         .route("/api/v1/replicas", post(create_replica))
+        .route("/api/v1/workloads", get(workloads).post(create_workload))
+        .route(
+            "/api/v1/workloads/{name}",
+            get(workload).put(put_workload).delete(delete_workload),
+        )
+        .route(
+            "/api/v1/workloads/{name}/hooks/{which}",
+            post(run_workload_hook),
+        )
+        .route("/api/v1/migrations", get(migrations).post(start_migration))
+        .route("/api/v1/migrations/{name}", get(migration))
+        .route("/api/v1/migrations/{name}/cutover", post(cutover))
         .route(
             "/api/v1/replications",
             get(replications).post(start_replication),
@@ -128,6 +141,7 @@ fn node_json(ctx: &AgentCtx) -> Value {
         "nbd": ctx.nbd_uri_base.to_string(),
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": ctx.started.elapsed().as_secs(),
+        "free_bytes": crate::agent::free_bytes(&ctx.cfg.data_dir),
     })
 }
 
@@ -263,6 +277,179 @@ async fn delete_volume(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
     let n = name.clone();
     blocking(move || ctx.delete_volume(&n)).await?;
     Ok(Json(json!({"deleted": name})))
+}
+
+#[derive(Deserialize)]
+struct Promote {
+    reverse_to: Option<String>,
+    mode: Option<String>,
+}
+
+async fn promote_volume(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<Promote>,
+) -> ApiResult {
+    let mode = parse_mode(r.mode.as_deref())?;
+    let n = name.clone();
+    let generation =
+        blocking(move || ctx.promote_volume(&n, r.reverse_to.as_deref(), mode)).await?;
+    Ok(Json(
+        json!({"promoted": name, "generation": format!("{generation:016x}")}),
+    ))
+}
+
+async fn workloads(State(ctx): Ctx) -> ApiResult {
+    let list = blocking(move || crate::migrate::list_workloads(&ctx.cfg.data_dir)).await?;
+    Ok(Json(serde_json::to_value(list).unwrap_or(Value::Null)))
+}
+
+fn not_found(what: String) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, what)
+}
+
+async fn workload(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let n = name.clone();
+    let w = blocking(move || crate::migrate::load_workload(&ctx.cfg.data_dir, &n)).await?;
+    let w = w.ok_or_else(|| not_found(format!("no workload {name:?} here")))?;
+    Ok(Json(serde_json::to_value(w).unwrap_or(Value::Null)))
+}
+
+async fn create_workload(
+    State(ctx): Ctx,
+    Json(spec): Json<crate::migrate::WorkloadSpec>,
+) -> ApiResult {
+    let v = serde_json::to_value(&spec).unwrap_or(Value::Null);
+    blocking(move || {
+        if crate::migrate::load_workload(&ctx.cfg.data_dir, &spec.name)?.is_some() {
+            anyhow::bail!(
+                "workload {:?} exists; change it with PUT or delete it first",
+                spec.name
+            );
+        }
+        for vol in &spec.volumes {
+            if ctx.primary(vol).is_none() {
+                anyhow::bail!(
+                    "volume {vol:?} is not a primary on node {}; create it first",
+                    ctx.identity.node_name
+                );
+            }
+        }
+        crate::migrate::save_workload(&ctx.cfg.data_dir, &spec)
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+/// Stores a definition as given (a migration's source copies it here).
+async fn put_workload(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(spec): Json<crate::migrate::WorkloadSpec>,
+) -> ApiResult {
+    if spec.name != name {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the body names workload {:?}, the path {name:?}", spec.name),
+        ));
+    }
+    let v = serde_json::to_value(&spec).unwrap_or(Value::Null);
+    blocking(move || crate::migrate::save_workload(&ctx.cfg.data_dir, &spec)).await?;
+    Ok(Json(v))
+}
+
+async fn delete_workload(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let n = name.clone();
+    let c = ctx.clone();
+    if c.migrations()
+        .get(&name)
+        .is_some_and(|m| !m.state.phase.is_final())
+    {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("workload {name:?} is migrating"),
+        ));
+    }
+    let deleted = blocking(move || crate::migrate::delete_workload(&ctx.cfg.data_dir, &n)).await?;
+    if !deleted {
+        return Err(not_found(format!("no workload {name:?} here")));
+    }
+    Ok(Json(json!({"deleted": name})))
+}
+
+#[derive(Deserialize)]
+struct HookReq {
+    role: Option<String>,
+}
+
+async fn run_workload_hook(
+    State(ctx): Ctx,
+    Path((name, which)): Path<(String, String)>,
+    Json(r): Json<HookReq>,
+) -> ApiResult {
+    if !matches!(which.as_str(), "start" | "stop" | "check") {
+        return Err(not_found(format!(
+            "no hook {which:?}: start, stop or check"
+        )));
+    }
+    let run = blocking(move || {
+        let spec = crate::migrate::load_workload(&ctx.cfg.data_dir, &name)?.ok_or_else(|| {
+            anyhow::anyhow!("no workload {name:?} on node {}", ctx.identity.node_name)
+        })?;
+        Ok(crate::migrate::workload_hook(
+            &ctx,
+            &spec,
+            &which,
+            r.role.as_deref().unwrap_or("primary"),
+        ))
+    })
+    .await?;
+    Ok(Json(json!({"run": run})))
+}
+
+#[derive(Deserialize)]
+struct StartMigration {
+    workload: String,
+    to: String,
+    mode: Option<String>,
+    max_rate_bytes_per_s: Option<u64>,
+    #[serde(default)]
+    auto_converge: bool,
+}
+
+async fn start_migration(State(ctx): Ctx, Json(r): Json<StartMigration>) -> ApiResult {
+    let mode = parse_mode(r.mode.as_deref())?;
+    blocking(move || {
+        crate::migrate::start(
+            &ctx,
+            &r.workload,
+            &r.to,
+            mode,
+            r.max_rate_bytes_per_s,
+            r.auto_converge,
+        )
+    })
+    .await
+    .map(Json)
+}
+
+async fn migrations(State(ctx): Ctx) -> ApiResult {
+    blocking(move || crate::migrate::statuses(&ctx))
+        .await
+        .map(Json)
+}
+
+async fn migration(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::migrate::status(&ctx, &name))
+        .await
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.1))
+        .map(Json)
+}
+
+async fn cutover(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::migrate::cutover(&ctx, &name))
+        .await
+        .map(Json)
 }
 
 #[derive(Deserialize)]

@@ -394,6 +394,37 @@ pub struct PrimaryVolume {
     /// One dirty-map save at a time (they share a temporary file, and a later
     /// snapshot must not be overwritten by an earlier one).
     dirty_save: Mutex<()>,
+    /// Activity-log extents writers wait to have recorded (group commit).
+    al_pending: Mutex<std::collections::BTreeSet<u64>>,
+    /// Cutover: `GATE_OPEN`, `GATE_FROZEN` (new writes wait) or `GATE_CLOSED`
+    /// (this node is no longer primary: writes fail).
+    gate: std::sync::atomic::AtomicU8,
+    /// Writes between their gate check and their hand-off to the link.
+    active_writes: std::sync::atomic::AtomicUsize,
+    gate_lock: Mutex<()>,
+    gate_cv: Condvar,
+    /// Bytes clients wrote (the foreground write rate of a migration).
+    bytes_written: std::sync::atomic::AtomicU64,
+    /// Auto-converge: percent of the write rate held back by delaying replies.
+    throttle_pct: std::sync::atomic::AtomicU8,
+}
+
+const GATE_OPEN: u8 = 0;
+const GATE_FROZEN: u8 = 1;
+const GATE_CLOSED: u8 = 2;
+
+/// Leaves the gate's count of active writes when dropped.
+struct Active<'a>(&'a PrimaryVolume);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if self.0.active_writes.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.gate.load(Ordering::SeqCst) != GATE_OPEN
+        {
+            let _g = self.0.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.0.gate_cv.notify_all();
+        }
+    }
 }
 
 impl std::fmt::Debug for PrimaryVolume {
@@ -402,6 +433,16 @@ impl std::fmt::Debug for PrimaryVolume {
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
+}
+
+/// The error a write gets once its volume was handed over to another node.
+fn handed_over(name: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "volume {name} was handed over to another node (cutover); this copy is now a replica"
+        ),
+    )
 }
 
 fn io_other(e: impl std::fmt::Display) -> io::Error {
@@ -459,6 +500,13 @@ impl PrimaryVolume {
             epoch_start: Instant::now(),
             copier_started: AtomicBool::new(false),
             dirty_save: Mutex::new(()),
+            al_pending: Mutex::new(std::collections::BTreeSet::new()),
+            gate: std::sync::atomic::AtomicU8::new(GATE_OPEN),
+            active_writes: std::sync::atomic::AtomicUsize::new(0),
+            gate_lock: Mutex::new(()),
+            gate_cv: Condvar::new(),
+            bytes_written: std::sync::atomic::AtomicU64::new(0),
+            throttle_pct: std::sync::atomic::AtomicU8::new(0),
         }
     }
 
@@ -470,21 +518,197 @@ impl PrimaryVolume {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    /// Auto-converge: slow client writes by `pct` percent (0 = off, ≤ 95).
+    pub fn set_throttle_pct(&self, pct: u8) {
+        self.throttle_pct.store(pct.min(95), Ordering::Relaxed);
+    }
+
+    /// Bytes the image really occupies (sparse files).
+    pub fn allocated_bytes(&self) -> u64 {
+        let mut runs = Vec::new();
+        let size = self.local.size();
+        let (mut pos, mut used) = (0u64, 0u64);
+        while pos < size {
+            runs.clear();
+            if self
+                .local
+                .block_status(pos, size - pos, 1024, &mut runs)
+                .is_err()
+                || runs.is_empty()
+            {
+                return size;
+            }
+            for r in &runs {
+                if !r.hole {
+                    used += r.length;
+                }
+                pos += r.length;
+            }
+        }
+        used
+    }
+
+    /// Auto-converge: a write that took `spent` waits a little more, so a
+    /// client that waits for its writes writes `throttle_pct` percent slower.
+    fn throttle(&self, spent: Duration) {
+        let pct = u32::from(self.throttle_pct.load(Ordering::Relaxed));
+        if pct > 0 {
+            let base = spent.max(Duration::from_micros(200));
+            std::thread::sleep(base * pct / (100 - pct));
+        }
+    }
+
+    /// Lets a write in: waits while the volume is frozen, fails once it was
+    /// handed over to another node.
+    fn enter(&self) -> io::Result<Active<'_>> {
+        loop {
+            self.active_writes.fetch_add(1, Ordering::SeqCst);
+            let active = Active(self);
+            match self.gate.load(Ordering::SeqCst) {
+                GATE_OPEN => return Ok(active),
+                GATE_CLOSED => return Err(handed_over(&self.name)),
+                _ => {}
+            }
+            drop(active);
+            let mut g = self.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
+            while self.gate.load(Ordering::SeqCst) == GATE_FROZEN {
+                g = self.gate_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+        }
+    }
+
+    /// Cutover: new writes wait; returns once no write is between its gate
+    /// and the link (deferred ones may still wait for their ack: see
+    /// [`PrimaryVolume::drain`]).
+    pub fn freeze(&self) {
+        self.gate.store(GATE_FROZEN, Ordering::SeqCst);
+        let mut g = self.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.active_writes.load(Ordering::SeqCst) > 0 {
+            g = self
+                .gate_cv
+                .wait_timeout(g, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Cutover aborted: writes flow again.
+    pub fn unfreeze(&self) {
+        self.gate.store(GATE_OPEN, Ordering::SeqCst);
+        let _g = self.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.gate_cv.notify_all();
+    }
+
+    /// The volume now belongs to another node: held and new writes fail.
+    pub fn close_gate(&self) {
+        self.gate.store(GATE_CLOSED, Ordering::SeqCst);
+        let _g = self.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.gate_cv.notify_all();
+    }
+
+    /// Cutover, once frozen: waits until the peer holds everything durably —
+    /// no dirty block, nothing unacknowledged, a flush after the last write
+    /// made durable. Fails if the link is down or `timeout` passes.
+    pub fn drain(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.now_ms();
+            let mut l = self.link.lock();
+            if l.rep.phase() != ferry_core::link::Phase::Streaming {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "the link is not streaming ({:?}) after {} ms",
+                        l.rep.phase(),
+                        timeout.as_millis()
+                    ));
+                }
+                drop(l);
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let st = l.rep.status();
+            if st.dirty_bytes > 0 || !l.deferred.is_empty() {
+                drop(l);
+                if Instant::now() > deadline {
+                    return Err("the replica did not catch up in time".into());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            let Some(seq) = l.rep.on_flush(now) else {
+                return Err("the link cannot take a flush (it fell behind)".into());
+            };
+            self.link.push(
+                &mut l,
+                Out::Flush {
+                    seq,
+                    up_to_date_generation: None,
+                },
+            );
+            let epoch = l.rep.epoch();
+            drop(l);
+            self.link.pump();
+            let mut l = self.link.lock();
+            l = self.link.wait_for(l, epoch, seq, true);
+            if l.rep.epoch() != epoch {
+                return Err(l
+                    .stats
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the link dropped while draining".into()));
+            }
+            let st = l.rep.status();
+            if st.dirty_bytes == 0 && st.backlog_bytes == 0 && st.unconfirmed_extents == 0 {
+                return Ok(());
+            }
+            drop(l);
+            if Instant::now() > deadline {
+                return Err("the replica did not confirm everything in time".into());
+            }
+        }
+    }
+
     /// Records the activity-log extents `e` touches before a write into them.
+    ///
+    /// Group commit: a writer that finds its extents missing first posts them
+    /// in `al_pending`; whoever then holds the metadata lock records every
+    /// posted extent with one durable write, so writers missing at the same
+    /// time share one `fdatasync` (a cold volume under random writes would
+    /// otherwise pay one each, in a row).
     fn activity_log(&self, e: Extent) -> io::Result<()> {
         let first = e.offset >> AL_EXTENT_SHIFT;
         let last = (e.end().max(e.offset + 1) - 1) >> AL_EXTENT_SHIFT;
-        let mut meta = self.meta();
-        let missing: Vec<u64> = (first..=last)
-            .filter(|x| !meta.state().al_extents.contains(x))
-            .collect();
-        if missing.is_empty() {
+        let missing = |meta: &MetaFile| -> Vec<u64> {
+            (first..=last)
+                .filter(|x| !meta.state().al_extents.contains(x))
+                .collect()
+        };
+        let mine = missing(&self.meta());
+        if mine.is_empty() {
             return Ok(());
         }
+        self.al_pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(mine.iter().copied());
+        let mut meta = self.meta();
+        let mut todo: std::collections::BTreeSet<u64> = missing(&meta).into_iter().collect();
+        if todo.is_empty() {
+            // Another writer's commit recorded ours.
+            return Ok(());
+        }
+        todo.extend(std::mem::take(
+            &mut *self.al_pending.lock().unwrap_or_else(|p| p.into_inner()),
+        ));
+        todo.retain(|x| !meta.state().al_extents.contains(x));
         let max = self.settings.al_extents_max.min(super::meta::AL_SLOTS);
         let mut al = meta.state().al_extents.clone();
         let mut evicted = false;
-        for m in missing {
+        for m in todo {
             while al.len() >= max {
                 // Evict the oldest extent with no write in flight.
                 let pos = al
@@ -635,6 +859,9 @@ impl PrimaryVolume {
         out: impl FnOnce(u64) -> Out,
         fua: bool,
     ) -> io::Result<Begun> {
+        let _active = self.enter()?;
+        self.bytes_written
+            .fetch_add(extent.length, Ordering::Relaxed);
         let guard = self.overlap.acquire(extent);
         self.activity_log(extent)?;
         local()?;
@@ -889,6 +1116,8 @@ impl BlockDevice for PrimaryVolume {
                         started,
                         done,
                     });
+                    drop(l);
+                    self.throttle(started.elapsed());
                     return;
                 }
                 let confirmed = l.rep.epoch() == epoch;
@@ -896,12 +1125,14 @@ impl BlockDevice for PrimaryVolume {
                 self.answer(confirmed)
             }
         };
+        self.throttle(started.elapsed());
         self.write_latency
             .record(started.elapsed().as_micros() as u64);
         done.complete(result);
     }
 
     fn flush(&self) -> io::Result<()> {
+        let _active = self.enter()?;
         self.local.flush()?;
         let now = self.now_ms();
         let mut l = self.link.lock();

@@ -1,0 +1,787 @@
+//! Workloads and their live migration between nodes.
+//!
+//! A **workload** is a named set of volumes plus hooks (`start`, `stop`,
+//! `check`: shell commands run with a timeout, their output captured, with
+//! `FERRY_WORKLOAD`, `FERRY_NODE` and `FERRY_ROLE` in their environment). Its
+//! definition is a JSON file in `DATA_DIR/workloads/` on every node that holds
+//! it; a migration copies it to the target.
+//!
+//! A **migration** runs on the source node: its record (`DATA_DIR/migrations/`)
+//! holds the phase machine of [`ferry_core::migration`], fed once a second
+//! with samples of the workload's links, and survives an agent restart. The
+//! **cutover** ([`cutover`]) is orchestrated from the source:
+//!
+//! ```text
+//! stop hook at A → freeze A's volumes (new writes wait) → drain the links
+//!   (everything durable on B) → compare Merkle roots (BLAKE3) of every volume
+//!   → COMMIT: B records itself primary (new generation, durable) and exports
+//!   → A's held writes fail, A becomes B's replica (replication runs B → A)
+//!   → start hook at B → check hook at B passes
+//! ```
+//!
+//! Any failure before the commit point unfreezes A and runs its start hook
+//! again; the migration is then `rolled-back` and may be retried.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_core::link::{Mode, Phase, ReplicaState};
+use ferry_core::migration::{ConvergeConfig, LinkSample, Migration, MigrationPhase};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::agent::AgentCtx;
+
+/// Longest hook output kept (its tail).
+const HOOK_OUTPUT_BYTES_MAX: usize = 16 * 1024;
+
+/// A workload's definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    pub name: String,
+    pub volumes: Vec<String>,
+    #[serde(default)]
+    pub start: Option<String>,
+    #[serde(default)]
+    pub stop: Option<String>,
+    #[serde(default)]
+    pub check: Option<String>,
+    /// Each hook is killed after this long and counts as failed.
+    #[serde(default = "default_hook_timeout_ms")]
+    pub hook_timeout_ms: u64,
+}
+
+fn default_hook_timeout_ms() -> u64 {
+    30_000
+}
+
+fn workloads_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("workloads")
+}
+
+fn migrations_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("migrations")
+}
+
+/// Saves a workload definition (atomically).
+pub fn save_workload(data_dir: &Path, spec: &WorkloadSpec) -> Result<()> {
+    crate::volume::validate_name(&spec.name)
+        .map_err(|_| anyhow!("{:?} is not a valid workload name", spec.name))?;
+    if spec.volumes.is_empty() {
+        bail!("a workload needs at least one volume (--volume NAME)");
+    }
+    let dir = workloads_dir(data_dir);
+    std::fs::create_dir_all(&dir)?;
+    crate::agent::write_atomic_private(
+        &dir.join(format!("{}.json", spec.name)),
+        &serde_json::to_vec_pretty(spec)?,
+    )
+}
+
+pub fn load_workload(data_dir: &Path, name: &str) -> Result<Option<WorkloadSpec>> {
+    crate::volume::validate_name(name)
+        .map_err(|_| anyhow!("{name:?} is not a valid workload name"))?;
+    let path = workloads_dir(data_dir).join(format!("{name}.json"));
+    match std::fs::read(&path) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!("workload file {} is damaged", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn list_workloads(data_dir: &Path) -> Result<Vec<WorkloadSpec>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(workloads_dir(data_dir)) else {
+        return Ok(out);
+    };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if let Some(name) = n.strip_suffix(".json") {
+            if let Some(w) = load_workload(data_dir, name)? {
+                out.push(w);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+pub fn delete_workload(data_dir: &Path, name: &str) -> Result<bool> {
+    crate::volume::validate_name(name)
+        .map_err(|_| anyhow!("{name:?} is not a valid workload name"))?;
+    match std::fs::remove_file(workloads_dir(data_dir).join(format!("{name}.json"))) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What a hook did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HookRun {
+    pub hook: String,
+    pub ok: bool,
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub elapsed_ms: u64,
+    /// The tail of its stdout and stderr.
+    pub output: String,
+}
+
+/// Runs `cmd` with `sh -c` in its own process group, killed (the whole
+/// group) after `timeout`.
+pub fn run_hook(hook: &str, cmd: &str, timeout: Duration, env: &[(&str, &str)]) -> HookRun {
+    use std::os::unix::process::CommandExt;
+    let started = Instant::now();
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let failed = |why: String| HookRun {
+        hook: hook.to_string(),
+        ok: false,
+        exit_code: None,
+        timed_out: false,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        output: why,
+    };
+    let mut child = match c.spawn() {
+        Ok(ch) => ch,
+        Err(e) => return failed(format!("cannot run sh: {e}")),
+    };
+    // Collect output on threads, so a chatty hook never blocks on a full pipe.
+    let collect = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = r.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.len() > 2 * HOOK_OUTPUT_BYTES_MAX {
+                        buf.drain(..buf.len() - HOOK_OUTPUT_BYTES_MAX);
+                    }
+                }
+            }
+            buf
+        })
+    };
+    let out = collect(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = collect(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let deadline = started + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if Instant::now() >= deadline => {
+                timed_out = true;
+                // SAFETY: kill(2) with a negative pid signals the hook's own
+                // process group (made by process_group(0) above); no memory is
+                // touched.
+                unsafe {
+                    libc::kill(-(child.id() as i32), libc::SIGKILL);
+                }
+                break child.wait().ok();
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(_) => break None,
+        }
+    };
+    let mut output = out.join().unwrap_or_default();
+    output.extend(err.join().unwrap_or_default());
+    if output.len() > HOOK_OUTPUT_BYTES_MAX {
+        output.drain(..output.len() - HOOK_OUTPUT_BYTES_MAX);
+    }
+    let exit_code = status.and_then(|s| s.code());
+    HookRun {
+        hook: hook.to_string(),
+        ok: !timed_out && exit_code == Some(0),
+        exit_code,
+        timed_out,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        output: String::from_utf8_lossy(&output).into_owned(),
+    }
+}
+
+/// Runs one of a workload's hooks on this node, if it has one.
+pub fn workload_hook(
+    ctx: &AgentCtx,
+    spec: &WorkloadSpec,
+    which: &str,
+    role: &str,
+) -> Option<HookRun> {
+    let cmd = match which {
+        "start" => spec.start.as_deref(),
+        "stop" => spec.stop.as_deref(),
+        "check" => spec.check.as_deref(),
+        _ => None,
+    }?;
+    let run = run_hook(
+        which,
+        cmd,
+        Duration::from_millis(spec.hook_timeout_ms),
+        &[
+            ("FERRY_WORKLOAD", &spec.name),
+            ("FERRY_NODE", &ctx.identity.node_name),
+            ("FERRY_ROLE", role),
+        ],
+    );
+    tracing::info!(workload = %spec.name, hook = which, ok = run.ok, exit_code = ?run.exit_code,
+        timed_out = run.timed_out, elapsed_ms = run.elapsed_ms, "workload.hook");
+    Some(run)
+}
+
+/// A migration as the source node keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub workload: String,
+    pub source: String,
+    pub target: String,
+    pub mode: String,
+    pub started_unix: u64,
+    pub state: Migration,
+    /// The last cutover's report.
+    pub last_cutover: Option<Value>,
+}
+
+impl MigrationRecord {
+    pub fn save(&self, data_dir: &Path) -> Result<()> {
+        let dir = migrations_dir(data_dir);
+        std::fs::create_dir_all(&dir)?;
+        crate::agent::write_atomic_private(
+            &dir.join(format!("{}.json", self.workload)),
+            &serde_json::to_vec_pretty(self)?,
+        )
+    }
+}
+
+/// Loads the migrations recorded in the data dir (after the volumes are
+/// loaded). One that was cutting over when the agent stopped is settled by
+/// where its volumes are now: still primary here means the commit point was
+/// not reached.
+pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord>> {
+    let mut out = HashMap::new();
+    let Ok(rd) = std::fs::read_dir(migrations_dir(&ctx.cfg.data_dir)) else {
+        return Ok(out);
+    };
+    for e in rd.flatten() {
+        let bytes = std::fs::read(e.path())?;
+        let mut rec: MigrationRecord = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(err) => {
+                tracing::warn!(file = %e.path().display(), error = %err, "migration.record.unreadable");
+                continue;
+            }
+        };
+        if rec.state.phase == MigrationPhase::CuttingOver {
+            let spec = load_workload(&ctx.cfg.data_dir, &rec.workload)?;
+            let still_here = spec
+                .map(|s| s.volumes.iter().all(|v| ctx.primary(v).is_some()))
+                .unwrap_or(false);
+            if still_here {
+                rec.state.cutover_aborted(
+                    "the agent stopped during the cutover, before its commit point",
+                );
+            } else {
+                rec.state.cutover_done();
+            }
+            rec.save(&ctx.cfg.data_dir)?;
+        }
+        out.insert(rec.workload.clone(), rec);
+    }
+    Ok(out)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `ferry migrate start`: replicate every volume of `workload` to `to`.
+pub fn start(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    to: &str,
+    mode: Mode,
+    max_rate: Option<u64>,
+    auto_converge: bool,
+) -> Result<Value> {
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+        anyhow!(
+            "no workload {workload:?} on node {}: create it with `ferry workload create`",
+            ctx.identity.node_name
+        )
+    })?;
+    {
+        let migs = ctx.migrations();
+        if let Some(m) = migs.get(workload) {
+            if !m.state.phase.is_final() && m.target != to {
+                bail!("workload {workload:?} is already migrating to {}", m.target);
+            }
+        }
+        let active = migs
+            .values()
+            .filter(|m| !m.state.phase.is_final() && m.workload != workload)
+            .count();
+        if active >= ctx.cfg.migration.migrations_max {
+            bail!(
+                "{active} migrations are running (migrations_max {}); wait for one to finish",
+                ctx.cfg.migration.migrations_max
+            );
+        }
+    }
+    let peer = ctx.peers.get(to).ok_or_else(|| {
+        anyhow!("node {to:?} is not registered: run `ferry node add {to} --api HOST:PORT` first")
+    })?;
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    // Space on the target, checked before anything starts.
+    let need: u64 = spec
+        .volumes
+        .iter()
+        .map(|v| {
+            ctx.primary(v)
+                .map(|p| ferry_nbd::BlockDevice::size(&p.local))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "volume {v:?} of workload {workload:?} is not a primary on node {}",
+                        ctx.identity.node_name
+                    )
+                })
+        })
+        .sum::<Result<u64>>()?;
+    let node = client.get("/api/v1/node")?;
+    if let Some(free) = node["free_bytes"].as_u64() {
+        let have: u64 = spec
+            .volumes
+            .iter()
+            .filter_map(|v| ctx.primary(v))
+            .map(|p| p.allocated_bytes())
+            .sum();
+        if have > free {
+            bail!(
+                "node {to} has {} free, the workload's volumes hold {} (of {} provisioned): refusing to start",
+                ferry_core::ByteSize(free),
+                ferry_core::ByteSize(have),
+                ferry_core::ByteSize(need)
+            );
+        }
+    }
+    client
+        .put(
+            &format!("/api/v1/workloads/{workload}"),
+            &serde_json::to_value(&spec)?,
+        )
+        .with_context(|| format!("node {to} could not store the workload definition"))?;
+    for v in &spec.volumes {
+        ctx.start_replication(v, to, mode, max_rate, false)?;
+    }
+    let rec = MigrationRecord {
+        workload: workload.to_string(),
+        source: ctx.identity.node_name.clone(),
+        target: to.to_string(),
+        mode: if mode == Mode::Sync { "sync" } else { "async" }.into(),
+        started_unix: unix_now(),
+        state: Migration::new(auto_converge, ConvergeConfig::default()),
+        last_cutover: None,
+    };
+    rec.save(&ctx.cfg.data_dir)?;
+    ctx.migrations().insert(workload.to_string(), rec);
+    sample(ctx, workload);
+    status(ctx, workload)
+}
+
+/// Feeds the migration of `workload` one sample of its links.
+pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
+    let Some(spec) = load_workload(&ctx.cfg.data_dir, workload).ok().flatten() else {
+        return;
+    };
+    let now_ms = ctx.started.elapsed().as_millis() as u64;
+    let mut s = LinkSample {
+        now_ms,
+        connected: true,
+        up_to_date: true,
+        ..LinkSample::default()
+    };
+    let mut throttle_targets = Vec::new();
+    for v in &spec.volumes {
+        let Some(p) = ctx.primary(v) else {
+            s.connected = false;
+            s.up_to_date = false;
+            continue;
+        };
+        let l = p.link.lock();
+        let st = l.rep.status();
+        s.connected &= st.phase == Phase::Streaming || st.phase == Phase::Resyncing;
+        s.up_to_date &= st.replica == ReplicaState::UpToDate && st.phase == Phase::Streaming;
+        s.seeding |= st.phase == Phase::Resyncing;
+        s.bytes_remaining += st.dirty_bytes + st.backlog_bytes;
+        s.bytes_sent_total += l.stats.bytes_sent;
+        drop(l);
+        s.bytes_written_total += p.bytes_written();
+        throttle_targets.push(p);
+    }
+    let mut migs = ctx.migrations();
+    let Some(rec) = migs.get_mut(workload) else {
+        return;
+    };
+    let before = (
+        rec.state.phase,
+        rec.state.not_converging,
+        rec.state.throttle_pct,
+    );
+    rec.state.observe(s);
+    for p in &throttle_targets {
+        p.set_throttle_pct(rec.state.throttle_pct);
+    }
+    if before
+        != (
+            rec.state.phase,
+            rec.state.not_converging,
+            rec.state.throttle_pct,
+        )
+    {
+        tracing::info!(
+            workload,
+            phase = rec.state.phase.as_str(),
+            not_converging = rec.state.not_converging,
+            throttle_pct = rec.state.throttle_pct,
+            "migration.phase"
+        );
+        if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+            tracing::error!(workload, error = %e, "migration.record.save_failed");
+        }
+    }
+}
+
+/// The status document of one migration.
+pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let migs = ctx.migrations();
+    let rec = migs.get(workload).ok_or_else(|| {
+        anyhow!(
+            "no migration of workload {workload:?} on node {}",
+            ctx.identity.node_name
+        )
+    })?;
+    let m = &rec.state;
+    let lag_seconds =
+        (m.send_rate_bytes_per_s > 1.0).then(|| m.bytes_remaining as f64 / m.send_rate_bytes_per_s);
+    Ok(json!({
+        "workload": rec.workload,
+        "source": rec.source,
+        "target": rec.target,
+        "mode": rec.mode,
+        "phase": m.phase.as_str(),
+        "bytes_remaining": m.bytes_remaining,
+        "eta_seconds": m.eta_seconds().map(|s| (s * 10.0).round() / 10.0),
+        "bandwidth_bytes_per_s": m.send_rate_bytes_per_s.round() as u64,
+        "write_rate_bytes_per_s": m.write_rate_bytes_per_s.round() as u64,
+        "lag_seconds": lag_seconds.map(|s| (s * 100.0).round() / 100.0),
+        "not_converging": m.not_converging,
+        "auto_converge": m.auto_converge,
+        "throttle_pct": m.throttle_pct,
+        "reason": m.reason,
+        "started_unix": rec.started_unix,
+        "last_cutover": rec.last_cutover,
+    }))
+}
+
+pub fn statuses(ctx: &Arc<AgentCtx>) -> Result<Value> {
+    let mut names: Vec<String> = ctx.migrations().keys().cloned().collect();
+    names.sort();
+    Ok(Value::Array(
+        names
+            .iter()
+            .map(|n| status(ctx, n))
+            .collect::<Result<Vec<_>>>()?,
+    ))
+}
+
+fn set_phase(ctx: &AgentCtx, workload: &str, f: impl FnOnce(&mut MigrationRecord)) {
+    let mut migs = ctx.migrations();
+    if let Some(rec) = migs.get_mut(workload) {
+        f(rec);
+        if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+            tracing::error!(workload, error = %e, "migration.record.save_failed");
+        }
+    }
+}
+
+/// `ferry migrate cutover`: see the module documentation. Blocks until it
+/// ends; returns the report (downtime, outage, each step's time).
+pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?
+        .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    sample(ctx, workload);
+    let (target, mode) = {
+        let mut migs = ctx.migrations();
+        let rec = migs.get_mut(workload).ok_or_else(|| {
+            anyhow!(
+                "workload {workload:?} is not migrating from node {}",
+                ctx.identity.node_name
+            )
+        })?;
+        rec.state
+            .begin_cutover()
+            .map_err(|e| anyhow!("cutover refused: {e}"))?;
+        rec.save(&ctx.cfg.data_dir)?;
+        (
+            rec.target.clone(),
+            if rec.mode == "async" {
+                Mode::Async
+            } else {
+                Mode::Sync
+            },
+        )
+    };
+    tracing::info!(workload, %target, "cutover.begin");
+    let peer = ctx
+        .peers
+        .get(&target)
+        .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let mut steps: Vec<(String, u64)> = Vec::new();
+    let t0 = Instant::now();
+    let step = |steps: &mut Vec<(String, u64)>, name: &str| {
+        steps.push((name.to_string(), t0.elapsed().as_micros() as u64))
+    };
+    let mut hooks: Vec<HookRun> = Vec::new();
+
+    let vols: Vec<_> = spec
+        .volumes
+        .iter()
+        .map(|v| {
+            ctx.primary(v)
+                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
+        })
+        .collect::<Result<_>>()?;
+    // Everything up to the commit point may be undone.
+    let abort = |why: String, frozen: bool, hooks: &mut Vec<HookRun>| -> anyhow::Error {
+        if frozen {
+            for v in &vols {
+                v.unfreeze();
+            }
+        }
+        if let Some(h) = workload_hook(ctx, &spec, "start", "source") {
+            hooks.push(h);
+        }
+        tracing::warn!(workload, reason = %why, "cutover.aborted: the source resumes");
+        set_phase(ctx, workload, |r| r.state.cutover_aborted(why.clone()));
+        anyhow!(
+            "cutover aborted before its commit point, {} serves again: {why}",
+            ctx.identity.node_name
+        )
+    };
+
+    if let Some(h) = workload_hook(ctx, &spec, "stop", "source") {
+        let ok = h.ok;
+        let why = format!(
+            "stop hook failed (exit {:?}, timed out {}): {}",
+            h.exit_code,
+            h.timed_out,
+            h.output.trim()
+        );
+        hooks.push(h);
+        if !ok {
+            return Err(abort(why, false, &mut hooks));
+        }
+    }
+    step(&mut steps, "stopped");
+    let frozen_at = Instant::now();
+    for v in &vols {
+        v.freeze();
+    }
+    step(&mut steps, "frozen");
+    for v in &vols {
+        if let Err(e) = v.drain(Duration::from_millis(
+            ctx.cfg.migration.cutover_drain_timeout_ms,
+        )) {
+            return Err(abort(format!("volume {}: {e}", v.name), true, &mut hooks));
+        }
+    }
+    step(&mut steps, "drained");
+    let g = ctx.cfg.replication.granularity_bytes;
+    for v in &vols {
+        let local = match crate::replication::verify::leaf_hashes(&**v, g) {
+            Ok(l) => l,
+            Err(e) => {
+                return Err(abort(
+                    format!("reading volume {}: {e:#}", v.name),
+                    true,
+                    &mut hooks,
+                ))
+            }
+        };
+        let remote = match client.get(&format!("/api/v1/volumes/{}/hashes", v.name)) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(abort(
+                    format!("{target} did not send its hashes of {}: {e:#}", v.name),
+                    true,
+                    &mut hooks,
+                ))
+            }
+        };
+        let remote: Vec<&str> = remote["hashes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
+            .unwrap_or_default();
+        let differing: Vec<u64> = local
+            .iter()
+            .enumerate()
+            .filter(|(i, h)| remote.get(*i).is_none_or(|r| *r != h.to_hex().as_str()))
+            .map(|(i, _)| i as u64)
+            .collect();
+        if !differing.is_empty() || remote.len() != local.len() {
+            let first = differing.first().map(|b| b * g);
+            return Err(abort(
+                format!("Merkle roots of {} differ in {} blocks (first at byte {:?}): the target is not equal", v.name, differing.len(), first),
+                true,
+                &mut hooks,
+            ));
+        }
+    }
+    step(&mut steps, "verified");
+    // The commit point: the target records itself primary.
+    let me = ctx.identity.node_name.clone();
+    let mut committed = 0;
+    for v in &vols {
+        let r = client.post(
+            &format!("/api/v1/volumes/{}/promote", v.name),
+            &json!({"reverse_to": me, "mode": if mode == Mode::Sync { "sync" } else { "async" }}),
+        );
+        match r {
+            Ok(_) => committed += 1,
+            Err(e) if committed == 0 => {
+                return Err(abort(
+                    format!("{target} could not take over {}: {e:#}", v.name),
+                    true,
+                    &mut hooks,
+                ));
+            }
+            Err(e) => {
+                // Past the commit point of the first volume: there is no going back.
+                set_phase(ctx, workload, |r| {
+                    r.state.fail(format!(
+                        "{target} took over some volumes but not {}: {e:#}",
+                        v.name
+                    ))
+                });
+                bail!("cutover failed after its commit point: {target} could not take over {}: {e:#}; the other volumes are served by {target}", v.name);
+            }
+        }
+    }
+    step(&mut steps, "committed");
+    for v in &vols {
+        if let Err(e) = ctx.demote_volume(&v.name, &target) {
+            tracing::error!(volume = %v.name, error = %format!("{e:#}"), "cutover.demote_failed");
+        }
+    }
+    step(&mut steps, "source-replica");
+    let start_at_b = client.post(
+        &format!("/api/v1/workloads/{workload}/hooks/start"),
+        &json!({"role": "target"}),
+    );
+    let serving_at = Instant::now();
+    step(&mut steps, "target-started");
+    let downtime_ms = serving_at.duration_since(frozen_at).as_secs_f64() * 1000.0;
+    let start_hook: Option<HookRun> = start_at_b
+        .as_ref()
+        .ok()
+        .and_then(|v| serde_json::from_value(v["run"].clone()).ok());
+    let mut check_ok = true;
+    if let Some(h) = &start_hook {
+        if !h.ok {
+            check_ok = false;
+        }
+    }
+    if let Err(e) = &start_at_b {
+        check_ok = false;
+        tracing::error!(workload, error = %format!("{e:#}"), "cutover.target_start_failed");
+    }
+    if let Some(h) = start_hook {
+        hooks.push(h);
+    }
+    // The app-visible outage ends when the check passes at the target.
+    let mut outage_ms = None;
+    if check_ok && spec.check.is_some() {
+        let deadline = Instant::now() + Duration::from_millis(spec.hook_timeout_ms);
+        loop {
+            let r = client.post(
+                &format!("/api/v1/workloads/{workload}/hooks/check"),
+                &json!({"role": "target"}),
+            );
+            let run: Option<HookRun> = r
+                .ok()
+                .and_then(|v| serde_json::from_value(v["run"].clone()).ok());
+            if run.as_ref().is_some_and(|h| h.ok) {
+                outage_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+                hooks.extend(run);
+                break;
+            }
+            if Instant::now() > deadline {
+                check_ok = false;
+                hooks.extend(run);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    } else if check_ok {
+        outage_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    step(&mut steps, "checked");
+    let report = json!({
+        "workload": workload,
+        "from": me,
+        "to": target,
+        "downtime_ms": (downtime_ms * 10.0).round() / 10.0,
+        "outage_ms": outage_ms.map(|o| (o * 10.0).round() / 10.0),
+        "steps_us": steps.iter().map(|(n, t)| json!({"step": n, "at_us": t})).collect::<Vec<_>>(),
+        "hooks": hooks,
+        "target_healthy": check_ok,
+    });
+    set_phase(ctx, workload, |r| {
+        if check_ok {
+            r.state.cutover_done();
+        } else {
+            r.state.fail(format!("{target} serves the volumes but its start/check hook failed: see last_cutover.hooks"));
+        }
+        r.last_cutover = Some(report.clone());
+    });
+    tracing::info!(
+        workload,
+        downtime_ms,
+        ?outage_ms,
+        healthy = check_ok,
+        "cutover.done"
+    );
+    Ok(report)
+}

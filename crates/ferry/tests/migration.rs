@@ -1,0 +1,221 @@
+//! Live migration of a workload between two agents on 127.0.0.1: phases,
+//! hooks, a verified cutover under live writes, and a cutover that aborts
+//! because the target died.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::agent::{pair, wait_until, Agent};
+use common::*;
+
+fn two_agents(extra: &str) -> (tempfile::TempDir, Agent, Agent) {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-migr-")
+        .tempdir()
+        .unwrap();
+    let a = Agent::start(root.path(), "a", extra);
+    let b = Agent::start(root.path(), "b", extra);
+    pair(&a, &b);
+    (root, a, b)
+}
+
+/// Writes numbered 4 KiB records (record i at offset i × 4 KiB, every byte
+/// `i % 200 + 1`) through `uri` until told to stop or a write fails; returns
+/// the records whose write was acknowledged.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<u64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(uri: String, first: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i = first;
+            while !s.load(Ordering::SeqCst) {
+                let out = Command::new("qemu-io")
+                    .args(["-f", "raw", "-c"])
+                    .arg(format!("write -P {} {} 4k", i % 200 + 1, i * 4096))
+                    .arg(&uri)
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() || !text.contains("wrote 4096/4096") {
+                    return;
+                }
+                a.lock().unwrap().push(i);
+                i += 1;
+            }
+        });
+        Writer {
+            stop,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn finish(mut self) -> Vec<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+fn verify_records(uri: &str, records: &[u64]) {
+    for chunk in records.chunks(64) {
+        let cmds: Vec<String> = chunk
+            .iter()
+            .map(|i| format!("read -P {} {} 4k", i % 200 + 1, i * 4096))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(uri, &cmds);
+    }
+}
+
+fn phase(a: &Agent, w: &str) -> String {
+    a.json(&["migrate", "status", w])["phase"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn verified_cutover_under_live_writes_moves_the_workload() {
+    require("qemu-io");
+    let (root, a, b) = two_agents("");
+    let hooks = root.path().join("hooks.log");
+    let h = hooks.display();
+    a.ok(&["volume", "create", "app", "--size", "64MiB"]);
+    qemu_io(&a.uri("app"), &["write -P 0x77 32M 8M"]);
+    a.ok(&[
+        "workload",
+        "create",
+        "web",
+        "--volume",
+        "app",
+        "--start",
+        &format!("echo start $FERRY_NODE $FERRY_ROLE $FERRY_WORKLOAD >> {h}"),
+        "--stop",
+        &format!("echo stop $FERRY_NODE $FERRY_ROLE >> {h}"),
+        "--check",
+        &format!("grep -q 'start b' {h}"),
+        "--hook-timeout",
+        "10s",
+    ]);
+    // Cutover is refused before a migration exists, and before it is ready.
+    let out = a
+        .cli()
+        .args(["migrate", "cutover", "web"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let writer = Writer::start(a.uri("app"), 0);
+    let st = a.json(&["migrate", "start", "web", "--to", "b"]);
+    assert!(
+        ["seeding", "syncing", "ready"].contains(&st["phase"].as_str().unwrap()),
+        "{st}"
+    );
+    assert!(
+        st["bytes_remaining"].is_u64() && st.get("eta_seconds").is_some(),
+        "{st}"
+    );
+    wait_until(60, "migration ready", || phase(&a, "web") == "ready");
+    wait_until(30, "writes during the migration", || writer.acked() >= 20);
+    // Cut over while the writer keeps writing: its writes wait during the
+    // freeze and fail once the volume belongs to b.
+    let report = a.json(&["migrate", "cutover", "web"]);
+    let acked = writer.finish();
+    assert_eq!(report["to"], "b", "{report}");
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert!(downtime > 0.0 && downtime < 10_000.0, "{report}");
+    assert!(
+        report["outage_ms"].as_f64().unwrap() >= downtime,
+        "{report}"
+    );
+    assert_eq!(report["target_healthy"], true, "{report}");
+    assert_eq!(phase(&a, "web"), "completed");
+    // Hooks ran where and in the order they should, with their environment.
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert_eq!(log, "stop a source\nstart b target web\n", "{log}");
+    // b serves the volume now, with every acknowledged record and the old data.
+    assert!(acked.len() >= 20);
+    verify_records(&b.uri("app"), &acked);
+    qemu_io(&b.uri("app"), &["read -P 0x77 32M 8M"]);
+    assert_eq!(b.status("app")["role"], "primary");
+    // a holds the replica; replication runs b → a and b's writes reach a.
+    assert_eq!(a.status("app")["role"], "secondary");
+    qemu_io(&b.uri("app"), &["write -P 0x42 60M 1M"]);
+    b.ok(&["replicate", "wait", "app", "--timeout", "30s"]);
+    let out = b.json(&["volume", "verify", "app"]);
+    assert_eq!(out["equal"], true, "{out}");
+    assert!(
+        qemu_io_fails(&a.uri("app")),
+        "the old primary must not serve the volume any more"
+    );
+}
+
+fn qemu_io_fails(uri: &str) -> bool {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4k", uri])
+        .output()
+        .unwrap();
+    !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("wrote")
+}
+
+#[test]
+fn cutover_aborts_before_the_commit_point_when_the_target_dies() {
+    require("qemu-io");
+    let (root, a, mut b) = two_agents("\n[migration]\ncutover_drain_timeout_ms = 2000\n");
+    let hooks = root.path().join("hooks.log");
+    let h = hooks.display();
+    a.ok(&["volume", "create", "db", "--size", "32MiB"]);
+    // The stop hook kills b (once: a flag file arms it), so the target dies
+    // after the cutover has begun.
+    let armed = root.path().join("armed");
+    std::fs::write(&armed, "").unwrap();
+    let f = armed.display();
+    a.ok(&[
+        "workload",
+        "create",
+        "pg",
+        "--volume",
+        "db",
+        "--start",
+        &format!("echo start $FERRY_NODE >> {h}"),
+        "--stop",
+        &format!(
+            "if rm {f} 2>/dev/null; then kill -9 {}; fi; echo stop $FERRY_NODE >> {h}",
+            b.pid()
+        ),
+    ]);
+    a.ok(&["migrate", "start", "pg", "--to", "b"]);
+    wait_until(60, "migration ready", || phase(&a, "pg") == "ready");
+    let out = a.cli().args(["migrate", "cutover", "pg"]).output().unwrap();
+    b.kill9();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "cutover to a dead node must fail");
+    assert!(err.contains("aborted before its commit point"), "{err}");
+    assert_eq!(phase(&a, "pg"), "rolled-back");
+    // a serves again: the start hook ran again, writes work.
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert_eq!(log, "stop a\nstart a\n", "{log}");
+    qemu_io(&a.uri("db"), &["write -P 9 0 64k", "read -P 9 0 64k"]);
+    // b returns: the migration becomes ready again and can be retried.
+    b.spawn();
+    wait_until(60, "ready again", || phase(&a, "pg") == "ready");
+    let report = a.json(&["migrate", "cutover", "pg"]);
+    assert_eq!(report["to"], "b");
+    qemu_io(&b.uri("db"), &["read -P 9 0 64k"]);
+    std::thread::sleep(Duration::from_millis(10));
+}
