@@ -630,7 +630,7 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     step(&mut steps, "drained");
     let g = ctx.cfg.replication.granularity_bytes;
     for v in &vols {
-        let local = match crate::replication::verify::leaf_hashes(&**v, g) {
+        let local = match v.leaves.current(&v.local) {
             Ok(l) => l,
             Err(e) => {
                 return Err(abort(

@@ -17,6 +17,7 @@
 //! al_extents_max = 256
 //! link_flush_interval_ms = 5000
 //! link_flush_bytes = 268435456
+//! leaf_refresh_bytes_per_s = 268435456 # background Merkle-leaf hashing of written blocks
 //!
 //! [migration]                          # all optional; defaults shown
 //! migrations_max = 4                   # workloads migrating at once
@@ -150,6 +151,9 @@ pub struct ReplicationSettings {
     /// that much. Each is an `fdatasync` on the replica.
     pub link_flush_interval_ms: u64,
     pub link_flush_bytes: u64,
+    /// Background re-hashing of written blocks (Merkle leaves), so a cutover
+    /// re-reads only what was written since; 0 leaves it all to the cutover.
+    pub leaf_refresh_bytes_per_s: u64,
 }
 
 impl Default for ReplicationSettings {
@@ -164,6 +168,7 @@ impl Default for ReplicationSettings {
             al_extents_max: 256,
             link_flush_interval_ms: 5_000,
             link_flush_bytes: 256 * 1024 * 1024,
+            leaf_refresh_bytes_per_s: 256 * 1024 * 1024,
         }
     }
 }

@@ -139,7 +139,13 @@ impl AgentCtx {
                 let dev = FileDevice::open(&image, false)
                     .with_context(|| format!("cannot open {}", image.display()))?;
                 m.update(|s| s.clean = false)?;
-                let v = Arc::new(SecondaryVolume::new(name.to_string(), info.id, dev, m));
+                let v = Arc::new(SecondaryVolume::new(
+                    name.to_string(),
+                    info.id,
+                    dev,
+                    m,
+                    self.cfg.replication.granularity_bytes,
+                ));
                 self.secondaries
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -695,6 +701,12 @@ pub fn run(config_path: &Path) -> Result<()> {
             .name("repl-accept".into())
             .spawn(move || secondary::serve(repl_listener, ctx))?;
     }
+    {
+        let ctx = ctx.clone();
+        std::thread::Builder::new()
+            .name("leaf-hasher".into())
+            .spawn(move || leaf_hasher(&ctx))?;
+    }
     rt.spawn(crate::api::server::serve(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
     tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint,
@@ -720,6 +732,32 @@ pub fn run(config_path: &Path) -> Result<()> {
 }
 
 /// Once a second: transfer rates, and the dirty maps saved when they changed.
+/// Keeps every volume's Merkle leaves current in the background, at most
+/// `leaf_refresh_bytes_per_s`.
+fn leaf_hasher(ctx: &Arc<AgentCtx>) {
+    const TICK: Duration = Duration::from_millis(100);
+    let rate = ctx.cfg.replication.leaf_refresh_bytes_per_s;
+    if rate == 0 {
+        return;
+    }
+    loop {
+        std::thread::sleep(TICK);
+        let mut budget = rate / 10;
+        for p in ctx.primaries() {
+            match p.leaves.refresh(&p.local, budget) {
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) => tracing::warn!(volume = %p.name, error = %e, "merkle.refresh_failed"),
+            }
+        }
+        for s in ctx.secondaries() {
+            match s.leaves.refresh(&s.dev, budget) {
+                Ok(n) => budget = budget.saturating_sub(n),
+                Err(e) => tracing::warn!(volume = %s.name, error = %e, "merkle.refresh_failed"),
+            }
+        }
+    }
+}
+
 async fn housekeeping(ctx: Arc<AgentCtx>) {
     let mut tick = 0u64;
     let mut last: HashMap<String, (u64, u64)> = HashMap::new();

@@ -545,6 +545,7 @@ pub fn status_of(ctx: &Arc<AgentCtx>, name: &str) -> Result<Value, ApiError> {
             "rate_bytes_per_s": rate.round() as u64,
             "eta_seconds": eta,
             "max_rate_bytes_per_s": l.max_rate_bytes_per_s,
+            "merkle_stale_blocks": v.leaves.stale_blocks(),
             "last_error": l.stats.last_error,
         }));
     }
@@ -616,52 +617,18 @@ async fn stop_replication(State(ctx): Ctx, Path(name): Path<String>) -> ApiResul
 async fn hashes(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
     let g = ctx.cfg.replication.granularity_bytes;
     let leaves = blocking(move || {
-        let dev: Box<dyn ferry_nbd::BlockDevice> = if let Some(p) = ctx.primary(&name) {
-            Box::new(p)
+        if let Some(p) = ctx.primary(&name) {
+            Ok(p.leaves.current(&p.local)?)
         } else if let Some(s) = ctx.secondary(&name) {
-            Box::new(SecondaryImage(s))
+            Ok(s.leaves.current(&s.dev)?)
         } else {
             anyhow::bail!("no volume named {name:?} here");
-        };
-        crate::replication::verify::leaf_hashes(&*dev, g)
+        }
     })
     .await?;
     Ok(Json(
         json!({"granularity_bytes": g, "hashes": leaves.iter().map(|h| h.to_hex().to_string()).collect::<Vec<_>>()}),
     ))
-}
-
-/// A replica's image, read-only, for hashing.
-struct SecondaryImage(Arc<crate::replication::secondary::SecondaryVolume>);
-
-impl ferry_nbd::BlockDevice for SecondaryImage {
-    fn size(&self) -> u64 {
-        self.0.dev.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, _: &[u8], _: u64, _: bool) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EROFS))
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn trim(&self, _: u64, _: u64, _: bool) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EROFS))
-    }
-    fn write_zeroes(&self, _: u64, _: u64, _: ferry_nbd::ZeroMode, _: bool) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EROFS))
-    }
-    fn block_status(
-        &self,
-        o: u64,
-        l: u64,
-        m: usize,
-        out: &mut Vec<ferry_nbd::Allocation>,
-    ) -> std::io::Result<()> {
-        self.0.dev.block_status(o, l, m, out)
-    }
 }
 
 async fn verify(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {

@@ -407,6 +407,8 @@ pub struct PrimaryVolume {
     bytes_written: std::sync::atomic::AtomicU64,
     /// Auto-converge: percent of the write rate held back by delaying replies.
     throttle_pct: std::sync::atomic::AtomicU8,
+    /// Merkle leaves kept current for cutovers and verify.
+    pub leaves: super::verify::LeafCache,
 }
 
 const GATE_OPEN: u8 = 0;
@@ -470,6 +472,7 @@ impl PrimaryVolume {
             ..LinkConfig::default()
         };
         let rep = Replicator::new(cfg, dirty, st.consistent);
+        let leaves = super::verify::LeafCache::new(local.size(), settings.granularity_bytes);
         PrimaryVolume {
             name,
             id,
@@ -507,6 +510,7 @@ impl PrimaryVolume {
             gate_cv: Condvar::new(),
             bytes_written: std::sync::atomic::AtomicU64::new(0),
             throttle_pct: std::sync::atomic::AtomicU8::new(0),
+            leaves,
         }
     }
 
@@ -864,7 +868,10 @@ impl PrimaryVolume {
             .fetch_add(extent.length, Ordering::Relaxed);
         let guard = self.overlap.acquire(extent);
         self.activity_log(extent)?;
-        local()?;
+        let wrote = local();
+        // Even a failed write may have changed some bytes.
+        self.leaves.invalidate(extent.offset, extent.length);
+        wrote?;
         if fua {
             self.local.flush()?;
         }

@@ -37,6 +37,8 @@ pub struct SecondaryVolume {
     pub durable_seq: AtomicU64,
     pub bytes_applied: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// Merkle leaves kept current as the stream applies.
+    pub leaves: super::verify::LeafCache,
 }
 
 impl std::fmt::Debug for SecondaryVolume {
@@ -48,8 +50,16 @@ impl std::fmt::Debug for SecondaryVolume {
 }
 
 impl SecondaryVolume {
-    pub fn new(name: String, id: String, dev: FileDevice, meta: MetaFile) -> SecondaryVolume {
+    pub fn new(
+        name: String,
+        id: String,
+        dev: FileDevice,
+        meta: MetaFile,
+        granularity_bytes: u64,
+    ) -> SecondaryVolume {
+        let leaves = super::verify::LeafCache::new(dev.size(), granularity_bytes);
         SecondaryVolume {
+            leaves,
             name,
             id,
             dev,
@@ -400,9 +410,9 @@ fn apply_one(
     match hdr.kind {
         Kind::Write | Kind::Copy => {
             check_range(vol, hdr.offset, payload.len() as u64)?;
-            vol.dev
-                .write_at(payload, hdr.offset, false)
-                .with_context(|| format!("writing {} bytes at {}", payload.len(), hdr.offset))?;
+            let wrote = vol.dev.write_at(payload, hdr.offset, false);
+            vol.leaves.invalidate(hdr.offset, payload.len() as u64);
+            wrote.with_context(|| format!("writing {} bytes at {}", payload.len(), hdr.offset))?;
             vol.bytes_applied
                 .fetch_add(payload.len() as u64, Ordering::Relaxed);
         }
@@ -410,7 +420,7 @@ fn apply_one(
             let len =
                 u64::from_be_bytes(payload.try_into().map_err(|_| anyhow!("bad Zero frame"))?);
             check_range(vol, hdr.offset, len)?;
-            vol.dev.write_zeroes(
+            let zeroed = vol.dev.write_zeroes(
                 hdr.offset,
                 len,
                 ZeroMode {
@@ -418,7 +428,9 @@ fn apply_one(
                     fast_only: false,
                 },
                 false,
-            )?;
+            );
+            vol.leaves.invalidate(hdr.offset, len);
+            zeroed?;
         }
         Kind::Flush => {
             let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
