@@ -630,30 +630,21 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     step(&mut steps, "drained");
     let g = ctx.cfg.replication.granularity_bytes;
     for v in &vols {
-        let local = match v.leaves.current(&v.local) {
+        // Both sides hash what is still stale at the same time.
+        let (local, remote) = std::thread::scope(|sc| {
+            let remote = sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes", v.name)));
+            let local = v.leaves.current(&v.local);
+            (local, remote.join().unwrap_or_else(|_| Err(anyhow!("hash fetch panicked"))))
+        });
+        let local = match local {
             Ok(l) => l,
-            Err(e) => {
-                return Err(abort(
-                    format!("reading volume {}: {e:#}", v.name),
-                    true,
-                    &mut hooks,
-                ))
-            }
+            Err(e) => return Err(abort(format!("reading volume {}: {e:#}", v.name), true, &mut hooks)),
         };
-        let remote = match client.get(&format!("/api/v1/volumes/{}/hashes", v.name)) {
+        let remote = match remote {
             Ok(r) => r,
-            Err(e) => {
-                return Err(abort(
-                    format!("{target} did not send its hashes of {}: {e:#}", v.name),
-                    true,
-                    &mut hooks,
-                ))
-            }
+            Err(e) => return Err(abort(format!("{target} did not send its hashes of {}: {e:#}", v.name), true, &mut hooks)),
         };
-        let remote: Vec<&str> = remote["hashes"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
-            .unwrap_or_default();
+        let remote: Vec<&str> = remote["hashes"].as_array().map(|a| a.iter().filter_map(|h| h.as_str()).collect()).unwrap_or_default();
         let differing: Vec<u64> = local
             .iter()
             .enumerate()
@@ -700,12 +691,11 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         }
     }
     step(&mut steps, "committed");
+    // Writes held at the source fail from now on; the target starts at once,
+    // and the source becomes its replica afterwards (outside the downtime).
     for v in &vols {
-        if let Err(e) = ctx.demote_volume(&v.name, &target) {
-            tracing::error!(volume = %v.name, error = %format!("{e:#}"), "cutover.demote_failed");
-        }
+        v.close_gate();
     }
-    step(&mut steps, "source-replica");
     let start_at_b = client.post(
         &format!("/api/v1/workloads/{workload}/hooks/start"),
         &json!({"role": "target"}),
@@ -758,6 +748,13 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         outage_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
     }
     step(&mut steps, "checked");
+    drop(vols);
+    for v in &spec.volumes {
+        if let Err(e) = ctx.demote_volume(v, &target) {
+            tracing::error!(volume = %v, error = %format!("{e:#}"), "cutover.demote_failed");
+        }
+    }
+    step(&mut steps, "source-replica");
     let report = json!({
         "workload": workload,
         "from": me,

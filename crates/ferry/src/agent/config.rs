@@ -17,7 +17,7 @@
 //! al_extents_max = 256
 //! link_flush_interval_ms = 5000
 //! link_flush_bytes = 268435456
-//! leaf_refresh_bytes_per_s = 268435456 # background Merkle-leaf hashing of written blocks
+//! leaf_refresh_bytes_per_s = 1073741824 # background Merkle-leaf hashing of written blocks
 //!
 //! [migration]                          # all optional; defaults shown
 //! migrations_max = 4                   # workloads migrating at once
@@ -168,7 +168,7 @@ impl Default for ReplicationSettings {
             al_extents_max: 256,
             link_flush_interval_ms: 5_000,
             link_flush_bytes: 256 * 1024 * 1024,
-            leaf_refresh_bytes_per_s: 256 * 1024 * 1024,
+            leaf_refresh_bytes_per_s: 1024 * 1024 * 1024,
         }
     }
 }

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Benchmark: live migration between two agents on 127.0.0.1.
+#   1. cutover downtime (freeze → target serving) of a 1 GiB volume of random
+#      data under a steady 20 MiB/s random-write load (fio, 4 KiB writes over
+#      NBD; the workload's stop hook stops it, as an application would be),
+#      median of --reps;
+#   2. total migration time (start → ready → cutover done) against volume
+#      size (256 MiB, 1 GiB, 4 GiB of random data), no load.
+# Usage: bench/migration.sh [--reps 5] [--sizes "256M 1G 4G"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+reps=5
+sizes="256M 1G 4G"
+while (($#)); do
+  case "$1" in
+    --reps) reps="$2"; shift 2 ;;
+    --sizes) sizes="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+scripts/install-deps
+cargo build --release --quiet -p ferry
+ferry="$PWD/target/release/ferry"
+work=$(mktemp -d /var/tmp/ferry-mbench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export FERRY_LOG=warn
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+declare -A API NBD PID
+start_agent() { # name
+  local n=$1 api repl nbd
+  api=$(port); repl=$(port); nbd=$(port)
+  mkdir -p "$work/$n"
+  cat >"$work/$n.toml" <<EOT
+node_name = "$n"
+data_dir = "$work/$n"
+api_listen = "127.0.0.1:$api"
+replication_listen = "127.0.0.1:$repl"
+nbd_listen = "127.0.0.1:$nbd"
+EOT
+  "$ferry" agent --config "$work/$n.toml" >"$work/$n.out" 2>"$work/$n.log" &
+  PID[$n]=$!; pids+=($!)
+  for _ in $(seq 100); do [[ -s "$work/$n.out" ]] && break; sleep 0.05; done
+  API[$n]="127.0.0.1:$api"; NBD[$n]="127.0.0.1:$nbd"
+}
+on() { local n=$1; shift; FERRY_API="${API[$n]}" FERRY_DATA_DIR="$work/$n" "$ferry" "$@"; }
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+jget() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if v is not None else '')"; }
+wait_phase() { # workload phase timeout_s
+  local t0; t0=$(now)
+  until [[ $(on a --json migrate status "$1" | jget '["phase"]') == "$2" ]]; do
+    if (( $(echo "$(now) - $t0 > $3" | bc) )); then echo "timeout waiting for $1 $2" >&2; return 1; fi
+    sleep 0.1
+  done
+}
+fill() { # volume size_mib: random data through A's export
+  head -c $(($2 << 20)) /dev/urandom >"$work/fill.img"
+  nbdcopy --flush "$work/fill.img" "nbd://${NBD[a]}/$1"
+  rm -f "$work/fill.img"
+}
+
+start_agent a; start_agent b
+cp "$work/b/api.token" "$work/b.token"
+on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
+
+# ---------- 1. downtime under load ----------
+downtimes=(); outages=()
+for rep in $(seq "$reps"); do
+  v="load$rep"
+  on a volume create "$v" --size 1GiB >/dev/null
+  fill "$v" 1024
+  fio --name=load --ioengine=nbd --uri="nbd://${NBD[a]}/$v" --rw=randwrite --bs=4k \
+      --rate=20m --iodepth=4 --size=1G --time_based --runtime=600 --output=/dev/null &
+  fio_pid=$!; pids+=($fio_pid)
+  on a workload create "w$rep" --volume "$v" \
+     --stop "kill $fio_pid; while kill -0 $fio_pid 2>/dev/null; do sleep 0.005; done" >/dev/null
+  on a migrate start "w$rep" --to b >/dev/null
+  wait_phase "w$rep" ready 120
+  sleep 3  # steady state under the load
+  r=$(on a --json migrate cutover "w$rep")
+  wait "$fio_pid" 2>/dev/null || true
+  d=$(echo "$r" | jget '["downtime_ms"]'); o=$(echo "$r" | jget '["outage_ms"]')
+  downtimes+=("$d"); outages+=("$o")
+  echo "rep $rep: downtime $d ms, outage $o ms; steps $(echo "$r" | jget '["steps_us"]')" >&2
+done
+down_med=$(printf '%s\n' "${downtimes[@]}" | median)
+out_med=$(printf '%s\n' "${outages[@]}" | median)
+
+# ---------- 2. total migration time vs size ----------
+declare -a curve
+for s in $sizes; do
+  mib=$(( $(numfmt --from=iec "$s") / 1048576 ))
+  v="size$mib"
+  on a volume create "$v" --size "${mib}MiB" >/dev/null
+  fill "$v" "$mib"
+  on a workload create "ws$mib" --volume "$v" >/dev/null
+  t0=$(now)
+  on a migrate start "ws$mib" --to b >/dev/null
+  wait_phase "ws$mib" ready 1200
+  t1=$(now)
+  r=$(on a --json migrate cutover "ws$mib")
+  t2=$(now)
+  curve+=("| $s | $(echo "$t1 - $t0" | bc) s | $(echo "$r" | jget '["downtime_ms"]') ms | $(echo "$t2 - $t0" | bc) s | $(echo "scale=0; $mib / ($t1 - $t0)" | bc) MiB/s |")
+  echo "size $s: ${curve[-1]}" >&2
+done
+
+out="bench/out/migration-$(date -u +%Y%m%dT%H%M%SZ).md"
+mkdir -p bench/out
+{
+  echo "2 agents on 127.0.0.1 (TLS 1.3, sync link), $(nproc) cores, $(uname -r)"
+  echo
+  echo "| cutover of 1 GiB under 20 MiB/s random writes | median of $reps | target |"
+  echo "|---|---|---|"
+  echo "| downtime (freeze → target serving) | $down_med ms | ≤ 300 ms |"
+  echo "| app-visible outage (stop hook → target started) | $out_med ms | |"
+  echo
+  echo "raw downtimes ms: ${downtimes[*]}"
+  echo "raw outages ms: ${outages[*]}"
+  echo
+  echo "| volume (random data) | start → ready | cutover downtime | start → completed | copy rate |"
+  echo "|---|---|---|---|---|"
+  printf '%s\n' "${curve[@]}"
+} | tee "$out"
