@@ -7,6 +7,7 @@
 //! - [`server`]: TCP and Unix listeners, connection limits, shutdown;
 //! - [`device`]: the [`BlockDevice`] trait, a sparse-file and an in-memory device.
 
+pub mod client;
 pub mod connection;
 pub mod device;
 pub mod handshake;

@@ -366,3 +366,31 @@ fn deferred_writes_are_answered_later_bounded_and_before_the_end() {
     assert_eq!(s.read(&mut end).unwrap_or(1), 0, "connection kept open");
     server.shutdown();
 }
+
+#[test]
+fn the_builtin_client_writes_reads_and_flushes() {
+    let dev = Gate::new();
+    dev.open();
+    let (server, addr) = serve(dev.clone(), 4);
+    let mut c = ferry_nbd::client::Client::connect(&addr, "g", Duration::from_secs(5)).unwrap();
+    assert_eq!(c.size(), dev.size());
+    c.write(4096, &[0xab; 8192], true).unwrap();
+    c.flush().unwrap();
+    let mut buf = vec![0u8; 8192];
+    c.read(4096, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0xab));
+    // Out of range: the server's errno comes back as an error, the connection stays usable.
+    let err = c.write(dev.size(), &[1; 512], false).unwrap_err();
+    assert!(
+        matches!(err, ferry_nbd::client::ClientError::Errno(_)),
+        "{err}"
+    );
+    c.read(4096, &mut buf[..512]).unwrap();
+    c.disconnect();
+    let e = ferry_nbd::client::Client::connect(&addr, "nope", Duration::from_secs(5)).unwrap_err();
+    assert!(
+        matches!(e, ferry_nbd::client::ClientError::Refused { .. }),
+        "{e}"
+    );
+    server.shutdown();
+}

@@ -42,7 +42,9 @@ pub enum Command {
     Volume(VolumeCommand),
     /// Serve a volume over NBD until interrupted (SIGINT or SIGTERM).
     Export(ExportArgs),
-    /// The main job on an embedded default: a fresh sparse volume served on 127.0.0.1.
+    /// The main job on an embedded default: two agents on 127.0.0.1, a volume
+    /// written by a checking writer, migrated live and cut over; every
+    /// acknowledged record verified on the target; the downtime printed.
     Demo(DemoArgs),
     /// Run the node agent (volumes, exports, replication, REST API) until SIGTERM.
     Agent {
@@ -359,9 +361,6 @@ pub struct ExportArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Size of the demo volume.
-    #[arg(long, default_value = "1GiB")]
+    #[arg(long, default_value = "256MiB")]
     pub size: ByteSize,
-    /// Where to serve it; if the port is taken, a free one is picked.
-    #[arg(long, default_value = "127.0.0.1:10809")]
-    pub listen: ListenAddr,
 }

@@ -634,17 +634,37 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         let (local, remote) = std::thread::scope(|sc| {
             let remote = sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes", v.name)));
             let local = v.leaves.current(&v.local);
-            (local, remote.join().unwrap_or_else(|_| Err(anyhow!("hash fetch panicked"))))
+            (
+                local,
+                remote
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("hash fetch panicked"))),
+            )
         });
         let local = match local {
             Ok(l) => l,
-            Err(e) => return Err(abort(format!("reading volume {}: {e:#}", v.name), true, &mut hooks)),
+            Err(e) => {
+                return Err(abort(
+                    format!("reading volume {}: {e:#}", v.name),
+                    true,
+                    &mut hooks,
+                ))
+            }
         };
         let remote = match remote {
             Ok(r) => r,
-            Err(e) => return Err(abort(format!("{target} did not send its hashes of {}: {e:#}", v.name), true, &mut hooks)),
+            Err(e) => {
+                return Err(abort(
+                    format!("{target} did not send its hashes of {}: {e:#}", v.name),
+                    true,
+                    &mut hooks,
+                ))
+            }
         };
-        let remote: Vec<&str> = remote["hashes"].as_array().map(|a| a.iter().filter_map(|h| h.as_str()).collect()).unwrap_or_default();
+        let remote: Vec<&str> = remote["hashes"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
+            .unwrap_or_default();
         let differing: Vec<u64> = local
             .iter()
             .enumerate()
