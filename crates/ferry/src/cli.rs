@@ -66,26 +66,59 @@ pub enum Command {
     Migrate(MigrateCommand),
 }
 
+/// `ferry workload create`.
+#[derive(Debug, Args)]
+pub struct WorkloadCreate {
+    pub name: String,
+    /// A volume of the workload (repeat for more).
+    #[arg(long = "volume", required = true)]
+    pub volumes: Vec<String>,
+    /// Shell command that starts the application (run where it should run).
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Shell command that stops it (run on the source at cutover).
+    #[arg(long)]
+    pub stop: Option<String>,
+    /// Shell command that exits 0 when the application serves.
+    #[arg(long)]
+    pub check: Option<String>,
+    /// Each hook is killed after this long and counts as failed.
+    #[arg(long, default_value = "30s")]
+    pub hook_timeout: DurationArg,
+    /// Run a QEMU VM (qemu-system-x86_64) with the volumes as virtio disks:
+    /// its kernel (the path must exist on every node).
+    #[arg(long)]
+    pub vm_kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub vm_initrd: Option<PathBuf>,
+    /// The VM's kernel command line.
+    #[arg(long)]
+    pub vm_append: Option<String>,
+    #[arg(long, default_value = "256MiB")]
+    pub vm_memory: ByteSize,
+    /// QEMU accelerator: tcg (works everywhere) or kvm.
+    #[arg(long, default_value = "tcg")]
+    pub vm_accel: String,
+    /// More QEMU arguments (repeat), e.g. --vm-arg=-smp --vm-arg=2.
+    #[arg(long = "vm-arg", allow_hyphen_values = true)]
+    pub vm_args: Vec<String>,
+    #[command(flatten)]
+    pub conn: AgentConn,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum WorkloadCommand {
     /// Define a workload on the local agent (its volumes must be primaries there).
-    Create {
+    Create(Box<WorkloadCreate>),
+    /// Start the workload on this node (start hook, then its VM).
+    Start {
         name: String,
-        /// A volume of the workload (repeat for more).
-        #[arg(long = "volume", required = true)]
-        volumes: Vec<String>,
-        /// Shell command that starts the application (run where it should run).
-        #[arg(long)]
-        start: Option<String>,
-        /// Shell command that stops it (run on the source at cutover).
-        #[arg(long)]
-        stop: Option<String>,
-        /// Shell command that exits 0 when the application serves.
-        #[arg(long)]
-        check: Option<String>,
-        /// Each hook is killed after this long and counts as failed.
-        #[arg(long, default_value = "30s")]
-        hook_timeout: DurationArg,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Stop the workload on this node (its VM, then the stop hook).
+    Stop {
+        name: String,
         #[command(flatten)]
         conn: AgentConn,
     },

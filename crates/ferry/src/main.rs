@@ -11,6 +11,7 @@ mod migrate;
 mod remote;
 mod replication;
 mod signals;
+mod vm;
 mod volume;
 
 use std::io::Write;

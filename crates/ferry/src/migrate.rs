@@ -55,6 +55,9 @@ pub struct WorkloadSpec {
     /// Each hook is killed after this long and counts as failed.
     #[serde(default = "default_hook_timeout_ms")]
     pub hook_timeout_ms: u64,
+    /// A QEMU VM ferry runs on the node that serves the workload.
+    #[serde(default)]
+    pub vm: Option<crate::vm::VmSpec>,
 }
 
 fn default_hook_timeout_ms() -> u64 {
@@ -229,7 +232,9 @@ pub fn run_hook(hook: &str, cmd: &str, timeout: Duration, env: &[(&str, &str)]) 
     }
 }
 
-/// Runs one of a workload's hooks on this node, if it has one.
+/// Runs one of a workload's actions on this node: `start` runs the start
+/// hook, then starts the VM; `stop` stops the VM, then runs the stop hook;
+/// `check` runs the check hook. `None` when there is nothing to run.
 pub fn workload_hook(
     ctx: &AgentCtx,
     spec: &WorkloadSpec,
@@ -241,20 +246,76 @@ pub fn workload_hook(
         "stop" => spec.stop.as_deref(),
         "check" => spec.check.as_deref(),
         _ => None,
-    }?;
-    let run = run_hook(
-        which,
-        cmd,
-        Duration::from_millis(spec.hook_timeout_ms),
-        &[
-            ("FERRY_WORKLOAD", &spec.name),
-            ("FERRY_NODE", &ctx.identity.node_name),
-            ("FERRY_ROLE", role),
-        ],
-    );
-    tracing::info!(workload = %spec.name, hook = which, ok = run.ok, exit_code = ?run.exit_code,
-        timed_out = run.timed_out, elapsed_ms = run.elapsed_ms, "workload.hook");
-    Some(run)
+    };
+    let timeout = Duration::from_millis(spec.hook_timeout_ms);
+    let vm = |what: &str| -> Option<HookRun> {
+        let vm = spec.vm.as_ref()?;
+        let started = Instant::now();
+        let r = match what {
+            "start" => ctx
+                .vms
+                .start(
+                    &ctx.cfg.data_dir,
+                    &ctx.nbd_uri_base,
+                    &spec.name,
+                    &spec.volumes,
+                    vm,
+                )
+                .map(|()| "VM started".to_string()),
+            _ => ctx
+                .vms
+                .stop(&spec.name, timeout)
+                .map(|ran| if ran { "VM stopped" } else { "no VM ran here" }.to_string()),
+        };
+        Some(HookRun {
+            hook: format!("vm-{what}"),
+            ok: r.is_ok(),
+            exit_code: None,
+            timed_out: false,
+            elapsed_ms: started.elapsed().as_millis() as u64,
+            output: r.unwrap_or_else(|e| format!("{e:#}")),
+        })
+    };
+    let hook = |cmd: Option<&str>| -> Option<HookRun> {
+        let run = run_hook(
+            which,
+            cmd?,
+            timeout,
+            &[
+                ("FERRY_WORKLOAD", &spec.name),
+                ("FERRY_NODE", &ctx.identity.node_name),
+                ("FERRY_ROLE", role),
+            ],
+        );
+        tracing::info!(workload = %spec.name, hook = which, ok = run.ok, exit_code = ?run.exit_code,
+            timed_out = run.timed_out, elapsed_ms = run.elapsed_ms, "workload.hook");
+        Some(run)
+    };
+    let (first, second) = match which {
+        "start" => {
+            let h = hook(cmd);
+            if h.as_ref().is_some_and(|h| !h.ok) {
+                return h;
+            }
+            (h, vm("start"))
+        }
+        "stop" => {
+            let v = vm("stop");
+            (v, hook(cmd))
+        }
+        _ => (hook(cmd), None),
+    };
+    match (first, second) {
+        (Some(a), Some(b)) => Some(HookRun {
+            hook: format!("{}+{}", a.hook, b.hook),
+            ok: a.ok && b.ok,
+            exit_code: b.exit_code.or(a.exit_code),
+            timed_out: a.timed_out || b.timed_out,
+            elapsed_ms: a.elapsed_ms + b.elapsed_ms,
+            output: format!("{}\n{}", a.output, b.output),
+        }),
+        (a, b) => a.or(b),
+    }
 }
 
 /// A migration as the source node keeps it.

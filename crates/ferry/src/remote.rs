@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use crate::api::client::ApiClient;
 use crate::cli::{
     AgentConn, MigrateCommand, ModeArg, NodeCommand, ReplicateCommand, StateArg, WorkloadCommand,
+    WorkloadCreate,
 };
 
 /// The API token: FERRY_TOKEN, else `token_file`, else DATA_DIR/api.token.
@@ -311,20 +312,35 @@ pub fn verify(name: &str, conn: &AgentConn, data_dir: &Path, json: bool) -> Resu
 
 pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()> {
     match cmd {
-        WorkloadCommand::Create {
-            name,
-            volumes,
-            start,
-            stop,
-            check,
-            hook_timeout,
-            conn,
-        } => {
+        WorkloadCommand::Create(c) => {
+            let WorkloadCreate {
+                name,
+                volumes,
+                start,
+                stop,
+                check,
+                hook_timeout,
+                vm_kernel,
+                vm_initrd,
+                vm_append,
+                vm_memory,
+                vm_accel,
+                vm_args,
+                conn,
+            } = &**c;
+            let vm = (vm_kernel.is_some() || !vm_args.is_empty()).then(|| {
+                json!({
+                    "kernel": vm_kernel, "initrd": vm_initrd, "append": vm_append,
+                    "memory_mib": vm_memory.bytes() >> 20, "extra_args": vm_args,
+                    "accel": vm_accel,
+                })
+            });
             let v = client(conn, data_dir)?.post(
                 "/api/v1/workloads",
                 &json!({
                     "name": name, "volumes": volumes, "start": start, "stop": stop,
                     "check": check, "hook_timeout_ms": hook_timeout.0.as_millis() as u64,
+                    "vm": vm,
                 }),
             )?;
             print(&v, json, |_| {
@@ -353,6 +369,33 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
             let v = client(conn, data_dir)?.get(&format!("/api/v1/workloads/{name}"))?;
             print(&v, json, |v| {
                 println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+            })
+        }
+        WorkloadCommand::Start { name, conn } | WorkloadCommand::Stop { name, conn } => {
+            let which = if matches!(cmd, WorkloadCommand::Start { .. }) {
+                "start"
+            } else {
+                "stop"
+            };
+            let v = client(conn, data_dir)?.post(
+                &format!("/api/v1/workloads/{name}/hooks/{which}"),
+                &json!({"role": "primary"}),
+            )?;
+            let run = &v["run"];
+            if run["ok"] == false {
+                bail!(
+                    "{which} of workload {name} failed: {}",
+                    run["output"].as_str().unwrap_or("").trim()
+                );
+            }
+            print(&v, json, |v| {
+                println!(
+                    "{which} of workload {name}: {}",
+                    v["run"]["output"]
+                        .as_str()
+                        .unwrap_or("nothing to run")
+                        .trim()
+                )
             })
         }
         WorkloadCommand::Delete { name, conn } => {

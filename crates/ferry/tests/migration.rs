@@ -219,3 +219,83 @@ fn cutover_aborts_before_the_commit_point_when_the_target_dies() {
     qemu_io(&b.uri("db"), &["read -P 9 0 64k"]);
     std::thread::sleep(Duration::from_millis(10));
 }
+
+/// The last `WROTE n` on a console, and whether `VERIFIED m` appeared (m).
+fn console(path: &std::path::Path) -> (Option<u64>, Option<u64>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let last = |tag: &str| {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(tag))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .next_back()
+    };
+    (last("WROTE "), last("VERIFIED "))
+}
+
+#[test]
+fn a_qemu_guest_keeps_every_record_across_a_cutover() {
+    require("qemu-system-x86_64");
+    // The guest: a Debian kernel and a busybox initramfs running records.sh.
+    let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let guest_dir = ws.join("target/guest");
+    run_ok(
+        Command::new(ws.join("scripts/build-guest"))
+            .arg(ws.join("crates/ferry/tests/guest/records.sh"))
+            .arg(&guest_dir),
+    );
+    let (_root, a, b) = two_agents("");
+    a.ok(&["volume", "create", "disk", "--size", "16MiB"]);
+    let kernel = guest_dir.join("vmlinuz");
+    let initrd = guest_dir.join("initramfs.cpio.gz");
+    a.ok(&[
+        "workload",
+        "create",
+        "vm",
+        "--volume",
+        "disk",
+        "--vm-kernel",
+        kernel.to_str().unwrap(),
+        "--vm-initrd",
+        initrd.to_str().unwrap(),
+        "--vm-memory",
+        "256MiB",
+        "--vm-append",
+        "console=ttyS0 panic=-1 quiet",
+        "--hook-timeout",
+        "20s",
+    ]);
+    a.ok(&["workload", "start", "vm"]);
+    let con_a = a.dir.join("vms/vm/console.log");
+    let con_b = b.dir.join("vms/vm/console.log");
+    wait_until(120, "the guest writes at a", || {
+        console(&con_a).0.is_some_and(|n| n >= 20)
+    });
+    assert_eq!(console(&con_a).1, Some(0), "a fresh disk holds no record");
+    a.ok(&["migrate", "start", "vm", "--to", "b"]);
+    wait_until(60, "migration ready", || phase(&a, "vm") == "ready");
+    // The guest keeps writing during the migration.
+    let before = console(&con_a).0.unwrap();
+    wait_until(60, "writes during the migration", || {
+        console(&con_a).0.is_some_and(|n| n >= before + 10)
+    });
+    let report = a.json(&["migrate", "cutover", "vm"]);
+    assert_eq!(report["target_healthy"], true, "{report}");
+    // Stopped at a: its last acknowledged record is final there.
+    let last_a = console(&con_a).0.unwrap();
+    // At b the guest finds every record written at a, then appends.
+    wait_until(120, "the guest verifies its disk at b", || {
+        console(&con_b).1.is_some()
+    });
+    let (_, verified) = console(&con_b);
+    let text_b = std::fs::read_to_string(&con_b).unwrap();
+    assert!(!text_b.contains("CORRUPT"), "{text_b}");
+    assert!(
+        verified.unwrap() > last_a,
+        "records acknowledged at a: 0..={last_a}, found at b: {verified:?}"
+    );
+    wait_until(60, "the guest writes at b", || {
+        console(&con_b).0.is_some_and(|n| n > verified.unwrap())
+    });
+    b.ok(&["workload", "stop", "vm"]);
+    assert_eq!(phase(&a, "vm"), "completed");
+}

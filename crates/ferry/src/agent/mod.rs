@@ -67,6 +67,8 @@ pub struct AgentCtx {
     migrations: Mutex<HashMap<String, crate::migrate::MigrationRecord>>,
     /// One cutover at a time on this node (`--one-by-one` is the natural order).
     pub cutover_lock: Mutex<()>,
+    /// Workload VMs running on this node.
+    pub vms: Arc<crate::vm::Vms>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -606,6 +608,15 @@ impl AgentCtx {
 
     /// Clean shutdown: close exports, drop links, save dirty maps, mark clean.
     pub fn shutdown(&self) {
+        // VMs first, while their disks are still served (QEMU flushes on SIGTERM).
+        for w in crate::migrate::list_workloads(&self.cfg.data_dir).unwrap_or_default() {
+            if let Err(e) = self
+                .vms
+                .stop(&w.name, Duration::from_millis(w.hook_timeout_ms))
+            {
+                tracing::warn!(workload = %w.name, error = %format!("{e:#}"), "vm.stop_failed");
+            }
+        }
         self.nbd.shutdown();
         for v in self.primaries() {
             v.link.lock().stop = true;
@@ -685,6 +696,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         locks: Mutex::new(HashMap::new()),
         migrations: Mutex::new(HashMap::new()),
         cutover_lock: Mutex::new(()),
+        vms: Arc::new(crate::vm::Vms::default()),
         started: Instant::now(),
         admin: Mutex::new(()),
     });
