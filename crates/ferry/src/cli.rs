@@ -175,6 +175,18 @@ pub enum MigrateCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
+    /// After a cutover: move the workload back with the same verified cutover.
+    Rollback {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// After a cutover: stop replicating back to the old source (no rollback after this).
+    Finalize {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
 }
 
 /// How to reach the local agent's REST API.

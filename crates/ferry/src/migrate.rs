@@ -329,6 +329,13 @@ pub struct MigrationRecord {
     pub state: Migration,
     /// The last cutover's report.
     pub last_cutover: Option<Value>,
+    /// Made by a cutover on its target: replication runs back to the old
+    /// source, and cutting over this record is a rollback.
+    #[serde(default)]
+    pub reverse: bool,
+    /// `ferry migrate finalize` ended the reverse replication.
+    #[serde(default)]
+    pub finalized: bool,
 }
 
 impl MigrationRecord {
@@ -472,6 +479,8 @@ pub fn start(
         started_unix: unix_now(),
         state: Migration::new(auto_converge, ConvergeConfig::default()),
         last_cutover: None,
+        reverse: false,
+        finalized: false,
     };
     rec.save(&ctx.cfg.data_dir)?;
     ctx.migrations().insert(workload.to_string(), rec);
@@ -571,6 +580,8 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "reason": m.reason,
         "started_unix": rec.started_unix,
         "last_cutover": rec.last_cutover,
+        "reverse": rec.reverse,
+        "finalized": rec.finalized,
     }))
 }
 
@@ -772,6 +783,13 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         }
     }
     step(&mut steps, "committed");
+    // The target keeps a record of the way back (`migrate rollback`).
+    if let Err(e) = client.post(
+        &format!("/api/v1/migrations/{workload}/reverse"),
+        &json!({"target": me, "mode": if mode == Mode::Sync { "sync" } else { "async" }}),
+    ) {
+        tracing::warn!(workload, error = %format!("{e:#}"), "cutover.reverse_record_failed");
+    }
     // Writes held at the source fail from now on; the target starts at once,
     // and the source becomes its replica afterwards (outside the downtime).
     for v in &vols {
@@ -862,4 +880,123 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "cutover.done"
     );
     Ok(report)
+}
+
+/// On the target of a committed cutover: the migration back to `target`
+/// (the old source), which replication towards it already carries.
+pub fn record_reverse(ctx: &Arc<AgentCtx>, workload: &str, target: &str, mode: &str) -> Result<()> {
+    let rec = MigrationRecord {
+        workload: workload.to_string(),
+        source: ctx.identity.node_name.clone(),
+        target: target.to_string(),
+        mode: mode.to_string(),
+        started_unix: unix_now(),
+        state: Migration::new(false, ConvergeConfig::default()),
+        last_cutover: None,
+        reverse: true,
+        finalized: false,
+    };
+    rec.save(&ctx.cfg.data_dir)?;
+    ctx.migrations().insert(workload.to_string(), rec);
+    Ok(())
+}
+
+/// Where the other end of a finished migration is, and a client for it.
+fn other_end(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+) -> Result<(String, crate::api::client::ApiClient)> {
+    let peer_name = ctx
+        .migrations()
+        .get(workload)
+        .map(|r| r.target.clone())
+        .ok_or_else(|| {
+            anyhow!(
+                "no migration of workload {workload:?} on node {}",
+                ctx.identity.node_name
+            )
+        })?;
+    let peer = ctx
+        .peers
+        .get(&peer_name)
+        .ok_or_else(|| anyhow!("node {peer_name:?} is not registered"))?;
+    Ok((
+        peer_name,
+        crate::api::client::ApiClient::new(&peer.api, &peer.token),
+    ))
+}
+
+/// `ferry migrate rollback`: move the workload back with the same verified
+/// cutover. On the node that serves it now (a reverse record) this is a
+/// cutover; on the old source it asks the node serving it.
+pub fn rollback(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let (reverse, phase, finalized) = {
+        let migs = ctx.migrations();
+        let r = migs.get(workload).ok_or_else(|| {
+            anyhow!(
+                "no migration of workload {workload:?} on node {}",
+                ctx.identity.node_name
+            )
+        })?;
+        (r.reverse, r.state.phase, r.finalized)
+    };
+    if finalized {
+        bail!("the migration of {workload:?} was finalized: replication back was stopped, so there is nothing to roll back to");
+    }
+    if reverse {
+        return cutover(ctx, workload);
+    }
+    if phase != MigrationPhase::Completed {
+        bail!(
+            "workload {workload:?} has not been cut over (phase {}); nothing to roll back",
+            phase.as_str()
+        );
+    }
+    let (peer, client) = other_end(ctx, workload)?;
+    client
+        .post(
+            &format!("/api/v1/migrations/{workload}/rollback"),
+            &json!({}),
+        )
+        .with_context(|| format!("{peer} could not roll {workload:?} back"))
+}
+
+/// `ferry migrate finalize`: stop replicating back to the old source; its
+/// copy stays as it is (delete it there when no longer wanted).
+pub fn finalize(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let (reverse, target) = {
+        let migs = ctx.migrations();
+        let r = migs.get(workload).ok_or_else(|| {
+            anyhow!(
+                "no migration of workload {workload:?} on node {}",
+                ctx.identity.node_name
+            )
+        })?;
+        (r.reverse, r.target.clone())
+    };
+    if !reverse {
+        let (peer, client) = other_end(ctx, workload)?;
+        let v = client
+            .post(
+                &format!("/api/v1/migrations/{workload}/finalize"),
+                &json!({}),
+            )
+            .with_context(|| format!("{peer} could not finalize {workload:?}"))?;
+        set_phase(ctx, workload, |r| r.finalized = true);
+        return Ok(v);
+    }
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?
+        .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    for v in &spec.volumes {
+        ctx.stop_replication(v)?;
+    }
+    set_phase(ctx, workload, |r| {
+        r.finalized = true;
+        r.state.cutover_done();
+    });
+    tracing::info!(workload, old_source = %target, "migration.finalized");
+    Ok(
+        json!({"workload": workload, "finalized": true, "old_source": target,
+        "note": format!("replication to {target} stopped; its copy is kept")}),
+    )
 }

@@ -499,9 +499,24 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
-        MigrateCommand::Cutover { name, conn } => {
+        MigrateCommand::Finalize { name, conn } => {
             let v = client(conn, data_dir)?
-                .post(&format!("/api/v1/migrations/{name}/cutover"), &json!({}))?;
+                .post(&format!("/api/v1/migrations/{name}/finalize"), &json!({}))?;
+            print(&v, json, |v| {
+                println!(
+                    "finalized {name}: {}",
+                    v["note"].as_str().unwrap_or("replication back stopped")
+                )
+            })
+        }
+        MigrateCommand::Cutover { name, conn } | MigrateCommand::Rollback { name, conn } => {
+            let what = if matches!(cmd, MigrateCommand::Rollback { .. }) {
+                "rollback"
+            } else {
+                "cutover"
+            };
+            let v = client(conn, data_dir)?
+                .post(&format!("/api/v1/migrations/{name}/{what}"), &json!({}))?;
             print(&v, json, |v| {
                 println!(
                     "cut over {name} from {} to {}: downtime {} ms (freeze → {} serving), app outage {} ms (stop → check passing){}",

@@ -163,6 +163,38 @@ fn verified_cutover_under_live_writes_moves_the_workload() {
         qemu_io_fails(&a.uri("app")),
         "the old primary must not serve the volume any more"
     );
+    // Roll back (asked at a, run by b): the same verified cutover, b → a.
+    wait_until(30, "the way back is ready", || {
+        b.json(&["migrate", "status", "web"])["phase"] == "ready"
+    });
+    let back = a.json(&["migrate", "rollback", "web"]);
+    assert_eq!(
+        (&back["from"], &back["to"]),
+        (&"b".into(), &"a".into()),
+        "{back}"
+    );
+    assert_eq!(a.status("app")["role"], "primary");
+    assert_eq!(b.status("app")["role"], "secondary");
+    qemu_io(
+        &a.uri("app"),
+        &["read -P 0x42 60M 1M", "read -P 0x77 32M 8M"],
+    );
+    verify_records(&a.uri("app"), &acked);
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert!(
+        log.ends_with("start b target web\nstop b source\nstart a target web\n"),
+        "{log}"
+    );
+    // Finalize: a stops replicating to b; b's copy stays; no rollback after it.
+    let fin = a.json(&["migrate", "finalize", "web"]);
+    assert_eq!(fin["finalized"], true, "{fin}");
+    assert!(a.status("app")["peer"].is_null(), "{}", a.status("app"));
+    let out = a
+        .cli()
+        .args(["migrate", "rollback", "web"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no rollback after finalize");
 }
 
 fn qemu_io_fails(uri: &str) -> bool {

@@ -104,6 +104,9 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/migrations", get(migrations).post(start_migration))
         .route("/api/v1/migrations/{name}", get(migration))
         .route("/api/v1/migrations/{name}/cutover", post(cutover))
+        .route("/api/v1/migrations/{name}/reverse", post(reverse_migration))
+        .route("/api/v1/migrations/{name}/rollback", post(rollback))
+        .route("/api/v1/migrations/{name}/finalize", post(finalize))
         .route(
             "/api/v1/replications",
             get(replications).post(start_replication),
@@ -443,6 +446,35 @@ async fn migration(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
     blocking(move || crate::migrate::status(&ctx, &name))
         .await
         .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.1))
+        .map(Json)
+}
+
+#[derive(Deserialize)]
+struct Reverse {
+    target: String,
+    mode: Option<String>,
+}
+
+async fn reverse_migration(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<Reverse>,
+) -> ApiResult {
+    let mode = r.mode.unwrap_or_else(|| "sync".into());
+    let n = name.clone();
+    blocking(move || crate::migrate::record_reverse(&ctx, &n, &r.target, &mode)).await?;
+    Ok(Json(json!({"reverse": name})))
+}
+
+async fn rollback(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::migrate::rollback(&ctx, &name))
+        .await
+        .map(Json)
+}
+
+async fn finalize(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::migrate::finalize(&ctx, &name))
+        .await
         .map(Json)
 }
 
