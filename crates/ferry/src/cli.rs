@@ -171,7 +171,23 @@ pub enum MigrateCommand {
     /// Stop at the source, freeze, drain, verify, switch, start at the target.
     /// Blocks until done; prints the downtime.
     Cutover {
+        /// The workload (or --all).
+        #[arg(required_unless_present = "all")]
+        name: Option<String>,
+        /// Every ready migration of this node…
+        #[arg(long, requires = "one_by_one", conflicts_with = "name")]
+        all: bool,
+        /// …one after another, each after the previous target's check passed.
+        #[arg(long, requires = "all")]
+        one_by_one: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Change the copy rate limit of every volume of the workload, live (0 = unlimited).
+    Set {
         name: String,
+        #[arg(long)]
+        max_rate: Rate,
         #[command(flatten)]
         conn: AgentConn,
     },

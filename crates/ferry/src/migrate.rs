@@ -1000,3 +1000,58 @@ pub fn finalize(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "note": format!("replication to {target} stopped; its copy is kept")}),
     )
 }
+
+/// `ferry migrate cutover --all --one-by-one`: cuts over every ready
+/// migration of this node, one after another, each only after the previous
+/// one's target passed its check. Stops at the first that fails.
+pub fn cutover_all(ctx: &Arc<AgentCtx>) -> Result<Value> {
+    let mut names: Vec<String> = ctx
+        .migrations()
+        .values()
+        .filter(|m| !m.reverse && !m.state.phase.is_final())
+        .map(|m| m.workload.clone())
+        .collect();
+    names.sort();
+    let mut reports = Vec::new();
+    for w in names {
+        sample(ctx, &w);
+        let phase = ctx.migrations().get(&w).map(|m| m.state.phase);
+        if phase != Some(MigrationPhase::Ready) {
+            reports.push(json!({"workload": w, "skipped": format!("not ready ({})", phase.map_or("gone", |p| p.as_str()))}));
+            continue;
+        }
+        match cutover(ctx, &w) {
+            Ok(r) => {
+                let healthy = r["target_healthy"] == true;
+                reports.push(r);
+                if !healthy {
+                    bail!(
+                        "stopped after {w}: its target's start/check hook failed; done so far: {}",
+                        Value::Array(reports)
+                    );
+                }
+            }
+            Err(e) => bail!(
+                "stopped at {w}: {e:#}; done so far: {}",
+                Value::Array(reports)
+            ),
+        }
+    }
+    Ok(Value::Array(reports))
+}
+
+/// `ferry migrate set`: change the copy rate limit of every volume live.
+pub fn set_rate(ctx: &Arc<AgentCtx>, workload: &str, max_rate: Option<u64>) -> Result<Value> {
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?
+        .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    for v in &spec.volumes {
+        let p = ctx.primary(v).ok_or_else(|| {
+            anyhow!(
+                "volume {v:?} is not a primary on node {}",
+                ctx.identity.node_name
+            )
+        })?;
+        p.link.lock().max_rate_bytes_per_s = max_rate.filter(|&r| r > 0);
+    }
+    status(ctx, workload)
+}

@@ -509,7 +509,45 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                 )
             })
         }
-        MigrateCommand::Cutover { name, conn } | MigrateCommand::Rollback { name, conn } => {
+        MigrateCommand::Set {
+            name,
+            max_rate,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.patch(
+                &format!("/api/v1/migrations/{name}"),
+                &json!({"max_rate_bytes_per_s": max_rate.0}),
+            )?;
+            print(&v, json, |v| println!("{}", human_migration(v)))
+        }
+        MigrateCommand::Cutover {
+            name: None, conn, ..
+        } => {
+            let v = client(conn, data_dir)?.post("/api/v1/migrations-cutover-all", &json!({}))?;
+            print(&v, json, |v| {
+                for r in v.as_array().into_iter().flatten() {
+                    match r.get("skipped") {
+                        Some(why) => println!(
+                            "{}: skipped, {}",
+                            r["workload"].as_str().unwrap_or("?"),
+                            why.as_str().unwrap_or("")
+                        ),
+                        None => println!(
+                            "{}: cut over to {}, downtime {} ms",
+                            r["workload"].as_str().unwrap_or("?"),
+                            r["to"].as_str().unwrap_or("?"),
+                            r["downtime_ms"]
+                        ),
+                    }
+                }
+            })
+        }
+        MigrateCommand::Cutover {
+            name: Some(name),
+            conn,
+            ..
+        }
+        | MigrateCommand::Rollback { name, conn } => {
             let what = if matches!(cmd, MigrateCommand::Rollback { .. }) {
                 "rollback"
             } else {

@@ -331,3 +331,55 @@ fn a_qemu_guest_keeps_every_record_across_a_cutover() {
     b.ok(&["workload", "stop", "vm"]);
     assert_eq!(phase(&a, "vm"), "completed");
 }
+
+#[test]
+fn two_workloads_cut_over_one_by_one() {
+    require("qemu-io");
+    let (root, a, b) = two_agents("");
+    let hooks = root.path().join("hooks.log");
+    let h = hooks.display();
+    for (w, v) in [("w1", "v1"), ("w2", "v2")] {
+        a.ok(&["volume", "create", v, "--size", "32MiB"]);
+        qemu_io(
+            &a.uri(v),
+            &[&format!("write -P {} 0 4M", if w == "w1" { 1 } else { 2 })],
+        );
+        a.ok(&[
+            "workload",
+            "create",
+            w,
+            "--volume",
+            v,
+            "--start",
+            &format!("echo start $FERRY_WORKLOAD $FERRY_NODE >> {h}"),
+            "--stop",
+            &format!("echo stop $FERRY_WORKLOAD $FERRY_NODE >> {h}"),
+            "--check",
+            &format!("echo check $FERRY_WORKLOAD $FERRY_NODE >> {h}"),
+        ]);
+        a.ok(&["migrate", "start", w, "--to", "b"]);
+    }
+    // The rate limit changes live, for every volume of the workload.
+    a.ok(&["migrate", "set", "w1", "--max-rate", "100MiB/s"]);
+    assert_eq!(a.status("v1")["max_rate_bytes_per_s"], 100 << 20);
+    a.ok(&["migrate", "set", "w1", "--max-rate", "0"]);
+    let all = a.json(&["migrate", "status"]);
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    wait_until(60, "both ready", || {
+        phase(&a, "w1") == "ready" && phase(&a, "w2") == "ready"
+    });
+    let out = a.json(&["migrate", "cutover", "--all", "--one-by-one"]);
+    let reports = out.as_array().unwrap();
+    assert_eq!(reports.len(), 2, "{out}");
+    assert!(reports.iter().all(|r| r["target_healthy"] == true), "{out}");
+    // Strictly one after the other: w2 stops only after w1 passed its check at b.
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert_eq!(
+        log, "stop w1 a\nstart w1 b\ncheck w1 b\nstop w2 a\nstart w2 b\ncheck w2 b\n",
+        "{log}"
+    );
+    qemu_io(&b.uri("v1"), &["read -P 1 0 4M"]);
+    qemu_io(&b.uri("v2"), &["read -P 2 0 4M"]);
+    assert_eq!(phase(&a, "w1"), "completed");
+    assert_eq!(phase(&a, "w2"), "completed");
+}

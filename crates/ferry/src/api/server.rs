@@ -102,7 +102,11 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
             post(run_workload_hook),
         )
         .route("/api/v1/migrations", get(migrations).post(start_migration))
-        .route("/api/v1/migrations/{name}", get(migration))
+        .route(
+            "/api/v1/migrations/{name}",
+            get(migration).patch(set_migration),
+        )
+        .route("/api/v1/migrations-cutover-all", post(cutover_all))
         .route("/api/v1/migrations/{name}/cutover", post(cutover))
         .route("/api/v1/migrations/{name}/reverse", post(reverse_migration))
         .route("/api/v1/migrations/{name}/rollback", post(rollback))
@@ -464,6 +468,22 @@ async fn reverse_migration(
     let n = name.clone();
     blocking(move || crate::migrate::record_reverse(&ctx, &n, &r.target, &mode)).await?;
     Ok(Json(json!({"reverse": name})))
+}
+
+async fn cutover_all(State(ctx): Ctx) -> ApiResult {
+    blocking(move || crate::migrate::cutover_all(&ctx))
+        .await
+        .map(Json)
+}
+
+async fn set_migration(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<SetReplication>,
+) -> ApiResult {
+    blocking(move || crate::migrate::set_rate(&ctx, &name, r.max_rate_bytes_per_s))
+        .await
+        .map(Json)
 }
 
 async fn rollback(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
