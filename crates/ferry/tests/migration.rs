@@ -383,3 +383,99 @@ fn two_workloads_cut_over_one_by_one() {
     assert_eq!(phase(&a, "w1"), "completed");
     assert_eq!(phase(&a, "w2"), "completed");
 }
+
+#[test]
+fn the_target_dying_after_the_commit_point_keeps_it_primary() {
+    require("qemu-io");
+    let (root, a, mut b) = two_agents("");
+    let armed = root.path().join("armed");
+    std::fs::write(&armed, "").unwrap();
+    a.ok(&["volume", "create", "db", "--size", "32MiB"]);
+    qemu_io(&a.uri("db"), &["write -P 5 0 8M"]);
+    // b's start hook kills b's own agent (once): the target dies just after
+    // it durably became primary.
+    a.ok(&[
+        "workload",
+        "create",
+        "pg",
+        "--volume",
+        "db",
+        "--start",
+        &format!(
+            "if rm {} 2>/dev/null; then kill -9 $PPID; sleep 5; fi",
+            armed.display()
+        ),
+    ]);
+    a.ok(&["migrate", "start", "pg", "--to", "b"]);
+    wait_until(60, "migration ready", || phase(&a, "pg") == "ready");
+    let out = a
+        .cli()
+        .args(["--json", "migrate", "cutover", "pg"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        report["target_healthy"],
+        false,
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.kill9();
+    // Past the commit point a stays a replica and does not serve the volume.
+    assert_eq!(phase(&a, "pg"), "failed");
+    assert_eq!(a.status("db")["role"], "secondary");
+    assert!(qemu_io_fails(&a.uri("db")));
+    // b comes back as the primary with everything, and replicates to a again.
+    b.spawn();
+    assert_eq!(b.status("db")["role"], "primary");
+    qemu_io(&b.uri("db"), &["read -P 5 0 8M", "write -P 6 8M 1M"]);
+    b.ok(&["replicate", "wait", "db", "--timeout", "30s"]);
+    let v = b.json(&["volume", "verify", "db"]);
+    assert_eq!(v["equal"], true, "{v}");
+}
+
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_target_without_room_is_refused_before_anything_starts() {
+    require("qemu-io");
+    let root = tempfile::Builder::new()
+        .prefix("ferry-room-")
+        .tempdir()
+        .unwrap();
+    let bdir = root.path().join("b");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&bdir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a small tmpfs needs root");
+    let _m = Mount(bdir.clone());
+    let a = Agent::start(root.path(), "a", "");
+    let b = Agent::start(root.path(), "b", "");
+    pair(&a, &b);
+    a.ok(&["volume", "create", "big", "--size", "64MiB"]);
+    qemu_io(&a.uri("big"), &["write -P 3 0 48M"]);
+    a.ok(&["workload", "create", "big", "--volume", "big"]);
+    let out = a
+        .cli()
+        .args(["migrate", "start", "big", "--to", "b"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("free") && err.contains("refusing to start"),
+        "{err}"
+    );
+    assert!(a.status("big")["peer"].is_null(), "nothing started");
+    let reps = b.json(&["replicate", "status"]);
+    assert_eq!(reps.as_array().map(Vec::len), Some(0), "{reps}");
+}
