@@ -562,7 +562,7 @@ impl AgentCtx {
         if let Some(d) = vol.link.lock().rep.dirty_map_mut() {
             d.clear_all();
         }
-        let remote = peer.get(&format!("/api/v1/volumes/{}/hashes", vol.name))?;
+        let remote = peer.get(&format!("/api/v1/volumes/{}/hashes?fresh=1", vol.name))?;
         let remote: Vec<&str> = remote["hashes"]
             .as_array()
             .ok_or_else(|| anyhow!("the peer sent no block hashes"))?

@@ -16,10 +16,11 @@
 //!
 //! Every `/api/v1` call needs `Authorization: Bearer <DATA_DIR/api.token>`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -666,13 +667,30 @@ async fn stop_replication(State(ctx): Ctx, Path(name): Path<String>) -> ApiResul
     status_of(&ctx, &name).map(Json)
 }
 
-async fn hashes(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+/// Block hashes of a volume: from the leaf cache (current for every write
+/// that went through ferry), or with `?fresh=1` by reading the whole image —
+/// for an old copy ferry did not write (checksum resync) and for `verify`.
+async fn hashes(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let g = ctx.cfg.replication.granularity_bytes;
+    let fresh = q.get("fresh").is_some_and(|v| v == "1" || v == "true");
     let leaves = blocking(move || {
+        use crate::replication::verify::leaf_hashes;
         if let Some(p) = ctx.primary(&name) {
-            Ok(p.leaves.current(&p.local)?)
+            if fresh {
+                leaf_hashes(&p.local, g)
+            } else {
+                Ok(p.leaves.current(&p.local)?)
+            }
         } else if let Some(s) = ctx.secondary(&name) {
-            Ok(s.leaves.current(&s.dev)?)
+            if fresh {
+                leaf_hashes(&s.dev, g)
+            } else {
+                Ok(s.leaves.current(&s.dev)?)
+            }
         } else {
             anyhow::bail!("no volume named {name:?} here");
         }

@@ -228,14 +228,16 @@ pub fn verify(ctx: &AgentCtx, name: &str, timeout: Duration, start: Instant) -> 
         drop(l);
         std::thread::sleep(Duration::from_millis(100));
     }
+    // An audit reads both images whole: it also catches changes made behind
+    // ferry's back, which the leaf caches (and so a cutover) cannot see.
     let g = ctx.cfg.replication.granularity_bytes;
-    let local = vol.leaves.current(&vol.local)?;
+    let local = leaf_hashes(&vol.local, g)?;
     let peer = ctx
         .peers
         .get(&peer_name)
         .ok_or_else(|| anyhow!("peer {peer_name} is not registered"))?;
     let remote = crate::api::client::ApiClient::new(&peer.api, &peer.token)
-        .get(&format!("/api/v1/volumes/{name}/hashes"))?;
+        .get(&format!("/api/v1/volumes/{name}/hashes?fresh=1"))?;
     let remote: Vec<String> = remote["hashes"]
         .as_array()
         .ok_or_else(|| anyhow!("bad hash list from {peer_name}"))?
