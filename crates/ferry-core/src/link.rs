@@ -422,6 +422,19 @@ impl Replicator {
         self.maybe_streaming(now_ms);
     }
 
+    /// A comparison found the peer's copy different in `extent`: it is
+    /// resent like any dirty range, and the peer is inconsistent until that
+    /// resync is announced durable.
+    pub fn resync_extent(&mut self, extent: Extent) {
+        self.dirty.mark(extent.offset, extent.length);
+        self.peer_consistent = false;
+        self.announce_wait = false;
+        self.announce_seq = None;
+        if self.phase == Phase::Streaming {
+            self.phase = Phase::Resyncing;
+        }
+    }
+
     /// Sequences the flush that tells the peer it is up to date (the edge
     /// flags it); the peer counts as up to date once that flush is durable.
     pub fn announce_up_to_date(&mut self, now_ms: u64) -> Option<u64> {
@@ -657,6 +670,29 @@ mod tests {
         r.copy_ready(t, G, 2).unwrap();
         assert!(r.dirty_map().is_dirty(7), "the copy may be stale");
         assert_eq!(r.phase(), Phase::Resyncing);
+    }
+
+    #[test]
+    fn a_range_found_different_is_resent_then_announced() {
+        let mut r = rep(Mode::Sync, 64 * G);
+        r.on_connect(Relation::InSync, 0);
+        assert_eq!(r.replica_state(), ReplicaState::UpToDate);
+        r.resync_extent(ext(3));
+        assert_eq!(r.phase(), Phase::Resyncing);
+        assert_eq!(r.replica_state(), ReplicaState::Inconsistent);
+        let t = r.next_copy().unwrap();
+        assert_eq!(t.block, 3);
+        let s = r.copy_ready(t, G, 1).unwrap();
+        r.on_ack(s, s, 1);
+        assert_eq!(r.phase(), Phase::Streaming);
+        assert_eq!(
+            r.replica_state(),
+            ReplicaState::Inconsistent,
+            "not announced yet"
+        );
+        let a = r.announce_up_to_date(2).unwrap();
+        r.on_ack(a, a, 2);
+        assert_eq!(r.replica_state(), ReplicaState::UpToDate);
     }
 
     #[test]

@@ -744,9 +744,31 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
             .map(|(i, _)| i as u64)
             .collect();
         if !differing.is_empty() || remote.len() != local.len() {
+            // The target is inconsistent over the differing blocks until they
+            // are resent; the link resends them like any dirty range.
+            if let Err(e) = client.post(
+                &format!("/api/v1/volumes/{}/inconsistent", v.name),
+                &json!({}),
+            ) {
+                tracing::warn!(volume = %v.name, error = %format!("{e:#}"), "cutover.mark_inconsistent_failed");
+            }
+            {
+                let size = ferry_nbd::BlockDevice::size(&v.local);
+                let mut l = v.link.lock();
+                // Up to date again only after a new announcement.
+                l.announced_up_to_date = false;
+                for b in &differing {
+                    let offset = b * g;
+                    l.rep.resync_extent(ferry_core::Extent {
+                        offset,
+                        length: g.min(size - offset),
+                    });
+                }
+            }
+            v.link.copier.notify_all();
             let first = differing.first().map(|b| b * g);
             return Err(abort(
-                format!("Merkle roots of {} differ in {} blocks (first at byte {:?}): the target is not equal", v.name, differing.len(), first),
+                format!("Merkle roots of {} differ in {} blocks (first at byte {:?}): the target is not equal; those blocks are being resent, cut over again once it is ready", v.name, differing.len(), first),
                 true,
                 &mut hooks,
             ));

@@ -18,6 +18,7 @@
 //! link_flush_interval_ms = 5000
 //! link_flush_bytes = 268435456
 //! leaf_refresh_bytes_per_s = 1073741824 # background Merkle-leaf hashing of written blocks
+//! leaf_scrub_bytes_per_s = 33554432    # background read-back of clean leaves
 //!
 //! [migration]                          # all optional; defaults shown
 //! migrations_max = 4                   # workloads migrating at once
@@ -154,6 +155,9 @@ pub struct ReplicationSettings {
     /// Background re-hashing of written blocks (Merkle leaves), so a cutover
     /// re-reads only what was written since; 0 leaves it all to the cutover.
     pub leaf_refresh_bytes_per_s: u64,
+    /// Background read-back of clean leaves (catches changes made behind
+    /// ferry's back before a cutover trusts the leaves); 0 = off.
+    pub leaf_scrub_bytes_per_s: u64,
 }
 
 impl Default for ReplicationSettings {
@@ -169,6 +173,7 @@ impl Default for ReplicationSettings {
             link_flush_interval_ms: 5_000,
             link_flush_bytes: 256 * 1024 * 1024,
             leaf_refresh_bytes_per_s: 1024 * 1024 * 1024,
+            leaf_scrub_bytes_per_s: 32 * 1024 * 1024,
         }
     }
 }

@@ -749,22 +749,53 @@ pub fn run(config_path: &Path) -> Result<()> {
 fn leaf_hasher(ctx: &Arc<AgentCtx>) {
     const TICK: Duration = Duration::from_millis(100);
     let rate = ctx.cfg.replication.leaf_refresh_bytes_per_s;
-    if rate == 0 {
+    let scrub_rate = ctx.cfg.replication.leaf_scrub_bytes_per_s;
+    if rate == 0 && scrub_rate == 0 {
         return;
     }
     loop {
         std::thread::sleep(TICK);
         let mut budget = rate / 10;
-        for p in ctx.primaries() {
-            match p.leaves.refresh(&p.local, budget) {
+        let mut scrub = scrub_rate / 10;
+        let primaries = ctx.primaries();
+        let secondaries = ctx.secondaries();
+        let all: Vec<(
+            &str,
+            &crate::replication::verify::LeafCache,
+            &dyn ferry_nbd::BlockDevice,
+        )> = primaries
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    &p.leaves,
+                    &p.local as &dyn ferry_nbd::BlockDevice,
+                )
+            })
+            .chain(secondaries.iter().map(|s| {
+                (
+                    s.name.as_str(),
+                    &s.leaves,
+                    &s.dev as &dyn ferry_nbd::BlockDevice,
+                )
+            }))
+            .collect();
+        for (name, leaves, dev) in all {
+            match leaves.refresh(dev, budget) {
                 Ok(n) => budget = budget.saturating_sub(n),
-                Err(e) => tracing::warn!(volume = %p.name, error = %e, "merkle.refresh_failed"),
+                Err(e) => tracing::warn!(volume = %name, error = %e, "merkle.refresh_failed"),
             }
-        }
-        for s in ctx.secondaries() {
-            match s.leaves.refresh(&s.dev, budget) {
-                Ok(n) => budget = budget.saturating_sub(n),
-                Err(e) => tracing::warn!(volume = %s.name, error = %e, "merkle.refresh_failed"),
+            if scrub > 0 && leaves.stale_blocks() == 0 {
+                match leaves.scrub(dev, scrub) {
+                    Ok((n, changed)) => {
+                        scrub = scrub.saturating_sub(n);
+                        if changed > 0 {
+                            tracing::warn!(volume = %name, blocks = changed,
+                                "merkle.scrub.changed: blocks changed without a write through ferry; their leaves are corrected");
+                        }
+                    }
+                    Err(e) => tracing::warn!(volume = %name, error = %e, "merkle.scrub_failed"),
+                }
             }
         }
     }

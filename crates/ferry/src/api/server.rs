@@ -92,6 +92,10 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/volumes/{name}/hashes", get(hashes))
         .route("/api/v1/volumes/{name}/verify", post(verify))
         .route("/api/v1/volumes/{name}/promote", post(promote_volume))
+        .route(
+            "/api/v1/volumes/{name}/inconsistent",
+            post(mark_inconsistent),
+        )
         .route("/api/v1/replicas", post(create_replica))
         .route("/api/v1/workloads", get(workloads).post(create_workload))
         .route(
@@ -305,6 +309,24 @@ async fn promote_volume(
     Ok(Json(
         json!({"promoted": name, "generation": format!("{generation:016x}")}),
     ))
+}
+
+/// A comparison found this replica different: it is not usable until resynced.
+async fn mark_inconsistent(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let n = name.clone();
+    blocking(move || {
+        let s = ctx
+            .secondary(&n)
+            .ok_or_else(|| anyhow::anyhow!("{n:?} is not a replica here"))?;
+        s.meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(|m| m.consistent = false)?;
+        tracing::warn!(volume = %n, "replica.inconsistent: a comparison found it different; resyncing");
+        Ok(())
+    })
+    .await?;
+    Ok(Json(json!({"inconsistent": name})))
 }
 
 async fn workloads(State(ctx): Ctx) -> ApiResult {

@@ -29,6 +29,7 @@ pub struct LeafCache {
     stale: Vec<std::sync::atomic::AtomicU64>,
     leaves: std::sync::Mutex<Vec<blake3::Hash>>,
     cursor: std::sync::atomic::AtomicU64,
+    scrub_cursor: std::sync::atomic::AtomicU64,
     /// One refresh at a time: a block whose stale bit a refresh cleared is
     /// not current until that refresh stored its hash.
     refreshing: std::sync::Mutex<()>,
@@ -63,6 +64,7 @@ impl LeafCache {
             stale,
             leaves: std::sync::Mutex::new(vec![blake3::hash(b""); blocks as usize]),
             cursor: std::sync::atomic::AtomicU64::new(0),
+            scrub_cursor: std::sync::atomic::AtomicU64::new(0),
             refreshing: std::sync::Mutex::new(()),
         }
     }
@@ -141,6 +143,38 @@ impl LeafCache {
         }
         self.cursor.store(b, Ordering::Relaxed);
         Ok(done)
+    }
+
+    /// Background read-back: re-hashes up to `budget_bytes` of *clean*
+    /// leaves from the image and corrects those that changed without a write
+    /// through ferry (an image edited behind its back, bit rot). Returns the
+    /// bytes read and the blocks found changed.
+    pub fn scrub(&self, dev: &dyn BlockDevice, budget_bytes: u64) -> std::io::Result<(u64, u64)> {
+        use std::sync::atomic::Ordering;
+        let _one = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        let blocks = self.blocks();
+        let mut buf = Vec::new();
+        let (mut done, mut changed) = (0u64, 0u64);
+        let mut b = self.scrub_cursor.load(Ordering::Relaxed) % blocks.max(1);
+        for _ in 0..blocks {
+            if done >= budget_bytes {
+                break;
+            }
+            let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+            if self.stale[w].load(Ordering::SeqCst) & bit == 0 {
+                let before = self.leaves.lock().unwrap_or_else(|p| p.into_inner())[b as usize];
+                self.hash_block(dev, b, &mut buf)?;
+                let after = self.leaves.lock().unwrap_or_else(|p| p.into_inner())[b as usize];
+                // A write that landed meanwhile marked it stale: not a finding.
+                if after != before && self.stale[w].load(Ordering::SeqCst) & bit == 0 {
+                    changed += 1;
+                }
+                done += self.granularity;
+            }
+            b = (b + 1) % blocks;
+        }
+        self.scrub_cursor.store(b, Ordering::Relaxed);
+        Ok((done, changed))
     }
 
     /// Every leaf, current: stale ones are hashed now. Exact when no write
