@@ -609,6 +609,17 @@ fn set_phase(ctx: &AgentCtx, workload: &str, f: impl FnOnce(&mut MigrationRecord
 /// `ferry migrate cutover`: see the module documentation. Blocks until it
 /// ends; returns the report (downtime, outage, each step's time).
 pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    cutover_with(ctx, workload, true)
+}
+
+/// A cutover; with `reverse_on_failure`, a target whose start/check hook
+/// fails hands the workload back (a reverse cutover never does, so two nodes
+/// that both fail to start it do not hand it back and forth).
+pub fn cutover_with(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    reverse_on_failure: bool,
+) -> Result<Value> {
     let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
     let spec = load_workload(&ctx.cfg.data_dir, workload)?
         .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
@@ -886,6 +897,36 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "hooks": hooks,
         "target_healthy": check_ok,
     });
+    if !check_ok && reverse_on_failure {
+        // The workload did not come up at the target: a reverse verified
+        // cutover returns it here.
+        let original = ctx.migrations().get(workload).cloned();
+        let back = reverse_after_failed_start(ctx, workload, &client, &target);
+        let mut report = report;
+        report["reverse_cutover"] = match &back {
+            Ok(r) => r.clone(),
+            Err(e) => json!({"error": format!("{e:#}")}),
+        };
+        if let Some(mut rec) = original {
+            rec.last_cutover = Some(report.clone());
+            match &back {
+                Ok(_) => rec.state.cutover_aborted(format!(
+                    "the workload did not start at {target} (see last_cutover.hooks); a reverse cutover returned it to {me}"
+                )),
+                Err(e) => rec.state.fail(format!(
+                    "{target} serves the volumes but its start/check hook failed, and the reverse cutover failed too: {e:#}"
+                )),
+            }
+            rec.save(&ctx.cfg.data_dir)?;
+            ctx.migrations().insert(workload.to_string(), rec);
+        }
+        tracing::warn!(
+            workload,
+            reversed = back.is_ok(),
+            "cutover.target_unhealthy"
+        );
+        return Ok(report);
+    }
     set_phase(ctx, workload, |r| {
         if check_ok {
             r.state.cutover_done();
@@ -902,6 +943,37 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "cutover.done"
     );
     Ok(report)
+}
+
+/// Waits until the target's way back is ready, then has it cut over back
+/// here. Gives up at once if the target does not answer.
+fn reverse_after_failed_start(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    client: &crate::api::client::ApiClient,
+    target: &str,
+) -> Result<Value> {
+    let deadline =
+        Instant::now() + Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
+    loop {
+        let st = client
+            .get(&format!("/api/v1/migrations/{workload}"))
+            .with_context(|| format!("{target} does not answer"))?;
+        if st["phase"] == "ready" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the replication back from {target} was not ready in time (phase {})",
+                st["phase"]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    client.post(
+        &format!("/api/v1/migrations/{workload}/cutover"),
+        &json!({"reverse_on_failure": false}),
+    )
 }
 
 /// On the target of a committed cutover: the migration back to `target`

@@ -520,3 +520,38 @@ fn a_merkle_mismatch_aborts_the_cutover_and_resends_the_differing_blocks() {
     assert_eq!(report["to"], "b", "{report}");
     qemu_io(&b.uri("img"), &["read -P 0x33 0 32M"]);
 }
+
+#[test]
+fn a_workload_that_fails_to_start_at_the_target_is_returned_by_a_reverse_cutover() {
+    require("qemu-io");
+    let (root, a, b) = two_agents("");
+    let hooks = root.path().join("hooks.log");
+    let h = hooks.display();
+    a.ok(&["volume", "create", "app", "--size", "32MiB"]);
+    qemu_io(&a.uri("app"), &["write -P 8 0 4M"]);
+    // The application cannot start on b.
+    a.ok(&[
+        "workload",
+        "create",
+        "w",
+        "--volume",
+        "app",
+        "--start",
+        &format!("echo start $FERRY_NODE >> {h}; test $FERRY_NODE != b"),
+        "--stop",
+        &format!("echo stop $FERRY_NODE >> {h}"),
+    ]);
+    a.ok(&["migrate", "start", "w", "--to", "b"]);
+    wait_until(60, "migration ready", || phase(&a, "w") == "ready");
+    let report = a.json(&["migrate", "cutover", "w"]);
+    assert_eq!(report["target_healthy"], false, "{report}");
+    assert_eq!(report["reverse_cutover"]["to"], "a", "{report}");
+    assert_eq!(phase(&a, "w"), "rolled-back");
+    assert_eq!(a.status("app")["role"], "primary");
+    assert_eq!(b.status("app")["role"], "secondary");
+    qemu_io(&a.uri("app"), &["read -P 8 0 4M", "write -P 9 4M 1M"]);
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert_eq!(log, "stop a\nstart b\nstop b\nstart a\n", "{log}");
+    // Replication a → b runs again: the migration can be retried.
+    wait_until(60, "ready again", || phase(&a, "w") == "ready");
+}

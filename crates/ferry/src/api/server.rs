@@ -521,8 +521,22 @@ async fn finalize(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
         .map(Json)
 }
 
-async fn cutover(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
-    blocking(move || crate::migrate::cutover(&ctx, &name))
+#[derive(Deserialize)]
+struct CutoverReq {
+    #[serde(default = "yes")]
+    reverse_on_failure: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn cutover(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<CutoverReq>,
+) -> ApiResult {
+    blocking(move || crate::migrate::cutover_with(&ctx, &name, r.reverse_on_failure))
         .await
         .map(Json)
 }
