@@ -471,19 +471,8 @@ pub fn start(
     for v in &spec.volumes {
         ctx.start_replication(v, to, mode, max_rate, false)?;
     }
-    let rec = MigrationRecord {
-        workload: workload.to_string(),
-        source: ctx.identity.node_name.clone(),
-        target: to.to_string(),
-        mode: if mode == Mode::Sync { "sync" } else { "async" }.into(),
-        started_unix: unix_now(),
-        state: Migration::new(auto_converge, ConvergeConfig::default()),
-        last_cutover: None,
-        reverse: false,
-        finalized: false,
-    };
-    rec.save(&ctx.cfg.data_dir)?;
-    ctx.migrations().insert(workload.to_string(), rec);
+    let mode = if mode == Mode::Sync { "sync" } else { "async" };
+    begin_record(ctx, workload, to, mode, auto_converge, false)?;
     sample(ctx, workload);
     status(ctx, workload)
 }
@@ -979,15 +968,28 @@ fn reverse_after_failed_start(
 /// On the target of a committed cutover: the migration back to `target`
 /// (the old source), which replication towards it already carries.
 pub fn record_reverse(ctx: &Arc<AgentCtx>, workload: &str, target: &str, mode: &str) -> Result<()> {
+    begin_record(ctx, workload, target, mode, false, true)
+}
+
+/// Records (durably) and registers a new migration of `workload` from this
+/// node to `target`.
+fn begin_record(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    target: &str,
+    mode: &str,
+    auto_converge: bool,
+    reverse: bool,
+) -> Result<()> {
     let rec = MigrationRecord {
         workload: workload.to_string(),
         source: ctx.identity.node_name.clone(),
         target: target.to_string(),
         mode: mode.to_string(),
         started_unix: unix_now(),
-        state: Migration::new(false, ConvergeConfig::default()),
+        state: Migration::new(auto_converge, ConvergeConfig::default()),
         last_cutover: None,
-        reverse: true,
+        reverse,
         finalized: false,
     };
     rec.save(&ctx.cfg.data_dir)?;

@@ -434,14 +434,6 @@ fn the_target_dying_after_the_commit_point_keeps_it_primary() {
     assert_eq!(v["equal"], true, "{v}");
 }
 
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_target_without_room_is_refused_before_anything_starts() {
     require("qemu-io");
@@ -449,15 +441,7 @@ fn a_target_without_room_is_refused_before_anything_starts() {
         .prefix("ferry-room-")
         .tempdir()
         .unwrap();
-    let bdir = root.path().join("b");
-    std::fs::create_dir_all(&bdir).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&bdir)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mounting a small tmpfs needs root");
-    let _m = Mount(bdir.clone());
+    let _m = Mount::tmpfs(&root.path().join("b"), "24m");
     let a = Agent::start(root.path(), "a", "");
     let b = Agent::start(root.path(), "b", "");
     pair(&a, &b);

@@ -480,13 +480,6 @@ fn a_corrupted_stream_drops_the_link_and_resyncs_never_a_wrong_byte() {
 }
 
 /// Unmounts on drop, even when the test fails.
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 #[test]
 fn disk_full_on_the_replica_is_reported_and_the_primary_keeps_serving() {
@@ -494,15 +487,7 @@ fn disk_full_on_the_replica_is_reported_and_the_primary_keeps_serving() {
         .prefix("ferry-full-")
         .tempdir()
         .unwrap();
-    let bdir = root.path().join("b");
-    std::fs::create_dir_all(&bdir).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&bdir)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mounting a small tmpfs needs root");
-    let _m = Mount(bdir.clone());
+    let _m = Mount::tmpfs(&root.path().join("b"), "24m");
     let a = Agent::start(root.path(), "a", "");
     let b = Agent::start(root.path(), "b", "");
     pair(&a, &b);

@@ -782,23 +782,48 @@ impl PrimaryVolume {
         let started = Instant::now();
         let result = self
             .write_begin(extent, local, wire, out, fua)
-            .and_then(|b| match b {
-                Begun::Answered(confirmed) => self.answer(confirmed),
-                Begun::Wait {
-                    epoch,
-                    seq,
-                    durable,
-                } => {
-                    let mut l = self.link.lock();
-                    l = self.link.wait_for(l, epoch, seq, durable);
-                    let confirmed = l.rep.epoch() == epoch;
-                    drop(l);
-                    self.answer(confirmed)
-                }
-            });
+            .and_then(|b| self.finish_blocking(b));
         self.write_latency
             .record(started.elapsed().as_micros() as u64);
         result
+    }
+
+    /// Steps 1–4 of an NBD WRITE of `buf` at `offset`.
+    fn begin_data_write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<Begun> {
+        let e = Extent {
+            offset,
+            length: buf.len() as u64,
+        };
+        self.write_begin(
+            e,
+            || self.local.write_at(buf, offset, false),
+            Out::data_wire_bytes(buf.len()),
+            |seq| Out::Data {
+                kind: ferry_wire::Kind::Write,
+                seq,
+                offset,
+                data: buf.to_vec(),
+            },
+            fua,
+        )
+    }
+
+    /// Step 5–6 on the calling thread: waits for the peer if needed.
+    fn finish_blocking(&self, b: Begun) -> io::Result<()> {
+        match b {
+            Begun::Answered(confirmed) => self.answer(confirmed),
+            Begun::Wait {
+                epoch,
+                seq,
+                durable,
+            } => {
+                let mut l = self.link.lock();
+                l = self.link.wait_for(l, epoch, seq, durable);
+                let confirmed = l.rep.epoch() == epoch;
+                drop(l);
+                self.answer(confirmed)
+            }
+        }
     }
 
     /// The result of a write that got as far as it will: a write the peer did
@@ -1064,42 +1089,18 @@ impl BlockDevice for PrimaryVolume {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        let e = Extent {
-            offset,
-            length: buf.len() as u64,
-        };
-        self.write_common(
-            e,
-            || self.local.write_at(buf, offset, false),
-            Out::data_wire_bytes(buf.len()),
-            |seq| Out::Data {
-                kind: ferry_wire::Kind::Write,
-                seq,
-                offset,
-                data: buf.to_vec(),
-            },
-            fua,
-        )
+        let started = Instant::now();
+        let result = self
+            .begin_data_write(buf, offset, fua)
+            .and_then(|b| self.finish_blocking(b));
+        self.write_latency
+            .record(started.elapsed().as_micros() as u64);
+        result
     }
 
     fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
         let started = Instant::now();
-        let e = Extent {
-            offset,
-            length: buf.len() as u64,
-        };
-        let begun = self.write_begin(
-            e,
-            || self.local.write_at(buf, offset, false),
-            Out::data_wire_bytes(buf.len()),
-            |seq| Out::Data {
-                kind: ferry_wire::Kind::Write,
-                seq,
-                offset,
-                data: buf.to_vec(),
-            },
-            fua,
-        );
+        let begun = self.begin_data_write(buf, offset, fua);
         let result = match begun {
             Err(e) => Err(e),
             Ok(Begun::Answered(confirmed)) => self.answer(confirmed),

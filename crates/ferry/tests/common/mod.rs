@@ -239,3 +239,25 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// A small tmpfs mounted at a path (root only), unmounted when dropped.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    pub fn tmpfs(at: &Path, size: &str) -> Mount {
+        std::fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a small tmpfs needs root");
+        Mount(at.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
