@@ -28,7 +28,6 @@ pub enum ClientError {
 pub struct Client {
     sock: TcpStream,
     size: u64,
-    flags: u16,
     next_cookie: u64,
 }
 
@@ -46,7 +45,6 @@ impl Client {
         let mut c = Client {
             sock,
             size: 0,
-            flags: 0,
             next_cookie: 1,
         };
         c.handshake(name)?;
@@ -93,7 +91,6 @@ impl Client {
                 REP_ACK => break,
                 REP_INFO if body.len() >= 12 && be_u16(&body) == INFO_EXPORT => {
                     self.size = u64::from_be_bytes(body[2..10].try_into().unwrap_or([0; 8]));
-                    self.flags = be_u16(&body[10..12]);
                 }
                 REP_INFO => {}
                 c if c & REP_ERR != 0 => {
@@ -115,11 +112,6 @@ impl Client {
     /// The export's size in bytes.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// The export is read-only.
-    pub fn read_only(&self) -> bool {
-        self.flags & TFLAG_READ_ONLY != 0
     }
 
     fn request(

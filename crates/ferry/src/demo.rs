@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_core::ByteSize;
 use ferry_nbd::client::Client;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::api::client::ApiClient;
 use crate::cli::DemoArgs;
@@ -228,10 +228,6 @@ impl Writer {
     }
 }
 
-fn get(c: &ApiClient, path: &str) -> Result<Value> {
-    c.get(path)
-}
-
 pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
     let root = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
@@ -302,7 +298,7 @@ fn demo(root: &Path, args: &DemoArgs, json: bool) -> Result<()> {
     let tty = !json && std::io::stdout().is_terminal();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let st = get(&ca, "/api/v1/migrations/app")?;
+        let st = ca.get("/api/v1/migrations/app")?;
         let phase = st["phase"].as_str().unwrap_or("?").to_string();
         let line = format!(
             "  migrating app a → b: {:<8} {:>10} left  {:>10}/s link  {:>10}/s writes  ETA {}",
@@ -369,8 +365,8 @@ fn demo(root: &Path, args: &DemoArgs, json: bool) -> Result<()> {
     }
     c.disconnect();
     let roles = (
-        get(&ca, "/api/v1/replications/demo")?["role"].clone(),
-        get(&cb, "/api/v1/replications/demo")?["role"].clone(),
+        ca.get("/api/v1/replications/demo")?["role"].clone(),
+        cb.get("/api/v1/replications/demo")?["role"].clone(),
     );
     let summary = json!({
         "writes_acknowledged": writes,

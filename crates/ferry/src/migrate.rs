@@ -540,15 +540,19 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
     }
 }
 
+fn no_migration(ctx: &AgentCtx, workload: &str) -> anyhow::Error {
+    anyhow!(
+        "no migration of workload {workload:?} on node {}",
+        ctx.identity.node_name
+    )
+}
+
 /// The status document of one migration.
 pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let migs = ctx.migrations();
-    let rec = migs.get(workload).ok_or_else(|| {
-        anyhow!(
-            "no migration of workload {workload:?} on node {}",
-            ctx.identity.node_name
-        )
-    })?;
+    let rec = migs
+        .get(workload)
+        .ok_or_else(|| no_migration(ctx, workload))?;
     let m = &rec.state;
     let lag_seconds =
         (m.send_rate_bytes_per_s > 1.0).then(|| m.bytes_remaining as f64 / m.send_rate_bytes_per_s);
@@ -1006,12 +1010,7 @@ fn other_end(
         .migrations()
         .get(workload)
         .map(|r| r.target.clone())
-        .ok_or_else(|| {
-            anyhow!(
-                "no migration of workload {workload:?} on node {}",
-                ctx.identity.node_name
-            )
-        })?;
+        .ok_or_else(|| no_migration(ctx, workload))?;
     let peer = ctx
         .peers
         .get(&peer_name)
@@ -1028,12 +1027,9 @@ fn other_end(
 pub fn rollback(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let (reverse, phase, finalized) = {
         let migs = ctx.migrations();
-        let r = migs.get(workload).ok_or_else(|| {
-            anyhow!(
-                "no migration of workload {workload:?} on node {}",
-                ctx.identity.node_name
-            )
-        })?;
+        let r = migs
+            .get(workload)
+            .ok_or_else(|| no_migration(ctx, workload))?;
         (r.reverse, r.state.phase, r.finalized)
     };
     if finalized {
@@ -1062,12 +1058,9 @@ pub fn rollback(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 pub fn finalize(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let (reverse, target) = {
         let migs = ctx.migrations();
-        let r = migs.get(workload).ok_or_else(|| {
-            anyhow!(
-                "no migration of workload {workload:?} on node {}",
-                ctx.identity.node_name
-            )
-        })?;
+        let r = migs
+            .get(workload)
+            .ok_or_else(|| no_migration(ctx, workload))?;
         (r.reverse, r.target.clone())
     };
     if !reverse {

@@ -86,6 +86,11 @@ impl Vms {
         if self.is_running(workload) {
             bail!("the VM of {workload:?} already runs here");
         }
+        for f in spec.kernel.iter().chain(&spec.initrd) {
+            if !f.is_file() {
+                bail!("VM file {} does not exist on this node", f.display());
+            }
+        }
         let console = console_path(data_dir, workload);
         std::fs::create_dir_all(console.parent().unwrap_or(data_dir))?;
         let log = std::fs::OpenOptions::new()
@@ -163,8 +168,9 @@ impl Vms {
             })?;
         rx.recv_timeout(Duration::from_secs(10))
             .map_err(|_| anyhow!("the VM supervisor did not report"))??;
-        // A VM that dies at once (bad kernel path, bad argument) is an error.
-        std::thread::sleep(Duration::from_millis(300));
+        // A VM that dies at once (a bad argument) is an error. This wait is
+        // part of a cutover's downtime, so it is short.
+        std::thread::sleep(Duration::from_millis(100));
         if !self.is_running(workload) {
             let text = std::fs::read_to_string(&console).unwrap_or_default();
             let tail: String = text

@@ -13,14 +13,7 @@ use common::agent::{pair, wait_until, Agent};
 use common::*;
 
 fn two_agents(extra: &str) -> (tempfile::TempDir, Agent, Agent) {
-    let root = tempfile::Builder::new()
-        .prefix("ferry-migr-")
-        .tempdir()
-        .unwrap();
-    let a = Agent::start(root.path(), "a", extra);
-    let b = Agent::start(root.path(), "b", extra);
-    pair(&a, &b);
-    (root, a, b)
+    common::agent::two_agents("ferry-migr-", extra)
 }
 
 /// Writes numbered 4 KiB records (record i at offset i × 4 KiB, every byte
@@ -473,6 +466,10 @@ fn a_merkle_mismatch_aborts_the_cutover_and_resends_the_differing_blocks() {
     a.ok(&["workload", "create", "m", "--volume", "img"]);
     a.ok(&["migrate", "start", "m", "--to", "b"]);
     wait_until(60, "migration ready", || phase(&a, "m") == "ready");
+    // b's leaves are hashed before the damage (else they hash the damage).
+    wait_until(30, "b's leaves current", || {
+        b.status("img")["merkle_stale_blocks"] == 0
+    });
     // Damage b's copy behind ferry's back (as bit rot would): the background
     // read-back of the leaves notices it, so the cutover's comparison does.
     {

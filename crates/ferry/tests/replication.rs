@@ -13,14 +13,7 @@ use common::raw::Raw;
 use common::*;
 
 fn two_agents(extra: &str) -> (tempfile::TempDir, Agent, Agent) {
-    let root = tempfile::Builder::new()
-        .prefix("ferry-repl-")
-        .tempdir()
-        .unwrap();
-    let a = Agent::start(root.path(), "a", extra);
-    let b = Agent::start(root.path(), "b", extra);
-    pair(&a, &b);
-    (root, a, b)
+    common::agent::two_agents("ferry-repl-", extra)
 }
 
 fn assert_images_equal(a: &Agent, b: &Agent, vol: &str) {

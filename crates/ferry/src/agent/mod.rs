@@ -744,8 +744,9 @@ pub fn run(config_path: &Path) -> Result<()> {
 }
 
 /// Once a second: transfer rates, and the dirty maps saved when they changed.
-/// Keeps every volume's Merkle leaves current in the background, at most
-/// `leaf_refresh_bytes_per_s`.
+/// Keeps the Merkle leaves of workload volumes current in the background (at
+/// most `leaf_refresh_bytes_per_s`) and reads back clean ones
+/// (`leaf_scrub_bytes_per_s`).
 fn leaf_hasher(ctx: &Arc<AgentCtx>) {
     const TICK: Duration = Duration::from_millis(100);
     let rate = ctx.cfg.replication.leaf_refresh_bytes_per_s;
@@ -753,12 +754,32 @@ fn leaf_hasher(ctx: &Arc<AgentCtx>) {
     if rate == 0 && scrub_rate == 0 {
         return;
     }
+    // Leaves are kept only for volumes of the workloads defined on this node
+    // (what a cutover compares); `volume verify` reads images whole anyway.
+    let mut hot = std::collections::HashSet::new();
+    let mut tick = 0u64;
     loop {
         std::thread::sleep(TICK);
+        if tick % 10 == 0 {
+            hot = crate::migrate::list_workloads(&ctx.cfg.data_dir)
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|w| w.volumes)
+                .collect();
+        }
+        tick += 1;
         let mut budget = rate / 10;
         let mut scrub = scrub_rate / 10;
-        let primaries = ctx.primaries();
-        let secondaries = ctx.secondaries();
+        let primaries: Vec<_> = ctx
+            .primaries()
+            .into_iter()
+            .filter(|p| hot.contains(&p.name))
+            .collect();
+        let secondaries: Vec<_> = ctx
+            .secondaries()
+            .into_iter()
+            .filter(|s| hot.contains(&s.name))
+            .collect();
         let all: Vec<(
             &str,
             &crate::replication::verify::LeafCache,

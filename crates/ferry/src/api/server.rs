@@ -647,6 +647,7 @@ pub fn status_of(ctx: &Arc<AgentCtx>, name: &str) -> Result<Value, ApiError> {
             "state": if m.state().consistent { "up-to-date" } else { "inconsistent" },
             "received_seq": s.received_seq.load(std::sync::atomic::Ordering::Relaxed),
             "bytes_applied": s.bytes_applied.load(std::sync::atomic::Ordering::Relaxed),
+            "merkle_stale_blocks": s.leaves.stale_blocks(),
             "last_error": *s.last_error.lock().unwrap_or_else(|p| p.into_inner()),
         }));
     }

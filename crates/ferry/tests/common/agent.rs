@@ -210,6 +210,16 @@ impl Drop for Agent {
     }
 }
 
+/// Two registered agents `a` and `b` under a fresh temp dir named `prefix…`,
+/// each with `extra` config lines.
+pub fn two_agents(prefix: &str, extra: &str) -> (tempfile::TempDir, Agent, Agent) {
+    let root = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    let a = Agent::start(root.path(), "a", extra);
+    let b = Agent::start(root.path(), "b", extra);
+    pair(&a, &b);
+    (root, a, b)
+}
+
 /// Registers `b` at `a`, both ways.
 pub fn pair(a: &Agent, b: &Agent) {
     let tok = a.dir.join("peer-token");
