@@ -323,6 +323,22 @@ fn flusher(
     }
 }
 
+/// Received batches queued for the apply thread. With reads of
+/// [`RECEIVE_READ_BYTES`], this bounds what the replica holds received but not
+/// yet applied to about 16 × 256 KiB = 4 MiB per link.
+const APPLY_QUEUE_BATCHES: usize = 16;
+/// Ciphertext read from the socket at a time.
+const RECEIVE_READ_BYTES: usize = 256 * 1024;
+
+/// Whole frames received together: `frames` index into `buf`.
+struct Batch {
+    buf: Vec<u8>,
+    /// (header, payload start, payload length)
+    frames: Vec<(FrameHeader, usize, usize)>,
+}
+
+/// Receives on this thread (decrypt, check, acknowledge receipt) and applies on
+/// another, in stream order, so the two overlap; a third makes flushes durable.
 fn apply_stream(
     mut sock: TcpStream,
     wire: &ServerWire,
@@ -337,12 +353,39 @@ fn apply_stream(
         let flush = scope.spawn(|| {
             let r = flusher(vol, wire, &state);
             if r.is_err() {
-                // Unblock the apply loop's read: the link is over.
-                let _ = wire.ctl.shutdown(Shutdown::Both);
+                // Unblock the receiver's read: the link is over (writing stays
+                // open for the Error frame that says why).
+                let _ = wire.ctl.shutdown(Shutdown::Read);
             }
             r
         });
-        let applied = apply_frames(&mut sock, wire, leftover, vol, max, &state);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(APPLY_QUEUE_BATCHES);
+        // Applied batches' buffers go back to the receiver for reuse.
+        let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let state = &state;
+        let applier = std::thread::Builder::new()
+            .name("repl-apply".into())
+            .spawn_scoped(scope, move || {
+                let r = rx.iter().try_for_each(|b| {
+                    apply_batch(vol, &b, state)?;
+                    let _ = spare_tx.send(b.buf);
+                    Ok(())
+                });
+                if r.is_err() {
+                    let _ = wire.ctl.shutdown(Shutdown::Read);
+                }
+                r
+            });
+        let (received, applied) = match applier {
+            Ok(applier) => {
+                let received = receive_frames(&mut sock, wire, leftover, vol, max, tx, spare_rx);
+                let applied = applier
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("the apply thread panicked")));
+                (received, applied)
+            }
+            Err(e) => (Err(anyhow!("cannot start the apply thread: {e}")), Ok(())),
+        };
         {
             let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
             st.closed = true;
@@ -351,27 +394,30 @@ fn apply_stream(
         let flushed = flush
             .join()
             .unwrap_or_else(|_| Err(anyhow!("the flusher thread panicked")));
-        applied.and(flushed)
+        // The apply or flush failure (say, disk full) is the cause; the
+        // receiver's error is then only the socket we shut down.
+        applied.and(flushed).and(received)
     })
 }
 
-fn apply_frames(
+/// Reads, decrypts and checks frames; acknowledges receipt of every read's
+/// frames at once (sync mode answers a write once the replica has it in
+/// order), then queues them for the apply thread. Durability is acknowledged
+/// separately, by the flusher, after the frames up to a flush were applied and
+/// synced.
+fn receive_frames(
     sock: &mut TcpStream,
     wire: &ServerWire,
     leftover: Vec<u8>,
     vol: &SecondaryVolume,
     max: u32,
-    state: &(Mutex<FlushState>, std::sync::Condvar),
+    tx: std::sync::mpsc::SyncSender<Batch>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<()> {
     let mut plain = leftover;
-    let mut raw = vec![0u8; 256 * 1024];
-    let mut frames: Vec<(FrameHeader, usize, usize)> = Vec::new();
+    let mut raw = vec![0u8; RECEIVE_READ_BYTES];
     loop {
-        // Every whole frame we have: acknowledge receipt first (sync mode
-        // answers a write once the replica has it in order), then apply them in
-        // order. Durability is acknowledged separately, by the flusher, after
-        // the frames up to a flush were applied and synced.
-        frames.clear();
+        let mut frames = Vec::new();
         let mut used = 0;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
             frames.push((hdr, used + ferry_wire::HEADER_BYTES, payload.len()));
@@ -381,16 +427,23 @@ fn apply_frames(
             vol.received_seq.store(last.0.seq, Ordering::SeqCst);
         }
         if !frames.is_empty() {
-            // Coalesced: one acknowledgement for everything in this read.
             wire.ack(
                 vol.received_seq.load(Ordering::SeqCst),
                 vol.durable_seq.load(Ordering::SeqCst),
             )?;
+            // Hand the whole frames over; keep the partial one that follows.
+            let mut tail = spare
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(2 * RECEIVE_READ_BYTES));
+            tail.clear();
+            tail.extend_from_slice(&plain[used..]);
+            plain.truncate(used);
+            let buf = std::mem::replace(&mut plain, tail);
+            if tx.send(Batch { buf, frames }).is_err() {
+                // The apply thread stopped; its error is the one reported.
+                return Ok(());
+            }
         }
-        for (hdr, start, len) in &frames {
-            apply_one(vol, hdr, &plain[*start..*start + *len], state)?;
-        }
-        plain.drain(..used);
         let n = match sock.read(&mut raw) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
@@ -399,6 +452,17 @@ fn apply_frames(
         };
         wire.tls.open(&raw[..n], &mut plain)?;
     }
+}
+
+fn apply_batch(
+    vol: &SecondaryVolume,
+    b: &Batch,
+    state: &(Mutex<FlushState>, std::sync::Condvar),
+) -> Result<()> {
+    for (hdr, start, len) in &b.frames {
+        apply_one(vol, hdr, &b.buf[*start..*start + *len], state)?;
+    }
+    Ok(())
 }
 
 fn apply_one(

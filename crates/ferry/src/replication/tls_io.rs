@@ -6,7 +6,7 @@
 //! order they were sealed, and a sender blocked on a full socket never keeps
 //! the reader from decrypting what arrives.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::net::TcpStream;
 use std::sync::{Mutex, MutexGuard};
 
@@ -17,7 +17,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct SharedTls {
     conn: Mutex<rustls::Connection>,
     sock_w: Mutex<TcpStream>,
+    /// Ciphertext buffers for reuse: a fresh megabyte per send costs page
+    /// faults and zeroing on every batch.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Ciphertext buffers kept for reuse (one per concurrent sender is enough).
+const SPARE_CIPHER_BUFFERS: usize = 4;
 
 impl std::fmt::Debug for SharedTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,6 +40,7 @@ impl SharedTls {
         Ok(SharedTls {
             conn: Mutex::new(conn),
             sock_w: Mutex::new(sock.try_clone()?),
+            spare: Mutex::new(Vec::new()),
         })
     }
 
@@ -41,13 +48,20 @@ impl SharedTls {
     pub fn send_with(&self, fill: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> io::Result<()> {
         let mut conn = lock(&self.conn);
         fill(&mut conn.writer())?;
-        let mut cipher = Vec::new();
+        let mut cipher = lock(&self.spare).pop().unwrap_or_default();
         while conn.wants_write() {
             conn.write_tls(&mut cipher)?;
         }
         let mut sock = lock(&self.sock_w);
         drop(conn);
-        sock.write_all(&cipher)
+        let sent = sock.write_all(&cipher);
+        drop(sock);
+        cipher.clear();
+        let mut spare = lock(&self.spare);
+        if spare.len() < SPARE_CIPHER_BUFFERS {
+            spare.push(cipher);
+        }
+        sent
     }
 
     pub fn send(&self, plain: &[u8]) -> io::Result<()> {
@@ -58,16 +72,21 @@ impl SharedTls {
     pub fn open(&self, raw: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
         let mut conn = lock(&self.conn);
         let mut slice = raw;
-        let mut buf = [0u8; 16 * 1024];
         while !slice.is_empty() {
             conn.read_tls(&mut slice)?;
             conn.process_new_packets()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")))?;
-            // Drain as we go: rustls bounds the plaintext it holds.
+            // Drain as we go (rustls bounds the plaintext it holds), copying
+            // straight from its buffer into `plain`.
+            let mut reader = conn.reader();
             loop {
-                match conn.reader().read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(m) => plain.extend_from_slice(&buf[..m]),
+                match reader.fill_buf() {
+                    Ok([]) => break,
+                    Ok(chunk) => {
+                        let m = chunk.len();
+                        plain.extend_from_slice(chunk);
+                        reader.consume(m);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
                 }
