@@ -11,7 +11,8 @@
 //!   protect a volume from requests that fall outside it.
 //!
 //! and the state machines: [`dirty`] maps, [`generation`] histories, the
-//! [`link`] replicator, and the [`migration`] lifecycle.
+//! [`link`] replicator, the [`migration`] lifecycle, and the [`snapshot`]
+//! and overlay block maps of test cutovers.
 
 pub mod crc32c;
 pub mod dirty;
@@ -20,6 +21,7 @@ pub mod generation;
 pub mod link;
 pub mod migration;
 pub mod size;
+pub mod snapshot;
 
 pub use dirty::{DirtyMap, DirtyMapError};
 pub use extent::{Extent, RangeError};

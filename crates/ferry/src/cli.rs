@@ -197,6 +197,17 @@ pub enum MigrateCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
+    /// Test cutover while production runs: snapshot the target's replicas at one
+    /// flush barrier, start a disposable instance on writable overlays there
+    /// (exports VOLUME@test), run its check. `--end` discards it all.
+    Test {
+        name: String,
+        /// Stop the test instance and discard its overlays and snapshots.
+        #[arg(long)]
+        end: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
     /// After a cutover: stop replicating back to the old source (no rollback after this).
     Finalize {
         name: String,

@@ -2,7 +2,8 @@
 //!
 //! A **workload** is a named set of volumes plus hooks (`start`, `stop`,
 //! `check`: shell commands run with a timeout, their output captured, with
-//! `FERRY_WORKLOAD`, `FERRY_NODE` and `FERRY_ROLE` in their environment). Its
+//! `FERRY_WORKLOAD`, `FERRY_NODE`, `FERRY_ROLE` (`source`, `target`, `test`…) and
+//! `FERRY_VOLUME_URIS` (the NBD URIs of its volumes on this node) in their environment). Its
 //! definition is a JSON file in `DATA_DIR/workloads/` on every node that holds
 //! it; a migration copies it to the target.
 //!
@@ -248,6 +249,17 @@ pub fn workload_hook(
         _ => None,
     };
     let timeout = Duration::from_millis(spec.hook_timeout_ms);
+    // A test instance runs on the test overlays, under its own VM name.
+    let (instance, exports): (String, Vec<String>) = if role == "test" {
+        (
+            test_export(&spec.name),
+            spec.volumes.iter().map(|v| test_export(v)).collect(),
+        )
+    } else {
+        (spec.name.clone(), spec.volumes.clone())
+    };
+    let uris: Vec<String> = exports.iter().map(|e| ctx.nbd_uri_base.uri(e)).collect();
+    let uris = uris.join(" ");
     let vm = |what: &str| -> Option<HookRun> {
         let vm = spec.vm.as_ref()?;
         let started = Instant::now();
@@ -257,14 +269,14 @@ pub fn workload_hook(
                 .start(
                     &ctx.cfg.data_dir,
                     &ctx.nbd_uri_base,
-                    &spec.name,
-                    &spec.volumes,
+                    &instance,
+                    &exports,
                     vm,
                 )
                 .map(|()| "VM started".to_string()),
             _ => ctx
                 .vms
-                .stop(&spec.name, timeout)
+                .stop(&instance, timeout)
                 .map(|ran| if ran { "VM stopped" } else { "no VM ran here" }.to_string()),
         };
         Some(HookRun {
@@ -285,6 +297,7 @@ pub fn workload_hook(
                 ("FERRY_WORKLOAD", &spec.name),
                 ("FERRY_NODE", &ctx.identity.node_name),
                 ("FERRY_ROLE", role),
+                ("FERRY_VOLUME_URIS", &uris),
             ],
         );
         tracing::info!(workload = %spec.name, hook = which, ok = run.ok, exit_code = ?run.exit_code,
@@ -336,6 +349,9 @@ pub struct MigrationRecord {
     /// `ferry migrate finalize` ended the reverse replication.
     #[serde(default)]
     pub finalized: bool,
+    /// The running test cutover's report (`ferry migrate test`), until `--end`.
+    #[serde(default)]
+    pub test: Option<Value>,
 }
 
 impl MigrationRecord {
@@ -575,6 +591,7 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "last_cutover": rec.last_cutover,
         "reverse": rec.reverse,
         "finalized": rec.finalized,
+        "test": rec.test,
     }))
 }
 
@@ -625,6 +642,12 @@ pub fn cutover_with(
                 ctx.identity.node_name
             )
         })?;
+        if rec.test.is_some() {
+            bail!(
+                "cutover refused: a test instance of {workload} runs on {}; end it with `ferry migrate test {workload} --end`",
+                rec.target
+            );
+        }
         rec.state
             .begin_cutover()
             .map_err(|e| anyhow!("cutover refused: {e}"))?;
@@ -995,6 +1018,7 @@ fn begin_record(
         last_cutover: None,
         reverse,
         finalized: false,
+        test: None,
     };
     rec.save(&ctx.cfg.data_dir)?;
     ctx.migrations().insert(workload.to_string(), rec);
@@ -1143,4 +1167,233 @@ pub fn set_rate(ctx: &Arc<AgentCtx>, workload: &str, max_rate: Option<u64>) -> R
         p.link.lock().max_rate_bytes_per_s = max_rate.filter(|&r| r > 0);
     }
     status(ctx, workload)
+}
+
+/// How long the target waits for the flagged flush that takes its snapshots.
+const TEST_BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The export name of a volume's test overlay.
+pub fn test_export(volume: &str) -> String {
+    format!("{volume}@test")
+}
+
+/// A test instance running on this node (the migration's target).
+pub struct TestRun {
+    pub overlays: Vec<(String, Arc<crate::replication::snapshot::Overlay>)>,
+}
+
+/// `ferry migrate test WORKLOAD`, on the source: a snapshot of every replica
+/// of the workload at one flush barrier (the source's volumes are frozen only
+/// while the barrier frames are queued), then a disposable instance on
+/// writable overlays of it at the target, and its check. Production keeps
+/// running and replicating throughout.
+pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?
+        .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    let target = {
+        let migs = ctx.migrations();
+        let rec = migs
+            .get(workload)
+            .ok_or_else(|| no_migration(ctx, workload))?;
+        if !matches!(
+            rec.state.phase,
+            MigrationPhase::Syncing | MigrationPhase::Ready
+        ) {
+            bail!(
+                "a test cutover needs the migration syncing or ready; {workload} is {}",
+                rec.state.phase.as_str()
+            );
+        }
+        if rec.test.is_some() {
+            bail!(
+                "a test instance of {workload} already runs on {}: end it with `ferry migrate test {workload} --end`",
+                rec.target
+            );
+        }
+        rec.target.clone()
+    };
+    let vols: Vec<_> = spec
+        .volumes
+        .iter()
+        .map(|v| {
+            ctx.primary(v)
+                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
+        })
+        .collect::<Result<_>>()?;
+    let peer = ctx
+        .peers
+        .get(&target)
+        .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let cleanup = |why: anyhow::Error| -> anyhow::Error {
+        if let Err(e) = client.delete(&format!("/api/v1/workloads/{workload}/test")) {
+            tracing::warn!(workload, error = %format!("{e:#}"), "migration.test.cleanup_failed");
+        }
+        why
+    };
+    for v in &vols {
+        client
+            .post(&format!("/api/v1/volumes/{}/snapshot", v.name), &json!({}))
+            .map_err(|e| cleanup(e.context(format!("{target} cannot snapshot {}", v.name))))?;
+    }
+    // One cut for all volumes: no write runs while the barriers are queued.
+    let frozen = Instant::now();
+    for v in &vols {
+        v.freeze();
+    }
+    let barriers: std::result::Result<(), String> =
+        vols.iter().try_for_each(|v| v.snapshot_barrier());
+    for v in &vols {
+        v.unfreeze();
+    }
+    let frozen_us = frozen.elapsed().as_micros() as u64;
+    barriers.map_err(|e| cleanup(anyhow!("no snapshot barrier: {e}")))?;
+    let report = client
+        .post(&format!("/api/v1/workloads/{workload}/test"), &json!({}))
+        .map_err(|e| cleanup(e.context(format!("the test instance on {target} did not start"))))?;
+    let mut report = report;
+    report["source_frozen_us"] = json!(frozen_us);
+    report["target"] = json!(target);
+    set_phase(ctx, workload, |r| r.test = Some(report.clone()));
+    tracing::info!(workload, %target, frozen_us, check_ok = ?report["check_ok"], "migration.test.started");
+    Ok(report)
+}
+
+/// `ferry migrate test WORKLOAD --end`, on the source: the target stops the
+/// test instance and discards its overlays and snapshots.
+pub fn test_end(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let target = ctx
+        .migrations()
+        .get(workload)
+        .ok_or_else(|| no_migration(ctx, workload))?
+        .target
+        .clone();
+    let peer = ctx
+        .peers
+        .get(&target)
+        .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let v = client.delete(&format!("/api/v1/workloads/{workload}/test"))?;
+    set_phase(ctx, workload, |r| r.test = None);
+    tracing::info!(workload, %target, "migration.test.ended");
+    Ok(v)
+}
+
+/// On the target: arms volume `volume`'s snapshot for the next flagged flush.
+pub fn test_arm_here(ctx: &AgentCtx, volume: &str) -> Result<()> {
+    let v = ctx.secondary(volume).ok_or_else(|| {
+        anyhow!(
+            "volume {volume:?} is not a replica on node {}",
+            ctx.identity.node_name
+        )
+    })?;
+    let consistent = v
+        .meta
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .state()
+        .consistent;
+    v.snapshot.arm(volume, consistent)?;
+    Ok(())
+}
+
+/// On the target: waits for the workload's snapshots, exports a writable
+/// overlay of each as `VOLUME@test`, starts the test instance (role `test`)
+/// and runs its check.
+pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+        anyhow!(
+            "no workload {workload:?} on node {}",
+            ctx.identity.node_name
+        )
+    })?;
+    if ctx.tests().contains_key(workload) {
+        bail!("a test instance of {workload} already runs here");
+    }
+    let mut overlays = Vec::new();
+    for name in &spec.volumes {
+        let v = ctx
+            .secondary(name)
+            .ok_or_else(|| anyhow!("volume {name:?} is not a replica here"))?;
+        v.snapshot.wait_taken(name, TEST_BARRIER_TIMEOUT)?;
+        let path = v.dir.join(crate::replication::snapshot::OVERLAY_FILE);
+        let o = crate::replication::snapshot::Overlay::create(v.clone(), path.clone())
+            .with_context(|| format!("cannot create the overlay {}", path.display()))?;
+        overlays.push((name.clone(), Arc::new(o)));
+    }
+    for (name, o) in &overlays {
+        ctx.nbd.add_export(ferry_nbd::Export {
+            name: test_export(name),
+            description: format!("ferry test overlay of {name} (disposable)"),
+            read_only: false,
+            device: o.clone(),
+        })?;
+    }
+    let started_unix = unix_now();
+    ctx.tests()
+        .insert(workload.to_string(), TestRun { overlays });
+    let t0 = Instant::now();
+    let start = workload_hook(ctx, &spec, "start", "test");
+    let started = start.as_ref().is_none_or(|h| h.ok);
+    let check = if started {
+        workload_hook(ctx, &spec, "check", "test")
+    } else {
+        None
+    };
+    let check_ok = started && check.as_ref().is_none_or(|h| h.ok);
+    let exports: Vec<String> = spec
+        .volumes
+        .iter()
+        .map(|v| ctx.nbd_uri_base.uri(&test_export(v)))
+        .collect();
+    let hooks: Vec<HookRun> = [start, check].into_iter().flatten().collect();
+    Ok(json!({
+        "workload": workload,
+        "node": ctx.identity.node_name,
+        "exports": exports,
+        "started": started,
+        "check_ok": check_ok,
+        "start_to_check_ms": t0.elapsed().as_millis() as u64,
+        "hooks": hooks,
+        "started_unix": started_unix,
+    }))
+}
+
+/// On the target: stops the test instance and discards its overlays and the
+/// snapshots under them. Nothing of the test reaches the replicas.
+pub fn test_end_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?;
+    let stop = match (&spec, ctx.tests().contains_key(workload)) {
+        (Some(spec), true) => workload_hook(ctx, spec, "stop", "test"),
+        _ => None,
+    };
+    let run = ctx.tests().remove(workload);
+    let mut written = 0;
+    let mut names: Vec<String> = spec.map(|s| s.volumes).unwrap_or_default();
+    if let Some(run) = &run {
+        for (name, o) in &run.overlays {
+            written += o.written_bytes();
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    drop(run);
+    let mut saved = 0;
+    for name in &names {
+        ctx.nbd.remove_export(&test_export(name));
+        if let Some(v) = ctx.secondary(name) {
+            saved += v.snapshot.saved_bytes().unwrap_or(0);
+            v.snapshot.end();
+        }
+    }
+    Ok(json!({
+        "workload": workload,
+        "node": ctx.identity.node_name,
+        "ended": true,
+        "overlay_bytes_discarded": written,
+        "snapshot_bytes_saved": saved,
+        "hooks": stop.into_iter().collect::<Vec<_>>(),
+    }))
 }

@@ -499,6 +499,53 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
+        MigrateCommand::Test { name, end, conn } => {
+            let c = client(conn, data_dir)?;
+            let path = format!("/api/v1/migrations/{name}/test");
+            if *end {
+                let v = c.delete(&path)?;
+                return print(&v, json, |v| {
+                    println!(
+                        "test of {name} ended on {}: overlays ({}) and snapshots ({}) discarded",
+                        v["node"].as_str().unwrap_or("?"),
+                        ferry_core::ByteSize(v["overlay_bytes_discarded"].as_u64().unwrap_or(0)),
+                        ferry_core::ByteSize(v["snapshot_bytes_saved"].as_u64().unwrap_or(0)),
+                    )
+                });
+            }
+            let v = c.post(&path, &json!({}))?;
+            print(&v, json, |v| {
+                let node = v["node"].as_str().unwrap_or("?");
+                println!(
+                    "test instance of {name} on {node}: {} (source paused {} µs for the snapshot barrier)",
+                    if v["check_ok"] == true {
+                        "check passed"
+                    } else if v["started"] == false {
+                        "start FAILED"
+                    } else {
+                        "check FAILED"
+                    },
+                    v["source_frozen_us"]
+                );
+                for e in v["exports"].as_array().into_iter().flatten() {
+                    println!("  {}", e.as_str().unwrap_or("?"));
+                }
+                for h in v["hooks"].as_array().into_iter().flatten() {
+                    if h["ok"] != true {
+                        println!(
+                            "  {} hook output: {}",
+                            h["hook"].as_str().unwrap_or("?"),
+                            h["output"].as_str().unwrap_or("").trim()
+                        );
+                    }
+                }
+                println!("production keeps running; discard the test with: ferry migrate test {name} --end");
+            })?;
+            if v["check_ok"] != true {
+                bail!("the test instance of {name} did not pass its check; it is still running for inspection (end it with: ferry migrate test {name} --end)");
+            }
+            Ok(())
+        }
         MigrateCommand::Finalize { name, conn } => {
             let v = client(conn, data_dir)?
                 .post(&format!("/api/v1/migrations/{name}/finalize"), &json!({}))?;

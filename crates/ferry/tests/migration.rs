@@ -258,7 +258,7 @@ fn console(path: &std::path::Path) -> (Option<u64>, Option<u64>) {
 }
 
 #[test]
-fn a_qemu_guest_keeps_every_record_across_a_cutover() {
+fn a_qemu_guest_keeps_every_record_across_a_test_cutover_and_a_cutover() {
     require("qemu-system-x86_64");
     // The guest: a Debian kernel and a busybox initramfs running records.sh.
     let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -303,6 +303,36 @@ fn a_qemu_guest_keeps_every_record_across_a_cutover() {
     wait_until(60, "writes during the migration", || {
         console(&con_a).0.is_some_and(|n| n >= before + 10)
     });
+    // A test cutover first: a disposable guest boots at b on a snapshot of
+    // the replica, finds every record acknowledged before the test began
+    // (consistent image), and writes into its overlay, while the guest at a
+    // keeps writing.
+    let acked_before_test = console(&con_a).0.unwrap();
+    let t = a.json(&["migrate", "test", "vm"]);
+    assert_eq!(t["check_ok"], true, "{t}");
+    let con_test = b.dir.join("vms/vm@test/console.log");
+    wait_until(120, "the test guest verifies the snapshot at b", || {
+        console(&con_test).1.is_some()
+    });
+    let (_, in_snapshot) = console(&con_test);
+    let text_test = std::fs::read_to_string(&con_test).unwrap();
+    assert!(!text_test.contains("CORRUPT"), "{text_test}");
+    assert!(
+        in_snapshot.unwrap() > acked_before_test,
+        "records acknowledged before the test: 0..={acked_before_test}, in the snapshot: {in_snapshot:?}"
+    );
+    wait_until(60, "the test guest writes its overlay", || {
+        console(&con_test).0.is_some()
+    });
+    let during = console(&con_a).0.unwrap();
+    wait_until(60, "production writes during the test", || {
+        console(&con_a).0.is_some_and(|n| n >= during + 5)
+    });
+    let end = a.json(&["migrate", "test", "vm", "--end"]);
+    assert!(
+        end["overlay_bytes_discarded"].as_u64().unwrap() > 0,
+        "{end}"
+    );
     let report = a.json(&["migrate", "cutover", "vm"]);
     assert_eq!(report["target_healthy"], true, "{report}");
     // Stopped at a: its last acknowledged record is final there.
@@ -535,4 +565,130 @@ fn a_workload_that_fails_to_start_at_the_target_is_returned_by_a_reverse_cutover
     assert_eq!(log, "stop a\nstart b\nstop b\nstart a\n", "{log}");
     // Replication a → b runs again: the migration can be retried.
     wait_until(60, "ready again", || phase(&a, "w") == "ready");
+}
+
+/// Reads a whole export into memory with nbdcopy.
+fn read_export(uri: &str, dir: &std::path::Path) -> Vec<u8> {
+    let out = dir.join("export-copy.raw");
+    let _ = std::fs::remove_file(&out);
+    run_ok(Command::new("nbdcopy").arg(uri).arg(&out));
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn a_test_cutover_runs_on_a_snapshot_while_production_keeps_writing() {
+    require("qemu-io");
+    require("nbdcopy");
+    let (root, a, b) = two_agents("");
+    let hooks = root.path().join("hooks.log");
+    let h = hooks.display();
+    a.ok(&["volume", "create", "app", "--size", "32MiB"]);
+    // The test instance writes into its overlay; its check reads it back.
+    a.ok(&[
+        "workload",
+        "create",
+        "web",
+        "--volume",
+        "app",
+        "--start",
+        &format!(
+            "echo start $FERRY_NODE $FERRY_ROLE >> {h}; [ $FERRY_ROLE != test ] || qemu-io -f raw -c 'write -P 0xee 30M 64k' $FERRY_VOLUME_URIS"
+        ),
+        "--stop",
+        &format!("echo stop $FERRY_NODE $FERRY_ROLE >> {h}"),
+        "--check",
+        "[ $FERRY_ROLE != test ] && exit 0; out=$(qemu-io -f raw -c 'read -P 0xee 30M 64k' $FERRY_VOLUME_URIS 2>&1); echo \"$out\"; echo \"$out\" | grep -q 'read 65536/65536' && ! echo \"$out\" | grep -q 'verification failed'",
+        "--hook-timeout",
+        "20s",
+    ]);
+    let out = a.cli().args(["migrate", "test", "web"]).output().unwrap();
+    assert!(!out.status.success(), "no test without a migration");
+    let writer = Writer::start(a.uri("app"), 0);
+    a.json(&["migrate", "start", "web", "--to", "b"]);
+    wait_until(60, "migration ready", || phase(&a, "web") == "ready");
+    wait_until(30, "writes during the migration", || writer.acked() >= 20);
+    let before = writer.acked() as u64;
+    let t = a.json(&["migrate", "test", "web"]);
+    assert_eq!(t["check_ok"], true, "{t}");
+    assert_eq!(t["node"], "b", "{t}");
+    assert!(
+        t["source_frozen_us"].as_u64().unwrap() < 2_000_000,
+        "the source pauses only for the barrier: {t}"
+    );
+    let test_uri = b.uri("app@test");
+    assert_eq!(t["exports"][0].as_str(), Some(test_uri.as_str()), "{t}");
+    assert!(!a.json(&["migrate", "status", "web"])["test"].is_null());
+    // Production keeps writing and replicating during the test.
+    wait_until(60, "writes after the snapshot", || {
+        writer.acked() as u64 >= before + 30
+    });
+    let out = a
+        .cli()
+        .args(["migrate", "cutover", "web"])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("test instance"),
+        "no cutover while a test runs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = a.cli().args(["migrate", "test", "web"]).output().unwrap();
+    assert!(!out.status.success(), "one test at a time");
+    let acked = writer.finish();
+    assert!(acked.len() as u64 >= before + 30);
+
+    // The snapshot is one flush barrier of the stream: a prefix of the
+    // acknowledged records, holding everything acknowledged before the test
+    // began and none of the records written after it (copy-before-write kept
+    // them out), with the instance's own write on top.
+    let img = read_export(&test_uri, root.path());
+    let rec = |i: u64| &img[(i * 4096) as usize..(i * 4096 + 4096) as usize];
+    let present = |i: u64| rec(i).iter().all(|&x| x as u64 == i % 200 + 1);
+    let absent = |i: u64| rec(i).iter().all(|&x| x == 0);
+    let k = (0..acked.len() as u64)
+        .find(|&i| !present(i))
+        .expect("records written after the test began leaked into the snapshot");
+    assert!(
+        k >= before,
+        "records acknowledged before the test are in it: {k} < {before}"
+    );
+    assert!(
+        k < acked.len() as u64,
+        "later records are not in the snapshot"
+    );
+    for i in k..acked.len() as u64 {
+        assert!(
+            absent(i),
+            "record {i} after the barrier {k} leaked into the snapshot"
+        );
+    }
+    assert!(img[30 << 20..(30 << 20) + 65536].iter().all(|&x| x == 0xee));
+    // Nothing of the test reaches production or the replica.
+    qemu_io(&a.uri("app"), &["read -P 0 30M 64k"]);
+
+    let e = a.json(&["migrate", "test", "web", "--end"]);
+    assert!(
+        e["overlay_bytes_discarded"].as_u64().unwrap() >= 65536,
+        "{e}"
+    );
+    assert!(e["snapshot_bytes_saved"].as_u64().unwrap() > 0, "{e}");
+    assert!(qemu_io_fails(&test_uri), "the test export is gone");
+    let vdir = b.image("app").parent().unwrap().to_path_buf();
+    assert!(!vdir.join("snapshot.cow").exists() && !vdir.join("test-overlay.raw").exists());
+    assert!(a.json(&["migrate", "status", "web"])["test"].is_null());
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert!(
+        log.contains("start b test") && log.contains("stop b test"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("stop a"),
+        "production was never stopped: {log}"
+    );
+
+    // Replication went on underneath: the real cutover carries every record.
+    let report = a.json(&["migrate", "cutover", "web"]);
+    assert_eq!(report["to"], "b", "{report}");
+    verify_records(&b.uri("app"), &acked);
+    qemu_io(&b.uri("app"), &["read -P 0 30M 64k"]);
 }

@@ -69,6 +69,8 @@ pub struct AgentCtx {
     pub cutover_lock: Mutex<()>,
     /// Workload VMs running on this node.
     pub vms: Arc<crate::vm::Vms>,
+    /// Test instances (`ferry migrate test`) running on this node, by workload.
+    tests: Mutex<HashMap<String, crate::migrate::TestRun>>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -84,6 +86,10 @@ impl AgentCtx {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::MigrationRecord>> {
         self.migrations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn tests(&self) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::TestRun>> {
+        self.tests.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn secondary(&self, name: &str) -> Option<Arc<SecondaryVolume>> {
@@ -144,6 +150,7 @@ impl AgentCtx {
                 let v = Arc::new(SecondaryVolume::new(
                     name.to_string(),
                     info.id,
+                    dir.clone(),
                     dev,
                     m,
                     self.cfg.replication.granularity_bytes,
@@ -314,6 +321,12 @@ impl AgentCtx {
         {
             bail!(
                 "the replica of {name:?} on node {} is inconsistent; refusing to promote it",
+                self.identity.node_name
+            );
+        }
+        if sec.snapshot.is_active() {
+            bail!(
+                "a test instance runs on a snapshot of {name:?} on node {}: end it first (ferry migrate test WORKLOAD --end)",
                 self.identity.node_name
             );
         }
@@ -716,6 +729,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         migrations: Mutex::new(HashMap::new()),
         cutover_lock: Mutex::new(()),
         vms: Arc::new(crate::vm::Vms::default()),
+        tests: Mutex::new(HashMap::new()),
         started: Instant::now(),
         admin: Mutex::new(()),
     });

@@ -92,6 +92,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/volumes/{name}/hashes", get(hashes))
         .route("/api/v1/volumes/{name}/verify", post(verify))
         .route("/api/v1/volumes/{name}/promote", post(promote_volume))
+        .route("/api/v1/volumes/{name}/snapshot", post(arm_snapshot))
         .route(
             "/api/v1/volumes/{name}/inconsistent",
             post(mark_inconsistent),
@@ -101,6 +102,10 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route(
             "/api/v1/workloads/{name}",
             get(workload).put(put_workload).delete(delete_workload),
+        )
+        .route(
+            "/api/v1/workloads/{name}/test",
+            post(start_test_here).delete(end_test_here),
         )
         .route(
             "/api/v1/workloads/{name}/hooks/{which}",
@@ -116,6 +121,10 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/migrations/{name}/reverse", post(reverse_migration))
         .route("/api/v1/migrations/{name}/rollback", post(rollback))
         .route("/api/v1/migrations/{name}/finalize", post(finalize))
+        .route(
+            "/api/v1/migrations/{name}/test",
+            post(start_test).delete(end_test),
+        )
         .route(
             "/api/v1/replications",
             get(replications).post(start_replication),
@@ -517,6 +526,39 @@ async fn rollback(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
 
 async fn finalize(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
     blocking(move || crate::migrate::finalize(&ctx, &name))
+        .await
+        .map(Json)
+}
+
+/// Test cutover, on the source.
+async fn start_test(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::migrate::test_start(&ctx, &name))
+        .await
+        .map(Json)
+}
+
+async fn end_test(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::migrate::test_end(&ctx, &name))
+        .await
+        .map(Json)
+}
+
+/// Test cutover, on the target: arm a replica's snapshot.
+async fn arm_snapshot(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let n = name.clone();
+    blocking(move || crate::migrate::test_arm_here(&ctx, &n)).await?;
+    Ok(Json(json!({"armed": name})))
+}
+
+/// Test cutover, on the target: start the test instance.
+async fn start_test_here(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::migrate::test_start_here(&ctx, &name))
+        .await
+        .map(Json)
+}
+
+async fn end_test_here(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::migrate::test_end_here(&ctx, &name))
         .await
         .map(Json)
 }

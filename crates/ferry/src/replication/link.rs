@@ -29,6 +29,8 @@ use crate::agent::AgentCtx;
 
 /// Flag on a Flush frame: the peer is now up to date at generation `offset`.
 pub const FLAG_UP_TO_DATE: u16 = 1;
+/// Flag on a Flush frame: an armed snapshot of the replica is taken here.
+pub const FLAG_SNAPSHOT: u16 = 2;
 /// Idle links send a ping this often, so a dead peer is noticed.
 const PING_INTERVAL_MS: u64 = 1000;
 /// Plaintext sealed and written at a time while sending a large batch.
@@ -125,10 +127,14 @@ fn encode_out(w: &mut dyn Write, o: &Out) -> io::Result<()> {
         Out::Flush {
             seq,
             up_to_date_generation,
+            snapshot,
         } => {
             let mut h = FrameHeader::new(Kind::Flush, *seq, up_to_date_generation.unwrap_or(0), 0);
             if up_to_date_generation.is_some() {
-                h.flags = FLAG_UP_TO_DATE;
+                h.flags |= FLAG_UP_TO_DATE;
+            }
+            if *snapshot {
+                h.flags |= FLAG_SNAPSHOT;
             }
             w.write_all(&h.encode())?;
         }
@@ -415,6 +421,7 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
             l.queue.push_back(Out::Flush {
                 seq,
                 up_to_date_generation: Some(g),
+                snapshot: false,
             });
             l.announced_up_to_date = true;
             tracing::info!(volume = %vol.name, "replication.resync.done: peer up to date");

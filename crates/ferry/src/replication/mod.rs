@@ -9,5 +9,6 @@ pub mod link;
 pub mod meta;
 pub mod primary;
 pub mod secondary;
+pub mod snapshot;
 pub mod tls_io;
 pub mod verify;

@@ -53,6 +53,8 @@ pub enum Out {
     Flush {
         seq: u64,
         up_to_date_generation: Option<u64>,
+        /// Takes the replica's armed snapshot (a test cutover).
+        snapshot: bool,
     },
 }
 
@@ -209,6 +211,7 @@ impl Link {
                     Out::Flush {
                         seq,
                         up_to_date_generation: None,
+                        snapshot: false,
                     },
                 );
             }
@@ -651,6 +654,7 @@ impl PrimaryVolume {
                 Out::Flush {
                     seq,
                     up_to_date_generation: None,
+                    snapshot: false,
                 },
             );
             let epoch = l.rep.epoch();
@@ -674,6 +678,43 @@ impl PrimaryVolume {
                 return Err("the replica did not confirm everything in time".into());
             }
         }
+    }
+
+    /// Test cutover, once frozen: queues a Flush frame that takes the
+    /// replica's armed snapshot — every write that began before it is ahead of
+    /// it in the stream, none after. Fails unless the replica is up to date
+    /// and the link streams.
+    pub fn snapshot_barrier(&self) -> Result<(), String> {
+        let now = self.now_ms();
+        let mut l = self.link.lock();
+        let st = l.rep.status();
+        if st.phase != ferry_core::link::Phase::Streaming {
+            return Err(format!(
+                "the link of {} is not streaming ({:?})",
+                self.name, st.phase
+            ));
+        }
+        if st.replica != ferry_core::link::ReplicaState::UpToDate {
+            return Err(format!(
+                "the replica of {} is {}, not up-to-date",
+                self.name,
+                st.replica.as_str()
+            ));
+        }
+        let Some(seq) = l.rep.on_flush(now) else {
+            return Err("the link cannot take a flush (it fell behind)".into());
+        };
+        self.link.push(
+            &mut l,
+            Out::Flush {
+                seq,
+                up_to_date_generation: None,
+                snapshot: true,
+            },
+        );
+        drop(l);
+        self.link.pump();
+        Ok(())
     }
 
     /// Records the activity-log extents `e` touches before a write into them.
@@ -917,6 +958,7 @@ impl PrimaryVolume {
                             Out::Flush {
                                 seq: f,
                                 up_to_date_generation: None,
+                                snapshot: false,
                             },
                         );
                         target = (f, true);
@@ -1157,6 +1199,7 @@ impl BlockDevice for PrimaryVolume {
             Out::Flush {
                 seq,
                 up_to_date_generation: None,
+                snapshot: false,
             },
         );
         if l.rep.config().mode == Mode::Async {

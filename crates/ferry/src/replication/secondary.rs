@@ -19,7 +19,7 @@ use ferry_core::GenerationHistory;
 use ferry_nbd::device::{BlockDevice, FileDevice, ZeroMode};
 use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
-use super::link::FLAG_UP_TO_DATE;
+use super::link::{FLAG_SNAPSHOT, FLAG_UP_TO_DATE};
 use super::meta::MetaFile;
 use super::tls_io::SharedTls;
 use crate::agent::AgentCtx;
@@ -39,6 +39,11 @@ pub struct SecondaryVolume {
     pub last_error: Mutex<Option<String>>,
     /// Merkle leaves kept current as the stream applies.
     pub leaves: super::verify::LeafCache,
+    /// The volume's directory (metadata, snapshot files).
+    pub dir: std::path::PathBuf,
+    pub granularity_bytes: u64,
+    /// A test cutover's copy-before-write snapshot of this replica.
+    pub snapshot: super::snapshot::Snapshot,
 }
 
 impl std::fmt::Debug for SecondaryVolume {
@@ -53,13 +58,18 @@ impl SecondaryVolume {
     pub fn new(
         name: String,
         id: String,
+        dir: std::path::PathBuf,
         dev: FileDevice,
         meta: MetaFile,
         granularity_bytes: u64,
     ) -> SecondaryVolume {
         let leaves = super::verify::LeafCache::new(dev.size(), granularity_bytes);
+        super::snapshot::Snapshot::clear_leftovers(&dir);
         SecondaryVolume {
             leaves,
+            dir,
+            granularity_bytes,
+            snapshot: Default::default(),
             name,
             id,
             dev,
@@ -474,6 +484,10 @@ fn apply_one(
     match hdr.kind {
         Kind::Write | Kind::Copy => {
             check_range(vol, hdr.offset, payload.len() as u64)?;
+            let _snap = vol
+                .snapshot
+                .before_write(&vol.dev, hdr.offset, payload.len() as u64)
+                .context("saving blocks for the snapshot")?;
             let wrote = vol.dev.write_at(payload, hdr.offset, false);
             vol.leaves.invalidate(hdr.offset, payload.len() as u64);
             wrote.with_context(|| format!("writing {} bytes at {}", payload.len(), hdr.offset))?;
@@ -484,6 +498,10 @@ fn apply_one(
             let len =
                 u64::from_be_bytes(payload.try_into().map_err(|_| anyhow!("bad Zero frame"))?);
             check_range(vol, hdr.offset, len)?;
+            let _snap = vol
+                .snapshot
+                .before_write(&vol.dev, hdr.offset, len)
+                .context("saving blocks for the snapshot")?;
             let zeroed = vol.dev.write_zeroes(
                 hdr.offset,
                 len,
@@ -497,6 +515,15 @@ fn apply_one(
             zeroed?;
         }
         Kind::Flush => {
+            if hdr.flags & FLAG_SNAPSHOT != 0
+                && vol.snapshot.take_if_armed(
+                    &vol.dir.join(super::snapshot::SNAPSHOT_FILE),
+                    vol.dev.size(),
+                    vol.granularity_bytes,
+                )?
+            {
+                tracing::info!(volume = %vol.name, seq = hdr.seq, "replication.replica.snapshot_taken");
+            }
             let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
             let up = hdr.flags & FLAG_UP_TO_DATE != 0 || st.pending.is_some_and(|(_, u)| u);
             st.pending = Some((hdr.seq, up));
