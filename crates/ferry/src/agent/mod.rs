@@ -331,6 +331,9 @@ impl AgentCtx {
             );
         }
         let size = ferry_nbd::BlockDevice::size(&sec.dev);
+        if !sec.close_link_and_wait(std::time::Duration::from_secs(10)) {
+            bail!("the replication stream into {name:?} did not stop within 10 s; not promoting");
+        }
         drop(sec);
         self.unload_volume(name)?;
         let dir = self.store.dir(name);

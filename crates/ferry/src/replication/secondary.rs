@@ -32,6 +32,8 @@ pub struct SecondaryVolume {
     pub meta: Mutex<MetaFile>,
     /// The socket of the current link, to close it when a newer one arrives.
     current: Mutex<Option<TcpStream>>,
+    /// Held by the link whose frames are being applied.
+    stream: Mutex<()>,
     pub received_seq: AtomicU64,
     /// Durable up to (set by the flusher after `fdatasync`).
     pub durable_seq: AtomicU64,
@@ -75,6 +77,7 @@ impl SecondaryVolume {
             dev,
             meta: Mutex::new(meta),
             current: Mutex::new(None),
+            stream: Mutex::new(()),
             received_seq: AtomicU64::new(0),
             durable_seq: AtomicU64::new(0),
             bytes_applied: AtomicU64::new(0),
@@ -93,6 +96,23 @@ impl SecondaryVolume {
             .take()
         {
             let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Ends the current inbound link and waits (up to `timeout`) until its
+    /// threads stopped writing the image. False if they did not in time.
+    pub fn close_link_and_wait(&self, timeout: std::time::Duration) -> bool {
+        self.close_link();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.stream.try_lock() {
+                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
 }
@@ -220,6 +240,9 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
     {
         let _ = old.shutdown(Shutdown::Both);
     }
+    // One stream at a time: the older link's apply thread may still hold
+    // received frames; they must land before any of this link's.
+    let _one_stream = vol.stream.lock().unwrap_or_else(|p| p.into_inner());
     let in_sync = mine.relate(&theirs) == Relation::InSync && was_consistent;
     {
         let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
