@@ -19,6 +19,16 @@ pub struct Hello {
     pub ancestors: Vec<u64>,
     /// "sync" or "async".
     pub mode: String,
+    /// The workload whose volumes share this stream (absent: a volume alone).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Hellos on this connection (one per volume of the stream, in tag order).
+    #[serde(default = "one")]
+    pub group_size: u16,
+}
+
+fn one() -> u16 {
+    1
 }
 
 /// The replica's answer.

@@ -71,6 +71,8 @@ pub struct AgentCtx {
     pub vms: Arc<crate::vm::Vms>,
     /// Test instances (`ferry migrate test`) running on this node, by workload.
     tests: Mutex<HashMap<String, crate::migrate::TestRun>>,
+    /// Serialises starting and regrouping links.
+    link_spawn: Mutex<()>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -232,20 +234,98 @@ impl AgentCtx {
         }
     }
 
-    fn spawn_link(self: &Arc<Self>, vol: &Arc<PrimaryVolume>) {
-        {
-            let mut l = vol.link.lock();
-            if l.task_running {
+    /// The volumes `vol` replicates with as one ordered stream: those of a
+    /// workload defined here that holds it, when every one of them is a
+    /// primary here replicating to the same peer; else `vol` alone.
+    fn link_group(&self, vol: &Arc<PrimaryVolume>) -> (String, Vec<Arc<PrimaryVolume>>) {
+        let peer = vol.link.lock().peer.clone();
+        let workloads = crate::migrate::list_workloads(&self.cfg.data_dir).unwrap_or_default();
+        for w in workloads {
+            if w.volumes.len() < 2
+                || w.volumes.len() > crate::replication::link::GROUP_VOLUMES_MAX
+                || !w.volumes.contains(&vol.name)
+            {
+                continue;
+            }
+            let members: Option<Vec<_>> = w
+                .volumes
+                .iter()
+                .map(|n| {
+                    self.primary(n).filter(|p| {
+                        let l = p.link.lock();
+                        l.peer == peer && !l.stop
+                    })
+                })
+                .collect();
+            if let Some(members) = members {
+                return (w.name, members);
+            }
+        }
+        (vol.name.clone(), vec![vol.clone()])
+    }
+
+    /// Starts the link of `vol` — as a member of its workload's stream when
+    /// the whole workload replicates to the same peer (a member already
+    /// linked alone or in another group is moved over: its link reconnects).
+    pub fn spawn_link(self: &Arc<Self>, vol: &Arc<PrimaryVolume>) {
+        let _one = self.link_spawn.lock().unwrap_or_else(|p| p.into_inner());
+        let (name, members) = self.link_group(vol);
+        let same = |m: &Arc<PrimaryVolume>| {
+            let l = m.link.lock();
+            l.task_running && l.link_group.as_deref() == Some(name.as_str())
+        };
+        if members.iter().all(same) {
+            return;
+        }
+        let moving: Vec<_> = members
+            .iter()
+            .filter(|m| m.link.lock().task_running)
+            .cloned()
+            .collect();
+        for m in &moving {
+            m.link.lock().regroup = true;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while moving.iter().any(|m| m.link.lock().task_running) {
+            if Instant::now() > deadline {
+                tracing::error!(group = %name, "replication.link.regroup_timeout: links keep running as they were");
+                for m in &moving {
+                    m.link.lock().regroup = false;
+                }
                 return;
             }
-            l.task_running = true;
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let (vol, ctx) = (vol.clone(), self.clone());
+        for m in &members {
+            let mut l = m.link.lock();
+            l.regroup = false;
+            l.task_running = true;
+            l.link_group = Some(name.clone());
+        }
+        if members.len() > 1 {
+            tracing::info!(group = %name, volumes = members.len(), "replication.link.group: one ordered stream");
+        }
+        let ctx = self.clone();
+        let group = crate::replication::primary::Group::new(name.clone(), members);
         let spawned = std::thread::Builder::new()
-            .name(format!("link-{}", vol.name))
+            .name(format!("link-{name}"))
             .spawn(move || {
-                crate::replication::link::run(vol.clone(), ctx);
-                vol.link.lock().task_running = false;
+                crate::replication::link::run(group.clone(), ctx.clone());
+                // Members that left (stopped, or now replicating elsewhere)
+                // are done; one being moved to another group is the mover's;
+                // the others go on, in whatever grouping now applies.
+                let mut again = Vec::new();
+                for m in &group.members {
+                    let mut l = m.link.lock();
+                    l.task_running = false;
+                    l.link_group = None;
+                    if !l.regroup && !l.stop && l.peer.is_some() {
+                        again.push(m.clone());
+                    }
+                }
+                for m in again {
+                    ctx.spawn_link(&m);
+                }
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "replication.link.spawn_failed");
@@ -733,6 +813,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         cutover_lock: Mutex::new(()),
         vms: Arc::new(crate::vm::Vms::default()),
         tests: Mutex::new(HashMap::new()),
+        link_spawn: Mutex::new(()),
         started: Instant::now(),
         admin: Mutex::new(()),
     });

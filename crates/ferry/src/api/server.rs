@@ -663,6 +663,7 @@ pub fn status_of(ctx: &Arc<AgentCtx>, name: &str) -> Result<Value, ApiError> {
             "volume": v.name,
             "role": "primary",
             "peer": l.peer,
+            "stream": l.link_group,
             "mode": if l.rep.config().mode == Mode::Sync { "sync" } else { "async" },
             "link": if l.stats.split_brain { "split-brain" } else { phase_str(st.phase) },
             "state": st.replica.as_str(),

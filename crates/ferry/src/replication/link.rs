@@ -23,9 +23,20 @@ use ferry_core::link::{Mode, Phase, TickAction};
 use ferry_core::GenerationHistory;
 use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
-use super::primary::{Out, PrimaryVolume};
+use super::primary::{Group, Out, PrimaryVolume};
 use super::tls_io::SharedTls;
 use crate::agent::AgentCtx;
+
+/// Frame flags above this shift carry the member's tag (its index in the
+/// group); acknowledgements carry it back.
+pub const TAG_SHIFT: u16 = 8;
+/// Volumes one stream carries at most (the tag is 8 bits).
+pub const GROUP_VOLUMES_MAX: usize = 255;
+
+/// The member tag of a frame.
+pub fn tag_of(h: &FrameHeader) -> usize {
+    usize::from(h.flags >> TAG_SHIFT)
+}
 
 /// Flag on a Flush frame: the peer is now up to date at generation `offset`.
 pub const FLAG_UP_TO_DATE: u16 = 1;
@@ -59,28 +70,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Wire {
-    /// Encrypts and writes `frames`; returns the plaintext bytes sent.
-    pub fn send(&self, frames: &[Out]) -> io::Result<u64> {
+    /// Encrypts and writes `frames`, each `(member tag, frame)`.
+    pub fn send(&self, frames: &[(u16, Out)]) -> io::Result<()> {
         if self.dead.load(Ordering::SeqCst) {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "link is down"));
         }
-        let mut bytes = 0u64;
         let mut rest = frames;
         while !rest.is_empty() {
             // Large batches (the copier's) are sealed and written in pieces.
             let mut n = 0;
             let mut chunk = 0u64;
             while n < rest.len() && (n == 0 || chunk < CIPHER_FLUSH_BYTES) {
-                chunk += rest[n].wire_bytes();
+                chunk += rest[n].1.wire_bytes();
                 n += 1;
             }
             let (now, later) = rest.split_at(n);
             self.tls
-                .send_with(|w| now.iter().try_for_each(|o| encode_out(w, o)))?;
-            bytes += chunk;
+                .send_with(|w| now.iter().try_for_each(|(t, o)| encode_out(w, *t, o)))?;
             rest = later;
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// Marks the connection failed. Sending stops at once; the reader keeps
@@ -99,7 +108,8 @@ impl Wire {
     }
 }
 
-fn encode_out(w: &mut dyn Write, o: &Out) -> io::Result<()> {
+fn encode_out(w: &mut dyn Write, tag: u16, o: &Out) -> io::Result<()> {
+    let tag = tag << TAG_SHIFT;
     match o {
         Out::Data {
             kind,
@@ -107,7 +117,8 @@ fn encode_out(w: &mut dyn Write, o: &Out) -> io::Result<()> {
             offset,
             data,
         } => {
-            let h = FrameHeader::new(*kind, *seq, *offset, data.len() as u32);
+            let mut h = FrameHeader::new(*kind, *seq, *offset, data.len() as u32);
+            h.flags = tag;
             w.write_all(&h.encode())?;
             w.write_all(data)?;
             w.write_all(&ferry_wire::trailer(data))?;
@@ -117,12 +128,12 @@ fn encode_out(w: &mut dyn Write, o: &Out) -> io::Result<()> {
             offset,
             length,
         } => {
-            w.write_all(&ferry_wire::encode_frame(
-                Kind::Zero,
-                *seq,
-                *offset,
-                &length.to_be_bytes(),
-            ))?;
+            let payload = length.to_be_bytes();
+            let mut h = FrameHeader::new(Kind::Zero, *seq, *offset, payload.len() as u32);
+            h.flags = tag;
+            w.write_all(&h.encode())?;
+            w.write_all(&payload)?;
+            w.write_all(&ferry_wire::trailer(&payload))?;
         }
         Out::Flush {
             seq,
@@ -130,6 +141,7 @@ fn encode_out(w: &mut dyn Write, o: &Out) -> io::Result<()> {
             snapshot,
         } => {
             let mut h = FrameHeader::new(Kind::Flush, *seq, up_to_date_generation.unwrap_or(0), 0);
+            h.flags = tag;
             if up_to_date_generation.is_some() {
                 h.flags |= FLAG_UP_TO_DATE;
             }
@@ -142,35 +154,77 @@ fn encode_out(w: &mut dyn Write, o: &Out) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs the link of `vol` until it is stopped, reconnecting with backoff.
-pub fn run(vol: Arc<PrimaryVolume>, ctx: Arc<AgentCtx>) {
-    vol.start_copier();
+/// Why a group's link ends: a member was stopped, lost its peer, or now
+/// replicates elsewhere.
+fn group_stopped(group: &Group) -> Option<String> {
+    let first = group.members.first()?.link.lock().peer.clone();
+    for m in &group.members {
+        let l = m.link.lock();
+        if l.stop || l.regroup || l.peer.is_none() || l.peer != first {
+            return None;
+        }
+    }
+    first
+}
+
+/// Runs the link of `group` until one of its members is stopped,
+/// reconnecting with backoff.
+pub fn run(group: Arc<Group>, ctx: Arc<AgentCtx>) {
+    for m in &group.members {
+        m.start_copier();
+    }
     let mut backoff_ms = 100;
     loop {
-        let (stop, peer) = {
-            let l = vol.link.lock();
-            (l.stop, l.peer.clone())
-        };
-        let Some(peer) = peer.filter(|_| !stop) else {
-            vol.link_down(None);
+        let Some(peer) = group_stopped(&group) else {
+            for m in &group.members {
+                m.link_down(None);
+            }
             return;
         };
-        let result = connect_and_serve(&vol, &ctx, &peer, &mut backoff_ms);
+        let result = connect_and_serve(&group, &ctx, &peer, &mut backoff_ms);
         let msg = result.err().map(|e| format!("{e:#}"));
         if let Some(m) = &msg {
-            tracing::warn!(volume = %vol.name, %peer, error = %m, "replication.link.down");
+            tracing::warn!(group = %group.name, %peer, error = %m, "replication.link.down");
         }
-        vol.link_down(msg);
-        if let Err(e) = vol.save_dirty_map(true) {
-            tracing::error!(volume = %vol.name, error = %e, "replication.dirty_map.save_failed");
+        group.set_wire(None);
+        for vol in &group.members {
+            vol.link_down(msg.clone());
+            if let Err(e) = vol.save_dirty_map(true) {
+                tracing::error!(volume = %vol.name, error = %e, "replication.dirty_map.save_failed");
+            }
         }
-        std::thread::sleep(Duration::from_millis(backoff_ms));
-        backoff_ms = (backoff_ms * 2).min(vol.settings.reconnect_backoff_max_ms.max(100));
+        // Back off, but end at once when stopped or regrouped.
+        let until = Instant::now() + Duration::from_millis(backoff_ms);
+        while Instant::now() < until && group_stopped(&group).is_some() {
+            std::thread::sleep(Duration::from_millis(TICK_MS));
+        }
+        let max = group.members[0].settings.reconnect_backoff_max_ms.max(100);
+        backoff_ms = (backoff_ms * 2).min(max);
+    }
+}
+
+fn hello_of(vol: &PrimaryVolume, ctx: &AgentCtx, group: &Group) -> Hello {
+    let (generation, mode) = {
+        let meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+        (meta.state().generation.clone(), meta.state().mode)
+    };
+    Hello {
+        protocol_versions: vec![PROTOCOL_VERSION],
+        node_name: ctx.identity.node_name.clone(),
+        volume: vol.name.clone(),
+        volume_id: vol.id.clone(),
+        size_bytes: ferry_nbd::BlockDevice::size(&vol.local),
+        granularity_bytes: vol.settings.granularity_bytes,
+        generation: generation.current(),
+        ancestors: generation.ancestors().collect(),
+        mode: if mode == Mode::Sync { "sync" } else { "async" }.into(),
+        group: (group.members.len() > 1).then(|| group.name.clone()),
+        group_size: group.members.len() as u16,
     }
 }
 
 fn connect_and_serve(
-    vol: &Arc<PrimaryVolume>,
+    group: &Arc<Group>,
     ctx: &Arc<AgentCtx>,
     peer_name: &str,
     backoff_ms: &mut u64,
@@ -204,53 +258,69 @@ fn connect_and_serve(
             .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
     }
 
-    let (generation, mode) = {
-        let meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
-        (meta.state().generation.clone(), meta.state().mode)
-    };
-    let hello = Hello {
-        protocol_versions: vec![PROTOCOL_VERSION],
-        node_name: ctx.identity.node_name.clone(),
-        volume: vol.name.clone(),
-        volume_id: vol.id.clone(),
-        size_bytes: ferry_nbd::BlockDevice::size(&vol.local),
-        granularity_bytes: vol.settings.granularity_bytes,
-        generation: generation.current(),
-        ancestors: generation.ancestors().collect(),
-        mode: if mode == Mode::Sync { "sync" } else { "async" }.into(),
-    };
-    tls.write_all(&ferry_wire::encode_frame(
-        Kind::Hello,
-        0,
-        0,
-        &hello.to_bytes(),
-    ))?;
+    // One Hello per member, in tag order; one reply each.
+    let mut hellos = Vec::new();
+    for vol in &group.members {
+        let hello = hello_of(vol, ctx, group);
+        tls.write_all(&ferry_wire::encode_frame(
+            Kind::Hello,
+            0,
+            0,
+            &hello.to_bytes(),
+        ))?;
+        hellos.push(hello);
+    }
     tls.flush()?;
-    let frame_max = vol.settings.frame_bytes_max;
-    let mut body = Vec::new();
-    let hdr = ferry_wire::read_frame(&mut tls, frame_max, &mut body)
-        .with_context(|| format!("{} did not answer the handshake", peer.name))?;
-    if hdr.kind != Kind::HelloReply {
-        bail!(
-            "{} answered the handshake with a {:?} frame",
-            peer.name,
-            hdr.kind
-        );
+    let frame_max = group.members[0].settings.frame_bytes_max;
+    let mut relations = Vec::new();
+    for (vol, hello) in group.members.iter().zip(&hellos) {
+        let mut body = Vec::new();
+        let hdr = ferry_wire::read_frame(&mut tls, frame_max, &mut body)
+            .with_context(|| format!("{} did not answer the handshake", peer.name))?;
+        if hdr.kind != Kind::HelloReply {
+            bail!(
+                "{} answered the handshake with a {:?} frame",
+                peer.name,
+                hdr.kind
+            );
+        }
+        let reply = HelloReply::from_bytes(&body[..hdr.len as usize])?;
+        if reply.node_name != peer.name {
+            bail!(
+                "the peer at {} calls itself {:?}, not {:?}",
+                peer.replication,
+                reply.node_name,
+                peer.name
+            );
+        }
+        if let Some(reason) = reply.refused {
+            bail!("{} refused the link: {reason}", peer.name);
+        }
+        let mine = GenerationHistory::from_parts(hello.generation, hello.ancestors.clone(), 16);
+        let peer_gen = GenerationHistory::from_parts(reply.generation, reply.ancestors.clone(), 16);
+        let relation = mine.relate(&peer_gen);
+        if matches!(
+            relation,
+            Relation::SplitBrain | Relation::Behind | Relation::SelfBlank
+        ) {
+            // Refuse before any member goes up (the state machine records
+            // a split brain).
+            let mut l = vol.link.lock();
+            l.stats.split_brain = relation == Relation::SplitBrain;
+            let _ = l.rep.on_connect(relation, vol.now_ms());
+            drop(l);
+            *backoff_ms = 30_000;
+            bail!(
+                "volume {}: {}",
+                vol.name,
+                match relation {
+                    Relation::SplitBrain => "split brain: both copies were written separately; nothing is resynced until an operator resolves it",
+                    _ => "the peer holds newer data than this node; refusing to overwrite it",
+                }
+            );
+        }
+        relations.push(relation);
     }
-    let reply = HelloReply::from_bytes(&body[..hdr.len as usize])?;
-    if reply.node_name != peer.name {
-        bail!(
-            "the peer at {} calls itself {:?}, not {:?}",
-            peer.replication,
-            reply.node_name,
-            peer.name
-        );
-    }
-    if let Some(reason) = reply.refused {
-        bail!("{} refused the link: {reason}", peer.name);
-    }
-    let peer_gen = GenerationHistory::from_parts(reply.generation, reply.ancestors.clone(), 16);
-    let mut relation = generation.relate(&peer_gen);
 
     let rustls::StreamOwned { conn, sock } = tls;
     sock.set_read_timeout(Some(Duration::from_millis(TICK_MS)))?;
@@ -261,59 +331,16 @@ fn connect_and_serve(
         dead: AtomicBool::new(false),
         error: Mutex::new(None),
     });
-    {
-        let now = vol.now_ms();
-        let mut l = vol.link.lock();
-        if relation == Relation::PeerBlank && l.checksum_baseline {
-            // The dirty map already says exactly which blocks differ.
-            relation = Relation::InSync;
-        }
-        l.checksum_baseline = false;
-        if !l.rep.on_connect(relation, now) {
-            l.stats.split_brain = relation == Relation::SplitBrain;
-            let why = match relation {
-                Relation::SplitBrain => "split brain: both copies were written separately; nothing is resynced until an operator resolves it",
-                _ => "the peer holds newer data than this node; refusing to overwrite it",
-            };
-            drop(l);
-            *backoff_ms = 30_000;
-            bail!("{why}");
-        }
-        if relation == Relation::PeerBlank {
-            // The peer's fresh image reads as zeroes: holes need not be sent.
-            let mut runs = Vec::new();
-            let size = ferry_nbd::BlockDevice::size(&vol.local);
-            let mut pos = 0;
-            while pos < size {
-                runs.clear();
-                ferry_nbd::BlockDevice::block_status(&vol.local, pos, size - pos, 1024, &mut runs)?;
-                if runs.is_empty() {
-                    break;
-                }
-                for r in &runs {
-                    if r.hole {
-                        l.rep.assume_equal(ferry_core::Extent {
-                            offset: pos,
-                            length: r.length,
-                        });
-                    }
-                    pos += r.length;
-                }
-            }
-        }
-        l.bumped_while_down = false;
-        l.stats.last_error = None;
-        l.stats.split_brain = false;
-        l.stats.connected_since = Some(Instant::now());
-        l.stats.resync_total_bytes = l.rep.dirty_map().dirty_bytes();
-        l.wire = Some(wire.clone());
-        tracing::info!(volume = %vol.name, peer = %peer.name, ?relation,
-            resync_bytes = l.stats.resync_total_bytes, "replication.link.up");
+    group.set_wire(Some(wire.clone()));
+    for (tag, (vol, relation)) in group.members.iter().zip(relations).enumerate() {
+        member_up(group, tag as u16, vol, relation, &wire, &peer.name)?;
     }
     *backoff_ms = 100;
-    vol.link.copier.notify_all();
-    vol.link.pump();
-    let result = read_acks(vol, &wire, sock, frame_max);
+    for vol in &group.members {
+        vol.link.copier.notify_all();
+    }
+    group.pump();
+    let result = read_acks(group, &wire, sock, frame_max);
     wire.fail("link closed");
     let err = lock(&wire.error).clone();
     match result {
@@ -325,13 +352,63 @@ fn connect_and_serve(
     }
 }
 
-/// Reads acknowledgements until the link fails; ticks the state machine.
-fn read_acks(
+/// One member of a connected group goes up: its state machine learns the
+/// relation, and its frames join the stream under `tag`.
+fn member_up(
+    group: &Arc<Group>,
+    tag: u16,
     vol: &Arc<PrimaryVolume>,
-    wire: &Wire,
-    mut sock: TcpStream,
-    frame_max: u32,
+    mut relation: Relation,
+    wire: &Arc<Wire>,
+    peer: &str,
 ) -> Result<()> {
+    let now = vol.now_ms();
+    let mut l = vol.link.lock();
+    if relation == Relation::PeerBlank && l.checksum_baseline {
+        // The dirty map already says exactly which blocks differ.
+        relation = Relation::InSync;
+    }
+    l.checksum_baseline = false;
+    if !l.rep.on_connect(relation, now) {
+        bail!("volume {}: the link cannot start ({relation:?})", vol.name);
+    }
+    if relation == Relation::PeerBlank {
+        // The peer's fresh image reads as zeroes: holes need not be sent.
+        let mut runs = Vec::new();
+        let size = ferry_nbd::BlockDevice::size(&vol.local);
+        let mut pos = 0;
+        while pos < size {
+            runs.clear();
+            ferry_nbd::BlockDevice::block_status(&vol.local, pos, size - pos, 1024, &mut runs)?;
+            if runs.is_empty() {
+                break;
+            }
+            for r in &runs {
+                if r.hole {
+                    l.rep.assume_equal(ferry_core::Extent {
+                        offset: pos,
+                        length: r.length,
+                    });
+                }
+                pos += r.length;
+            }
+        }
+    }
+    l.bumped_while_down = false;
+    l.stats.last_error = None;
+    l.stats.split_brain = false;
+    l.stats.connected_since = Some(Instant::now());
+    l.stats.resync_total_bytes = l.rep.dirty_map().dirty_bytes();
+    l.wire = Some(wire.clone());
+    l.group = Some(group.clone());
+    l.tag = tag;
+    tracing::info!(volume = %vol.name, group = %group.name, tag, %peer, ?relation,
+        resync_bytes = l.stats.resync_total_bytes, "replication.link.up");
+    Ok(())
+}
+
+/// Reads acknowledgements until the link fails; ticks the members' state machines.
+fn read_acks(group: &Arc<Group>, wire: &Wire, mut sock: TcpStream, frame_max: u32) -> Result<()> {
     let mut raw = vec![0u8; 64 * 1024];
     let mut plain: Vec<u8> = Vec::new();
     let mut last_ping = Instant::now();
@@ -360,7 +437,16 @@ fn read_acks(
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], frame_max)? {
             used += len;
             match hdr.kind {
-                Kind::Ack => on_ack(vol, hdr.seq, hdr.offset),
+                Kind::Ack => {
+                    let vol = group.members.get(tag_of(&hdr)).ok_or_else(|| {
+                        anyhow!(
+                            "the peer acknowledged member {} of a group of {}",
+                            tag_of(&hdr),
+                            group.members.len()
+                        )
+                    })?;
+                    on_ack(vol, hdr.seq, hdr.offset)
+                }
                 Kind::Error => bail!("peer reported: {}", String::from_utf8_lossy(payload)),
                 other => bail!("unexpected {other:?} frame from the peer"),
             }
@@ -370,17 +456,17 @@ fn read_acks(
             continue;
         }
         // Tick: ack timeout, periodic flush, keep-alive.
-        let now = vol.now_ms();
-        {
+        if group_stopped(group).is_none() {
+            wire.fail("stopped");
+            return Ok(());
+        }
+        for vol in &group.members {
+            let now = vol.now_ms();
             let mut l = vol.link.lock();
-            if l.stop || l.peer.is_none() {
-                drop(l);
-                wire.fail("stopped");
-                return Ok(());
-            }
             if let Some(TickAction::PeerFailed { silent_ms }) = l.rep.tick(now) {
                 bail!(
-                    "peer silent for {silent_ms} ms (peer_ack_timeout_ms {})",
+                    "peer silent for {silent_ms} ms about {} (peer_ack_timeout_ms {})",
+                    vol.name,
                     vol.settings.peer_ack_timeout_ms
                 );
             }
@@ -391,7 +477,7 @@ fn read_acks(
             wire.tls
                 .send(&FrameHeader::new(Kind::Ping, 0, 0, 0).encode())?;
         }
-        vol.link.pump();
+        group.pump();
     }
 }
 
@@ -418,11 +504,14 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
             return;
         }
         if let Some(seq) = l.rep.announce_up_to_date(now) {
-            l.queue.push_back(Out::Flush {
-                seq,
-                up_to_date_generation: Some(g),
-                snapshot: false,
-            });
+            vol.link.push(
+                &mut l,
+                Out::Flush {
+                    seq,
+                    up_to_date_generation: Some(g),
+                    snapshot: false,
+                },
+            );
             l.announced_up_to_date = true;
             tracing::info!(volume = %vol.name, "replication.resync.done: peer up to date");
         }

@@ -114,7 +114,10 @@ pub struct LinkStats {
 #[derive(Debug)]
 pub struct LinkInner {
     pub rep: Replicator,
-    pub queue: VecDeque<Out>,
+    /// The stream this volume's frames go out on while connected, and this
+    /// volume's tag in it.
+    pub group: Option<Arc<Group>>,
+    pub tag: u16,
     pub peer: Option<String>,
     pub max_rate_bytes_per_s: Option<u64>,
     /// A generation was recorded since the peer went away.
@@ -130,10 +133,121 @@ pub struct LinkInner {
     pub waiters: Vec<(u64, bool, std::thread::Thread)>,
     /// Deferred NBD writes waiting for an acknowledgement.
     pub deferred: Vec<Deferred>,
-    /// A link task is running for this volume.
+    /// A link task is running for this volume…
     pub task_running: bool,
+    /// …as a member of this group (its workload, or the volume alone).
+    pub link_group: Option<String>,
+    /// Asks that task to end so the volume can join another group.
+    pub regroup: bool,
     /// The live connection to the peer, if any.
     pub wire: Option<Arc<super::link::Wire>>,
+}
+
+/// The volumes replicated over one connection as **one ordered stream**: a
+/// workload's volumes (a volume alone is a group of one). Every member's
+/// frames go out in the order they were sequenced, each tagged with the
+/// member's index, so the replica applies writes to different volumes in the
+/// order the primary acknowledged them.
+///
+/// Sending happens on the calling thread: one thread sends at a time (the
+/// wire's send token); a thread that finds the token taken leaves its frames
+/// to the holder, which looks at the queue again before it lets go.
+pub struct Group {
+    pub name: String,
+    pub members: Vec<Arc<PrimaryVolume>>,
+    queue: Mutex<VecDeque<(u16, Out)>>,
+    wire: Mutex<Option<Arc<super::link::Wire>>>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Group {
+    pub fn new(name: String, members: Vec<Arc<PrimaryVolume>>) -> Arc<Group> {
+        Arc::new(Group {
+            name,
+            members,
+            queue: Mutex::new(VecDeque::new()),
+            wire: Mutex::new(None),
+        })
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<(u16, Out)>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_wire(&self, wire: Option<Arc<super::link::Wire>>) {
+        *self.wire.lock().unwrap_or_else(|p| p.into_inner()) = wire;
+    }
+
+    /// Frames of member `tag` still queued.
+    pub fn has_frames(&self, tag: u16) -> bool {
+        self.queue().iter().any(|(t, _)| *t == tag)
+    }
+
+    /// Forgets member `tag`'s queued frames (its dirty map covers them).
+    pub fn drop_frames(&self, tag: u16) {
+        self.queue().retain(|(t, _)| *t != tag);
+    }
+
+    pub fn pump(&self) {
+        loop {
+            let Some(wire) = self.wire.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+                return;
+            };
+            let Ok(token) = wire.send_token.try_lock() else {
+                return;
+            };
+            loop {
+                let batch: Vec<(u16, Out)> = self.queue().drain(..).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                match wire.send(&batch) {
+                    Ok(()) => {
+                        for (i, m) in self.members.iter().enumerate() {
+                            let mut st = LinkStats::default();
+                            for (_, o) in batch.iter().filter(|(t, _)| usize::from(*t) == i) {
+                                st.frames_sent += 1;
+                                st.bytes_sent += o.wire_bytes();
+                                match o {
+                                    Out::Data {
+                                        kind: ferry_wire::Kind::Copy,
+                                        data,
+                                        ..
+                                    } => st.copy_bytes_sent += data.len() as u64,
+                                    Out::Data { data, .. } => {
+                                        st.write_bytes_sent += data.len() as u64
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            if st.frames_sent > 0 {
+                                let mut l = m.link.lock();
+                                l.stats.frames_sent += st.frames_sent;
+                                l.stats.bytes_sent += st.bytes_sent;
+                                l.stats.copy_bytes_sent += st.copy_bytes_sent;
+                                l.stats.write_bytes_sent += st.write_bytes_sent;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        wire.fail(&format!("sending to the peer failed: {e}"));
+                        return;
+                    }
+                }
+            }
+            drop(token);
+            if self.queue().is_empty() {
+                return;
+            }
+        }
+    }
 }
 
 /// The link lock and its wake-ups.
@@ -149,56 +263,19 @@ impl Link {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push(&self, inner: &mut LinkInner, out: Out) {
-        inner.queue.push_back(out);
+    /// Queues a frame on the stream (dropped when not connected: the write
+    /// is then tracked in the dirty map).
+    pub fn push(&self, inner: &mut LinkInner, out: Out) {
+        if let Some(g) = &inner.group {
+            g.queue().push_back((inner.tag, out));
+        }
     }
 
-    /// Sends the queued frames on the current connection, from the calling
-    /// thread — no hand-off to a sender thread. One thread sends at a time (the
-    /// wire's send token); a thread that finds the token taken leaves its frames
-    /// to the holder, which looks at the queue again before it lets go.
+    /// Sends the queued frames of this volume's stream (see [`Group::pump`]).
     pub fn pump(&self) {
-        loop {
-            let Some(wire) = self.lock().wire.clone() else {
-                return;
-            };
-            let Ok(token) = wire.send_token.try_lock() else {
-                return;
-            };
-            loop {
-                let batch: Vec<Out> = self.lock().queue.drain(..).collect();
-                if batch.is_empty() {
-                    break;
-                }
-                match wire.send(&batch) {
-                    Ok(bytes) => {
-                        let mut l = self.lock();
-                        l.stats.bytes_sent += bytes;
-                        l.stats.frames_sent += batch.len() as u64;
-                        for o in &batch {
-                            match o {
-                                Out::Data {
-                                    kind: ferry_wire::Kind::Copy,
-                                    data,
-                                    ..
-                                } => l.stats.copy_bytes_sent += data.len() as u64,
-                                Out::Data { data, .. } => {
-                                    l.stats.write_bytes_sent += data.len() as u64
-                                }
-                                _ => {}
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        wire.fail(&format!("sending to the peer failed: {e}"));
-                        return;
-                    }
-                }
-            }
-            drop(token);
-            if self.lock().queue.is_empty() {
-                return;
-            }
+        let g = self.lock().group.clone();
+        if let Some(g) = g {
+            g.pump();
         }
     }
 
@@ -225,7 +302,9 @@ impl Link {
     pub fn disconnected(&self, error: Option<String>) -> Vec<Deferred> {
         let mut l = self.lock();
         l.rep.on_disconnect();
-        l.queue.clear();
+        if let Some(g) = l.group.take() {
+            g.drop_frames(l.tag);
+        }
         l.announced_up_to_date = false;
         l.stats.connected_since = None;
         if error.is_some() {
@@ -484,7 +563,8 @@ impl PrimaryVolume {
             link: Arc::new(Link {
                 inner: Mutex::new(LinkInner {
                     rep,
-                    queue: VecDeque::new(),
+                    group: None,
+                    tag: 0,
                     peer: st.peer.clone(),
                     max_rate_bytes_per_s: None,
                     bumped_while_down: false,
@@ -496,6 +576,8 @@ impl PrimaryVolume {
                     checksum_baseline: false,
                     wire: None,
                     task_running: false,
+                    link_group: None,
+                    regroup: false,
                 }),
                 copier: Condvar::new(),
             }),
@@ -974,7 +1056,9 @@ impl PrimaryVolume {
                 }
             }
             WriteDecision::Overflow => {
-                l.queue.clear();
+                if let Some(g) = &l.group {
+                    g.drop_frames(l.tag);
+                }
                 tracing::warn!(volume = %self.name, "replication.backlog.overflow: peer falls behind, resync from the dirty map");
             }
             WriteDecision::Dirty => {}

@@ -19,7 +19,7 @@ use ferry_core::GenerationHistory;
 use ferry_nbd::device::{BlockDevice, FileDevice, ZeroMode};
 use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
-use super::link::{FLAG_SNAPSHOT, FLAG_UP_TO_DATE};
+use super::link::{tag_of, FLAG_SNAPSHOT, FLAG_UP_TO_DATE, GROUP_VOLUMES_MAX, TAG_SHIFT};
 use super::meta::MetaFile;
 use super::tls_io::SharedTls;
 use crate::agent::AgentCtx;
@@ -176,36 +176,144 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
         .ok_or_else(|| anyhow!("unregistered certificate {fp}"))?;
     let max = ctx.cfg.replication.frame_bytes_max;
     let mut reader = BufReader::with_capacity(1 << 20, tls);
-    let mut body = Vec::new();
-    let hdr = ferry_wire::read_frame(&mut reader, max, &mut body)?;
-    if hdr.kind != Kind::Hello {
-        bail!("expected Hello, got {:?}", hdr.kind);
-    }
-    let hello = Hello::from_bytes(&body[..hdr.len as usize])?;
     let me = ctx.identity.node_name.clone();
+    // One Hello per volume of the stream, in tag order.
+    let mut hellos: Vec<Hello> = Vec::new();
+    loop {
+        let mut body = Vec::new();
+        let hdr = ferry_wire::read_frame(&mut reader, max, &mut body)?;
+        if hdr.kind != Kind::Hello {
+            bail!("expected Hello, got {:?}", hdr.kind);
+        }
+        let hello = Hello::from_bytes(&body[..hdr.len as usize])?;
+        let size = usize::from(hello.group_size);
+        if size == 0 || size > GROUP_VOLUMES_MAX {
+            return refuse(
+                reader.get_mut(),
+                &me,
+                format!("a stream carries 1 to {GROUP_VOLUMES_MAX} volumes, not {size}"),
+            );
+        }
+        hellos.push(hello);
+        if hellos.len() >= size {
+            break;
+        }
+    }
+    let mut members = Vec::new();
+    for hello in &hellos {
+        match accept(ctx, &peer.name, hello) {
+            Ok(m) => members.push(m),
+            Err(why) => return refuse(reader.get_mut(), &me, why),
+        }
+    }
+    // Take over from older links of the same volumes, then wait until their
+    // queued frames are applied: one stream applies to a volume at a time
+    // (locked in name order, so two streams never wait on each other).
+    for m in &members {
+        if let Some(old) = m
+            .vol
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(control.try_clone()?)
+        {
+            let _ = old.shutdown(Shutdown::Both);
+        }
+    }
+    let mut order: Vec<&Member> = members.iter().collect();
+    order.sort_by(|a, b| a.vol.name.cmp(&b.vol.name));
+    let _streams: Vec<_> = order
+        .iter()
+        .map(|m| m.vol.stream.lock().unwrap_or_else(|p| p.into_inner()))
+        .collect();
     let w = reader.get_mut();
-    if hello.node_name != peer.name {
-        return refuse(
-            w,
-            &me,
-            format!(
-                "your certificate belongs to {:?}, not {:?}",
-                peer.name, hello.node_name
-            ),
-        );
+    for m in &members {
+        let in_sync = m.mine.relate(&m.theirs) == Relation::InSync && m.was_consistent;
+        {
+            let mut meta = m.vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+            meta.update(|s| {
+                s.generation.adopt(&m.theirs);
+                s.consistent = in_sync;
+                s.peer = Some(peer.name.clone());
+            })?;
+        }
+        let reply = HelloReply {
+            protocol_version: PROTOCOL_VERSION,
+            node_name: me.clone(),
+            refused: None,
+            generation: m.mine.current(),
+            ancestors: m.mine.ancestors().collect(),
+            dirty_map: None,
+        };
+        w.write_all(&ferry_wire::encode_frame(
+            Kind::HelloReply,
+            0,
+            0,
+            &reply.to_bytes(),
+        ))?;
+        tracing::info!(volume = %m.vol.name, peer = %peer.name, group = ?hellos[0].group,
+            consistent = in_sync, "replication.inbound.up");
+    }
+    w.flush()?;
+    control.set_read_timeout(None)?;
+    let leftover = reader.buffer().to_vec();
+    let rustls::StreamOwned { conn, sock } = reader.into_inner();
+    let wire = ServerWire {
+        tls: SharedTls::new(conn, &sock)?,
+        ctl: control.try_clone()?,
+    };
+    let vols: Vec<Arc<SecondaryVolume>> = members.iter().map(|m| m.vol.clone()).collect();
+    let result = apply_stream(sock, &wire, leftover, &vols, max);
+    if let Err(e) = &result {
+        let msg = format!("{e:#}");
+        for v in &vols {
+            *v.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+        }
+        let _ = wire.send(&ferry_wire::encode_frame(Kind::Error, 0, 0, msg.as_bytes()));
+    }
+    // Close the connection for real (a clone of the socket is kept to replace
+    // stale links), so the primary sees the end at once.
+    let _ = control.shutdown(Shutdown::Both);
+    for v in &vols {
+        let mut current = v.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current
+            .as_ref()
+            .and_then(|s| s.local_addr().ok().zip(s.peer_addr().ok()))
+            == control.local_addr().ok().zip(control.peer_addr().ok())
+        {
+            *current = None;
+        }
+    }
+    result
+}
+
+/// A volume of an accepted stream.
+struct Member {
+    vol: Arc<SecondaryVolume>,
+    mine: GenerationHistory,
+    theirs: GenerationHistory,
+    was_consistent: bool,
+}
+
+/// Checks one Hello; `Err` is the refusal, in words an operator can act on.
+fn accept(ctx: &AgentCtx, peer: &str, hello: &Hello) -> std::result::Result<Member, String> {
+    let me = &ctx.identity.node_name;
+    if hello.node_name != peer {
+        return Err(format!(
+            "your certificate belongs to {peer:?}, not {:?}",
+            hello.node_name
+        ));
     }
     if !hello.protocol_versions.contains(&PROTOCOL_VERSION) {
-        return refuse(
-            w,
-            &me,
-            format!("no common protocol version (I speak {PROTOCOL_VERSION})"),
-        );
+        return Err(format!(
+            "no common protocol version (I speak {PROTOCOL_VERSION})"
+        ));
     }
     let Some(vol) = ctx.secondary(&hello.volume) else {
-        return refuse(w, &me, format!("node {me} holds no replica of volume {:?}; start it with `ferry replicate start {} --to {me}`", hello.volume, hello.volume));
+        return Err(format!("node {me} holds no replica of volume {:?}; start it with `ferry replicate start {} --to {me}`", hello.volume, hello.volume));
     };
     if vol.id != hello.volume_id || vol.dev.size() != hello.size_bytes {
-        return refuse(w, &me, format!(
+        return Err(format!(
             "volume {:?} here is id {} with {} bytes, yours is id {} with {} bytes: not the same volume",
             hello.volume, vol.id, vol.dev.size(), hello.volume_id, hello.size_bytes));
     }
@@ -215,84 +323,21 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
         (m.state().generation.clone(), m.state().consistent)
     };
     match mine.relate(&theirs) {
-        Relation::Ahead => {
-            return refuse(
-                w,
-                &me,
-                "this replica holds newer data than the primary".into(),
-            )
-        }
-        Relation::SplitBrain => {
-            return refuse(
-                w,
-                &me,
-                "split brain: this replica and the primary were written separately".into(),
-            )
-        }
-        _ => {}
+        Relation::Ahead => Err(format!(
+            "this replica of {:?} holds newer data than the primary",
+            hello.volume
+        )),
+        Relation::SplitBrain => Err(format!(
+            "split brain: this replica of {:?} and the primary were written separately",
+            hello.volume
+        )),
+        _ => Ok(Member {
+            vol,
+            mine,
+            theirs,
+            was_consistent,
+        }),
     }
-    // Take over from an older link of the same volume.
-    if let Some(old) = vol
-        .current
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .replace(control.try_clone()?)
-    {
-        let _ = old.shutdown(Shutdown::Both);
-    }
-    // One stream at a time: the older link's apply thread may still hold
-    // received frames; they must land before any of this link's.
-    let _one_stream = vol.stream.lock().unwrap_or_else(|p| p.into_inner());
-    let in_sync = mine.relate(&theirs) == Relation::InSync && was_consistent;
-    {
-        let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
-        m.update(|s| {
-            s.generation.adopt(&theirs);
-            s.consistent = in_sync;
-            s.peer = Some(peer.name.clone());
-        })?;
-    }
-    let reply = HelloReply {
-        protocol_version: PROTOCOL_VERSION,
-        node_name: me.clone(),
-        refused: None,
-        generation: mine.current(),
-        ancestors: mine.ancestors().collect(),
-        dirty_map: None,
-    };
-    w.write_all(&ferry_wire::encode_frame(
-        Kind::HelloReply,
-        0,
-        0,
-        &reply.to_bytes(),
-    ))?;
-    w.flush()?;
-    tracing::info!(volume = %vol.name, peer = %peer.name, consistent = in_sync, "replication.inbound.up");
-    control.set_read_timeout(None)?;
-    let leftover = reader.buffer().to_vec();
-    let rustls::StreamOwned { conn, sock } = reader.into_inner();
-    let wire = ServerWire {
-        tls: SharedTls::new(conn, &sock)?,
-        ctl: control.try_clone()?,
-    };
-    let result = apply_stream(sock, &wire, leftover, &vol, max);
-    if let Err(e) = &result {
-        let msg = format!("{e:#}");
-        *vol.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
-        let _ = wire.send(&ferry_wire::encode_frame(Kind::Error, 0, 0, msg.as_bytes()));
-    }
-    // Close the connection for real (a clone of the socket is kept to replace
-    // stale links), so the primary sees the end at once.
-    let _ = control.shutdown(Shutdown::Both);
-    let mut current = vol.current.lock().unwrap_or_else(|p| p.into_inner());
-    if current
-        .as_ref()
-        .and_then(|s| s.local_addr().ok().zip(s.peer_addr().ok()))
-        == control.local_addr().ok().zip(control.peer_addr().ok())
-    {
-        *current = None;
-    }
-    result
 }
 
 /// The replica's TLS connection after the handshake, shared by the apply
@@ -308,32 +353,51 @@ impl ServerWire {
         Ok(self.tls.send(plain)?)
     }
 
-    fn ack(&self, received: u64, durable: u64) -> Result<()> {
-        self.send(&FrameHeader::new(Kind::Ack, received, durable, 0).encode())
+    /// Acknowledges member `tag` of the stream.
+    fn ack(&self, tag: usize, vol: &SecondaryVolume) -> Result<()> {
+        let mut h = FrameHeader::new(
+            Kind::Ack,
+            vol.received_seq.load(Ordering::SeqCst),
+            vol.durable_seq.load(Ordering::SeqCst),
+            0,
+        );
+        h.flags = (tag as u16) << TAG_SHIFT;
+        self.send(&h.encode())
     }
 }
 
 /// A flush the apply loop has reached: make it durable off the apply path.
 #[derive(Default)]
 struct FlushState {
-    /// Newest flush seq applied up to, and whether it declared us up to date.
-    pending: Option<(u64, bool)>,
+    /// Per member: newest flush seq applied up to, and whether it declared
+    /// the member up to date.
+    pending: Vec<Option<(u64, bool)>>,
     closed: bool,
 }
 
 /// Makes flushes durable (`fdatasync`) on its own thread, so the apply loop
 /// keeps applying the frames that follow, then acknowledges them as durable.
 /// Safe because the sync starts after every frame up to the flush was written.
+///
+/// A flush of any member syncs every volume of the stream, so the replica's
+/// durable state is one cut of the whole stream, never one volume ahead of
+/// another.
 fn flusher(
-    vol: &SecondaryVolume,
+    vols: &[Arc<SecondaryVolume>],
     wire: &ServerWire,
     state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
     loop {
-        let (seq, up_to_date) = {
+        let pending: Vec<(usize, u64, bool)> = {
             let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                if let Some(p) = st.pending.take() {
+                let p: Vec<(usize, u64, bool)> = st
+                    .pending
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(i, p)| p.take().map(|(seq, up)| (i, seq, up)))
+                    .collect();
+                if !p.is_empty() {
                     break p;
                 }
                 if st.closed {
@@ -342,17 +406,21 @@ fn flusher(
                 st = state.1.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
-        vol.dev.flush().context("fdatasync")?;
-        if up_to_date {
-            let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
-            m.update(|s| s.consistent = true)?;
-            tracing::info!(volume = %vol.name, "replication.replica.up_to_date");
+        for v in vols {
+            v.dev
+                .flush()
+                .with_context(|| format!("fdatasync of {}", v.name))?;
         }
-        vol.durable_seq.fetch_max(seq, Ordering::SeqCst);
-        wire.ack(
-            vol.received_seq.load(Ordering::SeqCst),
-            vol.durable_seq.load(Ordering::SeqCst),
-        )?;
+        for (tag, seq, up_to_date) in pending {
+            let vol = &vols[tag];
+            if up_to_date {
+                let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+                m.update(|s| s.consistent = true)?;
+                tracing::info!(volume = %vol.name, "replication.replica.up_to_date");
+            }
+            vol.durable_seq.fetch_max(seq, Ordering::SeqCst);
+            wire.ack(tag, vol)?;
+        }
     }
 }
 
@@ -376,15 +444,23 @@ fn apply_stream(
     mut sock: TcpStream,
     wire: &ServerWire,
     leftover: Vec<u8>,
-    vol: &SecondaryVolume,
+    vols: &[Arc<SecondaryVolume>],
     max: u32,
 ) -> Result<()> {
-    vol.received_seq.store(0, Ordering::SeqCst);
-    vol.durable_seq.store(0, Ordering::SeqCst);
-    let state = (Mutex::new(FlushState::default()), std::sync::Condvar::new());
+    for vol in vols {
+        vol.received_seq.store(0, Ordering::SeqCst);
+        vol.durable_seq.store(0, Ordering::SeqCst);
+    }
+    let state = (
+        Mutex::new(FlushState {
+            pending: vec![None; vols.len()],
+            closed: false,
+        }),
+        std::sync::Condvar::new(),
+    );
     std::thread::scope(|scope| {
         let flush = scope.spawn(|| {
-            let r = flusher(vol, wire, &state);
+            let r = flusher(vols, wire, &state);
             if r.is_err() {
                 // Unblock the receiver's read: the link is over (writing stays
                 // open for the Error frame that says why).
@@ -400,7 +476,7 @@ fn apply_stream(
             .name("repl-apply".into())
             .spawn_scoped(scope, move || {
                 let r = rx.iter().try_for_each(|b| {
-                    apply_batch(vol, &b, state)?;
+                    apply_batch(vols, &b, state)?;
                     let _ = spare_tx.send(b.buf);
                     Ok(())
                 });
@@ -411,7 +487,7 @@ fn apply_stream(
             });
         let (received, applied) = match applier {
             Ok(applier) => {
-                let received = receive_frames(&mut sock, wire, leftover, vol, max, tx, spare_rx);
+                let received = receive_frames(&mut sock, wire, leftover, vols, max, tx, spare_rx);
                 let applied = applier
                     .join()
                     .unwrap_or_else(|_| Err(anyhow!("the apply thread panicked")));
@@ -442,7 +518,7 @@ fn receive_frames(
     sock: &mut TcpStream,
     wire: &ServerWire,
     leftover: Vec<u8>,
-    vol: &SecondaryVolume,
+    vols: &[Arc<SecondaryVolume>],
     max: u32,
     tx: std::sync::mpsc::SyncSender<Batch>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
@@ -453,17 +529,23 @@ fn receive_frames(
         let mut frames = Vec::new();
         let mut used = 0;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
+            if hdr.kind != Kind::Ping {
+                let vol = vols.get(tag_of(&hdr)).ok_or_else(|| {
+                    anyhow!(
+                        "frame for member {} of a stream of {} volumes",
+                        tag_of(&hdr),
+                        vols.len()
+                    )
+                })?;
+                vol.received_seq.store(hdr.seq, Ordering::SeqCst);
+            }
             frames.push((hdr, used + ferry_wire::HEADER_BYTES, payload.len()));
             used += len;
         }
-        if let Some(last) = frames.iter().rev().find(|f| f.0.kind != Kind::Ping) {
-            vol.received_seq.store(last.0.seq, Ordering::SeqCst);
-        }
         if !frames.is_empty() {
-            wire.ack(
-                vol.received_seq.load(Ordering::SeqCst),
-                vol.durable_seq.load(Ordering::SeqCst),
-            )?;
+            for (tag, vol) in vols.iter().enumerate() {
+                wire.ack(tag, vol)?;
+            }
             // Hand the whole frames over; keep the partial one that follows.
             let mut tail = spare
                 .try_recv()
@@ -488,18 +570,24 @@ fn receive_frames(
 }
 
 fn apply_batch(
-    vol: &SecondaryVolume,
+    vols: &[Arc<SecondaryVolume>],
     b: &Batch,
     state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
     for (hdr, start, len) in &b.frames {
-        apply_one(vol, hdr, &b.buf[*start..*start + *len], state)?;
+        if hdr.kind == Kind::Ping {
+            continue;
+        }
+        // The receiver checked every tag.
+        let tag = tag_of(hdr);
+        apply_one(&vols[tag], tag, hdr, &b.buf[*start..*start + *len], state)?;
     }
     Ok(())
 }
 
 fn apply_one(
     vol: &SecondaryVolume,
+    tag: usize,
     hdr: &FrameHeader,
     payload: &[u8],
     state: &(Mutex<FlushState>, std::sync::Condvar),
@@ -548,8 +636,9 @@ fn apply_one(
                 tracing::info!(volume = %vol.name, seq = hdr.seq, "replication.replica.snapshot_taken");
             }
             let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
-            let up = hdr.flags & FLAG_UP_TO_DATE != 0 || st.pending.is_some_and(|(_, u)| u);
-            st.pending = Some((hdr.seq, up));
+            let p = &mut st.pending[tag];
+            let up = hdr.flags & FLAG_UP_TO_DATE != 0 || p.is_some_and(|(_, u)| u);
+            *p = Some((hdr.seq, up));
             state.1.notify_all();
         }
         Kind::Ping => return Ok(()),

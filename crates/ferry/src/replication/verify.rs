@@ -245,7 +245,7 @@ pub fn verify(ctx: &AgentCtx, name: &str, timeout: Duration, start: Instant) -> 
         let st = l.rep.status();
         if st.phase == Phase::Streaming
             && st.dirty_bytes == 0
-            && l.queue.is_empty()
+            && !l.group.as_ref().is_some_and(|g| g.has_frames(l.tag))
             && st.unconfirmed_extents == 0
             && st.backlog_bytes == 0
         {
