@@ -700,6 +700,22 @@ pub fn cutover_with(
         )
     };
 
+    // Bring both sides' leaf hashes up to date while the workload still
+    // runs, so the comparison inside the downtime hashes only what is
+    // written from here on (right after seeding, the background hasher may
+    // still be behind by gigabytes).
+    for v in &vols {
+        std::thread::scope(|sc| {
+            let remote = sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes", v.name)));
+            if let Err(e) = v.leaves.current(&v.local) {
+                tracing::warn!(volume = %v.name, error = %e, "cutover.prehash_failed");
+            }
+            let _ = remote.join();
+        });
+    }
+    step(&mut steps, "prehashed");
+    // The application-visible outage starts here, with the stop hook.
+    let stop_at = Instant::now();
     if let Some(h) = workload_hook(ctx, &spec, "stop", "source") {
         let ok = h.ok;
         let why = format!(
@@ -881,7 +897,7 @@ pub fn cutover_with(
                 .ok()
                 .and_then(|v| serde_json::from_value(v["run"].clone()).ok());
             if run.as_ref().is_some_and(|h| h.ok) {
-                outage_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+                outage_ms = Some(stop_at.elapsed().as_secs_f64() * 1000.0);
                 hooks.extend(run);
                 break;
             }
@@ -893,7 +909,7 @@ pub fn cutover_with(
             std::thread::sleep(Duration::from_millis(100));
         }
     } else if check_ok {
-        outage_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
+        outage_ms = Some(stop_at.elapsed().as_secs_f64() * 1000.0);
     }
     step(&mut steps, "checked");
     drop(vols);
