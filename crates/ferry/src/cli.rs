@@ -156,6 +156,10 @@ pub enum MigrateCommand {
         /// Slow the workload's writes stepwise while the link cannot keep up.
         #[arg(long)]
         auto_converge: bool,
+        /// Cut over as soon as the migration is ready (verified, like
+        /// `migrate cutover`; retried up to 3 times if it aborts).
+        #[arg(long)]
+        auto_cutover: bool,
         #[command(flatten)]
         conn: AgentConn,
     },

@@ -352,7 +352,19 @@ pub struct MigrationRecord {
     /// The running test cutover's report (`ferry migrate test`), until `--end`.
     #[serde(default)]
     pub test: Option<Value>,
+    /// Cut over as soon as the migration is ready.
+    #[serde(default)]
+    pub auto_cutover: bool,
+    /// Automatic cutovers tried (at most [`AUTO_CUTOVER_ATTEMPTS_MAX`]).
+    #[serde(default)]
+    pub auto_cutover_attempts: u32,
+    /// An automatic cutover is under way (not persisted).
+    #[serde(skip)]
+    pub auto_cutover_running: bool,
 }
+
+/// Automatic cutovers tried per migration before it waits for an operator.
+pub const AUTO_CUTOVER_ATTEMPTS_MAX: u32 = 3;
 
 impl MigrationRecord {
     pub fn save(&self, data_dir: &Path) -> Result<()> {
@@ -417,6 +429,7 @@ pub fn start(
     mode: Mode,
     max_rate: Option<u64>,
     auto_converge: bool,
+    auto_cutover: bool,
 ) -> Result<Value> {
     let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
         anyhow!(
@@ -489,6 +502,7 @@ pub fn start(
     }
     let mode = if mode == Mode::Sync { "sync" } else { "async" };
     begin_record(ctx, workload, to, mode, auto_converge, false)?;
+    set_phase(ctx, workload, |r| r.auto_cutover = auto_cutover);
     sample(ctx, workload);
     status(ctx, workload)
 }
@@ -554,6 +568,37 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
             tracing::error!(workload, error = %e, "migration.record.save_failed");
         }
     }
+    let auto = rec.auto_cutover
+        && !rec.reverse
+        && !rec.auto_cutover_running
+        && rec.test.is_none()
+        && rec.state.phase == MigrationPhase::Ready
+        && rec.auto_cutover_attempts < AUTO_CUTOVER_ATTEMPTS_MAX;
+    if !auto {
+        return;
+    }
+    rec.auto_cutover_attempts += 1;
+    rec.auto_cutover_running = true;
+    let attempt = rec.auto_cutover_attempts;
+    if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+        tracing::error!(workload, error = %e, "migration.record.save_failed");
+    }
+    drop(migs);
+    let (c, name) = (ctx.clone(), workload.to_string());
+    let spawned = std::thread::Builder::new()
+        .name(format!("auto-cutover-{workload}"))
+        .spawn(move || {
+            tracing::info!(workload = %name, attempt, "migration.auto_cutover.begin");
+            match cutover(&c, &name) {
+                Ok(r) => tracing::info!(workload = %name, downtime_ms = ?r["downtime_ms"], "migration.auto_cutover.done"),
+                Err(e) => tracing::warn!(workload = %name, attempt, error = %format!("{e:#}"), "migration.auto_cutover.failed"),
+            }
+            set_phase(&c, &name, |r| r.auto_cutover_running = false);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(workload, error = %e, "migration.auto_cutover.spawn_failed");
+        set_phase(ctx, workload, |r| r.auto_cutover_running = false);
+    }
 }
 
 fn no_migration(ctx: &AgentCtx, workload: &str) -> anyhow::Error {
@@ -592,6 +637,8 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "reverse": rec.reverse,
         "finalized": rec.finalized,
         "test": rec.test,
+        "auto_cutover": rec.auto_cutover,
+        "auto_cutover_attempts": rec.auto_cutover_attempts,
     }))
 }
 
@@ -1035,6 +1082,9 @@ fn begin_record(
         reverse,
         finalized: false,
         test: None,
+        auto_cutover: false,
+        auto_cutover_attempts: 0,
+        auto_cutover_running: false,
     };
     rec.save(&ctx.cfg.data_dir)?;
     ctx.migrations().insert(workload.to_string(), rec);

@@ -446,6 +446,7 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
             mode,
             max_rate,
             auto_converge,
+            auto_cutover,
             conn,
         } => {
             let v = client(conn, data_dir)?.post(
@@ -456,6 +457,7 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                     "mode": if *mode == ModeArg::Sync { "sync" } else { "async" },
                     "max_rate_bytes_per_s": max_rate.map(|r| r.0),
                     "auto_converge": auto_converge,
+                    "auto_cutover": auto_cutover,
                 }),
             )?;
             print(&v, json, |v| println!("migrating {}", human_migration(v)))

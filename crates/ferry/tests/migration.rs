@@ -776,3 +776,21 @@ fn a_workloads_volumes_replicate_as_one_ordered_stream() {
             .all(|v| b.status(v)["stream"] == "db" && b.status(v)["link"] == "connected")
     });
 }
+
+#[test]
+fn auto_cutover_moves_the_workload_once_ready() {
+    require("qemu-io");
+    let (_root, a, b) = two_agents("");
+    a.ok(&["volume", "create", "app", "--size", "16MiB"]);
+    qemu_io(&a.uri("app"), &["write -P 0x5a 0 4M"]);
+    a.ok(&["workload", "create", "web", "--volume", "app"]);
+    let st = a.json(&["migrate", "start", "web", "--to", "b", "--auto-cutover"]);
+    assert_eq!(st["auto_cutover"], true, "{st}");
+    wait_until(60, "the automatic cutover", || {
+        phase(&a, "web") == "completed"
+    });
+    let st = a.json(&["migrate", "status", "web"]);
+    assert_eq!(st["last_cutover"]["to"], "b", "{st}");
+    assert_eq!(st["auto_cutover_attempts"], 1, "{st}");
+    qemu_io(&b.uri("app"), &["read -P 0x5a 0 4M"]);
+}

@@ -454,6 +454,8 @@ struct StartMigration {
     max_rate_bytes_per_s: Option<u64>,
     #[serde(default)]
     auto_converge: bool,
+    #[serde(default)]
+    auto_cutover: bool,
 }
 
 async fn start_migration(State(ctx): Ctx, Json(r): Json<StartMigration>) -> ApiResult {
@@ -466,6 +468,7 @@ async fn start_migration(State(ctx): Ctx, Json(r): Json<StartMigration>) -> ApiR
             mode,
             r.max_rate_bytes_per_s,
             r.auto_converge,
+            r.auto_cutover,
         )
     })
     .await
