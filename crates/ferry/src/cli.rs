@@ -102,6 +102,30 @@ pub struct WorkloadCreate {
     /// More QEMU arguments (repeat), e.g. --vm-arg=-smp --vm-arg=2.
     #[arg(long = "vm-arg", allow_hyphen_values = true)]
     pub vm_args: Vec<String>,
+    /// The workload's virtual IP, ADDR/PREFIX (moved with it by the HA cluster).
+    #[arg(long)]
+    pub vip: Option<String>,
+    #[command(flatten)]
+    pub conn: AgentConn,
+}
+
+/// `ferry workload update`: only the flags given change.
+#[derive(Debug, Args)]
+pub struct WorkloadUpdate {
+    pub name: String,
+    #[arg(long)]
+    pub start: Option<String>,
+    #[arg(long)]
+    pub stop: Option<String>,
+    #[arg(long)]
+    pub check: Option<String>,
+    #[arg(long)]
+    pub hook_timeout: Option<DurationArg>,
+    #[arg(long, conflicts_with = "no_vip")]
+    pub vip: Option<String>,
+    /// Remove the virtual IP.
+    #[arg(long)]
+    pub no_vip: bool,
     #[command(flatten)]
     pub conn: AgentConn,
 }
@@ -110,6 +134,9 @@ pub struct WorkloadCreate {
 pub enum WorkloadCommand {
     /// Define a workload on the local agent (its volumes must be primaries there).
     Create(Box<WorkloadCreate>),
+    /// Change a workload's hooks or virtual IP, on this node and every peer
+    /// that holds it (empty string: remove a hook).
+    Update(Box<WorkloadUpdate>),
     /// Start the workload on this node (start hook, then its VM).
     Start {
         name: String,

@@ -59,6 +59,33 @@ pub struct WorkloadSpec {
     /// A QEMU VM ferry runs on the node that serves the workload.
     #[serde(default)]
     pub vm: Option<crate::vm::VmSpec>,
+    /// The address clients reach the workload at, `ADDR/PREFIX` (moved with
+    /// it by the HA cluster).
+    #[serde(default)]
+    pub vip: Option<String>,
+}
+
+impl WorkloadSpec {
+    /// Refuses a definition that cannot work, saying why.
+    pub fn validate(&self) -> Result<()> {
+        if self.volumes.is_empty() {
+            bail!("workload {:?} needs at least one volume", self.name);
+        }
+        if let Some(vip) = &self.vip {
+            let (addr, prefix) = vip.split_once('/').ok_or_else(|| {
+                anyhow!("virtual IP {vip:?} must be ADDR/PREFIX, e.g. 198.18.0.10/24")
+            })?;
+            let addr: std::net::IpAddr = addr
+                .parse()
+                .map_err(|_| anyhow!("virtual IP {vip:?}: {addr:?} is not an IP address"))?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            match prefix.parse::<u8>() {
+                Ok(p) if p <= max => {}
+                _ => bail!("virtual IP {vip:?}: the prefix must be 0 to {max}"),
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_hook_timeout_ms() -> u64 {
@@ -493,7 +520,7 @@ pub fn start(
     }
     client
         .put(
-            &format!("/api/v1/workloads/{workload}"),
+            &format!("/api/v1/workloads/{workload}?forwarded=true"),
             &serde_json::to_value(&spec)?,
         )
         .with_context(|| format!("node {to} could not store the workload definition"))?;

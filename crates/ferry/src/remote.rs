@@ -326,6 +326,7 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
                 vm_memory,
                 vm_accel,
                 vm_args,
+                vip,
                 conn,
             } = &**c;
             let vm = (vm_kernel.is_some() || !vm_args.is_empty()).then(|| {
@@ -340,11 +341,44 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
                 &json!({
                     "name": name, "volumes": volumes, "start": start, "stop": stop,
                     "check": check, "hook_timeout_ms": hook_timeout.0.as_millis() as u64,
-                    "vm": vm,
+                    "vm": vm, "vip": vip,
                 }),
             )?;
             print(&v, json, |_| {
                 println!("created workload {name} ({})", volumes.join(", "))
+            })
+        }
+        WorkloadCommand::Update(u) => {
+            let c = client(&u.conn, data_dir)?;
+            let mut spec = c.get(&format!("/api/v1/workloads/{}", u.name))?;
+            let hook = |v: &String| if v.is_empty() { Value::Null } else { json!(v) };
+            if let Some(s) = &u.start {
+                spec["start"] = hook(s);
+            }
+            if let Some(s) = &u.stop {
+                spec["stop"] = hook(s);
+            }
+            if let Some(s) = &u.check {
+                spec["check"] = hook(s);
+            }
+            if let Some(t) = &u.hook_timeout {
+                spec["hook_timeout_ms"] = json!(t.0.as_millis() as u64);
+            }
+            if let Some(v) = &u.vip {
+                spec["vip"] = json!(v);
+            }
+            if u.no_vip {
+                spec["vip"] = Value::Null;
+            }
+            let v = c.put(&format!("/api/v1/workloads/{}", u.name), &spec)?;
+            print(&v, json, |v| {
+                let on: Vec<&str> = v["updated_on"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str())
+                    .collect();
+                println!("updated workload {} on {}", u.name, on.join(", "))
             })
         }
         WorkloadCommand::List { conn } => {

@@ -794,3 +794,62 @@ fn auto_cutover_moves_the_workload_once_ready() {
     assert_eq!(st["auto_cutover_attempts"], 1, "{st}");
     qemu_io(&b.uri("app"), &["read -P 0x5a 0 4M"]);
 }
+
+#[test]
+fn a_workload_definition_changes_through_either_node() {
+    let (_root, a, b) = two_agents("");
+    a.ok(&["volume", "create", "app", "--size", "8MiB"]);
+    a.ok(&[
+        "workload",
+        "create",
+        "web",
+        "--volume",
+        "app",
+        "--vip",
+        "198.18.0.10/24",
+    ]);
+    let out = a
+        .cli()
+        .args([
+            "workload",
+            "create",
+            "bad",
+            "--volume",
+            "app",
+            "--vip",
+            "198.18.0.300/24",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an IP address"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.json(&["migrate", "start", "web", "--to", "b"]);
+    // Changed at the target, seen at the source, and the other way round.
+    let v = b.json(&[
+        "workload",
+        "update",
+        "web",
+        "--check",
+        "true",
+        "--vip",
+        "198.18.0.11/24",
+    ]);
+    assert_eq!(v["updated_on"], serde_json::json!(["b", "a"]), "{v}");
+    let w = a.json(&["workload", "show", "web"]);
+    assert_eq!(w["vip"], "198.18.0.11/24", "{w}");
+    assert_eq!(w["check"], "true", "{w}");
+    a.ok(&["workload", "update", "web", "--no-vip", "--check", ""]);
+    let w = b.json(&["workload", "show", "web"]);
+    assert!(w["vip"].is_null() && w["check"].is_null(), "{w}");
+    let out = b
+        .cli()
+        .args(["workload", "update", "web", "--vip", "198.18.0.12/33"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a bad prefix is refused");
+    assert!(a.json(&["workload", "show", "web"])["vip"].is_null());
+}

@@ -360,6 +360,7 @@ async fn create_workload(
 ) -> ApiResult {
     let v = serde_json::to_value(&spec).unwrap_or(Value::Null);
     blocking(move || {
+        spec.validate()?;
         if crate::migrate::load_workload(&ctx.cfg.data_dir, &spec.name)?.is_some() {
             anyhow::bail!(
                 "workload {:?} exists; change it with PUT or delete it first",
@@ -384,6 +385,7 @@ async fn create_workload(
 async fn put_workload(
     State(ctx): Ctx,
     Path(name): Path<String>,
+    Query(q): Query<PutQuery>,
     Json(spec): Json<crate::migrate::WorkloadSpec>,
 ) -> ApiResult {
     if spec.name != name {
@@ -392,9 +394,44 @@ async fn put_workload(
             format!("the body names workload {:?}, the path {name:?}", spec.name),
         ));
     }
-    let v = serde_json::to_value(&spec).unwrap_or(Value::Null);
-    blocking(move || crate::migrate::save_workload(&ctx.cfg.data_dir, &spec)).await?;
+    let forwarded = q.forwarded;
+    let v = blocking(move || {
+        spec.validate()?;
+        crate::migrate::save_workload(&ctx.cfg.data_dir, &spec)?;
+        // Changed through either node, kept the same on both: pass it on to
+        // every peer that holds this workload.
+        let mut updated = vec![ctx.identity.node_name.clone()];
+        if !forwarded {
+            for p in ctx.peers.list() {
+                let c = crate::api::client::ApiClient::new(&p.api, &p.token);
+                if c.get(&format!("/api/v1/workloads/{}", spec.name)).is_err() {
+                    continue;
+                }
+                c.put(
+                    &format!("/api/v1/workloads/{}?forwarded=true", spec.name),
+                    &serde_json::to_value(&spec)?,
+                )
+                .map_err(|e| {
+                    e.context(format!(
+                        "saved here, but node {} did not take the change",
+                        p.name
+                    ))
+                })?;
+                updated.push(p.name.clone());
+            }
+        }
+        let mut v = serde_json::to_value(&spec)?;
+        v["updated_on"] = json!(updated);
+        Ok(v)
+    })
+    .await?;
     Ok(Json(v))
+}
+
+#[derive(Deserialize, Default)]
+struct PutQuery {
+    #[serde(default)]
+    forwarded: bool,
 }
 
 async fn delete_workload(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
