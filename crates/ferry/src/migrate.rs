@@ -893,33 +893,45 @@ pub fn cutover_with(
     }
     step(&mut steps, "verified");
     // The commit point: the target records itself primary.
+    // One call for all volumes: the target records the takeover durably
+    // (the commit), then promotes each volume, finishing after a crash.
     let me = ctx.identity.node_name.clone();
-    let mut committed = 0;
-    for v in &vols {
-        let r = client.post(
-            &format!("/api/v1/volumes/{}/promote", v.name),
-            &json!({"reverse_to": me, "mode": if mode == Mode::Sync { "sync" } else { "async" }}),
-        );
-        match r {
-            Ok(_) => committed += 1,
-            Err(e) if committed == 0 => {
-                return Err(abort(
-                    format!("{target} could not take over {}: {e:#}", v.name),
-                    true,
-                    &mut hooks,
-                ));
-            }
-            Err(e) => {
-                // Past the commit point of the first volume: there is no going back.
-                set_phase(ctx, workload, |r| {
-                    r.state.fail(format!(
-                        "{target} took over some volumes but not {}: {e:#}",
-                        v.name
-                    ))
-                });
-                bail!("cutover failed after its commit point: {target} could not take over {}: {e:#}; the other volumes are served by {target}", v.name);
-            }
+    let r = client.post(
+        &format!("/api/v1/workloads/{workload}/takeover"),
+        &json!({
+            "volumes": spec.volumes,
+            "reverse_to": me,
+            "mode": if mode == Mode::Sync { "sync" } else { "async" },
+        }),
+    );
+    if let Err(e) = r {
+        // Did the commit happen before the answer was lost? Only the target knows.
+        let primary: Vec<bool> = spec
+            .volumes
+            .iter()
+            .map(|v| {
+                client
+                    .get(&format!("/api/v1/replications/{v}"))
+                    .is_ok_and(|s| s["role"] == "primary")
+            })
+            .collect();
+        if primary.iter().all(|p| !p) {
+            return Err(abort(
+                format!("{target} did not take the workload over: {e:#}"),
+                true,
+                &mut hooks,
+            ));
         }
+        if !primary.iter().all(|p| *p) {
+            // Past the commit point: there is no going back.
+            set_phase(ctx, workload, |r| {
+                r.state.fail(format!(
+                    "{target} committed the takeover but did not promote every volume: {e:#}"
+                ))
+            });
+            bail!("cutover failed after its commit point: {target} took over some volumes but not all ({e:#}); it finishes the takeover when its agent restarts");
+        }
+        tracing::warn!(workload, error = %format!("{e:#}"), "cutover.commit: the answer was lost, but the target took over");
     }
     step(&mut steps, "committed");
     // The target keeps a record of the way back (`migrate rollback`).

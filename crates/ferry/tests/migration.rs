@@ -853,3 +853,40 @@ fn a_workload_definition_changes_through_either_node() {
     assert!(!out.status.success(), "a bad prefix is refused");
     assert!(a.json(&["workload", "show", "web"])["vip"].is_null());
 }
+
+#[test]
+fn a_takeover_committed_before_a_crash_is_finished_when_the_target_restarts() {
+    require("qemu-io");
+    let (_root, mut a, mut b) = two_agents("");
+    for v in ["wal", "data"] {
+        a.ok(&["volume", "create", v, "--size", "8MiB"]);
+        qemu_io(&a.uri(v), &["write -P 0x42 0 1M"]);
+    }
+    a.ok(&[
+        "workload", "create", "db", "--volume", "wal", "--volume", "data",
+    ]);
+    a.json(&["migrate", "start", "db", "--to", "b"]);
+    wait_until(60, "migration ready", || phase(&a, "db") == "ready");
+    // The target crashed right after writing its commit record: the source
+    // stays down (as it would, frozen past the commit point).
+    a.stop();
+    b.kill9();
+    let commits = b.dir.join("commits");
+    std::fs::create_dir_all(&commits).unwrap();
+    std::fs::write(
+        commits.join("db.json"),
+        r#"{"workload":"db","volumes":["wal","data"],"reverse_to":"a","mode":"sync"}"#,
+    )
+    .unwrap();
+    b.spawn();
+    for v in ["wal", "data"] {
+        wait_until(30, "the volume promoted at start-up", || {
+            b.status(v)["role"] == "primary"
+        });
+        qemu_io(&b.uri(v), &["read -P 0x42 0 1M"]);
+    }
+    assert!(
+        !commits.join("db.json").exists(),
+        "the record is removed once done"
+    );
+}

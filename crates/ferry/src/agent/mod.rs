@@ -374,6 +374,126 @@ impl AgentCtx {
         Ok(())
     }
 
+    /// Cutover, **the commit point** on the target, for all of a workload's
+    /// volumes at once: once every volume is checked promotable, one record
+    /// (`DATA_DIR/commits/WORKLOAD.json`, synced with its directory) says this
+    /// node takes the workload over — that write is the commit — then each
+    /// volume is promoted. A crash in between is finished at start-up
+    /// ([`AgentCtx::finish_takeovers`]), so the workload is never left half here.
+    pub fn commit_takeover(
+        self: &Arc<Self>,
+        workload: &str,
+        volumes: &[String],
+        reverse_to: Option<&str>,
+        mode: Mode,
+    ) -> Result<Vec<(String, u64)>> {
+        crate::volume::validate_name(workload)
+            .map_err(|_| anyhow!("{workload:?} is not a valid workload name"))?;
+        for name in volumes {
+            let sec = self.secondary(name).ok_or_else(|| {
+                anyhow!(
+                    "volume {name:?} is not a replica on node {}",
+                    self.identity.node_name
+                )
+            })?;
+            if !sec
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state()
+                .consistent
+            {
+                bail!(
+                    "the replica of {name:?} on node {} is inconsistent; refusing to take the workload over",
+                    self.identity.node_name
+                );
+            }
+            if sec.snapshot.is_active() {
+                bail!(
+                    "a test instance runs on a snapshot of {name:?} on node {}: end it first",
+                    self.identity.node_name
+                );
+            }
+        }
+        let dir = self.cfg.data_dir.join("commits");
+        std::fs::create_dir_all(&dir)?;
+        let record = serde_json::json!({
+            "workload": workload,
+            "volumes": volumes,
+            "reverse_to": reverse_to,
+            "mode": if mode == Mode::Sync { "sync" } else { "async" },
+        });
+        write_atomic_private(
+            &dir.join(format!("{workload}.json")),
+            &serde_json::to_vec_pretty(&record)?,
+        )?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+        tracing::info!(
+            workload,
+            volumes = volumes.len(),
+            "cutover.commit: this node takes the workload over"
+        );
+        self.finish_takeover(workload)
+    }
+
+    /// Promotes every volume a commit record names that is still a replica
+    /// here, then removes the record.
+    fn finish_takeover(self: &Arc<Self>, workload: &str) -> Result<Vec<(String, u64)>> {
+        let path = self
+            .cfg
+            .data_dir
+            .join("commits")
+            .join(format!("{workload}.json"));
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+        )
+        .with_context(|| format!("{} is damaged", path.display()))?;
+        let mode = if record["mode"] == "async" {
+            Mode::Async
+        } else {
+            Mode::Sync
+        };
+        let reverse_to = record["reverse_to"].as_str();
+        let mut promoted = Vec::new();
+        for v in record["volumes"].as_array().into_iter().flatten() {
+            let Some(name) = v.as_str() else { continue };
+            if self.secondary(name).is_some() {
+                promoted.push((
+                    name.to_string(),
+                    self.promote_volume(name, reverse_to, mode)?,
+                ));
+            }
+        }
+        std::fs::remove_file(&path)?;
+        Ok(promoted)
+    }
+
+    /// At start-up: finishes takeovers a crash interrupted after their commit.
+    pub fn finish_takeovers(self: &Arc<Self>) {
+        let dir = self.cfg.data_dir.join("commits");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(workload) = name.strip_suffix(".json") else {
+                continue;
+            };
+            match self.finish_takeover(workload) {
+                Ok(p) => tracing::warn!(
+                    workload,
+                    promoted = p.len(),
+                    "cutover.commit.finished_after_restart"
+                ),
+                Err(e) => {
+                    tracing::error!(workload, error = %format!("{e:#}"), "cutover.commit.unfinished: promote the remaining volumes by hand")
+                }
+            }
+        }
+    }
+
     /// Cutover, commit point on the target: this replica durably records
     /// itself primary under a new generation, is exported here, and (with
     /// `reverse_to`) replicates back to the old primary. The caller checked
@@ -822,6 +942,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             tracing::error!(volume = %v.name, error = %format!("{e:#}"), "volume.load_failed");
         }
     }
+    ctx.finish_takeovers();
     let migrations = crate::migrate::load_migrations(&ctx)?;
     *ctx.migrations() = migrations;
     {

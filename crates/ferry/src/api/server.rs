@@ -93,6 +93,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/volumes/{name}/verify", post(verify))
         .route("/api/v1/volumes/{name}/promote", post(promote_volume))
         .route("/api/v1/volumes/{name}/snapshot", post(arm_snapshot))
+        .route("/api/v1/workloads/{name}/takeover", post(takeover))
         .route(
             "/api/v1/volumes/{name}/inconsistent",
             post(mark_inconsistent),
@@ -304,6 +305,26 @@ async fn delete_volume(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
 struct Promote {
     reverse_to: Option<String>,
     mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Takeover {
+    volumes: Vec<String>,
+    reverse_to: Option<String>,
+    mode: Option<String>,
+}
+
+/// Cutover's commit point on the target, for all of a workload's volumes.
+async fn takeover(State(ctx): Ctx, Path(name): Path<String>, Json(r): Json<Takeover>) -> ApiResult {
+    let mode = parse_mode(r.mode.as_deref())?;
+    let promoted =
+        blocking(move || ctx.commit_takeover(&name, &r.volumes, r.reverse_to.as_deref(), mode))
+            .await?;
+    let promoted: Vec<Value> = promoted
+        .into_iter()
+        .map(|(v, g)| json!({"volume": v, "generation": format!("{g:016x}")}))
+        .collect();
+    Ok(Json(json!({"promoted": promoted})))
 }
 
 async fn promote_volume(
