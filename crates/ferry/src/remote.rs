@@ -444,12 +444,16 @@ fn human_migration(v: &Value) -> String {
         .as_f64()
         .map_or("unknown".to_string(), |s| format!("{s:.0} s"));
     let mut line = format!(
-        "{} {} → {}: {}, {} left, link {}/s, writes {}/s, ETA {}",
+        "{} {} → {}: {}, {} left (backlog {}), lag {}, link {}/s, writes {}/s, ETA {}",
         v["workload"].as_str().unwrap_or("?"),
         v["source"].as_str().unwrap_or("?"),
         v["target"].as_str().unwrap_or("?"),
         v["phase"].as_str().unwrap_or("?"),
         ByteSize(v["bytes_remaining"].as_u64().unwrap_or(0)),
+        ByteSize(v["backlog_bytes"].as_u64().unwrap_or(0)),
+        v["lag_seconds"]
+            .as_f64()
+            .map_or("-".to_string(), |s| format!("{s:.2} s")),
         ByteSize(v["bandwidth_bytes_per_s"].as_u64().unwrap_or(0)),
         ByteSize(v["write_rate_bytes_per_s"].as_u64().unwrap_or(0)),
         eta
