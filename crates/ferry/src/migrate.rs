@@ -628,6 +628,20 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
     }
 }
 
+/// The workload's volumes, each a primary on this node.
+fn primaries(
+    ctx: &AgentCtx,
+    spec: &WorkloadSpec,
+) -> Result<Vec<Arc<crate::replication::primary::PrimaryVolume>>> {
+    spec.volumes
+        .iter()
+        .map(|v| {
+            ctx.primary(v)
+                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
+        })
+        .collect()
+}
+
 fn no_migration(ctx: &AgentCtx, workload: &str) -> anyhow::Error {
     anyhow!(
         "no migration of workload {workload:?} on node {}",
@@ -761,14 +775,7 @@ pub fn cutover_with(
     };
     let mut hooks: Vec<HookRun> = Vec::new();
 
-    let vols: Vec<_> = spec
-        .volumes
-        .iter()
-        .map(|v| {
-            ctx.primary(v)
-                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
-        })
-        .collect::<Result<_>>()?;
+    let vols = primaries(ctx, &spec)?;
     // Everything up to the commit point may be undone.
     let abort = |why: String, frozen: bool, hooks: &mut Vec<HookRun>| -> anyhow::Error {
         if frozen {
@@ -1331,14 +1338,7 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         }
         rec.target.clone()
     };
-    let vols: Vec<_> = spec
-        .volumes
-        .iter()
-        .map(|v| {
-            ctx.primary(v)
-                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
-        })
-        .collect::<Result<_>>()?;
+    let vols = primaries(ctx, &spec)?;
     let peer = ctx
         .peers
         .get(&target)

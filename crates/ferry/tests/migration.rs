@@ -257,6 +257,14 @@ fn console(path: &std::path::Path) -> (Option<u64>, Option<u64>) {
     (last("WROTE "), last("VERIFIED "))
 }
 
+/// Waits until the guest on `con` has verified its disk; how many records it found.
+fn verified_by_guest(con: &std::path::Path, what: &str) -> u64 {
+    wait_until(120, what, || console(con).1.is_some());
+    let text = std::fs::read_to_string(con).unwrap();
+    assert!(!text.contains("CORRUPT"), "{text}");
+    console(con).1.unwrap()
+}
+
 #[test]
 fn a_qemu_guest_keeps_every_record_across_a_test_cutover_and_a_cutover() {
     require("qemu-system-x86_64");
@@ -311,15 +319,10 @@ fn a_qemu_guest_keeps_every_record_across_a_test_cutover_and_a_cutover() {
     let t = a.json(&["migrate", "test", "vm"]);
     assert_eq!(t["check_ok"], true, "{t}");
     let con_test = b.dir.join("vms/vm@test/console.log");
-    wait_until(120, "the test guest verifies the snapshot at b", || {
-        console(&con_test).1.is_some()
-    });
-    let (_, in_snapshot) = console(&con_test);
-    let text_test = std::fs::read_to_string(&con_test).unwrap();
-    assert!(!text_test.contains("CORRUPT"), "{text_test}");
+    let in_snapshot = verified_by_guest(&con_test, "the test guest verifies the snapshot at b");
     assert!(
-        in_snapshot.unwrap() > acked_before_test,
-        "records acknowledged before the test: 0..={acked_before_test}, in the snapshot: {in_snapshot:?}"
+        in_snapshot > acked_before_test,
+        "records acknowledged before the test: 0..={acked_before_test}, in the snapshot: {in_snapshot}"
     );
     wait_until(60, "the test guest writes its overlay", || {
         console(&con_test).0.is_some()
@@ -338,18 +341,13 @@ fn a_qemu_guest_keeps_every_record_across_a_test_cutover_and_a_cutover() {
     // Stopped at a: its last acknowledged record is final there.
     let last_a = console(&con_a).0.unwrap();
     // At b the guest finds every record written at a, then appends.
-    wait_until(120, "the guest verifies its disk at b", || {
-        console(&con_b).1.is_some()
-    });
-    let (_, verified) = console(&con_b);
-    let text_b = std::fs::read_to_string(&con_b).unwrap();
-    assert!(!text_b.contains("CORRUPT"), "{text_b}");
+    let verified = verified_by_guest(&con_b, "the guest verifies its disk at b");
     assert!(
-        verified.unwrap() > last_a,
-        "records acknowledged at a: 0..={last_a}, found at b: {verified:?}"
+        verified > last_a,
+        "records acknowledged at a: 0..={last_a}, found at b: {verified}"
     );
     wait_until(60, "the guest writes at b", || {
-        console(&con_b).0.is_some_and(|n| n > verified.unwrap())
+        console(&con_b).0.is_some_and(|n| n > verified)
     });
     b.ok(&["workload", "stop", "vm"]);
     assert_eq!(phase(&a, "vm"), "completed");

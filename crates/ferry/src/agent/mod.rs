@@ -374,6 +374,28 @@ impl AgentCtx {
         Ok(())
     }
 
+    /// A replica here that may become primary: consistent, and no test
+    /// instance running on a snapshot of it.
+    fn promotable(&self, name: &str) -> Result<Arc<SecondaryVolume>> {
+        let node = &self.identity.node_name;
+        let sec = self
+            .secondary(name)
+            .ok_or_else(|| anyhow!("volume {name:?} is not a replica on node {node}"))?;
+        if !sec
+            .meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state()
+            .consistent
+        {
+            bail!("the replica of {name:?} on node {node} is inconsistent; refusing to promote it");
+        }
+        if sec.snapshot.is_active() {
+            bail!("a test instance runs on a snapshot of {name:?} on node {node}: end it first (ferry migrate test WORKLOAD --end)");
+        }
+        Ok(sec)
+    }
+
     /// Cutover, **the commit point** on the target, for all of a workload's
     /// volumes at once: once every volume is checked promotable, one record
     /// (`DATA_DIR/commits/WORKLOAD.json`, synced with its directory) says this
@@ -390,30 +412,7 @@ impl AgentCtx {
         crate::volume::validate_name(workload)
             .map_err(|_| anyhow!("{workload:?} is not a valid workload name"))?;
         for name in volumes {
-            let sec = self.secondary(name).ok_or_else(|| {
-                anyhow!(
-                    "volume {name:?} is not a replica on node {}",
-                    self.identity.node_name
-                )
-            })?;
-            if !sec
-                .meta
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .state()
-                .consistent
-            {
-                bail!(
-                    "the replica of {name:?} on node {} is inconsistent; refusing to take the workload over",
-                    self.identity.node_name
-                );
-            }
-            if sec.snapshot.is_active() {
-                bail!(
-                    "a test instance runs on a snapshot of {name:?} on node {}: end it first",
-                    self.identity.node_name
-                );
-            }
+            self.promotable(name)?;
         }
         let dir = self.cfg.data_dir.join("commits");
         std::fs::create_dir_all(&dir)?;
@@ -506,30 +505,7 @@ impl AgentCtx {
         mode: Mode,
     ) -> Result<u64> {
         let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let sec = self.secondary(name).ok_or_else(|| {
-            anyhow!(
-                "volume {name:?} is not a replica on node {}",
-                self.identity.node_name
-            )
-        })?;
-        if !sec
-            .meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .state()
-            .consistent
-        {
-            bail!(
-                "the replica of {name:?} on node {} is inconsistent; refusing to promote it",
-                self.identity.node_name
-            );
-        }
-        if sec.snapshot.is_active() {
-            bail!(
-                "a test instance runs on a snapshot of {name:?} on node {}: end it first (ferry migrate test WORKLOAD --end)",
-                self.identity.node_name
-            );
-        }
+        let sec = self.promotable(name)?;
         let size = ferry_nbd::BlockDevice::size(&sec.dev);
         if !sec.close_link_and_wait(std::time::Duration::from_secs(10)) {
             bail!("the replication stream into {name:?} did not stop within 10 s; not promoting");

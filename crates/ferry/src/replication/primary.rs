@@ -728,17 +728,7 @@ impl PrimaryVolume {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
-            let Some(seq) = l.rep.on_flush(now) else {
-                return Err("the link cannot take a flush (it fell behind)".into());
-            };
-            self.link.push(
-                &mut l,
-                Out::Flush {
-                    seq,
-                    up_to_date_generation: None,
-                    snapshot: false,
-                },
-            );
+            let seq = self.queue_flush(&mut l, now, false)?;
             let epoch = l.rep.epoch();
             drop(l);
             self.link.pump();
@@ -762,6 +752,24 @@ impl PrimaryVolume {
         }
     }
 
+    /// Queues a link flush (with `snapshot`, one that takes the replica's
+    /// armed snapshot); returns its sequence number.
+    fn queue_flush(&self, l: &mut LinkInner, now: u64, snapshot: bool) -> Result<u64, String> {
+        let seq = l
+            .rep
+            .on_flush(now)
+            .ok_or("the link cannot take a flush (it fell behind)")?;
+        self.link.push(
+            l,
+            Out::Flush {
+                seq,
+                up_to_date_generation: None,
+                snapshot,
+            },
+        );
+        Ok(seq)
+    }
+
     /// Test cutover, once frozen: queues a Flush frame that takes the
     /// replica's armed snapshot — every write that began before it is ahead of
     /// it in the stream, none after. Fails unless the replica is up to date
@@ -783,17 +791,7 @@ impl PrimaryVolume {
                 st.replica.as_str()
             ));
         }
-        let Some(seq) = l.rep.on_flush(now) else {
-            return Err("the link cannot take a flush (it fell behind)".into());
-        };
-        self.link.push(
-            &mut l,
-            Out::Flush {
-                seq,
-                up_to_date_generation: None,
-                snapshot: true,
-            },
-        );
+        self.queue_flush(&mut l, now, true)?;
         drop(l);
         self.link.pump();
         Ok(())
