@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -428,8 +428,20 @@ fn flusher(
 /// [`RECEIVE_READ_BYTES`], this bounds what the replica holds received but not
 /// yet applied to about 16 × 256 KiB = 4 MiB per link.
 const APPLY_QUEUE_BATCHES: usize = 16;
+/// Received frames up to this many bytes are applied by the receiver itself
+/// when the apply thread has nothing queued (a few small sync writes).
+const INLINE_APPLY_BYTES_MAX: usize = 64 * 1024;
 /// Ciphertext read from the socket at a time.
 const RECEIVE_READ_BYTES: usize = 256 * 1024;
+
+/// The receiver's side of the hand-off to the apply thread.
+struct Pipe<'a> {
+    tx: std::sync::mpsc::SyncSender<Batch>,
+    /// Applied batches' buffers, back for reuse.
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Batches queued or being applied.
+    pending: &'a AtomicUsize,
+}
 
 /// Whole frames received together: `frames` index into `buf`.
 struct Batch {
@@ -458,6 +470,9 @@ fn apply_stream(
         }),
         std::sync::Condvar::new(),
     );
+    // Batches queued or being applied: the receiver applies a small batch
+    // itself when none is (no thread hop for a lone sync write).
+    let pending = AtomicUsize::new(0);
     std::thread::scope(|scope| {
         let flush = scope.spawn(|| {
             let r = flusher(vols, wire, &state);
@@ -469,6 +484,7 @@ fn apply_stream(
             r
         });
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(APPLY_QUEUE_BATCHES);
+        let pending = &pending;
         // Applied batches' buffers go back to the receiver for reuse.
         let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let state = &state;
@@ -476,7 +492,9 @@ fn apply_stream(
             .name("repl-apply".into())
             .spawn_scoped(scope, move || {
                 let r = rx.iter().try_for_each(|b| {
-                    apply_batch(vols, &b, state)?;
+                    let applied = apply_batch(vols, &b, state);
+                    pending.fetch_sub(1, Ordering::SeqCst);
+                    applied?;
                     let _ = spare_tx.send(b.buf);
                     Ok(())
                 });
@@ -487,7 +505,19 @@ fn apply_stream(
             });
         let (received, applied) = match applier {
             Ok(applier) => {
-                let received = receive_frames(&mut sock, wire, leftover, vols, max, tx, spare_rx);
+                let received = receive_frames(
+                    &mut sock,
+                    wire,
+                    leftover,
+                    vols,
+                    max,
+                    Pipe {
+                        tx,
+                        spare: spare_rx,
+                        pending,
+                    },
+                    state,
+                );
                 let applied = applier
                     .join()
                     .unwrap_or_else(|_| Err(anyhow!("the apply thread panicked")));
@@ -520,9 +550,10 @@ fn receive_frames(
     leftover: Vec<u8>,
     vols: &[Arc<SecondaryVolume>],
     max: u32,
-    tx: std::sync::mpsc::SyncSender<Batch>,
-    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    pipe: Pipe<'_>,
+    state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
+    let Pipe { tx, spare, pending } = pipe;
     let mut plain = leftover;
     let mut raw = vec![0u8; RECEIVE_READ_BYTES];
     loop {
@@ -546,17 +577,27 @@ fn receive_frames(
             for (tag, vol) in vols.iter().enumerate() {
                 wire.ack(tag, vol)?;
             }
-            // Hand the whole frames over; keep the partial one that follows.
-            let mut tail = spare
-                .try_recv()
-                .unwrap_or_else(|_| Vec::with_capacity(2 * RECEIVE_READ_BYTES));
-            tail.clear();
-            tail.extend_from_slice(&plain[used..]);
-            plain.truncate(used);
-            let buf = std::mem::replace(&mut plain, tail);
-            if tx.send(Batch { buf, frames }).is_err() {
-                // The apply thread stopped; its error is the one reported.
-                return Ok(());
+            if used <= INLINE_APPLY_BYTES_MAX && pending.load(Ordering::SeqCst) == 0 {
+                // Nothing is queued ahead of these frames: apply them here,
+                // in order, without a hop to the apply thread.
+                let batch = Batch { buf: plain, frames };
+                apply_batch(vols, &batch, state)?;
+                plain = batch.buf;
+                plain.drain(..used);
+            } else {
+                // Hand the whole frames over; keep the partial one that follows.
+                let mut tail = spare
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(2 * RECEIVE_READ_BYTES));
+                tail.clear();
+                tail.extend_from_slice(&plain[used..]);
+                plain.truncate(used);
+                let buf = std::mem::replace(&mut plain, tail);
+                pending.fetch_add(1, Ordering::SeqCst);
+                if tx.send(Batch { buf, frames }).is_err() {
+                    // The apply thread stopped; its error is the one reported.
+                    return Ok(());
+                }
             }
         }
         let n = match sock.read(&mut raw) {
