@@ -888,3 +888,41 @@ fn a_takeover_committed_before_a_crash_is_finished_when_the_target_restarts() {
         "the record is removed once done"
     );
 }
+
+#[test]
+fn stopping_one_volume_of_a_stream_leaves_the_others_replicating() {
+    require("qemu-io");
+    let (_root, a, b) = two_agents("");
+    for v in ["wal", "data"] {
+        a.ok(&["volume", "create", v, "--size", "8MiB"]);
+    }
+    a.ok(&[
+        "workload", "create", "db", "--volume", "wal", "--volume", "data",
+    ]);
+    a.json(&["migrate", "start", "db", "--to", "b"]);
+    wait_until(30, "one stream for both volumes", || {
+        ["wal", "data"]
+            .iter()
+            .all(|v| a.status(v)["stream"] == "db" && a.status(v)["state"] == "up-to-date")
+    });
+    a.ok(&["replicate", "stop", "data"]);
+    wait_until(30, "wal streams on alone", || {
+        let st = a.status("wal");
+        st["stream"] == "wal" && st["link"] == "connected"
+    });
+    assert!(a.status("data")["peer"].is_null());
+    qemu_io(&a.uri("wal"), &["write -P 0x21 0 1M"]);
+    qemu_io(&a.uri("data"), &["write -P 0x22 0 1M"]);
+    a.ok(&["volume", "verify", "wal"]);
+    wait_until(30, "the write reaches the replica of wal", || {
+        b.status("wal")["bytes_applied"].as_u64().unwrap_or(0) >= 1 << 20
+    });
+    // Starting it again rejoins the stream, and only what changed moves.
+    a.ok(&["replicate", "start", "data", "--to", "b"]);
+    wait_until(30, "one stream again", || {
+        ["wal", "data"]
+            .iter()
+            .all(|v| a.status(v)["stream"] == "db" && a.status(v)["state"] == "up-to-date")
+    });
+    a.ok(&["volume", "verify", "data"]);
+}
