@@ -73,6 +73,8 @@ pub struct AgentCtx {
     tests: Mutex<HashMap<String, crate::migrate::TestRun>>,
     /// Serialises starting and regrouping links.
     link_spawn: Mutex<()>,
+    /// Volumes are being loaded at start-up (links start after).
+    starting: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -210,7 +212,9 @@ impl AgentCtx {
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(name.to_string(), vol.clone());
                 tracing::info!(volume = name, role = "primary", peer = ?st.peer, "volume.loaded");
-                if st.peer.is_some() {
+                // At start-up the links start once every volume is loaded,
+                // so a workload's stream forms at once.
+                if st.peer.is_some() && !self.starting.load(std::sync::atomic::Ordering::SeqCst) {
                     self.spawn_link(&vol);
                 }
             }
@@ -285,20 +289,35 @@ impl AgentCtx {
         for m in &moving {
             m.link.lock().regroup = true;
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // A link ends within its connect and handshake timeouts (5 + 10 s).
+        let deadline = Instant::now() + Duration::from_secs(20);
         while moving.iter().any(|m| m.link.lock().task_running) {
             if Instant::now() > deadline {
-                tracing::error!(group = %name, "replication.link.regroup_timeout: links keep running as they were");
-                for m in &moving {
-                    m.link.lock().regroup = false;
+                tracing::error!(group = %name, "replication.link.regroup_timeout: each volume keeps a link of its own");
+                for m in &members {
+                    let alone = {
+                        let mut l = m.link.lock();
+                        l.regroup = false;
+                        !l.task_running
+                    };
+                    if alone {
+                        self.start_stream(m.name.clone(), vec![m.clone()]);
+                    }
                 }
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         for m in &members {
+            m.link.lock().regroup = false;
+        }
+        self.start_stream(name, members);
+    }
+
+    /// Starts the link thread of one stream (no grouping decisions).
+    fn start_stream(self: &Arc<Self>, name: String, members: Vec<Arc<PrimaryVolume>>) {
+        for m in &members {
             let mut l = m.link.lock();
-            l.regroup = false;
             l.task_running = true;
             l.link_group = Some(name.clone());
         }
@@ -306,6 +325,7 @@ impl AgentCtx {
             tracing::info!(group = %name, volumes = members.len(), "replication.link.group: one ordered stream");
         }
         let ctx = self.clone();
+        let members_left = members.clone();
         let group = crate::replication::primary::Group::new(name.clone(), members);
         let spawned = std::thread::Builder::new()
             .name(format!("link-{name}"))
@@ -329,6 +349,11 @@ impl AgentCtx {
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "replication.link.spawn_failed");
+            for m in &members_left {
+                let mut l = m.link.lock();
+                l.task_running = false;
+                l.link_group = None;
+            }
         }
     }
 
@@ -910,6 +935,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         vms: Arc::new(crate::vm::Vms::default()),
         tests: Mutex::new(HashMap::new()),
         link_spawn: Mutex::new(()),
+        starting: std::sync::atomic::AtomicBool::new(true),
         started: Instant::now(),
         admin: Mutex::new(()),
     });
@@ -919,6 +945,13 @@ pub fn run(config_path: &Path) -> Result<()> {
         }
     }
     ctx.finish_takeovers();
+    ctx.starting
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    for v in ctx.primaries() {
+        if v.link.lock().peer.is_some() {
+            ctx.spawn_link(&v);
+        }
+    }
     let migrations = crate::migrate::load_migrations(&ctx)?;
     *ctx.migrations() = migrations;
     {
