@@ -75,6 +75,8 @@ pub struct AgentCtx {
     link_spawn: Mutex<()>,
     /// Volumes are being loaded at start-up (links start after).
     starting: std::sync::atomic::AtomicBool,
+    /// Volumes being promoted together: their links start once all are.
+    deferred_links: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -214,7 +216,15 @@ impl AgentCtx {
                 tracing::info!(volume = name, role = "primary", peer = ?st.peer, "volume.loaded");
                 // At start-up the links start once every volume is loaded,
                 // so a workload's stream forms at once.
-                if st.peer.is_some() && !self.starting.load(std::sync::atomic::Ordering::SeqCst) {
+                let deferred = self
+                    .deferred_links
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(name);
+                if st.peer.is_some()
+                    && !deferred
+                    && !self.starting.load(std::sync::atomic::Ordering::SeqCst)
+                {
                     self.spawn_link(&vol);
                 }
             }
@@ -480,16 +490,49 @@ impl AgentCtx {
             Mode::Sync
         };
         let reverse_to = record["reverse_to"].as_str();
+        let names: Vec<String> = record["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        // The links back start once every volume is promoted, as one stream.
+        self.deferred_links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(names.iter().cloned());
         let mut promoted = Vec::new();
-        for v in record["volumes"].as_array().into_iter().flatten() {
-            let Some(name) = v.as_str() else { continue };
+        let mut result = Ok(());
+        for name in &names {
             if self.secondary(name).is_some() {
-                promoted.push((
-                    name.to_string(),
-                    self.promote_volume(name, reverse_to, mode)?,
-                ));
+                match self.promote_volume(name, reverse_to, mode) {
+                    Ok(g) => promoted.push((name.clone(), g)),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
             }
         }
+        {
+            let mut d = self
+                .deferred_links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for n in &names {
+                d.remove(n);
+            }
+        }
+        if !self.starting.load(std::sync::atomic::Ordering::SeqCst) {
+            for (name, _) in &promoted {
+                if let Some(v) = self.primary(name) {
+                    if v.link.lock().peer.is_some() {
+                        self.spawn_link(&v);
+                    }
+                }
+            }
+        }
+        result?;
         std::fs::remove_file(&path)?;
         Ok(promoted)
     }
@@ -936,6 +979,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         tests: Mutex::new(HashMap::new()),
         link_spawn: Mutex::new(()),
         starting: std::sync::atomic::AtomicBool::new(true),
+        deferred_links: Mutex::new(std::collections::HashSet::new()),
         started: Instant::now(),
         admin: Mutex::new(()),
     });
