@@ -69,17 +69,14 @@ impl CowMap {
         })
     }
 
-    /// The whole blocks a write of `[offset, offset + length)` to the live
-    /// image would overwrite for the first time since the snapshot: save each
-    /// one (then [`CowMap::mark_saved`]) before the write.
-    pub fn to_save(&self, offset: u64, length: u64) -> Vec<Extent> {
-        let Some((first, last)) = self.saved.blocks_of(offset, length) else {
-            return Vec::new();
-        };
+    /// The first whole block a write of `[offset, offset + length)` to the
+    /// live image would overwrite for the first time since the snapshot: save
+    /// it (then [`CowMap::mark_saved`]) before the write, and ask again.
+    pub fn next_unsaved(&self, offset: u64, length: u64) -> Option<Extent> {
+        let (first, last) = self.saved.blocks_of(offset, length)?;
         (first..=last)
-            .filter(|&i| !self.saved.is_dirty(i))
+            .find(|&i| !self.saved.is_dirty(i))
             .map(|i| self.saved.block_extent(i))
-            .collect()
     }
 
     /// Records that `block` (an extent [`CowMap::to_save`] returned) is saved.
@@ -272,7 +269,7 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Live(o, l, b) => {
-                        for e in cow.to_save(o, l) {
+                        while let Some(e) = cow.next_unsaved(o, l) {
                             let r = e.offset as usize..(e.offset + e.length) as usize;
                             saved[r.clone()].copy_from_slice(&live[r]);
                             cow.mark_saved(e);

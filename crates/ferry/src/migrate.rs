@@ -71,6 +71,11 @@ impl WorkloadSpec {
         if self.volumes.is_empty() {
             bail!("workload {:?} needs at least one volume", self.name);
         }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if self.volumes[..i].contains(v) {
+                bail!("workload {:?} names volume {v:?} twice", self.name);
+            }
+        }
         if let Some(vip) = &self.vip {
             let (addr, prefix) = vip.split_once('/').ok_or_else(|| {
                 anyhow!("virtual IP {vip:?} must be ADDR/PREFIX, e.g. 198.18.0.10/24")
@@ -1350,9 +1355,14 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         }
         why
     };
+    // Only the barriers of this attempt take the snapshots.
+    let token = crate::agent::identity::random_u64();
     for v in &vols {
         client
-            .post(&format!("/api/v1/volumes/{}/snapshot", v.name), &json!({}))
+            .post(
+                &format!("/api/v1/volumes/{}/snapshot", v.name),
+                &json!({ "token": token }),
+            )
             .map_err(|e| cleanup(e.context(format!("{target} cannot snapshot {}", v.name))))?;
     }
     // One cut for all volumes: no write runs while the barriers are queued.
@@ -1361,11 +1371,14 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         v.freeze();
     }
     let barriers: std::result::Result<(), String> =
-        vols.iter().try_for_each(|v| v.snapshot_barrier());
+        vols.iter().try_for_each(|v| v.snapshot_barrier(token));
     for v in &vols {
         v.unfreeze();
     }
     let frozen_us = frozen.elapsed().as_micros() as u64;
+    for v in &vols {
+        v.link.pump();
+    }
     barriers.map_err(|e| cleanup(anyhow!("no snapshot barrier: {e}")))?;
     let report = client
         .post(&format!("/api/v1/workloads/{workload}/test"), &json!({}))
@@ -1381,6 +1394,8 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 /// `ferry migrate test WORKLOAD --end`, on the source: the target stops the
 /// test instance and discards its overlays and snapshots.
 pub fn test_end(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    // Not while a test (or a cutover) is starting.
+    let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
     let target = ctx
         .migrations()
         .get(workload)
@@ -1399,7 +1414,7 @@ pub fn test_end(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 }
 
 /// On the target: arms volume `volume`'s snapshot for the next flagged flush.
-pub fn test_arm_here(ctx: &AgentCtx, volume: &str) -> Result<()> {
+pub fn test_arm_here(ctx: &AgentCtx, volume: &str, token: u64) -> Result<()> {
     let v = ctx.secondary(volume).ok_or_else(|| {
         anyhow!(
             "volume {volume:?} is not a replica on node {}",
@@ -1412,7 +1427,7 @@ pub fn test_arm_here(ctx: &AgentCtx, volume: &str) -> Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .state()
         .consistent;
-    v.snapshot.arm(volume, consistent)?;
+    v.snapshot.arm(volume, consistent, token)?;
     Ok(())
 }
 
@@ -1482,10 +1497,11 @@ pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 /// snapshots under them. Nothing of the test reaches the replicas.
 pub fn test_end_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let spec = load_workload(&ctx.cfg.data_dir, workload)?;
-    let stop = match (&spec, ctx.tests().contains_key(workload)) {
-        (Some(spec), true) => workload_hook(ctx, spec, "stop", "test"),
-        _ => None,
-    };
+    // Also after an agent restart (which forgot the test): a test instance
+    // its hooks started may still run.
+    let stop = spec
+        .as_ref()
+        .and_then(|spec| workload_hook(ctx, spec, "stop", "test"));
     let run = ctx.tests().remove(workload);
     let mut written = 0;
     let mut names: Vec<String> = spec.map(|s| s.volumes).unwrap_or_default();

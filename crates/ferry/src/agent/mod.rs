@@ -398,6 +398,9 @@ impl AgentCtx {
             .remove(name)
         {
             v.close_link();
+            // A test copy of it goes with it.
+            self.nbd.remove_export(&crate::migrate::test_export(name));
+            v.snapshot.end();
         } else {
             bail!("no volume {name:?} on node {}", self.identity.node_name);
         }

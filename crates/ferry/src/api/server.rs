@@ -605,9 +605,18 @@ async fn end_test(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
 }
 
 /// Test cutover, on the target: arm a replica's snapshot.
-async fn arm_snapshot(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+#[derive(Deserialize)]
+struct ArmSnapshot {
+    token: u64,
+}
+
+async fn arm_snapshot(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<ArmSnapshot>,
+) -> ApiResult {
     let n = name.clone();
-    blocking(move || crate::migrate::test_arm_here(&ctx, &n)).await?;
+    blocking(move || crate::migrate::test_arm_here(&ctx, &n, r.token)).await?;
     Ok(Json(json!({"armed": name})))
 }
 

@@ -40,7 +40,8 @@ pub fn tag_of(h: &FrameHeader) -> usize {
 
 /// Flag on a Flush frame: the peer is now up to date at generation `offset`.
 pub const FLAG_UP_TO_DATE: u16 = 1;
-/// Flag on a Flush frame: an armed snapshot of the replica is taken here.
+/// Flag on a Flush frame: the replica's snapshot armed with the token in
+/// `offset` is taken here.
 pub const FLAG_SNAPSHOT: u16 = 2;
 /// Idle links send a ping this often, so a dead peer is noticed.
 const PING_INTERVAL_MS: u64 = 1000;
@@ -140,12 +141,18 @@ fn encode_out(w: &mut dyn Write, tag: u16, o: &Out) -> io::Result<()> {
             up_to_date_generation,
             snapshot,
         } => {
-            let mut h = FrameHeader::new(Kind::Flush, *seq, up_to_date_generation.unwrap_or(0), 0);
+            // `offset` carries the generation (up to date) or the snapshot's token.
+            let mut h = FrameHeader::new(
+                Kind::Flush,
+                *seq,
+                up_to_date_generation.or(*snapshot).unwrap_or(0),
+                0,
+            );
             h.flags = tag;
             if up_to_date_generation.is_some() {
                 h.flags |= FLAG_UP_TO_DATE;
             }
-            if *snapshot {
+            if snapshot.is_some() {
                 h.flags |= FLAG_SNAPSHOT;
             }
             w.write_all(&h.encode())?;
@@ -509,7 +516,7 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
                 Out::Flush {
                     seq,
                     up_to_date_generation: Some(g),
-                    snapshot: false,
+                    snapshot: None,
                 },
             );
             l.announced_up_to_date = true;

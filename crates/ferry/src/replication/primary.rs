@@ -53,8 +53,8 @@ pub enum Out {
     Flush {
         seq: u64,
         up_to_date_generation: Option<u64>,
-        /// Takes the replica's armed snapshot (a test cutover).
-        snapshot: bool,
+        /// Takes the replica's snapshot armed with this token (a test cutover).
+        snapshot: Option<u64>,
     },
 }
 
@@ -288,7 +288,7 @@ impl Link {
                     Out::Flush {
                         seq,
                         up_to_date_generation: None,
-                        snapshot: false,
+                        snapshot: None,
                     },
                 );
             }
@@ -728,7 +728,7 @@ impl PrimaryVolume {
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             }
-            let seq = self.queue_flush(&mut l, now, false)?;
+            let seq = self.queue_flush(&mut l, now, None)?;
             let epoch = l.rep.epoch();
             drop(l);
             self.link.pump();
@@ -754,7 +754,12 @@ impl PrimaryVolume {
 
     /// Queues a link flush (with `snapshot`, one that takes the replica's
     /// armed snapshot); returns its sequence number.
-    fn queue_flush(&self, l: &mut LinkInner, now: u64, snapshot: bool) -> Result<u64, String> {
+    fn queue_flush(
+        &self,
+        l: &mut LinkInner,
+        now: u64,
+        snapshot: Option<u64>,
+    ) -> Result<u64, String> {
         let seq = l
             .rep
             .on_flush(now)
@@ -774,7 +779,7 @@ impl PrimaryVolume {
     /// replica's armed snapshot — every write that began before it is ahead of
     /// it in the stream, none after. Fails unless the replica is up to date
     /// and the link streams.
-    pub fn snapshot_barrier(&self) -> Result<(), String> {
+    pub fn snapshot_barrier(&self, token: u64) -> Result<(), String> {
         let now = self.now_ms();
         let mut l = self.link.lock();
         let st = l.rep.status();
@@ -791,9 +796,9 @@ impl PrimaryVolume {
                 st.replica.as_str()
             ));
         }
-        self.queue_flush(&mut l, now, true)?;
-        drop(l);
-        self.link.pump();
+        self.queue_flush(&mut l, now, Some(token))?;
+        // Sent by the caller once the volumes are unfrozen: a large async
+        // backlog ahead of the barrier must not hold writes up.
         Ok(())
     }
 
@@ -1038,7 +1043,7 @@ impl PrimaryVolume {
                             Out::Flush {
                                 seq: f,
                                 up_to_date_generation: None,
-                                snapshot: false,
+                                snapshot: None,
                             },
                         );
                         target = (f, true);
@@ -1281,7 +1286,7 @@ impl BlockDevice for PrimaryVolume {
             Out::Flush {
                 seq,
                 up_to_date_generation: None,
-                snapshot: false,
+                snapshot: None,
             },
         );
         if l.rep.config().mode == Mode::Async {

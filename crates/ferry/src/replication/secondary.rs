@@ -199,6 +199,15 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
             break;
         }
     }
+    for (i, h) in hellos.iter().enumerate() {
+        if hellos[..i].iter().any(|o| o.volume == h.volume) {
+            return refuse(
+                reader.get_mut(),
+                &me,
+                format!("volume {:?} appears twice in one stream", h.volume),
+            );
+        }
+    }
     let mut members = Vec::new();
     for hello in &hellos {
         match accept(ctx, &peer.name, hello) {
@@ -424,9 +433,10 @@ fn flusher(
     }
 }
 
-/// Received batches queued for the apply thread. With reads of
-/// [`RECEIVE_READ_BYTES`], this bounds what the replica holds received but not
-/// yet applied to about 16 × 256 KiB = 4 MiB per link.
+/// Received batches queued for the apply thread. A batch is one read's
+/// whole frames: usually about [`RECEIVE_READ_BYTES`], at most one frame
+/// more than that (`frame_bytes_max`), so the replica holds at most 16 such
+/// batches received but not yet applied per link.
 const APPLY_QUEUE_BATCHES: usize = 16;
 /// Received frames up to this many bytes are applied by the receiver itself
 /// when the apply thread has nothing queued (a few small sync writes).
@@ -492,9 +502,11 @@ fn apply_stream(
             .name("repl-apply".into())
             .spawn_scoped(scope, move || {
                 let r = rx.iter().try_for_each(|b| {
-                    let applied = apply_batch(vols, &b, state);
+                    // On failure `pending` stays up, so the receiver never
+                    // applies later frames itself: nothing after a failed
+                    // write is applied, flushed or acknowledged as durable.
+                    apply_batch(vols, &b, state)?;
                     pending.fetch_sub(1, Ordering::SeqCst);
-                    applied?;
                     let _ = spare_tx.send(b.buf);
                     Ok(())
                 });
@@ -638,8 +650,7 @@ fn apply_one(
             check_range(vol, hdr.offset, payload.len() as u64)?;
             let _snap = vol
                 .snapshot
-                .before_write(&vol.dev, hdr.offset, payload.len() as u64)
-                .context("saving blocks for the snapshot")?;
+                .before_write(&vol.dev, hdr.offset, payload.len() as u64);
             let wrote = vol.dev.write_at(payload, hdr.offset, false);
             vol.leaves.invalidate(hdr.offset, payload.len() as u64);
             wrote.with_context(|| format!("writing {} bytes at {}", payload.len(), hdr.offset))?;
@@ -650,10 +661,7 @@ fn apply_one(
             let len =
                 u64::from_be_bytes(payload.try_into().map_err(|_| anyhow!("bad Zero frame"))?);
             check_range(vol, hdr.offset, len)?;
-            let _snap = vol
-                .snapshot
-                .before_write(&vol.dev, hdr.offset, len)
-                .context("saving blocks for the snapshot")?;
+            let _snap = vol.snapshot.before_write(&vol.dev, hdr.offset, len);
             let zeroed = vol.dev.write_zeroes(
                 hdr.offset,
                 len,
@@ -672,6 +680,7 @@ fn apply_one(
                     &vol.dir.join(super::snapshot::SNAPSHOT_FILE),
                     vol.dev.size(),
                     vol.granularity_bytes,
+                    hdr.offset,
                 )?
             {
                 tracing::info!(volume = %vol.name, seq = hdr.seq, "replication.replica.snapshot_taken");

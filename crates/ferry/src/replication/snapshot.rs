@@ -53,15 +53,41 @@ pub enum SnapshotError {
 
 enum State {
     Off,
-    /// The next flagged flush takes it.
-    Armed,
+    /// The flagged flush carrying this token takes it.
+    Armed(u64),
     Active(Active),
 }
 
 struct Active {
     file: File,
-    path: PathBuf,
     map: CowMap,
+    /// Saving a block failed (say, the disk is full): the snapshot is no
+    /// longer whole, reads fail, and replication goes on without it.
+    broken: Option<String>,
+}
+
+impl Active {
+    /// Saves the blocks of `[offset, offset + length)` not saved yet; holes
+    /// (which read as zeroes) are only marked.
+    fn save_before(&mut self, dev: &FileDevice, offset: u64, length: u64) -> io::Result<()> {
+        let mut buf = Vec::new();
+        let mut runs = Vec::new();
+        let end = offset.saturating_add(length);
+        let mut at = offset;
+        while let Some(b) = self.map.next_unsaved(at, end.saturating_sub(at)) {
+            runs.clear();
+            dev.block_status(b.offset, b.length, 1, &mut runs)?;
+            let hole = runs.first().is_some_and(|r| r.hole && r.length >= b.length);
+            if !hole {
+                buf.resize(b.length as usize, 0);
+                dev.read_at(&mut buf, b.offset)?;
+                self.file.write_all_at(&buf, b.offset)?;
+            }
+            self.map.mark_saved(b);
+            at = b.offset + b.length;
+        }
+        Ok(())
+    }
 }
 
 /// A replica's snapshot slot. Its lock is held across every write the stream
@@ -102,13 +128,14 @@ impl Snapshot {
         }
     }
 
-    /// The next Flush frame flagged for a snapshot takes it.
-    pub fn arm(&self, vol: &str, consistent: bool) -> Result<(), SnapshotError> {
+    /// The Flush frame flagged for a snapshot and carrying `token` takes it
+    /// (a late barrier of an earlier attempt does not).
+    pub fn arm(&self, vol: &str, consistent: bool, token: u64) -> Result<(), SnapshotError> {
         let mut st = self.lock();
         match *st {
             State::Active(_) => return Err(SnapshotError::Exists(vol.to_string())),
             _ if !consistent => return Err(SnapshotError::Inconsistent(vol.to_string())),
-            _ => *st = State::Armed,
+            _ => *st = State::Armed(token),
         }
         Ok(())
     }
@@ -120,9 +147,10 @@ impl Snapshot {
         path: &Path,
         size_bytes: u64,
         granularity_bytes: u64,
+        token: u64,
     ) -> Result<bool, SnapshotError> {
         let mut st = self.lock();
-        if !matches!(*st, State::Armed) {
+        if !matches!(*st, State::Armed(t) if t == token) {
             return Ok(false);
         }
         let io_err = |what, source| SnapshotError::Io {
@@ -139,6 +167,8 @@ impl Snapshot {
             .map_err(|e| io_err("cannot create the snapshot file", e))?;
         file.set_len(size_bytes)
             .map_err(|e| io_err("cannot size the snapshot file", e))?;
+        // Anonymous from here on (see [`Overlay::create`]).
+        std::fs::remove_file(path).map_err(|e| io_err("cannot unlink the snapshot file", e))?;
         let map = CowMap::new(size_bytes, granularity_bytes).map_err(|e| {
             io_err(
                 "bad snapshot geometry for",
@@ -147,8 +177,8 @@ impl Snapshot {
         })?;
         *st = State::Active(Active {
             file,
-            path: path.to_path_buf(),
             map,
+            broken: None,
         });
         self.taken.notify_all();
         Ok(true)
@@ -162,7 +192,7 @@ impl Snapshot {
             match *st {
                 State::Active(_) => return Ok(()),
                 State::Off => return Err(SnapshotError::NotArmed(vol.to_string())),
-                State::Armed => {}
+                State::Armed(_) => {}
             }
             let now = Instant::now();
             if now >= deadline {
@@ -192,33 +222,25 @@ impl Snapshot {
         }
     }
 
-    /// Drops the snapshot and its file.
+    /// Drops the snapshot (its file was unlinked when it was taken).
     pub fn end(&self) {
-        let mut st = self.lock();
-        if let State::Active(a) = std::mem::replace(&mut *st, State::Off) {
-            let _ = std::fs::remove_file(&a.path);
-        }
+        *self.lock() = State::Off;
     }
 
     /// Before the stream writes `[offset, offset + length)` of the replica:
     /// saves the blocks the snapshot still needs. Hold the guard across the write.
-    pub fn before_write(
-        &self,
-        dev: &FileDevice,
-        offset: u64,
-        length: u64,
-    ) -> io::Result<WriteGuard<'_>> {
+    pub fn before_write(&self, dev: &FileDevice, offset: u64, length: u64) -> WriteGuard<'_> {
         let mut st = self.lock();
         if let State::Active(a) = &mut *st {
-            let mut buf = Vec::new();
-            for b in a.map.to_save(offset, length) {
-                buf.resize(b.length as usize, 0);
-                dev.read_at(&mut buf, b.offset)?;
-                a.file.write_all_at(&buf, b.offset)?;
-                a.map.mark_saved(b);
+            if a.broken.is_none() {
+                if let Err(e) = a.save_before(dev, offset, length) {
+                    // Replication must not stop for a test copy.
+                    tracing::error!(error = %e, "replication.snapshot.broken: the test copy is no longer whole");
+                    a.broken = Some(e.to_string());
+                }
             }
         }
-        Ok(WriteGuard(st))
+        WriteGuard(st)
     }
 
     /// Reads the snapshot (the live image where nothing was saved).
@@ -227,6 +249,11 @@ impl Snapshot {
         let State::Active(a) = &*st else {
             return Err(io::Error::other("the snapshot was ended"));
         };
+        if let Some(why) = &a.broken {
+            return Err(io::Error::other(format!(
+                "the snapshot is broken (saving a block failed: {why})"
+            )));
+        }
         for (e, src) in a.map.read_plan(offset, buf.len() as u64) {
             let piece =
                 &mut buf[(e.offset - offset) as usize..(e.offset - offset + e.length) as usize];
@@ -268,6 +295,9 @@ impl Overlay {
             .truncate(true)
             .open(&path)?;
         file.set_len(size)?;
+        // Anonymous from here on: nothing to clean up after an agent crash,
+        // and a later overlay never shares its file.
+        std::fs::remove_file(&path)?;
         let map = OverlayMap::new(size, OVERLAY_BLOCK_BYTES)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok(Overlay {
@@ -292,12 +322,6 @@ impl Overlay {
         ferry_core::Extent::within(offset, length, self.size)
             .map(|_| ())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
-    }
-}
-
-impl Drop for Overlay {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
