@@ -922,7 +922,8 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 /// top, and serves allocations at least [`MALLOC_MMAP_THRESHOLD_BYTES`] with a
 /// fresh mmap. With its defaults (128 KiB, dynamic) every batch the copier or a
 /// link frees was handed back and faulted in again, zeroed: a third of the
-/// copier's CPU went to page faults. The heap still shrinks past 64 MiB free.
+/// copier's CPU went to page faults. A heap still shrinks past 64 MiB free —
+/// per glibc arena (one per thread that allocates, up to 8 × cores).
 const MALLOC_TRIM_THRESHOLD_BYTES: i32 = 64 << 20;
 const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 4 << 20;
 
