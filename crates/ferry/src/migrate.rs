@@ -661,18 +661,22 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .get(workload)
         .ok_or_else(|| no_migration(ctx, workload))?;
     let m = &rec.state;
-    // Live from the links: bytes written but not yet sent (async backlog).
-    let backlog_bytes: u64 = load_workload(&ctx.cfg.data_dir, workload)
+    // Live from the links and leaf caches of the workload's volumes here.
+    let vols: Vec<_> = load_workload(&ctx.cfg.data_dir, workload)
         .ok()
         .flatten()
-        .map(|w| {
-            w.volumes
-                .iter()
-                .filter_map(|v| ctx.primary(v))
-                .map(|p| p.link.lock().rep.status().backlog_bytes)
-                .sum()
-        })
-        .unwrap_or(0);
+        .map(|w| w.volumes.iter().filter_map(|v| ctx.primary(v)).collect())
+        .unwrap_or_default();
+    let backlog_bytes: u64 = vols
+        .iter()
+        .map(|p| p.link.lock().rep.status().backlog_bytes)
+        .sum();
+    // Blocks whose Merkle leaf a cutover would hash inside its downtime
+    // (it re-hashes them before stopping the workload, too).
+    let merkle_stale_bytes: u64 = vols
+        .iter()
+        .map(|p| p.leaves.stale_blocks() * ctx.cfg.replication.granularity_bytes)
+        .sum();
     let lag_seconds =
         (m.send_rate_bytes_per_s > 1.0).then(|| m.bytes_remaining as f64 / m.send_rate_bytes_per_s);
     Ok(json!({
@@ -683,6 +687,7 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "phase": m.phase.as_str(),
         "bytes_remaining": m.bytes_remaining,
         "backlog_bytes": backlog_bytes,
+        "merkle_stale_bytes": merkle_stale_bytes,
         "eta_seconds": m.eta_seconds().map(|s| (s * 10.0).round() / 10.0),
         "bandwidth_bytes_per_s": m.send_rate_bytes_per_s.round() as u64,
         "write_rate_bytes_per_s": m.write_rate_bytes_per_s.round() as u64,
