@@ -789,7 +789,10 @@ fn auto_cutover_moves_the_workload_once_ready() {
     });
     let st = a.json(&["migrate", "status", "web"]);
     assert_eq!(st["last_cutover"]["to"], "b", "{st}");
-    assert!(st["backlog_bytes"].is_u64() && st["merkle_stale_bytes"].is_u64(), "{st}");
+    assert!(
+        st["backlog_bytes"].is_u64() && st["merkle_stale_bytes"].is_u64(),
+        "{st}"
+    );
     assert_eq!(st["auto_cutover_attempts"], 1, "{st}");
     qemu_io(&b.uri("app"), &["read -P 0x5a 0 4M"]);
 }
