@@ -448,15 +448,20 @@ impl Server {
     /// Stops accepting, closes every connection. In-flight requests finish first.
     pub fn shutdown(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
-        for l in self
-            .inner
-            .listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        // Taken out of the list: once its accept thread ends, a listener's
+        // last reference is gone and a Unix socket file is removed — not
+        // only when the last connection thread lets go of the server.
+        let listeners = std::mem::take(
+            &mut *self
+                .inner
+                .listeners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for l in &listeners {
             l.wake();
         }
+        drop(listeners);
         for s in self
             .inner
             .live
