@@ -810,7 +810,8 @@ pub fn cutover_with(
     // still be behind by gigabytes).
     for v in &vols {
         std::thread::scope(|sc| {
-            let remote = sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes", v.name)));
+            let remote =
+                sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes?warm=1", v.name)));
             if let Err(e) = v.leaves.current(&v.local) {
                 tracing::warn!(volume = %v.name, error = %e, "cutover.prehash_failed");
             }
@@ -1456,7 +1457,7 @@ pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
             .ok_or_else(|| anyhow!("volume {name:?} is not a replica here"))?;
         v.snapshot.wait_taken(name, TEST_BARRIER_TIMEOUT)?;
         let path = v.dir.join(crate::replication::snapshot::OVERLAY_FILE);
-        let o = crate::replication::snapshot::Overlay::create(v.clone(), path.clone())
+        let o = crate::replication::snapshot::Overlay::create(v.clone(), &path)
             .with_context(|| format!("cannot create the overlay {}", path.display()))?;
         overlays.push((name.clone(), Arc::new(o)));
     }

@@ -827,6 +827,8 @@ async fn hashes(
 ) -> ApiResult {
     let g = ctx.cfg.replication.granularity_bytes;
     let fresh = q.get("fresh").is_some_and(|v| v == "1" || v == "true");
+    // `warm=1`: bring the cached leaves up to date, send none of them.
+    let warm = q.get("warm").is_some_and(|v| v == "1" || v == "true");
     let leaves = blocking(move || {
         use crate::replication::verify::leaf_hashes;
         if let Some(p) = ctx.primary(&name) {
@@ -846,6 +848,11 @@ async fn hashes(
         }
     })
     .await?;
+    if warm {
+        return Ok(Json(
+            json!({"granularity_bytes": g, "leaves": leaves.len()}),
+        ));
+    }
     Ok(Json(
         json!({"granularity_bytes": g, "hashes": leaves.iter().map(|h| h.to_hex().to_string()).collect::<Vec<_>>()}),
     ))

@@ -38,6 +38,11 @@ pub fn tag_of(h: &FrameHeader) -> usize {
     usize::from(h.flags >> TAG_SHIFT)
 }
 
+/// The flags bits that carry member `tag`.
+pub fn tag_flags(tag: u16) -> u16 {
+    tag << TAG_SHIFT
+}
+
 /// Flag on a Flush frame: the peer is now up to date at generation `offset`.
 pub const FLAG_UP_TO_DATE: u16 = 1;
 /// Flag on a Flush frame: the replica's snapshot armed with the token in
@@ -110,7 +115,7 @@ impl Wire {
 }
 
 fn encode_out(w: &mut dyn Write, tag: u16, o: &Out) -> io::Result<()> {
-    let tag = tag << TAG_SHIFT;
+    let tag = tag_flags(tag);
     match o {
         Out::Data {
             kind,

@@ -210,23 +210,24 @@ impl Group {
                 }
                 match wire.send(&batch) {
                     Ok(()) => {
-                        for (i, m) in self.members.iter().enumerate() {
-                            let mut st = LinkStats::default();
-                            for (_, o) in batch.iter().filter(|(t, _)| usize::from(*t) == i) {
-                                st.frames_sent += 1;
-                                st.bytes_sent += o.wire_bytes();
-                                match o {
-                                    Out::Data {
-                                        kind: ferry_wire::Kind::Copy,
-                                        data,
-                                        ..
-                                    } => st.copy_bytes_sent += data.len() as u64,
-                                    Out::Data { data, .. } => {
-                                        st.write_bytes_sent += data.len() as u64
-                                    }
-                                    _ => {}
-                                }
+                        let mut sent = vec![LinkStats::default(); self.members.len()];
+                        for (t, o) in &batch {
+                            let Some(st) = sent.get_mut(usize::from(*t)) else {
+                                continue;
+                            };
+                            st.frames_sent += 1;
+                            st.bytes_sent += o.wire_bytes();
+                            match o {
+                                Out::Data {
+                                    kind: ferry_wire::Kind::Copy,
+                                    data,
+                                    ..
+                                } => st.copy_bytes_sent += data.len() as u64,
+                                Out::Data { data, .. } => st.write_bytes_sent += data.len() as u64,
+                                _ => {}
                             }
+                        }
+                        for (m, st) in self.members.iter().zip(sent) {
                             if st.frames_sent > 0 {
                                 let mut l = m.link.lock();
                                 l.stats.frames_sent += st.frames_sent;

@@ -19,7 +19,7 @@ use ferry_core::GenerationHistory;
 use ferry_nbd::device::{BlockDevice, FileDevice, ZeroMode};
 use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
-use super::link::{tag_of, FLAG_SNAPSHOT, FLAG_UP_TO_DATE, GROUP_VOLUMES_MAX, TAG_SHIFT};
+use super::link::{tag_flags, tag_of, FLAG_SNAPSHOT, FLAG_UP_TO_DATE, GROUP_VOLUMES_MAX};
 use super::meta::MetaFile;
 use super::tls_io::SharedTls;
 use crate::agent::AgentCtx;
@@ -237,7 +237,7 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
         .collect();
     let w = reader.get_mut();
     for m in &members {
-        let in_sync = m.mine.relate(&m.theirs) == Relation::InSync && m.was_consistent;
+        let in_sync = m.in_sync;
         {
             let mut meta = m.vol.meta.lock().unwrap_or_else(|p| p.into_inner());
             meta.update(|s| {
@@ -301,7 +301,8 @@ struct Member {
     vol: Arc<SecondaryVolume>,
     mine: GenerationHistory,
     theirs: GenerationHistory,
-    was_consistent: bool,
+    /// Same history and a consistent image: nothing to resync.
+    in_sync: bool,
 }
 
 /// Checks one Hello; `Err` is the refusal, in words an operator can act on.
@@ -331,7 +332,8 @@ fn accept(ctx: &AgentCtx, peer: &str, hello: &Hello) -> std::result::Result<Memb
         let m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
         (m.state().generation.clone(), m.state().consistent)
     };
-    match mine.relate(&theirs) {
+    let relation = mine.relate(&theirs);
+    match relation {
         Relation::Ahead => Err(format!(
             "this replica of {:?} holds newer data than the primary",
             hello.volume
@@ -344,7 +346,7 @@ fn accept(ctx: &AgentCtx, peer: &str, hello: &Hello) -> std::result::Result<Memb
             vol,
             mine,
             theirs,
-            was_consistent,
+            in_sync: relation == Relation::InSync && was_consistent,
         }),
     }
 }
@@ -362,16 +364,21 @@ impl ServerWire {
         Ok(self.tls.send(plain)?)
     }
 
-    /// Acknowledges member `tag` of the stream.
-    fn ack(&self, tag: usize, vol: &SecondaryVolume) -> Result<()> {
-        let mut h = FrameHeader::new(
-            Kind::Ack,
-            vol.received_seq.load(Ordering::SeqCst),
-            vol.durable_seq.load(Ordering::SeqCst),
-            0,
-        );
-        h.flags = (tag as u16) << TAG_SHIFT;
-        self.send(&h.encode())
+    /// Acknowledges the members `tags` of the stream, in one TLS record.
+    fn ack(&self, vols: &[Arc<SecondaryVolume>], tags: impl Iterator<Item = usize>) -> Result<()> {
+        let mut plain = Vec::new();
+        for tag in tags {
+            let vol = &vols[tag];
+            let mut h = FrameHeader::new(
+                Kind::Ack,
+                vol.received_seq.load(Ordering::SeqCst),
+                vol.durable_seq.load(Ordering::SeqCst),
+                0,
+            );
+            h.flags = tag_flags(tag as u16);
+            plain.extend_from_slice(&h.encode());
+        }
+        self.send(&plain)
     }
 }
 
@@ -420,7 +427,7 @@ fn flusher(
                 .flush()
                 .with_context(|| format!("fdatasync of {}", v.name))?;
         }
-        for (tag, seq, up_to_date) in pending {
+        for &(tag, seq, up_to_date) in &pending {
             let vol = &vols[tag];
             if up_to_date {
                 let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -428,8 +435,8 @@ fn flusher(
                 tracing::info!(volume = %vol.name, "replication.replica.up_to_date");
             }
             vol.durable_seq.fetch_max(seq, Ordering::SeqCst);
-            wire.ack(tag, vol)?;
         }
+        wire.ack(vols, pending.iter().map(|p| p.0))?;
     }
 }
 
@@ -586,9 +593,7 @@ fn receive_frames(
             used += len;
         }
         if !frames.is_empty() {
-            for (tag, vol) in vols.iter().enumerate() {
-                wire.ack(tag, vol)?;
-            }
+            wire.ack(vols, 0..vols.len())?;
             if used <= INLINE_APPLY_BYTES_MAX && pending.load(Ordering::SeqCst) == 0 {
                 // Nothing is queued ahead of these frames: apply them here,
                 // in order, without a hop to the apply thread.

@@ -267,12 +267,12 @@ impl Snapshot {
 }
 
 /// A writable, disposable view of a replica's snapshot: what a test instance
-/// runs on. Writes stay in its own sparse file, removed when it is dropped.
-/// Nothing written here is kept, so FLUSH and FUA do not sync.
+/// runs on. Writes stay in its own sparse file, unlinked at creation (gone
+/// with the last reference). Nothing written here is kept, so FLUSH and FUA
+/// do not sync.
 pub struct Overlay {
     vol: Arc<SecondaryVolume>,
     file: File,
-    path: PathBuf,
     map: Mutex<OverlayMap>,
     size: u64,
 }
@@ -280,30 +280,29 @@ pub struct Overlay {
 impl std::fmt::Debug for Overlay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Overlay")
-            .field("path", &self.path)
+            .field("volume", &self.vol.name)
             .finish_non_exhaustive()
     }
 }
 
 impl Overlay {
-    pub fn create(vol: Arc<SecondaryVolume>, path: PathBuf) -> io::Result<Overlay> {
+    pub fn create(vol: Arc<SecondaryVolume>, path: &Path) -> io::Result<Overlay> {
         let size = vol.dev.size();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)?;
+            .open(path)?;
         file.set_len(size)?;
         // Anonymous from here on: nothing to clean up after an agent crash,
         // and a later overlay never shares its file.
-        std::fs::remove_file(&path)?;
+        std::fs::remove_file(path)?;
         let map = OverlayMap::new(size, OVERLAY_BLOCK_BYTES)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         Ok(Overlay {
             vol,
             file,
-            path,
             map: Mutex::new(map),
             size,
         })
