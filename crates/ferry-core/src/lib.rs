@@ -14,6 +14,7 @@
 //! [`link`] replicator, the [`migration`] lifecycle, and the [`snapshot`]
 //! and overlay block maps of test cutovers.
 
+pub mod cluster;
 pub mod crc32c;
 pub mod dirty;
 pub mod extent;

@@ -1,0 +1,1183 @@
+//! Cluster roles, leases, outdating and failover of one HA workload, on one
+//! node — and the witness's record — as pure state machines.
+//!
+//! Time is a monotonic millisecond count passed in (`now`); each node's
+//! clock may run at a rate off by up to `drift_permille`. Nothing here
+//! touches a socket or a clock; the agent delivers messages and performs the
+//! [`Action`]s, and the simulation in `tests/cluster_sim.rs` does the same
+//! with seeded faults.
+//!
+//! The rules (DESIGN.md invariant 2):
+//! - **Leases.** A primary accepts writes only while it holds a lease from
+//!   its peer (who acknowledges its heartbeats) or from the witness (who
+//!   renews it on request). The holder counts a lease as ending
+//!   `lease_ms × (1 − d)` after it *sent* the request; the grantor promises
+//!   nothing else for `lease_ms × (1 + d)` after granting. With every clock
+//!   within `d` of true time, the holder's end comes first. A primary whose
+//!   lease is about to end fences itself ([`Action::Fence`]: freeze I/O,
+//!   drop the VIP, stop the application).
+//! - **Promotion** needs quorum: the witness's compare-and-set on its one
+//!   record per workload ([`Witness`]), which refuses while another node's
+//!   lease is in force, refuses a node recorded outdated, and refuses anything
+//!   for one lease after the witness restarts. A candidate stops granting
+//!   leases to the old primary first, and asks only once its own last grant
+//!   has expired.
+//! - **Outdate before going alone.** A sync-mode primary that loses its
+//!   replica holds writes ([`Action::HoldWrites`]) until the witness has
+//!   recorded the replica outdated; an outdated node is never promoted
+//!   automatically, so a later failover cannot drop writes acknowledged
+//!   while the link was down.
+//! - Without a witness, nothing fails over automatically (the primary goes
+//!   on alone; the replica never promotes itself) unless `two_node_unsafe`,
+//!   where the replica promotes once the primary's lease from it has
+//!   expired and the primary goes on alone: a cut link then gives two
+//!   primaries (split brain, found by generations afterwards).
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds on a node's (or the witness's) monotonic clock.
+pub type Millis = u64;
+
+/// Timing of heartbeats, failure detection and leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timing {
+    pub heartbeat_interval_ms: u64,
+    pub failure_timeout_ms: u64,
+    /// How long a lease lasts; at least two heartbeat intervals.
+    pub lease_ms: u64,
+    /// Bound on clock rate error between any two parties, in ‰.
+    pub drift_permille: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Timing {
+        Timing {
+            heartbeat_interval_ms: 250,
+            failure_timeout_ms: 2000,
+            lease_ms: 2000,
+            drift_permille: 50,
+        }
+    }
+}
+
+impl Timing {
+    /// Where the holder counts a lease requested at `sent_at` as ending.
+    pub fn holder_end(&self, sent_at: Millis) -> Millis {
+        sent_at + self.lease_ms * (1000 - self.drift_permille.min(999)) / 1000
+    }
+
+    /// Until when a grantor that granted at `at` promises nothing else.
+    pub fn grantor_end(&self, at: Millis) -> Millis {
+        at + self.lease_ms * (1000 + self.drift_permille) / 1000
+    }
+
+    /// Checks the relations the rules rely on.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval_ms == 0 {
+            return Err("heartbeat_interval_ms must be at least 1".into());
+        }
+        if self.failure_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return Err(format!(
+                "failure_timeout_ms ({}) must be at least twice heartbeat_interval_ms ({})",
+                self.failure_timeout_ms, self.heartbeat_interval_ms
+            ));
+        }
+        if self.lease_ms < 2 * self.heartbeat_interval_ms {
+            return Err(format!(
+                "lease_ms ({}) must be at least twice heartbeat_interval_ms ({}), or no renewal arrives in time",
+                self.lease_ms, self.heartbeat_interval_ms
+            ));
+        }
+        if self.drift_permille >= 500 {
+            return Err("drift_permille must be below 500".into());
+        }
+        Ok(())
+    }
+
+    /// How long before its lease ends a primary fences itself: the time a
+    /// freeze needs to take hold, at most half a heartbeat interval.
+    fn fence_margin(&self) -> Millis {
+        (self.heartbeat_interval_ms / 2).max(1)
+    }
+}
+
+/// What the cluster may do on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// A witness is configured (leases, quorum, outdate records).
+    pub witness: bool,
+    /// Without a witness, fail over anyway (risks split brain).
+    pub two_node_unsafe: bool,
+    /// The workload's replication is synchronous.
+    pub sync: bool,
+    /// An async workload fails over automatically, accepting the loss of
+    /// what had not reached the replica.
+    pub async_accept_loss: bool,
+}
+
+impl Policy {
+    /// Whether the replica may promote itself when the primary is gone.
+    pub fn automatic_failover(&self) -> bool {
+        (self.witness || self.two_node_unsafe) && (self.sync || self.async_accept_loss)
+    }
+
+    /// Whether a primary needs a lease to accept writes.
+    fn needs_lease(&self) -> bool {
+        self.witness || self.two_node_unsafe
+    }
+}
+
+/// A node's role for the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Serves the workload (while its lease holds).
+    Primary,
+    /// Was primary, lost its lease: I/O frozen, VIP dropped, app stopped;
+    /// resumes if the witness still names it primary, else demotes.
+    Fenced,
+    /// Holds the replica.
+    Secondary,
+}
+
+/// This node's copy of the data, as a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataState {
+    UpToDate,
+    Outdated,
+    Inconsistent,
+}
+
+/// Node-to-node heartbeat messages (UDP, every path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    /// Sent by both nodes every interval.
+    Heartbeat {
+        sent_at: Millis,
+        role: Role,
+        /// The witness epoch at which the sender last knew its role.
+        epoch: u64,
+        /// The sender resigns (check failed, disk errors, switchover): the
+        /// peer may take over at once.
+        resigning: bool,
+    },
+    /// A secondary's answer to a primary's heartbeat: a lease grant.
+    Ack { echo: Millis },
+}
+
+/// What a node asks the witness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WitnessOp {
+    /// The recorded primary renews its lease.
+    Renew,
+    /// Make me primary (compare-and-set).
+    Promote,
+    /// The recorded primary records its peer outdated (compare-and-set).
+    Outdate,
+    /// The recorded primary says its peer is up to date again.
+    UpToDate,
+    /// The recorded primary gives its lease back (it resigned).
+    Release,
+}
+
+/// A request to the witness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessRequest {
+    pub node: String,
+    /// The other node of the cluster (what `Outdate` records).
+    pub peer: String,
+    pub op: WitnessOp,
+    pub sent_at: Millis,
+    /// Random per process start: `sent_at` values compare only within one.
+    pub incarnation: u64,
+    /// `UpToDate` applies only if the record's epoch is still this one: a
+    /// late `UpToDate` must never undo a newer `Outdate`.
+    pub expect_epoch: u64,
+}
+
+/// The witness's one record per workload (persisted, small).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Bumped by every change.
+    pub epoch: u64,
+    pub primary: Option<String>,
+    pub outdated: Option<String>,
+}
+
+/// Why the witness said no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Refusal {
+    /// Restarted less than one lease ago: it may have granted a lease it
+    /// no longer knows about.
+    Quiet,
+    /// Only the recorded primary may do this.
+    NotPrimary,
+    /// The node is recorded outdated: promoting it could lose writes.
+    Outdated,
+    /// Another node's lease is still in force.
+    LeaseHeld,
+    /// The record changed since the request was made (`expect_epoch`).
+    Stale,
+}
+
+/// The witness's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessReply {
+    pub echo: Millis,
+    pub op: WitnessOp,
+    /// `None`: granted.
+    pub refused: Option<Refusal>,
+    pub record: Record,
+}
+
+/// The witness's logic for one workload: the persisted record plus the
+/// lease it last granted (volatile: a restart forgets it, hence the quiet
+/// period).
+#[derive(Debug, Clone)]
+pub struct Witness {
+    pub record: Record,
+    timing: Timing,
+    /// (holder, grantor-side end).
+    lease: Option<(String, Millis)>,
+    quiet_until: Millis,
+    /// Per node: (incarnation, newest `sent_at` handled). Older requests
+    /// are answered `Stale` without effect, so a node's requests take effect
+    /// in the order it sent them (UDP may reorder): once its newest Promote
+    /// was refused, no older one can still succeed.
+    newest: std::collections::HashMap<String, (u64, Millis)>,
+}
+
+impl Witness {
+    /// A witness (re)started at `now` with its persisted `record`.
+    pub fn start(record: Record, timing: Timing, now: Millis) -> Witness {
+        Witness {
+            record,
+            timing,
+            lease: None,
+            quiet_until: timing.grantor_end(now),
+            newest: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Answers one request. `changed` says the record must be persisted
+    /// before the reply is sent.
+    pub fn handle(&mut self, now: Millis, req: &WitnessRequest) -> (WitnessReply, bool) {
+        let before = self.record.clone();
+        let stale = match self.newest.get(&req.node) {
+            Some(&(inc, sent)) => inc == req.incarnation && req.sent_at < sent,
+            None => false,
+        };
+        let refused = if stale {
+            Some(Refusal::Stale)
+        } else {
+            self.newest
+                .insert(req.node.clone(), (req.incarnation, req.sent_at));
+            self.decide(now, req)
+        };
+        // Every granted Outdate is a new epoch, even when the record already
+        // said so, so an UpToDate sent before it can no longer apply.
+        let changed = self.record != before || (req.op == WitnessOp::Outdate && refused.is_none());
+        if changed {
+            self.record.epoch += 1;
+        }
+        let reply = WitnessReply {
+            echo: req.sent_at,
+            op: req.op,
+            refused,
+            record: self.record.clone(),
+        };
+        (reply, changed)
+    }
+
+    fn lease_held_by_other(&self, now: Millis, node: &str) -> bool {
+        matches!(&self.lease, Some((holder, end)) if holder != node && now < *end)
+    }
+
+    fn grant(&mut self, now: Millis, node: &str) {
+        self.lease = Some((node.to_string(), self.timing.grantor_end(now)));
+    }
+
+    fn decide(&mut self, now: Millis, req: &WitnessRequest) -> Option<Refusal> {
+        let node = req.node.as_str();
+        let is_primary = self.record.primary.as_deref() == Some(node);
+        match req.op {
+            WitnessOp::Renew => {
+                if self.record.primary.is_none()
+                    && self.record.outdated.as_deref() != Some(node)
+                    && !self.lease_held_by_other(now, node)
+                    && now >= self.quiet_until
+                {
+                    // A workload just put under HA: its primary claims the
+                    // empty record.
+                    self.record.primary = Some(node.to_string());
+                }
+                if self.record.primary.as_deref() != Some(node) {
+                    return Some(Refusal::NotPrimary);
+                }
+                // Renewing the recorded primary's lease cannot conflict with
+                // a lease granted before a restart: that was the same node's.
+                self.grant(now, node);
+                None
+            }
+            WitnessOp::Promote => {
+                if is_primary {
+                    self.grant(now, node);
+                    return None;
+                }
+                if self.record.outdated.as_deref() == Some(node) {
+                    return Some(Refusal::Outdated);
+                }
+                if now < self.quiet_until {
+                    return Some(Refusal::Quiet);
+                }
+                if self.lease_held_by_other(now, node) {
+                    return Some(Refusal::LeaseHeld);
+                }
+                // The old primary's data may hold writes the new one never
+                // saw: it is outdated until resynced.
+                self.record.outdated = self.record.primary.take();
+                self.record.primary = Some(node.to_string());
+                self.grant(now, node);
+                None
+            }
+            WitnessOp::Outdate => {
+                if !is_primary {
+                    return Some(Refusal::NotPrimary);
+                }
+                self.record.outdated = Some(req.peer.clone());
+                self.grant(now, node);
+                None
+            }
+            WitnessOp::UpToDate => {
+                if !is_primary {
+                    return Some(Refusal::NotPrimary);
+                }
+                if self.record.epoch != req.expect_epoch {
+                    return Some(Refusal::Stale);
+                }
+                self.record.outdated = None;
+                self.grant(now, node);
+                None
+            }
+            WitnessOp::Release => {
+                if !is_primary {
+                    return Some(Refusal::NotPrimary);
+                }
+                if matches!(&self.lease, Some((holder, _)) if holder == node) {
+                    self.lease = None;
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Something to tell the operator (logged, counted, passed to the notify hook).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    PeerLost,
+    PeerBack,
+    /// A sync primary is holding writes until its peer is recorded outdated.
+    WritesHeld,
+    PeerOutdated,
+    PeerUpToDate,
+    Fenced {
+        why: String,
+    },
+    Resumed,
+    FailoverStarted {
+        silent_ms: u64,
+    },
+    Promoted {
+        epoch: u64,
+    },
+    Demoted {
+        primary: Option<String>,
+    },
+    /// A failover this node would do is not allowed; says why (once per outage).
+    NotPromoting {
+        why: String,
+    },
+    Resigned {
+        why: String,
+    },
+}
+
+/// What a node must keep across restarts (written durably when an
+/// [`Action::Persist`] says so, before the actions after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Persisted {
+    pub role: Role,
+    /// The witness epoch at which the role was last confirmed.
+    pub epoch: u64,
+    /// A failover was asked of the witness: until its answer, this node
+    /// grants no lease (the witness may already have promoted it).
+    pub candidate: bool,
+}
+
+/// What the agent must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write this durably before performing the actions that follow.
+    Persist(Persisted),
+    SendPeer(PeerMsg),
+    SendWitness(WitnessRequest),
+    /// Sync writes wait (outdate before going alone).
+    HoldWrites,
+    ReleaseWrites,
+    /// Freeze I/O, drop the VIP, run the stop hook — in that order.
+    Fence,
+    /// Undo a fence: the witness still names this node primary.
+    Resume,
+    /// Become primary: promote the volumes (new generation), add the VIP,
+    /// run the start hook.
+    Promote,
+    /// Become secondary: a newer primary exists; resync from it.
+    Demote,
+    Event(Event),
+}
+
+/// Inputs from the rest of the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Peer(PeerMsg),
+    Witness(WitnessReply),
+    /// This node's copy (as a replica) changed state.
+    DataState(DataState),
+    /// The peer's replica is up to date again (primary side).
+    PeerUpToDate,
+    /// The replication link to the peer dropped, or a resync started.
+    PeerNotUpToDate,
+    /// The application's check failed `fall` times, or a volume hit an
+    /// I/O error: hand the workload over.
+    Resign {
+        why: String,
+    },
+}
+
+/// A failover in progress on a secondary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Candidacy {
+    /// Promote requests wait until this node's last grant expired.
+    not_before: Millis,
+    /// The newest Promote sent: only its answer can end the candidacy.
+    sent: Option<Millis>,
+}
+
+/// One node's view of one HA workload.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub me: String,
+    pub peer: String,
+    incarnation: u64,
+    timing: Timing,
+    policy: Policy,
+    role: Role,
+    epoch: u64,
+    data: DataState,
+    /// Leases held as primary (holder-side ends).
+    peer_lease_end: Millis,
+    witness_lease_end: Millis,
+    /// Peer liveness.
+    peer_last_heard: Option<Millis>,
+    peer_role: Option<Role>,
+    peer_epoch: u64,
+    peer_resigning: bool,
+    peer_lost: bool,
+    /// As primary: the witness recorded the peer outdated (or, with no
+    /// witness, we decided so): writes may be acknowledged alone.
+    peer_outdated: bool,
+    writes_held: bool,
+    /// The peer's replica is up to date and the witness should hear so.
+    peer_up_to_date_pending: bool,
+    /// When the last UpToDate was sent: only an Outdate sent after it may
+    /// let writes go on alone.
+    last_up_to_date_sent: Option<Millis>,
+    /// The newest record epoch seen in any witness reply.
+    record_epoch: u64,
+    /// The witness refused to promote this node as outdated: no new
+    /// candidacy before this time (the record changes only when the
+    /// primary says the copy is up to date again).
+    refused_outdated_until: Millis,
+    /// The primary's link reports the peer's replica in sync.
+    peer_in_sync: bool,
+    /// As secondary: grantor-side end of the last lease granted.
+    granted_until: Millis,
+    candidacy: Option<Candidacy>,
+    told_not_promoting: bool,
+    resigning: bool,
+    started_at: Millis,
+    next_heartbeat: Millis,
+    next_witness: Millis,
+}
+
+impl ClusterNode {
+    /// A node (re)started at `now` with its persisted role and data state.
+    /// A restarted primary serves only once it holds a lease again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        me: &str,
+        peer: &str,
+        incarnation: u64,
+        saved: Persisted,
+        data: DataState,
+        timing: Timing,
+        policy: Policy,
+        now: Millis,
+    ) -> ClusterNode {
+        let Persisted {
+            role,
+            epoch,
+            candidate,
+        } = saved;
+        ClusterNode {
+            me: me.to_string(),
+            peer: peer.to_string(),
+            incarnation,
+            timing,
+            policy,
+            role: if role == Role::Fenced {
+                Role::Primary
+            } else {
+                role
+            },
+            epoch,
+            data,
+            peer_lease_end: 0,
+            witness_lease_end: 0,
+            peer_last_heard: None,
+            peer_role: None,
+            peer_epoch: 0,
+            peer_resigning: false,
+            peer_lost: false,
+            peer_outdated: false,
+            writes_held: false,
+            peer_up_to_date_pending: false,
+            last_up_to_date_sent: None,
+            record_epoch: epoch,
+            refused_outdated_until: 0,
+            peer_in_sync: false,
+            // A restarted secondary may have granted a lease just before
+            // it went down: it promises nothing for one lease.
+            granted_until: timing.grantor_end(now),
+            candidacy: candidate.then_some(Candidacy {
+                not_before: timing.grantor_end(now),
+                sent: None,
+            }),
+            told_not_promoting: false,
+            resigning: false,
+            started_at: now,
+            next_heartbeat: now,
+            next_witness: now,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// This node's copy as a replica: outdated once the witness said so.
+    pub fn data_state(&self) -> DataState {
+        self.data
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// What must survive a restart.
+    pub fn persisted(&self) -> Persisted {
+        Persisted {
+            role: match self.role {
+                Role::Fenced => Role::Primary,
+                r => r,
+            },
+            epoch: self.epoch,
+            candidate: self.candidacy.is_some(),
+        }
+    }
+
+    /// A failover was asked of the witness and not yet answered: this
+    /// node's copy must not change (no inbound resync) until it is.
+    pub fn is_candidate(&self) -> bool {
+        self.candidacy.is_some()
+    }
+
+    pub fn writes_held(&self) -> bool {
+        self.writes_held
+    }
+
+    /// The holder-side end of this node's lease (0: none).
+    pub fn lease_end(&self) -> Millis {
+        self.peer_lease_end.max(self.witness_lease_end)
+    }
+
+    /// Whether the peer was heard within the failure timeout.
+    pub fn peer_alive(&self, now: Millis) -> bool {
+        self.peer_last_heard
+            .is_some_and(|t| now.saturating_sub(t) < self.timing.failure_timeout_ms)
+    }
+
+    /// Whether this node may acknowledge a write right now: primary, not
+    /// fenced, inside its lease (when it needs one).
+    pub fn accepting_writes(&self, now: Millis) -> bool {
+        self.role == Role::Primary
+            && !self.resigning
+            && (!self.policy.needs_lease() || now < self.lease_end())
+    }
+
+    /// Whether a write not confirmed by the peer may be acknowledged.
+    pub fn may_write_alone(&self) -> bool {
+        !self.policy.sync || self.peer_outdated
+    }
+
+    /// Feeds one input; returns what to do.
+    pub fn on_input(&mut self, now: Millis, input: Input) -> Vec<Action> {
+        let before = self.persisted();
+        let mut out = self.handle(now, input);
+        out.extend(self.timers(now));
+        self.persist_first(before, &mut out);
+        out
+    }
+
+    /// Timers: heartbeats, witness requests, failure detection, fencing,
+    /// failover. Call at least every few milliseconds.
+    pub fn tick(&mut self, now: Millis) -> Vec<Action> {
+        let before = self.persisted();
+        let mut out = self.timers(now);
+        self.persist_first(before, &mut out);
+        out
+    }
+
+    /// Anything that must survive a restart is written before the rest is
+    /// done (a Promote request is sent only once its intent is on disk).
+    fn persist_first(&self, before: Persisted, out: &mut Vec<Action>) {
+        let after = self.persisted();
+        if after != before {
+            out.insert(0, Action::Persist(after));
+        }
+    }
+
+    fn handle(&mut self, now: Millis, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Peer(PeerMsg::Heartbeat {
+                sent_at,
+                role,
+                epoch,
+                resigning,
+            }) => {
+                self.peer_last_heard = Some(now);
+                self.peer_role = Some(role);
+                self.peer_epoch = epoch;
+                self.peer_resigning = resigning;
+                if self.peer_lost {
+                    self.peer_lost = false;
+                    out.push(Action::Event(Event::PeerBack));
+                }
+                self.on_peer_heartbeat(now, sent_at, role, epoch, resigning, &mut out);
+            }
+            Input::Peer(PeerMsg::Ack { echo }) => {
+                self.peer_last_heard = Some(now);
+                if matches!(self.role, Role::Primary | Role::Fenced) && !self.resigning {
+                    self.peer_lease_end = self.peer_lease_end.max(self.timing.holder_end(echo));
+                    if self.role == Role::Fenced
+                        && now + self.timing.fence_margin() < self.lease_end()
+                    {
+                        // The peer promises again not to promote: serve again.
+                        self.role = Role::Primary;
+                        out.push(Action::Resume);
+                        out.push(Action::Event(Event::Resumed));
+                    }
+                }
+            }
+            Input::Witness(reply) => self.on_witness(now, reply, &mut out),
+            Input::DataState(d) => {
+                self.data = d;
+                if d == DataState::UpToDate {
+                    self.told_not_promoting = false;
+                    self.refused_outdated_until = 0;
+                }
+            }
+            Input::PeerNotUpToDate => {
+                self.peer_in_sync = false;
+                self.peer_up_to_date_pending = false;
+            }
+            Input::PeerUpToDate => {
+                self.peer_in_sync = true;
+                if self.role == Role::Primary {
+                    if self.policy.witness {
+                        // Tell the witness; until it is told, the record
+                        // still says outdated (safe: it only blocks promotion).
+                        self.peer_up_to_date_pending = true;
+                        self.next_witness = now;
+                    } else {
+                        self.peer_outdated = false;
+                    }
+                    if self.writes_held {
+                        // The peer has everything again: writes replicate.
+                        self.writes_held = false;
+                        out.push(Action::ReleaseWrites);
+                    }
+                    out.push(Action::Event(Event::PeerUpToDate));
+                }
+            }
+            Input::Resign { why } => {
+                if self.role == Role::Primary && !self.resigning {
+                    self.resigning = true;
+                    // Stop serving first; then give the lease back so the
+                    // peer need not wait for it to run out.
+                    self.peer_lease_end = 0;
+                    self.witness_lease_end = 0;
+                    out.push(Action::Fence);
+                    out.push(Action::Event(Event::Resigned { why }));
+                    self.role = Role::Fenced;
+                    self.next_heartbeat = now;
+                    self.next_witness = now;
+                }
+            }
+        }
+        out
+    }
+
+    fn on_peer_heartbeat(
+        &mut self,
+        now: Millis,
+        sent_at: Millis,
+        role: Role,
+        epoch: u64,
+        resigning: bool,
+        out: &mut Vec<Action>,
+    ) {
+        match (self.role, role) {
+            (Role::Secondary, Role::Primary | Role::Fenced) if !resigning => {
+                if self.candidacy.is_some() {
+                    // A failover is under way: no new grant until it ends.
+                    return;
+                }
+                self.granted_until = self.granted_until.max(self.timing.grantor_end(now));
+                out.push(Action::SendPeer(PeerMsg::Ack { echo: sent_at }));
+                self.told_not_promoting = false;
+            }
+            (Role::Primary | Role::Fenced, Role::Primary) if epoch > self.epoch => {
+                // The peer became primary after us: we were superseded.
+                self.demote(Some(None), out);
+            }
+            _ => {}
+        }
+    }
+
+    fn demote(&mut self, primary: Option<Option<String>>, out: &mut Vec<Action>) {
+        if self.role == Role::Primary {
+            out.push(Action::Fence);
+        }
+        self.role = Role::Secondary;
+        self.resigning = false;
+        self.peer_lease_end = 0;
+        self.witness_lease_end = 0;
+        self.writes_held = false;
+        self.peer_outdated = false;
+        // Writes this node took that never reached the new primary: resync.
+        self.data = DataState::Inconsistent;
+        out.push(Action::Demote);
+        out.push(Action::Event(Event::Demoted {
+            primary: primary.flatten(),
+        }));
+    }
+
+    fn on_witness(&mut self, now: Millis, reply: WitnessReply, out: &mut Vec<Action>) {
+        self.record_epoch = self.record_epoch.max(reply.record.epoch);
+        let record = &reply.record;
+        let me_primary = record.primary.as_deref() == Some(self.me.as_str());
+        match (reply.op, reply.refused) {
+            (WitnessOp::Promote, None)
+                if self.role == Role::Secondary && self.candidacy.is_some() =>
+            {
+                self.candidacy = None;
+                self.role = Role::Primary;
+                self.epoch = record.epoch;
+                self.witness_lease_end = self.timing.holder_end(reply.echo);
+                // The old primary is recorded outdated by the promotion.
+                self.peer_outdated = true;
+                out.push(Action::Promote);
+                out.push(Action::Event(Event::Promoted {
+                    epoch: record.epoch,
+                }));
+            }
+            // Only the answer to the newest request counts: an older one
+            // refused says nothing about a newer one still on its way.
+            (WitnessOp::Promote, Some(why))
+                if self.candidacy.is_some_and(|c| c.sent == Some(reply.echo)) =>
+            {
+                match why {
+                    Refusal::Outdated => {
+                        self.candidacy = None;
+                        self.refused_outdated_until = now + self.timing.failure_timeout_ms;
+                        if !self.told_not_promoting {
+                            self.told_not_promoting = true;
+                            out.push(Action::Event(Event::NotPromoting {
+                                why: "the witness records this node outdated: the primary acknowledged writes it never received; promote by hand with --force only if losing them is acceptable".into(),
+                            }));
+                        }
+                    }
+                    Refusal::LeaseHeld | Refusal::Quiet | Refusal::NotPrimary | Refusal::Stale => {
+                        // The primary still renews (the link alone is cut),
+                        // or the witness just restarted: step back and
+                        // look again after the next failure timeout.
+                        if self.peer_alive(now) {
+                            self.candidacy = None;
+                        }
+                    }
+                }
+            }
+            (op, None) if me_primary => {
+                if record.outdated.as_deref() == Some(self.peer.as_str()) && self.peer_in_sync {
+                    // A late Outdate landed after the peer was back in sync:
+                    // say so again (the epoch check keeps this safe).
+                    self.peer_up_to_date_pending = true;
+                }
+                if self.role == Role::Primary || self.role == Role::Fenced {
+                    self.witness_lease_end = self
+                        .witness_lease_end
+                        .max(self.timing.holder_end(reply.echo));
+                    self.epoch = self.epoch.max(record.epoch);
+                }
+                match op {
+                    WitnessOp::Outdate
+                        if self.role == Role::Primary
+                            && self.last_up_to_date_sent.is_none_or(|u| reply.echo > u) =>
+                    {
+                        if !self.peer_outdated {
+                            self.peer_outdated = true;
+                            out.push(Action::Event(Event::PeerOutdated));
+                        }
+                        if self.writes_held {
+                            self.writes_held = false;
+                            out.push(Action::ReleaseWrites);
+                        }
+                    }
+                    WitnessOp::UpToDate if self.last_up_to_date_sent == Some(reply.echo) => {
+                        self.peer_up_to_date_pending = false;
+                    }
+                    _ => {}
+                }
+                if self.role == Role::Fenced
+                    && !self.resigning
+                    && now + self.timing.fence_margin() < self.lease_end()
+                {
+                    self.role = Role::Primary;
+                    out.push(Action::Resume);
+                    out.push(Action::Event(Event::Resumed));
+                }
+            }
+            (_, Some(Refusal::NotPrimary)) => {
+                if matches!(self.role, Role::Primary | Role::Fenced) {
+                    // Someone else was promoted: we are the old primary.
+                    self.demote(Some(record.primary.clone()), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn timers(&mut self, now: Millis) -> Vec<Action> {
+        let mut out = Vec::new();
+        let t = self.timing;
+        let alive = self.peer_alive(now);
+        if !alive && !self.peer_lost && self.peer_last_heard.is_some() {
+            self.peer_lost = true;
+            out.push(Action::Event(Event::PeerLost));
+        }
+        // A never-heard peer counts as lost once a failure timeout passed.
+        if self.peer_last_heard.is_none()
+            && !self.peer_lost
+            && now.saturating_sub(self.started_at) >= t.failure_timeout_ms
+        {
+            self.peer_lost = true;
+        }
+
+        match self.role {
+            Role::Primary => self.tick_primary(now, &mut out),
+            Role::Fenced => {}
+            Role::Secondary => self.tick_secondary(now, &mut out),
+        }
+
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now + t.heartbeat_interval_ms;
+            out.push(Action::SendPeer(PeerMsg::Heartbeat {
+                sent_at: now,
+                role: self.role,
+                epoch: self.epoch,
+                resigning: self.resigning,
+            }));
+        }
+        if self.policy.witness && now >= self.next_witness {
+            if let Some(op) = self.witness_op(now) {
+                self.next_witness = now + t.heartbeat_interval_ms;
+                if op == WitnessOp::UpToDate {
+                    // From this request on, going alone needs a new Outdate.
+                    self.peer_outdated = false;
+                    self.last_up_to_date_sent = Some(now);
+                }
+                if let (WitnessOp::Promote, Some(c)) = (op, self.candidacy.as_mut()) {
+                    c.sent = Some(now);
+                }
+                out.push(Action::SendWitness(WitnessRequest {
+                    node: self.me.clone(),
+                    peer: self.peer.clone(),
+                    op,
+                    sent_at: now,
+                    incarnation: self.incarnation,
+                    expect_epoch: self.record_epoch,
+                }));
+            }
+        }
+        out
+    }
+
+    fn witness_op(&self, now: Millis) -> Option<WitnessOp> {
+        match self.role {
+            Role::Primary if self.writes_held => Some(WitnessOp::Outdate),
+            // Only while the link says the replica is in sync and its
+            // heartbeats arrive; a link loss cancels it (PeerNotUpToDate).
+            Role::Primary
+                if self.peer_up_to_date_pending && self.peer_in_sync && !self.peer_lost =>
+            {
+                Some(WitnessOp::UpToDate)
+            }
+            Role::Primary => Some(WitnessOp::Renew),
+            Role::Fenced if self.resigning => Some(WitnessOp::Release),
+            Role::Fenced => Some(WitnessOp::Renew),
+            Role::Secondary => match self.candidacy {
+                // One outstanding request at a time; resent (as a newer one)
+                // if unanswered for a failure timeout.
+                Some(c)
+                    if now >= c.not_before
+                        && c.sent
+                            .is_none_or(|s| now >= s + self.timing.failure_timeout_ms) =>
+                {
+                    Some(WitnessOp::Promote)
+                }
+                _ => None,
+            },
+        }
+    }
+
+    fn tick_primary(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let t = self.timing;
+        if self.peer_lost && !self.peer_outdated {
+            if self.policy.sync && self.policy.witness {
+                if !self.writes_held {
+                    self.writes_held = true;
+                    self.next_witness = now;
+                    out.push(Action::HoldWrites);
+                    out.push(Action::Event(Event::WritesHeld));
+                }
+            } else {
+                // No witness to record it at: the replica can never promote
+                // itself (safe mode), or split brain is accepted (unsafe).
+                self.peer_outdated = true;
+                out.push(Action::Event(Event::PeerOutdated));
+            }
+        }
+        if self.policy.needs_lease() && now + t.fence_margin() >= self.lease_end() {
+            // Without a witness (unsafe mode) a lone primary goes on without
+            // its peer's lease: that is the risk the operator accepted.
+            if !self.policy.witness && self.peer_lost {
+                return;
+            }
+            self.role = Role::Fenced;
+            self.writes_held = false;
+            out.push(Action::Fence);
+            out.push(Action::Event(Event::Fenced {
+                why: if self.policy.witness {
+                    "lease expired: neither the peer nor the witness renewed it".into()
+                } else {
+                    "lease expired: the peer did not renew it".into()
+                },
+            }));
+        }
+    }
+
+    fn tick_secondary(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let peer_serving = self.peer_alive(now)
+            && matches!(self.peer_role, Some(Role::Primary | Role::Fenced))
+            && !self.peer_resigning;
+        if let Some(c) = self.candidacy {
+            if !self.policy.witness && now >= c.not_before {
+                // Unsafe two-node mode: promote on our own.
+                self.candidacy = None;
+                self.role = Role::Primary;
+                self.epoch += 1;
+                self.peer_outdated = true;
+                out.push(Action::Promote);
+                out.push(Action::Event(Event::Promoted { epoch: self.epoch }));
+            }
+            // With a witness, only its answer ends a candidacy: it may
+            // already have promoted us, so granting the old primary a lease
+            // again could let it serve while the record names us (and the
+            // record, not the old primary, would then be believed).
+            return;
+        }
+        if peer_serving || !self.peer_lost && self.peer_role.is_none() {
+            return;
+        }
+        // The primary is silent, resigning, or the peer is a secondary too.
+        let why_not = if !self.policy.automatic_failover() {
+            Some(if !self.policy.witness && !self.policy.two_node_unsafe {
+                "no witness is configured and two_node_unsafe is off: fail over by hand".to_string()
+            } else {
+                "async workload without async_failover = \"accept-loss\": the replica may miss acknowledged writes".to_string()
+            })
+        } else if now < self.refused_outdated_until {
+            Some("the witness records this node outdated: the primary acknowledged writes it never received".to_string())
+        } else if self.data != DataState::UpToDate {
+            Some(format!(
+                "this node's copy is {}: promote by hand with --force only if losing writes is acceptable",
+                match self.data {
+                    DataState::Outdated => "outdated (the primary acknowledged writes it never received)",
+                    DataState::Inconsistent => "inconsistent (a resync had not finished)",
+                    DataState::UpToDate => "up-to-date",
+                }
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why_not {
+            if !self.told_not_promoting && self.peer_lost {
+                self.told_not_promoting = true;
+                out.push(Action::Event(Event::NotPromoting { why }));
+            }
+            return;
+        }
+        // Stop granting; ask once our last grant has run out (a resigning
+        // primary stopped writing before it said so).
+        let not_before = if self.peer_resigning {
+            now
+        } else {
+            self.granted_until
+        };
+        self.candidacy = Some(Candidacy {
+            not_before,
+            sent: None,
+        });
+        self.next_witness = now;
+        out.push(Action::Event(Event::FailoverStarted {
+            silent_ms: self
+                .peer_last_heard
+                .map_or(now.saturating_sub(self.started_at), |t| {
+                    now.saturating_sub(t)
+                }),
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing() -> Timing {
+        Timing {
+            heartbeat_interval_ms: 100,
+            failure_timeout_ms: 500,
+            lease_ms: 500,
+            drift_permille: 50,
+        }
+    }
+
+    fn req(node: &str, op: WitnessOp, at: Millis) -> WitnessRequest {
+        WitnessRequest {
+            node: node.into(),
+            peer: if node == "a" { "b".into() } else { "a".into() },
+            op,
+            sent_at: at,
+            incarnation: 1,
+            expect_epoch: 0,
+        }
+    }
+
+    #[test]
+    fn witness_refuses_promotion_while_the_primary_holds_a_lease() {
+        let rec = Record {
+            epoch: 1,
+            primary: Some("a".into()),
+            outdated: None,
+        };
+        let mut w = Witness::start(rec, timing(), 0);
+        // Quiet after a start.
+        let (r, _) = w.handle(10, &req("b", WitnessOp::Promote, 10));
+        assert_eq!(r.refused, Some(Refusal::Quiet));
+        let (r, _) = w.handle(600, &req("a", WitnessOp::Renew, 600));
+        assert_eq!(r.refused, None);
+        let (r, _) = w.handle(1000, &req("b", WitnessOp::Promote, 1000));
+        assert_eq!(r.refused, Some(Refusal::LeaseHeld));
+        // 600 + 525 = 1125: the lease has run out.
+        let (r, changed) = w.handle(1126, &req("b", WitnessOp::Promote, 1126));
+        assert_eq!(r.refused, None);
+        assert!(changed);
+        assert_eq!(r.record.primary.as_deref(), Some("b"));
+        assert_eq!(r.record.outdated.as_deref(), Some("a"));
+        // The old primary is refused from now on.
+        let (r, _) = w.handle(1200, &req("a", WitnessOp::Renew, 1200));
+        assert_eq!(r.refused, Some(Refusal::NotPrimary));
+    }
+
+    #[test]
+    fn outdate_and_promote_cannot_both_succeed() {
+        let rec = Record {
+            epoch: 1,
+            primary: Some("a".into()),
+            outdated: None,
+        };
+        let mut w = Witness::start(rec, timing(), 0);
+        let (r, _) = w.handle(2000, &req("a", WitnessOp::Outdate, 2000));
+        assert_eq!(r.refused, None);
+        let (r, _) = w.handle(9000, &req("b", WitnessOp::Promote, 9000));
+        assert_eq!(r.refused, Some(Refusal::Outdated));
+    }
+
+    #[test]
+    fn a_primary_fences_itself_before_its_lease_ends() {
+        let p = Policy {
+            witness: true,
+            two_node_unsafe: false,
+            sync: true,
+            async_accept_loss: false,
+        };
+        let saved = Persisted {
+            role: Role::Primary,
+            epoch: 1,
+            candidate: false,
+        };
+        let mut a = ClusterNode::start("a", "b", 1, saved, DataState::UpToDate, timing(), p, 0);
+        let _ = a.tick(0);
+        let _ = a.on_input(
+            5,
+            Input::Witness(WitnessReply {
+                echo: 0,
+                op: WitnessOp::Renew,
+                refused: None,
+                record: Record {
+                    epoch: 1,
+                    primary: Some("a".into()),
+                    outdated: None,
+                },
+            }),
+        );
+        assert!(a.accepting_writes(10));
+        let mut fenced_at = None;
+        for now in (10..1000).step_by(5) {
+            if a.tick(now).contains(&Action::Fence) {
+                fenced_at = Some(now);
+                break;
+            }
+        }
+        let at = fenced_at.expect("fenced");
+        assert!(at < timing().holder_end(0), "fenced at {at}");
+        assert!(!a.accepting_writes(at));
+    }
+}

@@ -1,0 +1,594 @@
+//! Deterministic simulation of a two-node HA cluster with a witness: the
+//! real `ClusterNode` and `Witness` state machines, driven by a simulated
+//! network (delay, loss, partitions), clocks with bounded drift, process
+//! pauses, crashes and restarts — thousands of seeded schedules.
+//!
+//! Checked at every step:
+//! - never two nodes accepting writes for the workload;
+//! - a node that starts accepting writes holds every acknowledged write
+//!   (sync mode: no acknowledged write lost);
+//! - after the faults stop: one primary accepting writes and an up-to-date
+//!   secondary holding the same data.
+//!
+//! A failure prints its seed; replay it with
+//! `FERRY_SIM_SEED=N cargo test -p ferry-core --test cluster_sim`.
+//! `FERRY_SIM_SEEDS=N` runs more schedules.
+
+use std::collections::BTreeSet;
+
+use ferry_core::cluster::{
+    Action, ClusterNode, DataState, Input, Millis, PeerMsg, Persisted, Policy, Record, Role,
+    Timing, Witness, WitnessReply, WitnessRequest,
+};
+
+/// splitmix64: small, seedable, good enough for schedules.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+const A: usize = 0;
+const B: usize = 1;
+const W: usize = 2;
+const NAMES: [&str; 2] = ["a", "b"];
+
+#[derive(Debug, Clone)]
+enum Payload {
+    Peer(PeerMsg),
+    ToWitness(WitnessRequest),
+    FromWitness(WitnessReply),
+}
+
+#[derive(Debug, Clone)]
+struct Msg {
+    at: Millis,
+    from: usize,
+    to: usize,
+    payload: Payload,
+}
+
+/// What survives a crash.
+#[derive(Debug, Clone)]
+struct Disk {
+    saved: Persisted,
+    data_state: DataState,
+    data: BTreeSet<u64>,
+}
+
+struct SimNode {
+    core: Option<ClusterNode>,
+    disk: Disk,
+    /// Local clock: offset + t × (1000 + rate) / 1000.
+    offset: u64,
+    rate: i64,
+    paused_until: Millis,
+    down_until: Millis,
+    tick_phase: u64,
+    was_accepting: bool,
+}
+
+impl SimNode {
+    fn local(&self, t: Millis) -> Millis {
+        (self.offset as i64 + t as i64 * (1000 + self.rate) / 1000) as Millis
+    }
+    fn running(&self, t: Millis) -> bool {
+        self.core.is_some() && t >= self.paused_until
+    }
+}
+
+struct Sim {
+    rng: Rng,
+    timing: Timing,
+    policy: Policy,
+    nodes: [SimNode; 2],
+    witness: Option<Witness>,
+    witness_record: Record,
+    witness_down_until: Millis,
+    witness_clock_offset: u64,
+    witness_rate: i64,
+    /// Links cut until: [A-B, A-W, B-W].
+    cut_until: [Millis; 3],
+    loss_per_mille: u64,
+    delay_max: Millis,
+    inflight: Vec<Msg>,
+    acked: BTreeSet<u64>,
+    next_write: u64,
+    /// Replication connection: since when (for the resync model).
+    connected_since: Option<Millis>,
+    resync_ms: Millis,
+    log: Vec<String>,
+}
+
+fn link(a: usize, b: usize) -> usize {
+    match (a.min(b), a.max(b)) {
+        (A, B) => 0,
+        (A, W) => 1,
+        _ => 2,
+    }
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = Rng(seed);
+        let presets = [
+            Timing {
+                heartbeat_interval_ms: 50,
+                failure_timeout_ms: 250,
+                lease_ms: 250,
+                drift_permille: 50,
+            },
+            Timing {
+                heartbeat_interval_ms: 100,
+                failure_timeout_ms: 600,
+                lease_ms: 500,
+                drift_permille: 30,
+            },
+        ];
+        let timing = presets[rng.below(2) as usize];
+        let policy = Policy {
+            witness: true,
+            two_node_unsafe: false,
+            sync: true,
+            async_accept_loss: false,
+        };
+        let drift = timing.drift_permille as i64 - 1;
+        let mk = |rng: &mut Rng, role: Role| SimNode {
+            core: None,
+            disk: Disk {
+                saved: Persisted {
+                    role,
+                    epoch: 1,
+                    candidate: false,
+                },
+                data_state: DataState::UpToDate,
+                data: BTreeSet::new(),
+            },
+            offset: rng.below(1_000_000),
+            rate: rng.below(2 * drift as u64 + 1) as i64 - drift,
+            paused_until: 0,
+            down_until: 0,
+            tick_phase: rng.below(5),
+            was_accepting: false,
+        };
+        let na = mk(&mut rng, Role::Primary);
+        let nb = mk(&mut rng, Role::Secondary);
+        let record = Record {
+            epoch: 1,
+            primary: Some("a".into()),
+            outdated: None,
+        };
+        let witness_clock_offset = rng.below(1_000_000);
+        let witness_rate = rng.below(2 * drift as u64 + 1) as i64 - drift;
+        let mut sim = Sim {
+            rng,
+            timing,
+            policy,
+            nodes: [na, nb],
+            witness: None,
+            witness_record: record.clone(),
+            witness_down_until: 0,
+            witness_clock_offset,
+            witness_rate,
+            cut_until: [0; 3],
+            loss_per_mille: 0,
+            delay_max: 5,
+            inflight: Vec::new(),
+            acked: BTreeSet::new(),
+            next_write: 1,
+            connected_since: None,
+            resync_ms: 100,
+            log: Vec::new(),
+        };
+        sim.witness = Some(Witness::start(record, timing, sim.witness_local(0)));
+        for i in [A, B] {
+            sim.start_node(i, 0);
+        }
+        sim
+    }
+
+    fn witness_local(&self, t: Millis) -> Millis {
+        (self.witness_clock_offset as i64 + t as i64 * (1000 + self.witness_rate) / 1000) as Millis
+    }
+
+    fn start_node(&mut self, i: usize, t: Millis) {
+        let incarnation = self.rng.next();
+        let n = &self.nodes[i];
+        let now = n.local(t);
+        let core = ClusterNode::start(
+            NAMES[i],
+            NAMES[1 - i],
+            incarnation,
+            n.disk.saved,
+            n.disk.data_state,
+            self.timing,
+            self.policy,
+            now,
+        );
+        self.nodes[i].core = Some(core);
+        self.nodes[i].was_accepting = false;
+    }
+
+    fn send(&mut self, t: Millis, from: usize, to: usize, payload: Payload) {
+        if self.rng.chance(self.loss_per_mille) {
+            return;
+        }
+        let at = t + 1 + self.rng.below(self.delay_max);
+        self.inflight.push(Msg {
+            at,
+            from,
+            to,
+            payload,
+        });
+    }
+
+    fn perform(&mut self, t: Millis, i: usize, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::SendPeer(m) => self.send(t, i, 1 - i, Payload::Peer(m)),
+                Action::SendWitness(r) => self.send(t, i, W, Payload::ToWitness(r)),
+                Action::Persist(p) => self.nodes[i].disk.saved = p,
+                Action::Promote => self.log.push(format!("t={t} {} promoted", NAMES[i])),
+                Action::Demote => {
+                    self.nodes[i].disk.data_state = DataState::Inconsistent;
+                    self.log.push(format!("t={t} {} demoted", NAMES[i]));
+                }
+                Action::Fence => self.log.push(format!("t={t} {} fenced", NAMES[i])),
+                Action::Resume => self.log.push(format!("t={t} {} resumed", NAMES[i])),
+                Action::HoldWrites | Action::ReleaseWrites => {}
+                Action::Event(e) => self.log.push(format!("t={t} {} {e:?}", NAMES[i])),
+            }
+        }
+    }
+
+    fn input(&mut self, t: Millis, i: usize, input: Input) {
+        let now = self.nodes[i].local(t);
+        let Some(core) = self.nodes[i].core.as_mut() else {
+            return;
+        };
+        let actions = core.on_input(now, input);
+        self.perform(t, i, actions);
+    }
+
+    fn link_up(&self, t: Millis, a: usize, b: usize) -> bool {
+        t >= self.cut_until[link(a, b)]
+    }
+
+    fn deliver(&mut self, t: Millis) {
+        let mut due = Vec::new();
+        let mut keep = Vec::new();
+        for m in self.inflight.drain(..) {
+            if m.at > t {
+                keep.push(m);
+                continue;
+            }
+            // A paused receiver finds its messages when it resumes.
+            let paused =
+                m.to != W && self.nodes[m.to].core.is_some() && t < self.nodes[m.to].paused_until;
+            if paused {
+                keep.push(m);
+            } else {
+                due.push(m);
+            }
+        }
+        self.inflight = keep;
+        for m in due {
+            if !self.link_up(t, m.from, m.to) {
+                continue;
+            }
+            match m.payload {
+                Payload::Peer(p) => self.input(t, m.to, Input::Peer(p)),
+                Payload::FromWitness(r) => self.input(t, m.to, Input::Witness(r)),
+                Payload::ToWitness(req) => {
+                    let now = self.witness_local(t);
+                    let Some(w) = self.witness.as_mut() else {
+                        continue;
+                    };
+                    let (reply, changed) = w.handle(now, &req);
+                    if changed {
+                        self.witness_record = w.record.clone();
+                        self.log
+                            .push(format!("t={t} witness record {:?}", self.witness_record));
+                    }
+                    self.send(t, W, m.from, Payload::FromWitness(reply));
+                }
+            }
+        }
+    }
+
+    fn accepting(&self, t: Millis, i: usize) -> bool {
+        let n = &self.nodes[i];
+        n.running(t)
+            && n.core
+                .as_ref()
+                .is_some_and(|c| c.accepting_writes(n.local(t)))
+    }
+
+    fn replication_connected(&self, t: Millis, p: usize) -> bool {
+        let s = 1 - p;
+        self.nodes[p].running(t)
+            && self.nodes[s].running(t)
+            && self.link_up(t, p, s)
+            && self.nodes[p]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.role() == Role::Primary)
+            && self.nodes[s]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.role() == Role::Secondary && !c.is_candidate())
+    }
+
+    /// A client write at whichever node accepts it.
+    fn write(&mut self, t: Millis) {
+        for p in [A, B] {
+            if !self.accepting(t, p) {
+                continue;
+            }
+            let w = self.next_write;
+            self.next_write += 1;
+            self.nodes[p].disk.data.insert(w);
+            let replicated = self.replication_connected(t, p);
+            if replicated {
+                self.nodes[1 - p].disk.data.insert(w);
+            }
+            let alone_ok = self.nodes[p]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.may_write_alone());
+            if replicated || alone_ok {
+                self.acked.insert(w);
+            }
+        }
+    }
+
+    /// The resync model: a secondary connected to the primary for
+    /// `resync_ms` becomes an up-to-date copy of it.
+    fn resync(&mut self, t: Millis) {
+        let p = [A, B]
+            .into_iter()
+            .find(|&p| self.replication_connected(t, p));
+        match (p, self.connected_since) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                self.connected_since = None;
+                for i in [A, B] {
+                    self.input(t, i, Input::PeerNotUpToDate);
+                }
+            }
+            (Some(p), None) => {
+                // Every (re)connection resyncs (maybe nothing) and ends with
+                // the replica up to date, as the link announces it.
+                self.connected_since = Some(t);
+                let s = 1 - p;
+                self.nodes[s].disk.data_state = DataState::Inconsistent;
+                self.input(t, s, Input::DataState(DataState::Inconsistent));
+            }
+            (Some(p), Some(since)) => {
+                let s = 1 - p;
+                if t >= since + self.resync_ms
+                    && self.nodes[s].disk.data_state != DataState::UpToDate
+                {
+                    self.nodes[s].disk.data = self.nodes[p].disk.data.clone();
+                    self.nodes[s].disk.data_state = DataState::UpToDate;
+                    self.input(t, s, Input::DataState(DataState::UpToDate));
+                    self.input(t, p, Input::PeerUpToDate);
+                }
+            }
+        }
+    }
+
+    fn check(&mut self, t: Millis, seed: u64) {
+        let acc = [self.accepting(t, A), self.accepting(t, B)];
+        assert!(
+            !(acc[0] && acc[1]),
+            "seed {seed}: two nodes accept writes at t={t}\n{}",
+            self.tail()
+        );
+        for i in [A, B] {
+            if acc[i] && !self.nodes[i].was_accepting {
+                let missing = self
+                    .acked
+                    .difference(&self.nodes[i].disk.data)
+                    .next()
+                    .copied();
+                assert!(
+                    missing.is_none(),
+                    "seed {seed}: {} accepts writes at t={t} without acknowledged write {missing:?}\n{}",
+                    NAMES[i],
+                    self.tail()
+                );
+            }
+            self.nodes[i].was_accepting = acc[i];
+        }
+    }
+
+    fn tail(&self) -> String {
+        let n = self.log.len();
+        let keep = std::env::var("FERRY_SIM_LOG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60);
+        let mut s = self.log[n.saturating_sub(keep)..].join("\n");
+        for i in [A, B] {
+            let c = self.nodes[i].core.as_ref();
+            s += &format!(
+                "\n{}: role {:?} data {:?} disk {:?}/{:?}",
+                NAMES[i],
+                c.map(|c| c.role()),
+                c.map(|c| c.data_state()),
+                self.nodes[i].disk.saved,
+                self.nodes[i].disk.data_state
+            );
+        }
+        s += &format!("\nrecord {:?}", self.witness_record);
+        s
+    }
+
+    /// One random fault (or none) at time t.
+    fn fault(&mut self, t: Millis) {
+        let lease = self.timing.lease_ms;
+        match self.rng.below(1000) {
+            0..=1 => {
+                let i = self.rng.below(2) as usize;
+                if self.nodes[i].core.is_some() {
+                    self.nodes[i].core = None;
+                    self.nodes[i].down_until = t + 200 + self.rng.below(4 * lease);
+                    self.log.push(format!("t={t} CRASH {}", NAMES[i]));
+                }
+            }
+            2..=3 => {
+                let i = self.rng.below(2) as usize;
+                self.nodes[i].paused_until = t + self.rng.below(3 * lease);
+                self.log.push(format!(
+                    "t={t} PAUSE {} until {}",
+                    NAMES[i], self.nodes[i].paused_until
+                ));
+            }
+            4 if self.witness.is_some() => {
+                self.witness = None;
+                self.witness_down_until = t + self.rng.below(4 * lease);
+                self.log.push(format!("t={t} CRASH witness"));
+            }
+            5..=7 => {
+                let l = self.rng.below(3) as usize;
+                self.cut_until[l] = t + self.rng.below(6 * lease);
+                self.log
+                    .push(format!("t={t} CUT link {l} until {}", self.cut_until[l]));
+            }
+            8 => {
+                self.loss_per_mille = self.rng.below(300);
+                self.delay_max = 1 + self.rng.below(lease);
+                self.log.push(format!(
+                    "t={t} NET loss {} delay {}",
+                    self.loss_per_mille, self.delay_max
+                ));
+            }
+            _ => {}
+        }
+    }
+
+    fn restarts(&mut self, t: Millis) {
+        for i in [A, B] {
+            if self.nodes[i].core.is_none() && t >= self.nodes[i].down_until {
+                self.log.push(format!("t={t} RESTART {}", NAMES[i]));
+                self.start_node(i, t);
+            }
+        }
+        if self.witness.is_none() && t >= self.witness_down_until {
+            self.log.push(format!("t={t} RESTART witness"));
+            self.witness = Some(Witness::start(
+                self.witness_record.clone(),
+                self.timing,
+                self.witness_local(t),
+            ));
+        }
+    }
+
+    fn step(&mut self, t: Millis, seed: u64) {
+        self.restarts(t);
+        self.deliver(t);
+        for i in [A, B] {
+            if self.nodes[i].running(t) && t % 5 == self.nodes[i].tick_phase {
+                let now = self.nodes[i].local(t);
+                let actions = self.nodes[i].core.as_mut().expect("running").tick(now);
+                self.perform(t, i, actions);
+            }
+        }
+        self.resync(t);
+        if t % 3 == 0 {
+            self.write(t);
+        }
+        self.check(t, seed);
+    }
+
+    fn heal(&mut self, t: Millis) {
+        self.cut_until = [t; 3];
+        self.loss_per_mille = 0;
+        self.delay_max = 5;
+        for i in [A, B] {
+            self.nodes[i].paused_until = self.nodes[i].paused_until.min(t);
+            self.nodes[i].down_until = self.nodes[i].down_until.min(t);
+        }
+        self.witness_down_until = self.witness_down_until.min(t);
+        self.log.push(format!("t={t} HEAL"));
+    }
+}
+
+fn run(seed: u64) {
+    let mut sim = Sim::new(seed);
+    let fault_ms: Millis = 8_000;
+    let settle_ms: Millis = 40 * sim.timing.failure_timeout_ms;
+    for t in 0..fault_ms {
+        sim.fault(t);
+        sim.step(t, seed);
+    }
+    sim.heal(fault_ms);
+    let end = fault_ms + settle_ms;
+    for t in fault_ms..end {
+        sim.step(t, seed);
+    }
+    // One primary accepting writes, one up-to-date secondary, same data.
+    let acc: Vec<usize> = [A, B]
+        .into_iter()
+        .filter(|&i| sim.accepting(end, i))
+        .collect();
+    assert_eq!(
+        acc.len(),
+        1,
+        "seed {seed}: after healing, primaries accepting writes: {acc:?}\n{}",
+        sim.tail()
+    );
+    let p = acc[0];
+    let s = 1 - p;
+    let sc = sim.nodes[s].core.as_ref().expect("running");
+    assert_eq!(sc.role(), Role::Secondary, "seed {seed}\n{}", sim.tail());
+    assert_eq!(
+        sc.data_state(),
+        DataState::UpToDate,
+        "seed {seed}\n{}",
+        sim.tail()
+    );
+    assert_eq!(
+        sim.witness_record.outdated,
+        None,
+        "seed {seed}: the witness still records a replica outdated\n{}",
+        sim.tail()
+    );
+    assert!(sim.acked.is_subset(&sim.nodes[p].disk.data), "seed {seed}");
+    assert_eq!(
+        sim.nodes[s].disk.data, sim.nodes[p].disk.data,
+        "seed {seed}"
+    );
+}
+
+#[test]
+fn seeded_schedules_keep_one_primary_and_every_acknowledged_write() {
+    if let Ok(seed) = std::env::var("FERRY_SIM_SEED") {
+        run(seed.parse().expect("FERRY_SIM_SEED is a number"));
+        return;
+    }
+    let seeds: u64 = std::env::var("FERRY_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    for seed in 0..seeds {
+        run(seed);
+    }
+}
