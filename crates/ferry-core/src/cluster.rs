@@ -262,6 +262,24 @@ impl Witness {
         }
     }
 
+    /// A witness for a workload it never held a record of: nothing was
+    /// ever granted for it, so no quiet period.
+    pub fn fresh(timing: Timing) -> Witness {
+        Witness {
+            record: Record::default(),
+            timing,
+            lease: None,
+            quiet_until: 0,
+            newest: std::collections::HashMap::new(),
+        }
+    }
+
+    /// New lease settings from the nodes. A lease already granted keeps the
+    /// end it was granted with.
+    pub fn set_timing(&mut self, timing: Timing) {
+        self.timing = timing;
+    }
+
     /// Answers one request. `changed` says the record must be persisted
     /// before the reply is sent.
     pub fn handle(&mut self, now: Millis, req: &WitnessRequest) -> (WitnessReply, bool) {
@@ -587,6 +605,15 @@ impl ClusterNode {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// The peer's role as its last heartbeat said.
+    pub fn peer_role(&self) -> Option<Role> {
+        self.peer_role
     }
 
     /// What must survive a restart.
@@ -984,7 +1011,12 @@ impl ClusterNode {
                 out.push(Action::Event(Event::PeerOutdated));
             }
         }
-        if self.policy.needs_lease() && now + t.fence_margin() >= self.lease_end() {
+        // A primary that just started has not had a round trip to get its
+        // first lease yet: give it two intervals before fencing (it is not
+        // accepting writes meanwhile: `accepting_writes` checks the lease).
+        let starting = self.lease_end() == 0
+            && now < self.started_at + 2 * t.heartbeat_interval_ms;
+        if self.policy.needs_lease() && !starting && now + t.fence_margin() >= self.lease_end() {
             // Without a witness (unsafe mode) a lone primary goes on without
             // its peer's lease: that is the risk the operator accepted.
             if !self.policy.witness && self.peer_lost {

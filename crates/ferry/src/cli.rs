@@ -64,6 +64,47 @@ pub enum Command {
     /// Live-migrate workloads to another node with a verified cutover.
     #[command(subcommand)]
     Migrate(MigrateCommand),
+    /// High availability: put workloads under automatic failover.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Run a witness: the third voter of two-node clusters (one small record
+    /// per workload, leases; no data) until SIGTERM. Its records live in
+    /// --data-dir.
+    Witness {
+        /// UDP address to answer on, e.g. 198.18.0.3:7380.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Put a workload under HA (keeps its current primary; adopts its
+    /// replication to the cluster peer, or starts it in sync mode).
+    Add {
+        workload: String,
+        /// The node the workload prefers to run on.
+        #[arg(long)]
+        preferred: String,
+        /// What an async workload does when its primary dies: `refuse` to
+        /// fail over (default) or `accept-loss` (lose what had not reached
+        /// the replica).
+        #[arg(long, default_value = "refuse", value_parser = ["refuse", "accept-loss"])]
+        async_failover: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Per workload: the primary and each replica's state.
+    Status {
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Take a workload out of HA on both nodes (data and replication stay).
+    Remove {
+        workload: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
 }
 
 /// `ferry workload create`.
@@ -103,8 +144,11 @@ pub struct WorkloadCreate {
     #[arg(long = "vm-arg", allow_hyphen_values = true)]
     pub vm_args: Vec<String>,
     /// The workload's virtual IP, ADDR/PREFIX (moved with it by the HA cluster).
-    #[arg(long)]
+    #[arg(long, requires = "vip_interface")]
     pub vip: Option<String>,
+    /// The interface the virtual IP is added to on whichever node serves.
+    #[arg(long)]
+    pub vip_interface: Option<String>,
     #[command(flatten)]
     pub conn: AgentConn,
 }
@@ -123,6 +167,8 @@ pub struct WorkloadUpdate {
     pub hook_timeout: Option<DurationArg>,
     #[arg(long, conflicts_with = "no_vip")]
     pub vip: Option<String>,
+    #[arg(long, conflicts_with = "no_vip")]
+    pub vip_interface: Option<String>,
     /// Remove the virtual IP.
     #[arg(long)]
     pub no_vip: bool,

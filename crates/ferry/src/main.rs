@@ -4,6 +4,7 @@
 
 mod agent;
 mod api;
+mod cluster;
 mod cli;
 mod demo;
 mod export;
@@ -105,6 +106,8 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Replicate(cmd) => remote::replicate(cmd, &cli.global.data_dir, json),
         Command::Workload(cmd) => remote::workload(cmd, &cli.global.data_dir, json),
         Command::Migrate(cmd) => remote::migrate(cmd, &cli.global.data_dir, json),
+        Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
+        Command::Witness { listen } => cluster::witness::run(*listen, &cli.global.data_dir),
     }
 }
 

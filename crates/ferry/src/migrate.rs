@@ -63,6 +63,9 @@ pub struct WorkloadSpec {
     /// it by the HA cluster).
     #[serde(default)]
     pub vip: Option<String>,
+    /// The interface the virtual IP is added to.
+    #[serde(default)]
+    pub vip_interface: Option<String>,
 }
 
 impl WorkloadSpec {
@@ -87,6 +90,19 @@ impl WorkloadSpec {
             match prefix.parse::<u8>() {
                 Ok(p) if p <= max => {}
                 _ => bail!("virtual IP {vip:?}: the prefix must be 0 to {max}"),
+            }
+            match &self.vip_interface {
+                None => bail!("virtual IP {vip:?} needs --vip-interface IFACE (where to add it)"),
+                Some(i)
+                    if i.is_empty()
+                        || i.len() > 15
+                        || !i
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b)) =>
+                {
+                    bail!("--vip-interface {i:?} is not an interface name")
+                }
+                Some(_) => {}
             }
         }
         Ok(())

@@ -327,6 +327,7 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
                 vm_accel,
                 vm_args,
                 vip,
+                vip_interface,
                 conn,
             } = &**c;
             let vm = (vm_kernel.is_some() || !vm_args.is_empty()).then(|| {
@@ -341,7 +342,7 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
                 &json!({
                     "name": name, "volumes": volumes, "start": start, "stop": stop,
                     "check": check, "hook_timeout_ms": hook_timeout.0.as_millis() as u64,
-                    "vm": vm, "vip": vip,
+                    "vm": vm, "vip": vip, "vip_interface": vip_interface,
                 }),
             )?;
             print(&v, json, |_| {
@@ -367,8 +368,12 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
             if let Some(v) = &u.vip {
                 spec["vip"] = json!(v);
             }
+            if let Some(v) = &u.vip_interface {
+                spec["vip_interface"] = json!(v);
+            }
             if u.no_vip {
                 spec["vip"] = Value::Null;
+                spec["vip_interface"] = Value::Null;
             }
             let v = c.put(&format!("/api/v1/workloads/{}", u.name), &spec)?;
             print(&v, json, |v| {
@@ -653,6 +658,65 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                     if v["target_healthy"].as_bool() == Some(false) { "; WARNING: the target's start/check hook failed" } else { "" }
                 )
             })
+        }
+    }
+}
+
+/// `ferry cluster …`.
+pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) -> Result<()> {
+    use crate::cli::ClusterCommand;
+    match cmd {
+        ClusterCommand::Add {
+            workload,
+            preferred,
+            async_failover,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.post(
+                "/api/v1/cluster/workloads",
+                &json!({"workload": workload, "preferred": preferred,
+                        "accept_loss": async_failover == "accept-loss"}),
+            )?;
+            print(&v, json, |v| {
+                println!(
+                    "workload {workload} is under HA (preferred node {preferred}; primary here: {})",
+                    v["role"] == "primary"
+                )
+            })
+        }
+        ClusterCommand::Status { conn } => {
+            let v = client(conn, data_dir)?.get("/api/v1/cluster")?;
+            print(&v, json, |v| {
+                if v["configured"] != true {
+                    println!("node {} has no [cluster] table in its config", v["node"].as_str().unwrap_or("?"));
+                    return;
+                }
+                println!("node {} — cluster {}", v["node"].as_str().unwrap_or("?"), v["state"].as_str().unwrap_or("?"));
+                let list = v["workloads"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    println!("no workloads under HA (add one with `ferry cluster add WORKLOAD --preferred NODE`)");
+                }
+                for w in list {
+                    let replicas: Vec<String> = w["replicas"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|r| format!("{} {}", r["node"].as_str().unwrap_or("?"), r["state"].as_str().unwrap_or("?")))
+                        .collect();
+                    println!(
+                        "{:<20} primary {:<10} this node {:<10} replica {}{}",
+                        w["workload"].as_str().unwrap_or("?"),
+                        w["primary"].as_str().unwrap_or("none"),
+                        w["role"].as_str().unwrap_or("?"),
+                        replicas.join(", "),
+                        if w["writes_held"] == true { "  (writes held: outdating the peer)" } else { "" }
+                    );
+                }
+            })
+        }
+        ClusterCommand::Remove { workload, conn } => {
+            let v = client(conn, data_dir)?.delete(&format!("/api/v1/cluster/workloads/{workload}"))?;
+            print(&v, json, |_| println!("workload {workload} is no longer under HA"))
         }
     }
 }

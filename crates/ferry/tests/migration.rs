@@ -809,6 +809,8 @@ fn a_workload_definition_changes_through_either_node() {
         "app",
         "--vip",
         "198.18.0.10/24",
+        "--vip-interface",
+        "eth0",
     ]);
     let out = a
         .cli()
@@ -820,6 +822,8 @@ fn a_workload_definition_changes_through_either_node() {
             "app",
             "--vip",
             "198.18.0.300/24",
+            "--vip-interface",
+            "eth0",
         ])
         .output()
         .unwrap();

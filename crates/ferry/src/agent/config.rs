@@ -65,6 +65,60 @@ pub struct AgentConfig {
     pub nbd: NbdSettings,
     #[serde(default)]
     pub migration: MigrationSettings,
+    /// High availability: the peer, heartbeat paths, the witness.
+    #[serde(default)]
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// `[cluster]`: this node's half of a two-node HA cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// The other node (registered with `ferry node add`; until it is, the
+    /// cluster reports `waiting-for-peer`).
+    pub peer: String,
+    /// This node's heartbeat listeners (UDP), one per network path; the
+    /// peer learns them at registration.
+    #[serde(default)]
+    pub heartbeat: Vec<SocketAddr>,
+    /// The witness (`ferry witness`), UDP.
+    #[serde(default)]
+    pub witness: Option<SocketAddr>,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_failure_timeout_ms")]
+    pub failure_timeout_ms: u64,
+    /// How long a lease lasts; default: `failure_timeout_ms`.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
+    /// Bound on clock rate error between nodes and witness, in ‰.
+    #[serde(default = "default_drift_permille")]
+    pub drift_permille: u64,
+    /// Without a witness, fail over anyway: a cut link then gives two
+    /// primaries (split brain). Off by default.
+    #[serde(default)]
+    pub two_node_unsafe: bool,
+}
+
+fn default_heartbeat_interval_ms() -> u64 {
+    250
+}
+fn default_failure_timeout_ms() -> u64 {
+    2000
+}
+fn default_drift_permille() -> u64 {
+    50
+}
+
+impl ClusterSettings {
+    pub fn timing(&self) -> ferry_core::cluster::Timing {
+        ferry_core::cluster::Timing {
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            failure_timeout_ms: self.failure_timeout_ms,
+            lease_ms: self.lease_ms.unwrap_or(self.failure_timeout_ms),
+            drift_permille: self.drift_permille,
+        }
+    }
 }
 
 /// Limits of migrations, each with its unit in its name.
@@ -223,6 +277,14 @@ impl AgentConfig {
         }
         if !(4096..=(1 << 30)).contains(&n.max_request_bytes) {
             return Err("key `nbd.max_request_bytes`: must be between 4 KiB and 1 GiB".into());
+        }
+        if let Some(c) = &self.cluster {
+            c.timing()
+                .validate()
+                .map_err(|e| format!("table `cluster`: {e}"))?;
+            if c.peer == self.node_name {
+                return Err("key `cluster.peer`: a node cannot be its own peer".into());
+            }
         }
         if r.copies_in_flight_max == 0 || r.al_extents_max == 0 {
             return Err(

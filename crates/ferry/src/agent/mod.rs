@@ -30,7 +30,7 @@ use config::AgentConfig;
 use identity::Identity;
 use peers::Peers;
 
-/// Writes a file atomically with mode 0600.
+/// Writes a file atomically and durably (file and directory synced), mode 0600.
 pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -45,6 +45,12 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    // The rename itself is durable only once the directory is synced.
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
     Ok(())
 }
 
@@ -77,6 +83,8 @@ pub struct AgentCtx {
     starting: std::sync::atomic::AtomicBool,
     /// Volumes being promoted together: their links start once all are.
     deferred_links: Mutex<std::collections::HashSet<String>>,
+    /// The HA cluster manager's view, for `ferry cluster status`.
+    pub cluster: crate::cluster::ClusterView,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -203,6 +211,11 @@ impl AgentCtx {
                     self.cfg.replication,
                 ));
                 vol.save_dirty_map(true)?;
+                if crate::cluster::is_ha_volume(&self.cfg.data_dir, name) {
+                    // Under HA, a primary serves only once the cluster holds
+                    // a lease (a restarted old primary may have been replaced).
+                    vol.freeze_nowait();
+                }
                 self.nbd.add_export(Export {
                     name: name.to_string(),
                     description: format!("ferry volume {name}"),
@@ -641,6 +654,48 @@ impl AgentCtx {
         Ok(())
     }
 
+    /// HA, after a failover elsewhere: this old primary becomes the replica
+    /// of `new_primary`. Everything it may hold that the new primary never
+    /// saw — its dirty map and activity-log extents — is kept in
+    /// `suspect.map` and sent in the handshake, so the new primary resends
+    /// those blocks along with its own changes.
+    pub fn demote_after_failover(self: &Arc<Self>, name: &str, new_primary: &str) -> Result<()> {
+        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let vol = self.primary(name).ok_or_else(|| {
+            anyhow!(
+                "volume {name:?} is not a primary on node {}",
+                self.identity.node_name
+            )
+        })?;
+        vol.close_gate();
+        let mut suspect = vol.link.lock().rep.dirty_map().clone();
+        for x in &vol.meta_state().al_extents {
+            suspect.mark(x << AL_EXTENT_SHIFT, 1 << AL_EXTENT_SHIFT);
+        }
+        drop(vol);
+        self.unload_volume(name)?;
+        let dir = self.store.dir(name);
+        meta::save_suspect_map(&dir, &suspect)?;
+        let mut m =
+            MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_secondary(new_primary))?;
+        m.update(|s| {
+            s.role = Role::Secondary;
+            s.peer = Some(new_primary.to_string());
+            s.consistent = false;
+            s.al_extents.clear();
+        })?;
+        drop(m);
+        let _ = std::fs::remove_file(dir.join("dirty.map"));
+        self.load_volume(name)?;
+        tracing::info!(
+            volume = name,
+            primary = new_primary,
+            suspect_bytes = suspect.dirty_bytes(),
+            "cluster.demoted: this node now holds the replica; blocks it may hold alone will be resent"
+        );
+        Ok(())
+    }
+
     /// `ferry volume delete` through the agent. A primary that still
     /// replicates must be stopped first (its replica would be orphaned).
     pub fn delete_volume(&self, name: &str) -> Result<()> {
@@ -984,6 +1039,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         link_spawn: Mutex::new(()),
         starting: std::sync::atomic::AtomicBool::new(true),
         deferred_links: Mutex::new(std::collections::HashSet::new()),
+        cluster: crate::cluster::ClusterView::default(),
         started: Instant::now(),
         admin: Mutex::new(()),
     });
@@ -1014,6 +1070,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             .name("leaf-hasher".into())
             .spawn(move || leaf_hasher(&ctx))?;
     }
+    crate::cluster::spawn(ctx.clone())?;
     rt.spawn(crate::api::server::serve(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
     tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint,

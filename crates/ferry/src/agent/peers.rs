@@ -19,6 +19,13 @@ pub struct Peer {
     /// Token to call this peer's API (not shown in status output).
     #[serde(default)]
     pub token: String,
+    /// The peer's heartbeat listeners (UDP).
+    #[serde(default)]
+    pub heartbeat: Vec<String>,
+    /// Shared secret (hex) authenticating heartbeats both ways (HMAC-SHA256),
+    /// made by whichever node ran `ferry node add`.
+    #[serde(default)]
+    pub heartbeat_key: String,
 }
 
 #[derive(Debug)]

@@ -138,6 +138,9 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         )
         .layer(middleware::from_fn_with_state(ctx.clone(), auth));
     let app = Router::new()
+        .route("/api/v1/cluster", get(cluster_status))
+        .route("/api/v1/cluster/workloads", post(cluster_add))
+        .route("/api/v1/cluster/workloads/{name}", delete(cluster_remove))
         .route("/metrics", get(metrics))
         .merge(api)
         .with_state(ctx);
@@ -161,10 +164,19 @@ fn node_json(ctx: &AgentCtx) -> Value {
         "api": ctx.cfg.api_listen.to_string(),
         "replication": ctx.cfg.replication_listen.to_string(),
         "nbd": ctx.nbd_uri_base.to_string(),
+        "heartbeat": heartbeat_addrs(ctx),
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": ctx.started.elapsed().as_secs(),
         "free_bytes": crate::agent::free_bytes(&ctx.cfg.data_dir),
     })
+}
+
+fn heartbeat_addrs(ctx: &AgentCtx) -> Vec<String> {
+    ctx.cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.heartbeat.iter().map(|a| a.to_string()).collect())
+        .unwrap_or_default()
 }
 
 async fn node(State(ctx): Ctx) -> ApiResult {
@@ -221,6 +233,18 @@ async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
         if crate::agent::identity::fingerprint(&der) != fp {
             anyhow::bail!("the peer's certificate does not match its fingerprint");
         }
+        // Keep the heartbeat key of an earlier pairing: re-adding a node
+        // must not break heartbeats the other side authenticates.
+        let heartbeat_key = ctx
+            .peers
+            .get(&name)
+            .map(|p| p.heartbeat_key)
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| {
+                (0..4)
+                    .map(|_| format!("{:016x}", crate::agent::identity::random_u64()))
+                    .collect()
+            });
         client.post(
             "/api/v1/nodes/pair",
             &json!({
@@ -230,6 +254,8 @@ async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
                 "cert_pem": ctx.identity.cert_pem,
                 "fingerprint": ctx.identity.fingerprint,
                 "token": ctx.identity.api_token,
+                "heartbeat": heartbeat_addrs(&ctx),
+                "heartbeat_key": heartbeat_key,
             }),
         )?;
         let peer = Peer {
@@ -239,6 +265,15 @@ async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
             fingerprint: fp,
             cert_pem,
             token: req.token.clone(),
+            heartbeat: info["heartbeat"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            heartbeat_key,
         };
         ctx.peers.upsert(peer.clone())?;
         tracing::info!(peer = %peer.name, fingerprint = %peer.fingerprint, "node.registered");
@@ -403,6 +438,132 @@ async fn create_workload(
 }
 
 /// Stores a definition as given (a migration's source copies it here).
+async fn cluster_status(State(ctx): Ctx) -> ApiResult {
+    Ok(Json(ctx.cluster.json(&ctx)))
+}
+
+#[derive(Deserialize)]
+struct ClusterAdd {
+    workload: String,
+    preferred: String,
+    #[serde(default)]
+    accept_loss: bool,
+    #[serde(default)]
+    forwarded: bool,
+}
+
+/// `ferry cluster add`: puts a workload under HA on both nodes, keeping its
+/// current primary and adopting its replication (or starting it).
+async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
+    let v = blocking(move || {
+        let Some(cfg) = ctx.cfg.cluster.clone() else {
+            anyhow::bail!(
+                "node {} has no [cluster] table in its config: add one (peer, heartbeat, witness) and restart it",
+                ctx.identity.node_name
+            );
+        };
+        let me = ctx.identity.node_name.clone();
+        if r.preferred != me && r.preferred != cfg.peer {
+            anyhow::bail!("--preferred must be {me} or {}", cfg.peer);
+        }
+        let peer = ctx.peers.get(&cfg.peer).ok_or_else(|| {
+            anyhow::anyhow!("peer {} is not registered yet: run `ferry node add {}` first", cfg.peer, cfg.peer)
+        })?;
+        let spec = crate::migrate::load_workload(&ctx.cfg.data_dir, &r.workload)?
+            .ok_or_else(|| anyhow::anyhow!("workload {:?} is not defined on node {me}", r.workload))?;
+        let primaries = spec.volumes.iter().filter(|v| ctx.primary(v).is_some()).count();
+        let replicas = spec.volumes.iter().filter(|v| ctx.secondary(v).is_some()).count();
+        let role = if primaries == spec.volumes.len() {
+            ferry_core::cluster::Role::Primary
+        } else if replicas == spec.volumes.len() {
+            ferry_core::cluster::Role::Secondary
+        } else {
+            anyhow::bail!(
+                "workload {:?}: its volumes must all be primaries or all be replicas on node {me}",
+                r.workload
+            );
+        };
+        if role == ferry_core::cluster::Role::Primary {
+            // Adopt the replication to the peer, or start it.
+            for v in &spec.volumes {
+                let p = ctx.primary(v).expect("counted above");
+                let to = p.link.lock().peer.clone();
+                match to {
+                    Some(to) if to == cfg.peer => {}
+                    Some(other) => anyhow::bail!(
+                        "volume {v:?} replicates to {other}, not to the cluster peer {}",
+                        cfg.peer
+                    ),
+                    None => ctx.start_replication(v, &cfg.peer, ferry_core::link::Mode::Sync, None, false)?,
+                }
+            }
+        }
+        let h = crate::cluster::HaWorkload {
+            workload: r.workload.clone(),
+            preferred: r.preferred.clone(),
+            accept_loss: r.accept_loss,
+            state: crate::cluster::load(&ctx.cfg.data_dir, &r.workload)
+                .map(|h| h.state)
+                .unwrap_or(ferry_core::cluster::Persisted {
+                    role,
+                    epoch: 0,
+                    candidate: false,
+                }),
+        };
+        if !r.forwarded {
+            let c = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+            c.put(
+                &format!("/api/v1/workloads/{}?forwarded=true", spec.name),
+                &serde_json::to_value(&spec)?,
+            )
+            .map_err(|e| e.context(format!("cannot give the workload definition to {}", cfg.peer)))?;
+            c.post(
+                "/api/v1/cluster/workloads",
+                &json!({"workload": r.workload, "preferred": r.preferred,
+                        "accept_loss": r.accept_loss, "forwarded": true}),
+            )
+            .map_err(|e| e.context(format!("{} refused to manage the workload", cfg.peer)))?;
+        }
+        crate::cluster::save(&ctx.cfg.data_dir, &h)?;
+        tracing::info!(workload = %h.workload, preferred = %h.preferred, role = ?h.state.role, "cluster.workload.added");
+        Ok(json!({"workload": h.workload, "preferred": h.preferred, "role": h.state.role}))
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize, Default)]
+struct ForwardedQuery {
+    #[serde(default)]
+    forwarded: bool,
+}
+
+/// `ferry cluster remove`: the workload leaves HA on both nodes (its data,
+/// replication and definition stay).
+async fn cluster_remove(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Query(q): Query<ForwardedQuery>,
+) -> ApiResult {
+    let v = blocking(move || {
+        if !q.forwarded {
+            if let Some(peer) = ctx.cfg.cluster.as_ref().and_then(|c| ctx.peers.get(&c.peer)) {
+                let c = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+                if let Err(e) = c.delete(&format!("/api/v1/cluster/workloads/{name}?forwarded=true")) {
+                    tracing::warn!(workload = %name, error = %format!("{e:#}"), "cluster.remove.peer_unreachable");
+                }
+            }
+        }
+        let removed = crate::cluster::remove(&ctx.cfg.data_dir, &name)?;
+        if !removed && !q.forwarded {
+            anyhow::bail!("workload {name:?} is not under HA on this node");
+        }
+        Ok(json!({"workload": name, "removed": removed}))
+    })
+    .await?;
+    Ok(Json(v))
+}
+
 async fn put_workload(
     State(ctx): Ctx,
     Path(name): Path<String>,

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use ferry_core::DirtyMap;
 use ferry_core::generation::Relation;
 use ferry_core::link::{Mode, Phase, TickAction};
 use ferry_core::GenerationHistory;
@@ -331,7 +332,7 @@ fn connect_and_serve(
                 }
             );
         }
-        relations.push(relation);
+        relations.push((relation, reply.dirty_map));
     }
 
     let rustls::StreamOwned { conn, sock } = tls;
@@ -344,8 +345,8 @@ fn connect_and_serve(
         error: Mutex::new(None),
     });
     group.set_wire(Some(wire.clone()));
-    for (tag, (vol, relation)) in group.members.iter().zip(relations).enumerate() {
-        member_up(group, tag as u16, vol, relation, &wire, &peer.name)?;
+    for (tag, (vol, (relation, suspect))) in group.members.iter().zip(relations).enumerate() {
+        member_up(group, tag as u16, vol, relation, suspect, &wire, &peer.name)?;
     }
     *backoff_ms = 100;
     for vol in &group.members {
@@ -371,6 +372,7 @@ fn member_up(
     tag: u16,
     vol: &Arc<PrimaryVolume>,
     mut relation: Relation,
+    suspect: Option<Vec<u8>>,
     wire: &Arc<Wire>,
     peer: &str,
 ) -> Result<()> {
@@ -403,6 +405,27 @@ fn member_up(
                     });
                 }
                 pos += r.length;
+            }
+        }
+    }
+    if let Some(bytes) = suspect {
+        // The peer is an old primary: it may hold blocks this node never
+        // saw (its writes before it failed). Resend them.
+        let size = ferry_nbd::BlockDevice::size(&vol.local);
+        let g = l.rep.dirty_map().granularity_bytes();
+        match DirtyMap::decode(&bytes, size, g) {
+            Ok(map) => {
+                for idx in map.iter() {
+                    l.rep.resync_extent(map.block_extent(idx));
+                }
+                tracing::info!(volume = %vol.name, %peer, suspect_bytes = map.dirty_bytes(), "replication.peer_suspect_blocks: resending what the old primary may hold alone");
+            }
+            Err(e) => {
+                tracing::warn!(volume = %vol.name, %peer, error = %e, "replication.peer_suspect_map_unreadable: resending everything");
+                l.rep.resync_extent(ferry_core::Extent {
+                    offset: 0,
+                    length: size,
+                });
             }
         }
     }

@@ -260,6 +260,27 @@ pub fn save_dirty_map(dir: &Path, map: &ferry_core::DirtyMap) -> io::Result<()> 
 }
 
 /// Loads the saved dirty map, or `None` when there is none.
+/// Blocks a demoted old primary may hold that its new primary never saw
+/// (`suspect.map`): sent in the handshake, resent by the primary.
+pub fn save_suspect_map(dir: &Path, map: &ferry_core::DirtyMap) -> io::Result<()> {
+    let path = dir.join("suspect.map");
+    let tmp = dir.join("suspect.map.tmp");
+    std::fs::write(&tmp, map.encode())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The encoded suspect map, if any.
+pub fn load_suspect_map(dir: &Path) -> Option<Vec<u8>> {
+    std::fs::read(dir.join("suspect.map")).ok()
+}
+
+/// The replica is up to date again: nothing is suspect any more.
+pub fn clear_suspect_map(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join("suspect.map"));
+}
+
 pub fn load_dirty_map(
     dir: &Path,
     size: u64,

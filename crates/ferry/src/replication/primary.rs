@@ -492,6 +492,38 @@ pub struct PrimaryVolume {
     throttle_pct: std::sync::atomic::AtomicU8,
     /// Merkle leaves kept current for cutovers and verify.
     pub leaves: super::verify::LeafCache,
+    /// HA: may a write the peer did not confirm be acknowledged?
+    pub alone: AlonePermit,
+    /// Unconfirmed writes the link dropped while going alone was not yet
+    /// permitted: answered once it is, or once the peer has them again.
+    parked: Mutex<Vec<Deferred>>,
+}
+
+/// Outdate before going alone (DESIGN invariant 2): in an HA cluster with a
+/// witness, a sync primary acknowledges nothing its peer did not confirm
+/// until the witness has recorded the peer outdated. The cluster manager
+/// sets `required` for such volumes and `granted` from its state machine.
+#[derive(Debug, Default)]
+pub struct AlonePermit {
+    required: AtomicBool,
+    granted: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl AlonePermit {
+    pub fn set(&self, required: bool, granted: bool) {
+        self.required.store(required, Ordering::SeqCst);
+        let mut g = self.granted.lock().unwrap_or_else(|p| p.into_inner());
+        if *g != granted {
+            *g = granted;
+            self.cv.notify_all();
+        }
+    }
+
+    fn permitted(&self) -> bool {
+        !self.required.load(Ordering::SeqCst)
+            || *self.granted.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 const GATE_OPEN: u8 = 0;
@@ -597,6 +629,8 @@ impl PrimaryVolume {
             bytes_written: std::sync::atomic::AtomicU64::new(0),
             throttle_pct: std::sync::atomic::AtomicU8::new(0),
             leaves,
+            alone: AlonePermit::default(),
+            parked: Mutex::new(Vec::new()),
         }
     }
 
@@ -684,6 +718,23 @@ impl PrimaryVolume {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// HA fencing: new writes wait from now on, without waiting for the
+    /// writes already inside (some may wait for a permit that only the
+    /// caller's thread would grant).
+    pub fn freeze_nowait(&self) {
+        let _ = self.gate.compare_exchange(
+            GATE_OPEN,
+            GATE_FROZEN,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// The volume's persisted replication state.
+    pub fn meta_state(&self) -> super::meta::MetaState {
+        self.meta().state().clone()
     }
 
     /// Cutover aborted: writes flow again.
@@ -886,6 +937,7 @@ impl PrimaryVolume {
                 return Ok(());
             }
         }
+        self.wait_alone_permit()?;
         let mut meta = self.meta();
         let mut l = self.link.lock();
         if l.bumped_while_down {
@@ -979,9 +1031,59 @@ impl PrimaryVolume {
         Completion::complete_batch(batch);
     }
 
+    /// Waits until acknowledging alone is permitted (HA: the witness
+    /// recorded the peer outdated); fails if the volume is handed over.
+    fn wait_alone_permit(&self) -> io::Result<()> {
+        let mut g = self.alone.granted.lock().unwrap_or_else(|p| p.into_inner());
+        let mut logged = false;
+        while self.alone.required.load(Ordering::SeqCst) && !*g {
+            if self.gate.load(Ordering::SeqCst) == GATE_CLOSED {
+                return Err(handed_over(&self.name));
+            }
+            if !logged {
+                logged = true;
+                tracing::warn!(volume = %self.name, "replication.writes_held: the peer is gone; writes wait until the witness records it outdated");
+            }
+            g = self
+                .alone
+                .cv
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    /// HA: answers the parked unconfirmed writes once going alone is
+    /// permitted, or — `peer_has_them` — once the peer is up to date again
+    /// (their blocks were resent from the dirty map).
+    pub fn release_parked(&self, peer_has_them: bool) {
+        if !peer_has_them && !self.alone.permitted() {
+            return;
+        }
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()));
+        if parked.is_empty() {
+            return;
+        }
+        if peer_has_them {
+            self.finish_confirmed(parked);
+        } else {
+            self.finish_unconfirmed(parked);
+        }
+    }
+
     /// Answers deferred writes the link dropped: a new generation first.
     pub fn finish_unconfirmed(&self, pending: Vec<Deferred>) {
         if pending.is_empty() {
+            return;
+        }
+        if !self.alone.permitted() {
+            // Not on the link thread's time: the cluster manager answers
+            // them (release_parked).
+            self.parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(pending);
             return;
         }
         let result = self.ensure_generation_bumped();

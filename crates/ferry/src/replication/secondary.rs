@@ -252,7 +252,9 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
             refused: None,
             generation: m.mine.current(),
             ancestors: m.mine.ancestors().collect(),
-            dirty_map: None,
+            // An old primary demoted by a failover: the blocks it may hold
+            // alone, for the new primary to resend.
+            dirty_map: super::meta::load_suspect_map(&m.vol.dir),
         };
         w.write_all(&ferry_wire::encode_frame(
             Kind::HelloReply,
@@ -432,6 +434,7 @@ fn flusher(
             if up_to_date {
                 let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
                 m.update(|s| s.consistent = true)?;
+                super::meta::clear_suspect_map(&vol.dir);
                 tracing::info!(volume = %vol.name, "replication.replica.up_to_date");
             }
             vol.durable_seq.fetch_max(seq, Ordering::SeqCst);

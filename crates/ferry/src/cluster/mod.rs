@@ -1,0 +1,827 @@
+//! The HA cluster manager: runs `ferry_core::cluster::ClusterNode` for each
+//! workload under HA (`DATA_DIR/cluster/WORKLOAD.json`) and performs its
+//! actions.
+//!
+//! - One dedicated thread (`cluster-hb`) sends and receives heartbeats (UDP,
+//!   every configured path, HMAC-SHA256 with the key made at pairing), talks
+//!   to the witness (UDP), ticks the state machines every few milliseconds
+//!   and applies the fast part of fencing (freezing the volumes' write gate)
+//!   itself. It locks its memory and runs at real-time priority where
+//!   allowed (`mlockall`, `SCHED_RR`), as corosync does, so load on the node
+//!   cannot starve it into a false failover.
+//! - Slow actions (promotion, demotion, hooks, the virtual IP) run on one
+//!   worker thread per workload, in order.
+//! - Outdate before going alone is enforced in the write path:
+//!   `PrimaryVolume::alone` is required for sync volumes under HA with a
+//!   witness and granted from the state machine.
+
+pub mod witness;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_core::cluster::{
+    Action, ClusterNode, DataState, Event, Input, PeerMsg, Persisted, Policy, Role, Timing,
+};
+use ferry_core::link::ReplicaState;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::agent::config::ClusterSettings;
+use crate::agent::AgentCtx;
+use crate::migrate::WorkloadSpec;
+use witness::{FromWitness, ToWitness, DATAGRAM_BYTES_MAX};
+
+/// A workload under HA on this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HaWorkload {
+    pub workload: String,
+    pub preferred: String,
+    /// An async workload fails over automatically, losing what had not
+    /// reached the replica (`async_failover = "accept-loss"`).
+    #[serde(default)]
+    pub accept_loss: bool,
+    pub state: Persisted,
+}
+
+fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("cluster")
+}
+
+pub fn load_all(data_dir: &Path) -> Vec<HaWorkload> {
+    let Ok(entries) = std::fs::read_dir(dir(data_dir)) else {
+        return Vec::new();
+    };
+    let mut v: Vec<HaWorkload> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| {
+            let b = std::fs::read(e.path()).ok()?;
+            match serde_json::from_slice(&b) {
+                Ok(h) => Some(h),
+                Err(err) => {
+                    tracing::error!(path = %e.path().display(), error = %err, "cluster.record_damaged");
+                    None
+                }
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| a.workload.cmp(&b.workload));
+    v
+}
+
+pub fn load(data_dir: &Path, workload: &str) -> Option<HaWorkload> {
+    let b = std::fs::read(dir(data_dir).join(format!("{workload}.json"))).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
+pub fn save(data_dir: &Path, h: &HaWorkload) -> Result<()> {
+    crate::volume::validate_name(&h.workload)
+        .map_err(|_| anyhow!("{:?} is not a valid workload name", h.workload))?;
+    std::fs::create_dir_all(dir(data_dir))?;
+    crate::agent::write_atomic_private(
+        &dir(data_dir).join(format!("{}.json", h.workload)),
+        &serde_json::to_vec_pretty(h)?,
+    )
+}
+
+pub fn remove(data_dir: &Path, workload: &str) -> Result<bool> {
+    match std::fs::remove_file(dir(data_dir).join(format!("{workload}.json"))) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `volume` belongs to a workload under HA here: such a volume is
+/// loaded frozen, and serves only once the cluster holds a lease.
+pub fn is_ha_volume(data_dir: &Path, volume: &str) -> bool {
+    load_all(data_dir).iter().any(|h| {
+        crate::migrate::load_workload(data_dir, &h.workload)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.volumes.iter().any(|v| v == volume))
+    })
+}
+
+/// What `ferry cluster status` shows, kept by the manager thread.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    pub workloads: Mutex<BTreeMap<String, Value>>,
+    pub state: Mutex<String>,
+}
+
+impl ClusterView {
+    pub fn json(&self, ctx: &AgentCtx) -> Value {
+        let w: Vec<Value> = self
+            .workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        json!({
+            "node": ctx.identity.node_name,
+            "state": self.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "configured": ctx.cfg.cluster.is_some(),
+            "workloads": w,
+        })
+    }
+}
+
+/// Slow actions, run in order on a workload's worker thread.
+#[derive(Debug)]
+enum Job {
+    Fence,
+    Resume,
+    Promote,
+    Demote,
+}
+
+struct Slot {
+    node: ClusterNode,
+    accept_loss: bool,
+    preferred: String,
+    jobs: mpsc::Sender<Job>,
+    data_state: Option<DataState>,
+    peer_in_sync: Option<bool>,
+    events: VecDeque<Value>,
+    /// When the peer was last heard, for detection-time reports.
+    peer_lost_at: Option<Instant>,
+    /// Accepting writes at the last look: the edge to serving sends Resume.
+    serving: bool,
+}
+
+/// Starts the manager if `[cluster]` is configured.
+pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
+    let Some(cfg) = ctx.cfg.cluster.clone() else {
+        return Ok(());
+    };
+    if cfg.heartbeat.is_empty() {
+        bail!("`cluster.heartbeat` must list at least one address to receive heartbeats on");
+    }
+    let mut socks = Vec::new();
+    for a in &cfg.heartbeat {
+        let s = UdpSocket::bind(a).with_context(|| format!("cannot listen for heartbeats on {a}"))?;
+        s.set_nonblocking(true)?;
+        socks.push(s);
+    }
+    let wsock = UdpSocket::bind(SocketAddr::new(cfg.heartbeat[0].ip(), 0))?;
+    wsock.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("cluster-hb".into())
+        .spawn(move || Manager::new(ctx, cfg, socks, wsock).run())?;
+    Ok(())
+}
+
+/// Locks memory and raises this thread to real-time priority, where allowed.
+fn realtime() {
+    // SAFETY: mlockall only takes flags; it affects this process's mappings.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cluster.mlockall_failed: heartbeats may stall under memory pressure");
+    }
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
+    // is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cluster.realtime_failed: heartbeats run at normal priority");
+    }
+}
+
+fn hmac_key(hex: &str) -> Option<ring::hmac::Key> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes?))
+}
+
+#[derive(Serialize, Deserialize)]
+struct Datagram {
+    from: String,
+    workload: String,
+    msg: PeerMsg,
+}
+
+struct Manager {
+    ctx: Arc<AgentCtx>,
+    cfg: ClusterSettings,
+    timing: Timing,
+    socks: Vec<UdpSocket>,
+    wsock: UdpSocket,
+    slots: HashMap<String, Slot>,
+    epoch: Instant,
+    incarnation: u64,
+}
+
+impl Manager {
+    fn new(ctx: Arc<AgentCtx>, cfg: ClusterSettings, socks: Vec<UdpSocket>, wsock: UdpSocket) -> Manager {
+        Manager {
+            timing: cfg.timing(),
+            ctx,
+            cfg,
+            socks,
+            wsock,
+            slots: HashMap::new(),
+            epoch: Instant::now(),
+            incarnation: crate::agent::identity::random_u64(),
+        }
+    }
+
+    /// Milliseconds on this process's monotonic clock.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn run(mut self) {
+        realtime();
+        let mut last_refresh = None::<Instant>;
+        let mut last_poll = Instant::now();
+        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 64];
+        loop {
+            if last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                self.refresh();
+                last_refresh = Some(Instant::now());
+            }
+            self.receive(&mut buf);
+            if last_poll.elapsed() >= Duration::from_millis(20) {
+                last_poll = Instant::now();
+                self.poll_data();
+            }
+            let now = self.now();
+            let names: Vec<String> = self.slots.keys().cloned().collect();
+            for w in names {
+                let Some(slot) = self.slots.get_mut(&w) else {
+                    continue;
+                };
+                let actions = slot.node.tick(now);
+                let serving = slot.node.accepting_writes(now);
+                let edge = serving && !slot.serving;
+                slot.serving = serving;
+                self.perform(&w, actions);
+                if edge {
+                    // Holding a lease now (first one after start, or back
+                    // after a fence): writes flow, VIP and app up.
+                    self.job(&w, Job::Resume);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn set_state(&self, s: &str) {
+        let mut st = self.ctx.cluster.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *st != s {
+            tracing::info!(state = s, peer = %self.cfg.peer, "cluster.state");
+            *st = s.to_string();
+        }
+    }
+
+    /// Picks up workloads put under HA (or removed) since the last look.
+    fn refresh(&mut self) {
+        if self.ctx.peers.get(&self.cfg.peer).is_none() {
+            self.set_state("waiting-for-peer");
+            return;
+        }
+        self.set_state("running");
+        let all = load_all(&self.ctx.cfg.data_dir);
+        let names: Vec<String> = all.iter().map(|h| h.workload.clone()).collect();
+        self.slots.retain(|w, _| names.contains(w));
+        self.ctx
+            .cluster
+            .workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|w, _| names.contains(w));
+        for h in all {
+            if self.slots.contains_key(&h.workload) {
+                continue;
+            }
+            let Ok(Some(spec)) = crate::migrate::load_workload(&self.ctx.cfg.data_dir, &h.workload) else {
+                tracing::warn!(workload = %h.workload, "cluster.workload_missing: no workload definition here yet");
+                continue;
+            };
+            let sync = spec.volumes.iter().all(|v| self.volume_mode_sync(v));
+            let policy = Policy {
+                witness: self.cfg.witness.is_some(),
+                two_node_unsafe: self.cfg.two_node_unsafe,
+                sync,
+                async_accept_loss: h.accept_loss,
+            };
+            let data = self.data_state_of(&spec);
+            let node = ClusterNode::start(
+                &self.ctx.identity.node_name,
+                &self.cfg.peer,
+                self.incarnation,
+                h.state,
+                data,
+                self.timing,
+                policy,
+                self.now(),
+            );
+            let (tx, rx) = mpsc::channel();
+            let ctx = self.ctx.clone();
+            let name = h.workload.clone();
+            let peer = self.cfg.peer.clone();
+            if let Err(e) = std::thread::Builder::new()
+                .name(format!("cluster-{name}"))
+                .spawn(move || worker(&ctx, &name, &peer, rx))
+            {
+                tracing::error!(workload = %h.workload, error = %e, "cluster.worker_failed");
+                continue;
+            }
+            tracing::info!(workload = %h.workload, role = ?h.state.role, ?policy, "cluster.workload.managed");
+            self.slots.insert(
+                h.workload.clone(),
+                Slot {
+                    node,
+                    accept_loss: h.accept_loss,
+                    preferred: h.preferred.clone(),
+                    jobs: tx,
+                    data_state: Some(data),
+                    peer_in_sync: None,
+                    events: VecDeque::new(),
+                    peer_lost_at: None,
+                    serving: false,
+                },
+            );
+        }
+    }
+
+    fn volume_mode_sync(&self, v: &str) -> bool {
+        let mode = if let Some(p) = self.ctx.primary(v) {
+            p.meta_state().mode
+        } else if let Some(s) = self.ctx.secondary(v) {
+            s.meta.lock().unwrap_or_else(|p| p.into_inner()).state().mode
+        } else {
+            return true;
+        };
+        mode == ferry_core::link::Mode::Sync
+    }
+
+    /// This node's copy as a replica: up to date when every volume is a
+    /// consistent replica here.
+    fn data_state_of(&self, spec: &WorkloadSpec) -> DataState {
+        let all = spec.volumes.iter().all(|v| {
+            if self.ctx.primary(v).is_some() {
+                return true;
+            }
+            self.ctx.secondary(v).is_some_and(|s| {
+                s.meta.lock().unwrap_or_else(|p| p.into_inner()).state().consistent
+            })
+        });
+        if all {
+            DataState::UpToDate
+        } else {
+            DataState::Inconsistent
+        }
+    }
+
+    /// Feeds data and link states, and keeps the permits and parked
+    /// writes of the volumes in step with the state machine.
+    fn poll_data(&mut self) {
+        let now = self.now();
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for w in names {
+            let Ok(Some(spec)) = crate::migrate::load_workload(&self.ctx.cfg.data_dir, &w) else {
+                continue;
+            };
+            let data = self.data_state_of(&spec);
+            let prims: Vec<_> = spec.volumes.iter().filter_map(|v| self.ctx.primary(v)).collect();
+            let in_sync = !prims.is_empty()
+                && prims.len() == spec.volumes.len()
+                && prims
+                    .iter()
+                    .all(|p| p.link.lock().rep.replica_state() == ReplicaState::UpToDate);
+            let mut actions = Vec::new();
+            {
+                let slot = self.slots.get_mut(&w).expect("listed");
+                if slot.data_state != Some(data) {
+                    slot.data_state = Some(data);
+                    actions.extend(slot.node.on_input(now, Input::DataState(data)));
+                }
+                if slot.peer_in_sync != Some(in_sync) {
+                    slot.peer_in_sync = Some(in_sync);
+                    let input = if in_sync {
+                        Input::PeerUpToDate
+                    } else {
+                        Input::PeerNotUpToDate
+                    };
+                    actions.extend(slot.node.on_input(now, input));
+                }
+                let required = slot.node.policy().witness && slot.node.policy().sync;
+                let granted = slot.node.may_write_alone();
+                for p in &prims {
+                    p.alone.set(required, granted);
+                    p.release_parked(in_sync);
+                }
+            }
+            self.perform(&w, actions);
+            self.publish(&w);
+        }
+    }
+
+    fn publish(&self, w: &str) {
+        let Some(slot) = self.slots.get(w) else {
+            return;
+        };
+        let now = self.now();
+        let n = &slot.node;
+        let me = &self.ctx.identity.node_name;
+        let primary = match n.role() {
+            Role::Primary if n.accepting_writes(now) => Some(me.clone()),
+            Role::Secondary if n.peer_alive(now) && n.peer_role() == Some(Role::Primary) => {
+                Some(self.cfg.peer.clone())
+            }
+            _ => None,
+        };
+        let replica_state = match (n.role(), slot.peer_in_sync) {
+            (Role::Secondary, _) => Some(json!({
+                "node": me,
+                "state": data_state_str(n.data_state()),
+            })),
+            (_, Some(true)) => Some(json!({"node": self.cfg.peer, "state": "up-to-date"})),
+            (_, _) if n.may_write_alone() && n.policy().sync => {
+                Some(json!({"node": self.cfg.peer, "state": "outdated"}))
+            }
+            _ => Some(json!({"node": self.cfg.peer, "state": "inconsistent"})),
+        };
+        let v = json!({
+            "workload": w,
+            "preferred": slot.preferred,
+            "role": role_str(n.role()),
+            "primary": primary,
+            "epoch": n.epoch(),
+            "peer": self.cfg.peer,
+            "peer_alive": n.peer_alive(now),
+            "writes_held": n.writes_held(),
+            "candidate": n.is_candidate(),
+            "accept_loss": slot.accept_loss,
+            "replicas": replica_state.into_iter().collect::<Vec<_>>(),
+            "events": slot.events.iter().cloned().collect::<Vec<_>>(),
+        });
+        self.ctx
+            .cluster
+            .workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(w.to_string(), v);
+    }
+
+    fn receive(&mut self, buf: &mut [u8]) {
+        let now = self.now();
+        for i in 0..self.socks.len() {
+            loop {
+                let (n, from) = match self.socks[i].recv_from(buf) {
+                    Ok(x) => x,
+                    Err(_) => break,
+                };
+                let Some(d) = self.verify(&buf[..n]) else {
+                    tracing::debug!(%from, "cluster.heartbeat_refused: bad length or signature");
+                    continue;
+                };
+                if d.from != self.cfg.peer {
+                    continue;
+                }
+                if let Some(slot) = self.slots.get_mut(&d.workload) {
+                    let actions = slot.node.on_input(now, Input::Peer(d.msg));
+                    self.perform(&d.workload, actions);
+                }
+            }
+        }
+        loop {
+            let n = match self.wsock.recv_from(buf) {
+                Ok((n, from)) if Some(from) == self.cfg.witness => n,
+                Ok(_) => continue,
+                Err(_) => break,
+            };
+            let Ok(r) = serde_json::from_slice::<FromWitness>(&buf[..n]) else {
+                continue;
+            };
+            if let Some(slot) = self.slots.get_mut(&r.workload) {
+                let actions = slot.node.on_input(now, Input::Witness(r.reply));
+                self.perform(&r.workload, actions);
+            }
+        }
+    }
+
+    fn verify(&self, b: &[u8]) -> Option<Datagram> {
+        if b.len() < 32 || b.len() > DATAGRAM_BYTES_MAX {
+            return None;
+        }
+        let peer = self.ctx.peers.get(&self.cfg.peer)?;
+        let key = hmac_key(&peer.heartbeat_key)?;
+        ring::hmac::verify(&key, &b[32..], &b[..32]).ok()?;
+        serde_json::from_slice(&b[32..]).ok()
+    }
+
+    fn send_peer(&self, workload: &str, msg: PeerMsg) {
+        let Some(peer) = self.ctx.peers.get(&self.cfg.peer) else {
+            return;
+        };
+        let Some(key) = hmac_key(&peer.heartbeat_key) else {
+            return;
+        };
+        let body = match serde_json::to_vec(&Datagram {
+            from: self.ctx.identity.node_name.clone(),
+            workload: workload.to_string(),
+            msg,
+        }) {
+            Ok(b) => b,
+            Err(_) => return,
+        };
+        let tag = ring::hmac::sign(&key, &body);
+        let mut d = tag.as_ref().to_vec();
+        d.extend_from_slice(&body);
+        // Every path: listener i of the peer from our socket i (or the last).
+        for (i, addr) in peer.heartbeat.iter().enumerate() {
+            let Ok(addr) = addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            let s = &self.socks[i.min(self.socks.len() - 1)];
+            let _ = s.send_to(&d, addr);
+        }
+    }
+
+    fn perform(&mut self, w: &str, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::SendPeer(m) => self.send_peer(w, m),
+                Action::SendWitness(req) => {
+                    let Some(addr) = self.cfg.witness else {
+                        continue;
+                    };
+                    let msg = ToWitness {
+                        workload: w.to_string(),
+                        lease_ms: self.timing.lease_ms,
+                        drift_permille: self.timing.drift_permille,
+                        req,
+                    };
+                    if let Ok(b) = serde_json::to_vec(&msg) {
+                        let _ = self.wsock.send_to(&b, addr);
+                    }
+                }
+                Action::Persist(state) => {
+                    if let Some(mut h) = load(&self.ctx.cfg.data_dir, w) {
+                        h.state = state;
+                        if let Err(e) = save(&self.ctx.cfg.data_dir, &h) {
+                            tracing::error!(workload = w, error = %format!("{e:#}"), "cluster.persist_failed");
+                        }
+                    }
+                }
+                Action::HoldWrites | Action::ReleaseWrites => {
+                    // Enforced in the write path through the permit (poll_data).
+                    self.poll_permits(w);
+                }
+                Action::Fence => {
+                    // Stop I/O now, on this thread; the rest on the worker.
+                    for v in self.volumes_of(w) {
+                        if let Some(p) = self.ctx.primary(&v) {
+                            p.freeze_nowait();
+                        }
+                    }
+                    self.job(w, Job::Fence);
+                }
+                // Serving resumes on the edge of `accepting_writes` (run).
+                Action::Resume => {}
+                Action::Promote => self.job(w, Job::Promote),
+                Action::Demote => self.job(w, Job::Demote),
+                Action::Event(e) => self.event(w, e),
+            }
+        }
+    }
+
+    fn poll_permits(&self, w: &str) {
+        let Some(slot) = self.slots.get(w) else {
+            return;
+        };
+        let required = slot.node.policy().witness && slot.node.policy().sync;
+        let granted = slot.node.may_write_alone();
+        for v in self.volumes_of(w) {
+            if let Some(p) = self.ctx.primary(&v) {
+                p.alone.set(required, granted);
+            }
+        }
+    }
+
+    fn volumes_of(&self, w: &str) -> Vec<String> {
+        crate::migrate::load_workload(&self.ctx.cfg.data_dir, w)
+            .ok()
+            .flatten()
+            .map(|s| s.volumes)
+            .unwrap_or_default()
+    }
+
+    fn job(&self, w: &str, j: Job) {
+        if let Some(s) = self.slots.get(w) {
+            let _ = s.jobs.send(j);
+        }
+    }
+
+    fn event(&mut self, w: &str, e: Event) {
+        let now = Instant::now();
+        let Some(slot) = self.slots.get_mut(w) else {
+            return;
+        };
+        let mut v = serde_json::to_value(&e).unwrap_or(Value::Null);
+        match &e {
+            Event::PeerLost => slot.peer_lost_at = Some(now),
+            Event::PeerBack => slot.peer_lost_at = None,
+            Event::Promoted { .. } => {
+                if let Some(t) = slot.peer_lost_at {
+                    v["since_peer_lost_ms"] = json!(t.elapsed().as_millis() as u64);
+                }
+            }
+            _ => {}
+        }
+        v["workload"] = json!(w);
+        v["node"] = json!(self.ctx.identity.node_name);
+        v["at_unix_ms"] = json!(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0));
+        tracing::info!(workload = w, event = %v, "cluster.event");
+        slot.events.push_back(v);
+        while slot.events.len() > 32 {
+            slot.events.pop_front();
+        }
+    }
+}
+
+fn role_str(r: Role) -> &'static str {
+    match r {
+        Role::Primary => "primary",
+        Role::Fenced => "fenced",
+        Role::Secondary => "secondary",
+    }
+}
+
+fn data_state_str(d: DataState) -> &'static str {
+    match d {
+        DataState::UpToDate => "up-to-date",
+        DataState::Outdated => "outdated",
+        DataState::Inconsistent => "inconsistent",
+    }
+}
+
+/// A workload's slow actions, in order.
+fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Job>) {
+    // Whether this node runs the application (as far as the hooks went).
+    let mut serving = false;
+    for job in rx {
+        let started = Instant::now();
+        let r = match job {
+            Job::Fence => {
+                serving = false;
+                fence(ctx, workload)
+            }
+            Job::Resume => {
+                let r = resume(ctx, workload, !serving);
+                serving = true;
+                r
+            }
+            Job::Promote => {
+                serving = true;
+                promote(ctx, workload, peer)
+            }
+            Job::Demote => {
+                serving = false;
+                demote(ctx, workload, peer)
+            }
+        };
+        match r {
+            Ok(()) => tracing::info!(workload, ?job, elapsed_ms = started.elapsed().as_millis() as u64, "cluster.action.done"),
+            Err(e) => tracing::error!(workload, ?job, error = %format!("{e:#}"), "cluster.action.failed"),
+        }
+    }
+}
+
+fn spec(ctx: &AgentCtx, workload: &str) -> Result<WorkloadSpec> {
+    crate::migrate::load_workload(&ctx.cfg.data_dir, workload)?
+        .ok_or_else(|| anyhow!("workload {workload:?} is not defined on this node"))
+}
+
+/// Freeze (already done), drop the VIP, stop the application.
+fn fence(ctx: &AgentCtx, workload: &str) -> Result<()> {
+    let spec = spec(ctx, workload)?;
+    vip(&spec, false)?;
+    if let Some(run) = crate::migrate::workload_hook(ctx, &spec, "stop", "fenced") {
+        if !run.ok {
+            tracing::warn!(workload, output = %run.output, "cluster.stop_hook_failed");
+        }
+    }
+    Ok(())
+}
+
+/// A lease is held: writes flow; and unless the application already runs
+/// here, the VIP returns and the application starts.
+fn resume(ctx: &AgentCtx, workload: &str, start: bool) -> Result<()> {
+    let spec = spec(ctx, workload)?;
+    for v in &spec.volumes {
+        if let Some(p) = ctx.primary(v) {
+            p.unfreeze();
+        }
+    }
+    if start {
+        vip(&spec, true)?;
+        start_app(ctx, &spec);
+    }
+    Ok(())
+}
+
+fn start_app(ctx: &AgentCtx, spec: &WorkloadSpec) {
+    if let Some(run) = crate::migrate::workload_hook(ctx, spec, "start", "primary") {
+        if !run.ok {
+            tracing::warn!(workload = %spec.name, output = %run.output, "cluster.start_hook_failed");
+        }
+    }
+}
+
+/// Failover: every volume promoted at once (one durable commit record),
+/// replicating back to the old primary when it returns; VIP; start.
+fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
+    let spec = spec(ctx, workload)?;
+    let replicas: Vec<String> = spec
+        .volumes
+        .iter()
+        .filter(|v| ctx.secondary(v).is_some())
+        .cloned()
+        .collect();
+    if !replicas.is_empty() {
+        let mode = ctx
+            .secondary(&replicas[0])
+            .map(|s| s.meta.lock().unwrap_or_else(|p| p.into_inner()).state().mode)
+            .unwrap_or(ferry_core::link::Mode::Sync);
+        ctx.commit_takeover(workload, &replicas, Some(peer), mode)?;
+    }
+    for v in &spec.volumes {
+        if let Some(p) = ctx.primary(v) {
+            p.unfreeze();
+        }
+    }
+    vip(&spec, true)?;
+    start_app(ctx, &spec);
+    Ok(())
+}
+
+/// A newer primary exists: stop here and become its replica, keeping the
+/// ranges this copy may hold that the new primary never saw.
+fn demote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
+    let spec = spec(ctx, workload)?;
+    vip(&spec, false)?;
+    if let Some(run) = crate::migrate::workload_hook(ctx, &spec, "stop", "demoted") {
+        if !run.ok {
+            tracing::warn!(workload, output = %run.output, "cluster.stop_hook_failed");
+        }
+    }
+    for v in &spec.volumes {
+        if ctx.primary(v).is_some() {
+            ctx.demote_after_failover(v, peer)?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds or removes the workload's virtual IP (`ip addr`), with gratuitous
+/// ARP on add so neighbours learn the new owner at once.
+fn vip(spec: &WorkloadSpec, up: bool) -> Result<()> {
+    let (Some(vip), Some(iface)) = (&spec.vip, &spec.vip_interface) else {
+        return Ok(());
+    };
+    let ip = |args: &[&str]| -> Result<std::process::Output> {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .context("cannot run `ip` (iproute2)")
+    };
+    if up {
+        let out = ip(&["addr", "replace", vip, "dev", iface])?;
+        if !out.status.success() {
+            bail!(
+                "ip addr replace {vip} dev {iface}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let addr = vip.split('/').next().unwrap_or(vip);
+        // Best effort: arping (iputils-arping) may be missing.
+        let _ = std::process::Command::new("arping")
+            .args(["-U", "-c", "1", "-w", "1", "-I", iface, addr])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map(|mut c| std::thread::spawn(move || c.wait()));
+        tracing::info!(vip, iface, "cluster.vip.added");
+    } else {
+        let out = ip(&["addr", "del", vip, "dev", iface])?;
+        if out.status.success() {
+            tracing::info!(vip, iface, "cluster.vip.removed");
+        }
+    }
+    Ok(())
+}
