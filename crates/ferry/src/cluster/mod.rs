@@ -245,7 +245,7 @@ impl Manager {
         let mut last_poll = Instant::now();
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 64];
         loop {
-            if last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            if last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
                 self.refresh();
                 last_refresh = Some(Instant::now());
             }
@@ -398,7 +398,11 @@ impl Manager {
                 && prims.len() == spec.volumes.len()
                 && prims
                     .iter()
-                    .all(|p| p.link.lock().rep.replica_state() == ReplicaState::UpToDate);
+                    .all(|p| {
+                        let l = p.link.lock();
+                        l.rep.phase() == ferry_core::link::Phase::Streaming
+                            && l.rep.replica_state() == ReplicaState::UpToDate
+                    });
             let mut actions = Vec::new();
             {
                 let slot = self.slots.get_mut(&w).expect("listed");

@@ -65,11 +65,14 @@ impl std::fmt::Debug for WitnessServer {
     }
 }
 
+/// The witness needs only the lease and the drift bound (heartbeats are the
+/// nodes' business).
 fn timing(lease_ms: u64, drift_permille: u64) -> Timing {
     Timing {
+        heartbeat_interval_ms: 1,
+        failure_timeout_ms: lease_ms.max(2),
         lease_ms,
         drift_permille,
-        ..Timing::default()
     }
 }
 

@@ -20,7 +20,7 @@ pub fn ferry_bin() -> &'static str {
 
 /// Panics with a clear message when a client the tests need is missing.
 pub fn require(tool: &str) -> PathBuf {
-    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin", "/usr/sbin", "/sbin"] {
         let p = Path::new(dir).join(tool);
         if p.exists() {
             return p;

@@ -1,0 +1,588 @@
+//! HA cluster tests on several "hosts": each node, the witness and a client
+//! in its own network namespace, joined by veth pairs to a bridge that lives
+//! in a namespace of its own (DESIGN.md "Several hosts"), addresses from
+//! 198.18.0.0/24. A crash is `kill -9` of the node's processes plus its
+//! veth set down; links are cut with nftables inside a namespace. Every
+//! namespace and process is removed when a test ends, failed or not.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{ferry_bin, require};
+use serde_json::Value;
+
+const VIP: &str = "198.18.0.100";
+const NBD_PORT: u16 = 10809;
+
+fn addr_of(node: &str) -> &'static str {
+    match node {
+        "a" => "198.18.0.1",
+        "b" => "198.18.0.2",
+        "w" => "198.18.0.3",
+        _ => "198.18.0.4",
+    }
+}
+
+fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap()
+}
+
+fn sh_ok(args: &[&str]) -> String {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// The namespaces of one test and the processes started in them.
+struct Net {
+    tag: String,
+    root: tempfile::TempDir,
+    children: Vec<(String, Child)>,
+}
+
+impl Net {
+    /// Namespaces `TAG-br` (the bridge), `TAG-a`, `TAG-b`, `TAG-w`, `TAG-c`.
+    fn new() -> Net {
+        require("ip");
+        let tag = format!(
+            "fy{}x{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let net = Net {
+            root: tempfile::Builder::new().prefix("ferry-ha").tempdir().unwrap(),
+            tag,
+            children: Vec::new(),
+        };
+        let br = net.ns("br");
+        sh_ok(&["ip", "netns", "add", &br]);
+        sh_ok(&["ip", "-n", &br, "link", "add", "br0", "type", "bridge"]);
+        sh_ok(&["ip", "-n", &br, "link", "set", "br0", "up"]);
+        for n in ["a", "b", "w", "c"] {
+            let ns = net.ns(n);
+            sh_ok(&["ip", "netns", "add", &ns]);
+            let (host, inner) = (format!("p{n}"), format!("e{n}"));
+            sh_ok(&[
+                "ip", "-n", &br, "link", "add", &host, "type", "veth", "peer", "name", &inner,
+            ]);
+            sh_ok(&["ip", "-n", &br, "link", "set", &inner, "netns", &ns]);
+            sh_ok(&["ip", "-n", &br, "link", "set", &host, "master", "br0", "up"]);
+            sh_ok(&["ip", "-n", &ns, "link", "set", &inner, "name", "eth0"]);
+            sh_ok(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", addr_of(n)),
+                "dev",
+                "eth0",
+            ]);
+            sh_ok(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh_ok(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    fn ns(&self, n: &str) -> String {
+        format!("{}-{n}", self.tag)
+    }
+
+    fn dir(&self, n: &str) -> PathBuf {
+        self.root.path().join(n)
+    }
+
+    /// A command run inside node `n`'s namespace.
+    fn cmd(&self, n: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(n), program]);
+        c
+    }
+
+    /// Starts the witness in `w`.
+    fn start_witness(&mut self) {
+        let dir = self.dir("w");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = std::fs::File::create(self.root.path().join("w.log")).unwrap();
+        let mut c = self.cmd("w", ferry_bin());
+        c.args(["witness", "--listen", &format!("{}:7380", addr_of("w"))])
+            .env("FERRY_DATA_DIR", &dir)
+            .env("FERRY_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = c.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("witness"), "witness did not start: {line}");
+        self.children.push(("w".into(), child));
+    }
+
+    /// Writes node `n`'s config (fast failure detection) and starts it.
+    fn start_agent(&mut self, n: &str) {
+        let dir = self.dir(n);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ip = addr_of(n);
+        let peer = if n == "a" { "b" } else { "a" };
+        let config = self.root.path().join(format!("{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\n",
+                dir.display(),
+                addr_of("w")
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join(format!("{n}.log")))
+            .unwrap();
+        let mut child = self
+            .cmd(n, ferry_bin())
+            .args(["agent", "--config"])
+            .arg(&config)
+            .env("FERRY_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains("fingerprint"),
+            "agent {n} did not start: {}",
+            self.log(n)
+        );
+        self.children.push((n.into(), child));
+    }
+
+    fn log(&self, n: &str) -> String {
+        std::fs::read_to_string(self.root.path().join(format!("{n}.log"))).unwrap_or_default()
+    }
+
+    /// `ferry ARGS` against node `n`'s API, run from the client namespace.
+    fn ferry(&self, n: &str, args: &[&str]) -> std::process::Output {
+        self.ferry_via("c", n, args)
+    }
+
+    /// `ferry ARGS` against node `n`'s API, run from namespace `via`.
+    fn ferry_via(&self, via: &str, n: &str, args: &[&str]) -> std::process::Output {
+        let token = std::fs::read_to_string(self.dir(n).join("api.token")).unwrap();
+        self.cmd(via, ferry_bin())
+            .args(args)
+            .env("FERRY_API", format!("{}:7360", addr_of(n)))
+            .env("FERRY_TOKEN", token.trim())
+            .env("FERRY_DATA_DIR", self.dir(n))
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, n: &str, args: &[&str]) -> String {
+        let out = self.ferry(n, args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} on {n} failed: {}\n--- log of {n} ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log(n)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, n: &str, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(n, &a)).unwrap()
+    }
+
+    /// The workload's entry in node `n`'s `cluster status`.
+    fn status(&self, n: &str, workload: &str) -> Value {
+        self.status_via("c", n, workload)
+    }
+
+    fn status_via(&self, via: &str, n: &str, workload: &str) -> Value {
+        let out = self.ferry_via(via, n, &["--json", "cluster", "status"]);
+        if !out.status.success() {
+            return Value::Null;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["workload"] == workload)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    fn has_vip(&self, n: &str) -> bool {
+        let out = sh(&["ip", "-n", &self.ns(n), "-o", "addr", "show", "dev", "eth0"]);
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{VIP}/"))
+    }
+
+    /// Crash: every process of the node killed, its link down.
+    fn crash(&mut self, n: &str) {
+        for (who, c) in self.children.iter_mut() {
+            if who == n {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.children.retain(|(who, _)| who != n);
+        sh_ok(&["ip", "-n", &self.ns(n), "link", "set", "eth0", "down"]);
+    }
+
+    fn link_up(&self, n: &str) {
+        sh_ok(&["ip", "-n", &self.ns(n), "link", "set", "eth0", "up"]);
+        // A gratuitous ARP may have moved the VIP meanwhile; forget it.
+        let _ = sh(&["ip", "-n", &self.ns(n), "neigh", "flush", "dev", "eth0"]);
+    }
+
+    /// Drops all traffic between node `n` and `other` (nftables in `n`).
+    fn cut(&self, n: &str, other: &str) {
+        require("nft");
+        let ns = self.ns(n);
+        let o = addr_of(other);
+        let rules = format!(
+            "table inet cut {{\n chain in {{ type filter hook input priority 0; ip saddr {o} drop; }}\n chain out {{ type filter hook output priority 0; ip daddr {o} drop; }}\n}}\n"
+        );
+        let path = self.root.path().join(format!("cut-{n}-{other}.nft"));
+        std::fs::write(&path, rules).unwrap();
+        sh_ok(&["ip", "netns", "exec", &ns, "nft", "-f", path.to_str().unwrap()]);
+    }
+
+
+    /// Registers the nodes, creates a volume and a workload with the VIP on
+    /// `a`, replicates it to `b` in sync mode and puts it under HA.
+    fn ha_workload(&self, size: &str) {
+        let token = self.dir("b").join("api.token");
+        self.ok(
+            "a",
+            &[
+                "node",
+                "add",
+                "b",
+                "--api",
+                &format!("{}:7360", addr_of("b")),
+                "--token-file",
+                token.to_str().unwrap(),
+            ],
+        );
+        self.ok("a", &["volume", "create", "vol", "--size", size]);
+        self.ok(
+            "a",
+            &[
+                "workload",
+                "create",
+                "web",
+                "--volume",
+                "vol",
+                "--vip",
+                &format!("{VIP}/24"),
+                "--vip-interface",
+                "eth0",
+            ],
+        );
+        self.ok("a", &["replicate", "start", "vol", "--to", "b", "--mode", "sync"]);
+        self.ok("a", &["replicate", "wait", "vol", "--timeout", "60s"]);
+        self.ok("a", &["cluster", "add", "web", "--preferred", "a"]);
+        wait_for(20, "a to serve web with the VIP, b up to date", || {
+            let s = self.status("a", "web");
+            s["primary"] == "a"
+                && s["replicas"][0]["state"] == "up-to-date"
+                && self.has_vip("a")
+        });
+    }
+
+    fn image(&self, n: &str) -> Vec<u8> {
+        std::fs::read(self.dir(n).join("volumes/vol/data.raw")).unwrap()
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for (_, c) in self.children.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in ["a", "b", "w", "c", "br"] {
+            let ns = self.ns(n);
+            // Anything else still running inside (a writer we started).
+            let pids = sh(&["ip", "netns", "pids", &ns]);
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) on a process inside a namespace this
+                    // test created (only its own processes run there).
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+        if std::thread::panicking() {
+            for n in ["a", "b", "w"] {
+                let log = std::fs::read_to_string(self.root.path().join(format!("{n}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                eprintln!(
+                    "--- last lines of {n}.log ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+    }
+}
+
+fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A writer in the client namespace: writes numbered 4 KiB records through
+/// the VIP's NBD export, one at a time, and prints each index once its
+/// write was acknowledged; reconnects to the VIP when the connection drops.
+const WRITER: &str = r#"
+import nbd, sys, time
+uri, start, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def rec(i):
+    b = (b"ferry-ha-record-%08d;" % i)
+    return (b * (4096 // len(b) + 1))[:4096]
+h = None
+i = start
+deadline = None
+while i < start + count:
+    try:
+        if h is None:
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            print("connected", i, flush=True)
+        h.pwrite(rec(i), i * 4096)
+        print("ack", i, flush=True)
+        i += 1
+        deadline = None
+    except Exception as e:
+        h = None
+        if deadline is None:
+            deadline = time.time() + 30
+            print("lost", i, str(e).replace("\n", " "), flush=True)
+        if time.time() > deadline:
+            print("gave-up", i, flush=True)
+            sys.exit(1)
+        time.sleep(0.01)
+"#;
+
+fn record(i: u64) -> Vec<u8> {
+    let b = format!("ferry-ha-record-{i:08};");
+    b.as_bytes().iter().cycle().take(4096).copied().collect()
+}
+
+fn start_writer(net: &Net, start: u64, count: u64) -> Child {
+    require("nbdsh");
+    let script = net.root.path().join("writer.py");
+    std::fs::write(&script, WRITER).unwrap();
+    let mut c = net.cmd("c", "/usr/bin/python3");
+    c.arg(&script)
+        .arg(format!("nbd://{VIP}:{NBD_PORT}/vol"))
+        .arg(start.to_string())
+        .arg(count.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c.spawn().unwrap()
+}
+
+#[test]
+fn the_secondary_takes_over_a_crashed_primary_with_every_acknowledged_write_and_the_vip() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("64MiB");
+
+    // A writer through the VIP; crash the primary while it writes.
+    let mut writer = start_writer(&net, 0, 4000);
+    let stdout = writer.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut acked = Vec::new();
+    let mut lines = Vec::new();
+    let mut crashed_at = None;
+    let mut reconnected_after = None;
+    for line in rx.iter() {
+        lines.push(line.clone());
+        if let Some(i) = line.strip_prefix("ack ") {
+            acked.push(i.parse::<u64>().unwrap());
+            if acked.len() == 300 && crashed_at.is_none() {
+                net.crash("a");
+                crashed_at = Some(Instant::now());
+            }
+        }
+        if line.starts_with("connected") {
+            if let Some(t) = crashed_at {
+                reconnected_after.get_or_insert(t.elapsed());
+            }
+        }
+    }
+    let status = writer.wait().unwrap();
+    assert!(
+        status.success(),
+        "the writer gave up: {}",
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    );
+    let reconnected = reconnected_after.expect("the writer reconnected through the VIP");
+    eprintln!("writes resumed through the VIP {reconnected:?} after the crash");
+
+    // b serves the workload: primary, VIP, and every acknowledged write.
+    let s = net.status("b", "web");
+    assert_eq!(s["primary"], "b", "{s}");
+    assert!(net.has_vip("b"));
+    let events: Vec<&str> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    assert!(events.contains(&"promoted"), "{events:?}");
+    let img = net.image("b");
+    for &i in &acked {
+        let off = i as usize * 4096;
+        assert!(
+            img[off..off + 4096] == record(i)[..],
+            "acknowledged record {i} is missing on b"
+        );
+    }
+    assert_eq!(acked.len(), 4000);
+
+    // The old primary returns: it becomes b's replica and receives only
+    // what changed, while b keeps serving.
+    let sent_before = net.json("b", &["replicate", "status", "vol"])["bytes_sent"]
+        .as_u64()
+        .unwrap_or(0);
+    net.link_up("a");
+    net.start_agent("a");
+    wait_for(30, "a to be b's up-to-date replica", || {
+        let s = net.status("a", "web");
+        s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"
+    });
+    wait_for(10, "b to see a up to date", || {
+        net.status("b", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    let sent = net.json("b", &["replicate", "status", "vol"])["bytes_sent"]
+        .as_u64()
+        .unwrap()
+        - sent_before;
+    // 3700 records (14.5 MiB) were written on b alone: their blocks, not
+    // the 64 MiB volume.
+    assert!(sent < 32 << 20, "resync sent {sent} bytes");
+    assert!(!net.has_vip("a"));
+    net.ok("b", &["volume", "verify", "vol"]);
+    assert_eq!(net.image("a"), net.image("b"));
+}
+
+#[test]
+fn an_outdated_replica_never_promotes_itself() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+
+    // Cut A–B while the witness sees both: A outdates B at the witness,
+    // then writes go on alone; exactly one primary meanwhile.
+    net.cut("a", "b");
+    let out = net
+        .cmd("c", "/usr/bin/python3")
+        .args([
+            "-c",
+            &format!(
+                "import nbd\nh = nbd.NBD()\nh.connect_uri('nbd://{VIP}:{NBD_PORT}/vol')\nh.pwrite(b'x' * 4096, 0)\nh.flush()\nprint('written')"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("written"),
+        "a write through a primary that lost its replica: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wrec = std::fs::read_to_string(net.dir("w").join("records/web.json")).unwrap();
+    let rec: Value = serde_json::from_str(&wrec).unwrap();
+    assert_eq!(rec["record"]["outdated"], "b", "{rec}");
+    assert_eq!(rec["record"]["primary"], "a", "{rec}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(net.status("b", "web")["role"], "secondary");
+    assert!(!net.has_vip("b"));
+
+    // Kill A: B must not promote, and says why.
+    net.crash("a");
+    std::thread::sleep(Duration::from_millis(2000));
+    let s = net.status("b", "web");
+    assert_eq!(s["role"], "secondary", "{s}");
+    assert!(!net.has_vip("b"));
+    let why: Vec<String> = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "not-promoting")
+        .map(|e| e["why"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        why.iter().any(|w| w.contains("outdated")),
+        "b should say it is outdated: {s}"
+    );
+}
+
+#[test]
+fn a_primary_cut_off_from_everything_fences_itself_before_the_other_promotes() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    net.cut("a", "b");
+    net.cut("a", "w");
+    net.cut("a", "c");
+    wait_for(10, "b to take over", || net.status("b", "web")["primary"] == "b");
+    // Each node asked from its own namespace (a is cut off from the client).
+    let ev = |n: &str, kind: &str| -> Option<u64> {
+        net.status_via(n, n, "web")["events"]
+            .as_array()?
+            .iter()
+            .find(|e| e["event"] == kind)?["at_unix_ms"]
+            .as_u64()
+    };
+    let fenced = ev("a", "fenced").expect("a fenced itself");
+    let promoted = ev("b", "promoted").expect("b promoted");
+    assert!(
+        fenced < promoted,
+        "a fenced at {fenced}, b promoted at {promoted}: the old primary must stop first"
+    );
+    assert!(!net.has_vip("a"), "a dropped the VIP");
+    assert!(net.has_vip("b"));
+}
