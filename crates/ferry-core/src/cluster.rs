@@ -852,11 +852,15 @@ impl ClusterNode {
                         }
                     }
                     Refusal::LeaseHeld | Refusal::Quiet | Refusal::NotPrimary | Refusal::Stale => {
-                        // The primary still renews (the link alone is cut),
-                        // or the witness just restarted: step back and
-                        // look again after the next failure timeout.
                         if self.peer_alive(now) {
+                            // The primary still renews (the link alone was
+                            // cut): step back.
                             self.candidacy = None;
+                        } else if let Some(c) = self.candidacy.as_mut() {
+                            // Answered, so nothing is outstanding: ask again
+                            // at the next interval (the old lease may end
+                            // any moment), not a failure timeout later.
+                            c.sent = None;
                         }
                     }
                 }
