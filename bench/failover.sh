@@ -131,8 +131,8 @@ PY
 
 setup() { # interval timeout
   for n in a b; do [[ -n ${PID[$n]:-} ]] && { kill -9 "${PID[$n]}" 2>/dev/null || true; wait "${PID[$n]}" 2>/dev/null || true; }; rm -rf "${work:?}/$n"; done
-  rm -rf "$work/w/records"
   kill "${PID[w]}" 2>/dev/null || true; wait "${PID[w]}" 2>/dev/null || true
+  rm -rf "$work/w/records"
   FERRY_DATA_DIR="$work/w" FERRY_LOG=warn ip netns exec "$tag-w" "$ferry" witness --listen "${ADDR[w]}:7380" >/dev/null 2>>"$work/w.log" &
   PID[w]=$!
   start_agent a "$1" "$2"; start_agent b "$1" "$2"

@@ -323,13 +323,18 @@ impl Witness {
         let is_primary = self.record.primary.as_deref() == Some(node);
         match req.op {
             WitnessOp::Renew => {
-                if self.record.primary.is_none()
-                    && self.record.outdated.as_deref() != Some(node)
-                    && !self.lease_held_by_other(now, node)
-                    && now >= self.quiet_until
-                {
+                if self.record.primary.is_none() {
                     // A workload just put under HA: its primary claims the
-                    // empty record.
+                    // empty record — unless that could conflict.
+                    if self.record.outdated.as_deref() == Some(node) {
+                        return Some(Refusal::Outdated);
+                    }
+                    if now < self.quiet_until {
+                        return Some(Refusal::Quiet);
+                    }
+                    if self.lease_held_by_other(now, node) {
+                        return Some(Refusal::LeaseHeld);
+                    }
                     self.record.primary = Some(node.to_string());
                 }
                 if self.record.primary.as_deref() != Some(node) {
@@ -905,11 +910,12 @@ impl ClusterNode {
                     out.push(Action::Event(Event::Resumed));
                 }
             }
-            (_, Some(Refusal::NotPrimary)) => {
-                if matches!(self.role, Role::Primary | Role::Fenced) {
-                    // Someone else was promoted: we are the old primary.
-                    self.demote(Some(record.primary.clone()), out);
-                }
+            (_, Some(Refusal::NotPrimary))
+                if matches!(self.role, Role::Primary | Role::Fenced)
+                    && record.primary.as_deref().is_some_and(|p| p != self.me) =>
+            {
+                // Someone else was promoted: we are the old primary.
+                self.demote(Some(record.primary.clone()), out);
             }
             _ => {}
         }
