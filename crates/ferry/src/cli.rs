@@ -99,6 +99,14 @@ pub enum ClusterCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
+    /// Planned move to the peer with no write lost, verified like a
+    /// cutover (freeze, drain, equal Merkle leaves); asked of the node
+    /// serving the workload.
+    Switchover {
+        workload: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
     /// Take a workload out of HA on both nodes (data and replication stay).
     Remove {
         workload: String,

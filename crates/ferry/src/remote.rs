@@ -714,6 +714,21 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
                 }
             })
         }
+        ClusterCommand::Switchover { workload, conn } => {
+            let v = client(conn, data_dir)?.post(
+                &format!("/api/v1/cluster/workloads/{workload}/switchover"),
+                &json!({}),
+            )?;
+            print(&v, json, |v| {
+                println!(
+                    "workload {workload} moved from {} to {}: verified in {} ms, served again after {} ms",
+                    v["from"].as_str().unwrap_or("?"),
+                    v["to"].as_str().unwrap_or("?"),
+                    v["verified_ms"],
+                    v["downtime_ms"]
+                )
+            })
+        }
         ClusterCommand::Remove { workload, conn } => {
             let v = client(conn, data_dir)?.delete(&format!("/api/v1/cluster/workloads/{workload}"))?;
             print(&v, json, |_| println!("workload {workload} is no longer under HA"))

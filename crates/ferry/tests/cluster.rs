@@ -141,9 +141,10 @@ impl Net {
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\n",
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nnotify = \"echo \\\"$FERRY_EVENT\\\" >> {}/events.jsonl\"\n",
                 dir.display(),
-                addr_of("w")
+                addr_of("w"),
+                dir.display()
             ),
         )
         .unwrap();
@@ -272,6 +273,10 @@ impl Net {
     /// Registers the nodes, creates a volume and a workload with the VIP on
     /// `a`, replicates it to `b` in sync mode and puts it under HA.
     fn ha_workload(&self, size: &str) {
+        self.ha_workload_with(size, &[]);
+    }
+
+    fn ha_workload_with(&self, size: &str, extra: &[&str]) {
         let token = self.dir("b").join("api.token");
         self.ok(
             "a",
@@ -286,20 +291,20 @@ impl Net {
             ],
         );
         self.ok("a", &["volume", "create", "vol", "--size", size]);
-        self.ok(
-            "a",
-            &[
-                "workload",
-                "create",
-                "web",
-                "--volume",
-                "vol",
-                "--vip",
-                &format!("{VIP}/24"),
-                "--vip-interface",
-                "eth0",
-            ],
-        );
+        let vip = format!("{VIP}/24");
+        let mut args = vec![
+            "workload",
+            "create",
+            "web",
+            "--volume",
+            "vol",
+            "--vip",
+            &vip,
+            "--vip-interface",
+            "eth0",
+        ];
+        args.extend_from_slice(extra);
+        self.ok("a", &args);
         self.ok("a", &["replicate", "start", "vol", "--to", "b", "--mode", "sync"]);
         self.ok("a", &["replicate", "wait", "vol", "--timeout", "60s"]);
         self.ok("a", &["cluster", "add", "web", "--preferred", "a"]);
@@ -585,4 +590,87 @@ fn a_primary_cut_off_from_everything_fences_itself_before_the_other_promotes() {
     );
     assert!(!net.has_vip("a"), "a dropped the VIP");
     assert!(net.has_vip("b"));
+}
+
+#[test]
+fn a_failing_check_hands_the_workload_over_and_every_event_reaches_the_notify_hook() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let flag = net.root.path().join("app-broken");
+    let check = format!("test ! -e {}", flag.display());
+    net.ha_workload_with("16MiB", &["--check", &check]);
+    // Up after check_rise passes; then the application breaks on a.
+    std::thread::sleep(Duration::from_millis(800));
+    std::fs::write(&flag, b"").unwrap();
+    wait_for(15, "b to take over from a failing check", || {
+        net.status("b", "web")["primary"] == "b"
+    });
+    assert!(net.has_vip("b"));
+    let a = net.status("a", "web");
+    let resigned = a["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "resigned")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert!(
+        resigned["why"].as_str().unwrap_or("").contains("check hook failed"),
+        "{a}"
+    );
+    wait_for(15, "a to become b's replica", || {
+        net.status("a", "web")["role"] == "secondary"
+    });
+    // The notify hook saw the same events, as JSON lines.
+    let seen = std::fs::read_to_string(net.dir("a").join("events.jsonl")).unwrap_or_default();
+    let kinds: Vec<String> = seen
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["event"].as_str().map(String::from))
+        .collect();
+    assert!(
+        kinds.iter().any(|k| k == "resigned") && kinds.iter().any(|k| k == "demoted"),
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn a_switchover_moves_the_workload_verified_and_back() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    let mut w = start_writer(&net, 0, 200);
+    assert!(w.wait().unwrap().success());
+    let v = net.json("a", &["cluster", "switchover", "web"]);
+    assert_eq!(v["to"], "b", "{v}");
+    assert!(net.status("b", "web")["primary"] == "b" && net.has_vip("b"));
+    // Writes go on through the VIP, now on b; a becomes its replica with
+    // nothing to resend (both copies were proven equal).
+    let mut w = start_writer(&net, 200, 200);
+    assert!(w.wait().unwrap().success());
+    wait_for(20, "a to be b's up-to-date replica", || {
+        net.status("a", "web")["role"] == "secondary"
+            && net.status("b", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    let img = net.image("b");
+    for i in 0..400u64 {
+        let off = i as usize * 4096;
+        assert!(img[off..off + 4096] == record(i)[..], "record {i} missing on b");
+    }
+    // And back, asked of the node now serving it.
+    let v = net.json("b", &["cluster", "switchover", "web"]);
+    assert_eq!(v["to"], "a", "{v}");
+    assert!(net.has_vip("a") && !net.has_vip("b"));
+    wait_for(20, "b to be a's up-to-date replica", || {
+        net.status("a", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    net.ok("a", &["volume", "verify", "vol"]);
+    // A switchover is refused where the workload does not run.
+    let out = net.ferry("b", &["cluster", "switchover", "web"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("served by a"), "{}", String::from_utf8_lossy(&out.stderr));
 }

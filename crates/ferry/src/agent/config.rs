@@ -98,6 +98,28 @@ pub struct ClusterSettings {
     /// primaries (split brain). Off by default.
     #[serde(default)]
     pub two_node_unsafe: bool,
+    /// Shell command run with each cluster event, as JSON in `FERRY_EVENT`.
+    #[serde(default)]
+    pub notify: Option<String>,
+    /// How often the serving node runs a workload's check hook.
+    #[serde(default = "default_check_interval_ms")]
+    pub check_interval_ms: u64,
+    /// Consecutive passes before the application counts as up.
+    #[serde(default = "default_check_rise")]
+    pub check_rise: u32,
+    /// Consecutive failures (once up) that hand the workload over.
+    #[serde(default = "default_check_fall")]
+    pub check_fall: u32,
+}
+
+fn default_check_interval_ms() -> u64 {
+    2000
+}
+fn default_check_rise() -> u32 {
+    2
+}
+fn default_check_fall() -> u32 {
+    3
 }
 
 fn default_heartbeat_interval_ms() -> u64 {
@@ -282,6 +304,12 @@ impl AgentConfig {
             c.timing()
                 .validate()
                 .map_err(|e| format!("table `cluster`: {e}"))?;
+            if c.check_interval_ms == 0 || c.check_rise == 0 || c.check_fall == 0 {
+                return Err(
+                    "keys `cluster.check_interval_ms`, `check_rise` and `check_fall` must be at least 1"
+                        .into(),
+                );
+            }
             if c.peer == self.node_name {
                 return Err("key `cluster.peer`: a node cannot be its own peer".into());
             }

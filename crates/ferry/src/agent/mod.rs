@@ -659,7 +659,12 @@ impl AgentCtx {
     /// saw — its dirty map and activity-log extents — is kept in
     /// `suspect.map` and sent in the handshake, so the new primary resends
     /// those blocks along with its own changes.
-    pub fn demote_after_failover(self: &Arc<Self>, name: &str, new_primary: &str) -> Result<()> {
+    pub fn demote_after_failover(
+        self: &Arc<Self>,
+        name: &str,
+        new_primary: &str,
+        proven_equal: bool,
+    ) -> Result<()> {
         let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let vol = self.primary(name).ok_or_else(|| {
             anyhow!(
@@ -669,8 +674,13 @@ impl AgentCtx {
         })?;
         vol.close_gate();
         let mut suspect = vol.link.lock().rep.dirty_map().clone();
-        for x in &vol.meta_state().al_extents {
-            suspect.mark(x << AL_EXTENT_SHIFT, 1 << AL_EXTENT_SHIFT);
+        if proven_equal {
+            // A verified switchover: both copies were equal when it resigned.
+            suspect.clear_all();
+        } else {
+            for x in &vol.meta_state().al_extents {
+                suspect.mark(x << AL_EXTENT_SHIFT, 1 << AL_EXTENT_SHIFT);
+            }
         }
         drop(vol);
         self.unload_volume(name)?;

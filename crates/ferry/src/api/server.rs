@@ -141,6 +141,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/cluster/workloads", post(cluster_add))
         .route("/api/v1/cluster/workloads/{name}", delete(cluster_remove))
+        .route("/api/v1/cluster/workloads/{name}/switchover", post(cluster_switchover))
         .route("/metrics", get(metrics))
         .merge(api)
         .with_state(ctx);
@@ -529,6 +530,11 @@ async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
         Ok(json!({"workload": h.workload, "preferred": h.preferred, "role": h.state.role}))
     })
     .await?;
+    Ok(Json(v))
+}
+
+async fn cluster_switchover(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let v = blocking(move || crate::cluster::switchover(&ctx, &name)).await?;
     Ok(Json(v))
 }
 

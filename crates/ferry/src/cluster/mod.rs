@@ -20,6 +20,7 @@ pub mod witness;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,6 +114,11 @@ pub fn is_ha_volume(data_dir: &Path, volume: &str) -> bool {
 pub struct ClusterView {
     pub workloads: Mutex<BTreeMap<String, Value>>,
     pub state: Mutex<String>,
+    /// To the manager: (workload, why) — hand the workload over.
+    resign: Mutex<Option<mpsc::Sender<(String, String)>>>,
+    /// Workloads handed over by a verified switchover: their demotion keeps
+    /// no suspect blocks (both copies were proven equal).
+    clean_handover: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ClusterView {
@@ -154,6 +160,17 @@ struct Slot {
     peer_lost_at: Option<Instant>,
     /// Accepting writes at the last look: the edge to serving sends Resume.
     serving: bool,
+    /// The same, for the check thread; and its stop flag.
+    serving_flag: Arc<AtomicBool>,
+    stop_checks: Arc<AtomicBool>,
+    /// Disk I/O errors of the volumes already acted on.
+    io_errors_seen: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.stop_checks.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Starts the manager if `[cluster]` is configured.
@@ -218,11 +235,41 @@ struct Manager {
     slots: HashMap<String, Slot>,
     epoch: Instant,
     incarnation: u64,
+    /// (workload, why): the check hook failed `check_fall` times.
+    resign_tx: mpsc::Sender<(String, String)>,
+    resign_rx: mpsc::Receiver<(String, String)>,
+    /// Events for the notify hook.
+    notify: Option<mpsc::Sender<Value>>,
 }
 
 impl Manager {
     fn new(ctx: Arc<AgentCtx>, cfg: ClusterSettings, socks: Vec<UdpSocket>, wsock: UdpSocket) -> Manager {
+        let (resign_tx, resign_rx) = mpsc::channel();
+        let notify = cfg.notify.clone().and_then(|cmd| {
+            let (tx, rx) = mpsc::channel::<Value>();
+            std::thread::Builder::new()
+                .name("cluster-notify".into())
+                .spawn(move || {
+                    for ev in rx {
+                        let run = crate::migrate::run_hook(
+                            "notify",
+                            &cmd,
+                            Duration::from_secs(10),
+                            &[("FERRY_EVENT", &ev.to_string())],
+                        );
+                        if !run.ok {
+                            tracing::warn!(output = %run.output, "cluster.notify_failed");
+                        }
+                    }
+                })
+                .ok()
+                .map(|_| tx)
+        });
+        *ctx.cluster.resign.lock().unwrap_or_else(|p| p.into_inner()) = Some(resign_tx.clone());
         Manager {
+            resign_tx,
+            resign_rx,
+            notify,
             timing: cfg.timing(),
             ctx,
             cfg,
@@ -250,6 +297,13 @@ impl Manager {
                 last_refresh = Some(Instant::now());
             }
             self.receive(&mut buf);
+            while let Ok((w, why)) = self.resign_rx.try_recv() {
+                let now = self.now();
+                if let Some(slot) = self.slots.get_mut(&w) {
+                    let actions = slot.node.on_input(now, Input::Resign { why });
+                    self.perform(&w, actions);
+                }
+            }
             if last_poll.elapsed() >= Duration::from_millis(20) {
                 last_poll = Instant::now();
                 self.poll_data();
@@ -264,6 +318,7 @@ impl Manager {
                 let serving = slot.node.accepting_writes(now);
                 let edge = serving && !slot.serving;
                 slot.serving = serving;
+                slot.serving_flag.store(serving, Ordering::SeqCst);
                 self.perform(&w, actions);
                 if edge {
                     // Holding a lease now (first one after start, or back
@@ -336,6 +391,17 @@ impl Manager {
                 tracing::error!(workload = %h.workload, error = %e, "cluster.worker_failed");
                 continue;
             }
+            let serving_flag = Arc::new(AtomicBool::new(false));
+            let stop_checks = Arc::new(AtomicBool::new(false));
+            if spec.check.is_some() {
+                let (ctx, name) = (self.ctx.clone(), h.workload.clone());
+                let (serving, stop) = (serving_flag.clone(), stop_checks.clone());
+                let tx = self.resign_tx.clone();
+                let cfg = self.cfg.clone();
+                let _ = std::thread::Builder::new()
+                    .name(format!("check-{name}"))
+                    .spawn(move || checker(&ctx, &cfg, &name, &serving, &stop, &tx));
+            }
             tracing::info!(workload = %h.workload, role = ?h.state.role, ?policy, "cluster.workload.managed");
             self.slots.insert(
                 h.workload.clone(),
@@ -349,6 +415,14 @@ impl Manager {
                     events: VecDeque::new(),
                     peer_lost_at: None,
                     serving: false,
+                    serving_flag,
+                    stop_checks,
+                    io_errors_seen: spec
+                        .volumes
+                        .iter()
+                        .filter_map(|v| self.ctx.primary(v))
+                        .map(|p| p.io_errors.load(Ordering::Relaxed))
+                        .sum(),
                 },
             );
         }
@@ -424,6 +498,17 @@ impl Manager {
                 for p in &prims {
                     p.alone.set(required, granted);
                     p.release_parked(in_sync);
+                }
+                let errors: u64 = prims.iter().map(|p| p.io_errors.load(Ordering::Relaxed)).sum();
+                if errors > slot.io_errors_seen {
+                    slot.io_errors_seen = errors;
+                    if slot.serving {
+                        let why = format!(
+                            "{} disk I/O error(s) on the workload's volumes here",
+                            errors
+                        );
+                        actions.extend(slot.node.on_input(now, Input::Resign { why }));
+                    }
                 }
             }
             self.perform(&w, actions);
@@ -651,6 +736,9 @@ impl Manager {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0));
         tracing::info!(workload = w, event = %v, "cluster.event");
+        if let Some(tx) = &self.notify {
+            let _ = tx.send(v.clone());
+        }
         slot.events.push_back(v);
         while slot.events.len() > 32 {
             slot.events.pop_front();
@@ -702,6 +790,53 @@ fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Jo
         match r {
             Ok(()) => tracing::info!(workload, ?job, elapsed_ms = started.elapsed().as_millis() as u64, "cluster.action.done"),
             Err(e) => tracing::error!(workload, ?job, error = %format!("{e:#}"), "cluster.action.failed"),
+        }
+    }
+}
+
+/// Runs the workload's check hook every `check_interval_ms` while this node
+/// serves it: `check_rise` passes in a row and the application counts as up;
+/// once up, `check_fall` failures in a row hand the workload over (Resign).
+fn checker(
+    ctx: &AgentCtx,
+    cfg: &ClusterSettings,
+    workload: &str,
+    serving: &AtomicBool,
+    stop: &AtomicBool,
+    resign: &mpsc::Sender<(String, String)>,
+) {
+    let (mut passes, mut fails, mut up) = (0u32, 0u32, false);
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(cfg.check_interval_ms));
+        if !serving.load(Ordering::SeqCst) {
+            (passes, fails, up) = (0, 0, false);
+            continue;
+        }
+        let Ok(spec) = spec(ctx, workload) else {
+            continue;
+        };
+        let Some(run) = crate::migrate::workload_hook(ctx, &spec, "check", "primary") else {
+            continue;
+        };
+        if run.ok {
+            passes += 1;
+            fails = 0;
+            if !up && passes >= cfg.check_rise {
+                up = true;
+                tracing::info!(workload, "cluster.check.up");
+            }
+        } else {
+            fails += 1;
+            passes = 0;
+            tracing::warn!(workload, fails, output = %run.output, "cluster.check.failed");
+            if up && fails >= cfg.check_fall {
+                up = false;
+                let why = format!(
+                    "the check hook failed {fails} times in a row: {}",
+                    run.output.lines().last().unwrap_or("").trim()
+                );
+                let _ = resign.send((workload.to_string(), why));
+            }
         }
     }
 }
@@ -784,12 +919,137 @@ fn demote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
             tracing::warn!(workload, output = %run.output, "cluster.stop_hook_failed");
         }
     }
+    let clean = ctx
+        .cluster
+        .clean_handover
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(workload);
     for v in &spec.volumes {
         if ctx.primary(v).is_some() {
-            ctx.demote_after_failover(v, peer)?;
+            ctx.demote_after_failover(v, peer, clean)?;
         }
     }
     Ok(())
+}
+
+/// `ferry cluster switchover WORKLOAD`, on the node serving it: a planned
+/// move to the peer with no write lost, verified like a cutover — writes
+/// freeze, the link drains (everything durable on the peer), both nodes'
+/// Merkle leaves must match; then this node resigns (VIP dropped, stop
+/// hook), the witness hands the lease to the peer, which promotes, takes
+/// the VIP and starts the application. Any failure before the resignation
+/// unfreezes and leaves the workload here.
+pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let cfg = ctx
+        .cfg
+        .cluster
+        .clone()
+        .ok_or_else(|| anyhow!("this node has no [cluster] table in its config"))?;
+    let status = ctx
+        .cluster
+        .workloads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(workload)
+        .cloned()
+        .ok_or_else(|| anyhow!("workload {workload:?} is not under HA on this node"))?;
+    if status["role"] != "primary" || status["primary"] != ctx.identity.node_name.as_str() {
+        bail!(
+            "workload {workload:?} is served by {}, not by this node: ask that node",
+            status["primary"].as_str().unwrap_or("no node")
+        );
+    }
+    if status["replicas"][0]["state"] != "up-to-date" {
+        bail!(
+            "the replica on {} is {}: wait until it is up to date",
+            cfg.peer,
+            status["replicas"][0]["state"].as_str().unwrap_or("unknown")
+        );
+    }
+    let peer = ctx
+        .peers
+        .get(&cfg.peer)
+        .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let spec = spec(ctx, workload)?;
+    let vols: Vec<_> = spec.volumes.iter().filter_map(|v| ctx.primary(v)).collect();
+    if vols.len() != spec.volumes.len() {
+        bail!("not every volume of {workload:?} is a primary here");
+    }
+    let started = Instant::now();
+    for v in &vols {
+        v.freeze();
+    }
+    let verified = (|| -> Result<()> {
+        let timeout = Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
+        for v in &vols {
+            v.drain(timeout)
+                .map_err(|e| anyhow!("volume {}: {e}", v.name))?;
+        }
+        for v in &vols {
+            let local = v.leaves.current(&v.local)?;
+            let remote = client.get(&format!("/api/v1/volumes/{}/hashes", v.name))?;
+            let remote: Vec<&str> = remote["hashes"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
+                .unwrap_or_default();
+            let differ = remote.len() != local.len()
+                || local
+                    .iter()
+                    .zip(&remote)
+                    .any(|(l, r)| l.to_hex().as_str() != *r);
+            if differ {
+                bail!("the Merkle leaves of {} differ on {}: not switching over", v.name, cfg.peer);
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = verified {
+        for v in &vols {
+            v.unfreeze();
+        }
+        return Err(e.context("switchover aborted; the workload stays here"));
+    }
+    let verified_ms = started.elapsed().as_millis() as u64;
+    ctx.cluster
+        .clean_handover
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(workload.to_string());
+    let tx = ctx
+        .cluster
+        .resign
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| anyhow!("the cluster manager is not running"))?;
+    let _ = tx.send((workload.to_string(), "switchover".to_string()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = client.get("/api/v1/cluster").unwrap_or(Value::Null);
+        let serving = v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| w["workload"] == workload && w["primary"] == cfg.peer.as_str());
+        if serving {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not take {workload:?} over within 30 s after this node resigned; see `ferry cluster status` on both nodes", cfg.peer);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let downtime_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, "cluster.switchover.done");
+    Ok(json!({
+        "workload": workload,
+        "from": ctx.identity.node_name,
+        "to": cfg.peer,
+        "verified_ms": verified_ms,
+        "downtime_ms": downtime_ms,
+    }))
 }
 
 /// Adds or removes the workload's virtual IP (`ip addr`), with gratuitous

@@ -494,6 +494,9 @@ pub struct PrimaryVolume {
     pub leaves: super::verify::LeafCache,
     /// HA: may a write the peer did not confirm be acknowledged?
     pub alone: AlonePermit,
+    /// Local disk I/O errors seen by client reads and writes (HA hands the
+    /// workload over when this grows).
+    pub io_errors: std::sync::atomic::AtomicU64,
     /// Unconfirmed writes the link dropped while going alone was not yet
     /// permitted: answered once it is, or once the peer has them again.
     parked: Mutex<Vec<Deferred>>,
@@ -630,6 +633,7 @@ impl PrimaryVolume {
             throttle_pct: std::sync::atomic::AtomicU8::new(0),
             leaves,
             alone: AlonePermit::default(),
+            io_errors: std::sync::atomic::AtomicU64::new(0),
             parked: Mutex::new(Vec::new()),
         }
     }
@@ -1125,9 +1129,14 @@ impl PrimaryVolume {
         let wrote = local();
         // Even a failed write may have changed some bytes.
         self.leaves.invalidate(extent.offset, extent.length);
+        if wrote.is_err() {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
         wrote?;
         if fua {
-            self.local.flush()?;
+            self.local.flush().inspect_err(|_| {
+                self.io_errors.fetch_add(1, Ordering::Relaxed);
+            })?;
         }
         // Sequencing happens while the overlap guard is held, so overlapping
         // writes reach the peer in the order they completed here.
@@ -1317,7 +1326,9 @@ impl BlockDevice for PrimaryVolume {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.local.read_at(buf, offset)
+        self.local.read_at(buf, offset).inspect_err(|_| {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
