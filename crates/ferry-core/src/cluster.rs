@@ -1024,8 +1024,7 @@ impl ClusterNode {
         // A primary that just started has not had a round trip to get its
         // first lease yet: give it two intervals before fencing (it is not
         // accepting writes meanwhile: `accepting_writes` checks the lease).
-        let starting = self.lease_end() == 0
-            && now < self.started_at + 2 * t.heartbeat_interval_ms;
+        let starting = self.lease_end() == 0 && now < self.started_at + 2 * t.heartbeat_interval_ms;
         if self.policy.needs_lease() && !starting && now + t.fence_margin() >= self.lease_end() {
             // Without a witness (unsafe mode) a lone primary goes on without
             // its peer's lease: that is the risk the operator accepted.

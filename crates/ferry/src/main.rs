@@ -4,8 +4,8 @@
 
 mod agent;
 mod api;
-mod cluster;
 mod cli;
+mod cluster;
 mod demo;
 mod export;
 mod migrate;

@@ -688,10 +688,17 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
             let v = client(conn, data_dir)?.get("/api/v1/cluster")?;
             print(&v, json, |v| {
                 if v["configured"] != true {
-                    println!("node {} has no [cluster] table in its config", v["node"].as_str().unwrap_or("?"));
+                    println!(
+                        "node {} has no [cluster] table in its config",
+                        v["node"].as_str().unwrap_or("?")
+                    );
                     return;
                 }
-                println!("node {} — cluster {}", v["node"].as_str().unwrap_or("?"), v["state"].as_str().unwrap_or("?"));
+                println!(
+                    "node {} — cluster {}",
+                    v["node"].as_str().unwrap_or("?"),
+                    v["state"].as_str().unwrap_or("?")
+                );
                 let list = v["workloads"].as_array().cloned().unwrap_or_default();
                 if list.is_empty() {
                     println!("no workloads under HA (add one with `ferry cluster add WORKLOAD --preferred NODE`)");
@@ -701,7 +708,13 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .map(|r| format!("{} {}", r["node"].as_str().unwrap_or("?"), r["state"].as_str().unwrap_or("?")))
+                        .map(|r| {
+                            format!(
+                                "{} {}",
+                                r["node"].as_str().unwrap_or("?"),
+                                r["state"].as_str().unwrap_or("?")
+                            )
+                        })
                         .collect();
                     println!(
                         "{:<20} primary {:<10} this node {:<10} replica {}{}",
@@ -709,7 +722,11 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
                         w["primary"].as_str().unwrap_or("none"),
                         w["role"].as_str().unwrap_or("?"),
                         replicas.join(", "),
-                        if w["writes_held"] == true { "  (writes held: outdating the peer)" } else { "" }
+                        if w["writes_held"] == true {
+                            "  (writes held: outdating the peer)"
+                        } else {
+                            ""
+                        }
                     );
                 }
             })
@@ -730,8 +747,11 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
             })
         }
         ClusterCommand::Remove { workload, conn } => {
-            let v = client(conn, data_dir)?.delete(&format!("/api/v1/cluster/workloads/{workload}"))?;
-            print(&v, json, |_| println!("workload {workload} is no longer under HA"))
+            let v =
+                client(conn, data_dir)?.delete(&format!("/api/v1/cluster/workloads/{workload}"))?;
+            print(&v, json, |_| {
+                println!("workload {workload} is no longer under HA")
+            })
         }
     }
 }

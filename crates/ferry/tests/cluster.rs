@@ -61,7 +61,10 @@ impl Net {
             NEXT.fetch_add(1, Ordering::SeqCst)
         );
         let net = Net {
-            root: tempfile::Builder::new().prefix("ferry-ha").tempdir().unwrap(),
+            root: tempfile::Builder::new()
+                .prefix("ferry-ha")
+                .tempdir()
+                .unwrap(),
             tag,
             children: Vec::new(),
         };
@@ -266,9 +269,16 @@ impl Net {
         );
         let path = self.root.path().join(format!("cut-{n}-{other}.nft"));
         std::fs::write(&path, rules).unwrap();
-        sh_ok(&["ip", "netns", "exec", &ns, "nft", "-f", path.to_str().unwrap()]);
+        sh_ok(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "nft",
+            "-f",
+            path.to_str().unwrap(),
+        ]);
     }
-
 
     /// Registers the nodes, creates a volume and a workload with the VIP on
     /// `a`, replicates it to `b` in sync mode and puts it under HA.
@@ -305,14 +315,15 @@ impl Net {
         ];
         args.extend_from_slice(extra);
         self.ok("a", &args);
-        self.ok("a", &["replicate", "start", "vol", "--to", "b", "--mode", "sync"]);
+        self.ok(
+            "a",
+            &["replicate", "start", "vol", "--to", "b", "--mode", "sync"],
+        );
         self.ok("a", &["replicate", "wait", "vol", "--timeout", "60s"]);
         self.ok("a", &["cluster", "add", "web", "--preferred", "a"]);
         wait_for(20, "a to serve web with the VIP, b up to date", || {
             let s = self.status("a", "web");
-            s["primary"] == "a"
-                && s["replicas"][0]["state"] == "up-to-date"
-                && self.has_vip("a")
+            s["primary"] == "a" && s["replicas"][0]["state"] == "up-to-date" && self.has_vip("a")
         });
     }
 
@@ -359,7 +370,10 @@ impl Drop for Net {
 fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -573,7 +587,9 @@ fn a_primary_cut_off_from_everything_fences_itself_before_the_other_promotes() {
     net.cut("a", "b");
     net.cut("a", "w");
     net.cut("a", "c");
-    wait_for(10, "b to take over", || net.status("b", "web")["primary"] == "b");
+    wait_for(10, "b to take over", || {
+        net.status("b", "web")["primary"] == "b"
+    });
     // Each node asked from its own namespace (a is cut off from the client).
     let ev = |n: &str, kind: &str| -> Option<u64> {
         net.status_via(n, n, "web")["events"]
@@ -617,7 +633,10 @@ fn a_failing_check_hands_the_workload_over_and_every_event_reaches_the_notify_ho
         .cloned()
         .unwrap_or(Value::Null);
     assert!(
-        resigned["why"].as_str().unwrap_or("").contains("check hook failed"),
+        resigned["why"]
+            .as_str()
+            .unwrap_or("")
+            .contains("check hook failed"),
         "{a}"
     );
     wait_for(15, "a to become b's replica", || {
@@ -659,7 +678,10 @@ fn a_switchover_moves_the_workload_verified_and_back() {
     let img = net.image("b");
     for i in 0..400u64 {
         let off = i as usize * 4096;
-        assert!(img[off..off + 4096] == record(i)[..], "record {i} missing on b");
+        assert!(
+            img[off..off + 4096] == record(i)[..],
+            "record {i} missing on b"
+        );
     }
     // And back, asked of the node now serving it.
     let v = net.json("b", &["cluster", "switchover", "web"]);
@@ -672,5 +694,9 @@ fn a_switchover_moves_the_workload_verified_and_back() {
     // A switchover is refused where the workload does not run.
     let out = net.ferry("b", &["cluster", "switchover", "web"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("served by a"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("served by a"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

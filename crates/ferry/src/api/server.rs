@@ -141,7 +141,10 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/cluster/workloads", post(cluster_add))
         .route("/api/v1/cluster/workloads/{name}", delete(cluster_remove))
-        .route("/api/v1/cluster/workloads/{name}/switchover", post(cluster_switchover))
+        .route(
+            "/api/v1/cluster/workloads/{name}/switchover",
+            post(cluster_switchover),
+        )
         .route("/metrics", get(metrics))
         .merge(api)
         .with_state(ctx);

@@ -183,7 +183,8 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     }
     let mut socks = Vec::new();
     for a in &cfg.heartbeat {
-        let s = UdpSocket::bind(a).with_context(|| format!("cannot listen for heartbeats on {a}"))?;
+        let s =
+            UdpSocket::bind(a).with_context(|| format!("cannot listen for heartbeats on {a}"))?;
         s.set_nonblocking(true)?;
         socks.push(s);
     }
@@ -243,7 +244,12 @@ struct Manager {
 }
 
 impl Manager {
-    fn new(ctx: Arc<AgentCtx>, cfg: ClusterSettings, socks: Vec<UdpSocket>, wsock: UdpSocket) -> Manager {
+    fn new(
+        ctx: Arc<AgentCtx>,
+        cfg: ClusterSettings,
+        socks: Vec<UdpSocket>,
+        wsock: UdpSocket,
+    ) -> Manager {
         let (resign_tx, resign_rx) = mpsc::channel();
         let notify = cfg.notify.clone().and_then(|cmd| {
             let (tx, rx) = mpsc::channel::<Value>();
@@ -331,7 +337,12 @@ impl Manager {
     }
 
     fn set_state(&self, s: &str) {
-        let mut st = self.ctx.cluster.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self
+            .ctx
+            .cluster
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if *st != s {
             tracing::info!(state = s, peer = %self.cfg.peer, "cluster.state");
             *st = s.to_string();
@@ -358,7 +369,8 @@ impl Manager {
             if self.slots.contains_key(&h.workload) {
                 continue;
             }
-            let Ok(Some(spec)) = crate::migrate::load_workload(&self.ctx.cfg.data_dir, &h.workload) else {
+            let Ok(Some(spec)) = crate::migrate::load_workload(&self.ctx.cfg.data_dir, &h.workload)
+            else {
                 tracing::warn!(workload = %h.workload, "cluster.workload_missing: no workload definition here yet");
                 continue;
             };
@@ -432,7 +444,11 @@ impl Manager {
         let mode = if let Some(p) = self.ctx.primary(v) {
             p.meta_state().mode
         } else if let Some(s) = self.ctx.secondary(v) {
-            s.meta.lock().unwrap_or_else(|p| p.into_inner()).state().mode
+            s.meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state()
+                .mode
         } else {
             return true;
         };
@@ -447,7 +463,11 @@ impl Manager {
                 return true;
             }
             self.ctx.secondary(v).is_some_and(|s| {
-                s.meta.lock().unwrap_or_else(|p| p.into_inner()).state().consistent
+                s.meta
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .state()
+                    .consistent
             })
         });
         if all {
@@ -467,16 +487,18 @@ impl Manager {
                 continue;
             };
             let data = self.data_state_of(&spec);
-            let prims: Vec<_> = spec.volumes.iter().filter_map(|v| self.ctx.primary(v)).collect();
+            let prims: Vec<_> = spec
+                .volumes
+                .iter()
+                .filter_map(|v| self.ctx.primary(v))
+                .collect();
             let in_sync = !prims.is_empty()
                 && prims.len() == spec.volumes.len()
-                && prims
-                    .iter()
-                    .all(|p| {
-                        let l = p.link.lock();
-                        l.rep.phase() == ferry_core::link::Phase::Streaming
-                            && l.rep.replica_state() == ReplicaState::UpToDate
-                    });
+                && prims.iter().all(|p| {
+                    let l = p.link.lock();
+                    l.rep.phase() == ferry_core::link::Phase::Streaming
+                        && l.rep.replica_state() == ReplicaState::UpToDate
+                });
             let mut actions = Vec::new();
             {
                 let slot = self.slots.get_mut(&w).expect("listed");
@@ -499,7 +521,10 @@ impl Manager {
                     p.alone.set(required, granted);
                     p.release_parked(in_sync);
                 }
-                let errors: u64 = prims.iter().map(|p| p.io_errors.load(Ordering::Relaxed)).sum();
+                let errors: u64 = prims
+                    .iter()
+                    .map(|p| p.io_errors.load(Ordering::Relaxed))
+                    .sum();
                 if errors > slot.io_errors_seen {
                     slot.io_errors_seen = errors;
                     if slot.serving {
@@ -566,11 +591,7 @@ impl Manager {
     fn receive(&mut self, buf: &mut [u8]) {
         let now = self.now();
         for i in 0..self.socks.len() {
-            loop {
-                let (n, from) = match self.socks[i].recv_from(buf) {
-                    Ok(x) => x,
-                    Err(_) => break,
-                };
+            while let Ok((n, from)) = self.socks[i].recv_from(buf) {
                 let Some(d) = self.verify(&buf[..n]) else {
                     tracing::debug!(%from, "cluster.heartbeat_refused: bad length or signature");
                     continue;
@@ -788,8 +809,15 @@ fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Jo
             }
         };
         match r {
-            Ok(()) => tracing::info!(workload, ?job, elapsed_ms = started.elapsed().as_millis() as u64, "cluster.action.done"),
-            Err(e) => tracing::error!(workload, ?job, error = %format!("{e:#}"), "cluster.action.failed"),
+            Ok(()) => tracing::info!(
+                workload,
+                ?job,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "cluster.action.done"
+            ),
+            Err(e) => {
+                tracing::error!(workload, ?job, error = %format!("{e:#}"), "cluster.action.failed")
+            }
         }
     }
 }
@@ -895,7 +923,13 @@ fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
     if !replicas.is_empty() {
         let mode = ctx
             .secondary(&replicas[0])
-            .map(|s| s.meta.lock().unwrap_or_else(|p| p.into_inner()).state().mode)
+            .map(|s| {
+                s.meta
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .state()
+                    .mode
+            })
             .unwrap_or(ferry_core::link::Mode::Sync);
         ctx.commit_takeover(workload, &replicas, Some(peer), mode)?;
     }
@@ -1000,7 +1034,11 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
                     .zip(&remote)
                     .any(|(l, r)| l.to_hex().as_str() != *r);
             if differ {
-                bail!("the Merkle leaves of {} differ on {}: not switching over", v.name, cfg.peer);
+                bail!(
+                    "the Merkle leaves of {} differ on {}: not switching over",
+                    v.name,
+                    cfg.peer
+                );
             }
         }
         Ok(())

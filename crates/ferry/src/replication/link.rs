@@ -18,9 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_core::DirtyMap;
 use ferry_core::generation::Relation;
 use ferry_core::link::{Mode, Phase, TickAction};
+use ferry_core::DirtyMap;
 use ferry_core::GenerationHistory;
 use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 

@@ -728,12 +728,9 @@ impl PrimaryVolume {
     /// writes already inside (some may wait for a permit that only the
     /// caller's thread would grant).
     pub fn freeze_nowait(&self) {
-        let _ = self.gate.compare_exchange(
-            GATE_OPEN,
-            GATE_FROZEN,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        let _ =
+            self.gate
+                .compare_exchange(GATE_OPEN, GATE_FROZEN, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// The volume's persisted replication state.
