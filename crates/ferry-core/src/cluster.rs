@@ -532,6 +532,8 @@ pub struct ClusterNode {
     granted_until: Millis,
     candidacy: Option<Candidacy>,
     told_not_promoting: bool,
+    /// Maintenance: this node takes no workload over.
+    standby: bool,
     resigning: bool,
     started_at: Millis,
     next_heartbeat: Millis,
@@ -592,6 +594,7 @@ impl ClusterNode {
                 sent: None,
             }),
             told_not_promoting: false,
+            standby: false,
             resigning: false,
             started_at: now,
             next_heartbeat: now,
@@ -619,6 +622,16 @@ impl ClusterNode {
     /// The peer's role as its last heartbeat said.
     pub fn peer_role(&self) -> Option<Role> {
         self.peer_role
+    }
+
+    /// Maintenance mode: a node in standby never takes a workload over.
+    pub fn set_standby(&mut self, on: bool) {
+        self.standby = on;
+        self.told_not_promoting = false;
+    }
+
+    pub fn standby(&self) -> bool {
+        self.standby
     }
 
     /// What must survive a restart.
@@ -1068,7 +1081,9 @@ impl ClusterNode {
             return;
         }
         // The primary is silent, resigning, or the peer is a secondary too.
-        let why_not = if !self.policy.automatic_failover() {
+        let why_not = if self.standby {
+            Some("this node is in standby (ferry cluster unstandby NODE)".to_string())
+        } else if !self.policy.automatic_failover() {
             Some(if !self.policy.witness && !self.policy.two_node_unsafe {
                 "no witness is configured and two_node_unsafe is off: fail over by hand".to_string()
             } else {

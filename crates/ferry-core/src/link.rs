@@ -248,7 +248,13 @@ impl Replicator {
     pub fn on_connect(&mut self, relation: Relation, now_ms: u64) -> bool {
         self.reset_connection();
         match relation {
-            Relation::InSync | Relation::Ahead => {}
+            Relation::InSync => {}
+            Relation::Ahead => {
+                // The peer holds an older history: whatever moves (maybe
+                // nothing), it records itself consistent only when told it
+                // is up to date at this generation.
+                self.peer_consistent = false;
+            }
             Relation::PeerBlank => {
                 // Everything the peer lacks: the whole device.
                 self.dirty.mark(0, self.dirty.size_bytes());

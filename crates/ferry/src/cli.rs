@@ -107,6 +107,19 @@ pub enum ClusterCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
+    /// Maintenance: move every workload off NODE (verified switchovers) and
+    /// let none fail over to it until `unstandby`.
+    Standby {
+        node: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// End maintenance of NODE.
+    Unstandby {
+        node: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
     /// Take a workload out of HA on both nodes (data and replication stay).
     Remove {
         workload: String,

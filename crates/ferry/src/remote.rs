@@ -746,6 +746,21 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
                 )
             })
         }
+        ClusterCommand::Standby { node, conn } | ClusterCommand::Unstandby { node, conn } => {
+            let on = matches!(cmd, ClusterCommand::Standby { .. });
+            let v = client(conn, data_dir)?.post(
+                "/api/v1/cluster/standby",
+                &json!({"node": node, "standby": on}),
+            )?;
+            print(&v, json, |v| {
+                if on {
+                    let moved = v["moved"].as_array().map(|a| a.len()).unwrap_or(0);
+                    println!("node {node} is in standby; {moved} workload(s) moved off it");
+                } else {
+                    println!("node {node} takes workloads over again");
+                }
+            })
+        }
         ClusterCommand::Remove { workload, conn } => {
             let v =
                 client(conn, data_dir)?.delete(&format!("/api/v1/cluster/workloads/{workload}"))?;

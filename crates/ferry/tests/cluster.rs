@@ -700,3 +700,40 @@ fn a_switchover_moves_the_workload_verified_and_back() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_node_in_standby_gives_its_workloads_away_and_takes_none_over() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    // Asked of the other node.
+    let v = net.json("b", &["cluster", "standby", "a"]);
+    assert_eq!(v["standby"], true, "{v}");
+    assert_eq!(net.status("b", "web")["primary"], "b");
+    assert!(net.has_vip("b"));
+    wait_for(20, "a to be b's up-to-date replica", || {
+        net.status("b", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    // b dies: a, in standby, does not take over, and says why.
+    net.crash("b");
+    std::thread::sleep(Duration::from_millis(2500));
+    let s = net.status("a", "web");
+    assert_eq!(s["role"], "secondary", "{s}");
+    assert!(
+        s["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "not-promoting"
+                && e["why"].as_str().unwrap_or("").contains("standby")),
+        "{s}"
+    );
+    // Out of standby, it takes over.
+    net.ok("a", &["cluster", "unstandby", "a"]);
+    wait_for(10, "a to take over after unstandby", || {
+        net.status("a", "web")["primary"] == "a"
+    });
+    assert!(net.has_vip("a"));
+}

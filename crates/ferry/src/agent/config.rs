@@ -110,6 +110,17 @@ pub struct ClusterSettings {
     /// Consecutive failures (once up) that hand the workload over.
     #[serde(default = "default_check_fall")]
     pub check_fall: u32,
+    /// Move a workload back to its preferred node (verified switchover)
+    /// once that node has been up to date for `failback_delay_ms`. Off by
+    /// default: no flapping.
+    #[serde(default)]
+    pub failback: bool,
+    #[serde(default = "default_failback_delay_ms")]
+    pub failback_delay_ms: u64,
+}
+
+fn default_failback_delay_ms() -> u64 {
+    10_000
 }
 
 fn default_check_interval_ms() -> u64 {

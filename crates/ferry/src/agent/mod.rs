@@ -151,7 +151,7 @@ impl AgentCtx {
         if self.primary(name).is_some() || self.secondary(name).is_some() {
             return Ok(());
         }
-        let lock = self.store.lock(name)?;
+        let lock = self.lock_volume(name)?;
         let info = self.store.meta(name)?;
         let dir = self.store.dir(name);
         let mut m = MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_primary())?;
@@ -247,6 +247,25 @@ impl AgentCtx {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), lock);
         Ok(())
+    }
+
+    /// The volume's lock. A lock this very process held a moment ago may
+    /// still be held for a few milliseconds by a child being spawned (hooks,
+    /// `ip`): its copy of the descriptor lives until it execs. Wait for that
+    /// instead of failing a promotion.
+    fn lock_volume(&self, name: &str) -> Result<VolumeLock> {
+        let me = std::process::id().to_string();
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match self.store.lock(name) {
+                Err(crate::volume::VolumeError::Busy { holder, .. })
+                    if holder == me && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 
     /// Loads a volume created in the data dir while the agent ran (by `ferry volume create`).

@@ -141,6 +141,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/cluster/workloads", post(cluster_add))
         .route("/api/v1/cluster/workloads/{name}", delete(cluster_remove))
+        .route("/api/v1/cluster/standby", post(cluster_standby))
         .route(
             "/api/v1/cluster/workloads/{name}/switchover",
             post(cluster_switchover),
@@ -531,6 +532,30 @@ async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
         crate::cluster::save(&ctx.cfg.data_dir, &h)?;
         tracing::info!(workload = %h.workload, preferred = %h.preferred, role = ?h.state.role, "cluster.workload.added");
         Ok(json!({"workload": h.workload, "preferred": h.preferred, "role": h.state.role}))
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct Standby {
+    node: String,
+    standby: bool,
+}
+
+/// `ferry cluster standby|unstandby NODE`, asked of either node.
+async fn cluster_standby(State(ctx): Ctx, Json(r): Json<Standby>) -> ApiResult {
+    let v = blocking(move || {
+        if r.node == ctx.identity.node_name {
+            return crate::cluster::set_standby(&ctx, r.standby);
+        }
+        let peer = ctx.peers.get(&r.node).ok_or_else(|| {
+            anyhow::anyhow!("{} is neither this node nor a registered peer", r.node)
+        })?;
+        crate::api::client::ApiClient::new(&peer.api, &peer.token).post(
+            "/api/v1/cluster/standby",
+            &json!({"node": r.node, "standby": r.standby}),
+        )
     })
     .await?;
     Ok(Json(v))

@@ -109,6 +109,52 @@ pub fn is_ha_volume(data_dir: &Path, volume: &str) -> bool {
     })
 }
 
+fn standby_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("cluster.standby")
+}
+
+/// Whether this node is in standby (maintenance: takes no workload over).
+pub fn in_standby(data_dir: &Path) -> bool {
+    standby_path(data_dir).exists()
+}
+
+/// `ferry cluster standby|unstandby` on this node: the flag is written
+/// durably first (so no failover lands here meanwhile), then every workload
+/// served here is switched over to the peer.
+pub fn set_standby(ctx: &Arc<AgentCtx>, on: bool) -> Result<Value> {
+    let path = standby_path(&ctx.cfg.data_dir);
+    if on {
+        crate::agent::write_atomic_private(&path, b"standby\n")?;
+    } else if let Err(e) = std::fs::remove_file(&path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(e.into());
+        }
+    }
+    tracing::info!(node = %ctx.identity.node_name, standby = on, "cluster.standby");
+    let mut moved = Vec::new();
+    if on {
+        // Let the manager see the flag before anything moves.
+        std::thread::sleep(Duration::from_millis(300));
+        let served: Vec<String> = ctx
+            .cluster
+            .workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|w| w["primary"] == ctx.identity.node_name.as_str())
+            .filter_map(|w| w["workload"].as_str().map(String::from))
+            .collect();
+        for w in served {
+            moved.push(switchover(ctx, &w).map_err(|e| {
+                e.context(format!(
+                    "node in standby, but workload {w:?} could not be moved"
+                ))
+            })?);
+        }
+    }
+    Ok(json!({"node": ctx.identity.node_name, "standby": on, "moved": moved}))
+}
+
 /// What `ferry cluster status` shows, kept by the manager thread.
 #[derive(Debug, Default)]
 pub struct ClusterView {
@@ -132,6 +178,7 @@ impl ClusterView {
             .collect();
         json!({
             "node": ctx.identity.node_name,
+            "standby": in_standby(&ctx.cfg.data_dir),
             "state": self.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "configured": ctx.cfg.cluster.is_some(),
             "workloads": w,
@@ -153,7 +200,6 @@ struct Slot {
     accept_loss: bool,
     preferred: String,
     jobs: mpsc::Sender<Job>,
-    data_state: Option<DataState>,
     peer_in_sync: Option<bool>,
     events: VecDeque<Value>,
     /// When the peer was last heard, for detection-time reports.
@@ -165,6 +211,9 @@ struct Slot {
     stop_checks: Arc<AtomicBool>,
     /// Disk I/O errors of the volumes already acted on.
     io_errors_seen: u64,
+    /// Failback: since when the preferred peer is up to date.
+    in_sync_since: Option<Instant>,
+    failback_running: Arc<AtomicBool>,
 }
 
 impl Drop for Slot {
@@ -356,6 +405,13 @@ impl Manager {
             return;
         }
         self.set_state("running");
+        let standby = in_standby(&self.ctx.cfg.data_dir);
+        for slot in self.slots.values_mut() {
+            if slot.node.standby() != standby {
+                slot.node.set_standby(standby);
+            }
+        }
+        self.failback();
         let all = load_all(&self.ctx.cfg.data_dir);
         let names: Vec<String> = all.iter().map(|h| h.workload.clone()).collect();
         self.slots.retain(|w, _| names.contains(w));
@@ -392,6 +448,8 @@ impl Manager {
                 policy,
                 self.now(),
             );
+            let mut node = node;
+            node.set_standby(in_standby(&self.ctx.cfg.data_dir));
             let (tx, rx) = mpsc::channel();
             let ctx = self.ctx.clone();
             let name = h.workload.clone();
@@ -422,13 +480,14 @@ impl Manager {
                     accept_loss: h.accept_loss,
                     preferred: h.preferred.clone(),
                     jobs: tx,
-                    data_state: Some(data),
                     peer_in_sync: None,
                     events: VecDeque::new(),
                     peer_lost_at: None,
                     serving: false,
                     serving_flag,
                     stop_checks,
+                    in_sync_since: None,
+                    failback_running: Arc::new(AtomicBool::new(false)),
                     io_errors_seen: spec
                         .volumes
                         .iter()
@@ -437,6 +496,38 @@ impl Manager {
                         .sum(),
                 },
             );
+        }
+    }
+
+    /// Optional automatic failback (`failback = true`): a workload served
+    /// here whose preferred node is the peer moves back by a verified
+    /// switchover once the peer has been up to date for `failback_delay_ms`.
+    fn failback(&mut self) {
+        if !self.cfg.failback || in_standby(&self.ctx.cfg.data_dir) {
+            return;
+        }
+        let now = Instant::now();
+        let delay = Duration::from_millis(self.cfg.failback_delay_ms);
+        for (w, slot) in self.slots.iter_mut() {
+            let due =
+                slot.serving && slot.preferred == self.cfg.peer && slot.peer_in_sync == Some(true);
+            if !due {
+                slot.in_sync_since = None;
+                continue;
+            }
+            let since = *slot.in_sync_since.get_or_insert(now);
+            if now.duration_since(since) < delay || slot.failback_running.load(Ordering::SeqCst) {
+                continue;
+            }
+            slot.failback_running.store(true, Ordering::SeqCst);
+            let (ctx, w, flag) = (self.ctx.clone(), w.clone(), slot.failback_running.clone());
+            let _ = std::thread::Builder::new().name("failback".into()).spawn(move || {
+                match switchover(&ctx, &w) {
+                    Ok(v) => tracing::info!(workload = %w, result = %v, "cluster.failback.done"),
+                    Err(e) => tracing::warn!(workload = %w, error = %format!("{e:#}"), "cluster.failback.failed"),
+                }
+                flag.store(false, Ordering::SeqCst);
+            });
         }
     }
 
@@ -502,8 +593,9 @@ impl Manager {
             let mut actions = Vec::new();
             {
                 let slot = self.slots.get_mut(&w).expect("listed");
-                if slot.data_state != Some(data) {
-                    slot.data_state = Some(data);
+                // Compared with the state machine's own view: a demotion
+                // marks its copy inconsistent without asking us.
+                if slot.node.data_state() != data {
                     actions.extend(slot.node.on_input(now, Input::DataState(data)));
                 }
                 if slot.peer_in_sync != Some(in_sync) {
@@ -801,7 +893,18 @@ fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Jo
             }
             Job::Promote => {
                 serving = true;
-                promote(ctx, workload, peer)
+                // The witness already names this node primary: a transient
+                // failure (a busy lock) must not leave the workload unserved.
+                let mut r = promote(ctx, workload, peer);
+                for _ in 0..3 {
+                    let Err(e) = &r else {
+                        break;
+                    };
+                    tracing::warn!(workload, error = %format!("{e:#}"), "cluster.promote.retry");
+                    std::thread::sleep(Duration::from_millis(200));
+                    r = promote(ctx, workload, peer);
+                }
+                r
             }
             Job::Demote => {
                 serving = false;
@@ -1006,6 +1109,16 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .get(&cfg.peer)
         .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
     let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let peer_status = client
+        .get("/api/v1/cluster")
+        .map_err(|e| e.context(format!("cannot ask {} whether it can take over", cfg.peer)))?;
+    if peer_status["standby"] == true {
+        bail!(
+            "{} is in standby: `ferry cluster unstandby {}` first",
+            cfg.peer,
+            cfg.peer
+        );
+    }
     let spec = spec(ctx, workload)?;
     let vols: Vec<_> = spec.volumes.iter().filter_map(|v| ctx.primary(v)).collect();
     if vols.len() != spec.volumes.len() {
