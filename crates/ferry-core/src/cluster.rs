@@ -180,6 +180,10 @@ pub enum WitnessOp {
     UpToDate,
     /// The recorded primary gives its lease back (it resigned).
     Release,
+    /// An operator's forced promotion: like `Promote`, but also of a node
+    /// recorded outdated (its writes since may be lost: split brain).
+    /// Still refused while another node's lease is in force.
+    ForcePromote,
 }
 
 /// A request to the witness.
@@ -345,12 +349,12 @@ impl Witness {
                 self.grant(now, node);
                 None
             }
-            WitnessOp::Promote => {
+            WitnessOp::Promote | WitnessOp::ForcePromote => {
                 if is_primary {
                     self.grant(now, node);
                     return None;
                 }
-                if self.record.outdated.as_deref() == Some(node) {
+                if req.op == WitnessOp::Promote && self.record.outdated.as_deref() == Some(node) {
                     return Some(Refusal::Outdated);
                 }
                 if now < self.quiet_until {
@@ -480,6 +484,10 @@ pub enum Input {
     Resign {
         why: String,
     },
+    /// An operator promotes this secondary by hand (`--force`: even if its
+    /// copy is outdated or inconsistent). Still only once no lease of the
+    /// old primary can be in force.
+    ForcePromote,
 }
 
 /// A failover in progress on a secondary.
@@ -489,6 +497,8 @@ struct Candidacy {
     not_before: Millis,
     /// The newest Promote sent: only its answer can end the candidacy.
     sent: Option<Millis>,
+    /// An operator's `--force`: promote whatever this copy's state.
+    forced: bool,
 }
 
 /// One node's view of one HA workload.
@@ -534,6 +544,8 @@ pub struct ClusterNode {
     told_not_promoting: bool,
     /// Maintenance: this node takes no workload over.
     standby: bool,
+    /// The last promotion was an operator's `--force`.
+    promoted_forced: bool,
     resigning: bool,
     started_at: Millis,
     next_heartbeat: Millis,
@@ -592,9 +604,11 @@ impl ClusterNode {
             candidacy: candidate.then_some(Candidacy {
                 not_before: timing.grantor_end(now),
                 sent: None,
+                forced: false,
             }),
             told_not_promoting: false,
             standby: false,
+            promoted_forced: false,
             resigning: false,
             started_at: now,
             next_heartbeat: now,
@@ -632,6 +646,12 @@ impl ClusterNode {
 
     pub fn standby(&self) -> bool {
         self.standby
+    }
+
+    /// Whether the last promotion was forced (its copy may be outdated or
+    /// inconsistent: the agent promotes it regardless).
+    pub fn promoted_forced(&self) -> bool {
+        self.promoted_forced
     }
 
     /// What must survive a restart.
@@ -771,6 +791,25 @@ impl ClusterNode {
                     out.push(Action::Event(Event::PeerUpToDate));
                 }
             }
+            Input::ForcePromote => {
+                if self.role == Role::Secondary {
+                    if self.peer_alive(now) && self.peer_role == Some(Role::Primary) {
+                        out.push(Action::Event(Event::NotPromoting {
+                            why: format!("{} serves the workload: use a switchover", self.peer),
+                        }));
+                    } else {
+                        self.candidacy = Some(Candidacy {
+                            not_before: self.granted_until,
+                            sent: None,
+                            forced: true,
+                        });
+                        self.next_witness = now;
+                        out.push(Action::Event(Event::FailoverStarted {
+                            silent_ms: self.peer_last_heard.map_or(0, |t| now.saturating_sub(t)),
+                        }));
+                    }
+                }
+            }
             Input::Resign { why } => {
                 if self.role == Role::Primary && !self.resigning {
                     self.resigning = true;
@@ -839,9 +878,10 @@ impl ClusterNode {
         let record = &reply.record;
         let me_primary = record.primary.as_deref() == Some(self.me.as_str());
         match (reply.op, reply.refused) {
-            (WitnessOp::Promote, None)
+            (WitnessOp::Promote | WitnessOp::ForcePromote, None)
                 if self.role == Role::Secondary && self.candidacy.is_some() =>
             {
+                self.promoted_forced = self.candidacy.is_some_and(|c| c.forced);
                 self.candidacy = None;
                 self.role = Role::Primary;
                 self.epoch = record.epoch;
@@ -855,7 +895,7 @@ impl ClusterNode {
             }
             // Only the answer to the newest request counts: an older one
             // refused says nothing about a newer one still on its way.
-            (WitnessOp::Promote, Some(why))
+            (WitnessOp::Promote | WitnessOp::ForcePromote, Some(why))
                 if self.candidacy.is_some_and(|c| c.sent == Some(reply.echo)) =>
             {
                 match why {
@@ -1010,7 +1050,11 @@ impl ClusterNode {
                         && c.sent
                             .is_none_or(|s| now >= s + self.timing.failure_timeout_ms) =>
                 {
-                    Some(WitnessOp::Promote)
+                    Some(if c.forced {
+                        WitnessOp::ForcePromote
+                    } else {
+                        WitnessOp::Promote
+                    })
                 }
                 _ => None,
             },
@@ -1064,6 +1108,7 @@ impl ClusterNode {
         if let Some(c) = self.candidacy {
             if !self.policy.witness && now >= c.not_before {
                 // Unsafe two-node mode: promote on our own.
+                self.promoted_forced = c.forced;
                 self.candidacy = None;
                 self.role = Role::Primary;
                 self.epoch += 1;
@@ -1120,6 +1165,7 @@ impl ClusterNode {
         self.candidacy = Some(Candidacy {
             not_before,
             sent: None,
+            forced: false,
         });
         self.next_witness = now;
         out.push(Action::Event(Event::FailoverStarted {

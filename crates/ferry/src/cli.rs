@@ -120,6 +120,34 @@ pub enum ClusterCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
+    /// Promote the replica here by hand (`--force` required: its copy may be
+    /// outdated or inconsistent, so writes may be lost and a split brain
+    /// follow). Refused while the peer serves the workload.
+    Promote {
+        workload: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// After a split brain: keep NODE's data (the node serving the
+    /// workload); the other node's diverged images are copied aside and
+    /// resynced from NODE (only the blocks either side changed).
+    ResolveSplitBrain {
+        workload: String,
+        #[arg(long)]
+        keep: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Delete the copies a split-brain resolution kept on NODE.
+    DropCopy {
+        workload: String,
+        #[arg(long)]
+        node: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
     /// Take a workload out of HA on both nodes (data and replication stay).
     Remove {
         workload: String,

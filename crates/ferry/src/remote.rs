@@ -761,6 +761,62 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
                 }
             })
         }
+        ClusterCommand::Promote {
+            workload,
+            force,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.post(
+                &format!("/api/v1/cluster/workloads/{workload}/promote"),
+                &json!({"force": force}),
+            )?;
+            print(&v, json, |v| {
+                println!(
+                    "workload {workload} is now served by {} (forced)",
+                    v["primary"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        ClusterCommand::ResolveSplitBrain {
+            workload,
+            keep,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.post(
+                &format!("/api/v1/cluster/workloads/{workload}/resolve-split-brain"),
+                &json!({"keep": keep}),
+            )?;
+            print(&v, json, |v| {
+                println!(
+                    "kept {keep}'s data; {}'s diverged copies are kept in: {}",
+                    v["discarded"].as_str().unwrap_or("?"),
+                    v["copies"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(|c| c.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                )
+            })
+        }
+        ClusterCommand::DropCopy {
+            workload,
+            node,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.post(
+                &format!("/api/v1/cluster/workloads/{workload}/drop-copy"),
+                &json!({"node": node}),
+            )?;
+            print(&v, json, |v| {
+                println!(
+                    "dropped {} copies on {node}",
+                    v["dropped"].as_array().map(|a| a.len()).unwrap_or(0)
+                )
+            })
+        }
         ClusterCommand::Remove { workload, conn } => {
             let v =
                 client(conn, data_dir)?.delete(&format!("/api/v1/cluster/workloads/{workload}"))?;

@@ -280,6 +280,32 @@ impl Net {
         ]);
     }
 
+    fn uncut(&self, n: &str) {
+        let _ = sh(&[
+            "ip", "netns", "exec", &self.ns(n), "nft", "delete", "table", "inet", "cut",
+        ]);
+    }
+
+    /// One 4 KiB write of `byte` at `block` through the VIP, with a flush.
+    fn write_block(&self, block: u64, byte: u8) {
+        let out = self
+            .cmd("c", "/usr/bin/python3")
+            .args([
+                "-c",
+                &format!(
+                    "import nbd\nh = nbd.NBD()\nh.connect_uri('nbd://{VIP}:{NBD_PORT}/vol')\nh.pwrite(bytes([{byte}]) * 4096, {})\nh.flush()\nprint('written')",
+                    block * 4096
+                ),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("written"),
+            "write at block {block}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Registers the nodes, creates a volume and a workload with the VIP on
     /// `a`, replicates it to `b` in sync mode and puts it under HA.
     fn ha_workload(&self, size: &str) {
@@ -736,4 +762,53 @@ fn a_node_in_standby_gives_its_workloads_away_and_takes_none_over() {
         net.status("a", "web")["primary"] == "a"
     });
     assert!(net.has_vip("a"));
+}
+
+#[test]
+fn a_forced_promotion_splits_the_brain_and_resolving_it_keeps_the_discarded_copy() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    // a goes on alone (b outdated at the witness), then dies.
+    net.cut("a", "b");
+    net.write_block(10, 0xAA);
+    net.crash("a");
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(net.status("b", "web")["role"], "secondary");
+    // By hand: b is promoted anyway, and is written.
+    let v = net.json("b", &["cluster", "promote", "web", "--force"]);
+    assert_eq!(v["primary"], "b", "{v}");
+    assert!(net.has_vip("b"));
+    net.write_block(20, 0xBB);
+    // a returns: both copies were written separately.
+    net.uncut("a");
+    net.link_up("a");
+    net.start_agent("a");
+    wait_for(20, "the split brain to be reported on both nodes", || {
+        net.status("b", "web")["split_brain"] == true
+            && net.status("a", "web")["split_brain"] == true
+    });
+    assert_eq!(net.status("a", "web")["role"], "secondary");
+    // Keep b's data (asked of a, the discarded side).
+    let v = net.json("a", &["cluster", "resolve-split-brain", "web", "--keep", "b"]);
+    assert_eq!(v["discarded"], "a", "{v}");
+    let copy = net.dir("a").join("volumes/vol/split-brain-copy.raw");
+    assert!(copy.exists());
+    wait_for(30, "a to be b's up-to-date replica again", || {
+        let s = net.status("b", "web");
+        s["replicas"][0]["state"] == "up-to-date" && s["split_brain"] == false
+    });
+    net.ok("b", &["volume", "verify", "vol"]);
+    let (img_a, img_b) = (net.image("a"), net.image("b"));
+    assert_eq!(img_a, img_b);
+    assert!(img_b[20 * 4096..21 * 4096].iter().all(|&x| x == 0xBB));
+    assert!(img_b[10 * 4096..11 * 4096].iter().all(|&x| x == 0), "a's lone write is not in the kept data");
+    // The discarded side's data is kept until dropped.
+    let kept = std::fs::read(&copy).unwrap();
+    assert!(kept[10 * 4096..11 * 4096].iter().all(|&x| x == 0xAA));
+    assert_eq!(net.status("a", "web")["copies"].as_array().unwrap().len(), 1);
+    net.ok("b", &["cluster", "drop-copy", "web", "--node", "a"]);
+    assert!(!copy.exists());
 }

@@ -85,6 +85,9 @@ pub struct AgentCtx {
     deferred_links: Mutex<std::collections::HashSet<String>>,
     /// The HA cluster manager's view, for `ferry cluster status`.
     pub cluster: crate::cluster::ClusterView,
+    /// Replicas an operator promotes with `--force` (inconsistent or
+    /// outdated copies allowed).
+    pub forced_promotions: Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -451,12 +454,18 @@ impl AgentCtx {
         let sec = self
             .secondary(name)
             .ok_or_else(|| anyhow!("volume {name:?} is not a replica on node {node}"))?;
-        if !sec
-            .meta
+        let forced = self
+            .forced_promotions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .state()
-            .consistent
+            .contains(name);
+        if !forced
+            && !sec
+                .meta
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state()
+                .consistent
         {
             bail!("the replica of {name:?} on node {node} is inconsistent; refusing to promote it");
         }
@@ -1069,6 +1078,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         starting: std::sync::atomic::AtomicBool::new(true),
         deferred_links: Mutex::new(std::collections::HashSet::new()),
         cluster: crate::cluster::ClusterView::default(),
+        forced_promotions: Mutex::new(std::collections::HashSet::new()),
         started: Instant::now(),
         admin: Mutex::new(()),
     });

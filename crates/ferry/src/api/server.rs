@@ -143,6 +143,18 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/cluster/workloads/{name}", delete(cluster_remove))
         .route("/api/v1/cluster/standby", post(cluster_standby))
         .route(
+            "/api/v1/cluster/workloads/{name}/promote",
+            post(cluster_promote),
+        )
+        .route(
+            "/api/v1/cluster/workloads/{name}/resolve-split-brain",
+            post(cluster_resolve),
+        )
+        .route(
+            "/api/v1/cluster/workloads/{name}/drop-copy",
+            post(cluster_drop_copy),
+        )
+        .route(
             "/api/v1/cluster/workloads/{name}/switchover",
             post(cluster_switchover),
         )
@@ -555,6 +567,72 @@ async fn cluster_standby(State(ctx): Ctx, Json(r): Json<Standby>) -> ApiResult {
         crate::api::client::ApiClient::new(&peer.api, &peer.token).post(
             "/api/v1/cluster/standby",
             &json!({"node": r.node, "standby": r.standby}),
+        )
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct ForcePromote {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn cluster_promote(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<ForcePromote>,
+) -> ApiResult {
+    if !r.force {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a promotion by hand needs --force (it may lose writes or split the brain); a planned move is `ferry cluster switchover`".into(),
+        ));
+    }
+    let v = blocking(move || crate::cluster::force_promote(&ctx, &name)).await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct Resolve {
+    keep: String,
+    #[serde(default)]
+    histories: Option<Value>,
+}
+
+async fn cluster_resolve(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<Resolve>,
+) -> ApiResult {
+    let v = blocking(move || {
+        crate::cluster::resolve_split_brain(&ctx, &name, &r.keep, r.histories.as_ref())
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct DropCopy {
+    node: String,
+}
+
+async fn cluster_drop_copy(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<DropCopy>,
+) -> ApiResult {
+    let v = blocking(move || {
+        if r.node == ctx.identity.node_name {
+            return crate::cluster::drop_copies(&ctx, &name);
+        }
+        let peer = ctx.peers.get(&r.node).ok_or_else(|| {
+            anyhow::anyhow!("{} is neither this node nor a registered peer", r.node)
+        })?;
+        crate::api::client::ApiClient::new(&peer.api, &peer.token).post(
+            &format!("/api/v1/cluster/workloads/{name}/drop-copy"),
+            &json!({"node": r.node}),
         )
     })
     .await?;

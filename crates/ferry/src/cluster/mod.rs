@@ -162,6 +162,8 @@ pub struct ClusterView {
     pub state: Mutex<String>,
     /// To the manager: (workload, why) — hand the workload over.
     resign: Mutex<Option<mpsc::Sender<(String, String)>>>,
+    /// To the manager: workloads an operator promotes here with `--force`.
+    force: Mutex<Option<mpsc::Sender<String>>>,
     /// Workloads handed over by a verified switchover: their demotion keeps
     /// no suspect blocks (both copies were proven equal).
     clean_handover: Mutex<std::collections::HashSet<String>>,
@@ -191,7 +193,7 @@ impl ClusterView {
 enum Job {
     Fence,
     Resume,
-    Promote,
+    Promote { force: bool },
     Demote,
 }
 
@@ -290,6 +292,7 @@ struct Manager {
     resign_rx: mpsc::Receiver<(String, String)>,
     /// Events for the notify hook.
     notify: Option<mpsc::Sender<Value>>,
+    force_rx: mpsc::Receiver<String>,
 }
 
 impl Manager {
@@ -321,7 +324,10 @@ impl Manager {
                 .map(|_| tx)
         });
         *ctx.cluster.resign.lock().unwrap_or_else(|p| p.into_inner()) = Some(resign_tx.clone());
+        let (force_tx, force_rx) = mpsc::channel();
+        *ctx.cluster.force.lock().unwrap_or_else(|p| p.into_inner()) = Some(force_tx);
         Manager {
+            force_rx,
             resign_tx,
             resign_rx,
             notify,
@@ -352,6 +358,14 @@ impl Manager {
                 last_refresh = Some(Instant::now());
             }
             self.receive(&mut buf);
+            while let Ok(w) = self.force_rx.try_recv() {
+                let now = self.now();
+                if let Some(slot) = self.slots.get_mut(&w) {
+                    tracing::warn!(workload = %w, "cluster.force_promote: asked by an operator");
+                    let actions = slot.node.on_input(now, Input::ForcePromote);
+                    self.perform(&w, actions);
+                }
+            }
             while let Ok((w, why)) = self.resign_rx.try_recv() {
                 let now = self.now();
                 if let Some(slot) = self.slots.get_mut(&w) {
@@ -669,6 +683,8 @@ impl Manager {
             "writes_held": n.writes_held(),
             "candidate": n.is_candidate(),
             "accept_loss": slot.accept_loss,
+            "split_brain": self.split_brain(w),
+            "copies": kept_copies(&self.ctx, w),
             "replicas": replica_state.into_iter().collect::<Vec<_>>(),
             "events": slot.events.iter().cloned().collect::<Vec<_>>(),
         });
@@ -678,6 +694,22 @@ impl Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(w.to_string(), v);
+    }
+
+    /// Whether a volume of the workload refuses, or is refused, as split brain.
+    fn split_brain(&self, w: &str) -> bool {
+        self.volumes_of(w).iter().any(|v| {
+            if let Some(p) = self.ctx.primary(v) {
+                return p.link.lock().stats.split_brain;
+            }
+            self.ctx.secondary(v).is_some_and(|s| {
+                s.last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("split brain"))
+            })
+        })
     }
 
     fn receive(&mut self, buf: &mut [u8]) {
@@ -792,7 +824,10 @@ impl Manager {
                 }
                 // Serving resumes on the edge of `accepting_writes` (run).
                 Action::Resume => {}
-                Action::Promote => self.job(w, Job::Promote),
+                Action::Promote => {
+                    let force = self.slots.get(w).is_some_and(|s| s.node.promoted_forced());
+                    self.job(w, Job::Promote { force })
+                }
                 Action::Demote => self.job(w, Job::Demote),
                 Action::Event(e) => self.event(w, e),
             }
@@ -891,18 +926,18 @@ fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Jo
                 serving = true;
                 r
             }
-            Job::Promote => {
+            Job::Promote { force } => {
                 serving = true;
                 // The witness already names this node primary: a transient
                 // failure (a busy lock) must not leave the workload unserved.
-                let mut r = promote(ctx, workload, peer);
+                let mut r = promote(ctx, workload, peer, force);
                 for _ in 0..3 {
                     let Err(e) = &r else {
                         break;
                     };
                     tracing::warn!(workload, error = %format!("{e:#}"), "cluster.promote.retry");
                     std::thread::sleep(Duration::from_millis(200));
-                    r = promote(ctx, workload, peer);
+                    r = promote(ctx, workload, peer, force);
                 }
                 r
             }
@@ -1015,8 +1050,37 @@ fn start_app(ctx: &AgentCtx, spec: &WorkloadSpec) {
 
 /// Failover: every volume promoted at once (one durable commit record),
 /// replicating back to the old primary when it returns; VIP; start.
-fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
+fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, force: bool) -> Result<()> {
     let spec = spec(ctx, workload)?;
+    if force {
+        tracing::warn!(
+            workload,
+            "cluster.promote.forced: this copy may be outdated or inconsistent"
+        );
+        ctx.forced_promotions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(spec.volumes.iter().cloned());
+    }
+    let r = promote_volumes(ctx, workload, peer, &spec);
+    if force {
+        let mut f = ctx
+            .forced_promotions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for v in &spec.volumes {
+            f.remove(v);
+        }
+    }
+    r
+}
+
+fn promote_volumes(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    peer: &str,
+    spec: &WorkloadSpec,
+) -> Result<()> {
     let replicas: Vec<String> = spec
         .volumes
         .iter()
@@ -1041,8 +1105,8 @@ fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
             p.unfreeze();
         }
     }
-    vip(&spec, true)?;
-    start_app(ctx, &spec);
+    vip(spec, true)?;
+    start_app(ctx, spec);
     Ok(())
 }
 
@@ -1239,4 +1303,223 @@ fn vip(spec: &WorkloadSpec, up: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The file a split-brain resolution keeps the discarded copy of a volume in.
+fn copy_path(ctx: &AgentCtx, volume: &str) -> PathBuf {
+    ctx.store.dir(volume).join("split-brain-copy.raw")
+}
+
+/// The discarded copies kept on this node for the workload's volumes.
+fn kept_copies(ctx: &AgentCtx, workload: &str) -> Vec<String> {
+    crate::migrate::load_workload(&ctx.cfg.data_dir, workload)
+        .ok()
+        .flatten()
+        .map(|s| s.volumes)
+        .unwrap_or_default()
+        .iter()
+        .map(|v| copy_path(ctx, v))
+        .filter(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// `ferry cluster promote WORKLOAD --force`, on a replica: promote it by
+/// hand, even outdated or inconsistent — still never while the old
+/// primary's lease may run (the witness decides), and never while the peer
+/// serves (use a switchover).
+pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+    let status = ctx
+        .cluster
+        .workloads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(workload)
+        .cloned()
+        .ok_or_else(|| anyhow!("workload {workload:?} is not under HA on this node"))?;
+    if status["role"] != "secondary" {
+        bail!("workload {workload:?} is already served by this node");
+    }
+    if status["peer_alive"] == true && status["primary"].is_string() {
+        bail!(
+            "{} serves workload {workload:?}: use `ferry cluster switchover {workload}` there",
+            status["primary"].as_str().unwrap_or("?")
+        );
+    }
+    let tx = ctx
+        .cluster
+        .force
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| anyhow!("the cluster manager is not running"))?;
+    let _ = tx.send(workload.to_string());
+    let me = ctx.identity.node_name.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let serving = ctx
+            .cluster
+            .workloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(workload)
+            .is_some_and(|w| w["primary"] == me.as_str());
+        if serving
+            && spec(ctx, workload)?
+                .volumes
+                .iter()
+                .all(|v| ctx.primary(v).is_some())
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("not promoted within 30 s: see the events in `ferry cluster status` (the witness may still see the old primary's lease)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tracing::warn!(workload, node = %me, "cluster.promoted_by_force");
+    Ok(json!({"workload": workload, "primary": me, "forced": true}))
+}
+
+/// `ferry cluster resolve-split-brain WORKLOAD --keep NODE`. The kept node
+/// must be the one serving the workload. On the other node, each volume's
+/// diverged image is first copied aside (`split-brain-copy.raw`, kept until
+/// `drop-copy`), then its history is rebased on the newest generation both
+/// share, so the link resends only the blocks either side changed since
+/// (the kept node's dirty map plus the discarded side's suspect blocks;
+/// everything when nothing is known).
+pub fn resolve_split_brain(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    keep: &str,
+    histories: Option<&Value>,
+) -> Result<Value> {
+    let cfg = ctx
+        .cfg
+        .cluster
+        .clone()
+        .ok_or_else(|| anyhow!("this node has no [cluster] table in its config"))?;
+    let me = ctx.identity.node_name.clone();
+    if keep != me && keep != cfg.peer {
+        bail!("--keep must be {me} or {}", cfg.peer);
+    }
+    let spec = spec(ctx, workload)?;
+    let peer = ctx
+        .peers
+        .get(&cfg.peer)
+        .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    if keep == me {
+        // The winner: must serve the workload; tells the loser its histories.
+        if !spec.volumes.iter().all(|v| ctx.primary(v).is_some()) {
+            bail!("--keep {me}: this node does not serve {workload:?}; keep the node that serves it (after `ferry cluster promote {workload} --force` there if need be)");
+        }
+        let hist: serde_json::Map<String, Value> = spec
+            .volumes
+            .iter()
+            .filter_map(|v| {
+                ctx.primary(v)
+                    .map(|p| (v.clone(), p.meta_state().generation))
+            })
+            .map(|(v, g)| {
+                let mut ids = vec![g.current()];
+                ids.extend(g.ancestors());
+                (v, json!(ids))
+            })
+            .collect();
+        let r = client.post(
+            &format!("/api/v1/cluster/workloads/{workload}/resolve-split-brain"),
+            &json!({"keep": me, "histories": hist}),
+        )?;
+        for v in &spec.volumes {
+            if let Some(p) = ctx.primary(v) {
+                p.link.lock().stats.split_brain = false;
+            }
+        }
+        tracing::warn!(workload, keep = %me, discarded = %cfg.peer, "cluster.split_brain.resolved");
+        return Ok(
+            json!({"workload": workload, "kept": me, "discarded": cfg.peer, "copies": r["copies"]}),
+        );
+    }
+    let Some(histories) = histories else {
+        // Asked on the losing side: the winner drives it.
+        return client.post(
+            &format!("/api/v1/cluster/workloads/{workload}/resolve-split-brain"),
+            &json!({"keep": keep}),
+        );
+    };
+    let mut copies = Vec::new();
+    for v in &spec.volumes {
+        let sec = ctx.secondary(v).ok_or_else(|| {
+            anyhow!("volume {v:?} is not a replica on {me}: this node still serves it; it cannot be the discarded side")
+        })?;
+        let copy = copy_path(ctx, v);
+        if copy.exists() {
+            bail!("{} already holds a discarded copy: `ferry cluster drop-copy {workload} --node {me}` first", copy.display());
+        }
+        let image = ctx.store.image_path(v);
+        let tmp = copy.with_extension("tmp");
+        std::fs::copy(&image, &tmp)
+            .with_context(|| format!("cannot copy {} aside", image.display()))?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, &copy)?;
+        copies.push(copy.display().to_string());
+        let theirs: Vec<u64> = histories[v]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        let dir = ctx.store.dir(v);
+        let mut m = sec.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = m.state().generation.clone();
+        let mut ids = vec![mine.current()];
+        ids.extend(mine.ancestors());
+        let common = ids.iter().position(|id| *id != 0 && theirs.contains(id));
+        match common {
+            Some(i) => {
+                let g =
+                    ferry_core::GenerationHistory::from_parts(ids[i], ids[i + 1..].to_vec(), 16);
+                m.update(|s| {
+                    s.generation = g;
+                    s.consistent = false;
+                })?;
+                if crate::replication::meta::load_suspect_map(&dir).is_none() {
+                    // Nothing says which blocks this side changed: all of them.
+                    let size = ferry_nbd::BlockDevice::size(&sec.dev);
+                    let all = ferry_core::DirtyMap::all_dirty(
+                        size,
+                        ctx.cfg.replication.granularity_bytes,
+                    )?;
+                    crate::replication::meta::save_suspect_map(&dir, &all)?;
+                }
+            }
+            None => {
+                // No shared history left: a full resync.
+                m.update(|s| {
+                    s.generation = ferry_core::GenerationHistory::blank();
+                    s.consistent = false;
+                })?;
+            }
+        }
+        drop(m);
+        *sec.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        tracing::warn!(volume = %v, kept = keep, copy = %copy.display(), common = ?common.map(|i| format!("{:016x}", ids[i])), "cluster.split_brain.discarded_here: the diverged image is kept as a copy");
+    }
+    Ok(json!({"workload": workload, "kept": keep, "discarded": me, "copies": copies}))
+}
+
+/// `ferry cluster drop-copy WORKLOAD --node NODE`: deletes the copies a
+/// split-brain resolution kept on NODE.
+pub fn drop_copies(ctx: &AgentCtx, workload: &str) -> Result<Value> {
+    let spec = spec(ctx, workload)?;
+    let mut dropped = Vec::new();
+    for v in &spec.volumes {
+        let p = copy_path(ctx, v);
+        match std::fs::remove_file(&p) {
+            Ok(()) => dropped.push(p.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot delete {}", p.display())),
+        }
+    }
+    tracing::warn!(workload, dropped = ?dropped, "cluster.split_brain.copies_dropped");
+    Ok(json!({"workload": workload, "node": ctx.identity.node_name, "dropped": dropped}))
 }

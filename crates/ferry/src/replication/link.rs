@@ -206,9 +206,15 @@ pub fn run(group: Arc<Group>, ctx: Arc<AgentCtx>) {
                 tracing::error!(volume = %vol.name, error = %e, "replication.dirty_map.save_failed");
             }
         }
-        // Back off, but end at once when stopped or regrouped.
+        // Back off, but end at once when stopped or regrouped, or when an
+        // operator resolved a split brain.
+        let split = |g: &Group| g.members.iter().any(|m| m.link.lock().stats.split_brain);
+        let was_split = split(&group);
         let until = Instant::now() + Duration::from_millis(backoff_ms);
-        while Instant::now() < until && group_stopped(&group).is_some() {
+        while Instant::now() < until
+            && group_stopped(&group).is_some()
+            && (!was_split || split(&group))
+        {
             std::thread::sleep(Duration::from_millis(TICK_MS));
         }
         let max = group.members[0].settings.reconnect_backoff_max_ms.max(100);
@@ -307,6 +313,12 @@ fn connect_and_serve(
             );
         }
         if let Some(reason) = reply.refused {
+            if reason.starts_with("split brain") {
+                // Shown in status until an operator resolves it; no point
+                // asking again soon.
+                vol.link.lock().stats.split_brain = true;
+                *backoff_ms = 30_000;
+            }
             bail!("{} refused the link: {reason}", peer.name);
         }
         let mine = GenerationHistory::from_parts(hello.generation, hello.ancestors.clone(), 16);

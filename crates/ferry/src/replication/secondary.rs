@@ -340,10 +340,14 @@ fn accept(ctx: &AgentCtx, peer: &str, hello: &Hello) -> std::result::Result<Memb
             "this replica of {:?} holds newer data than the primary",
             hello.volume
         )),
-        Relation::SplitBrain => Err(format!(
-            "split brain: this replica of {:?} and the primary were written separately",
-            hello.volume
-        )),
+        Relation::SplitBrain => {
+            let why = format!(
+                "split brain: this replica of {:?} and the primary were written separately (ferry cluster resolve-split-brain WORKLOAD --keep NODE)",
+                hello.volume
+            );
+            *vol.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+            Err(why)
+        }
         _ => Ok(Member {
             vol,
             mine,
