@@ -282,7 +282,15 @@ impl Net {
 
     fn uncut(&self, n: &str) {
         let _ = sh(&[
-            "ip", "netns", "exec", &self.ns(n), "nft", "delete", "table", "inet", "cut",
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(n),
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "cut",
         ]);
     }
 
@@ -792,7 +800,10 @@ fn a_forced_promotion_splits_the_brain_and_resolving_it_keeps_the_discarded_copy
     });
     assert_eq!(net.status("a", "web")["role"], "secondary");
     // Keep b's data (asked of a, the discarded side).
-    let v = net.json("a", &["cluster", "resolve-split-brain", "web", "--keep", "b"]);
+    let v = net.json(
+        "a",
+        &["cluster", "resolve-split-brain", "web", "--keep", "b"],
+    );
     assert_eq!(v["discarded"], "a", "{v}");
     let copy = net.dir("a").join("volumes/vol/split-brain-copy.raw");
     assert!(copy.exists());
@@ -804,11 +815,17 @@ fn a_forced_promotion_splits_the_brain_and_resolving_it_keeps_the_discarded_copy
     let (img_a, img_b) = (net.image("a"), net.image("b"));
     assert_eq!(img_a, img_b);
     assert!(img_b[20 * 4096..21 * 4096].iter().all(|&x| x == 0xBB));
-    assert!(img_b[10 * 4096..11 * 4096].iter().all(|&x| x == 0), "a's lone write is not in the kept data");
+    assert!(
+        img_b[10 * 4096..11 * 4096].iter().all(|&x| x == 0),
+        "a's lone write is not in the kept data"
+    );
     // The discarded side's data is kept until dropped.
     let kept = std::fs::read(&copy).unwrap();
     assert!(kept[10 * 4096..11 * 4096].iter().all(|&x| x == 0xAA));
-    assert_eq!(net.status("a", "web")["copies"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        net.status("a", "web")["copies"].as_array().unwrap().len(),
+        1
+    );
     net.ok("b", &["cluster", "drop-copy", "web", "--node", "a"]);
     assert!(!copy.exists());
 }
