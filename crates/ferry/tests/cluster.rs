@@ -49,6 +49,8 @@ struct Net {
     tag: String,
     root: tempfile::TempDir,
     children: Vec<(String, Child)>,
+    /// More `[cluster]` lines for every agent.
+    cluster_extra: String,
 }
 
 impl Net {
@@ -67,6 +69,7 @@ impl Net {
                 .unwrap(),
             tag,
             children: Vec::new(),
+            cluster_extra: String::new(),
         };
         let br = net.ns("br");
         sh_ok(&["ip", "netns", "add", &br]);
@@ -144,10 +147,11 @@ impl Net {
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nnotify = \"echo \\\"$FERRY_EVENT\\\" >> {}/events.jsonl\"\n",
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nnotify = \"echo \\\"$FERRY_EVENT\\\" >> {}/events.jsonl\"\n{}",
                 dir.display(),
                 addr_of("w"),
-                dir.display()
+                dir.display(),
+                self.cluster_extra
             ),
         )
         .unwrap();
@@ -828,4 +832,43 @@ fn a_forced_promotion_splits_the_brain_and_resolving_it_keeps_the_discarded_copy
     );
     net.ok("b", &["cluster", "drop-copy", "web", "--node", "a"]);
     assert!(!copy.exists());
+}
+
+#[test]
+fn the_discard_younger_primary_policy_keeps_the_older_primary_s_data() {
+    let mut net = Net::new();
+    net.cluster_extra = "split_brain = \"discard-younger-primary\"\n".into();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    net.cut("a", "b");
+    net.write_block(10, 0xAA);
+    net.crash("a");
+    std::thread::sleep(Duration::from_millis(2000));
+    net.ok("b", &["cluster", "promote", "web", "--force"]);
+    net.write_block(20, 0xBB);
+    net.uncut("a");
+    net.link_up("a");
+    net.start_agent("a");
+    // b was promoted after a: its data is discarded (kept aside), a serves.
+    wait_for(40, "a to serve again with b its up-to-date replica", || {
+        let s = net.status("a", "web");
+        s["primary"] == "a"
+            && s["replicas"][0]["state"] == "up-to-date"
+            && s["split_brain"] == false
+    });
+    assert!(net.has_vip("a") && !net.has_vip("b"));
+    net.ok("a", &["volume", "verify", "vol"]);
+    let img = net.image("a");
+    assert!(img[10 * 4096..11 * 4096].iter().all(|&x| x == 0xAA));
+    assert!(img[20 * 4096..21 * 4096].iter().all(|&x| x == 0));
+    assert_eq!(net.image("b"), img);
+    let kept = std::fs::read(net.dir("b").join("volumes/vol/split-brain-copy.raw")).unwrap();
+    assert!(kept[20 * 4096..21 * 4096].iter().all(|&x| x == 0xBB));
+    let log = net.log("b");
+    assert!(
+        log.contains("cluster.split_brain.policy_decided"),
+        "the decision is logged"
+    );
 }

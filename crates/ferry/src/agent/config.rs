@@ -117,6 +117,17 @@ pub struct ClusterSettings {
     pub failback: bool,
     #[serde(default = "default_failback_delay_ms")]
     pub failback_delay_ms: u64,
+    /// What to do when the two copies were written separately: `manual`
+    /// (report, wait for `resolve-split-brain`), `discard-younger-primary`
+    /// (keep the copy of the node that was primary first, by the witness's
+    /// record), `discard-least-changes` (keep the copy with more changed
+    /// bytes since the split). The discarded copy is always kept aside.
+    #[serde(default = "default_split_brain")]
+    pub split_brain: String,
+}
+
+fn default_split_brain() -> String {
+    "manual".into()
 }
 
 fn default_failback_delay_ms() -> u64 {
@@ -315,6 +326,14 @@ impl AgentConfig {
             c.timing()
                 .validate()
                 .map_err(|e| format!("table `cluster`: {e}"))?;
+            if !["manual", "discard-younger-primary", "discard-least-changes"]
+                .contains(&c.split_brain.as_str())
+            {
+                return Err(format!(
+                    "key `cluster.split_brain`: {:?} is not one of manual, discard-younger-primary, discard-least-changes",
+                    c.split_brain
+                ));
+            }
             if c.check_interval_ms == 0 || c.check_rise == 0 || c.check_fall == 0 {
                 return Err(
                     "keys `cluster.check_interval_ms`, `check_rise` and `check_fall` must be at least 1"

@@ -626,7 +626,13 @@ impl AgentCtx {
         self.unload_volume(name)?;
         let dir = self.store.dir(name);
         let g = self.cfg.replication.granularity_bytes;
-        meta::save_dirty_map(&dir, &DirtyMap::new(size, g)?)?;
+        // Blocks this copy may hold that the peer does not (it was a
+        // demoted old primary, promoted by force): dirty for the peer.
+        let dirty = meta::load_suspect_map(&dir)
+            .and_then(|b| DirtyMap::decode(&b, size, g).ok())
+            .unwrap_or(DirtyMap::new(size, g)?);
+        meta::save_dirty_map(&dir, &dirty)?;
+        meta::clear_suspect_map(&dir);
         let generation = identity::random_u64();
         {
             let mut m = MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_primary())?;

@@ -90,6 +90,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/volumes", get(volumes).post(create_volume))
         .route("/api/v1/volumes/{name}", delete(delete_volume))
         .route("/api/v1/volumes/{name}/hashes", get(hashes))
+        .route("/api/v1/volumes/{name}/generation", get(generation))
         .route("/api/v1/volumes/{name}/verify", post(verify))
         .route("/api/v1/volumes/{name}/promote", post(promote_volume))
         .route("/api/v1/volumes/{name}/snapshot", post(arm_snapshot))
@@ -1093,6 +1094,28 @@ async fn stop_replication(State(ctx): Ctx, Path(name): Path<String>) -> ApiResul
 /// Block hashes of a volume: from the leaf cache (current for every write
 /// that went through ferry), or with `?fresh=1` by reading the whole image —
 /// for an old copy ferry did not write (checksum resync) and for `verify`.
+/// A volume's data history here: `ids` is [current, ancestors…].
+async fn generation(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let g = if let Some(p) = ctx.primary(&name) {
+        p.meta_state().generation
+    } else if let Some(s) = ctx.secondary(&name) {
+        s.meta
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state()
+            .generation
+            .clone()
+    } else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no volume {name:?} on node {}", ctx.identity.node_name),
+        ));
+    };
+    let mut ids = vec![g.current()];
+    ids.extend(g.ancestors());
+    Ok(Json(json!({"volume": name, "ids": ids})))
+}
+
 async fn hashes(
     State(ctx): Ctx,
     Path(name): Path<String>,

@@ -167,6 +167,11 @@ pub struct ClusterView {
     /// Workloads handed over by a verified switchover: their demotion keeps
     /// no suspect blocks (both copies were proven equal).
     clean_handover: Mutex<std::collections::HashSet<String>>,
+    /// Workloads whose copy here a split-brain policy discarded: their
+    /// demotion rebases the history on the new primary's.
+    discard_on_demote: Mutex<std::collections::HashSet<String>>,
+    /// Workloads whose split brain a policy is resolving.
+    resolving: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ClusterView {
@@ -426,6 +431,7 @@ impl Manager {
             }
         }
         self.failback();
+        self.split_brain_policies();
         let all = load_all(&self.ctx.cfg.data_dir);
         let names: Vec<String> = all.iter().map(|h| h.workload.clone()).collect();
         self.slots.retain(|w, _| names.contains(w));
@@ -684,6 +690,7 @@ impl Manager {
             "candidate": n.is_candidate(),
             "accept_loss": slot.accept_loss,
             "split_brain": self.split_brain(w),
+            "changed_bytes": self.changed_bytes(w),
             "copies": kept_copies(&self.ctx, w),
             "replicas": replica_state.into_iter().collect::<Vec<_>>(),
             "events": slot.events.iter().cloned().collect::<Vec<_>>(),
@@ -694,6 +701,64 @@ impl Manager {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(w.to_string(), v);
+    }
+
+    /// Bytes this node's copy may hold that the peer's does not: the dirty
+    /// maps of its primaries, or the suspect maps of its replicas.
+    fn changed_bytes(&self, w: &str) -> u64 {
+        let g = self.ctx.cfg.replication.granularity_bytes;
+        self.volumes_of(w)
+            .iter()
+            .map(|v| {
+                if let Some(p) = self.ctx.primary(v) {
+                    return p.link.lock().rep.dirty_map().dirty_bytes();
+                }
+                self.ctx
+                    .secondary(v)
+                    .and_then(|s| {
+                        let size = ferry_nbd::BlockDevice::size(&s.dev);
+                        crate::replication::meta::load_suspect_map(&s.dir)
+                            .and_then(|b| ferry_core::DirtyMap::decode(&b, size, g).ok())
+                    })
+                    .map_or(0, |m| m.dirty_bytes())
+            })
+            .sum()
+    }
+
+    /// Runs the split-brain policy (unless `manual`) for workloads this node
+    /// serves whose copies were found written separately.
+    fn split_brain_policies(&self) {
+        if self.cfg.split_brain == "manual" {
+            return;
+        }
+        for (w, slot) in &self.slots {
+            if !slot.serving || !slot.node.peer_alive(self.now()) || !self.split_brain(w) {
+                continue;
+            }
+            if !self
+                .ctx
+                .cluster
+                .resolving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(w.clone())
+            {
+                continue;
+            }
+            let (ctx, w, policy) = (self.ctx.clone(), w.clone(), self.cfg.split_brain.clone());
+            let _ = std::thread::Builder::new()
+                .name("split-brain".into())
+                .spawn(move || {
+                    if let Err(e) = auto_resolve(&ctx, &w, &policy) {
+                        tracing::error!(workload = %w, error = %format!("{e:#}"), "cluster.split_brain.policy_failed: resolve by hand");
+                    }
+                    ctx.cluster
+                        .resolving
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&w);
+                });
+        }
     }
 
     /// Whether a volume of the workload refuses, or is refused, as split brain.
@@ -1131,6 +1196,31 @@ fn demote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
             ctx.demote_after_failover(v, peer, clean)?;
         }
     }
+    let discard = ctx
+        .cluster
+        .discard_on_demote
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(workload);
+    if discard {
+        // Our copy was discarded by the split-brain policy (kept aside):
+        // restart its history at the generation shared with the new primary.
+        let p = ctx
+            .peers
+            .get(peer)
+            .ok_or_else(|| anyhow!("peer {peer} is not registered"))?;
+        let client = crate::api::client::ApiClient::new(&p.api, &p.token);
+        for v in &spec.volumes {
+            let theirs: Vec<u64> = client.get(&format!("/api/v1/volumes/{v}/generation"))?["ids"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+                .unwrap_or_default();
+            if let Some(sec) = ctx.secondary(v) {
+                let common = rebase(ctx, &sec, &theirs)?;
+                tracing::warn!(volume = %v, common = ?common.map(|c| format!("{c:016x}")), "cluster.split_brain.discarded_here: the diverged image is kept as a copy");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1453,58 +1543,179 @@ pub fn resolve_split_brain(
         let sec = ctx.secondary(v).ok_or_else(|| {
             anyhow!("volume {v:?} is not a replica on {me}: this node still serves it; it cannot be the discarded side")
         })?;
-        let copy = copy_path(ctx, v);
-        if copy.exists() {
-            bail!("{} already holds a discarded copy: `ferry cluster drop-copy {workload} --node {me}` first", copy.display());
-        }
-        let image = ctx.store.image_path(v);
-        let tmp = copy.with_extension("tmp");
-        std::fs::copy(&image, &tmp)
-            .with_context(|| format!("cannot copy {} aside", image.display()))?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &copy)?;
+        let copy = keep_copy(ctx, v)?;
         copies.push(copy.display().to_string());
         let theirs: Vec<u64> = histories[v]
             .as_array()
             .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
             .unwrap_or_default();
-        let dir = ctx.store.dir(v);
-        let mut m = sec.meta.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = m.state().generation.clone();
-        let mut ids = vec![mine.current()];
-        ids.extend(mine.ancestors());
-        let common = ids.iter().position(|id| *id != 0 && theirs.contains(id));
-        match common {
-            Some(i) => {
-                let g =
-                    ferry_core::GenerationHistory::from_parts(ids[i], ids[i + 1..].to_vec(), 16);
-                m.update(|s| {
-                    s.generation = g;
-                    s.consistent = false;
-                })?;
-                if crate::replication::meta::load_suspect_map(&dir).is_none() {
-                    // Nothing says which blocks this side changed: all of them.
-                    let size = ferry_nbd::BlockDevice::size(&sec.dev);
-                    let all = ferry_core::DirtyMap::all_dirty(
-                        size,
-                        ctx.cfg.replication.granularity_bytes,
-                    )?;
-                    crate::replication::meta::save_suspect_map(&dir, &all)?;
-                }
-            }
-            None => {
-                // No shared history left: a full resync.
-                m.update(|s| {
-                    s.generation = ferry_core::GenerationHistory::blank();
-                    s.consistent = false;
-                })?;
-            }
-        }
-        drop(m);
-        *sec.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        tracing::warn!(volume = %v, kept = keep, copy = %copy.display(), common = ?common.map(|i| format!("{:016x}", ids[i])), "cluster.split_brain.discarded_here: the diverged image is kept as a copy");
+        let common = rebase(ctx, &sec, &theirs)?;
+        tracing::warn!(volume = %v, kept = keep, copy = %copy.display(), common = ?common.map(|c| format!("{c:016x}")), "cluster.split_brain.discarded_here: the diverged image is kept as a copy");
     }
     Ok(json!({"workload": workload, "kept": keep, "discarded": me, "copies": copies}))
+}
+
+/// The discarded side of a split brain: this replica's history restarts at
+/// the newest generation it shares with `theirs` (the kept side's ids), so
+/// the link resends only what either side changed since — this side's
+/// changes being its suspect map (all blocks when there is none). Without a
+/// shared generation, a full resync. Returns the shared generation.
+fn rebase(
+    ctx: &AgentCtx,
+    sec: &crate::replication::secondary::SecondaryVolume,
+    theirs: &[u64],
+) -> Result<Option<u64>> {
+    let mut m = sec.meta.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = m.state().generation.clone();
+    let mut ids = vec![mine.current()];
+    ids.extend(mine.ancestors());
+    let common = ids.iter().position(|id| *id != 0 && theirs.contains(id));
+    match common {
+        Some(i) => {
+            let g = ferry_core::GenerationHistory::from_parts(ids[i], ids[i + 1..].to_vec(), 16);
+            m.update(|s| {
+                s.generation = g;
+                s.consistent = false;
+            })?;
+            if crate::replication::meta::load_suspect_map(&sec.dir).is_none() {
+                // Nothing says which blocks this side changed: all of them.
+                let size = ferry_nbd::BlockDevice::size(&sec.dev);
+                let all =
+                    ferry_core::DirtyMap::all_dirty(size, ctx.cfg.replication.granularity_bytes)?;
+                crate::replication::meta::save_suspect_map(&sec.dir, &all)?;
+            }
+        }
+        None => {
+            // No shared history left: a full resync.
+            m.update(|s| {
+                s.generation = ferry_core::GenerationHistory::blank();
+                s.consistent = false;
+            })?;
+        }
+    }
+    drop(m);
+    *sec.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    Ok(common.map(|i| ids[i]))
+}
+
+/// Copies a volume's image aside before a split-brain resolution discards it.
+fn keep_copy(ctx: &AgentCtx, v: &str) -> Result<PathBuf> {
+    let copy = copy_path(ctx, v);
+    if copy.exists() {
+        bail!(
+            "{} already holds a discarded copy: `ferry cluster drop-copy` it first",
+            copy.display()
+        );
+    }
+    let image = ctx.store.image_path(v);
+    let tmp = copy.with_extension("tmp");
+    std::fs::copy(&image, &tmp)
+        .with_context(|| format!("cannot copy {} aside", image.display()))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &copy)?;
+    Ok(copy)
+}
+
+/// The split-brain policy, run by the node serving the workload once both
+/// copies are found written separately: decide which to keep, log why, and
+/// resolve — keeping this node's data (the other side is resynced from it),
+/// or the peer's (this node copies its images aside, resigns, the peer is
+/// promoted by force, and this node comes back as its replica rebased on
+/// their shared history).
+fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()> {
+    let cfg = ctx
+        .cfg
+        .cluster
+        .clone()
+        .ok_or_else(|| anyhow!("no [cluster] table"))?;
+    let me = ctx.identity.node_name.clone();
+    let peer = ctx
+        .peers
+        .get(&cfg.peer)
+        .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let spec = spec(ctx, workload)?;
+    let theirs = client.get("/api/v1/cluster")?;
+    let theirs = theirs["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| w["workload"] == workload)
+        .cloned()
+        .ok_or_else(|| anyhow!("{} does not manage {workload:?}", cfg.peer))?;
+    let mine_changed: u64 = spec
+        .volumes
+        .iter()
+        .filter_map(|v| ctx.primary(v))
+        .map(|p| p.link.lock().rep.dirty_map().dirty_bytes())
+        .sum();
+    let theirs_changed = theirs["changed_bytes"].as_u64().unwrap_or(0);
+    let (keep, why) = match policy {
+        "discard-least-changes" if mine_changed >= theirs_changed => (
+            me.clone(),
+            format!(
+                "{me} changed {mine_changed} bytes since the split, {} {theirs_changed}",
+                cfg.peer
+            ),
+        ),
+        "discard-least-changes" => (
+            cfg.peer.clone(),
+            format!(
+                "{} changed {theirs_changed} bytes since the split, {me} {mine_changed}",
+                cfg.peer
+            ),
+        ),
+        // This node serves under the witness's current record: it was
+        // promoted after the peer, so it is the younger primary.
+        _ => (
+            cfg.peer.clone(),
+            format!(
+                "{me} became primary after {} (the witness's record names it primary now)",
+                cfg.peer
+            ),
+        ),
+    };
+    tracing::warn!(workload, policy, keep = %keep, why = %why, "cluster.split_brain.policy_decided");
+    if keep == me {
+        resolve_split_brain(ctx, workload, &me, None)?;
+        return Ok(());
+    }
+    // Keep the peer's data: this node's copy goes aside, then it steps down.
+    for v in &spec.volumes {
+        keep_copy(ctx, v)?;
+    }
+    ctx.cluster
+        .discard_on_demote
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(workload.to_string());
+    let tx = ctx
+        .cluster
+        .resign
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| anyhow!("the cluster manager is not running"))?;
+    let _ = tx.send((
+        workload.to_string(),
+        format!("split brain ({policy}): keeping {keep}'s data"),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.post(
+            &format!("/api/v1/cluster/workloads/{workload}/promote"),
+            &json!({"force": true}),
+        ) {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %format!("{e:#}"), "cluster.split_brain.peer_promote_retry");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e.context(format!("{} did not take the workload over", cfg.peer))),
+        }
+    }
+    tracing::warn!(workload, kept = %keep, "cluster.split_brain.resolved");
+    Ok(())
 }
 
 /// `ferry cluster drop-copy WORKLOAD --node NODE`: deletes the copies a
