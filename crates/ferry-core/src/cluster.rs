@@ -484,6 +484,11 @@ pub enum Input {
     Resign {
         why: String,
     },
+    /// The peer showed a sign of life at `at` on another path (the
+    /// replication connection): it counts for liveness, not for leases.
+    PeerSeen {
+        at: Millis,
+    },
     /// An operator promotes this secondary by hand (`--force`: even if its
     /// copy is outdated or inconsistent). Still only once no lease of the
     /// old primary can be in force.
@@ -789,6 +794,15 @@ impl ClusterNode {
                         out.push(Action::ReleaseWrites);
                     }
                     out.push(Action::Event(Event::PeerUpToDate));
+                }
+            }
+            Input::PeerSeen { at } => {
+                if at <= now && self.peer_last_heard.is_none_or(|t| at > t) {
+                    self.peer_last_heard = Some(at);
+                    if self.peer_lost && self.peer_alive(now) {
+                        self.peer_lost = false;
+                        out.push(Action::Event(Event::PeerBack));
+                    }
                 }
             }
             Input::ForcePromote => {

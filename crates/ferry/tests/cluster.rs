@@ -284,6 +284,25 @@ impl Net {
         ]);
     }
 
+    /// Drops only the UDP heartbeats between node `n` and `other`.
+    fn cut_heartbeats(&self, n: &str, other: &str) {
+        let o = addr_of(other);
+        let rules = format!(
+            "table inet cut {{\n chain in {{ type filter hook input priority 0; ip saddr {o} udp dport 7370 drop; }}\n chain out {{ type filter hook output priority 0; ip daddr {o} udp dport 7370 drop; }}\n}}\n"
+        );
+        let path = self.root.path().join(format!("cuthb-{n}-{other}.nft"));
+        std::fs::write(&path, rules).unwrap();
+        sh_ok(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns(n),
+            "nft",
+            "-f",
+            path.to_str().unwrap(),
+        ]);
+    }
+
     fn uncut(&self, n: &str) {
         let _ = sh(&[
             "ip",
@@ -870,5 +889,32 @@ fn the_discard_younger_primary_policy_keeps_the_older_primary_s_data() {
     assert!(
         log.contains("cluster.split_brain.policy_decided"),
         "the decision is logged"
+    );
+}
+
+#[test]
+fn the_replication_connection_keeps_the_peer_alive_when_heartbeats_are_lost() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    // A writer keeps the link busy; the UDP heartbeat path is cut both ways.
+    let mut w = start_writer(&net, 0, 20_000);
+    net.cut_heartbeats("a", "b");
+    std::thread::sleep(Duration::from_millis(3000));
+    let _ = w.kill();
+    let _ = w.wait();
+    let a = net.status("a", "web");
+    let b = net.status("b", "web");
+    assert_eq!(a["primary"], "a", "{a}");
+    assert_eq!(b["role"], "secondary", "{b}");
+    assert!(
+        !b["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "failover-started"),
+        "no failover while the replication link shows a alive: {b}"
     );
 }

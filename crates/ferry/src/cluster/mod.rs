@@ -218,6 +218,8 @@ struct Slot {
     stop_checks: Arc<AtomicBool>,
     /// Disk I/O errors of the volumes already acted on.
     io_errors_seen: u64,
+    /// The newest sign of life from the replication link already fed.
+    link_seen_ms: u64,
     /// Failback: since when the preferred peer is up to date.
     in_sync_since: Option<Instant>,
     failback_running: Arc<AtomicBool>,
@@ -507,6 +509,7 @@ impl Manager {
                     serving_flag,
                     stop_checks,
                     in_sync_since: None,
+                    link_seen_ms: 0,
                     failback_running: Arc::new(AtomicBool::new(false)),
                     io_errors_seen: spec
                         .volumes
@@ -626,6 +629,26 @@ impl Manager {
                         Input::PeerNotUpToDate
                     };
                     actions.extend(slot.node.on_input(now, input));
+                }
+                // The replication connection is one more heartbeat path.
+                let last_rx = spec
+                    .volumes
+                    .iter()
+                    .filter_map(|v| {
+                        if let Some(p) = self.ctx.primary(v) {
+                            return p.link.lock().stats.last_rx;
+                        }
+                        self.ctx
+                            .secondary(v)
+                            .and_then(|s| *s.last_rx.lock().unwrap_or_else(|p| p.into_inner()))
+                    })
+                    .max();
+                if let Some(t) = last_rx {
+                    let at = now.saturating_sub(t.elapsed().as_millis() as u64);
+                    if slot.link_seen_ms < at {
+                        slot.link_seen_ms = at;
+                        actions.extend(slot.node.on_input(now, Input::PeerSeen { at }));
+                    }
                 }
                 let required = slot.node.policy().witness && slot.node.policy().sync;
                 let granted = slot.node.may_write_alone();

@@ -49,8 +49,9 @@ pub const FLAG_UP_TO_DATE: u16 = 1;
 /// Flag on a Flush frame: the replica's snapshot armed with the token in
 /// `offset` is taken here.
 pub const FLAG_SNAPSHOT: u16 = 2;
-/// Idle links send a ping this often, so a dead peer is noticed.
-const PING_INTERVAL_MS: u64 = 1000;
+/// Links send a ping this often, so a dead peer is noticed (and the HA
+/// cluster counts the answers as a heartbeat path).
+const PING_INTERVAL_MS: u64 = 100;
 /// Plaintext sealed and written at a time while sending a large batch.
 const CIPHER_FLUSH_BYTES: u64 = 1 << 20;
 /// How often the reader wakes to tick the state machine when nothing arrives.
@@ -482,6 +483,12 @@ fn read_acks(group: &Arc<Group>, wire: &Wire, mut sock: TcpStream, frame_max: u3
         // Whole frames in `plain`.
         let mut used = 0;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], frame_max)? {
+            if used == 0 {
+                let now = Instant::now();
+                for vol in &group.members {
+                    vol.link.lock().stats.last_rx = Some(now);
+                }
+            }
             used += len;
             match hdr.kind {
                 Kind::Ack => {

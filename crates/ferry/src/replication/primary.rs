@@ -108,6 +108,8 @@ pub struct LinkStats {
     pub resync_total_bytes: u64,
     /// Smoothed bytes/s sent (copy + writes), updated once a second.
     pub rate_bytes_per_s: f64,
+    /// When the peer last sent anything on the link (HA: a sign of life).
+    pub last_rx: Option<Instant>,
 }
 
 /// Everything guarded by the link lock.

@@ -46,6 +46,8 @@ pub struct SecondaryVolume {
     pub granularity_bytes: u64,
     /// A test cutover's copy-before-write snapshot of this replica.
     pub snapshot: super::snapshot::Snapshot,
+    /// When the primary last sent anything (HA: a sign of life).
+    pub last_rx: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for SecondaryVolume {
@@ -72,6 +74,7 @@ impl SecondaryVolume {
             dir,
             granularity_bytes,
             snapshot: Default::default(),
+            last_rx: Mutex::new(None),
             name,
             id,
             dev,
@@ -600,6 +603,10 @@ fn receive_frames(
             used += len;
         }
         if !frames.is_empty() {
+            let now = std::time::Instant::now();
+            for v in vols {
+                *v.last_rx.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+            }
             wire.ack(vols, 0..vols.len())?;
             if used <= INLINE_APPLY_BYTES_MAX && pending.load(Ordering::SeqCst) == 0 {
                 // Nothing is queued ahead of these frames: apply them here,
