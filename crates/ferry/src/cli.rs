@@ -74,6 +74,11 @@ pub enum Command {
         /// UDP address to answer on, e.g. 198.18.0.3:7380.
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// A file holding a shared key (any text, e.g. 64 hex digits): every
+        /// request must then be signed with it (HMAC-SHA256) and every reply
+        /// is. The nodes name the same file with `cluster.witness_key_file`.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
 }
 

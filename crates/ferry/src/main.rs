@@ -107,7 +107,9 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Workload(cmd) => remote::workload(cmd, &cli.global.data_dir, json),
         Command::Migrate(cmd) => remote::migrate(cmd, &cli.global.data_dir, json),
         Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
-        Command::Witness { listen } => cluster::witness::run(*listen, &cli.global.data_dir),
+        Command::Witness { listen, key_file } => {
+            cluster::witness::run(*listen, &cli.global.data_dir, key_file.as_deref())
+        }
     }
 }
 

@@ -121,8 +121,12 @@ impl Net {
         let dir = self.dir("w");
         std::fs::create_dir_all(&dir).unwrap();
         let log = std::fs::File::create(self.root.path().join("w.log")).unwrap();
+        let key = self.root.path().join("witness.key");
+        std::fs::write(&key, "0123456789abcdef-test-witness-key\n").unwrap();
         let mut c = self.cmd("w", ferry_bin());
         c.args(["witness", "--listen", &format!("{}:7380", addr_of("w"))])
+            .arg("--key-file")
+            .arg(&key)
             .env("FERRY_DATA_DIR", &dir)
             .env("FERRY_LOG", "info")
             .env("NO_COLOR", "1")
@@ -147,10 +151,11 @@ impl Net {
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nnotify = \"echo \\\"$FERRY_EVENT\\\" >> {}/events.jsonl\"\n{}",
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nnotify = \"echo \\\"$FERRY_EVENT\\\" >> {}/events.jsonl\"\nwitness_key_file = \"{}\"\n{}",
                 dir.display(),
                 addr_of("w"),
                 dir.display(),
+                self.root.path().join("witness.key").display(),
                 self.cluster_extra
             ),
         )
@@ -632,6 +637,30 @@ fn an_outdated_replica_never_promotes_itself() {
         why.iter().any(|w| w.contains("outdated")),
         "b should say it is outdated: {s}"
     );
+    // Nobody without the witness's key can move the record: a forged,
+    // unsigned forced promotion of b is refused.
+    let forged = "{\"workload\":\"web\",\"lease_ms\":1000,\"drift_permille\":50,\"req\":{\"node\":\"b\",\"peer\":\"a\",\"op\":\"force-promote\",\"sent_at\":1,\"incarnation\":7,\"expect_epoch\":0}}";
+    let out = net
+        .cmd("c", "/usr/bin/python3")
+        .args([
+            "-c",
+            &format!(
+                "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto({forged:?}.encode(), ('{}', 7380))",
+                addr_of("w")
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(5, "the witness to refuse the forged request", || {
+        net.log("w").contains("not signed with this witness's key")
+    });
+    let wrec = std::fs::read_to_string(net.dir("w").join("records/web.json")).unwrap();
+    assert!(wrec.contains("\"primary\": \"a\""), "{wrec}");
 }
 
 #[test]

@@ -84,6 +84,11 @@ pub struct ClusterSettings {
     /// The witness (`ferry witness`), UDP.
     #[serde(default)]
     pub witness: Option<SocketAddr>,
+    /// The witness's shared key (its `--key-file`): requests are signed and
+    /// only signed replies believed. Without it, anyone who can send UDP to
+    /// the nodes or the witness could forge leases and promotions.
+    #[serde(default)]
+    pub witness_key_file: Option<PathBuf>,
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
     #[serde(default = "default_failure_timeout_ms")]

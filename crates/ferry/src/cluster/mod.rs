@@ -300,6 +300,8 @@ struct Manager {
     /// Events for the notify hook.
     notify: Option<mpsc::Sender<Value>>,
     force_rx: mpsc::Receiver<String>,
+    /// The witness's shared key, if configured.
+    witness_key: Option<ring::hmac::Key>,
 }
 
 impl Manager {
@@ -333,7 +335,13 @@ impl Manager {
         *ctx.cluster.resign.lock().unwrap_or_else(|p| p.into_inner()) = Some(resign_tx.clone());
         let (force_tx, force_rx) = mpsc::channel();
         *ctx.cluster.force.lock().unwrap_or_else(|p| p.into_inner()) = Some(force_tx);
+        let witness_key = cfg.witness_key_file.as_deref().and_then(|p| {
+            witness::load_key(p)
+                .map_err(|e| tracing::error!(error = %format!("{e:#}"), "cluster.witness_key_unreadable"))
+                .ok()
+        });
         Manager {
+            witness_key,
             force_rx,
             resign_tx,
             resign_rx,
@@ -823,7 +831,11 @@ impl Manager {
                 Ok(_) => continue,
                 Err(_) => break,
             };
-            let Ok(r) = serde_json::from_slice::<FromWitness>(&buf[..n]) else {
+            let Some(body) = witness::open(self.witness_key.as_ref(), &buf[..n]) else {
+                tracing::warn!("cluster.witness_reply_refused: bad signature");
+                continue;
+            };
+            let Ok(r) = serde_json::from_slice::<FromWitness>(body) else {
                 continue;
             };
             if let Some(slot) = self.slots.get_mut(&r.workload) {
@@ -886,7 +898,9 @@ impl Manager {
                         req,
                     };
                     if let Ok(b) = serde_json::to_vec(&msg) {
-                        let _ = self.wsock.send_to(&b, addr);
+                        let _ = self
+                            .wsock
+                            .send_to(&witness::seal(self.witness_key.as_ref(), b), addr);
                     }
                 }
                 Action::Persist(state) => {

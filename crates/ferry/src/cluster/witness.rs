@@ -169,8 +169,52 @@ impl WitnessServer {
     }
 }
 
+/// The shared key of `--key-file` / `cluster.witness_key_file`.
+pub fn load_key(path: &Path) -> Result<ring::hmac::Key> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the witness key {}", path.display()))?;
+    let text = text.trim();
+    if text.len() < 16 {
+        anyhow::bail!(
+            "the witness key in {} is shorter than 16 characters",
+            path.display()
+        );
+    }
+    Ok(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        text.as_bytes(),
+    ))
+}
+
+/// `tag || body` when keyed, else `body`.
+pub fn seal(key: Option<&ring::hmac::Key>, body: Vec<u8>) -> Vec<u8> {
+    match key {
+        Some(k) => {
+            let mut d = ring::hmac::sign(k, &body).as_ref().to_vec();
+            d.extend_from_slice(&body);
+            d
+        }
+        None => body,
+    }
+}
+
+/// The body of a datagram, if its tag checks (or no key is used).
+pub fn open<'a>(key: Option<&ring::hmac::Key>, d: &'a [u8]) -> Option<&'a [u8]> {
+    match key {
+        Some(k) => {
+            if d.len() < 32 {
+                return None;
+            }
+            ring::hmac::verify(k, &d[32..], &d[..32]).ok()?;
+            Some(&d[32..])
+        }
+        None => Some(d),
+    }
+}
+
 /// Runs the witness until SIGINT/SIGTERM.
-pub fn run(listen: SocketAddr, data_dir: &Path) -> Result<()> {
+pub fn run(listen: SocketAddr, data_dir: &Path, key_file: Option<&Path>) -> Result<()> {
+    let key = key_file.map(load_key).transpose()?;
     let signals = crate::signals::Signals::block()?;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -178,7 +222,7 @@ pub fn run(listen: SocketAddr, data_dir: &Path) -> Result<()> {
     let sock = UdpSocket::bind(listen)
         .with_context(|| format!("cannot listen for witness requests on {listen}"))?;
     let local = sock.local_addr()?;
-    tracing::info!(listen = %local, records = server.slots.len(), "witness.started");
+    tracing::info!(listen = %local, records = server.slots.len(), keyed = key.is_some(), "witness.started");
     println!(
         "{}",
         serde_json::json!({ "witness": local.to_string(), "records": server.slots.len() })
@@ -200,7 +244,11 @@ pub fn run(listen: SocketAddr, data_dir: &Path) -> Result<()> {
                     tracing::warn!(%from, "witness.refused: datagram longer than DATAGRAM_BYTES_MAX");
                     continue;
                 }
-                let msg: ToWitness = match serde_json::from_slice(&buf[..n]) {
+                let Some(body) = open(key.as_ref(), &buf[..n]) else {
+                    tracing::warn!(%from, "witness.refused: not signed with this witness's key");
+                    continue;
+                };
+                let msg: ToWitness = match serde_json::from_slice(body) {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::warn!(%from, error = %e, "witness.refused: not a witness request");
@@ -210,7 +258,7 @@ pub fn run(listen: SocketAddr, data_dir: &Path) -> Result<()> {
                 match server.handle(&msg) {
                     Ok(reply) => {
                         if let Ok(bytes) = serde_json::to_vec(&reply) {
-                            let _ = sock.send_to(&bytes, from);
+                            let _ = sock.send_to(&seal(key.as_ref(), bytes), from);
                         }
                     }
                     Err(e) => {
