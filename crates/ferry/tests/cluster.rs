@@ -566,11 +566,19 @@ fn the_secondary_takes_over_a_crashed_primary_with_every_acknowledged_write_and_
         .as_u64()
         .unwrap_or(0);
     net.link_up("a");
+    // The application keeps running on b while a returns and resyncs.
+    let during = start_writer(&net, 4000, 1000);
     net.start_agent("a");
     wait_for(30, "a to be b's up-to-date replica", || {
         let s = net.status("a", "web");
         s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"
     });
+    let out = during.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("lost"),
+        "writes stopped while a returned: {text}"
+    );
     wait_for(10, "b to see a up to date", || {
         net.status("b", "web")["replicas"][0]["state"] == "up-to-date"
     });
@@ -946,4 +954,36 @@ fn the_replication_connection_keeps_the_peer_alive_when_heartbeats_are_lost() {
             .any(|e| e["event"] == "failover-started"),
         "no failover while the replication link shows a alive: {b}"
     );
+}
+
+#[test]
+fn failback_returns_the_workload_to_its_preferred_node_once_it_is_up_to_date() {
+    let mut net = Net::new();
+    net.cluster_extra = "failback = true\nfailback_delay_ms = 500\n".into();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    net.crash("a");
+    wait_for(10, "b to take over", || {
+        net.status("b", "web")["primary"] == "b"
+    });
+    let promoted = net.status("b", "web")["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "promoted")
+        .cloned()
+        .unwrap();
+    assert!(
+        promoted["detection_ms"].as_u64().is_some() && promoted["failover_ms"].as_u64().is_some(),
+        "{promoted}"
+    );
+    net.link_up("a");
+    net.start_agent("a");
+    // a is the preferred node: once up to date, the workload moves back.
+    wait_for(30, "the workload to fail back to a", || {
+        net.status("a", "web")["primary"] == "a" && net.has_vip("a")
+    });
+    assert!(!net.has_vip("b"));
 }

@@ -220,6 +220,8 @@ struct Slot {
     io_errors_seen: u64,
     /// The newest sign of life from the replication link already fed.
     link_seen_ms: u64,
+    /// How long the peer was silent when the last failover started.
+    detection_ms: Option<u64>,
     /// Failback: since when the preferred peer is up to date.
     in_sync_since: Option<Instant>,
     failback_running: Arc<AtomicBool>,
@@ -518,6 +520,7 @@ impl Manager {
                     stop_checks,
                     in_sync_since: None,
                     link_seen_ms: 0,
+                    detection_ms: None,
                     failback_running: Arc::new(AtomicBool::new(false)),
                     io_errors_seen: spec
                         .volumes
@@ -972,9 +975,18 @@ impl Manager {
         match &e {
             Event::PeerLost => slot.peer_lost_at = Some(now),
             Event::PeerBack => slot.peer_lost_at = None,
+            Event::FailoverStarted { silent_ms } => slot.detection_ms = Some(*silent_ms),
             Event::Promoted { .. } => {
+                // Detection (silence until the peer was declared lost) and
+                // the total from the last sign of life to the promotion;
+                // the promotion itself (volumes, VIP, start hook) is logged
+                // by `cluster.action.done job=Promote`.
                 if let Some(t) = slot.peer_lost_at {
                     v["since_peer_lost_ms"] = json!(t.elapsed().as_millis() as u64);
+                    if let Some(d) = slot.detection_ms {
+                        v["detection_ms"] = json!(d);
+                        v["failover_ms"] = json!(d + t.elapsed().as_millis() as u64);
+                    }
                 }
             }
             _ => {}
