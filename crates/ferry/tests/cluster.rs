@@ -270,38 +270,30 @@ impl Net {
 
     /// Drops all traffic between node `n` and `other` (nftables in `n`).
     fn cut(&self, n: &str, other: &str) {
+        self.drop_in_ns(n, other, "");
+    }
+
+    /// Drops only the UDP heartbeats between node `n` and `other`.
+    fn cut_heartbeats(&self, n: &str, other: &str) {
+        self.drop_in_ns(n, other, "udp dport 7370");
+    }
+
+    /// An nftables table `cut` in `n` dropping packets to and from `other`
+    /// that also match `what`.
+    fn drop_in_ns(&self, n: &str, other: &str, what: &str) {
         require("nft");
-        let ns = self.ns(n);
         let o = addr_of(other);
         let rules = format!(
-            "table inet cut {{\n chain in {{ type filter hook input priority 0; ip saddr {o} drop; }}\n chain out {{ type filter hook output priority 0; ip daddr {o} drop; }}\n}}\n"
+            "table inet cut {{\n chain in {{ type filter hook input priority 0; ip saddr {o} {what} drop; }}\n chain out {{ type filter hook output priority 0; ip daddr {o} {what} drop; }}\n}}\n"
         );
         let path = self.root.path().join(format!("cut-{n}-{other}.nft"));
         std::fs::write(&path, rules).unwrap();
+        let ns = self.ns(n);
         sh_ok(&[
             "ip",
             "netns",
             "exec",
             &ns,
-            "nft",
-            "-f",
-            path.to_str().unwrap(),
-        ]);
-    }
-
-    /// Drops only the UDP heartbeats between node `n` and `other`.
-    fn cut_heartbeats(&self, n: &str, other: &str) {
-        let o = addr_of(other);
-        let rules = format!(
-            "table inet cut {{\n chain in {{ type filter hook input priority 0; ip saddr {o} udp dport 7370 drop; }}\n chain out {{ type filter hook output priority 0; ip daddr {o} udp dport 7370 drop; }}\n}}\n"
-        );
-        let path = self.root.path().join(format!("cuthb-{n}-{other}.nft"));
-        std::fs::write(&path, rules).unwrap();
-        sh_ok(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.ns(n),
             "nft",
             "-f",
             path.to_str().unwrap(),

@@ -659,27 +659,7 @@ impl AgentCtx {
     /// writes fail, the export closes, and the volume becomes the replica of
     /// `new_primary` (which replicates back to it).
     pub fn demote_volume(self: &Arc<Self>, name: &str, new_primary: &str) -> Result<()> {
-        let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
-        let vol = self.primary(name).ok_or_else(|| {
-            anyhow!(
-                "volume {name:?} is not a primary on node {}",
-                self.identity.node_name
-            )
-        })?;
-        vol.close_gate();
-        drop(vol);
-        self.unload_volume(name)?;
-        let dir = self.store.dir(name);
-        let mut m =
-            MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_secondary(new_primary))?;
-        m.update(|s| {
-            s.role = Role::Secondary;
-            s.peer = Some(new_primary.to_string());
-            s.al_extents.clear();
-        })?;
-        drop(m);
-        let _ = std::fs::remove_file(dir.join("dirty.map"));
-        self.load_volume(name)?;
+        self.demote(name, new_primary, None)?;
         tracing::info!(
             volume = name,
             primary = new_primary,
@@ -699,6 +679,27 @@ impl AgentCtx {
         new_primary: &str,
         proven_equal: bool,
     ) -> Result<()> {
+        let suspect_bytes = self.demote(name, new_primary, Some(proven_equal))?;
+        tracing::info!(
+            volume = name,
+            primary = new_primary,
+            suspect_bytes,
+            "cluster.demoted: this node now holds the replica; blocks it may hold alone will be resent"
+        );
+        Ok(())
+    }
+
+    /// Makes the primary `name` the replica of `new_primary`. `failover`:
+    /// `None` for a cutover (copies proven equal, nothing suspect, the copy
+    /// stays consistent); `Some(proven_equal)` for HA, which writes the
+    /// suspect map (empty when proven equal) and marks the copy
+    /// inconsistent until resynced. Returns the suspect bytes.
+    fn demote(
+        self: &Arc<Self>,
+        name: &str,
+        new_primary: &str,
+        failover: Option<bool>,
+    ) -> Result<u64> {
         let _g = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let vol = self.primary(name).ok_or_else(|| {
             anyhow!(
@@ -707,37 +708,38 @@ impl AgentCtx {
             )
         })?;
         vol.close_gate();
-        let mut suspect = vol.link.lock().rep.dirty_map().clone();
-        if proven_equal {
-            // A verified switchover: both copies were equal when it resigned.
-            suspect.clear_all();
-        } else {
-            for x in &vol.meta_state().al_extents {
-                suspect.mark(x << AL_EXTENT_SHIFT, 1 << AL_EXTENT_SHIFT);
+        let suspect = failover.map(|proven_equal| {
+            let mut suspect = vol.link.lock().rep.dirty_map().clone();
+            if proven_equal {
+                // A verified switchover: both copies were equal when it resigned.
+                suspect.clear_all();
+            } else {
+                for x in &vol.meta_state().al_extents {
+                    suspect.mark(x << AL_EXTENT_SHIFT, 1 << AL_EXTENT_SHIFT);
+                }
             }
-        }
+            suspect
+        });
         drop(vol);
         self.unload_volume(name)?;
         let dir = self.store.dir(name);
-        meta::save_suspect_map(&dir, &suspect)?;
+        if let Some(suspect) = &suspect {
+            meta::save_suspect_map(&dir, suspect)?;
+        }
         let mut m =
             MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_secondary(new_primary))?;
         m.update(|s| {
             s.role = Role::Secondary;
             s.peer = Some(new_primary.to_string());
-            s.consistent = false;
             s.al_extents.clear();
+            if suspect.is_some() {
+                s.consistent = false;
+            }
         })?;
         drop(m);
         let _ = std::fs::remove_file(dir.join("dirty.map"));
         self.load_volume(name)?;
-        tracing::info!(
-            volume = name,
-            primary = new_primary,
-            suspect_bytes = suspect.dirty_bytes(),
-            "cluster.demoted: this node now holds the replica; blocks it may hold alone will be resent"
-        );
-        Ok(())
+        Ok(suspect.map_or(0, |m| m.dirty_bytes()))
     }
 
     /// `ferry volume delete` through the agent. A primary that still

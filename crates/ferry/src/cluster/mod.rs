@@ -175,6 +175,25 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// Asks the manager to hand `workload` over (it resigns), saying why.
+    fn request_resign(&self, workload: &str, why: String) -> Result<()> {
+        let tx = self
+            .resign
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| anyhow!("the cluster manager is not running"))?;
+        tx.send((workload.to_string(), why))
+            .map_err(|_| anyhow!("the cluster manager stopped"))
+    }
+
+    /// Remembers `workload` in one of the view's sets.
+    fn mark(set: &Mutex<std::collections::HashSet<String>>, workload: &str) {
+        set.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(workload.to_string());
+    }
+
     pub fn json(&self, ctx: &AgentCtx) -> Value {
         let w: Vec<Value> = self
             .workloads
@@ -1366,19 +1385,9 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         return Err(e.context("switchover aborted; the workload stays here"));
     }
     let verified_ms = started.elapsed().as_millis() as u64;
+    ClusterView::mark(&ctx.cluster.clean_handover, workload);
     ctx.cluster
-        .clean_handover
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(workload.to_string());
-    let tx = ctx
-        .cluster
-        .resign
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .ok_or_else(|| anyhow!("the cluster manager is not running"))?;
-    let _ = tx.send((workload.to_string(), "switchover".to_string()));
+        .request_resign(workload, "switchover".to_string())?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let v = client.get("/api/v1/cluster").unwrap_or(Value::Null);
@@ -1733,22 +1742,11 @@ fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()>
     for v in &spec.volumes {
         keep_copy(ctx, v)?;
     }
-    ctx.cluster
-        .discard_on_demote
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(workload.to_string());
-    let tx = ctx
-        .cluster
-        .resign
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .ok_or_else(|| anyhow!("the cluster manager is not running"))?;
-    let _ = tx.send((
-        workload.to_string(),
+    ClusterView::mark(&ctx.cluster.discard_on_demote, workload);
+    ctx.cluster.request_resign(
+        workload,
         format!("split brain ({policy}): keeping {keep}'s data"),
-    ));
+    )?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match client.post(
