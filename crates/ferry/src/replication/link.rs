@@ -358,8 +358,18 @@ fn connect_and_serve(
         error: Mutex::new(None),
     });
     group.set_wire(Some(wire.clone()));
-    for (tag, (vol, (relation, suspect))) in group.members.iter().zip(relations).enumerate() {
-        member_up(group, tag as u16, vol, relation, suspect, &wire, &peer.name)?;
+    for (tag, ((vol, (relation, suspect)), hello)) in
+        group.members.iter().zip(relations).zip(&hellos).enumerate()
+    {
+        member_up(
+            group,
+            tag as u16,
+            vol,
+            (relation, hello.generation),
+            suspect,
+            &wire,
+            &peer.name,
+        )?;
     }
     *backoff_ms = 100;
     for vol in &group.members {
@@ -384,12 +394,23 @@ fn member_up(
     group: &Arc<Group>,
     tag: u16,
     vol: &Arc<PrimaryVolume>,
-    mut relation: Relation,
+    (mut relation, sent_generation): (Relation, u64),
     suspect: Option<Vec<u8>>,
     wire: &Arc<Wire>,
     peer: &str,
 ) -> Result<()> {
     let now = vol.now_ms();
+    // Meta before link, the order a generation bump takes them: a write
+    // acknowledged alone while the handshake ran may have recorded a new
+    // generation after the Hello was built. The peer would adopt the old
+    // one and the next meeting would look like a split brain: start over.
+    let meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+    if meta.state().generation.current() != sent_generation {
+        bail!(
+            "volume {}: its generation changed during the handshake; reconnecting",
+            vol.name
+        );
+    }
     let mut l = vol.link.lock();
     if relation == Relation::PeerBlank && l.checksum_baseline {
         // The dirty map already says exactly which blocks differ.
@@ -399,6 +420,8 @@ fn member_up(
     if !l.rep.on_connect(relation, now) {
         bail!("volume {}: the link cannot start ({relation:?})", vol.name);
     }
+    // From here writes stream to the peer: no more bumps for this link.
+    drop(meta);
     if relation == Relation::PeerBlank {
         // The peer's fresh image reads as zeroes: holes need not be sent.
         let mut runs = Vec::new();
