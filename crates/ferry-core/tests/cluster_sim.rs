@@ -114,6 +114,12 @@ struct Sim {
     connected_since: Option<Millis>,
     resync_ms: Millis,
     log: Vec<String>,
+    /// This schedule has an operator forcing promotions now and then.
+    operator: bool,
+    /// A promotion was forced: losing writes is then allowed (the operator
+    /// accepted it), and a split brain may remain for the operator; two
+    /// writers at once never are.
+    forced: bool,
 }
 
 fn link(a: usize, b: usize) -> usize {
@@ -195,6 +201,8 @@ impl Sim {
             connected_since: None,
             resync_ms: 100,
             log: Vec::new(),
+            operator: seed % 4 == 3,
+            forced: false,
         };
         sim.witness = Some(Witness::start(record, timing, sim.witness_local(0)));
         for i in [A, B] {
@@ -402,7 +410,7 @@ impl Sim {
             self.tail()
         );
         for i in [A, B] {
-            if acc[i] && !self.nodes[i].was_accepting {
+            if acc[i] && !self.nodes[i].was_accepting && !self.forced {
                 let missing = self
                     .acked
                     .difference(&self.nodes[i].disk.data)
@@ -471,6 +479,19 @@ impl Sim {
                 self.cut_until[l] = t + self.rng.below(6 * lease);
                 self.log
                     .push(format!("t={t} CUT link {l} until {}", self.cut_until[l]));
+            }
+            9 if self.operator => {
+                let i = self.rng.below(2) as usize;
+                if self.nodes[i]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.role() == Role::Secondary)
+                {
+                    self.forced = true;
+                    self.log
+                        .push(format!("t={t} OPERATOR force-promotes {}", NAMES[i]));
+                    self.input(t, i, Input::ForcePromote);
+                }
             }
             8 => {
                 self.loss_per_mille = self.rng.below(300);
@@ -543,6 +564,11 @@ fn run(seed: u64) {
     let end = fault_ms + settle_ms;
     for t in fault_ms..end {
         sim.step(t, seed);
+    }
+    if sim.forced {
+        // Two writers never happened (checked at every step); what is left
+        // (maybe a split brain) is the operator's to resolve.
+        return;
     }
     // One primary accepting writes, one up-to-date secondary, same data.
     let acc: Vec<usize> = [A, B]
