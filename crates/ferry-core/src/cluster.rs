@@ -155,6 +155,10 @@ pub enum PeerMsg {
     /// Sent by both nodes every interval.
     Heartbeat {
         sent_at: Millis,
+        /// The sender's process run: an Ack echoes it, so an Ack meant
+        /// for an earlier run (a replay, a late packet) lends nothing.
+        #[serde(default)]
+        incarnation: u64,
         role: Role,
         /// The witness epoch at which the sender last knew its role.
         epoch: u64,
@@ -163,7 +167,11 @@ pub enum PeerMsg {
         resigning: bool,
     },
     /// A secondary's answer to a primary's heartbeat: a lease grant.
-    Ack { echo: Millis },
+    Ack {
+        echo: Millis,
+        #[serde(default)]
+        incarnation: u64,
+    },
 }
 
 /// What a node asks the witness.
@@ -231,6 +239,10 @@ pub enum Refusal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WitnessReply {
     pub echo: Millis,
+    /// The request's incarnation, echoed: replies meant for an earlier run
+    /// of the node are ignored.
+    #[serde(default)]
+    pub incarnation: u64,
     pub op: WitnessOp,
     /// `None`: granted.
     pub refused: Option<Refusal>,
@@ -307,6 +319,7 @@ impl Witness {
         }
         let reply = WitnessReply {
             echo: req.sent_at,
+            incarnation: req.incarnation,
             op: req.op,
             refused,
             record: self.record.clone(),
@@ -700,6 +713,19 @@ impl ClusterNode {
             && (!self.policy.needs_lease() || now < self.lease_end())
     }
 
+    /// Until when writes may enter (holder-side lease end less the fence
+    /// margin): `None` when no lease is needed and the node is primary,
+    /// `Some(0)` when it may not accept writes at all.
+    pub fn write_deadline(&self, now: Millis) -> Option<Millis> {
+        if !self.accepting_writes(now) {
+            return Some(0);
+        }
+        if !self.policy.needs_lease() {
+            return None;
+        }
+        Some(self.lease_end().saturating_sub(self.timing.fence_margin()))
+    }
+
     /// Whether a write not confirmed by the peer may be acknowledged.
     pub fn may_write_alone(&self) -> bool {
         !self.policy.sync || self.peer_outdated
@@ -737,6 +763,7 @@ impl ClusterNode {
         match input {
             Input::Peer(PeerMsg::Heartbeat {
                 sent_at,
+                incarnation,
                 role,
                 epoch,
                 resigning,
@@ -749,9 +776,12 @@ impl ClusterNode {
                     self.peer_lost = false;
                     out.push(Action::Event(Event::PeerBack));
                 }
-                self.on_peer_heartbeat(now, sent_at, role, epoch, resigning, &mut out);
+                let hb = (sent_at, incarnation);
+                self.on_peer_heartbeat(now, hb, role, epoch, resigning, &mut out);
             }
-            Input::Peer(PeerMsg::Ack { echo }) => {
+            Input::Peer(PeerMsg::Ack { echo, incarnation })
+                if echo > now || incarnation != self.incarnation => {}
+            Input::Peer(PeerMsg::Ack { echo, .. }) => {
                 self.peer_last_heard = Some(now);
                 if matches!(self.role, Role::Primary | Role::Fenced) && !self.resigning {
                     self.peer_lease_end = self.peer_lease_end.max(self.timing.holder_end(echo));
@@ -765,6 +795,8 @@ impl ClusterNode {
                     }
                 }
             }
+            // Not an answer to a request of this run: it proves nothing.
+            Input::Witness(reply) if reply.echo > now || reply.incarnation != self.incarnation => {}
             Input::Witness(reply) => self.on_witness(now, reply, &mut out),
             Input::DataState(d) => {
                 self.data = d;
@@ -845,7 +877,7 @@ impl ClusterNode {
     fn on_peer_heartbeat(
         &mut self,
         now: Millis,
-        sent_at: Millis,
+        (sent_at, peer_incarnation): (Millis, u64),
         role: Role,
         epoch: u64,
         resigning: bool,
@@ -858,7 +890,10 @@ impl ClusterNode {
                     return;
                 }
                 self.granted_until = self.granted_until.max(self.timing.grantor_end(now));
-                out.push(Action::SendPeer(PeerMsg::Ack { echo: sent_at }));
+                out.push(Action::SendPeer(PeerMsg::Ack {
+                    echo: sent_at,
+                    incarnation: peer_incarnation,
+                }));
                 self.told_not_promoting = false;
             }
             (Role::Primary | Role::Fenced, Role::Primary) if epoch > self.epoch => {
@@ -1014,6 +1049,7 @@ impl ClusterNode {
             self.next_heartbeat = now + t.heartbeat_interval_ms;
             out.push(Action::SendPeer(PeerMsg::Heartbeat {
                 sent_at: now,
+                incarnation: self.incarnation,
                 role: self.role,
                 epoch: self.epoch,
                 resigning: self.resigning,
@@ -1275,6 +1311,7 @@ mod tests {
             5,
             Input::Witness(WitnessReply {
                 echo: 0,
+                incarnation: 1,
                 op: WitnessOp::Renew,
                 refused: None,
                 record: Record {

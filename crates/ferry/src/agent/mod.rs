@@ -217,6 +217,8 @@ impl AgentCtx {
                 if crate::cluster::is_ha_volume(&self.cfg.data_dir, name) {
                     // Under HA, a primary serves only once the cluster holds
                     // a lease (a restarted old primary may have been replaced).
+                    vol.lease_until_ms
+                        .store(0, std::sync::atomic::Ordering::SeqCst);
                     vol.freeze_nowait();
                 }
                 self.nbd.add_export(Export {

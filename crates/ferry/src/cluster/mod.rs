@@ -212,6 +212,11 @@ impl ClusterView {
     }
 }
 
+/// Events waiting for the notify hook at most.
+const NOTIFY_QUEUE_EVENTS_MAX: usize = 256;
+/// Datagrams read per socket per loop (the rest wait for the next turn).
+const DATAGRAMS_PER_TURN_MAX: usize = 256;
+
 /// Slow actions, run in order on a workload's worker thread.
 #[derive(Debug)]
 enum Job {
@@ -232,6 +237,8 @@ struct Slot {
     peer_lost_at: Option<Instant>,
     /// Accepting writes at the last look: the edge to serving sends Resume.
     serving: bool,
+    /// The workload's volumes (from its definition when it was picked up).
+    volumes: Vec<String>,
     /// The same, for the check thread; and its stop flag.
     serving_flag: Arc<AtomicBool>,
     stop_checks: Arc<AtomicBool>,
@@ -278,7 +285,9 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
 /// Locks memory and raises this thread to real-time priority, where allowed.
 fn realtime() {
     // SAFETY: mlockall only takes flags; it affects this process's mappings.
-    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+    // MCL_CURRENT only: locking future mappings too would lock every volume
+    // buffer the agent ever allocates, and fail allocations at the limit.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT) } != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cluster.mlockall_failed: heartbeats may stall under memory pressure");
     }
     let param = libc::sched_param { sched_priority: 10 };
@@ -290,7 +299,7 @@ fn realtime() {
 }
 
 fn hmac_key(hex: &str) -> Option<ring::hmac::Key> {
-    if hex.len() != 64 {
+    if hex.len() != 64 || !hex.is_ascii() {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..32)
@@ -313,13 +322,12 @@ struct Manager {
     socks: Vec<UdpSocket>,
     wsock: UdpSocket,
     slots: HashMap<String, Slot>,
-    epoch: Instant,
     incarnation: u64,
     /// (workload, why): the check hook failed `check_fall` times.
     resign_tx: mpsc::Sender<(String, String)>,
     resign_rx: mpsc::Receiver<(String, String)>,
     /// Events for the notify hook.
-    notify: Option<mpsc::Sender<Value>>,
+    notify: Option<mpsc::SyncSender<Value>>,
     force_rx: mpsc::Receiver<String>,
     /// The witness's shared key, if configured.
     witness_key: Option<ring::hmac::Key>,
@@ -334,7 +342,8 @@ impl Manager {
     ) -> Manager {
         let (resign_tx, resign_rx) = mpsc::channel();
         let notify = cfg.notify.clone().and_then(|cmd| {
-            let (tx, rx) = mpsc::channel::<Value>();
+            // Bounded: a slow hook loses events (logged) rather than memory.
+            let (tx, rx) = mpsc::sync_channel::<Value>(NOTIFY_QUEUE_EVENTS_MAX);
             std::thread::Builder::new()
                 .name("cluster-notify".into())
                 .spawn(move || {
@@ -373,14 +382,13 @@ impl Manager {
             socks,
             wsock,
             slots: HashMap::new(),
-            epoch: Instant::now(),
             incarnation: crate::agent::identity::random_u64(),
         }
     }
 
-    /// Milliseconds on this process's monotonic clock.
+    /// Milliseconds on this process's monotonic clock (the write gate's).
     fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        crate::replication::primary::mono_ms()
     }
 
     fn run(mut self) {
@@ -420,6 +428,13 @@ impl Manager {
                     continue;
                 };
                 let actions = slot.node.tick(now);
+                // The write gate enforces the lease itself: push its deadline.
+                let deadline = slot.node.write_deadline(now).unwrap_or(u64::MAX);
+                for v in &slot.volumes {
+                    if let Some(p) = self.ctx.primary(v) {
+                        p.lease_until_ms.store(deadline, Ordering::SeqCst);
+                    }
+                }
                 let serving = slot.node.accepting_writes(now);
                 let edge = serving && !slot.serving;
                 slot.serving = serving;
@@ -463,8 +478,22 @@ impl Manager {
         }
         self.failback();
         self.split_brain_policies();
+        // A workload leaves HA only when its record file is gone: a read
+        // error or a damaged record must not drop its slot (heartbeats and
+        // fencing would stop while its volumes stay open).
+        let Ok(entries) = std::fs::read_dir(dir(&self.ctx.cfg.data_dir)) else {
+            return;
+        };
+        let names: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(String::from)
+            })
+            .collect();
         let all = load_all(&self.ctx.cfg.data_dir);
-        let names: Vec<String> = all.iter().map(|h| h.workload.clone()).collect();
         self.slots.retain(|w, _| names.contains(w));
         self.ctx
             .cluster
@@ -535,6 +564,7 @@ impl Manager {
                     events: VecDeque::new(),
                     peer_lost_at: None,
                     serving: false,
+                    volumes: spec.volumes.clone(),
                     serving_flag,
                     stop_checks,
                     in_sync_since: None,
@@ -831,9 +861,15 @@ impl Manager {
     }
 
     fn receive(&mut self, buf: &mut [u8]) {
-        let now = self.now();
         for i in 0..self.socks.len() {
+            let mut turn = 0;
             while let Ok((n, from)) = self.socks[i].recv_from(buf) {
+                // The clock at receipt: a grant is dated when it is made.
+                let now = self.now();
+                turn += 1;
+                if turn > DATAGRAMS_PER_TURN_MAX {
+                    break;
+                }
                 let Some(d) = self.verify(&buf[..n]) else {
                     tracing::debug!(%from, "cluster.heartbeat_refused: bad length or signature");
                     continue;
@@ -847,7 +883,8 @@ impl Manager {
                 }
             }
         }
-        loop {
+        for _ in 0..DATAGRAMS_PER_TURN_MAX {
+            let now = self.now();
             let n = match self.wsock.recv_from(buf) {
                 Ok((n, from)) if Some(from) == self.cfg.witness => n,
                 Ok(_) => continue,
@@ -910,6 +947,11 @@ impl Manager {
             match a {
                 Action::SendPeer(m) => self.send_peer(w, m),
                 Action::SendWitness(req) => {
+                    if req.op == ferry_core::cluster::WitnessOp::UpToDate {
+                        // Going alone needs a new outdate from now on: take
+                        // the permit back before the request can land.
+                        self.poll_permits(w);
+                    }
                     let Some(addr) = self.cfg.witness else {
                         continue;
                     };
@@ -926,11 +968,18 @@ impl Manager {
                     }
                 }
                 Action::Persist(state) => {
-                    if let Some(mut h) = load(&self.ctx.cfg.data_dir, w) {
-                        h.state = state;
-                        if let Err(e) = save(&self.ctx.cfg.data_dir, &h) {
-                            tracing::error!(workload = w, error = %format!("{e:#}"), "cluster.persist_failed");
-                        }
+                    let saved = load(&self.ctx.cfg.data_dir, w)
+                        .ok_or_else(|| anyhow!("its HA record is missing or damaged"))
+                        .and_then(|mut h| {
+                            h.state = state;
+                            save(&self.ctx.cfg.data_dir, &h)
+                        });
+                    if let Err(e) = saved {
+                        // What follows (a Promote request, a promotion) must
+                        // not happen unrecorded: drop the rest of the batch;
+                        // the state machine asks again on a later tick.
+                        tracing::error!(workload = w, error = %format!("{e:#}"), "cluster.persist_failed: not acting on it");
+                        return;
                     }
                 }
                 Action::HoldWrites | Action::ReleaseWrites => {
@@ -939,7 +988,7 @@ impl Manager {
                 }
                 Action::Fence => {
                     // Stop I/O now, on this thread; the rest on the worker.
-                    for v in self.volumes_of(w) {
+                    for v in self.slot_volumes(w) {
                         if let Some(p) = self.ctx.primary(&v) {
                             p.freeze_nowait();
                         }
@@ -964,11 +1013,19 @@ impl Manager {
         };
         let required = slot.node.policy().witness && slot.node.policy().sync;
         let granted = slot.node.may_write_alone();
-        for v in self.volumes_of(w) {
+        for v in self.slot_volumes(w) {
             if let Some(p) = self.ctx.primary(&v) {
                 p.alone.set(required, granted);
             }
         }
+    }
+
+    /// The volumes of a managed workload, as picked up (no disk read).
+    fn slot_volumes(&self, w: &str) -> Vec<String> {
+        self.slots
+            .get(w)
+            .map(|s| s.volumes.clone())
+            .unwrap_or_else(|| self.volumes_of(w))
     }
 
     fn volumes_of(&self, w: &str) -> Vec<String> {
@@ -1018,7 +1075,9 @@ impl Manager {
             .unwrap_or(0));
         tracing::info!(workload = w, event = %v, "cluster.event");
         if let Some(tx) = &self.notify {
-            let _ = tx.send(v.clone());
+            if tx.try_send(v.clone()).is_err() {
+                tracing::warn!(workload = w, "cluster.notify_dropped: NOTIFY_QUEUE_EVENTS_MAX events already wait for the hook");
+            }
         }
         slot.events.push_back(v);
         while slot.events.len() > 32 {
@@ -1145,9 +1204,15 @@ fn spec(ctx: &AgentCtx, workload: &str) -> Result<WorkloadSpec> {
         .ok_or_else(|| anyhow!("workload {workload:?} is not defined on this node"))
 }
 
-/// Freeze (already done), drop the VIP, stop the application.
+/// Freeze (again: a Resume queued before may have reopened), drop the VIP,
+/// stop the application.
 fn fence(ctx: &AgentCtx, workload: &str) -> Result<()> {
     let spec = spec(ctx, workload)?;
+    for v in &spec.volumes {
+        if let Some(p) = ctx.primary(v) {
+            p.freeze_nowait();
+        }
+    }
     vip(&spec, false)?;
     if let Some(run) = crate::migrate::workload_hook(ctx, &spec, "stop", "fenced") {
         if !run.ok {

@@ -127,12 +127,14 @@ impl WitnessServer {
                     "this witness already holds {WORKLOADS_MAX} records (WORKLOADS_MAX)"
                 ));
             }
-            // A record that was never written: nothing was ever granted
-            // for it (every grant follows a persisted record), so no quiet.
+            // A record this witness does not hold: nothing was granted for
+            // it here — but its data directory may have been lost, or this
+            // is a replacement witness, so the quiet period after the
+            // process started still applies.
             self.slots.insert(
                 msg.workload.clone(),
                 Slot {
-                    witness: Witness::fresh(t),
+                    witness: Witness::start(Record::default(), t, 0),
                     timing: t,
                 },
             );
@@ -147,6 +149,10 @@ impl WitnessServer {
             slot.timing = t;
             retimed = true;
         }
+        // Applied to a copy, kept only once on disk: a grant the disk never
+        // saw must not survive in memory either (after a restart the disk
+        // would say otherwise).
+        let before = slot.witness.clone();
         let (reply, changed) = slot.witness.handle(now, &msg.req);
         if changed || retimed {
             let stored = Stored {
@@ -154,9 +160,16 @@ impl WitnessServer {
                 lease_ms: t.lease_ms,
                 drift_permille: t.drift_permille,
             };
-            let bytes = serde_json::to_vec_pretty(&stored).map_err(|e| e.to_string())?;
-            crate::agent::write_atomic_private(&path, &bytes)
-                .map_err(|e| format!("cannot persist the record: {e:#}"))?;
+            let saved = serde_json::to_vec_pretty(&stored)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    crate::agent::write_atomic_private(&path, &bytes)
+                        .map_err(|e| format!("cannot persist the record: {e:#}"))
+                });
+            if let Err(e) = saved {
+                slot.witness = before;
+                return Err(e);
+            }
             if changed {
                 tracing::info!(workload = %msg.workload, node = %msg.req.node, op = ?msg.req.op,
                     record = ?reply.record, "witness.record.changed");

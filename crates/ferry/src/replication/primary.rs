@@ -496,6 +496,11 @@ pub struct PrimaryVolume {
     pub leaves: super::verify::LeafCache,
     /// HA: may a write the peer did not confirm be acknowledged?
     pub alone: AlonePermit,
+    /// HA: writes enter only before this instant ([`mono_ms`]); the cluster
+    /// manager moves it forward with the node's lease. `u64::MAX` when no
+    /// lease applies. The gate checks it on every write, so a stalled
+    /// heartbeat thread cannot let writes outlive the lease.
+    pub lease_until_ms: std::sync::atomic::AtomicU64,
     /// Local disk I/O errors seen by client reads and writes (HA hands the
     /// workload over when this grows).
     pub io_errors: std::sync::atomic::AtomicU64,
@@ -529,6 +534,13 @@ impl AlonePermit {
         !self.required.load(Ordering::SeqCst)
             || *self.granted.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Milliseconds on the process's monotonic clock (shared by the write gate
+/// and the HA cluster manager).
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 const GATE_OPEN: u8 = 0;
@@ -635,6 +647,7 @@ impl PrimaryVolume {
             throttle_pct: std::sync::atomic::AtomicU8::new(0),
             leaves,
             alone: AlonePermit::default(),
+            lease_until_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
             io_errors: std::sync::atomic::AtomicU64::new(0),
             parked: Mutex::new(Vec::new()),
         }
@@ -699,16 +712,31 @@ impl PrimaryVolume {
             self.active_writes.fetch_add(1, Ordering::SeqCst);
             let active = Active(self);
             match self.gate.load(Ordering::SeqCst) {
-                GATE_OPEN => return Ok(active),
+                GATE_OPEN if self.lease_holds() => return Ok(active),
                 GATE_CLOSED => return Err(handed_over(&self.name)),
                 _ => {}
             }
             drop(active);
             let mut g = self.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
-            while self.gate.load(Ordering::SeqCst) == GATE_FROZEN {
-                g = self.gate_cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            loop {
+                match self.gate.load(Ordering::SeqCst) {
+                    GATE_FROZEN => {}
+                    GATE_OPEN if !self.lease_holds() => {}
+                    _ => break,
+                }
+                g = self
+                    .gate_cv
+                    .wait_timeout(g, Duration::from_millis(5))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
+    }
+
+    /// Whether the HA lease (if any) still covers a write entering now.
+    fn lease_holds(&self) -> bool {
+        let until = self.lease_until_ms.load(Ordering::Relaxed);
+        until == u64::MAX || mono_ms() < until
     }
 
     /// Cutover: new writes wait; returns once no write is between its gate
