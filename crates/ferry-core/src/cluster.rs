@@ -445,6 +445,8 @@ pub enum Event {
     Resigned {
         why: String,
     },
+    /// A resignation nobody took up within four failure timeouts was undone.
+    ResignAbandoned,
 }
 
 /// What a node must keep across restarts (written durably when an
@@ -556,6 +558,11 @@ pub struct ClusterNode {
     refused_outdated_until: Millis,
     /// The primary's link reports the peer's replica in sync.
     peer_in_sync: bool,
+    /// Since when the link has said the replica is not in sync (the link
+    /// dropped or is resyncing while heartbeats may still arrive).
+    peer_unsynced_since: Option<Millis>,
+    /// When this node resigned (a resignation nobody takes up is undone).
+    resigned_at: Option<Millis>,
     /// As secondary: grantor-side end of the last lease granted.
     granted_until: Millis,
     candidacy: Option<Candidacy>,
@@ -616,6 +623,8 @@ impl ClusterNode {
             record_epoch: epoch,
             refused_outdated_until: 0,
             peer_in_sync: false,
+            peer_unsynced_since: None,
+            resigned_at: None,
             // A restarted secondary may have granted a lease just before
             // it went down: it promises nothing for one lease.
             granted_until: timing.grantor_end(now),
@@ -807,10 +816,12 @@ impl ClusterNode {
             }
             Input::PeerNotUpToDate => {
                 self.peer_in_sync = false;
+                self.peer_unsynced_since.get_or_insert(now);
                 self.peer_up_to_date_pending = false;
             }
             Input::PeerUpToDate => {
                 self.peer_in_sync = true;
+                self.peer_unsynced_since = None;
                 if self.role == Role::Primary {
                     if self.policy.witness {
                         // Tell the witness; until it is told, the record
@@ -859,6 +870,7 @@ impl ClusterNode {
             Input::Resign { why } => {
                 if self.role == Role::Primary && !self.resigning {
                     self.resigning = true;
+                    self.resigned_at = Some(now);
                     // Stop serving first; then give the lease back so the
                     // peer need not wait for it to run out.
                     self.peer_lease_end = 0;
@@ -1039,6 +1051,19 @@ impl ClusterNode {
             self.peer_lost = true;
         }
 
+        if self.role == Role::Fenced
+            && self.resigning
+            && self
+                .resigned_at
+                .is_some_and(|r| now.saturating_sub(r) >= 4 * t.failure_timeout_ms)
+        {
+            // Nobody took the workload over (the peer is not up to date, in
+            // standby, or gone): stop resigning; this node resumes if the
+            // witness (or the peer) still lends it a lease.
+            self.resigning = false;
+            self.resigned_at = None;
+            out.push(Action::Event(Event::ResignAbandoned));
+        }
         match self.role {
             Role::Primary => self.tick_primary(now, &mut out),
             Role::Fenced => {}
@@ -1113,7 +1138,15 @@ impl ClusterNode {
 
     fn tick_primary(&mut self, now: Millis, out: &mut Vec<Action>) {
         let t = self.timing;
-        if self.peer_lost && !self.peer_outdated {
+        // The replica is gone for writes when its heartbeats stop, or when
+        // the link has not been in sync for a failure timeout although they
+        // go on (a dropped or stalled connection): either way writes would
+        // wait for it forever, so outdate it first, then go on alone.
+        let replica_gone = self.peer_lost
+            || self
+                .peer_unsynced_since
+                .is_some_and(|s| now.saturating_sub(s) >= t.failure_timeout_ms);
+        if replica_gone && !self.peer_outdated {
             if self.policy.sync && self.policy.witness {
                 if !self.writes_held {
                     self.writes_held = true;

@@ -172,9 +172,20 @@ pub struct ClusterView {
     discard_on_demote: Mutex<std::collections::HashSet<String>>,
     /// Workloads whose split brain a policy is resolving.
     resolving: Mutex<std::collections::HashSet<String>>,
+    /// Volumes of workloads this node asked the witness to promote it for:
+    /// their copies must not change until it answers (no inbound resync).
+    candidate_volumes: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ClusterView {
+    /// Whether `volume` belongs to a workload whose promotion this node asked for.
+    pub fn is_candidate_volume(&self, volume: &str) -> bool {
+        self.candidate_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(volume)
+    }
+
     /// Asks the manager to hand `workload` over (it resigns), saying why.
     fn request_resign(&self, workload: &str, why: String) -> Result<()> {
         let tx = self
@@ -239,6 +250,8 @@ struct Slot {
     serving: bool,
     /// The workload's volumes (from its definition when it was picked up).
     volumes: Vec<String>,
+    /// A candidacy at the last look (its volumes refuse inbound resyncs).
+    candidate: bool,
     /// The same, for the check thread; and its stop flag.
     serving_flag: Arc<AtomicBool>,
     stop_checks: Arc<AtomicBool>,
@@ -435,6 +448,22 @@ impl Manager {
                         p.lease_until_ms.store(deadline, Ordering::SeqCst);
                     }
                 }
+                if slot.node.is_candidate() != slot.candidate {
+                    slot.candidate = slot.node.is_candidate();
+                    let mut c = self
+                        .ctx
+                        .cluster
+                        .candidate_volumes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    for v in &slot.volumes {
+                        if slot.candidate {
+                            c.insert(v.clone());
+                        } else {
+                            c.remove(v);
+                        }
+                    }
+                }
                 let serving = slot.node.accepting_writes(now);
                 let edge = serving && !slot.serving;
                 slot.serving = serving;
@@ -565,6 +594,7 @@ impl Manager {
                     peer_lost_at: None,
                     serving: false,
                     volumes: spec.volumes.clone(),
+                    candidate: false,
                     serving_flag,
                     stop_checks,
                     in_sync_since: None,
@@ -714,6 +744,7 @@ impl Manager {
                 let granted = slot.node.may_write_alone();
                 for p in &prims {
                     p.alone.set(required, granted);
+                    p.alone.set_peer_in_sync(in_sync);
                     p.release_parked(in_sync);
                 }
                 let errors: u64 = prims

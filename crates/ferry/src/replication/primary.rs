@@ -518,9 +518,21 @@ pub struct AlonePermit {
     required: AtomicBool,
     granted: Mutex<bool>,
     cv: Condvar,
+    /// The peer is up to date again: a write still waiting for the permit
+    /// was resent to it meanwhile, so it may be answered (without a new
+    /// generation: nothing was acknowledged alone).
+    peer_in_sync: AtomicBool,
 }
 
 impl AlonePermit {
+    /// The link's view, from the cluster manager.
+    pub fn set_peer_in_sync(&self, in_sync: bool) {
+        if self.peer_in_sync.swap(in_sync, Ordering::SeqCst) != in_sync && in_sync {
+            let _g = self.granted.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
+    }
+
     pub fn set(&self, required: bool, granted: bool) {
         self.required.store(required, Ordering::SeqCst);
         let mut g = self.granted.lock().unwrap_or_else(|p| p.into_inner());
@@ -968,7 +980,10 @@ impl PrimaryVolume {
                 return Ok(());
             }
         }
-        self.wait_alone_permit()?;
+        if !self.wait_alone_permit()? {
+            // The peer has it after all: not acknowledged alone.
+            return Ok(());
+        }
         let mut meta = self.meta();
         let mut l = self.link.lock();
         if l.bumped_while_down {
@@ -1063,13 +1078,18 @@ impl PrimaryVolume {
     }
 
     /// Waits until acknowledging alone is permitted (HA: the witness
-    /// recorded the peer outdated); fails if the volume is handed over.
-    fn wait_alone_permit(&self) -> io::Result<()> {
+    /// recorded the peer outdated): `Ok(true)`; or until the peer is up to
+    /// date again, so the write need not go alone: `Ok(false)`. Fails if
+    /// the volume is handed over.
+    fn wait_alone_permit(&self) -> io::Result<bool> {
         let mut g = self.alone.granted.lock().unwrap_or_else(|p| p.into_inner());
         let mut logged = false;
         while self.alone.required.load(Ordering::SeqCst) && !*g {
             if self.gate.load(Ordering::SeqCst) == GATE_CLOSED {
                 return Err(handed_over(&self.name));
+            }
+            if logged && self.alone.peer_in_sync.load(Ordering::SeqCst) {
+                return Ok(false);
             }
             if !logged {
                 logged = true;
@@ -1082,7 +1102,7 @@ impl PrimaryVolume {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// HA: answers the parked unconfirmed writes once going alone is

@@ -324,6 +324,12 @@ fn accept(ctx: &AgentCtx, peer: &str, hello: &Hello) -> std::result::Result<Memb
             "no common protocol version (I speak {PROTOCOL_VERSION})"
         ));
     }
+    if ctx.cluster.is_candidate_volume(&hello.volume) {
+        return Err(format!(
+            "node {me} asked the witness to take over the workload of {:?}: its copy must not change until it answers; retrying",
+            hello.volume
+        ));
+    }
     let Some(vol) = ctx.secondary(&hello.volume) else {
         return Err(format!("node {me} holds no replica of volume {:?}; start it with `ferry replicate start {} --to {me}`", hello.volume, hello.volume));
     };
