@@ -719,7 +719,14 @@ impl ClusterNode {
     pub fn accepting_writes(&self, now: Millis) -> bool {
         self.role == Role::Primary
             && !self.resigning
-            && (!self.policy.needs_lease() || now < self.lease_end())
+            && if self.policy.needs_lease() {
+                now < self.lease_end()
+            } else {
+                // No lease: a restarted primary first listens for the peer
+                // for a failure timeout (it may have been replaced by hand).
+                self.peer_last_heard.is_some()
+                    || now.saturating_sub(self.started_at) >= self.timing.failure_timeout_ms
+            }
     }
 
     /// Until when writes may enter (holder-side lease end less the fence
@@ -1190,11 +1197,12 @@ impl ClusterNode {
             && !self.peer_resigning;
         if let Some(c) = self.candidacy {
             if !self.policy.witness && now >= c.not_before {
-                // Unsafe two-node mode: promote on our own.
+                // Unsafe two-node mode: promote on our own, newer than any
+                // epoch seen (the peer's too), so the older one demotes.
                 self.promoted_forced = c.forced;
                 self.candidacy = None;
                 self.role = Role::Primary;
-                self.epoch += 1;
+                self.epoch = self.epoch.max(self.peer_epoch) + 1;
                 self.peer_outdated = true;
                 out.push(Action::Promote);
                 out.push(Action::Event(Event::Promoted { epoch: self.epoch }));

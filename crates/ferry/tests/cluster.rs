@@ -728,17 +728,20 @@ fn a_failing_check_hands_the_workload_over_and_every_event_reaches_the_notify_ho
     wait_for(15, "a to become b's replica", || {
         net.status("a", "web")["role"] == "secondary"
     });
-    // The notify hook saw the same events, as JSON lines.
-    let seen = std::fs::read_to_string(net.dir("a").join("events.jsonl")).unwrap_or_default();
-    let kinds: Vec<String> = seen
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter_map(|v| v["event"].as_str().map(String::from))
-        .collect();
-    assert!(
-        kinds.iter().any(|k| k == "resigned") && kinds.iter().any(|k| k == "demoted"),
-        "{kinds:?}"
-    );
+    // The notify hook saw the same events, as JSON lines (it runs on its
+    // own thread: give it a moment).
+    let kinds = || -> Vec<String> {
+        std::fs::read_to_string(net.dir("a").join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|v| v["event"].as_str().map(String::from))
+            .collect()
+    };
+    wait_for(10, "the notify hook to see resigned and demoted", || {
+        let k = kinds();
+        k.iter().any(|k| k == "resigned") && k.iter().any(|k| k == "demoted")
+    });
 }
 
 #[test]

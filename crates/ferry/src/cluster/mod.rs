@@ -637,7 +637,11 @@ impl Manager {
             let _ = std::thread::Builder::new().name("failback".into()).spawn(move || {
                 match switchover(&ctx, &w) {
                     Ok(v) => tracing::info!(workload = %w, result = %v, "cluster.failback.done"),
-                    Err(e) => tracing::warn!(workload = %w, error = %format!("{e:#}"), "cluster.failback.failed"),
+                    Err(e) => {
+                        tracing::warn!(workload = %w, error = %format!("{e:#}"), "cluster.failback.failed: trying again in 30 s");
+                        // Each attempt freezes writes: do not hammer.
+                        std::thread::sleep(Duration::from_secs(30));
+                    }
                 }
                 flag.store(false, Ordering::SeqCst);
             });
@@ -1496,7 +1500,12 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("{} did not take {workload:?} over within 30 s after this node resigned; see `ferry cluster status` on both nodes", cfg.peer);
+            ctx.cluster
+                .clean_handover
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(workload);
+            bail!("{} did not take {workload:?} over within 30 s after this node resigned (the resignation is undone after four failure timeouts); see `ferry cluster status` on both nodes", cfg.peer);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1834,9 +1843,22 @@ fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()>
         resolve_split_brain(ctx, workload, &me, None)?;
         return Ok(());
     }
-    // Keep the peer's data: this node's copy goes aside, then it steps down.
-    for v in &spec.volumes {
-        keep_copy(ctx, v)?;
+    // Keep the peer's data: this node's copy goes aside — writes frozen
+    // first, so the copy is whole and nothing written after it is lost —
+    // then it steps down.
+    let prims: Vec<_> = spec.volumes.iter().filter_map(|v| ctx.primary(v)).collect();
+    for p in &prims {
+        p.freeze();
+    }
+    if let Err(e) = spec
+        .volumes
+        .iter()
+        .try_for_each(|v| keep_copy(ctx, v).map(|_| ()))
+    {
+        for p in &prims {
+            p.unfreeze();
+        }
+        return Err(e);
     }
     ClusterView::mark(&ctx.cluster.discard_on_demote, workload);
     ctx.cluster.request_resign(
