@@ -578,6 +578,9 @@ async fn cluster_standby(State(ctx): Ctx, Json(r): Json<Standby>) -> ApiResult {
 struct ForcePromote {
     #[serde(default)]
     force: bool,
+    /// Asked by the peer's split-brain policy (not an operator).
+    #[serde(default)]
+    by_policy: bool,
 }
 
 async fn cluster_promote(
@@ -591,7 +594,7 @@ async fn cluster_promote(
             "a promotion by hand needs --force (it may lose writes or split the brain); a planned move is `ferry cluster switchover`".into(),
         ));
     }
-    let v = blocking(move || crate::cluster::force_promote(&ctx, &name)).await?;
+    let v = blocking(move || crate::cluster::force_promote(&ctx, &name, r.by_policy)).await?;
     Ok(Json(v))
 }
 

@@ -175,6 +175,9 @@ pub struct ClusterView {
     /// Volumes of workloads this node asked the witness to promote it for:
     /// their copies must not change until it answers (no inbound resync).
     candidate_volumes: Mutex<std::collections::HashSet<String>>,
+    /// When the peer's split-brain policy last had this node promoted, by
+    /// workload (its own policy then stays quiet for a while).
+    policy_promoted: Mutex<HashMap<String, Instant>>,
 }
 
 impl ClusterView {
@@ -853,6 +856,20 @@ impl Manager {
             if !slot.serving || !slot.node.peer_alive(self.now()) || !self.split_brain(w) {
                 continue;
             }
+            // Just promoted by the peer's policy, which decided to keep
+            // this copy: the peer is still rebasing; never answer one policy
+            // decision with another.
+            if self
+                .ctx
+                .cluster
+                .policy_promoted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(w)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+            {
+                continue;
+            }
             if !self
                 .ctx
                 .cluster
@@ -1359,17 +1376,48 @@ fn demote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(workload);
-    for v in &spec.volumes {
-        if ctx.primary(v).is_some() {
-            ctx.demote_after_failover(v, peer, clean)?;
-        }
-    }
     let discard = ctx
         .cluster
         .discard_on_demote
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(workload);
+    if discard {
+        // No inbound link may meet these copies between the demotion and
+        // the rebase below (it would see the old history: a split brain).
+        let mut c = ctx
+            .cluster
+            .candidate_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        c.extend(spec.volumes.iter().cloned());
+    }
+    let r = demote_and_rebase(ctx, &spec, peer, clean, discard);
+    if discard {
+        let mut c = ctx
+            .cluster
+            .candidate_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for v in &spec.volumes {
+            c.remove(v);
+        }
+    }
+    r
+}
+
+fn demote_and_rebase(
+    ctx: &Arc<AgentCtx>,
+    spec: &WorkloadSpec,
+    peer: &str,
+    clean: bool,
+    discard: bool,
+) -> Result<()> {
+    for v in &spec.volumes {
+        if ctx.primary(v).is_some() {
+            ctx.demote_after_failover(v, peer, clean)?;
+        }
+    }
     if discard {
         // Our copy was discarded by the split-brain policy (kept aside):
         // restart its history at the generation shared with the new primary.
@@ -1581,7 +1629,14 @@ fn kept_copies(ctx: &AgentCtx, workload: &str) -> Vec<String> {
 /// hand, even outdated or inconsistent — still never while the old
 /// primary's lease may run (the witness decides), and never while the peer
 /// serves (use a switchover).
-pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str, by_policy: bool) -> Result<Value> {
+    if by_policy {
+        ctx.cluster
+            .policy_promoted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(workload.to_string(), Instant::now());
+    }
     let status = ctx
         .cluster
         .workloads
@@ -1869,7 +1924,7 @@ fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()>
     loop {
         match client.post(
             &format!("/api/v1/cluster/workloads/{workload}/promote"),
-            &json!({"force": true}),
+            &json!({"force": true, "by_policy": true}),
         ) {
             Ok(_) => break,
             Err(e) if Instant::now() < deadline => {
