@@ -1307,22 +1307,10 @@ fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, force: bool) -> Resu
             workload,
             "cluster.promote.forced: this copy may be outdated or inconsistent"
         );
-        ctx.forced_promotions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(spec.volumes.iter().cloned());
     }
-    let r = promote_volumes(ctx, workload, peer, &spec);
-    if force {
-        let mut f = ctx
-            .forced_promotions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for v in &spec.volumes {
-            f.remove(v);
-        }
-    }
-    r
+    while_marked(&ctx.forced_promotions, &spec.volumes, force, || {
+        promote_volumes(ctx, workload, peer, &spec)
+    })
 }
 
 fn promote_volumes(
@@ -1382,25 +1370,32 @@ fn demote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(workload);
-    if discard {
-        // No inbound link may meet these copies between the demotion and
-        // the rebase below (it would see the old history: a split brain).
-        let mut c = ctx
-            .cluster
-            .candidate_volumes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        c.extend(spec.volumes.iter().cloned());
+    // With `discard`, no inbound link may meet these copies between the
+    // demotion and the rebase (it would see the old history: a split brain).
+    while_marked(
+        &ctx.cluster.candidate_volumes,
+        &spec.volumes,
+        discard,
+        || demote_and_rebase(ctx, &spec, peer, clean, discard),
+    )
+}
+
+/// Runs `f` with `volumes` in `set` when `on`, taking them out after.
+fn while_marked<T>(
+    set: &Mutex<std::collections::HashSet<String>>,
+    volumes: &[String],
+    on: bool,
+    f: impl FnOnce() -> T,
+) -> T {
+    let lock = || set.lock().unwrap_or_else(|p| p.into_inner());
+    if on {
+        lock().extend(volumes.iter().cloned());
     }
-    let r = demote_and_rebase(ctx, &spec, peer, clean, discard);
-    if discard {
-        let mut c = ctx
-            .cluster
-            .candidate_volumes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for v in &spec.volumes {
-            c.remove(v);
+    let r = f();
+    if on {
+        let mut s = lock();
+        for v in volumes {
+            s.remove(v);
         }
     }
     r
