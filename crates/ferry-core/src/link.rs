@@ -74,8 +74,8 @@ impl Default for LinkConfig {
             peer_ack_timeout_ms: 5_000,
             copies_in_flight_max: 8,
             unconfirmed_extents_max: 65_536,
-            flush_interval_ms: 5_000,
-            flush_bytes: 256 * 1024 * 1024,
+            flush_interval_ms: 30_000,
+            flush_bytes: 1024 * 1024 * 1024,
         }
     }
 }

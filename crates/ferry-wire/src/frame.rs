@@ -30,6 +30,16 @@ pub enum Kind {
     Ping = 8,
     /// A fatal error, payload = UTF-8 message; the link closes after it.
     Error = 9,
+    /// A share's file operation ([`crate::StampedOp`]), sequenced like a write.
+    FileOp = 10,
+    /// Handshake of a share's link (JSON [`crate::ShareHello`]).
+    ShareHello = 11,
+    /// Primary → replica: send your manifest of the subtree at the path in the
+    /// payload (answered in stream order, after every op before it).
+    ManifestRequest = 12,
+    /// Replica → primary: `seq` = the request's, payload = [`crate::encode_manifest`]
+    /// entries; flag 1 = more frames follow.
+    Manifest = 13,
 }
 
 impl Kind {
@@ -44,6 +54,10 @@ impl Kind {
             7 => Kind::Ack,
             8 => Kind::Ping,
             9 => Kind::Error,
+            10 => Kind::FileOp,
+            11 => Kind::ShareHello,
+            12 => Kind::ManifestRequest,
+            13 => Kind::Manifest,
             _ => return None,
         })
     }

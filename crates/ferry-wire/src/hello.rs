@@ -68,3 +68,28 @@ impl HelloReply {
         })
     }
 }
+
+/// Sent by a share's primary when its link connects (answered with a [`HelloReply`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareHello {
+    pub protocol_versions: Vec<u32>,
+    pub node_name: String,
+    pub share: String,
+    pub share_id: String,
+    pub generation: u64,
+    pub ancestors: Vec<u64>,
+    /// "sync" or "async".
+    pub mode: String,
+}
+
+impl ShareHello {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<ShareHello, crate::WireError> {
+        serde_json::from_slice(b).map_err(|e| crate::WireError::Malformed {
+            kind: crate::Kind::ShareHello,
+            reason: e.to_string(),
+        })
+    }
+}

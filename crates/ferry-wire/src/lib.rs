@@ -32,12 +32,17 @@
 //! ```
 
 mod crc;
+mod fileop;
 mod frame;
 mod hello;
 
 pub use crc::crc32c;
+pub use fileop::{
+    decode_manifest, encode_manifest, EntryKind, FileOp, ManifestEntry, Owner, SharePath, Stamp,
+    StampedOp, Target, Time, SHARE_NAME_BYTES_MAX, SHARE_PATH_BYTES_MAX,
+};
 pub use frame::{
     encode_frame, read_frame, split_frame, trailer, FrameHeader, Kind, ReadFrameError, WireError,
     FRAME_FORMAT_VERSION, HEADER_BYTES,
 };
-pub use hello::{Hello, HelloReply, PROTOCOL_VERSION};
+pub use hello::{Hello, HelloReply, ShareHello, PROTOCOL_VERSION};

@@ -67,6 +67,9 @@ pub enum Command {
     /// High availability: put workloads under automatic failover.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Shares: directories replicated file by file (sync: a FUSE mount).
+    #[command(subcommand)]
+    Share(ShareCommand),
     /// Run a witness: the third voter of two-node clusters (one small record
     /// per workload, leases; no data) until SIGTERM. Its records live in
     /// --data-dir.
@@ -79,6 +82,41 @@ pub enum Command {
         /// is. The nodes name the same file with `cluster.witness_key_file`.
         #[arg(long)]
         key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShareCommand {
+    /// Create a share on the agent and serve it at --path (sync mode: a FUSE
+    /// mount backed by DATA_DIR/shares/NAME/data; every change reaches the
+    /// replica before it is answered, fsync is durable on both nodes).
+    Create {
+        name: String,
+        /// Where applications use the share on this node (absolute).
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long, default_value = "sync", value_parser = ["sync", "async"])]
+        mode: String,
+        /// Replicate it to this registered node (its copy is made there).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Files, bytes, replica state, pending paths and the last error of one
+    /// share or all.
+    Status {
+        name: Option<String>,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Wait until a share's replica is up to date (exit 1 on timeout).
+    Wait {
+        name: String,
+        #[arg(long, default_value = "60s")]
+        timeout: DurationArg,
+        #[command(flatten)]
+        conn: AgentConn,
     },
 }
 

@@ -11,6 +11,7 @@ mod export;
 mod migrate;
 mod remote;
 mod replication;
+mod share;
 mod signals;
 mod vm;
 mod volume;
@@ -107,6 +108,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Workload(cmd) => remote::workload(cmd, &cli.global.data_dir, json),
         Command::Migrate(cmd) => remote::migrate(cmd, &cli.global.data_dir, json),
         Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
+        Command::Share(cmd) => remote::share(cmd, &cli.global.data_dir, json),
         Command::Witness { listen, key_file } => {
             cluster::witness::run(*listen, &cli.global.data_dir, key_file.as_deref())
         }

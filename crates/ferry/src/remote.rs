@@ -826,3 +826,83 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
         }
     }
 }
+
+fn print_share(v: &Value) {
+    println!(
+        "share {} ({}, {}) at {} — replica {}{}: {} files, {} bytes, {} paths pending",
+        v["name"].as_str().unwrap_or("?"),
+        v["mode"].as_str().unwrap_or("?"),
+        v["role"].as_str().unwrap_or("?"),
+        v["path"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?"),
+        v["peer"]
+            .as_str()
+            .map(|p| format!(" on {p}"))
+            .unwrap_or_default(),
+        v["files"],
+        v["bytes"],
+        v["pending_paths"],
+    );
+    if let Some(e) = v["last_error"].as_str() {
+        println!("  last error: {e}");
+    }
+}
+
+pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Result<()> {
+    use crate::cli::ShareCommand;
+    match cmd {
+        ShareCommand::Create {
+            name,
+            path,
+            mode,
+            to,
+            conn,
+        } => {
+            let v = client(conn, data_dir)?.post(
+                "/api/v1/shares",
+                &json!({"name": name, "path": path, "mode": mode, "to": to}),
+            )?;
+            print(&v, json, print_share)
+        }
+        ShareCommand::Status { name, conn } => {
+            let c = client(conn, data_dir)?;
+            let v = match name {
+                Some(n) => c.get(&format!("/api/v1/shares/{n}"))?,
+                None => c.get("/api/v1/shares")?,
+            };
+            print(&v, json, |v| match v.as_array() {
+                Some(list) if list.is_empty() => {
+                    println!("no shares (create one with `ferry share create NAME --path DIR`)")
+                }
+                Some(list) => list.iter().for_each(print_share),
+                None => print_share(v),
+            })
+        }
+        ShareCommand::Wait {
+            name,
+            timeout,
+            conn,
+        } => {
+            let c = client(conn, data_dir)?;
+            let deadline = Instant::now() + timeout.0;
+            loop {
+                let v = c.get(&format!("/api/v1/shares/{name}"))?;
+                if v["state"] == "up-to-date" {
+                    return print(&v, json, print_share);
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "share {name} is {} after {:?}{}",
+                        v["state"].as_str().unwrap_or("?"),
+                        timeout.0,
+                        v["last_error"]
+                            .as_str()
+                            .map(|e| format!(" (last error: {e})"))
+                            .unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}

@@ -15,8 +15,8 @@
 //! copies_in_flight_max = 32
 //! reconnect_backoff_max_ms = 5000
 //! al_extents_max = 256
-//! link_flush_interval_ms = 5000
-//! link_flush_bytes = 268435456
+//! link_flush_interval_ms = 30000
+//! link_flush_bytes = 1073741824
 //! leaf_refresh_bytes_per_s = 1073741824 # background Merkle-leaf hashing of written blocks
 //! leaf_scrub_bytes_per_s = 33554432    # background read-back of clean leaves
 //!
@@ -273,8 +273,8 @@ impl Default for ReplicationSettings {
             copies_in_flight_max: 32,
             reconnect_backoff_max_ms: 5_000,
             al_extents_max: 256,
-            link_flush_interval_ms: 5_000,
-            link_flush_bytes: 256 * 1024 * 1024,
+            link_flush_interval_ms: 30_000,
+            link_flush_bytes: 1024 * 1024 * 1024,
             leaf_refresh_bytes_per_s: 1024 * 1024 * 1024,
             leaf_scrub_bytes_per_s: 32 * 1024 * 1024,
         }

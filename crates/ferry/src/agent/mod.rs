@@ -88,6 +88,8 @@ pub struct AgentCtx {
     /// Replicas an operator promotes with `--force` (inconsistent or
     /// outdated copies allowed).
     pub forced_promotions: Mutex<std::collections::HashSet<String>>,
+    /// Shares (file-level replication) of this node.
+    pub shares: crate::share::Shares,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -103,6 +105,11 @@ impl AgentCtx {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::MigrationRecord>> {
         self.migrations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serialises creation and role changes (volumes, shares).
+    pub fn admin(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.admin.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn tests(&self) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::TestRun>> {
@@ -984,6 +991,7 @@ impl AgentCtx {
             }
         }
         self.nbd.shutdown();
+        self.shares.shutdown();
         for v in self.primaries() {
             v.link.lock().stop = true;
             v.link.copier.notify_all();
@@ -1089,6 +1097,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         deferred_links: Mutex::new(std::collections::HashSet::new()),
         cluster: crate::cluster::ClusterView::default(),
         forced_promotions: Mutex::new(std::collections::HashSet::new()),
+        shares: Default::default(),
         started: Instant::now(),
         admin: Mutex::new(()),
     });
@@ -1103,6 +1112,18 @@ pub fn run(config_path: &Path) -> Result<()> {
     for v in ctx.primaries() {
         if v.link.lock().peer.is_some() {
             ctx.spawn_link(&v);
+        }
+    }
+    let share_store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
+    for name in share_store.list() {
+        match share_store.load(&name) {
+            Ok(rec) if rec.role == "primary" => {
+                if let Err(e) = crate::share::start_primary(&ctx, rec) {
+                    tracing::error!(share = %name, error = %format!("{e:#}"), "share.start_failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(share = %name, error = %e, "share.load_failed"),
         }
     }
     let migrations = crate::migrate::load_migrations(&ctx)?;

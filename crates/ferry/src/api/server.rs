@@ -139,6 +139,8 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         )
         .layer(middleware::from_fn_with_state(ctx.clone(), auth));
     let app = Router::new()
+        .route("/api/v1/shares", get(shares).post(create_share))
+        .route("/api/v1/shares/{name}", get(share_status))
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/cluster/workloads", post(cluster_add))
         .route("/api/v1/cluster/workloads/{name}", delete(cluster_remove))
@@ -1245,4 +1247,64 @@ async fn metrics(State(ctx): Ctx) -> Response {
         ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[derive(Deserialize)]
+struct CreateShare {
+    name: String,
+    path: std::path::PathBuf,
+    mode: String,
+    to: Option<String>,
+}
+
+async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult {
+    let c = ctx.clone();
+    let name = r.name.clone();
+    blocking(move || {
+        let _admin = c.admin();
+        if let Some(to) = &r.to {
+            if c.peers.get(to).is_none() {
+                anyhow::bail!("node {to:?} is not registered (ferry node add)");
+            }
+        }
+        let rec = crate::share::ShareRecord {
+            name: r.name.clone(),
+            id: format!("{:016x}", crate::share::random_u64()),
+            mode: r.mode.clone(),
+            path: r.path.clone(),
+            role: "primary".into(),
+            peer: r.to.clone(),
+            generation: crate::share::random_u64(),
+            clean: true,
+        };
+        let store = crate::share::ShareStore::new(&c.cfg.data_dir);
+        store.create(&rec)?;
+        if let Err(e) = crate::share::start_primary(&c, rec) {
+            // Nothing was served: leave no half-made share behind.
+            let _ = std::fs::remove_dir_all(store.dir(&r.name));
+            return Err(e);
+        }
+        Ok(())
+    })
+    .await?;
+    let st = blocking(move || Ok(crate::share::status(&ctx, &name)?)).await?;
+    Ok(Json(serde_json::to_value(st).unwrap_or(Value::Null)))
+}
+
+async fn shares(State(ctx): Ctx) -> ApiResult {
+    let list = blocking(move || {
+        let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
+        let mut out = Vec::new();
+        for n in store.list() {
+            out.push(crate::share::status(&ctx, &n)?);
+        }
+        Ok(out)
+    })
+    .await?;
+    Ok(Json(serde_json::to_value(list).unwrap_or(Value::Null)))
+}
+
+async fn share_status(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    let st = blocking(move || Ok(crate::share::status(&ctx, &name)?)).await?;
+    Ok(Json(serde_json::to_value(st).unwrap_or(Value::Null)))
 }

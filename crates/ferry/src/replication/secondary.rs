@@ -185,6 +185,15 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
     loop {
         let mut body = Vec::new();
         let hdr = ferry_wire::read_frame(&mut reader, max, &mut body)?;
+        if hdr.kind == Kind::ShareHello && hellos.is_empty() {
+            // A share's link: its own protocol on the same listener.
+            let hello = ferry_wire::ShareHello::from_bytes(&body[..hdr.len as usize])?;
+            if !reader.buffer().is_empty() {
+                bail!("share link sent frames before the handshake reply");
+            }
+            let tls = reader.into_inner();
+            return crate::share::link::serve_replica(ctx, &peer.name, hello, tls, control);
+        }
         if hdr.kind != Kind::Hello {
             bail!("expected Hello, got {:?}", hdr.kind);
         }

@@ -1,0 +1,1331 @@
+//! The sync share's FUSE mount: a passthrough to the share's `data/`
+//! directory in which every mutation is also sequenced on the share's stream
+//! and answered once the replica has it ([`PrimaryShare`]).
+//!
+//! - No kernel writeback cache (it would reorder data and renames), no
+//!   atomic O_TRUNC (a truncating open arrives as its own, replicated,
+//!   `setattr`); `O_APPEND` and `O_DIRECT` are not passed to the backing file
+//!   (the kernel gives every write its offset; O_DIRECT opens get
+//!   `FOPEN_DIRECT_IO`), so both sides write the same bytes at the same place.
+//! - `fsync`/`fdatasync`/`fsyncdir` and writes through O_SYNC/O_DSYNC handles
+//!   return once everything before them is durable here and on the replica;
+//!   `close` (FLUSH) waits for nothing more.
+//! - An unlinked file that is still open moves to `orphans/ID` on both sides
+//!   until its last close.
+//! - The kernel checks permissions (`default_permissions`); new entries get
+//!   the caller's uid/gid.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_wire::{FileOp, Owner, SharePath, Stamp, Target, Time};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use super::primary::PrimaryShare;
+use super::tree::FileCache;
+
+const TTL: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+#[derive(Debug)]
+struct Node {
+    /// Names this inode is known by: (parent inode, name).
+    links: Vec<(u64, Vec<u8>)>,
+    lookups: u64,
+    backing: u64,
+    orphan: Option<u64>,
+    opens: u32,
+}
+
+#[derive(Debug, Default)]
+struct Inodes {
+    nodes: HashMap<u64, Node>,
+    by_backing: HashMap<u64, u64>,
+    next: u64,
+}
+
+#[derive(Debug)]
+struct Handle {
+    ino: u64,
+    file: Arc<File>,
+    /// O_SYNC / O_DSYNC: every write is a durable barrier on both sides.
+    sync_writes: bool,
+}
+
+pub struct ShareFs {
+    share: Arc<PrimaryShare>,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+impl std::fmt::Debug for ShareFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareFs")
+            .field("share", &self.share.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn time_of(secs: i64, nanos: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos as u64)
+    }
+}
+
+fn wire_time(t: SystemTime) -> Time {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Time {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut secs = -(d.as_secs() as i64);
+            let mut nanos = d.subsec_nanos();
+            if nanos > 0 {
+                secs -= 1;
+                nanos = 1_000_000_000 - nanos;
+            }
+            Time { secs, nanos }
+        }
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn attr_of(ino: u64, st: &libc::stat) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time_of(st.st_atime, st.st_atime_nsec),
+        mtime: time_of(st.st_mtime, st.st_mtime_nsec),
+        ctime: time_of(st.st_ctime, st.st_ctime_nsec),
+        crtime: time_of(st.st_ctime, st.st_ctime_nsec),
+        kind: kind_of(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn fstat(f: &File) -> io::Result<libc::stat> {
+    // SAFETY: zeroed `stat` is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and out pointer.
+    if unsafe { libc::fstat(f.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn stamp_from(target: Target, st: &libc::stat) -> Stamp {
+    Stamp {
+        target,
+        mtime: Time {
+            secs: st.st_mtime,
+            nanos: st.st_mtime_nsec as u32,
+        },
+    }
+}
+
+impl ShareFs {
+    pub fn new(share: Arc<PrimaryShare>) -> io::Result<ShareFs> {
+        let st = share.tree.lstat(&Target::Path(SharePath::root()))?;
+        let mut inodes = Inodes {
+            next: 2,
+            ..Default::default()
+        };
+        inodes.nodes.insert(
+            1,
+            Node {
+                links: vec![],
+                lookups: 1,
+                backing: st.st_ino,
+                orphan: None,
+                opens: 0,
+            },
+        );
+        inodes.by_backing.insert(st.st_ino, 1);
+        Ok(ShareFs {
+            share,
+            inodes: Mutex::new(inodes),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    fn path_in(inodes: &Inodes, ino: u64) -> Result<SharePath, Errno> {
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut cur = ino;
+        for _ in 0..4096 {
+            if cur == 1 {
+                let mut p = SharePath::root();
+                for n in names.iter().rev() {
+                    p = p.join(n).map_err(|_| Errno::ENAMETOOLONG)?;
+                }
+                return Ok(p);
+            }
+            let node = inodes.nodes.get(&cur).ok_or(Errno::ESTALE)?;
+            if node.orphan.is_some() {
+                return Err(Errno::ENOENT);
+            }
+            let (parent, name) = node.links.first().ok_or(Errno::ESTALE)?;
+            names.push(name);
+            cur = *parent;
+        }
+        Err(Errno::ELOOP)
+    }
+
+    fn target(&self, ino: u64) -> Result<Target, Errno> {
+        let inodes = lock(&self.inodes);
+        if let Some(id) = inodes.nodes.get(&ino).and_then(|n| n.orphan) {
+            return Ok(Target::Orphan(id));
+        }
+        Self::path_in(&inodes, ino).map(Target::Path)
+    }
+
+    fn path(&self, ino: u64) -> Result<SharePath, Errno> {
+        Self::path_in(&lock(&self.inodes), ino)
+    }
+
+    fn child(&self, parent: u64, name: &OsStr) -> Result<SharePath, Errno> {
+        let p = self.path(parent)?;
+        p.join(name.as_bytes()).map_err(|_| {
+            if name.len() > ferry_wire::SHARE_NAME_BYTES_MAX {
+                Errno::ENAMETOOLONG
+            } else {
+                Errno::EINVAL
+            }
+        })
+    }
+
+    /// Registers (or finds) the inode for `st` reached as `parent/name`.
+    fn remember(&self, parent: u64, name: &[u8], st: &libc::stat) -> u64 {
+        let mut inodes = lock(&self.inodes);
+        if let Some(&ino) = inodes.by_backing.get(&st.st_ino) {
+            if let Some(n) = inodes.nodes.get_mut(&ino) {
+                n.lookups += 1;
+                if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
+                    n.links.push((parent, name.to_vec()));
+                }
+                return ino;
+            }
+        }
+        let ino = inodes.next;
+        inodes.next += 1;
+        inodes.nodes.insert(
+            ino,
+            Node {
+                links: vec![(parent, name.to_vec())],
+                lookups: 1,
+                backing: st.st_ino,
+                orphan: None,
+                opens: 0,
+            },
+        );
+        inodes.by_backing.insert(st.st_ino, ino);
+        ino
+    }
+
+    fn forget_link(&self, parent: u64, name: &[u8]) {
+        let mut inodes = lock(&self.inodes);
+        for n in inodes.nodes.values_mut() {
+            n.links.retain(|(p, nm)| !(*p == parent && nm == name));
+        }
+    }
+
+    fn entry(&self, parent: u64, name: &[u8], path: &SharePath, reply: ReplyEntry) {
+        match self.share.tree.lstat(&Target::Path(path.clone())) {
+            Ok(st) => {
+                let ino = self.remember(parent, name, &st);
+                reply.entry(&TTL, &attr_of(ino, &st), Generation(0));
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Applies `op` here (`local`, or the tree's own apply), sequences it with
+    /// the stamps of `stamp` taken afterwards, and answers via `done` once the
+    /// replica has it.
+    fn commit<R: Send + 'static>(
+        &self,
+        op: FileOp,
+        stamp: &[Target],
+        local: impl FnOnce(&FileOp) -> io::Result<R>,
+        done: impl FnOnce(io::Result<R>) + Send + 'static,
+    ) {
+        let mut o = self.share.order();
+        let r = match local(&op) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(o);
+                return done(Err(e));
+            }
+        };
+        let stamps = stamp
+            .iter()
+            .filter_map(|t| self.share.tree.stamp_of(t).ok())
+            .collect();
+        let seq = self.share.push(&mut o, op, stamps);
+        drop(o);
+        self.share
+            .wait_received(seq, Box::new(move |res| done(res.map(|()| r))));
+    }
+
+    fn apply_tree(&self, op: &FileOp) -> io::Result<()> {
+        self.share.tree.apply(op, &mut FileCache::default())
+    }
+
+    /// A durable barrier on both sides (after the local sync `local`).
+    fn barrier(&self, local: io::Result<()>, reply: ReplyEmpty) {
+        if let Err(e) = local {
+            return reply.error(errno(&e));
+        }
+        let seq = {
+            let mut o = self.share.order();
+            self.share.push_flush(&mut o, false)
+        };
+        self.share.wait_durable(
+            seq,
+            Box::new(move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }),
+        );
+    }
+
+    fn parent_target(path: &SharePath) -> Target {
+        Target::Path(path.split_last().map(|(p, _)| p).unwrap_or_default())
+    }
+
+    fn handle_file(&self, fh: u64) -> Option<(Arc<File>, u64, bool)> {
+        lock(&self.handles)
+            .get(&fh)
+            .map(|h| (h.file.clone(), h.ino, h.sync_writes))
+    }
+
+    fn open_handle(&self, ino: u64, target: &Target, flags: i32) -> io::Result<(u64, FopenFlags)> {
+        let acc = flags & libc::O_ACCMODE;
+        let keep = flags & (libc::O_NOATIME | libc::O_NONBLOCK);
+        let f = self.share.tree.open_file(target, acc | keep, 0)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let sync_writes = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        lock(&self.handles).insert(
+            fh,
+            Handle {
+                ino,
+                file: Arc::new(f),
+                sync_writes,
+            },
+        );
+        if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
+            n.opens += 1;
+        }
+        let mut fl = FopenFlags::empty();
+        if flags & libc::O_DIRECT != 0 {
+            fl |= FopenFlags::FOPEN_DIRECT_IO;
+        }
+        Ok((fh, fl))
+    }
+
+    /// Is `path` an open file about to lose its last name? Then it moves to
+    /// the orphans first (returns the op), so its open handles keep working.
+    fn orphan_if_open(&self, path: &SharePath) -> Option<(u64, FileOp)> {
+        let st = self.share.tree.lstat(&Target::Path(path.clone())).ok()?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink > 1 {
+            return None;
+        }
+        let inodes = lock(&self.inodes);
+        let ino = *inodes.by_backing.get(&st.st_ino)?;
+        if inodes.nodes.get(&ino)?.opens == 0 {
+            return None;
+        }
+        let id = self.share.next_orphan.fetch_add(1, Ordering::Relaxed);
+        Some((
+            ino,
+            FileOp::Orphan {
+                path: path.clone(),
+                id,
+            },
+        ))
+    }
+}
+
+impl Filesystem for ShareFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.child(parent.0, name) {
+            Ok(p) => self.entry(parent.0, name.as_bytes(), &p, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if ino.0 == 1 {
+            return;
+        }
+        let mut inodes = lock(&self.inodes);
+        let gone = match inodes.nodes.get_mut(&ino.0) {
+            Some(n) => {
+                n.lookups = n.lookups.saturating_sub(nlookup);
+                n.lookups == 0 && n.opens == 0
+            }
+            None => false,
+        };
+        if gone {
+            if let Some(n) = inodes.nodes.remove(&ino.0) {
+                if inodes.by_backing.get(&n.backing) == Some(&ino.0) {
+                    inodes.by_backing.remove(&n.backing);
+                }
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some((f, _, _)) = fh.and_then(|fh| self.handle_file(fh.0)) {
+            return match fstat(&f) {
+                Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+                Err(e) => reply.error(errno(&e)),
+            };
+        }
+        match self.target(ino.0) {
+            Ok(t) => match self.share.tree.lstat(&t) {
+                Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+                Err(e) => reply.error(errno(&e)),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        let now = SystemTime::now();
+        let resolve = |t: Option<TimeOrNow>| {
+            t.map(|t| match t {
+                TimeOrNow::SpecificTime(t) => wire_time(t),
+                TimeOrNow::Now => wire_time(now),
+            })
+        };
+        let (atime, mtime) = (resolve(atime), resolve(mtime));
+        let handle = fh.and_then(|fh| self.handle_file(fh.0));
+        let tree_target = target.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        // Truncate first (it changes mtime), then the attributes asked for.
+        let mut ops = Vec::new();
+        if let Some(size) = size {
+            ops.push(FileOp::Truncate {
+                target: target.clone(),
+                size,
+            });
+        }
+        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
+            ops.push(FileOp::SetAttr {
+                target: target.clone(),
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+            });
+        }
+        let n = ops.len();
+        for op in ops {
+            let tx = tx.clone();
+            let handle = handle.clone();
+            self.commit(
+                op,
+                std::slice::from_ref(&tree_target),
+                |op| match (op, &handle) {
+                    (FileOp::Truncate { size, .. }, Some((f, _, _))) => f.set_len(*size),
+                    _ => self.apply_tree(op),
+                },
+                move |r| {
+                    let _ = tx.send(r);
+                },
+            );
+        }
+        drop(tx);
+        for _ in 0..n {
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return reply.error(errno(&e)),
+                Err(_) => return reply.error(Errno::EIO),
+            }
+        }
+        match self.share.tree.lstat(&target) {
+            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.path(ino.0) {
+            Ok(p) => match self.share.tree.read_link(&p) {
+                Ok(t) => reply.data(&t),
+                Err(e) => reply.error(errno(&e)),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let path = match self.child(parent.0, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        let perm = mode & !umask & 0o7777;
+        let op = if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+            FileOp::Create {
+                path: path.clone(),
+                mode: perm,
+                owner,
+            }
+        } else {
+            FileOp::Mknod {
+                path: path.clone(),
+                mode: (mode & libc::S_IFMT) | perm,
+                rdev: u64::from(rdev),
+                owner,
+            }
+        };
+        self.namespace_op(parent.0, name, path, op, reply);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let path = match self.child(parent.0, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let op = FileOp::Mkdir {
+            path: path.clone(),
+            mode: mode & !umask & 0o7777,
+            owner: Owner {
+                uid: req.uid(),
+                gid: req.gid(),
+            },
+        };
+        self.namespace_op(parent.0, name, path, op, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let path = match self.child(parent.0, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let (op, orphan_ino) = match self.orphan_if_open(&path) {
+            Some((ino, op)) => (op, Some(ino)),
+            None => (FileOp::Unlink { path: path.clone() }, None),
+        };
+        let stamps = [Self::parent_target(&path)];
+        let name = name.as_bytes().to_vec();
+        self.commit(
+            op.clone(),
+            &stamps,
+            |op| self.apply_tree(op),
+            |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+        // Bookkeeping after the local change (the reply may still wait for the peer).
+        self.forget_link(parent.0, &name);
+        if let (Some(ino), FileOp::Orphan { id, .. }) = (orphan_ino, op) {
+            if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
+                n.orphan = Some(id);
+            }
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let path = match self.child(parent.0, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let stamps = [Self::parent_target(&path)];
+        self.commit(
+            FileOp::Rmdir { path },
+            &stamps,
+            |op| self.apply_tree(op),
+            |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+        self.forget_link(parent.0, name.as_bytes());
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        let path = match self.child(parent.0, link_name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let op = FileOp::Symlink {
+            path: path.clone(),
+            target: target.as_os_str().as_bytes().to_vec(),
+            owner: Owner {
+                uid: req.uid(),
+                gid: req.gid(),
+            },
+        };
+        self.namespace_op(parent.0, link_name, path, op, reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (from, to) = match (self.child(parent.0, name), self.child(newparent.0, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
+        // A replaced file that is still open keeps working as an orphan.
+        if !exchange {
+            if let Some((ino, op)) = self.orphan_if_open(&to) {
+                let (tx, rx) = std::sync::mpsc::channel();
+                self.commit(
+                    op.clone(),
+                    &[],
+                    |op| self.apply_tree(op),
+                    move |r| {
+                        let _ = tx.send(r);
+                    },
+                );
+                if let Ok(Err(e)) = rx.recv() {
+                    return reply.error(errno(&e));
+                }
+                if let FileOp::Orphan { id, .. } = op {
+                    if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
+                        n.orphan = Some(id);
+                    }
+                }
+                self.forget_link(newparent.0, newname.as_bytes());
+            }
+        }
+        let from_st = self.share.tree.lstat(&Target::Path(from.clone())).ok();
+        let to_st = self.share.tree.lstat(&Target::Path(to.clone())).ok();
+        let stamps = [Self::parent_target(&from), Self::parent_target(&to)];
+        let op = FileOp::Rename {
+            from,
+            to,
+            flags: flags.bits(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commit(
+            op,
+            &stamps,
+            |op| self.apply_tree(op),
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        let r = rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)));
+        if r.is_ok() {
+            let mut inodes = lock(&self.inodes);
+            let a = from_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
+            let b = to_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
+            let (old, new) = (
+                (parent.0, name.as_bytes().to_vec()),
+                (newparent.0, newname.as_bytes().to_vec()),
+            );
+            if let Some(b) = b {
+                if let Some(n) = inodes.nodes.get_mut(&b) {
+                    n.links.retain(|l| *l != new);
+                    if exchange {
+                        n.links.insert(0, old.clone());
+                    }
+                }
+            }
+            if let Some(a) = a {
+                if let Some(n) = inodes.nodes.get_mut(&a) {
+                    n.links.retain(|l| *l != old);
+                    n.links.insert(0, new);
+                }
+            }
+        }
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (existing, new) = match (self.path(ino.0), self.child(newparent.0, newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        let op = FileOp::Link {
+            existing,
+            new: new.clone(),
+        };
+        self.namespace_op(newparent.0, newname, new, op, reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        let flags = flags.0;
+        if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            // Not negotiated as atomic, but be safe: a replicated truncate.
+            let (tx, rx) = std::sync::mpsc::channel();
+            self.commit(
+                FileOp::Truncate {
+                    target: target.clone(),
+                    size: 0,
+                },
+                std::slice::from_ref(&target),
+                |op| self.apply_tree(op),
+                move |r| {
+                    let _ = tx.send(r);
+                },
+            );
+            if let Ok(Err(e)) = rx.recv() {
+                return reply.error(errno(&e));
+            }
+        }
+        match self.open_handle(ino.0, &target, flags) {
+            Ok((fh, fl)) => reply.opened(FileHandle(fh), fl),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let path = match self.child(parent.0, name) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let op = FileOp::Create {
+            path: path.clone(),
+            mode: mode & !umask & 0o7777,
+            owner: Owner {
+                uid: req.uid(),
+                gid: req.gid(),
+            },
+        };
+        let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commit(
+            op,
+            &stamps,
+            |op| self.apply_tree(op),
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        if let Err(e) = rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)))
+        {
+            return reply.error(errno(&e));
+        }
+        let st = match self.share.tree.lstat(&Target::Path(path.clone())) {
+            Ok(st) => st,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let ino = self.remember(parent.0, name.as_bytes(), &st);
+        match self.open_handle(ino, &Target::Path(path), flags & !libc::O_TRUNC) {
+            Ok((fh, fl)) => {
+                reply.created(&TTL, &attr_of(ino, &st), Generation(0), FileHandle(fh), fl)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some((f, _, _)) = self.handle_file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
+        reply.data(&buf[..got]);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let Some((f, _, sync_writes)) = self.handle_file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        let len = data.len() as u32;
+        let op = FileOp::Write {
+            target: target.clone(),
+            offset,
+            data: data.to_vec(),
+        };
+        // Written and stamped from the handle (no path walk per write).
+        let mut o = self.share.order();
+        if let Err(e) = f.write_all_at(data, offset) {
+            drop(o);
+            return reply.error(errno(&e));
+        }
+        let stamps = fstat(&f)
+            .map(|st| vec![stamp_from(target, &st)])
+            .unwrap_or_default();
+        let seq = self.share.push(&mut o, op, stamps);
+        drop(o);
+        if sync_writes {
+            // SAFETY: valid descriptor.
+            let local = if unsafe { libc::fdatasync(f.as_raw_fd()) } < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            };
+            if let Err(e) = local {
+                return reply.error(errno(&e));
+            }
+            let fseq = {
+                let mut o = self.share.order();
+                self.share.push_flush(&mut o, false)
+            };
+            let _ = seq;
+            return self.share.wait_durable(
+                fseq,
+                Box::new(move |r| match r {
+                    Ok(()) => reply.written(len),
+                    Err(e) => reply.error(errno(&e)),
+                }),
+            );
+        }
+        self.share.wait_received(
+            seq,
+            Box::new(move |r| match r {
+                Ok(()) => reply.written(len),
+                Err(e) => reply.error(errno(&e)),
+            }),
+        );
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Every write was answered only once the replica had it.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.handles).remove(&fh.0);
+        let orphan = {
+            let mut inodes = lock(&self.inodes);
+            match inodes.nodes.get_mut(&ino.0) {
+                Some(n) => {
+                    n.opens = n.opens.saturating_sub(1);
+                    if n.opens == 0 {
+                        n.orphan.take()
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            }
+        };
+        match orphan {
+            Some(id) => self.commit(
+                FileOp::DropOrphan { id },
+                &[],
+                |op| self.apply_tree(op),
+                |r| match r {
+                    Ok(()) => reply.ok(),
+                    Err(e) => reply.error(errno(&e)),
+                },
+            ),
+            None => reply.ok(),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some((f, _, _)) = self.handle_file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let local = if datasync {
+            f.sync_data()
+        } else {
+            f.sync_all()
+        };
+        self.barrier(local, reply);
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let path = match self.path(ino.0) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = match self.share.tree.read_dir_names(&path) {
+            Ok(n) => n,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        names.sort();
+        let mut entries: Vec<(u64, FileType, Vec<u8>)> = vec![
+            (ino.0, FileType::Directory, b".".to_vec()),
+            (1, FileType::Directory, b"..".to_vec()),
+        ];
+        for n in names {
+            let Ok(p) = path.join(&n) else { continue };
+            let Ok(st) = self.share.tree.lstat(&Target::Path(p)) else {
+                continue;
+            };
+            entries.push((st.st_ino, kind_of(st.st_mode), n));
+        }
+        for (i, (eino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(eino),
+                (i + 1) as u64,
+                kind,
+                OsStr::from_bytes(&name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let local = self
+            .target(ino.0)
+            .map_err(|e| io::Error::from_raw_os_error(e.code()))
+            .and_then(|t| {
+                self.share
+                    .tree
+                    .open_file(&t, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+            })
+            .and_then(|d| d.sync_all());
+        self.barrier(local, reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let p = std::ffi::CString::new(self.share.tree.root_path.as_os_str().as_bytes())
+            .unwrap_or_default();
+        // SAFETY: zeroed statvfs is a valid out-parameter.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: NUL-terminated path and valid out pointer.
+        if unsafe { libc::statvfs(p.as_ptr(), &mut s) } < 0 {
+            return reply.error(errno(&io::Error::last_os_error()));
+        }
+        reply.statfs(
+            s.f_blocks,
+            s.f_bfree,
+            s.f_bavail,
+            s.f_files,
+            s.f_ffree,
+            s.f_bsize as u32,
+            s.f_namemax as u32,
+            s.f_frsize as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        let op = FileOp::SetXattr {
+            target,
+            name: name.as_bytes().to_vec(),
+            value: value.to_vec(),
+            flags,
+        };
+        self.commit(
+            op,
+            &[],
+            |op| self.apply_tree(op),
+            |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        match self
+            .share
+            .tree
+            .get_xattr(&target, name.as_bytes(), size as usize)
+        {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        match self.share.tree.list_xattr(&target, size as usize) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        let op = FileOp::RemoveXattr {
+            target,
+            name: name.as_bytes().to_vec(),
+        };
+        self.commit(
+            op,
+            &[],
+            |op| self.apply_tree(op),
+            |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok(); // default_permissions: the kernel checks
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let Some((f, _, _)) = self.handle_file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => return reply.error(e),
+        };
+        let op = FileOp::Fallocate {
+            target: target.clone(),
+            mode,
+            offset,
+            length,
+        };
+        self.commit(
+            op,
+            std::slice::from_ref(&target),
+            |_| {
+                let (off, len) = (offset as i64, length as i64);
+                // SAFETY: valid descriptor; the kernel checks the range.
+                if unsafe { libc::fallocate(f.as_raw_fd(), mode, off, len) } < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            },
+            |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Some((f, _, _)) = self.handle_file(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        // SAFETY: valid descriptor; lseek only computes an offset.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            reply.error(errno(&io::Error::last_os_error()));
+        } else {
+            reply.offset(r);
+        }
+    }
+}
+
+impl ShareFs {
+    /// A namespace op that makes `parent/name`: applied, stamped (parent and
+    /// the new entry), replicated, answered with the new entry.
+    fn namespace_op(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        path: SharePath,
+        op: FileOp,
+        reply: ReplyEntry,
+    ) {
+        let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commit(
+            op,
+            &stamps,
+            |op| self.apply_tree(op),
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        match rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)))
+        {
+            Ok(()) => self.entry(parent, name.as_bytes(), &path, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+/// A mounted sync share (unmounted when dropped).
+pub struct Mount {
+    _session: fuser::BackgroundSession,
+    pub path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mount").field("path", &self.path).finish()
+    }
+}
+
+/// FUSE worker threads per mount (each blocks only for local I/O; replies
+/// that wait for the replica are answered from the link's threads).
+pub const FUSE_THREADS: usize = 4;
+
+/// Mounts `share` at `path` (made if missing; a stale mount left by a crash
+/// is detached first).
+pub fn mount(share: Arc<PrimaryShare>, path: &std::path::Path) -> io::Result<Mount> {
+    std::fs::create_dir_all(path).or_else(|e| {
+        // ENOTCONN: a dead FUSE mount of an earlier run.
+        if e.raw_os_error() == Some(libc::ENOTCONN) || e.kind() == io::ErrorKind::AlreadyExists {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    if std::fs::metadata(path).is_err() {
+        // SAFETY: NUL-terminated path; a failure is harmless here.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let name = share.name.clone();
+    let fs = ShareFs::new(share)?;
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName(format!("ferry:{name}")),
+        fuser::MountOption::Subtype("ferry".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Dev,
+        fuser::MountOption::Suid,
+    ];
+    cfg.acl = fuser::SessionACL::All;
+    cfg.n_threads = Some(FUSE_THREADS);
+    cfg.clone_fd = true;
+    let session = fuser::spawn_mount(fs, path, &cfg)?;
+    Ok(Mount {
+        _session: session,
+        path: path.to_path_buf(),
+    })
+}

@@ -1,0 +1,931 @@
+//! A share's link: the primary's side (connect, resync, stream, acks) and the
+//! replica's side (apply in order, make flushes durable, answer manifest
+//! requests).
+//!
+//! ```text
+//!  primary                                         replica
+//!   ShareHello{share, id, generation}        ─▶
+//!                                            ◀─  HelloReply{generation it is up to date at, or 0}
+//!   ManifestRequest{path}  (resync)          ─▶  (in stream order)
+//!                                            ◀─  Manifest{entries}…
+//!   FileOp… (differences, then live ops)     ─▶  applied in order
+//!   Flush{UP_TO_DATE, generation}            ─▶  syncfs, record "up to date"
+//!                                            ◀─  Ack{received, durable}
+//! ```
+//!
+//! Resync compares the replica's manifest with the primary's tree: entries
+//! with another type, size, mtime, mode or owner are sent again (files whole,
+//! in chunks), entries the primary lacks are removed. Live operations go on
+//! meanwhile; the paths they touch are compared once more afterwards, until
+//! none are left; then the replica is declared up to date. After an outage
+//! only the journal's paths are compared — unless either side stopped
+//! uncleanly, which makes the whole tree the journal.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_wire::{
+    EntryKind, FileOp, Kind, ManifestEntry, Owner, ShareHello, SharePath, StampedOp, Target,
+    PROTOCOL_VERSION,
+};
+
+use super::primary::PrimaryShare;
+use super::tree::{FileCache, Tree};
+use crate::agent::AgentCtx;
+use crate::replication::link::FLAG_UP_TO_DATE;
+use crate::replication::tls_io::SharedTls;
+
+/// Bytes of file data per Write op while resyncing.
+const RESYNC_CHUNK_BYTES: usize = 1 << 20;
+/// Manifest entries per Manifest frame.
+const MANIFEST_FRAME_ENTRIES: usize = 16_384;
+/// Resync passes over paths touched meanwhile before giving up the link (it
+/// reconnects and tries again).
+const RESYNC_PASSES_MAX: usize = 64;
+/// Keep-alive ping interval.
+const PING_INTERVAL_MS: u64 = 200;
+
+/// Runs the primary's link to `peer` until the share stops replicating.
+pub fn run(share: Arc<PrimaryShare>, ctx: Arc<AgentCtx>, peer: String) {
+    let mut backoff_ms = 100u64;
+    let max_ms = ctx.cfg.replication.reconnect_backoff_max_ms;
+    loop {
+        if share.link().stop {
+            return;
+        }
+        match connect_and_serve(&share, &ctx, &peer) {
+            Ok(()) => backoff_ms = 100,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                share.link().last_error = Some(msg.clone());
+                tracing::warn!(share = %share.name, peer = %peer, error = %msg, "share.link.failed");
+            }
+        }
+        share.link_lost("link closed");
+        if share.link().stop {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(backoff_ms));
+        backoff_ms = (backoff_ms * 2).min(max_ms.max(100));
+    }
+}
+
+fn connect_and_serve(
+    share: &Arc<PrimaryShare>,
+    ctx: &Arc<AgentCtx>,
+    peer_name: &str,
+) -> Result<()> {
+    let peer = ctx
+        .peers
+        .get(peer_name)
+        .ok_or_else(|| anyhow!("node {peer_name:?} is not registered (ferry node add)"))?;
+    let addr = peer
+        .replication
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| anyhow!("bad replication address {:?}", peer.replication))?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot connect to {} at {}", peer.name, peer.replication))?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let tls_cfg = crate::agent::tls::client_config(&ctx.identity, peer.fingerprint.clone())?;
+    let conn = rustls::ClientConnection::new(tls_cfg, crate::agent::tls::server_name())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
+    }
+    let (id, mode) = {
+        let r = share.rec.lock().unwrap_or_else(|p| p.into_inner());
+        (r.id.clone(), r.mode.clone())
+    };
+    let generation = share.generation();
+    let hello = ShareHello {
+        protocol_versions: vec![PROTOCOL_VERSION],
+        node_name: ctx.identity.node_name.clone(),
+        share: share.name.clone(),
+        share_id: id,
+        generation,
+        ancestors: vec![],
+        mode,
+    };
+    tls.write_all(&ferry_wire::encode_frame(
+        Kind::ShareHello,
+        0,
+        0,
+        &hello.to_bytes(),
+    ))?;
+    tls.flush()?;
+    let max = ctx.cfg.replication.frame_bytes_max;
+    let mut body = Vec::new();
+    let hdr = ferry_wire::read_frame(&mut tls, max, &mut body)
+        .with_context(|| format!("{} did not answer the handshake", peer.name))?;
+    if hdr.kind != Kind::HelloReply {
+        bail!("expected HelloReply, got {:?}", hdr.kind);
+    }
+    let reply = ferry_wire::HelloReply::from_bytes(&body[..hdr.len as usize])?;
+    if let Some(why) = reply.refused {
+        bail!("{} refused share {:?}: {why}", peer.name, share.name);
+    }
+    if reply.node_name != peer.name {
+        bail!(
+            "peer calls itself {:?}, expected {:?}",
+            reply.node_name,
+            peer.name
+        );
+    }
+    let leftover = tls.conn.reader().fill_buf_leftover();
+    let rustls::StreamOwned { conn, sock } = tls;
+    sock.set_read_timeout(None)?;
+    let wire = Arc::new(SharedTls::new(conn, &sock)?);
+    let ctl = sock.try_clone()?;
+    tracing::info!(share = %share.name, peer = %peer.name, "share.link.up");
+    share.link_up();
+
+    let (man_tx, man_rx) = mpsc::channel::<(u64, Vec<ManifestEntry>)>();
+    std::thread::scope(|s| -> Result<()> {
+        // Reader: acknowledgements and manifests.
+        let reader = {
+            let wire = wire.clone();
+            let share = share.clone();
+            let mut sock = sock.try_clone()?;
+            std::thread::Builder::new()
+                .name(format!("share-ack-{}", share.name))
+                .spawn_scoped(s, move || {
+                    let r = read_replies(&share, &wire, &mut sock, leftover, max, &man_tx);
+                    share.link_lost(&match &r {
+                        Ok(()) => "the replica closed the link".to_string(),
+                        Err(e) => format!("{e:#}"),
+                    });
+                    r
+                })?
+        };
+        // Sender: queued frames, and pings when idle.
+        let sender = {
+            let wire = wire.clone();
+            let share = share.clone();
+            let ctl = ctl.try_clone()?;
+            std::thread::Builder::new()
+                .name(format!("share-out-{}", share.name))
+                .spawn_scoped(s, move || {
+                    let mut last = std::time::Instant::now();
+                    loop {
+                        let frames = share.next_frames();
+                        let Some(frames) = frames else {
+                            let l = share.link();
+                            if l.stop || !l.connected {
+                                break;
+                            }
+                            continue;
+                        };
+                        let r = wire.send_with(|w| frames.iter().try_for_each(|f| w.write_all(f)));
+                        if let Err(e) = r {
+                            share.link_lost(&format!("sending to the replica failed: {e}"));
+                            break;
+                        }
+                        if last.elapsed() > Duration::from_millis(PING_INTERVAL_MS) {
+                            last = std::time::Instant::now();
+                        }
+                    }
+                    let _ = ctl.shutdown(Shutdown::Both);
+                })?
+        };
+        let pinger = {
+            let wire = wire.clone();
+            let share = share.clone();
+            std::thread::Builder::new()
+                .name(format!("share-ping-{}", share.name))
+                .spawn_scoped(s, move || loop {
+                    std::thread::sleep(Duration::from_millis(PING_INTERVAL_MS));
+                    {
+                        let l = share.link();
+                        if l.stop || !l.connected {
+                            break;
+                        }
+                    }
+                    let ping = ferry_wire::FrameHeader::new(Kind::Ping, 0, 0, 0).encode();
+                    // Sent directly: a ping must not wait behind a large queue
+                    // (SharedTls keeps records whole and in order).
+                    if wire.send(&ping).is_err() {
+                        break;
+                    }
+                })?
+        };
+        let resynced = resync(share, &man_rx, reply.generation);
+        if let Err(e) = &resynced {
+            share.link_lost(&format!("resync failed: {e:#}"));
+        }
+        // Wait for the link to end.
+        let _ = sender.join();
+        let _ = ctl.shutdown(Shutdown::Both);
+        let _ = pinger.join();
+        let r = reader
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the reader panicked")));
+        resynced.and(r)
+    })
+}
+
+trait LeftoverExt {
+    fn fill_buf_leftover(self) -> Vec<u8>;
+}
+
+impl LeftoverExt for rustls::Reader<'_> {
+    /// Plaintext rustls already decrypted past the handshake reply.
+    fn fill_buf_leftover(mut self) -> Vec<u8> {
+        let mut v = Vec::new();
+        let _ = self.read_to_end(&mut v);
+        v
+    }
+}
+
+fn read_replies(
+    share: &PrimaryShare,
+    wire: &SharedTls,
+    sock: &mut TcpStream,
+    leftover: Vec<u8>,
+    max: u32,
+    man_tx: &mpsc::Sender<(u64, Vec<ManifestEntry>)>,
+) -> Result<()> {
+    let mut plain = leftover;
+    let mut raw = vec![0u8; 256 * 1024];
+    let mut partial: HashMap<u64, Vec<ManifestEntry>> = HashMap::new();
+    loop {
+        let mut used = 0;
+        while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
+            match hdr.kind {
+                Kind::Ack => share.on_ack(hdr.seq, hdr.offset),
+                Kind::Manifest => {
+                    let entries = ferry_wire::decode_manifest(payload)?;
+                    let acc = partial.entry(hdr.seq).or_default();
+                    acc.extend(entries);
+                    if hdr.flags & 1 == 0 {
+                        let all = partial.remove(&hdr.seq).unwrap_or_default();
+                        let _ = man_tx.send((hdr.seq, all));
+                    }
+                }
+                Kind::Error => bail!("replica reported: {}", String::from_utf8_lossy(payload)),
+                k => bail!("unexpected {k:?} frame from the replica"),
+            }
+            used += len;
+        }
+        plain.drain(..used);
+        {
+            let l = share.link();
+            if l.stop || !l.connected {
+                return Ok(());
+            }
+        }
+        let n = match sock.read(&mut raw) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        wire.open(&raw[..n], &mut plain)?;
+    }
+}
+
+/// Asks the replica for its manifest of `path` and waits for it.
+fn request_manifest(
+    share: &PrimaryShare,
+    man_rx: &mpsc::Receiver<(u64, Vec<ManifestEntry>)>,
+    path: &SharePath,
+) -> Result<Vec<ManifestEntry>> {
+    let seq = {
+        let mut o = share.order();
+        share
+            .push_raw(&mut o, Kind::ManifestRequest, path.as_bytes())
+            .ok_or_else(|| anyhow!("link lost"))?
+    };
+    loop {
+        match man_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok((s, entries)) if s == seq => return Ok(entries),
+            Ok(_) => continue,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !share.link().connected {
+                    bail!("link lost during resync");
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("link lost during resync"),
+        }
+    }
+}
+
+fn resync(
+    share: &Arc<PrimaryShare>,
+    man_rx: &mpsc::Receiver<(u64, Vec<ManifestEntry>)>,
+    replica_generation: u64,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let journal = share.journal_snapshot();
+    let full = replica_generation != share.generation();
+    let mut todo: BTreeSet<SharePath> = if full {
+        [SharePath::root()].into()
+    } else {
+        journal.clone()
+    };
+    tracing::info!(share = %share.name, full, paths = todo.len(), "share.resync.start");
+    let mut passes = 0;
+    while !todo.is_empty() {
+        passes += 1;
+        if passes > RESYNC_PASSES_MAX {
+            bail!("paths kept changing through {RESYNC_PASSES_MAX} resync passes");
+        }
+        for p in minimal_roots(&todo) {
+            sync_subtree(share, man_rx, &p)?;
+        }
+        let mut l = share.link();
+        if !l.connected {
+            bail!("link lost during resync");
+        }
+        todo = std::mem::take(&mut l.again);
+        if todo.is_empty() {
+            l.resyncing = false;
+        }
+    }
+    // Everything up to here is level: make it durable and say so.
+    let seq = {
+        let mut o = share.order();
+        share
+            .push_flush(&mut o, true)
+            .ok_or_else(|| anyhow!("link lost"))?
+    };
+    let (tx, rx) = mpsc::channel();
+    share.wait_durable(
+        Some(seq),
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(r) => {
+                r?;
+                break;
+            }
+            Err(_) if !share.link().connected => bail!("link lost during resync"),
+            Err(_) => {}
+        }
+    }
+    if !share.link().connected {
+        bail!("link lost before the replica was up to date");
+    }
+    share.link().up_to_date = true;
+    share.journal_done(&journal);
+    tracing::info!(share = %share.name, full, passes, ms = started.elapsed().as_millis() as u64,
+        files = share.stats.resync_files.load(Ordering::Relaxed), "share.resync.done");
+    Ok(())
+}
+
+/// The paths of `set` not below another one of it.
+fn minimal_roots(set: &BTreeSet<SharePath>) -> Vec<SharePath> {
+    let mut out: Vec<SharePath> = Vec::new();
+    for p in set {
+        // BTreeSet order puts "a" before "a/b" (and before "a-b", which is not below it).
+        if !out.iter().any(|r| p.starts_with(r)) {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+fn entry_time(st: &libc::stat) -> ferry_wire::Time {
+    ferry_wire::Time {
+        secs: st.st_mtime,
+        nanos: st.st_mtime_nsec as u32,
+    }
+}
+
+/// Makes the replica's `path` (a subtree) equal to the primary's.
+fn sync_subtree(
+    share: &PrimaryShare,
+    man_rx: &mpsc::Receiver<(u64, Vec<ManifestEntry>)>,
+    path: &SharePath,
+) -> Result<()> {
+    let theirs = request_manifest(share, man_rx, path)?;
+    let theirs: HashMap<SharePath, ManifestEntry> =
+        theirs.into_iter().map(|e| (e.path.clone(), e)).collect();
+    let mine = share
+        .tree
+        .manifest(path)
+        .with_context(|| format!("cannot walk {}", path.display()))?;
+    let mine_paths: BTreeSet<&SharePath> = mine.iter().map(|e| &e.path).collect();
+    // Entries the replica has and the primary does not: remove (the top-most).
+    let mut gone: Vec<&SharePath> = theirs.keys().filter(|p| !mine_paths.contains(p)).collect();
+    gone.sort();
+    let mut removed: Vec<SharePath> = Vec::new();
+    for p in gone {
+        if removed.iter().any(|r| p.starts_with(r)) {
+            continue;
+        }
+        send_op(share, FileOp::RemoveTree { path: p.clone() }, vec![])?;
+        removed.push(p.clone());
+    }
+    // Hard links: the first path seen of each primary inode, and its replica link id.
+    let mut first_link: HashMap<u64, (SharePath, u64)> = HashMap::new();
+    let mut dirs = Vec::new();
+    for e in &mine {
+        let t = theirs.get(&e.path);
+        if e.link_id != 0 {
+            if let Some((first, their_id)) = first_link.get(&e.link_id) {
+                let same = t.is_some_and(|t| t.link_id != 0 && t.link_id == *their_id);
+                if !same {
+                    send_op(
+                        share,
+                        FileOp::RemoveTree {
+                            path: e.path.clone(),
+                        },
+                        vec![],
+                    )?;
+                    send_op(
+                        share,
+                        FileOp::Link {
+                            existing: first.clone(),
+                            new: e.path.clone(),
+                        },
+                        vec![],
+                    )?;
+                }
+                continue;
+            }
+            first_link.insert(
+                e.link_id,
+                (e.path.clone(), t.map(|t| t.link_id).unwrap_or(0)),
+            );
+        }
+        let same_kind = t.is_some_and(|t| match (&t.kind, &e.kind) {
+            (EntryKind::File { .. }, EntryKind::File { .. }) => true,
+            (EntryKind::Dir, EntryKind::Dir) => true,
+            (EntryKind::Symlink { target: a }, EntryKind::Symlink { target: b }) => a == b,
+            (EntryKind::Special { rdev: a }, EntryKind::Special { rdev: b }) => {
+                a == b && t.mode & libc::S_IFMT == e.mode & libc::S_IFMT
+            }
+            _ => false,
+        });
+        let owner = Owner {
+            uid: e.uid,
+            gid: e.gid,
+        };
+        match &e.kind {
+            EntryKind::Dir => {
+                if !same_kind && !e.path.is_root() {
+                    send_op(
+                        share,
+                        FileOp::Mkdir {
+                            path: e.path.clone(),
+                            mode: e.mode & 0o7777,
+                            owner,
+                        },
+                        vec![],
+                    )?;
+                }
+                dirs.push(e);
+            }
+            EntryKind::File { size } => {
+                let content_same =
+                    same_kind && t.is_some_and(|t| t.kind == e.kind && t.mtime == e.mtime);
+                if !content_same {
+                    send_file(share, &e.path, *size, same_kind, e.mode, owner)?;
+                }
+            }
+            EntryKind::Symlink { target } => {
+                if !same_kind {
+                    send_op(
+                        share,
+                        FileOp::Symlink {
+                            path: e.path.clone(),
+                            target: target.clone(),
+                            owner,
+                        },
+                        vec![],
+                    )?;
+                }
+            }
+            EntryKind::Special { rdev } => {
+                if !same_kind {
+                    send_op(
+                        share,
+                        FileOp::RemoveTree {
+                            path: e.path.clone(),
+                        },
+                        vec![],
+                    )?;
+                    send_op(
+                        share,
+                        FileOp::Mknod {
+                            path: e.path.clone(),
+                            mode: e.mode,
+                            rdev: *rdev,
+                            owner,
+                        },
+                        vec![],
+                    )?;
+                }
+            }
+        }
+        if !matches!(e.kind, EntryKind::Dir) {
+            fix_attrs(share, e, t)?;
+        }
+    }
+    // Directories last, deepest first: their times change as children come and go.
+    for e in dirs.iter().rev() {
+        fix_attrs(share, e, theirs.get(&e.path))?;
+    }
+    Ok(())
+}
+
+/// Sends mode/owner/mtime where the replica's differ (taken from the
+/// primary's current state, under the order lock).
+fn fix_attrs(share: &PrimaryShare, e: &ManifestEntry, t: Option<&ManifestEntry>) -> Result<()> {
+    let mut o = share.order();
+    let target = Target::Path(e.path.clone());
+    let Ok(st) = share.tree.lstat(&target) else {
+        return Ok(()); // gone meanwhile: the live op that removed it is on the stream
+    };
+    let is_link = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
+    let t_mode = t.map(|t| t.mode & 0o7777);
+    let t_owner = t.map(|t| (t.uid, t.gid));
+    let t_mtime = t.map(|t| t.mtime);
+    let mode = (!is_link && t_mode != Some(st.st_mode & 0o7777)).then_some(st.st_mode & 0o7777);
+    let owner_differs = t_owner != Some((st.st_uid, st.st_gid));
+    let mtime = entry_time(&st);
+    if mode.is_none() && !owner_differs && t_mtime == Some(mtime) {
+        return Ok(());
+    }
+    let op = FileOp::SetAttr {
+        target,
+        mode,
+        uid: owner_differs.then_some(st.st_uid),
+        gid: owner_differs.then_some(st.st_gid),
+        atime: None,
+        mtime: Some(mtime),
+    };
+    share
+        .push(&mut o, op, vec![])
+        .ok_or_else(|| anyhow!("link lost"))?;
+    Ok(())
+}
+
+fn send_op(share: &PrimaryShare, op: FileOp, stamps: Vec<ferry_wire::Stamp>) -> Result<()> {
+    let mut o = share.order();
+    share
+        .push(&mut o, op, stamps)
+        .ok_or_else(|| anyhow!("link lost"))?;
+    Ok(())
+}
+
+/// Sends a file's content: recreated (or truncated when it exists as a file
+/// on the replica), then in chunks read under the order lock, so live writes
+/// interleave in the right order.
+fn send_file(
+    share: &PrimaryShare,
+    path: &SharePath,
+    _size: u64,
+    exists_as_file: bool,
+    mode: u32,
+    owner: Owner,
+) -> Result<()> {
+    let target = Target::Path(path.clone());
+    let f = match share.tree.open_file(&target, libc::O_RDONLY, 0) {
+        Ok(f) => f,
+        Err(_) => return Ok(()), // gone or unreadable meanwhile: a live op covers it
+    };
+    {
+        let mut o = share.order();
+        let op = if exists_as_file {
+            FileOp::Truncate {
+                target: target.clone(),
+                size: 0,
+            }
+        } else {
+            FileOp::Create {
+                path: path.clone(),
+                mode: mode & 0o7777,
+                owner,
+            }
+        };
+        share
+            .push(&mut o, op, vec![])
+            .ok_or_else(|| anyhow!("link lost"))?;
+    }
+    share.stats.resync_files.fetch_add(1, Ordering::Relaxed);
+    let mut buf = vec![0u8; RESYNC_CHUNK_BYTES];
+    let mut off = 0u64;
+    loop {
+        let mut o = share.order();
+        // Holes stay holes: skip to the next data.
+        // SAFETY: valid descriptor; lseek with SEEK_DATA only reads the offset.
+        let data = unsafe {
+            libc::lseek(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                off as i64,
+                libc::SEEK_DATA,
+            )
+        };
+        if data < 0 {
+            // ENXIO: no data past `off`: set the size (a trailing hole).
+            // SAFETY: zeroed `stat` is a valid out-parameter.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: valid descriptor and out pointer.
+            if unsafe { libc::fstat(std::os::fd::AsRawFd::as_raw_fd(&f), &mut st) } == 0
+                && st.st_size as u64 > off
+            {
+                share
+                    .push(
+                        &mut o,
+                        FileOp::Truncate {
+                            target: target.clone(),
+                            size: st.st_size as u64,
+                        },
+                        vec![],
+                    )
+                    .ok_or_else(|| anyhow!("link lost"))?;
+            }
+            break;
+        }
+        off = data as u64;
+        let n = f.read_at(&mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        share
+            .push(
+                &mut o,
+                FileOp::Write {
+                    target: target.clone(),
+                    offset: off,
+                    data: buf[..n].to_vec(),
+                },
+                vec![],
+            )
+            .ok_or_else(|| anyhow!("link lost"))?;
+        share
+            .stats
+            .resync_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        off += n as u64;
+        drop(o);
+        // Async backlog / sync pacing: wait while a lot is in flight.
+        let mut l = share.link();
+        while l.connected && l.inflight_bytes > 32 * RESYNC_CHUNK_BYTES as u64 {
+            l = share
+                .cv
+                .wait_timeout(l, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- replica side
+
+/// A share replica's on-disk state while a link applies to it.
+pub fn serve_replica(
+    ctx: &AgentCtx,
+    peer_name: &str,
+    hello: ShareHello,
+    mut tls: rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+    control: TcpStream,
+) -> Result<()> {
+    let me = ctx.identity.node_name.clone();
+    let store = super::ShareStore::new(&ctx.cfg.data_dir);
+    let refuse = |tls: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
+                  why: String|
+     -> Result<()> {
+        let reply = ferry_wire::HelloReply {
+            protocol_version: PROTOCOL_VERSION,
+            node_name: me.clone(),
+            refused: Some(why.clone()),
+            generation: 0,
+            ancestors: vec![],
+            dirty_map: None,
+        };
+        tls.write_all(&ferry_wire::encode_frame(
+            Kind::HelloReply,
+            0,
+            0,
+            &reply.to_bytes(),
+        ))?;
+        tls.flush()?;
+        bail!("refused: {why}")
+    };
+    if !hello.protocol_versions.contains(&PROTOCOL_VERSION) {
+        return refuse(
+            &mut tls,
+            format!(
+                "protocol versions {:?} not supported",
+                hello.protocol_versions
+            ),
+        );
+    }
+    if let Err(e) = super::check_name(&hello.share) {
+        return refuse(&mut tls, e.to_string());
+    }
+    let _guard = match ctx.shares.claim_replica(&hello.share) {
+        Some(g) => g,
+        None => {
+            return refuse(
+                &mut tls,
+                format!(
+                    "share {:?} is primary here or already has a link",
+                    hello.share
+                ),
+            )
+        }
+    };
+    let mut rec = match store.load(&hello.share) {
+        Ok(r) => r,
+        Err(super::ShareError::NotFound(_)) => {
+            let r = super::ShareRecord {
+                name: hello.share.clone(),
+                id: hello.share_id.clone(),
+                mode: hello.mode.clone(),
+                path: std::path::PathBuf::from("/"),
+                role: "replica".into(),
+                peer: Some(peer_name.to_string()),
+                generation: 0,
+                clean: true,
+            };
+            if let Err(e) = store.create(&r) {
+                return refuse(&mut tls, e.to_string());
+            }
+            r
+        }
+        Err(e) => return refuse(&mut tls, e.to_string()),
+    };
+    if rec.role != "replica" {
+        return refuse(
+            &mut tls,
+            format!("share {:?} is primary on {me}", hello.share),
+        );
+    }
+    if rec.id != hello.share_id {
+        return refuse(
+            &mut tls,
+            format!(
+                "share {:?} here has another identity (a different share of the same name)",
+                hello.share
+            ),
+        );
+    }
+    let tree = Tree::open(&store.data_dir(&rec.name), &store.orphans_dir(&rec.name))?.for_replica();
+    let their_gen = rec.generation;
+    // From here until the primary declares it up to date, the copy is not one.
+    rec.generation = 0;
+    rec.peer = Some(peer_name.to_string());
+    rec.mode = hello.mode.clone();
+    store.save(&rec)?;
+    ctx.shares.set_replica_state(&rec.name, false, None);
+    let reply = ferry_wire::HelloReply {
+        protocol_version: PROTOCOL_VERSION,
+        node_name: me.clone(),
+        refused: None,
+        generation: their_gen,
+        ancestors: vec![],
+        dirty_map: None,
+    };
+    tls.write_all(&ferry_wire::encode_frame(
+        Kind::HelloReply,
+        0,
+        0,
+        &reply.to_bytes(),
+    ))?;
+    tls.flush()?;
+    tracing::info!(share = %rec.name, peer = %peer_name, "share.inbound.up");
+    let leftover = tls.conn.reader().fill_buf_leftover();
+    let rustls::StreamOwned { conn, mut sock } = tls;
+    control.set_read_timeout(None)?;
+    let wire = SharedTls::new(conn, &sock)?;
+    let max = ctx.cfg.replication.frame_bytes_max;
+    let r = apply_stream(
+        ctx, &store, &mut rec, &tree, &wire, &mut sock, leftover, max,
+    );
+    if let Err(e) = &r {
+        let msg = format!("{e:#}");
+        ctx.shares
+            .set_replica_state(&rec.name, false, Some(msg.clone()));
+        let _ = wire.send(&ferry_wire::encode_frame(Kind::Error, 0, 0, msg.as_bytes()));
+    }
+    let _ = control.shutdown(Shutdown::Both);
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_stream(
+    ctx: &AgentCtx,
+    store: &super::ShareStore,
+    rec: &mut super::ShareRecord,
+    tree: &Tree,
+    wire: &SharedTls,
+    sock: &mut TcpStream,
+    leftover: Vec<u8>,
+    max: u32,
+) -> Result<()> {
+    let mut plain = leftover;
+    let mut raw = vec![0u8; 1 << 20];
+    let mut files = FileCache::default();
+    let mut received = 0u64;
+    let mut durable = 0u64;
+    let mut failures = 0u64;
+    loop {
+        let mut used = 0;
+        let mut any = false;
+        while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
+            used += len;
+            any = true;
+            match hdr.kind {
+                Kind::Ping => {}
+                Kind::FileOp => {
+                    let op = StampedOp::decode(payload)?;
+                    let r = tree
+                        .apply(&op.op, &mut files)
+                        .and_then(|_| op.stamps.iter().try_for_each(|s| tree.set_stamp(s)));
+                    if let Err(e) = r {
+                        if rec.generation != 0 {
+                            // An up-to-date copy must take every op.
+                            bail!("applying {:?} failed: {e}", op_name(&op.op));
+                        }
+                        // Resyncing: the resync compares what this touched again.
+                        failures += 1;
+                        tracing::debug!(share = %rec.name, error = %e, "share.apply.skipped_while_resyncing");
+                    }
+                    ctx.shares.add_applied(&rec.name, op.op.data_bytes());
+                    received = hdr.seq;
+                }
+                Kind::Flush => {
+                    files.clear();
+                    tree.sync().context("syncfs on the replica")?;
+                    received = hdr.seq;
+                    durable = hdr.seq;
+                    if hdr.flags & FLAG_UP_TO_DATE != 0 {
+                        rec.generation = hdr.offset;
+                        store.save(rec)?;
+                        ctx.shares.set_replica_state(&rec.name, true, None);
+                        tracing::info!(share = %rec.name, skipped = failures, "share.replica.up_to_date");
+                    }
+                }
+                Kind::ManifestRequest => {
+                    let path = SharePath::new(payload.to_vec())
+                        .map_err(|e| anyhow!("bad manifest path: {e}"))?;
+                    files.clear();
+                    let entries = tree.manifest(&path).unwrap_or_default();
+                    let chunks: Vec<&[ManifestEntry]> = if entries.is_empty() {
+                        vec![&[]]
+                    } else {
+                        entries.chunks(MANIFEST_FRAME_ENTRIES).collect()
+                    };
+                    let n = chunks.len();
+                    for (i, c) in chunks.into_iter().enumerate() {
+                        let body = ferry_wire::encode_manifest(c);
+                        let mut h = ferry_wire::FrameHeader::new(
+                            Kind::Manifest,
+                            hdr.seq,
+                            0,
+                            u32::try_from(body.len())
+                                .map_err(|_| anyhow!("manifest frame too large"))?,
+                        );
+                        if i + 1 < n {
+                            h.flags = 1;
+                        }
+                        let mut f = h.encode().to_vec();
+                        f.extend_from_slice(&body);
+                        if !body.is_empty() {
+                            f.extend_from_slice(&ferry_wire::trailer(&body));
+                        }
+                        wire.send(&f)?;
+                    }
+                    received = hdr.seq;
+                }
+                k => bail!("unexpected {k:?} frame on a share link"),
+            }
+        }
+        plain.drain(..used);
+        if any {
+            let ack = ferry_wire::FrameHeader::new(Kind::Ack, received, durable, 0).encode();
+            wire.send(&ack)?;
+        }
+        let n = match sock.read(&mut raw) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        wire.open(&raw[..n], &mut plain)?;
+    }
+}
+
+fn op_name(op: &FileOp) -> String {
+    let s = format!("{op:?}");
+    s.split([' ', '{', '(']).next().unwrap_or("op").to_string()
+}

@@ -1,0 +1,487 @@
+//! Shares: directories replicated file by file.
+//!
+//! On disk, `DATA_DIR/shares/NAME/` holds `share.json` (the record),
+//! `data/` (the tree itself: the primary's FUSE mount is backed by it, a
+//! replica's stream is applied to it), `orphans/` (unlinked files still open)
+//! and `journal` (paths changed while the replica could not be told).
+//!
+//! A sync share is served by a FUSE mount at its `path` on the primary
+//! ([`fuse`]): every mutating call is applied to `data/`, sequenced on the
+//! share's stream ([`primary::PrimaryShare`]) and answered once the replica
+//! has it; `fsync` once both sides made it durable. The link ([`link`])
+//! first brings the replica level (a manifest comparison of the whole tree,
+//! or only of the journal's paths), then streams.
+
+pub mod fuse;
+pub mod link;
+pub mod primary;
+pub mod tree;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A share's persistent record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShareRecord {
+    pub name: String,
+    /// Identity (random, made at creation): a replica of another share of
+    /// the same name is refused.
+    pub id: String,
+    /// "sync" (FUSE mount) or "async" (watcher).
+    pub mode: String,
+    /// Where applications use it on this node (the mount point).
+    pub path: PathBuf,
+    /// "primary" or "replica".
+    pub role: String,
+    /// The node holding the other copy.
+    pub peer: Option<String>,
+    /// Primary: the history id of its tree; changes when the journal of
+    /// changed paths cannot be trusted (an unclean stop). Replica: the
+    /// primary's generation it is an up-to-date copy of (0: not up to date).
+    pub generation: u64,
+    /// Primary: stopped cleanly (its journal is complete).
+    pub clean: bool,
+}
+
+/// Why a share operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("share name {0:?} is not valid: use 1-64 of [A-Za-z0-9._-], not starting with '.'")]
+    BadName(String),
+    #[error("share {0:?} already exists")]
+    Exists(String),
+    #[error("share {0:?} does not exist")]
+    NotFound(String),
+    #[error("mode {0:?} is not valid: use sync or async")]
+    BadMode(String),
+    #[error("path {0:?} must be absolute")]
+    RelativePath(PathBuf),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("share record {path} is damaged: {reason}")]
+    Damaged { path: PathBuf, reason: String },
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ShareError + 'a {
+    move |source| ShareError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn check_name(name: &str) -> Result<(), ShareError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ShareError::BadName(name.to_string()))
+    }
+}
+
+/// `DATA_DIR/shares`.
+#[derive(Debug, Clone)]
+pub struct ShareStore {
+    root: PathBuf,
+}
+
+impl ShareStore {
+    pub fn new(data_dir: &Path) -> ShareStore {
+        ShareStore {
+            root: data_dir.join("shares"),
+        }
+    }
+
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn list(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join("share.json").exists())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn load(&self, name: &str) -> Result<ShareRecord, ShareError> {
+        check_name(name)?;
+        let p = self.dir(name).join("share.json");
+        let text = match std::fs::read(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ShareError::NotFound(name.to_string()))
+            }
+            Err(e) => return Err(io_err("cannot read", &p)(e)),
+        };
+        serde_json::from_slice(&text).map_err(|e| ShareError::Damaged {
+            path: p,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes the record durably (temp file, fsync, rename, fsync dir).
+    pub fn save(&self, rec: &ShareRecord) -> Result<(), ShareError> {
+        check_name(&rec.name)?;
+        let dir = self.dir(&rec.name);
+        std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        let tmp = dir.join("share.json.tmp");
+        let p = dir.join("share.json");
+        let body = serde_json::to_vec_pretty(rec).unwrap_or_default();
+        let mut f = std::fs::File::create(&tmp).map_err(io_err("cannot write", &tmp))?;
+        f.write_all(&body)
+            .and_then(|_| f.sync_all())
+            .map_err(io_err("cannot write", &tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io_err("cannot rename", &p))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("cannot sync", &dir))?;
+        Ok(())
+    }
+
+    /// Makes a new share's directories and record.
+    pub fn create(&self, rec: &ShareRecord) -> Result<(), ShareError> {
+        check_name(&rec.name)?;
+        if rec.mode != "sync" && rec.mode != "async" {
+            return Err(ShareError::BadMode(rec.mode.clone()));
+        }
+        if !rec.path.is_absolute() {
+            return Err(ShareError::RelativePath(rec.path.clone()));
+        }
+        if self.dir(&rec.name).join("share.json").exists() {
+            return Err(ShareError::Exists(rec.name.clone()));
+        }
+        for sub in ["data", "orphans"] {
+            let d = self.dir(&rec.name).join(sub);
+            std::fs::create_dir_all(&d).map_err(io_err("cannot create", &d))?;
+        }
+        self.save(rec)
+    }
+
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir(name).join("data")
+    }
+
+    pub fn orphans_dir(&self, name: &str) -> PathBuf {
+        self.dir(name).join("orphans")
+    }
+
+    pub fn journal_path(&self, name: &str) -> PathBuf {
+        self.dir(name).join("journal")
+    }
+}
+
+/// A fresh random id (hex) or generation.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_le_bytes(b) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_names_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShareStore::new(dir.path());
+        let rec = ShareRecord {
+            name: "app".into(),
+            id: "x".into(),
+            mode: "sync".into(),
+            path: "/srv/app".into(),
+            role: "primary".into(),
+            peer: None,
+            generation: 7,
+            clean: true,
+        };
+        store.create(&rec).unwrap();
+        assert_eq!(store.load("app").unwrap(), rec);
+        assert!(matches!(store.create(&rec), Err(ShareError::Exists(_))));
+        assert_eq!(store.list(), vec!["app".to_string()]);
+        for bad in ["", ".x", "a/b", "a b"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        let mut r2 = rec.clone();
+        r2.name = "b".into();
+        r2.mode = "fast".into();
+        assert!(matches!(store.create(&r2), Err(ShareError::BadMode(_))));
+        r2.mode = "sync".into();
+        r2.path = "rel".into();
+        assert!(matches!(
+            store.create(&r2),
+            Err(ShareError::RelativePath(_))
+        ));
+        std::fs::write(store.dir("app").join("share.json"), b"{").unwrap();
+        assert!(matches!(store.load("app"), Err(ShareError::Damaged { .. })));
+    }
+}
+
+/// What a replica share shows in status (set by its inbound link).
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaView {
+    pub up_to_date: bool,
+    pub last_error: Option<String>,
+    pub applied_bytes: u64,
+    pub linked: bool,
+}
+
+/// A primary share running on this node.
+#[derive(Debug)]
+pub struct Running {
+    pub share: std::sync::Arc<primary::PrimaryShare>,
+    pub mount: Option<fuse::Mount>,
+}
+
+/// The shares of this agent.
+#[derive(Debug, Default)]
+pub struct Shares {
+    primaries: std::sync::Mutex<std::collections::HashMap<String, Running>>,
+    replicas: std::sync::Mutex<std::collections::HashMap<String, ReplicaView>>,
+}
+
+/// Held while an inbound link applies to a replica share.
+#[derive(Debug)]
+pub struct ReplicaClaim<'a> {
+    shares: &'a Shares,
+    name: String,
+}
+
+impl Drop for ReplicaClaim<'_> {
+    fn drop(&mut self) {
+        if let Some(v) = self.shares.replicas().get_mut(&self.name) {
+            v.linked = false;
+        }
+    }
+}
+
+impl Shares {
+    fn replicas(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, ReplicaView>> {
+        self.replicas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn primaries(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Running>> {
+        self.primaries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn primary(&self, name: &str) -> Option<std::sync::Arc<primary::PrimaryShare>> {
+        self.primaries().get(name).map(|r| r.share.clone())
+    }
+
+    /// One inbound link per replica share; none for a share primary here.
+    pub fn claim_replica(&self, name: &str) -> Option<ReplicaClaim<'_>> {
+        if self.primaries().contains_key(name) {
+            return None;
+        }
+        let mut r = self.replicas();
+        let v = r.entry(name.to_string()).or_default();
+        if v.linked {
+            return None;
+        }
+        v.linked = true;
+        Some(ReplicaClaim {
+            shares: self,
+            name: name.to_string(),
+        })
+    }
+
+    pub fn set_replica_state(&self, name: &str, up_to_date: bool, error: Option<String>) {
+        let mut r = self.replicas();
+        let v = r.entry(name.to_string()).or_default();
+        v.up_to_date = up_to_date;
+        if error.is_some() || up_to_date {
+            v.last_error = error;
+        }
+    }
+
+    pub fn add_applied(&self, name: &str, bytes: u64) {
+        if let Some(v) = self.replicas().get_mut(name) {
+            v.applied_bytes += bytes;
+        }
+    }
+
+    pub fn replica_view(&self, name: &str) -> ReplicaView {
+        self.replicas().get(name).cloned().unwrap_or_default()
+    }
+
+    /// Stops every primary share: links down, mounts gone, journals closed cleanly.
+    pub fn shutdown(&self) {
+        let all: Vec<Running> = self.primaries().drain().map(|(_, r)| r).collect();
+        for r in all {
+            r.share.link().stop = true;
+            r.share.cv.notify_all();
+            r.share.link_lost("agent stopping");
+            drop(r.mount);
+            r.share.close_clean();
+        }
+    }
+}
+
+/// Starts a primary share on this agent: opens it, mounts it (sync mode) and
+/// starts its link when it has a peer.
+pub fn start_primary(
+    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+    rec: ShareRecord,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let store = ShareStore::new(&ctx.cfg.data_dir);
+    let share =
+        primary::PrimaryShare::open(store, rec.clone(), ctx.cfg.replication.backlog_bytes_max)
+            .with_context(|| format!("cannot open share {:?}", rec.name))?;
+    let mount = if rec.mode == "sync" {
+        Some(fuse::mount(share.clone(), &rec.path).with_context(|| {
+            format!(
+                "cannot mount share {:?} at {}",
+                rec.name,
+                rec.path.display()
+            )
+        })?)
+    } else {
+        None
+    };
+    ctx.shares.primaries().insert(
+        rec.name.clone(),
+        Running {
+            share: share.clone(),
+            mount,
+        },
+    );
+    if let Some(peer) = rec.peer.clone() {
+        spawn_link(ctx, share, peer)?;
+    }
+    tracing::info!(share = %rec.name, mode = %rec.mode, path = %rec.path.display(), "share.started");
+    Ok(())
+}
+
+pub fn spawn_link(
+    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+    share: std::sync::Arc<primary::PrimaryShare>,
+    peer: String,
+) -> anyhow::Result<()> {
+    let ctx = ctx.clone();
+    std::thread::Builder::new()
+        .name(format!("share-link-{}", share.name))
+        .spawn(move || link::run(share, ctx, peer))?;
+    Ok(())
+}
+
+/// Status of one share (JSON: see docs/status.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShareStatus {
+    pub name: String,
+    pub mode: String,
+    pub role: String,
+    pub path: PathBuf,
+    pub peer: Option<String>,
+    /// Replica state as the primary sees it, or this replica's own:
+    /// `up-to-date`, `resyncing`, `disconnected`.
+    pub state: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Primary: paths changed while the replica could not be told.
+    pub pending_paths: u64,
+    pub ops_sent: u64,
+    pub bytes_sent: u64,
+    pub resync_files: u64,
+    pub resync_bytes: u64,
+    pub last_error: Option<String>,
+}
+
+pub fn status(ctx: &crate::agent::AgentCtx, name: &str) -> Result<ShareStatus, ShareError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let store = ShareStore::new(&ctx.cfg.data_dir);
+    let rec = store.load(name)?;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for e in walkdir_count(&store.data_dir(name)) {
+        files += 1;
+        bytes += e;
+    }
+    let mut st = ShareStatus {
+        name: rec.name.clone(),
+        mode: rec.mode.clone(),
+        role: rec.role.clone(),
+        path: rec.path.clone(),
+        peer: rec.peer.clone(),
+        state: "disconnected".into(),
+        files,
+        bytes,
+        pending_paths: 0,
+        ops_sent: 0,
+        bytes_sent: 0,
+        resync_files: 0,
+        resync_bytes: 0,
+        last_error: None,
+    };
+    if let Some(p) = ctx.shares.primary(name) {
+        let l = p.link();
+        st.state = if l.up_to_date {
+            "up-to-date"
+        } else if l.connected {
+            "resyncing"
+        } else {
+            "disconnected"
+        }
+        .into();
+        st.last_error = l.last_error.clone();
+        drop(l);
+        st.pending_paths = p.stats.journal_paths.load(Relaxed);
+        st.ops_sent = p.stats.ops_sent.load(Relaxed);
+        st.bytes_sent = p.stats.bytes_sent.load(Relaxed);
+        st.resync_files = p.stats.resync_files.load(Relaxed);
+        st.resync_bytes = p.stats.resync_bytes.load(Relaxed);
+    } else {
+        let v = ctx.shares.replica_view(name);
+        st.state = if rec.generation != 0 || v.up_to_date {
+            "up-to-date"
+        } else if v.linked {
+            "resyncing"
+        } else {
+            "disconnected"
+        }
+        .into();
+        st.last_error = v.last_error;
+        st.bytes_sent = v.applied_bytes;
+    }
+    Ok(st)
+}
+
+/// Sizes of the regular files below `dir` (not following symlinks).
+fn walkdir_count(dir: &Path) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => out.push(e.metadata().map(|m| m.len()).unwrap_or(0)),
+                Ok(_) => out.push(0),
+                Err(_) => {}
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,504 @@
+//! A share this node is primary for: the ordered stream of its file
+//! operations, the replies waiting on the replica, and the journal of changed
+//! paths kept while the replica cannot be told.
+//!
+//! Ordering: a mutation is applied to the tree and sequenced on the stream
+//! while holding [`PrimaryShare::order`], so the replica applies operations in
+//! the order they took effect here. The reply to the application waits
+//! (outside that lock) for the replica's acknowledgement: "received" for
+//! sync-mode mutations, "durable" for `fsync`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use ferry_wire::{FileOp, Kind, SharePath, Stamp, StampedOp};
+
+use super::tree::Tree;
+use super::{ShareRecord, ShareStore};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Called once the replica has what the caller waits for (or the link is
+/// gone and the change is journaled): `Ok` to answer the application.
+pub type Done = Box<dyn FnOnce(std::io::Result<()>) + Send>;
+
+/// Frames queued for the sender, and the sequence counter.
+#[derive(Debug, Default)]
+pub struct Order {
+    next_seq: u64,
+}
+
+/// The link's view, under one lock.
+#[derive(Default)]
+pub struct LinkState {
+    pub connected: bool,
+    /// A resync is running: paths touched meanwhile are compared again.
+    pub resyncing: bool,
+    /// Paths touched by live operations during a resync.
+    pub again: BTreeSet<SharePath>,
+    /// Streamed and not yet durable on the replica: (seq, paths).
+    pub unconfirmed: VecDeque<(u64, Vec<SharePath>)>,
+    pub received_seq: u64,
+    pub durable_seq: u64,
+    /// Encoded frames waiting for the sender.
+    pub queue: VecDeque<Vec<u8>>,
+    pub queued_bytes: u64,
+    /// Bytes sent and not yet acknowledged as received.
+    pub inflight: VecDeque<(u64, u64)>,
+    pub inflight_bytes: u64,
+    waiting_received: BTreeMap<u64, Vec<Done>>,
+    waiting_durable: BTreeMap<u64, Vec<Done>>,
+    /// The replica is an up-to-date copy (set when a resync ends).
+    pub up_to_date: bool,
+    pub last_error: Option<String>,
+    /// The link asked to stop (replication stopped, share removed).
+    pub stop: bool,
+}
+
+impl std::fmt::Debug for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkState")
+            .field("connected", &self.connected)
+            .field("up_to_date", &self.up_to_date)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct ShareStats {
+    pub ops_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub resync_files: AtomicU64,
+    pub resync_bytes: AtomicU64,
+    pub journal_paths: AtomicU64,
+}
+
+pub struct PrimaryShare {
+    pub name: String,
+    pub rec: Mutex<ShareRecord>,
+    pub store: ShareStore,
+    pub tree: Tree,
+    /// Held while a mutation is applied locally and sequenced.
+    pub order: Mutex<Order>,
+    pub link: Mutex<LinkState>,
+    /// The sender waits here for frames; resync and waiters for acks.
+    pub cv: Condvar,
+    /// Paths changed while the replica could not be told (persisted in `journal`).
+    journal: Mutex<Journal>,
+    pub stats: ShareStats,
+    /// Async mode: bytes queued or unacknowledged before the stream is cut
+    /// and the journal takes over.
+    pub backlog_bytes_max: u64,
+    /// Orphan numbers (unlinked-but-open files).
+    pub next_orphan: AtomicU64,
+}
+
+impl std::fmt::Debug for PrimaryShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimaryShare")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The journal: an append-only file of length-prefixed paths, loaded into a set.
+#[derive(Debug)]
+struct Journal {
+    set: BTreeSet<SharePath>,
+    file: Option<std::fs::File>,
+    path: std::path::PathBuf,
+}
+
+impl Journal {
+    fn open(path: std::path::PathBuf) -> Journal {
+        let mut set = BTreeSet::new();
+        if let Ok(b) = std::fs::read(&path) {
+            let mut rest = &b[..];
+            while rest.len() >= 4 {
+                let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                if rest.len() < 4 + n {
+                    break; // a torn last record: the unclean-stop rule covers it
+                }
+                if let Ok(p) = SharePath::new(rest[4..4 + n].to_vec()) {
+                    set.insert(p);
+                }
+                rest = &rest[4 + n..];
+            }
+        }
+        Journal {
+            set,
+            file: None,
+            path,
+        }
+    }
+
+    fn add(&mut self, p: &SharePath) {
+        if !self.set.insert(p.clone()) {
+            return;
+        }
+        if self.file.is_none() {
+            self.file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .ok();
+        }
+        if let Some(f) = &mut self.file {
+            let mut rec = (p.as_bytes().len() as u32).to_le_bytes().to_vec();
+            rec.extend_from_slice(p.as_bytes());
+            if let Err(e) = f.write_all(&rec) {
+                tracing::warn!(error = %e, "share.journal.write_failed");
+            }
+        }
+    }
+
+    fn take(&mut self) -> BTreeSet<SharePath> {
+        std::mem::take(&mut self.set)
+    }
+
+    /// Forgets what was taken and resynced (the file restarts).
+    fn reset_file(&mut self) {
+        self.file = None;
+        let _ = std::fs::remove_file(&self.path);
+        let set: Vec<SharePath> = self.set.iter().cloned().collect();
+        self.set.clear();
+        for p in set {
+            self.add(&p);
+        }
+    }
+
+    fn sync(&mut self) {
+        if let Some(f) = &self.file {
+            let _ = f.sync_all();
+        }
+    }
+}
+
+impl PrimaryShare {
+    pub fn open(
+        store: ShareStore,
+        mut rec: ShareRecord,
+        backlog_bytes_max: u64,
+    ) -> std::io::Result<Arc<PrimaryShare>> {
+        let tree = Tree::open(&store.data_dir(&rec.name), &store.orphans_dir(&rec.name))?;
+        let journal = Journal::open(store.journal_path(&rec.name));
+        if !rec.clean {
+            // The journal may lack what changed just before the stop: the next
+            // resync compares the whole tree.
+            rec.generation = super::random_u64();
+            tracing::warn!(share = %rec.name, "share.unclean_stop.full_compare_next");
+        }
+        rec.clean = false;
+        store
+            .save(&rec)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // Orphans left by the last run are no longer open by anyone.
+        for e in std::fs::read_dir(store.orphans_dir(&rec.name))?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let n = journal.set.len() as u64;
+        let s = Arc::new(PrimaryShare {
+            name: rec.name.clone(),
+            rec: Mutex::new(rec),
+            store,
+            tree,
+            order: Mutex::new(Order { next_seq: 1 }),
+            link: Mutex::new(LinkState::default()),
+            cv: Condvar::new(),
+            journal: Mutex::new(journal),
+            stats: ShareStats::default(),
+            backlog_bytes_max,
+            next_orphan: AtomicU64::new(1),
+        });
+        s.stats.journal_paths.store(n, Ordering::Relaxed);
+        Ok(s)
+    }
+
+    pub fn mode_sync(&self) -> bool {
+        lock(&self.rec).mode == "sync"
+    }
+
+    pub fn generation(&self) -> u64 {
+        lock(&self.rec).generation
+    }
+
+    pub fn order(&self) -> MutexGuard<'_, Order> {
+        lock(&self.order)
+    }
+
+    pub fn link(&self) -> MutexGuard<'_, LinkState> {
+        lock(&self.link)
+    }
+
+    /// Records a clean stop (the journal is complete on disk).
+    pub fn close_clean(&self) {
+        let mut j = lock(&self.journal);
+        // Unconfirmed changes go to the journal first.
+        let l = self.link();
+        for (_, paths) in &l.unconfirmed {
+            for p in paths {
+                j.add(p);
+            }
+        }
+        drop(l);
+        j.sync();
+        let mut rec = lock(&self.rec);
+        rec.clean = true;
+        let _ = self.store.save(&rec);
+    }
+
+    /// Sequences `op` (the caller holds `order` and has applied it locally).
+    /// Returns the sequence number when it went on the stream, `None` when
+    /// it went to the journal.
+    pub fn push(&self, o: &mut Order, op: FileOp, stamps: Vec<Stamp>) -> Option<u64> {
+        let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
+        let mut l = self.link();
+        if !l.connected {
+            drop(l);
+            let mut j = lock(&self.journal);
+            for p in &touched {
+                j.add(p);
+            }
+            self.stats
+                .journal_paths
+                .store(j.set.len() as u64, Ordering::Relaxed);
+            return None;
+        }
+        let seq = o.next_seq;
+        o.next_seq += 1;
+        let payload = StampedOp { op, stamps }.encode();
+        let frame = ferry_wire::encode_frame(Kind::FileOp, seq, 0, &payload);
+        if l.resyncing {
+            l.again.extend(touched.iter().cloned());
+        }
+        l.unconfirmed.push_back((seq, touched));
+        l.queued_bytes += frame.len() as u64;
+        l.inflight.push_back((seq, frame.len() as u64));
+        l.inflight_bytes += frame.len() as u64;
+        l.queue.push_back(frame);
+        self.stats.ops_sent.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_sent
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        let over = !self.mode_sync_locked() && l.inflight_bytes > self.backlog_bytes_max;
+        drop(l);
+        self.cv.notify_all();
+        if over {
+            self.link_lost("async backlog above backlog_bytes_max: the journal takes over");
+        }
+        Some(seq)
+    }
+
+    fn mode_sync_locked(&self) -> bool {
+        lock(&self.rec).mode == "sync"
+    }
+
+    /// Sequences a flush barrier; returns its seq when connected.
+    pub fn push_flush(&self, o: &mut Order, up_to_date: bool) -> Option<u64> {
+        let mut l = self.link();
+        if !l.connected {
+            return None;
+        }
+        let seq = o.next_seq;
+        o.next_seq += 1;
+        let mut h = ferry_wire::FrameHeader::new(Kind::Flush, seq, self.generation(), 0);
+        if up_to_date {
+            h.flags = crate::replication::link::FLAG_UP_TO_DATE;
+        }
+        l.queue.push_back(h.encode().to_vec());
+        drop(l);
+        self.cv.notify_all();
+        Some(seq)
+    }
+
+    /// Sequences a frame that is not an op (a manifest request).
+    pub fn push_raw(&self, o: &mut Order, kind: Kind, payload: &[u8]) -> Option<u64> {
+        let mut l = self.link();
+        if !l.connected {
+            return None;
+        }
+        let seq = o.next_seq;
+        o.next_seq += 1;
+        l.queue
+            .push_back(ferry_wire::encode_frame(kind, seq, 0, payload));
+        drop(l);
+        self.cv.notify_all();
+        Some(seq)
+    }
+
+    /// Calls `done` once the replica received `seq` (sync) — at once when
+    /// `seq` is `None` (journaled) or the share is async.
+    pub fn wait_received(&self, seq: Option<u64>, done: Done) {
+        let Some(seq) = seq else {
+            return done(Ok(()));
+        };
+        if !self.mode_sync() {
+            return done(Ok(()));
+        }
+        let mut l = self.link();
+        if !l.connected || l.received_seq >= seq {
+            drop(l);
+            return done(Ok(()));
+        }
+        l.waiting_received.entry(seq).or_default().push(done);
+    }
+
+    /// Calls `done` once everything up to flush `seq` is durable on the replica.
+    pub fn wait_durable(&self, seq: Option<u64>, done: Done) {
+        let Some(seq) = seq else {
+            return done(Ok(()));
+        };
+        let mut l = self.link();
+        if !l.connected || l.durable_seq >= seq {
+            drop(l);
+            return done(Ok(()));
+        }
+        l.waiting_durable.entry(seq).or_default().push(done);
+    }
+
+    /// The replica acknowledged: received up to `received`, durable up to `durable`.
+    pub fn on_ack(&self, received: u64, durable: u64) {
+        let mut ready = Vec::new();
+        {
+            let mut l = self.link();
+            if received > l.received_seq {
+                l.received_seq = received;
+            }
+            if durable > l.durable_seq {
+                l.durable_seq = durable;
+            }
+            while let Some(&(s, b)) = l.inflight.front() {
+                if s > l.received_seq {
+                    break;
+                }
+                l.inflight.pop_front();
+                l.inflight_bytes -= b;
+            }
+            while l
+                .unconfirmed
+                .front()
+                .is_some_and(|(s, _)| *s <= l.durable_seq)
+            {
+                l.unconfirmed.pop_front();
+            }
+            let r = l.received_seq;
+            let later = l.waiting_received.split_off(&(r + 1));
+            ready.extend(
+                std::mem::replace(&mut l.waiting_received, later)
+                    .into_values()
+                    .flatten(),
+            );
+            let d = l.durable_seq;
+            let later = l.waiting_durable.split_off(&(d + 1));
+            ready.extend(
+                std::mem::replace(&mut l.waiting_durable, later)
+                    .into_values()
+                    .flatten(),
+            );
+        }
+        self.cv.notify_all();
+        for done in ready {
+            done(Ok(()));
+        }
+    }
+
+    /// The link is gone: unconfirmed changes go to the journal, and every
+    /// waiting reply is answered (the change is here and journaled; the
+    /// replica is out of date until the next resync).
+    pub fn link_lost(&self, why: &str) {
+        let mut ready = Vec::new();
+        {
+            let mut l = self.link();
+            if !l.connected {
+                return;
+            }
+            l.connected = false;
+            l.up_to_date = false;
+            l.last_error = Some(why.to_string());
+            let mut j = lock(&self.journal);
+            for (_, paths) in l.unconfirmed.drain(..) {
+                for p in paths {
+                    j.add(&p);
+                }
+            }
+            for p in std::mem::take(&mut l.again) {
+                j.add(&p);
+            }
+            self.stats
+                .journal_paths
+                .store(j.set.len() as u64, Ordering::Relaxed);
+            l.queue.clear();
+            l.queued_bytes = 0;
+            l.inflight.clear();
+            l.inflight_bytes = 0;
+            ready.extend(
+                std::mem::take(&mut l.waiting_received)
+                    .into_values()
+                    .flatten(),
+            );
+            ready.extend(
+                std::mem::take(&mut l.waiting_durable)
+                    .into_values()
+                    .flatten(),
+            );
+        }
+        tracing::warn!(share = %self.name, reason = why, "share.link.lost");
+        self.cv.notify_all();
+        for done in ready {
+            done(Ok(()));
+        }
+    }
+
+    /// The link came up: sequencing starts (under `order`, so no op is
+    /// half-journaled, half-streamed).
+    pub fn link_up(&self) {
+        let _o = self.order();
+        let mut l = self.link();
+        l.connected = true;
+        l.resyncing = true;
+        l.up_to_date = false;
+        l.last_error = None;
+        l.again.clear();
+    }
+
+    /// Takes the journal's paths for a resync (they stay on disk until the
+    /// resync ends with [`Self::journal_done`]).
+    pub fn journal_snapshot(&self) -> BTreeSet<SharePath> {
+        lock(&self.journal).set.clone()
+    }
+
+    /// The resync covered `done`: drop them from the journal.
+    pub fn journal_done(&self, done: &BTreeSet<SharePath>) {
+        let mut j = lock(&self.journal);
+        let rest: BTreeSet<SharePath> = j.take().difference(done).cloned().collect();
+        j.set = rest;
+        j.reset_file();
+        self.stats
+            .journal_paths
+            .store(j.set.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Waits until the queue has frames (or the link is down / stopping).
+    pub fn next_frames(&self) -> Option<Vec<Vec<u8>>> {
+        let mut l = self.link();
+        loop {
+            if l.stop || !l.connected {
+                return None;
+            }
+            if !l.queue.is_empty() {
+                l.queued_bytes = 0;
+                return Some(l.queue.drain(..).collect());
+            }
+            l = self
+                .cv
+                .wait_timeout(l, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}

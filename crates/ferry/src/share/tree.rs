@@ -1,0 +1,733 @@
+//! A share's backing directory and the file operations both sides apply to it.
+//!
+//! The primary's FUSE layer and the replica's stream apply the same
+//! [`FileOp`]s through [`Tree::apply`], so both trees change the same way.
+//! Every path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! from the root's descriptor: a symlink inside the tree (or a hostile peer's
+//! path) can never reach outside it. Unlinked-but-open files live in a
+//! sibling `orphans/` directory under their number.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ferry_wire::{EntryKind, FileOp, ManifestEntry, SharePath, Stamp, Target, Time};
+
+/// Manifest entries a walk returns at most (bounded memory; a bigger subtree
+/// is an error that names this limit).
+pub const MANIFEST_ENTRIES_MAX: usize = 10_000_000;
+
+fn cstr(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Where a name-based call goes: a directory descriptor and a name in it, or
+/// (for the root itself) a `/proc/self/fd` path.
+struct At {
+    _dir: Option<OwnedFd>,
+    dirfd: RawFd,
+    name: CString,
+    /// The root: `name` is a magic link to follow.
+    follow: bool,
+}
+
+impl At {
+    fn nofollow_flag(&self) -> libc::c_int {
+        if self.follow {
+            0
+        } else {
+            libc::AT_SYMLINK_NOFOLLOW
+        }
+    }
+}
+
+pub struct Tree {
+    root: OwnedFd,
+    pub root_path: PathBuf,
+    orphans: OwnedFd,
+    /// A replica's tree: an entry in the way of a create is replaced (a
+    /// replayed or resynced stream); the primary's tree refuses (EEXIST).
+    lenient: bool,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tree")
+            .field("root", &self.root_path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_dir_path(p: &Path) -> io::Result<OwnedFd> {
+    let c = cstr(p.as_os_str().as_bytes())?;
+    // SAFETY: `c` is a valid NUL-terminated string; the result is checked.
+    let fd = cvt(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Tree {
+    pub fn open(root: &Path, orphans: &Path) -> io::Result<Tree> {
+        std::fs::create_dir_all(root)?;
+        std::fs::create_dir_all(orphans)?;
+        Ok(Tree {
+            root: open_dir_path(root)?,
+            root_path: root.to_path_buf(),
+            orphans: open_dir_path(orphans)?,
+            lenient: false,
+        })
+    }
+
+    /// This tree is a replica's (see `lenient`).
+    pub fn for_replica(mut self) -> Tree {
+        self.lenient = true;
+        self
+    }
+
+    /// Opens `rel` (a path below `dirfd`) without following any symlink and
+    /// without leaving `dirfd`.
+    fn open_beneath(
+        dirfd: RawFd,
+        rel: &[u8],
+        flags: libc::c_int,
+        mode: u32,
+    ) -> io::Result<OwnedFd> {
+        let c = cstr(if rel.is_empty() { b"." } else { rel })?;
+        // SAFETY: `open_how` is plain data; all-zero is its "nothing set" value.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (flags | libc::O_CLOEXEC) as u64;
+        how.mode = u64::from(mode);
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+        // SAFETY: valid descriptor, NUL-terminated path and an `open_how` of
+        // the size passed; the result is checked.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dirfd,
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+
+    fn orphan_name(id: u64) -> CString {
+        // Digits only: never contains NUL.
+        CString::new(id.to_string()).unwrap_or_default()
+    }
+
+    fn at_path(&self, p: &SharePath) -> io::Result<At> {
+        match p.split_last() {
+            None => Ok(At {
+                _dir: None,
+                dirfd: libc::AT_FDCWD,
+                name: cstr(format!("/proc/self/fd/{}", self.root.as_raw_fd()).as_bytes())?,
+                follow: true,
+            }),
+            Some((parent, name)) => {
+                let dir = Self::open_beneath(
+                    self.root.as_raw_fd(),
+                    parent.as_bytes(),
+                    libc::O_PATH | libc::O_DIRECTORY,
+                    0,
+                )?;
+                Ok(At {
+                    dirfd: dir.as_raw_fd(),
+                    _dir: Some(dir),
+                    name: cstr(name)?,
+                    follow: false,
+                })
+            }
+        }
+    }
+
+    fn at(&self, t: &Target) -> io::Result<At> {
+        match t {
+            Target::Path(p) => self.at_path(p),
+            Target::Orphan(id) => Ok(At {
+                _dir: None,
+                dirfd: self.orphans.as_raw_fd(),
+                name: Self::orphan_name(*id),
+                follow: false,
+            }),
+        }
+    }
+
+    /// Opens a target (never following a symlink).
+    pub fn open_file(&self, t: &Target, flags: libc::c_int, mode: u32) -> io::Result<File> {
+        let fd = match t {
+            Target::Path(p) => Self::open_beneath(
+                self.root.as_raw_fd(),
+                p.as_bytes(),
+                flags | libc::O_NOFOLLOW,
+                mode,
+            )?,
+            Target::Orphan(id) => Self::open_beneath(
+                self.orphans.as_raw_fd(),
+                Self::orphan_name(*id).as_bytes(),
+                flags | libc::O_NOFOLLOW,
+                mode,
+            )?,
+        };
+        Ok(File::from(fd))
+    }
+
+    /// `lstat` of a target.
+    pub fn lstat(&self, t: &Target) -> io::Result<libc::stat> {
+        let at = self.at(t)?;
+        // SAFETY: zeroed `stat` is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor, NUL-terminated name, valid out pointer.
+        cvt(unsafe { libc::fstatat(at.dirfd, at.name.as_ptr(), &mut st, at.nofollow_flag()) })?;
+        Ok(st)
+    }
+
+    /// The stamp (mtime) a target has now.
+    pub fn stamp_of(&self, t: &Target) -> io::Result<Stamp> {
+        let st = self.lstat(t)?;
+        Ok(Stamp {
+            target: t.clone(),
+            mtime: Time {
+                secs: st.st_mtime,
+                nanos: st.st_mtime_nsec as u32,
+            },
+        })
+    }
+
+    pub fn set_stamp(&self, s: &Stamp) -> io::Result<()> {
+        self.set_times(&s.target, None, Some(s.mtime))
+    }
+
+    fn set_times(&self, t: &Target, atime: Option<Time>, mtime: Option<Time>) -> io::Result<()> {
+        let at = self.at(t)?;
+        let ts = |t: Option<Time>| match t {
+            Some(t) => libc::timespec {
+                tv_sec: t.secs,
+                tv_nsec: i64::from(t.nanos),
+            },
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+        };
+        let times = [ts(atime), ts(mtime)];
+        // SAFETY: valid descriptor, NUL-terminated name, two timespecs.
+        cvt(unsafe {
+            libc::utimensat(
+                at.dirfd,
+                at.name.as_ptr(),
+                times.as_ptr(),
+                at.nofollow_flag(),
+            )
+        })?;
+        Ok(())
+    }
+
+    fn xattr_path(&self, t: &Target) -> io::Result<(At, CString)> {
+        let at = self.at(t)?;
+        let p = if at.follow {
+            at.name.clone()
+        } else {
+            let mut b = format!("/proc/self/fd/{}/", at.dirfd).into_bytes();
+            b.extend_from_slice(at.name.as_bytes());
+            cstr(&b)?
+        };
+        Ok((at, p))
+    }
+
+    pub fn set_xattr(&self, t: &Target, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
+        let (_at, p) = self.xattr_path(t)?;
+        let n = cstr(name)?;
+        // SAFETY: NUL-terminated path and name; value pointer/length from a slice.
+        cvt(unsafe {
+            libc::lsetxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn remove_xattr(&self, t: &Target, name: &[u8]) -> io::Result<()> {
+        let (_at, p) = self.xattr_path(t)?;
+        let n = cstr(name)?;
+        // SAFETY: NUL-terminated path and name.
+        cvt(unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) })?;
+        Ok(())
+    }
+
+    /// `getxattr` of a target (`size` 0: the size it needs).
+    pub fn get_xattr(&self, t: &Target, name: &[u8], size: usize) -> io::Result<Vec<u8>> {
+        let (_at, p) = self.xattr_path(t)?;
+        let n = cstr(name)?;
+        let mut buf = vec![0u8; size];
+        // SAFETY: NUL-terminated path and name; buffer pointer/length from a Vec.
+        let r =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(if size == 0 { 0 } else { r as usize });
+        if size == 0 {
+            buf = vec![0; r as usize];
+            buf.clear();
+            buf.resize(r as usize, 0);
+            return Ok(buf);
+        }
+        Ok(buf)
+    }
+
+    pub fn list_xattr(&self, t: &Target, size: usize) -> io::Result<Vec<u8>> {
+        let (_at, p) = self.xattr_path(t)?;
+        let mut buf = vec![0u8; size];
+        // SAFETY: NUL-terminated path; buffer pointer/length from a Vec.
+        let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if size == 0 {
+            return Ok(vec![0; r as usize]);
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    }
+
+    fn chown(&self, t: &Target, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        if uid.is_none() && gid.is_none() {
+            return Ok(());
+        }
+        let at = self.at(t)?;
+        // SAFETY: valid descriptor and NUL-terminated name; -1 leaves an id as is.
+        cvt(unsafe {
+            libc::fchownat(
+                at.dirfd,
+                at.name.as_ptr(),
+                uid.unwrap_or(u32::MAX),
+                gid.unwrap_or(u32::MAX),
+                at.nofollow_flag(),
+            )
+        })?;
+        Ok(())
+    }
+
+    fn chmod(&self, t: &Target, mode: u32) -> io::Result<()> {
+        let at = self.at(t)?;
+        // SAFETY: zeroed `stat` is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor, NUL-terminated name, valid out pointer.
+        cvt(unsafe { libc::fstatat(at.dirfd, at.name.as_ptr(), &mut st, at.nofollow_flag()) })?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Ok(()); // symlinks have no mode of their own on Linux
+        }
+        // SAFETY: valid descriptor and NUL-terminated name.
+        cvt(unsafe { libc::fchmodat(at.dirfd, at.name.as_ptr(), mode & 0o7777, 0) })?;
+        Ok(())
+    }
+
+    /// Applies one op. `files` caches descriptors opened for writes (cleared
+    /// by any op that changes names).
+    pub fn apply(&self, op: &FileOp, files: &mut FileCache) -> io::Result<()> {
+        match op {
+            FileOp::Write {
+                target,
+                offset,
+                data,
+            } => {
+                let f = files.get(self, target)?;
+                f.write_all_at(data, *offset)
+            }
+            FileOp::Truncate { target, size } => {
+                let f = files.get(self, target)?;
+                f.set_len(*size)
+            }
+            FileOp::Fallocate {
+                target,
+                mode,
+                offset,
+                length,
+            } => {
+                let f = files.get(self, target)?;
+                let off = i64::try_from(*offset).map_err(|_| einval())?;
+                let len = i64::try_from(*length).map_err(|_| einval())?;
+                // SAFETY: valid descriptor; the kernel checks the range.
+                cvt(unsafe { libc::fallocate(f.as_raw_fd(), *mode, off, len) })?;
+                Ok(())
+            }
+            FileOp::Create { path, mode, owner } => {
+                files.clear();
+                let f = self.open_file(
+                    &Target::Path(path.clone()),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                    mode & 0o7777,
+                );
+                let f = match f {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && self.lenient => {
+                        // A resync or a replayed stream: make it the empty file asked for.
+                        self.remove_tree(path)?;
+                        self.open_file(
+                            &Target::Path(path.clone()),
+                            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                            mode & 0o7777,
+                        )?
+                    }
+                    r => r?,
+                };
+                // SAFETY: valid descriptor.
+                cvt(unsafe { libc::fchown(f.as_raw_fd(), owner.uid, owner.gid) })?;
+                // SAFETY: valid descriptor (umask may have cut the mode).
+                cvt(unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) })?;
+                Ok(())
+            }
+            FileOp::Mknod {
+                path,
+                mode,
+                rdev,
+                owner,
+            } => {
+                files.clear();
+                let at = self.at_path(path)?;
+                // SAFETY: valid descriptor and NUL-terminated name.
+                cvt(unsafe { libc::mknodat(at.dirfd, at.name.as_ptr(), *mode, *rdev) })?;
+                self.chown(
+                    &Target::Path(path.clone()),
+                    Some(owner.uid),
+                    Some(owner.gid),
+                )?;
+                self.chmod(&Target::Path(path.clone()), *mode)
+            }
+            FileOp::Mkdir { path, mode, owner } => {
+                files.clear();
+                let at = self.at_path(path)?;
+                // SAFETY: valid descriptor and NUL-terminated name.
+                let r = unsafe { libc::mkdirat(at.dirfd, at.name.as_ptr(), mode & 0o7777) };
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EEXIST) || !self.lenient {
+                        return Err(e);
+                    }
+                    let st = self.lstat(&Target::Path(path.clone()))?;
+                    if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                        self.remove_tree(path)?;
+                        // SAFETY: as above.
+                        cvt(unsafe { libc::mkdirat(at.dirfd, at.name.as_ptr(), mode & 0o7777) })?;
+                    }
+                }
+                self.chown(
+                    &Target::Path(path.clone()),
+                    Some(owner.uid),
+                    Some(owner.gid),
+                )?;
+                self.chmod(&Target::Path(path.clone()), *mode)
+            }
+            FileOp::Symlink {
+                path,
+                target,
+                owner,
+            } => {
+                files.clear();
+                let at = self.at_path(path)?;
+                let t = cstr(target)?;
+                // SAFETY: NUL-terminated strings, valid descriptor.
+                let r = unsafe { libc::symlinkat(t.as_ptr(), at.dirfd, at.name.as_ptr()) };
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EEXIST) || !self.lenient {
+                        return Err(e);
+                    }
+                    self.remove_tree(path)?;
+                    // SAFETY: as above.
+                    cvt(unsafe { libc::symlinkat(t.as_ptr(), at.dirfd, at.name.as_ptr()) })?;
+                }
+                self.chown(
+                    &Target::Path(path.clone()),
+                    Some(owner.uid),
+                    Some(owner.gid),
+                )
+            }
+            FileOp::Link { existing, new } => {
+                files.clear();
+                let a = self.at_path(existing)?;
+                let b = self.at_path(new)?;
+                // SAFETY: valid descriptors and NUL-terminated names.
+                cvt(unsafe {
+                    libc::linkat(a.dirfd, a.name.as_ptr(), b.dirfd, b.name.as_ptr(), 0)
+                })?;
+                Ok(())
+            }
+            FileOp::Unlink { path } => {
+                files.clear();
+                let at = self.at_path(path)?;
+                // SAFETY: valid descriptor and NUL-terminated name.
+                cvt(unsafe { libc::unlinkat(at.dirfd, at.name.as_ptr(), 0) })?;
+                Ok(())
+            }
+            FileOp::Rmdir { path } => {
+                files.clear();
+                let at = self.at_path(path)?;
+                // SAFETY: valid descriptor and NUL-terminated name.
+                cvt(unsafe { libc::unlinkat(at.dirfd, at.name.as_ptr(), libc::AT_REMOVEDIR) })?;
+                Ok(())
+            }
+            FileOp::Rename { from, to, flags } => {
+                files.clear();
+                let a = self.at_path(from)?;
+                let b = self.at_path(to)?;
+                // SAFETY: valid descriptors and NUL-terminated names.
+                cvt(unsafe {
+                    libc::renameat2(a.dirfd, a.name.as_ptr(), b.dirfd, b.name.as_ptr(), *flags)
+                })?;
+                Ok(())
+            }
+            FileOp::Orphan { path, id } => {
+                files.clear();
+                let a = self.at_path(path)?;
+                let n = Self::orphan_name(*id);
+                // SAFETY: valid descriptors and NUL-terminated names.
+                cvt(unsafe {
+                    libc::renameat2(
+                        a.dirfd,
+                        a.name.as_ptr(),
+                        self.orphans.as_raw_fd(),
+                        n.as_ptr(),
+                        0,
+                    )
+                })?;
+                Ok(())
+            }
+            FileOp::DropOrphan { id } => {
+                files.clear();
+                let n = Self::orphan_name(*id);
+                // SAFETY: valid descriptor and NUL-terminated name.
+                let r = unsafe { libc::unlinkat(self.orphans.as_raw_fd(), n.as_ptr(), 0) };
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            }
+            FileOp::SetAttr {
+                target,
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+            } => {
+                self.chown(target, *uid, *gid)?;
+                if let Some(m) = mode {
+                    self.chmod(target, *m)?;
+                }
+                if atime.is_some() || mtime.is_some() {
+                    self.set_times(target, *atime, *mtime)?;
+                }
+                Ok(())
+            }
+            FileOp::SetXattr {
+                target,
+                name,
+                value,
+                flags,
+            } => self.set_xattr(target, name, value, *flags),
+            FileOp::RemoveXattr { target, name } => self.remove_xattr(target, name),
+            FileOp::RemoveTree { path } => {
+                files.clear();
+                self.remove_tree(path)
+            }
+            FileOp::Stamps => Ok(()),
+        }
+    }
+
+    /// Removes whatever is at `path` (recursively); absent is fine.
+    pub fn remove_tree(&self, path: &SharePath) -> io::Result<()> {
+        if path.is_root() {
+            return Err(einval());
+        }
+        let st = match self.lstat(&Target::Path(path.clone())) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            for name in self.read_dir_names(path)? {
+                self.remove_tree(&path.join(&name).map_err(|_| einval())?)?;
+            }
+            let at = self.at_path(path)?;
+            // SAFETY: valid descriptor and NUL-terminated name.
+            cvt(unsafe { libc::unlinkat(at.dirfd, at.name.as_ptr(), libc::AT_REMOVEDIR) })?;
+        } else {
+            let at = self.at_path(path)?;
+            // SAFETY: valid descriptor and NUL-terminated name.
+            cvt(unsafe { libc::unlinkat(at.dirfd, at.name.as_ptr(), 0) })?;
+        }
+        Ok(())
+    }
+
+    /// Names in directory `path` (without `.` and `..`).
+    pub fn read_dir_names(&self, path: &SharePath) -> io::Result<Vec<Vec<u8>>> {
+        let fd = Self::open_beneath(
+            self.root.as_raw_fd(),
+            path.as_bytes(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(p)? {
+            names.push(e?.file_name().as_bytes().to_vec());
+        }
+        Ok(names)
+    }
+
+    /// The entries of subtree `sub` (itself included), parents before children.
+    pub fn manifest(&self, sub: &SharePath) -> io::Result<Vec<ManifestEntry>> {
+        let mut out = Vec::new();
+        let mut links: HashMap<u64, u64> = HashMap::new();
+        self.walk(sub, &mut out, &mut links)?;
+        Ok(out)
+    }
+
+    fn walk(
+        &self,
+        path: &SharePath,
+        out: &mut Vec<ManifestEntry>,
+        links: &mut HashMap<u64, u64>,
+    ) -> io::Result<()> {
+        let st = match self.lstat(&Target::Path(path.clone())) {
+            Ok(st) => st,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !path.is_root() => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if out.len() >= MANIFEST_ENTRIES_MAX {
+            return Err(io::Error::other(format!(
+                "more than MANIFEST_ENTRIES_MAX ({MANIFEST_ENTRIES_MAX}) entries"
+            )));
+        }
+        let fmt = st.st_mode & libc::S_IFMT;
+        let kind = match fmt {
+            libc::S_IFREG => EntryKind::File {
+                size: st.st_size as u64,
+            },
+            libc::S_IFDIR => EntryKind::Dir,
+            libc::S_IFLNK => EntryKind::Symlink {
+                target: self.read_link(path)?,
+            },
+            _ => EntryKind::Special { rdev: st.st_rdev },
+        };
+        let link_id = if fmt != libc::S_IFDIR && st.st_nlink > 1 {
+            let n = links.len() as u64 + 1;
+            *links.entry(st.st_ino).or_insert(n)
+        } else {
+            0
+        };
+        out.push(ManifestEntry {
+            path: path.clone(),
+            kind,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime: Time {
+                secs: st.st_mtime,
+                nanos: st.st_mtime_nsec as u32,
+            },
+            link_id,
+        });
+        if fmt == libc::S_IFDIR {
+            let mut names = self.read_dir_names(path)?;
+            names.sort();
+            for n in names {
+                let Ok(child) = path.join(&n) else {
+                    tracing::warn!(path = %path.display(), "share.manifest.name_skipped");
+                    continue;
+                };
+                self.walk(&child, out, links)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read_link(&self, path: &SharePath) -> io::Result<Vec<u8>> {
+        let at = self.at_path(path)?;
+        let mut buf = vec![0u8; ferry_wire::SHARE_PATH_BYTES_MAX + 1];
+        // SAFETY: valid descriptor, NUL-terminated name, buffer from a Vec.
+        let r = unsafe {
+            libc::readlinkat(
+                at.dirfd,
+                at.name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    }
+
+    /// Makes everything written to the tree's filesystem durable.
+    pub fn sync(&self) -> io::Result<()> {
+        let f = File::open(&self.root_path)?;
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::syncfs(f.as_raw_fd()) })?;
+        Ok(())
+    }
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// Descriptors the replica keeps open for writes (a small cache: opening by
+/// path per write would cost a path walk each).
+#[derive(Debug, Default)]
+pub struct FileCache {
+    files: HashMap<Target, File>,
+}
+
+/// Descriptors cached at most.
+const FILE_CACHE_MAX: usize = 64;
+
+impl FileCache {
+    pub fn get(&mut self, tree: &Tree, t: &Target) -> io::Result<&File> {
+        if !self.files.contains_key(t) {
+            if self.files.len() >= FILE_CACHE_MAX {
+                self.files.clear();
+            }
+            let f = tree.open_file(t, libc::O_WRONLY, 0)?;
+            self.files.insert(t.clone(), f);
+        }
+        self.files.get(t).ok_or_else(einval)
+    }
+
+    pub fn clear(&mut self) {
+        self.files.clear();
+    }
+}
