@@ -259,6 +259,24 @@ impl FileOp {
         }
     }
 
+    /// Directories whose entries (and so times) this op changes.
+    pub fn parents(&self) -> Vec<SharePath> {
+        let parent = |p: &SharePath| p.split_last().map(|(d, _)| d);
+        match self {
+            FileOp::Create { path, .. }
+            | FileOp::Mknod { path, .. }
+            | FileOp::Mkdir { path, .. }
+            | FileOp::Symlink { path, .. }
+            | FileOp::Unlink { path }
+            | FileOp::Rmdir { path }
+            | FileOp::Orphan { path, .. }
+            | FileOp::RemoveTree { path }
+            | FileOp::Link { new: path, .. } => parent(path).into_iter().collect(),
+            FileOp::Rename { from, to, .. } => parent(from).into_iter().chain(parent(to)).collect(),
+            _ => vec![],
+        }
+    }
+
     /// The paths whose content or entry this op changes (for the journal of
     /// changed paths kept while the replica cannot be told).
     pub fn touched(&self) -> Vec<&SharePath> {

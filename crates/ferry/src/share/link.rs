@@ -300,11 +300,14 @@ fn request_manifest(
     share: &PrimaryShare,
     man_rx: &mpsc::Receiver<(u64, Vec<ManifestEntry>)>,
     path: &SharePath,
+    deep: bool,
 ) -> Result<Vec<ManifestEntry>> {
+    let mut req = vec![u8::from(deep)];
+    req.extend_from_slice(path.as_bytes());
     let seq = {
         let mut o = share.order();
         share
-            .push_raw(&mut o, Kind::ManifestRequest, path.as_bytes())
+            .push_raw(&mut o, Kind::ManifestRequest, &req)
             .ok_or_else(|| anyhow!("link lost"))?
     };
     loop {
@@ -329,27 +332,34 @@ fn resync(
     let started = std::time::Instant::now();
     let journal = share.journal_snapshot();
     let full = replica_generation != share.generation();
-    let mut todo: BTreeSet<SharePath> = if full {
-        [SharePath::root()].into()
+    let (mut todo, mut shallow): (BTreeSet<SharePath>, BTreeSet<SharePath>) = if full {
+        ([SharePath::root()].into(), BTreeSet::new())
     } else {
         journal.clone()
     };
     tracing::info!(share = %share.name, full, paths = todo.len(), "share.resync.start");
     let mut passes = 0;
-    while !todo.is_empty() {
+    while !todo.is_empty() || !shallow.is_empty() {
         passes += 1;
         if passes > RESYNC_PASSES_MAX {
             bail!("paths kept changing through {RESYNC_PASSES_MAX} resync passes");
         }
-        for p in minimal_roots(&todo) {
-            sync_subtree(share, man_rx, &p)?;
+        let roots = minimal_roots(&todo);
+        for p in &roots {
+            sync_subtree(share, man_rx, p, true)?;
+        }
+        for p in &shallow {
+            if !roots.iter().any(|r| p.starts_with(r)) {
+                sync_subtree(share, man_rx, p, false)?;
+            }
         }
         let mut l = share.link();
         if !l.connected {
             bail!("link lost during resync");
         }
         todo = std::mem::take(&mut l.again);
-        if todo.is_empty() {
+        shallow = std::mem::take(&mut l.again_shallow);
+        if todo.is_empty() && shallow.is_empty() {
             l.resyncing = false;
         }
     }
@@ -406,13 +416,23 @@ fn entry_time(st: &libc::stat) -> ferry_wire::Time {
     }
 }
 
-/// Makes the replica's `path` (a subtree) equal to the primary's.
+/// Makes the replica's `path` (a subtree; with `deep` false, the entry
+/// alone — a directory whose times changed) equal to the primary's.
 fn sync_subtree(
     share: &PrimaryShare,
     man_rx: &mpsc::Receiver<(u64, Vec<ManifestEntry>)>,
     path: &SharePath,
+    deep: bool,
 ) -> Result<()> {
-    let theirs = request_manifest(share, man_rx, path)?;
+    let theirs = request_manifest(share, man_rx, path, deep)?;
+    if !deep {
+        let mine = share.tree.manifest_entry(path).ok();
+        return match (mine, theirs.first()) {
+            (None, _) => Ok(()), // gone here: its parent's resync removes it
+            (Some(m), Some(t)) if m.kind == t.kind => fix_attrs(share, &m, Some(t)),
+            _ => sync_subtree(share, man_rx, path, true),
+        };
+    }
     let theirs: HashMap<SharePath, ManifestEntry> =
         theirs.into_iter().map(|e| (e.path.clone(), e)).collect();
     let mine = share
@@ -876,10 +896,17 @@ fn apply_stream(
                     }
                 }
                 Kind::ManifestRequest => {
-                    let path = SharePath::new(payload.to_vec())
+                    let (deep, path) = payload
+                        .split_first()
+                        .ok_or_else(|| anyhow!("empty manifest request"))?;
+                    let path = SharePath::new(path.to_vec())
                         .map_err(|e| anyhow!("bad manifest path: {e}"))?;
                     files.clear();
-                    let entries = tree.manifest(&path).unwrap_or_default();
+                    let entries = if *deep == 1 {
+                        tree.manifest(&path).unwrap_or_default()
+                    } else {
+                        tree.manifest_entry(&path).into_iter().collect()
+                    };
                     let chunks: Vec<&[ManifestEntry]> = if entries.is_empty() {
                         vec![&[]]
                     } else {

@@ -40,8 +40,10 @@ pub struct LinkState {
     pub resyncing: bool,
     /// Paths touched by live operations during a resync.
     pub again: BTreeSet<SharePath>,
-    /// Streamed and not yet durable on the replica: (seq, paths).
-    pub unconfirmed: VecDeque<(u64, Vec<SharePath>)>,
+    /// Directories whose times changed during a resync.
+    pub again_shallow: BTreeSet<SharePath>,
+    /// Streamed and not yet durable on the replica: (seq, paths, parent dirs).
+    pub unconfirmed: VecDeque<(u64, Vec<SharePath>, Vec<SharePath>)>,
     pub received_seq: u64,
     pub durable_seq: u64,
     /// Encoded frames waiting for the sender.
@@ -110,6 +112,8 @@ impl std::fmt::Debug for PrimaryShare {
 #[derive(Debug)]
 struct Journal {
     set: BTreeSet<SharePath>,
+    /// Directories whose own attributes (times) changed: compared alone.
+    shallow: BTreeSet<SharePath>,
     file: Option<std::fs::File>,
     path: std::path::PathBuf,
 }
@@ -117,21 +121,27 @@ struct Journal {
 impl Journal {
     fn open(path: std::path::PathBuf) -> Journal {
         let mut set = BTreeSet::new();
+        let mut shallow = BTreeSet::new();
         if let Ok(b) = std::fs::read(&path) {
             let mut rest = &b[..];
-            while rest.len() >= 4 {
-                let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                if rest.len() < 4 + n {
+            while rest.len() >= 5 {
+                let n = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+                if rest.len() < 5 + n {
                     break; // a torn last record: the unclean-stop rule covers it
                 }
-                if let Ok(p) = SharePath::new(rest[4..4 + n].to_vec()) {
-                    set.insert(p);
+                if let Ok(p) = SharePath::new(rest[5..5 + n].to_vec()) {
+                    if rest[0] == 1 {
+                        shallow.insert(p);
+                    } else {
+                        set.insert(p);
+                    }
                 }
-                rest = &rest[4 + n..];
+                rest = &rest[5 + n..];
             }
         }
         Journal {
             set,
+            shallow,
             file: None,
             path,
         }
@@ -141,6 +151,17 @@ impl Journal {
         if !self.set.insert(p.clone()) {
             return;
         }
+        self.append(0, p);
+    }
+
+    fn add_shallow(&mut self, p: &SharePath) {
+        if !self.shallow.insert(p.clone()) {
+            return;
+        }
+        self.append(1, p);
+    }
+
+    fn append(&mut self, tag: u8, p: &SharePath) {
         if self.file.is_none() {
             self.file = std::fs::OpenOptions::new()
                 .create(true)
@@ -149,7 +170,8 @@ impl Journal {
                 .ok();
         }
         if let Some(f) = &mut self.file {
-            let mut rec = (p.as_bytes().len() as u32).to_le_bytes().to_vec();
+            let mut rec = vec![tag];
+            rec.extend_from_slice(&(p.as_bytes().len() as u32).to_le_bytes());
             rec.extend_from_slice(p.as_bytes());
             if let Err(e) = f.write_all(&rec) {
                 tracing::warn!(error = %e, "share.journal.write_failed");
@@ -157,18 +179,17 @@ impl Journal {
         }
     }
 
-    fn take(&mut self) -> BTreeSet<SharePath> {
-        std::mem::take(&mut self.set)
-    }
-
-    /// Forgets what was taken and resynced (the file restarts).
+    /// Rewrites the file from the sets.
     fn reset_file(&mut self) {
         self.file = None;
         let _ = std::fs::remove_file(&self.path);
-        let set: Vec<SharePath> = self.set.iter().cloned().collect();
-        self.set.clear();
-        for p in set {
-            self.add(&p);
+        let set = std::mem::take(&mut self.set);
+        let shallow = std::mem::take(&mut self.shallow);
+        for p in &set {
+            self.add(p);
+        }
+        for p in &shallow {
+            self.add_shallow(p);
         }
     }
 
@@ -240,9 +261,12 @@ impl PrimaryShare {
         let mut j = lock(&self.journal);
         // Unconfirmed changes go to the journal first.
         let l = self.link();
-        for (_, paths) in &l.unconfirmed {
+        for (_, paths, parents) in &l.unconfirmed {
             for p in paths {
                 j.add(p);
+            }
+            for p in parents {
+                j.add_shallow(p);
             }
         }
         drop(l);
@@ -257,12 +281,16 @@ impl PrimaryShare {
     /// it went to the journal.
     pub fn push(&self, o: &mut Order, op: FileOp, stamps: Vec<Stamp>) -> Option<u64> {
         let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
+        let parents = op.parents();
         let mut l = self.link();
         if !l.connected {
             drop(l);
             let mut j = lock(&self.journal);
             for p in &touched {
                 j.add(p);
+            }
+            for p in &parents {
+                j.add_shallow(p);
             }
             self.stats
                 .journal_paths
@@ -275,8 +303,9 @@ impl PrimaryShare {
         let frame = ferry_wire::encode_frame(Kind::FileOp, seq, 0, &payload);
         if l.resyncing {
             l.again.extend(touched.iter().cloned());
+            l.again_shallow.extend(parents.iter().cloned());
         }
-        l.unconfirmed.push_back((seq, touched));
+        l.unconfirmed.push_back((seq, touched, parents));
         l.queued_bytes += frame.len() as u64;
         l.inflight.push_back((seq, frame.len() as u64));
         l.inflight_bytes += frame.len() as u64;
@@ -382,7 +411,7 @@ impl PrimaryShare {
             while l
                 .unconfirmed
                 .front()
-                .is_some_and(|(s, _)| *s <= l.durable_seq)
+                .is_some_and(|(s, _, _)| *s <= l.durable_seq)
             {
                 l.unconfirmed.pop_front();
             }
@@ -421,13 +450,19 @@ impl PrimaryShare {
             l.up_to_date = false;
             l.last_error = Some(why.to_string());
             let mut j = lock(&self.journal);
-            for (_, paths) in l.unconfirmed.drain(..) {
+            for (_, paths, parents) in l.unconfirmed.drain(..) {
                 for p in paths {
                     j.add(&p);
+                }
+                for p in parents {
+                    j.add_shallow(&p);
                 }
             }
             for p in std::mem::take(&mut l.again) {
                 j.add(&p);
+            }
+            for p in std::mem::take(&mut l.again_shallow) {
+                j.add_shallow(&p);
             }
             self.stats
                 .journal_paths
@@ -464,19 +499,21 @@ impl PrimaryShare {
         l.up_to_date = false;
         l.last_error = None;
         l.again.clear();
+        l.again_shallow.clear();
     }
 
     /// Takes the journal's paths for a resync (they stay on disk until the
     /// resync ends with [`Self::journal_done`]).
-    pub fn journal_snapshot(&self) -> BTreeSet<SharePath> {
-        lock(&self.journal).set.clone()
+    pub fn journal_snapshot(&self) -> (BTreeSet<SharePath>, BTreeSet<SharePath>) {
+        let j = lock(&self.journal);
+        (j.set.clone(), j.shallow.clone())
     }
 
     /// The resync covered `done`: drop them from the journal.
-    pub fn journal_done(&self, done: &BTreeSet<SharePath>) {
+    pub fn journal_done(&self, done: &(BTreeSet<SharePath>, BTreeSet<SharePath>)) {
         let mut j = lock(&self.journal);
-        let rest: BTreeSet<SharePath> = j.take().difference(done).cloned().collect();
-        j.set = rest;
+        j.set = j.set.difference(&done.0).cloned().collect();
+        j.shallow = j.shallow.difference(&done.1).cloned().collect();
         j.reset_file();
         self.stats
             .journal_paths

@@ -614,11 +614,29 @@ impl Tree {
         Ok(out)
     }
 
+    /// The entry at `path` alone (no children).
+    pub fn manifest_entry(&self, path: &SharePath) -> io::Result<ManifestEntry> {
+        let mut out = Vec::new();
+        self.walk_one(path, &mut out, &mut HashMap::new(), false)?;
+        out.pop()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
+    }
+
     fn walk(
         &self,
         path: &SharePath,
         out: &mut Vec<ManifestEntry>,
         links: &mut HashMap<u64, u64>,
+    ) -> io::Result<()> {
+        self.walk_one(path, out, links, true)
+    }
+
+    fn walk_one(
+        &self,
+        path: &SharePath,
+        out: &mut Vec<ManifestEntry>,
+        links: &mut HashMap<u64, u64>,
+        deep: bool,
     ) -> io::Result<()> {
         let st = match self.lstat(&Target::Path(path.clone())) {
             Ok(st) => st,
@@ -659,7 +677,7 @@ impl Tree {
             },
             link_id,
         });
-        if fmt == libc::S_IFDIR {
+        if fmt == libc::S_IFDIR && deep {
             let mut names = self.read_dir_names(path)?;
             names.sort();
             for n in names {
