@@ -293,13 +293,11 @@ impl Tree {
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
-        buf.truncate(if size == 0 { 0 } else { r as usize });
         if size == 0 {
-            buf = vec![0; r as usize];
-            buf.clear();
-            buf.resize(r as usize, 0);
-            return Ok(buf);
+            // Only the size was asked for.
+            return Ok(vec![0; r as usize]);
         }
+        buf.truncate(r as usize);
         Ok(buf)
     }
 
@@ -747,5 +745,116 @@ impl FileCache {
 
     pub fn clear(&mut self) {
         self.files.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_wire::Owner;
+
+    fn p(s: &str) -> SharePath {
+        SharePath::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn ops_never_leave_the_tree_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let tree = Tree::open(&dir.path().join("data"), &dir.path().join("orphans"))
+            .unwrap()
+            .for_replica();
+        let mut files = FileCache::default();
+        // A symlink inside the tree pointing out of it (a peer may create one).
+        tree.apply(
+            &FileOp::Symlink {
+                path: p("esc"),
+                target: outside.as_os_str().as_bytes().to_vec(),
+                owner: Owner::default(),
+            },
+            &mut files,
+        )
+        .unwrap();
+        let through = [
+            FileOp::Create {
+                path: p("esc/planted"),
+                mode: 0o644,
+                owner: Owner::default(),
+            },
+            FileOp::Mkdir {
+                path: p("esc/d"),
+                mode: 0o755,
+                owner: Owner::default(),
+            },
+            FileOp::Write {
+                target: Target::Path(p("esc")),
+                offset: 0,
+                data: b"x".to_vec(),
+            },
+        ];
+        for op in &through {
+            assert!(
+                tree.apply(op, &mut files).is_err(),
+                "{op:?} went through the symlink"
+            );
+        }
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        // The symlink itself can go.
+        tree.apply(&FileOp::Unlink { path: p("esc") }, &mut files)
+            .unwrap();
+    }
+
+    #[test]
+    fn primary_tree_refuses_to_replace_and_replica_tree_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let prim = Tree::open(&dir.path().join("a"), &dir.path().join("ao")).unwrap();
+        let repl = Tree::open(&dir.path().join("b"), &dir.path().join("bo"))
+            .unwrap()
+            .for_replica();
+        let mut files = FileCache::default();
+        let mk = FileOp::Mkdir {
+            path: p("x"),
+            mode: 0o755,
+            owner: Owner::default(),
+        };
+        let create = FileOp::Create {
+            path: p("x"),
+            mode: 0o600,
+            owner: Owner::default(),
+        };
+        for t in [&prim, &repl] {
+            t.apply(&mk, &mut files).unwrap();
+        }
+        let e = prim.apply(&create, &mut files).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        repl.apply(&create, &mut files).unwrap();
+        let st = repl.lstat(&Target::Path(p("x"))).unwrap();
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFREG);
+        assert_eq!(st.st_mode & 0o7777, 0o600);
+        // Manifests list parents before children, with sizes and link groups.
+        repl.apply(
+            &FileOp::Write {
+                target: Target::Path(p("x")),
+                offset: 10,
+                data: b"abc".to_vec(),
+            },
+            &mut files,
+        )
+        .unwrap();
+        repl.apply(
+            &FileOp::Link {
+                existing: p("x"),
+                new: p("y"),
+            },
+            &mut files,
+        )
+        .unwrap();
+        let m = repl.manifest(&SharePath::root()).unwrap();
+        assert_eq!(m[0].path, SharePath::root());
+        let x = m.iter().find(|e| e.path == p("x")).unwrap();
+        let y = m.iter().find(|e| e.path == p("y")).unwrap();
+        assert_eq!(x.kind, EntryKind::File { size: 13 });
+        assert!(x.link_id != 0 && x.link_id == y.link_id);
     }
 }
