@@ -243,12 +243,15 @@ fn hello_of(vol: &PrimaryVolume, ctx: &AgentCtx, group: &Group) -> Hello {
     }
 }
 
-fn connect_and_serve(
-    group: &Arc<Group>,
-    ctx: &Arc<AgentCtx>,
+/// Connects to registered node `peer_name`'s replication listener and
+/// completes the mutually authenticated TLS handshake (its pinned certificate).
+pub fn connect_peer(
+    ctx: &AgentCtx,
     peer_name: &str,
-    backoff_ms: &mut u64,
-) -> Result<()> {
+) -> Result<(
+    crate::agent::peers::Peer,
+    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+)> {
     let peer = ctx
         .peers
         .get(peer_name)
@@ -277,6 +280,16 @@ fn connect_and_serve(
             .complete_io(&mut tls.sock)
             .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
     }
+    Ok((peer, tls))
+}
+
+fn connect_and_serve(
+    group: &Arc<Group>,
+    ctx: &Arc<AgentCtx>,
+    peer_name: &str,
+    backoff_ms: &mut u64,
+) -> Result<()> {
+    let (peer, mut tls) = connect_peer(ctx, peer_name)?;
 
     // One Hello per member, in tag order; one reply each.
     let mut hellos = Vec::new();

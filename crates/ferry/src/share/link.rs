@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -82,28 +82,7 @@ fn connect_and_serve(
     ctx: &Arc<AgentCtx>,
     peer_name: &str,
 ) -> Result<()> {
-    let peer = ctx
-        .peers
-        .get(peer_name)
-        .ok_or_else(|| anyhow!("node {peer_name:?} is not registered (ferry node add)"))?;
-    let addr = peer
-        .replication
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| anyhow!("bad replication address {:?}", peer.replication))?;
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("cannot connect to {} at {}", peer.name, peer.replication))?;
-    tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let tls_cfg = crate::agent::tls::client_config(&ctx.identity, peer.fingerprint.clone())?;
-    let conn = rustls::ClientConnection::new(tls_cfg, crate::agent::tls::server_name())?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
-    }
+    let (peer, mut tls) = crate::replication::link::connect_peer(ctx, peer_name)?;
     let (id, mode) = {
         let r = share.rec.lock().unwrap_or_else(|p| p.into_inner());
         (r.id.clone(), r.mode.clone())
