@@ -576,18 +576,17 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
     let mut l = vol.link.lock();
     l.rep.on_ack(received, durable, now);
     if l.rep.phase() == Phase::Streaming && !l.announced_up_to_date {
-        // Lock order is meta → link everywhere: read the generation without
-        // holding the link, then look again.
+        // Lock order is meta → link everywhere: take both, so no generation
+        // bump (meta, then link) slips in between reading the generation and
+        // announcing it — the replica would be declared up to date at a
+        // generation the primary has already left (a false split brain at
+        // the next role change).
         drop(l);
-        let g = vol
-            .meta
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .state()
-            .generation
-            .current();
+        let meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
+        let g = meta.state().generation.current();
         l = vol.link.lock();
         if l.rep.phase() != Phase::Streaming || l.announced_up_to_date {
+            drop(meta);
             let done = vol.link.wake_acked(&mut l);
             drop(l);
             vol.finish_confirmed(done);
@@ -605,6 +604,7 @@ fn on_ack(vol: &Arc<PrimaryVolume>, received: u64, durable: u64) {
             l.announced_up_to_date = true;
             tracing::info!(volume = %vol.name, "replication.resync.done: peer up to date");
         }
+        drop(meta);
     }
     let done = vol.link.wake_acked(&mut l);
     // The copier has nothing to gain from an ack when no block is dirty.
