@@ -886,8 +886,9 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
             let c = client(conn, data_dir)?;
             let deadline = Instant::now() + timeout.0;
             loop {
-                let v = c.get(&format!("/api/v1/shares/{name}"))?;
+                let v = c.get(&format!("/api/v1/shares/{name}?counts=0"))?;
                 if v["state"] == "up-to-date" {
+                    let v = c.get(&format!("/api/v1/shares/{name}"))?;
                     return print(&v, json, print_share);
                 }
                 if Instant::now() > deadline {

@@ -159,6 +159,12 @@ fn sync_mount_runs_real_programs_and_the_replica_matches() {
          && exec 3<>victim && echo old >&3 && echo new > repl && mv repl victim && echo more >&3 \
          && exec 4<>gone && rm gone && echo late >&4 && exec 3>&- 4>&-",
     );
+    // An extended attribute, and a sparse file (64 MiB, one byte written).
+    sh(
+        &mnt,
+        "echo x > xa && python3 -c \"import os; os.setxattr('xa', 'user.k', b'v1')\" \
+         && truncate -s 64M sparse && printf y | dd of=sparse bs=1 seek=1048576 conv=notrunc status=none",
+    );
 
     a.ok(&["share", "wait", "app", "--timeout", "60s"]);
     let st = share_status(&a, "app");
@@ -174,6 +180,21 @@ fn sync_mount_runs_real_programs_and_the_replica_matches() {
             .arg("PRAGMA integrity_check; SELECT count(*) FROM t;"),
     );
     assert_eq!(check.trim(), "ok\n200", "{check}");
+    // The xattr arrived, and the sparse file stayed sparse.
+    let xa = run_ok(Command::new("python3").arg("-c").arg(format!(
+        "import os; print(os.getxattr('{}', 'user.k').decode())",
+        data_dir(&b, "app").join("xa").display()
+    )));
+    assert_eq!(xa.trim(), "v1");
+    let blocks = run_ok(
+        Command::new("stat")
+            .args(["-c", "%b"])
+            .arg(data_dir(&b, "app").join("sparse")),
+    );
+    assert!(
+        blocks.trim().parse::<u64>().unwrap() < 1024,
+        "sparse file filled on the replica: {blocks} blocks"
+    );
     // Orphans (the open-then-removed file) are gone on both sides.
     for ag in [&a, &b] {
         let o = ag.dir.join("shares/app/orphans");

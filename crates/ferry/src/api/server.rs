@@ -1287,7 +1287,7 @@ async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult 
         Ok(())
     })
     .await?;
-    let st = blocking(move || Ok(crate::share::status(&ctx, &name)?)).await?;
+    let st = blocking(move || Ok(crate::share::status(&ctx, &name, true)?)).await?;
     Ok(Json(serde_json::to_value(st).unwrap_or(Value::Null)))
 }
 
@@ -1296,7 +1296,7 @@ async fn shares(State(ctx): Ctx) -> ApiResult {
         let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
         let mut out = Vec::new();
         for n in store.list() {
-            out.push(crate::share::status(&ctx, &n)?);
+            out.push(crate::share::status(&ctx, &n, true)?);
         }
         Ok(out)
     })
@@ -1304,7 +1304,13 @@ async fn shares(State(ctx): Ctx) -> ApiResult {
     Ok(Json(serde_json::to_value(list).unwrap_or(Value::Null)))
 }
 
-async fn share_status(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
-    let st = blocking(move || Ok(crate::share::status(&ctx, &name)?)).await?;
+async fn share_status(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    // `counts=0`: skip walking the tree for files and bytes.
+    let counts = !q.get("counts").is_some_and(|v| v == "0" || v == "false");
+    let st = blocking(move || Ok(crate::share::status(&ctx, &name, counts)?)).await?;
     Ok(Json(serde_json::to_value(st).unwrap_or(Value::Null)))
 }

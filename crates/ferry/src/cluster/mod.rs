@@ -137,9 +137,7 @@ pub fn set_standby(ctx: &Arc<AgentCtx>, on: bool) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(300));
         let served: Vec<String> = ctx
             .cluster
-            .workloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .workloads()
             .values()
             .filter(|w| w["primary"] == ctx.identity.node_name.as_str())
             .filter_map(|w| w["workload"].as_str().map(String::from))
@@ -158,7 +156,7 @@ pub fn set_standby(ctx: &Arc<AgentCtx>, on: bool) -> Result<Value> {
 /// What `ferry cluster status` shows, kept by the manager thread.
 #[derive(Debug, Default)]
 pub struct ClusterView {
-    pub workloads: Mutex<BTreeMap<String, Value>>,
+    workloads: Mutex<BTreeMap<String, Value>>,
     pub state: Mutex<String>,
     /// To the manager: (workload, why) — hand the workload over.
     resign: Mutex<Option<mpsc::Sender<(String, String)>>>,
@@ -201,6 +199,19 @@ impl ClusterView {
             .map_err(|_| anyhow!("the cluster manager stopped"))
     }
 
+    /// The per-workload status the manager publishes.
+    pub fn workloads(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Value>> {
+        self.workloads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One workload's published status; an error names it when it is not under HA here.
+    pub fn workload(&self, workload: &str) -> Result<Value> {
+        self.workloads()
+            .get(workload)
+            .cloned()
+            .ok_or_else(|| anyhow!("workload {workload:?} is not under HA on this node"))
+    }
+
     /// Remembers `workload` in one of the view's sets.
     fn mark(set: &Mutex<std::collections::HashSet<String>>, workload: &str) {
         set.lock()
@@ -209,13 +220,7 @@ impl ClusterView {
     }
 
     pub fn json(&self, ctx: &AgentCtx) -> Value {
-        let w: Vec<Value> = self
-            .workloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let w: Vec<Value> = self.workloads().values().cloned().collect();
         json!({
             "node": ctx.identity.node_name,
             "standby": in_standby(&ctx.cfg.data_dir),
@@ -529,9 +534,7 @@ impl Manager {
         self.slots.retain(|w, _| names.contains(w));
         self.ctx
             .cluster
-            .workloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .workloads()
             .retain(|w, _| names.contains(w));
         for h in all {
             if self.slots.contains_key(&h.workload) {
@@ -816,12 +819,7 @@ impl Manager {
             "replicas": replica_state.into_iter().collect::<Vec<_>>(),
             "events": slot.events.iter().cloned().collect::<Vec<_>>(),
         });
-        self.ctx
-            .cluster
-            .workloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(w.to_string(), v);
+        self.ctx.cluster.workloads().insert(w.to_string(), v);
     }
 
     /// Bytes this node's copy may hold that the peer's does not: the dirty
@@ -1448,14 +1446,7 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .cluster
         .clone()
         .ok_or_else(|| anyhow!("this node has no [cluster] table in its config"))?;
-    let status = ctx
-        .cluster
-        .workloads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(workload)
-        .cloned()
-        .ok_or_else(|| anyhow!("workload {workload:?} is not under HA on this node"))?;
+    let status = ctx.cluster.workload(workload)?;
     if status["role"] != "primary" || status["primary"] != ctx.identity.node_name.as_str() {
         bail!(
             "workload {workload:?} is served by {}, not by this node: ask that node",
@@ -1632,14 +1623,7 @@ pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str, by_policy: bool) -> Re
             .unwrap_or_else(|p| p.into_inner())
             .insert(workload.to_string(), Instant::now());
     }
-    let status = ctx
-        .cluster
-        .workloads
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(workload)
-        .cloned()
-        .ok_or_else(|| anyhow!("workload {workload:?} is not under HA on this node"))?;
+    let status = ctx.cluster.workload(workload)?;
     if status["role"] != "secondary" {
         bail!("workload {workload:?} is already served by this node");
     }
@@ -1662,9 +1646,7 @@ pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str, by_policy: bool) -> Re
     loop {
         let serving = ctx
             .cluster
-            .workloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .workloads()
             .get(workload)
             .is_some_and(|w| w["primary"] == me.as_str());
         if serving

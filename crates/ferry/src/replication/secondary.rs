@@ -136,7 +136,8 @@ pub fn serve(listener: TcpListener, ctx: Arc<AgentCtx>) {
     }
 }
 
-fn refuse<W: Write>(w: &mut W, me: &str, why: String) -> Result<()> {
+/// Answers a Hello with a refusal (`why`, in words an operator can act on).
+pub(crate) fn refuse<W: Write>(w: &mut W, me: &str, why: String) -> Result<()> {
     let reply = HelloReply {
         protocol_version: PROTOCOL_VERSION,
         node_name: me.to_string(),

@@ -47,6 +47,14 @@ fn errno(e: &io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
+/// Answers an empty reply with an outcome.
+fn answer(reply: ReplyEmpty) -> impl FnOnce(io::Result<()>) + Send {
+    move |r| match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 #[derive(Debug)]
 struct Node {
     /// Names this inode is known by: (parent inode, name).
@@ -310,6 +318,22 @@ impl ShareFs {
             .wait_received(seq, Box::new(move |res| done(res.map(|()| r))));
     }
 
+    /// [`Self::commit`], waiting for the answer (for calls that need the
+    /// outcome before they go on).
+    fn commit_wait(
+        &self,
+        op: FileOp,
+        stamp: &[Target],
+        local: impl FnOnce(&FileOp) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commit(op, stamp, local, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)))
+    }
+
     fn apply_tree(&self, op: &FileOp) -> io::Result<()> {
         self.share.tree.apply(op, &mut FileCache::default())
     }
@@ -323,13 +347,7 @@ impl ShareFs {
             let mut o = self.share.order();
             self.share.push_flush(&mut o, false)
         };
-        self.share.wait_durable(
-            seq,
-            Box::new(move |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }),
-        );
+        self.share.wait_durable(seq, Box::new(answer(reply)));
     }
 
     fn parent_target(path: &SharePath) -> Target {
@@ -602,15 +620,7 @@ impl Filesystem for ShareFs {
         };
         let stamps = [Self::parent_target(&path)];
         let name = name.as_bytes().to_vec();
-        self.commit(
-            op.clone(),
-            &stamps,
-            |op| self.apply_tree(op),
-            |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.commit(op.clone(), &stamps, |op| self.apply_tree(op), answer(reply));
         // Bookkeeping after the local change (the reply may still wait for the peer).
         self.forget_link(parent.0, &name);
         if let (Some(ino), FileOp::Orphan { id, .. }) = (orphan_ino, op) {
@@ -630,10 +640,7 @@ impl Filesystem for ShareFs {
             FileOp::Rmdir { path },
             &stamps,
             |op| self.apply_tree(op),
-            |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
+            answer(reply),
         );
         self.forget_link(parent.0, name.as_bytes());
     }
@@ -679,16 +686,8 @@ impl Filesystem for ShareFs {
         // A replaced file that is still open keeps working as an orphan.
         if !exchange {
             if let Some((ino, op)) = self.orphan_if_open(&to) {
-                let (tx, rx) = std::sync::mpsc::channel();
-                self.commit(
-                    op.clone(),
-                    &[],
-                    |op| self.apply_tree(op),
-                    move |r| {
-                        let _ = tx.send(r);
-                    },
-                );
-                if let Ok(Err(e)) = rx.recv() {
+                let r = self.commit_wait(op.clone(), &[], |op| self.apply_tree(op));
+                if let Err(e) = r {
                     return reply.error(errno(&e));
                 }
                 if let FileOp::Orphan { id, .. } = op {
@@ -707,18 +706,7 @@ impl Filesystem for ShareFs {
             to,
             flags: flags.bits(),
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.commit(
-            op,
-            &stamps,
-            |op| self.apply_tree(op),
-            move |r| {
-                let _ = tx.send(r);
-            },
-        );
-        let r = rx
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)));
+        let r = self.commit_wait(op, &stamps, |op| self.apply_tree(op));
         if r.is_ok() {
             let mut inodes = lock(&self.inodes);
             let a = from_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
@@ -742,10 +730,7 @@ impl Filesystem for ShareFs {
                 }
             }
         }
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        answer(reply)(r)
     }
 
     fn link(
@@ -775,19 +760,15 @@ impl Filesystem for ShareFs {
         let flags = flags.0;
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
             // Not negotiated as atomic, but be safe: a replicated truncate.
-            let (tx, rx) = std::sync::mpsc::channel();
-            self.commit(
+            let r = self.commit_wait(
                 FileOp::Truncate {
                     target: target.clone(),
                     size: 0,
                 },
                 std::slice::from_ref(&target),
                 |op| self.apply_tree(op),
-                move |r| {
-                    let _ = tx.send(r);
-                },
             );
-            if let Ok(Err(e)) = rx.recv() {
+            if let Err(e) = r {
                 return reply.error(errno(&e));
             }
         }
@@ -820,19 +801,8 @@ impl Filesystem for ShareFs {
             },
         };
         let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.commit(
-            op,
-            &stamps,
-            |op| self.apply_tree(op),
-            move |r| {
-                let _ = tx.send(r);
-            },
-        );
-        if let Err(e) = rx
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)))
-        {
+        let r = self.commit_wait(op, &stamps, |op| self.apply_tree(op));
+        if let Err(e) = r {
             return reply.error(errno(&e));
         }
         let st = match self.share.tree.lstat(&Target::Path(path.clone())) {
@@ -985,10 +955,7 @@ impl Filesystem for ShareFs {
                 FileOp::DropOrphan { id },
                 &[],
                 |op| self.apply_tree(op),
-                |r| match r {
-                    Ok(()) => reply.ok(),
-                    Err(e) => reply.error(errno(&e)),
-                },
+                answer(reply),
             ),
             None => reply.ok(),
         }
@@ -1119,15 +1086,7 @@ impl Filesystem for ShareFs {
             value: value.to_vec(),
             flags,
         };
-        self.commit(
-            op,
-            &[],
-            |op| self.apply_tree(op),
-            |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.commit(op, &[], |op| self.apply_tree(op), answer(reply));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1167,15 +1126,7 @@ impl Filesystem for ShareFs {
             target,
             name: name.as_bytes().to_vec(),
         };
-        self.commit(
-            op,
-            &[],
-            |op| self.apply_tree(op),
-            |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        self.commit(op, &[], |op| self.apply_tree(op), answer(reply));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -1217,10 +1168,7 @@ impl Filesystem for ShareFs {
                     Ok(())
                 }
             },
-            |r| match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            },
+            answer(reply),
         );
     }
 
@@ -1258,19 +1206,8 @@ impl ShareFs {
         reply: ReplyEntry,
     ) {
         let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.commit(
-            op,
-            &stamps,
-            |op| self.apply_tree(op),
-            move |r| {
-                let _ = tx.send(r);
-            },
-        );
-        match rx
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)))
-        {
+        let r = self.commit_wait(op, &stamps, |op| self.apply_tree(op));
+        match r {
             Ok(()) => self.entry(parent, name.as_bytes(), &path, reply),
             Err(e) => reply.error(errno(&e)),
         }

@@ -122,7 +122,7 @@ fn connect_and_serve(
             peer.name
         );
     }
-    let leftover = tls.conn.reader().fill_buf_leftover();
+    let leftover = leftover_plaintext(tls.conn.reader());
     let rustls::StreamOwned { conn, sock } = tls;
     sock.set_read_timeout(None)?;
     let wire = Arc::new(SharedTls::new(conn, &sock)?);
@@ -156,7 +156,6 @@ fn connect_and_serve(
             std::thread::Builder::new()
                 .name(format!("share-out-{}", share.name))
                 .spawn_scoped(s, move || {
-                    let mut last = std::time::Instant::now();
                     loop {
                         let frames = share.next_frames();
                         let Some(frames) = frames else {
@@ -170,9 +169,6 @@ fn connect_and_serve(
                         if let Err(e) = r {
                             share.link_lost(&format!("sending to the replica failed: {e}"));
                             break;
-                        }
-                        if last.elapsed() > Duration::from_millis(PING_INTERVAL_MS) {
-                            last = std::time::Instant::now();
                         }
                     }
                     let _ = ctl.shutdown(Shutdown::Both);
@@ -214,17 +210,12 @@ fn connect_and_serve(
     })
 }
 
-trait LeftoverExt {
-    fn fill_buf_leftover(self) -> Vec<u8>;
-}
-
-impl LeftoverExt for rustls::Reader<'_> {
-    /// Plaintext rustls already decrypted past the handshake reply.
-    fn fill_buf_leftover(mut self) -> Vec<u8> {
-        let mut v = Vec::new();
-        let _ = self.read_to_end(&mut v);
-        v
-    }
+/// Plaintext rustls already decrypted past the handshake reply.
+fn leftover_plaintext(mut reader: rustls::Reader<'_>) -> Vec<u8> {
+    let mut v = Vec::new();
+    // Ends with WouldBlock once the buffered plaintext is read: what was read stays in `v`.
+    let _ = reader.read_to_end(&mut v);
+    v
 }
 
 fn read_replies(
@@ -490,11 +481,11 @@ fn sync_subtree(
                 }
                 dirs.push(e);
             }
-            EntryKind::File { size } => {
+            EntryKind::File { .. } => {
                 let content_same =
                     same_kind && t.is_some_and(|t| t.kind == e.kind && t.mtime == e.mtime);
                 if !content_same {
-                    send_file(share, &e.path, *size, same_kind, e.mode, owner)?;
+                    send_file(share, &e.path, same_kind, e.mode, owner)?;
                 }
             }
             EntryKind::Symlink { target } => {
@@ -589,7 +580,6 @@ fn send_op(share: &PrimaryShare, op: FileOp, stamps: Vec<ferry_wire::Stamp>) -> 
 fn send_file(
     share: &PrimaryShare,
     path: &SharePath,
-    _size: u64,
     exists_as_file: bool,
     mode: u32,
     owner: Owner,
@@ -700,24 +690,8 @@ pub fn serve_replica(
     let me = ctx.identity.node_name.clone();
     let store = super::ShareStore::new(&ctx.cfg.data_dir);
     let refuse = |tls: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-                  why: String|
-     -> Result<()> {
-        let reply = ferry_wire::HelloReply {
-            protocol_version: PROTOCOL_VERSION,
-            node_name: me.clone(),
-            refused: Some(why.clone()),
-            generation: 0,
-            ancestors: vec![],
-            dirty_map: None,
-        };
-        tls.write_all(&ferry_wire::encode_frame(
-            Kind::HelloReply,
-            0,
-            0,
-            &reply.to_bytes(),
-        ))?;
-        tls.flush()?;
-        bail!("refused: {why}")
+                  why: String| {
+        crate::replication::secondary::refuse(tls, &me, why)
     };
     if !hello.protocol_versions.contains(&PROTOCOL_VERSION) {
         return refuse(
@@ -802,7 +776,7 @@ pub fn serve_replica(
     ))?;
     tls.flush()?;
     tracing::info!(share = %rec.name, peer = %peer_name, "share.inbound.up");
-    let leftover = tls.conn.reader().fill_buf_leftover();
+    let leftover = leftover_plaintext(tls.conn.reader());
     let rustls::StreamOwned { conn, mut sock } = tls;
     control.set_read_timeout(None)?;
     let wire = SharedTls::new(conn, &sock)?;

@@ -411,14 +411,22 @@ pub struct ShareStatus {
     pub last_error: Option<String>,
 }
 
-pub fn status(ctx: &crate::agent::AgentCtx, name: &str) -> Result<ShareStatus, ShareError> {
+/// `counts`: walk the tree for `files` and `bytes` (0 otherwise: pollers
+/// such as `share wait` need only the state).
+pub fn status(
+    ctx: &crate::agent::AgentCtx,
+    name: &str,
+    counts: bool,
+) -> Result<ShareStatus, ShareError> {
     use std::sync::atomic::Ordering::Relaxed;
     let store = ShareStore::new(&ctx.cfg.data_dir);
     let rec = store.load(name)?;
     let (mut files, mut bytes) = (0u64, 0u64);
-    for e in walkdir_count(&store.data_dir(name)) {
-        files += 1;
-        bytes += e;
+    if counts {
+        for e in walkdir_count(&store.data_dir(name)) {
+            files += 1;
+            bytes += e;
+        }
     }
     let mut st = ShareStatus {
         name: rec.name.clone(),
@@ -448,7 +456,7 @@ pub fn status(ctx: &crate::agent::AgentCtx, name: &str) -> Result<ShareStatus, S
         .into();
         st.last_error = l.last_error.clone();
         drop(l);
-        st.pending_paths = p.stats.journal_paths.load(Relaxed);
+        st.pending_paths = p.pending_paths();
         st.ops_sent = p.stats.ops_sent.load(Relaxed);
         st.bytes_sent = p.stats.bytes_sent.load(Relaxed);
         st.resync_files = p.stats.resync_files.load(Relaxed);

@@ -77,7 +77,6 @@ pub struct ShareStats {
     pub bytes_sent: AtomicU64,
     pub resync_files: AtomicU64,
     pub resync_bytes: AtomicU64,
-    pub journal_paths: AtomicU64,
 }
 
 pub struct PrimaryShare {
@@ -154,6 +153,16 @@ impl Journal {
         self.append(0, p);
     }
 
+    /// An op's changed paths and the directories whose entries it changed.
+    fn add_op(&mut self, paths: &[SharePath], parents: &[SharePath]) {
+        for p in paths {
+            self.add(p);
+        }
+        for p in parents {
+            self.add_shallow(p);
+        }
+    }
+
     fn add_shallow(&mut self, p: &SharePath) {
         if !self.shallow.insert(p.clone()) {
             return;
@@ -222,8 +231,7 @@ impl PrimaryShare {
         for e in std::fs::read_dir(store.orphans_dir(&rec.name))?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
-        let n = journal.set.len() as u64;
-        let s = Arc::new(PrimaryShare {
+        Ok(Arc::new(PrimaryShare {
             name: rec.name.clone(),
             rec: Mutex::new(rec),
             store,
@@ -235,9 +243,13 @@ impl PrimaryShare {
             stats: ShareStats::default(),
             backlog_bytes_max,
             next_orphan: AtomicU64::new(1),
-        });
-        s.stats.journal_paths.store(n, Ordering::Relaxed);
-        Ok(s)
+        }))
+    }
+
+    /// Paths the journal holds (changed while the replica could not be told).
+    pub fn pending_paths(&self) -> u64 {
+        let j = lock(&self.journal);
+        (j.set.len() + j.shallow.len()) as u64
     }
 
     pub fn mode_sync(&self) -> bool {
@@ -262,12 +274,7 @@ impl PrimaryShare {
         // Unconfirmed changes go to the journal first.
         let l = self.link();
         for (_, paths, parents) in &l.unconfirmed {
-            for p in paths {
-                j.add(p);
-            }
-            for p in parents {
-                j.add_shallow(p);
-            }
+            j.add_op(paths, parents);
         }
         drop(l);
         j.sync();
@@ -285,16 +292,7 @@ impl PrimaryShare {
         let mut l = self.link();
         if !l.connected {
             drop(l);
-            let mut j = lock(&self.journal);
-            for p in &touched {
-                j.add(p);
-            }
-            for p in &parents {
-                j.add_shallow(p);
-            }
-            self.stats
-                .journal_paths
-                .store(j.set.len() as u64, Ordering::Relaxed);
+            lock(&self.journal).add_op(&touched, &parents);
             return None;
         }
         let seq = o.next_seq;
@@ -314,17 +312,13 @@ impl PrimaryShare {
         self.stats
             .bytes_sent
             .fetch_add(payload.len() as u64, Ordering::Relaxed);
-        let over = !self.mode_sync_locked() && l.inflight_bytes > self.backlog_bytes_max;
+        let over = !self.mode_sync() && l.inflight_bytes > self.backlog_bytes_max;
         drop(l);
         self.cv.notify_all();
         if over {
             self.link_lost("async backlog above backlog_bytes_max: the journal takes over");
         }
         Some(seq)
-    }
-
-    fn mode_sync_locked(&self) -> bool {
-        lock(&self.rec).mode == "sync"
     }
 
     /// Sequences a flush barrier; returns its seq when connected.
@@ -451,22 +445,12 @@ impl PrimaryShare {
             l.last_error = Some(why.to_string());
             let mut j = lock(&self.journal);
             for (_, paths, parents) in l.unconfirmed.drain(..) {
-                for p in paths {
-                    j.add(&p);
-                }
-                for p in parents {
-                    j.add_shallow(&p);
-                }
+                j.add_op(&paths, &parents);
             }
-            for p in std::mem::take(&mut l.again) {
-                j.add(&p);
-            }
-            for p in std::mem::take(&mut l.again_shallow) {
-                j.add_shallow(&p);
-            }
-            self.stats
-                .journal_paths
-                .store(j.set.len() as u64, Ordering::Relaxed);
+            let again: Vec<SharePath> = std::mem::take(&mut l.again).into_iter().collect();
+            let again_shallow: Vec<SharePath> =
+                std::mem::take(&mut l.again_shallow).into_iter().collect();
+            j.add_op(&again, &again_shallow);
             l.queue.clear();
             l.queued_bytes = 0;
             l.inflight.clear();
@@ -515,9 +499,6 @@ impl PrimaryShare {
         j.set = j.set.difference(&done.0).cloned().collect();
         j.shallow = j.shallow.difference(&done.1).cloned().collect();
         j.reset_file();
-        self.stats
-            .journal_paths
-            .store(j.set.len() as u64, Ordering::Relaxed);
     }
 
     /// Waits until the queue has frames (or the link is down / stopping).
