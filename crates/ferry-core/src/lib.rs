@@ -16,6 +16,7 @@
 
 pub mod cluster;
 pub mod crc32c;
+pub mod delta;
 pub mod dirty;
 pub mod extent;
 pub mod generation;

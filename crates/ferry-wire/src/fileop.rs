@@ -240,6 +240,14 @@ pub enum FileOp {
     },
     /// Times only (after a resync copied an entry).
     Stamps,
+    /// Moves `len` bytes of the file from `from` to `to` (a delta reusing
+    /// a block the replica already has; `from > to`, applied front to back).
+    CopyWithin {
+        target: Target,
+        from: u64,
+        to: u64,
+        len: u64,
+    },
 }
 
 /// An op and the times its entries have afterwards on the primary.
@@ -292,7 +300,8 @@ impl FileOp {
             | FileOp::Fallocate { target, .. }
             | FileOp::SetAttr { target, .. }
             | FileOp::SetXattr { target, .. }
-            | FileOp::RemoveXattr { target, .. } => t(target).into_iter().collect(),
+            | FileOp::RemoveXattr { target, .. }
+            | FileOp::CopyWithin { target, .. } => t(target).into_iter().collect(),
             FileOp::Create { path, .. }
             | FileOp::Mknod { path, .. }
             | FileOp::Mkdir { path, .. }
@@ -599,6 +608,18 @@ impl StampedOp {
                 e.path(path);
             }
             FileOp::Stamps => e.u8(18),
+            FileOp::CopyWithin {
+                target,
+                from,
+                to,
+                len,
+            } => {
+                e.u8(19);
+                e.target(target);
+                e.u64(*from);
+                e.u64(*to);
+                e.u64(*len);
+            }
         }
         e.u32(u32::try_from(self.stamps.len()).unwrap_or(u32::MAX));
         for s in &self.stamps {
@@ -686,6 +707,12 @@ impl StampedOp {
             },
             17 => FileOp::RemoveTree { path: d.path()? },
             18 => FileOp::Stamps,
+            19 => FileOp::CopyWithin {
+                target: d.target()?,
+                from: d.u64()?,
+                to: d.u64()?,
+                len: d.u64()?,
+            },
             c => return Err(d.bad(format!("unknown file op {c}"))),
         };
         let n = d.u32()? as usize;
@@ -804,6 +831,56 @@ pub fn decode_manifest(b: &[u8]) -> Result<Vec<ManifestEntry>, WireError> {
         return Err(d.bad(format!("{} trailing bytes", d.b.len())));
     }
     Ok(out)
+}
+
+/// A replica's block sums of one file (the answer to a sums request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSums {
+    /// The replica's size of the file; `None`: no regular file there.
+    pub size: Option<u64>,
+    pub block: u32,
+    pub sums: Vec<ferry_core::delta::BlockSum>,
+}
+
+/// Encodes `sums` (one frame's share of them; `size` and `block` repeat).
+pub fn encode_sums(size: Option<u64>, block: u32, sums: &[ferry_core::delta::BlockSum]) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(17 + sums.len() * 20));
+    e.u64(size.unwrap_or(u64::MAX));
+    e.u32(block);
+    e.u32(u32::try_from(sums.len()).unwrap_or(u32::MAX));
+    for s in sums {
+        e.u32(s.weak);
+        e.0.extend_from_slice(&s.strong);
+    }
+    e.0
+}
+
+pub fn decode_sums(b: &[u8]) -> Result<FileSums, WireError> {
+    let mut d = Dec {
+        b,
+        kind: Kind::Sums,
+    };
+    let size = d.u64()?;
+    let block = d.u32()?;
+    let n = d.u32()? as usize;
+    if n > d.b.len() / 20 {
+        return Err(d.bad("more sums than bytes"));
+    }
+    let mut sums = Vec::with_capacity(n);
+    for _ in 0..n {
+        sums.push(ferry_core::delta::BlockSum {
+            weak: d.u32()?,
+            strong: d.arr()?,
+        });
+    }
+    if !d.b.is_empty() {
+        return Err(d.bad(format!("{} trailing bytes", d.b.len())));
+    }
+    Ok(FileSums {
+        size: (size != u64::MAX).then_some(size),
+        block,
+        sums,
+    })
 }
 
 #[cfg(test)]
@@ -964,7 +1041,39 @@ mod tests {
                 .prop_map(|(target, name)| FileOp::RemoveXattr { target, name }),
             arb_path().prop_map(|path| FileOp::RemoveTree { path }),
             Just(FileOp::Stamps),
+            (arb_target(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(target, from, to, len)| FileOp::CopyWithin {
+                    target,
+                    from,
+                    to,
+                    len
+                }
+            ),
         ]
+    }
+
+    #[test]
+    fn sums_round_trip_and_refuse_short_input() {
+        let sums = vec![
+            ferry_core::delta::BlockSum {
+                weak: 7,
+                strong: [1; 16],
+            },
+            ferry_core::delta::BlockSum {
+                weak: 9,
+                strong: [2; 16],
+            },
+        ];
+        let b = encode_sums(Some(8192), 4096, &sums);
+        let got = decode_sums(&b).unwrap();
+        assert_eq!((got.size, got.block, got.sums), (Some(8192), 4096, sums));
+        assert_eq!(
+            decode_sums(&encode_sums(None, 2048, &[])).unwrap().size,
+            None
+        );
+        for cut in 0..b.len() {
+            assert!(decode_sums(&b[..cut]).is_err());
+        }
     }
 
     proptest! {

@@ -40,6 +40,12 @@ pub enum Kind {
     /// Replica → primary: `seq` = the request's, payload = [`crate::encode_manifest`]
     /// entries; flag 1 = more frames follow.
     Manifest = 13,
+    /// Primary → replica: send the block sums of the file at the path
+    /// (payload: block size u32, then the path), in stream order.
+    SumsRequest = 14,
+    /// Replica → primary: `seq` = the request's, payload = [`crate::encode_sums`];
+    /// flag 1 = more frames follow.
+    Sums = 15,
 }
 
 impl Kind {
@@ -58,6 +64,8 @@ impl Kind {
             11 => Kind::ShareHello,
             12 => Kind::ManifestRequest,
             13 => Kind::Manifest,
+            14 => Kind::SumsRequest,
+            15 => Kind::Sums,
             _ => return None,
         })
     }

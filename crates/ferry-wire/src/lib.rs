@@ -38,8 +38,9 @@ mod hello;
 
 pub use crc::crc32c;
 pub use fileop::{
-    decode_manifest, encode_manifest, EntryKind, FileOp, ManifestEntry, Owner, SharePath, Stamp,
-    StampedOp, Target, Time, SHARE_NAME_BYTES_MAX, SHARE_PATH_BYTES_MAX,
+    decode_manifest, decode_sums, encode_manifest, encode_sums, EntryKind, FileOp, FileSums,
+    ManifestEntry, Owner, SharePath, Stamp, StampedOp, Target, Time, SHARE_NAME_BYTES_MAX,
+    SHARE_PATH_BYTES_MAX,
 };
 pub use frame::{
     encode_frame, read_frame, split_frame, trailer, FrameHeader, Kind, ReadFrameError, WireError,

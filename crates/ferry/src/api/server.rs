@@ -1276,6 +1276,7 @@ async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult 
             peer: r.to.clone(),
             generation: crate::share::random_u64(),
             clean: true,
+            level_at: 0,
         };
         let store = crate::share::ShareStore::new(&c.cfg.data_dir);
         store.create(&rec)?;

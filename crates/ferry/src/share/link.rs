@@ -46,6 +46,10 @@ use crate::replication::tls_io::SharedTls;
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
 /// Manifest entries per Manifest frame.
 const MANIFEST_FRAME_ENTRIES: usize = 16_384;
+/// Block sums per Sums frame (20 bytes each).
+const SUMS_FRAME_ENTRIES: usize = 65_536;
+/// Largest delta block a replica computes sums for.
+const SUMS_BLOCK_BYTES_MAX: u32 = 1 << 20;
 /// Resync passes over paths touched meanwhile before giving up the link (it
 /// reconnects and tries again).
 const RESYNC_PASSES_MAX: usize = 64;
@@ -130,7 +134,7 @@ fn connect_and_serve(
     tracing::info!(share = %share.name, peer = %peer.name, "share.link.up");
     share.link_up();
 
-    let (man_tx, man_rx) = mpsc::channel::<(u64, Vec<ManifestEntry>)>();
+    let (man_tx, man_rx) = mpsc::channel::<(u64, Reply)>();
     std::thread::scope(|s| -> Result<()> {
         // Reader: acknowledgements and manifests.
         let reader = {
@@ -195,7 +199,13 @@ fn connect_and_serve(
                     }
                 })?
         };
-        let resynced = resync(share, &man_rx, reply.generation);
+        let resynced = resync(share, &man_rx, reply.generation).and_then(|()| {
+            if share.mode_sync() {
+                Ok(())
+            } else {
+                pump(share, &man_rx)
+            }
+        });
         if let Err(e) = &resynced {
             share.link_lost(&format!("resync failed: {e:#}"));
         }
@@ -224,23 +234,38 @@ fn read_replies(
     sock: &mut TcpStream,
     leftover: Vec<u8>,
     max: u32,
-    man_tx: &mpsc::Sender<(u64, Vec<ManifestEntry>)>,
+    man_tx: &mpsc::Sender<(u64, Reply)>,
 ) -> Result<()> {
     let mut plain = leftover;
     let mut raw = vec![0u8; 256 * 1024];
-    let mut partial: HashMap<u64, Vec<ManifestEntry>> = HashMap::new();
+    let mut partial: HashMap<u64, Reply> = HashMap::new();
     loop {
         let mut used = 0;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
             match hdr.kind {
                 Kind::Ack => share.on_ack(hdr.seq, hdr.offset),
-                Kind::Manifest => {
-                    let entries = ferry_wire::decode_manifest(payload)?;
-                    let acc = partial.entry(hdr.seq).or_default();
-                    acc.extend(entries);
+                Kind::Manifest | Kind::Sums => {
+                    let part = if hdr.kind == Kind::Manifest {
+                        Reply::Manifest(ferry_wire::decode_manifest(payload)?)
+                    } else {
+                        Reply::Sums(ferry_wire::decode_sums(payload)?)
+                    };
+                    let whole = match (partial.remove(&hdr.seq), part) {
+                        (None, p) => p,
+                        (Some(Reply::Manifest(mut a)), Reply::Manifest(b)) => {
+                            a.extend(b);
+                            Reply::Manifest(a)
+                        }
+                        (Some(Reply::Sums(mut a)), Reply::Sums(b)) => {
+                            a.sums.extend(b.sums);
+                            Reply::Sums(a)
+                        }
+                        _ => bail!("the replica mixed reply kinds for request {}", hdr.seq),
+                    };
                     if hdr.flags & 1 == 0 {
-                        let all = partial.remove(&hdr.seq).unwrap_or_default();
-                        let _ = man_tx.send((hdr.seq, all));
+                        let _ = man_tx.send((hdr.seq, whole));
+                    } else {
+                        partial.insert(hdr.seq, whole);
                     }
                 }
                 Kind::Error => bail!("replica reported: {}", String::from_utf8_lossy(payload)),
@@ -265,48 +290,159 @@ fn read_replies(
     }
 }
 
-/// Asks the replica for its manifest of `path` and waits for it.
+/// A reply to a request the primary put on the stream.
+#[derive(Debug)]
+enum Reply {
+    Manifest(Vec<ManifestEntry>),
+    Sums(ferry_wire::FileSums),
+}
+
+type Replies = mpsc::Receiver<(u64, Reply)>;
+
+/// Puts a request on the stream and waits for its reply.
+fn request(share: &PrimaryShare, replies: &Replies, kind: Kind, payload: &[u8]) -> Result<Reply> {
+    let seq = {
+        let mut o = share.order();
+        share
+            .push_raw(&mut o, kind, payload)
+            .ok_or_else(|| anyhow!("link lost"))?
+    };
+    loop {
+        match replies.recv_timeout(Duration::from_millis(200)) {
+            Ok((s, r)) if s == seq => return Ok(r),
+            Ok(_) => continue,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if !share.link().connected {
+                    bail!("link lost waiting for the replica's reply");
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                bail!("link lost waiting for the replica's reply")
+            }
+        }
+    }
+}
+
+/// The replica's manifest of `path` (its subtree with `deep`).
 fn request_manifest(
     share: &PrimaryShare,
-    man_rx: &mpsc::Receiver<(u64, Vec<ManifestEntry>)>,
+    replies: &Replies,
     path: &SharePath,
     deep: bool,
 ) -> Result<Vec<ManifestEntry>> {
     let mut req = vec![u8::from(deep)];
     req.extend_from_slice(path.as_bytes());
-    let seq = {
-        let mut o = share.order();
-        share
-            .push_raw(&mut o, Kind::ManifestRequest, &req)
-            .ok_or_else(|| anyhow!("link lost"))?
-    };
-    loop {
-        match man_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok((s, entries)) if s == seq => return Ok(entries),
-            Ok(_) => continue,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if !share.link().connected {
-                    bail!("link lost during resync");
-                }
+    match request(share, replies, Kind::ManifestRequest, &req)? {
+        Reply::Manifest(m) => Ok(m),
+        Reply::Sums(_) => bail!("the replica answered a manifest request with sums"),
+    }
+}
+
+/// The replica's block sums of the file at `path`.
+fn request_sums(
+    share: &PrimaryShare,
+    replies: &Replies,
+    path: &SharePath,
+    block: u32,
+) -> Result<ferry_wire::FileSums> {
+    let mut req = block.to_le_bytes().to_vec();
+    req.extend_from_slice(path.as_bytes());
+    match request(share, replies, Kind::SumsRequest, &req)? {
+        Reply::Sums(s) if s.block == block => Ok(s),
+        _ => bail!("the replica answered a sums request with something else"),
+    }
+}
+
+/// Seconds of slack below `level_at` for ctime comparisons (the kernel's
+/// file times are coarse and clocks step).
+const UNSURE_SLACK_S: i64 = 2;
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// One comparison pass: what to compare by content besides entries whose
+/// type, size or mtime differ.
+struct Pass<'a> {
+    share: &'a PrimaryShare,
+    replies: &'a Replies,
+    /// Paths known to have changed: files among them are compared by content.
+    force: &'a BTreeSet<SharePath>,
+    /// Files whose ctime is at or after this unix second are compared by content.
+    unsure_since: Option<i64>,
+}
+
+impl Pass<'_> {
+    fn by_content(&self, e: &ManifestEntry) -> bool {
+        if self.force.contains(&e.path) {
+            return true;
+        }
+        let Some(since) = self.unsure_since else {
+            return false;
+        };
+        self.share
+            .tree
+            .lstat(&Target::Path(e.path.clone()))
+            .map(|st| st.st_ctime >= since)
+            .unwrap_or(false)
+    }
+
+    /// Compares `deep` subtrees and `shallow` directories; `roots` cover
+    /// the shallow ones already.
+    fn run(&self, deep: &BTreeSet<SharePath>, shallow: &BTreeSet<SharePath>) -> Result<()> {
+        let roots = minimal_roots(deep);
+        for p in &roots {
+            sync_subtree(self, p, true)?;
+        }
+        for p in shallow {
+            if !roots.iter().any(|r| p.starts_with(r)) {
+                sync_subtree(self, p, false)?;
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("link lost during resync"),
+        }
+        Ok(())
+    }
+}
+
+fn resync(share: &Arc<PrimaryShare>, replies: &Replies, replica_generation: u64) -> Result<()> {
+    let started = std::time::Instant::now();
+    let started_unix = now_unix();
+    // An async share's watcher sees nothing while the agent is down: every
+    // start compares the whole tree (by content only what changed since the
+    // replica was last level).
+    let full = replica_generation != share.generation() || !share.mode_sync();
+    let taken = share.journal_take();
+    let r = resync_passes(share, replies, full, &taken);
+    match r {
+        Ok(passes) => {
+            share.journal_compact();
+            share.set_level_at(started_unix, true);
+            tracing::info!(share = %share.name, full, passes, ms = started.elapsed().as_millis() as u64,
+                files = share.stats.resync_files.load(Ordering::Relaxed), "share.resync.done");
+            Ok(())
+        }
+        Err(e) => {
+            share.journal_put_back(taken);
+            Err(e)
         }
     }
 }
 
-fn resync(
+fn resync_passes(
     share: &Arc<PrimaryShare>,
-    man_rx: &mpsc::Receiver<(u64, Vec<ManifestEntry>)>,
-    replica_generation: u64,
-) -> Result<()> {
-    let started = std::time::Instant::now();
-    let journal = share.journal_snapshot();
-    let full = replica_generation != share.generation();
-    let (mut todo, mut shallow): (BTreeSet<SharePath>, BTreeSet<SharePath>) = if full {
-        ([SharePath::root()].into(), BTreeSet::new())
+    replies: &Replies,
+    full: bool,
+    journal: &(BTreeSet<SharePath>, BTreeSet<SharePath>),
+) -> Result<usize> {
+    let (mut todo, mut shallow, mut force): (BTreeSet<SharePath>, BTreeSet<SharePath>, _) = if full
+    {
+        ([SharePath::root()].into(), BTreeSet::new(), BTreeSet::new())
     } else {
-        journal.clone()
+        (journal.0.clone(), journal.1.clone(), journal.0.clone())
     };
+    let mut unsure_since = full.then(|| share.level_at() - UNSURE_SLACK_S);
     tracing::info!(share = %share.name, full, paths = todo.len(), "share.resync.start");
     let mut passes = 0;
     while !todo.is_empty() || !shallow.is_empty() {
@@ -314,21 +450,23 @@ fn resync(
         if passes > RESYNC_PASSES_MAX {
             bail!("paths kept changing through {RESYNC_PASSES_MAX} resync passes");
         }
-        let roots = minimal_roots(&todo);
-        for p in &roots {
-            sync_subtree(share, man_rx, p, true)?;
-        }
-        for p in &shallow {
-            if !roots.iter().any(|r| p.starts_with(r)) {
-                sync_subtree(share, man_rx, p, false)?;
-            }
-        }
+        let pass = Pass {
+            share,
+            replies,
+            force: &force,
+            unsure_since,
+        };
+        pass.run(&todo, &shallow)?;
         let mut l = share.link();
         if !l.connected {
             bail!("link lost during resync");
         }
+        // Paths live operations touched meanwhile: their content may have
+        // changed behind what the pass sent, so compare them by content.
         todo = std::mem::take(&mut l.again);
         shallow = std::mem::take(&mut l.again_shallow);
+        force = todo.clone();
+        unsure_since = None;
         if todo.is_empty() && shallow.is_empty() {
             l.resyncing = false;
         }
@@ -357,15 +495,100 @@ fn resync(
             Err(_) => {}
         }
     }
-    if !share.link().connected {
+    let mut l = share.link();
+    if !l.connected {
         bail!("link lost before the replica was up to date");
     }
-    share.link().up_to_date = true;
-    share.journal_done(&journal);
-    tracing::info!(share = %share.name, full, passes, ms = started.elapsed().as_millis() as u64,
-        files = share.stats.resync_files.load(Ordering::Relaxed), "share.resync.done");
-    Ok(())
+    l.up_to_date = true;
+    Ok(passes)
 }
+
+/// Async shares, once level: sends what the watcher reports, batch by
+/// batch, until the link ends.
+fn pump(share: &Arc<PrimaryShare>, replies: &Replies) -> Result<()> {
+    loop {
+        // Wait for changes.
+        let (renames, unsure_since, since) = {
+            let mut l = share.link();
+            loop {
+                if l.stop || !l.connected {
+                    return Ok(());
+                }
+                if l.pending_since.is_some() {
+                    break;
+                }
+                l = share
+                    .cv
+                    .wait_timeout(l, Duration::from_millis(200))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            (
+                std::mem::take(&mut l.renames),
+                l.unsure_since.take(),
+                l.pending_since.take(),
+            )
+        };
+        let started_unix = now_unix();
+        let taken = share.journal_take();
+        let r = (|| -> Result<()> {
+            for (from, to) in &renames {
+                send_op(
+                    share,
+                    FileOp::Rename {
+                        from: from.clone(),
+                        to: to.clone(),
+                        flags: 0,
+                    },
+                    vec![],
+                )?;
+            }
+            let mut deep = taken.0.clone();
+            if unsure_since.is_some() {
+                deep.insert(SharePath::root());
+            }
+            let pass = Pass {
+                share,
+                replies,
+                force: &taken.0,
+                unsure_since,
+            };
+            pass.run(&deep, &taken.1)?;
+            if !share.wait_acked(share.last_seq()) {
+                bail!("link lost waiting for the replica");
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => {
+                share.journal_compact();
+                let mut l = share.link();
+                let lag = since.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
+                l.last_lag_ms = lag;
+                l.lags_ms.push_back(lag);
+                if l.lags_ms.len() > LAGS_KEPT {
+                    l.lags_ms.pop_front();
+                }
+                let idle = l.pending_since.is_none();
+                drop(l);
+                if idle {
+                    share.set_level_at(started_unix, false);
+                }
+            }
+            Err(e) => {
+                share.journal_put_back(taken);
+                let mut l = share.link();
+                if let Some(u) = unsure_since {
+                    l.unsure_since = Some(l.unsure_since.map_or(u, |x| x.min(u)));
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Change-to-replica times kept for the status' percentiles.
+const LAGS_KEPT: usize = 1024;
 
 /// The paths of `set` not below another one of it.
 fn minimal_roots(set: &BTreeSet<SharePath>) -> Vec<SharePath> {
@@ -388,19 +611,15 @@ fn entry_time(st: &libc::stat) -> ferry_wire::Time {
 
 /// Makes the replica's `path` (a subtree; with `deep` false, the entry
 /// alone — a directory whose times changed) equal to the primary's.
-fn sync_subtree(
-    share: &PrimaryShare,
-    man_rx: &mpsc::Receiver<(u64, Vec<ManifestEntry>)>,
-    path: &SharePath,
-    deep: bool,
-) -> Result<()> {
-    let theirs = request_manifest(share, man_rx, path, deep)?;
+fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
+    let share = pass.share;
+    let theirs = request_manifest(share, pass.replies, path, deep)?;
     if !deep {
         let mine = share.tree.manifest_entry(path).ok();
         return match (mine, theirs.first()) {
             (None, _) => Ok(()), // gone here: its parent's resync removes it
             (Some(m), Some(t)) if m.kind == t.kind => fix_attrs(share, &m, Some(t)),
-            _ => sync_subtree(share, man_rx, path, true),
+            _ => sync_subtree(pass, path, true),
         };
     }
     let theirs: HashMap<SharePath, ManifestEntry> =
@@ -482,10 +701,12 @@ fn sync_subtree(
                 dirs.push(e);
             }
             EntryKind::File { .. } => {
-                let content_same =
+                let looks_same =
                     same_kind && t.is_some_and(|t| t.kind == e.kind && t.mtime == e.mtime);
-                if !content_same {
-                    send_file(share, &e.path, same_kind, e.mode, owner)?;
+                if !same_kind {
+                    send_file(share, &e.path, false, e.mode, owner)?;
+                } else if !looks_same || pass.by_content(e) {
+                    send_delta(pass, &e.path, e.mode, owner)?;
                 }
             }
             EntryKind::Symlink { target } => {
@@ -574,6 +795,110 @@ fn send_op(share: &PrimaryShare, op: FileOp, stamps: Vec<ferry_wire::Stamp>) -> 
     Ok(())
 }
 
+/// Files smaller than this are sent whole rather than as a delta (a delta
+/// costs a round trip and the replica's read of the file).
+const DELTA_MIN_BYTES: u64 = 64 * 1024;
+
+/// Sends a file the replica has in an older version: only the blocks that
+/// differ (rsync's algorithm, applied in place on the replica: inode, hard
+/// links and xattrs stay).
+fn send_delta(pass: &Pass<'_>, path: &SharePath, mode: u32, owner: Owner) -> Result<()> {
+    let share = pass.share;
+    let target = Target::Path(path.clone());
+    let f = match share.tree.open_file(&target, libc::O_RDONLY, 0) {
+        Ok(f) => f,
+        Err(e) => return unreadable(share, path, e),
+    };
+    let size = f.metadata()?.len();
+    if size < DELTA_MIN_BYTES {
+        return send_file(share, path, true, mode, owner);
+    }
+    let block = ferry_core::delta::block_size_for(size);
+    let sums = request_sums(share, pass.replies, path, block)?;
+    let Some(their_size) = sums.size else {
+        // Not a file there any more: the ops that changed it are on the stream.
+        return send_file(share, path, false, mode, owner);
+    };
+    if their_size == 0 {
+        return send_file(share, path, true, mode, owner);
+    }
+    share.stats.resync_files.fetch_add(1, Ordering::Relaxed);
+    let stats = ferry_core::delta::diff(
+        &sums.sums,
+        block as usize,
+        &f,
+        super::tree::strong_hash,
+        RESYNC_CHUNK_BYTES,
+        |piece| -> Result<()> {
+            let op = match piece {
+                ferry_core::delta::Piece::Data { to, data } => {
+                    share
+                        .stats
+                        .resync_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    FileOp::Write {
+                        target: target.clone(),
+                        offset: to,
+                        data,
+                    }
+                }
+                ferry_core::delta::Piece::Copy { from, to, len } => FileOp::CopyWithin {
+                    target: target.clone(),
+                    from,
+                    to,
+                    len,
+                },
+            };
+            send_op(share, op, vec![])?;
+            pace(share);
+            Ok(())
+        },
+    )
+    .map_err(|e| match e {
+        ferry_core::delta::DiffError::Read(e) => anyhow!("reading {}: {e}", path.display()),
+        ferry_core::delta::DiffError::Emit(e) => e,
+    })?;
+    share
+        .stats
+        .delta_reused_bytes
+        .fetch_add(stats.kept_bytes + stats.moved_bytes, Ordering::Relaxed);
+    if stats.size != their_size {
+        send_op(
+            share,
+            FileOp::Truncate {
+                target,
+                size: stats.size,
+            },
+            vec![],
+        )?;
+    }
+    Ok(())
+}
+
+/// A file the primary cannot read: reported (status, log), not fatal.
+fn unreadable(share: &PrimaryShare, path: &SharePath, e: std::io::Error) -> Result<()> {
+    if e.raw_os_error() != Some(libc::ENOENT) {
+        share.stats.unreadable.fetch_add(1, Ordering::Relaxed);
+        let msg = format!("cannot read {}: {e}", path.display());
+        tracing::warn!(share = %share.name, error = %msg, "share.file.unreadable");
+        share.link().last_error = Some(msg);
+    }
+    // Gone meanwhile: the change that removed it is (or will be) on the stream.
+    Ok(())
+}
+
+/// Waits while a lot is in flight (the async backlog, sync pacing).
+fn pace(share: &PrimaryShare) {
+    let mut l = share.link();
+    while l.connected && l.inflight_bytes > 32 * RESYNC_CHUNK_BYTES as u64 {
+        l = share
+            .cv
+            .wait_timeout(l, Duration::from_millis(50))
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
 /// Sends a file's content: recreated (or truncated when it exists as a file
 /// on the replica), then in chunks read under the order lock, so live writes
 /// interleave in the right order.
@@ -587,7 +912,7 @@ fn send_file(
     let target = Target::Path(path.clone());
     let f = match share.tree.open_file(&target, libc::O_RDONLY, 0) {
         Ok(f) => f,
-        Err(_) => return Ok(()), // gone or unreadable meanwhile: a live op covers it
+        Err(e) => return unreadable(share, path, e),
     };
     {
         let mut o = share.order();
@@ -664,15 +989,7 @@ fn send_file(
             .fetch_add(n as u64, Ordering::Relaxed);
         off += n as u64;
         drop(o);
-        // Async backlog / sync pacing: wait while a lot is in flight.
-        let mut l = share.link();
-        while l.connected && l.inflight_bytes > 32 * RESYNC_CHUNK_BYTES as u64 {
-            l = share
-                .cv
-                .wait_timeout(l, Duration::from_millis(50))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        pace(share);
     }
     Ok(())
 }
@@ -729,6 +1046,7 @@ pub fn serve_replica(
                 peer: Some(peer_name.to_string()),
                 generation: 0,
                 clean: true,
+                level_at: 0,
             };
             if let Err(e) = store.create(&r) {
                 return refuse(&mut tls, e.to_string());
@@ -825,8 +1143,9 @@ fn apply_stream(
                         .apply(&op.op, &mut files)
                         .and_then(|_| op.stamps.iter().try_for_each(|s| tree.set_stamp(s)));
                     if let Err(e) = r {
-                        if rec.generation != 0 {
-                            // An up-to-date copy must take every op.
+                        if rec.generation != 0 && rec.mode == "sync" {
+                            // An up-to-date copy of a sync share must take every op
+                            // (an async share's watcher compares what it touched).
                             bail!("applying {:?} failed: {e}", op_name(&op.op));
                         }
                         // Resyncing: the resync compares what this touched again.
@@ -860,31 +1179,43 @@ fn apply_stream(
                     } else {
                         tree.manifest_entry(&path).into_iter().collect()
                     };
-                    let chunks: Vec<&[ManifestEntry]> = if entries.is_empty() {
-                        vec![&[]]
+                    let bodies: Vec<Vec<u8>> = if entries.is_empty() {
+                        vec![ferry_wire::encode_manifest(&[])]
                     } else {
-                        entries.chunks(MANIFEST_FRAME_ENTRIES).collect()
+                        entries
+                            .chunks(MANIFEST_FRAME_ENTRIES)
+                            .map(ferry_wire::encode_manifest)
+                            .collect()
                     };
-                    let n = chunks.len();
-                    for (i, c) in chunks.into_iter().enumerate() {
-                        let body = ferry_wire::encode_manifest(c);
-                        let mut h = ferry_wire::FrameHeader::new(
-                            Kind::Manifest,
-                            hdr.seq,
-                            0,
-                            u32::try_from(body.len())
-                                .map_err(|_| anyhow!("manifest frame too large"))?,
-                        );
-                        if i + 1 < n {
-                            h.flags = 1;
-                        }
-                        let mut f = h.encode().to_vec();
-                        f.extend_from_slice(&body);
-                        if !body.is_empty() {
-                            f.extend_from_slice(&ferry_wire::trailer(&body));
-                        }
-                        wire.send(&f)?;
+                    send_reply(wire, Kind::Manifest, hdr.seq, bodies)?;
+                    received = hdr.seq;
+                }
+                Kind::SumsRequest => {
+                    if payload.len() < 4 {
+                        bail!("short sums request");
                     }
+                    let block = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    if !(1..=SUMS_BLOCK_BYTES_MAX).contains(&block) {
+                        bail!("sums request with a block of {block} bytes");
+                    }
+                    let path = SharePath::new(payload[4..].to_vec())
+                        .map_err(|e| anyhow!("bad sums path: {e}"))?;
+                    let (size, sums) = match tree.sums(&path, block) {
+                        Ok(Some((size, sums))) => (Some(size), sums),
+                        Ok(None) => (None, vec![]),
+                        Err(e) => {
+                            tracing::debug!(share = %rec.name, error = %e, "share.sums.unreadable");
+                            (None, vec![])
+                        }
+                    };
+                    let bodies: Vec<Vec<u8>> = if sums.is_empty() {
+                        vec![ferry_wire::encode_sums(size, block, &[])]
+                    } else {
+                        sums.chunks(SUMS_FRAME_ENTRIES)
+                            .map(|c| ferry_wire::encode_sums(size, block, c))
+                            .collect()
+                    };
+                    send_reply(wire, Kind::Sums, hdr.seq, bodies)?;
                     received = hdr.seq;
                 }
                 k => bail!("unexpected {k:?} frame on a share link"),
@@ -903,6 +1234,29 @@ fn apply_stream(
         };
         wire.open(&raw[..n], &mut plain)?;
     }
+}
+
+/// Sends a reply of one or more frames (flag 1: more follow).
+fn send_reply(wire: &SharedTls, kind: Kind, seq: u64, bodies: Vec<Vec<u8>>) -> Result<()> {
+    let n = bodies.len();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let mut h = ferry_wire::FrameHeader::new(
+            kind,
+            seq,
+            0,
+            u32::try_from(body.len()).map_err(|_| anyhow!("{kind:?} frame too large"))?,
+        );
+        if i + 1 < n {
+            h.flags = 1;
+        }
+        let mut f = h.encode().to_vec();
+        f.extend_from_slice(&body);
+        if !body.is_empty() {
+            f.extend_from_slice(&ferry_wire::trailer(&body));
+        }
+        wire.send(&f)?;
+    }
+    Ok(())
 }
 
 fn op_name(op: &FileOp) -> String {

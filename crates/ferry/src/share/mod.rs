@@ -43,6 +43,11 @@ pub struct ShareRecord {
     pub generation: u64,
     /// Primary: stopped cleanly (its journal is complete).
     pub clean: bool,
+    /// Primary: unix seconds when the replica was last known level with the
+    /// tree. A file whose ctime is later may differ even with equal size and
+    /// mtime (tar, rsync and `cp -p` restore mtimes): it is compared by content.
+    #[serde(default)]
+    pub level_at: i64,
 }
 
 /// Why a share operation failed.

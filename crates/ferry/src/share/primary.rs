@@ -32,6 +32,28 @@ pub struct Order {
     next_seq: u64,
 }
 
+/// What the async watcher saw in one batch.
+#[derive(Debug, Default, Clone)]
+pub struct Changes {
+    /// Subtrees to compare (files in it by content).
+    pub deep: Vec<SharePath>,
+    /// Directories whose own attributes changed.
+    pub shallow: Vec<SharePath>,
+    /// Renames seen whole (both ends inside the share).
+    pub renames: Vec<(SharePath, SharePath)>,
+    /// Events were lost: compare by content what changed since then.
+    pub unsure_since: Option<i64>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.deep.is_empty()
+            && self.shallow.is_empty()
+            && self.renames.is_empty()
+            && self.unsure_since.is_none()
+    }
+}
+
 /// The link's view, under one lock.
 #[derive(Default)]
 pub struct LinkState {
@@ -59,6 +81,17 @@ pub struct LinkState {
     pub last_error: Option<String>,
     /// The link asked to stop (replication stopped, share removed).
     pub stop: bool,
+    /// Async: renames the watcher saw, sent before the paths are compared.
+    pub renames: Vec<(SharePath, SharePath)>,
+    /// Async: the watcher lost events (queue overflow); files changed since
+    /// this unix second are compared by content.
+    pub unsure_since: Option<i64>,
+    /// Async: when the oldest change not yet on the replica was seen.
+    pub pending_since: Option<std::time::Instant>,
+    /// Async: change-to-replica time of the last pass, in ms.
+    pub last_lag_ms: u64,
+    /// Async: lags of recent passes (for p50/p99 in status), ms.
+    pub lags_ms: VecDeque<u64>,
 }
 
 impl std::fmt::Debug for LinkState {
@@ -77,6 +110,10 @@ pub struct ShareStats {
     pub bytes_sent: AtomicU64,
     pub resync_files: AtomicU64,
     pub resync_bytes: AtomicU64,
+    /// Bytes of changed files found already on the replica (deltas).
+    pub delta_reused_bytes: AtomicU64,
+    /// Files the primary could not read (reported, skipped).
+    pub unreadable: AtomicU64,
 }
 
 pub struct PrimaryShare {
@@ -188,6 +225,21 @@ impl Journal {
         }
     }
 
+    /// Takes every path out of the in-memory sets (they stay in the file
+    /// until [`Journal::reset_file`]).
+    fn take(&mut self) -> (BTreeSet<SharePath>, BTreeSet<SharePath>) {
+        (
+            std::mem::take(&mut self.set),
+            std::mem::take(&mut self.shallow),
+        )
+    }
+
+    /// Puts taken paths back (the pass that took them failed).
+    fn put_back(&mut self, taken: (BTreeSet<SharePath>, BTreeSet<SharePath>)) {
+        self.set.extend(taken.0);
+        self.shallow.extend(taken.1);
+    }
+
     /// Rewrites the file from the sets.
     fn reset_file(&mut self) {
         self.file = None;
@@ -215,7 +267,14 @@ impl PrimaryShare {
         mut rec: ShareRecord,
         backlog_bytes_max: u64,
     ) -> std::io::Result<Arc<PrimaryShare>> {
-        let tree = Tree::open(&store.data_dir(&rec.name), &store.orphans_dir(&rec.name))?;
+        // A sync share's tree is its private directory behind the FUSE mount;
+        // an async share is used in place.
+        let root = if rec.mode == "sync" {
+            store.data_dir(&rec.name)
+        } else {
+            rec.path.clone()
+        };
+        let tree = Tree::open(&root, &store.orphans_dir(&rec.name))?;
         let journal = Journal::open(store.journal_path(&rec.name));
         if !rec.clean {
             // The journal may lack what changed just before the stop: the next
@@ -484,21 +543,91 @@ impl PrimaryShare {
         l.last_error = None;
         l.again.clear();
         l.again_shallow.clear();
+        l.renames.clear();
     }
 
-    /// Takes the journal's paths for a resync (they stay on disk until the
-    /// resync ends with [`Self::journal_done`]).
-    pub fn journal_snapshot(&self) -> (BTreeSet<SharePath>, BTreeSet<SharePath>) {
-        let j = lock(&self.journal);
-        (j.set.clone(), j.shallow.clone())
+    /// The sequence number of the last frame put on the stream.
+    pub fn last_seq(&self) -> u64 {
+        self.order().next_seq - 1
     }
 
-    /// The resync covered `done`: drop them from the journal.
-    pub fn journal_done(&self, done: &(BTreeSet<SharePath>, BTreeSet<SharePath>)) {
-        let mut j = lock(&self.journal);
-        j.set = j.set.difference(&done.0).cloned().collect();
-        j.shallow = j.shallow.difference(&done.1).cloned().collect();
-        j.reset_file();
+    /// Takes the journal's paths for a pass (they stay on disk until
+    /// [`Self::journal_compact`]; [`Self::journal_put_back`] if it fails).
+    pub fn journal_take(&self) -> (BTreeSet<SharePath>, BTreeSet<SharePath>) {
+        lock(&self.journal).take()
+    }
+
+    pub fn journal_put_back(&self, taken: (BTreeSet<SharePath>, BTreeSet<SharePath>)) {
+        lock(&self.journal).put_back(taken);
+    }
+
+    /// A pass covered what it took: the file keeps only what came since.
+    pub fn journal_compact(&self) {
+        lock(&self.journal).reset_file();
+    }
+
+    /// The watcher saw changes (async shares): into the journal, which the
+    /// link's pump drains; renames go first when the link can carry them.
+    pub fn note_changes(&self, changes: Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        {
+            let mut j = lock(&self.journal);
+            for (from, to) in &changes.renames {
+                j.add(from);
+                j.add(to);
+            }
+            j.add_op(&changes.deep, &changes.shallow);
+        }
+        let mut l = self.link();
+        if l.connected {
+            l.renames.extend(changes.renames);
+        }
+        if changes.unsure_since.is_some() {
+            l.unsure_since = match (l.unsure_since, changes.unsure_since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        l.pending_since.get_or_insert_with(std::time::Instant::now);
+        drop(l);
+        self.cv.notify_all();
+    }
+
+    /// Records that the replica was level with the tree at `at` (unix
+    /// seconds); written to the record at most every 10 s (older is only
+    /// more cautious).
+    pub fn set_level_at(&self, at: i64, force_save: bool) {
+        let mut r = lock(&self.rec);
+        let stale = at - r.level_at >= 10;
+        r.level_at = at;
+        if stale || force_save {
+            let _ = self.store.save(&r);
+        }
+    }
+
+    pub fn level_at(&self) -> i64 {
+        lock(&self.rec).level_at
+    }
+
+    /// Waits until the replica acknowledged receiving `seq` (it has applied
+    /// it), in either mode.
+    pub fn wait_acked(&self, seq: u64) -> bool {
+        let mut l = self.link();
+        loop {
+            if !l.connected {
+                return false;
+            }
+            if l.received_seq >= seq {
+                return true;
+            }
+            l = self
+                .cv
+                .wait_timeout(l, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Waits until the queue has frames (or the link is down / stopping).

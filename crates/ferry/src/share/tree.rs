@@ -364,6 +364,27 @@ impl Tree {
                 let f = files.get(self, target)?;
                 f.set_len(*size)
             }
+            FileOp::CopyWithin {
+                target,
+                from,
+                to,
+                len,
+            } => {
+                if from <= to {
+                    // Front-to-back copying is only safe moving data backwards.
+                    return Err(einval());
+                }
+                let f = files.get(self, target)?;
+                let mut buf = vec![0u8; (*len).min(1 << 20) as usize];
+                let mut done = 0u64;
+                while done < *len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    f.read_exact_at(&mut buf[..n], from + done)?;
+                    f.write_all_at(&buf[..n], to + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
             FileOp::Fallocate {
                 target,
                 mode,
@@ -689,6 +710,43 @@ impl Tree {
         Ok(())
     }
 
+    /// The block sums of the regular file at `path` (`None`: no regular
+    /// file there), for a delta against the primary's content.
+    pub fn sums(
+        &self,
+        path: &SharePath,
+        block: u32,
+    ) -> io::Result<Option<(u64, Vec<ferry_core::delta::BlockSum>)>> {
+        let target = Target::Path(path.clone());
+        match self.lstat(&target) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let f = self.open_file(&target, libc::O_RDONLY, 0)?;
+        let size = f.metadata()?.len();
+        let block = block.max(1) as usize;
+        let mut sums = Vec::with_capacity((size / block as u64) as usize);
+        let mut buf = vec![0u8; block * 64];
+        let mut off = 0u64;
+        loop {
+            let mut got = 0;
+            while got < buf.len() {
+                match f.read_at(&mut buf[got..], off + got as u64)? {
+                    0 => break,
+                    n => got += n,
+                }
+            }
+            sums.extend(ferry_core::delta::sums(&buf[..got], block, strong_hash));
+            off += got as u64;
+            if got < buf.len() {
+                break;
+            }
+        }
+        Ok(Some((size, sums)))
+    }
+
     pub fn read_link(&self, path: &SharePath) -> io::Result<Vec<u8>> {
         let at = self.at_path(path)?;
         let mut buf = vec![0u8; ferry_wire::SHARE_PATH_BYTES_MAX + 1];
@@ -715,6 +773,13 @@ impl Tree {
         cvt(unsafe { libc::syncfs(f.as_raw_fd()) })?;
         Ok(())
     }
+}
+
+/// The strong hash of a delta block: BLAKE3, truncated.
+pub fn strong_hash(d: &[u8]) -> [u8; ferry_core::delta::STRONG_BYTES] {
+    let mut o = [0u8; ferry_core::delta::STRONG_BYTES];
+    o.copy_from_slice(&blake3::hash(d).as_bytes()[..ferry_core::delta::STRONG_BYTES]);
+    o
 }
 
 fn einval() -> io::Error {
