@@ -237,7 +237,7 @@ fn replica_outage_resyncs_only_the_changed_files() {
     let st = share_status(&a, "app");
     let resent = st["resync_files"].as_u64().unwrap() - before;
     // f1, f2, moved (renamed: compared at its new path) and e/new; not the other 96.
-    assert!(resent <= 4, "resent {resent} files: {st}");
+    assert!(resent <= 4, "resent {resent} files: {st}\n{}", a.log_text());
     assert_eq!(st["pending_paths"], 0, "{st}");
     assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
 }

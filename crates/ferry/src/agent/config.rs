@@ -65,6 +65,8 @@ pub struct AgentConfig {
     pub nbd: NbdSettings,
     #[serde(default)]
     pub migration: MigrationSettings,
+    #[serde(default)]
+    pub shares: ShareSettings,
     /// High availability: the peer, heartbeat paths, the witness.
     #[serde(default)]
     pub cluster: Option<ClusterSettings>,
@@ -186,6 +188,30 @@ impl Default for MigrationSettings {
         MigrationSettings {
             migrations_max: 4,
             cutover_drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Async shares' watcher, each setting with its unit in its name.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShareSettings {
+    /// Changes seen are gathered this long after the first before they go.
+    pub watch_batch_delay_ms: u64,
+    /// Changed paths held in one batch; more collapse into a rescan of the
+    /// tree (files by content where their ctime is recent).
+    pub watch_pending_paths_max: usize,
+    /// Directories inotify cannot watch (fs.inotify.max_user_watches) are
+    /// rescanned this often.
+    pub watch_rescan_interval_ms: u64,
+}
+
+impl Default for ShareSettings {
+    fn default() -> Self {
+        ShareSettings {
+            watch_batch_delay_ms: 20,
+            watch_pending_paths_max: 65_536,
+            watch_rescan_interval_ms: 5_000,
         }
     }
 }

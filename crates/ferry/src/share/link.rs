@@ -36,7 +36,7 @@ use ferry_wire::{
     PROTOCOL_VERSION,
 };
 
-use super::primary::PrimaryShare;
+use super::primary::{PrimaryShare, Taken};
 use super::tree::{FileCache, Tree};
 use crate::agent::AgentCtx;
 use crate::replication::link::FLAG_UP_TO_DATE;
@@ -373,6 +373,9 @@ struct Pass<'a> {
     force: &'a BTreeSet<SharePath>,
     /// Files whose ctime is at or after this unix second are compared by content.
     unsure_since: Option<i64>,
+    /// Files compared by content go whole (exact even while live writes
+    /// go on), not as deltas.
+    whole: bool,
 }
 
 impl Pass<'_> {
@@ -434,13 +437,20 @@ fn resync_passes(
     share: &Arc<PrimaryShare>,
     replies: &Replies,
     full: bool,
-    journal: &(BTreeSet<SharePath>, BTreeSet<SharePath>),
+    journal: &Taken,
 ) -> Result<usize> {
-    let (mut todo, mut shallow, mut force): (BTreeSet<SharePath>, BTreeSet<SharePath>, _) = if full
-    {
-        ([SharePath::root()].into(), BTreeSet::new(), BTreeSet::new())
+    let (mut todo, mut shallow, mut force) = if full {
+        (
+            [SharePath::root()].into(),
+            BTreeSet::new(),
+            journal.by_content.clone(),
+        )
     } else {
-        (journal.0.clone(), journal.1.clone(), journal.0.clone())
+        (
+            journal.deep.clone(),
+            journal.shallow.clone(),
+            journal.by_content.clone(),
+        )
     };
     let mut unsure_since = full.then(|| share.level_at() - UNSURE_SLACK_S);
     tracing::info!(share = %share.name, full, paths = todo.len(), "share.resync.start");
@@ -455,6 +465,7 @@ fn resync_passes(
             replies,
             force: &force,
             unsure_since,
+            whole: passes > 1,
         };
         pass.run(&todo, &shallow)?;
         let mut l = share.link();
@@ -465,7 +476,8 @@ fn resync_passes(
         // changed behind what the pass sent, so compare them by content.
         todo = std::mem::take(&mut l.again);
         shallow = std::mem::take(&mut l.again_shallow);
-        force = todo.clone();
+        force = std::mem::take(&mut l.again_by_content);
+        todo.extend(force.iter().cloned());
         unsure_since = None;
         if todo.is_empty() && shallow.is_empty() {
             l.resyncing = false;
@@ -543,17 +555,24 @@ fn pump(share: &Arc<PrimaryShare>, replies: &Replies) -> Result<()> {
                     vec![],
                 )?;
             }
-            let mut deep = taken.0.clone();
+            // Renamed entries are compared where they landed (not by content:
+            // a rename changes no data).
+            let mut deep = taken.deep.clone();
+            for (from, to) in &renames {
+                deep.insert(from.clone());
+                deep.insert(to.clone());
+            }
             if unsure_since.is_some() {
                 deep.insert(SharePath::root());
             }
             let pass = Pass {
                 share,
                 replies,
-                force: &taken.0,
+                force: &taken.by_content,
                 unsure_since,
+                whole: false,
             };
-            pass.run(&deep, &taken.1)?;
+            pass.run(&deep, &taken.shallow)?;
             if !share.wait_acked(share.last_seq()) {
                 bail!("link lost waiting for the replica");
             }
@@ -577,6 +596,8 @@ fn pump(share: &Arc<PrimaryShare>, replies: &Replies) -> Result<()> {
             }
             Err(e) => {
                 share.journal_put_back(taken);
+                let ends: Vec<SharePath> = renames.into_iter().flat_map(|(a, b)| [a, b]).collect();
+                share.journal_add(&ends);
                 let mut l = share.link();
                 if let Some(u) = unsure_since {
                     l.unsure_since = Some(l.unsure_since.map_or(u, |x| x.min(u)));
@@ -705,6 +726,8 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
                     same_kind && t.is_some_and(|t| t.kind == e.kind && t.mtime == e.mtime);
                 if !same_kind {
                     send_file(share, &e.path, false, e.mode, owner)?;
+                } else if pass.whole && pass.force.contains(&e.path) {
+                    send_file(share, &e.path, true, e.mode, owner)?;
                 } else if !looks_same || pass.by_content(e) {
                     send_delta(pass, &e.path, e.mode, owner)?;
                 }
@@ -782,7 +805,7 @@ fn fix_attrs(share: &PrimaryShare, e: &ManifestEntry, t: Option<&ManifestEntry>)
         mtime: Some(mtime),
     };
     share
-        .push(&mut o, op, vec![])
+        .push_resync(&mut o, op, vec![])
         .ok_or_else(|| anyhow!("link lost"))?;
     Ok(())
 }
@@ -790,7 +813,7 @@ fn fix_attrs(share: &PrimaryShare, e: &ManifestEntry, t: Option<&ManifestEntry>)
 fn send_op(share: &PrimaryShare, op: FileOp, stamps: Vec<ferry_wire::Stamp>) -> Result<()> {
     let mut o = share.order();
     share
-        .push(&mut o, op, stamps)
+        .push_resync(&mut o, op, stamps)
         .ok_or_else(|| anyhow!("link lost"))?;
     Ok(())
 }
@@ -823,6 +846,9 @@ fn send_delta(pass: &Pass<'_>, path: &SharePath, mode: u32, owner: Owner) -> Res
         return send_file(share, path, true, mode, owner);
     }
     share.stats.resync_files.fetch_add(1, Ordering::Relaxed);
+    // A live operation on the file from here on may land between blocks the
+    // delta reuses: noticed below, and the file goes whole next pass.
+    share.link().again.remove(path);
     let stats = ferry_core::delta::diff(
         &sums.sums,
         block as usize,
@@ -862,6 +888,12 @@ fn send_delta(pass: &Pass<'_>, path: &SharePath, mode: u32, owner: Owner) -> Res
         .stats
         .delta_reused_bytes
         .fetch_add(stats.kept_bytes + stats.moved_bytes, Ordering::Relaxed);
+    {
+        let mut l = share.link();
+        if l.resyncing && l.again.contains(path) {
+            l.again_by_content.insert(path.clone());
+        }
+    }
     if stats.size != their_size {
         send_op(
             share,
@@ -929,7 +961,7 @@ fn send_file(
             }
         };
         share
-            .push(&mut o, op, vec![])
+            .push_resync(&mut o, op, vec![])
             .ok_or_else(|| anyhow!("link lost"))?;
     }
     share.stats.resync_files.fetch_add(1, Ordering::Relaxed);
@@ -955,7 +987,7 @@ fn send_file(
                 && st.st_size as u64 > off
             {
                 share
-                    .push(
+                    .push_resync(
                         &mut o,
                         FileOp::Truncate {
                             target: target.clone(),
@@ -973,7 +1005,7 @@ fn send_file(
             break;
         }
         share
-            .push(
+            .push_resync(
                 &mut o,
                 FileOp::Write {
                     target: target.clone(),

@@ -16,6 +16,7 @@ pub mod fuse;
 pub mod link;
 pub mod primary;
 pub mod tree;
+pub mod watch;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -256,6 +257,7 @@ pub struct ReplicaView {
 pub struct Running {
     pub share: std::sync::Arc<primary::PrimaryShare>,
     pub mount: Option<fuse::Mount>,
+    pub watcher: Option<watch::Watcher>,
 }
 
 /// The shares of this agent.
@@ -340,6 +342,7 @@ impl Shares {
             r.share.link().stop = true;
             r.share.cv.notify_all();
             r.share.link_lost("agent stopping");
+            drop(r.watcher);
             drop(r.mount);
             r.share.close_clean();
         }
@@ -357,22 +360,26 @@ pub fn start_primary(
     let share =
         primary::PrimaryShare::open(store, rec.clone(), ctx.cfg.replication.backlog_bytes_max)
             .with_context(|| format!("cannot open share {:?}", rec.name))?;
-    let mount = if rec.mode == "sync" {
-        Some(fuse::mount(share.clone(), &rec.path).with_context(|| {
+    let (mount, watcher) = if rec.mode == "sync" {
+        let m = fuse::mount(share.clone(), &rec.path).with_context(|| {
             format!(
                 "cannot mount share {:?} at {}",
                 rec.name,
                 rec.path.display()
             )
-        })?)
+        })?;
+        (Some(m), None)
     } else {
-        None
+        let w = watch::start(share.clone(), rec.path.clone(), ctx.cfg.shares)
+            .with_context(|| format!("cannot watch {}", rec.path.display()))?;
+        (None, Some(w))
     };
     ctx.shares.primaries().insert(
         rec.name.clone(),
         Running {
             share: share.clone(),
             mount,
+            watcher,
         },
     );
     if let Some(peer) = rec.peer.clone() {

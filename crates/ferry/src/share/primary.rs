@@ -64,6 +64,9 @@ pub struct LinkState {
     pub again: BTreeSet<SharePath>,
     /// Directories whose times changed during a resync.
     pub again_shallow: BTreeSet<SharePath>,
+    /// Files a live operation changed while a delta of them was being
+    /// made (the delta may have reused stale blocks): sent whole next pass.
+    pub again_by_content: BTreeSet<SharePath>,
     /// Streamed and not yet durable on the replica: (seq, paths, parent dirs).
     pub unconfirmed: VecDeque<(u64, Vec<SharePath>, Vec<SharePath>)>,
     pub received_seq: u64,
@@ -114,6 +117,13 @@ pub struct ShareStats {
     pub delta_reused_bytes: AtomicU64,
     /// Files the primary could not read (reported, skipped).
     pub unreadable: AtomicU64,
+    /// Async watcher: directories watched / not watchable (limit).
+    pub watched_dirs: AtomicU64,
+    pub unwatched_dirs: AtomicU64,
+    /// Async watcher: events read, queue overflows, rescans.
+    pub watch_events: AtomicU64,
+    pub overflows: AtomicU64,
+    pub rescans: AtomicU64,
 }
 
 pub struct PrimaryShare {
@@ -144,20 +154,35 @@ impl std::fmt::Debug for PrimaryShare {
     }
 }
 
-/// The journal: an append-only file of length-prefixed paths, loaded into a set.
+/// Paths a pass compares (taken from the journal).
+#[derive(Debug, Default, Clone)]
+pub struct Taken {
+    /// Subtrees to compare.
+    pub deep: BTreeSet<SharePath>,
+    /// Directories whose own attributes (times) changed: compared alone.
+    pub shallow: BTreeSet<SharePath>,
+    /// Of `deep`: changed without the replica being told (files compared by
+    /// content: size and mtime can be restored). The others were streamed
+    /// and not confirmed durable: compared by type, size and mtime.
+    pub by_content: BTreeSet<SharePath>,
+}
+
+/// The journal: an append-only file of tagged, length-prefixed paths,
+/// loaded into sets. Tags: 0 deep by content, 1 shallow, 2 deep streamed.
 #[derive(Debug)]
 struct Journal {
-    set: BTreeSet<SharePath>,
-    /// Directories whose own attributes (times) changed: compared alone.
-    shallow: BTreeSet<SharePath>,
+    sets: Taken,
     file: Option<std::fs::File>,
     path: std::path::PathBuf,
 }
 
+const TAG_BY_CONTENT: u8 = 0;
+const TAG_SHALLOW: u8 = 1;
+const TAG_STREAMED: u8 = 2;
+
 impl Journal {
     fn open(path: std::path::PathBuf) -> Journal {
-        let mut set = BTreeSet::new();
-        let mut shallow = BTreeSet::new();
+        let mut sets = Taken::default();
         if let Ok(b) = std::fs::read(&path) {
             let mut rest = &b[..];
             while rest.len() >= 5 {
@@ -166,34 +191,48 @@ impl Journal {
                     break; // a torn last record: the unclean-stop rule covers it
                 }
                 if let Ok(p) = SharePath::new(rest[5..5 + n].to_vec()) {
-                    if rest[0] == 1 {
-                        shallow.insert(p);
-                    } else {
-                        set.insert(p);
+                    match rest[0] {
+                        TAG_SHALLOW => {
+                            sets.shallow.insert(p);
+                        }
+                        TAG_STREAMED => {
+                            sets.deep.insert(p);
+                        }
+                        _ => {
+                            sets.deep.insert(p.clone());
+                            sets.by_content.insert(p);
+                        }
                     }
                 }
                 rest = &rest[5 + n..];
             }
         }
         Journal {
-            set,
-            shallow,
+            sets,
             file: None,
             path,
         }
     }
 
-    fn add(&mut self, p: &SharePath) {
-        if !self.set.insert(p.clone()) {
-            return;
+    fn len(&self) -> usize {
+        self.sets.deep.len() + self.sets.shallow.len()
+    }
+
+    fn add(&mut self, p: &SharePath, by_content: bool) {
+        let new = self.sets.deep.insert(p.clone());
+        if by_content {
+            if self.sets.by_content.insert(p.clone()) {
+                self.append(TAG_BY_CONTENT, p);
+            }
+        } else if new {
+            self.append(TAG_STREAMED, p);
         }
-        self.append(0, p);
     }
 
     /// An op's changed paths and the directories whose entries it changed.
-    fn add_op(&mut self, paths: &[SharePath], parents: &[SharePath]) {
+    fn add_op(&mut self, paths: &[SharePath], parents: &[SharePath], by_content: bool) {
         for p in paths {
-            self.add(p);
+            self.add(p, by_content);
         }
         for p in parents {
             self.add_shallow(p);
@@ -201,10 +240,10 @@ impl Journal {
     }
 
     fn add_shallow(&mut self, p: &SharePath) {
-        if !self.shallow.insert(p.clone()) {
+        if !self.sets.shallow.insert(p.clone()) {
             return;
         }
-        self.append(1, p);
+        self.append(TAG_SHALLOW, p);
     }
 
     fn append(&mut self, tag: u8, p: &SharePath) {
@@ -227,29 +266,26 @@ impl Journal {
 
     /// Takes every path out of the in-memory sets (they stay in the file
     /// until [`Journal::reset_file`]).
-    fn take(&mut self) -> (BTreeSet<SharePath>, BTreeSet<SharePath>) {
-        (
-            std::mem::take(&mut self.set),
-            std::mem::take(&mut self.shallow),
-        )
+    fn take(&mut self) -> Taken {
+        std::mem::take(&mut self.sets)
     }
 
     /// Puts taken paths back (the pass that took them failed).
-    fn put_back(&mut self, taken: (BTreeSet<SharePath>, BTreeSet<SharePath>)) {
-        self.set.extend(taken.0);
-        self.shallow.extend(taken.1);
+    fn put_back(&mut self, taken: Taken) {
+        self.sets.deep.extend(taken.deep);
+        self.sets.shallow.extend(taken.shallow);
+        self.sets.by_content.extend(taken.by_content);
     }
 
     /// Rewrites the file from the sets.
     fn reset_file(&mut self) {
         self.file = None;
         let _ = std::fs::remove_file(&self.path);
-        let set = std::mem::take(&mut self.set);
-        let shallow = std::mem::take(&mut self.shallow);
-        for p in &set {
-            self.add(p);
+        let sets = std::mem::take(&mut self.sets);
+        for p in &sets.deep {
+            self.add(p, sets.by_content.contains(p));
         }
-        for p in &shallow {
+        for p in &sets.shallow {
             self.add_shallow(p);
         }
     }
@@ -308,7 +344,7 @@ impl PrimaryShare {
     /// Paths the journal holds (changed while the replica could not be told).
     pub fn pending_paths(&self) -> u64 {
         let j = lock(&self.journal);
-        (j.set.len() + j.shallow.len()) as u64
+        j.len() as u64
     }
 
     pub fn mode_sync(&self) -> bool {
@@ -333,7 +369,7 @@ impl PrimaryShare {
         // Unconfirmed changes go to the journal first.
         let l = self.link();
         for (_, paths, parents) in &l.unconfirmed {
-            j.add_op(paths, parents);
+            j.add_op(paths, parents, false);
         }
         drop(l);
         j.sync();
@@ -346,19 +382,29 @@ impl PrimaryShare {
     /// Returns the sequence number when it went on the stream, `None` when
     /// it went to the journal.
     pub fn push(&self, o: &mut Order, op: FileOp, stamps: Vec<Stamp>) -> Option<u64> {
+        self.push_op(o, op, stamps, true)
+    }
+
+    /// [`Self::push`] of an op the resync itself sends: it does not make
+    /// its paths "touched meanwhile" (which would compare them again).
+    pub fn push_resync(&self, o: &mut Order, op: FileOp, stamps: Vec<Stamp>) -> Option<u64> {
+        self.push_op(o, op, stamps, false)
+    }
+
+    fn push_op(&self, o: &mut Order, op: FileOp, stamps: Vec<Stamp>, live: bool) -> Option<u64> {
         let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
         let parents = op.parents();
         let mut l = self.link();
         if !l.connected {
             drop(l);
-            lock(&self.journal).add_op(&touched, &parents);
+            lock(&self.journal).add_op(&touched, &parents, true);
             return None;
         }
         let seq = o.next_seq;
         o.next_seq += 1;
         let payload = StampedOp { op, stamps }.encode();
         let frame = ferry_wire::encode_frame(Kind::FileOp, seq, 0, &payload);
-        if l.resyncing {
+        if l.resyncing && live {
             l.again.extend(touched.iter().cloned());
             l.again_shallow.extend(parents.iter().cloned());
         }
@@ -504,12 +550,16 @@ impl PrimaryShare {
             l.last_error = Some(why.to_string());
             let mut j = lock(&self.journal);
             for (_, paths, parents) in l.unconfirmed.drain(..) {
-                j.add_op(&paths, &parents);
+                j.add_op(&paths, &parents, false);
             }
             let again: Vec<SharePath> = std::mem::take(&mut l.again).into_iter().collect();
             let again_shallow: Vec<SharePath> =
                 std::mem::take(&mut l.again_shallow).into_iter().collect();
-            j.add_op(&again, &again_shallow);
+            j.add_op(&again, &again_shallow, false);
+            for (from, to) in std::mem::take(&mut l.renames) {
+                j.add(&from, false);
+                j.add(&to, false);
+            }
             l.queue.clear();
             l.queued_bytes = 0;
             l.inflight.clear();
@@ -543,6 +593,7 @@ impl PrimaryShare {
         l.last_error = None;
         l.again.clear();
         l.again_shallow.clear();
+        l.again_by_content.clear();
         l.renames.clear();
     }
 
@@ -553,12 +604,17 @@ impl PrimaryShare {
 
     /// Takes the journal's paths for a pass (they stay on disk until
     /// [`Self::journal_compact`]; [`Self::journal_put_back`] if it fails).
-    pub fn journal_take(&self) -> (BTreeSet<SharePath>, BTreeSet<SharePath>) {
+    pub fn journal_take(&self) -> Taken {
         lock(&self.journal).take()
     }
 
-    pub fn journal_put_back(&self, taken: (BTreeSet<SharePath>, BTreeSet<SharePath>)) {
+    pub fn journal_put_back(&self, taken: Taken) {
         lock(&self.journal).put_back(taken);
+    }
+
+    /// Paths to compare later (a pass that carried them failed).
+    pub fn journal_add(&self, paths: &[SharePath]) {
+        lock(&self.journal).add_op(paths, &[], false);
     }
 
     /// A pass covered what it took: the file keeps only what came since.
@@ -572,15 +628,18 @@ impl PrimaryShare {
         if changes.is_empty() {
             return;
         }
+        let mut l = self.link();
         {
             let mut j = lock(&self.journal);
-            for (from, to) in &changes.renames {
-                j.add(from);
-                j.add(to);
+            if !l.connected {
+                // No link to carry the rename: both ends are compared later.
+                for (from, to) in &changes.renames {
+                    j.add(from, false);
+                    j.add(to, false);
+                }
             }
-            j.add_op(&changes.deep, &changes.shallow);
+            j.add_op(&changes.deep, &changes.shallow, true);
         }
-        let mut l = self.link();
         if l.connected {
             l.renames.extend(changes.renames);
         }
