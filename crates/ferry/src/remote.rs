@@ -843,6 +843,19 @@ fn print_share(v: &Value) {
         v["bytes"],
         v["pending_paths"],
     );
+    if v["mode"] == "async" && v["role"] == "primary" {
+        println!(
+            "  async (not crash-consistent): lag {} ms now, p50 {} ms, p99 {} ms; \
+             {} directories watched, {} over the watch limit, {} overflows, {} rescans",
+            v["lag_ms"],
+            v["lag_p50_ms"],
+            v["lag_p99_ms"],
+            v["watched_dirs"],
+            v["unwatched_dirs"],
+            v["overflows"],
+            v["rescans"],
+        );
+    }
     if let Some(e) = v["last_error"].as_str() {
         println!("  last error: {e}");
     }

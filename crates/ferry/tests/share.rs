@@ -1,7 +1,10 @@
 //! Shares: a sync share's FUSE mount driven by real programs (sqlite3, git,
 //! tar, fio with verification, rsync), its replica compared entry by entry
 //! (content, type, mode, owner, mtime, link count), and a replica outage that
-//! resyncs only the files changed meanwhile.
+//! resyncs only the files changed meanwhile. Async shares: a watched
+//! directory under random changes converges (deltas for large files, changes
+//! that restore size and mtime caught by ctime), also after the kernel's
+//! event queue overflowed.
 
 mod common;
 
@@ -30,51 +33,79 @@ fn data_dir(agent: &Agent, share: &str) -> PathBuf {
 /// Every entry's type, mode, owner, size, link count and mtime (ns), and
 /// the content of every file: equal on both sides.
 fn assert_trees_equal(a: &Path, b: &Path) {
+    if let Some(d) = tree_diff(a, b) {
+        panic!("{d}");
+    }
+}
+
+/// How the trees at `a` and `b` differ (None: equal).
+fn tree_diff(a: &Path, b: &Path) -> Option<String> {
     let listing = |d: &Path| {
-        run_ok(
-            Command::new("find")
-                .arg(".")
-                .args(["-printf", "%p %y %m %U %G %s %n %T@\\n"])
-                .current_dir(d),
-        )
-        .lines()
-        .map(|l| {
-            // Directory sizes are the filesystem's business, not content.
-            let f: Vec<&str> = l.split(' ').collect();
-            if f.len() >= 8 && f[f.len() - 7] == "d" {
-                let n = f.len();
-                format!(
-                    "{} d {} {} {} - {}",
-                    f[..n - 7].join(" "),
-                    f[n - 6],
-                    f[n - 5],
-                    f[n - 4],
-                    f[n - 1]
-                )
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<std::collections::BTreeSet<String>>()
+        // Entries may vanish while `find` walks a tree still converging: a
+        // failed walk is a difference too (the caller may look again).
+        let out = Command::new("find")
+            .arg(".")
+            .args(["-printf", "%p %y %m %U %G %s %n %T@\\n"])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let text = if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        } else {
+            format!("(find failed: {})", String::from_utf8_lossy(&out.stderr))
+        };
+        text.lines()
+            .map(|l| {
+                // Directory sizes are the filesystem's business, not content.
+                let f: Vec<&str> = l.split(' ').collect();
+                if f.len() >= 8 && f[f.len() - 7] == "d" {
+                    let n = f.len();
+                    format!(
+                        "{} d {} {} {} - {}",
+                        f[..n - 7].join(" "),
+                        f[n - 6],
+                        f[n - 5],
+                        f[n - 4],
+                        f[n - 1]
+                    )
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<std::collections::BTreeSet<String>>()
     };
     let (la, lb) = (listing(a), listing(b));
     let only_a: Vec<_> = la.difference(&lb).take(10).collect();
     let only_b: Vec<_> = lb.difference(&la).take(10).collect();
-    assert!(
-        only_a.is_empty() && only_b.is_empty(),
-        "trees differ:\nprimary only: {only_a:#?}\nreplica only: {only_b:#?}"
-    );
+    if !only_a.is_empty() || !only_b.is_empty() {
+        return Some(format!(
+            "trees differ:\nprimary only: {only_a:#?}\nreplica only: {only_b:#?}"
+        ));
+    }
     let out = Command::new("diff")
         .args(["-r", "--no-dereference", "-q"])
         .arg(a)
         .arg(b)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "content differs: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    (!out.status.success())
+        .then(|| format!("content differs: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Waits until the replica's tree equals `src` (an async share converges).
+fn wait_converged(src: &Path, replica: &Path, secs: u64, a: &Agent) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let d = tree_diff(src, replica);
+        let Some(d) = d else { return };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not converged after {secs} s: {d}\n{}\n--- primary log ---\n{}",
+            a.json(&["share", "status", "app"]),
+            a.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 fn sh(dir: &Path, script: &str) {
@@ -240,4 +271,218 @@ fn replica_outage_resyncs_only_the_changed_files() {
     assert!(resent <= 4, "resent {resent} files: {st}\n{}", a.log_text());
     assert_eq!(st["pending_paths"], 0, "{st}");
     assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+}
+
+/// A deterministic pseudo-random sequence (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn async_share(root: &Path, a: &Agent) -> PathBuf {
+    let src = root.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    a.ok(&[
+        "share",
+        "create",
+        "app",
+        "--path",
+        src.to_str().unwrap(),
+        "--mode",
+        "async",
+        "--to",
+        "b",
+    ]);
+    src
+}
+
+#[test]
+fn async_watcher_converges_under_random_changes() {
+    let (root, a, b) = two_agents("ferry-share-async-", "");
+    let src = root.path().join("src");
+    std::fs::create_dir_all(src.join("d1/d2")).unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // Present before the share exists: the initial sync carries them.
+    std::fs::write(src.join("big"), rng.bytes(4 << 20)).unwrap();
+    for i in 0..20 {
+        std::fs::write(src.join(format!("d1/f{i}")), rng.bytes(1000 + i * 100)).unwrap();
+    }
+    async_share(root.path(), &a);
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    let replica = data_dir(&b, "app");
+    wait_converged(&src, &replica, 30, &a);
+    let st = share_status(&a, "app");
+    assert_eq!(st["crash_consistent"], false, "{st}");
+    assert!(st["watched_dirs"].as_u64().unwrap() >= 3, "{st}");
+
+    // A 4 KiB change in the middle of a 4 MiB file moves as a delta.
+    let sent_before = share_status(&a, "app")["resync_bytes"].as_u64().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("big"))
+            .unwrap();
+        f.write_all_at(&rng.bytes(4096), 2 << 20).unwrap();
+    }
+    wait_converged(&src, &replica, 30, &a);
+    let st = share_status(&a, "app");
+    let sent = st["resync_bytes"].as_u64().unwrap() - sent_before;
+    assert!(sent <= 256 * 1024, "a 4 KiB change sent {sent} bytes: {st}");
+    assert!(
+        st["delta_reused_bytes"].as_u64().unwrap() >= 3 << 20,
+        "{st}"
+    );
+
+    // Same size, mtime restored (what tar and rsync do): ctime tells.
+    sh(
+        &src,
+        "t=$(stat -c %Y d1/f3); head -c 1300 /dev/urandom > d1/f3; touch -d @$t d1/f3",
+    );
+    wait_converged(&src, &replica, 30, &a);
+
+    // Random creates, appends, in-place writes, renames (files and
+    // directories), deletes, chmods, hard and symbolic links.
+    let mut files: Vec<PathBuf> = (0..20).map(|i| PathBuf::from(format!("d1/f{i}"))).collect();
+    let mut dirs: Vec<PathBuf> = vec!["d1".into(), "d1/d2".into()];
+    for step in 0..400u64 {
+        match rng.below(10) {
+            0 | 1 => {
+                let d = &dirs[rng.below(dirs.len() as u64) as usize];
+                let p = d.join(format!("n{step}"));
+                let n = rng.below(20_000) as usize;
+                std::fs::write(src.join(&p), rng.bytes(n)).unwrap();
+                files.push(p);
+            }
+            2 if !files.is_empty() => {
+                use std::io::Write;
+                let p = &files[rng.below(files.len() as u64) as usize];
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(src.join(p))
+                    .unwrap();
+                f.write_all(&rng.bytes(500)).unwrap();
+            }
+            3 if !files.is_empty() => {
+                let i = rng.below(files.len() as u64) as usize;
+                let d = &dirs[rng.below(dirs.len() as u64) as usize];
+                let to = d.join(format!("r{step}"));
+                std::fs::rename(src.join(&files[i]), src.join(&to)).unwrap();
+                files[i] = to;
+            }
+            4 if files.len() > 5 => {
+                let i = rng.below(files.len() as u64) as usize;
+                std::fs::remove_file(src.join(files.swap_remove(i))).unwrap();
+            }
+            5 => {
+                let p = PathBuf::from(format!("dir{step}"));
+                std::fs::create_dir(src.join(&p)).unwrap();
+                std::fs::write(src.join(p.join("inside")), rng.bytes(100)).unwrap();
+                files.push(p.join("inside"));
+                dirs.push(p);
+            }
+            6 if dirs.len() > 3 => {
+                // Rename a top-level directory made above, with its content.
+                let i = 2 + rng.below(dirs.len() as u64 - 2) as usize;
+                let from = dirs[i].clone();
+                let to = PathBuf::from(format!("moved{step}"));
+                std::fs::rename(src.join(&from), src.join(&to)).unwrap();
+                for f in files.iter_mut().chain(dirs.iter_mut()) {
+                    if let Ok(rest) = f.strip_prefix(&from) {
+                        *f = to.join(rest);
+                    }
+                }
+            }
+            7 if !files.is_empty() => {
+                use std::os::unix::fs::PermissionsExt;
+                let p = &files[rng.below(files.len() as u64) as usize];
+                let mode = [0o600, 0o644, 0o640, 0o755][rng.below(4) as usize];
+                std::fs::set_permissions(src.join(p), std::fs::Permissions::from_mode(mode))
+                    .unwrap();
+            }
+            8 if !files.is_empty() => {
+                let p = files[rng.below(files.len() as u64) as usize].clone();
+                let l = p.with_file_name(format!("hl{step}"));
+                std::fs::hard_link(src.join(&p), src.join(&l)).unwrap();
+                files.push(l);
+            }
+            9 => {
+                let p = PathBuf::from(format!("d1/sl{step}"));
+                std::os::unix::fs::symlink(format!("target-{step}"), src.join(p)).unwrap();
+            }
+            _ => {}
+        }
+        if step % 50 == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        }
+    }
+    wait_converged(&src, &replica, 60, &a);
+    let st = share_status(&a, "app");
+    assert!(
+        st["lag_p99_ms"].as_u64().unwrap() > 0,
+        "lag is reported: {st}"
+    );
+    assert_eq!(st["overflows"], 0, "{st}");
+}
+
+/// Restores a sysctl when dropped (also when the test fails).
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, value).unwrap();
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.old.trim());
+    }
+}
+
+#[test]
+fn async_watcher_rescans_after_the_event_queue_overflows() {
+    let (root, a, b) = two_agents("ferry-share-overflow-", "");
+    // The kernel sizes an inotify queue when it is made: the share's watcher
+    // gets a 16-event queue; the system's default comes back at once.
+    let src = {
+        let _tiny = Sysctl::set("/proc/sys/fs/inotify/max_queued_events", "16");
+        async_share(root.path(), &a)
+    };
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    // Many more events than the queue holds, faster than 20 ms batches.
+    sh(
+        &src,
+        "mkdir -p x/y && for i in $(seq 300); do echo $i > x/y/f$i; done && \
+         for i in $(seq 1 3 300); do mv x/y/f$i x/g$i; done && rm x/y/f2 x/y/f5",
+    );
+    let replica = data_dir(&b, "app");
+    wait_converged(&src, &replica, 60, &a);
+    let st = share_status(&a, "app");
+    assert!(st["overflows"].as_u64().unwrap() >= 1, "{st}");
+    assert!(st["rescans"].as_u64().unwrap() >= 1, "{st}");
+    // Same size, mtime restored, after an overflow: still caught (ctime).
+    sh(
+        &src,
+        "t=$(stat -c %Y x/g1); echo 9 > x/g1; touch -d @$t x/g1; \
+         for i in $(seq 400); do touch x/y/f3; done",
+    );
+    wait_converged(&src, &replica, 60, &a);
 }

@@ -379,8 +379,8 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    fn by_content(&self, e: &ManifestEntry) -> bool {
-        if self.force.contains(&e.path) {
+    fn by_content(&self, e: &ManifestEntry, forced_links: &std::collections::HashSet<u64>) -> bool {
+        if self.force.contains(&e.path) || (e.link_id != 0 && forced_links.contains(&e.link_id)) {
             return true;
         }
         let Some(since) = self.unsure_since else {
@@ -562,7 +562,15 @@ fn pump(share: &Arc<PrimaryShare>, replies: &Replies) -> Result<()> {
                 deep.insert(from.clone());
                 deep.insert(to.clone());
             }
-            if unsure_since.is_some() {
+            // A file with other names: its link group spans the tree, which
+            // only a whole-tree comparison sees.
+            let linked = deep.iter().any(|p| {
+                share
+                    .tree
+                    .lstat(&Target::Path(p.clone()))
+                    .is_ok_and(|st| st.st_mode & libc::S_IFMT != libc::S_IFDIR && st.st_nlink > 1)
+            });
+            if unsure_since.is_some() || linked {
                 deep.insert(SharePath::root());
             }
             let pass = Pass {
@@ -650,6 +658,9 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
         .manifest(path)
         .with_context(|| format!("cannot walk {}", path.display()))?;
     let mine_paths: BTreeSet<&SharePath> = mine.iter().map(|e| &e.path).collect();
+    // Directories whose entries this pass changed on the replica: their
+    // times there are new, whatever the manifest said.
+    let mut changed_dirs: std::collections::HashSet<SharePath> = Default::default();
     // Entries the replica has and the primary does not: remove (the top-most).
     let mut gone: Vec<&SharePath> = theirs.keys().filter(|p| !mine_paths.contains(p)).collect();
     gone.sort();
@@ -658,9 +669,19 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
         if removed.iter().any(|r| p.starts_with(r)) {
             continue;
         }
-        send_op(share, FileOp::RemoveTree { path: p.clone() }, vec![])?;
+        entry_op(
+            share,
+            FileOp::RemoveTree { path: p.clone() },
+            &mut changed_dirs,
+        )?;
         removed.push(p.clone());
     }
+    // A hard-link group changed through any of its names is compared by content.
+    let forced_links: std::collections::HashSet<u64> = mine
+        .iter()
+        .filter(|e| e.link_id != 0 && pass.force.contains(&e.path))
+        .map(|e| e.link_id)
+        .collect();
     // Hard links: the first path seen of each primary inode, and its replica link id.
     let mut first_link: HashMap<u64, (SharePath, u64)> = HashMap::new();
     let mut dirs = Vec::new();
@@ -670,20 +691,20 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
             if let Some((first, their_id)) = first_link.get(&e.link_id) {
                 let same = t.is_some_and(|t| t.link_id != 0 && t.link_id == *their_id);
                 if !same {
-                    send_op(
+                    entry_op(
                         share,
                         FileOp::RemoveTree {
                             path: e.path.clone(),
                         },
-                        vec![],
+                        &mut changed_dirs,
                     )?;
-                    send_op(
+                    entry_op(
                         share,
                         FileOp::Link {
                             existing: first.clone(),
                             new: e.path.clone(),
                         },
-                        vec![],
+                        &mut changed_dirs,
                     )?;
                 }
                 continue;
@@ -706,17 +727,18 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
             uid: e.uid,
             gid: e.gid,
         };
+        let mut rewritten = false;
         match &e.kind {
             EntryKind::Dir => {
                 if !same_kind && !e.path.is_root() {
-                    send_op(
+                    entry_op(
                         share,
                         FileOp::Mkdir {
                             path: e.path.clone(),
                             mode: e.mode & 0o7777,
                             owner,
                         },
-                        vec![],
+                        &mut changed_dirs,
                     )?;
                 }
                 dirs.push(e);
@@ -725,36 +747,39 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
                 let looks_same =
                     same_kind && t.is_some_and(|t| t.kind == e.kind && t.mtime == e.mtime);
                 if !same_kind {
+                    changed_dirs.extend(e.path.split_last().map(|(d, _)| d));
                     send_file(share, &e.path, false, e.mode, owner)?;
                 } else if pass.whole && pass.force.contains(&e.path) {
                     send_file(share, &e.path, true, e.mode, owner)?;
-                } else if !looks_same || pass.by_content(e) {
+                    rewritten = true;
+                } else if !looks_same || pass.by_content(e, &forced_links) {
                     send_delta(pass, &e.path, e.mode, owner)?;
+                    rewritten = true;
                 }
             }
             EntryKind::Symlink { target } => {
                 if !same_kind {
-                    send_op(
+                    entry_op(
                         share,
                         FileOp::Symlink {
                             path: e.path.clone(),
                             target: target.clone(),
                             owner,
                         },
-                        vec![],
+                        &mut changed_dirs,
                     )?;
                 }
             }
             EntryKind::Special { rdev } => {
                 if !same_kind {
-                    send_op(
+                    entry_op(
                         share,
                         FileOp::RemoveTree {
                             path: e.path.clone(),
                         },
-                        vec![],
+                        &mut changed_dirs,
                     )?;
-                    send_op(
+                    entry_op(
                         share,
                         FileOp::Mknod {
                             path: e.path.clone(),
@@ -762,18 +787,22 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
                             rdev: *rdev,
                             owner,
                         },
-                        vec![],
+                        &mut changed_dirs,
                     )?;
                 }
             }
         }
         if !matches!(e.kind, EntryKind::Dir) {
-            fix_attrs(share, e, t)?;
+            // What the replica had before a rewrite says nothing of its times now.
+            fix_attrs(share, e, if rewritten || !same_kind { None } else { t })?;
         }
     }
     // Directories last, deepest first: their times change as children come and go.
     for e in dirs.iter().rev() {
-        fix_attrs(share, e, theirs.get(&e.path))?;
+        let t = theirs
+            .get(&e.path)
+            .filter(|_| !changed_dirs.contains(&e.path));
+        fix_attrs(share, e, t)?;
     }
     Ok(())
 }
@@ -808,6 +837,16 @@ fn fix_attrs(share: &PrimaryShare, e: &ManifestEntry, t: Option<&ManifestEntry>)
         .push_resync(&mut o, op, vec![])
         .ok_or_else(|| anyhow!("link lost"))?;
     Ok(())
+}
+
+/// Sends an op that adds or removes an entry, noting the directories it changes.
+fn entry_op(
+    share: &PrimaryShare,
+    op: FileOp,
+    changed_dirs: &mut std::collections::HashSet<SharePath>,
+) -> Result<()> {
+    changed_dirs.extend(op.parents());
+    send_op(share, op, vec![])
 }
 
 fn send_op(share: &PrimaryShare, op: FileOp, stamps: Vec<ferry_wire::Stamp>) -> Result<()> {
@@ -1226,7 +1265,8 @@ fn apply_stream(
                     if payload.len() < 4 {
                         bail!("short sums request");
                     }
-                    let block = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                    let block =
+                        u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
                     if !(1..=SUMS_BLOCK_BYTES_MAX).contains(&block) {
                         bail!("sums request with a block of {block} bytes");
                     }

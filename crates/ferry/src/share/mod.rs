@@ -220,6 +220,7 @@ mod tests {
             peer: None,
             generation: 7,
             clean: true,
+            level_at: 0,
         };
         store.create(&rec).unwrap();
         assert_eq!(store.load("app").unwrap(), rec);
@@ -420,6 +421,24 @@ pub struct ShareStatus {
     pub bytes_sent: u64,
     pub resync_files: u64,
     pub resync_bytes: u64,
+    /// Bytes of changed files found on the replica already (deltas).
+    pub delta_reused_bytes: u64,
+    /// Files the primary could not read (skipped; see last_error).
+    pub unreadable_files: u64,
+    /// Sync shares are crash-consistent (the replica follows the order of
+    /// operations); async shares are not (file by file, with a lag).
+    pub crash_consistent: bool,
+    /// Async: how long the oldest change not yet on the replica has waited
+    /// (0 when none), and the change-to-replica time of recent batches.
+    pub lag_ms: u64,
+    pub lag_p50_ms: u64,
+    pub lag_p99_ms: u64,
+    /// Async watcher: directories watched, directories over the inotify
+    /// watch limit (rescanned periodically), kernel queue overflows, rescans.
+    pub watched_dirs: u64,
+    pub unwatched_dirs: u64,
+    pub overflows: u64,
+    pub rescans: u64,
     pub last_error: Option<String>,
 }
 
@@ -435,7 +454,13 @@ pub fn status(
     let rec = store.load(name)?;
     let (mut files, mut bytes) = (0u64, 0u64);
     if counts {
-        for e in walkdir_count(&store.data_dir(name)) {
+        // An async primary is used in place; everything else lives in data/.
+        let root = if rec.role == "primary" && rec.mode == "async" {
+            rec.path.clone()
+        } else {
+            store.data_dir(name)
+        };
+        for e in walkdir_count(&root) {
             files += 1;
             bytes += e;
         }
@@ -454,11 +479,25 @@ pub fn status(
         bytes_sent: 0,
         resync_files: 0,
         resync_bytes: 0,
+        delta_reused_bytes: 0,
+        unreadable_files: 0,
+        crash_consistent: rec.mode == "sync",
+        lag_ms: 0,
+        lag_p50_ms: 0,
+        lag_p99_ms: 0,
+        watched_dirs: 0,
+        unwatched_dirs: 0,
+        overflows: 0,
+        rescans: 0,
         last_error: None,
     };
     if let Some(p) = ctx.shares.primary(name) {
+        st.pending_paths = p.pending_paths();
         let l = p.link();
-        st.state = if l.up_to_date {
+        let behind = l.pending_since.is_some() || !l.renames.is_empty() || st.pending_paths > 0;
+        st.state = if l.up_to_date && behind {
+            "catching-up"
+        } else if l.up_to_date {
             "up-to-date"
         } else if l.connected {
             "resyncing"
@@ -467,8 +506,22 @@ pub fn status(
         }
         .into();
         st.last_error = l.last_error.clone();
+        st.lag_ms = l
+            .pending_since
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0);
+        let mut lags: Vec<u64> = l.lags_ms.iter().copied().collect();
         drop(l);
-        st.pending_paths = p.pending_paths();
+        lags.sort_unstable();
+        let pct = |q: usize| lags.get((lags.len() * q / 100).min(lags.len().saturating_sub(1)));
+        st.lag_p50_ms = pct(50).copied().unwrap_or(0);
+        st.lag_p99_ms = pct(99).copied().unwrap_or(0);
+        st.delta_reused_bytes = p.stats.delta_reused_bytes.load(Relaxed);
+        st.unreadable_files = p.stats.unreadable.load(Relaxed);
+        st.watched_dirs = p.stats.watched_dirs.load(Relaxed);
+        st.unwatched_dirs = p.stats.unwatched_dirs.load(Relaxed);
+        st.overflows = p.stats.overflows.load(Relaxed);
+        st.rescans = p.stats.rescans.load(Relaxed);
         st.ops_sent = p.stats.ops_sent.load(Relaxed);
         st.bytes_sent = p.stats.bytes_sent.load(Relaxed);
         st.resync_files = p.stats.resync_files.load(Relaxed);

@@ -172,7 +172,8 @@ impl State {
 
     fn publish(&self) {
         let s = &self.share.stats;
-        s.watched_dirs.store(self.wds.len() as u64, Ordering::Relaxed);
+        s.watched_dirs
+            .store(self.wds.len() as u64, Ordering::Relaxed);
         s.unwatched_dirs
             .store(self.unwatched.len() as u64, Ordering::Relaxed);
     }
@@ -303,7 +304,10 @@ impl State {
                 let name_end = name_bytes.iter().position(|&b| b == 0).unwrap_or(len);
                 let name = name_bytes[..name_end.min(name_bytes.len())].to_vec();
                 off += hdr + len;
-                self.share.stats.watch_events.fetch_add(1, Ordering::Relaxed);
+                self.share
+                    .stats
+                    .watch_events
+                    .fetch_add(1, Ordering::Relaxed);
                 self.event(&ev, &name, batch);
             }
         }
