@@ -80,6 +80,11 @@ pub struct ShareHello {
     pub ancestors: Vec<u64>,
     /// "sync" or "async".
     pub mode: String,
+    /// Where the share is used on the primary: a replica made by this link
+    /// is served at the same path if it is ever promoted (each node has its
+    /// own mount namespace).
+    #[serde(default)]
+    pub path: String,
 }
 
 impl ShareHello {

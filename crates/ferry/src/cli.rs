@@ -204,8 +204,12 @@ pub enum ClusterCommand {
 pub struct WorkloadCreate {
     pub name: String,
     /// A volume of the workload (repeat for more).
-    #[arg(long = "volume", required = true)]
+    #[arg(long = "volume", required_unless_present = "shares")]
     pub volumes: Vec<String>,
+    /// A share of the workload (repeat for more): moved and failed over
+    /// with its volumes.
+    #[arg(long = "share")]
+    pub shares: Vec<String>,
     /// Shell command that starts the application (run where it should run).
     #[arg(long)]
     pub start: Option<String>,

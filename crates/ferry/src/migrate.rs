@@ -46,7 +46,12 @@ const HOOK_OUTPUT_BYTES_MAX: usize = 16 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     pub name: String,
+    #[serde(default)]
     pub volumes: Vec<String>,
+    /// Shares the workload uses (replicated, moved and failed over with
+    /// its volumes).
+    #[serde(default)]
+    pub shares: Vec<String>,
     #[serde(default)]
     pub start: Option<String>,
     #[serde(default)]
@@ -71,12 +76,20 @@ pub struct WorkloadSpec {
 impl WorkloadSpec {
     /// Refuses a definition that cannot work, saying why.
     pub fn validate(&self) -> Result<()> {
-        if self.volumes.is_empty() {
-            bail!("workload {:?} needs at least one volume", self.name);
+        if self.volumes.is_empty() && self.shares.is_empty() {
+            bail!(
+                "workload {:?} needs at least one volume or share (--volume NAME, --share NAME)",
+                self.name
+            );
         }
         for (i, v) in self.volumes.iter().enumerate() {
             if self.volumes[..i].contains(v) {
                 bail!("workload {:?} names volume {v:?} twice", self.name);
+            }
+        }
+        for (i, s) in self.shares.iter().enumerate() {
+            if self.shares[..i].contains(s) {
+                bail!("workload {:?} names share {s:?} twice", self.name);
             }
         }
         if let Some(vip) = &self.vip {
@@ -125,8 +138,8 @@ fn migrations_dir(data_dir: &Path) -> PathBuf {
 pub fn save_workload(data_dir: &Path, spec: &WorkloadSpec) -> Result<()> {
     crate::volume::validate_name(&spec.name)
         .map_err(|_| anyhow!("{:?} is not a valid workload name", spec.name))?;
-    if spec.volumes.is_empty() {
-        bail!("a workload needs at least one volume (--volume NAME)");
+    if spec.volumes.is_empty() && spec.shares.is_empty() {
+        bail!("a workload needs at least one volume or share (--volume NAME, --share NAME)");
     }
     let dir = workloads_dir(data_dir);
     std::fs::create_dir_all(&dir)?;
@@ -485,6 +498,15 @@ pub fn start(
             ctx.identity.node_name
         )
     })?;
+    if !spec.shares.is_empty() {
+        // Not built yet: a migration would move the volumes and leave the
+        // shares behind. HA failover and switchover do move shares.
+        bail!(
+            "workload {workload:?} has shares ({}): live migration of shares is not supported yet; \
+             put it under HA and use `ferry cluster switchover` to move it",
+            spec.shares.join(", ")
+        );
+    }
     {
         let migs = ctx.migrations();
         if let Some(m) = migs.get(workload) {

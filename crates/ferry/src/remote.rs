@@ -316,6 +316,7 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
             let WorkloadCreate {
                 name,
                 volumes,
+                shares,
                 start,
                 stop,
                 check,
@@ -340,13 +341,14 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
             let v = client(conn, data_dir)?.post(
                 "/api/v1/workloads",
                 &json!({
-                    "name": name, "volumes": volumes, "start": start, "stop": stop,
+                    "name": name, "volumes": volumes, "shares": shares, "start": start, "stop": stop,
                     "check": check, "hook_timeout_ms": hook_timeout.0.as_millis() as u64,
                     "vm": vm, "vip": vip, "vip_interface": vip_interface,
                 }),
             )?;
             print(&v, json, |_| {
-                println!("created workload {name} ({})", volumes.join(", "))
+                let parts: Vec<&str> = volumes.iter().chain(shares).map(String::as_str).collect();
+                println!("created workload {name} ({})", parts.join(", "))
             })
         }
         WorkloadCommand::Update(u) => {

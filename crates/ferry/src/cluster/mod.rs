@@ -545,7 +545,8 @@ impl Manager {
                 tracing::warn!(workload = %h.workload, "cluster.workload_missing: no workload definition here yet");
                 continue;
             };
-            let sync = spec.volumes.iter().all(|v| self.volume_mode_sync(v));
+            let sync = spec.volumes.iter().all(|v| self.volume_mode_sync(v))
+                && spec.shares.iter().all(|n| share_mode_sync(&self.ctx, n));
             let policy = Policy {
                 witness: self.cfg.witness.is_some(),
                 two_node_unsafe: self.cfg.two_node_unsafe,
@@ -672,7 +673,12 @@ impl Manager {
     /// This node's copy as a replica: up to date when every volume is a
     /// consistent replica here.
     fn data_state_of(&self, spec: &WorkloadSpec) -> DataState {
-        let all = spec.volumes.iter().all(|v| {
+        let shares = spec
+            .shares
+            .iter()
+            .all(|n| crate::share::usable_here(&self.ctx, n));
+        let all = shares
+            && spec.volumes.iter().all(|v| {
             if self.ctx.primary(v).is_some() {
                 return true;
             }
@@ -706,13 +712,20 @@ impl Manager {
                 .iter()
                 .filter_map(|v| self.ctx.primary(v))
                 .collect();
-            let in_sync = !prims.is_empty()
+            let share_prims: Vec<_> = spec
+                .shares
+                .iter()
+                .filter_map(|n| self.ctx.shares.primary(n))
+                .collect();
+            let in_sync = !(prims.is_empty() && share_prims.is_empty())
                 && prims.len() == spec.volumes.len()
+                && share_prims.len() == spec.shares.len()
                 && prims.iter().all(|p| {
                     let l = p.link.lock();
                     l.rep.phase() == ferry_core::link::Phase::Streaming
                         && l.rep.replica_state() == ReplicaState::UpToDate
-                });
+                })
+                && share_prims.iter().all(|p| p.link().up_to_date);
             let mut actions = Vec::new();
             {
                 let slot = self.slots.get_mut(&w).expect("listed");
@@ -755,6 +768,10 @@ impl Manager {
                 for p in &prims {
                     p.alone.set(required, granted);
                     p.alone.set_peer_in_sync(in_sync);
+                    p.release_parked(in_sync);
+                }
+                for p in &share_prims {
+                    p.alone.set(required, granted);
                     p.release_parked(in_sync);
                 }
                 let errors: u64 = prims
@@ -1136,6 +1153,13 @@ impl Manager {
     }
 }
 
+fn share_mode_sync(ctx: &AgentCtx, name: &str) -> bool {
+    crate::share::ShareStore::new(&ctx.cfg.data_dir)
+        .load(name)
+        .map(|r| r.mode == "sync")
+        .unwrap_or(true)
+}
+
 fn role_str(r: Role) -> &'static str {
     match r {
         Role::Primary => "primary",
@@ -1263,6 +1287,9 @@ fn fence(ctx: &AgentCtx, workload: &str) -> Result<()> {
             p.freeze_nowait();
         }
     }
+    for s in &spec.shares {
+        crate::share::set_frozen(ctx, s, true);
+    }
     vip(&spec, false)?;
     if let Some(run) = crate::migrate::workload_hook(ctx, &spec, "stop", "fenced") {
         if !run.ok {
@@ -1280,6 +1307,9 @@ fn resume(ctx: &AgentCtx, workload: &str, start: bool) -> Result<()> {
         if let Some(p) = ctx.primary(v) {
             p.unfreeze();
         }
+    }
+    for s in &spec.shares {
+        crate::share::set_frozen(ctx, s, false);
     }
     if start {
         vip(&spec, true)?;
@@ -1307,7 +1337,7 @@ fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, force: bool) -> Resu
         );
     }
     while_marked(&ctx.forced_promotions, &spec.volumes, force, || {
-        promote_volumes(ctx, workload, peer, &spec)
+        promote_volumes(ctx, workload, peer, &spec, force)
     })
 }
 
@@ -1316,6 +1346,7 @@ fn promote_volumes(
     workload: &str,
     peer: &str,
     spec: &WorkloadSpec,
+    force: bool,
 ) -> Result<()> {
     let replicas: Vec<String> = spec
         .volumes
@@ -1335,6 +1366,9 @@ fn promote_volumes(
             })
             .unwrap_or(ferry_core::link::Mode::Sync);
         ctx.commit_takeover(workload, &replicas, Some(peer), mode)?;
+    }
+    for s in &spec.shares {
+        crate::share::promote(ctx, s, Some(peer), force)?;
     }
     for v in &spec.volumes {
         if let Some(p) = ctx.primary(v) {
@@ -1410,6 +1444,9 @@ fn demote_and_rebase(
         if ctx.primary(v).is_some() {
             ctx.demote_after_failover(v, peer, clean)?;
         }
+    }
+    for s in &spec.shares {
+        crate::share::demote(ctx, s, peer)?;
     }
     if discard {
         // Our copy was discarded by the split-brain policy (kept aside):

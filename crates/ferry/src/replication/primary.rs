@@ -542,7 +542,7 @@ impl AlonePermit {
         }
     }
 
-    fn permitted(&self) -> bool {
+    pub fn permitted(&self) -> bool {
         !self.required.load(Ordering::SeqCst)
             || *self.granted.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -300,6 +300,7 @@ impl ShareFs {
         local: impl FnOnce(&FileOp) -> io::Result<R>,
         done: impl FnOnce(io::Result<R>) + Send + 'static,
     ) {
+        self.share.wait_open();
         let mut o = self.share.order();
         let r = match local(&op) {
             Ok(r) => r,
@@ -343,6 +344,7 @@ impl ShareFs {
         if let Err(e) = local {
             return reply.error(errno(&e));
         }
+        self.share.wait_open();
         let seq = {
             let mut o = self.share.order();
             self.share.push_flush(&mut o, false)
@@ -871,6 +873,7 @@ impl Filesystem for ShareFs {
             data: data.to_vec(),
         };
         // Written and stamped from the handle (no path walk per write).
+        self.share.wait_open();
         let mut o = self.share.order();
         if let Err(e) = f.write_all_at(data, offset) {
             drop(o);

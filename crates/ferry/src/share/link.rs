@@ -36,7 +36,7 @@ use ferry_wire::{
     PROTOCOL_VERSION,
 };
 
-use super::primary::{PrimaryShare, Taken};
+use super::primary::{now_unix, PrimaryShare, Taken};
 use super::tree::{FileCache, Tree};
 use crate::agent::AgentCtx;
 use crate::replication::link::FLAG_UP_TO_DATE;
@@ -100,6 +100,13 @@ fn connect_and_serve(
         generation,
         ancestors: vec![],
         mode,
+        path: share
+            .rec
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .path
+            .to_string_lossy()
+            .into_owned(),
     };
     tls.write_all(&ferry_wire::encode_frame(
         Kind::ShareHello,
@@ -357,12 +364,6 @@ fn request_sums(
 /// file times are coarse and clocks step).
 const UNSURE_SLACK_S: i64 = 2;
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 /// One comparison pass: what to compare by content besides entries whose
 /// type, size or mtime differ.
@@ -1112,12 +1113,17 @@ pub fn serve_replica(
                 name: hello.share.clone(),
                 id: hello.share_id.clone(),
                 mode: hello.mode.clone(),
-                path: std::path::PathBuf::from("/"),
+                path: if hello.path.starts_with('/') {
+                    std::path::PathBuf::from(&hello.path)
+                } else {
+                    store.data_dir(&hello.share)
+                },
                 role: "replica".into(),
                 peer: Some(peer_name.to_string()),
                 generation: 0,
                 clean: true,
                 level_at: 0,
+                suspect_since: None,
             };
             if let Err(e) = store.create(&r) {
                 return refuse(&mut tls, e.to_string());
@@ -1201,6 +1207,9 @@ fn apply_stream(
     let mut durable = 0u64;
     let mut failures = 0u64;
     loop {
+        if ctx.shares.primary(&rec.name).is_some() {
+            bail!("share {:?} was promoted here: the old primary's stream ends", rec.name);
+        }
         let mut used = 0;
         let mut any = false;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
@@ -1233,6 +1242,7 @@ fn apply_stream(
                     durable = hdr.seq;
                     if hdr.flags & FLAG_UP_TO_DATE != 0 {
                         rec.generation = hdr.offset;
+                        rec.suspect_since = None;
                         store.save(rec)?;
                         ctx.shares.set_replica_state(&rec.name, true, None);
                         tracing::info!(share = %rec.name, skipped = failures, "share.replica.up_to_date");
@@ -1245,11 +1255,14 @@ fn apply_stream(
                     let path = SharePath::new(path.to_vec())
                         .map_err(|e| anyhow!("bad manifest path: {e}"))?;
                     files.clear();
-                    let entries = if *deep == 1 {
+                    let mut entries = if *deep == 1 {
                         tree.manifest(&path).unwrap_or_default()
                     } else {
                         tree.manifest_entry(&path).into_iter().collect()
                     };
+                    if let Some(since) = rec.suspect_since {
+                        mark_suspects(tree, &mut entries, since);
+                    }
                     let bodies: Vec<Vec<u8>> = if entries.is_empty() {
                         vec![ferry_wire::encode_manifest(&[])]
                     } else {
@@ -1305,6 +1318,28 @@ fn apply_stream(
             Err(e) => return Err(e.into()),
         };
         wire.open(&raw[..n], &mut plain)?;
+    }
+}
+
+/// A copy that was primary before: files it changed at or after `since`
+/// may hold data the new primary never received, even with its size and
+/// mtime. Their mtime is reported as unknown so the primary compares them
+/// by content.
+fn mark_suspects(tree: &Tree, entries: &mut [ManifestEntry], since: i64) {
+    for e in entries {
+        if !matches!(e.kind, EntryKind::File { .. }) {
+            continue;
+        }
+        let recent = tree
+            .lstat(&Target::Path(e.path.clone()))
+            .map(|st| st.st_ctime >= since)
+            .unwrap_or(true);
+        if recent {
+            e.mtime = ferry_wire::Time {
+                secs: i64::MIN,
+                nanos: 0,
+            };
+        }
     }
 }
 

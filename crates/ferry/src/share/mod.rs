@@ -49,6 +49,11 @@ pub struct ShareRecord {
     /// mtime (tar, rsync and `cp -p` restore mtimes): it is compared by content.
     #[serde(default)]
     pub level_at: i64,
+    /// Replica that was primary before (demoted after a failover): files it
+    /// changed at or after this unix second are compared by content until
+    /// the new primary declares it up to date.
+    #[serde(default)]
+    pub suspect_since: Option<i64>,
 }
 
 /// Why a share operation failed.
@@ -221,6 +226,7 @@ mod tests {
             generation: 7,
             clean: true,
             level_at: 0,
+            suspect_since: None,
         };
         store.create(&rec).unwrap();
         assert_eq!(store.load("app").unwrap(), rec);
@@ -388,6 +394,95 @@ pub fn start_primary(
     }
     tracing::info!(share = %rec.name, mode = %rec.mode, path = %rec.path.display(), "share.started");
     Ok(())
+}
+
+/// Failover or switchover: this node's replica of `name` becomes the
+/// primary — served at its path (a sync share: the FUSE mount; an async
+/// one: its copy in place), replicating back to `reverse_to`. Refused for a
+/// copy that is not up to date unless `force`.
+pub fn promote(
+    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+    name: &str,
+    reverse_to: Option<&str>,
+    force: bool,
+) -> anyhow::Result<()> {
+    let store = ShareStore::new(&ctx.cfg.data_dir);
+    let mut rec = store.load(name)?;
+    if rec.role == "primary" {
+        return Ok(());
+    }
+    if rec.generation == 0 && !force {
+        anyhow::bail!(
+            "share {name:?} here is not an up-to-date replica: refusing to promote it \
+             (a forced promotion takes it as it is)"
+        );
+    }
+    rec.role = "primary".into();
+    rec.peer = reverse_to.map(String::from);
+    // A new history: the old primary's copy is compared whole when it returns.
+    rec.generation = random_u64();
+    rec.clean = true;
+    rec.level_at = primary::now_unix();
+    rec.suspect_since = None;
+    if rec.mode == "async" {
+        rec.path = store.data_dir(name);
+    }
+    store.save(&rec)?;
+    tracing::warn!(share = %name, reverse_to = ?reverse_to, force, "share.promoted");
+    start_primary(ctx, rec)
+}
+
+/// A newer primary exists elsewhere: stop serving `name` here and become
+/// its replica. Files this copy changed since it was last known level are
+/// compared by content when the new primary resyncs it.
+pub fn demote(
+    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+    name: &str,
+    new_primary: &str,
+) -> anyhow::Result<()> {
+    let store = ShareStore::new(&ctx.cfg.data_dir);
+    let running = ctx.shares.primaries().remove(name);
+    if let Some(r) = running {
+        r.share.link().stop = true;
+        r.share.cv.notify_all();
+        r.share.link_lost("demoted: another node is primary");
+        drop(r.watcher);
+        drop(r.mount);
+        r.share.close_clean();
+    }
+    let mut rec = store.load(name)?;
+    if rec.role == "replica" {
+        return Ok(());
+    }
+    rec.role = "replica".into();
+    rec.peer = Some(new_primary.to_string());
+    rec.generation = 0;
+    rec.suspect_since = Some(rec.level_at - 2);
+    store.save(&rec)?;
+    tracing::warn!(share = %name, new_primary, "share.demoted");
+    Ok(())
+}
+
+/// Fencing: mutating calls on the share wait (`freeze`) or flow again.
+pub fn set_frozen(ctx: &crate::agent::AgentCtx, name: &str, frozen: bool) {
+    if let Some(p) = ctx.shares.primary(name) {
+        if frozen {
+            p.freeze();
+        } else {
+            p.unfreeze();
+        }
+    }
+}
+
+/// This node's copy is usable as the workload's data: primary here, or an
+/// up-to-date replica.
+pub fn usable_here(ctx: &crate::agent::AgentCtx, name: &str) -> bool {
+    if ctx.shares.primary(name).is_some() {
+        return true;
+    }
+    ShareStore::new(&ctx.cfg.data_dir)
+        .load(name)
+        .is_ok_and(|r| r.role == "replica" && r.generation != 0)
 }
 
 pub fn spawn_link(

@@ -32,6 +32,14 @@ pub struct Order {
     next_seq: u64,
 }
 
+/// Wall-clock unix seconds (file ctimes are compared with it).
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 /// What the async watcher saw in one batch.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {
@@ -95,6 +103,10 @@ pub struct LinkState {
     pub last_lag_ms: u64,
     /// Async: lags of recent passes (for p50/p99 in status), ms.
     pub lags_ms: VecDeque<u64>,
+    /// Flushes not yet durable: (seq, unix second it was sequenced). Once
+    /// one is durable on an up-to-date replica, the replica was level with
+    /// the tree as of that second.
+    flush_times: VecDeque<(u64, i64)>,
 }
 
 impl std::fmt::Debug for LinkState {
@@ -144,6 +156,14 @@ pub struct PrimaryShare {
     pub backlog_bytes_max: u64,
     /// Orphan numbers (unlinked-but-open files).
     pub next_orphan: AtomicU64,
+    /// Outdate before going alone (HA with a witness, sync mode): replies
+    /// the replica did not confirm wait for this permit.
+    pub alone: crate::replication::primary::AlonePermit,
+    /// Replies waiting for the permit (or for the replica to be level again).
+    parked: Mutex<Vec<Done>>,
+    /// Fenced: mutating calls wait until it opens.
+    frozen: Mutex<bool>,
+    gate_cv: Condvar,
 }
 
 impl std::fmt::Debug for PrimaryShare {
@@ -338,6 +358,10 @@ impl PrimaryShare {
             stats: ShareStats::default(),
             backlog_bytes_max,
             next_orphan: AtomicU64::new(1),
+            alone: Default::default(),
+            parked: Mutex::new(Vec::new()),
+            frozen: Mutex::new(false),
+            gate_cv: Condvar::new(),
         }))
     }
 
@@ -434,6 +458,7 @@ impl PrimaryShare {
         }
         let seq = o.next_seq;
         o.next_seq += 1;
+        l.flush_times.push_back((seq, now_unix()));
         let mut h = ferry_wire::FrameHeader::new(Kind::Flush, seq, self.generation(), 0);
         if up_to_date {
             h.flags = crate::replication::link::FLAG_UP_TO_DATE;
@@ -463,13 +488,17 @@ impl PrimaryShare {
     /// `seq` is `None` (journaled) or the share is async.
     pub fn wait_received(&self, seq: Option<u64>, done: Done) {
         let Some(seq) = seq else {
-            return done(Ok(()));
+            return self.answer_unconfirmed(vec![done]);
         };
         if !self.mode_sync() {
             return done(Ok(()));
         }
         let mut l = self.link();
-        if !l.connected || l.received_seq >= seq {
+        if !l.connected {
+            drop(l);
+            return self.answer_unconfirmed(vec![done]);
+        }
+        if l.received_seq >= seq {
             drop(l);
             return done(Ok(()));
         }
@@ -479,10 +508,14 @@ impl PrimaryShare {
     /// Calls `done` once everything up to flush `seq` is durable on the replica.
     pub fn wait_durable(&self, seq: Option<u64>, done: Done) {
         let Some(seq) = seq else {
-            return done(Ok(()));
+            return self.answer_unconfirmed(vec![done]);
         };
         let mut l = self.link();
-        if !l.connected || l.durable_seq >= seq {
+        if !l.connected {
+            drop(l);
+            return self.answer_unconfirmed(vec![done]);
+        }
+        if l.durable_seq >= seq {
             drop(l);
             return done(Ok(()));
         }
@@ -492,8 +525,15 @@ impl PrimaryShare {
     /// The replica acknowledged: received up to `received`, durable up to `durable`.
     pub fn on_ack(&self, received: u64, durable: u64) {
         let mut ready = Vec::new();
+        let mut level = None;
         {
             let mut l = self.link();
+            while l.flush_times.front().is_some_and(|(s, _)| *s <= durable) {
+                level = l.flush_times.pop_front().map(|(_, t)| t);
+            }
+            if !l.up_to_date {
+                level = None;
+            }
             if received > l.received_seq {
                 l.received_seq = received;
             }
@@ -533,6 +573,9 @@ impl PrimaryShare {
         for done in ready {
             done(Ok(()));
         }
+        if let Some(t) = level {
+            self.set_level_at(t, false);
+        }
     }
 
     /// The link is gone: unconfirmed changes go to the journal, and every
@@ -564,6 +607,7 @@ impl PrimaryShare {
             l.queued_bytes = 0;
             l.inflight.clear();
             l.inflight_bytes = 0;
+            l.flush_times.clear();
             ready.extend(
                 std::mem::take(&mut l.waiting_received)
                     .into_values()
@@ -577,8 +621,52 @@ impl PrimaryShare {
         }
         tracing::warn!(share = %self.name, reason = why, "share.link.lost");
         self.cv.notify_all();
-        for done in ready {
+        self.answer_unconfirmed(ready);
+    }
+
+    /// Answers replies the replica did not confirm (the change is here and
+    /// journaled) — unless this sync share may not go on alone yet (HA with
+    /// a witness: the peer must be outdated first), then they wait.
+    fn answer_unconfirmed(&self, dones: Vec<Done>) {
+        if dones.is_empty() {
+            return;
+        }
+        if self.mode_sync() && !self.alone.permitted() {
+            lock(&self.parked).extend(dones);
+            return;
+        }
+        for done in dones {
             done(Ok(()));
+        }
+    }
+
+    /// From the cluster manager: answers parked replies once going alone is
+    /// permitted, or once the replica is level again (`peer_has_them`).
+    pub fn release_parked(&self, peer_has_them: bool) {
+        if !peer_has_them && !self.alone.permitted() {
+            return;
+        }
+        let parked = std::mem::take(&mut *lock(&self.parked));
+        for done in parked {
+            done(Ok(()));
+        }
+    }
+
+    /// Fencing: mutating calls wait at [`Self::wait_open`].
+    pub fn freeze(&self) {
+        *lock(&self.frozen) = true;
+    }
+
+    pub fn unfreeze(&self) {
+        *lock(&self.frozen) = false;
+        self.gate_cv.notify_all();
+    }
+
+    /// Waits while the share is frozen.
+    pub fn wait_open(&self) {
+        let mut f = lock(&self.frozen);
+        while *f {
+            f = self.gate_cv.wait(f).unwrap_or_else(|p| p.into_inner());
         }
     }
 

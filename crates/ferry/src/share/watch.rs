@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use ferry_wire::SharePath;
 
-use super::primary::{Changes, PrimaryShare};
+use super::primary::{Changes, now_unix, PrimaryShare};
 use crate::agent::config::ShareSettings;
 
 /// Events inotify reports on a watched directory.
@@ -122,12 +122,6 @@ impl Batch {
     }
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
 
 impl State {
     fn abs(&self, p: &SharePath) -> PathBuf {
