@@ -46,6 +46,9 @@ pub enum Kind {
     /// Replica → primary: `seq` = the request's, payload = [`crate::encode_sums`];
     /// flag 1 = more frames follow.
     Sums = 15,
+    /// Replica → primary: an op it could not apply while not held to every
+    /// op (resyncing, or an async share); payload = the path, compared again.
+    Failed = 16,
 }
 
 impl Kind {
@@ -66,6 +69,7 @@ impl Kind {
             13 => Kind::Manifest,
             14 => Kind::SumsRequest,
             15 => Kind::Sums,
+            16 => Kind::Failed,
             _ => return None,
         })
     }

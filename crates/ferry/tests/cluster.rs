@@ -408,7 +408,7 @@ impl Drop for Net {
             let _ = sh(&["ip", "netns", "del", &ns]);
         }
         if std::thread::panicking() {
-            for n in ["a", "b", "w"] {
+            for n in ["a", "b", "w", "postgres"] {
                 let log = std::fs::read_to_string(self.root.path().join(format!("{n}.log")))
                     .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(60).collect();
@@ -981,4 +981,308 @@ fn failback_returns_the_workload_to_its_preferred_node_once_it_is_up_to_date() {
         net.status("a", "web")["primary"] == "a" && net.has_vip("a")
     });
     assert!(!net.has_vip("b"));
+}
+
+/// The PostgreSQL binaries of the installed major version.
+fn pg_bin(tool: &str) -> String {
+    let dir = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL is not installed: run scripts/test")
+        .flatten()
+        .map(|e| e.path())
+        .max()
+        .expect("no PostgreSQL version under /usr/lib/postgresql");
+    dir.join("bin").join(tool).to_string_lossy().into_owned()
+}
+
+/// A client in the client namespace: inserts numbered rows through the VIP
+/// one transaction at a time and prints each number (and its transaction
+/// id) once the commit was acknowledged; retries across a failover.
+const PG_LOGGER: &str = r#"
+vip=$1; i=$2; end=$3; lost_since=""
+while [ "$i" -lt "$end" ]; do
+  if out=$(psql "host=$vip user=postgres dbname=postgres connect_timeout=2" -qAtX \
+        -v ON_ERROR_STOP=1 -c "insert into acked values ($i) returning txid_current()" 2>&1); then
+    echo "ack $i $out"; i=$((i+1)); lost_since=""
+  else
+    now=$(date +%s)
+    if [ -z "$lost_since" ]; then lost_since=$now; echo "lost $i $out" | tr '\n' ' '; echo; fi
+    if [ $((now - lost_since)) -gt 90 ]; then echo "gave-up $i"; exit 1; fi
+    sleep 0.2
+  fi
+done
+"#;
+
+/// One SQL statement through the VIP, from the client namespace.
+fn psql(net: &Net, sql: &str) -> std::process::Output {
+    net.cmd("c", "psql")
+        .args([
+            &format!("host={VIP} user=postgres dbname=postgres connect_timeout=3"),
+            "-qAtX",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .unwrap()
+}
+
+impl Net {
+    /// A real crash of node `n`: every process in its namespace (the
+    /// agent, and the database its start hook ran) killed, its link down.
+    fn crash_all(&mut self, n: &str) {
+        self.crash(n);
+        for _ in 0..20 {
+            let pids = sh(&["ip", "netns", "pids", &self.ns(n)]);
+            let pids = String::from_utf8_lossy(&pids.stdout).into_owned();
+            if pids.trim().is_empty() {
+                break;
+            }
+            for pid in pids.split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) on a process inside a namespace this
+                    // test created (only its own processes run there).
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The PID of node `n`'s agent (to enter its mount namespace).
+    fn agent_pid(&self, n: &str) -> u32 {
+        self.children
+            .iter()
+            .find(|(who, _)| who == n)
+            .map(|(_, c)| c.id())
+            .expect("agent running")
+    }
+
+    /// Runs `script` as root in node `n`'s namespaces (the agent's mounts).
+    fn in_node(&self, n: &str, script: &str) -> String {
+        let pid = self.agent_pid(n).to_string();
+        sh_ok(&["nsenter", "-m", "-n", "-t", &pid, "bash", "-ec", script])
+    }
+}
+
+#[test]
+fn postgresql_on_a_sync_share_fails_over_with_every_committed_transaction() {
+    require("psql");
+    require("pgbench");
+    require("nsenter");
+    let (initdb, pg_ctl) = (pg_bin("initdb"), pg_bin("pg_ctl"));
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let token = net.dir("b").join("api.token");
+    net.ok(
+        "a",
+        &[
+            "node",
+            "add",
+            "b",
+            "--api",
+            &format!("{}:7360", addr_of("b")),
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    // The same path on both nodes: each agent mounts it in its own mount
+    // namespace when it is primary.
+    let mnt = net.root.path().join("pg");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = mnt.to_str().unwrap().to_string();
+    net.ok(
+        "a",
+        &[
+            "share", "create", "pg", "--path", &m, "--mode", "sync", "--to", "b",
+        ],
+    );
+    net.ok("a", &["share", "wait", "pg", "--timeout", "60s"]);
+    net.in_node(
+        "a",
+        &format!(
+            "chown postgres:postgres {m} && runuser -u postgres -- {initdb} -N -A trust -D {m}/data >/dev/null && \
+             echo 'host all all 198.18.0.0/24 trust' >> {m}/data/pg_hba.conf && \
+             printf \"listen_addresses = '*'\\nunix_socket_directories = ''\\nshared_buffers = 16MB\\nmax_wal_size = 64MB\\n\" >> {m}/data/postgresql.conf"
+        ),
+    );
+    // The server's log, where the postgres user can write it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(net.root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = net.root.path().join("postgres.log");
+    std::fs::write(&log, "").unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // The promoted copy still holds the dead primary's postmaster.pid; the
+    // cluster runs `start` only on the node that owns the data, so it goes
+    // (as HA resource agents for PostgreSQL do).
+    let start = format!(
+        "rm -f {m}/data/postmaster.pid; runuser -u postgres -- {pg_ctl} -D {m}/data -l {} -w -t 120 start",
+        log.display()
+    );
+    let stop = format!("runuser -u postgres -- {pg_ctl} -D {m}/data -m fast -w stop");
+    let vip = format!("{VIP}/24");
+    net.ok(
+        "a",
+        &[
+            "workload",
+            "create",
+            "db",
+            "--share",
+            "pg",
+            "--vip",
+            &vip,
+            "--vip-interface",
+            "eth0",
+            "--start",
+            &start,
+            "--stop",
+            &stop,
+            "--hook-timeout",
+            "150s",
+        ],
+    );
+    net.ok("a", &["cluster", "add", "db", "--preferred", "a"]);
+    wait_for(120, "PostgreSQL to serve on a through the VIP", || {
+        net.has_vip("a") && psql(&net, "select 1").status.success()
+    });
+    assert!(psql(&net, "create table acked (v int primary key)")
+        .status
+        .success());
+    let init = net
+        .cmd("c", "pgbench")
+        .args([
+            "-i", "-s", "1", "-q", "-h", VIP, "-U", "postgres", "postgres",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    // Load (pgbench) plus a logger of committed transactions; crash a.
+    let mut load = net
+        .cmd("c", "pgbench")
+        .args([
+            "-c", "2", "-T", "300", "-n", "-h", VIP, "-U", "postgres", "postgres",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let script = net.root.path().join("pg-logger.sh");
+    std::fs::write(&script, PG_LOGGER).unwrap();
+    let mut logger = net
+        .cmd("c", "bash")
+        .arg(&script)
+        .args([VIP, "0", "400"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = logger.stdout.take().unwrap();
+    let mut acked = Vec::new();
+    let mut lines = Vec::new();
+    let mut crashed = None;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        lines.push(line.clone());
+        if let Some(rest) = line.strip_prefix("ack ") {
+            acked.push(rest.split(' ').next().unwrap().parse::<u64>().unwrap());
+            if acked.len() == 150 && crashed.is_none() {
+                net.crash_all("a");
+                crashed = Some(Instant::now());
+            }
+        }
+    }
+    let _ = load.kill();
+    let _ = load.wait();
+    let st = logger.wait().unwrap();
+    assert!(
+        st.success(),
+        "the client gave up: {}",
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    );
+    assert_eq!(acked.len(), 400, "{}", lines.join("\n"));
+    let lost = lines.iter().filter(|l| l.starts_with("lost")).count();
+    eprintln!(
+        "{} committed transactions, {lost} interruption(s), the client done {:?} after the crash",
+        acked.len(),
+        crashed.unwrap().elapsed()
+    );
+
+    // b serves the database, with every transaction the client saw committed.
+    let s = net.status("b", "db");
+    assert_eq!(s["primary"], "b", "{s}");
+    assert!(net.has_vip("b"));
+    let out = psql(&net, "select v from acked order by v");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let have: std::collections::HashSet<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    for i in &acked {
+        assert!(have.contains(i), "committed row {i} is missing on b");
+    }
+    let out = psql(&net, "select count(*) from pgbench_accounts");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
+
+    // The old primary returns as b's replica: only what changed is resent.
+    let before = net.json("b", &["share", "status", "pg"]);
+    net.link_up("a");
+    net.start_agent("a");
+    wait_for(120, "a to be b's up-to-date share replica", || {
+        let v = net.ferry("b", &["--json", "share", "status", "pg"]);
+        let v: Value = serde_json::from_slice(&v.stdout).unwrap_or(Value::Null);
+        v["role"] == "primary" && v["state"] == "up-to-date"
+    });
+    let after = net.json("b", &["share", "status", "pg"]);
+    let resent = after["resync_files"].as_u64().unwrap() - before["resync_files"].as_u64().unwrap();
+    let files = after["files"].as_u64().unwrap();
+    eprintln!("failback resync: {resent} of {files} files resent; {after}");
+    assert!(
+        resent * 2 < files,
+        "resent {resent} of {files} files: {after}"
+    );
+
+    // Stopped cleanly on b, the two copies are the same tree.
+    net.in_node("b", &stop);
+    wait_for(30, "the last changes to reach a", || {
+        let v = net.json("b", &["share", "status", "pg"]);
+        v["state"] == "up-to-date" && v["pending_paths"] == 0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let diff = sh(&[
+        "diff",
+        "-r",
+        "--no-dereference",
+        net.dir("a").join("shares/pg/data").to_str().unwrap(),
+        net.dir("b").join("shares/pg/data").to_str().unwrap(),
+    ]);
+    if !diff.status.success() {
+        let mut detail = String::new();
+        for l in String::from_utf8_lossy(&diff.stdout).lines().take(3) {
+            if let Some(rest) = l.strip_prefix("Binary files ") {
+                let f: Vec<&str> = rest.split(' ').collect();
+                let out = sh(&["bash", "-c", &format!(
+                    "stat -c '%n %s %y %z' {0} {1}; cmp -l {0} {1} | wc -l; cmp -l {0} {1} | head -3",
+                    f[0], f[2]
+                )]);
+                detail.push_str(&String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        panic!(
+            "the copies differ: {}\n{detail}\n--- a ---\n{}",
+            String::from_utf8_lossy(&diff.stdout),
+            net.log("a")
+        );
+    }
 }

@@ -1277,6 +1277,7 @@ async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult 
             generation: crate::share::random_u64(),
             clean: true,
             level_at: 0,
+            received_at: 0,
             suspect_since: None,
         };
         let store = crate::share::ShareStore::new(&c.cfg.data_dir);

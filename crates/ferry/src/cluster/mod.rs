@@ -679,17 +679,17 @@ impl Manager {
             .all(|n| crate::share::usable_here(&self.ctx, n));
         let all = shares
             && spec.volumes.iter().all(|v| {
-            if self.ctx.primary(v).is_some() {
-                return true;
-            }
-            self.ctx.secondary(v).is_some_and(|s| {
-                s.meta
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .state()
-                    .consistent
-            })
-        });
+                if self.ctx.primary(v).is_some() {
+                    return true;
+                }
+                self.ctx.secondary(v).is_some_and(|s| {
+                    s.meta
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .state()
+                        .consistent
+                })
+            });
         if all {
             DataState::UpToDate
         } else {

@@ -275,6 +275,11 @@ fn read_replies(
                         partial.insert(hdr.seq, whole);
                     }
                 }
+                Kind::Failed => {
+                    let p = SharePath::new(payload.to_vec())
+                        .map_err(|e| anyhow!("bad path in a Failed frame: {e}"))?;
+                    share.replica_failed(p);
+                }
                 Kind::Error => bail!("replica reported: {}", String::from_utf8_lossy(payload)),
                 k => bail!("unexpected {k:?} frame from the replica"),
             }
@@ -363,7 +368,6 @@ fn request_sums(
 /// Seconds of slack below `level_at` for ctime comparisons (the kernel's
 /// file times are coarse and clocks step).
 const UNSURE_SLACK_S: i64 = 2;
-
 
 /// One comparison pass: what to compare by content besides entries whose
 /// type, size or mtime differ.
@@ -469,6 +473,11 @@ fn resync_passes(
             whole: passes > 1,
         };
         pass.run(&todo, &shallow)?;
+        // Everything sent is applied (or reported failed) before the paths
+        // to compare again are taken.
+        if !share.wait_acked(share.last_seq()) {
+            bail!("link lost during resync");
+        }
         let mut l = share.link();
         if !l.connected {
             bail!("link lost during resync");
@@ -1123,6 +1132,7 @@ pub fn serve_replica(
                 generation: 0,
                 clean: true,
                 level_at: 0,
+                received_at: 0,
                 suspect_since: None,
             };
             if let Err(e) = store.create(&r) {
@@ -1208,7 +1218,10 @@ fn apply_stream(
     let mut failures = 0u64;
     loop {
         if ctx.shares.primary(&rec.name).is_some() {
-            bail!("share {:?} was promoted here: the old primary's stream ends", rec.name);
+            bail!(
+                "share {:?} was promoted here: the old primary's stream ends",
+                rec.name
+            );
         }
         let mut used = 0;
         let mut any = false;
@@ -1228,9 +1241,18 @@ fn apply_stream(
                             // (an async share's watcher compares what it touched).
                             bail!("applying {:?} failed: {e}", op_name(&op.op));
                         }
-                        // Resyncing: the resync compares what this touched again.
+                        // Resyncing (or async): the primary compares what this
+                        // touched again, by content.
                         failures += 1;
-                        tracing::debug!(share = %rec.name, error = %e, "share.apply.skipped_while_resyncing");
+                        tracing::info!(share = %rec.name, op = %op_name(&op.op), error = %e, "share.apply.failed_compared_again");
+                        for p in op.op.touched() {
+                            wire.send(&ferry_wire::encode_frame(
+                                Kind::Failed,
+                                hdr.seq,
+                                0,
+                                p.as_bytes(),
+                            ))?;
+                        }
                     }
                     ctx.shares.add_applied(&rec.name, op.op.data_bytes());
                     received = hdr.seq;

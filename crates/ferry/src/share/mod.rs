@@ -49,6 +49,10 @@ pub struct ShareRecord {
     /// mtime (tar, rsync and `cp -p` restore mtimes): it is compared by content.
     #[serde(default)]
     pub level_at: i64,
+    /// Primary: unix seconds before which everything was received by the
+    /// replica (applied there, maybe not yet durable).
+    #[serde(default)]
+    pub received_at: i64,
     /// Replica that was primary before (demoted after a failover): files it
     /// changed at or after this unix second are compared by content until
     /// the new primary declares it up to date.
@@ -226,6 +230,7 @@ mod tests {
             generation: 7,
             clean: true,
             level_at: 0,
+            received_at: 0,
             suspect_since: None,
         };
         store.create(&rec).unwrap();
@@ -423,6 +428,7 @@ pub fn promote(
     rec.generation = random_u64();
     rec.clean = true;
     rec.level_at = primary::now_unix();
+    rec.received_at = rec.level_at;
     rec.suspect_since = None;
     if rec.mode == "async" {
         rec.path = store.data_dir(name);
@@ -457,7 +463,9 @@ pub fn demote(
     rec.role = "replica".into();
     rec.peer = Some(new_primary.to_string());
     rec.generation = 0;
-    rec.suspect_since = Some(rec.level_at - 2);
+    // What the new primary may lack: changes made here after the replica
+    // last confirmed receiving everything.
+    rec.suspect_since = Some(rec.level_at.max(rec.received_at) - 2);
     store.save(&rec)?;
     tracing::warn!(share = %name, new_primary, "share.demoted");
     Ok(())

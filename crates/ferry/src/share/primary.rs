@@ -107,6 +107,10 @@ pub struct LinkState {
     /// one is durable on an up-to-date replica, the replica was level with
     /// the tree as of that second.
     flush_times: VecDeque<(u64, i64)>,
+    /// Sequence numbers sampled with the second they were sequenced (one
+    /// per second): once one is received, everything sequenced before that
+    /// second is on the replica.
+    push_times: VecDeque<(u64, i64)>,
 }
 
 impl std::fmt::Debug for LinkState {
@@ -164,6 +168,8 @@ pub struct PrimaryShare {
     /// Fenced: mutating calls wait until it opens.
     frozen: Mutex<bool>,
     gate_cv: Condvar,
+    /// When the levels were last written to the record.
+    level_saved: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for PrimaryShare {
@@ -362,6 +368,7 @@ impl PrimaryShare {
             parked: Mutex::new(Vec::new()),
             frozen: Mutex::new(false),
             gate_cv: Condvar::new(),
+            level_saved: Mutex::new(None),
         }))
     }
 
@@ -435,6 +442,10 @@ impl PrimaryShare {
         l.unconfirmed.push_back((seq, touched, parents));
         l.queued_bytes += frame.len() as u64;
         l.inflight.push_back((seq, frame.len() as u64));
+        let now = now_unix();
+        if l.push_times.back().is_none_or(|(_, t)| *t < now) {
+            l.push_times.push_back((seq, now));
+        }
         l.inflight_bytes += frame.len() as u64;
         l.queue.push_back(frame);
         self.stats.ops_sent.fetch_add(1, Ordering::Relaxed);
@@ -526,13 +537,18 @@ impl PrimaryShare {
     pub fn on_ack(&self, received: u64, durable: u64) {
         let mut ready = Vec::new();
         let mut level = None;
+        let mut got = None;
         {
             let mut l = self.link();
             while l.flush_times.front().is_some_and(|(s, _)| *s <= durable) {
                 level = l.flush_times.pop_front().map(|(_, t)| t);
             }
+            while l.push_times.front().is_some_and(|(s, _)| *s <= received) {
+                got = l.push_times.pop_front().map(|(_, t)| t);
+            }
             if !l.up_to_date {
                 level = None;
+                got = None;
             }
             if received > l.received_seq {
                 l.received_seq = received;
@@ -573,8 +589,8 @@ impl PrimaryShare {
         for done in ready {
             done(Ok(()));
         }
-        if let Some(t) = level {
-            self.set_level_at(t, false);
+        if level.is_some() || got.is_some() {
+            self.note_level(level, got, false);
         }
     }
 
@@ -608,6 +624,7 @@ impl PrimaryShare {
             l.inflight.clear();
             l.inflight_bytes = 0;
             l.flush_times.clear();
+            l.push_times.clear();
             ready.extend(
                 std::mem::take(&mut l.waiting_received)
                     .into_values()
@@ -649,6 +666,27 @@ impl PrimaryShare {
         let parked = std::mem::take(&mut *lock(&self.parked));
         for done in parked {
             done(Ok(()));
+        }
+    }
+
+    /// The replica could not apply an op on `path`: compared again by
+    /// content — in this resync, by the async pump, or (a sync replica that
+    /// should have taken every op) after a reconnect.
+    pub fn replica_failed(&self, path: SharePath) {
+        let mut l = self.link();
+        if l.resyncing {
+            l.again.insert(path.clone());
+            l.again_by_content.insert(path);
+            return;
+        }
+        lock(&self.journal).add(&path, true);
+        if self.mode_sync() {
+            drop(l);
+            self.link_lost("the replica could not apply an operation: comparing again");
+        } else {
+            l.pending_since.get_or_insert_with(std::time::Instant::now);
+            drop(l);
+            self.cv.notify_all();
         }
     }
 
@@ -743,15 +781,27 @@ impl PrimaryShare {
     }
 
     /// Records that the replica was level with the tree at `at` (unix
-    /// seconds); written to the record at most every 10 s (older is only
-    /// more cautious).
-    pub fn set_level_at(&self, at: i64, force_save: bool) {
+    /// seconds; durable there) and/or had received everything sequenced
+    /// before `received`. Written to the record at most every second unless
+    /// `force` (older values are only more cautious).
+    pub fn note_level(&self, at: Option<i64>, received: Option<i64>, force: bool) {
         let mut r = lock(&self.rec);
-        let stale = at - r.level_at >= 10;
-        r.level_at = at;
-        if stale || force_save {
+        if let Some(t) = at {
+            r.level_at = r.level_at.max(t);
+            r.received_at = r.received_at.max(t);
+        }
+        if let Some(t) = received {
+            r.received_at = r.received_at.max(t);
+        }
+        let mut last = lock(&self.level_saved);
+        if force || last.is_none_or(|l| l.elapsed() >= std::time::Duration::from_secs(1)) {
+            *last = Some(std::time::Instant::now());
             let _ = self.store.save(&r);
         }
+    }
+
+    pub fn set_level_at(&self, at: i64, force: bool) {
+        self.note_level(Some(at), None, force);
     }
 
     pub fn level_at(&self) -> i64 {

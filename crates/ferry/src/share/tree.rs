@@ -802,7 +802,8 @@ impl FileCache {
             if self.files.len() >= FILE_CACHE_MAX {
                 self.files.clear();
             }
-            let f = tree.open_file(t, libc::O_WRONLY, 0)?;
+            // Read too: a delta's CopyWithin reads blocks it moves.
+            let f = tree.open_file(t, libc::O_RDWR, 0)?;
             self.files.insert(t.clone(), f);
         }
         self.files.get(t).ok_or_else(einval)

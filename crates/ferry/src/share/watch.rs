@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use ferry_wire::SharePath;
 
-use super::primary::{Changes, now_unix, PrimaryShare};
+use super::primary::{now_unix, Changes, PrimaryShare};
 use crate::agent::config::ShareSettings;
 
 /// Events inotify reports on a watched directory.
@@ -121,7 +121,6 @@ impl Batch {
         self.deep.len() + self.shallow.len() + self.renames.len()
     }
 }
-
 
 impl State {
     fn abs(&self, p: &SharePath) -> PathBuf {
