@@ -622,14 +622,23 @@ impl Filesystem for ShareFs {
         };
         let stamps = [Self::parent_target(&path)];
         let name = name.as_bytes().to_vec();
-        self.commit(op.clone(), &stamps, |op| self.apply_tree(op), answer(reply));
-        // Bookkeeping after the local change (the reply may still wait for the peer).
-        self.forget_link(parent.0, &name);
-        if let (Some(ino), FileOp::Orphan { id, .. }) = (orphan_ino, op) {
-            if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
-                n.orphan = Some(id);
-            }
-        }
+        // The inode table follows under the order lock, right after the local
+        // change: no other call sees the name gone here and still mapped.
+        self.commit(
+            op,
+            &stamps,
+            |op| {
+                self.apply_tree(op)?;
+                self.forget_link(parent.0, &name);
+                if let (Some(ino), FileOp::Orphan { id, .. }) = (orphan_ino, op) {
+                    if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
+                        n.orphan = Some(*id);
+                    }
+                }
+                Ok(())
+            },
+            answer(reply),
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -641,10 +650,13 @@ impl Filesystem for ShareFs {
         self.commit(
             FileOp::Rmdir { path },
             &stamps,
-            |op| self.apply_tree(op),
+            |op| {
+                self.apply_tree(op)?;
+                self.forget_link(parent.0, name.as_bytes());
+                Ok(())
+            },
             answer(reply),
         );
-        self.forget_link(parent.0, name.as_bytes());
     }
 
     fn symlink(
@@ -688,28 +700,35 @@ impl Filesystem for ShareFs {
         // A replaced file that is still open keeps working as an orphan.
         if !exchange {
             if let Some((ino, op)) = self.orphan_if_open(&to) {
-                let r = self.commit_wait(op.clone(), &[], |op| self.apply_tree(op));
+                let r = self.commit_wait(op, &[], |op| {
+                    self.apply_tree(op)?;
+                    if let FileOp::Orphan { id, .. } = op {
+                        if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
+                            n.orphan = Some(*id);
+                        }
+                    }
+                    self.forget_link(newparent.0, newname.as_bytes());
+                    Ok(())
+                });
                 if let Err(e) = r {
                     return reply.error(errno(&e));
                 }
-                if let FileOp::Orphan { id, .. } = op {
-                    if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
-                        n.orphan = Some(id);
-                    }
-                }
-                self.forget_link(newparent.0, newname.as_bytes());
             }
         }
-        let from_st = self.share.tree.lstat(&Target::Path(from.clone())).ok();
-        let to_st = self.share.tree.lstat(&Target::Path(to.clone())).ok();
         let stamps = [Self::parent_target(&from), Self::parent_target(&to)];
+        let (from_t, to_t) = (Target::Path(from.clone()), Target::Path(to.clone()));
         let op = FileOp::Rename {
             from,
             to,
             flags: flags.bits(),
         };
-        let r = self.commit_wait(op, &stamps, |op| self.apply_tree(op));
-        if r.is_ok() {
+        // The inode table follows under the order lock, right after the
+        // local rename (before the replica is waited for): no other call
+        // can resolve an inode to a name that moved.
+        let r = self.commit_wait(op, &stamps, |op| {
+            let from_st = self.share.tree.lstat(&from_t).ok();
+            let to_st = self.share.tree.lstat(&to_t).ok();
+            self.apply_tree(op)?;
             let mut inodes = lock(&self.inodes);
             let a = from_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
             let b = to_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
@@ -731,7 +750,8 @@ impl Filesystem for ShareFs {
                     n.links.insert(0, new);
                 }
             }
-        }
+            Ok(())
+        });
         answer(reply)(r)
     }
 
@@ -803,20 +823,35 @@ impl Filesystem for ShareFs {
             },
         };
         let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
-        let r = self.commit_wait(op, &stamps, |op| self.apply_tree(op));
-        if let Err(e) = r {
-            return reply.error(errno(&e));
-        }
-        let st = match self.share.tree.lstat(&Target::Path(path.clone())) {
-            Ok(st) => st,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        let ino = self.remember(parent.0, name.as_bytes(), &st);
-        match self.open_handle(ino, &Target::Path(path), flags & !libc::O_TRUNC) {
-            Ok((fh, fl)) => {
+        let target = Target::Path(path);
+        let name = name.as_bytes().to_vec();
+        // Mapped and opened under the order lock, right after it was made.
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commit(
+            op,
+            &stamps,
+            |op| {
+                self.apply_tree(op)?;
+                // Made here: from now on it must reach the replica, so a
+                // failing stat or open is answered, not returned (which
+                // would leave the op off the stream).
+                let opened = self.share.tree.lstat(&target).and_then(|st| {
+                    let ino = self.remember(parent.0, &name, &st);
+                    let (fh, fl) = self.open_handle(ino, &target, flags & !libc::O_TRUNC)?;
+                    Ok((ino, st, fh, fl))
+                });
+                Ok(opened)
+            },
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        match rx.recv() {
+            Ok(Ok(Ok((ino, st, fh, fl)))) => {
                 reply.created(&TTL, &attr_of(ino, &st), Generation(0), FileHandle(fh), fl)
             }
-            Err(e) => reply.error(errno(&e)),
+            Ok(Ok(Err(e)) | Err(e)) => reply.error(errno(&e)),
+            Err(_) => reply.error(Errno::EIO),
         }
     }
 
@@ -1209,10 +1244,31 @@ impl ShareFs {
         reply: ReplyEntry,
     ) {
         let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
-        let r = self.commit_wait(op, &stamps, |op| self.apply_tree(op));
-        match r {
-            Ok(()) => self.entry(parent, name.as_bytes(), &path, reply),
-            Err(e) => reply.error(errno(&e)),
+        let target = Target::Path(path);
+        let name = name.as_bytes().to_vec();
+        // The new entry is remembered under the order lock, right after it
+        // was made: a later call on its name finds it mapped.
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.commit(
+            op,
+            &stamps,
+            |op| {
+                self.apply_tree(op)?;
+                // Made here: answered, not returned, if the stat fails (a
+                // returned error would leave the op off the stream).
+                Ok(self.share.tree.lstat(&target).map(|st| {
+                    let ino = self.remember(parent, &name, &st);
+                    (ino, st)
+                }))
+            },
+            move |r| {
+                let _ = tx.send(r);
+            },
+        );
+        match rx.recv() {
+            Ok(Ok(Ok((ino, st)))) => reply.entry(&TTL, &attr_of(ino, &st), Generation(0)),
+            Ok(Ok(Err(e)) | Err(e)) => reply.error(errno(&e)),
+            Err(_) => reply.error(Errno::EIO),
         }
     }
 }
