@@ -52,16 +52,17 @@ export FERRY_LOG=warn
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-ratio() { echo "scale=2; $1 / $2" | bc; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
 
-declare -A API PID
-start_agent() { # name
+declare -A API PID DIR
+start_agent() { # name [data dir]
   local n=$1 api repl nbd
+  DIR[$n]=${2:-$work/$n}
   api=$(port); repl=$(port); nbd=$(port)
-  mkdir -p "$work/$n"
+  mkdir -p "${DIR[$n]}"
   cat >"$work/$n.toml" <<EOT
 node_name = "$n"
-data_dir = "$work/$n"
+data_dir = "${DIR[$n]}"
 api_listen = "127.0.0.1:$api"
 replication_listen = "127.0.0.1:$repl"
 nbd_listen = "127.0.0.1:$nbd"
@@ -72,11 +73,13 @@ EOT
   for _ in $(seq 100); do [[ -s "$work/$n.out" ]] && break; sleep 0.05; done
   API[$n]="127.0.0.1:$api"
 }
-on() { local n=$1; shift; FERRY_API="${API[$n]}" FERRY_DATA_DIR="$work/$n" "$ferry" "$@"; }
-pair() {
-  for n in a b; do rm -rf "${work:?}/$n"; done
-  start_agent a; start_agent b
-  cp "$work/b/api.token" "$work/b.token"
+on() { local n=$1; shift; FERRY_API="${API[$n]}" FERRY_DATA_DIR="${DIR[$n]}" "$ferry" "$@"; }
+pair() { # [suffix]: fresh data dirs (ext4 avoids recently freed inodes:
+  # deleting 100k files between runs would slow the next run's creates)
+  local sfx=${1:-}
+  for n in a b; do rm -rf "${work:?}/$n$sfx"; done
+  start_agent a "$work/a$sfx"; start_agent b "$work/b$sfx"
+  cp "${DIR[b]}/api.token" "$work/b.token"
   on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
 }
 stop_agents() {
@@ -101,38 +104,37 @@ EOF
   for i in 1 2 3 4; do head -c $((big_mib << 20)) /dev/urandom >"$work/src/big$i"; done
   sync
   total=$(du -sb "$work/src" | cut -f1)
-  ferry_t=()
-  for rep in $(seq "$reps"); do
-    pair
-    t0=$(now)
-    on a share create tree --path "$work/src" --mode async --to b >/dev/null
-    on a share wait tree --timeout 900s >/dev/null
-    t1=$(now)
-    ferry_t+=("$(echo "$t1 - $t0" | bc)")
-    diff -rq "$work/src" "$work/b/shares/tree/data" >/dev/null || { echo "replica differs!" >&2; exit 1; }
-    echo "rep $rep: ferry initial sync ${ferry_t[-1]} s" >&2
-    stop_agents
-  done
-  mkdir -p "$work/rsyncd/dst"
+  mkdir -p "$work/rsyncd"
   rport=$(port)
   cat >"$work/rsyncd.conf" <<EOT
 use chroot = no
 uid = root
 gid = root
 [dst]
-path = $work/rsyncd/dst
+path = $work/rsyncd
 read only = no
 EOT
-  rsync --daemon --no-detach --address=127.0.0.1 --port="$rport" --config="$work/rsyncd.conf" & rs=$!; pids+=($rs)
+  rsync --daemon --no-detach --address=127.0.0.1 --port="$rport" --config="$work/rsyncd.conf" & rs=$!
   sleep 0.3
-  rsync_t=(); rsync_sync_t=()
+  # Interleaved, and nothing deleted until the end (see pair).
+  ferry_t=(); rsync_t=(); rsync_sync_t=()
   for rep in $(seq "$reps"); do
-    rm -rf "$work/rsyncd/dst/src"; sync
-    t0=$(now); rsync -a --whole-file "$work/src" "rsync://127.0.0.1:$rport/dst/"; t1=$(now); sync; t2=$(now)
+    pair "-$rep"
+    sync
+    t0=$(now)
+    on a share create tree --path "$work/src" --mode async --to b >/dev/null
+    on a share wait tree --timeout 900s >/dev/null
+    t1=$(now)
+    ferry_t+=("$(echo "$t1 - $t0" | bc)")
+    diff -rq "$work/src" "${DIR[b]}/shares/tree/data" >/dev/null || { echo "replica differs!" >&2; exit 1; }
+    echo "rep $rep: ferry initial sync ${ferry_t[-1]} s" >&2
+    stop_agents
+    mkdir -p "$work/rsyncd/$rep"; sync
+    t0=$(now); rsync -a --whole-file "$work/src" "rsync://127.0.0.1:$rport/dst/$rep/"; t1=$(now); sync; t2=$(now)
     rsync_t+=("$(echo "$t1 - $t0" | bc)"); rsync_sync_t+=("$(echo "$t2 - $t0" | bc)")
     echo "rep $rep: rsync daemon ${rsync_t[-1]} s (${rsync_sync_t[-1]} s with sync)" >&2
   done
-  kill $rs 2>/dev/null || true; wait $rs 2>/dev/null || true; pids=()
+  kill $rs 2>/dev/null || true; wait $rs 2>/dev/null || true
   f=$(printf '%s\n' "${ferry_t[@]}" | median)
   r=$(printf '%s\n' "${rsync_t[@]}" | median)
   rs_=$(printf '%s\n' "${rsync_sync_t[@]}" | median)
@@ -140,7 +142,7 @@ EOT
   echo "ferry async share (incl. replica syncfs): $f s"
   echo "rsync daemon -a --whole-file:            $r s  (ferry speed ratio $(ratio "$r" "$f")x)"
   echo "rsync daemon + sync:                     $rs_ s  (ferry speed ratio $(ratio "$rs_" "$f")x)"
-  rm -rf "$work/src" "$work/rsyncd"
+  rm -rf "$work/src" "$work/rsyncd" "$work"/a-* "$work"/b-*
 fi
 
 # ---------- 2. async change-to-replica latency ----------
@@ -200,7 +202,7 @@ if has 2; then
     mkdir -p "$work/asrc"
     on a share create lat --path "$work/asrc" --mode async --to b >/dev/null
     on a share wait lat --timeout 60s >/dev/null
-    LAT[ferry-$load]=$(python3 "$work/latency.py" "$work/asrc" "$work/b/shares/lat/data" "$load" "$secs")
+    LAT[ferry-$load]=$(python3 "$work/latency.py" "$work/asrc" "${DIR[b]}/shares/lat/data" "$load" "$secs")
     echo "ferry async, background $load files/s: p50 p99 n = ${LAT[ferry-$load]}" >&2
     stop_agents
     rm -rf "$work/asrc"
@@ -237,6 +239,7 @@ pg_tps() { # dir -> tps
   bin=$(ls -d /usr/lib/postgresql/*/bin | sort | tail -1)
   pgport=$(port)
   mkdir -p "$dir/pg"; chown postgres:postgres "$dir/pg"
+  [[ -e "$work/pg.log" ]] || { : >"$work/pg.log"; chmod 666 "$work/pg.log"; }
   runuser -u postgres -- "$bin/initdb" -N -A trust -D "$dir/pg/data" >/dev/null
   runuser -u postgres -- "$bin/pg_ctl" -D "$dir/pg/data" -l "$work/pg.log" -w \
     -o "-p $pgport -k /tmp -c shared_buffers=64MB" start >/dev/null

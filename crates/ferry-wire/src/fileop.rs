@@ -240,6 +240,15 @@ pub enum FileOp {
     },
     /// Times only (after a resync copied an entry).
     Stamps,
+    /// A whole small file in one op (resync): made (replacing whatever is
+    /// there), filled, owned, moded and stamped.
+    PutFile {
+        path: SharePath,
+        mode: u32,
+        owner: Owner,
+        mtime: Time,
+        data: Vec<u8>,
+    },
     /// Moves `len` bytes of the file from `from` to `to` (a delta reusing
     /// a block the replica already has; `from > to`, applied front to back).
     CopyWithin {
@@ -261,7 +270,7 @@ impl FileOp {
     /// Bytes of file data it carries (for rates and backlog accounting).
     pub fn data_bytes(&self) -> u64 {
         match self {
-            FileOp::Write { data, .. } => data.len() as u64,
+            FileOp::Write { data, .. } | FileOp::PutFile { data, .. } => data.len() as u64,
             FileOp::SetXattr { value, .. } => value.len() as u64,
             _ => 0,
         }
@@ -272,6 +281,7 @@ impl FileOp {
         let parent = |p: &SharePath| p.split_last().map(|(d, _)| d);
         match self {
             FileOp::Create { path, .. }
+            | FileOp::PutFile { path, .. }
             | FileOp::Mknod { path, .. }
             | FileOp::Mkdir { path, .. }
             | FileOp::Symlink { path, .. }
@@ -303,6 +313,7 @@ impl FileOp {
             | FileOp::RemoveXattr { target, .. }
             | FileOp::CopyWithin { target, .. } => t(target).into_iter().collect(),
             FileOp::Create { path, .. }
+            | FileOp::PutFile { path, .. }
             | FileOp::Mknod { path, .. }
             | FileOp::Mkdir { path, .. }
             | FileOp::Symlink { path, .. }
@@ -608,6 +619,20 @@ impl StampedOp {
                 e.path(path);
             }
             FileOp::Stamps => e.u8(18),
+            FileOp::PutFile {
+                path,
+                mode,
+                owner,
+                mtime,
+                data,
+            } => {
+                e.u8(20);
+                e.path(path);
+                e.u32(*mode);
+                e.owner(*owner);
+                e.time(*mtime);
+                e.bytes(data);
+            }
             FileOp::CopyWithin {
                 target,
                 from,
@@ -707,6 +732,13 @@ impl StampedOp {
             },
             17 => FileOp::RemoveTree { path: d.path()? },
             18 => FileOp::Stamps,
+            20 => FileOp::PutFile {
+                path: d.path()?,
+                mode: d.u32()?,
+                owner: d.owner()?,
+                mtime: d.time()?,
+                data: d.bytes()?.to_vec(),
+            },
             19 => FileOp::CopyWithin {
                 target: d.target()?,
                 from: d.u64()?,
@@ -1049,6 +1081,20 @@ mod tests {
                     len
                 }
             ),
+            (
+                arb_path(),
+                any::<u32>(),
+                arb_owner(),
+                arb_time(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(path, mode, owner, mtime, data)| FileOp::PutFile {
+                    path,
+                    mode,
+                    owner,
+                    mtime,
+                    data
+                }),
         ]
     }
 

@@ -738,6 +738,7 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
             gid: e.gid,
         };
         let mut rewritten = false;
+        let mut attrs_sent = false;
         match &e.kind {
             EntryKind::Dir => {
                 if !same_kind && !e.path.is_root() {
@@ -758,7 +759,7 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
                     same_kind && t.is_some_and(|t| t.kind == e.kind && t.mtime == e.mtime);
                 if !same_kind {
                     changed_dirs.extend(e.path.split_last().map(|(d, _)| d));
-                    send_file(share, &e.path, false, e.mode, owner)?;
+                    attrs_sent = send_file(share, &e.path, false, e.mode, owner)?;
                 } else if pass.whole && pass.force.contains(&e.path) {
                     send_file(share, &e.path, true, e.mode, owner)?;
                     rewritten = true;
@@ -802,7 +803,7 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
                 }
             }
         }
-        if !matches!(e.kind, EntryKind::Dir) {
+        if !matches!(e.kind, EntryKind::Dir) && !attrs_sent {
             // What the replica had before a rewrite says nothing of its times now.
             fix_attrs(share, e, if rewritten || !same_kind { None } else { t })?;
         }
@@ -883,16 +884,16 @@ fn send_delta(pass: &Pass<'_>, path: &SharePath, mode: u32, owner: Owner) -> Res
     };
     let size = f.metadata()?.len();
     if size < DELTA_MIN_BYTES {
-        return send_file(share, path, true, mode, owner);
+        return send_file(share, path, true, mode, owner).map(drop);
     }
     let block = ferry_core::delta::block_size_for(size);
     let sums = request_sums(share, pass.replies, path, block)?;
     let Some(their_size) = sums.size else {
         // Not a file there any more: the ops that changed it are on the stream.
-        return send_file(share, path, false, mode, owner);
+        return send_file(share, path, false, mode, owner).map(drop);
     };
     if their_size == 0 {
-        return send_file(share, path, true, mode, owner);
+        return send_file(share, path, true, mode, owner).map(drop);
     }
     share.stats.resync_files.fetch_add(1, Ordering::Relaxed);
     // A live operation on the file from here on may land between blocks the
@@ -989,12 +990,15 @@ fn send_file(
     exists_as_file: bool,
     mode: u32,
     owner: Owner,
-) -> Result<()> {
+) -> Result<bool> {
     let target = Target::Path(path.clone());
     let f = match share.tree.open_file(&target, libc::O_RDONLY, 0) {
         Ok(f) => f,
-        Err(e) => return unreadable(share, path, e),
+        Err(e) => return unreadable(share, path, e).map(|()| false),
     };
+    if !exists_as_file && put_whole(share, path, &f)? {
+        return Ok(true);
+    }
     {
         let mut o = share.order();
         let op = if exists_as_file {
@@ -1072,7 +1076,55 @@ fn send_file(
         drop(o);
         pace(share);
     }
-    Ok(())
+    Ok(false)
+}
+
+/// Files up to this size without holes go in one op when new on the replica.
+const PUT_FILE_BYTES_MAX: u64 = 1 << 20;
+
+/// A small new file in one `PutFile` op (content, mode, owner and mtime read
+/// under the order lock: one consistent state). False when it does not
+/// qualify (larger, or sparse).
+fn put_whole(share: &PrimaryShare, path: &SharePath, f: &std::fs::File) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let mut o = share.order();
+    let m = f.metadata()?;
+    if m.len() > PUT_FILE_BYTES_MAX || m.blocks() * 512 < m.len() {
+        return Ok(false);
+    }
+    let mut data = vec![0u8; m.len() as usize];
+    let mut got = 0;
+    while got < data.len() {
+        match f.read_at(&mut data[got..], got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    data.truncate(got);
+    share
+        .stats
+        .resync_bytes
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
+    let op = FileOp::PutFile {
+        path: path.clone(),
+        mode: m.mode() & 0o7777,
+        owner: Owner {
+            uid: m.uid(),
+            gid: m.gid(),
+        },
+        mtime: ferry_wire::Time {
+            secs: m.mtime(),
+            nanos: m.mtime_nsec() as u32,
+        },
+        data,
+    };
+    share
+        .push_resync(&mut o, op, vec![])
+        .ok_or_else(|| anyhow!("link lost"))?;
+    drop(o);
+    share.stats.resync_files.fetch_add(1, Ordering::Relaxed);
+    pace(share);
+    Ok(true)
 }
 
 // ---------------------------------------------------------------- replica side
@@ -1216,6 +1268,7 @@ fn apply_stream(
     let mut received = 0u64;
     let mut durable = 0u64;
     let mut failures = 0u64;
+    let mut since_flush = Unflushed::default();
     loop {
         if ctx.shares.primary(&rec.name).is_some() {
             bail!(
@@ -1232,6 +1285,7 @@ fn apply_stream(
                 Kind::Ping => {}
                 Kind::FileOp => {
                     let op = StampedOp::decode(payload)?;
+                    since_flush.note(&op);
                     let r = tree
                         .apply(&op.op, &mut files)
                         .and_then(|_| op.stamps.iter().try_for_each(|s| tree.set_stamp(s)));
@@ -1258,8 +1312,9 @@ fn apply_stream(
                     received = hdr.seq;
                 }
                 Kind::Flush => {
+                    let full = hdr.flags & FLAG_UP_TO_DATE != 0;
+                    since_flush.make_durable(tree, &mut files, full)?;
                     files.clear();
-                    tree.sync().context("syncfs on the replica")?;
                     received = hdr.seq;
                     durable = hdr.seq;
                     if hdr.flags & FLAG_UP_TO_DATE != 0 {
@@ -1340,6 +1395,62 @@ fn apply_stream(
             Err(e) => return Err(e.into()),
         };
         wire.open(&raw[..n], &mut plain)?;
+    }
+}
+
+/// What changed on a replica since its last flush, to make a flush cost
+/// what it covers: a few files' contents are `fsync`ed one by one; anything
+/// else (entries made, removed or renamed, many files) is a `syncfs`.
+#[derive(Default)]
+struct Unflushed {
+    files: std::collections::HashSet<Target>,
+    namespace: bool,
+}
+
+/// Files fsynced one by one at a flush before a `syncfs` is cheaper.
+const FLUSH_FILES_MAX: usize = 64;
+
+impl Unflushed {
+    fn note(&mut self, op: &StampedOp) {
+        match &op.op {
+            FileOp::Write { target, .. }
+            | FileOp::Truncate { target, .. }
+            | FileOp::Fallocate { target, .. }
+            | FileOp::CopyWithin { target, .. }
+            | FileOp::SetAttr { target, .. }
+            | FileOp::SetXattr { target, .. }
+            | FileOp::RemoveXattr { target, .. } => {
+                self.files.insert(target.clone());
+            }
+            FileOp::Stamps => {}
+            _ => self.namespace = true,
+        }
+        // Stamps set times on other entries (parent directories).
+        for s in &op.stamps {
+            self.files.insert(s.target.clone());
+        }
+    }
+
+    fn make_durable(&mut self, tree: &Tree, files: &mut FileCache, full: bool) -> Result<()> {
+        let each = !full && !self.namespace && self.files.len() <= FLUSH_FILES_MAX;
+        if each {
+            for t in &self.files {
+                match tree.open_file(t, libc::O_RDONLY, 0) {
+                    Ok(f) => f.sync_all().context("fsync on the replica")?,
+                    // A directory (a parent's times) or gone: the whole filesystem.
+                    Err(_) => {
+                        files.clear();
+                        tree.sync().context("syncfs on the replica")?;
+                        break;
+                    }
+                }
+            }
+        } else {
+            files.clear();
+            tree.sync().context("syncfs on the replica")?;
+        }
+        *self = Unflushed::default();
+        Ok(())
     }
 }
 

@@ -423,6 +423,42 @@ impl Tree {
                 cvt(unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) })?;
                 Ok(())
             }
+            FileOp::PutFile {
+                path,
+                mode,
+                owner,
+                mtime,
+                data,
+            } => {
+                files.clear();
+                let target = Target::Path(path.clone());
+                let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
+                let f = match self.open_file(&target, flags, mode & 0o7777) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && self.lenient => {
+                        self.remove_tree(path)?;
+                        self.open_file(&target, flags, mode & 0o7777)?
+                    }
+                    r => r?,
+                };
+                f.write_all_at(data, 0)?;
+                // SAFETY: valid descriptor.
+                cvt(unsafe { libc::fchown(f.as_raw_fd(), owner.uid, owner.gid) })?;
+                // SAFETY: valid descriptor (umask may have cut the mode).
+                cvt(unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) })?;
+                let times = [
+                    libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: libc::UTIME_OMIT,
+                    },
+                    libc::timespec {
+                        tv_sec: mtime.secs,
+                        tv_nsec: i64::from(mtime.nanos),
+                    },
+                ];
+                // SAFETY: valid descriptor and a two-element timespec array.
+                cvt(unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) })?;
+                Ok(())
+            }
             FileOp::Mknod {
                 path,
                 mode,
