@@ -85,6 +85,10 @@ pub struct ShareFs {
     inodes: Mutex<Inodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// Held from "is this file open?" to the orphan being marked (unlink,
+    /// rename over), and by the last close: a close racing an unlink either
+    /// sees the orphan or happens before the unlink looks.
+    orphan_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for ShareFs {
@@ -197,6 +201,7 @@ impl ShareFs {
             inodes: Mutex::new(inodes),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            orphan_lock: Mutex::new(()),
         })
     }
 
@@ -616,6 +621,7 @@ impl Filesystem for ShareFs {
             Ok(p) => p,
             Err(e) => return reply.error(e),
         };
+        let _orphans = lock(&self.orphan_lock);
         let (op, orphan_ino) = match self.orphan_if_open(&path) {
             Some((ino, op)) => (op, Some(ino)),
             None => (FileOp::Unlink { path: path.clone() }, None),
@@ -699,6 +705,7 @@ impl Filesystem for ShareFs {
         let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
         // A replaced file that is still open keeps working as an orphan.
         if !exchange {
+            let _orphans = lock(&self.orphan_lock);
             if let Some((ino, op)) = self.orphan_if_open(&to) {
                 let r = self.commit_wait(op, &[], |op| {
                     self.apply_tree(op)?;
@@ -973,6 +980,7 @@ impl Filesystem for ShareFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _orphans = lock(&self.orphan_lock);
         lock(&self.handles).remove(&fh.0);
         let orphan = {
             let mut inodes = lock(&self.inodes);
