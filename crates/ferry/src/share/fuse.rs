@@ -345,15 +345,17 @@ impl ShareFs {
     }
 
     /// A durable barrier on both sides (after the local sync `local`).
-    fn barrier(&self, local: io::Result<()>, reply: ReplyEmpty) {
-        if let Err(e) = local {
-            return reply.error(errno(&e));
-        }
+    /// The flush goes to the replica first, so its sync and the local one
+    /// (`local`) overlap.
+    fn barrier(&self, local: impl FnOnce() -> io::Result<()>, reply: ReplyEmpty) {
         self.share.wait_open();
         let seq = {
             let mut o = self.share.order();
             self.share.push_flush(&mut o, false)
         };
+        if let Err(e) = local() {
+            return reply.error(errno(&e));
+        }
         self.share.wait_durable(seq, Box::new(answer(reply)));
     }
 
@@ -927,6 +929,11 @@ impl Filesystem for ShareFs {
         let seq = self.share.push(&mut o, op, stamps);
         drop(o);
         if sync_writes {
+            // The replica's flush first: its sync and the local one overlap.
+            let fseq = {
+                let mut o = self.share.order();
+                self.share.push_flush(&mut o, false)
+            };
             // SAFETY: valid descriptor.
             let local = if unsafe { libc::fdatasync(f.as_raw_fd()) } < 0 {
                 Err(io::Error::last_os_error())
@@ -936,10 +943,6 @@ impl Filesystem for ShareFs {
             if let Err(e) = local {
                 return reply.error(errno(&e));
             }
-            let fseq = {
-                let mut o = self.share.order();
-                self.share.push_flush(&mut o, false)
-            };
             let _ = seq;
             return self.share.wait_durable(
                 fseq,
@@ -1018,12 +1021,16 @@ impl Filesystem for ShareFs {
         let Some((f, _, _)) = self.handle_file(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let local = if datasync {
-            f.sync_data()
-        } else {
-            f.sync_all()
-        };
-        self.barrier(local, reply);
+        self.barrier(
+            || {
+                if datasync {
+                    f.sync_data()
+                } else {
+                    f.sync_all()
+                }
+            },
+            reply,
+        );
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1079,15 +1086,16 @@ impl Filesystem for ShareFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let local = self
-            .target(ino.0)
-            .map_err(|e| io::Error::from_raw_os_error(e.code()))
-            .and_then(|t| {
-                self.share
-                    .tree
-                    .open_file(&t, libc::O_RDONLY | libc::O_DIRECTORY, 0)
-            })
-            .and_then(|d| d.sync_all());
+        let local = || {
+            self.target(ino.0)
+                .map_err(|e| io::Error::from_raw_os_error(e.code()))
+                .and_then(|t| {
+                    self.share
+                        .tree
+                        .open_file(&t, libc::O_RDONLY | libc::O_DIRECTORY, 0)
+                })
+                .and_then(|d| d.sync_all())
+        };
         self.barrier(local, reply);
     }
 
