@@ -340,7 +340,8 @@ impl Net {
         self.ha_workload_with(size, &[]);
     }
 
-    fn ha_workload_with(&self, size: &str, extra: &[&str]) {
+    /// Registers `b` at `a` (both ways).
+    fn pair_nodes(&self) {
         let token = self.dir("b").join("api.token");
         self.ok(
             "a",
@@ -354,6 +355,10 @@ impl Net {
                 token.to_str().unwrap(),
             ],
         );
+    }
+
+    fn ha_workload_with(&self, size: &str, extra: &[&str]) {
+        self.pair_nodes();
         self.ok("a", &["volume", "create", "vol", "--size", size]);
         let vip = format!("{VIP}/24");
         let mut args = vec![
@@ -1077,19 +1082,7 @@ fn postgresql_on_a_sync_share_fails_over_with_every_committed_transaction() {
     net.start_witness();
     net.start_agent("a");
     net.start_agent("b");
-    let token = net.dir("b").join("api.token");
-    net.ok(
-        "a",
-        &[
-            "node",
-            "add",
-            "b",
-            "--api",
-            &format!("{}:7360", addr_of("b")),
-            "--token-file",
-            token.to_str().unwrap(),
-        ],
-    );
+    net.pair_nodes();
     // The same path on both nodes: each agent mounts it in its own mount
     // namespace when it is primary.
     let mnt = net.root.path().join("pg");

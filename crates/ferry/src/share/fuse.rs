@@ -326,12 +326,12 @@ impl ShareFs {
 
     /// [`Self::commit`], waiting for the answer (for calls that need the
     /// outcome before they go on).
-    fn commit_wait(
+    fn commit_wait<R: Send + 'static>(
         &self,
         op: FileOp,
         stamp: &[Target],
-        local: impl FnOnce(&FileOp) -> io::Result<()>,
-    ) -> io::Result<()> {
+        local: impl FnOnce(&FileOp) -> io::Result<R>,
+    ) -> io::Result<R> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.commit(op, stamp, local, move |r| {
             let _ = tx.send(r);
@@ -835,32 +835,23 @@ impl Filesystem for ShareFs {
         let target = Target::Path(path);
         let name = name.as_bytes().to_vec();
         // Mapped and opened under the order lock, right after it was made.
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.commit(
-            op,
-            &stamps,
-            |op| {
-                self.apply_tree(op)?;
-                // Made here: from now on it must reach the replica, so a
-                // failing stat or open is answered, not returned (which
-                // would leave the op off the stream).
-                let opened = self.share.tree.lstat(&target).and_then(|st| {
-                    let ino = self.remember(parent.0, &name, &st);
-                    let (fh, fl) = self.open_handle(ino, &target, flags & !libc::O_TRUNC)?;
-                    Ok((ino, st, fh, fl))
-                });
-                Ok(opened)
-            },
-            move |r| {
-                let _ = tx.send(r);
-            },
-        );
-        match rx.recv() {
-            Ok(Ok(Ok((ino, st, fh, fl)))) => {
+        let r = self.commit_wait(op, &stamps, |op| {
+            self.apply_tree(op)?;
+            // Made here: from now on it must reach the replica, so a
+            // failing stat or open is answered, not returned (which
+            // would leave the op off the stream).
+            let opened = self.share.tree.lstat(&target).and_then(|st| {
+                let ino = self.remember(parent.0, &name, &st);
+                let (fh, fl) = self.open_handle(ino, &target, flags & !libc::O_TRUNC)?;
+                Ok((ino, st, fh, fl))
+            });
+            Ok(opened)
+        });
+        match r {
+            Ok(Ok((ino, st, fh, fl))) => {
                 reply.created(&TTL, &attr_of(ino, &st), Generation(0), FileHandle(fh), fl)
             }
-            Ok(Ok(Err(e)) | Err(e)) => reply.error(errno(&e)),
-            Err(_) => reply.error(Errno::EIO),
+            Ok(Err(e)) | Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -1264,27 +1255,18 @@ impl ShareFs {
         let name = name.as_bytes().to_vec();
         // The new entry is remembered under the order lock, right after it
         // was made: a later call on its name finds it mapped.
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.commit(
-            op,
-            &stamps,
-            |op| {
-                self.apply_tree(op)?;
-                // Made here: answered, not returned, if the stat fails (a
-                // returned error would leave the op off the stream).
-                Ok(self.share.tree.lstat(&target).map(|st| {
-                    let ino = self.remember(parent, &name, &st);
-                    (ino, st)
-                }))
-            },
-            move |r| {
-                let _ = tx.send(r);
-            },
-        );
-        match rx.recv() {
-            Ok(Ok(Ok((ino, st)))) => reply.entry(&TTL, &attr_of(ino, &st), Generation(0)),
-            Ok(Ok(Err(e)) | Err(e)) => reply.error(errno(&e)),
-            Err(_) => reply.error(Errno::EIO),
+        let r = self.commit_wait(op, &stamps, |op| {
+            self.apply_tree(op)?;
+            // Made here: answered, not returned, if the stat fails (a
+            // returned error would leave the op off the stream).
+            Ok(self.share.tree.lstat(&target).map(|st| {
+                let ino = self.remember(parent, &name, &st);
+                (ino, st)
+            }))
+        });
+        match r {
+            Ok(Ok((ino, st))) => reply.entry(&TTL, &attr_of(ino, &st), Generation(0)),
+            Ok(Err(e)) | Err(e) => reply.error(errno(&e)),
         }
     }
 }

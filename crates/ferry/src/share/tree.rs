@@ -400,28 +400,7 @@ impl Tree {
             }
             FileOp::Create { path, mode, owner } => {
                 files.clear();
-                let f = self.open_file(
-                    &Target::Path(path.clone()),
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                    mode & 0o7777,
-                );
-                let f = match f {
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && self.lenient => {
-                        // A resync or a replayed stream: make it the empty file asked for.
-                        self.remove_tree(path)?;
-                        self.open_file(
-                            &Target::Path(path.clone()),
-                            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                            mode & 0o7777,
-                        )?
-                    }
-                    r => r?,
-                };
-                // SAFETY: valid descriptor.
-                cvt(unsafe { libc::fchown(f.as_raw_fd(), owner.uid, owner.gid) })?;
-                // SAFETY: valid descriptor (umask may have cut the mode).
-                cvt(unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) })?;
-                Ok(())
+                self.create_file(path, *mode, *owner).map(drop)
             }
             FileOp::PutFile {
                 path,
@@ -431,20 +410,8 @@ impl Tree {
                 data,
             } => {
                 files.clear();
-                let target = Target::Path(path.clone());
-                let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
-                let f = match self.open_file(&target, flags, mode & 0o7777) {
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && self.lenient => {
-                        self.remove_tree(path)?;
-                        self.open_file(&target, flags, mode & 0o7777)?
-                    }
-                    r => r?,
-                };
+                let f = self.create_file(path, *mode, *owner)?;
                 f.write_all_at(data, 0)?;
-                // SAFETY: valid descriptor.
-                cvt(unsafe { libc::fchown(f.as_raw_fd(), owner.uid, owner.gid) })?;
-                // SAFETY: valid descriptor (umask may have cut the mode).
-                cvt(unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) })?;
                 let times = [
                     libc::timespec {
                         tv_sec: 0,
@@ -744,6 +711,30 @@ impl Tree {
             }
         }
         Ok(())
+    }
+
+    /// A new empty regular file at `path`, owned and moded as asked (a
+    /// replica replaces whatever is there: a resync or a replayed stream).
+    fn create_file(
+        &self,
+        path: &SharePath,
+        mode: u32,
+        owner: ferry_wire::Owner,
+    ) -> io::Result<File> {
+        let target = Target::Path(path.clone());
+        let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
+        let f = match self.open_file(&target, flags, mode & 0o7777) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && self.lenient => {
+                self.remove_tree(path)?;
+                self.open_file(&target, flags, mode & 0o7777)?
+            }
+            r => r?,
+        };
+        // SAFETY: valid descriptor.
+        cvt(unsafe { libc::fchown(f.as_raw_fd(), owner.uid, owner.gid) })?;
+        // SAFETY: valid descriptor (umask may have cut the mode).
+        cvt(unsafe { libc::fchmod(f.as_raw_fd(), mode & 0o7777) })?;
+        Ok(f)
     }
 
     /// The block sums of the regular file at `path` (`None`: no regular
