@@ -1278,4 +1278,48 @@ fn postgresql_on_a_sync_share_fails_over_with_every_committed_transaction() {
             net.log("a")
         );
     }
+
+    // A replica copy that differs (one byte, size and mtime kept) stops a
+    // switchover: the workload stays on b.
+    let victim = net.dir("a").join("shares/pg/data/data/PG_VERSION");
+    let saved = net.root.path().join("PG_VERSION.saved");
+    sh_ok(&[
+        "cp",
+        "-p",
+        victim.to_str().unwrap(),
+        saved.to_str().unwrap(),
+    ]);
+    sh_ok(&[
+        "bash",
+        "-c",
+        &format!("t=$(stat -c %y {0}); printf 9 | dd of={0} bs=1 seek=0 conv=notrunc status=none; touch -d \"$t\" {0}", victim.display()),
+    ]);
+    let out = net.ferry("b", &["--json", "cluster", "switchover", "db"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("differs"),
+        "a switchover onto a different copy went ahead: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(net.status("b", "db")["primary"], "b");
+    sh_ok(&[
+        "cp",
+        "-p",
+        saved.to_str().unwrap(),
+        victim.to_str().unwrap(),
+    ]);
+
+    // A verified switchover back to a: both trees' digests compared, then
+    // PostgreSQL starts on a with every row.
+    let out = net.ferry("b", &["--json", "cluster", "switchover", "db"]);
+    assert!(
+        out.status.success(),
+        "switchover failed: {}\n--- b ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        net.log("b")
+    );
+    wait_for(120, "PostgreSQL to serve on a again", || {
+        net.has_vip("a") && psql(&net, "select 1").status.success()
+    });
+    let out = psql(&net, "select count(*) from acked");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "400");
 }

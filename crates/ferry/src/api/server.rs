@@ -141,6 +141,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
     let app = Router::new()
         .route("/api/v1/shares", get(shares).post(create_share))
         .route("/api/v1/shares/{name}", get(share_status))
+        .route("/api/v1/shares/{name}/digest", get(share_digest))
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/cluster/workloads", post(cluster_add))
         .route("/api/v1/cluster/workloads/{name}", delete(cluster_remove))
@@ -1305,6 +1306,13 @@ async fn shares(State(ctx): Ctx) -> ApiResult {
     })
     .await?;
     Ok(Json(serde_json::to_value(list).unwrap_or(Value::Null)))
+}
+
+/// The digest of this node's copy (a switchover compares both nodes').
+async fn share_digest(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    Ok(Json(
+        blocking(move || crate::share::digest(&ctx, &name)).await?,
+    ))
 }
 
 async fn share_status(

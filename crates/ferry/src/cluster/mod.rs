@@ -1517,9 +1517,20 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     if vols.len() != spec.volumes.len() {
         bail!("not every volume of {workload:?} is a primary here");
     }
+    let shares: Vec<_> = spec
+        .shares
+        .iter()
+        .filter_map(|s| ctx.shares.primary(s))
+        .collect();
+    if shares.len() != spec.shares.len() {
+        bail!("not every share of {workload:?} is a primary here");
+    }
     let started = Instant::now();
     for v in &vols {
         v.freeze();
+    }
+    for s in &shares {
+        s.freeze();
     }
     let verified = (|| -> Result<()> {
         let timeout = Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
@@ -1547,11 +1558,29 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
                 );
             }
         }
+        // Shares: drained (durable on the peer), then the trees' digests
+        // (every entry and every file's content) must be equal.
+        for s in &shares {
+            s.drain(timeout)
+                .map_err(|e| anyhow!("share {}: {e}", s.name))?;
+            let (local, _, _) = s.tree.digest()?;
+            let remote = client.get(&format!("/api/v1/shares/{}/digest", s.name))?;
+            if remote["digest"].as_str() != Some(local.to_hex().as_str()) {
+                bail!(
+                    "the tree of share {} differs on {}: not switching over",
+                    s.name,
+                    cfg.peer
+                );
+            }
+        }
         Ok(())
     })();
     if let Err(e) = verified {
         for v in &vols {
             v.unfreeze();
+        }
+        for s in &shares {
+            s.unfreeze();
         }
         return Err(e.context("switchover aborted; the workload stays here"));
     }

@@ -305,7 +305,9 @@ impl ShareFs {
         local: impl FnOnce(&FileOp) -> io::Result<R>,
         done: impl FnOnce(io::Result<R>) + Send + 'static,
     ) {
-        self.share.wait_open();
+        if let Err(e) = self.share.wait_open() {
+            return done(Err(e));
+        }
         let mut o = self.share.order();
         let r = match local(&op) {
             Ok(r) => r,
@@ -348,7 +350,9 @@ impl ShareFs {
     /// The flush goes to the replica first, so its sync and the local one
     /// (`local`) overlap.
     fn barrier(&self, local: impl FnOnce() -> io::Result<()>, reply: ReplyEmpty) {
-        self.share.wait_open();
+        if let Err(e) = self.share.wait_open() {
+            return reply.error(errno(&e));
+        }
         let seq = {
             let mut o = self.share.order();
             self.share.push_flush(&mut o, false)
@@ -908,7 +912,9 @@ impl Filesystem for ShareFs {
             data: data.to_vec(),
         };
         // Written and stamped from the handle (no path walk per write).
-        self.share.wait_open();
+        if let Err(e) = self.share.wait_open() {
+            return reply.error(errno(&e));
+        }
         let mut o = self.share.order();
         if let Err(e) = f.write_all_at(data, offset) {
             drop(o);

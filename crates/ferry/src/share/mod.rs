@@ -351,6 +351,7 @@ impl Shares {
     pub fn shutdown(&self) {
         let all: Vec<Running> = self.primaries().drain().map(|(_, r)| r).collect();
         for r in all {
+            r.share.close_gate();
             r.share.link().stop = true;
             r.share.cv.notify_all();
             r.share.link_lost("agent stopping");
@@ -449,6 +450,9 @@ pub fn demote(
     let store = ShareStore::new(&ctx.cfg.data_dir);
     let running = ctx.shares.primaries().remove(name);
     if let Some(r) = running {
+        // Calls waiting at a frozen gate fail now (the unmount below waits
+        // for them).
+        r.share.close_gate();
         r.share.link().stop = true;
         r.share.cv.notify_all();
         r.share.link_lost("demoted: another node is primary");
@@ -469,6 +473,22 @@ pub fn demote(
     store.save(&rec)?;
     tracing::warn!(share = %name, new_primary, "share.demoted");
     Ok(())
+}
+
+/// The digest of this node's copy of `name` (see [`tree::Tree::digest`]):
+/// `{"digest", "files", "bytes"}`.
+pub fn digest(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_json::Value> {
+    let (h, files, bytes) = match ctx.shares.primary(name) {
+        Some(p) => p.tree.digest()?,
+        None => {
+            let store = ShareStore::new(&ctx.cfg.data_dir);
+            store.load(name)?;
+            tree::Tree::open(&store.data_dir(name), &store.orphans_dir(name))?.digest()?
+        }
+    };
+    Ok(
+        serde_json::json!({"share": name, "digest": h.to_hex().as_str(), "files": files, "bytes": bytes}),
+    )
 }
 
 /// Fencing: mutating calls on the share wait (`freeze`) or flow again.

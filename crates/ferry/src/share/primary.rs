@@ -40,6 +40,16 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// The write gate of a primary share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// Fenced or switching over: mutating calls wait.
+    Frozen,
+    /// Demoted: mutating calls fail.
+    Closed,
+}
+
 /// What the async watcher saw in one batch.
 #[derive(Debug, Default, Clone)]
 pub struct Changes {
@@ -166,7 +176,7 @@ pub struct PrimaryShare {
     /// Replies waiting for the permit (or for the replica to be level again).
     parked: Mutex<Vec<Done>>,
     /// Fenced: mutating calls wait until it opens.
-    frozen: Mutex<bool>,
+    frozen: Mutex<Gate>,
     gate_cv: Condvar,
     /// When the levels were last written to the record.
     level_saved: Mutex<Option<std::time::Instant>>,
@@ -366,7 +376,7 @@ impl PrimaryShare {
             next_orphan: AtomicU64::new(1),
             alone: Default::default(),
             parked: Mutex::new(Vec::new()),
-            frozen: Mutex::new(false),
+            frozen: Mutex::new(Gate::Open),
             gate_cv: Condvar::new(),
             level_saved: Mutex::new(None),
         }))
@@ -690,21 +700,75 @@ impl PrimaryShare {
         }
     }
 
+    /// Once frozen (a switchover): waits until everything sequenced is
+    /// durable on an up-to-date replica — a flush, and no op after it.
+    pub fn drain(&self, timeout: std::time::Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if !self.link().up_to_date {
+                return Err("the replica is not up to date".into());
+            }
+            let seq = {
+                let mut o = self.order();
+                self.push_flush(&mut o, false)
+            }
+            .ok_or("the link is down")?;
+            let (tx, rx) = std::sync::mpsc::channel();
+            self.wait_durable(
+                Some(seq),
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err(format!("not drained within {timeout:?}")),
+            }
+            let l = self.link();
+            if !l.connected || l.durable_seq < seq {
+                return Err("the link went down while draining".into());
+            }
+            drop(l);
+            // An op that passed the gate before the freeze may follow the flush.
+            if self.last_seq() == seq {
+                return Ok(());
+            }
+        }
+    }
+
     /// Fencing: mutating calls wait at [`Self::wait_open`].
     pub fn freeze(&self) {
-        *lock(&self.frozen) = true;
+        let mut g = lock(&self.frozen);
+        if *g == Gate::Open {
+            *g = Gate::Frozen;
+        }
     }
 
     pub fn unfreeze(&self) {
-        *lock(&self.frozen) = false;
+        let mut g = lock(&self.frozen);
+        if *g == Gate::Frozen {
+            *g = Gate::Open;
+        }
         self.gate_cv.notify_all();
     }
 
-    /// Waits while the share is frozen.
-    pub fn wait_open(&self) {
-        let mut f = lock(&self.frozen);
-        while *f {
-            f = self.gate_cv.wait(f).unwrap_or_else(|p| p.into_inner());
+    /// Demoted: waiting and new mutating calls fail (EROFS).
+    pub fn close_gate(&self) {
+        *lock(&self.frozen) = Gate::Closed;
+        self.gate_cv.notify_all();
+    }
+
+    /// Waits while the share is frozen; fails once it is closed.
+    pub fn wait_open(&self) -> std::io::Result<()> {
+        let mut g = lock(&self.frozen);
+        loop {
+            match *g {
+                Gate::Open => return Ok(()),
+                Gate::Closed => return Err(std::io::Error::from_raw_os_error(libc::EROFS)),
+                Gate::Frozen => g = self.gate_cv.wait(g).unwrap_or_else(|p| p.into_inner()),
+            }
         }
     }
 
