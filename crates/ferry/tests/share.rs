@@ -486,3 +486,61 @@ fn async_watcher_rescans_after_the_event_queue_overflows() {
     );
     wait_converged(&src, &replica, 60, &a);
 }
+
+#[test]
+fn a_full_replica_fails_writes_here_with_enospc_and_the_copies_stay_equal() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-share-full-")
+        .tempdir()
+        .unwrap();
+    // b's whole data dir is a 48 MiB filesystem; a keeps 8 MiB of it in reserve.
+    let _small = Mount::tmpfs(&root.path().join("b"), "48m");
+    let a = Agent::start(
+        root.path(),
+        "a",
+        "\n[shares]\nreplica_free_bytes_min = 8388608\n",
+    );
+    let b = Agent::start(root.path(), "b", "");
+    common::agent::pair(&a, &b);
+    let (mnt, _m) = mount_point(root.path());
+    a.ok(&[
+        "share",
+        "create",
+        "app",
+        "--path",
+        mnt.to_str().unwrap(),
+        "--to",
+        "b",
+    ]);
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    // a's own disk has room; the replica's does not: the write fails here.
+    let out = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            "count=100",
+            "conv=fsync",
+            "status=none",
+        ])
+        .arg(format!("of={}", mnt.join("big").display()))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("No space left"),
+        "dd of 100 MiB onto a 48 MiB replica: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = share_status(&a, "app");
+    assert_eq!(st["state"], "up-to-date", "the replica fell behind: {st}");
+    let size = std::fs::metadata(mnt.join("big")).unwrap().len();
+    assert!(size > 16 << 20 && size < 48 << 20, "wrote {size} bytes");
+    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+    // Space freed on both: writes succeed again.
+    sh(
+        &mnt,
+        "rm big && head -c 4194304 /dev/urandom > again && sync again",
+    );
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+}

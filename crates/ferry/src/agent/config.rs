@@ -204,6 +204,11 @@ pub struct ShareSettings {
     /// Directories inotify cannot watch (fs.inotify.max_user_watches) are
     /// rescanned this often.
     pub watch_rescan_interval_ms: u64,
+    /// Sync shares: a write that would leave the replica's filesystem with
+    /// less free space than this fails here with ENOSPC (the replica
+    /// reports its free space several times a second), rather than the
+    /// replica failing it and falling behind.
+    pub replica_free_bytes_min: u64,
 }
 
 impl Default for ShareSettings {
@@ -212,6 +217,7 @@ impl Default for ShareSettings {
             watch_batch_delay_ms: 20,
             watch_pending_paths_max: 65_536,
             watch_rescan_interval_ms: 5_000,
+            replica_free_bytes_min: 64 << 20,
         }
     }
 }

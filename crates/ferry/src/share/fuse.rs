@@ -915,6 +915,10 @@ impl Filesystem for ShareFs {
         if let Err(e) = self.share.wait_open() {
             return reply.error(errno(&e));
         }
+        if self.share.replica_space_short(data.len() as u64) {
+            // Failing here keeps the copies equal (the replica would fail it).
+            return reply.error(Errno::ENOSPC);
+        }
         let mut o = self.share.order();
         if let Err(e) = f.write_all_at(data, offset) {
             drop(o);
@@ -1201,6 +1205,11 @@ impl Filesystem for ShareFs {
             Ok(t) => t,
             Err(e) => return reply.error(e),
         };
+        // Allocating (not punching or collapsing) takes space on the replica too.
+        let allocates = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_COLLAPSE_RANGE) == 0;
+        if allocates && self.share.replica_space_short(length) {
+            return reply.error(Errno::ENOSPC);
+        }
         let op = FileOp::Fallocate {
             target: target.clone(),
             mode,

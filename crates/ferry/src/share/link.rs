@@ -275,6 +275,7 @@ fn read_replies(
                         partial.insert(hdr.seq, whole);
                     }
                 }
+                Kind::Ping => share.replica_free_report(hdr.offset),
                 Kind::Failed => {
                     let p = SharePath::new(payload.to_vec())
                         .map_err(|e| anyhow!("bad path in a Failed frame: {e}"))?;
@@ -1269,6 +1270,7 @@ fn apply_stream(
     let mut durable = 0u64;
     let mut failures = 0u64;
     let mut since_flush = Unflushed::default();
+    let mut last_free_report = std::time::Instant::now() - Duration::from_secs(1);
     loop {
         if ctx.shares.primary(&rec.name).is_some() {
             bail!(
@@ -1384,6 +1386,12 @@ fn apply_stream(
             }
         }
         plain.drain(..used);
+        if last_free_report.elapsed() >= Duration::from_millis(100) {
+            last_free_report = std::time::Instant::now();
+            if let Some(free) = free_bytes(&store.data_dir(&rec.name)) {
+                wire.send(&ferry_wire::FrameHeader::new(Kind::Ping, 0, free, 0).encode())?;
+            }
+        }
         if any {
             let ack = ferry_wire::FrameHeader::new(Kind::Ack, received, durable, 0).encode();
             wire.send(&ack)?;
@@ -1396,6 +1404,18 @@ fn apply_stream(
         };
         wire.open(&raw[..n], &mut plain)?;
     }
+}
+
+/// Free bytes (for unprivileged use) of the filesystem holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str())).ok()?;
+    // SAFETY: zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail * st.f_frsize)
 }
 
 /// What changed on a replica since its last flush, to make a flush cost

@@ -370,9 +370,13 @@ pub fn start_primary(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let store = ShareStore::new(&ctx.cfg.data_dir);
-    let share =
-        primary::PrimaryShare::open(store, rec.clone(), ctx.cfg.replication.backlog_bytes_max)
-            .with_context(|| format!("cannot open share {:?}", rec.name))?;
+    let share = primary::PrimaryShare::open(
+        store,
+        rec.clone(),
+        ctx.cfg.replication.backlog_bytes_max,
+        ctx.cfg.shares.replica_free_bytes_min,
+    )
+    .with_context(|| format!("cannot open share {:?}", rec.name))?;
     let (mount, watcher) = if rec.mode == "sync" {
         let m = fuse::mount(share.clone(), &rec.path).with_context(|| {
             format!(

@@ -113,6 +113,10 @@ pub struct LinkState {
     pub last_lag_ms: u64,
     /// Async: lags of recent passes (for p50/p99 in status), ms.
     pub lags_ms: VecDeque<u64>,
+    /// The replica's free bytes as last reported, and the data bytes
+    /// streamed since that report.
+    pub replica_free: Option<u64>,
+    pub since_free_report: u64,
     /// Flushes not yet durable: (seq, unix second it was sequenced). Once
     /// one is durable on an up-to-date replica, the replica was level with
     /// the tree as of that second.
@@ -170,6 +174,8 @@ pub struct PrimaryShare {
     pub backlog_bytes_max: u64,
     /// Orphan numbers (unlinked-but-open files).
     pub next_orphan: AtomicU64,
+    /// Sync: the replica's free space kept in reserve (ENOSPC here first).
+    pub replica_free_bytes_min: u64,
     /// Outdate before going alone (HA with a witness, sync mode): replies
     /// the replica did not confirm wait for this permit.
     pub alone: crate::replication::primary::AlonePermit,
@@ -338,6 +344,7 @@ impl PrimaryShare {
         store: ShareStore,
         mut rec: ShareRecord,
         backlog_bytes_max: u64,
+        replica_free_bytes_min: u64,
     ) -> std::io::Result<Arc<PrimaryShare>> {
         // A sync share's tree is its private directory behind the FUSE mount;
         // an async share is used in place.
@@ -374,6 +381,7 @@ impl PrimaryShare {
             stats: ShareStats::default(),
             backlog_bytes_max,
             next_orphan: AtomicU64::new(1),
+            replica_free_bytes_min,
             alone: Default::default(),
             parked: Mutex::new(Vec::new()),
             frozen: Mutex::new(Gate::Open),
@@ -635,6 +643,7 @@ impl PrimaryShare {
             l.inflight_bytes = 0;
             l.flush_times.clear();
             l.push_times.clear();
+            l.replica_free = None;
             ready.extend(
                 std::mem::take(&mut l.waiting_received)
                     .into_values()
@@ -736,6 +745,32 @@ impl PrimaryShare {
                 return Ok(());
             }
         }
+    }
+
+    /// The replica reported its free space.
+    pub fn replica_free_report(&self, free: u64) {
+        let mut l = self.link();
+        l.replica_free = Some(free);
+        l.since_free_report = 0;
+    }
+
+    /// Sync shares: would `bytes` more leave the replica's filesystem below
+    /// `replica_free_bytes_min`? Then the caller fails with ENOSPC. Counts
+    /// them against the estimate when not.
+    pub fn replica_space_short(&self, bytes: u64) -> bool {
+        if !self.mode_sync() {
+            return false;
+        }
+        let mut l = self.link();
+        let Some(free) = l.replica_free.filter(|_| l.connected) else {
+            return false;
+        };
+        let left = free.saturating_sub(l.since_free_report + bytes);
+        if left < self.replica_free_bytes_min {
+            return true;
+        }
+        l.since_free_report += bytes;
+        false
     }
 
     /// Fencing: mutating calls wait at [`Self::wait_open`].
