@@ -492,18 +492,36 @@ async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
         })?;
         let spec = crate::migrate::load_workload(&ctx.cfg.data_dir, &r.workload)?
             .ok_or_else(|| anyhow::anyhow!("workload {:?} is not defined on node {me}", r.workload))?;
-        let primaries = spec.volumes.iter().filter(|v| ctx.primary(v).is_some()).count();
-        let replicas = spec.volumes.iter().filter(|v| ctx.secondary(v).is_some()).count();
-        let role = if primaries == spec.volumes.len() {
+        let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
+        let share_role = |s: &String| store.load(s).map(|r| r.role).unwrap_or_default();
+        let primaries = spec.volumes.iter().filter(|v| ctx.primary(v).is_some()).count()
+            + spec.shares.iter().filter(|s| ctx.shares.primary(s).is_some()).count();
+        let replicas = spec.volumes.iter().filter(|v| ctx.secondary(v).is_some()).count()
+            + spec.shares.iter().filter(|s| share_role(s) == "replica").count();
+        let members = spec.volumes.len() + spec.shares.len();
+        let role = if primaries == members {
             ferry_core::cluster::Role::Primary
-        } else if replicas == spec.volumes.len() {
+        } else if replicas == members {
             ferry_core::cluster::Role::Secondary
         } else {
             anyhow::bail!(
-                "workload {:?}: its volumes must all be primaries or all be replicas on node {me}",
+                "workload {:?}: its volumes and shares must all be primaries or all be replicas on node {me}",
                 r.workload
             );
         };
+        if role == ferry_core::cluster::Role::Primary {
+            for s in &spec.shares {
+                let to = store.load(s)?.peer;
+                if to.as_deref() != Some(cfg.peer.as_str()) {
+                    anyhow::bail!(
+                        "share {s:?} replicates to {}, not to the cluster peer {}: create it with --to {}",
+                        to.as_deref().unwrap_or("no node"),
+                        cfg.peer,
+                        cfg.peer
+                    );
+                }
+            }
+        }
         if role == ferry_core::cluster::Role::Primary {
             // Adopt the replication to the peer, or start it.
             for v in &spec.volumes {

@@ -1270,7 +1270,6 @@ fn apply_stream(
     let mut durable = 0u64;
     let mut failures = 0u64;
     let mut since_flush = Unflushed::default();
-    let mut last_free_report = std::time::Instant::now() - Duration::from_secs(1);
     loop {
         if ctx.shares.primary(&rec.name).is_some() {
             bail!(
@@ -1386,13 +1385,12 @@ fn apply_stream(
             }
         }
         plain.drain(..used);
-        if last_free_report.elapsed() >= Duration::from_millis(100) {
-            last_free_report = std::time::Instant::now();
+        if any {
+            // Free space first: the primary has it before the ack that
+            // answers what freed (or took) it.
             if let Some(free) = free_bytes(&store.data_dir(&rec.name)) {
                 wire.send(&ferry_wire::FrameHeader::new(Kind::Ping, 0, free, 0).encode())?;
             }
-        }
-        if any {
             let ack = ferry_wire::FrameHeader::new(Kind::Ack, received, durable, 0).encode();
             wire.send(&ack)?;
         }
