@@ -22,6 +22,20 @@ fn mount_point(root: &Path) -> (PathBuf, Mount) {
     (p.clone(), Mount(p))
 }
 
+/// `share create app --path MNT --to b` on `a`, then waits until b's copy is up to date.
+fn create_sync_share(a: &Agent, mnt: &Path) {
+    a.ok(&[
+        "share",
+        "create",
+        "app",
+        "--path",
+        mnt.to_str().unwrap(),
+        "--to",
+        "b",
+    ]);
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+}
+
 fn share_status(a: &Agent, name: &str) -> serde_json::Value {
     a.json(&["share", "status", name])
 }
@@ -119,16 +133,7 @@ fn sync_mount_runs_real_programs_and_the_replica_matches() {
     }
     let (root, a, b) = two_agents("ferry-share-", "");
     let (mnt, _m) = mount_point(root.path());
-    a.ok(&[
-        "share",
-        "create",
-        "app",
-        "--path",
-        mnt.to_str().unwrap(),
-        "--to",
-        "b",
-    ]);
-    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    create_sync_share(&a, &mnt);
 
     // sqlite3: a write workload in WAL mode (fsyncs through the mount).
     let mut sql =
@@ -237,15 +242,7 @@ fn sync_mount_runs_real_programs_and_the_replica_matches() {
 fn replica_outage_resyncs_only_the_changed_files() {
     let (root, a, mut b) = two_agents("ferry-share-", "");
     let (mnt, _m) = mount_point(root.path());
-    a.ok(&[
-        "share",
-        "create",
-        "app",
-        "--path",
-        mnt.to_str().unwrap(),
-        "--to",
-        "b",
-    ]);
+    create_sync_share(&a, &mnt);
     sh(
         &mnt,
         "mkdir d && for i in $(seq 100); do head -c 65536 /dev/urandom > d/f$i; done",
@@ -503,16 +500,7 @@ fn a_full_replica_fails_writes_here_with_enospc_and_the_copies_stay_equal() {
     let b = Agent::start(root.path(), "b", "");
     common::agent::pair(&a, &b);
     let (mnt, _m) = mount_point(root.path());
-    a.ok(&[
-        "share",
-        "create",
-        "app",
-        "--path",
-        mnt.to_str().unwrap(),
-        "--to",
-        "b",
-    ]);
-    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    create_sync_share(&a, &mnt);
     // a's own disk has room; the replica's does not: the write fails here.
     let out = Command::new("dd")
         .args([

@@ -272,6 +272,21 @@ pub struct Running {
     pub watcher: Option<watch::Watcher>,
 }
 
+impl Running {
+    /// Stops serving: the gate closes (calls waiting at a frozen gate fail,
+    /// so the unmount cannot hang on them), the link ends, the watcher and
+    /// the mount go, the journal is closed cleanly.
+    fn stop(self, why: &str) {
+        self.share.close_gate();
+        self.share.link().stop = true;
+        self.share.cv.notify_all();
+        self.share.link_lost(why);
+        drop(self.watcher);
+        drop(self.mount);
+        self.share.close_clean();
+    }
+}
+
 /// The shares of this agent.
 #[derive(Debug, Default)]
 pub struct Shares {
@@ -351,13 +366,7 @@ impl Shares {
     pub fn shutdown(&self) {
         let all: Vec<Running> = self.primaries().drain().map(|(_, r)| r).collect();
         for r in all {
-            r.share.close_gate();
-            r.share.link().stop = true;
-            r.share.cv.notify_all();
-            r.share.link_lost("agent stopping");
-            drop(r.watcher);
-            drop(r.mount);
-            r.share.close_clean();
+            r.stop("agent stopping");
         }
     }
 }
@@ -454,15 +463,7 @@ pub fn demote(
     let store = ShareStore::new(&ctx.cfg.data_dir);
     let running = ctx.shares.primaries().remove(name);
     if let Some(r) = running {
-        // Calls waiting at a frozen gate fail now (the unmount below waits
-        // for them).
-        r.share.close_gate();
-        r.share.link().stop = true;
-        r.share.cv.notify_all();
-        r.share.link_lost("demoted: another node is primary");
-        drop(r.watcher);
-        drop(r.mount);
-        r.share.close_clean();
+        r.stop("demoted: another node is primary");
     }
     let mut rec = store.load(name)?;
     if rec.role == "replica" {
