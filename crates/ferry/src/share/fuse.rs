@@ -80,6 +80,9 @@ struct Handle {
     sync_writes: bool,
 }
 
+/// A directory's entries as served to readdir: (inode, type, name).
+type Listing = Vec<(u64, FileType, Vec<u8>)>;
+
 pub struct ShareFs {
     share: Arc<PrimaryShare>,
     inodes: Mutex<Inodes>,
@@ -89,6 +92,10 @@ pub struct ShareFs {
     /// rename over), and by the last close: a close racing an unlink either
     /// sees the orphan or happens before the unlink looks.
     orphan_lock: Mutex<()>,
+    /// Open directories: the listing taken at the first read (and again
+    /// at a rewind), served by offset — a 100k-entry directory is read
+    /// once per pass, not once per buffer.
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
 }
 
 impl std::fmt::Debug for ShareFs {
@@ -202,6 +209,7 @@ impl ShareFs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             orphan_lock: Mutex::new(()),
+            dirs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1035,43 +1043,67 @@ impl Filesystem for ShareFs {
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(FileHandle(0), FopenFlags::empty());
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
     }
 
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let path = match self.path(ino.0) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
+        let cached = if offset == 0 {
+            None
+        } else {
+            lock(&self.dirs).get(&fh.0).cloned()
         };
-        let mut names = match self.share.tree.read_dir_names(&path) {
-            Ok(n) => n,
-            Err(e) => return reply.error(errno(&e)),
+        let entries = match cached {
+            Some(e) => e,
+            None => {
+                let path = match self.path(ino.0) {
+                    Ok(p) => p,
+                    Err(e) => return reply.error(e),
+                };
+                let mut names = match self.share.tree.read_dir_entries(&path) {
+                    Ok(n) => n,
+                    Err(e) => return reply.error(errno(&e)),
+                };
+                names.sort();
+                let mut entries: Listing = vec![
+                    (ino.0, FileType::Directory, b".".to_vec()),
+                    (1, FileType::Directory, b"..".to_vec()),
+                ];
+                entries.extend(
+                    names
+                        .into_iter()
+                        .map(|(name, eino, fmt)| (eino, kind_of(fmt), name)),
+                );
+                let entries = Arc::new(entries);
+                lock(&self.dirs).insert(fh.0, entries.clone());
+                entries
+            }
         };
-        names.sort();
-        let mut entries: Vec<(u64, FileType, Vec<u8>)> = vec![
-            (ino.0, FileType::Directory, b".".to_vec()),
-            (1, FileType::Directory, b"..".to_vec()),
-        ];
-        for n in names {
-            let Ok(p) = path.join(&n) else { continue };
-            let Ok(st) = self.share.tree.lstat(&Target::Path(p)) else {
-                continue;
-            };
-            entries.push((st.st_ino, kind_of(st.st_mode), n));
-        }
-        for (i, (eino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+        for (i, (eino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(
-                INodeNo(eino),
+                INodeNo(*eino),
                 (i + 1) as u64,
-                kind,
-                OsStr::from_bytes(&name),
+                *kind,
+                OsStr::from_bytes(name),
             ) {
                 break;
             }

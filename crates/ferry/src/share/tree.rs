@@ -628,6 +628,42 @@ impl Tree {
         Ok(names)
     }
 
+    /// Entries of directory `path` (without `.` and `..`): name, inode
+    /// number and the type bits (`S_IFMT`) from the directory itself, with
+    /// an `lstat` only where the filesystem does not say.
+    pub fn read_dir_entries(&self, path: &SharePath) -> io::Result<Vec<(Vec<u8>, u64, u32)>> {
+        use std::os::unix::fs::{DirEntryExt, FileTypeExt};
+        let fd = Self::open_beneath(
+            self.root.as_raw_fd(),
+            path.as_bytes(),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?;
+        let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(p)? {
+            let e = e?;
+            let t = e.file_type()?;
+            let fmt = if t.is_dir() {
+                libc::S_IFDIR
+            } else if t.is_file() {
+                libc::S_IFREG
+            } else if t.is_symlink() {
+                libc::S_IFLNK
+            } else if t.is_fifo() {
+                libc::S_IFIFO
+            } else if t.is_socket() {
+                libc::S_IFSOCK
+            } else if t.is_block_device() {
+                libc::S_IFBLK
+            } else {
+                libc::S_IFCHR
+            };
+            out.push((e.file_name().as_bytes().to_vec(), e.ino(), fmt));
+        }
+        Ok(out)
+    }
+
     /// The entries of subtree `sub` (itself included), parents before children.
     pub fn manifest(&self, sub: &SharePath) -> io::Result<Vec<ManifestEntry>> {
         let mut out = Vec::new();
