@@ -843,27 +843,15 @@ impl Filesystem for ShareFs {
                 gid: req.gid(),
             },
         };
-        let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
-        let target = Target::Path(path);
-        let name = name.as_bytes().to_vec();
-        // Mapped and opened under the order lock, right after it was made.
-        let r = self.commit_wait(op, &stamps, |op| {
-            self.apply_tree(op)?;
-            // Made here: from now on it must reach the replica, so a
-            // failing stat or open is answered, not returned (which
-            // would leave the op off the stream).
-            let opened = self.share.tree.lstat(&target).and_then(|st| {
-                let ino = self.remember(parent.0, &name, &st);
-                let (fh, fl) = self.open_handle(ino, &target, flags & !libc::O_TRUNC)?;
-                Ok((ino, st, fh, fl))
-            });
-            Ok(opened)
+        // Opened under the order lock too, right after it was made.
+        let r = self.make_entry(parent.0, name, path, op, |ino, target| {
+            self.open_handle(ino, target, flags & !libc::O_TRUNC)
         });
         match r {
-            Ok(Ok((ino, st, fh, fl))) => {
+            Ok((ino, st, (fh, fl))) => {
                 reply.created(&TTL, &attr_of(ino, &st), Generation(0), FileHandle(fh), fl)
             }
-            Ok(Err(e)) | Err(e) => reply.error(errno(&e)),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -1297,24 +1285,36 @@ impl ShareFs {
         op: FileOp,
         reply: ReplyEntry,
     ) {
+        match self.make_entry(parent, name, path, op, |_, _| Ok(())) {
+            Ok((ino, st, ())) => reply.entry(&TTL, &attr_of(ino, &st), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Makes an entry (`op`) and remembers it in the inode table under the
+    /// order lock, right after it was made, then runs `then` there too: a
+    /// later call on its name finds it mapped. Once made it must reach the
+    /// replica, so a failing stat or `then` is answered, not returned from
+    /// the local step (which would leave the op off the stream).
+    fn make_entry<R: Send + 'static>(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        path: SharePath,
+        op: FileOp,
+        then: impl FnOnce(u64, &Target) -> io::Result<R>,
+    ) -> io::Result<(u64, libc::stat, R)> {
         let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
         let target = Target::Path(path);
         let name = name.as_bytes().to_vec();
-        // The new entry is remembered under the order lock, right after it
-        // was made: a later call on its name finds it mapped.
-        let r = self.commit_wait(op, &stamps, |op| {
+        self.commit_wait(op, &stamps, |op| {
             self.apply_tree(op)?;
-            // Made here: answered, not returned, if the stat fails (a
-            // returned error would leave the op off the stream).
-            Ok(self.share.tree.lstat(&target).map(|st| {
+            Ok(self.share.tree.lstat(&target).and_then(|st| {
                 let ino = self.remember(parent, &name, &st);
-                (ino, st)
+                Ok((ino, st, then(ino, &target)?))
             }))
-        });
-        match r {
-            Ok(Ok((ino, st))) => reply.entry(&TTL, &attr_of(ino, &st), Generation(0)),
-            Ok(Err(e)) | Err(e) => reply.error(errno(&e)),
-        }
+        })
+        .and_then(|made| made)
     }
 }
 

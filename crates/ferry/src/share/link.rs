@@ -702,21 +702,11 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
             if let Some((first, their_id)) = first_link.get(&e.link_id) {
                 let same = t.is_some_and(|t| t.link_id != 0 && t.link_id == *their_id);
                 if !same {
-                    entry_op(
-                        share,
-                        FileOp::RemoveTree {
-                            path: e.path.clone(),
-                        },
-                        &mut changed_dirs,
-                    )?;
-                    entry_op(
-                        share,
-                        FileOp::Link {
-                            existing: first.clone(),
-                            new: e.path.clone(),
-                        },
-                        &mut changed_dirs,
-                    )?;
+                    let link = FileOp::Link {
+                        existing: first.clone(),
+                        new: e.path.clone(),
+                    };
+                    replace_entry(share, &e.path, link, &mut changed_dirs)?;
                 }
                 continue;
             }
@@ -784,23 +774,13 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
             }
             EntryKind::Special { rdev } => {
                 if !same_kind {
-                    entry_op(
-                        share,
-                        FileOp::RemoveTree {
-                            path: e.path.clone(),
-                        },
-                        &mut changed_dirs,
-                    )?;
-                    entry_op(
-                        share,
-                        FileOp::Mknod {
-                            path: e.path.clone(),
-                            mode: e.mode,
-                            rdev: *rdev,
-                            owner,
-                        },
-                        &mut changed_dirs,
-                    )?;
+                    let node = FileOp::Mknod {
+                        path: e.path.clone(),
+                        mode: e.mode,
+                        rdev: *rdev,
+                        owner,
+                    };
+                    replace_entry(share, &e.path, node, &mut changed_dirs)?;
                 }
             }
         }
@@ -859,6 +839,18 @@ fn entry_op(
 ) -> Result<()> {
     changed_dirs.extend(op.parents());
     send_op(share, op, vec![])
+}
+
+/// Whatever the replica has at `path` goes, then `op` makes the entry.
+fn replace_entry(
+    share: &PrimaryShare,
+    path: &SharePath,
+    op: FileOp,
+    changed_dirs: &mut std::collections::HashSet<SharePath>,
+) -> Result<()> {
+    let remove = FileOp::RemoveTree { path: path.clone() };
+    entry_op(share, remove, changed_dirs)?;
+    entry_op(share, op, changed_dirs)
 }
 
 fn send_op(share: &PrimaryShare, op: FileOp, stamps: Vec<ferry_wire::Stamp>) -> Result<()> {
@@ -1388,6 +1380,8 @@ fn apply_stream(
         if any {
             // Free space first: the primary has it before the ack that
             // answers what freed (or took) it.
+            // Every time: the primary counts what it streamed since the
+            // last report, and overwrites take no new space.
             if let Some(free) = free_bytes(&store.data_dir(&rec.name)) {
                 wire.send(&ferry_wire::FrameHeader::new(Kind::Ping, 0, free, 0).encode())?;
             }
