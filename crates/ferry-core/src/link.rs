@@ -20,8 +20,11 @@
 //! Rules kept here (DESIGN invariants 1, 3, 4, 6):
 //! - every write is sequenced; the peer acknowledges cumulatively ("received up
 //!   to N", "durable up to M");
-//! - each written extent stays *unconfirmed* until the peer says a flush covering
-//!   it is durable; on link loss every unconfirmed extent goes to the dirty map;
+//! - each written block stays *unconfirmed* until the peer says a flush covering
+//!   its newest write is durable; on link loss every unconfirmed block goes to
+//!   the dirty map (a block written many times is kept once, so the link
+//!   flush that bounds them follows the data a replica crash would resend,
+//!   not the number of writes);
 //! - the background copier takes dirty blocks one at a time; a live write landing
 //!   on a block being copied marks it dirty again;
 //! - in `async` mode the bytes sent but not yet acknowledged are bounded by
@@ -31,7 +34,7 @@
 //! - a peer that acknowledges nothing for `peer_ack_timeout_ms` while something is
 //!   outstanding is declared failed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::dirty::DirtyMap;
 use crate::extent::Extent;
@@ -56,13 +59,15 @@ pub struct LinkConfig {
     pub peer_ack_timeout_ms: u64,
     /// Blocks the copier may have in flight at once.
     pub copies_in_flight_max: usize,
-    /// Extents kept until the peer confirms them durable; past half of it the
-    /// edge sends a link flush ([`Replicator::flush_due`]) so memory stays bounded.
-    pub unconfirmed_extents_max: usize,
-    /// Unconfirmed extents older than this get a link flush, so a crash of the
+    /// Distinct blocks kept until the peer confirms them durable; past half of
+    /// it the edge sends a link flush ([`Replicator::flush_due`]) so memory
+    /// stays bounded.
+    pub unconfirmed_blocks_max: usize,
+    /// Unconfirmed blocks older than this get a link flush, so a crash of the
     /// peer re-sends at most this much of the stream.
     pub flush_interval_ms: u64,
-    /// …or once this many bytes are unconfirmed (the copier reaches it first).
+    /// …or once the unconfirmed blocks hold this many bytes (what a crash of
+    /// the peer would re-send).
     pub flush_bytes: u64,
 }
 
@@ -73,7 +78,7 @@ impl Default for LinkConfig {
             backlog_bytes_max: 64 * 1024 * 1024,
             peer_ack_timeout_ms: 5_000,
             copies_in_flight_max: 8,
-            unconfirmed_extents_max: 65_536,
+            unconfirmed_blocks_max: 65_536,
             flush_interval_ms: 30_000,
             flush_bytes: 1024 * 1024 * 1024,
         }
@@ -145,7 +150,8 @@ pub struct LinkStatus {
     pub replica: ReplicaState,
     pub dirty_bytes: u64,
     pub backlog_bytes: u64,
-    pub unconfirmed_extents: usize,
+    /// Distinct blocks written and not yet confirmed durable on the peer.
+    pub unconfirmed_blocks: usize,
     pub copies_in_flight: usize,
     pub sent_seq: u64,
     pub received_seq: u64,
@@ -167,9 +173,8 @@ pub struct Replicator {
     next_seq: u64,
     received_seq: u64,
     durable_seq: u64,
-    /// Frames sent this connection and not yet durable on the peer.
-    unconfirmed: VecDeque<(u64, Extent)>,
-    unconfirmed_bytes: u64,
+    /// Blocks written this connection and not yet durable on the peer.
+    unconfirmed: Unconfirmed,
     /// Bytes of frames not yet received by the peer, by seq.
     backlog: VecDeque<(u64, u64)>,
     backlog_bytes: u64,
@@ -202,8 +207,7 @@ impl Replicator {
             next_seq: 1,
             received_seq: 0,
             durable_seq: 0,
-            unconfirmed: VecDeque::new(),
-            unconfirmed_bytes: 0,
+            unconfirmed: Unconfirmed::default(),
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             copying: BTreeMap::new(),
@@ -275,10 +279,9 @@ impl Replicator {
 
     /// The link is gone (closed, failed, or declared failed).
     pub fn on_disconnect(&mut self) {
-        for (_, e) in self.unconfirmed.drain(..) {
-            self.dirty.mark(e.offset, e.length);
+        for block in self.unconfirmed.drain() {
+            self.dirty.mark_block(block);
         }
-        self.unconfirmed_bytes = 0;
         for (block, _) in std::mem::take(&mut self.copying) {
             self.dirty.mark_block(block);
         }
@@ -311,9 +314,8 @@ impl Replicator {
     fn sequence(&mut self, extent: Extent, wire_bytes: u64, now_ms: u64) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        if extent.length > 0 {
-            self.unconfirmed.push_back((seq, extent));
-            self.unconfirmed_bytes += extent.length;
+        if let Some((first, last)) = self.dirty.blocks_of(extent.offset, extent.length) {
+            self.unconfirmed.add(seq, first, last);
         }
         self.backlog.push_back((seq, wire_bytes));
         self.backlog_bytes += wire_bytes;
@@ -357,10 +359,9 @@ impl Replicator {
 
     fn fall_behind(&mut self) {
         self.behind = true;
-        for (_, e) in self.unconfirmed.drain(..) {
-            self.dirty.mark(e.offset, e.length);
+        for block in self.unconfirmed.drain() {
+            self.dirty.mark_block(block);
         }
-        self.unconfirmed_bytes = 0;
         self.backlog.clear();
         self.backlog_bytes = 0;
         self.phase = Phase::Resyncing;
@@ -392,8 +393,9 @@ impl Replicator {
             && !self.behind
             && self.flush_seq <= self.durable_seq
             && !self.unconfirmed.is_empty()
-            && (self.unconfirmed.len() >= self.cfg.unconfirmed_extents_max / 2
-                || self.unconfirmed_bytes >= self.cfg.flush_bytes
+            && (self.unconfirmed.len() >= self.cfg.unconfirmed_blocks_max / 2
+                || self.unconfirmed.len() as u64 * self.dirty.granularity_bytes()
+                    >= self.cfg.flush_bytes
                 || now_ms.saturating_sub(self.flush_sent_ms) >= self.cfg.flush_interval_ms)
     }
 
@@ -412,13 +414,7 @@ impl Replicator {
             self.backlog.pop_front();
             self.backlog_bytes -= bytes;
         }
-        while let Some(&(seq, e)) = self.unconfirmed.front() {
-            if seq > durable {
-                break;
-            }
-            self.unconfirmed.pop_front();
-            self.unconfirmed_bytes -= e.length;
-        }
+        self.unconfirmed.confirm(durable);
         // Still waiting for something: the timer restarts from this sign of life.
         self.ack_due_since_ms = (received < sent || durable < self.flush_seq).then_some(now_ms);
         if self.announce_wait && self.announce_seq.is_some_and(|s| durable >= s) {
@@ -453,8 +449,8 @@ impl Replicator {
     /// confirmed durable on the peer: what must be resent if this side crashes now.
     pub fn pessimistic_dirty_map(&self) -> DirtyMap {
         let mut m = self.dirty.clone();
-        for (_, e) in &self.unconfirmed {
-            m.mark(e.offset, e.length);
+        for block in self.unconfirmed.blocks() {
+            m.mark_block(block);
         }
         for &b in self.copying.keys() {
             m.mark_block(b);
@@ -465,13 +461,9 @@ impl Replicator {
     /// Whether block `block` is known to (possibly) differ on the peer: dirty,
     /// being copied, or written and not yet confirmed durable there.
     pub fn tracks(&self, block: u64) -> bool {
-        if self.dirty.is_dirty(block) || self.copying.contains_key(&block) {
-            return true;
-        }
-        let e = self.dirty.block_extent(block);
-        self.unconfirmed
-            .iter()
-            .any(|(_, u)| u.intersect(&e).is_some())
+        self.dirty.is_dirty(block)
+            || self.copying.contains_key(&block)
+            || self.unconfirmed.contains(block)
     }
 
     pub fn is_received(&self, epoch: u64, seq: u64) -> bool {
@@ -573,13 +565,69 @@ impl Replicator {
             replica: self.replica_state(),
             dirty_bytes: self.dirty.dirty_bytes(),
             backlog_bytes: self.backlog_bytes,
-            unconfirmed_extents: self.unconfirmed.len(),
+            unconfirmed_blocks: self.unconfirmed.len(),
             copies_in_flight: self.copying.len(),
             sent_seq: self.next_seq - 1,
             received_seq: self.received_seq,
             durable_seq: self.durable_seq,
             behind: self.behind,
         }
+    }
+}
+
+/// Blocks written and not yet durable on the peer, each kept once with the
+/// seq of the newest frame that wrote it: a block is confirmed when that
+/// frame is durable. Memory follows the distinct blocks, not the writes.
+#[derive(Debug, Clone, Default)]
+struct Unconfirmed {
+    /// block → seq of its newest write.
+    newest: HashMap<u64, u64>,
+    /// (seq, block), oldest first: what a durable seq confirms.
+    by_seq: BTreeSet<(u64, u64)>,
+}
+
+impl Unconfirmed {
+    fn add(&mut self, seq: u64, first: u64, last: u64) {
+        for block in first..=last {
+            if let Some(old) = self.newest.insert(block, seq) {
+                self.by_seq.remove(&(old, block));
+            }
+            self.by_seq.insert((seq, block));
+        }
+    }
+
+    /// Everything written by frames up to `durable` is durable on the peer.
+    fn confirm(&mut self, durable: u64) {
+        while let Some(&(seq, block)) = self.by_seq.first() {
+            if seq > durable {
+                break;
+            }
+            self.by_seq.pop_first();
+            self.newest.remove(&block);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.newest.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.newest.is_empty()
+    }
+
+    fn contains(&self, block: u64) -> bool {
+        self.newest.contains_key(&block)
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_seq.iter().map(|&(_, block)| block)
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = u64> {
+        self.newest.clear();
+        std::mem::take(&mut self.by_seq)
+            .into_iter()
+            .map(|(_, block)| block)
     }
 }
 
@@ -595,7 +643,7 @@ mod tests {
             backlog_bytes_max: backlog,
             peer_ack_timeout_ms: 1000,
             copies_in_flight_max: 2,
-            unconfirmed_extents_max: 8,
+            unconfirmed_blocks_max: 8,
             flush_interval_ms: 1_000_000,
             flush_bytes: u64::MAX,
         };
@@ -628,7 +676,7 @@ mod tests {
         r.on_ack(f, f, 4);
         assert!(r.is_durable(e, f));
         assert!(!r.tracks(3));
-        assert_eq!(r.status().unconfirmed_extents, 0);
+        assert_eq!(r.status().unconfirmed_blocks, 0);
     }
 
     #[test]
@@ -781,6 +829,30 @@ mod tests {
             assert_eq!(m.is_dirty(b), r.tracks(b), "block {b}");
         }
         assert!(m.is_dirty(copying.block) && m.is_dirty(5) && m.is_dirty(6));
+    }
+
+    #[test]
+    fn a_block_written_again_is_kept_once_until_its_newest_write_is_durable() {
+        let mut r = rep(Mode::Sync, 1 << 20);
+        r.on_connect(Relation::InSync, 0);
+        let first = match r.on_write(ext(2), G, 0) {
+            WriteDecision::Stream { seq, .. } => seq,
+            d => panic!("{d:?}"),
+        };
+        for _ in 0..100 {
+            r.on_write(ext(2), G, 0);
+        }
+        assert_eq!(r.status().unconfirmed_blocks, 1, "one block, many writes");
+        assert!(!r.flush_due(0), "100 writes of one block are not 100 extents");
+        let newest = match r.on_write(ext(2), G, 0) {
+            WriteDecision::Stream { seq, .. } => seq,
+            d => panic!("{d:?}"),
+        };
+        r.on_ack(newest, first, 1);
+        assert!(r.tracks(2), "only an older write of the block is durable");
+        r.on_disconnect();
+        assert!(r.dirty_map().is_dirty(2), "its newest write goes to the dirty map");
+        assert_eq!(r.dirty_map().dirty_blocks(), 1);
     }
 
     #[test]
@@ -941,7 +1013,7 @@ mod tests {
                 r.on_ack(f, f, now);
                 prop_assert_eq!(peer, ver);
                 prop_assert_eq!(r.replica_state(), ReplicaState::UpToDate);
-                prop_assert_eq!(r.status().unconfirmed_extents, 0);
+                prop_assert_eq!(r.status().unconfirmed_blocks, 0);
             }
         }
     }

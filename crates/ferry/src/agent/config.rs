@@ -16,7 +16,8 @@
 //! reconnect_backoff_max_ms = 5000
 //! al_extents_max = 256
 //! link_flush_interval_ms = 30000
-//! link_flush_bytes = 1073741824
+//! link_flush_bytes = 1073741824        # of distinct unconfirmed blocks
+//! link_unconfirmed_blocks_max = 65536  # a link flush is sent at half of it
 //! leaf_refresh_bytes_per_s = 1073741824 # background Merkle-leaf hashing of written blocks
 //! leaf_scrub_bytes_per_s = 33554432    # background read-back of clean leaves
 //!
@@ -287,6 +288,10 @@ pub struct ReplicationSettings {
     /// that much. Each is an `fdatasync` on the replica.
     pub link_flush_interval_ms: u64,
     pub link_flush_bytes: u64,
+    /// Distinct blocks (of `granularity_bytes`) written and not yet confirmed
+    /// durable on the replica that the primary keeps track of; at half of it
+    /// a link flush is sent. Bounds the link's memory (~50 B per block).
+    pub link_unconfirmed_blocks_max: usize,
     /// Background re-hashing of written blocks (Merkle leaves), so a cutover
     /// re-reads only what was written since; 0 leaves it all to the cutover.
     pub leaf_refresh_bytes_per_s: u64,
@@ -307,6 +312,7 @@ impl Default for ReplicationSettings {
             al_extents_max: 256,
             link_flush_interval_ms: 30_000,
             link_flush_bytes: 1024 * 1024 * 1024,
+            link_unconfirmed_blocks_max: 65_536,
             leaf_refresh_bytes_per_s: 1024 * 1024 * 1024,
             leaf_scrub_bytes_per_s: 32 * 1024 * 1024,
         }
@@ -386,6 +392,9 @@ impl AgentConfig {
                 "keys `replication.copies_in_flight_max` and `al_extents_max` must be at least 1"
                     .into(),
             );
+        }
+        if r.link_unconfirmed_blocks_max < 2 {
+            return Err("key `replication.link_unconfirmed_blocks_max` must be at least 2".into());
         }
         Ok(())
     }

@@ -613,7 +613,7 @@ impl PrimaryVolume {
             copies_in_flight_max: settings.copies_in_flight_max,
             flush_interval_ms: settings.link_flush_interval_ms,
             flush_bytes: settings.link_flush_bytes,
-            ..LinkConfig::default()
+            unconfirmed_blocks_max: settings.link_unconfirmed_blocks_max,
         };
         let rep = Replicator::new(cfg, dirty, st.consistent);
         let leaves = super::verify::LeafCache::new(local.size(), settings.granularity_bytes);
@@ -837,7 +837,7 @@ impl PrimaryVolume {
                     .unwrap_or_else(|| "the link dropped while draining".into()));
             }
             let st = l.rep.status();
-            if st.dirty_bytes == 0 && st.backlog_bytes == 0 && st.unconfirmed_extents == 0 {
+            if st.dirty_bytes == 0 && st.backlog_bytes == 0 && st.unconfirmed_blocks == 0 {
                 return Ok(());
             }
             drop(l);

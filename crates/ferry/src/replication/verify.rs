@@ -246,7 +246,7 @@ pub fn verify(ctx: &AgentCtx, name: &str, timeout: Duration, start: Instant) -> 
         if st.phase == Phase::Streaming
             && st.dirty_bytes == 0
             && !l.group.as_ref().is_some_and(|g| g.has_frames(l.tag))
-            && st.unconfirmed_extents == 0
+            && st.unconfirmed_blocks == 0
             && st.backlog_bytes == 0
         {
             break;
