@@ -56,6 +56,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         max_in_flight_per_connection: 1,
         block_status_runs_max: 8,
         buffer_retain_bytes: 16 * 1024,
+        // Writes up to 4 KiB run inline, bigger ones are handed off: both paths.
+        inline_write_bytes_max: 4096,
         negotiation: NegotiationLimits {
             option_bytes_max: 4096,
             handshake_options_max: 32,

@@ -843,7 +843,10 @@ mod tests {
             r.on_write(ext(2), G, 0);
         }
         assert_eq!(r.status().unconfirmed_blocks, 1, "one block, many writes");
-        assert!(!r.flush_due(0), "100 writes of one block are not 100 extents");
+        assert!(
+            !r.flush_due(0),
+            "100 writes of one block are not 100 extents"
+        );
         let newest = match r.on_write(ext(2), G, 0) {
             WriteDecision::Stream { seq, .. } => seq,
             d => panic!("{d:?}"),
@@ -851,7 +854,10 @@ mod tests {
         r.on_ack(newest, first, 1);
         assert!(r.tracks(2), "only an older write of the block is durable");
         r.on_disconnect();
-        assert!(r.dirty_map().is_dirty(2), "its newest write goes to the dirty map");
+        assert!(
+            r.dirty_map().is_dirty(2),
+            "its newest write goes to the dirty map"
+        );
         assert_eq!(r.dirty_map().dirty_blocks(), 1);
     }
 

@@ -26,7 +26,7 @@
 //! The code is generic over `Read`/`Write`, so the fuzz target drives the real
 //! connection logic over in-memory buffers.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -36,6 +36,34 @@ use crate::handshake::{
 };
 use crate::proto::*;
 use crate::transmission::{self, Command, Context};
+
+/// A request reader that shows what it already holds, so a worker knows
+/// whether its next request is at hand without blocking.
+pub trait Buffered: Read {
+    fn buffered(&self) -> &[u8];
+}
+
+impl<T: Read> Buffered for BufReader<T> {
+    fn buffered(&self) -> &[u8] {
+        self.buffer()
+    }
+}
+
+impl Buffered for &[u8] {
+    fn buffered(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Whether `b` starts with a whole request (header, and payload for a WRITE).
+fn request_at_hand(b: &[u8]) -> bool {
+    if b.len() < REQUEST_HEADER_BYTES {
+        return false;
+    }
+    let kind = u16::from_be_bytes([b[6], b[7]]);
+    let length = u32::from_be_bytes([b[24], b[25], b[26], b[27]]) as usize;
+    kind != CMD_WRITE || b.len() - REQUEST_HEADER_BYTES >= length
+}
 
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +76,11 @@ pub struct ConnectionLimits {
     pub block_status_runs_max: usize,
     /// A worker's I/O buffer is kept between requests up to this size.
     pub buffer_retain_bytes: usize,
+    /// WRITEs up to this size (without FUA) run on the worker that read them,
+    /// which then goes on reading: no hand-off to another thread per request.
+    /// Buffered writes to one file take its inode lock in turn anyway, so
+    /// running them side by side gains nothing; 0 = hand every request off.
+    pub inline_write_bytes_max: u32,
     pub negotiation: NegotiationLimits,
 }
 
@@ -58,6 +91,7 @@ impl Default for ConnectionLimits {
             max_in_flight_per_connection: 64,
             block_status_runs_max: 1024,
             buffer_retain_bytes: 4 * 1024 * 1024,
+            inline_write_bytes_max: 64 * 1024,
             negotiation: NegotiationLimits::default(),
         }
     }
@@ -274,7 +308,7 @@ pub fn transmission<R, W>(
     close_transport: &(dyn Fn() + Sync),
 ) -> Result<Ending, ConnectionError>
 where
-    R: Read + Send,
+    R: Buffered + Send,
     W: Write + Send + 'static,
 {
     let replies = Arc::new(Replies {
@@ -326,7 +360,7 @@ fn worker<'scope, 'env, R, W>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
     shared: &'scope Shared<'env, R, W>,
 ) where
-    R: Read + Send,
+    R: Buffered + Send,
     W: Write + Send,
 {
     let mut buf: Vec<u8> = Vec::new();
@@ -337,27 +371,67 @@ fn worker<'scope, 'env, R, W>(
         let incoming = {
             let mut reader = lock(&shared.reader);
             shared.idle.fetch_sub(1, Ordering::SeqCst);
-            if shared.closing.load(Ordering::SeqCst) {
-                return;
+            // Inline writes whose device work was held back (see settle()).
+            let mut held = false;
+            let max_in_flight = shared.limits.max_in_flight_per_connection;
+            loop {
+                if shared.closing.load(Ordering::SeqCst) {
+                    settle(shared, &mut held);
+                    return;
+                }
+                // Held work is done before anything that may wait: a read of
+                // a request not yet at hand, or the in-flight limit (held
+                // writes are answered only after it).
+                if held
+                    && (!request_at_hand(reader.buffered())
+                        || shared.replies.in_flight.load(Ordering::SeqCst) >= max_in_flight)
+                {
+                    settle(shared, &mut held);
+                }
+                // The in-flight limit counts requests until they are answered,
+                // deferred ones included; only the reader-lock holder takes one.
+                shared.replies.wait_at_most(max_in_flight.saturating_sub(1));
+                let incoming = read_request(&mut *reader, &shared.ctx, &mut buf);
+                if matches!(&incoming, Ok(Some(i)) if !matches!(i, Incoming::Run { cmd: Command::Disconnect, .. }))
+                {
+                    shared.replies.in_flight.fetch_add(1, Ordering::SeqCst);
+                }
+                // Decide about the end of the stream while still holding the reader,
+                // so no other worker starts a read that nothing will ever answer.
+                if !matches!(incoming, Ok(Some(Incoming::Run { cmd, .. })) if cmd != Command::Disconnect)
+                    && !matches!(incoming, Ok(Some(Incoming::Refused { .. })))
+                {
+                    shared.closing.store(true, Ordering::SeqCst);
+                }
+                // A small write runs here, and this worker keeps the reader.
+                if let Ok(Some(Incoming::Run {
+                    cookie,
+                    cmd:
+                        cmd @ Command::Write {
+                            length, fua: false, ..
+                        },
+                })) = incoming
+                {
+                    if length <= shared.limits.inline_write_bytes_max {
+                        let more = request_at_hand(reader.buffered());
+                        let result =
+                            execute(shared, cookie, cmd, more, &mut buf, &mut runs, &mut status);
+                        held |= more;
+                        if !matches!(result, Ok(true)) {
+                            shared.replies.answered(1);
+                        }
+                        if let Err(e) = result {
+                            settle(shared, &mut held);
+                            drop(reader);
+                            shared.fail(e.into());
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                settle(shared, &mut held);
+                break incoming;
             }
-            // The in-flight limit counts requests until they are answered,
-            // deferred ones included; only the reader-lock holder takes one.
-            shared
-                .replies
-                .wait_at_most(shared.limits.max_in_flight_per_connection.saturating_sub(1));
-            let incoming = read_request(&mut *reader, &shared.ctx, &mut buf);
-            if matches!(&incoming, Ok(Some(i)) if !matches!(i, Incoming::Run { cmd: Command::Disconnect, .. }))
-            {
-                shared.replies.in_flight.fetch_add(1, Ordering::SeqCst);
-            }
-            // Decide about the end of the stream while still holding the reader,
-            // so no other worker starts a read that nothing will ever answer.
-            if !matches!(incoming, Ok(Some(Incoming::Run { cmd, .. })) if cmd != Command::Disconnect)
-                && !matches!(incoming, Ok(Some(Incoming::Refused { .. })))
-            {
-                shared.closing.store(true, Ordering::SeqCst);
-            }
-            incoming
         };
         let incoming = match incoming {
             Ok(Some(i)) => i,
@@ -404,7 +478,7 @@ fn worker<'scope, 'env, R, W>(
                 read,
             } => reply_error(shared, cookie, errno, read).map(|()| false),
             Incoming::Run { cookie, cmd } => {
-                execute(shared, cookie, cmd, &mut buf, &mut runs, &mut status)
+                execute(shared, cookie, cmd, false, &mut buf, &mut runs, &mut status)
             }
         };
         if !matches!(result, Ok(true)) {
@@ -417,6 +491,13 @@ fn worker<'scope, 'env, R, W>(
         if buf.len() > shared.limits.buffer_retain_bytes {
             buf = Vec::new();
         }
+    }
+}
+
+/// Lets the device do what inline writes held back.
+fn settle<R, W>(shared: &Shared<'_, R, W>, held: &mut bool) {
+    if std::mem::take(held) {
+        shared.device.settle();
     }
 }
 
@@ -467,10 +548,12 @@ fn read_request<R: Read>(
     }
 }
 
+/// Runs one request; `more_at_hand` as in [`BlockDevice::write_at_deferred`].
 fn execute<R, W: Write>(
     shared: &Shared<'_, R, W>,
     cookie: u64,
     cmd: Command,
+    more_at_hand: bool,
     buf: &mut Vec<u8>,
     runs: &mut Vec<Allocation>,
     status: &mut Vec<u8>,
@@ -493,7 +576,7 @@ fn execute<R, W: Write>(
             fua,
         } => {
             let done = Completion::new(shared.responder.clone(), cookie);
-            dev.write_at_deferred(&buf[..length as usize], offset, fua, done);
+            dev.write_at_deferred(&buf[..length as usize], offset, fua, more_at_hand, done);
             return Ok(true);
         }
         Command::Flush => dev.flush(),

@@ -15,7 +15,7 @@ pub mod proto;
 pub mod server;
 pub mod transmission;
 
-pub use connection::ConnectionLimits;
+pub use connection::{Buffered, ConnectionLimits};
 pub use device::{Allocation, BlockDevice, Completion, FileDevice, MemDevice, Responder, ZeroMode};
 pub use handshake::{ExportInfo, NegotiationLimits};
 pub use server::{Export, ListenAddr, Listener, Server, ServerError, ServerLimits};

@@ -252,7 +252,7 @@ impl BlockDevice for Deferring {
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
         self.inner.write_at(buf, offset, fua)
     }
-    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
+    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, _: bool, done: Completion) {
         match self.inner.write_at(buf, offset, fua) {
             Ok(()) => self.held.lock().unwrap().push(done),
             Err(e) => done.complete(Err(e)),
@@ -392,5 +392,138 @@ fn the_builtin_client_writes_reads_and_flushes() {
         matches!(e, ferry_nbd::client::ClientError::Refused { .. }),
         "{e}"
     );
+    server.shutdown();
+}
+
+/// Holds the answers of writes made with more requests at hand until the
+/// next write without, or `settle()`: as a replicating device holds frames.
+struct Holding {
+    inner: MemDevice,
+    held: Mutex<Vec<Completion>>,
+    /// Writes that arrived with more at hand / settle calls that had work.
+    batched: AtomicUsize,
+    settles: AtomicUsize,
+}
+
+impl Holding {
+    fn release(&self) -> bool {
+        let held = std::mem::take(&mut *self.held.lock().unwrap());
+        let any = !held.is_empty();
+        Completion::complete_batch(held.into_iter().map(|c| (c, Ok(()))).collect());
+        any
+    }
+}
+
+impl BlockDevice for Holding {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, more: bool, done: Completion) {
+        let r = self.inner.write_at(buf, offset, fua);
+        if r.is_err() {
+            return done.complete(r);
+        }
+        self.held.lock().unwrap().push(done);
+        if more {
+            self.batched.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.release();
+        }
+    }
+    fn settle(&self) {
+        if self.release() {
+            self.settles.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, length: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.trim(offset, length, fua)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode, fua: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l, m, fua)
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u64,
+        max_runs: usize,
+        out: &mut Vec<Allocation>,
+    ) -> std::io::Result<()> {
+        self.inner.block_status(offset, length, max_runs, out)
+    }
+}
+
+#[test]
+fn small_writes_at_hand_are_batched_and_held_work_is_settled_before_any_wait() {
+    let dev = Arc::new(Holding {
+        inner: MemDevice::new(1 << 20),
+        held: Mutex::new(Vec::new()),
+        batched: AtomicUsize::new(0),
+        settles: AtomicUsize::new(0),
+    });
+    let (server, addr) = serve(dev.clone(), 8);
+    let mut s = connect(&addr);
+    // 40 writes in one burst (more than the in-flight limit of 8), then a
+    // READ: all answered, so nothing stayed held behind the limit or the read.
+    let mut burst = Vec::new();
+    for cookie in 0..40u64 {
+        let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&1u16.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&(cookie * 512).to_be_bytes());
+        b.extend_from_slice(&512u32.to_be_bytes());
+        b.extend_from_slice(&[cookie as u8; 512]);
+        burst.extend_from_slice(&b);
+    }
+    s.write_all(&burst).unwrap();
+    request(&mut s, 0, 99, 0, 512, &[]);
+    let mut got: Vec<u64> = (0..41)
+        .map(|_| {
+            let (e, c) = reply(&mut s, 0);
+            assert_eq!(e, 0);
+            if c == 99 {
+                let mut d = [0u8; 512];
+                s.read_exact(&mut d).unwrap();
+                assert_eq!(d, [0u8; 512]);
+            }
+            c
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, (0..40).chain([99]).collect::<Vec<_>>());
+    assert!(
+        dev.batched.load(Ordering::SeqCst) > 0,
+        "no write was batched"
+    );
+    assert!(
+        dev.settles.load(Ordering::SeqCst) > 0,
+        "the limit never settled"
+    );
+
+    // A request cut in half: the writes before it are answered meanwhile.
+    request(&mut s, 1, 100, 0, 512, &[1; 512]);
+    let mut half = 0x2560_9513u32.to_be_bytes().to_vec();
+    half.extend_from_slice(&0u16.to_be_bytes());
+    half.extend_from_slice(&1u16.to_be_bytes());
+    half.extend_from_slice(&101u64.to_be_bytes());
+    half.extend_from_slice(&512u64.to_be_bytes());
+    half.extend_from_slice(&512u32.to_be_bytes());
+    half.extend_from_slice(&[2; 100]);
+    s.write_all(&half).unwrap();
+    assert_eq!(reply(&mut s, 0), (0, 100));
+    s.write_all(&[2; 412]).unwrap();
+    assert_eq!(reply(&mut s, 0), (0, 101));
+    let mut b = [0u8; 512];
+    dev.inner.read_at(&mut b, 512).unwrap();
+    assert_eq!(b, [2; 512]);
     server.shutdown();
 }

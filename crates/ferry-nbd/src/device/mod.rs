@@ -71,9 +71,25 @@ pub trait BlockDevice: Send + Sync {
     /// Like [`BlockDevice::write_at`], answering through `done`, possibly later
     /// and from another thread. `buf` is only borrowed for the call. The default
     /// answers at once.
-    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
+    ///
+    /// `more_at_hand`: the caller already holds its next request and will call
+    /// [`BlockDevice::settle`] before it waits for input, so a device may hold
+    /// back work that batches well (frames for a replica) until then.
+    fn write_at_deferred(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        fua: bool,
+        more_at_hand: bool,
+        done: Completion,
+    ) {
+        let _ = more_at_hand;
         done.complete(self.write_at(buf, offset, fua));
     }
+
+    /// Does what [`BlockDevice::write_at_deferred`] held back; until then its
+    /// answers may not come.
+    fn settle(&self) {}
 
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> io::Result<()>;
@@ -111,8 +127,11 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         (**self).write_at(buf, offset, fua)
     }
-    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
-        (**self).write_at_deferred(buf, offset, fua, done)
+    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, more: bool, done: Completion) {
+        (**self).write_at_deferred(buf, offset, fua, more, done)
+    }
+    fn settle(&self) {
+        (**self).settle()
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()

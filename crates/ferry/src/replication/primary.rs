@@ -1006,15 +1006,22 @@ impl PrimaryVolume {
     ) -> io::Result<()> {
         let started = Instant::now();
         let result = self
-            .write_begin(extent, local, wire, out, fua)
+            .write_begin(extent, local, wire, out, fua, true)
             .and_then(|b| self.finish_blocking(b));
         self.write_latency
             .record(started.elapsed().as_micros() as u64);
         result
     }
 
-    /// Steps 1–4 of an NBD WRITE of `buf` at `offset`.
-    fn begin_data_write(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<Begun> {
+    /// Steps 1–4 of an NBD WRITE of `buf` at `offset`; its frame waits in
+    /// the queue unless `send_now` (see [`BlockDevice::settle`]).
+    fn begin_data_write(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        fua: bool,
+        send_now: bool,
+    ) -> io::Result<Begun> {
         let e = Extent {
             offset,
             length: buf.len() as u64,
@@ -1030,6 +1037,7 @@ impl PrimaryVolume {
                 data: buf.to_vec(),
             },
             fua,
+            send_now,
         )
     }
 
@@ -1159,7 +1167,9 @@ impl PrimaryVolume {
         self.finish_unconfirmed(pending);
     }
 
-    /// Steps 1–4 of a write (see the module documentation).
+    /// Steps 1–4 of a write (see the module documentation). Its frame is
+    /// sent before this returns only if `send_now`; otherwise the caller
+    /// pumps the link later (a batch of writes goes out in one send).
     fn write_begin(
         &self,
         extent: Extent,
@@ -1167,6 +1177,7 @@ impl PrimaryVolume {
         wire: u64,
         out: impl FnOnce(u64) -> Out,
         fua: bool,
+        send_now: bool,
     ) -> io::Result<Begun> {
         let _active = self.enter()?;
         self.bytes_written
@@ -1227,7 +1238,9 @@ impl PrimaryVolume {
         }
         drop(guard);
         drop(l);
-        self.link.pump();
+        if send_now {
+            self.link.pump();
+        }
         Ok(wait.unwrap_or(Begun::Answered(matches!(
             decision,
             WriteDecision::Stream { .. }
@@ -1381,16 +1394,16 @@ impl BlockDevice for PrimaryVolume {
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         let started = Instant::now();
         let result = self
-            .begin_data_write(buf, offset, fua)
+            .begin_data_write(buf, offset, fua, true)
             .and_then(|b| self.finish_blocking(b));
         self.write_latency
             .record(started.elapsed().as_micros() as u64);
         result
     }
 
-    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, done: Completion) {
+    fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, more: bool, done: Completion) {
         let started = Instant::now();
-        let begun = self.begin_data_write(buf, offset, fua);
+        let begun = self.begin_data_write(buf, offset, fua, !more);
         let result = match begun {
             Err(e) => Err(e),
             Ok(Begun::Answered(confirmed)) => self.answer(confirmed),
@@ -1427,6 +1440,10 @@ impl BlockDevice for PrimaryVolume {
         self.write_latency
             .record(started.elapsed().as_micros() as u64);
         done.complete(result);
+    }
+
+    fn settle(&self) {
+        self.link.pump();
     }
 
     fn flush(&self) -> io::Result<()> {
