@@ -78,9 +78,9 @@ impl Default for LinkConfig {
             backlog_bytes_max: 64 * 1024 * 1024,
             peer_ack_timeout_ms: 5_000,
             copies_in_flight_max: 8,
-            unconfirmed_blocks_max: 65_536,
+            unconfirmed_blocks_max: 131_072,
             flush_interval_ms: 30_000,
-            flush_bytes: 1024 * 1024 * 1024,
+            flush_bytes: 4 * 1024 * 1024 * 1024,
         }
     }
 }

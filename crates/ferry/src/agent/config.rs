@@ -16,8 +16,8 @@
 //! reconnect_backoff_max_ms = 5000
 //! al_extents_max = 256
 //! link_flush_interval_ms = 30000
-//! link_flush_bytes = 1073741824        # of distinct unconfirmed blocks
-//! link_unconfirmed_blocks_max = 65536  # a link flush is sent at half of it
+//! link_flush_bytes = 4294967296        # of distinct unconfirmed blocks
+//! link_unconfirmed_blocks_max = 131072 # a link flush is sent at half of it
 //! leaf_refresh_bytes_per_s = 1073741824 # background Merkle-leaf hashing of written blocks
 //! leaf_scrub_bytes_per_s = 33554432    # background read-back of clean leaves
 //!
@@ -311,8 +311,8 @@ impl Default for ReplicationSettings {
             reconnect_backoff_max_ms: 5_000,
             al_extents_max: 256,
             link_flush_interval_ms: 30_000,
-            link_flush_bytes: 1024 * 1024 * 1024,
-            link_unconfirmed_blocks_max: 65_536,
+            link_flush_bytes: 4 * 1024 * 1024 * 1024,
+            link_unconfirmed_blocks_max: 131_072,
             leaf_refresh_bytes_per_s: 1024 * 1024 * 1024,
             leaf_scrub_bytes_per_s: 32 * 1024 * 1024,
         }
