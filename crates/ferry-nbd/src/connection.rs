@@ -416,7 +416,8 @@ fn worker<'scope, 'env, R, W>(
                         let more = request_at_hand(reader.buffered());
                         let result =
                             execute(shared, cookie, cmd, more, &mut buf, &mut runs, &mut status);
-                        held |= more;
+                        // Without `more` the device did what was held, too.
+                        held = more;
                         if !matches!(result, Ok(true)) {
                             shared.replies.answered(1);
                         }
