@@ -66,7 +66,22 @@ echo "preparing a ${size_mib} MiB random image" >&2
 head -c $((size_mib << 20)) /dev/urandom >"$work/random.img"
 
 # ---------- 1. initial sync ----------
-sync_times=(); rss_peaks=()
+# The three copies take turns (ferry, nbdcopy, rsync, ferry, …): filling fresh
+# page cache on this VM costs 0.3–1.9 s per GiB from one minute to the next,
+# so drift must hit all three alike.
+mkdir -p "$work/rsyncd/dst"
+rport=$(port)
+cat >"$work/rsyncd.conf" <<EOT
+use chroot = no
+uid = root
+gid = root
+[dst]
+path = $work/rsyncd/dst
+read only = no
+EOT
+rsync --daemon --no-detach --address=127.0.0.1 --port="$rport" --config="$work/rsyncd.conf" & rs=$!; pids+=($rs)
+sleep 0.3
+sync_times=(); rss_peaks=(); nbdcopy_times=(); rsync_times=()
 for rep in $(seq "$reps"); do
   for n in a b; do rm -rf "${work:?}/$n"; done
   FERRY_DATA_DIR="$work/a" "$ferry" volume create vol --size "${size_mib}MiB" >/dev/null
@@ -86,13 +101,8 @@ for rep in $(seq "$reps"); do
   sync_times+=("$(echo "$t1 - $t0" | bc)"); rss_peaks+=("$peak")
   on a volume verify vol >/dev/null
   echo "rep $rep: ferry initial sync ${sync_times[-1]} s, A RSS peak $((peak / 1024)) MiB" >&2
-  kill "${PID[a]}" "${PID[b]}"; wait "${PID[a]}" "${PID[b]}" 2>/dev/null || true; pids=()
-done
-ferry_sync=$(printf '%s\n' "${sync_times[@]}" | median)
-ferry_rss=$(( $(printf '%s\n' "${rss_peaks[@]}" | median) / 1024 ))
+  kill "${PID[a]}" "${PID[b]}"; wait "${PID[a]}" "${PID[b]}" 2>/dev/null || true; pids=("$rs")
 
-nbdcopy_times=()
-for rep in $(seq "$reps"); do
   truncate -s 0 "$work/dst.img"; truncate -s "${size_mib}M" "$work/dst.img"; sync
   p1=$(port); p2=$(port)
   nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$p1" file "$work/random.img" & k1=$!
@@ -101,27 +111,14 @@ for rep in $(seq "$reps"); do
   t0=$(now); nbdcopy --flush "nbd://127.0.0.1:$p1/" "nbd://127.0.0.1:$p2/"; t1=$(now)
   nbdcopy_times+=("$(echo "$t1 - $t0" | bc)")
   kill $k1 $k2; wait $k1 $k2 2>/dev/null || true
-done
-nbdcopy_sync=$(printf '%s\n' "${nbdcopy_times[@]}" | median)
 
-mkdir -p "$work/rsyncd/dst"
-rport=$(port)
-cat >"$work/rsyncd.conf" <<EOT
-use chroot = no
-uid = root
-gid = root
-[dst]
-path = $work/rsyncd/dst
-read only = no
-EOT
-rsync --daemon --no-detach --address=127.0.0.1 --port="$rport" --config="$work/rsyncd.conf" & rs=$!; pids+=($rs)
-sleep 0.3
-rsync_times=()
-for rep in $(seq "$reps"); do
   rm -f "$work/rsyncd/dst/random.img"; sync
   t0=$(now); rsync --whole-file "$work/random.img" "rsync://127.0.0.1:$rport/dst/random.img"; t1=$(now)
   rsync_times+=("$(echo "$t1 - $t0" | bc)")
 done
+ferry_sync=$(printf '%s\n' "${sync_times[@]}" | median)
+ferry_rss=$(( $(printf '%s\n' "${rss_peaks[@]}" | median) / 1024 ))
+nbdcopy_sync=$(printf '%s\n' "${nbdcopy_times[@]}" | median)
 rsync_sync=$(printf '%s\n' "${rsync_times[@]}" | median)
 
 # ---------- 2. resync after ~1% change ----------
