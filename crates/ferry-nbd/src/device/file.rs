@@ -85,6 +85,22 @@ impl FileDevice {
         Ok(self.file.metadata()?.blocks() * 512)
     }
 
+    /// Starts writeback of every dirty page of the file without waiting for
+    /// it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `flush` then
+    /// has less left to do. Not a durability point.
+    pub fn start_writeback(&self) -> io::Result<()> {
+        // SAFETY: sync_file_range only reads its integer arguments; the fd is
+        // owned by `self.file` and stays open for the duration of the call.
+        let rc = unsafe {
+            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
         let (off, len) = (to_off(offset)?, to_off(length)?);
         loop {

@@ -413,8 +413,18 @@ struct FlushState {
     /// Per member: newest flush seq applied up to, and whether it declared
     /// the member up to date.
     pending: Vec<Option<(u64, bool)>>,
+    /// Resync bytes applied since writeback was last started; past
+    /// [`WRITEBACK_KICK_BYTES`] the flusher starts it (see [`flusher`]).
+    copied: u64,
+    kick: bool,
     closed: bool,
 }
+
+/// A resync's copies start writeback on the replica every this many bytes,
+/// so the flush that ends the resync (durable before the replica counts as
+/// up to date) finds little left to write: the disk works while the link
+/// copies instead of after it.
+const WRITEBACK_KICK_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Makes flushes durable (`fdatasync`) on its own thread, so the apply loop
 /// keeps applying the frames that follow, then acknowledges them as durable.
@@ -439,19 +449,38 @@ fn flusher(
                     .filter_map(|(i, p)| p.take().map(|(seq, up)| (i, seq, up)))
                     .collect();
                 if !p.is_empty() {
+                    st.kick = false;
                     break p;
                 }
                 if st.closed {
                     return Ok(());
                 }
+                if std::mem::take(&mut st.kick) {
+                    break p;
+                }
                 st = state.1.wait(st).unwrap_or_else(|p| p.into_inner());
             }
         };
+        if pending.is_empty() {
+            // Only a writeback kick: best effort, a failure shows at the flush.
+            for v in vols {
+                if let Err(e) = v.dev.start_writeback() {
+                    tracing::debug!(volume = %v.name, error = %e, "replication.replica.writeback_failed");
+                }
+            }
+            continue;
+        }
+        let started = std::time::Instant::now();
         for v in vols {
             v.dev
                 .flush()
                 .with_context(|| format!("fdatasync of {}", v.name))?;
         }
+        tracing::debug!(
+            volumes = vols.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "replication.replica.flushed"
+        );
         for &(tag, seq, up_to_date) in &pending {
             let vol = &vols[tag];
             if up_to_date {
@@ -509,7 +538,7 @@ fn apply_stream(
     let state = (
         Mutex::new(FlushState {
             pending: vec![None; vols.len()],
-            closed: false,
+            ..FlushState::default()
         }),
         std::sync::Condvar::new(),
     );
@@ -691,6 +720,15 @@ fn apply_one(
             wrote.with_context(|| format!("writing {} bytes at {}", payload.len(), hdr.offset))?;
             vol.bytes_applied
                 .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            if hdr.kind == Kind::Copy {
+                let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
+                st.copied += payload.len() as u64;
+                if st.copied >= WRITEBACK_KICK_BYTES {
+                    st.copied = 0;
+                    st.kick = true;
+                    state.1.notify_all();
+                }
+            }
         }
         Kind::Zero => {
             let len =
