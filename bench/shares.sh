@@ -10,12 +10,15 @@
 #      lsyncd (default.rsync, delay = 0) in the same run;
 #   3. a sync share's FUSE mount (replicating to the other agent) vs bindfs
 #      (another FUSE passthrough) vs the bare filesystem: fio sequential 1 MiB
-#      writes and 4 KiB writes with an fsync each (end_fsync=1), and pgbench TPS.
-# Usage: bench/shares.sh [--parts 1,2,3] [--reps 3] [--small N] [--big-mib M]
+#      writes and 4 KiB writes with an fsync each (end_fsync=1), and pgbench TPS;
+#   4. 100,000 files in one directory: an async share's initial sync of it,
+#      and the same directory made through a sync share's FUSE mount, listed
+#      (`ls -f`, `find`) through the mount; both replicas compared (diff -r).
+# Usage: bench/shares.sh [--parts 1,2,3,4] [--reps 3] [--small N] [--big-mib M]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-parts=1,2,3
+parts=1,2,3,4
 reps=3
 small=100000
 big_mib=256
@@ -279,5 +282,43 @@ if has 3; then
   done
   echo "ratios ferry/bare: seq $(ratio "$(med mnt seq 1)" "$(med bare seq 1)"), fsync $(ratio "$(med mnt fsync 2)" "$(med bare fsync 2)"), pgbench $(ratio "${R[mnt-pg]}" "${R[bare-pg]}")"
   echo "ratios ferry/bindfs: seq $(ratio "$(med mnt seq 1)" "$(med bindmnt seq 1)"), fsync $(ratio "$(med mnt fsync 2)" "$(med bindmnt fsync 2)"), pgbench $(ratio "${R[mnt-pg]}" "${R[bindmnt-pg]}")"
+  stop_agents
+fi
+
+# ---------- 4. 100,000 files in one directory ----------
+make_flat() { # dir n: n small files in one directory
+  python3 - "$1" "$2" <<'EOF'
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(d)
+for i in range(n):
+    with open(os.path.join(d, "file-%06d" % i), "wb") as f:
+        f.write(b"%d\n" % i)
+EOF
+}
+if has 4; then
+  n=100000
+  echo "preparing $n files in one directory" >&2
+  make_flat "$work/flat/one" "$n"
+  sync
+  pair "-flat"
+  t0=$(now)
+  on a share create flat --path "$work/flat" --mode async --to b >/dev/null
+  on a share wait flat --timeout 900s >/dev/null
+  t1=$(now)
+  diff -rq "$work/flat" "${DIR[b]}/shares/flat/data" >/dev/null || { echo "async replica differs!" >&2; exit 1; }
+  async_flat=$(echo "$t1 - $t0" | bc)
+  mkdir -p "$work/mnt4"
+  on a share create many --path "$work/mnt4" --mode sync --to b >/dev/null
+  on a share wait many --timeout 60s >/dev/null
+  mounts+=("$work/mnt4")
+  t0=$(now); make_flat "$work/mnt4/one" "$n"; t1=$(now)
+  listed=$(ls -f "$work/mnt4/one" | wc -l); t2=$(now)
+  found=$(find "$work/mnt4/one" -type f | wc -l); t3=$(now)
+  [[ $listed == $((n + 2)) && $found == "$n" ]] || { echo "listed $listed, found $found of $n" >&2; exit 1; }
+  diff -rq "$work/mnt4" "${DIR[b]}/shares/many/data" >/dev/null || { echo "sync replica differs!" >&2; exit 1; }
+  echo "== 100,000 files in one directory"
+  echo "async share initial sync: $async_flat s (replica equal)"
+  echo "sync share (FUSE, replicating): created in $(echo "$t1 - $t0" | bc) s, ls -f $(echo "$t2 - $t1" | bc) s, find $(echo "$t3 - $t2" | bc) s (replica equal)"
   stop_agents
 fi

@@ -532,3 +532,76 @@ fn a_full_replica_fails_writes_here_with_enospc_and_the_copies_stay_equal() {
     a.ok(&["share", "wait", "app", "--timeout", "60s"]);
     assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
 }
+
+#[test]
+fn async_share_reports_what_it_cannot_read_and_replicates_the_rest() {
+    // The agent runs without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, like
+    // a service account: a file or directory with mode 000 is closed to it.
+    let setpriv = require("setpriv");
+    let setpriv = setpriv.to_str().unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("ferry-share-eacces-")
+        .tempdir()
+        .unwrap();
+    let drop_caps = "-dac_override,-dac_read_search";
+    let mut a = Agent::start_wrapped(
+        root.path(),
+        "a",
+        "",
+        &[
+            setpriv,
+            &format!("--inh-caps={drop_caps}"),
+            &format!("--bounding-set={drop_caps}"),
+            "--",
+        ],
+    );
+    let b = Agent::start(root.path(), "b", "");
+    common::agent::pair(&a, &b);
+    let src = root.path().join("src");
+    std::fs::create_dir_all(src.join("locked")).unwrap();
+    std::fs::write(src.join("open"), "everyone may read this").unwrap();
+    std::fs::write(src.join("secret"), "only after chmod").unwrap();
+    std::fs::write(src.join("locked/inner"), "behind a closed directory").unwrap();
+    sh(&src, "chmod 000 secret locked");
+    async_share(root.path(), &a);
+    let replica = data_dir(&b, "app");
+    wait_until(60, "the readable file on the replica", || {
+        std::fs::read(replica.join("open")).is_ok_and(|d| d == b"everyone may read this")
+    });
+    wait_until(30, "the unreadable entries in status", || {
+        share_status(&a, "app")["unreadable_files"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    });
+    let st = share_status(&a, "app");
+    let err = st["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("secret") || err.contains("locked"),
+        "status names what it cannot read: {st}"
+    );
+    assert!(a.is_running(), "the agent went down: {}", a.log_text());
+    // Opened up: the watcher sees the mode change and both arrive.
+    sh(&src, "chmod 644 secret && chmod 755 locked");
+    wait_converged(&src, &replica, 60, &a);
+    assert_eq!(
+        std::fs::read(replica.join("locked/inner")).unwrap(),
+        b"behind a closed directory"
+    );
+    // Closed again, then a restart (an async share compares the whole tree
+    // on start): what the replica holds below it is not taken for deleted.
+    sh(&src, "chmod 000 locked");
+    a.kill9();
+    a.spawn();
+    wait_until(60, "the restarted share up to date", || {
+        let st = share_status(&a, "app");
+        st["state"] == "up-to-date" && st["unreadable_files"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(
+        std::fs::read(replica.join("locked/inner")).unwrap(),
+        b"behind a closed directory",
+        "the replica's copy below an unreadable directory was removed"
+    );
+    sh(&src, "chmod 755 locked");
+    drop(b);
+}

@@ -664,16 +664,29 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
     }
     let theirs: HashMap<SharePath, ManifestEntry> =
         theirs.into_iter().map(|e| (e.path.clone(), e)).collect();
-    let mine = share
+    let crate::share::tree::Manifest {
+        entries: mine,
+        unlisted,
+    } = share
         .tree
-        .manifest(path)
+        .manifest_lenient(path)
         .with_context(|| format!("cannot walk {}", path.display()))?;
+    // Directories this agent may not list: reported; what the replica holds
+    // below them stays (nothing here says it is gone).
+    let unlisted: Vec<SharePath> = unlisted
+        .into_iter()
+        .map(|(dir, e)| unreadable(share, &dir, e).map(|()| dir))
+        .collect::<Result<_>>()?;
+    let hidden = |p: &SharePath| unlisted.iter().any(|d| p != d && p.starts_with(d));
     let mine_paths: BTreeSet<&SharePath> = mine.iter().map(|e| &e.path).collect();
     // Directories whose entries this pass changed on the replica: their
     // times there are new, whatever the manifest said.
     let mut changed_dirs: std::collections::HashSet<SharePath> = Default::default();
     // Entries the replica has and the primary does not: remove (the top-most).
-    let mut gone: Vec<&SharePath> = theirs.keys().filter(|p| !mine_paths.contains(p)).collect();
+    let mut gone: Vec<&SharePath> = theirs
+        .keys()
+        .filter(|p| !mine_paths.contains(p) && !hidden(p))
+        .collect();
     gone.sort();
     let mut removed: Vec<SharePath> = Vec::new();
     for p in gone {
@@ -750,9 +763,15 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
                     same_kind && t.is_some_and(|t| t.kind == e.kind && t.mtime == e.mtime);
                 if !same_kind {
                     changed_dirs.extend(e.path.split_last().map(|(d, _)| d));
-                    attrs_sent = send_file(share, &e.path, false, e.mode, owner)?;
+                    match send_file(share, &e.path, false, e.mode, owner)? {
+                        Sent::Whole => attrs_sent = true,
+                        Sent::Content => {}
+                        Sent::Nothing => continue,
+                    }
                 } else if pass.whole && pass.force.contains(&e.path) {
-                    send_file(share, &e.path, true, e.mode, owner)?;
+                    if send_file(share, &e.path, true, e.mode, owner)? == Sent::Nothing {
+                        continue;
+                    }
                     rewritten = true;
                 } else if !looks_same || pass.by_content(e, &forced_links) {
                     send_delta(pass, &e.path, e.mode, owner)?;
@@ -795,6 +814,13 @@ fn sync_subtree(pass: &Pass<'_>, path: &SharePath, deep: bool) -> Result<()> {
             .get(&e.path)
             .filter(|_| !changed_dirs.contains(&e.path));
         fix_attrs(share, e, t)?;
+    }
+    // The subtree's own parent, when an entry was made or removed in it (a
+    // file that was there all along but is new to the replica, say).
+    for d in changed_dirs.iter().filter(|d| !d.starts_with(path)) {
+        if let Ok(m) = share.tree.manifest_entry(d) {
+            fix_attrs(share, &m, None)?;
+        }
     }
     Ok(())
 }
@@ -974,6 +1000,18 @@ fn pace(share: &PrimaryShare) {
     }
 }
 
+/// What [`send_file`] sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// Content, mode, owner and times, in one op.
+    Whole,
+    /// The content; attributes are the caller's to send.
+    Content,
+    /// Nothing: the file cannot be read here (reported); the replica's
+    /// entry, if any, is left as it is.
+    Nothing,
+}
+
 /// Sends a file's content: recreated (or truncated when it exists as a file
 /// on the replica), then in chunks read under the order lock, so live writes
 /// interleave in the right order.
@@ -983,14 +1021,14 @@ fn send_file(
     exists_as_file: bool,
     mode: u32,
     owner: Owner,
-) -> Result<bool> {
+) -> Result<Sent> {
     let target = Target::Path(path.clone());
     let f = match share.tree.open_file(&target, libc::O_RDONLY, 0) {
         Ok(f) => f,
-        Err(e) => return unreadable(share, path, e).map(|()| false),
+        Err(e) => return unreadable(share, path, e).map(|()| Sent::Nothing),
     };
     if !exists_as_file && put_whole(share, path, &f)? {
-        return Ok(true);
+        return Ok(Sent::Whole);
     }
     {
         let mut o = share.order();
@@ -1069,7 +1107,7 @@ fn send_file(
         drop(o);
         pace(share);
     }
-    Ok(false)
+    Ok(Sent::Content)
 }
 
 /// Files up to this size without holes go in one op when new on the replica.

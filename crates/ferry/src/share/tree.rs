@@ -54,6 +54,13 @@ impl At {
     }
 }
 
+/// A subtree's manifest, and the directories in it that could not be listed.
+#[derive(Debug)]
+pub struct Manifest {
+    pub entries: Vec<ManifestEntry>,
+    pub unlisted: Vec<(SharePath, io::Error)>,
+}
+
 pub struct Tree {
     root: OwnedFd,
     pub root_path: PathBuf,
@@ -668,33 +675,43 @@ impl Tree {
     pub fn manifest(&self, sub: &SharePath) -> io::Result<Vec<ManifestEntry>> {
         let mut out = Vec::new();
         let mut links: HashMap<u64, u64> = HashMap::new();
-        self.walk(sub, &mut out, &mut links)?;
+        self.walk_one(sub, &mut out, &mut links, true, &mut None)?;
         Ok(out)
+    }
+
+    /// Like [`Tree::manifest`], but a directory this process may not list
+    /// (EACCES: an agent without CAP_DAC_READ_SEARCH, a mode-000 directory)
+    /// does not end the walk: its entry is in the manifest, its contents are
+    /// not, and it is returned with the error.
+    pub fn manifest_lenient(&self, sub: &SharePath) -> io::Result<Manifest> {
+        let mut out = Vec::new();
+        let mut links: HashMap<u64, u64> = HashMap::new();
+        let mut unlisted = Some(Vec::new());
+        self.walk_one(sub, &mut out, &mut links, true, &mut unlisted)?;
+        Ok(Manifest {
+            entries: out,
+            unlisted: unlisted.unwrap_or_default(),
+        })
     }
 
     /// The entry at `path` alone (no children).
     pub fn manifest_entry(&self, path: &SharePath) -> io::Result<ManifestEntry> {
         let mut out = Vec::new();
-        self.walk_one(path, &mut out, &mut HashMap::new(), false)?;
+        self.walk_one(path, &mut out, &mut HashMap::new(), false, &mut None)?;
         out.pop()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
     }
 
-    fn walk(
-        &self,
-        path: &SharePath,
-        out: &mut Vec<ManifestEntry>,
-        links: &mut HashMap<u64, u64>,
-    ) -> io::Result<()> {
-        self.walk_one(path, out, links, true)
-    }
-
+    /// Appends `path`'s entry (and, `deep`, its subtree's) to `out`. With
+    /// `unlisted`, directories that cannot be listed for lack of permission
+    /// go there instead of failing the walk.
     fn walk_one(
         &self,
         path: &SharePath,
         out: &mut Vec<ManifestEntry>,
         links: &mut HashMap<u64, u64>,
         deep: bool,
+        unlisted: &mut Option<Vec<(SharePath, io::Error)>>,
     ) -> io::Result<()> {
         let st = match self.lstat(&Target::Path(path.clone())) {
             Ok(st) => st,
@@ -736,14 +753,21 @@ impl Tree {
             link_id,
         });
         if fmt == libc::S_IFDIR && deep {
-            let mut names = self.read_dir_names(path)?;
+            let mut names = match (self.read_dir_names(path), unlisted.as_mut()) {
+                (Ok(names), _) => names,
+                (Err(e), Some(u)) if e.raw_os_error() == Some(libc::EACCES) => {
+                    u.push((path.clone(), e));
+                    return Ok(());
+                }
+                (Err(e), _) => return Err(e),
+            };
             names.sort();
             for n in names {
                 let Ok(child) = path.join(&n) else {
                     tracing::warn!(path = %path.display(), "share.manifest.name_skipped");
                     continue;
                 };
-                self.walk(&child, out, links)?;
+                self.walk_one(&child, out, links, true, unlisted)?;
             }
         }
         Ok(())

@@ -76,6 +76,7 @@ pub fn start(
         root,
         wds: HashMap::new(),
         unwatched: BTreeSet::new(),
+        closed: BTreeSet::new(),
         share,
         cfg,
     };
@@ -100,6 +101,9 @@ struct State {
     wds: HashMap<i32, SharePath>,
     /// Directories that could not be watched (limit reached): rescanned.
     unwatched: BTreeSet<SharePath>,
+    /// Directories this agent may not read (EACCES): reported by the
+    /// resync; watched, and compared whole, once their mode lets it.
+    closed: BTreeSet<SharePath>,
     share: Arc<PrimaryShare>,
     cfg: ShareSettings,
 }
@@ -143,11 +147,14 @@ impl State {
                     tracing::warn!(share = %self.share.name, dir = %d.display(),
                         "share.watch.limit: fs.inotify.max_user_watches reached; rescanning this subtree periodically");
                     self.unwatched.insert(d);
+                } else if e.raw_os_error() == Some(libc::EACCES) {
+                    self.closed.insert(d);
                 }
                 // ENOENT / ENOTDIR: gone or replaced meanwhile; its event covers it.
                 continue;
             }
             self.unwatched.remove(&d);
+            self.closed.remove(&d);
             self.wds.insert(wd, d.clone());
             let Ok(rd) = std::fs::read_dir(&abs) else {
                 continue;
@@ -173,16 +180,26 @@ impl State {
 
     /// A watched directory moved from `from` to `to`: its watches' paths follow.
     fn moved(&mut self, from: &SharePath, to: &SharePath) {
+        let follow = |p: &SharePath| -> Option<SharePath> {
+            let rest = &p.as_bytes()[from.as_bytes().len()..];
+            let mut b = to.as_bytes().to_vec();
+            b.extend_from_slice(rest);
+            SharePath::new(b).ok()
+        };
         for p in self.wds.values_mut() {
             if p.starts_with(from) {
-                let rest = &p.as_bytes()[from.as_bytes().len()..];
-                let mut b = to.as_bytes().to_vec();
-                b.extend_from_slice(rest);
-                if let Ok(n) = SharePath::new(b) {
+                if let Some(n) = follow(p) {
                     *p = n;
                 }
             }
         }
+        self.closed = std::mem::take(&mut self.closed)
+            .into_iter()
+            .map(|p| match p.starts_with(from) {
+                true => follow(&p).unwrap_or(p),
+                false => p,
+            })
+            .collect();
     }
 
     /// A directory left the tree: stop watching it and what is below.
@@ -198,6 +215,7 @@ impl State {
             unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
             self.wds.remove(&wd);
         }
+        self.closed.retain(|p| !p.starts_with(gone));
         self.publish();
     }
 
@@ -362,6 +380,15 @@ impl State {
         } else if m & libc::IN_DELETE != 0 {
             batch.deep.insert(p);
             batch.shallow.insert(dir);
+        } else if is_dir && self.closed.contains(&p) {
+            // A directory that was closed to us changed its mode: if it can
+            // be watched now, its whole subtree is new to the replica.
+            self.add_tree(&p);
+            if self.closed.contains(&p) {
+                batch.shallow.insert(p);
+            } else {
+                batch.deep.insert(p);
+            }
         } else if is_dir {
             // A subdirectory's attributes (its own watch reports them too).
             batch.shallow.insert(p);

@@ -40,11 +40,24 @@ pub struct Agent {
     pub replication: String,
     child: Option<Child>,
     pub log: PathBuf,
+    /// A program (and its arguments) the agent is run under, e.g. `setpriv …`.
+    wrapper: Vec<String>,
 }
 
 impl Agent {
     /// Starts agent `name` in `root/name` with extra `[replication]` settings.
     pub fn start(root: &Path, name: &str, replication_toml: &str) -> Agent {
+        Agent::start_wrapped(root, name, replication_toml, &[])
+    }
+
+    /// Like [`Agent::start`], run under `wrapper` (a program that execs the
+    /// rest of its arguments, such as `setpriv …`).
+    pub fn start_wrapped(
+        root: &Path,
+        name: &str,
+        replication_toml: &str,
+        wrapper: &[&str],
+    ) -> Agent {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let (api, repl, nbd) = (free_port(), free_port(), free_port());
@@ -66,6 +79,7 @@ impl Agent {
             nbd: format!("127.0.0.1:{nbd}"),
             replication: format!("127.0.0.1:{repl}"),
             child: None,
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
         };
         a.spawn();
         a
@@ -79,7 +93,15 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut child = Command::new(ferry_bin())
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let mut child = cmd
             .args(["agent", "--config"])
             .arg(&self.config)
             .env("FERRY_LOG", "info")
@@ -103,6 +125,13 @@ impl Agent {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still alive.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     pub fn pid(&self) -> u32 {
