@@ -297,9 +297,9 @@ for i in range(n):
 EOF
 }
 if has 4; then
-  n=100000
-  echo "preparing $n files in one directory" >&2
-  make_flat "$work/flat/one" "$n"
+  nfiles=100000 # (not n: pair() loops with a global n)
+  echo "preparing $nfiles files in one directory" >&2
+  make_flat "$work/flat/one" "$nfiles"
   sync
   pair "-flat"
   t0=$(now)
@@ -312,10 +312,10 @@ if has 4; then
   on a share create many --path "$work/mnt4" --mode sync --to b >/dev/null
   on a share wait many --timeout 60s >/dev/null
   mounts+=("$work/mnt4")
-  t0=$(now); make_flat "$work/mnt4/one" "$n"; t1=$(now)
+  t0=$(now); make_flat "$work/mnt4/one" "$nfiles"; t1=$(now)
   listed=$(ls -f "$work/mnt4/one" | wc -l); t2=$(now)
   found=$(find "$work/mnt4/one" -type f | wc -l); t3=$(now)
-  [[ $listed == $((n + 2)) && $found == "$n" ]] || { echo "listed $listed, found $found of $n" >&2; exit 1; }
+  [[ $listed == $((nfiles + 2)) && $found == "$nfiles" ]] || { echo "listed $listed, found $found of $nfiles" >&2; exit 1; }
   diff -rq "$work/mnt4" "${DIR[b]}/shares/many/data" >/dev/null || { echo "sync replica differs!" >&2; exit 1; }
   echo "== 100,000 files in one directory"
   echo "async share initial sync: $async_flat s (replica equal)"
