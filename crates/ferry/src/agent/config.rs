@@ -30,6 +30,7 @@
 //! max_in_flight_per_connection = 64
 //! max_request_bytes = 33554432
 //! handshake_timeout_ms = 10000
+//! inline_write_bytes_max = 65536      # writes run on the reading thread, batched to a replica
 //! ```
 //!
 //! Unknown keys are errors (a typo must not silently fall back to a default),
@@ -236,6 +237,10 @@ pub struct NbdSettings {
     pub max_request_bytes: u32,
     /// A client must pick an export within this time after connecting.
     pub handshake_timeout_ms: u64,
+    /// WRITEs up to this size run on the thread that read them (and a
+    /// replicated volume sends a burst of them in one frame batch); 0 hands
+    /// every request to a worker.
+    pub inline_write_bytes_max: u32,
 }
 
 impl Default for NbdSettings {
@@ -246,6 +251,7 @@ impl Default for NbdSettings {
             max_in_flight_per_connection: d.connection.max_in_flight_per_connection,
             max_request_bytes: d.connection.max_request_bytes,
             handshake_timeout_ms: d.handshake_timeout_ms,
+            inline_write_bytes_max: d.connection.inline_write_bytes_max,
         }
     }
 }
@@ -259,6 +265,7 @@ impl NbdSettings {
             connection: ferry_nbd::ConnectionLimits {
                 max_in_flight_per_connection: self.max_in_flight_per_connection,
                 max_request_bytes: self.max_request_bytes,
+                inline_write_bytes_max: self.inline_write_bytes_max,
                 ..d.connection
             },
         }
