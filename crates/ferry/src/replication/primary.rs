@@ -1448,17 +1448,20 @@ impl BlockDevice for PrimaryVolume {
 
     fn flush(&self) -> io::Result<()> {
         let _active = self.enter()?;
-        self.local.flush()?;
         let now = self.now_ms();
         let mut l = self.link.lock();
         let Some(seq) = l.rep.on_flush(now) else {
             let peer_away = l.peer.is_some();
             drop(l);
+            self.local.flush()?;
             if peer_away {
                 self.ensure_generation_bumped()?;
             }
             return Ok(());
         };
+        // Every write answered before this call is sequenced before `seq`,
+        // so the replica's flush covers them: it is sent first and its sync
+        // overlaps the local one (the slower of the two, not their sum).
         self.link.push(
             &mut l,
             Out::Flush {
@@ -1467,14 +1470,14 @@ impl BlockDevice for PrimaryVolume {
                 snapshot: None,
             },
         );
-        if l.rep.config().mode == Mode::Async {
-            drop(l);
-            self.link.pump();
-            return Ok(());
-        }
+        let sync_mode = l.rep.config().mode == Mode::Sync;
         let epoch = l.rep.epoch();
         drop(l);
         self.link.pump();
+        self.local.flush()?;
+        if !sync_mode {
+            return Ok(());
+        }
         let mut l = self.link.lock();
         l = self.link.wait_for(l, epoch, seq, true);
         let confirmed = l.rep.epoch() == epoch;
