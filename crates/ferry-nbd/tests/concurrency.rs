@@ -13,6 +13,40 @@ use std::time::Duration;
 use ferry_nbd::device::{Allocation, BlockDevice, Completion, MemDevice, ZeroMode};
 use ferry_nbd::{ConnectionLimits, Export, ListenAddr, Listener, Server, ServerLimits};
 
+/// The methods a test device passes straight to its `inner` MemDevice
+/// (flush does nothing: memory is durable enough here).
+macro_rules! forward_to_inner {
+    () => {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+            self.inner.write_at(buf, offset, fua)
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn trim(&self, offset: u64, length: u64, fua: bool) -> std::io::Result<()> {
+            self.inner.trim(offset, length, fua)
+        }
+        fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode, fua: bool) -> std::io::Result<()> {
+            self.inner.write_zeroes(o, l, m, fua)
+        }
+        fn block_status(
+            &self,
+            offset: u64,
+            length: u64,
+            max_runs: usize,
+            out: &mut Vec<Allocation>,
+        ) -> std::io::Result<()> {
+            self.inner.block_status(offset, length, max_runs, out)
+        }
+    };
+}
+
 /// Holds every read until `open()` is called; counts reads running at once.
 struct Gate {
     inner: MemDevice,
@@ -243,38 +277,12 @@ struct Deferring {
 }
 
 impl BlockDevice for Deferring {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset, fua)
-    }
+    forward_to_inner!();
     fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, _: bool, done: Completion) {
         match self.inner.write_at(buf, offset, fua) {
             Ok(()) => self.held.lock().unwrap().push(done),
             Err(e) => done.complete(Err(e)),
         }
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn trim(&self, offset: u64, length: u64, fua: bool) -> std::io::Result<()> {
-        self.inner.trim(offset, length, fua)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode, fua: bool) -> std::io::Result<()> {
-        self.inner.write_zeroes(o, l, m, fua)
-    }
-    fn block_status(
-        &self,
-        offset: u64,
-        length: u64,
-        max_runs: usize,
-        out: &mut Vec<Allocation>,
-    ) -> std::io::Result<()> {
-        self.inner.block_status(offset, length, max_runs, out)
     }
 }
 
@@ -415,15 +423,7 @@ impl Holding {
 }
 
 impl BlockDevice for Holding {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset, fua)
-    }
+    forward_to_inner!();
     fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, more: bool, done: Completion) {
         let r = self.inner.write_at(buf, offset, fua);
         if r.is_err() {
@@ -440,24 +440,6 @@ impl BlockDevice for Holding {
         if self.release() {
             self.settles.fetch_add(1, Ordering::SeqCst);
         }
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn trim(&self, offset: u64, length: u64, fua: bool) -> std::io::Result<()> {
-        self.inner.trim(offset, length, fua)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode, fua: bool) -> std::io::Result<()> {
-        self.inner.write_zeroes(o, l, m, fua)
-    }
-    fn block_status(
-        &self,
-        offset: u64,
-        length: u64,
-        max_runs: usize,
-        out: &mut Vec<Allocation>,
-    ) -> std::io::Result<()> {
-        self.inner.block_status(offset, length, max_runs, out)
     }
 }
 
