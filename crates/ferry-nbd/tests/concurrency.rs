@@ -13,21 +13,24 @@ use std::time::Duration;
 use ferry_nbd::device::{Allocation, BlockDevice, Completion, MemDevice, ZeroMode};
 use ferry_nbd::{ConnectionLimits, Export, ListenAddr, Listener, Server, ServerLimits};
 
-/// The methods a test device passes straight to its `inner` MemDevice
-/// (flush does nothing: memory is durable enough here).
+/// The methods a test device passes straight to its `inner` MemDevice;
+/// `@but_read` leaves `read_at` to the device.
 macro_rules! forward_to_inner {
     () => {
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
+        forward_to_inner!(@but_read);
         fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
             self.inner.read_at(buf, offset)
+        }
+    };
+    (@but_read) => {
+        fn size(&self) -> u64 {
+            self.inner.size()
         }
         fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
             self.inner.write_at(buf, offset, fua)
         }
         fn flush(&self) -> std::io::Result<()> {
-            Ok(())
+            self.inner.flush()
         }
         fn trim(&self, offset: u64, length: u64, fua: bool) -> std::io::Result<()> {
             self.inner.trim(offset, length, fua)
@@ -73,9 +76,7 @@ impl Gate {
 }
 
 impl BlockDevice for Gate {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
+    forward_to_inner!(@but_read);
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
@@ -86,27 +87,6 @@ impl BlockDevice for Gate {
             .unwrap();
         self.running.fetch_sub(1, Ordering::SeqCst);
         self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset, fua)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn trim(&self, offset: u64, length: u64, fua: bool) -> std::io::Result<()> {
-        self.inner.trim(offset, length, fua)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode, fua: bool) -> std::io::Result<()> {
-        self.inner.write_zeroes(o, l, m, fua)
-    }
-    fn block_status(
-        &self,
-        o: u64,
-        l: u64,
-        max: usize,
-        out: &mut Vec<Allocation>,
-    ) -> std::io::Result<()> {
-        self.inner.block_status(o, l, max, out)
     }
 }
 
