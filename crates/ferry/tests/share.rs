@@ -3,8 +3,9 @@
 //! (content, type, mode, owner, mtime, link count), and a replica outage that
 //! resyncs only the files changed meanwhile. Async shares: a watched
 //! directory under random changes converges (deltas for large files, changes
-//! that restore size and mtime caught by ctime), also after the kernel's
-//! event queue overflowed.
+//! that restore size and mtime caught by ctime, symlink loops copied as
+//! links), also after the kernel's event queue overflowed; an agent without
+//! DAC override reports what it cannot read and replicates the rest.
 
 mod common;
 
@@ -188,12 +189,13 @@ fn sync_mount_runs_real_programs_and_the_replica_matches() {
     sh(&mnt, "rsync -aH /usr/share/zoneinfo/ zi/");
 
     // Awkward names: a newline, invalid UTF-8, 255 bytes; a rename over an
-    // open file; a file removed while open.
+    // open file; a file removed while open; a symlink loop, a link upwards.
     sh(
         &mnt,
         "printf a > $'new\\nline' && printf b > $'\\xff\\xfe' && printf c > $(printf 'n%.0s' $(seq 255)) \
          && exec 3<>victim && echo old >&3 && echo new > repl && mv repl victim && echo more >&3 \
-         && exec 4<>gone && rm gone && echo late >&4 && exec 3>&- 4>&-",
+         && exec 4<>gone && rm gone && echo late >&4 && exec 3>&- 4>&- \
+         && ln -s loop2 loop1 && ln -s loop1 loop2 && ln -s .. zi/up",
     );
     // An extended attribute, and a sparse file (64 MiB, one byte written).
     sh(
@@ -316,6 +318,11 @@ fn async_watcher_converges_under_random_changes() {
     for i in 0..20 {
         std::fs::write(src.join(format!("d1/f{i}")), rng.bytes(1000 + i * 100)).unwrap();
     }
+    // Symlink loops and a link to an ancestor: copied as links, never followed.
+    sh(
+        &src,
+        "ln -s loop-b loop-a && ln -s loop-a loop-b && ln -s self self && ln -s .. d1/d2/up",
+    );
     async_share(root.path(), &a);
     a.ok(&["share", "wait", "app", "--timeout", "60s"]);
     let replica = data_dir(&b, "app");
