@@ -74,7 +74,9 @@ pub trait BlockDevice: Send + Sync {
     ///
     /// `more_at_hand`: the caller already holds its next request and will call
     /// [`BlockDevice::settle`] before it waits for input, so a device may hold
-    /// back work that batches well (frames for a replica) until then.
+    /// back work that batches well (frames for a replica) until then. A call
+    /// without it does what earlier calls held back, too, whatever the
+    /// outcome of this write (the caller then has nothing left to settle).
     fn write_at_deferred(
         &self,
         buf: &[u8],

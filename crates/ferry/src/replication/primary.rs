@@ -1403,7 +1403,13 @@ impl BlockDevice for PrimaryVolume {
 
     fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, more: bool, done: Completion) {
         let started = Instant::now();
-        let begun = self.begin_data_write(buf, offset, fua, !more);
+        // The frame waits in the queue; without more at hand everything
+        // queued goes now, whatever became of this write (an early error
+        // must not strand frames held for the writes before it).
+        let begun = self.begin_data_write(buf, offset, fua, false);
+        if !more {
+            self.link.pump();
+        }
         let result = match begun {
             Err(e) => Err(e),
             Ok(Begun::Answered(confirmed)) => self.answer(confirmed),
