@@ -507,6 +507,10 @@ pub struct PrimaryVolume {
     /// Unconfirmed writes the link dropped while going alone was not yet
     /// permitted: answered once it is, or once the peer has them again.
     parked: Mutex<Vec<Deferred>>,
+    /// Writes answered at once (async mode, or the peer away) while their
+    /// connection had more requests at hand: replied to together at the
+    /// next write without more at hand, or at `settle`.
+    held_answers: Mutex<Vec<(Completion, io::Result<()>)>>,
 }
 
 /// Outdate before going alone (DESIGN invariant 2): in an HA cluster with a
@@ -662,6 +666,7 @@ impl PrimaryVolume {
             lease_until_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
             io_errors: std::sync::atomic::AtomicU64::new(0),
             parked: Mutex::new(Vec::new()),
+            held_answers: Mutex::new(Vec::new()),
         }
     }
 
@@ -1408,7 +1413,7 @@ impl BlockDevice for PrimaryVolume {
         // must not strand frames held for the writes before it).
         let begun = self.begin_data_write(buf, offset, fua, false);
         if !more {
-            self.link.pump();
+            self.settle();
         }
         let result = match begun {
             Err(e) => Err(e),
@@ -1445,11 +1450,29 @@ impl BlockDevice for PrimaryVolume {
         self.throttle(started.elapsed());
         self.write_latency
             .record(started.elapsed().as_micros() as u64);
-        done.complete(result);
+        if more {
+            // One reply write for the burst (see `settle`).
+            self.held_answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((done, result));
+        } else {
+            let mut batch = std::mem::take(
+                &mut *self.held_answers.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+            batch.push((done, result));
+            Completion::complete_batch(batch);
+        }
     }
 
     fn settle(&self) {
         self.link.pump();
+        let held = std::mem::take(
+            &mut *self.held_answers.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+        if !held.is_empty() {
+            Completion::complete_batch(held);
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
