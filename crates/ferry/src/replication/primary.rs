@@ -1252,6 +1252,10 @@ impl PrimaryVolume {
         ))))
     }
 
+    fn take_held_answers(&self) -> Vec<(Completion, io::Result<()>)> {
+        std::mem::take(&mut *self.held_answers.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Starts the background copier thread (once).
     pub fn start_copier(self: &Arc<Self>) {
         if self.copier_started.swap(true, Ordering::SeqCst) {
@@ -1457,9 +1461,7 @@ impl BlockDevice for PrimaryVolume {
                 .unwrap_or_else(|p| p.into_inner())
                 .push((done, result));
         } else {
-            let mut batch = std::mem::take(
-                &mut *self.held_answers.lock().unwrap_or_else(|p| p.into_inner()),
-            );
+            let mut batch = self.take_held_answers();
             batch.push((done, result));
             Completion::complete_batch(batch);
         }
@@ -1467,9 +1469,7 @@ impl BlockDevice for PrimaryVolume {
 
     fn settle(&self) {
         self.link.pump();
-        let held = std::mem::take(
-            &mut *self.held_answers.lock().unwrap_or_else(|p| p.into_inner()),
-        );
+        let held = self.take_held_answers();
         if !held.is_empty() {
             Completion::complete_batch(held);
         }
