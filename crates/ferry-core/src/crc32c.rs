@@ -3,7 +3,8 @@
 //! Small and dependency-free; metadata blocks and frame headers are short. Bulk
 //! data integrity uses BLAKE3 elsewhere.
 
-const POLY: u32 = 0x82F6_3B78;
+/// The CRC-32C polynomial, bit-reflected.
+pub const POLY: u32 = 0x82F6_3B78;
 
 const fn table() -> [u32; 256] {
     let mut t = [0u32; 256];

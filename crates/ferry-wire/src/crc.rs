@@ -16,8 +16,7 @@ pub fn crc32c(data: &[u8]) -> u32 {
     ferry_core::crc32c::crc32c(data)
 }
 
-/// The CRC-32C polynomial, bit-reflected.
-const POLY: u32 = 0x82F6_3B78;
+use ferry_core::crc32c::POLY;
 
 /// `a · b` modulo the polynomial, both reflected (bit 31 is x^0).
 const fn mul_mod_p(a: u32, mut b: u32) -> u32 {

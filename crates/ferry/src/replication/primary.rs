@@ -1252,6 +1252,53 @@ impl PrimaryVolume {
         ))))
     }
 
+    /// An NBD WRITE up to its answer: `None` when parked for the replica's
+    /// acknowledgement (the ack reader answers it), else the answer due now.
+    fn begin_deferred(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        fua: bool,
+        started: Instant,
+        done: Completion,
+    ) -> Option<(Completion, io::Result<()>)> {
+        let result = match self.begin_data_write(buf, offset, fua, false) {
+            Err(e) => Err(e),
+            Ok(Begun::Answered(confirmed)) => self.answer(confirmed),
+            Ok(Begun::Wait {
+                epoch,
+                seq,
+                durable,
+            }) => {
+                let mut l = self.link.lock();
+                let arrived = if durable {
+                    l.rep.is_durable(epoch, seq)
+                } else {
+                    l.rep.is_received(epoch, seq)
+                };
+                if !arrived {
+                    l.deferred.push(Deferred {
+                        epoch,
+                        seq,
+                        durable,
+                        started,
+                        done,
+                    });
+                    drop(l);
+                    self.throttle(started.elapsed());
+                    return None;
+                }
+                let confirmed = l.rep.epoch() == epoch;
+                drop(l);
+                self.answer(confirmed)
+            }
+        };
+        self.throttle(started.elapsed());
+        self.write_latency
+            .record(started.elapsed().as_micros() as u64);
+        Some((done, result))
+    }
+
     fn take_held_answers(&self) -> Vec<(Completion, io::Result<()>)> {
         std::mem::take(&mut *self.held_answers.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -1412,58 +1459,18 @@ impl BlockDevice for PrimaryVolume {
 
     fn write_at_deferred(&self, buf: &[u8], offset: u64, fua: bool, more: bool, done: Completion) {
         let started = Instant::now();
-        // The frame waits in the queue; without more at hand everything
-        // queued goes now, whatever became of this write (an early error
-        // must not strand frames held for the writes before it).
-        let begun = self.begin_data_write(buf, offset, fua, false);
-        if !more {
-            self.settle();
-        }
-        let result = match begun {
-            Err(e) => Err(e),
-            Ok(Begun::Answered(confirmed)) => self.answer(confirmed),
-            Ok(Begun::Wait {
-                epoch,
-                seq,
-                durable,
-            }) => {
-                let mut l = self.link.lock();
-                let arrived = if durable {
-                    l.rep.is_durable(epoch, seq)
-                } else {
-                    l.rep.is_received(epoch, seq)
-                };
-                if !arrived {
-                    // The ack reader answers it (or the link's end does).
-                    l.deferred.push(Deferred {
-                        epoch,
-                        seq,
-                        durable,
-                        started,
-                        done,
-                    });
-                    drop(l);
-                    self.throttle(started.elapsed());
-                    return;
-                }
-                let confirmed = l.rep.epoch() == epoch;
-                drop(l);
-                self.answer(confirmed)
-            }
-        };
-        self.throttle(started.elapsed());
-        self.write_latency
-            .record(started.elapsed().as_micros() as u64);
-        if more {
-            // One reply write for the burst (see `settle`).
+        // Its frame waits in the queue, and an answer due now waits with the
+        // others: a burst goes out in one send and one reply write, at the
+        // first write without more at hand (whatever became of it: an early
+        // error must not strand what earlier writes held) or at `settle`.
+        if let Some(answer) = self.begin_deferred(buf, offset, fua, started, done) {
             self.held_answers
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((done, result));
-        } else {
-            let mut batch = self.take_held_answers();
-            batch.push((done, result));
-            Completion::complete_batch(batch);
+                .push(answer);
+        }
+        if !more {
+            self.settle();
         }
     }
 

@@ -619,17 +619,22 @@ impl Tree {
         Ok(())
     }
 
-    /// Names in directory `path` (without `.` and `..`).
-    pub fn read_dir_names(&self, path: &SharePath) -> io::Result<Vec<Vec<u8>>> {
+    /// Directory `path`, opened beneath the root, as an iterator of entries.
+    fn read_dir(&self, path: &SharePath) -> io::Result<std::fs::ReadDir> {
         let fd = Self::open_beneath(
             self.root.as_raw_fd(),
             path.as_bytes(),
             libc::O_RDONLY | libc::O_DIRECTORY,
             0,
         )?;
-        let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        // read_dir opens its own descriptor of the same directory.
+        std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+    }
+
+    /// Names in directory `path` (without `.` and `..`).
+    pub fn read_dir_names(&self, path: &SharePath) -> io::Result<Vec<Vec<u8>>> {
         let mut names = Vec::new();
-        for e in std::fs::read_dir(p)? {
+        for e in self.read_dir(path)? {
             names.push(e?.file_name().as_bytes().to_vec());
         }
         Ok(names)
@@ -640,15 +645,8 @@ impl Tree {
     /// an `lstat` only where the filesystem does not say.
     pub fn read_dir_entries(&self, path: &SharePath) -> io::Result<Vec<(Vec<u8>, u64, u32)>> {
         use std::os::unix::fs::{DirEntryExt, FileTypeExt};
-        let fd = Self::open_beneath(
-            self.root.as_raw_fd(),
-            path.as_bytes(),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-            0,
-        )?;
-        let p = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         let mut out = Vec::new();
-        for e in std::fs::read_dir(p)? {
+        for e in self.read_dir(path)? {
             let e = e?;
             let t = e.file_type()?;
             let fmt = if t.is_dir() {
