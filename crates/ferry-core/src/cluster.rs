@@ -519,6 +519,9 @@ struct Candidacy {
     sent: Option<Millis>,
     /// An operator's `--force`: promote whatever this copy's state.
     forced: bool,
+    /// The wait before asking again after a refusal while the primary
+    /// resigns (doubles per refusal, up to the heartbeat interval).
+    retry_ms: Millis,
 }
 
 /// One node's view of one HA workload.
@@ -632,6 +635,7 @@ impl ClusterNode {
                 not_before: timing.grantor_end(now),
                 sent: None,
                 forced: false,
+                retry_ms: 0,
             }),
             told_not_promoting: false,
             standby: false,
@@ -866,6 +870,7 @@ impl ClusterNode {
                             not_before: self.granted_until,
                             sent: None,
                             forced: true,
+                            retry_ms: 0,
                         });
                         self.next_witness = now;
                         out.push(Action::Event(Event::FailoverStarted {
@@ -978,15 +983,27 @@ impl ClusterNode {
                         }
                     }
                     Refusal::LeaseHeld | Refusal::Quiet | Refusal::NotPrimary | Refusal::Stale => {
-                        if self.peer_alive(now) {
+                        if self.peer_alive(now) && !self.peer_resigning {
                             // The primary still renews (the link alone was
                             // cut): step back.
                             self.candidacy = None;
                         } else if let Some(c) = self.candidacy.as_mut() {
                             // Answered, so nothing is outstanding: ask again
-                            // at the next interval (the old lease may end
-                            // any moment), not a failure timeout later.
+                            // (the old lease may end any moment), not a
+                            // failure timeout later. A resigning primary's
+                            // release is on its way to the witness: ask
+                            // again soon, doubling the wait each time (from
+                            // 4 ms up to the heartbeat interval), instead of
+                            // dropping the candidacy and starting a new one
+                            // at once (which asked, and logged a failover,
+                            // every witness round trip).
                             c.sent = None;
+                            if self.peer_resigning {
+                                c.retry_ms = (c.retry_ms * 2)
+                                    .clamp(4, self.timing.heartbeat_interval_ms.max(4));
+                                c.not_before = now + c.retry_ms;
+                                self.next_witness = c.not_before;
+                            }
                         }
                     }
                 }
@@ -1257,6 +1274,7 @@ impl ClusterNode {
             not_before,
             sent: None,
             forced: false,
+            retry_ms: 0,
         });
         self.next_witness = now;
         out.push(Action::Event(Event::FailoverStarted {
@@ -1373,5 +1391,78 @@ mod tests {
         let at = fenced_at.expect("fenced");
         assert!(at < timing().holder_end(0), "fenced at {at}");
         assert!(!a.accepting_writes(at));
+    }
+
+    #[test]
+    fn a_refused_promotion_while_the_primary_resigns_is_asked_again_with_backoff() {
+        let p = Policy {
+            witness: true,
+            two_node_unsafe: false,
+            sync: true,
+            async_accept_loss: false,
+        };
+        let saved = Persisted {
+            role: Role::Secondary,
+            epoch: 1,
+            candidate: false,
+        };
+        let mut b = ClusterNode::start("b", "a", 1, saved, DataState::UpToDate, timing(), p, 0);
+        let record = Record {
+            epoch: 1,
+            primary: Some("a".into()),
+            outdated: None,
+        };
+        let mut failovers = 0;
+        let mut promotes = Vec::new();
+        let mut pending: Option<Millis> = None;
+        let mut promoted = false;
+        // The primary resigns (a switchover) and keeps sending heartbeats;
+        // its release reaches the witness only at 300 ms, so every Promote
+        // before that is refused one millisecond after it was sent.
+        for now in 0..400 {
+            let mut out = Vec::new();
+            if now % 100 == 0 {
+                out.extend(b.on_input(
+                    now,
+                    Input::Peer(PeerMsg::Heartbeat {
+                        sent_at: now,
+                        incarnation: 7,
+                        role: Role::Fenced,
+                        epoch: 1,
+                        resigning: true,
+                    }),
+                ));
+            }
+            if let Some(echo) = pending.filter(|&e| now > e) {
+                pending = None;
+                out.extend(b.on_input(
+                    now,
+                    Input::Witness(WitnessReply {
+                        echo,
+                        incarnation: 1,
+                        op: WitnessOp::Promote,
+                        refused: (now < 300).then_some(Refusal::LeaseHeld),
+                        record: record.clone(),
+                    }),
+                ));
+            }
+            out.extend(b.tick(now));
+            for a in out {
+                match a {
+                    Action::Event(Event::FailoverStarted { .. }) => failovers += 1,
+                    Action::SendWitness(r) if r.op == WitnessOp::Promote => {
+                        promotes.push(now);
+                        pending = Some(r.sent_at);
+                    }
+                    Action::Promote => promoted = true,
+                    _ => {}
+                }
+            }
+        }
+        assert!(promoted, "promoted once the witness granted it");
+        assert_eq!(failovers, 1, "one failover, however often it asks");
+        // 4, 8, 16, 32, 64, 100, 100 ms apart: not once per round trip.
+        assert!((5..=12).contains(&promotes.len()), "asked at {promotes:?}");
+        assert!(promotes[1] - promotes[0] >= 4, "asked at {promotes:?}");
     }
 }

@@ -245,6 +245,13 @@ impl Net {
             .unwrap_or(Value::Null)
     }
 
+    /// Waits for node `n` to hold the VIP. A node's record says primary
+    /// once it is promoted and the VIP comes up right after (seen in CI:
+    /// checked in between), so every "holds the VIP" check waits a little.
+    fn wait_vip(&self, n: &str) {
+        wait_for(5, &format!("{n} to hold the VIP"), || self.has_vip(n));
+    }
+
     fn has_vip(&self, n: &str) -> bool {
         let out = sh(&["ip", "-n", &self.ns(n), "-o", "addr", "show", "dev", "eth0"]);
         String::from_utf8_lossy(&out.stdout).contains(&format!("{VIP}/"))
@@ -539,7 +546,7 @@ fn the_secondary_takes_over_a_crashed_primary_with_every_acknowledged_write_and_
     // b serves the workload: primary, VIP, and every acknowledged write.
     let s = net.status("b", "web");
     assert_eq!(s["primary"], "b", "{s}");
-    assert!(net.has_vip("b"));
+    net.wait_vip("b");
     let events: Vec<&str> = s["events"]
         .as_array()
         .unwrap()
@@ -696,7 +703,7 @@ fn a_primary_cut_off_from_everything_fences_itself_before_the_other_promotes() {
         "a fenced at {fenced}, b promoted at {promoted}: the old primary must stop first"
     );
     assert!(!net.has_vip("a"), "a dropped the VIP");
-    assert!(net.has_vip("b"));
+    net.wait_vip("b");
 }
 
 #[test]
@@ -714,9 +721,7 @@ fn a_failing_check_hands_the_workload_over_and_every_event_reaches_the_notify_ho
     wait_for(15, "b to take over from a failing check", || {
         net.status("b", "web")["primary"] == "b"
     });
-    // The record says primary once promoted; the VIP comes up right after
-    // (seen once in CI: checked in between).
-    wait_for(5, "b to hold the VIP", || net.has_vip("b"));
+    net.wait_vip("b");
     let a = net.status("a", "web");
     let resigned = a["events"]
         .as_array()
@@ -762,7 +767,8 @@ fn a_switchover_moves_the_workload_verified_and_back() {
     assert!(w.wait().unwrap().success());
     let v = net.json("a", &["cluster", "switchover", "web"]);
     assert_eq!(v["to"], "b", "{v}");
-    assert!(net.status("b", "web")["primary"] == "b" && net.has_vip("b"));
+    assert_eq!(net.status("b", "web")["primary"], "b");
+    net.wait_vip("b");
     // Writes go on through the VIP, now on b; a becomes its replica with
     // nothing to resend (both copies were proven equal).
     let mut w = start_writer(&net, 200, 200);
@@ -782,7 +788,8 @@ fn a_switchover_moves_the_workload_verified_and_back() {
     // And back, asked of the node now serving it.
     let v = net.json("b", &["cluster", "switchover", "web"]);
     assert_eq!(v["to"], "a", "{v}");
-    assert!(net.has_vip("a") && !net.has_vip("b"));
+    assert!(!net.has_vip("b"));
+    net.wait_vip("a");
     wait_for(20, "b to be a's up-to-date replica", || {
         net.status("a", "web")["replicas"][0]["state"] == "up-to-date"
     });
@@ -808,7 +815,7 @@ fn a_node_in_standby_gives_its_workloads_away_and_takes_none_over() {
     let v = net.json("b", &["cluster", "standby", "a"]);
     assert_eq!(v["standby"], true, "{v}");
     assert_eq!(net.status("b", "web")["primary"], "b");
-    assert!(net.has_vip("b"));
+    net.wait_vip("b");
     wait_for(20, "a to be b's up-to-date replica", || {
         net.status("b", "web")["replicas"][0]["state"] == "up-to-date"
     });
@@ -831,7 +838,7 @@ fn a_node_in_standby_gives_its_workloads_away_and_takes_none_over() {
     wait_for(10, "a to take over after unstandby", || {
         net.status("a", "web")["primary"] == "a"
     });
-    assert!(net.has_vip("a"));
+    net.wait_vip("a");
 }
 
 #[test]
@@ -850,7 +857,7 @@ fn a_forced_promotion_splits_the_brain_and_resolving_it_keeps_the_discarded_copy
     // By hand: b is promoted anyway, and is written.
     let v = net.json("b", &["cluster", "promote", "web", "--force"]);
     assert_eq!(v["primary"], "b", "{v}");
-    assert!(net.has_vip("b"));
+    net.wait_vip("b");
     net.write_block(20, 0xBB);
     // a returns: both copies were written separately.
     net.uncut("a");
@@ -916,7 +923,8 @@ fn the_discard_younger_primary_policy_keeps_the_older_primary_s_data() {
             && s["replicas"][0]["state"] == "up-to-date"
             && s["split_brain"] == false
     });
-    assert!(net.has_vip("a") && !net.has_vip("b"));
+    assert!(!net.has_vip("b"));
+    net.wait_vip("a");
     net.ok("a", &["volume", "verify", "vol"]);
     let img = net.image("a");
     assert!(img[10 * 4096..11 * 4096].iter().all(|&x| x == 0xAA));
@@ -1213,7 +1221,7 @@ fn postgresql_on_a_sync_share_fails_over_with_every_committed_transaction() {
     // b serves the database, with every transaction the client saw committed.
     let s = net.status("b", "db");
     assert_eq!(s["primary"], "b", "{s}");
-    assert!(net.has_vip("b"));
+    net.wait_vip("b");
     let out = psql(&net, "select v from acked order by v");
     assert!(
         out.status.success(),
