@@ -1,9 +1,10 @@
 //! Workloads and their live migration between nodes.
 //!
-//! A **workload** is a named set of volumes plus hooks (`start`, `stop`,
-//! `check`: shell commands run with a timeout, their output captured, with
-//! `FERRY_WORKLOAD`, `FERRY_NODE`, `FERRY_ROLE` (`source`, `target`, `test`…) and
-//! `FERRY_VOLUME_URIS` (the NBD URIs of its volumes on this node) in their environment). Its
+//! A **workload** is a named set of volumes and shares plus hooks (`start`,
+//! `stop`, `check`: shell commands run with a timeout, their output captured,
+//! with `FERRY_WORKLOAD`, `FERRY_NODE`, `FERRY_ROLE` (`source`, `target`,
+//! `test`…), `FERRY_VOLUME_URIS` (the NBD URIs of its volumes on this node)
+//! and `FERRY_SHARE_PATHS` (where its shares are used here) in their environment). Its
 //! definition is a JSON file in `DATA_DIR/workloads/` on every node that holds
 //! it; a migration copies it to the target.
 //!
@@ -13,9 +14,11 @@
 //! **cutover** ([`cutover`]) is orchestrated from the source:
 //!
 //! ```text
-//! stop hook at A → freeze A's volumes (new writes wait) → drain the links
-//!   (everything durable on B) → compare Merkle roots (BLAKE3) of every volume
-//!   → COMMIT: B records itself primary (new generation, durable) and exports
+//! stop hook at A → freeze A's volumes and shares (new writes wait) → drain
+//!   the links (everything durable on B) → compare Merkle roots (BLAKE3) of
+//!   every volume and the digest of every share's tree
+//!   → COMMIT: B records itself primary (new generation, durable), exports
+//!     the volumes and serves the shares (a sync share: mounted at its path)
 //!   → A's held writes fail, A becomes B's replica (replication runs B → A)
 //!   → start hook at B → check hook at B passes
 //! ```
@@ -321,6 +324,16 @@ pub fn workload_hook(
     };
     let uris: Vec<String> = exports.iter().map(|e| ctx.nbd_uri_base.uri(e)).collect();
     let uris = uris.join(" ");
+    // Where the workload's shares are used on this node (their records'
+    // paths: a sync share's mount point).
+    let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
+    let share_paths: Vec<String> = spec
+        .shares
+        .iter()
+        .filter_map(|s| store.load(s).ok())
+        .map(|r| r.path.to_string_lossy().into_owned())
+        .collect();
+    let share_paths = share_paths.join(" ");
     let vm = |what: &str| -> Option<HookRun> {
         let vm = spec.vm.as_ref()?;
         let started = Instant::now();
@@ -359,6 +372,7 @@ pub fn workload_hook(
                 ("FERRY_NODE", &ctx.identity.node_name),
                 ("FERRY_ROLE", role),
                 ("FERRY_VOLUME_URIS", &uris),
+                ("FERRY_SHARE_PATHS", &share_paths),
             ],
         );
         tracing::info!(workload = %spec.name, hook = which, ok = run.ok, exit_code = ?run.exit_code,
@@ -459,7 +473,10 @@ pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord
         if rec.state.phase == MigrationPhase::CuttingOver {
             let spec = load_workload(&ctx.cfg.data_dir, &rec.workload)?;
             let still_here = spec
-                .map(|s| s.volumes.iter().all(|v| ctx.primary(v).is_some()))
+                .map(|s| {
+                    s.volumes.iter().all(|v| ctx.primary(v).is_some())
+                        && s.shares.iter().all(|n| ctx.shares.primary(n).is_some())
+                })
                 .unwrap_or(false);
             if still_here {
                 rec.state.cutover_aborted(
@@ -498,14 +515,22 @@ pub fn start(
             ctx.identity.node_name
         )
     })?;
-    if !spec.shares.is_empty() {
-        // Not built yet: a migration would move the volumes and leave the
-        // shares behind. HA failover and switchover do move shares.
-        bail!(
-            "workload {workload:?} has shares ({}): live migration of shares is not supported yet; \
-             put it under HA and use `ferry cluster switchover` to move it",
-            spec.shares.join(", ")
-        );
+    // Shares: each a primary here, replicating to `to` or to no node yet
+    // (a share has one peer). Checked before anything starts.
+    let shares = share_primaries(ctx, &spec)?;
+    for sh in &shares {
+        let peer = sh
+            .rec
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peer
+            .clone();
+        if let Some(p) = peer.filter(|p| p != to) {
+            bail!(
+                "share {:?} of workload {workload:?} replicates to {p}; a share has one peer, so the workload cannot migrate to {to}",
+                sh.name
+            );
+        }
     }
     {
         let migs = ctx.migrations();
@@ -546,15 +571,22 @@ pub fn start(
         .sum::<Result<u64>>()?;
     let node = client.get("/api/v1/node")?;
     if let Some(free) = node["free_bytes"].as_u64() {
+        let share_bytes: u64 = spec
+            .shares
+            .iter()
+            .filter_map(|s| crate::share::status(ctx, s, true).ok())
+            .map(|st| st.bytes)
+            .sum();
         let have: u64 = spec
             .volumes
             .iter()
             .filter_map(|v| ctx.primary(v))
             .map(|p| p.allocated_bytes())
-            .sum();
+            .sum::<u64>()
+            + share_bytes;
         if have > free {
             bail!(
-                "node {to} has {} free, the workload's volumes hold {} (of {} provisioned): refusing to start",
+                "node {to} has {} free, the workload's volumes and shares hold {} (volumes: {} provisioned): refusing to start",
                 ferry_core::ByteSize(free),
                 ferry_core::ByteSize(have),
                 ferry_core::ByteSize(need)
@@ -569,6 +601,9 @@ pub fn start(
         .with_context(|| format!("node {to} could not store the workload definition"))?;
     for v in &spec.volumes {
         ctx.start_replication(v, to, mode, max_rate, false)?;
+    }
+    for s in &spec.shares {
+        crate::share::replicate_to(ctx, s, to)?;
     }
     let mode = if mode == Mode::Sync { "sync" } else { "async" };
     begin_record(ctx, workload, to, mode, auto_converge, false)?;
@@ -606,6 +641,33 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
         drop(l);
         s.bytes_written_total += p.bytes_written();
         throttle_targets.push(p);
+    }
+    // A share counts like a volume: its link up, its copy up to date with
+    // nothing waiting to be sent; what it sends that is not resync is what
+    // the workload wrote.
+    for name in &spec.shares {
+        let Some(sh) = ctx.shares.primary(name) else {
+            s.connected = false;
+            s.up_to_date = false;
+            continue;
+        };
+        let caught_up = sh.caught_up();
+        let l = sh.link();
+        s.connected &= l.connected;
+        s.up_to_date &= l.connected && l.up_to_date && caught_up;
+        s.seeding |= l.connected && !l.up_to_date;
+        s.bytes_remaining += l.queued_bytes + l.inflight_bytes;
+        drop(l);
+        let sent = sh
+            .stats
+            .bytes_sent
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let resent = sh
+            .stats
+            .resync_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        s.bytes_sent_total += sent;
+        s.bytes_written_total += sent.saturating_sub(resent);
     }
     let mut migs = ctx.migrations();
     let Some(rec) = migs.get_mut(workload) else {
@@ -681,6 +743,25 @@ fn primaries(
         .map(|v| {
             ctx.primary(v)
                 .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
+        })
+        .collect()
+}
+
+/// The workload's shares, each a primary on this node.
+fn share_primaries(
+    ctx: &AgentCtx,
+    spec: &WorkloadSpec,
+) -> Result<Vec<Arc<crate::share::primary::PrimaryShare>>> {
+    spec.shares
+        .iter()
+        .map(|s| {
+            ctx.shares.primary(s).ok_or_else(|| {
+                anyhow!(
+                    "share {s:?} of workload {:?} is not a primary on node {}",
+                    spec.name,
+                    ctx.identity.node_name
+                )
+            })
         })
         .collect()
 }
@@ -824,11 +905,15 @@ pub fn cutover_with(
     let mut hooks: Vec<HookRun> = Vec::new();
 
     let vols = primaries(ctx, &spec)?;
+    let shares = share_primaries(ctx, &spec)?;
     // Everything up to the commit point may be undone.
     let abort = |why: String, frozen: bool, hooks: &mut Vec<HookRun>| -> anyhow::Error {
         if frozen {
             for v in &vols {
                 v.unfreeze();
+            }
+            for s in &shares {
+                s.unfreeze();
             }
         }
         if let Some(h) = workload_hook(ctx, &spec, "start", "source") {
@@ -877,12 +962,19 @@ pub fn cutover_with(
     for v in &vols {
         v.freeze();
     }
+    for s in &shares {
+        s.freeze();
+    }
     step(&mut steps, "frozen");
+    let drain_timeout = Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
     for v in &vols {
-        if let Err(e) = v.drain(Duration::from_millis(
-            ctx.cfg.migration.cutover_drain_timeout_ms,
-        )) {
+        if let Err(e) = v.drain(drain_timeout) {
             return Err(abort(format!("volume {}: {e}", v.name), true, &mut hooks));
+        }
+    }
+    for s in &shares {
+        if let Err(e) = drain_share(ctx, s, drain_timeout) {
+            return Err(abort(format!("share {}: {e}", s.name), true, &mut hooks));
         }
     }
     step(&mut steps, "drained");
@@ -960,6 +1052,52 @@ pub fn cutover_with(
             ));
         }
     }
+    // Shares: every entry and every file's content, both sides at once.
+    for s in &shares {
+        let (local, remote) = std::thread::scope(|sc| {
+            let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{}/digest", s.name)));
+            let local = s.tree.digest();
+            (
+                local,
+                remote
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("digest fetch panicked"))),
+            )
+        });
+        let local = match local {
+            Ok((d, _, _)) => d,
+            Err(e) => {
+                return Err(abort(
+                    format!("reading share {}: {e:#}", s.name),
+                    true,
+                    &mut hooks,
+                ))
+            }
+        };
+        let remote = match remote {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(abort(
+                    format!(
+                        "{target} did not send the digest of share {}: {e:#}",
+                        s.name
+                    ),
+                    true,
+                    &mut hooks,
+                ))
+            }
+        };
+        if remote["digest"].as_str() != Some(local.to_hex().as_str()) {
+            // Nothing says where they differ: the whole tree is compared
+            // again, every file by content.
+            s.distrust_replica("the tree's digest differed from the replica's at a cutover: comparing the whole tree by content");
+            return Err(abort(
+                format!("the tree of share {} differs on {target}: it is being compared again whole; cut over again once the migration is ready", s.name),
+                true,
+                &mut hooks,
+            ));
+        }
+    }
     step(&mut steps, "verified");
     // The commit point: the target records itself primary.
     // One call for all volumes: the target records the takeover durably
@@ -969,6 +1107,7 @@ pub fn cutover_with(
         &format!("/api/v1/workloads/{workload}/takeover"),
         &json!({
             "volumes": spec.volumes,
+            "shares": spec.shares,
             "reverse_to": me,
             "mode": if mode == Mode::Sync { "sync" } else { "async" },
         }),
@@ -983,6 +1122,11 @@ pub fn cutover_with(
                     .get(&format!("/api/v1/replications/{v}"))
                     .is_ok_and(|s| s["role"] == "primary")
             })
+            .chain(spec.shares.iter().map(|s| {
+                client
+                    .get(&format!("/api/v1/shares/{s}?counts=0"))
+                    .is_ok_and(|st| st["role"] == "primary")
+            }))
             .collect();
         if primary.iter().all(|p| !p) {
             return Err(abort(
@@ -998,7 +1142,7 @@ pub fn cutover_with(
                     "{target} committed the takeover but did not promote every volume: {e:#}"
                 ))
             });
-            bail!("cutover failed after its commit point: {target} took over some volumes but not all ({e:#}); it finishes the takeover when its agent restarts");
+            bail!("cutover failed after its commit point: {target} took over some volumes or shares but not all ({e:#}); it finishes the takeover when its agent restarts");
         }
         tracing::warn!(workload, error = %format!("{e:#}"), "cutover.commit: the answer was lost, but the target took over");
     }
@@ -1014,6 +1158,9 @@ pub fn cutover_with(
     // and the source becomes its replica afterwards (outside the downtime).
     for v in &vols {
         v.close_gate();
+    }
+    for s in &shares {
+        s.close_gate();
     }
     let start_at_b = client.post(
         &format!("/api/v1/workloads/{workload}/hooks/start"),
@@ -1068,9 +1215,17 @@ pub fn cutover_with(
     }
     step(&mut steps, "checked");
     drop(vols);
+    drop(shares);
     for v in &spec.volumes {
         if let Err(e) = ctx.demote_volume(v, &target) {
             tracing::error!(volume = %v, error = %format!("{e:#}"), "cutover.demote_failed");
+        }
+    }
+    // The trees compared equal with the share frozen: nothing here is
+    // suspect, so the way back compares metadata only.
+    for s in &spec.shares {
+        if let Err(e) = crate::share::demote(ctx, s, &target, true) {
+            tracing::error!(share = %s, error = %format!("{e:#}"), "cutover.demote_failed");
         }
     }
     step(&mut steps, "source-replica");
@@ -1130,6 +1285,33 @@ pub fn cutover_with(
         "cutover.done"
     );
     Ok(report)
+}
+
+/// A frozen share, drained for a cutover: an async share first waits until
+/// the watcher's last changes are sent (the stop hook may have written just
+/// before), then both modes wait for a flush durable on the replica with
+/// nothing after it.
+fn drain_share(
+    ctx: &AgentCtx,
+    s: &crate::share::primary::PrimaryShare,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    if !s.mode_sync() {
+        // Events still in the watcher's batch window.
+        std::thread::sleep(Duration::from_millis(
+            ctx.cfg.shares.watch_batch_delay_ms * 2,
+        ));
+        while !s.caught_up() {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the watcher's changes were not all sent within {timeout:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    s.drain(deadline.saturating_duration_since(Instant::now()))
 }
 
 /// Waits until the target's way back is ready, then has it cut over back
@@ -1277,6 +1459,9 @@ pub fn finalize(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     for v in &spec.volumes {
         ctx.stop_replication(v)?;
     }
+    for s in &spec.shares {
+        crate::share::stop_replicating(ctx, s)?;
+    }
     set_phase(ctx, workload, |r| {
         r.finalized = true;
         r.state.cutover_done();
@@ -1365,6 +1550,14 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
     let spec = load_workload(&ctx.cfg.data_dir, workload)?
         .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    if !spec.shares.is_empty() {
+        // A test instance runs on snapshots of the replicas; a share's
+        // replica is a directory tree with no snapshot to run a copy on.
+        bail!(
+            "workload {workload:?} has shares ({}): a test cutover runs on snapshots of volumes, and shares have none; cut over (and roll back if needed) instead",
+            spec.shares.join(", ")
+        );
+    }
     let target = {
         let migs = ctx.migrations();
         let rec = migs

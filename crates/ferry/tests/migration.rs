@@ -934,3 +934,232 @@ fn stopping_one_volume_of_a_stream_leaves_the_others_replicating() {
     });
     a.ok(&["volume", "verify", "data"]);
 }
+
+/// Runs `script` with bash in `agent`'s mount namespace (where it mounts
+/// its sync shares); returns stdout.
+fn in_mounts(agent: &Agent, script: &str) -> String {
+    run_ok(Command::new("nsenter").args([
+        "-m",
+        "-t",
+        &agent.pid().to_string(),
+        "bash",
+        "-ec",
+        script,
+    ]))
+}
+
+/// Creates numbered files `DIR/w/i` ("record i") through `agent`'s mount
+/// of a share, one after another, until one fails; every number printed
+/// is a file whose creation and write the share answered.
+struct FileWriter {
+    child: Option<std::process::Child>,
+    acked: Arc<Mutex<Vec<u64>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FileWriter {
+    fn start(agent: &Agent, dir: &std::path::Path) -> FileWriter {
+        let d = dir.display();
+        let mut child = Command::new("nsenter")
+            .args(["-m", "-t", &agent.pid().to_string(), "bash", "-c"])
+            .arg(format!(
+                "mkdir -p {d}/w; i=0; while echo \"record $i\" > {d}/w/$i; do echo $i; i=$((i+1)); done"
+            ))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let a = acked.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(i) = line.trim().parse() {
+                    a.lock().unwrap().push(i);
+                }
+            }
+        });
+        FileWriter {
+            child: Some(child),
+            acked,
+            reader: Some(reader),
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits for the writer to stop on its own (its share went away).
+    fn finish(mut self) -> Vec<u64> {
+        let mut child = self.child.take().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the writer went on writing after the cutover");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.reader.take().unwrap().join().unwrap();
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn a_workload_with_a_sync_share_migrates_verified_and_back() {
+    require("nsenter");
+    require("unshare");
+    let root = tempfile::Builder::new()
+        .prefix("ferry-migr-share-")
+        .tempdir()
+        .unwrap();
+    // Each agent mounts the share in a mount namespace of its own, at the
+    // same path: as on two hosts.
+    let private = ["unshare", "-m", "--propagation", "private"];
+    let a = Agent::start_wrapped(root.path(), "a", "", &private);
+    let b = Agent::start_wrapped(root.path(), "b", "", &private);
+    pair(&a, &b);
+    let mnt = root.path().join("srv");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = mnt.to_str().unwrap();
+    // The share replicates to no node yet: the migration starts it.
+    a.ok(&["share", "create", "files", "--path", m, "--mode", "sync"]);
+    in_mounts(
+        &a,
+        &format!(
+            "cd {m}; mkdir seed; for i in $(seq 1 100); do head -c $((i * 97)) /dev/urandom > seed/file-$i; done
+             ln seed/file-1 seed/hard; ln -s file-2 seed/sym; chmod 640 seed/file-3
+             truncate -s 64M seed/sparse; printf x | dd of=seed/sparse bs=1 seek=50331648 conv=notrunc status=none"
+        ),
+    );
+    a.ok(&["volume", "create", "app", "--size", "16MiB"]);
+    qemu_io(&a.uri("app"), &["write -P 0x5a 0 1M"]);
+    let hooks = root.path().join("hooks.log");
+    let h = hooks.display();
+    a.ok(&[
+        "workload",
+        "create",
+        "web",
+        "--volume",
+        "app",
+        "--share",
+        "files",
+        "--start",
+        &format!("echo start $FERRY_NODE $FERRY_ROLE $FERRY_SHARE_PATHS >> {h}"),
+        "--stop",
+        &format!("echo stop $FERRY_NODE >> {h}"),
+        // Runs in the target agent's mount namespace: its mount serves.
+        "--check",
+        "test -s $FERRY_SHARE_PATHS/seed/file-100",
+        "--hook-timeout",
+        "10s",
+    ]);
+    // A test cutover has no snapshot of a share to run on.
+    let out = a.cli().args(["migrate", "test", "web"]).output().unwrap();
+    assert!(!out.status.success());
+    let writer = FileWriter::start(&a, &mnt);
+    let st = a.json(&["migrate", "start", "web", "--to", "b"]);
+    assert!(
+        ["seeding", "syncing", "ready"].contains(&st["phase"].as_str().unwrap()),
+        "{st}"
+    );
+    assert_eq!(a.json(&["share", "status", "files"])["peer"], "b");
+    wait_until(60, "migration ready", || phase(&a, "web") == "ready");
+    wait_until(30, "files written during the migration", || {
+        writer.acked() >= 20
+    });
+    // A file of b's copy damaged behind ferry's back (same size and mtime):
+    // the digests differ, the cutover aborts before its commit point, and
+    // the whole tree is compared again by content.
+    let b_data = b.dir.join("shares/files/data");
+    let victim = b_data.join("seed/file-50");
+    run_ok(Command::new("bash").arg("-ec").arg(format!(
+        "f={}; cp -p $f $f.keep; printf 'XXXX' | dd of=$f conv=notrunc status=none; touch -r $f.keep $f; rm $f.keep",
+        victim.display()
+    )));
+    let out = a
+        .cli()
+        .args(["migrate", "cutover", "web"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("differs"), "{err}");
+    assert_eq!(a.json(&["share", "status", "files"])["role"], "primary");
+    wait_until(60, "migration ready again", || phase(&a, "web") == "ready");
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        std::fs::read(a.dir.join("shares/files/data/seed/file-50")).unwrap(),
+        "the damaged file was sent again"
+    );
+    // Cut over while the writer keeps writing: its calls wait during the
+    // freeze and fail once the share belongs to b.
+    let report = a.json(&["migrate", "cutover", "web"]);
+    let acked = writer.finish();
+    assert_eq!(report["to"], "b", "{report}");
+    assert_eq!(report["target_healthy"], true, "{report}");
+    assert_eq!(phase(&a, "web"), "completed");
+    // The aborted cutover ran a's start hook again.
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert_eq!(
+        log,
+        format!("stop a\nstart a source {m}\nstop a\nstart b target {m}\n"),
+        "{log}"
+    );
+    // b serves the share (mounted in its namespace) with every file the
+    // writer saw written; a holds the replica.
+    let bs = b.json(&["share", "status", "files"]);
+    assert_eq!(bs["role"], "primary", "{bs}");
+    assert_eq!(a.json(&["share", "status", "files"])["role"], "replica");
+    assert!(acked.len() >= 20);
+    let listing = in_mounts(&b, &format!("ls {m}/w | wc -l"));
+    assert!(
+        listing.trim().parse::<usize>().unwrap() >= acked.len(),
+        "{listing}"
+    );
+    for i in &acked {
+        let got = std::fs::read_to_string(b_data.join(format!("w/{i}"))).unwrap_or_default();
+        assert_eq!(got, format!("record {i}\n"), "file w/{i} on b");
+    }
+    assert_eq!(b.status("app")["role"], "primary");
+    // Replication runs b → a; the handover was verified, so the way back
+    // compares metadata only and sends no file again.
+    b.ok(&["share", "wait", "files", "--timeout", "60s"]);
+    let bs = b.json(&["share", "status", "files"]);
+    assert_eq!(bs["resync_bytes"], 0, "{bs}");
+    let a_data = a.dir.join("shares/files/data");
+    assert_trees_equal(&b_data, &a_data);
+    in_mounts(&b, &format!("echo after > {m}/after-b; sync {m}/after-b"));
+    // Roll back (asked at a, run by b): the same verified cutover, b → a.
+    wait_until(60, "the way back is ready", || {
+        b.json(&["migrate", "status", "web"])["phase"] == "ready"
+    });
+    let back = a.json(&["migrate", "rollback", "web"]);
+    assert_eq!(
+        (&back["from"], &back["to"]),
+        (&"b".into(), &"a".into()),
+        "{back}"
+    );
+    assert_eq!(a.json(&["share", "status", "files"])["role"], "primary");
+    assert_eq!(b.json(&["share", "status", "files"])["role"], "replica");
+    assert_eq!(in_mounts(&a, &format!("cat {m}/after-b")), "after\n");
+    a.ok(&["share", "wait", "files", "--timeout", "60s"]);
+    assert_trees_equal(&a_data, &b_data);
+    // Finalize: a stops replicating to b; b's copy stays.
+    let fin = a.json(&["migrate", "finalize", "web"]);
+    assert_eq!(fin["finalized"], true, "{fin}");
+    let st = a.json(&["share", "status", "files"]);
+    assert!(st["peer"].is_null(), "{st}");
+    assert!(b_data.join("after-b").exists());
+}

@@ -494,6 +494,7 @@ impl AgentCtx {
         self: &Arc<Self>,
         workload: &str,
         volumes: &[String],
+        shares: &[String],
         reverse_to: Option<&str>,
         mode: Mode,
     ) -> Result<Vec<(String, u64)>> {
@@ -502,11 +503,16 @@ impl AgentCtx {
         for name in volumes {
             self.promotable(name)?;
         }
+        for name in shares {
+            crate::share::check_name(name)?;
+            crate::share::check_promotable(self, name, false)?;
+        }
         let dir = self.cfg.data_dir.join("commits");
         std::fs::create_dir_all(&dir)?;
         let record = serde_json::json!({
             "workload": workload,
             "volumes": volumes,
+            "shares": shares,
             "reverse_to": reverse_to,
             "mode": if mode == Mode::Sync { "sync" } else { "async" },
         });
@@ -520,13 +526,16 @@ impl AgentCtx {
         tracing::info!(
             workload,
             volumes = volumes.len(),
+            shares = shares.len(),
             "cutover.commit: this node takes the workload over"
         );
         self.finish_takeover(workload)
     }
 
-    /// Promotes every volume a commit record names that is still a replica
-    /// here, then removes the record.
+    /// Promotes every volume and share a commit record names that is still
+    /// a replica here, then removes the record. Shares are promoted after the
+    /// volumes; while the agent starts up only their records change (the
+    /// start-up then serves them with the other primary shares).
     fn finish_takeover(self: &Arc<Self>, workload: &str) -> Result<Vec<(String, u64)>> {
         let path = self
             .cfg
@@ -586,6 +595,22 @@ impl AgentCtx {
             }
         }
         result?;
+        let shares = record["shares"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str());
+        let starting = self.starting.load(std::sync::atomic::Ordering::SeqCst);
+        for name in shares {
+            // A cutover commits only after both trees compared equal.
+            if let Some(rec) = crate::share::promote_record(self, name, reverse_to, false, true)? {
+                let generation = rec.generation;
+                if !starting {
+                    crate::share::start_primary(self, rec)?;
+                }
+                promoted.push((name.to_string(), generation));
+            }
+        }
         std::fs::remove_file(&path)?;
         Ok(promoted)
     }

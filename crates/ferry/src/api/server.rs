@@ -366,6 +366,8 @@ struct Promote {
 #[derive(Deserialize)]
 struct Takeover {
     volumes: Vec<String>,
+    #[serde(default)]
+    shares: Vec<String>,
     reverse_to: Option<String>,
     mode: Option<String>,
 }
@@ -373,12 +375,13 @@ struct Takeover {
 /// Cutover's commit point on the target, for all of a workload's volumes.
 async fn takeover(State(ctx): Ctx, Path(name): Path<String>, Json(r): Json<Takeover>) -> ApiResult {
     let mode = parse_mode(r.mode.as_deref())?;
-    let promoted =
-        blocking(move || ctx.commit_takeover(&name, &r.volumes, r.reverse_to.as_deref(), mode))
-            .await?;
+    let promoted = blocking(move || {
+        ctx.commit_takeover(&name, &r.volumes, &r.shares, r.reverse_to.as_deref(), mode)
+    })
+    .await?;
     let promoted: Vec<Value> = promoted
         .into_iter()
-        .map(|(v, g)| json!({"volume": v, "generation": format!("{g:016x}")}))
+        .map(|(v, g)| json!({"name": v, "generation": format!("{g:016x}")}))
         .collect();
     Ok(Json(json!({"promoted": promoted})))
 }
@@ -1298,6 +1301,7 @@ async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult 
             level_at: 0,
             received_at: 0,
             suspect_since: None,
+            level_exact: false,
         };
         let store = crate::share::ShareStore::new(&c.cfg.data_dir);
         store.create(&rec)?;

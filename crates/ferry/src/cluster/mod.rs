@@ -1365,7 +1365,7 @@ fn promote_volumes(
                     .mode
             })
             .unwrap_or(ferry_core::link::Mode::Sync);
-        ctx.commit_takeover(workload, &replicas, Some(peer), mode)?;
+        ctx.commit_takeover(workload, &replicas, &[], Some(peer), mode)?;
     }
     for s in &spec.shares {
         crate::share::promote(ctx, s, Some(peer), force)?;
@@ -1446,7 +1446,7 @@ fn demote_and_rebase(
         }
     }
     for s in &spec.shares {
-        crate::share::demote(ctx, s, peer)?;
+        crate::share::demote(ctx, s, peer, clean)?;
     }
     if discard {
         // Our copy was discarded by the split-brain policy (kept aside):

@@ -427,6 +427,7 @@ fn resync(share: &Arc<PrimaryShare>, replies: &Replies, replica_generation: u64)
     match r {
         Ok(passes) => {
             share.journal_compact();
+            share.clear_level_exact();
             share.set_level_at(started_unix, true);
             tracing::info!(share = %share.name, full, passes, ms = started.elapsed().as_millis() as u64,
                 files = share.stats.resync_files.load(Ordering::Relaxed), "share.resync.done");
@@ -458,7 +459,8 @@ fn resync_passes(
             journal.by_content.clone(),
         )
     };
-    let mut unsure_since = full.then(|| share.level_at() - UNSURE_SLACK_S);
+    let mut unsure_since =
+        (full && !share.level_exact()).then(|| share.level_at() - UNSURE_SLACK_S);
     tracing::info!(share = %share.name, full, paths = todo.len(), "share.resync.start");
     let mut passes = 0;
     while !todo.is_empty() || !shallow.is_empty() {
@@ -1217,6 +1219,7 @@ pub fn serve_replica(
                 level_at: 0,
                 received_at: 0,
                 suspect_since: None,
+                level_exact: false,
             };
             if let Err(e) = store.create(&r) {
                 return refuse(&mut tls, e.to_string());

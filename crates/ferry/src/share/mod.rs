@@ -58,6 +58,13 @@ pub struct ShareRecord {
     /// the new primary declares it up to date.
     #[serde(default)]
     pub suspect_since: Option<i64>,
+    /// Primary: the replica was exactly level at `level_at` (promoted by a
+    /// verified cutover: both trees frozen and their digests equal), so the
+    /// first resync compares by content only what the journal says changed
+    /// since, not every file with a recent ctime. Cleared once that resync
+    /// ends, or when the journal cannot be trusted.
+    #[serde(default)]
+    pub level_exact: bool,
 }
 
 /// Why a share operation failed.
@@ -232,6 +239,7 @@ mod tests {
             level_at: 0,
             received_at: 0,
             suspect_since: None,
+            level_exact: false,
         };
         store.create(&rec).unwrap();
         assert_eq!(store.load("app").unwrap(), rec);
@@ -425,16 +433,45 @@ pub fn promote(
     reverse_to: Option<&str>,
     force: bool,
 ) -> anyhow::Result<()> {
-    let store = ShareStore::new(&ctx.cfg.data_dir);
-    let mut rec = store.load(name)?;
-    if rec.role == "primary" {
-        return Ok(());
+    match promote_record(ctx, name, reverse_to, force, false)? {
+        Some(rec) => start_primary(ctx, rec),
+        None => Ok(()),
     }
-    if rec.generation == 0 && !force {
+}
+
+/// Refuses a replica here that may not be promoted: not an up-to-date copy
+/// (unless `force`).
+pub fn check_promotable(
+    ctx: &crate::agent::AgentCtx,
+    name: &str,
+    force: bool,
+) -> anyhow::Result<ShareRecord> {
+    let rec = ShareStore::new(&ctx.cfg.data_dir).load(name)?;
+    if rec.role != "primary" && rec.generation == 0 && !force {
         anyhow::bail!(
-            "share {name:?} here is not an up-to-date replica: refusing to promote it \
-             (a forced promotion takes it as it is)"
+            "share {name:?} on node {} is not an up-to-date replica: refusing to promote it \
+             (a forced promotion takes it as it is)",
+            ctx.identity.node_name
         );
+    }
+    Ok(rec)
+}
+
+/// [`promote`]'s durable part: the record says primary (a new generation).
+/// `None` when it already did. The caller starts it ([`start_primary`]), or
+/// the agent does when it is starting up. `clean`: a verified cutover (the
+/// old primary's copy is exactly this one; see `level_exact`).
+pub fn promote_record(
+    ctx: &crate::agent::AgentCtx,
+    name: &str,
+    reverse_to: Option<&str>,
+    force: bool,
+    clean: bool,
+) -> anyhow::Result<Option<ShareRecord>> {
+    let store = ShareStore::new(&ctx.cfg.data_dir);
+    let mut rec = check_promotable(ctx, name, force)?;
+    if rec.role == "primary" {
+        return Ok(None);
     }
     rec.role = "primary".into();
     rec.peer = reverse_to.map(String::from);
@@ -444,21 +481,25 @@ pub fn promote(
     rec.level_at = primary::now_unix();
     rec.received_at = rec.level_at;
     rec.suspect_since = None;
+    rec.level_exact = clean;
     if rec.mode == "async" {
         rec.path = store.data_dir(name);
     }
     store.save(&rec)?;
     tracing::warn!(share = %name, reverse_to = ?reverse_to, force, "share.promoted");
-    start_primary(ctx, rec)
+    Ok(Some(rec))
 }
 
 /// A newer primary exists elsewhere: stop serving `name` here and become
 /// its replica. Files this copy changed since it was last known level are
-/// compared by content when the new primary resyncs it.
+/// compared by content when the new primary resyncs it — unless the handover
+/// was `clean` (frozen, drained and the two trees' digests compared equal),
+/// when nothing here can differ.
 pub fn demote(
     ctx: &std::sync::Arc<crate::agent::AgentCtx>,
     name: &str,
     new_primary: &str,
+    clean: bool,
 ) -> anyhow::Result<()> {
     let store = ShareStore::new(&ctx.cfg.data_dir);
     let running = ctx.shares.primaries().remove(name);
@@ -474,9 +515,77 @@ pub fn demote(
     rec.generation = 0;
     // What the new primary may lack: changes made here after the replica
     // last confirmed receiving everything.
-    rec.suspect_since = Some(rec.level_at.max(rec.received_at) - 2);
+    rec.suspect_since = (!clean).then(|| rec.level_at.max(rec.received_at) - 2);
     store.save(&rec)?;
-    tracing::warn!(share = %name, new_primary, "share.demoted");
+    tracing::warn!(share = %name, new_primary, clean, "share.demoted");
+    Ok(())
+}
+
+/// Starts replicating primary share `name` to `to` (a migration). `false`
+/// when it already does; refused when it replicates to another node (a
+/// share has one peer).
+pub fn replicate_to(
+    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+    name: &str,
+    to: &str,
+) -> anyhow::Result<bool> {
+    let share = ctx.shares.primary(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "share {name:?} is not a primary on node {}",
+            ctx.identity.node_name
+        )
+    })?;
+    {
+        let mut rec = share.rec.lock().unwrap_or_else(|p| p.into_inner());
+        match rec.peer.as_deref() {
+            Some(p) if p == to => return Ok(false),
+            Some(p) => anyhow::bail!(
+                "share {name:?} replicates to {p}; a share has one peer, so it cannot also go to {to}"
+            ),
+            None => {}
+        }
+        rec.peer = Some(to.to_string());
+        share.store.save(&rec)?;
+    }
+    // A link stopped earlier may still be winding down: it must be gone
+    // before a new one may run (both would stream the share).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        {
+            let mut l = share.link();
+            if l.threads == 0 {
+                l.stop = false;
+                break;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("the earlier link of share {name:?} did not stop within 10 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    spawn_link(ctx, share, to.to_string())?;
+    tracing::info!(share = %name, peer = %to, "share.replication.started");
+    Ok(true)
+}
+
+/// Stops replicating primary share `name` (a finalized migration): the link
+/// ends and the record forgets its peer; the peer's copy stays as it is.
+pub fn stop_replicating(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<()> {
+    let share = ctx.shares.primary(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "share {name:?} is not a primary on node {}",
+            ctx.identity.node_name
+        )
+    })?;
+    {
+        let mut rec = share.rec.lock().unwrap_or_else(|p| p.into_inner());
+        rec.peer = None;
+        share.store.save(&rec)?;
+    }
+    share.link().stop = true;
+    share.cv.notify_all();
+    share.link_lost("replication stopped");
+    tracing::info!(share = %name, "share.replication.stopped");
     Ok(())
 }
 
@@ -524,9 +633,18 @@ pub fn spawn_link(
     peer: String,
 ) -> anyhow::Result<()> {
     let ctx = ctx.clone();
-    std::thread::Builder::new()
+    share.link().threads += 1;
+    let counted = share.clone();
+    let spawned = std::thread::Builder::new()
         .name(format!("share-link-{}", share.name))
-        .spawn(move || link::run(share, ctx, peer))?;
+        .spawn(move || {
+            link::run(share.clone(), ctx, peer);
+            share.link().threads -= 1;
+        });
+    if let Err(e) = spawned {
+        counted.link().threads -= 1;
+        return Err(e.into());
+    }
     Ok(())
 }
 
@@ -621,8 +739,8 @@ pub fn status(
     };
     if let Some(p) = ctx.shares.primary(name) {
         st.pending_paths = p.pending_paths();
+        let behind = !p.caught_up();
         let l = p.link();
-        let behind = l.pending_since.is_some() || !l.renames.is_empty() || st.pending_paths > 0;
         st.state = if l.up_to_date && behind {
             "catching-up"
         } else if l.up_to_date {

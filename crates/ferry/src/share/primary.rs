@@ -102,6 +102,8 @@ pub struct LinkState {
     pub last_error: Option<String>,
     /// The link asked to stop (replication stopped, share removed).
     pub stop: bool,
+    /// Link threads running (at most one; a new one waits for 0).
+    pub threads: u32,
     /// Async: renames the watcher saw, sent before the paths are compared.
     pub renames: Vec<(SharePath, SharePath)>,
     /// Async: the watcher lost events (queue overflow); files changed since
@@ -359,6 +361,7 @@ impl PrimaryShare {
             // The journal may lack what changed just before the stop: the next
             // resync compares the whole tree.
             rec.generation = super::random_u64();
+            rec.level_exact = false;
             tracing::warn!(share = %rec.name, "share.unclean_stop.full_compare_next");
         }
         rec.clean = false;
@@ -709,6 +712,31 @@ impl PrimaryShare {
         }
     }
 
+    /// The replica's copy differs where nothing says it should (a digest
+    /// compared unequal at a cutover): a new history, so the next resync
+    /// compares the whole tree, every file by content; the link restarts.
+    pub fn distrust_replica(&self, why: &str) {
+        {
+            let mut r = lock(&self.rec);
+            r.generation = super::random_u64();
+            r.level_at = 0;
+            r.received_at = 0;
+            r.level_exact = false;
+            if let Err(e) = self.store.save(&r) {
+                tracing::error!(share = %self.name, error = %e, "share.record.save_failed");
+            }
+        }
+        self.link_lost(why);
+    }
+
+    /// Nothing changed is waiting to be sent: no change the watcher
+    /// reported is still pending, no rename, no path in the journal.
+    pub fn caught_up(&self) -> bool {
+        let pending = self.pending_paths();
+        let l = self.link();
+        pending == 0 && l.pending_since.is_none() && l.renames.is_empty()
+    }
+
     /// Once frozen (a switchover): waits until everything sequenced is
     /// durable on an up-to-date replica — a flush, and no op after it.
     pub fn drain(&self, timeout: std::time::Duration) -> Result<(), String> {
@@ -905,6 +933,17 @@ impl PrimaryShare {
 
     pub fn level_at(&self) -> i64 {
         lock(&self.rec).level_at
+    }
+
+    /// See [`ShareRecord::level_exact`].
+    pub fn level_exact(&self) -> bool {
+        lock(&self.rec).level_exact
+    }
+
+    /// The first resync after a verified cutover ended (saved with the
+    /// level that follows).
+    pub fn clear_level_exact(&self) {
+        lock(&self.rec).level_exact = false;
     }
 
     /// Waits until the replica acknowledged receiving `seq` (it has applied

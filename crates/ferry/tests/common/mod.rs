@@ -261,3 +261,65 @@ impl Drop for Mount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Every entry's type, mode, owner, size, link count and mtime (ns), and
+/// the content of every file: equal on both sides.
+pub fn assert_trees_equal(a: &Path, b: &Path) {
+    if let Some(d) = tree_diff(a, b) {
+        panic!("{d}");
+    }
+}
+
+/// How the trees at `a` and `b` differ (None: equal).
+pub fn tree_diff(a: &Path, b: &Path) -> Option<String> {
+    let listing = |d: &Path| {
+        // Entries may vanish while `find` walks a tree still converging: a
+        // failed walk is a difference too (the caller may look again).
+        let out = Command::new("find")
+            .arg(".")
+            .args(["-printf", "%p %y %m %U %G %s %n %T@\\n"])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let text = if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        } else {
+            format!("(find failed: {})", String::from_utf8_lossy(&out.stderr))
+        };
+        text.lines()
+            .map(|l| {
+                // Directory sizes are the filesystem's business, not content.
+                let f: Vec<&str> = l.split(' ').collect();
+                if f.len() >= 8 && f[f.len() - 7] == "d" {
+                    let n = f.len();
+                    format!(
+                        "{} d {} {} {} - {}",
+                        f[..n - 7].join(" "),
+                        f[n - 6],
+                        f[n - 5],
+                        f[n - 4],
+                        f[n - 1]
+                    )
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<std::collections::BTreeSet<String>>()
+    };
+    let (la, lb) = (listing(a), listing(b));
+    let only_a: Vec<_> = la.difference(&lb).take(10).collect();
+    let only_b: Vec<_> = lb.difference(&la).take(10).collect();
+    if !only_a.is_empty() || !only_b.is_empty() {
+        return Some(format!(
+            "trees differ:\nprimary only: {only_a:#?}\nreplica only: {only_b:#?}"
+        ));
+    }
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference", "-q"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    (!out.status.success())
+        .then(|| format!("content differs: {}", String::from_utf8_lossy(&out.stdout)))
+}
