@@ -781,11 +781,21 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .ok_or_else(|| no_migration(ctx, workload))?;
     let m = &rec.state;
     // Live from the links and leaf caches of the workload's volumes here.
-    let vols: Vec<_> = load_workload(&ctx.cfg.data_dir, workload)
-        .ok()
-        .flatten()
+    let spec = load_workload(&ctx.cfg.data_dir, workload).ok().flatten();
+    let vols: Vec<_> = spec
+        .as_ref()
         .map(|w| w.volumes.iter().filter_map(|v| ctx.primary(v)).collect())
         .unwrap_or_default();
+    // Each share's replica state as its link sees it.
+    let shares: Vec<Value> = spec
+        .iter()
+        .flat_map(|w| &w.shares)
+        .filter_map(|s| crate::share::status(ctx, s, false).ok())
+        .map(|st| {
+            json!({"share": st.name, "role": st.role, "state": st.state,
+                "pending_paths": st.pending_paths, "last_error": st.last_error})
+        })
+        .collect();
     let backlog_bytes: u64 = vols
         .iter()
         .map(|p| p.link.lock().rep.status().backlog_bytes)
@@ -807,6 +817,7 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "bytes_remaining": m.bytes_remaining,
         "backlog_bytes": backlog_bytes,
         "merkle_stale_bytes": merkle_stale_bytes,
+        "shares": shares,
         "eta_seconds": m.eta_seconds().map(|s| (s * 10.0).round() / 10.0),
         "bandwidth_bytes_per_s": m.send_rate_bytes_per_s.round() as u64,
         "write_rate_bytes_per_s": m.write_rate_bytes_per_s.round() as u64,

@@ -477,6 +477,17 @@ fn human_migration(v: &Value) -> String {
     if let Some(t) = v["throttle_pct"].as_u64().filter(|&t| t > 0) {
         line.push_str(&format!(", writes throttled {t}%"));
     }
+    for sh in v["shares"].as_array().into_iter().flatten() {
+        line.push_str(&format!(
+            "\n  share {}: {}, {} paths pending",
+            sh["share"].as_str().unwrap_or("?"),
+            sh["state"].as_str().unwrap_or("?"),
+            sh["pending_paths"].as_u64().unwrap_or(0)
+        ));
+        if let Some(e) = sh["last_error"].as_str() {
+            line.push_str(&format!(" (last error: {e})"));
+        }
+    }
     if let Some(r) = v["reason"].as_str() {
         line.push_str(&format!("\n  reason: {r}"));
     }

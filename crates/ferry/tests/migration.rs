@@ -1077,6 +1077,9 @@ fn a_workload_with_a_sync_share_migrates_verified_and_back() {
     );
     assert_eq!(a.json(&["share", "status", "files"])["peer"], "b");
     wait_until(60, "migration ready", || phase(&a, "web") == "ready");
+    let st = a.json(&["migrate", "status", "web"]);
+    assert_eq!(st["shares"][0]["share"], "files", "{st}");
+    assert_eq!(st["shares"][0]["state"], "up-to-date", "{st}");
     wait_until(30, "files written during the migration", || {
         writer.acked() >= 20
     });
