@@ -179,6 +179,77 @@ fn sync_mount_runs_real_programs_and_the_replica_matches() {
 }
 
 #[test]
+fn read_only_files_pass_through_to_the_backing_file_and_writers_stay_replicated() {
+    require("python3");
+    let (root, a, b) = two_agents("ferry-share-", "");
+    let (mnt, _m) = mount_point(root.path());
+    create_sync_share(&a, &mnt);
+    // Written with O_DIRECT: nothing of it is in the mount's page cache.
+    // Then made read-only for everyone (what passes through).
+    sh(
+        &mnt,
+        "dd if=/dev/urandom of=big bs=1M count=4 oflag=direct status=none && chmod 444 big \
+         && dd if=/dev/urandom of=rw bs=1M count=4 oflag=direct status=none",
+    );
+    let reads = |a: &Agent| share_status(a, "app")["fuse_read_bytes"].as_u64().unwrap();
+    let opens = |a: &Agent| {
+        share_status(a, "app")["passthrough_opens"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = reads(&a);
+    // A read-only open of a read-only file passes through: the kernel
+    // reads the backing file, the daemon sees no read.
+    let copy = root.path().join("big.copy");
+    sh(&mnt, &format!("cat big > {}", copy.display()));
+    assert_eq!(
+        std::fs::read(&copy).unwrap(),
+        std::fs::read(data_dir(&a, "app").join("big")).unwrap()
+    );
+    assert!(opens(&a) >= 1);
+    assert_eq!(reads(&a), before, "passthrough reads reached the daemon");
+    // A writable file's read-only open is served by the daemon.
+    sh(&mnt, "cat rw > /dev/null");
+    assert!(reads(&a) >= before + (4 << 20));
+    // While read-only handles pass through, a writable open (root may)
+    // would have its writes passed through unreplicated: refused with
+    // ETXTBSY; once they close it works, and readers of a writable file
+    // see every write at once.
+    sh(
+        &mnt,
+        "python3 - <<'EOF'
+import errno, mmap, os
+r = os.open('big', os.O_RDONLY)
+r2 = os.open('big', os.O_RDONLY)
+with open('big', 'rb') as f:
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    assert m[:4096] == os.pread(r2, 4096, 0)
+    m.close()
+try:
+    os.open('big', os.O_RDWR)
+    raise SystemExit('a writable open was allowed while reads pass through')
+except OSError as e:
+    assert e.errno == errno.ETXTBSY, e
+os.close(r)
+os.close(r2)
+w = os.open('big', os.O_RDWR)
+os.pwrite(w, b'fresh', 0)
+os.close(w)
+w = os.open('rw', os.O_RDWR)
+r = os.open('rw', os.O_RDONLY)
+os.pwrite(w, b'again', 4096)
+assert os.pread(r, 5, 4096) == b'again'
+os.close(r)
+os.close(w)
+EOF",
+    );
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+    let got = std::fs::read(data_dir(&b, "app").join("big")).unwrap();
+    assert_eq!(&got[..5], b"fresh");
+}
+
+#[test]
 fn replica_outage_resyncs_only_the_changed_files() {
     let (root, a, mut b) = two_agents("ferry-share-", "");
     let (mnt, _m) = mount_point(root.path());

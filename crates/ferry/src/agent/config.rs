@@ -211,6 +211,12 @@ pub struct ShareSettings {
     /// reports its free space several times a second), rather than the
     /// replica failing it and falling behind.
     pub replica_free_bytes_min: u64,
+    /// Sync shares: a read-only open of a file nobody may write (no write
+    /// permission bit) is passed through to the backing file by the kernel
+    /// (reads skip the daemon). While such a handle is open the kernel
+    /// would pass writes through too, unreplicated, so a writable open of
+    /// that file fails with ETXTBSY until the readers close it.
+    pub passthrough_read_only_files: bool,
 }
 
 impl Default for ShareSettings {
@@ -220,6 +226,7 @@ impl Default for ShareSettings {
             watch_pending_paths_max: 65_536,
             watch_rescan_interval_ms: 5_000,
             replica_free_bytes_min: 64 << 20,
+            passthrough_read_only_files: true,
         }
     }
 }

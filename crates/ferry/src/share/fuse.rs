@@ -14,6 +14,14 @@
 //!   until its last close.
 //! - The kernel checks permissions (`default_permissions`); new entries get
 //!   the caller's uid/gid.
+//! - A read-only open of a file nobody may write (no write permission bit)
+//!   uses kernel passthrough where the kernel allows it (`FUSE_PASSTHROUGH`,
+//!   root; `shares.passthrough_read_only_files`): reads and mmap go straight
+//!   to the backing file. The kernel requires every open of an inode that
+//!   has a backing file to pass through — writes too, which would bypass
+//!   replication — so a writable open of it fails with ETXTBSY until those
+//!   readers close; a read-only open while a writable handle is open is
+//!   served here as usual.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -38,6 +46,9 @@ use super::primary::PrimaryShare;
 use super::tree::FileCache;
 
 const TTL: Duration = Duration::from_secs(1);
+/// How long a writable open waits for read-only passthrough handles of the
+/// file that were closed to be released, before it fails with ETXTBSY.
+const PASSTHROUGH_RELEASE_WAIT: Duration = Duration::from_millis(500);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -63,6 +74,22 @@ struct Node {
     backing: u64,
     orphan: Option<u64>,
     opens: u32,
+    /// Open handles in the kernel's cached io mode, and in passthrough
+    /// mode (which share one backing id); the kernel refuses mixing them.
+    cached_opens: u32,
+    passthrough_opens: u32,
+    backing_id: Option<fuser::BackingId>,
+}
+
+/// How the kernel does a handle's io.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoMode {
+    /// Through this daemon, with the kernel's page cache (write-through).
+    Cached,
+    /// Through this daemon, no page cache (O_DIRECT).
+    Direct,
+    /// Reads straight from the backing file (read-only opens).
+    Passthrough,
 }
 
 #[derive(Debug, Default)]
@@ -78,6 +105,7 @@ struct Handle {
     file: Arc<File>,
     /// O_SYNC / O_DSYNC: every write is a durable barrier on both sides.
     sync_writes: bool,
+    mode: IoMode,
 }
 
 /// A directory's entries as served to readdir: (inode, type, name).
@@ -96,6 +124,13 @@ pub struct ShareFs {
     /// at a rewind), served by offset — a 100k-entry directory is read
     /// once per pass, not once per buffer.
     dirs: Mutex<HashMap<u64, Arc<Listing>>>,
+    /// Passthrough wanted (`shares.passthrough_read_only_files`), the
+    /// kernel accepted `FUSE_PASSTHROUGH`, and backing files can be
+    /// registered (cleared at the first refusal, e.g. without root).
+    passthrough: std::sync::atomic::AtomicBool,
+    passthrough_wanted: bool,
+    /// Notified when a passthrough handle is released.
+    released: std::sync::Condvar,
 }
 
 impl std::fmt::Debug for ShareFs {
@@ -186,7 +221,7 @@ fn stamp_from(target: Target, st: &libc::stat) -> Stamp {
 }
 
 impl ShareFs {
-    pub fn new(share: Arc<PrimaryShare>) -> io::Result<ShareFs> {
+    pub fn new(share: Arc<PrimaryShare>, passthrough: bool) -> io::Result<ShareFs> {
         let st = share.tree.lstat(&Target::Path(SharePath::root()))?;
         let mut inodes = Inodes {
             next: 2,
@@ -200,6 +235,9 @@ impl ShareFs {
                 backing: st.st_ino,
                 orphan: None,
                 opens: 0,
+                cached_opens: 0,
+                passthrough_opens: 0,
+                backing_id: None,
             },
         );
         inodes.by_backing.insert(st.st_ino, 1);
@@ -210,6 +248,9 @@ impl ShareFs {
             next_fh: AtomicU64::new(1),
             orphan_lock: Mutex::new(()),
             dirs: Mutex::new(HashMap::new()),
+            passthrough: std::sync::atomic::AtomicBool::new(false),
+            passthrough_wanted: passthrough,
+            released: std::sync::Condvar::new(),
         })
     }
 
@@ -280,6 +321,9 @@ impl ShareFs {
                 backing: st.st_ino,
                 orphan: None,
                 opens: 0,
+                cached_opens: 0,
+                passthrough_opens: 0,
+                backing_id: None,
             },
         );
         inodes.by_backing.insert(st.st_ino, ino);
@@ -381,28 +425,109 @@ impl ShareFs {
             .map(|h| (h.file.clone(), h.ino, h.sync_writes))
     }
 
-    fn open_handle(&self, ino: u64, target: &Target, flags: i32) -> io::Result<(u64, FopenFlags)> {
+    /// Opens `target` for a new handle. With `passthrough` (a read-only
+    /// `open`'s reply), the handle passes through when the inode's io mode
+    /// allows it; the caller then answers with the node's backing id.
+    fn open_handle(
+        &self,
+        ino: u64,
+        target: &Target,
+        flags: i32,
+        passthrough: Option<&ReplyOpen>,
+    ) -> io::Result<(u64, FopenFlags, IoMode)> {
         let acc = flags & libc::O_ACCMODE;
         let keep = flags & (libc::O_NOATIME | libc::O_NONBLOCK);
         let f = self.share.tree.open_file(target, acc | keep, 0)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let sync_writes = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        let mut inodes = lock(&self.inodes);
+        if acc != libc::O_RDONLY {
+            // The kernel would pass this handle's writes straight to the
+            // backing file, unreplicated, while the inode passes through.
+            // A reader that just closed is released asynchronously: its
+            // RELEASE may still be on its way, so wait for it a little.
+            let deadline = std::time::Instant::now() + PASSTHROUGH_RELEASE_WAIT;
+            while inodes
+                .nodes
+                .get(&ino)
+                .is_some_and(|n| n.passthrough_opens > 0)
+            {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+                }
+                inodes = self
+                    .released
+                    .wait_timeout(inodes, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        let mode = match inodes.nodes.get_mut(&ino) {
+            Some(n) => {
+                let read_only_file = || fstat(&f).is_ok_and(|st| st.st_mode & 0o222 == 0);
+                let mode = if n.passthrough_opens > 0 && passthrough.is_some() {
+                    // A read-only open of an inode that passes through
+                    // already: the kernel allows nothing else.
+                    IoMode::Passthrough
+                } else if flags & libc::O_DIRECT != 0 {
+                    IoMode::Direct
+                } else if let Some(reply) = passthrough
+                    .filter(|_| acc == libc::O_RDONLY && n.cached_opens == 0)
+                    .filter(|_| self.passthrough.load(Ordering::Relaxed))
+                    .filter(|_| read_only_file())
+                {
+                    if n.backing_id.is_none() {
+                        match reply.open_backing(&f) {
+                            Ok(b) => n.backing_id = Some(b),
+                            Err(e) => {
+                                self.passthrough.store(false, Ordering::Relaxed);
+                                tracing::warn!(share = %self.share.name, error = %e,
+                                    "share.fuse.passthrough_off: read-only opens are served by the daemon");
+                            }
+                        }
+                    }
+                    if n.backing_id.is_some() {
+                        IoMode::Passthrough
+                    } else {
+                        IoMode::Cached
+                    }
+                } else {
+                    IoMode::Cached
+                };
+                n.opens += 1;
+                match mode {
+                    IoMode::Cached => n.cached_opens += 1,
+                    IoMode::Passthrough => n.passthrough_opens += 1,
+                    IoMode::Direct => {}
+                }
+                mode
+            }
+            None if flags & libc::O_DIRECT != 0 => IoMode::Direct,
+            None => IoMode::Cached,
+        };
+        drop(inodes);
         lock(&self.handles).insert(
             fh,
             Handle {
                 ino,
                 file: Arc::new(f),
                 sync_writes,
+                mode,
             },
         );
-        if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
-            n.opens += 1;
+        if mode == IoMode::Passthrough {
+            self.share
+                .stats
+                .passthrough_opens
+                .fetch_add(1, Ordering::Relaxed);
         }
-        let mut fl = FopenFlags::empty();
-        if flags & libc::O_DIRECT != 0 {
-            fl |= FopenFlags::FOPEN_DIRECT_IO;
-        }
-        Ok((fh, fl))
+        let fl = if mode == IoMode::Direct {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        };
+        Ok((fh, fl, mode))
     }
 
     /// Is `path` an open file about to lose its last name? Then it moves to
@@ -432,6 +557,16 @@ impl Filesystem for ShareFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // Backing files on a plain filesystem (depth 1); registering them
+        // needs CAP_SYS_ADMIN, checked at the first read-only open.
+        if self.passthrough_wanted
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -815,8 +950,15 @@ impl Filesystem for ShareFs {
                 return reply.error(errno(&e));
             }
         }
-        match self.open_handle(ino.0, &target, flags) {
-            Ok((fh, fl)) => reply.opened(FileHandle(fh), fl),
+        match self.open_handle(ino.0, &target, flags, Some(&reply)) {
+            Ok((fh, fl, IoMode::Passthrough)) => {
+                let inodes = lock(&self.inodes);
+                match inodes.nodes.get(&ino.0).and_then(|n| n.backing_id.as_ref()) {
+                    Some(b) => reply.opened_passthrough(FileHandle(fh), fl, b),
+                    None => reply.error(Errno::EIO),
+                }
+            }
+            Ok((fh, fl, _)) => reply.opened(FileHandle(fh), fl),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -845,10 +987,10 @@ impl Filesystem for ShareFs {
         };
         // Opened under the order lock too, right after it was made.
         let r = self.make_entry(parent.0, name, path, op, |ino, target| {
-            self.open_handle(ino, target, flags & !libc::O_TRUNC)
+            self.open_handle(ino, target, flags & !libc::O_TRUNC, None)
         });
         match r {
-            Ok((ino, st, (fh, fl))) => {
+            Ok((ino, st, (fh, fl, _))) => {
                 reply.created(&TTL, &attr_of(ino, &st), Generation(0), FileHandle(fh), fl)
             }
             Err(e) => reply.error(errno(&e)),
@@ -869,6 +1011,10 @@ impl Filesystem for ShareFs {
         let Some((f, _, _)) = self.handle_file(fh.0) else {
             return reply.error(Errno::EBADF);
         };
+        self.share
+            .stats
+            .fuse_read_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
         let mut buf = vec![0u8; size as usize];
         let mut got = 0;
         while got < buf.len() {
@@ -981,11 +1127,23 @@ impl Filesystem for ShareFs {
         reply: ReplyEmpty,
     ) {
         let _orphans = lock(&self.orphan_lock);
-        lock(&self.handles).remove(&fh.0);
+        let mode = lock(&self.handles).remove(&fh.0).map(|h| h.mode);
         let orphan = {
             let mut inodes = lock(&self.inodes);
             match inodes.nodes.get_mut(&ino.0) {
                 Some(n) => {
+                    match mode {
+                        Some(IoMode::Cached) => n.cached_opens = n.cached_opens.saturating_sub(1),
+                        Some(IoMode::Passthrough) => {
+                            n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
+                            if n.passthrough_opens == 0 {
+                                // Unregistered once no handle uses it.
+                                n.backing_id = None;
+                                self.released.notify_all();
+                            }
+                        }
+                        _ => {}
+                    }
                     n.opens = n.opens.saturating_sub(1);
                     if n.opens == 0 {
                         n.orphan.take()
@@ -1336,7 +1494,11 @@ pub const FUSE_THREADS: usize = 4;
 
 /// Mounts `share` at `path` (made if missing; a stale mount left by a crash
 /// is detached first).
-pub fn mount(share: Arc<PrimaryShare>, path: &std::path::Path) -> io::Result<Mount> {
+pub fn mount(
+    share: Arc<PrimaryShare>,
+    path: &std::path::Path,
+    passthrough: bool,
+) -> io::Result<Mount> {
     std::fs::create_dir_all(path).or_else(|e| {
         // ENOTCONN: a dead FUSE mount of an earlier run.
         if e.raw_os_error() == Some(libc::ENOTCONN) || e.kind() == io::ErrorKind::AlreadyExists {
@@ -1352,7 +1514,7 @@ pub fn mount(share: Arc<PrimaryShare>, path: &std::path::Path) -> io::Result<Mou
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
     let name = share.name.clone();
-    let fs = ShareFs::new(share)?;
+    let fs = ShareFs::new(share, passthrough)?;
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(format!("ferry:{name}")),

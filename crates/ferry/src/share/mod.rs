@@ -395,7 +395,8 @@ pub fn start_primary(
     )
     .with_context(|| format!("cannot open share {:?}", rec.name))?;
     let (mount, watcher) = if rec.mode == "sync" {
-        let m = fuse::mount(share.clone(), &rec.path).with_context(|| {
+        let passthrough = ctx.cfg.shares.passthrough_read_only_files;
+        let m = fuse::mount(share.clone(), &rec.path, passthrough).with_context(|| {
             format!(
                 "cannot mount share {:?} at {}",
                 rec.name,
@@ -685,6 +686,10 @@ pub struct ShareStatus {
     pub unwatched_dirs: u64,
     pub overflows: u64,
     pub rescans: u64,
+    /// Sync mount: read-only opens served by kernel passthrough (reads go
+    /// straight to the backing file), and bytes of reads served by ferry.
+    pub passthrough_opens: u64,
+    pub fuse_read_bytes: u64,
     pub last_error: Option<String>,
 }
 
@@ -735,6 +740,8 @@ pub fn status(
         unwatched_dirs: 0,
         overflows: 0,
         rescans: 0,
+        passthrough_opens: 0,
+        fuse_read_bytes: 0,
         last_error: None,
     };
     if let Some(p) = ctx.shares.primary(name) {
@@ -772,6 +779,8 @@ pub fn status(
         st.bytes_sent = p.stats.bytes_sent.load(Relaxed);
         st.resync_files = p.stats.resync_files.load(Relaxed);
         st.resync_bytes = p.stats.resync_bytes.load(Relaxed);
+        st.passthrough_opens = p.stats.passthrough_opens.load(Relaxed);
+        st.fuse_read_bytes = p.stats.fuse_read_bytes.load(Relaxed);
     } else {
         let v = ctx.shares.replica_view(name);
         st.state = if rec.generation != 0 || v.up_to_date {

@@ -156,6 +156,10 @@ pub struct ShareStats {
     pub watch_events: AtomicU64,
     pub overflows: AtomicU64,
     pub rescans: AtomicU64,
+    /// Sync mount: read-only opens the kernel served by passthrough, and
+    /// bytes of reads this daemon served (passthrough reads are not).
+    pub passthrough_opens: AtomicU64,
+    pub fuse_read_bytes: AtomicU64,
 }
 
 pub struct PrimaryShare {
