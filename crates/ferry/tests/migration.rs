@@ -1166,3 +1166,73 @@ fn a_workload_with_a_sync_share_migrates_verified_and_back() {
     assert!(st["peer"].is_null(), "{st}");
     assert!(b_data.join("after-b").exists());
 }
+
+#[test]
+fn a_workload_with_an_async_share_migrates_with_every_change_its_stop_hook_waited_for() {
+    let (root, a, b) = two_agents("");
+    // Used in place on a; the application writes it directly.
+    let src = root.path().join("app");
+    std::fs::create_dir_all(src.join("old")).unwrap();
+    for i in 0..50 {
+        std::fs::write(src.join(format!("old/{i}")), vec![i as u8; 10_000]).unwrap();
+    }
+    let s = src.to_str().unwrap();
+    a.ok(&["share", "create", "data", "--path", s, "--mode", "async"]);
+    // The application: writes numbered files until told to stop; its stop
+    // hook waits until it has (the last file it wrote is then on disk).
+    let flag = root.path().join("stop");
+    let done = root.path().join("done");
+    let (f, d) = (flag.display(), done.display());
+    let mut app = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "i=0; while [ ! -e {f} ]; do echo \"change $i\" > {s}/n$i; i=$((i+1)); sleep 0.005; done; echo $i > {d}"
+        ))
+        .spawn()
+        .unwrap();
+    let hooks = root.path().join("hooks.log");
+    let h = hooks.display();
+    a.ok(&[
+        "workload",
+        "create",
+        "files",
+        "--share",
+        "data",
+        "--stop",
+        // Its last change lands just before it returns.
+        &format!("touch {f}; while [ ! -e {d} ]; do sleep 0.01; done; echo bye > {s}/stopped"),
+        "--start",
+        &format!("echo start $FERRY_NODE $FERRY_SHARE_PATHS >> {h}"),
+    ]);
+    a.ok(&["migrate", "start", "files", "--to", "b"]);
+    wait_until(60, "migration ready", || phase(&a, "files") == "ready");
+    let report = a.json(&["migrate", "cutover", "files"]);
+    assert_eq!(report["to"], "b", "{report}");
+    assert!(app.wait().unwrap().success());
+    let written: u64 = std::fs::read_to_string(&done)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(written > 0);
+    // b serves the share from its copy, with every change the application
+    // made before its stop hook returned.
+    let bs = b.json(&["share", "status", "data"]);
+    assert_eq!(bs["role"], "primary", "{bs}");
+    let b_data = b.dir.join("shares/data/data");
+    assert_eq!(bs["path"], b_data.to_str().unwrap(), "{bs}");
+    for i in 0..written {
+        let got = std::fs::read_to_string(b_data.join(format!("n{i}"))).unwrap_or_default();
+        assert_eq!(got, format!("change {i}\n"), "n{i} on b");
+    }
+    assert_eq!(std::fs::read(b_data.join("stopped")).unwrap(), b"bye\n");
+    assert_trees_equal(&src, &b_data);
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert_eq!(log, format!("start b {}\n", b_data.display()), "{log}");
+    // a is its replica: b's changes reach a's copy.
+    std::fs::write(b_data.join("from-b"), b"b").unwrap();
+    wait_until(30, "b's change on a", || {
+        std::fs::read(a.dir.join("shares/data/data/from-b")).is_ok_and(|c| c == b"b")
+    });
+    assert_eq!(a.json(&["share", "status", "data"])["role"], "replica");
+}
