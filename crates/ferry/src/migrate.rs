@@ -952,6 +952,17 @@ pub fn cutover_with(
             let _ = remote.join();
         });
     }
+    // Likewise each share's file hashes: inside the downtime its digest
+    // reads only files changed from here on.
+    for s in &shares {
+        std::thread::scope(|sc| {
+            let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{}/digest", s.name)));
+            if let Err(e) = crate::share::digest(ctx, &s.name) {
+                tracing::warn!(share = %s.name, error = %format!("{e:#}"), "cutover.prehash_failed");
+            }
+            let _ = remote.join();
+        });
+    }
     step(&mut steps, "prehashed");
     // The application-visible outage starts here, with the stop hook.
     let stop_at = Instant::now();
@@ -1067,7 +1078,7 @@ pub fn cutover_with(
     for s in &shares {
         let (local, remote) = std::thread::scope(|sc| {
             let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{}/digest", s.name)));
-            let local = s.tree.digest();
+            let local = crate::share::digest(ctx, &s.name);
             (
                 local,
                 remote
@@ -1076,7 +1087,7 @@ pub fn cutover_with(
             )
         });
         let local = match local {
-            Ok((d, _, _)) => d,
+            Ok(d) => d["digest"].as_str().unwrap_or_default().to_string(),
             Err(e) => {
                 return Err(abort(
                     format!("reading share {}: {e:#}", s.name),
@@ -1098,7 +1109,7 @@ pub fn cutover_with(
                 ))
             }
         };
-        if remote["digest"].as_str() != Some(local.to_hex().as_str()) {
+        if remote["digest"].as_str() != Some(local.as_str()) {
             // Nothing says where they differ: the whole tree is compared
             // again, every file by content.
             s.distrust_replica("the tree's digest differed from the replica's at a cutover: comparing the whole tree by content");

@@ -217,6 +217,10 @@ pub struct ShareSettings {
     /// would pass writes through too, unreplicated, so a writable open of
     /// that file fails with ETXTBSY until the readers close it.
     pub passthrough_read_only_files: bool,
+    /// Files whose content hash a share keeps between digests (a cutover
+    /// or switchover then re-reads only files changed since its warm-up
+    /// digest); about 80 bytes each.
+    pub digest_cache_files_max: usize,
 }
 
 impl Default for ShareSettings {
@@ -227,6 +231,7 @@ impl Default for ShareSettings {
             watch_rescan_interval_ms: 5_000,
             replica_free_bytes_min: 64 << 20,
             passthrough_read_only_files: true,
+            digest_cache_files_max: 1_000_000,
         }
     }
 }

@@ -1525,6 +1525,15 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     if shares.len() != spec.shares.len() {
         bail!("not every share of {workload:?} is a primary here");
     }
+    // The shares' file hashes brought up to date while the workload runs:
+    // the digests compared once frozen re-read only what changed since.
+    for s in &shares {
+        std::thread::scope(|sc| {
+            let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{}/digest", s.name)));
+            let _ = crate::share::digest(ctx, &s.name);
+            let _ = remote.join();
+        });
+    }
     let started = Instant::now();
     for v in &vols {
         v.freeze();
@@ -1563,9 +1572,9 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         for s in &shares {
             s.drain(timeout)
                 .map_err(|e| anyhow!("share {}: {e}", s.name))?;
-            let (local, _, _) = s.tree.digest()?;
+            let local = crate::share::digest(ctx, &s.name)?;
             let remote = client.get(&format!("/api/v1/shares/{}/digest", s.name))?;
-            if remote["digest"].as_str() != Some(local.to_hex().as_str()) {
+            if remote["digest"] != local["digest"] {
                 bail!(
                     "the tree of share {} differs on {}: not switching over",
                     s.name,

@@ -300,6 +300,9 @@ impl Running {
 pub struct Shares {
     primaries: std::sync::Mutex<std::collections::HashMap<String, Running>>,
     replicas: std::sync::Mutex<std::collections::HashMap<String, ReplicaView>>,
+    /// Each share's digest cache, whatever its role (it survives a role
+    /// change: the cache checks every file's stamps).
+    digests: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tree::DigestCache>>>,
 }
 
 /// Held while an inbound link applies to a replica share.
@@ -328,6 +331,16 @@ impl Shares {
         &self,
     ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Running>> {
         self.primaries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The digest cache of share `name` (made on first use).
+    pub fn digest_cache(&self, name: &str, files_max: usize) -> std::sync::Arc<tree::DigestCache> {
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_insert_with(|| std::sync::Arc::new(tree::DigestCache::new(files_max)))
+            .clone()
     }
 
     pub fn primary(&self, name: &str) -> Option<std::sync::Arc<primary::PrimaryShare>> {
@@ -591,14 +604,17 @@ pub fn stop_replicating(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Res
 }
 
 /// The digest of this node's copy of `name` (see [`tree::Tree::digest`]):
-/// `{"digest", "files", "bytes"}`.
+/// `{"digest", "files", "bytes"}` (`bytes`: what had to be read).
 pub fn digest(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_json::Value> {
+    let cache = ctx
+        .shares
+        .digest_cache(name, ctx.cfg.shares.digest_cache_files_max);
     let (h, files, bytes) = match ctx.shares.primary(name) {
-        Some(p) => p.tree.digest()?,
+        Some(p) => p.tree.digest(&cache)?,
         None => {
             let store = ShareStore::new(&ctx.cfg.data_dir);
             store.load(name)?;
-            tree::Tree::open(&store.data_dir(name), &store.orphans_dir(name))?.digest()?
+            tree::Tree::open(&store.data_dir(name), &store.orphans_dir(name))?.digest(&cache)?
         }
     };
     Ok(

@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use ferry_wire::{EntryKind, FileOp, ManifestEntry, SharePath, Stamp, Target, Time};
 
@@ -59,6 +60,60 @@ impl At {
 pub struct Manifest {
     pub entries: Vec<ManifestEntry>,
     pub unlisted: Vec<(SharePath, io::Error)>,
+}
+
+/// A file's identity and change stamps: equal stamps, equal content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileKey {
+    ino: u64,
+    size: i64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileKey {
+    fn of(m: &std::fs::Metadata) -> FileKey {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        FileKey {
+            ino: m.ino(),
+            size: m.size() as i64,
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// Files changed less than this long before they are hashed are hashed
+/// again next time (ctime ticks are coarse: a change in the same tick would
+/// leave the stamps equal).
+const DIGEST_CACHE_SETTLED_NS: i128 = 2_000_000_000;
+
+/// Content hashes of a tree's files from its last digest, keyed by inode
+/// and valid while size, mtime and ctime are unchanged (a change to the
+/// content moves the ctime, which no program can set). A cutover digests
+/// each tree once while the workload runs, so the digest inside the
+/// downtime reads only files changed since. At most `files_max` entries
+/// (`shares.digest_cache_files_max`, ~80 bytes each).
+#[derive(Debug)]
+pub struct DigestCache {
+    files: Mutex<HashMap<u64, (FileKey, [u8; 32])>>,
+    files_max: usize,
+    settled_ns: i128,
+}
+
+impl DigestCache {
+    pub fn new(files_max: usize) -> DigestCache {
+        DigestCache {
+            files: Mutex::new(HashMap::new()),
+            files_max,
+            settled_ns: DIGEST_CACHE_SETTLED_NS,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (FileKey, [u8; 32])>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub struct Tree {
@@ -773,32 +828,53 @@ impl Tree {
 
     /// A digest of the whole tree: every entry's manifest record (type,
     /// size, mode, owner, mtime, hard-link group, in path order) and every
-    /// regular file's content. Equal digests: equal trees (a switchover's
-    /// verification). Returns the digest, files and bytes hashed.
-    pub fn digest(&self) -> io::Result<(blake3::Hash, u64, u64)> {
+    /// regular file's content. Equal digests: equal trees (a cutover's or
+    /// switchover's verification). A file whose inode, size, mtime and
+    /// ctime match `cache` is not read again (see [`DigestCache`]). Returns
+    /// the digest, files, and bytes read.
+    pub fn digest(&self, cache: &DigestCache) -> io::Result<(blake3::Hash, u64, u64)> {
         let entries = self.manifest(&SharePath::root())?;
         let mut h = blake3::Hasher::new();
         let (mut files, mut bytes) = (0u64, 0u64);
         let mut buf = vec![0u8; 1 << 20];
+        let old = std::mem::take(&mut *cache.lock());
+        let mut kept = HashMap::with_capacity(old.len());
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
         for e in &entries {
             h.update(&ferry_wire::encode_manifest(std::slice::from_ref(e)));
             if let EntryKind::File { .. } = e.kind {
                 let f = self.open_file(&Target::Path(e.path.clone()), libc::O_RDONLY, 0)?;
-                let mut fh = blake3::Hasher::new();
-                let mut off = 0u64;
-                loop {
-                    let n = f.read_at(&mut buf, off)?;
-                    if n == 0 {
-                        break;
+                let key = FileKey::of(&f.metadata()?);
+                let hash = match old.get(&key.ino).filter(|c| c.0 == key) {
+                    Some(c) => c.1,
+                    None => {
+                        let mut fh = blake3::Hasher::new();
+                        let mut off = 0u64;
+                        loop {
+                            let n = f.read_at(&mut buf, off)?;
+                            if n == 0 {
+                                break;
+                            }
+                            fh.update(&buf[..n]);
+                            off += n as u64;
+                        }
+                        bytes += off;
+                        *fh.finalize().as_bytes()
                     }
-                    fh.update(&buf[..n]);
-                    off += n as u64;
-                }
-                h.update(fh.finalize().as_bytes());
+                };
+                h.update(&hash);
                 files += 1;
-                bytes += off;
+                // Kept only for files whose last change is old enough that
+                // a later change must show in the ctime (a change within
+                // the same clock tick as the hashing would not).
+                if now_ns - key.ctime_ns > cache.settled_ns && kept.len() < cache.files_max {
+                    kept.insert(key.ino, (key, hash));
+                }
             }
         }
+        *cache.lock() = kept;
         Ok((h.finalize(), files, bytes))
     }
 
@@ -937,6 +1013,60 @@ mod tests {
 
     fn p(s: &str) -> SharePath {
         SharePath::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn the_digest_cache_skips_unchanged_files_and_sees_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let tree = Tree::open(&data, &dir.path().join("orphans")).unwrap();
+        for i in 0..20 {
+            std::fs::write(data.join(format!("f{i}")), vec![i as u8; 50_000]).unwrap();
+        }
+        let plain = DigestCache {
+            files_max: 0,
+            ..DigestCache::new(0)
+        };
+        // Settled after 50 ms here (ctime ticks are a few ms).
+        let cache = DigestCache {
+            settled_ns: 50_000_000,
+            ..DigestCache::new(1000)
+        };
+        let tick = || std::thread::sleep(std::time::Duration::from_millis(60));
+        tick();
+        let (d0, files, read) = tree.digest(&cache).unwrap();
+        assert_eq!((files, read), (20, 1_000_000));
+        let (d1, _, read) = tree.digest(&cache).unwrap();
+        assert_eq!((d1, read), (d0, 0), "unchanged files are not read again");
+        // Same size, same mtime (restored): the ctime still moves.
+        let f = data.join("f3");
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::fs::write(&f, vec![99u8; 50_000]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let (d2, _, read) = tree.digest(&cache).unwrap();
+        assert_ne!(d2, d0);
+        assert_eq!(read, 50_000, "only the changed file is read");
+        assert_eq!(tree.digest(&plain).unwrap().0, d2);
+        // Replaced by another file (another inode), and removed.
+        std::fs::write(data.join("new"), vec![1u8; 50_000]).unwrap();
+        std::fs::rename(data.join("new"), data.join("f4")).unwrap();
+        std::fs::remove_file(data.join("f5")).unwrap();
+        let (d3, files, _) = tree.digest(&cache).unwrap();
+        assert_eq!(files, 19);
+        assert_eq!(tree.digest(&plain).unwrap().0, d3);
+        // Changed within the settling time of its last hashing: read again.
+        tick();
+        tree.digest(&cache).unwrap();
+        std::fs::write(data.join("f6"), vec![7u8; 50_000]).unwrap();
+        let (_, _, read) = tree.digest(&cache).unwrap();
+        assert_eq!(read, 50_000);
+        let (_, _, read) = tree.digest(&cache).unwrap();
+        assert_eq!(read, 50_000, "a file changed moments ago is not cached");
     }
 
     #[test]
