@@ -5,21 +5,33 @@
 #      NBD; the workload's stop hook stops it, as an application would be),
 #      median of --reps;
 #   2. total migration time (start → ready → cutover done) against volume
-#      size (256 MiB, 1 GiB, 4 GiB of random data), no load.
-# Usage: bench/migration.sh [--reps 5] [--sizes "256M 1G 4G"]
+#      size (256 MiB, 1 GiB, 4 GiB of random data), no load;
+#   3. cutover downtime of a workload with a share (async, used in place) of
+#      --share-files × 4 KiB files + 4 × 256 MiB, moved there and back
+#      --share-reps times each way, with the share digest cache on and off
+#      (off: both trees are read whole inside the downtime).
+# Usage: bench/migration.sh [--parts 1,2,3] [--reps 5] [--sizes "256M 1G 4G"]
+#                           [--share-files 20000] [--share-reps 2]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 reps=5
 sizes="256M 1G 4G"
+share_files=20000
+share_reps=2
+parts=1,2,3
 while (($#)); do
   case "$1" in
+    --parts) parts="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --sizes) sizes="$2"; shift 2 ;;
+    --share-files) share_files="$2"; shift 2 ;;
+    --share-reps) share_reps="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
+has() { [[ ",$parts," == *",$1,"* ]]; }
 scripts/install-deps
 cargo build --release --quiet -p ferry
 ferry="$PWD/target/release/ferry"
@@ -35,7 +47,7 @@ export FERRY_LOG=warn
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 declare -A API NBD PID
-start_agent() { # name
+start_agent() { # name [extra config]
   local n=$1 api repl nbd
   api=$(port); repl=$(port); nbd=$(port)
   mkdir -p "$work/$n"
@@ -45,6 +57,7 @@ data_dir = "$work/$n"
 api_listen = "127.0.0.1:$api"
 replication_listen = "127.0.0.1:$repl"
 nbd_listen = "127.0.0.1:$nbd"
+${2:-}
 EOT
   "$ferry" agent --config "$work/$n.toml" >"$work/$n.out" 2>"$work/$n.log" &
   PID[$n]=$!; pids+=($!)
@@ -52,6 +65,13 @@ EOT
   API[$n]="127.0.0.1:$api"; NBD[$n]="127.0.0.1:$nbd"
 }
 on() { local n=$1; shift; FERRY_API="${API[$n]}" FERRY_DATA_DIR="$work/$n" "$ferry" "$@"; }
+wait_phase_on() { # node workload phase timeout_s
+  local t0; t0=$(now)
+  until [[ $(on "$1" --json migrate status "$2" | jget '["phase"]') == "$3" ]]; do
+    if (( $(echo "$(now) - $t0 > $4" | bc) )); then echo "timeout waiting for $2 $3 on $1" >&2; return 1; fi
+    sleep 0.1
+  done
+}
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 jget() { python3 -c "import json,sys; v=json.load(sys.stdin)$1; print(v if v is not None else '')"; }
 wait_phase() { # workload phase timeout_s
@@ -73,6 +93,7 @@ on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
 
 # ---------- 1. downtime under load ----------
 downtimes=(); outages=()
+has 1 || reps=0
 for rep in $(seq "$reps"); do
   v="load$rep"
   on a volume create "$v" --size 1GiB >/dev/null
@@ -96,6 +117,7 @@ out_med=$(printf '%s\n' "${outages[@]}" | median)
 
 # ---------- 2. total migration time vs size ----------
 declare -a curve
+has 2 || sizes=""
 for s in $sizes; do
   mib=$(( $(numfmt --from=iec "$s") / 1048576 ))
   v="size$mib"
@@ -112,20 +134,78 @@ for s in $sizes; do
   echo "size $s: ${curve[-1]}" >&2
 done
 
+# ---------- 3. a workload with a share: cutover downtime, digest cache on/off ----------
+declare -A SHARE_DOWN SHARE_RAW
+if has 3; then
+echo "preparing a tree of $share_files x 4 KiB + 4 x 256 MiB" >&2
+python3 - "$work/tree0" "$share_files" <<'EOF'
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    d = os.path.join(root, "d%03d" % (i // 1000))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "f%06d" % i), "wb") as f:
+        f.write(os.urandom(4096))
+for i in range(4):
+    with open(os.path.join(root, "big%d" % i), "wb") as f:
+        for _ in range(256):
+            f.write(os.urandom(1 << 20))
+EOF
+for mode in on off; do
+  c="c$mode"; d="d$mode"
+  extra=""
+  [[ $mode == off ]] && extra=$'[shares]\ndigest_cache_files_max = 0'
+  start_agent "$c" "$extra"; start_agent "$d" "$extra"
+  cp "$work/$d/api.token" "$work/$d.token"
+  on "$c" node add "$d" --api "${API[$d]}" --token-file "$work/$d.token" >/dev/null
+  cp -a "$work/tree0" "$work/tree-$mode"
+  on "$c" share create "t$mode" --path "$work/tree-$mode" --mode async >/dev/null
+  on "$c" workload create "sw$mode" --share "t$mode" >/dev/null
+  on "$c" migrate start "sw$mode" --to "$d" >/dev/null
+  wait_phase_on "$c" "sw$mode" ready 600
+  downs=()
+  for rep in $(seq "$share_reps"); do
+    r=$(on "$c" --json migrate cutover "sw$mode")
+    downs+=("$(echo "$r" | jget '["downtime_ms"]')")
+    echo "share cutover ($mode) $c -> $d: $(echo "$r" | jget '["downtime_ms"]') ms; steps $(echo "$r" | jget '["steps_us"]')" >&2
+    wait_phase_on "$d" "sw$mode" ready 600
+    r=$(on "$c" --json migrate rollback "sw$mode")
+    downs+=("$(echo "$r" | jget '["downtime_ms"]')")
+    echo "share cutover ($mode) $d -> $c: $(echo "$r" | jget '["downtime_ms"]') ms" >&2
+    wait_phase_on "$c" "sw$mode" completed 60 || true
+    # The next forward cutover needs the migration ready again.
+    on "$c" migrate start "sw$mode" --to "$d" >/dev/null 2>&1 || true
+    wait_phase_on "$c" "sw$mode" ready 600
+  done
+  SHARE_DOWN[$mode]=$(printf '%s\n' "${downs[@]}" | median)
+  SHARE_RAW[$mode]="${downs[*]}"
+done
+fi
+
 out="bench/out/migration-$(date -u +%Y%m%dT%H%M%SZ).md"
 mkdir -p bench/out
 {
   echo "2 agents on 127.0.0.1 (TLS 1.3, sync link), $(nproc) cores, $(uname -r)"
   echo
-  echo "| cutover of 1 GiB under 20 MiB/s random writes | median of $reps | target |"
+  if has 1; then
+    echo "| cutover of 1 GiB under 20 MiB/s random writes | median of $reps | target |"
+    echo "|---|---|---|"
+    echo "| downtime (freeze → target serving) | $down_med ms | ≤ 300 ms |"
+    echo "| app-visible outage (stop hook → target started) | $out_med ms | |"
+    echo
+    echo "raw downtimes ms: ${downtimes[*]}"
+    echo "raw outages ms: ${outages[*]}"
+    echo
+  fi
+  if has 2; then
+    echo "| volume (random data) | start → ready | cutover downtime | start → completed | copy rate |"
+    echo "|---|---|---|---|---|"
+    printf '%s\n' "${curve[@]}"
+    echo
+  fi
+  has 3 || exit 0
+  echo "| workload with an async share ($share_files x 4 KiB + 4 x 256 MiB), cutover there and back | median downtime | raw ms |"
   echo "|---|---|---|"
-  echo "| downtime (freeze → target serving) | $down_med ms | ≤ 300 ms |"
-  echo "| app-visible outage (stop hook → target started) | $out_med ms | |"
-  echo
-  echo "raw downtimes ms: ${downtimes[*]}"
-  echo "raw outages ms: ${outages[*]}"
-  echo
-  echo "| volume (random data) | start → ready | cutover downtime | start → completed | copy rate |"
-  echo "|---|---|---|---|---|"
-  printf '%s\n' "${curve[@]}"
+  echo "| digest cache on (default) | ${SHARE_DOWN[on]} ms | ${SHARE_RAW[on]} |"
+  echo "| digest cache off (both trees read whole in the downtime) | ${SHARE_DOWN[off]} ms | ${SHARE_RAW[off]} |"
 } | tee "$out"
