@@ -72,6 +72,24 @@ struct FileKey {
 }
 
 impl FileKey {
+    /// Stands for "not cached": no file has size -1.
+    const NONE: FileKey = FileKey {
+        ino: 0,
+        size: -1,
+        mtime_ns: 0,
+        ctime_ns: 0,
+    };
+
+    fn of_stat(st: &libc::stat) -> FileKey {
+        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
+        FileKey {
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
     fn of(m: &std::fs::Metadata) -> FileKey {
         use std::os::unix::fs::MetadataExt;
         let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
@@ -728,7 +746,7 @@ impl Tree {
     pub fn manifest(&self, sub: &SharePath) -> io::Result<Vec<ManifestEntry>> {
         let mut out = Vec::new();
         let mut links: HashMap<u64, u64> = HashMap::new();
-        self.walk_one(sub, &mut out, &mut links, true, &mut None)?;
+        self.walk_one(sub, &mut out, &mut links, true, &mut None, &mut None)?;
         Ok(out)
     }
 
@@ -740,7 +758,7 @@ impl Tree {
         let mut out = Vec::new();
         let mut links: HashMap<u64, u64> = HashMap::new();
         let mut unlisted = Some(Vec::new());
-        self.walk_one(sub, &mut out, &mut links, true, &mut unlisted)?;
+        self.walk_one(sub, &mut out, &mut links, true, &mut unlisted, &mut None)?;
         Ok(Manifest {
             entries: out,
             unlisted: unlisted.unwrap_or_default(),
@@ -750,14 +768,22 @@ impl Tree {
     /// The entry at `path` alone (no children).
     pub fn manifest_entry(&self, path: &SharePath) -> io::Result<ManifestEntry> {
         let mut out = Vec::new();
-        self.walk_one(path, &mut out, &mut HashMap::new(), false, &mut None)?;
+        self.walk_one(
+            path,
+            &mut out,
+            &mut HashMap::new(),
+            false,
+            &mut None,
+            &mut None,
+        )?;
         out.pop()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
     }
 
     /// Appends `path`'s entry (and, `deep`, its subtree's) to `out`. With
     /// `unlisted`, directories that cannot be listed for lack of permission
-    /// go there instead of failing the walk.
+    /// go there instead of failing the walk. With `keys`, each entry's
+    /// stamps (for the digest cache) go there too, in the same order.
     fn walk_one(
         &self,
         path: &SharePath,
@@ -765,12 +791,30 @@ impl Tree {
         links: &mut HashMap<u64, u64>,
         deep: bool,
         unlisted: &mut Option<Vec<(SharePath, io::Error)>>,
+        keys: &mut Option<Vec<FileKey>>,
     ) -> io::Result<()> {
         let st = match self.lstat(&Target::Path(path.clone())) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !path.is_root() => return Ok(()),
             Err(e) => return Err(e),
         };
+        self.walk_stat(path, &st, out, links, deep, unlisted, keys)
+    }
+
+    /// [`Self::walk_one`] of an entry already stat'ed. A directory's
+    /// children are stat'ed through one descriptor of it (by name: one
+    /// component, symlinks not followed), not resolved from the root each.
+    #[allow(clippy::too_many_arguments)]
+    fn walk_stat(
+        &self,
+        path: &SharePath,
+        st: &libc::stat,
+        out: &mut Vec<ManifestEntry>,
+        links: &mut HashMap<u64, u64>,
+        deep: bool,
+        unlisted: &mut Option<Vec<(SharePath, io::Error)>>,
+        keys: &mut Option<Vec<FileKey>>,
+    ) -> io::Result<()> {
         if out.len() >= MANIFEST_ENTRIES_MAX {
             return Err(io::Error::other(format!(
                 "more than MANIFEST_ENTRIES_MAX ({MANIFEST_ENTRIES_MAX}) entries"
@@ -805,9 +849,24 @@ impl Tree {
             },
             link_id,
         });
+        if let Some(k) = keys.as_mut() {
+            k.push(FileKey::of_stat(st));
+        }
         if fmt == libc::S_IFDIR && deep {
-            let mut names = match (self.read_dir_names(path), unlisted.as_mut()) {
-                (Ok(names), _) => names,
+            let listed = Self::open_beneath(
+                self.root.as_raw_fd(),
+                path.as_bytes(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                0,
+            )
+            .and_then(|fd| {
+                let names = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))?
+                    .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
+                    .collect::<io::Result<Vec<_>>>()?;
+                Ok((fd, names))
+            });
+            let (dir, mut names) = match (listed, unlisted.as_mut()) {
+                (Ok(l), _) => l,
                 (Err(e), Some(u)) if e.raw_os_error() == Some(libc::EACCES) => {
                     u.push((path.clone(), e));
                     return Ok(());
@@ -820,7 +879,26 @@ impl Tree {
                     tracing::warn!(path = %path.display(), "share.manifest.name_skipped");
                     continue;
                 };
-                self.walk_one(&child, out, links, true, unlisted)?;
+                let name = cstr(&n)?;
+                // SAFETY: zeroed `stat` is a valid out-parameter.
+                let mut cst: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: valid descriptor, NUL-terminated single-component
+                // name, valid out pointer.
+                let r = unsafe {
+                    libc::fstatat(
+                        dir.as_raw_fd(),
+                        name.as_ptr(),
+                        &mut cst,
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+                match cvt(r) {
+                    Ok(_) => {}
+                    // Removed since it was listed.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                    Err(e) => return Err(e),
+                }
+                self.walk_stat(&child, &cst, out, links, true, unlisted, keys)?;
             }
         }
         Ok(())
@@ -833,7 +911,17 @@ impl Tree {
     /// ctime match `cache` is not read again (see [`DigestCache`]). Returns
     /// the digest, files, and bytes read.
     pub fn digest(&self, cache: &DigestCache) -> io::Result<(blake3::Hash, u64, u64)> {
-        let entries = self.manifest(&SharePath::root())?;
+        let mut entries = Vec::new();
+        let mut keys = Some(Vec::new());
+        self.walk_one(
+            &SharePath::root(),
+            &mut entries,
+            &mut HashMap::new(),
+            true,
+            &mut None,
+            &mut keys,
+        )?;
+        let keys = keys.unwrap_or_default();
         let mut h = blake3::Hasher::new();
         let (mut files, mut bytes) = (0u64, 0u64);
         let mut buf = vec![0u8; 1 << 20];
@@ -842,14 +930,15 @@ impl Tree {
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
-        for e in &entries {
+        for (e, listed) in entries.iter().zip(&keys) {
             h.update(&ferry_wire::encode_manifest(std::slice::from_ref(e)));
             if let EntryKind::File { .. } = e.kind {
-                let f = self.open_file(&Target::Path(e.path.clone()), libc::O_RDONLY, 0)?;
-                let key = FileKey::of(&f.metadata()?);
-                let hash = match old.get(&key.ino).filter(|c| c.0 == key) {
-                    Some(c) => c.1,
+                // Stamps unchanged since the last digest: not even opened.
+                let cached = old.get(&listed.ino).filter(|c| c.0 == *listed);
+                let (key, hash) = match cached {
+                    Some(c) => (c.0, c.1),
                     None => {
+                        let f = self.open_file(&Target::Path(e.path.clone()), libc::O_RDONLY, 0)?;
                         let mut fh = blake3::Hasher::new();
                         let mut off = 0u64;
                         loop {
@@ -861,7 +950,11 @@ impl Tree {
                             off += n as u64;
                         }
                         bytes += off;
-                        *fh.finalize().as_bytes()
+                        // Cached under the stamps of what was read (if it
+                        // changed since it was listed, under none).
+                        let key = FileKey::of(&f.metadata()?);
+                        let key = if key == *listed { key } else { FileKey::NONE };
+                        (key, *fh.finalize().as_bytes())
                     }
                 };
                 h.update(&hash);
@@ -869,7 +962,10 @@ impl Tree {
                 // Kept only for files whose last change is old enough that
                 // a later change must show in the ctime (a change within
                 // the same clock tick as the hashing would not).
-                if now_ns - key.ctime_ns > cache.settled_ns && kept.len() < cache.files_max {
+                if key != FileKey::NONE
+                    && now_ns - key.ctime_ns > cache.settled_ns
+                    && kept.len() < cache.files_max
+                {
                     kept.insert(key.ino, (key, hash));
                 }
             }
