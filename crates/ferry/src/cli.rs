@@ -110,6 +110,14 @@ pub enum ShareCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
+    /// Compare a share with its replica once it is level: every entry and
+    /// every file's content, read whole on both nodes (exit 0 only when
+    /// equal; entries changed while it runs are counted apart).
+    Verify {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
     /// Wait until a share's replica is up to date (exit 1 on timeout).
     Wait {
         name: String,

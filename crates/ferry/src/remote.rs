@@ -904,6 +904,42 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
                 None => print_share(v),
             })
         }
+        ShareCommand::Verify { name, conn } => {
+            let v = client(conn, data_dir)?
+                .post(&format!("/api/v1/shares/{name}/verify"), &json!({}))?;
+            let equal = v["equal"].as_bool().unwrap_or(false);
+            print(&v, json, |v| {
+                let flux = match v["changed_during_verify"].as_u64().unwrap_or(0) {
+                    0 => String::new(),
+                    n => format!("; {n} entries changed while it ran (not compared)"),
+                };
+                if equal {
+                    println!(
+                        "{name}: equal on {} ({} entries, {} files read on both nodes){flux}",
+                        v["peer"].as_str().unwrap_or(""),
+                        v["entries"],
+                        v["files"]
+                    );
+                } else {
+                    println!(
+                        "{name}: DIFFERENT from {} in {} entries{flux}",
+                        v["peer"].as_str().unwrap_or(""),
+                        v["differing_count"]
+                    );
+                    for d in v["differing"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {}: {}",
+                            d["path"].as_str().unwrap_or("?"),
+                            d["why"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+            })?;
+            if !equal {
+                bail!("share {name} differs from its replica");
+            }
+            Ok(())
+        }
         ShareCommand::Wait {
             name,
             timeout,

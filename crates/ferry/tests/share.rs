@@ -176,6 +176,22 @@ fn sync_mount_runs_real_programs_and_the_replica_matches() {
         let o = ag.dir.join("shares/app/orphans");
         assert_eq!(std::fs::read_dir(&o).unwrap().count(), 0, "{}", o.display());
     }
+    // `share verify` reads both trees whole: equal now; a replica file
+    // damaged behind ferry's back (same size and mtime) and a stray file
+    // there are named, and it exits non-zero.
+    let v = a.json(&["share", "verify", "app"]);
+    assert_eq!(v["equal"], true, "{v}");
+    assert!(v["files"].as_u64().unwrap() > 100, "{v}");
+    let victim = data_dir(&b, "app").join("xa");
+    run_ok(Command::new("bash").arg("-ec").arg(format!(
+        "f={}; cp -p $f $f.keep; printf 'Z' | dd of=$f conv=notrunc status=none; touch -r $f.keep $f; rm $f.keep; echo stray > $(dirname $f)/stray",
+        victim.display()
+    )));
+    let out = a.cli().args(["share", "verify", "app"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("xa: content differs"), "{text}");
+    assert!(text.contains("stray: only on the replica"), "{text}");
 }
 
 #[test]

@@ -12,6 +12,11 @@
 //! | POST | /api/v1/replicas | (peer → peer) hold a replica |
 //! | GET, POST | /api/v1/replications | status of all; start one |
 //! | GET, PATCH, DELETE | /api/v1/replications/{name} | status; change max rate; stop |
+//! | GET, POST | /api/v1/shares | status of all; create one |
+//! | GET | /api/v1/shares/{name} | status (`?counts=0`: without walking the tree) |
+//! | GET | /api/v1/shares/{name}/digest | digest of this node's copy (cached file hashes) |
+//! | GET | /api/v1/shares/{name}/files | this node's copy entry by entry, files read whole |
+//! | POST | /api/v1/shares/{name}/verify | wait until level, compare with the replica |
 //! | GET | /metrics | Prometheus text (no token) |
 //!
 //! Every `/api/v1` call needs `Authorization: Bearer <DATA_DIR/api.token>`.
@@ -142,6 +147,8 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
         .route("/api/v1/shares", get(shares).post(create_share))
         .route("/api/v1/shares/{name}", get(share_status))
         .route("/api/v1/shares/{name}/digest", get(share_digest))
+        .route("/api/v1/shares/{name}/files", get(share_files))
+        .route("/api/v1/shares/{name}/verify", post(share_verify))
         .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/cluster/workloads", post(cluster_add))
         .route("/api/v1/cluster/workloads/{name}", delete(cluster_remove))
@@ -1328,6 +1335,20 @@ async fn shares(State(ctx): Ctx) -> ApiResult {
     })
     .await?;
     Ok(Json(serde_json::to_value(list).unwrap_or(Value::Null)))
+}
+
+/// This node's copy entry by entry, files read whole (`share verify`).
+async fn share_files(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    Ok(Json(
+        blocking(move || crate::share::files(&ctx, &name)).await?,
+    ))
+}
+
+/// `ferry share verify`: compare with the replica, entry by entry.
+async fn share_verify(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    Ok(Json(
+        blocking(move || crate::share::verify(&ctx, &name, Duration::from_secs(60))).await?,
+    ))
 }
 
 /// The digest of this node's copy (a switchover compares both nodes').

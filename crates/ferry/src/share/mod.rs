@@ -622,6 +622,193 @@ pub fn digest(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_
     )
 }
 
+fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
+}
+
+/// This node's copy of `name`, entry by entry, every file read whole (an
+/// audit, for [`verify`]): `{"entries": [{"p": path, "r": manifest record,
+/// "h": content hash or null, "c": ctime ns}]}`, bytes as hex.
+pub fn files(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_json::Value> {
+    let audit = tree::DigestCache::new(0);
+    let (list, _) = match ctx.shares.primary(name) {
+        Some(p) => p.tree.listing(&audit)?,
+        None => {
+            let store = ShareStore::new(&ctx.cfg.data_dir);
+            store.load(name)?;
+            tree::Tree::open(&store.data_dir(name), &store.orphans_dir(name))?.listing(&audit)?
+        }
+    };
+    let entries: Vec<serde_json::Value> = list
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "p": hex(l.entry.path.as_bytes()),
+                "r": hex(&ferry_wire::encode_manifest(std::slice::from_ref(&l.entry))),
+                "h": l.hash.map(|h| hex(&h)),
+                "c": l.ctime_ns.to_string(),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({"share": name, "entries": entries}))
+}
+
+/// Differences listed by `share verify`, at most.
+const VERIFY_DIFFERENCES_SHOWN: usize = 100;
+
+/// `ferry share verify`: once the replica is level (up to date, nothing
+/// pending, a flush durable there), compares both trees entry by entry and
+/// every file by content, read whole on both nodes (so it also sees changes
+/// made behind ferry's back). The application may keep writing: entries
+/// that changed here after the verify began are counted apart
+/// (`changed_during_verify`), not reported as differences.
+pub fn verify(
+    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+    name: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::{anyhow, bail};
+    let started = std::time::Instant::now();
+    let started_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    let share = ctx.shares.primary(name).ok_or_else(|| {
+        anyhow!(
+            "share {name:?} is not a primary on node {}: run verify on the primary",
+            ctx.identity.node_name
+        )
+    })?;
+    let peer_name = share
+        .rec
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .peer
+        .clone()
+        .ok_or_else(|| anyhow!("share {name:?} is not replicated"))?;
+    // Level: up to date, nothing waiting, and a flush durable on the peer.
+    loop {
+        let left = timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            bail!(
+                "the replica of {name} on {peer_name} was not level within {} s (state: {})",
+                timeout.as_secs(),
+                status(ctx, name, false)
+                    .map(|s| s.state)
+                    .unwrap_or_default()
+            );
+        }
+        if share.link().up_to_date && share.caught_up() {
+            let seq = {
+                let mut o = share.order();
+                share.push_flush(&mut o, false)
+            };
+            if let Some(seq) = seq {
+                let (tx, rx) = std::sync::mpsc::channel();
+                share.wait_durable(
+                    Some(seq),
+                    Box::new(move |r| {
+                        let _ = tx.send(r);
+                    }),
+                );
+                if matches!(rx.recv_timeout(left), Ok(Ok(()))) {
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let peer = ctx
+        .peers
+        .get(&peer_name)
+        .ok_or_else(|| anyhow!("peer {peer_name} is not registered"))?;
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let (local, remote) = std::thread::scope(|sc| {
+        let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{name}/files")));
+        let local = files(ctx, name);
+        (
+            local,
+            remote
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("listing fetch panicked"))),
+        )
+    });
+    let (local, remote) = (local?, remote?);
+    let index =
+        |v: &serde_json::Value| -> std::collections::BTreeMap<String, (String, String, i128)> {
+            v["entries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    (
+                        e["p"].as_str().unwrap_or_default().to_string(),
+                        (
+                            e["r"].as_str().unwrap_or_default().to_string(),
+                            e["h"].as_str().unwrap_or_default().to_string(),
+                            e["c"].as_str().and_then(|c| c.parse().ok()).unwrap_or(0),
+                        ),
+                    )
+                })
+                .collect()
+        };
+    let (mine, theirs) = (index(&local), index(&remote));
+    let show = |p: &str| {
+        let bytes: Vec<u8> = (0..p.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&p[2 * i..2 * i + 2], 16).ok())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let (mut differing, mut in_flux, mut count) = (Vec::new(), 0u64, 0u64);
+    let mut files_n = 0u64;
+    for (p, m) in &mine {
+        if !m.1.is_empty() {
+            files_n += 1;
+        }
+        let why = match theirs.get(p) {
+            None => Some("missing on the replica"),
+            Some(t) if t.0 != m.0 => {
+                Some("entry differs (type, size, mode, owner, mtime or links)")
+            }
+            Some(t) if t.1 != m.1 => Some("content differs"),
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            if m.2 >= started_ns {
+                in_flux += 1;
+            } else {
+                count += 1;
+                if differing.len() < VERIFY_DIFFERENCES_SHOWN {
+                    differing.push(serde_json::json!({"path": show(p), "why": why}));
+                }
+            }
+        }
+    }
+    for p in theirs.keys().filter(|p| !mine.contains_key(*p)) {
+        count += 1;
+        if differing.len() < VERIFY_DIFFERENCES_SHOWN {
+            differing.push(serde_json::json!({"path": show(p), "why": "only on the replica"}));
+        }
+    }
+    let equal = count == 0;
+    tracing::info!(share = name, peer = %peer_name, equal, differing = count, in_flux, "share.verify");
+    Ok(serde_json::json!({
+        "share": name,
+        "peer": peer_name,
+        "equal": equal,
+        "entries": mine.len(),
+        "files": files_n,
+        "differing_count": count,
+        "differing": differing,
+        "changed_during_verify": in_flux,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    }))
+}
+
 /// Fencing: mutating calls on the share wait (`freeze`) or flow again.
 pub fn set_frozen(ctx: &crate::agent::AgentCtx, name: &str, frozen: bool) {
     if let Some(p) = ctx.shares.primary(name) {

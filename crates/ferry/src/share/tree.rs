@@ -62,6 +62,16 @@ pub struct Manifest {
     pub unlisted: Vec<(SharePath, io::Error)>,
 }
 
+/// One entry of [`Tree::listing`].
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub entry: ManifestEntry,
+    /// Regular files: BLAKE3 of the content.
+    pub hash: Option<[u8; 32]>,
+    /// When the entry last changed (ns since the epoch).
+    pub ctime_ns: i128,
+}
+
 /// A file's identity and change stamps: equal stamps, equal content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileKey {
@@ -904,13 +914,11 @@ impl Tree {
         Ok(())
     }
 
-    /// A digest of the whole tree: every entry's manifest record (type,
-    /// size, mode, owner, mtime, hard-link group, in path order) and every
-    /// regular file's content. Equal digests: equal trees (a cutover's or
-    /// switchover's verification). A file whose inode, size, mtime and
-    /// ctime match `cache` is not read again (see [`DigestCache`]). Returns
-    /// the digest, files, and bytes read.
-    pub fn digest(&self, cache: &DigestCache) -> io::Result<(blake3::Hash, u64, u64)> {
+    /// Every entry of the tree in path order, and each regular file's
+    /// content hash — from `cache` when its inode, size, mtime and ctime
+    /// are unchanged since it was last hashed (the file is not even
+    /// opened), else read (see [`DigestCache`]). Also returns the bytes read.
+    pub fn listing(&self, cache: &DigestCache) -> io::Result<(Vec<Listed>, u64)> {
         let mut entries = Vec::new();
         let mut keys = Some(Vec::new());
         self.walk_one(
@@ -922,23 +930,23 @@ impl Tree {
             &mut keys,
         )?;
         let keys = keys.unwrap_or_default();
-        let mut h = blake3::Hasher::new();
-        let (mut files, mut bytes) = (0u64, 0u64);
+        let mut bytes = 0u64;
         let mut buf = vec![0u8; 1 << 20];
         let old = std::mem::take(&mut *cache.lock());
         let mut kept = HashMap::with_capacity(old.len());
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
-        for (e, listed) in entries.iter().zip(&keys) {
-            h.update(&ferry_wire::encode_manifest(std::slice::from_ref(e)));
-            if let EntryKind::File { .. } = e.kind {
-                // Stamps unchanged since the last digest: not even opened.
-                let cached = old.get(&listed.ino).filter(|c| c.0 == *listed);
-                let (key, hash) = match cached {
+        let mut out = Vec::with_capacity(entries.len());
+        for (entry, listed) in entries.into_iter().zip(keys) {
+            let mut hash = None;
+            if let EntryKind::File { .. } = entry.kind {
+                let cached = old.get(&listed.ino).filter(|c| c.0 == listed);
+                let (key, h) = match cached {
                     Some(c) => (c.0, c.1),
                     None => {
-                        let f = self.open_file(&Target::Path(e.path.clone()), libc::O_RDONLY, 0)?;
+                        let f =
+                            self.open_file(&Target::Path(entry.path.clone()), libc::O_RDONLY, 0)?;
                         let mut fh = blake3::Hasher::new();
                         let mut off = 0u64;
                         loop {
@@ -953,12 +961,10 @@ impl Tree {
                         // Cached under the stamps of what was read (if it
                         // changed since it was listed, under none).
                         let key = FileKey::of(&f.metadata()?);
-                        let key = if key == *listed { key } else { FileKey::NONE };
+                        let key = if key == listed { key } else { FileKey::NONE };
                         (key, *fh.finalize().as_bytes())
                     }
                 };
-                h.update(&hash);
-                files += 1;
                 // Kept only for files whose last change is old enough that
                 // a later change must show in the ctime (a change within
                 // the same clock tick as the hashing would not).
@@ -966,11 +972,36 @@ impl Tree {
                     && now_ns - key.ctime_ns > cache.settled_ns
                     && kept.len() < cache.files_max
                 {
-                    kept.insert(key.ino, (key, hash));
+                    kept.insert(key.ino, (key, h));
                 }
+                hash = Some(h);
             }
+            out.push(Listed {
+                entry,
+                hash,
+                ctime_ns: listed.ctime_ns,
+            });
         }
         *cache.lock() = kept;
+        Ok((out, bytes))
+    }
+
+    /// A digest of the whole tree: every entry's manifest record (type,
+    /// size, mode, owner, mtime, hard-link group, in path order) and every
+    /// regular file's content hash ([`Self::listing`]). Equal digests: equal
+    /// trees (a cutover's or switchover's verification). Returns the
+    /// digest, files, and bytes read.
+    pub fn digest(&self, cache: &DigestCache) -> io::Result<(blake3::Hash, u64, u64)> {
+        let (list, bytes) = self.listing(cache)?;
+        let mut h = blake3::Hasher::new();
+        let mut files = 0u64;
+        for l in &list {
+            h.update(&ferry_wire::encode_manifest(std::slice::from_ref(&l.entry)));
+            if let Some(x) = &l.hash {
+                h.update(x);
+                files += 1;
+            }
+        }
         Ok((h.finalize(), files, bytes))
     }
 
