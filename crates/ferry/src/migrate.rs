@@ -474,8 +474,11 @@ pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord
             let spec = load_workload(&ctx.cfg.data_dir, &rec.workload)?;
             let still_here = spec
                 .map(|s| {
+                    let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
                     s.volumes.iter().all(|v| ctx.primary(v).is_some())
-                        && s.shares.iter().all(|n| ctx.shares.primary(n).is_some())
+                        && s.shares
+                            .iter()
+                            .all(|n| store.load(n).is_ok_and(|r| r.role == "primary"))
                 })
                 .unwrap_or(false);
             if still_here {
@@ -754,15 +757,7 @@ fn share_primaries(
 ) -> Result<Vec<Arc<crate::share::primary::PrimaryShare>>> {
     spec.shares
         .iter()
-        .map(|s| {
-            ctx.shares.primary(s).ok_or_else(|| {
-                anyhow!(
-                    "share {s:?} of workload {:?} is not a primary on node {}",
-                    spec.name,
-                    ctx.identity.node_name
-                )
-            })
-        })
+        .map(|s| crate::share::primary_here(ctx, s))
         .collect()
 }
 
@@ -955,13 +950,9 @@ pub fn cutover_with(
     // Likewise each share's file hashes: inside the downtime its digest
     // reads only files changed from here on.
     for s in &shares {
-        std::thread::scope(|sc| {
-            let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{}/digest", s.name)));
-            if let Err(e) = crate::share::digest(ctx, &s.name) {
-                tracing::warn!(share = %s.name, error = %format!("{e:#}"), "cutover.prehash_failed");
-            }
-            let _ = remote.join();
-        });
+        if let (Err(e), _) | (_, Err(e)) = crate::share::digest_both(ctx, &client, &s.name) {
+            tracing::warn!(share = %s.name, error = %format!("{e:#}"), "cutover.prehash_failed");
+        }
     }
     step(&mut steps, "prehashed");
     // The application-visible outage starts here, with the stop hook.
@@ -995,7 +986,7 @@ pub fn cutover_with(
         }
     }
     for s in &shares {
-        if let Err(e) = drain_share(ctx, s, drain_timeout) {
+        if let Err(e) = crate::share::drain_for_handover(ctx, s, drain_timeout) {
             return Err(abort(format!("share {}: {e}", s.name), true, &mut hooks));
         }
     }
@@ -1076,16 +1067,7 @@ pub fn cutover_with(
     }
     // Shares: every entry and every file's content, both sides at once.
     for s in &shares {
-        let (local, remote) = std::thread::scope(|sc| {
-            let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{}/digest", s.name)));
-            let local = crate::share::digest(ctx, &s.name);
-            (
-                local,
-                remote
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow!("digest fetch panicked"))),
-            )
-        });
+        let (local, remote) = crate::share::digest_both(ctx, &client, &s.name);
         let local = match local {
             Ok(d) => d["digest"].as_str().unwrap_or_default().to_string(),
             Err(e) => {
@@ -1147,7 +1129,7 @@ pub fn cutover_with(
             .chain(spec.shares.iter().map(|s| {
                 client
                     .get(&format!("/api/v1/shares/{s}?counts=0"))
-                    .is_ok_and(|st| st["role"] == "primary")
+                    .is_ok_and(|st| st["serving"] == true)
             }))
             .collect();
         if primary.iter().all(|p| !p) {
@@ -1307,33 +1289,6 @@ pub fn cutover_with(
         "cutover.done"
     );
     Ok(report)
-}
-
-/// A frozen share, drained for a cutover: an async share first waits until
-/// the watcher's last changes are sent (the stop hook may have written just
-/// before), then both modes wait for a flush durable on the replica with
-/// nothing after it.
-fn drain_share(
-    ctx: &AgentCtx,
-    s: &crate::share::primary::PrimaryShare,
-    timeout: Duration,
-) -> std::result::Result<(), String> {
-    let deadline = Instant::now() + timeout;
-    if !s.mode_sync() {
-        // Events still in the watcher's batch window.
-        std::thread::sleep(Duration::from_millis(
-            ctx.cfg.shares.watch_batch_delay_ms * 2,
-        ));
-        while !s.caught_up() {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the watcher's changes were not all sent within {timeout:?}"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-    s.drain(deadline.saturating_duration_since(Instant::now()))
 }
 
 /// Waits until the target's way back is ready, then has it cut over back

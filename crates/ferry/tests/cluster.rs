@@ -1311,12 +1311,14 @@ fn postgresql_on_a_sync_share_fails_over_with_every_committed_transaction() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(net.status("b", "db")["primary"], "b");
-    sh_ok(&[
-        "cp",
-        "-p",
-        saved.to_str().unwrap(),
-        victim.to_str().unwrap(),
-    ]);
+    // The mismatch has the whole tree compared again by content: the
+    // damaged file is sent again, and the replica is up to date once more.
+    net.ok("b", &["share", "wait", "pg", "--timeout", "60s"]);
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        std::fs::read(&saved).unwrap(),
+        "the damaged replica file was not repaired"
+    );
 
     // A verified switchover back to a: both trees' digests compared, then
     // PostgreSQL starts on a with every row.

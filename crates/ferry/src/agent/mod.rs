@@ -603,12 +603,16 @@ impl AgentCtx {
         let starting = self.starting.load(std::sync::atomic::Ordering::SeqCst);
         for name in shares {
             // A cutover commits only after both trees compared equal.
-            if let Some(rec) = crate::share::promote_record(self, name, reverse_to, false, true)? {
-                let generation = rec.generation;
-                if !starting {
-                    crate::share::start_primary(self, rec)?;
+            let rec = match crate::share::promote_record(self, name, reverse_to, false, true)? {
+                Some(rec) => {
+                    promoted.push((name.to_string(), rec.generation));
+                    rec
                 }
-                promoted.push((name.to_string(), generation));
+                // Promoted by an earlier try whose start failed: start it.
+                None => crate::share::ShareStore::new(&self.cfg.data_dir).load(name)?,
+            };
+            if !starting && self.shares.primary(name).is_none() {
+                crate::share::start_primary(self, rec)?;
             }
         }
         std::fs::remove_file(&path)?;

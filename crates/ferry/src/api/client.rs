@@ -30,6 +30,12 @@ impl ApiClient {
         }
     }
 
+    /// The same client, waiting up to `timeout` for an answer (120 s by default).
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.timeout = timeout;
+        self
+    }
+
     pub fn get(&self, path: &str) -> Result<Value> {
         self.call("GET", path, None)
     }

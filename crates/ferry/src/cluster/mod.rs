@@ -1528,11 +1528,7 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     // The shares' file hashes brought up to date while the workload runs:
     // the digests compared once frozen re-read only what changed since.
     for s in &shares {
-        std::thread::scope(|sc| {
-            let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{}/digest", s.name)));
-            let _ = crate::share::digest(ctx, &s.name);
-            let _ = remote.join();
-        });
+        let _ = crate::share::digest_both(ctx, &client, &s.name);
     }
     let started = Instant::now();
     for v in &vols {
@@ -1570,11 +1566,13 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         // Shares: drained (durable on the peer), then the trees' digests
         // (every entry and every file's content) must be equal.
         for s in &shares {
-            s.drain(timeout)
+            crate::share::drain_for_handover(ctx, s, timeout)
                 .map_err(|e| anyhow!("share {}: {e}", s.name))?;
-            let local = crate::share::digest(ctx, &s.name)?;
-            let remote = client.get(&format!("/api/v1/shares/{}/digest", s.name))?;
+            let (local, remote) = crate::share::digest_both(ctx, &client, &s.name);
+            let (local, remote) = (local?, remote?);
             if remote["digest"] != local["digest"] {
+                // Nothing says where: the whole tree is compared again.
+                s.distrust_replica("the tree's digest differed from the replica's at a switchover: comparing the whole tree by content");
                 bail!(
                     "the tree of share {} differs on {}: not switching over",
                     s.name,

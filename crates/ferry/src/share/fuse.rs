@@ -81,6 +81,22 @@ struct Node {
     backing_id: Option<fuser::BackingId>,
 }
 
+impl Node {
+    /// Looked up once, not open.
+    fn new(links: Vec<(u64, Vec<u8>)>, backing: u64) -> Node {
+        Node {
+            links,
+            lookups: 1,
+            backing,
+            orphan: None,
+            opens: 0,
+            cached_opens: 0,
+            passthrough_opens: 0,
+            backing_id: None,
+        }
+    }
+}
+
 /// How the kernel does a handle's io.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum IoMode {
@@ -227,19 +243,7 @@ impl ShareFs {
             next: 2,
             ..Default::default()
         };
-        inodes.nodes.insert(
-            1,
-            Node {
-                links: vec![],
-                lookups: 1,
-                backing: st.st_ino,
-                orphan: None,
-                opens: 0,
-                cached_opens: 0,
-                passthrough_opens: 0,
-                backing_id: None,
-            },
-        );
+        inodes.nodes.insert(1, Node::new(vec![], st.st_ino));
         inodes.by_backing.insert(st.st_ino, 1);
         Ok(ShareFs {
             share,
@@ -313,19 +317,9 @@ impl ShareFs {
         }
         let ino = inodes.next;
         inodes.next += 1;
-        inodes.nodes.insert(
-            ino,
-            Node {
-                links: vec![(parent, name.to_vec())],
-                lookups: 1,
-                backing: st.st_ino,
-                orphan: None,
-                opens: 0,
-                cached_opens: 0,
-                passthrough_opens: 0,
-                backing_id: None,
-            },
-        );
+        inodes
+            .nodes
+            .insert(ino, Node::new(vec![(parent, name.to_vec())], st.st_ino));
         inodes.by_backing.insert(st.st_ino, ino);
         ino
     }
@@ -528,6 +522,33 @@ impl ShareFs {
             FopenFlags::empty()
         };
         Ok((fh, fl, mode))
+    }
+
+    /// A handle is gone (released, or never given to the kernel): the
+    /// inode's open counts drop. Returns the orphan to drop when it was the
+    /// last handle of an unlinked file.
+    fn forget_handle(&self, ino: u64, fh: u64) -> Option<u64> {
+        let mode = lock(&self.handles).remove(&fh).map(|h| h.mode);
+        let mut inodes = lock(&self.inodes);
+        let n = inodes.nodes.get_mut(&ino)?;
+        match mode {
+            Some(IoMode::Cached) => n.cached_opens = n.cached_opens.saturating_sub(1),
+            Some(IoMode::Passthrough) => {
+                n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
+                if n.passthrough_opens == 0 {
+                    // Unregistered once no handle uses it.
+                    n.backing_id = None;
+                    self.released.notify_all();
+                }
+            }
+            _ => {}
+        }
+        n.opens = n.opens.saturating_sub(1);
+        if n.opens == 0 {
+            n.orphan.take()
+        } else {
+            None
+        }
     }
 
     /// Is `path` an open file about to lose its last name? Then it moves to
@@ -936,6 +957,11 @@ impl Filesystem for ShareFs {
             Err(e) => return reply.error(e),
         };
         let flags = flags.0;
+        // Opened first: a writable open refused (ETXTBSY) truncates nothing.
+        let (fh, fl, mode) = match self.open_handle(ino.0, &target, flags, Some(&reply)) {
+            Ok(h) => h,
+            Err(e) => return reply.error(errno(&e)),
+        };
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
             // Not negotiated as atomic, but be safe: a replicated truncate.
             let r = self.commit_wait(
@@ -947,20 +973,21 @@ impl Filesystem for ShareFs {
                 |op| self.apply_tree(op),
             );
             if let Err(e) = r {
+                // The kernel never sees this handle: no RELEASE will come.
+                self.forget_handle(ino.0, fh);
                 return reply.error(errno(&e));
             }
         }
-        match self.open_handle(ino.0, &target, flags, Some(&reply)) {
-            Ok((fh, fl, IoMode::Passthrough)) => {
-                let inodes = lock(&self.inodes);
-                match inodes.nodes.get(&ino.0).and_then(|n| n.backing_id.as_ref()) {
-                    Some(b) => reply.opened_passthrough(FileHandle(fh), fl, b),
-                    None => reply.error(Errno::EIO),
-                }
+        if mode == IoMode::Passthrough {
+            let inodes = lock(&self.inodes);
+            if let Some(b) = inodes.nodes.get(&ino.0).and_then(|n| n.backing_id.as_ref()) {
+                return reply.opened_passthrough(FileHandle(fh), fl, b);
             }
-            Ok((fh, fl, _)) => reply.opened(FileHandle(fh), fl),
-            Err(e) => reply.error(errno(&e)),
+            drop(inodes);
+            self.forget_handle(ino.0, fh);
+            return reply.error(Errno::EIO);
         }
+        reply.opened(FileHandle(fh), fl)
     }
 
     fn create(
@@ -1011,10 +1038,6 @@ impl Filesystem for ShareFs {
         let Some((f, _, _)) = self.handle_file(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        self.share
-            .stats
-            .fuse_read_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
         let mut buf = vec![0u8; size as usize];
         let mut got = 0;
         while got < buf.len() {
@@ -1025,6 +1048,10 @@ impl Filesystem for ShareFs {
                 Err(e) => return reply.error(errno(&e)),
             }
         }
+        self.share
+            .stats
+            .fuse_read_bytes
+            .fetch_add(got as u64, Ordering::Relaxed);
         reply.data(&buf[..got]);
     }
 
@@ -1127,34 +1154,7 @@ impl Filesystem for ShareFs {
         reply: ReplyEmpty,
     ) {
         let _orphans = lock(&self.orphan_lock);
-        let mode = lock(&self.handles).remove(&fh.0).map(|h| h.mode);
-        let orphan = {
-            let mut inodes = lock(&self.inodes);
-            match inodes.nodes.get_mut(&ino.0) {
-                Some(n) => {
-                    match mode {
-                        Some(IoMode::Cached) => n.cached_opens = n.cached_opens.saturating_sub(1),
-                        Some(IoMode::Passthrough) => {
-                            n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
-                            if n.passthrough_opens == 0 {
-                                // Unregistered once no handle uses it.
-                                n.backing_id = None;
-                                self.released.notify_all();
-                            }
-                        }
-                        _ => {}
-                    }
-                    n.opens = n.opens.saturating_sub(1);
-                    if n.opens == 0 {
-                        n.orphan.take()
-                    } else {
-                        None
-                    }
-                }
-                None => None,
-            }
-        };
-        match orphan {
+        match self.forget_handle(ino.0, fh.0) {
             Some(id) => self.commit(
                 FileOp::DropOrphan { id },
                 &[],

@@ -334,12 +334,17 @@ impl Shares {
     }
 
     /// The digest cache of share `name` (made on first use).
-    pub fn digest_cache(&self, name: &str, files_max: usize) -> std::sync::Arc<tree::DigestCache> {
+    pub fn digest_cache(
+        &self,
+        name: &str,
+        files_max: usize,
+        settled_ms: u64,
+    ) -> std::sync::Arc<tree::DigestCache> {
         self.digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(name.to_string())
-            .or_insert_with(|| std::sync::Arc::new(tree::DigestCache::new(files_max)))
+            .or_insert_with(|| std::sync::Arc::new(tree::DigestCache::new(files_max, settled_ms)))
             .clone()
     }
 
@@ -543,23 +548,20 @@ pub fn replicate_to(
     name: &str,
     to: &str,
 ) -> anyhow::Result<bool> {
-    let share = ctx.shares.primary(name).ok_or_else(|| {
-        anyhow::anyhow!(
-            "share {name:?} is not a primary on node {}",
-            ctx.identity.node_name
-        )
-    })?;
-    {
-        let mut rec = share.rec.lock().unwrap_or_else(|p| p.into_inner());
-        match rec.peer.as_deref() {
-            Some(p) if p == to => return Ok(false),
-            Some(p) => anyhow::bail!(
-                "share {name:?} replicates to {p}; a share has one peer, so it cannot also go to {to}"
-            ),
-            None => {}
-        }
-        rec.peer = Some(to.to_string());
-        share.store.save(&rec)?;
+    let share = primary_here(ctx, name)?;
+    let peer = share
+        .rec
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .peer
+        .clone();
+    match peer.as_deref() {
+        // Replicating there already (a link runs: it retries forever).
+        Some(p) if p == to && share.link().threads > 0 => return Ok(false),
+        Some(p) if p != to => anyhow::bail!(
+            "share {name:?} replicates to {p}; a share has one peer, so it cannot also go to {to}"
+        ),
+        _ => {}
     }
     // A link stopped earlier may still be winding down: it must be gone
     // before a new one may run (both would stream the share).
@@ -577,20 +579,40 @@ pub fn replicate_to(
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    spawn_link(ctx, share, to.to_string())?;
+    spawn_link(ctx, share.clone(), to.to_string())?;
+    // Recorded once its link runs (a failure above leaves no peer behind).
+    let saved = {
+        let mut rec = share.rec.lock().unwrap_or_else(|p| p.into_inner());
+        rec.peer = Some(to.to_string());
+        share.store.save(&rec)
+    };
+    if let Err(e) = saved {
+        share.link().stop = true;
+        share.cv.notify_all();
+        share.link_lost("its record could not be saved");
+        return Err(e.into());
+    }
     tracing::info!(share = %name, peer = %to, "share.replication.started");
     Ok(true)
+}
+
+/// Share `name` served here as primary.
+pub fn primary_here(
+    ctx: &crate::agent::AgentCtx,
+    name: &str,
+) -> anyhow::Result<std::sync::Arc<primary::PrimaryShare>> {
+    ctx.shares.primary(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "share {name:?} is not a primary on node {}",
+            ctx.identity.node_name
+        )
+    })
 }
 
 /// Stops replicating primary share `name` (a finalized migration): the link
 /// ends and the record forgets its peer; the peer's copy stays as it is.
 pub fn stop_replicating(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<()> {
-    let share = ctx.shares.primary(name).ok_or_else(|| {
-        anyhow::anyhow!(
-            "share {name:?} is not a primary on node {}",
-            ctx.identity.node_name
-        )
-    })?;
+    let share = primary_here(ctx, name)?;
     {
         let mut rec = share.rec.lock().unwrap_or_else(|p| p.into_inner());
         rec.peer = None;
@@ -606,20 +628,98 @@ pub fn stop_replicating(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Res
 /// The digest of this node's copy of `name` (see [`tree::Tree::digest`]):
 /// `{"digest", "files", "bytes"}` (`bytes`: what had to be read).
 pub fn digest(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_json::Value> {
-    let cache = ctx
-        .shares
-        .digest_cache(name, ctx.cfg.shares.digest_cache_files_max);
-    let (h, files, bytes) = match ctx.shares.primary(name) {
-        Some(p) => p.tree.digest(&cache)?,
-        None => {
-            let store = ShareStore::new(&ctx.cfg.data_dir);
-            store.load(name)?;
-            tree::Tree::open(&store.data_dir(name), &store.orphans_dir(name))?.digest(&cache)?
-        }
-    };
+    let cache = digest_cache(ctx, name)?;
+    let (h, files, bytes) = with_copy(ctx, name, |t| t.digest(&cache))??;
     Ok(
         serde_json::json!({"share": name, "digest": h.to_hex().as_str(), "files": files, "bytes": bytes}),
     )
+}
+
+/// Runs `f` on this node's copy of `name`: the primary's tree, or the
+/// replica's `data/`.
+fn with_copy<R>(
+    ctx: &crate::agent::AgentCtx,
+    name: &str,
+    f: impl FnOnce(&tree::Tree) -> R,
+) -> anyhow::Result<R> {
+    Ok(match ctx.shares.primary(name) {
+        Some(p) => f(&p.tree),
+        None => {
+            let store = ShareStore::new(&ctx.cfg.data_dir);
+            store.load(name)?;
+            f(&tree::Tree::open(
+                &store.data_dir(name),
+                &store.orphans_dir(name),
+            )?)
+        }
+    })
+}
+
+/// The digest cache of `name`. An async share is used in place: an
+/// application's writes through a shared mapping move the ctime only when a
+/// clean page is first written, so its files count as settled only after
+/// the kernel has written dirty pages back (30 s by default), not 2 s.
+fn digest_cache(
+    ctx: &crate::agent::AgentCtx,
+    name: &str,
+) -> anyhow::Result<std::sync::Arc<tree::DigestCache>> {
+    let settled_ms = if ShareStore::new(&ctx.cfg.data_dir).load(name)?.mode == "async" {
+        tree::DIGEST_SETTLED_ASYNC_MS
+    } else {
+        tree::DIGEST_SETTLED_MS
+    };
+    Ok(ctx
+        .shares
+        .digest_cache(name, ctx.cfg.shares.digest_cache_files_max, settled_ms))
+}
+
+/// The digests of `name` here and on the peer `client` reaches, taken at
+/// the same time (a cutover, a switchover).
+pub fn digest_both(
+    ctx: &crate::agent::AgentCtx,
+    client: &crate::api::client::ApiClient,
+    name: &str,
+) -> (
+    anyhow::Result<serde_json::Value>,
+    anyhow::Result<serde_json::Value>,
+) {
+    std::thread::scope(|sc| {
+        let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{name}/digest")));
+        let local = digest(ctx, name);
+        (
+            local,
+            remote
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("digest fetch panicked"))),
+        )
+    })
+}
+
+/// Drains a frozen share for a handover (cutover, switchover): an async
+/// share first waits until the watcher's last changes are sent (a stop hook
+/// may have written just before), then both modes wait for a flush durable
+/// on the replica with nothing after it.
+pub fn drain_for_handover(
+    ctx: &crate::agent::AgentCtx,
+    s: &primary::PrimaryShare,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    if !s.mode_sync() {
+        // Events still in the watcher's batch window.
+        std::thread::sleep(std::time::Duration::from_millis(
+            ctx.cfg.shares.watch_batch_delay_ms * 2,
+        ));
+        while !s.caught_up() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "the watcher's changes were not all sent within {timeout:?}"
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    s.drain(deadline.saturating_duration_since(std::time::Instant::now()))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -635,15 +735,8 @@ fn hex(b: &[u8]) -> String {
 /// audit, for [`verify`]): `{"entries": [{"p": path, "r": manifest record,
 /// "h": content hash or null, "c": ctime ns}]}`, bytes as hex.
 pub fn files(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_json::Value> {
-    let audit = tree::DigestCache::new(0);
-    let (list, _) = match ctx.shares.primary(name) {
-        Some(p) => p.tree.listing(&audit)?,
-        None => {
-            let store = ShareStore::new(&ctx.cfg.data_dir);
-            store.load(name)?;
-            tree::Tree::open(&store.data_dir(name), &store.orphans_dir(name))?.listing(&audit)?
-        }
-    };
+    let audit = tree::DigestCache::new(0, 0);
+    let (list, _) = with_copy(ctx, name, |t| t.listing(&audit))??;
     let entries: Vec<serde_json::Value> = list
         .iter()
         .map(|l| {
@@ -672,17 +765,12 @@ pub fn verify(
     name: &str,
     timeout: std::time::Duration,
 ) -> anyhow::Result<serde_json::Value> {
+    let share = primary_here(ctx, name)?;
     use anyhow::{anyhow, bail};
     let started = std::time::Instant::now();
     let started_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128);
-    let share = ctx.shares.primary(name).ok_or_else(|| {
-        anyhow!(
-            "share {name:?} is not a primary on node {}: run verify on the primary",
-            ctx.identity.node_name
-        )
-    })?;
     let peer_name = share
         .rec
         .lock()
@@ -726,7 +814,8 @@ pub fn verify(
         .peers
         .get(&peer_name)
         .ok_or_else(|| anyhow!("peer {peer_name} is not registered"))?;
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    // Both copies are read whole: as long as the verify may take.
+    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token).with_timeout(timeout);
     let (local, remote) = std::thread::scope(|sc| {
         let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{name}/files")));
         let local = files(ctx, name);
@@ -757,11 +846,25 @@ pub fn verify(
                 .collect()
         };
     let (mine, theirs) = (index(&local), index(&remote));
-    let show = |p: &str| {
-        let bytes: Vec<u8> = (0..p.len() / 2)
-            .filter_map(|i| u8::from_str_radix(&p[2 * i..2 * i + 2], 16).ok())
-            .collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+    // Paths come hex-encoded (any bytes); a peer's malformed pair is dropped.
+    let unhex = |p: &str| -> Vec<u8> {
+        p.as_bytes()
+            .chunks(2)
+            .filter_map(|c| std::str::from_utf8(c).ok())
+            .filter_map(|c| u8::from_str_radix(c, 16).ok())
+            .collect()
+    };
+    let show = |p: &str| String::from_utf8_lossy(&unhex(p)).into_owned();
+    // Removing an entry changes its directory's ctime: an entry only the
+    // replica has, whose directory here changed during the verify, was
+    // probably removed meanwhile.
+    let parent_changed = |p: &str| {
+        let bytes = unhex(p);
+        let parent = match bytes.iter().rposition(|&b| b == b'/') {
+            Some(i) => hex(&bytes[..i]),
+            None => hex(ferry_wire::SharePath::root().as_bytes()),
+        };
+        mine.get(&parent).is_some_and(|m| m.2 >= started_ns)
     };
     let (mut differing, mut in_flux, mut count) = (Vec::new(), 0u64, 0u64);
     let mut files_n = 0u64;
@@ -789,6 +892,10 @@ pub fn verify(
         }
     }
     for p in theirs.keys().filter(|p| !mine.contains_key(*p)) {
+        if parent_changed(p) {
+            in_flux += 1;
+            continue;
+        }
         count += 1;
         if differing.len() < VERIFY_DIFFERENCES_SHOWN {
             differing.push(serde_json::json!({"path": show(p), "why": "only on the replica"}));
@@ -836,19 +943,21 @@ pub fn spawn_link(
     share: std::sync::Arc<primary::PrimaryShare>,
     peer: String,
 ) -> anyhow::Result<()> {
+    /// Counts a link thread until it ends, however it ends.
+    struct Running(std::sync::Arc<primary::PrimaryShare>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.link().threads -= 1;
+        }
+    }
     let ctx = ctx.clone();
     share.link().threads += 1;
-    let counted = share.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("share-link-{}", share.name))
-        .spawn(move || {
-            link::run(share.clone(), ctx, peer);
-            share.link().threads -= 1;
-        });
-    if let Err(e) = spawned {
-        counted.link().threads -= 1;
-        return Err(e.into());
-    }
+    let counted = Running(share.clone());
+    let name = format!("share-link-{}", share.name);
+    std::thread::Builder::new().name(name).spawn(move || {
+        let _counted = counted;
+        link::run(share, ctx, peer);
+    })?;
     Ok(())
 }
 
@@ -858,6 +967,8 @@ pub struct ShareStatus {
     pub name: String,
     pub mode: String,
     pub role: String,
+    /// Primary and served here now (mounted or watched).
+    pub serving: bool,
     pub path: PathBuf,
     pub peer: Option<String>,
     /// Replica state as the primary sees it, or this replica's own:
@@ -923,6 +1034,7 @@ pub fn status(
         name: rec.name.clone(),
         mode: rec.mode.clone(),
         role: rec.role.clone(),
+        serving: ctx.shares.primary(name).is_some(),
         path: rec.path.clone(),
         peer: rec.peer.clone(),
         state: "disconnected".into(),

@@ -75,6 +75,7 @@ pub struct Listed {
 /// A file's identity and change stamps: equal stamps, equal content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileKey {
+    dev: u64,
     ino: u64,
     size: i64,
     mtime_ns: i128,
@@ -84,6 +85,7 @@ struct FileKey {
 impl FileKey {
     /// Stands for "not cached": no file has size -1.
     const NONE: FileKey = FileKey {
+        dev: 0,
         ino: 0,
         size: -1,
         mtime_ns: 0,
@@ -93,6 +95,7 @@ impl FileKey {
     fn of_stat(st: &libc::stat) -> FileKey {
         let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
         FileKey {
+            dev: st.st_dev,
             ino: st.st_ino,
             size: st.st_size,
             mtime_ns: ns(st.st_mtime, st.st_mtime_nsec),
@@ -100,46 +103,54 @@ impl FileKey {
         }
     }
 
-    fn of(m: &std::fs::Metadata) -> FileKey {
-        use std::os::unix::fs::MetadataExt;
-        let ns = |s: i64, n: i64| s as i128 * 1_000_000_000 + n as i128;
-        FileKey {
-            ino: m.ino(),
-            size: m.size() as i64,
-            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
-            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
-        }
+    /// The stamps of an open file.
+    fn of_file(f: &File) -> io::Result<FileKey> {
+        // SAFETY: zeroed `stat` is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and out pointer.
+        cvt(unsafe { libc::fstat(f.as_raw_fd(), &mut st) })?;
+        Ok(FileKey::of_stat(&st))
     }
 }
 
 /// Files changed less than this long before they are hashed are hashed
 /// again next time (ctime ticks are coarse: a change in the same tick would
 /// leave the stamps equal).
-const DIGEST_CACHE_SETTLED_NS: i128 = 2_000_000_000;
+pub const DIGEST_SETTLED_MS: u64 = 2_000;
+/// The same for trees applications write in place (async shares): writes
+/// through a shared mapping move the ctime only when a clean page is first
+/// written, so a file is settled once dirty pages were written back
+/// (vm.dirty_expire_centisecs, 30 s by default) and a few seconds more.
+pub const DIGEST_SETTLED_ASYNC_MS: u64 = 35_000;
 
-/// Content hashes of a tree's files from its last digest, keyed by inode
-/// and valid while size, mtime and ctime are unchanged (a change to the
-/// content moves the ctime, which no program can set). A cutover digests
-/// each tree once while the workload runs, so the digest inside the
-/// downtime reads only files changed since. At most `files_max` entries
-/// (`shares.digest_cache_files_max`, ~80 bytes each).
+/// (device, inode) → the stamps a file had when hashed, and its hash.
+type CachedHashes = HashMap<(u64, u64), (FileKey, [u8; 32])>;
+
+/// Content hashes of a tree's files from its last digest, keyed by device
+/// and inode and valid while size, mtime and ctime are unchanged (a change
+/// to the content moves the ctime, which no program can set; see the
+/// settling times for the exceptions). A cutover digests each tree once
+/// while the workload runs, so the digest inside the downtime reads only
+/// files changed since. At most `files_max` entries
+/// (`shares.digest_cache_files_max`, ~100 bytes each).
 #[derive(Debug)]
 pub struct DigestCache {
-    files: Mutex<HashMap<u64, (FileKey, [u8; 32])>>,
+    files: Mutex<CachedHashes>,
     files_max: usize,
     settled_ns: i128,
 }
 
 impl DigestCache {
-    pub fn new(files_max: usize) -> DigestCache {
+    /// At most `files_max` hashes, of files unchanged for `settled_ms`.
+    pub fn new(files_max: usize, settled_ms: u64) -> DigestCache {
         DigestCache {
             files: Mutex::new(HashMap::new()),
             files_max,
-            settled_ns: DIGEST_CACHE_SETTLED_NS,
+            settled_ns: settled_ms as i128 * 1_000_000,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (FileKey, [u8; 32])>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CachedHashes> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -932,8 +943,9 @@ impl Tree {
         let keys = keys.unwrap_or_default();
         let mut bytes = 0u64;
         let mut buf = vec![0u8; 1 << 20];
-        let old = std::mem::take(&mut *cache.lock());
-        let mut kept = HashMap::with_capacity(old.len());
+        // Looked up entry by entry (a concurrent digest sees the cache too);
+        // replaced at the end by what this walk found.
+        let mut kept = HashMap::new();
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
@@ -941,9 +953,13 @@ impl Tree {
         for (entry, listed) in entries.into_iter().zip(keys) {
             let mut hash = None;
             if let EntryKind::File { .. } = entry.kind {
-                let cached = old.get(&listed.ino).filter(|c| c.0 == listed);
+                let cached = cache
+                    .lock()
+                    .get(&(listed.dev, listed.ino))
+                    .filter(|c| c.0 == listed)
+                    .copied();
                 let (key, h) = match cached {
-                    Some(c) => (c.0, c.1),
+                    Some(c) => c,
                     None => {
                         let f =
                             self.open_file(&Target::Path(entry.path.clone()), libc::O_RDONLY, 0)?;
@@ -960,7 +976,7 @@ impl Tree {
                         bytes += off;
                         // Cached under the stamps of what was read (if it
                         // changed since it was listed, under none).
-                        let key = FileKey::of(&f.metadata()?);
+                        let key = FileKey::of_file(&f)?;
                         let key = if key == listed { key } else { FileKey::NONE };
                         (key, *fh.finalize().as_bytes())
                     }
@@ -972,7 +988,7 @@ impl Tree {
                     && now_ns - key.ctime_ns > cache.settled_ns
                     && kept.len() < cache.files_max
                 {
-                    kept.insert(key.ino, (key, h));
+                    kept.insert((key.dev, key.ino), (key, h));
                 }
                 hash = Some(h);
             }
@@ -1150,15 +1166,9 @@ mod tests {
         for i in 0..20 {
             std::fs::write(data.join(format!("f{i}")), vec![i as u8; 50_000]).unwrap();
         }
-        let plain = DigestCache {
-            files_max: 0,
-            ..DigestCache::new(0)
-        };
+        let plain = DigestCache::new(0, 0);
         // Settled after 50 ms here (ctime ticks are a few ms).
-        let cache = DigestCache {
-            settled_ns: 50_000_000,
-            ..DigestCache::new(1000)
-        };
+        let cache = DigestCache::new(1000, 50);
         let tick = || std::thread::sleep(std::time::Duration::from_millis(60));
         tick();
         let (d0, files, read) = tree.digest(&cache).unwrap();
