@@ -115,6 +115,10 @@ pub enum ShareCommand {
     /// equal; entries changed while it runs are counted apart).
     Verify {
         name: String,
+        /// Longest wait for the replica to be level plus the reading of
+        /// both trees.
+        #[arg(long, default_value = "10min")]
+        timeout: DurationArg,
         #[command(flatten)]
         conn: AgentConn,
     },

@@ -904,9 +904,17 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
                 None => print_share(v),
             })
         }
-        ShareCommand::Verify { name, conn } => {
+        ShareCommand::Verify {
+            name,
+            timeout,
+            conn,
+        } => {
             let v = client(conn, data_dir)?
-                .post(&format!("/api/v1/shares/{name}/verify"), &json!({}))?;
+                .with_timeout(timeout.0 + Duration::from_secs(30))
+                .post(
+                    &format!("/api/v1/shares/{name}/verify"),
+                    &json!({"timeout_ms": timeout.0.as_millis() as u64}),
+                )?;
             let equal = v["equal"].as_bool().unwrap_or(false);
             print(&v, json, |v| {
                 let flux = match v["changed_during_verify"].as_u64().unwrap_or(0) {

@@ -1344,10 +1344,20 @@ async fn share_files(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
     ))
 }
 
+#[derive(Deserialize, Default)]
+struct ShareVerify {
+    timeout_ms: Option<u64>,
+}
+
 /// `ferry share verify`: compare with the replica, entry by entry.
-async fn share_verify(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+async fn share_verify(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<ShareVerify>,
+) -> ApiResult {
+    let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(600_000));
     Ok(Json(
-        blocking(move || crate::share::verify(&ctx, &name, Duration::from_secs(60))).await?,
+        blocking(move || crate::share::verify(&ctx, &name, timeout)).await?,
     ))
 }
 
