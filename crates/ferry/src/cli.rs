@@ -117,7 +117,7 @@ pub enum ShareCommand {
         name: String,
         /// Longest wait for the replica to be level plus the reading of
         /// both trees.
-        #[arg(long, default_value = "10min")]
+        #[arg(long, default_value = "10m")]
         timeout: DurationArg,
         #[command(flatten)]
         conn: AgentConn,
