@@ -159,6 +159,9 @@ for mode in on off; do
   cp "$work/$d/api.token" "$work/$d.token"
   on "$c" node add "$d" --api "${API[$d]}" --token-file "$work/$d.token" >/dev/null
   cp -a "$work/tree0" "$work/tree-$mode"
+  # A live workload's bulk is older than the settling time of an async
+  # share's digest cache (35 s: files changed more recently are re-read).
+  sleep 40
   on "$c" share create "t$mode" --path "$work/tree-$mode" --mode async >/dev/null
   on "$c" workload create "sw$mode" --share "t$mode" >/dev/null
   on "$c" migrate start "sw$mode" --to "$d" >/dev/null

@@ -655,22 +655,26 @@ fn with_copy<R>(
     })
 }
 
-/// The digest cache of `name`. An async share is used in place: an
-/// application's writes through a shared mapping move the ctime only when a
-/// clean page is first written, so its files count as settled only after
-/// the kernel has written dirty pages back (30 s by default), not 2 s.
+/// The digest cache of `name`. The primary of an async share is used in
+/// place: an application's writes through a shared mapping move the ctime
+/// only when a clean page is first written, so its files count as settled
+/// only after the kernel has written dirty pages back (30 s by default),
+/// not 2 s. Elsewhere only ferry writes the tree, with write calls.
 fn digest_cache(
     ctx: &crate::agent::AgentCtx,
     name: &str,
 ) -> anyhow::Result<std::sync::Arc<tree::DigestCache>> {
-    let settled_ms = if ShareStore::new(&ctx.cfg.data_dir).load(name)?.mode == "async" {
+    let rec = ShareStore::new(&ctx.cfg.data_dir).load(name)?;
+    let settled_ms = if rec.mode == "async" && ctx.shares.primary(name).is_some() {
         tree::DIGEST_SETTLED_ASYNC_MS
     } else {
         tree::DIGEST_SETTLED_MS
     };
-    Ok(ctx
+    let cache = ctx
         .shares
-        .digest_cache(name, ctx.cfg.shares.digest_cache_files_max, settled_ms))
+        .digest_cache(name, ctx.cfg.shares.digest_cache_files_max, settled_ms);
+    cache.set_settled_ms(settled_ms);
+    Ok(cache)
 }
 
 /// The digests of `name` here and on the peer `client` reaches, taken at

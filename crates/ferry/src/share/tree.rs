@@ -137,7 +137,8 @@ type CachedHashes = HashMap<(u64, u64), (FileKey, [u8; 32])>;
 pub struct DigestCache {
     files: Mutex<CachedHashes>,
     files_max: usize,
-    settled_ns: i128,
+    /// Files changed within this long before a digest are not kept.
+    settled_ms: std::sync::atomic::AtomicU64,
 }
 
 impl DigestCache {
@@ -146,8 +147,14 @@ impl DigestCache {
         DigestCache {
             files: Mutex::new(HashMap::new()),
             files_max,
-            settled_ns: settled_ms as i128 * 1_000_000,
+            settled_ms: std::sync::atomic::AtomicU64::new(settled_ms),
         }
+    }
+
+    /// Changes the settling time (a share's role changed).
+    pub fn set_settled_ms(&self, ms: u64) {
+        self.settled_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, CachedHashes> {
@@ -949,6 +956,8 @@ impl Tree {
         let now_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i128);
+        let settled_ns =
+            cache.settled_ms.load(std::sync::atomic::Ordering::Relaxed) as i128 * 1_000_000;
         let mut out = Vec::with_capacity(entries.len());
         for (entry, listed) in entries.into_iter().zip(keys) {
             let mut hash = None;
@@ -958,8 +967,8 @@ impl Tree {
                     .get(&(listed.dev, listed.ino))
                     .filter(|c| c.0 == listed)
                     .copied();
-                let (key, h) = match cached {
-                    Some(c) => c,
+                let (key, h, fresh) = match cached {
+                    Some(c) => (c.0, c.1, false),
                     None => {
                         let f =
                             self.open_file(&Target::Path(entry.path.clone()), libc::O_RDONLY, 0)?;
@@ -978,14 +987,15 @@ impl Tree {
                         // changed since it was listed, under none).
                         let key = FileKey::of_file(&f)?;
                         let key = if key == listed { key } else { FileKey::NONE };
-                        (key, *fh.finalize().as_bytes())
+                        (key, *fh.finalize().as_bytes(), true)
                     }
                 };
-                // Kept only for files whose last change is old enough that
-                // a later change must show in the ctime (a change within
-                // the same clock tick as the hashing would not).
+                // A fresh hash is kept only if the file's last change is
+                // old enough that any later change must move its ctime (a
+                // change in the same clock tick as the hashing would not);
+                // a hit was settled when it was hashed and is kept.
                 if key != FileKey::NONE
-                    && now_ns - key.ctime_ns > cache.settled_ns
+                    && (!fresh || now_ns - key.ctime_ns > settled_ns)
                     && kept.len() < cache.files_max
                 {
                     kept.insert((key.dev, key.ino), (key, h));
