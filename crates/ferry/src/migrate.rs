@@ -661,16 +661,14 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
         s.seeding |= l.connected && !l.up_to_date;
         s.bytes_remaining += l.queued_bytes + l.inflight_bytes;
         drop(l);
-        let sent = sh
-            .stats
-            .bytes_sent
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let resent = sh
-            .stats
-            .resync_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let sent = load(&sh.stats.bytes_sent);
+        // Live ops (sync) and the pump's passes (async) carry what the
+        // application wrote; resync passes carry what it had.
+        let written =
+            sent.saturating_sub(load(&sh.stats.resync_bytes)) + load(&sh.stats.pumped_bytes);
         s.bytes_sent_total += sent;
-        s.bytes_written_total += sent.saturating_sub(resent);
+        s.bytes_written_total += written;
     }
     let mut migs = ctx.migrations();
     let Some(rec) = migs.get_mut(workload) else {

@@ -160,6 +160,9 @@ pub struct ShareStats {
     /// bytes of reads this daemon served (passthrough reads are not).
     pub passthrough_opens: AtomicU64,
     pub fuse_read_bytes: AtomicU64,
+    /// Async: file data the pump sent once the replica was level (the
+    /// application's changes; counted in `resync_bytes` too).
+    pub pumped_bytes: AtomicU64,
 }
 
 pub struct PrimaryShare {
