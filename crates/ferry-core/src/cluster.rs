@@ -1300,6 +1300,23 @@ mod tests {
         }
     }
 
+    /// Node `me` of a sync workload under a witness, started at 0 in
+    /// `role` at epoch 1 with an up-to-date copy.
+    fn witnessed_node(me: &str, peer: &str, role: Role) -> ClusterNode {
+        let p = Policy {
+            witness: true,
+            two_node_unsafe: false,
+            sync: true,
+            async_accept_loss: false,
+        };
+        let saved = Persisted {
+            role,
+            epoch: 1,
+            candidate: false,
+        };
+        ClusterNode::start(me, peer, 1, saved, DataState::UpToDate, timing(), p, 0)
+    }
+
     fn req(node: &str, op: WitnessOp, at: Millis) -> WitnessRequest {
         WitnessRequest {
             node: node.into(),
@@ -1353,18 +1370,7 @@ mod tests {
 
     #[test]
     fn a_primary_fences_itself_before_its_lease_ends() {
-        let p = Policy {
-            witness: true,
-            two_node_unsafe: false,
-            sync: true,
-            async_accept_loss: false,
-        };
-        let saved = Persisted {
-            role: Role::Primary,
-            epoch: 1,
-            candidate: false,
-        };
-        let mut a = ClusterNode::start("a", "b", 1, saved, DataState::UpToDate, timing(), p, 0);
+        let mut a = witnessed_node("a", "b", Role::Primary);
         let _ = a.tick(0);
         let _ = a.on_input(
             5,
@@ -1395,18 +1401,7 @@ mod tests {
 
     #[test]
     fn a_refused_promotion_while_the_primary_resigns_is_asked_again_with_backoff() {
-        let p = Policy {
-            witness: true,
-            two_node_unsafe: false,
-            sync: true,
-            async_accept_loss: false,
-        };
-        let saved = Persisted {
-            role: Role::Secondary,
-            epoch: 1,
-            candidate: false,
-        };
-        let mut b = ClusterNode::start("b", "a", 1, saved, DataState::UpToDate, timing(), p, 0);
+        let mut b = witnessed_node("b", "a", Role::Secondary);
         let record = Record {
             epoch: 1,
             primary: Some("a".into()),

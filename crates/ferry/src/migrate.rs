@@ -1002,26 +1002,17 @@ pub fn cutover_with(
                     .unwrap_or_else(|_| Err(anyhow!("hash fetch panicked"))),
             )
         });
-        let local = match local {
-            Ok(l) => l,
-            Err(e) => {
-                return Err(abort(
-                    format!("reading volume {}: {e:#}", v.name),
-                    true,
-                    &mut hooks,
-                ))
-            }
-        };
-        let remote = match remote {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(abort(
-                    format!("{target} did not send its hashes of {}: {e:#}", v.name),
-                    true,
-                    &mut hooks,
-                ))
-            }
-        };
+        let local = local.map_err(|e| {
+            abort(
+                format!("reading volume {}: {e:#}", v.name),
+                true,
+                &mut hooks,
+            )
+        })?;
+        let remote = remote.map_err(|e| {
+            let why = format!("{target} did not send its hashes of {}: {e:#}", v.name);
+            abort(why, true, &mut hooks)
+        })?;
         let remote: Vec<&str> = remote["hashes"]
             .as_array()
             .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
@@ -1066,30 +1057,16 @@ pub fn cutover_with(
     // Shares: every entry and every file's content, both sides at once.
     for s in &shares {
         let (local, remote) = crate::share::digest_both(ctx, &client, &s.name);
-        let local = match local {
-            Ok(d) => d["digest"].as_str().unwrap_or_default().to_string(),
-            Err(e) => {
-                return Err(abort(
-                    format!("reading share {}: {e:#}", s.name),
-                    true,
-                    &mut hooks,
-                ))
-            }
-        };
-        let remote = match remote {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(abort(
-                    format!(
-                        "{target} did not send the digest of share {}: {e:#}",
-                        s.name
-                    ),
-                    true,
-                    &mut hooks,
-                ))
-            }
-        };
-        if remote["digest"].as_str() != Some(local.as_str()) {
+        let local = local
+            .map_err(|e| abort(format!("reading share {}: {e:#}", s.name), true, &mut hooks))?;
+        let remote = remote.map_err(|e| {
+            let why = format!(
+                "{target} did not send the digest of share {}: {e:#}",
+                s.name
+            );
+            abort(why, true, &mut hooks)
+        })?;
+        if remote["digest"] != local["digest"] || local["digest"].is_null() {
             // Nothing says where they differ: the whole tree is compared
             // again, every file by content.
             s.distrust_replica("the tree's digest differed from the replica's at a cutover: comparing the whole tree by content");

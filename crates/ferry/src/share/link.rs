@@ -596,7 +596,11 @@ fn pump(share: &Arc<PrimaryShare>, replies: &Replies) -> Result<()> {
             let before = share.stats.resync_bytes.load(Ordering::Relaxed);
             pass.run(&deep, &taken.shallow)?;
             // What the application changed (a pass sends it like a resync).
-            let sent = share.stats.resync_bytes.load(Ordering::Relaxed).saturating_sub(before);
+            let sent = share
+                .stats
+                .resync_bytes
+                .load(Ordering::Relaxed)
+                .saturating_sub(before);
             share.stats.pumped_bytes.fetch_add(sent, Ordering::Relaxed);
             if !share.wait_acked(share.last_seq()) {
                 bail!("link lost waiting for the replica");

@@ -62,6 +62,17 @@ pub struct Manifest {
     pub unlisted: Vec<(SharePath, io::Error)>,
 }
 
+/// A walk of the tree in progress: the manifest so far, hard-link groups
+/// (inode → group id), and optionally the directories it could not list
+/// (instead of failing) and every entry's stamps (for the digest cache).
+#[derive(Default)]
+struct Walk {
+    out: Vec<ManifestEntry>,
+    links: HashMap<u64, u64>,
+    unlisted: Option<Vec<(SharePath, io::Error)>>,
+    keys: Option<Vec<FileKey>>,
+}
+
 /// One entry of [`Tree::listing`].
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -772,10 +783,9 @@ impl Tree {
 
     /// The entries of subtree `sub` (itself included), parents before children.
     pub fn manifest(&self, sub: &SharePath) -> io::Result<Vec<ManifestEntry>> {
-        let mut out = Vec::new();
-        let mut links: HashMap<u64, u64> = HashMap::new();
-        self.walk_one(sub, &mut out, &mut links, true, &mut None, &mut None)?;
-        Ok(out)
+        let mut w = Walk::default();
+        self.walk_one(sub, &mut w, true)?;
+        Ok(w.out)
     }
 
     /// Like [`Tree::manifest`], but a directory this process may not list
@@ -783,67 +793,47 @@ impl Tree {
     /// does not end the walk: its entry is in the manifest, its contents are
     /// not, and it is returned with the error.
     pub fn manifest_lenient(&self, sub: &SharePath) -> io::Result<Manifest> {
-        let mut out = Vec::new();
-        let mut links: HashMap<u64, u64> = HashMap::new();
-        let mut unlisted = Some(Vec::new());
-        self.walk_one(sub, &mut out, &mut links, true, &mut unlisted, &mut None)?;
+        let mut w = Walk {
+            unlisted: Some(Vec::new()),
+            ..Walk::default()
+        };
+        self.walk_one(sub, &mut w, true)?;
         Ok(Manifest {
-            entries: out,
-            unlisted: unlisted.unwrap_or_default(),
+            entries: w.out,
+            unlisted: w.unlisted.unwrap_or_default(),
         })
     }
 
     /// The entry at `path` alone (no children).
     pub fn manifest_entry(&self, path: &SharePath) -> io::Result<ManifestEntry> {
-        let mut out = Vec::new();
-        self.walk_one(
-            path,
-            &mut out,
-            &mut HashMap::new(),
-            false,
-            &mut None,
-            &mut None,
-        )?;
-        out.pop()
+        let mut w = Walk::default();
+        self.walk_one(path, &mut w, false)?;
+        w.out
+            .pop()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))
     }
 
-    /// Appends `path`'s entry (and, `deep`, its subtree's) to `out`. With
-    /// `unlisted`, directories that cannot be listed for lack of permission
-    /// go there instead of failing the walk. With `keys`, each entry's
-    /// stamps (for the digest cache) go there too, in the same order.
-    fn walk_one(
-        &self,
-        path: &SharePath,
-        out: &mut Vec<ManifestEntry>,
-        links: &mut HashMap<u64, u64>,
-        deep: bool,
-        unlisted: &mut Option<Vec<(SharePath, io::Error)>>,
-        keys: &mut Option<Vec<FileKey>>,
-    ) -> io::Result<()> {
+    /// Appends `path`'s entry (and, `deep`, its subtree's) to the walk.
+    fn walk_one(&self, path: &SharePath, w: &mut Walk, deep: bool) -> io::Result<()> {
         let st = match self.lstat(&Target::Path(path.clone())) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !path.is_root() => return Ok(()),
             Err(e) => return Err(e),
         };
-        self.walk_stat(path, &st, out, links, deep, unlisted, keys)
+        self.walk_stat(path, &st, w, deep)
     }
 
     /// [`Self::walk_one`] of an entry already stat'ed. A directory's
     /// children are stat'ed through one descriptor of it (by name: one
     /// component, symlinks not followed), not resolved from the root each.
-    #[allow(clippy::too_many_arguments)]
     fn walk_stat(
         &self,
         path: &SharePath,
         st: &libc::stat,
-        out: &mut Vec<ManifestEntry>,
-        links: &mut HashMap<u64, u64>,
+        w: &mut Walk,
         deep: bool,
-        unlisted: &mut Option<Vec<(SharePath, io::Error)>>,
-        keys: &mut Option<Vec<FileKey>>,
     ) -> io::Result<()> {
-        if out.len() >= MANIFEST_ENTRIES_MAX {
+        if w.out.len() >= MANIFEST_ENTRIES_MAX {
             return Err(io::Error::other(format!(
                 "more than MANIFEST_ENTRIES_MAX ({MANIFEST_ENTRIES_MAX}) entries"
             )));
@@ -860,12 +850,12 @@ impl Tree {
             _ => EntryKind::Special { rdev: st.st_rdev },
         };
         let link_id = if fmt != libc::S_IFDIR && st.st_nlink > 1 {
-            let n = links.len() as u64 + 1;
-            *links.entry(st.st_ino).or_insert(n)
+            let n = w.links.len() as u64 + 1;
+            *w.links.entry(st.st_ino).or_insert(n)
         } else {
             0
         };
-        out.push(ManifestEntry {
+        w.out.push(ManifestEntry {
             path: path.clone(),
             kind,
             mode: st.st_mode,
@@ -877,7 +867,7 @@ impl Tree {
             },
             link_id,
         });
-        if let Some(k) = keys.as_mut() {
+        if let Some(k) = w.keys.as_mut() {
             k.push(FileKey::of_stat(st));
         }
         if fmt == libc::S_IFDIR && deep {
@@ -893,7 +883,7 @@ impl Tree {
                     .collect::<io::Result<Vec<_>>>()?;
                 Ok((fd, names))
             });
-            let (dir, mut names) = match (listed, unlisted.as_mut()) {
+            let (dir, mut names) = match (listed, w.unlisted.as_mut()) {
                 (Ok(l), _) => l,
                 (Err(e), Some(u)) if e.raw_os_error() == Some(libc::EACCES) => {
                     u.push((path.clone(), e));
@@ -926,7 +916,7 @@ impl Tree {
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                     Err(e) => return Err(e),
                 }
-                self.walk_stat(&child, &cst, out, links, true, unlisted, keys)?;
+                self.walk_stat(&child, &cst, w, true)?;
             }
         }
         Ok(())
@@ -937,17 +927,12 @@ impl Tree {
     /// are unchanged since it was last hashed (the file is not even
     /// opened), else read (see [`DigestCache`]). Also returns the bytes read.
     pub fn listing(&self, cache: &DigestCache) -> io::Result<(Vec<Listed>, u64)> {
-        let mut entries = Vec::new();
-        let mut keys = Some(Vec::new());
-        self.walk_one(
-            &SharePath::root(),
-            &mut entries,
-            &mut HashMap::new(),
-            true,
-            &mut None,
-            &mut keys,
-        )?;
-        let keys = keys.unwrap_or_default();
+        let mut w = Walk {
+            keys: Some(Vec::new()),
+            ..Walk::default()
+        };
+        self.walk_one(&SharePath::root(), &mut w, true)?;
+        let (entries, keys) = (w.out, w.keys.unwrap_or_default());
         let mut bytes = 0u64;
         let mut buf = vec![0u8; 1 << 20];
         // Looked up entry by entry (a concurrent digest sees the cache too);
