@@ -47,7 +47,8 @@ use super::tree::FileCache;
 
 const TTL: Duration = Duration::from_secs(1);
 /// How long a writable open waits for read-only passthrough handles of the
-/// file that were closed to be released, before it fails with ETXTBSY.
+/// file that were closed to be released, before it fails with ETXTBSY (at
+/// most `FUSE_THREADS - 1` such opens wait at once; more fail at once).
 const PASSTHROUGH_RELEASE_WAIT: Duration = Duration::from_millis(500);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,6 +112,9 @@ enum IoMode {
 #[derive(Debug, Default)]
 struct Inodes {
     nodes: HashMap<u64, Node>,
+    /// FUSE workers waiting in a writable open for passthrough handles
+    /// to be released.
+    release_waiters: usize,
     by_backing: HashMap<u64, u64>,
     next: u64,
 }
@@ -440,21 +444,37 @@ impl ShareFs {
             // backing file, unreplicated, while the inode passes through.
             // A reader that just closed is released asynchronously: its
             // RELEASE may still be on its way, so wait for it a little.
+            // At most all workers but one wait, so one is left to take the
+            // RELEASE they wait for.
             let deadline = std::time::Instant::now() + PASSTHROUGH_RELEASE_WAIT;
-            while inodes
-                .nodes
-                .get(&ino)
-                .is_some_and(|n| n.passthrough_opens > 0)
-            {
+            let mut waiting = false;
+            let busy = loop {
+                if inodes
+                    .nodes
+                    .get(&ino)
+                    .is_none_or(|n| n.passthrough_opens == 0)
+                {
+                    break false;
+                }
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
+                if left.is_zero() || !waiting && inodes.release_waiters + 1 >= FUSE_THREADS {
+                    break true;
+                }
+                if !waiting {
+                    waiting = true;
+                    inodes.release_waiters += 1;
                 }
                 inodes = self
                     .released
                     .wait_timeout(inodes, left)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
+            };
+            if waiting {
+                inodes.release_waiters -= 1;
+            }
+            if busy {
+                return Err(io::Error::from_raw_os_error(libc::ETXTBSY));
             }
         }
         let mode = match inodes.nodes.get_mut(&ino) {
