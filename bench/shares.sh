@@ -10,7 +10,9 @@
 #      lsyncd (default.rsync, delay = 0) in the same run;
 #   3. a sync share's FUSE mount (replicating to the other agent) vs bindfs
 #      (another FUSE passthrough) vs the bare filesystem: fio sequential 1 MiB
-#      writes and 4 KiB writes with an fsync each (end_fsync=1), and pgbench TPS;
+#      writes and 4 KiB writes with an fsync each (end_fsync=1), pgbench TPS,
+#      and sequential 1 MiB reads of a read-only (0444) 1 GiB file, page cache
+#      warm (a sync share passes such reads through to the backing file);
 #   4. 100,000 files in one directory: an async share's initial sync of it,
 #      and the same directory made through a sync share's FUSE mount, listed
 #      (`ls -f`, `find`) through the mount; both replicas compared (diff -r).
@@ -274,12 +276,25 @@ if has 3; then
     R[$t-pg]=$(pg_tps "$work/$t")
     echo "$t: pgbench ${R[$t-pg]} tps" >&2
   done
+  for t in bare bindmnt mnt; do
+    dd if=/dev/urandom of="$work/$t/ro" bs=1M count=1024 status=none
+    chmod 444 "$work/$t/ro"
+    cat "$work/$t/ro" >/dev/null
+    for rep in $(seq "$reps"); do
+      R[$t-read-$rep]=$(fio --name=read --filename="$work/$t/ro" --rw=read --bs=1M --readonly \
+        --ioengine=psync --output-format=json 2>/dev/null \
+        | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["read"]; print("%.1f" % (j["bw_bytes"]/1048576))')
+      echo "rep $rep $t: read-only file read ${R[$t-read-$rep]} MiB/s" >&2
+    done
+    rm -f "$work/$t/ro"
+  done
   med() { local t=$1 job=$2 col=$3; for rep in $(seq "$reps"); do echo "${R[$t-$job-$rep]}" | cut -d' ' -f"$col"; done | median; }
   echo "== FUSE: ferry sync share (replicating to b) vs bindfs vs bare, median of $reps"
-  printf "%-8s %14s %16s %10s\n" target "seq MiB/s" "4k+fsync IOPS" "pgbench tps"
+  printf "%-8s %14s %16s %12s %16s\n" target "seq MiB/s" "4k+fsync IOPS" "pgbench tps" "ro read MiB/s"
   for t in bare bindmnt mnt; do
-    printf "%-8s %14s %16s %10s\n" "$t" "$(med $t seq 1)" "$(med $t fsync 2)" "${R[$t-pg]}"
+    printf "%-8s %14s %16s %12s %16s\n" "$t" "$(med $t seq 1)" "$(med $t fsync 2)" "${R[$t-pg]}" "$(med $t read 1)"
   done
+  echo "read-only file reads: ferry/bare $(ratio "$(med mnt read 1)" "$(med bare read 1)"), ferry/bindfs $(ratio "$(med mnt read 1)" "$(med bindmnt read 1)")"
   echo "ratios ferry/bare: seq $(ratio "$(med mnt seq 1)" "$(med bare seq 1)"), fsync $(ratio "$(med mnt fsync 2)" "$(med bare fsync 2)"), pgbench $(ratio "${R[mnt-pg]}" "${R[bare-pg]}")"
   echo "ratios ferry/bindfs: seq $(ratio "$(med mnt seq 1)" "$(med bindmnt seq 1)"), fsync $(ratio "$(med mnt fsync 2)" "$(med bindmnt fsync 2)"), pgbench $(ratio "${R[mnt-pg]}" "${R[bindmnt-pg]}")"
   stop_agents
