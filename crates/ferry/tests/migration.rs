@@ -76,6 +76,12 @@ fn verify_records(uri: &str, records: &[u64]) {
     }
 }
 
+/// `migrate start W --to b` at `a`, then waits until the migration is ready.
+fn migrate_until_ready(a: &Agent, w: &str) {
+    a.ok(&["migrate", "start", w, "--to", "b"]);
+    wait_until(60, "migration ready", || phase(a, w) == "ready");
+}
+
 fn phase(a: &Agent, w: &str) -> String {
     a.json(&["migrate", "status", w])["phase"]
         .as_str()
@@ -224,8 +230,7 @@ fn cutover_aborts_before_the_commit_point_when_the_target_dies() {
             b.pid()
         ),
     ]);
-    a.ok(&["migrate", "start", "pg", "--to", "b"]);
-    wait_until(60, "migration ready", || phase(&a, "pg") == "ready");
+    migrate_until_ready(&a, "pg");
     let out = a.cli().args(["migrate", "cutover", "pg"]).output().unwrap();
     b.kill9();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -304,8 +309,7 @@ fn a_qemu_guest_keeps_every_record_across_a_test_cutover_and_a_cutover() {
         console(&con_a).0.is_some_and(|n| n >= 20)
     });
     assert_eq!(console(&con_a).1, Some(0), "a fresh disk holds no record");
-    a.ok(&["migrate", "start", "vm", "--to", "b"]);
-    wait_until(60, "migration ready", || phase(&a, "vm") == "ready");
+    migrate_until_ready(&a, "vm");
     // The guest keeps writing during the migration.
     let before = console(&con_a).0.unwrap();
     wait_until(60, "writes during the migration", || {
@@ -427,8 +431,7 @@ fn the_target_dying_after_the_commit_point_keeps_it_primary() {
             armed.display()
         ),
     ]);
-    a.ok(&["migrate", "start", "pg", "--to", "b"]);
-    wait_until(60, "migration ready", || phase(&a, "pg") == "ready");
+    migrate_until_ready(&a, "pg");
     let out = a
         .cli()
         .args(["--json", "migrate", "cutover", "pg"])
@@ -492,8 +495,7 @@ fn a_merkle_mismatch_aborts_the_cutover_and_resends_the_differing_blocks() {
     a.ok(&["volume", "create", "img", "--size", "32MiB"]);
     qemu_io(&a.uri("img"), &["write -P 0x33 0 32M"]);
     a.ok(&["workload", "create", "m", "--volume", "img"]);
-    a.ok(&["migrate", "start", "m", "--to", "b"]);
-    wait_until(60, "migration ready", || phase(&a, "m") == "ready");
+    migrate_until_ready(&a, "m");
     // b's leaves are hashed before the damage (else they hash the damage).
     wait_until(30, "b's leaves current", || {
         b.status("img")["merkle_stale_blocks"] == 0
@@ -550,8 +552,7 @@ fn a_workload_that_fails_to_start_at_the_target_is_returned_by_a_reverse_cutover
         "--stop",
         &format!("echo stop $FERRY_NODE >> {h}"),
     ]);
-    a.ok(&["migrate", "start", "w", "--to", "b"]);
-    wait_until(60, "migration ready", || phase(&a, "w") == "ready");
+    migrate_until_ready(&a, "w");
     let report = a.json(&["migrate", "cutover", "w"]);
     assert_eq!(report["target_healthy"], false, "{report}");
     assert_eq!(report["reverse_cutover"]["to"], "a", "{report}");
@@ -602,8 +603,7 @@ fn a_test_cutover_runs_on_a_snapshot_while_production_keeps_writing() {
     let out = a.cli().args(["migrate", "test", "web"]).output().unwrap();
     assert!(!out.status.success(), "no test without a migration");
     let writer = Writer::start(a.uri("app"), 0);
-    a.json(&["migrate", "start", "web", "--to", "b"]);
-    wait_until(60, "migration ready", || phase(&a, "web") == "ready");
+    migrate_until_ready(&a, "web");
     wait_until(30, "writes during the migration", || writer.acked() >= 20);
     let before = writer.acked() as u64;
     let t = a.json(&["migrate", "test", "web"]);
@@ -871,8 +871,7 @@ fn a_takeover_committed_before_a_crash_is_finished_when_the_target_restarts() {
     a.ok(&[
         "workload", "create", "db", "--volume", "wal", "--volume", "data",
     ]);
-    a.json(&["migrate", "start", "db", "--to", "b"]);
-    wait_until(60, "migration ready", || phase(&a, "db") == "ready");
+    migrate_until_ready(&a, "db");
     // The target crashed right after writing its commit record: the source
     // stays down (as it would, frozen past the commit point).
     a.stop();
@@ -1204,8 +1203,7 @@ fn a_workload_with_an_async_share_migrates_with_every_change_its_stop_hook_waite
         "--start",
         &format!("echo start $FERRY_NODE $FERRY_SHARE_PATHS >> {h}"),
     ]);
-    a.ok(&["migrate", "start", "files", "--to", "b"]);
-    wait_until(60, "migration ready", || phase(&a, "files") == "ready");
+    migrate_until_ready(&a, "files");
     let report = a.json(&["migrate", "cutover", "files"]);
     assert_eq!(report["to"], "b", "{report}");
     assert!(app.wait().unwrap().success());
