@@ -82,6 +82,20 @@ fn migrate_until_ready(a: &Agent, w: &str) {
     wait_until(60, "migration ready", || phase(a, w) == "ready");
 }
 
+/// Once the way back is ready at `b` (within `secs`), `migrate rollback W`
+/// asked at `a`: the report says b → a.
+fn roll_back_to_a(a: &Agent, b: &Agent, w: &str, secs: u64) {
+    wait_until(secs, "the way back is ready", || {
+        b.json(&["migrate", "status", w])["phase"] == "ready"
+    });
+    let back = a.json(&["migrate", "rollback", w]);
+    assert_eq!(
+        (&back["from"], &back["to"]),
+        (&"b".into(), &"a".into()),
+        "{back}"
+    );
+}
+
 fn phase(a: &Agent, w: &str) -> String {
     a.json(&["migrate", "status", w])["phase"]
         .as_str()
@@ -163,15 +177,7 @@ fn verified_cutover_under_live_writes_moves_the_workload() {
         "the old primary must not serve the volume any more"
     );
     // Roll back (asked at a, run by b): the same verified cutover, b → a.
-    wait_until(30, "the way back is ready", || {
-        b.json(&["migrate", "status", "web"])["phase"] == "ready"
-    });
-    let back = a.json(&["migrate", "rollback", "web"]);
-    assert_eq!(
-        (&back["from"], &back["to"]),
-        (&"b".into(), &"a".into()),
-        "{back}"
-    );
+    roll_back_to_a(&a, &b, "web", 30);
     assert_eq!(a.status("app")["role"], "primary");
     assert_eq!(b.status("app")["role"], "secondary");
     qemu_io(
@@ -1144,15 +1150,7 @@ fn a_workload_with_a_sync_share_migrates_verified_and_back() {
     assert_trees_equal(&b_data, &a_data);
     in_mounts(&b, &format!("echo after > {m}/after-b; sync {m}/after-b"));
     // Roll back (asked at a, run by b): the same verified cutover, b → a.
-    wait_until(60, "the way back is ready", || {
-        b.json(&["migrate", "status", "web"])["phase"] == "ready"
-    });
-    let back = a.json(&["migrate", "rollback", "web"]);
-    assert_eq!(
-        (&back["from"], &back["to"]),
-        (&"b".into(), &"a".into()),
-        "{back}"
-    );
+    roll_back_to_a(&a, &b, "web", 60);
     assert_eq!(a.json(&["share", "status", "files"])["role"], "primary");
     assert_eq!(b.json(&["share", "status", "files"])["role"], "replica");
     assert_eq!(in_mounts(&a, &format!("cat {m}/after-b")), "after\n");

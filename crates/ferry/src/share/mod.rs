@@ -286,9 +286,7 @@ impl Running {
     /// the mount go, the journal is closed cleanly.
     fn stop(self, why: &str) {
         self.share.close_gate();
-        self.share.link().stop = true;
-        self.share.cv.notify_all();
-        self.share.link_lost(why);
+        self.share.stop_link(why);
         drop(self.watcher);
         drop(self.mount);
         self.share.close_clean();
@@ -333,18 +331,16 @@ impl Shares {
         self.primaries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The digest cache of share `name` (made on first use).
-    pub fn digest_cache(
-        &self,
-        name: &str,
-        files_max: usize,
-        settled_ms: u64,
-    ) -> std::sync::Arc<tree::DigestCache> {
+    /// The digest cache of share `name` (made on first use; the caller
+    /// sets its settling time, which follows the share's role).
+    pub fn digest_cache(&self, name: &str, files_max: usize) -> std::sync::Arc<tree::DigestCache> {
         self.digests
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(name.to_string())
-            .or_insert_with(|| std::sync::Arc::new(tree::DigestCache::new(files_max, settled_ms)))
+            .or_insert_with(|| {
+                std::sync::Arc::new(tree::DigestCache::new(files_max, tree::DIGEST_SETTLED_MS))
+            })
             .clone()
     }
 
@@ -587,9 +583,7 @@ pub fn replicate_to(
         share.store.save(&rec)
     };
     if let Err(e) = saved {
-        share.link().stop = true;
-        share.cv.notify_all();
-        share.link_lost("its record could not be saved");
+        share.stop_link("its record could not be saved");
         return Err(e.into());
     }
     tracing::info!(share = %name, peer = %to, "share.replication.started");
@@ -618,9 +612,7 @@ pub fn stop_replicating(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Res
         rec.peer = None;
         share.store.save(&rec)?;
     }
-    share.link().stop = true;
-    share.cv.notify_all();
-    share.link_lost("replication stopped");
+    share.stop_link("replication stopped");
     tracing::info!(share = %name, "share.replication.stopped");
     Ok(())
 }
@@ -672,7 +664,7 @@ fn digest_cache(
     };
     let cache = ctx
         .shares
-        .digest_cache(name, ctx.cfg.shares.digest_cache_files_max, settled_ms);
+        .digest_cache(name, ctx.cfg.shares.digest_cache_files_max);
     cache.set_settled_ms(settled_ms);
     Ok(cache)
 }
@@ -948,15 +940,15 @@ pub fn spawn_link(
     peer: String,
 ) -> anyhow::Result<()> {
     /// Counts a link thread until it ends, however it ends.
-    struct Running(std::sync::Arc<primary::PrimaryShare>);
-    impl Drop for Running {
+    struct LinkThread(std::sync::Arc<primary::PrimaryShare>);
+    impl Drop for LinkThread {
         fn drop(&mut self) {
             self.0.link().threads -= 1;
         }
     }
     let ctx = ctx.clone();
     share.link().threads += 1;
-    let counted = Running(share.clone());
+    let counted = LinkThread(share.clone());
     let name = format!("share-link-{}", share.name);
     std::thread::Builder::new().name(name).spawn(move || {
         let _counted = counted;

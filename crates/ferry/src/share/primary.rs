@@ -736,6 +736,14 @@ impl PrimaryShare {
         self.link_lost(why);
     }
 
+    /// Ends the link (it does not reconnect): replication stopped, or the
+    /// share stops serving here.
+    pub fn stop_link(&self, why: &str) {
+        self.link().stop = true;
+        self.cv.notify_all();
+        self.link_lost(why);
+    }
+
     /// Nothing changed is waiting to be sent: no change the watcher
     /// reported is still pending, no rename, no path in the journal.
     pub fn caught_up(&self) -> bool {
