@@ -9,17 +9,34 @@
 //!   filesystems that support neither (unless the client asked for a fast zero).
 //! - BLOCK_STATUS reports the file's real allocation from `SEEK_DATA`/`SEEK_HOLE`.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use super::{Allocation, BlockDevice, ZeroMode};
 
 /// Zero bytes written when the filesystem cannot zero a range itself.
 const ZERO_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Alignment (offset, length and memory) of writes that bypass the page cache;
+/// 4 KiB satisfies every logical block size up to 4 KiB.
+pub const DIRECT_ALIGN_BYTES: usize = 4096;
+/// Shorter writes go through the page cache even when asked to bypass it:
+/// a direct write waits for the device, which only pays off for bulk data.
+pub const DIRECT_WRITE_BYTES_MIN: usize = 256 * 1024;
+/// Memory a thread keeps for gathering direct writes beyond this is freed
+/// after each write.
+const BOUNCE_KEEP_BYTES: usize = 4 * 1024 * 1024 + DIRECT_ALIGN_BYTES;
+
+thread_local! {
+    /// Aligned copy of a direct write whose buffer is not aligned.
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// A raw image file.
 #[derive(Debug)]
@@ -31,6 +48,9 @@ pub struct FileDevice {
     punch_supported: AtomicBool,
     /// Cleared after the filesystem answered `EOPNOTSUPP` to a zero range.
     zero_range_supported: AtomicBool,
+    /// The same file opened with `O_DIRECT`, for [`FileDevice::write_through_at`];
+    /// `None` once the filesystem refused it.
+    direct: OnceLock<Option<File>>,
 }
 
 fn einval(what: &str) -> io::Error {
@@ -72,6 +92,7 @@ impl FileDevice {
             size: meta.len(),
             punch_supported: AtomicBool::new(true),
             zero_range_supported: AtomicBool::new(true),
+            direct: OnceLock::new(),
         })
     }
 
@@ -99,6 +120,64 @@ impl FileDevice {
         } else {
             Err(io::Error::last_os_error())
         }
+    }
+
+    /// Writes `pieces`, one after another, at `offset` bypassing the page
+    /// cache (`O_DIRECT`, gathered into one aligned write) when the whole
+    /// range is [`DIRECT_ALIGN_BYTES`]-aligned and at least
+    /// [`DIRECT_WRITE_BYTES_MIN`] long; else (or where the filesystem refuses
+    /// `O_DIRECT`) like [`BlockDevice::write_at`]. For bulk writes nobody on
+    /// this node reads back soon (a replica's resync copies): no second copy
+    /// of the data in memory, no page-cache pages to fill and write back.
+    /// Durability is the same as a plain write's: only `flush` makes it
+    /// durable (the device may still cache it). The kernel keeps cached pages
+    /// of the range coherent (written back and dropped before a direct write).
+    pub fn write_through_at(&self, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let aligned = |v: u64| v % DIRECT_ALIGN_BYTES as u64 == 0;
+        let direct = if len >= DIRECT_WRITE_BYTES_MIN && aligned(offset) && aligned(len as u64) {
+            self.direct.get_or_init(|| self.open_direct()).as_ref()
+        } else {
+            None
+        };
+        let Some(direct) = direct else {
+            let mut at = offset;
+            for p in pieces {
+                self.file.write_all_at(p, at)?;
+                at += p.len() as u64;
+            }
+            return Ok(());
+        };
+        BOUNCE.with(|b| {
+            let mut b = b.borrow_mut();
+            let need = len + DIRECT_ALIGN_BYTES;
+            if b.len() < need {
+                b.resize(need, 0);
+            }
+            let skip = b.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
+            let dst = &mut b[skip..skip + len];
+            let mut at = 0;
+            for p in pieces {
+                dst[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            let wrote = direct.write_all_at(dst, offset);
+            if b.len() > BOUNCE_KEEP_BYTES {
+                *b = Vec::new();
+            }
+            wrote
+        })
+    }
+
+    fn open_direct(&self) -> Option<File> {
+        // Reopen the same inode (not the path, which may have been renamed).
+        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        use std::os::unix::fs::OpenOptionsExt;
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(proc_path)
+            .ok()
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
@@ -321,6 +400,76 @@ mod tests {
         let mut buf = vec![1u8; 65536];
         dev.read_at(&mut buf, 1 << 20).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    /// Pages of `len` bytes at `offset` of `path` that are in the page cache.
+    fn resident_pages(path: &Path, offset: u64, len: usize) -> usize {
+        let f = File::open(path).unwrap();
+        // SAFETY: a fresh read-only shared mapping of an open file, unmapped
+        // below; nothing reads through the pointer (mincore only inspects it).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `p` maps `len` bytes; `vec` holds one byte per page of them.
+        let rc = unsafe { libc::mincore(p, len, vec.as_mut_ptr()) };
+        // SAFETY: `p` was mapped above with this length and is not used after.
+        unsafe { libc::munmap(p, len) };
+        assert_eq!(rc, 0);
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn bulk_writes_bypass_the_page_cache_and_stay_coherent_with_cached_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let dev = FileDevice::create(&path, 8 << 20).unwrap();
+        // A cached, dirty page inside the range written directly below.
+        dev.write_at(&[7; 4096], (1 << 20) + 8192, false).unwrap();
+        // Sixteen 64 KiB pieces from an unaligned buffer (as frames sit in a
+        // receive buffer), written as one 1 MiB range.
+        let mut backing = vec![0u8; (1 << 20) + 1];
+        for (i, b) in backing[1..].iter_mut().enumerate() {
+            *b = (i / 65536) as u8 + 1;
+        }
+        let pieces: Vec<&[u8]> = backing[1..].chunks(65536).collect();
+        dev.write_through_at(&pieces, 1 << 20).unwrap();
+        if dev.direct.get().is_some_and(|d| d.is_some()) {
+            assert_eq!(
+                resident_pages(&path, 1 << 20, 1 << 20),
+                0,
+                "a direct write leaves nothing in the page cache"
+            );
+        } else {
+            eprintln!("this filesystem refuses O_DIRECT: the write went through the page cache");
+        }
+        let mut back = vec![0u8; 1 << 20];
+        dev.read_at(&mut back, 1 << 20).unwrap();
+        assert!(
+            back == backing[1..],
+            "read back what the pieces held, not the cached page"
+        );
+
+        // Short or unaligned writes go through the page cache, in order.
+        dev.write_through_at(&[&[9; 4096], &[10; 100]], 3 << 20)
+            .unwrap();
+        dev.write_through_at(&[&[11; 300 * 1024]], (4 << 20) + 512)
+            .unwrap();
+        let mut back = vec![0u8; 4196];
+        dev.read_at(&mut back, 3 << 20).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 9) && back[4096..].iter().all(|&b| b == 10));
+        let mut back = vec![0u8; 300 * 1024];
+        dev.read_at(&mut back, (4 << 20) + 512).unwrap();
+        assert!(back.iter().all(|&b| b == 11));
+        dev.flush().unwrap();
     }
 
     #[test]

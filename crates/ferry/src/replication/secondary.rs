@@ -691,15 +691,86 @@ fn apply_batch(
     b: &Batch,
     state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
+    let mut run = CopyRun::default();
     for (hdr, start, len) in &b.frames {
         if hdr.kind == Kind::Ping {
             continue;
         }
         // The receiver checked every tag.
         let tag = tag_of(hdr);
-        apply_one(&vols[tag], tag, hdr, &b.buf[*start..*start + *len], state)?;
+        let payload = &b.buf[*start..*start + *len];
+        if hdr.kind == Kind::Copy && run.extends(tag, hdr.offset) {
+            run.pieces.push(payload);
+            continue;
+        }
+        run.write(vols, state)?;
+        if hdr.kind == Kind::Copy {
+            check_range(&vols[tag], hdr.offset, payload.len() as u64)?;
+            run = CopyRun {
+                tag,
+                offset: hdr.offset,
+                pieces: vec![payload],
+            };
+            continue;
+        }
+        apply_one(&vols[tag], tag, hdr, payload, state)?;
     }
-    Ok(())
+    run.write(vols, state)
+}
+
+/// Resync copies of one member that follow one another on the volume,
+/// written together ([`FileDevice::write_through_at`]: one direct write of up
+/// to [`COPY_RUN_BYTES_MAX`] instead of a page-cache write per block).
+#[derive(Default)]
+struct CopyRun<'a> {
+    tag: usize,
+    offset: u64,
+    pieces: Vec<&'a [u8]>,
+}
+
+/// Longest run of contiguous resync copies written at once.
+const COPY_RUN_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+impl CopyRun<'_> {
+    fn len(&self) -> u64 {
+        self.pieces.iter().map(|p| p.len() as u64).sum()
+    }
+
+    /// Whether a copy of member `tag` at `offset` continues this run.
+    fn extends(&self, tag: usize, offset: u64) -> bool {
+        let len = self.len();
+        !self.pieces.is_empty()
+            && self.tag == tag
+            && self.offset + len == offset
+            && len < COPY_RUN_BYTES_MAX
+    }
+
+    fn write(
+        &mut self,
+        vols: &[Arc<SecondaryVolume>],
+        state: &(Mutex<FlushState>, std::sync::Condvar),
+    ) -> Result<()> {
+        if self.pieces.is_empty() {
+            return Ok(());
+        }
+        let vol = &vols[self.tag];
+        let len = self.len();
+        check_range(vol, self.offset, len)?;
+        let _snap = vol.snapshot.before_write(&vol.dev, self.offset, len);
+        let wrote = vol.dev.write_through_at(&self.pieces, self.offset);
+        vol.leaves.invalidate(self.offset, len);
+        wrote.with_context(|| format!("writing {len} bytes at {}", self.offset))?;
+        self.pieces.clear();
+        vol.bytes_applied.fetch_add(len, Ordering::Relaxed);
+        let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
+        st.copied += len;
+        if st.copied >= WRITEBACK_KICK_BYTES {
+            st.copied = 0;
+            st.kick = true;
+            state.1.notify_all();
+        }
+        Ok(())
+    }
 }
 
 fn apply_one(
@@ -710,7 +781,7 @@ fn apply_one(
     state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
     match hdr.kind {
-        Kind::Write | Kind::Copy => {
+        Kind::Write => {
             check_range(vol, hdr.offset, payload.len() as u64)?;
             let _snap = vol
                 .snapshot
@@ -720,15 +791,6 @@ fn apply_one(
             wrote.with_context(|| format!("writing {} bytes at {}", payload.len(), hdr.offset))?;
             vol.bytes_applied
                 .fetch_add(payload.len() as u64, Ordering::Relaxed);
-            if hdr.kind == Kind::Copy {
-                let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
-                st.copied += payload.len() as u64;
-                if st.copied >= WRITEBACK_KICK_BYTES {
-                    st.copied = 0;
-                    st.kick = true;
-                    state.1.notify_all();
-                }
-            }
         }
         Kind::Zero => {
             let len =
