@@ -9,15 +9,18 @@
 #      sync vs async link (IOPS over the run, durable IOPS with --end_fsync=1,
 #      CPU-seconds per GiB on A and B), and p99 latency at 50% of the
 #      unreplicated peak (durable) IOPS; reps interleaved.
-# Usage: bench/replication.sh [--size 1G] [--runtime 10] [--reps 3]
+# Usage: bench/replication.sh [--parts 1,2,3] [--size 1G] [--runtime 10] [--reps 3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+has() { [[ ",$parts," == *",$1,"* ]]; }
 
 size_mib=1024
 runtime=10
 reps=3
+parts=1,2,3
 while (($#)); do
   case "$1" in
+    --parts) parts="$2"; shift 2 ;;
     --size) size_mib=$(( $(numfmt --from=iec "$2") / 1048576 )); shift 2 ;;
     --runtime) runtime="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
@@ -81,6 +84,7 @@ read only = no
 EOT
 rsync --daemon --no-detach --address=127.0.0.1 --port="$rport" --config="$work/rsyncd.conf" & rs=$!; pids+=($rs)
 sleep 0.3
+if has 1; then
 sync_times=(); rss_peaks=(); nbdcopy_times=(); rsync_times=()
 for rep in $(seq "$reps"); do
   for n in a b; do rm -rf "${work:?}/$n"; done
@@ -120,8 +124,10 @@ ferry_sync=$(printf '%s\n' "${sync_times[@]}" | median)
 ferry_rss=$(( $(printf '%s\n' "${rss_peaks[@]}" | median) / 1024 ))
 nbdcopy_sync=$(printf '%s\n' "${nbdcopy_times[@]}" | median)
 rsync_sync=$(printf '%s\n' "${rsync_times[@]}" | median)
+fi
 
 # ---------- 2. resync after ~1% change ----------
+if has 2 || has 3; then
 for n in a b; do rm -rf "${work:?}/$n"; done
 FERRY_DATA_DIR="$work/a" "$ferry" volume create vol --size "${size_mib}MiB" >/dev/null
 cp "$work/random.img" "$work/a/volumes/vol/data.raw"
@@ -130,6 +136,8 @@ cp "$work/b/api.token" "$work/b.token"
 on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
 on a replicate start vol --to b >/dev/null
 on a replicate wait vol --timeout 300s >/dev/null
+fi
+if has 2; then
 resync_times=(); resync_bytes=()
 blocks=$((size_mib * 16))
 for rep in $(seq "$reps"); do
@@ -170,7 +178,9 @@ PY
   rsync_resync_times+=("$(echo "$t1 - $t0" | bc)")
 done
 rsync_resync=$(printf '%s\n' "${rsync_resync_times[@]}" | median)
+fi
 
+if has 3; then
 # ---------- 3. fio over NBD: unreplicated vs sync vs async ----------
 # Every run gets a fresh sparse 1 GiB volume (the same kind of export for all
 # three), and the reps are interleaved (plain, sync, async, plain, …) so that
@@ -245,28 +255,41 @@ declare -A IOPS DIOPS P99
 for t in plain sync async; do
   IOPS[$t]=$(med "${RUNS[$t]}"); DIOPS[$t]=$(med "${DURABLE[$t]}"); P99[$t]=$(med "${P99S[$t]}")
 done
+fi
 
 out="bench/out/replication-$(date -u +%Y%m%dT%H%M%SZ).md"
 mkdir -p bench/out
 {
   echo "2 agents on 127.0.0.1 (TLS 1.3), ${size_mib} MiB random image, median of $reps runs, $(nproc) cores, $(uname -r)"
   echo
-  echo "| test | ferry | peer | ratio | target |"
-  echo "|---|---|---|---|---|"
-  faster=$(printf '%s\n%s\n' "$nbdcopy_sync" "$rsync_sync" | sort -n | head -1)
-  echo "| initial sync ${size_mib} MiB | ${ferry_sync} s | nbdcopy ${nbdcopy_sync} s, rsync daemon ${rsync_sync} s | $(echo "scale=2; $faster / $ferry_sync" | bc)× the faster | ≥ 1.0× |"
-  echo "| resync 160 × 64 KiB | ${ferry_resync} s | rsync -I --inplace ${rsync_resync} s | $(echo "scale=1; $rsync_resync / $ferry_resync" | bc)× faster | ≥ 20× |"
-  echo "| resync bytes sent | ${ferry_resync_bytes} B | changed ${changed} B | $(echo "scale=2; $ferry_resync_bytes / $changed" | bc)× changed | ≤ 1.2× |"
-  echo "| agent A RSS peak during sync | ${ferry_rss} MiB | | | ≤ 64 MiB + backlog (64 MiB) |"
-  echo
-  echo "| fio 4k randwrite QD16 | IOPS (run) | vs unreplicated | durable IOPS | vs unreplicated | p99 at ${half} IOPS | p99 ratio | CPU-s/GiB A | CPU-s/GiB B |"
-  echo "|---|---|---|---|---|---|---|---|---|"
-  for t in plain sync async; do
-    label=$([[ $t == plain ]] && echo unreplicated || echo "$t link")
-    echo "| $label | ${IOPS[$t]} | $(echo "scale=2; ${IOPS[$t]} / ${IOPS[plain]}" | bc)× | ${DIOPS[$t]} | $(echo "scale=2; ${DIOPS[$t]} / ${DIOPS[plain]}" | bc)× | ${P99[$t]} µs | $(echo "scale=2; ${P99[$t]} / ${P99[plain]}" | bc)× | $(med "${CPUA[$t]}") | $(med "${CPUB[$t]}") |"
-  done
-  echo
-  echo "raw IOPS (run): plain ${RUNS[plain]}/ sync ${RUNS[sync]}/ async ${RUNS[async]}"
-  echo "raw durable IOPS: plain ${DURABLE[plain]}/ sync ${DURABLE[sync]}/ async ${DURABLE[async]}"
-  echo "raw p99 µs: plain ${P99S[plain]}/ sync ${P99S[sync]}/ async ${P99S[async]}"
+  if has 1 || has 2; then
+    echo "| test | ferry | peer | ratio | target |"
+    echo "|---|---|---|---|---|"
+  fi
+  if has 1; then
+    faster=$(printf '%s\n%s\n' "$nbdcopy_sync" "$rsync_sync" | sort -n | head -1)
+    echo "| initial sync ${size_mib} MiB | ${ferry_sync} s | nbdcopy ${nbdcopy_sync} s, rsync daemon ${rsync_sync} s | $(echo "scale=2; $faster / $ferry_sync" | bc)× the faster | ≥ 1.0× |"
+  fi
+  if has 2; then
+    echo "| resync 160 × 64 KiB | ${ferry_resync} s | rsync -I --inplace ${rsync_resync} s | $(echo "scale=1; $rsync_resync / $ferry_resync" | bc)× faster | ≥ 20× |"
+    echo "| resync bytes sent | ${ferry_resync_bytes} B | changed ${changed} B | $(echo "scale=2; $ferry_resync_bytes / $changed" | bc)× changed | ≤ 1.2× |"
+  fi
+  if has 1; then
+    echo "| agent A RSS peak during sync | ${ferry_rss} MiB | | | ≤ 64 MiB + backlog (64 MiB) |"
+    echo
+    echo "raw initial sync s: ferry ${sync_times[*]} / nbdcopy ${nbdcopy_times[*]} / rsync ${rsync_times[*]}"
+  fi
+  if has 3; then
+    echo
+    echo "| fio 4k randwrite QD16 | IOPS (run) | vs unreplicated | durable IOPS | vs unreplicated | p99 at ${half} IOPS | p99 ratio | CPU-s/GiB A | CPU-s/GiB B |"
+    echo "|---|---|---|---|---|---|---|---|---|"
+    for t in plain sync async; do
+      label=$([[ $t == plain ]] && echo unreplicated || echo "$t link")
+      echo "| $label | ${IOPS[$t]} | $(echo "scale=2; ${IOPS[$t]} / ${IOPS[plain]}" | bc)× | ${DIOPS[$t]} | $(echo "scale=2; ${DIOPS[$t]} / ${DIOPS[plain]}" | bc)× | ${P99[$t]} µs | $(echo "scale=2; ${P99[$t]} / ${P99[plain]}" | bc)× | $(med "${CPUA[$t]}") | $(med "${CPUB[$t]}") |"
+    done
+    echo
+    echo "raw IOPS (run): plain ${RUNS[plain]}/ sync ${RUNS[sync]}/ async ${RUNS[async]}"
+    echo "raw durable IOPS: plain ${DURABLE[plain]}/ sync ${DURABLE[sync]}/ async ${DURABLE[async]}"
+    echo "raw p99 µs: plain ${P99S[plain]}/ sync ${P99S[sync]}/ async ${P99S[async]}"
+  fi
 } | tee "$out"

@@ -503,6 +503,32 @@ const APPLY_QUEUE_BATCHES: usize = 16;
 /// Received frames up to this many bytes are applied by the receiver itself
 /// when the apply thread has nothing queued (a few small sync writes).
 const INLINE_APPLY_BYTES_MAX: usize = 64 * 1024;
+/// Resync copies received are acknowledged at least this often (bytes of
+/// frames), and whenever the receiver has nothing more to read; every other
+/// frame (a sync write waits for its receipt) at once.
+const COPY_ACK_BYTES_MAX: usize = 1024 * 1024;
+
+/// Reads what the socket holds now without waiting (`WouldBlock` when
+/// nothing); the socket itself stays blocking (its clone writes).
+fn recv_ready(sock: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole
+    // call and the fd is owned by `sock`, open for the duration of the call.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// Ciphertext read from the socket at a time.
 const RECEIVE_READ_BYTES: usize = 256 * 1024;
 
@@ -630,6 +656,8 @@ fn receive_frames(
     let Pipe { tx, spare, pending } = pipe;
     let mut plain = leftover;
     let mut raw = vec![0u8; RECEIVE_READ_BYTES];
+    // Bytes of frames received but not yet acknowledged.
+    let mut unacked = 0usize;
     loop {
         let mut frames = Vec::new();
         let mut used = 0;
@@ -652,7 +680,15 @@ fn receive_frames(
             for v in vols {
                 *v.last_rx.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
             }
-            wire.ack(vols, 0..vols.len())?;
+            // Copies only: nobody waits for their receipt but the copier's
+            // flow control, so they are acknowledged every
+            // COPY_ACK_BYTES_MAX, or before the receiver would wait.
+            unacked += used;
+            if unacked >= COPY_ACK_BYTES_MAX || frames.iter().any(|(h, _, _)| h.kind != Kind::Copy)
+            {
+                wire.ack(vols, 0..vols.len())?;
+                unacked = 0;
+            }
             if used <= INLINE_APPLY_BYTES_MAX && pending.load(Ordering::SeqCst) == 0 {
                 // Nothing is queued ahead of these frames: apply them here,
                 // in order, without a hop to the apply thread.
@@ -674,6 +710,21 @@ fn receive_frames(
                     // The apply thread stopped; its error is the one reported.
                     return Ok(());
                 }
+            }
+        }
+        if unacked > 0 {
+            match recv_ready(sock, &mut raw) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    wire.tls.open(&raw[..n], &mut plain)?;
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    wire.ack(vols, 0..vols.len())?;
+                    unacked = 0;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
             }
         }
         let n = match sock.read(&mut raw) {
