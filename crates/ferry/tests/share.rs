@@ -122,6 +122,15 @@ fn sync_mount_runs_real_programs_and_the_replica_matches() {
         "fio --name=v --directory=. --rw=randwrite --bs=4k --size=8M --ioengine=psync \
          --verify=crc32c --do_verify=1 --fsync=64 --output=/dev/null",
     );
+    // Large sequential writes (past the page cache on both nodes), then a
+    // small write into their middle and an unaligned tail (through it).
+    sh(
+        &mnt,
+        "fio --name=s --directory=. --rw=write --bs=1M --size=16M --ioengine=psync \
+         --verify=crc32c --do_verify=1 --output=/dev/null \
+         && dd if=/dev/urandom of=s.0.0 bs=4k count=1 seek=1000 conv=notrunc status=none \
+         && dd if=/dev/urandom of=s.0.0 bs=1000 count=300 seek=16777 conv=notrunc status=none",
+    );
 
     // rsync onto the mount: hard links, symlinks, times, modes.
     sh(&mnt, "rsync -aH /usr/share/zoneinfo/ zi/");

@@ -38,6 +38,78 @@ thread_local! {
     static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Bulk writes to one open file past the page cache: no second copy of the
+/// data in memory, no page-cache pages to fill and write back. Durability is
+/// a plain write's (only `fdatasync` makes it durable: the device may still
+/// cache it); the kernel keeps cached pages of a range coherent (written back
+/// and dropped before a direct write into it).
+#[derive(Debug, Default)]
+pub struct DirectWriter {
+    /// The file opened again with `O_DIRECT`; `None` once the filesystem
+    /// refused it.
+    direct: OnceLock<Option<File>>,
+}
+
+impl DirectWriter {
+    /// Writes `pieces`, one after another, at `offset` of `file`: gathered
+    /// into one aligned `O_DIRECT` write when the whole range is
+    /// [`DIRECT_ALIGN_BYTES`]-aligned and at least [`DIRECT_WRITE_BYTES_MIN`]
+    /// long, else (or where the filesystem refuses `O_DIRECT`) through the
+    /// page cache. `file` must be the same file every time.
+    pub fn write(&self, file: &File, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let aligned = |v: u64| v % DIRECT_ALIGN_BYTES as u64 == 0;
+        let direct = if len >= DIRECT_WRITE_BYTES_MIN && aligned(offset) && aligned(len as u64) {
+            self.direct.get_or_init(|| open_direct(file)).as_ref()
+        } else {
+            None
+        };
+        let Some(direct) = direct else {
+            let mut at = offset;
+            for p in pieces {
+                file.write_all_at(p, at)?;
+                at += p.len() as u64;
+            }
+            return Ok(());
+        };
+        BOUNCE.with(|b| {
+            let mut b = b.borrow_mut();
+            let need = len + DIRECT_ALIGN_BYTES;
+            if b.len() < need {
+                b.resize(need, 0);
+            }
+            let skip = b.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
+            let dst = &mut b[skip..skip + len];
+            let mut at = 0;
+            for p in pieces {
+                dst[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            let wrote = direct.write_all_at(dst, offset);
+            if b.len() > BOUNCE_KEEP_BYTES {
+                *b = Vec::new();
+            }
+            wrote
+        })
+    }
+
+    /// Whether writes went past the page cache (the filesystem took `O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        self.direct.get().is_some_and(|d| d.is_some())
+    }
+}
+
+/// `file` opened again with `O_DIRECT` (the same inode through
+/// `/proc/self/fd`, not a path that may have been renamed since).
+fn open_direct(file: &File) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .ok()
+}
+
 /// A raw image file.
 #[derive(Debug)]
 pub struct FileDevice {
@@ -48,9 +120,7 @@ pub struct FileDevice {
     punch_supported: AtomicBool,
     /// Cleared after the filesystem answered `EOPNOTSUPP` to a zero range.
     zero_range_supported: AtomicBool,
-    /// The same file opened with `O_DIRECT`, for [`FileDevice::write_through_at`];
-    /// `None` once the filesystem refused it.
-    direct: OnceLock<Option<File>>,
+    direct: DirectWriter,
 }
 
 fn einval(what: &str) -> io::Error {
@@ -92,7 +162,7 @@ impl FileDevice {
             size: meta.len(),
             punch_supported: AtomicBool::new(true),
             zero_range_supported: AtomicBool::new(true),
-            direct: OnceLock::new(),
+            direct: DirectWriter::default(),
         })
     }
 
@@ -122,62 +192,11 @@ impl FileDevice {
         }
     }
 
-    /// Writes `pieces`, one after another, at `offset` bypassing the page
-    /// cache (`O_DIRECT`, gathered into one aligned write) when the whole
-    /// range is [`DIRECT_ALIGN_BYTES`]-aligned and at least
-    /// [`DIRECT_WRITE_BYTES_MIN`] long; else (or where the filesystem refuses
-    /// `O_DIRECT`) like [`BlockDevice::write_at`]. For bulk writes nobody on
-    /// this node reads back soon (a replica's resync copies): no second copy
-    /// of the data in memory, no page-cache pages to fill and write back.
-    /// Durability is the same as a plain write's: only `flush` makes it
-    /// durable (the device may still cache it). The kernel keeps cached pages
-    /// of the range coherent (written back and dropped before a direct write).
+    /// Writes `pieces`, one after another, at `offset`, past the page cache
+    /// where it pays ([`DirectWriter::write`]): for bulk writes nobody on this
+    /// node reads back soon (a replica's resync copies).
     pub fn write_through_at(&self, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
-        let len: usize = pieces.iter().map(|p| p.len()).sum();
-        let aligned = |v: u64| v % DIRECT_ALIGN_BYTES as u64 == 0;
-        let direct = if len >= DIRECT_WRITE_BYTES_MIN && aligned(offset) && aligned(len as u64) {
-            self.direct.get_or_init(|| self.open_direct()).as_ref()
-        } else {
-            None
-        };
-        let Some(direct) = direct else {
-            let mut at = offset;
-            for p in pieces {
-                self.file.write_all_at(p, at)?;
-                at += p.len() as u64;
-            }
-            return Ok(());
-        };
-        BOUNCE.with(|b| {
-            let mut b = b.borrow_mut();
-            let need = len + DIRECT_ALIGN_BYTES;
-            if b.len() < need {
-                b.resize(need, 0);
-            }
-            let skip = b.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
-            let dst = &mut b[skip..skip + len];
-            let mut at = 0;
-            for p in pieces {
-                dst[at..at + p.len()].copy_from_slice(p);
-                at += p.len();
-            }
-            let wrote = direct.write_all_at(dst, offset);
-            if b.len() > BOUNCE_KEEP_BYTES {
-                *b = Vec::new();
-            }
-            wrote
-        })
-    }
-
-    fn open_direct(&self) -> Option<File> {
-        // Reopen the same inode (not the path, which may have been renamed).
-        let proc_path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-        use std::os::unix::fs::OpenOptionsExt;
-        OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(proc_path)
-            .ok()
+        self.direct.write(&self.file, pieces, offset)
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
@@ -442,7 +461,7 @@ mod tests {
         }
         let pieces: Vec<&[u8]> = backing[1..].chunks(65536).collect();
         dev.write_through_at(&pieces, 1 << 20).unwrap();
-        if dev.direct.get().is_some_and(|d| d.is_some()) {
+        if dev.direct.is_direct() {
             assert_eq!(
                 resident_pages(&path, 1 << 20, 1 << 20),
                 0,
