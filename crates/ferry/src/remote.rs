@@ -205,7 +205,16 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
             let deadline = Instant::now() + timeout.0;
             let tty = std::io::stderr().is_terminal() && !json;
             loop {
-                let v = c.get(&format!("/api/v1/replications/{name}"))?;
+                // The agent answers as soon as the state is reached (or
+                // after the wait, for the progress bar and the deadline).
+                let wait_ms = deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(if tty { 500 } else { 2_000 });
+                let asked = Instant::now();
+                let v = c.get(&format!(
+                    "/api/v1/replications/{name}?wait_state={want}&wait_ms={wait_ms}"
+                ))?;
                 if tty {
                     eprint!("{}", progress_bar(&v));
                 }
@@ -229,7 +238,10 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
                             .unwrap_or_default()
                     );
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                if asked.elapsed() < Duration::from_millis(wait_ms.min(20) as u64) {
+                    // An agent that does not wait: do not spin.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
         }
         ReplicateCommand::Status { name, watch, conn } => {
@@ -956,7 +968,14 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
             let c = client(conn, data_dir)?;
             let deadline = Instant::now() + timeout.0;
             loop {
-                let v = c.get(&format!("/api/v1/shares/{name}?counts=0"))?;
+                let wait_ms = deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(2_000);
+                let asked = Instant::now();
+                let v = c.get(&format!(
+                    "/api/v1/shares/{name}?counts=0&wait_state=up-to-date&wait_ms={wait_ms}"
+                ))?;
                 if v["state"] == "up-to-date" {
                     let v = c.get(&format!("/api/v1/shares/{name}"))?;
                     return print(&v, json, print_share);
@@ -972,7 +991,10 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
                             .unwrap_or_default()
                     );
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                if asked.elapsed() < Duration::from_millis(wait_ms.min(20) as u64) {
+                    // An agent that does not wait: do not spin.
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
         }
     }

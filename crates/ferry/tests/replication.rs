@@ -206,6 +206,33 @@ fn clean_restart_of_both_agents_needs_no_full_resync() {
         "after clean restarts only the 1 MiB written meanwhile moves, sent {sent}: {st}"
     );
     assert_images_equal(&a, &b, "vol");
+    // A wait for a state that does not come ends at its timeout, not at the
+    // agent's own wait (which answers at the latest after the time asked).
+    let started = std::time::Instant::now();
+    let out = a
+        .cli()
+        .args([
+            "replicate",
+            "wait",
+            "vol",
+            "--state",
+            "outdated",
+            "--timeout",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vol is up-to-date after 1s, not outdated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took >= std::time::Duration::from_secs(1) && took < std::time::Duration::from_secs(10),
+        "a 1 s wait took {took:?}"
+    );
 }
 
 #[test]

@@ -11,9 +11,9 @@
 //! | POST | /api/v1/volumes/{name}/verify | drain the link, compare with the peer |
 //! | POST | /api/v1/replicas | (peer → peer) hold a replica |
 //! | GET, POST | /api/v1/replications | status of all; start one |
-//! | GET, PATCH, DELETE | /api/v1/replications/{name} | status; change max rate; stop |
+//! | GET, PATCH, DELETE | /api/v1/replications/{name} | status (`?wait_state=S&wait_ms=N`: once the state is S, at the latest after N ms); change max rate; stop |
 //! | GET, POST | /api/v1/shares | status of all; create one |
-//! | GET | /api/v1/shares/{name} | status (`?counts=0`: without walking the tree) |
+//! | GET | /api/v1/shares/{name} | status (`?counts=0`: without walking the tree; `wait_state`, `wait_ms` as for replications) |
 //! | GET | /api/v1/shares/{name}/digest | digest of this node's copy (cached file hashes) |
 //! | GET | /api/v1/shares/{name}/files | this node's copy entry by entry, files read whole |
 //! | POST | /api/v1/shares/{name}/verify | wait until level, compare with the replica |
@@ -1094,8 +1094,48 @@ async fn replications(State(ctx): Ctx) -> ApiResult {
     Ok(Json(json!(out)))
 }
 
-async fn replication(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
-    status_of(&ctx, &name).map(Json)
+/// `?wait_state=S&wait_ms=N`: answer once the state is S, or after N ms
+/// (at most [`STATUS_WAIT_MS_MAX`]) with the status as it is then; a
+/// waiting client learns of the change within [`STATUS_WAIT_POLL_MS`]
+/// instead of its own polling interval.
+#[derive(Deserialize)]
+struct StatusWait {
+    wait_state: Option<String>,
+    wait_ms: Option<u64>,
+}
+
+/// Longest a status request waits for a state (the client asks again).
+const STATUS_WAIT_MS_MAX: u64 = 5_000;
+/// How often a waiting status request looks at the state.
+const STATUS_WAIT_POLL_MS: u64 = 2;
+
+impl StatusWait {
+    /// Takes `status` until its `state` is the one waited for, or the wait
+    /// is over; the last one taken is the answer.
+    async fn wait<F, Fut>(&self, mut status: F) -> ApiResult
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Value, ApiError>>,
+    {
+        let deadline = Instant::now()
+            + Duration::from_millis(self.wait_ms.unwrap_or(0).min(STATUS_WAIT_MS_MAX));
+        loop {
+            let v = status().await?;
+            let reached = self.wait_state.as_deref().is_none_or(|s| v["state"] == s);
+            if reached || Instant::now() >= deadline {
+                return Ok(Json(v));
+            }
+            tokio::time::sleep(Duration::from_millis(STATUS_WAIT_POLL_MS)).await;
+        }
+    }
+}
+
+async fn replication(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Query(w): Query<StatusWait>,
+) -> ApiResult {
+    w.wait(|| std::future::ready(status_of(&ctx, &name))).await
 }
 
 #[derive(Deserialize)]
@@ -1375,6 +1415,16 @@ async fn share_status(
 ) -> ApiResult {
     // `counts=0`: skip walking the tree for files and bytes.
     let counts = !q.get("counts").is_some_and(|v| v == "0" || v == "false");
-    let st = blocking(move || Ok(crate::share::status(&ctx, &name, counts)?)).await?;
-    Ok(Json(serde_json::to_value(st).unwrap_or(Value::Null)))
+    let w = StatusWait {
+        wait_state: q.get("wait_state").cloned(),
+        wait_ms: q.get("wait_ms").and_then(|v| v.parse().ok()),
+    };
+    w.wait(|| {
+        let (ctx, name) = (ctx.clone(), name.clone());
+        async move {
+            let st = blocking(move || Ok(crate::share::status(&ctx, &name, counts)?)).await?;
+            Ok(serde_json::to_value(st).unwrap_or(Value::Null))
+        }
+    })
+    .await
 }
