@@ -45,33 +45,51 @@ thread_local! {
 /// and dropped before a direct write into it).
 #[derive(Debug, Default)]
 pub struct DirectWriter {
-    /// The file opened again with `O_DIRECT`; `None` once the filesystem
-    /// refused it.
+    /// The file opened again with `O_DIRECT`; `None` where the filesystem
+    /// does no direct I/O (or not at this alignment).
     direct: OnceLock<Option<File>>,
+    /// Set when a direct write was refused after all: every write goes
+    /// through the page cache from then on.
+    refused: AtomicBool,
 }
 
 impl DirectWriter {
     /// Writes `pieces`, one after another, at `offset` of `file`: gathered
     /// into one aligned `O_DIRECT` write when the whole range is
     /// [`DIRECT_ALIGN_BYTES`]-aligned and at least [`DIRECT_WRITE_BYTES_MIN`]
-    /// long, else (or where the filesystem refuses `O_DIRECT`) through the
-    /// page cache. `file` must be the same file every time.
+    /// long, else (or where the filesystem does no direct I/O, or refuses a
+    /// direct write: then the range is written again through the cache)
+    /// through the page cache. `file` must be the same file every time.
     pub fn write(&self, file: &File, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
         let len: usize = pieces.iter().map(|p| p.len()).sum();
         let aligned = |v: u64| v % DIRECT_ALIGN_BYTES as u64 == 0;
-        let direct = if len >= DIRECT_WRITE_BYTES_MIN && aligned(offset) && aligned(len as u64) {
-            self.direct.get_or_init(|| open_direct(file)).as_ref()
+        let direct = if len >= DIRECT_WRITE_BYTES_MIN
+            && aligned(offset)
+            && aligned(len as u64)
+            && !self.refused.load(Ordering::Relaxed)
+        {
+            self.direct_file(file)
         } else {
             None
         };
-        let Some(direct) = direct else {
-            let mut at = offset;
-            for p in pieces {
-                file.write_all_at(p, at)?;
-                at += p.len() as u64;
+        if let Some(direct) = direct {
+            match Self::write_gathered(direct, pieces, len, offset) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    // Rewriting the same bytes at the same place is safe.
+                    self.refused.store(true, Ordering::Relaxed);
+                }
+                r => return r,
             }
-            return Ok(());
-        };
+        }
+        let mut at = offset;
+        for p in pieces {
+            file.write_all_at(p, at)?;
+            at += p.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn write_gathered(direct: &File, pieces: &[&[u8]], len: usize, offset: u64) -> io::Result<()> {
         BOUNCE.with(|b| {
             let mut b = b.borrow_mut();
             let need = len + DIRECT_ALIGN_BYTES;
@@ -93,21 +111,69 @@ impl DirectWriter {
         })
     }
 
-    /// Whether writes went past the page cache (the filesystem took `O_DIRECT`).
+    /// The direct descriptor, opened on first use. A failure to open that
+    /// may pass (out of descriptors or memory) is not remembered.
+    fn direct_file(&self, file: &File) -> Option<&File> {
+        if let Some(d) = self.direct.get() {
+            return d.as_ref();
+        }
+        match open_direct(file) {
+            Ok(d) => self.direct.get_or_init(|| d).as_ref(),
+            Err(_) => None,
+        }
+    }
+
+    /// Whether writes go past the page cache (the filesystem does direct I/O).
     pub fn is_direct(&self) -> bool {
-        self.direct.get().is_some_and(|d| d.is_some())
+        !self.refused.load(Ordering::Relaxed) && self.direct.get().is_some_and(|d| d.is_some())
     }
 }
 
 /// `file` opened again with `O_DIRECT` (the same inode through
-/// `/proc/self/fd`, not a path that may have been renamed since).
-fn open_direct(file: &File) -> Option<File> {
+/// `/proc/self/fd`, not a path that may have been renamed since): `Ok(None)`
+/// when the file is not open for writing, or its filesystem does no direct
+/// I/O at [`DIRECT_ALIGN_BYTES`] (tmpfs takes `O_DIRECT` but keeps the data
+/// cached: it reports no direct-I/O alignment), `Err` when it could not be
+/// opened now.
+fn open_direct(file: &File) -> io::Result<Option<File>> {
     use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL only reads the descriptor's flags; `fd` is open.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl < 0 || fl & libc::O_ACCMODE == libc::O_RDONLY {
+        return Ok(None);
+    }
+    // SAFETY: zeroed `statx` is a valid out-parameter.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH names `fd`
+    // itself; `stx` is a valid out pointer for the duration of the call.
+    let rc = unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let align = DIRECT_ALIGN_BYTES as u32;
+    if rc != 0
+        || stx.stx_mask & libc::STATX_DIOALIGN == 0
+        || stx.stx_dio_offset_align == 0
+        || stx.stx_dio_offset_align > align
+        || stx.stx_dio_mem_align > align
+    {
+        return Ok(None);
+    }
+    match OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .ok()
+        .open(format!("/proc/self/fd/{fd}"))
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// A raw image file.
@@ -462,6 +528,7 @@ mod tests {
         let pieces: Vec<&[u8]> = backing[1..].chunks(65536).collect();
         dev.write_through_at(&pieces, 1 << 20).unwrap();
         if dev.direct.is_direct() {
+            // (ext4 here and in CI: the branch below is the exception.)
             assert_eq!(
                 resident_pages(&path, 1 << 20, 1 << 20),
                 0,
@@ -489,6 +556,23 @@ mod tests {
         dev.read_at(&mut back, (4 << 20) + 512).unwrap();
         assert!(back.iter().all(|&b| b == 11));
         dev.flush().unwrap();
+    }
+
+    #[test]
+    fn tmpfs_bulk_writes_stay_buffered_and_whole() {
+        // tmpfs takes O_DIRECT at open but keeps the data cached: it must
+        // not count as direct (and must not pay the gathering copy).
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("no /dev/shm here");
+            return;
+        };
+        let dev = FileDevice::create(&dir.path().join("img"), 2 << 20).unwrap();
+        let data = vec![5u8; 1 << 20];
+        dev.write_through_at(&[&data], 1 << 20).unwrap();
+        assert!(!dev.direct.is_direct());
+        let mut back = vec![0u8; 1 << 20];
+        dev.read_at(&mut back, 1 << 20).unwrap();
+        assert!(back == data);
     }
 
     #[test]

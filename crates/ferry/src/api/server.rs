@@ -1110,24 +1110,39 @@ const STATUS_WAIT_MS_MAX: u64 = 5_000;
 const STATUS_WAIT_POLL_MS: u64 = 2;
 
 impl StatusWait {
-    /// Takes `status` until its `state` is the one waited for, or the wait
-    /// is over; the last one taken is the answer.
-    async fn wait<F, Fut>(&self, mut status: F) -> ApiResult
+    /// Looks at `state` (cheap) until it is the one waited for or the wait
+    /// is over, then answers with `status` (the whole status, once).
+    async fn wait<S, Fut>(&self, mut state: S, status: Fut) -> ApiResult
     where
-        F: FnMut() -> Fut,
+        S: FnMut() -> Option<String>,
         Fut: std::future::Future<Output = Result<Value, ApiError>>,
     {
-        let deadline = Instant::now()
-            + Duration::from_millis(self.wait_ms.unwrap_or(0).min(STATUS_WAIT_MS_MAX));
-        loop {
-            let v = status().await?;
-            let reached = self.wait_state.as_deref().is_none_or(|s| v["state"] == s);
-            if reached || Instant::now() >= deadline {
-                return Ok(Json(v));
+        if let Some(want) = self.wait_state.as_deref() {
+            let deadline = Instant::now()
+                + Duration::from_millis(self.wait_ms.unwrap_or(0).min(STATUS_WAIT_MS_MAX));
+            while Instant::now() < deadline && state().as_deref() != Some(want) {
+                tokio::time::sleep(Duration::from_millis(STATUS_WAIT_POLL_MS)).await;
             }
-            tokio::time::sleep(Duration::from_millis(STATUS_WAIT_POLL_MS)).await;
         }
+        status.await.map(Json)
     }
+}
+
+/// A volume's replication state as its status names it (no other work).
+fn replication_state(ctx: &AgentCtx, name: &str) -> Option<String> {
+    if let Some(v) = ctx.primary(name) {
+        return Some(v.link.lock().rep.replica_state().as_str().to_string());
+    }
+    let s = ctx.secondary(name)?;
+    let m = s.meta.lock().unwrap_or_else(|p| p.into_inner());
+    Some(
+        if m.state().consistent {
+            "up-to-date"
+        } else {
+            "inconsistent"
+        }
+        .to_string(),
+    )
 }
 
 async fn replication(
@@ -1135,7 +1150,13 @@ async fn replication(
     Path(name): Path<String>,
     Query(w): Query<StatusWait>,
 ) -> ApiResult {
-    w.wait(|| std::future::ready(status_of(&ctx, &name))).await
+    if w.wait_state.is_some() {
+        ctx.adopt_volume(&name);
+    }
+    w.wait(|| replication_state(&ctx, &name), async {
+        status_of(&ctx, &name)
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -1417,14 +1438,22 @@ async fn share_status(
     let counts = !q.get("counts").is_some_and(|v| v == "0" || v == "false");
     let w = StatusWait {
         wait_state: q.get("wait_state").cloned(),
-        wait_ms: q.get("wait_ms").and_then(|v| v.parse().ok()),
+        wait_ms: q
+            .get("wait_ms")
+            .map(|v| v.parse())
+            .transpose()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("wait_ms: {e}")))?,
     };
-    w.wait(|| {
+    // Looked at without walking the tree (its record is one small file).
+    let state = || {
+        crate::share::status(&ctx, &name, false)
+            .ok()
+            .map(|s| s.state)
+    };
+    let status = async {
         let (ctx, name) = (ctx.clone(), name.clone());
-        async move {
-            let st = blocking(move || Ok(crate::share::status(&ctx, &name, counts)?)).await?;
-            Ok(serde_json::to_value(st).unwrap_or(Value::Null))
-        }
-    })
-    .await
+        let st = blocking(move || Ok(crate::share::status(&ctx, &name, counts)?)).await?;
+        Ok(serde_json::to_value(st).unwrap_or(Value::Null))
+    };
+    w.wait(state, status).await
 }

@@ -641,7 +641,8 @@ fn apply_stream(
 
 /// Reads, decrypts and checks frames; acknowledges receipt of every read's
 /// frames at once (sync mode answers a write once the replica has it in
-/// order), then queues them for the apply thread. Durability is acknowledged
+/// order) — reads of resync copies only every [`COPY_ACK_BYTES_MAX`] or when
+/// the socket runs dry — then queues them for the apply thread. Durability is acknowledged
 /// separately, by the flusher, after the frames up to a flush were applied and
 /// synced.
 fn receive_frames(
@@ -769,9 +770,10 @@ fn apply_batch(
     run.write(vols, state)
 }
 
-/// Resync copies of one member that follow one another on the volume,
-/// written together ([`FileDevice::write_through_at`]: one direct write of up
-/// to [`COPY_RUN_BYTES_MAX`] instead of a page-cache write per block).
+/// Resync copies of one member that follow one another on the volume in one
+/// received batch (one socket read: about [`RECEIVE_READ_BYTES`], four 64 KiB
+/// copies), written together ([`FileDevice::write_through_at`]: one direct
+/// write instead of a page-cache write per block).
 #[derive(Default)]
 struct CopyRun<'a> {
     tag: usize,
@@ -779,7 +781,8 @@ struct CopyRun<'a> {
     pieces: Vec<&'a [u8]>,
 }
 
-/// Longest run of contiguous resync copies written at once.
+/// Longest run of contiguous resync copies written at once (a bound: a batch
+/// is smaller).
 const COPY_RUN_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
 impl CopyRun<'_> {

@@ -34,7 +34,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_nbd::device::DirectWriter;
 use ferry_wire::{FileOp, Owner, SharePath, Stamp, Target, Time};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -124,10 +123,6 @@ struct Inodes {
 struct Handle {
     ino: u64,
     file: Arc<File>,
-    /// Large aligned writes to `file` go past the backing file's page cache:
-    /// the kernel's own page cache of the mount already holds what was
-    /// written through it, a second cached copy only costs memory and time.
-    direct: Arc<DirectWriter>,
     /// O_SYNC / O_DSYNC: every write is a durable barrier on both sides.
     sync_writes: bool,
     mode: IoMode,
@@ -422,14 +417,6 @@ impl ShareFs {
         Target::Path(path.split_last().map(|(p, _)| p).unwrap_or_default())
     }
 
-    /// A handle's file, its writer past the page cache, and whether its
-    /// writes are synchronous.
-    fn handle_for_write(&self, fh: u64) -> Option<(Arc<File>, Arc<DirectWriter>, bool)> {
-        lock(&self.handles)
-            .get(&fh)
-            .map(|h| (h.file.clone(), h.direct.clone(), h.sync_writes))
-    }
-
     fn handle_file(&self, fh: u64) -> Option<(Arc<File>, u64, bool)> {
         lock(&self.handles)
             .get(&fh)
@@ -539,7 +526,6 @@ impl ShareFs {
             Handle {
                 ino,
                 file: Arc::new(f),
-                direct: Arc::default(),
                 sync_writes,
                 mode,
             },
@@ -1101,7 +1087,7 @@ impl Filesystem for ShareFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some((f, direct, sync_writes)) = self.handle_for_write(fh.0) else {
+        let Some((f, _, sync_writes)) = self.handle_file(fh.0) else {
             return reply.error(Errno::EBADF);
         };
         let target = match self.target(ino.0) {
@@ -1123,7 +1109,7 @@ impl Filesystem for ShareFs {
             return reply.error(Errno::ENOSPC);
         }
         let mut o = self.share.order();
-        if let Err(e) = direct.write(&f, &[data], offset) {
+        if let Err(e) = f.write_all_at(data, offset) {
             drop(o);
             return reply.error(errno(&e));
         }

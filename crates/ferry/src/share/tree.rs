@@ -17,7 +17,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use ferry_nbd::device::DirectWriter;
 use ferry_wire::{EntryKind, FileOp, ManifestEntry, SharePath, Stamp, Target, Time};
 
 /// Manifest entries a walk returns at most (bounded memory; a bigger subtree
@@ -476,7 +475,10 @@ impl Tree {
                 target,
                 offset,
                 data,
-            } => files.write(self, target, data, *offset),
+            } => {
+                let f = files.get(self, target)?;
+                f.write_all_at(data, *offset)
+            }
             FileOp::Truncate { target, size } => {
                 let f = files.get(self, target)?;
                 f.set_len(*size)
@@ -1118,8 +1120,7 @@ fn einval() -> io::Error {
 /// path per write would cost a path walk each).
 #[derive(Debug, Default)]
 pub struct FileCache {
-    /// Each with its writer past the page cache (large aligned writes).
-    files: HashMap<Target, (File, DirectWriter)>,
+    files: HashMap<Target, File>,
 }
 
 /// Descriptors cached at most.
@@ -1127,27 +1128,15 @@ const FILE_CACHE_MAX: usize = 64;
 
 impl FileCache {
     pub fn get(&mut self, tree: &Tree, t: &Target) -> io::Result<&File> {
-        self.entry(tree, t).map(|(f, _)| f)
-    }
-
-    fn entry(&mut self, tree: &Tree, t: &Target) -> io::Result<&(File, DirectWriter)> {
         if !self.files.contains_key(t) {
             if self.files.len() >= FILE_CACHE_MAX {
                 self.files.clear();
             }
             // Read too: a delta's CopyWithin reads blocks it moves.
             let f = tree.open_file(t, libc::O_RDWR, 0)?;
-            self.files.insert(t.clone(), (f, DirectWriter::default()));
+            self.files.insert(t.clone(), f);
         }
         self.files.get(t).ok_or_else(einval)
-    }
-
-    /// Writes `data` at `offset`, past the page cache when it is large and
-    /// aligned: what a replica writes nobody there reads until a promotion,
-    /// so caching it would only cost memory and a second copy.
-    pub fn write(&mut self, tree: &Tree, t: &Target, data: &[u8], offset: u64) -> io::Result<()> {
-        let (f, direct) = self.entry(tree, t)?;
-        direct.write(f, &[data], offset)
     }
 
     pub fn clear(&mut self) {
