@@ -258,6 +258,85 @@ impl FileDevice {
         }
     }
 
+    /// Reads from `offset` into each of `bufs` in turn, buffer `i` growing
+    /// to `lens[i]` bytes (what it holds already stays): one `preadv` for
+    /// many blocks, no copy out of a shared buffer. Fails with
+    /// `UnexpectedEof` at the end of the file.
+    pub fn read_into_at(
+        &self,
+        bufs: &mut [Vec<u8>],
+        lens: &[usize],
+        offset: u64,
+    ) -> io::Result<()> {
+        if bufs.len() != lens.len() {
+            return Err(einval("one length per buffer"));
+        }
+        for (b, &want) in bufs.iter_mut().zip(lens) {
+            b.reserve_exact(want.saturating_sub(b.len()));
+        }
+        let mut at = offset;
+        loop {
+            let mut iov: Vec<libc::iovec> = bufs
+                .iter_mut()
+                .zip(lens)
+                .filter(|(b, &want)| b.len() < want)
+                .map(|(b, &want)| {
+                    let missing = want - b.len();
+                    libc::iovec {
+                        iov_base: b.spare_capacity_mut().as_mut_ptr().cast(),
+                        iov_len: missing,
+                    }
+                })
+                .take(1024)
+                .collect();
+            if iov.is_empty() {
+                return Ok(());
+            }
+            // SAFETY: every iovec points into a distinct Vec's spare capacity,
+            // which holds at least `iov_len` bytes (reserved above), and the
+            // Vecs are neither moved nor resized until the call returns; the
+            // fd is open.
+            let n = unsafe {
+                libc::preadv(
+                    self.file.as_raw_fd(),
+                    iov.as_mut_ptr(),
+                    iov.len() as libc::c_int,
+                    to_off(at)?,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past the end of the image",
+                ));
+            }
+            at += n as u64;
+            let mut left = n as usize;
+            for (b, &want) in bufs
+                .iter_mut()
+                .zip(lens)
+                .filter(|(b, &want)| b.len() < want)
+            {
+                let take = left.min(want - b.len());
+                // SAFETY: the kernel wrote these `take` bytes into this Vec's
+                // spare capacity (preadv fills its iovecs in turn), within
+                // the capacity reserved above.
+                unsafe { b.set_len(b.len() + take) };
+                left -= take;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
     /// Writes `pieces`, one after another, at `offset`, past the page cache
     /// where it pays ([`DirectWriter::write`]): for bulk writes nobody on this
     /// node reads back soon (a replica's resync copies).
@@ -556,6 +635,29 @@ mod tests {
         dev.read_at(&mut back, (4 << 20) + 512).unwrap();
         assert!(back.iter().all(|&b| b == 11));
         dev.flush().unwrap();
+    }
+
+    #[test]
+    fn vectored_reads_fill_each_buffer_to_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = FileDevice::create(&dir.path().join("img"), 1 << 20).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        dev.write_at(&data, 4096, false).unwrap();
+        // Three blocks, the second already holding two bytes of its own.
+        let mut bufs = vec![Vec::new(), vec![9, 9], Vec::with_capacity(1 << 20)];
+        let lens = [100_000, 100_002, 100_000];
+        dev.read_into_at(&mut bufs, &lens, 4096).unwrap();
+        assert_eq!(bufs[0], data[..100_000]);
+        assert_eq!(bufs[1][..2], [9, 9]);
+        assert_eq!(bufs[1][2..], data[100_000..200_000]);
+        assert_eq!(bufs[2], data[200_000..300_000]);
+        // Past the end: an error, not a short buffer passed off as whole.
+        let mut past = vec![Vec::new()];
+        let e = dev
+            .read_into_at(&mut past, &[8192], (1 << 20) - 4096)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(dev.read_into_at(&mut past, &[1, 2], 0).is_err());
     }
 
     #[test]

@@ -1315,8 +1315,6 @@ impl PrimaryVolume {
     }
 
     fn copier_loop(&self) {
-        let g = self.settings.granularity_bytes as usize;
-        let mut buf = vec![0u8; g * COPY_BATCH_BLOCKS];
         let mut next_send = Instant::now();
         let copy_backlog_bytes_max = (self.settings.backlog_bytes_max / 2).clamp(1 << 20, 32 << 20);
         loop {
@@ -1362,8 +1360,8 @@ impl PrimaryVolume {
                 offset: start,
                 length: len,
             };
-            let zero = match self.read_for_copy(whole, &mut buf[..len as usize]) {
-                Ok(z) => z,
+            let blocks = match self.read_for_copy(whole, &tasks) {
+                Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(volume = %self.name, offset = start, error = %e, "replication.copy.read_failed");
                     let mut l = self.link.lock();
@@ -1383,17 +1381,9 @@ impl PrimaryVolume {
                 }
                 next_send = next_send.max(now) + Duration::from_secs_f64(len as f64 / rate as f64);
             }
-            // Build the frames' payloads before taking the link lock: writers
-            // wait on it. `None` is a block of zeroes.
-            let blocks: Vec<(CopyTask, Option<Vec<u8>>)> = tasks
-                .into_iter()
-                .map(|t| {
-                    let at = (t.extent.offset - start) as usize;
-                    let block = &buf[at..at + t.extent.length as usize];
-                    let data = (!zero && block.iter().any(|&b| b != 0)).then(|| block.to_vec());
-                    (t, data)
-                })
-                .collect();
+            // The frames' payloads are made before taking the link lock
+            // (writers wait on it). `None` is a block of zeroes.
+            let blocks: Vec<(CopyTask, Option<Vec<u8>>)> = tasks.into_iter().zip(blocks).collect();
             let now = self.now_ms();
             let mut l = self.link.lock();
             for (t, data) in blocks {
@@ -1425,14 +1415,22 @@ impl PrimaryVolume {
     }
 
     /// Reads a run for the copier; `Ok(true)` when all of it is a hole (not read).
-    fn read_for_copy(&self, e: Extent, buf: &mut [u8]) -> io::Result<bool> {
+    /// The copies of `tasks` (contiguous blocks making up `e`), each read
+    /// straight into its own frame payload; `None` for a block of zeroes (a
+    /// hole is not even read).
+    fn read_for_copy(&self, e: Extent, tasks: &[CopyTask]) -> io::Result<Vec<Option<Vec<u8>>>> {
         let mut runs = Vec::new();
         self.local.block_status(e.offset, e.length, 2, &mut runs)?;
         if runs.len() == 1 && runs[0].hole && runs[0].length == e.length {
-            return Ok(true);
+            return Ok(vec![None; tasks.len()]);
         }
-        self.local.read_at(buf, e.offset)?;
-        Ok(false)
+        let lens: Vec<usize> = tasks.iter().map(|t| t.extent.length as usize).collect();
+        let mut bufs: Vec<Vec<u8>> = vec![Vec::new(); tasks.len()];
+        self.local.read_into_at(&mut bufs, &lens, e.offset)?;
+        Ok(bufs
+            .into_iter()
+            .map(|b| b.iter().any(|&x| x != 0).then_some(b))
+            .collect())
     }
 }
 
