@@ -1477,18 +1477,29 @@ fn demote_and_rebase(
 /// hook), the witness hands the lease to the peer, which promotes, takes
 /// the VIP and starts the application. Any failure before the resignation
 /// unfreezes and leaves the workload here.
+/// How long a switchover waits for the cluster's view of the replica to
+/// catch up with its links before it refuses a replica not up to date.
+const SWITCHOVER_SETTLE_MS: u64 = 500;
+
 pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let cfg = ctx
         .cfg
         .cluster
         .clone()
         .ok_or_else(|| anyhow!("this node has no [cluster] table in its config"))?;
-    let status = ctx.cluster.workload(workload)?;
+    let mut status = ctx.cluster.workload(workload)?;
     if status["role"] != "primary" || status["primary"] != ctx.identity.node_name.as_str() {
         bail!(
             "workload {workload:?} is served by {}, not by this node: ask that node",
             status["primary"].as_str().unwrap_or("no node")
         );
+    }
+    // The cluster's view follows the links every 20 ms: a replica that
+    // `replicate wait` / `share wait` just saw up to date is given that long.
+    let settle = Instant::now() + Duration::from_millis(SWITCHOVER_SETTLE_MS);
+    while status["replicas"][0]["state"] != "up-to-date" && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(10));
+        status = ctx.cluster.workload(workload)?;
     }
     if status["replicas"][0]["state"] != "up-to-date" {
         bail!(
