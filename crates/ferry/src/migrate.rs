@@ -654,7 +654,8 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
             s.up_to_date = false;
             continue;
         };
-        let caught_up = sh.caught_up();
+        let lag = std::time::Duration::from_millis(ctx.cfg.migration.async_share_ready_lag_ms);
+        let caught_up = sh.caught_up() || sh.lag_within(lag);
         let l = sh.link();
         s.connected &= l.connected;
         s.up_to_date &= l.connected && l.up_to_date && caught_up;

@@ -1225,6 +1225,28 @@ fn a_workload_with_an_async_share_migrates_with_every_change_its_stop_hook_waite
         &format!("echo start $FERRY_NODE $FERRY_SHARE_PATHS >> {h}"),
     ]);
     migrate_until_ready(&a, "files");
+    // Ready stays ready while files keep changing as fast as a shell can
+    // write them: they reach b within `async_share_ready_lag_ms`, though
+    // some are always pending. The cutover right after still waits for
+    // every change seen before its freeze (b's tree compared equal).
+    let mut burst = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "mkdir -p {s}/burst; i=0; end=$((SECONDS+2)); \
+             while [ $SECONDS -lt $end ]; do echo $i > {s}/burst/$((i%200)); i=$((i+1)); done"
+        ))
+        .spawn()
+        .unwrap();
+    let mut phases = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        phases.push(phase(&a, "files"));
+    }
+    assert!(burst.wait().unwrap().success());
+    assert!(
+        phases.iter().all(|p| p == "ready"),
+        "readiness flapped while files changed: {phases:?}"
+    );
     let report = cut_over_while_writing(&a, "files");
     assert_eq!(report["to"], "b", "{report}");
     assert!(app.wait().unwrap().success());

@@ -24,6 +24,7 @@
 //! [migration]                          # all optional; defaults shown
 //! migrations_max = 4                   # workloads migrating at once
 //! cutover_drain_timeout_ms = 30000     # a cutover aborts if the links do not drain by then
+//! async_share_ready_lag_ms = 1000      # async share changes this recent still count as caught up
 //!
 //! [nbd]                                # all optional; defaults shown
 //! max_connections = 64
@@ -183,6 +184,11 @@ pub struct MigrationSettings {
     /// A cutover whose links have not drained (everything durable on the
     /// target) this long after the freeze aborts, and the source resumes.
     pub cutover_drain_timeout_ms: u64,
+    /// An async share counts as caught up for a migration's readiness while
+    /// every change not yet on the replica was seen less than this long ago
+    /// (an application that keeps writing never leaves nothing pending; the
+    /// cutover sends the rest once its stop hook has run).
+    pub async_share_ready_lag_ms: u64,
 }
 
 impl Default for MigrationSettings {
@@ -190,6 +196,7 @@ impl Default for MigrationSettings {
         MigrationSettings {
             migrations_max: 4,
             cutover_drain_timeout_ms: 30_000,
+            async_share_ready_lag_ms: 1_000,
         }
     }
 }

@@ -548,11 +548,9 @@ fn pump(share: &Arc<PrimaryShare>, replies: &Replies) -> Result<()> {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            (
-                std::mem::take(&mut l.renames),
-                l.unsure_since.take(),
-                l.pending_since.take(),
-            )
+            let since = l.pending_since.take();
+            l.pass_since = since;
+            (std::mem::take(&mut l.renames), l.unsure_since.take(), since)
         };
         let started_unix = now_unix();
         let taken = share.journal_take();
@@ -611,6 +609,7 @@ fn pump(share: &Arc<PrimaryShare>, replies: &Replies) -> Result<()> {
             Ok(()) => {
                 share.journal_compact();
                 let mut l = share.link();
+                l.pass_since = None;
                 let lag = since.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0);
                 l.last_lag_ms = lag;
                 l.lags_ms.push_back(lag);
@@ -628,6 +627,7 @@ fn pump(share: &Arc<PrimaryShare>, replies: &Replies) -> Result<()> {
                 let ends: Vec<SharePath> = renames.into_iter().flat_map(|(a, b)| [a, b]).collect();
                 share.journal_add(&ends);
                 let mut l = share.link();
+                l.pass_since = None;
                 if let Some(u) = unsure_since {
                     l.unsure_since = Some(l.unsure_since.map_or(u, |x| x.min(u)));
                 }

@@ -111,6 +111,9 @@ pub struct LinkState {
     pub unsure_since: Option<i64>,
     /// Async: when the oldest change not yet on the replica was seen.
     pub pending_since: Option<std::time::Instant>,
+    /// Async: when the oldest change of the pass being sent was seen (the
+    /// pass took it from `pending_since`); `None` between passes.
+    pub pass_since: Option<std::time::Instant>,
     /// Async: change-to-replica time of the last pass, in ms.
     pub last_lag_ms: u64,
     /// Async: lags of recent passes (for p50/p99 in status), ms.
@@ -744,12 +747,25 @@ impl PrimaryShare {
         self.link_lost(why);
     }
 
+    /// Whether every change not yet on the replica (waiting, or in the pass
+    /// being sent) was seen less than `lag` ago: an async share whose
+    /// application keeps writing follows it closely without ever being
+    /// [`Self::caught_up`].
+    pub fn lag_within(&self, lag: std::time::Duration) -> bool {
+        let l = self.link();
+        [l.pending_since, l.pass_since]
+            .iter()
+            .flatten()
+            .all(|t| t.elapsed() <= lag)
+    }
+
     /// Nothing changed is waiting to be sent: no change the watcher
-    /// reported is still pending, no rename, no path in the journal.
+    /// reported is still pending, no rename, no path in the journal, and no
+    /// pass is still sending (a pass takes what was pending when it starts).
     pub fn caught_up(&self) -> bool {
         let pending = self.pending_paths();
         let l = self.link();
-        pending == 0 && l.pending_since.is_none() && l.renames.is_empty()
+        pending == 0 && l.pending_since.is_none() && l.pass_since.is_none() && l.renames.is_empty()
     }
 
     /// Once frozen (a switchover): waits until everything sequenced is
