@@ -494,6 +494,25 @@ fn async_watcher_converges_under_random_changes() {
     assert_eq!(st["overflows"], 0, "{st}");
 }
 
+/// A process stopped with SIGSTOP until dropped (also when the test fails).
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        let pid = pid as i32;
+        // SAFETY: kill only sends a signal, to a process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 /// Restores a sysctl when dropped (also when the test fails).
 struct Sysctl {
     path: &'static str,
@@ -524,12 +543,25 @@ fn async_watcher_rescans_after_the_event_queue_overflows() {
         async_share(root.path(), &a)
     };
     a.ok(&["share", "wait", "app", "--timeout", "60s"]);
-    // Many more events than the queue holds, faster than 20 ms batches.
-    sh(
-        &src,
-        "mkdir -p x/y && for i in $(seq 300); do echo $i > x/y/f$i; done && \
-         for i in $(seq 1 3 300); do mv x/y/f$i x/g$i; done && rm x/y/f2 x/y/f5",
-    );
+    // The directories first, until the watcher watches them (root, x, x/y).
+    sh(&src, "mkdir -p x/y");
+    wait_until(10, "x and x/y watched", || {
+        share_status(&a, "app")["watched_dirs"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3
+    });
+    // Then many more events than the queue holds, made while the agent is
+    // stopped (SIGSTOP), so its watcher cannot keep the queue short: the
+    // kernel drops events and queues an overflow.
+    {
+        let _stopped = Stopped::new(a.pid());
+        sh(
+            &src,
+            "for i in $(seq 300); do echo $i > x/y/f$i; done && \
+             for i in $(seq 1 3 300); do mv x/y/f$i x/g$i; done && rm x/y/f2 x/y/f5",
+        );
+    }
     let replica = data_dir(&b, "app");
     wait_converged(&src, &replica, 60, &a);
     let st = share_status(&a, "app");
