@@ -645,6 +645,7 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
         s.bytes_written_total += p.bytes_written();
         throttle_targets.push(p);
     }
+    let ready_lag = std::time::Duration::from_millis(ctx.cfg.migration.async_share_ready_lag_ms);
     // A share counts like a volume: its link up, its copy up to date with
     // nothing waiting to be sent; what it sends that is not resync is what
     // the workload wrote.
@@ -654,8 +655,9 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
             s.up_to_date = false;
             continue;
         };
-        let lag = std::time::Duration::from_millis(ctx.cfg.migration.async_share_ready_lag_ms);
-        let caught_up = sh.caught_up() || sh.lag_within(lag);
+        // Caught up, or (an application that keeps writing) close behind;
+        // `lag_within` holds whenever `caught_up` does.
+        let caught_up = sh.lag_within(ready_lag);
         let l = sh.link();
         s.connected &= l.connected;
         s.up_to_date &= l.connected && l.up_to_date && caught_up;

@@ -34,6 +34,31 @@ fn token(token_file: Option<&Path>, data_dir: &Path) -> Result<String> {
         })
 }
 
+/// GET `path` (ending in `?` or `&`), asking the agent to answer once the
+/// status' `state` is `want`, after at most `cap_ms` and not past `deadline`
+/// (the caller redraws and checks its deadline between requests). An agent
+/// that answers at once without reaching it (one that does not wait) is
+/// asked again only after `idle`, not in a tight loop.
+fn get_waiting(
+    c: &ApiClient,
+    path: &str,
+    want: &str,
+    deadline: Instant,
+    cap_ms: u128,
+    idle: Duration,
+) -> Result<Value> {
+    let wait_ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .min(cap_ms);
+    let asked = Instant::now();
+    let v = c.get(&format!("{path}wait_state={want}&wait_ms={wait_ms}"))?;
+    if v["state"] != want && asked.elapsed().as_millis() < wait_ms.min(20) {
+        std::thread::sleep(idle);
+    }
+    Ok(v)
+}
+
 pub fn client(conn: &AgentConn, data_dir: &Path) -> Result<ApiClient> {
     let api = conn
         .api
@@ -205,16 +230,15 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
             let deadline = Instant::now() + timeout.0;
             let tty = std::io::stderr().is_terminal() && !json;
             loop {
-                // The agent answers as soon as the state is reached (or
-                // after the wait, for the progress bar and the deadline).
-                let wait_ms = deadline
-                    .saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .min(if tty { 500 } else { 2_000 });
-                let asked = Instant::now();
-                let v = c.get(&format!(
-                    "/api/v1/replications/{name}?wait_state={want}&wait_ms={wait_ms}"
-                ))?;
+                // At most 0.5 s at a time on a terminal: the progress bar.
+                let v = get_waiting(
+                    &c,
+                    &format!("/api/v1/replications/{name}?"),
+                    want,
+                    deadline,
+                    if tty { 500 } else { 2_000 },
+                    Duration::from_millis(20),
+                )?;
                 if tty {
                     eprint!("{}", progress_bar(&v));
                 }
@@ -237,10 +261,6 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
                             .map(|e| format!(" (last error: {e})"))
                             .unwrap_or_default()
                     );
-                }
-                if asked.elapsed() < Duration::from_millis(wait_ms.min(20) as u64) {
-                    // An agent that does not wait: do not spin.
-                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }
@@ -968,14 +988,14 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
             let c = client(conn, data_dir)?;
             let deadline = Instant::now() + timeout.0;
             loop {
-                let wait_ms = deadline
-                    .saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .min(2_000);
-                let asked = Instant::now();
-                let v = c.get(&format!(
-                    "/api/v1/shares/{name}?counts=0&wait_state=up-to-date&wait_ms={wait_ms}"
-                ))?;
+                let v = get_waiting(
+                    &c,
+                    &format!("/api/v1/shares/{name}?counts=0&"),
+                    "up-to-date",
+                    deadline,
+                    2_000,
+                    Duration::from_millis(100),
+                )?;
                 if v["state"] == "up-to-date" {
                     let v = c.get(&format!("/api/v1/shares/{name}"))?;
                     return print(&v, json, print_share);
@@ -990,10 +1010,6 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
                             .map(|e| format!(" (last error: {e})"))
                             .unwrap_or_default()
                     );
-                }
-                if asked.elapsed() < Duration::from_millis(wait_ms.min(20) as u64) {
-                    // An agent that does not wait: do not spin.
-                    std::thread::sleep(Duration::from_millis(100));
                 }
             }
         }

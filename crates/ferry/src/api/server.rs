@@ -1433,17 +1433,10 @@ async fn share_status(
     State(ctx): Ctx,
     Path(name): Path<String>,
     Query(q): Query<HashMap<String, String>>,
+    Query(w): Query<StatusWait>,
 ) -> ApiResult {
     // `counts=0`: skip walking the tree for files and bytes.
     let counts = !q.get("counts").is_some_and(|v| v == "0" || v == "false");
-    let w = StatusWait {
-        wait_state: q.get("wait_state").cloned(),
-        wait_ms: q
-            .get("wait_ms")
-            .map(|v| v.parse())
-            .transpose()
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("wait_ms: {e}")))?,
-    };
     // Looked at without walking the tree (its record is one small file).
     let state = || {
         crate::share::status(&ctx, &name, false)

@@ -1470,6 +1470,10 @@ fn demote_and_rebase(
     Ok(())
 }
 
+/// How long a switchover waits for the cluster's view of the replica to
+/// catch up with its links before it refuses a replica not up to date.
+const SWITCHOVER_SETTLE_MS: u64 = 500;
+
 /// `ferry cluster switchover WORKLOAD`, on the node serving it: a planned
 /// move to the peer with no write lost, verified like a cutover — writes
 /// freeze, the link drains (everything durable on the peer), both nodes'
@@ -1477,10 +1481,6 @@ fn demote_and_rebase(
 /// hook), the witness hands the lease to the peer, which promotes, takes
 /// the VIP and starts the application. Any failure before the resignation
 /// unfreezes and leaves the workload here.
-/// How long a switchover waits for the cluster's view of the replica to
-/// catch up with its links before it refuses a replica not up to date.
-const SWITCHOVER_SETTLE_MS: u64 = 500;
-
 pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let cfg = ctx
         .cfg

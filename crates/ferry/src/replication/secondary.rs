@@ -681,8 +681,9 @@ fn receive_frames(
             for v in vols {
                 *v.last_rx.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
             }
-            // Copies only: nobody waits for their receipt but the copier's
-            // flow control, so they are acknowledged every
+            // Copies only: nothing on the primary waits for their receipt
+            // at once (flow control, the end of a resync and the ack
+            // timeout only need it soon), so they are acknowledged every
             // COPY_ACK_BYTES_MAX, or before the receiver would wait.
             unacked += used;
             if unacked >= COPY_ACK_BYTES_MAX || frames.iter().any(|(h, _, _)| h.kind != Kind::Copy)
