@@ -646,14 +646,49 @@ impl StampedOp {
                 e.u64(*len);
             }
         }
-        e.u32(u32::try_from(self.stamps.len()).unwrap_or(u32::MAX));
-        for s in &self.stamps {
-            e.target(&s.target);
-            e.time(s.mtime);
-        }
+        encode_stamps(&mut e, &self.stamps);
         e.0
     }
 
+    /// The whole `FileOp` frame of a [`FileOp::Write`] of `data` with
+    /// `stamps`, its payload as [`Self::encode`] makes it, the data copied
+    /// once (no op holding a copy of it first). Its seq is 0: see
+    /// [`crate::set_frame_seq`].
+    pub fn encode_write_frame(
+        target: &Target,
+        offset: u64,
+        data: &[u8],
+        stamps: &[Stamp],
+    ) -> Vec<u8> {
+        let mut e = Enc(Vec::with_capacity(
+            crate::HEADER_BYTES + 128 + data.len() + crate::frame::TRAILER_BYTES,
+        ));
+        e.0.resize(crate::HEADER_BYTES, 0);
+        e.u8(1);
+        e.target(target);
+        e.u64(offset);
+        e.bytes(data);
+        encode_stamps(&mut e, stamps);
+        let mut v = e.0;
+        let payload = &v[crate::HEADER_BYTES..];
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let trailer = crate::trailer(payload);
+        let hdr = crate::FrameHeader::new(Kind::FileOp, 0, 0, len).encode();
+        v[..crate::HEADER_BYTES].copy_from_slice(&hdr);
+        v.extend_from_slice(&trailer);
+        v
+    }
+}
+
+fn encode_stamps(e: &mut Enc, stamps: &[Stamp]) {
+    e.u32(u32::try_from(stamps.len()).unwrap_or(u32::MAX));
+    for s in stamps {
+        e.target(&s.target);
+        e.time(s.mtime);
+    }
+}
+
+impl StampedOp {
     pub fn decode(b: &[u8]) -> Result<StampedOp, WireError> {
         let mut d = Dec {
             b,
@@ -1135,6 +1170,21 @@ mod tests {
             for cut in 0..b.len() {
                 prop_assert!(StampedOp::decode(&b[..cut]).is_err());
             }
+        }
+
+        #[test]
+        fn a_write_frame_is_the_frame_of_its_op(
+            target in arb_target(),
+            offset in any::<u64>(),
+            data in proptest::collection::vec(any::<u8>(), 0..300),
+            stamps in proptest::collection::vec((arb_target(), arb_time()), 0..3),
+            seq in 1u64..,
+        ) {
+            let stamps: Vec<Stamp> = stamps.into_iter().map(|(target, mtime)| Stamp { target, mtime }).collect();
+            let mut f = StampedOp::encode_write_frame(&target, offset, &data, &stamps);
+            crate::set_frame_seq(&mut f, seq);
+            let op = StampedOp { op: FileOp::Write { target, offset, data }, stamps };
+            prop_assert_eq!(f, crate::encode_frame(Kind::FileOp, seq, 0, &op.encode()));
         }
 
         #[test]

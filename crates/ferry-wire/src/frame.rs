@@ -241,6 +241,17 @@ pub fn trailer(payload: &[u8]) -> [u8; TRAILER_BYTES] {
 }
 
 /// Encodes a whole frame (header, payload, trailer) into a new buffer.
+/// Sets the seq in the header of an encoded frame (its header CRC anew).
+/// A frame shorter than a header is left alone.
+pub fn set_frame_seq(frame: &mut [u8], seq: u64) {
+    if frame.len() < HEADER_BYTES {
+        return;
+    }
+    frame[8..16].copy_from_slice(&seq.to_be_bytes());
+    let crc = crc32c(&frame[..28]);
+    frame[28..32].copy_from_slice(&crc.to_be_bytes());
+}
+
 pub fn encode_frame(kind: Kind, seq: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     let mut v = Vec::with_capacity(HEADER_BYTES + payload.len() + TRAILER_BYTES);

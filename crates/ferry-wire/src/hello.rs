@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The replication protocol version this ferry speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Sent by the connecting (primary) side.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -43,7 +43,7 @@ pub use fileop::{
     SHARE_PATH_BYTES_MAX,
 };
 pub use frame::{
-    encode_frame, read_frame, split_frame, trailer, FrameHeader, Kind, ReadFrameError, WireError,
-    FRAME_FORMAT_VERSION, HEADER_BYTES,
+    encode_frame, read_frame, set_frame_seq, split_frame, trailer, FrameHeader, Kind,
+    ReadFrameError, WireError, FRAME_FORMAT_VERSION, HEADER_BYTES,
 };
 pub use hello::{Hello, HelloReply, ShareHello, PROTOCOL_VERSION};

@@ -626,6 +626,66 @@ fn a_full_replica_fails_writes_here_with_enospc_and_the_copies_stay_equal() {
 }
 
 #[test]
+fn a_replica_that_cannot_apply_what_it_acknowledged_records_itself_outdated_then_resyncs() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-share-late-fail-")
+        .tempdir()
+        .unwrap();
+    let _small = Mount::tmpfs(&root.path().join("b"), "48m");
+    let a = Agent::start(
+        root.path(),
+        "a",
+        "\n[shares]\nreplica_free_bytes_min = 1048576\n",
+    );
+    let b = Agent::start(root.path(), "b", "");
+    common::agent::pair(&a, &b);
+    let (mnt, _m) = mount_point(root.path());
+    create_sync_share(&a, &mnt);
+    let record = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(b.dir.join("shares/app/share.json")).unwrap())
+            .unwrap()
+    };
+    assert_ne!(record()["generation"], 0, "b is an up-to-date copy");
+    // Something else takes the replica's space while b is stopped (so it
+    // cannot report it): a still believes there is room, sends a 1 MiB
+    // write, and b receives (and acknowledges) it, then cannot apply it.
+    let filler = b.dir.join("filler");
+    // Made first: the write below then sends nothing before its data.
+    sh(&mnt, "touch big");
+    let writer = {
+        let _stopped = Stopped::new(b.pid());
+        sh(
+            &b.dir,
+            "avail=$(df -B1 --output=avail . | tail -1); fallocate -l $((avail - 65536)) filler",
+        );
+        let w = Command::new("dd")
+            .args([
+                "if=/dev/urandom",
+                "bs=1M",
+                "count=4",
+                "conv=notrunc",
+                "status=none",
+            ])
+            .arg(format!("of={}", mnt.join("big").display()))
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        w
+    };
+    // The first write went through on a (the rest may fail with ENOSPC).
+    let _ = writer.wait_with_output();
+    wait_until(30, "b records that it is not an up-to-date copy", || {
+        record()["generation"] == 0
+    });
+    assert!(std::fs::metadata(mnt.join("big")).unwrap().len() >= 1 << 20);
+    // The primary keeps serving; once the space is back, b resyncs.
+    std::fs::remove_file(&filler).unwrap();
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    assert_ne!(record()["generation"], 0);
+    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+}
+
+#[test]
 fn async_share_reports_what_it_cannot_read_and_replicates_the_rest() {
     // The agent runs without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, like
     // a service account: a file or directory with mode 000 is closed to it.

@@ -228,6 +228,13 @@ pub struct ShareSettings {
     /// or switchover then re-reads only files changed since its warm-up
     /// digest); about 80 bytes each.
     pub digest_cache_files_max: usize,
+    /// A replica acknowledges what it received before applying it (on a
+    /// second thread); this many bytes of received frames wait to be
+    /// applied at most (then it stops reading the link).
+    pub replica_apply_queue_bytes_max: u64,
+    /// Promoting a replica waits this long for what it received to be
+    /// applied; refused after.
+    pub promote_apply_wait_ms: u64,
 }
 
 impl Default for ShareSettings {
@@ -239,6 +246,8 @@ impl Default for ShareSettings {
             replica_free_bytes_min: 64 << 20,
             passthrough_read_only_files: true,
             digest_cache_files_max: 1_000_000,
+            replica_apply_queue_bytes_max: 16 << 20,
+            promote_apply_wait_ms: 30_000,
         }
     }
 }

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_wire::{FileOp, Owner, SharePath, Stamp, Target, Time};
+use ferry_wire::{FileOp, Owner, SharePath, Stamp, StampedOp, Target, Time};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
@@ -372,6 +372,7 @@ impl ShareFs {
             .collect();
         let seq = self.share.push(&mut o, op, stamps);
         drop(o);
+        self.share.send_queued();
         self.share
             .wait_received(seq, Box::new(move |res| done(res.map(|()| r))));
     }
@@ -407,6 +408,7 @@ impl ShareFs {
             let mut o = self.share.order();
             self.share.push_flush(&mut o, false)
         };
+        self.share.send_queued();
         if let Err(e) = local() {
             return reply.error(errno(&e));
         }
@@ -1095,10 +1097,11 @@ impl Filesystem for ShareFs {
             Err(e) => return reply.error(e),
         };
         let len = data.len() as u32;
+        // The data goes straight into the frame (no copy in an op first).
         let op = FileOp::Write {
             target: target.clone(),
             offset,
-            data: data.to_vec(),
+            data: Vec::new(),
         };
         // Written and stamped from the handle (no path walk per write).
         if let Err(e) = self.share.wait_open() {
@@ -1114,9 +1117,10 @@ impl Filesystem for ShareFs {
             return reply.error(errno(&e));
         }
         let stamps = fstat(&f)
-            .map(|st| vec![stamp_from(target, &st)])
+            .map(|st| vec![stamp_from(target.clone(), &st)])
             .unwrap_or_default();
-        let seq = self.share.push(&mut o, op, stamps);
+        let frame = StampedOp::encode_write_frame(&target, offset, data, &stamps);
+        let seq = self.share.push_write(&mut o, &op, frame);
         drop(o);
         if sync_writes {
             // The replica's flush first: its sync and the local one overlap.
@@ -1124,6 +1128,7 @@ impl Filesystem for ShareFs {
                 let mut o = self.share.order();
                 self.share.push_flush(&mut o, false)
             };
+            self.share.send_queued();
             // SAFETY: valid descriptor.
             let local = if unsafe { libc::fdatasync(f.as_raw_fd()) } < 0 {
                 Err(io::Error::last_os_error())
@@ -1142,6 +1147,7 @@ impl Filesystem for ShareFs {
                 }),
             );
         }
+        self.share.send_queued();
         self.share.wait_received(
             seq,
             Box::new(move |r| match r {

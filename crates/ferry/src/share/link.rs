@@ -25,7 +25,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use ferry_wire::{
     PROTOCOL_VERSION,
 };
 
+use super::inbox::{Inbox, Work};
 use super::primary::{now_unix, PrimaryShare, Taken};
 use super::tree::{FileCache, Tree};
 use crate::agent::AgentCtx;
@@ -139,7 +140,7 @@ fn connect_and_serve(
     let wire = Arc::new(SharedTls::new(conn, &sock)?);
     let ctl = sock.try_clone()?;
     tracing::info!(share = %share.name, peer = %peer.name, "share.link.up");
-    share.link_up();
+    share.link_up(wire.clone());
 
     let (man_tx, man_rx) = mpsc::channel::<(u64, Reply)>();
     std::thread::scope(|s| -> Result<()> {
@@ -159,28 +160,15 @@ fn connect_and_serve(
                     r
                 })?
         };
-        // Sender: queued frames, and pings when idle.
+        // Sender: queued frames no caller sent itself.
         let sender = {
-            let wire = wire.clone();
             let share = share.clone();
             let ctl = ctl.try_clone()?;
             std::thread::Builder::new()
                 .name(format!("share-out-{}", share.name))
                 .spawn_scoped(s, move || {
-                    loop {
-                        let frames = share.next_frames();
-                        let Some(frames) = frames else {
-                            let l = share.link();
-                            if l.stop || !l.connected {
-                                break;
-                            }
-                            continue;
-                        };
-                        let r = wire.send_with(|w| frames.iter().try_for_each(|f| w.write_all(f)));
-                        if let Err(e) = r {
-                            share.link_lost(&format!("sending to the replica failed: {e}"));
-                            break;
-                        }
+                    while share.wait_frames() {
+                        share.send_queued();
                     }
                     let _ = ctl.shutdown(Shutdown::Both);
                 })?
@@ -250,7 +238,7 @@ fn read_replies(
         let mut used = 0;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
             match hdr.kind {
-                Kind::Ack => share.on_ack(hdr.seq, hdr.offset),
+                Kind::Ack => share.on_ack(hdr.seq, hdr.offset, hdr.flags & ACK_APPLIED != 0),
                 Kind::Manifest | Kind::Sums => {
                     let part = if hdr.kind == Kind::Manifest {
                         Reply::Manifest(ferry_wire::decode_manifest(payload)?)
@@ -503,6 +491,7 @@ fn resync_passes(
             .push_flush(&mut o, true)
             .ok_or_else(|| anyhow!("link lost"))?
     };
+    share.send_queued();
     let (tx, rx) = mpsc::channel();
     share.wait_durable(
         Some(seq),
@@ -1293,6 +1282,15 @@ pub fn serve_replica(
     r
 }
 
+/// Ack flag: `seq` is applied, not only received (the apply thread's acks).
+pub const ACK_APPLIED: u16 = 1;
+
+/// File data applied after which the apply thread acknowledges it even
+/// while more is queued.
+const APPLIED_ACK_BYTES: u64 = 4 << 20;
+
+/// Serves an inbound link: this thread receives, queues and acknowledges
+/// receipt; a second thread applies in order (see [`super::inbox`]).
 #[allow(clippy::too_many_arguments)]
 fn apply_stream(
     ctx: &AgentCtx,
@@ -1304,138 +1302,103 @@ fn apply_stream(
     leftover: Vec<u8>,
     max: u32,
 ) -> Result<()> {
+    let name = rec.name.clone();
+    let inbox = Arc::new(Inbox::new(ctx.cfg.shares.replica_apply_queue_bytes_max));
+    ctx.shares.set_inbox(&name, Some(inbox.clone()));
+    let durable = AtomicU64::new(0);
+    let ctl = sock.try_clone()?;
+    let r = std::thread::scope(|s| -> Result<()> {
+        let applier = std::thread::Builder::new()
+            .name(format!("share-apply-{name}"))
+            .spawn_scoped(s, || {
+                let r = apply_inbox(ctx, store, rec, tree, wire, &inbox, &durable);
+                if let Err(e) = &r {
+                    // Nothing more is taken; the receive side stops reading.
+                    inbox.discard(&format!("{e:#}"));
+                    let _ = ctl.shutdown(Shutdown::Both);
+                }
+                r
+            })?;
+        let received = receive_stream(ctx, &name, wire, sock, leftover, max, &inbox, &durable);
+        // What was received (and acknowledged) is applied before the link ends.
+        inbox.end();
+        let applied = applier
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("the apply thread panicked")));
+        // The apply thread's failure is the cause (it shut the socket down).
+        applied.and(received)
+    });
+    ctx.shares.set_inbox(&name, None);
+    r
+}
+
+/// The receive side of [`apply_stream`]: frames go to the inbox in order;
+/// each batch read is acknowledged as received, after a free-space report
+/// that leaves out the file data still to be written.
+#[allow(clippy::too_many_arguments)]
+fn receive_stream(
+    ctx: &AgentCtx,
+    name: &str,
+    wire: &SharedTls,
+    sock: &mut TcpStream,
+    leftover: Vec<u8>,
+    max: u32,
+    inbox: &Inbox,
+    durable: &AtomicU64,
+) -> Result<()> {
+    let store = super::ShareStore::new(&ctx.cfg.data_dir);
+    let data_dir = store.data_dir(name);
     let mut plain = leftover;
     let mut raw = vec![0u8; 1 << 20];
-    let mut files = FileCache::default();
     let mut received = 0u64;
-    let mut durable = 0u64;
-    let mut failures = 0u64;
-    let mut since_flush = Unflushed::default();
     loop {
-        if ctx.shares.primary(&rec.name).is_some() {
-            bail!(
-                "share {:?} was promoted here: the old primary's stream ends",
-                rec.name
-            );
+        if ctx.shares.primary(name).is_some() {
+            bail!("share {name:?} was promoted here: the old primary's stream ends");
         }
         let mut used = 0;
         let mut any = false;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
             used += len;
             any = true;
-            match hdr.kind {
-                Kind::Ping => {}
+            let (work, data) = match hdr.kind {
+                Kind::Ping => continue,
                 Kind::FileOp => {
                     let op = StampedOp::decode(payload)?;
-                    since_flush.note(&op);
-                    let r = tree
-                        .apply(&op.op, &mut files)
-                        .and_then(|_| op.stamps.iter().try_for_each(|s| tree.set_stamp(s)));
-                    if let Err(e) = r {
-                        if rec.generation != 0 && rec.mode == "sync" {
-                            // An up-to-date copy of a sync share must take every op
-                            // (an async share's watcher compares what it touched).
-                            bail!("applying {:?} failed: {e}", op_name(&op.op));
-                        }
-                        // Resyncing (or async): the primary compares what this
-                        // touched again, by content.
-                        failures += 1;
-                        tracing::info!(share = %rec.name, op = %op_name(&op.op), error = %e, "share.apply.failed_compared_again");
-                        for p in op.op.touched() {
-                            wire.send(&ferry_wire::encode_frame(
-                                Kind::Failed,
-                                hdr.seq,
-                                0,
-                                p.as_bytes(),
-                            ))?;
-                        }
-                    }
-                    ctx.shares.add_applied(&rec.name, op.op.data_bytes());
-                    received = hdr.seq;
+                    let data = op.op.data_bytes();
+                    (Work::Op { seq: hdr.seq, op }, data)
                 }
-                Kind::Flush => {
-                    let full = hdr.flags & FLAG_UP_TO_DATE != 0;
-                    since_flush.make_durable(tree, &mut files, full)?;
-                    files.clear();
-                    received = hdr.seq;
-                    durable = hdr.seq;
-                    if hdr.flags & FLAG_UP_TO_DATE != 0 {
-                        rec.generation = hdr.offset;
-                        rec.suspect_since = None;
-                        store.save(rec)?;
-                        ctx.shares.set_replica_state(&rec.name, true, None);
-                        tracing::info!(share = %rec.name, skipped = failures, "share.replica.up_to_date");
-                    }
-                }
-                Kind::ManifestRequest => {
-                    let (deep, path) = payload
-                        .split_first()
-                        .ok_or_else(|| anyhow!("empty manifest request"))?;
-                    let path = SharePath::new(path.to_vec())
-                        .map_err(|e| anyhow!("bad manifest path: {e}"))?;
-                    files.clear();
-                    let mut entries = if *deep == 1 {
-                        tree.manifest(&path).unwrap_or_default()
-                    } else {
-                        tree.manifest_entry(&path).into_iter().collect()
-                    };
-                    if let Some(since) = rec.suspect_since {
-                        mark_suspects(tree, &mut entries, since);
-                    }
-                    let bodies: Vec<Vec<u8>> = if entries.is_empty() {
-                        vec![ferry_wire::encode_manifest(&[])]
-                    } else {
-                        entries
-                            .chunks(MANIFEST_FRAME_ENTRIES)
-                            .map(ferry_wire::encode_manifest)
-                            .collect()
-                    };
-                    send_reply(wire, Kind::Manifest, hdr.seq, bodies)?;
-                    received = hdr.seq;
-                }
-                Kind::SumsRequest => {
-                    if payload.len() < 4 {
-                        bail!("short sums request");
-                    }
-                    let block =
-                        u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    if !(1..=SUMS_BLOCK_BYTES_MAX).contains(&block) {
-                        bail!("sums request with a block of {block} bytes");
-                    }
-                    let path = SharePath::new(payload[4..].to_vec())
-                        .map_err(|e| anyhow!("bad sums path: {e}"))?;
-                    let (size, sums) = match tree.sums(&path, block) {
-                        Ok(Some((size, sums))) => (Some(size), sums),
-                        Ok(None) => (None, vec![]),
-                        Err(e) => {
-                            tracing::debug!(share = %rec.name, error = %e, "share.sums.unreadable");
-                            (None, vec![])
-                        }
-                    };
-                    let bodies: Vec<Vec<u8>> = if sums.is_empty() {
-                        vec![ferry_wire::encode_sums(size, block, &[])]
-                    } else {
-                        sums.chunks(SUMS_FRAME_ENTRIES)
-                            .map(|c| ferry_wire::encode_sums(size, block, c))
-                            .collect()
-                    };
-                    send_reply(wire, Kind::Sums, hdr.seq, bodies)?;
-                    received = hdr.seq;
-                }
+                Kind::Flush | Kind::ManifestRequest | Kind::SumsRequest => (
+                    Work::Frame {
+                        hdr,
+                        payload: payload.to_vec(),
+                    },
+                    0,
+                ),
                 k => bail!("unexpected {k:?} frame on a share link"),
-            }
+            };
+            inbox
+                .push(work, len as u64, data)
+                .map_err(|why| anyhow!("{why}"))?;
+            received = hdr.seq;
         }
         plain.drain(..used);
         if any {
             // Free space first: the primary has it before the ack that
-            // answers what freed (or took) it.
-            // Every time: the primary counts what it streamed since the
-            // last report, and overwrites take no new space.
-            if let Some(free) = free_bytes(&store.data_dir(&rec.name)) {
-                wire.send(&ferry_wire::FrameHeader::new(Kind::Ping, 0, free, 0).encode())?;
+            // answers what freed (or took) it. Every time: the primary counts
+            // what it streamed since the last report, and overwrites take no
+            // new space. One send: one record, one wake-up over there.
+            let mut out = Vec::with_capacity(2 * ferry_wire::HEADER_BYTES);
+            if let Some(free) = free_bytes(&data_dir) {
+                let free = free.saturating_sub(inbox.pending_data_bytes());
+                out.extend_from_slice(
+                    &ferry_wire::FrameHeader::new(Kind::Ping, 0, free, 0).encode(),
+                );
             }
-            let ack = ferry_wire::FrameHeader::new(Kind::Ack, received, durable, 0).encode();
-            wire.send(&ack)?;
+            let d = durable.load(Ordering::Acquire);
+            out.extend_from_slice(
+                &ferry_wire::FrameHeader::new(Kind::Ack, received, d, 0).encode(),
+            );
+            wire.send(&out)?;
         }
         let n = match sock.read(&mut raw) {
             Ok(0) => return Ok(()),
@@ -1445,6 +1408,198 @@ fn apply_stream(
         };
         wire.open(&raw[..n], &mut plain)?;
     }
+}
+
+/// Acknowledges everything up to `seq` as applied (and `durable`).
+fn send_applied(wire: &SharedTls, seq: u64, durable: u64) -> Result<()> {
+    let mut h = ferry_wire::FrameHeader::new(Kind::Ack, seq, durable, 0);
+    h.flags = ACK_APPLIED;
+    wire.send(&h.encode())?;
+    Ok(())
+}
+
+/// The apply side of [`apply_stream`]: applies the inbox in order, makes
+/// flushes durable, answers manifest and sums requests, and acknowledges
+/// what it applied whenever the inbox runs dry (or every
+/// [`APPLIED_ACK_BYTES`]).
+fn apply_inbox(
+    ctx: &AgentCtx,
+    store: &super::ShareStore,
+    rec: &mut super::ShareRecord,
+    tree: &Tree,
+    wire: &SharedTls,
+    inbox: &Inbox,
+    durable: &AtomicU64,
+) -> Result<()> {
+    let mut files = FileCache::default();
+    let mut failures = 0u64;
+    let mut since_flush = Unflushed::default();
+    let mut applied = 0u64;
+    let mut acked = 0u64;
+    let mut unacked_bytes = 0u64;
+    loop {
+        let work = match inbox.try_pop() {
+            Some(w) => w,
+            None => {
+                if applied > acked {
+                    send_applied(wire, applied, durable.load(Ordering::Acquire))?;
+                    acked = applied;
+                    unacked_bytes = 0;
+                }
+                match inbox.pop() {
+                    Some(w) => w,
+                    None => return Ok(()),
+                }
+            }
+        };
+        let r = apply_work(
+            ctx,
+            store,
+            rec,
+            tree,
+            wire,
+            work,
+            &mut files,
+            &mut since_flush,
+            &mut failures,
+            durable,
+        );
+        inbox.applied();
+        let (seq, bytes, flushed) = r?;
+        applied = seq;
+        unacked_bytes += bytes;
+        if flushed || unacked_bytes >= APPLIED_ACK_BYTES {
+            send_applied(wire, applied, durable.load(Ordering::Acquire))?;
+            acked = applied;
+            unacked_bytes = 0;
+        }
+    }
+}
+
+/// Applies one inbox item; returns its seq, its file data bytes and
+/// whether it was a flush (acknowledged at once: an fsync waits for it).
+#[allow(clippy::too_many_arguments)]
+fn apply_work(
+    ctx: &AgentCtx,
+    store: &super::ShareStore,
+    rec: &mut super::ShareRecord,
+    tree: &Tree,
+    wire: &SharedTls,
+    work: Work,
+    files: &mut FileCache,
+    since_flush: &mut Unflushed,
+    failures: &mut u64,
+    durable: &AtomicU64,
+) -> Result<(u64, u64, bool)> {
+    let (hdr, payload) = match work {
+        Work::Op { seq, op } => {
+            since_flush.note(&op);
+            let r = tree
+                .apply(&op.op, files)
+                .and_then(|_| op.stamps.iter().try_for_each(|s| tree.set_stamp(s)));
+            if let Err(e) = r {
+                if rec.generation != 0 && rec.mode == "sync" {
+                    // An up-to-date copy of a sync share must take every op
+                    // (an async share's watcher compares what it touched).
+                    // It was acknowledged as received: from now on this is
+                    // not an up-to-date copy (recorded before anything else).
+                    let msg = format!("applying {:?} failed: {e}", op_name(&op.op));
+                    rec.generation = 0;
+                    // The disk may be full (the likely reason it failed).
+                    store.save(rec).or_else(|_| store.save_in_place(rec))?;
+                    ctx.shares
+                        .set_replica_state(&rec.name, false, Some(msg.clone()));
+                    bail!("{msg}");
+                }
+                // Resyncing (or async): the primary compares what this
+                // touched again, by content.
+                *failures += 1;
+                tracing::info!(share = %rec.name, op = %op_name(&op.op), error = %e, "share.apply.failed_compared_again");
+                for p in op.op.touched() {
+                    wire.send(&ferry_wire::encode_frame(
+                        Kind::Failed,
+                        seq,
+                        0,
+                        p.as_bytes(),
+                    ))?;
+                }
+            }
+            let bytes = op.op.data_bytes();
+            ctx.shares.add_applied(&rec.name, bytes);
+            return Ok((seq, bytes, false));
+        }
+        Work::Frame { hdr, payload } => (hdr, payload),
+    };
+    match hdr.kind {
+        Kind::Flush => {
+            let full = hdr.flags & FLAG_UP_TO_DATE != 0;
+            since_flush.make_durable(tree, files, full)?;
+            files.clear();
+            durable.store(hdr.seq, Ordering::Release);
+            if full {
+                rec.generation = hdr.offset;
+                rec.suspect_since = None;
+                store.save(rec)?;
+                ctx.shares.set_replica_state(&rec.name, true, None);
+                tracing::info!(share = %rec.name, skipped = *failures, "share.replica.up_to_date");
+            }
+            return Ok((hdr.seq, 0, true));
+        }
+        Kind::ManifestRequest => {
+            let (deep, path) = payload
+                .split_first()
+                .ok_or_else(|| anyhow!("empty manifest request"))?;
+            let path =
+                SharePath::new(path.to_vec()).map_err(|e| anyhow!("bad manifest path: {e}"))?;
+            files.clear();
+            let mut entries = if *deep == 1 {
+                tree.manifest(&path).unwrap_or_default()
+            } else {
+                tree.manifest_entry(&path).into_iter().collect()
+            };
+            if let Some(since) = rec.suspect_since {
+                mark_suspects(tree, &mut entries, since);
+            }
+            let bodies: Vec<Vec<u8>> = if entries.is_empty() {
+                vec![ferry_wire::encode_manifest(&[])]
+            } else {
+                entries
+                    .chunks(MANIFEST_FRAME_ENTRIES)
+                    .map(ferry_wire::encode_manifest)
+                    .collect()
+            };
+            send_reply(wire, Kind::Manifest, hdr.seq, bodies)?;
+        }
+        Kind::SumsRequest => {
+            if payload.len() < 4 {
+                bail!("short sums request");
+            }
+            let block = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+            if !(1..=SUMS_BLOCK_BYTES_MAX).contains(&block) {
+                bail!("sums request with a block of {block} bytes");
+            }
+            let path =
+                SharePath::new(payload[4..].to_vec()).map_err(|e| anyhow!("bad sums path: {e}"))?;
+            let (size, sums) = match tree.sums(&path, block) {
+                Ok(Some((size, sums))) => (Some(size), sums),
+                Ok(None) => (None, vec![]),
+                Err(e) => {
+                    tracing::debug!(share = %rec.name, error = %e, "share.sums.unreadable");
+                    (None, vec![])
+                }
+            };
+            let bodies: Vec<Vec<u8>> = if sums.is_empty() {
+                vec![ferry_wire::encode_sums(size, block, &[])]
+            } else {
+                sums.chunks(SUMS_FRAME_ENTRIES)
+                    .map(|c| ferry_wire::encode_sums(size, block, c))
+                    .collect()
+            };
+            send_reply(wire, Kind::Sums, hdr.seq, bodies)?;
+        }
+        k => bail!("unexpected {k:?} frame in the inbox"),
+    }
+    Ok((hdr.seq, 0, false))
 }
 
 /// Free bytes (for unprivileged use) of the filesystem holding `dir`.

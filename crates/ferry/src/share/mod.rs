@@ -13,6 +13,7 @@
 //! or only of the journal's paths), then streams.
 
 pub mod fuse;
+pub mod inbox;
 pub mod link;
 pub mod primary;
 pub mod tree;
@@ -180,6 +181,29 @@ impl ShareStore {
         Ok(())
     }
 
+    /// [`Self::save`] without taking space (a full disk): `rec` overwrites
+    /// the record where it is, padded with spaces to its length, when it is
+    /// no longer than it.
+    pub fn save_in_place(&self, rec: &ShareRecord) -> Result<(), ShareError> {
+        check_name(&rec.name)?;
+        let p = self.dir(&rec.name).join("share.json");
+        let mut body = serde_json::to_vec_pretty(rec).unwrap_or_default();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io_err("cannot write", &p))?;
+        let len = f.metadata().map_err(io_err("cannot write", &p))?.len() as usize;
+        if body.len() > len {
+            return Err(io_err("cannot write in place", &p)(
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        body.resize(len, b' ');
+        std::os::unix::fs::FileExt::write_all_at(&f, &body, 0)
+            .and_then(|_| f.sync_all())
+            .map_err(io_err("cannot write", &p))
+    }
+
     /// Makes a new share's directories and record.
     pub fn create(&self, rec: &ShareRecord) -> Result<(), ShareError> {
         check_name(&rec.name)?;
@@ -298,6 +322,8 @@ impl Running {
 pub struct Shares {
     primaries: std::sync::Mutex<std::collections::HashMap<String, Running>>,
     replicas: std::sync::Mutex<std::collections::HashMap<String, ReplicaView>>,
+    /// Each linked replica's inbox (received, not yet applied).
+    inboxes: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<inbox::Inbox>>>,
     /// Each share's digest cache, whatever its role (it survives a role
     /// change: the cache checks every file's stamps).
     digests: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tree::DigestCache>>>,
@@ -363,6 +389,38 @@ impl Shares {
             shares: self,
             name: name.to_string(),
         })
+    }
+
+    /// Registers the inbox of `name`'s inbound link (replacing an old one).
+    pub fn set_inbox(&self, name: &str, inbox: Option<std::sync::Arc<inbox::Inbox>>) {
+        let mut m = self.inboxes.lock().unwrap_or_else(|p| p.into_inner());
+        match inbox {
+            Some(i) => {
+                m.insert(name.to_string(), i);
+            }
+            None => {
+                m.remove(name);
+            }
+        }
+    }
+
+    /// Before `name` is promoted here: its inbound link takes nothing more,
+    /// and what it received is applied (at most `wait`). `false` when
+    /// something was still being applied after `wait`.
+    pub fn drain_replica(&self, name: &str, wait: std::time::Duration) -> bool {
+        let inbox = self
+            .inboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned();
+        match inbox {
+            Some(i) => {
+                i.close("the share was promoted here: the old primary's stream ends");
+                i.wait_drained(wait)
+            }
+            None => true,
+        }
     }
 
     pub fn set_replica_state(&self, name: &str, up_to_date: bool, error: Option<String>) {
@@ -484,6 +542,20 @@ pub fn promote_record(
     clean: bool,
 ) -> anyhow::Result<Option<ShareRecord>> {
     let store = ShareStore::new(&ctx.cfg.data_dir);
+    if check_promotable(ctx, name, force)?.role == "primary" {
+        return Ok(None);
+    }
+    // A replica applies everything it received before it may be promoted
+    // (an apply that fails marks it not up to date: checked again below).
+    let wait = std::time::Duration::from_millis(ctx.cfg.shares.promote_apply_wait_ms);
+    if !ctx.shares.drain_replica(name, wait) {
+        anyhow::bail!(
+            "share {name:?} on node {} is still applying what it received after {} ms \
+             (shares.promote_apply_wait_ms): refusing to promote it",
+            ctx.identity.node_name,
+            wait.as_millis()
+        );
+    }
     let mut rec = check_promotable(ctx, name, force)?;
     if rec.role == "primary" {
         return Ok(None);
@@ -791,6 +863,7 @@ pub fn verify(
                 let mut o = share.order();
                 share.push_flush(&mut o, false)
             };
+            share.send_queued();
             if let Some(seq) = seq {
                 let (tx, rx) = std::sync::mpsc::channel();
                 share.wait_durable(

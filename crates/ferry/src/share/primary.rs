@@ -17,6 +17,7 @@ use ferry_wire::{FileOp, Kind, SharePath, Stamp, StampedOp};
 
 use super::tree::Tree;
 use super::{ShareRecord, ShareStore};
+use crate::replication::tls_io::SharedTls;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -76,6 +77,10 @@ impl Changes {
 #[derive(Default)]
 pub struct LinkState {
     pub connected: bool,
+    /// The link's connection while connected (queued frames go out on it).
+    wire: Option<Arc<SharedTls>>,
+    /// A thread is sending queued frames (one at a time keeps them in order).
+    sending: bool,
     /// A resync is running: paths touched meanwhile are compared again.
     pub resyncing: bool,
     /// Paths touched by live operations during a resync.
@@ -88,6 +93,9 @@ pub struct LinkState {
     /// Streamed and not yet durable on the replica: (seq, paths, parent dirs).
     pub unconfirmed: VecDeque<(u64, Vec<SharePath>, Vec<SharePath>)>,
     pub received_seq: u64,
+    /// Applied on the replica (its apply thread acknowledges it after the
+    /// receipt): what a resync pass or the async pump waits for.
+    pub applied_seq: u64,
     pub durable_seq: u64,
     /// Encoded frames waiting for the sender.
     pub queue: VecDeque<Vec<u8>>,
@@ -176,8 +184,10 @@ pub struct PrimaryShare {
     /// Held while a mutation is applied locally and sequenced.
     pub order: Mutex<Order>,
     pub link: Mutex<LinkState>,
-    /// The sender waits here for frames; resync and waiters for acks.
+    /// Resync and waiters wait here for acks and link changes.
     pub cv: Condvar,
+    /// The sender thread waits here for frames to send.
+    send_cv: Condvar,
     /// Paths changed while the replica could not be told (persisted in `journal`).
     journal: Mutex<Journal>,
     pub stats: ShareStats,
@@ -390,6 +400,7 @@ impl PrimaryShare {
             order: Mutex::new(Order { next_seq: 1 }),
             link: Mutex::new(LinkState::default()),
             cv: Condvar::new(),
+            send_cv: Condvar::new(),
             journal: Mutex::new(journal),
             stats: ShareStats::default(),
             backlog_bytes_max,
@@ -442,13 +453,15 @@ impl PrimaryShare {
 
     /// Sequences `op` (the caller holds `order` and has applied it locally).
     /// Returns the sequence number when it went on the stream, `None` when
-    /// it went to the journal.
+    /// it went to the journal. The caller sends it ([`Self::send_queued`],
+    /// once it let go of `order`): the sender thread is not woken.
     pub fn push(&self, o: &mut Order, op: FileOp, stamps: Vec<Stamp>) -> Option<u64> {
         self.push_op(o, op, stamps, true)
     }
 
     /// [`Self::push`] of an op the resync itself sends: it does not make
     /// its paths "touched meanwhile" (which would compare them again).
+    /// The sender thread sends it.
     pub fn push_resync(&self, o: &mut Order, op: FileOp, stamps: Vec<Stamp>) -> Option<u64> {
         self.push_op(o, op, stamps, false)
     }
@@ -456,6 +469,38 @@ impl PrimaryShare {
     fn push_op(&self, o: &mut Order, op: FileOp, stamps: Vec<Stamp>, live: bool) -> Option<u64> {
         let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
         let parents = op.parents();
+        if !self.link().connected {
+            lock(&self.journal).add_op(&touched, &parents, true);
+            return None;
+        }
+        let payload = StampedOp { op, stamps }.encode();
+        let frame = ferry_wire::encode_frame(Kind::FileOp, 0, 0, &payload);
+        // Live ops are sent by their caller, a resync's by the sender thread.
+        self.push_encoded(o, frame, touched, parents, live, !live)
+    }
+
+    /// [`Self::push`] of a write whose frame the caller encoded
+    /// ([`StampedOp::encode_write_frame`], seq 0): `op` is the same write
+    /// without its data (for the paths it touches).
+    pub fn push_write(&self, o: &mut Order, op: &FileOp, frame: Vec<u8>) -> Option<u64> {
+        let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
+        let parents = op.parents();
+        if !self.link().connected {
+            lock(&self.journal).add_op(&touched, &parents, true);
+            return None;
+        }
+        self.push_encoded(o, frame, touched, parents, true, false)
+    }
+
+    fn push_encoded(
+        &self,
+        o: &mut Order,
+        mut frame: Vec<u8>,
+        touched: Vec<SharePath>,
+        parents: Vec<SharePath>,
+        live: bool,
+        wake_sender: bool,
+    ) -> Option<u64> {
         let mut l = self.link();
         if !l.connected {
             drop(l);
@@ -464,8 +509,8 @@ impl PrimaryShare {
         }
         let seq = o.next_seq;
         o.next_seq += 1;
-        let payload = StampedOp { op, stamps }.encode();
-        let frame = ferry_wire::encode_frame(Kind::FileOp, seq, 0, &payload);
+        ferry_wire::set_frame_seq(&mut frame, seq);
+        let payload_len = frame.len().saturating_sub(ferry_wire::HEADER_BYTES + 4);
         if l.resyncing && live {
             l.again.extend(touched.iter().cloned());
             l.again_shallow.extend(parents.iter().cloned());
@@ -482,17 +527,21 @@ impl PrimaryShare {
         self.stats.ops_sent.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_sent
-            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            .fetch_add(payload_len as u64, Ordering::Relaxed);
         let over = !self.mode_sync() && l.inflight_bytes > self.backlog_bytes_max;
         drop(l);
         self.cv.notify_all();
+        if wake_sender {
+            self.send_cv.notify_all();
+        }
         if over {
             self.link_lost("async backlog above backlog_bytes_max: the journal takes over");
         }
         Some(seq)
     }
 
-    /// Sequences a flush barrier; returns its seq when connected.
+    /// Sequences a flush barrier; returns its seq when connected. The caller
+    /// sends it ([`Self::send_queued`]).
     pub fn push_flush(&self, o: &mut Order, up_to_date: bool) -> Option<u64> {
         let mut l = self.link();
         if !l.connected {
@@ -506,8 +555,6 @@ impl PrimaryShare {
             h.flags = crate::replication::link::FLAG_UP_TO_DATE;
         }
         l.queue.push_back(h.encode().to_vec());
-        drop(l);
-        self.cv.notify_all();
         Some(seq)
     }
 
@@ -522,7 +569,7 @@ impl PrimaryShare {
         l.queue
             .push_back(ferry_wire::encode_frame(kind, seq, 0, payload));
         drop(l);
-        self.cv.notify_all();
+        self.send_cv.notify_all();
         Some(seq)
     }
 
@@ -564,8 +611,9 @@ impl PrimaryShare {
         l.waiting_durable.entry(seq).or_default().push(done);
     }
 
-    /// The replica acknowledged: received up to `received`, durable up to `durable`.
-    pub fn on_ack(&self, received: u64, durable: u64) {
+    /// The replica acknowledged: received up to `received` (also applied
+    /// with `applied`), durable up to `durable`.
+    pub fn on_ack(&self, received: u64, durable: u64, applied: bool) {
         let mut ready = Vec::new();
         let mut level = None;
         let mut got = None;
@@ -583,6 +631,9 @@ impl PrimaryShare {
             }
             if received > l.received_seq {
                 l.received_seq = received;
+            }
+            if applied && received > l.applied_seq {
+                l.applied_seq = received;
             }
             if durable > l.durable_seq {
                 l.durable_seq = durable;
@@ -657,6 +708,7 @@ impl PrimaryShare {
             l.flush_times.clear();
             l.push_times.clear();
             l.replica_free = None;
+            l.wire = None;
             ready.extend(
                 std::mem::take(&mut l.waiting_received)
                     .into_values()
@@ -670,6 +722,7 @@ impl PrimaryShare {
         }
         tracing::warn!(share = %self.name, reason = why, "share.link.lost");
         self.cv.notify_all();
+        self.send_cv.notify_all();
         self.answer_unconfirmed(ready);
     }
 
@@ -781,6 +834,7 @@ impl PrimaryShare {
                 self.push_flush(&mut o, false)
             }
             .ok_or("the link is down")?;
+            self.send_queued();
             let (tx, rx) = std::sync::mpsc::channel();
             self.wait_durable(
                 Some(seq),
@@ -868,10 +922,12 @@ impl PrimaryShare {
 
     /// The link came up: sequencing starts (under `order`, so no op is
     /// half-journaled, half-streamed).
-    pub fn link_up(&self) {
+    pub fn link_up(&self, wire: Arc<SharedTls>) {
         let _o = self.order();
         let mut l = self.link();
         l.connected = true;
+        l.wire = Some(wire);
+        l.sending = false;
         l.resyncing = true;
         l.up_to_date = false;
         l.last_error = None;
@@ -977,15 +1033,15 @@ impl PrimaryShare {
         lock(&self.rec).level_exact = false;
     }
 
-    /// Waits until the replica acknowledged receiving `seq` (it has applied
-    /// it), in either mode.
+    /// Waits until the replica acknowledged applying `seq` (and so reported
+    /// any op up to it that failed there), in either mode.
     pub fn wait_acked(&self, seq: u64) -> bool {
         let mut l = self.link();
         loop {
             if !l.connected {
                 return false;
             }
-            if l.received_seq >= seq {
+            if l.applied_seq >= seq {
                 return true;
             }
             l = self
@@ -996,19 +1052,53 @@ impl PrimaryShare {
         }
     }
 
-    /// Waits until the queue has frames (or the link is down / stopping).
-    pub fn next_frames(&self) -> Option<Vec<Vec<u8>>> {
+    /// Sends the queued frames on the calling thread, unless another thread
+    /// is sending (which then sends them too: it sends until the queue is
+    /// empty). A sync call sends its own op this way, without waking the
+    /// link's sender thread.
+    pub fn send_queued(&self) {
+        let mut l = self.link();
+        if l.sending || l.queue.is_empty() || !l.connected {
+            return;
+        }
+        let Some(wire) = l.wire.clone() else {
+            return;
+        };
+        l.sending = true;
+        loop {
+            let frames: Vec<Vec<u8>> = l.queue.drain(..).collect();
+            l.queued_bytes = 0;
+            drop(l);
+            let r = wire.send_with(|w| frames.iter().try_for_each(|f| w.write_all(f)));
+            l = self.link();
+            if let Err(e) = r {
+                l.sending = false;
+                drop(l);
+                self.send_cv.notify_all();
+                self.link_lost(&format!("sending to the replica failed: {e}"));
+                return;
+            }
+            if l.queue.is_empty() || !l.connected {
+                break;
+            }
+        }
+        // The queue is empty: the sender thread has nothing to be woken for.
+        l.sending = false;
+    }
+
+    /// Waits until the queue has frames no other thread is sending; `false`
+    /// when the link is down or stopping.
+    pub fn wait_frames(&self) -> bool {
         let mut l = self.link();
         loop {
             if l.stop || !l.connected {
-                return None;
+                return false;
             }
-            if !l.queue.is_empty() {
-                l.queued_bytes = 0;
-                return Some(l.queue.drain(..).collect());
+            if !l.queue.is_empty() && !l.sending {
+                return true;
             }
             l = self
-                .cv
+                .send_cv
                 .wait_timeout(l, std::time::Duration::from_millis(100))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
