@@ -44,7 +44,7 @@ thread_local! {
 /// cache it); the kernel keeps cached pages of a range coherent (written back
 /// and dropped before a direct write into it).
 #[derive(Debug, Default)]
-struct DirectWriter {
+pub struct DirectWriter {
     /// The file opened again with `O_DIRECT`; `None` where the filesystem
     /// does no direct I/O (or not at this alignment).
     direct: OnceLock<Option<File>>,
@@ -60,7 +60,7 @@ impl DirectWriter {
     /// long, else (or where the filesystem does no direct I/O, or refuses a
     /// direct write: then the range is written again through the cache)
     /// through the page cache. `file` must be the same file every time.
-    fn write(&self, file: &File, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
+    pub fn write(&self, file: &File, pieces: &[&[u8]], offset: u64) -> io::Result<()> {
         let len: usize = pieces.iter().map(|p| p.len()).sum();
         let aligned = |v: u64| v % DIRECT_ALIGN_BYTES as u64 == 0;
         let direct = if len >= DIRECT_WRITE_BYTES_MIN
@@ -124,8 +124,7 @@ impl DirectWriter {
     }
 
     /// Whether writes go past the page cache (the filesystem does direct I/O).
-    #[cfg(test)]
-    fn is_direct(&self) -> bool {
+    pub fn is_direct(&self) -> bool {
         !self.refused.load(Ordering::Relaxed) && self.direct.get().is_some_and(|d| d.is_some())
     }
 }

@@ -21,7 +21,7 @@ mod file;
 mod mem;
 
 pub use completion::{Completion, Responder};
-pub use file::FileDevice;
+pub use file::{DirectWriter, FileDevice};
 pub use mem::MemDevice;
 
 /// How a range may be zeroed.

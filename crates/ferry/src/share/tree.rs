@@ -17,6 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use ferry_nbd::device::DirectWriter;
 use ferry_wire::{EntryKind, FileOp, ManifestEntry, SharePath, Stamp, Target, Time};
 
 /// Manifest entries a walk returns at most (bounded memory; a bigger subtree
@@ -475,10 +476,7 @@ impl Tree {
                 target,
                 offset,
                 data,
-            } => {
-                let f = files.get(self, target)?;
-                f.write_all_at(data, *offset)
-            }
+            } => files.write(self, target, data, *offset),
             FileOp::Truncate { target, size } => {
                 let f = files.get(self, target)?;
                 f.set_len(*size)
@@ -1120,7 +1118,8 @@ fn einval() -> io::Error {
 /// path per write would cost a path walk each).
 #[derive(Debug, Default)]
 pub struct FileCache {
-    files: HashMap<Target, File>,
+    /// Each with its writer past the page cache (large aligned writes).
+    files: HashMap<Target, (File, DirectWriter)>,
 }
 
 /// Descriptors cached at most.
@@ -1128,15 +1127,35 @@ const FILE_CACHE_MAX: usize = 64;
 
 impl FileCache {
     pub fn get(&mut self, tree: &Tree, t: &Target) -> io::Result<&File> {
+        self.entry(tree, t).map(|(f, _)| f)
+    }
+
+    fn entry(&mut self, tree: &Tree, t: &Target) -> io::Result<&(File, DirectWriter)> {
         if !self.files.contains_key(t) {
             if self.files.len() >= FILE_CACHE_MAX {
                 self.files.clear();
             }
             // Read too: a delta's CopyWithin reads blocks it moves.
             let f = tree.open_file(t, libc::O_RDWR, 0)?;
-            self.files.insert(t.clone(), f);
+            self.files.insert(t.clone(), (f, DirectWriter::default()));
         }
         self.files.get(t).ok_or_else(einval)
+    }
+
+    /// Writes `data` at `offset`, past the page cache when it is large and
+    /// aligned ([`DirectWriter`]): what a replica writes nobody there reads
+    /// until a promotion, so caching it costs memory and a second copy. The
+    /// replica applies after acknowledging receipt, so the device wait of a
+    /// direct write delays no reply.
+    pub fn write(&mut self, tree: &Tree, t: &Target, data: &[u8], offset: u64) -> io::Result<()> {
+        let (f, direct) = self.entry(tree, t)?;
+        direct.write(f, &[data], offset)
+    }
+
+    /// Whether `t`'s cached descriptor writes large writes past the page cache.
+    #[cfg(test)]
+    pub fn is_direct(&self, t: &Target) -> bool {
+        self.files.get(t).is_some_and(|(_, d)| d.is_direct())
     }
 
     pub fn clear(&mut self) {
@@ -1247,6 +1266,75 @@ mod tests {
         // The symlink itself can go.
         tree.apply(&FileOp::Unlink { path: p("esc") }, &mut files)
             .unwrap();
+    }
+
+    #[test]
+    fn large_aligned_replica_writes_go_past_the_page_cache_and_read_back_whole() {
+        // /var/tmp: a disk filesystem (a tmpfs /tmp would stay buffered).
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let tree = Tree::open(&dir.path().join("d"), &dir.path().join("o"))
+            .unwrap()
+            .for_replica();
+        let mut files = FileCache::default();
+        tree.apply(
+            &FileOp::Create {
+                path: p("f"),
+                mode: 0o600,
+                owner: Owner::default(),
+            },
+            &mut files,
+        )
+        .unwrap();
+        let t = Target::Path(p("f"));
+        let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut want = vec![0u8; (2 << 20) + 10];
+        // A small write first (buffered, dirty in the cache), then a large
+        // aligned one over it, then an unaligned tail.
+        for (offset, data) in [
+            (4096u64, vec![7u8; 100]),
+            (0, big.clone()),
+            (1 << 20, big.clone()),
+            ((2 << 20) - 6, vec![9u8; 16]),
+        ] {
+            want[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            tree.apply(
+                &FileOp::Write {
+                    target: t.clone(),
+                    offset,
+                    data,
+                },
+                &mut files,
+            )
+            .unwrap();
+        }
+        let statx_says_direct = files.is_direct(&t);
+        files.clear();
+        assert_eq!(std::fs::read(dir.path().join("d/f")).unwrap(), want);
+        // Where the filesystem does direct I/O (statx reports an alignment),
+        // the large writes went past the cache.
+        let st = nix_statx_dio(&dir.path().join("d/f"));
+        assert_eq!(
+            statx_says_direct, st,
+            "direct writes where the filesystem has them"
+        );
+    }
+
+    /// Whether statx reports a direct-I/O alignment for `path`.
+    fn nix_statx_dio(path: &std::path::Path) -> bool {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: zeroed statx is a valid out-parameter.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: NUL-terminated path, valid out pointer.
+        let r = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                0,
+                libc::STATX_DIOALIGN,
+                &mut stx,
+            )
+        };
+        r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_mem_align > 0
     }
 
     #[test]
