@@ -400,13 +400,14 @@ impl ShareFs {
     /// A durable barrier on both sides (after the local sync `local`).
     /// The flush goes to the replica first, so its sync and the local one
     /// (`local`) overlap.
-    fn barrier(&self, local: impl FnOnce() -> io::Result<()>, reply: ReplyEmpty) {
+    /// `data_only`: an fdatasync (the replica syncs file data, not times).
+    fn barrier(&self, data_only: bool, local: impl FnOnce() -> io::Result<()>, reply: ReplyEmpty) {
         if let Err(e) = self.share.wait_open() {
             return reply.error(errno(&e));
         }
         let seq = {
             let mut o = self.share.order();
-            self.share.push_flush(&mut o, false)
+            self.share.push_flush_of(&mut o, false, data_only)
         };
         self.share.send_queued();
         if let Err(e) = local() {
@@ -1123,10 +1124,11 @@ impl Filesystem for ShareFs {
         let seq = self.share.push_write(&mut o, &op, frame);
         drop(o);
         if sync_writes {
-            // The replica's flush first: its sync and the local one overlap.
+            // The replica's flush first: its sync and the local one overlap
+            // (both of data, as the local fdatasync).
             let fseq = {
                 let mut o = self.share.order();
-                self.share.push_flush(&mut o, false)
+                self.share.push_flush_of(&mut o, false, true)
             };
             self.share.send_queued();
             // SAFETY: valid descriptor.
@@ -1203,6 +1205,7 @@ impl Filesystem for ShareFs {
             return reply.error(Errno::EBADF);
         };
         self.barrier(
+            datasync,
             || {
                 if datasync {
                     f.sync_data()
@@ -1301,7 +1304,7 @@ impl Filesystem for ShareFs {
                 })
                 .and_then(|d| d.sync_all())
         };
-        self.barrier(local, reply);
+        self.barrier(false, local, reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -111,6 +111,25 @@ impl Inbox {
         Some(w)
     }
 
+    /// Claims the apply side for one item of the caller's own when nothing
+    /// is queued or being applied (the receive thread applies it then,
+    /// still in order); call [`Self::applied`] when done. `false` otherwise.
+    pub fn claim_idle(&self) -> bool {
+        let mut s = self.lock();
+        if !s.work.is_empty() || s.busy || s.closed.is_some() {
+            return false;
+        }
+        s.busy = true;
+        s.taken = (0, 0);
+        true
+    }
+
+    /// Nothing is queued or being applied.
+    pub fn is_idle(&self) -> bool {
+        let s = self.lock();
+        s.work.is_empty() && !s.busy
+    }
+
     /// The item taken last is applied (or failed).
     pub fn applied(&self) {
         let mut s = self.lock();
@@ -235,6 +254,24 @@ mod tests {
         q.applied();
         pusher.join().unwrap().unwrap();
         assert_eq!(q.pending_data_bytes(), 200);
+    }
+
+    #[test]
+    fn the_receiver_applies_itself_only_when_nothing_is_queued_or_applying() {
+        let q = Inbox::new(1000);
+        assert!(q.claim_idle());
+        // Claimed: not idle, a second claim fails, a promotion waits.
+        assert!(!q.is_idle() && !q.claim_idle());
+        assert!(!q.wait_drained(Duration::from_millis(1)));
+        q.applied();
+        assert!(q.is_idle());
+        q.push(op(1), 10, 0).unwrap();
+        assert!(!q.claim_idle(), "an earlier op is queued");
+        q.try_pop().unwrap();
+        assert!(!q.claim_idle(), "an earlier op is being applied");
+        q.applied();
+        q.close("promoted here");
+        assert!(!q.claim_idle(), "closed");
     }
 
     #[test]

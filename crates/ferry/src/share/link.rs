@@ -27,7 +27,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -1285,12 +1285,18 @@ pub fn serve_replica(
 /// Ack flag: `seq` is applied, not only received (the apply thread's acks).
 pub const ACK_APPLIED: u16 = 1;
 
+/// Flush flag (beside `FLAG_UP_TO_DATE`, `FLAG_SNAPSHOT`): an fdatasync —
+/// the replica syncs the data of the files it covers, not their times.
+pub const FLAG_DATA_ONLY: u16 = 4;
+
 /// File data applied after which the apply thread acknowledges it even
 /// while more is queued.
 const APPLIED_ACK_BYTES: u64 = 4 << 20;
 
 /// Serves an inbound link: this thread receives, queues and acknowledges
-/// receipt; a second thread applies in order (see [`super::inbox`]).
+/// receipt; a second thread applies in order (see [`super::inbox`]). Small
+/// ops and flushes that find the inbox idle are applied on the receive
+/// thread itself (no wake-up of the other).
 #[allow(clippy::too_many_arguments)]
 fn apply_stream(
     ctx: &AgentCtx,
@@ -1306,12 +1312,26 @@ fn apply_stream(
     let inbox = Arc::new(Inbox::new(ctx.cfg.shares.replica_apply_queue_bytes_max));
     ctx.shares.set_inbox(&name, Some(inbox.clone()));
     let durable = AtomicU64::new(0);
+    let applier = Mutex::new(Applier {
+        ctx,
+        store,
+        rec,
+        tree,
+        wire,
+        durable: &durable,
+        files: FileCache::default(),
+        since_flush: Unflushed::default(),
+        failures: 0,
+        applied: 0,
+        acked: 0,
+        unacked_bytes: 0,
+    });
     let ctl = sock.try_clone()?;
     let r = std::thread::scope(|s| -> Result<()> {
-        let applier = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("share-apply-{name}"))
             .spawn_scoped(s, || {
-                let r = apply_inbox(ctx, store, rec, tree, wire, &inbox, &durable);
+                let r = apply_inbox(&applier, &inbox);
                 if let Err(e) = &r {
                     // Nothing more is taken; the receive side stops reading.
                     inbox.discard(&format!("{e:#}"));
@@ -1319,10 +1339,13 @@ fn apply_stream(
                 }
                 r
             })?;
-        let received = receive_stream(ctx, &name, wire, sock, leftover, max, &inbox, &durable);
-        // What was received (and acknowledged) is applied before the link ends.
+        let received = receive_stream(
+            ctx, &name, wire, sock, leftover, max, &inbox, &applier, &durable,
+        );
+        // What was received (and acknowledged) is applied before the link
+        // ends (also when this side failed: it applied nothing out of order).
         inbox.end();
-        let applied = applier
+        let applied = thread
             .join()
             .unwrap_or_else(|_| Err(anyhow!("the apply thread panicked")));
         // The apply thread's failure is the cause (it shut the socket down).
@@ -1332,9 +1355,14 @@ fn apply_stream(
     r
 }
 
-/// The receive side of [`apply_stream`]: frames go to the inbox in order;
-/// each batch read is acknowledged as received, after a free-space report
-/// that leaves out the file data still to be written.
+/// Ops carrying at most this much file data (and flushes) are applied on
+/// the receive thread when the inbox is idle.
+const INLINE_APPLY_BYTES_MAX: u64 = 64 * 1024;
+
+/// The receive side of [`apply_stream`]: frames go to the inbox in order
+/// (or, small and finding it idle, are applied here); each batch read with
+/// ops or pings is acknowledged as received, after a free-space report that
+/// leaves out the file data still to be written.
 #[allow(clippy::too_many_arguments)]
 fn receive_stream(
     ctx: &AgentCtx,
@@ -1344,29 +1372,39 @@ fn receive_stream(
     leftover: Vec<u8>,
     max: u32,
     inbox: &Inbox,
+    applier: &Mutex<Applier<'_>>,
     durable: &AtomicU64,
 ) -> Result<()> {
     let store = super::ShareStore::new(&ctx.cfg.data_dir);
     let data_dir = store.data_dir(name);
+    let receipt = |received: u64| send_receipt(wire, &data_dir, inbox, received, durable);
     let mut plain = leftover;
     let mut raw = vec![0u8; 1 << 20];
     let mut received = 0u64;
+    let mut acked = 0u64;
     loop {
         if ctx.shares.primary(name).is_some() {
             bail!("share {name:?} was promoted here: the old primary's stream ends");
         }
         let mut used = 0;
-        let mut any = false;
+        // Ops or pings came: answered with a receipt (pings keep the link
+        // alive and fetch the free-space report).
+        let mut answer = false;
+        let mut inline = false;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
             used += len;
-            any = true;
             let (work, data) = match hdr.kind {
-                Kind::Ping => continue,
+                Kind::Ping => {
+                    answer = true;
+                    continue;
+                }
                 Kind::FileOp => {
                     let op = StampedOp::decode(payload)?;
                     let data = op.op.data_bytes();
+                    answer = true;
                     (Work::Op { seq: hdr.seq, op }, data)
                 }
+                // Answered by the apply side (durable ack, manifest, sums).
                 Kind::Flush | Kind::ManifestRequest | Kind::SumsRequest => (
                     Work::Frame {
                         hdr,
@@ -1376,29 +1414,40 @@ fn receive_stream(
                 ),
                 k => bail!("unexpected {k:?} frame on a share link"),
             };
-            inbox
-                .push(work, len as u64, data)
-                .map_err(|why| anyhow!("{why}"))?;
             received = hdr.seq;
+            let small = match &work {
+                Work::Op { .. } => data <= INLINE_APPLY_BYTES_MAX,
+                Work::Frame { hdr, .. } => hdr.kind == Kind::Flush,
+            };
+            if small && inbox.claim_idle() {
+                if matches!(work, Work::Frame { .. }) && answer && received > acked {
+                    // A flush waits for the device: what came before it is
+                    // acknowledged as received first.
+                    let r = receipt(received);
+                    if r.is_err() {
+                        inbox.applied();
+                    }
+                    r?;
+                    acked = received;
+                    answer = false;
+                }
+                let r = lock(applier).apply(work);
+                inbox.applied();
+                r?;
+                inline = true;
+            } else {
+                inbox
+                    .push(work, len as u64, data)
+                    .map_err(|why| anyhow!("{why}"))?;
+            }
         }
         plain.drain(..used);
-        if any {
-            // Free space first: the primary has it before the ack that
-            // answers what freed (or took) it. Every time: the primary counts
-            // what it streamed since the last report, and overwrites take no
-            // new space. One send: one record, one wake-up over there.
-            let mut out = Vec::with_capacity(2 * ferry_wire::HEADER_BYTES);
-            if let Some(free) = free_bytes(&data_dir) {
-                let free = free.saturating_sub(inbox.pending_data_bytes());
-                out.extend_from_slice(
-                    &ferry_wire::FrameHeader::new(Kind::Ping, 0, free, 0).encode(),
-                );
-            }
-            let d = durable.load(Ordering::Acquire);
-            out.extend_from_slice(
-                &ferry_wire::FrameHeader::new(Kind::Ack, received, d, 0).encode(),
-            );
-            wire.send(&out)?;
+        if answer {
+            receipt(received)?;
+            acked = received;
+        }
+        if inline && inbox.is_idle() {
+            lock(applier).ack_applied()?;
         }
         let n = match sock.read(&mut raw) {
             Ok(0) => return Ok(()),
@@ -1410,6 +1459,31 @@ fn receive_stream(
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The free-space report (first: the primary has it before the ack that
+/// answers what freed or took it; it leaves out the file data still queued)
+/// and the receipt ack, in one send: one record, one wake-up over there.
+fn send_receipt(
+    wire: &SharedTls,
+    data_dir: &std::path::Path,
+    inbox: &Inbox,
+    received: u64,
+    durable: &AtomicU64,
+) -> Result<()> {
+    let mut out = Vec::with_capacity(2 * ferry_wire::HEADER_BYTES);
+    if let Some(free) = free_bytes(data_dir) {
+        let free = free.saturating_sub(inbox.pending_data_bytes());
+        out.extend_from_slice(&ferry_wire::FrameHeader::new(Kind::Ping, 0, free, 0).encode());
+    }
+    let d = durable.load(Ordering::Acquire);
+    out.extend_from_slice(&ferry_wire::FrameHeader::new(Kind::Ack, received, d, 0).encode());
+    wire.send(&out)?;
+    Ok(())
+}
+
 /// Acknowledges everything up to `seq` as applied (and `durable`).
 fn send_applied(wire: &SharedTls, seq: u64, durable: u64) -> Result<()> {
     let mut h = ferry_wire::FrameHeader::new(Kind::Ack, seq, durable, 0);
@@ -1418,188 +1492,190 @@ fn send_applied(wire: &SharedTls, seq: u64, durable: u64) -> Result<()> {
     Ok(())
 }
 
-/// The apply side of [`apply_stream`]: applies the inbox in order, makes
-/// flushes durable, answers manifest and sums requests, and acknowledges
-/// what it applied whenever the inbox runs dry (or every
+/// The apply side of [`apply_stream`]: applies the inbox in order and
+/// acknowledges what it applied whenever the inbox runs dry (or every
 /// [`APPLIED_ACK_BYTES`]).
-fn apply_inbox(
-    ctx: &AgentCtx,
-    store: &super::ShareStore,
-    rec: &mut super::ShareRecord,
-    tree: &Tree,
-    wire: &SharedTls,
-    inbox: &Inbox,
-    durable: &AtomicU64,
-) -> Result<()> {
-    let mut files = FileCache::default();
-    let mut failures = 0u64;
-    let mut since_flush = Unflushed::default();
-    let mut applied = 0u64;
-    let mut acked = 0u64;
-    let mut unacked_bytes = 0u64;
+fn apply_inbox(applier: &Mutex<Applier<'_>>, inbox: &Inbox) -> Result<()> {
     loop {
         let work = match inbox.try_pop() {
             Some(w) => w,
             None => {
-                if applied > acked {
-                    send_applied(wire, applied, durable.load(Ordering::Acquire))?;
-                    acked = applied;
-                    unacked_bytes = 0;
-                }
+                lock(applier).ack_applied()?;
                 match inbox.pop() {
                     Some(w) => w,
                     None => return Ok(()),
                 }
             }
         };
-        let r = apply_work(
-            ctx,
-            store,
-            rec,
-            tree,
-            wire,
-            work,
-            &mut files,
-            &mut since_flush,
-            &mut failures,
-            durable,
-        );
+        let r = lock(applier).apply(work);
         inbox.applied();
-        let (seq, bytes, flushed) = r?;
-        applied = seq;
-        unacked_bytes += bytes;
-        if flushed || unacked_bytes >= APPLIED_ACK_BYTES {
-            send_applied(wire, applied, durable.load(Ordering::Acquire))?;
-            acked = applied;
-            unacked_bytes = 0;
-        }
+        r?;
     }
 }
 
-/// Applies one inbox item; returns its seq, its file data bytes and
-/// whether it was a flush (acknowledged at once: an fsync waits for it).
-#[allow(clippy::too_many_arguments)]
-fn apply_work(
-    ctx: &AgentCtx,
-    store: &super::ShareStore,
-    rec: &mut super::ShareRecord,
-    tree: &Tree,
-    wire: &SharedTls,
-    work: Work,
-    files: &mut FileCache,
-    since_flush: &mut Unflushed,
-    failures: &mut u64,
-    durable: &AtomicU64,
-) -> Result<(u64, u64, bool)> {
-    let (hdr, payload) = match work {
-        Work::Op { seq, op } => {
-            since_flush.note(&op);
-            let r = tree
-                .apply(&op.op, files)
-                .and_then(|_| op.stamps.iter().try_for_each(|s| tree.set_stamp(s)));
-            if let Err(e) = r {
-                if rec.generation != 0 && rec.mode == "sync" {
-                    // An up-to-date copy of a sync share must take every op
-                    // (an async share's watcher compares what it touched).
-                    // It was acknowledged as received: from now on this is
-                    // not an up-to-date copy (recorded before anything else).
-                    let msg = format!("applying {:?} failed: {e}", op_name(&op.op));
-                    rec.generation = 0;
-                    // The disk may be full (the likely reason it failed).
-                    store.save(rec).or_else(|_| store.save_in_place(rec))?;
-                    ctx.shares
-                        .set_replica_state(&rec.name, false, Some(msg.clone()));
-                    bail!("{msg}");
-                }
-                // Resyncing (or async): the primary compares what this
-                // touched again, by content.
-                *failures += 1;
-                tracing::info!(share = %rec.name, op = %op_name(&op.op), error = %e, "share.apply.failed_compared_again");
-                for p in op.op.touched() {
-                    wire.send(&ferry_wire::encode_frame(
-                        Kind::Failed,
-                        seq,
-                        0,
-                        p.as_bytes(),
-                    ))?;
-                }
-            }
-            let bytes = op.op.data_bytes();
-            ctx.shares.add_applied(&rec.name, bytes);
-            return Ok((seq, bytes, false));
+/// What applying a replica's stream keeps between items (applied one at a
+/// time, in stream order, on either thread of [`apply_stream`]).
+struct Applier<'a> {
+    ctx: &'a AgentCtx,
+    store: &'a super::ShareStore,
+    rec: &'a mut super::ShareRecord,
+    tree: &'a Tree,
+    wire: &'a SharedTls,
+    /// Flushed (durable) up to this seq.
+    durable: &'a AtomicU64,
+    files: FileCache,
+    since_flush: Unflushed,
+    failures: u64,
+    /// Applied up to this seq; acknowledged as applied up to `acked`.
+    applied: u64,
+    acked: u64,
+    unacked_bytes: u64,
+}
+
+impl Applier<'_> {
+    /// Acknowledges what was applied since the last such ack.
+    fn ack_applied(&mut self) -> Result<()> {
+        if self.applied > self.acked {
+            send_applied(
+                self.wire,
+                self.applied,
+                self.durable.load(Ordering::Acquire),
+            )?;
+            self.acked = self.applied;
+            self.unacked_bytes = 0;
         }
-        Work::Frame { hdr, payload } => (hdr, payload),
-    };
-    match hdr.kind {
-        Kind::Flush => {
-            let full = hdr.flags & FLAG_UP_TO_DATE != 0;
-            since_flush.make_durable(tree, files, full)?;
-            files.clear();
-            durable.store(hdr.seq, Ordering::Release);
-            if full {
-                rec.generation = hdr.offset;
-                rec.suspect_since = None;
-                store.save(rec)?;
-                ctx.shares.set_replica_state(&rec.name, true, None);
-                tracing::info!(share = %rec.name, skipped = *failures, "share.replica.up_to_date");
-            }
-            return Ok((hdr.seq, 0, true));
-        }
-        Kind::ManifestRequest => {
-            let (deep, path) = payload
-                .split_first()
-                .ok_or_else(|| anyhow!("empty manifest request"))?;
-            let path =
-                SharePath::new(path.to_vec()).map_err(|e| anyhow!("bad manifest path: {e}"))?;
-            files.clear();
-            let mut entries = if *deep == 1 {
-                tree.manifest(&path).unwrap_or_default()
-            } else {
-                tree.manifest_entry(&path).into_iter().collect()
-            };
-            if let Some(since) = rec.suspect_since {
-                mark_suspects(tree, &mut entries, since);
-            }
-            let bodies: Vec<Vec<u8>> = if entries.is_empty() {
-                vec![ferry_wire::encode_manifest(&[])]
-            } else {
-                entries
-                    .chunks(MANIFEST_FRAME_ENTRIES)
-                    .map(ferry_wire::encode_manifest)
-                    .collect()
-            };
-            send_reply(wire, Kind::Manifest, hdr.seq, bodies)?;
-        }
-        Kind::SumsRequest => {
-            if payload.len() < 4 {
-                bail!("short sums request");
-            }
-            let block = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
-            if !(1..=SUMS_BLOCK_BYTES_MAX).contains(&block) {
-                bail!("sums request with a block of {block} bytes");
-            }
-            let path =
-                SharePath::new(payload[4..].to_vec()).map_err(|e| anyhow!("bad sums path: {e}"))?;
-            let (size, sums) = match tree.sums(&path, block) {
-                Ok(Some((size, sums))) => (Some(size), sums),
-                Ok(None) => (None, vec![]),
-                Err(e) => {
-                    tracing::debug!(share = %rec.name, error = %e, "share.sums.unreadable");
-                    (None, vec![])
-                }
-            };
-            let bodies: Vec<Vec<u8>> = if sums.is_empty() {
-                vec![ferry_wire::encode_sums(size, block, &[])]
-            } else {
-                sums.chunks(SUMS_FRAME_ENTRIES)
-                    .map(|c| ferry_wire::encode_sums(size, block, c))
-                    .collect()
-            };
-            send_reply(wire, Kind::Sums, hdr.seq, bodies)?;
-        }
-        k => bail!("unexpected {k:?} frame in the inbox"),
+        Ok(())
     }
-    Ok((hdr.seq, 0, false))
+
+    /// Applies one item and acknowledges it when it was a flush (an fsync
+    /// waits for it) or [`APPLIED_ACK_BYTES`] were applied since the last ack.
+    fn apply(&mut self, work: Work) -> Result<()> {
+        let (seq, bytes, flushed) = self.apply_one(work)?;
+        self.applied = seq;
+        self.unacked_bytes += bytes;
+        if flushed || self.unacked_bytes >= APPLIED_ACK_BYTES {
+            self.ack_applied()?;
+        }
+        Ok(())
+    }
+
+    /// Returns the item's seq, its file data bytes and whether it was a flush.
+    fn apply_one(&mut self, work: Work) -> Result<(u64, u64, bool)> {
+        let (ctx, store, tree, wire) = (self.ctx, self.store, self.tree, self.wire);
+        let rec = &mut *self.rec;
+        let files = &mut self.files;
+        let (hdr, payload) = match work {
+            Work::Op { seq, op } => {
+                self.since_flush.note(&op);
+                let r = tree
+                    .apply(&op.op, files)
+                    .and_then(|_| op.stamps.iter().try_for_each(|s| tree.set_stamp(s)));
+                if let Err(e) = r {
+                    if rec.generation != 0 && rec.mode == "sync" {
+                        // An up-to-date copy of a sync share must take every op
+                        // (an async share's watcher compares what it touched).
+                        // It was acknowledged as received: from now on this is
+                        // not an up-to-date copy (recorded before anything else).
+                        let msg = format!("applying {:?} failed: {e}", op_name(&op.op));
+                        rec.generation = 0;
+                        // The disk may be full (the likely reason it failed).
+                        store.save(rec).or_else(|_| store.save_in_place(rec))?;
+                        ctx.shares
+                            .set_replica_state(&rec.name, false, Some(msg.clone()));
+                        bail!("{msg}");
+                    }
+                    // Resyncing (or async): the primary compares what this
+                    // touched again, by content.
+                    self.failures += 1;
+                    tracing::info!(share = %rec.name, op = %op_name(&op.op), error = %e, "share.apply.failed_compared_again");
+                    for p in op.op.touched() {
+                        wire.send(&ferry_wire::encode_frame(
+                            Kind::Failed,
+                            seq,
+                            0,
+                            p.as_bytes(),
+                        ))?;
+                    }
+                }
+                let bytes = op.op.data_bytes();
+                ctx.shares.add_applied(&rec.name, bytes);
+                return Ok((seq, bytes, false));
+            }
+            Work::Frame { hdr, payload } => (hdr, payload),
+        };
+        match hdr.kind {
+            Kind::Flush => {
+                let full = hdr.flags & FLAG_UP_TO_DATE != 0;
+                let data_only = hdr.flags & FLAG_DATA_ONLY != 0;
+                self.since_flush
+                    .make_durable(tree, files, full, data_only)?;
+                files.clear();
+                self.durable.store(hdr.seq, Ordering::Release);
+                if full {
+                    rec.generation = hdr.offset;
+                    rec.suspect_since = None;
+                    store.save(rec)?;
+                    ctx.shares.set_replica_state(&rec.name, true, None);
+                    tracing::info!(share = %rec.name, skipped = self.failures, "share.replica.up_to_date");
+                }
+                return Ok((hdr.seq, 0, true));
+            }
+            Kind::ManifestRequest => {
+                let (deep, path) = payload
+                    .split_first()
+                    .ok_or_else(|| anyhow!("empty manifest request"))?;
+                let path =
+                    SharePath::new(path.to_vec()).map_err(|e| anyhow!("bad manifest path: {e}"))?;
+                files.clear();
+                let mut entries = if *deep == 1 {
+                    tree.manifest(&path).unwrap_or_default()
+                } else {
+                    tree.manifest_entry(&path).into_iter().collect()
+                };
+                if let Some(since) = rec.suspect_since {
+                    mark_suspects(tree, &mut entries, since);
+                }
+                let bodies: Vec<Vec<u8>> = if entries.is_empty() {
+                    vec![ferry_wire::encode_manifest(&[])]
+                } else {
+                    entries
+                        .chunks(MANIFEST_FRAME_ENTRIES)
+                        .map(ferry_wire::encode_manifest)
+                        .collect()
+                };
+                send_reply(wire, Kind::Manifest, hdr.seq, bodies)?;
+            }
+            Kind::SumsRequest => {
+                if payload.len() < 4 {
+                    bail!("short sums request");
+                }
+                let block = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                if !(1..=SUMS_BLOCK_BYTES_MAX).contains(&block) {
+                    bail!("sums request with a block of {block} bytes");
+                }
+                let path = SharePath::new(payload[4..].to_vec())
+                    .map_err(|e| anyhow!("bad sums path: {e}"))?;
+                let (size, sums) = match tree.sums(&path, block) {
+                    Ok(Some((size, sums))) => (Some(size), sums),
+                    Ok(None) => (None, vec![]),
+                    Err(e) => {
+                        tracing::debug!(share = %rec.name, error = %e, "share.sums.unreadable");
+                        (None, vec![])
+                    }
+                };
+                let bodies: Vec<Vec<u8>> = if sums.is_empty() {
+                    vec![ferry_wire::encode_sums(size, block, &[])]
+                } else {
+                    sums.chunks(SUMS_FRAME_ENTRIES)
+                        .map(|c| ferry_wire::encode_sums(size, block, c))
+                        .collect()
+                };
+                send_reply(wire, Kind::Sums, hdr.seq, bodies)?;
+            }
+            k => bail!("unexpected {k:?} frame in the inbox"),
+        }
+        Ok((hdr.seq, 0, false))
+    }
 }
 
 /// Free bytes (for unprivileged use) of the filesystem holding `dir`.
@@ -1647,11 +1723,19 @@ impl Unflushed {
         }
     }
 
-    fn make_durable(&mut self, tree: &Tree, files: &mut FileCache, full: bool) -> Result<()> {
+    /// `data_only`: the files' data (fdatasync), not their times.
+    fn make_durable(
+        &mut self,
+        tree: &Tree,
+        files: &mut FileCache,
+        full: bool,
+        data_only: bool,
+    ) -> Result<()> {
         let each = !full && !self.namespace && self.files.len() <= FLUSH_FILES_MAX;
         if each {
             for t in &self.files {
                 match tree.open_file(t, libc::O_RDONLY, 0) {
+                    Ok(f) if data_only => f.sync_data().context("fdatasync on the replica")?,
                     Ok(f) => f.sync_all().context("fsync on the replica")?,
                     // A directory (a parent's times) or gone: the whole filesystem.
                     Err(_) => {

@@ -543,6 +543,12 @@ impl PrimaryShare {
     /// Sequences a flush barrier; returns its seq when connected. The caller
     /// sends it ([`Self::send_queued`]).
     pub fn push_flush(&self, o: &mut Order, up_to_date: bool) -> Option<u64> {
+        self.push_flush_of(o, up_to_date, false)
+    }
+
+    /// [`Self::push_flush`]; `data_only`: of file data alone (an
+    /// fdatasync: the replica syncs its files' data, not their times).
+    pub fn push_flush_of(&self, o: &mut Order, up_to_date: bool, data_only: bool) -> Option<u64> {
         let mut l = self.link();
         if !l.connected {
             return None;
@@ -553,6 +559,9 @@ impl PrimaryShare {
         let mut h = ferry_wire::FrameHeader::new(Kind::Flush, seq, self.generation(), 0);
         if up_to_date {
             h.flags = crate::replication::link::FLAG_UP_TO_DATE;
+        }
+        if data_only {
+            h.flags |= super::link::FLAG_DATA_ONLY;
         }
         l.queue.push_back(h.encode().to_vec());
         Some(seq)
