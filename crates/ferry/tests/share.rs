@@ -686,6 +686,40 @@ fn a_replica_that_cannot_apply_what_it_acknowledged_records_itself_outdated_then
 }
 
 #[test]
+fn a_large_write_that_fails_here_after_it_was_sent_is_undone_on_the_replica() {
+    require("chattr");
+    let (root, a, b) = two_agents("ferry-share-early-", "");
+    let (mnt, _m) = mount_point(root.path());
+    create_sync_share(&a, &mnt);
+    sh(&mnt, "head -c 2097152 /dev/urandom > f");
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    let backing = data_dir(&a, "app").join("f");
+    // The file is open through the mount when its backing file turns
+    // immutable: ferry's own write to it fails (EPERM), after a 1 MiB write
+    // (sent before it is written here) went to the replica.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "exec 3<>{f} && chattr +i {b} && dd if=/dev/urandom bs=1M count=1 conv=notrunc status=none >&3",
+            f = mnt.join("f").display(),
+            b = backing.display()
+        ))
+        .output()
+        .unwrap();
+    run_ok(Command::new("chattr").arg("-i").arg(&backing));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not permitted"),
+        "the write failed here: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The replica got the write; the link was dropped, and the resync that
+    // follows compares the file by content.
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+}
+
+#[test]
 fn async_share_reports_what_it_cannot_read_and_replicates_the_rest() {
     // The agent runs without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, like
     // a service account: a file or directory with mode 000 is closed to it.

@@ -1112,16 +1112,36 @@ impl Filesystem for ShareFs {
             // Failing here keeps the copies equal (the replica would fail it).
             return reply.error(Errno::ENOSPC);
         }
+        // A large write goes on the stream first and the link's sender
+        // sends it while it is written here (its times follow in a Stamps
+        // op) — unless this filesystem is short of room, where a failure
+        // here after sending is likely.
+        let early = data.len() >= EARLY_SEND_BYTES_MIN
+            && local_room(&f)
+                .is_some_and(|free| free > data.len() as u64 + self.share.replica_free_bytes_min);
         let mut o = self.share.order();
+        if early {
+            let frame = StampedOp::encode_write_frame(&target, offset, data, &[]);
+            self.share.push_write(&mut o, &op, frame, true);
+        }
         if let Err(e) = f.write_all_at(data, offset) {
+            if early {
+                // The replica may apply what failed here.
+                self.share
+                    .diverged(&op, &format!("a write failed here after it was sent: {e}"));
+            }
             drop(o);
             return reply.error(errno(&e));
         }
         let stamps = fstat(&f)
             .map(|st| vec![stamp_from(target.clone(), &st)])
             .unwrap_or_default();
-        let frame = StampedOp::encode_write_frame(&target, offset, data, &stamps);
-        let seq = self.share.push_write(&mut o, &op, frame);
+        let seq = if early {
+            self.share.push(&mut o, FileOp::Stamps, stamps)
+        } else {
+            let frame = StampedOp::encode_write_frame(&target, offset, data, &stamps);
+            self.share.push_write(&mut o, &op, frame, false)
+        };
         drop(o);
         if sync_writes {
             // The replica's flush first: its sync and the local one overlap
@@ -1520,6 +1540,21 @@ impl std::fmt::Debug for Mount {
 /// FUSE worker threads per mount (each blocks only for local I/O; replies
 /// that wait for the replica are answered from the link's threads).
 pub const FUSE_THREADS: usize = 4;
+
+/// Writes at least this large are sent to the replica while they are
+/// written here (the sealing and sending overlap the local write).
+const EARLY_SEND_BYTES_MIN: usize = 256 * 1024;
+
+/// Free bytes (for unprivileged use) of the filesystem holding `f`.
+fn local_room(f: &File) -> Option<u64> {
+    // SAFETY: zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and out pointer.
+    if unsafe { libc::fstatvfs(f.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail * st.f_frsize)
+}
 
 /// Mounts `share` at `path` (made if missing; a stale mount left by a crash
 /// is detached first).

@@ -482,14 +482,31 @@ impl PrimaryShare {
     /// [`Self::push`] of a write whose frame the caller encoded
     /// ([`StampedOp::encode_write_frame`], seq 0): `op` is the same write
     /// without its data (for the paths it touches).
-    pub fn push_write(&self, o: &mut Order, op: &FileOp, frame: Vec<u8>) -> Option<u64> {
+    /// `wake_sender`: the link's sender thread sends it (while the caller
+    /// goes on with the order lock held).
+    pub fn push_write(
+        &self,
+        o: &mut Order,
+        op: &FileOp,
+        frame: Vec<u8>,
+        wake_sender: bool,
+    ) -> Option<u64> {
         let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
         let parents = op.parents();
         if !self.link().connected {
             lock(&self.journal).add_op(&touched, &parents, true);
             return None;
         }
-        self.push_encoded(o, frame, touched, parents, true, false)
+        self.push_encoded(o, frame, touched, parents, true, wake_sender)
+    }
+
+    /// `op` went on the stream but failed here: the replica may apply what
+    /// this copy lacks. Its paths are compared by content at the next
+    /// resync, which the link's end brings about.
+    pub fn diverged(&self, op: &FileOp, why: &str) {
+        let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
+        lock(&self.journal).add_op(&touched, &op.parents(), true);
+        self.link_lost(why);
     }
 
     fn push_encoded(
