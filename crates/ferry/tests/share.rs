@@ -513,35 +513,17 @@ impl Drop for Stopped {
     }
 }
 
-/// Restores a sysctl when dropped (also when the test fails).
-struct Sysctl {
-    path: &'static str,
-    old: String,
-}
-
-impl Sysctl {
-    fn set(path: &'static str, value: &str) -> Sysctl {
-        let old = std::fs::read_to_string(path).unwrap();
-        std::fs::write(path, value).unwrap();
-        Sysctl { path, old }
-    }
-}
-
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.path, self.old.trim());
-    }
-}
-
 #[test]
 fn async_watcher_rescans_after_the_event_queue_overflows() {
     let (root, a, b) = two_agents("ferry-share-overflow-", "");
-    // The kernel sizes an inotify queue when it is made: the share's watcher
-    // gets a 16-event queue; the system's default comes back at once.
-    let src = {
-        let _tiny = Sysctl::set("/proc/sys/fs/inotify/max_queued_events", "16");
-        async_share(root.path(), &a)
-    };
+    // The system's queue size, not a tiny one: a sysctl is global, and other
+    // tests' watchers made meanwhile would get the tiny queue too.
+    let queued_max: u64 = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let src = async_share(root.path(), &a);
     a.ok(&["share", "wait", "app", "--timeout", "60s"]);
     // The directories first, until the watcher watches them (root, x, x/y).
     sh(&src, "mkdir -p x/y");
@@ -551,15 +533,19 @@ fn async_watcher_rescans_after_the_event_queue_overflows() {
             .unwrap_or(0)
             >= 3
     });
-    // Then many more events than the queue holds, made while the agent is
-    // stopped (SIGSTOP), so its watcher cannot keep the queue short: the
-    // kernel drops events and queues an overflow.
+    // Then more events than the queue holds (each new file is at least a
+    // create and a close), made while the agent is stopped (SIGSTOP), so its
+    // watcher cannot keep the queue short: the kernel drops events and
+    // queues an overflow.
+    let n = queued_max / 2 + 300;
     {
         let _stopped = Stopped::new(a.pid());
         sh(
             &src,
-            "for i in $(seq 300); do echo $i > x/y/f$i; done && \
-             for i in $(seq 1 3 300); do mv x/y/f$i x/g$i; done && rm x/y/f2 x/y/f5",
+            &format!(
+                "for i in $(seq {n}); do echo $i > x/y/f$i; done && \
+                 for i in $(seq 1 3 300); do mv x/y/f$i x/g$i; done && rm x/y/f2 x/y/f5"
+            ),
         );
     }
     let replica = data_dir(&b, "app");
