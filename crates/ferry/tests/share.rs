@@ -562,23 +562,47 @@ fn async_watcher_rescans_after_the_event_queue_overflows() {
     wait_converged(&src, &replica, 60, &a);
 }
 
+/// Two paired agents, b's whole data dir a 48 MiB filesystem, a keeping
+/// `reserve` bytes of it free; a sync share "app" mounted on a. Fields drop
+/// in order: the mount, the agents, then b's filesystem and the directory.
+struct SmallReplica {
+    _mount: Mount,
+    mnt: PathBuf,
+    a: Agent,
+    b: Agent,
+    _small: Mount,
+    _root: tempfile::TempDir,
+}
+
+impl SmallReplica {
+    fn start(prefix: &str, reserve: u64) -> SmallReplica {
+        let root = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let small = Mount::tmpfs(&root.path().join("b"), "48m");
+        let a = Agent::start(
+            root.path(),
+            "a",
+            &format!("\n[shares]\nreplica_free_bytes_min = {reserve}\n"),
+        );
+        let b = Agent::start(root.path(), "b", "");
+        common::agent::pair(&a, &b);
+        let (mnt, mount) = mount_point(root.path());
+        create_sync_share(&a, &mnt);
+        SmallReplica {
+            _mount: mount,
+            mnt,
+            a,
+            b,
+            _small: small,
+            _root: root,
+        }
+    }
+}
+
 #[test]
 fn a_full_replica_fails_writes_here_with_enospc_and_the_copies_stay_equal() {
-    let root = tempfile::Builder::new()
-        .prefix("ferry-share-full-")
-        .tempdir()
-        .unwrap();
-    // b's whole data dir is a 48 MiB filesystem; a keeps 8 MiB of it in reserve.
-    let _small = Mount::tmpfs(&root.path().join("b"), "48m");
-    let a = Agent::start(
-        root.path(),
-        "a",
-        "\n[shares]\nreplica_free_bytes_min = 8388608\n",
-    );
-    let b = Agent::start(root.path(), "b", "");
-    common::agent::pair(&a, &b);
-    let (mnt, _m) = mount_point(root.path());
-    create_sync_share(&a, &mnt);
+    // a keeps 8 MiB of b's 48 MiB in reserve.
+    let small = SmallReplica::start("ferry-share-full-", 8 << 20);
+    let (a, b, mnt) = (&small.a, &small.b, &small.mnt);
     // a's own disk has room; the replica's does not: the write fails here.
     let out = Command::new("dd")
         .args([
@@ -597,36 +621,24 @@ fn a_full_replica_fails_writes_here_with_enospc_and_the_copies_stay_equal() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    let st = share_status(&a, "app");
+    let st = share_status(a, "app");
     assert_eq!(st["state"], "up-to-date", "the replica fell behind: {st}");
     let size = std::fs::metadata(mnt.join("big")).unwrap().len();
     assert!(size > 16 << 20 && size < 48 << 20, "wrote {size} bytes");
-    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+    assert_trees_equal(&data_dir(a, "app"), &data_dir(b, "app"));
     // Space freed on both: writes succeed again.
     sh(
-        &mnt,
+        mnt,
         "rm big && head -c 4194304 /dev/urandom > again && sync again",
     );
     a.ok(&["share", "wait", "app", "--timeout", "60s"]);
-    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+    assert_trees_equal(&data_dir(a, "app"), &data_dir(b, "app"));
 }
 
 #[test]
 fn a_replica_that_cannot_apply_what_it_acknowledged_records_itself_outdated_then_resyncs() {
-    let root = tempfile::Builder::new()
-        .prefix("ferry-share-late-fail-")
-        .tempdir()
-        .unwrap();
-    let _small = Mount::tmpfs(&root.path().join("b"), "48m");
-    let a = Agent::start(
-        root.path(),
-        "a",
-        "\n[shares]\nreplica_free_bytes_min = 1048576\n",
-    );
-    let b = Agent::start(root.path(), "b", "");
-    common::agent::pair(&a, &b);
-    let (mnt, _m) = mount_point(root.path());
-    create_sync_share(&a, &mnt);
+    let small = SmallReplica::start("ferry-share-late-fail-", 1 << 20);
+    let (a, b, mnt) = (&small.a, &small.b, &small.mnt);
     let record = || -> serde_json::Value {
         serde_json::from_slice(&std::fs::read(b.dir.join("shares/app/share.json")).unwrap())
             .unwrap()
@@ -637,7 +649,7 @@ fn a_replica_that_cannot_apply_what_it_acknowledged_records_itself_outdated_then
     // write, and b receives (and acknowledges) it, then cannot apply it.
     let filler = b.dir.join("filler");
     // Made first: the write below then sends nothing before its data.
-    sh(&mnt, "touch big");
+    sh(mnt, "touch big");
     let writer = {
         let _stopped = Stopped::new(b.pid());
         sh(
@@ -668,7 +680,7 @@ fn a_replica_that_cannot_apply_what_it_acknowledged_records_itself_outdated_then
     std::fs::remove_file(&filler).unwrap();
     a.ok(&["share", "wait", "app", "--timeout", "60s"]);
     assert_ne!(record()["generation"], 0);
-    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+    assert_trees_equal(&data_dir(a, "app"), &data_dir(b, "app"));
 }
 
 #[test]
