@@ -124,8 +124,18 @@ struct Handle {
     ino: u64,
     file: Arc<File>,
     /// O_SYNC / O_DSYNC: every write is a durable barrier on both sides.
-    sync_writes: bool,
+    sync_writes: SyncWrites,
     mode: IoMode,
+}
+
+/// What each write through a handle makes durable on both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncWrites {
+    No,
+    /// O_DSYNC: the data (an fdatasync).
+    Data,
+    /// O_SYNC: data and metadata (an fsync).
+    All,
 }
 
 /// A directory's entries as served to readdir: (inode, type, name).
@@ -420,7 +430,7 @@ impl ShareFs {
         Target::Path(path.split_last().map(|(p, _)| p).unwrap_or_default())
     }
 
-    fn handle_file(&self, fh: u64) -> Option<(Arc<File>, u64, bool)> {
+    fn handle_file(&self, fh: u64) -> Option<(Arc<File>, u64, SyncWrites)> {
         lock(&self.handles)
             .get(&fh)
             .map(|h| (h.file.clone(), h.ino, h.sync_writes))
@@ -440,7 +450,14 @@ impl ShareFs {
         let keep = flags & (libc::O_NOATIME | libc::O_NONBLOCK);
         let f = self.share.tree.open_file(target, acc | keep, 0)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let sync_writes = flags & (libc::O_SYNC | libc::O_DSYNC) != 0;
+        // O_SYNC holds the O_DSYNC bit too.
+        let sync_writes = if flags & libc::O_SYNC == libc::O_SYNC {
+            SyncWrites::All
+        } else if flags & libc::O_DSYNC != 0 {
+            SyncWrites::Data
+        } else {
+            SyncWrites::No
+        };
         let mut inodes = lock(&self.inodes);
         if acc != libc::O_RDONLY {
             // The kernel would pass this handle's writes straight to the
@@ -1117,11 +1134,13 @@ impl Filesystem for ShareFs {
         // op) — unless this filesystem is short of room, where a failure
         // here after sending is likely.
         let early = data.len() >= EARLY_SEND_BYTES_MIN
+            && offset.saturating_add(data.len() as u64) <= EARLY_SEND_END_MAX
             && local_room(&f)
                 .is_some_and(|free| free > data.len() as u64 + self.share.replica_free_bytes_min);
+        // Encoded before the order lock (its seq is set when it is pushed).
+        let early_frame = early.then(|| StampedOp::encode_write_frame(&target, offset, data, &[]));
         let mut o = self.share.order();
-        if early {
-            let frame = StampedOp::encode_write_frame(&target, offset, data, &[]);
+        if let Some(frame) = early_frame {
             self.share.push_write(&mut o, &op, frame, true);
         }
         if let Err(e) = f.write_all_at(data, offset) {
@@ -1143,19 +1162,19 @@ impl Filesystem for ShareFs {
             self.share.push_write(&mut o, &op, frame, false)
         };
         drop(o);
-        if sync_writes {
+        if sync_writes != SyncWrites::No {
             // The replica's flush first: its sync and the local one overlap
-            // (both of data, as the local fdatasync).
+            // (of data alone for O_DSYNC, as the local fdatasync).
+            let data_only = sync_writes == SyncWrites::Data;
             let fseq = {
                 let mut o = self.share.order();
-                self.share.push_flush_of(&mut o, false, true)
+                self.share.push_flush_of(&mut o, false, data_only)
             };
             self.share.send_queued();
-            // SAFETY: valid descriptor.
-            let local = if unsafe { libc::fdatasync(f.as_raw_fd()) } < 0 {
-                Err(io::Error::last_os_error())
+            let local = if data_only {
+                f.sync_data()
             } else {
-                Ok(())
+                f.sync_all()
             };
             if let Err(e) = local {
                 return reply.error(errno(&e));
@@ -1544,6 +1563,10 @@ pub const FUSE_THREADS: usize = 4;
 /// Writes at least this large are sent to the replica while they are
 /// written here (the sealing and sending overlap the local write).
 const EARLY_SEND_BYTES_MIN: usize = 256 * 1024;
+
+/// ...and end below this offset (far below any filesystem's file size
+/// limit: a write refused with EFBIG would end the link each time).
+const EARLY_SEND_END_MAX: u64 = 1 << 40;
 
 /// Free bytes (for unprivileged use) of the filesystem holding `f`.
 fn local_room(f: &File) -> Option<u64> {

@@ -168,7 +168,7 @@ fn connect_and_serve(
                 .name(format!("share-out-{}", share.name))
                 .spawn_scoped(s, move || {
                     while share.wait_frames() {
-                        share.send_queued();
+                        share.send_until_empty();
                     }
                     let _ = ctl.shutdown(Shutdown::Both);
                 })?
@@ -1293,6 +1293,9 @@ pub const FLAG_DATA_ONLY: u16 = 4;
 /// while more is queued.
 const APPLIED_ACK_BYTES: u64 = 4 << 20;
 
+/// ...or this many items (a stream of metadata ops).
+const APPLIED_ACK_ITEMS: u64 = 256;
+
 /// Serves an inbound link: this thread receives, queues and acknowledges
 /// receipt; a second thread applies in order (see [`super::inbox`]). Small
 /// ops and flushes that find the inbox idle are applied on the receive
@@ -1325,6 +1328,8 @@ fn apply_stream(
         applied: 0,
         acked: 0,
         unacked_bytes: 0,
+        unacked_items: 0,
+        link_gone: false,
     });
     let ctl = sock.try_clone()?;
     let r = std::thread::scope(|s| -> Result<()> {
@@ -1333,18 +1338,25 @@ fn apply_stream(
             .spawn_scoped(s, || {
                 let r = apply_inbox(&applier, &inbox);
                 if let Err(e) = &r {
+                    // What is queued was acknowledged and will not be
+                    // applied: not an up-to-date copy any more (first).
+                    let why = format!("{e:#}");
+                    lock(&applier).outdate(&why);
                     // Nothing more is taken; the receive side stops reading.
-                    inbox.discard(&format!("{e:#}"));
+                    inbox.discard(&why);
                     let _ = ctl.shutdown(Shutdown::Both);
                 }
                 r
             })?;
-        let received = receive_stream(
-            ctx, &name, wire, sock, leftover, max, &inbox, &applier, &durable,
-        );
         // What was received (and acknowledged) is applied before the link
-        // ends (also when this side failed: it applied nothing out of order).
-        inbox.end();
+        // ends — also when this side fails or panics (it applied nothing
+        // out of order): the apply thread drains the inbox, then stops.
+        let received = {
+            let _end = EndInbox(&inbox);
+            receive_stream(
+                ctx, &name, wire, sock, leftover, max, &inbox, &applier, &durable,
+            )
+        };
         let applied = thread
             .join()
             .unwrap_or_else(|_| Err(anyhow!("the apply thread panicked")));
@@ -1353,6 +1365,29 @@ fn apply_stream(
     });
     ctx.shares.set_inbox(&name, None);
     r
+}
+
+/// Bytes an op may take on the replica's filesystem (written data, or an
+/// allocating fallocate's length): the free-space report leaves out what
+/// is still queued.
+fn space_bytes(op: &FileOp) -> u64 {
+    match op {
+        FileOp::Fallocate { mode, length, .. }
+            if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_COLLAPSE_RANGE) == 0 =>
+        {
+            *length
+        }
+        _ => op.data_bytes(),
+    }
+}
+
+/// Ends an inbox when dropped (the receive side returned or unwound).
+struct EndInbox<'a>(&'a Inbox);
+
+impl Drop for EndInbox<'_> {
+    fn drop(&mut self) {
+        self.0.end();
+    }
 }
 
 /// Ops carrying at most this much file data (and flushes) are applied on
@@ -1400,7 +1435,7 @@ fn receive_stream(
                 }
                 Kind::FileOp => {
                     let op = StampedOp::decode(payload)?;
-                    let data = op.op.data_bytes();
+                    let data = space_bytes(&op.op);
                     answer = true;
                     (Work::Op { seq: hdr.seq, op }, data)
                 }
@@ -1431,7 +1466,14 @@ fn receive_stream(
                     acked = received;
                     answer = false;
                 }
-                let r = lock(applier).apply(work);
+                let r = {
+                    let mut ap = lock(applier);
+                    let r = ap.apply(work);
+                    if let Err(e) = &r {
+                        ap.outdate(&format!("{e:#}"));
+                    }
+                    r
+                };
                 inbox.applied();
                 r?;
                 inline = true;
@@ -1530,19 +1572,53 @@ struct Applier<'a> {
     applied: u64,
     acked: u64,
     unacked_bytes: u64,
+    unacked_items: u64,
+    /// A send failed: the link is gone, and what was received is still
+    /// applied (it was acknowledged), without answers.
+    link_gone: bool,
 }
 
 impl Applier<'_> {
+    /// Sends an answer; once a send failed (the link is gone) nothing more
+    /// is sent, and applying goes on.
+    fn send(&mut self, send: impl FnOnce(&SharedTls) -> Result<()>) {
+        if self.link_gone {
+            return;
+        }
+        if let Err(e) = send(self.wire) {
+            tracing::info!(share = %self.rec.name, error = %e, "share.replica.link_gone_applying_the_rest");
+            self.link_gone = true;
+        }
+    }
+
+    /// This copy is not up to date any more (what it acknowledged may not
+    /// all be applied): recorded before anything else, in place when the
+    /// disk is full.
+    fn outdate(&mut self, why: &str) {
+        self.ctx
+            .shares
+            .set_replica_state(&self.rec.name, false, Some(why.to_string()));
+        if self.rec.generation == 0 {
+            return;
+        }
+        self.rec.generation = 0;
+        if let Err(e) = self
+            .store
+            .save(self.rec)
+            .or_else(|_| self.store.save_in_place(self.rec))
+        {
+            tracing::error!(share = %self.rec.name, error = %e, "share.replica.outdate_not_saved");
+        }
+    }
+
     /// Acknowledges what was applied since the last such ack.
     fn ack_applied(&mut self) -> Result<()> {
         if self.applied > self.acked {
-            send_applied(
-                self.wire,
-                self.applied,
-                self.durable.load(Ordering::Acquire),
-            )?;
+            let (seq, durable) = (self.applied, self.durable.load(Ordering::Acquire));
+            self.send(|w| send_applied(w, seq, durable));
             self.acked = self.applied;
             self.unacked_bytes = 0;
+            self.unacked_items = 0;
         }
         Ok(())
     }
@@ -1553,7 +1629,11 @@ impl Applier<'_> {
         let (seq, bytes, flushed) = self.apply_one(work)?;
         self.applied = seq;
         self.unacked_bytes += bytes;
-        if flushed || self.unacked_bytes >= APPLIED_ACK_BYTES {
+        self.unacked_items += 1;
+        if flushed
+            || self.unacked_bytes >= APPLIED_ACK_BYTES
+            || self.unacked_items >= APPLIED_ACK_ITEMS
+        {
             self.ack_applied()?;
         }
         Ok(())
@@ -1561,48 +1641,40 @@ impl Applier<'_> {
 
     /// Returns the item's seq, its file data bytes and whether it was a flush.
     fn apply_one(&mut self, work: Work) -> Result<(u64, u64, bool)> {
-        let (ctx, store, tree, wire) = (self.ctx, self.store, self.tree, self.wire);
-        let rec = &mut *self.rec;
-        let files = &mut self.files;
+        let (ctx, store, tree) = (self.ctx, self.store, self.tree);
         let (hdr, payload) = match work {
             Work::Op { seq, op } => {
                 self.since_flush.note(&op);
                 let r = tree
-                    .apply(&op.op, files)
+                    .apply(&op.op, &mut self.files)
                     .and_then(|_| op.stamps.iter().try_for_each(|s| tree.set_stamp(s)));
                 if let Err(e) = r {
-                    if rec.generation != 0 && rec.mode == "sync" {
+                    let msg = format!("applying {:?} failed: {e}", op_name(&op.op));
+                    if self.rec.generation != 0 && self.rec.mode == "sync" {
                         // An up-to-date copy of a sync share must take every op
                         // (an async share's watcher compares what it touched).
                         // It was acknowledged as received: from now on this is
                         // not an up-to-date copy (recorded before anything else).
-                        let msg = format!("applying {:?} failed: {e}", op_name(&op.op));
-                        rec.generation = 0;
-                        // The disk may be full (the likely reason it failed).
-                        store.save(rec).or_else(|_| store.save_in_place(rec))?;
-                        ctx.shares
-                            .set_replica_state(&rec.name, false, Some(msg.clone()));
+                        self.outdate(&msg);
                         bail!("{msg}");
                     }
                     // Resyncing (or async): the primary compares what this
                     // touched again, by content.
                     self.failures += 1;
-                    tracing::info!(share = %rec.name, op = %op_name(&op.op), error = %e, "share.apply.failed_compared_again");
+                    tracing::info!(share = %self.rec.name, error = %msg, "share.apply.failed_compared_again");
                     for p in op.op.touched() {
-                        wire.send(&ferry_wire::encode_frame(
-                            Kind::Failed,
-                            seq,
-                            0,
-                            p.as_bytes(),
-                        ))?;
+                        let f = ferry_wire::encode_frame(Kind::Failed, seq, 0, p.as_bytes());
+                        self.send(|w| Ok(w.send(&f)?));
                     }
                 }
                 let bytes = op.op.data_bytes();
-                ctx.shares.add_applied(&rec.name, bytes);
+                ctx.shares.add_applied(&self.rec.name, bytes);
                 return Ok((seq, bytes, false));
             }
             Work::Frame { hdr, payload } => (hdr, payload),
         };
+        let rec = &mut *self.rec;
+        let files = &mut self.files;
         match hdr.kind {
             Kind::Flush => {
                 let full = hdr.flags & FLAG_UP_TO_DATE != 0;
@@ -1643,7 +1715,8 @@ impl Applier<'_> {
                         .map(ferry_wire::encode_manifest)
                         .collect()
                 };
-                send_reply(wire, Kind::Manifest, hdr.seq, bodies)?;
+                let seq = hdr.seq;
+                self.send(|w| send_reply(w, Kind::Manifest, seq, bodies));
             }
             Kind::SumsRequest => {
                 if payload.len() < 4 {
@@ -1670,7 +1743,8 @@ impl Applier<'_> {
                         .map(|c| ferry_wire::encode_sums(size, block, c))
                         .collect()
                 };
-                send_reply(wire, Kind::Sums, hdr.seq, bodies)?;
+                let seq = hdr.seq;
+                self.send(|w| send_reply(w, Kind::Sums, seq, bodies));
             }
             k => bail!("unexpected {k:?} frame in the inbox"),
         }
@@ -1696,6 +1770,9 @@ fn free_bytes(dir: &std::path::Path) -> Option<u64> {
 #[derive(Default)]
 struct Unflushed {
     files: std::collections::HashSet<Target>,
+    /// Files a data-only flush synced: their times, mode and owner still
+    /// wait for a full one.
+    meta: std::collections::HashSet<Target>,
     namespace: bool,
 }
 
@@ -1731,7 +1808,12 @@ impl Unflushed {
         full: bool,
         data_only: bool,
     ) -> Result<()> {
+        if !data_only {
+            let meta = std::mem::take(&mut self.meta);
+            self.files.extend(meta);
+        }
         let each = !full && !self.namespace && self.files.len() <= FLUSH_FILES_MAX;
+        let mut whole = !each;
         if each {
             for t in &self.files {
                 match tree.open_file(t, libc::O_RDONLY, 0) {
@@ -1739,17 +1821,22 @@ impl Unflushed {
                     Ok(f) => f.sync_all().context("fsync on the replica")?,
                     // A directory (a parent's times) or gone: the whole filesystem.
                     Err(_) => {
-                        files.clear();
-                        tree.sync().context("syncfs on the replica")?;
+                        whole = true;
                         break;
                     }
                 }
             }
-        } else {
+        }
+        if whole {
             files.clear();
             tree.sync().context("syncfs on the replica")?;
+            *self = Unflushed::default();
+        } else if data_only {
+            let synced = std::mem::take(&mut self.files);
+            self.meta.extend(synced);
+        } else {
+            self.files.clear();
         }
-        *self = Unflushed::default();
         Ok(())
     }
 }
@@ -1802,4 +1889,55 @@ fn send_reply(wire: &SharedTls, kind: Kind, seq: u64, bodies: Vec<Vec<u8>>) -> R
 fn op_name(op: &FileOp) -> String {
     let s = format!("{op:?}");
     s.split([' ', '{', '(']).next().unwrap_or("op").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_wire::Owner;
+
+    #[test]
+    fn a_data_only_flush_leaves_the_files_times_for_the_next_full_one() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let tree = Tree::open(&dir.path().join("d"), &dir.path().join("o"))
+            .unwrap()
+            .for_replica();
+        let mut files = FileCache::default();
+        let path = SharePath::new(b"f".to_vec()).unwrap();
+        let t = Target::Path(path.clone());
+        let mut u = Unflushed::default();
+        for op in [
+            FileOp::Create {
+                path: path.clone(),
+                mode: 0o600,
+                owner: Owner::default(),
+            },
+            FileOp::Write {
+                target: t.clone(),
+                offset: 0,
+                data: b"abc".to_vec(),
+            },
+        ] {
+            tree.apply(&op, &mut files).unwrap();
+            u.note(&StampedOp { op, stamps: vec![] });
+        }
+        // The create makes the next flush a whole-filesystem one.
+        u.make_durable(&tree, &mut files, false, true).unwrap();
+        assert!(u.files.is_empty() && u.meta.is_empty() && !u.namespace);
+        let w = FileOp::Write {
+            target: t.clone(),
+            offset: 1,
+            data: b"x".to_vec(),
+        };
+        tree.apply(&w, &mut files).unwrap();
+        u.note(&StampedOp {
+            op: w,
+            stamps: vec![],
+        });
+        u.make_durable(&tree, &mut files, false, true).unwrap();
+        assert!(u.files.is_empty());
+        assert!(u.meta.contains(&t), "its times still wait for a full flush");
+        u.make_durable(&tree, &mut files, false, false).unwrap();
+        assert!(u.files.is_empty() && u.meta.is_empty());
+    }
 }

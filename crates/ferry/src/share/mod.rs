@@ -187,7 +187,8 @@ impl ShareStore {
     pub fn save_in_place(&self, rec: &ShareRecord) -> Result<(), ShareError> {
         check_name(&rec.name)?;
         let p = self.dir(&rec.name).join("share.json");
-        let mut body = serde_json::to_vec_pretty(rec).unwrap_or_default();
+        let mut body = serde_json::to_vec_pretty(rec)
+            .map_err(|e| io_err("cannot encode", &p)(std::io::Error::other(e)))?;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&p)

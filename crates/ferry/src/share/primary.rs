@@ -81,6 +81,8 @@ pub struct LinkState {
     wire: Option<Arc<SharedTls>>,
     /// A thread is sending queued frames (one at a time keeps them in order).
     sending: bool,
+    /// Counts links brought up (a send that outlived its link sees it moved).
+    epoch: u64,
     /// A resync is running: paths touched meanwhile are compared again.
     pub resyncing: bool,
     /// Paths touched by live operations during a resync.
@@ -954,6 +956,7 @@ impl PrimaryShare {
         l.connected = true;
         l.wire = Some(wire);
         l.sending = false;
+        l.epoch += 1;
         l.resyncing = true;
         l.up_to_date = false;
         l.last_error = None;
@@ -1078,11 +1081,20 @@ impl PrimaryShare {
         }
     }
 
-    /// Sends the queued frames on the calling thread, unless another thread
-    /// is sending (which then sends them too: it sends until the queue is
-    /// empty). A sync call sends its own op this way, without waking the
-    /// link's sender thread.
+    /// Sends what is queued on the calling thread (one batch, its own frame
+    /// among them), unless another thread is sending (which then sends it:
+    /// a sender hands what was queued meanwhile to the sender thread). A
+    /// sync call sends its own op this way, without a hand-off.
     pub fn send_queued(&self) {
+        self.send_batches(false);
+    }
+
+    /// The sender thread's [`Self::send_queued`]: until the queue is empty.
+    pub fn send_until_empty(&self) {
+        self.send_batches(true);
+    }
+
+    fn send_batches(&self, until_empty: bool) {
         let mut l = self.link();
         if l.sending || l.queue.is_empty() || !l.connected {
             return;
@@ -1090,6 +1102,8 @@ impl PrimaryShare {
         let Some(wire) = l.wire.clone() else {
             return;
         };
+        // A send that outlives its link must not touch the next one's state.
+        let epoch = l.epoch;
         l.sending = true;
         loop {
             let frames: Vec<Vec<u8>> = l.queue.drain(..).collect();
@@ -1097,6 +1111,9 @@ impl PrimaryShare {
             drop(l);
             let r = wire.send_with(|w| frames.iter().try_for_each(|f| w.write_all(f)));
             l = self.link();
+            if l.epoch != epoch {
+                return;
+            }
             if let Err(e) = r {
                 l.sending = false;
                 drop(l);
@@ -1105,11 +1122,18 @@ impl PrimaryShare {
                 return;
             }
             if l.queue.is_empty() || !l.connected {
-                break;
+                // Nothing for the sender thread to be woken for.
+                l.sending = false;
+                return;
+            }
+            if !until_empty {
+                // Others' frames came meanwhile: the sender thread sends them.
+                l.sending = false;
+                drop(l);
+                self.send_cv.notify_all();
+                return;
             }
         }
-        // The queue is empty: the sender thread has nothing to be woken for.
-        l.sending = false;
     }
 
     /// Waits until the queue has frames no other thread is sending; `false`
