@@ -44,6 +44,6 @@ pub use fileop::{
 };
 pub use frame::{
     encode_frame, read_frame, set_frame_seq, split_frame, trailer, FrameHeader, Kind,
-    ReadFrameError, WireError, FRAME_FORMAT_VERSION, HEADER_BYTES,
+    ReadFrameError, WireError, FRAME_FORMAT_VERSION, HEADER_BYTES, TRAILER_BYTES,
 };
 pub use hello::{Hello, HelloReply, ShareHello, PROTOCOL_VERSION};

@@ -1133,10 +1133,12 @@ impl Filesystem for ShareFs {
         // sends it while it is written here (its times follow in a Stamps
         // op) — unless this filesystem is short of room, where a failure
         // here after sending is likely.
-        let early = data.len() >= EARLY_SEND_BYTES_MIN
-            && offset.saturating_add(data.len() as u64) <= EARLY_SEND_END_MAX
-            && local_room(&f)
-                .is_some_and(|free| free > data.len() as u64 + self.share.replica_free_bytes_min);
+        let early =
+            data.len() >= EARLY_SEND_BYTES_MIN
+                && offset.saturating_add(data.len() as u64) <= EARLY_SEND_END_MAX
+                && self.share.tree.free_bytes().is_some_and(|free| {
+                    free > data.len() as u64 + self.share.replica_free_bytes_min
+                });
         // Encoded before the order lock (its seq is set when it is pushed).
         let early_frame = early.then(|| StampedOp::encode_write_frame(&target, offset, data, &[]));
         let mut o = self.share.order();
@@ -1567,17 +1569,6 @@ const EARLY_SEND_BYTES_MIN: usize = 256 * 1024;
 /// ...and end below this offset (far below any filesystem's file size
 /// limit: a write refused with EFBIG would end the link each time).
 const EARLY_SEND_END_MAX: u64 = 1 << 40;
-
-/// Free bytes (for unprivileged use) of the filesystem holding `f`.
-fn local_room(f: &File) -> Option<u64> {
-    // SAFETY: zeroed statvfs is a valid out-parameter.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid descriptor and out pointer.
-    if unsafe { libc::fstatvfs(f.as_raw_fd(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail * st.f_frsize)
-}
 
 /// Mounts `share` at `path` (made if missing; a stale mount left by a crash
 /// is detached first).

@@ -1354,7 +1354,7 @@ fn apply_stream(
         let received = {
             let _end = EndInbox(&inbox);
             receive_stream(
-                ctx, &name, wire, sock, leftover, max, &inbox, &applier, &durable,
+                ctx, &name, wire, sock, leftover, max, tree, &inbox, &applier, &durable,
             )
         };
         let applied = thread
@@ -1406,13 +1406,12 @@ fn receive_stream(
     sock: &mut TcpStream,
     leftover: Vec<u8>,
     max: u32,
+    tree: &Tree,
     inbox: &Inbox,
     applier: &Mutex<Applier<'_>>,
     durable: &AtomicU64,
 ) -> Result<()> {
-    let store = super::ShareStore::new(&ctx.cfg.data_dir);
-    let data_dir = store.data_dir(name);
-    let receipt = |received: u64| send_receipt(wire, &data_dir, inbox, received, durable);
+    let receipt = |received: u64| send_receipt(wire, tree, inbox, received, durable);
     let mut plain = leftover;
     let mut raw = vec![0u8; 1 << 20];
     let mut received = 0u64;
@@ -1425,7 +1424,7 @@ fn receive_stream(
         // Ops or pings came: answered with a receipt (pings keep the link
         // alive and fetch the free-space report).
         let mut answer = false;
-        let mut inline = false;
+        let mut applied_here = false;
         while let Some((hdr, payload, len)) = ferry_wire::split_frame(&plain[used..], max)? {
             used += len;
             let (work, data) = match hdr.kind {
@@ -1454,18 +1453,16 @@ fn receive_stream(
                 Work::Op { .. } => data <= INLINE_APPLY_BYTES_MAX,
                 Work::Frame { hdr, .. } => hdr.kind == Kind::Flush,
             };
-            if small && inbox.claim_idle() {
-                if matches!(work, Work::Frame { .. }) && answer && received > acked {
-                    // A flush waits for the device: what came before it is
-                    // acknowledged as received first.
-                    let r = receipt(received);
-                    if r.is_err() {
-                        inbox.applied();
-                    }
-                    r?;
-                    acked = received;
-                    answer = false;
-                }
+            // Only this thread queues: idle now, it can claim the apply side.
+            let inline = small && inbox.is_idle();
+            if inline && matches!(work, Work::Frame { .. }) && answer && received > acked {
+                // A flush waits for the device: what came before it is
+                // acknowledged as received first.
+                receipt(received)?;
+                acked = received;
+                answer = false;
+            }
+            if inline && inbox.claim_idle() {
                 let r = {
                     let mut ap = lock(applier);
                     let r = ap.apply(work);
@@ -1476,7 +1473,7 @@ fn receive_stream(
                 };
                 inbox.applied();
                 r?;
-                inline = true;
+                applied_here = true;
             } else {
                 inbox
                     .push(work, len as u64, data)
@@ -1488,8 +1485,8 @@ fn receive_stream(
             receipt(received)?;
             acked = received;
         }
-        if inline && inbox.is_idle() {
-            lock(applier).ack_applied()?;
+        if applied_here && inbox.is_idle() {
+            lock(applier).ack_applied();
         }
         let n = match sock.read(&mut raw) {
             Ok(0) => return Ok(()),
@@ -1510,13 +1507,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// and the receipt ack, in one send: one record, one wake-up over there.
 fn send_receipt(
     wire: &SharedTls,
-    data_dir: &std::path::Path,
+    tree: &Tree,
     inbox: &Inbox,
     received: u64,
     durable: &AtomicU64,
 ) -> Result<()> {
     let mut out = Vec::with_capacity(2 * ferry_wire::HEADER_BYTES);
-    if let Some(free) = free_bytes(data_dir) {
+    if let Some(free) = tree.free_bytes() {
         let free = free.saturating_sub(inbox.pending_data_bytes());
         out.extend_from_slice(&ferry_wire::FrameHeader::new(Kind::Ping, 0, free, 0).encode());
     }
@@ -1542,7 +1539,7 @@ fn apply_inbox(applier: &Mutex<Applier<'_>>, inbox: &Inbox) -> Result<()> {
         let work = match inbox.try_pop() {
             Some(w) => w,
             None => {
-                lock(applier).ack_applied()?;
+                lock(applier).ack_applied();
                 match inbox.pop() {
                     Some(w) => w,
                     None => return Ok(()),
@@ -1612,7 +1609,7 @@ impl Applier<'_> {
     }
 
     /// Acknowledges what was applied since the last such ack.
-    fn ack_applied(&mut self) -> Result<()> {
+    fn ack_applied(&mut self) {
         if self.applied > self.acked {
             let (seq, durable) = (self.applied, self.durable.load(Ordering::Acquire));
             self.send(|w| send_applied(w, seq, durable));
@@ -1620,7 +1617,6 @@ impl Applier<'_> {
             self.unacked_bytes = 0;
             self.unacked_items = 0;
         }
-        Ok(())
     }
 
     /// Applies one item and acknowledges it when it was a flush (an fsync
@@ -1634,7 +1630,7 @@ impl Applier<'_> {
             || self.unacked_bytes >= APPLIED_ACK_BYTES
             || self.unacked_items >= APPLIED_ACK_ITEMS
         {
-            self.ack_applied()?;
+            self.ack_applied();
         }
         Ok(())
     }
@@ -1750,18 +1746,6 @@ impl Applier<'_> {
         }
         Ok((hdr.seq, 0, false))
     }
-}
-
-/// Free bytes (for unprivileged use) of the filesystem holding `dir`.
-fn free_bytes(dir: &std::path::Path) -> Option<u64> {
-    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str())).ok()?;
-    // SAFETY: zeroed statvfs is a valid out-parameter.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: NUL-terminated path and a valid out pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail * st.f_frsize)
 }
 
 /// What changed on a replica since its last flush, to make a flush cost

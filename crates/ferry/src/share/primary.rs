@@ -494,12 +494,7 @@ impl PrimaryShare {
         wake_sender: bool,
     ) -> Option<u64> {
         let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
-        let parents = op.parents();
-        if !self.link().connected {
-            lock(&self.journal).add_op(&touched, &parents, true);
-            return None;
-        }
-        self.push_encoded(o, frame, touched, parents, true, wake_sender)
+        self.push_encoded(o, frame, touched, op.parents(), true, wake_sender)
     }
 
     /// `op` went on the stream but failed here: the replica may apply what
@@ -529,7 +524,9 @@ impl PrimaryShare {
         let seq = o.next_seq;
         o.next_seq += 1;
         ferry_wire::set_frame_seq(&mut frame, seq);
-        let payload_len = frame.len().saturating_sub(ferry_wire::HEADER_BYTES + 4);
+        let payload_len = frame
+            .len()
+            .saturating_sub(ferry_wire::HEADER_BYTES + ferry_wire::TRAILER_BYTES);
         if l.resyncing && live {
             l.again.extend(touched.iter().cloned());
             l.again_shallow.extend(parents.iter().cloned());

@@ -1094,6 +1094,17 @@ impl Tree {
         Ok(buf)
     }
 
+    /// Free bytes (for unprivileged use) of the tree's filesystem.
+    pub fn free_bytes(&self) -> Option<u64> {
+        // SAFETY: zeroed statvfs is a valid out-parameter.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and out pointer.
+        if unsafe { libc::fstatvfs(self.root.as_raw_fd(), &mut st) } != 0 {
+            return None;
+        }
+        Some(st.f_bavail * st.f_frsize)
+    }
+
     /// Makes everything written to the tree's filesystem durable.
     pub fn sync(&self) -> io::Result<()> {
         let f = File::open(&self.root_path)?;
