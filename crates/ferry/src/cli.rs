@@ -70,6 +70,9 @@ pub enum Command {
     /// Shares: directories replicated file by file (sync: a FUSE mount).
     #[command(subcommand)]
     Share(ShareCommand),
+    /// The REST API itself.
+    #[command(subcommand)]
+    Api(ApiCommand),
     /// Run a witness: the third voter of two-node clusters (one small record
     /// per workload, leases; no data) until SIGTERM. Its records live in
     /// --data-dir.
@@ -83,6 +86,13 @@ pub enum Command {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// Every route the agent serves (method and path), from the router's own
+    /// table. Every one needs a token; only `GET /metrics` is served without.
+    Routes,
 }
 
 #[derive(Debug, Subcommand)]

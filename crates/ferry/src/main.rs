@@ -109,6 +109,25 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Migrate(cmd) => remote::migrate(cmd, &cli.global.data_dir, json),
         Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
         Command::Share(cmd) => remote::share(cmd, &cli.global.data_dir, json),
+        Command::Api(cli::ApiCommand::Routes) => {
+            let routes: Vec<serde_json::Value> = api::server::routes()
+                .into_iter()
+                .map(|(m, path, _)| serde_json::json!({"method": m.as_str(), "path": path, "auth": "token"}))
+                .collect();
+            if json {
+                print_json(&routes)
+            } else {
+                for r in &routes {
+                    println!(
+                        "{:<7} {}",
+                        r["method"].as_str().unwrap_or(""),
+                        r["path"].as_str().unwrap_or("")
+                    );
+                }
+                println!("{:<7} /metrics (no token)", "GET");
+                Ok(())
+            }
+        }
         Command::Witness { listen, key_file } => {
             cluster::witness::run(*listen, &cli.global.data_dir, key_file.as_deref())
         }
