@@ -22,6 +22,7 @@ pub mod extent;
 pub mod generation;
 pub mod link;
 pub mod migration;
+pub mod name;
 pub mod size;
 pub mod snapshot;
 
@@ -30,4 +31,5 @@ pub use extent::{Extent, RangeError};
 pub use generation::{GenerationHistory, Relation};
 pub use link::{LinkConfig, Mode, Phase, ReplicaState, Replicator, WriteDecision};
 pub use migration::{Migration, MigrationPhase};
+pub use name::{Name, NameError};
 pub use size::{ByteSize, SizeParseError};

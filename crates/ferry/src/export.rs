@@ -55,7 +55,7 @@ pub fn start(
     limits: ServerLimits,
 ) -> Result<Running> {
     let lock = store.lock(name)?;
-    let image = store.image_path(name);
+    let image = store.image_path(&crate::volume::validate_name(name)?);
     let device = FileDevice::open(&image, read_only).with_context(|| {
         format!(
             "cannot open the image of volume {name:?} at {}",

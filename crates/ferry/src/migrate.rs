@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::agent::AgentCtx;
+use ferry_core::Name;
 
 /// Longest hook output kept (its tail).
 const HOOK_OUTPUT_BYTES_MAX: usize = 16 * 1024;
@@ -48,13 +49,13 @@ const HOOK_OUTPUT_BYTES_MAX: usize = 16 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
-    pub name: String,
+    pub name: Name,
     #[serde(default)]
-    pub volumes: Vec<String>,
+    pub volumes: Vec<Name>,
     /// Shares the workload uses (replicated, moved and failed over with
     /// its volumes).
     #[serde(default)]
-    pub shares: Vec<String>,
+    pub shares: Vec<Name>,
     #[serde(default)]
     pub start: Option<String>,
     #[serde(default)]
@@ -125,6 +126,11 @@ impl WorkloadSpec {
     }
 }
 
+/// Names as plain strings, for code that keys maps or JSON by them.
+pub fn names(n: &[Name]) -> Vec<String> {
+    n.iter().map(|n| n.to_string()).collect()
+}
+
 fn default_hook_timeout_ms() -> u64 {
     30_000
 }
@@ -139,8 +145,6 @@ fn migrations_dir(data_dir: &Path) -> PathBuf {
 
 /// Saves a workload definition (atomically).
 pub fn save_workload(data_dir: &Path, spec: &WorkloadSpec) -> Result<()> {
-    crate::volume::validate_name(&spec.name)
-        .map_err(|_| anyhow!("{:?} is not a valid workload name", spec.name))?;
     if spec.volumes.is_empty() && spec.shares.is_empty() {
         bail!("a workload needs at least one volume or share (--volume NAME, --share NAME)");
     }
@@ -320,7 +324,7 @@ pub fn workload_hook(
             spec.volumes.iter().map(|v| test_export(v)).collect(),
         )
     } else {
-        (spec.name.clone(), spec.volumes.clone())
+        (spec.name.to_string(), names(&spec.volumes))
     };
     let uris: Vec<String> = exports.iter().map(|e| ctx.nbd_uri_base.uri(e)).collect();
     let uris = uris.join(" ");
@@ -409,7 +413,7 @@ pub fn workload_hook(
 /// A migration as the source node keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationRecord {
-    pub workload: String,
+    pub workload: Name,
     pub source: String,
     pub target: String,
     pub mode: String,
@@ -490,7 +494,7 @@ pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord
             }
             rec.save(&ctx.cfg.data_dir)?;
         }
-        out.insert(rec.workload.clone(), rec);
+        out.insert(rec.workload.to_string(), rec);
     }
     Ok(out)
 }
@@ -1317,7 +1321,7 @@ fn begin_record(
     reverse: bool,
 ) -> Result<()> {
     let rec = MigrationRecord {
-        workload: workload.to_string(),
+        workload: Name::parse(workload)?,
         source: ctx.identity.node_name.clone(),
         target: target.to_string(),
         mode: mode.to_string(),
@@ -1436,7 +1440,7 @@ pub fn cutover_all(ctx: &Arc<AgentCtx>) -> Result<Value> {
         .migrations()
         .values()
         .filter(|m| !m.reverse && !m.state.phase.is_final())
-        .map(|m| m.workload.clone())
+        .map(|m| m.workload.to_string())
         .collect();
     names.sort();
     let mut reports = Vec::new();
@@ -1645,7 +1649,7 @@ pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         let path = v.dir.join(crate::replication::snapshot::OVERLAY_FILE);
         let o = crate::replication::snapshot::Overlay::create(v.clone(), &path)
             .with_context(|| format!("cannot create the overlay {}", path.display()))?;
-        overlays.push((name.clone(), Arc::new(o)));
+        overlays.push((name.to_string(), Arc::new(o)));
     }
     for (name, o) in &overlays {
         ctx.nbd.add_export(ferry_nbd::Export {
@@ -1696,7 +1700,7 @@ pub fn test_end_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .and_then(|spec| workload_hook(ctx, spec, "stop", "test"));
     let run = ctx.tests().remove(workload);
     let mut written = 0;
-    let mut names: Vec<String> = spec.map(|s| s.volumes).unwrap_or_default();
+    let mut names: Vec<String> = spec.map(|s| self::names(&s.volumes)).unwrap_or_default();
     if let Some(run) = &run {
         for (name, o) in &run.overlays {
             written += o.written_bytes();

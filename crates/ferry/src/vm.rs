@@ -65,7 +65,7 @@ fn nbd_uri(base: &ListenAddr, volume: &str) -> String {
     }
 }
 
-fn console_path(data_dir: &std::path::Path, workload: &str) -> PathBuf {
+fn console_path(data_dir: &std::path::Path, workload: &ferry_core::Name) -> PathBuf {
     data_dir.join("vms").join(workload).join("console.log")
 }
 
@@ -91,7 +91,7 @@ impl Vms {
                 bail!("VM file {} does not exist on this node", f.display());
             }
         }
-        let console = console_path(data_dir, workload);
+        let console = console_path(data_dir, &ferry_core::Name::parse(workload)?);
         std::fs::create_dir_all(console.parent().unwrap_or(data_dir))?;
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -17,19 +17,19 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use ferry_core::ByteSize;
+use ferry_core::Name;
 use serde::{Deserialize, Serialize};
 
 /// Largest volume: what `off_t` can address.
 const VOLUME_BYTES_MAX: u64 = i64::MAX as u64;
 /// Volume sizes are whole sectors, as every block client expects.
 const SECTOR_BYTES: u64 = 512;
-const NAME_BYTES_MAX: usize = 64;
 const METADATA_BYTES_MAX: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
-    #[error("invalid volume name {name:?}: use 1-{NAME_BYTES_MAX} characters from a-z A-Z 0-9 . _ -, not starting with . or -")]
-    InvalidName { name: String },
+    #[error("volume: {0}")]
+    InvalidName(#[from] ferry_core::NameError),
     #[error("volume {name:?} already exists")]
     Exists { name: String },
     #[error("no volume named {name:?} in {dir} (see `ferry volume list`)")]
@@ -91,20 +91,9 @@ pub struct VolumeLock {
     _file: File,
 }
 
-pub fn validate_name(name: &str) -> Result<(), VolumeError> {
-    let ok = !name.is_empty()
-        && name.len() <= NAME_BYTES_MAX
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(VolumeError::InvalidName {
-            name: name.to_string(),
-        })
-    }
+/// Parses a volume name (the one grammar of [`Name`]).
+pub fn validate_name(name: &str) -> Result<Name, VolumeError> {
+    Ok(Name::parse(name)?)
 }
 
 fn validate_size(size: u64) -> Result<(), VolumeError> {
@@ -161,11 +150,12 @@ impl VolumeStore {
         self.root.parent().unwrap_or(&self.root)
     }
 
-    pub fn dir(&self, name: &str) -> PathBuf {
+    /// `volumes/NAME`: only a checked [`Name`] becomes a path.
+    pub fn dir(&self, name: &Name) -> PathBuf {
         self.root.join(name)
     }
 
-    pub fn image_path(&self, name: &str) -> PathBuf {
+    pub fn image_path(&self, name: &Name) -> PathBuf {
         self.dir(name).join("data.raw")
     }
 
@@ -181,7 +171,7 @@ impl VolumeStore {
         size: u64,
         id: &str,
     ) -> Result<VolumeMeta, VolumeError> {
-        validate_name(name)?;
+        let name = &validate_name(name)?;
         validate_size(size)?;
         let dir = self.dir(name);
         if dir.exists() {
@@ -233,7 +223,7 @@ impl VolumeStore {
     }
 
     pub fn meta(&self, name: &str) -> Result<VolumeMeta, VolumeError> {
-        validate_name(name)?;
+        let name = &validate_name(name)?;
         let path = self.dir(name).join("volume.json");
         let file = match File::open(&path) {
             Ok(f) => f,
@@ -252,7 +242,7 @@ impl VolumeStore {
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<(), VolumeError> {
-        let path = self.dir(&meta.name).join("volume.json");
+        let path = self.dir(&validate_name(&meta.name)?).join("volume.json");
         let json = serde_json::to_vec_pretty(meta).map_err(|source| VolumeError::BadMetadata {
             path: path.clone(),
             source,
@@ -263,6 +253,7 @@ impl VolumeStore {
     /// Takes the volume's exclusive lock, or says who holds it.
     pub fn lock(&self, name: &str) -> Result<VolumeLock, VolumeError> {
         self.meta(name)?;
+        let name = &validate_name(name)?;
         let path = self.dir(name).join("lock");
         let mut file = OpenOptions::new()
             .read(true)
@@ -297,7 +288,7 @@ impl VolumeStore {
     pub fn info(&self, name: &str) -> Result<VolumeInfo, VolumeError> {
         use std::os::unix::fs::MetadataExt;
         let meta = self.meta(name)?;
-        let image = self.image_path(name);
+        let image = self.image_path(&validate_name(name)?);
         let stat = fs::metadata(&image).map_err(io_err(&image))?;
         Ok(VolumeInfo {
             exported: self.is_locked(name),
@@ -333,7 +324,7 @@ impl VolumeStore {
                 current: ByteSize(meta.size_bytes),
             });
         }
-        let image = self.image_path(name);
+        let image = self.image_path(&validate_name(name)?);
         let f = OpenOptions::new()
             .write(true)
             .open(&image)
@@ -352,6 +343,7 @@ impl VolumeStore {
                 name: name.to_string(),
             });
         }
+        let name = &validate_name(name)?;
         let dir = self.dir(name);
         let doomed = self
             .root
@@ -367,7 +359,7 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "vm-disk.0", "A_b", &"x".repeat(64)] {
+        for ok in ["a", "vm-disk.0", "a_b", &"x".repeat(64)] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -379,6 +371,8 @@ mod tests {
             "a b",
             &"x".repeat(65),
             "é",
+            "A_b",
+            "disk0@test",
         ] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }

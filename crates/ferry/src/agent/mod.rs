@@ -163,9 +163,10 @@ impl AgentCtx {
         }
         let lock = self.lock_volume(name)?;
         let info = self.store.meta(name)?;
-        let dir = self.store.dir(name);
+        let checked = crate::volume::validate_name(name)?;
+        let dir = self.store.dir(&checked);
         let mut m = MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_primary())?;
-        let image = self.store.image_path(name);
+        let image = self.store.image_path(&checked);
         match m.state().role {
             Role::Secondary => {
                 let dev = FileDevice::open(&image, false)
@@ -301,7 +302,7 @@ impl AgentCtx {
         for w in workloads {
             if w.volumes.len() < 2
                 || w.volumes.len() > crate::replication::link::GROUP_VOLUMES_MAX
-                || !w.volumes.contains(&vol.name)
+                || !w.volumes.iter().any(|n| *n == vol.name)
             {
                 continue;
             }
@@ -316,7 +317,7 @@ impl AgentCtx {
                 })
                 .collect();
             if let Some(members) = members {
-                return (w.name, members);
+                return (w.name.into_string(), members);
             }
         }
         (vol.name.clone(), vec![vol.clone()])
@@ -498,8 +499,7 @@ impl AgentCtx {
         reverse_to: Option<&str>,
         mode: Mode,
     ) -> Result<Vec<(String, u64)>> {
-        crate::volume::validate_name(workload)
-            .map_err(|_| anyhow!("{workload:?} is not a valid workload name"))?;
+        let checked = crate::volume::validate_name(workload)?;
         for name in volumes {
             self.promotable(name)?;
         }
@@ -517,7 +517,7 @@ impl AgentCtx {
             "mode": if mode == Mode::Sync { "sync" } else { "async" },
         });
         write_atomic_private(
-            &dir.join(format!("{workload}.json")),
+            &dir.join(format!("{checked}.json")),
             &serde_json::to_vec_pretty(&record)?,
         )?;
         std::fs::File::open(&dir)
@@ -541,7 +541,7 @@ impl AgentCtx {
             .cfg
             .data_dir
             .join("commits")
-            .join(format!("{workload}.json"));
+            .join(format!("{}.json", crate::volume::validate_name(workload)?));
         let record: serde_json::Value = serde_json::from_slice(
             &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
         )
@@ -662,7 +662,7 @@ impl AgentCtx {
         }
         drop(sec);
         self.unload_volume(name)?;
-        let dir = self.store.dir(name);
+        let dir = self.store.dir(&crate::volume::validate_name(name)?);
         let g = self.cfg.replication.granularity_bytes;
         // Blocks this copy may hold that the peer does not (it was a
         // demoted old primary, promoted by force): dirty for the peer.
@@ -760,7 +760,7 @@ impl AgentCtx {
         });
         drop(vol);
         self.unload_volume(name)?;
-        let dir = self.store.dir(name);
+        let dir = self.store.dir(&crate::volume::validate_name(name)?);
         if let Some(suspect) = &suspect {
             meta::save_suspect_map(&dir, suspect)?;
         }
@@ -852,7 +852,7 @@ impl AgentCtx {
             }
             Err(e) => return Err(e.into()),
         }
-        let dir = self.store.dir(name);
+        let dir = self.store.dir(&crate::volume::validate_name(name)?);
         let meta_path = dir.join("meta.bin");
         if !meta_path.exists() {
             MetaFile::open_or_create(&meta_path, MetaState::new_secondary(primary))?;
@@ -1224,12 +1224,12 @@ fn leaf_hasher(ctx: &Arc<AgentCtx>) {
         let primaries: Vec<_> = ctx
             .primaries()
             .into_iter()
-            .filter(|p| hot.contains(&p.name))
+            .filter(|p| hot.contains(p.name.as_str()))
             .collect();
         let secondaries: Vec<_> = ctx
             .secondaries()
             .into_iter()
-            .filter(|s| hot.contains(&s.name))
+            .filter(|s| hot.contains(s.name.as_str()))
             .collect();
         let all: Vec<(
             &str,
@@ -1283,7 +1283,7 @@ async fn housekeeping(ctx: Arc<AgentCtx>) {
             .migrations()
             .values()
             .filter(|m| !m.state.phase.is_final())
-            .map(|m| m.workload.clone())
+            .map(|m| m.workload.to_string())
             .collect();
         for w in active {
             let c = ctx.clone();

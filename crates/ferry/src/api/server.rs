@@ -483,7 +483,7 @@ async fn cluster_status(State(ctx): Ctx) -> ApiResult {
 
 #[derive(Deserialize)]
 struct ClusterAdd {
-    workload: String,
+    workload: ferry_core::Name,
     preferred: String,
     #[serde(default)]
     accept_loss: bool,
@@ -511,7 +511,7 @@ async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
         let spec = crate::migrate::load_workload(&ctx.cfg.data_dir, &r.workload)?
             .ok_or_else(|| anyhow::anyhow!("workload {:?} is not defined on node {me}", r.workload))?;
         let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
-        let share_role = |s: &String| store.load(s).map(|r| r.role).unwrap_or_default();
+        let share_role = |s: &str| store.load(s).map(|r| r.role).unwrap_or_default();
         let primaries = spec.volumes.iter().filter(|v| ctx.primary(v).is_some()).count()
             + spec.shares.iter().filter(|s| ctx.shares.primary(s).is_some()).count();
         let replicas = spec.volumes.iter().filter(|v| ctx.secondary(v).is_some()).count()
@@ -543,7 +543,9 @@ async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
         if role == ferry_core::cluster::Role::Primary {
             // Adopt the replication to the peer, or start it.
             for v in &spec.volumes {
-                let p = ctx.primary(v).expect("counted above");
+                let p = ctx.primary(v).ok_or_else(|| {
+                    anyhow::anyhow!("volume {v:?} stopped being served here while the workload was being added; try again")
+                })?;
                 let to = p.link.lock().peer.clone();
                 match to {
                     Some(to) if to == cfg.peer => {}
@@ -1366,7 +1368,7 @@ async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult 
             }
         }
         let rec = crate::share::ShareRecord {
-            name: r.name.clone(),
+            name: crate::share::check_name(&r.name)?,
             id: format!("{:016x}", crate::share::random_u64()),
             mode: r.mode.clone(),
             path: r.path.clone(),
@@ -1381,9 +1383,10 @@ async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult 
         };
         let store = crate::share::ShareStore::new(&c.cfg.data_dir);
         store.create(&rec)?;
+        let rec_name = rec.name.clone();
         if let Err(e) = crate::share::start_primary(&c, rec) {
             // Nothing was served: leave no half-made share behind.
-            let _ = std::fs::remove_dir_all(store.dir(&r.name));
+            let _ = std::fs::remove_dir_all(store.dir(&rec_name));
             return Err(e);
         }
         Ok(())

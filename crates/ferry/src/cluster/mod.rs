@@ -29,6 +29,7 @@ use ferry_core::cluster::{
     Action, ClusterNode, DataState, Event, Input, PeerMsg, Persisted, Policy, Role, Timing,
 };
 use ferry_core::link::ReplicaState;
+use ferry_core::Name;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -40,7 +41,7 @@ use witness::{FromWitness, ToWitness, DATAGRAM_BYTES_MAX};
 /// A workload under HA on this node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HaWorkload {
-    pub workload: String,
+    pub workload: Name,
     pub preferred: String,
     /// An async workload fails over automatically, losing what had not
     /// reached the replica (`async_failover = "accept-loss"`).
@@ -75,23 +76,26 @@ pub fn load_all(data_dir: &Path) -> Vec<HaWorkload> {
     v
 }
 
+/// `cluster/WORKLOAD.json`: only a checked name becomes a path.
+fn record_path(data_dir: &Path, workload: &Name) -> PathBuf {
+    dir(data_dir).join(format!("{workload}.json"))
+}
+
 pub fn load(data_dir: &Path, workload: &str) -> Option<HaWorkload> {
-    let b = std::fs::read(dir(data_dir).join(format!("{workload}.json"))).ok()?;
+    let b = std::fs::read(record_path(data_dir, &Name::parse(workload).ok()?)).ok()?;
     serde_json::from_slice(&b).ok()
 }
 
 pub fn save(data_dir: &Path, h: &HaWorkload) -> Result<()> {
-    crate::volume::validate_name(&h.workload)
-        .map_err(|_| anyhow!("{:?} is not a valid workload name", h.workload))?;
     std::fs::create_dir_all(dir(data_dir))?;
     crate::agent::write_atomic_private(
-        &dir(data_dir).join(format!("{}.json", h.workload)),
+        &record_path(data_dir, &h.workload),
         &serde_json::to_vec_pretty(h)?,
     )
 }
 
 pub fn remove(data_dir: &Path, workload: &str) -> Result<bool> {
-    match std::fs::remove_file(dir(data_dir).join(format!("{workload}.json"))) {
+    match std::fs::remove_file(record_path(data_dir, &Name::parse(workload)?)) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e.into()),
@@ -537,7 +541,7 @@ impl Manager {
             .workloads()
             .retain(|w, _| names.contains(w));
         for h in all {
-            if self.slots.contains_key(&h.workload) {
+            if self.slots.contains_key(h.workload.as_str()) {
                 continue;
             }
             let Ok(Some(spec)) = crate::migrate::load_workload(&self.ctx.cfg.data_dir, &h.workload)
@@ -590,7 +594,7 @@ impl Manager {
             }
             tracing::info!(workload = %h.workload, role = ?h.state.role, ?policy, "cluster.workload.managed");
             self.slots.insert(
-                h.workload.clone(),
+                h.workload.to_string(),
                 Slot {
                     node,
                     accept_loss: h.accept_loss,
@@ -600,7 +604,7 @@ impl Manager {
                     events: VecDeque::new(),
                     peer_lost_at: None,
                     serving: false,
-                    volumes: spec.volumes.clone(),
+                    volumes: crate::migrate::names(&spec.volumes),
                     candidate: false,
                     serving_flag,
                     stop_checks,
@@ -1099,7 +1103,7 @@ impl Manager {
         crate::migrate::load_workload(&self.ctx.cfg.data_dir, w)
             .ok()
             .flatten()
-            .map(|s| s.volumes)
+            .map(|s| names(&s.volumes))
             .unwrap_or_default()
     }
 
@@ -1336,7 +1340,7 @@ fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, force: bool) -> Resu
             "cluster.promote.forced: this copy may be outdated or inconsistent"
         );
     }
-    while_marked(&ctx.forced_promotions, &spec.volumes, force, || {
+    while_marked(&ctx.forced_promotions, &names(&spec.volumes), force, || {
         promote_volumes(ctx, workload, peer, &spec, force)
     })
 }
@@ -1352,7 +1356,7 @@ fn promote_volumes(
         .volumes
         .iter()
         .filter(|v| ctx.secondary(v).is_some())
-        .cloned()
+        .map(|v| v.to_string())
         .collect();
     if !replicas.is_empty() {
         let mode = ctx
@@ -1406,7 +1410,7 @@ fn demote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
     // demotion and the rebase (it would see the old history: a split brain).
     while_marked(
         &ctx.cluster.candidate_volumes,
-        &spec.volumes,
+        &names(&spec.volumes),
         discard,
         || demote_and_rebase(ctx, &spec, peer, clean, discard),
     )
@@ -1677,7 +1681,9 @@ fn vip(spec: &WorkloadSpec, up: bool) -> Result<()> {
 }
 
 /// The file a split-brain resolution keeps the discarded copy of a volume in.
-fn copy_path(ctx: &AgentCtx, volume: &str) -> PathBuf {
+use crate::migrate::names;
+
+fn copy_path(ctx: &AgentCtx, volume: &ferry_core::Name) -> PathBuf {
     ctx.store.dir(volume).join("split-brain-copy.raw")
 }
 
@@ -1788,7 +1794,7 @@ pub fn resolve_split_brain(
             .iter()
             .filter_map(|v| {
                 ctx.primary(v)
-                    .map(|p| (v.clone(), p.meta_state().generation))
+                    .map(|p| (v.to_string(), p.meta_state().generation))
             })
             .map(|(v, g)| {
                 let mut ids = vec![g.current()];
@@ -1824,7 +1830,7 @@ pub fn resolve_split_brain(
         })?;
         let copy = keep_copy(ctx, v)?;
         copies.push(copy.display().to_string());
-        let theirs: Vec<u64> = histories[v]
+        let theirs: Vec<u64> = histories[v.as_str()]
             .as_array()
             .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
             .unwrap_or_default();
@@ -1878,7 +1884,7 @@ fn rebase(
 }
 
 /// Copies a volume's image aside before a split-brain resolution discards it.
-fn keep_copy(ctx: &AgentCtx, v: &str) -> Result<PathBuf> {
+fn keep_copy(ctx: &AgentCtx, v: &ferry_core::Name) -> Result<PathBuf> {
     let copy = copy_path(ctx, v);
     if copy.exists() {
         bail!(

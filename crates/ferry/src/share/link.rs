@@ -1182,9 +1182,10 @@ pub fn serve_replica(
             ),
         );
     }
-    if let Err(e) = super::check_name(&hello.share) {
-        return refuse(&mut tls, e.to_string());
-    }
+    let share_name = match super::check_name(&hello.share) {
+        Ok(n) => n,
+        Err(e) => return refuse(&mut tls, e.to_string()),
+    };
     let _guard = match ctx.shares.claim_replica(&hello.share) {
         Some(g) => g,
         None => {
@@ -1201,13 +1202,13 @@ pub fn serve_replica(
         Ok(r) => r,
         Err(super::ShareError::NotFound(_)) => {
             let r = super::ShareRecord {
-                name: hello.share.clone(),
+                name: share_name.clone(),
                 id: hello.share_id.clone(),
                 mode: hello.mode.clone(),
                 path: if hello.path.starts_with('/') {
                     std::path::PathBuf::from(&hello.path)
                 } else {
-                    store.data_dir(&hello.share)
+                    store.data_dir(&share_name)
                 },
                 role: "replica".into(),
                 peer: Some(peer_name.to_string()),

@@ -19,6 +19,7 @@ pub mod primary;
 pub mod tree;
 pub mod watch;
 
+use ferry_core::Name;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 /// A share's persistent record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ShareRecord {
-    pub name: String,
+    pub name: Name,
     /// Identity (random, made at creation): a replica of another share of
     /// the same name is refused.
     pub id: String,
@@ -71,7 +72,7 @@ pub struct ShareRecord {
 /// Why a share operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
-    #[error("share name {0:?} is not valid: use 1-64 of [A-Za-z0-9._-], not starting with '.'")]
+    #[error("share {0}")]
     BadName(String),
     #[error("share {0:?} already exists")]
     Exists(String),
@@ -103,18 +104,9 @@ fn io_err<'a>(
     }
 }
 
-pub fn check_name(name: &str) -> Result<(), ShareError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ShareError::BadName(name.to_string()))
-    }
+/// Parses a share name (the one grammar of [`Name`]).
+pub fn check_name(name: &str) -> Result<Name, ShareError> {
+    Name::parse(name).map_err(|e| ShareError::BadName(e.to_string()))
 }
 
 /// `DATA_DIR/shares`.
@@ -130,7 +122,8 @@ impl ShareStore {
         }
     }
 
-    pub fn dir(&self, name: &str) -> PathBuf {
+    /// `shares/NAME`: only a checked [`Name`] becomes a path.
+    pub fn dir(&self, name: &Name) -> PathBuf {
         self.root.join(name)
     }
 
@@ -147,8 +140,7 @@ impl ShareStore {
     }
 
     pub fn load(&self, name: &str) -> Result<ShareRecord, ShareError> {
-        check_name(name)?;
-        let p = self.dir(name).join("share.json");
+        let p = self.dir(&check_name(name)?).join("share.json");
         let text = match std::fs::read(&p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -164,8 +156,7 @@ impl ShareStore {
 
     /// Writes the record durably (temp file, fsync, rename, fsync dir).
     pub fn save(&self, rec: &ShareRecord) -> Result<(), ShareError> {
-        check_name(&rec.name)?;
-        let dir = self.dir(&rec.name);
+        let dir = self.dir(&check_name(&rec.name)?);
         std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
         let tmp = dir.join("share.json.tmp");
         let p = dir.join("share.json");
@@ -185,8 +176,7 @@ impl ShareStore {
     /// the record where it is, padded with spaces to its length, when it is
     /// no longer than it.
     pub fn save_in_place(&self, rec: &ShareRecord) -> Result<(), ShareError> {
-        check_name(&rec.name)?;
-        let p = self.dir(&rec.name).join("share.json");
+        let p = self.dir(&check_name(&rec.name)?).join("share.json");
         let mut body = serde_json::to_vec_pretty(rec)
             .map_err(|e| io_err("cannot encode", &p)(std::io::Error::other(e)))?;
         let f = std::fs::OpenOptions::new()
@@ -207,32 +197,32 @@ impl ShareStore {
 
     /// Makes a new share's directories and record.
     pub fn create(&self, rec: &ShareRecord) -> Result<(), ShareError> {
-        check_name(&rec.name)?;
+        let name = check_name(&rec.name)?;
         if rec.mode != "sync" && rec.mode != "async" {
             return Err(ShareError::BadMode(rec.mode.clone()));
         }
         if !rec.path.is_absolute() {
             return Err(ShareError::RelativePath(rec.path.clone()));
         }
-        if self.dir(&rec.name).join("share.json").exists() {
-            return Err(ShareError::Exists(rec.name.clone()));
+        if self.dir(&name).join("share.json").exists() {
+            return Err(ShareError::Exists(rec.name.to_string()));
         }
         for sub in ["data", "orphans"] {
-            let d = self.dir(&rec.name).join(sub);
+            let d = self.dir(&name).join(sub);
             std::fs::create_dir_all(&d).map_err(io_err("cannot create", &d))?;
         }
         self.save(rec)
     }
 
-    pub fn data_dir(&self, name: &str) -> PathBuf {
+    pub fn data_dir(&self, name: &Name) -> PathBuf {
         self.dir(name).join("data")
     }
 
-    pub fn orphans_dir(&self, name: &str) -> PathBuf {
+    pub fn orphans_dir(&self, name: &Name) -> PathBuf {
         self.dir(name).join("orphans")
     }
 
-    pub fn journal_path(&self, name: &str) -> PathBuf {
+    pub fn journal_path(&self, name: &Name) -> PathBuf {
         self.dir(name).join("journal")
     }
 }
@@ -253,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ShareStore::new(dir.path());
         let rec = ShareRecord {
-            name: "app".into(),
+            name: Name::parse("app").unwrap(),
             id: "x".into(),
             mode: "sync".into(),
             path: "/srv/app".into(),
@@ -274,7 +264,7 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad}");
         }
         let mut r2 = rec.clone();
-        r2.name = "b".into();
+        r2.name = Name::parse("b").unwrap();
         r2.mode = "fast".into();
         assert!(matches!(store.create(&r2), Err(ShareError::BadMode(_))));
         r2.mode = "sync".into();
@@ -283,7 +273,7 @@ mod tests {
             store.create(&r2),
             Err(ShareError::RelativePath(_))
         ));
-        std::fs::write(store.dir("app").join("share.json"), b"{").unwrap();
+        std::fs::write(store.dir(&Name::parse("app").unwrap()).join("share.json"), b"{").unwrap();
         assert!(matches!(store.load("app"), Err(ShareError::Damaged { .. })));
     }
 }
@@ -483,7 +473,7 @@ pub fn start_primary(
         (None, Some(w))
     };
     ctx.shares.primaries().insert(
-        rec.name.clone(),
+        rec.name.to_string(),
         Running {
             share: share.clone(),
             mount,
@@ -571,7 +561,7 @@ pub fn promote_record(
     rec.suspect_since = None;
     rec.level_exact = clean;
     if rec.mode == "async" {
-        rec.path = store.data_dir(name);
+        rec.path = store.data_dir(&rec.name);
     }
     store.save(&rec)?;
     tracing::warn!(share = %name, reverse_to = ?reverse_to, force, "share.promoted");
@@ -711,10 +701,10 @@ fn with_copy<R>(
         Some(p) => f(&p.tree),
         None => {
             let store = ShareStore::new(&ctx.cfg.data_dir);
-            store.load(name)?;
+            let rec = store.load(name)?;
             f(&tree::Tree::open(
-                &store.data_dir(name),
-                &store.orphans_dir(name),
+                &store.data_dir(&rec.name),
+                &store.orphans_dir(&rec.name),
             )?)
         }
     })
@@ -1093,7 +1083,7 @@ pub fn status(
         let root = if rec.role == "primary" && rec.mode == "async" {
             rec.path.clone()
         } else {
-            store.data_dir(name)
+            store.data_dir(&rec.name)
         };
         for e in walkdir_count(&root) {
             files += 1;
@@ -1101,7 +1091,7 @@ pub fn status(
         }
     }
     let mut st = ShareStatus {
-        name: rec.name.clone(),
+        name: rec.name.to_string(),
         mode: rec.mode.clone(),
         role: rec.role.clone(),
         serving: ctx.shares.primary(name).is_some(),

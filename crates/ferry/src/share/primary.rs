@@ -395,7 +395,7 @@ impl PrimaryShare {
             let _ = std::fs::remove_file(e.path());
         }
         Ok(Arc::new(PrimaryShare {
-            name: rec.name.clone(),
+            name: rec.name.to_string(),
             rec: Mutex::new(rec),
             store,
             tree,
