@@ -50,10 +50,9 @@ impl Name {
         if s.bytes().any(|b| b.is_ascii_uppercase()) {
             return bad("upper case is not allowed");
         }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
-        {
+        if !s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        }) {
             return bad("it holds a character outside a-z 0-9 . _ -");
         }
         Ok(Name(s.to_string()))
@@ -179,8 +178,23 @@ mod tests {
     #[test]
     fn refuses_everything_else() {
         for bad in [
-            "", ".", "..", "../x", "a/b", "/a", "-a", ".a", "_a", "a@test", "A", "dB", "a b",
-            "a\0b", "é", "a\n", &"x".repeat(65),
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/a",
+            "-a",
+            ".a",
+            "_a",
+            "a@test",
+            "A",
+            "dB",
+            "a b",
+            "a\0b",
+            "é",
+            "a\n",
+            &"x".repeat(65),
         ] {
             assert!(Name::parse(bad).is_err(), "{bad:?}");
         }

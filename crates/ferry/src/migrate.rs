@@ -177,8 +177,12 @@ pub fn list_workloads(data_dir: &Path) -> Result<Vec<WorkloadSpec>> {
     for e in rd.flatten() {
         let n = e.file_name().to_string_lossy().to_string();
         if let Some(name) = n.strip_suffix(".json") {
-            if let Some(w) = load_workload(data_dir, name)? {
-                out.push(w);
+            // One damaged definition must not hide the others.
+            match load_workload(data_dir, name) {
+                Ok(Some(w)) => out.push(w),
+                Ok(None) => {}
+                Err(e) => tracing::error!(workload = name, error = %format!("{e:#}"),
+                    "workload.damaged: left out; repair or delete its file"),
             }
         }
     }
@@ -466,14 +470,31 @@ pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord
         return Ok(out);
     };
     for e in rd.flatten() {
-        let bytes = std::fs::read(e.path())?;
-        let mut rec: MigrationRecord = match serde_json::from_slice(&bytes) {
-            Ok(r) => r,
-            Err(err) => {
-                tracing::warn!(file = %e.path().display(), error = %err, "migration.record.unreadable");
-                continue;
+        let name = e
+            .file_name()
+            .to_string_lossy()
+            .trim_end_matches(".json")
+            .to_string();
+        if name.starts_with('.') || e.path().extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        // Each record on its own: a damaged one is set aside and reported.
+        match load_migration(ctx, &e.path()) {
+            Ok(rec) => {
+                out.insert(rec.workload.to_string(), rec);
             }
-        };
+            Err(err) => ctx
+                .damaged
+                .report("migration", &name, &e.path(), format!("{err:#}")),
+        }
+    }
+    Ok(out)
+}
+
+fn load_migration(ctx: &AgentCtx, path: &Path) -> Result<MigrationRecord> {
+    {
+        let bytes = std::fs::read(path)?;
+        let mut rec: MigrationRecord = serde_json::from_slice(&bytes)?;
         if rec.state.phase == MigrationPhase::CuttingOver {
             let spec = load_workload(&ctx.cfg.data_dir, &rec.workload)?;
             let still_here = spec
@@ -494,9 +515,8 @@ pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord
             }
             rec.save(&ctx.cfg.data_dir)?;
         }
-        out.insert(rec.workload.to_string(), rec);
+        Ok(rec)
     }
-    Ok(out)
 }
 
 fn unix_now() -> u64 {

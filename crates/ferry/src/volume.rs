@@ -85,6 +85,14 @@ pub struct VolumeStore {
     root: PathBuf,
 }
 
+/// A volume directory that does not load, and why.
+#[derive(Debug, Clone)]
+pub struct BadVolume {
+    pub name: String,
+    pub path: PathBuf,
+    pub error: String,
+}
+
 /// An exclusive hold on a volume; released on drop (or when the process dies).
 #[derive(Debug)]
 pub struct VolumeLock {
@@ -300,18 +308,34 @@ impl VolumeStore {
         })
     }
 
+    /// The volumes that load; damaged ones are left out (see [`Self::scan`]).
     pub fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
-        let mut out = Vec::new();
+        Ok(self.scan()?.0)
+    }
+
+    /// Every volume directory, each read on its own: the ones that load,
+    /// and the ones that do not (a name outside the grammar, a missing or
+    /// damaged `volume.json`, an unreadable image) with the reason.
+    /// Hidden entries (a create or delete in progress) are skipped.
+    pub fn scan(&self) -> Result<(Vec<VolumeInfo>, Vec<BadVolume>), VolumeError> {
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
         for entry in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
             let entry = entry.map_err(io_err(&self.root))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if validate_name(&name).is_err() || !entry.path().join("volume.json").exists() {
+            if name.starts_with('.') {
                 continue;
             }
-            out.push(self.info(&name)?);
+            match self.info(&name) {
+                Ok(i) => good.push(i),
+                Err(e) => bad.push(BadVolume {
+                    name,
+                    path: entry.path(),
+                    error: e.to_string(),
+                }),
+            }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        good.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((good, bad))
     }
 
     pub fn resize(&self, name: &str, size: u64, shrink: bool) -> Result<VolumeMeta, VolumeError> {

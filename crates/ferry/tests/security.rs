@@ -103,7 +103,10 @@ fn call(a: &Agent, method: &str, path: &str, body: &str) -> (u16, String) {
 #[test]
 fn names_cannot_climb_out_of_the_data_dir() {
     common::require("curl");
-    let root = tempfile::Builder::new().prefix("ferry-sec").tempdir().unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("ferry-sec")
+        .tempdir()
+        .unwrap();
     let a = Agent::start(root.path(), "a", "");
     // Targets the old code reached: DATA_DIR/cluster/../../precious.json and
     // DATA_DIR/volumes/../../q/split-brain-copy.raw.
@@ -124,13 +127,41 @@ fn names_cannot_climb_out_of_the_data_dir() {
     assert!(precious.exists(), "a file outside the data dir was deleted");
 
     for (method, path, body) in [
-        ("POST", "/api/v1/workloads", r#"{"name":"w","volumes":["../../q"]}"#),
-        ("POST", "/api/v1/workloads", r#"{"name":"../w","volumes":["v"]}"#),
-        ("PUT", "/api/v1/workloads/w", r#"{"name":"w","volumes":["../../q"]}"#),
-        ("POST", "/api/v1/volumes", r#"{"name":"../../q","size_bytes":1048576}"#),
-        ("POST", "/api/v1/volumes", r#"{"name":"disk0@test","size_bytes":1048576}"#),
-        ("POST", "/api/v1/shares", r#"{"name":"../../q","mode":"async","path":"/tmp/x"}"#),
-        ("POST", "/api/v1/cluster/workloads/..%2F..%2Fq/drop-copy", "{}"),
+        (
+            "POST",
+            "/api/v1/workloads",
+            r#"{"name":"w","volumes":["../../q"]}"#,
+        ),
+        (
+            "POST",
+            "/api/v1/workloads",
+            r#"{"name":"../w","volumes":["v"]}"#,
+        ),
+        (
+            "PUT",
+            "/api/v1/workloads/w",
+            r#"{"name":"w","volumes":["../../q"]}"#,
+        ),
+        (
+            "POST",
+            "/api/v1/volumes",
+            r#"{"name":"../../q","size_bytes":1048576}"#,
+        ),
+        (
+            "POST",
+            "/api/v1/volumes",
+            r#"{"name":"disk0@test","size_bytes":1048576}"#,
+        ),
+        (
+            "POST",
+            "/api/v1/shares",
+            r#"{"name":"../../q","mode":"async","path":"/tmp/x"}"#,
+        ),
+        (
+            "POST",
+            "/api/v1/cluster/workloads/..%2F..%2Fq/drop-copy",
+            "{}",
+        ),
         ("DELETE", "/api/v1/volumes/..%2F..%2Fq", ""),
         ("GET", "/api/v1/shares/..%2F..%2Fq", ""),
     ] {
@@ -143,5 +174,115 @@ fn names_cannot_climb_out_of_the_data_dir() {
     assert!(copy.exists(), "a file outside the data dir was deleted");
     assert!(!root.path().join("q/data.raw").exists());
     // The agent still answers.
+    assert_eq!(call(&a, "GET", "/api/v1/volumes", "").0, 200);
+}
+
+/// Findings 9 and 14: one damaged record took the node down (a truncated
+/// `volume.json` or `peers.json` made the agent exit 1; a damaged
+/// `share.json` failed `GET /shares` for every share). Each object is now
+/// loaded on its own: the damaged ones are listed under `damaged`, the rest
+/// is served.
+#[test]
+fn one_damaged_record_does_not_take_the_node_down() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-sec")
+        .tempdir()
+        .unwrap();
+    let mut a = Agent::start(root.path(), "a", "");
+    a.ok(&["volume", "create", "good", "--size", "1MiB"]);
+    a.ok(&["volume", "create", "bad", "--size", "1MiB"]);
+    for s in ["s1", "s2"] {
+        let p = root.path().join(s);
+        std::fs::create_dir_all(&p).unwrap();
+        a.ok(&[
+            "share",
+            "create",
+            s,
+            "--path",
+            p.to_str().unwrap(),
+            "--mode",
+            "async",
+        ]);
+    }
+    a.stop();
+    let vjson = a.dir.join("volumes/bad/volume.json");
+    let text = std::fs::read(&vjson).unwrap();
+    std::fs::write(&vjson, &text[..text.len() / 2]).unwrap();
+    std::fs::write(a.dir.join("shares/s2/share.json"), b"{\"name\":").unwrap();
+    let peers = a.dir.join("peers.json");
+    std::fs::write(&peers, b"[{\"name\":\"b\",").unwrap();
+    std::fs::set_permissions(&peers, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    a.spawn();
+
+    let node: Value = serde_json::from_str(&call(&a, "GET", "/api/v1/node", "").1).unwrap();
+    let damaged = node["damaged"].as_array().unwrap();
+    let has = |kind: &str, name: &str| {
+        damaged.iter().any(|d| {
+            d["kind"] == kind && d["name"] == name && !d["error"].as_str().unwrap().is_empty()
+        })
+    };
+    assert!(has("volume", "bad"), "{damaged:?}");
+    assert!(has("peers", "peers.json"), "{damaged:?}");
+    assert!(a.dir.join("peers.json.damaged").exists());
+    // The good volume is exported and the good share listed.
+    common::qemu_io(&a.uri("good"), &["write -P 0x11 0 4k", "read -P 0x11 0 4k"]);
+    let (code, shares) = call(&a, "GET", "/api/v1/shares", "");
+    assert_eq!(code, 200, "{shares}");
+    let shares: Value = serde_json::from_str(&shares).unwrap();
+    assert_eq!(shares.as_array().unwrap().len(), 1, "{shares}");
+    assert_eq!(shares[0]["name"], "s1");
+    let node: Value = serde_json::from_str(&call(&a, "GET", "/api/v1/node", "").1).unwrap();
+    assert!(
+        node["damaged"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["kind"] == "share" && d["name"] == "s2"),
+        "{node}"
+    );
+    let cluster = a.json(&["cluster", "status"]);
+    assert!(
+        cluster["damaged"].as_array().unwrap().len() >= 3,
+        "{cluster}"
+    );
+}
+
+/// Finding 14: an empty API token was accepted, and secrets others can read
+/// were used. The agent now refuses to start, saying what to do.
+#[test]
+fn secrets_others_can_read_or_empty_tokens_are_refused() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-sec")
+        .tempdir()
+        .unwrap();
+    let mut a = Agent::start(root.path(), "a", "");
+    a.stop();
+    let token = a.dir.join("api.token");
+    let key = a.dir.join("tls/node.key");
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap()
+    };
+    let refused = |why: &str| {
+        let out = Command::new(common::ferry_bin())
+            .args(["agent", "--config", a.config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{why}: the agent started");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(err.contains(why), "{why}: {err}");
+    };
+    mode(&token, 0o644);
+    refused("chmod 600");
+    mode(&token, 0o600);
+    mode(&key, 0o640);
+    refused("chmod 600");
+    mode(&key, 0o600);
+    let saved = std::fs::read(&token).unwrap();
+    std::fs::write(&token, b"\n").unwrap();
+    refused("empty");
+    std::fs::write(&token, b"short\n").unwrap();
+    refused("shorter than 16");
+    std::fs::write(&token, &saved).unwrap();
+    a.spawn();
     assert_eq!(call(&a, "GET", "/api/v1/volumes", "").0, 200);
 }

@@ -48,6 +48,53 @@ pub fn random_u64() -> u64 {
     u64::from_le_bytes(b).max(1)
 }
 
+/// Reads a secret (a key, a token), refusing one that is not a regular file
+/// (a symlink is not followed), that others can read, or that is empty — as
+/// ssh refuses a private key others can read: a secret that leaked must be
+/// replaced, not used.
+pub fn read_secret(path: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .with_context(|| format!("cannot read secret {}", path.display()))?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        anyhow::bail!("secret {} is not a regular file", path.display());
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "secret {} is readable or writable by group or others (mode {mode:03o}): run `chmod 600 {}`, and since others could read it, replace it (`ferry token rotate` for the API token, `ferry node rekey` for the node key)",
+            path.display(),
+            path.display()
+        );
+    }
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let me = unsafe { libc::getuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        anyhow::bail!(
+            "secret {} belongs to uid {}, not to this user ({me}) or root: `chown` it or replace it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    let mut text = String::new();
+    f.by_ref()
+        .take(1024 * 1024)
+        .read_to_string(&mut text)
+        .with_context(|| format!("secret {} is not text", path.display()))?;
+    if text.trim().is_empty() {
+        anyhow::bail!(
+            "secret {} is empty: delete it and restart to make a new one",
+            path.display()
+        );
+    }
+    Ok(text)
+}
+
 pub fn token_path(data_dir: &Path) -> PathBuf {
     data_dir.join("api.token")
 }
@@ -80,9 +127,15 @@ impl Identity {
         let cert_pem = fs::read_to_string(&crt_path)?;
         let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .with_context(|| format!("{} is not a PEM certificate", crt_path.display()))?;
-        let key_der = PrivateKeyDer::from_pem_file(&key_path)
+        let key_der = PrivateKeyDer::from_pem_slice(read_secret(&key_path)?.as_bytes())
             .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
-        let api_token = fs::read_to_string(&token_file)?.trim().to_string();
+        let api_token = read_secret(&token_file)?.trim().to_string();
+        if api_token.len() < 16 {
+            anyhow::bail!(
+                "the API token in {} is shorter than 16 characters: delete the file and restart to make a new one",
+                token_file.display()
+            );
+        }
         Ok(Identity {
             node_name: node_name.to_string(),
             fingerprint: fingerprint(&cert_der),

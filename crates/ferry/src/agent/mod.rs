@@ -8,6 +8,7 @@
 //! restart resumes without a full resync.
 
 pub mod config;
+pub mod damaged;
 pub mod identity;
 pub mod peers;
 pub mod tls;
@@ -42,6 +43,9 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    // A stale temp file keeps its old mode: make it private before writing.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("cannot make {} private", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
@@ -56,6 +60,8 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Shared state of a running agent.
 pub struct AgentCtx {
+    /// Records found damaged and set aside (served: everything else).
+    pub damaged: damaged::Damaged,
     pub cfg: AgentConfig,
     pub identity: Identity,
     pub peers: Arc<Peers>,
@@ -1084,7 +1090,12 @@ pub fn run(config_path: &Path) -> Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     let identity = Identity::load_or_create(&cfg.data_dir, &cfg.node_name)?;
-    let peers = Arc::new(Peers::load(&cfg.data_dir)?);
+    let damaged = damaged::Damaged::default();
+    let (peers, bad_peers) = Peers::load(&cfg.data_dir)?;
+    for e in bad_peers {
+        damaged.report("peers", "peers.json", &cfg.data_dir.join("peers.json"), e);
+    }
+    let peers = Arc::new(peers);
     let store = VolumeStore::open(&cfg.data_dir)?;
     let tls_server = tls::server_config(&identity, peers.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1129,10 +1140,20 @@ pub fn run(config_path: &Path) -> Result<()> {
         shares: Default::default(),
         started: Instant::now(),
         admin: Mutex::new(()),
+        damaged,
     });
-    for v in ctx.store.list()? {
+    let (volumes, bad) = ctx.store.scan()?;
+    for b in bad {
+        ctx.damaged.report("volume", &b.name, &b.path, b.error);
+    }
+    for v in volumes {
         if let Err(e) = ctx.load_volume(&v.name) {
-            tracing::error!(volume = %v.name, error = %format!("{e:#}"), "volume.load_failed");
+            ctx.damaged.report(
+                "volume",
+                &v.name,
+                &ctx.store.dir(&crate::volume::validate_name(&v.name)?),
+                format!("{e:#}"),
+            );
         }
     }
     ctx.finish_takeovers();
@@ -1152,7 +1173,12 @@ pub fn run(config_path: &Path) -> Result<()> {
                 }
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(share = %name, error = %e, "share.load_failed"),
+            Err(e) => ctx.damaged.report(
+                "share",
+                &name,
+                &ctx.cfg.data_dir.join("shares").join(&name),
+                e.to_string(),
+            ),
         }
     }
     let migrations = crate::migrate::load_migrations(&ctx)?;

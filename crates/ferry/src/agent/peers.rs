@@ -35,21 +35,52 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn load(data_dir: &Path) -> Result<Peers> {
+    /// Loads `peers.json` (it holds secrets: refused if others can read
+    /// it). Each peer is read on its own: a damaged entry, or a damaged
+    /// file, is reported in the second value and the rest is used; the
+    /// damaged file is first copied to `peers.json.damaged` (the next
+    /// registration rewrites `peers.json` without what could not be read).
+    pub fn load(data_dir: &Path) -> Result<(Peers, Vec<String>)> {
         let path = data_dir.join("peers.json");
-        let map = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice::<Vec<Peer>>(&b)
-                .with_context(|| format!("{} is damaged", path.display()))?
-                .into_iter()
-                .map(|p| (p.name.clone(), p))
-                .collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        let mut damaged = Vec::new();
+        let map = match path.try_exists() {
+            Ok(false) => BTreeMap::new(),
+            _ => {
+                let text = super::identity::read_secret(&path)?;
+                let entries = match serde_json::from_str::<Vec<serde_json::Value>>(&text) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        damaged.push(format!(
+                            "{} is not a JSON list of peers: {e}",
+                            path.display()
+                        ));
+                        Vec::new()
+                    }
+                };
+                let mut map = BTreeMap::new();
+                for (i, v) in entries.into_iter().enumerate() {
+                    match serde_json::from_value::<Peer>(v) {
+                        Ok(p) => {
+                            map.insert(p.name.clone(), p);
+                        }
+                        Err(e) => damaged.push(format!("peer #{i} of {}: {e}", path.display())),
+                    }
+                }
+                if !damaged.is_empty() {
+                    let aside = data_dir.join("peers.json.damaged");
+                    super::write_atomic_private(&aside, text.as_bytes())
+                        .with_context(|| format!("cannot keep {} aside", path.display()))?;
+                }
+                map
+            }
         };
-        Ok(Peers {
-            path,
-            map: RwLock::new(map),
-        })
+        Ok((
+            Peers {
+                path,
+                map: RwLock::new(map),
+            },
+            damaged,
+        ))
     }
 
     pub fn get(&self, name: &str) -> Option<Peer> {

@@ -204,6 +204,7 @@ fn node_json(ctx: &AgentCtx) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": ctx.started.elapsed().as_secs(),
         "free_bytes": crate::agent::free_bytes(&ctx.cfg.data_dir),
+        "damaged": ctx.damaged.list(),
     })
 }
 
@@ -1401,7 +1402,19 @@ async fn shares(State(ctx): Ctx) -> ApiResult {
         let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
         let mut out = Vec::new();
         for n in store.list() {
-            out.push(crate::share::status(&ctx, &n, true)?);
+            // One damaged share must not hide the others: it is set aside
+            // and listed under `damaged` in the node's status.
+            match crate::share::status(&ctx, &n, true) {
+                Ok(s) => {
+                    ctx.damaged.clear("share", &n);
+                    out.push(s)
+                }
+                Err(e @ crate::share::ShareError::Damaged { .. }) => {
+                    ctx.damaged
+                        .report("share", &n, &store.root().join(&n), e.to_string())
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(out)
     })

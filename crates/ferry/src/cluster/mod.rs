@@ -54,7 +54,12 @@ fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("cluster")
 }
 
-pub fn load_all(data_dir: &Path) -> Vec<HaWorkload> {
+/// Every HA record here; a damaged one is left out and, given `damaged`,
+/// reported there.
+pub fn load_all(
+    data_dir: &Path,
+    damaged: Option<&crate::agent::damaged::Damaged>,
+) -> Vec<HaWorkload> {
     let Ok(entries) = std::fs::read_dir(dir(data_dir)) else {
         return Vec::new();
     };
@@ -66,7 +71,11 @@ pub fn load_all(data_dir: &Path) -> Vec<HaWorkload> {
             match serde_json::from_slice(&b) {
                 Ok(h) => Some(h),
                 Err(err) => {
-                    tracing::error!(path = %e.path().display(), error = %err, "cluster.record_damaged");
+                    let name = e.file_name().to_string_lossy().trim_end_matches(".json").to_string();
+                    match damaged {
+                        Some(d) => d.report("cluster-record", &name, &e.path(), err.to_string()),
+                        None => tracing::error!(path = %e.path().display(), error = %err, "cluster.record_damaged"),
+                    }
                     None
                 }
             }
@@ -105,7 +114,7 @@ pub fn remove(data_dir: &Path, workload: &str) -> Result<bool> {
 /// Whether `volume` belongs to a workload under HA here: such a volume is
 /// loaded frozen, and serves only once the cluster holds a lease.
 pub fn is_ha_volume(data_dir: &Path, volume: &str) -> bool {
-    load_all(data_dir).iter().any(|h| {
+    load_all(data_dir, None).iter().any(|h| {
         crate::migrate::load_workload(data_dir, &h.workload)
             .ok()
             .flatten()
@@ -231,6 +240,7 @@ impl ClusterView {
             "state": self.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "configured": ctx.cfg.cluster.is_some(),
             "workloads": w,
+            "damaged": ctx.damaged.list(),
         })
     }
 }
@@ -534,7 +544,7 @@ impl Manager {
                     .map(String::from)
             })
             .collect();
-        let all = load_all(&self.ctx.cfg.data_dir);
+        let all = load_all(&self.ctx.cfg.data_dir, Some(&self.ctx.damaged));
         self.slots.retain(|w, _| names.contains(w));
         self.ctx
             .cluster

@@ -122,6 +122,11 @@ impl ShareStore {
         }
     }
 
+    /// `DATA_DIR/shares`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// `shares/NAME`: only a checked [`Name`] becomes a path.
     pub fn dir(&self, name: &Name) -> PathBuf {
         self.root.join(name)
@@ -273,7 +278,11 @@ mod tests {
             store.create(&r2),
             Err(ShareError::RelativePath(_))
         ));
-        std::fs::write(store.dir(&Name::parse("app").unwrap()).join("share.json"), b"{").unwrap();
+        std::fs::write(
+            store.dir(&Name::parse("app").unwrap()).join("share.json"),
+            b"{",
+        )
+        .unwrap();
         assert!(matches!(store.load("app"), Err(ShareError::Damaged { .. })));
     }
 }
