@@ -263,7 +263,7 @@ impl VolumeStore {
         self.meta(name)?;
         let name = &validate_name(name)?;
         let path = self.dir(name).join("lock");
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -284,8 +284,16 @@ impl VolumeStore {
             }
             return Err(VolumeError::Io { path, source: err });
         }
-        file.set_len(0).map_err(io_err(&path))?;
-        write!(file, "{}", std::process::id()).map_err(io_err(&path))?;
+        // The holder's PID, padded to a fixed width and written in place:
+        // rewriting the existing bytes needs no new space (a full disk at
+        // restart must not keep a volume from being served).
+        let pid = format!("{:<20}", std::process::id());
+        let len = file.metadata().map_err(io_err(&path))?.len();
+        if len != pid.len() as u64 {
+            file.set_len(0).map_err(io_err(&path))?;
+        }
+        std::os::unix::fs::FileExt::write_all_at(&file, pid.as_bytes(), 0)
+            .map_err(io_err(&path))?;
         Ok(VolumeLock { _file: file })
     }
 

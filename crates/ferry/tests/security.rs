@@ -286,3 +286,42 @@ fn secrets_others_can_read_or_empty_tokens_are_refused() {
     a.spawn();
     assert_eq!(call(&a, "GET", "/api/v1/volumes", "").0, 200);
 }
+
+/// Finding 10: with a full disk at restart a start-time metadata write
+/// failed with ENOSPC and the volume was not exported although its data was
+/// intact. It is served now (data written before reads back; new writes
+/// that need no new space succeed).
+#[test]
+fn a_full_disk_at_restart_still_serves_the_volume() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-sec")
+        .tempdir()
+        .unwrap();
+    let _m = common::Mount::tmpfs(&root.path().join("a"), "24m");
+    let mut a = Agent::start(root.path(), "a", "");
+    a.ok(&["volume", "create", "v", "--size", "4MiB"]);
+    common::qemu_io(&a.uri("v"), &["write -P 0x42 0 4M", "flush"]);
+    a.stop();
+    // Fill the disk to the last block.
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", a.dir.join("filler").display()))
+        .output()
+        .unwrap();
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=512"])
+        .arg(format!("of={}", a.dir.join("filler2").display()))
+        .output()
+        .unwrap();
+    a.spawn();
+    let node: Value = serde_json::from_str(&call(&a, "GET", "/api/v1/node", "").1).unwrap();
+    assert!(node["damaged"].as_array().unwrap().is_empty(), "{node}");
+    common::qemu_io(
+        &a.uri("v"),
+        &[
+            "read -P 0x42 0 4M",
+            "write -P 0x43 0 64k",
+            "read -P 0x43 0 64k",
+        ],
+    );
+}

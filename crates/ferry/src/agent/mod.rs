@@ -227,7 +227,16 @@ impl AgentCtx {
                     dirty,
                     self.cfg.replication,
                 ));
-                vol.save_dirty_map(true)?;
+                match vol.save_dirty_map(true) {
+                    Ok(()) => {}
+                    // A full disk: the map on disk and the activity log in
+                    // meta.bin (clean = false, written in place above) still
+                    // give this same map after a crash; serve, save later.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                        tracing::warn!(volume = name, "volume.dirty_map.save_deferred: the disk is full; served, the map is saved once there is room")
+                    }
+                    Err(e) => return Err(e).context("cannot save the dirty map"),
+                }
                 if crate::cluster::is_ha_volume(&self.cfg.data_dir, name) {
                     // Under HA, a primary serves only once the cluster holds
                     // a lease (a restarted old primary may have been replaced).

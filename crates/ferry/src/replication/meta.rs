@@ -253,8 +253,11 @@ impl MetaFile {
 pub fn save_dirty_map(dir: &Path, map: &ferry_core::DirtyMap) -> io::Result<()> {
     let path = dir.join("dirty.map");
     let tmp = dir.join("dirty.map.tmp");
-    std::fs::write(&tmp, map.encode())?;
-    File::open(&tmp)?.sync_all()?;
+    // A failed write (a full disk) leaves no partial temp file taking space.
+    if let Err(e) = std::fs::write(&tmp, map.encode()).and_then(|()| File::open(&tmp)?.sync_all()) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, &path)?;
     File::open(dir)?.sync_all()
 }
