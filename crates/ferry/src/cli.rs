@@ -73,6 +73,9 @@ pub enum Command {
     /// The REST API itself.
     #[command(subcommand)]
     Api(ApiCommand),
+    /// The agent's API token.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run a witness: the third voter of two-node clusters (one small record
     /// per workload, leases; no data) until SIGTERM. Its records live in
     /// --data-dir.
@@ -85,6 +88,16 @@ pub enum Command {
         /// is. The nodes name the same file with `cluster.witness_key_file`.
         #[arg(long)]
         key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Replace the agent's API token (DATA_DIR/api.token, 0600); the old
+    /// one stops working at once. Node-to-node calls do not use it.
+    Rotate {
+        #[command(flatten)]
+        conn: AgentConn,
     },
 }
 
@@ -414,12 +427,17 @@ pub enum MigrateCommand {
 /// How to reach the local agent's REST API.
 #[derive(Debug, Args, Clone)]
 pub struct AgentConn {
-    /// The agent's API address, HOST:PORT.
+    /// The agent's API address, HOST:PORT (HTTPS).
     #[arg(long, env = "FERRY_API")]
     pub api: Option<String>,
     /// A file holding the agent's API token (else FERRY_TOKEN, else DATA_DIR/api.token).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The fingerprint of the agent's certificate (`ferry node id` on that
+    /// node prints it); default: the certificate in --data-dir, i.e. the
+    /// agent on this host.
+    #[arg(long, env = "FERRY_API_FINGERPRINT")]
+    pub api_fingerprint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -434,9 +452,21 @@ pub enum NodeCommand {
         /// A file holding the peer's API token.
         #[arg(long)]
         token_file: Option<PathBuf>,
-        /// Expected fingerprint of the peer's certificate (sha256:…), checked before trusting it.
+        /// The peer's certificate fingerprint (sha256:…, as `ferry node id`
+        /// prints it on the peer): the only certificate pinned. Without it,
+        /// the fingerprint the peer presents is shown and must be confirmed
+        /// at the terminal.
         #[arg(long)]
         fingerprint: Option<String>,
+    },
+    /// Print this node's certificate fingerprint (read from --data-dir; no
+    /// agent needed): what `ferry node add --fingerprint` on a peer pins.
+    Id,
+    /// A new key and certificate for this node: pinned by every registered
+    /// peer over the old trust first, then used for every new connection.
+    Rekey {
+        #[command(flatten)]
+        conn: AgentConn,
     },
     /// List registered peers.
     List {

@@ -62,12 +62,13 @@ struct Node {
     api: String,
     nbd: String,
     token: String,
+    fingerprint: String,
     child: Child,
 }
 
 impl Node {
-    fn client(&self) -> ApiClient {
-        ApiClient::new(&self.api, &self.token)
+    fn client(&self) -> Result<ApiClient> {
+        ApiClient::operator(&self.api, &self.token, &self.fingerprint)
     }
 }
 
@@ -129,10 +130,12 @@ fn start_node(root: &Path, name: &'static str) -> Result<Node> {
     let token = std::fs::read_to_string(dir.join("api.token"))?
         .trim()
         .to_string();
+    let fingerprint = crate::agent::identity::local_fingerprint(&dir)?;
     Ok(Node {
         api: format!("127.0.0.1:{api}"),
         nbd: format!("127.0.0.1:{nbd}"),
         token,
+        fingerprint,
         child,
     })
 }
@@ -260,10 +263,10 @@ fn demo(root: &Path, args: &DemoArgs, json: bool) -> Result<()> {
     let b = start_node(root, "b")?;
     say(json, format!("  node a: API {}  NBD {}", a.api, a.nbd));
     say(json, format!("  node b: API {}  NBD {}", b.api, b.nbd));
-    let (ca, cb) = (a.client(), b.client());
+    let (ca, cb) = (a.client()?, b.client()?);
     ca.post(
         "/api/v1/nodes",
-        &json!({"name": "b", "api": b.api, "token": b.token}),
+        &json!({"name": "b", "api": b.api, "token": b.token, "fingerprint": b.fingerprint}),
     )
     .context("registering b with a")?;
     say(json, "  registered a ⇄ b (certificates pinned both ways)");

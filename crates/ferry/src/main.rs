@@ -62,6 +62,7 @@ fn run(cli: &Cli) -> Result<()> {
             let conn = cli::AgentConn {
                 api: std::env::var("FERRY_API").ok(),
                 token_file: None,
+                api_fingerprint: std::env::var("FERRY_API_FINGERPRINT").ok(),
             };
             let v = remote::client(&conn, &cli.global.data_dir)?.post(
                 "/api/v1/volumes",
@@ -87,6 +88,7 @@ fn run(cli: &Cli) -> Result<()> {
             let conn = cli::AgentConn {
                 api: std::env::var("FERRY_API").ok(),
                 token_file: None,
+                api_fingerprint: std::env::var("FERRY_API_FINGERPRINT").ok(),
             };
             let v = remote::client(&conn, &cli.global.data_dir)?
                 .delete(&format!("/api/v1/volumes/{name}"))?;
@@ -109,6 +111,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Migrate(cmd) => remote::migrate(cmd, &cli.global.data_dir, json),
         Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
         Command::Share(cmd) => remote::share(cmd, &cli.global.data_dir, json),
+        Command::Token(cmd) => remote::token_cmd(cmd, &cli.global.data_dir, json),
         Command::Api(cli::ApiCommand::Routes) => {
             let routes: Vec<serde_json::Value> = api::server::routes()
                 .into_iter()

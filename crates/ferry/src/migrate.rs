@@ -580,7 +580,7 @@ pub fn start(
     let peer = ctx.peers.get(to).ok_or_else(|| {
         anyhow!("node {to:?} is not registered: run `ferry node add {to} --api HOST:PORT` first")
     })?;
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
     // Space on the target, checked before anything starts.
     let need: u64 = spec
         .volumes
@@ -927,7 +927,7 @@ pub fn cutover_with(
         .peers
         .get(&target)
         .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
     let mut steps: Vec<(String, u64)> = Vec::new();
     let t0 = Instant::now();
     let step = |steps: &mut Vec<(String, u64)>, name: &str| {
@@ -1376,7 +1376,7 @@ fn other_end(
         .ok_or_else(|| anyhow!("node {peer_name:?} is not registered"))?;
     Ok((
         peer_name,
-        crate::api::client::ApiClient::new(&peer.api, &peer.token),
+        crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?,
     ))
 }
 
@@ -1564,7 +1564,7 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .peers
         .get(&target)
         .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
     let cleanup = |why: anyhow::Error| -> anyhow::Error {
         if let Err(e) = client.delete(&format!("/api/v1/workloads/{workload}/test")) {
             tracing::warn!(workload, error = %format!("{e:#}"), "migration.test.cleanup_failed");
@@ -1622,7 +1622,7 @@ pub fn test_end(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .peers
         .get(&target)
         .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
     let v = client.delete(&format!("/api/v1/workloads/{workload}/test"))?;
     set_phase(ctx, workload, |r| r.test = None);
     tracing::info!(workload, %target, "migration.test.ended");

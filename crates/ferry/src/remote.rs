@@ -64,10 +64,33 @@ pub fn client(conn: &AgentConn, data_dir: &Path) -> Result<ApiClient> {
         .api
         .clone()
         .ok_or_else(|| anyhow!("which agent? pass --api HOST:PORT or set FERRY_API"))?;
-    Ok(ApiClient::new(
+    let fingerprint = match &conn.api_fingerprint {
+        Some(f) if !f.trim().is_empty() => f.trim().to_string(),
+        _ => crate::agent::identity::local_fingerprint(data_dir).with_context(|| {
+            format!("cannot tell which certificate the agent at {api} must present: pass --api-fingerprint (or FERRY_API_FINGERPRINT) as `ferry node id` prints it on that node")
+        })?,
+    };
+    ApiClient::operator(
         &api,
         &token(conn.token_file.as_deref(), data_dir)?,
-    ))
+        &fingerprint,
+    )
+}
+
+/// `ferry token …`.
+pub fn token_cmd(cmd: &crate::cli::TokenCommand, data_dir: &Path, json: bool) -> Result<()> {
+    match cmd {
+        crate::cli::TokenCommand::Rotate { conn } => {
+            let v = client(conn, data_dir)?.post("/api/v1/token/rotate", &json!({}))?;
+            print(&v, json, |v| {
+                println!(
+                    "new API token written to {} on {}; the old one no longer works",
+                    v["token_file"].as_str().unwrap_or(""),
+                    v["node"].as_str().unwrap_or("")
+                )
+            })
+        }
+    }
 }
 
 fn print(v: &Value, json: bool, human: impl FnOnce(&Value)) -> Result<()> {
@@ -91,9 +114,26 @@ pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
                 &AgentConn {
                     api: std::env::var("FERRY_API").ok(),
                     token_file: None,
+                    api_fingerprint: std::env::var("FERRY_API_FINGERPRINT").ok(),
                 },
                 data_dir,
             )?;
+            let fingerprint = match fingerprint {
+                Some(f) => f.trim().to_string(),
+                None => {
+                    let seen = ApiClient::probe_fingerprint(api)?;
+                    if !std::io::stdin().is_terminal() {
+                        bail!("the node at {api} presents certificate {seen}; compare it with `ferry node id` on {name} and pass --fingerprint {seen} if it matches");
+                    }
+                    eprint!("the node at {api} presents certificate\n  {seen}\ncompare it with `ferry node id` on {name}. Pin it? [y/N] ");
+                    let mut answer = String::new();
+                    std::io::stdin().read_line(&mut answer)?;
+                    if !answer.trim().eq_ignore_ascii_case("y") {
+                        bail!("not pinned: nothing registered");
+                    }
+                    seen
+                }
+            };
             let peer_token = match token_file {
                 Some(f) => std::fs::read_to_string(f)
                     .with_context(|| format!("cannot read {}", f.display()))?,
@@ -110,6 +150,31 @@ pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
                     v["name"].as_str().unwrap_or(""),
                     v["fingerprint"].as_str().unwrap_or("")
                 )
+            })
+        }
+        NodeCommand::Id => {
+            let fp = crate::agent::identity::local_fingerprint(data_dir)?;
+            print(&json!({"fingerprint": fp}), json, |_| println!("{fp}"))
+        }
+        NodeCommand::Rekey { conn } => {
+            let v = client(conn, data_dir)?.post("/api/v1/node/rekey", &json!({}))?;
+            print(&v, json, |v| {
+                println!(
+                    "{} has a new certificate {} (was {}); pinned by {}",
+                    v["node"].as_str().unwrap_or(""),
+                    v["fingerprint"].as_str().unwrap_or(""),
+                    v["old_fingerprint"].as_str().unwrap_or(""),
+                    v["peers"].to_string()
+                );
+                if v["peers_still_accepting_old"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+                {
+                    println!(
+                        "still accepting the old one (run rekey again once they are reachable): {}",
+                        v["peers_still_accepting_old"]
+                    );
+                }
             })
         }
         NodeCommand::List { conn } => {

@@ -65,7 +65,7 @@ fn exit_codes_and_clear_errors() {
     );
     let out = node.run(&["volume", "create", "../evil", "--size", "1MiB"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid volume name"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid name"));
     let out = node.run(&["volume", "create", "odd", "--size", "1000"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 512"));

@@ -375,12 +375,7 @@ fn unregistered_nodes_and_wrong_certificates_cannot_open_a_link() {
         b.log_text().contains("replication.inbound.closed")
     });
     // The API needs the token, too.
-    let mut s = std::net::TcpStream::connect(&b.api).unwrap();
-    s.write_all(b"GET /api/v1/nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    assert_eq!(common::https(&b.api, "/api/v1/nodes", None).0, 401);
 
     // B is reinstalled with a new certificate: A no longer trusts it.
     b.stop();
@@ -534,26 +529,12 @@ fn disk_full_on_the_replica_is_reported_and_the_primary_keeps_serving() {
         .as_str()
         .unwrap_or("")
         .contains("No space left"));
-    let metrics = {
-        let mut s = std::net::TcpStream::connect(&b.api).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut m = String::new();
-        s.read_to_string(&mut m).unwrap();
-        m
-    };
+    let metrics = common::https(&b.api, "/metrics", None).1;
     assert!(
         metrics.contains("ferry_replica_error{volume=\"vol\"} 1"),
         "{metrics}"
     );
-    let a_metrics = {
-        let mut s = std::net::TcpStream::connect(&a.api).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut m = String::new();
-        s.read_to_string(&mut m).unwrap();
-        m
-    };
+    let a_metrics = common::https(&a.api, "/metrics", None).1;
     for name in [
         "ferry_replication_bytes_sent_total",
         "ferry_replication_backlog_bytes",
@@ -597,6 +578,8 @@ fn mismatched_names_volumes_and_sizes_are_refused_with_a_clear_message() {
             &b.api,
             "--token-file",
             tok.to_str().unwrap(),
+            "--fingerprint",
+            &b.fingerprint(),
         ])
         .output()
         .unwrap();

@@ -70,6 +70,8 @@ pub struct AgentConfig {
     pub migration: MigrationSettings,
     #[serde(default)]
     pub shares: ShareSettings,
+    #[serde(default)]
+    pub api: ApiSettings,
     /// High availability: the peer, heartbeat paths, the witness.
     #[serde(default)]
     pub cluster: Option<ClusterSettings>,
@@ -171,6 +173,30 @@ impl ClusterSettings {
             failure_timeout_ms: self.failure_timeout_ms,
             lease_ms: self.lease_ms.unwrap_or(self.failure_timeout_ms),
             drift_permille: self.drift_permille,
+        }
+    }
+}
+
+/// Limits of the API listener (HTTPS), each with its unit in its name.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Connections open at once. When full, the oldest connection that has
+    /// not yet made an authenticated request (a valid token or a registered
+    /// peer's certificate) is closed for the new one; if all are
+    /// authenticated, the new one is closed.
+    pub connections_max: usize,
+    /// The TLS handshake and a request's headers must arrive within this
+    /// (one deadline for the whole handshake: a byte every few seconds does
+    /// not keep a connection).
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            connections_max: 256,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -333,6 +359,16 @@ pub struct ReplicationSettings {
     /// Background read-back of clean leaves (catches changes made behind
     /// ferry's back before a cutover trusts the leaves); 0 = off.
     pub leaf_scrub_bytes_per_s: u64,
+    /// Inbound connections to the replication listener at once (links of
+    /// registered peers and handshakes in progress).
+    pub connections_max: usize,
+    /// Of those, handshakes not yet authenticated (TLS with a registered
+    /// peer's certificate); when full the oldest is closed for the new one,
+    /// so a flood of idle connections cannot keep a peer out.
+    pub handshakes_max: usize,
+    /// The whole handshake (TCP accepted → TLS done → peer recognised) must
+    /// finish within this.
+    pub handshake_timeout_ms: u64,
 }
 
 impl Default for ReplicationSettings {
@@ -350,6 +386,9 @@ impl Default for ReplicationSettings {
             link_unconfirmed_blocks_max: 131_072,
             leaf_refresh_bytes_per_s: 1024 * 1024 * 1024,
             leaf_scrub_bytes_per_s: 32 * 1024 * 1024,
+            connections_max: 256,
+            handshakes_max: 16,
+            handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -386,6 +425,12 @@ impl AgentConfig {
             .map_err(|e| format!("key `replication.granularity_bytes`: {e}"))?;
         if r.frame_bytes_max < 1024 * 1024 {
             return Err("key `replication.frame_bytes_max`: must be at least 1 MiB".into());
+        }
+        if r.connections_max == 0 || r.handshakes_max == 0 || r.handshakes_max > r.connections_max {
+            return Err("keys `replication.connections_max` and `replication.handshakes_max`: both at least 1, handshakes_max at most connections_max".into());
+        }
+        if self.api.connections_max == 0 {
+            return Err("key `api.connections_max` must be at least 1".into());
         }
         if self.migration.migrations_max == 0 {
             return Err("key `migration.migrations_max` must be at least 1".into());

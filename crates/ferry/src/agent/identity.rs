@@ -1,29 +1,49 @@
 //! A node's identity, made on first start: a TLS key and self-signed
-//! certificate (`DATA_DIR/tls/node.{key,crt}`, the key 0600) and the REST API
-//! bearer token (`DATA_DIR/api.token`, 0600). Peers pin the certificate by its
-//! SHA-256 fingerprint; there is no CA.
+//! certificate (`DATA_DIR/tls/node.{key,crt}`, the key 0600; valid
+//! [`CERT_VALID_DAYS`], replaced by `ferry node rekey`) and the REST API
+//! bearer token (`DATA_DIR/api.token`, 0600; `ferry token rotate`). Peers pin
+//! the certificate by its SHA-256 fingerprint; there is no CA. The same
+//! certificate serves the replication listener and the API (HTTPS).
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-pub struct Identity {
-    pub node_name: String,
+/// A node's key and certificate. Replaced whole by `ferry node rekey`.
+pub struct NodeKey {
     pub cert_pem: String,
     pub cert_der: CertificateDer<'static>,
     pub key_der: PrivateKeyDer<'static>,
     pub fingerprint: String,
-    pub api_token: String,
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeKey")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The node's identity: its name, its current key (swapped in place by a
+/// rekey: every TLS config reads it per handshake) and the API token
+/// (swapped by `ferry token rotate`).
+pub struct Identity {
+    pub node_name: String,
+    data_dir: PathBuf,
+    key: RwLock<Arc<NodeKey>>,
+    api_token: RwLock<String>,
 }
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
             .field("node_name", &self.node_name)
-            .field("fingerprint", &self.fingerprint)
+            .field("fingerprint", &self.fingerprint())
             .finish_non_exhaustive()
     }
 }
@@ -99,36 +119,79 @@ pub fn token_path(data_dir: &Path) -> PathBuf {
     data_dir.join("api.token")
 }
 
+fn tls_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
+    let tls = data_dir.join("tls");
+    (tls.join("node.key"), tls.join("node.crt"))
+}
+
+/// A new key and a certificate for `node_name`, valid for
+/// [`CERT_VALID_DAYS`] from now.
+fn make_key(node_name: &str) -> Result<(String, String)> {
+    let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
+    let mut params = rcgen::CertificateParams::new(vec![node_name.to_string()])
+        .context("bad node name for a certificate")?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("ferry node {node_name}"));
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - std::time::Duration::from_secs(86_400)).into();
+    params.not_after = (now + std::time::Duration::from_secs(CERT_VALID_DAYS * 86_400)).into();
+    let cert = params
+        .self_signed(&key)
+        .context("cannot make a certificate")?;
+    Ok((key.serialize_pem(), cert.pem()))
+}
+
+/// How long a node certificate made here is valid (`ferry node rekey`
+/// makes a new one).
+pub const CERT_VALID_DAYS: u64 = 825;
+
+fn load_key(key_path: &Path, crt_path: &Path) -> Result<NodeKey> {
+    let cert_pem = fs::read_to_string(crt_path)
+        .with_context(|| format!("cannot read {}", crt_path.display()))?;
+    let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .with_context(|| format!("{} is not a PEM certificate", crt_path.display()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(read_secret(key_path)?.as_bytes())
+        .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
+    Ok(NodeKey {
+        fingerprint: fingerprint(&cert_der),
+        cert_pem,
+        cert_der,
+        key_der,
+    })
+}
+
+/// The fingerprint of the node certificate in `data_dir`, read without an
+/// agent (`ferry node id`, and the CLI pinning its own node's API).
+pub fn local_fingerprint(data_dir: &Path) -> Result<String> {
+    let (_, crt) = tls_paths(data_dir);
+    let pem = fs::read_to_string(&crt).with_context(|| {
+        format!(
+            "cannot read {} (is this the node's --data-dir?)",
+            crt.display()
+        )
+    })?;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .with_context(|| format!("{} is not a PEM certificate", crt.display()))?;
+    Ok(fingerprint(&der))
+}
+
 impl Identity {
     /// Loads the identity from `data_dir`, making whatever is missing.
     pub fn load_or_create(data_dir: &Path, node_name: &str) -> Result<Identity> {
         let tls = data_dir.join("tls");
         fs::create_dir_all(&tls).with_context(|| format!("cannot create {}", tls.display()))?;
-        let (key_path, crt_path) = (tls.join("node.key"), tls.join("node.crt"));
+        let (key_path, crt_path) = tls_paths(data_dir);
         if !key_path.exists() || !crt_path.exists() {
-            let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
-            let mut params = rcgen::CertificateParams::new(vec![node_name.to_string()])
-                .context("bad node name for a certificate")?;
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, format!("ferry node {node_name}"));
-            params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-            let cert = params
-                .self_signed(&key)
-                .context("cannot make a certificate")?;
-            super::write_atomic_private(&key_path, key.serialize_pem().as_bytes())?;
-            super::write_atomic_private(&crt_path, cert.pem().as_bytes())?;
+            let (key, cert) = make_key(node_name)?;
+            super::write_atomic_private(&key_path, key.as_bytes())?;
+            super::write_atomic_private(&crt_path, cert.as_bytes())?;
         }
         let token_file = token_path(data_dir);
         if !token_file.exists() {
             super::write_atomic_private(&token_file, format!("{}\n", random_hex(32)?).as_bytes())?;
         }
-        let cert_pem = fs::read_to_string(&crt_path)?;
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-            .with_context(|| format!("{} is not a PEM certificate", crt_path.display()))?;
-        let key_der = PrivateKeyDer::from_pem_slice(read_secret(&key_path)?.as_bytes())
-            .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
+        let key = load_key(&key_path, &crt_path)?;
         let api_token = read_secret(&token_file)?.trim().to_string();
         if api_token.len() < 16 {
             anyhow::bail!(
@@ -138,11 +201,80 @@ impl Identity {
         }
         Ok(Identity {
             node_name: node_name.to_string(),
-            fingerprint: fingerprint(&cert_der),
-            cert_pem,
-            cert_der,
-            key_der,
-            api_token,
+            data_dir: data_dir.to_path_buf(),
+            key: RwLock::new(Arc::new(key)),
+            api_token: RwLock::new(api_token),
         })
     }
+
+    /// The current key and certificate.
+    pub fn key(&self) -> Arc<NodeKey> {
+        self.key.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn fingerprint(&self) -> String {
+        self.key().fingerprint.clone()
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.key().cert_pem.clone()
+    }
+
+    /// Whether `token` is the API token (compared in constant time).
+    pub fn token_matches(&self, token: &str) -> bool {
+        let t = self.api_token.read().unwrap_or_else(|p| p.into_inner());
+        constant_time_eq(token.as_bytes(), t.as_bytes())
+    }
+
+    /// `ferry token rotate`: a new API token, written (0600) before it
+    /// replaces the old one, which stops working at once.
+    pub fn rotate_token(&self) -> Result<()> {
+        let token = random_hex(32)?;
+        super::write_atomic_private(&token_path(&self.data_dir), format!("{token}\n").as_bytes())?;
+        *self.api_token.write().unwrap_or_else(|p| p.into_inner()) = token;
+        Ok(())
+    }
+
+    /// A new key and certificate, not used yet (`ferry node rekey` shows it
+    /// to the peers first).
+    pub fn new_key(&self) -> Result<(String, NodeKey)> {
+        let (key_pem, cert_pem) = make_key(&self.node_name)?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("the new certificate is not PEM: {e}"))?;
+        let key_der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("the new key is not PEM: {e}"))?;
+        Ok((
+            key_pem,
+            NodeKey {
+                fingerprint: fingerprint(&cert_der),
+                cert_pem,
+                cert_der,
+                key_der,
+            },
+        ))
+    }
+
+    /// Makes `key` the node's key: written (the old pair kept as
+    /// `node.{key,crt}.previous`), then used by every new handshake.
+    pub fn install_key(&self, key_pem: &str, key: NodeKey) -> Result<()> {
+        let (key_path, crt_path) = tls_paths(&self.data_dir);
+        let old = self.key();
+        super::write_atomic_private(
+            &key_path.with_extension("key.previous"),
+            read_secret(&key_path)?.as_bytes(),
+        )?;
+        super::write_atomic_private(
+            &crt_path.with_extension("crt.previous"),
+            old.cert_pem.as_bytes(),
+        )?;
+        super::write_atomic_private(&key_path, key_pem.as_bytes())?;
+        super::write_atomic_private(&crt_path, key.cert_pem.as_bytes())?;
+        *self.key.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+        Ok(())
+    }
+}
+
+/// Compares without an early exit, so the time taken does not leak a secret.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -8,6 +8,7 @@
 //! restart resumes without a full resync.
 
 pub mod config;
+pub mod conns;
 pub mod damaged;
 pub mod identity;
 pub mod peers;
@@ -62,8 +63,11 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
 pub struct AgentCtx {
     /// Records found damaged and set aside (served: everything else).
     pub damaged: damaged::Damaged,
+    /// Connection caps of the API and replication listeners.
+    pub api_conns: Arc<conns::ConnTable>,
+    pub repl_conns: Arc<conns::ConnTable>,
     pub cfg: AgentConfig,
-    pub identity: Identity,
+    pub identity: Arc<Identity>,
     pub peers: Arc<Peers>,
     pub store: VolumeStore,
     pub tls_server: Arc<rustls::ServerConfig>,
@@ -911,7 +915,7 @@ impl AgentCtx {
             }
         }
         let size = ferry_nbd::BlockDevice::size(&vol.local);
-        let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+        let client = crate::api::client::ApiClient::to_peer(&self.identity, &peer)?;
         client
             .post(
                 "/api/v1/replicas",
@@ -1098,7 +1102,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     let cfg = AgentConfig::load(config_path)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
-    let identity = Identity::load_or_create(&cfg.data_dir, &cfg.node_name)?;
+    crate::agent::conns::raise_nofile_limit();
+    let identity = Arc::new(Identity::load_or_create(&cfg.data_dir, &cfg.node_name)?);
     let damaged = damaged::Damaged::default();
     let (peers, bad_peers) = Peers::load(&cfg.data_dir)?;
     for e in bad_peers {
@@ -1126,6 +1131,11 @@ pub fn run(config_path: &Path) -> Result<()> {
     let api_listener = std::net::TcpListener::bind(cfg.api_listen)
         .with_context(|| format!("cannot listen for the API on {}", cfg.api_listen))?;
     api_listener.set_nonblocking(true)?;
+    let api_conns = conns::ConnTable::new("api", cfg.api.connections_max, cfg.api.connections_max);
+    api_conns.spawn_reaper(Duration::from_millis(cfg.api.handshake_timeout_ms))?;
+    let r = &cfg.replication;
+    let repl_conns = conns::ConnTable::new("replication", r.connections_max, r.handshakes_max);
+    repl_conns.spawn_reaper(Duration::from_millis(r.handshake_timeout_ms))?;
     let ctx = Arc::new(AgentCtx {
         cfg,
         identity,
@@ -1150,6 +1160,8 @@ pub fn run(config_path: &Path) -> Result<()> {
         started: Instant::now(),
         admin: Mutex::new(()),
         damaged,
+        api_conns,
+        repl_conns,
     });
     let (volumes, bad) = ctx.store.scan()?;
     for b in bad {
@@ -1207,7 +1219,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     crate::cluster::spawn(ctx.clone())?;
     rt.spawn(crate::api::server::serve(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
-    tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint,
+    tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint(),
         api = %ctx.cfg.api_listen, replication = %ctx.cfg.replication_listen, nbd = %ctx.nbd_uri_base,
         "agent.started");
     println!(
@@ -1217,7 +1229,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             "api": ctx.cfg.api_listen.to_string(),
             "replication": ctx.cfg.replication_listen.to_string(),
             "nbd": ctx.nbd_uri_base.to_string(),
-            "fingerprint": ctx.identity.fingerprint,
+            "fingerprint": ctx.identity.fingerprint(),
         })
     );
     crate::flush_stdout();

@@ -16,9 +16,14 @@ pub struct Peer {
     pub replication: String,
     pub fingerprint: String,
     pub cert_pem: String,
-    /// Token to call this peer's API (not shown in status output).
-    #[serde(default)]
+    /// Read from peer records of earlier versions and dropped: a peer is
+    /// now called with mutual TLS, authenticated by its certificate.
+    #[serde(default, skip_serializing)]
     pub token: String,
+    /// The certificate this peer had before `ferry node rekey`, accepted
+    /// too until the peer says it uses the new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_fingerprint: Option<String>,
     /// The peer's heartbeat listeners (UDP).
     #[serde(default)]
     pub heartbeat: Vec<String>,
@@ -96,7 +101,7 @@ impl Peers {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .find(|p| p.fingerprint == fp)
+            .find(|p| p.fingerprint == fp || p.previous_fingerprint.as_deref() == Some(fp))
             .cloned()
     }
 

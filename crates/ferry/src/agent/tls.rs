@@ -10,6 +10,8 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
@@ -24,6 +26,9 @@ fn provider() -> Arc<CryptoProvider> {
 struct Pinned {
     allowed: Box<dyn Fn(&str) -> bool + Send + Sync>,
     provider: Arc<CryptoProvider>,
+    /// A client must present a certificate (the replication listener); the
+    /// API lets operators in without one (they present a token).
+    mandatory: bool,
 }
 
 impl std::fmt::Debug for Pinned {
@@ -39,7 +44,7 @@ impl Pinned {
             Ok(())
         } else {
             Err(Error::General(format!(
-                "certificate {fp} is not a registered ferry node (register it with `ferry node add`)"
+                "certificate {fp} is not a pinned one (a registered ferry node, or the fingerprint given)"
             )))
         }
     }
@@ -104,6 +109,9 @@ impl ClientCertVerifier for Pinned {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
     }
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -136,20 +144,63 @@ impl ClientCertVerifier for Pinned {
     }
 }
 
+/// Serves the node's current key: a `ferry node rekey` takes effect at the
+/// next handshake.
+#[derive(Debug)]
+struct CurrentKey(Arc<Identity>);
+
+impl ResolvesServerCert for CurrentKey {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let key = self.0.key();
+        let signer = provider()
+            .key_provider
+            .load_private_key(key.key_der.clone_key())
+            .ok()?;
+        Some(Arc::new(CertifiedKey::new(
+            vec![key.cert_der.clone()],
+            signer,
+        )))
+    }
+}
+
 /// The replication listener's config: any registered peer may connect.
-pub fn server_config(id: &Identity, peers: Arc<Peers>) -> Result<Arc<rustls::ServerConfig>, Error> {
+pub fn server_config(
+    id: &Arc<Identity>,
+    peers: Arc<Peers>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
     let verifier = Arc::new(Pinned {
         allowed: Box::new(move |fp| peers.by_fingerprint(fp).is_some()),
         provider: provider(),
+        mandatory: true,
     });
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![id.cert_der.clone()], id.key_der.clone_key())?;
+        .with_cert_resolver(Arc::new(CurrentKey(id.clone())));
     Ok(Arc::new(cfg))
 }
 
-/// A connecting side's config: only `peer_fingerprint` is accepted.
+/// The API listener's config (HTTPS): a client may present a certificate
+/// (its key is proven by the handshake; a registered peer's certificate
+/// authenticates a node-to-node call, another one only identifies the node
+/// asking to pair) or none (an operator, authenticated by the API token in
+/// each request).
+pub fn api_server_config(id: &Arc<Identity>) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let verifier = Arc::new(Pinned {
+        allowed: Box::new(|_| true),
+        provider: provider(),
+        mandatory: false,
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(CurrentKey(id.clone())));
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A connecting node's config: only `peer_fingerprint` is accepted, and
+/// this node authenticates with its current certificate.
 pub fn client_config(
     id: &Identity,
     peer_fingerprint: String,
@@ -157,12 +208,52 @@ pub fn client_config(
     let verifier = Arc::new(Pinned {
         allowed: Box::new(move |fp| fp == peer_fingerprint),
         provider: provider(),
+        mandatory: true,
+    });
+    let key = id.key();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![key.cert_der.clone()], key.key_der.clone_key())?;
+    Ok(Arc::new(cfg))
+}
+
+/// An operator's config (the CLI): the agent's certificate must have
+/// `fingerprint`; no client certificate (the token authenticates).
+pub fn cli_client_config(fingerprint: String) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let verifier = Arc::new(Pinned {
+        allowed: Box::new(move |fp| fp == fingerprint),
+        provider: provider(),
+        mandatory: true,
     });
     let cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(vec![id.cert_der.clone()], id.key_der.clone_key())?;
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// A config that accepts any certificate and remembers the fingerprint it
+/// saw: `ferry node add` without `--fingerprint` shows it to the operator to
+/// confirm, and sends nothing over such a connection.
+pub fn probe_config(
+    seen: Arc<std::sync::Mutex<Option<String>>>,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let verifier = Arc::new(Pinned {
+        allowed: Box::new(move |fp| {
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.to_string());
+            true
+        }),
+        provider: provider(),
+        mandatory: true,
+    });
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     Ok(Arc::new(cfg))
 }
 

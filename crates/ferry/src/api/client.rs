@@ -1,33 +1,93 @@
-//! A small blocking HTTP/1.1 client for the agent's REST API (the CLI's side,
+//! A small blocking HTTPS client for the agent's REST API (the CLI's side,
 //! and agent-to-agent calls). One request per connection; JSON in, JSON out.
+//!
+//! Every call is TLS 1.3 and pins the agent's certificate by fingerprint:
+//! - an operator ([`ApiClient::operator`]) pins the fingerprint given
+//!   (`FERRY_API_FINGERPRINT`, or the node's own certificate when the CLI
+//!   runs on the agent's host) and sends the API token;
+//! - a node calling its peer ([`ApiClient::to_peer`]) pins the peer's
+//!   registered certificate and presents its own (mutual TLS): the peer
+//!   knows it by that certificate, and no token travels.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
+use crate::agent::identity::Identity;
+use crate::agent::peers::Peer;
+
 /// Largest response body read.
 const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// How long a connection (TCP and TLS handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     addr: String,
-    token: String,
+    token: Option<String>,
+    tls: Arc<rustls::ClientConfig>,
     timeout: Duration,
 }
 
+fn strip(addr: &str) -> String {
+    addr.trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
 impl ApiClient {
-    pub fn new(addr: &str, token: &str) -> ApiClient {
-        ApiClient {
-            addr: addr
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_string(),
-            token: token.trim().to_string(),
+    /// An operator's client: the agent at `addr` must present the
+    /// certificate with `fingerprint`; `token` authenticates each call.
+    pub fn operator(addr: &str, token: &str, fingerprint: &str) -> Result<ApiClient> {
+        Ok(ApiClient {
+            addr: strip(addr),
+            token: Some(token.trim().to_string()),
+            tls: crate::agent::tls::cli_client_config(fingerprint.trim().to_string())?,
             timeout: Duration::from_secs(120),
+        })
+    }
+
+    /// A node's client for its registered peer: mutual TLS, both pinned.
+    pub fn to_peer(me: &Identity, peer: &Peer) -> Result<ApiClient> {
+        Ok(ApiClient {
+            addr: strip(&peer.api),
+            token: None,
+            tls: crate::agent::tls::client_config(me, peer.fingerprint.clone())?,
+            timeout: Duration::from_secs(120),
+        })
+    }
+
+    /// Pairing: mutual TLS with a node not registered yet, whose
+    /// certificate must have `fingerprint`, authorized by its API token.
+    pub fn pairing(me: &Identity, addr: &str, fingerprint: &str, token: &str) -> Result<ApiClient> {
+        Ok(ApiClient {
+            addr: strip(addr),
+            token: Some(token.trim().to_string()),
+            tls: crate::agent::tls::client_config(me, fingerprint.trim().to_string())?,
+            timeout: Duration::from_secs(120),
+        })
+    }
+
+    /// The fingerprint of the certificate the agent at `addr` presents,
+    /// learned from a TLS handshake alone (nothing is sent): for an
+    /// operator to compare with `ferry node id` on that node.
+    pub fn probe_fingerprint(addr: &str) -> Result<String> {
+        let addr = strip(addr);
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let cfg = crate::agent::tls::probe_config(seen.clone())?;
+        let mut tcp = connect(&addr)?;
+        let mut conn = rustls::ClientConnection::new(cfg, crate::agent::tls::server_name())?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp)
+                .with_context(|| format!("TLS handshake with {addr} failed"))?;
         }
+        let fp = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        fp.ok_or_else(|| anyhow!("{addr} presented no certificate"))
     }
 
     /// The same client, waiting up to `timeout` for an answer (120 s by default).
@@ -54,52 +114,97 @@ impl ApiClient {
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-        let mut s = TcpStream::connect(&self.addr)
-            .with_context(|| format!("cannot reach the ferry agent API at {} (is `ferry agent` running? set --api or FERRY_API)", self.addr))?;
-        s.set_read_timeout(Some(self.timeout))?;
+        let mut tcp = connect(&self.addr)?;
+        let mut conn =
+            rustls::ClientConnection::new(self.tls.clone(), crate::agent::tls::server_name())?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).map_err(|e| {
+                anyhow!(
+                    "TLS handshake with the agent at {} failed: {e} (if its certificate is not the one pinned: compare the fingerprint `ferry node id` prints on that node with the one given)",
+                    self.addr
+                )
+            })?;
+        }
+        tcp.set_read_timeout(Some(self.timeout))?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
         let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.addr,
-            self.token,
             body.len()
         );
         s.write_all(req.as_bytes())?;
+        s.flush()?;
         let mut resp = Vec::new();
-        s.take(RESPONSE_BYTES_MAX as u64).read_to_end(&mut resp)?;
-        let split = resp
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| anyhow!("malformed HTTP response from {}", self.addr))?;
-        let head = String::from_utf8_lossy(&resp[..split]);
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow!("malformed HTTP status from {}", self.addr))?;
-        let mut payload = &resp[split + 4..];
-        if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
+        match (&mut s)
+            .take(RESPONSE_BYTES_MAX as u64)
+            .read_to_end(&mut resp)
         {
-            bail!("chunked responses are not supported");
+            Ok(_) => {}
+            // A peer that closes without close_notify after a whole answer.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !resp.is_empty() => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading the answer of {}", self.addr))
+            }
         }
-        if payload.is_empty() {
-            payload = b"null";
-        }
-        let value: Value = serde_json::from_slice(payload)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
-        if status == 401 {
-            bail!("the agent at {} refused the API token (use FERRY_TOKEN, --token-file, or run on the agent's host with its --data-dir)", self.addr);
-        }
-        if !(200..300).contains(&status) {
-            let msg = value
-                .get("error")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
-            bail!("{msg}");
-        }
-        Ok(value)
+        parse_response(&self.addr, &resp)
     }
+}
+
+fn connect(addr: &str) -> Result<TcpStream> {
+    let hint = || {
+        format!("cannot reach the ferry agent API at {addr} (is `ferry agent` running? set --api or FERRY_API)")
+    };
+    let sa = addr
+        .to_socket_addrs()
+        .with_context(hint)?
+        .next()
+        .ok_or_else(|| anyhow!(hint()))?;
+    let tcp = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).with_context(hint)?;
+    tcp.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    tcp.set_write_timeout(Some(CONNECT_TIMEOUT))?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+fn parse_response(addr: &str, resp: &[u8]) -> Result<Value> {
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response from {addr}"))?;
+    let head = String::from_utf8_lossy(&resp[..split]);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("malformed HTTP status from {addr}"))?;
+    let mut payload = &resp[split + 4..];
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        bail!("chunked responses are not supported");
+    }
+    if payload.is_empty() {
+        payload = b"null";
+    }
+    let value: Value = serde_json::from_slice(payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
+    if status == 401 {
+        bail!("the agent at {addr} refused the API token (use FERRY_TOKEN, --token-file, or run on the agent's host with its --data-dir)");
+    }
+    if !(200..300).contains(&status) {
+        let msg = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        bail!("{msg}");
+    }
+    Ok(value)
 }

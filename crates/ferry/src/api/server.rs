@@ -36,6 +36,7 @@ use ferry_core::link::{Mode, Phase};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::agent::conns::ConnSlot;
 use crate::agent::peers::Peer;
 use crate::agent::AgentCtx;
 
@@ -66,24 +67,38 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-/// Compares without an early exit, so the time taken does not leak the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Who is on the other end of a connection, as its TLS handshake showed.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The fingerprint of the certificate the client presented (its key
+    /// proven by the handshake), if any.
+    pub cert_fingerprint: Option<String>,
+    /// The registered peer that certificate belongs to.
+    pub peer: Option<String>,
+    slot: Arc<ConnSlot>,
 }
 
+/// Every `/api/v1` request: a registered peer's certificate (node-to-node
+/// calls) or the API token (operators). The first request that passes marks
+/// its connection authenticated (kept when the listener is full).
 async fn auth(State(ctx): Ctx, req: Request, next: Next) -> Response {
-    let ok = req
+    let caller = req.extensions().get::<Caller>().cloned();
+    let by_cert = caller.as_ref().is_some_and(|c| c.peer.is_some());
+    let by_token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), ctx.identity.api_token.as_bytes()));
-    if !ok {
+        .is_some_and(|t| ctx.identity.token_matches(t.trim()));
+    if !(by_cert || by_token) {
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong API token".into(),
         )
         .into_response();
+    }
+    if let Some(c) = caller {
+        c.slot.authenticated();
     }
     next.run(req).await
 }
@@ -106,6 +121,9 @@ pub fn routes() -> Vec<Route> {
         route!(GET "/api/v1/nodes" => nodes),
         route!(POST "/api/v1/nodes" => add_node),
         route!(POST "/api/v1/nodes/pair" => pair),
+        route!(POST "/api/v1/nodes/repin" => repin),
+        route!(POST "/api/v1/node/rekey" => rekey),
+        route!(POST "/api/v1/token/rotate" => rotate_token),
         route!(GET "/api/v1/volumes" => volumes),
         route!(POST "/api/v1/volumes" => create_volume),
         route!(DELETE "/api/v1/volumes/{name}" => delete_volume),
@@ -178,8 +196,23 @@ fn app(ctx: Arc<AgentCtx>) -> Router {
         .with_state(ctx)
 }
 
+/// Serves the API over TLS (the node's certificate) on `listener` until the
+/// runtime stops. Each connection: a place in the table
+/// (`api.connections_max`, the oldest unauthenticated one closed when
+/// full), the TLS handshake and the request's headers within
+/// `api.handshake_timeout_ms`, one request (no keep-alive).
 pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
-    let app = app(ctx);
+    let tls = match crate::agent::tls::api_server_config(&ctx.identity) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "api.tls_failed");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let deadline = Duration::from_millis(ctx.cfg.api.handshake_timeout_ms);
+    let table = ctx.api_conns.clone();
+    let app = app(ctx.clone());
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -187,16 +220,79 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
             return;
         }
     };
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "api.stopped");
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                // Out of descriptors, most likely: let others finish.
+                tracing::warn!(error = %e, "api.accept_failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let evict = stop.clone();
+        let Some(slot) = table.admit(Box::new(move || evict.notify_one())) else {
+            continue;
+        };
+        let (acceptor, app, ctx) = (acceptor.clone(), app.clone(), ctx.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = serve_conn(tcp, acceptor, app, Arc::new(slot), deadline, &ctx) => {}
+                _ = stop.notified() => {}
+            }
+        });
     }
+}
+
+async fn serve_conn(
+    tcp: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    slot: Arc<ConnSlot>,
+    deadline: Duration,
+    ctx: &AgentCtx,
+) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(Ok(tls)) = tokio::time::timeout(deadline, acceptor.accept(tcp)).await else {
+        return;
+    };
+    let cert_fingerprint = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| crate::agent::identity::fingerprint(c));
+    let peer = cert_fingerprint
+        .as_deref()
+        .and_then(|fp| ctx.peers.by_fingerprint(fp))
+        .map(|p| p.name);
+    if peer.is_some() {
+        slot.authenticated();
+    }
+    let caller = Caller {
+        cert_fingerprint,
+        peer,
+        slot,
+    };
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(caller.clone());
+        let mut app = app.clone();
+        async move { tower_service::Service::call(&mut app, req).await }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(deadline)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+        .await;
 }
 
 fn node_json(ctx: &AgentCtx) -> Value {
     json!({
         "node_name": ctx.identity.node_name,
-        "fingerprint": ctx.identity.fingerprint,
-        "cert_pem": ctx.identity.cert_pem,
+        "fingerprint": ctx.identity.fingerprint(),
+        "cert_pem": ctx.identity.cert_pem(),
         "api": ctx.cfg.api_listen.to_string(),
         "replication": ctx.cfg.replication_listen.to_string(),
         "nbd": ctx.nbd_uri_base.to_string(),
@@ -235,13 +331,22 @@ struct AddNode {
     name: String,
     api: String,
     token: String,
-    fingerprint: Option<String>,
+    /// The certificate fingerprint the operator supplied or confirmed: the
+    /// only one pinned.
+    fingerprint: String,
 }
 
-/// `ferry node add`: fetch the peer, check its name (and fingerprint), pair both ways.
+/// `ferry node add`: reach the peer over TLS pinned to the fingerprint the
+/// operator gave, check its name, pair both ways (mutual TLS; the peer's
+/// token authorizes this one call and is not kept).
 async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
     let peer = blocking(move || {
-        let client = crate::api::client::ApiClient::new(&req.api, &req.token);
+        let client = crate::api::client::ApiClient::pairing(
+            &ctx.identity,
+            &req.api,
+            &req.fingerprint,
+            &req.token,
+        )?;
         let info = client.get("/api/v1/node")?;
         let name = info["node_name"].as_str().unwrap_or_default().to_string();
         if name != req.name {
@@ -255,13 +360,12 @@ async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
             anyhow::bail!("a node cannot be its own peer");
         }
         let fp = info["fingerprint"].as_str().unwrap_or_default().to_string();
-        if let Some(expected) = &req.fingerprint {
-            if expected.trim() != fp {
-                anyhow::bail!(
-                    "the node at {} presents fingerprint {fp}, not the expected {expected}",
-                    req.api
-                );
-            }
+        if req.fingerprint.trim() != fp {
+            anyhow::bail!(
+                "the node at {} reports fingerprint {fp}, not the pinned {}",
+                req.api,
+                req.fingerprint
+            );
         }
         let cert_pem = info["cert_pem"].as_str().unwrap_or_default().to_string();
         let der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
@@ -288,9 +392,8 @@ async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
                 "name": ctx.identity.node_name,
                 "api": ctx.cfg.api_listen.to_string(),
                 "replication": ctx.cfg.replication_listen.to_string(),
-                "cert_pem": ctx.identity.cert_pem,
-                "fingerprint": ctx.identity.fingerprint,
-                "token": ctx.identity.api_token,
+                "cert_pem": ctx.identity.cert_pem(),
+                "fingerprint": ctx.identity.fingerprint(),
                 "heartbeat": heartbeat_addrs(&ctx),
                 "heartbeat_key": heartbeat_key,
             }),
@@ -301,7 +404,8 @@ async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
             replication: info["replication"].as_str().unwrap_or_default().to_string(),
             fingerprint: fp,
             cert_pem,
-            token: req.token.clone(),
+            token: String::new(),
+            previous_fingerprint: None,
             heartbeat: info["heartbeat"]
                 .as_array()
                 .map(|a| {
@@ -322,7 +426,24 @@ async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
     ))
 }
 
-async fn pair(State(ctx): Ctx, Json(p): Json<Peer>) -> ApiResult {
+/// (peer → peer) the other half of `node add`. The caller must present the
+/// very certificate it asks to have pinned (the TLS handshake proved it
+/// holds its key); the API token of this node authorized the call.
+async fn pair(
+    State(ctx): Ctx,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(mut p): Json<Peer>,
+) -> ApiResult {
+    if caller.cert_fingerprint.as_deref() != Some(p.fingerprint.as_str()) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "pairing must come over TLS with the certificate being registered".into(),
+        ));
+    }
+    crate::volume::validate_name(&p.name)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    p.token = String::new();
+    p.previous_fingerprint = None;
     let der: rustls_pki_types::CertificateDer =
         rustls_pki_types::pem::PemObject::from_pem_slice(p.cert_pem.as_bytes()).map_err(|e| {
             ApiError(
@@ -346,6 +467,130 @@ async fn pair(State(ctx): Ctx, Json(p): Json<Peer>) -> ApiResult {
     blocking(move || ctx.peers.upsert(p)).await?;
     tracing::info!(peer = %name, "node.paired");
     Ok(Json(json!({"paired": name})))
+}
+
+#[derive(Deserialize)]
+struct Repin {
+    cert_pem: String,
+    fingerprint: String,
+    /// The node uses its new certificate now: stop accepting the old one.
+    #[serde(default)]
+    done: bool,
+}
+
+/// (peer → peer) `ferry node rekey` on the calling node: pin its new
+/// certificate. Only a registered peer can ask, authenticated by the
+/// certificate it is replacing; until it says `done` both are accepted.
+async fn repin(
+    State(ctx): Ctx,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Json(r): Json<Repin>,
+) -> ApiResult {
+    let Some(name) = caller.peer.clone() else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "only a registered node may re-pin its own certificate".into(),
+        ));
+    };
+    let der: rustls_pki_types::CertificateDer =
+        rustls_pki_types::pem::PemObject::from_pem_slice(r.cert_pem.as_bytes()).map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("certificate is not PEM: {e}"),
+            )
+        })?;
+    if crate::agent::identity::fingerprint(&der) != r.fingerprint {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "certificate does not match fingerprint".into(),
+        ));
+    }
+    let presented = caller.cert_fingerprint.clone().unwrap_or_default();
+    let fingerprint = r.fingerprint.clone();
+    blocking(move || {
+        let mut p = ctx
+            .peers
+            .get(&name)
+            .ok_or_else(|| anyhow::anyhow!("node {name:?} is not registered"))?;
+        if r.done {
+            if presented != r.fingerprint {
+                anyhow::bail!("finish a rekey with the new certificate");
+            }
+            p.previous_fingerprint = None;
+        } else if p.fingerprint != r.fingerprint {
+            p.previous_fingerprint = Some(p.fingerprint.clone());
+            p.fingerprint = r.fingerprint.clone();
+            p.cert_pem = r.cert_pem.clone();
+        }
+        ctx.peers.upsert(p)?;
+        tracing::warn!(peer = %name, fingerprint = %r.fingerprint, done = r.done, "node.repinned");
+        Ok(())
+    })
+    .await?;
+    Ok(Json(
+        json!({"repinned": caller.peer, "fingerprint": fingerprint}),
+    ))
+}
+
+/// `ferry node rekey`: a new key and certificate for this node, pinned by
+/// every registered peer over the old trust before it is used; then used
+/// by every new handshake (API, replication, peer calls); then the peers
+/// drop the old one. A peer that cannot be reached stops the rekey before
+/// anything changes here.
+async fn rekey(State(ctx): Ctx) -> ApiResult {
+    let out = blocking(move || {
+        let _admin = ctx.admin();
+        let old = ctx.identity.fingerprint();
+        let (key_pem, key) = ctx.identity.new_key()?;
+        let new_fp = key.fingerprint.clone();
+        let cert_pem = key.cert_pem.clone();
+        let peers = ctx.peers.list();
+        for p in &peers {
+            crate::api::client::ApiClient::to_peer(&ctx.identity, p)?
+                .post(
+                    "/api/v1/nodes/repin",
+                    &json!({"cert_pem": cert_pem, "fingerprint": new_fp}),
+                )
+                .map_err(|e| anyhow::anyhow!("{e:#}"))
+                .map_err(|e| e.context(format!("node {} did not pin the new certificate; nothing changed here (retry once it is reachable)", p.name)))?;
+        }
+        ctx.identity.install_key(&key_pem, key)?;
+        let mut unfinished = Vec::new();
+        for p in &peers {
+            let done = crate::api::client::ApiClient::to_peer(&ctx.identity, p).and_then(|c| {
+                c.post(
+                    "/api/v1/nodes/repin",
+                    &json!({"cert_pem": cert_pem, "fingerprint": new_fp, "done": true}),
+                )
+            });
+            if let Err(e) = done {
+                tracing::warn!(peer = %p.name, error = %format!("{e:#}"), "node.rekey.unfinished");
+                unfinished.push(p.name.clone());
+            }
+        }
+        tracing::warn!(old = %old, new = %new_fp, "node.rekeyed");
+        Ok(json!({
+            "node": ctx.identity.node_name,
+            "old_fingerprint": old,
+            "fingerprint": new_fp,
+            "peers": peers.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+            "peers_still_accepting_old": unfinished,
+        }))
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+/// `ferry token rotate`: a new API token (written to DATA_DIR/api.token,
+/// 0600); the old one stops working at once.
+async fn rotate_token(State(ctx): Ctx) -> ApiResult {
+    let c = ctx.clone();
+    blocking(move || c.identity.rotate_token()).await?;
+    tracing::warn!("api.token_rotated");
+    Ok(Json(json!({
+        "node": ctx.identity.node_name,
+        "token_file": crate::agent::identity::token_path(&ctx.cfg.data_dir).display().to_string(),
+    })))
 }
 
 async fn volumes(State(ctx): Ctx) -> ApiResult {
@@ -571,7 +816,7 @@ async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
                 }),
         };
         if !r.forwarded {
-            let c = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+            let c = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
             c.put(
                 &format!("/api/v1/workloads/{}?forwarded=true", spec.name),
                 &serde_json::to_value(&spec)?,
@@ -607,7 +852,7 @@ async fn cluster_standby(State(ctx): Ctx, Json(r): Json<Standby>) -> ApiResult {
         let peer = ctx.peers.get(&r.node).ok_or_else(|| {
             anyhow::anyhow!("{} is neither this node nor a registered peer", r.node)
         })?;
-        crate::api::client::ApiClient::new(&peer.api, &peer.token).post(
+        crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?.post(
             "/api/v1/cluster/standby",
             &json!({"node": r.node, "standby": r.standby}),
         )
@@ -676,7 +921,7 @@ async fn cluster_drop_copy(
         let peer = ctx.peers.get(&r.node).ok_or_else(|| {
             anyhow::anyhow!("{} is neither this node nor a registered peer", r.node)
         })?;
-        crate::api::client::ApiClient::new(&peer.api, &peer.token).post(
+        crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?.post(
             &format!("/api/v1/cluster/workloads/{name}/drop-copy"),
             &json!({"node": r.node}),
         )
@@ -706,7 +951,7 @@ async fn cluster_remove(
     let v = blocking(move || {
         if !q.forwarded {
             if let Some(peer) = ctx.cfg.cluster.as_ref().and_then(|c| ctx.peers.get(&c.peer)) {
-                let c = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+                let c = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
                 if let Err(e) = c.delete(&format!("/api/v1/cluster/workloads/{name}?forwarded=true")) {
                     tracing::warn!(workload = %name, error = %format!("{e:#}"), "cluster.remove.peer_unreachable");
                 }
@@ -743,7 +988,7 @@ async fn put_workload(
         let mut updated = vec![ctx.identity.node_name.clone()];
         if !forwarded {
             for p in ctx.peers.list() {
-                let c = crate::api::client::ApiClient::new(&p.api, &p.token);
+                let c = crate::api::client::ApiClient::to_peer(&ctx.identity, &p)?;
                 if c.get(&format!("/api/v1/workloads/{}", spec.name)).is_err() {
                     continue;
                 }
@@ -1345,6 +1590,14 @@ async fn metrics(State(ctx): Ctx) -> Response {
             "ferry_replica_error{{volume=\"{}\"}} {}\n",
             s.name,
             u8::from(bad)
+        ));
+    }
+    out.push_str("# HELP ferry_listener_connections Connections open on a TCP listener.\n# TYPE ferry_listener_connections gauge\n");
+    out.push_str("# HELP ferry_listener_evicted_total Unauthenticated connections closed to make room for new ones.\n# TYPE ferry_listener_evicted_total counter\n");
+    for (name, t) in [("api", &ctx.api_conns), ("replication", &ctx.repl_conns)] {
+        let (open, evicted) = t.counts();
+        out.push_str(&format!(
+            "ferry_listener_connections{{listener=\"{name}\"}} {open}\nferry_listener_evicted_total{{listener=\"{name}\"}} {evicted}\n"
         ));
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()

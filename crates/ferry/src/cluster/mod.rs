@@ -1469,7 +1469,7 @@ fn demote_and_rebase(
             .peers
             .get(peer)
             .ok_or_else(|| anyhow!("peer {peer} is not registered"))?;
-        let client = crate::api::client::ApiClient::new(&p.api, &p.token);
+        let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &p)?;
         for v in &spec.volumes {
             let theirs: Vec<u64> = client.get(&format!("/api/v1/volumes/{v}/generation"))?["ids"]
                 .as_array()
@@ -1526,7 +1526,7 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .peers
         .get(&cfg.peer)
         .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
     let peer_status = client
         .get("/api/v1/cluster")
         .map_err(|e| e.context(format!("cannot ask {} whether it can take over", cfg.peer)))?;
@@ -1793,7 +1793,7 @@ pub fn resolve_split_brain(
         .peers
         .get(&cfg.peer)
         .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
     if keep == me {
         // The winner: must serve the workload; tells the loser its histories.
         if !spec.volumes.iter().all(|v| ctx.primary(v).is_some()) {
@@ -1928,7 +1928,7 @@ fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()>
         .peers
         .get(&cfg.peer)
         .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token);
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
     let spec = spec(ctx, workload)?;
     let theirs = client.get("/api/v1/cluster")?;
     let theirs = theirs["workloads"]

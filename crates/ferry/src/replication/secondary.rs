@@ -121,15 +121,35 @@ impl SecondaryVolume {
 }
 
 /// Accepts replication links on `listener` until the process ends.
+/// Each connection takes a place in `ctx.repl_conns`
+/// (`replication.connections_max`; at most `replication.handshakes_max`
+/// not yet authenticated, the oldest closed for a newcomer; closed if not
+/// authenticated within `replication.handshake_timeout_ms`).
 pub fn serve(listener: TcpListener, ctx: Arc<AgentCtx>) {
     for conn in listener.incoming() {
-        let Ok(tcp) = conn else { continue };
+        let tcp = match conn {
+            Ok(t) => t,
+            Err(e) => {
+                // Out of descriptors, most likely: let others finish.
+                tracing::warn!(error = %e, "replication.accept_failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Ok(closer) = tcp.try_clone() else {
+            continue;
+        };
+        let Some(slot) = ctx.repl_conns.admit(Box::new(move || {
+            let _ = closer.shutdown(std::net::Shutdown::Both);
+        })) else {
+            continue;
+        };
         let ctx = ctx.clone();
         let _ = std::thread::Builder::new()
             .name("repl-in".into())
             .spawn(move || {
                 let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                if let Err(e) = handle(tcp, &ctx) {
+                if let Err(e) = handle(tcp, &ctx, &slot) {
                     tracing::warn!(%peer, error = %format!("{e:#}"), "replication.inbound.closed");
                 }
             });
@@ -156,7 +176,7 @@ pub(crate) fn refuse<W: Write>(w: &mut W, me: &str, why: String) -> Result<()> {
     bail!("refused: {why}")
 }
 
-fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
+fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::agent::conns::ConnSlot) -> Result<()> {
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     let control = tcp.try_clone()?;
@@ -178,6 +198,8 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx) -> Result<()> {
         .peers
         .by_fingerprint(&fp)
         .ok_or_else(|| anyhow!("unregistered certificate {fp}"))?;
+    // A registered peer: kept when the listener is full.
+    slot.authenticated();
     let max = ctx.cfg.replication.frame_bytes_max;
     let mut reader = BufReader::with_capacity(1 << 20, tls);
     let me = ctx.identity.node_name.clone();

@@ -270,7 +270,7 @@ pub fn verify(ctx: &AgentCtx, name: &str, timeout: Duration, start: Instant) -> 
         .peers
         .get(&peer_name)
         .ok_or_else(|| anyhow!("peer {peer_name} is not registered"))?;
-    let remote = crate::api::client::ApiClient::new(&peer.api, &peer.token)
+    let remote = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?
         .get(&format!("/api/v1/volumes/{name}/hashes?fresh=1"))?;
     let remote: Vec<String> = remote["hashes"]
         .as_array()

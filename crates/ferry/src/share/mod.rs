@@ -884,7 +884,8 @@ pub fn verify(
         .get(&peer_name)
         .ok_or_else(|| anyhow!("peer {peer_name} is not registered"))?;
     // Both copies are read whole: as long as the verify may take.
-    let client = crate::api::client::ApiClient::new(&peer.api, &peer.token).with_timeout(timeout);
+    let client =
+        crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?.with_timeout(timeout);
     let (local, remote) = std::thread::scope(|sc| {
         let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{name}/files")));
         let local = files(ctx, name);

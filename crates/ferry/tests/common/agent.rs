@@ -217,18 +217,25 @@ impl Agent {
     pub fn api_client(&self) -> impl Fn(&str) {
         let (api, token) = (self.api.clone(), self.token());
         move |body: &str| {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(&api).unwrap();
-            write!(
-                s,
-                "POST /api/v1/replicas HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).unwrap();
-            assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+            let out = Command::new("curl")
+                .args(["-s", "-k", "-m", "60", "-w", "\n%{http_code}", "-X", "POST"])
+                .args(["-H", "Content-Type: application/json"])
+                .args(["-H", &format!("Authorization: Bearer {token}")])
+                .args(["--data", body])
+                .arg(format!("https://{api}/api/v1/replicas"))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(text.ends_with("\n200"), "{text}");
         }
+    }
+
+    /// This node's certificate fingerprint (`ferry node id`).
+    pub fn fingerprint(&self) -> String {
+        self.json(&["node", "id"])["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// RSS of the agent process in bytes.
@@ -272,6 +279,8 @@ pub fn pair(a: &Agent, b: &Agent) {
         &b.api,
         "--token-file",
         tok.to_str().unwrap(),
+        "--fingerprint",
+        &b.fingerprint(),
     ]);
 }
 

@@ -240,6 +240,21 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// `GET path` on an agent's API over HTTPS (curl, certificate not checked:
+/// these tests are about what the agent answers), with `token` or none:
+/// (status, body).
+pub fn https(api: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-k", "-m", "30", "-w", "\n%{http_code}"]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c.arg(format!("https://{api}{path}")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
 /// A small tmpfs mounted at a path (root only), unmounted when dropped.
 pub struct Mount(pub PathBuf);
 
