@@ -100,7 +100,7 @@ EOT
   PID[$n]=$!
   for _ in $(seq 100); do [[ -s "$work/$n.out" ]] && break; sleep 0.05; done
 }
-on() { local n=$1; shift; FERRY_API="${ADDR[$n]}:7360" FERRY_TOKEN="$(cat "$work/$n/api.token")" in_ns c "$ferry" "$@"; }
+on() { local n=$1; shift; FERRY_API="${ADDR[$n]}:7360" FERRY_DATA_DIR="$work/$n" in_ns c "$ferry" "$@"; }
 crash() { kill -9 "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; ip -n "$tag-$1" link set eth0 down; }
 primary_of() { on "$1" --json cluster status 2>/dev/null | python3 -c 'import json,sys; w=json.load(sys.stdin)["workloads"]; print(w[0]["primary"] if w else "")' 2>/dev/null || true; }
 replica_state() { on "$1" --json cluster status 2>/dev/null | python3 -c 'import json,sys; w=json.load(sys.stdin)["workloads"]; print(w[0]["role"], w[0]["replicas"][0]["state"])' 2>/dev/null || true; }
@@ -137,7 +137,7 @@ setup() { # interval timeout
   PID[w]=$!
   start_agent a "$1" "$2"; start_agent b "$1" "$2"
   cp "$work/b/api.token" "$work/b.token"
-  on a node add b --api "${ADDR[b]}:7360" --token-file "$work/b.token" >/dev/null
+  on a node add b --api "${ADDR[b]}:7360" --token-file "$work/b.token" --fingerprint "$(on b node id)" >/dev/null
   on a volume create vol --size 256MiB >/dev/null
   on a workload create web --volume vol --vip "$vip/24" --vip-interface eth0 >/dev/null
   on a replicate start vol --to b --mode sync >/dev/null

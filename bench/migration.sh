@@ -89,7 +89,7 @@ fill() { # volume size_mib: random data through A's export
 
 start_agent a; start_agent b
 cp "$work/b/api.token" "$work/b.token"
-on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
+on a node add b --api "${API[b]}" --token-file "$work/b.token" --fingerprint "$(on b node id)" >/dev/null
 
 # ---------- 1. downtime under load ----------
 downtimes=(); outages=()
@@ -157,7 +157,7 @@ for mode in on off; do
   [[ $mode == off ]] && extra=$'[shares]\ndigest_cache_files_max = 0'
   start_agent "$c" "$extra"; start_agent "$d" "$extra"
   cp "$work/$d/api.token" "$work/$d.token"
-  on "$c" node add "$d" --api "${API[$d]}" --token-file "$work/$d.token" >/dev/null
+  on "$c" node add "$d" --api "${API[$d]}" --token-file "$work/$d.token" --fingerprint "$(on "$d" node id)" >/dev/null
   cp -a "$work/tree0" "$work/tree-$mode"
   # A live workload's bulk is older than the settling time of an async
   # share's digest cache (35 s: files changed more recently are re-read).

@@ -93,7 +93,7 @@ for rep in $(seq "$reps"); do
   sync
   start_agent a; start_agent b
   cp "$work/b/api.token" "$work/b.token"
-  on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
+  on a node add b --api "${API[b]}" --token-file "$work/b.token" --fingerprint "$(on b node id)" >/dev/null
   ( peak=0; while kill -0 "${PID[a]}" 2>/dev/null; do r=$(rss_kib "${PID[a]}" 2>/dev/null || echo 0); ((r > peak)) && peak=$r && echo "$peak" >"$work/rss.peak"; sleep 0.1; done ) &
   sampler=$!
   t0=$(now)
@@ -133,7 +133,7 @@ FERRY_DATA_DIR="$work/a" "$ferry" volume create vol --size "${size_mib}MiB" >/de
 cp "$work/random.img" "$work/a/volumes/vol/data.raw"
 start_agent a; start_agent b
 cp "$work/b/api.token" "$work/b.token"
-on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
+on a node add b --api "${API[b]}" --token-file "$work/b.token" --fingerprint "$(on b node id)" >/dev/null
 on a replicate start vol --to b >/dev/null
 on a replicate wait vol --timeout 300s >/dev/null
 fi

@@ -85,7 +85,7 @@ pair() { # [suffix]: fresh data dirs (ext4 avoids recently freed inodes:
   for n in a b; do rm -rf "${work:?}/$n$sfx"; done
   start_agent a "$work/a$sfx"; start_agent b "$work/b$sfx"
   cp "${DIR[b]}/api.token" "$work/b.token"
-  on a node add b --api "${API[b]}" --token-file "$work/b.token" >/dev/null
+  on a node add b --api "${API[b]}" --token-file "$work/b.token" --fingerprint "$(on b node id)" >/dev/null
 }
 stop_agents() {
   kill "${PID[a]}" "${PID[b]}" 2>/dev/null || true
