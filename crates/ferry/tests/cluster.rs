@@ -350,6 +350,10 @@ impl Net {
     /// Registers `b` at `a` (both ways).
     fn pair_nodes(&self) {
         let token = self.dir("b").join("api.token");
+        let fp = self.json("b", &["node", "id"])["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string();
         self.ok(
             "a",
             &[
@@ -360,6 +364,8 @@ impl Net {
                 &format!("{}:7360", addr_of("b")),
                 "--token-file",
                 token.to_str().unwrap(),
+                "--fingerprint",
+                &fp,
             ],
         );
     }
