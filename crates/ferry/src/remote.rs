@@ -164,7 +164,7 @@ pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
                     v["node"].as_str().unwrap_or(""),
                     v["fingerprint"].as_str().unwrap_or(""),
                     v["old_fingerprint"].as_str().unwrap_or(""),
-                    v["peers"].to_string()
+                    v["peers"]
                 );
                 if v["peers_still_accepting_old"]
                     .as_array()

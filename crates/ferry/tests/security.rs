@@ -446,11 +446,11 @@ fn recording_relay(to: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(c) = c else { continue };
-            let Ok(up) = std::net::TcpStream::connect(&to) else { continue };
-            for (mut from, mut into) in [
-                (c.try_clone().unwrap(), up.try_clone().unwrap()),
-                (up, c),
-            ] {
+            let Ok(up) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            for (mut from, mut into) in [(c.try_clone().unwrap(), up.try_clone().unwrap()), (up, c)]
+            {
                 let seen = s2.clone();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 16384];
@@ -474,7 +474,10 @@ fn recording_relay(to: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u
 /// operator gives, and neither secret crosses the wire readable.
 #[test]
 fn pairing_sends_no_secret_in_clear_and_pins_only_the_given_fingerprint() {
-    let root = tempfile::Builder::new().prefix("ferry-sec").tempdir().unwrap();
+    let root = tempfile::Builder::new()
+        .prefix("ferry-sec")
+        .tempdir()
+        .unwrap();
     let a = Agent::start(root.path(), "a", "");
     let b = Agent::start(root.path(), "b", "");
     // Plain HTTP gets no HTTP answer.
@@ -500,7 +503,10 @@ fn pairing_sends_no_secret_in_clear_and_pins_only_the_given_fingerprint() {
     // nothing registered on either side.
     let out = add(&a.fingerprint());
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a pinned one"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a pinned one"),
+        "{out:?}"
+    );
     assert_eq!(a.json(&["node", "list"]).as_array().unwrap().len(), 0);
     assert_eq!(b.json(&["node", "list"]).as_array().unwrap().len(), 0);
     // Without --fingerprint and no terminal: told what to check, nothing pinned.
@@ -513,23 +519,39 @@ fn pairing_sends_no_secret_in_clear_and_pins_only_the_given_fingerprint() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(err.contains(&b.fingerprint()) && err.contains("ferry node id"), "{err}");
+    assert!(
+        err.contains(&b.fingerprint()) && err.contains("ferry node id"),
+        "{err}"
+    );
 
     let out = add(&b.fingerprint());
     assert!(out.status.success(), "{out:?}");
     let listed = b.json(&["node", "list"]);
-    assert_eq!(listed[0]["fingerprint"], a.fingerprint().as_str(), "{listed}");
+    assert_eq!(
+        listed[0]["fingerprint"],
+        a.fingerprint().as_str(),
+        "{listed}"
+    );
     let bytes = seen.lock().unwrap().clone();
     assert!(bytes.len() > 1000, "the relay saw {} bytes", bytes.len());
     let contains = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
-    assert!(!contains(&b.token()), "b's API token crossed the wire in clear");
-    assert!(!contains(&a.token()), "a's API token crossed the wire in clear");
+    assert!(
+        !contains(&b.token()),
+        "b's API token crossed the wire in clear"
+    );
+    assert!(
+        !contains(&a.token()),
+        "a's API token crossed the wire in clear"
+    );
     let peers = std::fs::read_to_string(a.dir.join("peers.json")).unwrap();
     let key = serde_json::from_str::<Value>(&peers).unwrap()[0]["heartbeat_key"]
         .as_str()
         .unwrap()
         .to_string();
-    assert!(!key.is_empty() && !contains(&key), "the heartbeat key crossed the wire in clear");
+    assert!(
+        !key.is_empty() && !contains(&key),
+        "the heartbeat key crossed the wire in clear"
+    );
     assert!(!contains("BEGIN CERTIFICATE") && !contains("\"heartbeat_key\""));
     // The peer's token is not stored.
     assert!(!peers.contains(&b.token()), "{peers}");
@@ -544,8 +566,14 @@ fn token_rotation_and_rekey_take_effect_at_once() {
     let old_token = a.token();
     a.ok(&["token", "rotate"]);
     assert_ne!(a.token(), old_token);
-    assert_eq!(common::https(&a.api, "/api/v1/volumes", Some(&old_token)).0, 401);
-    assert_eq!(common::https(&a.api, "/api/v1/volumes", Some(&a.token())).0, 200);
+    assert_eq!(
+        common::https(&a.api, "/api/v1/volumes", Some(&old_token)).0,
+        401
+    );
+    assert_eq!(
+        common::https(&a.api, "/api/v1/volumes", Some(&a.token())).0,
+        200
+    );
 
     a.ok(&["volume", "create", "vol", "--size", "8MiB"]);
     a.ok(&["replicate", "start", "vol", "--to", "b"]);
@@ -555,9 +583,16 @@ fn token_rotation_and_rekey_take_effect_at_once() {
     let new_fp = a.fingerprint();
     assert_ne!(old_fp, new_fp);
     assert_eq!(r["fingerprint"], new_fp.as_str(), "{r}");
-    assert_eq!(r["peers_still_accepting_old"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(
+        r["peers_still_accepting_old"].as_array().unwrap().len(),
+        0,
+        "{r}"
+    );
     let peers = std::fs::read_to_string(b.dir.join("peers.json")).unwrap();
-    assert!(peers.contains(&new_fp) && !peers.contains(&old_fp), "{peers}");
+    assert!(
+        peers.contains(&new_fp) && !peers.contains(&old_fp),
+        "{peers}"
+    );
     // New connections use the new key: a restart of a reconnects the link.
     let mut a = a;
     a.stop();
