@@ -684,6 +684,8 @@ pub struct ClusterNode {
     newest_reply: Option<Millis>,
     /// The newest request sent to the witness.
     last_witness_sent: Option<Millis>,
+    /// The newest witness reply's record names this node primary.
+    witness_names_me: bool,
     /// A secondary probes the witness for its nonce from then on.
     next_probe: Millis,
 }
@@ -762,6 +764,7 @@ impl ClusterNode {
             witness_nonce: 0,
             newest_reply: None,
             last_witness_sent: None,
+            witness_names_me: false,
             next_probe: now,
         }
     }
@@ -1099,6 +1102,7 @@ impl ClusterNode {
         }
         self.newest_reply = Some(reply.echo);
         self.witness_nonce = reply.nonce;
+        self.witness_names_me = reply.record.primary.as_deref() == Some(self.me.as_str());
         self.record_epoch = self.record_epoch.max(reply.record.epoch);
         if reply.op == WitnessOp::Probe {
             return;
@@ -1307,6 +1311,10 @@ impl ClusterNode {
 
     fn witness_op(&self, now: Millis) -> Option<WitnessOp> {
         match self.role {
+            // Outdate and UpToDate need the record to name this node
+            // primary: a Renew claims a record that names nobody yet (a
+            // workload just put under HA) or finds out who replaced it.
+            Role::Primary if !self.witness_names_me => Some(WitnessOp::Renew),
             Role::Primary if self.writes_held => Some(WitnessOp::Outdate),
             // Only while the link says the replica is in sync and its
             // heartbeats arrive; a link loss cancels it (PeerNotUpToDate).
