@@ -1661,4 +1661,128 @@ mod tests {
         assert!((5..=12).contains(&promotes.len()), "asked at {promotes:?}");
         assert!(promotes[1] - promotes[0] >= 4, "asked at {promotes:?}");
     }
+
+    fn heartbeat(sent_at: Millis, incarnation: u64, echo_nonce: u64) -> Input {
+        Input::Peer(PeerMsg::Heartbeat {
+            sent_at,
+            incarnation,
+            nonce: 11,
+            echo_nonce,
+            role: Role::Primary,
+            epoch: 1,
+            resigning: false,
+        })
+    }
+
+    fn acks(out: &[Action]) -> usize {
+        out.iter()
+            .filter(|a| matches!(a, Action::SendPeer(PeerMsg::Ack { .. })))
+            .count()
+    }
+
+    #[test]
+    fn a_heartbeat_counts_once_and_only_if_it_echoes_the_receiver_s_current_nonce() {
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        let _ = b.tick(0);
+        // Before a heard b's nonce: it teaches a's nonce, proves nothing.
+        let out = b.on_input(10, heartbeat(10, 5, 0));
+        assert_eq!(acks(&out), 0);
+        assert!(!b.peer_alive(10));
+        // b's next heartbeat echoes a's nonce.
+        let out = b.tick(100);
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::SendPeer(PeerMsg::Heartbeat { echo_nonce: 11, .. })
+        )));
+        let hb = heartbeat(110, 5, b.nonce(110));
+        let out = b.on_input(111, hb.clone());
+        assert_eq!(acks(&out), 1, "a fresh heartbeat earns a lease grant");
+        assert!(b.peer_alive(111));
+        // The same datagram again (another path, or a replay): nothing.
+        let out = b.on_input(112, hb.clone());
+        assert_eq!(acks(&out), 0);
+        // An earlier run's heartbeat echoing the current nonce: nothing.
+        assert_eq!(acks(&b.on_input(113, heartbeat(900, 4, b.nonce(113)))), 0);
+        // Replayed for longer than the failure timeout, it keeps nobody alive.
+        let mut lost = false;
+        for now in (120..1000).step_by(10) {
+            let mut out = b.on_input(now, hb.clone());
+            out.extend(b.tick(now));
+            lost |= out.contains(&Action::Event(Event::PeerLost));
+        }
+        assert!(lost && !b.peer_alive(1000));
+        // A restarted receiver has other nonces: old echoes count for nothing.
+        let mut b2 = witnessed_node("b", "a", Role::Secondary);
+        b2.nonces = Nonces::new(8, 0, timing().lease_ms);
+        let out = b2.on_input(120, heartbeat(130, 5, b.nonce(120)));
+        assert_eq!(acks(&out), 0);
+        assert!(!b2.peer_alive(120));
+    }
+
+    #[test]
+    fn a_replayed_ack_keeps_no_peer_alive() {
+        let mut a = witnessed_node("a", "b", Role::Primary);
+        let _ = a.tick(0);
+        let ack = Input::Peer(PeerMsg::Ack {
+            echo: 0,
+            incarnation: 1,
+        });
+        let _ = a.on_input(5, ack.clone());
+        assert!(a.peer_alive(5) && a.lease_end() > 0);
+        for now in (10..1000).step_by(10) {
+            let _ = a.on_input(now, ack.clone());
+            let _ = a.tick(now);
+        }
+        assert!(!a.peer_alive(1000), "a replayed Ack is not a sign of life");
+    }
+
+    #[test]
+    fn a_request_with_an_old_nonce_is_sent_again_at_once_with_the_new_one() {
+        let mut a = witnessed_node("a", "b", Role::Primary);
+        let sent = |out: &[Action]| {
+            out.iter()
+                .find_map(|x| match x {
+                    Action::SendWitness(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .expect("a witness request")
+        };
+        let first = sent(&a.tick(0));
+        assert_eq!((first.op, first.nonce), (WitnessOp::Renew, 0));
+        let out = a.on_input(
+            3,
+            Input::Witness(WitnessReply {
+                echo: first.sent_at,
+                incarnation: 1,
+                op: WitnessOp::Renew,
+                refused: Some(Refusal::Nonce),
+                record: Record {
+                    epoch: 1,
+                    primary: Some("a".into()),
+                    outdated: None,
+                },
+                nonce: 42,
+            }),
+        );
+        let again = sent(&out);
+        assert_eq!(
+            (again.op, again.nonce, again.sent_at),
+            (WitnessOp::Renew, 42, 3)
+        );
+    }
+
+    #[test]
+    fn a_secondary_keeps_the_witness_nonce_fresh() {
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        // Until the (silent) primary counts as lost at 500 ms.
+        let probes: Vec<Millis> = (0..450)
+            .filter(|&now| {
+                b.tick(now)
+                    .iter()
+                    .any(|x| matches!(x, Action::SendWitness(r) if r.op == WitnessOp::Probe))
+            })
+            .collect();
+        // Every lease / 4 (125 ms; at most every heartbeat interval).
+        assert_eq!(probes, [0, 125, 250, 375]);
+    }
 }
