@@ -481,4 +481,18 @@ mod tests {
         let e = load("node_name = \"a\"\n").unwrap_err().to_string();
         assert!(e.contains("data_dir"), "{e}");
     }
+
+    #[test]
+    fn a_witness_without_its_key_is_refused() {
+        let cluster = "[cluster]\npeer = \"b\"\nheartbeat = [\"127.0.0.1:7370\"]\nwitness = \"127.0.0.1:7380\"\n";
+        let e = load(&format!("{GOOD}{cluster}")).unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.witness_key_file") && e.contains("urandom"),
+            "{e}"
+        );
+        load(&format!(
+            "{GOOD}{cluster}witness_key_file = \"/etc/ferry/witness.key\"\n"
+        ))
+        .unwrap();
+    }
 }
