@@ -17,7 +17,7 @@
 //! - Replays: the state machine counts a heartbeat or a witness reply only
 //!   if it is fresh (nonces, incarnations: `ferry_core::cluster::Nonces`).
 //!   This module supplies the randomness (a nonce key per workload per
-//!   start) and the incarnation, a counter in `DATA_DIR/cluster.incarnation`
+//!   start) and the incarnation, a counter in `DATA_DIR/cluster-incarnation`
 //!   incremented and fsynced before the heartbeat thread starts (the thread
 //!   itself never touches the disk for it).
 //! - The witness keeps one record per (cluster id, workload): the cluster
@@ -292,7 +292,7 @@ impl Drop for Slot {
 
 /// The file holding this node's run counter.
 fn incarnation_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("cluster.incarnation")
+    data_dir.join("cluster-incarnation")
 }
 
 /// This run's incarnation: one more than the last run's, and at least the
@@ -2090,4 +2090,41 @@ pub fn drop_copies(ctx: &AgentCtx, workload: &str) -> Result<Value> {
     }
     tracing::warn!(workload, dropped = ?dropped, "cluster.split_brain.copies_dropped");
     Ok(json!({"workload": workload, "node": ctx.identity.node_name, "dropped": dropped}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incarnations_grow_at_every_start_and_survive_a_lost_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let first = next_incarnation(dir.path());
+        assert!(first >= wall);
+        let second = next_incarnation(dir.path());
+        assert_eq!(second, first + 1);
+        let saved = std::fs::read_to_string(incarnation_path(dir.path())).unwrap();
+        assert_eq!(saved.trim(), second.to_string());
+        // A counter restored from an old backup, or lost: the wall clock.
+        std::fs::write(incarnation_path(dir.path()), "5\n").unwrap();
+        assert!(next_incarnation(dir.path()) >= wall);
+        std::fs::remove_file(incarnation_path(dir.path())).unwrap();
+        assert!(next_incarnation(dir.path()) >= wall);
+    }
+
+    #[test]
+    fn the_cluster_id_is_the_same_for_both_nodes_and_differs_between_pairs() {
+        let k1 = "11".repeat(32);
+        let k2 = "22".repeat(32);
+        let id = cluster_id(&k1).unwrap();
+        assert!(witness::valid_cluster_id(&id), "{id}");
+        assert_eq!(cluster_id(&k1), Some(id.clone()));
+        assert_ne!(cluster_id(&k2), Some(id.clone()));
+        assert!(!k1.contains(&id), "the id is not the key");
+        assert_eq!(cluster_id("not hex"), None);
+    }
 }

@@ -195,7 +195,9 @@ impl WitnessServer {
         crate::agent::write_atomic_private(path, &bytes)
             .map_err(|e| format!("cannot persist the adopted record: {e:#}"))?;
         let old = self.dir.join(format!("{}.json", msg.workload));
-        let _ = std::fs::rename(&old, old.with_extension("json.adopted"));
+        if let Err(e) = std::fs::rename(&old, old.with_extension("json.adopted")) {
+            tracing::warn!(path = %old.display(), error = %e, "witness.record.adopted_not_renamed: remove it by hand, or another cluster may adopt it after a restart");
+        }
         tracing::warn!(cluster = %msg.cluster, workload = %msg.workload, record = ?r, "witness.record.adopted: an earlier version's record now belongs to this cluster");
         Ok(self.legacy.remove(&msg.workload))
     }
