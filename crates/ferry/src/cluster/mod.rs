@@ -419,7 +419,8 @@ struct Manager {
     force_rx: mpsc::Receiver<String>,
     /// The witness's address and shared key, if configured.
     witness: Option<Arc<(SocketAddr, ring::hmac::Key)>>,
-    /// The witness's key for this pair of nodes (from the peer record).
+    /// This pair of nodes' cluster id (from the peer record's heartbeat
+    /// key): what the witness keys the workloads' records by.
     cluster_id: Option<String>,
 }
 
