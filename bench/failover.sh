@@ -72,7 +72,8 @@ for n in a b w c; do
 done
 
 mkdir -p "$work/w"
-FERRY_DATA_DIR="$work/w" FERRY_LOG=warn ip netns exec "$tag-w" "$ferry" witness --listen "${ADDR[w]}:7380" >/dev/null 2>"$work/w.log" &
+(umask 077; head -c 32 /dev/urandom | base64 >"$work/witness.key")
+FERRY_DATA_DIR="$work/w" FERRY_LOG=warn ip netns exec "$tag-w" "$ferry" witness --listen "${ADDR[w]}:7380" --key-file "$work/witness.key" >/dev/null 2>"$work/w.log" &
 PID[w]=$!
 
 start_agent() { # node interval timeout
@@ -91,6 +92,7 @@ reconnect_backoff_max_ms = 500
 peer = "$peer"
 heartbeat = ["${ADDR[$n]}:7370"]
 witness = "${ADDR[w]}:7380"
+witness_key_file = "$work/witness.key"
 heartbeat_interval_ms = $2
 failure_timeout_ms = $3
 EOT
@@ -133,7 +135,7 @@ setup() { # interval timeout
   for n in a b; do [[ -n ${PID[$n]:-} ]] && { kill -9 "${PID[$n]}" 2>/dev/null || true; wait "${PID[$n]}" 2>/dev/null || true; }; rm -rf "${work:?}/$n"; done
   kill "${PID[w]}" 2>/dev/null || true; wait "${PID[w]}" 2>/dev/null || true
   rm -rf "$work/w/records"
-  FERRY_DATA_DIR="$work/w" FERRY_LOG=warn ip netns exec "$tag-w" "$ferry" witness --listen "${ADDR[w]}:7380" >/dev/null 2>>"$work/w.log" &
+  FERRY_DATA_DIR="$work/w" FERRY_LOG=warn ip netns exec "$tag-w" "$ferry" witness --listen "${ADDR[w]}:7380" --key-file "$work/witness.key" >/dev/null 2>>"$work/w.log" &
   PID[w]=$!
   start_agent a "$1" "$2"; start_agent b "$1" "$2"
   cp "$work/b/api.token" "$work/b.token"

@@ -32,11 +32,71 @@
 //!   where the replica promotes once the primary's lease from it has
 //!   expired and the primary goes on alone: a cut link then gives two
 //!   primaries (split brain, found by generations afterwards).
+//! - **Replays count for nothing.** Every receiver (each node for its
+//!   peer's heartbeats, the witness for requests) picks a random key at
+//!   start and derives from it a nonce per lease period ([`Nonces`]). A
+//!   heartbeat or request counts only if it echoes the receiver's current
+//!   (or previous) nonce, which it learned from the receiver's own
+//!   heartbeats or replies, *and* is newer, by (incarnation, sent_at), than
+//!   everything the receiver already counted from that sender. Incarnations
+//!   are a counter the agent persists and increments at each start, so a
+//!   datagram of an earlier run is older than every one of this run. A
+//!   captured datagram therefore counts at most once, and never after the
+//!   receiver restarted.
 
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds on a node's (or the witness's) monotonic clock.
 pub type Millis = u64;
+
+/// splitmix64's finalizer: a bijection on u64 that mixes every bit.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A receiver's nonces: one per `period_ms` since `origin`, derived from a
+/// key picked at random at each start (the caller's randomness: this crate
+/// has none). Nonces of one key never repeat; 0 means "none" and is never
+/// a nonce. A nonce is accepted during its period and the next one, so a
+/// sender that learned it at any moment may echo it for at least one full
+/// period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nonces {
+    key: u64,
+    origin: Millis,
+    period_ms: Millis,
+}
+
+impl Nonces {
+    pub fn new(key: u64, origin: Millis, period_ms: Millis) -> Nonces {
+        Nonces {
+            key,
+            origin,
+            period_ms: period_ms.max(1),
+        }
+    }
+
+    fn period(&self, now: Millis) -> u64 {
+        now.saturating_sub(self.origin) / self.period_ms
+    }
+
+    fn at(&self, period: u64) -> u64 {
+        mix(self.key ^ mix(period)).max(1)
+    }
+
+    /// The nonce senders should echo now.
+    pub fn current(&self, now: Millis) -> u64 {
+        self.at(self.period(now))
+    }
+
+    /// Whether `nonce` is the current or the previous period's.
+    pub fn accepts(&self, now: Millis, nonce: u64) -> bool {
+        let p = self.period(now);
+        nonce != 0 && (nonce == self.at(p) || (p > 0 && nonce == self.at(p - 1)))
+    }
+}
 
 /// Timing of heartbeats, failure detection and leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,10 +215,19 @@ pub enum PeerMsg {
     /// Sent by both nodes every interval.
     Heartbeat {
         sent_at: Millis,
-        /// The sender's process run: an Ack echoes it, so an Ack meant
-        /// for an earlier run (a replay, a late packet) lends nothing.
+        /// The sender's process run (a counter persisted per node): an Ack
+        /// echoes it, so an Ack meant for an earlier run (a replay, a late
+        /// packet) lends nothing; and (incarnation, sent_at) orders the
+        /// sender's heartbeats, so a duplicate or a replay counts for nothing.
         #[serde(default)]
         incarnation: u64,
+        /// The sender's current nonce, for the receiver to echo.
+        #[serde(default)]
+        nonce: u64,
+        /// The receiver's nonce as the sender last learned it (0: none yet):
+        /// the heartbeat counts only if it is the receiver's current one.
+        #[serde(default)]
+        echo_nonce: u64,
         role: Role,
         /// The witness epoch at which the sender last knew its role.
         epoch: u64,
@@ -192,6 +261,9 @@ pub enum WitnessOp {
     /// recorded outdated (its writes since may be lost: split brain).
     /// Still refused while another node's lease is in force.
     ForcePromote,
+    /// Asks nothing: a secondary learns the witness's current nonce, so
+    /// that a failover's first Promote is not refused for an old one.
+    Probe,
 }
 
 /// A request to the witness.
@@ -202,8 +274,14 @@ pub struct WitnessRequest {
     pub peer: String,
     pub op: WitnessOp,
     pub sent_at: Millis,
-    /// Random per process start: `sent_at` values compare only within one.
+    /// The node's run: a counter persisted and incremented at each start.
+    /// (incarnation, sent_at) orders a node's requests across its runs.
     pub incarnation: u64,
+    /// The witness's nonce, as the node last learned it from a reply (0:
+    /// none yet). A request that does not echo the current one does nothing
+    /// and is answered [`Refusal::Nonce`] with the current one.
+    #[serde(default)]
+    pub nonce: u64,
     /// `UpToDate` applies only if the record's epoch is still this one: a
     /// late `UpToDate` must never undo a newer `Outdate`.
     pub expect_epoch: u64,
@@ -231,8 +309,14 @@ pub enum Refusal {
     Outdated,
     /// Another node's lease is still in force.
     LeaseHeld,
-    /// The record changed since the request was made (`expect_epoch`).
+    /// The record changed since the request was made (`expect_epoch`),
+    /// or the request is not newer than one already handled (a duplicate,
+    /// a replay, a late datagram).
     Stale,
+    /// The request did not echo the witness's current nonce (the node just
+    /// started, the witness restarted, or it is a replay): nothing was
+    /// done; the reply carries the nonce to retry with.
+    Nonce,
 }
 
 /// The witness's answer.
@@ -247,6 +331,9 @@ pub struct WitnessReply {
     /// `None`: granted.
     pub refused: Option<Refusal>,
     pub record: Record,
+    /// The witness's current nonce, to echo in the next request.
+    #[serde(default)]
+    pub nonce: u64,
 }
 
 /// The witness's logic for one workload: the persisted record plus the
@@ -259,35 +346,33 @@ pub struct Witness {
     /// (holder, grantor-side end).
     lease: Option<(String, Millis)>,
     quiet_until: Millis,
-    /// Per node: (incarnation, newest `sent_at` handled). Older requests
-    /// are answered `Stale` without effect, so a node's requests take effect
-    /// in the order it sent them (UDP may reorder): once its newest Promote
-    /// was refused, no older one can still succeed.
+    /// Per node: the newest (incarnation, `sent_at`) handled. Requests not
+    /// newer are answered `Stale` without effect, so a duplicate or a
+    /// replay does nothing, and a node's requests take effect in the order
+    /// it sent them (UDP may reorder): once its newest Promote was refused,
+    /// no older one can still succeed. Volatile: after a restart the nonces
+    /// (a new key) refuse everything sent before.
     newest: std::collections::HashMap<String, (u64, Millis)>,
+    nonces: Nonces,
 }
 
 impl Witness {
-    /// A witness (re)started at `now` with its persisted `record`.
-    pub fn start(record: Record, timing: Timing, now: Millis) -> Witness {
+    /// A witness (re)started at `now` with its persisted `record`;
+    /// `nonce_key` is random, picked at each start of the witness.
+    pub fn start(record: Record, timing: Timing, now: Millis, nonce_key: u64) -> Witness {
         Witness {
             record,
             timing,
             lease: None,
             quiet_until: timing.grantor_end(now),
             newest: std::collections::HashMap::new(),
+            nonces: Nonces::new(nonce_key, now, timing.lease_ms),
         }
     }
 
-    /// A witness for a workload it never held a record of: nothing was
-    /// ever granted for it, so no quiet period.
-    pub fn fresh(timing: Timing) -> Witness {
-        Witness {
-            record: Record::default(),
-            timing,
-            lease: None,
-            quiet_until: 0,
-            newest: std::collections::HashMap::new(),
-        }
+    /// The nonce requests must echo now.
+    pub fn nonce(&self, now: Millis) -> u64 {
+        self.nonces.current(now)
     }
 
     /// New lease settings from the nodes. A lease already granted keeps the
@@ -300,11 +385,13 @@ impl Witness {
     /// before the reply is sent.
     pub fn handle(&mut self, now: Millis, req: &WitnessRequest) -> (WitnessReply, bool) {
         let before = self.record.clone();
-        let stale = match self.newest.get(&req.node) {
-            Some(&(inc, sent)) => inc == req.incarnation && req.sent_at < sent,
-            None => false,
-        };
-        let refused = if stale {
+        let stale = self
+            .newest
+            .get(&req.node)
+            .is_some_and(|&newest| (req.incarnation, req.sent_at) <= newest);
+        let refused = if !self.nonces.accepts(now, req.nonce) {
+            Some(Refusal::Nonce)
+        } else if stale {
             Some(Refusal::Stale)
         } else {
             self.newest
@@ -323,6 +410,7 @@ impl Witness {
             op: req.op,
             refused,
             record: self.record.clone(),
+            nonce: self.nonces.current(now),
         };
         (reply, changed)
     }
@@ -402,6 +490,7 @@ impl Witness {
                 self.grant(now, node);
                 None
             }
+            WitnessOp::Probe => None,
             WitnessOp::Release => {
                 if !is_primary {
                     return Some(Refusal::NotPrimary);
@@ -578,16 +667,40 @@ pub struct ClusterNode {
     started_at: Millis,
     next_heartbeat: Millis,
     next_witness: Millis,
+    /// This node's nonces for its peer's heartbeats.
+    nonces: Nonces,
+    /// The newest (incarnation, sent_at) of the peer's heartbeats seen:
+    /// anything not newer is a duplicate or a replay and counts for nothing.
+    peer_newest: Option<(u64, Millis)>,
+    /// The peer's nonce from its newest heartbeat, echoed in ours.
+    peer_nonce: u64,
+    /// The newest heartbeat (`sent_at`) of this run the peer acknowledged:
+    /// an Ack not newer (a duplicate, a replay) says nothing of the peer.
+    newest_ack: Option<Millis>,
+    /// The witness's nonce from its newest reply, echoed in requests.
+    witness_nonce: u64,
+    /// The newest request (`sent_at`) a witness reply answered: an older
+    /// reply (late, or replayed) is ignored.
+    newest_reply: Option<Millis>,
+    /// The newest request sent to the witness.
+    last_witness_sent: Option<Millis>,
+    /// The newest witness reply's record names this node primary.
+    witness_names_me: bool,
+    /// A secondary probes the witness for its nonce from then on.
+    next_probe: Millis,
 }
 
 impl ClusterNode {
     /// A node (re)started at `now` with its persisted role and data state.
     /// A restarted primary serves only once it holds a lease again.
+    /// `incarnation` grows with every start of the node (persisted);
+    /// `nonce_key` is random, picked at each start.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         me: &str,
         peer: &str,
         incarnation: u64,
+        nonce_key: u64,
         saved: Persisted,
         data: DataState,
         timing: Timing,
@@ -644,11 +757,25 @@ impl ClusterNode {
             started_at: now,
             next_heartbeat: now,
             next_witness: now,
+            nonces: Nonces::new(nonce_key, now, timing.lease_ms),
+            peer_newest: None,
+            peer_nonce: 0,
+            newest_ack: None,
+            witness_nonce: 0,
+            newest_reply: None,
+            last_witness_sent: None,
+            witness_names_me: false,
+            next_probe: now,
         }
     }
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// The nonce the peer's heartbeats must echo now.
+    pub fn nonce(&self, now: Millis) -> u64 {
+        self.nonces.current(now)
     }
 
     /// This node's copy as a replica: outdated once the witness said so.
@@ -784,10 +911,27 @@ impl ClusterNode {
             Input::Peer(PeerMsg::Heartbeat {
                 sent_at,
                 incarnation,
+                nonce,
+                echo_nonce,
                 role,
                 epoch,
                 resigning,
             }) => {
+                // A duplicate (another path), a late datagram or a replay.
+                if self
+                    .peer_newest
+                    .is_some_and(|newest| (incarnation, sent_at) <= newest)
+                {
+                    return out;
+                }
+                self.peer_newest = Some((incarnation, sent_at));
+                self.peer_nonce = nonce;
+                // Sent before the peer had heard this run's current nonce
+                // (either side just started): it teaches the peer's nonce,
+                // and proves nothing else.
+                if !self.nonces.accepts(now, echo_nonce) {
+                    return out;
+                }
                 self.peer_last_heard = Some(now);
                 self.peer_role = Some(role);
                 self.peer_epoch = epoch;
@@ -800,8 +944,11 @@ impl ClusterNode {
                 self.on_peer_heartbeat(now, hb, role, epoch, resigning, &mut out);
             }
             Input::Peer(PeerMsg::Ack { echo, incarnation })
-                if echo > now || incarnation != self.incarnation => {}
+                if echo > now
+                    || incarnation != self.incarnation
+                    || self.newest_ack.is_some_and(|newest| echo <= newest) => {}
             Input::Peer(PeerMsg::Ack { echo, .. }) => {
+                self.newest_ack = Some(echo);
                 self.peer_last_heard = Some(now);
                 if matches!(self.role, Role::Primary | Role::Fenced) && !self.resigning {
                     self.peer_lease_end = self.peer_lease_end.max(self.timing.holder_end(echo));
@@ -947,7 +1094,32 @@ impl ClusterNode {
     }
 
     fn on_witness(&mut self, now: Millis, reply: WitnessReply, out: &mut Vec<Action>) {
+        // Replies answer requests in the order they were sent (the witness
+        // handles each node's requests in that order): an older one is late
+        // or replayed, and must not undo what a newer one said.
+        if self.newest_reply.is_some_and(|newest| reply.echo <= newest) {
+            return;
+        }
+        self.newest_reply = Some(reply.echo);
+        self.witness_nonce = reply.nonce;
+        self.witness_names_me = reply.record.primary.as_deref() == Some(self.me.as_str());
         self.record_epoch = self.record_epoch.max(reply.record.epoch);
+        if reply.op == WitnessOp::Probe {
+            return;
+        }
+        if reply.refused == Some(Refusal::Nonce) {
+            // Nothing was done: ask again at once with the nonce just
+            // learned (one round trip after a start of either side).
+            if self.last_witness_sent == Some(reply.echo) {
+                self.next_witness = now;
+                if let Some(c) = self.candidacy.as_mut() {
+                    if c.sent == Some(reply.echo) {
+                        c.sent = None;
+                    }
+                }
+            }
+            return;
+        }
         let record = &reply.record;
         let me_primary = record.primary.as_deref() == Some(self.me.as_str());
         match (reply.op, reply.refused) {
@@ -982,6 +1154,8 @@ impl ClusterNode {
                             }));
                         }
                     }
+                    // Handled above.
+                    Refusal::Nonce => {}
                     Refusal::LeaseHeld | Refusal::Quiet | Refusal::NotPrimary | Refusal::Stale => {
                         if self.peer_alive(now) && !self.peer_resigning {
                             // The primary still renews (the link alone was
@@ -1099,6 +1273,8 @@ impl ClusterNode {
             out.push(Action::SendPeer(PeerMsg::Heartbeat {
                 sent_at: now,
                 incarnation: self.incarnation,
+                nonce: self.nonces.current(now),
+                echo_nonce: self.peer_nonce,
                 role: self.role,
                 epoch: self.epoch,
                 resigning: self.resigning,
@@ -1115,12 +1291,17 @@ impl ClusterNode {
                 if let (WitnessOp::Promote, Some(c)) = (op, self.candidacy.as_mut()) {
                     c.sent = Some(now);
                 }
+                if op == WitnessOp::Probe {
+                    self.next_probe = now + (t.lease_ms / 4).max(1);
+                }
+                self.last_witness_sent = Some(now);
                 out.push(Action::SendWitness(WitnessRequest {
                     node: self.me.clone(),
                     peer: self.peer.clone(),
                     op,
                     sent_at: now,
                     incarnation: self.incarnation,
+                    nonce: self.witness_nonce,
                     expect_epoch: self.record_epoch,
                 }));
             }
@@ -1130,6 +1311,10 @@ impl ClusterNode {
 
     fn witness_op(&self, now: Millis) -> Option<WitnessOp> {
         match self.role {
+            // Outdate and UpToDate need the record to name this node
+            // primary: a Renew claims a record that names nobody yet (a
+            // workload just put under HA) or finds out who replaced it.
+            Role::Primary if !self.witness_names_me => Some(WitnessOp::Renew),
             Role::Primary if self.writes_held => Some(WitnessOp::Outdate),
             // Only while the link says the replica is in sync and its
             // heartbeats arrive; a link loss cancels it (PeerNotUpToDate).
@@ -1155,7 +1340,11 @@ impl ClusterNode {
                         WitnessOp::Promote
                     })
                 }
-                _ => None,
+                Some(_) => None,
+                // Keeps the witness's nonce fresh (it changes every lease
+                // period), so a failover's first Promote counts.
+                None if now >= self.next_probe => Some(WitnessOp::Probe),
+                None => None,
             },
         }
     }
@@ -1314,7 +1503,7 @@ mod tests {
             epoch: 1,
             candidate: false,
         };
-        ClusterNode::start(me, peer, 1, saved, DataState::UpToDate, timing(), p, 0)
+        ClusterNode::start(me, peer, 1, 7, saved, DataState::UpToDate, timing(), p, 0)
     }
 
     fn req(node: &str, op: WitnessOp, at: Millis) -> WitnessRequest {
@@ -1324,8 +1513,16 @@ mod tests {
             op,
             sent_at: at,
             incarnation: 1,
+            nonce: 0,
             expect_epoch: 0,
         }
+    }
+
+    /// `node` asks `op` at `at`, echoing the witness's current nonce.
+    fn ask(w: &mut Witness, node: &str, op: WitnessOp, at: Millis) -> (WitnessReply, bool) {
+        let mut r = req(node, op, at);
+        r.nonce = w.nonce(at);
+        w.handle(at, &r)
     }
 
     #[test]
@@ -1335,22 +1532,22 @@ mod tests {
             primary: Some("a".into()),
             outdated: None,
         };
-        let mut w = Witness::start(rec, timing(), 0);
+        let mut w = Witness::start(rec, timing(), 0, 99);
         // Quiet after a start.
-        let (r, _) = w.handle(10, &req("b", WitnessOp::Promote, 10));
+        let (r, _) = ask(&mut w, "b", WitnessOp::Promote, 10);
         assert_eq!(r.refused, Some(Refusal::Quiet));
-        let (r, _) = w.handle(600, &req("a", WitnessOp::Renew, 600));
+        let (r, _) = ask(&mut w, "a", WitnessOp::Renew, 600);
         assert_eq!(r.refused, None);
-        let (r, _) = w.handle(1000, &req("b", WitnessOp::Promote, 1000));
+        let (r, _) = ask(&mut w, "b", WitnessOp::Promote, 1000);
         assert_eq!(r.refused, Some(Refusal::LeaseHeld));
         // 600 + 525 = 1125: the lease has run out.
-        let (r, changed) = w.handle(1126, &req("b", WitnessOp::Promote, 1126));
+        let (r, changed) = ask(&mut w, "b", WitnessOp::Promote, 1126);
         assert_eq!(r.refused, None);
         assert!(changed);
         assert_eq!(r.record.primary.as_deref(), Some("b"));
         assert_eq!(r.record.outdated.as_deref(), Some("a"));
         // The old primary is refused from now on.
-        let (r, _) = w.handle(1200, &req("a", WitnessOp::Renew, 1200));
+        let (r, _) = ask(&mut w, "a", WitnessOp::Renew, 1200);
         assert_eq!(r.refused, Some(Refusal::NotPrimary));
     }
 
@@ -1361,10 +1558,10 @@ mod tests {
             primary: Some("a".into()),
             outdated: None,
         };
-        let mut w = Witness::start(rec, timing(), 0);
-        let (r, _) = w.handle(2000, &req("a", WitnessOp::Outdate, 2000));
+        let mut w = Witness::start(rec, timing(), 0, 99);
+        let (r, _) = ask(&mut w, "a", WitnessOp::Outdate, 2000);
         assert_eq!(r.refused, None);
-        let (r, _) = w.handle(9000, &req("b", WitnessOp::Promote, 9000));
+        let (r, _) = ask(&mut w, "b", WitnessOp::Promote, 9000);
         assert_eq!(r.refused, Some(Refusal::Outdated));
     }
 
@@ -1384,6 +1581,7 @@ mod tests {
                     primary: Some("a".into()),
                     outdated: None,
                 },
+                nonce: 5,
             }),
         );
         assert!(a.accepting_writes(10));
@@ -1422,6 +1620,8 @@ mod tests {
                     Input::Peer(PeerMsg::Heartbeat {
                         sent_at: now,
                         incarnation: 7,
+                        nonce: 3,
+                        echo_nonce: b.nonce(now),
                         role: Role::Fenced,
                         epoch: 1,
                         resigning: true,
@@ -1438,6 +1638,7 @@ mod tests {
                         op: WitnessOp::Promote,
                         refused: (now < 300).then_some(Refusal::LeaseHeld),
                         record: record.clone(),
+                        nonce: 5,
                     }),
                 ));
             }
@@ -1459,5 +1660,129 @@ mod tests {
         // 4, 8, 16, 32, 64, 100, 100 ms apart: not once per round trip.
         assert!((5..=12).contains(&promotes.len()), "asked at {promotes:?}");
         assert!(promotes[1] - promotes[0] >= 4, "asked at {promotes:?}");
+    }
+
+    fn heartbeat(sent_at: Millis, incarnation: u64, echo_nonce: u64) -> Input {
+        Input::Peer(PeerMsg::Heartbeat {
+            sent_at,
+            incarnation,
+            nonce: 11,
+            echo_nonce,
+            role: Role::Primary,
+            epoch: 1,
+            resigning: false,
+        })
+    }
+
+    fn acks(out: &[Action]) -> usize {
+        out.iter()
+            .filter(|a| matches!(a, Action::SendPeer(PeerMsg::Ack { .. })))
+            .count()
+    }
+
+    #[test]
+    fn a_heartbeat_counts_once_and_only_if_it_echoes_the_receiver_s_current_nonce() {
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        let _ = b.tick(0);
+        // Before a heard b's nonce: it teaches a's nonce, proves nothing.
+        let out = b.on_input(10, heartbeat(10, 5, 0));
+        assert_eq!(acks(&out), 0);
+        assert!(!b.peer_alive(10));
+        // b's next heartbeat echoes a's nonce.
+        let out = b.tick(100);
+        assert!(out.iter().any(|a| matches!(
+            a,
+            Action::SendPeer(PeerMsg::Heartbeat { echo_nonce: 11, .. })
+        )));
+        let hb = heartbeat(110, 5, b.nonce(110));
+        let out = b.on_input(111, hb.clone());
+        assert_eq!(acks(&out), 1, "a fresh heartbeat earns a lease grant");
+        assert!(b.peer_alive(111));
+        // The same datagram again (another path, or a replay): nothing.
+        let out = b.on_input(112, hb.clone());
+        assert_eq!(acks(&out), 0);
+        // An earlier run's heartbeat echoing the current nonce: nothing.
+        assert_eq!(acks(&b.on_input(113, heartbeat(900, 4, b.nonce(113)))), 0);
+        // Replayed for longer than the failure timeout, it keeps nobody alive.
+        let mut lost = false;
+        for now in (120..1000).step_by(10) {
+            let mut out = b.on_input(now, hb.clone());
+            out.extend(b.tick(now));
+            lost |= out.contains(&Action::Event(Event::PeerLost));
+        }
+        assert!(lost && !b.peer_alive(1000));
+        // A restarted receiver has other nonces: old echoes count for nothing.
+        let mut b2 = witnessed_node("b", "a", Role::Secondary);
+        b2.nonces = Nonces::new(8, 0, timing().lease_ms);
+        let out = b2.on_input(120, heartbeat(130, 5, b.nonce(120)));
+        assert_eq!(acks(&out), 0);
+        assert!(!b2.peer_alive(120));
+    }
+
+    #[test]
+    fn a_replayed_ack_keeps_no_peer_alive() {
+        let mut a = witnessed_node("a", "b", Role::Primary);
+        let _ = a.tick(0);
+        let ack = Input::Peer(PeerMsg::Ack {
+            echo: 0,
+            incarnation: 1,
+        });
+        let _ = a.on_input(5, ack.clone());
+        assert!(a.peer_alive(5) && a.lease_end() > 0);
+        for now in (10..1000).step_by(10) {
+            let _ = a.on_input(now, ack.clone());
+            let _ = a.tick(now);
+        }
+        assert!(!a.peer_alive(1000), "a replayed Ack is not a sign of life");
+    }
+
+    #[test]
+    fn a_request_with_an_old_nonce_is_sent_again_at_once_with_the_new_one() {
+        let mut a = witnessed_node("a", "b", Role::Primary);
+        let sent = |out: &[Action]| {
+            out.iter()
+                .find_map(|x| match x {
+                    Action::SendWitness(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .expect("a witness request")
+        };
+        let first = sent(&a.tick(0));
+        assert_eq!((first.op, first.nonce), (WitnessOp::Renew, 0));
+        let out = a.on_input(
+            3,
+            Input::Witness(WitnessReply {
+                echo: first.sent_at,
+                incarnation: 1,
+                op: WitnessOp::Renew,
+                refused: Some(Refusal::Nonce),
+                record: Record {
+                    epoch: 1,
+                    primary: Some("a".into()),
+                    outdated: None,
+                },
+                nonce: 42,
+            }),
+        );
+        let again = sent(&out);
+        assert_eq!(
+            (again.op, again.nonce, again.sent_at),
+            (WitnessOp::Renew, 42, 3)
+        );
+    }
+
+    #[test]
+    fn a_secondary_keeps_the_witness_nonce_fresh() {
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        // Until the (silent) primary counts as lost at 500 ms.
+        let probes: Vec<Millis> = (0..450)
+            .filter(|&now| {
+                b.tick(now)
+                    .iter()
+                    .any(|x| matches!(x, Action::SendWitness(r) if r.op == WitnessOp::Probe))
+            })
+            .collect();
+        // Every lease / 4 (125 ms; at most every heartbeat interval).
+        assert_eq!(probes, [0, 125, 250, 375]);
     }
 }

@@ -10,6 +10,12 @@
 //! - after the faults stop: one primary accepting writes and an up-to-date
 //!   secondary holding the same data.
 //!
+//! An adversary records every datagram and, in some schedules, sends old
+//! ones again (to the node or witness they were meant for, even across a
+//! cut link): replays must change none of the above. A separate test
+//! replays a crashed primary's datagrams and checks that the failover still
+//! happens within its normal time.
+//!
 //! A failure prints its seed; replay it with
 //! `FERRY_SIM_SEED=N cargo test -p ferry-core --test cluster_sim`.
 //! `FERRY_SIM_SEEDS=N` runs more schedules.
@@ -62,12 +68,20 @@ struct Msg {
     from: usize,
     to: usize,
     payload: Payload,
+    /// Sent again by the adversary: it reaches its receiver whatever the
+    /// links between the original sender and the receiver.
+    replay: bool,
 }
+
+/// Datagrams the adversary keeps for replaying.
+const CAPTURED_MAX: usize = 4096;
 
 /// What survives a crash.
 #[derive(Debug, Clone)]
 struct Disk {
     saved: Persisted,
+    /// The node's run counter, incremented at each start.
+    incarnation: u64,
     data_state: DataState,
     data: BTreeSet<u64>,
 }
@@ -120,6 +134,10 @@ struct Sim {
     /// accepted it), and a split brain may remain for the operator; two
     /// writers at once never are.
     forced: bool,
+    /// Every datagram sent (the newest `CAPTURED_MAX`), for replays.
+    captured: Vec<Msg>,
+    /// Per mille of milliseconds in which one captured datagram is replayed.
+    replay_per_mille: u64,
 }
 
 fn link(a: usize, b: usize) -> usize {
@@ -163,6 +181,7 @@ impl Sim {
                     epoch: 1,
                     candidate: false,
                 },
+                incarnation: 0,
                 data_state: DataState::UpToDate,
                 data: BTreeSet::new(),
             },
@@ -203,8 +222,11 @@ impl Sim {
             log: Vec::new(),
             operator: seed % 4 == 3,
             forced: false,
+            captured: Vec::new(),
+            replay_per_mille: if seed % 3 == 1 { 200 } else { 0 },
         };
-        sim.witness = Some(Witness::start(record, timing, sim.witness_local(0)));
+        let key = sim.rng.next();
+        sim.witness = Some(Witness::start(record, timing, sim.witness_local(0), key));
         for i in [A, B] {
             sim.start_node(i, 0);
         }
@@ -216,13 +238,15 @@ impl Sim {
     }
 
     fn start_node(&mut self, i: usize, t: Millis) {
-        let incarnation = self.rng.next();
+        let nonce_key = self.rng.next();
+        self.nodes[i].disk.incarnation += 1;
         let n = &self.nodes[i];
         let now = n.local(t);
         let core = ClusterNode::start(
             NAMES[i],
             NAMES[1 - i],
-            incarnation,
+            n.disk.incarnation,
+            nonce_key,
             n.disk.saved,
             n.disk.data_state,
             self.timing,
@@ -238,12 +262,32 @@ impl Sim {
             return;
         }
         let at = t + 1 + self.rng.below(self.delay_max);
-        self.inflight.push(Msg {
+        let m = Msg {
             at,
             from,
             to,
             payload,
-        });
+            replay: false,
+        };
+        if self.captured.len() < CAPTURED_MAX {
+            self.captured.push(m.clone());
+        } else {
+            let k = self.rng.below(CAPTURED_MAX as u64) as usize;
+            self.captured[k] = m.clone();
+        }
+        self.inflight.push(m);
+    }
+
+    /// The adversary sends one captured datagram again, now.
+    fn replay(&mut self, t: Millis) {
+        if self.captured.is_empty() || !self.rng.chance(self.replay_per_mille) {
+            return;
+        }
+        let k = self.rng.below(self.captured.len() as u64) as usize;
+        let mut m = self.captured[k].clone();
+        m.at = t;
+        m.replay = true;
+        self.inflight.push(m);
     }
 
     fn perform(&mut self, t: Millis, i: usize, actions: Vec<Action>) {
@@ -297,7 +341,7 @@ impl Sim {
         }
         self.inflight = keep;
         for m in due {
-            if !self.link_up(t, m.from, m.to) {
+            if !m.replay && !self.link_up(t, m.from, m.to) {
                 continue;
             }
             match m.payload {
@@ -514,16 +558,19 @@ impl Sim {
         }
         if self.witness.is_none() && t >= self.witness_down_until {
             self.log.push(format!("t={t} RESTART witness"));
+            let key = self.rng.next();
             self.witness = Some(Witness::start(
                 self.witness_record.clone(),
                 self.timing,
                 self.witness_local(t),
+                key,
             ));
         }
     }
 
     fn step(&mut self, t: Millis, seed: u64) {
         self.restarts(t);
+        self.replay(t);
         self.deliver(t);
         for i in [A, B] {
             if self.nodes[i].running(t) && t % 5 == self.nodes[i].tick_phase {
@@ -616,5 +663,110 @@ fn seeded_schedules_keep_one_primary_and_every_acknowledged_write() {
         .unwrap_or(300);
     for seed in 0..seeds {
         run(seed);
+    }
+}
+
+/// The primary `a` crashes at 3 s (and the witness restarts 100 ms later
+/// when `witness_restart`); then, when `replay`, the adversary plays a's
+/// datagrams (heartbeats to b, requests to the witness) captured in the last
+/// two lease periods again, in a loop at their original pace, and a's last
+/// heartbeat and last witness request every millisecond. Returns how long
+/// b took to accept writes.
+fn failover_ms(seed: u64, replay: bool, witness_restart: bool) -> Millis {
+    let mut sim = Sim::new(seed);
+    sim.replay_per_mille = 0;
+    sim.operator = false;
+    let crash_at: Millis = 3000;
+    for t in 0..crash_at {
+        sim.step(t, seed);
+    }
+    assert!(
+        sim.accepting(crash_at - 1, A),
+        "seed {seed}\n{}",
+        sim.tail()
+    );
+    sim.captured.retain(|m| m.from == A);
+    assert!(
+        sim.captured
+            .iter()
+            .any(|m| matches!(m.payload, Payload::Peer(_)))
+            && sim
+                .captured
+                .iter()
+                .any(|m| matches!(m.payload, Payload::ToWitness(_))),
+        "seed {seed}: nothing captured"
+    );
+    sim.nodes[A].core = None;
+    sim.nodes[A].down_until = Millis::MAX;
+    sim.log.push(format!("t={crash_at} CRASH a for good"));
+    if witness_restart {
+        sim.witness = None;
+        sim.witness_down_until = crash_at + 100;
+    }
+    let since = crash_at - 2 * sim.timing.lease_ms;
+    let mut tape: Vec<Msg> = sim
+        .captured
+        .iter()
+        .filter(|m| m.at >= since)
+        .cloned()
+        .collect();
+    tape.sort_by_key(|m| m.at);
+    let tape_start = tape[0].at;
+    let tape_ms = tape[tape.len() - 1].at - tape_start + 1;
+    let last = |peer: bool| {
+        tape.iter()
+            .rev()
+            .find(|m| matches!(m.payload, Payload::Peer(_)) == peer)
+            .cloned()
+            .expect("captured")
+    };
+    let newest = [last(true), last(false)];
+    for t in crash_at..crash_at + 30_000 {
+        if replay {
+            for m in &newest {
+                let mut m = m.clone();
+                m.at = t;
+                m.replay = true;
+                sim.inflight.push(m);
+            }
+            let offset = (t - crash_at) % tape_ms;
+            for m in tape.iter().filter(|m| m.at - tape_start == offset) {
+                let mut m = m.clone();
+                m.at = t;
+                m.replay = true;
+                sim.inflight.push(m);
+            }
+        }
+        sim.step(t, seed);
+        if sim.accepting(t, B) {
+            return t - crash_at;
+        }
+    }
+    panic!(
+        "seed {seed}: b never took over (replay {replay})\n{}",
+        sim.tail()
+    );
+}
+
+#[test]
+fn replaying_a_crashed_primary_s_datagrams_does_not_delay_the_failover() {
+    for seed in 0..40 {
+        let timing = Sim::new(seed).timing;
+        for witness_restart in [false, true] {
+            let normal = failover_ms(seed, false, witness_restart);
+            let replayed = failover_ms(seed, true, witness_restart);
+            // Detection, then the old lease's grantor-side end (measured on
+            // clocks up to drift apart), the witness's quiet period after
+            // its restart, a few heartbeat intervals of retries and delays.
+            let lease = timing.lease_ms * (1000 + 2 * timing.drift_permille) / 1000;
+            let bound = timing.failure_timeout_ms.max(lease)
+                + if witness_restart { 100 + lease } else { 0 }
+                + 3 * timing.heartbeat_interval_ms;
+            assert!(
+                normal <= bound && replayed <= bound,
+                "seed {seed} (witness restart {witness_restart}): failover took {normal} ms \
+                 without replays and {replayed} ms with them; bound {bound} ms"
+            );
+        }
     }
 }

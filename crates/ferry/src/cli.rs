@@ -83,9 +83,10 @@ pub enum Command {
         /// UDP address to answer on, e.g. 198.18.0.3:7380.
         #[arg(long)]
         listen: std::net::SocketAddr,
-        /// A file holding a shared key (any text, e.g. 64 hex digits): every
-        /// request must then be signed with it (HMAC-SHA256) and every reply
-        /// is. The nodes name the same file with `cluster.witness_key_file`.
+        /// A file holding the shared key (any text of at least 16 characters,
+        /// mode 0600), mandatory: every request must be signed with it
+        /// (HMAC-SHA256) and every reply is. The nodes name the same key
+        /// with `cluster.witness_key_file`.
         #[arg(long)]
         key_file: Option<PathBuf>,
     },

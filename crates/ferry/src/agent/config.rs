@@ -92,8 +92,9 @@ pub struct ClusterSettings {
     #[serde(default)]
     pub witness: Option<SocketAddr>,
     /// The witness's shared key (its `--key-file`): requests are signed and
-    /// only signed replies believed. Without it, anyone who can send UDP to
-    /// the nodes or the witness could forge leases and promotions.
+    /// only signed replies believed. Mandatory with `witness` (anyone who
+    /// can send UDP to the nodes or the witness could otherwise forge leases
+    /// and promotions); the file must be readable by its owner only.
     #[serde(default)]
     pub witness_key_file: Option<PathBuf>,
     #[serde(default = "default_heartbeat_interval_ms")]
@@ -466,6 +467,12 @@ impl AgentConfig {
             if c.peer == self.node_name {
                 return Err("key `cluster.peer`: a node cannot be its own peer".into());
             }
+            if c.witness.is_some() && c.witness_key_file.is_none() {
+                return Err(format!(
+                    "key `cluster.witness_key_file` is missing: a witness needs the key its `ferry witness --key-file` uses; {}",
+                    crate::cluster::witness::MAKE_KEY
+                ));
+            }
         }
         if r.copies_in_flight_max == 0 || r.al_extents_max == 0 {
             return Err(
@@ -518,5 +525,19 @@ mod tests {
         assert!(e.contains("line 6") && e.contains("typo_key"), "{e}");
         let e = load("node_name = \"a\"\n").unwrap_err().to_string();
         assert!(e.contains("data_dir"), "{e}");
+    }
+
+    #[test]
+    fn a_witness_without_its_key_is_refused() {
+        let cluster = "[cluster]\npeer = \"b\"\nheartbeat = [\"127.0.0.1:7370\"]\nwitness = \"127.0.0.1:7380\"\n";
+        let e = load(&format!("{GOOD}{cluster}")).unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.witness_key_file") && e.contains("urandom"),
+            "{e}"
+        );
+        load(&format!(
+            "{GOOD}{cluster}witness_key_file = \"/etc/ferry/witness.key\"\n"
+        ))
+        .unwrap();
     }
 }

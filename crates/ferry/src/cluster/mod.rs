@@ -14,6 +14,16 @@
 //! - Outdate before going alone is enforced in the write path:
 //!   `PrimaryVolume::alone` is required for sync volumes under HA with a
 //!   witness and granted from the state machine.
+//! - Replays: the state machine counts a heartbeat or a witness reply only
+//!   if it is fresh (nonces, incarnations: `ferry_core::cluster::Nonces`).
+//!   This module supplies the randomness (a nonce key per workload per
+//!   start) and the incarnation, a counter in `DATA_DIR/cluster-incarnation`
+//!   incremented and fsynced before the heartbeat thread starts (the thread
+//!   itself never touches the disk for it).
+//! - The witness keeps one record per (cluster id, workload): the cluster
+//!   id is derived from the heartbeat key both nodes got at pairing
+//!   ([`cluster_id`]), so it is the same on both and differs between
+//!   clusters.
 
 pub mod witness;
 
@@ -294,6 +304,48 @@ impl Drop for Slot {
     }
 }
 
+/// The file holding this node's run counter.
+fn incarnation_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("cluster-incarnation")
+}
+
+/// This run's incarnation: one more than the last run's, and at least the
+/// wall clock in seconds (so a lost or restored counter file still moves
+/// forward), written durably before it is used. Heartbeats and witness
+/// requests are ordered by (incarnation, sent_at): a datagram of an
+/// earlier run is older than every one of this run.
+pub fn next_incarnation(data_dir: &Path) -> u64 {
+    let path = incarnation_path(data_dir);
+    let stored = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let next = stored.saturating_add(1).max(wall);
+    if let Err(e) = crate::agent::write_atomic_private(&path, format!("{next}\n").as_bytes()) {
+        // The wall-clock floor still orders runs more than a second apart.
+        tracing::error!(path = %path.display(), error = %format!("{e:#}"), "cluster.incarnation_not_saved");
+    }
+    next
+}
+
+/// The cluster id the witness keys its records by: the same on both nodes
+/// (derived from the heartbeat key made at pairing, which both hold and a
+/// re-pairing keeps), different for every pair of nodes, and revealing
+/// nothing of the key (HMAC-SHA256 of a fixed label, 128 bits in hex).
+pub fn cluster_id(heartbeat_key_hex: &str) -> Option<String> {
+    let key = hmac_key(heartbeat_key_hex)?;
+    let tag = ring::hmac::sign(&key, b"ferry cluster id v1");
+    Some(
+        tag.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
 /// Starts the manager if `[cluster]` is configured.
 pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     let Some(cfg) = ctx.cfg.cluster.clone() else {
@@ -302,6 +354,21 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     if cfg.heartbeat.is_empty() {
         bail!("`cluster.heartbeat` must list at least one address to receive heartbeats on");
     }
+    // The witness's key is mandatory: without it anyone who can send UDP
+    // could forge leases and promotions.
+    let witness = match cfg.witness {
+        Some(addr) => {
+            let path = cfg.witness_key_file.as_deref().ok_or_else(|| {
+                anyhow!(
+                    "key `cluster.witness_key_file` is missing: a witness needs the key its `ferry witness --key-file` uses; {}",
+                    witness::MAKE_KEY
+                )
+            })?;
+            Some(Arc::new((addr, witness::load_key(path)?)))
+        }
+        None => None,
+    };
+    let incarnation = next_incarnation(&ctx.cfg.data_dir);
     let mut socks = Vec::new();
     for a in &cfg.heartbeat {
         let s =
@@ -313,7 +380,7 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     wsock.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("cluster-hb".into())
-        .spawn(move || Manager::new(ctx, cfg, socks, wsock).run())?;
+        .spawn(move || Manager::new(ctx, cfg, socks, wsock, witness, incarnation).run())?;
     Ok(())
 }
 
@@ -364,8 +431,11 @@ struct Manager {
     /// Events for the notify hook.
     notify: Option<mpsc::SyncSender<Value>>,
     force_rx: mpsc::Receiver<String>,
-    /// The witness's shared key, if configured.
-    witness_key: Option<ring::hmac::Key>,
+    /// The witness's address and shared key, if configured.
+    witness: Option<Arc<(SocketAddr, ring::hmac::Key)>>,
+    /// This pair of nodes' cluster id (from the peer record's heartbeat
+    /// key): what the witness keys the workloads' records by.
+    cluster_id: Option<String>,
 }
 
 impl Manager {
@@ -374,6 +444,8 @@ impl Manager {
         cfg: ClusterSettings,
         socks: Vec<UdpSocket>,
         wsock: UdpSocket,
+        witness: Option<Arc<(SocketAddr, ring::hmac::Key)>>,
+        incarnation: u64,
     ) -> Manager {
         let (resign_tx, resign_rx) = mpsc::channel();
         let notify = cfg.notify.clone().and_then(|cmd| {
@@ -400,13 +472,9 @@ impl Manager {
         *ctx.cluster.resign.lock().unwrap_or_else(|p| p.into_inner()) = Some(resign_tx.clone());
         let (force_tx, force_rx) = mpsc::channel();
         *ctx.cluster.force.lock().unwrap_or_else(|p| p.into_inner()) = Some(force_tx);
-        let witness_key = cfg.witness_key_file.as_deref().and_then(|p| {
-            witness::load_key(p)
-                .map_err(|e| tracing::error!(error = %format!("{e:#}"), "cluster.witness_key_unreadable"))
-                .ok()
-        });
         Manager {
-            witness_key,
+            witness,
+            cluster_id: None,
             force_rx,
             resign_tx,
             resign_rx,
@@ -417,7 +485,7 @@ impl Manager {
             socks,
             wsock,
             slots: HashMap::new(),
-            incarnation: crate::agent::identity::random_u64(),
+            incarnation,
         }
     }
 
@@ -516,10 +584,11 @@ impl Manager {
 
     /// Picks up workloads put under HA (or removed) since the last look.
     fn refresh(&mut self) {
-        if self.ctx.peers.get(&self.cfg.peer).is_none() {
+        let Some(peer) = self.ctx.peers.get(&self.cfg.peer) else {
             self.set_state("waiting-for-peer");
             return;
-        }
+        };
+        self.cluster_id = cluster_id(&peer.heartbeat_key);
         self.set_state("running");
         let standby = in_standby(&self.ctx.cfg.data_dir);
         for slot in self.slots.values_mut() {
@@ -572,6 +641,7 @@ impl Manager {
                 &self.ctx.identity.node_name,
                 &self.cfg.peer,
                 self.incarnation,
+                crate::agent::identity::random_u64(),
                 h.state,
                 data,
                 self.timing,
@@ -964,20 +1034,27 @@ impl Manager {
                 }
             }
         }
+        let Some(w) = self.witness.clone() else {
+            return;
+        };
+        let (waddr, wkey) = &*w;
         for _ in 0..DATAGRAMS_PER_TURN_MAX {
             let now = self.now();
             let n = match self.wsock.recv_from(buf) {
-                Ok((n, from)) if Some(from) == self.cfg.witness => n,
+                Ok((n, from)) if from == *waddr => n,
                 Ok(_) => continue,
                 Err(_) => break,
             };
-            let Some(body) = witness::open(self.witness_key.as_ref(), &buf[..n]) else {
+            let Some(body) = witness::open(wkey, &buf[..n]) else {
                 tracing::warn!("cluster.witness_reply_refused: bad signature");
                 continue;
             };
             let Ok(r) = serde_json::from_slice::<FromWitness>(body) else {
                 continue;
             };
+            if self.cluster_id.as_deref() != Some(r.cluster.as_str()) {
+                continue;
+            }
             if let Some(slot) = self.slots.get_mut(&r.workload) {
                 let actions = slot.node.on_input(now, Input::Witness(r.reply));
                 self.perform(&r.workload, actions);
@@ -1033,19 +1110,19 @@ impl Manager {
                         // the permit back before the request can land.
                         self.poll_permits(w);
                     }
-                    let Some(addr) = self.cfg.witness else {
+                    let (Some(witness), Some(cluster)) = (&self.witness, &self.cluster_id) else {
                         continue;
                     };
+                    let (addr, key) = &**witness;
                     let msg = ToWitness {
+                        cluster: cluster.clone(),
                         workload: w.to_string(),
                         lease_ms: self.timing.lease_ms,
                         drift_permille: self.timing.drift_permille,
                         req,
                     };
                     if let Ok(b) = serde_json::to_vec(&msg) {
-                        let _ = self
-                            .wsock
-                            .send_to(&witness::seal(self.witness_key.as_ref(), b), addr);
+                        let _ = self.wsock.send_to(&witness::seal(key, b), *addr);
                     }
                 }
                 Action::Persist(state) => {
@@ -2030,4 +2107,41 @@ pub fn drop_copies(ctx: &AgentCtx, workload: &str) -> Result<Value> {
     }
     tracing::warn!(workload, dropped = ?dropped, "cluster.split_brain.copies_dropped");
     Ok(json!({"workload": workload, "node": ctx.identity.node_name, "dropped": dropped}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incarnations_grow_at_every_start_and_survive_a_lost_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let first = next_incarnation(dir.path());
+        assert!(first >= wall);
+        let second = next_incarnation(dir.path());
+        assert_eq!(second, first + 1);
+        let saved = std::fs::read_to_string(incarnation_path(dir.path())).unwrap();
+        assert_eq!(saved.trim(), second.to_string());
+        // A counter restored from an old backup, or lost: the wall clock.
+        std::fs::write(incarnation_path(dir.path()), "5\n").unwrap();
+        assert!(next_incarnation(dir.path()) >= wall);
+        std::fs::remove_file(incarnation_path(dir.path())).unwrap();
+        assert!(next_incarnation(dir.path()) >= wall);
+    }
+
+    #[test]
+    fn the_cluster_id_is_the_same_for_both_nodes_and_differs_between_pairs() {
+        let k1 = "11".repeat(32);
+        let k2 = "22".repeat(32);
+        let id = cluster_id(&k1).unwrap();
+        assert!(witness::valid_cluster_id(&id), "{id}");
+        assert_eq!(cluster_id(&k1), Some(id.clone()));
+        assert_ne!(cluster_id(&k2), Some(id.clone()));
+        assert!(!k1.contains(&id), "the id is not the key");
+        assert_eq!(cluster_id("not hex"), None);
+    }
 }
