@@ -789,3 +789,118 @@ fn async_share_reports_what_it_cannot_read_and_replicates_the_rest() {
     sh(&src, "chmod 755 locked");
     drop(b);
 }
+
+/// `setpriv` running `args` as user and group 65534 (nobody), no groups.
+fn as_nobody(args: &[&str]) -> Command {
+    let mut c = Command::new(require("setpriv"));
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args);
+    c
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Runs `tests/scripts/swap_race.py` as nobody: fchmod 0666 of `target` in
+/// a loop while entries `a` and `b` of `dir` are swapped, until 1,500
+/// chmods succeeded (at most 60 s) or `victim` changed mode. Returns the
+/// script's report; at least 300 chmods must have run.
+fn swap_race(target: &Path, dir: &Path, a: &str, b: &str, victim: &Path) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/swap_race.py");
+    let out = as_nobody(&[
+        "/usr/bin/python3",
+        script,
+        "60",
+        "1500",
+        target.to_str().unwrap(),
+        dir.to_str().unwrap(),
+        a,
+        b,
+        victim.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |what: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(what))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        mode_of(victim) != 0o600 || count("chmods ") >= 300 && count("swaps ") >= 300,
+        "the race did not run: {text}"
+    );
+    text
+}
+
+/// A temp dir other users may enter (a test's mount point must be reachable
+/// by the unprivileged user).
+fn open_root(prefix: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    root
+}
+
+#[test]
+fn an_unprivileged_user_cannot_chmod_outside_the_share_through_a_swapped_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    require("setpriv");
+    let root = open_root("ferry-share-chmod-race-");
+    let a = Agent::start(root.path(), "a", "");
+    // The data dir and shares/ are root's alone (also when they existed).
+    assert_eq!(mode_of(&a.dir), 0o700);
+    assert_eq!(mode_of(&a.dir.join("shares")), 0o700);
+    let (mnt, _m) = mount_point(root.path());
+    a.ok(&["share", "create", "app", "--path", mnt.to_str().unwrap()]);
+    std::fs::create_dir(mnt.join("u")).unwrap();
+    std::os::unix::fs::chown(mnt.join("u"), Some(65534), Some(65534)).unwrap();
+    let victim = root.path().join("victim");
+    std::fs::write(&victim, "root's alone").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let backing = data_dir(&a, "app").join("u");
+    run_ok(&mut as_nobody(&[
+        "touch",
+        mnt.join("u/f").to_str().unwrap(),
+    ]));
+    // As shipped, the user cannot reach the backing tree at all.
+    let out = as_nobody(&["ls", backing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an unprivileged user lists the backing tree"
+    );
+    // Opened up (an operator's chmod): the user puts a symlink to the victim
+    // beside their file and swaps the two while calling chmod through the
+    // mount. The chmod acts on the entry it checked, never through the link.
+    for d in [a.dir.clone(), a.dir.join("shares")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    run_ok(&mut as_nobody(&[
+        "ln",
+        "-s",
+        victim.to_str().unwrap(),
+        backing.join("s").to_str().unwrap(),
+    ]));
+    let report = swap_race(&mnt.join("u/f"), &backing, "f", "s", &victim);
+    assert_eq!(
+        mode_of(&victim),
+        0o600,
+        "a root-owned file outside the share was chmodded through a symlink ({report})"
+    );
+    // A restart tightens an existing data dir again.
+    let mut a = a;
+    a.stop();
+    a.spawn();
+    assert_eq!(mode_of(&a.dir), 0o700);
+    assert_eq!(mode_of(&a.dir.join("shares")), 0o700);
+}

@@ -1217,6 +1217,7 @@ pub fn serve_replica(
                 received_at: 0,
                 suspect_since: None,
                 level_exact: false,
+                bind_data: false,
             };
             if let Err(e) = store.create(&r) {
                 return refuse(&mut tls, e.to_string());

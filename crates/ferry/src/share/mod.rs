@@ -66,6 +66,11 @@ pub struct ShareRecord {
     /// ends, or when the journal cannot be trusted.
     #[serde(default)]
     pub level_exact: bool,
+    /// Async primary promoted here from a replica: its tree is `data/`
+    /// (under the root-only data dir), bind-mounted at `path` while it is
+    /// served, so applications keep using the share's path.
+    #[serde(default)]
+    pub bind_data: bool,
 }
 
 /// Why a share operation failed.
@@ -132,6 +137,14 @@ impl ShareStore {
 
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
+    }
+
+    /// Makes `shares/` (mode 0700), or tightens an existing one to 0700: a
+    /// replica's tree, a sync share's backing tree and a promoted async
+    /// share's tree live below it, and a local user writing them directly
+    /// would bypass replication (and the permission checks of the mount).
+    pub fn prepare(&self) -> Result<(), ShareError> {
+        private_dir(&self.root).map_err(io_err("cannot create", &self.root))
     }
 
     pub fn list(&self) -> Vec<String> {
@@ -214,6 +227,7 @@ impl ShareStore {
         if !rec.path.is_absolute() {
             return Err(ShareError::RelativePath(rec.path.clone()));
         }
+        self.prepare()?;
         if self.dir(&rec.name).join("share.json").exists() {
             return Err(ShareError::Exists(rec.name.clone()));
         }
@@ -235,6 +249,28 @@ impl ShareStore {
     pub fn journal_path(&self, name: &str) -> PathBuf {
         self.dir(name).join("journal")
     }
+}
+
+/// Makes directory `dir` with mode 0700 (its parents as usual), or sets an
+/// existing one's mode to 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = std::fs::metadata(dir)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOTDIR));
+    }
+    if m.permissions().mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// A fresh random id (hex) or generation.
@@ -265,6 +301,7 @@ mod tests {
             received_at: 0,
             suspect_since: None,
             level_exact: false,
+            bind_data: false,
         };
         store.create(&rec).unwrap();
         assert_eq!(store.load("app").unwrap(), rec);
@@ -303,6 +340,92 @@ pub struct Running {
     pub share: std::sync::Arc<primary::PrimaryShare>,
     pub mount: Option<fuse::Mount>,
     pub watcher: Option<watch::Watcher>,
+    /// An async share served from `data/`: its bind mount at the path.
+    pub bind: Option<BindMount>,
+}
+
+/// `data/` bind-mounted at a share's path (an async share promoted here),
+/// `nosuid,nodev`; detached when dropped (lazily: a process with a file
+/// open there keeps it, but no new path lookup reaches `data/`).
+#[derive(Debug)]
+pub struct BindMount {
+    pub path: PathBuf,
+}
+
+impl BindMount {
+    /// Bind-mounts `data` at `path` (made if missing). A bind of `data` left
+    /// there by an earlier run that did not stop cleanly is detached first.
+    pub fn mount(data: &Path, path: &Path) -> std::io::Result<BindMount> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        std::fs::create_dir_all(path)?;
+        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let cdata = std::ffi::CString::new(data.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let same = || -> bool {
+            match (std::fs::metadata(data), std::fs::metadata(path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            }
+        };
+        for _ in 0..16 {
+            if !same() {
+                break;
+            }
+            // SAFETY: NUL-terminated path; a failure ends the loop below.
+            if unsafe { libc::umount2(cpath.as_ptr(), libc::MNT_DETACH) } < 0 {
+                break;
+            }
+        }
+        let flags = libc::MS_BIND;
+        // SAFETY: NUL-terminated paths; no filesystem type or data for a bind.
+        let r = unsafe {
+            libc::mount(
+                cdata.as_ptr(),
+                cpath.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let m = BindMount {
+            path: path.to_path_buf(),
+        };
+        // A bind takes its flags from a remount.
+        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
+        // SAFETY: NUL-terminated path; remounting the bind made above.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                cpath.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            // `m` is dropped: the bind goes.
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt;
+        if let Ok(c) = std::ffi::CString::new(self.path.as_os_str().as_bytes()) {
+            // SAFETY: NUL-terminated path.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } < 0 {
+                tracing::warn!(path = %self.path.display(), error = %std::io::Error::last_os_error(),
+                    "share.bind.unmount_failed");
+            }
+        }
+    }
 }
 
 impl Running {
@@ -314,6 +437,7 @@ impl Running {
         self.share.stop_link(why);
         drop(self.watcher);
         drop(self.mount);
+        drop(self.bind);
         self.share.close_clean();
     }
 }
@@ -478,9 +602,22 @@ pub fn start_primary(
         })?;
         (Some(m), None)
     } else {
-        let w = watch::start(share.clone(), rec.path.clone(), ctx.cfg.shares)
+        let w = watch::start(share.clone(), ctx.cfg.shares)
             .with_context(|| format!("cannot watch {}", rec.path.display()))?;
         (None, Some(w))
+    };
+    let bind = if rec.mode == "async" && rec.bind_data {
+        let data = ShareStore::new(&ctx.cfg.data_dir).data_dir(&rec.name);
+        let b = BindMount::mount(&data, &rec.path).with_context(|| {
+            format!(
+                "cannot bind-mount share {:?} at {}",
+                rec.name,
+                rec.path.display()
+            )
+        })?;
+        Some(b)
+    } else {
+        None
     };
     ctx.shares.primaries().insert(
         rec.name.clone(),
@@ -488,6 +625,7 @@ pub fn start_primary(
             share: share.clone(),
             mount,
             watcher,
+            bind,
         },
     );
     if let Some(peer) = rec.peer.clone() {
@@ -570,9 +708,9 @@ pub fn promote_record(
     rec.received_at = rec.level_at;
     rec.suspect_since = None;
     rec.level_exact = clean;
-    if rec.mode == "async" {
-        rec.path = store.data_dir(name);
-    }
+    // An async replica's copy is data/ (under the root-only data dir): it
+    // is served there and bind-mounted at the share's path.
+    rec.bind_data = rec.mode == "async";
     store.save(&rec)?;
     tracing::warn!(share = %name, reverse_to = ?reverse_to, force, "share.promoted");
     Ok(Some(rec))
@@ -1090,7 +1228,7 @@ pub fn status(
     let (mut files, mut bytes) = (0u64, 0u64);
     if counts {
         // An async primary is used in place; everything else lives in data/.
-        let root = if rec.role == "primary" && rec.mode == "async" {
+        let root = if rec.role == "primary" && rec.mode == "async" && !rec.bind_data {
             rec.path.clone()
         } else {
             store.data_dir(name)

@@ -370,9 +370,10 @@ impl PrimaryShare {
         backlog_bytes_max: u64,
         replica_free_bytes_min: u64,
     ) -> std::io::Result<Arc<PrimaryShare>> {
-        // A sync share's tree is its private directory behind the FUSE mount;
-        // an async share is used in place.
-        let root = if rec.mode == "sync" {
+        // A sync share's tree is its private directory behind the FUSE mount,
+        // as is a promoted async replica's (bind-mounted at its path); an
+        // async share is used in place.
+        let root = if rec.mode == "sync" || rec.bind_data {
             store.data_dir(&rec.name)
         } else {
             rec.path.clone()
