@@ -904,3 +904,39 @@ fn an_unprivileged_user_cannot_chmod_outside_the_share_through_a_swapped_symlink
     assert_eq!(mode_of(&a.dir), 0o700);
     assert_eq!(mode_of(&a.dir.join("shares")), 0o700);
 }
+
+#[test]
+fn the_sync_mount_is_nosuid_and_nodev() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = open_root("ferry-share-nosuid-");
+    let a = Agent::start(root.path(), "a", "");
+    let (mnt, _m) = mount_point(root.path());
+    a.ok(&["share", "create", "app", "--path", mnt.to_str().unwrap()]);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} is not mounted: {mountinfo}", mnt.display()));
+    let opts: Vec<&str> = line.split(' ').nth(5).unwrap().split(',').collect();
+    assert!(
+        opts.contains(&"nosuid") && opts.contains(&"nodev"),
+        "mount options: {line}"
+    );
+    // allow_other: another user may use it.
+    assert!(line.contains("allow_other"), "{line}");
+    // A set-user-ID root program in the share runs as its caller.
+    let id = mnt.join("id");
+    std::fs::copy("/usr/bin/id", &id).unwrap();
+    std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let euid = run_ok(&mut as_nobody(&[id.to_str().unwrap(), "-u"]));
+    assert_eq!(euid.trim(), "65534", "a set-user-ID file ran as its owner");
+    // A device node in the share opens nothing.
+    run_ok(
+        Command::new("mknod")
+            .arg(mnt.join("zero"))
+            .args(["c", "1", "5"]),
+    );
+    std::fs::set_permissions(mnt.join("zero"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = std::fs::File::open(mnt.join("zero")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+}

@@ -1598,9 +1598,13 @@ pub fn mount(
         fuser::MountOption::FSName(format!("ferry:{name}")),
         fuser::MountOption::Subtype("ferry".into()),
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
+        // A set-user-ID file or a device node made in the share (by anyone
+        // who may write it, on either node) grants nothing through the mount.
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
     ];
+    // allow_other: applications run as any user (the kernel checks their
+    // permissions: default_permissions).
     cfg.acl = fuser::SessionACL::All;
     cfg.n_threads = Some(FUSE_THREADS);
     cfg.clone_fd = true;
