@@ -804,16 +804,22 @@ fn mode_of(p: &Path) -> u32 {
 }
 
 /// Runs `tests/scripts/swap_race.py` as nobody: fchmod 0666 of `target` in
-/// a loop while entries `a` and `b` of `dir` are swapped, until 1,500
-/// chmods succeeded (at most 60 s) or `victim` changed mode. Returns the
-/// script's report; at least 300 chmods must have run.
-fn swap_race(target: &Path, dir: &Path, a: &str, b: &str, victim: &Path) -> String {
+/// a loop while entries `a` and `b` of `dir` are swapped, until `chmods`
+/// succeeded (at most 60 s) or `victim` changed mode. Returns the script's
+/// report; at least a fifth of `chmods` and 300 swaps must have run.
+fn swap_race(
+    target: &Path,
+    dir: &Path,
+    (a, b): (&str, &str),
+    victim: &Path,
+    chmods: u64,
+) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/swap_race.py");
     let out = as_nobody(&[
         "/usr/bin/python3",
         script,
         "60",
-        "1500",
+        &chmods.to_string(),
         target.to_str().unwrap(),
         dir.to_str().unwrap(),
         a,
@@ -835,7 +841,7 @@ fn swap_race(target: &Path, dir: &Path, a: &str, b: &str, victim: &Path) -> Stri
             .unwrap_or(0)
     };
     assert!(
-        mode_of(victim) != 0o600 || count("chmods ") >= 300 && count("swaps ") >= 300,
+        mode_of(victim) != 0o600 || count("chmods ") >= chmods / 5 && count("swaps ") >= 300,
         "the race did not run: {text}"
     );
     text
@@ -891,7 +897,7 @@ fn an_unprivileged_user_cannot_chmod_outside_the_share_through_a_swapped_symlink
         victim.to_str().unwrap(),
         backing.join("s").to_str().unwrap(),
     ]));
-    let report = swap_race(&mnt.join("u/f"), &backing, "f", "s", &victim);
+    let report = swap_race(&mnt.join("u/f"), &backing, ("f", "s"), &victim, 1000);
     assert_eq!(
         mode_of(&victim),
         0o600,
@@ -939,4 +945,38 @@ fn the_sync_mount_is_nosuid_and_nodev() {
     std::fs::set_permissions(mnt.join("zero"), std::fs::Permissions::from_mode(0o666)).unwrap();
     let err = std::fs::File::open(mnt.join("zero")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+}
+
+#[test]
+fn a_rename_through_the_mount_cannot_redirect_a_chmod_to_another_users_file() {
+    use std::os::unix::fs::PermissionsExt;
+    require("setpriv");
+    let root = open_root("ferry-share-setattr-race-");
+    let a = Agent::start(root.path(), "a", "");
+    let (mnt, _m) = mount_point(root.path());
+    a.ok(&["share", "create", "app", "--path", mnt.to_str().unwrap()]);
+    // nobody's directory u holds nobody's p/x and root's r/x (0600).
+    let u = mnt.join("u");
+    std::fs::create_dir(&u).unwrap();
+    std::os::unix::fs::chown(&u, Some(65534), Some(65534)).unwrap();
+    run_ok(&mut as_nobody(&[
+        "bash",
+        "-ec",
+        &format!("mkdir {0}/p && echo mine > {0}/p/x", u.display()),
+    ]));
+    std::fs::create_dir(u.join("r")).unwrap();
+    std::fs::write(u.join("r/x"), "root's").unwrap();
+    std::fs::set_permissions(u.join("r/x"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Root's file by a name that does not move.
+    std::fs::hard_link(u.join("r/x"), mnt.join("victim")).unwrap();
+    // nobody swaps p and r through the mount while calling fchmod on its
+    // own p/x: an inode resolved to the path u/p/x before a swap names
+    // root's file after it.
+    let report = swap_race(&u.join("p/x"), &u, ("p", "r"), &mnt.join("victim"), 20_000);
+    assert_eq!(
+        mode_of(&mnt.join("victim")),
+        0o600,
+        "another user's file was chmodded through a rename race ({report})"
+    );
+    assert_eq!(std::fs::read(mnt.join("victim")).unwrap(), b"root's");
 }

@@ -784,14 +784,22 @@ impl Tree {
         Ok(())
     }
 
-    /// Directory `path`, opened beneath the root, as an iterator of entries.
-    fn read_dir(&self, path: &SharePath) -> io::Result<std::fs::ReadDir> {
-        let fd = Self::open_beneath(
+    /// Directory `path`, opened beneath the root (no symlinks), to list.
+    pub fn open_dir_listing(&self, path: &SharePath) -> io::Result<OwnedFd> {
+        Self::open_beneath(
             self.root.as_raw_fd(),
             path.as_bytes(),
             libc::O_RDONLY | libc::O_DIRECTORY,
             0,
-        )?;
+        )
+    }
+
+    /// Directory `path`, opened beneath the root, as an iterator of entries.
+    fn read_dir(&self, path: &SharePath) -> io::Result<std::fs::ReadDir> {
+        Self::read_dir_fd(&self.open_dir_listing(path)?)
+    }
+
+    fn read_dir_fd(fd: &OwnedFd) -> io::Result<std::fs::ReadDir> {
         // read_dir opens its own descriptor of the same directory.
         std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
     }
@@ -805,13 +813,13 @@ impl Tree {
         Ok(names)
     }
 
-    /// Entries of directory `path` (without `.` and `..`): name, inode
+    /// Entries of directory `dir` (without `.` and `..`): name, inode
     /// number and the type bits (`S_IFMT`) from the directory itself, with
     /// an `lstat` only where the filesystem does not say.
-    pub fn read_dir_entries(&self, path: &SharePath) -> io::Result<Vec<(Vec<u8>, u64, u32)>> {
+    pub fn dir_entries(dir: &OwnedFd) -> io::Result<Vec<(Vec<u8>, u64, u32)>> {
         use std::os::unix::fs::{DirEntryExt, FileTypeExt};
         let mut out = Vec::new();
-        for e in self.read_dir(path)? {
+        for e in Self::read_dir_fd(dir)? {
             let e = e?;
             let t = e.file_type()?;
             let fmt = if t.is_dir() {
