@@ -980,3 +980,54 @@ fn a_rename_through_the_mount_cannot_redirect_a_chmod_to_another_users_file() {
     );
     assert_eq!(std::fs::read(mnt.join("victim")).unwrap(), b"root's");
 }
+
+#[test]
+fn a_share_created_on_a_full_disk_leaves_nothing_behind() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-share-full-")
+        .tempdir()
+        .unwrap();
+    // The agent's data dir is a small tmpfs of its own.
+    let _disk = common::Mount::tmpfs(&root.path().join("a"), "4m");
+    let a = Agent::start(root.path(), "a", "");
+    let (mnt, _m) = mount_point(root.path());
+    let filler = a.dir.join("filler");
+    let out = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the disk did not fill up");
+    let shares = a.dir.join("shares");
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(&shares)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    for mode in ["sync", "async"] {
+        let out = a
+            .cli()
+            .args(["share", "create", "app", "--mode", mode, "--path"])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "created on a full disk");
+        assert!(err.contains("No space left"), "{err}");
+        assert_eq!(listing(), Vec::<String>::new(), "left behind ({mode})");
+    }
+    // A directory a failed creation of an earlier version left is cleared.
+    for d in ["app/data", "app/orphans"] {
+        std::fs::create_dir_all(shares.join(d)).unwrap();
+    }
+    std::fs::write(shares.join("app/share.json.tmp"), b"").unwrap();
+    std::fs::remove_file(&filler).unwrap();
+    a.ok(&["share", "create", "app", "--path", mnt.to_str().unwrap()]);
+    assert_eq!(listing(), vec!["app".to_string()]);
+    assert_eq!(share_status(&a, "app")["serving"], true);
+    std::fs::write(mnt.join("f"), b"x").unwrap();
+    assert_eq!(std::fs::read(data_dir(&a, "app").join("f")).unwrap(), b"x");
+}

@@ -154,6 +154,8 @@ impl ShareStore {
             .flatten()
             .filter(|e| e.path().join("share.json").exists())
             .filter_map(|e| e.file_name().into_string().ok())
+            // Not a creation in progress (`.NAME.new`).
+            .filter(|n| check_name(n).is_ok())
             .collect();
         names.sort();
         names
@@ -180,18 +182,7 @@ impl ShareStore {
         check_name(&rec.name)?;
         let dir = self.dir(&rec.name);
         std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-        let tmp = dir.join("share.json.tmp");
-        let p = dir.join("share.json");
-        let body = serde_json::to_vec_pretty(rec).unwrap_or_default();
-        let mut f = std::fs::File::create(&tmp).map_err(io_err("cannot write", &tmp))?;
-        f.write_all(&body)
-            .and_then(|_| f.sync_all())
-            .map_err(io_err("cannot write", &tmp))?;
-        std::fs::rename(&tmp, &p).map_err(io_err("cannot rename", &p))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("cannot sync", &dir))?;
-        Ok(())
+        write_durably(&dir.join("share.json"), rec)
     }
 
     /// [`Self::save`] without taking space (a full disk): `rec` overwrites
@@ -218,7 +209,12 @@ impl ShareStore {
             .map_err(io_err("cannot write", &p))
     }
 
-    /// Makes a new share's directories and record.
+    /// Makes a new share's directories and record, all or nothing: they are
+    /// built in a hidden directory beside (`.NAME.new`, a name no share can
+    /// have) and renamed into place; on any error (a full disk) nothing is
+    /// left behind. A directory of the share's name without a record, left
+    /// by an earlier version's failed creation (only empty `data/` and
+    /// `orphans/` and a `share.json.tmp`), is cleared first.
     pub fn create(&self, rec: &ShareRecord) -> Result<(), ShareError> {
         check_name(&rec.name)?;
         if rec.mode != "sync" && rec.mode != "async" {
@@ -228,14 +224,40 @@ impl ShareStore {
             return Err(ShareError::RelativePath(rec.path.clone()));
         }
         self.prepare()?;
-        if self.dir(&rec.name).join("share.json").exists() {
+        let dir = self.dir(&rec.name);
+        if dir.join("share.json").exists() {
             return Err(ShareError::Exists(rec.name.clone()));
         }
-        for sub in ["data", "orphans"] {
-            let d = self.dir(&rec.name).join(sub);
-            std::fs::create_dir_all(&d).map_err(io_err("cannot create", &d))?;
+        if dir.exists() {
+            if !failed_creation(&dir) {
+                return Err(io_err(
+                    "a directory without a share record is in the way",
+                    &dir,
+                )(std::io::Error::from_raw_os_error(
+                    libc::EEXIST,
+                )));
+            }
+            std::fs::remove_dir_all(&dir).map_err(io_err("cannot remove", &dir))?;
         }
-        self.save(rec)
+        let tmp = self.root.join(format!(".{}.new", rec.name));
+        // A creation interrupted before (a crash) left it.
+        let _ = std::fs::remove_dir_all(&tmp);
+        let built = (|| -> Result<(), ShareError> {
+            std::fs::create_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
+            for sub in ["data", "orphans"] {
+                let d = tmp.join(sub);
+                std::fs::create_dir(&d).map_err(io_err("cannot create", &d))?;
+            }
+            write_durably(&tmp.join("share.json"), rec)?;
+            std::fs::rename(&tmp, &dir).map_err(io_err("cannot rename", &dir))?;
+            std::fs::File::open(&self.root)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("cannot sync", &self.root))
+        })();
+        if built.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        built
     }
 
     pub fn data_dir(&self, name: &str) -> PathBuf {
@@ -249,6 +271,45 @@ impl ShareStore {
     pub fn journal_path(&self, name: &str) -> PathBuf {
         self.dir(name).join("journal")
     }
+}
+
+/// Writes `rec` to `p` durably: a temp file beside it (removed again if
+/// the write fails, e.g. on a full disk), fsync, rename, fsync of the
+/// directory.
+fn write_durably(p: &Path, rec: &ShareRecord) -> Result<(), ShareError> {
+    let dir = p.parent().unwrap_or(Path::new("."));
+    let tmp = p.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(rec)
+        .map_err(|e| io_err("cannot encode", p)(std::io::Error::other(e)))?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&body).and_then(|_| f.sync_all()))
+        .map_err(io_err("cannot write", &tmp))
+        .and_then(|_| std::fs::rename(&tmp, p).map_err(io_err("cannot rename", p)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync", dir))
+}
+
+/// `dir` holds only what a share creation that failed before this version
+/// left: empty `data/` and `orphans/`, and `share.json.tmp`.
+fn failed_creation(dir: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten().all(|e| {
+        let name = e.file_name();
+        match name.to_str() {
+            Some("data") | Some("orphans") => std::fs::read_dir(e.path())
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false),
+            Some("share.json.tmp") => true,
+            _ => false,
+        }
+    })
 }
 
 /// Makes directory `dir` with mode 0700 (its parents as usual), or sets an
