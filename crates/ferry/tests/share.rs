@@ -1031,3 +1031,91 @@ fn a_share_created_on_a_full_disk_leaves_nothing_behind() {
     std::fs::write(mnt.join("f"), b"x").unwrap();
     assert_eq!(std::fs::read(data_dir(&a, "app").join("f")).unwrap(), b"x");
 }
+
+#[test]
+fn the_sync_mount_follows_posix_on_unlinked_files_and_set_group_id_directories() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (root, a, b) = two_agents("ferry-share-posix-", "");
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mnt, _m) = mount_point(root.path());
+    create_sync_share(&a, &mnt);
+    // An open file loses its last name: fstat says no links (ext4, POSIX).
+    let mut f = std::fs::File::create(mnt.join("x")).unwrap();
+    std::io::Write::write_all(&mut f, b"still here").unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 1);
+    std::fs::remove_file(mnt.join("x")).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0, "fstat after unlink");
+    std::io::Write::write_all(&mut f, b", written after").unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0, "fstat after a write");
+    // ...or is renamed over.
+    let g = std::fs::File::create(mnt.join("y")).unwrap();
+    std::fs::write(mnt.join("z"), b"new").unwrap();
+    std::fs::rename(mnt.join("z"), mnt.join("y")).unwrap();
+    assert_eq!(g.metadata().unwrap().nlink(), 0, "fstat after rename over");
+    assert_eq!(std::fs::metadata(mnt.join("y")).unwrap().nlink(), 1);
+    drop((f, g));
+    // A set-group-ID directory keeps the bit across chown (Linux keeps it
+    // for directories; it clears set-user-ID and set-group-ID of files).
+    let reference = root.path().join("local");
+    for base in [&mnt, &reference] {
+        let d = base.join("d");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        std::os::unix::fs::chown(&d, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&d, None, Some(0)).unwrap();
+        assert_eq!(
+            mode_of(&d),
+            0o2775,
+            "chown of a set-group-ID directory in {}",
+            base.display()
+        );
+        let f = base.join("d/exe");
+        std::fs::write(&f, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o6755)).unwrap();
+        std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+        assert_eq!(
+            mode_of(&f),
+            0o755,
+            "chown of a set-ID file in {}",
+            base.display()
+        );
+    }
+    // In a set-group-ID directory, new entries take its group, and new
+    // directories its set-group-ID bit, which a chown keeps.
+    let mut seen = Vec::new();
+    for base in [&mnt, &reference] {
+        let s = base.join("s");
+        std::fs::create_dir(&s).unwrap();
+        std::os::unix::fs::chown(&s, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        std::fs::create_dir(s.join("sub")).unwrap();
+        std::fs::write(s.join("file"), b"f").unwrap();
+        std::os::unix::fs::symlink("file", s.join("link")).unwrap();
+        run_ok(Command::new("mkfifo").arg(s.join("fifo")));
+        std::os::unix::fs::chown(s.join("sub"), Some(1), Some(1)).unwrap();
+        let look = |n: &str| {
+            let m = std::fs::symlink_metadata(s.join(n)).unwrap();
+            (n.to_string(), m.gid(), m.mode() & 0o7777)
+        };
+        let got: Vec<_> = ["sub", "file", "link", "fifo"]
+            .iter()
+            .map(|n| look(n))
+            .collect();
+        assert_eq!(
+            got[0],
+            ("sub".to_string(), 1, 0o2755),
+            "in {}",
+            base.display()
+        );
+        assert_eq!(got[1].1, 65534, "in {}", base.display());
+        seen.push(got);
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "the mount differs from a local filesystem"
+    );
+    // (The trees' comparison reads every file: no fifo.)
+    std::fs::remove_file(mnt.join("s/fifo")).unwrap();
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+}

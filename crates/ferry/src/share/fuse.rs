@@ -306,6 +306,21 @@ impl ShareFs {
         Self::path_in(&lock(&self.inodes), ino)
     }
 
+    /// The attributes of `ino` (`st`: its backing entry's). An unlinked file
+    /// still open lives on as `orphans/ID` with one link there; it has none
+    /// left in the share (POSIX: fstat after unlink reports 0).
+    fn attr(&self, ino: u64, st: &libc::stat) -> FileAttr {
+        let mut a = attr_of(ino, st);
+        if lock(&self.inodes)
+            .nodes
+            .get(&ino)
+            .is_some_and(|n| n.orphan.is_some())
+        {
+            a.nlink = 0;
+        }
+        a
+    }
+
     /// The backing inode number `ino` stands for.
     fn backing_of(&self, ino: u64) -> Option<u64> {
         lock(&self.inodes).nodes.get(&ino).map(|n| n.backing)
@@ -738,12 +753,12 @@ impl Filesystem for ShareFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         if let Some((f, _, _)) = fh.and_then(|fh| self.handle_file(fh.0)) {
             return match fstat(&f) {
-                Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+                Ok(st) => reply.attr(&TTL, &self.attr(ino.0, &st)),
                 Err(e) => reply.error(errno(&e)),
             };
         }
         match self.checked_lstat(ino.0) {
-            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+            Ok(st) => reply.attr(&TTL, &self.attr(ino.0, &st)),
             Err(e) => reply.error(e),
         }
     }
@@ -839,7 +854,7 @@ impl Filesystem for ShareFs {
                 .and_then(|t| self.share.tree.lstat(&t)),
         };
         match st {
-            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+            Ok(st) => reply.attr(&TTL, &self.attr(ino.0, &st)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1669,7 +1684,9 @@ impl ShareFs {
                 let path = self.child(parent, name)?;
                 let stamps = vec![Self::parent_target(&path), Target::Path(path.clone())];
                 *made.borrow_mut() = Some(Target::Path(path.clone()));
-                Ok((make(path)?, stamps))
+                let mut op = make(path.clone())?;
+                self.inherit_group(&Self::parent_target(&path), &mut op);
+                Ok((op, stamps))
             },
             |op| {
                 self.apply_tree(op)?;
@@ -1684,6 +1701,30 @@ impl ShareFs {
             },
         )
         .and_then(|made| made)
+    }
+}
+
+impl ShareFs {
+    /// A new entry in a set-group-ID directory takes the directory's group
+    /// (not the caller's), and a new directory its set-group-ID bit too, as
+    /// on any Linux filesystem (the op carries both, so the replica agrees).
+    fn inherit_group(&self, parent: &Target, op: &mut FileOp) {
+        let Ok(pst) = self.share.tree.lstat(parent) else {
+            return;
+        };
+        if pst.st_mode & libc::S_ISGID == 0 {
+            return;
+        }
+        match op {
+            FileOp::Create { owner, .. }
+            | FileOp::Mknod { owner, .. }
+            | FileOp::Symlink { owner, .. } => owner.gid = pst.st_gid,
+            FileOp::Mkdir { owner, mode, .. } => {
+                owner.gid = pst.st_gid;
+                *mode |= libc::S_ISGID;
+            }
+            _ => {}
+        }
     }
 }
 
