@@ -797,6 +797,13 @@ pub fn demote(
     if rec.role == "replica" {
         return Ok(());
     }
+    if !clean {
+        // What this copy acknowledged that the new primary never received
+        // goes aside before anything can overwrite it (DESIGN invariant 7).
+        if let Some(kept) = keep_diverged(&store, &rec)? {
+            tracing::warn!(share = %name, copy = %kept.display(), "share.split_brain.kept: files changed here that the new primary never received are kept until drop-copy");
+        }
+    }
     rec.role = "replica".into();
     rec.peer = Some(new_primary.to_string());
     rec.generation = 0;
@@ -806,6 +813,124 @@ pub fn demote(
     store.save(&rec)?;
     tracing::warn!(share = %name, new_primary, clean, "share.demoted");
     Ok(())
+}
+
+/// Where the diverged files of share `name` are kept (see [`keep_diverged`]).
+pub fn copy_dir(data_dir: &Path, name: &str) -> PathBuf {
+    ShareStore::new(data_dir).dir(name).join("split-brain-copy")
+}
+
+/// The kept copy of share `name`'s diverged files on this node, if any
+/// (for `cluster status`'s `copies`).
+pub fn kept_copy(data_dir: &Path, name: &str) -> Option<PathBuf> {
+    check_name(name).ok()?;
+    Some(copy_dir(data_dir, name)).filter(|p| p.exists())
+}
+
+/// Deletes the kept copy of share `name` (`cluster drop-copy`): its path
+/// when there was one.
+pub fn drop_copy(data_dir: &Path, name: &str) -> Result<Option<PathBuf>, ShareError> {
+    check_name(name)?;
+    let p = copy_dir(data_dir, name);
+    match std::fs::remove_dir_all(&p) {
+        Ok(()) => Ok(Some(p)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("cannot delete", &p)(e)),
+    }
+}
+
+/// A primary share that lost its role without a verified handover (a
+/// failover, a split brain): the subtrees its journal says changed here
+/// without the replica being told — writes acknowledged while alone, an
+/// async share's unsent changes — are copied to `split-brain-copy/` under
+/// their paths (files with their mode, owner and mtime; symlinks; not
+/// special files) before the new primary's resync overwrites or removes
+/// them. Built in `split-brain-copy.tmp` and renamed, so the copy is whole
+/// or absent. Refused while an earlier copy is kept (`drop-copy` it). `None`
+/// when nothing diverged.
+pub fn keep_diverged(store: &ShareStore, rec: &ShareRecord) -> Result<Option<PathBuf>, ShareError> {
+    use std::os::unix::ffi::OsStrExt;
+    let paths = primary::untold_paths(&store.journal_path(&rec.name));
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let dir = store.dir(&rec.name);
+    let copy = dir.join("split-brain-copy");
+    if copy.exists() {
+        return Err(io_err(
+            "an earlier split-brain copy is kept here: `ferry cluster drop-copy` it first",
+            &copy,
+        )(std::io::Error::from_raw_os_error(libc::EEXIST)));
+    }
+    let root = if rec.mode == "sync" || rec.bind_data {
+        store.data_dir(&rec.name)
+    } else {
+        rec.path.clone()
+    };
+    let tree = tree::Tree::open(&root, &store.orphans_dir(&rec.name))
+        .map_err(io_err("cannot open", &root))?;
+    let tmp = dir.join("split-brain-copy.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    private_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
+    let copied = (|| -> std::io::Result<u64> {
+        let mut files = 0u64;
+        for sub in &paths {
+            let entries = match tree.manifest(sub) {
+                Ok(e) => e,
+                // Gone since (removed here later): nothing to keep.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            for e in entries {
+                let to = tmp.join(std::ffi::OsStr::from_bytes(e.path.as_bytes()));
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let target = ferry_wire::Target::Path(e.path.clone());
+                match &e.kind {
+                    ferry_wire::EntryKind::Dir => {
+                        std::fs::create_dir_all(&to)?;
+                    }
+                    ferry_wire::EntryKind::Symlink { target } => {
+                        let _ = std::fs::remove_file(&to);
+                        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &to)?;
+                        continue;
+                    }
+                    ferry_wire::EntryKind::File { .. } => {
+                        let mut from = tree.open_file(&target, libc::O_RDONLY, 0)?;
+                        let mut out = std::fs::File::create(&to)?;
+                        std::io::copy(&mut from, &mut out)?;
+                        out.sync_all()?;
+                        files += 1;
+                    }
+                    ferry_wire::EntryKind::Special { .. } => continue,
+                }
+                std::os::unix::fs::lchown(&to, Some(e.uid), Some(e.gid))?;
+                std::fs::set_permissions(
+                    &to,
+                    std::os::unix::fs::PermissionsExt::from_mode(e.mode & 0o7777),
+                )?;
+                let mtime = std::time::UNIX_EPOCH
+                    + std::time::Duration::new(e.mtime.secs.max(0) as u64, e.mtime.nanos);
+                std::fs::File::open(&to)?.set_modified(mtime)?;
+            }
+        }
+        Ok(files)
+    })();
+    let files = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io_err("cannot keep the diverged files in", &tmp)(e));
+        }
+    };
+    let renamed = std::fs::rename(&tmp, &copy).and_then(|_| std::fs::File::open(&dir)?.sync_all());
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io_err("cannot rename", &copy)(e));
+    }
+    tracing::warn!(share = %rec.name, paths = paths.len(), files, "share.diverged.kept");
+    Ok(Some(copy))
 }
 
 /// Starts replicating primary share `name` to `to` (a migration). `false`
