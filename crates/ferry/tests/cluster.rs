@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{ferry_bin, require};
+use common::{assert_trees_equal, ferry_bin, require};
 use serde_json::Value;
 
 const VIP: &str = "198.18.0.100";
@@ -986,6 +986,120 @@ fn a_forced_promotion_splits_the_brain_and_resolving_it_keeps_the_discarded_copy
     );
     net.ok("b", &["cluster", "drop-copy", "web", "--node", "a"]);
     assert!(!copy.exists());
+}
+
+#[test]
+fn a_forced_promotion_keeps_the_share_files_the_old_primary_wrote_alone() {
+    require("nsenter");
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.pair_nodes();
+    // A sync share in the workload, mounted at the same path on whichever
+    // node serves (each agent has its own mount namespace).
+    let mnt = net.root.path().join("files");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = mnt.to_str().unwrap().to_string();
+    net.ok(
+        "a",
+        &[
+            "share", "create", "files", "--path", &m, "--mode", "sync", "--to", "b",
+        ],
+    );
+    net.in_node(
+        "a",
+        &format!("mkdir {m}/d && echo base > {m}/common && echo base > {m}/d/old"),
+    );
+    net.ok("a", &["share", "wait", "files", "--timeout", "60s"]);
+    net.ha_workload_with("16MiB", &["--share", "files"]);
+    // a goes on alone (b outdated at the witness) and writes the share
+    // too: files b never receives. Then a dies.
+    net.cut("a", "b");
+    net.write_block(10, 0xAA);
+    net.in_node(
+        "a",
+        &format!(
+            "echo a-alone > {m}/from-a && echo changed-on-a > {m}/common && \
+             mkdir {m}/d/new && echo deep > {m}/d/new/f && ln -s from-a {m}/link && sync"
+        ),
+    );
+    net.crash("a");
+    std::thread::sleep(Duration::from_millis(2000));
+    // By hand: b is promoted anyway, and both the volume and the share are
+    // written there.
+    let v = net.json("b", &["cluster", "promote", "web", "--force"]);
+    assert_eq!(v["primary"], "b", "{v}");
+    net.wait_vip("b");
+    net.write_block(20, 0xBB);
+    net.in_node(
+        "b",
+        &format!("echo b-forced > {m}/from-b && echo changed-on-b > {m}/common"),
+    );
+    // a returns: its share is demoted and b's tree replaces its own; what a
+    // wrote alone is kept aside first.
+    net.uncut("a");
+    net.link_up("a");
+    net.start_agent("a");
+    wait_for(30, "a to be the share's replica", || {
+        net.json("a", &["share", "status", "files"])["role"] == "replica"
+    });
+    net.ok("b", &["share", "wait", "files", "--timeout", "60s"]);
+    let (a_data, b_data) = (
+        net.dir("a").join("shares/files/data"),
+        net.dir("b").join("shares/files/data"),
+    );
+    assert_trees_equal(&a_data, &b_data);
+    assert_eq!(
+        std::fs::read(a_data.join("common")).unwrap(),
+        b"changed-on-b\n"
+    );
+    assert!(!a_data.join("from-a").exists());
+    let copy = net.dir("a").join("shares/files/split-brain-copy");
+    let read = |p: &str| std::fs::read_to_string(copy.join(p)).unwrap_or_default();
+    assert_eq!(
+        read("from-a"),
+        "a-alone\n",
+        "the file a wrote alone is kept"
+    );
+    assert_eq!(read("common"), "changed-on-a\n", "a's version is kept");
+    assert_eq!(read("d/new/f"), "deep\n");
+    assert_eq!(
+        std::fs::read_link(copy.join("link")).unwrap(),
+        std::path::Path::new("from-a")
+    );
+    assert!(!copy.join("d/old").exists(), "only what diverged is kept");
+    // Resolve the volumes' split brain as usual; the share's copy is listed
+    // with the volume's and dropped with it.
+    wait_for(20, "the split brain to be reported on both nodes", || {
+        net.status("b", "web")["split_brain"] == true
+            && net.status("a", "web")["split_brain"] == true
+    });
+    net.json(
+        "a",
+        &["cluster", "resolve-split-brain", "web", "--keep", "b"],
+    );
+    let copies = net.status("a", "web")["copies"].clone();
+    assert_eq!(copies.as_array().unwrap().len(), 2, "{copies}");
+    assert!(
+        copies
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c.as_str() == Some(copy.to_str().unwrap())),
+        "{copies}"
+    );
+    // Kept across a restart, until dropped.
+    net.crash("a");
+    net.link_up("a");
+    net.start_agent("a");
+    assert_eq!(read("from-a"), "a-alone\n");
+    net.ok("b", &["cluster", "drop-copy", "web", "--node", "a"]);
+    assert!(!copy.exists());
+    assert_eq!(
+        net.status("a", "web")["copies"].as_array().unwrap().len(),
+        0
+    );
 }
 
 #[test]

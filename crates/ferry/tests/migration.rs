@@ -1189,10 +1189,26 @@ fn a_workload_with_a_sync_share_migrates_verified_and_back() {
 
 #[test]
 fn a_workload_with_an_async_share_migrates_with_every_change_its_stop_hook_waited_for() {
-    let (root, a, b) = two_agents("");
+    use std::os::unix::fs::PermissionsExt;
+    require("nsenter");
+    require("unshare");
+    require("setpriv");
+    let root = tempfile::Builder::new()
+        .prefix("ferry-migr-async-")
+        .tempdir()
+        .unwrap();
+    // Other users may reach the share's path (an application not run as root).
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Each agent in a mount namespace of its own: the promoted copy is
+    // bind-mounted at the share's path, as on two hosts.
+    let private = ["unshare", "-m", "--propagation", "private"];
+    let a = Agent::start_wrapped(root.path(), "a", "", &private);
+    let b = Agent::start_wrapped(root.path(), "b", "", &private);
+    pair(&a, &b);
     // Used in place on a; the application writes it directly.
     let src = root.path().join("app");
     std::fs::create_dir_all(src.join("old")).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o777)).unwrap();
     for i in 0..50 {
         std::fs::write(src.join(format!("old/{i}")), vec![i as u8; 10_000]).unwrap();
     }
@@ -1261,7 +1277,9 @@ fn a_workload_with_an_async_share_migrates_with_every_change_its_stop_hook_waite
     let bs = b.json(&["share", "status", "data"]);
     assert_eq!(bs["role"], "primary", "{bs}");
     let b_data = b.dir.join("shares/data/data");
-    assert_eq!(bs["path"], b_data.to_str().unwrap(), "{bs}");
+    // Served at the share's path (its copy under the root-only data dir
+    // bind-mounted there, nosuid and nodev).
+    assert_eq!(bs["path"], s, "{bs}");
     for i in 0..written {
         let got = std::fs::read_to_string(b_data.join(format!("n{i}"))).unwrap_or_default();
         assert_eq!(got, format!("change {i}\n"), "n{i} on b");
@@ -1269,11 +1287,48 @@ fn a_workload_with_an_async_share_migrates_with_every_change_its_stop_hook_waite
     assert_eq!(std::fs::read(b_data.join("stopped")).unwrap(), b"bye\n");
     assert_trees_equal(&src, &b_data);
     let log = std::fs::read_to_string(&hooks).unwrap();
-    assert_eq!(log, format!("start b {}\n", b_data.display()), "{log}");
-    // a is its replica: b's changes reach a's copy.
+    assert_eq!(log, format!("start b {s}\n"), "{log}");
+    let opts = in_mounts(&b, &format!("findmnt -n -o OPTIONS --target {s}"));
+    assert!(
+        opts.contains("nosuid") && opts.contains("nodev"),
+        "b's bind mount at {s}: {opts}"
+    );
+    // A user other than root uses the share at its path on b (the data dir
+    // is root's alone), and b's changes reach a's copy.
+    assert_eq!(
+        std::fs::metadata(&b.dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    run_ok(Command::new("nsenter").args([
+        "-m",
+        "-t",
+        &b.pid().to_string(),
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        "bash",
+        "-ec",
+        &format!("cat {s}/n0 > /dev/null; echo nobody > {s}/from-nobody"),
+    ]));
+    assert_eq!(
+        std::fs::read(b_data.join("from-nobody")).unwrap(),
+        b"nobody\n"
+    );
     std::fs::write(b_data.join("from-b"), b"b").unwrap();
-    wait_until(30, "b's change on a", || {
+    wait_until(30, "b's changes on a", || {
         std::fs::read(a.dir.join("shares/data/data/from-b")).is_ok_and(|c| c == b"b")
+            && std::fs::read(a.dir.join("shares/data/data/from-nobody"))
+                .is_ok_and(|c| c == b"nobody\n")
     });
     assert_eq!(a.json(&["share", "status", "data"])["role"], "replica");
+    // Back to a: b lets go of its bind mount; a serves its copy at the path.
+    roll_back_to_a(&a, &b, "files", 60);
+    let b_mounts = in_mounts(&b, "cat /proc/self/mountinfo");
+    assert!(
+        !b_mounts.contains(&format!(" {s} ")),
+        "b still mounts {s}: {b_mounts}"
+    );
+    assert_eq!(in_mounts(&a, &format!("cat {s}/from-nobody")), "nobody\n");
 }

@@ -789,3 +789,333 @@ fn async_share_reports_what_it_cannot_read_and_replicates_the_rest() {
     sh(&src, "chmod 755 locked");
     drop(b);
 }
+
+/// `setpriv` running `args` as user and group 65534 (nobody), no groups.
+fn as_nobody(args: &[&str]) -> Command {
+    let mut c = Command::new(require("setpriv"));
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args);
+    c
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Runs `tests/scripts/swap_race.py` as nobody: fchmod 0666 of `target` in
+/// a loop while entries `a` and `b` of `dir` are swapped, until `chmods`
+/// succeeded (at most 60 s) or `victim` changed mode. Returns the script's
+/// report; at least a fifth of `chmods` and 300 swaps must have run.
+fn swap_race(
+    target: &Path,
+    dir: &Path,
+    (a, b): (&str, &str),
+    victim: &Path,
+    chmods: u64,
+) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/swap_race.py");
+    let out = as_nobody(&[
+        "/usr/bin/python3",
+        script,
+        "60",
+        &chmods.to_string(),
+        target.to_str().unwrap(),
+        dir.to_str().unwrap(),
+        a,
+        b,
+        victim.to_str().unwrap(),
+    ])
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |what: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(what))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        mode_of(victim) != 0o600 || count("chmods ") >= chmods / 5 && count("swaps ") >= 300,
+        "the race did not run: {text}"
+    );
+    text
+}
+
+/// A temp dir other users may enter (a test's mount point must be reachable
+/// by the unprivileged user).
+fn open_root(prefix: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    root
+}
+
+#[test]
+fn an_unprivileged_user_cannot_chmod_outside_the_share_through_a_swapped_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    require("setpriv");
+    let root = open_root("ferry-share-chmod-race-");
+    let a = Agent::start(root.path(), "a", "");
+    // The data dir and shares/ are root's alone (also when they existed).
+    assert_eq!(mode_of(&a.dir), 0o700);
+    assert_eq!(mode_of(&a.dir.join("shares")), 0o700);
+    let (mnt, _m) = mount_point(root.path());
+    a.ok(&["share", "create", "app", "--path", mnt.to_str().unwrap()]);
+    std::fs::create_dir(mnt.join("u")).unwrap();
+    std::os::unix::fs::chown(mnt.join("u"), Some(65534), Some(65534)).unwrap();
+    let victim = root.path().join("victim");
+    std::fs::write(&victim, "root's alone").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let backing = data_dir(&a, "app").join("u");
+    run_ok(&mut as_nobody(&[
+        "touch",
+        mnt.join("u/f").to_str().unwrap(),
+    ]));
+    // As shipped, the user cannot reach the backing tree at all.
+    let out = as_nobody(&["ls", backing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an unprivileged user lists the backing tree"
+    );
+    // Opened up (an operator's chmod): the user puts a symlink to the victim
+    // beside their file and swaps the two while calling chmod through the
+    // mount. The chmod acts on the entry it checked, never through the link.
+    for d in [a.dir.clone(), a.dir.join("shares")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    run_ok(&mut as_nobody(&[
+        "ln",
+        "-s",
+        victim.to_str().unwrap(),
+        backing.join("s").to_str().unwrap(),
+    ]));
+    let report = swap_race(&mnt.join("u/f"), &backing, ("f", "s"), &victim, 1000);
+    assert_eq!(
+        mode_of(&victim),
+        0o600,
+        "a root-owned file outside the share was chmodded through a symlink ({report})"
+    );
+    // A restart tightens an existing data dir again.
+    let mut a = a;
+    a.stop();
+    a.spawn();
+    assert_eq!(mode_of(&a.dir), 0o700);
+    assert_eq!(mode_of(&a.dir.join("shares")), 0o700);
+}
+
+#[test]
+fn the_sync_mount_is_nosuid_and_nodev() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = open_root("ferry-share-nosuid-");
+    let a = Agent::start(root.path(), "a", "");
+    let (mnt, _m) = mount_point(root.path());
+    a.ok(&["share", "create", "app", "--path", mnt.to_str().unwrap()]);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(mnt.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{} is not mounted: {mountinfo}", mnt.display()));
+    let opts: Vec<&str> = line.split(' ').nth(5).unwrap().split(',').collect();
+    assert!(
+        opts.contains(&"nosuid") && opts.contains(&"nodev"),
+        "mount options: {line}"
+    );
+    // allow_other: another user may use it.
+    assert!(line.contains("allow_other"), "{line}");
+    // A set-user-ID root program in the share runs as its caller.
+    let id = mnt.join("id");
+    std::fs::copy("/usr/bin/id", &id).unwrap();
+    std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let euid = run_ok(&mut as_nobody(&[id.to_str().unwrap(), "-u"]));
+    assert_eq!(euid.trim(), "65534", "a set-user-ID file ran as its owner");
+    // A device node in the share opens nothing.
+    run_ok(
+        Command::new("mknod")
+            .arg(mnt.join("zero"))
+            .args(["c", "1", "5"]),
+    );
+    std::fs::set_permissions(mnt.join("zero"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = std::fs::File::open(mnt.join("zero")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+}
+
+#[test]
+fn a_rename_through_the_mount_cannot_redirect_a_chmod_to_another_users_file() {
+    use std::os::unix::fs::PermissionsExt;
+    require("setpriv");
+    let root = open_root("ferry-share-setattr-race-");
+    let a = Agent::start(root.path(), "a", "");
+    let (mnt, _m) = mount_point(root.path());
+    a.ok(&["share", "create", "app", "--path", mnt.to_str().unwrap()]);
+    // nobody's directory u holds nobody's p/x and root's r/x (0600).
+    let u = mnt.join("u");
+    std::fs::create_dir(&u).unwrap();
+    std::os::unix::fs::chown(&u, Some(65534), Some(65534)).unwrap();
+    run_ok(&mut as_nobody(&[
+        "bash",
+        "-ec",
+        &format!("mkdir {0}/p && echo mine > {0}/p/x", u.display()),
+    ]));
+    std::fs::create_dir(u.join("r")).unwrap();
+    std::fs::write(u.join("r/x"), "root's").unwrap();
+    std::fs::set_permissions(u.join("r/x"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Root's file by a name that does not move.
+    std::fs::hard_link(u.join("r/x"), mnt.join("victim")).unwrap();
+    // nobody swaps p and r through the mount while calling fchmod on its
+    // own p/x: an inode resolved to the path u/p/x before a swap names
+    // root's file after it.
+    let report = swap_race(&u.join("p/x"), &u, ("p", "r"), &mnt.join("victim"), 20_000);
+    assert_eq!(
+        mode_of(&mnt.join("victim")),
+        0o600,
+        "another user's file was chmodded through a rename race ({report})"
+    );
+    assert_eq!(std::fs::read(mnt.join("victim")).unwrap(), b"root's");
+}
+
+#[test]
+fn a_share_created_on_a_full_disk_leaves_nothing_behind() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-share-full-")
+        .tempdir()
+        .unwrap();
+    // The agent's data dir is a small tmpfs of its own.
+    let _disk = common::Mount::tmpfs(&root.path().join("a"), "4m");
+    let a = Agent::start(root.path(), "a", "");
+    let (mnt, _m) = mount_point(root.path());
+    let filler = a.dir.join("filler");
+    let out = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the disk did not fill up");
+    let shares = a.dir.join("shares");
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(&shares)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    for mode in ["sync", "async"] {
+        let out = a
+            .cli()
+            .args(["share", "create", "app", "--mode", mode, "--path"])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "created on a full disk");
+        assert!(err.contains("No space left"), "{err}");
+        assert_eq!(listing(), Vec::<String>::new(), "left behind ({mode})");
+    }
+    // A directory a failed creation of an earlier version left is cleared.
+    for d in ["app/data", "app/orphans"] {
+        std::fs::create_dir_all(shares.join(d)).unwrap();
+    }
+    std::fs::write(shares.join("app/share.json.tmp"), b"").unwrap();
+    std::fs::remove_file(&filler).unwrap();
+    a.ok(&["share", "create", "app", "--path", mnt.to_str().unwrap()]);
+    assert_eq!(listing(), vec!["app".to_string()]);
+    assert_eq!(share_status(&a, "app")["serving"], true);
+    std::fs::write(mnt.join("f"), b"x").unwrap();
+    assert_eq!(std::fs::read(data_dir(&a, "app").join("f")).unwrap(), b"x");
+}
+
+#[test]
+fn the_sync_mount_follows_posix_on_unlinked_files_and_set_group_id_directories() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (root, a, b) = two_agents("ferry-share-posix-", "");
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (mnt, _m) = mount_point(root.path());
+    create_sync_share(&a, &mnt);
+    // An open file loses its last name: fstat says no links (ext4, POSIX).
+    let mut f = std::fs::File::create(mnt.join("x")).unwrap();
+    std::io::Write::write_all(&mut f, b"still here").unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 1);
+    std::fs::remove_file(mnt.join("x")).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0, "fstat after unlink");
+    std::io::Write::write_all(&mut f, b", written after").unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0, "fstat after a write");
+    // ...or is renamed over.
+    let g = std::fs::File::create(mnt.join("y")).unwrap();
+    std::fs::write(mnt.join("z"), b"new").unwrap();
+    std::fs::rename(mnt.join("z"), mnt.join("y")).unwrap();
+    assert_eq!(g.metadata().unwrap().nlink(), 0, "fstat after rename over");
+    assert_eq!(std::fs::metadata(mnt.join("y")).unwrap().nlink(), 1);
+    drop((f, g));
+    // A set-group-ID directory keeps the bit across chown (Linux keeps it
+    // for directories; it clears set-user-ID and set-group-ID of files).
+    let reference = root.path().join("local");
+    for base in [&mnt, &reference] {
+        let d = base.join("d");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        std::os::unix::fs::chown(&d, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&d, None, Some(0)).unwrap();
+        assert_eq!(
+            mode_of(&d),
+            0o2775,
+            "chown of a set-group-ID directory in {}",
+            base.display()
+        );
+        let f = base.join("d/exe");
+        std::fs::write(&f, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o6755)).unwrap();
+        std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+        assert_eq!(
+            mode_of(&f),
+            0o755,
+            "chown of a set-ID file in {}",
+            base.display()
+        );
+    }
+    // In a set-group-ID directory, new entries take its group, and new
+    // directories its set-group-ID bit, which a chown keeps.
+    let mut seen = Vec::new();
+    for base in [&mnt, &reference] {
+        let s = base.join("s");
+        std::fs::create_dir(&s).unwrap();
+        std::os::unix::fs::chown(&s, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&s, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        std::fs::create_dir(s.join("sub")).unwrap();
+        std::fs::write(s.join("file"), b"f").unwrap();
+        std::os::unix::fs::symlink("file", s.join("link")).unwrap();
+        run_ok(Command::new("mkfifo").arg(s.join("fifo")));
+        std::os::unix::fs::chown(s.join("sub"), Some(1), Some(1)).unwrap();
+        let look = |n: &str| {
+            let m = std::fs::symlink_metadata(s.join(n)).unwrap();
+            (n.to_string(), m.gid(), m.mode() & 0o7777)
+        };
+        let got: Vec<_> = ["sub", "file", "link", "fifo"]
+            .iter()
+            .map(|n| look(n))
+            .collect();
+        assert_eq!(
+            got[0],
+            ("sub".to_string(), 1, 0o2755),
+            "in {}",
+            base.display()
+        );
+        assert_eq!(got[1].1, 65534, "in {}", base.display());
+        seen.push(got);
+    }
+    assert_eq!(
+        seen[0], seen[1],
+        "the mount differs from a local filesystem"
+    );
+    // (The trees' comparison reads every file: no fifo.)
+    std::fs::remove_file(mnt.join("s/fifo")).unwrap();
+    a.ok(&["share", "wait", "app", "--timeout", "60s"]);
+    assert_trees_equal(&data_dir(&a, "app"), &data_dir(&b, "app"));
+}

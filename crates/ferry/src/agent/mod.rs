@@ -1100,8 +1100,11 @@ pub fn run(config_path: &Path) -> Result<()> {
     tune_allocator();
     let signals = crate::signals::Signals::block()?;
     let cfg = AgentConfig::load(config_path)?;
-    std::fs::create_dir_all(&cfg.data_dir)
+    // Root only (0700), also when it exists: shares' backing trees, keys and
+    // tokens live below it.
+    crate::share::private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    crate::share::ShareStore::new(&cfg.data_dir).prepare()?;
     crate::agent::conns::raise_nofile_limit();
     let identity = Arc::new(Identity::load_or_create(&cfg.data_dir, &cfg.node_name)?);
     let damaged = damaged::Damaged::default();

@@ -1634,6 +1634,7 @@ async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult 
             received_at: 0,
             suspect_since: None,
             level_exact: false,
+            bind_data: false,
         };
         let store = crate::share::ShareStore::new(&c.cfg.data_dir);
         store.create(&rec)?;

@@ -1774,16 +1774,22 @@ fn copy_path(ctx: &AgentCtx, volume: &ferry_core::Name) -> PathBuf {
     ctx.store.dir(volume).join("split-brain-copy.raw")
 }
 
-/// The discarded copies kept on this node for the workload's volumes.
+/// The discarded copies kept on this node for the workload's volumes, and
+/// the diverged files kept for its shares (`share::keep_diverged`).
 fn kept_copies(ctx: &AgentCtx, workload: &str) -> Vec<String> {
-    crate::migrate::load_workload(&ctx.cfg.data_dir, workload)
+    let spec = crate::migrate::load_workload(&ctx.cfg.data_dir, workload)
         .ok()
-        .flatten()
-        .map(|s| s.volumes)
-        .unwrap_or_default()
+        .flatten();
+    let (volumes, shares) = spec.map(|s| (s.volumes, s.shares)).unwrap_or_default();
+    volumes
         .iter()
         .map(|v| copy_path(ctx, v))
         .filter(|p| p.exists())
+        .chain(
+            shares
+                .iter()
+                .filter_map(|s| crate::share::kept_copy(&ctx.cfg.data_dir, s)),
+        )
         .map(|p| p.display().to_string())
         .collect()
 }
@@ -2103,6 +2109,11 @@ pub fn drop_copies(ctx: &AgentCtx, workload: &str) -> Result<Value> {
             Ok(()) => dropped.push(p.display().to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("cannot delete {}", p.display())),
+        }
+    }
+    for s in &spec.shares {
+        if let Some(p) = crate::share::drop_copy(&ctx.cfg.data_dir, s)? {
+            dropped.push(p.display().to_string());
         }
     }
     tracing::warn!(workload, dropped = ?dropped, "cluster.split_brain.copies_dropped");

@@ -43,7 +43,7 @@ use fuser::{
 };
 
 use super::primary::PrimaryShare;
-use super::tree::FileCache;
+use super::tree::{FileCache, Tree};
 
 const TTL: Duration = Duration::from_secs(1);
 /// How long a writable open waits for read-only passthrough handles of the
@@ -306,6 +306,48 @@ impl ShareFs {
         Self::path_in(&lock(&self.inodes), ino)
     }
 
+    /// The attributes of `ino` (`st`: its backing entry's). An unlinked file
+    /// still open lives on as `orphans/ID` with one link there; it has none
+    /// left in the share (POSIX: fstat after unlink reports 0).
+    fn attr(&self, ino: u64, st: &libc::stat) -> FileAttr {
+        let mut a = attr_of(ino, st);
+        if lock(&self.inodes)
+            .nodes
+            .get(&ino)
+            .is_some_and(|n| n.orphan.is_some())
+        {
+            a.nlink = 0;
+        }
+        a
+    }
+
+    /// The backing inode number `ino` stands for.
+    fn backing_of(&self, ino: u64) -> Option<u64> {
+        lock(&self.inodes).nodes.get(&ino).map(|n| n.backing)
+    }
+
+    /// `lstat` of `ino`'s entry, checked to be that inode: its attributes
+    /// are what the kernel checks permissions against, so a rename between
+    /// resolving and looking must not give it another entry's. Resolved
+    /// without the order lock first; a mismatch looks again under it.
+    fn checked_lstat(&self, ino: u64) -> Result<libc::stat, Errno> {
+        let look = || -> Result<libc::stat, Errno> {
+            let t = self.target(ino)?;
+            self.share.tree.lstat(&t).map_err(|e| errno(&e))
+        };
+        let st = look()?;
+        if self.backing_of(ino).is_none_or(|b| b == st.st_ino) {
+            return Ok(st);
+        }
+        let _o = self.share.order();
+        let st = look()?;
+        if self.backing_of(ino).is_none_or(|b| b == st.st_ino) {
+            Ok(st)
+        } else {
+            Err(Errno::ESTALE)
+        }
+    }
+
     fn child(&self, parent: u64, name: &OsStr) -> Result<SharePath, Errno> {
         let p = self.path(parent)?;
         p.join(name.as_bytes()).map_err(|_| {
@@ -355,20 +397,50 @@ impl ShareFs {
         }
     }
 
-    /// Applies `op` here (`local`, or the tree's own apply), sequences it with
-    /// the stamps of `stamp` taken afterwards, and answers via `done` once the
-    /// replica has it.
+    /// Makes the op (`make`: the op and the targets to stamp), applies it
+    /// here (`local`, or the tree's own apply), sequences it with the stamps
+    /// taken afterwards, and answers via `done` once the replica has it.
+    /// `make` runs under the order lock: inodes are resolved to paths there,
+    /// where renames are applied and the inode table follows them, so a
+    /// rename cannot redirect an op to another entry between the two.
     fn commit<R: Send + 'static>(
         &self,
-        op: FileOp,
-        stamp: &[Target],
+        make: impl FnOnce() -> Result<(FileOp, Vec<Target>), Errno>,
         local: impl FnOnce(&FileOp) -> io::Result<R>,
         done: impl FnOnce(io::Result<R>) + Send + 'static,
+    ) {
+        self.commit_if(
+            || make().map(Some),
+            local,
+            move |r| {
+                done(r.and_then(|r| r.ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))))
+            },
+        )
+    }
+
+    /// [`Self::commit`] of an op `make` may find there is no need for
+    /// (`None`: answered `Ok(None)` at once).
+    fn commit_if<R: Send + 'static>(
+        &self,
+        make: impl FnOnce() -> Result<Option<(FileOp, Vec<Target>)>, Errno>,
+        local: impl FnOnce(&FileOp) -> io::Result<R>,
+        done: impl FnOnce(io::Result<Option<R>>) + Send + 'static,
     ) {
         if let Err(e) = self.share.wait_open() {
             return done(Err(e));
         }
         let mut o = self.share.order();
+        let (op, stamp) = match make() {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                drop(o);
+                return done(Ok(None));
+            }
+            Err(e) => {
+                drop(o);
+                return done(Err(io::Error::from_raw_os_error(e.code())));
+            }
+        };
         let r = match local(&op) {
             Ok(r) => r,
             Err(e) => {
@@ -384,19 +456,18 @@ impl ShareFs {
         drop(o);
         self.share.send_queued();
         self.share
-            .wait_received(seq, Box::new(move |res| done(res.map(|()| r))));
+            .wait_received(seq, Box::new(move |res| done(res.map(|()| Some(r)))));
     }
 
     /// [`Self::commit`], waiting for the answer (for calls that need the
     /// outcome before they go on).
     fn commit_wait<R: Send + 'static>(
         &self,
-        op: FileOp,
-        stamp: &[Target],
+        make: impl FnOnce() -> Result<(FileOp, Vec<Target>), Errno>,
         local: impl FnOnce(&FileOp) -> io::Result<R>,
     ) -> io::Result<R> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.commit(op, stamp, local, move |r| {
+        self.commit(make, local, move |r| {
             let _ = tx.send(r);
         });
         rx.recv()
@@ -446,9 +517,26 @@ impl ShareFs {
         flags: i32,
         passthrough: Option<&ReplyOpen>,
     ) -> io::Result<(u64, FopenFlags, IoMode)> {
+        let f = self.open_backing(target, flags)?;
+        self.add_handle(ino, f, flags, passthrough)
+    }
+
+    /// The backing file of `target`, opened for a handle with `flags`.
+    fn open_backing(&self, target: &Target, flags: i32) -> io::Result<File> {
         let acc = flags & libc::O_ACCMODE;
         let keep = flags & (libc::O_NOATIME | libc::O_NONBLOCK);
-        let f = self.share.tree.open_file(target, acc | keep, 0)?;
+        self.share.tree.open_file(target, acc | keep, 0)
+    }
+
+    /// [`Self::open_handle`] of a file already opened.
+    fn add_handle(
+        &self,
+        ino: u64,
+        f: File,
+        flags: i32,
+        passthrough: Option<&ReplyOpen>,
+    ) -> io::Result<(u64, FopenFlags, IoMode)> {
+        let acc = flags & libc::O_ACCMODE;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         // O_SYNC holds the O_DSYNC bit too.
         let sync_writes = if flags & libc::O_SYNC == libc::O_SYNC {
@@ -632,6 +720,9 @@ impl Filesystem for ShareFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        // Resolved, looked at and remembered under the order lock: a rename
+        // of a directory above cannot map this name to another entry.
+        let _o = self.share.order();
         match self.child(parent.0, name) {
             Ok(p) => self.entry(parent.0, name.as_bytes(), &p, reply),
             Err(e) => reply.error(e),
@@ -662,15 +753,12 @@ impl Filesystem for ShareFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         if let Some((f, _, _)) = fh.and_then(|fh| self.handle_file(fh.0)) {
             return match fstat(&f) {
-                Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+                Ok(st) => reply.attr(&TTL, &self.attr(ino.0, &st)),
                 Err(e) => reply.error(errno(&e)),
             };
         }
-        match self.target(ino.0) {
-            Ok(t) => match self.share.tree.lstat(&t) {
-                Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
-                Err(e) => reply.error(errno(&e)),
-            },
+        match self.checked_lstat(ino.0) {
+            Ok(st) => reply.attr(&TTL, &self.attr(ino.0, &st)),
             Err(e) => reply.error(e),
         }
     }
@@ -693,10 +781,6 @@ impl Filesystem for ShareFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let target = match self.target(ino.0) {
-            Ok(t) => t,
-            Err(e) => return reply.error(e),
-        };
         let now = SystemTime::now();
         let resolve = |t: Option<TimeOrNow>| {
             t.map(|t| match t {
@@ -706,36 +790,46 @@ impl Filesystem for ShareFs {
         };
         let (atime, mtime) = (resolve(atime), resolve(mtime));
         let handle = fh.and_then(|fh| self.handle_file(fh.0));
-        let tree_target = target.clone();
-        let (tx, rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        let (tx, rx) = std::sync::mpsc::channel::<io::Result<libc::stat>>();
         // Truncate first (it changes mtime), then the attributes asked for.
-        let mut ops = Vec::new();
+        let mut ops: Vec<Box<dyn FnOnce(Target) -> FileOp>> = Vec::new();
         if let Some(size) = size {
-            ops.push(FileOp::Truncate {
-                target: target.clone(),
-                size,
-            });
+            ops.push(Box::new(move |target| FileOp::Truncate { target, size }));
         }
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
-            ops.push(FileOp::SetAttr {
-                target: target.clone(),
+            ops.push(Box::new(move |target| FileOp::SetAttr {
+                target,
                 mode,
                 uid,
                 gid,
                 atime,
                 mtime,
-            });
+            }));
         }
         let n = ops.len();
-        for op in ops {
+        for make_op in ops {
             let tx = tx.clone();
             let handle = handle.clone();
+            // Resolved under the order lock (see `commit`); the attributes
+            // answered are the entry's right after the change, there too.
             self.commit(
-                op,
-                std::slice::from_ref(&tree_target),
-                |op| match (op, &handle) {
-                    (FileOp::Truncate { size, .. }, Some((f, _, _))) => f.set_len(*size),
-                    _ => self.apply_tree(op),
+                || {
+                    let target = self.target(ino.0)?;
+                    Ok((make_op(target.clone()), vec![target]))
+                },
+                |op| {
+                    match (op, &handle) {
+                        (FileOp::Truncate { size, .. }, Some((f, _, _))) => f.set_len(*size)?,
+                        _ => self.apply_tree(op)?,
+                    }
+                    match (&handle, op) {
+                        (Some((f, _, _)), _) => fstat(f),
+                        (
+                            None,
+                            FileOp::Truncate { target, .. } | FileOp::SetAttr { target, .. },
+                        ) => self.share.tree.lstat(target),
+                        (None, _) => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+                    }
                 },
                 move |r| {
                     let _ = tx.send(r);
@@ -743,15 +837,24 @@ impl Filesystem for ShareFs {
             );
         }
         drop(tx);
+        let mut last = None;
         for _ in 0..n {
             match rx.recv() {
-                Ok(Ok(())) => {}
+                Ok(Ok(st)) => last = Some(st),
                 Ok(Err(e)) => return reply.error(errno(&e)),
                 Err(_) => return reply.error(Errno::EIO),
             }
         }
-        match self.share.tree.lstat(&target) {
-            Ok(st) => reply.attr(&TTL, &attr_of(ino.0, &st)),
+        let st = match last {
+            Some(st) => Ok(st),
+            // Nothing to change: the attributes as they are.
+            None => self
+                .target(ino.0)
+                .map_err(|e| io::Error::from_raw_os_error(e.code()))
+                .and_then(|t| self.share.tree.lstat(&t)),
+        };
+        match st {
+            Ok(st) => reply.attr(&TTL, &self.attr(ino.0, &st)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -776,30 +879,30 @@ impl Filesystem for ShareFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let path = match self.child(parent.0, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
         let owner = Owner {
             uid: req.uid(),
             gid: req.gid(),
         };
         let perm = mode & !umask & 0o7777;
-        let op = if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
-            FileOp::Create {
-                path: path.clone(),
-                mode: perm,
-                owner,
-            }
-        } else {
-            FileOp::Mknod {
-                path: path.clone(),
-                mode: (mode & libc::S_IFMT) | perm,
-                rdev: u64::from(rdev),
-                owner,
-            }
+        let make = move |path| {
+            Ok(
+                if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+                    FileOp::Create {
+                        path,
+                        mode: perm,
+                        owner,
+                    }
+                } else {
+                    FileOp::Mknod {
+                        path,
+                        mode: (mode & libc::S_IFMT) | perm,
+                        rdev: u64::from(rdev),
+                        owner,
+                    }
+                },
+            )
         };
-        self.namespace_op(parent.0, name, path, op, reply);
+        self.namespace_op(parent.0, name, make, reply);
     }
 
     fn mkdir(
@@ -811,39 +914,40 @@ impl Filesystem for ShareFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let path = match self.child(parent.0, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
         };
-        let op = FileOp::Mkdir {
-            path: path.clone(),
-            mode: mode & !umask & 0o7777,
-            owner: Owner {
-                uid: req.uid(),
-                gid: req.gid(),
-            },
+        let make = move |path| {
+            Ok(FileOp::Mkdir {
+                path,
+                mode: mode & !umask & 0o7777,
+                owner,
+            })
         };
-        self.namespace_op(parent.0, name, path, op, reply);
+        self.namespace_op(parent.0, name, make, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let path = match self.child(parent.0, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
         let _orphans = lock(&self.orphan_lock);
-        let (op, orphan_ino) = match self.orphan_if_open(&path) {
-            Some((ino, op)) => (op, Some(ino)),
-            None => (FileOp::Unlink { path: path.clone() }, None),
-        };
-        let stamps = [Self::parent_target(&path)];
+        let orphan_ino = std::cell::Cell::new(None);
         let name = name.as_bytes().to_vec();
         // The inode table follows under the order lock, right after the local
         // change: no other call sees the name gone here and still mapped.
         self.commit(
-            op,
-            &stamps,
+            || {
+                let path = self.child(parent.0, OsStr::from_bytes(&name))?;
+                let stamps = vec![Self::parent_target(&path)];
+                Ok(match self.orphan_if_open(&path) {
+                    Some((ino, op)) => {
+                        orphan_ino.set(Some(ino));
+                        (op, stamps)
+                    }
+                    None => (FileOp::Unlink { path }, stamps),
+                })
+            },
             |op| {
+                let orphan_ino = orphan_ino.get();
                 self.apply_tree(op)?;
                 self.forget_link(parent.0, &name);
                 if let (Some(ino), FileOp::Orphan { id, .. }) = (orphan_ino, op) {
@@ -858,14 +962,12 @@ impl Filesystem for ShareFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let path = match self.child(parent.0, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
-        };
-        let stamps = [Self::parent_target(&path)];
         self.commit(
-            FileOp::Rmdir { path },
-            &stamps,
+            || {
+                let path = self.child(parent.0, name)?;
+                let stamps = vec![Self::parent_target(&path)];
+                Ok((FileOp::Rmdir { path }, stamps))
+            },
             |op| {
                 self.apply_tree(op)?;
                 self.forget_link(parent.0, name.as_bytes());
@@ -883,19 +985,19 @@ impl Filesystem for ShareFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        let path = match self.child(parent.0, link_name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
         };
-        let op = FileOp::Symlink {
-            path: path.clone(),
-            target: target.as_os_str().as_bytes().to_vec(),
-            owner: Owner {
-                uid: req.uid(),
-                gid: req.gid(),
-            },
+        let target = target.as_os_str().as_bytes().to_vec();
+        let make = move |path| {
+            Ok(FileOp::Symlink {
+                path,
+                target,
+                owner,
+            })
         };
-        self.namespace_op(parent.0, link_name, path, op, reply);
+        self.namespace_op(parent.0, link_name, make, reply);
     }
 
     fn rename(
@@ -908,67 +1010,86 @@ impl Filesystem for ShareFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let (from, to) = match (self.child(parent.0, name), self.child(newparent.0, newname)) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
-        };
         let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
         // A replaced file that is still open keeps working as an orphan.
         if !exchange {
             let _orphans = lock(&self.orphan_lock);
-            if let Some((ino, op)) = self.orphan_if_open(&to) {
-                let r = self.commit_wait(op, &[], |op| {
+            let orphan_ino = std::cell::Cell::new(None);
+            let (tx, rx) = std::sync::mpsc::channel();
+            self.commit_if(
+                || {
+                    let to = self.child(newparent.0, newname)?;
+                    Ok(self.orphan_if_open(&to).map(|(ino, op)| {
+                        orphan_ino.set(Some(ino));
+                        (op, vec![])
+                    }))
+                },
+                |op| {
                     self.apply_tree(op)?;
-                    if let FileOp::Orphan { id, .. } = op {
+                    if let (Some(ino), FileOp::Orphan { id, .. }) = (orphan_ino.get(), op) {
                         if let Some(n) = lock(&self.inodes).nodes.get_mut(&ino) {
                             n.orphan = Some(*id);
                         }
                     }
                     self.forget_link(newparent.0, newname.as_bytes());
                     Ok(())
-                });
-                if let Err(e) = r {
-                    return reply.error(errno(&e));
-                }
+                },
+                move |r| {
+                    let _ = tx.send(r);
+                },
+            );
+            match rx.recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return reply.error(errno(&e)),
+                Err(_) => return reply.error(Errno::EIO),
             }
         }
-        let stamps = [Self::parent_target(&from), Self::parent_target(&to)];
-        let (from_t, to_t) = (Target::Path(from.clone()), Target::Path(to.clone()));
-        let op = FileOp::Rename {
-            from,
-            to,
-            flags: flags.bits(),
-        };
         // The inode table follows under the order lock, right after the
         // local rename (before the replica is waited for): no other call
         // can resolve an inode to a name that moved.
-        let r = self.commit_wait(op, &stamps, |op| {
-            let from_st = self.share.tree.lstat(&from_t).ok();
-            let to_st = self.share.tree.lstat(&to_t).ok();
-            self.apply_tree(op)?;
-            let mut inodes = lock(&self.inodes);
-            let a = from_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
-            let b = to_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
-            let (old, new) = (
-                (parent.0, name.as_bytes().to_vec()),
-                (newparent.0, newname.as_bytes().to_vec()),
-            );
-            if let Some(b) = b {
-                if let Some(n) = inodes.nodes.get_mut(&b) {
-                    n.links.retain(|l| *l != new);
-                    if exchange {
-                        n.links.insert(0, old.clone());
+        let r = self.commit_wait(
+            || {
+                let from = self.child(parent.0, name)?;
+                let to = self.child(newparent.0, newname)?;
+                let stamps = vec![Self::parent_target(&from), Self::parent_target(&to)];
+                let op = FileOp::Rename {
+                    from,
+                    to,
+                    flags: flags.bits(),
+                };
+                Ok((op, stamps))
+            },
+            |op| {
+                let FileOp::Rename { from, to, .. } = op else {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                };
+                let from_st = self.share.tree.lstat(&Target::Path(from.clone())).ok();
+                let to_st = self.share.tree.lstat(&Target::Path(to.clone())).ok();
+                self.apply_tree(op)?;
+                let mut inodes = lock(&self.inodes);
+                let a = from_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
+                let b = to_st.and_then(|st| inodes.by_backing.get(&st.st_ino).copied());
+                let (old, new) = (
+                    (parent.0, name.as_bytes().to_vec()),
+                    (newparent.0, newname.as_bytes().to_vec()),
+                );
+                if let Some(b) = b {
+                    if let Some(n) = inodes.nodes.get_mut(&b) {
+                        n.links.retain(|l| *l != new);
+                        if exchange {
+                            n.links.insert(0, old.clone());
+                        }
                     }
                 }
-            }
-            if let Some(a) = a {
-                if let Some(n) = inodes.nodes.get_mut(&a) {
-                    n.links.retain(|l| *l != old);
-                    n.links.insert(0, new);
+                if let Some(a) = a {
+                    if let Some(n) = inodes.nodes.get_mut(&a) {
+                        n.links.retain(|l| *l != old);
+                        n.links.insert(0, new);
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            },
+        );
         answer(reply)(r)
     }
 
@@ -980,37 +1101,48 @@ impl Filesystem for ShareFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let (existing, new) = match (self.path(ino.0), self.child(newparent.0, newname)) {
-            (Ok(a), Ok(b)) => (a, b),
-            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        let make = |new| {
+            Ok(FileOp::Link {
+                existing: self.path(ino.0)?,
+                new,
+            })
         };
-        let op = FileOp::Link {
-            existing,
-            new: new.clone(),
-        };
-        self.namespace_op(newparent.0, newname, new, op, reply);
+        self.namespace_op(newparent.0, newname, make, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let target = match self.target(ino.0) {
-            Ok(t) => t,
-            Err(e) => return reply.error(e),
-        };
         let flags = flags.0;
-        // Opened first: a writable open refused (ETXTBSY) truncates nothing.
-        let (fh, fl, mode) = match self.open_handle(ino.0, &target, flags, Some(&reply)) {
-            Ok(h) => h,
-            Err(e) => return reply.error(errno(&e)),
+        // Resolved and opened under the order lock (see `commit`): the file
+        // opened is the inode the kernel checked the caller against.
+        let opened = {
+            let _o = self.share.order();
+            self.target(ino.0)
+                .map_err(|e| io::Error::from_raw_os_error(e.code()))
+                .and_then(|t| self.open_backing(&t, flags))
         };
+        // Opened first: a writable open refused (ETXTBSY) truncates nothing.
+        let (fh, fl, mode) =
+            match opened.and_then(|f| self.add_handle(ino.0, f, flags, Some(&reply))) {
+                Ok(h) => h,
+                Err(e) => return reply.error(errno(&e)),
+            };
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
-            // Not negotiated as atomic, but be safe: a replicated truncate.
+            // Not negotiated as atomic, but be safe: a replicated truncate,
+            // of the file opened.
+            let file = self.handle_file(fh).map(|(f, _, _)| f);
             let r = self.commit_wait(
-                FileOp::Truncate {
-                    target: target.clone(),
-                    size: 0,
+                || {
+                    let target = self.target(ino.0)?;
+                    let op = FileOp::Truncate {
+                        target: target.clone(),
+                        size: 0,
+                    };
+                    Ok((op, vec![target]))
                 },
-                std::slice::from_ref(&target),
-                |op| self.apply_tree(op),
+                |_| match &file {
+                    Some(f) => f.set_len(0),
+                    None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+                },
             );
             if let Err(e) = r {
                 // The kernel never sees this handle: no RELEASE will come.
@@ -1040,20 +1172,19 @@ impl Filesystem for ShareFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let path = match self.child(parent.0, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e),
+        let owner = Owner {
+            uid: req.uid(),
+            gid: req.gid(),
         };
-        let op = FileOp::Create {
-            path: path.clone(),
-            mode: mode & !umask & 0o7777,
-            owner: Owner {
-                uid: req.uid(),
-                gid: req.gid(),
-            },
+        let make = move |path| {
+            Ok(FileOp::Create {
+                path,
+                mode: mode & !umask & 0o7777,
+                owner,
+            })
         };
         // Opened under the order lock too, right after it was made.
-        let r = self.make_entry(parent.0, name, path, op, |ino, target| {
+        let r = self.make_entry(parent.0, name, make, |ino, target| {
             self.open_handle(ino, target, flags & !libc::O_TRUNC, None)
         });
         match r {
@@ -1110,17 +1241,13 @@ impl Filesystem for ShareFs {
         let Some((f, _, sync_writes)) = self.handle_file(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let target = match self.target(ino.0) {
+        // Resolved again under the order lock (a rename may come between);
+        // this one only names the early frame encoded before it.
+        let pre = match self.target(ino.0) {
             Ok(t) => t,
             Err(e) => return reply.error(e),
         };
         let len = data.len() as u32;
-        // The data goes straight into the frame (no copy in an op first).
-        let op = FileOp::Write {
-            target: target.clone(),
-            offset,
-            data: Vec::new(),
-        };
         // Written and stamped from the handle (no path walk per write).
         if let Err(e) = self.share.wait_open() {
             return reply.error(errno(&e));
@@ -1140,9 +1267,28 @@ impl Filesystem for ShareFs {
                     free > data.len() as u64 + self.share.replica_free_bytes_min
                 });
         // Encoded before the order lock (its seq is set when it is pushed).
-        let early_frame = early.then(|| StampedOp::encode_write_frame(&target, offset, data, &[]));
+        let early_frame = early.then(|| StampedOp::encode_write_frame(&pre, offset, data, &[]));
         let mut o = self.share.order();
+        let target = match self.target(ino.0) {
+            Ok(t) => t,
+            Err(e) => {
+                drop(o);
+                return reply.error(e);
+            }
+        };
+        // The data goes straight into the frame (no copy in an op first).
+        let op = FileOp::Write {
+            target: target.clone(),
+            offset,
+            data: Vec::new(),
+        };
         if let Some(frame) = early_frame {
+            // Renamed since: encoded again with the path it has now.
+            let frame = if pre == target {
+                frame
+            } else {
+                StampedOp::encode_write_frame(&target, offset, data, &[])
+            };
             self.share.push_write(&mut o, &op, frame, true);
         }
         if let Err(e) = f.write_all_at(data, offset) {
@@ -1225,8 +1371,7 @@ impl Filesystem for ShareFs {
         let _orphans = lock(&self.orphan_lock);
         match self.forget_handle(ino.0, fh.0) {
             Some(id) => self.commit(
-                FileOp::DropOrphan { id },
-                &[],
+                || Ok((FileOp::DropOrphan { id }, vec![])),
                 |op| self.apply_tree(op),
                 answer(reply),
             ),
@@ -1291,13 +1436,17 @@ impl Filesystem for ShareFs {
         let entries = match cached {
             Some(e) => e,
             None => {
-                let path = match self.path(ino.0) {
-                    Ok(p) => p,
-                    Err(e) => return reply.error(e),
+                // Listed from the directory opened under the order lock (a
+                // rename cannot make it another one).
+                let dir = {
+                    let _o = self.share.order();
+                    self.path(ino.0)
+                        .and_then(|p| self.share.tree.open_dir_listing(&p).map_err(|e| errno(&e)))
                 };
-                let mut names = match self.share.tree.read_dir_entries(&path) {
+                let listed = dir.and_then(|d| Tree::dir_entries(&d).map_err(|e| errno(&e)));
+                let mut names = match listed {
                     Ok(n) => n,
-                    Err(e) => return reply.error(errno(&e)),
+                    Err(e) => return reply.error(e),
                 };
                 names.sort();
                 let mut entries: Listing = vec![
@@ -1379,17 +1528,16 @@ impl Filesystem for ShareFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let target = match self.target(ino.0) {
-            Ok(t) => t,
-            Err(e) => return reply.error(e),
+        let make = || {
+            let op = FileOp::SetXattr {
+                target: self.target(ino.0)?,
+                name: name.as_bytes().to_vec(),
+                value: value.to_vec(),
+                flags,
+            };
+            Ok((op, vec![]))
         };
-        let op = FileOp::SetXattr {
-            target,
-            name: name.as_bytes().to_vec(),
-            value: value.to_vec(),
-            flags,
-        };
-        self.commit(op, &[], |op| self.apply_tree(op), answer(reply));
+        self.commit(make, |op| self.apply_tree(op), answer(reply));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1421,15 +1569,14 @@ impl Filesystem for ShareFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let target = match self.target(ino.0) {
-            Ok(t) => t,
-            Err(e) => return reply.error(e),
+        let make = || {
+            let op = FileOp::RemoveXattr {
+                target: self.target(ino.0)?,
+                name: name.as_bytes().to_vec(),
+            };
+            Ok((op, vec![]))
         };
-        let op = FileOp::RemoveXattr {
-            target,
-            name: name.as_bytes().to_vec(),
-        };
-        self.commit(op, &[], |op| self.apply_tree(op), answer(reply));
+        self.commit(make, |op| self.apply_tree(op), answer(reply));
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -1449,24 +1596,22 @@ impl Filesystem for ShareFs {
         let Some((f, _, _)) = self.handle_file(fh.0) else {
             return reply.error(Errno::EBADF);
         };
-        let target = match self.target(ino.0) {
-            Ok(t) => t,
-            Err(e) => return reply.error(e),
-        };
         // Allocating (not punching or collapsing) takes space on the replica too.
         let allocates = mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_COLLAPSE_RANGE) == 0;
         if allocates && self.share.replica_space_short(length) {
             return reply.error(Errno::ENOSPC);
         }
-        let op = FileOp::Fallocate {
-            target: target.clone(),
-            mode,
-            offset,
-            length,
-        };
         self.commit(
-            op,
-            std::slice::from_ref(&target),
+            || {
+                let target = self.target(ino.0)?;
+                let op = FileOp::Fallocate {
+                    target: target.clone(),
+                    mode,
+                    offset,
+                    length,
+                };
+                Ok((op, vec![target]))
+            },
             |_| {
                 let (off, len) = (offset as i64, length as i64);
                 // SAFETY: valid descriptor; the kernel checks the range.
@@ -1503,46 +1648,83 @@ impl Filesystem for ShareFs {
 }
 
 impl ShareFs {
-    /// A namespace op that makes `parent/name`: applied, stamped (parent and
-    /// the new entry), replicated, answered with the new entry.
+    /// A namespace op that makes `parent/name` (`make`: the op, given that
+    /// path): applied, stamped (parent and the new entry), replicated,
+    /// answered with the new entry.
     fn namespace_op(
         &self,
         parent: u64,
         name: &OsStr,
-        path: SharePath,
-        op: FileOp,
+        make: impl FnOnce(SharePath) -> Result<FileOp, Errno>,
         reply: ReplyEntry,
     ) {
-        match self.make_entry(parent, name, path, op, |_, _| Ok(())) {
+        match self.make_entry(parent, name, make, |_, _| Ok(())) {
             Ok((ino, st, ())) => reply.entry(&TTL, &attr_of(ino, &st), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    /// Makes an entry (`op`) and remembers it in the inode table under the
-    /// order lock, right after it was made, then runs `then` there too: a
-    /// later call on its name finds it mapped. Once made it must reach the
-    /// replica, so a failing stat or `then` is answered, not returned from
-    /// the local step (which would leave the op off the stream).
+    /// Makes an entry (the op `make` returns for its path, resolved under
+    /// the order lock) and remembers it in the inode table there, right
+    /// after it was made, then runs `then` there too: a later call on its
+    /// name finds it mapped. Once made it must reach the replica, so a
+    /// failing stat or `then` is answered, not returned from the local step
+    /// (which would leave the op off the stream).
     fn make_entry<R: Send + 'static>(
         &self,
         parent: u64,
         name: &OsStr,
-        path: SharePath,
-        op: FileOp,
+        make: impl FnOnce(SharePath) -> Result<FileOp, Errno>,
         then: impl FnOnce(u64, &Target) -> io::Result<R>,
     ) -> io::Result<(u64, libc::stat, R)> {
-        let stamps = [Self::parent_target(&path), Target::Path(path.clone())];
-        let target = Target::Path(path);
-        let name = name.as_bytes().to_vec();
-        self.commit_wait(op, &stamps, |op| {
-            self.apply_tree(op)?;
-            Ok(self.share.tree.lstat(&target).and_then(|st| {
-                let ino = self.remember(parent, &name, &st);
-                Ok((ino, st, then(ino, &target)?))
-            }))
-        })
+        let name_b = name.as_bytes().to_vec();
+        let made = std::cell::RefCell::new(None);
+        self.commit_wait(
+            || {
+                let path = self.child(parent, name)?;
+                let stamps = vec![Self::parent_target(&path), Target::Path(path.clone())];
+                *made.borrow_mut() = Some(Target::Path(path.clone()));
+                let mut op = make(path.clone())?;
+                self.inherit_group(&Self::parent_target(&path), &mut op);
+                Ok((op, stamps))
+            },
+            |op| {
+                self.apply_tree(op)?;
+                let target = made
+                    .borrow_mut()
+                    .take()
+                    .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+                Ok(self.share.tree.lstat(&target).and_then(|st| {
+                    let ino = self.remember(parent, &name_b, &st);
+                    Ok((ino, st, then(ino, &target)?))
+                }))
+            },
+        )
         .and_then(|made| made)
+    }
+}
+
+impl ShareFs {
+    /// A new entry in a set-group-ID directory takes the directory's group
+    /// (not the caller's), and a new directory its set-group-ID bit too, as
+    /// on any Linux filesystem (the op carries both, so the replica agrees).
+    fn inherit_group(&self, parent: &Target, op: &mut FileOp) {
+        let Ok(pst) = self.share.tree.lstat(parent) else {
+            return;
+        };
+        if pst.st_mode & libc::S_ISGID == 0 {
+            return;
+        }
+        match op {
+            FileOp::Create { owner, .. }
+            | FileOp::Mknod { owner, .. }
+            | FileOp::Symlink { owner, .. } => owner.gid = pst.st_gid,
+            FileOp::Mkdir { owner, mode, .. } => {
+                owner.gid = pst.st_gid;
+                *mode |= libc::S_ISGID;
+            }
+            _ => {}
+        }
     }
 }
 
@@ -1598,9 +1780,13 @@ pub fn mount(
         fuser::MountOption::FSName(format!("ferry:{name}")),
         fuser::MountOption::Subtype("ferry".into()),
         fuser::MountOption::DefaultPermissions,
-        fuser::MountOption::Dev,
-        fuser::MountOption::Suid,
+        // A set-user-ID file or a device node made in the share (by anyone
+        // who may write it, on either node) grants nothing through the mount.
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
     ];
+    // allow_other: applications run as any user (the kernel checks their
+    // permissions: default_permissions).
     cfg.acl = fuser::SessionACL::All;
     cfg.n_threads = Some(FUSE_THREADS);
     cfg.clone_fd = true;

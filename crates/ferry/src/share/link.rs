@@ -136,7 +136,16 @@ fn connect_and_serve(
     }
     let leftover = leftover_plaintext(tls.conn.reader());
     let rustls::StreamOwned { conn, sock } = tls;
-    sock.set_read_timeout(None)?;
+    // The replica answers every ping (PING_INTERVAL_MS): silence past
+    // peer_ack_timeout_ms is a dead or cut-off peer (invariant 1: a stalled
+    // replica cannot hold the primary's calls forever; a silently dropped
+    // connection would otherwise only fail after TCP's retransmissions).
+    let silent_ms = ctx
+        .cfg
+        .replication
+        .peer_ack_timeout_ms
+        .max(PING_INTERVAL_MS * 3);
+    sock.set_read_timeout(Some(Duration::from_millis(silent_ms)))?;
     let wire = Arc::new(SharedTls::new(conn, &sock)?);
     let ctl = sock.try_clone()?;
     tracing::info!(share = %share.name, peer = %peer.name, "share.link.up");
@@ -152,7 +161,17 @@ fn connect_and_serve(
             std::thread::Builder::new()
                 .name(format!("share-ack-{}", share.name))
                 .spawn_scoped(s, move || {
-                    let r = read_replies(&share, &wire, &mut sock, leftover, max, &man_tx);
+                    let r = read_replies(&share, &wire, &mut sock, leftover, max, &man_tx)
+                        .map_err(|e| match e.downcast_ref::<std::io::Error>().map(|e| e.kind()) {
+                            Some(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => anyhow!(
+                                "the replica sent nothing for {silent_ms} ms (replication.peer_ack_timeout_ms)"
+                            ),
+                            _ => e,
+                        });
+                    if r.is_err() {
+                        // Writers blocked on a dead connection wake up.
+                        let _ = sock.shutdown(Shutdown::Both);
+                    }
                     share.link_lost(&match &r {
                         Ok(()) => "the replica closed the link".to_string(),
                         Err(e) => format!("{e:#}"),
@@ -1218,6 +1237,7 @@ pub fn serve_replica(
                 received_at: 0,
                 suspect_since: None,
                 level_exact: false,
+                bind_data: false,
             };
             if let Err(e) = store.create(&r) {
                 return refuse(&mut tls, e.to_string());

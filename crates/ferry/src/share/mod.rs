@@ -67,6 +67,11 @@ pub struct ShareRecord {
     /// ends, or when the journal cannot be trusted.
     #[serde(default)]
     pub level_exact: bool,
+    /// Async primary promoted here from a replica: its tree is `data/`
+    /// (under the root-only data dir), bind-mounted at `path` while it is
+    /// served, so applications keep using the share's path.
+    #[serde(default)]
+    pub bind_data: bool,
 }
 
 /// Why a share operation failed.
@@ -132,6 +137,14 @@ impl ShareStore {
         self.root.join(name)
     }
 
+    /// Makes `shares/` (mode 0700), or tightens an existing one to 0700: a
+    /// replica's tree, a sync share's backing tree and a promoted async
+    /// share's tree live below it, and a local user writing them directly
+    /// would bypass replication (and the permission checks of the mount).
+    pub fn prepare(&self) -> Result<(), ShareError> {
+        private_dir(&self.root).map_err(io_err("cannot create", &self.root))
+    }
+
     pub fn list(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&self.root)
             .into_iter()
@@ -139,6 +152,8 @@ impl ShareStore {
             .flatten()
             .filter(|e| e.path().join("share.json").exists())
             .filter_map(|e| e.file_name().into_string().ok())
+            // Not a creation in progress (`.NAME.new`).
+            .filter(|n| check_name(n).is_ok())
             .collect();
         names.sort();
         names
@@ -163,18 +178,7 @@ impl ShareStore {
     pub fn save(&self, rec: &ShareRecord) -> Result<(), ShareError> {
         let dir = self.dir(&check_name(&rec.name)?);
         std::fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
-        let tmp = dir.join("share.json.tmp");
-        let p = dir.join("share.json");
-        let body = serde_json::to_vec_pretty(rec).unwrap_or_default();
-        let mut f = std::fs::File::create(&tmp).map_err(io_err("cannot write", &tmp))?;
-        f.write_all(&body)
-            .and_then(|_| f.sync_all())
-            .map_err(io_err("cannot write", &tmp))?;
-        std::fs::rename(&tmp, &p).map_err(io_err("cannot rename", &p))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("cannot sync", &dir))?;
-        Ok(())
+        write_durably(&dir.join("share.json"), rec)
     }
 
     /// [`Self::save`] without taking space (a full disk): `rec` overwrites
@@ -200,7 +204,12 @@ impl ShareStore {
             .map_err(io_err("cannot write", &p))
     }
 
-    /// Makes a new share's directories and record.
+    /// Makes a new share's directories and record, all or nothing: they are
+    /// built in a hidden directory beside (`.NAME.new`, a name no share can
+    /// have) and renamed into place; on any error (a full disk) nothing is
+    /// left behind. A directory of the share's name without a record, left
+    /// by an earlier version's failed creation (only empty `data/` and
+    /// `orphans/` and a `share.json.tmp`), is cleared first.
     pub fn create(&self, rec: &ShareRecord) -> Result<(), ShareError> {
         let name = check_name(&rec.name)?;
         if rec.mode != "sync" && rec.mode != "async" {
@@ -209,14 +218,41 @@ impl ShareStore {
         if !rec.path.is_absolute() {
             return Err(ShareError::RelativePath(rec.path.clone()));
         }
-        if self.dir(&name).join("share.json").exists() {
+        self.prepare()?;
+        let dir = self.dir(&name);
+        if dir.join("share.json").exists() {
             return Err(ShareError::Exists(rec.name.to_string()));
         }
-        for sub in ["data", "orphans"] {
-            let d = self.dir(&name).join(sub);
-            std::fs::create_dir_all(&d).map_err(io_err("cannot create", &d))?;
+        if dir.exists() {
+            if !failed_creation(&dir) {
+                return Err(io_err(
+                    "a directory without a share record is in the way",
+                    &dir,
+                )(std::io::Error::from_raw_os_error(
+                    libc::EEXIST,
+                )));
+            }
+            std::fs::remove_dir_all(&dir).map_err(io_err("cannot remove", &dir))?;
         }
-        self.save(rec)
+        let tmp = self.root.join(format!(".{}.new", rec.name));
+        // A creation interrupted before (a crash) left it.
+        let _ = std::fs::remove_dir_all(&tmp);
+        let built = (|| -> Result<(), ShareError> {
+            std::fs::create_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
+            for sub in ["data", "orphans"] {
+                let d = tmp.join(sub);
+                std::fs::create_dir(&d).map_err(io_err("cannot create", &d))?;
+            }
+            write_durably(&tmp.join("share.json"), rec)?;
+            std::fs::rename(&tmp, &dir).map_err(io_err("cannot rename", &dir))?;
+            std::fs::File::open(&self.root)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("cannot sync", &self.root))
+        })();
+        if built.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        built
     }
 
     pub fn data_dir(&self, name: &Name) -> PathBuf {
@@ -230,6 +266,67 @@ impl ShareStore {
     pub fn journal_path(&self, name: &Name) -> PathBuf {
         self.dir(name).join("journal")
     }
+}
+
+/// Writes `rec` to `p` durably: a temp file beside it (removed again if
+/// the write fails, e.g. on a full disk), fsync, rename, fsync of the
+/// directory.
+fn write_durably(p: &Path, rec: &ShareRecord) -> Result<(), ShareError> {
+    let dir = p.parent().unwrap_or(Path::new("."));
+    let tmp = p.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(rec)
+        .map_err(|e| io_err("cannot encode", p)(std::io::Error::other(e)))?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&body).and_then(|_| f.sync_all()))
+        .map_err(io_err("cannot write", &tmp))
+        .and_then(|_| std::fs::rename(&tmp, p).map_err(io_err("cannot rename", p)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync", dir))
+}
+
+/// `dir` holds only what a share creation that failed before this version
+/// left: empty `data/` and `orphans/`, and `share.json.tmp`.
+fn failed_creation(dir: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten().all(|e| {
+        let name = e.file_name();
+        match name.to_str() {
+            Some("data") | Some("orphans") => std::fs::read_dir(e.path())
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false),
+            Some("share.json.tmp") => true,
+            _ => false,
+        }
+    })
+}
+
+/// Makes directory `dir` with mode 0700 (its parents as usual), or sets an
+/// existing one's mode to 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = std::fs::metadata(dir)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOTDIR));
+    }
+    if m.permissions().mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// A fresh random id (hex) or generation.
@@ -260,6 +357,7 @@ mod tests {
             received_at: 0,
             suspect_since: None,
             level_exact: false,
+            bind_data: false,
         };
         store.create(&rec).unwrap();
         assert_eq!(store.load("app").unwrap(), rec);
@@ -302,6 +400,92 @@ pub struct Running {
     pub share: std::sync::Arc<primary::PrimaryShare>,
     pub mount: Option<fuse::Mount>,
     pub watcher: Option<watch::Watcher>,
+    /// An async share served from `data/`: its bind mount at the path.
+    pub bind: Option<BindMount>,
+}
+
+/// `data/` bind-mounted at a share's path (an async share promoted here),
+/// `nosuid,nodev`; detached when dropped (lazily: a process with a file
+/// open there keeps it, but no new path lookup reaches `data/`).
+#[derive(Debug)]
+pub struct BindMount {
+    pub path: PathBuf,
+}
+
+impl BindMount {
+    /// Bind-mounts `data` at `path` (made if missing). A bind of `data` left
+    /// there by an earlier run that did not stop cleanly is detached first.
+    pub fn mount(data: &Path, path: &Path) -> std::io::Result<BindMount> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        std::fs::create_dir_all(path)?;
+        let cpath = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let cdata = std::ffi::CString::new(data.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let same = || -> bool {
+            match (std::fs::metadata(data), std::fs::metadata(path)) {
+                (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                _ => false,
+            }
+        };
+        for _ in 0..16 {
+            if !same() {
+                break;
+            }
+            // SAFETY: NUL-terminated path; a failure ends the loop below.
+            if unsafe { libc::umount2(cpath.as_ptr(), libc::MNT_DETACH) } < 0 {
+                break;
+            }
+        }
+        let flags = libc::MS_BIND;
+        // SAFETY: NUL-terminated paths; no filesystem type or data for a bind.
+        let r = unsafe {
+            libc::mount(
+                cdata.as_ptr(),
+                cpath.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let m = BindMount {
+            path: path.to_path_buf(),
+        };
+        // A bind takes its flags from a remount.
+        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
+        // SAFETY: NUL-terminated path; remounting the bind made above.
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                cpath.as_ptr(),
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            )
+        };
+        if r < 0 {
+            // `m` is dropped: the bind goes.
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt;
+        if let Ok(c) = std::ffi::CString::new(self.path.as_os_str().as_bytes()) {
+            // SAFETY: NUL-terminated path.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } < 0 {
+                tracing::warn!(path = %self.path.display(), error = %std::io::Error::last_os_error(),
+                    "share.bind.unmount_failed");
+            }
+        }
+    }
 }
 
 impl Running {
@@ -313,6 +497,7 @@ impl Running {
         self.share.stop_link(why);
         drop(self.watcher);
         drop(self.mount);
+        drop(self.bind);
         self.share.close_clean();
     }
 }
@@ -477,9 +662,22 @@ pub fn start_primary(
         })?;
         (Some(m), None)
     } else {
-        let w = watch::start(share.clone(), rec.path.clone(), ctx.cfg.shares)
+        let w = watch::start(share.clone(), ctx.cfg.shares)
             .with_context(|| format!("cannot watch {}", rec.path.display()))?;
         (None, Some(w))
+    };
+    let bind = if rec.mode == "async" && rec.bind_data {
+        let data = ShareStore::new(&ctx.cfg.data_dir).data_dir(&rec.name);
+        let b = BindMount::mount(&data, &rec.path).with_context(|| {
+            format!(
+                "cannot bind-mount share {:?} at {}",
+                rec.name,
+                rec.path.display()
+            )
+        })?;
+        Some(b)
+    } else {
+        None
     };
     ctx.shares.primaries().insert(
         rec.name.to_string(),
@@ -487,6 +685,7 @@ pub fn start_primary(
             share: share.clone(),
             mount,
             watcher,
+            bind,
         },
     );
     if let Some(peer) = rec.peer.clone() {
@@ -569,9 +768,9 @@ pub fn promote_record(
     rec.received_at = rec.level_at;
     rec.suspect_since = None;
     rec.level_exact = clean;
-    if rec.mode == "async" {
-        rec.path = store.data_dir(&rec.name);
-    }
+    // An async replica's copy is data/ (under the root-only data dir): it
+    // is served there and bind-mounted at the share's path.
+    rec.bind_data = rec.mode == "async";
     store.save(&rec)?;
     tracing::warn!(share = %name, reverse_to = ?reverse_to, force, "share.promoted");
     Ok(Some(rec))
@@ -597,6 +796,13 @@ pub fn demote(
     if rec.role == "replica" {
         return Ok(());
     }
+    if !clean {
+        // What this copy acknowledged that the new primary never received
+        // goes aside before anything can overwrite it (DESIGN invariant 7).
+        if let Some(kept) = keep_diverged(&store, &rec)? {
+            tracing::warn!(share = %name, copy = %kept.display(), "share.split_brain.kept: files changed here that the new primary never received are kept until drop-copy");
+        }
+    }
     rec.role = "replica".into();
     rec.peer = Some(new_primary.to_string());
     rec.generation = 0;
@@ -606,6 +812,123 @@ pub fn demote(
     store.save(&rec)?;
     tracing::warn!(share = %name, new_primary, clean, "share.demoted");
     Ok(())
+}
+
+/// Where the diverged files of share `name` are kept (see [`keep_diverged`]).
+pub fn copy_dir(data_dir: &Path, name: &Name) -> PathBuf {
+    ShareStore::new(data_dir).dir(name).join("split-brain-copy")
+}
+
+/// The kept copy of share `name`'s diverged files on this node, if any
+/// (for `cluster status`'s `copies`).
+pub fn kept_copy(data_dir: &Path, name: &str) -> Option<PathBuf> {
+    let name = check_name(name).ok()?;
+    Some(copy_dir(data_dir, &name)).filter(|p| p.exists())
+}
+
+/// Deletes the kept copy of share `name` (`cluster drop-copy`): its path
+/// when there was one.
+pub fn drop_copy(data_dir: &Path, name: &str) -> Result<Option<PathBuf>, ShareError> {
+    let p = copy_dir(data_dir, &check_name(name)?);
+    match std::fs::remove_dir_all(&p) {
+        Ok(()) => Ok(Some(p)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("cannot delete", &p)(e)),
+    }
+}
+
+/// A primary share that lost its role without a verified handover (a
+/// failover, a split brain): the subtrees its journal says changed here
+/// without the replica being told — writes acknowledged while alone, an
+/// async share's unsent changes — are copied to `split-brain-copy/` under
+/// their paths (files with their mode, owner and mtime; symlinks; not
+/// special files) before the new primary's resync overwrites or removes
+/// them. Built in `split-brain-copy.tmp` and renamed, so the copy is whole
+/// or absent. Refused while an earlier copy is kept (`drop-copy` it). `None`
+/// when nothing diverged.
+pub fn keep_diverged(store: &ShareStore, rec: &ShareRecord) -> Result<Option<PathBuf>, ShareError> {
+    use std::os::unix::ffi::OsStrExt;
+    let paths = primary::untold_paths(&store.journal_path(&rec.name));
+    if paths.is_empty() {
+        return Ok(None);
+    }
+    let dir = store.dir(&rec.name);
+    let copy = dir.join("split-brain-copy");
+    if copy.exists() {
+        return Err(io_err(
+            "an earlier split-brain copy is kept here: `ferry cluster drop-copy` it first",
+            &copy,
+        )(std::io::Error::from_raw_os_error(libc::EEXIST)));
+    }
+    let root = if rec.mode == "sync" || rec.bind_data {
+        store.data_dir(&rec.name)
+    } else {
+        rec.path.clone()
+    };
+    let tree = tree::Tree::open(&root, &store.orphans_dir(&rec.name))
+        .map_err(io_err("cannot open", &root))?;
+    let tmp = dir.join("split-brain-copy.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    private_dir(&tmp).map_err(io_err("cannot create", &tmp))?;
+    let copied = (|| -> std::io::Result<u64> {
+        let mut files = 0u64;
+        for sub in &paths {
+            let entries = match tree.manifest(sub) {
+                Ok(e) => e,
+                // Gone since (removed here later): nothing to keep.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(e),
+            };
+            for e in entries {
+                let to = tmp.join(std::ffi::OsStr::from_bytes(e.path.as_bytes()));
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let target = ferry_wire::Target::Path(e.path.clone());
+                match &e.kind {
+                    ferry_wire::EntryKind::Dir => {
+                        std::fs::create_dir_all(&to)?;
+                    }
+                    ferry_wire::EntryKind::Symlink { target } => {
+                        let _ = std::fs::remove_file(&to);
+                        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &to)?;
+                        continue;
+                    }
+                    ferry_wire::EntryKind::File { .. } => {
+                        let mut from = tree.open_file(&target, libc::O_RDONLY, 0)?;
+                        let mut out = std::fs::File::create(&to)?;
+                        std::io::copy(&mut from, &mut out)?;
+                        out.sync_all()?;
+                        files += 1;
+                    }
+                    ferry_wire::EntryKind::Special { .. } => continue,
+                }
+                std::os::unix::fs::lchown(&to, Some(e.uid), Some(e.gid))?;
+                std::fs::set_permissions(
+                    &to,
+                    std::os::unix::fs::PermissionsExt::from_mode(e.mode & 0o7777),
+                )?;
+                let mtime = std::time::UNIX_EPOCH
+                    + std::time::Duration::new(e.mtime.secs.max(0) as u64, e.mtime.nanos);
+                std::fs::File::open(&to)?.set_modified(mtime)?;
+            }
+        }
+        Ok(files)
+    })();
+    let files = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io_err("cannot keep the diverged files in", &tmp)(e));
+        }
+    };
+    let renamed = std::fs::rename(&tmp, &copy).and_then(|_| std::fs::File::open(&dir)?.sync_all());
+    if let Err(e) = renamed {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io_err("cannot rename", &copy)(e));
+    }
+    tracing::warn!(share = %rec.name, paths = paths.len(), files, "share.diverged.kept");
+    Ok(Some(copy))
 }
 
 /// Starts replicating primary share `name` to `to` (a migration). `false`
@@ -1090,7 +1413,7 @@ pub fn status(
     let (mut files, mut bytes) = (0u64, 0u64);
     if counts {
         // An async primary is used in place; everything else lives in data/.
-        let root = if rec.role == "primary" && rec.mode == "async" {
+        let root = if rec.role == "primary" && rec.mode == "async" && !rec.bind_data {
             rec.path.clone()
         } else {
             store.data_dir(&rec.name)

@@ -233,6 +233,13 @@ pub struct Taken {
     pub by_content: BTreeSet<SharePath>,
 }
 
+/// The paths the journal at `path` says changed here without the replica
+/// being told (tag 0: subtrees): what this copy holds that its peer never
+/// received.
+pub fn untold_paths(path: &std::path::Path) -> BTreeSet<SharePath> {
+    Journal::open(path.to_path_buf()).sets.by_content
+}
+
 /// The journal: an append-only file of tagged, length-prefixed paths,
 /// loaded into sets. Tags: 0 deep by content, 1 shallow, 2 deep streamed.
 #[derive(Debug)]
@@ -370,9 +377,10 @@ impl PrimaryShare {
         backlog_bytes_max: u64,
         replica_free_bytes_min: u64,
     ) -> std::io::Result<Arc<PrimaryShare>> {
-        // A sync share's tree is its private directory behind the FUSE mount;
-        // an async share is used in place.
-        let root = if rec.mode == "sync" {
+        // A sync share's tree is its private directory behind the FUSE mount,
+        // as is a promoted async replica's (bind-mounted at its path); an
+        // async share is used in place.
+        let root = if rec.mode == "sync" || rec.bind_data {
             store.data_dir(&rec.name)
         } else {
             rec.path.clone()

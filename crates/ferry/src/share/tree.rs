@@ -56,6 +56,90 @@ impl At {
     }
 }
 
+/// One entry of the tree, opened once without following it (`O_PATH |
+/// O_NOFOLLOW`, resolved beneath the root without symlinks). Every check is
+/// an `fstat` of this descriptor and every change acts on it (`AT_EMPTY_PATH`,
+/// or `/proc/self/fd/N` where a call has no descriptor form), so an entry
+/// swapped under the same name meanwhile (a symlink put in its place) is
+/// never the one changed. Linux 6.1 has no `fchmodat(AT_SYMLINK_NOFOLLOW)`
+/// (`fchmodat2` came in 6.6), hence the magic link for chmod; following it
+/// lands on this inode itself, even when it is a symlink.
+struct Entry {
+    fd: OwnedFd,
+}
+
+impl Entry {
+    fn stat(&self) -> io::Result<libc::stat> {
+        // SAFETY: zeroed `stat` is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and out pointer.
+        cvt(unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) })?;
+        Ok(st)
+    }
+
+    /// `/proc/self/fd/N` of this entry.
+    fn proc_path(&self) -> CString {
+        // Digits only: never contains NUL.
+        CString::new(format!("/proc/self/fd/{}", self.fd.as_raw_fd())).unwrap_or_default()
+    }
+
+    fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
+        if uid.is_none() && gid.is_none() {
+            return Ok(());
+        }
+        // SAFETY: valid descriptor, empty NUL-terminated name with
+        // AT_EMPTY_PATH (the descriptor itself); -1 leaves an id as is.
+        cvt(unsafe {
+            libc::fchownat(
+                self.fd.as_raw_fd(),
+                c"".as_ptr(),
+                uid.unwrap_or(u32::MAX),
+                gid.unwrap_or(u32::MAX),
+                libc::AT_EMPTY_PATH,
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Sets the mode (of this entry; a symlink has none on Linux: nothing).
+    fn chmod(&self, mode: u32) -> io::Result<()> {
+        if self.stat()?.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Ok(());
+        }
+        let p = self.proc_path();
+        // SAFETY: NUL-terminated path; the magic link resolves to this
+        // descriptor's inode (checked above not to be a symlink), never by name.
+        cvt(unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode & 0o7777, 0) })?;
+        Ok(())
+    }
+
+    fn set_times(&self, atime: Option<Time>, mtime: Option<Time>) -> io::Result<()> {
+        let ts = |t: Option<Time>| match t {
+            Some(t) => libc::timespec {
+                tv_sec: t.secs,
+                tv_nsec: i64::from(t.nanos),
+            },
+            None => libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+        };
+        let times = [ts(atime), ts(mtime)];
+        // SAFETY: valid descriptor, empty NUL-terminated name with
+        // AT_EMPTY_PATH (Linux 5.8+: the descriptor itself, O_PATH too), two
+        // timespecs.
+        cvt(unsafe {
+            libc::utimensat(
+                self.fd.as_raw_fd(),
+                c"".as_ptr(),
+                times.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        })?;
+        Ok(())
+    }
+}
+
 /// A subtree's manifest, and the directories in it that could not be listed.
 #[derive(Debug)]
 pub struct Manifest {
@@ -296,6 +380,17 @@ impl Tree {
         }
     }
 
+    /// Directory `path` itself (`O_PATH`), resolved beneath the root
+    /// without following any symlink.
+    pub fn open_dir(&self, path: &SharePath) -> io::Result<OwnedFd> {
+        Self::open_beneath(
+            self.root.as_raw_fd(),
+            path.as_bytes(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        )
+    }
+
     /// Opens a target (never following a symlink).
     pub fn open_file(&self, t: &Target, flags: libc::c_int, mode: u32) -> io::Result<File> {
         let fd = match t {
@@ -338,53 +433,33 @@ impl Tree {
     }
 
     pub fn set_stamp(&self, s: &Stamp) -> io::Result<()> {
-        self.set_times(&s.target, None, Some(s.mtime))
+        self.entry(&s.target)?.set_times(None, Some(s.mtime))
     }
 
-    fn set_times(&self, t: &Target, atime: Option<Time>, mtime: Option<Time>) -> io::Result<()> {
-        let at = self.at(t)?;
-        let ts = |t: Option<Time>| match t {
-            Some(t) => libc::timespec {
-                tv_sec: t.secs,
-                tv_nsec: i64::from(t.nanos),
-            },
-            None => libc::timespec {
-                tv_sec: 0,
-                tv_nsec: libc::UTIME_OMIT,
-            },
+    /// Opens the entry at `t` itself (a symlink is not followed) for checks
+    /// and changes through one descriptor ([`Entry`]).
+    fn entry(&self, t: &Target) -> io::Result<Entry> {
+        let flags = libc::O_PATH | libc::O_NOFOLLOW;
+        let fd = match t {
+            Target::Path(p) => Self::open_beneath(self.root.as_raw_fd(), p.as_bytes(), flags, 0)?,
+            Target::Orphan(id) => Self::open_beneath(
+                self.orphans.as_raw_fd(),
+                Self::orphan_name(*id).as_bytes(),
+                flags,
+                0,
+            )?,
         };
-        let times = [ts(atime), ts(mtime)];
-        // SAFETY: valid descriptor, NUL-terminated name, two timespecs.
-        cvt(unsafe {
-            libc::utimensat(
-                at.dirfd,
-                at.name.as_ptr(),
-                times.as_ptr(),
-                at.nofollow_flag(),
-            )
-        })?;
-        Ok(())
-    }
-
-    fn xattr_path(&self, t: &Target) -> io::Result<(At, CString)> {
-        let at = self.at(t)?;
-        let p = if at.follow {
-            at.name.clone()
-        } else {
-            let mut b = format!("/proc/self/fd/{}/", at.dirfd).into_bytes();
-            b.extend_from_slice(at.name.as_bytes());
-            cstr(&b)?
-        };
-        Ok((at, p))
+        Ok(Entry { fd })
     }
 
     pub fn set_xattr(&self, t: &Target, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
-        let (_at, p) = self.xattr_path(t)?;
+        let p = self.entry(t)?;
         let n = cstr(name)?;
-        // SAFETY: NUL-terminated path and name; value pointer/length from a slice.
+        // SAFETY: NUL-terminated path and name; value pointer/length from a
+        // slice. The magic link is followed to the entry's own inode.
         cvt(unsafe {
-            libc::lsetxattr(
-                p.as_ptr(),
+            libc::setxattr(
+                p.proc_path().as_ptr(),
                 n.as_ptr(),
                 value.as_ptr().cast(),
                 value.len(),
@@ -395,21 +470,27 @@ impl Tree {
     }
 
     pub fn remove_xattr(&self, t: &Target, name: &[u8]) -> io::Result<()> {
-        let (_at, p) = self.xattr_path(t)?;
+        let p = self.entry(t)?;
         let n = cstr(name)?;
-        // SAFETY: NUL-terminated path and name.
-        cvt(unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) })?;
+        // SAFETY: NUL-terminated path and name (the entry's own inode).
+        cvt(unsafe { libc::removexattr(p.proc_path().as_ptr(), n.as_ptr()) })?;
         Ok(())
     }
 
     /// `getxattr` of a target (`size` 0: the size it needs).
     pub fn get_xattr(&self, t: &Target, name: &[u8], size: usize) -> io::Result<Vec<u8>> {
-        let (_at, p) = self.xattr_path(t)?;
+        let p = self.entry(t)?;
         let n = cstr(name)?;
         let mut buf = vec![0u8; size];
         // SAFETY: NUL-terminated path and name; buffer pointer/length from a Vec.
-        let r =
-            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r = unsafe {
+            libc::getxattr(
+                p.proc_path().as_ptr(),
+                n.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -422,10 +503,11 @@ impl Tree {
     }
 
     pub fn list_xattr(&self, t: &Target, size: usize) -> io::Result<Vec<u8>> {
-        let (_at, p) = self.xattr_path(t)?;
+        let p = self.entry(t)?;
         let mut buf = vec![0u8; size];
         // SAFETY: NUL-terminated path; buffer pointer/length from a Vec.
-        let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r =
+            unsafe { libc::listxattr(p.proc_path().as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -436,36 +518,15 @@ impl Tree {
         Ok(buf)
     }
 
-    fn chown(&self, t: &Target, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-        if uid.is_none() && gid.is_none() {
-            return Ok(());
+    /// The entry just made at `path` (by this op), checked to be of the
+    /// type made (`fmt`: `S_IFMT` bits): what is changed next is what was made.
+    fn made_entry(&self, path: &SharePath, fmt: u32) -> io::Result<Entry> {
+        let e = self.entry(&Target::Path(path.clone()))?;
+        if e.stat()?.st_mode & libc::S_IFMT != fmt {
+            // Replaced behind this process's back: change nothing.
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        let at = self.at(t)?;
-        // SAFETY: valid descriptor and NUL-terminated name; -1 leaves an id as is.
-        cvt(unsafe {
-            libc::fchownat(
-                at.dirfd,
-                at.name.as_ptr(),
-                uid.unwrap_or(u32::MAX),
-                gid.unwrap_or(u32::MAX),
-                at.nofollow_flag(),
-            )
-        })?;
-        Ok(())
-    }
-
-    fn chmod(&self, t: &Target, mode: u32) -> io::Result<()> {
-        let at = self.at(t)?;
-        // SAFETY: zeroed `stat` is a valid out-parameter.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid descriptor, NUL-terminated name, valid out pointer.
-        cvt(unsafe { libc::fstatat(at.dirfd, at.name.as_ptr(), &mut st, at.nofollow_flag()) })?;
-        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
-            return Ok(()); // symlinks have no mode of their own on Linux
-        }
-        // SAFETY: valid descriptor and NUL-terminated name.
-        cvt(unsafe { libc::fchmodat(at.dirfd, at.name.as_ptr(), mode & 0o7777, 0) })?;
-        Ok(())
+        Ok(e)
     }
 
     /// Applies one op. `files` caches descriptors opened for writes (cleared
@@ -553,12 +614,9 @@ impl Tree {
                 let at = self.at_path(path)?;
                 // SAFETY: valid descriptor and NUL-terminated name.
                 cvt(unsafe { libc::mknodat(at.dirfd, at.name.as_ptr(), *mode, *rdev) })?;
-                self.chown(
-                    &Target::Path(path.clone()),
-                    Some(owner.uid),
-                    Some(owner.gid),
-                )?;
-                self.chmod(&Target::Path(path.clone()), *mode)
+                let e = self.made_entry(path, *mode & libc::S_IFMT)?;
+                e.chown(Some(owner.uid), Some(owner.gid))?;
+                e.chmod(*mode)
             }
             FileOp::Mkdir { path, mode, owner } => {
                 files.clear();
@@ -577,12 +635,9 @@ impl Tree {
                         cvt(unsafe { libc::mkdirat(at.dirfd, at.name.as_ptr(), mode & 0o7777) })?;
                     }
                 }
-                self.chown(
-                    &Target::Path(path.clone()),
-                    Some(owner.uid),
-                    Some(owner.gid),
-                )?;
-                self.chmod(&Target::Path(path.clone()), *mode)
+                let e = self.made_entry(path, libc::S_IFDIR)?;
+                e.chown(Some(owner.uid), Some(owner.gid))?;
+                e.chmod(*mode)
             }
             FileOp::Symlink {
                 path,
@@ -603,11 +658,8 @@ impl Tree {
                     // SAFETY: as above.
                     cvt(unsafe { libc::symlinkat(t.as_ptr(), at.dirfd, at.name.as_ptr()) })?;
                 }
-                self.chown(
-                    &Target::Path(path.clone()),
-                    Some(owner.uid),
-                    Some(owner.gid),
-                )
+                self.made_entry(path, libc::S_IFLNK)?
+                    .chown(Some(owner.uid), Some(owner.gid))
             }
             FileOp::Link { existing, new } => {
                 files.clear();
@@ -680,12 +732,15 @@ impl Tree {
                 atime,
                 mtime,
             } => {
-                self.chown(target, *uid, *gid)?;
+                // One descriptor for every change: the entry checked is
+                // the entry changed.
+                let e = self.entry(target)?;
+                e.chown(*uid, *gid)?;
                 if let Some(m) = mode {
-                    self.chmod(target, *m)?;
+                    e.chmod(*m)?;
                 }
                 if atime.is_some() || mtime.is_some() {
-                    self.set_times(target, *atime, *mtime)?;
+                    e.set_times(*atime, *mtime)?;
                 }
                 Ok(())
             }
@@ -729,14 +784,22 @@ impl Tree {
         Ok(())
     }
 
-    /// Directory `path`, opened beneath the root, as an iterator of entries.
-    fn read_dir(&self, path: &SharePath) -> io::Result<std::fs::ReadDir> {
-        let fd = Self::open_beneath(
+    /// Directory `path`, opened beneath the root (no symlinks), to list.
+    pub fn open_dir_listing(&self, path: &SharePath) -> io::Result<OwnedFd> {
+        Self::open_beneath(
             self.root.as_raw_fd(),
             path.as_bytes(),
             libc::O_RDONLY | libc::O_DIRECTORY,
             0,
-        )?;
+        )
+    }
+
+    /// Directory `path`, opened beneath the root, as an iterator of entries.
+    fn read_dir(&self, path: &SharePath) -> io::Result<std::fs::ReadDir> {
+        Self::read_dir_fd(&self.open_dir_listing(path)?)
+    }
+
+    fn read_dir_fd(fd: &OwnedFd) -> io::Result<std::fs::ReadDir> {
         // read_dir opens its own descriptor of the same directory.
         std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
     }
@@ -750,13 +813,13 @@ impl Tree {
         Ok(names)
     }
 
-    /// Entries of directory `path` (without `.` and `..`): name, inode
+    /// Entries of directory `dir` (without `.` and `..`): name, inode
     /// number and the type bits (`S_IFMT`) from the directory itself, with
     /// an `lstat` only where the filesystem does not say.
-    pub fn read_dir_entries(&self, path: &SharePath) -> io::Result<Vec<(Vec<u8>, u64, u32)>> {
+    pub fn dir_entries(dir: &OwnedFd) -> io::Result<Vec<(Vec<u8>, u64, u32)>> {
         use std::os::unix::fs::{DirEntryExt, FileTypeExt};
         let mut out = Vec::new();
-        for e in self.read_dir(path)? {
+        for e in Self::read_dir_fd(dir)? {
             let e = e?;
             let t = e.file_type()?;
             let fmt = if t.is_dir() {
@@ -1107,7 +1170,13 @@ impl Tree {
 
     /// Makes everything written to the tree's filesystem durable.
     pub fn sync(&self) -> io::Result<()> {
-        let f = File::open(&self.root_path)?;
+        // The root this tree holds, not whatever its path names now.
+        let f = File::from(Self::open_beneath(
+            self.root.as_raw_fd(),
+            b"",
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )?);
         // SAFETY: valid descriptor.
         cvt(unsafe { libc::syncfs(f.as_raw_fd()) })?;
         Ok(())

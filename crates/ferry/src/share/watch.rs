@@ -17,10 +17,9 @@
 //! a lag, file by file, not in the order the application wrote.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,12 +57,8 @@ impl Drop for Watcher {
     }
 }
 
-/// Starts watching `share`'s tree at `root`.
-pub fn start(
-    share: Arc<PrimaryShare>,
-    root: PathBuf,
-    cfg: ShareSettings,
-) -> std::io::Result<Watcher> {
+/// Starts watching `share`'s tree (its root: where the tree was opened).
+pub fn start(share: Arc<PrimaryShare>, cfg: ShareSettings) -> std::io::Result<Watcher> {
     // SAFETY: plain syscall; the result is checked.
     let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
     if fd < 0 {
@@ -73,7 +68,6 @@ pub fn start(
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let mut w = State {
         fd,
-        root,
         wds: HashMap::new(),
         unwatched: BTreeSet::new(),
         closed: BTreeSet::new(),
@@ -96,7 +90,6 @@ pub fn start(
 
 struct State {
     fd: OwnedFd,
-    root: PathBuf,
     /// Watch descriptor → the directory it watches.
     wds: HashMap<i32, SharePath>,
     /// Directories that could not be watched (limit reached): rescanned.
@@ -127,20 +120,35 @@ impl Batch {
 }
 
 impl State {
-    fn abs(&self, p: &SharePath) -> PathBuf {
-        self.root.join(OsStr::from_bytes(p.as_bytes()))
-    }
-
     /// Watches `dir` and every directory below it (not following symlinks).
     fn add_tree(&mut self, dir: &SharePath) {
         let mut stack = vec![dir.clone()];
         while let Some(d) = stack.pop() {
-            let abs = self.abs(&d);
-            let Ok(c) = CString::new(abs.as_os_str().as_bytes()) else {
+            // Opened beneath the root without following symlinks, then
+            // watched and listed through that descriptor: a directory swapped
+            // for a symlink meanwhile cannot lead the watch out of the tree.
+            let dir = match self.share.tree.open_dir(&d) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    if e.raw_os_error() == Some(libc::EACCES) {
+                        self.closed.insert(d);
+                    }
+                    continue;
+                }
+            };
+            let abs = format!("/proc/self/fd/{}", dir.as_raw_fd());
+            let Ok(c) = CString::new(abs.as_bytes()) else {
                 continue;
             };
-            // SAFETY: valid inotify descriptor and NUL-terminated path.
-            let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), MASK) };
+            // SAFETY: valid inotify descriptor and NUL-terminated path. The
+            // magic link is followed to the directory opened above.
+            let wd = unsafe {
+                libc::inotify_add_watch(
+                    self.fd.as_raw_fd(),
+                    c.as_ptr(),
+                    MASK & !libc::IN_DONT_FOLLOW,
+                )
+            };
             if wd < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::ENOSPC) {
