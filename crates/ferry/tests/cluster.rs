@@ -1335,3 +1335,69 @@ fn postgresql_on_a_sync_share_fails_over_with_every_committed_transaction() {
     let out = psql(&net, "select count(*) from acked");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "400");
 }
+
+/// Found by the fault soak (bench/soak.sh, pause-primary): a primary paused
+/// (SIGSTOP) past its lease is replaced; when it resumes, its API answered
+/// a status request with the snapshot published before the pause — "primary:
+/// a", while b served — until the manager's first tick after the pause
+/// replaced it. The write gate already refused writes past the lease; the
+/// status must not claim more than the gate allows. A request sent while
+/// the node is paused is answered the moment it resumes, racing that tick,
+/// so several rounds are tried (each one lost the race often without the
+/// fix).
+#[test]
+fn a_primary_resumed_after_its_lease_ended_never_claims_to_serve() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    let (mut p, mut r) = ("a", "b");
+    for round in 0..6 {
+        let pid = net.agent_pid(p) as i32;
+        // SAFETY: kill(2) on the agent this test started.
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+        }
+        wait_for(15, &format!("{r} to take over from the paused {p}"), || {
+            net.status(r, "web")["primary"] == r
+        });
+        // Asked while paused: answered first thing when it resumes.
+        let token = std::fs::read_to_string(net.dir(p).join("api.token")).unwrap();
+        let asked = net
+            .cmd("c", ferry_bin())
+            .args(["--json", "cluster", "status"])
+            .env("FERRY_API", format!("{}:7360", addr_of(p)))
+            .env("FERRY_TOKEN", token.trim())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid, libc::SIGCONT);
+        }
+        let out = asked.wait_with_output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let s = v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["workload"] == "web")
+            .cloned()
+            .unwrap_or(Value::Null);
+        assert!(
+            s["primary"] != p,
+            "round {round}: {p} resumed after {r} took over and says it serves: {s}"
+        );
+        wait_for(30, &format!("{p} to be {r}'s up-to-date replica"), || {
+            let s = net.status(p, "web");
+            s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"
+        });
+        wait_for(10, &format!("{r} to see {p} up to date"), || {
+            net.status(r, "web")["replicas"][0]["state"] == "up-to-date"
+        });
+        std::mem::swap(&mut p, &mut r);
+    }
+}
