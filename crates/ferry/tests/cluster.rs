@@ -1401,3 +1401,74 @@ fn a_primary_resumed_after_its_lease_ended_never_claims_to_serve() {
         std::mem::swap(&mut p, &mut r);
     }
 }
+
+/// Found by the fault soak (bench/soak.sh, whose sampler asks both nodes
+/// for `replicate status` all the time): a demotion takes the volume out of
+/// service between its two roles, and a status request in that window
+/// loaded it again from disk — as the primary it still was there. The
+/// demotion then failed ("volume is in use") and the node stayed a cluster
+/// secondary with a primary volume: the link refused both ways forever.
+/// Here: switchovers back and forth while status requests hammer both
+/// nodes.
+#[test]
+fn status_requests_during_a_demotion_never_bring_the_volume_back_as_primary() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    let script = net.root.path().join("hammer.py");
+    std::fs::write(
+        &script,
+        r#"
+import socket, sys, time
+nodes = [(sys.argv[i], sys.argv[i + 1].encode()) for i in range(1, len(sys.argv), 2)]
+while True:
+    for ip, token in nodes:
+        try:
+            s = socket.create_connection((ip, 7360), timeout=2)
+            s.sendall(b"GET /api/v1/replications/vol HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + b"\r\nConnection: close\r\n\r\n")
+            while s.recv(65536):
+                pass
+            s.close()
+        except OSError:
+            time.sleep(0.01)
+"#,
+    )
+    .unwrap();
+    let token = |n: &str| {
+        std::fs::read_to_string(net.dir(n).join("api.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let mut hammer = net
+        .cmd("c", "/usr/bin/python3")
+        .arg(&script)
+        .args([addr_of("a"), &token("a"), addr_of("b"), &token("b")])
+        .spawn()
+        .unwrap();
+    let (mut p, mut r) = ("a", "b");
+    for round in 0..6 {
+        net.ok(p, &["cluster", "switchover", "web"]);
+        wait_for(
+            20,
+            &format!("round {round}: {p} to be {r}'s up-to-date replica"),
+            || {
+                let (s, t) = (net.status(p, "web"), net.status(r, "web"));
+                s["role"] == "secondary"
+                    && s["replicas"][0]["state"] == "up-to-date"
+                    && t["primary"] == r
+                    && t["replicas"][0]["state"] == "up-to-date"
+            },
+        );
+        assert!(
+            !net.log(p).contains("cluster.action.failed"),
+            "round {round}: {}",
+            net.log(p)
+        );
+        std::mem::swap(&mut p, &mut r);
+    }
+    let _ = hammer.kill();
+    let _ = hammer.wait();
+}
