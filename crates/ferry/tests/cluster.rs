@@ -1667,3 +1667,140 @@ fn replays_after_a_witness_restart_do_not_delay_the_failover() {
         "failover took {took:?} under replay"
     );
 }
+
+/// Found by the fault soak (bench/soak.sh, pause-primary): a primary paused
+/// (SIGSTOP) past its lease is replaced; when it resumes, its API answered
+/// a status request with the snapshot published before the pause — "primary:
+/// a", while b served — until the manager's first tick after the pause
+/// replaced it. The write gate already refused writes past the lease; the
+/// status must not claim more than the gate allows. A request sent while
+/// the node is paused is answered the moment it resumes, racing that tick,
+/// so several rounds are tried (each one lost the race often without the
+/// fix).
+#[test]
+fn a_primary_resumed_after_its_lease_ended_never_claims_to_serve() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    let (mut p, mut r) = ("a", "b");
+    for round in 0..6 {
+        let pid = net.agent_pid(p) as i32;
+        // SAFETY: kill(2) on the agent this test started.
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+        }
+        wait_for(15, &format!("{r} to take over from the paused {p}"), || {
+            net.status(r, "web")["primary"] == r
+        });
+        // Asked while paused: answered first thing when it resumes.
+        let token = std::fs::read_to_string(net.dir(p).join("api.token")).unwrap();
+        let asked = net
+            .cmd("c", ferry_bin())
+            .args(["--json", "cluster", "status"])
+            .env("FERRY_API", format!("{}:7360", addr_of(p)))
+            .env("FERRY_TOKEN", token.trim())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(pid, libc::SIGCONT);
+        }
+        let out = asked.wait_with_output().unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let s = v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|w| w["workload"] == "web")
+            .cloned()
+            .unwrap_or(Value::Null);
+        assert!(
+            s["primary"] != p,
+            "round {round}: {p} resumed after {r} took over and says it serves: {s}"
+        );
+        wait_for(30, &format!("{p} to be {r}'s up-to-date replica"), || {
+            let s = net.status(p, "web");
+            s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"
+        });
+        wait_for(10, &format!("{r} to see {p} up to date"), || {
+            net.status(r, "web")["replicas"][0]["state"] == "up-to-date"
+        });
+        std::mem::swap(&mut p, &mut r);
+    }
+}
+
+/// Found by the fault soak (bench/soak.sh, whose sampler asks both nodes
+/// for `replicate status` all the time): a demotion takes the volume out of
+/// service between its two roles, and a status request in that window
+/// loaded it again from disk — as the primary it still was there. The
+/// demotion then failed ("volume is in use") and the node stayed a cluster
+/// secondary with a primary volume: the link refused both ways forever.
+/// Here: switchovers back and forth while status requests hammer both
+/// nodes.
+#[test]
+fn status_requests_during_a_demotion_never_bring_the_volume_back_as_primary() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    let script = net.root.path().join("hammer.py");
+    std::fs::write(
+        &script,
+        r#"
+import socket, sys, time
+nodes = [(sys.argv[i], sys.argv[i + 1].encode()) for i in range(1, len(sys.argv), 2)]
+while True:
+    for ip, token in nodes:
+        try:
+            s = socket.create_connection((ip, 7360), timeout=2)
+            s.sendall(b"GET /api/v1/replications/vol HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token + b"\r\nConnection: close\r\n\r\n")
+            while s.recv(65536):
+                pass
+            s.close()
+        except OSError:
+            time.sleep(0.01)
+"#,
+    )
+    .unwrap();
+    let token = |n: &str| {
+        std::fs::read_to_string(net.dir(n).join("api.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let mut hammer = net
+        .cmd("c", "/usr/bin/python3")
+        .arg(&script)
+        .args([addr_of("a"), &token("a"), addr_of("b"), &token("b")])
+        .spawn()
+        .unwrap();
+    let (mut p, mut r) = ("a", "b");
+    for round in 0..6 {
+        net.ok(p, &["cluster", "switchover", "web"]);
+        wait_for(
+            20,
+            &format!("round {round}: {p} to be {r}'s up-to-date replica"),
+            || {
+                let (s, t) = (net.status(p, "web"), net.status(r, "web"));
+                s["role"] == "secondary"
+                    && s["replicas"][0]["state"] == "up-to-date"
+                    && t["primary"] == r
+                    && t["replicas"][0]["state"] == "up-to-date"
+            },
+        );
+        assert!(
+            !net.log(p).contains("cluster.action.failed"),
+            "round {round}: {}",
+            net.log(p)
+        );
+        std::mem::swap(&mut p, &mut r);
+    }
+    let _ = hammer.kill();
+    let _ = hammer.wait();
+}

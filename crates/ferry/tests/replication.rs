@@ -302,6 +302,91 @@ fn async_backlog_overflow_keeps_memory_bounded_then_converges() {
     assert_images_equal(&a, &b, "vol");
 }
 
+/// The data history (`GET /api/v1/volumes/VOL/generation`: current id, then
+/// ancestors) of `vol` on agent `n`.
+fn generation_ids(n: &Agent, vol: &str) -> Vec<u64> {
+    let mut s = std::net::TcpStream::connect(&n.api).unwrap();
+    write!(
+        s,
+        "GET /api/v1/volumes/{vol}/generation HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        n.token()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// Found by the fault soak (bench/soak.sh): the primary records a new
+/// generation when it acknowledges a write its replica does not have, also
+/// after the link's handshake (an NBD flush that began while the link was
+/// down, an async backlog overflow), and announces the generation at which
+/// the replica is up to date in the flush that ends the resync. The replica
+/// kept the one it adopted at the handshake instead, so after its next
+/// promotion the two histories shared no id: the old primary's return was
+/// a split brain (seen after a kill -9 of the primary in the soak).
+/// Here: an async overflow while the replica resyncs after a crash.
+#[test]
+fn a_replica_is_up_to_date_at_the_generation_the_primary_announces() {
+    let (_root, a, mut b) = two_agents("backlog_bytes_max = 4194304\n");
+    a.ok(&["volume", "create", "vol", "--size", "128MiB"]);
+    a.ok(&["replicate", "start", "vol", "--to", "b", "--mode", "async"]);
+    a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
+    let fio = |offset: &str, size: &str| {
+        let out = run_ok(Command::new(require("fio")).args([
+            "--name=burst",
+            "--ioengine=nbd",
+            &format!("--uri={}", a.uri("vol")),
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=8",
+            &format!("--offset={offset}"),
+            &format!("--size={size}"),
+        ]));
+        assert!(out.contains("burst"), "{out}");
+    };
+    // The replica crashes; the primary goes on alone (a new generation).
+    b.kill9();
+    fio("0", "32M");
+    // It returns and resyncs, slowly; meanwhile a burst overflows the
+    // backlog, so the primary records another generation after the
+    // handshake at which the replica adopted its history.
+    a.ok(&["replicate", "set", "vol", "--max-rate", "4MiB/s"]);
+    b.spawn();
+    wait_until(30, "the resync to start", || {
+        a.status("vol")["link"] == "resyncing"
+    });
+    let at_handshake = generation_ids(&b, "vol")[0];
+    assert_eq!(generation_ids(&a, "vol")[0], at_handshake);
+    fio("64M", "48M");
+    assert!(a.log_text().contains("replication.backlog.overflow"));
+    let ga = generation_ids(&a, "vol");
+    assert_ne!(
+        ga[0], at_handshake,
+        "the overflow recorded a new generation"
+    );
+    assert_eq!(a.status("vol")["link"], "resyncing");
+    a.ok(&["replicate", "set", "vol", "--max-rate", "0"]);
+    a.ok(&["replicate", "wait", "vol", "--timeout", "120s"]);
+    wait_until(10, "b to record itself up to date", || {
+        b.status("vol")["state"] == "up-to-date"
+    });
+    let gb = generation_ids(&b, "vol");
+    assert_eq!(
+        gb[0], ga[0],
+        "b is up to date at another generation than a ({gb:x?} vs {ga:x?}): its next promotion would split the brain"
+    );
+    assert_images_equal(&a, &b, "vol");
+}
+
 #[test]
 fn unregistered_nodes_and_wrong_certificates_cannot_open_a_link() {
     let root = tempfile::Builder::new()

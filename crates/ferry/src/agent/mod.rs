@@ -302,6 +302,20 @@ impl AgentCtx {
 
     /// Loads a volume created in the data dir while the agent ran (by `ferry volume create`).
     pub fn adopt_volume(self: &Arc<Self>, name: &str) {
+        if self.primary(name).is_some() || self.secondary(name).is_some() {
+            return;
+        }
+        // A promotion, demotion or deletion holds `admin` while the volume
+        // is out of service between two states: loading it then would bring
+        // it back as what its metadata still says (a demoted primary as a
+        // primary) or take its lock from under the transition, which then
+        // fails. The transition loads it itself; a status asked meanwhile
+        // does without (and never waits for it on an API thread).
+        let _admin = match self.admin.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         if self.primary(name).is_none()
             && self.secondary(name).is_none()
             && self.store.meta(name).is_ok()

@@ -229,9 +229,10 @@ impl ClusterView {
 
     /// One workload's published status; an error names it when it is not under HA here.
     pub fn workload(&self, workload: &str) -> Result<Value> {
+        let now = crate::replication::primary::mono_ms();
         self.workloads()
             .get(workload)
-            .cloned()
+            .map(|v| as_of(v.clone(), now))
             .ok_or_else(|| anyhow!("workload {workload:?} is not under HA on this node"))
     }
 
@@ -243,7 +244,12 @@ impl ClusterView {
     }
 
     pub fn json(&self, ctx: &AgentCtx) -> Value {
-        let w: Vec<Value> = self.workloads().values().cloned().collect();
+        let now = crate::replication::primary::mono_ms();
+        let w: Vec<Value> = self
+            .workloads()
+            .values()
+            .map(|v| as_of(v.clone(), now))
+            .collect();
         json!({
             "node": ctx.identity.node_name,
             "standby": in_standby(&ctx.cfg.data_dir),
@@ -253,6 +259,25 @@ impl ClusterView {
             "damaged": ctx.damaged.list(),
         })
     }
+}
+
+/// A published status's private field: until when (`mono_ms`) its claim
+/// that this node serves holds — the write gate's deadline (the lease less
+/// the fence margin). Absent when no lease is needed.
+const SERVING_UNTIL: &str = "serving_until_mono_ms";
+
+/// A published status as of `now`: a snapshot published before the manager
+/// stalled (a paused process answers requests the moment it resumes, before
+/// its first tick) must not say this node serves once its lease is over.
+fn as_of(mut v: Value, now: u64) -> Value {
+    let until = v
+        .as_object_mut()
+        .and_then(|o| o.remove(SERVING_UNTIL))
+        .and_then(|u| u.as_u64());
+    if until.is_some_and(|until| now >= until) {
+        v["primary"] = Value::Null;
+    }
+    v
 }
 
 /// Events waiting for the notify hook at most.
@@ -903,7 +928,7 @@ impl Manager {
             }
             _ => Some(json!({"node": self.cfg.peer, "state": "inconsistent"})),
         };
-        let v = json!({
+        let mut v = json!({
             "workload": w,
             "preferred": slot.preferred,
             "role": role_str(n.role()),
@@ -920,6 +945,11 @@ impl Manager {
             "replicas": replica_state.into_iter().collect::<Vec<_>>(),
             "events": slot.events.iter().cloned().collect::<Vec<_>>(),
         });
+        if v["primary"] == me.as_str() {
+            if let Some(until) = n.write_deadline(now) {
+                v[SERVING_UNTIL] = json!(until);
+            }
+        }
         self.ctx.cluster.workloads().insert(w.to_string(), v);
     }
 

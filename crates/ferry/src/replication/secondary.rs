@@ -432,9 +432,9 @@ impl ServerWire {
 /// A flush the apply loop has reached: make it durable off the apply path.
 #[derive(Default)]
 struct FlushState {
-    /// Per member: newest flush seq applied up to, and whether it declared
-    /// the member up to date.
-    pending: Vec<Option<(u64, bool)>>,
+    /// Per member: newest flush seq applied up to, and the generation at
+    /// which it declared the member up to date, if it did.
+    pending: Vec<Option<(u64, Option<u64>)>>,
     /// Resync bytes applied since writeback was last started; past
     /// [`WRITEBACK_KICK_BYTES`] the flusher starts it (see [`flusher`]).
     copied: u64,
@@ -461,10 +461,10 @@ fn flusher(
     state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
     loop {
-        let pending: Vec<(usize, u64, bool)> = {
+        let pending: Vec<(usize, u64, Option<u64>)> = {
             let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                let p: Vec<(usize, u64, bool)> = st
+                let p: Vec<(usize, u64, Option<u64>)> = st
                     .pending
                     .iter_mut()
                     .enumerate()
@@ -505,11 +505,23 @@ fn flusher(
         );
         for &(tag, seq, up_to_date) in &pending {
             let vol = &vols[tag];
-            if up_to_date {
+            if let Some(generation) = up_to_date {
+                // Up to date at the primary's generation of that moment: it
+                // may have recorded a new one since the handshake (a write
+                // it acknowledged that this copy lacked, resent since).
+                // Keeping the handshake's would make the next promotion of
+                // this copy a split brain with the primary's history.
                 let mut m = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
-                m.update(|s| s.consistent = true)?;
+                m.update(|s| {
+                    if generation != ferry_core::generation::BLANK
+                        && s.generation.current() != generation
+                    {
+                        s.generation.bump(generation);
+                    }
+                    s.consistent = true;
+                })?;
                 super::meta::clear_suspect_map(&vol.dir);
-                tracing::info!(volume = %vol.name, "replication.replica.up_to_date");
+                tracing::info!(volume = %vol.name, generation = format!("{generation:016x}"), "replication.replica.up_to_date");
             }
             vol.durable_seq.fetch_max(seq, Ordering::SeqCst);
         }
@@ -899,7 +911,12 @@ fn apply_one(
             }
             let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
             let p = &mut st.pending[tag];
-            let up = hdr.flags & FLAG_UP_TO_DATE != 0 || p.is_some_and(|(_, u)| u);
+            // An up-to-date flush carries the primary's generation in `offset`.
+            let up = if hdr.flags & FLAG_UP_TO_DATE != 0 {
+                Some(hdr.offset)
+            } else {
+                p.and_then(|(_, u)| u)
+            };
             *p = Some((hdr.seq, up));
             state.1.notify_all();
         }
