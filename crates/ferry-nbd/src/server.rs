@@ -19,10 +19,12 @@
 //! a reaper thread closes the socket of any that has not (a per-read timeout
 //! would let a client sending one byte at a time stay forever). At most
 //! `max_connections` connections are open; when full, a new connection takes
-//! the slot of the oldest one that has not authenticated yet (TLS not done on
-//! a TLS listener, anything before transmission on a plain TCP one), and is
-//! refused only if every slot is held by an authenticated client — so a flood
-//! of idle connections cannot keep clients with a certificate out.
+//! the slot of the oldest one still negotiating without a certificate (TLS
+//! not up on a TLS listener; on a Unix socket, anything before transmission:
+//! even a flood by a local user allowed to connect only delays clients by
+//! one handshake), and is refused only if every slot is held by clients in
+//! transmission or with a checked certificate — so a flood of idle
+//! connections cannot keep clients out.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -292,12 +294,6 @@ impl Listener {
         }
     }
 
-    /// Whoever connects here is trusted before any TLS: a Unix socket
-    /// without TLS (its directory's permissions keep others out).
-    fn trusts_connect(&self) -> bool {
-        self.tls.is_none() && matches!(self.kind, ListenerKind::Unix(..))
-    }
-
     fn accept(&self) -> io::Result<(Stream, String)> {
         match &self.kind {
             ListenerKind::Tcp(l) => {
@@ -375,10 +371,11 @@ pub struct ServerStats {
 /// Where a connection stands, for the handshake deadline and eviction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
-    /// Not authenticated: the TLS session is not up on a TLS listener, or
-    /// anything before transmission on a plain TCP one. Evictable.
+    /// Negotiating without a certificate: before the TLS session is up on a
+    /// TLS listener, anything before transmission on another. Evictable.
     Unauthenticated,
-    /// Authenticated (TLS up, or a trusted Unix socket), still negotiating.
+    /// The TLS session is up (the client's certificate checked), still
+    /// negotiating.
     Negotiating,
     /// In transmission on this export: no deadline any more.
     Serving(String),
@@ -748,15 +745,10 @@ fn accept_loop(inner: Arc<Inner>, listener: Arc<Listener>) {
                     }
                 }
             }
-            let phase = if listener.trusts_connect() {
-                Phase::Negotiating
-            } else {
-                Phase::Unauthenticated
-            };
             live.insert(
                 id,
                 Live {
-                    phase,
+                    phase: Phase::Unauthenticated,
                     accepted: Instant::now(),
                     control,
                 },

@@ -364,3 +364,52 @@ fn the_agent_serves_nbd_on_a_private_unix_socket_and_on_tcp_only_with_tls() {
     );
     qemu_io(&a.uri("vol"), &["read -P 7 0 64k"]);
 }
+
+#[test]
+fn idle_connection_floods_on_both_nbd_listeners_do_not_lock_clients_out() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-nbd-flood-")
+        .tempdir()
+        .unwrap();
+    let port = free_port();
+    let a = Agent::start_with(
+        root.path(),
+        "a",
+        &format!("nbd_listen = \"127.0.0.1:{port}\""),
+        "",
+        &[],
+    );
+    a.ok(&["volume", "create", "vol", "--size", "4MiB"]);
+    let certs = root.path().join("client");
+    client_cert(&a.dir, "tester", &certs);
+    let sock = a.dir.join("run").join("nbd.sock");
+    // 2,000 idle connections to each listener (64 slots): nobody says a word.
+    let tcp: Vec<std::net::TcpStream> = (0..2000)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let unix: Vec<std::os::unix::net::UnixStream> = (0..2000)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    // Clients still get in at once, over TLS and over the socket.
+    let t = std::time::Instant::now();
+    let o = qemu_io_tls(
+        &certs,
+        &format!("127.0.0.1:{port}"),
+        "vol",
+        "127.0.0.1",
+        &["write -P 9 0 64k"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    qemu_io(&a.uri("vol"), &["read -P 9 0 64k"]);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "clients waited {:?} behind the flood",
+        t.elapsed()
+    );
+    // The agent holds no more than its slots (plus a few closing).
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", a.pid()))
+        .unwrap()
+        .count();
+    assert!(fds < 400, "the agent holds {fds} descriptors");
+    drop((tcp, unix));
+}
