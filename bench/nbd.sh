@@ -52,6 +52,7 @@ fi
 sync
 
 certs="$work/client"   # the client's certificates (--tls)
+fio_as=()
 if [[ $tls == yes ]]; then
   "$ferry" nbd client-cert bench --out "$certs" >/dev/null
   # nbdkit's server certificate, signed by the same CA (GnuTLS layout).
@@ -63,6 +64,14 @@ if [[ $tls == yes ]]; then
   openssl x509 -req -in "$work/server.csr" -CA "$FERRY_DATA_DIR/tls/nbd-ca.crt" \
     -CAkey "$FERRY_DATA_DIR/tls/nbd-ca.key" -CAcreateserial -days 2 -extfile "$work/ext.cnf" \
     -out "$work/nbdkit-tls/server-cert.pem" 2>/dev/null
+  # fio's nbd engine refuses tls-certificates= in a URI (a local file), so it
+  # runs as uid 65534 with the certificates in libnbd's default directory
+  # for non-root users, $HOME/.pki/libnbd.
+  mkdir -p "$work/fio-home/.pki/libnbd"
+  cp "$certs"/*.pem "$work/fio-home/.pki/libnbd/"
+  chown -R 65534:65534 "$work/fio-home"
+  chmod 711 "$work"
+  fio_as=(setpriv --reuid=65534 --regid=65534 --clear-groups env HOME="$work/fio-home")
 fi
 
 start_ferry() {
@@ -72,8 +81,6 @@ start_ferry() {
   pids+=($!)
   for _ in $(seq 100); do [[ -s "$work/ferry.out" ]] && break; sleep 0.05; done
   uri=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["uris"][0])' "$work/ferry.out")
-  [[ $tls == yes ]] && uri="$uri?tls-certificates=$certs"
-  return 0
 }
 start_nbdkit() {
   local port
@@ -81,14 +88,16 @@ start_nbdkit() {
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" --tls=require \
       --tls-certificates="$work/nbdkit-tls" --tls-verify-peer file "$image" &
-    uri="nbds://127.0.0.1:$port/?tls-certificates=$certs"
+    uri="nbds://127.0.0.1:$port/"
   else
     rm -f "$work/nbdkit.sock"
     nbdkit --exit-with-parent -f -U "$work/nbdkit.sock" file "$image" &
     uri="nbd+unix:///?socket=$work/nbdkit.sock"
   fi
   pids+=($!)
-  for _ in $(seq 100); do nbdinfo --size "$uri" >/dev/null 2>&1 && break; sleep 0.05; done
+  local check=$uri
+  [[ $tls == yes ]] && check="$uri?tls-certificates=$certs"
+  for _ in $(seq 100); do nbdinfo --size "$check" >/dev/null 2>&1 && break; sleep 0.05; done
 }
 stop_server() {
   local p="${pids[-1]}"
@@ -98,7 +107,7 @@ stop_server() {
 
 # run_fio URI RW BS -> prints "iops bw_bytes p99_us"
 run_fio() {
-  fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth=16 --size="$size" \
+  "${fio_as[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth=16 --size="$size" \
       --time_based --runtime="$runtime" --ramp_time=1 --randrepeat=0 --output-format=json \
       >"$work/fio.json"
   python3 - "$work/fio.json" "$2" <<'PY'
