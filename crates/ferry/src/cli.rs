@@ -615,10 +615,12 @@ pub struct ExportLimitArgs {
     /// Requests served at once on one connection.
     #[arg(long, default_value_t = 64)]
     pub max_in_flight_per_connection: usize,
-    /// Connections served at once; more are closed on accept.
+    /// Connections open at once; when full, a new one takes the slot of the
+    /// oldest still negotiating without a certificate, else it is closed.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
-    /// A client must finish the handshake within this many milliseconds.
+    /// A client must finish the handshake (TLS included) within this many
+    /// milliseconds of connecting.
     #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
 }

@@ -271,14 +271,16 @@ pub struct NbdSettings {
     /// `nbd_listen` (besides the node name and the listener's address),
     /// e.g. a workload's virtual IP.
     pub tls_names: Vec<String>,
-    /// Connections served at once; more are closed on accept.
+    /// Connections open at once; when full, a new one takes the slot of the
+    /// oldest still negotiating without a certificate, else it is closed.
     pub max_connections: usize,
     /// Requests read and not yet answered on one connection (writes waiting
     /// for a replica's acknowledgement included).
     pub max_in_flight_per_connection: usize,
     /// Largest single read or write (also the advertised maximum block size).
     pub max_request_bytes: u32,
-    /// A client must pick an export within this time after connecting.
+    /// A client must pick an export within this time after connecting, TLS
+    /// handshake included.
     pub handshake_timeout_ms: u64,
     /// WRITEs up to this size run on the thread that read them (and a
     /// replicated volume sends a burst of them in one frame batch); 0 hands
