@@ -132,7 +132,7 @@ pub fn handshake<R: Read, W: Write>(
     if !greet(reader, writer, &mut n)? {
         return Ok(None);
     }
-    match negotiate(reader, writer, &mut n)? {
+    match negotiate(reader, writer, &mut n, &mut |_| true)? {
         Negotiated::Session(s) => Ok(Some(s)),
         Negotiated::Ended => Ok(None),
         // A negotiator in TlsMode::Off never asks for TLS.
@@ -171,11 +171,15 @@ pub fn greet<R: Read, W: Write>(
 }
 
 /// Reads options and answers them until the client picks an export, asks
-/// for TLS, aborts or hangs up.
+/// for TLS, aborts or hangs up. `ready` is called with the session the
+/// client picked *before* the reply that starts transmission is written (so
+/// the caller's bookkeeping is done when the client sees it); if it returns
+/// `false` nothing is sent and negotiation ends.
 pub fn negotiate<R: Read, W: Write>(
     reader: &mut R,
     writer: &mut W,
     n: &mut Negotiator<'_>,
+    ready: &mut dyn FnMut(&Session) -> bool,
 ) -> Result<Negotiated, ConnectionError> {
     let mut data = Vec::new();
     let mut out = Vec::new();
@@ -189,6 +193,11 @@ pub fn negotiate<R: Read, W: Write>(
         reader.read_exact(&mut data)?;
         out.clear();
         let step = n.option(option, &data, &mut out)?;
+        if let Step::Transmission(session) = &step {
+            if !ready(session) {
+                return Ok(Negotiated::Ended);
+            }
+        }
         writer.write_all(&out)?;
         writer.flush()?;
         match step {

@@ -823,11 +823,25 @@ fn serve_stream(
         TlsMode::Off
     };
     let mut n = Negotiator::with_tls(&catalog.infos, limits.negotiation, mode);
+    // In transmission (no deadline, not evictable) before the client hears
+    // so: else a client that got its reply could still lose its slot.
+    let mut ready = |session: &Session| {
+        let export = &catalog.exports[session.export];
+        // Serving first, then the check: remove_export changes the catalog,
+        // then closes the connections serving the export.
+        inner.advance(id, Phase::Serving(export.name.clone()))
+            // Removed while we negotiated: do not serve it.
+            && inner
+                .catalog()
+                .exports
+                .iter()
+                .any(|e| Arc::ptr_eq(e, export))
+    };
     // No timeouts on the socket: the reaper closes it at the handshake deadline.
     if !connection::greet(&mut reader, &mut writer, &mut n)? {
         return Ok(None);
     }
-    let session = match connection::negotiate(&mut reader, &mut writer, &mut n)? {
+    let session = match connection::negotiate(&mut reader, &mut writer, &mut n, &mut ready)? {
         Negotiated::Ended => return Ok(None),
         Negotiated::Session(session) => session,
         Negotiated::StartTls => {
@@ -851,7 +865,7 @@ fn serve_stream(
             tracing::debug!(conn = id, %peer, version = ?conn.protocol_version(), "nbd.tls.established");
             let (mut reader, mut writer) = crate::tls::split(conn, sock, writer);
             n.tls_started();
-            return match connection::negotiate(&mut reader, &mut writer, &mut n)? {
+            return match connection::negotiate(&mut reader, &mut writer, &mut n, &mut ready)? {
                 Negotiated::Session(session) => {
                     serve_session(inner, id, peer, &catalog, session, reader, writer, &control)
                 }
@@ -879,19 +893,8 @@ where
     R: Buffered + Send,
     W: Write + Send + 'static,
 {
+    // `ready` (in serve_stream) moved it to Phase::Serving already.
     let export = &catalog.exports[session.export];
-    if !inner.advance(id, Phase::Serving(export.name.clone())) {
-        return Ok(None);
-    }
-    // Removed while we negotiated: do not serve it.
-    if !inner
-        .catalog()
-        .exports
-        .iter()
-        .any(|e| Arc::ptr_eq(e, export))
-    {
-        return Ok(None);
-    }
     tracing::info!(conn = id, %peer, export = %export.name,
         structured = session.structured_replies, base_allocation = session.base_allocation,
         "nbd.connection.open");
