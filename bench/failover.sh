@@ -13,6 +13,9 @@
 #   3. resync after an outage: crash the primary, write --outage-mib MiB
 #      through the VIP on the survivor during --outage seconds, bring the
 #      old primary back, compare bytes resent with the bytes changed.
+# NBD crosses the network here, so it is TLS with a client certificate
+# (nbds://, libnbd's tls-certificates=): both nodes share one NBD CA, and the
+# VIP is in their server certificates (nbd.tls_names).
 # (Background processes are started with `ip netns exec` directly, never
 # through a shell function, so $! is the process itself and kill reaches it.)
 # Usage: bench/failover.sh [--reps 10] [--busy 60] [--outage 60] [--outage-mib 100]
@@ -86,6 +89,8 @@ data_dir = "$work/$n"
 api_listen = "${ADDR[$n]}:7360"
 replication_listen = "${ADDR[$n]}:7361"
 nbd_listen = "0.0.0.0:10809"
+[nbd]
+tls_names = ["$vip"]
 [replication]
 reconnect_backoff_max_ms = 500
 [cluster]
@@ -113,10 +118,20 @@ wait_for() { # secs cmd...
 serves() { [[ $(primary_of "$1") == "$1" ]]; }
 is_replica() { [[ $(replica_state "$1") == "secondary up-to-date" ]]; }
 
-# The poller: from c, TCP to VIP:10809 every 20 ms; then an NBD read.
+# The client's certificate, and the NBD CA both nodes share (made at a,
+# copied to b before either starts).
+certs="$work/nbd-client"
+nbd_uri="nbds://$vip:10809/vol?tls-certificates=$certs"
+shared_nbd_ca() {
+  rm -rf "$certs"; mkdir -p "$work/a" "$work/b/tls"
+  FERRY_DATA_DIR="$work/a" FERRY_LOG=warn "$ferry" nbd client-cert c --out "$certs" >/dev/null
+  cp "$work/a/tls/nbd-ca.key" "$work/a/tls/nbd-ca.crt" "$work/b/tls/"
+}
+
+# The poller: from c, TCP to VIP:10809 every 20 ms; then an NBD read (TLS).
 cat >"$work/poll.py" <<'PY'
 import socket, sys, time, nbd
-vip, start = sys.argv[1], float(sys.argv[2])
+vip, start, uri = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 while True:
     s = socket.socket(); s.settimeout(0.02)
     try:
@@ -125,7 +140,7 @@ while True:
         s.close(); time.sleep(0.02)
 while True:
     try:
-        h = nbd.NBD(); h.connect_uri("nbd://%s:10809/vol" % vip); h.pread(4096, 0); t_app = time.time(); break
+        h = nbd.NBD(); h.set_uri_allow_local_file(True); h.connect_uri(uri); h.pread(4096, 0); t_app = time.time(); break
     except Exception:
         time.sleep(0.02)
 print("%.3f %.3f" % (t_vip - start, t_app - start))
@@ -135,6 +150,7 @@ setup() { # interval timeout
   for n in a b; do [[ -n ${PID[$n]:-} ]] && { kill -9 "${PID[$n]}" 2>/dev/null || true; wait "${PID[$n]}" 2>/dev/null || true; }; rm -rf "${work:?}/$n"; done
   kill "${PID[w]}" 2>/dev/null || true; wait "${PID[w]}" 2>/dev/null || true
   rm -rf "$work/w/records"
+  shared_nbd_ca
   FERRY_DATA_DIR="$work/w" FERRY_LOG=warn ip netns exec "$tag-w" "$ferry" witness --listen "${ADDR[w]}:7380" --key-file "$work/witness.key" >/dev/null 2>>"$work/w.log" &
   PID[w]=$!
   start_agent a "$1" "$2"; start_agent b "$1" "$2"
@@ -155,7 +171,7 @@ failovers() { # label interval timeout -> appends "vip app" lines to $work/$labe
   : >"$work/$1.times"
   for rep in $(seq "$reps"); do
     t0=$(now)
-    ip netns exec "$tag-c" /usr/bin/python3 "$work/poll.py" "$vip" "$t0" >"$work/poll.out" &
+    ip netns exec "$tag-c" /usr/bin/python3 "$work/poll.py" "$vip" "$t0" "$nbd_uri" >"$work/poll.out" &
     poller=$!
     crash "$holder"
     wait "$poller"
@@ -178,13 +194,13 @@ lines_a=$(wc -l <"$work/a.log"); lines_b=$(wc -l <"$work/b.log")
 for _ in 1 2; do ( while :; do :; done ) & busy_pids+=($!); done
 cat >"$work/load.py" <<'PY'
 import nbd, os, sys, time
-h = nbd.NBD(); h.connect_uri(sys.argv[1]); end = time.time() + float(sys.argv[2]); buf = os.urandom(65536); i = 0
+h = nbd.NBD(); h.set_uri_allow_local_file(True); h.connect_uri(sys.argv[1]); end = time.time() + float(sys.argv[2]); buf = os.urandom(65536); i = 0
 region = int(sys.argv[3]) << 20 if len(sys.argv) > 3 else 255 << 20
 while time.time() < end:
     h.pwrite(buf, (i * 65536) % region); i += 1
 print(i)
 PY
-in_ns c /usr/bin/python3 "$work/load.py" "nbd://$vip:10809/vol" "$busy" >"$work/load.out"
+in_ns c /usr/bin/python3 "$work/load.py" "$nbd_uri" "$busy" >"$work/load.out"
 for p in "${busy_pids[@]}"; do kill "$p" 2>/dev/null || true; done; busy_pids=()
 false_events=$( { tail -n +"$((lines_a + 1))" "$work/a.log"; tail -n +"$((lines_b + 1))" "$work/b.log"; } | grep -c '"event":"\(fenced\|promoted\|failover-started\|peer-lost\)"' || true)
 load_writes=$(cat "$work/load.out")
@@ -194,7 +210,7 @@ echo "busy ${busy}s: $load_writes 64 KiB writes, fence/promote/failover events: 
 setup 50 250
 # The primary crashes while it writes, so its activity log holds extents.
 # (in its first 32 MiB: an application's hot region, 8 activity-log extents).
-ip netns exec "$tag-c" /usr/bin/python3 "$work/load.py" "nbd://$vip:10809/vol" 3 32 >/dev/null 2>&1 &
+ip netns exec "$tag-c" /usr/bin/python3 "$work/load.py" "$nbd_uri" 3 32 >/dev/null 2>&1 &
 loader=$!
 sleep 1.5
 crash a
@@ -202,7 +218,7 @@ wait "$loader" 2>/dev/null || true
 wait_for 30 serves b
 cat >"$work/outage.py" <<'PY'
 import nbd, os, random, sys, time
-h = nbd.NBD(); h.connect_uri(sys.argv[1]); mib = int(sys.argv[2]); secs = float(sys.argv[3])
+h = nbd.NBD(); h.set_uri_allow_local_file(True); h.connect_uri(sys.argv[1]); mib = int(sys.argv[2]); secs = float(sys.argv[3])
 random.seed(7); blocks = random.sample(range(255 * 16), mib * 16)  # 64 KiB blocks
 start = time.time(); buf = os.urandom(65536)
 for n, b in enumerate(blocks):
@@ -211,7 +227,7 @@ for n, b in enumerate(blocks):
     if left > 0: time.sleep(left)
 h.flush(); print(len(blocks) * 65536)
 PY
-changed=$(in_ns c /usr/bin/python3 "$work/outage.py" "nbd://$vip:10809/vol" "$outage_mib" "$outage")
+changed=$(in_ns c /usr/bin/python3 "$work/outage.py" "$nbd_uri" "$outage_mib" "$outage")
 start_agent a 50 250
 wait_for 120 is_replica a
 sent=$(( $(on b --json replicate status vol | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])') ))

@@ -48,21 +48,20 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 now() { date +%s.%N; }
 declare -A API NBD PID
 start_agent() { # name [extra config]
-  local n=$1 api repl nbd
-  api=$(port); repl=$(port); nbd=$(port)
+  local n=$1 api repl
+  api=$(port); repl=$(port)
   mkdir -p "$work/$n"
   cat >"$work/$n.toml" <<EOT
 node_name = "$n"
 data_dir = "$work/$n"
 api_listen = "127.0.0.1:$api"
 replication_listen = "127.0.0.1:$repl"
-nbd_listen = "127.0.0.1:$nbd"
 ${2:-}
 EOT
   "$ferry" agent --config "$work/$n.toml" >"$work/$n.out" 2>"$work/$n.log" &
   PID[$n]=$!; pids+=($!)
   for _ in $(seq 100); do [[ -s "$work/$n.out" ]] && break; sleep 0.05; done
-  API[$n]="127.0.0.1:$api"; NBD[$n]="127.0.0.1:$nbd"
+  API[$n]="127.0.0.1:$api"; NBD[$n]="$work/$n/run/nbd.sock"  # the agent's NBD Unix socket
 }
 on() { local n=$1; shift; FERRY_API="${API[$n]}" FERRY_DATA_DIR="$work/$n" "$ferry" "$@"; }
 wait_phase_on() { # node workload phase timeout_s
@@ -83,7 +82,7 @@ wait_phase() { # workload phase timeout_s
 }
 fill() { # volume size_mib: random data through A's export
   head -c $(($2 << 20)) /dev/urandom >"$work/fill.img"
-  nbdcopy --flush "$work/fill.img" "nbd://${NBD[a]}/$1"
+  nbdcopy --flush "$work/fill.img" "nbd+unix:///$1?socket=${NBD[a]}"
   rm -f "$work/fill.img"
 }
 
@@ -98,7 +97,7 @@ for rep in $(seq "$reps"); do
   v="load$rep"
   on a volume create "$v" --size 1GiB >/dev/null
   fill "$v" 1024
-  fio --name=load --ioengine=nbd --uri="nbd://${NBD[a]}/$v" --rw=randwrite --bs=4k \
+  fio --name=load --ioengine=nbd --uri="nbd+unix:///$v?socket=${NBD[a]}" --rw=randwrite --bs=4k \
       --rate=20m --iodepth=4 --size=1G --time_based --runtime=600 --output=/dev/null &
   fio_pid=$!; pids+=($fio_pid)
   on a workload create "w$rep" --volume "$v" \

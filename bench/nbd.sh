@@ -3,8 +3,11 @@
 # same run. fio (nbd ioengine) 4k randwrite QD16, 4k randread QD16 and 1 MiB
 # sequential write QD16; each test is repeated (servers alternating) and the
 # median is reported with the ferry/nbdkit ratio.
+# Transport (both servers alike): a Unix socket (default: ferry's default
+# listener), or --tls: TCP on 127.0.0.1 with TLS and client certificates
+# (ferry's own NBD CA; nbdkit gets a server certificate signed by it).
 #
-# Usage: bench/nbd.sh [--runtime SECONDS] [--reps N] [--size 1G] [--sparse]
+# Usage: bench/nbd.sh [--runtime SECONDS] [--reps N] [--size 1G] [--sparse] [--tls]
 # Output: a markdown table on stdout (also saved under bench/out/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +16,14 @@ runtime=10
 reps=3
 size=1G
 fill=yes
+tls=no
 while (($#)); do
   case "$1" in
     --runtime) runtime="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --size) size="$2"; shift 2 ;;
     --sparse) fill=no; shift ;;
+    --tls) tls=yes; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -46,19 +51,53 @@ if [[ $fill == yes ]]; then
 fi
 sync
 
+certs="$work/client"   # the client's certificates (--tls)
+fio_as=()
+if [[ $tls == yes ]]; then
+  "$ferry" nbd client-cert bench --out "$certs" >/dev/null
+  # nbdkit's server certificate, signed by the same CA (GnuTLS layout).
+  mkdir -p "$work/nbdkit-tls"
+  cp "$certs/ca-cert.pem" "$work/nbdkit-tls/"
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$work/nbdkit-tls/server-key.pem" -subj /CN=127.0.0.1 -out "$work/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$work/ext.cnf"
+  openssl x509 -req -in "$work/server.csr" -CA "$FERRY_DATA_DIR/tls/nbd-ca.crt" \
+    -CAkey "$FERRY_DATA_DIR/tls/nbd-ca.key" -CAcreateserial -days 2 -extfile "$work/ext.cnf" \
+    -out "$work/nbdkit-tls/server-cert.pem" 2>/dev/null
+  # fio's nbd engine refuses tls-certificates= in a URI (a local file), so it
+  # runs as uid 65534 with the certificates in libnbd's default directory
+  # for non-root users, $HOME/.pki/libnbd.
+  mkdir -p "$work/fio-home/.pki/libnbd"
+  cp "$certs"/*.pem "$work/fio-home/.pki/libnbd/"
+  chown -R 65534:65534 "$work/fio-home"
+  chmod 711 "$work"
+  fio_as=(setpriv --reuid=65534 --regid=65534 --clear-groups env HOME="$work/fio-home")
+fi
+
 start_ferry() {
-  "$ferry" --json export bench --listen 127.0.0.1:0 >"$work/ferry.out" &
+  local listen=()
+  [[ $tls == yes ]] && listen=(--listen 127.0.0.1:0)
+  "$ferry" --json export bench "${listen[@]}" >"$work/ferry.out" &
   pids+=($!)
   for _ in $(seq 100); do [[ -s "$work/ferry.out" ]] && break; sleep 0.05; done
   uri=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["uris"][0])' "$work/ferry.out")
 }
 start_nbdkit() {
   local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" file "$image" &
+  if [[ $tls == yes ]]; then
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" --tls=require \
+      --tls-certificates="$work/nbdkit-tls" --tls-verify-peer file "$image" &
+    uri="nbds://127.0.0.1:$port/"
+  else
+    rm -f "$work/nbdkit.sock"
+    nbdkit --exit-with-parent -f -U "$work/nbdkit.sock" file "$image" &
+    uri="nbd+unix:///?socket=$work/nbdkit.sock"
+  fi
   pids+=($!)
-  for _ in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.05; done
-  uri="nbd://127.0.0.1:$port/"
+  local check=$uri
+  [[ $tls == yes ]] && check="$uri?tls-certificates=$certs"
+  for _ in $(seq 100); do nbdinfo --size "$check" >/dev/null 2>&1 && break; sleep 0.05; done
 }
 stop_server() {
   local p="${pids[-1]}"
@@ -68,7 +107,7 @@ stop_server() {
 
 # run_fio URI RW BS -> prints "iops bw_bytes p99_us"
 run_fio() {
-  fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth=16 --size="$size" \
+  "${fio_as[@]}" fio --name=b --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth=16 --size="$size" \
       --time_based --runtime="$runtime" --ramp_time=1 --randrepeat=0 --output-format=json \
       >"$work/fio.json"
   python3 - "$work/fio.json" "$2" <<'PY'
@@ -104,7 +143,7 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 mkdir -p bench/out
 out="bench/out/nbd-$(date -u +%Y%m%dT%H%M%SZ).md"
 {
-  echo "fio nbd engine, QD16, ${size} image ($([[ $fill == yes ]] && echo filled || echo sparse)), ${runtime}s per run, median of ${reps} runs, $(nproc) cores, $(uname -r)"
+  echo "fio nbd engine, QD16, ${size} image ($([[ $fill == yes ]] && echo filled || echo sparse)), $([[ $tls == yes ]] && echo "TCP 127.0.0.1 + TLS with client certificates" || echo "Unix socket"), ${runtime}s per run, median of ${reps} runs, $(nproc) cores, $(uname -r)"
   echo
   echo "| test | ferry | nbdkit file | ratio ferry/nbdkit | p99 ferry | p99 nbdkit |"
   echo "|---|---|---|---|---|---|"

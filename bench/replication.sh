@@ -2,10 +2,11 @@
 # Benchmark: block replication between two agents on 127.0.0.1, with the peers
 # measured in the same run.
 #   1. initial sync of a 1 GiB random image A → B vs nbdcopy (nbdkit file → nbdkit
-#      file) and an rsync daemon whole-file copy; agent RSS during the sync;
+#      file, over Unix sockets) and an rsync daemon whole-file copy; agent RSS
+#      during the sync;
 #   2. resync after 160 random 64 KiB-aligned writes (~1%) vs
 #      rsync --inplace --no-whole-file -I; bytes sent vs bytes changed;
-#   3. fio 4k randwrite QD16 over NBD on fresh sparse volumes: unreplicated vs
+#   3. fio 4k randwrite QD16 over NBD (the agent's Unix socket) on fresh sparse volumes: unreplicated vs
 #      sync vs async link (IOPS over the run, durable IOPS with --end_fsync=1,
 #      CPU-seconds per GiB on A and B), and p99 latency at 50% of the
 #      unreplicated peak (durable) IOPS; reps interleaved.
@@ -47,20 +48,19 @@ rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 declare -A API NBD PID
 start_agent() { # name
-  local n=$1 api repl nbd
-  api=$(port); repl=$(port); nbd=$(port)
+  local n=$1 api repl
+  api=$(port); repl=$(port)
   mkdir -p "$work/$n"
   cat >"$work/$n.toml" <<EOT
 node_name = "$n"
 data_dir = "$work/$n"
 api_listen = "127.0.0.1:$api"
 replication_listen = "127.0.0.1:$repl"
-nbd_listen = "127.0.0.1:$nbd"
 EOT
   "$ferry" agent --config "$work/$n.toml" >"$work/$n.out" 2>"$work/$n.log" &
   PID[$n]=$!; pids+=($!)
   for _ in $(seq 100); do [[ -s "$work/$n.out" ]] && break; sleep 0.05; done
-  API[$n]="127.0.0.1:$api"; NBD[$n]="127.0.0.1:$nbd"
+  API[$n]="127.0.0.1:$api"; NBD[$n]="$work/$n/run/nbd.sock"  # the agent's NBD Unix socket
 }
 on() { local n=$1; shift; FERRY_API="${API[$n]}" FERRY_DATA_DIR="$work/$n" "$ferry" "$@"; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -108,11 +108,11 @@ for rep in $(seq "$reps"); do
   kill "${PID[a]}" "${PID[b]}"; wait "${PID[a]}" "${PID[b]}" 2>/dev/null || true; pids=("$rs")
 
   truncate -s 0 "$work/dst.img"; truncate -s "${size_mib}M" "$work/dst.img"; sync
-  p1=$(port); p2=$(port)
-  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$p1" file "$work/random.img" & k1=$!
-  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$p2" file "$work/dst.img" & k2=$!
+  rm -f "$work/k1.sock" "$work/k2.sock"
+  nbdkit --exit-with-parent -f -U "$work/k1.sock" file "$work/random.img" & k1=$!
+  nbdkit --exit-with-parent -f -U "$work/k2.sock" file "$work/dst.img" & k2=$!
   sleep 0.3
-  t0=$(now); nbdcopy --flush "nbd://127.0.0.1:$p1/" "nbd://127.0.0.1:$p2/"; t1=$(now)
+  t0=$(now); nbdcopy --flush "nbd+unix:///?socket=$work/k1.sock" "nbd+unix:///?socket=$work/k2.sock"; t1=$(now)
   nbdcopy_times+=("$(echo "$t1 - $t0" | bc)")
   kill $k1 $k2; wait $k1 $k2 2>/dev/null || true
 
@@ -146,7 +146,7 @@ for rep in $(seq "$reps"); do
   for off in $(python3 -c "import random; r=random.Random($rep); print(' '.join(str(b*65536) for b in r.sample(range($blocks), 160)))"); do
     cmds+=(-c "write -P $((rep + 16)) $off 64k")
   done
-  qemu-io -f raw "${cmds[@]}" "nbd://${NBD[a]}/vol" >/dev/null
+  qemu-io -f raw "${cmds[@]}" "nbd+unix:///vol?socket=${NBD[a]}" >/dev/null
   before=$(on a --json replicate status vol | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_sent"])')
   t0=$(now)
   on a replicate start vol --to b >/dev/null
@@ -222,7 +222,7 @@ for rep in $(seq "$reps"); do
       n=$((n + 1)); v=$(fresh "$target" "$n")
       extra=""; [[ $variant == durable ]] && extra="--end_fsync=1"
       ca=$(cpu_s "${PID[a]}"); cb=$(cpu_s "${PID[b]}")
-      read -r iops _ < <(fio_run "nbd://${NBD[a]}/$v" "$extra")
+      read -r iops _ < <(fio_run "nbd+unix:///$v?socket=${NBD[a]}" "$extra")
       if [[ $variant == run ]]; then
         RUNS[$target]+="$iops "
         # CPU-seconds per GiB written, A and B.
@@ -244,7 +244,7 @@ for rep in $(seq "$reps"); do
     n=$((n + 1)); v=$(fresh "$target" "$n")
     # Steady state: 3 s at the same rate first (fio drops them from the
     # figures), so every activity-log extent of the fresh volume is hot.
-    read -r _ p99 < <(fio_run "nbd://${NBD[a]}/$v" "--rate_iops=$half --ramp_time=3")
+    read -r _ p99 < <(fio_run "nbd+unix:///$v?socket=${NBD[a]}" "--rate_iops=$half --ramp_time=3")
     P99S[$target]+="$p99 "
     echo "rep $rep $target at $half IOPS: p99 $p99 us" >&2
     drop "$target" "$v"

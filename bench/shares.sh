@@ -61,16 +61,15 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 
 declare -A API PID DIR
 start_agent() { # name [data dir]
-  local n=$1 api repl nbd
+  local n=$1 api repl
   DIR[$n]=${2:-$work/$n}
-  api=$(port); repl=$(port); nbd=$(port)
+  api=$(port); repl=$(port)
   mkdir -p "${DIR[$n]}"
   cat >"$work/$n.toml" <<EOT
 node_name = "$n"
 data_dir = "${DIR[$n]}"
 api_listen = "127.0.0.1:$api"
 replication_listen = "127.0.0.1:$repl"
-nbd_listen = "127.0.0.1:$nbd"
 EOT
   : >"$work/$n.out"
   "$ferry" agent --config "$work/$n.toml" >"$work/$n.out" 2>"$work/$n.log" &

@@ -61,9 +61,18 @@ work=$(mktemp -d /var/tmp/ferry-soak.XXXXXX)
 tag="sk$$"
 vip=198.18.0.100
 # The writer's way to the export (bench/soak/writer.py connect() is the one
-# place that opens it) and the agents' NBD listener.
-NBD_URI="nbd://$vip:10809/vol"
+# place that opens it) and the agents' NBD listener: TCP through the VIP
+# needs TLS with a client certificate of the NBD CA both nodes share (made
+# at a, copied to b before either starts; the VIP is in their server
+# certificates, nbd.tls_names).
+certs="$work/nbd-client"
+NBD_URI="nbds://$vip:10809/vol?tls-certificates=$certs"
 NBD_LISTEN="0.0.0.0:10809"
+shared_nbd_ca() {
+  rm -rf "$certs"; mkdir -p "$work/a" "$work/b/tls"
+  FERRY_DATA_DIR="$work/a" FERRY_LOG=warn "$ferry" nbd client-cert c --out "$certs" >/dev/null
+  cp "$work/a/tls/nbd-ca.key" "$work/a/tls/nbd-ca.crt" "$work/b/tls/"
+}
 HEARTBEAT_MS=100
 FAILURE_MS=1000
 VOLUME_MIB=256
@@ -106,7 +115,7 @@ trap 'exit 143' TERM
 
 now() { date +%s.%N; }
 in_ns() { local n=$1; shift; ip netns exec "$tag-$n" "$@"; }
-on() { local n=$1; shift; FERRY_API="${ADDR[$n]}:7360" FERRY_TOKEN="$(cat "$work/$n/api.token")" timeout 60 ip netns exec "$tag-c" "$ferry" "$@"; }
+on() { local n=$1; shift; FERRY_API="${ADDR[$n]}:7360" FERRY_DATA_DIR="$work/$n" timeout 60 ip netns exec "$tag-c" "$ferry" "$@"; }
 tails() { for f in a b w; do echo "--- last lines of $f.log" >&2; tail -n 25 "$work/$f.log" >&2; done; }
 die() { echo "soak: $*" >&2; tails; exit 1; }
 
@@ -155,6 +164,8 @@ data_dir = "$work/$n"
 api_listen = "${ADDR[$n]}:7360"
 replication_listen = "${ADDR[$n]}:7361"
 nbd_listen = "$NBD_LISTEN"
+[nbd]
+tls_names = ["$vip"]
 [replication]
 reconnect_backoff_max_ms = 500
 peer_ack_timeout_ms = $FAILURE_MS
@@ -231,10 +242,11 @@ wait_settled() { # since timeout_s
 
 # ---------- the cluster ----------
 start_witness
+shared_nbd_ca
 start_agent a
 start_agent b
 (umask 077 && cp "$work/b/api.token" "$work/b.token")
-on a node add b --api "${ADDR[b]}:7360" --token-file "$work/b.token" >/dev/null
+on a node add b --api "${ADDR[b]}:7360" --token-file "$work/b.token" --fingerprint "$(on b node id)" >/dev/null
 on a volume create vol --size "${VOLUME_MIB}MiB" >/dev/null
 on a workload create web --volume vol --vip "$vip/24" --vip-interface eth0 >/dev/null
 on a replicate start vol --to b --mode sync >/dev/null

@@ -28,7 +28,14 @@ def ferry(ferry_bin, api, token_file, args):
     """One CLI call against a node's API (the one place that says how)."""
     with open(token_file) as f:
         token = f.read().strip()
-    env = dict(os.environ, FERRY_API=api, FERRY_TOKEN=token)
+    # The data dir beside the token holds the node's certificate, which the
+    # CLI pins (the API is HTTPS).
+    env = dict(
+        os.environ,
+        FERRY_API=api,
+        FERRY_TOKEN=token,
+        FERRY_DATA_DIR=os.path.dirname(os.path.abspath(token_file)),
+    )
     return subprocess.Popen(
         [ferry_bin, "--json"] + args,
         env=env,

@@ -58,13 +58,12 @@ def wait(h, done, timeout_s, stoppable=False):
 # ---------------------------------------------------------------------------
 # The writer's one connection to the export. Everything about how the export
 # is reached (URI, transport, TLS and client certificate) lives here and in
-# the URI soak.sh passes (its NBD_URI). Today: plain NBD over TCP to the VIP.
-# For TLS with a client certificate this becomes e.g.
-#     h.set_tls(nbd.TLS_REQUIRE); h.set_tls_certificates(CERT_DIR)
-# with an nbds:// URI.
+# the URI soak.sh passes (its NBD_URI): nbds:// to the VIP, with the client
+# certificate directory in the URI (tls-certificates=).
 # ---------------------------------------------------------------------------
 def connect(uri):
     h = nbd.NBD()
+    h.set_uri_allow_local_file(True)  # tls-certificates= in the URI
     h.aio_connect_uri(uri)
     wait(h, lambda: not h.aio_is_connecting(), CONNECT_TIMEOUT_S, stoppable=True)
     if not h.aio_is_ready():

@@ -1,9 +1,12 @@
 //! A small blocking NBD client: fixed newstyle handshake with `NBD_OPT_GO`,
-//! then one request at a time (simple replies). Enough for ferry's own tools
-//! (the demo's writer, health checks); real workloads use QEMU or libnbd.
+//! then one request at a time (simple replies), over a Unix socket (what
+//! ferry's own tools use: the demo's writer, tests) or plain TCP. No TLS:
+//! real workloads use QEMU or libnbd.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::proto::*;
@@ -23,10 +26,14 @@ pub enum ClientError {
     Errno(u32),
 }
 
+/// A client's socket.
+trait Transport: Read + Write + Send + std::fmt::Debug {}
+impl<T: Read + Write + Send + std::fmt::Debug> Transport for T {}
+
 /// One connection to one export.
 #[derive(Debug)]
 pub struct Client {
-    sock: TcpStream,
+    sock: Box<dyn Transport>,
     size: u64,
     next_cookie: u64,
 }
@@ -36,12 +43,44 @@ fn be_u16(b: &[u8]) -> u16 {
 }
 
 impl Client {
-    /// Connects to `addr` (HOST:PORT) and opens export `name`.
+    /// Connects to `addr` (HOST:PORT, plain TCP) and opens export `name`.
     pub fn connect(addr: &str, name: &str, timeout: Duration) -> Result<Client, ClientError> {
         let sock = TcpStream::connect(addr)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
         sock.set_nodelay(true)?;
+        Client::open(Box::new(sock), name)
+    }
+
+    /// Connects to the Unix socket at `path` and opens export `name`.
+    pub fn connect_unix(path: &Path, name: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let sock = UnixStream::connect(path)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        Client::open(Box::new(sock), name)
+    }
+
+    /// Connects to an `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST:PORT/EXPORT` URI.
+    pub fn connect_uri(uri: &str, timeout: Duration) -> Result<Client, ClientError> {
+        let bad = || {
+            ClientError::Protocol(format!("unsupported NBD URI {uri:?} (nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT)"))
+        };
+        if let Some(rest) = uri.strip_prefix("nbd+unix:///") {
+            let (name, query) = rest.split_once('?').ok_or_else(bad)?;
+            let path = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .ok_or_else(bad)?;
+            return Client::connect_unix(Path::new(path), name, timeout);
+        }
+        if let Some(rest) = uri.strip_prefix("nbd://") {
+            let (addr, name) = rest.split_once('/').unwrap_or((rest, ""));
+            return Client::connect(addr, name, timeout);
+        }
+        Err(bad())
+    }
+
+    fn open(sock: Box<dyn Transport>, name: &str) -> Result<Client, ClientError> {
         let mut c = Client {
             sock,
             size: 0,

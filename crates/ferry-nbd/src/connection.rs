@@ -106,6 +106,10 @@ pub enum ConnectionError {
     BadMagic(#[from] BadMagic),
     #[error("socket: {0}")]
     Io(#[from] io::Error),
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
+    #[error("client sent bytes after NBD_OPT_STARTTLS before the TLS handshake (plaintext injection); closed")]
+    PlaintextAfterStartTls,
 }
 
 /// How the transmission phase ended.
@@ -117,39 +121,90 @@ pub enum Ending {
     Closed,
 }
 
-/// Runs the handshake. `Ok(None)` when the client aborted or hung up.
+/// Runs a handshake without TLS. `Ok(None)` when the client aborted or hung up.
 pub fn handshake<R: Read, W: Write>(
     reader: &mut R,
     writer: &mut W,
     exports: &[ExportInfo],
     limits: &ConnectionLimits,
 ) -> Result<Option<Session>, ConnectionError> {
+    let mut n = Negotiator::new(exports, limits.negotiation);
+    if !greet(reader, writer, &mut n)? {
+        return Ok(None);
+    }
+    match negotiate(reader, writer, &mut n, &mut |_| true)? {
+        Negotiated::Session(s) => Ok(Some(s)),
+        Negotiated::Ended => Ok(None),
+        // A negotiator in TlsMode::Off never asks for TLS.
+        Negotiated::StartTls => Err(ConnectionError::Handshake(HandshakeError::TlsRequired)),
+    }
+}
+
+/// How option negotiation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Negotiated {
+    /// The client picked an export: on to transmission.
+    Session(Session),
+    /// `NBD_OPT_STARTTLS` was acknowledged: run the TLS handshake on the
+    /// socket, call [`Negotiator::tls_started`], then [`negotiate`] again
+    /// over the TLS stream.
+    StartTls,
+    /// The client aborted or hung up.
+    Ended,
+}
+
+/// Sends the greeting and reads the client's flags; `Ok(false)` when the
+/// client hung up.
+pub fn greet<R: Read, W: Write>(
+    reader: &mut R,
+    writer: &mut W,
+    n: &mut Negotiator<'_>,
+) -> Result<bool, ConnectionError> {
     writer.write_all(&greeting())?;
     writer.flush()?;
     let mut flags = [0u8; 4];
     if !read_exact_or_eof(reader, &mut flags)? {
-        return Ok(None);
+        return Ok(false);
     }
-    let mut n = Negotiator::new(exports, limits.negotiation);
     n.client_flags(u32::from_be_bytes(flags))?;
+    Ok(true)
+}
+
+/// Reads options and answers them until the client picks an export, asks
+/// for TLS, aborts or hangs up. `ready` is called with the session the
+/// client picked *before* the reply that starts transmission is written (so
+/// the caller's bookkeeping is done when the client sees it); if it returns
+/// `false` nothing is sent and negotiation ends.
+pub fn negotiate<R: Read, W: Write>(
+    reader: &mut R,
+    writer: &mut W,
+    n: &mut Negotiator<'_>,
+    ready: &mut dyn FnMut(&Session) -> bool,
+) -> Result<Negotiated, ConnectionError> {
     let mut data = Vec::new();
     let mut out = Vec::new();
     loop {
         let mut header = [0u8; OPTION_HEADER_BYTES];
         if !read_exact_or_eof(reader, &mut header)? {
-            return Ok(None);
+            return Ok(Negotiated::Ended);
         }
         let (option, length) = n.option_header(&header)?;
         data.resize(length as usize, 0);
         reader.read_exact(&mut data)?;
         out.clear();
         let step = n.option(option, &data, &mut out)?;
+        if let Step::Transmission(session) = &step {
+            if !ready(session) {
+                return Ok(Negotiated::Ended);
+            }
+        }
         writer.write_all(&out)?;
         writer.flush()?;
         match step {
             Step::Continue => {}
-            Step::Abort => return Ok(None),
-            Step::Transmission(session) => return Ok(Some(session)),
+            Step::Abort => return Ok(Negotiated::Ended),
+            Step::StartTls => return Ok(Negotiated::StartTls),
+            Step::Transmission(session) => return Ok(Negotiated::Session(session)),
         }
     }
 }

@@ -16,6 +16,13 @@
 //! implement gets `NBD_REP_ERR_UNSUP`, never a dropped connection; only the
 //! conditions the spec lets a server end a session on (bad magic, unknown client
 //! flags, an unknown name in `EXPORT_NAME`, a denial-of-service sized option) do.
+//!
+//! With [`TlsMode::Required`] the negotiator is the spec's FORCEDTLS server:
+//! until `NBD_OPT_STARTTLS` has been answered and the TLS session is up, every
+//! option but `STARTTLS` and `ABORT` — `LIST` and `INFO` included — gets
+//! `NBD_REP_ERR_TLS_REQD`, so nothing about the exports (not even their names)
+//! is told to a client that has not authenticated; `NBD_OPT_EXPORT_NAME`
+//! cannot fail with an error reply and ends the session.
 
 use crate::proto::*;
 
@@ -50,6 +57,17 @@ impl Default for NegotiationLimits {
     }
 }
 
+/// Whether a connection must upgrade to TLS before anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// NOTLS: `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP` (a Unix socket, whose
+    /// directory's permissions are the authentication).
+    Off,
+    /// FORCEDTLS: every option but `STARTTLS` and `ABORT` gets
+    /// `NBD_REP_ERR_TLS_REQD` until the TLS session is up.
+    Required,
+}
+
 /// A session ends during negotiation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
@@ -63,6 +81,10 @@ pub enum HandshakeError {
     TooManyOptions(u32),
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    #[error("client sent NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS; this listener requires TLS")]
+    TlsRequired,
+    #[error("client did not set NBD_FLAG_C_FIXED_NEWSTYLE, without which there is no TLS; this listener requires TLS")]
+    TlsNeedsFixedNewstyle,
 }
 
 /// What negotiation agreed for the transmission phase.
@@ -85,6 +107,9 @@ pub enum Step {
     Abort,
     /// Write the replies and enter transmission.
     Transmission(Session),
+    /// Write the replies (an `NBD_REP_ACK`), then run the TLS handshake and
+    /// go on negotiating inside it ([`Negotiator::tls_started`]).
+    StartTls,
 }
 
 /// The first bytes the server sends.
@@ -132,6 +157,9 @@ pub struct Negotiator<'a> {
     structured: bool,
     meta: Option<MetaSelection>,
     options_seen: u32,
+    tls: TlsMode,
+    /// The TLS session is up (STARTTLS was answered and the handshake done).
+    tls_active: bool,
 }
 
 /// A malformed option: the reply is `NBD_REP_ERR_INVALID` with this message.
@@ -175,7 +203,12 @@ impl<'b> Cursor<'b> {
 }
 
 impl<'a> Negotiator<'a> {
+    /// A negotiator without TLS ([`TlsMode::Off`]).
     pub fn new(exports: &'a [ExportInfo], limits: NegotiationLimits) -> Self {
+        Negotiator::with_tls(exports, limits, TlsMode::Off)
+    }
+
+    pub fn with_tls(exports: &'a [ExportInfo], limits: NegotiationLimits, tls: TlsMode) -> Self {
         Negotiator {
             exports,
             limits,
@@ -183,13 +216,32 @@ impl<'a> Negotiator<'a> {
             structured: false,
             meta: None,
             options_seen: 0,
+            tls,
+            tls_active: false,
         }
+    }
+
+    /// Whether options are refused with `NBD_REP_ERR_TLS_REQD` right now.
+    fn tls_pending(&self) -> bool {
+        self.tls == TlsMode::Required && !self.tls_active
+    }
+
+    /// The TLS session is up: negotiation goes on inside it. Nothing
+    /// negotiated before carries over (the spec: structured replies and meta
+    /// contexts must be asked again).
+    pub fn tls_started(&mut self) {
+        self.tls_active = true;
+        self.structured = false;
+        self.meta = None;
     }
 
     /// Checks the client's flags (the 4 bytes after the greeting).
     pub fn client_flags(&mut self, flags: u32) -> Result<(), HandshakeError> {
         if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
             return Err(HandshakeError::BadClientFlags(flags));
+        }
+        if self.tls == TlsMode::Required && flags & FLAG_C_FIXED_NEWSTYLE == 0 {
+            return Err(HandshakeError::TlsNeedsFixedNewstyle);
         }
         self.no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
         Ok(())
@@ -229,6 +281,9 @@ impl<'a> Negotiator<'a> {
         data: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<Step, HandshakeError> {
+        if self.tls_pending() {
+            return self.before_tls(option, data, out);
+        }
         let result = match option {
             OPT_EXPORT_NAME => return self.export_name(data, out),
             OPT_ABORT => {
@@ -247,8 +302,9 @@ impl<'a> Negotiator<'a> {
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data, out),
+            OPT_STARTTLS if self.tls_active => Err(Invalid("TLS is already active")),
             _ => {
-                // STARTTLS, EXTENDED_HEADERS and anything newer or unknown.
+                // STARTTLS without TLS, EXTENDED_HEADERS and anything newer or unknown.
                 option_reply(out, option, REP_ERR_UNSUP, b"option not supported by ferry");
                 Ok(Step::Continue)
             }
@@ -257,6 +313,45 @@ impl<'a> Negotiator<'a> {
             Ok(step) => Ok(step),
             Err(Invalid(msg)) => {
                 option_reply(out, option, REP_ERR_INVALID, msg.as_bytes());
+                Ok(Step::Continue)
+            }
+        }
+    }
+
+    /// FORCEDTLS before the upgrade: nothing but STARTTLS and ABORT.
+    fn before_tls(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<Step, HandshakeError> {
+        match option {
+            OPT_STARTTLS if !data.is_empty() => {
+                option_reply(
+                    out,
+                    option,
+                    REP_ERR_INVALID,
+                    b"NBD_OPT_STARTTLS takes no data",
+                );
+                Ok(Step::Continue)
+            }
+            OPT_STARTTLS => {
+                option_reply(out, option, REP_ACK, &[]);
+                Ok(Step::StartTls)
+            }
+            OPT_ABORT => {
+                option_reply(out, option, REP_ACK, &[]);
+                Ok(Step::Abort)
+            }
+            // Cannot be answered with an error: the spec says end the session.
+            OPT_EXPORT_NAME => Err(HandshakeError::TlsRequired),
+            _ => {
+                option_reply(
+                    out,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    b"this server requires TLS with a client certificate: send NBD_OPT_STARTTLS first",
+                );
                 Ok(Step::Continue)
             }
         }
@@ -574,6 +669,83 @@ mod tests {
             n.client_flags(1 << 5),
             Err(HandshakeError::BadClientFlags(32))
         );
+    }
+
+    #[test]
+    fn forced_tls_refuses_everything_but_starttls_and_abort() {
+        let ex = exports();
+        let mut n = Negotiator::with_tls(&ex, NegotiationLimits::default(), TlsMode::Required);
+        assert_eq!(
+            n.client_flags(0),
+            Err(HandshakeError::TlsNeedsFixedNewstyle)
+        );
+        n.client_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+            .unwrap();
+        let mut out = Vec::new();
+        for (opt, data) in [
+            (OPT_LIST, vec![]),
+            (OPT_INFO, go_data("vol", &[INFO_NAME])),
+            (OPT_GO, go_data("vol", &[])),
+            (OPT_GO, go_data("nope", &[])),
+            (OPT_STRUCTURED_REPLY, vec![]),
+            (OPT_LIST_META_CONTEXT, meta_data("vol", &[])),
+            (OPT_SET_META_CONTEXT, meta_data("vol", &["base:allocation"])),
+            (OPT_EXTENDED_HEADERS, vec![]),
+            (0xdead_beef, b"junk".to_vec()),
+        ] {
+            out.clear();
+            assert_eq!(n.option(opt, &data, &mut out), Ok(Step::Continue));
+            let r = replies(&out);
+            assert_eq!(r.len(), 1, "{opt:#x}");
+            assert_eq!((r[0].0, r[0].1), (opt, REP_ERR_TLS_REQD), "{opt:#x}");
+            // Not a byte of an export's name or size before TLS.
+            assert!(!out.windows(3).any(|w| w == b"vol"), "{opt:#x}");
+        }
+        assert_eq!(
+            n.option(OPT_EXPORT_NAME, b"vol", &mut out),
+            Err(HandshakeError::TlsRequired)
+        );
+        out.clear();
+        n.option(OPT_STARTTLS, b"x", &mut out).unwrap();
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID);
+        out.clear();
+        assert_eq!(n.option(OPT_STARTTLS, &[], &mut out), Ok(Step::StartTls));
+        assert_eq!(replies(&out)[0].1, REP_ACK);
+        n.tls_started();
+        out.clear();
+        n.option(OPT_STARTTLS, &[], &mut out).unwrap();
+        assert_eq!(replies(&out)[0].1, REP_ERR_INVALID, "a second STARTTLS");
+        out.clear();
+        n.option(OPT_LIST, &[], &mut out).unwrap();
+        let types: Vec<_> = replies(&out).iter().map(|r| r.1).collect();
+        assert_eq!(types, vec![REP_SERVER, REP_ACK]);
+        out.clear();
+        assert!(matches!(
+            n.option(OPT_GO, &go_data("vol", &[]), &mut out),
+            Ok(Step::Transmission(_))
+        ));
+    }
+
+    #[test]
+    fn starttls_forgets_what_was_negotiated_before() {
+        let ex = exports();
+        let mut n = Negotiator::with_tls(&ex, NegotiationLimits::default(), TlsMode::Required);
+        let mut out = Vec::new();
+        n.option(OPT_STARTTLS, &[], &mut out).unwrap();
+        n.tls_started();
+        n.option(OPT_STRUCTURED_REPLY, &[], &mut out).unwrap();
+        assert!(n.structured);
+        // A plain negotiator answers STARTTLS with UNSUP (NOTLS mode).
+        let mut plain = Negotiator::new(&ex, NegotiationLimits::default());
+        out.clear();
+        assert_eq!(
+            plain.option(OPT_STARTTLS, &[], &mut out),
+            Ok(Step::Continue)
+        );
+        assert_eq!(replies(&out)[0].1, REP_ERR_UNSUP);
+        // tls_started resets structured replies and meta contexts.
+        n.tls_started();
+        assert!(!n.structured && n.meta.is_none());
     }
 
     #[test]

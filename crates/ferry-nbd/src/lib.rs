@@ -4,7 +4,9 @@
 //! - [`handshake`]: fixed-newstyle option negotiation (sans I/O);
 //! - [`transmission`]: request validation, the one gate before the device (sans I/O);
 //! - [`connection`]: one connection's handshake and worker pool, generic over `Read`/`Write`;
-//! - [`server`]: TCP and Unix listeners, connection limits, shutdown;
+//! - [`tls`]: `NBD_OPT_STARTTLS`, one rustls session shared by a connection's reader and writers;
+//! - [`server`]: TCP and Unix listeners, TLS-required listeners, connection limits,
+//!   the handshake deadline, shutdown;
 //! - [`device`]: the [`BlockDevice`] trait, a sparse-file and an in-memory device.
 
 pub mod client;
@@ -13,9 +15,10 @@ pub mod device;
 pub mod handshake;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 
 pub use connection::{Buffered, ConnectionLimits};
 pub use device::{Allocation, BlockDevice, Completion, FileDevice, MemDevice, Responder, ZeroMode};
-pub use handshake::{ExportInfo, NegotiationLimits};
+pub use handshake::{ExportInfo, NegotiationLimits, TlsMode};
 pub use server::{Export, ListenAddr, Listener, Server, ServerError, ServerLimits};

@@ -6,6 +6,25 @@
 //! flight is what an async runtime would do on its blocking pool anyway — minus
 //! the hand-offs. The rest of ferry (agent, API) can embed a [`Server`] and stop
 //! it with [`Server::shutdown`].
+//!
+//! **Who gets in.** A listener made with [`Listener::require_tls`] is a
+//! FORCEDTLS server: nothing but `NBD_OPT_STARTTLS` is answered before the TLS
+//! session is up, and the rustls config decides whose client certificate is
+//! good. A Unix socket without TLS trusts whoever can connect (its directory's
+//! permissions are the authentication); a plain TCP listener trusts everyone
+//! and is meant for tests and fuzzing only.
+//!
+//! **Handshake deadline and slots.** Every connection must reach transmission
+//! within `handshake_timeout_ms` of being accepted, TLS handshake included:
+//! a reaper thread closes the socket of any that has not (a per-read timeout
+//! would let a client sending one byte at a time stay forever). At most
+//! `max_connections` connections are open; when full, a new connection takes
+//! the slot of the oldest one still negotiating without a certificate (TLS
+//! not up on a TLS listener; on a Unix socket, anything before transmission:
+//! even a flood by a local user allowed to connect only delays clients by
+//! one handshake), and is refused only if every slot is held by clients in
+//! transmission or with a checked certificate — so a flood of idle
+//! connections cannot keep clients out.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,18 +37,20 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::connection::{self, ConnectionError, ConnectionLimits, Ending};
+use crate::connection::{self, Buffered, ConnectionError, ConnectionLimits, Ending, Negotiated};
 use crate::device::BlockDevice;
-use crate::handshake::ExportInfo;
+use crate::handshake::{ExportInfo, Negotiator, Session, TlsMode};
 
 /// Server-wide limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimits {
-    /// Connections served at once, over all listeners; more are closed on accept.
+    /// Connections open at once, over all listeners; when full, a new one
+    /// takes the slot of the oldest unauthenticated handshake, or is closed.
     pub max_connections: usize,
-    /// A client must pick an export within this time after connecting.
+    /// A client must pick an export within this time after connecting (the
+    /// TLS handshake included); the socket is closed at the deadline.
     pub handshake_timeout_ms: u64,
     pub connection: ConnectionLimits,
 }
@@ -135,6 +156,15 @@ enum Stream {
     Unix(UnixStream),
 }
 
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stream::Tcp(_) => "Stream::Tcp",
+            Stream::Unix(_) => "Stream::Unix",
+        })
+    }
+}
+
 impl Stream {
     fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
@@ -147,12 +177,6 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
         };
-    }
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
-            Stream::Unix(s) => s.set_read_timeout(t),
-        }
     }
 }
 
@@ -192,11 +216,18 @@ enum ListenerKind {
 pub struct Listener {
     kind: ListenerKind,
     local: ListenAddr,
+    /// TLS with this config is required before any option is answered.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Listener({})", self.local)
+        write!(
+            f,
+            "Listener({}{})",
+            self.local,
+            if self.tls.is_some() { ", TLS" } else { "" }
+        )
     }
 }
 
@@ -215,6 +246,7 @@ impl Listener {
                 Ok(Listener {
                     kind: ListenerKind::Tcp(l),
                     local,
+                    tls: None,
                 })
             }
             ListenAddr::Unix(path) => {
@@ -223,6 +255,7 @@ impl Listener {
                 Ok(Listener {
                     kind: ListenerKind::Unix(l, path.clone()),
                     local: addr.clone(),
+                    tls: None,
                 })
             }
         }
@@ -230,6 +263,35 @@ impl Listener {
 
     pub fn local_addr(&self) -> &ListenAddr {
         &self.local
+    }
+
+    /// Requires TLS on this listener (FORCEDTLS): every option before
+    /// `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_TLS_REQD`, and `config` (its
+    /// client-certificate verifier) decides who gets in.
+    pub fn require_tls(mut self, config: Arc<rustls::ServerConfig>) -> Listener {
+        self.tls = Some(config);
+        self
+    }
+
+    pub fn requires_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The URI a client uses to reach `export` here: `nbds://` when TLS is
+    /// required (the client adds its certificates, e.g. libnbd's
+    /// `?tls-certificates=DIR`).
+    pub fn uri(&self, export: &str) -> String {
+        let plain = self.local.uri(export);
+        if self.tls.is_none() {
+            return plain;
+        }
+        if let Some(rest) = plain.strip_prefix("nbd+unix://") {
+            format!("nbds+unix://{rest}")
+        } else if let Some(rest) = plain.strip_prefix("nbd://") {
+            format!("nbds://{rest}")
+        } else {
+            plain
+        }
     }
 
     fn accept(&self) -> io::Result<(Stream, String)> {
@@ -297,8 +359,34 @@ fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
 #[derive(Debug, Default)]
 pub struct ServerStats {
     pub connections_accepted: AtomicU64,
+    /// Closed on accept: every slot held by an authenticated client.
     pub connections_refused: AtomicU64,
+    /// Unauthenticated handshakes closed to make room for a new connection.
+    pub connections_evicted: AtomicU64,
+    /// Handshakes closed at `handshake_timeout_ms`.
+    pub handshakes_timed_out: AtomicU64,
     pub connections_active: AtomicUsize,
+}
+
+/// Where a connection stands, for the handshake deadline and eviction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Negotiating without a certificate: before the TLS session is up on a
+    /// TLS listener, anything before transmission on another. Evictable.
+    Unauthenticated,
+    /// The TLS session is up (the client's certificate checked), still
+    /// negotiating.
+    Negotiating,
+    /// In transmission on this export: no deadline any more.
+    Serving(String),
+}
+
+/// One open connection.
+struct Live {
+    phase: Phase,
+    accepted: Instant,
+    /// A handle to close it.
+    control: Stream,
 }
 
 /// The exports at one moment; connections keep the snapshot they negotiated with.
@@ -312,10 +400,16 @@ struct Inner {
     limits: ServerLimits,
     stopping: AtomicBool,
     next_id: AtomicU64,
-    /// Open connections: the export they use (once chosen) and a handle to close them.
-    live: Mutex<HashMap<u64, (Option<String>, Stream)>>,
+    /// Open connections; a connection no longer in it (evicted, timed out)
+    /// goes no further.
+    live: Mutex<HashMap<u64, Live>>,
     listeners: Mutex<Vec<Arc<Listener>>>,
     stats: ServerStats,
+    reaper_started: AtomicBool,
+    /// When a refusal or eviction was last logged (ms since `epoch`), so a
+    /// flood of connections does not flood the log.
+    last_flood_log_ms: AtomicU64,
+    epoch: Instant,
 }
 
 /// An NBD server over a set of exports that can change while it runs. Cheap to clone.
@@ -360,6 +454,9 @@ impl Server {
                 live: Mutex::new(HashMap::new()),
                 listeners: Mutex::new(Vec::new()),
                 stats: ServerStats::default(),
+                reaper_started: AtomicBool::new(false),
+                last_flood_log_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
             }),
         })
     }
@@ -412,15 +509,15 @@ impl Server {
             *guard = Arc::new(c);
         }
         drop(guard);
-        for (export, s) in self
+        for c in self
             .inner
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            if export.as_deref() == Some(name) {
-                s.shutdown();
+            if matches!(&c.phase, Phase::Serving(e) if e == name) {
+                c.control.shutdown();
             }
         }
         true
@@ -438,6 +535,16 @@ impl Server {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(listener.clone());
+        if !self.inner.reaper_started.swap(true, Ordering::SeqCst) {
+            let weak = Arc::downgrade(&self.inner);
+            let spawned = std::thread::Builder::new()
+                .name("nbd-deadline".into())
+                .spawn(move || reaper(weak));
+            if let Err(e) = spawned {
+                self.inner.reaper_started.store(false, Ordering::SeqCst);
+                return Err(ServerError::Spawn(e));
+            }
+        }
         let inner = self.inner.clone();
         std::thread::Builder::new()
             .name("nbd-accept".into())
@@ -462,14 +569,14 @@ impl Server {
             l.wake();
         }
         drop(listeners);
-        for s in self
+        for c in self
             .inner
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            s.1.shutdown();
+            c.control.shutdown();
         }
     }
 }
@@ -480,6 +587,78 @@ impl Inner {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves connection `id` on; `false` when it was closed meanwhile
+    /// (evicted, timed out, server stopping): it must go no further.
+    fn advance(&self, id: u64, phase: Phase) -> bool {
+        match self.live().get_mut(&id) {
+            Some(c) if !self.stopping.load(Ordering::SeqCst) => {
+                c.phase = phase;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a refusal or eviction may be logged now (once a second).
+    fn may_log_flood(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_flood_log_ms.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= 1000)
+            && self
+                .last_flood_log_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// Closes every connection still negotiating `handshake_timeout_ms` after
+/// it was accepted. Ends with the server.
+fn reaper(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        if inner.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let timeout = Duration::from_millis(inner.limits.handshake_timeout_ms.max(1));
+        let tick = (timeout / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        {
+            let mut live = inner.live();
+            let late: Vec<u64> = live
+                .iter()
+                .filter(|(_, c)| {
+                    !matches!(c.phase, Phase::Serving(_)) && c.accepted.elapsed() >= timeout
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in late {
+                if let Some(c) = live.remove(&id) {
+                    c.control.shutdown();
+                    inner
+                        .stats
+                        .handshakes_timed_out
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(
+                        conn = id,
+                        timeout_ms = inner.limits.handshake_timeout_ms,
+                        "nbd.handshake.timed_out"
+                    );
+                }
+            }
+            inner
+                .stats
+                .connections_active
+                .store(live.len(), Ordering::SeqCst);
+        }
+        drop(inner);
+        std::thread::sleep(tick);
     }
 }
 
@@ -518,57 +697,102 @@ fn accept_loop(inner: Arc<Inner>, listener: Arc<Listener>) {
                 continue;
             }
         };
-        let active = inner
-            .stats
-            .connections_active
-            .fetch_add(1, Ordering::SeqCst);
-        if active >= inner.limits.max_connections {
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let control = match stream.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "nbd.accept.failed");
+                continue;
+            }
+        };
+        {
+            let mut live = inner.live();
+            if inner.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            if live.len() >= inner.limits.max_connections {
+                // The oldest connection that has not authenticated gives way.
+                let victim = live
+                    .iter()
+                    .filter(|(_, c)| c.phase == Phase::Unauthenticated)
+                    .min_by_key(|(_, c)| c.accepted)
+                    .map(|(id, _)| *id);
+                match victim.and_then(|v| live.remove(&v)) {
+                    Some(old) => {
+                        old.control.shutdown();
+                        inner
+                            .stats
+                            .connections_evicted
+                            .fetch_add(1, Ordering::Relaxed);
+                        if inner.may_log_flood() {
+                            tracing::warn!(%peer, max_connections = inner.limits.max_connections,
+                                evicted_total = inner.stats.connections_evicted.load(Ordering::Relaxed),
+                                "nbd.connection.evicted: max_connections reached; the oldest unauthenticated handshake was closed");
+                        }
+                    }
+                    None => {
+                        inner
+                            .stats
+                            .connections_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        if inner.may_log_flood() {
+                            tracing::warn!(%peer, max_connections = inner.limits.max_connections,
+                                refused_total = inner.stats.connections_refused.load(Ordering::Relaxed),
+                                "nbd.connection.refused: max_connections reached by authenticated clients");
+                        }
+                        stream.shutdown();
+                        continue;
+                    }
+                }
+            }
+            live.insert(
+                id,
+                Live {
+                    phase: Phase::Unauthenticated,
+                    accepted: Instant::now(),
+                    control,
+                },
+            );
             inner
                 .stats
                 .connections_active
-                .fetch_sub(1, Ordering::SeqCst);
-            inner
-                .stats
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, max_connections = inner.limits.max_connections,
-                "nbd.connection.refused: max_connections reached");
-            stream.shutdown();
-            continue;
+                .store(live.len(), Ordering::SeqCst);
         }
         inner
             .stats
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let conn_inner = inner.clone();
+        let tls = listener.tls.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
-            .spawn(move || {
-                run_connection(&conn_inner, id, stream, &peer);
-                conn_inner
-                    .stats
-                    .connections_active
-                    .fetch_sub(1, Ordering::SeqCst);
-            });
+            .spawn(move || run_connection(&conn_inner, id, stream, &peer, tls));
         if let Err(e) = spawned {
-            inner
-                .stats
-                .connections_active
-                .fetch_sub(1, Ordering::SeqCst);
+            if let Some(c) = inner.live().remove(&id) {
+                c.control.shutdown();
+            }
             tracing::error!(error = %e, "nbd.connection.spawn_failed");
         }
     }
     tracing::info!(listen = %listener.local, "nbd.listen.stopped");
 }
 
-fn run_connection(inner: &Inner, id: u64, stream: Stream, peer: &str) {
-    let result = serve_stream(inner, id, stream, peer);
-    inner
-        .live
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
+fn run_connection(
+    inner: &Inner,
+    id: u64,
+    stream: Stream,
+    peer: &str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let result = serve_stream(inner, id, stream, peer, tls);
+    {
+        let mut live = inner.live();
+        live.remove(&id);
+        inner
+            .stats
+            .connections_active
+            .store(live.len(), Ordering::SeqCst);
+    }
     match result {
         Ok(Some((export, Ending::Disconnect))) => {
             tracing::info!(conn = id, %peer, export, "nbd.connection.closed: client disconnected")
@@ -586,44 +810,91 @@ fn serve_stream(
     id: u64,
     stream: Stream,
     peer: &str,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<Option<(String, Ending)>, ConnectionError> {
     let control = stream.try_clone()?;
-    {
-        let mut live = inner.live.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.stopping.load(Ordering::SeqCst) {
-            return Ok(None);
-        }
-        live.insert(id, (None, control.try_clone()?));
-    }
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
-    let timeout = Duration::from_millis(inner.limits.handshake_timeout_ms.max(1));
-    reader.get_ref().set_read_timeout(Some(timeout))?;
     let limits = &inner.limits.connection;
     let catalog = inner.catalog();
-    let Some(session) = connection::handshake(&mut reader, &mut writer, &catalog.infos, limits)?
-    else {
-        return Ok(None);
+    let mode = if tls.is_some() {
+        TlsMode::Required
+    } else {
+        TlsMode::Off
     };
-    reader.get_ref().set_read_timeout(None)?;
-    let export = &catalog.exports[session.export];
-    if let Some(entry) = inner
-        .live
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_mut(&id)
-    {
-        entry.0 = Some(export.name.clone());
-    }
-    // Removed while we negotiated: do not serve it.
-    if !inner
-        .catalog()
-        .exports
-        .iter()
-        .any(|e| Arc::ptr_eq(e, export))
-    {
+    let mut n = Negotiator::with_tls(&catalog.infos, limits.negotiation, mode);
+    // In transmission (no deadline, not evictable) before the client hears
+    // so: else a client that got its reply could still lose its slot.
+    let mut ready = |session: &Session| {
+        let export = &catalog.exports[session.export];
+        // Serving first, then the check: remove_export changes the catalog,
+        // then closes the connections serving the export.
+        inner.advance(id, Phase::Serving(export.name.clone()))
+            // Removed while we negotiated: do not serve it.
+            && inner
+                .catalog()
+                .exports
+                .iter()
+                .any(|e| Arc::ptr_eq(e, export))
+    };
+    // No timeouts on the socket: the reaper closes it at the handshake deadline.
+    if !connection::greet(&mut reader, &mut writer, &mut n)? {
         return Ok(None);
     }
+    let session = match connection::negotiate(&mut reader, &mut writer, &mut n, &mut ready)? {
+        Negotiated::Ended => return Ok(None),
+        Negotiated::Session(session) => session,
+        Negotiated::StartTls => {
+            let Some(config) = tls else {
+                // A negotiator without TLS never asks for it.
+                return Err(ConnectionError::Handshake(
+                    crate::handshake::HandshakeError::TlsRequired,
+                ));
+            };
+            // A client must wait for the ACK before its ClientHello: bytes
+            // already here were sent in clear and must not be taken as if
+            // they had come through TLS.
+            if !reader.buffer().is_empty() {
+                return Err(ConnectionError::PlaintextAfterStartTls);
+            }
+            let mut sock = reader.into_inner();
+            let conn = crate::tls::accept(config, &mut sock).map_err(ConnectionError::Tls)?;
+            if !inner.advance(id, Phase::Negotiating) {
+                return Ok(None);
+            }
+            tracing::debug!(conn = id, %peer, version = ?conn.protocol_version(), "nbd.tls.established");
+            let (mut reader, mut writer) = crate::tls::split(conn, sock, writer);
+            n.tls_started();
+            return match connection::negotiate(&mut reader, &mut writer, &mut n, &mut ready)? {
+                Negotiated::Session(session) => {
+                    serve_session(inner, id, peer, &catalog, session, reader, writer, &control)
+                }
+                // A second STARTTLS is answered NBD_REP_ERR_INVALID, never StartTls.
+                Negotiated::Ended | Negotiated::StartTls => Ok(None),
+            };
+        }
+    };
+    serve_session(inner, id, peer, &catalog, session, reader, writer, &control)
+}
+
+/// The transmission phase of a negotiated session, over either transport.
+#[allow(clippy::too_many_arguments)]
+fn serve_session<R, W>(
+    inner: &Inner,
+    id: u64,
+    peer: &str,
+    catalog: &Catalog,
+    session: Session,
+    reader: R,
+    writer: W,
+    control: &Stream,
+) -> Result<Option<(String, Ending)>, ConnectionError>
+where
+    R: Buffered + Send,
+    W: Write + Send + 'static,
+{
+    // `ready` (in serve_stream) moved it to Phase::Serving already.
+    let export = &catalog.exports[session.export];
     tracing::info!(conn = id, %peer, export = %export.name,
         structured = session.structured_replies, base_allocation = session.base_allocation,
         "nbd.connection.open");
@@ -634,7 +905,7 @@ fn serve_stream(
         &*export.device,
         &catalog.infos[session.export],
         session,
-        limits,
+        &inner.limits.connection,
         &close,
     )?;
     control.shutdown();

@@ -55,6 +55,9 @@ pub enum Command {
     /// Register peer nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// NBD over TCP: client certificates of this node's NBD CA.
+    #[command(subcommand)]
+    Nbd(NbdCommand),
     /// Replicate volumes to another node.
     #[command(subcommand)]
     Replicate(ReplicateCommand),
@@ -99,6 +102,25 @@ pub enum TokenCommand {
     Rotate {
         #[command(flatten)]
         conn: AgentConn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NbdCommand {
+    /// Issue a client certificate signed by this node's NBD CA
+    /// (DATA_DIR/tls/nbd-ca.{key,crt}, made if missing): writes
+    /// ca-cert.pem, client-cert.pem and client-key.pem (0600) into --out, the
+    /// layout of QEMU's `tls-creds-x509,dir=` and libnbd's
+    /// `tls-certificates=`. Runs on the node, as the agent's user.
+    ClientCert {
+        /// The client's name (its certificate's common name).
+        name: String,
+        /// Directory to write the three files to (made 0700); default ./NAME.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -634,10 +656,12 @@ pub struct ExportLimitArgs {
     /// Requests served at once on one connection.
     #[arg(long, default_value_t = 64)]
     pub max_in_flight_per_connection: usize,
-    /// Connections served at once; more are closed on accept.
+    /// Connections open at once; when full, a new one takes the slot of the
+    /// oldest still negotiating without a certificate, else it is closed.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
-    /// A client must finish the handshake within this many milliseconds.
+    /// A client must finish the handshake (TLS included) within this many
+    /// milliseconds of connecting.
     #[arg(long, default_value_t = 10_000)]
     pub handshake_timeout_ms: u64,
 }
@@ -646,9 +670,16 @@ pub struct ExportLimitArgs {
 pub struct ExportArgs {
     /// The volume to serve; the NBD export name is the volume name.
     pub name: String,
-    /// HOST:PORT (port 0 picks a free one) or unix:PATH. May be repeated.
-    #[arg(long, required = true)]
+    /// unix:PATH (its directory must be enterable by this user only) or
+    /// HOST:PORT (port 0 picks a free one), which requires TLS with a client
+    /// certificate of DATA_DIR's NBD CA (`ferry nbd client-cert`). May be
+    /// repeated. Default: unix:DATA_DIR/run/NAME.sock.
+    #[arg(long)]
     pub listen: Vec<ListenAddr>,
+    /// More DNS names or IP addresses for the TLS server certificate of the
+    /// HOST:PORT listeners (the listener's address is always in it).
+    #[arg(long)]
+    pub tls_name: Vec<String>,
     /// Refuse writes (the export is advertised read-only).
     #[arg(long)]
     pub read_only: bool,

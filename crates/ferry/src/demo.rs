@@ -10,7 +10,7 @@
 //! measured downtime, stops both agents and removes everything.
 
 use std::io::{BufRead, BufReader, IsTerminal};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,7 +60,9 @@ fn check_record(r: &[u8]) -> Result<u64, &'static str> {
 
 struct Node {
     api: String,
-    nbd: String,
+    /// The agent's NBD Unix socket (the demo's application runs on the same
+    /// host; NBD over TCP needs TLS and a client certificate).
+    nbd: PathBuf,
     token: String,
     fingerprint: String,
     child: Child,
@@ -96,12 +98,12 @@ fn free_port() -> Result<u16> {
 fn start_node(root: &Path, name: &'static str) -> Result<Node> {
     let dir = root.join(name);
     std::fs::create_dir_all(&dir)?;
-    let (api, repl, nbd) = (free_port()?, free_port()?, free_port()?);
+    let (api, repl) = (free_port()?, free_port()?);
     let config = root.join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
-            "node_name = \"{name}\"\ndata_dir = \"{}\"\napi_listen = \"127.0.0.1:{api}\"\nreplication_listen = \"127.0.0.1:{repl}\"\nnbd_listen = \"127.0.0.1:{nbd}\"\n",
+            "node_name = \"{name}\"\ndata_dir = \"{}\"\napi_listen = \"127.0.0.1:{api}\"\nreplication_listen = \"127.0.0.1:{repl}\"\n",
             dir.display()
         ),
     )?;
@@ -133,7 +135,7 @@ fn start_node(root: &Path, name: &'static str) -> Result<Node> {
     let fingerprint = crate::agent::identity::local_fingerprint(&dir)?;
     Ok(Node {
         api: format!("127.0.0.1:{api}"),
-        nbd: format!("127.0.0.1:{nbd}"),
+        nbd: dir.join("run").join("nbd.sock"),
         token,
         fingerprint,
         child,
@@ -155,7 +157,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(targets: Vec<String>, volume: &str, slots: u64) -> Writer {
+    fn start(targets: Vec<PathBuf>, volume: &str, slots: u64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(vec![None; slots as usize]));
         let sent = Arc::new(Mutex::new(vec![None; slots as usize]));
@@ -178,7 +180,11 @@ impl Writer {
                 let c = match conn.as_mut() {
                     Some(c) => c,
                     None => {
-                        match Client::connect(&targets[target], &volume, Duration::from_secs(30)) {
+                        match Client::connect_unix(
+                            &targets[target],
+                            &volume,
+                            Duration::from_secs(30),
+                        ) {
                             Ok(c) => conn.insert(c),
                             Err(_) => {
                                 target = (target + 1) % targets.len();
@@ -261,8 +267,14 @@ fn demo(root: &Path, args: &DemoArgs, json: bool) -> Result<()> {
     );
     let a = start_node(root, "a")?;
     let b = start_node(root, "b")?;
-    say(json, format!("  node a: API {}  NBD {}", a.api, a.nbd));
-    say(json, format!("  node b: API {}  NBD {}", b.api, b.nbd));
+    say(
+        json,
+        format!("  node a: API {}  NBD {}", a.api, a.nbd.display()),
+    );
+    say(
+        json,
+        format!("  node b: API {}  NBD {}", b.api, b.nbd.display()),
+    );
     let (ca, cb) = (a.client()?, b.client()?);
     ca.post(
         "/api/v1/nodes",
@@ -341,7 +353,7 @@ fn demo(root: &Path, args: &DemoArgs, json: bool) -> Result<()> {
     say(json, format!("  cut over: downtime {downtime:.1} ms (freeze at a → b serving); the application's longest wait between two acknowledged writes: {gap_ms:.1} ms"));
 
     // Every acknowledged record must be on b.
-    let mut c = Client::connect(&b.nbd, "demo", Duration::from_secs(30))
+    let mut c = Client::connect_unix(&b.nbd, "demo", Duration::from_secs(30))
         .map_err(|e| anyhow!("b does not serve the volume after the cutover: {e}"))?;
     let acked = writer
         .acked

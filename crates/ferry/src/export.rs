@@ -1,4 +1,7 @@
-//! `ferry export`: serve one volume over NBD until SIGINT or SIGTERM.
+//! `ferry export`: serve one volume over NBD until SIGINT or SIGTERM: on a
+//! Unix socket in a directory only this user may enter (default
+//! `DATA_DIR/run/NAME.sock`), and on TCP only with TLS and a client
+//! certificate of the data dir's NBD CA.
 
 use std::sync::Arc;
 
@@ -7,6 +10,7 @@ use ferry_core::ByteSize;
 use ferry_nbd::{ConnectionLimits, Export, FileDevice, ListenAddr, Listener, Server, ServerLimits};
 use serde::Serialize;
 
+use crate::agent::nbd_tls;
 use crate::cli::{ExportArgs, ExportLimitArgs};
 use crate::signals;
 use crate::volume::VolumeStore;
@@ -37,6 +41,10 @@ pub struct Listening {
     pub read_only: bool,
     pub uris: Vec<String>,
     pub listen: Vec<String>,
+    /// The NBD CA clients of a TCP listener verify the server with, and
+    /// whose client certificates it takes (`ferry nbd client-cert`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// A running export: the server, its bound addresses, the lock on the volume.
@@ -51,6 +59,7 @@ pub fn start(
     store: &VolumeStore,
     name: &str,
     listen: &[ListenAddr],
+    tls_names: &[String],
     read_only: bool,
     limits: ServerLimits,
 ) -> Result<Running> {
@@ -70,14 +79,33 @@ pub fn start(
         device: Arc::new(device),
     };
     let server = Server::new(vec![export], limits)?;
+    let default_socket = store.data_dir().join("run").join(format!("{name}.sock"));
+    let listen = if listen.is_empty() {
+        vec![ListenAddr::Unix(default_socket.clone())]
+    } else {
+        listen.to_vec()
+    };
     let mut threads = Vec::new();
     let mut uris = Vec::new();
     let mut bound = Vec::new();
-    for addr in listen {
-        let listener = Listener::bind(addr)?;
-        let local = listener.local_addr().clone();
-        uris.push(local.uri(name));
-        bound.push(local.to_string());
+    let mut tls_ca = None;
+    for addr in &listen {
+        let listener = match addr {
+            ListenAddr::Unix(path) => nbd_tls::bind_private_socket(path, *path == default_socket)?,
+            ListenAddr::Tcp(tcp) => {
+                let ca = nbd_tls::NbdCa::load_or_create(store.data_dir())?;
+                let host = if tcp.ip().is_unspecified() {
+                    "localhost".to_string()
+                } else {
+                    tcp.ip().to_string()
+                };
+                let names = nbd_tls::server_names(&host, tcp, tls_names);
+                tls_ca = Some(nbd_tls::ca_paths(store.data_dir()).1);
+                Listener::bind(addr)?.require_tls(ca.server_config(&names)?)
+            }
+        };
+        uris.push(listener.uri(name));
+        bound.push(listener.local_addr().to_string());
         threads.push(server.serve(listener)?);
     }
     Ok(Running {
@@ -88,6 +116,7 @@ pub fn start(
             read_only,
             uris,
             listen: bound,
+            tls_ca,
         },
         threads,
         _lock: lock,
@@ -106,7 +135,14 @@ impl Running {
 pub fn run(store: &VolumeStore, args: &ExportArgs, json: bool) -> Result<()> {
     let signals = signals::Signals::block()?;
     let limits = args.limits.to_limits()?;
-    let running = start(store, &args.name, &args.listen, args.read_only, limits)?;
+    let running = start(
+        store,
+        &args.name,
+        &args.listen,
+        &args.tls_name,
+        args.read_only,
+        limits,
+    )?;
     let l = &running.listening;
     if json {
         crate::print_json(l)?;

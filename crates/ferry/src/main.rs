@@ -106,6 +106,9 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Demo(args) => demo::run(args, json),
         Command::Agent { config } => agent::run(config),
         Command::Node(cmd) => remote::node(cmd, &cli.global.data_dir, json),
+        Command::Nbd(cli::NbdCommand::ClientCert { name, out, days }) => {
+            agent::nbd_tls::client_cert(&cli.global.data_dir, name, out.as_deref(), *days, json)
+        }
         Command::Replicate(cmd) => remote::replicate(cmd, &cli.global.data_dir, json),
         Command::Workload(cmd) => remote::workload(cmd, &cli.global.data_dir, json),
         Command::Migrate(cmd) => remote::migrate(cmd, &cli.global.data_dir, json),

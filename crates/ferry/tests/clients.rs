@@ -1,5 +1,6 @@
 //! The NBD export driven by real clients: qemu-io, qemu-img, nbdinfo, nbdcopy,
-//! nbdsh and fio. Each test starts `ferry export` on a free 127.0.0.1 port.
+//! nbdsh and fio. Each test starts `ferry export` on its default listener, a
+//! Unix socket in the data dir's private `run/` (TLS over TCP: nbd_tls.rs).
 
 mod common;
 
@@ -68,9 +69,28 @@ fn qemu_io_patterns_discard_zero_flush_and_aio() {
 fn qemu_io_over_unix_socket() {
     let node = Node::new();
     node.create("vol", "8MiB");
-    let sock = node.data_dir().join("nbd.sock");
+    // A socket in a directory other users may enter is refused.
+    let open_dir = node.data_dir().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = node.run(&[
+        "export",
+        "vol",
+        "--listen",
+        &format!("unix:{}/nbd.sock", open_dir.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("other users could connect"));
+    // A missing directory is made 0700.
+    let sock = node.data_dir().join("sockets").join("nbd.sock");
     let listen = format!("unix:{}", sock.display());
     let exp = node.export("vol", &["--listen", &listen]);
+    let mode = std::fs::metadata(sock.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
     assert!(
         exp.uri().starts_with("nbd+unix:///vol?socket="),
         "{}",

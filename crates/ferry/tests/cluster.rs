@@ -144,17 +144,56 @@ impl Net {
         self.children.push(("w".into(), child));
     }
 
+    /// The client's certificates for NBD over TLS (the client namespace
+    /// crosses the network): both nodes share one NBD CA (made at `a`,
+    /// copied to `b` before either starts), so the certificate and the
+    /// server's name (the VIP, in `nbd.tls_names`) work on whichever node
+    /// serves.
+    fn nbd_certs(&self) -> PathBuf {
+        let certs = self.root.path().join("nbd-client");
+        if !certs.exists() {
+            let a = self.dir("a");
+            let out = Command::new(ferry_bin())
+                .env("FERRY_DATA_DIR", &a)
+                .env("FERRY_LOG", "warn")
+                .args(["nbd", "client-cert", "c", "--out"])
+                .arg(&certs)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "nbd client-cert: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let b_tls = self.dir("b").join("tls");
+            std::fs::create_dir_all(&b_tls).unwrap();
+            for f in ["nbd-ca.key", "nbd-ca.crt"] {
+                std::fs::copy(a.join("tls").join(f), b_tls.join(f)).unwrap();
+            }
+        }
+        certs
+    }
+
+    /// The volume `vol` through the VIP: NBD over TLS with the client's certificate.
+    fn nbd_uri(&self) -> String {
+        format!(
+            "nbds://{VIP}:{NBD_PORT}/vol?tls-certificates={}",
+            self.nbd_certs().display()
+        )
+    }
+
     /// Writes node `n`'s config (fast failure detection) and starts it.
     fn start_agent(&mut self, n: &str) {
         let dir = self.dir(n);
         std::fs::create_dir_all(&dir).unwrap();
+        self.nbd_certs();
         let ip = addr_of(n);
         let peer = if n == "a" { "b" } else { "a" };
         let config = self.root.path().join(format!("{n}.toml"));
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nnotify = \"echo \\\"$FERRY_EVENT\\\" >> {}/events.jsonl\"\nwitness_key_file = \"{}\"\n{}",
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\nnbd_listen = \"0.0.0.0:{NBD_PORT}\"\n\n[nbd]\ntls_names = [\"{VIP}\"]\n\n[replication]\nreconnect_backoff_max_ms = 500\npeer_ack_timeout_ms = 1000\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nnotify = \"echo \\\"$FERRY_EVENT\\\" >> {}/events.jsonl\"\nwitness_key_file = \"{}\"\n{}",
                 dir.display(),
                 addr_of("w"),
                 dir.display(),
@@ -412,7 +451,8 @@ impl Net {
             .args([
                 "-c",
                 &format!(
-                    "import nbd\nh = nbd.NBD()\nh.connect_uri('nbd://{VIP}:{NBD_PORT}/vol')\nh.pwrite(bytes([{byte}]) * 4096, {})\nh.flush()\nprint('written')",
+                    "import nbd\nh = nbd.NBD()\nh.set_uri_allow_local_file(True)\nh.connect_uri('{}')\nh.pwrite(bytes([{byte}]) * 4096, {})\nh.flush()\nprint('written')",
+                    self.nbd_uri(),
                     block * 4096
                 ),
             ])
@@ -550,6 +590,7 @@ while i < start + count:
     try:
         if h is None:
             h = nbd.NBD()
+            h.set_uri_allow_local_file(True)  # tls-certificates= in the URI
             h.connect_uri(uri)
             print("connected", i, flush=True)
         h.pwrite(rec(i), i * 4096)
@@ -578,7 +619,7 @@ fn start_writer(net: &Net, start: u64, count: u64) -> Child {
     std::fs::write(&script, WRITER).unwrap();
     let mut c = net.cmd("c", "/usr/bin/python3");
     c.arg(&script)
-        .arg(format!("nbd://{VIP}:{NBD_PORT}/vol"))
+        .arg(net.nbd_uri())
         .arg(start.to_string())
         .arg(count.to_string())
         .stdout(Stdio::piped())
@@ -704,7 +745,8 @@ fn an_outdated_replica_never_promotes_itself() {
         .args([
             "-c",
             &format!(
-                "import nbd\nh = nbd.NBD()\nh.connect_uri('nbd://{VIP}:{NBD_PORT}/vol')\nh.pwrite(b'x' * 4096, 0)\nh.flush()\nprint('written')"
+                "import nbd\nh = nbd.NBD()\nh.set_uri_allow_local_file(True)\nh.connect_uri('{}')\nh.pwrite(b'x' * 4096, 0)\nh.flush()\nprint('written')",
+                net.nbd_uri()
             ),
         ])
         .output()

@@ -5,7 +5,7 @@
 //! data_dir = "/var/lib/ferry"
 //! api_listen = "127.0.0.1:7360"
 //! replication_listen = "127.0.0.1:7361"
-//! nbd_listen = "127.0.0.1:10809"      # or "unix:/run/ferry/nbd.sock"
+//! nbd_listen = "198.18.0.1:10809"     # optional: NBD over TCP, TLS with client certificates required
 //!
 //! [replication]                        # all optional; defaults shown
 //! granularity_bytes = 65536
@@ -27,6 +27,8 @@
 //! async_share_ready_lag_ms = 1000      # async share changes this recent still count as caught up
 //!
 //! [nbd]                                # all optional; defaults shown
+//! socket_path = "DATA_DIR/run/nbd.sock" # always served; its directory only the agent's user may enter
+//! tls_names = []                       # more names/addresses in the TLS server certificate
 //! max_connections = 64
 //! max_in_flight_per_connection = 64
 //! max_request_bytes = 33554432
@@ -61,7 +63,11 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub api_listen: SocketAddr,
     pub replication_listen: SocketAddr,
-    pub nbd_listen: String,
+    /// NBD over TCP (`HOST:PORT`), TLS with a client certificate of the
+    /// node's NBD CA required. Without it, NBD is served on the Unix socket
+    /// (`nbd.socket_path`) only.
+    #[serde(default)]
+    pub nbd_listen: Option<String>,
     #[serde(default)]
     pub replication: ReplicationSettings,
     #[serde(default)]
@@ -279,18 +285,29 @@ impl Default for ShareSettings {
     }
 }
 
-/// Limits of the node's NBD server, each with its unit in its name.
-#[derive(Debug, Clone, Copy, Deserialize)]
+/// The node's NBD server: where it listens locally, and its limits, each
+/// with its unit in its name.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NbdSettings {
-    /// Connections served at once; more are closed on accept.
+    /// The Unix socket local clients (VMs, hooks, qemu-io on the node) use,
+    /// always served; default `DATA_DIR/run/nbd.sock`. Its directory must be
+    /// enterable by the agent's user only (the default one is made 0700).
+    pub socket_path: Option<PathBuf>,
+    /// Extra DNS names or IP addresses in the TLS server certificate of
+    /// `nbd_listen` (besides the node name and the listener's address),
+    /// e.g. a workload's virtual IP.
+    pub tls_names: Vec<String>,
+    /// Connections open at once; when full, a new one takes the slot of the
+    /// oldest still negotiating without a certificate, else it is closed.
     pub max_connections: usize,
     /// Requests read and not yet answered on one connection (writes waiting
     /// for a replica's acknowledgement included).
     pub max_in_flight_per_connection: usize,
     /// Largest single read or write (also the advertised maximum block size).
     pub max_request_bytes: u32,
-    /// A client must pick an export within this time after connecting.
+    /// A client must pick an export within this time after connecting, TLS
+    /// handshake included.
     pub handshake_timeout_ms: u64,
     /// WRITEs up to this size run on the thread that read them (and a
     /// replicated volume sends a burst of them in one frame batch); 0 hands
@@ -302,6 +319,8 @@ impl Default for NbdSettings {
     fn default() -> Self {
         let d = ferry_nbd::ServerLimits::default();
         NbdSettings {
+            socket_path: None,
+            tls_names: Vec::new(),
             max_connections: d.max_connections,
             max_in_flight_per_connection: d.connection.max_in_flight_per_connection,
             max_request_bytes: d.connection.max_request_bytes,
@@ -312,7 +331,7 @@ impl Default for NbdSettings {
 }
 
 impl NbdSettings {
-    pub fn to_limits(self) -> ferry_nbd::ServerLimits {
+    pub fn to_limits(&self) -> ferry_nbd::ServerLimits {
         let d = ferry_nbd::ServerLimits::default();
         ferry_nbd::ServerLimits {
             max_connections: self.max_connections,
@@ -395,6 +414,14 @@ impl Default for ReplicationSettings {
 }
 
 impl AgentConfig {
+    /// The Unix socket of the NBD server.
+    pub fn nbd_socket_path(&self) -> PathBuf {
+        self.nbd
+            .socket_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("run").join("nbd.sock"))
+    }
+
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -418,9 +445,30 @@ impl AgentConfig {
                 self.node_name
             )
         })?;
-        self.nbd_listen
-            .parse::<ferry_nbd::ListenAddr>()
-            .map_err(|e| format!("key `nbd_listen`: {e}"))?;
+        if let Some(l) = &self.nbd_listen {
+            match l.parse::<ferry_nbd::ListenAddr>() {
+                Ok(ferry_nbd::ListenAddr::Tcp(_)) => {}
+                Ok(ferry_nbd::ListenAddr::Unix(_)) => {
+                    return Err(
+                        "key `nbd_listen`: takes HOST:PORT (NBD over TCP with TLS); the Unix socket is `nbd.socket_path`"
+                            .into(),
+                    )
+                }
+                Err(e) => return Err(format!("key `nbd_listen`: {e}")),
+            }
+        }
+        if let Some(p) = &self.nbd.socket_path {
+            if !p.is_absolute() || p.parent().is_none() {
+                return Err("key `nbd.socket_path`: must be an absolute path".into());
+            }
+        }
+        for n in &self.nbd.tls_names {
+            if rustls_pki_types::ServerName::try_from(n.as_str()).is_err() {
+                return Err(format!(
+                    "key `nbd.tls_names`: {n:?} is not a DNS name or an IP address"
+                ));
+            }
+        }
         let r = &self.replication;
         ferry_core::DirtyMap::new(0, r.granularity_bytes)
             .map_err(|e| format!("key `replication.granularity_bytes`: {e}"))?;
@@ -509,12 +557,20 @@ mod tests {
         AgentConfig::load(&p)
     }
 
-    const GOOD: &str = "node_name = \"a\"\ndata_dir = \"/tmp/a\"\napi_listen = \"127.0.0.1:7360\"\nreplication_listen = \"127.0.0.1:7361\"\nnbd_listen = \"127.0.0.1:10809\"\n";
+    const GOOD: &str = "node_name = \"a\"\ndata_dir = \"/tmp/a\"\napi_listen = \"127.0.0.1:7360\"\nreplication_listen = \"127.0.0.1:7361\"\n";
 
     #[test]
     fn loads_and_refuses_with_line_and_key() {
         let c = load(GOOD).unwrap();
         assert_eq!(c.replication.granularity_bytes, 65536);
+        assert_eq!(c.nbd_listen, None, "NBD over TCP only when configured");
+        assert_eq!(c.nbd_socket_path(), Path::new("/tmp/a/run/nbd.sock"));
+        let e = load(&format!("{GOOD}nbd_listen = \"unix:/tmp/x.sock\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nbd.socket_path"), "{e}");
+        let c = load(&format!("{GOOD}nbd_listen = \"127.0.0.1:10809\"\n[nbd]\ntls_names = [\"vip.example\", \"198.18.0.9\"]\n")).unwrap();
+        assert_eq!(c.nbd.tls_names.len(), 2);
         let e = load(&format!("{GOOD}[replication]\ngranularity_bytes = 5000\n"))
             .unwrap_err()
             .to_string();
@@ -522,7 +578,7 @@ mod tests {
         let e = load(&format!("{GOOD}typo_key = 1\n"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("line 6") && e.contains("typo_key"), "{e}");
+        assert!(e.contains("line 5") && e.contains("typo_key"), "{e}");
         let e = load("node_name = \"a\"\n").unwrap_err().to_string();
         assert!(e.contains("data_dir"), "{e}");
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod conns;
 pub mod damaged;
 pub mod identity;
+pub mod nbd_tls;
 pub mod peers;
 pub mod tls;
 
@@ -72,7 +73,11 @@ pub struct AgentCtx {
     pub store: VolumeStore,
     pub tls_server: Arc<rustls::ServerConfig>,
     pub nbd: Server,
+    /// The NBD Unix socket: what this node's VMs, hooks and test instances
+    /// use (`nbd+unix://` URIs).
     pub nbd_uri_base: ListenAddr,
+    /// The NBD TCP listener (`nbd_listen`), TLS required.
+    pub nbd_tls_listen: Option<std::net::SocketAddr>,
     primaries: Mutex<HashMap<String, Arc<PrimaryVolume>>>,
     secondaries: secondary::Secondaries,
     locks: Mutex<HashMap<String, VolumeLock>>,
@@ -111,6 +116,19 @@ impl std::fmt::Debug for AgentCtx {
 }
 
 impl AgentCtx {
+    /// The URI of `export` on this node's NBD Unix socket.
+    pub fn nbd_uri(&self, export: &str) -> String {
+        self.nbd_uri_base.uri(export)
+    }
+
+    /// The `nbds://` URI of `export` on the TCP listener, if there is one.
+    pub fn nbd_tls_uri(&self, export: &str) -> Option<String> {
+        self.nbd_tls_listen.map(|a| match a {
+            std::net::SocketAddr::V4(a) => format!("nbds://{}:{}/{export}", a.ip(), a.port()),
+            std::net::SocketAddr::V6(a) => format!("nbds://[{}]:{}/{export}", a.ip(), a.port()),
+        })
+    }
+
     pub fn migrations(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::MigrationRecord>> {
@@ -1135,10 +1153,29 @@ pub fn run(config_path: &Path) -> Result<()> {
         .thread_name("ferry-rt")
         .build()?;
     let nbd = Server::new(vec![], cfg.nbd.to_limits())?;
-    let nbd_addr: ListenAddr = cfg.nbd_listen.parse()?;
-    let nbd_listener = Listener::bind(&nbd_addr)?;
+    let socket = cfg.nbd_socket_path();
+    let nbd_listener = nbd_tls::bind_private_socket(&socket, cfg.nbd.socket_path.is_none())
+        .with_context(|| format!("cannot serve NBD on {}", socket.display()))?;
     let nbd_uri_base = nbd_listener.local_addr().clone();
     nbd.serve(nbd_listener)?;
+    let nbd_tls_listen = match &cfg.nbd_listen {
+        None => None,
+        Some(addr) => {
+            let addr: ListenAddr = addr.parse()?;
+            let ListenAddr::Tcp(tcp) = addr else {
+                bail!("nbd_listen takes HOST:PORT");
+            };
+            let ca = nbd_tls::NbdCa::load_or_create(&cfg.data_dir)?;
+            let names = nbd_tls::server_names(&cfg.node_name, &tcp, &cfg.nbd.tls_names);
+            let listener = Listener::bind(&addr)?.require_tls(ca.server_config(&names)?);
+            let ListenAddr::Tcp(bound) = listener.local_addr().clone() else {
+                bail!("nbd_listen takes HOST:PORT");
+            };
+            tracing::info!(listen = %bound, names = ?names, "nbd.tls.listen: client certificates of the node's NBD CA required");
+            nbd.serve(listener)?;
+            Some(bound)
+        }
+    };
     let repl_listener = std::net::TcpListener::bind(cfg.replication_listen).with_context(|| {
         format!(
             "cannot listen for replication on {}",
@@ -1161,6 +1198,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         tls_server,
         nbd,
         nbd_uri_base,
+        nbd_tls_listen,
         primaries: Mutex::new(HashMap::new()),
         secondaries: Mutex::new(HashMap::new()),
         locks: Mutex::new(HashMap::new()),
@@ -1245,7 +1283,8 @@ pub fn run(config_path: &Path) -> Result<()> {
             "node_name": ctx.identity.node_name,
             "api": ctx.cfg.api_listen.to_string(),
             "replication": ctx.cfg.replication_listen.to_string(),
-            "nbd": ctx.nbd_uri_base.to_string(),
+            "nbd": ctx.nbd_uri(""),
+            "nbd_tls": ctx.nbd_tls_uri(""),
             "fingerprint": ctx.identity.fingerprint(),
         })
     );

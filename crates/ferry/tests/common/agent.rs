@@ -15,7 +15,7 @@ use super::ferry_bin;
 /// A free port on 127.0.0.1, never the same one twice in this process (a
 /// port just released can come back at once: an agent's API and NBD
 /// listeners once got the same one).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -36,6 +36,7 @@ pub struct Agent {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub api: String,
+    /// The NBD Unix socket, as `unix:PATH` (see [`Agent::uri`]).
     pub nbd: String,
     pub replication: String,
     child: Option<Child>,
@@ -58,14 +59,26 @@ impl Agent {
         replication_toml: &str,
         wrapper: &[&str],
     ) -> Agent {
+        Agent::start_with(root, name, "", replication_toml, wrapper)
+    }
+
+    /// Like [`Agent::start_wrapped`], with `top_toml` lines before the tables
+    /// (e.g. `nbd_listen = …`).
+    pub fn start_with(
+        root: &Path,
+        name: &str,
+        top_toml: &str,
+        replication_toml: &str,
+        wrapper: &[&str],
+    ) -> Agent {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let (api, repl, nbd) = (free_port(), free_port(), free_port());
+        let (api, repl) = (free_port(), free_port());
         let config = root.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{name}\"\ndata_dir = \"{}\"\napi_listen = \"127.0.0.1:{api}\"\nreplication_listen = \"127.0.0.1:{repl}\"\nnbd_listen = \"127.0.0.1:{nbd}\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n{replication_toml}\n",
+                "node_name = \"{name}\"\ndata_dir = \"{}\"\napi_listen = \"127.0.0.1:{api}\"\nreplication_listen = \"127.0.0.1:{repl}\"\n{top_toml}\n\n[replication]\nreconnect_backoff_max_ms = 500\n{replication_toml}\n",
                 dir.display()
             ),
         )
@@ -73,10 +86,10 @@ impl Agent {
         let mut a = Agent {
             name: name.to_string(),
             log: root.join(format!("{name}.log")),
+            nbd: format!("unix:{}", dir.join("run").join("nbd.sock").display()),
             dir,
             config,
             api: format!("127.0.0.1:{api}"),
-            nbd: format!("127.0.0.1:{nbd}"),
             replication: format!("127.0.0.1:{repl}"),
             child: None,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
@@ -204,8 +217,12 @@ impl Agent {
         self.json(&["replicate", "status", volume])
     }
 
+    /// `volume` on the agent's NBD Unix socket.
     pub fn uri(&self, volume: &str) -> String {
-        format!("nbd://{}/{volume}", self.nbd)
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.nbd.strip_prefix("unix:").unwrap()
+        )
     }
 
     pub fn image(&self, volume: &str) -> PathBuf {

@@ -80,13 +80,11 @@ impl Node {
         self.dir.path().join("volumes").join(name).join("data.raw")
     }
 
-    /// Starts `ferry export NAME --listen 127.0.0.1:0 --json EXTRA...` and waits
-    /// until it prints where it listens.
+    /// Starts `ferry --json export NAME EXTRA...` (by default on its Unix
+    /// socket, DATA_DIR/run/NAME.sock) and waits until it prints where it
+    /// listens.
     pub fn export(&self, name: &str, extra: &[&str]) -> Exported {
         let mut args = vec!["--json", "export", name];
-        if !extra.contains(&"--listen") {
-            args.extend(["--listen", "127.0.0.1:0"]);
-        }
         args.extend(extra);
         let mut child = self
             .cmd()
@@ -112,7 +110,7 @@ impl Node {
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let uris = v["uris"]
             .as_array()
-            .unwrap()
+            .unwrap_or_else(|| panic!("ferry export {args:?}: {v}"))
             .iter()
             .map(|u| u.as_str().unwrap().to_string())
             .collect();
@@ -136,9 +134,17 @@ impl Exported {
         &self.uris[0]
     }
 
-    /// `HOST:PORT` of the first (TCP) listener.
+    /// Where the first listener is: `unix:PATH` or `HOST:PORT`.
     pub fn addr(&self) -> String {
-        let rest = self.uri().strip_prefix("nbd://").unwrap();
+        let uri = self.uri();
+        if let Some(rest) = uri.strip_prefix("nbd+unix://") {
+            let path = rest.split("socket=").nth(1).unwrap();
+            return format!("unix:{}", path.split('&').next().unwrap());
+        }
+        let rest = uri
+            .strip_prefix("nbd://")
+            .or_else(|| uri.strip_prefix("nbds://"))
+            .unwrap();
         rest.split('/').next().unwrap().to_string()
     }
 

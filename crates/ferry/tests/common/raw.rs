@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -12,15 +13,54 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
+/// A TCP or Unix socket.
+pub enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Sock {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(b),
+            Sock::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(b),
+            Sock::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub struct Raw {
-    pub s: TcpStream,
+    pub s: Sock,
 }
 
 impl Raw {
+    /// Connects to `HOST:PORT` or `unix:PATH`.
     pub fn connect(addr: &str) -> Raw {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_nodelay(true).unwrap();
+        let t = Some(Duration::from_secs(10));
+        let s = match addr.strip_prefix("unix:") {
+            Some(path) => {
+                let s = UnixStream::connect(path).unwrap();
+                s.set_read_timeout(t).unwrap();
+                Sock::Unix(s)
+            }
+            None => {
+                let s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(t).unwrap();
+                s.set_nodelay(true).unwrap();
+                Sock::Tcp(s)
+            }
+        };
         Raw { s }
     }
 

@@ -9,7 +9,8 @@ import nbd
 
 uri = os.environ["FERRY_URI"]
 ro_uri = os.environ["FERRY_RO_URI"]
-host, port = os.environ["FERRY_ADDR"].rsplit(":", 1)
+# unix:PATH (the default export) or HOST:PORT.
+addr = os.environ["FERRY_ADDR"]
 
 
 def expect_errno(code, fn, *args):
@@ -77,7 +78,12 @@ o.shutdown()
 
 # A raw client sending an option number nobody defines gets NBD_REP_ERR_UNSUP,
 # and can then abort cleanly.
-s = socket.create_connection((host, int(port)))
+if addr.startswith("unix:"):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(addr[len("unix:"):])
+else:
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)))
 s.settimeout(10)
 
 
