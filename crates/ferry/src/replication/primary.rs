@@ -86,10 +86,23 @@ pub struct Deferred {
     pub done: Completion,
 }
 
+/// Whether a write or flush the peer did not confirm on connection `since`
+/// is on the peer after all: a later connection resynced every block dirty
+/// then (its blocks were) and announced the peer up to date with a flush
+/// made durable there. It then needs no new generation — one recorded now
+/// would be one the up-to-date replica never learns, and its next
+/// promotion a split brain with this node (seen in the fault soak: an NBD
+/// flush begun while the link was down ended after it was back). A verdict
+/// of the current connection (an async overflow) still records one.
+fn covered_by_later_resync(l: &LinkInner, since: u64) -> bool {
+    l.announced_up_to_date && l.rep.epoch() != since
+}
+
 /// How far a write got before it needs the peer.
 enum Begun {
-    /// Nothing to wait for; `true` when the peer has (or will get) it in order.
-    Answered(bool),
+    /// Nothing to wait for; `confirmed` when the peer has (or will get) it
+    /// in order; `epoch`: the link's connection when that was decided.
+    Answered { confirmed: bool, epoch: u64 },
     /// Wait for frame `seq` of connection `epoch` (`durable`: made durable).
     Wait { epoch: u64, seq: u64, durable: bool },
 }
@@ -977,11 +990,12 @@ impl PrimaryVolume {
     }
 
     /// Records a new generation once per disconnection, before acknowledging a
-    /// write the peer did not confirm.
-    fn ensure_generation_bumped(&self) -> io::Result<()> {
+    /// write the peer did not confirm; `since`: the link's connection
+    /// (`Replicator::epoch`) when the write or flush found the peer missing.
+    fn ensure_generation_bumped(&self, since: u64) -> io::Result<()> {
         {
             let l = self.link.lock();
-            if l.bumped_while_down || l.peer.is_none() {
+            if l.bumped_while_down || l.peer.is_none() || covered_by_later_resync(&l, since) {
                 return Ok(());
             }
         }
@@ -991,7 +1005,9 @@ impl PrimaryVolume {
         }
         let mut meta = self.meta();
         let mut l = self.link.lock();
-        if l.bumped_while_down {
+        // Under meta and link, the locks the announcement takes: either it
+        // was made (the peer holds this) or it will carry the new id.
+        if l.bumped_while_down || covered_by_later_resync(&l, since) {
             return Ok(());
         }
         let id = crate::agent::identity::random_u64();
@@ -1049,7 +1065,7 @@ impl PrimaryVolume {
     /// Step 5–6 on the calling thread: waits for the peer if needed.
     fn finish_blocking(&self, b: Begun) -> io::Result<()> {
         match b {
-            Begun::Answered(confirmed) => self.answer(confirmed),
+            Begun::Answered { confirmed, epoch } => self.answer(confirmed, epoch),
             Begun::Wait {
                 epoch,
                 seq,
@@ -1059,18 +1075,19 @@ impl PrimaryVolume {
                 l = self.link.wait_for(l, epoch, seq, durable);
                 let confirmed = l.rep.epoch() == epoch;
                 drop(l);
-                self.answer(confirmed)
+                self.answer(confirmed, epoch)
             }
         }
     }
 
     /// The result of a write that got as far as it will: a write the peer did
-    /// not confirm is acknowledged only once a new generation is recorded.
-    fn answer(&self, confirmed: bool) -> io::Result<()> {
+    /// not confirm (on connection `epoch`) is acknowledged only once a new
+    /// generation is recorded.
+    fn answer(&self, confirmed: bool, epoch: u64) -> io::Result<()> {
         if confirmed {
             Ok(())
         } else {
-            self.ensure_generation_bumped()
+            self.ensure_generation_bumped(epoch)
         }
     }
 
@@ -1150,7 +1167,8 @@ impl PrimaryVolume {
                 .extend(pending);
             return;
         }
-        let result = self.ensure_generation_bumped();
+        let since = pending.iter().map(|d| d.epoch).min().unwrap_or(0);
+        let result = self.ensure_generation_bumped(since);
         let batch = pending
             .into_iter()
             .map(|d| {
@@ -1206,6 +1224,7 @@ impl PrimaryVolume {
         let now = self.now_ms();
         let mut l = self.link.lock();
         let decision = l.rep.on_write(extent, wire, now);
+        let l_epoch = l.rep.epoch();
         let mut wait = None;
         match decision {
             WriteDecision::Stream { seq, wait: w } => {
@@ -1246,10 +1265,10 @@ impl PrimaryVolume {
         if send_now {
             self.link.pump();
         }
-        Ok(wait.unwrap_or(Begun::Answered(matches!(
-            decision,
-            WriteDecision::Stream { .. }
-        ))))
+        Ok(wait.unwrap_or(Begun::Answered {
+            confirmed: matches!(decision, WriteDecision::Stream { .. }),
+            epoch: l_epoch,
+        }))
     }
 
     /// An NBD WRITE up to its answer: `None` when parked for the replica's
@@ -1264,7 +1283,7 @@ impl PrimaryVolume {
     ) -> Option<(Completion, io::Result<()>)> {
         let result = match self.begin_data_write(buf, offset, fua, false) {
             Err(e) => Err(e),
-            Ok(Begun::Answered(confirmed)) => self.answer(confirmed),
+            Ok(Begun::Answered { confirmed, epoch }) => self.answer(confirmed, epoch),
             Ok(Begun::Wait {
                 epoch,
                 seq,
@@ -1290,7 +1309,7 @@ impl PrimaryVolume {
                 }
                 let confirmed = l.rep.epoch() == epoch;
                 drop(l);
-                self.answer(confirmed)
+                self.answer(confirmed, epoch)
             }
         };
         self.throttle(started.elapsed());
@@ -1486,10 +1505,11 @@ impl BlockDevice for PrimaryVolume {
         let mut l = self.link.lock();
         let Some(seq) = l.rep.on_flush(now) else {
             let peer_away = l.peer.is_some();
+            let since = l.rep.epoch();
             drop(l);
             self.local.flush()?;
             if peer_away {
-                self.ensure_generation_bumped()?;
+                self.ensure_generation_bumped(since)?;
             }
             return Ok(());
         };
@@ -1517,7 +1537,7 @@ impl BlockDevice for PrimaryVolume {
         let confirmed = l.rep.epoch() == epoch;
         drop(l);
         if !confirmed {
-            self.ensure_generation_bumped()?;
+            self.ensure_generation_bumped(epoch)?;
         }
         Ok(())
     }
@@ -1562,5 +1582,77 @@ impl BlockDevice for PrimaryVolume {
 
     fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
         self.local.cache(offset, length)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::meta::MetaState;
+    use ferry_core::generation::Relation;
+
+    fn volume(dir: &std::path::Path) -> PrimaryVolume {
+        let size = 1 << 20;
+        let local = FileDevice::create(&dir.join("data.raw"), size).unwrap();
+        let mut meta =
+            MetaFile::open_or_create(&dir.join("meta.bin"), MetaState::new_primary()).unwrap();
+        meta.update(|s| {
+            s.generation.bump(7);
+            s.peer = Some("b".into());
+        })
+        .unwrap();
+        let settings = ReplicationSettings::default();
+        let dirty = DirtyMap::new(size, settings.granularity_bytes).unwrap();
+        PrimaryVolume::new(
+            "vol".into(),
+            "id".into(),
+            dir.to_path_buf(),
+            local,
+            meta,
+            dirty,
+            settings,
+        )
+    }
+
+    /// Found by the fault soak (a split brain after a failover): an NBD
+    /// flush begun while the link was down ended after the link was back and
+    /// the replica announced up to date, and recorded a new generation the
+    /// replica never learned. The race itself hangs on an fdatasync's
+    /// timing; this drives the same steps on the link's state machine.
+    #[test]
+    fn a_write_or_flush_the_peer_got_by_a_later_resync_records_no_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = volume(dir.path());
+        let generation = || v.meta_state().generation.current();
+        {
+            let mut l = v.link.lock();
+            assert!(l.rep.on_connect(Relation::InSync, 0));
+            l.rep.on_disconnect();
+        }
+        // The link is down: the first write acknowledged alone records one.
+        let down = v.link.lock().rep.epoch();
+        v.ensure_generation_bumped(down).unwrap();
+        let alone = generation();
+        assert_ne!(alone, 7);
+        // A flush begins now (the peer is away). Meanwhile the link comes
+        // back (as member_up and on_ack do it): resync, peer up to date.
+        {
+            let mut l = v.link.lock();
+            l.bumped_while_down = false;
+            assert!(l.rep.on_connect(Relation::Ahead, 0));
+            l.announced_up_to_date = true;
+        }
+        // The flush ends: the peer holds everything it covers.
+        v.ensure_generation_bumped(down).unwrap();
+        assert_eq!(
+            generation(),
+            alone,
+            "a generation recorded after the peer was announced up to date at the previous one"
+        );
+        // A write this connection did not get to the peer (an async
+        // overflow) still records one.
+        let now = v.link.lock().rep.epoch();
+        v.ensure_generation_bumped(now).unwrap();
+        assert_ne!(generation(), alone);
     }
 }
