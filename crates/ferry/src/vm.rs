@@ -65,8 +65,21 @@ fn nbd_uri(base: &ListenAddr, volume: &str) -> String {
     }
 }
 
-fn console_path(data_dir: &std::path::Path, workload: &ferry_core::Name) -> PathBuf {
-    data_dir.join("vms").join(workload).join("console.log")
+/// `vms/INSTANCE/console.log`, where the instance is a workload's name, or
+/// `NAME@test` for its test instance: the name is checked before it
+/// becomes a path.
+fn console_path(data_dir: &std::path::Path, instance: &str) -> Result<PathBuf> {
+    let (base, test) = match instance.strip_suffix("@test") {
+        Some(b) => (b, true),
+        None => (instance, false),
+    };
+    let name = ferry_core::Name::parse(base)?;
+    let dir = if test {
+        format!("{name}@test")
+    } else {
+        name.into_string()
+    };
+    Ok(data_dir.join("vms").join(dir).join("console.log"))
 }
 
 impl Vms {
@@ -91,7 +104,7 @@ impl Vms {
                 bail!("VM file {} does not exist on this node", f.display());
             }
         }
-        let console = console_path(data_dir, &ferry_core::Name::parse(workload)?);
+        let console = console_path(data_dir, workload)?;
         std::fs::create_dir_all(console.parent().unwrap_or(data_dir))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -208,5 +221,26 @@ impl Vms {
         }
         tracing::info!(workload, "vm.stopped");
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod console_tests {
+    use super::console_path;
+
+    #[test]
+    fn a_test_instance_has_its_own_console_and_names_stay_checked() {
+        let d = std::path::Path::new("/d");
+        assert_eq!(
+            console_path(d, "vm").unwrap(),
+            std::path::Path::new("/d/vms/vm/console.log")
+        );
+        assert_eq!(
+            console_path(d, "vm@test").unwrap(),
+            std::path::Path::new("/d/vms/vm@test/console.log")
+        );
+        for bad in ["../x", "../x@test", "a@b", "@test", "a/b@test"] {
+            assert!(console_path(d, bad).is_err(), "{bad}");
+        }
     }
 }

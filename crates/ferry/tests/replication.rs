@@ -305,18 +305,13 @@ fn async_backlog_overflow_keeps_memory_bounded_then_converges() {
 /// The data history (`GET /api/v1/volumes/VOL/generation`: current id, then
 /// ancestors) of `vol` on agent `n`.
 fn generation_ids(n: &Agent, vol: &str) -> Vec<u64> {
-    let mut s = std::net::TcpStream::connect(&n.api).unwrap();
-    write!(
-        s,
-        "GET /api/v1/volumes/{vol}/generation HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        n.token()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let (code, body) = common::https(
+        &n.api,
+        &format!("/api/v1/volumes/{vol}/generation"),
+        Some(&n.token()),
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     v["ids"]
         .as_array()
         .unwrap()
