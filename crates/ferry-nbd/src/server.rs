@@ -372,8 +372,14 @@ pub struct ServerStats {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
     /// Negotiating without a certificate: before the TLS session is up on a
-    /// TLS listener, anything before transmission on another. Evictable.
+    /// TLS listener, anything before transmission on another. Evictable,
+    /// and evicted first while the client has not said a word (not even its
+    /// flags after the greeting): an idle flood then evicts itself, never a
+    /// client in the middle of its handshake.
     Unauthenticated,
+    /// Unauthenticated, but the client answered the greeting. Evicted only
+    /// when no silent connection is left.
+    Talking,
     /// The TLS session is up (the client's certificate checked), still
     /// negotiating.
     Negotiating,
@@ -711,12 +717,15 @@ fn accept_loop(inner: Arc<Inner>, listener: Arc<Listener>) {
                 break;
             }
             if live.len() >= inner.limits.max_connections {
-                // The oldest connection that has not authenticated gives way.
-                let victim = live
-                    .iter()
-                    .filter(|(_, c)| c.phase == Phase::Unauthenticated)
-                    .min_by_key(|(_, c)| c.accepted)
-                    .map(|(id, _)| *id);
+                // The oldest connection that has not authenticated gives
+                // way: a silent one first, then one that is talking.
+                let oldest = |phase: Phase| {
+                    live.iter()
+                        .filter(|(_, c)| c.phase == phase)
+                        .min_by_key(|(_, c)| c.accepted)
+                        .map(|(id, _)| *id)
+                };
+                let victim = oldest(Phase::Unauthenticated).or_else(|| oldest(Phase::Talking));
                 match victim.and_then(|v| live.remove(&v)) {
                     Some(old) => {
                         old.control.shutdown();
@@ -839,6 +848,9 @@ fn serve_stream(
     };
     // No timeouts on the socket: the reaper closes it at the handshake deadline.
     if !connection::greet(&mut reader, &mut writer, &mut n)? {
+        return Ok(None);
+    }
+    if !inner.advance(id, Phase::Talking) {
         return Ok(None);
     }
     let session = match connection::negotiate(&mut reader, &mut writer, &mut n, &mut ready)? {

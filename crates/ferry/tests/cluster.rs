@@ -1138,6 +1138,11 @@ fn a_forced_promotion_keeps_the_share_files_the_old_primary_wrote_alone() {
     assert_eq!(read("from-a"), "a-alone\n");
     net.ok("b", &["cluster", "drop-copy", "web", "--node", "a"]);
     assert!(!copy.exists());
+    // a's cluster view lists the workload again once its manager has ticked
+    // after the restart.
+    wait_for(30, "a's status to list web", || {
+        net.status("a", "web")["copies"].is_array()
+    });
     assert_eq!(
         net.status("a", "web")["copies"].as_array().unwrap().len(),
         0

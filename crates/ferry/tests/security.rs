@@ -11,29 +11,8 @@ use serde_json::Value;
 
 /// The HTTP status of `method path` on `api`, with `token` (or none).
 fn status(api: &str, method: &str, path: &str, token: Option<&str>) -> u16 {
-    let mut c = Command::new("curl");
-    c.args([
-        "-s",
-        "-k",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-m",
-        "10",
-    ])
-    .args(["-X", method, "-H", "Content-Type: application/json"]);
-    if method != "GET" && method != "DELETE" {
-        c.args(["--data", "{}"]);
-    }
-    if let Some(t) = token {
-        c.args(["-H", &format!("Authorization: Bearer {t}")]);
-    }
-    let out = c.arg(format!("https://{api}{path}")).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0)
+    let body = (method != "GET" && method != "DELETE").then_some("{}");
+    common::https_request(api, method, path, token, body).0
 }
 
 /// The route table the agent is built from (`ferry api routes --json`).
@@ -90,19 +69,11 @@ fn every_route_needs_a_token() {
     assert_eq!(status(&a.api, "GET", "/metrics", None), 200);
 }
 
-/// `method path` on `api` with the agent's token and a JSON body: (status, body).
+/// `method path` on `a`'s API with its token and a JSON body (none if
+/// empty): (status, body).
 fn call(a: &Agent, method: &str, path: &str, body: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-s", "-k", "-m", "30", "-w", "\n%{http_code}", "-X", method])
-        .args(["-H", "Content-Type: application/json"])
-        .args(["-H", &format!("Authorization: Bearer {}", a.token())])
-        .args(["--data", body])
-        .arg(format!("https://{}{path}", a.api))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    let body = (!body.is_empty()).then_some(body);
+    common::https_request(&a.api, method, path, Some(&a.token()), body)
 }
 
 /// Finding 2: names became paths unchecked. `..%2F..%2Fprecious` deleted a

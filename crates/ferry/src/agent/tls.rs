@@ -219,11 +219,13 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// An operator's config (the CLI): the agent's certificate must have
-/// `fingerprint`; no client certificate (the token authenticates).
-pub fn cli_client_config(fingerprint: String) -> Result<Arc<rustls::ClientConfig>, Error> {
+/// A client config with no certificate of its own, accepting the server
+/// certificates `allowed` accepts.
+fn anonymous_client(
+    allowed: Box<dyn Fn(&str) -> bool + Send + Sync>,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
     let verifier = Arc::new(Pinned {
-        allowed: Box::new(move |fp| fp == fingerprint),
+        allowed,
         provider: provider(),
         mandatory: true,
     });
@@ -235,26 +237,22 @@ pub fn cli_client_config(fingerprint: String) -> Result<Arc<rustls::ClientConfig
     Ok(Arc::new(cfg))
 }
 
+/// An operator's config (the CLI): the agent's certificate must have
+/// `fingerprint`; no client certificate (the token authenticates).
+pub fn cli_client_config(fingerprint: String) -> Result<Arc<rustls::ClientConfig>, Error> {
+    anonymous_client(Box::new(move |fp| fp == fingerprint))
+}
+
 /// A config that accepts any certificate and remembers the fingerprint it
 /// saw: `ferry node add` without `--fingerprint` shows it to the operator to
 /// confirm, and sends nothing over such a connection.
 pub fn probe_config(
     seen: Arc<std::sync::Mutex<Option<String>>>,
 ) -> Result<Arc<rustls::ClientConfig>, Error> {
-    let verifier = Arc::new(Pinned {
-        allowed: Box::new(move |fp| {
-            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.to_string());
-            true
-        }),
-        provider: provider(),
-        mandatory: true,
-    });
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+    anonymous_client(Box::new(move |fp| {
+        *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.to_string());
+        true
+    }))
 }
 
 /// The name presented in SNI; certificates are pinned, not matched by name.

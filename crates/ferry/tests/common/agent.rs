@@ -234,16 +234,9 @@ impl Agent {
     pub fn api_client(&self) -> impl Fn(&str) {
         let (api, token) = (self.api.clone(), self.token());
         move |body: &str| {
-            let out = Command::new("curl")
-                .args(["-s", "-k", "-m", "60", "-w", "\n%{http_code}", "-X", "POST"])
-                .args(["-H", "Content-Type: application/json"])
-                .args(["-H", &format!("Authorization: Bearer {token}")])
-                .args(["--data", body])
-                .arg(format!("https://{api}/api/v1/replicas"))
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            assert!(text.ends_with("\n200"), "{text}");
+            let (code, text) =
+                super::https_request(&api, "POST", "/api/v1/replicas", Some(&token), Some(body));
+            assert_eq!(code, 200, "{text}");
         }
     }
 

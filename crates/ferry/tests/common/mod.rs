@@ -246,19 +246,34 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
-/// `GET path` on an agent's API over HTTPS (curl, certificate not checked:
-/// these tests are about what the agent answers), with `token` or none:
-/// (status, body).
-pub fn https(api: &str, path: &str, token: Option<&str>) -> (u16, String) {
+/// `method path` on an agent's API over HTTPS (curl; the certificate is
+/// not checked: these tests are about what the agent answers), with `token`
+/// or none and a JSON `body` or none: (status, body). Status 0: no HTTP
+/// answer at all.
+pub fn https_request(
+    api: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
     let mut c = Command::new("curl");
-    c.args(["-s", "-k", "-m", "30", "-w", "\n%{http_code}"]);
+    c.args(["-s", "-k", "-m", "30", "-w", "\n%{http_code}", "-X", method]);
     if let Some(t) = token {
         c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "--data", b]);
     }
     let out = c.arg(format!("https://{api}{path}")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// `GET path` on an agent's API over HTTPS: see [`https_request`].
+pub fn https(api: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    https_request(api, "GET", path, token, None)
 }
 
 /// A small tmpfs mounted at a path (root only), unmounted when dropped.
