@@ -19,6 +19,8 @@ pub struct NodeKey {
     pub cert_der: CertificateDer<'static>,
     pub key_der: PrivateKeyDer<'static>,
     pub fingerprint: String,
+    /// What the TLS servers present (see [`NodeKey::new`]).
+    pub certified: Arc<rustls::sign::CertifiedKey>,
 }
 
 impl std::fmt::Debug for NodeKey {
@@ -87,7 +89,7 @@ pub fn read_secret(path: &Path) -> Result<String> {
     let mode = meta.mode() & 0o777;
     if mode & 0o077 != 0 {
         anyhow::bail!(
-            "secret {} is readable or writable by group or others (mode {mode:03o}): run `chmod 600 {}`, and since others could read it, replace it (`ferry token rotate` for the API token, `ferry node rekey` for the node key)",
+            "secret {} is readable by others or writable by them (mode {mode:03o}): run `chmod 600 {}`, and since others could read it, replace it (`ferry token rotate` for the API token, `ferry node rekey` for the node key)",
             path.display(),
             path.display()
         );
@@ -153,12 +155,32 @@ fn load_key(key_path: &Path, crt_path: &Path) -> Result<NodeKey> {
         .with_context(|| format!("{} is not a PEM certificate", crt_path.display()))?;
     let key_der = PrivateKeyDer::from_pem_slice(read_secret(key_path)?.as_bytes())
         .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
-    Ok(NodeKey {
-        fingerprint: fingerprint(&cert_der),
-        cert_pem,
-        cert_der,
-        key_der,
-    })
+    NodeKey::new(cert_pem, cert_der, key_der)
+}
+
+impl NodeKey {
+    /// The key with its certificate, and the signing key every TLS server
+    /// config serves (loaded once here, not at each handshake).
+    fn new(
+        cert_pem: String,
+        cert_der: CertificateDer<'static>,
+        key_der: PrivateKeyDer<'static>,
+    ) -> Result<NodeKey> {
+        let signer = rustls::crypto::ring::default_provider()
+            .key_provider
+            .load_private_key(key_der.clone_key())
+            .map_err(|e| anyhow::anyhow!("the node key cannot sign: {e}"))?;
+        Ok(NodeKey {
+            fingerprint: fingerprint(&cert_der),
+            certified: Arc::new(rustls::sign::CertifiedKey::new(
+                vec![cert_der.clone()],
+                signer,
+            )),
+            cert_pem,
+            cert_der,
+            key_der,
+        })
+    }
 }
 
 /// The fingerprint of the node certificate in `data_dir`, read without an
@@ -243,15 +265,7 @@ impl Identity {
             .map_err(|e| anyhow::anyhow!("the new certificate is not PEM: {e}"))?;
         let key_der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|e| anyhow::anyhow!("the new key is not PEM: {e}"))?;
-        Ok((
-            key_pem,
-            NodeKey {
-                fingerprint: fingerprint(&cert_der),
-                cert_pem,
-                cert_der,
-                key_der,
-            },
-        ))
+        Ok((key_pem, NodeKey::new(cert_pem, cert_der, key_der)?))
     }
 
     /// Makes `key` the node's key: written (the old pair kept as

@@ -93,21 +93,6 @@ fn civil_from_days(z: i64) -> (i32, u8, u8) {
     (y as i32, m, d)
 }
 
-/// Refuses a private key file that others may read, as ssh does.
-fn check_private(path: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if m.mode() & 0o077 != 0 {
-        bail!(
-            "{} is readable by others (mode {:o}): make it 0600 (chmod 600 {})",
-            path.display(),
-            m.mode() & 0o777,
-            path.display()
-        );
-    }
-    Ok(())
-}
-
 fn ca_params(common_name: &str) -> rcgen::CertificateParams {
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
@@ -149,9 +134,7 @@ impl NbdCa {
                 crt_path.display()
             ),
         }
-        check_private(&key_path)?;
-        let key_pem = std::fs::read_to_string(&key_path)
-            .with_context(|| format!("cannot read {}", key_path.display()))?;
+        let key_pem = crate::agent::identity::read_secret(&key_path)?;
         let key = rcgen::KeyPair::from_pem(&key_pem)
             .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
         let cert_pem = std::fs::read_to_string(&crt_path)

@@ -151,15 +151,7 @@ struct CurrentKey(Arc<Identity>);
 
 impl ResolvesServerCert for CurrentKey {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let key = self.0.key();
-        let signer = provider()
-            .key_provider
-            .load_private_key(key.key_der.clone_key())
-            .ok()?;
-        Some(Arc::new(CertifiedKey::new(
-            vec![key.cert_der.clone()],
-            signer,
-        )))
+        Some(self.0.key().certified.clone())
     }
 }
 

@@ -288,19 +288,8 @@ impl WitnessServer {
 /// The shared key of `--key-file` / `cluster.witness_key_file`: at least
 /// 16 characters, in a file no one but its owner may read or write.
 pub fn load_key(path: &Path) -> Result<ring::hmac::Key> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read the witness key {}; {MAKE_KEY}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        anyhow::bail!(
-            "the witness key {} has mode {mode:04o}: other users may read or change it; `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the witness key {}", path.display()))?;
+    let text = crate::agent::identity::read_secret(path)
+        .with_context(|| format!("the witness key {}; {MAKE_KEY}", path.display()))?;
     let text = text.trim();
     if text.len() < 16 {
         anyhow::bail!(
