@@ -13,12 +13,18 @@
 #   3. resync after an outage: crash the primary, write --outage-mib MiB
 #      through the VIP on the survivor during --outage seconds, bring the
 #      old primary back, compare bytes resent with the bytes changed.
+#   4. planned switchover under load (defaults): fio writes 4 KiB random at
+#      20 MiB/s through the serving node's NBD socket for --steady seconds,
+#      then `cluster switchover`; its downtime_ms (freeze → the peer serves)
+#      and verified_ms (freeze → drained and compared), median of
+#      --switchover-reps, alternating direction.
 # NBD crosses the network here, so it is TLS with a client certificate
 # (nbds://, libnbd's tls-certificates=): both nodes share one NBD CA, and the
 # VIP is in their server certificates (nbd.tls_names).
 # (Background processes are started with `ip netns exec` directly, never
 # through a shell function, so $! is the process itself and kill reaches it.)
-# Usage: bench/failover.sh [--reps 10] [--busy 60] [--outage 60] [--outage-mib 100]
+# Usage: bench/failover.sh [--parts 1,2,3,4] [--reps 10] [--busy 60] [--outage 60]
+#                          [--outage-mib 100] [--switchover-reps 5] [--steady 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +32,14 @@ reps=10
 busy=60
 outage=60
 outage_mib=100
+parts=1,2,3,4
+switchover_reps=5
+steady=10
 while (($#)); do
   case "$1" in
+    --parts) parts="$2"; shift 2 ;;
+    --switchover-reps) switchover_reps="$2"; shift 2 ;;
+    --steady) steady="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --busy) busy="$2"; shift 2 ;;
     --outage) outage="$2"; shift 2 ;;
@@ -36,6 +48,7 @@ while (($#)); do
   esac
 done
 
+has() { [[ ",$parts," == *",$1,"* ]]; }
 scripts/install-deps >/dev/null
 cargo build --release --quiet -p ferry
 ferry="$PWD/target/release/ferry"
@@ -185,10 +198,13 @@ failovers() { # label interval timeout -> appends "vip app" lines to $work/$labe
   done
 }
 
+if has 1; then
 failovers defaults 250 2000
 failovers tuned 50 250
+fi
 
 # ---------- 2. false failovers under load ----------
+if has 2; then
 setup 50 250
 lines_a=$(wc -l <"$work/a.log"); lines_b=$(wc -l <"$work/b.log")
 for _ in 1 2; do ( while :; do :; done ) & busy_pids+=($!); done
@@ -205,8 +221,10 @@ for p in "${busy_pids[@]}"; do kill "$p" 2>/dev/null || true; done; busy_pids=()
 false_events=$( { tail -n +"$((lines_a + 1))" "$work/a.log"; tail -n +"$((lines_b + 1))" "$work/b.log"; } | grep -c '"event":"\(fenced\|promoted\|failover-started\|peer-lost\)"' || true)
 load_writes=$(cat "$work/load.out")
 echo "busy ${busy}s: $load_writes 64 KiB writes, fence/promote/failover events: $false_events" >&2
+fi
 
 # ---------- 3. resync after an outage ----------
+if has 3; then
 setup 50 250
 # The primary crashes while it writes, so its activity log holds extents.
 # (in its first 32 MiB: an application's hot region, 8 activity-log extents).
@@ -234,10 +252,39 @@ sent=$(( $(on b --json replicate status vol | python3 -c 'import json,sys; print
 suspect=$(grep -o 'suspect_bytes=[0-9]*' "$work/a.log" | tail -1 | cut -d= -f2)
 suspect=${suspect:-0}
 on b volume verify vol >/dev/null
+fi
+
+# ---------- 4. switchover under load ----------
+if has 4; then
+setup 250 2000
+holder=a; other=b
+sw_down=(); sw_ver=()
+for rep in $(seq "$switchover_reps"); do
+  fio --name=load --ioengine=nbd --uri="nbd+unix:///vol?socket=$work/$holder/run/nbd.sock" --rw=randwrite \
+      --bs=4k --rate=20m --iodepth=4 --size=256M --time_based --runtime=600 --output=/dev/null \
+      >/dev/null 2>&1 &
+  fio_pid=$!; busy_pids+=($fio_pid)
+  sleep "$steady"
+  r=$(on "$holder" --json cluster switchover web)
+  kill "$fio_pid" 2>/dev/null || true; wait "$fio_pid" 2>/dev/null || true
+  d=$(echo "$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["downtime_ms"])')
+  vms=$(echo "$r" | python3 -c 'import json,sys; print(json.load(sys.stdin)["verified_ms"])')
+  sw_down+=("$d"); sw_ver+=("$vms")
+  echo "switchover rep $rep: $holder → $other: downtime $d ms (frozen → verified $vms ms)" >&2
+  wait_for 30 serves "$other"
+  wait_for 60 is_replica "$holder"
+  t=$holder; holder=$other; other=$t
+done
+sw_down_med=$(printf '%s\n' "${sw_down[@]}" | median)
+sw_ver_med=$(printf '%s\n' "${sw_ver[@]}" | median)
+fi
 
 # ---------- report ----------
 fmt() { awk '{print $1}' "$work/$1.times" | median; }
 fmta() { awk '{print $2}' "$work/$1.times" | median; }
+echo "HA in network namespaces, $(nproc) cores, $(uname -r)"
+echo
+if has 1; then
 d_vip=$(fmt defaults); d_app=$(fmta defaults); t_vip=$(fmt tuned); t_app=$(fmta tuned)
 cat <<EOT
 HA failover in network namespaces (kill -9 + veth down of the node serving the VIP), median of $reps, $(nproc) cores, $(uname -r)
@@ -250,8 +297,16 @@ HA failover in network namespaces (kill -9 + veth down of the node serving the V
 raw defaults (vip app): $(tr '\n' ';' <"$work/defaults.times")
 raw tuned (vip app): $(tr '\n' ';' <"$work/tuned.times")
 
-| check | result | target |
-|---|---|---|
-| false failovers, tuned settings, ${busy} s with both cores busy ($load_writes × 64 KiB writes meanwhile) | $false_events fence/promotion events | 0 |
-| resync after a ${outage} s outage of the primary, $outage_mib MiB written on the survivor | sent $sent B (b's link to a, new since the failover); changed $changed B + crashed primary's suspect blocks $suspect B | ≤ 1.2 × (changed + suspect) = $(( (changed + suspect) * 12 / 10 )) B |
 EOT
+fi
+if has 2 || has 3 || has 4; then
+  echo "| check | result | target |"
+  echo "|---|---|---|"
+fi
+has 2 && echo "| false failovers, tuned settings, ${busy} s with both cores busy ($load_writes × 64 KiB writes meanwhile) | $false_events fence/promotion events | 0 |"
+has 3 && echo "| resync after a ${outage} s outage of the primary, $outage_mib MiB written on the survivor | sent $sent B (b's link to a, new since the failover); changed $changed B + crashed primary's suspect blocks $suspect B | ≤ 1.2 × (changed + suspect) = $(( (changed + suspect) * 12 / 10 )) B |"
+if has 4; then
+  echo "| switchover under 20 MiB/s 4 KiB random writes (${steady} s steady), median of $switchover_reps | downtime $sw_down_med ms (freeze → peer serves), of which freeze → verified $sw_ver_med ms | ≤ 50 ms |"
+  echo
+  echo "raw switchover downtimes ms: ${sw_down[*]}; freeze → verified ms: ${sw_ver[*]}"
+fi

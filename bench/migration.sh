@@ -10,8 +10,15 @@
 #      --share-files × 4 KiB files + 4 × 256 MiB, moved there and back
 #      --share-reps times each way, with the share digest cache on and off
 #      (off: both trees are read whole inside the downtime).
-# Usage: bench/migration.sh [--parts 1,2,3] [--reps 5] [--sizes "256M 1G 4G"]
-#                           [--share-files 20000] [--share-reps 2]
+#   4. what the replica's early writeback (replication.replica_writeback_bytes,
+#      issue 18) costs the workload: fio 4k randwrite QD16 for --runtime s on
+#      a 1 GiB volume whose migration is ready, sync link, one replica agent
+#      with the default and one with it off (0), runs interleaved; IOPS over
+#      the run and durable IOPS (--end_fsync=1), median of --reps.
+# Part 1 waits --steady s at ready under the load before it cuts over (how
+# much the replica holds unflushed depends on it).
+# Usage: bench/migration.sh [--parts 1,2,3,4] [--reps 5] [--steady 3] [--sizes "256M 1G 4G"]
+#                           [--share-files 20000] [--share-reps 2] [--runtime 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,8 +27,12 @@ sizes="256M 1G 4G"
 share_files=20000
 share_reps=2
 parts=1,2,3
+steady=3
+runtime=10
 while (($#)); do
   case "$1" in
+    --steady) steady="$2"; shift 2 ;;
+    --runtime) runtime="$2"; shift 2 ;;
     --parts) parts="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --sizes) sizes="$2"; shift 2 ;;
@@ -92,8 +103,8 @@ on a node add b --api "${API[b]}" --token-file "$work/b.token" --fingerprint "$(
 
 # ---------- 1. downtime under load ----------
 downtimes=(); outages=()
-has 1 || reps=0
-for rep in $(seq "$reps"); do
+reps1=$reps; has 1 || reps1=0
+for rep in $(seq "$reps1"); do
   v="load$rep"
   on a volume create "$v" --size 1GiB >/dev/null
   fill "$v" 1024
@@ -104,7 +115,7 @@ for rep in $(seq "$reps"); do
      --stop "kill $fio_pid; while kill -0 $fio_pid 2>/dev/null; do sleep 0.005; done" >/dev/null
   on a migrate start "w$rep" --to b >/dev/null
   wait_phase "w$rep" ready 120
-  sleep 3  # steady state under the load
+  sleep "$steady"  # steady state under the load
   r=$(on a --json migrate cutover "w$rep")
   wait "$fio_pid" 2>/dev/null || true
   d=$(echo "$r" | jget '["downtime_ms"]'); o=$(echo "$r" | jget '["outage_ms"]')
@@ -183,15 +194,43 @@ for mode in on off; do
 done
 fi
 
+# ---------- 4. the replica's early writeback: what it costs the workload ----------
+declare -A WB_RUN WB_DUR
+if has 4; then
+  start_agent c "$(printf '[replication]\nreplica_writeback_bytes = 0')"
+  cp "$work/c/api.token" "$work/c.token"
+  on a node add c --api "${API[c]}" --token-file "$work/c.token" --fingerprint "$(on c node id)" >/dev/null
+  fio_iops() { # volume [extra] -> IOPS over the run
+    fio --name=b --ioengine=nbd --uri="nbd+unix:///$1?socket=${NBD[a]}" --rw=randwrite --bs=4k \
+        --iodepth=16 --size=1G --time_based --runtime="$runtime" --ramp_time=1 \
+        --output-format=json ${2:-} >"$work/fio.json"
+    python3 -c 'import json,sys; t=open(sys.argv[1]).read(); print("%.0f" % json.loads(t[t.index("{"):])["jobs"][0]["write"]["iops"])' "$work/fio.json"
+  }
+  for r in b c; do
+    on a volume create "wb$r" --size 1GiB >/dev/null
+    on a workload create "wwb$r" --volume "wb$r" >/dev/null
+    on a migrate start "wwb$r" --to "$r" >/dev/null
+    wait_phase "wwb$r" ready 120
+    fio_iops "wb$r" >/dev/null  # allocate the volume on both sides first
+  done
+  for rep in $(seq "$reps"); do
+    for r in b c; do
+      i=$(fio_iops "wb$r"); WB_RUN[$r]+="$i "
+      d=$(fio_iops "wb$r" --end_fsync=1); WB_DUR[$r]+="$d "
+      echo "writeback rep $rep, replica $r ($([[ $r == b ]] && echo default || echo off)): $i IOPS, durable $d IOPS" >&2
+    done
+  done
+fi
+
 out="bench/out/migration-$(date -u +%Y%m%dT%H%M%SZ).md"
 mkdir -p bench/out
 {
   echo "2 agents on 127.0.0.1 (TLS 1.3, sync link), $(nproc) cores, $(uname -r)"
   echo
   if has 1; then
-    echo "| cutover of 1 GiB under 20 MiB/s random writes | median of $reps | target |"
+    echo "| cutover of 1 GiB under 20 MiB/s random writes, ${steady} s at ready first | median of $reps | target |"
     echo "|---|---|---|"
-    echo "| downtime (freeze → target serving) | $down_med ms | ≤ 300 ms |"
+    echo "| downtime (freeze → target serving) | $down_med ms | ≤ 50 ms, no rep > 100 ms |"
     echo "| app-visible outage (stop hook → target started) | $out_med ms | |"
     echo
     echo "raw downtimes ms: ${downtimes[*]}"
@@ -202,6 +241,17 @@ mkdir -p bench/out
     echo "| volume (random data) | start → ready | cutover downtime | start → completed | copy rate |"
     echo "|---|---|---|---|---|"
     printf '%s\n' "${curve[@]}"
+    echo
+  fi
+  if has 4; then
+    m() { printf '%s\n' $1 | median; }
+    echo "| fio 4k randwrite QD16, sync link, migration ready (median of $reps) | IOPS (run) | durable IOPS |"
+    echo "|---|---|---|"
+    echo "| replica writeback early (default) | $(m "${WB_RUN[b]}") | $(m "${WB_DUR[b]}") |"
+    echo "| replica writeback off (replica_writeback_bytes = 0) | $(m "${WB_RUN[c]}") | $(m "${WB_DUR[c]}") |"
+    echo "| ratio default / off | $(echo "scale=3; $(m "${WB_RUN[b]}") / $(m "${WB_RUN[c]}")" | bc) | $(echo "scale=3; $(m "${WB_DUR[b]}") / $(m "${WB_DUR[c]}")" | bc) |"
+    echo
+    echo "raw IOPS default: ${WB_RUN[b]}/ durable ${WB_DUR[b]}; off: ${WB_RUN[c]}/ durable ${WB_DUR[c]}"
     echo
   fi
   has 3 || exit 0

@@ -11,8 +11,9 @@
 //!   protect a volume from requests that fall outside it.
 //!
 //! and the state machines: [`dirty`] maps, [`generation`] histories, the
-//! [`link`] replicator, the [`migration`] lifecycle, and the [`snapshot`]
-//! and overlay block maps of test cutovers.
+//! [`link`] replicator, the [`migration`] lifecycle, [`schedule`]d
+//! cutovers and maintenance windows, and the [`snapshot`] and overlay
+//! block maps of test cutovers.
 
 pub mod cluster;
 pub mod crc32c;
@@ -23,6 +24,7 @@ pub mod generation;
 pub mod link;
 pub mod migration;
 pub mod name;
+pub mod schedule;
 pub mod size;
 pub mod snapshot;
 

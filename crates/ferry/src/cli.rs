@@ -387,6 +387,16 @@ pub enum MigrateCommand {
         /// `migrate cutover`; retried up to 3 times if it aborts).
         #[arg(long)]
         auto_cutover: bool,
+        /// With --auto-cutover: only inside this maintenance window, e.g.
+        /// 'Sat,Sun 02:00-04:00 Europe/Paris' (days Mon…Sun, ranges like
+        /// Mon-Fri, or daily; an end before the start runs past midnight; an
+        /// IANA time zone or UTC). Not ready in one window: waits for the next.
+        #[arg(long, requires = "auto_cutover")]
+        window: Option<String>,
+        /// With --auto-cutover: give up after this time (RFC 3339 with its
+        /// zone, e.g. 2026-12-31T23:00:00Z).
+        #[arg(long, requires = "auto_cutover")]
+        deadline: Option<String>,
         #[command(flatten)]
         conn: AgentConn,
     },
@@ -411,6 +421,24 @@ pub enum MigrateCommand {
         /// …one after another, each after the previous target's check passed.
         #[arg(long, requires = "all")]
         one_by_one: bool,
+        /// Schedule it instead: at this time (RFC 3339 with its zone, e.g.
+        /// 2026-12-24T02:00:00Z or 2026-12-24T03:00:00+01:00). Returns at once;
+        /// `migrate status` shows it (scheduled_at, schedule). A migration not
+        /// ready then is looked at again every 5 s until the window or the
+        /// deadline ends (without either, for an hour), then it gives up.
+        #[arg(long, conflicts_with = "all")]
+        at: Option<String>,
+        /// Schedule it only inside this maintenance window (its first
+        /// occurrence at or after --at), e.g. 'Sat,Sun 02:00-04:00 Europe/Paris'.
+        #[arg(long, conflicts_with = "all")]
+        window: Option<String>,
+        /// A scheduled cutover gives up after this time (RFC 3339); alone:
+        /// try from now until then.
+        #[arg(long, conflicts_with = "all")]
+        deadline: Option<String>,
+        /// Cancel the scheduled cutover.
+        #[arg(long, conflicts_with_all = ["all", "at", "window", "deadline"])]
+        cancel: bool,
         #[command(flatten)]
         conn: AgentConn,
     },

@@ -11,6 +11,7 @@ mod export;
 mod migrate;
 mod remote;
 mod replication;
+mod schedule;
 mod share;
 mod signals;
 mod vm;

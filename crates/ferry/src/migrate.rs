@@ -444,6 +444,10 @@ pub struct MigrationRecord {
     /// An automatic cutover is under way (not persisted).
     #[serde(skip)]
     pub auto_cutover_running: bool,
+    /// A scheduled cutover (`migrate cutover --at/--window/--deadline`, or
+    /// `migrate start --auto-cutover --window`).
+    #[serde(default)]
+    pub schedule: Option<ferry_core::schedule::Schedule>,
 }
 
 /// Automatic cutovers tried per migration before it waits for an operator.
@@ -515,6 +519,19 @@ fn load_migration(ctx: &AgentCtx, path: &Path) -> Result<MigrationRecord> {
             }
             rec.save(&ctx.cfg.data_dir)?;
         }
+        if let Some(s) = rec.schedule.as_mut() {
+            // A scheduled cutover that was running: its end is the phase above.
+            if s.state == ferry_core::schedule::ScheduleState::CuttingOver {
+                s.restarted();
+                if rec.state.phase.is_final() {
+                    s.cutover_ended(
+                        crate::schedule::now_unix(),
+                        Ok("completed before the agent restarted".into()),
+                    );
+                }
+                rec.save(&ctx.cfg.data_dir)?;
+            }
+        }
         Ok(rec)
     }
 }
@@ -526,16 +543,33 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// How `ferry migrate start` runs a migration.
+pub struct StartOptions {
+    pub mode: Mode,
+    /// The background copy's limit.
+    pub max_rate: Option<u64>,
+    pub auto_converge: bool,
+    /// Cut over once ready…
+    pub auto_cutover: bool,
+    /// …only inside this window / until this deadline.
+    pub window: Option<crate::schedule::ScheduleRequest>,
+}
+
 /// `ferry migrate start`: replicate every volume of `workload` to `to`.
-pub fn start(
-    ctx: &Arc<AgentCtx>,
-    workload: &str,
-    to: &str,
-    mode: Mode,
-    max_rate: Option<u64>,
-    auto_converge: bool,
-    auto_cutover: bool,
-) -> Result<Value> {
+pub fn start(ctx: &Arc<AgentCtx>, workload: &str, to: &str, o: StartOptions) -> Result<Value> {
+    let StartOptions {
+        mode,
+        max_rate,
+        auto_converge,
+        auto_cutover,
+        window,
+    } = o;
+    // Checked before anything starts: a bad window or deadline starts nothing.
+    let schedule = match &window {
+        Some(req) if auto_cutover => Some(crate::schedule::build(ctx, req, true)?),
+        Some(_) => bail!("--window and --deadline go with --auto-cutover"),
+        None => None,
+    };
     let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
         anyhow!(
             "no workload {workload:?} on node {}: create it with `ferry workload create`",
@@ -634,7 +668,10 @@ pub fn start(
     }
     let mode = if mode == Mode::Sync { "sync" } else { "async" };
     begin_record(ctx, workload, to, mode, auto_converge, false)?;
-    set_phase(ctx, workload, |r| r.auto_cutover = auto_cutover);
+    set_phase(ctx, workload, |r| {
+        r.auto_cutover = auto_cutover;
+        r.schedule = schedule;
+    });
     sample(ctx, workload);
     status(ctx, workload)
 }
@@ -728,7 +765,9 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
             tracing::error!(workload, error = %e, "migration.record.save_failed");
         }
     }
+    // With a window, the scheduler cuts over (crate::schedule).
     let auto = rec.auto_cutover
+        && rec.schedule.is_none()
         && !rec.reverse
         && !rec.auto_cutover_running
         && rec.test.is_none()
@@ -773,6 +812,32 @@ fn primaries(
                 .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
         })
         .collect()
+}
+
+/// Makes the replicas of `vols` flush what they hold, all at once, while
+/// the workload still writes (see [`PrimaryVolume::flush_link`]): the
+/// freeze that follows then drains only what came after. Best effort: a
+/// failure is logged, and the drain inside the freeze decides.
+///
+/// [`PrimaryVolume::flush_link`]: crate::replication::primary::PrimaryVolume::flush_link
+pub(crate) fn flush_replicas(
+    vols: &[Arc<crate::replication::primary::PrimaryVolume>],
+    timeout: Duration,
+    why: &str,
+) {
+    std::thread::scope(|sc| {
+        for v in vols {
+            sc.spawn(move || match v.flush_link(timeout) {
+                Ok(Some(took)) => {
+                    tracing::debug!(volume = %v.name, why, ms = took.as_millis() as u64, "replication.link.flushed")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(volume = %v.name, why, error = %e, "replication.link.flush_failed")
+                }
+            });
+        }
+    });
 }
 
 /// The workload's shares, each a primary on this node.
@@ -853,6 +918,8 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "test": rec.test,
         "auto_cutover": rec.auto_cutover,
         "auto_cutover_attempts": rec.auto_cutover_attempts,
+        "scheduled_at": rec.schedule.as_ref().and_then(crate::schedule::scheduled_at),
+        "schedule": rec.schedule.as_ref().map(crate::schedule::to_json),
     }))
 }
 
@@ -980,6 +1047,13 @@ pub fn cutover_with(
         }
     }
     step(&mut steps, "prehashed");
+    // The replicas write back what they hold now, so the flush that ends
+    // the drain inside the freeze has little left: once here, and once
+    // more after the stop hook (a database's shutdown checkpoint writes a
+    // lot).
+    let drain_timeout = Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
+    flush_replicas(&vols, drain_timeout, "before the stop hook");
+    step(&mut steps, "preflushed");
     // The application-visible outage starts here, with the stop hook.
     let stop_at = Instant::now();
     if let Some(h) = workload_hook(ctx, &spec, "stop", "source") {
@@ -996,6 +1070,8 @@ pub fn cutover_with(
         }
     }
     step(&mut steps, "stopped");
+    flush_replicas(&vols, drain_timeout, "after the stop hook");
+    step(&mut steps, "flushed");
     let frozen_at = Instant::now();
     for v in &vols {
         v.freeze();
@@ -1004,7 +1080,6 @@ pub fn cutover_with(
         s.freeze();
     }
     step(&mut steps, "frozen");
-    let drain_timeout = Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
     for v in &vols {
         if let Err(e) = v.drain(drain_timeout) {
             return Err(abort(format!("volume {}: {e}", v.name), true, &mut hooks));
@@ -1354,6 +1429,7 @@ fn begin_record(
         auto_cutover: false,
         auto_cutover_attempts: 0,
         auto_cutover_running: false,
+        schedule: None,
     };
     rec.save(&ctx.cfg.data_dir)?;
     ctx.migrations().insert(workload.to_string(), rec);

@@ -588,6 +588,28 @@ fn human_migration(v: &Value) -> String {
     if let Some(r) = v["reason"].as_str() {
         line.push_str(&format!("\n  reason: {r}"));
     }
+    let s = &v["schedule"];
+    if s.is_object() {
+        line.push_str(&format!(
+            "\n  scheduled cutover: {}",
+            s["state"].as_str().unwrap_or("?")
+        ));
+        if let Some(at) = v["scheduled_at"].as_str() {
+            line.push_str(&format!(" at {at}"));
+        }
+        if let Some(w) = s["window"].as_str() {
+            line.push_str(&format!(", inside {w}"));
+        }
+        if let Some(d) = s["deadline"].as_str() {
+            line.push_str(&format!(", until {d}"));
+        }
+        if let Some(o) = s["last_outcome"].as_str() {
+            line.push_str(&format!("; last attempt: {o}"));
+        }
+        if let Some(r) = s["reason"].as_str() {
+            line.push_str(&format!("; gave up: {r}"));
+        }
+    }
     line
 }
 
@@ -600,6 +622,8 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
             max_rate,
             auto_converge,
             auto_cutover,
+            window,
+            deadline,
             conn,
         } => {
             let v = client(conn, data_dir)?.post(
@@ -611,6 +635,8 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                     "max_rate_bytes_per_s": max_rate.map(|r| r.0),
                     "auto_converge": auto_converge,
                     "auto_cutover": auto_cutover,
+                    "window": window,
+                    "deadline": deadline,
                 }),
             )?;
             print(&v, json, |v| println!("migrating {}", human_migration(v)))
@@ -721,6 +747,45 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                 &json!({"max_rate_bytes_per_s": max_rate.0}),
             )?;
             print(&v, json, |v| println!("{}", human_migration(v)))
+        }
+        MigrateCommand::Cutover {
+            name: Some(name),
+            cancel: true,
+            conn,
+            ..
+        } => {
+            let v =
+                client(conn, data_dir)?.delete(&format!("/api/v1/migrations/{name}/schedule"))?;
+            print(&v, json, |_| {
+                println!("the scheduled cutover of {name} is cancelled")
+            })
+        }
+        MigrateCommand::Cutover {
+            name: Some(name),
+            at,
+            window,
+            deadline,
+            conn,
+            ..
+        } if at.is_some() || window.is_some() || deadline.is_some() => {
+            let v = client(conn, data_dir)?.post(
+                &format!("/api/v1/migrations/{name}/schedule"),
+                &json!({"at": at, "window": window, "deadline": deadline}),
+            )?;
+            print(&v, json, |v| {
+                let s = &v["schedule"];
+                let mut line = format!(
+                    "cutover of {name} scheduled at {}",
+                    v["scheduled_at"].as_str().unwrap_or("?")
+                );
+                if let Some(w) = s["window"].as_str() {
+                    line += &format!(", inside {w}");
+                }
+                if let Some(d) = s["deadline"].as_str() {
+                    line += &format!(", giving up after {d}");
+                }
+                println!("{line}; `ferry migrate status {name}` follows it, `ferry migrate cutover {name} --cancel` cancels it");
+            })
         }
         MigrateCommand::Cutover {
             name: None, conn, ..

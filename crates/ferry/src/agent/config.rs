@@ -18,6 +18,8 @@
 //! link_flush_interval_ms = 30000
 //! link_flush_bytes = 4294967296        # of distinct unconfirmed blocks
 //! link_unconfirmed_blocks_max = 131072 # a link flush is sent at half of it
+//! replica_writeback_bytes = 4194304    # the replica starts writeback this often (bytes; 0 = off)…
+//! replica_writeback_interval_ms = 500  # …and this long after a write (keeps a cutover's last flush short)
 //! leaf_refresh_bytes_per_s = 1073741824 # background Merkle-leaf hashing of written blocks
 //! leaf_scrub_bytes_per_s = 33554432    # background read-back of clean leaves
 //!
@@ -25,6 +27,8 @@
 //! migrations_max = 4                   # workloads migrating at once
 //! cutover_drain_timeout_ms = 30000     # a cutover aborts if the links do not drain by then
 //! async_share_ready_lag_ms = 1000      # async share changes this recent still count as caught up
+//! scheduled_cutover_retry_ms = 5000    # a scheduled cutover finding the migration not ready looks again after
+//! scheduled_cutover_grace_ms = 3600000 # `--at` alone: gives up this long after the time
 //!
 //! [nbd]                                # all optional; defaults shown
 //! socket_path = "DATA_DIR/run/nbd.sock" # always served; its directory only the agent's user may enter
@@ -222,6 +226,12 @@ pub struct MigrationSettings {
     /// (an application that keeps writing never leaves nothing pending; the
     /// cutover sends the rest once its stop hook has run).
     pub async_share_ready_lag_ms: u64,
+    /// A scheduled cutover that finds the migration not ready (or whose
+    /// cutover aborted) tries again this long after.
+    pub scheduled_cutover_retry_ms: u64,
+    /// A cutover scheduled `--at` a time, with neither `--window` nor
+    /// `--deadline`, gives up this long after that time.
+    pub scheduled_cutover_grace_ms: u64,
 }
 
 impl Default for MigrationSettings {
@@ -230,6 +240,8 @@ impl Default for MigrationSettings {
             migrations_max: 4,
             cutover_drain_timeout_ms: 30_000,
             async_share_ready_lag_ms: 1_000,
+            scheduled_cutover_retry_ms: 5_000,
+            scheduled_cutover_grace_ms: 3_600_000,
         }
     }
 }
@@ -369,6 +381,15 @@ pub struct ReplicationSettings {
     /// that much. Each is an `fdatasync` on the replica.
     pub link_flush_interval_ms: u64,
     pub link_flush_bytes: u64,
+    /// The replica starts writeback (`sync_file_range`, not a flush) of the
+    /// writes it applied every this many bytes, and at most this long after
+    /// one was applied, so a cutover's or switchover's final link flush
+    /// finds little to write inside the downtime whatever
+    /// `link_flush_interval_ms` is. 0 bytes = off (then up to
+    /// `link_flush_interval_ms` of writes are written back inside it);
+    /// 0 ms = by bytes only.
+    pub replica_writeback_bytes: u64,
+    pub replica_writeback_interval_ms: u64,
     /// Distinct blocks (of `granularity_bytes`) written and not yet confirmed
     /// durable on the replica that the primary keeps track of; at half of it
     /// a link flush is sent. Bounds the link's memory (~50 B per block).
@@ -403,6 +424,8 @@ impl Default for ReplicationSettings {
             al_extents_max: 256,
             link_flush_interval_ms: 30_000,
             link_flush_bytes: 4 * 1024 * 1024 * 1024,
+            replica_writeback_bytes: 4 * 1024 * 1024,
+            replica_writeback_interval_ms: 500,
             link_unconfirmed_blocks_max: 131_072,
             leaf_refresh_bytes_per_s: 1024 * 1024 * 1024,
             leaf_scrub_bytes_per_s: 32 * 1024 * 1024,

@@ -1272,6 +1272,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             .spawn(move || leaf_hasher(&ctx))?;
     }
     crate::cluster::spawn(ctx.clone())?;
+    crate::schedule::spawn(ctx.clone())?;
     rt.spawn(crate::api::server::serve(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
     tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint(),

@@ -149,6 +149,8 @@ pub fn routes() -> Vec<Route> {
         route!(PATCH "/api/v1/migrations/{name}" => set_migration),
         route!(POST "/api/v1/migrations-cutover-all" => cutover_all),
         route!(POST "/api/v1/migrations/{name}/cutover" => cutover),
+        route!(POST "/api/v1/migrations/{name}/schedule" => schedule_cutover),
+        route!(DELETE "/api/v1/migrations/{name}/schedule" => cancel_cutover),
         route!(POST "/api/v1/migrations/{name}/reverse" => reverse_migration),
         route!(POST "/api/v1/migrations/{name}/rollback" => rollback),
         route!(POST "/api/v1/migrations/{name}/finalize" => finalize),
@@ -1079,19 +1081,32 @@ struct StartMigration {
     auto_converge: bool,
     #[serde(default)]
     auto_cutover: bool,
+    /// With `auto_cutover`: only inside this maintenance window…
+    window: Option<String>,
+    /// …and not after this (RFC 3339).
+    deadline: Option<String>,
 }
 
 async fn start_migration(State(ctx): Ctx, Json(r): Json<StartMigration>) -> ApiResult {
     let mode = parse_mode(r.mode.as_deref())?;
+    let window =
+        (r.window.is_some() || r.deadline.is_some()).then(|| crate::schedule::ScheduleRequest {
+            at: None,
+            window: r.window.clone(),
+            deadline: r.deadline.clone(),
+        });
     blocking(move || {
         crate::migrate::start(
             &ctx,
             &r.workload,
             &r.to,
-            mode,
-            r.max_rate_bytes_per_s,
-            r.auto_converge,
-            r.auto_cutover,
+            crate::migrate::StartOptions {
+                mode,
+                max_rate: r.max_rate_bytes_per_s,
+                auto_converge: r.auto_converge,
+                auto_cutover: r.auto_cutover,
+                window,
+            },
         )
     })
     .await
@@ -1214,6 +1229,23 @@ async fn cutover(
     Json(r): Json<CutoverReq>,
 ) -> ApiResult {
     blocking(move || crate::migrate::cutover_with(&ctx, &name, r.reverse_on_failure))
+        .await
+        .map(Json)
+}
+
+/// Schedules a cutover (`--at`, `--window`, `--deadline`).
+async fn schedule_cutover(
+    State(ctx): Ctx,
+    Path(name): Path<String>,
+    Json(r): Json<crate::schedule::ScheduleRequest>,
+) -> ApiResult {
+    blocking(move || crate::schedule::set(&ctx, &name, &r))
+        .await
+        .map(Json)
+}
+
+async fn cancel_cutover(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
+    blocking(move || crate::schedule::cancel(&ctx, &name))
         .await
         .map(Json)
 }

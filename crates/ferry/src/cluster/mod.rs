@@ -1662,6 +1662,13 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     for s in &shares {
         let _ = crate::share::digest_both(ctx, &client, &s.name);
     }
+    // The replicas write back what they hold while writes still flow: the
+    // flush that ends the drain inside the freeze has little left.
+    crate::migrate::flush_replicas(
+        &vols,
+        Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms),
+        "before a switchover",
+    );
     let started = Instant::now();
     for v in &vols {
         v.freeze();

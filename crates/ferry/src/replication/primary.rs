@@ -865,6 +865,50 @@ impl PrimaryVolume {
         }
     }
 
+    /// Before a cutover's or switchover's freeze, with writes still flowing:
+    /// asks the replica to make everything it has durable and waits for it
+    /// (at most `timeout`), so the flush that ends the drain inside the
+    /// freeze has only what was written since. Not a guarantee of anything:
+    /// the drain's own flush is; a link that is not streaming is skipped.
+    /// Returns how long the replica took, if it flushed.
+    pub fn flush_link(&self, timeout: Duration) -> Result<Option<Duration>, String> {
+        let started = Instant::now();
+        let now = self.now_ms();
+        let mut l = self.link.lock();
+        if l.rep.phase() != ferry_core::link::Phase::Streaming {
+            return Ok(None);
+        }
+        let seq = self.queue_flush(&mut l, now, None)?;
+        let epoch = l.rep.epoch();
+        drop(l);
+        self.link.pump();
+        let deadline = started + timeout;
+        let mut l = self.link.lock();
+        loop {
+            if l.rep.epoch() != epoch {
+                return Err(l
+                    .stats
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "the link dropped while flushing".into()));
+            }
+            if l.rep.is_durable(epoch, seq) {
+                return Ok(Some(started.elapsed()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the replica did not flush within {} ms",
+                    timeout.as_millis()
+                ));
+            }
+            l.waiters.push((seq, true, std::thread::current()));
+            drop(l);
+            // wake_acked unparks us; the timeout bounds the wait.
+            std::thread::park_timeout(Duration::from_millis(20));
+            l = self.link.lock();
+        }
+    }
+
     /// Queues a link flush (with `snapshot`, one that takes the replica's
     /// armed snapshot); returns its sequence number.
     fn queue_flush(

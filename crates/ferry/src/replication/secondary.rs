@@ -309,7 +309,11 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::agent::conns::ConnSlot) 
         ctl: control.try_clone()?,
     };
     let vols: Vec<Arc<SecondaryVolume>> = members.iter().map(|m| m.vol.clone()).collect();
-    let result = apply_stream(sock, &wire, leftover, &vols, max);
+    let writeback = Writeback {
+        bytes: ctx.cfg.replication.replica_writeback_bytes,
+        interval: Duration::from_millis(ctx.cfg.replication.replica_writeback_interval_ms),
+    };
+    let result = apply_stream(sock, &wire, leftover, &vols, max, writeback);
     if let Err(e) = &result {
         let msg = format!("{e:#}");
         for v in &vols {
@@ -438,8 +442,46 @@ struct FlushState {
     /// Resync bytes applied since writeback was last started; past
     /// [`WRITEBACK_KICK_BYTES`] the flusher starts it (see [`flusher`]).
     copied: u64,
+    /// Bytes of writes applied (through the page cache) since writeback was
+    /// last started: past `Writeback::bytes`, or older than
+    /// `Writeback::interval`, the flusher starts it.
+    written: u64,
+    writeback: Writeback,
     kick: bool,
     closed: bool,
+}
+
+/// When the replica starts writeback of what it applied, so that the link
+/// flush a cutover or switchover ends its drain with (inside the downtime)
+/// finds little left to write, however long the primary waits between
+/// flushes (`link_flush_interval_ms`). `sync_file_range(WRITE)` only: no
+/// durability point, no extra `fdatasync`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Writeback {
+    /// `replication.replica_writeback_bytes`; 0 = off.
+    pub bytes: u64,
+    /// `replication.replica_writeback_interval_ms`.
+    pub interval: Duration,
+}
+
+impl FlushState {
+    /// Counts `len` bytes of writes applied; wakes the flusher when enough
+    /// piled up to start their writeback.
+    fn wrote(&mut self, len: u64, cv: &std::sync::Condvar) {
+        if self.writeback.bytes == 0 {
+            return;
+        }
+        let was = self.written;
+        self.written += len;
+        if self.written >= self.writeback.bytes {
+            self.written = 0;
+            self.kick = true;
+            cv.notify_all();
+        } else if was == 0 {
+            // The first since the last kick: the flusher's timer starts.
+            cv.notify_all();
+        }
+    }
 }
 
 /// A resync's copies start writeback on the replica every this many bytes,
@@ -460,6 +502,8 @@ fn flusher(
     wire: &ServerWire,
     state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
+    // When the oldest write not yet written back was applied (about).
+    let mut written_since = std::time::Instant::now();
     loop {
         let pending: Vec<(usize, u64, Option<u64>)> = {
             let mut st = state.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -471,7 +515,9 @@ fn flusher(
                     .filter_map(|(i, p)| p.take().map(|(seq, up)| (i, seq, up)))
                     .collect();
                 if !p.is_empty() {
+                    // The flush writes back everything applied so far.
                     st.kick = false;
+                    st.written = 0;
                     break p;
                 }
                 if st.closed {
@@ -480,11 +526,27 @@ fn flusher(
                 if std::mem::take(&mut st.kick) {
                     break p;
                 }
-                st = state.1.wait(st).unwrap_or_else(|p| p.into_inner());
+                if st.written == 0 || st.writeback.interval.is_zero() {
+                    st = state.1.wait(st).unwrap_or_else(|p| p.into_inner());
+                    written_since = std::time::Instant::now();
+                    continue;
+                }
+                let due = written_since + st.writeback.interval;
+                let now = std::time::Instant::now();
+                if now >= due {
+                    st.written = 0;
+                    break p;
+                }
+                st = state
+                    .1
+                    .wait_timeout(st, due - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         };
         if pending.is_empty() {
             // Only a writeback kick: best effort, a failure shows at the flush.
+            written_since = std::time::Instant::now();
             for v in vols {
                 if let Err(e) = v.dev.start_writeback() {
                     tracing::debug!(volume = %v.name, error = %e, "replication.replica.writeback_failed");
@@ -493,6 +555,7 @@ fn flusher(
             continue;
         }
         let started = std::time::Instant::now();
+        written_since = started;
         for v in vols {
             v.dev
                 .flush()
@@ -590,6 +653,7 @@ fn apply_stream(
     leftover: Vec<u8>,
     vols: &[Arc<SecondaryVolume>],
     max: u32,
+    writeback: Writeback,
 ) -> Result<()> {
     for vol in vols {
         vol.received_seq.store(0, Ordering::SeqCst);
@@ -598,6 +662,7 @@ fn apply_stream(
     let state = (
         Mutex::new(FlushState {
             pending: vec![None; vols.len()],
+            writeback,
             ..FlushState::default()
         }),
         std::sync::Condvar::new(),
@@ -880,6 +945,11 @@ fn apply_one(
             wrote.with_context(|| format!("writing {} bytes at {}", payload.len(), hdr.offset))?;
             vol.bytes_applied
                 .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            state
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .wrote(payload.len() as u64, &state.1);
         }
         Kind::Zero => {
             let len =
