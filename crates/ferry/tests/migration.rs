@@ -1332,3 +1332,264 @@ fn a_workload_with_an_async_share_migrates_with_every_change_its_stop_hook_waite
     );
     assert_eq!(in_mounts(&a, &format!("cat {s}/from-nobody")), "nobody\n");
 }
+
+/// Unix seconds now.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Unix seconds as RFC 3339 UTC, by `date` (another implementation than
+/// the agent's).
+fn rfc3339(secs: i64) -> String {
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Polls until the migration of `w` at `a` is completed; returns the Unix
+/// time (fractional) it was first seen so.
+fn completed_at(a: &Agent, w: &str, secs: u64) -> f64 {
+    let mut seen = 0.0;
+    wait_until(secs, &format!("the scheduled cutover of {w}"), || {
+        let done = phase(a, w) == "completed";
+        if done {
+            seen = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64();
+        }
+        done
+    });
+    seen
+}
+
+#[test]
+fn a_scheduled_cutover_happens_at_its_time_and_survives_a_restart() {
+    require("qemu-io");
+    let (_root, mut a, b) = two_agents("");
+    for (v, w) in [("app", "web"), ("data", "db")] {
+        a.ok(&["volume", "create", v, "--size", "16MiB"]);
+        qemu_io(&a.uri(v), &["write -P 0x5a 0 4M"]);
+        a.ok(&["workload", "create", w, "--volume", v]);
+        migrate_until_ready(&a, w);
+    }
+    // Bad times are refused with what to write instead; nothing is scheduled.
+    for (args, says) in [
+        (vec!["--at", "2026-12-24T02:00:00"], "RFC 3339"),
+        (vec!["--at", "tomorrow"], "RFC 3339"),
+        (vec!["--at", "2000-01-01T00:00:00Z"], "in the past"),
+        (vec!["--window", "Sat 02:00-04:00"], "DAYS HH:MM-HH:MM ZONE"),
+        (
+            vec!["--window", "Sat 02:00-04:00 Mars/Olympus"],
+            "unknown time zone",
+        ),
+        (
+            vec!["--window", "Sat 02:00-04:00 ../../etc/passwd"],
+            "DAYS HH:MM-HH:MM ZONE",
+        ),
+    ] {
+        let mut full = vec!["migrate", "cutover", "web"];
+        full.extend(args.iter().copied());
+        let out = a.cli().args(&full).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{full:?}: {err}"
+        );
+    }
+    assert!(a.json(&["migrate", "status", "web"])["schedule"].is_null());
+    // A schedule far ahead can be cancelled.
+    let far = rfc3339(unix_now() + 86_400);
+    a.ok(&["migrate", "cutover", "web", "--at", &far]);
+    assert_eq!(
+        a.json(&["migrate", "status", "web"])["scheduled_at"],
+        far.as_str()
+    );
+    a.ok(&["migrate", "cutover", "web", "--cancel"]);
+    assert!(a.json(&["migrate", "status", "web"])["schedule"].is_null());
+
+    // 3 s ahead: it returns at once, and the cutover happens then.
+    let t = unix_now() + 3;
+    let at = rfc3339(t);
+    let began = std::time::Instant::now();
+    let v = a.json(&["migrate", "cutover", "web", "--at", &at]);
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "scheduling blocked"
+    );
+    assert_eq!(v["scheduled_at"], at.as_str(), "{v}");
+    let st = a.json(&["migrate", "status", "web"]);
+    assert_eq!(
+        (&st["scheduled_at"], &st["schedule"]["state"], &st["phase"]),
+        (&at.as_str().into(), &"pending".into(), &"ready".into()),
+        "{st}"
+    );
+    let done = completed_at(&a, "web", 30);
+    assert!(
+        (t as f64 - 1.0..=t as f64 + 1.0).contains(&done),
+        "scheduled at {t}, completed at {done:.3}"
+    );
+    let st = a.json(&["migrate", "status", "web"]);
+    assert_eq!(st["schedule"]["state"], "done", "{st}");
+    assert_eq!(st["schedule"]["last_attempt_at"], at.as_str(), "{st}");
+    assert!(st["scheduled_at"].is_null(), "{st}");
+    assert_eq!(st["last_cutover"]["to"], "b", "{st}");
+    assert!(
+        st["last_cutover"]["downtime_ms"].as_f64().unwrap() > 0.0,
+        "{st}"
+    );
+    let steps: Vec<&str> = st["last_cutover"]["steps_us"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &steps[..6],
+        [
+            "prehashed",
+            "preflushed",
+            "stopped",
+            "flushed",
+            "frozen",
+            "drained"
+        ],
+        "{st}"
+    );
+    qemu_io(&b.uri("app"), &["read -P 0x5a 0 4M"]);
+    let log = a.log_text();
+    assert!(
+        log.contains("migration.schedule.attempt")
+            && log.contains("migration.schedule.cutover_done"),
+        "{log}"
+    );
+
+    // A restart between scheduling and the time keeps the schedule.
+    let t = unix_now() + 8;
+    let at = rfc3339(t);
+    a.ok(&["migrate", "cutover", "db", "--at", &at]);
+    a.stop();
+    a.spawn();
+    let st = a.json(&["migrate", "status", "db"]);
+    assert_eq!(
+        (&st["scheduled_at"], &st["schedule"]["state"]),
+        (&at.as_str().into(), &"pending".into()),
+        "{st}"
+    );
+    // It is ready again once its link is back, then cuts over at its time
+    // (or at the next look, 5 s later, if the link took longer).
+    let done = completed_at(&a, "db", 60);
+    assert!(done >= t as f64, "cut over before its time: {done} < {t}");
+    let st = a.json(&["migrate", "status", "db"]);
+    assert_eq!(st["schedule"]["state"], "done", "{st}");
+    assert_eq!(st["last_cutover"]["to"], "b", "{st}");
+    qemu_io(&b.uri("data"), &["read -P 0x5a 0 4M"]);
+}
+
+/// The current UTC weekday (Mon…Sun) and minute of the day, by `date`.
+fn utc_day_minute() -> (String, u32) {
+    let out = Command::new("date")
+        .args(["-u", "+%a %H %M %S"])
+        .output()
+        .unwrap();
+    let s = String::from_utf8(out.stdout).unwrap();
+    let f: Vec<&str> = s.split_whitespace().collect();
+    let (h, m): (u32, u32) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+    (f[0].to_string(), h * 60 + m)
+}
+
+#[test]
+fn a_window_that_closes_before_the_migration_is_ready_ends_with_the_reason() {
+    require("qemu-io");
+    let (_root, a, mut b) = two_agents("");
+    a.ok(&["volume", "create", "app", "--size", "16MiB"]);
+    qemu_io(&a.uri("app"), &["write -P 0x5a 0 4M"]);
+    a.ok(&["workload", "create", "web", "--volume", "app"]);
+    migrate_until_ready(&a, "web");
+    // The target goes away: the migration is no longer ready.
+    b.stop();
+    wait_until(30, "the migration notices", || phase(&a, "web") != "ready");
+    // A window open now that closes at the end of this minute (at least
+    // 8 s of it left).
+    let sec = || unix_now() % 60;
+    while sec() > 52 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (day, minute) = utc_day_minute();
+    let window = format!(
+        "{day} {:02}:{:02}-{:02}:{:02} UTC",
+        minute / 60,
+        minute % 60,
+        (minute + 1) / 60,
+        (minute + 1) % 60
+    );
+    let v = a.json(&["migrate", "cutover", "web", "--window", &window]);
+    assert_eq!(v["schedule"]["window"], window.as_str(), "{v}");
+    wait_until(90, "the schedule gives up", || {
+        a.json(&["migrate", "status", "web"])["schedule"]["state"] == "gave-up"
+    });
+    let st = a.json(&["migrate", "status", "web"]);
+    let reason = st["schedule"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "the window {window} closed before a cutover succeeded"
+        )) && reason.contains("not ready"),
+        "{st}"
+    );
+    assert!(st["schedule"]["attempts"].as_u64().unwrap() >= 1, "{st}");
+    assert_ne!(st["phase"], "completed", "{st}");
+    let log = a.log_text();
+    assert!(
+        log.contains("migration.schedule.attempt")
+            && log.contains("not-ready")
+            && log.contains("migration.schedule.gave_up"),
+        "{log}"
+    );
+
+    // `migrate start --auto-cutover --window`: only inside the window.
+    b.spawn();
+    wait_until(60, "ready again", || phase(&a, "web") == "ready");
+    a.ok(&["volume", "create", "logs", "--size", "16MiB"]);
+    a.ok(&["workload", "create", "logger", "--volume", "logs"]);
+    // A window on another day than today (UTC): not now.
+    let other = if day == "Mon" { "Tue" } else { "Mon" };
+    let shut = format!("{other} 00:00-24:00 UTC");
+    let st = a.json(&[
+        "migrate",
+        "start",
+        "logger",
+        "--to",
+        "b",
+        "--auto-cutover",
+        "--window",
+        &shut,
+    ]);
+    assert_eq!(st["schedule"]["recurring"], true, "{st}");
+    wait_until(60, "logger ready", || phase(&a, "logger") == "ready");
+    std::thread::sleep(Duration::from_secs(2));
+    let st = a.json(&["migrate", "status", "logger"]);
+    assert_eq!(
+        (&st["phase"], &st["schedule"]["state"]),
+        (&"ready".into(), &"pending".into()),
+        "cut over outside its window: {st}"
+    );
+    assert!(
+        st["scheduled_at"].as_str().unwrap().ends_with("T00:00:00Z"),
+        "{st}"
+    );
+    // A new schedule replaces the one that gave up.
+    a.ok(&[
+        "migrate",
+        "cutover",
+        "web",
+        "--window",
+        "daily 00:00-24:00 UTC",
+    ]);
+    completed_at(&a, "web", 30);
+    qemu_io(&b.uri("app"), &["read -P 0x5a 0 4M"]);
+}
