@@ -103,6 +103,29 @@ pub enum TokenCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
+    /// Make a named token for this node: viewer reads; operator also runs
+    /// migrations, cutovers, switchovers; admin also changes hooks, VM specs,
+    /// workloads, nodes, tokens and may delete, force or resolve. Printed
+    /// once (keep it in a 0600 file for --token-file); the node keeps only
+    /// its hash. Valid on this node only.
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// The node's tokens: name, role, created (never the secret).
+    List {
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Revoke a named token: it stops working at once.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
 }
 
 #[derive(Debug, Subcommand)]

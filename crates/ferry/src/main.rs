@@ -119,16 +119,17 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Api(cli::ApiCommand::Routes) => {
             let routes: Vec<serde_json::Value> = api::server::routes()
                 .into_iter()
-                .map(|(m, path, _)| serde_json::json!({"method": m.as_str(), "path": path, "auth": "token"}))
+                .map(|(m, path, need, _)| serde_json::json!({"method": m.as_str(), "path": path, "need": need.as_str()}))
                 .collect();
             if json {
                 print_json(&routes)
             } else {
                 for r in &routes {
                     println!(
-                        "{:<7} {}",
+                        "{:<7} {:<60} {}",
                         r["method"].as_str().unwrap_or(""),
-                        r["path"].as_str().unwrap_or("")
+                        r["path"].as_str().unwrap_or(""),
+                        r["need"].as_str().unwrap_or("")
                     );
                 }
                 println!("{:<7} /metrics (no token)", "GET");

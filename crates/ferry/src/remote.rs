@@ -90,6 +90,40 @@ pub fn token_cmd(cmd: &crate::cli::TokenCommand, data_dir: &Path, json: bool) ->
                 )
             })
         }
+        crate::cli::TokenCommand::Create { name, role, conn } => {
+            let v = client(conn, data_dir)?
+                .post("/api/v1/tokens", &json!({"name": name, "role": role}))?;
+            print(&v, json, |v| {
+                println!("{}", v["token"].as_str().unwrap_or(""));
+                eprintln!(
+                    "token {name} ({role}) made on {}: the line above is shown only now; it is valid on this node only",
+                    v["node"].as_str().unwrap_or("?")
+                );
+            })
+        }
+        crate::cli::TokenCommand::List { conn } => {
+            let v = client(conn, data_dir)?.get("/api/v1/tokens")?;
+            print(&v, json, |v| {
+                for t in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<9} {}",
+                        t["name"].as_str().unwrap_or("?"),
+                        t["role"].as_str().unwrap_or("?"),
+                        t["created_unix"]
+                            .as_u64()
+                            .map_or("(the api.token file)".to_string(), |c| format!(
+                                "created {c}"
+                            ))
+                    );
+                }
+            })
+        }
+        crate::cli::TokenCommand::Revoke { name, conn } => {
+            let v = client(conn, data_dir)?.delete(&format!("/api/v1/tokens/{name}"))?;
+            print(&v, json, |_| {
+                println!("token {name} revoked: it no longer works")
+            })
+        }
     }
 }
 

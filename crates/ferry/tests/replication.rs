@@ -482,7 +482,7 @@ fn checksum_resync_sends_only_blocks_that_differ_from_an_old_copy() {
         .to_string();
     // B already holds an old copy of the volume (same identity, e.g. restored
     // from a backup): make the replica as a primary would, and fill it.
-    let api = common::agent::Agent::api_client(&b);
+    let api = common::agent::Agent::api_client(&b, &a);
     api(&format!(
         "{{\"volume\":\"vol\",\"volume_id\":\"{id}\",\"size_bytes\":{},\"primary\":\"a\"}}",
         64u64 << 20

@@ -603,3 +603,170 @@ fn token_rotation_and_rekey_take_effect_at_once() {
     a.ok(&["replicate", "wait", "vol", "--timeout", "60s"]);
     assert_eq!(a.json(&["volume", "verify", "vol"])["equal"], true);
 }
+
+/// The route table with the least role each route states
+/// (`ferry api routes --json`: method, path, need).
+fn routes_with_needs(a: &Agent) -> Vec<(String, String, String)> {
+    let v: Value = a.json(&["api", "routes"]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().to_string(),
+                r["path"].as_str().unwrap().to_string(),
+                r["need"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `method path` with `token` and, unless GET/DELETE, a malformed JSON body
+/// (so that an allowed call stops at its body, before it acts): the status.
+fn status_malformed(api: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let body = (method != "GET" && method != "DELETE").then_some("{");
+    common::https_request(api, method, path, token, body)
+}
+
+/// Issue 19: named tokens with roles. Walk the route table: every route
+/// states the least role it needs; a token below it gets 403 naming both,
+/// a token with exactly it gets past the check; peer-internal routes refuse
+/// every token, even an admin's, and take a paired node's certificate.
+#[test]
+fn every_route_enforces_the_least_role_it_states() {
+    common::require("curl");
+    let (_root, a, b) = common::agent::two_agents("ferry-roles-", "");
+    let rank = |r: &str| ["viewer", "operator", "admin"].iter().position(|x| *x == r);
+    let mut tokens = Vec::new();
+    for role in ["viewer", "operator", "admin"] {
+        let name = format!("t-{role}");
+        let out = a.ok(&["token", "create", &name, "--role", role]);
+        let token = out.trim().to_string();
+        assert!(token.starts_with(&format!("{name}.")), "{out}");
+        tokens.push((role, token));
+    }
+    // Shown once: the list and the file hold no secret.
+    let list = a.json(&["token", "list"]);
+    let text = list.to_string() + &std::fs::read_to_string(a.dir.join("tokens.json")).unwrap();
+    for (_, t) in &tokens {
+        assert!(!text.contains(t.rsplit_once('.').unwrap().1), "{text}");
+    }
+    assert_eq!(list[0]["name"], "api.token", "{list}");
+    assert_eq!(list[1]["role"], "viewer", "{list}");
+
+    // A paired node's certificate passes a peer-internal route; tokens do not.
+    let peer_route = "/api/v1/volumes/nosuch/inconsistent";
+    let (code, body) =
+        common::https_request_as(&b.api, "POST", peer_route, Some(&a.dir), None, Some("{"));
+    assert!(code != 401 && code != 403, "{code} {body}");
+    let (code, body) = status_malformed(&b.api, "POST", peer_route, Some(&b.token()));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("peer-internal"), "{body}");
+
+    let table = routes_with_needs(&a);
+    assert!(table.len() > 40, "{table:?}");
+    let mut checked = 0;
+    for (method, path, need) in &table {
+        let path = path.replace("{name}", "nosuch").replace("{which}", "start");
+        assert_eq!(
+            status_malformed(&a.api, method, &path, None).0,
+            401,
+            "{method} {path}"
+        );
+        for (role, token) in &tokens {
+            let (code, body) = status_malformed(&a.api, method, &path, Some(token));
+            match rank(need) {
+                None => {
+                    assert_eq!(need, "peer", "{method} {path}: unknown need");
+                    assert_eq!(code, 403, "{method} {path} with {role}: {body}");
+                }
+                Some(n) if rank(role).unwrap() < n => {
+                    assert_eq!(code, 403, "{method} {path} ({need}) with {role}: {body}");
+                    assert!(
+                        body.contains(&format!("is {role}; this needs {need}")),
+                        "{body}"
+                    );
+                }
+                Some(n) if rank(role).unwrap() == n => {
+                    assert!(
+                        code != 401 && code != 403,
+                        "{method} {path} ({need}) with {role}: {code} {body}"
+                    );
+                    checked += 1;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    assert!(checked > 30, "{checked}");
+    // The actions that can lose data or run code as root are admin's, and
+    // the handover's inner steps are a peer's.
+    let need_of = |m: &str, p: &str| {
+        table
+            .iter()
+            .find(|(mm, pp, _)| mm == m && pp == p)
+            .map(|r| r.2.clone())
+            .unwrap_or_else(|| panic!("{m} {p} not in the table"))
+    };
+    for (m, p) in [
+        ("POST", "/api/v1/cluster/workloads/{name}/promote"),
+        (
+            "POST",
+            "/api/v1/cluster/workloads/{name}/resolve-split-brain",
+        ),
+        ("POST", "/api/v1/cluster/workloads/{name}/drop-copy"),
+        ("DELETE", "/api/v1/volumes/{name}"),
+        ("POST", "/api/v1/shares"),
+        ("PUT", "/api/v1/workloads/{name}"),
+        ("POST", "/api/v1/tokens"),
+        ("POST", "/api/v1/nodes"),
+    ] {
+        assert_eq!(need_of(m, p), "admin", "{m} {p}");
+    }
+    for (m, p) in [
+        ("POST", "/api/v1/volumes/{name}/promote"),
+        ("POST", "/api/v1/workloads/{name}/takeover"),
+        ("POST", "/api/v1/volumes/{name}/inconsistent"),
+        ("POST", "/api/v1/volumes/{name}/snapshot"),
+        ("POST", "/api/v1/replicas"),
+    ] {
+        assert_eq!(need_of(m, p), "peer", "{m} {p}");
+    }
+    assert_eq!(
+        need_of("POST", "/api/v1/migrations/{name}/cutover"),
+        "operator"
+    );
+    assert_eq!(need_of("GET", "/api/v1/migrations"), "viewer");
+
+    // Revoked, a token stops working at once; a viewer cannot make tokens.
+    let viewer = &tokens[0].1;
+    let (code, _) = common::https_request(
+        &a.api,
+        "POST",
+        "/api/v1/tokens",
+        Some(viewer),
+        Some(r#"{"name":"x","role":"admin"}"#),
+    );
+    assert_eq!(code, 403);
+    assert_eq!(
+        status_malformed(&a.api, "GET", "/api/v1/volumes", Some(viewer)).0,
+        200
+    );
+    a.ok(&["token", "revoke", "t-viewer"]);
+    assert_eq!(
+        status_malformed(&a.api, "GET", "/api/v1/volumes", Some(viewer)).0,
+        401
+    );
+    let out = a
+        .cli()
+        .args(["token", "revoke", "api.token"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ferry token rotate"));
+    let out = a
+        .cli()
+        .args(["token", "create", "../x", "--role", "admin"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

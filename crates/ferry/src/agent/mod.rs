@@ -14,6 +14,7 @@ pub mod identity;
 pub mod nbd_tls;
 pub mod peers;
 pub mod tls;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -69,6 +70,8 @@ pub struct AgentCtx {
     pub repl_conns: Arc<conns::ConnTable>,
     pub cfg: AgentConfig,
     pub identity: Arc<Identity>,
+    /// Named API tokens with roles (`DATA_DIR/tokens.json`).
+    pub tokens: tokens::Tokens,
     pub peers: Arc<Peers>,
     pub store: VolumeStore,
     pub tls_server: Arc<rustls::ServerConfig>,
@@ -1139,6 +1142,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     crate::share::ShareStore::new(&cfg.data_dir).prepare()?;
     crate::agent::conns::raise_nofile_limit();
     let identity = Arc::new(Identity::load_or_create(&cfg.data_dir, &cfg.node_name)?);
+    let tokens = tokens::Tokens::load(&cfg.data_dir)?;
     let damaged = damaged::Damaged::default();
     let (peers, bad_peers) = Peers::load(&cfg.data_dir)?;
     for e in bad_peers {
@@ -1191,6 +1195,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     let repl_conns = conns::ConnTable::new("replication", r.connections_max, r.handshakes_max);
     repl_conns.spawn_reaper(Duration::from_millis(r.handshake_timeout_ms))?;
     let ctx = Arc::new(AgentCtx {
+        tokens,
         cfg,
         identity,
         peers,

@@ -36,6 +36,8 @@ use ferry_core::link::{Mode, Phase};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use ferry_api::{Authority, Need, Role};
+
 use crate::agent::conns::ConnSlot;
 use crate::agent::peers::Peer;
 use crate::agent::AgentCtx;
@@ -78,103 +80,148 @@ pub struct Caller {
     slot: Arc<ConnSlot>,
 }
 
-/// Every `/api/v1` request: a registered peer's certificate (node-to-node
-/// calls) or the API token (operators). The first request that passes marks
-/// its connection authenticated (kept when the listener is full).
-async fn auth(State(ctx): Ctx, req: Request, next: Next) -> Response {
+/// Every `/api/v1` request, authentication: a registered peer's
+/// certificate (node-to-node calls: [`Authority::Peer`]), the node's
+/// `api.token` (admin) or a named token (its role). Nobody → 401. The
+/// authority goes into the request for [`gate`]; the first request that
+/// passes marks its connection authenticated (kept when the listener is full).
+async fn auth(State(ctx): Ctx, mut req: Request, next: Next) -> Response {
     let caller = req.extensions().get::<Caller>().cloned();
-    let by_cert = caller.as_ref().is_some_and(|c| c.peer.is_some());
-    let by_token = req
+    let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| ctx.identity.token_matches(t.trim()));
-    if !(by_cert || by_token) {
+        .map(|t| t.trim().to_string());
+    let authority = match (caller.as_ref().and_then(|c| c.peer.clone()), presented) {
+        (Some(node), _) => Some(Authority::Peer { node }),
+        (None, Some(t)) if !t.is_empty() && ctx.identity.token_matches(&t) => {
+            Some(Authority::Token {
+                name: crate::agent::tokens::FILE_TOKEN_NAME.into(),
+                role: Role::Admin,
+            })
+        }
+        (None, Some(t)) => ctx
+            .tokens
+            .authenticate(&t)
+            .map(|(name, role)| Authority::Token { name, role }),
+        (None, None) => None,
+    };
+    let Some(authority) = authority else {
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong API token".into(),
         )
         .into_response();
-    }
+    };
     if let Some(c) = caller {
         c.slot.authenticated();
+    }
+    req.extensions_mut().insert(authority);
+    next.run(req).await
+}
+
+/// Every route, authorization: what the route needs of its caller
+/// ([`Need::check`]); 403 with the reason otherwise.
+async fn gate(State(need): State<Need>, req: Request, next: Next) -> Response {
+    let Some(who) = req.extensions().get::<Authority>() else {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong API token".into(),
+        )
+        .into_response();
+    };
+    if let Err(e) = need.check(who) {
+        tracing::warn!(who = %who.describe(), method = %req.method(), path = %req.uri().path(), need = %need, "api.denied");
+        return ApiError(StatusCode::FORBIDDEN, e.to_string()).into_response();
     }
     next.run(req).await
 }
 
-/// One route of the API: its method, its path (axum syntax) and its handler.
-pub type Route = (Method, &'static str, MethodRouter<Arc<AgentCtx>>);
+/// One route of the API: its method, its path (axum syntax), what it needs
+/// of its caller, and its handler.
+pub type Route = (Method, &'static str, Need, MethodRouter<Arc<AgentCtx>>);
 
 macro_rules! route {
-    ($m:ident $path:literal => $h:expr) => {
-        (Method::$m, $path, axum::routing::on(MethodFilter::$m, $h))
+    ($m:ident $path:literal => $h:expr, $need:ident) => {
+        (
+            Method::$m,
+            $path,
+            Need::$need,
+            axum::routing::on(MethodFilter::$m, $h)
+                .layer(middleware::from_fn_with_state(Need::$need, gate)),
+        )
     };
 }
 
-/// Every `/api/v1` route. The router is built from this table and nothing
-/// else, and every entry sits behind the token check, so `ferry api routes`
-/// and the tests that walk it see exactly what is served.
+/// Every `/api/v1` route with the least role it needs (`PEER`: a paired
+/// node's certificate only, never a token). The router is built from this
+/// table and nothing else, every entry sits behind the authentication and
+/// its own authorization, so `ferry api routes` and the tests that walk it
+/// see exactly what is served and enforced.
 pub fn routes() -> Vec<Route> {
     vec![
-        route!(GET "/api/v1/node" => node),
-        route!(GET "/api/v1/nodes" => nodes),
-        route!(POST "/api/v1/nodes" => add_node),
-        route!(POST "/api/v1/nodes/pair" => pair),
-        route!(POST "/api/v1/nodes/repin" => repin),
-        route!(POST "/api/v1/node/rekey" => rekey),
-        route!(POST "/api/v1/token/rotate" => rotate_token),
-        route!(GET "/api/v1/volumes" => volumes),
-        route!(POST "/api/v1/volumes" => create_volume),
-        route!(DELETE "/api/v1/volumes/{name}" => delete_volume),
-        route!(GET "/api/v1/volumes/{name}/hashes" => hashes),
-        route!(GET "/api/v1/volumes/{name}/generation" => generation),
-        route!(POST "/api/v1/volumes/{name}/verify" => verify),
-        route!(POST "/api/v1/volumes/{name}/promote" => promote_volume),
-        route!(POST "/api/v1/volumes/{name}/snapshot" => arm_snapshot),
-        route!(POST "/api/v1/workloads/{name}/takeover" => takeover),
-        route!(POST "/api/v1/volumes/{name}/inconsistent" => mark_inconsistent),
-        route!(POST "/api/v1/replicas" => create_replica),
-        route!(GET "/api/v1/workloads" => workloads),
-        route!(POST "/api/v1/workloads" => create_workload),
-        route!(GET "/api/v1/workloads/{name}" => workload),
-        route!(PUT "/api/v1/workloads/{name}" => put_workload),
-        route!(DELETE "/api/v1/workloads/{name}" => delete_workload),
-        route!(POST "/api/v1/workloads/{name}/test" => start_test_here),
-        route!(DELETE "/api/v1/workloads/{name}/test" => end_test_here),
-        route!(POST "/api/v1/workloads/{name}/hooks/{which}" => run_workload_hook),
-        route!(GET "/api/v1/migrations" => migrations),
-        route!(POST "/api/v1/migrations" => start_migration),
-        route!(GET "/api/v1/migrations/{name}" => migration),
-        route!(PATCH "/api/v1/migrations/{name}" => set_migration),
-        route!(POST "/api/v1/migrations-cutover-all" => cutover_all),
-        route!(POST "/api/v1/migrations/{name}/cutover" => cutover),
-        route!(POST "/api/v1/migrations/{name}/schedule" => schedule_cutover),
-        route!(DELETE "/api/v1/migrations/{name}/schedule" => cancel_cutover),
-        route!(POST "/api/v1/migrations/{name}/reverse" => reverse_migration),
-        route!(POST "/api/v1/migrations/{name}/rollback" => rollback),
-        route!(POST "/api/v1/migrations/{name}/finalize" => finalize),
-        route!(POST "/api/v1/migrations/{name}/test" => start_test),
-        route!(DELETE "/api/v1/migrations/{name}/test" => end_test),
-        route!(GET "/api/v1/replications" => replications),
-        route!(POST "/api/v1/replications" => start_replication),
-        route!(GET "/api/v1/replications/{name}" => replication),
-        route!(PATCH "/api/v1/replications/{name}" => set_replication),
-        route!(DELETE "/api/v1/replications/{name}" => stop_replication),
-        route!(GET "/api/v1/shares" => shares),
-        route!(POST "/api/v1/shares" => create_share),
-        route!(GET "/api/v1/shares/{name}" => share_status),
-        route!(GET "/api/v1/shares/{name}/digest" => share_digest),
-        route!(GET "/api/v1/shares/{name}/files" => share_files),
-        route!(POST "/api/v1/shares/{name}/verify" => share_verify),
-        route!(GET "/api/v1/cluster" => cluster_status),
-        route!(POST "/api/v1/cluster/workloads" => cluster_add),
-        route!(DELETE "/api/v1/cluster/workloads/{name}" => cluster_remove),
-        route!(POST "/api/v1/cluster/standby" => cluster_standby),
-        route!(POST "/api/v1/cluster/workloads/{name}/promote" => cluster_promote),
-        route!(POST "/api/v1/cluster/workloads/{name}/resolve-split-brain" => cluster_resolve),
-        route!(POST "/api/v1/cluster/workloads/{name}/drop-copy" => cluster_drop_copy),
-        route!(POST "/api/v1/cluster/workloads/{name}/switchover" => cluster_switchover),
+        route!(GET "/api/v1/node" => node, VIEWER),
+        route!(GET "/api/v1/nodes" => nodes, VIEWER),
+        route!(POST "/api/v1/nodes" => add_node, ADMIN),
+        route!(POST "/api/v1/nodes/pair" => pair, ADMIN),
+        route!(POST "/api/v1/nodes/repin" => repin, PEER),
+        route!(POST "/api/v1/node/rekey" => rekey, ADMIN),
+        route!(POST "/api/v1/token/rotate" => rotate_token, ADMIN),
+        route!(GET "/api/v1/tokens" => list_tokens, ADMIN),
+        route!(POST "/api/v1/tokens" => create_token, ADMIN),
+        route!(DELETE "/api/v1/tokens/{name}" => revoke_token, ADMIN),
+        route!(GET "/api/v1/volumes" => volumes, VIEWER),
+        route!(POST "/api/v1/volumes" => create_volume, OPERATOR),
+        route!(DELETE "/api/v1/volumes/{name}" => delete_volume, ADMIN),
+        route!(GET "/api/v1/volumes/{name}/hashes" => hashes, VIEWER),
+        route!(GET "/api/v1/volumes/{name}/generation" => generation, VIEWER),
+        route!(POST "/api/v1/volumes/{name}/verify" => verify, OPERATOR),
+        route!(POST "/api/v1/volumes/{name}/promote" => promote_volume, PEER),
+        route!(POST "/api/v1/volumes/{name}/snapshot" => arm_snapshot, PEER),
+        route!(POST "/api/v1/workloads/{name}/takeover" => takeover, PEER),
+        route!(POST "/api/v1/volumes/{name}/inconsistent" => mark_inconsistent, PEER),
+        route!(POST "/api/v1/replicas" => create_replica, PEER),
+        route!(GET "/api/v1/workloads" => workloads, VIEWER),
+        route!(POST "/api/v1/workloads" => create_workload, ADMIN),
+        route!(GET "/api/v1/workloads/{name}" => workload, VIEWER),
+        route!(PUT "/api/v1/workloads/{name}" => put_workload, ADMIN),
+        route!(DELETE "/api/v1/workloads/{name}" => delete_workload, ADMIN),
+        route!(POST "/api/v1/workloads/{name}/test" => start_test_here, PEER),
+        route!(DELETE "/api/v1/workloads/{name}/test" => end_test_here, PEER),
+        route!(POST "/api/v1/workloads/{name}/hooks/{which}" => run_workload_hook, OPERATOR),
+        route!(GET "/api/v1/migrations" => migrations, VIEWER),
+        route!(POST "/api/v1/migrations" => start_migration, OPERATOR),
+        route!(GET "/api/v1/migrations/{name}" => migration, VIEWER),
+        route!(PATCH "/api/v1/migrations/{name}" => set_migration, OPERATOR),
+        route!(POST "/api/v1/migrations-cutover-all" => cutover_all, OPERATOR),
+        route!(POST "/api/v1/migrations/{name}/cutover" => cutover, OPERATOR),
+        route!(POST "/api/v1/migrations/{name}/schedule" => schedule_cutover, OPERATOR),
+        route!(DELETE "/api/v1/migrations/{name}/schedule" => cancel_cutover, OPERATOR),
+        route!(POST "/api/v1/migrations/{name}/reverse" => reverse_migration, PEER),
+        route!(POST "/api/v1/migrations/{name}/rollback" => rollback, OPERATOR),
+        route!(POST "/api/v1/migrations/{name}/finalize" => finalize, OPERATOR),
+        route!(POST "/api/v1/migrations/{name}/test" => start_test, OPERATOR),
+        route!(DELETE "/api/v1/migrations/{name}/test" => end_test, OPERATOR),
+        route!(GET "/api/v1/replications" => replications, VIEWER),
+        route!(POST "/api/v1/replications" => start_replication, OPERATOR),
+        route!(GET "/api/v1/replications/{name}" => replication, VIEWER),
+        route!(PATCH "/api/v1/replications/{name}" => set_replication, OPERATOR),
+        route!(DELETE "/api/v1/replications/{name}" => stop_replication, OPERATOR),
+        route!(GET "/api/v1/shares" => shares, VIEWER),
+        route!(POST "/api/v1/shares" => create_share, ADMIN),
+        route!(GET "/api/v1/shares/{name}" => share_status, VIEWER),
+        route!(GET "/api/v1/shares/{name}/digest" => share_digest, VIEWER),
+        route!(GET "/api/v1/shares/{name}/files" => share_files, PEER),
+        route!(POST "/api/v1/shares/{name}/verify" => share_verify, OPERATOR),
+        route!(GET "/api/v1/cluster" => cluster_status, VIEWER),
+        route!(POST "/api/v1/cluster/workloads" => cluster_add, ADMIN),
+        route!(DELETE "/api/v1/cluster/workloads/{name}" => cluster_remove, ADMIN),
+        route!(POST "/api/v1/cluster/standby" => cluster_standby, OPERATOR),
+        route!(POST "/api/v1/cluster/workloads/{name}/promote" => cluster_promote, ADMIN),
+        route!(POST "/api/v1/cluster/workloads/{name}/resolve-split-brain" => cluster_resolve, ADMIN),
+        route!(POST "/api/v1/cluster/workloads/{name}/drop-copy" => cluster_drop_copy, ADMIN),
+        route!(POST "/api/v1/cluster/workloads/{name}/switchover" => cluster_switchover, OPERATOR),
     ]
 }
 
@@ -182,7 +229,7 @@ pub fn routes() -> Vec<Route> {
 /// the only path served without a token.
 fn app(ctx: Arc<AgentCtx>) -> Router {
     let mut by_path: Vec<(&'static str, MethodRouter<Arc<AgentCtx>>)> = Vec::new();
-    for (_, path, handler) in routes() {
+    for (_, path, _, handler) in routes() {
         match by_path.iter_mut().find(|(p, _)| *p == path) {
             Some((_, mr)) => *mr = std::mem::take(mr).merge(handler),
             None => by_path.push((path, handler)),
@@ -582,6 +629,75 @@ async fn rekey(State(ctx): Ctx) -> ApiResult {
     })
     .await?;
     Ok(Json(out))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    name: String,
+    role: String,
+}
+
+/// `ferry token create NAME --role R`: the token, shown this once.
+async fn create_token(
+    State(ctx): Ctx,
+    axum::Extension(who): axum::Extension<Authority>,
+    Json(r): Json<CreateToken>,
+) -> ApiResult {
+    let name = ferry_core::Name::parse(&r.name)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("token name: {e}")))?;
+    let role: Role = r.role.parse().map_err(|e: ferry_api::auth::UnknownRole| {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+    })?;
+    let c = ctx.clone();
+    let n = name.clone();
+    let token = tokio::task::spawn_blocking(move || c.tokens.create(&n, role))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| match e {
+            crate::agent::tokens::TokenError::Exists(_)
+            | crate::agent::tokens::TokenError::FileToken(_) => {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            }
+            e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        })?;
+    tracing::warn!(token = %name, %role, by = %who.describe(), "api.token_created");
+    Ok(Json(json!({
+        "name": name,
+        "role": role,
+        "token": token,
+        "node": ctx.identity.node_name,
+        "scope": "node",
+    })))
+}
+
+async fn list_tokens(State(ctx): Ctx) -> ApiResult {
+    Ok(Json(json!(ctx.tokens.list())))
+}
+
+async fn revoke_token(
+    State(ctx): Ctx,
+    axum::Extension(who): axum::Extension<Authority>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let c = ctx.clone();
+    let n = name.clone();
+    tokio::task::spawn_blocking(move || c.tokens.revoke(&n))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| match e {
+            crate::agent::tokens::TokenError::Unknown(_) => {
+                ApiError(StatusCode::NOT_FOUND, e.to_string())
+            }
+            crate::agent::tokens::TokenError::FileToken(_) => {
+                ApiError(StatusCode::CONFLICT, e.to_string())
+            }
+            e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        })?;
+    tracing::warn!(token = %name, by = %who.describe(), "api.token_revoked");
+    Ok(Json(
+        json!({"revoked": name, "node": ctx.identity.node_name}),
+    ))
 }
 
 /// `ferry token rotate`: a new API token (written to DATA_DIR/api.token,

@@ -229,13 +229,20 @@ impl Agent {
         self.dir.join("volumes").join(volume).join("data.raw")
     }
 
-    /// A function that POSTs a JSON body to this agent's /api/v1/replicas, as a
-    /// primary does, and requires success.
-    pub fn api_client(&self) -> impl Fn(&str) {
-        let (api, token) = (self.api.clone(), self.token());
+    /// A function that POSTs a JSON body to this agent's /api/v1/replicas
+    /// as the paired node `from` does (with its certificate: a
+    /// peer-internal call), and requires success.
+    pub fn api_client(&self, from: &Agent) -> impl Fn(&str) {
+        let (api, dir) = (self.api.clone(), from.dir.clone());
         move |body: &str| {
-            let (code, text) =
-                super::https_request(&api, "POST", "/api/v1/replicas", Some(&token), Some(body));
+            let (code, text) = super::https_request_as(
+                &api,
+                "POST",
+                "/api/v1/replicas",
+                Some(&dir),
+                None,
+                Some(body),
+            );
             assert_eq!(code, 200, "{text}");
         }
     }

@@ -257,8 +257,27 @@ pub fn https_request(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
+    https_request_as(api, method, path, None, token, body)
+}
+
+/// [`https_request`], presenting the node certificate of the agent whose
+/// data dir is `node` (as a paired node's calls do), if given.
+pub fn https_request_as(
+    api: &str,
+    method: &str,
+    path: &str,
+    node: Option<&Path>,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
     let mut c = Command::new("curl");
     c.args(["-s", "-k", "-m", "30", "-w", "\n%{http_code}", "-X", method]);
+    if let Some(dir) = node {
+        c.arg("--cert")
+            .arg(dir.join("tls/node.crt"))
+            .arg("--key")
+            .arg(dir.join("tls/node.key"));
+    }
     if let Some(t) = token {
         c.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
