@@ -19,7 +19,11 @@
 //! | POST | /api/v1/shares/{name}/verify | wait until level, compare with the replica |
 //! | GET | /metrics | Prometheus text (no token) |
 //!
-//! Every `/api/v1` call needs `Authorization: Bearer <DATA_DIR/api.token>`.
+//! The authoritative list, with the least role each route needs, is
+//! [`routes`] (`ferry api routes`). Every `/api/v1` call needs a token
+//! (`Authorization: Bearer`: `DATA_DIR/api.token`, admin, or a named token
+//! with its role) or a paired node's certificate; peer-internal routes take
+//! only the certificate.
 
 use std::collections::HashMap;
 use std::sync::Arc;
