@@ -852,10 +852,11 @@ fn share_primaries(
 }
 
 fn no_migration(ctx: &AgentCtx, workload: &str) -> anyhow::Error {
-    anyhow!(
+    ferry_api::ActionError::not_found(format!(
         "no migration of workload {workload:?} on node {}",
         ctx.identity.node_name
-    )
+    ))
+    .into()
 }
 
 /// The status document of one migration.
@@ -959,16 +960,17 @@ pub fn cutover_with(
     reverse_on_failure: bool,
 ) -> Result<Value> {
     let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?
-        .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+        ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
+    })?;
     sample(ctx, workload);
     let (target, mode) = {
         let mut migs = ctx.migrations();
         let rec = migs.get_mut(workload).ok_or_else(|| {
-            anyhow!(
+            ferry_api::ActionError::not_found(format!(
                 "workload {workload:?} is not migrating from node {}",
                 ctx.identity.node_name
-            )
+            ))
         })?;
         if rec.test.is_some() {
             bail!(
@@ -978,7 +980,7 @@ pub fn cutover_with(
         }
         rec.state
             .begin_cutover()
-            .map_err(|e| anyhow!("cutover refused: {e}"))?;
+            .map_err(|e| ferry_api::ActionError::conflict(format!("cutover refused: {e}")))?;
         rec.save(&ctx.cfg.data_dir)?;
         (
             rec.target.clone(),
@@ -1509,8 +1511,9 @@ pub fn finalize(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         set_phase(ctx, workload, |r| r.finalized = true);
         return Ok(v);
     }
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?
-        .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+        ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
+    })?;
     for v in &spec.volumes {
         ctx.stop_replication(v)?;
     }
@@ -1569,8 +1572,9 @@ pub fn cutover_all(ctx: &Arc<AgentCtx>) -> Result<Value> {
 
 /// `ferry migrate set`: change the copy rate limit of every volume live.
 pub fn set_rate(ctx: &Arc<AgentCtx>, workload: &str, max_rate: Option<u64>) -> Result<Value> {
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?
-        .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+        ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
+    })?;
     for v in &spec.volumes {
         let p = ctx.primary(v).ok_or_else(|| {
             anyhow!(
@@ -1603,8 +1607,9 @@ pub struct TestRun {
 /// running and replicating throughout.
 pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?
-        .ok_or_else(|| anyhow!("no workload {workload:?} here"))?;
+    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+        ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
+    })?;
     if !spec.shares.is_empty() {
         // A test instance runs on snapshots of the replicas; a share's
         // replica is a directory tree with no snapshot to run a copy on.

@@ -26,10 +26,17 @@ const VOLUME_BYTES_MAX: u64 = i64::MAX as u64;
 const SECTOR_BYTES: u64 = 512;
 const METADATA_BYTES_MAX: u64 = 64 * 1024;
 
+impl From<ferry_core::NameError> for VolumeError {
+    fn from(e: ferry_core::NameError) -> Self {
+        VolumeError::InvalidName(e)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
+    /// (Not a `source`: its text is the whole message, printed once.)
     #[error("volume: {0}")]
-    InvalidName(#[from] ferry_core::NameError),
+    InvalidName(ferry_core::NameError),
     #[error("volume {name:?} already exists")]
     Exists { name: String },
     #[error("no volume named {name:?} in {dir} (see `ferry volume list`)")]

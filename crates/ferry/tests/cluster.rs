@@ -1121,6 +1121,11 @@ fn a_forced_promotion_keeps_the_share_files_the_old_primary_wrote_alone() {
         "a",
         &["cluster", "resolve-split-brain", "web", "--keep", "b"],
     );
+    // The status is the manager's published view: it lists the volume's
+    // new copy at its next publication.
+    wait_for(10, "both copies to be listed", || {
+        net.status("a", "web")["copies"].as_array().map(Vec::len) == Some(2)
+    });
     let copies = net.status("a", "web")["copies"].clone();
     assert_eq!(copies.as_array().unwrap().len(), 2, "{copies}");
     assert!(

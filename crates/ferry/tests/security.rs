@@ -770,3 +770,82 @@ fn every_route_enforces_the_least_role_it_states() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// Issue 19, bad input: each answer's status says what is wrong — a body
+/// that does not fit the request (unknown field, wrong type) 400 naming the
+/// field, a name outside the grammar 400 naming the rule, a body over
+/// `api.body_bytes_max` 413, an unknown name 404, the wrong state 409 saying
+/// which state it needs, a peer that does not answer 503 — and nothing is
+/// touched.
+#[test]
+fn bad_requests_get_the_status_that_says_why() {
+    common::require("curl");
+    let (_root, a, mut b) = common::agent::two_agents("ferry-badreq-", "");
+    let t = a.token();
+    let post =
+        |path: &str, body: &str| common::https_request(&a.api, "POST", path, Some(&t), Some(body));
+    let (code, body) = post(
+        "/api/v1/volumes",
+        r#"{"name":"v","size_bytes":1048576,"colour":1}"#,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("unknown field `colour`"), "{body}");
+    let (code, body) = post("/api/v1/volumes", r#"{"name":5,"size_bytes":1048576}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("name") && body.contains("invalid type"),
+        "{body}"
+    );
+    let (code, body) = post("/api/v1/volumes", r#"{"name":"../x","size_bytes":1048576}"#);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("must start with a-z or 0-9"),
+        "the rule is named: {body}"
+    );
+    assert_eq!(body.matches("invalid name").count(), 1, "said once: {body}");
+    let big = format!(
+        r#"{{"name":"v","size_bytes":1048576,"pad":"{}"}}"#,
+        "x".repeat(1100 * 1024)
+    );
+    let big_file = a.dir.join("..").join("big.json");
+    std::fs::write(&big_file, &big).unwrap();
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-k",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+        ])
+        .args(["-H", &format!("Authorization: Bearer {t}")])
+        .args(["-H", "Content-Type: application/json", "--data-binary"])
+        .arg(format!("@{}", big_file.display()))
+        .arg(format!("https://{}/api/v1/volumes", a.api))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "413");
+    assert!(a.json(&["volume", "list"]).as_array().unwrap().is_empty());
+
+    a.ok(&["volume", "create", "v", "--size", "64MiB"]);
+    let (code, body) = post("/api/v1/volumes", r#"{"name":"v","size_bytes":1048576}"#);
+    assert_eq!(code, 409, "{body}");
+    let (code, body) = post("/api/v1/migrations/nosuch/cutover", "{}");
+    assert_eq!(code, 404, "{body}");
+    // Seeding at 1 MiB/s: a cutover needs `ready`.
+    common::qemu_io(&a.uri("v"), &["write -P 0x33 0 32M"]);
+    a.ok(&["workload", "create", "w", "--volume", "v"]);
+    a.ok(&["migrate", "start", "w", "--to", "b", "--max-rate", "1MiB/s"]);
+    let (code, body) = post("/api/v1/migrations/w/cutover", "{}");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("not ready"), "{body}");
+    // The peer is gone: what needs it answers 503.
+    b.stop();
+    a.ok(&["volume", "create", "v2", "--size", "1MiB"]);
+    a.ok(&["workload", "create", "w2", "--volume", "v2"]);
+    let (code, body) = post("/api/v1/migrations", r#"{"workload":"w2","to":"b"}"#);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("cannot reach"), "{body}");
+}

@@ -201,6 +201,8 @@ pub struct ApiSettings {
     /// (one deadline for the whole handshake: a byte every few seconds does
     /// not keep a connection).
     pub handshake_timeout_ms: u64,
+    /// A request body over this is refused (413) before it is read whole.
+    pub body_bytes_max: usize,
 }
 
 impl Default for ApiSettings {
@@ -208,6 +210,7 @@ impl Default for ApiSettings {
         ApiSettings {
             connections_max: 256,
             handshake_timeout_ms: 10_000,
+            body_bytes_max: 1024 * 1024,
         }
     }
 }

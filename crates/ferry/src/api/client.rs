@@ -160,12 +160,19 @@ fn connect(addr: &str) -> Result<TcpStream> {
     let hint = || {
         format!("cannot reach the ferry agent API at {addr} (is `ferry agent` running? set --api or FERRY_API)")
     };
+    // Unreachable: 503 when a node passes it on (ActionError).
+    let unavailable = || ferry_api::ActionError::unavailable(hint());
     let sa = addr
         .to_socket_addrs()
-        .with_context(hint)?
+        .map_err(|e| anyhow::Error::new(unavailable()).context(e))?
         .next()
-        .ok_or_else(|| anyhow!(hint()))?;
-    let tcp = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).with_context(hint)?;
+        .ok_or_else(unavailable)?;
+    let tcp = TcpStream::connect_timeout(&sa, CONNECT_TIMEOUT).map_err(|e| {
+        anyhow::Error::new(ferry_api::ActionError::unavailable(format!(
+            "{}: {e}",
+            hint()
+        )))
+    })?;
     tcp.set_read_timeout(Some(CONNECT_TIMEOUT))?;
     tcp.set_write_timeout(Some(CONNECT_TIMEOUT))?;
     tcp.set_nodelay(true)?;
@@ -204,7 +211,19 @@ fn parse_response(addr: &str, resp: &[u8]) -> Result<Value> {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| value.to_string());
-        bail!("{msg}");
+        // The agent's kind of failure travels on (a node passing on its
+        // peer's 409 answers 409).
+        use ferry_api::ErrorKind as K;
+        let kind = match status {
+            400 => K::BadInput,
+            403 => K::Forbidden,
+            404 => K::NotFound,
+            409 => K::Conflict,
+            413 => K::TooLarge,
+            503 => K::Unavailable,
+            _ => K::Internal,
+        };
+        return Err(ferry_api::ActionError::new(kind, msg).into());
     }
     Ok(value)
 }

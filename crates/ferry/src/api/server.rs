@@ -40,7 +40,7 @@ use ferry_core::link::{Mode, Phase};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use ferry_api::{Authority, Need, Role};
+use ferry_api::{ActionError, Authority, Need, Role};
 
 use crate::agent::conns::ConnSlot;
 use crate::agent::peers::Peer;
@@ -56,9 +56,58 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An error's status: the [`ActionError`] kind anywhere in its chain (a
+/// wrong state → 409, an unknown name → 404, a peer that does not answer →
+/// 503), else 400.
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, format!("{e:#}"))
+        use crate::volume::VolumeError;
+        let status = e
+            .chain()
+            .find_map(|c| {
+                if let Some(a) = c.downcast_ref::<ActionError>() {
+                    return StatusCode::from_u16(a.kind.status()).ok();
+                }
+                match c.downcast_ref::<VolumeError>()? {
+                    VolumeError::NotFound { .. } => Some(StatusCode::NOT_FOUND),
+                    VolumeError::Exists { .. } | VolumeError::Busy { .. } => {
+                        Some(StatusCode::CONFLICT)
+                    }
+                    _ => None,
+                }
+            })
+            .unwrap_or(StatusCode::BAD_REQUEST);
+        ApiError(status, format!("{e:#}"))
+    }
+}
+
+/// A JSON request body: like axum's `Json`, but a body that does not fit
+/// the type — unknown field, wrong type, missing field, bad name — is 400
+/// with serde's message (it names the field and the rule), a body over
+/// `api.body_bytes_max` 413.
+pub struct Body<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for Body<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::rejection::JsonRejection;
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::JsonDataError(e)) => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("the request body does not fit: {}", e.body_text()),
+            )),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "the request body is larger than api.body_bytes_max".into(),
+            )),
+            Err(e) => Err(ApiError(StatusCode::BAD_REQUEST, e.body_text())),
+        }
     }
 }
 
@@ -242,7 +291,10 @@ fn app(ctx: Arc<AgentCtx>) -> Router {
     let api = by_path
         .into_iter()
         .fold(Router::new(), |r, (path, mr)| r.route(path, mr))
-        .layer(middleware::from_fn_with_state(ctx.clone(), auth));
+        .layer(middleware::from_fn_with_state(ctx.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            ctx.cfg.api.body_bytes_max,
+        ));
     Router::new()
         .route("/metrics", get(metrics))
         .merge(api)
@@ -381,6 +433,7 @@ async fn nodes(State(ctx): Ctx) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AddNode {
     name: String,
     api: String,
@@ -393,7 +446,7 @@ struct AddNode {
 /// `ferry node add`: reach the peer over TLS pinned to the fingerprint the
 /// operator gave, check its name, pair both ways (mutual TLS; the peer's
 /// token authorizes this one call and is not kept).
-async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
+async fn add_node(State(ctx): Ctx, Body(req): Body<AddNode>) -> ApiResult {
     let peer = blocking(move || {
         let client = crate::api::client::ApiClient::pairing(
             &ctx.identity,
@@ -486,7 +539,7 @@ async fn add_node(State(ctx): Ctx, Json(req): Json<AddNode>) -> ApiResult {
 async fn pair(
     State(ctx): Ctx,
     axum::Extension(caller): axum::Extension<Caller>,
-    Json(mut p): Json<Peer>,
+    Body(mut p): Body<Peer>,
 ) -> ApiResult {
     if caller.cert_fingerprint.as_deref() != Some(p.fingerprint.as_str()) {
         return Err(ApiError(
@@ -524,6 +577,7 @@ async fn pair(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Repin {
     cert_pem: String,
     fingerprint: String,
@@ -538,7 +592,7 @@ struct Repin {
 async fn repin(
     State(ctx): Ctx,
     axum::Extension(caller): axum::Extension<Caller>,
-    Json(r): Json<Repin>,
+    Body(r): Body<Repin>,
 ) -> ApiResult {
     let Some(name) = caller.peer.clone() else {
         return Err(ApiError(
@@ -646,7 +700,7 @@ struct CreateToken {
 async fn create_token(
     State(ctx): Ctx,
     axum::Extension(who): axum::Extension<Authority>,
-    Json(r): Json<CreateToken>,
+    Body(r): Body<CreateToken>,
 ) -> ApiResult {
     let name = ferry_core::Name::parse(&r.name)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("token name: {e}")))?;
@@ -722,12 +776,13 @@ async fn volumes(State(ctx): Ctx) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateVolume {
     name: String,
     size_bytes: u64,
 }
 
-async fn create_volume(State(ctx): Ctx, Json(req): Json<CreateVolume>) -> ApiResult {
+async fn create_volume(State(ctx): Ctx, Body(req): Body<CreateVolume>) -> ApiResult {
     let c = ctx.clone();
     let name = req.name.clone();
     blocking(move || c.create_volume(&req.name, req.size_bytes)).await?;
@@ -742,12 +797,14 @@ async fn delete_volume(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Promote {
     reverse_to: Option<String>,
     mode: Option<String>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Takeover {
     volumes: Vec<String>,
     #[serde(default)]
@@ -757,7 +814,7 @@ struct Takeover {
 }
 
 /// Cutover's commit point on the target, for all of a workload's volumes.
-async fn takeover(State(ctx): Ctx, Path(name): Path<String>, Json(r): Json<Takeover>) -> ApiResult {
+async fn takeover(State(ctx): Ctx, Path(name): Path<String>, Body(r): Body<Takeover>) -> ApiResult {
     let mode = parse_mode(r.mode.as_deref())?;
     let promoted = blocking(move || {
         ctx.commit_takeover(&name, &r.volumes, &r.shares, r.reverse_to.as_deref(), mode)
@@ -773,7 +830,7 @@ async fn takeover(State(ctx): Ctx, Path(name): Path<String>, Json(r): Json<Takeo
 async fn promote_volume(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<Promote>,
+    Body(r): Body<Promote>,
 ) -> ApiResult {
     let mode = parse_mode(r.mode.as_deref())?;
     let n = name.clone();
@@ -820,7 +877,7 @@ async fn workload(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
 
 async fn create_workload(
     State(ctx): Ctx,
-    Json(spec): Json<crate::migrate::WorkloadSpec>,
+    Body(spec): Body<crate::migrate::WorkloadSpec>,
 ) -> ApiResult {
     let v = serde_json::to_value(&spec).unwrap_or(Value::Null);
     blocking(move || {
@@ -851,6 +908,7 @@ async fn cluster_status(State(ctx): Ctx) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ClusterAdd {
     workload: ferry_core::Name,
     preferred: String,
@@ -862,7 +920,7 @@ struct ClusterAdd {
 
 /// `ferry cluster add`: puts a workload under HA on both nodes, keeping its
 /// current primary and adopting its replication (or starting it).
-async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
+async fn cluster_add(State(ctx): Ctx, Body(r): Body<ClusterAdd>) -> ApiResult {
     let v = blocking(move || {
         let Some(cfg) = ctx.cfg.cluster.clone() else {
             anyhow::bail!(
@@ -961,13 +1019,14 @@ async fn cluster_add(State(ctx): Ctx, Json(r): Json<ClusterAdd>) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Standby {
     node: String,
     standby: bool,
 }
 
 /// `ferry cluster standby|unstandby NODE`, asked of either node.
-async fn cluster_standby(State(ctx): Ctx, Json(r): Json<Standby>) -> ApiResult {
+async fn cluster_standby(State(ctx): Ctx, Body(r): Body<Standby>) -> ApiResult {
     let v = blocking(move || {
         if r.node == ctx.identity.node_name {
             return crate::cluster::set_standby(&ctx, r.standby);
@@ -985,6 +1044,7 @@ async fn cluster_standby(State(ctx): Ctx, Json(r): Json<Standby>) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ForcePromote {
     #[serde(default)]
     force: bool,
@@ -996,7 +1056,7 @@ struct ForcePromote {
 async fn cluster_promote(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<ForcePromote>,
+    Body(r): Body<ForcePromote>,
 ) -> ApiResult {
     if !r.force {
         return Err(ApiError(
@@ -1009,6 +1069,7 @@ async fn cluster_promote(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Resolve {
     keep: String,
     #[serde(default)]
@@ -1018,7 +1079,7 @@ struct Resolve {
 async fn cluster_resolve(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<Resolve>,
+    Body(r): Body<Resolve>,
 ) -> ApiResult {
     let v = blocking(move || {
         crate::cluster::resolve_split_brain(&ctx, &name, &r.keep, r.histories.as_ref())
@@ -1028,6 +1089,7 @@ async fn cluster_resolve(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DropCopy {
     node: String,
 }
@@ -1035,7 +1097,7 @@ struct DropCopy {
 async fn cluster_drop_copy(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<DropCopy>,
+    Body(r): Body<DropCopy>,
 ) -> ApiResult {
     let v = blocking(move || {
         if r.node == ctx.identity.node_name {
@@ -1094,7 +1156,7 @@ async fn put_workload(
     State(ctx): Ctx,
     Path(name): Path<String>,
     Query(q): Query<PutQuery>,
-    Json(spec): Json<crate::migrate::WorkloadSpec>,
+    Body(spec): Body<crate::migrate::WorkloadSpec>,
 ) -> ApiResult {
     if spec.name != name {
         return Err(ApiError(
@@ -1162,6 +1224,7 @@ async fn delete_workload(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HookReq {
     role: Option<String>,
 }
@@ -1169,7 +1232,7 @@ struct HookReq {
 async fn run_workload_hook(
     State(ctx): Ctx,
     Path((name, which)): Path<(String, String)>,
-    Json(r): Json<HookReq>,
+    Body(r): Body<HookReq>,
 ) -> ApiResult {
     if !matches!(which.as_str(), "start" | "stop" | "check") {
         return Err(not_found(format!(
@@ -1192,6 +1255,7 @@ async fn run_workload_hook(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StartMigration {
     workload: String,
     to: String,
@@ -1207,7 +1271,7 @@ struct StartMigration {
     deadline: Option<String>,
 }
 
-async fn start_migration(State(ctx): Ctx, Json(r): Json<StartMigration>) -> ApiResult {
+async fn start_migration(State(ctx): Ctx, Body(r): Body<StartMigration>) -> ApiResult {
     let mode = parse_mode(r.mode.as_deref())?;
     let window =
         (r.window.is_some() || r.deadline.is_some()).then(|| crate::schedule::ScheduleRequest {
@@ -1247,6 +1311,7 @@ async fn migration(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Reverse {
     target: String,
     mode: Option<String>,
@@ -1255,7 +1320,7 @@ struct Reverse {
 async fn reverse_migration(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<Reverse>,
+    Body(r): Body<Reverse>,
 ) -> ApiResult {
     let mode = r.mode.unwrap_or_else(|| "sync".into());
     let n = name.clone();
@@ -1272,7 +1337,7 @@ async fn cutover_all(State(ctx): Ctx) -> ApiResult {
 async fn set_migration(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<SetReplication>,
+    Body(r): Body<SetReplication>,
 ) -> ApiResult {
     blocking(move || crate::migrate::set_rate(&ctx, &name, r.max_rate_bytes_per_s))
         .await
@@ -1306,6 +1371,7 @@ async fn end_test(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
 
 /// Test cutover, on the target: arm a replica's snapshot.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ArmSnapshot {
     token: u64,
 }
@@ -1313,7 +1379,7 @@ struct ArmSnapshot {
 async fn arm_snapshot(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<ArmSnapshot>,
+    Body(r): Body<ArmSnapshot>,
 ) -> ApiResult {
     let n = name.clone();
     blocking(move || crate::migrate::test_arm_here(&ctx, &n, r.token)).await?;
@@ -1334,6 +1400,7 @@ async fn end_test_here(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CutoverReq {
     #[serde(default = "yes")]
     reverse_on_failure: bool,
@@ -1346,7 +1413,7 @@ fn yes() -> bool {
 async fn cutover(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<CutoverReq>,
+    Body(r): Body<CutoverReq>,
 ) -> ApiResult {
     blocking(move || crate::migrate::cutover_with(&ctx, &name, r.reverse_on_failure))
         .await
@@ -1357,7 +1424,7 @@ async fn cutover(
 async fn schedule_cutover(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<crate::schedule::ScheduleRequest>,
+    Body(r): Body<crate::schedule::ScheduleRequest>,
 ) -> ApiResult {
     blocking(move || crate::schedule::set(&ctx, &name, &r))
         .await
@@ -1371,6 +1438,7 @@ async fn cancel_cutover(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult 
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateReplica {
     volume: String,
     volume_id: String,
@@ -1378,13 +1446,14 @@ struct CreateReplica {
     primary: String,
 }
 
-async fn create_replica(State(ctx): Ctx, Json(r): Json<CreateReplica>) -> ApiResult {
+async fn create_replica(State(ctx): Ctx, Body(r): Body<CreateReplica>) -> ApiResult {
     let name = r.volume.clone();
     blocking(move || ctx.create_replica(&r.volume, &r.volume_id, r.size_bytes, &r.primary)).await?;
     Ok(Json(json!({"replica": name})))
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StartReplication {
     volume: String,
     to: String,
@@ -1405,7 +1474,7 @@ fn parse_mode(s: Option<&str>) -> Result<Mode, ApiError> {
     }
 }
 
-async fn start_replication(State(ctx): Ctx, Json(r): Json<StartReplication>) -> ApiResult {
+async fn start_replication(State(ctx): Ctx, Body(r): Body<StartReplication>) -> ApiResult {
     let mode = parse_mode(r.mode.as_deref())?;
     let c = ctx.clone();
     let name = r.volume.clone();
@@ -1569,6 +1638,7 @@ async fn replication(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SetReplication {
     max_rate_bytes_per_s: Option<u64>,
 }
@@ -1576,7 +1646,7 @@ struct SetReplication {
 async fn set_replication(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<SetReplication>,
+    Body(r): Body<SetReplication>,
 ) -> ApiResult {
     let v = ctx.primary(&name).ok_or_else(|| {
         ApiError(
@@ -1757,6 +1827,7 @@ async fn metrics(State(ctx): Ctx) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CreateShare {
     name: String,
     path: std::path::PathBuf,
@@ -1764,7 +1835,7 @@ struct CreateShare {
     to: Option<String>,
 }
 
-async fn create_share(State(ctx): Ctx, Json(r): Json<CreateShare>) -> ApiResult {
+async fn create_share(State(ctx): Ctx, Body(r): Body<CreateShare>) -> ApiResult {
     let c = ctx.clone();
     let name = r.name.clone();
     blocking(move || {
@@ -1845,7 +1916,7 @@ struct ShareVerify {
 async fn share_verify(
     State(ctx): Ctx,
     Path(name): Path<String>,
-    Json(r): Json<ShareVerify>,
+    Body(r): Body<ShareVerify>,
 ) -> ApiResult {
     let timeout = Duration::from_millis(r.timeout_ms.unwrap_or(600_000));
     Ok(Json(
