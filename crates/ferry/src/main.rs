@@ -14,6 +14,7 @@ mod replication;
 mod schedule;
 mod share;
 mod signals;
+mod store;
 mod vm;
 mod volume;
 

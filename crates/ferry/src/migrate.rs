@@ -150,23 +150,25 @@ pub fn save_workload(data_dir: &Path, spec: &WorkloadSpec) -> Result<()> {
     }
     let dir = workloads_dir(data_dir);
     std::fs::create_dir_all(&dir)?;
-    crate::agent::write_atomic_private(
+    Ok(crate::store::save(
         &dir.join(format!("{}.json", spec.name)),
-        &serde_json::to_vec_pretty(spec)?,
-    )
+        spec,
+    )?)
+}
+
+impl crate::store::Record for WorkloadSpec {
+    const KIND: &'static str = "workload";
+}
+
+impl crate::store::Record for MigrationRecord {
+    const KIND: &'static str = "migration";
 }
 
 pub fn load_workload(data_dir: &Path, name: &str) -> Result<Option<WorkloadSpec>> {
     crate::volume::validate_name(name)
         .map_err(|_| anyhow!("{name:?} is not a valid workload name"))?;
     let path = workloads_dir(data_dir).join(format!("{name}.json"));
-    match std::fs::read(&path) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
-            format!("workload file {} is damaged", path.display())
-        })?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    Ok(crate::store::load(&path)?)
 }
 
 pub fn list_workloads(data_dir: &Path) -> Result<Vec<WorkloadSpec>> {
@@ -457,10 +459,10 @@ impl MigrationRecord {
     pub fn save(&self, data_dir: &Path) -> Result<()> {
         let dir = migrations_dir(data_dir);
         std::fs::create_dir_all(&dir)?;
-        crate::agent::write_atomic_private(
+        Ok(crate::store::save(
             &dir.join(format!("{}.json", self.workload)),
-            &serde_json::to_vec_pretty(self)?,
-        )
+            self,
+        )?)
     }
 }
 
@@ -497,8 +499,8 @@ pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord
 
 fn load_migration(ctx: &AgentCtx, path: &Path) -> Result<MigrationRecord> {
     {
-        let bytes = std::fs::read(path)?;
-        let mut rec: MigrationRecord = serde_json::from_slice(&bytes)?;
+        let mut rec: MigrationRecord =
+            crate::store::load(path)?.ok_or_else(|| anyhow!("{} is gone", path.display()))?;
         if rec.state.phase == MigrationPhase::CuttingOver {
             let spec = load_workload(&ctx.cfg.data_dir, &rec.workload)?;
             let still_here = spec

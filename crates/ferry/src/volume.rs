@@ -39,6 +39,8 @@ pub enum VolumeError {
     InvalidName(ferry_core::NameError),
     #[error("volume {name:?} already exists")]
     Exists { name: String },
+    #[error(transparent)]
+    Record(#[from] crate::store::StoreError),
     #[error("no volume named {name:?} in {dir} (see `ferry volume list`)")]
     NotFound { name: String, dir: PathBuf },
     #[error("invalid size {size}: {reason}")]
@@ -63,6 +65,10 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> VolumeError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+impl crate::store::Record for VolumeMeta {
+    const KIND: &'static str = "volume";
 }
 
 /// What `volume.json` holds.
@@ -208,11 +214,10 @@ impl VolumeStore {
                 size_bytes: size,
                 created_unix: now_unix(),
             };
-            let json =
-                serde_json::to_vec_pretty(&meta).map_err(|source| VolumeError::BadMetadata {
-                    path: tmp.join("volume.json"),
-                    source,
-                })?;
+            let json = crate::store::encode(&meta).map_err(|source| VolumeError::BadMetadata {
+                path: tmp.join("volume.json"),
+                source,
+            })?;
             write_atomic(&tmp.join("volume.json"), &json)?;
             // rename(2) fails if the target appeared meanwhile: no volume is clobbered.
             fs::rename(&tmp, &dir).map_err(|e| match e.kind() {
@@ -253,12 +258,22 @@ impl VolumeStore {
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut io::Read::take(file, METADATA_BYTES_MAX), &mut bytes)
             .map_err(io_err(&path))?;
-        serde_json::from_slice(&bytes).map_err(|source| VolumeError::BadMetadata { path, source })
+        let d = crate::store::decode::<VolumeMeta>(&path, &bytes)?;
+        if d.upgraded_from.is_some() {
+            // Written before records had an envelope: rewritten in it now.
+            match self.write_meta(&d.record) {
+                Ok(()) => tracing::info!(path = %path.display(), "store.upgraded"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "store.upgrade_failed")
+                }
+            }
+        }
+        Ok(d.record)
     }
 
     fn write_meta(&self, meta: &VolumeMeta) -> Result<(), VolumeError> {
         let path = self.dir(&validate_name(&meta.name)?).join("volume.json");
-        let json = serde_json::to_vec_pretty(meta).map_err(|source| VolumeError::BadMetadata {
+        let json = crate::store::encode(meta).map_err(|source| VolumeError::BadMetadata {
             path: path.clone(),
             source,
         })?;

@@ -556,10 +556,12 @@ fn a_corrupted_stream_drops_the_link_and_resyncs_never_a_wrong_byte() {
     // Route A's link to B through a proxy that corrupts one byte mid-sync.
     let proxy = corrupting_proxy(b.replication.clone(), 8 << 20);
     a.stop();
+    // Edited by hand: written back as the bare list (the format before
+    // records had an envelope and a checksum), which the agent upgrades.
     let peers = a.dir.join("peers.json");
-    let text = std::fs::read_to_string(&peers)
-        .unwrap()
-        .replace(&b.replication, &proxy);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&peers).unwrap()).unwrap();
+    let text = record["body"].to_string().replace(&b.replication, &proxy);
     std::fs::write(&peers, text).unwrap();
     a.spawn();
     a.ok(&["volume", "create", "vol", "--size", "64MiB"]);

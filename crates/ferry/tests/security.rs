@@ -546,7 +546,7 @@ fn pairing_sends_no_secret_in_clear_and_pins_only_the_given_fingerprint() {
         "a's API token crossed the wire in clear"
     );
     let peers = std::fs::read_to_string(a.dir.join("peers.json")).unwrap();
-    let key = serde_json::from_str::<Value>(&peers).unwrap()[0]["heartbeat_key"]
+    let key = serde_json::from_str::<Value>(&peers).unwrap()["body"][0]["heartbeat_key"]
         .as_str()
         .unwrap()
         .to_string();
@@ -848,4 +848,125 @@ fn bad_requests_get_the_status_that_says_why() {
     let (code, body) = post("/api/v1/migrations", r#"{"workload":"w2","to":"b"}"#);
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("cannot reach"), "{body}");
+}
+
+/// Every record file under `dir` (the agent's data dir), recursively.
+fn record_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() && !p.ends_with("data") && !p.ends_with("orphans") {
+            out.extend(record_files(&p));
+        } else if ft.is_file() && p.extension().is_some_and(|x| x == "json") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Issue 19: records are typed, versioned and checksummed. A data directory
+/// in the format before (each record bare JSON, as the previous release
+/// wrote it) is read and upgraded at first start; a record whose body no
+/// longer matches its checksum, or of a newer format, is reported damaged
+/// naming the file, and left exactly as it is.
+#[test]
+fn records_of_the_previous_format_upgrade_and_damaged_ones_are_left_alone() {
+    require_tools();
+    let (_root, mut a, b) = common::agent::two_agents("ferry-store-", "");
+    a.ok(&["volume", "create", "v", "--size", "4MiB"]);
+    common::qemu_io(&a.uri("v"), &["write -P 0x5c 0 1M"]);
+    a.ok(&["workload", "create", "w", "--volume", "v"]);
+    a.ok(&["migrate", "start", "w", "--to", "b"]);
+    common::agent::wait_until(60, "ready", || {
+        a.json(&["migrate", "status", "w"])["phase"] == "ready"
+    });
+    let logs = a.dir.join("..").join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(logs.join("f"), b"hello").unwrap();
+    a.ok(&[
+        "share",
+        "create",
+        "logs",
+        "--path",
+        logs.to_str().unwrap(),
+        "--mode",
+        "async",
+        "--to",
+        "b",
+    ]);
+    a.ok(&["token", "create", "ops", "--role", "operator"]);
+    a.stop();
+    // Back to the previous release's format: every record bare.
+    let files = record_files(&a.dir);
+    let kinds: Vec<String> = files
+        .iter()
+        .map(|p| {
+            let v: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            let kind = v["ferry_record"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{} has no envelope", p.display()))
+                .to_string();
+            std::fs::write(p, serde_json::to_vec_pretty(&v["body"]).unwrap()).unwrap();
+            kind
+        })
+        .collect();
+    for k in [
+        "volume",
+        "workload",
+        "migration",
+        "share",
+        "peers",
+        "tokens",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "no {k} record in {kinds:?}");
+    }
+    a.spawn();
+    let node = a.json(&["node", "show"]);
+    assert_eq!(node["damaged"], serde_json::json!([]), "{node}");
+    assert_eq!(a.json(&["migrate", "status", "w"])["target"], "b");
+    assert_eq!(a.json(&["share", "status", "logs"])["role"], "primary");
+    common::qemu_io(&a.uri("v"), &["read -P 0x5c 0 1M"]);
+    for p in &files {
+        let v: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+        assert!(
+            v["ferry_record"].is_string() && v["blake3"].is_string(),
+            "{} not upgraded: {v}",
+            p.display()
+        );
+    }
+    // Damage: a changed body, a newer format. Both left as they are.
+    a.stop();
+    let mig = a.dir.join("migrations/w.json");
+    let changed = std::fs::read_to_string(&mig)
+        .unwrap()
+        .replacen("\"b\"", "\"c\"", 1);
+    std::fs::write(&mig, &changed).unwrap();
+    let vol = a.dir.join("volumes/v/volume.json");
+    let newer = std::fs::read_to_string(&vol)
+        .unwrap()
+        .replace("\"version\": 1", "\"version\": 99");
+    std::fs::write(&vol, &newer).unwrap();
+    a.spawn();
+    let damaged = a.json(&["node", "show"])["damaged"].clone();
+    let says = |kind: &str, what: &str| {
+        damaged
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["kind"] == kind && d["error"].as_str().unwrap().contains(what))
+    };
+    assert!(says("migration", "checksum does not match"), "{damaged}");
+    assert!(says("volume", "newer than this ferry reads"), "{damaged}");
+    assert!(
+        says("volume", "volume.json"),
+        "the file is named: {damaged}"
+    );
+    assert_eq!(std::fs::read_to_string(&mig).unwrap(), changed);
+    assert_eq!(std::fs::read_to_string(&vol).unwrap(), newer);
+    drop(b);
+}
+
+fn require_tools() {
+    common::require("qemu-io");
 }

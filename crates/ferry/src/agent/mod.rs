@@ -34,31 +34,32 @@ use config::AgentConfig;
 use identity::Identity;
 use peers::Peers;
 
-/// Writes a file atomically and durably (file and directory synced), mode 0600.
+/// The commit point of a takeover (`DATA_DIR/commits/WORKLOAD.json`): this
+/// node takes these volumes and shares over; an agent that restarts with
+/// one finishes the promotions first.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CommitRecord {
+    pub workload: String,
+    pub volumes: Vec<String>,
+    /// (Records before shares moved with workloads have none.)
+    #[serde(default)]
+    pub shares: Vec<String>,
+    /// The node replication runs back to once promoted.
+    #[serde(default)]
+    pub reverse_to: Option<String>,
+    /// `sync` or `async`.
+    pub mode: String,
+}
+
+impl crate::store::Record for CommitRecord {
+    const KIND: &'static str = "commit";
+}
+
+/// Writes a file atomically and durably (file and directory synced), mode
+/// 0600: see [`crate::store::write_atomic_private`].
 pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    // A stale temp file keeps its old mode: make it private before writing.
-    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .with_context(|| format!("cannot make {} private", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    // The rename itself is durable only once the directory is synced.
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("cannot sync {}", dir.display()))?;
-    }
-    Ok(())
+    crate::store::write_atomic_private(path, bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Shared state of a running agent.
@@ -563,17 +564,14 @@ impl AgentCtx {
         }
         let dir = self.cfg.data_dir.join("commits");
         std::fs::create_dir_all(&dir)?;
-        let record = serde_json::json!({
-            "workload": workload,
-            "volumes": volumes,
-            "shares": shares,
-            "reverse_to": reverse_to,
-            "mode": if mode == Mode::Sync { "sync" } else { "async" },
-        });
-        write_atomic_private(
-            &dir.join(format!("{checked}.json")),
-            &serde_json::to_vec_pretty(&record)?,
-        )?;
+        let record = CommitRecord {
+            workload: workload.to_string(),
+            volumes: volumes.to_vec(),
+            shares: shares.to_vec(),
+            reverse_to: reverse_to.map(str::to_string),
+            mode: if mode == Mode::Sync { "sync" } else { "async" }.to_string(),
+        };
+        crate::store::save(&dir.join(format!("{checked}.json")), &record)?;
         std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
             .with_context(|| format!("cannot sync {}", dir.display()))?;
@@ -596,22 +594,15 @@ impl AgentCtx {
             .data_dir
             .join("commits")
             .join(format!("{}.json", crate::volume::validate_name(workload)?));
-        let record: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
-        )
-        .with_context(|| format!("{} is damaged", path.display()))?;
-        let mode = if record["mode"] == "async" {
+        let record: CommitRecord =
+            crate::store::load(&path)?.ok_or_else(|| anyhow!("{} is gone", path.display()))?;
+        let mode = if record.mode == "async" {
             Mode::Async
         } else {
             Mode::Sync
         };
-        let reverse_to = record["reverse_to"].as_str();
-        let names: Vec<String> = record["volumes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect();
+        let reverse_to = record.reverse_to.as_deref();
+        let names: Vec<String> = record.volumes.clone();
         // The links back start once every volume is promoted, as one stream.
         self.deferred_links
             .lock()
@@ -649,11 +640,7 @@ impl AgentCtx {
             }
         }
         result?;
-        let shares = record["shares"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str());
+        let shares = record.shares.iter().map(String::as_str);
         let starting = self.starting.load(std::sync::atomic::Ordering::SeqCst);
         for name in shares {
             // A cutover commits only after both trees compared equal.

@@ -52,13 +52,14 @@ impl Peers {
             Ok(false) => BTreeMap::new(),
             _ => {
                 let text = super::identity::read_secret(&path)?;
-                let entries = match serde_json::from_str::<Vec<serde_json::Value>>(&text) {
-                    Ok(v) => v,
+                let mut upgraded = false;
+                let entries = match crate::store::decode::<PeerList>(&path, text.as_bytes()) {
+                    Ok(d) => {
+                        upgraded = d.upgraded_from.is_some();
+                        d.record.0
+                    }
                     Err(e) => {
-                        damaged.push(format!(
-                            "{} is not a JSON list of peers: {e}",
-                            path.display()
-                        ));
+                        damaged.push(format!("{e}"));
                         Vec::new()
                     }
                 };
@@ -75,6 +76,11 @@ impl Peers {
                     let aside = data_dir.join("peers.json.damaged");
                     super::write_atomic_private(&aside, text.as_bytes())
                         .with_context(|| format!("cannot keep {} aside", path.display()))?;
+                } else if upgraded {
+                    // Written before issue 19: in the envelope from now on.
+                    let list: Vec<&Peer> = map.values().collect();
+                    crate::store::save(&path, &PeerList::of(&list)?)?;
+                    tracing::info!(path = %path.display(), "store.upgraded");
                 }
                 map
             }
@@ -118,7 +124,26 @@ impl Peers {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         map.insert(peer.name.clone(), peer);
         let list: Vec<&Peer> = map.values().collect();
-        let bytes = serde_json::to_vec_pretty(&list)?;
-        crate::agent::write_atomic_private(&self.path, &bytes)
+        Ok(crate::store::save(&self.path, &PeerList::of(&list)?)?)
     }
+}
+
+/// `peers.json` as stored: its entries read one by one (a damaged entry
+/// does not hide the others).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+struct PeerList(Vec<serde_json::Value>);
+
+impl PeerList {
+    fn of(list: &[&Peer]) -> Result<PeerList> {
+        Ok(PeerList(
+            list.iter()
+                .map(serde_json::to_value)
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+}
+
+impl crate::store::Record for PeerList {
+    const KIND: &'static str = "peers";
 }

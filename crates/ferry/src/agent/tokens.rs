@@ -19,9 +19,6 @@ use ferry_api::Role;
 use ferry_core::Name;
 use serde::{Deserialize, Serialize};
 
-/// The file's format; a newer one is refused, not overwritten.
-const VERSION: u32 = 1;
-
 /// The name the api.token file is listed under (not a valid token name:
 /// it cannot be created or revoked).
 pub const FILE_TOKEN_NAME: &str = "api.token";
@@ -55,11 +52,14 @@ struct Entry {
     created_unix: u64,
 }
 
+/// `tokens.json`'s body (a [`crate::store`] record).
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct File {
-    version: u32,
     tokens: Vec<Entry>,
+}
+
+impl crate::store::Record for File {
+    const KIND: &'static str = "tokens";
 }
 
 /// A token as `ferry token list` shows it (never its secret).
@@ -105,19 +105,20 @@ impl Tokens {
                         path: path.clone(),
                         why: format!("{e:#}"),
                     })?;
-                let f: File = serde_json::from_str(&text).map_err(|e| TokenError::Corrupt {
-                    path: path.clone(),
-                    why: e.to_string(),
+                let d = crate::store::decode::<File>(&path, text.as_bytes()).map_err(|e| {
+                    TokenError::Corrupt {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    }
                 })?;
-                if f.version != VERSION {
-                    return Err(TokenError::Corrupt {
-                        path,
-                        why: format!(
-                            "format version {} (this ferry reads {VERSION}): written by a newer ferry?",
-                            f.version
-                        ),
-                    });
+                if d.upgraded_from.is_some() {
+                    crate::store::save(&path, &d.record).map_err(|e| TokenError::Corrupt {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })?;
+                    tracing::info!(path = %path.display(), "store.upgraded");
                 }
+                let f = d.record;
                 for e in &f.tokens {
                     if blake3::Hash::from_hex(&e.blake3).is_err() {
                         return Err(TokenError::Corrupt {
@@ -137,16 +138,11 @@ impl Tokens {
 
     fn save(&self, entries: &[Entry]) -> Result<(), TokenError> {
         let f = File {
-            version: VERSION,
             tokens: entries.to_vec(),
         };
-        let bytes = serde_json::to_vec_pretty(&f).map_err(|e| TokenError::Corrupt {
+        crate::store::save(&self.path, &f).map_err(|e| TokenError::Corrupt {
             path: self.path.clone(),
             why: e.to_string(),
-        })?;
-        super::write_atomic_private(&self.path, &bytes).map_err(|e| TokenError::Io {
-            path: self.path.clone(),
-            source: std::io::Error::other(format!("{e:#}")),
         })
     }
 
@@ -282,7 +278,7 @@ mod tests {
         let p = dir.path().join("tokens.json");
         for bad in [
             "{",
-            r#"{"version": 2, "tokens": []}"#,
+            r#"{"ferry_record": "tokens", "version": 2, "blake3": "00", "body": {"tokens": []}}"#,
             r#"{"version": 1, "tokens": [{"name": "../x", "role": "admin", "blake3": "00", "created_unix": 0}]}"#,
             r#"{"version": 1, "tokens": [{"name": "x", "role": "root", "blake3": "00", "created_unix": 0}]}"#,
         ] {

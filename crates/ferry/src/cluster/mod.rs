@@ -77,9 +77,8 @@ pub fn load_all(
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| {
-            let b = std::fs::read(e.path()).ok()?;
-            match serde_json::from_slice(&b) {
-                Ok(h) => Some(h),
+            match crate::store::load::<HaWorkload>(&e.path()) {
+                Ok(h) => h,
                 Err(err) => {
                     let name = e.file_name().to_string_lossy().trim_end_matches(".json").to_string();
                     match damaged {
@@ -101,16 +100,18 @@ fn record_path(data_dir: &Path, workload: &Name) -> PathBuf {
 }
 
 pub fn load(data_dir: &Path, workload: &str) -> Option<HaWorkload> {
-    let b = std::fs::read(record_path(data_dir, &Name::parse(workload).ok()?)).ok()?;
-    serde_json::from_slice(&b).ok()
+    crate::store::load(&record_path(data_dir, &Name::parse(workload).ok()?))
+        .ok()
+        .flatten()
 }
 
 pub fn save(data_dir: &Path, h: &HaWorkload) -> Result<()> {
     std::fs::create_dir_all(dir(data_dir))?;
-    crate::agent::write_atomic_private(
-        &record_path(data_dir, &h.workload),
-        &serde_json::to_vec_pretty(h)?,
-    )
+    Ok(crate::store::save(&record_path(data_dir, &h.workload), h)?)
+}
+
+impl crate::store::Record for HaWorkload {
+    const KIND: &'static str = "ha";
 }
 
 pub fn remove(data_dir: &Path, workload: &str) -> Result<bool> {

@@ -168,10 +168,20 @@ impl ShareStore {
             }
             Err(e) => return Err(io_err("cannot read", &p)(e)),
         };
-        serde_json::from_slice(&text).map_err(|e| ShareError::Damaged {
-            path: p,
-            reason: e.to_string(),
-        })
+        let d =
+            crate::store::decode::<ShareRecord>(&p, &text).map_err(|e| ShareError::Damaged {
+                path: p.clone(),
+                reason: e.to_string(),
+            })?;
+        if d.upgraded_from.is_some() {
+            // Written before records had an envelope: rewritten in it now
+            // (if that fails, e.g. on a full disk, the next save does it).
+            match write_durably(&p, &d.record) {
+                Ok(()) => tracing::info!(path = %p.display(), "store.upgraded"),
+                Err(e) => tracing::warn!(path = %p.display(), error = %e, "store.upgrade_failed"),
+            }
+        }
+        Ok(d.record)
     }
 
     /// Writes the record durably (temp file, fsync, rename, fsync dir).
@@ -186,7 +196,7 @@ impl ShareStore {
     /// no longer than it.
     pub fn save_in_place(&self, rec: &ShareRecord) -> Result<(), ShareError> {
         let p = self.dir(&check_name(&rec.name)?).join("share.json");
-        let mut body = serde_json::to_vec_pretty(rec)
+        let mut body = crate::store::encode(rec)
             .map_err(|e| io_err("cannot encode", &p)(std::io::Error::other(e)))?;
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -268,13 +278,17 @@ impl ShareStore {
     }
 }
 
+impl crate::store::Record for ShareRecord {
+    const KIND: &'static str = "share";
+}
+
 /// Writes `rec` to `p` durably: a temp file beside it (removed again if
 /// the write fails, e.g. on a full disk), fsync, rename, fsync of the
 /// directory.
 fn write_durably(p: &Path, rec: &ShareRecord) -> Result<(), ShareError> {
     let dir = p.parent().unwrap_or(Path::new("."));
     let tmp = p.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(rec)
+    let body = crate::store::encode(rec)
         .map_err(|e| io_err("cannot encode", p)(std::io::Error::other(e)))?;
     let written = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(&body).and_then(|_| f.sync_all()))
