@@ -1593,3 +1593,81 @@ fn a_window_that_closes_before_the_migration_is_ready_ends_with_the_reason() {
     completed_at(&a, "web", 30);
     qemu_io(&b.uri("app"), &["read -P 0x5a 0 4M"]);
 }
+
+/// Issue 19, rolling upgrade: two nodes of the previous release (the end
+/// of issue 18) replicate a workload; the replica is upgraded (its data dir
+/// is read and upgraded, the old primary's link comes back to it), the
+/// workload is cut over to it (the old node orchestrates the handover
+/// against the new one), the old source — now the replica — is upgraded,
+/// and the replication back runs between the two new nodes; no record is
+/// lost on the way.
+#[test]
+fn a_rolling_upgrade_from_the_previous_release_moves_the_workload() {
+    require("qemu-io");
+    let prev = common::previous_release_bin();
+    let new = std::path::PathBuf::from(common::ferry_bin());
+    let root = tempfile::Builder::new()
+        .prefix("ferry-upgrade-")
+        .tempdir()
+        .unwrap();
+    // Both nodes on the previous release.
+    let start_old = |name: &str| {
+        let mut a = Agent::configure(root.path(), name, "", "", &[]);
+        a.set_bin(&prev);
+        a.spawn();
+        a
+    };
+    let mut a = start_old("a");
+    let mut b = start_old("b");
+    pair(&a, &b);
+    // Really the previous release: its route table states no roles.
+    assert!(a.json(&["api", "routes"])[0]["need"].is_null());
+    a.ok(&["volume", "create", "app", "--size", "16MiB"]);
+    qemu_io(&a.uri("app"), &["write -P 0x61 0 4M"]);
+    a.ok(&["workload", "create", "web", "--volume", "app"]);
+    migrate_until_ready(&a, "web");
+    let w = Writer::start(a.uri("app"), 2048);
+    wait_until(30, "writes", || w.acked() >= 5);
+
+    // 1. Upgrade the replica: the old primary's link comes back to it.
+    b.stop();
+    b.set_bin(&new);
+    b.spawn();
+    assert!(b.json(&["node", "show"])["damaged"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    wait_until(60, "ready again with the upgraded replica", || {
+        phase(&a, "web") == "ready"
+    });
+    // 2. The old node cuts over to the new one.
+    let report = cut_over_while_writing(&a, "web");
+    let acked = w.finish();
+    assert_eq!(report["to"], "b", "{report}");
+    assert!(acked.len() >= 5);
+    qemu_io(&b.uri("app"), &["read -P 0x61 0 4M"]);
+    verify_records(&b.uri("app"), &acked);
+    // 3. Upgrade the old source, now the replica: the way back runs
+    //    between two new nodes.
+    a.stop();
+    a.set_bin(&new);
+    a.spawn();
+    assert!(a.json(&["node", "show"])["damaged"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    wait_until(60, "the way back ready between the new nodes", || {
+        b.json(&["migrate", "status", "web"])["phase"] == "ready"
+    });
+    // Both data dirs are in the new format now.
+    for dir in [&a.dir, &b.dir] {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("volumes/app/volume.json")).unwrap())
+                .unwrap();
+        assert_eq!(v["ferry_record"], "volume", "{v}");
+    }
+    // And back, verified, new to new.
+    let back = a.json(&["migrate", "rollback", "web"]);
+    assert_eq!(back["to"], "a", "{back}");
+    verify_records(&a.uri("app"), &acked);
+}

@@ -43,6 +43,9 @@ pub struct Agent {
     pub log: PathBuf,
     /// A program (and its arguments) the agent is run under, e.g. `setpriv …`.
     wrapper: Vec<String>,
+    /// The ferry binary this node runs (agent and CLI): this build's, or
+    /// another release's (see [`Agent::set_bin`]).
+    pub bin: PathBuf,
 }
 
 impl Agent {
@@ -71,6 +74,20 @@ impl Agent {
         replication_toml: &str,
         wrapper: &[&str],
     ) -> Agent {
+        let mut a = Agent::configure(root, name, top_toml, replication_toml, wrapper);
+        a.spawn();
+        a
+    }
+
+    /// Agent `name`'s directory and config, not started yet (e.g. to run
+    /// another release: [`Agent::set_bin`], then [`Agent::spawn`]).
+    pub fn configure(
+        root: &Path,
+        name: &str,
+        top_toml: &str,
+        replication_toml: &str,
+        wrapper: &[&str],
+    ) -> Agent {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let (api, repl) = (free_port(), free_port());
@@ -83,7 +100,7 @@ impl Agent {
             ),
         )
         .unwrap();
-        let mut a = Agent {
+        let a = Agent {
             name: name.to_string(),
             log: root.join(format!("{name}.log")),
             nbd: format!("unix:{}", dir.join("run").join("nbd.sock").display()),
@@ -93,9 +110,15 @@ impl Agent {
             replication: format!("127.0.0.1:{repl}"),
             child: None,
             wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
+            bin: PathBuf::from(ferry_bin()),
         };
-        a.spawn();
         a
+    }
+
+    /// Runs `bin` from the next [`Agent::spawn`] on (a stopped agent
+    /// restarted as another release: an upgrade), and for its CLI.
+    pub fn set_bin(&mut self, bin: &Path) {
+        self.bin = bin.to_path_buf();
     }
 
     /// (Re)starts the process and waits until it prints its addresses.
@@ -109,10 +132,10 @@ impl Agent {
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(ferry_bin());
+                c.args(args).arg(&self.bin);
                 c
             }
-            None => Command::new(ferry_bin()),
+            None => Command::new(&self.bin),
         };
         let mut child = cmd
             .args(["agent", "--config"])
@@ -187,7 +210,7 @@ impl Agent {
 
     /// A `ferry` command aimed at this agent.
     pub fn cli(&self) -> Command {
-        let mut c = Command::new(ferry_bin());
+        let mut c = Command::new(&self.bin);
         c.env("FERRY_API", &self.api)
             .env("FERRY_DATA_DIR", &self.dir)
             .env("FERRY_LOG", "warn");

@@ -18,6 +18,33 @@ pub fn ferry_bin() -> &'static str {
     env!("CARGO_BIN_EXE_ferry")
 }
 
+/// The release before this one (the end of issue 18), for rolling-upgrade
+/// tests: `FERRY_PREVIOUS_BIN` if set (scripts/test builds it), else built
+/// here from that commit into `target/previous-release` (once; minutes).
+pub const PREVIOUS_RELEASE: &str = "ce91735e99b58a44d1a6f68fb1f08c06e00ca7e3";
+
+pub fn previous_release_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRY_PREVIOUS_BIN") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.exists(),
+            "FERRY_PREVIOUS_BIN={} does not exist",
+            p.display()
+        );
+        return p;
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(repo.join("scripts/build-previous-release"))
+        .output()
+        .expect("scripts/build-previous-release");
+    assert!(
+        out.status.success(),
+        "building the previous release failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// Panics with a clear message when a client the tests need is missing.
 pub fn require(tool: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/local/bin", "/bin", "/usr/sbin", "/sbin"] {
