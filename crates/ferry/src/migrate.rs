@@ -816,6 +816,75 @@ fn primaries(
         .collect()
 }
 
+/// A handover's comparison of one drained volume (cutover and switchover
+/// alike): both sides' Merkle leaves, hashed at the same time. Equal: Ok.
+/// Different: the target is marked inconsistent over the blocks that
+/// differ and the link resends them like any dirty range; the error says
+/// how many and where.
+pub(crate) fn compare_or_resend(
+    ctx: &AgentCtx,
+    v: &crate::replication::primary::PrimaryVolume,
+    client: &crate::api::client::ApiClient,
+    target: &str,
+) -> std::result::Result<(), String> {
+    let g = ctx.cfg.replication.granularity_bytes;
+    let (local, remote) = std::thread::scope(|sc| {
+        let remote = sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes", v.name)));
+        let local = v.leaves.current(&v.local);
+        (
+            local,
+            remote
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("hash fetch panicked"))),
+        )
+    });
+    let local = local.map_err(|e| format!("reading volume {}: {e:#}", v.name))?;
+    let remote =
+        remote.map_err(|e| format!("{target} did not send its hashes of {}: {e:#}", v.name))?;
+    let remote: Vec<&str> = remote["hashes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
+        .unwrap_or_default();
+    let differing: Vec<u64> = local
+        .iter()
+        .enumerate()
+        .filter(|(i, h)| remote.get(*i).is_none_or(|r| *r != h.to_hex().as_str()))
+        .map(|(i, _)| i as u64)
+        .collect();
+    if differing.is_empty() && remote.len() == local.len() {
+        return Ok(());
+    }
+    // The target is inconsistent over the differing blocks until they are
+    // resent; the link resends them like any dirty range.
+    if let Err(e) = client.post(
+        &format!("/api/v1/volumes/{}/inconsistent", v.name),
+        &json!({}),
+    ) {
+        tracing::warn!(volume = %v.name, error = %format!("{e:#}"), "handover.mark_inconsistent_failed");
+    }
+    {
+        let size = ferry_nbd::BlockDevice::size(&v.local);
+        let mut l = v.link.lock();
+        // Up to date again only after a new announcement.
+        l.announced_up_to_date = false;
+        for b in &differing {
+            let offset = b * g;
+            l.rep.resync_extent(ferry_core::Extent {
+                offset,
+                length: g.min(size - offset),
+            });
+        }
+    }
+    v.link.copier.notify_all();
+    let first = differing.first().map(|b| b * g);
+    Err(format!(
+        "Merkle roots of {} differ in {} blocks (first at byte {:?}): the target is not equal; those blocks are being resent",
+        v.name,
+        differing.len(),
+        first
+    ))
+}
+
 /// Makes the replicas of `vols` flush what they hold, all at once, while
 /// the workload still writes (see [`PrimaryVolume::flush_link`]): the
 /// freeze that follows then drains only what came after. Best effort: a
@@ -1095,70 +1164,14 @@ pub fn cutover_with(
         }
     }
     step(&mut steps, "drained");
-    let g = ctx.cfg.replication.granularity_bytes;
     for v in &vols {
-        // Both sides hash what is still stale at the same time.
-        let (local, remote) = std::thread::scope(|sc| {
-            let remote = sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes", v.name)));
-            let local = v.leaves.current(&v.local);
-            (
-                local,
-                remote
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow!("hash fetch panicked"))),
-            )
-        });
-        let local = local.map_err(|e| {
+        compare_or_resend(ctx, v, &client, &target).map_err(|why| {
             abort(
-                format!("reading volume {}: {e:#}", v.name),
+                format!("{why}; cut over again once it is ready"),
                 true,
                 &mut hooks,
             )
         })?;
-        let remote = remote.map_err(|e| {
-            let why = format!("{target} did not send its hashes of {}: {e:#}", v.name);
-            abort(why, true, &mut hooks)
-        })?;
-        let remote: Vec<&str> = remote["hashes"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
-            .unwrap_or_default();
-        let differing: Vec<u64> = local
-            .iter()
-            .enumerate()
-            .filter(|(i, h)| remote.get(*i).is_none_or(|r| *r != h.to_hex().as_str()))
-            .map(|(i, _)| i as u64)
-            .collect();
-        if !differing.is_empty() || remote.len() != local.len() {
-            // The target is inconsistent over the differing blocks until they
-            // are resent; the link resends them like any dirty range.
-            if let Err(e) = client.post(
-                &format!("/api/v1/volumes/{}/inconsistent", v.name),
-                &json!({}),
-            ) {
-                tracing::warn!(volume = %v.name, error = %format!("{e:#}"), "cutover.mark_inconsistent_failed");
-            }
-            {
-                let size = ferry_nbd::BlockDevice::size(&v.local);
-                let mut l = v.link.lock();
-                // Up to date again only after a new announcement.
-                l.announced_up_to_date = false;
-                for b in &differing {
-                    let offset = b * g;
-                    l.rep.resync_extent(ferry_core::Extent {
-                        offset,
-                        length: g.min(size - offset),
-                    });
-                }
-            }
-            v.link.copier.notify_all();
-            let first = differing.first().map(|b| b * g);
-            return Err(abort(
-                format!("Merkle roots of {} differ in {} blocks (first at byte {:?}): the target is not equal; those blocks are being resent, cut over again once it is ready", v.name, differing.len(), first),
-                true,
-                &mut hooks,
-            ));
-        }
     }
     // Shares: every entry and every file's content, both sides at once.
     for s in &shares {

@@ -887,6 +887,64 @@ fn a_failing_check_hands_the_workload_over_and_every_event_reaches_the_notify_ho
     });
 }
 
+/// Issue 19: a switchover compares like a cutover and, like it, resends
+/// the blocks that differ: a replica damaged behind ferry's back makes the
+/// switchover abort (the workload stays), the differing block is resent,
+/// and the next switchover goes through onto an equal copy.
+#[test]
+fn a_switchover_onto_a_damaged_copy_aborts_and_resends_what_differs() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    let mut w = start_writer(&net, 0, 100);
+    assert!(w.wait().unwrap().success());
+    wait_for(30, "b's leaves current", || {
+        net.json("b", &["replicate", "status", "vol"])["merkle_stale_blocks"] == 0
+    });
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(net.dir("b").join("volumes/vol/data.raw"))
+            .unwrap();
+        f.write_all_at(&[0xee; 4096], 9 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    wait_for(30, "the read-back finds it", || {
+        net.log("b").contains("merkle.scrub.changed")
+    });
+    let out = net.ferry("a", &["cluster", "switchover", "web"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a switchover onto a damaged copy went ahead"
+    );
+    assert!(
+        err.contains("differ in 1 blocks") && err.contains("resent") && err.contains("stays here"),
+        "{err}"
+    );
+    assert_eq!(net.status("a", "web")["primary"], "a");
+    wait_for(30, "b up to date again", || {
+        net.status("a", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    let v = net.json("a", &["cluster", "switchover", "web"]);
+    assert_eq!(v["to"], "b", "{v}");
+    let img = net.image("b");
+    assert!(
+        img[9 << 20..(9 << 20) + 4096].iter().all(|&x| x == 0),
+        "the damage stayed"
+    );
+    for i in 0..100u64 {
+        let off = i as usize * 4096;
+        assert!(
+            img[off..off + 4096] == record(i)[..],
+            "record {i} missing on b"
+        );
+    }
+}
+
 #[test]
 fn a_switchover_moves_the_workload_verified_and_back() {
     let mut net = Net::new();

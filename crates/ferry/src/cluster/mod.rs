@@ -1684,24 +1684,9 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
                 .map_err(|e| anyhow!("volume {}: {e}", v.name))?;
         }
         for v in &vols {
-            let local = v.leaves.current(&v.local)?;
-            let remote = client.get(&format!("/api/v1/volumes/{}/hashes", v.name))?;
-            let remote: Vec<&str> = remote["hashes"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
-                .unwrap_or_default();
-            let differ = remote.len() != local.len()
-                || local
-                    .iter()
-                    .zip(&remote)
-                    .any(|(l, r)| l.to_hex().as_str() != *r);
-            if differ {
-                bail!(
-                    "the Merkle leaves of {} differ on {}: not switching over",
-                    v.name,
-                    cfg.peer
-                );
-            }
+            // As a cutover: unequal blocks are resent before a retry.
+            crate::migrate::compare_or_resend(ctx, v, &client, &cfg.peer)
+                .map_err(|why| anyhow!("{why}: not switching over"))?;
         }
         // Shares: drained (durable on the peer), then the trees' digests
         // (every entry and every file's content) must be equal.
