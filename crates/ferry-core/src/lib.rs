@@ -27,6 +27,7 @@ pub mod name;
 pub mod schedule;
 pub mod size;
 pub mod snapshot;
+pub mod split_brain;
 
 pub use dirty::{DirtyMap, DirtyMapError};
 pub use extent::{Extent, RangeError};

@@ -2036,47 +2036,53 @@ fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()>
         .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
     let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
     let spec = spec(ctx, workload)?;
-    let theirs = client.get("/api/v1/cluster")?;
-    let theirs = theirs["workloads"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|w| w["workload"] == workload)
-        .cloned()
-        .ok_or_else(|| anyhow!("{} does not manage {workload:?}", cfg.peer))?;
-    let mine_changed: u64 = spec
-        .volumes
-        .iter()
-        .filter_map(|v| ctx.primary(v))
-        .map(|p| p.link.lock().rep.dirty_map().dirty_bytes())
-        .sum();
-    let theirs_changed = theirs["changed_bytes"].as_u64().unwrap_or(0);
-    let (keep, why) = match policy {
-        "discard-least-changes" if mine_changed >= theirs_changed => (
-            me.clone(),
-            format!(
-                "{me} changed {mine_changed} bytes since the split, {} {theirs_changed}",
-                cfg.peer
-            ),
-        ),
-        "discard-least-changes" => (
-            cfg.peer.clone(),
-            format!(
-                "{} changed {theirs_changed} bytes since the split, {me} {mine_changed}",
-                cfg.peer
-            ),
-        ),
-        // This node serves under the witness's current record: it was
-        // promoted after the peer, so it is the younger primary.
-        _ => (
-            cfg.peer.clone(),
-            format!(
-                "{me} became primary after {} (the witness's record names it primary now)",
-                cfg.peer
-            ),
-        ),
+    use ferry_core::split_brain::{decide, SideReport, SplitBrainPolicy, Verdict};
+    let policy: SplitBrainPolicy = policy
+        .parse()
+        .map_err(|e| anyhow!("cluster.split_brain: {e}"))?;
+    // The peer's own report of the workload, typed: a missing figure is
+    // unknown, never 0.
+    #[derive(serde::Deserialize)]
+    struct PeerWorkload {
+        workload: String,
+        changed_bytes: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct PeerCluster {
+        workloads: Vec<serde_json::Value>,
+    }
+    let theirs: std::result::Result<SideReport, String> = client
+        .get("/api/v1/cluster")
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|v| serde_json::from_value::<PeerCluster>(v).map_err(|e| e.to_string()))
+        .and_then(|c| {
+            c.workloads
+                .into_iter()
+                .filter_map(|w| serde_json::from_value::<PeerWorkload>(w).ok())
+                .find(|w| w.workload == workload)
+                .ok_or_else(|| format!("{} reports no changed_bytes for {workload:?}", cfg.peer))
+        })
+        .map(|w| SideReport {
+            node: cfg.peer.clone(),
+            changed_bytes: w.changed_bytes,
+        });
+    let mine = SideReport {
+        node: me.clone(),
+        changed_bytes: spec
+            .volumes
+            .iter()
+            .filter_map(|v| ctx.primary(v))
+            .map(|p| p.link.lock().rep.dirty_map().dirty_bytes())
+            .sum(),
     };
-    tracing::warn!(workload, policy, keep = %keep, why = %why, "cluster.split_brain.policy_decided");
+    let (keep, why) = match decide(policy, &mine, theirs.as_ref().map_err(Clone::clone)) {
+        Verdict::Keep { node, why } => (node, why),
+        Verdict::Manual { why } => {
+            tracing::warn!(workload, %policy, why = %why, "cluster.split_brain.left_to_operator");
+            return Ok(());
+        }
+    };
+    tracing::warn!(workload, %policy, keep = %keep, why = %why, "cluster.split_brain.policy_decided");
     if keep == me {
         resolve_split_brain(ctx, workload, &me, None)?;
         return Ok(());
