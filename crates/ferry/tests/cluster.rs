@@ -1978,6 +1978,8 @@ fn the_heartbeat_thread_touches_no_file_while_workloads_come_go_and_fail_over() 
         net.status("a", "web")["primary"] == "a"
     });
     net.wait_vip("a");
+    let events = net.status("a", "web")["events"].clone();
+    eprintln!("a's events for web: {events}");
     let a = net.detach_trace("a");
     let b = net.detach_trace("b");
 
@@ -1988,6 +1990,11 @@ fn the_heartbeat_thread_touches_no_file_while_workloads_come_go_and_fail_over() 
             .collect();
         // The trace saw the thread at work: it cannot pass by seeing nothing.
         let sent = lines.iter().filter(|l| l.starts_with("sendto(")).count();
+        let received = lines.iter().filter(|l| l.starts_with("recvfrom(")).count();
+        eprintln!(
+            "{n}'s heartbeat thread: {sent} sendto, {received} recvfrom, {} syscalls traced",
+            lines.len()
+        );
         assert!(
             sent >= 20,
             "{n}: only {sent} heartbeats traced ({})",
