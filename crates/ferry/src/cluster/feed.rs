@@ -101,11 +101,8 @@ pub(super) struct DataReport {
     pub io_errors: u64,
     /// A volume refuses, or is refused, as split brain.
     pub split_brain: bool,
-    /// Bytes this copy may hold that the peer's does not (status; refreshed
-    /// every [`REFRESH_INTERVAL_MS`]).
+    /// Bytes this copy may hold that the peer's does not (status).
     pub changed_bytes: u64,
-    /// Copies kept by split-brain resolutions (status; same).
-    pub copies: Vec<String>,
 }
 
 /// Asked of the feed thread.
@@ -126,8 +123,6 @@ pub(super) struct PersistRequest {
 /// A workload the feed handed to the heartbeat thread.
 struct Known {
     spec: Option<WorkloadSpec>,
-    changed_bytes: u64,
-    copies: Vec<String>,
 }
 
 pub(super) struct Feed {
@@ -282,10 +277,6 @@ impl Feed {
                 .ok()
                 .flatten();
             if let Some(k) = self.known.get_mut(h.workload.as_str()) {
-                if let Some(spec) = &spec {
-                    k.changed_bytes = changed_bytes(&self.ctx, spec);
-                    k.copies = super::kept_copies(&self.ctx, spec);
-                }
                 k.spec = spec;
                 continue;
             }
@@ -296,14 +287,8 @@ impl Feed {
             let Some(new) = self.start_workload(&h, &spec) else {
                 continue;
             };
-            self.known.insert(
-                h.workload.to_string(),
-                Known {
-                    changed_bytes: changed_bytes(&self.ctx, &spec),
-                    copies: super::kept_copies(&self.ctx, &spec),
-                    spec: Some(spec),
-                },
-            );
+            self.known
+                .insert(h.workload.to_string(), Known { spec: Some(spec) });
             if !self.send(ToHb::Add(Box::new(new))) {
                 return false;
             }
@@ -369,7 +354,7 @@ impl Feed {
             let Some(spec) = &k.spec else {
                 continue;
             };
-            let r = data_report(&self.ctx, spec, k);
+            let r = data_report(&self.ctx, spec);
             if !self.send(ToHb::Data(w.clone(), r)) {
                 return false;
             }
@@ -381,7 +366,7 @@ impl Feed {
 /// One workload's data and link states. Also feeds the volumes the link's
 /// view and answers parked writes that may be answered: the permit itself
 /// is set by the heartbeat thread, from its state machine.
-fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, k: &Known) -> DataReport {
+fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec) -> DataReport {
     let data = data_state_of(ctx, spec);
     let prims: Vec<_> = spec.volumes.iter().filter_map(|v| ctx.primary(v)).collect();
     let share_prims: Vec<_> = spec
@@ -428,8 +413,7 @@ fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, k: &Known) -> DataReport {
             .map(|p| p.io_errors.load(Ordering::Relaxed))
             .sum(),
         split_brain: split_brain(ctx, spec),
-        changed_bytes: k.changed_bytes,
-        copies: k.copies.clone(),
+        changed_bytes: changed_bytes(ctx, spec),
     }
 }
 

@@ -287,13 +287,25 @@ impl ClusterView {
             .insert(workload.to_string());
     }
 
+    /// `ferry cluster status`: what the manager published, with the copies
+    /// split-brain resolutions keep here read now (files: the request's
+    /// thread reads them, not the heartbeat thread, and a copy made just
+    /// before is listed).
     pub fn json(&self, ctx: &AgentCtx) -> Value {
         let now = crate::replication::primary::mono_ms();
-        let w: Vec<Value> = self
+        let mut w: Vec<Value> = self
             .workloads()
             .values()
             .map(|v| as_of(v.clone(), now))
             .collect();
+        for v in &mut w {
+            let spec = v["workload"].as_str().and_then(|name| {
+                crate::migrate::load_workload(&ctx.cfg.data_dir, name)
+                    .ok()
+                    .flatten()
+            });
+            v["copies"] = json!(spec.map(|s| kept_copies(ctx, &s)).unwrap_or_default());
+        }
         json!({
             "node": ctx.identity.node_name,
             "standby": in_standby(&ctx.cfg.data_dir),
@@ -386,9 +398,10 @@ struct Slot {
     /// From the newest data report, for the status and the policies.
     split_brain: bool,
     changed_bytes: u64,
-    copies: Vec<String>,
     /// Actions waiting for a persist to be durable, in order.
     held: VecDeque<Step>,
+    /// When its status was last published.
+    published_at: Instant,
 }
 
 impl Drop for Slot {
@@ -624,7 +637,6 @@ impl Manager {
         crate::logging::queue_this_thread();
         realtime();
         let mut last_policies = Instant::now();
-        let mut last_publish = Instant::now();
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 64];
         loop {
             self.take_messages();
@@ -690,9 +702,13 @@ impl Manager {
                     self.resume(w);
                 }
             }
-            if last_publish.elapsed() >= Duration::from_millis(PUBLISH_INTERVAL_MS) {
-                last_publish = Instant::now();
-                for w in &names {
+            // Published with each data report, and at least this often
+            // should the feed be slow.
+            for w in &names {
+                let due = self.slots.get(w).is_some_and(|s| {
+                    s.published_at.elapsed() >= Duration::from_millis(PUBLISH_INTERVAL_MS)
+                });
+                if due {
                     self.publish(w);
                 }
             }
@@ -772,8 +788,8 @@ impl Manager {
                 io_errors_seen: n.io_errors_seen,
                 split_brain: false,
                 changed_bytes: 0,
-                copies: Vec::new(),
                 held: VecDeque::new(),
+                published_at: Instant::now(),
             },
         );
     }
@@ -859,12 +875,16 @@ impl Manager {
         }
         slot.split_brain = r.split_brain;
         slot.changed_bytes = r.changed_bytes;
-        slot.copies = r.copies;
         self.perform(w, actions);
         self.set_permits(w);
+        self.publish(w);
     }
 
-    fn publish(&self, w: &str) {
+    fn publish(&mut self, w: &str) {
+        let Some(slot) = self.slots.get_mut(w) else {
+            return;
+        };
+        slot.published_at = Instant::now();
         let Some(slot) = self.slots.get(w) else {
             return;
         };
@@ -902,7 +922,8 @@ impl Manager {
             "accept_loss": slot.accept_loss,
             "split_brain": slot.split_brain,
             "changed_bytes": slot.changed_bytes,
-            "copies": slot.copies,
+            // Read when the status is asked for (`ClusterView::json`).
+            "copies": [],
             "replicas": replica_state.into_iter().collect::<Vec<_>>(),
             "events": slot.events.iter().cloned().collect::<Vec<_>>(),
         });
