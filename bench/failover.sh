@@ -9,7 +9,9 @@
 #      tuned (50 ms / 250 ms). The crashed node returns as replica between
 #      reps, so reps alternate direction.
 #   2. no false failover: tuned settings, --busy seconds with both cores
-#      busy (2 spinning processes + a writer), counting fences/promotions.
+#      busy (2 spinning processes + a writer through the VIP) and the disk
+#      holding the data dirs under fsync load (fio 4 KiB randwrite,
+#      fsync=1, in the same work dir), counting fences/promotions.
 #   3. resync after an outage: crash the primary, write --outage-mib MiB
 #      through the VIP on the survivor during --outage seconds, bring the
 #      old primary back, compare bytes resent with the bytes changed.
@@ -25,6 +27,7 @@
 # through a shell function, so $! is the process itself and kill reaches it.)
 # Usage: bench/failover.sh [--parts 1,2,3,4] [--reps 10] [--busy 60] [--outage 60]
 #                          [--outage-mib 100] [--switchover-reps 5] [--steady 10]
+# FERRY_BIN=PATH runs that binary instead of building this tree's (A/B runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,8 +53,12 @@ done
 
 has() { [[ ",$parts," == *",$1,"* ]]; }
 scripts/install-deps >/dev/null
-cargo build --release --quiet -p ferry
-ferry="$PWD/target/release/ferry"
+if [[ -n ${FERRY_BIN:-} ]]; then
+  ferry=$(realpath "$FERRY_BIN")
+else
+  cargo build --release --quiet -p ferry
+  ferry="${CARGO_TARGET_DIR:-$PWD/target}/release/ferry"
+fi
 work=$(mktemp -d /var/tmp/ferry-fbench.XXXXXX)
 tag="fb$$"
 vip=198.18.0.100
@@ -207,6 +214,13 @@ fi
 if has 2; then
 setup 50 250
 lines_a=$(wc -l <"$work/a.log"); lines_b=$(wc -l <"$work/b.log")
+# The disk the data dirs are on, under fsync load: every 4 KiB write synced
+# (its file laid out first, so the load spans the whole window).
+mkdir -p "$work/fsync"
+fio_fs=(fio --name=fs --rw=randwrite --bs=4k --fsync=1 --size=256M --directory="$work/fsync")
+"${fio_fs[@]}" --create_only=1 >/dev/null
+"${fio_fs[@]}" --time_based --runtime="$busy" --output-format=json --output="$work/fsync.json" >/dev/null 2>&1 &
+fio_pid=$!; busy_pids+=($fio_pid)
 for _ in 1 2; do ( while :; do :; done ) & busy_pids+=($!); done
 cat >"$work/load.py" <<'PY'
 import nbd, os, sys, time
@@ -217,10 +231,24 @@ while time.time() < end:
 print(i)
 PY
 in_ns c /usr/bin/python3 "$work/load.py" "$nbd_uri" "$busy" >"$work/load.out"
+wait "$fio_pid" 2>/dev/null || true
 for p in "${busy_pids[@]}"; do kill "$p" 2>/dev/null || true; done; busy_pids=()
+# fio's synced writes: how many, and its fsync latency (median / p99 / max).
+fsync_load=$(python3 - "$work/fsync.json" <<'PY'
+import json, sys
+try:
+    j = json.load(open(sys.argv[1]))["jobs"][0]
+    s = j["sync"]["lat_ns"]; p = s.get("percentile", {})
+    ms = lambda ns: "%.1f" % (ns / 1e6)
+    print("%d synced 4 KiB writes, fsync %s / %s / %s ms (median / p99 / max)" % (
+        j["write"]["total_ios"], ms(p.get("50.000000", 0)), ms(p.get("99.000000", 0)), ms(s["max"])))
+except Exception as e:
+    print("fio: no figures (%s)" % e)
+PY
+)
 false_events=$( { tail -n +"$((lines_a + 1))" "$work/a.log"; tail -n +"$((lines_b + 1))" "$work/b.log"; } | grep -c '"event":"\(fenced\|promoted\|failover-started\|peer-lost\)"' || true)
 load_writes=$(cat "$work/load.out")
-echo "busy ${busy}s: $load_writes 64 KiB writes, fence/promote/failover events: $false_events" >&2
+echo "busy ${busy}s: $load_writes 64 KiB writes, $fsync_load; fence/promote/failover events: $false_events" >&2
 fi
 
 # ---------- 3. resync after an outage ----------
@@ -303,7 +331,7 @@ if has 2 || has 3 || has 4; then
   echo "| check | result | target |"
   echo "|---|---|---|"
 fi
-has 2 && echo "| false failovers, tuned settings, ${busy} s with both cores busy ($load_writes × 64 KiB writes meanwhile) | $false_events fence/promotion events | 0 |"
+has 2 && echo "| false failovers, tuned settings, ${busy} s with both cores busy ($load_writes × 64 KiB writes meanwhile) and fsync load on the data dirs' disk (fio: $fsync_load) | $false_events fence/promotion events | 0 |"
 has 3 && echo "| resync after a ${outage} s outage of the primary, $outage_mib MiB written on the survivor | sent $sent B (b's link to a, new since the failover); changed $changed B + crashed primary's suspect blocks $suspect B | ≤ 1.2 × (changed + suspect) = $(( (changed + suspect) * 12 / 10 )) B |"
 if has 4; then
   echo "| switchover under 20 MiB/s 4 KiB random writes (${steady} s steady), median of $switchover_reps | downtime $sw_down_med ms (freeze → peer serves), of which freeze → verified $sw_ver_med ms | ≤ 50 ms |"
