@@ -14,7 +14,7 @@
 //!   volumes' states are read by the `cluster-feed` thread and pushed to it,
 //!   and what it decides to keep is written by the `cluster-persist` thread
 //!   while that workload's later actions wait (see `feed` and
-//!   [`Manager::perform`]); its log lines are queued to a logger thread.
+//!   `Manager::perform`); its log lines are queued to a logger thread.
 //! - Slow actions (promotion, demotion, hooks, the virtual IP) run on one
 //!   worker thread per workload, in order.
 //! - Outdate before going alone is enforced in the write path:
