@@ -2018,3 +2018,55 @@ fn the_heartbeat_thread_touches_no_file_while_workloads_come_go_and_fail_over() 
         );
     }
 }
+
+/// The old primary restarts after a failover and is demoted; its stop hook
+/// (`FERRY_ROLE=demoted`) takes 2 s, during which its volume is still a
+/// primary. Its status must not call its copy up to date meanwhile (the
+/// manager must not take the copy's state from volumes still in their old
+/// role: a primary volume counts as up to date) — a tool waiting for the
+/// replica to be up to date would otherwise go on while it is not.
+#[test]
+fn a_copy_being_demoted_is_never_reported_up_to_date() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let marker = net.root.path().join("demoting");
+    let stop = format!(
+        "if [ \"$FERRY_ROLE\" = demoted ]; then touch {m}-$FERRY_NODE; sleep 2; rm -f {m}-$FERRY_NODE; fi",
+        m = marker.display()
+    );
+    net.ha_workload_with("16MiB", &["--stop", &stop]);
+    net.crash("a");
+    wait_for(20, "b to take web over", || {
+        net.status("b", "web")["primary"] == "b"
+    });
+    net.link_up("a");
+    net.start_agent("a");
+    let demoting = marker.with_file_name("demoting-a");
+    wait_for(20, "a's demotion to start", || demoting.exists());
+    let mut seen = Vec::new();
+    while demoting.exists() {
+        let s = net.status("a", "web");
+        seen.push(format!("{} {}", s["role"], s["replicas"][0]["state"]));
+        assert!(
+            !(s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"),
+            "a's copy reported up to date while it was being demoted (look {} of the demotion; the last ones: {:?})",
+            seen.len(),
+            &seen[seen.len().saturating_sub(5)..]
+        );
+    }
+    assert!(
+        seen.len() >= 3,
+        "too few looks during the demotion: {seen:?}"
+    );
+    wait_for(30, "a to be b's up-to-date replica", || {
+        let s = net.status("a", "web");
+        s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"
+    });
+    eprintln!(
+        "{} looks at a's status during its demotion, the first: {:?}",
+        seen.len(),
+        seen.first()
+    );
+}

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,8 @@ pub(super) struct NewWorkload {
 
 /// A workload's data and link states.
 pub(super) struct DataReport {
+    /// The worker's promotions and demotions done before this was sampled.
+    pub role_changes_done: u64,
     /// This node's copy as a replica.
     pub data: DataState,
     /// Every volume and share a primary here streaming to an up-to-date replica.
@@ -123,6 +125,8 @@ pub(super) struct PersistRequest {
 /// A workload the feed handed to the heartbeat thread.
 struct Known {
     spec: Option<WorkloadSpec>,
+    /// Counted by its worker thread.
+    role_changes_done: Arc<AtomicU64>,
 }
 
 pub(super) struct Feed {
@@ -284,11 +288,17 @@ impl Feed {
                 tracing::warn!(workload = %h.workload, "cluster.workload_missing: no workload definition here yet");
                 continue;
             };
-            let Some(new) = self.start_workload(&h, &spec) else {
+            let role_changes_done = Arc::new(AtomicU64::new(0));
+            let Some(new) = self.start_workload(&h, &spec, &role_changes_done) else {
                 continue;
             };
-            self.known
-                .insert(h.workload.to_string(), Known { spec: Some(spec) });
+            self.known.insert(
+                h.workload.to_string(),
+                Known {
+                    spec: Some(spec),
+                    role_changes_done,
+                },
+            );
             if !self.send(ToHb::Add(Box::new(new))) {
                 return false;
             }
@@ -298,7 +308,12 @@ impl Feed {
 
     /// A workload newly under HA: its worker and check threads started,
     /// and what its state machine starts from.
-    fn start_workload(&self, h: &HaWorkload, spec: &WorkloadSpec) -> Option<NewWorkload> {
+    fn start_workload(
+        &self,
+        h: &HaWorkload,
+        spec: &WorkloadSpec,
+        role_changes_done: &Arc<AtomicU64>,
+    ) -> Option<NewWorkload> {
         let ctx = &self.ctx;
         let sync = spec.volumes.iter().all(|v| volume_mode_sync(ctx, v))
             && spec.shares.iter().all(|n| share_mode_sync(ctx, n));
@@ -310,9 +325,10 @@ impl Feed {
         };
         let (jobs, rx) = mpsc::channel();
         let (c, name, peer) = (ctx.clone(), h.workload.to_string(), self.cfg.peer.clone());
+        let done = role_changes_done.clone();
         if let Err(e) = std::thread::Builder::new()
             .name(format!("cluster-{name}"))
-            .spawn(move || super::worker(&c, &name, &peer, rx))
+            .spawn(move || super::worker(&c, &name, &peer, rx, &done))
         {
             tracing::error!(workload = %h.workload, error = %e, "cluster.worker_failed");
             return None;
@@ -354,7 +370,7 @@ impl Feed {
             let Some(spec) = &k.spec else {
                 continue;
             };
-            let r = data_report(&self.ctx, spec);
+            let r = data_report(&self.ctx, spec, &k.role_changes_done);
             if !self.send(ToHb::Data(w.clone(), r)) {
                 return false;
             }
@@ -366,7 +382,9 @@ impl Feed {
 /// One workload's data and link states. Also feeds the volumes the link's
 /// view and answers parked writes that may be answered: the permit itself
 /// is set by the heartbeat thread, from its state machine.
-fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec) -> DataReport {
+fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, done: &AtomicU64) -> DataReport {
+    // Read first: what follows saw at least these role changes done.
+    let role_changes_done = done.load(Ordering::SeqCst);
     let data = data_state_of(ctx, spec);
     let prims: Vec<_> = spec.volumes.iter().filter_map(|v| ctx.primary(v)).collect();
     let share_prims: Vec<_> = spec
@@ -405,6 +423,7 @@ fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec) -> DataReport {
         p.release_parked(in_sync);
     }
     DataReport {
+        role_changes_done,
         data,
         in_sync,
         link_seen_ms,

@@ -37,7 +37,7 @@ pub mod witness;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -402,6 +402,9 @@ struct Slot {
     held: VecDeque<Step>,
     /// When its status was last published.
     published_at: Instant,
+    /// Promotions and demotions sent to the worker (it counts those done
+    /// in the data reports: `DataReport::role_changes_done`).
+    role_changes_sent: u64,
 }
 
 impl Drop for Slot {
@@ -790,6 +793,7 @@ impl Manager {
                 changed_bytes: 0,
                 held: VecDeque::new(),
                 published_at: Instant::now(),
+                role_changes_sent: 0,
             },
         );
     }
@@ -842,9 +846,23 @@ impl Manager {
             return;
         };
         let mut actions = Vec::new();
+        // The copy's state counts only from a report sampled after every
+        // promotion and demotion asked for was done: before, the volumes
+        // still have their old role (a primary volume counts as up to
+        // date), and a demotion's own mark would be undone.
+        let role_changing = slot.held.iter().any(|s| {
+            matches!(
+                s,
+                Step::Act {
+                    action: Action::Promote | Action::Demote,
+                    ..
+                }
+            )
+        });
+        let settled = r.role_changes_done >= slot.role_changes_sent && !role_changing;
         // Compared with the state machine's own view: a demotion marks its
         // copy inconsistent without asking us.
-        if slot.node.data_state() != r.data {
+        if settled && slot.node.data_state() != r.data {
             actions.extend(slot.node.on_input(now, Input::DataState(r.data)));
         }
         if slot.peer_in_sync != Some(r.in_sync) {
@@ -1266,8 +1284,11 @@ impl Manager {
         }
     }
 
-    fn job(&self, w: &str, j: Job) {
-        if let Some(s) = self.slots.get(w) {
+    fn job(&mut self, w: &str, j: Job) {
+        if let Some(s) = self.slots.get_mut(w) {
+            if matches!(j, Job::Promote { .. } | Job::Demote) {
+                s.role_changes_sent += 1;
+            }
             let _ = s.jobs.send(j);
         }
     }
@@ -1335,8 +1356,15 @@ fn data_state_str(d: DataState) -> &'static str {
     }
 }
 
-/// A workload's slow actions, in order.
-fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Job>) {
+/// A workload's slow actions, in order. `role_changes_done` counts the
+/// promotions and demotions finished (the volumes' roles changed).
+fn worker(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    peer: &str,
+    rx: mpsc::Receiver<Job>,
+    role_changes_done: &AtomicU64,
+) {
     // Whether this node runs the application (as far as the hooks went).
     let mut serving = false;
     for job in rx {
@@ -1371,6 +1399,9 @@ fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Jo
                 demote(ctx, workload, peer)
             }
         };
+        if matches!(job, Job::Promote { .. } | Job::Demote) {
+            role_changes_done.fetch_add(1, Ordering::SeqCst);
+        }
         match r {
             Ok(()) => tracing::info!(
                 workload,
