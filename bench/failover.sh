@@ -157,7 +157,11 @@ shared_nbd_ca() {
 cat >"$work/poll.py" <<'PY'
 import socket, sys, time, nbd
 vip, start, uri = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+def give_up():  # no failover within 60 s: fail the run rather than hang
+    if time.time() - start > 60:
+        print("no failover within 60 s", file=sys.stderr); sys.exit(1)
 while True:
+    give_up()
     s = socket.socket(); s.settimeout(0.02)
     try:
         s.connect((vip, 10809)); s.close(); t_vip = time.time(); break
@@ -167,7 +171,7 @@ while True:
     try:
         h = nbd.NBD(); h.set_uri_allow_local_file(True); h.connect_uri(uri); h.pread(4096, 0); t_app = time.time(); break
     except Exception:
-        time.sleep(0.02)
+        give_up(); time.sleep(0.02)
 print("%.3f %.3f" % (t_vip - start, t_app - start))
 PY
 
