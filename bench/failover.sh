@@ -9,7 +9,12 @@
 #      tuned (50 ms / 250 ms). The crashed node returns as replica between
 #      reps, so reps alternate direction.
 #   2. no false failover: tuned settings, --busy seconds with both cores
-#      busy (2 spinning processes + a writer), counting fences/promotions.
+#      busy (2 spinning processes + a writer through the VIP) and the disk
+#      holding the data dirs under fsync load (fio 4 KiB randwrite,
+#      fsync=1, in the same work dir), counting fences/promotions. With
+#      --churn SECS, a second HA workload (db, 16 MiB) is switched over
+#      every SECS seconds meanwhile: its state changes are persisted while
+#      web must keep its heartbeats (only web's events are counted then).
 #   3. resync after an outage: crash the primary, write --outage-mib MiB
 #      through the VIP on the survivor during --outage seconds, bring the
 #      old primary back, compare bytes resent with the bytes changed.
@@ -24,7 +29,8 @@
 # (Background processes are started with `ip netns exec` directly, never
 # through a shell function, so $! is the process itself and kill reaches it.)
 # Usage: bench/failover.sh [--parts 1,2,3,4] [--reps 10] [--busy 60] [--outage 60]
-#                          [--outage-mib 100] [--switchover-reps 5] [--steady 10]
+#                          [--outage-mib 100] [--switchover-reps 5] [--steady 10] [--churn 0]
+# FERRY_BIN=PATH runs that binary instead of building this tree's (A/B runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,8 +41,10 @@ outage_mib=100
 parts=1,2,3,4
 switchover_reps=5
 steady=10
+churn=0
 while (($#)); do
   case "$1" in
+    --churn) churn="$2"; shift 2 ;;
     --parts) parts="$2"; shift 2 ;;
     --switchover-reps) switchover_reps="$2"; shift 2 ;;
     --steady) steady="$2"; shift 2 ;;
@@ -50,8 +58,12 @@ done
 
 has() { [[ ",$parts," == *",$1,"* ]]; }
 scripts/install-deps >/dev/null
-cargo build --release --quiet -p ferry
-ferry="$PWD/target/release/ferry"
+if [[ -n ${FERRY_BIN:-} ]]; then
+  ferry=$(realpath "$FERRY_BIN")
+else
+  cargo build --release --quiet -p ferry
+  ferry="${CARGO_TARGET_DIR:-$PWD/target}/release/ferry"
+fi
 work=$(mktemp -d /var/tmp/ferry-fbench.XXXXXX)
 tag="fb$$"
 vip=198.18.0.100
@@ -145,7 +157,11 @@ shared_nbd_ca() {
 cat >"$work/poll.py" <<'PY'
 import socket, sys, time, nbd
 vip, start, uri = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+def give_up():  # no failover within 60 s: fail the run rather than hang
+    if time.time() - start > 60:
+        print("no failover within 60 s", file=sys.stderr); sys.exit(1)
 while True:
+    give_up()
     s = socket.socket(); s.settimeout(0.02)
     try:
         s.connect((vip, 10809)); s.close(); t_vip = time.time(); break
@@ -155,7 +171,7 @@ while True:
     try:
         h = nbd.NBD(); h.set_uri_allow_local_file(True); h.connect_uri(uri); h.pread(4096, 0); t_app = time.time(); break
     except Exception:
-        time.sleep(0.02)
+        give_up(); time.sleep(0.02)
 print("%.3f %.3f" % (t_vip - start, t_app - start))
 PY
 
@@ -206,8 +222,34 @@ fi
 # ---------- 2. false failovers under load ----------
 if has 2; then
 setup 50 250
+if ((churn > 0)); then
+  on a volume create vol2 --size 16MiB >/dev/null
+  on a workload create db --volume vol2 >/dev/null
+  on a replicate start vol2 --to b --mode sync >/dev/null
+  on a replicate wait vol2 --timeout 60s >/dev/null
+  on a cluster add db --preferred a >/dev/null
+  sleep 2
+fi
+: >"$work/churn.out"
 lines_a=$(wc -l <"$work/a.log"); lines_b=$(wc -l <"$work/b.log")
+# The disk the data dirs are on, under fsync load: every 4 KiB write synced
+# (its file laid out first, so the load spans the whole window).
+mkdir -p "$work/fsync"
+fio_fs=(fio --name=fs --rw=randwrite --bs=4k --fsync=1 --size=256M --directory="$work/fsync")
+"${fio_fs[@]}" --create_only=1 >/dev/null
+"${fio_fs[@]}" --time_based --runtime="$busy" --output-format=json --output="$work/fsync.json" >/dev/null 2>&1 &
+fio_pid=$!; busy_pids+=($fio_pid)
 for _ in 1 2; do ( while :; do :; done ) & busy_pids+=($!); done
+switchovers=0
+if ((churn > 0)); then
+  ( holder=a
+    while :; do
+      sleep "$churn"
+      if on "$holder" cluster switchover db >/dev/null 2>>"$work/churn.err"; then
+        echo ok >>"$work/churn.out"; holder=$([[ $holder == a ]] && echo b || echo a)
+      fi
+    done ) & busy_pids+=($!)
+fi
 cat >"$work/load.py" <<'PY'
 import nbd, os, sys, time
 h = nbd.NBD(); h.set_uri_allow_local_file(True); h.connect_uri(sys.argv[1]); end = time.time() + float(sys.argv[2]); buf = os.urandom(65536); i = 0
@@ -217,10 +259,26 @@ while time.time() < end:
 print(i)
 PY
 in_ns c /usr/bin/python3 "$work/load.py" "$nbd_uri" "$busy" >"$work/load.out"
+wait "$fio_pid" 2>/dev/null || true
 for p in "${busy_pids[@]}"; do kill "$p" 2>/dev/null || true; done; busy_pids=()
-false_events=$( { tail -n +"$((lines_a + 1))" "$work/a.log"; tail -n +"$((lines_b + 1))" "$work/b.log"; } | grep -c '"event":"\(fenced\|promoted\|failover-started\|peer-lost\)"' || true)
+# fio's synced writes: how many, and its fsync latency (median / p99 / max).
+fsync_load=$(python3 - "$work/fsync.json" <<'PY'
+import json, sys
+try:
+    j = json.load(open(sys.argv[1]))["jobs"][0]
+    s = j["sync"]["lat_ns"]; p = s.get("percentile", {})
+    ms = lambda ns: "%.1f" % (ns / 1e6)
+    print("%d synced 4 KiB writes, fsync %s / %s / %s ms (median / p99 / max)" % (
+        j["write"]["total_ios"], ms(p.get("50.000000", 0)), ms(p.get("99.000000", 0)), ms(s["max"])))
+except Exception as e:
+    print("fio: no figures (%s)" % e)
+PY
+)
+false_events=$( { tail -n +"$((lines_a + 1))" "$work/a.log"; tail -n +"$((lines_b + 1))" "$work/b.log"; } | grep 'workload="web"' | grep -c '"event":"\(fenced\|promoted\|failover-started\|peer-lost\)"' || true)
+switchovers=$(wc -l <"$work/churn.out")
+((churn > 0)) && churn_note=", while a second workload was switched over $switchovers times (every ${churn} s)"
 load_writes=$(cat "$work/load.out")
-echo "busy ${busy}s: $load_writes 64 KiB writes, fence/promote/failover events: $false_events" >&2
+echo "busy ${busy}s: $load_writes 64 KiB writes, $fsync_load; fence/promote/failover events: $false_events" >&2
 fi
 
 # ---------- 3. resync after an outage ----------
@@ -303,7 +361,7 @@ if has 2 || has 3 || has 4; then
   echo "| check | result | target |"
   echo "|---|---|---|"
 fi
-has 2 && echo "| false failovers, tuned settings, ${busy} s with both cores busy ($load_writes × 64 KiB writes meanwhile) | $false_events fence/promotion events | 0 |"
+has 2 && echo "| false failovers, tuned settings, ${busy} s with both cores busy ($load_writes × 64 KiB writes meanwhile) and fsync load on the data dirs' disk (fio: $fsync_load)${churn_note:-} | $false_events fence/promotion events | 0 |"
 has 3 && echo "| resync after a ${outage} s outage of the primary, $outage_mib MiB written on the survivor | sent $sent B (b's link to a, new since the failover); changed $changed B + crashed primary's suspect blocks $suspect B | ≤ 1.2 × (changed + suspect) = $(( (changed + suspect) * 12 / 10 )) B |"
 if has 4; then
   echo "| switchover under 20 MiB/s 4 KiB random writes (${steady} s steady), median of $switchover_reps | downtime $sw_down_med ms (freeze → peer serves), of which freeze → verified $sw_ver_med ms | ≤ 50 ms |"

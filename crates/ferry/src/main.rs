@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod demo;
 mod export;
+mod logging;
 mod migrate;
 mod remote;
 mod replication;
@@ -39,7 +40,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_max_level(cli.global.log_level)
-        .with_writer(std::io::stderr)
+        .with_writer(logging::MakeWriter)
         .with_target(false)
         .init();
     match run(&cli) {

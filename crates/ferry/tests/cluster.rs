@@ -1974,3 +1974,222 @@ while True:
     let _ = hammer.kill();
     let _ = hammer.wait();
 }
+
+/// The syscalls a heartbeat thread may make among strace's `%file`,
+/// `%desc` and `%network` classes: datagrams on its UDP sockets, and
+/// anonymous memory (the allocator).
+fn hb_syscall_allowed(line: &str) -> bool {
+    let name = line.split('(').next().unwrap_or("");
+    match name {
+        "recvfrom" | "sendto" => true,
+        "mmap" => line.contains("MAP_ANONYMOUS"),
+        _ => false,
+    }
+}
+
+impl Net {
+    /// The thread id of node `n`'s `cluster-hb` thread.
+    fn hb_tid(&self, n: &str) -> u32 {
+        let pid = self
+            .children
+            .iter()
+            .find(|(who, _)| who == n)
+            .map(|(_, c)| c.id())
+            .unwrap_or_else(|| panic!("node {n} is not running"));
+        let mut found = None;
+        wait_for(10, &format!("{n}'s cluster-hb thread"), || {
+            found = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .find(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "cluster-hb")
+                })
+                .and_then(|t| t.file_name().to_str()?.parse().ok());
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    /// Attaches strace to node `n`'s heartbeat thread alone (not `-f`: the
+    /// threads it may start are not it), recording its file and descriptor
+    /// (and socket) syscalls; runs under the tag `strace-N` until
+    /// `detach_trace`.
+    fn trace_hb(&mut self, n: &str) -> PathBuf {
+        let strace = require("strace");
+        let tid = self.hb_tid(n);
+        let out = self.root.path().join(format!("hb-{n}.strace"));
+        let child = Command::new(strace)
+            .args(["-qq", "-e", "trace=%file,%desc,%network", "-o"])
+            .arg(&out)
+            .args(["-p", &tid.to_string()])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push((format!("strace-{n}"), child));
+        // Attached once the first traced syscall is written (the thread
+        // polls its sockets every few milliseconds).
+        wait_for(10, &format!("strace to attach to {n}'s cluster-hb"), || {
+            std::fs::metadata(&out).is_ok_and(|m| m.len() > 0)
+        });
+        out
+    }
+
+    /// Detaches strace from node `n`'s heartbeat thread (SIGINT: strace
+    /// detaches and flushes its output) and returns what it recorded.
+    fn detach_trace(&mut self, n: &str) -> String {
+        let tag = format!("strace-{n}");
+        for (who, c) in self.children.iter_mut() {
+            if *who == tag {
+                // SAFETY: kill(2) on the strace process this test started.
+                unsafe {
+                    libc::kill(c.id() as i32, libc::SIGINT);
+                }
+                let _ = c.wait();
+            }
+        }
+        self.children.retain(|(who, _)| *who != tag);
+        std::fs::read_to_string(self.root.path().join(format!("hb-{n}.strace"))).unwrap()
+    }
+}
+
+/// Issue 19: the real-time heartbeat thread touches nothing but its
+/// sockets — no file opened, read, written, listed, stat'ed or synced —
+/// while workloads are put under HA and taken out, a switchover persists
+/// new roles on both nodes, and a crash makes the survivor persist its
+/// candidacy and promote: everything it needs is pushed to it, and what it
+/// decides is written by other threads. Checked with strace attached to
+/// that one thread on both nodes.
+#[test]
+fn the_heartbeat_thread_touches_no_file_while_workloads_come_go_and_fail_over() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    // A second workload, put under HA while traced.
+    net.ok("a", &["volume", "create", "vol2", "--size", "8MiB"]);
+    net.ok("a", &["workload", "create", "db", "--volume", "vol2"]);
+    net.ok(
+        "a",
+        &["replicate", "start", "vol2", "--to", "b", "--mode", "sync"],
+    );
+    net.ok("a", &["replicate", "wait", "vol2", "--timeout", "60s"]);
+
+    let traces = [net.trace_hb("a"), net.trace_hb("b")];
+    net.ok("a", &["cluster", "add", "db", "--preferred", "a"]);
+    wait_for(20, "a to serve db, b up to date", || {
+        let s = net.status("a", "db");
+        s["primary"] == "a" && s["replicas"][0]["state"] == "up-to-date"
+    });
+    // A switchover: both nodes persist new roles and epochs.
+    let v = net.json("a", &["cluster", "switchover", "web"]);
+    assert_eq!(v["to"], "b", "{v}");
+    net.wait_vip("b");
+    wait_for(20, "a to be b's up-to-date replica of web", || {
+        net.status("a", "web")["role"] == "secondary"
+            && net.status("b", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    net.ok("a", &["cluster", "remove", "db"]);
+    wait_for(10, "db to leave HA on both nodes", || {
+        net.status("a", "db").is_null() && net.status("b", "db").is_null()
+    });
+    // A failover: b crashes, a persists its candidacy and promotes.
+    net.crash("b");
+    wait_for(20, "a to take web over", || {
+        net.status("a", "web")["primary"] == "a"
+    });
+    net.wait_vip("a");
+    let events = net.status("a", "web")["events"].clone();
+    eprintln!("a's events for web: {events}");
+    let a = net.detach_trace("a");
+    let b = net.detach_trace("b");
+
+    for (n, text, path) in [("a", &a, &traces[0]), ("b", &b, &traces[1])] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("---") && !l.starts_with("+++"))
+            .collect();
+        // The trace saw the thread at work: it cannot pass by seeing nothing.
+        let sent = lines.iter().filter(|l| l.starts_with("sendto(")).count();
+        let received = lines.iter().filter(|l| l.starts_with("recvfrom(")).count();
+        eprintln!(
+            "{n}'s heartbeat thread: {sent} sendto, {received} recvfrom, {} syscalls traced",
+            lines.len()
+        );
+        assert!(
+            sent >= 20,
+            "{n}: only {sent} heartbeats traced ({})",
+            path.display()
+        );
+        // Every other syscall, counted by name, with its first occurrence.
+        let mut touched = std::collections::BTreeMap::<&str, (usize, &str)>::new();
+        for l in lines.iter().filter(|l| !hb_syscall_allowed(l)) {
+            let name = l.split('(').next().unwrap_or("");
+            touched.entry(name).or_insert((0, l)).0 += 1;
+        }
+        assert!(
+            touched.is_empty(),
+            "{n}'s heartbeat thread made syscalls besides its sockets ({}):\n{}",
+            path.display(),
+            touched
+                .iter()
+                .map(|(name, (count, first))| format!("{count} × {name}, first: {first}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+/// The old primary restarts after a failover and is demoted; its stop hook
+/// (`FERRY_ROLE=demoted`) takes 2 s, during which its volume is still a
+/// primary. Its status must not call its copy up to date meanwhile (the
+/// manager must not take the copy's state from volumes still in their old
+/// role: a primary volume counts as up to date) — a tool waiting for the
+/// replica to be up to date would otherwise go on while it is not.
+#[test]
+fn a_copy_being_demoted_is_never_reported_up_to_date() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let marker = net.root.path().join("demoting");
+    let stop = format!(
+        "if [ \"$FERRY_ROLE\" = demoted ]; then touch {m}-$FERRY_NODE; sleep 2; rm -f {m}-$FERRY_NODE; fi",
+        m = marker.display()
+    );
+    net.ha_workload_with("16MiB", &["--stop", &stop]);
+    net.crash("a");
+    wait_for(20, "b to take web over", || {
+        net.status("b", "web")["primary"] == "b"
+    });
+    net.link_up("a");
+    net.start_agent("a");
+    let demoting = marker.with_file_name("demoting-a");
+    wait_for(20, "a's demotion to start", || demoting.exists());
+    let mut seen = Vec::new();
+    while demoting.exists() {
+        let s = net.status("a", "web");
+        seen.push(format!("{} {}", s["role"], s["replicas"][0]["state"]));
+        assert!(
+            !(s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"),
+            "a's copy reported up to date while it was being demoted (look {} of the demotion; the last ones: {:?})",
+            seen.len(),
+            &seen[seen.len().saturating_sub(5)..]
+        );
+    }
+    assert!(
+        seen.len() >= 3,
+        "too few looks during the demotion: {seen:?}"
+    );
+    wait_for(30, "a to be b's up-to-date replica", || {
+        let s = net.status("a", "web");
+        s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"
+    });
+    eprintln!(
+        "{} looks at a's status during its demotion, the first: {:?}",
+        seen.len(),
+        seen.first()
+    );
+}

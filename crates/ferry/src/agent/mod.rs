@@ -471,12 +471,23 @@ impl AgentCtx {
     /// export is closed (clients are disconnected), a primary's link stopped and
     /// its dirty map saved, a replica's inbound link closed, the lock released.
     pub fn unload_volume(&self, name: &str) -> Result<()> {
-        if let Some(v) = self
+        // Taken out of the maps in statements of their own: a guard in the
+        // `if let` would stay locked through the saves below, and the HA
+        // heartbeat thread looks volumes up in these maps.
+        let primary = self
             .primaries
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-        {
+            .remove(name);
+        let secondary = match primary {
+            Some(_) => None,
+            None => self
+                .secondaries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name),
+        };
+        if let Some(v) = primary {
             self.nbd.remove_export(name);
             v.link.lock().stop = true;
             v.link.copier.notify_all();
@@ -491,12 +502,7 @@ impl AgentCtx {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .update(|s| s.clean = true)?;
-        } else if let Some(v) = self
-            .secondaries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name)
-        {
+        } else if let Some(v) = secondary {
             v.close_link();
             // A test copy of it goes with it.
             self.nbd.remove_export(&crate::migrate::test_export(name));

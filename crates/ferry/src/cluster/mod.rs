@@ -9,6 +9,12 @@
 //!   itself. It locks its memory and runs at real-time priority where
 //!   allowed (`mlockall`, `SCHED_RR`), as corosync does, so load on the node
 //!   cannot starve it into a false failover.
+//! - It does no I/O but its sockets, so a slow disk cannot delay it either:
+//!   the records, workload definitions, standby flag, peer key and the
+//!   volumes' states are read by the `cluster-feed` thread and pushed to it,
+//!   and what it decides to keep is written by the `cluster-persist` thread
+//!   while that workload's later actions wait (see `feed` and
+//!   `Manager::perform`); its log lines are queued to a logger thread.
 //! - Slow actions (promotion, demotion, hooks, the virtual IP) run on one
 //!   worker thread per workload, in order.
 //! - Outdate before going alone is enforced in the write path:
@@ -25,20 +31,20 @@
 //!   ([`cluster_id`]), so it is the same on both and differs between
 //!   clusters.
 
+mod feed;
 pub mod witness;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_core::cluster::{
-    Action, ClusterNode, DataState, Event, Input, PeerMsg, Persisted, Policy, Role, Timing,
+    Action, ClusterNode, DataState, Event, Input, PeerMsg, Persisted, Role, Timing,
 };
-use ferry_core::link::ReplicaState;
 use ferry_core::Name;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -46,6 +52,7 @@ use serde_json::{json, Value};
 use crate::agent::config::ClusterSettings;
 use crate::agent::AgentCtx;
 use crate::migrate::WorkloadSpec;
+use feed::{DataReport, NewWorkload, PeerLink, PersistRequest, ToFeed, ToHb};
 use witness::{FromWitness, ToWitness, DATAGRAM_BYTES_MAX};
 
 /// A workload under HA on this node.
@@ -105,7 +112,21 @@ pub fn load(data_dir: &Path, workload: &str) -> Option<HaWorkload> {
         .flatten()
 }
 
+/// Serialises changes to the HA records (an operator's `cluster add` and
+/// `remove`, the persister's state changes). Held across disk I/O: never
+/// taken by the heartbeat thread.
+static RECORDS: Mutex<()> = Mutex::new(());
+
+fn records_lock() -> std::sync::MutexGuard<'static, ()> {
+    RECORDS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 pub fn save(data_dir: &Path, h: &HaWorkload) -> Result<()> {
+    let _g = records_lock();
+    save_locked(data_dir, h)
+}
+
+fn save_locked(data_dir: &Path, h: &HaWorkload) -> Result<()> {
     std::fs::create_dir_all(dir(data_dir))?;
     Ok(crate::store::save(&record_path(data_dir, &h.workload), h)?)
 }
@@ -114,7 +135,18 @@ impl crate::store::Record for HaWorkload {
     const KIND: &'static str = "ha";
 }
 
+/// The persister's write: the state the state machine keeps, into the
+/// workload's record (which must exist and be readable).
+fn save_state(data_dir: &Path, workload: &str, state: Persisted) -> Result<()> {
+    let _g = records_lock();
+    let mut h =
+        load(data_dir, workload).ok_or_else(|| anyhow!("its HA record is missing or damaged"))?;
+    h.state = state;
+    save_locked(data_dir, &h)
+}
+
 pub fn remove(data_dir: &Path, workload: &str) -> Result<bool> {
+    let _g = records_lock();
     match std::fs::remove_file(record_path(data_dir, &Name::parse(workload)?)) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -155,6 +187,7 @@ pub fn set_standby(ctx: &Arc<AgentCtx>, on: bool) -> Result<Value> {
         }
     }
     tracing::info!(node = %ctx.identity.node_name, standby = on, "cluster.standby");
+    ctx.cluster.refresh_soon();
     let mut moved = Vec::new();
     if on {
         // Let the manager see the flag before anything moves.
@@ -186,6 +219,9 @@ pub struct ClusterView {
     resign: Mutex<Option<mpsc::Sender<(String, String)>>>,
     /// To the manager: workloads an operator promotes here with `--force`.
     force: Mutex<Option<mpsc::Sender<String>>>,
+    /// To the manager's feed thread (which reads what the heartbeat thread
+    /// needs from disk).
+    feed: Mutex<Option<mpsc::Sender<ToFeed>>>,
     /// Workloads handed over by a verified switchover: their demotion keeps
     /// no suspect blocks (both copies were proven equal).
     clean_handover: Mutex<std::collections::HashSet<String>>,
@@ -209,6 +245,14 @@ impl ClusterView {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(volume)
+    }
+
+    /// Asks the manager to read its records and flags again now, rather
+    /// than at its next periodic look.
+    fn refresh_soon(&self) {
+        if let Some(tx) = &*self.feed.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(ToFeed::Refresh);
+        }
     }
 
     /// Asks the manager to hand `workload` over (it resigns), saying why.
@@ -244,13 +288,25 @@ impl ClusterView {
             .insert(workload.to_string());
     }
 
+    /// `ferry cluster status`: what the manager published, with the copies
+    /// split-brain resolutions keep here read now (files: the request's
+    /// thread reads them, not the heartbeat thread, and a copy made just
+    /// before is listed).
     pub fn json(&self, ctx: &AgentCtx) -> Value {
         let now = crate::replication::primary::mono_ms();
-        let w: Vec<Value> = self
+        let mut w: Vec<Value> = self
             .workloads()
             .values()
             .map(|v| as_of(v.clone(), now))
             .collect();
+        for v in &mut w {
+            let spec = v["workload"].as_str().and_then(|name| {
+                crate::migrate::load_workload(&ctx.cfg.data_dir, name)
+                    .ok()
+                    .flatten()
+            });
+            v["copies"] = json!(spec.map(|s| kept_copies(ctx, &s)).unwrap_or_default());
+        }
         json!({
             "node": ctx.identity.node_name,
             "standby": in_standby(&ctx.cfg.data_dir),
@@ -288,11 +344,27 @@ const DATAGRAMS_PER_TURN_MAX: usize = 256;
 
 /// Slow actions, run in order on a workload's worker thread.
 #[derive(Debug)]
-enum Job {
+pub(super) enum Job {
     Fence,
     Resume,
     Promote { force: bool },
     Demote,
+}
+
+/// Something the heartbeat thread holds back until a persist before it is
+/// durable (see [`Manager::perform`]).
+enum Step {
+    /// Waits for persist `seq`.
+    Durable(u64),
+    /// An action the state machine asked for `at`; `batch` is the persist
+    /// of its own batch, if any: if that one fails, the action is dropped.
+    Act {
+        action: Action,
+        batch: Option<u64>,
+        at: Instant,
+    },
+    /// The serving edge's Resume job.
+    Resume,
 }
 
 struct Slot {
@@ -306,8 +378,10 @@ struct Slot {
     peer_lost_at: Option<Instant>,
     /// Accepting writes at the last look: the edge to serving sends Resume.
     serving: bool,
-    /// The workload's volumes (from its definition when it was picked up).
+    /// The workload's volumes and shares (from its definition when it was
+    /// picked up).
     volumes: Vec<String>,
+    shares: Vec<String>,
     /// A candidacy at the last look (its volumes refuse inbound resyncs).
     candidate: bool,
     /// The same, for the check thread; and its stop flag.
@@ -322,6 +396,16 @@ struct Slot {
     /// Failback: since when the preferred peer is up to date.
     in_sync_since: Option<Instant>,
     failback_running: Arc<AtomicBool>,
+    /// From the newest data report, for the status and the policies.
+    split_brain: bool,
+    changed_bytes: u64,
+    /// Actions waiting for a persist to be durable, in order.
+    held: VecDeque<Step>,
+    /// When its status was last published.
+    published_at: Instant,
+    /// Promotions and demotions sent to the worker (it counts those done
+    /// in the data reports: `DataReport::role_changes_done`).
+    role_changes_sent: u64,
 }
 
 impl Drop for Slot {
@@ -372,7 +456,8 @@ pub fn cluster_id(heartbeat_key_hex: &str) -> Option<String> {
     )
 }
 
-/// Starts the manager if `[cluster]` is configured.
+/// Starts the manager if `[cluster]` is configured: the heartbeat thread,
+/// and the feed and persister threads that do its I/O (`feed`).
 pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     let Some(cfg) = ctx.cfg.cluster.clone() else {
         return Ok(());
@@ -404,9 +489,69 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     }
     let wsock = UdpSocket::bind(SocketAddr::new(cfg.heartbeat[0].ip(), 0))?;
     wsock.set_nonblocking(true)?;
+    // The heartbeat thread's log lines go through the logger thread.
+    crate::logging::start();
+    let (to_hb, hb_rx) = mpsc::channel();
+    let (to_feed, feed_rx) = mpsc::channel();
+    let (to_persister, persist_rx) = mpsc::channel();
+    let (resign_tx, resign_rx) = mpsc::channel();
+    *ctx.cluster.resign.lock().unwrap_or_else(|p| p.into_inner()) = Some(resign_tx.clone());
+    *ctx.cluster.feed.lock().unwrap_or_else(|p| p.into_inner()) = Some(to_feed.clone());
+    let (force_tx, force_rx) = mpsc::channel();
+    *ctx.cluster.force.lock().unwrap_or_else(|p| p.into_inner()) = Some(force_tx);
+    let data_dir = ctx.cfg.data_dir.clone();
+    let tx = to_hb.clone();
+    std::thread::Builder::new()
+        .name("cluster-persist".into())
+        .spawn(move || feed::persister(&data_dir, persist_rx, tx))?;
+    let f = feed::Feed::new(ctx.clone(), cfg.clone(), to_hb, feed_rx, resign_tx);
+    std::thread::Builder::new()
+        .name("cluster-feed".into())
+        .spawn(move || f.run())?;
+    let notify = cfg.notify.clone().and_then(|cmd| {
+        // Bounded: a slow hook loses events (logged) rather than memory.
+        let (tx, rx) = mpsc::sync_channel::<Value>(NOTIFY_QUEUE_EVENTS_MAX);
+        std::thread::Builder::new()
+            .name("cluster-notify".into())
+            .spawn(move || {
+                for ev in rx {
+                    let run = crate::migrate::run_hook(
+                        "notify",
+                        &cmd,
+                        Duration::from_secs(10),
+                        &[("FERRY_EVENT", &ev.to_string())],
+                    );
+                    if !run.ok {
+                        tracing::warn!(output = %run.output, "cluster.notify_failed");
+                    }
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    let m = Manager {
+        witness,
+        force_rx,
+        resign_rx,
+        notify,
+        timing: cfg.timing(),
+        ctx,
+        cfg,
+        socks,
+        wsock,
+        slots: HashMap::new(),
+        incarnation,
+        rx: hb_rx,
+        feed: to_feed,
+        persister: to_persister,
+        next_persist: 0,
+        peer: None,
+        cluster_id: None,
+        standby: false,
+    };
     std::thread::Builder::new()
         .name("cluster-hb".into())
-        .spawn(move || Manager::new(ctx, cfg, socks, wsock, witness, incarnation).run())?;
+        .spawn(move || m.run())?;
     Ok(())
 }
 
@@ -443,6 +588,13 @@ struct Datagram {
     msg: PeerMsg,
 }
 
+/// The heartbeat thread. It does no I/O but its UDP sockets: what it needs
+/// arrives over `rx` from the feed and persister threads (`feed`), the
+/// threads it wants started are started by the feed, and the only locks it
+/// takes are held by others for memory operations alone (the volume maps
+/// of `AgentCtx` and `Shares`, a volume's `AlonePermit`, the
+/// `ClusterView`'s maps) — never across disk I/O. Its log lines are queued
+/// to the logger thread (`crate::logging`).
 struct Manager {
     ctx: Arc<AgentCtx>,
     cfg: ClusterSettings,
@@ -451,84 +603,51 @@ struct Manager {
     wsock: UdpSocket,
     slots: HashMap<String, Slot>,
     incarnation: u64,
-    /// (workload, why): the check hook failed `check_fall` times.
-    resign_tx: mpsc::Sender<(String, String)>,
+    /// (workload, why): the check hook failed `check_fall` times, or an
+    /// operator's switchover.
     resign_rx: mpsc::Receiver<(String, String)>,
     /// Events for the notify hook.
     notify: Option<mpsc::SyncSender<Value>>,
     force_rx: mpsc::Receiver<String>,
     /// The witness's address and shared key, if configured.
     witness: Option<Arc<(SocketAddr, ring::hmac::Key)>>,
+    /// From the feed and the persister.
+    rx: mpsc::Receiver<ToHb>,
+    /// To the feed: threads to start.
+    feed: mpsc::Sender<ToFeed>,
+    /// To the persister, numbered from `next_persist`.
+    persister: mpsc::Sender<PersistRequest>,
+    next_persist: u64,
+    /// The peer's heartbeat key and listeners.
+    peer: Option<PeerLink>,
     /// This pair of nodes' cluster id (from the peer record's heartbeat
     /// key): what the witness keys the workloads' records by.
     cluster_id: Option<String>,
+    /// This node is in standby.
+    standby: bool,
 }
 
-impl Manager {
-    fn new(
-        ctx: Arc<AgentCtx>,
-        cfg: ClusterSettings,
-        socks: Vec<UdpSocket>,
-        wsock: UdpSocket,
-        witness: Option<Arc<(SocketAddr, ring::hmac::Key)>>,
-        incarnation: u64,
-    ) -> Manager {
-        let (resign_tx, resign_rx) = mpsc::channel();
-        let notify = cfg.notify.clone().and_then(|cmd| {
-            // Bounded: a slow hook loses events (logged) rather than memory.
-            let (tx, rx) = mpsc::sync_channel::<Value>(NOTIFY_QUEUE_EVENTS_MAX);
-            std::thread::Builder::new()
-                .name("cluster-notify".into())
-                .spawn(move || {
-                    for ev in rx {
-                        let run = crate::migrate::run_hook(
-                            "notify",
-                            &cmd,
-                            Duration::from_secs(10),
-                            &[("FERRY_EVENT", &ev.to_string())],
-                        );
-                        if !run.ok {
-                            tracing::warn!(output = %run.output, "cluster.notify_failed");
-                        }
-                    }
-                })
-                .ok()
-                .map(|_| tx)
-        });
-        *ctx.cluster.resign.lock().unwrap_or_else(|p| p.into_inner()) = Some(resign_tx.clone());
-        let (force_tx, force_rx) = mpsc::channel();
-        *ctx.cluster.force.lock().unwrap_or_else(|p| p.into_inner()) = Some(force_tx);
-        Manager {
-            witness,
-            cluster_id: None,
-            force_rx,
-            resign_tx,
-            resign_rx,
-            notify,
-            timing: cfg.timing(),
-            ctx,
-            cfg,
-            socks,
-            wsock,
-            slots: HashMap::new(),
-            incarnation,
-        }
-    }
+/// How often the manager publishes its status and runs its policies.
+const PUBLISH_INTERVAL_MS: u64 = 20;
+const POLICIES_INTERVAL_MS: u64 = 250;
 
+impl Manager {
     /// Milliseconds on this process's monotonic clock (the write gate's).
     fn now(&self) -> u64 {
         crate::replication::primary::mono_ms()
     }
 
     fn run(mut self) {
+        crate::logging::queue_this_thread();
         realtime();
-        let mut last_refresh = None::<Instant>;
-        let mut last_poll = Instant::now();
+        let mut last_policies = Instant::now();
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 64];
         loop {
-            if last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
-                self.refresh();
-                last_refresh = Some(Instant::now());
+            self.take_messages();
+            if last_policies.elapsed() >= Duration::from_millis(POLICIES_INTERVAL_MS) {
+                last_policies = Instant::now();
+                self.failback();
+                self.split_brain_policies();
             }
             self.receive(&mut buf);
             while let Ok(w) = self.force_rx.try_recv() {
@@ -546,14 +665,10 @@ impl Manager {
                     self.perform(&w, actions);
                 }
             }
-            if last_poll.elapsed() >= Duration::from_millis(20) {
-                last_poll = Instant::now();
-                self.poll_data();
-            }
             let now = self.now();
             let names: Vec<String> = self.slots.keys().cloned().collect();
-            for w in names {
-                let Some(slot) = self.slots.get_mut(&w) else {
+            for w in &names {
+                let Some(slot) = self.slots.get_mut(w) else {
                     continue;
                 };
                 let actions = slot.node.tick(now);
@@ -584,156 +699,111 @@ impl Manager {
                 let edge = serving && !slot.serving;
                 slot.serving = serving;
                 slot.serving_flag.store(serving, Ordering::SeqCst);
-                self.perform(&w, actions);
+                self.perform(w, actions);
                 if edge {
                     // Holding a lease now (first one after start, or back
                     // after a fence): writes flow, VIP and app up.
-                    self.job(&w, Job::Resume);
+                    self.resume(w);
+                }
+            }
+            // Published with each data report, and at least this often
+            // should the feed be slow.
+            for w in &names {
+                let due = self.slots.get(w).is_some_and(|s| {
+                    s.published_at.elapsed() >= Duration::from_millis(PUBLISH_INTERVAL_MS)
+                });
+                if due {
+                    self.publish(w);
                 }
             }
             std::thread::sleep(Duration::from_millis(2));
         }
     }
 
-    fn set_state(&self, s: &str) {
-        let mut st = self
-            .ctx
-            .cluster
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if *st != s {
-            tracing::info!(state = s, peer = %self.cfg.peer, "cluster.state");
-            *st = s.to_string();
+    /// Everything the feed and the persister sent since the last turn.
+    fn take_messages(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            match m {
+                ToHb::Peer(p) => {
+                    if let Some(id) = p.as_ref().and_then(|p| p.cluster_id.clone()) {
+                        self.cluster_id = Some(id);
+                    }
+                    self.peer = p;
+                }
+                ToHb::Standby(on) => {
+                    self.standby = on;
+                    for slot in self.slots.values_mut() {
+                        if slot.node.standby() != on {
+                            slot.node.set_standby(on);
+                        }
+                    }
+                }
+                ToHb::Add(n) => self.add(*n),
+                ToHb::Remove(w) => {
+                    self.slots.remove(&w);
+                    self.ctx.cluster.workloads().remove(&w);
+                    tracing::info!(workload = %w, "cluster.workload.unmanaged");
+                }
+                ToHb::Data(w, r) => self.on_data(&w, r),
+                ToHb::Persisted { workload, seq, ok } => self.persisted(&workload, seq, ok),
+            }
         }
     }
 
-    /// Picks up workloads put under HA (or removed) since the last look.
-    fn refresh(&mut self) {
-        let Some(peer) = self.ctx.peers.get(&self.cfg.peer) else {
-            self.set_state("waiting-for-peer");
+    /// Takes a workload under HA, as the feed found it.
+    fn add(&mut self, n: NewWorkload) {
+        let w = n.record.workload.to_string();
+        if self.slots.contains_key(&w) {
             return;
-        };
-        self.cluster_id = cluster_id(&peer.heartbeat_key);
-        self.set_state("running");
-        let standby = in_standby(&self.ctx.cfg.data_dir);
-        for slot in self.slots.values_mut() {
-            if slot.node.standby() != standby {
-                slot.node.set_standby(standby);
-            }
         }
-        self.failback();
-        self.split_brain_policies();
-        // A workload leaves HA only when its record file is gone: a read
-        // error or a damaged record must not drop its slot (heartbeats and
-        // fencing would stop while its volumes stay open).
-        let Ok(entries) = std::fs::read_dir(dir(&self.ctx.cfg.data_dir)) else {
-            return;
-        };
-        let names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".json"))
-                    .map(String::from)
-            })
-            .collect();
-        let all = load_all(&self.ctx.cfg.data_dir, Some(&self.ctx.damaged));
-        self.slots.retain(|w, _| names.contains(w));
-        self.ctx
-            .cluster
-            .workloads()
-            .retain(|w, _| names.contains(w));
-        for h in all {
-            if self.slots.contains_key(h.workload.as_str()) {
-                continue;
-            }
-            let Ok(Some(spec)) = crate::migrate::load_workload(&self.ctx.cfg.data_dir, &h.workload)
-            else {
-                tracing::warn!(workload = %h.workload, "cluster.workload_missing: no workload definition here yet");
-                continue;
-            };
-            let sync = spec.volumes.iter().all(|v| self.volume_mode_sync(v))
-                && spec.shares.iter().all(|n| share_mode_sync(&self.ctx, n));
-            let policy = Policy {
-                witness: self.cfg.witness.is_some(),
-                two_node_unsafe: self.cfg.two_node_unsafe,
-                sync,
-                async_accept_loss: h.accept_loss,
-            };
-            let data = self.data_state_of(&spec);
-            let node = ClusterNode::start(
-                &self.ctx.identity.node_name,
-                &self.cfg.peer,
-                self.incarnation,
-                crate::agent::identity::random_u64(),
-                h.state,
-                data,
-                self.timing,
-                policy,
-                self.now(),
-            );
-            let mut node = node;
-            node.set_standby(in_standby(&self.ctx.cfg.data_dir));
-            let (tx, rx) = mpsc::channel();
-            let ctx = self.ctx.clone();
-            let name = h.workload.clone();
-            let peer = self.cfg.peer.clone();
-            if let Err(e) = std::thread::Builder::new()
-                .name(format!("cluster-{name}"))
-                .spawn(move || worker(&ctx, &name, &peer, rx))
-            {
-                tracing::error!(workload = %h.workload, error = %e, "cluster.worker_failed");
-                continue;
-            }
-            let serving_flag = Arc::new(AtomicBool::new(false));
-            let stop_checks = Arc::new(AtomicBool::new(false));
-            if spec.check.is_some() {
-                let (ctx, name) = (self.ctx.clone(), h.workload.clone());
-                let (serving, stop) = (serving_flag.clone(), stop_checks.clone());
-                let tx = self.resign_tx.clone();
-                let cfg = self.cfg.clone();
-                let _ = std::thread::Builder::new()
-                    .name(format!("check-{name}"))
-                    .spawn(move || checker(&ctx, &cfg, &name, &serving, &stop, &tx));
-            }
-            tracing::info!(workload = %h.workload, role = ?h.state.role, ?policy, "cluster.workload.managed");
-            self.slots.insert(
-                h.workload.to_string(),
-                Slot {
-                    node,
-                    accept_loss: h.accept_loss,
-                    preferred: h.preferred.clone(),
-                    jobs: tx,
-                    peer_in_sync: None,
-                    events: VecDeque::new(),
-                    peer_lost_at: None,
-                    serving: false,
-                    volumes: crate::migrate::names(&spec.volumes),
-                    candidate: false,
-                    serving_flag,
-                    stop_checks,
-                    in_sync_since: None,
-                    link_seen_ms: 0,
-                    detection_ms: None,
-                    failback_running: Arc::new(AtomicBool::new(false)),
-                    io_errors_seen: spec
-                        .volumes
-                        .iter()
-                        .filter_map(|v| self.ctx.primary(v))
-                        .map(|p| p.io_errors.load(Ordering::Relaxed))
-                        .sum(),
-                },
-            );
-        }
+        let mut node = ClusterNode::start(
+            &self.ctx.identity.node_name,
+            &self.cfg.peer,
+            self.incarnation,
+            n.nonce_key,
+            n.record.state,
+            n.data,
+            self.timing,
+            n.policy,
+            self.now(),
+        );
+        node.set_standby(self.standby);
+        tracing::info!(workload = %w, role = ?n.record.state.role, policy = ?n.policy, "cluster.workload.managed");
+        self.slots.insert(
+            w,
+            Slot {
+                node,
+                accept_loss: n.record.accept_loss,
+                preferred: n.record.preferred,
+                jobs: n.jobs,
+                peer_in_sync: None,
+                events: VecDeque::new(),
+                peer_lost_at: None,
+                serving: false,
+                volumes: n.volumes,
+                shares: n.shares,
+                candidate: false,
+                serving_flag: n.serving_flag,
+                stop_checks: n.stop_checks,
+                in_sync_since: None,
+                link_seen_ms: 0,
+                detection_ms: None,
+                failback_running: Arc::new(AtomicBool::new(false)),
+                io_errors_seen: n.io_errors_seen,
+                split_brain: false,
+                changed_bytes: 0,
+                held: VecDeque::new(),
+                published_at: Instant::now(),
+                role_changes_sent: 0,
+            },
+        );
     }
 
     /// Optional automatic failback (`failback = true`): a workload served
     /// here whose preferred node is the peer moves back by a verified
     /// switchover once the peer has been up to date for `failback_delay_ms`.
     fn failback(&mut self) {
-        if !self.cfg.failback || in_standby(&self.ctx.cfg.data_dir) {
+        if !self.cfg.failback || self.standby {
             return;
         }
         let now = Instant::now();
@@ -751,7 +821,8 @@ impl Manager {
             }
             slot.failback_running.store(true, Ordering::SeqCst);
             let (ctx, w, flag) = (self.ctx.clone(), w.clone(), slot.failback_running.clone());
-            let _ = std::thread::Builder::new().name("failback".into()).spawn(move || {
+            let f = flag.clone();
+            let run = Box::new(move || {
                 match switchover(&ctx, &w) {
                     Ok(v) => tracing::info!(workload = %w, result = %v, "cluster.failback.done"),
                     Err(e) => {
@@ -760,151 +831,79 @@ impl Manager {
                         std::thread::sleep(Duration::from_secs(30));
                     }
                 }
+                f.store(false, Ordering::SeqCst);
+            });
+            if self.feed.send(ToFeed::Spawn("failback", run)).is_err() {
                 flag.store(false, Ordering::SeqCst);
-            });
-        }
-    }
-
-    fn volume_mode_sync(&self, v: &str) -> bool {
-        let mode = if let Some(p) = self.ctx.primary(v) {
-            p.meta_state().mode
-        } else if let Some(s) = self.ctx.secondary(v) {
-            s.meta
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .state()
-                .mode
-        } else {
-            return true;
-        };
-        mode == ferry_core::link::Mode::Sync
-    }
-
-    /// This node's copy as a replica: up to date when every volume is a
-    /// consistent replica here.
-    fn data_state_of(&self, spec: &WorkloadSpec) -> DataState {
-        let shares = spec
-            .shares
-            .iter()
-            .all(|n| crate::share::usable_here(&self.ctx, n));
-        let all = shares
-            && spec.volumes.iter().all(|v| {
-                if self.ctx.primary(v).is_some() {
-                    return true;
-                }
-                self.ctx.secondary(v).is_some_and(|s| {
-                    s.meta
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .state()
-                        .consistent
-                })
-            });
-        if all {
-            DataState::UpToDate
-        } else {
-            DataState::Inconsistent
-        }
-    }
-
-    /// Feeds data and link states, and keeps the permits and parked
-    /// writes of the volumes in step with the state machine.
-    fn poll_data(&mut self) {
-        let now = self.now();
-        let names: Vec<String> = self.slots.keys().cloned().collect();
-        for w in names {
-            let Ok(Some(spec)) = crate::migrate::load_workload(&self.ctx.cfg.data_dir, &w) else {
-                continue;
-            };
-            let data = self.data_state_of(&spec);
-            let prims: Vec<_> = spec
-                .volumes
-                .iter()
-                .filter_map(|v| self.ctx.primary(v))
-                .collect();
-            let share_prims: Vec<_> = spec
-                .shares
-                .iter()
-                .filter_map(|n| self.ctx.shares.primary(n))
-                .collect();
-            let in_sync = !(prims.is_empty() && share_prims.is_empty())
-                && prims.len() == spec.volumes.len()
-                && share_prims.len() == spec.shares.len()
-                && prims.iter().all(|p| {
-                    let l = p.link.lock();
-                    l.rep.phase() == ferry_core::link::Phase::Streaming
-                        && l.rep.replica_state() == ReplicaState::UpToDate
-                })
-                && share_prims.iter().all(|p| p.link().up_to_date);
-            let mut actions = Vec::new();
-            {
-                let slot = self.slots.get_mut(&w).expect("listed");
-                // Compared with the state machine's own view: a demotion
-                // marks its copy inconsistent without asking us.
-                if slot.node.data_state() != data {
-                    actions.extend(slot.node.on_input(now, Input::DataState(data)));
-                }
-                if slot.peer_in_sync != Some(in_sync) {
-                    slot.peer_in_sync = Some(in_sync);
-                    let input = if in_sync {
-                        Input::PeerUpToDate
-                    } else {
-                        Input::PeerNotUpToDate
-                    };
-                    actions.extend(slot.node.on_input(now, input));
-                }
-                // The replication connection is one more heartbeat path.
-                let last_rx = spec
-                    .volumes
-                    .iter()
-                    .filter_map(|v| {
-                        if let Some(p) = self.ctx.primary(v) {
-                            return p.link.lock().stats.last_rx;
-                        }
-                        self.ctx
-                            .secondary(v)
-                            .and_then(|s| *s.last_rx.lock().unwrap_or_else(|p| p.into_inner()))
-                    })
-                    .max();
-                if let Some(t) = last_rx {
-                    let at = now.saturating_sub(t.elapsed().as_millis() as u64);
-                    if slot.link_seen_ms < at {
-                        slot.link_seen_ms = at;
-                        actions.extend(slot.node.on_input(now, Input::PeerSeen { at }));
-                    }
-                }
-                let required = slot.node.policy().witness && slot.node.policy().sync;
-                let granted = slot.node.may_write_alone();
-                for p in &prims {
-                    p.alone.set(required, granted);
-                    p.alone.set_peer_in_sync(in_sync);
-                    p.release_parked(in_sync);
-                }
-                for p in &share_prims {
-                    p.alone.set(required, granted);
-                    p.release_parked(in_sync);
-                }
-                let errors: u64 = prims
-                    .iter()
-                    .map(|p| p.io_errors.load(Ordering::Relaxed))
-                    .sum();
-                if errors > slot.io_errors_seen {
-                    slot.io_errors_seen = errors;
-                    if slot.serving {
-                        let why = format!(
-                            "{} disk I/O error(s) on the workload's volumes here",
-                            errors
-                        );
-                        actions.extend(slot.node.on_input(now, Input::Resign { why }));
-                    }
-                }
             }
-            self.perform(&w, actions);
-            self.publish(&w);
         }
     }
 
-    fn publish(&self, w: &str) {
+    /// A workload's data and link states, from the feed: fed to its state
+    /// machine.
+    fn on_data(&mut self, w: &str, r: DataReport) {
+        let now = self.now();
+        let Some(slot) = self.slots.get_mut(w) else {
+            return;
+        };
+        let mut actions = Vec::new();
+        // The copy's state counts only from a report sampled after every
+        // promotion and demotion asked for was done: before, the volumes
+        // still have their old role (a primary volume counts as up to
+        // date), and a demotion's own mark would be undone.
+        let role_changing = slot.held.iter().any(|s| {
+            matches!(
+                s,
+                Step::Act {
+                    action: Action::Promote | Action::Demote,
+                    ..
+                }
+            )
+        });
+        let settled = r.role_changes_done >= slot.role_changes_sent && !role_changing;
+        // Compared with the state machine's own view: a demotion marks its
+        // copy inconsistent without asking us.
+        if settled && slot.node.data_state() != r.data {
+            actions.extend(slot.node.on_input(now, Input::DataState(r.data)));
+        }
+        if slot.peer_in_sync != Some(r.in_sync) {
+            slot.peer_in_sync = Some(r.in_sync);
+            let input = if r.in_sync {
+                Input::PeerUpToDate
+            } else {
+                Input::PeerNotUpToDate
+            };
+            actions.extend(slot.node.on_input(now, input));
+        }
+        // The replication connection is one more heartbeat path.
+        if let Some(at) = r.link_seen_ms {
+            if slot.link_seen_ms < at {
+                slot.link_seen_ms = at;
+                actions.extend(slot.node.on_input(now, Input::PeerSeen { at }));
+            }
+        }
+        if r.io_errors > slot.io_errors_seen {
+            slot.io_errors_seen = r.io_errors;
+            if slot.serving {
+                let why = format!(
+                    "{} disk I/O error(s) on the workload's volumes here",
+                    r.io_errors
+                );
+                actions.extend(slot.node.on_input(now, Input::Resign { why }));
+            }
+        }
+        slot.split_brain = r.split_brain;
+        slot.changed_bytes = r.changed_bytes;
+        self.perform(w, actions);
+        self.set_permits(w);
+        self.publish(w);
+    }
+
+    fn publish(&mut self, w: &str) {
+        let Some(slot) = self.slots.get_mut(w) else {
+            return;
+        };
+        slot.published_at = Instant::now();
         let Some(slot) = self.slots.get(w) else {
             return;
         };
@@ -940,9 +939,10 @@ impl Manager {
             "writes_held": n.writes_held(),
             "candidate": n.is_candidate(),
             "accept_loss": slot.accept_loss,
-            "split_brain": self.split_brain(w),
-            "changed_bytes": self.changed_bytes(w),
-            "copies": kept_copies(&self.ctx, w),
+            "split_brain": slot.split_brain,
+            "changed_bytes": slot.changed_bytes,
+            // Read when the status is asked for (`ClusterView::json`).
+            "copies": [],
             "replicas": replica_state.into_iter().collect::<Vec<_>>(),
             "events": slot.events.iter().cloned().collect::<Vec<_>>(),
         });
@@ -954,28 +954,6 @@ impl Manager {
         self.ctx.cluster.workloads().insert(w.to_string(), v);
     }
 
-    /// Bytes this node's copy may hold that the peer's does not: the dirty
-    /// maps of its primaries, or the suspect maps of its replicas.
-    fn changed_bytes(&self, w: &str) -> u64 {
-        let g = self.ctx.cfg.replication.granularity_bytes;
-        self.volumes_of(w)
-            .iter()
-            .map(|v| {
-                if let Some(p) = self.ctx.primary(v) {
-                    return p.link.lock().rep.dirty_map().dirty_bytes();
-                }
-                self.ctx
-                    .secondary(v)
-                    .and_then(|s| {
-                        let size = ferry_nbd::BlockDevice::size(&s.dev);
-                        crate::replication::meta::load_suspect_map(&s.dir)
-                            .and_then(|b| ferry_core::DirtyMap::decode(&b, size, g).ok())
-                    })
-                    .map_or(0, |m| m.dirty_bytes())
-            })
-            .sum()
-    }
-
     /// Runs the split-brain policy (unless `manual`) for workloads this node
     /// serves whose copies were found written separately.
     fn split_brain_policies(&self) {
@@ -983,7 +961,7 @@ impl Manager {
             return;
         }
         for (w, slot) in &self.slots {
-            if !slot.serving || !slot.node.peer_alive(self.now()) || !self.split_brain(w) {
+            if !slot.serving || !slot.node.peer_alive(self.now()) || !slot.split_brain {
                 continue;
             }
             // Just promoted by the peer's policy, which decided to keep
@@ -1011,35 +989,18 @@ impl Manager {
                 continue;
             }
             let (ctx, w, policy) = (self.ctx.clone(), w.clone(), self.cfg.split_brain.clone());
-            let _ = std::thread::Builder::new()
-                .name("split-brain".into())
-                .spawn(move || {
-                    if let Err(e) = auto_resolve(&ctx, &w, &policy) {
-                        tracing::error!(workload = %w, error = %format!("{e:#}"), "cluster.split_brain.policy_failed: resolve by hand");
-                    }
-                    ctx.cluster
-                        .resolving
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&w);
-                });
-        }
-    }
-
-    /// Whether a volume of the workload refuses, or is refused, as split brain.
-    fn split_brain(&self, w: &str) -> bool {
-        self.volumes_of(w).iter().any(|v| {
-            if let Some(p) = self.ctx.primary(v) {
-                return p.link.lock().stats.split_brain;
-            }
-            self.ctx.secondary(v).is_some_and(|s| {
-                s.last_error
+            let run = Box::new(move || {
+                if let Err(e) = auto_resolve(&ctx, &w, &policy) {
+                    tracing::error!(workload = %w, error = %format!("{e:#}"), "cluster.split_brain.policy_failed: resolve by hand");
+                }
+                ctx.cluster
+                    .resolving
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with("split brain"))
-            })
-        })
+                    .remove(&w);
+            });
+            let _ = self.feed.send(ToFeed::Spawn("split-brain", run));
+        }
     }
 
     fn receive(&mut self, buf: &mut [u8]) {
@@ -1097,17 +1058,16 @@ impl Manager {
         if b.len() < 32 || b.len() > DATAGRAM_BYTES_MAX {
             return None;
         }
-        let peer = self.ctx.peers.get(&self.cfg.peer)?;
-        let key = hmac_key(&peer.heartbeat_key)?;
-        ring::hmac::verify(&key, &b[32..], &b[..32]).ok()?;
+        let key = self.peer.as_ref()?.key.as_ref()?;
+        ring::hmac::verify(key, &b[32..], &b[..32]).ok()?;
         serde_json::from_slice(&b[32..]).ok()
     }
 
     fn send_peer(&self, workload: &str, msg: PeerMsg) {
-        let Some(peer) = self.ctx.peers.get(&self.cfg.peer) else {
+        let Some(peer) = &self.peer else {
             return;
         };
-        let Some(key) = hmac_key(&peer.heartbeat_key) else {
+        let Some(key) = &peer.key else {
             return;
         };
         let body = match serde_json::to_vec(&Datagram {
@@ -1118,127 +1078,229 @@ impl Manager {
             Ok(b) => b,
             Err(_) => return,
         };
-        let tag = ring::hmac::sign(&key, &body);
+        let tag = ring::hmac::sign(key, &body);
         let mut d = tag.as_ref().to_vec();
         d.extend_from_slice(&body);
         // Every path: listener i of the peer from our socket i (or the last).
-        for (i, addr) in peer.heartbeat.iter().enumerate() {
-            let Ok(addr) = addr.parse::<SocketAddr>() else {
+        for (i, addr) in peer.addrs.iter().enumerate() {
+            let Some(addr) = addr else {
                 continue;
             };
             let s = &self.socks[i.min(self.socks.len() - 1)];
-            let _ = s.send_to(&d, addr);
+            let _ = s.send_to(&d, *addr);
         }
     }
 
+    /// Performs the state machine's actions, in order. A `Persist` is handed
+    /// to the persister thread, and everything after it for this workload —
+    /// this batch's actions and later ones, heartbeats included — waits
+    /// until the persister says it is durable (`persisted`): nothing is
+    /// sent, asked or done that relies on a state not yet on disk (a
+    /// Promote request only once the candidacy is recorded, a promotion
+    /// only once the role is). Only what restricts cannot wait: a fence
+    /// freezes the volumes' gate at once (its job waits its turn), and the
+    /// permit to write alone is withheld while anything waits
+    /// (`set_permits`). Other workloads are not held up.
     fn perform(&mut self, w: &str, actions: Vec<Action>) {
+        let mut batch = None;
         for a in actions {
-            match a {
-                Action::SendPeer(m) => self.send_peer(w, m),
-                Action::SendWitness(req) => {
-                    if req.op == ferry_core::cluster::WitnessOp::UpToDate {
-                        // Going alone needs a new outdate from now on: take
-                        // the permit back before the request can land.
-                        self.poll_permits(w);
-                    }
-                    let (Some(witness), Some(cluster)) = (&self.witness, &self.cluster_id) else {
-                        continue;
-                    };
-                    let (addr, key) = &**witness;
-                    let msg = ToWitness {
-                        cluster: cluster.clone(),
-                        workload: w.to_string(),
-                        lease_ms: self.timing.lease_ms,
-                        drift_permille: self.timing.drift_permille,
-                        req,
-                    };
-                    if let Ok(b) = serde_json::to_vec(&msg) {
-                        let _ = self.wsock.send_to(&witness::seal(key, b), *addr);
-                    }
+            if let Action::Persist(state) = a {
+                let seq = self.next_persist;
+                self.next_persist += 1;
+                let req = PersistRequest {
+                    workload: w.to_string(),
+                    seq,
+                    state,
+                };
+                if self.persister.send(req).is_err() {
+                    // What follows must not happen unrecorded: drop the
+                    // rest of the batch.
+                    tracing::error!(
+                        workload = w,
+                        "cluster.persist_failed: the persister thread stopped; not acting on it"
+                    );
+                    return;
                 }
-                Action::Persist(state) => {
-                    let saved = load(&self.ctx.cfg.data_dir, w)
-                        .ok_or_else(|| anyhow!("its HA record is missing or damaged"))
-                        .and_then(|mut h| {
-                            h.state = state;
-                            save(&self.ctx.cfg.data_dir, &h)
-                        });
-                    if let Err(e) = saved {
-                        // What follows (a Promote request, a promotion) must
-                        // not happen unrecorded: drop the rest of the batch;
-                        // the state machine asks again on a later tick.
-                        tracing::error!(workload = w, error = %format!("{e:#}"), "cluster.persist_failed: not acting on it");
-                        return;
-                    }
+                batch = Some(seq);
+                if let Some(slot) = self.slots.get_mut(w) {
+                    slot.held.push_back(Step::Durable(seq));
                 }
-                Action::HoldWrites | Action::ReleaseWrites => {
-                    // Enforced in the write path through the permit (poll_data).
-                    self.poll_permits(w);
+                continue;
+            }
+            let waiting = self.slots.get(w).is_some_and(|s| !s.held.is_empty());
+            if !waiting {
+                self.act(w, a, Instant::now());
+                continue;
+            }
+            if a == Action::Fence {
+                self.freeze(w);
+            }
+            if let Some(slot) = self.slots.get_mut(w) {
+                slot.held.push_back(Step::Act {
+                    action: a,
+                    batch,
+                    at: Instant::now(),
+                });
+            }
+        }
+        if batch.is_some() {
+            self.set_permits(w);
+        }
+    }
+
+    /// The persister wrote (or failed to write) persist `seq` of `w`: what
+    /// waited for it runs now, up to the next persist still pending — or,
+    /// if it failed, the actions of its own batch are dropped (what follows
+    /// a Promote request or a promotion must not happen unrecorded; the
+    /// state machine asks again on a later tick).
+    fn persisted(&mut self, w: &str, seq: u64, ok: bool) {
+        let Some(slot) = self.slots.get_mut(w) else {
+            return;
+        };
+        match slot.held.front() {
+            Some(Step::Durable(s)) if *s == seq => {
+                slot.held.pop_front();
+            }
+            _ => {
+                tracing::error!(
+                    workload = w,
+                    seq,
+                    "cluster.persist_unexpected: not the persist waited for"
+                );
+                return;
+            }
+        }
+        if !ok {
+            slot.held
+                .retain(|s| !matches!(s, Step::Act { batch: Some(b), .. } if *b == seq));
+        }
+        loop {
+            let Some(slot) = self.slots.get_mut(w) else {
+                return;
+            };
+            match slot.held.front() {
+                None | Some(Step::Durable(_)) => break,
+                Some(_) => {}
+            }
+            match slot.held.pop_front() {
+                Some(Step::Act { action, at, .. }) => self.act(w, action, at),
+                Some(Step::Resume) => self.job(w, Job::Resume),
+                _ => {}
+            }
+        }
+        self.set_permits(w);
+    }
+
+    /// Serving begins: the Resume job, after anything held before it.
+    fn resume(&mut self, w: &str) {
+        let Some(slot) = self.slots.get_mut(w) else {
+            return;
+        };
+        if slot.held.is_empty() {
+            self.job(w, Job::Resume);
+        } else {
+            slot.held.push_back(Step::Resume);
+        }
+    }
+
+    /// One action, now (`at`: when the state machine asked for it).
+    fn act(&mut self, w: &str, a: Action, at: Instant) {
+        match a {
+            Action::SendPeer(m) => self.send_peer(w, m),
+            Action::SendWitness(req) => {
+                if req.op == ferry_core::cluster::WitnessOp::UpToDate {
+                    // Going alone needs a new outdate from now on: take
+                    // the permit back before the request can land.
+                    self.set_permits(w);
                 }
-                Action::Fence => {
-                    // Stop I/O now, on this thread; the rest on the worker.
-                    for v in self.slot_volumes(w) {
-                        if let Some(p) = self.ctx.primary(&v) {
-                            p.freeze_nowait();
-                        }
-                    }
-                    self.job(w, Job::Fence);
+                let (Some(witness), Some(cluster)) = (&self.witness, &self.cluster_id) else {
+                    return;
+                };
+                let (addr, key) = &**witness;
+                let msg = ToWitness {
+                    cluster: cluster.clone(),
+                    workload: w.to_string(),
+                    lease_ms: self.timing.lease_ms,
+                    drift_permille: self.timing.drift_permille,
+                    req,
+                };
+                if let Ok(b) = serde_json::to_vec(&msg) {
+                    let _ = self.wsock.send_to(&witness::seal(key, b), *addr);
                 }
-                // Serving resumes on the edge of `accepting_writes` (run).
-                Action::Resume => {}
-                Action::Promote => {
-                    let force = self.slots.get(w).is_some_and(|s| s.node.promoted_forced());
-                    self.job(w, Job::Promote { force })
-                }
-                Action::Demote => self.job(w, Job::Demote),
-                Action::Event(e) => self.event(w, e),
+            }
+            // Handed to the persister in `perform`.
+            Action::Persist(_) => {}
+            Action::HoldWrites | Action::ReleaseWrites => {
+                // Enforced in the write path through the permit.
+                self.set_permits(w);
+            }
+            Action::Fence => {
+                // Stop I/O now, on this thread; the rest on the worker.
+                self.freeze(w);
+                self.job(w, Job::Fence);
+            }
+            // Serving resumes on the edge of `accepting_writes` (run).
+            Action::Resume => {}
+            Action::Promote => {
+                let force = self.slots.get(w).is_some_and(|s| s.node.promoted_forced());
+                self.job(w, Job::Promote { force })
+            }
+            Action::Demote => self.job(w, Job::Demote),
+            Action::Event(e) => self.event(w, e, at),
+        }
+    }
+
+    /// Fencing's fast part: the volumes' gate freezes (new writes wait).
+    fn freeze(&self, w: &str) {
+        for v in self
+            .slots
+            .get(w)
+            .map(|s| s.volumes.as_slice())
+            .unwrap_or(&[])
+        {
+            if let Some(p) = self.ctx.primary(v) {
+                p.freeze_nowait();
             }
         }
     }
 
-    fn poll_permits(&self, w: &str) {
+    /// The permit to acknowledge writes the peer did not confirm, for the
+    /// workload's volumes and shares, from the state machine — withheld
+    /// while a persist is pending (a grant counts once its state is durable).
+    fn set_permits(&self, w: &str) {
         let Some(slot) = self.slots.get(w) else {
             return;
         };
         let required = slot.node.policy().witness && slot.node.policy().sync;
-        let granted = slot.node.may_write_alone();
-        for v in self.slot_volumes(w) {
-            if let Some(p) = self.ctx.primary(&v) {
+        let granted = slot.node.may_write_alone() && slot.held.is_empty();
+        for v in &slot.volumes {
+            if let Some(p) = self.ctx.primary(v) {
+                p.alone.set(required, granted);
+            }
+        }
+        for s in &slot.shares {
+            if let Some(p) = self.ctx.shares.primary(s) {
                 p.alone.set(required, granted);
             }
         }
     }
 
-    /// The volumes of a managed workload, as picked up (no disk read).
-    fn slot_volumes(&self, w: &str) -> Vec<String> {
-        self.slots
-            .get(w)
-            .map(|s| s.volumes.clone())
-            .unwrap_or_else(|| self.volumes_of(w))
-    }
-
-    fn volumes_of(&self, w: &str) -> Vec<String> {
-        crate::migrate::load_workload(&self.ctx.cfg.data_dir, w)
-            .ok()
-            .flatten()
-            .map(|s| names(&s.volumes))
-            .unwrap_or_default()
-    }
-
-    fn job(&self, w: &str, j: Job) {
-        if let Some(s) = self.slots.get(w) {
+    fn job(&mut self, w: &str, j: Job) {
+        if let Some(s) = self.slots.get_mut(w) {
+            if matches!(j, Job::Promote { .. } | Job::Demote) {
+                s.role_changes_sent += 1;
+            }
             let _ = s.jobs.send(j);
         }
     }
 
-    fn event(&mut self, w: &str, e: Event) {
-        let now = Instant::now();
+    fn event(&mut self, w: &str, e: Event, at: Instant) {
         let Some(slot) = self.slots.get_mut(w) else {
             return;
         };
         let mut v = serde_json::to_value(&e).unwrap_or(Value::Null);
         match &e {
-            Event::PeerLost => slot.peer_lost_at = Some(now),
+            Event::PeerLost => slot.peer_lost_at = Some(at),
             Event::PeerBack => slot.peer_lost_at = None,
             Event::FailoverStarted { silent_ms } => slot.detection_ms = Some(*silent_ms),
             Event::Promoted { .. } => {
@@ -1247,10 +1309,11 @@ impl Manager {
                 // the promotion itself (volumes, VIP, start hook) is logged
                 // by `cluster.action.done job=Promote`.
                 if let Some(t) = slot.peer_lost_at {
-                    v["since_peer_lost_ms"] = json!(t.elapsed().as_millis() as u64);
+                    let since = at.saturating_duration_since(t).as_millis() as u64;
+                    v["since_peer_lost_ms"] = json!(since);
                     if let Some(d) = slot.detection_ms {
                         v["detection_ms"] = json!(d);
-                        v["failover_ms"] = json!(d + t.elapsed().as_millis() as u64);
+                        v["failover_ms"] = json!(d + since);
                     }
                 }
             }
@@ -1258,7 +1321,10 @@ impl Manager {
         }
         v["workload"] = json!(w);
         v["node"] = json!(self.ctx.identity.node_name);
-        v["at_unix_ms"] = json!(std::time::SystemTime::now()
+        let wall = std::time::SystemTime::now()
+            .checked_sub(at.elapsed())
+            .unwrap_or_else(std::time::SystemTime::now);
+        v["at_unix_ms"] = json!(wall
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0));
@@ -1273,13 +1339,6 @@ impl Manager {
             slot.events.pop_front();
         }
     }
-}
-
-fn share_mode_sync(ctx: &AgentCtx, name: &str) -> bool {
-    crate::share::ShareStore::new(&ctx.cfg.data_dir)
-        .load(name)
-        .map(|r| r.mode == "sync")
-        .unwrap_or(true)
 }
 
 fn role_str(r: Role) -> &'static str {
@@ -1298,8 +1357,15 @@ fn data_state_str(d: DataState) -> &'static str {
     }
 }
 
-/// A workload's slow actions, in order.
-fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Job>) {
+/// A workload's slow actions, in order. `role_changes_done` counts the
+/// promotions and demotions finished (the volumes' roles changed).
+fn worker(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    peer: &str,
+    rx: mpsc::Receiver<Job>,
+    role_changes_done: &AtomicU64,
+) {
     // Whether this node runs the application (as far as the hooks went).
     let mut serving = false;
     for job in rx {
@@ -1334,6 +1400,9 @@ fn worker(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, rx: mpsc::Receiver<Jo
                 demote(ctx, workload, peer)
             }
         };
+        if matches!(job, Job::Promote { .. } | Job::Demote) {
+            role_changes_done.fetch_add(1, Ordering::SeqCst);
+        }
         match r {
             Ok(()) => tracing::info!(
                 workload,
@@ -1799,17 +1868,13 @@ fn copy_path(ctx: &AgentCtx, volume: &ferry_core::Name) -> PathBuf {
 
 /// The discarded copies kept on this node for the workload's volumes, and
 /// the diverged files kept for its shares (`share::keep_diverged`).
-fn kept_copies(ctx: &AgentCtx, workload: &str) -> Vec<String> {
-    let spec = crate::migrate::load_workload(&ctx.cfg.data_dir, workload)
-        .ok()
-        .flatten();
-    let (volumes, shares) = spec.map(|s| (s.volumes, s.shares)).unwrap_or_default();
-    volumes
+fn kept_copies(ctx: &AgentCtx, spec: &WorkloadSpec) -> Vec<String> {
+    spec.volumes
         .iter()
         .map(|v| copy_path(ctx, v))
         .filter(|p| p.exists())
         .chain(
-            shares
+            spec.shares
                 .iter()
                 .filter_map(|s| crate::share::kept_copy(&ctx.cfg.data_dir, s)),
         )

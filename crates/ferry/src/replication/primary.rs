@@ -1167,7 +1167,13 @@ impl PrimaryVolume {
             }
             if !logged {
                 logged = true;
+                // Not under the permit's lock: writing the log line may
+                // wait on stderr, and the HA heartbeat thread sets the
+                // permit.
+                drop(g);
                 tracing::warn!(volume = %self.name, "replication.writes_held: the peer is gone; writes wait until the witness records it outdated");
+                g = self.alone.granted.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
             }
             g = self
                 .alone

@@ -693,7 +693,9 @@ pub fn start_primary(
     } else {
         None
     };
-    ctx.shares.primaries().insert(
+    // A share this replaces is stopped (unmounted) after the map's lock is
+    // released: the HA heartbeat thread looks shares up in it.
+    let _replaced = ctx.shares.primaries().insert(
         rec.name.to_string(),
         Running {
             share: share.clone(),
