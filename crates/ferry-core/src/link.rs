@@ -479,10 +479,24 @@ impl Replicator {
         if !self.connected() || self.copying.len() >= self.cfg.copies_in_flight_max {
             return None;
         }
-        let block = self
-            .dirty
-            .next_dirty(self.copy_cursor)
-            .or_else(|| self.dirty.next_dirty(0))?;
+        // A dirty block whose earlier copy is still in flight (dirtied again
+        // meanwhile, e.g. by falling behind) waits for that copy to finish:
+        // handing it out twice would let the older copy's frame, sent
+        // last, win on the peer while the newer one was dropped.
+        let pick = |from: u64, before: Option<u64>| {
+            let mut at = from;
+            while let Some(b) = self.dirty.next_dirty(at) {
+                if before.is_some_and(|e| b >= e) {
+                    return None;
+                }
+                if !self.copying.contains_key(&b) {
+                    return Some(b);
+                }
+                at = b + 1;
+            }
+            None
+        };
+        let block = pick(self.copy_cursor, None).or_else(|| pick(0, Some(self.copy_cursor)))?;
         self.dirty.clear_block(block);
         self.copying.insert(block, false);
         self.copy_cursor = block + 1;
