@@ -1668,8 +1668,26 @@ fn a_rolling_upgrade_from_the_previous_release_moves_the_workload() {
                 .unwrap();
         assert_eq!(v["ferry_record"], "volume", "{v}");
     }
-    // And back, verified, new to new.
-    let back = a.json(&["migrate", "rollback", "web"]);
+    // And back, verified, new to new (asked again while the way back is
+    // briefly not ready: a's restart has the link resync what a's activity
+    // log marks).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let back = loop {
+        let out = a
+            .cli()
+            .args(["--json", "migrate", "rollback", "web"])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            err.contains("not ready") && std::time::Instant::now() < deadline,
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(back["to"], "a", "{back}");
     verify_records(&a.uri("app"), &acked);
 }

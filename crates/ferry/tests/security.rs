@@ -821,7 +821,14 @@ fn bad_requests_get_the_status_that_says_why() {
             "POST",
         ])
         .args(["-H", &format!("Authorization: Bearer {t}")])
-        .args(["-H", "Content-Type: application/json", "--data-binary"])
+        // No `Expect: 100-continue`: curl would report the interim 100.
+        .args([
+            "-H",
+            "Expect:",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+        ])
         .arg(format!("@{}", big_file.display()))
         .arg(format!("https://{}/api/v1/volumes", a.api))
         .output()
