@@ -843,10 +843,10 @@ fn swap_race(
             .unwrap_or(0)
     };
     assert!(
-        // (A tenth of the chmods asked for: under load the swapper starves
-        // the chmod loop — 190 chmods against 24 million swaps in one CI run
-        // — and that is still a race that ran.)
-        mode_of(victim) != 0o600 || count("chmods ") >= chmods / 10 && count("swaps ") >= 300,
+        // (A fiftieth of the chmods asked for: under the whole suite's load
+        // the swapper starves the chmod loop — 80 and 190 chmods against 24
+        // million swaps in two runs — and that is still a race that ran.)
+        mode_of(victim) != 0o600 || count("chmods ") >= chmods / 50 && count("swaps ") >= 300,
         "the race did not run: {text}"
     );
     text
