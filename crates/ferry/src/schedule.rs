@@ -311,11 +311,9 @@ pub fn tick(ctx: &Arc<AgentCtx>) {
                 tracing::warn!(workload, reason = %why, "migration.schedule.gave_up");
             }
         }
-        if *s != before
-            && (s.state != before.state
-                || s.attempts != before.attempts
-                || s.in_window_since != before.in_window_since)
-        {
+        // Whatever decide changed is kept (it changes on attempts and at
+        // window edges only, not every tick).
+        if *s != before {
             if let Err(e) = rec.save(&ctx.cfg.data_dir) {
                 tracing::error!(workload, error = %e, "migration.record.save_failed");
             }
@@ -359,11 +357,7 @@ fn finish(ctx: &AgentCtx, workload: &str, outcome: Result<String, String>) {
     rec.auto_cutover_running = false;
     if let Some(s) = rec.schedule.as_mut() {
         s.cutover_ended(now_unix(), outcome);
-        if let Some(why) = s
-            .reason
-            .clone()
-            .filter(|_| s.is_final() && s.state == ferry_core::schedule::ScheduleState::GaveUp)
-        {
+        if let (ferry_core::schedule::ScheduleState::GaveUp, Some(why)) = (&s.state, &s.reason) {
             tracing::warn!(workload, reason = %why, "migration.schedule.gave_up");
         }
     }

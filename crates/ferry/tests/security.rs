@@ -15,8 +15,9 @@ fn status(api: &str, method: &str, path: &str, token: Option<&str>) -> u16 {
     common::https_request(api, method, path, token, body).0
 }
 
-/// The route table the agent is built from (`ferry api routes --json`).
-fn routes(a: &Agent) -> Vec<(String, String)> {
+/// The route table the agent is built from (`ferry api routes --json`):
+/// method, path and the least the route needs.
+fn routes(a: &Agent) -> Vec<(String, String, String)> {
     let v: Value = a.json(&["api", "routes"]);
     v.as_array()
         .unwrap()
@@ -25,6 +26,7 @@ fn routes(a: &Agent) -> Vec<(String, String)> {
             (
                 r["method"].as_str().unwrap().to_string(),
                 r["path"].as_str().unwrap().to_string(),
+                r["need"].as_str().unwrap().to_string(),
             )
         })
         .collect()
@@ -49,11 +51,11 @@ fn every_route_needs_a_token() {
         "/api/v1/cluster/workloads/{name}/drop-copy",
     ] {
         assert!(
-            table.iter().any(|(_, p)| p == needed),
+            table.iter().any(|(_, p, _)| p == needed),
             "{needed} not in the table"
         );
     }
-    for (method, path) in &table {
+    for (method, path, _) in &table {
         let path = path.replace("{name}", "v0").replace("{which}", "start");
         for token in [None, Some("wrong"), Some("")] {
             assert_eq!(
@@ -604,23 +606,6 @@ fn token_rotation_and_rekey_take_effect_at_once() {
     assert_eq!(a.json(&["volume", "verify", "vol"])["equal"], true);
 }
 
-/// The route table with the least role each route states
-/// (`ferry api routes --json`: method, path, need).
-fn routes_with_needs(a: &Agent) -> Vec<(String, String, String)> {
-    let v: Value = a.json(&["api", "routes"]);
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["method"].as_str().unwrap().to_string(),
-                r["path"].as_str().unwrap().to_string(),
-                r["need"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 /// `method path` with `token` and, unless GET/DELETE, a malformed JSON body
 /// (so that an allowed call stops at its body, before it acts): the status.
 fn status_malformed(api: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -663,7 +648,7 @@ fn every_route_enforces_the_least_role_it_states() {
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("peer-internal"), "{body}");
 
-    let table = routes_with_needs(&a);
+    let table = routes(&a);
     assert!(table.len() > 40, "{table:?}");
     let mut checked = 0;
     for (method, path, need) in &table {

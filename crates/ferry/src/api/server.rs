@@ -68,6 +68,15 @@ impl From<anyhow::Error> for ApiError {
                 if let Some(a) = c.downcast_ref::<ActionError>() {
                     return StatusCode::from_u16(a.kind.status()).ok();
                 }
+                use crate::agent::tokens::TokenError;
+                match c.downcast_ref::<TokenError>() {
+                    Some(TokenError::Unknown(_)) => return Some(StatusCode::NOT_FOUND),
+                    Some(TokenError::Exists(_) | TokenError::FileToken(_)) => {
+                        return Some(StatusCode::CONFLICT)
+                    }
+                    Some(_) => return Some(StatusCode::INTERNAL_SERVER_ERROR),
+                    None => {}
+                }
                 match c.downcast_ref::<VolumeError>()? {
                     VolumeError::NotFound { .. } => Some(StatusCode::NOT_FOUND),
                     VolumeError::Exists { .. } | VolumeError::Busy { .. } => {
@@ -707,18 +716,8 @@ async fn create_token(
     let role: Role = r.role.parse().map_err(|e: ferry_api::auth::UnknownRole| {
         ApiError(StatusCode::BAD_REQUEST, e.to_string())
     })?;
-    let c = ctx.clone();
-    let n = name.clone();
-    let token = tokio::task::spawn_blocking(move || c.tokens.create(&n, role))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| match e {
-            crate::agent::tokens::TokenError::Exists(_)
-            | crate::agent::tokens::TokenError::FileToken(_) => {
-                ApiError(StatusCode::CONFLICT, e.to_string())
-            }
-            e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        })?;
+    let (c, n) = (ctx.clone(), name.clone());
+    let token = blocking(move || Ok(c.tokens.create(&n, role)?)).await?;
     tracing::warn!(token = %name, %role, by = %who.describe(), "api.token_created");
     Ok(Json(json!({
         "name": name,
@@ -738,20 +737,8 @@ async fn revoke_token(
     axum::Extension(who): axum::Extension<Authority>,
     Path(name): Path<String>,
 ) -> ApiResult {
-    let c = ctx.clone();
-    let n = name.clone();
-    tokio::task::spawn_blocking(move || c.tokens.revoke(&n))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| match e {
-            crate::agent::tokens::TokenError::Unknown(_) => {
-                ApiError(StatusCode::NOT_FOUND, e.to_string())
-            }
-            crate::agent::tokens::TokenError::FileToken(_) => {
-                ApiError(StatusCode::CONFLICT, e.to_string())
-            }
-            e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        })?;
+    let (c, n) = (ctx.clone(), name.clone());
+    blocking(move || Ok(c.tokens.revoke(&n)?)).await?;
     tracing::warn!(token = %name, by = %who.describe(), "api.token_revoked");
     Ok(Json(
         json!({"revoked": name, "node": ctx.identity.node_name}),
