@@ -132,7 +132,7 @@ fn start_node(root: &Path, name: &'static str) -> Result<Node> {
     let token = std::fs::read_to_string(dir.join("api.token"))?
         .trim()
         .to_string();
-    let fingerprint = crate::agent::identity::local_fingerprint(&dir)?;
+    let fingerprint = crate::transport::identity::local_fingerprint(&dir)?;
     Ok(Node {
         api: format!("127.0.0.1:{api}"),
         nbd: dir.join("run").join("nbd.sock"),

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::agent::nbd_tls;
 use crate::cli::{ExportArgs, ExportLimitArgs};
-use crate::signals;
+use crate::sys::signals;
 use crate::volume::VolumeStore;
 
 impl ExportLimitArgs {

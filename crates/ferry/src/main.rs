@@ -8,14 +8,13 @@ mod cli;
 mod cluster;
 mod demo;
 mod export;
-mod logging;
 mod migrate;
 mod remote;
-mod replication;
 mod schedule;
 mod share;
-mod signals;
 mod store;
+mod sys;
+mod transport;
 mod vm;
 mod volume;
 
@@ -40,7 +39,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_max_level(cli.global.log_level)
-        .with_writer(logging::MakeWriter)
+        .with_writer(sys::logging::MakeWriter)
         .with_target(false)
         .init();
     match run(&cli) {

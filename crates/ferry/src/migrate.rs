@@ -806,7 +806,7 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
 fn primaries(
     ctx: &AgentCtx,
     spec: &WorkloadSpec,
-) -> Result<Vec<Arc<crate::replication::primary::PrimaryVolume>>> {
+) -> Result<Vec<Arc<crate::volume::primary::PrimaryVolume>>> {
     spec.volumes
         .iter()
         .map(|v| {
@@ -823,7 +823,7 @@ fn primaries(
 /// how many and where.
 pub(crate) fn compare_or_resend(
     ctx: &AgentCtx,
-    v: &crate::replication::primary::PrimaryVolume,
+    v: &crate::volume::primary::PrimaryVolume,
     client: &crate::api::client::ApiClient,
     target: &str,
 ) -> std::result::Result<(), String> {
@@ -890,9 +890,9 @@ pub(crate) fn compare_or_resend(
 /// freeze that follows then drains only what came after. Best effort: a
 /// failure is logged, and the drain inside the freeze decides.
 ///
-/// [`PrimaryVolume::flush_link`]: crate::replication::primary::PrimaryVolume::flush_link
+/// [`PrimaryVolume::flush_link`]: crate::volume::primary::PrimaryVolume::flush_link
 pub(crate) fn flush_replicas(
-    vols: &[Arc<crate::replication::primary::PrimaryVolume>],
+    vols: &[Arc<crate::volume::primary::PrimaryVolume>],
     timeout: Duration,
     why: &str,
 ) {
@@ -1612,7 +1612,7 @@ pub fn test_export(volume: &str) -> String {
 
 /// A test instance running on this node (the migration's target).
 pub struct TestRun {
-    pub overlays: Vec<(String, Arc<crate::replication::snapshot::Overlay>)>,
+    pub overlays: Vec<(String, Arc<crate::volume::snapshot::Overlay>)>,
 }
 
 /// `ferry migrate test WORKLOAD`, on the source: a snapshot of every replica
@@ -1668,7 +1668,7 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         why
     };
     // Only the barriers of this attempt take the snapshots.
-    let token = crate::agent::identity::random_u64();
+    let token = crate::transport::identity::random_u64();
     for v in &vols {
         client
             .post(
@@ -1727,7 +1727,7 @@ pub fn test_end(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 
 /// On the target: arms volume `volume`'s snapshot for the next flagged flush.
 pub fn test_arm_here(ctx: &AgentCtx, volume: &str, token: u64) -> Result<()> {
-    let v = ctx.secondary(volume).ok_or_else(|| {
+    let v = ctx.replica(volume).ok_or_else(|| {
         anyhow!(
             "volume {volume:?} is not a replica on node {}",
             ctx.identity.node_name
@@ -1759,11 +1759,11 @@ pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let mut overlays = Vec::new();
     for name in &spec.volumes {
         let v = ctx
-            .secondary(name)
+            .replica(name)
             .ok_or_else(|| anyhow!("volume {name:?} is not a replica here"))?;
         v.snapshot.wait_taken(name, TEST_BARRIER_TIMEOUT)?;
-        let path = v.dir.join(crate::replication::snapshot::OVERLAY_FILE);
-        let o = crate::replication::snapshot::Overlay::create(v.clone(), &path)
+        let path = v.dir.join(crate::volume::snapshot::OVERLAY_FILE);
+        let o = crate::volume::snapshot::Overlay::create(v.clone(), &path)
             .with_context(|| format!("cannot create the overlay {}", path.display()))?;
         overlays.push((name.to_string(), Arc::new(o)));
     }
@@ -1829,7 +1829,7 @@ pub fn test_end_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let mut saved = 0;
     for name in &names {
         ctx.nbd.remove_export(&test_export(name));
-        if let Some(v) = ctx.secondary(name) {
+        if let Some(v) = ctx.replica(name) {
             saved += v.snapshot.saved_bytes().unwrap_or(0);
             v.snapshot.end();
         }

@@ -23,7 +23,7 @@ fn token(token_file: Option<&Path>, data_dir: &Path) -> Result<String> {
     }
     let path = token_file
         .map(Path::to_path_buf)
-        .unwrap_or_else(|| crate::agent::identity::token_path(data_dir));
+        .unwrap_or_else(|| crate::transport::identity::token_path(data_dir));
     std::fs::read_to_string(&path)
         .map(|t| t.trim().to_string())
         .with_context(|| {
@@ -66,7 +66,7 @@ pub fn client(conn: &AgentConn, data_dir: &Path) -> Result<ApiClient> {
         .ok_or_else(|| anyhow!("which agent? pass --api HOST:PORT or set FERRY_API"))?;
     let fingerprint = match &conn.api_fingerprint {
         Some(f) if !f.trim().is_empty() => f.trim().to_string(),
-        _ => crate::agent::identity::local_fingerprint(data_dir).with_context(|| {
+        _ => crate::transport::identity::local_fingerprint(data_dir).with_context(|| {
             format!("cannot tell which certificate the agent at {api} must present: pass --api-fingerprint (or FERRY_API_FINGERPRINT) as `ferry node id` prints it on that node")
         })?,
     };
@@ -187,7 +187,7 @@ pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
             })
         }
         NodeCommand::Id => {
-            let fp = crate::agent::identity::local_fingerprint(data_dir)?;
+            let fp = crate::transport::identity::local_fingerprint(data_dir)?;
             print(&json!({"fingerprint": fp}), json, |_| println!("{fp}"))
         }
         NodeCommand::Rekey { conn } => {

@@ -126,6 +126,12 @@ pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// [`write_atomic_private`] with the path in its error.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    write_atomic_private(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// A record decoded: whether it was in an older format.
 #[derive(Debug)]
 pub struct Decoded<R> {

@@ -8,12 +8,8 @@
 //! restart resumes without a full resync.
 
 pub mod config;
-pub mod conns;
 pub mod damaged;
-pub mod identity;
 pub mod nbd_tls;
-pub mod peers;
-pub mod tls;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -26,9 +22,10 @@ use ferry_core::link::Mode;
 use ferry_core::DirtyMap;
 use ferry_nbd::{Export, FileDevice, ListenAddr, Listener, Server};
 
-use crate::replication::meta::{self, MetaFile, MetaState, Role, AL_EXTENT_SHIFT};
-use crate::replication::primary::PrimaryVolume;
-use crate::replication::secondary::{self, SecondaryVolume};
+use crate::transport::{conns, identity, peers, tls};
+use crate::volume::meta::{self, MetaFile, MetaState, Role, AL_EXTENT_SHIFT};
+use crate::volume::primary::PrimaryVolume;
+use crate::volume::replica::{self, ReplicaVolume};
 use crate::volume::{VolumeLock, VolumeStore};
 use config::AgentConfig;
 use identity::Identity;
@@ -55,13 +52,6 @@ impl crate::store::Record for CommitRecord {
     const KIND: &'static str = "commit";
 }
 
-/// Writes a file atomically and durably (file and directory synced), mode
-/// 0600: see [`crate::store::write_atomic_private`].
-pub fn write_atomic_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::store::write_atomic_private(path, bytes)
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
 /// Shared state of a running agent.
 pub struct AgentCtx {
     /// Records found damaged and set aside (served: everything else).
@@ -83,7 +73,7 @@ pub struct AgentCtx {
     /// The NBD TCP listener (`nbd_listen`), TLS required.
     pub nbd_tls_listen: Option<std::net::SocketAddr>,
     primaries: Mutex<HashMap<String, Arc<PrimaryVolume>>>,
-    secondaries: secondary::Secondaries,
+    replicas: replica::Replicas,
     locks: Mutex<HashMap<String, VolumeLock>>,
     pub started: Instant,
     /// Serialises volume creation and role changes.
@@ -148,8 +138,8 @@ impl AgentCtx {
         self.tests.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn secondary(&self, name: &str) -> Option<Arc<SecondaryVolume>> {
-        self.secondaries
+    pub fn replica(&self, name: &str) -> Option<Arc<ReplicaVolume>> {
+        self.replicas
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
@@ -176,9 +166,9 @@ impl AgentCtx {
         v
     }
 
-    pub fn secondaries(&self) -> Vec<Arc<SecondaryVolume>> {
+    pub fn replicas(&self) -> Vec<Arc<ReplicaVolume>> {
         let mut v: Vec<_> = self
-            .secondaries
+            .replicas
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
@@ -190,7 +180,7 @@ impl AgentCtx {
 
     /// Opens a volume of the store in its recorded role.
     pub fn load_volume(self: &Arc<Self>, name: &str) -> Result<()> {
-        if self.primary(name).is_some() || self.secondary(name).is_some() {
+        if self.primary(name).is_some() || self.replica(name).is_some() {
             return Ok(());
         }
         let lock = self.lock_volume(name)?;
@@ -204,7 +194,7 @@ impl AgentCtx {
                 let dev = FileDevice::open(&image, false)
                     .with_context(|| format!("cannot open {}", image.display()))?;
                 m.update(|s| s.clean = false)?;
-                let v = Arc::new(SecondaryVolume::new(
+                let v = Arc::new(ReplicaVolume::new(
                     name.to_string(),
                     info.id,
                     dir.clone(),
@@ -212,7 +202,7 @@ impl AgentCtx {
                     m,
                     self.cfg.replication.granularity_bytes,
                 ));
-                self.secondaries
+                self.replicas
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(name.to_string(), v);
@@ -324,7 +314,7 @@ impl AgentCtx {
 
     /// Loads a volume created in the data dir while the agent ran (by `ferry volume create`).
     pub fn adopt_volume(self: &Arc<Self>, name: &str) {
-        if self.primary(name).is_some() || self.secondary(name).is_some() {
+        if self.primary(name).is_some() || self.replica(name).is_some() {
             return;
         }
         // A promotion, demotion or deletion holds `admin` while the volume
@@ -339,7 +329,7 @@ impl AgentCtx {
             Err(std::sync::TryLockError::WouldBlock) => return,
         };
         if self.primary(name).is_none()
-            && self.secondary(name).is_none()
+            && self.replica(name).is_none()
             && self.store.meta(name).is_ok()
         {
             if let Err(e) = self.load_volume(name) {
@@ -356,7 +346,7 @@ impl AgentCtx {
         let workloads = crate::migrate::list_workloads(&self.cfg.data_dir).unwrap_or_default();
         for w in workloads {
             if w.volumes.len() < 2
-                || w.volumes.len() > crate::replication::link::GROUP_VOLUMES_MAX
+                || w.volumes.len() > crate::volume::link::GROUP_VOLUMES_MAX
                 || !w.volumes.iter().any(|n| *n == vol.name)
             {
                 continue;
@@ -436,11 +426,11 @@ impl AgentCtx {
         }
         let ctx = self.clone();
         let members_left = members.clone();
-        let group = crate::replication::primary::Group::new(name.clone(), members);
+        let group = crate::volume::primary::Group::new(name.clone(), members);
         let spawned = std::thread::Builder::new()
             .name(format!("link-{name}"))
             .spawn(move || {
-                crate::replication::link::run(group.clone(), ctx.clone());
+                crate::volume::link::run(group.clone(), ctx.clone());
                 // Members that left (stopped, or now replicating elsewhere)
                 // are done; one being moved to another group is the mover's;
                 // the others go on, in whatever grouping now applies.
@@ -482,7 +472,7 @@ impl AgentCtx {
         let secondary = match primary {
             Some(_) => None,
             None => self
-                .secondaries
+                .replicas
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name),
@@ -520,10 +510,10 @@ impl AgentCtx {
 
     /// A replica here that may become primary: consistent, and no test
     /// instance running on a snapshot of it.
-    fn promotable(&self, name: &str) -> Result<Arc<SecondaryVolume>> {
+    fn promotable(&self, name: &str) -> Result<Arc<ReplicaVolume>> {
         let node = &self.identity.node_name;
         let sec = self
-            .secondary(name)
+            .replica(name)
             .ok_or_else(|| anyhow!("volume {name:?} is not a replica on node {node}"))?;
         let forced = self
             .forced_promotions
@@ -617,7 +607,7 @@ impl AgentCtx {
         let mut promoted = Vec::new();
         let mut result = Ok(());
         for name in &names {
-            if self.secondary(name).is_some() {
+            if self.replica(name).is_some() {
                 match self.promote_volume(name, reverse_to, mode) {
                     Ok(g) => promoted.push((name.clone(), g)),
                     Err(e) => {
@@ -838,7 +828,7 @@ impl AgentCtx {
                 );
             }
         }
-        if self.primary(name).is_some() || self.secondary(name).is_some() {
+        if self.primary(name).is_some() || self.replica(name).is_some() {
             self.unload_volume(name)?;
         }
         self.store.delete(name, true)?;
@@ -871,7 +861,7 @@ impl AgentCtx {
                 p.id
             );
         }
-        if let Some(s) = self.secondary(name) {
+        if let Some(s) = self.replica(name) {
             let size_here = ferry_nbd::BlockDevice::size(&s.dev);
             if s.id != id || size_here != size {
                 bail!("volume {name:?} here has id {} and {size_here} bytes, the primary's has id {id} and {size} bytes: delete the old one first", s.id);
@@ -905,7 +895,7 @@ impl AgentCtx {
             MetaFile::open_or_create(&meta_path, MetaState::new_secondary(primary))?;
         }
         self.load_volume(name)?;
-        if self.secondary(name).is_none() {
+        if self.replica(name).is_none() {
             bail!("volume {name:?} exists here as a primary");
         }
         Ok(())
@@ -1018,7 +1008,7 @@ impl AgentCtx {
             .iter()
             .filter_map(|h| h.as_str())
             .collect();
-        let local = crate::replication::verify::leaf_hashes(&**vol, g)?;
+        let local = crate::volume::verify::leaf_hashes(&**vol, g)?;
         if remote.len() != local.len() {
             bail!(
                 "the peer's copy has {} blocks, this one {}",
@@ -1084,7 +1074,7 @@ impl AgentCtx {
                 tracing::error!(volume = %v.name, error = %e, "volume.meta.save_failed");
             }
         }
-        for s in self.secondaries() {
+        for s in self.replicas() {
             let _ = ferry_nbd::BlockDevice::flush(&s.dev);
             let _ = s
                 .meta
@@ -1126,14 +1116,14 @@ fn tune_allocator() {
 
 pub fn run(config_path: &Path) -> Result<()> {
     tune_allocator();
-    let signals = crate::signals::Signals::block()?;
+    let signals = crate::sys::signals::Signals::block()?;
     let cfg = AgentConfig::load(config_path)?;
     // Root only (0700), also when it exists: shares' backing trees, keys and
     // tokens live below it.
     crate::share::private_dir(&cfg.data_dir)
         .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
     crate::share::ShareStore::new(&cfg.data_dir).prepare()?;
-    crate::agent::conns::raise_nofile_limit();
+    crate::transport::conns::raise_nofile_limit();
     let identity = Arc::new(Identity::load_or_create(&cfg.data_dir, &cfg.node_name)?);
     let tokens = tokens::Tokens::load(&cfg.data_dir)?;
     let damaged = damaged::Damaged::default();
@@ -1198,7 +1188,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         nbd_uri_base,
         nbd_tls_listen,
         primaries: Mutex::new(HashMap::new()),
-        secondaries: Mutex::new(HashMap::new()),
+        replicas: Mutex::new(HashMap::new()),
         locks: Mutex::new(HashMap::new()),
         migrations: Mutex::new(HashMap::new()),
         cutover_lock: Mutex::new(()),
@@ -1261,7 +1251,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         let ctx = ctx.clone();
         std::thread::Builder::new()
             .name("repl-accept".into())
-            .spawn(move || secondary::serve(repl_listener, ctx))?;
+            .spawn(move || replica::serve(repl_listener, ctx))?;
     }
     {
         let ctx = ctx.clone();
@@ -1328,14 +1318,14 @@ fn leaf_hasher(ctx: &Arc<AgentCtx>) {
             .into_iter()
             .filter(|p| hot.contains(p.name.as_str()))
             .collect();
-        let secondaries: Vec<_> = ctx
-            .secondaries()
+        let replicas: Vec<_> = ctx
+            .replicas()
             .into_iter()
             .filter(|s| hot.contains(s.name.as_str()))
             .collect();
         let all: Vec<(
             &str,
-            &crate::replication::verify::LeafCache,
+            &crate::volume::verify::LeafCache,
             &dyn ferry_nbd::BlockDevice,
         )> = primaries
             .iter()
@@ -1346,7 +1336,7 @@ fn leaf_hasher(ctx: &Arc<AgentCtx>) {
                     &p.local as &dyn ferry_nbd::BlockDevice,
                 )
             })
-            .chain(secondaries.iter().map(|s| {
+            .chain(replicas.iter().map(|s| {
                 (
                     s.name.as_str(),
                     &s.leaves,

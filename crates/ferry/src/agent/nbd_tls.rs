@@ -118,13 +118,13 @@ impl NbdCa {
                         .with_context(|| format!("cannot create {}", dir.display()))?;
                 }
                 let key = rcgen::KeyPair::generate().context("cannot generate a key")?;
-                let cn = format!("ferry NBD CA {}", super::identity::random_hex(6)?);
+                let cn = format!("ferry NBD CA {}", crate::transport::identity::random_hex(6)?);
                 let mut p = ca_params(&cn);
                 p.not_before = date_from_today!(-BACKDATE_DAYS);
                 p.not_after = date_from_today!(CA_VALID_DAYS);
                 let cert = p.self_signed(&key).context("cannot make the NBD CA")?;
-                super::write_atomic_private(&key_path, key.serialize_pem().as_bytes())?;
-                super::write_atomic_private(&crt_path, cert.pem().as_bytes())?;
+                crate::store::write_private(&key_path, key.serialize_pem().as_bytes())?;
+                crate::store::write_private(&crt_path, cert.pem().as_bytes())?;
                 tracing::info!(path = %crt_path.display(), "nbd.ca.created");
             }
             (true, true) => {}
@@ -134,7 +134,7 @@ impl NbdCa {
                 crt_path.display()
             ),
         }
-        let key_pem = crate::agent::identity::read_secret(&key_path)?;
+        let key_pem = crate::transport::identity::read_secret(&key_path)?;
         let key = rcgen::KeyPair::from_pem(&key_pem)
             .with_context(|| format!("{} is not a PEM private key", key_path.display()))?;
         let cert_pem = std::fs::read_to_string(&crt_path)
@@ -191,7 +191,7 @@ impl NbdCa {
         p.extended_key_usages = vec![eku];
         p.not_before = date_from_today!(-BACKDATE_DAYS);
         p.not_after = date_from_today!(days);
-        let serial = super::identity::random_u64().to_be_bytes();
+        let serial = crate::transport::identity::random_u64().to_be_bytes();
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial[1..]));
         let cert = p
             .signed_by(&key, &self.issuer())
@@ -343,9 +343,9 @@ pub fn write_client_dir(dir: &Path, ca_pem: &str, cert_pem: &str, key_pem: &str)
             key.display()
         );
     }
-    super::write_atomic_private(&key, key_pem.as_bytes())?;
-    super::write_atomic_private(&dir.join(CLIENT_CERT_FILE), cert_pem.as_bytes())?;
-    super::write_atomic_private(&dir.join(CLIENT_CA_FILE), ca_pem.as_bytes())?;
+    crate::store::write_private(&key, key_pem.as_bytes())?;
+    crate::store::write_private(&dir.join(CLIENT_CERT_FILE), cert_pem.as_bytes())?;
+    crate::store::write_private(&dir.join(CLIENT_CA_FILE), ca_pem.as_bytes())?;
     Ok(())
 }
 
@@ -459,7 +459,7 @@ pub fn client_cert(
         "dir": dir,
         "files": [CLIENT_CA_FILE, CLIENT_CERT_FILE, CLIENT_KEY_FILE],
         "not_after": format!("{y:04}-{m:02}-{d:02}"),
-        "ca_fingerprint": super::identity::fingerprint(&ca.cert_der),
+        "ca_fingerprint": crate::transport::identity::fingerprint(&ca.cert_der),
     });
     if json {
         crate::print_json(&v)?;

@@ -100,11 +100,12 @@ impl Tokens {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(source) => return Err(TokenError::Io { path, source }),
             Ok(_) => {
-                let text =
-                    super::identity::read_secret(&path).map_err(|e| TokenError::Corrupt {
+                let text = crate::transport::identity::read_secret(&path).map_err(|e| {
+                    TokenError::Corrupt {
                         path: path.clone(),
                         why: format!("{e:#}"),
-                    })?;
+                    }
+                })?;
                 let d = crate::store::decode::<File>(&path, text.as_bytes()).map_err(|e| {
                     TokenError::Corrupt {
                         path: path.clone(),
@@ -152,7 +153,7 @@ impl Tokens {
         if name.as_str() == FILE_TOKEN_NAME {
             return Err(TokenError::FileToken(name.to_string()));
         }
-        let secret = super::identity::random_hex(32).map_err(|_| TokenError::Random)?;
+        let secret = crate::transport::identity::random_hex(32).map_err(|_| TokenError::Random)?;
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         if entries.iter().any(|e| e.name == *name) {
             return Err(TokenError::Exists(name.to_string()));
@@ -282,7 +283,7 @@ mod tests {
             r#"{"version": 1, "tokens": [{"name": "../x", "role": "admin", "blake3": "00", "created_unix": 0}]}"#,
             r#"{"version": 1, "tokens": [{"name": "x", "role": "root", "blake3": "00", "created_unix": 0}]}"#,
         ] {
-            super::super::write_atomic_private(&p, bad.as_bytes()).unwrap();
+            crate::store::write_private(&p, bad.as_bytes()).unwrap();
             let e = Tokens::load(dir.path()).unwrap_err().to_string();
             assert!(e.contains("tokens.json"), "{e}");
             assert_eq!(std::fs::read_to_string(&p).unwrap(), bad);

@@ -17,8 +17,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-use crate::agent::identity::Identity;
-use crate::agent::peers::Peer;
+use crate::transport::identity::Identity;
+use crate::transport::peers::Peer;
 
 /// Largest response body read.
 const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
@@ -47,7 +47,7 @@ impl ApiClient {
         Ok(ApiClient {
             addr: strip(addr),
             token: Some(token.trim().to_string()),
-            tls: crate::agent::tls::cli_client_config(fingerprint.trim().to_string())?,
+            tls: crate::transport::tls::cli_client_config(fingerprint.trim().to_string())?,
             timeout: Duration::from_secs(120),
         })
     }
@@ -57,7 +57,7 @@ impl ApiClient {
         Ok(ApiClient {
             addr: strip(&peer.api),
             token: None,
-            tls: crate::agent::tls::client_config(me, peer.fingerprint.clone())?,
+            tls: crate::transport::tls::client_config(me, peer.fingerprint.clone())?,
             timeout: Duration::from_secs(120),
         })
     }
@@ -68,7 +68,7 @@ impl ApiClient {
         Ok(ApiClient {
             addr: strip(addr),
             token: Some(token.trim().to_string()),
-            tls: crate::agent::tls::client_config(me, fingerprint.trim().to_string())?,
+            tls: crate::transport::tls::client_config(me, fingerprint.trim().to_string())?,
             timeout: Duration::from_secs(120),
         })
     }
@@ -79,9 +79,9 @@ impl ApiClient {
     pub fn probe_fingerprint(addr: &str) -> Result<String> {
         let addr = strip(addr);
         let seen = Arc::new(std::sync::Mutex::new(None));
-        let cfg = crate::agent::tls::probe_config(seen.clone())?;
+        let cfg = crate::transport::tls::probe_config(seen.clone())?;
         let mut tcp = connect(&addr)?;
-        let mut conn = rustls::ClientConnection::new(cfg, crate::agent::tls::server_name())?;
+        let mut conn = rustls::ClientConnection::new(cfg, crate::transport::tls::server_name())?;
         while conn.is_handshaking() {
             conn.complete_io(&mut tcp)
                 .with_context(|| format!("TLS handshake with {addr} failed"))?;
@@ -116,7 +116,7 @@ impl ApiClient {
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let mut tcp = connect(&self.addr)?;
         let mut conn =
-            rustls::ClientConnection::new(self.tls.clone(), crate::agent::tls::server_name())?;
+            rustls::ClientConnection::new(self.tls.clone(), crate::transport::tls::server_name())?;
         while conn.is_handshaking() {
             conn.complete_io(&mut tcp).map_err(|e| {
                 anyhow!(

@@ -42,9 +42,9 @@ use serde_json::{json, Value};
 
 use ferry_api::{ActionError, Authority, Need, Role};
 
-use crate::agent::conns::ConnSlot;
-use crate::agent::peers::Peer;
 use crate::agent::AgentCtx;
+use crate::transport::conns::ConnSlot;
+use crate::transport::peers::Peer;
 
 type Ctx = State<Arc<AgentCtx>>;
 
@@ -316,7 +316,7 @@ fn app(ctx: Arc<AgentCtx>) -> Router {
 /// full), the TLS handshake and the request's headers within
 /// `api.handshake_timeout_ms`, one request (no keep-alive).
 pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
-    let tls = match crate::agent::tls::api_server_config(&ctx.identity) {
+    let tls = match crate::transport::tls::api_server_config(&ctx.identity) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "api.tls_failed");
@@ -376,7 +376,7 @@ async fn serve_conn(
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .map(|c| crate::agent::identity::fingerprint(c));
+        .map(|c| crate::transport::identity::fingerprint(c));
     let peer = cert_fingerprint
         .as_deref()
         .and_then(|fp| ctx.peers.by_fingerprint(fp))
@@ -487,7 +487,7 @@ async fn add_node(State(ctx): Ctx, Body(req): Body<AddNode>) -> ApiResult {
         let der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| anyhow::anyhow!("the peer's certificate is not PEM: {e}"))?;
         let der: rustls_pki_types::CertificateDer = der;
-        if crate::agent::identity::fingerprint(&der) != fp {
+        if crate::transport::identity::fingerprint(&der) != fp {
             anyhow::bail!("the peer's certificate does not match its fingerprint");
         }
         // Keep the heartbeat key of an earlier pairing: re-adding a node
@@ -499,7 +499,7 @@ async fn add_node(State(ctx): Ctx, Body(req): Body<AddNode>) -> ApiResult {
             .filter(|k| !k.is_empty())
             .unwrap_or_else(|| {
                 (0..4)
-                    .map(|_| format!("{:016x}", crate::agent::identity::random_u64()))
+                    .map(|_| format!("{:016x}", crate::transport::identity::random_u64()))
                     .collect()
             });
         client.post(
@@ -567,7 +567,7 @@ async fn pair(
                 format!("certificate is not PEM: {e}"),
             )
         })?;
-    if crate::agent::identity::fingerprint(&der) != p.fingerprint {
+    if crate::transport::identity::fingerprint(&der) != p.fingerprint {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "certificate does not match fingerprint".into(),
@@ -616,7 +616,7 @@ async fn repin(
                 format!("certificate is not PEM: {e}"),
             )
         })?;
-    if crate::agent::identity::fingerprint(&der) != r.fingerprint {
+    if crate::transport::identity::fingerprint(&der) != r.fingerprint {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "certificate does not match fingerprint".into(),
@@ -753,7 +753,7 @@ async fn rotate_token(State(ctx): Ctx) -> ApiResult {
     tracing::warn!("api.token_rotated");
     Ok(Json(json!({
         "node": ctx.identity.node_name,
-        "token_file": crate::agent::identity::token_path(&ctx.cfg.data_dir).display().to_string(),
+        "token_file": crate::transport::identity::token_path(&ctx.cfg.data_dir).display().to_string(),
     })))
 }
 
@@ -833,7 +833,7 @@ async fn mark_inconsistent(State(ctx): Ctx, Path(name): Path<String>) -> ApiResu
     let n = name.clone();
     blocking(move || {
         let s = ctx
-            .secondary(&n)
+            .replica(&n)
             .ok_or_else(|| anyhow::anyhow!("{n:?} is not a replica here"))?;
         s.meta
             .lock()
@@ -928,7 +928,7 @@ async fn cluster_add(State(ctx): Ctx, Body(r): Body<ClusterAdd>) -> ApiResult {
         let share_role = |s: &str| store.load(s).map(|r| r.role).unwrap_or_default();
         let primaries = spec.volumes.iter().filter(|v| ctx.primary(v).is_some()).count()
             + spec.shares.iter().filter(|s| ctx.shares.primary(s).is_some()).count();
-        let replicas = spec.volumes.iter().filter(|v| ctx.secondary(v).is_some()).count()
+        let replicas = spec.volumes.iter().filter(|v| ctx.replica(v).is_some()).count()
             + spec.shares.iter().filter(|s| share_role(s) == "replica").count();
         let members = spec.volumes.len() + spec.shares.len();
         let role = if primaries == members {
@@ -1524,7 +1524,7 @@ pub fn status_of(ctx: &Arc<AgentCtx>, name: &str) -> Result<Value, ApiError> {
             "last_error": l.stats.last_error,
         }));
     }
-    if let Some(s) = ctx.secondary(name) {
+    if let Some(s) = ctx.replica(name) {
         let m = s.meta.lock().unwrap_or_else(|p| p.into_inner());
         return Ok(json!({
             "volume": s.name,
@@ -1553,7 +1553,7 @@ async fn replications(State(ctx): Ctx) -> ApiResult {
             out.push(status_of(&ctx, &v.name)?);
         }
     }
-    for s in ctx.secondaries() {
+    for s in ctx.replicas() {
         out.push(status_of(&ctx, &s.name)?);
     }
     Ok(Json(json!(out)))
@@ -1598,7 +1598,7 @@ fn replication_state(ctx: &AgentCtx, name: &str) -> Option<String> {
     if let Some(v) = ctx.primary(name) {
         return Some(v.link.lock().rep.replica_state().as_str().to_string());
     }
-    let s = ctx.secondary(name)?;
+    let s = ctx.replica(name)?;
     let m = s.meta.lock().unwrap_or_else(|p| p.into_inner());
     Some(
         if m.state().consistent {
@@ -1659,7 +1659,7 @@ async fn stop_replication(State(ctx): Ctx, Path(name): Path<String>) -> ApiResul
 async fn generation(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
     let g = if let Some(p) = ctx.primary(&name) {
         p.meta_state().generation
-    } else if let Some(s) = ctx.secondary(&name) {
+    } else if let Some(s) = ctx.replica(&name) {
         s.meta
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1687,14 +1687,14 @@ async fn hashes(
     // `warm=1`: bring the cached leaves up to date, send none of them.
     let warm = q.get("warm").is_some_and(|v| v == "1" || v == "true");
     let leaves = blocking(move || {
-        use crate::replication::verify::leaf_hashes;
+        use crate::volume::verify::leaf_hashes;
         if let Some(p) = ctx.primary(&name) {
             if fresh {
                 leaf_hashes(&p.local, g)
             } else {
                 Ok(p.leaves.current(&p.local)?)
             }
-        } else if let Some(s) = ctx.secondary(&name) {
+        } else if let Some(s) = ctx.replica(&name) {
             if fresh {
                 leaf_hashes(&s.dev, g)
             } else {
@@ -1717,7 +1717,7 @@ async fn hashes(
 
 async fn verify(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
     let result = blocking(move || {
-        crate::replication::verify::verify(&ctx, &name, Duration::from_secs(60), Instant::now())
+        crate::volume::verify::verify(&ctx, &name, Duration::from_secs(60), Instant::now())
     })
     .await?;
     Ok(Json(result))
@@ -1763,7 +1763,7 @@ async fn metrics(State(ctx): Ctx) -> Response {
     for v in &prim {
         let h = &v.write_latency;
         let mut cum = 0u64;
-        for (i, b) in crate::replication::primary::LATENCY_BUCKETS_US
+        for (i, b) in crate::volume::primary::LATENCY_BUCKETS_US
             .iter()
             .enumerate()
         {
@@ -1774,7 +1774,7 @@ async fn metrics(State(ctx): Ctx) -> Response {
                 *b as f64 / 1e6
             ));
         }
-        cum += h.buckets[crate::replication::primary::LATENCY_BUCKETS_US.len()]
+        cum += h.buckets[crate::volume::primary::LATENCY_BUCKETS_US.len()]
             .load(std::sync::atomic::Ordering::Relaxed);
         out.push_str(&format!(
             "ferry_write_latency_seconds_bucket{{volume=\"{}\",le=\"+Inf\"}} {cum}\n",
@@ -1790,7 +1790,7 @@ async fn metrics(State(ctx): Ctx) -> Response {
             v.name
         ));
     }
-    for s in ctx.secondaries() {
+    for s in ctx.replicas() {
         let bad = s
             .last_error
             .lock()

@@ -97,7 +97,7 @@ pub(super) struct DataReport {
     pub in_sync: bool,
     /// The newest sign of life on the replication connections ([`mono_ms`]).
     ///
-    /// [`mono_ms`]: crate::replication::primary::mono_ms
+    /// [`mono_ms`]: crate::volume::primary::mono_ms
     pub link_seen_ms: Option<u64>,
     /// Disk I/O errors of its primary volumes so far.
     pub io_errors: u64,
@@ -349,7 +349,7 @@ impl Feed {
             data: data_state_of(ctx, spec),
             volumes: crate::migrate::names(&spec.volumes),
             shares: crate::migrate::names(&spec.shares),
-            nonce_key: crate::agent::identity::random_u64(),
+            nonce_key: crate::transport::identity::random_u64(),
             jobs,
             serving_flag,
             stop_checks,
@@ -402,7 +402,7 @@ fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, done: &AtomicU64) -> DataRep
         })
         && share_prims.iter().all(|p| p.link().up_to_date);
     // The replication connection is one more heartbeat path.
-    let now = crate::replication::primary::mono_ms();
+    let now = crate::volume::primary::mono_ms();
     let link_seen_ms = spec
         .volumes
         .iter()
@@ -410,7 +410,7 @@ fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, done: &AtomicU64) -> DataRep
             if let Some(p) = ctx.primary(v) {
                 return p.link.lock().stats.last_rx;
             }
-            ctx.secondary(v)
+            ctx.replica(v)
                 .and_then(|s| *s.last_rx.lock().unwrap_or_else(|p| p.into_inner()))
         })
         .max()
@@ -442,7 +442,7 @@ fn split_brain(ctx: &AgentCtx, spec: &WorkloadSpec) -> bool {
         if let Some(p) = ctx.primary(v) {
             return p.link.lock().stats.split_brain;
         }
-        ctx.secondary(v).is_some_and(|s| {
+        ctx.replica(v).is_some_and(|s| {
             s.last_error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -462,10 +462,10 @@ fn changed_bytes(ctx: &AgentCtx, spec: &WorkloadSpec) -> u64 {
             if let Some(p) = ctx.primary(v) {
                 return p.link.lock().rep.dirty_map().dirty_bytes();
             }
-            ctx.secondary(v)
+            ctx.replica(v)
                 .and_then(|s| {
                     let size = ferry_nbd::BlockDevice::size(&s.dev);
-                    crate::replication::meta::load_suspect_map(&s.dir)
+                    crate::volume::meta::load_suspect_map(&s.dir)
                         .and_then(|b| ferry_core::DirtyMap::decode(&b, size, g).ok())
                 })
                 .map_or(0, |m| m.dirty_bytes())
@@ -476,7 +476,7 @@ fn changed_bytes(ctx: &AgentCtx, spec: &WorkloadSpec) -> u64 {
 fn volume_mode_sync(ctx: &AgentCtx, v: &str) -> bool {
     let mode = if let Some(p) = ctx.primary(v) {
         p.meta_state().mode
-    } else if let Some(s) = ctx.secondary(v) {
+    } else if let Some(s) = ctx.replica(v) {
         s.meta
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -507,7 +507,7 @@ fn data_state_of(ctx: &AgentCtx, spec: &WorkloadSpec) -> DataState {
             if ctx.primary(v).is_some() {
                 return true;
             }
-            ctx.secondary(v).is_some_and(|s| {
+            ctx.replica(v).is_some_and(|s| {
                 s.meta
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

@@ -180,7 +180,7 @@ pub fn in_standby(data_dir: &Path) -> bool {
 pub fn set_standby(ctx: &Arc<AgentCtx>, on: bool) -> Result<Value> {
     let path = standby_path(&ctx.cfg.data_dir);
     if on {
-        crate::agent::write_atomic_private(&path, b"standby\n")?;
+        crate::store::write_private(&path, b"standby\n")?;
     } else if let Err(e) = std::fs::remove_file(&path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             return Err(e.into());
@@ -274,7 +274,7 @@ impl ClusterView {
 
     /// One workload's published status; an error names it when it is not under HA here.
     pub fn workload(&self, workload: &str) -> Result<Value> {
-        let now = crate::replication::primary::mono_ms();
+        let now = crate::volume::primary::mono_ms();
         self.workloads()
             .get(workload)
             .map(|v| as_of(v.clone(), now))
@@ -293,7 +293,7 @@ impl ClusterView {
     /// thread reads them, not the heartbeat thread, and a copy made just
     /// before is listed).
     pub fn json(&self, ctx: &AgentCtx) -> Value {
-        let now = crate::replication::primary::mono_ms();
+        let now = crate::volume::primary::mono_ms();
         let mut w: Vec<Value> = self
             .workloads()
             .values()
@@ -434,7 +434,7 @@ pub fn next_incarnation(data_dir: &Path) -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let next = stored.saturating_add(1).max(wall);
-    if let Err(e) = crate::agent::write_atomic_private(&path, format!("{next}\n").as_bytes()) {
+    if let Err(e) = crate::store::write_private(&path, format!("{next}\n").as_bytes()) {
         // The wall-clock floor still orders runs more than a second apart.
         tracing::error!(path = %path.display(), error = %format!("{e:#}"), "cluster.incarnation_not_saved");
     }
@@ -490,7 +490,7 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     let wsock = UdpSocket::bind(SocketAddr::new(cfg.heartbeat[0].ip(), 0))?;
     wsock.set_nonblocking(true)?;
     // The heartbeat thread's log lines go through the logger thread.
-    crate::logging::start();
+    crate::sys::logging::start();
     let (to_hb, hb_rx) = mpsc::channel();
     let (to_feed, feed_rx) = mpsc::channel();
     let (to_persister, persist_rx) = mpsc::channel();
@@ -594,7 +594,7 @@ struct Datagram {
 /// takes are held by others for memory operations alone (the volume maps
 /// of `AgentCtx` and `Shares`, a volume's `AlonePermit`, the
 /// `ClusterView`'s maps) — never across disk I/O. Its log lines are queued
-/// to the logger thread (`crate::logging`).
+/// to the logger thread (`crate::sys::logging`).
 struct Manager {
     ctx: Arc<AgentCtx>,
     cfg: ClusterSettings,
@@ -634,11 +634,11 @@ const POLICIES_INTERVAL_MS: u64 = 250;
 impl Manager {
     /// Milliseconds on this process's monotonic clock (the write gate's).
     fn now(&self) -> u64 {
-        crate::replication::primary::mono_ms()
+        crate::volume::primary::mono_ms()
     }
 
     fn run(mut self) {
-        crate::logging::queue_this_thread();
+        crate::sys::logging::queue_this_thread();
         realtime();
         let mut last_policies = Instant::now();
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 64];
@@ -1542,12 +1542,12 @@ fn promote_volumes(
     let replicas: Vec<String> = spec
         .volumes
         .iter()
-        .filter(|v| ctx.secondary(v).is_some())
+        .filter(|v| ctx.replica(v).is_some())
         .map(|v| v.to_string())
         .collect();
     if !replicas.is_empty() {
         let mode = ctx
-            .secondary(&replicas[0])
+            .replica(&replicas[0])
             .map(|s| {
                 s.meta
                     .lock()
@@ -1652,7 +1652,7 @@ fn demote_and_rebase(
                 .as_array()
                 .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
                 .unwrap_or_default();
-            if let Some(sec) = ctx.secondary(v) {
+            if let Some(sec) = ctx.replica(v) {
                 let common = rebase(ctx, &sec, &theirs)?;
                 tracing::warn!(volume = %v, common = ?common.map(|c| format!("{c:016x}")), "cluster.split_brain.discarded_here: the diverged image is kept as a copy");
             }
@@ -2006,7 +2006,7 @@ pub fn resolve_split_brain(
     };
     let mut copies = Vec::new();
     for v in &spec.volumes {
-        let sec = ctx.secondary(v).ok_or_else(|| {
+        let sec = ctx.replica(v).ok_or_else(|| {
             anyhow!("volume {v:?} is not a replica on {me}: this node still serves it; it cannot be the discarded side")
         })?;
         let copy = keep_copy(ctx, v)?;
@@ -2028,7 +2028,7 @@ pub fn resolve_split_brain(
 /// shared generation, a full resync. Returns the shared generation.
 fn rebase(
     ctx: &AgentCtx,
-    sec: &crate::replication::secondary::SecondaryVolume,
+    sec: &crate::volume::replica::ReplicaVolume,
     theirs: &[u64],
 ) -> Result<Option<u64>> {
     let mut m = sec.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -2043,12 +2043,12 @@ fn rebase(
                 s.generation = g;
                 s.consistent = false;
             })?;
-            if crate::replication::meta::load_suspect_map(&sec.dir).is_none() {
+            if crate::volume::meta::load_suspect_map(&sec.dir).is_none() {
                 // Nothing says which blocks this side changed: all of them.
                 let size = ferry_nbd::BlockDevice::size(&sec.dev);
                 let all =
                     ferry_core::DirtyMap::all_dirty(size, ctx.cfg.replication.granularity_bytes)?;
-                crate::replication::meta::save_suspect_map(&sec.dir, &all)?;
+                crate::volume::meta::save_suspect_map(&sec.dir, &all)?;
             }
         }
         None => {

@@ -140,7 +140,7 @@ impl WitnessServer {
             started: Instant::now(),
             slots: HashMap::new(),
             legacy: HashMap::new(),
-            nonce_key: crate::agent::identity::random_u64(),
+            nonce_key: crate::transport::identity::random_u64(),
         };
         for (name, stored) in read_records(&s.dir)? {
             tracing::warn!(workload = %name, record = ?stored.record, "witness.record.legacy: kept for the first cluster that asks for it");
@@ -192,7 +192,7 @@ impl WitnessServer {
             return Ok(None);
         }
         let bytes = serde_json::to_vec_pretty(stored).map_err(|e| e.to_string())?;
-        crate::agent::write_atomic_private(path, &bytes)
+        crate::store::write_private(path, &bytes)
             .map_err(|e| format!("cannot persist the adopted record: {e:#}"))?;
         let old = self.dir.join(format!("{}.json", msg.workload));
         if let Err(e) = std::fs::rename(&old, old.with_extension("json.adopted")) {
@@ -265,7 +265,7 @@ impl WitnessServer {
             let saved = serde_json::to_vec_pretty(&stored)
                 .map_err(|e| e.to_string())
                 .and_then(|bytes| {
-                    crate::agent::write_atomic_private(&path, &bytes)
+                    crate::store::write_private(&path, &bytes)
                         .map_err(|e| format!("cannot persist the record: {e:#}"))
                 });
             if let Err(e) = saved {
@@ -288,7 +288,7 @@ impl WitnessServer {
 /// The shared key of `--key-file` / `cluster.witness_key_file`: at least
 /// 16 characters, in a file no one but its owner may read or write.
 pub fn load_key(path: &Path) -> Result<ring::hmac::Key> {
-    let text = crate::agent::identity::read_secret(path)
+    let text = crate::transport::identity::read_secret(path)
         .with_context(|| format!("the witness key {}; {MAKE_KEY}", path.display()))?;
     let text = text.trim();
     if text.len() < 16 {
@@ -325,7 +325,7 @@ pub fn run(listen: SocketAddr, data_dir: &Path, key_file: Option<&Path>) -> Resu
         anyhow::anyhow!("`ferry witness` needs --key-file FILE: every request and reply is signed with that shared key; {MAKE_KEY}")
     })?;
     let key = load_key(key_file)?;
-    let signals = crate::signals::Signals::block()?;
+    let signals = crate::sys::signals::Signals::block()?;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let mut server = WitnessServer::open(data_dir)?;

@@ -40,8 +40,8 @@ use super::inbox::{Inbox, Work};
 use super::primary::{now_unix, PrimaryShare, Taken};
 use super::tree::{FileCache, Tree};
 use crate::agent::AgentCtx;
-use crate::replication::link::FLAG_UP_TO_DATE;
-use crate::replication::tls_io::SharedTls;
+use crate::transport::tls_io::SharedTls;
+use crate::volume::link::FLAG_UP_TO_DATE;
 
 /// Bytes of file data per Write op while resyncing.
 const RESYNC_CHUNK_BYTES: usize = 1 << 20;
@@ -87,7 +87,7 @@ fn connect_and_serve(
     ctx: &Arc<AgentCtx>,
     peer_name: &str,
 ) -> Result<()> {
-    let (peer, mut tls) = crate::replication::link::connect_peer(ctx, peer_name)?;
+    let (peer, mut tls) = crate::volume::link::connect_peer(ctx, peer_name)?;
     let (id, mode) = {
         let r = share.rec.lock().unwrap_or_else(|p| p.into_inner());
         (r.id.clone(), r.mode.clone())
@@ -1189,9 +1189,7 @@ pub fn serve_replica(
     let me = ctx.identity.node_name.clone();
     let store = super::ShareStore::new(&ctx.cfg.data_dir);
     let refuse = |tls: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-                  why: String| {
-        crate::replication::secondary::refuse(tls, &me, why)
-    };
+                  why: String| { crate::volume::replica::refuse(tls, &me, why) };
     if !hello.protocol_versions.contains(&PROTOCOL_VERSION) {
         return refuse(
             &mut tls,

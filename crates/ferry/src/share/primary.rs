@@ -17,7 +17,7 @@ use ferry_wire::{FileOp, Kind, SharePath, Stamp, StampedOp};
 
 use super::tree::Tree;
 use super::{ShareRecord, ShareStore};
-use crate::replication::tls_io::SharedTls;
+use crate::transport::tls_io::SharedTls;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -202,7 +202,7 @@ pub struct PrimaryShare {
     pub replica_free_bytes_min: u64,
     /// Outdate before going alone (HA with a witness, sync mode): replies
     /// the replica did not confirm wait for this permit.
-    pub alone: crate::replication::primary::AlonePermit,
+    pub alone: crate::volume::primary::AlonePermit,
     /// Replies waiting for the permit (or for the replica to be level again).
     parked: Mutex<Vec<Done>>,
     /// Fenced: mutating calls wait until it opens.
@@ -582,7 +582,7 @@ impl PrimaryShare {
         l.flush_times.push_back((seq, now_unix()));
         let mut h = ferry_wire::FrameHeader::new(Kind::Flush, seq, self.generation(), 0);
         if up_to_date {
-            h.flags = crate::replication::link::FLAG_UP_TO_DATE;
+            h.flags = crate::volume::link::FLAG_UP_TO_DATE;
         }
         if data_only {
             h.flags |= super::link::FLAG_DATA_ONLY;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ferry_core::snapshot::{CowMap, OverlayMap, Source};
 use ferry_nbd::device::{Allocation, BlockDevice, FileDevice, ZeroMode};
 
-use super::secondary::SecondaryVolume;
+use super::replica::ReplicaVolume;
 
 /// File of a replica's snapshot (saved blocks, sparse).
 pub const SNAPSHOT_FILE: &str = "snapshot.cow";
@@ -271,7 +271,7 @@ impl Snapshot {
 /// with the last reference). Nothing written here is kept, so FLUSH and FUA
 /// do not sync.
 pub struct Overlay {
-    vol: Arc<SecondaryVolume>,
+    vol: Arc<ReplicaVolume>,
     file: File,
     map: Mutex<OverlayMap>,
     size: u64,
@@ -286,7 +286,7 @@ impl std::fmt::Debug for Overlay {
 }
 
 impl Overlay {
-    pub fn create(vol: Arc<SecondaryVolume>, path: &Path) -> io::Result<Overlay> {
+    pub fn create(vol: Arc<ReplicaVolume>, path: &Path) -> io::Result<Overlay> {
         let size = vol.dev.size();
         let file = std::fs::OpenOptions::new()
             .read(true)

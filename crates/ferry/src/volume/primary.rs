@@ -1054,7 +1054,7 @@ impl PrimaryVolume {
         if l.bumped_while_down || covered_by_later_resync(&l, since) {
             return Ok(());
         }
-        let id = crate::agent::identity::random_u64();
+        let id = crate::transport::identity::random_u64();
         meta.update(|s| s.generation.bump(id)).map_err(io_other)?;
         l.bumped_while_down = true;
         tracing::info!(volume = %self.name, generation = format!("{id:016x}"), "replication.generation.bump: peer not confirming writes");
@@ -1638,7 +1638,7 @@ impl BlockDevice for PrimaryVolume {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::meta::MetaState;
+    use crate::volume::meta::MetaState;
     use ferry_core::generation::Relation;
 
     fn volume(dir: &std::path::Path) -> PrimaryVolume {

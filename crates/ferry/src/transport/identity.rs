@@ -206,12 +206,12 @@ impl Identity {
         let (key_path, crt_path) = tls_paths(data_dir);
         if !key_path.exists() || !crt_path.exists() {
             let (key, cert) = make_key(node_name)?;
-            super::write_atomic_private(&key_path, key.as_bytes())?;
-            super::write_atomic_private(&crt_path, cert.as_bytes())?;
+            crate::store::write_private(&key_path, key.as_bytes())?;
+            crate::store::write_private(&crt_path, cert.as_bytes())?;
         }
         let token_file = token_path(data_dir);
         if !token_file.exists() {
-            super::write_atomic_private(&token_file, format!("{}\n", random_hex(32)?).as_bytes())?;
+            crate::store::write_private(&token_file, format!("{}\n", random_hex(32)?).as_bytes())?;
         }
         let key = load_key(&key_path, &crt_path)?;
         let api_token = read_secret(&token_file)?.trim().to_string();
@@ -252,7 +252,7 @@ impl Identity {
     /// replaces the old one, which stops working at once.
     pub fn rotate_token(&self) -> Result<()> {
         let token = random_hex(32)?;
-        super::write_atomic_private(&token_path(&self.data_dir), format!("{token}\n").as_bytes())?;
+        crate::store::write_private(&token_path(&self.data_dir), format!("{token}\n").as_bytes())?;
         *self.api_token.write().unwrap_or_else(|p| p.into_inner()) = token;
         Ok(())
     }
@@ -273,16 +273,16 @@ impl Identity {
     pub fn install_key(&self, key_pem: &str, key: NodeKey) -> Result<()> {
         let (key_path, crt_path) = tls_paths(&self.data_dir);
         let old = self.key();
-        super::write_atomic_private(
+        crate::store::write_private(
             &key_path.with_extension("key.previous"),
             read_secret(&key_path)?.as_bytes(),
         )?;
-        super::write_atomic_private(
+        crate::store::write_private(
             &crt_path.with_extension("crt.previous"),
             old.cert_pem.as_bytes(),
         )?;
-        super::write_atomic_private(&key_path, key_pem.as_bytes())?;
-        super::write_atomic_private(&crt_path, key.cert_pem.as_bytes())?;
+        crate::store::write_private(&key_path, key_pem.as_bytes())?;
+        crate::store::write_private(&crt_path, key.cert_pem.as_bytes())?;
         *self.key.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
         Ok(())
     }

@@ -74,7 +74,7 @@ impl Peers {
                 }
                 if !damaged.is_empty() {
                     let aside = data_dir.join("peers.json.damaged");
-                    super::write_atomic_private(&aside, text.as_bytes())
+                    crate::store::write_private(&aside, text.as_bytes())
                         .with_context(|| format!("cannot keep {} aside", path.display()))?;
                 } else if upgraded {
                     // Written before issue 19: in the envelope from now on.

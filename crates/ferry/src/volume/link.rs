@@ -8,7 +8,7 @@
 //! writers whose acknowledgement arrived on the way back.
 //!
 //! One rustls connection is shared by the sender and the reader
-//! ([`super::tls_io::SharedTls`]), so a sender blocked on a full socket never
+//! ([`crate::transport::tls_io::SharedTls`]), so a sender blocked on a full socket never
 //! keeps the reader from decrypting acknowledgements.
 
 use std::io::{self, Read, Write};
@@ -25,8 +25,8 @@ use ferry_core::GenerationHistory;
 use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
 use super::primary::{Group, Out, PrimaryVolume};
-use super::tls_io::SharedTls;
 use crate::agent::AgentCtx;
+use crate::transport::tls_io::SharedTls;
 
 /// Frame flags above this shift carry the member's tag (its index in the
 /// group); acknowledgements carry it back.
@@ -249,7 +249,7 @@ pub fn connect_peer(
     ctx: &AgentCtx,
     peer_name: &str,
 ) -> Result<(
-    crate::agent::peers::Peer,
+    crate::transport::peers::Peer,
     rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
 )> {
     let peer = ctx
@@ -272,8 +272,8 @@ pub fn connect_peer(
         .with_context(|| format!("cannot connect to {} at {}", peer.name, peer.replication))?;
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let tls_cfg = crate::agent::tls::client_config(&ctx.identity, peer.fingerprint.clone())?;
-    let conn = rustls::ClientConnection::new(tls_cfg, crate::agent::tls::server_name())?;
+    let tls_cfg = crate::transport::tls::client_config(&ctx.identity, peer.fingerprint.clone())?;
+    let conn = rustls::ClientConnection::new(tls_cfg, crate::transport::tls::server_name())?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     while tls.conn.is_handshaking() {
         tls.conn

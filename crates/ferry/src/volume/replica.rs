@@ -21,11 +21,11 @@ use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
 use super::link::{tag_flags, tag_of, FLAG_SNAPSHOT, FLAG_UP_TO_DATE, GROUP_VOLUMES_MAX};
 use super::meta::MetaFile;
-use super::tls_io::SharedTls;
 use crate::agent::AgentCtx;
+use crate::transport::tls_io::SharedTls;
 
 /// A replica held on this node.
-pub struct SecondaryVolume {
+pub struct ReplicaVolume {
     pub name: String,
     pub id: String,
     pub dev: FileDevice,
@@ -50,15 +50,15 @@ pub struct SecondaryVolume {
     pub last_rx: Mutex<Option<std::time::Instant>>,
 }
 
-impl std::fmt::Debug for SecondaryVolume {
+impl std::fmt::Debug for ReplicaVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecondaryVolume")
+        f.debug_struct("ReplicaVolume")
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
 
-impl SecondaryVolume {
+impl ReplicaVolume {
     pub fn new(
         name: String,
         id: String,
@@ -66,10 +66,10 @@ impl SecondaryVolume {
         dev: FileDevice,
         meta: MetaFile,
         granularity_bytes: u64,
-    ) -> SecondaryVolume {
+    ) -> ReplicaVolume {
         let leaves = super::verify::LeafCache::new(dev.size(), granularity_bytes);
         super::snapshot::Snapshot::clear_leftovers(&dir);
-        SecondaryVolume {
+        ReplicaVolume {
             leaves,
             dir,
             granularity_bytes,
@@ -89,7 +89,7 @@ impl SecondaryVolume {
     }
 }
 
-impl SecondaryVolume {
+impl ReplicaVolume {
     /// Ends the current inbound link, if any.
     pub fn close_link(&self) {
         if let Some(s) = self
@@ -176,7 +176,7 @@ pub(crate) fn refuse<W: Write>(w: &mut W, me: &str, why: String) -> Result<()> {
     bail!("refused: {why}")
 }
 
-fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::agent::conns::ConnSlot) -> Result<()> {
+fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::transport::conns::ConnSlot) -> Result<()> {
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     let control = tcp.try_clone()?;
@@ -193,7 +193,7 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::agent::conns::ConnSlot) 
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or_else(|| anyhow!("peer presented no certificate"))?;
-    let fp = crate::agent::identity::fingerprint(cert);
+    let fp = crate::transport::identity::fingerprint(cert);
     let peer = ctx
         .peers
         .by_fingerprint(&fp)
@@ -308,7 +308,7 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::agent::conns::ConnSlot) 
         tls: SharedTls::new(conn, &sock)?,
         ctl: control.try_clone()?,
     };
-    let vols: Vec<Arc<SecondaryVolume>> = members.iter().map(|m| m.vol.clone()).collect();
+    let vols: Vec<Arc<ReplicaVolume>> = members.iter().map(|m| m.vol.clone()).collect();
     let writeback = Writeback {
         bytes: ctx.cfg.replication.replica_writeback_bytes,
         interval: Duration::from_millis(ctx.cfg.replication.replica_writeback_interval_ms),
@@ -339,7 +339,7 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::agent::conns::ConnSlot) 
 
 /// A volume of an accepted stream.
 struct Member {
-    vol: Arc<SecondaryVolume>,
+    vol: Arc<ReplicaVolume>,
     mine: GenerationHistory,
     theirs: GenerationHistory,
     /// Same history and a consistent image: nothing to resync.
@@ -366,7 +366,7 @@ fn accept(ctx: &AgentCtx, peer: &str, hello: &Hello) -> std::result::Result<Memb
             hello.volume
         ));
     }
-    let Some(vol) = ctx.secondary(&hello.volume) else {
+    let Some(vol) = ctx.replica(&hello.volume) else {
         return Err(format!("node {me} holds no replica of volume {:?}; start it with `ferry replicate start {} --to {me}`", hello.volume, hello.volume));
     };
     if vol.id != hello.volume_id || vol.dev.size() != hello.size_bytes {
@@ -416,7 +416,7 @@ impl ServerWire {
     }
 
     /// Acknowledges the members `tags` of the stream, in one TLS record.
-    fn ack(&self, vols: &[Arc<SecondaryVolume>], tags: impl Iterator<Item = usize>) -> Result<()> {
+    fn ack(&self, vols: &[Arc<ReplicaVolume>], tags: impl Iterator<Item = usize>) -> Result<()> {
         let mut plain = Vec::new();
         for tag in tags {
             let vol = &vols[tag];
@@ -498,7 +498,7 @@ const WRITEBACK_KICK_BYTES: u64 = 64 * 1024 * 1024;
 /// durable state is one cut of the whole stream, never one volume ahead of
 /// another.
 fn flusher(
-    vols: &[Arc<SecondaryVolume>],
+    vols: &[Arc<ReplicaVolume>],
     wire: &ServerWire,
     state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
@@ -651,7 +651,7 @@ fn apply_stream(
     mut sock: TcpStream,
     wire: &ServerWire,
     leftover: Vec<u8>,
-    vols: &[Arc<SecondaryVolume>],
+    vols: &[Arc<ReplicaVolume>],
     max: u32,
     writeback: Writeback,
 ) -> Result<()> {
@@ -748,7 +748,7 @@ fn receive_frames(
     sock: &mut TcpStream,
     wire: &ServerWire,
     leftover: Vec<u8>,
-    vols: &[Arc<SecondaryVolume>],
+    vols: &[Arc<ReplicaVolume>],
     max: u32,
     pipe: Pipe<'_>,
     state: &(Mutex<FlushState>, std::sync::Condvar),
@@ -839,7 +839,7 @@ fn receive_frames(
 }
 
 fn apply_batch(
-    vols: &[Arc<SecondaryVolume>],
+    vols: &[Arc<ReplicaVolume>],
     b: &Batch,
     state: &(Mutex<FlushState>, std::sync::Condvar),
 ) -> Result<()> {
@@ -901,7 +901,7 @@ impl CopyRun<'_> {
 
     fn write(
         &mut self,
-        vols: &[Arc<SecondaryVolume>],
+        vols: &[Arc<ReplicaVolume>],
         state: &(Mutex<FlushState>, std::sync::Condvar),
     ) -> Result<()> {
         if self.pieces.is_empty() {
@@ -928,7 +928,7 @@ impl CopyRun<'_> {
 }
 
 fn apply_one(
-    vol: &SecondaryVolume,
+    vol: &ReplicaVolume,
     tag: usize,
     hdr: &FrameHeader,
     payload: &[u8],
@@ -996,11 +996,11 @@ fn apply_one(
     Ok(())
 }
 
-fn check_range(vol: &SecondaryVolume, offset: u64, len: u64) -> Result<()> {
+fn check_range(vol: &ReplicaVolume, offset: u64, len: u64) -> Result<()> {
     ferry_core::Extent::within(offset, len, vol.dev.size())
         .map_err(|e| anyhow!("peer sent a range outside the volume: {e}"))?;
     Ok(())
 }
 
 /// Secondary volumes by name.
-pub type Secondaries = Mutex<HashMap<String, Arc<SecondaryVolume>>>;
+pub type Replicas = Mutex<HashMap<String, Arc<ReplicaVolume>>>;

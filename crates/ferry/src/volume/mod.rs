@@ -1,3 +1,14 @@
+//! The volume engine: raw sparse images and their continuous block
+//! replication between two nodes.
+//!
+//! - this file: volumes on this node (`VolumeStore`), raw sparse images under
+//!   `DATA_DIR/volumes/NAME/`;
+//! - [`primary`]: the replicated `BlockDevice` the NBD export serves, and its copier;
+//! - [`link`]: the primary's network side (frames out, acks in, reconnect);
+//! - [`replica`]: the replica's side (accept, apply in order, acknowledge);
+//! - [`meta`]: per-volume metadata (role, generations, activity log) and the saved dirty map;
+//! - [`snapshot`]: test-cutover snapshots; [`verify`]: Merkle comparison.
+//!
 //! Volumes on this node: raw sparse images under `DATA_DIR/volumes/NAME/`.
 //!
 //! ```text
@@ -9,6 +20,13 @@
 //! A volume is created in a hidden temporary directory and renamed into place,
 //! so a crash never leaves half a volume. The lock makes "resize refused while
 //! exported" hold across processes, and dies with its holder.
+
+pub mod link;
+pub mod meta;
+pub mod primary;
+pub mod replica;
+pub mod snapshot;
+pub mod verify;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

@@ -1,0 +1,4 @@
+//! The process's own plumbing: signal handling and log output.
+
+pub mod logging;
+pub mod signals;
