@@ -1115,7 +1115,9 @@ pub fn cutover_with(
     // Likewise each share's file hashes: inside the downtime its digest
     // reads only files changed from here on.
     for s in &shares {
-        if let (Err(e), _) | (_, Err(e)) = crate::share::digest_both(ctx, &client, &s.name) {
+        if let (Err(e), _) | (_, Err(e)) =
+            crate::share::digest_both(ctx, &|p: &str| client.get(p), &s.name)
+        {
             tracing::warn!(share = %s.name, error = %format!("{e:#}"), "cutover.prehash_failed");
         }
     }
@@ -1175,7 +1177,7 @@ pub fn cutover_with(
     }
     // Shares: every entry and every file's content, both sides at once.
     for s in &shares {
-        let (local, remote) = crate::share::digest_both(ctx, &client, &s.name);
+        let (local, remote) = crate::share::digest_both(ctx, &|p: &str| client.get(p), &s.name);
         let local = local
             .map_err(|e| abort(format!("reading share {}: {e:#}", s.name), true, &mut hooks))?;
         let remote = remote.map_err(|e| {

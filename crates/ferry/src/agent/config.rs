@@ -43,6 +43,8 @@
 //! Unknown keys are errors (a typo must not silently fall back to a default),
 //! and every error names the file, line and key.
 
+pub use crate::share::settings::ShareSettings;
+pub use crate::transport::settings::ReplicationSettings;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -249,57 +251,6 @@ impl Default for MigrationSettings {
     }
 }
 
-/// Async shares' watcher, each setting with its unit in its name.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ShareSettings {
-    /// Changes seen are gathered this long after the first before they go.
-    pub watch_batch_delay_ms: u64,
-    /// Changed paths held in one batch; more collapse into a rescan of the
-    /// tree (files by content where their ctime is recent).
-    pub watch_pending_paths_max: usize,
-    /// Directories inotify cannot watch (fs.inotify.max_user_watches) are
-    /// rescanned this often.
-    pub watch_rescan_interval_ms: u64,
-    /// Sync shares: a write that would leave the replica's filesystem with
-    /// less free space than this fails here with ENOSPC (the replica
-    /// reports its free space several times a second), rather than the
-    /// replica failing it and falling behind.
-    pub replica_free_bytes_min: u64,
-    /// Sync shares: a read-only open of a file nobody may write (no write
-    /// permission bit) is passed through to the backing file by the kernel
-    /// (reads skip the daemon). While such a handle is open the kernel
-    /// would pass writes through too, unreplicated, so a writable open of
-    /// that file fails with ETXTBSY until the readers close it.
-    pub passthrough_read_only_files: bool,
-    /// Files whose content hash a share keeps between digests (a cutover
-    /// or switchover then re-reads only files changed since its warm-up
-    /// digest); about 80 bytes each.
-    pub digest_cache_files_max: usize,
-    /// A replica acknowledges what it received before applying it (on a
-    /// second thread); this many bytes of received frames wait to be
-    /// applied at most (then it stops reading the link).
-    pub replica_apply_queue_bytes_max: u64,
-    /// Promoting a replica waits this long for what it received to be
-    /// applied; refused after.
-    pub promote_apply_wait_ms: u64,
-}
-
-impl Default for ShareSettings {
-    fn default() -> Self {
-        ShareSettings {
-            watch_batch_delay_ms: 20,
-            watch_pending_paths_max: 65_536,
-            watch_rescan_interval_ms: 5_000,
-            replica_free_bytes_min: 64 << 20,
-            passthrough_read_only_files: true,
-            digest_cache_files_max: 1_000_000,
-            replica_apply_queue_bytes_max: 16 << 20,
-            promote_apply_wait_ms: 30_000,
-        }
-    }
-}
-
 /// The node's NBD server: where it listens locally, and its limits, each
 /// with its unit in its name.
 #[derive(Debug, Clone, Deserialize)]
@@ -357,84 +308,6 @@ impl NbdSettings {
                 inline_write_bytes_max: self.inline_write_bytes_max,
                 ..d.connection
             },
-        }
-    }
-}
-
-/// Limits of replication links, each with its unit in its name.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReplicationSettings {
-    /// Dirty-map block size (power of two, 4 KiB to 64 MiB).
-    pub granularity_bytes: u64,
-    /// Async mode: bytes sent but not yet acknowledged before the link falls behind.
-    pub backlog_bytes_max: u64,
-    /// A peer silent this long while acknowledgements are due is failed.
-    pub peer_ack_timeout_ms: u64,
-    /// Largest frame payload accepted from a peer.
-    pub frame_bytes_max: u32,
-    /// Blocks the background copier has in flight at once.
-    pub copies_in_flight_max: usize,
-    /// Reconnect backoff grows up to this.
-    pub reconnect_backoff_max_ms: u64,
-    /// Activity-log extents (4 MiB each) kept hot; bounds resync after a crash.
-    pub al_extents_max: usize,
-    /// The primary asks the replica to make the stream durable at least this
-    /// often, and after this many bytes: a crash of the replica re-sends at most
-    /// that much. Each is an `fdatasync` on the replica.
-    pub link_flush_interval_ms: u64,
-    pub link_flush_bytes: u64,
-    /// The replica starts writeback (`sync_file_range`, not a flush) of the
-    /// writes it applied every this many bytes, and at most this long after
-    /// one was applied, so a cutover's or switchover's final link flush
-    /// finds little to write inside the downtime whatever
-    /// `link_flush_interval_ms` is. 0 bytes = off (then up to
-    /// `link_flush_interval_ms` of writes are written back inside it);
-    /// 0 ms = by bytes only.
-    pub replica_writeback_bytes: u64,
-    pub replica_writeback_interval_ms: u64,
-    /// Distinct blocks (of `granularity_bytes`) written and not yet confirmed
-    /// durable on the replica that the primary keeps track of; at half of it
-    /// a link flush is sent. Bounds the link's memory (~50 B per block).
-    pub link_unconfirmed_blocks_max: usize,
-    /// Background re-hashing of written blocks (Merkle leaves), so a cutover
-    /// re-reads only what was written since; 0 leaves it all to the cutover.
-    pub leaf_refresh_bytes_per_s: u64,
-    /// Background read-back of clean leaves (catches changes made behind
-    /// ferry's back before a cutover trusts the leaves); 0 = off.
-    pub leaf_scrub_bytes_per_s: u64,
-    /// Inbound connections to the replication listener at once (links of
-    /// registered peers and handshakes in progress).
-    pub connections_max: usize,
-    /// Of those, handshakes not yet authenticated (TLS with a registered
-    /// peer's certificate); when full the oldest is closed for the new one,
-    /// so a flood of idle connections cannot keep a peer out.
-    pub handshakes_max: usize,
-    /// The whole handshake (TCP accepted → TLS done → peer recognised) must
-    /// finish within this.
-    pub handshake_timeout_ms: u64,
-}
-
-impl Default for ReplicationSettings {
-    fn default() -> Self {
-        ReplicationSettings {
-            granularity_bytes: ferry_core::dirty::DEFAULT_GRANULARITY_BYTES,
-            backlog_bytes_max: 64 * 1024 * 1024,
-            peer_ack_timeout_ms: 5_000,
-            frame_bytes_max: 8 * 1024 * 1024,
-            copies_in_flight_max: 32,
-            reconnect_backoff_max_ms: 5_000,
-            al_extents_max: 256,
-            link_flush_interval_ms: 30_000,
-            link_flush_bytes: 4 * 1024 * 1024 * 1024,
-            replica_writeback_bytes: 4 * 1024 * 1024,
-            replica_writeback_interval_ms: 500,
-            link_unconfirmed_blocks_max: 131_072,
-            leaf_refresh_bytes_per_s: 1024 * 1024 * 1024,
-            leaf_scrub_bytes_per_s: 32 * 1024 * 1024,
-            connections_max: 256,
-            handshakes_max: 16,
-            handshake_timeout_ms: 10_000,
         }
     }
 }

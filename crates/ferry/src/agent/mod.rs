@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod damaged;
+mod hosts;
 pub mod nbd_tls;
 pub mod tokens;
 
@@ -136,6 +137,14 @@ impl AgentCtx {
 
     pub fn tests(&self) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::TestRun>> {
         self.tests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What the engines dial peers with.
+    pub fn dialer(&self) -> crate::transport::dial::Dialer {
+        crate::transport::dial::Dialer {
+            identity: self.identity.clone(),
+            peers: self.peers.clone(),
+        }
     }
 
     pub fn replica(&self, name: &str) -> Option<Arc<ReplicaVolume>> {
@@ -430,7 +439,7 @@ impl AgentCtx {
         let spawned = std::thread::Builder::new()
             .name(format!("link-{name}"))
             .spawn(move || {
-                crate::volume::link::run(group.clone(), ctx.clone());
+                crate::volume::link::run(group.clone(), ctx.dialer());
                 // Members that left (stopped, or now replicating elsewhere)
                 // are done; one being moved to another group is the mover's;
                 // the others go on, in whatever grouping now applies.

@@ -1730,7 +1730,7 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     // The shares' file hashes brought up to date while the workload runs:
     // the digests compared once frozen re-read only what changed since.
     for s in &shares {
-        let _ = crate::share::digest_both(ctx, &client, &s.name);
+        let _ = crate::share::digest_both(ctx, &|p: &str| client.get(p), &s.name);
     }
     // The replicas write back what they hold while writes still flow: the
     // flush that ends the drain inside the freeze has little left.
@@ -1762,7 +1762,7 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         for s in &shares {
             crate::share::drain_for_handover(ctx, s, timeout)
                 .map_err(|e| anyhow!("share {}: {e}", s.name))?;
-            let (local, remote) = crate::share::digest_both(ctx, &client, &s.name);
+            let (local, remote) = crate::share::digest_both(ctx, &|p: &str| client.get(p), &s.name);
             let (local, remote) = (local?, remote?);
             if remote["digest"] != local["digest"] {
                 // Nothing says where: the whole tree is compared again.

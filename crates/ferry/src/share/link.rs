@@ -39,7 +39,7 @@ use ferry_wire::{
 use super::inbox::{Inbox, Work};
 use super::primary::{now_unix, PrimaryShare, Taken};
 use super::tree::{FileCache, Tree};
-use crate::agent::AgentCtx;
+use super::Host;
 use crate::transport::tls_io::SharedTls;
 use crate::volume::link::FLAG_UP_TO_DATE;
 
@@ -58,9 +58,9 @@ const RESYNC_PASSES_MAX: usize = 64;
 const PING_INTERVAL_MS: u64 = 200;
 
 /// Runs the primary's link to `peer` until the share stops replicating.
-pub fn run(share: Arc<PrimaryShare>, ctx: Arc<AgentCtx>, peer: String) {
+pub fn run<H: Host>(share: Arc<PrimaryShare>, ctx: Arc<H>, peer: String) {
     let mut backoff_ms = 100u64;
-    let max_ms = ctx.cfg.replication.reconnect_backoff_max_ms;
+    let max_ms = ctx.link_settings().reconnect_backoff_max_ms;
     loop {
         if share.link().stop {
             return;
@@ -82,12 +82,8 @@ pub fn run(share: Arc<PrimaryShare>, ctx: Arc<AgentCtx>, peer: String) {
     }
 }
 
-fn connect_and_serve(
-    share: &Arc<PrimaryShare>,
-    ctx: &Arc<AgentCtx>,
-    peer_name: &str,
-) -> Result<()> {
-    let (peer, mut tls) = crate::volume::link::connect_peer(ctx, peer_name)?;
+fn connect_and_serve(share: &Arc<PrimaryShare>, ctx: &dyn Host, peer_name: &str) -> Result<()> {
+    let (peer, mut tls) = ctx.dialer().connect(peer_name)?;
     let (id, mode) = {
         let r = share.rec.lock().unwrap_or_else(|p| p.into_inner());
         (r.id.clone(), r.mode.clone())
@@ -95,7 +91,7 @@ fn connect_and_serve(
     let generation = share.generation();
     let hello = ShareHello {
         protocol_versions: vec![PROTOCOL_VERSION],
-        node_name: ctx.identity.node_name.clone(),
+        node_name: ctx.node_name().to_string(),
         share: share.name.clone(),
         share_id: id,
         generation,
@@ -116,7 +112,7 @@ fn connect_and_serve(
         &hello.to_bytes(),
     ))?;
     tls.flush()?;
-    let max = ctx.cfg.replication.frame_bytes_max;
+    let max = ctx.link_settings().frame_bytes_max;
     let mut body = Vec::new();
     let hdr = ferry_wire::read_frame(&mut tls, max, &mut body)
         .with_context(|| format!("{} did not answer the handshake", peer.name))?;
@@ -141,8 +137,7 @@ fn connect_and_serve(
     // replica cannot hold the primary's calls forever; a silently dropped
     // connection would otherwise only fail after TCP's retransmissions).
     let silent_ms = ctx
-        .cfg
-        .replication
+        .link_settings()
         .peer_ack_timeout_ms
         .max(PING_INTERVAL_MS * 3);
     sock.set_read_timeout(Some(Duration::from_millis(silent_ms)))?;
@@ -1180,14 +1175,14 @@ fn put_whole(share: &PrimaryShare, path: &SharePath, f: &std::fs::File) -> Resul
 
 /// A share replica's on-disk state while a link applies to it.
 pub fn serve_replica(
-    ctx: &AgentCtx,
+    ctx: &dyn Host,
     peer_name: &str,
     hello: ShareHello,
     mut tls: rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
     control: TcpStream,
 ) -> Result<()> {
-    let me = ctx.identity.node_name.clone();
-    let store = super::ShareStore::new(&ctx.cfg.data_dir);
+    let me = ctx.node_name().to_string();
+    let store = super::ShareStore::new(ctx.data_dir());
     let refuse = |tls: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
                   why: String| { crate::volume::replica::refuse(tls, &me, why) };
     if !hello.protocol_versions.contains(&PROTOCOL_VERSION) {
@@ -1203,7 +1198,7 @@ pub fn serve_replica(
         Ok(n) => n,
         Err(e) => return refuse(&mut tls, e.to_string()),
     };
-    let _guard = match ctx.shares.claim_replica(&hello.share) {
+    let _guard = match ctx.shares().claim_replica(&hello.share) {
         Some(g) => g,
         None => {
             return refuse(
@@ -1266,7 +1261,7 @@ pub fn serve_replica(
     rec.peer = Some(peer_name.to_string());
     rec.mode = hello.mode.clone();
     store.save(&rec)?;
-    ctx.shares.set_replica_state(&rec.name, false, None);
+    ctx.shares().set_replica_state(&rec.name, false, None);
     let reply = ferry_wire::HelloReply {
         protocol_version: PROTOCOL_VERSION,
         node_name: me.clone(),
@@ -1287,13 +1282,13 @@ pub fn serve_replica(
     let rustls::StreamOwned { conn, mut sock } = tls;
     control.set_read_timeout(None)?;
     let wire = SharedTls::new(conn, &sock)?;
-    let max = ctx.cfg.replication.frame_bytes_max;
+    let max = ctx.link_settings().frame_bytes_max;
     let r = apply_stream(
         ctx, &store, &mut rec, &tree, &wire, &mut sock, leftover, max,
     );
     if let Err(e) = &r {
         let msg = format!("{e:#}");
-        ctx.shares
+        ctx.shares()
             .set_replica_state(&rec.name, false, Some(msg.clone()));
         let _ = wire.send(&ferry_wire::encode_frame(Kind::Error, 0, 0, msg.as_bytes()));
     }
@@ -1321,7 +1316,7 @@ const APPLIED_ACK_ITEMS: u64 = 256;
 /// thread itself (no wake-up of the other).
 #[allow(clippy::too_many_arguments)]
 fn apply_stream(
-    ctx: &AgentCtx,
+    ctx: &dyn Host,
     store: &super::ShareStore,
     rec: &mut super::ShareRecord,
     tree: &Tree,
@@ -1331,8 +1326,10 @@ fn apply_stream(
     max: u32,
 ) -> Result<()> {
     let name = rec.name.clone();
-    let inbox = Arc::new(Inbox::new(ctx.cfg.shares.replica_apply_queue_bytes_max));
-    ctx.shares.set_inbox(&name, Some(inbox.clone()));
+    let inbox = Arc::new(Inbox::new(
+        ctx.share_settings().replica_apply_queue_bytes_max,
+    ));
+    ctx.shares().set_inbox(&name, Some(inbox.clone()));
     let durable = AtomicU64::new(0);
     let applier = Mutex::new(Applier {
         ctx,
@@ -1382,7 +1379,7 @@ fn apply_stream(
         // The apply thread's failure is the cause (it shut the socket down).
         applied.and(received)
     });
-    ctx.shares.set_inbox(&name, None);
+    ctx.shares().set_inbox(&name, None);
     r
 }
 
@@ -1419,7 +1416,7 @@ const INLINE_APPLY_BYTES_MAX: u64 = 64 * 1024;
 /// leaves out the file data still to be written.
 #[allow(clippy::too_many_arguments)]
 fn receive_stream(
-    ctx: &AgentCtx,
+    ctx: &dyn Host,
     name: &str,
     wire: &SharedTls,
     sock: &mut TcpStream,
@@ -1436,7 +1433,7 @@ fn receive_stream(
     let mut received = 0u64;
     let mut acked = 0u64;
     loop {
-        if ctx.shares.primary(name).is_some() {
+        if ctx.shares().primary(name).is_some() {
             bail!("share {name:?} was promoted here: the old primary's stream ends");
         }
         let mut used = 0;
@@ -1574,7 +1571,7 @@ fn apply_inbox(applier: &Mutex<Applier<'_>>, inbox: &Inbox) -> Result<()> {
 /// What applying a replica's stream keeps between items (applied one at a
 /// time, in stream order, on either thread of [`apply_stream`]).
 struct Applier<'a> {
-    ctx: &'a AgentCtx,
+    ctx: &'a dyn Host,
     store: &'a super::ShareStore,
     rec: &'a mut super::ShareRecord,
     tree: &'a Tree,
@@ -1612,7 +1609,7 @@ impl Applier<'_> {
     /// disk is full.
     fn outdate(&mut self, why: &str) {
         self.ctx
-            .shares
+            .shares()
             .set_replica_state(&self.rec.name, false, Some(why.to_string()));
         if self.rec.generation == 0 {
             return;
@@ -1683,7 +1680,7 @@ impl Applier<'_> {
                     }
                 }
                 let bytes = op.op.data_bytes();
-                ctx.shares.add_applied(&self.rec.name, bytes);
+                ctx.shares().add_applied(&self.rec.name, bytes);
                 return Ok((seq, bytes, false));
             }
             Work::Frame { hdr, payload } => (hdr, payload),
@@ -1702,7 +1699,7 @@ impl Applier<'_> {
                     rec.generation = hdr.offset;
                     rec.suspect_since = None;
                     store.save(rec)?;
-                    ctx.shares.set_replica_state(&rec.name, true, None);
+                    ctx.shares().set_replica_state(&rec.name, true, None);
                     tracing::info!(share = %rec.name, skipped = self.failures, "share.replica.up_to_date");
                 }
                 return Ok((hdr.seq, 0, true));

@@ -16,6 +16,7 @@ pub mod fuse;
 pub mod inbox;
 pub mod link;
 pub mod primary;
+pub mod settings;
 pub mod tree;
 pub mod watch;
 
@@ -516,6 +517,55 @@ impl Running {
     }
 }
 
+/// What the share engine needs from the node it runs in (the agent
+/// implements it): its name and data directory, its settings, the shares
+/// running here, a way to dial peers and to ask a peer's API.
+pub trait Host: Send + Sync + 'static {
+    fn node_name(&self) -> &str;
+    fn data_dir(&self) -> &std::path::Path;
+    fn share_settings(&self) -> &settings::ShareSettings;
+    /// The link limits shares share with volumes (`[replication]`).
+    fn link_settings(&self) -> &crate::transport::settings::ReplicationSettings;
+    fn shares(&self) -> &Shares;
+    fn dialer(&self) -> crate::transport::dial::Dialer;
+    /// GET `path` from paired node `peer`'s API, as this node.
+    fn peer_get(
+        &self,
+        peer: &str,
+        path: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<serde_json::Value>;
+}
+
+impl<T: Host + ?Sized> Host for std::sync::Arc<T> {
+    fn node_name(&self) -> &str {
+        (**self).node_name()
+    }
+    fn data_dir(&self) -> &std::path::Path {
+        (**self).data_dir()
+    }
+    fn share_settings(&self) -> &settings::ShareSettings {
+        (**self).share_settings()
+    }
+    fn link_settings(&self) -> &crate::transport::settings::ReplicationSettings {
+        (**self).link_settings()
+    }
+    fn shares(&self) -> &Shares {
+        (**self).shares()
+    }
+    fn dialer(&self) -> crate::transport::dial::Dialer {
+        (**self).dialer()
+    }
+    fn peer_get(
+        &self,
+        peer: &str,
+        path: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        (**self).peer_get(peer, path, timeout)
+    }
+}
+
 /// The shares of this agent.
 #[derive(Debug, Default)]
 pub struct Shares {
@@ -652,21 +702,18 @@ impl Shares {
 
 /// Starts a primary share on this agent: opens it, mounts it (sync mode) and
 /// starts its link when it has a peer.
-pub fn start_primary(
-    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
-    rec: ShareRecord,
-) -> anyhow::Result<()> {
+pub fn start_primary<H: Host>(ctx: &std::sync::Arc<H>, rec: ShareRecord) -> anyhow::Result<()> {
     use anyhow::Context;
-    let store = ShareStore::new(&ctx.cfg.data_dir);
+    let store = ShareStore::new(ctx.data_dir());
     let share = primary::PrimaryShare::open(
         store,
         rec.clone(),
-        ctx.cfg.replication.backlog_bytes_max,
-        ctx.cfg.shares.replica_free_bytes_min,
+        ctx.link_settings().backlog_bytes_max,
+        ctx.share_settings().replica_free_bytes_min,
     )
     .with_context(|| format!("cannot open share {:?}", rec.name))?;
     let (mount, watcher) = if rec.mode == "sync" {
-        let passthrough = ctx.cfg.shares.passthrough_read_only_files;
+        let passthrough = ctx.share_settings().passthrough_read_only_files;
         let m = fuse::mount(share.clone(), &rec.path, passthrough).with_context(|| {
             format!(
                 "cannot mount share {:?} at {}",
@@ -676,12 +723,12 @@ pub fn start_primary(
         })?;
         (Some(m), None)
     } else {
-        let w = watch::start(share.clone(), ctx.cfg.shares)
+        let w = watch::start(share.clone(), *ctx.share_settings())
             .with_context(|| format!("cannot watch {}", rec.path.display()))?;
         (None, Some(w))
     };
     let bind = if rec.mode == "async" && rec.bind_data {
-        let data = ShareStore::new(&ctx.cfg.data_dir).data_dir(&rec.name);
+        let data = ShareStore::new(ctx.data_dir()).data_dir(&rec.name);
         let b = BindMount::mount(&data, &rec.path).with_context(|| {
             format!(
                 "cannot bind-mount share {:?} at {}",
@@ -695,7 +742,7 @@ pub fn start_primary(
     };
     // A share this replaces is stopped (unmounted) after the map's lock is
     // released: the HA heartbeat thread looks shares up in it.
-    let _replaced = ctx.shares.primaries().insert(
+    let _replaced = ctx.shares().primaries().insert(
         rec.name.to_string(),
         Running {
             share: share.clone(),
@@ -715,8 +762,8 @@ pub fn start_primary(
 /// primary — served at its path (a sync share: the FUSE mount; an async
 /// one: its copy in place), replicating back to `reverse_to`. Refused for a
 /// copy that is not up to date unless `force`.
-pub fn promote(
-    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+pub fn promote<H: Host>(
+    ctx: &std::sync::Arc<H>,
     name: &str,
     reverse_to: Option<&str>,
     force: bool,
@@ -729,17 +776,13 @@ pub fn promote(
 
 /// Refuses a replica here that may not be promoted: not an up-to-date copy
 /// (unless `force`).
-pub fn check_promotable(
-    ctx: &crate::agent::AgentCtx,
-    name: &str,
-    force: bool,
-) -> anyhow::Result<ShareRecord> {
-    let rec = ShareStore::new(&ctx.cfg.data_dir).load(name)?;
+pub fn check_promotable(ctx: &dyn Host, name: &str, force: bool) -> anyhow::Result<ShareRecord> {
+    let rec = ShareStore::new(ctx.data_dir()).load(name)?;
     if rec.role != "primary" && rec.generation == 0 && !force {
         anyhow::bail!(
             "share {name:?} on node {} is not an up-to-date replica: refusing to promote it \
              (a forced promotion takes it as it is)",
-            ctx.identity.node_name
+            ctx.node_name()
         );
     }
     Ok(rec)
@@ -750,24 +793,24 @@ pub fn check_promotable(
 /// the agent does when it is starting up. `clean`: a verified cutover (the
 /// old primary's copy is exactly this one; see `level_exact`).
 pub fn promote_record(
-    ctx: &crate::agent::AgentCtx,
+    ctx: &dyn Host,
     name: &str,
     reverse_to: Option<&str>,
     force: bool,
     clean: bool,
 ) -> anyhow::Result<Option<ShareRecord>> {
-    let store = ShareStore::new(&ctx.cfg.data_dir);
+    let store = ShareStore::new(ctx.data_dir());
     if check_promotable(ctx, name, force)?.role == "primary" {
         return Ok(None);
     }
     // A replica applies everything it received before it may be promoted
     // (an apply that fails marks it not up to date: checked again below).
-    let wait = std::time::Duration::from_millis(ctx.cfg.shares.promote_apply_wait_ms);
-    if !ctx.shares.drain_replica(name, wait) {
+    let wait = std::time::Duration::from_millis(ctx.share_settings().promote_apply_wait_ms);
+    if !ctx.shares().drain_replica(name, wait) {
         anyhow::bail!(
             "share {name:?} on node {} is still applying what it received after {} ms \
              (shares.promote_apply_wait_ms): refusing to promote it",
-            ctx.identity.node_name,
+            ctx.node_name(),
             wait.as_millis()
         );
     }
@@ -797,14 +840,14 @@ pub fn promote_record(
 /// compared by content when the new primary resyncs it — unless the handover
 /// was `clean` (frozen, drained and the two trees' digests compared equal),
 /// when nothing here can differ.
-pub fn demote(
-    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+pub fn demote<H: Host>(
+    ctx: &std::sync::Arc<H>,
     name: &str,
     new_primary: &str,
     clean: bool,
 ) -> anyhow::Result<()> {
-    let store = ShareStore::new(&ctx.cfg.data_dir);
-    let running = ctx.shares.primaries().remove(name);
+    let store = ShareStore::new(ctx.data_dir());
+    let running = ctx.shares().primaries().remove(name);
     if let Some(r) = running {
         r.stop("demoted: another node is primary");
     }
@@ -950,8 +993,8 @@ pub fn keep_diverged(store: &ShareStore, rec: &ShareRecord) -> Result<Option<Pat
 /// Starts replicating primary share `name` to `to` (a migration). `false`
 /// when it already does; refused when it replicates to another node (a
 /// share has one peer).
-pub fn replicate_to(
-    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+pub fn replicate_to<H: Host>(
+    ctx: &std::sync::Arc<H>,
     name: &str,
     to: &str,
 ) -> anyhow::Result<bool> {
@@ -1003,20 +1046,20 @@ pub fn replicate_to(
 
 /// Share `name` served here as primary.
 pub fn primary_here(
-    ctx: &crate::agent::AgentCtx,
+    ctx: &dyn Host,
     name: &str,
 ) -> anyhow::Result<std::sync::Arc<primary::PrimaryShare>> {
-    ctx.shares.primary(name).ok_or_else(|| {
+    ctx.shares().primary(name).ok_or_else(|| {
         anyhow::anyhow!(
             "share {name:?} is not a primary on node {}",
-            ctx.identity.node_name
+            ctx.node_name()
         )
     })
 }
 
 /// Stops replicating primary share `name` (a finalized migration): the link
 /// ends and the record forgets its peer; the peer's copy stays as it is.
-pub fn stop_replicating(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<()> {
+pub fn stop_replicating(ctx: &dyn Host, name: &str) -> anyhow::Result<()> {
     let share = primary_here(ctx, name)?;
     {
         let mut rec = share.rec.lock().unwrap_or_else(|p| p.into_inner());
@@ -1030,7 +1073,7 @@ pub fn stop_replicating(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Res
 
 /// The digest of this node's copy of `name` (see [`tree::Tree::digest`]):
 /// `{"digest", "files", "bytes"}` (`bytes`: what had to be read).
-pub fn digest(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_json::Value> {
+pub fn digest(ctx: &dyn Host, name: &str) -> anyhow::Result<serde_json::Value> {
     let cache = digest_cache(ctx, name)?;
     let (h, files, bytes) = with_copy(ctx, name, |t| t.digest(&cache))??;
     Ok(
@@ -1040,15 +1083,11 @@ pub fn digest(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_
 
 /// Runs `f` on this node's copy of `name`: the primary's tree, or the
 /// replica's `data/`.
-fn with_copy<R>(
-    ctx: &crate::agent::AgentCtx,
-    name: &str,
-    f: impl FnOnce(&tree::Tree) -> R,
-) -> anyhow::Result<R> {
-    Ok(match ctx.shares.primary(name) {
+fn with_copy<R>(ctx: &dyn Host, name: &str, f: impl FnOnce(&tree::Tree) -> R) -> anyhow::Result<R> {
+    Ok(match ctx.shares().primary(name) {
         Some(p) => f(&p.tree),
         None => {
-            let store = ShareStore::new(&ctx.cfg.data_dir);
+            let store = ShareStore::new(ctx.data_dir());
             let rec = store.load(name)?;
             f(&tree::Tree::open(
                 &store.data_dir(&rec.name),
@@ -1063,35 +1102,32 @@ fn with_copy<R>(
 /// only when a clean page is first written, so its files count as settled
 /// only after the kernel has written dirty pages back (30 s by default),
 /// not 2 s. Elsewhere only ferry writes the tree, with write calls.
-fn digest_cache(
-    ctx: &crate::agent::AgentCtx,
-    name: &str,
-) -> anyhow::Result<std::sync::Arc<tree::DigestCache>> {
-    let rec = ShareStore::new(&ctx.cfg.data_dir).load(name)?;
-    let settled_ms = if rec.mode == "async" && ctx.shares.primary(name).is_some() {
+fn digest_cache(ctx: &dyn Host, name: &str) -> anyhow::Result<std::sync::Arc<tree::DigestCache>> {
+    let rec = ShareStore::new(ctx.data_dir()).load(name)?;
+    let settled_ms = if rec.mode == "async" && ctx.shares().primary(name).is_some() {
         tree::DIGEST_SETTLED_ASYNC_MS
     } else {
         tree::DIGEST_SETTLED_MS
     };
     let cache = ctx
-        .shares
-        .digest_cache(name, ctx.cfg.shares.digest_cache_files_max);
+        .shares()
+        .digest_cache(name, ctx.share_settings().digest_cache_files_max);
     cache.set_settled_ms(settled_ms);
     Ok(cache)
 }
 
-/// The digests of `name` here and on the peer `client` reaches, taken at
-/// the same time (a cutover, a switchover).
+/// The digests of `name` here and on the peer (`remote_get` fetches one of
+/// its API paths), taken at the same time (a cutover, a switchover).
 pub fn digest_both(
-    ctx: &crate::agent::AgentCtx,
-    client: &crate::api::client::ApiClient,
+    ctx: &dyn Host,
+    remote_get: &(dyn Fn(&str) -> anyhow::Result<serde_json::Value> + Sync),
     name: &str,
 ) -> (
     anyhow::Result<serde_json::Value>,
     anyhow::Result<serde_json::Value>,
 ) {
     std::thread::scope(|sc| {
-        let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{name}/digest")));
+        let remote = sc.spawn(|| remote_get(&format!("/api/v1/shares/{name}/digest")));
         let local = digest(ctx, name);
         (
             local,
@@ -1107,7 +1143,7 @@ pub fn digest_both(
 /// may have written just before), then both modes wait for a flush durable
 /// on the replica with nothing after it.
 pub fn drain_for_handover(
-    ctx: &crate::agent::AgentCtx,
+    ctx: &dyn Host,
     s: &primary::PrimaryShare,
     timeout: std::time::Duration,
 ) -> Result<(), String> {
@@ -1115,7 +1151,7 @@ pub fn drain_for_handover(
     if !s.mode_sync() {
         // Events still in the watcher's batch window.
         std::thread::sleep(std::time::Duration::from_millis(
-            ctx.cfg.shares.watch_batch_delay_ms * 2,
+            ctx.share_settings().watch_batch_delay_ms * 2,
         ));
         while !s.caught_up() {
             if std::time::Instant::now() > deadline {
@@ -1141,7 +1177,7 @@ fn hex(b: &[u8]) -> String {
 /// This node's copy of `name`, entry by entry, every file read whole (an
 /// audit, for [`verify`]): `{"entries": [{"p": path, "r": manifest record,
 /// "h": content hash or null, "c": ctime ns}]}`, bytes as hex.
-pub fn files(ctx: &crate::agent::AgentCtx, name: &str) -> anyhow::Result<serde_json::Value> {
+pub fn files(ctx: &dyn Host, name: &str) -> anyhow::Result<serde_json::Value> {
     let audit = tree::DigestCache::new(0, 0);
     let (list, _) = with_copy(ctx, name, |t| t.listing(&audit))??;
     let entries: Vec<serde_json::Value> = list
@@ -1167,8 +1203,8 @@ const VERIFY_DIFFERENCES_SHOWN: usize = 100;
 /// made behind ferry's back). The application may keep writing: entries
 /// that changed here after the verify began are counted apart
 /// (`changed_during_verify`), not reported as differences.
-pub fn verify(
-    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+pub fn verify<H: Host>(
+    ctx: &std::sync::Arc<H>,
     name: &str,
     timeout: std::time::Duration,
 ) -> anyhow::Result<serde_json::Value> {
@@ -1218,15 +1254,10 @@ pub fn verify(
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let peer = ctx
-        .peers
-        .get(&peer_name)
-        .ok_or_else(|| anyhow!("peer {peer_name} is not registered"))?;
     // Both copies are read whole: as long as the verify may take.
-    let client =
-        crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?.with_timeout(timeout);
     let (local, remote) = std::thread::scope(|sc| {
-        let remote = sc.spawn(|| client.get(&format!("/api/v1/shares/{name}/files")));
+        let remote =
+            sc.spawn(|| ctx.peer_get(&peer_name, &format!("/api/v1/shares/{name}/files"), timeout));
         let local = files(ctx, name);
         (
             local,
@@ -1326,8 +1357,8 @@ pub fn verify(
 }
 
 /// Fencing: mutating calls on the share wait (`freeze`) or flow again.
-pub fn set_frozen(ctx: &crate::agent::AgentCtx, name: &str, frozen: bool) {
-    if let Some(p) = ctx.shares.primary(name) {
+pub fn set_frozen(ctx: &dyn Host, name: &str, frozen: bool) {
+    if let Some(p) = ctx.shares().primary(name) {
         if frozen {
             p.freeze();
         } else {
@@ -1338,17 +1369,17 @@ pub fn set_frozen(ctx: &crate::agent::AgentCtx, name: &str, frozen: bool) {
 
 /// This node's copy is usable as the workload's data: primary here, or an
 /// up-to-date replica.
-pub fn usable_here(ctx: &crate::agent::AgentCtx, name: &str) -> bool {
-    if ctx.shares.primary(name).is_some() {
+pub fn usable_here(ctx: &dyn Host, name: &str) -> bool {
+    if ctx.shares().primary(name).is_some() {
         return true;
     }
-    ShareStore::new(&ctx.cfg.data_dir)
+    ShareStore::new(ctx.data_dir())
         .load(name)
         .is_ok_and(|r| r.role == "replica" && r.generation != 0)
 }
 
-pub fn spawn_link(
-    ctx: &std::sync::Arc<crate::agent::AgentCtx>,
+pub fn spawn_link<H: Host>(
+    ctx: &std::sync::Arc<H>,
     share: std::sync::Arc<primary::PrimaryShare>,
     peer: String,
 ) -> anyhow::Result<()> {
@@ -1418,13 +1449,9 @@ pub struct ShareStatus {
 
 /// `counts`: walk the tree for `files` and `bytes` (0 otherwise: pollers
 /// such as `share wait` need only the state).
-pub fn status(
-    ctx: &crate::agent::AgentCtx,
-    name: &str,
-    counts: bool,
-) -> Result<ShareStatus, ShareError> {
+pub fn status(ctx: &dyn Host, name: &str, counts: bool) -> Result<ShareStatus, ShareError> {
     use std::sync::atomic::Ordering::Relaxed;
-    let store = ShareStore::new(&ctx.cfg.data_dir);
+    let store = ShareStore::new(ctx.data_dir());
     let rec = store.load(name)?;
     let (mut files, mut bytes) = (0u64, 0u64);
     if counts {
@@ -1443,7 +1470,7 @@ pub fn status(
         name: rec.name.to_string(),
         mode: rec.mode.clone(),
         role: rec.role.clone(),
-        serving: ctx.shares.primary(name).is_some(),
+        serving: ctx.shares().primary(name).is_some(),
         path: rec.path.clone(),
         peer: rec.peer.clone(),
         state: "disconnected".into(),
@@ -1468,7 +1495,7 @@ pub fn status(
         fuse_read_bytes: 0,
         last_error: None,
     };
-    if let Some(p) = ctx.shares.primary(name) {
+    if let Some(p) = ctx.shares().primary(name) {
         st.pending_paths = p.pending_paths();
         let behind = !p.caught_up();
         let l = p.link();
@@ -1506,7 +1533,7 @@ pub fn status(
         st.passthrough_opens = p.stats.passthrough_opens.load(Relaxed);
         st.fuse_read_bytes = p.stats.fuse_read_bytes.load(Relaxed);
     } else {
-        let v = ctx.shares.replica_view(name);
+        let v = ctx.shares().replica_view(name);
         st.state = if rec.generation != 0 || v.up_to_date {
             "up-to-date"
         } else if v.linked {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use ferry_wire::SharePath;
 
 use super::primary::{now_unix, Changes, PrimaryShare};
-use crate::agent::config::ShareSettings;
+use super::settings::ShareSettings;
 
 /// Events inotify reports on a watched directory.
 const MASK: u32 = libc::IN_CREATE

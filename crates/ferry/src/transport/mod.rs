@@ -6,7 +6,9 @@
 //! nothing here knows about volumes, shares, clusters or migrations.
 
 pub mod conns;
+pub mod dial;
 pub mod identity;
 pub mod peers;
+pub mod settings;
 pub mod tls;
 pub mod tls_io;

@@ -12,7 +12,7 @@
 //! keeps the reader from decrypting acknowledgements.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use ferry_core::GenerationHistory;
 use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
 use super::primary::{Group, Out, PrimaryVolume};
-use crate::agent::AgentCtx;
+use crate::transport::dial::Dialer;
 use crate::transport::tls_io::SharedTls;
 
 /// Frame flags above this shift carry the member's tag (its index in the
@@ -183,7 +183,7 @@ fn group_stopped(group: &Group) -> Option<String> {
 
 /// Runs the link of `group` until one of its members is stopped,
 /// reconnecting with backoff.
-pub fn run(group: Arc<Group>, ctx: Arc<AgentCtx>) {
+pub fn run(group: Arc<Group>, dialer: Dialer) {
     for m in &group.members {
         m.start_copier();
     }
@@ -195,7 +195,7 @@ pub fn run(group: Arc<Group>, ctx: Arc<AgentCtx>) {
             }
             return;
         };
-        let result = connect_and_serve(&group, &ctx, &peer, &mut backoff_ms);
+        let result = connect_and_serve(&group, &dialer, &peer, &mut backoff_ms);
         let msg = result.err().map(|e| format!("{e:#}"));
         if let Some(m) = &msg {
             tracing::warn!(group = %group.name, %peer, error = %m, "replication.link.down");
@@ -223,14 +223,14 @@ pub fn run(group: Arc<Group>, ctx: Arc<AgentCtx>) {
     }
 }
 
-fn hello_of(vol: &PrimaryVolume, ctx: &AgentCtx, group: &Group) -> Hello {
+fn hello_of(vol: &PrimaryVolume, node_name: &str, group: &Group) -> Hello {
     let (generation, mode) = {
         let meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
         (meta.state().generation.clone(), meta.state().mode)
     };
     Hello {
         protocol_versions: vec![PROTOCOL_VERSION],
-        node_name: ctx.identity.node_name.clone(),
+        node_name: node_name.to_string(),
         volume: vol.name.clone(),
         volume_id: vol.id.clone(),
         size_bytes: ferry_nbd::BlockDevice::size(&vol.local),
@@ -243,58 +243,18 @@ fn hello_of(vol: &PrimaryVolume, ctx: &AgentCtx, group: &Group) -> Hello {
     }
 }
 
-/// Connects to registered node `peer_name`'s replication listener and
-/// completes the mutually authenticated TLS handshake (its pinned certificate).
-pub fn connect_peer(
-    ctx: &AgentCtx,
-    peer_name: &str,
-) -> Result<(
-    crate::transport::peers::Peer,
-    rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
-)> {
-    let peer = ctx
-        .peers
-        .get(peer_name)
-        .ok_or_else(|| anyhow!("node {peer_name:?} is not registered (ferry node add)"))?;
-    let addr = peer
-        .replication
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            anyhow!(
-                "bad replication address {:?} for {}",
-                peer.replication,
-                peer.name
-            )
-        })?;
-    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("cannot connect to {} at {}", peer.name, peer.replication))?;
-    tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let tls_cfg = crate::transport::tls::client_config(&ctx.identity, peer.fingerprint.clone())?;
-    let conn = rustls::ClientConnection::new(tls_cfg, crate::transport::tls::server_name())?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .with_context(|| format!("TLS handshake with {} failed", peer.name))?;
-    }
-    Ok((peer, tls))
-}
-
 fn connect_and_serve(
     group: &Arc<Group>,
-    ctx: &Arc<AgentCtx>,
+    dialer: &Dialer,
     peer_name: &str,
     backoff_ms: &mut u64,
 ) -> Result<()> {
-    let (peer, mut tls) = connect_peer(ctx, peer_name)?;
+    let (peer, mut tls) = dialer.connect(peer_name)?;
 
     // One Hello per member, in tag order; one reply each.
     let mut hellos = Vec::new();
     for vol in &group.members {
-        let hello = hello_of(vol, ctx, group);
+        let hello = hello_of(vol, dialer.node_name(), group);
         tls.write_all(&ferry_wire::encode_frame(
             Kind::Hello,
             0,

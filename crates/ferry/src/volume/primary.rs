@@ -31,7 +31,7 @@ use ferry_core::{DirtyMap, Extent, Replicator};
 use ferry_nbd::device::{Allocation, BlockDevice, Completion, FileDevice, ZeroMode};
 
 use super::meta::{MetaFile, AL_EXTENT_SHIFT};
-use crate::agent::config::ReplicationSettings;
+use crate::transport::settings::ReplicationSettings;
 
 /// Contiguous dirty blocks the copier reads with one `pread`.
 const COPY_BATCH_BLOCKS: usize = 16;
