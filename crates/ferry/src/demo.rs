@@ -248,7 +248,7 @@ pub fn run(args: &DemoArgs, json: bool) -> Result<()> {
 fn say(json: bool, msg: impl AsRef<str>) {
     if !json {
         println!("{}", msg.as_ref());
-        crate::flush_stdout();
+        crate::sys::out::flush_stdout();
     }
 }
 
@@ -327,7 +327,7 @@ fn demo(root: &Path, args: &DemoArgs, json: bool) -> Result<()> {
         );
         if tty {
             print!("\x1b[2K\r{line}");
-            crate::flush_stdout();
+            crate::sys::out::flush_stdout();
         }
         if phase == "ready" {
             if tty {
@@ -404,7 +404,7 @@ fn demo(root: &Path, args: &DemoArgs, json: bool) -> Result<()> {
         );
     }
     if json {
-        crate::print_json(&summary)?;
+        crate::sys::out::print_json(&summary)?;
     } else {
         println!("  verified on b: all {checked} slots hold their last acknowledged record ({writes} writes acknowledged in all)");
         println!(

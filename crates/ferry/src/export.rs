@@ -145,7 +145,7 @@ pub fn run(store: &VolumeStore, args: &ExportArgs, json: bool) -> Result<()> {
     )?;
     let l = &running.listening;
     if json {
-        crate::print_json(l)?;
+        crate::sys::out::print_json(l)?;
     } else {
         println!(
             "exporting volume {} ({}{}) — stop with Ctrl-C",
@@ -157,7 +157,7 @@ pub fn run(store: &VolumeStore, args: &ExportArgs, json: bool) -> Result<()> {
             println!("{uri}");
         }
     }
-    crate::flush_stdout();
+    crate::sys::out::flush_stdout();
     let sig = signals.wait()?;
     tracing::info!(signal = sig, "export.stop");
     running.stop();

@@ -18,13 +18,11 @@ mod transport;
 mod vm;
 mod volume;
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Parser;
 use ferry_core::ByteSize;
-use serde::Serialize;
 
 use cli::{Cli, Command, VolumeCommand};
 use volume::VolumeStore;
@@ -106,7 +104,9 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Export(args) => export::run(&VolumeStore::open(&cli.global.data_dir)?, args, json),
         Command::Demo(args) => demo::run(args, json),
-        Command::Agent { config } => agent::run(config),
+        Command::Agent { config } => {
+            agent::run(config, |l, ctx| Box::pin(api::server::serve(l, ctx)))
+        }
         Command::Node(cmd) => remote::node(cmd, &cli.global.data_dir, json),
         Command::Nbd(cli::NbdCommand::ClientCert { name, out, days }) => {
             agent::nbd_tls::client_cert(&cli.global.data_dir, name, out.as_deref(), *days, json)
@@ -226,15 +226,4 @@ fn volume_command(store: &VolumeStore, cmd: &VolumeCommand, json: bool) -> Resul
     Ok(())
 }
 
-/// Prints one JSON document on its own line.
-pub fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer(&mut out, value)?;
-    writeln!(out)?;
-    out.flush()?;
-    Ok(())
-}
-
-pub fn flush_stdout() {
-    let _ = std::io::stdout().flush();
-}
+pub use sys::out::{flush_stdout, print_json};

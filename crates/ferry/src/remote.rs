@@ -129,7 +129,7 @@ pub fn token_cmd(cmd: &crate::cli::TokenCommand, data_dir: &Path, json: bool) ->
 
 fn print(v: &Value, json: bool, human: impl FnOnce(&Value)) -> Result<()> {
     if json {
-        crate::print_json(v)
+        crate::sys::out::print_json(v)
     } else {
         human(v);
         Ok(())
@@ -369,7 +369,7 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
                 Some(n) if *watch && std::io::stdout().is_terminal() => loop {
                     let v = c.get(&format!("/api/v1/replications/{n}"))?;
                     print!("{}", progress_bar(&v));
-                    crate::flush_stdout();
+                    crate::sys::out::flush_stdout();
                     if v["state"] == "up-to-date" {
                         println!();
                         return Ok(());
@@ -698,7 +698,7 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                 } else {
                     println!("{}", lines.join(" | "));
                 }
-                crate::flush_stdout();
+                crate::sys::out::flush_stdout();
                 let done = all.iter().all(|m| {
                     matches!(
                         m["phase"].as_str(),

@@ -1123,7 +1123,13 @@ fn tune_allocator() {
     }
 }
 
-pub fn run(config_path: &Path) -> Result<()> {
+/// The REST server, given by the crate root (the API sits above the agent).
+pub type ServeApi = fn(
+    std::net::TcpListener,
+    Arc<AgentCtx>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     tune_allocator();
     let signals = crate::sys::signals::Signals::block()?;
     let cfg = AgentConfig::load(config_path)?;
@@ -1260,7 +1266,20 @@ pub fn run(config_path: &Path) -> Result<()> {
         let ctx = ctx.clone();
         std::thread::Builder::new()
             .name("repl-accept".into())
-            .spawn(move || replica::serve(repl_listener, ctx))?;
+            .spawn(move || {
+                let l = crate::transport::inbound::Listener {
+                    conns: ctx.repl_conns.clone(),
+                    tls_server: ctx.tls_server.clone(),
+                    peers: ctx.peers.clone(),
+                    frame_bytes_max: ctx.cfg.replication.frame_bytes_max,
+                };
+                let route = ctx.clone();
+                crate::transport::inbound::serve(
+                    repl_listener,
+                    l,
+                    Arc::new(move |inbound| route.route_inbound(inbound)),
+                )
+            })?;
     }
     {
         let ctx = ctx.clone();
@@ -1270,7 +1289,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     }
     crate::cluster::spawn(ctx.clone())?;
     crate::schedule::spawn(ctx.clone())?;
-    rt.spawn(crate::api::server::serve(api_listener, ctx.clone()));
+    rt.spawn(serve_api(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
     tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint(),
         api = %ctx.cfg.api_listen, replication = %ctx.cfg.replication_listen, nbd = %ctx.nbd_uri_base,
@@ -1286,7 +1305,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             "fingerprint": ctx.identity.fingerprint(),
         })
     );
-    crate::flush_stdout();
+    crate::sys::out::flush_stdout();
     let sig = signals.wait()?;
     tracing::info!(signal = sig, "agent.stopping");
     ctx.shutdown();

@@ -462,7 +462,7 @@ pub fn client_cert(
         "ca_fingerprint": crate::transport::identity::fingerprint(&ca.cert_der),
     });
     if json {
-        crate::print_json(&v)?;
+        crate::sys::out::print_json(&v)?;
     } else {
         let shown = dir.display();
         println!("client certificate {name} (valid until {y:04}-{m:02}-{d:02}) in {shown}/:");

@@ -1716,10 +1716,8 @@ async fn hashes(
 }
 
 async fn verify(State(ctx): Ctx, Path(name): Path<String>) -> ApiResult {
-    let result = blocking(move || {
-        crate::volume::verify::verify(&ctx, &name, Duration::from_secs(60), Instant::now())
-    })
-    .await?;
+    let result =
+        blocking(move || ctx.verify_volume(&name, Duration::from_secs(60), Instant::now())).await?;
     Ok(Json(result))
 }
 

@@ -337,7 +337,7 @@ pub fn run(listen: SocketAddr, data_dir: &Path, key_file: Option<&Path>) -> Resu
         "{}",
         serde_json::json!({ "witness": local.to_string(), "records": server.records() })
     );
-    crate::flush_stdout();
+    crate::sys::out::flush_stdout();
     std::thread::Builder::new()
         .name("witness".into())
         .spawn(move || {

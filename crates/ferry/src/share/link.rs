@@ -1184,7 +1184,9 @@ pub fn serve_replica(
     let me = ctx.node_name().to_string();
     let store = super::ShareStore::new(ctx.data_dir());
     let refuse = |tls: &mut rustls::StreamOwned<rustls::ServerConnection, TcpStream>,
-                  why: String| { crate::volume::replica::refuse(tls, &me, why) };
+                  why: String| {
+        crate::transport::inbound::refuse(tls, &me, why)
+    };
     if !hello.protocol_versions.contains(&PROTOCOL_VERSION) {
         return refuse(
             &mut tls,

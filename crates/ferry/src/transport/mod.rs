@@ -8,6 +8,7 @@
 pub mod conns;
 pub mod dial;
 pub mod identity;
+pub mod inbound;
 pub mod peers;
 pub mod settings;
 pub mod tls;

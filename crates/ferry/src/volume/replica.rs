@@ -7,8 +7,8 @@
 //! (persisted) until the primary says it has caught up.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +21,8 @@ use ferry_wire::{FrameHeader, Hello, HelloReply, Kind, PROTOCOL_VERSION};
 
 use super::link::{tag_flags, tag_of, FLAG_SNAPSHOT, FLAG_UP_TO_DATE, GROUP_VOLUMES_MAX};
 use super::meta::MetaFile;
-use crate::agent::AgentCtx;
+use crate::transport::inbound::{refuse, Inbound};
+use crate::transport::settings::ReplicationSettings;
 use crate::transport::tls_io::SharedTls;
 
 /// A replica held on this node.
@@ -120,103 +121,43 @@ impl ReplicaVolume {
     }
 }
 
-/// Accepts replication links on `listener` until the process ends.
-/// Each connection takes a place in `ctx.repl_conns`
-/// (`replication.connections_max`; at most `replication.handshakes_max`
-/// not yet authenticated, the oldest closed for a newcomer; closed if not
-/// authenticated within `replication.handshake_timeout_ms`).
-pub fn serve(listener: TcpListener, ctx: Arc<AgentCtx>) {
-    for conn in listener.incoming() {
-        let tcp = match conn {
-            Ok(t) => t,
-            Err(e) => {
-                // Out of descriptors, most likely: let others finish.
-                tracing::warn!(error = %e, "replication.accept_failed");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        let Ok(closer) = tcp.try_clone() else {
-            continue;
-        };
-        let Some(slot) = ctx.repl_conns.admit(Box::new(move || {
-            let _ = closer.shutdown(std::net::Shutdown::Both);
-        })) else {
-            continue;
-        };
-        let ctx = ctx.clone();
-        let _ = std::thread::Builder::new()
-            .name("repl-in".into())
-            .spawn(move || {
-                let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                if let Err(e) = handle(tcp, &ctx, &slot) {
-                    tracing::warn!(%peer, error = %format!("{e:#}"), "replication.inbound.closed");
-                }
-            });
-    }
+/// What the replica side needs from the node it runs in (the agent
+/// implements it).
+pub trait Host: Send + Sync {
+    fn node_name(&self) -> &str;
+    fn link_settings(&self) -> &ReplicationSettings;
+    /// The replica of `volume` held here.
+    fn replica(&self, volume: &str) -> Option<Arc<ReplicaVolume>>;
+    /// Why a link to `volume` must be refused now (this node asked the
+    /// witness to take its workload over: its copy must not change until it
+    /// answers), if it must.
+    fn refuse_link(&self, volume: &str) -> Option<String>;
 }
 
-/// Answers a Hello with a refusal (`why`, in words an operator can act on).
-pub(crate) fn refuse<W: Write>(w: &mut W, me: &str, why: String) -> Result<()> {
-    let reply = HelloReply {
-        protocol_version: PROTOCOL_VERSION,
-        node_name: me.to_string(),
-        refused: Some(why.clone()),
-        generation: 0,
-        ancestors: vec![],
-        dirty_map: None,
-    };
-    w.write_all(&ferry_wire::encode_frame(
-        Kind::HelloReply,
-        0,
-        0,
-        &reply.to_bytes(),
-    ))?;
-    w.flush()?;
-    bail!("refused: {why}")
-}
-
-fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::transport::conns::ConnSlot) -> Result<()> {
-    tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let control = tcp.try_clone()?;
-    let conn = rustls::ServerConnection::new(ctx.tls_server.clone())?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    // Drive the handshake now, so an unregistered client is refused here.
-    while tls.conn.is_handshaking() {
-        tls.conn
-            .complete_io(&mut tls.sock)
-            .context("TLS handshake")?;
-    }
-    let cert = tls
-        .conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or_else(|| anyhow!("peer presented no certificate"))?;
-    let fp = crate::transport::identity::fingerprint(cert);
-    let peer = ctx
-        .peers
-        .by_fingerprint(&fp)
-        .ok_or_else(|| anyhow!("unregistered certificate {fp}"))?;
-    // A registered peer: kept when the listener is full.
-    slot.authenticated();
-    let max = ctx.cfg.replication.frame_bytes_max;
-    let mut reader = BufReader::with_capacity(1 << 20, tls);
-    let me = ctx.identity.node_name.clone();
+/// Serves an inbound volume stream (its first frame a Hello): one Hello per
+/// volume of the stream, then the frames, applied in order.
+pub fn serve_stream(ctx: &dyn Host, inbound: Inbound) -> Result<()> {
+    let Inbound {
+        peer,
+        mut reader,
+        control,
+        first,
+        first_body,
+    } = inbound;
+    let max = ctx.link_settings().frame_bytes_max;
+    let me = ctx.node_name().to_string();
     // One Hello per volume of the stream, in tag order.
     let mut hellos: Vec<Hello> = Vec::new();
+    let mut next = Some((first, first_body));
     loop {
-        let mut body = Vec::new();
-        let hdr = ferry_wire::read_frame(&mut reader, max, &mut body)?;
-        if hdr.kind == Kind::ShareHello && hellos.is_empty() {
-            // A share's link: its own protocol on the same listener.
-            let hello = ferry_wire::ShareHello::from_bytes(&body[..hdr.len as usize])?;
-            if !reader.buffer().is_empty() {
-                bail!("share link sent frames before the handshake reply");
+        let (hdr, body) = match next.take() {
+            Some(f) => f,
+            None => {
+                let mut body = Vec::new();
+                let hdr = ferry_wire::read_frame(&mut reader, max, &mut body)?;
+                (hdr, body)
             }
-            let tls = reader.into_inner();
-            return crate::share::link::serve_replica(ctx, &peer.name, hello, tls, control);
-        }
+        };
         if hdr.kind != Kind::Hello {
             bail!("expected Hello, got {:?}", hdr.kind);
         }
@@ -310,8 +251,8 @@ fn handle(tcp: TcpStream, ctx: &AgentCtx, slot: &crate::transport::conns::ConnSl
     };
     let vols: Vec<Arc<ReplicaVolume>> = members.iter().map(|m| m.vol.clone()).collect();
     let writeback = Writeback {
-        bytes: ctx.cfg.replication.replica_writeback_bytes,
-        interval: Duration::from_millis(ctx.cfg.replication.replica_writeback_interval_ms),
+        bytes: ctx.link_settings().replica_writeback_bytes,
+        interval: Duration::from_millis(ctx.link_settings().replica_writeback_interval_ms),
     };
     let result = apply_stream(sock, &wire, leftover, &vols, max, writeback);
     if let Err(e) = &result {
@@ -347,8 +288,8 @@ struct Member {
 }
 
 /// Checks one Hello; `Err` is the refusal, in words an operator can act on.
-fn accept(ctx: &AgentCtx, peer: &str, hello: &Hello) -> std::result::Result<Member, String> {
-    let me = &ctx.identity.node_name;
+fn accept(ctx: &dyn Host, peer: &str, hello: &Hello) -> std::result::Result<Member, String> {
+    let me = ctx.node_name();
     if hello.node_name != peer {
         return Err(format!(
             "your certificate belongs to {peer:?}, not {:?}",
@@ -360,11 +301,8 @@ fn accept(ctx: &AgentCtx, peer: &str, hello: &Hello) -> std::result::Result<Memb
             "no common protocol version (I speak {PROTOCOL_VERSION})"
         ));
     }
-    if ctx.cluster.is_candidate_volume(&hello.volume) {
-        return Err(format!(
-            "node {me} asked the witness to take over the workload of {:?}: its copy must not change until it answers; retrying",
-            hello.volume
-        ));
+    if let Some(why) = ctx.refuse_link(&hello.volume) {
+        return Err(why);
     }
     let Some(vol) = ctx.replica(&hello.volume) else {
         return Err(format!("node {me} holds no replica of volume {:?}; start it with `ferry replicate start {} --to {me}`", hello.volume, hello.volume));

@@ -13,8 +13,6 @@ use ferry_core::link::Phase;
 use ferry_nbd::BlockDevice;
 use serde_json::{json, Value};
 
-use crate::agent::AgentCtx;
-
 /// The Merkle leaves of one volume, kept current as writes apply: a write
 /// marks its blocks stale (after it reached the image), and stale leaves are
 /// re-hashed by a background pass ([`LeafCache::refresh`]) or when asked for
@@ -228,11 +226,17 @@ pub fn merkle_root(leaves: &[blake3::Hash]) -> blake3::Hash {
     level[0]
 }
 
-/// Drains the link of `name`, then compares both sides' hashes.
-pub fn verify(ctx: &AgentCtx, name: &str, timeout: Duration, start: Instant) -> Result<Value> {
-    let vol = ctx.primary(name).ok_or_else(|| {
-        anyhow!("volume {name:?} is not a primary on this node; run verify on the primary")
-    })?;
+/// Drains the link of primary `vol`, then compares both sides' hashes
+/// (`granularity` bytes each; `peer_get(peer, path)` fetches the replica's
+/// from its node's API).
+pub fn verify(
+    vol: &super::primary::PrimaryVolume,
+    granularity: u64,
+    peer_get: &dyn Fn(&str, &str) -> Result<Value>,
+    timeout: Duration,
+    start: Instant,
+) -> Result<Value> {
+    let name = &vol.name;
     let peer_name = vol
         .link
         .lock()
@@ -264,14 +268,12 @@ pub fn verify(ctx: &AgentCtx, name: &str, timeout: Duration, start: Instant) -> 
     }
     // An audit reads both images whole: it also catches changes made behind
     // ferry's back, which the leaf caches (and so a cutover) cannot see.
-    let g = ctx.cfg.replication.granularity_bytes;
+    let g = granularity;
     let local = leaf_hashes(&vol.local, g)?;
-    let peer = ctx
-        .peers
-        .get(&peer_name)
-        .ok_or_else(|| anyhow!("peer {peer_name} is not registered"))?;
-    let remote = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?
-        .get(&format!("/api/v1/volumes/{name}/hashes?fresh=1"))?;
+    let remote = peer_get(
+        &peer_name,
+        &format!("/api/v1/volumes/{name}/hashes?fresh=1"),
+    )?;
     let remote: Vec<String> = remote["hashes"]
         .as_array()
         .ok_or_else(|| anyhow!("bad hash list from {peer_name}"))?
