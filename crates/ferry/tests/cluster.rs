@@ -51,6 +51,9 @@ struct Net {
     children: Vec<(String, Child)>,
     /// More `[cluster]` lines for every agent.
     cluster_extra: String,
+    /// The binary of a node (agent and CLI) or the witness, where it is not
+    /// this build's (a rolling upgrade).
+    bins: std::collections::HashMap<String, PathBuf>,
 }
 
 impl Net {
@@ -70,6 +73,7 @@ impl Net {
             tag,
             children: Vec::new(),
             cluster_extra: String::new(),
+            bins: Default::default(),
         };
         let br = net.ns("br");
         sh_ok(&["ip", "netns", "add", &br]);
@@ -101,6 +105,14 @@ impl Net {
         net
     }
 
+    /// The ferry binary node `n` (or the witness, `w`) runs.
+    fn bin(&self, n: &str) -> PathBuf {
+        self.bins
+            .get(n)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(ferry_bin()))
+    }
+
     fn ns(&self, n: &str) -> String {
         format!("{}-{n}", self.tag)
     }
@@ -126,7 +138,7 @@ impl Net {
         // A key others may read is refused.
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .unwrap();
-        let mut c = self.cmd("w", ferry_bin());
+        let mut c = self.cmd("w", self.bin("w").to_str().unwrap());
         c.args(["witness", "--listen", &format!("{}:7380", addr_of("w"))])
             .arg("--key-file")
             .arg(&key)
@@ -208,7 +220,7 @@ impl Net {
             .open(self.root.path().join(format!("{n}.log")))
             .unwrap();
         let mut child = self
-            .cmd(n, ferry_bin())
+            .cmd(n, self.bin(n).to_str().unwrap())
             .args(["agent", "--config"])
             .arg(&config)
             .env("FERRY_LOG", "info")
@@ -322,7 +334,7 @@ impl Net {
     /// `ferry ARGS` against node `n`'s API, run from namespace `via`.
     fn ferry_via(&self, via: &str, n: &str, args: &[&str]) -> std::process::Output {
         let token = std::fs::read_to_string(self.dir(n).join("api.token")).unwrap();
-        self.cmd(via, ferry_bin())
+        self.cmd(via, self.bin(n).to_str().unwrap())
             .args(args)
             .env("FERRY_API", format!("{}:7360", addr_of(n)))
             .env("FERRY_TOKEN", token.trim())
@@ -991,6 +1003,82 @@ fn a_switchover_moves_the_workload_verified_and_back() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Upgrading an HA pair without downtime, from the previous release: the
+/// replica first, a switchover onto it (asked of the old node), the other
+/// node, a switchover back between new nodes, then the witness; failover
+/// still works at the end.
+#[test]
+fn a_rolling_upgrade_of_an_ha_pair_switches_over_between_releases() {
+    let Some(prev) = common::previous_release_bin() else {
+        return;
+    };
+    let mut net = Net::new();
+    for n in ["a", "b", "w"] {
+        net.bins.insert(n.into(), prev.clone());
+    }
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload("16MiB");
+    // Really the previous release: its route table states no roles.
+    assert!(net.json("a", &["api", "routes"])[0]["need"].is_null());
+    let mut w = start_writer(&net, 0, 100);
+    assert!(w.wait().unwrap().success());
+
+    // 1. Upgrade the replica b.
+    net.stop("b");
+    net.bins.remove("b");
+    net.start_agent("b");
+    assert!(!net.json("b", &["api", "routes"])[0]["need"].is_null());
+    wait_for(60, "the upgraded b up to date again", || {
+        net.status("a", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    // 2. The old node hands the workload to the new one.
+    let v = net.json("a", &["cluster", "switchover", "web"]);
+    assert_eq!(v["to"], "b", "{v}");
+    net.wait_vip("b");
+    let mut w = start_writer(&net, 100, 100);
+    assert!(w.wait().unwrap().success());
+    // 3. Upgrade a, now the replica.
+    net.stop("a");
+    net.bins.remove("a");
+    net.start_agent("a");
+    wait_for(60, "the upgraded a up to date", || {
+        net.status("a", "web")["role"] == "secondary"
+            && net.status("b", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    // 4. Back between two new nodes, verified.
+    let v = net.json("b", &["cluster", "switchover", "web"]);
+    assert_eq!(v["to"], "a", "{v}");
+    net.wait_vip("a");
+    // 5. The witness last; then a crash still fails over.
+    net.kill_witness();
+    net.bins.remove("w");
+    net.start_witness();
+    wait_for(60, "b up to date under the new witness", || {
+        net.status("a", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    for dir in [net.dir("a"), net.dir("b")] {
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("volumes/vol/volume.json")).unwrap())
+                .unwrap();
+        assert_eq!(v["ferry_record"], "volume", "{v}");
+    }
+    net.crash("a");
+    wait_for(30, "b to take over", || {
+        net.status("b", "web")["primary"] == "b"
+    });
+    net.wait_vip("b");
+    let img = net.image("b");
+    for i in 0..200u64 {
+        let off = i as usize * 4096;
+        assert!(
+            img[off..off + 4096] == record(i)[..],
+            "record {i} missing on b"
+        );
+    }
 }
 
 #[test]
