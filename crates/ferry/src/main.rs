@@ -6,6 +6,7 @@ mod agent;
 mod api;
 mod cli;
 mod cluster;
+mod config;
 mod demo;
 mod export;
 mod migrate;

@@ -17,6 +17,8 @@ const LAYERS: &[&[&str]] = &[
     // and the QEMU processes of VM workloads
     &["volume", "vm"],
     &["share"],
+    // the node's configuration file: every section's settings
+    &["config"],
     // what moves a workload's ownership: members, the handover driver
     &["handover"],
     // decisions that use handovers

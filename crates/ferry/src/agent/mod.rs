@@ -7,7 +7,6 @@
 //! drop, dirty maps are saved and every volume is marked cleanly stopped, so a
 //! restart resumes without a full resync.
 
-pub mod config;
 pub mod damaged;
 mod hosts;
 pub mod nbd_tls;
@@ -23,12 +22,12 @@ use ferry_core::link::Mode;
 use ferry_core::DirtyMap;
 use ferry_nbd::{Export, FileDevice, ListenAddr, Listener, Server};
 
+use crate::config::AgentConfig;
 use crate::transport::{conns, identity, peers, tls};
 use crate::volume::meta::{self, MetaFile, MetaState, Role, AL_EXTENT_SHIFT};
 use crate::volume::primary::PrimaryVolume;
 use crate::volume::replica::{self, ReplicaVolume};
 use crate::volume::{VolumeLock, VolumeStore};
-use config::AgentConfig;
 use identity::Identity;
 use peers::Peers;
 

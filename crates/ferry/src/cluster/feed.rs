@@ -28,8 +28,8 @@ use ferry_core::cluster::{DataState, Persisted, Policy};
 use ferry_core::link::ReplicaState;
 
 use super::{HaWorkload, Job};
-use crate::agent::config::ClusterSettings;
 use crate::agent::AgentCtx;
+use crate::config::ClusterSettings;
 use crate::migrate::WorkloadSpec;
 
 /// How often the feed reads the records again (unless poked).

@@ -49,8 +49,8 @@ use ferry_core::Name;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::agent::config::ClusterSettings;
 use crate::agent::AgentCtx;
+use crate::config::ClusterSettings;
 use crate::migrate::WorkloadSpec;
 use feed::{DataReport, NewWorkload, PeerLink, PersistRequest, ToFeed, ToHb};
 use witness::{FromWitness, ToWitness, DATAGRAM_BYTES_MAX};

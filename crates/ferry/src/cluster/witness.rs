@@ -34,7 +34,7 @@ pub const DATAGRAM_BYTES_MAX: usize = 8192;
 pub const WORKLOADS_MAX: usize = 4096;
 
 /// How to make a key, for the errors that ask for one.
-pub const MAKE_KEY: &str = "make one with `(umask 077; head -c 32 /dev/urandom | base64 > /etc/ferry/witness.key)` and give the same file to the witness (`--key-file`) and to both nodes (`cluster.witness_key_file`)";
+pub use crate::config::MAKE_KEY;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ToWitness {

@@ -417,7 +417,7 @@ impl AgentConfig {
             if c.witness.is_some() && c.witness_key_file.is_none() {
                 return Err(format!(
                     "key `cluster.witness_key_file` is missing: a witness needs the key its `ferry witness --key-file` uses; {}",
-                    crate::cluster::witness::MAKE_KEY
+                    MAKE_KEY
                 ));
             }
         }
@@ -496,3 +496,6 @@ mod tests {
         .unwrap();
     }
 }
+
+/// How to make the witness key, for the errors that need one.
+pub const MAKE_KEY: &str = "make one with `(umask 077; head -c 32 /dev/urandom | base64 > /etc/ferry/witness.key)` and give the same file to the witness (`--key-file`) and to both nodes (`cluster.witness_key_file`)";
