@@ -304,6 +304,7 @@ impl Sim {
                 Action::Fence => self.log.push(format!("t={t} {} fenced", NAMES[i])),
                 Action::Resume => self.log.push(format!("t={t} {} resumed", NAMES[i])),
                 Action::HoldWrites | Action::ReleaseWrites => {}
+                Action::Failback | Action::AskPeerReport | Action::SplitBrain { .. } => {}
                 Action::Event(e) => self.log.push(format!("t={t} {} {e:?}", NAMES[i])),
             }
         }
@@ -534,7 +535,7 @@ impl Sim {
                     self.forced = true;
                     self.log
                         .push(format!("t={t} OPERATOR force-promotes {}", NAMES[i]));
-                    self.input(t, i, Input::ForcePromote);
+                    self.input(t, i, Input::ForcePromote { by_policy: false });
                 }
             }
             8 => {
