@@ -1638,7 +1638,12 @@ impl ClusterNode {
                     self.peer_outdated = false;
                     self.last_up_to_date_sent = Some(now);
                 }
-                if let (WitnessOp::Promote, Some(c)) = (op, self.candidacy.as_mut()) {
+                // A forced one too: only the newest request's answer may
+                // end a candidacy (before, a refused --force was never
+                // matched and asked again forever, the replica held off).
+                if let (WitnessOp::Promote | WitnessOp::ForcePromote, Some(c)) =
+                    (op, self.candidacy.as_mut())
+                {
                     c.sent = Some(now);
                 }
                 if op == WitnessOp::Probe {
@@ -2551,5 +2556,72 @@ mod tests {
             asks(std::slice::from_ref(x))
         });
         assert_eq!(at, [POLICY_PROMOTED_QUIET_MS], "{at:?}");
+    }
+
+    #[test]
+    fn a_forced_promotion_refused_while_the_primary_serves_ends_its_candidacy() {
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        // a is silent: the operator's --force is taken.
+        let out = b.on_input(0, Input::ForcePromote { by_policy: false });
+        assert!(out.contains(&Action::Event(Event::FailoverStarted { silent_ms: 0 })));
+        // a comes back and renews at the witness, which refuses b.
+        let _ = b.on_input(
+            10,
+            Input::Peer(PeerMsg::Heartbeat {
+                sent_at: 10,
+                incarnation: 3,
+                nonce: 11,
+                echo_nonce: b.nonce(10),
+                role: Role::Primary,
+                epoch: 1,
+                resigning: false,
+            }),
+        );
+        let mut sent = None;
+        for now in 10..1000 {
+            for a in b.tick(now) {
+                if let Action::SendWitness(r) = a {
+                    if r.op == WitnessOp::ForcePromote {
+                        sent = Some(r.sent_at);
+                    }
+                }
+            }
+            if sent.is_some() {
+                break;
+            }
+        }
+        let echo = sent.expect("asked the witness");
+        // a still renews, and its heartbeats arrive.
+        let _ = b.on_input(
+            echo,
+            Input::Peer(PeerMsg::Heartbeat {
+                sent_at: echo,
+                incarnation: 3,
+                nonce: 11,
+                echo_nonce: b.nonce(echo),
+                role: Role::Primary,
+                epoch: 1,
+                resigning: false,
+            }),
+        );
+        let _ = b.on_input(
+            echo + 1,
+            Input::Witness(WitnessReply {
+                echo,
+                incarnation: 1,
+                op: WitnessOp::ForcePromote,
+                refused: Some(Refusal::LeaseHeld),
+                record: Record {
+                    epoch: 1,
+                    primary: Some("a".into()),
+                    outdated: None,
+                },
+                nonce: 5,
+            }),
+        );
+        assert!(
+            !b.is_candidate(),
+            "a refused --force while a serves ends it"
+        );
     }
 }
