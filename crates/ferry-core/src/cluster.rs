@@ -43,6 +43,13 @@
 //!   datagram of an earlier run is older than every one of this run. A
 //!   captured datagram therefore counts at most once, and never after the
 //!   receiver restarted.
+//! - **Policies** ([`Rules`], issue 19) are decided here too, from typed
+//!   inputs, and performed by the agent: failback ([`Action::Failback`]),
+//!   the split-brain policy ([`Action::AskPeerReport`] then
+//!   [`Action::SplitBrain`] with [`crate::split_brain::decide`]'s verdict),
+//!   resignation on check failures and disk I/O errors ([`Input::Check`],
+//!   [`Input::IoErrors`]), and the in-sync verdict ([`Input::Members`],
+//!   [`members_in_sync`], [`copy_state`]).
 
 use serde::{Deserialize, Serialize};
 
