@@ -43,8 +43,17 @@
 //!   datagram of an earlier run is older than every one of this run. A
 //!   captured datagram therefore counts at most once, and never after the
 //!   receiver restarted.
+//! - **Policies** ([`Rules`], issue 19) are decided here too, from typed
+//!   inputs, and performed by the agent: failback ([`Action::Failback`]),
+//!   the split-brain policy ([`Action::AskPeerReport`] then
+//!   [`Action::SplitBrain`] with [`crate::split_brain::decide`]'s verdict),
+//!   resignation on check failures and disk I/O errors ([`Input::Check`],
+//!   [`Input::IoErrors`]), and the in-sync verdict ([`Input::Members`],
+//!   [`members_in_sync`], [`copy_state`]).
 
 use serde::{Deserialize, Serialize};
+
+use crate::split_brain::{self, SideReport, SplitBrainPolicy, Verdict};
 
 /// Milliseconds on a node's (or the witness's) monotonic clock.
 pub type Millis = u64;
@@ -569,7 +578,98 @@ pub enum Action {
     Promote,
     /// Become secondary: a newer primary exists; resync from it.
     Demote,
+    /// Failback: hand the workload to its preferred node (the peer) by a
+    /// verified switchover; answer [`Input::FailbackDone`].
+    Failback,
+    /// Ask the peer for its typed report of the split brain
+    /// ([`SideReport`]); answer [`Input::PeerReport`].
+    AskPeerReport,
+    /// The split-brain policy's verdict. `Keep`: keep that node's copy (the
+    /// other is set aside and resynced from it), answer
+    /// [`Input::SplitBrainDone`]; `Manual`: log it, an operator resolves.
+    SplitBrain {
+        policy: SplitBrainPolicy,
+        verdict: Verdict,
+    },
     Event(Event),
+}
+
+/// What the cluster decides beyond failover, from the workload's
+/// configuration (`[cluster]` and its HA record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rules {
+    /// `failback_delay_ms` when `failback = true`: a workload served here
+    /// whose preferred node is the peer moves back once the peer has been
+    /// in sync this long. `None`: no failback.
+    pub failback_delay_ms: Option<Millis>,
+    /// The workload's preferred node.
+    pub preferred: Option<String>,
+    /// `split_brain`: which copy a split brain keeps.
+    pub split_brain: SplitBrainPolicy,
+    /// `check_rise`: passes in a row before the application counts as up.
+    pub check_rise: u32,
+    /// `check_fall`: failures in a row, once up, that hand it over.
+    pub check_fall: u32,
+}
+
+impl Default for Rules {
+    fn default() -> Rules {
+        Rules {
+            failback_delay_ms: None,
+            preferred: None,
+            split_brain: SplitBrainPolicy::Manual,
+            check_rise: 2,
+            check_fall: 3,
+        }
+    }
+}
+
+/// A failed failback is tried again this long after (each attempt freezes
+/// writes for a moment: do not hammer).
+pub const FAILBACK_RETRY_MS: Millis = 30_000;
+/// The split-brain policy looks again this long after a verdict left to an
+/// operator (the peer could not be asked) or a resolution that ended.
+pub const SPLIT_BRAIN_RETRY_MS: Millis = 250;
+/// A node the peer's split-brain policy had promoted runs no policy of its
+/// own for this long: the peer is still rebasing, and one decision must
+/// not be answered by another.
+pub const POLICY_PROMOTED_QUIET_MS: Millis = 60_000;
+
+/// One volume or share of a workload, as this node's copy and its
+/// replication link report it: what the in-sync verdict and the copy's
+/// state are decided from ([`members_in_sync`], [`copy_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    /// Served here: a primary volume or share on this node.
+    pub primary_here: bool,
+    /// As primary: the link is caught up and streams every write (not
+    /// disconnected, resyncing or split).
+    pub streaming: bool,
+    /// As primary: the link reports the peer's copy up to date.
+    pub peer_up_to_date: bool,
+    /// This node's copy is usable: served here, or a consistent replica.
+    pub usable_here: bool,
+}
+
+/// The in-sync verdict: the peer's replica counts as in sync (up to date)
+/// when every volume and share of the workload is served here, its link
+/// streams, and the link reports the peer's copy up to date. A workload
+/// with no member is never in sync.
+pub fn members_in_sync(members: &[Member]) -> bool {
+    !members.is_empty()
+        && members
+            .iter()
+            .all(|m| m.primary_here && m.streaming && m.peer_up_to_date)
+}
+
+/// This node's copy as a replica: up to date when every member is usable
+/// here (served here or a consistent replica), else inconsistent.
+pub fn copy_state(members: &[Member]) -> DataState {
+    if members.iter().all(|m| m.primary_here || m.usable_here) {
+        DataState::UpToDate
+    } else {
+        DataState::Inconsistent
+    }
 }
 
 /// Inputs from the rest of the agent.
@@ -595,8 +695,64 @@ pub enum Input {
     },
     /// An operator promotes this secondary by hand (`--force`: even if its
     /// copy is outdated or inconsistent). Still only once no lease of the
-    /// old primary can be in force.
-    ForcePromote,
+    /// old primary can be in force. `by_policy`: asked by the peer's
+    /// split-brain policy (this node then runs no policy of its own for
+    /// [`POLICY_PROMOTED_QUIET_MS`]).
+    ForcePromote {
+        by_policy: bool,
+    },
+    /// The workload's volumes and shares as this node's links report them
+    /// (every few tens of ms): the in-sync verdict is taken from it
+    /// ([`members_in_sync`]), and each change is handled as
+    /// [`Input::PeerUpToDate`] or [`Input::PeerNotUpToDate`].
+    Members(Vec<Member>),
+    /// One run of the application's check hook while this node serves.
+    Check {
+        ok: bool,
+        output: String,
+    },
+    /// Disk I/O errors of the workload's volumes here so far (a counter):
+    /// the first report is the baseline, a rise while serving resigns.
+    IoErrors {
+        total: u64,
+    },
+    /// This node's copy was found written separately from the peer's
+    /// (split brain), and how many bytes it changed since.
+    Diverged {
+        split_brain: bool,
+        changed_bytes: u64,
+    },
+    /// The peer's answer to [`Action::AskPeerReport`]; `Err` says why
+    /// there is none (never taken as "no changes").
+    PeerReport(Result<SideReport, String>),
+    /// The resolution a [`Action::SplitBrain`] `Keep` verdict started ended.
+    SplitBrainDone {
+        ok: bool,
+    },
+    /// The switchover an [`Action::Failback`] started ended.
+    FailbackDone {
+        ok: bool,
+    },
+}
+
+/// Where the split-brain policy is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SplitBrainStep {
+    /// Looks again from then on.
+    Idle { not_before: Millis },
+    /// Waits for the peer's report.
+    Asking,
+    /// A `Keep` verdict is being carried out.
+    Resolving,
+}
+
+/// The check hook's recent results while serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct CheckCount {
+    passes: u32,
+    fails: u32,
+    /// `check_rise` passes in a row were seen: failures now count.
+    up: bool,
 }
 
 /// A failover in progress on a secondary.
@@ -688,6 +844,22 @@ pub struct ClusterNode {
     witness_names_me: bool,
     /// A secondary probes the witness for its nonce from then on.
     next_probe: Millis,
+    rules: Rules,
+    /// The in-sync verdict of the newest members report (`None`: none yet).
+    members_in_sync: Option<bool>,
+    /// Failback: since when it has been due.
+    failback_since: Option<Millis>,
+    /// Failback: none started before this (`Millis::MAX`: one runs).
+    failback_blocked_until: Millis,
+    check: CheckCount,
+    /// Disk I/O errors already acted on (`None`: no report yet).
+    io_errors_seen: Option<u64>,
+    /// From the newest [`Input::Diverged`].
+    split_brain_found: bool,
+    changed_bytes: u64,
+    split_brain_step: SplitBrainStep,
+    /// Promoted by the peer's split-brain policy: no policy here until then.
+    split_brain_quiet_until: Millis,
 }
 
 impl ClusterNode {
@@ -766,7 +938,41 @@ impl ClusterNode {
             last_witness_sent: None,
             witness_names_me: false,
             next_probe: now,
+            rules: Rules::default(),
+            members_in_sync: None,
+            failback_since: None,
+            failback_blocked_until: 0,
+            check: CheckCount::default(),
+            io_errors_seen: None,
+            split_brain_found: false,
+            changed_bytes: 0,
+            split_brain_step: SplitBrainStep::Idle { not_before: now },
+            split_brain_quiet_until: 0,
         }
+    }
+
+    /// Sets the policies beyond failover (failback, split brain, checks).
+    pub fn set_rules(&mut self, rules: Rules) {
+        self.rules = rules;
+    }
+
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// The in-sync verdict of the newest members report (`None`: none yet).
+    pub fn members_in_sync(&self) -> Option<bool> {
+        self.members_in_sync
+    }
+
+    /// Whether this node's copy was last reported split from the peer's.
+    pub fn split_brain_found(&self) -> bool {
+        self.split_brain_found
+    }
+
+    /// Bytes this copy changed since the split, as last reported.
+    pub fn changed_bytes(&self) -> u64 {
+        self.changed_bytes
     }
 
     pub fn role(&self) -> Role {
@@ -1006,7 +1212,10 @@ impl ClusterNode {
                     }
                 }
             }
-            Input::ForcePromote => {
+            Input::ForcePromote { by_policy } => {
+                if by_policy {
+                    self.split_brain_quiet_until = now + POLICY_PROMOTED_QUIET_MS;
+                }
                 if self.role == Role::Secondary {
                     if self.peer_alive(now) && self.peer_role == Some(Role::Primary) {
                         out.push(Action::Event(Event::NotPromoting {
@@ -1026,23 +1235,166 @@ impl ClusterNode {
                     }
                 }
             }
-            Input::Resign { why } => {
-                if self.role == Role::Primary && !self.resigning {
-                    self.resigning = true;
-                    self.resigned_at = Some(now);
-                    // Stop serving first; then give the lease back so the
-                    // peer need not wait for it to run out.
-                    self.peer_lease_end = 0;
-                    self.witness_lease_end = 0;
-                    out.push(Action::Fence);
-                    out.push(Action::Event(Event::Resigned { why }));
-                    self.role = Role::Fenced;
-                    self.next_heartbeat = now;
-                    self.next_witness = now;
+            Input::Resign { why } => self.resign(now, why, &mut out),
+            Input::Members(members) => {
+                let in_sync = members_in_sync(&members);
+                if self.members_in_sync != Some(in_sync) {
+                    self.members_in_sync = Some(in_sync);
+                    let input = if in_sync {
+                        Input::PeerUpToDate
+                    } else {
+                        Input::PeerNotUpToDate
+                    };
+                    out.extend(self.handle(now, input));
                 }
+            }
+            Input::Check { ok, output } => {
+                // A result that arrives after serving ended counts for
+                // nothing (the counts start again when serving does).
+                if !self.accepting_writes(now) {
+                    self.check = CheckCount::default();
+                    return out;
+                }
+                let c = &mut self.check;
+                if ok {
+                    c.passes += 1;
+                    c.fails = 0;
+                    if !c.up && c.passes >= self.rules.check_rise {
+                        c.up = true;
+                    }
+                } else {
+                    c.fails += 1;
+                    c.passes = 0;
+                    if c.up && c.fails >= self.rules.check_fall {
+                        c.up = false;
+                        let why = format!(
+                            "the check hook failed {} times in a row: {}",
+                            c.fails,
+                            output.lines().last().unwrap_or("").trim()
+                        );
+                        self.resign(now, why, &mut out);
+                    }
+                }
+            }
+            Input::IoErrors { total } => match self.io_errors_seen {
+                None => self.io_errors_seen = Some(total),
+                Some(seen) if total > seen => {
+                    self.io_errors_seen = Some(total);
+                    if self.accepting_writes(now) {
+                        let why =
+                            format!("{total} disk I/O error(s) on the workload's volumes here");
+                        self.resign(now, why, &mut out);
+                    }
+                }
+                Some(_) => {}
+            },
+            Input::Diverged {
+                split_brain,
+                changed_bytes,
+            } => {
+                self.split_brain_found = split_brain;
+                self.changed_bytes = changed_bytes;
+            }
+            Input::PeerReport(report) => {
+                if self.split_brain_step != SplitBrainStep::Asking {
+                    return out;
+                }
+                // Decided only while this node still serves a split copy.
+                if !(self.accepting_writes(now) && self.split_brain_found) {
+                    self.split_brain_step = SplitBrainStep::Idle { not_before: now };
+                    return out;
+                }
+                let policy = self.rules.split_brain;
+                let mine = SideReport {
+                    node: self.me.clone(),
+                    changed_bytes: self.changed_bytes,
+                };
+                let verdict =
+                    split_brain::decide(policy, &mine, report.as_ref().map_err(Clone::clone));
+                self.split_brain_step = match verdict {
+                    Verdict::Keep { .. } => SplitBrainStep::Resolving,
+                    Verdict::Manual { .. } => SplitBrainStep::Idle {
+                        not_before: now + SPLIT_BRAIN_RETRY_MS,
+                    },
+                };
+                out.push(Action::SplitBrain { policy, verdict });
+            }
+            Input::SplitBrainDone { .. } => {
+                if self.split_brain_step == SplitBrainStep::Resolving {
+                    self.split_brain_step = SplitBrainStep::Idle {
+                        not_before: now + SPLIT_BRAIN_RETRY_MS,
+                    };
+                }
+            }
+            Input::FailbackDone { ok } => {
+                self.failback_blocked_until = if ok { 0 } else { now + FAILBACK_RETRY_MS };
             }
         }
         out
+    }
+
+    /// Hands the workload over: stop serving, give the lease back, say why
+    /// (the check failed, disk errors, a switchover, a split-brain verdict).
+    fn resign(&mut self, now: Millis, why: String, out: &mut Vec<Action>) {
+        if self.role == Role::Primary && !self.resigning {
+            self.resigning = true;
+            self.resigned_at = Some(now);
+            // Stop serving first; then give the lease back so the
+            // peer need not wait for it to run out.
+            self.peer_lease_end = 0;
+            self.witness_lease_end = 0;
+            out.push(Action::Fence);
+            out.push(Action::Event(Event::Resigned { why }));
+            self.role = Role::Fenced;
+            self.next_heartbeat = now;
+            self.next_witness = now;
+        }
+    }
+
+    /// Failback: a workload served here whose preferred node is the peer
+    /// moves back once the peer has been in sync for the delay (not from a
+    /// node in standby; a failed attempt waits [`FAILBACK_RETRY_MS`]).
+    fn failback(&mut self, now: Millis, out: &mut Vec<Action>) {
+        let Some(delay) = self.rules.failback_delay_ms else {
+            return;
+        };
+        if self.standby {
+            return;
+        }
+        let due = self.accepting_writes(now)
+            && self.rules.preferred.as_deref() == Some(self.peer.as_str())
+            && self.peer_in_sync;
+        if !due {
+            self.failback_since = None;
+            return;
+        }
+        let since = *self.failback_since.get_or_insert(now);
+        if now.saturating_sub(since) < delay || now < self.failback_blocked_until {
+            return;
+        }
+        self.failback_blocked_until = Millis::MAX;
+        out.push(Action::Failback);
+    }
+
+    /// The split-brain policy (unless `manual`): the node serving a copy
+    /// found split from its live peer's asks for the peer's report, then
+    /// decides ([`Input::PeerReport`]).
+    fn split_brain_policy(&mut self, now: Millis, out: &mut Vec<Action>) {
+        if self.rules.split_brain == SplitBrainPolicy::Manual {
+            return;
+        }
+        let SplitBrainStep::Idle { not_before } = self.split_brain_step else {
+            return;
+        };
+        if now >= not_before
+            && now >= self.split_brain_quiet_until
+            && self.split_brain_found
+            && self.accepting_writes(now)
+            && self.peer_alive(now)
+        {
+            self.split_brain_step = SplitBrainStep::Asking;
+            out.push(Action::AskPeerReport);
+        }
     }
 
     fn on_peer_heartbeat(
@@ -1267,6 +1619,11 @@ impl ClusterNode {
             Role::Fenced => {}
             Role::Secondary => self.tick_secondary(now, &mut out),
         }
+        if !self.accepting_writes(now) {
+            self.check = CheckCount::default();
+        }
+        self.failback(now, &mut out);
+        self.split_brain_policy(now, &mut out);
 
         if now >= self.next_heartbeat {
             self.next_heartbeat = now + t.heartbeat_interval_ms;
@@ -1288,7 +1645,12 @@ impl ClusterNode {
                     self.peer_outdated = false;
                     self.last_up_to_date_sent = Some(now);
                 }
-                if let (WitnessOp::Promote, Some(c)) = (op, self.candidacy.as_mut()) {
+                // A forced one too: only the newest request's answer may
+                // end a candidacy (before, a refused --force was never
+                // matched and asked again forever, the replica held off).
+                if let (WitnessOp::Promote | WitnessOp::ForcePromote, Some(c)) =
+                    (op, self.candidacy.as_mut())
+                {
                     c.sent = Some(now);
                 }
                 if op == WitnessOp::Probe {
@@ -1784,5 +2146,489 @@ mod tests {
             .collect();
         // Every lease / 4 (125 ms; at most every heartbeat interval).
         assert_eq!(probes, [0, 125, 250, 375]);
+    }
+
+    // ---- Policies as inputs and outputs (issue 19) ----
+
+    const SYNCED: Member = Member {
+        primary_here: true,
+        streaming: true,
+        peer_up_to_date: true,
+        usable_here: true,
+    };
+
+    /// One step of a primary kept serving: its witness lease renewed and
+    /// its peer heard (on the replication connection) at `now`.
+    fn serve(n: &mut ClusterNode, now: Millis) -> Vec<Action> {
+        let mut out = n.tick(now);
+        out.extend(n.on_input(
+            now,
+            Input::Witness(WitnessReply {
+                echo: now,
+                incarnation: 1,
+                op: WitnessOp::Renew,
+                refused: None,
+                record: Record {
+                    epoch: 1,
+                    primary: Some(n.me.clone()),
+                    outdated: None,
+                },
+                nonce: 5,
+            }),
+        ));
+        out.extend(n.on_input(now, Input::PeerSeen { at: now }));
+        out
+    }
+
+    /// `a`, serving, with `rules`.
+    fn serving_node(rules: Rules) -> ClusterNode {
+        let mut a = witnessed_node("a", "b", Role::Primary);
+        a.set_rules(rules);
+        let _ = serve(&mut a, 1);
+        assert!(a.accepting_writes(1));
+        a
+    }
+
+    /// Serves from `from` to `to` every 50 ms; the times `pick` matched.
+    fn serve_until(
+        n: &mut ClusterNode,
+        from: Millis,
+        to: Millis,
+        pick: impl Fn(&Action) -> bool,
+    ) -> Vec<Millis> {
+        let mut at = Vec::new();
+        for now in (from..to).step_by(50) {
+            if serve(n, now).iter().any(&pick) {
+                at.push(now);
+            }
+        }
+        at
+    }
+
+    #[test]
+    fn the_in_sync_verdict_needs_every_member_served_here_streaming_and_up_to_date() {
+        assert!(members_in_sync(&[SYNCED, SYNCED]));
+        assert!(!members_in_sync(&[]), "a workload with no member");
+        for broken in [
+            Member {
+                primary_here: false,
+                ..SYNCED
+            },
+            Member {
+                streaming: false,
+                ..SYNCED
+            },
+            Member {
+                peer_up_to_date: false,
+                ..SYNCED
+            },
+        ] {
+            assert!(!members_in_sync(&[SYNCED, broken]), "{broken:?}");
+        }
+        let replica = |usable_here| Member {
+            primary_here: false,
+            streaming: false,
+            peer_up_to_date: false,
+            usable_here,
+        };
+        assert_eq!(copy_state(&[SYNCED, replica(true)]), DataState::UpToDate);
+        assert_eq!(
+            copy_state(&[replica(true), replica(false)]),
+            DataState::Inconsistent
+        );
+    }
+
+    #[test]
+    fn members_reports_feed_the_peer_s_state_on_each_change_only() {
+        let mut a = serving_node(Rules::default());
+        assert_eq!(a.members_in_sync(), None);
+        // The first report counts even when not in sync: the replica has
+        // been unsynced since (it is outdated after a failure timeout).
+        let _ = a.on_input(
+            10,
+            Input::Members(vec![
+                SYNCED,
+                Member {
+                    streaming: false,
+                    ..SYNCED
+                },
+            ]),
+        );
+        assert_eq!(a.members_in_sync(), Some(false));
+        assert_eq!(a.peer_unsynced_since, Some(10));
+        let up = |out: &[Action]| out.contains(&Action::Event(Event::PeerUpToDate));
+        assert!(up(&a.on_input(20, Input::Members(vec![SYNCED, SYNCED]))));
+        assert!(
+            !up(&a.on_input(30, Input::Members(vec![SYNCED, SYNCED]))),
+            "no change"
+        );
+        assert_eq!(a.members_in_sync(), Some(true));
+        let _ = a.on_input(40, Input::Members(vec![]));
+        assert_eq!(a.members_in_sync(), Some(false));
+        assert!(!a.peer_in_sync);
+    }
+
+    fn failback_rules() -> Rules {
+        Rules {
+            failback_delay_ms: Some(500),
+            preferred: Some("b".into()),
+            ..Rules::default()
+        }
+    }
+
+    #[test]
+    fn failback_starts_once_the_preferred_peer_was_in_sync_for_the_delay() {
+        let is_failback = |a: &Action| *a == Action::Failback;
+        let mut a = serving_node(failback_rules());
+        // Not in sync yet: nothing.
+        assert!(serve_until(&mut a, 50, 1000, is_failback).is_empty());
+        let _ = a.on_input(1000, Input::Members(vec![SYNCED]));
+        let at = serve_until(&mut a, 1000, 3000, is_failback);
+        // Due from the first look after 1000, then 500 ms; once only while
+        // the switchover runs.
+        assert_eq!(at, [1500]);
+        // It failed: again only FAILBACK_RETRY_MS later.
+        let _ = a.on_input(2000, Input::FailbackDone { ok: false });
+        let at = serve_until(&mut a, 3000, 40_000, is_failback);
+        assert_eq!(at, [2000 + FAILBACK_RETRY_MS]);
+        // Done (here: still serving, as if the peer gave it back): the next
+        // one may start at once.
+        let out = a.on_input(40_000, Input::FailbackDone { ok: true });
+        assert!(out.contains(&Action::Failback));
+    }
+
+    #[test]
+    fn failback_waits_for_an_unbroken_delay_and_never_without_its_conditions() {
+        let is_failback = |a: &Action| *a == Action::Failback;
+        // Out of sync in between: the delay starts again.
+        let mut a = serving_node(failback_rules());
+        let _ = a.on_input(0, Input::Members(vec![SYNCED]));
+        assert!(serve_until(&mut a, 50, 400, is_failback).is_empty());
+        let _ = a.on_input(400, Input::Members(vec![]));
+        assert!(serve_until(&mut a, 400, 600, is_failback).is_empty());
+        let _ = a.on_input(600, Input::Members(vec![SYNCED]));
+        assert_eq!(serve_until(&mut a, 600, 1500, is_failback), [1100]);
+        // Off, preferred here, or in standby: never.
+        for rules in [
+            Rules {
+                failback_delay_ms: None,
+                ..failback_rules()
+            },
+            Rules {
+                preferred: Some("a".into()),
+                ..failback_rules()
+            },
+            Rules {
+                preferred: None,
+                ..failback_rules()
+            },
+        ] {
+            let mut a = serving_node(rules.clone());
+            let _ = a.on_input(0, Input::Members(vec![SYNCED]));
+            assert!(
+                serve_until(&mut a, 50, 3000, is_failback).is_empty(),
+                "{rules:?}"
+            );
+        }
+        let mut a = serving_node(failback_rules());
+        a.set_standby(true);
+        let _ = a.on_input(0, Input::Members(vec![SYNCED]));
+        assert!(
+            serve_until(&mut a, 50, 3000, is_failback).is_empty(),
+            "standby"
+        );
+        // A secondary (or a primary not serving) never fails back.
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        b.set_rules(Rules {
+            preferred: Some("a".into()),
+            ..failback_rules()
+        });
+        let _ = b.on_input(0, Input::Members(vec![SYNCED]));
+        assert!((0..3000).all(|now| !b.tick(now).contains(&Action::Failback)));
+    }
+
+    fn resigned(out: &[Action]) -> Option<String> {
+        out.iter().find_map(|a| match a {
+            Action::Event(Event::Resigned { why }) => Some(why.clone()),
+            _ => None,
+        })
+    }
+
+    fn check(n: &mut ClusterNode, now: Millis, ok: bool) -> Option<String> {
+        let _ = serve(n, now);
+        resigned(&n.on_input(
+            now,
+            Input::Check {
+                ok,
+                output: "starting\napp down ".into(),
+            },
+        ))
+    }
+
+    #[test]
+    fn a_failing_check_resigns_only_after_rise_passes_then_fall_failures() {
+        let rules = Rules {
+            check_rise: 2,
+            check_fall: 3,
+            ..Rules::default()
+        };
+        let mut a = serving_node(rules.clone());
+        // Failures before the application was ever up: nothing.
+        for now in [100, 200, 300, 400] {
+            assert_eq!(check(&mut a, now, false), None);
+        }
+        // Up after two passes; two failures, a pass (resets), two failures.
+        for (now, ok) in [
+            (500, true),
+            (600, true),
+            (700, false),
+            (800, false),
+            (900, true),
+            (1000, false),
+            (1100, false),
+        ] {
+            assert_eq!(check(&mut a, now, ok), None, "at {now}");
+        }
+        let why = check(&mut a, 1200, false).expect("third failure in a row resigns");
+        assert_eq!(why, "the check hook failed 3 times in a row: app down");
+        assert_eq!(a.role(), Role::Fenced);
+        assert!(!a.accepting_writes(1200));
+
+        // A result arriving when not serving counts for nothing, and
+        // serving again starts the counts over.
+        let mut a = serving_node(rules);
+        for now in [100, 200] {
+            assert_eq!(check(&mut a, now, true), None);
+        }
+        assert_eq!(check(&mut a, 300, false), None);
+        assert_eq!(check(&mut a, 400, false), None);
+        // The lease runs out (no renewal): fenced; results are ignored.
+        let out: Vec<Action> = (450..1000)
+            .step_by(10)
+            .flat_map(|now| a.tick(now))
+            .collect();
+        assert!(out.contains(&Action::Fence));
+        assert_eq!(
+            resigned(&a.on_input(
+                1000,
+                Input::Check {
+                    ok: false,
+                    output: String::new()
+                }
+            )),
+            None
+        );
+        assert_eq!(a.check, CheckCount::default());
+    }
+
+    #[test]
+    fn disk_errors_resign_a_serving_node_and_the_first_count_is_a_baseline() {
+        let mut a = serving_node(Rules::default());
+        // Errors counted before this node took the workload: a baseline.
+        assert_eq!(
+            resigned(&a.on_input(10, Input::IoErrors { total: 4 })),
+            None
+        );
+        assert_eq!(
+            resigned(&a.on_input(20, Input::IoErrors { total: 4 })),
+            None
+        );
+        let why = resigned(&a.on_input(30, Input::IoErrors { total: 5 })).expect("resigned");
+        assert_eq!(why, "5 disk I/O error(s) on the workload's volumes here");
+        assert_eq!(a.role(), Role::Fenced);
+        // A secondary counts them but hands nothing over.
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        let _ = b.on_input(10, Input::IoErrors { total: 0 });
+        assert_eq!(
+            resigned(&b.on_input(20, Input::IoErrors { total: 9 })),
+            None
+        );
+        assert_eq!(b.io_errors_seen, Some(9));
+    }
+
+    fn split_rules(policy: SplitBrainPolicy) -> Rules {
+        Rules {
+            split_brain: policy,
+            ..Rules::default()
+        }
+    }
+
+    fn verdict(out: &[Action]) -> Option<Verdict> {
+        out.iter().find_map(|a| match a {
+            Action::SplitBrain { verdict, .. } => Some(verdict.clone()),
+            _ => None,
+        })
+    }
+
+    fn asks(out: &[Action]) -> bool {
+        out.contains(&Action::AskPeerReport)
+    }
+
+    /// Reports the copy split; whether that asked the peer at once.
+    fn diverged(n: &mut ClusterNode, now: Millis, changed_bytes: u64) -> bool {
+        asks(&n.on_input(
+            now,
+            Input::Diverged {
+                split_brain: true,
+                changed_bytes,
+            },
+        ))
+    }
+
+    fn report(node: &str, changed_bytes: u64) -> Input {
+        Input::PeerReport(Ok(SideReport {
+            node: node.into(),
+            changed_bytes,
+        }))
+    }
+
+    #[test]
+    fn the_split_brain_policy_asks_the_peer_then_keeps_the_copy_its_rule_names() {
+        // discard-younger-primary: the serving node is the younger one.
+        let mut a = serving_node(split_rules(SplitBrainPolicy::DiscardYoungerPrimary));
+        assert!(!asks(&serve(&mut a, 50)), "nothing found split yet");
+        assert!(diverged(&mut a, 60, 100), "asked at once");
+        assert!(!asks(&serve(&mut a, 100)), "one question at a time");
+        let v = verdict(&a.on_input(160, report("b", 5))).expect("a verdict");
+        assert!(
+            matches!(&v, Verdict::Keep { node, .. } if node == "b"),
+            "{v:?}"
+        );
+        assert!(
+            serve_until(&mut a, 200, 2000, |x| asks(std::slice::from_ref(x))).is_empty(),
+            "resolving"
+        );
+        let _ = a.on_input(2000, Input::SplitBrainDone { ok: false });
+        assert_eq!(
+            serve_until(&mut a, 2000, 2400, |x| asks(std::slice::from_ref(x))),
+            [2250]
+        );
+
+        // discard-least-changes, both ways, from the typed reports.
+        for (mine, theirs, keep) in [(10, 5, "a"), (5, 10, "b"), (7, 7, "a")] {
+            let mut a = serving_node(split_rules(SplitBrainPolicy::DiscardLeastChanges));
+            assert!(diverged(&mut a, 10, mine));
+            let v = verdict(&a.on_input(60, report("b", theirs))).expect("a verdict");
+            assert!(
+                matches!(&v, Verdict::Keep { node, .. } if node == keep),
+                "{mine} {theirs}: {v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_split_brain_policy_never_guesses_and_stays_quiet_where_it_must() {
+        // The peer could not be asked: left to an operator, asked again later.
+        let mut a = serving_node(split_rules(SplitBrainPolicy::DiscardLeastChanges));
+        assert!(diverged(&mut a, 10, 10));
+        let v = verdict(&a.on_input(60, Input::PeerReport(Err("connection refused".into()))));
+        assert!(
+            matches!(&v, Some(Verdict::Manual { why }) if why.contains("connection refused")),
+            "{v:?}"
+        );
+        assert_eq!(
+            serve_until(&mut a, 100, 400, |x| asks(std::slice::from_ref(x))),
+            [60 + SPLIT_BRAIN_RETRY_MS + 40]
+        );
+        // A report arriving after serving ended decides nothing.
+        let mut a = serving_node(split_rules(SplitBrainPolicy::DiscardYoungerPrimary));
+        assert!(diverged(&mut a, 10, 10));
+        let _ = a.on_input(
+            60,
+            Input::Resign {
+                why: "switchover".into(),
+            },
+        );
+        assert_eq!(verdict(&a.on_input(70, report("b", 0))), None);
+        // A report nobody asked for decides nothing either.
+        let mut a = serving_node(split_rules(SplitBrainPolicy::DiscardYoungerPrimary));
+        assert_eq!(verdict(&a.on_input(20, report("b", 0))), None);
+        // manual: never asks.
+        let mut a = serving_node(split_rules(SplitBrainPolicy::Manual));
+        assert!(!diverged(&mut a, 10, 10));
+        assert!(serve_until(&mut a, 50, 2000, |x| asks(std::slice::from_ref(x))).is_empty());
+        // Not while the peer is silent (it cannot be rebased).
+        let mut a = serving_node(split_rules(SplitBrainPolicy::DiscardYoungerPrimary));
+        a.peer_last_heard = None;
+        assert!(!diverged(&mut a, 10, 10));
+        assert!(!asks(&a.tick(50)));
+        // Promoted by the peer's policy: quiet for POLICY_PROMOTED_QUIET_MS.
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        b.set_rules(split_rules(SplitBrainPolicy::DiscardYoungerPrimary));
+        let _ = b.on_input(0, Input::ForcePromote { by_policy: true });
+        assert_eq!(b.split_brain_quiet_until, POLICY_PROMOTED_QUIET_MS);
+        b.role = Role::Primary;
+        assert!(!diverged(&mut b, 10, 10));
+        let at = serve_until(&mut b, 50, POLICY_PROMOTED_QUIET_MS + 100, |x| {
+            asks(std::slice::from_ref(x))
+        });
+        assert_eq!(at, [POLICY_PROMOTED_QUIET_MS], "{at:?}");
+    }
+
+    #[test]
+    fn a_forced_promotion_refused_while_the_primary_serves_ends_its_candidacy() {
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        // a is silent: the operator's --force is taken.
+        let out = b.on_input(0, Input::ForcePromote { by_policy: false });
+        assert!(out.contains(&Action::Event(Event::FailoverStarted { silent_ms: 0 })));
+        // a comes back and renews at the witness, which refuses b.
+        let _ = b.on_input(
+            10,
+            Input::Peer(PeerMsg::Heartbeat {
+                sent_at: 10,
+                incarnation: 3,
+                nonce: 11,
+                echo_nonce: b.nonce(10),
+                role: Role::Primary,
+                epoch: 1,
+                resigning: false,
+            }),
+        );
+        let mut sent = None;
+        for now in 10..1000 {
+            for a in b.tick(now) {
+                if let Action::SendWitness(r) = a {
+                    if r.op == WitnessOp::ForcePromote {
+                        sent = Some(r.sent_at);
+                    }
+                }
+            }
+            if sent.is_some() {
+                break;
+            }
+        }
+        let echo = sent.expect("asked the witness");
+        // a still renews, and its heartbeats arrive.
+        let _ = b.on_input(
+            echo,
+            Input::Peer(PeerMsg::Heartbeat {
+                sent_at: echo,
+                incarnation: 3,
+                nonce: 11,
+                echo_nonce: b.nonce(echo),
+                role: Role::Primary,
+                epoch: 1,
+                resigning: false,
+            }),
+        );
+        let _ = b.on_input(
+            echo + 1,
+            Input::Witness(WitnessReply {
+                echo,
+                incarnation: 1,
+                op: WitnessOp::ForcePromote,
+                refused: Some(Refusal::LeaseHeld),
+                record: Record {
+                    epoch: 1,
+                    primary: Some("a".into()),
+                    outdated: None,
+                },
+                nonce: 5,
+            }),
+        );
+        assert!(
+            !b.is_candidate(),
+            "a refused --force while a serves ends it"
+        );
     }
 }

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ferry_core::cluster::{DataState, Persisted, Policy};
+use ferry_core::cluster::{
+    copy_state, members_in_sync, DataState, Input, Member, Persisted, Policy,
+};
 use ferry_core::link::ReplicaState;
 
 use super::{HaWorkload, Job};
@@ -57,6 +59,10 @@ pub(super) enum ToHb {
         seq: u64,
         ok: bool,
     },
+    /// An input for a workload's state machine from a thread doing its
+    /// I/O: a check hook's result, the peer's split-brain report, the end
+    /// of a failback or of a split-brain resolution.
+    Input(String, Input),
 }
 
 /// What the heartbeat thread needs of the peer's record.
@@ -91,10 +97,11 @@ pub(super) struct NewWorkload {
 pub(super) struct DataReport {
     /// The worker's promotions and demotions done before this was sampled.
     pub role_changes_done: u64,
-    /// This node's copy as a replica.
+    /// This node's copy as a replica ([`copy_state`] of the members).
     pub data: DataState,
-    /// Every volume and share a primary here streaming to an up-to-date replica.
-    pub in_sync: bool,
+    /// Every volume and share, as its link here reports it: the state
+    /// machine takes the in-sync verdict from it ([`members_in_sync`]).
+    pub members: Vec<Member>,
     /// The newest sign of life on the replication connections ([`mono_ms`]).
     ///
     /// [`mono_ms`]: crate::volume::primary::mono_ms
@@ -134,8 +141,6 @@ pub(super) struct Feed {
     cfg: ClusterSettings,
     tx: mpsc::Sender<ToHb>,
     rx: mpsc::Receiver<ToFeed>,
-    /// For the check threads: (workload, why) — hand it over.
-    resign: mpsc::Sender<(String, String)>,
     known: BTreeMap<String, Known>,
     /// The peer's (heartbeat key, listeners) last sent.
     peer_sent: Option<Option<(String, Vec<String>)>>,
@@ -148,14 +153,12 @@ impl Feed {
         cfg: ClusterSettings,
         tx: mpsc::Sender<ToHb>,
         rx: mpsc::Receiver<ToFeed>,
-        resign: mpsc::Sender<(String, String)>,
     ) -> Feed {
         Feed {
             ctx,
             cfg,
             tx,
             rx,
-            resign,
             known: BTreeMap::new(),
             peer_sent: None,
             standby_sent: None,
@@ -338,7 +341,7 @@ impl Feed {
         if spec.check.is_some() {
             let (c, name) = (ctx.clone(), h.workload.to_string());
             let (serving, stop) = (serving_flag.clone(), stop_checks.clone());
-            let (tx, cfg) = (self.resign.clone(), self.cfg.clone());
+            let (tx, cfg) = (self.tx.clone(), self.cfg.clone());
             let _ = std::thread::Builder::new()
                 .name(format!("check-{name}"))
                 .spawn(move || super::checker(&c, &cfg, &name, &serving, &stop, &tx));
@@ -346,7 +349,7 @@ impl Feed {
         Some(NewWorkload {
             record: h.clone(),
             policy,
-            data: data_state_of(ctx, spec),
+            data: copy_state(&members(ctx, spec)),
             volumes: crate::migrate::names(&spec.volumes),
             shares: crate::migrate::names(&spec.shares),
             nonce_key: crate::transport::identity::random_u64(),
@@ -385,22 +388,16 @@ impl Feed {
 fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, done: &AtomicU64) -> DataReport {
     // Read first: what follows saw at least these role changes done.
     let role_changes_done = done.load(Ordering::SeqCst);
-    let data = data_state_of(ctx, spec);
+    let members = members(ctx, spec);
+    let data = copy_state(&members);
     let prims: Vec<_> = spec.volumes.iter().filter_map(|v| ctx.primary(v)).collect();
     let share_prims: Vec<_> = spec
         .shares
         .iter()
         .filter_map(|n| ctx.shares.primary(n))
         .collect();
-    let in_sync = !(prims.is_empty() && share_prims.is_empty())
-        && prims.len() == spec.volumes.len()
-        && share_prims.len() == spec.shares.len()
-        && prims.iter().all(|p| {
-            let l = p.link.lock();
-            l.rep.phase() == ferry_core::link::Phase::Streaming
-                && l.rep.replica_state() == ReplicaState::UpToDate
-        })
-        && share_prims.iter().all(|p| p.link().up_to_date);
+    // The same verdict the state machine takes from the same report.
+    let in_sync = members_in_sync(&members);
     // The replication connection is one more heartbeat path.
     let now = crate::volume::primary::mono_ms();
     let link_seen_ms = spec
@@ -425,7 +422,7 @@ fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, done: &AtomicU64) -> DataRep
     DataReport {
         role_changes_done,
         data,
-        in_sync,
+        members,
         link_seen_ms,
         io_errors: prims
             .iter()
@@ -495,31 +492,52 @@ fn share_mode_sync(ctx: &AgentCtx, name: &str) -> bool {
         .unwrap_or(true)
 }
 
-/// This node's copy as a replica: up to date when every volume is a
-/// consistent replica here.
-fn data_state_of(ctx: &AgentCtx, spec: &WorkloadSpec) -> DataState {
-    let shares = spec
-        .shares
-        .iter()
-        .all(|n| crate::share::usable_here(ctx, n));
-    let all = shares
-        && spec.volumes.iter().all(|v| {
-            if ctx.primary(v).is_some() {
-                return true;
-            }
-            ctx.replica(v).is_some_and(|s| {
+/// The workload's volumes and shares as this node's copies and links
+/// report them (the verdicts are ferry-core's: [`members_in_sync`],
+/// [`copy_state`]).
+fn members(ctx: &AgentCtx, spec: &WorkloadSpec) -> Vec<Member> {
+    let volumes = spec.volumes.iter().map(|v| {
+        if let Some(p) = ctx.primary(v) {
+            let l = p.link.lock();
+            return Member {
+                primary_here: true,
+                streaming: l.rep.phase() == ferry_core::link::Phase::Streaming,
+                peer_up_to_date: l.rep.replica_state() == ReplicaState::UpToDate,
+                usable_here: true,
+            };
+        }
+        Member {
+            primary_here: false,
+            streaming: false,
+            peer_up_to_date: false,
+            usable_here: ctx.replica(v).is_some_and(|s| {
                 s.meta
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .state()
                     .consistent
-            })
-        });
-    if all {
-        DataState::UpToDate
-    } else {
-        DataState::Inconsistent
-    }
+            }),
+        }
+    });
+    let shares = spec.shares.iter().map(|n| match ctx.shares.primary(n) {
+        // A share's link has no phase of its own: up to date is streaming.
+        Some(p) => {
+            let up = p.link().up_to_date;
+            Member {
+                primary_here: true,
+                streaming: up,
+                peer_up_to_date: up,
+                usable_here: true,
+            }
+        }
+        None => Member {
+            primary_here: false,
+            streaming: false,
+            peer_up_to_date: false,
+            usable_here: crate::share::usable_here(ctx, n),
+        },
+    });
+    volumes.chain(shares).collect()
 }
 
 /// The persister thread: writes each state asked for into the workload's

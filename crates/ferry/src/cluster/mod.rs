@@ -43,8 +43,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_core::cluster::{
-    Action, ClusterNode, DataState, Event, Input, PeerMsg, Persisted, Role, Timing,
+    Action, ClusterNode, DataState, Event, Input, PeerMsg, Persisted, Role, Rules, Timing,
 };
+use ferry_core::split_brain::{SideReport, SplitBrainPolicy, Verdict};
 use ferry_core::Name;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -217,8 +218,9 @@ pub struct ClusterView {
     pub state: Mutex<String>,
     /// To the manager: (workload, why) — hand the workload over.
     resign: Mutex<Option<mpsc::Sender<(String, String)>>>,
-    /// To the manager: workloads an operator promotes here with `--force`.
-    force: Mutex<Option<mpsc::Sender<String>>>,
+    /// To the manager: workloads an operator (or, `true`, the peer's
+    /// split-brain policy) promotes here with `--force`.
+    force: Mutex<Option<mpsc::Sender<(String, bool)>>>,
     /// To the manager's feed thread (which reads what the heartbeat thread
     /// needs from disk).
     feed: Mutex<Option<mpsc::Sender<ToFeed>>>,
@@ -228,14 +230,9 @@ pub struct ClusterView {
     /// Workloads whose copy here a split-brain policy discarded: their
     /// demotion rebases the history on the new primary's.
     discard_on_demote: Mutex<std::collections::HashSet<String>>,
-    /// Workloads whose split brain a policy is resolving.
-    resolving: Mutex<std::collections::HashSet<String>>,
     /// Volumes of workloads this node asked the witness to promote it for:
     /// their copies must not change until it answers (no inbound resync).
     candidate_volumes: Mutex<std::collections::HashSet<String>>,
-    /// When the peer's split-brain policy last had this node promoted, by
-    /// workload (its own policy then stays quiet for a while).
-    policy_promoted: Mutex<HashMap<String, Instant>>,
 }
 
 impl ClusterView {
@@ -372,7 +369,6 @@ struct Slot {
     accept_loss: bool,
     preferred: String,
     jobs: mpsc::Sender<Job>,
-    peer_in_sync: Option<bool>,
     events: VecDeque<Value>,
     /// When the peer was last heard, for detection-time reports.
     peer_lost_at: Option<Instant>,
@@ -387,18 +383,10 @@ struct Slot {
     /// The same, for the check thread; and its stop flag.
     serving_flag: Arc<AtomicBool>,
     stop_checks: Arc<AtomicBool>,
-    /// Disk I/O errors of the volumes already acted on.
-    io_errors_seen: u64,
     /// The newest sign of life from the replication link already fed.
     link_seen_ms: u64,
     /// How long the peer was silent when the last failover started.
     detection_ms: Option<u64>,
-    /// Failback: since when the preferred peer is up to date.
-    in_sync_since: Option<Instant>,
-    failback_running: Arc<AtomicBool>,
-    /// From the newest data report, for the status and the policies.
-    split_brain: bool,
-    changed_bytes: u64,
     /// Actions waiting for a persist to be durable, in order.
     held: VecDeque<Step>,
     /// When its status was last published.
@@ -500,11 +488,12 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     let (force_tx, force_rx) = mpsc::channel();
     *ctx.cluster.force.lock().unwrap_or_else(|p| p.into_inner()) = Some(force_tx);
     let data_dir = ctx.cfg.data_dir.clone();
+    let to_self = to_hb.clone();
     let tx = to_hb.clone();
     std::thread::Builder::new()
         .name("cluster-persist".into())
         .spawn(move || feed::persister(&data_dir, persist_rx, tx))?;
-    let f = feed::Feed::new(ctx.clone(), cfg.clone(), to_hb, feed_rx, resign_tx);
+    let f = feed::Feed::new(ctx.clone(), cfg.clone(), to_hb, feed_rx);
     std::thread::Builder::new()
         .name("cluster-feed".into())
         .spawn(move || f.run())?;
@@ -544,6 +533,7 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
         rx: hb_rx,
         feed: to_feed,
         persister: to_persister,
+        to_self,
         next_persist: 0,
         peer: None,
         cluster_id: None,
@@ -608,7 +598,7 @@ struct Manager {
     resign_rx: mpsc::Receiver<(String, String)>,
     /// Events for the notify hook.
     notify: Option<mpsc::SyncSender<Value>>,
-    force_rx: mpsc::Receiver<String>,
+    force_rx: mpsc::Receiver<(String, bool)>,
     /// The witness's address and shared key, if configured.
     witness: Option<Arc<(SocketAddr, ring::hmac::Key)>>,
     /// From the feed and the persister.
@@ -617,6 +607,9 @@ struct Manager {
     feed: mpsc::Sender<ToFeed>,
     /// To the persister, numbered from `next_persist`.
     persister: mpsc::Sender<PersistRequest>,
+    /// To this thread: the answers of the threads its actions started
+    /// (failback, the split-brain policy's steps).
+    to_self: mpsc::Sender<ToHb>,
     next_persist: u64,
     /// The peer's heartbeat key and listeners.
     peer: Option<PeerLink>,
@@ -627,9 +620,8 @@ struct Manager {
     standby: bool,
 }
 
-/// How often the manager publishes its status and runs its policies.
+/// How often the manager publishes its status.
 const PUBLISH_INTERVAL_MS: u64 = 20;
-const POLICIES_INTERVAL_MS: u64 = 250;
 
 impl Manager {
     /// Milliseconds on this process's monotonic clock (the write gate's).
@@ -640,21 +632,15 @@ impl Manager {
     fn run(mut self) {
         crate::sys::logging::queue_this_thread();
         realtime();
-        let mut last_policies = Instant::now();
         let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 64];
         loop {
             self.take_messages();
-            if last_policies.elapsed() >= Duration::from_millis(POLICIES_INTERVAL_MS) {
-                last_policies = Instant::now();
-                self.failback();
-                self.split_brain_policies();
-            }
             self.receive(&mut buf);
-            while let Ok(w) = self.force_rx.try_recv() {
+            while let Ok((w, by_policy)) = self.force_rx.try_recv() {
                 let now = self.now();
                 if let Some(slot) = self.slots.get_mut(&w) {
-                    tracing::warn!(workload = %w, "cluster.force_promote: asked by an operator");
-                    let actions = slot.node.on_input(now, Input::ForcePromote);
+                    tracing::warn!(workload = %w, by_policy, "cluster.force_promote: asked by an operator");
+                    let actions = slot.node.on_input(now, Input::ForcePromote { by_policy });
                     self.perform(&w, actions);
                 }
             }
@@ -746,6 +732,13 @@ impl Manager {
                 }
                 ToHb::Data(w, r) => self.on_data(&w, r),
                 ToHb::Persisted { workload, seq, ok } => self.persisted(&workload, seq, ok),
+                ToHb::Input(w, input) => {
+                    let now = self.now();
+                    if let Some(slot) = self.slots.get_mut(&w) {
+                        let actions = slot.node.on_input(now, input);
+                        self.perform(&w, actions);
+                    }
+                }
             }
         }
     }
@@ -768,15 +761,33 @@ impl Manager {
             self.now(),
         );
         node.set_standby(self.standby);
+        node.set_rules(Rules {
+            failback_delay_ms: self.cfg.failback.then_some(self.cfg.failback_delay_ms),
+            preferred: Some(n.record.preferred.clone()),
+            // Validated with the config: an unknown name never gets here.
+            split_brain: self
+                .cfg
+                .split_brain
+                .parse()
+                .unwrap_or(SplitBrainPolicy::Manual),
+            check_rise: self.cfg.check_rise,
+            check_fall: self.cfg.check_fall,
+        });
+        // Errors counted before the workload came under HA here: a baseline.
+        let baseline = node.on_input(
+            self.now(),
+            Input::IoErrors {
+                total: n.io_errors_seen,
+            },
+        );
         tracing::info!(workload = %w, role = ?n.record.state.role, policy = ?n.policy, "cluster.workload.managed");
         self.slots.insert(
-            w,
+            w.clone(),
             Slot {
                 node,
                 accept_loss: n.record.accept_loss,
                 preferred: n.record.preferred,
                 jobs: n.jobs,
-                peer_in_sync: None,
                 events: VecDeque::new(),
                 peer_lost_at: None,
                 serving: false,
@@ -785,58 +796,14 @@ impl Manager {
                 candidate: false,
                 serving_flag: n.serving_flag,
                 stop_checks: n.stop_checks,
-                in_sync_since: None,
                 link_seen_ms: 0,
                 detection_ms: None,
-                failback_running: Arc::new(AtomicBool::new(false)),
-                io_errors_seen: n.io_errors_seen,
-                split_brain: false,
-                changed_bytes: 0,
                 held: VecDeque::new(),
                 published_at: Instant::now(),
                 role_changes_sent: 0,
             },
         );
-    }
-
-    /// Optional automatic failback (`failback = true`): a workload served
-    /// here whose preferred node is the peer moves back by a verified
-    /// switchover once the peer has been up to date for `failback_delay_ms`.
-    fn failback(&mut self) {
-        if !self.cfg.failback || self.standby {
-            return;
-        }
-        let now = Instant::now();
-        let delay = Duration::from_millis(self.cfg.failback_delay_ms);
-        for (w, slot) in self.slots.iter_mut() {
-            let due =
-                slot.serving && slot.preferred == self.cfg.peer && slot.peer_in_sync == Some(true);
-            if !due {
-                slot.in_sync_since = None;
-                continue;
-            }
-            let since = *slot.in_sync_since.get_or_insert(now);
-            if now.duration_since(since) < delay || slot.failback_running.load(Ordering::SeqCst) {
-                continue;
-            }
-            slot.failback_running.store(true, Ordering::SeqCst);
-            let (ctx, w, flag) = (self.ctx.clone(), w.clone(), slot.failback_running.clone());
-            let f = flag.clone();
-            let run = Box::new(move || {
-                match switchover(&ctx, &w) {
-                    Ok(v) => tracing::info!(workload = %w, result = %v, "cluster.failback.done"),
-                    Err(e) => {
-                        tracing::warn!(workload = %w, error = %format!("{e:#}"), "cluster.failback.failed: trying again in 30 s");
-                        // Each attempt freezes writes: do not hammer.
-                        std::thread::sleep(Duration::from_secs(30));
-                    }
-                }
-                f.store(false, Ordering::SeqCst);
-            });
-            if self.feed.send(ToFeed::Spawn("failback", run)).is_err() {
-                flag.store(false, Ordering::SeqCst);
-            }
-        }
+        self.perform(&w, baseline);
     }
 
     /// A workload's data and link states, from the feed: fed to its state
@@ -866,15 +833,7 @@ impl Manager {
         if settled && slot.node.data_state() != r.data {
             actions.extend(slot.node.on_input(now, Input::DataState(r.data)));
         }
-        if slot.peer_in_sync != Some(r.in_sync) {
-            slot.peer_in_sync = Some(r.in_sync);
-            let input = if r.in_sync {
-                Input::PeerUpToDate
-            } else {
-                Input::PeerNotUpToDate
-            };
-            actions.extend(slot.node.on_input(now, input));
-        }
+        actions.extend(slot.node.on_input(now, Input::Members(r.members)));
         // The replication connection is one more heartbeat path.
         if let Some(at) = r.link_seen_ms {
             if slot.link_seen_ms < at {
@@ -882,18 +841,17 @@ impl Manager {
                 actions.extend(slot.node.on_input(now, Input::PeerSeen { at }));
             }
         }
-        if r.io_errors > slot.io_errors_seen {
-            slot.io_errors_seen = r.io_errors;
-            if slot.serving {
-                let why = format!(
-                    "{} disk I/O error(s) on the workload's volumes here",
-                    r.io_errors
-                );
-                actions.extend(slot.node.on_input(now, Input::Resign { why }));
-            }
-        }
-        slot.split_brain = r.split_brain;
-        slot.changed_bytes = r.changed_bytes;
+        actions.extend(
+            slot.node
+                .on_input(now, Input::IoErrors { total: r.io_errors }),
+        );
+        actions.extend(slot.node.on_input(
+            now,
+            Input::Diverged {
+                split_brain: r.split_brain,
+                changed_bytes: r.changed_bytes,
+            },
+        ));
         self.perform(w, actions);
         self.set_permits(w);
         self.publish(w);
@@ -917,7 +875,7 @@ impl Manager {
             }
             _ => None,
         };
-        let replica_state = match (n.role(), slot.peer_in_sync) {
+        let replica_state = match (n.role(), n.members_in_sync()) {
             (Role::Secondary, _) => Some(json!({
                 "node": me,
                 "state": data_state_str(n.data_state()),
@@ -939,8 +897,8 @@ impl Manager {
             "writes_held": n.writes_held(),
             "candidate": n.is_candidate(),
             "accept_loss": slot.accept_loss,
-            "split_brain": slot.split_brain,
-            "changed_bytes": slot.changed_bytes,
+            "split_brain": n.split_brain_found(),
+            "changed_bytes": n.changed_bytes(),
             // Read when the status is asked for (`ClusterView::json`).
             "copies": [],
             "replicas": replica_state.into_iter().collect::<Vec<_>>(),
@@ -952,55 +910,6 @@ impl Manager {
             }
         }
         self.ctx.cluster.workloads().insert(w.to_string(), v);
-    }
-
-    /// Runs the split-brain policy (unless `manual`) for workloads this node
-    /// serves whose copies were found written separately.
-    fn split_brain_policies(&self) {
-        if self.cfg.split_brain == "manual" {
-            return;
-        }
-        for (w, slot) in &self.slots {
-            if !slot.serving || !slot.node.peer_alive(self.now()) || !slot.split_brain {
-                continue;
-            }
-            // Just promoted by the peer's policy, which decided to keep
-            // this copy: the peer is still rebasing; never answer one policy
-            // decision with another.
-            if self
-                .ctx
-                .cluster
-                .policy_promoted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(w)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
-            {
-                continue;
-            }
-            if !self
-                .ctx
-                .cluster
-                .resolving
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(w.clone())
-            {
-                continue;
-            }
-            let (ctx, w, policy) = (self.ctx.clone(), w.clone(), self.cfg.split_brain.clone());
-            let run = Box::new(move || {
-                if let Err(e) = auto_resolve(&ctx, &w, &policy) {
-                    tracing::error!(workload = %w, error = %format!("{e:#}"), "cluster.split_brain.policy_failed: resolve by hand");
-                }
-                ctx.cluster
-                    .resolving
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&w);
-            });
-            let _ = self.feed.send(ToFeed::Spawn("split-brain", run));
-        }
     }
 
     fn receive(&mut self, buf: &mut [u8]) {
@@ -1246,8 +1155,67 @@ impl Manager {
                 self.job(w, Job::Promote { force })
             }
             Action::Demote => self.job(w, Job::Demote),
+            Action::Failback => self.failback(w),
+            Action::AskPeerReport => {
+                let (ctx, name, tx) = (self.ctx.clone(), w.to_string(), self.to_self.clone());
+                self.spawn("split-brain", tx, name.clone(), move || {
+                    Input::PeerReport(peer_report(&ctx, &name))
+                });
+            }
+            Action::SplitBrain { policy, verdict } => match verdict {
+                Verdict::Manual { why } => {
+                    tracing::warn!(workload = w, %policy, why = %why, "cluster.split_brain.left_to_operator");
+                }
+                Verdict::Keep { node, why } => {
+                    tracing::warn!(workload = w, %policy, keep = %node, why = %why, "cluster.split_brain.policy_decided");
+                    let (ctx, name, tx) = (self.ctx.clone(), w.to_string(), self.to_self.clone());
+                    self.spawn("split-brain", tx, name.clone(), move || {
+                        let r = keep_by_policy(&ctx, &name, policy, &node);
+                        if let Err(e) = &r {
+                            tracing::error!(workload = %name, error = %format!("{e:#}"), "cluster.split_brain.policy_failed: resolve by hand");
+                        }
+                        Input::SplitBrainDone { ok: r.is_ok() }
+                    });
+                }
+            },
             Action::Event(e) => self.event(w, e, at),
         }
+    }
+
+    /// Runs `f` on a thread of its own (started by the feed: this thread
+    /// starts none) and feeds the input it returns to `workload`'s state
+    /// machine.
+    fn spawn(
+        &self,
+        name: &'static str,
+        tx: mpsc::Sender<ToHb>,
+        workload: String,
+        f: impl FnOnce() -> Input + Send + 'static,
+    ) {
+        let run = Box::new(move || {
+            let input = f();
+            let _ = tx.send(ToHb::Input(workload, input));
+        });
+        if self.feed.send(ToFeed::Spawn(name, run)).is_err() {
+            tracing::error!(
+                thread = name,
+                "cluster.spawn_failed: the feed thread stopped"
+            );
+        }
+    }
+
+    /// Failback, as the state machine decided: a verified switchover to
+    /// the preferred node (the peer); the outcome goes back to it.
+    fn failback(&self, w: &str) {
+        let (ctx, name, tx) = (self.ctx.clone(), w.to_string(), self.to_self.clone());
+        self.spawn("failback", tx, name.clone(), move || {
+            let r = switchover(&ctx, &name);
+            match &r {
+                Ok(v) => tracing::info!(workload = %name, result = %v, "cluster.failback.done"),
+                Err(e) => tracing::warn!(workload = %name, error = %format!("{e:#}"), "cluster.failback.failed: trying again in 30 s"),
+            }
+            Input::FailbackDone { ok: r.is_ok() }
+        });
     }
 
     /// Fencing's fast part: the volumes' gate freezes (new writes wait).
@@ -1418,21 +1386,20 @@ fn worker(
 }
 
 /// Runs the workload's check hook every `check_interval_ms` while this node
-/// serves it: `check_rise` passes in a row and the application counts as up;
-/// once up, `check_fall` failures in a row hand the workload over (Resign).
+/// serves it and hands each result to the state machine, which decides
+/// (`check_rise` passes in a row and the application counts as up; once up,
+/// `check_fall` failures in a row hand the workload over).
 fn checker(
     ctx: &AgentCtx,
     cfg: &ClusterSettings,
     workload: &str,
     serving: &AtomicBool,
     stop: &AtomicBool,
-    resign: &mpsc::Sender<(String, String)>,
+    to_hb: &mpsc::Sender<ToHb>,
 ) {
-    let (mut passes, mut fails, mut up) = (0u32, 0u32, false);
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(cfg.check_interval_ms));
         if !serving.load(Ordering::SeqCst) {
-            (passes, fails, up) = (0, 0, false);
             continue;
         }
         let Ok(spec) = spec(ctx, workload) else {
@@ -1441,25 +1408,18 @@ fn checker(
         let Some(run) = crate::migrate::workload_hook(ctx, &spec, "check", "primary") else {
             continue;
         };
-        if run.ok {
-            passes += 1;
-            fails = 0;
-            if !up && passes >= cfg.check_rise {
-                up = true;
-                tracing::info!(workload, "cluster.check.up");
-            }
-        } else {
-            fails += 1;
-            passes = 0;
-            tracing::warn!(workload, fails, output = %run.output, "cluster.check.failed");
-            if up && fails >= cfg.check_fall {
-                up = false;
-                let why = format!(
-                    "the check hook failed {fails} times in a row: {}",
-                    run.output.lines().last().unwrap_or("").trim()
-                );
-                let _ = resign.send((workload.to_string(), why));
-            }
+        if !run.ok {
+            tracing::warn!(workload, output = %run.output, "cluster.check.failed");
+        }
+        let input = Input::Check {
+            ok: run.ok,
+            output: run.output,
+        };
+        if to_hb
+            .send(ToHb::Input(workload.to_string(), input))
+            .is_err()
+        {
+            return;
         }
     }
 }
@@ -1887,13 +1847,6 @@ fn kept_copies(ctx: &AgentCtx, spec: &WorkloadSpec) -> Vec<String> {
 /// primary's lease may run (the witness decides), and never while the peer
 /// serves (use a switchover).
 pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str, by_policy: bool) -> Result<Value> {
-    if by_policy {
-        ctx.cluster
-            .policy_promoted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(workload.to_string(), Instant::now());
-    }
     let status = ctx.cluster.workload(workload)?;
     if status["role"] != "secondary" {
         bail!("workload {workload:?} is already served by this node");
@@ -1911,7 +1864,7 @@ pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str, by_policy: bool) -> Re
         .unwrap_or_else(|p| p.into_inner())
         .clone()
         .ok_or_else(|| anyhow!("the cluster manager is not running"))?;
-    let _ = tx.send(workload.to_string());
+    let _ = tx.send((workload.to_string(), by_policy));
     let me = ctx.identity.node_name.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -2082,31 +2035,20 @@ fn keep_copy(ctx: &AgentCtx, v: &ferry_core::Name) -> Result<PathBuf> {
     Ok(copy)
 }
 
-/// The split-brain policy, run by the node serving the workload once both
-/// copies are found written separately: decide which to keep, log why, and
-/// resolve — keeping this node's data (the other side is resynced from it),
-/// or the peer's (this node copies its images aside, resigns, the peer is
-/// promoted by force, and this node comes back as its replica rebased on
-/// their shared history).
-fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()> {
+/// The peer's own report of a split workload, typed (for the split-brain
+/// policy, `Action::AskPeerReport`): a missing figure is unknown, never 0.
+fn peer_report(ctx: &AgentCtx, workload: &str) -> std::result::Result<SideReport, String> {
     let cfg = ctx
         .cfg
         .cluster
         .clone()
-        .ok_or_else(|| anyhow!("no [cluster] table"))?;
-    let me = ctx.identity.node_name.clone();
+        .ok_or_else(|| "no [cluster] table".to_string())?;
     let peer = ctx
         .peers
         .get(&cfg.peer)
-        .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
-    let spec = spec(ctx, workload)?;
-    use ferry_core::split_brain::{decide, SideReport, SplitBrainPolicy, Verdict};
-    let policy: SplitBrainPolicy = policy
-        .parse()
-        .map_err(|e| anyhow!("cluster.split_brain: {e}"))?;
-    // The peer's own report of the workload, typed: a missing figure is
-    // unknown, never 0.
+        .ok_or_else(|| format!("peer {} is not registered", cfg.peer))?;
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)
+        .map_err(|e| format!("{e:#}"))?;
     #[derive(serde::Deserialize)]
     struct PeerWorkload {
         workload: String,
@@ -2116,7 +2058,7 @@ fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()>
     struct PeerCluster {
         workloads: Vec<serde_json::Value>,
     }
-    let theirs: std::result::Result<SideReport, String> = client
+    client
         .get("/api/v1/cluster")
         .map_err(|e| format!("{e:#}"))
         .and_then(|v| serde_json::from_value::<PeerCluster>(v).map_err(|e| e.to_string()))
@@ -2130,28 +2072,37 @@ fn auto_resolve(ctx: &Arc<AgentCtx>, workload: &str, policy: &str) -> Result<()>
         .map(|w| SideReport {
             node: cfg.peer.clone(),
             changed_bytes: w.changed_bytes,
-        });
-    let mine = SideReport {
-        node: me.clone(),
-        changed_bytes: spec
-            .volumes
-            .iter()
-            .filter_map(|v| ctx.primary(v))
-            .map(|p| p.link.lock().rep.dirty_map().dirty_bytes())
-            .sum(),
-    };
-    let (keep, why) = match decide(policy, &mine, theirs.as_ref().map_err(Clone::clone)) {
-        Verdict::Keep { node, why } => (node, why),
-        Verdict::Manual { why } => {
-            tracing::warn!(workload, %policy, why = %why, "cluster.split_brain.left_to_operator");
-            return Ok(());
-        }
-    };
-    tracing::warn!(workload, %policy, keep = %keep, why = %why, "cluster.split_brain.policy_decided");
+        })
+}
+
+/// Carries out a split-brain policy's verdict (decided by the state
+/// machine: `Action::SplitBrain`) on the node serving the workload: keep
+/// this node's data (the other side is resynced from it), or the peer's
+/// (this node copies its images aside, resigns, the peer is promoted by
+/// force, and this node comes back as its replica rebased on their shared
+/// history).
+fn keep_by_policy(
+    ctx: &Arc<AgentCtx>,
+    workload: &str,
+    policy: SplitBrainPolicy,
+    keep: &str,
+) -> Result<()> {
+    let cfg = ctx
+        .cfg
+        .cluster
+        .clone()
+        .ok_or_else(|| anyhow!("no [cluster] table"))?;
+    let me = ctx.identity.node_name.clone();
     if keep == me {
         resolve_split_brain(ctx, workload, &me, None)?;
         return Ok(());
     }
+    let peer = ctx
+        .peers
+        .get(&cfg.peer)
+        .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
+    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
+    let spec = spec(ctx, workload)?;
     // Keep the peer's data: this node's copy goes aside — writes frozen
     // first, so the copy is whole and nothing written after it is lost —
     // then it steps down.
