@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod demo;
 mod export;
+mod handover;
 mod logging;
 mod migrate;
 mod remote;
