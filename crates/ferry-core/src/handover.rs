@@ -1396,8 +1396,8 @@ mod tests {
         }
         // Every member frozen before any drain, every drain before any
         // compare, the stop hook (if any) before the freeze.
-        let first = |f: &dyn Fn(&Effect) -> bool| seen.iter().position(|e| f(e));
-        let last = |f: &dyn Fn(&Effect) -> bool| seen.iter().rposition(|e| f(e));
+        let first = |f: &dyn Fn(&Effect) -> bool| seen.iter().position(f);
+        let last = |f: &dyn Fn(&Effect) -> bool| seen.iter().rposition(f);
         if let (Some(a), Some(b)) = (
             last(&|e| matches!(e, Effect::Freeze { .. })),
             first(&|e| matches!(e, Effect::Drain { .. })),
