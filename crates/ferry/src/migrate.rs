@@ -24,7 +24,11 @@
 //! ```
 //!
 //! Any failure before the commit point unfreezes A and runs its start hook
-//! again; the migration is then `rolled-back` and may be retried.
+//! again; the migration is then `rolled-back` and may be retried. The
+//! steps, the aborts and the rule for a lost commit answer are
+//! [`ferry_core::handover`]'s machine, run by [`crate::handover::run`] (as a
+//! cluster switchover is); this module holds the cutover's side of it
+//! (hooks, the takeover, the way back) and its report.
 
 use std::collections::HashMap;
 use std::io::Read;
