@@ -21,6 +21,7 @@ pub mod delta;
 pub mod dirty;
 pub mod extent;
 pub mod generation;
+pub mod handover;
 pub mod link;
 pub mod migration;
 pub mod name;

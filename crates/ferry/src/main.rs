@@ -9,6 +9,7 @@ mod cluster;
 mod config;
 mod demo;
 mod export;
+mod handover;
 mod migrate;
 mod remote;
 mod schedule;

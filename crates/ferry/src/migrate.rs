@@ -24,7 +24,11 @@
 //! ```
 //!
 //! Any failure before the commit point unfreezes A and runs its start hook
-//! again; the migration is then `rolled-back` and may be retried.
+//! again; the migration is then `rolled-back` and may be retried. The
+//! steps, the aborts and the rule for a lost commit answer are
+//! [`ferry_core::handover`]'s machine, run by [`crate::handover::run`] (as a
+//! cluster switchover is); this module holds the cutover's side of it
+//! (hooks, the takeover, the way back) and its report.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -816,99 +820,52 @@ fn primaries(
         .collect()
 }
 
-/// A handover's comparison of one drained volume (cutover and switchover
-/// alike): both sides' Merkle leaves, hashed at the same time. Equal: Ok.
-/// Different: the target is marked inconsistent over the blocks that
-/// differ and the link resends them like any dirty range; the error says
-/// how many and where.
-pub(crate) fn compare_or_resend(
-    ctx: &AgentCtx,
-    v: &crate::volume::primary::PrimaryVolume,
+/// The handover members of `spec` (its volumes, then its shares; each a
+/// primary here) towards `target`, which `client` reaches. `demote`: the
+/// handover demotes them to the target's replicas (a cutover; a
+/// switchover's demotion is the cluster manager's).
+pub(crate) fn handover_members(
+    ctx: &Arc<AgentCtx>,
+    spec: &WorkloadSpec,
     client: &crate::api::client::ApiClient,
     target: &str,
-) -> std::result::Result<(), String> {
-    let g = ctx.cfg.replication.granularity_bytes;
-    let (local, remote) = std::thread::scope(|sc| {
-        let remote = sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes", v.name)));
-        let local = v.leaves.current(&v.local);
-        (
-            local,
-            remote
-                .join()
-                .unwrap_or_else(|_| Err(anyhow!("hash fetch panicked"))),
-        )
-    });
-    let local = local.map_err(|e| format!("reading volume {}: {e:#}", v.name))?;
-    let remote =
-        remote.map_err(|e| format!("{target} did not send its hashes of {}: {e:#}", v.name))?;
-    let remote: Vec<&str> = remote["hashes"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|h| h.as_str()).collect())
-        .unwrap_or_default();
-    let differing: Vec<u64> = local
-        .iter()
-        .enumerate()
-        .filter(|(i, h)| remote.get(*i).is_none_or(|r| *r != h.to_hex().as_str()))
-        .map(|(i, _)| i as u64)
-        .collect();
-    if differing.is_empty() && remote.len() == local.len() {
-        return Ok(());
+    occasion: &'static str,
+    demote: bool,
+) -> Result<Vec<Box<dyn crate::handover::Member>>> {
+    use crate::handover::members::{Demote, ShareMember, VolumeMember};
+    let mut members: Vec<Box<dyn crate::handover::Member>> = Vec::new();
+    for v in primaries(ctx, spec)? {
+        let d: Option<Demote> = demote.then(|| {
+            let (c, n, t) = (ctx.clone(), v.name.clone(), target.to_string());
+            Box::new(move || c.demote_volume(&n, &t)) as Demote
+        });
+        members.push(Box::new(VolumeMember::new(
+            v,
+            client.clone(),
+            target,
+            ctx.cfg.replication.granularity_bytes,
+            d,
+        )));
     }
-    // The target is inconsistent over the differing blocks until they are
-    // resent; the link resends them like any dirty range.
-    if let Err(e) = client.post(
-        &format!("/api/v1/volumes/{}/inconsistent", v.name),
-        &json!({}),
-    ) {
-        tracing::warn!(volume = %v.name, error = %format!("{e:#}"), "handover.mark_inconsistent_failed");
+    for s in share_primaries(ctx, spec)? {
+        // The trees compared equal with the share frozen: nothing here is
+        // suspect, so the way back compares metadata only.
+        let d: Option<Demote> = demote.then(|| {
+            let (c, n, t) = (ctx.clone(), s.name.clone(), target.to_string());
+            Box::new(move || crate::share::demote(&c, &n, &t, true)) as Demote
+        });
+        let cache = crate::share::digest_cache(ctx, &s.name)?;
+        members.push(Box::new(ShareMember::new(
+            s,
+            client.clone(),
+            target,
+            cache,
+            ctx.cfg.shares.watch_batch_delay_ms,
+            occasion,
+            d,
+        )));
     }
-    {
-        let size = ferry_nbd::BlockDevice::size(&v.local);
-        let mut l = v.link.lock();
-        // Up to date again only after a new announcement.
-        l.announced_up_to_date = false;
-        for b in &differing {
-            let offset = b * g;
-            l.rep.resync_extent(ferry_core::Extent {
-                offset,
-                length: g.min(size - offset),
-            });
-        }
-    }
-    v.link.copier.notify_all();
-    let first = differing.first().map(|b| b * g);
-    Err(format!(
-        "Merkle roots of {} differ in {} blocks (first at byte {:?}): the target is not equal; those blocks are being resent",
-        v.name,
-        differing.len(),
-        first
-    ))
-}
-
-/// Makes the replicas of `vols` flush what they hold, all at once, while
-/// the workload still writes (see [`PrimaryVolume::flush_link`]): the
-/// freeze that follows then drains only what came after. Best effort: a
-/// failure is logged, and the drain inside the freeze decides.
-///
-/// [`PrimaryVolume::flush_link`]: crate::volume::primary::PrimaryVolume::flush_link
-pub(crate) fn flush_replicas(
-    vols: &[Arc<crate::volume::primary::PrimaryVolume>],
-    timeout: Duration,
-    why: &str,
-) {
-    std::thread::scope(|sc| {
-        for v in vols {
-            sc.spawn(move || match v.flush_link(timeout) {
-                Ok(Some(took)) => {
-                    tracing::debug!(volume = %v.name, why, ms = took.as_millis() as u64, "replication.link.flushed")
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(volume = %v.name, why, error = %e, "replication.link.flush_failed")
-                }
-            });
-        }
-    });
+    Ok(members)
 }
 
 /// The workload's shares, each a primary on this node.
@@ -1024,12 +981,16 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 
 /// A cutover; with `reverse_on_failure`, a target whose start/check hook
 /// fails hands the workload back (a reverse cutover never does, so two nodes
-/// that both fail to start it do not hand it back and forth).
+/// that both fail to start it do not hand it back and forth). The steps,
+/// aborts and the lost-commit rule are the handover machine's
+/// ([`ferry_core::handover`]), run by [`crate::handover::run`]; this is the
+/// cutover's side of it ([`CutoverSide`]) and its report.
 pub fn cutover_with(
     ctx: &Arc<AgentCtx>,
     workload: &str,
     reverse_on_failure: bool,
 ) -> Result<Value> {
+    use ferry_core::handover::{Kind, Outcome, Plan};
     let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
     let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
         ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
@@ -1063,75 +1024,195 @@ pub fn cutover_with(
         )
     };
     tracing::info!(workload, %target, "cutover.begin");
-    let peer = ctx
-        .peers
-        .get(&target)
-        .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
-    let mut steps: Vec<(String, u64)> = Vec::new();
-    let t0 = Instant::now();
-    let step = |steps: &mut Vec<(String, u64)>, name: &str| {
-        steps.push((name.to_string(), t0.elapsed().as_micros() as u64))
+    let me = ctx.identity.node_name.clone();
+    // Nothing was frozen or stopped yet: a cutover that cannot begin is
+    // aborted.
+    let begun = (|| {
+        let peer = ctx
+            .peers
+            .get(&target)
+            .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
+        let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
+        let members = handover_members(ctx, &spec, &client, &target, "cutover", true)?;
+        anyhow::Ok((client, members))
+    })();
+    let (client, members) = match begun {
+        Ok(b) => b,
+        Err(e) => {
+            set_phase(ctx, workload, |r| r.state.cutover_aborted(format!("{e:#}")));
+            return Err(e);
+        }
     };
-    let mut hooks: Vec<HookRun> = Vec::new();
-
-    let vols = primaries(ctx, &spec)?;
-    let shares = share_primaries(ctx, &spec)?;
-    // Everything up to the commit point may be undone.
-    let abort = |why: String, frozen: bool, hooks: &mut Vec<HookRun>| -> anyhow::Error {
-        if frozen {
-            for v in &vols {
-                v.unfreeze();
-            }
-            for s in &shares {
-                s.unfreeze();
-            }
-        }
-        if let Some(h) = workload_hook(ctx, &spec, "start", "source") {
-            hooks.push(h);
-        }
-        tracing::warn!(workload, reason = %why, "cutover.aborted: the source resumes");
-        set_phase(ctx, workload, |r| r.state.cutover_aborted(why.clone()));
-        anyhow!(
-            "cutover aborted before its commit point, {} serves again: {why}",
-            ctx.identity.node_name
-        )
+    let plan = Plan {
+        kind: Kind::Cutover { reverse_on_failure },
+        members: members.len(),
+        drain_timeout_ms: ctx.cfg.migration.cutover_drain_timeout_ms,
+        check: spec.check.is_some(),
+        check_timeout_ms: spec.hook_timeout_ms,
+        check_retry_ms: CHECK_RETRY_MS,
     };
-
-    // Bring both sides' leaf hashes up to date while the workload still
-    // runs, so the comparison inside the downtime hashes only what is
-    // written from here on (right after seeding, the background hasher may
-    // still be behind by gigabytes).
-    for v in &vols {
-        std::thread::scope(|sc| {
-            let remote =
-                sc.spawn(|| client.get(&format!("/api/v1/volumes/{}/hashes?warm=1", v.name)));
-            if let Err(e) = v.leaves.current(&v.local) {
-                tracing::warn!(volume = %v.name, error = %e, "cutover.prehash_failed");
+    let mut side = CutoverSide {
+        ctx,
+        spec: &spec,
+        client: &client,
+        workload,
+        target: &target,
+        me: &me,
+        mode: if mode == Mode::Sync { "sync" } else { "async" },
+        hooks: Vec::new(),
+        last_check: None,
+        original: None,
+        reverse_report: None,
+    };
+    let ran = crate::handover::run(plan, &members, &mut side, workload)
+        .map_err(|e| anyhow!("cutover of {workload}: {e}"))?;
+    drop(members);
+    let CutoverSide {
+        mut hooks,
+        last_check,
+        original,
+        reverse_report,
+        ..
+    } = side;
+    match ran.outcome {
+        Outcome::RolledBack(abort) => {
+            let why = cutover_abort_why(&abort, &target);
+            tracing::warn!(workload, reason = %why, "cutover.aborted: the source resumes");
+            set_phase(ctx, workload, |r| r.state.cutover_aborted(why.clone()));
+            Err(anyhow!(
+                "cutover aborted before its commit point, {me} serves again: {why}"
+            ))
+        }
+        Outcome::CommittedPartly { why, .. } => {
+            // Past the commit point: there is no going back.
+            set_phase(ctx, workload, |r| {
+                r.state.fail(format!(
+                    "{target} committed the takeover but did not promote every volume: {why}"
+                ))
+            });
+            bail!("cutover failed after its commit point: {target} took over some volumes or shares but not all ({why}); it finishes the takeover when its agent restarts");
+        }
+        Outcome::Committed {
+            unhealthy,
+            reversed,
+        } => {
+            hooks.extend(last_check);
+            let check_ok = unhealthy.is_none();
+            let report = cutover_report(workload, &me, &target, &ran.timeline, &hooks, check_ok);
+            if let Some(back) = reversed {
+                // The workload did not come up at the target: a reverse
+                // verified cutover returned it here (or tried to).
+                let mut report = report;
+                report["reverse_cutover"] = match reverse_report {
+                    Some(Ok(r)) => r,
+                    Some(Err(e)) => json!({ "error": e }),
+                    None => Value::Null,
+                };
+                if let Some(mut rec) = original {
+                    rec.last_cutover = Some(report.clone());
+                    match &back {
+                        Ok(()) => rec.state.cutover_aborted(format!(
+                            "the workload did not start at {target} (see last_cutover.hooks); a reverse cutover returned it to {me}"
+                        )),
+                        Err(e) => rec.state.fail(format!(
+                            "{target} serves the volumes but its start/check hook failed, and the reverse cutover failed too: {e}"
+                        )),
+                    }
+                    rec.save(&ctx.cfg.data_dir)?;
+                    ctx.migrations().insert(workload.to_string(), rec);
+                }
+                tracing::warn!(
+                    workload,
+                    reversed = back.is_ok(),
+                    "cutover.target_unhealthy"
+                );
+                return Ok(report);
             }
-            let _ = remote.join();
-        });
-    }
-    // Likewise each share's file hashes: inside the downtime its digest
-    // reads only files changed from here on.
-    for s in &shares {
-        if let (Err(e), _) | (_, Err(e)) =
-            crate::share::digest_both(ctx, &|p: &str| client.get(p), &s.name)
-        {
-            tracing::warn!(share = %s.name, error = %format!("{e:#}"), "cutover.prehash_failed");
+            set_phase(ctx, workload, |r| {
+                if check_ok {
+                    r.state.cutover_done();
+                } else {
+                    r.state.fail(format!("{target} serves the volumes but its start/check hook failed: see last_cutover.hooks"));
+                }
+                r.last_cutover = Some(report.clone());
+            });
+            tracing::info!(
+                workload,
+                downtime_ms = ?report["downtime_ms"],
+                outage_ms = ?report["outage_ms"],
+                healthy = check_ok,
+                "cutover.done"
+            );
+            Ok(report)
         }
     }
-    step(&mut steps, "prehashed");
-    // The replicas write back what they hold now, so the flush that ends
-    // the drain inside the freeze has little left: once here, and once
-    // more after the stop hook (a database's shutdown checkpoint writes a
-    // lot).
-    let drain_timeout = Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
-    flush_replicas(&vols, drain_timeout, "before the stop hook");
-    step(&mut steps, "preflushed");
-    // The application-visible outage starts here, with the stop hook.
-    let stop_at = Instant::now();
-    if let Some(h) = workload_hook(ctx, &spec, "stop", "source") {
+}
+
+/// The wait between two attempts of the target's check hook.
+const CHECK_RETRY_MS: u64 = 100;
+
+/// Why a cutover stopped before its commit point, as the operator reads it.
+fn cutover_abort_why(abort: &ferry_core::handover::Abort, target: &str) -> String {
+    use ferry_core::handover::Abort;
+    match abort {
+        Abort::Differs { why, .. } | Abort::Compare { why, .. } => {
+            format!("{why}; cut over again once it is ready")
+        }
+        Abort::NotTakenOver(why) => format!("{target} did not take the workload over: {why}"),
+        Abort::StopHook(why) | Abort::Drain { why, .. } | Abort::CommitRefused(why) => why.clone(),
+    }
+}
+
+/// The cutover report (`migrate cutover`, `last_cutover` in the status):
+/// the downtime (freeze → the target's start hook returned), the outage
+/// (stop hook → the check passed), each step's time since the cutover
+/// began, the hooks' runs.
+fn cutover_report(
+    workload: &str,
+    from: &str,
+    to: &str,
+    t: &ferry_core::handover::Timeline,
+    hooks: &[HookRun],
+    healthy: bool,
+) -> Value {
+    let ms = |us: u64| (us as f64 / 100.0).round() / 10.0;
+    json!({
+        "workload": workload,
+        "from": from,
+        "to": to,
+        "downtime_ms": ms(t.downtime_us().unwrap_or(0)),
+        "outage_ms": t.outage_us().map(ms),
+        "steps_us": t.steps.iter().map(|(n, at)| json!({"step": n.as_str(), "at_us": at})).collect::<Vec<_>>(),
+        "hooks": hooks,
+        "target_healthy": healthy,
+    })
+}
+
+/// What a cutover does that is not a member's: the hooks, the commit (one
+/// durable takeover record on the target), the way back, the reverse.
+struct CutoverSide<'a> {
+    ctx: &'a Arc<AgentCtx>,
+    spec: &'a WorkloadSpec,
+    client: &'a crate::api::client::ApiClient,
+    workload: &'a str,
+    target: &'a str,
+    me: &'a str,
+    mode: &'static str,
+    hooks: Vec<HookRun>,
+    /// The check's last attempt (the report keeps that one).
+    last_check: Option<HookRun>,
+    /// The migration record as it was before a reverse cutover.
+    original: Option<MigrationRecord>,
+    /// The reverse cutover's report, or why it failed.
+    reverse_report: Option<std::result::Result<Value, String>>,
+}
+
+impl crate::handover::Side for CutoverSide<'_> {
+    /// The application-visible outage starts here.
+    fn run_stop_hook(&mut self) -> std::result::Result<(), String> {
+        let Some(h) = workload_hook(self.ctx, self.spec, "stop", "source") else {
+            return Ok(());
+        };
         let ok = h.ok;
         let why = format!(
             "stop hook failed (exit {:?}, timed out {}): {}",
@@ -1139,252 +1220,97 @@ pub fn cutover_with(
             h.timed_out,
             h.output.trim()
         );
-        hooks.push(h);
-        if !ok {
-            return Err(abort(why, false, &mut hooks));
-        }
-    }
-    step(&mut steps, "stopped");
-    flush_replicas(&vols, drain_timeout, "after the stop hook");
-    step(&mut steps, "flushed");
-    let frozen_at = Instant::now();
-    for v in &vols {
-        v.freeze();
-    }
-    for s in &shares {
-        s.freeze();
-    }
-    step(&mut steps, "frozen");
-    for v in &vols {
-        if let Err(e) = v.drain(drain_timeout) {
-            return Err(abort(format!("volume {}: {e}", v.name), true, &mut hooks));
-        }
-    }
-    for s in &shares {
-        if let Err(e) = crate::share::drain_for_handover(ctx, s, drain_timeout) {
-            return Err(abort(format!("share {}: {e}", s.name), true, &mut hooks));
-        }
-    }
-    step(&mut steps, "drained");
-    for v in &vols {
-        compare_or_resend(ctx, v, &client, &target).map_err(|why| {
-            abort(
-                format!("{why}; cut over again once it is ready"),
-                true,
-                &mut hooks,
-            )
-        })?;
-    }
-    // Shares: every entry and every file's content, both sides at once.
-    for s in &shares {
-        let (local, remote) = crate::share::digest_both(ctx, &|p: &str| client.get(p), &s.name);
-        let local = local
-            .map_err(|e| abort(format!("reading share {}: {e:#}", s.name), true, &mut hooks))?;
-        let remote = remote.map_err(|e| {
-            let why = format!(
-                "{target} did not send the digest of share {}: {e:#}",
-                s.name
-            );
-            abort(why, true, &mut hooks)
-        })?;
-        if remote["digest"] != local["digest"] || local["digest"].is_null() {
-            // Nothing says where they differ: the whole tree is compared
-            // again, every file by content.
-            s.distrust_replica("the tree's digest differed from the replica's at a cutover: comparing the whole tree by content");
-            return Err(abort(
-                format!("the tree of share {} differs on {target}: it is being compared again whole; cut over again once the migration is ready", s.name),
-                true,
-                &mut hooks,
-            ));
-        }
-    }
-    step(&mut steps, "verified");
-    // The commit point: the target records itself primary.
-    // One call for all volumes: the target records the takeover durably
-    // (the commit), then promotes each volume, finishing after a crash.
-    let me = ctx.identity.node_name.clone();
-    let r = client.post(
-        &format!("/api/v1/workloads/{workload}/takeover"),
-        &json!({
-            "volumes": spec.volumes,
-            "shares": spec.shares,
-            "reverse_to": me,
-            "mode": if mode == Mode::Sync { "sync" } else { "async" },
-        }),
-    );
-    if let Err(e) = r {
-        // Did the commit happen before the answer was lost? Only the target knows.
-        let primary: Vec<bool> = spec
-            .volumes
-            .iter()
-            .map(|v| {
-                client
-                    .get(&format!("/api/v1/replications/{v}"))
-                    .is_ok_and(|s| s["role"] == "primary")
-            })
-            .chain(spec.shares.iter().map(|s| {
-                client
-                    .get(&format!("/api/v1/shares/{s}?counts=0"))
-                    .is_ok_and(|st| st["serving"] == true)
-            }))
-            .collect();
-        if primary.iter().all(|p| !p) {
-            return Err(abort(
-                format!("{target} did not take the workload over: {e:#}"),
-                true,
-                &mut hooks,
-            ));
-        }
-        if !primary.iter().all(|p| *p) {
-            // Past the commit point: there is no going back.
-            set_phase(ctx, workload, |r| {
-                r.state.fail(format!(
-                    "{target} committed the takeover but did not promote every volume: {e:#}"
-                ))
-            });
-            bail!("cutover failed after its commit point: {target} took over some volumes or shares but not all ({e:#}); it finishes the takeover when its agent restarts");
-        }
-        tracing::warn!(workload, error = %format!("{e:#}"), "cutover.commit: the answer was lost, but the target took over");
-    }
-    step(&mut steps, "committed");
-    // The target keeps a record of the way back (`migrate rollback`).
-    if let Err(e) = client.post(
-        &format!("/api/v1/migrations/{workload}/reverse"),
-        &json!({"target": me, "mode": if mode == Mode::Sync { "sync" } else { "async" }}),
-    ) {
-        tracing::warn!(workload, error = %format!("{e:#}"), "cutover.reverse_record_failed");
-    }
-    // Writes held at the source fail from now on; the target starts at once,
-    // and the source becomes its replica afterwards (outside the downtime).
-    for v in &vols {
-        v.close_gate();
-    }
-    for s in &shares {
-        s.close_gate();
-    }
-    let start_at_b = client.post(
-        &format!("/api/v1/workloads/{workload}/hooks/start"),
-        &json!({"role": "target"}),
-    );
-    let serving_at = Instant::now();
-    step(&mut steps, "target-started");
-    let downtime_ms = serving_at.duration_since(frozen_at).as_secs_f64() * 1000.0;
-    let start_hook: Option<HookRun> = start_at_b
-        .as_ref()
-        .ok()
-        .and_then(|v| serde_json::from_value(v["run"].clone()).ok());
-    let mut check_ok = true;
-    if let Some(h) = &start_hook {
-        if !h.ok {
-            check_ok = false;
-        }
-    }
-    if let Err(e) = &start_at_b {
-        check_ok = false;
-        tracing::error!(workload, error = %format!("{e:#}"), "cutover.target_start_failed");
-    }
-    if let Some(h) = start_hook {
-        hooks.push(h);
-    }
-    // The app-visible outage ends when the check passes at the target.
-    let mut outage_ms = None;
-    if check_ok && spec.check.is_some() {
-        let deadline = Instant::now() + Duration::from_millis(spec.hook_timeout_ms);
-        loop {
-            let r = client.post(
-                &format!("/api/v1/workloads/{workload}/hooks/check"),
-                &json!({"role": "target"}),
-            );
-            let run: Option<HookRun> = r
-                .ok()
-                .and_then(|v| serde_json::from_value(v["run"].clone()).ok());
-            if run.as_ref().is_some_and(|h| h.ok) {
-                outage_ms = Some(stop_at.elapsed().as_secs_f64() * 1000.0);
-                hooks.extend(run);
-                break;
-            }
-            if Instant::now() > deadline {
-                check_ok = false;
-                hooks.extend(run);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    } else if check_ok {
-        outage_ms = Some(stop_at.elapsed().as_secs_f64() * 1000.0);
-    }
-    step(&mut steps, "checked");
-    drop(vols);
-    drop(shares);
-    for v in &spec.volumes {
-        if let Err(e) = ctx.demote_volume(v, &target) {
-            tracing::error!(volume = %v, error = %format!("{e:#}"), "cutover.demote_failed");
-        }
-    }
-    // The trees compared equal with the share frozen: nothing here is
-    // suspect, so the way back compares metadata only.
-    for s in &spec.shares {
-        if let Err(e) = crate::share::demote(ctx, s, &target, true) {
-            tracing::error!(share = %s, error = %format!("{e:#}"), "cutover.demote_failed");
-        }
-    }
-    step(&mut steps, "source-replica");
-    let report = json!({
-        "workload": workload,
-        "from": me,
-        "to": target,
-        "downtime_ms": (downtime_ms * 10.0).round() / 10.0,
-        "outage_ms": outage_ms.map(|o| (o * 10.0).round() / 10.0),
-        "steps_us": steps.iter().map(|(n, t)| json!({"step": n, "at_us": t})).collect::<Vec<_>>(),
-        "hooks": hooks,
-        "target_healthy": check_ok,
-    });
-    if !check_ok && reverse_on_failure {
-        // The workload did not come up at the target: a reverse verified
-        // cutover returns it here.
-        let original = ctx.migrations().get(workload).cloned();
-        let back = reverse_after_failed_start(ctx, workload, &client, &target);
-        let mut report = report;
-        report["reverse_cutover"] = match &back {
-            Ok(r) => r.clone(),
-            Err(e) => json!({"error": format!("{e:#}")}),
-        };
-        if let Some(mut rec) = original {
-            rec.last_cutover = Some(report.clone());
-            match &back {
-                Ok(_) => rec.state.cutover_aborted(format!(
-                    "the workload did not start at {target} (see last_cutover.hooks); a reverse cutover returned it to {me}"
-                )),
-                Err(e) => rec.state.fail(format!(
-                    "{target} serves the volumes but its start/check hook failed, and the reverse cutover failed too: {e:#}"
-                )),
-            }
-            rec.save(&ctx.cfg.data_dir)?;
-            ctx.migrations().insert(workload.to_string(), rec);
-        }
-        tracing::warn!(
-            workload,
-            reversed = back.is_ok(),
-            "cutover.target_unhealthy"
-        );
-        return Ok(report);
-    }
-    set_phase(ctx, workload, |r| {
-        if check_ok {
-            r.state.cutover_done();
+        self.hooks.push(h);
+        if ok {
+            Ok(())
         } else {
-            r.state.fail(format!("{target} serves the volumes but its start/check hook failed: see last_cutover.hooks"));
+            Err(why)
         }
-        r.last_cutover = Some(report.clone());
-    });
-    tracing::info!(
-        workload,
-        downtime_ms,
-        ?outage_ms,
-        healthy = check_ok,
-        "cutover.done"
-    );
-    Ok(report)
+    }
+
+    /// One call for all members: the target records the takeover durably
+    /// (the commit), then promotes each, finishing after a crash. Any error
+    /// may have lost the answer: the machine asks the target what it serves.
+    fn commit(&mut self) -> ferry_core::handover::CommitAnswer {
+        use ferry_core::handover::CommitAnswer;
+        match self.client.post(
+            &format!("/api/v1/workloads/{}/takeover", self.workload),
+            &json!({
+                "volumes": self.spec.volumes,
+                "shares": self.spec.shares,
+                "reverse_to": self.me,
+                "mode": self.mode,
+            }),
+        ) {
+            Ok(_) => CommitAnswer::Committed,
+            Err(e) => CommitAnswer::Lost(format!("{e:#}")),
+        }
+    }
+
+    /// The target keeps a record of the way back (`migrate rollback`).
+    fn record_reverse(&mut self) {
+        if let Err(e) = self.client.post(
+            &format!("/api/v1/migrations/{}/reverse", self.workload),
+            &json!({"target": self.me, "mode": self.mode}),
+        ) {
+            tracing::warn!(workload = self.workload, error = %format!("{e:#}"), "cutover.reverse_record_failed");
+        }
+    }
+
+    fn start_target(&mut self) -> std::result::Result<(), String> {
+        let r = self.client.post(
+            &format!("/api/v1/workloads/{}/hooks/start", self.workload),
+            &json!({"role": "target"}),
+        );
+        match r {
+            Ok(v) => {
+                let run: Option<HookRun> = serde_json::from_value(v["run"].clone()).ok();
+                let failed = run.as_ref().is_some_and(|h| !h.ok);
+                self.hooks.extend(run);
+                if failed {
+                    Err(format!("the start hook failed at {}", self.target))
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => {
+                tracing::error!(workload = self.workload, error = %format!("{e:#}"), "cutover.target_start_failed");
+                Err(format!("{e:#}"))
+            }
+        }
+    }
+
+    fn check(&mut self) -> std::result::Result<(), String> {
+        let r = self.client.post(
+            &format!("/api/v1/workloads/{}/hooks/check", self.workload),
+            &json!({"role": "target"}),
+        );
+        let run: Option<HookRun> = r
+            .ok()
+            .and_then(|v| serde_json::from_value(v["run"].clone()).ok());
+        let ok = run.as_ref().is_some_and(|h| h.ok);
+        self.last_check = run;
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("the check hook did not pass at {}", self.target))
+        }
+    }
+
+    fn reverse(&mut self) -> std::result::Result<(), String> {
+        self.original = self.ctx.migrations().get(self.workload).cloned();
+        let back = reverse_after_failed_start(self.ctx, self.workload, self.client, self.target)
+            .map_err(|e| format!("{e:#}"));
+        let r = back.as_ref().map(|_| ()).map_err(|e| e.clone());
+        self.reverse_report = Some(back);
+        r
+    }
+
+    fn start_source(&mut self) {
+        if let Some(h) = workload_hook(self.ctx, self.spec, "start", "source") {
+            self.hooks.push(h);
+        }
+    }
 }
 
 /// Waits until the target's way back is ready, then has it cut over back

@@ -595,6 +595,46 @@ fn a_workload_that_fails_to_start_at_the_target_is_returned_by_a_reverse_cutover
     wait_until(60, "ready again", || phase(&a, "w") == "ready");
 }
 
+#[test]
+fn a_failing_stop_hook_aborts_the_cutover_and_starts_the_source_again() {
+    require("qemu-io");
+    let (root, a, b) = two_agents("");
+    let hooks = root.path().join("hooks.log");
+    let h = hooks.display();
+    a.ok(&["volume", "create", "app", "--size", "32MiB"]);
+    qemu_io(&a.uri("app"), &["write -P 8 0 4M"]);
+    // The application refuses to stop on a.
+    a.ok(&[
+        "workload",
+        "create",
+        "w",
+        "--volume",
+        "app",
+        "--start",
+        &format!("echo start $FERRY_NODE >> {h}"),
+        "--stop",
+        &format!("echo stop $FERRY_NODE >> {h}; exit 3"),
+    ]);
+    migrate_until_ready(&a, "w");
+    let out = a.cli().args(["migrate", "cutover", "w"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("aborted before its commit point")
+            && err.contains("stop hook failed (exit Some(3)"),
+        "{err}"
+    );
+    assert_eq!(phase(&a, "w"), "rolled-back");
+    // Nothing was frozen: a serves and takes writes; its application was
+    // started again; b never started it.
+    assert_eq!(a.status("app")["role"], "primary");
+    assert_eq!(b.status("app")["role"], "secondary");
+    qemu_io(&a.uri("app"), &["read -P 8 0 4M", "write -P 9 4M 1M"]);
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    assert_eq!(log, "stop a\nstart a\n", "{log}");
+    wait_until(60, "ready again", || phase(&a, "w") == "ready");
+}
+
 /// Reads a whole export into memory with nbdcopy.
 fn read_export(uri: &str, dir: &std::path::Path) -> Vec<u8> {
     let out = dir.join("export-copy.raw");

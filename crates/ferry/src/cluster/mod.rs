@@ -1675,110 +1675,149 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         );
     }
     let spec = spec(ctx, workload)?;
-    let vols: Vec<_> = spec.volumes.iter().filter_map(|v| ctx.primary(v)).collect();
-    if vols.len() != spec.volumes.len() {
+    if !spec.volumes.iter().all(|v| ctx.primary(v).is_some()) {
         bail!("not every volume of {workload:?} is a primary here");
     }
-    let shares: Vec<_> = spec
-        .shares
-        .iter()
-        .filter_map(|s| ctx.shares.primary(s))
-        .collect();
-    if shares.len() != spec.shares.len() {
+    if !spec.shares.iter().all(|s| ctx.shares.primary(s).is_some()) {
         bail!("not every share of {workload:?} is a primary here");
     }
-    // The shares' file hashes brought up to date while the workload runs:
-    // the digests compared once frozen re-read only what changed since.
-    for s in &shares {
-        let _ = crate::share::digest_both(ctx, &|p: &str| client.get(p), &s.name);
-    }
-    // The replicas write back what they hold while writes still flow: the
-    // flush that ends the drain inside the freeze has little left.
-    crate::migrate::flush_replicas(
-        &vols,
-        Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms),
-        "before a switchover",
-    );
-    let started = Instant::now();
-    for v in &vols {
-        v.freeze();
-    }
-    for s in &shares {
-        s.freeze();
-    }
-    let verified = (|| -> Result<()> {
-        let timeout = Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
-        for v in &vols {
-            v.drain(timeout)
-                .map_err(|e| anyhow!("volume {}: {e}", v.name))?;
+    // The cluster manager demotes this node when it resigns: the handover
+    // does not.
+    let members =
+        crate::migrate::handover_members(ctx, &spec, &client, &cfg.peer, "switchover", false)?;
+    let plan = ferry_core::handover::Plan {
+        kind: ferry_core::handover::Kind::Switchover,
+        members: members.len(),
+        drain_timeout_ms: ctx.cfg.migration.cutover_drain_timeout_ms,
+        check: true,
+        check_timeout_ms: SWITCHOVER_TAKEOVER_MS,
+        check_retry_ms: 20,
+    };
+    let mut side = SwitchoverSide {
+        ctx,
+        client: &client,
+        workload,
+        peer: &cfg.peer,
+    };
+    let ran = crate::handover::run(plan, &members, &mut side, workload)
+        .map_err(|e| anyhow!("switchover of {workload}: {e}"))?;
+    drop(members);
+    let t = &ran.timeline;
+    match ran.outcome {
+        ferry_core::handover::Outcome::RolledBack(abort) => {
+            use ferry_core::handover::Abort;
+            let why = match &abort {
+                Abort::Differs { why, .. } | Abort::Compare { why, .. } => {
+                    format!("{why}: not switching over")
+                }
+                a => a.why().to_string(),
+            };
+            Err(anyhow!(why).context("switchover aborted; the workload stays here"))
         }
-        for v in &vols {
-            // As a cutover: unequal blocks are resent before a retry.
-            crate::migrate::compare_or_resend(ctx, v, &client, &cfg.peer)
-                .map_err(|why| anyhow!("{why}: not switching over"))?;
+        ferry_core::handover::Outcome::Committed {
+            unhealthy: None, ..
+        } => {
+            let since_freeze = |at: Option<u64>| {
+                at.zip(t.frozen_at)
+                    .map_or(0, |(a, f)| a.saturating_sub(f) / 1000)
+            };
+            let verified_ms = since_freeze(t.at(ferry_core::handover::Step::Verified));
+            let downtime_ms = t.downtime_us().unwrap_or(0) / 1000;
+            tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, "cluster.switchover.done");
+            Ok(json!({
+                "workload": workload,
+                "from": ctx.identity.node_name,
+                "to": cfg.peer,
+                "verified_ms": verified_ms,
+                "downtime_ms": downtime_ms,
+            }))
         }
-        // Shares: drained (durable on the peer), then the trees' digests
-        // (every entry and every file's content) must be equal.
-        for s in &shares {
-            crate::share::drain_for_handover(ctx, s, timeout)
-                .map_err(|e| anyhow!("share {}: {e}", s.name))?;
-            let (local, remote) = crate::share::digest_both(ctx, &|p: &str| client.get(p), &s.name);
-            let (local, remote) = (local?, remote?);
-            if remote["digest"] != local["digest"] {
-                // Nothing says where: the whole tree is compared again.
-                s.distrust_replica("the tree's digest differed from the replica's at a switchover: comparing the whole tree by content");
-                bail!(
-                    "the tree of share {} differs on {}: not switching over",
-                    s.name,
-                    cfg.peer
-                );
-            }
-        }
-        Ok(())
-    })();
-    if let Err(e) = verified {
-        for v in &vols {
-            v.unfreeze();
-        }
-        for s in &shares {
-            s.unfreeze();
-        }
-        return Err(e.context("switchover aborted; the workload stays here"));
-    }
-    let verified_ms = started.elapsed().as_millis() as u64;
-    ClusterView::mark(&ctx.cluster.clean_handover, workload);
-    ctx.cluster
-        .request_resign(workload, "switchover".to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = client.get("/api/v1/cluster").unwrap_or(Value::Null);
-        let serving = v["workloads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|w| w["workload"] == workload && w["primary"] == cfg.peer.as_str());
-        if serving {
-            break;
-        }
-        if Instant::now() > deadline {
+        // The peer never reported serving (a switchover never commits
+        // partly: its commit is this node's resignation).
+        ferry_core::handover::Outcome::Committed { .. }
+        | ferry_core::handover::Outcome::CommittedPartly { .. } => {
             ctx.cluster
                 .clean_handover
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(workload);
-            bail!("{} did not take {workload:?} over within 30 s after this node resigned (the resignation is undone after four failure timeouts); see `ferry cluster status` on both nodes", cfg.peer);
+            bail!("{} did not take {workload:?} over within 30 s after this node resigned (the resignation is undone after four failure timeouts); see `ferry cluster status` on both nodes", cfg.peer)
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    let downtime_ms = started.elapsed().as_millis() as u64;
-    tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, "cluster.switchover.done");
-    Ok(json!({
-        "workload": workload,
-        "from": ctx.identity.node_name,
-        "to": cfg.peer,
-        "verified_ms": verified_ms,
-        "downtime_ms": downtime_ms,
-    }))
+}
+
+/// How long a switchover waits for the peer to serve after this node
+/// resigned.
+const SWITCHOVER_TAKEOVER_MS: u64 = 30_000;
+
+/// What a switchover does that is not a member's: its commit is this
+/// node's resignation (the cluster manager fences — VIP, stop hook — and
+/// gives the witness lease back; the peer promotes), its check that the
+/// peer serves.
+struct SwitchoverSide<'a> {
+    ctx: &'a Arc<AgentCtx>,
+    client: &'a crate::api::client::ApiClient,
+    workload: &'a str,
+    peer: &'a str,
+}
+
+impl crate::handover::Side for SwitchoverSide<'_> {
+    /// A switchover stops nothing before its freeze (the manager runs the
+    /// stop hook when it resigns).
+    fn run_stop_hook(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    /// Both copies were proven equal: the demotion keeps no suspect blocks.
+    fn commit(&mut self) -> ferry_core::handover::CommitAnswer {
+        ClusterView::mark(&self.ctx.cluster.clean_handover, self.workload);
+        match self
+            .ctx
+            .cluster
+            .request_resign(self.workload, "switchover".to_string())
+        {
+            Ok(()) => ferry_core::handover::CommitAnswer::Committed,
+            Err(e) => {
+                self.ctx
+                    .cluster
+                    .clean_handover
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(self.workload);
+                ferry_core::handover::CommitAnswer::Refused(format!("{e:#}"))
+            }
+        }
+    }
+
+    fn record_reverse(&mut self) {}
+
+    fn start_target(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether the peer serves the workload now.
+    fn check(&mut self) -> std::result::Result<(), String> {
+        let v = self.client.get("/api/v1/cluster").unwrap_or(Value::Null);
+        let serving = v["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| w["workload"] == self.workload && w["primary"] == self.peer);
+        if serving {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} does not serve {} yet",
+                self.peer, self.workload
+            ))
+        }
+    }
+
+    fn reverse(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
+    fn start_source(&mut self) {}
 }
 
 /// Adds or removes the workload's virtual IP (`ip addr`), with gratuitous

@@ -1102,7 +1102,10 @@ fn with_copy<R>(ctx: &dyn Host, name: &str, f: impl FnOnce(&tree::Tree) -> R) ->
 /// only when a clean page is first written, so its files count as settled
 /// only after the kernel has written dirty pages back (30 s by default),
 /// not 2 s. Elsewhere only ferry writes the tree, with write calls.
-fn digest_cache(ctx: &dyn Host, name: &str) -> anyhow::Result<std::sync::Arc<tree::DigestCache>> {
+pub(crate) fn digest_cache(
+    ctx: &dyn Host,
+    name: &str,
+) -> anyhow::Result<std::sync::Arc<tree::DigestCache>> {
     let rec = ShareStore::new(ctx.data_dir()).load(name)?;
     let settled_ms = if rec.mode == "async" && ctx.shares().primary(name).is_some() {
         tree::DIGEST_SETTLED_ASYNC_MS
@@ -1114,55 +1117,6 @@ fn digest_cache(ctx: &dyn Host, name: &str) -> anyhow::Result<std::sync::Arc<tre
         .digest_cache(name, ctx.share_settings().digest_cache_files_max);
     cache.set_settled_ms(settled_ms);
     Ok(cache)
-}
-
-/// The digests of `name` here and on the peer (`remote_get` fetches one of
-/// its API paths), taken at the same time (a cutover, a switchover).
-pub fn digest_both(
-    ctx: &dyn Host,
-    remote_get: &(dyn Fn(&str) -> anyhow::Result<serde_json::Value> + Sync),
-    name: &str,
-) -> (
-    anyhow::Result<serde_json::Value>,
-    anyhow::Result<serde_json::Value>,
-) {
-    std::thread::scope(|sc| {
-        let remote = sc.spawn(|| remote_get(&format!("/api/v1/shares/{name}/digest")));
-        let local = digest(ctx, name);
-        (
-            local,
-            remote
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("digest fetch panicked"))),
-        )
-    })
-}
-
-/// Drains a frozen share for a handover (cutover, switchover): an async
-/// share first waits until the watcher's last changes are sent (a stop hook
-/// may have written just before), then both modes wait for a flush durable
-/// on the replica with nothing after it.
-pub fn drain_for_handover(
-    ctx: &dyn Host,
-    s: &primary::PrimaryShare,
-    timeout: std::time::Duration,
-) -> Result<(), String> {
-    let deadline = std::time::Instant::now() + timeout;
-    if !s.mode_sync() {
-        // Events still in the watcher's batch window.
-        std::thread::sleep(std::time::Duration::from_millis(
-            ctx.share_settings().watch_batch_delay_ms * 2,
-        ));
-        while !s.caught_up() {
-            if std::time::Instant::now() > deadline {
-                return Err(format!(
-                    "the watcher's changes were not all sent within {timeout:?}"
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
-    s.drain(deadline.saturating_duration_since(std::time::Instant::now()))
 }
 
 fn hex(b: &[u8]) -> String {
