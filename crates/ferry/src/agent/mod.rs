@@ -7,7 +7,6 @@
 //! drop, dirty maps are saved and every volume is marked cleanly stopped, so a
 //! restart resumes without a full resync.
 
-pub mod damaged;
 mod hosts;
 pub mod nbd_tls;
 pub mod tokens;
@@ -23,6 +22,7 @@ use ferry_core::DirtyMap;
 use ferry_nbd::{Export, FileDevice, ListenAddr, Listener, Server};
 
 use crate::config::AgentConfig;
+use crate::store::damaged;
 use crate::transport::{conns, identity, peers, tls};
 use crate::volume::meta::{self, MetaFile, MetaState, Role, AL_EXTENT_SHIFT};
 use crate::volume::primary::PrimaryVolume;

@@ -76,7 +76,7 @@ fn dir(data_dir: &Path) -> PathBuf {
 /// reported there.
 pub fn load_all(
     data_dir: &Path,
-    damaged: Option<&crate::agent::damaged::Damaged>,
+    damaged: Option<&crate::store::damaged::Damaged>,
 ) -> Vec<HaWorkload> {
     let Ok(entries) = std::fs::read_dir(dir(data_dir)) else {
         return Vec::new();

@@ -21,6 +21,8 @@
 //! (logged `store.upgraded`), so a data directory of the previous release
 //! upgrades itself at first start.
 
+pub mod damaged;
+
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
