@@ -25,58 +25,153 @@ pub enum Action {
     RotateToken,
     ListTokens,
     CreateToken(CreateToken),
-    RevokeToken { name: Name },
+    RevokeToken {
+        name: Name,
+    },
     ListVolumes,
     CreateVolume(CreateVolume),
-    DeleteVolume { name: Name },
-    VolumeHashes { name: Name, query: HashesQuery },
-    VolumeGeneration { name: Name },
-    VerifyVolume { name: Name },
-    PromoteVolume { name: Name, req: Promote },
-    ArmSnapshot { name: Name, req: ArmSnapshot },
-    Takeover { name: Name, req: Takeover },
-    MarkInconsistent { name: Name },
+    DeleteVolume {
+        name: Name,
+    },
+    VolumeHashes {
+        name: Name,
+        query: HashesQuery,
+    },
+    VolumeGeneration {
+        name: Name,
+    },
+    VerifyVolume {
+        name: Name,
+    },
+    PromoteVolume {
+        name: Name,
+        req: Promote,
+    },
+    ArmSnapshot {
+        name: Name,
+        req: ArmSnapshot,
+    },
+    Takeover {
+        name: Name,
+        req: Takeover,
+    },
+    MarkInconsistent {
+        name: Name,
+    },
     CreateReplica(CreateReplica),
     ListWorkloads,
     CreateWorkload(WorkloadSpec),
-    GetWorkload { name: Name },
-    PutWorkload { name: Name, forwarded: bool, spec: WorkloadSpec },
-    DeleteWorkload { name: Name },
-    StartTestHere { name: Name },
-    EndTestHere { name: Name },
-    RunHook { name: Name, which: HookName, req: HookRequest },
+    GetWorkload {
+        name: Name,
+    },
+    PutWorkload {
+        name: Name,
+        forwarded: bool,
+        spec: WorkloadSpec,
+    },
+    DeleteWorkload {
+        name: Name,
+    },
+    StartTestHere {
+        name: Name,
+    },
+    EndTestHere {
+        name: Name,
+    },
+    RunHook {
+        name: Name,
+        which: HookName,
+        req: HookRequest,
+    },
     ListMigrations,
     StartMigration(StartMigration),
-    GetMigration { name: Name },
-    SetMigration { name: Name, req: SetRate },
+    GetMigration {
+        name: Name,
+    },
+    SetMigration {
+        name: Name,
+        req: SetRate,
+    },
     CutoverAll,
-    Cutover { name: Name, req: CutoverRequest },
-    ScheduleCutover { name: Name, req: ScheduleRequest },
-    CancelCutover { name: Name },
-    ReverseMigration { name: Name, req: Reverse },
-    Rollback { name: Name },
-    Finalize { name: Name },
-    StartTest { name: Name },
-    EndTest { name: Name },
+    Cutover {
+        name: Name,
+        req: CutoverRequest,
+    },
+    ScheduleCutover {
+        name: Name,
+        req: ScheduleRequest,
+    },
+    CancelCutover {
+        name: Name,
+    },
+    ReverseMigration {
+        name: Name,
+        req: Reverse,
+    },
+    Rollback {
+        name: Name,
+    },
+    Finalize {
+        name: Name,
+    },
+    StartTest {
+        name: Name,
+    },
+    EndTest {
+        name: Name,
+    },
     ListReplications,
     StartReplication(StartReplication),
-    GetReplication { name: Name, wait: StatusWait },
-    SetReplication { name: Name, req: SetRate },
-    StopReplication { name: Name },
+    GetReplication {
+        name: Name,
+        wait: StatusWait,
+    },
+    SetReplication {
+        name: Name,
+        req: SetRate,
+    },
+    StopReplication {
+        name: Name,
+    },
     ListShares,
     CreateShare(CreateShare),
-    GetShare { name: Name, counts: bool, wait: StatusWait },
-    ShareDigest { name: Name },
-    ShareFiles { name: Name },
-    VerifyShare { name: Name, req: ShareVerify },
+    GetShare {
+        name: Name,
+        counts: bool,
+        wait: StatusWait,
+    },
+    ShareDigest {
+        name: Name,
+    },
+    ShareFiles {
+        name: Name,
+    },
+    VerifyShare {
+        name: Name,
+        req: ShareVerify,
+    },
     ClusterStatus,
     ClusterAdd(ClusterAdd),
-    ClusterRemove { name: Name, forwarded: bool },
+    ClusterRemove {
+        name: Name,
+        forwarded: bool,
+    },
     ClusterStandby(Standby),
-    ClusterPromote { name: Name, req: ForcePromote },
-    ClusterResolve { name: Name, req: Resolve },
-    ClusterDropCopy { name: Name, req: DropCopy },
-    ClusterSwitchover { name: Name },
+    ClusterPromote {
+        name: Name,
+        req: ForcePromote,
+    },
+    ClusterResolve {
+        name: Name,
+        req: Resolve,
+    },
+    ClusterDropCopy {
+        name: Name,
+        req: DropCopy,
+    },
+    ClusterSwitchover {
+        name: Name,
+    },
     OpenApi,
 }
 
@@ -509,7 +604,9 @@ mod tests {
         use ActionKind as K;
         match kind {
             K::AddNode => r#"{"name":"b","api":"h:1","token":"t","fingerprint":"f"}"#,
-            K::Pair => r#"{"name":"b","api":"h:1","replication":"h:2","fingerprint":"f","cert_pem":"c"}"#,
+            K::Pair => {
+                r#"{"name":"b","api":"h:1","replication":"h:2","fingerprint":"f","cert_pem":"c"}"#
+            }
             K::Repin => r#"{"cert_pem":"c","fingerprint":"f"}"#,
             K::CreateToken => r#"{"name":"t","role":"viewer"}"#,
             K::CreateVolume => r#"{"name":"v","size_bytes":1}"#,
@@ -538,8 +635,13 @@ mod tests {
             let mut params = Params::new();
             params.insert("name".into(), "w".into());
             params.insert("which".into(), "start".into());
-            let a = Action::decode(r.kind, &params, &Params::new(), sample_body(r.kind).as_bytes())
-                .unwrap_or_else(|e| panic!("{:?}: {e}", r.kind));
+            let a = Action::decode(
+                r.kind,
+                &params,
+                &Params::new(),
+                sample_body(r.kind).as_bytes(),
+            )
+            .unwrap_or_else(|e| panic!("{:?}: {e}", r.kind));
             assert_eq!(a.kind(), r.kind);
             assert_eq!(a.method(), r.method);
             let want = r.path.replace("{name}", "w").replace("{which}", "start");

@@ -47,20 +47,42 @@ fn query_params(kind: ActionKind) -> &'static [(&'static str, &'static str, &'st
     use ActionKind as K;
     match kind {
         K::VolumeHashes => &[
-            ("fresh", "boolean", "Read the whole image, not the leaf cache."),
-            ("warm", "boolean", "Bring the leaf cache up to date; answer only how many leaves."),
+            (
+                "fresh",
+                "boolean",
+                "Read the whole image, not the leaf cache.",
+            ),
+            (
+                "warm",
+                "boolean",
+                "Bring the leaf cache up to date; answer only how many leaves.",
+            ),
         ],
-        K::PutWorkload | K::ClusterRemove => {
-            &[("forwarded", "boolean", "Passed on by the peer: do not pass it on again.")]
-        }
+        K::PutWorkload | K::ClusterRemove => &[(
+            "forwarded",
+            "boolean",
+            "Passed on by the peer: do not pass it on again.",
+        )],
         K::GetReplication => &[
             ("wait_state", "string", "Answer once the state is this…"),
-            ("wait_ms", "integer", "…or after this many ms (at most 5000)."),
+            (
+                "wait_ms",
+                "integer",
+                "…or after this many ms (at most 5000).",
+            ),
         ],
         K::GetShare => &[
-            ("counts", "boolean", "`0`: do not walk the tree for files and bytes."),
+            (
+                "counts",
+                "boolean",
+                "`0`: do not walk the tree for files and bytes.",
+            ),
             ("wait_state", "string", "Answer once the state is this…"),
-            ("wait_ms", "integer", "…or after this many ms (at most 5000)."),
+            (
+                "wait_ms",
+                "integer",
+                "…or after this many ms (at most 5000).",
+            ),
         ],
         _ => &[],
     }
@@ -119,9 +141,7 @@ pub fn document() -> Value {
             op["requestBody"] =
                 json!({"required": true, "content": {"application/json": {"schema": s}}});
         }
-        let entry = paths
-            .entry(r.path.to_string())
-            .or_insert_with(|| json!({}));
+        let entry = paths.entry(r.path.to_string()).or_insert_with(|| json!({}));
         entry[r.method.as_str().to_ascii_lowercase()] = op;
     }
     let schemas = g.take_definitions(true);

@@ -166,10 +166,7 @@ impl ActionKind {
     /// Its route.
     pub fn route(self) -> &'static Route {
         // Every kind is in the table exactly once (tested).
-        ROUTES
-            .iter()
-            .find(|r| r.kind == self)
-            .unwrap_or(&ROUTES[0])
+        ROUTES.iter().find(|r| r.kind == self).unwrap_or(&ROUTES[0])
     }
 }
 

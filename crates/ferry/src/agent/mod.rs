@@ -10,6 +10,7 @@
 pub mod config;
 pub mod conns;
 pub mod damaged;
+pub mod dispatch;
 pub mod identity;
 pub mod nbd_tls;
 pub mod peers;
