@@ -67,20 +67,7 @@ fn run(cli: &Cli) -> Result<()> {
                 token_file: None,
                 api_fingerprint: std::env::var("FERRY_API_FINGERPRINT").ok(),
             };
-            let v = remote::client(&conn, &cli.global.data_dir)?.post(
-                "/api/v1/volumes",
-                &serde_json::json!({"name": name, "size_bytes": size.bytes()}),
-            )?;
-            if json {
-                print_json(&v)
-            } else {
-                println!(
-                    "created volume {name} ({}) through the agent at {}",
-                    ByteSize(size.bytes()),
-                    conn.api.unwrap_or_default()
-                );
-                Ok(())
-            }
+            remote::create_volume(&conn, &cli.global.data_dir, name, size.bytes(), json)
         }
         Command::Volume(VolumeCommand::Delete { name, yes })
             if std::env::var_os("FERRY_API").is_some() =>
@@ -93,14 +80,7 @@ fn run(cli: &Cli) -> Result<()> {
                 token_file: None,
                 api_fingerprint: std::env::var("FERRY_API_FINGERPRINT").ok(),
             };
-            let v = remote::client(&conn, &cli.global.data_dir)?
-                .delete(&format!("/api/v1/volumes/{name}"))?;
-            if json {
-                print_json(&v)
-            } else {
-                println!("deleted volume {name} through the agent");
-                Ok(())
-            }
+            remote::delete_volume(&conn, &cli.global.data_dir, name, json)
         }
         Command::Volume(cmd) => {
             volume_command(&VolumeStore::open(&cli.global.data_dir)?, cmd, json)
@@ -118,6 +98,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
         Command::Share(cmd) => remote::share(cmd, &cli.global.data_dir, json),
         Command::Token(cmd) => remote::token_cmd(cmd, &cli.global.data_dir, json),
+        Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
             let routes: Vec<serde_json::Value> = api::server::routes()
                 .into_iter()

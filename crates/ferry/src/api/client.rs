@@ -102,9 +102,6 @@ impl ApiClient {
     pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
         self.call("POST", path, Some(body))
     }
-    pub fn patch(&self, path: &str, body: &Value) -> Result<Value> {
-        self.call("PATCH", path, Some(body))
-    }
     pub fn put(&self, path: &str, body: &Value) -> Result<Value> {
         self.call("PUT", path, Some(body))
     }
