@@ -100,19 +100,25 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Token(cmd) => remote::token_cmd(cmd, &cli.global.data_dir, json),
         Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
-            let routes: Vec<serde_json::Value> = api::server::routes()
-                .into_iter()
-                .map(|(m, path, need, _)| serde_json::json!({"method": m.as_str(), "path": path, "need": need.as_str()}))
+            // The served router is built from this table (api::server::routes).
+            let routes: Vec<serde_json::Value> = ferry_api::ROUTES
+                .iter()
+                .map(|r| {
+                    serde_json::json!({"method": r.method.as_str(), "path": r.path,
+                        "need": r.need.as_str(), "allowed_in": r.allowed_in.names(),
+                        "action": r.kind.name()})
+                })
                 .collect();
             if json {
                 print_json(&routes)
             } else {
-                for r in &routes {
+                for r in ferry_api::ROUTES {
                     println!(
-                        "{:<7} {:<60} {}",
-                        r["method"].as_str().unwrap_or(""),
-                        r["path"].as_str().unwrap_or(""),
-                        r["need"].as_str().unwrap_or("")
+                        "{:<7} {:<60} {:<9} {}",
+                        r.method.as_str(),
+                        r.path,
+                        r.need.as_str(),
+                        r.allowed_in.names().join(",")
                     );
                 }
                 println!("{:<7} /metrics (no token)", "GET");
