@@ -527,10 +527,10 @@ impl Action {
                     q.push("warm=1".into());
                 }
             }
-            Action::PutWorkload { forwarded, .. } | Action::ClusterRemove { forwarded, .. } => {
-                if *forwarded {
-                    q.push("forwarded=true".into());
-                }
+            Action::PutWorkload { forwarded, .. } | Action::ClusterRemove { forwarded, .. }
+                if *forwarded =>
+            {
+                q.push("forwarded=true".into());
             }
             Action::GetReplication { wait, .. } => push_wait(&mut q, wait),
             Action::GetShare { counts, wait, .. } => {
