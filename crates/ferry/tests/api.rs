@@ -85,6 +85,25 @@ fn the_served_openapi_document_is_valid_openapi_3_1() {
     }
     let (ok, out) = validate_document(&served, root.path());
     assert!(ok, "openapi-spec-validator refused the document: {out}");
+    // Each action states the node states it is allowed in: an HA action on
+    // a node without a [cluster] table is 409 naming what it needs.
+    assert_eq!(
+        served["paths"]["/api/v1/cluster/workloads/{name}/switchover"]["post"]
+            ["x-ferry-allowed-in"],
+        serde_json::json!(["clustered", "standby"])
+    );
+    let (code, body) = common::https_request(
+        &a.api,
+        "POST",
+        "/api/v1/cluster/workloads/w/switchover",
+        Some(&a.token()),
+        Some("{}"),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains("needs a node with a [cluster] table") && body.contains("standalone"),
+        "{body}"
+    );
     // The validator is real: a path parameter the operation does not
     // declare, or a schema of an unknown type, is refused.
     let mut broken = served.clone();
