@@ -1274,3 +1274,25 @@ pub fn status_of(ctx: &Arc<AgentCtx>, name: &str) -> Res<r::ReplicationStatus> {
         ctx.identity.node_name
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply an engine builds with a field its type does not know, or a
+    /// number of another kind, is an error in the tests, not a silent loss.
+    #[test]
+    fn typed_replies_lose_nothing_on_the_way() {
+        let v = serde_json::json!({"workload": "w", "from": "a", "to": "b",
+            "verified_ms": 3, "downtime_ms": 5});
+        let r: r::SwitchoverReport = typed(v.clone()).unwrap();
+        assert_eq!(r.downtime_ms, 5);
+        let mut more = v.clone();
+        more["resent_blocks"] = 2.into();
+        let e = typed::<r::SwitchoverReport>(more).unwrap_err();
+        assert!(e.message.contains("changes when typed"), "{e}");
+        let mut float = v;
+        float["downtime_ms"] = serde_json::json!(5.5);
+        assert!(typed::<r::SwitchoverReport>(float).is_err());
+    }
+}
