@@ -152,6 +152,9 @@ pub enum ApiCommand {
     /// Every route the agent serves (method and path), from the router's own
     /// table. Every one needs a token; only `GET /metrics` is served without.
     Routes,
+    /// The API's OpenAPI 3.1 document (what `GET /api/v1/openapi.json`
+    /// serves), generated from its types; no agent needed.
+    Openapi,
 }
 
 #[derive(Debug, Subcommand)]

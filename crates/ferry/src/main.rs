@@ -66,20 +66,7 @@ fn run(cli: &Cli) -> Result<()> {
                 token_file: None,
                 api_fingerprint: std::env::var("FERRY_API_FINGERPRINT").ok(),
             };
-            let v = remote::client(&conn, &cli.global.data_dir)?.post(
-                "/api/v1/volumes",
-                &serde_json::json!({"name": name, "size_bytes": size.bytes()}),
-            )?;
-            if json {
-                print_json(&v)
-            } else {
-                println!(
-                    "created volume {name} ({}) through the agent at {}",
-                    ByteSize(size.bytes()),
-                    conn.api.unwrap_or_default()
-                );
-                Ok(())
-            }
+            remote::create_volume(&conn, &cli.global.data_dir, name, size.bytes(), json)
         }
         Command::Volume(VolumeCommand::Delete { name, yes })
             if std::env::var_os("FERRY_API").is_some() =>
@@ -92,14 +79,7 @@ fn run(cli: &Cli) -> Result<()> {
                 token_file: None,
                 api_fingerprint: std::env::var("FERRY_API_FINGERPRINT").ok(),
             };
-            let v = remote::client(&conn, &cli.global.data_dir)?
-                .delete(&format!("/api/v1/volumes/{name}"))?;
-            if json {
-                print_json(&v)
-            } else {
-                println!("deleted volume {name} through the agent");
-                Ok(())
-            }
+            remote::delete_volume(&conn, &cli.global.data_dir, name, json)
         }
         Command::Volume(cmd) => {
             volume_command(&VolumeStore::open(&cli.global.data_dir)?, cmd, json)
@@ -119,20 +99,27 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
         Command::Share(cmd) => remote::share(cmd, &cli.global.data_dir, json),
         Command::Token(cmd) => remote::token_cmd(cmd, &cli.global.data_dir, json),
+        Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
-            let routes: Vec<serde_json::Value> = api::server::routes()
-                .into_iter()
-                .map(|(m, path, need, _)| serde_json::json!({"method": m.as_str(), "path": path, "need": need.as_str()}))
+            // The served router is built from this table (api::server::routes).
+            let routes: Vec<serde_json::Value> = ferry_api::ROUTES
+                .iter()
+                .map(|r| {
+                    serde_json::json!({"method": r.method.as_str(), "path": r.path,
+                        "need": r.need.as_str(), "allowed_in": r.allowed_in.names(),
+                        "action": r.kind.name()})
+                })
                 .collect();
             if json {
                 print_json(&routes)
             } else {
-                for r in &routes {
+                for r in ferry_api::ROUTES {
                     println!(
-                        "{:<7} {:<60} {}",
-                        r["method"].as_str().unwrap_or(""),
-                        r["path"].as_str().unwrap_or(""),
-                        r["need"].as_str().unwrap_or("")
+                        "{:<7} {:<60} {:<9} {}",
+                        r.method.as_str(),
+                        r.path,
+                        r.need.as_str(),
+                        r.allowed_in.names().join(",")
                     );
                 }
                 println!("{:<7} /metrics (no token)", "GET");

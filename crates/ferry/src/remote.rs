@@ -5,8 +5,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_core::ByteSize;
-use serde_json::{json, Value};
+use ferry_api::reply::{self as r, ReplicationStatus};
+use ferry_api::request::{self as q, StatusWait};
+use ferry_api::{Action, Reply};
+use ferry_core::{ByteSize, Name};
+use serde::Serialize;
 
 use crate::api::client::ApiClient;
 use crate::cli::{
@@ -34,29 +37,55 @@ fn token(token_file: Option<&Path>, data_dir: &Path) -> Result<String> {
         })
 }
 
-/// GET `path` (ending in `?` or `&`), asking the agent to answer once the
-/// status' `state` is `want`, after at most `cap_ms` and not past `deadline`
-/// (the caller redraws and checks its deadline between requests). An agent
-/// that answers at once without reaching it (one that does not wait) is
-/// asked again only after `idle`, not in a tight loop.
+/// Asks for a status (built by `status` from the wait) once its `state` is
+/// `want`, after at most `cap_ms` and not past `deadline` (the caller
+/// redraws and checks its deadline between requests). An agent that answers
+/// at once without reaching it (one that does not wait) is asked again only
+/// after `idle`, not in a tight loop.
 fn get_waiting(
     c: &ApiClient,
-    path: &str,
+    status: impl Fn(StatusWait) -> Action,
     want: &str,
     deadline: Instant,
     cap_ms: u128,
     idle: Duration,
-) -> Result<Value> {
+) -> Result<Reply> {
     let wait_ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis()
         .min(cap_ms);
     let asked = Instant::now();
-    let v = c.get(&format!("{path}wait_state={want}&wait_ms={wait_ms}"))?;
-    if v["state"] != want && asked.elapsed().as_millis() < wait_ms.min(20) {
+    let r = c.send(&status(StatusWait {
+        wait_state: Some(want.to_string()),
+        wait_ms: Some(wait_ms as u64),
+    }))?;
+    let state = match &r {
+        Reply::Replication(s) => s.state().to_string(),
+        Reply::Share(s) => s.state.clone(),
+        _ => String::new(),
+    };
+    if state != want && asked.elapsed().as_millis() < wait_ms.min(20) {
         std::thread::sleep(idle);
     }
-    Ok(v)
+    Ok(r)
+}
+
+/// A name as the API takes it (checked here, before anything is sent).
+fn name(s: &str) -> Result<Name> {
+    Ok(Name::parse(s)?)
+}
+
+/// The reply of the one variant an action answers with.
+macro_rules! expect {
+    ($reply:expr, $variant:ident) => {
+        match $reply {
+            Reply::$variant(x) => x,
+            other => bail!(
+                "unexpected reply: {}",
+                serde_json::to_string(&other).unwrap_or_default()
+            ),
+        }
+    };
 }
 
 pub fn client(conn: &AgentConn, data_dir: &Path) -> Result<ApiClient> {
@@ -81,36 +110,42 @@ pub fn client(conn: &AgentConn, data_dir: &Path) -> Result<ApiClient> {
 pub fn token_cmd(cmd: &crate::cli::TokenCommand, data_dir: &Path, json: bool) -> Result<()> {
     match cmd {
         crate::cli::TokenCommand::Rotate { conn } => {
-            let v = client(conn, data_dir)?.post("/api/v1/token/rotate", &json!({}))?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::RotateToken)?,
+                TokenRotated
+            );
             print(&v, json, |v| {
                 println!(
                     "new API token written to {} on {}; the old one no longer works",
-                    v["token_file"].as_str().unwrap_or(""),
-                    v["node"].as_str().unwrap_or("")
+                    v.token_file, v.node
                 )
             })
         }
         crate::cli::TokenCommand::Create { name, role, conn } => {
-            let v = client(conn, data_dir)?
-                .post("/api/v1/tokens", &json!({"name": name, "role": role}))?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::CreateToken(q::CreateToken {
+                    name: name.clone(),
+                    role: role.clone(),
+                }))?,
+                TokenCreated
+            );
             print(&v, json, |v| {
-                println!("{}", v["token"].as_str().unwrap_or(""));
+                println!("{}", v.token);
                 eprintln!(
                     "token {name} ({role}) made on {}: the line above is shown only now; it is valid on this node only",
-                    v["node"].as_str().unwrap_or("?")
+                    v.node
                 );
             })
         }
         crate::cli::TokenCommand::List { conn } => {
-            let v = client(conn, data_dir)?.get("/api/v1/tokens")?;
+            let v = expect!(client(conn, data_dir)?.send(&Action::ListTokens)?, Tokens);
             print(&v, json, |v| {
-                for t in v.as_array().into_iter().flatten() {
+                for t in v {
                     println!(
                         "{:<24} {:<9} {}",
-                        t["name"].as_str().unwrap_or("?"),
-                        t["role"].as_str().unwrap_or("?"),
-                        t["created_unix"]
-                            .as_u64()
+                        t.name,
+                        t.role,
+                        t.created_unix
                             .map_or("(the api.token file)".to_string(), |c| format!(
                                 "created {c}"
                             ))
@@ -118,22 +153,31 @@ pub fn token_cmd(cmd: &crate::cli::TokenCommand, data_dir: &Path, json: bool) ->
                 }
             })
         }
-        crate::cli::TokenCommand::Revoke { name, conn } => {
-            let v = client(conn, data_dir)?.delete(&format!("/api/v1/tokens/{name}"))?;
+        crate::cli::TokenCommand::Revoke { name: n, conn } => {
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::RevokeToken { name: name(n)? })?,
+                TokenRevoked
+            );
             print(&v, json, |_| {
-                println!("token {name} revoked: it no longer works")
+                println!("token {n} revoked: it no longer works")
             })
         }
     }
 }
 
-fn print(v: &Value, json: bool, human: impl FnOnce(&Value)) -> Result<()> {
+/// `--json`: the reply as is; else `human`.
+fn print<T: Serialize + ?Sized>(v: &T, json: bool, human: impl FnOnce(&T)) -> Result<()> {
     if json {
         crate::sys::out::print_json(v)
     } else {
         human(v);
         Ok(())
     }
+}
+
+/// `ferry api openapi`: the API's OpenAPI 3.1 document (no agent needed).
+pub fn openapi() -> Result<()> {
+    crate::sys::out::print_json(&ferry_api::openapi::document())
 }
 
 pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
@@ -174,59 +218,61 @@ pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
                 None => std::env::var("FERRY_PEER_TOKEN")
                     .map_err(|_| anyhow!("pass the peer's token with --token-file"))?,
             };
-            let v = local.post(
-                "/api/v1/nodes",
-                &json!({"name": name, "api": api, "token": peer_token.trim(), "fingerprint": fingerprint}),
-            )?;
+            let v = expect!(
+                local.send(&Action::AddNode(q::AddNode {
+                    name: name.clone(),
+                    api: api.clone(),
+                    token: peer_token.trim().to_string(),
+                    fingerprint,
+                }))?,
+                NodeAdded
+            );
             print(&v, json, |v| {
                 println!(
                     "registered node {} (fingerprint {}) both ways",
-                    v["name"].as_str().unwrap_or(""),
-                    v["fingerprint"].as_str().unwrap_or("")
+                    v.name, v.fingerprint
                 )
             })
         }
         NodeCommand::Id => {
             let fp = crate::transport::identity::local_fingerprint(data_dir)?;
-            print(&json!({"fingerprint": fp}), json, |_| println!("{fp}"))
+            print(&serde_json::json!({"fingerprint": fp}), json, |_| {
+                println!("{fp}")
+            })
         }
         NodeCommand::Rekey { conn } => {
-            let v = client(conn, data_dir)?.post("/api/v1/node/rekey", &json!({}))?;
+            let v = expect!(client(conn, data_dir)?.send(&Action::Rekey)?, Rekeyed);
             print(&v, json, |v| {
                 println!(
                     "{} has a new certificate {} (was {}); pinned by {}",
-                    v["node"].as_str().unwrap_or(""),
-                    v["fingerprint"].as_str().unwrap_or(""),
-                    v["old_fingerprint"].as_str().unwrap_or(""),
-                    v["peers"]
+                    v.node,
+                    v.fingerprint,
+                    v.old_fingerprint,
+                    serde_json::json!(v.peers)
                 );
-                if v["peers_still_accepting_old"]
-                    .as_array()
-                    .is_some_and(|a| !a.is_empty())
-                {
+                if !v.peers_still_accepting_old.is_empty() {
                     println!(
                         "still accepting the old one (run rekey again once they are reachable): {}",
-                        v["peers_still_accepting_old"]
+                        serde_json::json!(v.peers_still_accepting_old)
                     );
                 }
             })
         }
         NodeCommand::List { conn } => {
-            let v = client(conn, data_dir)?.get("/api/v1/nodes")?;
+            let v = expect!(client(conn, data_dir)?.send(&Action::ListNodes)?, Nodes);
             print(&v, json, |v| {
-                for p in v.as_array().into_iter().flatten() {
+                for p in v {
                     println!(
                         "{:<16} api {:<22} replication {:<22} {}",
-                        p["name"].as_str().unwrap_or(""),
-                        p["api"].as_str().unwrap_or(""),
-                        p["replication"].as_str().unwrap_or(""),
-                        p["fingerprint"].as_str().unwrap_or("")
+                        p.name, p.api, p.replication, p.fingerprint
                     );
                 }
             })
         }
         NodeCommand::Show { conn } => {
-            let mut v = client(conn, data_dir)?.get("/api/v1/node")?;
+            let info = expect!(client(conn, data_dir)?.send(&Action::GetNode)?, Node);
+            // The certificate is long and `ferry node id` shows its fingerprint.
+            let mut v = serde_json::to_value(&info)?;
             if let Some(o) = v.as_object_mut() {
                 o.remove("cert_pem");
             }
@@ -237,57 +283,63 @@ pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
     }
 }
 
-fn human_status(v: &Value) -> String {
-    let g = |k: &str| v[k].clone();
-    let bytes = |k: &str| ByteSize(v[k].as_u64().unwrap_or(0)).to_string();
-    if g("role") == "secondary" {
-        return format!(
-            "{:<16} secondary  peer {:<10} {:<13} applied {}",
-            g("volume").as_str().unwrap_or(""),
-            g("peer").as_str().unwrap_or("-"),
-            g("state").as_str().unwrap_or(""),
-            bytes("bytes_applied")
-        );
-    }
-    let eta = match g("eta_seconds").as_u64() {
+fn human_status(s: &ReplicationStatus) -> String {
+    let bytes = |b: u64| ByteSize(b).to_string();
+    let p = match s {
+        ReplicationStatus::Replica(r) => {
+            return format!(
+                "{:<16} secondary  peer {:<10} {:<13} applied {}",
+                r.volume,
+                r.peer.as_deref().unwrap_or("-"),
+                r.state,
+                bytes(r.bytes_applied)
+            )
+        }
+        ReplicationStatus::Primary(p) => p,
+    };
+    let eta = match p.eta_seconds {
         Some(s) => format!("{s}s"),
         None => "-".into(),
     };
     let mut line = format!(
         "{:<16} primary → {:<10} {:<5} {:<12} {:<13} {:>5.1}%  dirty {:>10}  backlog {:>10}  {:>10}/s  ETA {}",
-        g("volume").as_str().unwrap_or(""),
-        g("peer").as_str().unwrap_or("-"),
-        g("mode").as_str().unwrap_or(""),
-        g("link").as_str().unwrap_or(""),
-        g("state").as_str().unwrap_or(""),
-        g("synced_percent").as_f64().unwrap_or(0.0),
-        bytes("dirty_bytes"),
-        bytes("backlog_bytes"),
-        bytes("rate_bytes_per_s"),
+        p.volume,
+        p.peer.as_deref().unwrap_or("-"),
+        p.mode,
+        p.link,
+        p.state,
+        p.synced_percent,
+        bytes(p.dirty_bytes),
+        bytes(p.backlog_bytes),
+        bytes(p.rate_bytes_per_s),
         eta
     );
-    if let Some(e) = g("last_error").as_str() {
+    if let Some(e) = &p.last_error {
         line.push_str(&format!("\n    last error: {e}"));
     }
     line
 }
 
-fn progress_bar(v: &Value) -> String {
-    let pct = v["synced_percent"].as_f64().unwrap_or(0.0);
+fn progress_bar(s: &ReplicationStatus) -> String {
+    let (pct, rate, eta) = match s {
+        ReplicationStatus::Primary(p) => (p.synced_percent, p.rate_bytes_per_s, p.eta_seconds),
+        ReplicationStatus::Replica(_) => (0.0, 0, None),
+    };
     let filled = ((pct / 100.0) * 30.0).round() as usize;
     format!(
         "\r{} [{}{}] {:>5.1}% {} {:>10}/s ETA {}   ",
-        v["volume"].as_str().unwrap_or(""),
+        s.volume(),
         "#".repeat(filled.min(30)),
         "-".repeat(30 - filled.min(30)),
         pct,
-        v["state"].as_str().unwrap_or(""),
-        ByteSize(v["rate_bytes_per_s"].as_u64().unwrap_or(0)).to_string(),
-        v["eta_seconds"]
-            .as_u64()
-            .map(|s| format!("{s}s"))
-            .unwrap_or_else(|| "-".into())
+        s.state(),
+        ByteSize(rate).to_string(),
+        eta.map(|s| format!("{s}s")).unwrap_or_else(|| "-".into())
     )
+}
+
+fn mode_str(m: &ModeArg) -> String {
+    if *m == ModeArg::Sync { "sync" } else { "async" }.to_string()
 }
 
 pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<()> {
@@ -300,27 +352,28 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
             checksum,
             conn,
         } => {
-            let v = client(conn, data_dir)?.post(
-                "/api/v1/replications",
-                &json!({
-                    "volume": name,
-                    "to": to,
-                    "mode": if *mode == ModeArg::Sync { "sync" } else { "async" },
-                    "max_rate_bytes_per_s": max_rate.map(|r| r.0),
-                    "checksum": checksum,
-                }),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::StartReplication(q::StartReplication {
+                    volume: name.clone(),
+                    to: to.clone(),
+                    mode: Some(mode_str(mode)),
+                    max_rate_bytes_per_s: max_rate.map(|r| r.0),
+                    checksum: *checksum,
+                }))?,
+                ReplicationStarted
+            );
             print(&v, json, |v| {
                 println!("replicating {name} to {to}: link up\n{}", human_status(v))
             })
         }
         ReplicateCommand::Wait {
-            name,
+            name: n,
             state,
             timeout,
             conn,
         } => {
             let c = client(conn, data_dir)?;
+            let volume = name(n)?;
             let want = match state {
                 StateArg::UpToDate => "up-to-date",
                 StateArg::Inconsistent => "inconsistent",
@@ -330,18 +383,24 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
             let tty = std::io::stderr().is_terminal() && !json;
             loop {
                 // At most 0.5 s at a time on a terminal: the progress bar.
-                let v = get_waiting(
-                    &c,
-                    &format!("/api/v1/replications/{name}?"),
-                    want,
-                    deadline,
-                    if tty { 500 } else { 2_000 },
-                    Duration::from_millis(20),
-                )?;
+                let v = expect!(
+                    get_waiting(
+                        &c,
+                        |wait| Action::GetReplication {
+                            name: volume.clone(),
+                            wait
+                        },
+                        want,
+                        deadline,
+                        if tty { 500 } else { 2_000 },
+                        Duration::from_millis(20),
+                    )?,
+                    Replication
+                );
                 if tty {
                     eprint!("{}", progress_bar(&v));
                 }
-                if v["state"] == want {
+                if v.state() == want {
                     if tty {
                         eprintln!();
                     }
@@ -352,91 +411,145 @@ pub fn replicate(cmd: &ReplicateCommand, data_dir: &Path, json: bool) -> Result<
                         eprintln!();
                     }
                     bail!(
-                        "{name} is {} after {:?}, not {want}{}",
-                        v["state"].as_str().unwrap_or("?"),
+                        "{n} is {} after {:?}, not {want}{}",
+                        v.state(),
                         timeout.0,
-                        v["last_error"]
-                            .as_str()
+                        v.last_error()
                             .map(|e| format!(" (last error: {e})"))
                             .unwrap_or_default()
                     );
                 }
             }
         }
-        ReplicateCommand::Status { name, watch, conn } => {
+        ReplicateCommand::Status {
+            name: n,
+            watch,
+            conn,
+        } => {
             let c = client(conn, data_dir)?;
-            match name {
-                Some(n) if *watch && std::io::stdout().is_terminal() => loop {
-                    let v = c.get(&format!("/api/v1/replications/{n}"))?;
-                    print!("{}", progress_bar(&v));
-                    crate::sys::out::flush_stdout();
-                    if v["state"] == "up-to-date" {
-                        println!();
-                        return Ok(());
+            match n {
+                Some(n) if *watch && std::io::stdout().is_terminal() => {
+                    let get = Action::GetReplication {
+                        name: name(n)?,
+                        wait: StatusWait::default(),
+                    };
+                    loop {
+                        let v = expect!(c.send(&get)?, Replication);
+                        print!("{}", progress_bar(&v));
+                        crate::sys::out::flush_stdout();
+                        if v.state() == "up-to-date" {
+                            println!();
+                            return Ok(());
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
                     }
-                    std::thread::sleep(Duration::from_millis(500));
-                },
+                }
                 Some(n) => {
-                    let v = c.get(&format!("/api/v1/replications/{n}"))?;
+                    let v = expect!(
+                        c.send(&Action::GetReplication {
+                            name: name(n)?,
+                            wait: StatusWait::default(),
+                        })?,
+                        Replication
+                    );
                     print(&v, json, |v| println!("{}", human_status(v)))
                 }
                 None => {
-                    let v = c.get("/api/v1/replications")?;
-                    print(&v, json, |v| {
-                        let list = v.as_array().cloned().unwrap_or_default();
+                    let v = expect!(c.send(&Action::ListReplications)?, Replications);
+                    print(&v, json, |list| {
                         if list.is_empty() {
                             println!("no replications (start one with `ferry replicate start NAME --to NODE`)");
                         }
                         for s in list {
-                            println!("{}", human_status(&s));
+                            println!("{}", human_status(s));
                         }
                     })
                 }
             }
         }
         ReplicateCommand::Set {
-            name,
+            name: n,
             max_rate,
             conn,
         } => {
-            let v = client(conn, data_dir)?.patch(
-                &format!("/api/v1/replications/{name}"),
-                &json!({"max_rate_bytes_per_s": max_rate.0}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::SetReplication {
+                    name: name(n)?,
+                    req: q::SetRate {
+                        max_rate_bytes_per_s: Some(max_rate.0),
+                    },
+                })?,
+                ReplicationSet
+            );
             print(&v, json, |v| println!("{}", human_status(v)))
         }
-        ReplicateCommand::Stop { name, conn } => {
-            let v = client(conn, data_dir)?.delete(&format!("/api/v1/replications/{name}"))?;
+        ReplicateCommand::Stop { name: n, conn } => {
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::StopReplication { name: name(n)? })?,
+                ReplicationStopped
+            );
             print(&v, json, |_| {
-                println!("stopped replicating {name}; writes are tracked for the next start")
+                println!("stopped replicating {n}; writes are tracked for the next start")
             })
         }
     }
 }
 
-pub fn verify(name: &str, conn: &AgentConn, data_dir: &Path, json: bool) -> Result<()> {
-    let v = client(conn, data_dir)?.post(&format!("/api/v1/volumes/{name}/verify"), &json!({}))?;
-    let equal = v["equal"].as_bool().unwrap_or(false);
+/// `ferry volume create` through the agent (`FERRY_API` set).
+pub fn create_volume(
+    conn: &AgentConn,
+    data_dir: &Path,
+    n: &str,
+    size_bytes: u64,
+    json: bool,
+) -> Result<()> {
+    let v = expect!(
+        client(conn, data_dir)?.send(&Action::CreateVolume(q::CreateVolume {
+            name: n.to_string(),
+            size_bytes,
+        }))?,
+        VolumeCreated
+    );
+    print(&v, json, |_| {
+        println!(
+            "created volume {n} ({}) through the agent at {}",
+            ByteSize(size_bytes),
+            conn.api.clone().unwrap_or_default()
+        )
+    })
+}
+
+/// `ferry volume delete` through the agent (`FERRY_API` set).
+pub fn delete_volume(conn: &AgentConn, data_dir: &Path, n: &str, json: bool) -> Result<()> {
+    let v = expect!(
+        client(conn, data_dir)?.send(&Action::DeleteVolume { name: name(n)? })?,
+        VolumeDeleted
+    );
+    print(&v, json, |_| {
+        println!("deleted volume {n} through the agent")
+    })
+}
+
+pub fn verify(n: &str, conn: &AgentConn, data_dir: &Path, json: bool) -> Result<()> {
+    let v = expect!(
+        client(conn, data_dir)?.send(&Action::VerifyVolume { name: name(n)? })?,
+        VolumeVerify
+    );
     print(&v, json, |v| {
-        if equal {
+        if v.equal {
             println!(
-                "{name}: equal on {} ({} blocks, Merkle root {})",
-                v["peer"].as_str().unwrap_or(""),
-                v["blocks"],
-                v["root"].as_str().unwrap_or("")
+                "{n}: equal on {} ({} blocks, Merkle root {})",
+                v.peer, v.blocks, v.root
             );
         } else {
-            println!(
-                "{name}: DIFFERENT from {}",
-                v["peer"].as_str().unwrap_or("")
-            );
-            for d in v["differing"].as_array().into_iter().flatten() {
-                println!("  offset {} length {}", d["offset"], d["length"]);
+            println!("{n}: DIFFERENT from {}", v.peer);
+            for d in &v.differing {
+                println!("  offset {} length {}", d.offset, d.length);
             }
         }
     })?;
-    if !equal {
-        bail!("volume {name} differs from its replica");
+    if !v.equal {
+        bail!("volume {n} differs from its replica");
     }
     Ok(())
 }
@@ -445,7 +558,7 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
     match cmd {
         WorkloadCommand::Create(c) => {
             let WorkloadCreate {
-                name,
+                name: n,
                 volumes,
                 shares,
                 start,
@@ -462,189 +575,207 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
                 vip_interface,
                 conn,
             } = &**c;
-            let vm = (vm_kernel.is_some() || !vm_args.is_empty()).then(|| {
-                json!({
-                    "kernel": vm_kernel, "initrd": vm_initrd, "append": vm_append,
-                    "memory_mib": vm_memory.bytes() >> 20, "extra_args": vm_args,
-                    "accel": vm_accel,
-                })
+            let vm = (vm_kernel.is_some() || !vm_args.is_empty()).then(|| q::VmSpec {
+                kernel: vm_kernel.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                initrd: vm_initrd.as_ref().map(|p| p.to_string_lossy().into_owned()),
+                append: vm_append.clone(),
+                memory_mib: vm_memory.bytes() >> 20,
+                accel: Some(vm_accel.clone()),
+                extra_args: vm_args.clone(),
             });
-            let v = client(conn, data_dir)?.post(
-                "/api/v1/workloads",
-                &json!({
-                    "name": name, "volumes": volumes, "shares": shares, "start": start, "stop": stop,
-                    "check": check, "hook_timeout_ms": hook_timeout.0.as_millis() as u64,
-                    "vm": vm, "vip": vip, "vip_interface": vip_interface,
-                }),
-            )?;
+            let spec = q::WorkloadSpec {
+                name: name(n)?,
+                volumes: volumes.iter().map(|v| name(v)).collect::<Result<_>>()?,
+                shares: shares.iter().map(|s| name(s)).collect::<Result<_>>()?,
+                start: start.clone(),
+                stop: stop.clone(),
+                check: check.clone(),
+                hook_timeout_ms: hook_timeout.0.as_millis() as u64,
+                vm,
+                vip: vip.clone(),
+                vip_interface: vip_interface.clone(),
+            };
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::CreateWorkload(spec))?,
+                WorkloadCreated
+            );
             print(&v, json, |_| {
                 let parts: Vec<&str> = volumes.iter().chain(shares).map(String::as_str).collect();
-                println!("created workload {name} ({})", parts.join(", "))
+                println!("created workload {n} ({})", parts.join(", "))
             })
         }
         WorkloadCommand::Update(u) => {
             let c = client(&u.conn, data_dir)?;
-            let mut spec = c.get(&format!("/api/v1/workloads/{}", u.name))?;
-            let hook = |v: &String| if v.is_empty() { Value::Null } else { json!(v) };
+            let wname = name(&u.name)?;
+            let mut spec = expect!(
+                c.send(&Action::GetWorkload {
+                    name: wname.clone()
+                })?,
+                Workload
+            );
+            let hook = |v: &String| (!v.is_empty()).then(|| v.clone());
             if let Some(s) = &u.start {
-                spec["start"] = hook(s);
+                spec.start = hook(s);
             }
             if let Some(s) = &u.stop {
-                spec["stop"] = hook(s);
+                spec.stop = hook(s);
             }
             if let Some(s) = &u.check {
-                spec["check"] = hook(s);
+                spec.check = hook(s);
             }
             if let Some(t) = &u.hook_timeout {
-                spec["hook_timeout_ms"] = json!(t.0.as_millis() as u64);
+                spec.hook_timeout_ms = t.0.as_millis() as u64;
             }
             if let Some(v) = &u.vip {
-                spec["vip"] = json!(v);
+                spec.vip = Some(v.clone());
             }
             if let Some(v) = &u.vip_interface {
-                spec["vip_interface"] = json!(v);
+                spec.vip_interface = Some(v.clone());
             }
             if u.no_vip {
-                spec["vip"] = Value::Null;
-                spec["vip_interface"] = Value::Null;
+                spec.vip = None;
+                spec.vip_interface = None;
             }
-            let v = c.put(&format!("/api/v1/workloads/{}", u.name), &spec)?;
+            let v = expect!(
+                c.send(&Action::PutWorkload {
+                    name: wname,
+                    forwarded: false,
+                    spec,
+                })?,
+                WorkloadUpdated
+            );
             print(&v, json, |v| {
-                let on: Vec<&str> = v["updated_on"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|n| n.as_str())
-                    .collect();
-                println!("updated workload {} on {}", u.name, on.join(", "))
+                println!("updated workload {} on {}", u.name, v.updated_on.join(", "))
             })
         }
         WorkloadCommand::List { conn } => {
-            let v = client(conn, data_dir)?.get("/api/v1/workloads")?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ListWorkloads)?,
+                Workloads
+            );
             print(&v, json, |v| {
-                for w in v.as_array().into_iter().flatten() {
-                    let vols: Vec<&str> = w["volumes"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|x| x.as_str())
-                        .collect();
-                    println!(
-                        "{:<20} volumes: {}",
-                        w["name"].as_str().unwrap_or("?"),
-                        vols.join(", ")
-                    );
+                for w in v {
+                    let vols: Vec<&str> = w.volumes.iter().map(|x| x.as_str()).collect();
+                    println!("{:<20} volumes: {}", w.name, vols.join(", "));
                 }
             })
         }
-        WorkloadCommand::Show { name, conn } => {
-            let v = client(conn, data_dir)?.get(&format!("/api/v1/workloads/{name}"))?;
+        WorkloadCommand::Show { name: n, conn } => {
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::GetWorkload { name: name(n)? })?,
+                Workload
+            );
             print(&v, json, |v| {
                 println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
             })
         }
-        WorkloadCommand::Start { name, conn } | WorkloadCommand::Stop { name, conn } => {
+        WorkloadCommand::Start { name: n, conn } | WorkloadCommand::Stop { name: n, conn } => {
             let which = if matches!(cmd, WorkloadCommand::Start { .. }) {
-                "start"
+                q::HookName::Start
             } else {
-                "stop"
+                q::HookName::Stop
             };
-            let v = client(conn, data_dir)?.post(
-                &format!("/api/v1/workloads/{name}/hooks/{which}"),
-                &json!({"role": "primary"}),
-            )?;
-            let run = &v["run"];
-            if run["ok"] == false {
-                bail!(
-                    "{which} of workload {name} failed: {}",
-                    run["output"].as_str().unwrap_or("").trim()
-                );
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::RunHook {
+                    name: name(n)?,
+                    which,
+                    req: q::HookRequest {
+                        role: Some("primary".into()),
+                    },
+                })?,
+                Hook
+            );
+            let which = which.as_str();
+            if let Some(run) = v.run.as_ref().filter(|r| !r.ok) {
+                bail!("{which} of workload {n} failed: {}", run.output.trim());
             }
             print(&v, json, |v| {
                 println!(
-                    "{which} of workload {name}: {}",
-                    v["run"]["output"]
-                        .as_str()
-                        .unwrap_or("nothing to run")
+                    "{which} of workload {n}: {}",
+                    v.run
+                        .as_ref()
+                        .map_or("nothing to run", |r| r.output.as_str())
                         .trim()
                 )
             })
         }
-        WorkloadCommand::Delete { name, conn } => {
-            let v = client(conn, data_dir)?.delete(&format!("/api/v1/workloads/{name}"))?;
-            print(&v, json, |_| println!("deleted workload {name}"))
+        WorkloadCommand::Delete { name: n, conn } => {
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::DeleteWorkload { name: name(n)? })?,
+                WorkloadDeleted
+            );
+            print(&v, json, |_| println!("deleted workload {n}"))
         }
     }
 }
 
-fn human_migration(v: &Value) -> String {
-    let eta = v["eta_seconds"]
-        .as_f64()
+fn human_migration(v: &r::MigrationStatus) -> String {
+    let eta = v
+        .eta_seconds
         .map_or("unknown".to_string(), |s| format!("{s:.0} s"));
     let mut line = format!(
         "{} {} → {}: {}, {} left (backlog {}), lag {}, link {}/s, writes {}/s, ETA {}",
-        v["workload"].as_str().unwrap_or("?"),
-        v["source"].as_str().unwrap_or("?"),
-        v["target"].as_str().unwrap_or("?"),
-        v["phase"].as_str().unwrap_or("?"),
-        ByteSize(v["bytes_remaining"].as_u64().unwrap_or(0)),
-        ByteSize(v["backlog_bytes"].as_u64().unwrap_or(0)),
-        v["lag_seconds"]
-            .as_f64()
+        v.workload,
+        v.source,
+        v.target,
+        v.phase,
+        ByteSize(v.bytes_remaining),
+        ByteSize(v.backlog_bytes),
+        v.lag_seconds
             .map_or("-".to_string(), |s| format!("{s:.2} s")),
-        ByteSize(v["bandwidth_bytes_per_s"].as_u64().unwrap_or(0)),
-        ByteSize(v["write_rate_bytes_per_s"].as_u64().unwrap_or(0)),
+        ByteSize(v.bandwidth_bytes_per_s),
+        ByteSize(v.write_rate_bytes_per_s),
         eta
     );
-    if v["not_converging"].as_bool() == Some(true) {
+    if v.not_converging {
         line.push_str(", NOT CONVERGING (writes outrun the link");
-        line.push_str(if v["auto_converge"].as_bool() == Some(true) {
+        line.push_str(if v.auto_converge {
             "; auto-converge is slowing them"
         } else {
             "; try --auto-converge or --max-rate"
         });
         line.push(')');
     }
-    if let Some(t) = v["throttle_pct"].as_u64().filter(|&t| t > 0) {
-        line.push_str(&format!(", writes throttled {t}%"));
+    if v.throttle_pct > 0 {
+        line.push_str(&format!(", writes throttled {}%", v.throttle_pct));
     }
-    for sh in v["shares"].as_array().into_iter().flatten() {
+    for sh in &v.shares {
         line.push_str(&format!(
             "\n  share {}: {}, {} paths pending",
-            sh["share"].as_str().unwrap_or("?"),
-            sh["state"].as_str().unwrap_or("?"),
-            sh["pending_paths"].as_u64().unwrap_or(0)
+            sh.share, sh.state, sh.pending_paths
         ));
-        if let Some(e) = sh["last_error"].as_str() {
+        if let Some(e) = &sh.last_error {
             line.push_str(&format!(" (last error: {e})"));
         }
     }
-    if let Some(r) = v["reason"].as_str() {
+    if let Some(r) = &v.reason {
         line.push_str(&format!("\n  reason: {r}"));
     }
-    let s = &v["schedule"];
-    if s.is_object() {
-        line.push_str(&format!(
-            "\n  scheduled cutover: {}",
-            s["state"].as_str().unwrap_or("?")
-        ));
-        if let Some(at) = v["scheduled_at"].as_str() {
+    if let Some(s) = &v.schedule {
+        line.push_str(&format!("\n  scheduled cutover: {}", s.state));
+        if let Some(at) = &v.scheduled_at {
             line.push_str(&format!(" at {at}"));
         }
-        if let Some(w) = s["window"].as_str() {
+        if let Some(w) = &s.window {
             line.push_str(&format!(", inside {w}"));
         }
-        if let Some(d) = s["deadline"].as_str() {
+        if let Some(d) = &s.deadline {
             line.push_str(&format!(", until {d}"));
         }
-        if let Some(o) = s["last_outcome"].as_str() {
+        if let Some(o) = &s.last_outcome {
             line.push_str(&format!("; last attempt: {o}"));
         }
-        if let Some(r) = s["reason"].as_str() {
+        if let Some(r) = &s.reason {
             line.push_str(&format!("; gave up: {r}"));
         }
     }
     line
+}
+
+/// A number as JSON shows it (`12.5`, `null`): the CLI's text keeps the
+/// reply's own rendering.
+fn num<T: Serialize>(v: T) -> String {
+    serde_json::to_string(&v).unwrap_or_default()
 }
 
 pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> {
@@ -660,38 +791,60 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
             deadline,
             conn,
         } => {
-            let v = client(conn, data_dir)?.post(
-                "/api/v1/migrations",
-                &json!({
-                    "workload": name,
-                    "to": to,
-                    "mode": if *mode == ModeArg::Sync { "sync" } else { "async" },
-                    "max_rate_bytes_per_s": max_rate.map(|r| r.0),
-                    "auto_converge": auto_converge,
-                    "auto_cutover": auto_cutover,
-                    "window": window,
-                    "deadline": deadline,
-                }),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::StartMigration(q::StartMigration {
+                    workload: name.clone(),
+                    to: to.clone(),
+                    mode: Some(mode_str(mode)),
+                    max_rate_bytes_per_s: max_rate.map(|r| r.0),
+                    auto_converge: *auto_converge,
+                    auto_cutover: *auto_cutover,
+                    window: window.clone(),
+                    deadline: deadline.clone(),
+                }))?,
+                MigrationStarted
+            );
             print(&v, json, |v| println!("migrating {}", human_migration(v)))
         }
-        MigrateCommand::Status { name, watch, conn } => {
+        MigrateCommand::Status {
+            name: n,
+            watch,
+            conn,
+        } => {
             let c = client(conn, data_dir)?;
-            let path = name.as_ref().map_or("/api/v1/migrations".to_string(), |n| {
-                format!("/api/v1/migrations/{n}")
-            });
+            let ask = match n {
+                Some(n) => Action::GetMigration { name: name(n)? },
+                None => Action::ListMigrations,
+            };
+            let get = || -> Result<Vec<r::MigrationStatus>> {
+                Ok(match c.send(&ask)? {
+                    Reply::Migration(m) => vec![m],
+                    Reply::Migrations(all) => all,
+                    other => bail!(
+                        "unexpected reply: {}",
+                        serde_json::to_string(&other).unwrap_or_default()
+                    ),
+                })
+            };
             if !*watch || json {
-                let v = c.get(&path)?;
-                return print(&v, json, |v| match v.as_array() {
-                    Some(a) if a.is_empty() => println!("no migrations"),
-                    Some(a) => a.iter().for_each(|m| println!("{}", human_migration(m))),
-                    None => println!("{}", human_migration(v)),
-                });
+                let all = get()?;
+                if json {
+                    return match n {
+                        Some(_) => crate::sys::out::print_json(&all[0]),
+                        None => crate::sys::out::print_json(&all),
+                    };
+                }
+                if all.is_empty() {
+                    println!("no migrations");
+                }
+                for m in &all {
+                    println!("{}", human_migration(m));
+                }
+                return Ok(());
             }
             let tty = std::io::stdout().is_terminal();
             loop {
-                let v = c.get(&path)?;
-                let all: Vec<Value> = v.as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+                let all = get()?;
                 let lines: Vec<String> = all.iter().map(human_migration).collect();
                 if tty {
                     print!("\x1b[2K\r{}", lines.join(" | "));
@@ -701,8 +854,8 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                 crate::sys::out::flush_stdout();
                 let done = all.iter().all(|m| {
                     matches!(
-                        m["phase"].as_str(),
-                        Some("ready" | "completed" | "failed" | "rolled-back")
+                        m.phase.as_str(),
+                        "ready" | "completed" | "failed" | "rolled-back"
                     )
                 });
                 if done {
@@ -714,157 +867,170 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
-        MigrateCommand::Test { name, end, conn } => {
+        MigrateCommand::Test { name: n, end, conn } => {
             let c = client(conn, data_dir)?;
-            let path = format!("/api/v1/migrations/{name}/test");
+            let wname = name(n)?;
             if *end {
-                let v = c.delete(&path)?;
+                let v = expect!(c.send(&Action::EndTest { name: wname })?, TestEnded);
                 return print(&v, json, |v| {
                     println!(
-                        "test of {name} ended on {}: overlays ({}) and snapshots ({}) discarded",
-                        v["node"].as_str().unwrap_or("?"),
-                        ferry_core::ByteSize(v["overlay_bytes_discarded"].as_u64().unwrap_or(0)),
-                        ferry_core::ByteSize(v["snapshot_bytes_saved"].as_u64().unwrap_or(0)),
+                        "test of {n} ended on {}: overlays ({}) and snapshots ({}) discarded",
+                        v.node,
+                        ByteSize(v.overlay_bytes_discarded),
+                        ByteSize(v.snapshot_bytes_saved),
                     )
                 });
             }
-            let v = c.post(&path, &json!({}))?;
+            let v = expect!(c.send(&Action::StartTest { name: wname })?, TestStarted);
             print(&v, json, |v| {
-                let node = v["node"].as_str().unwrap_or("?");
                 println!(
-                    "test instance of {name} on {node}: {} (source paused {} µs for the snapshot barrier)",
-                    if v["check_ok"] == true {
+                    "test instance of {n} on {}: {} (source paused {} µs for the snapshot barrier)",
+                    v.node,
+                    if v.check_ok {
                         "check passed"
-                    } else if v["started"] == false {
+                    } else if !v.started {
                         "start FAILED"
                     } else {
                         "check FAILED"
                     },
-                    v["source_frozen_us"]
+                    num(v.source_frozen_us)
                 );
-                for e in v["exports"].as_array().into_iter().flatten() {
-                    println!("  {}", e.as_str().unwrap_or("?"));
+                for e in &v.exports {
+                    println!("  {e}");
                 }
-                for h in v["hooks"].as_array().into_iter().flatten() {
-                    if h["ok"] != true {
-                        println!(
-                            "  {} hook output: {}",
-                            h["hook"].as_str().unwrap_or("?"),
-                            h["output"].as_str().unwrap_or("").trim()
-                        );
-                    }
+                for h in v.hooks.iter().filter(|h| !h.ok) {
+                    println!("  {} hook output: {}", h.hook, h.output.trim());
                 }
-                println!("production keeps running; discard the test with: ferry migrate test {name} --end");
+                println!(
+                    "production keeps running; discard the test with: ferry migrate test {n} --end"
+                );
             })?;
-            if v["check_ok"] != true {
-                bail!("the test instance of {name} did not pass its check; it is still running for inspection (end it with: ferry migrate test {name} --end)");
+            if !v.check_ok {
+                bail!("the test instance of {n} did not pass its check; it is still running for inspection (end it with: ferry migrate test {n} --end)");
             }
             Ok(())
         }
-        MigrateCommand::Finalize { name, conn } => {
-            let v = client(conn, data_dir)?
-                .post(&format!("/api/v1/migrations/{name}/finalize"), &json!({}))?;
-            print(&v, json, |v| {
-                println!(
-                    "finalized {name}: {}",
-                    v["note"].as_str().unwrap_or("replication back stopped")
-                )
-            })
+        MigrateCommand::Finalize { name: n, conn } => {
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::Finalize { name: name(n)? })?,
+                Finalized
+            );
+            print(&v, json, |v| println!("finalized {n}: {}", v.note))
         }
         MigrateCommand::Set {
-            name,
+            name: n,
             max_rate,
             conn,
         } => {
-            let v = client(conn, data_dir)?.patch(
-                &format!("/api/v1/migrations/{name}"),
-                &json!({"max_rate_bytes_per_s": max_rate.0}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::SetMigration {
+                    name: name(n)?,
+                    req: q::SetRate {
+                        max_rate_bytes_per_s: Some(max_rate.0),
+                    },
+                })?,
+                MigrationSet
+            );
             print(&v, json, |v| println!("{}", human_migration(v)))
         }
         MigrateCommand::Cutover {
-            name: Some(name),
+            name: Some(n),
             cancel: true,
             conn,
             ..
         } => {
-            let v =
-                client(conn, data_dir)?.delete(&format!("/api/v1/migrations/{name}/schedule"))?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::CancelCutover { name: name(n)? })?,
+                ScheduleCancelled
+            );
             print(&v, json, |_| {
-                println!("the scheduled cutover of {name} is cancelled")
+                println!("the scheduled cutover of {n} is cancelled")
             })
         }
         MigrateCommand::Cutover {
-            name: Some(name),
+            name: Some(n),
             at,
             window,
             deadline,
             conn,
             ..
         } if at.is_some() || window.is_some() || deadline.is_some() => {
-            let v = client(conn, data_dir)?.post(
-                &format!("/api/v1/migrations/{name}/schedule"),
-                &json!({"at": at, "window": window, "deadline": deadline}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ScheduleCutover {
+                    name: name(n)?,
+                    req: q::ScheduleRequest {
+                        at: at.clone(),
+                        window: window.clone(),
+                        deadline: deadline.clone(),
+                    },
+                })?,
+                ScheduleSet
+            );
             print(&v, json, |v| {
-                let s = &v["schedule"];
+                let s = &v.schedule;
                 let mut line = format!(
-                    "cutover of {name} scheduled at {}",
-                    v["scheduled_at"].as_str().unwrap_or("?")
+                    "cutover of {n} scheduled at {}",
+                    v.scheduled_at.as_deref().unwrap_or("?")
                 );
-                if let Some(w) = s["window"].as_str() {
+                if let Some(w) = &s.window {
                     line += &format!(", inside {w}");
                 }
-                if let Some(d) = s["deadline"].as_str() {
+                if let Some(d) = &s.deadline {
                     line += &format!(", giving up after {d}");
                 }
-                println!("{line}; `ferry migrate status {name}` follows it, `ferry migrate cutover {name} --cancel` cancels it");
+                println!("{line}; `ferry migrate status {n}` follows it, `ferry migrate cutover {n} --cancel` cancels it");
             })
         }
         MigrateCommand::Cutover {
             name: None, conn, ..
         } => {
-            let v = client(conn, data_dir)?.post("/api/v1/migrations-cutover-all", &json!({}))?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::CutoverAll)?,
+                CutoverAll
+            );
             print(&v, json, |v| {
-                for r in v.as_array().into_iter().flatten() {
-                    match r.get("skipped") {
-                        Some(why) => println!(
-                            "{}: skipped, {}",
-                            r["workload"].as_str().unwrap_or("?"),
-                            why.as_str().unwrap_or("")
-                        ),
-                        None => println!(
+                for r in v {
+                    match r {
+                        r::CutoverOutcome::Skipped(s) => {
+                            println!("{}: skipped, {}", s.workload, s.skipped)
+                        }
+                        r::CutoverOutcome::Done(r) => println!(
                             "{}: cut over to {}, downtime {} ms",
-                            r["workload"].as_str().unwrap_or("?"),
-                            r["to"].as_str().unwrap_or("?"),
-                            r["downtime_ms"]
+                            r.workload,
+                            r.to,
+                            num(r.downtime_ms)
                         ),
                     }
                 }
             })
         }
         MigrateCommand::Cutover {
-            name: Some(name),
+            name: Some(n),
             conn,
             ..
         }
-        | MigrateCommand::Rollback { name, conn } => {
-            let what = if matches!(cmd, MigrateCommand::Rollback { .. }) {
-                "rollback"
+        | MigrateCommand::Rollback { name: n, conn } => {
+            let c = client(conn, data_dir)?;
+            let v = if matches!(cmd, MigrateCommand::Rollback { .. }) {
+                expect!(c.send(&Action::Rollback { name: name(n)? })?, RolledBack)
             } else {
-                "cutover"
+                expect!(
+                    c.send(&Action::Cutover {
+                        name: name(n)?,
+                        req: q::CutoverRequest::default(),
+                    })?,
+                    Cutover
+                )
             };
-            let v = client(conn, data_dir)?
-                .post(&format!("/api/v1/migrations/{name}/{what}"), &json!({}))?;
             print(&v, json, |v| {
                 println!(
-                    "cut over {name} from {} to {}: downtime {} ms (freeze → {} serving), app outage {} ms (stop → check passing){}",
-                    v["from"].as_str().unwrap_or("?"),
-                    v["to"].as_str().unwrap_or("?"),
-                    v["downtime_ms"],
-                    v["to"].as_str().unwrap_or("?"),
-                    v["outage_ms"],
-                    if v["target_healthy"].as_bool() == Some(false) { "; WARNING: the target's start/check hook failed" } else { "" }
+                    "cut over {n} from {} to {}: downtime {} ms (freeze → {} serving), app outage {} ms (stop → check passing){}",
+                    v.from,
+                    v.to,
+                    num(v.downtime_ms),
+                    v.to,
+                    num(v.outage_ms),
+                    if !v.target_healthy { "; WARNING: the target's start/check hook failed" } else { "" }
                 )
             })
         }
@@ -881,57 +1047,49 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
             async_failover,
             conn,
         } => {
-            let v = client(conn, data_dir)?.post(
-                "/api/v1/cluster/workloads",
-                &json!({"workload": workload, "preferred": preferred,
-                        "accept_loss": async_failover == "accept-loss"}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ClusterAdd(q::ClusterAdd {
+                    workload: name(workload)?,
+                    preferred: preferred.clone(),
+                    accept_loss: async_failover == "accept-loss",
+                    forwarded: false,
+                }))?,
+                ClusterAdded
+            );
             print(&v, json, |v| {
                 println!(
                     "workload {workload} is under HA (preferred node {preferred}; primary here: {})",
-                    v["role"] == "primary"
+                    v.role == "primary"
                 )
             })
         }
         ClusterCommand::Status { conn } => {
-            let v = client(conn, data_dir)?.get("/api/v1/cluster")?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ClusterStatus)?,
+                Cluster
+            );
             print(&v, json, |v| {
-                if v["configured"] != true {
-                    println!(
-                        "node {} has no [cluster] table in its config",
-                        v["node"].as_str().unwrap_or("?")
-                    );
+                if !v.configured {
+                    println!("node {} has no [cluster] table in its config", v.node);
                     return;
                 }
-                println!(
-                    "node {} — cluster {}",
-                    v["node"].as_str().unwrap_or("?"),
-                    v["state"].as_str().unwrap_or("?")
-                );
-                let list = v["workloads"].as_array().cloned().unwrap_or_default();
-                if list.is_empty() {
+                println!("node {} — cluster {}", v.node, v.state);
+                if v.workloads.is_empty() {
                     println!("no workloads under HA (add one with `ferry cluster add WORKLOAD --preferred NODE`)");
                 }
-                for w in list {
-                    let replicas: Vec<String> = w["replicas"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|r| {
-                            format!(
-                                "{} {}",
-                                r["node"].as_str().unwrap_or("?"),
-                                r["state"].as_str().unwrap_or("?")
-                            )
-                        })
+                for w in &v.workloads {
+                    let replicas: Vec<String> = w
+                        .replicas
+                        .iter()
+                        .map(|r| format!("{} {}", r.node, r.state))
                         .collect();
                     println!(
                         "{:<20} primary {:<10} this node {:<10} replica {}{}",
-                        w["workload"].as_str().unwrap_or("?"),
-                        w["primary"].as_str().unwrap_or("none"),
-                        w["role"].as_str().unwrap_or("?"),
+                        w.workload,
+                        w.primary.as_deref().unwrap_or("none"),
+                        w.role,
                         replicas.join(", "),
-                        if w["writes_held"] == true {
+                        if w.writes_held {
                             "  (writes held: outdating the peer)"
                         } else {
                             ""
@@ -941,30 +1099,34 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
             })
         }
         ClusterCommand::Switchover { workload, conn } => {
-            let v = client(conn, data_dir)?.post(
-                &format!("/api/v1/cluster/workloads/{workload}/switchover"),
-                &json!({}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ClusterSwitchover {
+                    name: name(workload)?
+                })?,
+                Switchover
+            );
             print(&v, json, |v| {
                 println!(
                     "workload {workload} moved from {} to {}: verified in {} ms, served again after {} ms",
-                    v["from"].as_str().unwrap_or("?"),
-                    v["to"].as_str().unwrap_or("?"),
-                    v["verified_ms"],
-                    v["downtime_ms"]
+                    v.from, v.to, v.verified_ms, v.downtime_ms
                 )
             })
         }
         ClusterCommand::Standby { node, conn } | ClusterCommand::Unstandby { node, conn } => {
             let on = matches!(cmd, ClusterCommand::Standby { .. });
-            let v = client(conn, data_dir)?.post(
-                "/api/v1/cluster/standby",
-                &json!({"node": node, "standby": on}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ClusterStandby(q::Standby {
+                    node: node.clone(),
+                    standby: on,
+                }))?,
+                Standby
+            );
             print(&v, json, |v| {
                 if on {
-                    let moved = v["moved"].as_array().map(|a| a.len()).unwrap_or(0);
-                    println!("node {node} is in standby; {moved} workload(s) moved off it");
+                    println!(
+                        "node {node} is in standby; {} workload(s) moved off it",
+                        v.moved.len()
+                    );
                 } else {
                     println!("node {node} takes workloads over again");
                 }
@@ -975,14 +1137,20 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
             force,
             conn,
         } => {
-            let v = client(conn, data_dir)?.post(
-                &format!("/api/v1/cluster/workloads/{workload}/promote"),
-                &json!({"force": force}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ClusterPromote {
+                    name: name(workload)?,
+                    req: q::ForcePromote {
+                        force: *force,
+                        by_policy: false,
+                    },
+                })?,
+                ForcePromoted
+            );
             print(&v, json, |v| {
                 println!(
                     "workload {workload} is now served by {} (forced)",
-                    v["primary"].as_str().unwrap_or("?")
+                    v.primary
                 )
             })
         }
@@ -991,22 +1159,21 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
             keep,
             conn,
         } => {
-            let v = client(conn, data_dir)?.post(
-                &format!("/api/v1/cluster/workloads/{workload}/resolve-split-brain"),
-                &json!({"keep": keep}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ClusterResolve {
+                    name: name(workload)?,
+                    req: q::Resolve {
+                        keep: keep.clone(),
+                        histories: None,
+                    },
+                })?,
+                SplitBrainResolved
+            );
             print(&v, json, |v| {
                 println!(
                     "kept {keep}'s data; {}'s diverged copies are kept in: {}",
-                    v["discarded"].as_str().unwrap_or("?"),
-                    v["copies"]
-                        .as_array()
-                        .map(|a| a
-                            .iter()
-                            .filter_map(|c| c.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "))
-                        .unwrap_or_default()
+                    v.discarded,
+                    v.copies.join(", ")
                 )
             })
         }
@@ -1015,20 +1182,25 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
             node,
             conn,
         } => {
-            let v = client(conn, data_dir)?.post(
-                &format!("/api/v1/cluster/workloads/{workload}/drop-copy"),
-                &json!({"node": node}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ClusterDropCopy {
+                    name: name(workload)?,
+                    req: q::DropCopy { node: node.clone() },
+                })?,
+                CopiesDropped
+            );
             print(&v, json, |v| {
-                println!(
-                    "dropped {} copies on {node}",
-                    v["dropped"].as_array().map(|a| a.len()).unwrap_or(0)
-                )
+                println!("dropped {} copies on {node}", v.dropped.len())
             })
         }
         ClusterCommand::Remove { workload, conn } => {
-            let v =
-                client(conn, data_dir)?.delete(&format!("/api/v1/cluster/workloads/{workload}"))?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ClusterRemove {
+                    name: name(workload)?,
+                    forwarded: false,
+                })?,
+                ClusterRemoved
+            );
             print(&v, json, |_| {
                 println!("workload {workload} is no longer under HA")
             })
@@ -1036,36 +1208,36 @@ pub fn cluster(cmd: &crate::cli::ClusterCommand, data_dir: &Path, json: bool) ->
     }
 }
 
-fn print_share(v: &Value) {
+fn print_share(v: &r::ShareStatus) {
     println!(
         "share {} ({}, {}) at {} — replica {}{}: {} files, {} bytes, {} paths pending",
-        v["name"].as_str().unwrap_or("?"),
-        v["mode"].as_str().unwrap_or("?"),
-        v["role"].as_str().unwrap_or("?"),
-        v["path"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?"),
-        v["peer"]
-            .as_str()
+        v.name,
+        v.mode,
+        v.role,
+        v.path,
+        v.state,
+        v.peer
+            .as_deref()
             .map(|p| format!(" on {p}"))
             .unwrap_or_default(),
-        v["files"],
-        v["bytes"],
-        v["pending_paths"],
+        v.files,
+        v.bytes,
+        v.pending_paths,
     );
-    if v["mode"] == "async" && v["role"] == "primary" {
+    if v.mode == "async" && v.role == "primary" {
         println!(
             "  async (not crash-consistent): lag {} ms now, p50 {} ms, p99 {} ms; \
              {} directories watched, {} over the watch limit, {} overflows, {} rescans",
-            v["lag_ms"],
-            v["lag_p50_ms"],
-            v["lag_p99_ms"],
-            v["watched_dirs"],
-            v["unwatched_dirs"],
-            v["overflows"],
-            v["rescans"],
+            v.lag_ms,
+            v.lag_p50_ms,
+            v.lag_p99_ms,
+            v.watched_dirs,
+            v.unwatched_dirs,
+            v.overflows,
+            v.rescans,
         );
     }
-    if let Some(e) = v["last_error"].as_str() {
+    if let Some(e) = &v.last_error {
         println!("  last error: {e}");
     }
 }
@@ -1080,97 +1252,127 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
             to,
             conn,
         } => {
-            let v = client(conn, data_dir)?.post(
-                "/api/v1/shares",
-                &json!({"name": name, "path": path, "mode": mode, "to": to}),
-            )?;
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::CreateShare(q::CreateShare {
+                    name: name.clone(),
+                    path: path.to_string_lossy().into_owned(),
+                    mode: mode.clone(),
+                    to: to.clone(),
+                }))?,
+                ShareCreated
+            );
             print(&v, json, print_share)
         }
-        ShareCommand::Status { name, conn } => {
+        ShareCommand::Status { name: n, conn } => {
             let c = client(conn, data_dir)?;
-            let v = match name {
-                Some(n) => c.get(&format!("/api/v1/shares/{n}"))?,
-                None => c.get("/api/v1/shares")?,
-            };
-            print(&v, json, |v| match v.as_array() {
-                Some(list) if list.is_empty() => {
-                    println!("no shares (create one with `ferry share create NAME --path DIR`)")
+            match n {
+                Some(n) => {
+                    let v = expect!(
+                        c.send(&Action::GetShare {
+                            name: name(n)?,
+                            counts: true,
+                            wait: StatusWait::default(),
+                        })?,
+                        Share
+                    );
+                    print(&v, json, print_share)
                 }
-                Some(list) => list.iter().for_each(print_share),
-                None => print_share(v),
-            })
+                None => {
+                    let v = expect!(c.send(&Action::ListShares)?, Shares);
+                    print(&v, json, |list| {
+                        if list.is_empty() {
+                            println!(
+                                "no shares (create one with `ferry share create NAME --path DIR`)"
+                            )
+                        }
+                        list.iter().for_each(print_share)
+                    })
+                }
+            }
         }
         ShareCommand::Verify {
-            name,
+            name: n,
             timeout,
             conn,
         } => {
-            let v = client(conn, data_dir)?
-                .with_timeout(timeout.0 + Duration::from_secs(30))
-                .post(
-                    &format!("/api/v1/shares/{name}/verify"),
-                    &json!({"timeout_ms": timeout.0.as_millis() as u64}),
-                )?;
-            let equal = v["equal"].as_bool().unwrap_or(false);
+            let v = expect!(
+                client(conn, data_dir)?
+                    .with_timeout(timeout.0 + Duration::from_secs(30))
+                    .send(&Action::VerifyShare {
+                        name: name(n)?,
+                        req: q::ShareVerify {
+                            timeout_ms: Some(timeout.0.as_millis() as u64),
+                        },
+                    })?,
+                ShareVerify
+            );
             print(&v, json, |v| {
-                let flux = match v["changed_during_verify"].as_u64().unwrap_or(0) {
+                let flux = match v.changed_during_verify {
                     0 => String::new(),
-                    n => format!("; {n} entries changed while it ran (not compared)"),
+                    k => format!("; {k} entries changed while it ran (not compared)"),
                 };
-                if equal {
+                if v.equal {
                     println!(
-                        "{name}: equal on {} ({} entries, {} files read on both nodes){flux}",
-                        v["peer"].as_str().unwrap_or(""),
-                        v["entries"],
-                        v["files"]
+                        "{n}: equal on {} ({} entries, {} files read on both nodes){flux}",
+                        v.peer, v.entries, v.files
                     );
                 } else {
                     println!(
-                        "{name}: DIFFERENT from {} in {} entries{flux}",
-                        v["peer"].as_str().unwrap_or(""),
-                        v["differing_count"]
+                        "{n}: DIFFERENT from {} in {} entries{flux}",
+                        v.peer, v.differing_count
                     );
-                    for d in v["differing"].as_array().into_iter().flatten() {
-                        println!(
-                            "  {}: {}",
-                            d["path"].as_str().unwrap_or("?"),
-                            d["why"].as_str().unwrap_or("?")
-                        );
+                    for d in &v.differing {
+                        println!("  {}: {}", d.path, d.why);
                     }
                 }
             })?;
-            if !equal {
-                bail!("share {name} differs from its replica");
+            if !v.equal {
+                bail!("share {n} differs from its replica");
             }
             Ok(())
         }
         ShareCommand::Wait {
-            name,
+            name: n,
             timeout,
             conn,
         } => {
             let c = client(conn, data_dir)?;
+            let share = name(n)?;
             let deadline = Instant::now() + timeout.0;
             loop {
-                let v = get_waiting(
-                    &c,
-                    &format!("/api/v1/shares/{name}?counts=0&"),
-                    "up-to-date",
-                    deadline,
-                    2_000,
-                    Duration::from_millis(100),
-                )?;
-                if v["state"] == "up-to-date" {
-                    let v = c.get(&format!("/api/v1/shares/{name}"))?;
+                let v = expect!(
+                    get_waiting(
+                        &c,
+                        |wait| Action::GetShare {
+                            name: share.clone(),
+                            counts: false,
+                            wait
+                        },
+                        "up-to-date",
+                        deadline,
+                        2_000,
+                        Duration::from_millis(100),
+                    )?,
+                    Share
+                );
+                if v.state == "up-to-date" {
+                    let v = expect!(
+                        c.send(&Action::GetShare {
+                            name: share.clone(),
+                            counts: true,
+                            wait: StatusWait::default(),
+                        })?,
+                        Share
+                    );
                     return print(&v, json, print_share);
                 }
                 if Instant::now() > deadline {
                     bail!(
-                        "share {name} is {} after {:?}{}",
-                        v["state"].as_str().unwrap_or("?"),
+                        "share {n} is {} after {:?}{}",
+                        v.state,
                         timeout.0,
-                        v["last_error"]
-                            .as_str()
+                        v.last_error
+                            .as_deref()
                             .map(|e| format!(" (last error: {e})"))
                             .unwrap_or_default()
                     );

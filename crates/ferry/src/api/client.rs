@@ -102,9 +102,6 @@ impl ApiClient {
     pub fn post(&self, path: &str, body: &Value) -> Result<Value> {
         self.call("POST", path, Some(body))
     }
-    pub fn patch(&self, path: &str, body: &Value) -> Result<Value> {
-        self.call("PATCH", path, Some(body))
-    }
     pub fn put(&self, path: &str, body: &Value) -> Result<Value> {
         self.call("PUT", path, Some(body))
     }
@@ -113,7 +110,31 @@ impl ApiClient {
         self.call("DELETE", path, None)
     }
 
+    /// Sends `action` (its method and path from the route table) and reads
+    /// the typed reply. A failure keeps the agent's kind of error
+    /// ([`ferry_api::ActionError`]).
+    pub fn send(&self, action: &ferry_api::Action) -> Result<ferry_api::Reply> {
+        let route = action.route();
+        let v = self.call_route(
+            route.method.as_str(),
+            &action.path(),
+            action.body().as_ref(),
+            Some(route.path),
+        )?;
+        Ok(ferry_api::Reply::decode(route.kind, v)?)
+    }
+
     pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        self.call_route(method, path, body, None)
+    }
+
+    fn call_route(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        route: Option<&str>,
+    ) -> Result<Value> {
         let mut tcp = connect(&self.addr)?;
         let mut conn =
             rustls::ClientConnection::new(self.tls.clone(), crate::transport::tls::server_name())?;
@@ -152,7 +173,40 @@ impl ApiClient {
                 return Err(e).with_context(|| format!("reading the answer of {}", self.addr))
             }
         }
+        log_reply(method, path, route, &resp);
         parse_response(&self.addr, &resp)
+    }
+}
+
+/// With `FERRY_API_REPLY_LOG=FILE` (set by `scripts/test`): appends every
+/// answer this process receives — method, route, path, status, body — as
+/// one JSON line, for the check of every reply against the OpenAPI
+/// document (`scripts/check-api-replies`).
+fn log_reply(method: &str, path: &str, route: Option<&str>, resp: &[u8]) {
+    let Some(file) = std::env::var_os("FERRY_API_REPLY_LOG") else {
+        return;
+    };
+    let Some(split) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return;
+    };
+    let head = String::from_utf8_lossy(&resp[..split]);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body: Value = serde_json::from_slice(&resp[split + 4..]).unwrap_or(Value::Null);
+    let line = serde_json::json!({"method": method, "route": route, "path": path,
+        "status": status, "body": body});
+    let mut text = line.to_string();
+    text.push('\n');
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        // One write of one line: appends from many processes do not mix.
+        let _ = f.write_all(text.as_bytes());
     }
 }
 

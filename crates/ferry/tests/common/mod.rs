@@ -320,7 +320,32 @@ pub fn https_request_as(
     let out = c.arg(format!("https://{api}{path}")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
+    let code = code.trim().parse().unwrap_or(0);
+    log_reply(method, path, code, body);
+    (code, body.to_string())
+}
+
+/// With `FERRY_API_REPLY_LOG` set (scripts/test): appends the reply as the
+/// `ferry` client does, for the check of every reply against the OpenAPI
+/// document (`scripts/check-api-replies`).
+pub fn log_reply(method: &str, path: &str, status: u16, body: &str) {
+    use std::io::Write;
+    let Some(file) = std::env::var_os("FERRY_API_REPLY_LOG") else {
+        return;
+    };
+    let body: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.into()));
+    let mut line = serde_json::json!({"method": method, "route": null, "path": path,
+        "status": status, "body": body})
+    .to_string();
+    line.push('\n');
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 /// `GET path` on an agent's API over HTTPS: see [`https_request`].

@@ -1,0 +1,783 @@
+//! The replies: what each action answers, field by field, exactly as the
+//! JSON on the wire (names, nesting, which fields may be `null` and which
+//! may be absent). [`Reply`] holds any of them; [`Reply::decode`] reads
+//! the answer to an action of a known kind.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::auth::Role;
+use crate::error::ActionError;
+use crate::request::WorkloadSpec;
+use crate::routes::ActionKind;
+
+/// Every error answer: what went wrong, in words (the status says the kind).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// A record the agent found damaged and set aside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DamagedObject {
+    /// `volume`, `share`, `migration`, …
+    pub kind: String,
+    pub name: String,
+    pub path: String,
+    pub error: String,
+}
+
+/// `GET /api/v1/node`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeInfo {
+    pub node_name: String,
+    pub fingerprint: String,
+    pub cert_pem: String,
+    pub api: String,
+    pub replication: String,
+    pub nbd: String,
+    pub nbd_tls: Option<String>,
+    pub heartbeat: Vec<String>,
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub free_bytes: Option<u64>,
+    pub damaged: Vec<DamagedObject>,
+}
+
+/// A registered peer as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PeerInfo {
+    pub name: String,
+    pub api: String,
+    pub replication: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Paired {
+    pub paired: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Repinned {
+    pub repinned: Option<String>,
+    pub fingerprint: String,
+}
+
+/// `POST /api/v1/node/rekey`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Rekeyed {
+    pub node: String,
+    pub old_fingerprint: String,
+    pub fingerprint: String,
+    pub peers: Vec<String>,
+    pub peers_still_accepting_old: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenRotated {
+    pub node: String,
+    pub token_file: String,
+}
+
+/// A token as listed (never its secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    /// `null` for the `api.token` file.
+    pub created_unix: Option<u64>,
+    /// Where it is valid: `node` (this node only).
+    pub scope: String,
+}
+
+/// `POST /api/v1/tokens`: the token, shown this once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenCreated {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+    pub node: String,
+    pub scope: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenRevoked {
+    pub revoked: String,
+    pub node: String,
+}
+
+/// A volume as listed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub id: String,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub exported: bool,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Deleted {
+    pub deleted: String,
+}
+
+/// `GET /api/v1/volumes/{name}/hashes`: `hashes`, or with `?warm=1` only
+/// how many `leaves` were brought up to date.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BlockHashes {
+    pub granularity_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hashes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaves: Option<u64>,
+}
+
+/// `GET /api/v1/volumes/{name}/generation`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Generation {
+    pub volume: String,
+    /// [current, ancestors…].
+    pub ids: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// `POST /api/v1/volumes/{name}/verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VolumeVerify {
+    pub volume: String,
+    pub peer: String,
+    pub equal: bool,
+    pub root: String,
+    pub peer_root: String,
+    pub blocks: u64,
+    pub differing: Vec<ByteRange>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VolumePromoted {
+    pub promoted: String,
+    /// Hex, 16 digits.
+    pub generation: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PromotedVolume {
+    pub name: String,
+    pub generation: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TakenOver {
+    pub promoted: Vec<PromotedVolume>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Armed {
+    pub armed: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MarkedInconsistent {
+    pub inconsistent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplicaCreated {
+    pub replica: String,
+}
+
+/// `PUT /api/v1/workloads/{name}`: the definition and where it was saved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkloadUpdated {
+    #[serde(flatten)]
+    pub spec: WorkloadSpec,
+    pub updated_on: Vec<String>,
+}
+
+/// What a hook did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HookRun {
+    pub hook: String,
+    pub ok: bool,
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub elapsed_ms: u64,
+    /// The tail of its stdout and stderr.
+    pub output: String,
+}
+
+/// `POST /api/v1/workloads/{name}/hooks/{which}`: `null` when there was
+/// nothing to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HookResult {
+    pub run: Option<HookRun>,
+}
+
+/// A share's replica state as a migration's status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationShare {
+    pub share: String,
+    pub role: String,
+    pub state: String,
+    pub pending_paths: u64,
+    pub last_error: Option<String>,
+}
+
+/// A scheduled cutover as `migrate status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleView {
+    pub at: Option<String>,
+    pub window: Option<String>,
+    pub deadline: Option<String>,
+    pub recurring: bool,
+    /// `pending`, `cutting-over`, `done`, `expired`, …
+    pub state: String,
+    pub attempts: u32,
+    pub cutovers: u32,
+    pub last_attempt_at: Option<String>,
+    pub last_outcome: Option<String>,
+    pub reason: Option<String>,
+    pub next_window_opens_at: Option<String>,
+}
+
+/// One step of a cutover, in µs from its start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CutoverStep {
+    pub step: String,
+    pub at_us: u64,
+}
+
+/// `POST /api/v1/migrations/{name}/cutover`: how the cutover went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CutoverReport {
+    pub workload: String,
+    pub from: String,
+    pub to: String,
+    /// Freeze → the target serving, ms (0.1 ms resolution).
+    pub downtime_ms: f64,
+    /// Stop hook → check passing, ms.
+    pub outage_ms: Option<f64>,
+    pub steps_us: Vec<CutoverStep>,
+    pub hooks: Vec<HookRun>,
+    pub target_healthy: bool,
+    /// The target did not come up: the reverse cutover that returned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse_cutover: Option<Box<ReverseOutcome>>,
+}
+
+/// A reverse cutover after a failed start: its report, or why it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ReverseOutcome {
+    Done(CutoverReport),
+    Failed(ErrorBody),
+}
+
+/// One workload of `POST /api/v1/migrations-cutover-all`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum CutoverOutcome {
+    Skipped(CutoverSkipped),
+    Done(CutoverReport),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CutoverSkipped {
+    pub workload: String,
+    pub skipped: String,
+}
+
+/// A test instance (`POST /api/v1/migrations/{name}/test`, and on the
+/// target `POST /api/v1/workloads/{name}/test`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TestReport {
+    pub workload: String,
+    pub node: String,
+    pub exports: Vec<String>,
+    pub started: bool,
+    pub check_ok: bool,
+    pub start_to_check_ms: u64,
+    pub hooks: Vec<HookRun>,
+    pub started_unix: u64,
+    /// On the source: how long its volumes were frozen for the barrier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_frozen_us: Option<u64>,
+    /// On the source: where the instance runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// The end of a test instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TestEnded {
+    pub workload: String,
+    pub node: String,
+    pub ended: bool,
+    pub overlay_bytes_discarded: u64,
+    pub snapshot_bytes_saved: u64,
+    pub hooks: Vec<HookRun>,
+}
+
+/// The status of one migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationStatus {
+    pub workload: String,
+    pub source: String,
+    pub target: String,
+    pub mode: String,
+    /// `syncing`, `ready`, `cutting-over`, `completed`, `failed`, `rolled-back`, …
+    pub phase: String,
+    pub bytes_remaining: u64,
+    pub backlog_bytes: u64,
+    pub merkle_stale_bytes: u64,
+    pub shares: Vec<MigrationShare>,
+    pub eta_seconds: Option<f64>,
+    pub bandwidth_bytes_per_s: u64,
+    pub write_rate_bytes_per_s: u64,
+    pub lag_seconds: Option<f64>,
+    pub not_converging: bool,
+    pub auto_converge: bool,
+    pub throttle_pct: u64,
+    pub reason: Option<String>,
+    pub started_unix: u64,
+    pub last_cutover: Option<CutoverReport>,
+    pub reverse: bool,
+    pub finalized: bool,
+    pub test: Option<TestReport>,
+    pub auto_cutover: bool,
+    pub auto_cutover_attempts: u32,
+    pub scheduled_at: Option<String>,
+    pub schedule: Option<ScheduleView>,
+}
+
+/// `POST /api/v1/migrations/{name}/schedule`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleSet {
+    pub workload: String,
+    pub scheduled_at: Option<String>,
+    pub schedule: ScheduleView,
+}
+
+/// `DELETE /api/v1/migrations/{name}/schedule`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ScheduleCancelled {
+    pub workload: String,
+    pub cancelled: bool,
+    pub was: ScheduleView,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Reversed {
+    pub reverse: String,
+}
+
+/// `POST /api/v1/migrations/{name}/finalize`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Finalized {
+    pub workload: String,
+    pub finalized: bool,
+    pub old_source: String,
+    pub note: String,
+}
+
+/// A volume's replication, as its primary sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PrimaryReplication {
+    pub volume: String,
+    /// `primary`.
+    pub role: String,
+    pub peer: Option<String>,
+    pub stream: Option<String>,
+    /// `sync` or `async`.
+    pub mode: String,
+    /// `disconnected`, `resyncing`, `connected`, `split-brain`.
+    pub link: String,
+    /// The replica's state: `up-to-date`, `outdated`, `inconsistent`.
+    pub state: String,
+    pub synced_percent: f64,
+    pub dirty_bytes: u64,
+    pub backlog_bytes: u64,
+    pub behind: bool,
+    pub bytes_sent: u64,
+    pub copy_bytes_sent: u64,
+    pub write_bytes_sent: u64,
+    pub rate_bytes_per_s: u64,
+    pub eta_seconds: Option<u64>,
+    pub max_rate_bytes_per_s: Option<u64>,
+    pub merkle_stale_blocks: u64,
+    pub last_error: Option<String>,
+}
+
+/// A volume's replication, as its replica sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaReplication {
+    pub volume: String,
+    /// `secondary`.
+    pub role: String,
+    pub peer: Option<String>,
+    /// `up-to-date` or `inconsistent`.
+    pub state: String,
+    pub received_seq: u64,
+    pub bytes_applied: u64,
+    pub merkle_stale_blocks: u64,
+    pub last_error: Option<String>,
+}
+
+/// The status of one volume's replication (docs/status.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ReplicationStatus {
+    Primary(PrimaryReplication),
+    Replica(ReplicaReplication),
+}
+
+impl ReplicationStatus {
+    pub fn volume(&self) -> &str {
+        match self {
+            ReplicationStatus::Primary(p) => &p.volume,
+            ReplicationStatus::Replica(r) => &r.volume,
+        }
+    }
+    pub fn state(&self) -> &str {
+        match self {
+            ReplicationStatus::Primary(p) => &p.state,
+            ReplicationStatus::Replica(r) => &r.state,
+        }
+    }
+    pub fn last_error(&self) -> Option<&str> {
+        match self {
+            ReplicationStatus::Primary(p) => p.last_error.as_deref(),
+            ReplicationStatus::Replica(r) => r.last_error.as_deref(),
+        }
+    }
+}
+
+/// The status of one share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShareStatus {
+    pub name: String,
+    /// `sync` or `async`.
+    pub mode: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    pub serving: bool,
+    pub path: String,
+    pub peer: Option<String>,
+    pub state: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub pending_paths: u64,
+    pub ops_sent: u64,
+    pub bytes_sent: u64,
+    pub resync_files: u64,
+    pub resync_bytes: u64,
+    pub delta_reused_bytes: u64,
+    pub unreadable_files: u64,
+    pub crash_consistent: bool,
+    pub lag_ms: u64,
+    pub lag_p50_ms: u64,
+    pub lag_p99_ms: u64,
+    pub watched_dirs: u64,
+    pub unwatched_dirs: u64,
+    pub overflows: u64,
+    pub rescans: u64,
+    pub passthrough_opens: u64,
+    pub fuse_read_bytes: u64,
+    pub last_error: Option<String>,
+}
+
+/// `GET /api/v1/shares/{name}/digest`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShareDigest {
+    pub share: String,
+    pub digest: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// One entry of a share's copy (hex-encoded path and record).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShareEntry {
+    pub p: String,
+    pub r: String,
+    pub h: Option<String>,
+    /// ctime, ns, as a decimal string.
+    pub c: String,
+}
+
+/// `GET /api/v1/shares/{name}/files`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShareFiles {
+    pub share: String,
+    pub entries: Vec<ShareEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShareDifference {
+    pub path: String,
+    pub why: String,
+}
+
+/// `POST /api/v1/shares/{name}/verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShareVerifyReport {
+    pub share: String,
+    pub peer: String,
+    pub equal: bool,
+    pub entries: u64,
+    pub files: u64,
+    pub differing_count: u64,
+    pub differing: Vec<ShareDifference>,
+    pub changed_during_verify: u64,
+    pub elapsed_ms: u64,
+}
+
+/// A replica of an HA workload and its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HaReplica {
+    pub node: String,
+    pub state: String,
+}
+
+/// Something the cluster told the operator (`event` names it; the other
+/// fields depend on it: `why`, `silent_ms`, `epoch`, `primary`,
+/// `failover_ms`, …).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterEvent {
+    pub event: String,
+    pub workload: String,
+    pub node: String,
+    pub at_unix_ms: u64,
+    #[serde(flatten)]
+    pub detail: BTreeMap<String, Value>,
+}
+
+/// One HA workload as this node's cluster manager sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HaWorkloadStatus {
+    pub workload: String,
+    pub preferred: String,
+    /// This node's role: `primary` or `secondary`.
+    pub role: String,
+    /// Who serves it, if anyone does now.
+    pub primary: Option<String>,
+    pub epoch: u64,
+    pub peer: String,
+    pub peer_alive: bool,
+    pub writes_held: bool,
+    pub candidate: bool,
+    pub accept_loss: bool,
+    pub split_brain: bool,
+    pub changed_bytes: u64,
+    /// Copies split-brain resolutions kept here.
+    pub copies: Vec<String>,
+    pub replicas: Vec<HaReplica>,
+    pub events: Vec<ClusterEvent>,
+}
+
+/// `GET /api/v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub standby: bool,
+    pub state: String,
+    pub configured: bool,
+    pub workloads: Vec<HaWorkloadStatus>,
+    pub damaged: Vec<DamagedObject>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterAdded {
+    pub workload: String,
+    pub preferred: String,
+    /// This node's role in it.
+    pub role: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClusterRemoved {
+    pub workload: String,
+    pub removed: bool,
+}
+
+/// `POST /api/v1/cluster/workloads/{name}/switchover`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SwitchoverReport {
+    pub workload: String,
+    pub from: String,
+    pub to: String,
+    /// Freeze → both copies proven equal.
+    pub verified_ms: u64,
+    /// Freeze → the peer serving.
+    pub downtime_ms: u64,
+}
+
+/// `POST /api/v1/cluster/standby`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StandbySet {
+    pub node: String,
+    pub standby: bool,
+    /// The workloads switched over to the peer.
+    pub moved: Vec<SwitchoverReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ForcePromoted {
+    pub workload: String,
+    pub primary: String,
+    pub forced: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SplitBrainResolved {
+    pub workload: String,
+    pub kept: String,
+    pub discarded: String,
+    /// Where the discarded node keeps its diverged copies.
+    pub copies: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CopiesDropped {
+    pub workload: String,
+    pub node: String,
+    pub dropped: Vec<String>,
+}
+
+macro_rules! replies {
+    ($( $kind:ident => $variant:ident($ty:ty); )*) => {
+        /// Any action's reply. Encoded as the inner value (no tag): the
+        /// action it answers says which it is.
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(untagged)]
+        pub enum Reply { $( $variant($ty), )* }
+
+        impl Reply {
+            /// Reads the answer to an action of `kind`.
+            pub fn decode(kind: ActionKind, v: Value) -> Result<Reply, ActionError> {
+                match kind {
+                    $( ActionKind::$kind => serde_json::from_value::<$ty>(v)
+                        .map(Reply::$variant)
+                        .map_err(|e| ActionError::new(
+                            crate::error::ErrorKind::Internal,
+                            format!("the answer to {} does not fit its type: {e}", kind.name()),
+                        )), )*
+                }
+            }
+
+            /// The JSON Schema of the reply to `kind`, from `generator`.
+            pub fn schema_for(
+                kind: ActionKind,
+                generator: &mut schemars::SchemaGenerator,
+            ) -> schemars::Schema {
+                match kind {
+                    $( ActionKind::$kind => generator.subschema_for::<$ty>(), )*
+                }
+            }
+        }
+    };
+}
+
+replies! {
+    GetNode => Node(NodeInfo);
+    ListNodes => Nodes(Vec<PeerInfo>);
+    AddNode => NodeAdded(PeerInfo);
+    Pair => Paired(Paired);
+    Repin => Repinned(Repinned);
+    Rekey => Rekeyed(Rekeyed);
+    RotateToken => TokenRotated(TokenRotated);
+    ListTokens => Tokens(Vec<TokenInfo>);
+    CreateToken => TokenCreated(TokenCreated);
+    RevokeToken => TokenRevoked(TokenRevoked);
+    ListVolumes => Volumes(Vec<VolumeInfo>);
+    CreateVolume => VolumeCreated(VolumeInfo);
+    DeleteVolume => VolumeDeleted(Deleted);
+    VolumeHashes => Hashes(BlockHashes);
+    VolumeGeneration => Generation(Generation);
+    VerifyVolume => VolumeVerify(VolumeVerify);
+    PromoteVolume => VolumePromoted(VolumePromoted);
+    ArmSnapshot => Armed(Armed);
+    Takeover => TakenOver(TakenOver);
+    MarkInconsistent => MarkedInconsistent(MarkedInconsistent);
+    CreateReplica => ReplicaCreated(ReplicaCreated);
+    ListWorkloads => Workloads(Vec<WorkloadSpec>);
+    CreateWorkload => WorkloadCreated(WorkloadSpec);
+    GetWorkload => Workload(WorkloadSpec);
+    PutWorkload => WorkloadUpdated(WorkloadUpdated);
+    DeleteWorkload => WorkloadDeleted(Deleted);
+    StartTestHere => TestStartedHere(TestReport);
+    EndTestHere => TestEndedHere(TestEnded);
+    RunHook => Hook(HookResult);
+    ListMigrations => Migrations(Vec<MigrationStatus>);
+    StartMigration => MigrationStarted(MigrationStatus);
+    GetMigration => Migration(MigrationStatus);
+    SetMigration => MigrationSet(MigrationStatus);
+    CutoverAll => CutoverAll(Vec<CutoverOutcome>);
+    Cutover => Cutover(CutoverReport);
+    ScheduleCutover => ScheduleSet(ScheduleSet);
+    CancelCutover => ScheduleCancelled(ScheduleCancelled);
+    ReverseMigration => Reversed(Reversed);
+    Rollback => RolledBack(CutoverReport);
+    Finalize => Finalized(Finalized);
+    StartTest => TestStarted(TestReport);
+    EndTest => TestEnded(TestEnded);
+    ListReplications => Replications(Vec<ReplicationStatus>);
+    StartReplication => ReplicationStarted(ReplicationStatus);
+    GetReplication => Replication(ReplicationStatus);
+    SetReplication => ReplicationSet(ReplicationStatus);
+    StopReplication => ReplicationStopped(ReplicationStatus);
+    ListShares => Shares(Vec<ShareStatus>);
+    CreateShare => ShareCreated(ShareStatus);
+    GetShare => Share(ShareStatus);
+    ShareDigest => ShareDigest(ShareDigest);
+    ShareFiles => ShareFiles(ShareFiles);
+    VerifyShare => ShareVerify(ShareVerifyReport);
+    ClusterStatus => Cluster(ClusterStatus);
+    ClusterAdd => ClusterAdded(ClusterAdded);
+    ClusterRemove => ClusterRemoved(ClusterRemoved);
+    ClusterStandby => Standby(StandbySet);
+    ClusterPromote => ForcePromoted(ForcePromoted);
+    ClusterResolve => SplitBrainResolved(SplitBrainResolved);
+    ClusterDropCopy => CopiesDropped(CopiesDropped);
+    ClusterSwitchover => Switchover(SwitchoverReport);
+    OpenApi => OpenApi(Value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_keep_their_wire_shape() {
+        // A replica's status is not read as a primary's, and back.
+        let v = serde_json::json!({"volume": "v", "role": "secondary", "peer": "a",
+            "state": "up-to-date", "received_seq": 3, "bytes_applied": 4,
+            "merkle_stale_blocks": 0, "last_error": null});
+        let r = Reply::decode(ActionKind::GetReplication, v.clone()).unwrap();
+        assert!(matches!(
+            r,
+            Reply::Replication(ReplicationStatus::Replica(_))
+        ));
+        assert_eq!(serde_json::to_value(&r).unwrap(), v);
+        // A skipped cutover is not a report, and a wrong type is refused.
+        let v = serde_json::json!([{"workload": "w", "skipped": "not ready (syncing)"}]);
+        let r = Reply::decode(ActionKind::CutoverAll, v.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&r).unwrap(), v);
+        let bad = serde_json::json!([{"name": "v", "id": "i", "size_bytes": "big",
+            "allocated_bytes": 0, "exported": true, "path": "/x"}]);
+        assert!(Reply::decode(ActionKind::ListVolumes, bad).is_err());
+    }
+}

@@ -1,0 +1,348 @@
+//! The request bodies: what each action takes, field by field. A body that
+//! does not fit (unknown field, wrong type, a name outside the grammar) is
+//! refused with 400 naming the field.
+
+use ferry_core::Name;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+fn yes() -> bool {
+    true
+}
+
+fn default_hook_timeout_ms() -> u64 {
+    30_000
+}
+
+/// `POST /api/v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddNode {
+    pub name: String,
+    pub api: String,
+    /// The peer's API token: authorizes this one call, not kept.
+    pub token: String,
+    /// The certificate fingerprint the operator supplied or confirmed: the
+    /// only one pinned.
+    pub fingerprint: String,
+}
+
+/// `POST /api/v1/nodes/pair`: the calling node, as it asks to be pinned
+/// (unknown fields are ignored: a newer node may say more).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PairRequest {
+    pub name: String,
+    pub api: String,
+    pub replication: String,
+    pub fingerprint: String,
+    pub cert_pem: String,
+    /// Dropped: a peer is called with mutual TLS.
+    #[serde(default, skip_serializing)]
+    pub token: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_fingerprint: Option<String>,
+    #[serde(default)]
+    pub heartbeat: Vec<String>,
+    #[serde(default)]
+    pub heartbeat_key: String,
+}
+
+/// `POST /api/v1/nodes/repin`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Repin {
+    pub cert_pem: String,
+    pub fingerprint: String,
+    /// The node uses its new certificate now: stop accepting the old one.
+    #[serde(default)]
+    pub done: bool,
+}
+
+/// `POST /api/v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+}
+
+/// `POST /api/v1/volumes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+/// `GET /api/v1/volumes/{name}/hashes` (query).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HashesQuery {
+    /// Read the whole image rather than the leaf cache.
+    pub fresh: bool,
+    /// Bring the cache up to date, send no hashes.
+    pub warm: bool,
+}
+
+/// `POST /api/v1/volumes/{name}/promote`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Promote {
+    pub reverse_to: Option<String>,
+    /// `sync` or `async`.
+    pub mode: Option<String>,
+}
+
+/// `POST /api/v1/workloads/{name}/takeover`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Takeover {
+    pub volumes: Vec<String>,
+    #[serde(default)]
+    pub shares: Vec<String>,
+    pub reverse_to: Option<String>,
+    pub mode: Option<String>,
+}
+
+/// `POST /api/v1/volumes/{name}/snapshot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArmSnapshot {
+    pub token: u64,
+}
+
+/// `POST /api/v1/replicas`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateReplica {
+    pub volume: String,
+    pub volume_id: String,
+    pub size_bytes: u64,
+    pub primary: String,
+}
+
+/// A QEMU VM ferry runs on the node that serves the workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Kernel image (direct boot); the path must exist on every node.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub append: Option<String>,
+    pub memory_mib: u64,
+    /// QEMU accelerator: `tcg` (default) or `kvm`.
+    #[serde(default)]
+    pub accel: Option<String>,
+    /// More QEMU arguments, as given.
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+/// A workload's definition (`POST /api/v1/workloads`, `PUT …/{name}`, and
+/// what `GET` answers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    #[schemars(with = "String")]
+    pub name: Name,
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub volumes: Vec<Name>,
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub shares: Vec<Name>,
+    #[serde(default)]
+    pub start: Option<String>,
+    #[serde(default)]
+    pub stop: Option<String>,
+    #[serde(default)]
+    pub check: Option<String>,
+    /// Each hook is killed after this long and counts as failed.
+    #[serde(default = "default_hook_timeout_ms")]
+    pub hook_timeout_ms: u64,
+    #[serde(default)]
+    pub vm: Option<VmSpec>,
+    /// `ADDR/PREFIX`, moved with the workload by the HA cluster.
+    #[serde(default)]
+    pub vip: Option<String>,
+    #[serde(default)]
+    pub vip_interface: Option<String>,
+}
+
+/// `POST /api/v1/workloads/{name}/hooks/{which}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HookRequest {
+    /// `primary` (default) or `test`.
+    pub role: Option<String>,
+}
+
+/// Which of a workload's hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HookName {
+    Start,
+    Stop,
+    Check,
+}
+
+impl HookName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookName::Start => "start",
+            HookName::Stop => "stop",
+            HookName::Check => "check",
+        }
+    }
+}
+
+/// `POST /api/v1/migrations`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartMigration {
+    pub workload: String,
+    pub to: String,
+    pub mode: Option<String>,
+    pub max_rate_bytes_per_s: Option<u64>,
+    #[serde(default)]
+    pub auto_converge: bool,
+    #[serde(default)]
+    pub auto_cutover: bool,
+    /// With `auto_cutover`: only inside this maintenance window…
+    pub window: Option<String>,
+    /// …and not after this (RFC 3339).
+    pub deadline: Option<String>,
+}
+
+/// `PATCH /api/v1/migrations/{name}` and `PATCH /api/v1/replications/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetRate {
+    pub max_rate_bytes_per_s: Option<u64>,
+}
+
+/// `POST /api/v1/migrations/{name}/cutover`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CutoverRequest {
+    /// A target whose start/check hook fails hands the workload back.
+    #[serde(default = "yes")]
+    pub reverse_on_failure: bool,
+}
+
+impl Default for CutoverRequest {
+    fn default() -> Self {
+        CutoverRequest {
+            reverse_on_failure: true,
+        }
+    }
+}
+
+/// `POST /api/v1/migrations/{name}/schedule`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    /// RFC 3339 with an explicit zone (`Z` or an offset).
+    pub at: Option<String>,
+    /// `DAYS HH:MM-HH:MM ZONE`.
+    pub window: Option<String>,
+    /// RFC 3339: gives up after this.
+    pub deadline: Option<String>,
+}
+
+/// `POST /api/v1/migrations/{name}/reverse`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reverse {
+    pub target: String,
+    pub mode: Option<String>,
+}
+
+/// `POST /api/v1/replications`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartReplication {
+    pub volume: String,
+    pub to: String,
+    pub mode: Option<String>,
+    pub max_rate_bytes_per_s: Option<u64>,
+    #[serde(default)]
+    pub checksum: bool,
+}
+
+/// `?wait_state=S&wait_ms=N` on a status: answer once the state is S, or
+/// after N ms (at most 5 s) with the status as it is then.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StatusWait {
+    pub wait_state: Option<String>,
+    pub wait_ms: Option<u64>,
+}
+
+/// `POST /api/v1/shares`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateShare {
+    pub name: String,
+    pub path: String,
+    /// `sync` or `async`.
+    pub mode: String,
+    pub to: Option<String>,
+}
+
+/// `POST /api/v1/shares/{name}/verify`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShareVerify {
+    pub timeout_ms: Option<u64>,
+}
+
+/// `POST /api/v1/cluster/workloads`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterAdd {
+    #[schemars(with = "String")]
+    pub workload: Name,
+    pub preferred: String,
+    #[serde(default)]
+    pub accept_loss: bool,
+    /// Passed on by the peer (not an operator).
+    #[serde(default)]
+    pub forwarded: bool,
+}
+
+/// `POST /api/v1/cluster/standby`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Standby {
+    pub node: String,
+    pub standby: bool,
+}
+
+/// `POST /api/v1/cluster/workloads/{name}/promote`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForcePromote {
+    #[serde(default)]
+    pub force: bool,
+    /// Asked by the peer's split-brain policy (not an operator).
+    #[serde(default)]
+    pub by_policy: bool,
+}
+
+/// `POST /api/v1/cluster/workloads/{name}/resolve-split-brain`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resolve {
+    pub keep: String,
+    /// From the kept node to the discarded one: each volume's generation
+    /// ids, newest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histories: Option<std::collections::BTreeMap<String, Vec<u64>>>,
+}
+
+/// `POST /api/v1/cluster/workloads/{name}/drop-copy`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DropCopy {
+    pub node: String,
+}
