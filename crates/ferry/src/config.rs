@@ -499,4 +499,3 @@ mod tests {
         .unwrap();
     }
 }
-

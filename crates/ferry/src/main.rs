@@ -7,18 +7,15 @@ mod api;
 mod cli;
 mod cluster;
 mod config;
-mod demo;
-mod export;
 mod handover;
-mod migrate;
-mod remote;
-mod schedule;
+mod migration;
 mod share;
 mod store;
 mod sys;
 mod transport;
 mod vm;
 mod volume;
+mod workload;
 
 use std::process::ExitCode;
 
@@ -26,6 +23,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use ferry_core::ByteSize;
 
+use cli::{demo, export, remote};
 use cli::{Cli, Command, VolumeCommand};
 use volume::VolumeStore;
 

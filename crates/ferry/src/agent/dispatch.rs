@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::agent::AgentCtx;
-use crate::api::client::ApiClient;
+use crate::transport::client::ApiClient;
 use crate::transport::peers::Peer;
 
 /// Who asked, as the API's authentication established it.
@@ -217,7 +217,7 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
         }
         Action::ArmSnapshot { name, req } => {
             let n = name.to_string();
-            blocking(move || crate::migrate::test_arm_here(&ctx, &n, req.token)).await?;
+            blocking(move || crate::migration::test_arm_here(&ctx, &n, req.token)).await?;
             Reply::Armed(r::Armed {
                 armed: name.to_string(),
             })
@@ -271,13 +271,13 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
             Reply::ReplicaCreated(r::ReplicaCreated { replica: name })
         }
         Action::ListWorkloads => {
-            let list = blocking(move || crate::migrate::list_workloads(&ctx.cfg.data_dir)).await?;
+            let list = blocking(move || crate::workload::list_workloads(&ctx.cfg.data_dir)).await?;
             Reply::Workloads(convert(&list)?)
         }
         Action::CreateWorkload(spec) => Reply::WorkloadCreated(create_workload(ctx, spec).await?),
         Action::GetWorkload { name } => {
             let n = name.to_string();
-            let w = blocking(move || crate::migrate::load_workload(&ctx.cfg.data_dir, &n)).await?;
+            let w = blocking(move || crate::workload::load_workload(&ctx.cfg.data_dir, &n)).await?;
             let w =
                 w.ok_or_else(|| ActionError::not_found(format!("no workload {name:?} here")))?;
             Reply::Workload(convert(&w)?)
@@ -299,7 +299,7 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
             }
             let n = name.to_string();
             let deleted =
-                blocking(move || crate::migrate::delete_workload(&ctx.cfg.data_dir, &n)).await?;
+                blocking(move || crate::workload::delete_workload(&ctx.cfg.data_dir, &n)).await?;
             if !deleted {
                 return Err(ActionError::not_found(format!("no workload {name:?} here")));
             }
@@ -308,19 +308,19 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
             })
         }
         Action::StartTestHere { name } => Reply::TestStartedHere(typed(
-            blocking(move || crate::migrate::test_start_here(&ctx, &name)).await?,
+            blocking(move || crate::migration::test_start_here(&ctx, &name)).await?,
         )?),
         Action::EndTestHere { name } => Reply::TestEndedHere(typed(
-            blocking(move || crate::migrate::test_end_here(&ctx, &name)).await?,
+            blocking(move || crate::migration::test_end_here(&ctx, &name)).await?,
         )?),
         Action::RunHook { name, which, req } => {
             let run = blocking(move || {
                 let spec =
-                    crate::migrate::load_workload(&ctx.cfg.data_dir, &name)?.ok_or_else(|| {
+                    crate::workload::load_workload(&ctx.cfg.data_dir, &name)?.ok_or_else(|| {
                         anyhow::anyhow!("no workload {name:?} on node {}", ctx.identity.node_name)
                     })?;
-                Ok(crate::migrate::workload_hook(
-                    &ctx,
+                Ok(crate::workload::workload_hook(
+                    &ctx.hook_env(),
                     &spec,
                     which.as_str(),
                     req.role.as_deref().unwrap_or("primary"),
@@ -332,23 +332,23 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
             })
         }
         Action::ListMigrations => Reply::Migrations(typed(
-            blocking(move || crate::migrate::statuses(&ctx)).await?,
+            blocking(move || crate::migration::statuses(&ctx)).await?,
         )?),
         Action::StartMigration(req) => {
             let mode = parse_mode(req.mode.as_deref())?;
             let window = (req.window.is_some() || req.deadline.is_some()).then(|| {
-                crate::schedule::ScheduleRequest {
+                crate::migration::schedule::ScheduleRequest {
                     at: None,
                     window: req.window.clone(),
                     deadline: req.deadline.clone(),
                 }
             });
             let v = blocking(move || {
-                crate::migrate::start(
+                crate::migration::start(
                     &ctx,
                     &req.workload,
                     &req.to,
-                    crate::migrate::StartOptions {
+                    crate::migration::StartOptions {
                         mode,
                         max_rate: req.max_rate_bytes_per_s,
                         auto_converge: req.auto_converge,
@@ -361,54 +361,55 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
             Reply::MigrationStarted(typed(v)?)
         }
         Action::GetMigration { name } => {
-            let v = blocking(move || crate::migrate::status(&ctx, &name))
+            let v = blocking(move || crate::migration::status(&ctx, &name))
                 .await
                 .map_err(|e| ActionError::not_found(e.message))?;
             Reply::Migration(typed(v)?)
         }
         Action::SetMigration { name, req } => Reply::MigrationSet(typed(
-            blocking(move || crate::migrate::set_rate(&ctx, &name, req.max_rate_bytes_per_s))
+            blocking(move || crate::migration::set_rate(&ctx, &name, req.max_rate_bytes_per_s))
                 .await?,
         )?),
         Action::CutoverAll => Reply::CutoverAll(typed(
-            blocking(move || crate::migrate::cutover_all(&ctx)).await?,
+            blocking(move || crate::migration::cutover_all(&ctx)).await?,
         )?),
         Action::Cutover { name, req } => Reply::Cutover(typed(
-            blocking(move || crate::migrate::cutover_with(&ctx, &name, req.reverse_on_failure))
+            blocking(move || crate::migration::cutover_with(&ctx, &name, req.reverse_on_failure))
                 .await?,
         )?),
         Action::ScheduleCutover { name, req } => {
-            let req = crate::schedule::ScheduleRequest {
+            let req = crate::migration::schedule::ScheduleRequest {
                 at: req.at,
                 window: req.window,
                 deadline: req.deadline,
             };
             Reply::ScheduleSet(typed(
-                blocking(move || crate::schedule::set(&ctx, &name, &req)).await?,
+                blocking(move || crate::migration::schedule::set(&ctx, &name, &req)).await?,
             )?)
         }
         Action::CancelCutover { name } => Reply::ScheduleCancelled(typed(
-            blocking(move || crate::schedule::cancel(&ctx, &name)).await?,
+            blocking(move || crate::migration::schedule::cancel(&ctx, &name)).await?,
         )?),
         Action::ReverseMigration { name, req } => {
             let mode = req.mode.unwrap_or_else(|| "sync".into());
             let n = name.to_string();
-            blocking(move || crate::migrate::record_reverse(&ctx, &n, &req.target, &mode)).await?;
+            blocking(move || crate::migration::record_reverse(&ctx, &n, &req.target, &mode))
+                .await?;
             Reply::Reversed(r::Reversed {
                 reverse: name.to_string(),
             })
         }
         Action::Rollback { name } => Reply::RolledBack(typed(
-            blocking(move || crate::migrate::rollback(&ctx, &name)).await?,
+            blocking(move || crate::migration::rollback(&ctx, &name)).await?,
         )?),
         Action::Finalize { name } => Reply::Finalized(typed(
-            blocking(move || crate::migrate::finalize(&ctx, &name)).await?,
+            blocking(move || crate::migration::finalize(&ctx, &name)).await?,
         )?),
         Action::StartTest { name } => Reply::TestStarted(typed(
-            blocking(move || crate::migrate::test_start(&ctx, &name)).await?,
+            blocking(move || crate::migration::test_start(&ctx, &name)).await?,
         )?),
         Action::EndTest { name } => Reply::TestEnded(typed(
-            blocking(move || crate::migrate::test_end(&ctx, &name)).await?,
+            blocking(move || crate::migration::test_end(&ctx, &name)).await?,
         )?),
         Action::ListReplications => {
             let mut out = Vec::new();
@@ -905,10 +906,10 @@ fn generation(ctx: &AgentCtx, name: &str) -> Res<r::Generation> {
 }
 
 async fn create_workload(ctx: Arc<AgentCtx>, spec: q::WorkloadSpec) -> Res<q::WorkloadSpec> {
-    let inner: crate::migrate::WorkloadSpec = convert(&spec)?;
+    let inner: crate::workload::WorkloadSpec = convert(&spec)?;
     blocking(move || {
         inner.validate()?;
-        if crate::migrate::load_workload(&ctx.cfg.data_dir, &inner.name)?.is_some() {
+        if crate::workload::load_workload(&ctx.cfg.data_dir, &inner.name)?.is_some() {
             anyhow::bail!(
                 "workload {:?} exists; change it with PUT or delete it first",
                 inner.name
@@ -922,7 +923,7 @@ async fn create_workload(ctx: Arc<AgentCtx>, spec: q::WorkloadSpec) -> Res<q::Wo
                 );
             }
         }
-        crate::migrate::save_workload(&ctx.cfg.data_dir, &inner)
+        crate::workload::save_workload(&ctx.cfg.data_dir, &inner)
     })
     .await?;
     Ok(spec)
@@ -940,10 +941,10 @@ async fn put_workload(
             spec.name
         )));
     }
-    let inner: crate::migrate::WorkloadSpec = convert(&spec)?;
+    let inner: crate::workload::WorkloadSpec = convert(&spec)?;
     let updated_on = blocking(move || {
         inner.validate()?;
-        crate::migrate::save_workload(&ctx.cfg.data_dir, &inner)?;
+        crate::workload::save_workload(&ctx.cfg.data_dir, &inner)?;
         // Changed through either node, kept the same on both: pass it on to
         // every peer that holds this workload.
         let mut updated = vec![ctx.identity.node_name.clone()];
@@ -993,7 +994,7 @@ async fn cluster_add(ctx: Arc<AgentCtx>, r: q::ClusterAdd) -> Res<r::ClusterAdde
         let peer = ctx.peers.get(&cfg.peer).ok_or_else(|| {
             anyhow::anyhow!("peer {} is not registered yet: run `ferry node add {}` first", cfg.peer, cfg.peer)
         })?;
-        let spec = crate::migrate::load_workload(&ctx.cfg.data_dir, &r.workload)?
+        let spec = crate::workload::load_workload(&ctx.cfg.data_dir, &r.workload)?
             .ok_or_else(|| anyhow::anyhow!("workload {:?} is not defined on node {me}", r.workload))?;
         let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
         let share_role = |s: &str| store.load(s).map(|r| r.role).unwrap_or_default();

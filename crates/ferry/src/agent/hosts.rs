@@ -13,6 +13,16 @@ use crate::transport::dial::Dialer;
 use crate::transport::settings::ReplicationSettings;
 
 impl AgentCtx {
+    /// What a workload's hooks need of this node.
+    pub fn hook_env(&self) -> crate::workload::HookEnv<'_> {
+        crate::workload::HookEnv {
+            node_name: &self.identity.node_name,
+            data_dir: &self.cfg.data_dir,
+            nbd_uri_base: &self.nbd_uri_base,
+            vms: &self.vms,
+        }
+    }
+
     /// GET `path` from paired node `peer`'s API, as this node (its
     /// certificate), giving up after `timeout`.
     pub fn peer_get_json(
@@ -25,7 +35,7 @@ impl AgentCtx {
             .peers
             .get(peer)
             .ok_or_else(|| anyhow!("peer {peer} is not registered"))?;
-        crate::api::client::ApiClient::to_peer(&self.identity, &peer)?
+        crate::transport::client::ApiClient::to_peer(&self.identity, &peer)?
             .with_timeout(timeout)
             .get(path)
     }
@@ -122,8 +132,98 @@ impl AgentCtx {
     }
 }
 
-/// Keeps `Arc` in scope for the engines' `Arc<H>` entry points.
-#[allow(dead_code)]
-fn _assert_host(ctx: &Arc<AgentCtx>) -> &dyn crate::share::Host {
-    ctx
+impl crate::handover::Node for AgentCtx {
+    fn cfg(&self) -> &crate::config::AgentConfig {
+        &self.cfg
+    }
+    fn identity(&self) -> &Arc<crate::transport::identity::Identity> {
+        &self.identity
+    }
+    fn peers(&self) -> &Arc<crate::transport::peers::Peers> {
+        &self.peers
+    }
+    fn store(&self) -> &crate::volume::VolumeStore {
+        &self.store
+    }
+    fn damaged(&self) -> &crate::store::damaged::Damaged {
+        &self.damaged
+    }
+    fn primary(&self, name: &str) -> Option<Arc<crate::volume::primary::PrimaryVolume>> {
+        AgentCtx::primary(self, name)
+    }
+    fn hook_env(&self) -> crate::workload::HookEnv<'_> {
+        AgentCtx::hook_env(self)
+    }
+    fn demote_volume(self: Arc<Self>, name: &str, new_primary: &str) -> Result<()> {
+        AgentCtx::demote_volume(&self, name, new_primary)
+    }
+}
+
+impl crate::cluster::Host for AgentCtx {
+    fn cluster(&self) -> &crate::cluster::ClusterView {
+        &self.cluster
+    }
+    fn forced_promotions(&self) -> &std::sync::Mutex<std::collections::HashSet<String>> {
+        &self.forced_promotions
+    }
+    fn commit_takeover(
+        self: Arc<Self>,
+        workload: &str,
+        volumes: &[String],
+        shares: &[String],
+        reverse_to: Option<&str>,
+        mode: ferry_core::link::Mode,
+    ) -> Result<Vec<(String, u64)>> {
+        AgentCtx::commit_takeover(&self, workload, volumes, shares, reverse_to, mode)
+    }
+    fn demote_after_failover(
+        self: Arc<Self>,
+        name: &str,
+        new_primary: &str,
+        proven_equal: bool,
+    ) -> Result<()> {
+        AgentCtx::demote_after_failover(&self, name, new_primary, proven_equal)
+    }
+}
+
+impl crate::migration::Host for AgentCtx {
+    fn migrations(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, crate::migration::MigrationRecord>,
+    > {
+        AgentCtx::migrations(self)
+    }
+    fn tests(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, crate::migration::TestRun>>
+    {
+        AgentCtx::tests(self)
+    }
+    fn cutover_lock(&self) -> &std::sync::Mutex<()> {
+        &self.cutover_lock
+    }
+    fn nbd(&self) -> &ferry_nbd::Server {
+        &self.nbd
+    }
+    fn nbd_uri_base(&self) -> &ferry_nbd::ListenAddr {
+        &self.nbd_uri_base
+    }
+    fn started(&self) -> std::time::Instant {
+        self.started
+    }
+    fn start_replication(
+        self: Arc<Self>,
+        name: &str,
+        to: &str,
+        mode: ferry_core::link::Mode,
+        max_rate: Option<u64>,
+        checksum: bool,
+    ) -> Result<()> {
+        AgentCtx::start_replication(&self, name, to, mode, max_rate, checksum)
+    }
+    fn stop_replication(&self, name: &str) -> Result<()> {
+        AgentCtx::stop_replication(self, name)
+    }
 }

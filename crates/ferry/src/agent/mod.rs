@@ -80,13 +80,13 @@ pub struct AgentCtx {
     /// Serialises volume creation and role changes.
     admin: Mutex<()>,
     /// Migrations this node is the source of, by workload.
-    migrations: Mutex<HashMap<String, crate::migrate::MigrationRecord>>,
+    migrations: Mutex<HashMap<String, crate::migration::MigrationRecord>>,
     /// One cutover at a time on this node (`--one-by-one` is the natural order).
     pub cutover_lock: Mutex<()>,
     /// Workload VMs running on this node.
     pub vms: Arc<crate::vm::Vms>,
     /// Test instances (`ferry migrate test`) running on this node, by workload.
-    tests: Mutex<HashMap<String, crate::migrate::TestRun>>,
+    tests: Mutex<HashMap<String, crate::migration::TestRun>>,
     /// Serialises starting and regrouping links.
     link_spawn: Mutex<()>,
     /// Volumes are being loaded at start-up (links start after).
@@ -126,7 +126,7 @@ impl AgentCtx {
 
     pub fn migrations(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::MigrationRecord>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<String, crate::migration::MigrationRecord>> {
         self.migrations.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -135,7 +135,7 @@ impl AgentCtx {
         self.admin.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn tests(&self) -> std::sync::MutexGuard<'_, HashMap<String, crate::migrate::TestRun>> {
+    pub fn tests(&self) -> std::sync::MutexGuard<'_, HashMap<String, crate::migration::TestRun>> {
         self.tests.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -352,7 +352,7 @@ impl AgentCtx {
     /// primary here replicating to the same peer; else `vol` alone.
     fn link_group(&self, vol: &Arc<PrimaryVolume>) -> (String, Vec<Arc<PrimaryVolume>>) {
         let peer = vol.link.lock().peer.clone();
-        let workloads = crate::migrate::list_workloads(&self.cfg.data_dir).unwrap_or_default();
+        let workloads = crate::workload::list_workloads(&self.cfg.data_dir).unwrap_or_default();
         for w in workloads {
             if w.volumes.len() < 2
                 || w.volumes.len() > crate::volume::link::GROUP_VOLUMES_MAX
@@ -504,7 +504,7 @@ impl AgentCtx {
         } else if let Some(v) = secondary {
             v.close_link();
             // A test copy of it goes with it.
-            self.nbd.remove_export(&crate::migrate::test_export(name));
+            self.nbd.remove_export(&crate::workload::test_export(name));
             v.snapshot.end();
         } else {
             bail!("no volume {name:?} on node {}", self.identity.node_name);
@@ -942,7 +942,7 @@ impl AgentCtx {
             }
         }
         let size = ferry_nbd::BlockDevice::size(&vol.local);
-        let client = crate::api::client::ApiClient::to_peer(&self.identity, &peer)?;
+        let client = crate::transport::client::ApiClient::to_peer(&self.identity, &peer)?;
         client
             .post(
                 "/api/v1/replicas",
@@ -1003,7 +1003,7 @@ impl AgentCtx {
     fn checksum_baseline(
         &self,
         vol: &Arc<PrimaryVolume>,
-        peer: &crate::api::client::ApiClient,
+        peer: &crate::transport::client::ApiClient,
     ) -> Result<()> {
         let g = self.cfg.replication.granularity_bytes;
         // Writes from now on are marked dirty by the replicator itself.
@@ -1057,7 +1057,7 @@ impl AgentCtx {
     /// Clean shutdown: close exports, drop links, save dirty maps, mark clean.
     pub fn shutdown(&self) {
         // VMs first, while their disks are still served (QEMU flushes on SIGTERM).
-        for w in crate::migrate::list_workloads(&self.cfg.data_dir).unwrap_or_default() {
+        for w in crate::workload::list_workloads(&self.cfg.data_dir).unwrap_or_default() {
             if let Err(e) = self
                 .vms
                 .stop(&w.name, Duration::from_millis(w.hook_timeout_ms))
@@ -1260,7 +1260,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
             ),
         }
     }
-    let migrations = crate::migrate::load_migrations(&ctx)?;
+    let migrations = crate::migration::load_migrations(&ctx)?;
     *ctx.migrations() = migrations;
     {
         let ctx = ctx.clone();
@@ -1288,7 +1288,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
             .spawn(move || leaf_hasher(&ctx))?;
     }
     crate::cluster::spawn(ctx.clone())?;
-    crate::schedule::spawn(ctx.clone())?;
+    crate::migration::schedule::spawn(ctx.clone())?;
     rt.spawn(serve_api(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
     tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint(),
@@ -1332,7 +1332,7 @@ fn leaf_hasher(ctx: &Arc<AgentCtx>) {
     loop {
         std::thread::sleep(TICK);
         if tick % 10 == 0 {
-            hot = crate::migrate::list_workloads(&ctx.cfg.data_dir)
+            hot = crate::workload::list_workloads(&ctx.cfg.data_dir)
                 .unwrap_or_default()
                 .into_iter()
                 .flat_map(|w| w.volumes)
@@ -1407,7 +1407,7 @@ async fn housekeeping(ctx: Arc<AgentCtx>) {
             .collect();
         for w in active {
             let c = ctx.clone();
-            let _ = tokio::task::spawn_blocking(move || crate::migrate::sample(&c, &w)).await;
+            let _ = tokio::task::spawn_blocking(move || crate::migration::sample(&c, &w)).await;
         }
         for v in ctx.primaries() {
             let (sent, dirty) = {

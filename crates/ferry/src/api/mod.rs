@@ -1,4 +1,4 @@
-//! The REST API (`/api/v1`): the server the agent runs, and the client the CLI uses.
+//! The REST API (`/api/v1`): the server the agent runs. Its client, the
+//! CLI's and the peers', is `transport::client`.
 
-pub mod client;
 pub mod server;

@@ -29,10 +29,11 @@ use ferry_core::cluster::{
 };
 use ferry_core::link::ReplicaState;
 
+use super::Host;
 use super::{HaWorkload, Job};
-use crate::agent::AgentCtx;
 use crate::config::ClusterSettings;
-use crate::migrate::WorkloadSpec;
+use crate::handover::Node;
+use crate::workload::WorkloadSpec;
 
 /// How often the feed reads the records again (unless poked).
 const REFRESH_INTERVAL_MS: u64 = 250;
@@ -137,7 +138,7 @@ struct Known {
 }
 
 pub(super) struct Feed {
-    ctx: Arc<AgentCtx>,
+    ctx: Arc<dyn Host>,
     cfg: ClusterSettings,
     tx: mpsc::Sender<ToHb>,
     rx: mpsc::Receiver<ToFeed>,
@@ -149,7 +150,7 @@ pub(super) struct Feed {
 
 impl Feed {
     pub(super) fn new(
-        ctx: Arc<AgentCtx>,
+        ctx: Arc<dyn Host>,
         cfg: ClusterSettings,
         tx: mpsc::Sender<ToHb>,
         rx: mpsc::Receiver<ToFeed>,
@@ -203,7 +204,7 @@ impl Feed {
     fn set_state(&self, s: &str) {
         let mut st = self
             .ctx
-            .cluster
+            .cluster()
             .state
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -222,8 +223,8 @@ impl Feed {
     /// workloads over and takes removed ones back. `false`: the heartbeat
     /// thread is gone.
     fn refresh(&mut self) -> bool {
-        let data_dir = self.ctx.cfg.data_dir.clone();
-        let Some(peer) = self.ctx.peers.get(&self.cfg.peer) else {
+        let data_dir = self.ctx.cfg().data_dir.clone();
+        let Some(peer) = self.ctx.peers().get(&self.cfg.peer) else {
             self.set_state("waiting-for-peer");
             if self.peer_sent != Some(None) {
                 self.peer_sent = Some(None);
@@ -266,7 +267,7 @@ impl Feed {
                     .map(String::from)
             })
             .collect();
-        let all = super::load_all(&data_dir, Some(&self.ctx.damaged));
+        let all = super::load_all(&data_dir, Some(self.ctx.damaged()));
         let gone: Vec<String> = self
             .known
             .keys()
@@ -280,7 +281,7 @@ impl Feed {
             }
         }
         for h in all {
-            let spec = crate::migrate::load_workload(&data_dir, &h.workload)
+            let spec = crate::workload::load_workload(&data_dir, &h.workload)
                 .ok()
                 .flatten();
             if let Some(k) = self.known.get_mut(h.workload.as_str()) {
@@ -350,8 +351,8 @@ impl Feed {
             record: h.clone(),
             policy,
             data: copy_state(&members(ctx, spec)),
-            volumes: crate::migrate::names(&spec.volumes),
-            shares: crate::migrate::names(&spec.shares),
+            volumes: crate::workload::names(&spec.volumes),
+            shares: crate::workload::names(&spec.shares),
             nonce_key: crate::transport::identity::random_u64(),
             jobs,
             serving_flag,
@@ -385,7 +386,7 @@ impl Feed {
 /// One workload's data and link states. Also feeds the volumes the link's
 /// view and answers parked writes that may be answered: the permit itself
 /// is set by the heartbeat thread, from its state machine.
-fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, done: &AtomicU64) -> DataReport {
+fn data_report<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec, done: &AtomicU64) -> DataReport {
     // Read first: what follows saw at least these role changes done.
     let role_changes_done = done.load(Ordering::SeqCst);
     let members = members(ctx, spec);
@@ -394,7 +395,7 @@ fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, done: &AtomicU64) -> DataRep
     let share_prims: Vec<_> = spec
         .shares
         .iter()
-        .filter_map(|n| ctx.shares.primary(n))
+        .filter_map(|n| ctx.shares().primary(n))
         .collect();
     // The same verdict the state machine takes from the same report.
     let in_sync = members_in_sync(&members);
@@ -434,7 +435,7 @@ fn data_report(ctx: &AgentCtx, spec: &WorkloadSpec, done: &AtomicU64) -> DataRep
 }
 
 /// Whether a volume of the workload refuses, or is refused, as split brain.
-fn split_brain(ctx: &AgentCtx, spec: &WorkloadSpec) -> bool {
+fn split_brain<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) -> bool {
     spec.volumes.iter().any(|v| {
         if let Some(p) = ctx.primary(v) {
             return p.link.lock().stats.split_brain;
@@ -451,8 +452,8 @@ fn split_brain(ctx: &AgentCtx, spec: &WorkloadSpec) -> bool {
 
 /// Bytes this node's copy may hold that the peer's does not: the dirty
 /// maps of its primaries, or the suspect maps of its replicas.
-fn changed_bytes(ctx: &AgentCtx, spec: &WorkloadSpec) -> u64 {
-    let g = ctx.cfg.replication.granularity_bytes;
+fn changed_bytes<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) -> u64 {
+    let g = ctx.cfg().replication.granularity_bytes;
     spec.volumes
         .iter()
         .map(|v| {
@@ -470,7 +471,7 @@ fn changed_bytes(ctx: &AgentCtx, spec: &WorkloadSpec) -> u64 {
         .sum()
 }
 
-fn volume_mode_sync(ctx: &AgentCtx, v: &str) -> bool {
+fn volume_mode_sync<H: Host + ?Sized>(ctx: &H, v: &str) -> bool {
     let mode = if let Some(p) = ctx.primary(v) {
         p.meta_state().mode
     } else if let Some(s) = ctx.replica(v) {
@@ -485,8 +486,8 @@ fn volume_mode_sync(ctx: &AgentCtx, v: &str) -> bool {
     mode == ferry_core::link::Mode::Sync
 }
 
-fn share_mode_sync(ctx: &AgentCtx, name: &str) -> bool {
-    crate::share::ShareStore::new(&ctx.cfg.data_dir)
+fn share_mode_sync<H: Host + ?Sized>(ctx: &H, name: &str) -> bool {
+    crate::share::ShareStore::new(&ctx.cfg().data_dir)
         .load(name)
         .map(|r| r.mode == "sync")
         .unwrap_or(true)
@@ -495,7 +496,7 @@ fn share_mode_sync(ctx: &AgentCtx, name: &str) -> bool {
 /// The workload's volumes and shares as this node's copies and links
 /// report them (the verdicts are ferry-core's: [`members_in_sync`],
 /// [`copy_state`]).
-fn members(ctx: &AgentCtx, spec: &WorkloadSpec) -> Vec<Member> {
+fn members<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) -> Vec<Member> {
     let volumes = spec.volumes.iter().map(|v| {
         if let Some(p) = ctx.primary(v) {
             let l = p.link.lock();
@@ -519,7 +520,7 @@ fn members(ctx: &AgentCtx, spec: &WorkloadSpec) -> Vec<Member> {
             }),
         }
     });
-    let shares = spec.shares.iter().map(|n| match ctx.shares.primary(n) {
+    let shares = spec.shares.iter().map(|n| match ctx.shares().primary(n) {
         // A share's link has no phase of its own: up to date is streaming.
         Some(p) => {
             let up = p.link().up_to_date;

@@ -34,6 +34,8 @@
 mod feed;
 pub mod witness;
 
+mod host;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -50,10 +52,11 @@ use ferry_core::Name;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::agent::AgentCtx;
 use crate::config::ClusterSettings;
-use crate::migrate::WorkloadSpec;
+use crate::handover::Node;
+use crate::workload::WorkloadSpec;
 use feed::{DataReport, NewWorkload, PeerLink, PersistRequest, ToFeed, ToHb};
+pub use host::Host;
 use witness::{FromWitness, ToWitness, DATAGRAM_BYTES_MAX};
 
 /// A workload under HA on this node.
@@ -159,7 +162,7 @@ pub fn remove(data_dir: &Path, workload: &str) -> Result<bool> {
 /// loaded frozen, and serves only once the cluster holds a lease.
 pub fn is_ha_volume(data_dir: &Path, volume: &str) -> bool {
     load_all(data_dir, None).iter().any(|h| {
-        crate::migrate::load_workload(data_dir, &h.workload)
+        crate::workload::load_workload(data_dir, &h.workload)
             .ok()
             .flatten()
             .is_some_and(|s| s.volumes.iter().any(|v| v == volume))
@@ -178,8 +181,8 @@ pub fn in_standby(data_dir: &Path) -> bool {
 /// `ferry cluster standby|unstandby` on this node: the flag is written
 /// durably first (so no failover lands here meanwhile), then every workload
 /// served here is switched over to the peer.
-pub fn set_standby(ctx: &Arc<AgentCtx>, on: bool) -> Result<Value> {
-    let path = standby_path(&ctx.cfg.data_dir);
+pub fn set_standby<H: Host + ?Sized>(ctx: &Arc<H>, on: bool) -> Result<Value> {
+    let path = standby_path(&ctx.cfg().data_dir);
     if on {
         crate::store::write_private(&path, b"standby\n")?;
     } else if let Err(e) = std::fs::remove_file(&path) {
@@ -187,17 +190,17 @@ pub fn set_standby(ctx: &Arc<AgentCtx>, on: bool) -> Result<Value> {
             return Err(e.into());
         }
     }
-    tracing::info!(node = %ctx.identity.node_name, standby = on, "cluster.standby");
-    ctx.cluster.refresh_soon();
+    tracing::info!(node = %ctx.identity().node_name, standby = on, "cluster.standby");
+    ctx.cluster().refresh_soon();
     let mut moved = Vec::new();
     if on {
         // Let the manager see the flag before anything moves.
         std::thread::sleep(Duration::from_millis(300));
         let served: Vec<String> = ctx
-            .cluster
+            .cluster()
             .workloads()
             .values()
-            .filter(|w| w["primary"] == ctx.identity.node_name.as_str())
+            .filter(|w| w["primary"] == ctx.identity().node_name.as_str())
             .filter_map(|w| w["workload"].as_str().map(String::from))
             .collect();
         for w in served {
@@ -208,7 +211,7 @@ pub fn set_standby(ctx: &Arc<AgentCtx>, on: bool) -> Result<Value> {
             })?);
         }
     }
-    Ok(json!({"node": ctx.identity.node_name, "standby": on, "moved": moved}))
+    Ok(json!({"node": ctx.identity().node_name, "standby": on, "moved": moved}))
 }
 
 /// What `ferry cluster status` shows, kept by the manager thread.
@@ -289,7 +292,7 @@ impl ClusterView {
     /// split-brain resolutions keep here read now (files: the request's
     /// thread reads them, not the heartbeat thread, and a copy made just
     /// before is listed).
-    pub fn json(&self, ctx: &AgentCtx) -> Value {
+    pub fn json<H: Host + ?Sized>(&self, ctx: &H) -> Value {
         let now = crate::volume::primary::mono_ms();
         let mut w: Vec<Value> = self
             .workloads()
@@ -298,19 +301,19 @@ impl ClusterView {
             .collect();
         for v in &mut w {
             let spec = v["workload"].as_str().and_then(|name| {
-                crate::migrate::load_workload(&ctx.cfg.data_dir, name)
+                crate::workload::load_workload(&ctx.cfg().data_dir, name)
                     .ok()
                     .flatten()
             });
             v["copies"] = json!(spec.map(|s| kept_copies(ctx, &s)).unwrap_or_default());
         }
         json!({
-            "node": ctx.identity.node_name,
-            "standby": in_standby(&ctx.cfg.data_dir),
+            "node": ctx.identity().node_name,
+            "standby": in_standby(&ctx.cfg().data_dir),
             "state": self.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            "configured": ctx.cfg.cluster.is_some(),
+            "configured": ctx.cfg().cluster.is_some(),
             "workloads": w,
-            "damaged": ctx.damaged.list(),
+            "damaged": ctx.damaged().list(),
         })
     }
 }
@@ -446,8 +449,8 @@ pub fn cluster_id(heartbeat_key_hex: &str) -> Option<String> {
 
 /// Starts the manager if `[cluster]` is configured: the heartbeat thread,
 /// and the feed and persister threads that do its I/O (`feed`).
-pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
-    let Some(cfg) = ctx.cfg.cluster.clone() else {
+pub fn spawn(ctx: Arc<dyn Host>) -> Result<()> {
+    let Some(cfg) = ctx.cfg().cluster.clone() else {
         return Ok(());
     };
     if cfg.heartbeat.is_empty() {
@@ -467,7 +470,7 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
         }
         None => None,
     };
-    let incarnation = next_incarnation(&ctx.cfg.data_dir);
+    let incarnation = next_incarnation(&ctx.cfg().data_dir);
     let mut socks = Vec::new();
     for a in &cfg.heartbeat {
         let s =
@@ -483,11 +486,17 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
     let (to_feed, feed_rx) = mpsc::channel();
     let (to_persister, persist_rx) = mpsc::channel();
     let (resign_tx, resign_rx) = mpsc::channel();
-    *ctx.cluster.resign.lock().unwrap_or_else(|p| p.into_inner()) = Some(resign_tx.clone());
-    *ctx.cluster.feed.lock().unwrap_or_else(|p| p.into_inner()) = Some(to_feed.clone());
+    *ctx.cluster()
+        .resign
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(resign_tx.clone());
+    *ctx.cluster().feed.lock().unwrap_or_else(|p| p.into_inner()) = Some(to_feed.clone());
     let (force_tx, force_rx) = mpsc::channel();
-    *ctx.cluster.force.lock().unwrap_or_else(|p| p.into_inner()) = Some(force_tx);
-    let data_dir = ctx.cfg.data_dir.clone();
+    *ctx.cluster()
+        .force
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = Some(force_tx);
+    let data_dir = ctx.cfg().data_dir.clone();
     let to_self = to_hb.clone();
     let tx = to_hb.clone();
     std::thread::Builder::new()
@@ -504,7 +513,7 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
             .name("cluster-notify".into())
             .spawn(move || {
                 for ev in rx {
-                    let run = crate::migrate::run_hook(
+                    let run = crate::workload::run_hook(
                         "notify",
                         &cmd,
                         Duration::from_secs(10),
@@ -586,7 +595,7 @@ struct Datagram {
 /// `ClusterView`'s maps) — never across disk I/O. Its log lines are queued
 /// to the logger thread (`crate::sys::logging`).
 struct Manager {
-    ctx: Arc<AgentCtx>,
+    ctx: Arc<dyn Host>,
     cfg: ClusterSettings,
     timing: Timing,
     socks: Vec<UdpSocket>,
@@ -669,7 +678,7 @@ impl Manager {
                     slot.candidate = slot.node.is_candidate();
                     let mut c = self
                         .ctx
-                        .cluster
+                        .cluster()
                         .candidate_volumes
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
@@ -727,7 +736,7 @@ impl Manager {
                 ToHb::Add(n) => self.add(*n),
                 ToHb::Remove(w) => {
                     self.slots.remove(&w);
-                    self.ctx.cluster.workloads().remove(&w);
+                    self.ctx.cluster().workloads().remove(&w);
                     tracing::info!(workload = %w, "cluster.workload.unmanaged");
                 }
                 ToHb::Data(w, r) => self.on_data(&w, r),
@@ -750,7 +759,7 @@ impl Manager {
             return;
         }
         let mut node = ClusterNode::start(
-            &self.ctx.identity.node_name,
+            &self.ctx.identity().node_name,
             &self.cfg.peer,
             self.incarnation,
             n.nonce_key,
@@ -867,7 +876,7 @@ impl Manager {
         };
         let now = self.now();
         let n = &slot.node;
-        let me = &self.ctx.identity.node_name;
+        let me = &self.ctx.identity().node_name;
         let primary = match n.role() {
             Role::Primary if n.accepting_writes(now) => Some(me.clone()),
             Role::Secondary if n.peer_alive(now) && n.peer_role() == Some(Role::Primary) => {
@@ -909,7 +918,7 @@ impl Manager {
                 v[SERVING_UNTIL] = json!(until);
             }
         }
-        self.ctx.cluster.workloads().insert(w.to_string(), v);
+        self.ctx.cluster().workloads().insert(w.to_string(), v);
     }
 
     fn receive(&mut self, buf: &mut [u8]) {
@@ -980,7 +989,7 @@ impl Manager {
             return;
         };
         let body = match serde_json::to_vec(&Datagram {
-            from: self.ctx.identity.node_name.clone(),
+            from: self.ctx.identity().node_name.clone(),
             workload: workload.to_string(),
             msg,
         }) {
@@ -1247,7 +1256,7 @@ impl Manager {
             }
         }
         for s in &slot.shares {
-            if let Some(p) = self.ctx.shares.primary(s) {
+            if let Some(p) = self.ctx.shares().primary(s) {
                 p.alone.set(required, granted);
             }
         }
@@ -1288,7 +1297,7 @@ impl Manager {
             _ => {}
         }
         v["workload"] = json!(w);
-        v["node"] = json!(self.ctx.identity.node_name);
+        v["node"] = json!(self.ctx.identity().node_name);
         let wall = std::time::SystemTime::now()
             .checked_sub(at.elapsed())
             .unwrap_or_else(std::time::SystemTime::now);
@@ -1327,8 +1336,8 @@ fn data_state_str(d: DataState) -> &'static str {
 
 /// A workload's slow actions, in order. `role_changes_done` counts the
 /// promotions and demotions finished (the volumes' roles changed).
-fn worker(
-    ctx: &Arc<AgentCtx>,
+fn worker<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     workload: &str,
     peer: &str,
     rx: mpsc::Receiver<Job>,
@@ -1389,8 +1398,8 @@ fn worker(
 /// serves it and hands each result to the state machine, which decides
 /// (`check_rise` passes in a row and the application counts as up; once up,
 /// `check_fall` failures in a row hand the workload over).
-fn checker(
-    ctx: &AgentCtx,
+fn checker<H: Host + ?Sized>(
+    ctx: &H,
     cfg: &ClusterSettings,
     workload: &str,
     serving: &AtomicBool,
@@ -1405,7 +1414,8 @@ fn checker(
         let Ok(spec) = spec(ctx, workload) else {
             continue;
         };
-        let Some(run) = crate::migrate::workload_hook(ctx, &spec, "check", "primary") else {
+        let Some(run) = crate::workload::workload_hook(&ctx.hook_env(), &spec, "check", "primary")
+        else {
             continue;
         };
         if !run.ok {
@@ -1424,14 +1434,14 @@ fn checker(
     }
 }
 
-fn spec(ctx: &AgentCtx, workload: &str) -> Result<WorkloadSpec> {
-    crate::migrate::load_workload(&ctx.cfg.data_dir, workload)?
+fn spec<H: Host + ?Sized>(ctx: &H, workload: &str) -> Result<WorkloadSpec> {
+    crate::workload::load_workload(&ctx.cfg().data_dir, workload)?
         .ok_or_else(|| anyhow!("workload {workload:?} is not defined on this node"))
 }
 
 /// Freeze (again: a Resume queued before may have reopened), drop the VIP,
 /// stop the application.
-fn fence(ctx: &AgentCtx, workload: &str) -> Result<()> {
+fn fence<H: Host + ?Sized>(ctx: &H, workload: &str) -> Result<()> {
     let spec = spec(ctx, workload)?;
     for v in &spec.volumes {
         if let Some(p) = ctx.primary(v) {
@@ -1442,7 +1452,7 @@ fn fence(ctx: &AgentCtx, workload: &str) -> Result<()> {
         crate::share::set_frozen(ctx, s, true);
     }
     vip(&spec, false)?;
-    if let Some(run) = crate::migrate::workload_hook(ctx, &spec, "stop", "fenced") {
+    if let Some(run) = crate::workload::workload_hook(&ctx.hook_env(), &spec, "stop", "fenced") {
         if !run.ok {
             tracing::warn!(workload, output = %run.output, "cluster.stop_hook_failed");
         }
@@ -1452,7 +1462,7 @@ fn fence(ctx: &AgentCtx, workload: &str) -> Result<()> {
 
 /// A lease is held: writes flow; and unless the application already runs
 /// here, the VIP returns and the application starts.
-fn resume(ctx: &AgentCtx, workload: &str, start: bool) -> Result<()> {
+fn resume<H: Host + ?Sized>(ctx: &H, workload: &str, start: bool) -> Result<()> {
     let spec = spec(ctx, workload)?;
     for v in &spec.volumes {
         if let Some(p) = ctx.primary(v) {
@@ -1469,8 +1479,8 @@ fn resume(ctx: &AgentCtx, workload: &str, start: bool) -> Result<()> {
     Ok(())
 }
 
-fn start_app(ctx: &AgentCtx, spec: &WorkloadSpec) {
-    if let Some(run) = crate::migrate::workload_hook(ctx, spec, "start", "primary") {
+fn start_app<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) {
+    if let Some(run) = crate::workload::workload_hook(&ctx.hook_env(), spec, "start", "primary") {
         if !run.ok {
             tracing::warn!(workload = %spec.name, output = %run.output, "cluster.start_hook_failed");
         }
@@ -1479,7 +1489,7 @@ fn start_app(ctx: &AgentCtx, spec: &WorkloadSpec) {
 
 /// Failover: every volume promoted at once (one durable commit record),
 /// replicating back to the old primary when it returns; VIP; start.
-fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, force: bool) -> Result<()> {
+fn promote<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str, peer: &str, force: bool) -> Result<()> {
     let spec = spec(ctx, workload)?;
     if force {
         tracing::warn!(
@@ -1487,13 +1497,16 @@ fn promote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str, force: bool) -> Resu
             "cluster.promote.forced: this copy may be outdated or inconsistent"
         );
     }
-    while_marked(&ctx.forced_promotions, &names(&spec.volumes), force, || {
-        promote_volumes(ctx, workload, peer, &spec, force)
-    })
+    while_marked(
+        ctx.forced_promotions(),
+        &names(&spec.volumes),
+        force,
+        || promote_volumes(ctx, workload, peer, &spec, force),
+    )
 }
 
-fn promote_volumes(
-    ctx: &Arc<AgentCtx>,
+fn promote_volumes<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     workload: &str,
     peer: &str,
     spec: &WorkloadSpec,
@@ -1516,7 +1529,8 @@ fn promote_volumes(
                     .mode
             })
             .unwrap_or(ferry_core::link::Mode::Sync);
-        ctx.commit_takeover(workload, &replicas, &[], Some(peer), mode)?;
+        ctx.clone()
+            .commit_takeover(workload, &replicas, &[], Some(peer), mode)?;
     }
     for s in &spec.shares {
         crate::share::promote(ctx, s, Some(peer), force)?;
@@ -1533,22 +1547,22 @@ fn promote_volumes(
 
 /// A newer primary exists: stop here and become its replica, keeping the
 /// ranges this copy may hold that the new primary never saw.
-fn demote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
+fn demote<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str, peer: &str) -> Result<()> {
     let spec = spec(ctx, workload)?;
     vip(&spec, false)?;
-    if let Some(run) = crate::migrate::workload_hook(ctx, &spec, "stop", "demoted") {
+    if let Some(run) = crate::workload::workload_hook(&ctx.hook_env(), &spec, "stop", "demoted") {
         if !run.ok {
             tracing::warn!(workload, output = %run.output, "cluster.stop_hook_failed");
         }
     }
     let clean = ctx
-        .cluster
+        .cluster()
         .clean_handover
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(workload);
     let discard = ctx
-        .cluster
+        .cluster()
         .discard_on_demote
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -1556,7 +1570,7 @@ fn demote(ctx: &Arc<AgentCtx>, workload: &str, peer: &str) -> Result<()> {
     // With `discard`, no inbound link may meet these copies between the
     // demotion and the rebase (it would see the old history: a split brain).
     while_marked(
-        &ctx.cluster.candidate_volumes,
+        &ctx.cluster().candidate_volumes,
         &names(&spec.volumes),
         discard,
         || demote_and_rebase(ctx, &spec, peer, clean, discard),
@@ -1584,8 +1598,8 @@ fn while_marked<T>(
     r
 }
 
-fn demote_and_rebase(
-    ctx: &Arc<AgentCtx>,
+fn demote_and_rebase<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     spec: &WorkloadSpec,
     peer: &str,
     clean: bool,
@@ -1593,7 +1607,7 @@ fn demote_and_rebase(
 ) -> Result<()> {
     for v in &spec.volumes {
         if ctx.primary(v).is_some() {
-            ctx.demote_after_failover(v, peer, clean)?;
+            ctx.clone().demote_after_failover(v, peer, clean)?;
         }
     }
     for s in &spec.shares {
@@ -1603,10 +1617,10 @@ fn demote_and_rebase(
         // Our copy was discarded by the split-brain policy (kept aside):
         // restart its history at the generation shared with the new primary.
         let p = ctx
-            .peers
+            .peers()
             .get(peer)
             .ok_or_else(|| anyhow!("peer {peer} is not registered"))?;
-        let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &p)?;
+        let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &p)?;
         for v in &spec.volumes {
             let theirs: Vec<u64> = client.get(&format!("/api/v1/volumes/{v}/generation"))?["ids"]
                 .as_array()
@@ -1632,14 +1646,14 @@ const SWITCHOVER_SETTLE_MS: u64 = 500;
 /// hook), the witness hands the lease to the peer, which promotes, takes
 /// the VIP and starts the application. Any failure before the resignation
 /// unfreezes and leaves the workload here.
-pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
     let cfg = ctx
-        .cfg
+        .cfg()
         .cluster
         .clone()
         .ok_or_else(|| anyhow!("this node has no [cluster] table in its config"))?;
-    let mut status = ctx.cluster.workload(workload)?;
-    if status["role"] != "primary" || status["primary"] != ctx.identity.node_name.as_str() {
+    let mut status = ctx.cluster().workload(workload)?;
+    if status["role"] != "primary" || status["primary"] != ctx.identity().node_name.as_str() {
         bail!(
             "workload {workload:?} is served by {}, not by this node: ask that node",
             status["primary"].as_str().unwrap_or("no node")
@@ -1650,7 +1664,7 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let settle = Instant::now() + Duration::from_millis(SWITCHOVER_SETTLE_MS);
     while status["replicas"][0]["state"] != "up-to-date" && Instant::now() < settle {
         std::thread::sleep(Duration::from_millis(10));
-        status = ctx.cluster.workload(workload)?;
+        status = ctx.cluster().workload(workload)?;
     }
     if status["replicas"][0]["state"] != "up-to-date" {
         bail!(
@@ -1660,10 +1674,10 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         );
     }
     let peer = ctx
-        .peers
+        .peers()
         .get(&cfg.peer)
         .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
+    let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)?;
     let peer_status = client
         .get("/api/v1/cluster")
         .map_err(|e| e.context(format!("cannot ask {} whether it can take over", cfg.peer)))?;
@@ -1678,17 +1692,27 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     if !spec.volumes.iter().all(|v| ctx.primary(v).is_some()) {
         bail!("not every volume of {workload:?} is a primary here");
     }
-    if !spec.shares.iter().all(|s| ctx.shares.primary(s).is_some()) {
+    if !spec
+        .shares
+        .iter()
+        .all(|s| ctx.shares().primary(s).is_some())
+    {
         bail!("not every share of {workload:?} is a primary here");
     }
     // The cluster manager demotes this node when it resigns: the handover
     // does not.
-    let members =
-        crate::migrate::handover_members(ctx, &spec, &client, &cfg.peer, "switchover", false)?;
+    let members = crate::handover::members::handover_members(
+        ctx,
+        &spec,
+        &client,
+        &cfg.peer,
+        "switchover",
+        false,
+    )?;
     let plan = ferry_core::handover::Plan {
         kind: ferry_core::handover::Kind::Switchover,
         members: members.len(),
-        drain_timeout_ms: ctx.cfg.migration.cutover_drain_timeout_ms,
+        drain_timeout_ms: ctx.cfg().migration.cutover_drain_timeout_ms,
         check: true,
         check_timeout_ms: SWITCHOVER_TAKEOVER_MS,
         check_retry_ms: 20,
@@ -1726,7 +1750,7 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
             tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, "cluster.switchover.done");
             Ok(json!({
                 "workload": workload,
-                "from": ctx.identity.node_name,
+                "from": ctx.identity().node_name,
                 "to": cfg.peer,
                 "verified_ms": verified_ms,
                 "downtime_ms": downtime_ms,
@@ -1736,7 +1760,7 @@ pub fn switchover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         // partly: its commit is this node's resignation).
         ferry_core::handover::Outcome::Committed { .. }
         | ferry_core::handover::Outcome::CommittedPartly { .. } => {
-            ctx.cluster
+            ctx.cluster()
                 .clean_handover
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1754,14 +1778,14 @@ const SWITCHOVER_TAKEOVER_MS: u64 = 30_000;
 /// node's resignation (the cluster manager fences — VIP, stop hook — and
 /// gives the witness lease back; the peer promotes), its check that the
 /// peer serves.
-struct SwitchoverSide<'a> {
-    ctx: &'a Arc<AgentCtx>,
-    client: &'a crate::api::client::ApiClient,
+struct SwitchoverSide<'a, H: Host + ?Sized> {
+    ctx: &'a Arc<H>,
+    client: &'a crate::transport::client::ApiClient,
     workload: &'a str,
     peer: &'a str,
 }
 
-impl crate::handover::Side for SwitchoverSide<'_> {
+impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
     /// A switchover stops nothing before its freeze (the manager runs the
     /// stop hook when it resigns).
     fn run_stop_hook(&mut self) -> std::result::Result<(), String> {
@@ -1770,16 +1794,16 @@ impl crate::handover::Side for SwitchoverSide<'_> {
 
     /// Both copies were proven equal: the demotion keeps no suspect blocks.
     fn commit(&mut self) -> ferry_core::handover::CommitAnswer {
-        ClusterView::mark(&self.ctx.cluster.clean_handover, self.workload);
+        ClusterView::mark(&self.ctx.cluster().clean_handover, self.workload);
         match self
             .ctx
-            .cluster
+            .cluster()
             .request_resign(self.workload, "switchover".to_string())
         {
             Ok(()) => ferry_core::handover::CommitAnswer::Committed,
             Err(e) => {
                 self.ctx
-                    .cluster
+                    .cluster()
                     .clean_handover
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -1859,15 +1883,15 @@ fn vip(spec: &WorkloadSpec, up: bool) -> Result<()> {
 }
 
 /// The file a split-brain resolution keeps the discarded copy of a volume in.
-use crate::migrate::names;
+use crate::workload::names;
 
-fn copy_path(ctx: &AgentCtx, volume: &ferry_core::Name) -> PathBuf {
-    ctx.store.dir(volume).join("split-brain-copy.raw")
+fn copy_path<H: Host + ?Sized>(ctx: &H, volume: &ferry_core::Name) -> PathBuf {
+    ctx.store().dir(volume).join("split-brain-copy.raw")
 }
 
 /// The discarded copies kept on this node for the workload's volumes, and
 /// the diverged files kept for its shares (`share::keep_diverged`).
-fn kept_copies(ctx: &AgentCtx, spec: &WorkloadSpec) -> Vec<String> {
+fn kept_copies<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) -> Vec<String> {
     spec.volumes
         .iter()
         .map(|v| copy_path(ctx, v))
@@ -1875,7 +1899,7 @@ fn kept_copies(ctx: &AgentCtx, spec: &WorkloadSpec) -> Vec<String> {
         .chain(
             spec.shares
                 .iter()
-                .filter_map(|s| crate::share::kept_copy(&ctx.cfg.data_dir, s)),
+                .filter_map(|s| crate::share::kept_copy(&ctx.cfg().data_dir, s)),
         )
         .map(|p| p.display().to_string())
         .collect()
@@ -1885,8 +1909,12 @@ fn kept_copies(ctx: &AgentCtx, spec: &WorkloadSpec) -> Vec<String> {
 /// hand, even outdated or inconsistent — still never while the old
 /// primary's lease may run (the witness decides), and never while the peer
 /// serves (use a switchover).
-pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str, by_policy: bool) -> Result<Value> {
-    let status = ctx.cluster.workload(workload)?;
+pub fn force_promote<H: Host + ?Sized>(
+    ctx: &Arc<H>,
+    workload: &str,
+    by_policy: bool,
+) -> Result<Value> {
+    let status = ctx.cluster().workload(workload)?;
     if status["role"] != "secondary" {
         bail!("workload {workload:?} is already served by this node");
     }
@@ -1897,18 +1925,18 @@ pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str, by_policy: bool) -> Re
         );
     }
     let tx = ctx
-        .cluster
+        .cluster()
         .force
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
         .ok_or_else(|| anyhow!("the cluster manager is not running"))?;
     let _ = tx.send((workload.to_string(), by_policy));
-    let me = ctx.identity.node_name.clone();
+    let me = ctx.identity().node_name.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let serving = ctx
-            .cluster
+            .cluster()
             .workloads()
             .get(workload)
             .is_some_and(|w| w["primary"] == me.as_str());
@@ -1936,27 +1964,27 @@ pub fn force_promote(ctx: &Arc<AgentCtx>, workload: &str, by_policy: bool) -> Re
 /// share, so the link resends only the blocks either side changed since
 /// (the kept node's dirty map plus the discarded side's suspect blocks;
 /// everything when nothing is known).
-pub fn resolve_split_brain(
-    ctx: &Arc<AgentCtx>,
+pub fn resolve_split_brain<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     workload: &str,
     keep: &str,
     histories: Option<&Value>,
 ) -> Result<Value> {
     let cfg = ctx
-        .cfg
+        .cfg()
         .cluster
         .clone()
         .ok_or_else(|| anyhow!("this node has no [cluster] table in its config"))?;
-    let me = ctx.identity.node_name.clone();
+    let me = ctx.identity().node_name.clone();
     if keep != me && keep != cfg.peer {
         bail!("--keep must be {me} or {}", cfg.peer);
     }
     let spec = spec(ctx, workload)?;
     let peer = ctx
-        .peers
+        .peers()
         .get(&cfg.peer)
         .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
+    let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)?;
     if keep == me {
         // The winner: must serve the workload; tells the loser its histories.
         if !spec.volumes.iter().all(|v| ctx.primary(v).is_some()) {
@@ -2018,8 +2046,8 @@ pub fn resolve_split_brain(
 /// the link resends only what either side changed since — this side's
 /// changes being its suspect map (all blocks when there is none). Without a
 /// shared generation, a full resync. Returns the shared generation.
-fn rebase(
-    ctx: &AgentCtx,
+fn rebase<H: Host + ?Sized>(
+    ctx: &H,
     sec: &crate::volume::replica::ReplicaVolume,
     theirs: &[u64],
 ) -> Result<Option<u64>> {
@@ -2039,7 +2067,7 @@ fn rebase(
                 // Nothing says which blocks this side changed: all of them.
                 let size = ferry_nbd::BlockDevice::size(&sec.dev);
                 let all =
-                    ferry_core::DirtyMap::all_dirty(size, ctx.cfg.replication.granularity_bytes)?;
+                    ferry_core::DirtyMap::all_dirty(size, ctx.cfg().replication.granularity_bytes)?;
                 crate::volume::meta::save_suspect_map(&sec.dir, &all)?;
             }
         }
@@ -2057,7 +2085,7 @@ fn rebase(
 }
 
 /// Copies a volume's image aside before a split-brain resolution discards it.
-fn keep_copy(ctx: &AgentCtx, v: &ferry_core::Name) -> Result<PathBuf> {
+fn keep_copy<H: Host + ?Sized>(ctx: &H, v: &ferry_core::Name) -> Result<PathBuf> {
     let copy = copy_path(ctx, v);
     if copy.exists() {
         bail!(
@@ -2065,7 +2093,7 @@ fn keep_copy(ctx: &AgentCtx, v: &ferry_core::Name) -> Result<PathBuf> {
             copy.display()
         );
     }
-    let image = ctx.store.image_path(v);
+    let image = ctx.store().image_path(v);
     let tmp = copy.with_extension("tmp");
     std::fs::copy(&image, &tmp)
         .with_context(|| format!("cannot copy {} aside", image.display()))?;
@@ -2076,17 +2104,20 @@ fn keep_copy(ctx: &AgentCtx, v: &ferry_core::Name) -> Result<PathBuf> {
 
 /// The peer's own report of a split workload, typed (for the split-brain
 /// policy, `Action::AskPeerReport`): a missing figure is unknown, never 0.
-fn peer_report(ctx: &AgentCtx, workload: &str) -> std::result::Result<SideReport, String> {
+fn peer_report<H: Host + ?Sized>(
+    ctx: &H,
+    workload: &str,
+) -> std::result::Result<SideReport, String> {
     let cfg = ctx
-        .cfg
+        .cfg()
         .cluster
         .clone()
         .ok_or_else(|| "no [cluster] table".to_string())?;
     let peer = ctx
-        .peers
+        .peers()
         .get(&cfg.peer)
         .ok_or_else(|| format!("peer {} is not registered", cfg.peer))?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)
+    let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)
         .map_err(|e| format!("{e:#}"))?;
     #[derive(serde::Deserialize)]
     struct PeerWorkload {
@@ -2120,27 +2151,27 @@ fn peer_report(ctx: &AgentCtx, workload: &str) -> std::result::Result<SideReport
 /// (this node copies its images aside, resigns, the peer is promoted by
 /// force, and this node comes back as its replica rebased on their shared
 /// history).
-fn keep_by_policy(
-    ctx: &Arc<AgentCtx>,
+fn keep_by_policy<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     workload: &str,
     policy: SplitBrainPolicy,
     keep: &str,
 ) -> Result<()> {
     let cfg = ctx
-        .cfg
+        .cfg()
         .cluster
         .clone()
         .ok_or_else(|| anyhow!("no [cluster] table"))?;
-    let me = ctx.identity.node_name.clone();
+    let me = ctx.identity().node_name.clone();
     if keep == me {
         resolve_split_brain(ctx, workload, &me, None)?;
         return Ok(());
     }
     let peer = ctx
-        .peers
+        .peers()
         .get(&cfg.peer)
         .ok_or_else(|| anyhow!("peer {} is not registered", cfg.peer))?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
+    let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)?;
     let spec = spec(ctx, workload)?;
     // Keep the peer's data: this node's copy goes aside — writes frozen
     // first, so the copy is whole and nothing written after it is lost —
@@ -2159,8 +2190,8 @@ fn keep_by_policy(
         }
         return Err(e);
     }
-    ClusterView::mark(&ctx.cluster.discard_on_demote, workload);
-    ctx.cluster.request_resign(
+    ClusterView::mark(&ctx.cluster().discard_on_demote, workload);
+    ctx.cluster().request_resign(
         workload,
         format!("split brain ({policy}): keeping {keep}'s data"),
     )?;
@@ -2184,7 +2215,7 @@ fn keep_by_policy(
 
 /// `ferry cluster drop-copy WORKLOAD --node NODE`: deletes the copies a
 /// split-brain resolution kept on NODE.
-pub fn drop_copies(ctx: &AgentCtx, workload: &str) -> Result<Value> {
+pub fn drop_copies<H: Host + ?Sized>(ctx: &H, workload: &str) -> Result<Value> {
     let spec = spec(ctx, workload)?;
     let mut dropped = Vec::new();
     for v in &spec.volumes {
@@ -2196,12 +2227,12 @@ pub fn drop_copies(ctx: &AgentCtx, workload: &str) -> Result<Value> {
         }
     }
     for s in &spec.shares {
-        if let Some(p) = crate::share::drop_copy(&ctx.cfg.data_dir, s)? {
+        if let Some(p) = crate::share::drop_copy(&ctx.cfg().data_dir, s)? {
             dropped.push(p.display().to_string());
         }
     }
     tracing::warn!(workload, dropped = ?dropped, "cluster.split_brain.copies_dropped");
-    Ok(json!({"workload": workload, "node": ctx.identity.node_name, "dropped": dropped}))
+    Ok(json!({"workload": workload, "node": ctx.identity().node_name, "dropped": dropped}))
 }
 
 #[cfg(test)]

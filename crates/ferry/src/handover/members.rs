@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
+use anyhow::{anyhow, Result};
 use ferry_core::handover::Comparison;
 use serde_json::json;
 
-use super::Member;
-use crate::api::client::ApiClient;
+use super::{Member, Node};
 use crate::share::primary::PrimaryShare;
 use crate::share::tree::DigestCache;
+use crate::transport::client::ApiClient;
 use crate::volume::primary::PrimaryVolume;
 
 /// The node's demotion of one member to the target's replica (it changes
@@ -356,4 +356,64 @@ impl Member for ShareMember {
             .ok_or_else(|| format!("{} is not demoted by this handover", self.label()))?;
         d().map_err(|e| format!("{e:#}"))
     }
+}
+
+/// The handover members of `spec` (its volumes, then its shares; each a
+/// primary here) towards `target`, which `client` reaches. `demote`: the
+/// handover demotes them to the target's replicas (a cutover; a
+/// switchover's demotion is the cluster manager's).
+pub fn handover_members<H: Node + ?Sized>(
+    ctx: &Arc<H>,
+    spec: &crate::workload::WorkloadSpec,
+    client: &crate::transport::client::ApiClient,
+    target: &str,
+    occasion: &'static str,
+    demote: bool,
+) -> Result<Vec<Box<dyn Member>>> {
+    let mut members: Vec<Box<dyn Member>> = Vec::new();
+    let volumes = spec
+        .volumes
+        .iter()
+        .map(|v| {
+            ctx.primary(v)
+                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let shares = spec
+        .shares
+        .iter()
+        .map(|s| crate::share::primary_here(&**ctx, s))
+        .collect::<Result<Vec<_>>>()?;
+    for v in volumes {
+        let d: Option<Demote> = demote.then(|| {
+            let (c, n, t) = (ctx.clone(), v.name.clone(), target.to_string());
+            Box::new(move || c.clone().demote_volume(&n, &t)) as Demote
+        });
+        members.push(Box::new(VolumeMember::new(
+            v,
+            client.clone(),
+            target,
+            ctx.cfg().replication.granularity_bytes,
+            d,
+        )));
+    }
+    for s in shares {
+        // The trees compared equal with the share frozen: nothing here is
+        // suspect, so the way back compares metadata only.
+        let d: Option<Demote> = demote.then(|| {
+            let (c, n, t) = (ctx.clone(), s.name.clone(), target.to_string());
+            Box::new(move || crate::share::demote(&c, &n, &t, true)) as Demote
+        });
+        let cache = crate::share::digest_cache(ctx, &s.name)?;
+        members.push(Box::new(ShareMember::new(
+            s,
+            client.clone(),
+            target,
+            cache,
+            ctx.cfg().shares.watch_batch_delay_ms,
+            occasion,
+            d,
+        )));
+    }
+    Ok(members)
 }

@@ -11,6 +11,9 @@
 //! are built: neither sees the agent.
 
 pub mod members;
+mod node;
+
+pub use node::Node;
 
 use std::time::{Duration, Instant};
 

@@ -58,7 +58,7 @@ const RESYNC_PASSES_MAX: usize = 64;
 const PING_INTERVAL_MS: u64 = 200;
 
 /// Runs the primary's link to `peer` until the share stops replicating.
-pub fn run<H: Host>(share: Arc<PrimaryShare>, ctx: Arc<H>, peer: String) {
+pub fn run<H: Host + ?Sized>(share: Arc<PrimaryShare>, ctx: Arc<H>, peer: String) {
     let mut backoff_ms = 100u64;
     let max_ms = ctx.link_settings().reconnect_backoff_max_ms;
     loop {

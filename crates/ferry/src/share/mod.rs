@@ -702,7 +702,10 @@ impl Shares {
 
 /// Starts a primary share on this agent: opens it, mounts it (sync mode) and
 /// starts its link when it has a peer.
-pub fn start_primary<H: Host>(ctx: &std::sync::Arc<H>, rec: ShareRecord) -> anyhow::Result<()> {
+pub fn start_primary<H: Host + ?Sized>(
+    ctx: &std::sync::Arc<H>,
+    rec: ShareRecord,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let store = ShareStore::new(ctx.data_dir());
     let share = primary::PrimaryShare::open(
@@ -762,7 +765,7 @@ pub fn start_primary<H: Host>(ctx: &std::sync::Arc<H>, rec: ShareRecord) -> anyh
 /// primary — served at its path (a sync share: the FUSE mount; an async
 /// one: its copy in place), replicating back to `reverse_to`. Refused for a
 /// copy that is not up to date unless `force`.
-pub fn promote<H: Host>(
+pub fn promote<H: Host + ?Sized>(
     ctx: &std::sync::Arc<H>,
     name: &str,
     reverse_to: Option<&str>,
@@ -776,7 +779,11 @@ pub fn promote<H: Host>(
 
 /// Refuses a replica here that may not be promoted: not an up-to-date copy
 /// (unless `force`).
-pub fn check_promotable(ctx: &dyn Host, name: &str, force: bool) -> anyhow::Result<ShareRecord> {
+pub fn check_promotable<S: Host + ?Sized>(
+    ctx: &S,
+    name: &str,
+    force: bool,
+) -> anyhow::Result<ShareRecord> {
     let rec = ShareStore::new(ctx.data_dir()).load(name)?;
     if rec.role != "primary" && rec.generation == 0 && !force {
         anyhow::bail!(
@@ -792,8 +799,8 @@ pub fn check_promotable(ctx: &dyn Host, name: &str, force: bool) -> anyhow::Resu
 /// `None` when it already did. The caller starts it ([`start_primary`]), or
 /// the agent does when it is starting up. `clean`: a verified cutover (the
 /// old primary's copy is exactly this one; see `level_exact`).
-pub fn promote_record(
-    ctx: &dyn Host,
+pub fn promote_record<S: Host + ?Sized>(
+    ctx: &S,
     name: &str,
     reverse_to: Option<&str>,
     force: bool,
@@ -840,7 +847,7 @@ pub fn promote_record(
 /// compared by content when the new primary resyncs it — unless the handover
 /// was `clean` (frozen, drained and the two trees' digests compared equal),
 /// when nothing here can differ.
-pub fn demote<H: Host>(
+pub fn demote<H: Host + ?Sized>(
     ctx: &std::sync::Arc<H>,
     name: &str,
     new_primary: &str,
@@ -993,7 +1000,7 @@ pub fn keep_diverged(store: &ShareStore, rec: &ShareRecord) -> Result<Option<Pat
 /// Starts replicating primary share `name` to `to` (a migration). `false`
 /// when it already does; refused when it replicates to another node (a
 /// share has one peer).
-pub fn replicate_to<H: Host>(
+pub fn replicate_to<H: Host + ?Sized>(
     ctx: &std::sync::Arc<H>,
     name: &str,
     to: &str,
@@ -1045,8 +1052,8 @@ pub fn replicate_to<H: Host>(
 }
 
 /// Share `name` served here as primary.
-pub fn primary_here(
-    ctx: &dyn Host,
+pub fn primary_here<S: Host + ?Sized>(
+    ctx: &S,
     name: &str,
 ) -> anyhow::Result<std::sync::Arc<primary::PrimaryShare>> {
     ctx.shares().primary(name).ok_or_else(|| {
@@ -1059,7 +1066,7 @@ pub fn primary_here(
 
 /// Stops replicating primary share `name` (a finalized migration): the link
 /// ends and the record forgets its peer; the peer's copy stays as it is.
-pub fn stop_replicating(ctx: &dyn Host, name: &str) -> anyhow::Result<()> {
+pub fn stop_replicating<S: Host + ?Sized>(ctx: &S, name: &str) -> anyhow::Result<()> {
     let share = primary_here(ctx, name)?;
     {
         let mut rec = share.rec.lock().unwrap_or_else(|p| p.into_inner());
@@ -1073,7 +1080,7 @@ pub fn stop_replicating(ctx: &dyn Host, name: &str) -> anyhow::Result<()> {
 
 /// The digest of this node's copy of `name` (see [`tree::Tree::digest`]):
 /// `{"digest", "files", "bytes"}` (`bytes`: what had to be read).
-pub fn digest(ctx: &dyn Host, name: &str) -> anyhow::Result<serde_json::Value> {
+pub fn digest<S: Host + ?Sized>(ctx: &S, name: &str) -> anyhow::Result<serde_json::Value> {
     let cache = digest_cache(ctx, name)?;
     let (h, files, bytes) = with_copy(ctx, name, |t| t.digest(&cache))??;
     Ok(
@@ -1083,7 +1090,11 @@ pub fn digest(ctx: &dyn Host, name: &str) -> anyhow::Result<serde_json::Value> {
 
 /// Runs `f` on this node's copy of `name`: the primary's tree, or the
 /// replica's `data/`.
-fn with_copy<R>(ctx: &dyn Host, name: &str, f: impl FnOnce(&tree::Tree) -> R) -> anyhow::Result<R> {
+fn with_copy<R, S: Host + ?Sized>(
+    ctx: &S,
+    name: &str,
+    f: impl FnOnce(&tree::Tree) -> R,
+) -> anyhow::Result<R> {
     Ok(match ctx.shares().primary(name) {
         Some(p) => f(&p.tree),
         None => {
@@ -1102,8 +1113,8 @@ fn with_copy<R>(ctx: &dyn Host, name: &str, f: impl FnOnce(&tree::Tree) -> R) ->
 /// only when a clean page is first written, so its files count as settled
 /// only after the kernel has written dirty pages back (30 s by default),
 /// not 2 s. Elsewhere only ferry writes the tree, with write calls.
-pub(crate) fn digest_cache(
-    ctx: &dyn Host,
+pub(crate) fn digest_cache<S: Host + ?Sized>(
+    ctx: &S,
     name: &str,
 ) -> anyhow::Result<std::sync::Arc<tree::DigestCache>> {
     let rec = ShareStore::new(ctx.data_dir()).load(name)?;
@@ -1131,7 +1142,7 @@ fn hex(b: &[u8]) -> String {
 /// This node's copy of `name`, entry by entry, every file read whole (an
 /// audit, for [`verify`]): `{"entries": [{"p": path, "r": manifest record,
 /// "h": content hash or null, "c": ctime ns}]}`, bytes as hex.
-pub fn files(ctx: &dyn Host, name: &str) -> anyhow::Result<serde_json::Value> {
+pub fn files<S: Host + ?Sized>(ctx: &S, name: &str) -> anyhow::Result<serde_json::Value> {
     let audit = tree::DigestCache::new(0, 0);
     let (list, _) = with_copy(ctx, name, |t| t.listing(&audit))??;
     let entries: Vec<serde_json::Value> = list
@@ -1157,7 +1168,7 @@ const VERIFY_DIFFERENCES_SHOWN: usize = 100;
 /// made behind ferry's back). The application may keep writing: entries
 /// that changed here after the verify began are counted apart
 /// (`changed_during_verify`), not reported as differences.
-pub fn verify<H: Host>(
+pub fn verify<H: Host + ?Sized>(
     ctx: &std::sync::Arc<H>,
     name: &str,
     timeout: std::time::Duration,
@@ -1311,7 +1322,7 @@ pub fn verify<H: Host>(
 }
 
 /// Fencing: mutating calls on the share wait (`freeze`) or flow again.
-pub fn set_frozen(ctx: &dyn Host, name: &str, frozen: bool) {
+pub fn set_frozen<S: Host + ?Sized>(ctx: &S, name: &str, frozen: bool) {
     if let Some(p) = ctx.shares().primary(name) {
         if frozen {
             p.freeze();
@@ -1323,7 +1334,7 @@ pub fn set_frozen(ctx: &dyn Host, name: &str, frozen: bool) {
 
 /// This node's copy is usable as the workload's data: primary here, or an
 /// up-to-date replica.
-pub fn usable_here(ctx: &dyn Host, name: &str) -> bool {
+pub fn usable_here<S: Host + ?Sized>(ctx: &S, name: &str) -> bool {
     if ctx.shares().primary(name).is_some() {
         return true;
     }
@@ -1332,7 +1343,7 @@ pub fn usable_here(ctx: &dyn Host, name: &str) -> bool {
         .is_ok_and(|r| r.role == "replica" && r.generation != 0)
 }
 
-pub fn spawn_link<H: Host>(
+pub fn spawn_link<H: Host + ?Sized>(
     ctx: &std::sync::Arc<H>,
     share: std::sync::Arc<primary::PrimaryShare>,
     peer: String,
@@ -1403,7 +1414,11 @@ pub struct ShareStatus {
 
 /// `counts`: walk the tree for `files` and `bytes` (0 otherwise: pollers
 /// such as `share wait` need only the state).
-pub fn status(ctx: &dyn Host, name: &str, counts: bool) -> Result<ShareStatus, ShareError> {
+pub fn status<S: Host + ?Sized>(
+    ctx: &S,
+    name: &str,
+    counts: bool,
+) -> Result<ShareStatus, ShareError> {
     use std::sync::atomic::Ordering::Relaxed;
     let store = ShareStore::new(ctx.data_dir());
     let rec = store.load(name)?;

@@ -3,3 +3,14 @@
 pub mod logging;
 pub mod out;
 pub mod signals;
+
+/// Implements a trait for `Arc<T>` by forwarding each listed method to `T`,
+/// so a function taking `&impl Trait` accepts an `&Arc<_>` as well.
+macro_rules! forward_to_arc {
+    ($($name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&self $(, $arg: $ty)*) -> $ret {
+            (**self).$name($($arg),*)
+        })*
+    };
+}
+pub(crate) use forward_to_arc;

@@ -5,6 +5,7 @@
 //! Below the engines: `volume` and `share` dial and accept through this, and
 //! nothing here knows about volumes, shares, clusters or migrations.
 
+pub mod client;
 pub mod conns;
 pub mod dial;
 pub mod identity;

@@ -134,6 +134,21 @@ pub trait Host: Send + Sync {
     fn refuse_link(&self, volume: &str) -> Option<String>;
 }
 
+impl<T: Host + ?Sized> Host for Arc<T> {
+    fn node_name(&self) -> &str {
+        (**self).node_name()
+    }
+    fn link_settings(&self) -> &ReplicationSettings {
+        (**self).link_settings()
+    }
+    fn replica(&self, volume: &str) -> Option<Arc<ReplicaVolume>> {
+        (**self).replica(volume)
+    }
+    fn refuse_link(&self, volume: &str) -> Option<String> {
+        (**self).refuse_link(volume)
+    }
+}
+
 /// Serves an inbound volume stream (its first frame a Hello): one Hello per
 /// volume of the stream, then the frames, applied in order.
 pub fn serve_stream(ctx: &dyn Host, inbound: Inbound) -> Result<()> {

@@ -11,11 +11,11 @@ use ferry_api::{Action, Reply};
 use ferry_core::{ByteSize, Name};
 use serde::Serialize;
 
-use crate::api::client::ApiClient;
 use crate::cli::{
     AgentConn, MigrateCommand, ModeArg, NodeCommand, ReplicateCommand, StateArg, WorkloadCommand,
     WorkloadCreate,
 };
+use crate::transport::client::ApiClient;
 
 /// The API token: FERRY_TOKEN, else `token_file`, else DATA_DIR/api.token.
 fn token(token_file: Option<&Path>, data_dir: &Path) -> Result<String> {

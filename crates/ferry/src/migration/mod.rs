@@ -1,4 +1,4 @@
-//! Workloads and their live migration between nodes.
+//! Live migration of workloads between nodes.
 //!
 //! A **workload** is a named set of volumes and shares plus hooks (`start`,
 //! `stop`, `check`: shell commands run with a timeout, their output captured,
@@ -30,10 +30,11 @@
 //! cluster switchover is); this module holds the cutover's side of it
 //! (hooks, the takeover, the way back) and its report.
 
+mod host;
+pub mod schedule;
+
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,381 +44,17 @@ use ferry_core::migration::{ConvergeConfig, LinkSample, Migration, MigrationPhas
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::agent::AgentCtx;
+use crate::handover::Node;
+use crate::workload::{load_workload, names, test_export, workload_hook, HookRun, WorkloadSpec};
 use ferry_core::Name;
-
-/// Longest hook output kept (its tail).
-const HOOK_OUTPUT_BYTES_MAX: usize = 16 * 1024;
-
-/// A workload's definition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WorkloadSpec {
-    pub name: Name,
-    #[serde(default)]
-    pub volumes: Vec<Name>,
-    /// Shares the workload uses (replicated, moved and failed over with
-    /// its volumes).
-    #[serde(default)]
-    pub shares: Vec<Name>,
-    #[serde(default)]
-    pub start: Option<String>,
-    #[serde(default)]
-    pub stop: Option<String>,
-    #[serde(default)]
-    pub check: Option<String>,
-    /// Each hook is killed after this long and counts as failed.
-    #[serde(default = "default_hook_timeout_ms")]
-    pub hook_timeout_ms: u64,
-    /// A QEMU VM ferry runs on the node that serves the workload.
-    #[serde(default)]
-    pub vm: Option<crate::vm::VmSpec>,
-    /// The address clients reach the workload at, `ADDR/PREFIX` (moved with
-    /// it by the HA cluster).
-    #[serde(default)]
-    pub vip: Option<String>,
-    /// The interface the virtual IP is added to.
-    #[serde(default)]
-    pub vip_interface: Option<String>,
-}
-
-impl WorkloadSpec {
-    /// Refuses a definition that cannot work, saying why.
-    pub fn validate(&self) -> Result<()> {
-        if self.volumes.is_empty() && self.shares.is_empty() {
-            bail!(
-                "workload {:?} needs at least one volume or share (--volume NAME, --share NAME)",
-                self.name
-            );
-        }
-        for (i, v) in self.volumes.iter().enumerate() {
-            if self.volumes[..i].contains(v) {
-                bail!("workload {:?} names volume {v:?} twice", self.name);
-            }
-        }
-        for (i, s) in self.shares.iter().enumerate() {
-            if self.shares[..i].contains(s) {
-                bail!("workload {:?} names share {s:?} twice", self.name);
-            }
-        }
-        if let Some(vip) = &self.vip {
-            let (addr, prefix) = vip.split_once('/').ok_or_else(|| {
-                anyhow!("virtual IP {vip:?} must be ADDR/PREFIX, e.g. 198.18.0.10/24")
-            })?;
-            let addr: std::net::IpAddr = addr
-                .parse()
-                .map_err(|_| anyhow!("virtual IP {vip:?}: {addr:?} is not an IP address"))?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            match prefix.parse::<u8>() {
-                Ok(p) if p <= max => {}
-                _ => bail!("virtual IP {vip:?}: the prefix must be 0 to {max}"),
-            }
-            match &self.vip_interface {
-                None => bail!("virtual IP {vip:?} needs --vip-interface IFACE (where to add it)"),
-                Some(i)
-                    if i.is_empty()
-                        || i.len() > 15
-                        || !i
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b)) =>
-                {
-                    bail!("--vip-interface {i:?} is not an interface name")
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Names as plain strings, for code that keys maps or JSON by them.
-pub fn names(n: &[Name]) -> Vec<String> {
-    n.iter().map(|n| n.to_string()).collect()
-}
-
-fn default_hook_timeout_ms() -> u64 {
-    30_000
-}
-
-fn workloads_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("workloads")
-}
+pub use host::Host;
 
 fn migrations_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("migrations")
 }
 
-/// Saves a workload definition (atomically).
-pub fn save_workload(data_dir: &Path, spec: &WorkloadSpec) -> Result<()> {
-    if spec.volumes.is_empty() && spec.shares.is_empty() {
-        bail!("a workload needs at least one volume or share (--volume NAME, --share NAME)");
-    }
-    let dir = workloads_dir(data_dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(crate::store::save(
-        &dir.join(format!("{}.json", spec.name)),
-        spec,
-    )?)
-}
-
-impl crate::store::Record for WorkloadSpec {
-    const KIND: &'static str = "workload";
-}
-
 impl crate::store::Record for MigrationRecord {
     const KIND: &'static str = "migration";
-}
-
-pub fn load_workload(data_dir: &Path, name: &str) -> Result<Option<WorkloadSpec>> {
-    crate::volume::validate_name(name)
-        .map_err(|_| anyhow!("{name:?} is not a valid workload name"))?;
-    let path = workloads_dir(data_dir).join(format!("{name}.json"));
-    Ok(crate::store::load(&path)?)
-}
-
-pub fn list_workloads(data_dir: &Path) -> Result<Vec<WorkloadSpec>> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(workloads_dir(data_dir)) else {
-        return Ok(out);
-    };
-    for e in rd.flatten() {
-        let n = e.file_name().to_string_lossy().to_string();
-        if let Some(name) = n.strip_suffix(".json") {
-            // One damaged definition must not hide the others.
-            match load_workload(data_dir, name) {
-                Ok(Some(w)) => out.push(w),
-                Ok(None) => {}
-                Err(e) => tracing::error!(workload = name, error = %format!("{e:#}"),
-                    "workload.damaged: left out; repair or delete its file"),
-            }
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
-pub fn delete_workload(data_dir: &Path, name: &str) -> Result<bool> {
-    crate::volume::validate_name(name)
-        .map_err(|_| anyhow!("{name:?} is not a valid workload name"))?;
-    match std::fs::remove_file(workloads_dir(data_dir).join(format!("{name}.json"))) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// What a hook did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HookRun {
-    pub hook: String,
-    pub ok: bool,
-    pub exit_code: Option<i32>,
-    pub timed_out: bool,
-    pub elapsed_ms: u64,
-    /// The tail of its stdout and stderr.
-    pub output: String,
-}
-
-/// Runs `cmd` with `sh -c` in its own process group, killed (the whole
-/// group) after `timeout`.
-pub fn run_hook(hook: &str, cmd: &str, timeout: Duration, env: &[(&str, &str)]) -> HookRun {
-    use std::os::unix::process::CommandExt;
-    let started = Instant::now();
-    let mut c = Command::new("sh");
-    c.arg("-c")
-        .arg(cmd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let failed = |why: String| HookRun {
-        hook: hook.to_string(),
-        ok: false,
-        exit_code: None,
-        timed_out: false,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-        output: why,
-    };
-    let mut child = match c.spawn() {
-        Ok(ch) => ch,
-        Err(e) => return failed(format!("cannot run sh: {e}")),
-    };
-    // Collect output on threads, so a chatty hook never blocks on a full pipe.
-    let collect = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if buf.len() > 2 * HOOK_OUTPUT_BYTES_MAX {
-                        buf.drain(..buf.len() - HOOK_OUTPUT_BYTES_MAX);
-                    }
-                }
-            }
-            buf
-        })
-    };
-    let out = collect(
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
-    let err = collect(
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    );
-    let deadline = started + timeout;
-    let mut timed_out = false;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break Some(st),
-            Ok(None) if Instant::now() >= deadline => {
-                timed_out = true;
-                // SAFETY: kill(2) with a negative pid signals the hook's own
-                // process group (made by process_group(0) above); no memory is
-                // touched.
-                unsafe {
-                    libc::kill(-(child.id() as i32), libc::SIGKILL);
-                }
-                break child.wait().ok();
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(_) => break None,
-        }
-    };
-    let mut output = out.join().unwrap_or_default();
-    output.extend(err.join().unwrap_or_default());
-    if output.len() > HOOK_OUTPUT_BYTES_MAX {
-        output.drain(..output.len() - HOOK_OUTPUT_BYTES_MAX);
-    }
-    let exit_code = status.and_then(|s| s.code());
-    HookRun {
-        hook: hook.to_string(),
-        ok: !timed_out && exit_code == Some(0),
-        exit_code,
-        timed_out,
-        elapsed_ms: started.elapsed().as_millis() as u64,
-        output: String::from_utf8_lossy(&output).into_owned(),
-    }
-}
-
-/// Runs one of a workload's actions on this node: `start` runs the start
-/// hook, then starts the VM; `stop` stops the VM, then runs the stop hook;
-/// `check` runs the check hook. `None` when there is nothing to run.
-pub fn workload_hook(
-    ctx: &AgentCtx,
-    spec: &WorkloadSpec,
-    which: &str,
-    role: &str,
-) -> Option<HookRun> {
-    let cmd = match which {
-        "start" => spec.start.as_deref(),
-        "stop" => spec.stop.as_deref(),
-        "check" => spec.check.as_deref(),
-        _ => None,
-    };
-    let timeout = Duration::from_millis(spec.hook_timeout_ms);
-    // A test instance runs on the test overlays, under its own VM name.
-    let (instance, exports): (String, Vec<String>) = if role == "test" {
-        (
-            test_export(&spec.name),
-            spec.volumes.iter().map(|v| test_export(v)).collect(),
-        )
-    } else {
-        (spec.name.to_string(), names(&spec.volumes))
-    };
-    let uris: Vec<String> = exports.iter().map(|e| ctx.nbd_uri_base.uri(e)).collect();
-    let uris = uris.join(" ");
-    // Where the workload's shares are used on this node (their records'
-    // paths: a sync share's mount point).
-    let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
-    let share_paths: Vec<String> = spec
-        .shares
-        .iter()
-        .filter_map(|s| store.load(s).ok())
-        .map(|r| r.path.to_string_lossy().into_owned())
-        .collect();
-    let share_paths = share_paths.join(" ");
-    let vm = |what: &str| -> Option<HookRun> {
-        let vm = spec.vm.as_ref()?;
-        let started = Instant::now();
-        let r = match what {
-            "start" => ctx
-                .vms
-                .start(
-                    &ctx.cfg.data_dir,
-                    &ctx.nbd_uri_base,
-                    &instance,
-                    &exports,
-                    vm,
-                )
-                .map(|()| "VM started".to_string()),
-            _ => ctx
-                .vms
-                .stop(&instance, timeout)
-                .map(|ran| if ran { "VM stopped" } else { "no VM ran here" }.to_string()),
-        };
-        Some(HookRun {
-            hook: format!("vm-{what}"),
-            ok: r.is_ok(),
-            exit_code: None,
-            timed_out: false,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-            output: r.unwrap_or_else(|e| format!("{e:#}")),
-        })
-    };
-    let hook = |cmd: Option<&str>| -> Option<HookRun> {
-        let run = run_hook(
-            which,
-            cmd?,
-            timeout,
-            &[
-                ("FERRY_WORKLOAD", &spec.name),
-                ("FERRY_NODE", &ctx.identity.node_name),
-                ("FERRY_ROLE", role),
-                ("FERRY_VOLUME_URIS", &uris),
-                ("FERRY_SHARE_PATHS", &share_paths),
-            ],
-        );
-        tracing::info!(workload = %spec.name, hook = which, ok = run.ok, exit_code = ?run.exit_code,
-            timed_out = run.timed_out, elapsed_ms = run.elapsed_ms, "workload.hook");
-        Some(run)
-    };
-    let (first, second) = match which {
-        "start" => {
-            let h = hook(cmd);
-            if h.as_ref().is_some_and(|h| !h.ok) {
-                return h;
-            }
-            (h, vm("start"))
-        }
-        "stop" => {
-            let v = vm("stop");
-            (v, hook(cmd))
-        }
-        _ => (hook(cmd), None),
-    };
-    match (first, second) {
-        (Some(a), Some(b)) => Some(HookRun {
-            hook: format!("{}+{}", a.hook, b.hook),
-            ok: a.ok && b.ok,
-            exit_code: b.exit_code.or(a.exit_code),
-            timed_out: a.timed_out || b.timed_out,
-            elapsed_ms: a.elapsed_ms + b.elapsed_ms,
-            output: format!("{}\n{}", a.output, b.output),
-        }),
-        (a, b) => a.or(b),
-    }
 }
 
 /// A migration as the source node keeps it.
@@ -474,9 +111,9 @@ impl MigrationRecord {
 /// loaded). One that was cutting over when the agent stopped is settled by
 /// where its volumes are now: still primary here means the commit point was
 /// not reached.
-pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord>> {
+pub fn load_migrations<H: Host + ?Sized>(ctx: &H) -> Result<HashMap<String, MigrationRecord>> {
     let mut out = HashMap::new();
-    let Ok(rd) = std::fs::read_dir(migrations_dir(&ctx.cfg.data_dir)) else {
+    let Ok(rd) = std::fs::read_dir(migrations_dir(&ctx.cfg().data_dir)) else {
         return Ok(out);
     };
     for e in rd.flatten() {
@@ -494,22 +131,22 @@ pub fn load_migrations(ctx: &AgentCtx) -> Result<HashMap<String, MigrationRecord
                 out.insert(rec.workload.to_string(), rec);
             }
             Err(err) => ctx
-                .damaged
+                .damaged()
                 .report("migration", &name, &e.path(), format!("{err:#}")),
         }
     }
     Ok(out)
 }
 
-fn load_migration(ctx: &AgentCtx, path: &Path) -> Result<MigrationRecord> {
+fn load_migration<H: Host + ?Sized>(ctx: &H, path: &Path) -> Result<MigrationRecord> {
     {
         let mut rec: MigrationRecord =
             crate::store::load(path)?.ok_or_else(|| anyhow!("{} is gone", path.display()))?;
         if rec.state.phase == MigrationPhase::CuttingOver {
-            let spec = load_workload(&ctx.cfg.data_dir, &rec.workload)?;
+            let spec = load_workload(&ctx.cfg().data_dir, &rec.workload)?;
             let still_here = spec
                 .map(|s| {
-                    let store = crate::share::ShareStore::new(&ctx.cfg.data_dir);
+                    let store = crate::share::ShareStore::new(&ctx.cfg().data_dir);
                     s.volumes.iter().all(|v| ctx.primary(v).is_some())
                         && s.shares
                             .iter()
@@ -523,7 +160,7 @@ fn load_migration(ctx: &AgentCtx, path: &Path) -> Result<MigrationRecord> {
             } else {
                 rec.state.cutover_done();
             }
-            rec.save(&ctx.cfg.data_dir)?;
+            rec.save(&ctx.cfg().data_dir)?;
         }
         if let Some(s) = rec.schedule.as_mut() {
             // A scheduled cutover that was running: its end is the phase above.
@@ -531,11 +168,11 @@ fn load_migration(ctx: &AgentCtx, path: &Path) -> Result<MigrationRecord> {
                 s.restarted();
                 if rec.state.phase.is_final() {
                     s.cutover_ended(
-                        crate::schedule::now_unix(),
+                        crate::migration::schedule::now_unix(),
                         Ok("completed before the agent restarted".into()),
                     );
                 }
-                rec.save(&ctx.cfg.data_dir)?;
+                rec.save(&ctx.cfg().data_dir)?;
             }
         }
         Ok(rec)
@@ -558,11 +195,16 @@ pub struct StartOptions {
     /// Cut over once ready…
     pub auto_cutover: bool,
     /// …only inside this window / until this deadline.
-    pub window: Option<crate::schedule::ScheduleRequest>,
+    pub window: Option<crate::migration::schedule::ScheduleRequest>,
 }
 
 /// `ferry migrate start`: replicate every volume of `workload` to `to`.
-pub fn start(ctx: &Arc<AgentCtx>, workload: &str, to: &str, o: StartOptions) -> Result<Value> {
+pub fn start<H: Host + ?Sized>(
+    ctx: &Arc<H>,
+    workload: &str,
+    to: &str,
+    o: StartOptions,
+) -> Result<Value> {
     let StartOptions {
         mode,
         max_rate,
@@ -572,14 +214,14 @@ pub fn start(ctx: &Arc<AgentCtx>, workload: &str, to: &str, o: StartOptions) -> 
     } = o;
     // Checked before anything starts: a bad window or deadline starts nothing.
     let schedule = match &window {
-        Some(req) if auto_cutover => Some(crate::schedule::build(ctx, req, true)?),
+        Some(req) if auto_cutover => Some(crate::migration::schedule::build(ctx, req, true)?),
         Some(_) => bail!("--window and --deadline go with --auto-cutover"),
         None => None,
     };
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+    let spec = load_workload(&ctx.cfg().data_dir, workload)?.ok_or_else(|| {
         anyhow!(
             "no workload {workload:?} on node {}: create it with `ferry workload create`",
-            ctx.identity.node_name
+            ctx.identity().node_name
         )
     })?;
     // Shares: each a primary here, replicating to `to` or to no node yet
@@ -610,17 +252,17 @@ pub fn start(ctx: &Arc<AgentCtx>, workload: &str, to: &str, o: StartOptions) -> 
             .values()
             .filter(|m| !m.state.phase.is_final() && m.workload != workload)
             .count();
-        if active >= ctx.cfg.migration.migrations_max {
+        if active >= ctx.cfg().migration.migrations_max {
             bail!(
                 "{active} migrations are running (migrations_max {}); wait for one to finish",
-                ctx.cfg.migration.migrations_max
+                ctx.cfg().migration.migrations_max
             );
         }
     }
-    let peer = ctx.peers.get(to).ok_or_else(|| {
+    let peer = ctx.peers().get(to).ok_or_else(|| {
         anyhow!("node {to:?} is not registered: run `ferry node add {to} --api HOST:PORT` first")
     })?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
+    let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)?;
     // Space on the target, checked before anything starts.
     let need: u64 = spec
         .volumes
@@ -631,7 +273,7 @@ pub fn start(ctx: &Arc<AgentCtx>, workload: &str, to: &str, o: StartOptions) -> 
                 .ok_or_else(|| {
                     anyhow!(
                         "volume {v:?} of workload {workload:?} is not a primary on node {}",
-                        ctx.identity.node_name
+                        ctx.identity().node_name
                     )
                 })
         })
@@ -667,7 +309,8 @@ pub fn start(ctx: &Arc<AgentCtx>, workload: &str, to: &str, o: StartOptions) -> 
         )
         .with_context(|| format!("node {to} could not store the workload definition"))?;
     for v in &spec.volumes {
-        ctx.start_replication(v, to, mode, max_rate, false)?;
+        ctx.clone()
+            .start_replication(v, to, mode, max_rate, false)?;
     }
     for s in &spec.shares {
         crate::share::replicate_to(ctx, s, to)?;
@@ -683,11 +326,11 @@ pub fn start(ctx: &Arc<AgentCtx>, workload: &str, to: &str, o: StartOptions) -> 
 }
 
 /// Feeds the migration of `workload` one sample of its links.
-pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
-    let Some(spec) = load_workload(&ctx.cfg.data_dir, workload).ok().flatten() else {
+pub fn sample<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) {
+    let Some(spec) = load_workload(&ctx.cfg().data_dir, workload).ok().flatten() else {
         return;
     };
-    let now_ms = ctx.started.elapsed().as_millis() as u64;
+    let now_ms = ctx.started().elapsed().as_millis() as u64;
     let mut s = LinkSample {
         now_ms,
         connected: true,
@@ -712,12 +355,12 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
         s.bytes_written_total += p.bytes_written();
         throttle_targets.push(p);
     }
-    let ready_lag = std::time::Duration::from_millis(ctx.cfg.migration.async_share_ready_lag_ms);
+    let ready_lag = std::time::Duration::from_millis(ctx.cfg().migration.async_share_ready_lag_ms);
     // A share counts like a volume: its link up, its copy up to date with
     // nothing waiting to be sent; what it sends that is not resync is what
     // the workload wrote.
     for name in &spec.shares {
-        let Some(sh) = ctx.shares.primary(name) else {
+        let Some(sh) = ctx.shares().primary(name) else {
             s.connected = false;
             s.up_to_date = false;
             continue;
@@ -767,11 +410,11 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
             throttle_pct = rec.state.throttle_pct,
             "migration.phase"
         );
-        if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+        if let Err(e) = rec.save(&ctx.cfg().data_dir) {
             tracing::error!(workload, error = %e, "migration.record.save_failed");
         }
     }
-    // With a window, the scheduler cuts over (crate::schedule).
+    // With a window, the scheduler cuts over (crate::migration::schedule).
     let auto = rec.auto_cutover
         && rec.schedule.is_none()
         && !rec.reverse
@@ -785,7 +428,7 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
     rec.auto_cutover_attempts += 1;
     rec.auto_cutover_running = true;
     let attempt = rec.auto_cutover_attempts;
-    if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+    if let Err(e) = rec.save(&ctx.cfg().data_dir) {
         tracing::error!(workload, error = %e, "migration.record.save_failed");
     }
     drop(migs);
@@ -807,8 +450,8 @@ pub fn sample(ctx: &Arc<AgentCtx>, workload: &str) {
 }
 
 /// The workload's volumes, each a primary on this node.
-fn primaries(
-    ctx: &AgentCtx,
+fn primaries<H: Host + ?Sized>(
+    ctx: &H,
     spec: &WorkloadSpec,
 ) -> Result<Vec<Arc<crate::volume::primary::PrimaryVolume>>> {
     spec.volumes
@@ -820,57 +463,9 @@ fn primaries(
         .collect()
 }
 
-/// The handover members of `spec` (its volumes, then its shares; each a
-/// primary here) towards `target`, which `client` reaches. `demote`: the
-/// handover demotes them to the target's replicas (a cutover; a
-/// switchover's demotion is the cluster manager's).
-pub(crate) fn handover_members(
-    ctx: &Arc<AgentCtx>,
-    spec: &WorkloadSpec,
-    client: &crate::api::client::ApiClient,
-    target: &str,
-    occasion: &'static str,
-    demote: bool,
-) -> Result<Vec<Box<dyn crate::handover::Member>>> {
-    use crate::handover::members::{Demote, ShareMember, VolumeMember};
-    let mut members: Vec<Box<dyn crate::handover::Member>> = Vec::new();
-    for v in primaries(ctx, spec)? {
-        let d: Option<Demote> = demote.then(|| {
-            let (c, n, t) = (ctx.clone(), v.name.clone(), target.to_string());
-            Box::new(move || c.demote_volume(&n, &t)) as Demote
-        });
-        members.push(Box::new(VolumeMember::new(
-            v,
-            client.clone(),
-            target,
-            ctx.cfg.replication.granularity_bytes,
-            d,
-        )));
-    }
-    for s in share_primaries(ctx, spec)? {
-        // The trees compared equal with the share frozen: nothing here is
-        // suspect, so the way back compares metadata only.
-        let d: Option<Demote> = demote.then(|| {
-            let (c, n, t) = (ctx.clone(), s.name.clone(), target.to_string());
-            Box::new(move || crate::share::demote(&c, &n, &t, true)) as Demote
-        });
-        let cache = crate::share::digest_cache(ctx, &s.name)?;
-        members.push(Box::new(ShareMember::new(
-            s,
-            client.clone(),
-            target,
-            cache,
-            ctx.cfg.shares.watch_batch_delay_ms,
-            occasion,
-            d,
-        )));
-    }
-    Ok(members)
-}
-
 /// The workload's shares, each a primary on this node.
-fn share_primaries(
-    ctx: &AgentCtx,
+fn share_primaries<H: Host + ?Sized>(
+    ctx: &H,
     spec: &WorkloadSpec,
 ) -> Result<Vec<Arc<crate::share::primary::PrimaryShare>>> {
     spec.shares
@@ -879,23 +474,23 @@ fn share_primaries(
         .collect()
 }
 
-fn no_migration(ctx: &AgentCtx, workload: &str) -> anyhow::Error {
+fn no_migration<H: Host + ?Sized>(ctx: &H, workload: &str) -> anyhow::Error {
     ferry_api::ActionError::not_found(format!(
         "no migration of workload {workload:?} on node {}",
-        ctx.identity.node_name
+        ctx.identity().node_name
     ))
     .into()
 }
 
 /// The status document of one migration.
-pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+pub fn status<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
     let migs = ctx.migrations();
     let rec = migs
         .get(workload)
         .ok_or_else(|| no_migration(ctx, workload))?;
     let m = &rec.state;
     // Live from the links and leaf caches of the workload's volumes here.
-    let spec = load_workload(&ctx.cfg.data_dir, workload).ok().flatten();
+    let spec = load_workload(&ctx.cfg().data_dir, workload).ok().flatten();
     let vols: Vec<_> = spec
         .as_ref()
         .map(|w| w.volumes.iter().filter_map(|v| ctx.primary(v)).collect())
@@ -918,7 +513,7 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     // (it re-hashes them before stopping the workload, too).
     let merkle_stale_bytes: u64 = vols
         .iter()
-        .map(|p| p.leaves.stale_blocks() * ctx.cfg.replication.granularity_bytes)
+        .map(|p| p.leaves.stale_blocks() * ctx.cfg().replication.granularity_bytes)
         .sum();
     let lag_seconds =
         (m.send_rate_bytes_per_s > 1.0).then(|| m.bytes_remaining as f64 / m.send_rate_bytes_per_s);
@@ -947,12 +542,12 @@ pub fn status(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         "test": rec.test,
         "auto_cutover": rec.auto_cutover,
         "auto_cutover_attempts": rec.auto_cutover_attempts,
-        "scheduled_at": rec.schedule.as_ref().and_then(crate::schedule::scheduled_at),
-        "schedule": rec.schedule.as_ref().map(crate::schedule::to_json),
+        "scheduled_at": rec.schedule.as_ref().and_then(crate::migration::schedule::scheduled_at),
+        "schedule": rec.schedule.as_ref().map(crate::migration::schedule::to_json),
     }))
 }
 
-pub fn statuses(ctx: &Arc<AgentCtx>) -> Result<Value> {
+pub fn statuses<H: Host + ?Sized>(ctx: &Arc<H>) -> Result<Value> {
     let mut names: Vec<String> = ctx.migrations().keys().cloned().collect();
     names.sort();
     Ok(Value::Array(
@@ -963,11 +558,11 @@ pub fn statuses(ctx: &Arc<AgentCtx>) -> Result<Value> {
     ))
 }
 
-fn set_phase(ctx: &AgentCtx, workload: &str, f: impl FnOnce(&mut MigrationRecord)) {
+fn set_phase<H: Host + ?Sized>(ctx: &H, workload: &str, f: impl FnOnce(&mut MigrationRecord)) {
     let mut migs = ctx.migrations();
     if let Some(rec) = migs.get_mut(workload) {
         f(rec);
-        if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+        if let Err(e) = rec.save(&ctx.cfg().data_dir) {
             tracing::error!(workload, error = %e, "migration.record.save_failed");
         }
     }
@@ -975,7 +570,7 @@ fn set_phase(ctx: &AgentCtx, workload: &str, f: impl FnOnce(&mut MigrationRecord
 
 /// `ferry migrate cutover`: see the module documentation. Blocks until it
 /// ends; returns the report (downtime, outage, each step's time).
-pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+pub fn cutover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
     cutover_with(ctx, workload, true)
 }
 
@@ -985,14 +580,14 @@ pub fn cutover(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 /// aborts and the lost-commit rule are the handover machine's
 /// ([`ferry_core::handover`]), run by [`crate::handover::run`]; this is the
 /// cutover's side of it ([`CutoverSide`]) and its report.
-pub fn cutover_with(
-    ctx: &Arc<AgentCtx>,
+pub fn cutover_with<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     workload: &str,
     reverse_on_failure: bool,
 ) -> Result<Value> {
     use ferry_core::handover::{Kind, Outcome, Plan};
-    let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+    let _one = ctx.cutover_lock().lock().unwrap_or_else(|p| p.into_inner());
+    let spec = load_workload(&ctx.cfg().data_dir, workload)?.ok_or_else(|| {
         ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
     })?;
     sample(ctx, workload);
@@ -1001,7 +596,7 @@ pub fn cutover_with(
         let rec = migs.get_mut(workload).ok_or_else(|| {
             ferry_api::ActionError::not_found(format!(
                 "workload {workload:?} is not migrating from node {}",
-                ctx.identity.node_name
+                ctx.identity().node_name
             ))
         })?;
         if rec.test.is_some() {
@@ -1013,7 +608,7 @@ pub fn cutover_with(
         rec.state
             .begin_cutover()
             .map_err(|e| ferry_api::ActionError::conflict(format!("cutover refused: {e}")))?;
-        rec.save(&ctx.cfg.data_dir)?;
+        rec.save(&ctx.cfg().data_dir)?;
         (
             rec.target.clone(),
             if rec.mode == "async" {
@@ -1024,16 +619,18 @@ pub fn cutover_with(
         )
     };
     tracing::info!(workload, %target, "cutover.begin");
-    let me = ctx.identity.node_name.clone();
+    let me = ctx.identity().node_name.clone();
     // Nothing was frozen or stopped yet: a cutover that cannot begin is
     // aborted.
     let begun = (|| {
         let peer = ctx
-            .peers
+            .peers()
             .get(&target)
             .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
-        let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
-        let members = handover_members(ctx, &spec, &client, &target, "cutover", true)?;
+        let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)?;
+        let members = crate::handover::members::handover_members(
+            ctx, &spec, &client, &target, "cutover", true,
+        )?;
         anyhow::Ok((client, members))
     })();
     let (client, members) = match begun {
@@ -1046,7 +643,7 @@ pub fn cutover_with(
     let plan = Plan {
         kind: Kind::Cutover { reverse_on_failure },
         members: members.len(),
-        drain_timeout_ms: ctx.cfg.migration.cutover_drain_timeout_ms,
+        drain_timeout_ms: ctx.cfg().migration.cutover_drain_timeout_ms,
         check: spec.check.is_some(),
         check_timeout_ms: spec.hook_timeout_ms,
         check_retry_ms: CHECK_RETRY_MS,
@@ -1118,7 +715,7 @@ pub fn cutover_with(
                             "{target} serves the volumes but its start/check hook failed, and the reverse cutover failed too: {e}"
                         )),
                     }
-                    rec.save(&ctx.cfg.data_dir)?;
+                    rec.save(&ctx.cfg().data_dir)?;
                     ctx.migrations().insert(workload.to_string(), rec);
                 }
                 tracing::warn!(
@@ -1190,10 +787,10 @@ fn cutover_report(
 
 /// What a cutover does that is not a member's: the hooks, the commit (one
 /// durable takeover record on the target), the way back, the reverse.
-struct CutoverSide<'a> {
-    ctx: &'a Arc<AgentCtx>,
+struct CutoverSide<'a, H: Host + ?Sized> {
+    ctx: &'a Arc<H>,
     spec: &'a WorkloadSpec,
-    client: &'a crate::api::client::ApiClient,
+    client: &'a crate::transport::client::ApiClient,
     workload: &'a str,
     target: &'a str,
     me: &'a str,
@@ -1207,10 +804,10 @@ struct CutoverSide<'a> {
     reverse_report: Option<std::result::Result<Value, String>>,
 }
 
-impl crate::handover::Side for CutoverSide<'_> {
+impl<H: Host + ?Sized> crate::handover::Side for CutoverSide<'_, H> {
     /// The application-visible outage starts here.
     fn run_stop_hook(&mut self) -> std::result::Result<(), String> {
-        let Some(h) = workload_hook(self.ctx, self.spec, "stop", "source") else {
+        let Some(h) = workload_hook(&self.ctx.hook_env(), self.spec, "stop", "source") else {
             return Ok(());
         };
         let ok = h.ok;
@@ -1307,7 +904,7 @@ impl crate::handover::Side for CutoverSide<'_> {
     }
 
     fn start_source(&mut self) {
-        if let Some(h) = workload_hook(self.ctx, self.spec, "start", "source") {
+        if let Some(h) = workload_hook(&self.ctx.hook_env(), self.spec, "start", "source") {
             self.hooks.push(h);
         }
     }
@@ -1315,14 +912,14 @@ impl crate::handover::Side for CutoverSide<'_> {
 
 /// Waits until the target's way back is ready, then has it cut over back
 /// here. Gives up at once if the target does not answer.
-fn reverse_after_failed_start(
-    ctx: &Arc<AgentCtx>,
+fn reverse_after_failed_start<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     workload: &str,
-    client: &crate::api::client::ApiClient,
+    client: &crate::transport::client::ApiClient,
     target: &str,
 ) -> Result<Value> {
     let deadline =
-        Instant::now() + Duration::from_millis(ctx.cfg.migration.cutover_drain_timeout_ms);
+        Instant::now() + Duration::from_millis(ctx.cfg().migration.cutover_drain_timeout_ms);
     loop {
         let st = client
             .get(&format!("/api/v1/migrations/{workload}"))
@@ -1346,14 +943,19 @@ fn reverse_after_failed_start(
 
 /// On the target of a committed cutover: the migration back to `target`
 /// (the old source), which replication towards it already carries.
-pub fn record_reverse(ctx: &Arc<AgentCtx>, workload: &str, target: &str, mode: &str) -> Result<()> {
+pub fn record_reverse<H: Host + ?Sized>(
+    ctx: &Arc<H>,
+    workload: &str,
+    target: &str,
+    mode: &str,
+) -> Result<()> {
     begin_record(ctx, workload, target, mode, false, true)
 }
 
 /// Records (durably) and registers a new migration of `workload` from this
 /// node to `target`.
-fn begin_record(
-    ctx: &Arc<AgentCtx>,
+fn begin_record<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     workload: &str,
     target: &str,
     mode: &str,
@@ -1362,7 +964,7 @@ fn begin_record(
 ) -> Result<()> {
     let rec = MigrationRecord {
         workload: Name::parse(workload)?,
-        source: ctx.identity.node_name.clone(),
+        source: ctx.identity().node_name.clone(),
         target: target.to_string(),
         mode: mode.to_string(),
         started_unix: unix_now(),
@@ -1376,35 +978,35 @@ fn begin_record(
         auto_cutover_running: false,
         schedule: None,
     };
-    rec.save(&ctx.cfg.data_dir)?;
+    rec.save(&ctx.cfg().data_dir)?;
     ctx.migrations().insert(workload.to_string(), rec);
     Ok(())
 }
 
 /// Where the other end of a finished migration is, and a client for it.
-fn other_end(
-    ctx: &Arc<AgentCtx>,
+fn other_end<H: Host + ?Sized>(
+    ctx: &Arc<H>,
     workload: &str,
-) -> Result<(String, crate::api::client::ApiClient)> {
+) -> Result<(String, crate::transport::client::ApiClient)> {
     let peer_name = ctx
         .migrations()
         .get(workload)
         .map(|r| r.target.clone())
         .ok_or_else(|| no_migration(ctx, workload))?;
     let peer = ctx
-        .peers
+        .peers()
         .get(&peer_name)
         .ok_or_else(|| anyhow!("node {peer_name:?} is not registered"))?;
     Ok((
         peer_name,
-        crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?,
+        crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)?,
     ))
 }
 
 /// `ferry migrate rollback`: move the workload back with the same verified
 /// cutover. On the node that serves it now (a reverse record) this is a
 /// cutover; on the old source it asks the node serving it.
-pub fn rollback(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+pub fn rollback<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
     let (reverse, phase, finalized) = {
         let migs = ctx.migrations();
         let r = migs
@@ -1435,7 +1037,7 @@ pub fn rollback(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 
 /// `ferry migrate finalize`: stop replicating back to the old source; its
 /// copy stays as it is (delete it there when no longer wanted).
-pub fn finalize(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+pub fn finalize<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
     let (reverse, target) = {
         let migs = ctx.migrations();
         let r = migs
@@ -1454,7 +1056,7 @@ pub fn finalize(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         set_phase(ctx, workload, |r| r.finalized = true);
         return Ok(v);
     }
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+    let spec = load_workload(&ctx.cfg().data_dir, workload)?.ok_or_else(|| {
         ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
     })?;
     for v in &spec.volumes {
@@ -1477,7 +1079,7 @@ pub fn finalize(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 /// `ferry migrate cutover --all --one-by-one`: cuts over every ready
 /// migration of this node, one after another, each only after the previous
 /// one's target passed its check. Stops at the first that fails.
-pub fn cutover_all(ctx: &Arc<AgentCtx>) -> Result<Value> {
+pub fn cutover_all<H: Host + ?Sized>(ctx: &Arc<H>) -> Result<Value> {
     let mut names: Vec<String> = ctx
         .migrations()
         .values()
@@ -1514,15 +1116,19 @@ pub fn cutover_all(ctx: &Arc<AgentCtx>) -> Result<Value> {
 }
 
 /// `ferry migrate set`: change the copy rate limit of every volume live.
-pub fn set_rate(ctx: &Arc<AgentCtx>, workload: &str, max_rate: Option<u64>) -> Result<Value> {
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+pub fn set_rate<H: Host + ?Sized>(
+    ctx: &Arc<H>,
+    workload: &str,
+    max_rate: Option<u64>,
+) -> Result<Value> {
+    let spec = load_workload(&ctx.cfg().data_dir, workload)?.ok_or_else(|| {
         ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
     })?;
     for v in &spec.volumes {
         let p = ctx.primary(v).ok_or_else(|| {
             anyhow!(
                 "volume {v:?} is not a primary on node {}",
-                ctx.identity.node_name
+                ctx.identity().node_name
             )
         })?;
         p.link.lock().max_rate_bytes_per_s = max_rate.filter(|&r| r > 0);
@@ -1532,11 +1138,6 @@ pub fn set_rate(ctx: &Arc<AgentCtx>, workload: &str, max_rate: Option<u64>) -> R
 
 /// How long the target waits for the flagged flush that takes its snapshots.
 const TEST_BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The export name of a volume's test overlay.
-pub fn test_export(volume: &str) -> String {
-    format!("{volume}@test")
-}
 
 /// A test instance running on this node (the migration's target).
 pub struct TestRun {
@@ -1548,9 +1149,9 @@ pub struct TestRun {
 /// while the barrier frames are queued), then a disposable instance on
 /// writable overlays of it at the target, and its check. Production keeps
 /// running and replicating throughout.
-pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
-    let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+pub fn test_start<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
+    let _one = ctx.cutover_lock().lock().unwrap_or_else(|p| p.into_inner());
+    let spec = load_workload(&ctx.cfg().data_dir, workload)?.ok_or_else(|| {
         ferry_api::ActionError::not_found(format!("no workload {workload:?} here"))
     })?;
     if !spec.shares.is_empty() {
@@ -1585,10 +1186,10 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     };
     let vols = primaries(ctx, &spec)?;
     let peer = ctx
-        .peers
+        .peers()
         .get(&target)
         .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
+    let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)?;
     let cleanup = |why: anyhow::Error| -> anyhow::Error {
         if let Err(e) = client.delete(&format!("/api/v1/workloads/{workload}/test")) {
             tracing::warn!(workload, error = %format!("{e:#}"), "migration.test.cleanup_failed");
@@ -1633,9 +1234,9 @@ pub fn test_start(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 
 /// `ferry migrate test WORKLOAD --end`, on the source: the target stops the
 /// test instance and discards its overlays and snapshots.
-pub fn test_end(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+pub fn test_end<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
     // Not while a test (or a cutover) is starting.
-    let _one = ctx.cutover_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = ctx.cutover_lock().lock().unwrap_or_else(|p| p.into_inner());
     let target = ctx
         .migrations()
         .get(workload)
@@ -1643,10 +1244,10 @@ pub fn test_end(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         .target
         .clone();
     let peer = ctx
-        .peers
+        .peers()
         .get(&target)
         .ok_or_else(|| anyhow!("node {target:?} is not registered"))?;
-    let client = crate::api::client::ApiClient::to_peer(&ctx.identity, &peer)?;
+    let client = crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer)?;
     let v = client.delete(&format!("/api/v1/workloads/{workload}/test"))?;
     set_phase(ctx, workload, |r| r.test = None);
     tracing::info!(workload, %target, "migration.test.ended");
@@ -1654,11 +1255,11 @@ pub fn test_end(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 }
 
 /// On the target: arms volume `volume`'s snapshot for the next flagged flush.
-pub fn test_arm_here(ctx: &AgentCtx, volume: &str, token: u64) -> Result<()> {
+pub fn test_arm_here<H: Host + ?Sized>(ctx: &H, volume: &str, token: u64) -> Result<()> {
     let v = ctx.replica(volume).ok_or_else(|| {
         anyhow!(
             "volume {volume:?} is not a replica on node {}",
-            ctx.identity.node_name
+            ctx.identity().node_name
         )
     })?;
     let consistent = v
@@ -1674,11 +1275,11 @@ pub fn test_arm_here(ctx: &AgentCtx, volume: &str, token: u64) -> Result<()> {
 /// On the target: waits for the workload's snapshots, exports a writable
 /// overlay of each as `VOLUME@test`, starts the test instance (role `test`)
 /// and runs its check.
-pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?.ok_or_else(|| {
+pub fn test_start_here<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
+    let spec = load_workload(&ctx.cfg().data_dir, workload)?.ok_or_else(|| {
         anyhow!(
             "no workload {workload:?} on node {}",
-            ctx.identity.node_name
+            ctx.identity().node_name
         )
     })?;
     if ctx.tests().contains_key(workload) {
@@ -1696,7 +1297,7 @@ pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         overlays.push((name.to_string(), Arc::new(o)));
     }
     for (name, o) in &overlays {
-        ctx.nbd.add_export(ferry_nbd::Export {
+        ctx.nbd().add_export(ferry_nbd::Export {
             name: test_export(name),
             description: format!("ferry test overlay of {name} (disposable)"),
             read_only: false,
@@ -1707,10 +1308,10 @@ pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     ctx.tests()
         .insert(workload.to_string(), TestRun { overlays });
     let t0 = Instant::now();
-    let start = workload_hook(ctx, &spec, "start", "test");
+    let start = workload_hook(&ctx.hook_env(), &spec, "start", "test");
     let started = start.as_ref().is_none_or(|h| h.ok);
     let check = if started {
-        workload_hook(ctx, &spec, "check", "test")
+        workload_hook(&ctx.hook_env(), &spec, "check", "test")
     } else {
         None
     };
@@ -1718,12 +1319,12 @@ pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     let exports: Vec<String> = spec
         .volumes
         .iter()
-        .map(|v| ctx.nbd_uri_base.uri(&test_export(v)))
+        .map(|v| ctx.nbd_uri_base().uri(&test_export(v)))
         .collect();
     let hooks: Vec<HookRun> = [start, check].into_iter().flatten().collect();
     Ok(json!({
         "workload": workload,
-        "node": ctx.identity.node_name,
+        "node": ctx.identity().node_name,
         "exports": exports,
         "started": started,
         "check_ok": check_ok,
@@ -1735,13 +1336,13 @@ pub fn test_start_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
 
 /// On the target: stops the test instance and discards its overlays and the
 /// snapshots under them. Nothing of the test reaches the replicas.
-pub fn test_end_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
-    let spec = load_workload(&ctx.cfg.data_dir, workload)?;
+pub fn test_end_here<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
+    let spec = load_workload(&ctx.cfg().data_dir, workload)?;
     // Also after an agent restart (which forgot the test): a test instance
     // its hooks started may still run.
     let stop = spec
         .as_ref()
-        .and_then(|spec| workload_hook(ctx, spec, "stop", "test"));
+        .and_then(|spec| workload_hook(&ctx.hook_env(), spec, "stop", "test"));
     let run = ctx.tests().remove(workload);
     let mut written = 0;
     let mut names: Vec<String> = spec.map(|s| self::names(&s.volumes)).unwrap_or_default();
@@ -1756,7 +1357,7 @@ pub fn test_end_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     drop(run);
     let mut saved = 0;
     for name in &names {
-        ctx.nbd.remove_export(&test_export(name));
+        ctx.nbd().remove_export(&test_export(name));
         if let Some(v) = ctx.replica(name) {
             saved += v.snapshot.saved_bytes().unwrap_or(0);
             v.snapshot.end();
@@ -1764,7 +1365,7 @@ pub fn test_end_here(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
     }
     Ok(json!({
         "workload": workload,
-        "node": ctx.identity.node_name,
+        "node": ctx.identity().node_name,
         "ended": true,
         "overlay_bytes_discarded": written,
         "snapshot_bytes_saved": saved,

@@ -21,8 +21,8 @@ use ferry_core::ByteSize;
 use ferry_nbd::client::Client;
 use serde_json::json;
 
-use crate::api::client::ApiClient;
 use crate::cli::DemoArgs;
+use crate::transport::client::ApiClient;
 
 const RECORD_BYTES: usize = 4096;
 const RECORD_MAGIC: &[u8; 8] = b"FERRYREC";

@@ -15,7 +15,8 @@ use jiff::Timestamp;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::agent::AgentCtx;
+use super::Host;
+use crate::handover::Node;
 
 /// How often the scheduler looks at the schedules (a cutover starts at most
 /// this late).
@@ -106,7 +107,11 @@ pub fn next_opening(w: &Window, unix: i64) -> Option<i64> {
 }
 
 /// A schedule from what the operator asked for.
-pub fn build(ctx: &AgentCtx, req: &ScheduleRequest, recurring: bool) -> Result<Schedule> {
+pub fn build<H: Host + ?Sized>(
+    ctx: &H,
+    req: &ScheduleRequest,
+    recurring: bool,
+) -> Result<Schedule> {
     let now = now_unix();
     let at = req
         .at
@@ -141,7 +146,7 @@ pub fn build(ctx: &AgentCtx, req: &ScheduleRequest, recurring: bool) -> Result<S
     }
     // Only a deadline: from now until then.
     let at = at.or((window.is_none()).then_some(now));
-    let m = &ctx.cfg.migration;
+    let m = &ctx.cfg().migration;
     Ok(Schedule::new(
         at,
         window,
@@ -189,13 +194,13 @@ pub fn scheduled_at(s: &Schedule) -> Option<String> {
 }
 
 /// `ferry migrate cutover NAME --at/--window/--deadline`.
-pub fn set(ctx: &Arc<AgentCtx>, workload: &str, req: &ScheduleRequest) -> Result<Value> {
+pub fn set<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str, req: &ScheduleRequest) -> Result<Value> {
     let sched = build(ctx, req, false)?;
     let mut migs = ctx.migrations();
     let rec = migs.get_mut(workload).ok_or_else(|| {
         anyhow!(
             "workload {workload:?} is not migrating from node {}: `ferry migrate start` first",
-            ctx.identity.node_name
+            ctx.identity().node_name
         )
     })?;
     if rec.state.phase.is_final() {
@@ -212,7 +217,7 @@ pub fn set(ctx: &Arc<AgentCtx>, workload: &str, req: &ScheduleRequest) -> Result
         bail!("a scheduled cutover of {workload} is running now");
     }
     rec.schedule = Some(sched.clone());
-    rec.save(&ctx.cfg.data_dir)?;
+    rec.save(&ctx.cfg().data_dir)?;
     drop(migs);
     let at = scheduled_at(&sched);
     tracing::info!(workload, at = ?at, window = ?sched.window.as_ref().map(|w| w.to_string()),
@@ -221,12 +226,12 @@ pub fn set(ctx: &Arc<AgentCtx>, workload: &str, req: &ScheduleRequest) -> Result
 }
 
 /// `ferry migrate cutover NAME --cancel`.
-pub fn cancel(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
+pub fn cancel<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
     let mut migs = ctx.migrations();
     let rec = migs.get_mut(workload).ok_or_else(|| {
         anyhow!(
             "workload {workload:?} is not migrating from node {}",
-            ctx.identity.node_name
+            ctx.identity().node_name
         )
     })?;
     let Some(s) = rec.schedule.take() else {
@@ -238,13 +243,13 @@ pub fn cancel(ctx: &Arc<AgentCtx>, workload: &str) -> Result<Value> {
         rec.schedule = Some(s);
         bail!("the scheduled cutover of {workload} is running now and cannot be cancelled; `ferry migrate status {workload}` shows how it ends");
     }
-    rec.save(&ctx.cfg.data_dir)?;
+    rec.save(&ctx.cfg().data_dir)?;
     tracing::info!(workload, "migration.schedule.cancelled");
     Ok(json!({"workload": workload, "cancelled": true, "was": to_json(&s)}))
 }
 
 /// One look at every schedule: acts on what [`Schedule::decide`] says.
-pub fn tick(ctx: &Arc<AgentCtx>) {
+pub fn tick<H: Host + ?Sized>(ctx: &Arc<H>) {
     let now = now_unix();
     let mut start: Vec<String> = Vec::new();
     let mut migs = ctx.migrations();
@@ -261,7 +266,7 @@ pub fn tick(ctx: &Arc<AgentCtx>) {
             let why = format!("the migration is {} without it", phase.as_str());
             tracing::info!(workload, reason = %why, "migration.schedule.ended");
             s.give_up(why);
-            if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+            if let Err(e) = rec.save(&ctx.cfg().data_dir) {
                 tracing::error!(workload, error = %e, "migration.record.save_failed");
             }
             continue;
@@ -273,7 +278,7 @@ pub fn tick(ctx: &Arc<AgentCtx>) {
                 let why = format!("{e:#}");
                 tracing::error!(workload, reason = %why, "migration.schedule.gave_up");
                 s.give_up(why);
-                let _ = rec.save(&ctx.cfg.data_dir);
+                let _ = rec.save(&ctx.cfg().data_dir);
                 continue;
             }
         };
@@ -314,7 +319,7 @@ pub fn tick(ctx: &Arc<AgentCtx>) {
         // Whatever decide changed is kept (it changes on attempts and at
         // window edges only, not every tick).
         if *s != before {
-            if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+            if let Err(e) = rec.save(&ctx.cfg().data_dir) {
                 tracing::error!(workload, error = %e, "migration.record.save_failed");
             }
         }
@@ -333,8 +338,8 @@ pub fn tick(ctx: &Arc<AgentCtx>) {
     }
 }
 
-fn run_cutover(ctx: &Arc<AgentCtx>, workload: &str) {
-    let outcome = crate::migrate::cutover(ctx, workload)
+fn run_cutover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) {
+    let outcome = crate::migration::cutover(ctx, workload)
         .map(|r| {
             format!(
                 "downtime {} ms, outage {} ms",
@@ -349,7 +354,7 @@ fn run_cutover(ctx: &Arc<AgentCtx>, workload: &str) {
     finish(ctx, workload, outcome);
 }
 
-fn finish(ctx: &AgentCtx, workload: &str, outcome: Result<String, String>) {
+fn finish<H: Host + ?Sized>(ctx: &H, workload: &str, outcome: Result<String, String>) {
     let mut migs = ctx.migrations();
     let Some(rec) = migs.get_mut(workload) else {
         return;
@@ -361,13 +366,13 @@ fn finish(ctx: &AgentCtx, workload: &str, outcome: Result<String, String>) {
             tracing::warn!(workload, reason = %why, "migration.schedule.gave_up");
         }
     }
-    if let Err(e) = rec.save(&ctx.cfg.data_dir) {
+    if let Err(e) = rec.save(&ctx.cfg().data_dir) {
         tracing::error!(workload, error = %e, "migration.record.save_failed");
     }
 }
 
 /// The agent's scheduler: looks at every schedule each [`TICK`].
-pub fn spawn(ctx: Arc<AgentCtx>) -> Result<()> {
+pub fn spawn<H: Host + ?Sized>(ctx: Arc<H>) -> Result<()> {
     std::thread::Builder::new()
         .name("cutover-scheduler".into())
         .spawn(move || loop {

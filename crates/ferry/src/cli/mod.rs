@@ -1,5 +1,9 @@
 //! Every command, flag and environment variable of the `ferry` binary, in one place.
 
+pub mod demo;
+pub mod export;
+pub mod remote;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
