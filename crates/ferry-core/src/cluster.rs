@@ -1452,6 +1452,19 @@ impl ClusterNode {
         if self.newest_reply.is_some_and(|newest| reply.echo <= newest) {
             return;
         }
+        // `Stale` answers a request the witness found no newer than one it
+        // had already handled: a UDP duplicate, a replay of this node's own
+        // datagram, a late one. The answer that counts went out for that
+        // one, and may still be on its way (a grant, say). This one decides
+        // nothing: it must neither end a candidacy nor, counted as the
+        // answer to its echo, hide the real one (a granted Promote dropped
+        // that way left the record naming this node primary while it
+        // stayed a replica: cluster_sim seed 24,910). Only `UpToDate` is
+        // refused `Stale` on its merits (the record's epoch moved on): its
+        // record is learned below.
+        if reply.refused == Some(Refusal::Stale) && reply.op != WitnessOp::UpToDate {
+            return;
+        }
         self.newest_reply = Some(reply.echo);
         self.witness_nonce = reply.nonce;
         self.witness_names_me = reply.record.primary.as_deref() == Some(self.me.as_str());
@@ -1507,8 +1520,8 @@ impl ClusterNode {
                         }
                     }
                     // Handled above.
-                    Refusal::Nonce => {}
-                    Refusal::LeaseHeld | Refusal::Quiet | Refusal::NotPrimary | Refusal::Stale => {
+                    Refusal::Nonce | Refusal::Stale => {}
+                    Refusal::LeaseHeld | Refusal::Quiet | Refusal::NotPrimary => {
                         if self.peer_alive(now) && !self.peer_resigning {
                             // The primary still renews (the link alone was
                             // cut): step back.
@@ -2630,5 +2643,86 @@ mod tests {
             !b.is_candidate(),
             "a refused --force while a serves ends it"
         );
+    }
+
+    /// cluster_sim seed 24,910: the witness grants b's Promote; a copy of
+    /// that request (a UDP duplicate, or an adversary's replay) reaches the
+    /// witness after it and is answered `Stale`; that answer reaches b
+    /// first, just after a (back from a crash, unaware it was replaced)
+    /// was heard again. b took the `Stale` for a refusal: it ended its
+    /// candidacy (the primary is alive) and, the echo counted as answered,
+    /// dropped the grant when it came. The record named b primary and a
+    /// outdated — a demoted itself on it — and nobody served.
+    #[test]
+    fn a_duplicate_s_stale_answer_neither_ends_a_candidacy_nor_hides_its_grant() {
+        let rec = Record {
+            epoch: 1,
+            primary: Some("a".into()),
+            outdated: None,
+        };
+        let mut w = Witness::start(rec, timing(), 0, 99);
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        // Replies due at b: (at, order, reply).
+        let mut to_b: Vec<(Millis, u8, WitnessReply)> = Vec::new();
+        let mut heartbeat_at: Option<Millis> = None;
+        let mut duplicated = false;
+        let mut promoted = false;
+        for now in 0..2000 {
+            let mut out = Vec::new();
+            // a's heartbeats, from then on (it still renews nowhere but
+            // with b: it is cut from the witness).
+            if heartbeat_at.is_some_and(|at| now >= at && (now - at) % 100 == 0) {
+                out.extend(b.on_input(
+                    now,
+                    Input::Peer(PeerMsg::Heartbeat {
+                        sent_at: now,
+                        incarnation: 3,
+                        nonce: 11,
+                        echo_nonce: b.nonce(now),
+                        role: Role::Primary,
+                        epoch: 1,
+                        resigning: false,
+                    }),
+                ));
+            }
+            to_b.sort_by_key(|(at, order, _)| (*at, *order));
+            while to_b.first().is_some_and(|(at, _, _)| *at <= now) {
+                let (_, _, reply) = to_b.remove(0);
+                out.extend(b.on_input(now, Input::Witness(reply)));
+            }
+            out.extend(b.tick(now));
+            for a in out {
+                match a {
+                    Action::SendWitness(req) => {
+                        let (reply, _) = w.handle(now, &req);
+                        let granted_promote =
+                            req.op == WitnessOp::Promote && reply.refused.is_none();
+                        if granted_promote && !duplicated {
+                            duplicated = true;
+                            // The copy's answer, then a's heartbeat, reach
+                            // b before the grant does.
+                            let (stale, changed) = w.handle(now + 1, &req);
+                            assert_eq!(stale.refused, Some(Refusal::Stale));
+                            assert!(!changed);
+                            assert_eq!(stale.record.primary.as_deref(), Some("b"));
+                            heartbeat_at = Some(now + 2);
+                            to_b.push((now + 3, 0, stale));
+                            to_b.push((now + 5, 1, reply));
+                        } else {
+                            to_b.push((now + 1, 0, reply));
+                        }
+                    }
+                    Action::Promote => promoted = true,
+                    _ => {}
+                }
+            }
+            if promoted {
+                break;
+            }
+        }
+        assert!(duplicated, "the witness granted b's Promote");
+        assert_eq!(w.record.primary.as_deref(), Some("b"));
+        assert!(promoted, "the record names b primary: b must serve");
+        assert_eq!(b.role(), Role::Primary);
     }
 }

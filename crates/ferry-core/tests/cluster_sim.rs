@@ -611,7 +611,17 @@ impl Sim {
             }
             match m.payload {
                 Payload::Peer(p) => self.input(t, m.to, Input::Peer(p)),
-                Payload::FromWitness(r) => self.input(t, m.to, Input::Witness(r)),
+                Payload::FromWitness(r) => {
+                    if std::env::var("FERRY_SIM_TRACE").is_ok() {
+                        self.log.push(format!(
+                            "t={t} {} gets witness {:?} echo {} refused {:?} replay {} (role {:?} cand {:?})",
+                            NAMES[m.to], r.op, r.echo, r.refused, m.replay,
+                            self.nodes[m.to].core.as_ref().map(|c| c.role()),
+                            self.nodes[m.to].core.as_ref().map(|c| c.is_candidate()),
+                        ));
+                    }
+                    self.input(t, m.to, Input::Witness(r))
+                }
                 Payload::ToWitness(req) => {
                     let now = self.witness_local(t);
                     let Some(w) = self.witness.as_mut() else {
@@ -620,8 +630,8 @@ impl Sim {
                     let (reply, changed) = w.handle(now, &req);
                     if std::env::var("FERRY_SIM_TRACE").is_ok() {
                         self.log.push(format!(
-                            "t={t} witness {:?} from {} -> {:?}",
-                            req.op, req.node, reply.refused
+                            "t={t} witness {:?} from {} sent {} replay {} -> {:?}",
+                            req.op, req.node, req.sent_at, m.replay, reply.refused
                         ));
                     }
                     if changed {
