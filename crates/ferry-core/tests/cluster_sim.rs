@@ -18,7 +18,8 @@
 //!
 //! A failure prints its seed; replay it with
 //! `FERRY_SIM_SEED=N cargo test -p ferry-core --test cluster_sim`.
-//! `FERRY_SIM_SEEDS=N` runs more schedules.
+//! `FERRY_SIM_SEEDS=N` runs more schedules (`FERRY_SIM_FIRST=K`: seeds K..N,
+//! to resume a long run).
 
 use std::collections::BTreeSet;
 

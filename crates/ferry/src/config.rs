@@ -445,6 +445,9 @@ fn describe(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// How to make the witness key, for the errors that need one.
+pub const MAKE_KEY: &str = "make one with `(umask 077; head -c 32 /dev/urandom | base64 > /etc/ferry/witness.key)` and give the same file to the witness (`--key-file`) and to both nodes (`cluster.witness_key_file`)";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,6 +499,3 @@ mod tests {
         .unwrap();
     }
 }
-
-/// How to make the witness key, for the errors that need one.
-pub const MAKE_KEY: &str = "make one with `(umask 077; head -c 32 /dev/urandom | base64 > /etc/ferry/witness.key)` and give the same file to the witness (`--key-file`) and to both nodes (`cluster.witness_key_file`)";
