@@ -811,6 +811,10 @@ pub struct ClusterNode {
     peer_unsynced_since: Option<Millis>,
     /// When this node resigned (a resignation nobody takes up is undone).
     resigned_at: Option<Millis>,
+    /// When this node last resigned: grants answering a heartbeat or
+    /// request sent before (or a Release) lend no lease — it gave them
+    /// back, and the peer may take over at once.
+    lease_floor: Option<Millis>,
     /// As secondary: grantor-side end of the last lease granted.
     granted_until: Millis,
     candidacy: Option<Candidacy>,
@@ -913,6 +917,7 @@ impl ClusterNode {
             peer_in_sync: false,
             peer_unsynced_since: None,
             resigned_at: None,
+            lease_floor: None,
             // A restarted secondary may have granted a lease just before
             // it went down: it promises nothing for one lease.
             granted_until: timing.grantor_end(now),
@@ -1156,7 +1161,10 @@ impl ClusterNode {
             Input::Peer(PeerMsg::Ack { echo, .. }) => {
                 self.newest_ack = Some(echo);
                 self.peer_last_heard = Some(now);
-                if matches!(self.role, Role::Primary | Role::Fenced) && !self.resigning {
+                if matches!(self.role, Role::Primary | Role::Fenced)
+                    && !self.resigning
+                    && self.lease_floor.is_none_or(|f| echo > f)
+                {
                     self.peer_lease_end = self.peer_lease_end.max(self.timing.holder_end(echo));
                     if self.role == Role::Fenced
                         && now + self.timing.fence_margin() < self.lease_end()
@@ -1339,6 +1347,7 @@ impl ClusterNode {
         if self.role == Role::Primary && !self.resigning {
             self.resigning = true;
             self.resigned_at = Some(now);
+            self.lease_floor = Some(now);
             // Stop serving first; then give the lease back so the
             // peer need not wait for it to run out.
             self.peer_lease_end = 0;
@@ -1452,6 +1461,19 @@ impl ClusterNode {
         if self.newest_reply.is_some_and(|newest| reply.echo <= newest) {
             return;
         }
+        // `Stale` answers a request the witness found no newer than one it
+        // had already handled: a UDP duplicate, a replay of this node's own
+        // datagram, a late one. The answer that counts went out for that
+        // one, and may still be on its way (a grant, say). This one decides
+        // nothing: it must neither end a candidacy nor, counted as the
+        // answer to its echo, hide the real one (a granted Promote dropped
+        // that way left the record naming this node primary while it
+        // stayed a replica: cluster_sim seed 24,910). Only `UpToDate` is
+        // refused `Stale` on its merits (the record's epoch moved on): its
+        // record is learned below.
+        if reply.refused == Some(Refusal::Stale) && reply.op != WitnessOp::UpToDate {
+            return;
+        }
         self.newest_reply = Some(reply.echo);
         self.witness_nonce = reply.nonce;
         self.witness_names_me = reply.record.primary.as_deref() == Some(self.me.as_str());
@@ -1507,8 +1529,8 @@ impl ClusterNode {
                         }
                     }
                     // Handled above.
-                    Refusal::Nonce => {}
-                    Refusal::LeaseHeld | Refusal::Quiet | Refusal::NotPrimary | Refusal::Stale => {
+                    Refusal::Nonce | Refusal::Stale => {}
+                    Refusal::LeaseHeld | Refusal::Quiet | Refusal::NotPrimary => {
                         if self.peer_alive(now) && !self.peer_resigning {
                             // The primary still renews (the link alone was
                             // cut): step back.
@@ -1541,9 +1563,19 @@ impl ClusterNode {
                     self.peer_up_to_date_pending = true;
                 }
                 if self.role == Role::Primary || self.role == Role::Fenced {
-                    self.witness_lease_end = self
-                        .witness_lease_end
-                        .max(self.timing.holder_end(reply.echo));
+                    // A granted Release dropped the lease at the witness;
+                    // and while resigning, or for a request sent before the
+                    // resignation, nothing is lent either: resumed on such
+                    // a lease once the resignation was abandoned, this node
+                    // served while the witness had promoted the peer.
+                    let lends = op != WitnessOp::Release
+                        && !self.resigning
+                        && self.lease_floor.is_none_or(|f| reply.echo > f);
+                    if lends {
+                        self.witness_lease_end = self
+                            .witness_lease_end
+                            .max(self.timing.holder_end(reply.echo));
+                    }
                     self.epoch = self.epoch.max(record.epoch);
                 }
                 match op {
@@ -2630,5 +2662,152 @@ mod tests {
             !b.is_candidate(),
             "a refused --force while a serves ends it"
         );
+    }
+
+    /// cluster_sim seed 24,910: the witness grants b's Promote; a copy of
+    /// that request (a UDP duplicate, or an adversary's replay) reaches the
+    /// witness after it and is answered `Stale`; that answer reaches b
+    /// first, just after a (back from a crash, unaware it was replaced)
+    /// was heard again. b took the `Stale` for a refusal: it ended its
+    /// candidacy (the primary is alive) and, the echo counted as answered,
+    /// dropped the grant when it came. The record named b primary and a
+    /// outdated — a demoted itself on it — and nobody served.
+    #[test]
+    fn a_duplicate_s_stale_answer_neither_ends_a_candidacy_nor_hides_its_grant() {
+        let rec = Record {
+            epoch: 1,
+            primary: Some("a".into()),
+            outdated: None,
+        };
+        let mut w = Witness::start(rec, timing(), 0, 99);
+        let mut b = witnessed_node("b", "a", Role::Secondary);
+        // Replies due at b: (at, order, reply).
+        let mut to_b: Vec<(Millis, u8, WitnessReply)> = Vec::new();
+        let mut heartbeat_at: Option<Millis> = None;
+        let mut duplicated = false;
+        let mut promoted = false;
+        for now in 0..2000 {
+            let mut out = Vec::new();
+            // a's heartbeats, from then on (it still renews nowhere but
+            // with b: it is cut from the witness).
+            if heartbeat_at.is_some_and(|at| now >= at && (now - at) % 100 == 0) {
+                out.extend(b.on_input(
+                    now,
+                    Input::Peer(PeerMsg::Heartbeat {
+                        sent_at: now,
+                        incarnation: 3,
+                        nonce: 11,
+                        echo_nonce: b.nonce(now),
+                        role: Role::Primary,
+                        epoch: 1,
+                        resigning: false,
+                    }),
+                ));
+            }
+            to_b.sort_by_key(|(at, order, _)| (*at, *order));
+            while to_b.first().is_some_and(|(at, _, _)| *at <= now) {
+                let (_, _, reply) = to_b.remove(0);
+                out.extend(b.on_input(now, Input::Witness(reply)));
+            }
+            out.extend(b.tick(now));
+            for a in out {
+                match a {
+                    Action::SendWitness(req) => {
+                        let (reply, _) = w.handle(now, &req);
+                        let granted_promote =
+                            req.op == WitnessOp::Promote && reply.refused.is_none();
+                        if granted_promote && !duplicated {
+                            duplicated = true;
+                            // The copy's answer, then a's heartbeat, reach
+                            // b before the grant does.
+                            let (stale, changed) = w.handle(now + 1, &req);
+                            assert_eq!(stale.refused, Some(Refusal::Stale));
+                            assert!(!changed);
+                            assert_eq!(stale.record.primary.as_deref(), Some("b"));
+                            heartbeat_at = Some(now + 2);
+                            to_b.push((now + 3, 0, stale));
+                            to_b.push((now + 5, 1, reply));
+                        } else {
+                            to_b.push((now + 1, 0, reply));
+                        }
+                    }
+                    Action::Promote => promoted = true,
+                    _ => {}
+                }
+            }
+            if promoted {
+                break;
+            }
+        }
+        assert!(duplicated, "the witness granted b's Promote");
+        assert_eq!(w.record.primary.as_deref(), Some("b"));
+        assert!(promoted, "the record names b primary: b must serve");
+        assert_eq!(b.role(), Role::Primary);
+    }
+
+    /// cluster_sim seed (async, operator, discard-least-changes): a
+    /// resigned (its split-brain policy kept b's copy); b did not take
+    /// over within four failure timeouts, so a abandoned the resignation.
+    /// Meanwhile the witness, which a's Release had made drop a's lease,
+    /// promoted b by force. The answer to a's last Release, late, was taken
+    /// as a lease: a resumed serving while the record named b.
+    #[test]
+    fn a_released_lease_is_not_served_on_after_the_resignation_is_abandoned() {
+        let rec = Record {
+            epoch: 1,
+            primary: Some("a".into()),
+            outdated: None,
+        };
+        let mut w = Witness::start(rec, timing(), 0, 99);
+        let mut a = witnessed_node("a", "b", Role::Primary);
+        let resign_at: Millis = 1000;
+        let abandon_at = resign_at + 4 * timing().failure_timeout_ms;
+        let mut to_a: Vec<(Millis, WitnessReply)> = Vec::new();
+        let mut held: Option<WitnessReply> = None;
+        let mut served_after_resign = Vec::new();
+        for now in 0..abandon_at + 1000 {
+            let mut out = Vec::new();
+            if now == resign_at {
+                assert!(a.accepting_writes(now), "a serves before it resigns");
+                out.extend(a.on_input(now, Input::Resign { why: "test".into() }));
+            }
+            if now == abandon_at + 1 {
+                let reply = held.take().expect("a Release was held back");
+                out.extend(a.on_input(now, Input::Witness(reply)));
+            }
+            to_a.sort_by_key(|(at, _)| *at);
+            while to_a.first().is_some_and(|(at, _)| *at <= now) {
+                let (_, reply) = to_a.remove(0);
+                out.extend(a.on_input(now, Input::Witness(reply)));
+            }
+            out.extend(a.tick(now));
+            for x in out {
+                if let Action::SendWitness(req) = x {
+                    let (reply, _) = w.handle(now, &req);
+                    let last_release = req.op == WitnessOp::Release
+                        && reply.refused.is_none()
+                        && now + timing().heartbeat_interval_ms >= abandon_at;
+                    if last_release && held.is_none() {
+                        // The witness holds no lease of a's now: b is
+                        // promoted by force (the policy's, an operator's).
+                        let (r, _) = ask(&mut w, "b", WitnessOp::ForcePromote, now + 1);
+                        assert_eq!(r.refused, None);
+                        held = Some(reply);
+                    } else {
+                        to_a.push((now + 5, reply));
+                    }
+                }
+            }
+            if now > resign_at && a.accepting_writes(now) {
+                served_after_resign.push(now);
+            }
+        }
+        assert_eq!(w.record.primary.as_deref(), Some("b"));
+        assert!(
+            served_after_resign.is_empty(),
+            "a served at {:?} while the witness named b",
+            served_after_resign.first()
+        );
+        assert_eq!(a.role(), Role::Secondary, "a learns it was replaced");
     }
 }

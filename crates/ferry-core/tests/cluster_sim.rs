@@ -18,7 +18,8 @@
 //!
 //! A failure prints its seed; replay it with
 //! `FERRY_SIM_SEED=N cargo test -p ferry-core --test cluster_sim`.
-//! `FERRY_SIM_SEEDS=N` runs more schedules.
+//! `FERRY_SIM_SEEDS=N` runs more schedules (`FERRY_SIM_FIRST=K`: seeds K..N,
+//! to resume a long run).
 
 use std::collections::BTreeSet;
 
@@ -166,6 +167,8 @@ struct Sim {
     /// rebased when it is demoted (memory only: a crash forgets it).
     discard_on_demote: [bool; 2],
     stats: Stats,
+    /// The schedule's seed (printed with every failure).
+    seed: u64,
 }
 
 /// What a schedule went through (the suite checks each kind was covered).
@@ -303,6 +306,7 @@ impl Sim {
             force_wanted: None,
             discard_on_demote: [false; 2],
             stats: Stats::default(),
+            seed,
         };
         let key = sim.rng.next();
         sim.witness = Some(Witness::start(record, timing, sim.witness_local(0), key));
@@ -398,7 +402,15 @@ impl Sim {
                     self.log.push(format!("t={t} {} demoted", NAMES[i]));
                 }
                 Action::Fence => self.log.push(format!("t={t} {} fenced", NAMES[i])),
-                Action::Resume => self.log.push(format!("t={t} {} resumed", NAMES[i])),
+                Action::Resume => {
+                    // Serving again (the resignation was abandoned): the
+                    // copy set aside lacks what is written from now on, so
+                    // a later demotion must not discard it (as the agent's
+                    // resume job does: the split brain stays and the
+                    // policy runs again, setting a new copy aside).
+                    self.discard_on_demote[i] = false;
+                    self.log.push(format!("t={t} {} resumed", NAMES[i]))
+                }
                 Action::HoldWrites | Action::ReleaseWrites => {}
                 Action::Failback => {
                     // A switchover to the peer: this node resigns; the
@@ -611,7 +623,17 @@ impl Sim {
             }
             match m.payload {
                 Payload::Peer(p) => self.input(t, m.to, Input::Peer(p)),
-                Payload::FromWitness(r) => self.input(t, m.to, Input::Witness(r)),
+                Payload::FromWitness(r) => {
+                    if std::env::var("FERRY_SIM_TRACE").is_ok() {
+                        self.log.push(format!(
+                            "t={t} {} gets witness {:?} echo {} refused {:?} replay {} (role {:?} cand {:?})",
+                            NAMES[m.to], r.op, r.echo, r.refused, m.replay,
+                            self.nodes[m.to].core.as_ref().map(|c| c.role()),
+                            self.nodes[m.to].core.as_ref().map(|c| c.is_candidate()),
+                        ));
+                    }
+                    self.input(t, m.to, Input::Witness(r))
+                }
                 Payload::ToWitness(req) => {
                     let now = self.witness_local(t);
                     let Some(w) = self.witness.as_mut() else {
@@ -620,8 +642,8 @@ impl Sim {
                     let (reply, changed) = w.handle(now, &req);
                     if std::env::var("FERRY_SIM_TRACE").is_ok() {
                         self.log.push(format!(
-                            "t={t} witness {:?} from {} -> {:?}",
-                            req.op, req.node, reply.refused
+                            "t={t} witness {:?} from {} sent {} replay {} -> {:?}",
+                            req.op, req.node, req.sent_at, m.replay, reply.refused
                         ));
                     }
                     if changed {
@@ -827,7 +849,8 @@ impl Sim {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(60);
-        let mut s = self.log[n.saturating_sub(keep)..].join("\n");
+        let mut s = format!("seed {}\n", self.seed);
+        s += &self.log[n.saturating_sub(keep)..].join("\n");
         for i in [A, B] {
             let c = self.nodes[i].core.as_ref();
             s += &format!(
@@ -1067,7 +1090,12 @@ fn seeded_schedules_keep_one_primary_and_every_acknowledged_write() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let mut stats = Stats::default();
-    for seed in 0..seeds {
+    // `FERRY_SIM_FIRST`: resume a long run from this seed.
+    let first: u64 = std::env::var("FERRY_SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    for seed in first..seeds {
         stats.add(run(seed));
     }
     eprintln!("{seeds} schedules: {stats:?}");

@@ -1353,6 +1353,16 @@ fn worker<H: Host + ?Sized>(
                 fence(ctx, workload)
             }
             Job::Resume => {
+                // Serving again (a resignation nobody took up was
+                // abandoned): a copy a split-brain policy set aside lacks
+                // what is written from now on, so a later demotion must
+                // not discard this one (the split brain stays; the policy
+                // runs again and sets a new copy aside).
+                ctx.cluster
+                    .discard_on_demote
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(workload);
                 let r = resume(ctx, workload, !serving);
                 serving = true;
                 r
