@@ -174,17 +174,8 @@ pub fn delete_workload(data_dir: &Path, name: &str) -> Result<bool> {
     }
 }
 
-/// What a hook did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HookRun {
-    pub hook: String,
-    pub ok: bool,
-    pub exit_code: Option<i32>,
-    pub timed_out: bool,
-    pub elapsed_ms: u64,
-    /// The tail of its stdout and stderr.
-    pub output: String,
-}
+/// What a hook did (the API's type: hooks are part of replies).
+pub use ferry_api::reply::HookRun;
 
 /// Runs `cmd` with `sh -c` in its own process group, killed (the whole
 /// group) after `timeout`.

@@ -1358,7 +1358,7 @@ fn worker<H: Host + ?Sized>(
                 // what is written from now on, so a later demotion must
                 // not discard this one (the split brain stays; the policy
                 // runs again and sets a new copy aside).
-                ctx.cluster
+                ctx.cluster()
                     .discard_on_demote
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

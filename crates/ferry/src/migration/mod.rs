@@ -695,7 +695,14 @@ pub fn cutover_with<H: Host + ?Sized>(
         } => {
             hooks.extend(last_check);
             let check_ok = unhealthy.is_none();
-            let report = cutover_report(workload, &me, &target, &ran.timeline, &hooks, check_ok);
+            let report = serde_json::to_value(cutover_report(
+                workload,
+                &me,
+                &target,
+                &ran.timeline,
+                &hooks,
+                check_ok,
+            ))?;
             if let Some(back) = reversed {
                 // The workload did not come up at the target: a reverse
                 // verified cutover returned it here (or tried to).
@@ -771,18 +778,26 @@ fn cutover_report(
     t: &ferry_core::handover::Timeline,
     hooks: &[HookRun],
     healthy: bool,
-) -> Value {
+) -> ferry_api::reply::CutoverReport {
     let ms = |us: u64| (us as f64 / 100.0).round() / 10.0;
-    json!({
-        "workload": workload,
-        "from": from,
-        "to": to,
-        "downtime_ms": ms(t.downtime_us().unwrap_or(0)),
-        "outage_ms": t.outage_us().map(ms),
-        "steps_us": t.steps.iter().map(|(n, at)| json!({"step": n.as_str(), "at_us": at})).collect::<Vec<_>>(),
-        "hooks": hooks,
-        "target_healthy": healthy,
-    })
+    ferry_api::reply::CutoverReport {
+        workload: workload.to_string(),
+        from: from.to_string(),
+        to: to.to_string(),
+        downtime_ms: ms(t.downtime_us().unwrap_or(0)),
+        outage_ms: t.outage_us().map(ms),
+        steps_us: t
+            .steps
+            .iter()
+            .map(|(n, at)| ferry_api::reply::CutoverStep {
+                step: n.as_str().to_string(),
+                at_us: *at,
+            })
+            .collect(),
+        hooks: hooks.to_vec(),
+        target_healthy: healthy,
+        reverse_cutover: None,
+    }
 }
 
 /// What a cutover does that is not a member's: the hooks, the commit (one
