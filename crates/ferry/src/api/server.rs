@@ -333,12 +333,35 @@ async fn serve_conn(
         let mut app = app.clone();
         async move { tower_service::Service::call(&mut app, req).await }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
+    let served = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(deadline)
         .keep_alive(false)
         .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+        .without_shutdown()
         .await;
+    // Lingering close: a request answered before its body was read (413)
+    // would otherwise be closed with the body still arriving, and the
+    // kernel's reset would destroy the answer before the client read it.
+    // Send our close, then read and drop what the client still sends, for
+    // at most the request deadline and 16 × api.body_bytes_max bytes.
+    if let Ok(parts) = served {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tls = parts.io.into_inner();
+        let _ = tls.shutdown().await;
+        let cap = 16 * ctx.cfg.api.body_bytes_max as u64;
+        let drain = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut read = 0u64;
+            while read < cap {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n as u64,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(deadline, drain).await;
+    }
 }
 
 async fn metrics(State(ctx): Ctx) -> Response {
