@@ -16,25 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_nbd::ListenAddr;
-use serde::{Deserialize, Serialize};
 
-/// How to run a workload's VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSpec {
-    /// Kernel image (direct boot); the path must exist on every node.
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub append: Option<String>,
-    pub memory_mib: u64,
-    /// QEMU accelerator: `tcg` (default: works everywhere) or `kvm`.
-    #[serde(default)]
-    pub accel: Option<String>,
-    /// More QEMU arguments, as given.
-    #[serde(default)]
-    pub extra_args: Vec<String>,
-}
+/// How to run a workload's VM: the API's type.
+pub use ferry_api::request::VmSpec;
 
 /// Running VMs of this node, by workload.
 #[derive(Debug, Default)]
@@ -100,8 +84,8 @@ impl Vms {
             bail!("the VM of {workload:?} already runs here");
         }
         for f in spec.kernel.iter().chain(&spec.initrd) {
-            if !f.is_file() {
-                bail!("VM file {} does not exist on this node", f.display());
+            if !std::path::Path::new(f).is_file() {
+                bail!("VM file {f} does not exist on this node");
             }
         }
         let console = console_path(data_dir, workload)?;

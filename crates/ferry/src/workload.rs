@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use ferry_core::Name;
-use serde::{Deserialize, Serialize};
 
 /// What a hook needs of the node it runs on.
 #[derive(Debug, Clone, Copy)]
@@ -25,94 +24,59 @@ pub struct HookEnv<'a> {
 /// Longest hook output kept (its tail).
 const HOOK_OUTPUT_BYTES_MAX: usize = 16 * 1024;
 
-/// A workload's definition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WorkloadSpec {
-    pub name: Name,
-    #[serde(default)]
-    pub volumes: Vec<Name>,
-    /// Shares the workload uses (replicated, moved and failed over with
-    /// its volumes).
-    #[serde(default)]
-    pub shares: Vec<Name>,
-    #[serde(default)]
-    pub start: Option<String>,
-    #[serde(default)]
-    pub stop: Option<String>,
-    #[serde(default)]
-    pub check: Option<String>,
-    /// Each hook is killed after this long and counts as failed.
-    #[serde(default = "default_hook_timeout_ms")]
-    pub hook_timeout_ms: u64,
-    /// A QEMU VM ferry runs on the node that serves the workload.
-    #[serde(default)]
-    pub vm: Option<crate::vm::VmSpec>,
-    /// The address clients reach the workload at, `ADDR/PREFIX` (moved with
-    /// it by the HA cluster).
-    #[serde(default)]
-    pub vip: Option<String>,
-    /// The interface the virtual IP is added to.
-    #[serde(default)]
-    pub vip_interface: Option<String>,
-}
+/// A workload's definition: the API's type, also its record on disk.
+pub use ferry_api::request::WorkloadSpec;
 
-impl WorkloadSpec {
-    /// Refuses a definition that cannot work, saying why.
-    pub fn validate(&self) -> Result<()> {
-        if self.volumes.is_empty() && self.shares.is_empty() {
-            bail!(
-                "workload {:?} needs at least one volume or share (--volume NAME, --share NAME)",
-                self.name
-            );
-        }
-        for (i, v) in self.volumes.iter().enumerate() {
-            if self.volumes[..i].contains(v) {
-                bail!("workload {:?} names volume {v:?} twice", self.name);
-            }
-        }
-        for (i, s) in self.shares.iter().enumerate() {
-            if self.shares[..i].contains(s) {
-                bail!("workload {:?} names share {s:?} twice", self.name);
-            }
-        }
-        if let Some(vip) = &self.vip {
-            let (addr, prefix) = vip.split_once('/').ok_or_else(|| {
-                anyhow!("virtual IP {vip:?} must be ADDR/PREFIX, e.g. 198.18.0.10/24")
-            })?;
-            let addr: std::net::IpAddr = addr
-                .parse()
-                .map_err(|_| anyhow!("virtual IP {vip:?}: {addr:?} is not an IP address"))?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            match prefix.parse::<u8>() {
-                Ok(p) if p <= max => {}
-                _ => bail!("virtual IP {vip:?}: the prefix must be 0 to {max}"),
-            }
-            match &self.vip_interface {
-                None => bail!("virtual IP {vip:?} needs --vip-interface IFACE (where to add it)"),
-                Some(i)
-                    if i.is_empty()
-                        || i.len() > 15
-                        || !i
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b)) =>
-                {
-                    bail!("--vip-interface {i:?} is not an interface name")
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(())
+/// Refuses a definition that cannot work, saying why.
+pub fn validate(spec: &WorkloadSpec) -> Result<()> {
+    if spec.volumes.is_empty() && spec.shares.is_empty() {
+        bail!(
+            "workload {:?} needs at least one volume or share (--volume NAME, --share NAME)",
+            spec.name
+        );
     }
+    for (i, v) in spec.volumes.iter().enumerate() {
+        if spec.volumes[..i].contains(v) {
+            bail!("workload {:?} names volume {v:?} twice", spec.name);
+        }
+    }
+    for (i, s) in spec.shares.iter().enumerate() {
+        if spec.shares[..i].contains(s) {
+            bail!("workload {:?} names share {s:?} twice", spec.name);
+        }
+    }
+    if let Some(vip) = &spec.vip {
+        let (addr, prefix) = vip.split_once('/').ok_or_else(|| {
+            anyhow!("virtual IP {vip:?} must be ADDR/PREFIX, e.g. 198.18.0.10/24")
+        })?;
+        let addr: std::net::IpAddr = addr
+            .parse()
+            .map_err(|_| anyhow!("virtual IP {vip:?}: {addr:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        match prefix.parse::<u8>() {
+            Ok(p) if p <= max => {}
+            _ => bail!("virtual IP {vip:?}: the prefix must be 0 to {max}"),
+        }
+        match &spec.vip_interface {
+            None => bail!("virtual IP {vip:?} needs --vip-interface IFACE (where to add it)"),
+            Some(i)
+                if i.is_empty()
+                    || i.len() > 15
+                    || !i
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b)) =>
+            {
+                bail!("--vip-interface {i:?} is not an interface name")
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Names as plain strings, for code that keys maps or JSON by them.
 pub fn names(n: &[Name]) -> Vec<String> {
     n.iter().map(|n| n.to_string()).collect()
-}
-
-fn default_hook_timeout_ms() -> u64 {
-    30_000
 }
 
 fn workloads_dir(data_dir: &Path) -> PathBuf {

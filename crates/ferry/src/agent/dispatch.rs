@@ -906,9 +906,9 @@ fn generation(ctx: &AgentCtx, name: &str) -> Res<r::Generation> {
 }
 
 async fn create_workload(ctx: Arc<AgentCtx>, spec: q::WorkloadSpec) -> Res<q::WorkloadSpec> {
-    let inner: crate::workload::WorkloadSpec = convert(&spec)?;
+    let inner = spec.clone();
     blocking(move || {
-        inner.validate()?;
+        crate::workload::validate(&inner)?;
         if crate::workload::load_workload(&ctx.cfg.data_dir, &inner.name)?.is_some() {
             anyhow::bail!(
                 "workload {:?} exists; change it with PUT or delete it first",
@@ -941,9 +941,9 @@ async fn put_workload(
             spec.name
         )));
     }
-    let inner: crate::workload::WorkloadSpec = convert(&spec)?;
+    let inner = spec.clone();
     let updated_on = blocking(move || {
-        inner.validate()?;
+        crate::workload::validate(&inner)?;
         crate::workload::save_workload(&ctx.cfg.data_dir, &inner)?;
         // Changed through either node, kept the same on both: pass it on to
         // every peer that holds this workload.
@@ -1058,7 +1058,7 @@ async fn cluster_add(ctx: Arc<AgentCtx>, r: q::ClusterAdd) -> Res<r::ClusterAdde
             c.send(&Action::PutWorkload {
                 name: spec.name.clone(),
                 forwarded: true,
-                spec: convert(&spec)?,
+                spec: spec.clone(),
             })
             .map_err(|e| e.context(format!("cannot give the workload definition to {}", cfg.peer)))?;
             c.send(&Action::ClusterAdd(q::ClusterAdd {
