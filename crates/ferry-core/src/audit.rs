@@ -452,6 +452,57 @@ pub fn keep_head(history: &mut Vec<Head>, head: Head, recent: usize) -> bool {
     true
 }
 
+/// The witness protocol's audit messages (a datagram of its own: a
+/// witness of an earlier release does not parse it and answers nothing,
+/// which the node reports as "keeps no heads").
+pub mod wire {
+    use serde::{Deserialize, Serialize};
+
+    /// A head on the wire: sequence number and hash (hex).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct WireHead {
+        pub seq: u64,
+        pub hash: String,
+    }
+
+    /// Node → witness: `{"audit": {...}}`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct ToWitness {
+        pub audit: Ask,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Ask {
+        /// The cluster id (as for the witness's records).
+        pub cluster: String,
+        /// Whose chain.
+        pub node: String,
+        /// Keep this head (absent: only tell what is held).
+        #[serde(default)]
+        pub put: Option<WireHead>,
+        /// Echoed in the reply: matches it to this request.
+        pub nonce: u64,
+    }
+
+    /// Witness → node: `{"audit_heads": {...}}`.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct FromWitness {
+        pub audit_heads: Held,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Held {
+        pub cluster: String,
+        pub node: String,
+        pub nonce: u64,
+        /// Whether `put` was kept (false: not newer than the last head).
+        #[serde(default)]
+        pub kept: Option<bool>,
+        /// The heads held, oldest first.
+        pub heads: Vec<WireHead>,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 mod agent;
 mod api;
+mod audit;
 mod cli;
 mod cluster;
 mod config;
