@@ -168,6 +168,14 @@ pub fn new_op_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// An automatic decision's record: what was decided (`failover-started`,
+/// `fenced`, `promoted`, `resigned`, `split-brain-verdict`, `throttle`,
+/// `auto-cutover`, `scheduled-cutover`, …), for which workload, the
+/// details, and the operation id it shares with the peer's records.
+pub fn decision(what: &str, workload: &str, detail: Value, op: Option<&str>) -> Value {
+    json!({"kind": "decision", "decision": what, "workload": workload, "detail": detail, "op": op})
+}
+
 impl AuditLog {
     /// Opens (or creates) the log: a torn tail is truncated and recorded.
     pub fn open(
@@ -230,10 +238,6 @@ impl AuditLog {
                 "why": "an append interrupted by a crash (never acknowledged: an action's record is durable before its reply)"}))?;
         }
         Ok(log)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn settings(&self) -> &AuditSettings {

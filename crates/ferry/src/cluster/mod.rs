@@ -1171,7 +1171,15 @@ impl Manager {
                     Input::PeerReport(peer_report(&ctx, &name))
                 });
             }
-            Action::SplitBrain { policy, verdict } => match verdict {
+            Action::SplitBrain { policy, verdict } => match {
+                self.ctx.audit().decide(crate::audit::decision(
+                    "split-brain-verdict",
+                    w,
+                    json!({"policy": policy.to_string(), "verdict": format!("{verdict:?}")}),
+                    None,
+                ));
+                verdict
+            } {
                 Verdict::Manual { why } => {
                     tracing::warn!(workload = w, %policy, why = %why, "cluster.split_brain.left_to_operator");
                 }
@@ -1306,6 +1314,11 @@ impl Manager {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0));
         tracing::info!(workload = w, event = %v, "cluster.event");
+        // Into the audit log's queue: this thread never waits for the disk.
+        let what = v["event"].as_str().unwrap_or("event").to_string();
+        self.ctx
+            .audit()
+            .decide(crate::audit::decision(&what, w, v.clone(), None));
         if let Some(tx) = &self.notify {
             if tx.try_send(v.clone()).is_err() {
                 tracing::warn!(workload = w, "cluster.notify_dropped: NOTIFY_QUEUE_EVENTS_MAX events already wait for the hook");
