@@ -376,7 +376,6 @@ pub fn spawn_heads(ctx: Arc<AgentCtx>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("audit-heads".into())
         .spawn(move || {
-            let w = witness(&ctx);
             loop {
                 std::thread::sleep(every);
                 let head = ctx.audit.head();
@@ -391,8 +390,10 @@ pub fn spawn_heads(ctx: Arc<AgentCtx>) -> std::io::Result<()> {
                         tracing::debug!(peer = %p.name, error = %format!("{e:#}"), "audit.head_not_sent");
                     }
                 }
-                if let Some(w) = &w {
-                    match witness_exchange(&ctx, w, Some(head)) {
+                // Asked each time: the peer (whose pairing gives the
+                // cluster id) may be paired after the start.
+                if let Some(w) = witness(&ctx) {
+                    match witness_exchange(&ctx, &w, Some(head)) {
                         Ok(Some(_)) => {}
                         Ok(None) => tracing::debug!("audit.head_not_kept_by_witness: no answer (a witness before the audit log?)"),
                         Err(e) => tracing::debug!(error = %e, "audit.head_not_sent_to_witness"),
