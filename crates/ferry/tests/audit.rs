@@ -291,3 +291,64 @@ fn the_audit_log_records_who_did_what_and_reveals_a_rewrite() {
     assert!(err.contains("witness 127.0.0.1"), "{err}");
     let _ = &mut b;
 }
+
+/// An action whose record cannot be written is refused, and not done: the
+/// agent runs in a mount namespace of its own (`unshare --mount`: the mount
+/// ends with it) with DATA_DIR/audit on a 64 KiB tmpfs left almost full.
+#[test]
+fn an_action_the_log_cannot_record_is_refused_and_not_done() {
+    common::require("unshare");
+    let root = tempfile::Builder::new()
+        .prefix("ferry-audit-full-")
+        .tempdir()
+        .unwrap();
+    let audit = root.path().join("a").join("audit");
+    let script = format!(
+        "mkdir -p {d} && mount -t tmpfs -o size=64k,mode=0700 ferry-audit-test {d} && dd if=/dev/zero of={d}/filler bs=4096 count=14 2>/dev/null && exec \"$@\"",
+        d = audit.display()
+    );
+    let a = Agent::start_wrapped(
+        root.path(),
+        "a",
+        "",
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ],
+    );
+    let mut refused = None;
+    for i in 0..200 {
+        let name = format!("t{i}");
+        let out = a
+            .cli()
+            .args(["token", "create", &name, "--role", "viewer"])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).to_string();
+            if err.contains("nothing was done") {
+                refused = Some((name, err));
+                break;
+            }
+            // The request was recorded but not its result: done, and said.
+            assert!(err.contains("its result could not be recorded"), "{err}");
+        }
+    }
+    let (name, err) = refused.expect("the full log refused an action");
+    assert!(err.contains("audit log"), "{err}");
+    let tokens = a.json(&["token", "list"]);
+    assert!(
+        !tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == name.as_str()),
+        "a refused action was done: {tokens}"
+    );
+}
