@@ -1171,31 +1171,35 @@ impl Manager {
                     Input::PeerReport(peer_report(&ctx, &name))
                 });
             }
-            Action::SplitBrain { policy, verdict } => match {
-                self.ctx.audit().decide(crate::audit::decision(
-                    "split-brain-verdict",
-                    w,
-                    json!({"policy": policy.to_string(), "verdict": format!("{verdict:?}")}),
-                    None,
-                ));
-                verdict
-            } {
-                Verdict::Manual { why } => {
-                    tracing::warn!(workload = w, %policy, why = %why, "cluster.split_brain.left_to_operator");
-                }
-                Verdict::Keep { node, why } => {
-                    tracing::warn!(workload = w, %policy, keep = %node, why = %why, "cluster.split_brain.policy_decided");
-                    let (ctx, name, tx) = (self.ctx.clone(), w.to_string(), self.to_self.clone());
-                    self.spawn("split-brain", tx, name.clone(), move || {
+            Action::SplitBrain { policy, verdict } => self.split_brain(w, policy, verdict),
+            Action::Event(e) => self.event(w, e, at),
+        }
+    }
+
+    /// The split-brain policy's verdict: recorded, then carried out (or
+    /// left to the operator).
+    fn split_brain(&mut self, w: &str, policy: SplitBrainPolicy, verdict: Verdict) {
+        self.ctx.audit().decide(crate::audit::decision(
+            "split-brain-verdict",
+            w,
+            json!({"policy": policy.to_string(), "verdict": format!("{verdict:?}")}),
+            None,
+        ));
+        match verdict {
+            Verdict::Manual { why } => {
+                tracing::warn!(workload = w, %policy, why = %why, "cluster.split_brain.left_to_operator");
+            }
+            Verdict::Keep { node, why } => {
+                tracing::warn!(workload = w, %policy, keep = %node, why = %why, "cluster.split_brain.policy_decided");
+                let (ctx, name, tx) = (self.ctx.clone(), w.to_string(), self.to_self.clone());
+                self.spawn("split-brain", tx, name.clone(), move || {
                         let r = keep_by_policy(&ctx, &name, policy, &node);
                         if let Err(e) = &r {
                             tracing::error!(workload = %name, error = %format!("{e:#}"), "cluster.split_brain.policy_failed: resolve by hand");
                         }
                         Input::SplitBrainDone { ok: r.is_ok() }
                     });
-                }
-            },
-            Action::Event(e) => self.event(w, e, at),
+            }
         }
     }
 
