@@ -674,6 +674,9 @@ pub struct AuditList {
     /// The chain's head: its last record.
     pub head_seq: u64,
     pub records: Vec<AuditRecord>,
+    /// Older records that matched but were left out (at most 10,000 are
+    /// answered, the newest): ask again with a later `since`.
+    pub omitted: u64,
 }
 
 /// Who holds heads of this node's chain, and how many.

@@ -235,6 +235,16 @@ fn the_audit_log_records_who_did_what_and_reveals_a_rewrite() {
     assert_eq!(takeover["op"], cut_op, "{takeover}");
     assert_eq!(takeover["peer"], "a");
 
+    // --since: an age, or a time.
+    let since = |s: &str| {
+        a.json(&["audit", "list", "--since", s])["records"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert!(since("1h") >= recs.len());
+    assert_eq!(since("2999-01-01T00:00:00Z"), 0);
+
     // The heads reach the peer and the witness, and verify passes.
     let head = recs.last().unwrap()["seq"].as_u64().unwrap();
     wait_until(20, "heads at the peer and the witness", || {
@@ -351,4 +361,35 @@ fn an_action_the_log_cannot_record_is_refused_and_not_done() {
             .any(|t| t["name"] == name.as_str()),
         "a refused action was done: {tokens}"
     );
+}
+
+/// An append a crash interrupted (half a frame at the end of the log) is
+/// cut at the next start and a record says so: never a silent gap.
+#[test]
+fn a_torn_tail_is_cut_at_start_and_recorded() {
+    let root = tempfile::Builder::new()
+        .prefix("ferry-audit-torn-")
+        .tempdir()
+        .unwrap();
+    let mut a = Agent::start(root.path(), "a", "");
+    a.ok(&["token", "create", "ops", "--role", "operator"]);
+    a.stop();
+    let path = log_path(&a);
+    let bytes = std::fs::read(&path).unwrap();
+    let p = chain::parse(&bytes);
+    let last = p.frames.last().unwrap().head();
+    let (frame, _) = chain::encode_record(last.seq + 1, &last.hash, b"{\"kind\":\"lost\"}");
+    let mut torn = bytes.clone();
+    torn.extend_from_slice(&frame[..frame.len() - 4]);
+    std::fs::write(&path, &torn).unwrap();
+    a.spawn();
+    let recs = records(&a, None);
+    let note = &recs.last().unwrap()["record"];
+    assert_eq!(note["kind"], "torn-tail", "{recs:#?}");
+    assert_eq!(note["offset"], bytes.len() as u64);
+    assert_eq!(note["bytes"], (frame.len() - 4) as u64);
+    assert_eq!(recs.last().unwrap()["seq"], last.seq + 1);
+    assert!(a.log_text().contains("audit.torn_tail"));
+    let out = a.ok(&["audit", "verify"]);
+    assert!(out.contains("ok: the chain is whole"), "{out}");
 }

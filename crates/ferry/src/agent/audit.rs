@@ -19,6 +19,10 @@ use super::dispatch::Asker;
 use super::AgentCtx;
 use crate::transport::client::ApiClient;
 
+/// Records one `audit list` answers at most (the newest; `omitted` says
+/// how many older ones matched but were left out: ask with `--since`).
+pub const AUDIT_LIST_RECORDS_MAX: usize = 10_000;
+
 /// How long a peer or the witness has to answer a head exchange.
 const HOLDER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest witness answer read.
@@ -135,10 +139,13 @@ pub fn list(ctx: &AgentCtx, since: Option<&str>) -> Result<r::AuditList> {
             record,
         });
     }
+    let omitted = records.len().saturating_sub(AUDIT_LIST_RECORDS_MAX);
+    records.drain(..omitted);
     Ok(r::AuditList {
         node: ctx.identity.node_name.clone(),
         head_seq: p.frames.last().map_or(0, |f| f.seq),
         records,
+        omitted: omitted as u64,
     })
 }
 
@@ -161,9 +168,18 @@ pub fn put_head(ctx: &AgentCtx, node: Option<String>, h: AuditHead) -> Result<r:
     let node = node.ok_or_else(|| anyhow!("only a paired node sends its audit head"))?;
     let head = from_wire(h.seq, &h.hash)
         .ok_or_else(|| ferry_api::ActionError::bad_input("hash: 64 hex digits"))?;
-    let kept = ctx.audit.held().put(&node, head)?;
-    if !kept {
-        tracing::warn!(%node, head = %head, "audit.head_not_newer: kept the heads held (a peer's chain does not go back)");
+    let held = ctx.audit.held();
+    let last = held.get(&node).last().copied();
+    let kept = held.put(&node, head)?;
+    match last {
+        _ if kept => {}
+        Some(l) if l == head => {}
+        Some(l) if l.seq == head.seq => {
+            tracing::error!(%node, held = %l, sent = %head, "audit.head_conflict: the peer sent another hash for a record whose head is held here: its chain was rewritten (ferry audit verify on it shows where)");
+        }
+        _ => {
+            tracing::warn!(%node, head = %head, last = ?last.map(|l| l.to_string()), "audit.head_not_newer: kept the heads held (a chain does not go back)");
+        }
     }
     Ok(r::AuditHeadKept {
         holder: ctx.identity.node_name.clone(),
@@ -402,4 +418,27 @@ pub fn spawn_heads(ctx: Arc<AgentCtx>) -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_time_or_an_age_and_secrets_are_redacted() {
+        let now = jiff::Timestamp::now().as_millisecond();
+        let h = since_ms("1h").unwrap();
+        assert!((now - 3_600_000 - h).abs() < 5_000, "{h}");
+        assert_eq!(since_ms("2026-12-07T10:00:00Z").unwrap(), 1_796_637_600_000);
+        assert!(since_ms("1y").is_err() && since_ms("soon").is_err());
+        let mut v = json!({"name": "b", "token": "s3cret", "nested": [{"password": "x"}], "req": {"token": 7}});
+        redact(&mut v);
+        assert_eq!(v["token"], "<redacted>");
+        assert_eq!(v["nested"][0]["password"], "<redacted>");
+        assert_eq!(
+            v["req"]["token"], 7,
+            "a snapshot's number token is not a secret"
+        );
+        assert_eq!(v["name"], "b");
+    }
 }

@@ -209,6 +209,12 @@ pub fn audit(cmd: &crate::cli::AuditCommand, data_dir: &Path, json: bool) -> Res
                     };
                     println!("{:>6} {} {what}", r.seq, s("time"));
                 }
+                if v.omitted > 0 {
+                    eprintln!(
+                        "{} older records left out (at most 10,000 are listed): use --since",
+                        v.omitted
+                    );
+                }
             })
         }
         crate::cli::AuditCommand::Verify { conn } => {

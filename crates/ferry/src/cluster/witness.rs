@@ -364,7 +364,13 @@ impl WitnessServer {
                 crate::store::write_private(&path, &bytes)
                     .map_err(|e| format!("cannot persist the audit heads: {e:#}"))?;
                 *heads = next;
-            } else {
+            } else if heads
+                .last()
+                .is_some_and(|l| l.seq == head.seq && l.hash != head.hash)
+            {
+                tracing::error!(cluster = %ask.cluster, node = %ask.node, head = %head,
+                    "witness.audit_head_conflict: another hash for a head held here: that node's chain was rewritten");
+            } else if heads.last() != Some(&head) {
                 tracing::warn!(cluster = %ask.cluster, node = %ask.node, head = %head,
                     "witness.audit_head_not_newer: kept the heads held");
             }
