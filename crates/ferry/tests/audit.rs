@@ -141,7 +141,6 @@ fn rewrite_consistently(path: &Path, from: &str, to: &str) -> u64 {
 
 #[test]
 fn the_audit_log_records_who_did_what_and_reveals_a_rewrite() {
-    common::require("qemu-io");
     let root = tempfile::Builder::new()
         .prefix("ferry-audit-")
         .tempdir()
