@@ -173,6 +173,13 @@ pub enum Action {
         name: Name,
     },
     OpenApi,
+    ListAudit {
+        /// RFC 3339, or an age (`90s`, `15m`, `1h`, `7d`).
+        since: Option<String>,
+    },
+    VerifyAudit,
+    PutAuditHead(AuditHead),
+    GetAuditHeads,
 }
 
 /// A request's path parameters or query, by name (percent-decoded).
@@ -382,6 +389,12 @@ impl Action {
             },
             K::ClusterSwitchover => Action::ClusterSwitchover { name: n()? },
             K::OpenApi => Action::OpenApi,
+            K::ListAudit => Action::ListAudit {
+                since: query.get("since").cloned(),
+            },
+            K::VerifyAudit => Action::VerifyAudit,
+            K::PutAuditHead => Action::PutAuditHead(body(bytes)?),
+            K::GetAuditHeads => Action::GetAuditHeads,
         })
     }
 
@@ -451,6 +464,10 @@ impl Action {
             Action::ClusterDropCopy { .. } => K::ClusterDropCopy,
             Action::ClusterSwitchover { .. } => K::ClusterSwitchover,
             Action::OpenApi => K::OpenApi,
+            Action::ListAudit { .. } => K::ListAudit,
+            Action::VerifyAudit => K::VerifyAudit,
+            Action::PutAuditHead(_) => K::PutAuditHead,
+            Action::GetAuditHeads => K::GetAuditHeads,
         }
     }
 
@@ -533,6 +550,12 @@ impl Action {
                 q.push("forwarded=true".into());
             }
             Action::GetReplication { wait, .. } => push_wait(&mut q, wait),
+            Action::ListAudit { since: Some(s) } => {
+                q.push(format!(
+                    "since={}",
+                    s.replace('%', "%25").replace('+', "%2B")
+                ));
+            }
             Action::GetShare { counts, wait, .. } => {
                 if !counts {
                     q.push("counts=0".into());
@@ -580,6 +603,7 @@ impl Action {
             Action::ClusterPromote { req, .. } => enc(req),
             Action::ClusterResolve { req, .. } => enc(req),
             Action::ClusterDropCopy { req, .. } => enc(req),
+            Action::PutAuditHead(r) => enc(r),
             _ => serde_json::json!({}),
         })
     }
@@ -622,6 +646,7 @@ mod tests {
             K::ClusterStandby => r#"{"node":"a","standby":true}"#,
             K::ClusterResolve => r#"{"keep":"a"}"#,
             K::ClusterDropCopy => r#"{"node":"a"}"#,
+            K::PutAuditHead => r#"{"seq":1,"hash":"00"}"#,
             _ => "{}",
         }
     }

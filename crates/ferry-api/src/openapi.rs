@@ -38,6 +38,7 @@ fn request_schema(kind: ActionKind, g: &mut SchemaGenerator) -> Option<schemars:
         K::ClusterPromote => g.subschema_for::<ForcePromote>(),
         K::ClusterResolve => g.subschema_for::<Resolve>(),
         K::ClusterDropCopy => g.subschema_for::<DropCopy>(),
+        K::PutAuditHead => g.subschema_for::<AuditHead>(),
         _ => return None,
     })
 }
@@ -84,6 +85,11 @@ fn query_params(kind: ActionKind) -> &'static [(&'static str, &'static str, &'st
                 "…or after this many ms (at most 5000).",
             ),
         ],
+        K::ListAudit => &[(
+            "since",
+            "string",
+            "Only records from then on: RFC 3339, or an age (`90s`, `15m`, `1h`, `7d`).",
+        )],
         _ => &[],
     }
 }

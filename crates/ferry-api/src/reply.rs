@@ -657,6 +657,80 @@ pub struct CopiesDropped {
     pub dropped: Vec<String>,
 }
 
+/// One audit record: its place in the chain and what it says (an
+/// action's request or result, an automatic decision, a checkpoint note).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditRecord {
+    pub seq: u64,
+    /// BLAKE3 of (seq, the previous record's hash, this record), hex.
+    pub hash: String,
+    pub record: Value,
+}
+
+/// `ferry audit list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditList {
+    pub node: String,
+    /// The chain's head: its last record.
+    pub head_seq: u64,
+    pub records: Vec<AuditRecord>,
+    /// Older records that matched but were left out (at most 10,000 are
+    /// answered, the newest): ask again with a later `since`.
+    pub omitted: u64,
+}
+
+/// Who holds heads of this node's chain, and how many.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditHolder {
+    /// `peer b`, `witness 127.0.0.1:7790`.
+    pub holder: String,
+    /// Heads it holds (`null`: none could be asked for, see `note`).
+    pub heads: Option<u64>,
+    /// The newest head it holds (`SEQ:HASH`).
+    pub newest: Option<String>,
+    pub note: String,
+}
+
+/// `ferry audit verify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditVerify {
+    pub node: String,
+    /// The chain is whole and matches every head held elsewhere.
+    pub ok: bool,
+    pub records: u64,
+    pub first_seq: u64,
+    pub head_seq: u64,
+    pub head_hash: String,
+    /// The pruned prefix's head (`SEQ:HASH`), if the log was pruned.
+    pub checkpoint: Option<String>,
+    pub holders: Vec<AuditHolder>,
+    pub heads_matched: u64,
+    /// Held heads older than the checkpoint (their records were pruned).
+    pub heads_pruned: u64,
+    /// What is wrong (the first problem found).
+    pub problem: Option<String>,
+    /// The first bad record's sequence number, where known.
+    pub first_bad_seq: Option<u64>,
+}
+
+/// The answer to a node's `POST /api/v1/audit/heads`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditHeadKept {
+    pub holder: String,
+    pub node: String,
+    /// False: not newer than the last head held (kept as it was).
+    pub kept: bool,
+}
+
+/// The heads of a node's chain another node holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditHeads {
+    pub holder: String,
+    pub node: String,
+    /// Oldest first.
+    pub heads: Vec<crate::request::AuditHead>,
+}
+
 macro_rules! replies {
     ($( $kind:ident => $variant:ident($ty:ty); )*) => {
         /// Any action's reply. Encoded as the inner value (no tag): the
@@ -754,6 +828,10 @@ replies! {
     ClusterDropCopy => CopiesDropped(CopiesDropped);
     ClusterSwitchover => Switchover(SwitchoverReport);
     OpenApi => OpenApi(Value);
+    ListAudit => Audit(AuditList);
+    VerifyAudit => AuditVerified(AuditVerify);
+    PutAuditHead => AuditHeadKept(AuditHeadKept);
+    GetAuditHeads => AuditHeads(AuditHeads);
 }
 
 #[cfg(test)]

@@ -346,3 +346,12 @@ pub struct Resolve {
 pub struct DropCopy {
     pub node: String,
 }
+
+/// `POST /api/v1/audit/heads`: the calling node's audit chain head (its
+/// last record's sequence number and BLAKE3 hash, hex). Unknown fields are
+/// ignored: a newer node may say more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditHead {
+    pub seq: u64,
+    pub hash: String,
+}

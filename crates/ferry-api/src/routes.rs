@@ -233,6 +233,10 @@ routes! {
     ClusterDropCopy: Post "/api/v1/cluster/workloads/{name}/drop-copy", ADMIN, CLUSTERED, "`ferry cluster drop-copy`.";
     ClusterSwitchover: Post "/api/v1/cluster/workloads/{name}/switchover", OPERATOR, CLUSTERED, "`ferry cluster switchover`: the verified planned move.";
     OpenApi: Get "/api/v1/openapi.json", VIEWER, ANY, "This document (OpenAPI 3.1).";
+    ListAudit: Get "/api/v1/audit", VIEWER, ANY, "`ferry audit list`: the audit log's records (`?since=`: RFC 3339, or an age such as `1h`).";
+    VerifyAudit: Get "/api/v1/audit/verify", VIEWER, ANY, "`ferry audit verify`: the chain checked, and the heads the peers and the witness hold of it.";
+    PutAuditHead: Post "/api/v1/audit/heads", PEER, ANY, "(peer-internal) Keep the calling node's audit chain head.";
+    GetAuditHeads: Get "/api/v1/audit/heads", PEER, ANY, "(peer-internal) The heads of the calling node's audit chain this node holds.";
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! cutovers and maintenance windows, and the [`snapshot`] and overlay
 //! block maps of test cutovers.
 
+pub mod audit;
 pub mod cluster;
 pub mod crc32c;
 pub mod delta;

@@ -84,6 +84,9 @@ pub struct AgentConfig {
     pub shares: ShareSettings,
     #[serde(default)]
     pub api: ApiSettings,
+    /// `[audit]`: the audit log's retention and head exchange.
+    #[serde(default)]
+    pub audit: crate::audit::AuditSettings,
     /// High availability: the peer, heartbeat paths, the witness.
     #[serde(default)]
     pub cluster: Option<ClusterSettings>,
@@ -344,6 +347,7 @@ impl AgentConfig {
                 self.node_name
             )
         })?;
+        self.audit.validate()?;
         if let Some(l) = &self.nbd_listen {
             match l.parse::<ferry_nbd::ListenAddr>() {
                 Ok(ferry_nbd::ListenAddr::Tcp(_)) => {}

@@ -4,6 +4,7 @@
 
 mod agent;
 mod api;
+mod audit;
 mod cli;
 mod cluster;
 mod config;
@@ -97,6 +98,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
         Command::Share(cmd) => remote::share(cmd, &cli.global.data_dir, json),
         Command::Token(cmd) => remote::token_cmd(cmd, &cli.global.data_dir, json),
+        Command::Audit(cmd) => remote::audit(cmd, &cli.global.data_dir, json),
         Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
             // The served router is built from this table (api::server::routes).

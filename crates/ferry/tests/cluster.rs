@@ -1338,6 +1338,37 @@ fn the_discard_younger_primary_policy_keeps_the_older_primary_s_data() {
         log.contains("cluster.split_brain.policy_decided"),
         "the decision is logged"
     );
+    // And in b's audit log: the forced promotion (an action, by the node's
+    // admin token) and the policy's verdict (a decision, written by the
+    // audit writer thread, never the heartbeat thread); the chain verifies.
+    let audit = |n: &str| -> Vec<Value> {
+        net.json(n, &["audit", "list"])["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["record"].clone())
+            .collect()
+    };
+    let recs = audit("b");
+    assert!(
+        recs.iter().any(|r| r["action"] == "ClusterPromote"
+            && r["phase"] == "result"
+            && r["token"] == "api.token"
+            && r["result"]["ok"] == true),
+        "{recs:#?}"
+    );
+    wait_for(10, "the verdict in b's audit log", || {
+        audit("b")
+            .iter()
+            .any(|r| r["kind"] == "decision" && r["decision"] == "split-brain-verdict")
+    });
+    assert!(
+        audit("a")
+            .iter()
+            .any(|r| r["kind"] == "decision" && r["decision"] == "promoted"),
+        "a's promotion back is a decision in its log"
+    );
+    net.ok("b", &["audit", "verify"]);
 }
 
 /// `discard-least-changes`: the copy that changed more since the split is

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // plumbing: records on disk, signals, log output
     &["store", "sys"],
+    // the audit log on disk (hash chain, decisions queue, heads held for peers)
+    &["audit"],
     // how nodes reach each other: identities, TLS, dialing, the listener, settings
     &["transport"],
     // the engines (volume first: shares reuse its write permit and link flag),

@@ -864,6 +864,37 @@ fn auto_cutover_moves_the_workload_once_ready() {
     );
     assert_eq!(st["auto_cutover_attempts"], 1, "{st}");
     qemu_io(&b.uri("app"), &["read -P 0x5a 0 4M"]);
+    // The decision and its outcome are in a's audit log, and b recorded
+    // the takeover under the same operation id.
+    let audit = |n: &Agent| -> Vec<serde_json::Value> {
+        n.json(&["audit", "list"])["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["record"].clone())
+            .collect()
+    };
+    let mut decided = None;
+    wait_until(10, "the auto-cutover's result in a's audit log", || {
+        let recs = audit(&a);
+        let d = recs
+            .iter()
+            .find(|r| r["decision"] == "auto-cutover")
+            .cloned();
+        let done = recs
+            .iter()
+            .any(|r| r["decision"] == "auto-cutover-result" && r["detail"]["ok"] == true);
+        decided = d;
+        done
+    });
+    let op = decided.expect("the auto-cutover decision")["op"].clone();
+    assert!(op.is_string());
+    let at_b = audit(&b);
+    assert!(
+        at_b.iter()
+            .any(|r| r["action"] == "Takeover" && r["op"] == op && r["peer"] == "a"),
+        "{at_b:#?}"
+    );
 }
 
 #[test]

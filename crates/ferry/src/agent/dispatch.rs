@@ -31,6 +31,20 @@ pub struct Asker {
     pub cert_fingerprint: Option<String>,
     /// The registered peer that certificate belongs to.
     pub peer: Option<String>,
+    /// The client's address.
+    pub addr: Option<std::net::SocketAddr>,
+    /// The operation id a peer sent with its call (`x-ferry-op`): its part
+    /// of a handover, recorded here under the same id.
+    pub op: Option<String>,
+}
+
+/// The operation id in a request's headers, if it is one.
+pub fn op_header(h: &axum::http::HeaderMap) -> Option<String> {
+    let op = h.get(crate::transport::client::OP_HEADER)?.to_str().ok()?;
+    let ok = !op.is_empty()
+        && op.len() <= 64
+        && op.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    ok.then(|| op.to_string())
 }
 
 /// The kind of failure anywhere in `e`'s chain: an [`ActionError`]'s own,
@@ -128,9 +142,53 @@ fn parse_mode(s: Option<&str>) -> Res<Mode> {
 }
 
 /// Executes `action` for `who` (already authorized for it by the route
-/// table's need and node states).
+/// table's need and node states). An action that changes something (any
+/// method but GET) is recorded in the audit log twice, under one
+/// operation id: its request, durable before it runs (if that cannot be
+/// written the action is refused, 503), and its result, durable before
+/// the reply (if that cannot be written the reply is 500 saying the action
+/// was done but its result not recorded).
 pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Reply> {
+    // The head exchange itself is not recorded (it changes only the heads
+    // held for the peer, once a minute: it would bury the log).
+    if action.method() == ferry_api::Method::Get || matches!(action, Action::PutAuditHead(_)) {
+        return run(ctx, who, action, None).await;
+    }
+    let op = who.op.clone().unwrap_or_else(crate::audit::new_op_id);
+    let rec = super::audit::action_record(who, &action, &op);
+    super::audit::record(ctx, super::audit::phase(&rec, "request", None))
+        .await
+        .map_err(|e| {
+            ActionError::unavailable(format!(
+                "refused: the audit log cannot record this action ({e}); nothing was done"
+            ))
+        })?;
+    let res = run(ctx, who, action, Some(&op)).await;
+    let outcome = match &res {
+        Ok(_) => serde_json::json!({"ok": true}),
+        Err(e) => {
+            serde_json::json!({"ok": false, "error": {"kind": e.kind, "status": e.kind.status(), "message": e.message}})
+        }
+    };
+    super::audit::record(ctx, super::audit::phase(&rec, "result", Some(outcome)))
+        .await
+        .map_err(|e| {
+            internal(format!(
+                "the action was {} but its result could not be recorded in the audit log: {e}",
+                if res.is_ok() { "done" } else { "refused" }
+            ))
+        })?;
+    res
+}
+
+/// Runs `f` with the peer calls it makes on this thread carrying `op`.
+fn with_op<T>(op: Option<String>, f: impl FnOnce() -> T) -> T {
+    crate::transport::client::with_op(op.as_deref(), f)
+}
+
+async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>) -> Res<Reply> {
     let ctx = ctx.clone();
+    let op = op.map(str::to_string);
     Ok(match action {
         Action::GetNode => Reply::Node(node_info(&ctx)),
         Action::ListNodes => Reply::Nodes(ctx.peers.list().iter().map(peer_info).collect()),
@@ -371,11 +429,15 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
                 .await?,
         )?),
         Action::CutoverAll => Reply::CutoverAll(typed(
-            blocking(move || crate::migration::cutover_all(&ctx)).await?,
+            blocking(move || with_op(op, || crate::migration::cutover_all(&ctx))).await?,
         )?),
         Action::Cutover { name, req } => Reply::Cutover(typed(
-            blocking(move || crate::migration::cutover_with(&ctx, &name, req.reverse_on_failure))
-                .await?,
+            blocking(move || {
+                with_op(op, || {
+                    crate::migration::cutover_with(&ctx, &name, req.reverse_on_failure)
+                })
+            })
+            .await?,
         )?),
         Action::ScheduleCutover { name, req } => {
             let req = crate::migration::schedule::ScheduleRequest {
@@ -573,9 +635,23 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
             Reply::CopiesDropped(v)
         }
         Action::ClusterSwitchover { name } => Reply::Switchover(typed(
-            blocking(move || crate::cluster::switchover(&ctx, &name)).await?,
+            blocking(move || with_op(op, || crate::cluster::switchover(&ctx, &name))).await?,
         )?),
         Action::OpenApi => Reply::OpenApi(ferry_api::openapi::document()),
+        Action::ListAudit { since } => {
+            Reply::Audit(blocking(move || super::audit::list(&ctx, since.as_deref())).await?)
+        }
+        Action::VerifyAudit => {
+            Reply::AuditVerified(blocking(move || super::audit::verify(&ctx)).await?)
+        }
+        Action::PutAuditHead(h) => {
+            let node = who.peer.clone();
+            Reply::AuditHeadKept(blocking(move || super::audit::put_head(&ctx, node, h)).await?)
+        }
+        Action::GetAuditHeads => {
+            let node = who.peer.clone();
+            Reply::AuditHeads(blocking(move || super::audit::held_heads(&ctx, node)).await?)
+        }
     })
 }
 

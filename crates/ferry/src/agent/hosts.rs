@@ -133,6 +133,9 @@ impl AgentCtx {
 }
 
 impl crate::handover::Node for AgentCtx {
+    fn audit(&self) -> &Arc<crate::audit::AuditLog> {
+        &self.audit
+    }
     fn cfg(&self) -> &crate::config::AgentConfig {
         &self.cfg
     }

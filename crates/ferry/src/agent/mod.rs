@@ -7,6 +7,7 @@
 //! drop, dirty maps are saved and every volume is marked cleanly stopped, so a
 //! restart resumes without a full resync.
 
+mod audit;
 pub mod dispatch;
 mod hosts;
 pub mod nbd_tls;
@@ -55,6 +56,8 @@ impl crate::store::Record for CommitRecord {
 
 /// Shared state of a running agent.
 pub struct AgentCtx {
+    /// The audit log (`DATA_DIR/audit/`): actions and automatic decisions.
+    pub audit: Arc<crate::audit::AuditLog>,
     /// Records found damaged and set aside (served: everything else).
     pub damaged: damaged::Damaged,
     /// Connection caps of the API and replication listeners.
@@ -1141,6 +1144,8 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     crate::transport::conns::raise_nofile_limit();
     let identity = Arc::new(Identity::load_or_create(&cfg.data_dir, &cfg.node_name)?);
     let tokens = tokens::Tokens::load(&cfg.data_dir)?;
+    let audit = crate::audit::AuditLog::open(&cfg.data_dir, &cfg.node_name, cfg.audit)?;
+    audit.spawn_writer()?;
     let damaged = damaged::Damaged::default();
     let (peers, bad_peers) = Peers::load(&cfg.data_dir)?;
     for e in bad_peers {
@@ -1193,6 +1198,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     let repl_conns = conns::ConnTable::new("replication", r.connections_max, r.handshakes_max);
     repl_conns.spawn_reaper(Duration::from_millis(r.handshake_timeout_ms))?;
     let ctx = Arc::new(AgentCtx {
+        audit,
         tokens,
         cfg,
         identity,
@@ -1287,6 +1293,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
             .name("leaf-hasher".into())
             .spawn(move || leaf_hasher(&ctx))?;
     }
+    audit::spawn_heads(ctx.clone())?;
     crate::cluster::spawn(ctx.clone())?;
     crate::migration::schedule::spawn(ctx.clone())?;
     rt.spawn(serve_api(api_listener, ctx.clone()));

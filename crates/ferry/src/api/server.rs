@@ -64,6 +64,8 @@ pub struct Caller {
     pub cert_fingerprint: Option<String>,
     /// The registered peer that certificate belongs to.
     pub peer: Option<String>,
+    /// The client's address (for the audit log).
+    pub addr: Option<std::net::SocketAddr>,
     slot: Arc<ConnSlot>,
 }
 
@@ -156,8 +158,9 @@ pub fn routes() -> Vec<Route> {
                       caller: Option<Extension<Caller>>,
                       params: RawPathParams,
                       query: Query<Vec<(String, String)>>,
+                      headers: axum::http::HeaderMap,
                       body: Result<Bytes, axum::extract::rejection::BytesRejection>| {
-                    handle(kind, ctx, who, caller, params, query, body)
+                    handle(kind, ctx, who, caller, params, query, headers, body)
                 },
             )
             .layer(middleware::from_fn_with_state(r.need, gate));
@@ -168,6 +171,7 @@ pub fn routes() -> Vec<Route> {
 
 /// One request of action `kind`: decode, check the node state, execute,
 /// encode.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     kind: ActionKind,
     State(ctx): Ctx,
@@ -175,6 +179,7 @@ async fn handle(
     caller: Option<Extension<Caller>>,
     params: RawPathParams,
     Query(query): Query<Vec<(String, String)>>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let route = kind.route();
@@ -214,6 +219,8 @@ async fn handle(
         authority,
         cert_fingerprint: caller.as_ref().and_then(|c| c.cert_fingerprint.clone()),
         peer: caller.as_ref().and_then(|c| c.peer.clone()),
+        addr: caller.as_ref().and_then(|c| c.addr),
+        op: dispatch::op_header(&headers),
     };
     match dispatch::execute(&ctx, &who, action).await {
         Ok(reply) => Json(reply).into_response(),
@@ -307,6 +314,7 @@ async fn serve_conn(
     ctx: &AgentCtx,
 ) {
     let _ = tcp.set_nodelay(true);
+    let addr = tcp.peer_addr().ok();
     let Ok(Ok(tls)) = tokio::time::timeout(deadline, acceptor.accept(tcp)).await else {
         return;
     };
@@ -326,6 +334,7 @@ async fn serve_conn(
     let caller = Caller {
         cert_fingerprint,
         peer,
+        addr,
         slot,
     };
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {

@@ -83,6 +83,10 @@ pub enum Command {
     /// The agent's API token.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The audit log: every action that changed something, and every
+    /// automatic decision, hash-chained.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run a witness: the third voter of two-node clusters (one small record
     /// per workload, leases; no data) until SIGTERM. Its records live in
     /// --data-dir.
@@ -96,6 +100,29 @@ pub enum Command {
         /// with `cluster.witness_key_file`.
         #[arg(long)]
         key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The node's audit records, oldest first: who (token and role, or the
+    /// peer node), from where, when, the request and its result; automatic
+    /// decisions (failover, fence, resignation, cutovers, split brain,
+    /// throttle).
+    List {
+        /// Only records from then on: RFC 3339, or an age (90s, 15m, 1h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+    /// Check the chain (every hash, link, sequence number, the checkpoint of
+    /// a pruned log) and the heads the peers and the witness hold of it.
+    /// Exit 1 with the first bad record if a record was changed, removed or
+    /// reordered, also when the whole chain was rewritten consistently.
+    Verify {
+        #[command(flatten)]
+        conn: AgentConn,
     },
 }
 

@@ -165,6 +165,111 @@ pub fn token_cmd(cmd: &crate::cli::TokenCommand, data_dir: &Path, json: bool) ->
     }
 }
 
+/// `ferry audit list|verify`.
+pub fn audit(cmd: &crate::cli::AuditCommand, data_dir: &Path, json: bool) -> Result<()> {
+    match cmd {
+        crate::cli::AuditCommand::List { since, conn } => {
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::ListAudit {
+                    since: since.clone()
+                })?,
+                Audit
+            );
+            print(&v, json, |v| {
+                for r in &v.records {
+                    let x = &r.record;
+                    let s = |k: &str| x.get(k).and_then(|v| v.as_str()).unwrap_or("");
+                    let what = match s("kind") {
+                        "action" => {
+                            let result = match x.get("result") {
+                                None => String::new(),
+                                Some(r) if r["ok"] == true => " ok".into(),
+                                Some(r) => format!(
+                                    " failed ({}): {}",
+                                    r["error"]["kind"].as_str().unwrap_or(""),
+                                    r["error"]["message"].as_str().unwrap_or("")
+                                ),
+                            };
+                            format!(
+                                "{} {} by {} from {} op {}{result}",
+                                s("action"),
+                                s("phase"),
+                                s("who"),
+                                x.get("from").and_then(|v| v.as_str()).unwrap_or("-"),
+                                s("op")
+                            )
+                        }
+                        "decision" => format!(
+                            "decision {} {} {}",
+                            s("decision"),
+                            s("workload"),
+                            x.get("detail").map(|d| d.to_string()).unwrap_or_default()
+                        ),
+                        other => format!("{other} {x}"),
+                    };
+                    println!("{:>6} {} {what}", r.seq, s("time"));
+                }
+                if v.omitted > 0 {
+                    eprintln!(
+                        "{} older records left out (at most 10,000 are listed): use --since",
+                        v.omitted
+                    );
+                }
+            })
+        }
+        crate::cli::AuditCommand::Verify { conn } => {
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::VerifyAudit)?,
+                AuditVerified
+            );
+            print(&v, json, |v| {
+                println!(
+                    "{}: {} records ({}..{}), head {}:{}{}",
+                    v.node,
+                    v.records,
+                    v.first_seq,
+                    v.head_seq,
+                    v.head_seq,
+                    v.head_hash,
+                    v.checkpoint
+                        .as_ref()
+                        .map(|c| format!(", checkpoint {c}"))
+                        .unwrap_or_default()
+                );
+                for h in &v.holders {
+                    println!(
+                        "  {}: {} heads{} — {}",
+                        h.holder,
+                        h.heads.map_or("no".to_string(), |n| n.to_string()),
+                        h.newest
+                            .as_ref()
+                            .map(|n| format!(", newest {n}"))
+                            .unwrap_or_default(),
+                        h.note
+                    );
+                }
+                if v.ok {
+                    println!(
+                        "ok: the chain is whole and matches {} held heads ({} older than the checkpoint)",
+                        v.heads_matched, v.heads_pruned
+                    );
+                }
+            })?;
+            if !v.ok {
+                bail!(
+                    "the audit log of {} does not verify: {}{}",
+                    v.node,
+                    v.problem.as_deref().unwrap_or("?"),
+                    v.first_bad_seq
+                        .map(|s| format!(" (first bad record: {s})"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `--json`: the reply as is; else `human`.
 fn print<T: Serialize + ?Sized>(v: &T, json: bool, human: impl FnOnce(&T)) -> Result<()> {
     if json {

@@ -1171,23 +1171,35 @@ impl Manager {
                     Input::PeerReport(peer_report(&ctx, &name))
                 });
             }
-            Action::SplitBrain { policy, verdict } => match verdict {
-                Verdict::Manual { why } => {
-                    tracing::warn!(workload = w, %policy, why = %why, "cluster.split_brain.left_to_operator");
-                }
-                Verdict::Keep { node, why } => {
-                    tracing::warn!(workload = w, %policy, keep = %node, why = %why, "cluster.split_brain.policy_decided");
-                    let (ctx, name, tx) = (self.ctx.clone(), w.to_string(), self.to_self.clone());
-                    self.spawn("split-brain", tx, name.clone(), move || {
+            Action::SplitBrain { policy, verdict } => self.split_brain(w, policy, verdict),
+            Action::Event(e) => self.event(w, e, at),
+        }
+    }
+
+    /// The split-brain policy's verdict: recorded, then carried out (or
+    /// left to the operator).
+    fn split_brain(&mut self, w: &str, policy: SplitBrainPolicy, verdict: Verdict) {
+        self.ctx.audit().decide(crate::audit::decision(
+            "split-brain-verdict",
+            w,
+            json!({"policy": policy.to_string(), "verdict": format!("{verdict:?}")}),
+            None,
+        ));
+        match verdict {
+            Verdict::Manual { why } => {
+                tracing::warn!(workload = w, %policy, why = %why, "cluster.split_brain.left_to_operator");
+            }
+            Verdict::Keep { node, why } => {
+                tracing::warn!(workload = w, %policy, keep = %node, why = %why, "cluster.split_brain.policy_decided");
+                let (ctx, name, tx) = (self.ctx.clone(), w.to_string(), self.to_self.clone());
+                self.spawn("split-brain", tx, name.clone(), move || {
                         let r = keep_by_policy(&ctx, &name, policy, &node);
                         if let Err(e) = &r {
                             tracing::error!(workload = %name, error = %format!("{e:#}"), "cluster.split_brain.policy_failed: resolve by hand");
                         }
                         Input::SplitBrainDone { ok: r.is_ok() }
                     });
-                }
-            },
-            Action::Event(e) => self.event(w, e, at),
+            }
         }
     }
 
@@ -1306,6 +1318,11 @@ impl Manager {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0));
         tracing::info!(workload = w, event = %v, "cluster.event");
+        // Into the audit log's queue: this thread never waits for the disk.
+        let what = v["event"].as_str().unwrap_or("event").to_string();
+        self.ctx
+            .audit()
+            .decide(crate::audit::decision(&what, w, v.clone(), None));
         if let Some(tx) = &self.notify {
             if tx.try_send(v.clone()).is_err() {
                 tracing::warn!(workload = w, "cluster.notify_dropped: NOTIFY_QUEUE_EVENTS_MAX events already wait for the hook");

@@ -66,9 +66,15 @@ struct Slot {
     timing: Timing,
 }
 
+/// Audit chain heads kept per node (the newest, plus as many older ones
+/// spaced out): enough to reveal a rewrite of any record up to the newest.
+pub const AUDIT_HEADS_KEPT: usize = 32;
+
 /// The witness state: records by (cluster id, workload).
 pub struct WitnessServer {
     dir: PathBuf,
+    /// Audit chain heads by (cluster id, node), loaded when first asked.
+    audit: HashMap<(String, String), Vec<ferry_core::audit::Head>>,
     started: Instant,
     slots: HashMap<(String, String), Slot>,
     /// Records of the format before cluster ids, by workload, not yet
@@ -137,6 +143,7 @@ impl WitnessServer {
             .with_context(|| format!("cannot create {}", dir.display()))?;
         let mut s = WitnessServer {
             dir,
+            audit: HashMap::new(),
             started: Instant::now(),
             slots: HashMap::new(),
             legacy: HashMap::new(),
@@ -285,6 +292,108 @@ impl WitnessServer {
     }
 }
 
+impl WitnessServer {
+    fn audit_path(&self, cluster: &str, node: &str) -> PathBuf {
+        self.dir
+            .parent()
+            .unwrap_or(&self.dir)
+            .join("audit")
+            .join(cluster)
+            .join(format!("{node}.json"))
+    }
+
+    /// A node's audit head exchange: keep `put` if it is newer than the
+    /// last head held (durably, before the answer), answer every head
+    /// held of that node's chain. Heads are kept in
+    /// `DIR/audit/CLUSTER/NODE.json`.
+    pub fn handle_audit(
+        &mut self,
+        ask: &ferry_core::audit::wire::Ask,
+    ) -> Result<ferry_core::audit::wire::FromWitness, String> {
+        use ferry_core::audit::{self as chain, wire, Head};
+        crate::volume::validate_name(&ask.node).map_err(|e| e.to_string())?;
+        if !valid_cluster_id(&ask.cluster) {
+            return Err(format!("{:?} is not a cluster id", ask.cluster));
+        }
+        let key = (ask.cluster.clone(), ask.node.clone());
+        let path = self.audit_path(&ask.cluster, &ask.node);
+        if !self.audit.contains_key(&key) {
+            if self.audit.len() >= WORKLOADS_MAX {
+                return Err(format!(
+                    "this witness already holds audit heads of {WORKLOADS_MAX} nodes (WORKLOADS_MAX)"
+                ));
+            }
+            let heads: Vec<wire::WireHead> = match std::fs::read(&path) {
+                Ok(b) => serde_json::from_slice(&b)
+                    .map_err(|e| format!("{} is damaged: {e}", path.display()))?,
+                Err(_) => Vec::new(),
+            };
+            let heads = heads
+                .iter()
+                .filter_map(|h| {
+                    Some(Head {
+                        seq: h.seq,
+                        hash: chain::parse_hex(&h.hash)?,
+                    })
+                })
+                .collect();
+            self.audit.insert(key.clone(), heads);
+        }
+        let heads = self.audit.get_mut(&key).expect("inserted above");
+        let mut kept = None;
+        if let Some(p) = &ask.put {
+            let head = Head {
+                seq: p.seq,
+                hash: chain::parse_hex(&p.hash).ok_or("hash: 64 hex digits")?,
+            };
+            let mut next = heads.clone();
+            let took = chain::keep_head(&mut next, head, AUDIT_HEADS_KEPT);
+            if took {
+                let wire: Vec<wire::WireHead> = next
+                    .iter()
+                    .map(|h| wire::WireHead {
+                        seq: h.seq,
+                        hash: chain::hex(&h.hash),
+                    })
+                    .collect();
+                if let Some(d) = path.parent() {
+                    std::fs::create_dir_all(d)
+                        .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+                }
+                let bytes = serde_json::to_vec(&wire).map_err(|e| e.to_string())?;
+                crate::store::write_private(&path, &bytes)
+                    .map_err(|e| format!("cannot persist the audit heads: {e:#}"))?;
+                *heads = next;
+            } else if heads
+                .last()
+                .is_some_and(|l| l.seq == head.seq && l.hash != head.hash)
+            {
+                tracing::error!(cluster = %ask.cluster, node = %ask.node, head = %head,
+                    "witness.audit_head_conflict: another hash for a head held here: that node's chain was rewritten");
+            } else if heads.last() != Some(&head) {
+                tracing::warn!(cluster = %ask.cluster, node = %ask.node, head = %head,
+                    "witness.audit_head_not_newer: kept the heads held");
+            }
+            kept = Some(took);
+        }
+        Ok(wire::FromWitness {
+            audit_heads: wire::Held {
+                cluster: ask.cluster.clone(),
+                node: ask.node.clone(),
+                nonce: ask.nonce,
+                kept,
+                heads: heads
+                    .iter()
+                    .map(|h| wire::WireHead {
+                        seq: h.seq,
+                        hash: chain::hex(&h.hash),
+                    })
+                    .collect(),
+            },
+        })
+    }
+}
+
 /// The shared key of `--key-file` / `cluster.witness_key_file`: at least
 /// 16 characters, in a file no one but its owner may read or write.
 pub fn load_key(path: &Path) -> Result<ring::hmac::Key> {
@@ -358,6 +467,21 @@ pub fn run(listen: SocketAddr, data_dir: &Path, key_file: Option<&Path>) -> Resu
                     tracing::warn!(%from, "witness.refused: not signed with this witness's key");
                     continue;
                 };
+                // An audit head exchange (a message of its own: a witness
+                // of an earlier release refuses it and answers nothing).
+                if let Ok(a) = serde_json::from_slice::<ferry_core::audit::wire::ToWitness>(body) {
+                    match server.handle_audit(&a.audit) {
+                        Ok(reply) => {
+                            if let Ok(bytes) = serde_json::to_vec(&reply) {
+                                let _ = sock.send_to(&seal(&key, bytes), from);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(%from, node = %a.audit.node, error = %e, "witness.audit_refused")
+                        }
+                    }
+                    continue;
+                }
                 let msg: ToWitness = match serde_json::from_slice(body) {
                     Ok(m) => m,
                     Err(e) => {
@@ -504,6 +628,37 @@ mod tests {
         let mut w = WitnessServer::open(dir.path()).unwrap();
         let r = w.handle(&renew).unwrap().reply;
         assert_eq!(r.refused, Some(Refusal::Nonce), "a replay after a restart");
+    }
+
+    #[test]
+    fn audit_heads_are_kept_durably_and_never_go_back() {
+        use ferry_core::audit::wire::{Ask, WireHead};
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = WitnessServer::open(dir.path()).unwrap();
+        let x = "4".repeat(32);
+        let ask = |seq: Option<u64>| Ask {
+            cluster: x.clone(),
+            node: "a".into(),
+            put: seq.map(|seq| WireHead {
+                seq,
+                hash: "ab".repeat(32),
+            }),
+            nonce: 7,
+        };
+        let r = w.handle_audit(&ask(Some(5))).unwrap().audit_heads;
+        assert_eq!((r.kept, r.nonce, r.heads.len()), (Some(true), 7, 1));
+        let r = w.handle_audit(&ask(Some(3))).unwrap().audit_heads;
+        assert_eq!(r.kept, Some(false), "a head that goes back is not kept");
+        // After a restart the heads are still there.
+        let mut w = WitnessServer::open(dir.path()).unwrap();
+        let r = w.handle_audit(&ask(None)).unwrap().audit_heads;
+        assert_eq!(r.heads.iter().map(|h| h.seq).collect::<Vec<_>>(), [5]);
+        assert!(w
+            .handle_audit(&Ask {
+                node: "../x".into(),
+                ..ask(None)
+            })
+            .is_err());
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub trait Node: crate::share::Host + crate::volume::replica::Host {
     fn store(&self) -> &VolumeStore;
     /// Records found damaged and set aside.
     fn damaged(&self) -> &Damaged;
+    /// The audit log (decisions go through [`crate::audit::AuditLog::decide`]).
+    fn audit(&self) -> &Arc<crate::audit::AuditLog>;
     /// The primary of `name` on this node.
     fn primary(&self, name: &str) -> Option<Arc<PrimaryVolume>>;
     /// What a workload's hooks need of this node.
@@ -38,6 +40,7 @@ impl<T: Node + ?Sized> Node for Arc<T> {
         peers(&self) -> &Arc<Peers>;
         store(&self) -> &VolumeStore;
         damaged(&self) -> &Damaged;
+        audit(&self) -> &Arc<crate::audit::AuditLog>;
         primary(&self, name: &str) -> Option<Arc<PrimaryVolume>>;
         hook_env(&self) -> crate::workload::HookEnv<'_>;
     }

@@ -410,6 +410,15 @@ pub fn sample<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) {
             throttle_pct = rec.state.throttle_pct,
             "migration.phase"
         );
+        if before.2 != rec.state.throttle_pct {
+            ctx.audit().decide(crate::audit::decision(
+                "throttle",
+                workload,
+                serde_json::json!({"throttle_pct": rec.state.throttle_pct, "was_pct": before.2,
+                    "phase": rec.state.phase.as_str(), "not_converging": rec.state.not_converging}),
+                None,
+            ));
+        }
         if let Err(e) = rec.save(&ctx.cfg().data_dir) {
             tracing::error!(workload, error = %e, "migration.record.save_failed");
         }
@@ -433,11 +442,29 @@ pub fn sample<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) {
     }
     drop(migs);
     let (c, name) = (ctx.clone(), workload.to_string());
+    let op = crate::audit::new_op_id();
+    ctx.audit().decide(crate::audit::decision(
+        "auto-cutover",
+        workload,
+        serde_json::json!({"attempt": attempt}),
+        Some(&op),
+    ));
     let spawned = std::thread::Builder::new()
         .name(format!("auto-cutover-{workload}"))
         .spawn(move || {
             tracing::info!(workload = %name, attempt, "migration.auto_cutover.begin");
-            match cutover(&c, &name) {
+            let r = crate::transport::client::with_op(Some(&op), || cutover(&c, &name));
+            let outcome = match &r {
+                Ok(r) => serde_json::json!({"ok": true, "downtime_ms": r["downtime_ms"]}),
+                Err(e) => serde_json::json!({"ok": false, "error": format!("{e:#}")}),
+            };
+            c.audit().decide(crate::audit::decision(
+                "auto-cutover-result",
+                &name,
+                outcome,
+                Some(&op),
+            ));
+            match r {
                 Ok(r) => tracing::info!(workload = %name, downtime_ms = ?r["downtime_ms"], "migration.auto_cutover.done"),
                 Err(e) => tracing::warn!(workload = %name, attempt, error = %format!("{e:#}"), "migration.auto_cutover.failed"),
             }

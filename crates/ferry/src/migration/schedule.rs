@@ -295,7 +295,27 @@ pub fn tick<H: Host + ?Sized>(ctx: &Arc<H>) {
             }
         };
         let before = s.clone();
-        match s.decide(now, local, ready, &not_ready) {
+        let decided = s.decide(now, local, ready, &not_ready);
+        let attempt = |what: &str, detail: serde_json::Value| {
+            ctx.audit()
+                .decide(crate::audit::decision(what, &workload, detail, None))
+        };
+        match &decided {
+            Decision::Wait => {}
+            Decision::NotReady => attempt(
+                "scheduled-cutover-not-ready",
+                serde_json::json!({"attempt": s.attempts, "reason": not_ready}),
+            ),
+            Decision::Cutover => attempt(
+                "scheduled-cutover",
+                serde_json::json!({"attempt": s.attempts, "cutover": s.cutovers}),
+            ),
+            Decision::GiveUp(why) => attempt(
+                "scheduled-cutover-gave-up",
+                serde_json::json!({"reason": why}),
+            ),
+        }
+        match decided {
             Decision::Wait => {}
             Decision::NotReady => {
                 tracing::info!(workload, attempt = s.attempts, outcome = "not-ready", reason = %not_ready,
@@ -339,14 +359,25 @@ pub fn tick<H: Host + ?Sized>(ctx: &Arc<H>) {
 }
 
 fn run_cutover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) {
-    let outcome = crate::migration::cutover(ctx, workload)
-        .map(|r| {
-            format!(
-                "downtime {} ms, outage {} ms",
-                r["downtime_ms"], r["outage_ms"]
-            )
-        })
-        .map_err(|e| format!("{e:#}"));
+    let op = crate::audit::new_op_id();
+    let outcome =
+        crate::transport::client::with_op(Some(&op), || crate::migration::cutover(ctx, workload))
+            .map(|r| {
+                format!(
+                    "downtime {} ms, outage {} ms",
+                    r["downtime_ms"], r["outage_ms"]
+                )
+            })
+            .map_err(|e| format!("{e:#}"));
+    ctx.audit().decide(crate::audit::decision(
+        "scheduled-cutover-result",
+        workload,
+        match &outcome {
+            Ok(s) => serde_json::json!({"ok": true, "outcome": s}),
+            Err(e) => serde_json::json!({"ok": false, "error": e}),
+        },
+        Some(&op),
+    ));
     match &outcome {
         Ok(s) => tracing::info!(workload, outcome = %s, "migration.schedule.cutover_done"),
         Err(e) => tracing::warn!(workload, error = %e, "migration.schedule.cutover_failed"),

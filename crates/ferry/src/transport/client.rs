@@ -25,6 +25,32 @@ const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// How long a connection (TCP and TLS handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+thread_local! {
+    static OP: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The header that carries an operation id to a peer: the records both
+/// nodes write of one handover (cutover, switchover) share it. A peer of
+/// an earlier release ignores it.
+pub const OP_HEADER: &str = "x-ferry-op";
+
+/// Runs `f` with every request this thread sends carrying operation id
+/// `op` (an audit id: hex digits only).
+pub fn with_op<T>(op: Option<&str>, f: impl FnOnce() -> T) -> T {
+    let op = op.filter(|o| {
+        !o.is_empty() && o.len() <= 64 && o.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    let before = OP.with(|c| c.replace(op.map(str::to_string)));
+    let r = f();
+    OP.with(|c| *c.borrow_mut() = before);
+    r
+}
+
+/// The operation id this thread's requests carry, if any.
+pub fn current_op() -> Option<String> {
+    OP.with(|c| c.borrow().clone())
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiClient {
     addr: String,
@@ -154,6 +180,10 @@ impl ApiClient {
             .as_ref()
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
+        let auth = match current_op() {
+            Some(op) => format!("{auth}{OP_HEADER}: {op}\r\n"),
+            None => auth,
+        };
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.addr,
