@@ -173,6 +173,10 @@ pub enum Action {
         name: Name,
     },
     OpenApi,
+    CreateSession(CreateSession),
+    GetSession,
+    DeleteSession,
+    Events,
 }
 
 /// A request's path parameters or query, by name (percent-decoded).
@@ -382,6 +386,10 @@ impl Action {
             },
             K::ClusterSwitchover => Action::ClusterSwitchover { name: n()? },
             K::OpenApi => Action::OpenApi,
+            K::CreateSession => Action::CreateSession(body(bytes)?),
+            K::GetSession => Action::GetSession,
+            K::DeleteSession => Action::DeleteSession,
+            K::Events => Action::Events,
         })
     }
 
@@ -451,6 +459,10 @@ impl Action {
             Action::ClusterDropCopy { .. } => K::ClusterDropCopy,
             Action::ClusterSwitchover { .. } => K::ClusterSwitchover,
             Action::OpenApi => K::OpenApi,
+            Action::CreateSession(_) => K::CreateSession,
+            Action::GetSession => K::GetSession,
+            Action::DeleteSession => K::DeleteSession,
+            Action::Events => K::Events,
         }
     }
 
@@ -580,6 +592,7 @@ impl Action {
             Action::ClusterPromote { req, .. } => enc(req),
             Action::ClusterResolve { req, .. } => enc(req),
             Action::ClusterDropCopy { req, .. } => enc(req),
+            Action::CreateSession(r) => enc(r),
             _ => serde_json::json!({}),
         })
     }
@@ -622,6 +635,7 @@ mod tests {
             K::ClusterStandby => r#"{"node":"a","standby":true}"#,
             K::ClusterResolve => r#"{"keep":"a"}"#,
             K::ClusterDropCopy => r#"{"node":"a"}"#,
+            K::CreateSession => r#"{"token":"t.s"}"#,
             _ => "{}",
         }
     }

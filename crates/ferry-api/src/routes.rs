@@ -233,6 +233,10 @@ routes! {
     ClusterDropCopy: Post "/api/v1/cluster/workloads/{name}/drop-copy", ADMIN, CLUSTERED, "`ferry cluster drop-copy`.";
     ClusterSwitchover: Post "/api/v1/cluster/workloads/{name}/switchover", OPERATOR, CLUSTERED, "`ferry cluster switchover`: the verified planned move.";
     OpenApi: Get "/api/v1/openapi.json", VIEWER, ANY, "This document (OpenAPI 3.1).";
+    CreateSession: Post "/api/v1/session", VIEWER, ANY, "Console login: the named token in the body; a `ferry_session` cookie (HttpOnly, Secure, SameSite=Strict) and its CSRF value.";
+    GetSession: Get "/api/v1/session", VIEWER, ANY, "The console session the cookie holds: who, role, expiry.";
+    DeleteSession: Delete "/api/v1/session", VIEWER, ANY, "Console logout: the session ends.";
+    Events: Get "/api/v1/events", VIEWER, ANY, "Server-Sent Events: `migrations`, `cluster`, `nodes` snapshots when they change (at most once per second) and each cluster `event`.";
 }
 
 #[cfg(test)]

@@ -205,6 +205,12 @@ pub struct ApiSettings {
     pub handshake_timeout_ms: u64,
     /// A request body over this is refused (413) before it is read whole.
     pub body_bytes_max: usize,
+    /// A console session (`POST /api/v1/session`) ends this long after its
+    /// login (its cookie's `Max-Age`). Sessions live in memory: a restart
+    /// logs everyone out.
+    pub session_ttl_ms: u64,
+    /// `GET /api/v1/events` streams open at once; one more is refused (429).
+    pub event_streams_max: usize,
 }
 
 impl Default for ApiSettings {
@@ -213,6 +219,8 @@ impl Default for ApiSettings {
             connections_max: 256,
             handshake_timeout_ms: 10_000,
             body_bytes_max: 1024 * 1024,
+            session_ttl_ms: 8 * 3600 * 1000,
+            event_streams_max: 32,
         }
     }
 }

@@ -576,6 +576,14 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
             blocking(move || crate::cluster::switchover(&ctx, &name)).await?,
         )?),
         Action::OpenApi => Reply::OpenApi(ferry_api::openapi::document()),
+        // Console sessions and the event stream are the HTTP layer's
+        // (cookies, a streamed body): `api::server` answers them before
+        // dispatch; a forwarded one is refused.
+        Action::CreateSession(_) | Action::GetSession | Action::DeleteSession | Action::Events => {
+            return Err(ActionError::bad_input(
+                "sessions and event streams are served by the API listener itself",
+            ))
+        }
     })
 }
 
