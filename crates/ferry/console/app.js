@@ -16,7 +16,7 @@ function el(tag, attrs, ...kids) {
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e.setAttribute(k, v === true ? "" : v);
   }
-  for (const k of kids.flat()) {
+  for (const k of kids.flat(Infinity)) {
     if (k === null || k === undefined || k === false) continue;
     e.append(k instanceof Node ? k : document.createTextNode(String(k)));
   }
@@ -105,11 +105,13 @@ async function refresh() {
   collectEvents(cluster);
 }
 
+function eventKey(e) { return [e.at_unix_ms, e.event, e.workload, e.node].join("|"); }
+
 function collectEvents(cluster) {
-  const seen = new Set(S.events.map((e) => JSON.stringify(e)));
+  const seen = new Set(S.events.map(eventKey));
   for (const w of (cluster && cluster.workloads) || []) {
     for (const e of w.events || []) {
-      if (!seen.has(JSON.stringify(e))) { S.events.push(e); seen.add(JSON.stringify(e)); }
+      if (!seen.has(eventKey(e))) { S.events.push(e); seen.add(eventKey(e)); }
     }
   }
   S.events.sort((a, b) => a.at_unix_ms - b.at_unix_ms);
@@ -308,6 +310,7 @@ function clusterView() {
     el("div", { class: "card" }, el("h2", {}, "Node " + here),
       el("p", {}, c.configured ? (c.standby ? "In standby: serves nothing it can move off." : "Cluster member, state " + c.state + ".") : "Standalone: no [cluster] table in its config."),
       nodeActions.length ? el("div", { class: "actions" }, nodeActions) : null, standbyResult),
+    el("h2", { class: "section" }, "Workloads under HA"),
     c.workloads.length ? el("div", { class: "grid" }, cards) : el("p", { class: "muted" }, "No workload is under HA on this node."));
 }
 

@@ -59,6 +59,9 @@ def http(method, path, token=None, body=None, headers=None):
 
 
 def shot(page, name):
+    text = page.inner_text("body")
+    check("[object" not in text and "undefined" not in text and "NaN" not in text,
+          f"{name} shows no raw script value")
     path = f"{args.shots}/{name}.png"
     page.screenshot(path=path, full_page=True)
     print("screenshot: " + path)
@@ -128,6 +131,10 @@ with sync_playwright() as pw:
     page.wait_for_selector(f".card:has(h2:has-text('Workloads')) td:text-is('{args.workload}')")
     page.wait_for_selector("#live:has-text('live')")  # an SSE snapshot arrived
     check("Overview" in page.title(), "the overview is titled")
+    lines = page.eval_on_selector_all(".events li", "els => els.map(e => e.textContent)")
+    check(len(lines) == len(set(lines)), f"each event is listed once: {lines}")
+    check(page.query_selector(".card:has(h2:has-text('Workloads')) .badge:has-text('up-to-date')") is not None,
+          "the workload's replica shows its state badge")
     shot(page, "overview")
     axe(page, "overview")
     # The keyboard: Tab from the top reaches the skip link, then the views.
