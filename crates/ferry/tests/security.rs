@@ -34,7 +34,8 @@ fn routes(a: &Agent) -> Vec<(String, String, String)> {
 
 /// Finding 1: share and cluster routes answered without a token. Walk the
 /// router's own table: every method and path refuses a missing or wrong
-/// token with 401; only `GET /metrics` is open.
+/// token with 401; only `GET /metrics` and the console's static files
+/// (`/`, `/console/{file}`: no data in them) are open.
 #[test]
 fn every_route_needs_a_token() {
     common::require("curl");
@@ -69,6 +70,17 @@ fn every_route_needs_a_token() {
     let token = a.token();
     assert_ne!(status(&a.api, "GET", "/api/v1/shares", Some(&token)), 401);
     assert_eq!(status(&a.api, "GET", "/metrics", None), 200);
+    // The console's static shell: served without a token, and without any
+    // of the node's data (its volume's name appears nowhere in it).
+    for path in ["/", "/console/app.js", "/console/app.css"] {
+        let (code, body) = common::https(&a.api, path, None);
+        assert_eq!(code, 200, "{path}");
+        assert!(!body.contains("v0"), "{path} carries data: {body}");
+    }
+    assert_eq!(status(&a.api, "GET", "/console/secrets", None), 404);
+    // The login without a token in its body, and a cookie that names no
+    // session, are refused like a missing token.
+    assert_eq!(status(&a.api, "POST", "/api/v1/session", None), 401);
 }
 
 /// `method path` on `a`'s API with its token and a JSON body (none if
