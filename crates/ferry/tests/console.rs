@@ -333,4 +333,17 @@ fn the_console_logs_in_shows_the_cluster_switches_over_and_honours_roles() {
     let s = net.status("b", "web");
     assert_eq!(s["primary"], "b", "{s}");
     assert_eq!(s["role"], "primary", "{s}");
+    // And as `ferry events` prints it: the first snapshots, one JSON a line.
+    let out = net.ok("b", &["--json", "events"]);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cluster = lines
+        .iter()
+        .find(|l| l["event"] == "cluster")
+        .unwrap_or_else(|| panic!("no cluster snapshot: {out}"));
+    assert_eq!(cluster["data"]["workloads"][0]["primary"], "b", "{out}");
+    assert!(lines.iter().any(|l| l["event"] == "nodes"), "{out}");
+    assert!(lines.iter().any(|l| l["event"] == "migrations"), "{out}");
 }

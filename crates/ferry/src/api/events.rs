@@ -27,6 +27,9 @@ use super::session::{self, Sessions};
 
 /// How often a stream looks for changes.
 pub const EVENTS_INTERVAL_MS: u64 = 1000;
+/// A stream with nothing new sends a comment this often (clients and
+/// proxies see it alive).
+pub const EVENTS_KEEPALIVE_MS: u64 = 15_000;
 
 /// The open streams, counted.
 #[derive(Default)]
@@ -122,6 +125,7 @@ async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: [Option<String>; 3] = [None, None, None];
     let mut seen: HashSet<String> = HashSet::new();
+    let mut quiet_since = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -144,6 +148,7 @@ async fn run(
             ("cluster", Action::ClusterStatus),
             ("nodes", Action::ListNodes),
         ];
+        let mut sent = false;
         for (i, (name, action)) in actions.into_iter().enumerate() {
             let Ok(reply) = dispatch::execute(&ctx, &owner.asker, action).await else {
                 continue;
@@ -153,8 +158,11 @@ async fn run(
                 for e in c.workloads.iter().flat_map(|w| &w.events) {
                     let v = serde_json::to_value(e).unwrap_or_default();
                     let key = v.to_string();
-                    if !seen.contains(&key) && tx.send(frame("event", &v)).await.is_err() {
-                        return;
+                    if !seen.contains(&key) {
+                        if tx.send(frame("event", &v)).await.is_err() {
+                            return;
+                        }
+                        sent = true;
                     }
                     now.insert(key);
                 }
@@ -167,7 +175,20 @@ async fn run(
                     return;
                 }
                 last[i] = Some(text);
+                sent = true;
             }
+        }
+        if sent {
+            quiet_since = tokio::time::Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_millis(EVENTS_KEEPALIVE_MS) {
+            if tx
+                .send(Bytes::from_static(b": keep-alive\n\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            quiet_since = tokio::time::Instant::now();
         }
     }
 }

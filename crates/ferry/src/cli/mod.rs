@@ -97,6 +97,18 @@ pub enum Command {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+    /// The agent's live updates (`GET /api/v1/events`, Server-Sent Events):
+    /// `migrations`, `cluster`, `nodes` snapshots when they change (at most
+    /// once per second) and each cluster `event`. Without --follow: the
+    /// first snapshots, then exit. With --json: one JSON object a line,
+    /// `{"event": NAME, "data": …}`.
+    Events {
+        /// Keep printing until interrupted (or the token is revoked).
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
 }
 
 #[derive(Debug, Subcommand)]
