@@ -347,3 +347,76 @@ fn the_console_logs_in_shows_the_cluster_switches_over_and_honours_roles() {
     assert!(lines.iter().any(|l| l["event"] == "nodes"), "{out}");
     assert!(lines.iter().any(|l| l["event"] == "migrations"), "{out}");
 }
+
+/// The subject of the certificate the agent at `api` serves to a client
+/// asking for `sni`.
+fn served_subject(api: &str, sni: &str) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", api, "-servername", sni])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_else(|| panic!("no certificate from {api}: {text}"))
+        .to_string()
+}
+
+/// `[api] tls_cert_file` / `tls_key_file`: browsers (any SNI but
+/// `ferry-node`) get the operator's certificate; the CLI, pinned to the
+/// node's own, still gets that one; a key others can read is refused.
+#[test]
+fn an_operator_certificate_is_served_to_browsers_and_a_readable_key_refused() {
+    require("openssl");
+    let root = tempfile::Builder::new()
+        .prefix("ferry-console")
+        .tempdir()
+        .unwrap();
+    let (cert, key) = (root.path().join("cert.pem"), root.path().join("key.pem"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=console.example"])
+        .args(["-addext", "subjectAltName=DNS:console.example"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let api_toml = format!(
+        "\n[api]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    // A key others can read: the agent refuses to start, naming the key.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let refused = common::agent::Agent::configure(root.path(), "r", &api_toml, "", &[]);
+    let out = Command::new(ferry_bin())
+        .args(["agent", "--config"])
+        .arg(&refused.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a readable key: {err}");
+    assert!(
+        err.contains("api.tls_key_file") && err.contains("chmod 600"),
+        "{err}"
+    );
+    drop(refused);
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let a = common::agent::Agent::start_with(root.path(), "a", &api_toml, "", &[]);
+    assert!(
+        served_subject(&a.api, "console.example").contains("console.example"),
+        "a browser did not get the operator's certificate"
+    );
+    let node = served_subject(&a.api, "ferry-node");
+    assert!(!node.contains("console.example"), "{node}");
+    // The CLI pins the node's certificate: it still works.
+    a.ok(&["volume", "list"]);
+    let (code, body) = common::https(&a.api, "/", None);
+    assert_eq!(code, 200);
+    assert!(body.contains("ferry console"), "{body}");
+}

@@ -424,7 +424,19 @@ fn app(ctx: Arc<AgentCtx>) -> Router {
 /// full), the TLS handshake and the request's headers within
 /// `api.handshake_timeout_ms`, one request (no keep-alive).
 pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
-    let tls = match crate::transport::tls::api_server_config(&ctx.identity) {
+    // Browsers (any SNI but ferry's internal name) get the operator's
+    // certificate if `[api]` names one (checked when the config loaded).
+    let operator = match (&ctx.cfg.api.tls_cert_file, &ctx.cfg.api.tls_key_file) {
+        (Some(c), Some(k)) => match crate::transport::tls::operator_cert(c, k) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::error!(error = %e, "api.tls_cert_failed");
+                return;
+            }
+        },
+        _ => None,
+    };
+    let tls = match crate::transport::tls::api_server_config(&ctx.identity, operator) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "api.tls_failed");
