@@ -529,4 +529,28 @@ mod tests {
         ))
         .unwrap();
     }
+
+    #[test]
+    fn console_keys_have_defaults_and_the_certificate_needs_its_key() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.api.session_ttl_ms, 8 * 3600 * 1000);
+        assert_eq!(c.api.event_streams_max, 32);
+        assert!(c.api.tls_cert_file.is_none());
+        let e = load(&format!(
+            "{GOOD}[api]\ntls_cert_file = \"/nonexistent.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("give both or neither"), "{e}");
+        let e = load(&format!(
+            "{GOOD}[api]\ntls_cert_file = \"/nonexistent.pem\"\ntls_key_file = \"/nonexistent.key\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("api.tls_cert_file"), "{e}");
+        let e = load(&format!("{GOOD}[api]\nevent_streams_max = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api.event_streams_max"), "{e}");
+    }
 }

@@ -166,7 +166,8 @@ pub enum NbdCommand {
 #[derive(Debug, Subcommand)]
 pub enum ApiCommand {
     /// Every route the agent serves (method and path), from the router's own
-    /// table. Every one needs a token; only `GET /metrics` is served without.
+    /// table. Every one needs a token; only `GET /metrics` and the console's
+    /// static files (`/`, `/console/…`: no data) are served without.
     Routes,
     /// The API's OpenAPI 3.1 document (what `GET /api/v1/openapi.json`
     /// serves), generated from its types; no agent needed.
