@@ -184,6 +184,10 @@ function overview() {
     nodeRows.push(el("tr", {}, el("td", {}, p.name), el("td", {}, badge(alive === null ? "paired" : alive ? "up" : "down")),
       el("td", {}, "peer"), el("td", { class: "muted" }, "—")));
   }
+  if (c.configured) {
+    nodeRows.push(el("tr", {}, el("td", {}, "witness"), el("td", {}, badge("not reported")),
+      el("td", {}, "witness"), el("td", { class: "muted" }, "—")));
+  }
   const wl = [];
   for (const w of c.workloads) {
     wl.push(el("tr", {}, el("td", {}, w.workload), el("td", {}, "HA"),
@@ -204,7 +208,7 @@ function overview() {
       el("div", { class: "card" }, el("h2", {}, "Nodes"),
         el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Node"), el("th", {}, "Up"), el("th", {}, "Role"), el("th", {}, "Version"))),
           el("tbody", {}, nodeRows)),
-        el("p", { class: "note" }, "The witness is shown on the Cluster view through each workload's leases.")),
+        el("p", { class: "note" }, "Peers' versions and the witness's state are not in the API yet; each workload's lease epoch is on the Cluster view.")),
       el("div", { class: "card" }, el("h2", {}, "Workloads"),
         wl.length ? el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Workload"), el("th", {}, "Kind"), el("th", {}, "State"), el("th", {}, "Replicas"))),
           el("tbody", {}, wl)) : el("p", { class: "muted" }, "No workloads under HA or migrating.")),
