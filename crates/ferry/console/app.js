@@ -220,7 +220,8 @@ function lastFailover(w) {
   const f = [...w.events].reverse().find((e) => /failover|promot|took-over|takeover/.test(e.event));
   if (!f) return "none";
   const parts = [f.event + " at " + when(f.at_unix_ms)];
-  if (f.silent_ms !== undefined) parts.push("detected after " + f.silent_ms + " ms");
+  const detect = f.detection_ms !== undefined ? f.detection_ms : f.silent_ms;
+  if (detect !== undefined) parts.push("detected after " + detect + " ms");
   if (f.failover_ms !== undefined) parts.push("failover " + f.failover_ms + " ms");
   return parts.join(", ");
 }
@@ -289,7 +290,7 @@ function clusterView() {
     return el("article", { class: "card", "aria-labelledby": "w-" + id },
       el("h2", { id: "w-" + id }, w.workload, " ", badge(w.split_brain ? "split-brain" : w.primary ? "serving" : "not served")),
       el("dl", { class: "kv" },
-        el("dt", {}, "Serving node"), el("dd", {}, w.primary || "none"),
+        el("dt", {}, "Serving node"), el("dd", { id: "serving-" + id }, w.primary || "none"),
         el("dt", {}, "Preferred"), el("dd", {}, w.preferred),
         el("dt", {}, "This node"), el("dd", {}, here + " · " + w.role),
         el("dt", {}, "Peer"), el("dd", {}, w.peer + " · ", badge(w.peer_alive ? "up" : "down")),

@@ -5,7 +5,8 @@
 //! token, the overview's nodes and workloads, a switchover from the
 //! Cluster view (checked here with the CLI), a viewer's pages without a
 //! state-changing button and its POSTs refused, the CSP and the cookie's
-//! flags, logout, and a revoked token's session and event stream ending.
+//! flags, logout, a revoked token's session and event stream ending, and
+//! a failover (the serving agent killed) shown live on an open Cluster view.
 //! axe-core (npm) checks each view; screenshots go to
 //! target/console-screenshots/ (their paths are printed).
 
@@ -310,31 +311,41 @@ fn the_console_logs_in_shows_the_cluster_switches_over_and_honours_roles() {
     );
     let shots = screenshot_dir();
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/console/console_test.py");
-    let out = net
-        .cmd("c", VENV_PYTHON)
-        .arg(&script)
-        .args(["--base", &format!("https://{}:7360", addr_of("a"))])
-        .args(["--admin", &admin, "--viewer", &viewer, "--doomed", &doomed])
-        .args(["--nodes", "a,b", "--workload", "web", "--switch-to", "b"])
-        .arg("--shots")
-        .arg(&shots)
-        .args(["--axe", AXE])
-        .env("HOME", net.root.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "the browser script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let run = |extra: &[&str]| {
+        let out = net
+            .cmd("c", VENV_PYTHON)
+            .arg(&script)
+            .args(["--base", &format!("https://{}:7360", addr_of("a"))])
+            .args(["--admin", &admin, "--viewer", &viewer, "--doomed", &doomed])
+            .args(["--nodes", "a,b", "--workload", "web", "--switch-to", "b"])
+            .arg("--shots")
+            .arg(&shots)
+            .args(["--axe", AXE])
+            .args(extra)
+            .env("HOME", net.root.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("{stdout}");
+        assert!(
+            out.status.success(),
+            "the browser script failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[]);
     // The switchover the page asked for, as the CLI sees it.
     let s = net.status("b", "web");
     assert_eq!(s["primary"], "b", "{s}");
     assert_eq!(s["role"], "primary", "{s}");
+    // b's agent is killed with a's Cluster view open: the page shows a
+    // serving again, with the detection and failover times, over SSE.
+    let b_pid = net.children[2].id().to_string();
+    run(&["--kill-pid", &b_pid, "--failover-to", "a"]);
+    let s = net.status("a", "web");
+    assert_eq!(s["primary"], "a", "{s}");
     // And as `ferry events` prints it: the first snapshots, one JSON a line.
-    let out = net.ok("b", &["--json", "events"]);
+    let out = net.ok("a", &["--json", "events"]);
     let lines: Vec<Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -343,7 +354,7 @@ fn the_console_logs_in_shows_the_cluster_switches_over_and_honours_roles() {
         .iter()
         .find(|l| l["event"] == "cluster")
         .unwrap_or_else(|| panic!("no cluster snapshot: {out}"));
-    assert_eq!(cluster["data"]["workloads"][0]["primary"], "b", "{out}");
+    assert_eq!(cluster["data"]["workloads"][0]["primary"], "a", "{out}");
     assert!(lines.iter().any(|l| l["event"] == "nodes"), "{out}");
     assert!(lines.iter().any(|l| l["event"] == "migrations"), "{out}");
 }

@@ -6,6 +6,8 @@ failed check. Prints each screenshot's path ("screenshot: PATH")."""
 
 import argparse
 import json
+import os
+import signal
 import ssl
 import sys
 import threading
@@ -27,6 +29,9 @@ p.add_argument("--workload", required=True)
 p.add_argument("--switch-to", required=True)
 p.add_argument("--shots", required=True)
 p.add_argument("--axe", required=True, help="axe.min.js from npm's axe-core")
+p.add_argument("--kill-pid", type=int, help="only the failover check: this agent (serving the "
+               "workload) is killed and the open Cluster view must show the failover without a reload")
+p.add_argument("--failover-to", help="the node that takes over")
 args = p.parse_args()
 
 NO_VERIFY = ssl.create_default_context()
@@ -91,11 +96,40 @@ def visible_buttons(page):
     return [b.inner_text().strip() for b in page.query_selector_all("main button") if b.is_visible()]
 
 
+def failover(browser):
+    """Kills the serving node's agent with the Cluster view open: the page
+    shows the failover (SSE), without a reload."""
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    page = ctx.new_page()
+    login(page, args.admin)
+    page.goto(args.base + "/#cluster")
+    page.wait_for_selector(f"#serving-{args.workload}:text-is('{args.switch_to}')")
+    navigations = []
+    page.on("framenavigated", lambda f: navigations.append(f.url))
+    os.kill(args.kill_pid, signal.SIGKILL)
+    t0 = time.time()
+    page.wait_for_selector(f"#serving-{args.workload}:text-is('{args.failover_to}')", timeout=30000)
+    page.wait_for_selector("dd:has-text('detected after')", timeout=10000)
+    print(f"the page showed the failover {time.time() - t0:.1f} s after the kill")
+    check(navigations == [], f"without a reload: {navigations}")
+    text = page.inner_text("article")
+    check("failover" in text and " ms" in text, f"detection and failover times shown: {text}")
+    shot(page, "cluster-after-failover")
+    axe(page, "cluster-after-failover")
+    ctx.close()
+
+
 with sync_playwright() as pw:
     browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
 
     def context():
         return browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+
+    if args.kill_pid:
+        failover(browser)
+        browser.close()
+        print("console: failover checks passed")
+        sys.exit(0)
 
     # --- the admin: headers, login, overview, cluster, switchover, logout ---
     ctx = context()
@@ -161,7 +195,7 @@ with sync_playwright() as pw:
     shot(page, "cluster-confirm")
     page.click("#confirm-ok")
     page.wait_for_selector(f".result:has-text('Switched over to {args.switch_to}')", timeout=60000)
-    page.wait_for_selector(f"dd:text-is('{args.switch_to}')", timeout=20000)
+    page.wait_for_selector(f"#serving-{args.workload}:text-is('{args.switch_to}')", timeout=20000)
     shot(page, "cluster-after-switchover")
     page.goto(args.base + "/#migrate")
     page.wait_for_selector("h1:has-text('Migrate')")
@@ -239,5 +273,6 @@ with sync_playwright() as pw:
     check(st == 401, f"the revoked token's session cookie gets 401 (got {st})")
     shot(page, "session-ended")
     ctx.close()
+
     browser.close()
 print("console: all checks passed")
