@@ -53,7 +53,7 @@ function badgeClass(state) {
   const s = String(state || "").toLowerCase();
   if (/(up-to-date|streaming|primary|completed|ready|serving|up|ok|finalized)/.test(s)) return "ok";
   if (/(fail|split|error|down|inconsistent|fenced|rolled)/.test(s)) return "bad";
-  if (/(sync|resync|cutting|degraded|standby|held|waiting|behind)/.test(s)) return "warn";
+  if (/(sync|resync|cutting|degraded|standby|held|waiting|behind|outdated|stale|paused)/.test(s)) return "warn";
   return "info";
 }
 function badge(state) { return el("span", { class: "badge " + badgeClass(state) }, state || "unknown"); }
@@ -265,13 +265,19 @@ function clusterView() {
     const result = el("p", { class: "result", id: "result-" + id, role: "status" }, lastResult[w.workload] || "");
     const actions = [];
     if (may("operator") && w.primary === here && !w.split_brain) {
-      const b = el("button", { type: "button", id: "switchover-" + id });
+      const ready = w.peer_alive && w.replicas.some((r) => r.node === w.peer && r.state === "up-to-date");
+      const b = el("button", { type: "button", id: "switchover-" + id, disabled: !ready,
+        "aria-describedby": ready ? null : "why-" + id });
       b.textContent = "Switch over to " + w.peer;
       b.addEventListener("click", () => confirmThen("Switch " + w.workload + " over?",
         "The workload stops on " + here + ", both copies are compared, and " + w.peer + " starts serving it. Clients see a short pause.",
         "Switch over", () => act(b, result, "POST", "/api/v1/cluster/workloads/" + encodeURIComponent(w.workload) + "/switchover", {},
           (r) => (lastResult[w.workload] = "Switched over to " + r.to + ": verified in " + r.verified_ms + " ms, downtime " + r.downtime_ms + " ms."))));
       actions.push(b);
+      if (!ready) {
+        actions.push(el("p", { class: "note", id: "why-" + id },
+          w.peer_alive ? "No switchover until " + w.peer + "'s copy is up to date." : w.peer + " is down: no switchover until it is back and up to date."));
+      }
     } else if (may("operator") && w.primary && w.primary !== here) {
       actions.push(el("p", { class: "note" }, "Served by " + w.primary + ": switch it over from " + w.primary + "'s console."));
     }

@@ -114,6 +114,9 @@ def failover(browser):
     check(navigations == [], f"without a reload: {navigations}")
     text = page.inner_text("article")
     check("failover" in text and " ms" in text, f"detection and failover times shown: {text}")
+    b = page.query_selector(f"#switchover-{args.workload}")
+    check(b is not None and b.is_disabled() and "down" in text,
+          "no switchover is offered onto a node that is down, and the page says why")
     shot(page, "cluster-after-failover")
     axe(page, "cluster-after-failover")
     ctx.close()
