@@ -110,7 +110,20 @@ async fn auth(State(ctx): Ctx, mut req: Request, next: Next) -> Response {
     let mut session_id = None;
     if peer.is_none() && presented.is_none() {
         if req.method() == Method::POST && req.uri().path() == "/api/v1/session" {
-            // The login: its body holds the token.
+            // The login: its body holds the token. JSON only: a
+            // cross-site form cannot send it (no login CSRF).
+            let json = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/json"));
+            if !json {
+                return ApiError(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "the login takes a JSON body: Content-Type: application/json".into(),
+                )
+                .into_response();
+            }
             let (parts, body) = req.into_parts();
             let bytes = match axum::body::to_bytes(body, ctx.cfg.api.body_bytes_max).await {
                 Ok(b) => b,

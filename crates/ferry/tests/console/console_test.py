@@ -151,6 +151,15 @@ with sync_playwright() as pw:
     check(page.evaluate("document.activeElement.id") == "token", "the login page focuses the token field")
     shot(page, "login")
     axe(page, "login")
+    req = urllib.request.Request(args.base + "/api/v1/session", method="POST",
+                                 data=('{"token":"' + args.admin + '"}').encode())
+    req.add_header("Content-Type", "text/plain")  # what a cross-site form can send
+    try:
+        urllib.request.urlopen(req, context=NO_VERIFY, timeout=30)
+        st = 200
+    except urllib.error.HTTPError as e:
+        st = e.code
+    check(st == 415, f"a login that is not JSON (a cross-site form) is refused: {st}")
     page.fill("#token", "nobody.0000")
     page.press("#token", "Enter")
     page.wait_for_selector("#login-error:has-text('not valid')")
