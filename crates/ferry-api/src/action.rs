@@ -180,6 +180,10 @@ pub enum Action {
     VerifyAudit,
     PutAuditHead(AuditHead),
     GetAuditHeads,
+    CreateSession(CreateSession),
+    GetSession,
+    DeleteSession,
+    Events,
 }
 
 /// A request's path parameters or query, by name (percent-decoded).
@@ -395,6 +399,10 @@ impl Action {
             K::VerifyAudit => Action::VerifyAudit,
             K::PutAuditHead => Action::PutAuditHead(body(bytes)?),
             K::GetAuditHeads => Action::GetAuditHeads,
+            K::CreateSession => Action::CreateSession(body(bytes)?),
+            K::GetSession => Action::GetSession,
+            K::DeleteSession => Action::DeleteSession,
+            K::Events => Action::Events,
         })
     }
 
@@ -468,6 +476,10 @@ impl Action {
             Action::VerifyAudit => K::VerifyAudit,
             Action::PutAuditHead(_) => K::PutAuditHead,
             Action::GetAuditHeads => K::GetAuditHeads,
+            Action::CreateSession(_) => K::CreateSession,
+            Action::GetSession => K::GetSession,
+            Action::DeleteSession => K::DeleteSession,
+            Action::Events => K::Events,
         }
     }
 
@@ -604,6 +616,7 @@ impl Action {
             Action::ClusterResolve { req, .. } => enc(req),
             Action::ClusterDropCopy { req, .. } => enc(req),
             Action::PutAuditHead(r) => enc(r),
+            Action::CreateSession(r) => enc(r),
             _ => serde_json::json!({}),
         })
     }
@@ -647,6 +660,7 @@ mod tests {
             K::ClusterResolve => r#"{"keep":"a"}"#,
             K::ClusterDropCopy => r#"{"node":"a"}"#,
             K::PutAuditHead => r#"{"seq":1,"hash":"00"}"#,
+            K::CreateSession => r#"{"token":"t.s"}"#,
             _ => "{}",
         }
     }

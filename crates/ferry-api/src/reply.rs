@@ -731,6 +731,25 @@ pub struct AuditHeads {
     pub heads: Vec<crate::request::AuditHead>,
 }
 
+/// A console session (`POST`/`GET /api/v1/session`). Its cookie is not in
+/// the reply (HttpOnly: no script reads it); `csrf` goes back in the
+/// `X-Ferry-CSRF` header of every state-changing request the cookie
+/// authenticates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SessionInfo {
+    /// The token's name.
+    pub name: String,
+    pub role: crate::auth::Role,
+    pub expires_unix: u64,
+    pub csrf: String,
+}
+
+/// `DELETE /api/v1/session`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SessionEnded {
+    pub ended: bool,
+}
+
 macro_rules! replies {
     ($( $kind:ident => $variant:ident($ty:ty); )*) => {
         /// Any action's reply. Encoded as the inner value (no tag): the
@@ -832,6 +851,10 @@ replies! {
     VerifyAudit => AuditVerified(AuditVerify);
     PutAuditHead => AuditHeadKept(AuditHeadKept);
     GetAuditHeads => AuditHeads(AuditHeads);
+    CreateSession => SessionCreated(SessionInfo);
+    GetSession => Session(SessionInfo);
+    DeleteSession => SessionEnded(SessionEnded);
+    Events => Events(Value);
 }
 
 #[cfg(test)]

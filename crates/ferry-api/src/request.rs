@@ -355,3 +355,18 @@ pub struct AuditHead {
     pub seq: u64,
     pub hash: String,
 }
+
+/// `POST /api/v1/session`: a console login with a named token
+/// (`NAME.SECRET`).
+#[derive(Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSession {
+    pub token: String,
+}
+
+impl std::fmt::Debug for CreateSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret, in a log line or a panic.
+        f.debug_struct("CreateSession").finish_non_exhaustive()
+    }
+}

@@ -237,6 +237,10 @@ routes! {
     VerifyAudit: Get "/api/v1/audit/verify", VIEWER, ANY, "`ferry audit verify`: the chain checked, and the heads the peers and the witness hold of it.";
     PutAuditHead: Post "/api/v1/audit/heads", PEER, ANY, "(peer-internal) Keep the calling node's audit chain head.";
     GetAuditHeads: Get "/api/v1/audit/heads", PEER, ANY, "(peer-internal) The heads of the calling node's audit chain this node holds.";
+    CreateSession: Post "/api/v1/session", VIEWER, ANY, "Console login: the named token in the body; a `ferry_session` cookie (HttpOnly, Secure, SameSite=Strict) and its CSRF value.";
+    GetSession: Get "/api/v1/session", VIEWER, ANY, "The console session the cookie holds: who, role, expiry.";
+    DeleteSession: Delete "/api/v1/session", VIEWER, ANY, "Console logout: the session ends.";
+    Events: Get "/api/v1/events", VIEWER, ANY, "Server-Sent Events: `migrations`, `cluster`, `nodes` snapshots when they change (at most once per second) and each cluster `event`.";
 }
 
 #[cfg(test)]

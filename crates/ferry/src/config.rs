@@ -194,7 +194,7 @@ impl ClusterSettings {
 }
 
 /// Limits of the API listener (HTTPS), each with its unit in its name.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
     /// Connections open at once. When full, the oldest connection that has
@@ -208,6 +208,19 @@ pub struct ApiSettings {
     pub handshake_timeout_ms: u64,
     /// A request body over this is refused (413) before it is read whole.
     pub body_bytes_max: usize,
+    /// A console session (`POST /api/v1/session`) ends this long after its
+    /// login (its cookie's `Max-Age`). Sessions live in memory: a restart
+    /// logs everyone out.
+    pub session_ttl_ms: u64,
+    /// `GET /api/v1/events` streams open at once; one more is refused (429).
+    pub event_streams_max: usize,
+    /// An operator-supplied certificate for browsers (PEM, the chain, leaf
+    /// first), with `tls_key_file` (PEM, mode 0600: a key others can read
+    /// is refused). Served to clients that do not ask for ferry's internal
+    /// name (`ferry-node`, which peers and the CLI use with a pinned
+    /// fingerprint); without it, browsers get the node's self-signed one.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ApiSettings {
@@ -216,6 +229,10 @@ impl Default for ApiSettings {
             connections_max: 256,
             handshake_timeout_ms: 10_000,
             body_bytes_max: 1024 * 1024,
+            session_ttl_ms: 8 * 3600 * 1000,
+            event_streams_max: 32,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -384,6 +401,20 @@ impl AgentConfig {
         if self.api.connections_max == 0 {
             return Err("key `api.connections_max` must be at least 1".into());
         }
+        if self.api.session_ttl_ms == 0 || self.api.event_streams_max == 0 {
+            return Err(
+                "keys `api.session_ttl_ms` and `api.event_streams_max` must be at least 1".into(),
+            );
+        }
+        match (&self.api.tls_cert_file, &self.api.tls_key_file) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => crate::transport::tls::check_operator_cert(cert, key)?,
+            _ => {
+                return Err(
+                    "keys `api.tls_cert_file` and `api.tls_key_file`: give both or neither".into(),
+                )
+            }
+        }
         if self.migration.migrations_max == 0 {
             return Err("key `migration.migrations_max` must be at least 1".into());
         }
@@ -501,5 +532,29 @@ mod tests {
             "{GOOD}{cluster}witness_key_file = \"/etc/ferry/witness.key\"\n"
         ))
         .unwrap();
+    }
+
+    #[test]
+    fn console_keys_have_defaults_and_the_certificate_needs_its_key() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.api.session_ttl_ms, 8 * 3600 * 1000);
+        assert_eq!(c.api.event_streams_max, 32);
+        assert!(c.api.tls_cert_file.is_none());
+        let e = load(&format!(
+            "{GOOD}[api]\ntls_cert_file = \"/nonexistent.pem\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("give both or neither"), "{e}");
+        let e = load(&format!(
+            "{GOOD}[api]\ntls_cert_file = \"/nonexistent.pem\"\ntls_key_file = \"/nonexistent.key\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("api.tls_cert_file"), "{e}");
+        let e = load(&format!("{GOOD}[api]\nevent_streams_max = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api.event_streams_max"), "{e}");
     }
 }

@@ -99,6 +99,9 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Share(cmd) => remote::share(cmd, &cli.global.data_dir, json),
         Command::Token(cmd) => remote::token_cmd(cmd, &cli.global.data_dir, json),
         Command::Audit(cmd) => remote::audit(cmd, &cli.global.data_dir, json),
+        Command::Events { follow, conn } => {
+            remote::events(conn, &cli.global.data_dir, *follow, json)
+        }
         Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
             // The served router is built from this table (api::server::routes).

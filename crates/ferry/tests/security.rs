@@ -34,7 +34,8 @@ fn routes(a: &Agent) -> Vec<(String, String, String)> {
 
 /// Finding 1: share and cluster routes answered without a token. Walk the
 /// router's own table: every method and path refuses a missing or wrong
-/// token with 401; only `GET /metrics` is open.
+/// token with 401; only `GET /metrics` and the console's static files
+/// (`/`, `/console/{file}`: no data in them) are open.
 #[test]
 fn every_route_needs_a_token() {
     common::require("curl");
@@ -69,6 +70,17 @@ fn every_route_needs_a_token() {
     let token = a.token();
     assert_ne!(status(&a.api, "GET", "/api/v1/shares", Some(&token)), 401);
     assert_eq!(status(&a.api, "GET", "/metrics", None), 200);
+    // The console's static shell: served without a token, and without any
+    // of the node's data (its volume's name appears nowhere in it).
+    for path in ["/", "/console/app.js", "/console/app.css"] {
+        let (code, body) = common::https(&a.api, path, None);
+        assert_eq!(code, 200, "{path}");
+        assert!(!body.contains("v0"), "{path} carries data: {body}");
+    }
+    assert_eq!(status(&a.api, "GET", "/console/secrets", None), 404);
+    // The login without a token in its body, and a cookie that names no
+    // session, are refused like a missing token.
+    assert_eq!(status(&a.api, "POST", "/api/v1/session", None), 401);
 }
 
 /// `method path` on `a`'s API with its token and a JSON body (none if
@@ -608,6 +620,30 @@ fn token_rotation_and_rekey_take_effect_at_once() {
 
 /// `method path` with `token` and, unless GET/DELETE, a malformed JSON body
 /// (so that an allowed call stops at its body, before it acts): the status.
+/// The status of `GET /api/v1/events` with `token`, read within 3 s (the
+/// stream itself does not end).
+fn event_stream_status(api: &str, token: &str) -> u16 {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-k",
+            "-m",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("https://{api}/api/v1/events"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
 fn status_malformed(api: &str, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     let body = (method != "GET" && method != "DELETE").then_some("{");
     common::https_request(api, method, path, token, body)
@@ -659,7 +695,12 @@ fn every_route_enforces_the_least_role_it_states() {
             "{method} {path}"
         );
         for (role, token) in &tokens {
-            let (code, body) = status_malformed(&a.api, method, &path, Some(token));
+            let (code, body) = if path == "/api/v1/events" {
+                // A stream that stays open: its status, then hang up.
+                (event_stream_status(&a.api, token), String::new())
+            } else {
+                status_malformed(&a.api, method, &path, Some(token))
+            };
             match rank(need) {
                 None => {
                     assert_eq!(need, "peer", "{method} {path}: unknown need");

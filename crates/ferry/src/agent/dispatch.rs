@@ -652,6 +652,14 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
             let node = who.peer.clone();
             Reply::AuditHeads(blocking(move || super::audit::held_heads(&ctx, node)).await?)
         }
+        // Console sessions and the event stream are the HTTP layer's
+        // (cookies, a streamed body): `api::server` answers them before
+        // dispatch; a forwarded one is refused.
+        Action::CreateSession(_) | Action::GetSession | Action::DeleteSession | Action::Events => {
+            return Err(ActionError::bad_input(
+                "sessions and event streams are served by the API listener itself",
+            ))
+        }
     })
 }
 

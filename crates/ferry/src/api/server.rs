@@ -12,8 +12,9 @@
 //! the [`ActionError`] with the status of its kind.
 //!
 //! `GET /api/v1/openapi.json` is the OpenAPI 3.1 document of all of it;
-//! `ferry api routes` lists the table. `/metrics` (Prometheus text) is the
-//! only path served without a token.
+//! `ferry api routes` lists the table. `/metrics` (Prometheus text) and the
+//! console's static files (`/`, `/console/{file}`: no data in them) are the
+//! only paths served without a token.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,8 +31,12 @@ use axum::{Extension, Json, Router};
 use ferry_core::link::Phase;
 use serde_json::json;
 
-use ferry_api::{Action, ActionError, ActionKind, Authority, ErrorKind, Need, Role};
+use ferry_api::{Action, ActionError, ActionKind, Authority, ErrorKind, Need};
 
+use ferry_api::Reply;
+
+use super::session::{self, Sessions};
+use super::{console, events};
 use crate::agent::dispatch::{self, Asker};
 use crate::agent::AgentCtx;
 use crate::transport::conns::ConnSlot;
@@ -69,40 +74,118 @@ pub struct Caller {
     slot: Arc<ConnSlot>,
 }
 
+/// The console's shared state: its sessions and open event streams.
+#[derive(Clone)]
+pub struct Console {
+    pub sessions: Arc<Sessions>,
+    pub streams: Arc<events::Streams>,
+}
+
+fn unauthorized() -> Response {
+    ApiError(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong API token".into(),
+    )
+    .into_response()
+}
+
 /// Every `/api/v1` request, authentication: a registered peer's
 /// certificate (node-to-node calls: [`Authority::Peer`]), the node's
-/// `api.token` (admin) or a named token (its role). Nobody → 401. The
+/// `api.token` (admin), a named token (its role), or a console session's
+/// cookie (its token's role; a state-changing request must then carry the
+/// session's `X-Ferry-CSRF`, 403 otherwise). `POST /api/v1/session` (the
+/// login) is authenticated by the token in its body. Nobody → 401. The
 /// authority goes into the request for [`gate`]; the first request that
 /// passes marks its connection authenticated (kept when the listener is full).
 async fn auth(State(ctx): Ctx, mut req: Request, next: Next) -> Response {
     let caller = req.extensions().get::<Caller>().cloned();
-    let presented = req
+    let Some(console) = req.extensions().get::<Console>().cloned() else {
+        return unauthorized();
+    };
+    let mut presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_string());
-    let authority = match (caller.as_ref().and_then(|c| c.peer.clone()), presented) {
-        (Some(node), _) => Some(Authority::Peer { node }),
-        (None, Some(t)) if !t.is_empty() && ctx.identity.token_matches(&t) => {
-            Some(Authority::Token {
-                name: crate::agent::tokens::FILE_TOKEN_NAME.into(),
-                role: Role::Admin,
-            })
+    let peer = caller.as_ref().and_then(|c| c.peer.clone());
+    let mut session_id = None;
+    if peer.is_none() && presented.is_none() {
+        if req.method() == Method::POST && req.uri().path() == "/api/v1/session" {
+            // The login: its body holds the token. JSON only: a
+            // cross-site form cannot send it (no login CSRF).
+            let json = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("application/json"));
+            if !json {
+                return ApiError(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "the login takes a JSON body: Content-Type: application/json".into(),
+                )
+                .into_response();
+            }
+            let (parts, body) = req.into_parts();
+            let bytes = match axum::body::to_bytes(body, ctx.cfg.api.body_bytes_max).await {
+                Ok(b) => b,
+                Err(_) => {
+                    return ApiError(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "the request body is larger than api.body_bytes_max".into(),
+                    )
+                    .into_response()
+                }
+            };
+            presented = serde_json::from_slice::<ferry_api::request::CreateSession>(&bytes)
+                .ok()
+                .map(|c| c.token);
+            req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        } else if let Some(id) = session::cookie_id(req.headers()) {
+            let Some(s) = console.sessions.get(&ctx, &id) else {
+                return ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "the console session ended (logged out, expired, its token revoked, or the agent restarted): log in again".into(),
+                )
+                .into_response();
+            };
+            let safe = matches!(*req.method(), Method::GET | Method::HEAD);
+            let csrf = req
+                .headers()
+                .get(session::CSRF_HEADER)
+                .and_then(|v| v.to_str().ok());
+            if !safe && !Sessions::csrf_ok(&s, csrf) {
+                tracing::warn!(token = %s.name, method = %req.method(), path = %req.uri().path(), "api.csrf_refused");
+                return ApiError(
+                    StatusCode::FORBIDDEN,
+                    "a request the session cookie authenticates that changes state needs the session's X-Ferry-CSRF header".into(),
+                )
+                .into_response();
+            }
+            req.extensions_mut()
+                .insert(session::Credential(s.token_for_checks()));
+            req.extensions_mut().insert(Authority::Token {
+                name: s.name,
+                role: s.role,
+            });
+            session_id = Some(id);
         }
-        (None, Some(t)) => ctx
-            .tokens
-            .authenticate(&t)
-            .map(|(name, role)| Authority::Token { name, role }),
-        (None, None) => None,
+    }
+    let authority = match (peer, presented) {
+        (Some(node), _) => Some(Authority::Peer { node }),
+        (None, Some(t)) => {
+            let a = session::reauth(&ctx, &t).map(|(name, role)| Authority::Token { name, role });
+            req.extensions_mut().insert(session::Credential(t));
+            a
+        }
+        (None, None) => req.extensions().get::<Authority>().cloned(),
     };
     let Some(authority) = authority else {
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong API token".into(),
-        )
-        .into_response();
+        return unauthorized();
     };
+    if let Some(id) = session_id {
+        req.extensions_mut().insert(session::SessionId(id));
+    }
     if let Some(c) = caller {
         c.slot.authenticated();
     }
@@ -159,14 +242,33 @@ pub fn routes() -> Vec<Route> {
                       params: RawPathParams,
                       query: Query<Vec<(String, String)>>,
                       headers: axum::http::HeaderMap,
+                      console: Extension<Console>,
+                      credential: Option<Extension<session::Credential>>,
+                      session: Option<Extension<session::SessionId>>,
                       body: Result<Bytes, axum::extract::rejection::BytesRejection>| {
-                    handle(kind, ctx, who, caller, params, query, headers, body)
+                    let console = HttpSide {
+                        console: console.0,
+                        credential: credential.map(|c| c.0 .0),
+                        session: session.map(|s| s.0 .0),
+                        headers,
+                    };
+                    handle(kind, ctx, who, caller, params, query, console, body)
                 },
             )
             .layer(middleware::from_fn_with_state(r.need, gate));
             (method, r.path, r.need, handler)
         })
         .collect()
+}
+
+/// What the HTTP layer knows of a request beside its action: the console
+/// state, the token it presented, its session.
+struct HttpSide {
+    console: Console,
+    credential: Option<String>,
+    session: Option<String>,
+    /// The request's headers (the audit's `x-ferry-op`).
+    headers: axum::http::HeaderMap,
 }
 
 /// One request of action `kind`: decode, check the node state, execute,
@@ -179,7 +281,7 @@ async fn handle(
     caller: Option<Extension<Caller>>,
     params: RawPathParams,
     Query(query): Query<Vec<(String, String)>>,
-    headers: axum::http::HeaderMap,
+    http: HttpSide,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     let route = kind.route();
@@ -220,10 +322,20 @@ async fn handle(
         cert_fingerprint: caller.as_ref().and_then(|c| c.cert_fingerprint.clone()),
         peer: caller.as_ref().and_then(|c| c.peer.clone()),
         addr: caller.as_ref().and_then(|c| c.addr),
-        op: dispatch::op_header(&headers),
+        op: dispatch::op_header(&http.headers),
     };
+    let (who, action) = match http_action(&ctx, &http, who, action) {
+        Ok(done) => return done,
+        Err(to_dispatch) => to_dispatch,
+    };
+    let changes_tokens = matches!(kind, ActionKind::RevokeToken | ActionKind::RotateToken);
     match dispatch::execute(&ctx, &who, action).await {
-        Ok(reply) => Json(reply).into_response(),
+        Ok(reply) => {
+            if changes_tokens {
+                http.console.sessions.tokens_changed(&ctx);
+            }
+            Json(reply).into_response()
+        }
         Err(e) => {
             if e.kind == ErrorKind::Internal {
                 tracing::error!(action = kind.name(), error = %e, "api.internal_error");
@@ -233,8 +345,72 @@ async fn handle(
     }
 }
 
-/// The whole app: every route of [`routes`] behind [`auth`]; `/metrics` is
-/// the only path served without a token.
+/// The actions the HTTP layer answers itself (sessions: cookies; events: a
+/// streamed body); any other goes back to be dispatched.
+#[allow(clippy::result_large_err)]
+fn http_action(
+    ctx: &Arc<AgentCtx>,
+    http: &HttpSide,
+    who: Asker,
+    action: Action,
+) -> Result<Response, (Asker, Action)> {
+    let sessions = &http.console.sessions;
+    Ok(match action {
+        Action::CreateSession(req) => {
+            let Some((name, role)) = session::reauth(ctx, &req.token) else {
+                return Ok(unauthorized());
+            };
+            let Some((id, s)) = sessions.create(&req.token, name, role) else {
+                return Ok(ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the system random generator failed".into(),
+                )
+                .into_response());
+            };
+            tracing::info!(token = %s.name, role = %s.role, "api.session_created");
+            (
+                [(header::SET_COOKIE, session::set_cookie(&id, sessions.ttl()))],
+                Json(Reply::SessionCreated(s.info())),
+            )
+                .into_response()
+        }
+        Action::GetSession => match http.session.as_deref().and_then(|id| sessions.get(ctx, id)) {
+            Some(s) => Json(Reply::Session(s.info())).into_response(),
+            None => ApiError(
+                StatusCode::NOT_FOUND,
+                "no console session: this request was not made with a session cookie".into(),
+            )
+            .into_response(),
+        },
+        Action::DeleteSession => {
+            let ended = http
+                .session
+                .as_deref()
+                .is_some_and(|id| sessions.remove(id));
+            (
+                [(header::SET_COOKIE, session::clear_cookie())],
+                Json(Reply::SessionEnded(ferry_api::reply::SessionEnded {
+                    ended,
+                })),
+            )
+                .into_response()
+        }
+        Action::Events => events::open(
+            ctx.clone(),
+            sessions.clone(),
+            http.console.streams.clone(),
+            events::Owner {
+                asker: who,
+                credential: http.credential.clone(),
+                session: http.session.clone(),
+            },
+        ),
+        other => return Err((who, other)),
+    })
+}
+
+/// The whole app: every route of [`routes`] behind [`auth`]; `/metrics` and
+/// the console's static files are the only paths served without a token.
 fn app(ctx: Arc<AgentCtx>) -> Router {
     let mut by_path: Vec<(&'static str, MethodRouter<Arc<AgentCtx>>)> = Vec::new();
     for (_, path, _, handler) in routes() {
@@ -243,15 +419,22 @@ fn app(ctx: Arc<AgentCtx>) -> Router {
             None => by_path.push((path, handler)),
         }
     }
+    let console = Console {
+        sessions: Arc::new(Sessions::new(ctx.cfg.api.session_ttl_ms)),
+        streams: Arc::new(events::Streams::default()),
+    };
     let api = by_path
         .into_iter()
         .fold(Router::new(), |r, (path, mr)| r.route(path, mr))
         .layer(middleware::from_fn_with_state(ctx.clone(), auth))
+        .layer(Extension(console))
         .layer(axum::extract::DefaultBodyLimit::max(
             ctx.cfg.api.body_bytes_max,
         ));
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/", get(console::index))
+        .route("/console/{file}", get(console::file))
         .merge(api)
         .with_state(ctx)
 }
@@ -262,7 +445,19 @@ fn app(ctx: Arc<AgentCtx>) -> Router {
 /// full), the TLS handshake and the request's headers within
 /// `api.handshake_timeout_ms`, one request (no keep-alive).
 pub async fn serve(listener: std::net::TcpListener, ctx: Arc<AgentCtx>) {
-    let tls = match crate::transport::tls::api_server_config(&ctx.identity) {
+    // Browsers (any SNI but ferry's internal name) get the operator's
+    // certificate if `[api]` names one (checked when the config loaded).
+    let operator = match (&ctx.cfg.api.tls_cert_file, &ctx.cfg.api.tls_key_file) {
+        (Some(c), Some(k)) => match crate::transport::tls::operator_cert(c, k) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                tracing::error!(error = %e, "api.tls_cert_failed");
+                return;
+            }
+        },
+        _ => None,
+    };
+    let tls = match crate::transport::tls::api_server_config(&ctx.identity, operator) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(error = %e, "api.tls_failed");

@@ -101,6 +101,18 @@ pub enum Command {
         #[arg(long)]
         key_file: Option<PathBuf>,
     },
+    /// The agent's live updates (`GET /api/v1/events`, Server-Sent Events):
+    /// `migrations`, `cluster`, `nodes` snapshots when they change (at most
+    /// once per second) and each cluster `event`. Without --follow: the
+    /// first snapshots, then exit. With --json: one JSON object a line,
+    /// `{"event": NAME, "data": …}`.
+    Events {
+        /// Keep printing until interrupted (or the token is revoked).
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,7 +193,8 @@ pub enum NbdCommand {
 #[derive(Debug, Subcommand)]
 pub enum ApiCommand {
     /// Every route the agent serves (method and path), from the router's own
-    /// table. Every one needs a token; only `GET /metrics` is served without.
+    /// table. Every one needs a token; only `GET /metrics` and the console's
+    /// static files (`/`, `/console/…`: no data) are served without.
     Routes,
     /// The API's OpenAPI 3.1 document (what `GET /api/v1/openapi.json`
     /// serves), generated from its types; no agent needed.

@@ -281,6 +281,41 @@ fn print<T: Serialize + ?Sized>(v: &T, json: bool, human: impl FnOnce(&T)) -> Re
 }
 
 /// `ferry api openapi`: the API's OpenAPI 3.1 document (no agent needed).
+/// `ferry events [--follow]`: the agent's Server-Sent Events, printed as
+/// they come (text: `NAME DATA`; `--json`: `{"event", "data"}` a line).
+pub fn events(conn: &AgentConn, data_dir: &Path, follow: bool, json: bool) -> Result<()> {
+    use std::io::Write;
+    let c = client(conn, data_dir)?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = std::io::stdout().lock();
+    let mut ended = None;
+    c.follow("/api/v1/events", |name, data| {
+        if name == "end" {
+            ended = Some(data.to_string());
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(data).unwrap_or_else(|_| serde_json::Value::String(data.into()));
+        let line = if json {
+            serde_json::json!({"event": name, "data": v}).to_string()
+        } else {
+            format!("{name} {v}")
+        };
+        if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+            return false;
+        }
+        seen.insert(name.to_string());
+        // Without --follow: until the first snapshot of each kind.
+        follow
+            || !["migrations", "cluster", "nodes"]
+                .iter()
+                .all(|k| seen.contains(*k))
+    })?;
+    match ended {
+        Some(why) => anyhow::bail!("the agent ended the event stream: {why}"),
+        None => Ok(()),
+    }
+}
+
 pub fn openapi() -> Result<()> {
     crate::sys::out::print_json(&ferry_api::openapi::document())
 }

@@ -154,6 +154,133 @@ impl ApiClient {
         self.call_route(method, path, body, None)
     }
 
+    /// A Server-Sent Events stream at `path`: `on_event(name, data)` for
+    /// each event until it returns false or the agent ends the stream (an
+    /// `end` event is passed on, then the stream closes: its token was
+    /// revoked). A refusal (401, 403, 429) is an error.
+    pub fn follow(&self, path: &str, mut on_event: impl FnMut(&str, &str) -> bool) -> Result<()> {
+        use std::io::BufRead;
+        let mut tcp = connect(&self.addr)?;
+        let mut conn =
+            rustls::ClientConnection::new(self.tls.clone(), crate::transport::tls::server_name())?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).map_err(|e| {
+                anyhow!("TLS handshake with the agent at {} failed: {e}", self.addr)
+            })?;
+        }
+        // The agent sends a comment at least every EVENTS_KEEPALIVE_MS.
+        tcp.set_read_timeout(Some(self.timeout))?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let auth = self
+            .token
+            .as_ref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Accept: text/event-stream\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        s.write_all(req.as_bytes())?;
+        s.flush()?;
+        let mut r = std::io::BufReader::new(s);
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line)? == 0 {
+                bail!(
+                    "the agent at {} closed the stream before its headers",
+                    self.addr
+                );
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+            if head.len() > 64 * 1024 {
+                bail!("the headers of {} are too long", self.addr);
+            }
+        }
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("malformed HTTP status from {}", self.addr))?;
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let mut body = Vec::new();
+        let mut pending = Vec::new();
+        loop {
+            // One chunk (or, unchunked, what is there) into `pending`.
+            let mut buf = vec![0u8; 16 * 1024];
+            if chunked {
+                let mut size = String::new();
+                if r.read_line(&mut size)? == 0 {
+                    break;
+                }
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16)
+                    .map_err(|_| anyhow!("malformed chunk from {}", self.addr))?;
+                if n == 0 {
+                    break;
+                }
+                if n > RESPONSE_BYTES_MAX {
+                    bail!("a chunk of {n} bytes from {}", self.addr);
+                }
+                buf.resize(n + 2, 0);
+                r.read_exact(&mut buf)?;
+                buf.truncate(n);
+            } else {
+                let n = match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => return Err(e.into()),
+                };
+                buf.truncate(n);
+            }
+            if status != 200 {
+                body.extend_from_slice(&buf);
+                if body.len() > RESPONSE_BYTES_MAX {
+                    break;
+                }
+                continue;
+            }
+            pending.extend_from_slice(&buf);
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let frame: Vec<u8> = pending.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&frame);
+                let mut name = "message";
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        name = v;
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                if !on_event(name, &data) || name == "end" {
+                    return Ok(());
+                }
+            }
+            if pending.len() > RESPONSE_BYTES_MAX {
+                bail!(
+                    "an event of more than {RESPONSE_BYTES_MAX} bytes from {}",
+                    self.addr
+                );
+            }
+        }
+        if status != 200 {
+            let mut resp = format!("HTTP/1.1 {status} x\r\n\r\n").into_bytes();
+            resp.extend_from_slice(&body);
+            parse_response(&self.addr, &resp)?;
+            bail!("the agent at {} answered {status}", self.addr);
+        }
+        Ok(())
+    }
+
     fn call_route(
         &self,
         method: &str,

@@ -176,8 +176,12 @@ pub fn server_config(
 /// (its key is proven by the handshake; a registered peer's certificate
 /// authenticates a node-to-node call, another one only identifies the node
 /// asking to pair) or none (an operator, authenticated by the API token in
-/// each request).
-pub fn api_server_config(id: &Arc<Identity>) -> Result<Arc<rustls::ServerConfig>, Error> {
+/// each request). `operator`: the certificate `[api] tls_cert_file` names,
+/// served to every client whose SNI is not ferry's internal name.
+pub fn api_server_config(
+    id: &Arc<Identity>,
+    operator: Option<Arc<CertifiedKey>>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
     let verifier = Arc::new(Pinned {
         allowed: Box::new(|_| true),
         provider: provider(),
@@ -186,9 +190,106 @@ pub fn api_server_config(id: &Arc<Identity>) -> Result<Arc<rustls::ServerConfig>
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(CurrentKey(id.clone())));
+        .with_cert_resolver(Arc::new(ApiKey {
+            id: id.clone(),
+            operator,
+        }));
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The operator's certificate and key for `[api]`: readable PEM, a chain
+/// with at least one certificate, a private key nobody else can read.
+pub fn check_operator_cert(cert: &std::path::Path, key: &std::path::Path) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use std::os::unix::fs::MetadataExt;
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("key `api.tls_cert_file`: {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("key `api.tls_cert_file`: {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "key `api.tls_cert_file`: {} holds no PEM certificate",
+            cert.display()
+        ));
+    }
+    let meta = std::fs::metadata(key)
+        .map_err(|e| format!("key `api.tls_key_file`: {}: {e}", key.display()))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "key `api.tls_key_file`: {} is readable or writable by others (mode {mode:03o}): `chmod 600` it, and since others could read it, replace the key and its certificate",
+            key.display()
+        ));
+    }
+    rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("key `api.tls_key_file`: {}: {e}", key.display()))?;
+    Ok(())
+}
+
+/// An operator-supplied certificate for the API could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("the API certificate {cert} / key {key}: {why}")]
+pub struct OperatorCertError {
+    pub cert: String,
+    pub key: String,
+    pub why: String,
+}
+
+/// Loads `[api] tls_cert_file` and `tls_key_file` (PEM: the chain, leaf
+/// first; the key, mode 0600) into a key rustls serves.
+pub fn operator_cert(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<CertifiedKey>, OperatorCertError> {
+    use rustls_pki_types::pem::PemObject;
+    let err = |why: String| OperatorCertError {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        why,
+    };
+    check_operator_cert(cert, key).map_err(err)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    let der =
+        rustls_pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| err(e.to_string()))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| err(e.to_string()))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| err(format!("the key does not match the certificate: {e}")))?;
+    Ok(Arc::new(ck))
+}
+
+/// The API's certificate by the client's SNI: ferry's internal name
+/// (peers and the CLI, which pin the node's fingerprint) gets the node's
+/// own; any other client — a browser — the operator's, if `[api]` names
+/// one.
+#[derive(Debug)]
+struct ApiKey {
+    id: Arc<Identity>,
+    operator: Option<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for ApiKey {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match &self.operator {
+            Some(k) if !wants_node_identity(hello.server_name()) => Some(k.clone()),
+            _ => Some(self.id.key().certified.clone()),
+        }
+    }
+}
+
+/// Whether a client's handshake asked for ferry's internal name.
+pub fn wants_node_identity(sni: Option<&str>) -> bool {
+    match (sni, server_name()) {
+        (Some(s), ServerName::DnsName(n)) => s.eq_ignore_ascii_case(n.as_ref()),
+        _ => false,
+    }
 }
 
 /// A connecting node's config: only `peer_fingerprint` is accepted, and

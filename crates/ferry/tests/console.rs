@@ -1,0 +1,433 @@
+//! The web console in a real browser: two agents under HA with a witness,
+//! each in its own network namespace (as in tests/cluster.rs), and
+//! Debian's headless Chromium driven by Playwright's Python client from a
+//! fourth namespace (tests/console/console_test.py): login with an admin
+//! token, the overview's nodes and workloads, a switchover from the
+//! Cluster view (checked here with the CLI), a viewer's pages without a
+//! state-changing button and its POSTs refused, the CSP and the cookie's
+//! flags, logout, a revoked token's session and event stream ending, and
+//! a failover (the serving agent killed) shown live on an open Cluster view.
+//! axe-core (npm) checks each view; screenshots go to
+//! target/console-screenshots/ (their paths are printed).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ferry_bin, require};
+use serde_json::Value;
+
+const VENV_PYTHON: &str = "/opt/ferry-venv/bin/python";
+const AXE: &str = "/opt/ferry-node/node_modules/axe-core/axe.min.js";
+
+fn addr_of(node: &str) -> &'static str {
+    match node {
+        "a" => "198.18.0.1",
+        "b" => "198.18.0.2",
+        "w" => "198.18.0.3",
+        _ => "198.18.0.4",
+    }
+}
+
+fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0]).args(&args[1..]).output().unwrap()
+}
+
+fn sh_ok(args: &[&str]) {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Namespaces `TAG-br` (a bridge), `TAG-a`, `TAG-b`, `TAG-w`, `TAG-c` and
+/// the processes started in them; all removed on drop, failed or not.
+struct Net {
+    tag: String,
+    root: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl Net {
+    fn new() -> Net {
+        require("ip");
+        let net = Net {
+            tag: format!("fc{}", std::process::id()),
+            root: tempfile::Builder::new()
+                .prefix("ferry-console")
+                .tempdir()
+                .unwrap(),
+            children: Vec::new(),
+        };
+        let br = net.ns("br");
+        sh_ok(&["ip", "netns", "add", &br]);
+        sh_ok(&["ip", "-n", &br, "link", "add", "br0", "type", "bridge"]);
+        sh_ok(&["ip", "-n", &br, "link", "set", "br0", "up"]);
+        for n in ["a", "b", "w", "c"] {
+            let ns = net.ns(n);
+            sh_ok(&["ip", "netns", "add", &ns]);
+            let (host, inner) = (format!("p{n}"), format!("e{n}"));
+            sh_ok(&[
+                "ip", "-n", &br, "link", "add", &host, "type", "veth", "peer", "name", &inner,
+            ]);
+            sh_ok(&["ip", "-n", &br, "link", "set", &inner, "netns", &ns]);
+            sh_ok(&["ip", "-n", &br, "link", "set", &host, "master", "br0", "up"]);
+            sh_ok(&["ip", "-n", &ns, "link", "set", &inner, "name", "eth0"]);
+            let addr = format!("{}/24", addr_of(n));
+            sh_ok(&["ip", "-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
+            sh_ok(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh_ok(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
+
+    fn ns(&self, n: &str) -> String {
+        format!("{}-{n}", self.tag)
+    }
+
+    fn dir(&self, n: &str) -> PathBuf {
+        self.root.path().join(n)
+    }
+
+    fn cmd(&self, n: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(n), program]);
+        c
+    }
+
+    /// Starts a process and waits for its first line on stdout.
+    fn spawn(&mut self, mut c: Command, log: &str, want: &str) {
+        let log = std::fs::File::create(self.root.path().join(log)).unwrap();
+        let mut child = c
+            .env("FERRY_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains(want), "did not start: {line}");
+        self.children.push(child);
+    }
+
+    fn start_witness(&mut self) {
+        let dir = self.dir("w");
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = self.root.path().join("witness.key");
+        std::fs::write(&key, "0123456789abcdef-test-witness-key\n").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let mut c = self.cmd("w", ferry_bin());
+        c.args(["witness", "--listen", &format!("{}:7380", addr_of("w"))])
+            .arg("--key-file")
+            .arg(&key)
+            .env("FERRY_DATA_DIR", &dir);
+        self.spawn(c, "w.log", "witness");
+    }
+
+    fn start_agent(&mut self, n: &str) {
+        let dir = self.dir(n);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ip = addr_of(n);
+        let peer = if n == "a" { "b" } else { "a" };
+        let config = self.root.path().join(format!("{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nwitness_key_file = \"{}\"\n",
+                dir.display(),
+                addr_of("w"),
+                self.root.path().join("witness.key").display(),
+            ),
+        )
+        .unwrap();
+        let mut c = self.cmd(n, ferry_bin());
+        c.args(["agent", "--config"]).arg(&config);
+        self.spawn(c, &format!("{n}.log"), "fingerprint");
+    }
+
+    fn log(&self, n: &str) -> String {
+        std::fs::read_to_string(self.root.path().join(format!("{n}.log"))).unwrap_or_default()
+    }
+
+    fn ferry(&self, n: &str, args: &[&str]) -> std::process::Output {
+        let token = std::fs::read_to_string(self.dir(n).join("api.token")).unwrap();
+        self.cmd("c", ferry_bin())
+            .args(args)
+            .env("FERRY_API", format!("{}:7360", addr_of(n)))
+            .env("FERRY_TOKEN", token.trim())
+            .env("FERRY_DATA_DIR", self.dir(n))
+            .env("FERRY_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, n: &str, args: &[&str]) -> String {
+        let out = self.ferry(n, args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} on {n} failed: {}\n--- log of {n} ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log(n)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, n: &str, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(n, &a)).unwrap()
+    }
+
+    fn status(&self, n: &str, workload: &str) -> Value {
+        let v = self.json(n, &["cluster", "status"]);
+        v["workloads"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| w["workload"] == workload).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// `b` paired with `a`, volume `vol` replicated in sync mode, workload
+    /// `web` under HA served by `a`.
+    fn ha_workload(&self) {
+        let token = self.dir("b").join("api.token");
+        let fp = self.json("b", &["node", "id"])["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let api_b = format!("{}:7360", addr_of("b"));
+        self.ok(
+            "a",
+            &[
+                "node",
+                "add",
+                "b",
+                "--api",
+                &api_b,
+                "--token-file",
+                token.to_str().unwrap(),
+                "--fingerprint",
+                &fp,
+            ],
+        );
+        self.ok("a", &["volume", "create", "vol", "--size", "4MiB"]);
+        self.ok("a", &["workload", "create", "web", "--volume", "vol"]);
+        self.ok(
+            "a",
+            &["replicate", "start", "vol", "--to", "b", "--mode", "sync"],
+        );
+        self.ok("a", &["replicate", "wait", "vol", "--timeout", "60s"]);
+        self.ok("a", &["cluster", "add", "web", "--preferred", "a"]);
+        let t0 = Instant::now();
+        loop {
+            let s = self.status("a", "web");
+            if s["primary"] == "a" && s["replicas"][0]["state"] == "up-to-date" {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "web not up: {s}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in ["a", "b", "w", "c", "br"] {
+            let ns = self.ns(n);
+            let pids = sh(&["ip", "netns", "pids", &ns]);
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2) on a process inside a namespace this
+                    // test created (only its own processes run there: the
+                    // browser and its helpers, if the script failed).
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+        if std::thread::panicking() {
+            for n in ["a", "b", "w"] {
+                let log = self.log(n);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!(
+                    "--- last lines of {n}.log ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+    }
+}
+
+/// Where the screenshots go: target/console-screenshots/.
+fn screenshot_dir() -> PathBuf {
+    let bin = PathBuf::from(ferry_bin());
+    // target/<profile>/ferry → target/
+    let target = bin
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    let dir = target.join("console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn the_console_logs_in_shows_the_cluster_switches_over_and_honours_roles() {
+    require("chromium");
+    for need in [VENV_PYTHON, AXE] {
+        assert!(
+            std::path::Path::new(need).exists(),
+            "{need} missing: run scripts/install-deps"
+        );
+    }
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload();
+    let token = |name: &str, role: &str| -> String {
+        let out = net.ok("a", &["token", "create", name, "--role", role]);
+        out.lines().next().unwrap().trim().to_string()
+    };
+    let (admin, viewer, doomed) = (
+        token("alice", "admin"),
+        token("vic", "viewer"),
+        token("doomed", "operator"),
+    );
+    let shots = screenshot_dir();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/console/console_test.py");
+    let run = |extra: &[&str]| {
+        let out = net
+            .cmd("c", VENV_PYTHON)
+            .arg(&script)
+            .args(["--base", &format!("https://{}:7360", addr_of("a"))])
+            .args(["--admin", &admin, "--viewer", &viewer, "--doomed", &doomed])
+            .args(["--nodes", "a,b", "--workload", "web", "--switch-to", "b"])
+            .arg("--shots")
+            .arg(&shots)
+            .args(["--axe", AXE])
+            .args(extra)
+            .env("HOME", net.root.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("{stdout}");
+        assert!(
+            out.status.success(),
+            "the browser script failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[]);
+    // The switchover the page asked for, as the CLI sees it.
+    let s = net.status("b", "web");
+    assert_eq!(s["primary"], "b", "{s}");
+    assert_eq!(s["role"], "primary", "{s}");
+    // b's agent is killed with a's Cluster view open: the page shows a
+    // serving again, with the detection and failover times, over SSE.
+    let b_pid = net.children[2].id().to_string();
+    run(&["--kill-pid", &b_pid, "--failover-to", "a"]);
+    let s = net.status("a", "web");
+    assert_eq!(s["primary"], "a", "{s}");
+    // And as `ferry events` prints it: the first snapshots, one JSON a line.
+    let out = net.ok("a", &["--json", "events"]);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cluster = lines
+        .iter()
+        .find(|l| l["event"] == "cluster")
+        .unwrap_or_else(|| panic!("no cluster snapshot: {out}"));
+    assert_eq!(cluster["data"]["workloads"][0]["primary"], "a", "{out}");
+    assert!(lines.iter().any(|l| l["event"] == "nodes"), "{out}");
+    assert!(lines.iter().any(|l| l["event"] == "migrations"), "{out}");
+}
+
+/// The subject of the certificate the agent at `api` serves to a client
+/// asking for `sni`.
+fn served_subject(api: &str, sni: &str) -> String {
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", api, "-servername", sni])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_else(|| panic!("no certificate from {api}: {text}"))
+        .to_string()
+}
+
+/// `[api] tls_cert_file` / `tls_key_file`: browsers (any SNI but
+/// `ferry-node`) get the operator's certificate; the CLI, pinned to the
+/// node's own, still gets that one; a key others can read is refused.
+#[test]
+fn an_operator_certificate_is_served_to_browsers_and_a_readable_key_refused() {
+    require("openssl");
+    let root = tempfile::Builder::new()
+        .prefix("ferry-console")
+        .tempdir()
+        .unwrap();
+    let (cert, key) = (root.path().join("cert.pem"), root.path().join("key.pem"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=console.example"])
+        .args(["-addext", "subjectAltName=DNS:console.example"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let api_toml = format!(
+        "\n[api]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    // A key others can read: the agent refuses to start, naming the key.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let refused = common::agent::Agent::configure(root.path(), "r", &api_toml, "", &[]);
+    let out = Command::new(ferry_bin())
+        .args(["agent", "--config"])
+        .arg(&refused.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a readable key: {err}");
+    assert!(
+        err.contains("api.tls_key_file") && err.contains("chmod 600"),
+        "{err}"
+    );
+    drop(refused);
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let a = common::agent::Agent::start_with(root.path(), "a", &api_toml, "", &[]);
+    assert!(
+        served_subject(&a.api, "console.example").contains("console.example"),
+        "a browser did not get the operator's certificate"
+    );
+    let node = served_subject(&a.api, "ferry-node");
+    assert!(!node.contains("console.example"), "{node}");
+    // The CLI pins the node's certificate: it still works.
+    a.ok(&["volume", "list"]);
+    let (code, body) = common::https(&a.api, "/", None);
+    assert_eq!(code, 200);
+    assert!(body.contains("ferry console"), "{body}");
+}
