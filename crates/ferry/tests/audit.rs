@@ -360,6 +360,30 @@ fn an_action_the_log_cannot_record_is_refused_and_not_done() {
             .any(|t| t["name"] == name.as_str()),
         "a refused action was done: {tokens}"
     );
+    // Space again (in the agent's own mount namespace): the next action
+    // reopens the log, cuts what the failed append left, says so, and the
+    // chain verifies.
+    let out = std::process::Command::new("nsenter")
+        .args(["-t", &a.pid().to_string(), "-m", "rm", "-f"])
+        .arg(audit.join("filler"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    a.ok(&["token", "create", "after", "--role", "viewer"]);
+    let list = a.json(&["audit", "list"]);
+    let records = list["records"].as_array().unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| r["record"]["kind"] == "write-failed"),
+        "no write-failed record: {list}"
+    );
+    let v = a.json(&["audit", "verify"]);
+    assert_eq!(v["ok"], true, "{v}");
 }
 
 /// An append a crash interrupted (half a frame at the end of the log) is

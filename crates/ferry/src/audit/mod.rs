@@ -87,7 +87,7 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the audit log {path} failed before and is closed: {why} (restart the agent once the disk is fixed)")]
+    #[error("the audit log {path} cannot be written: {why} (free space or fix the disk; the next action tries again)")]
     Failed { path: PathBuf, why: String },
 }
 
@@ -97,8 +97,8 @@ struct Writer {
     bytes: u64,
     /// Decisions dropped by a full queue, not yet reported in a record.
     dropped: u64,
-    /// A write failed: nothing more is appended (a record after a gap
-    /// would hide it).
+    /// A write failed: the next write first reopens the log from what is
+    /// on disk (`recover`), so no record follows a half-written one.
     failed: Option<String>,
 }
 
@@ -300,16 +300,24 @@ impl AuditLog {
 
     /// Writes `records` and syncs once.
     fn write(&self, w: &mut Writer, records: Vec<Value>) -> Result<Head, AuditError> {
-        if let Some(why) = &w.failed {
-            return Err(AuditError::Failed {
+        let mut records = records;
+        if let Some(why) = w.failed.clone() {
+            // Try again from what is on disk: cut what the failed append
+            // left half-written, take the head from the last whole record,
+            // and say so in the first record written after.
+            let note = self.recover(w).map_err(|e| AuditError::Failed {
                 path: self.path.clone(),
-                why: why.clone(),
-            });
+                why: format!("{why}; reopening failed: {e}"),
+            })?;
+            records.insert(
+                0,
+                json!({"kind": "write-failed", "why": why, "torn_bytes_cut": note,
+                    "note": "a write failed (its action was refused or its result reported as not recorded); the log was reopened"}),
+            );
         }
         let mut buf = Vec::new();
         let mut head = w.head;
         let dropped = self.dropped.swap(0, Ordering::Relaxed) + w.dropped;
-        let mut records = records;
         if dropped > 0 {
             records.insert(
                 0,
@@ -344,6 +352,28 @@ impl AuditLog {
         w.head = head;
         w.bytes += buf.len() as u64;
         Ok(head)
+    }
+
+    /// After a failed write: truncates a torn tail, takes the head from
+    /// the last whole record and reopens the file. Returns the bytes cut.
+    fn recover(&self, w: &mut Writer) -> std::io::Result<u64> {
+        let bytes = std::fs::read(&self.path)?;
+        let parsed = chain::parse(&bytes);
+        let mut cut = 0;
+        let mut len = bytes.len() as u64;
+        if let Some(t) = parsed.tail.as_ref().filter(|t| t.kind == TailKind::Torn) {
+            let f = std::fs::OpenOptions::new().write(true).open(&self.path)?;
+            f.set_len(t.offset)?;
+            f.sync_all()?;
+            cut = t.bytes;
+            len = t.offset;
+        }
+        w.file = open_append(&self.path)?;
+        w.head = parsed.frames.last().map(|f| f.head()).unwrap_or_default();
+        w.bytes = len;
+        w.failed = None;
+        tracing::warn!(path = %self.path.display(), cut, "audit.reopened after a failed write");
+        Ok(cut)
     }
 
     /// Past `log_bytes_max`: keep the newest half behind a checkpoint.
