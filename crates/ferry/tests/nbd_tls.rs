@@ -390,6 +390,30 @@ fn idle_connection_floods_on_both_nbd_listeners_do_not_lock_clients_out() {
     let unix: Vec<std::os::unix::net::UnixStream> = (0..2000)
         .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
         .collect();
+    // The flood is there before the clients come (each newcomer closes the
+    // oldest silent connection, so a client connecting while the agent is
+    // still accepting the flood's backlog would be closed by the flood's
+    // later connections): wait until both accept queues are empty.
+    let queued = |args: &[&str]| -> u64 {
+        let out = Command::new("ss").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(if args[0] == "-Hlx" { 2 } else { 1 })
+            .and_then(|q| q.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let tcp_q = ["-Hltn".to_string(), format!("sport = :{port}")];
+    let unix_q = ["-Hlx".to_string(), "src".into(), sock.display().to_string()];
+    let drained = std::time::Instant::now();
+    while queued(&tcp_q.iter().map(String::as_str).collect::<Vec<_>>()) > 0
+        || queued(&unix_q.iter().map(String::as_str).collect::<Vec<_>>()) > 0
+    {
+        assert!(
+            drained.elapsed() < std::time::Duration::from_secs(30),
+            "the agent did not accept the flood within 30 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // Clients still get in at once, over TLS and over the socket.
     let t = std::time::Instant::now();
     let o = qemu_io_tls(
