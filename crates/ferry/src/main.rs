@@ -8,6 +8,7 @@ mod cli;
 mod cluster;
 mod config;
 mod handover;
+mod history;
 mod migration;
 mod share;
 mod store;

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // plumbing: records on disk, signals, log output
     &["store", "sys"],
+    // statistics history: series files (rings) and their queries
+    &["history"],
     // how nodes reach each other: identities, TLS, dialing, the listener, settings
     &["transport"],
     // the engines (volume first: shares reuse its write permit and link flag),
