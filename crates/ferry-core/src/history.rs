@@ -399,13 +399,7 @@ impl Scope {
                 WriteLatencyP99Ms,
                 ResyncPercent,
             ],
-            Scope::Share => &[
-                WriteBytesPerS,
-                LinkBytesPerS,
-                BacklogBytes,
-                LagSeconds,
-                ResyncPercent,
-            ],
+            Scope::Share => &[WriteBytesPerS, LinkBytesPerS, BacklogBytes, LagSeconds],
         }
     }
 }

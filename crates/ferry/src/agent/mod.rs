@@ -10,6 +10,7 @@
 pub mod dispatch;
 mod hosts;
 pub mod nbd_tls;
+mod sampler;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -100,6 +101,8 @@ pub struct AgentCtx {
     pub forced_promotions: Mutex<std::collections::HashSet<String>>,
     /// Shares (file-level replication) of this node.
     pub shares: crate::share::Shares,
+    /// Statistics history (`None`: `history.enabled = false`).
+    pub history: Option<Arc<crate::history::HistoryStore>>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -1192,6 +1195,12 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     let r = &cfg.replication;
     let repl_conns = conns::ConnTable::new("replication", r.connections_max, r.handshakes_max);
     repl_conns.spawn_reaper(Duration::from_millis(r.handshake_timeout_ms))?;
+    let history = cfg.history.enabled.then(|| {
+        Arc::new(crate::history::HistoryStore::new(
+            &cfg.data_dir,
+            cfg.history.clone(),
+        ))
+    });
     let ctx = Arc::new(AgentCtx {
         tokens,
         cfg,
@@ -1215,6 +1224,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
         cluster: crate::cluster::ClusterView::default(),
         forced_promotions: Mutex::new(std::collections::HashSet::new()),
         shares: Default::default(),
+        history,
         started: Instant::now(),
         admin: Mutex::new(()),
         damaged,
@@ -1289,6 +1299,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     }
     crate::cluster::spawn(ctx.clone())?;
     crate::migration::schedule::spawn(ctx.clone())?;
+    sampler::spawn(ctx.clone())?;
     rt.spawn(serve_api(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
     tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint(),
