@@ -173,6 +173,11 @@ pub enum Action {
         name: Name,
     },
     OpenApi,
+    GetStats(StatsQuery),
+    ListStats,
+    MigrationReport {
+        name: Name,
+    },
 }
 
 /// A request's path parameters or query, by name (percent-decoded).
@@ -227,6 +232,30 @@ fn wait(query: &Params) -> Result<StatusWait, ActionError> {
     Ok(StatusWait {
         wait_state: query.get("wait_state").cloned(),
         wait_ms,
+    })
+}
+
+fn number(query: &Params, key: &str) -> Result<Option<u64>, ActionError> {
+    query
+        .get(key)
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| ActionError::bad_input(format!("?{key}={v}: a number of seconds")))
+        })
+        .transpose()
+}
+
+fn stats_query(query: &Params) -> Result<StatsQuery, ActionError> {
+    let series = query
+        .get("series")
+        .ok_or_else(|| ActionError::bad_input("no ?series= (SCOPE/NAME/METRIC)"))?;
+    Ok(StatsQuery {
+        series: ferry_core::history::SeriesName::parse(series)
+            .map_err(|e| ActionError::bad_input(e.to_string()))?,
+        from: number(query, "from")?,
+        to: number(query, "to")?,
+        since: number(query, "since")?,
+        step: number(query, "step")?,
     })
 }
 
@@ -382,6 +411,9 @@ impl Action {
             },
             K::ClusterSwitchover => Action::ClusterSwitchover { name: n()? },
             K::OpenApi => Action::OpenApi,
+            K::GetStats => Action::GetStats(stats_query(query)?),
+            K::ListStats => Action::ListStats,
+            K::MigrationReport => Action::MigrationReport { name: n()? },
         })
     }
 
@@ -451,6 +483,9 @@ impl Action {
             Action::ClusterDropCopy { .. } => K::ClusterDropCopy,
             Action::ClusterSwitchover { .. } => K::ClusterSwitchover,
             Action::OpenApi => K::OpenApi,
+            Action::GetStats(_) => K::GetStats,
+            Action::ListStats => K::ListStats,
+            Action::MigrationReport { .. } => K::MigrationReport,
         }
     }
 
@@ -502,7 +537,8 @@ impl Action {
             | Action::ClusterPromote { name, .. }
             | Action::ClusterResolve { name, .. }
             | Action::ClusterDropCopy { name, .. }
-            | Action::ClusterSwitchover { name } => Some(name),
+            | Action::ClusterSwitchover { name }
+            | Action::MigrationReport { name } => Some(name),
             _ => None,
         }
     }
@@ -538,6 +574,19 @@ impl Action {
                     q.push("counts=0".into());
                 }
                 push_wait(&mut q, wait);
+            }
+            Action::GetStats(s) => {
+                q.push(format!("series={}", s.series));
+                for (k, v) in [
+                    ("from", s.from),
+                    ("to", s.to),
+                    ("since", s.since),
+                    ("step", s.step),
+                ] {
+                    if let Some(v) = v {
+                        q.push(format!("{k}={v}"));
+                    }
+                }
             }
             _ => {}
         }
@@ -635,16 +684,18 @@ mod tests {
             let mut params = Params::new();
             params.insert("name".into(), "w".into());
             params.insert("which".into(), "start".into());
-            let a = Action::decode(
-                r.kind,
-                &params,
-                &Params::new(),
-                sample_body(r.kind).as_bytes(),
-            )
-            .unwrap_or_else(|e| panic!("{:?}: {e}", r.kind));
+            let mut query = Params::new();
+            if r.kind == ActionKind::GetStats {
+                query.insert("series".into(), "volume/v/write_iops".into());
+            }
+            let a = Action::decode(r.kind, &params, &query, sample_body(r.kind).as_bytes())
+                .unwrap_or_else(|e| panic!("{:?}: {e}", r.kind));
             assert_eq!(a.kind(), r.kind);
             assert_eq!(a.method(), r.method);
-            let want = r.path.replace("{name}", "w").replace("{which}", "start");
+            let mut want = r.path.replace("{name}", "w").replace("{which}", "start");
+            if r.kind == ActionKind::GetStats {
+                want.push_str("?series=volume/v/write_iops");
+            }
             assert_eq!(a.path(), want, "{:?}", r.kind);
             assert_eq!(a.body().is_some(), r.method.has_body());
             if let Some(b) = a.body() {

@@ -233,6 +233,9 @@ routes! {
     ClusterDropCopy: Post "/api/v1/cluster/workloads/{name}/drop-copy", ADMIN, CLUSTERED, "`ferry cluster drop-copy`.";
     ClusterSwitchover: Post "/api/v1/cluster/workloads/{name}/switchover", OPERATOR, CLUSTERED, "`ferry cluster switchover`: the verified planned move.";
     OpenApi: Get "/api/v1/openapi.json", VIEWER, ANY, "This document (OpenAPI 3.1).";
+    GetStats: Get "/api/v1/stats", VIEWER, ANY, "`ferry stats`: a series' history (`series`, `from`, `to`, `since`, `step`).";
+    ListStats: Get "/api/v1/stats/series", VIEWER, ANY, "The statistics series this node records.";
+    MigrationReport: Get "/api/v1/migrations/{name}/report", VIEWER, ANY, "`ferry migrate report`: a migration after the fact (timeline, bytes, rates, downtime).";
 }
 
 #[cfg(test)]

@@ -576,6 +576,11 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
             blocking(move || crate::cluster::switchover(&ctx, &name)).await?,
         )?),
         Action::OpenApi => Reply::OpenApi(ferry_api::openapi::document()),
+        Action::GetStats(q) => Reply::Stats(crate::agent::stats::get(&ctx, q).await?),
+        Action::ListStats => Reply::StatsSeriesList(crate::agent::stats::list(&ctx).await?),
+        Action::MigrationReport { name } => {
+            Reply::MigrationReport(crate::agent::stats::migration_report(&ctx, name).await?)
+        }
     })
 }
 

@@ -11,6 +11,7 @@ pub mod dispatch;
 mod hosts;
 pub mod nbd_tls;
 mod sampler;
+pub mod stats;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -1070,6 +1071,9 @@ impl AgentCtx {
         }
         self.nbd.shutdown();
         self.shares.shutdown();
+        if let Some(h) = &self.history {
+            h.sync();
+        }
         for v in self.primaries() {
             v.link.lock().stop = true;
             v.link.copier.notify_all();
