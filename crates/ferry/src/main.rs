@@ -98,6 +98,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Cluster(cmd) => remote::cluster(cmd, &cli.global.data_dir, json),
         Command::Share(cmd) => remote::share(cmd, &cli.global.data_dir, json),
         Command::Token(cmd) => remote::token_cmd(cmd, &cli.global.data_dir, json),
+        Command::Stats(args) => remote::stats(args, &cli.global.data_dir, json),
         Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
             // The served router is built from this table (api::server::routes).
