@@ -96,41 +96,49 @@ done
 [[ -n $tid ]] || { echo "no ferry-history thread in agent $pid" >&2; exit 1; }
 ticks() { awk '{print $14 + $15}' "$1"; }
 hz=$(getconf CLK_TCK)
-# Records written so far, per series (to subtract: the run's records only).
+# Records written so far, per series file (JSON {path: [tier0, tier1, tier2]}).
 count_records() {
   python3 - "$work/a/history" <<'EOF'
-import os, sys
+import json, os, sys
 root = sys.argv[1]
-tiers = [8640, 43200, 8760]
-total = series = 0
+sizes = [8640 * 24, 43200 * 24, 8760 * 24]
+out = {}
 for dp, _, files in os.walk(root):
     for f in files:
         if not f.endswith(".ring"):
             continue
-        series += 1
         with open(os.path.join(dp, f), "rb") as fh:
             data = fh.read()
-        for i in range(0, len(data), 24):
-            if data[i:i + 24] != bytes(24):
-                total += 1
-print(series, total)
+        counts, off = [], 0
+        for size in sizes:
+            ring = data[off:off + size]
+            counts.append(sum(1 for i in range(0, len(ring), 24) if ring[i:i + 24] != bytes(24)))
+            off += size
+        out[os.path.join(dp, f)] = counts
+print(json.dumps(out))
 EOF
 }
-read -r series0 records0 < <(count_records)
+count_records >"$work/records0.json"
 t0=$(ticks /proc/"$pid"/task/"$tid"/stat); p0=$(awk '{print $14 + $15}' /proc/"$pid"/stat)
 sleep "$seconds"
 t1=$(ticks /proc/"$pid"/task/"$tid"/stat); p1=$(awk '{print $14 + $15}' /proc/"$pid"/stat)
-read -r series1 records1 < <(count_records)
+count_records >"$work/records1.json"
 
-python3 - "$t0" "$t1" "$p0" "$p1" "$hz" "$seconds" "$series1" "$records0" "$records1" "$(du -sb --apparent-size "$work/a/history" | cut -f1)" "$(du -sB1 "$work/a/history" | cut -f1)" "$workloads" <<'EOF'
-import sys
-t0, t1, p0, p1, hz, secs, series, r0, r1, apparent, alloc, wl = map(int, sys.argv[1:])
+python3 - "$t0" "$t1" "$p0" "$p1" "$hz" "$seconds" "$work/records0.json" "$work/records1.json" "$(du -sb --apparent-size "$work/a/history" | cut -f1)" "$(du -sB1 "$work/a/history" | cut -f1)" "$workloads" <<'EOF'
+import json, sys
+t0, t1, p0, p1, hz, secs = map(int, sys.argv[1:7])
+r0, r1 = (json.load(open(p)) for p in sys.argv[7:9])
+apparent, alloc, wl = map(int, sys.argv[9:])
 sampler = (t1 - t0) / hz / secs * 100
 agent = (p1 - p0) / hz / secs * 100
-per_series_day = (r1 - r0) * 24 / max(series, 1) * 86400 / secs
-print(f"workloads: {wl}; series recorded: {series}")
-print(f"sampler thread CPU: {sampler:.3f} % of one core over {secs} s ({t1 - t0} ticks); whole agent: {agent:.2f} %")
-print(f"records written in {secs} s: {r1 - r0} ({(r1 - r0) / max(series, 1):.1f} per series)")
-print(f"bytes per series per day (first day, rings filling): {per_series_day:,.0f} (from the rings' sizes: 242,496)")
-print(f"history dir: {alloc:,} bytes allocated, {apparent:,} apparent ({series} × 1,454,400 bound)")
+# Series that existed for the whole run: records they gained, per tier.
+both = [k for k in r1 if k in r0]
+gained = [sum(r1[k][t] - r0[k][t] for k in both) for t in range(3)]
+per_series = [g / max(len(both), 1) for g in gained]
+per_day = sum(per_series) * 24 * 86400 / secs
+print(f"workloads: {wl}; series recorded: {len(r1)} ({len(both)} for the whole run)")
+print(f"sampler thread CPU: {sampler:.3f} % of one core over {secs} s ({t1 - t0} ticks at {hz} Hz); whole agent: {agent:.2f} %")
+print(f"records gained per series in {secs} s: 10 s tier {per_series[0]:.2f}, 1 min {per_series[1]:.2f}, 1 h {per_series[2]:.2f}")
+print(f"bytes per series per day (first day, rings filling): {per_day:,.0f} (from the rings' sizes: 242,496; 0 once full)")
+print(f"history dir: {alloc:,} bytes allocated, {apparent:,} apparent ({len(r1)} × 1,454,400 bound)")
 EOF
