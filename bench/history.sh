@@ -81,6 +81,8 @@ for _ in $(seq 1200); do
   sleep 0.1
 done
 echo "$n of $workloads replicas up to date" >&2
+# Two sampler ticks: every series exists (and has its rate counters) before t0.
+sleep 21
 
 # A writer on v1 for the whole run.
 sock="$work/a/run/nbd.sock"
@@ -118,27 +120,40 @@ for dp, _, files in os.walk(root):
 print(json.dumps(out))
 EOF
 }
-count_records >"$work/records0.json"
+c0=$(date +%s.%N); count_records >"$work/records0.json"
+w0=$(awk '/^wchar/ {print $2}' /proc/"$pid"/task/"$tid"/io)
 t0=$(ticks /proc/"$pid"/task/"$tid"/stat); p0=$(awk '{print $14 + $15}' /proc/"$pid"/stat)
-sleep "$seconds"
+if [[ -n ${FERRY_BENCH_PERF:-} ]]; then
+  # Where the sampler's time goes: perf report -i $FERRY_BENCH_PERF
+  perf record -q -g -t "$tid" -o "$FERRY_BENCH_PERF" -- sleep "$seconds" >/dev/null 2>&1
+else
+  sleep "$seconds"
+fi
 t1=$(ticks /proc/"$pid"/task/"$tid"/stat); p1=$(awk '{print $14 + $15}' /proc/"$pid"/stat)
-count_records >"$work/records1.json"
+w1=$(awk '/^wchar/ {print $2}' /proc/"$pid"/task/"$tid"/io)
+c1=$(date +%s.%N); count_records >"$work/records1.json"
 
-python3 - "$t0" "$t1" "$p0" "$p1" "$hz" "$seconds" "$work/records0.json" "$work/records1.json" "$(du -sb --apparent-size "$work/a/history" | cut -f1)" "$(du -sB1 "$work/a/history" | cut -f1)" "$workloads" <<'EOF'
+python3 - "$t0" "$t1" "$p0" "$p1" "$hz" "$seconds" "$w0" "$w1" "$c0" "$c1" "$work/records0.json" "$work/records1.json" "$(du -sb --apparent-size "$work/a/history" | cut -f1)" "$(du -sB1 "$work/a/history" | cut -f1)" "$workloads" <<'EOF'
 import json, sys
-t0, t1, p0, p1, hz, secs = map(int, sys.argv[1:7])
-r0, r1 = (json.load(open(p)) for p in sys.argv[7:9])
-apparent, alloc, wl = map(int, sys.argv[9:])
+t0, t1, p0, p1, hz, secs, w0, w1 = map(int, sys.argv[1:9])
+c0, c1 = map(float, sys.argv[9:11])
+r0, r1 = (json.load(open(p)) for p in sys.argv[11:13])
+apparent, alloc, wl = map(int, sys.argv[13:])
 sampler = (t1 - t0) / hz / secs * 100
 agent = (p1 - p0) / hz / secs * 100
 # Series that existed for the whole run: records they gained, per tier.
 both = [k for k in r1 if k in r0]
 gained = [sum(r1[k][t] - r0[k][t] for k in both) for t in range(3)]
 per_series = [g / max(len(both), 1) for g in gained]
-per_day = sum(per_series) * 24 * 86400 / secs
+# Each file is read at the same offset into both counts: the window is
+# the time between their starts.
+window = c1 - c0
+per_day = sum(per_series) * 24 * 86400 / window
+written_per_day = (w1 - w0) / max(len(r1), 1) * 86400 / secs
 print(f"workloads: {wl}; series recorded: {len(r1)} ({len(both)} for the whole run)")
 print(f"sampler thread CPU: {sampler:.3f} % of one core over {secs} s ({t1 - t0} ticks at {hz} Hz); whole agent: {agent:.2f} %")
-print(f"records gained per series in {secs} s: 10 s tier {per_series[0]:.2f}, 1 min {per_series[1]:.2f}, 1 h {per_series[2]:.2f}")
+print(f"written by the sampler thread (wchar): {w1 - w0:,} bytes in {secs} s = {written_per_day:,.0f} per series per day (each sample rewrites the open points of the three tiers: 3 × 24 B)")
+print(f"records gained per series in {window:.1f} s: 10 s tier {per_series[0]:.2f}, 1 min {per_series[1]:.2f}, 1 h {per_series[2]:.2f}")
 print(f"bytes per series per day (first day, rings filling): {per_day:,.0f} (from the rings' sizes: 242,496; 0 once full)")
 print(f"history dir: {alloc:,} bytes allocated, {apparent:,} apparent ({len(r1)} × 1,454,400 bound)")
 EOF
