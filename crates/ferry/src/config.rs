@@ -497,6 +497,34 @@ mod tests {
     }
 
     #[test]
+    fn history_keys_load_and_are_checked() {
+        let c = load(GOOD).unwrap();
+        assert!(c.history.enabled);
+        assert_eq!(c.history.sample_interval_ms, 10_000);
+        let c = load(&format!(
+            "{GOOD}[history]\nenabled = false\nsample_interval_ms = 500\nfsync_interval_ms = 1000\nseries_max = 10\n"
+        ))
+        .unwrap();
+        assert!(!c.history.enabled);
+        assert_eq!(
+            (c.history.series_max, c.history.fsync_interval_ms),
+            (10, 1000)
+        );
+        for bad in [
+            "sample_interval_ms = 50",
+            "sample_interval_ms = 60000",
+            "series_max = 0",
+            "fsync_interval_ms = 0",
+            "colour = 1",
+        ] {
+            let e = load(&format!("{GOOD}[history]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("history") || e.contains("colour"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn a_witness_without_its_key_is_refused() {
         let cluster = "[cluster]\npeer = \"b\"\nheartbeat = [\"127.0.0.1:7370\"]\nwitness = \"127.0.0.1:7380\"\n";
         let e = load(&format!("{GOOD}{cluster}")).unwrap_err().to_string();
