@@ -184,6 +184,11 @@ pub enum Action {
     GetSession,
     DeleteSession,
     Events,
+    GetStats(StatsQuery),
+    ListStats,
+    MigrationReport {
+        name: Name,
+    },
 }
 
 /// A request's path parameters or query, by name (percent-decoded).
@@ -238,6 +243,30 @@ fn wait(query: &Params) -> Result<StatusWait, ActionError> {
     Ok(StatusWait {
         wait_state: query.get("wait_state").cloned(),
         wait_ms,
+    })
+}
+
+fn number(query: &Params, key: &str) -> Result<Option<u64>, ActionError> {
+    query
+        .get(key)
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| ActionError::bad_input(format!("?{key}={v}: a number of seconds")))
+        })
+        .transpose()
+}
+
+fn stats_query(query: &Params) -> Result<StatsQuery, ActionError> {
+    let series = query
+        .get("series")
+        .ok_or_else(|| ActionError::bad_input("no ?series= (SCOPE/NAME/METRIC)"))?;
+    Ok(StatsQuery {
+        series: ferry_core::history::SeriesName::parse(series)
+            .map_err(|e| ActionError::bad_input(e.to_string()))?,
+        from: number(query, "from")?,
+        to: number(query, "to")?,
+        since: number(query, "since")?,
+        step: number(query, "step")?,
     })
 }
 
@@ -403,6 +432,9 @@ impl Action {
             K::GetSession => Action::GetSession,
             K::DeleteSession => Action::DeleteSession,
             K::Events => Action::Events,
+            K::GetStats => Action::GetStats(stats_query(query)?),
+            K::ListStats => Action::ListStats,
+            K::MigrationReport => Action::MigrationReport { name: n()? },
         })
     }
 
@@ -480,6 +512,9 @@ impl Action {
             Action::GetSession => K::GetSession,
             Action::DeleteSession => K::DeleteSession,
             Action::Events => K::Events,
+            Action::GetStats(_) => K::GetStats,
+            Action::ListStats => K::ListStats,
+            Action::MigrationReport { .. } => K::MigrationReport,
         }
     }
 
@@ -531,7 +566,8 @@ impl Action {
             | Action::ClusterPromote { name, .. }
             | Action::ClusterResolve { name, .. }
             | Action::ClusterDropCopy { name, .. }
-            | Action::ClusterSwitchover { name } => Some(name),
+            | Action::ClusterSwitchover { name }
+            | Action::MigrationReport { name } => Some(name),
             _ => None,
         }
     }
@@ -573,6 +609,19 @@ impl Action {
                     q.push("counts=0".into());
                 }
                 push_wait(&mut q, wait);
+            }
+            Action::GetStats(s) => {
+                q.push(format!("series={}", s.series));
+                for (k, v) in [
+                    ("from", s.from),
+                    ("to", s.to),
+                    ("since", s.since),
+                    ("step", s.step),
+                ] {
+                    if let Some(v) = v {
+                        q.push(format!("{k}={v}"));
+                    }
+                }
             }
             _ => {}
         }
@@ -674,16 +723,18 @@ mod tests {
             let mut params = Params::new();
             params.insert("name".into(), "w".into());
             params.insert("which".into(), "start".into());
-            let a = Action::decode(
-                r.kind,
-                &params,
-                &Params::new(),
-                sample_body(r.kind).as_bytes(),
-            )
-            .unwrap_or_else(|e| panic!("{:?}: {e}", r.kind));
+            let mut query = Params::new();
+            if r.kind == ActionKind::GetStats {
+                query.insert("series".into(), "volume/v/write_iops".into());
+            }
+            let a = Action::decode(r.kind, &params, &query, sample_body(r.kind).as_bytes())
+                .unwrap_or_else(|e| panic!("{:?}: {e}", r.kind));
             assert_eq!(a.kind(), r.kind);
             assert_eq!(a.method(), r.method);
-            let want = r.path.replace("{name}", "w").replace("{which}", "start");
+            let mut want = r.path.replace("{name}", "w").replace("{which}", "start");
+            if r.kind == ActionKind::GetStats {
+                want.push_str("?series=volume/v/write_iops");
+            }
             assert_eq!(a.path(), want, "{:?}", r.kind);
             assert_eq!(a.body().is_some(), r.method.has_body());
             if let Some(b) = a.body() {

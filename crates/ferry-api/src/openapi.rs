@@ -90,6 +90,25 @@ fn query_params(kind: ActionKind) -> &'static [(&'static str, &'static str, &'st
             "string",
             "Only records from then on: RFC 3339, or an age (`90s`, `15m`, `1h`, `7d`).",
         )],
+        K::GetStats => &[
+            (
+                "series",
+                "string",
+                "SCOPE/NAME/METRIC, e.g. volume/disk0/write_bytes_per_s (required).",
+            ),
+            ("from", "integer", "Unix s (default: `to` − `since`)."),
+            ("to", "integer", "Unix s (default: now)."),
+            (
+                "since",
+                "integer",
+                "Seconds before `to`, when `from` is not given (default 3600).",
+            ),
+            (
+                "step",
+                "integer",
+                "Seconds between points (default: the finest kept for the range).",
+            ),
+        ],
         _ => &[],
     }
 }
@@ -121,8 +140,10 @@ pub fn document() -> Value {
             })
             .collect();
         for (name, ty, doc) in query_params(r.kind) {
-            params.push(json!({"name": name, "in": "query", "required": false,
-                "schema": {"type": ty}, "description": doc}));
+            params.push(
+                json!({"name": name, "in": "query", "required": *name == "series",
+                "schema": {"type": ty}, "description": doc}),
+            );
         }
         let mut op = json!({
             "operationId": r.kind.name(),

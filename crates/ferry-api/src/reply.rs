@@ -750,6 +750,94 @@ pub struct SessionEnded {
     pub ended: bool,
 }
 
+/// One point of a series: the samples of one interval.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StatsPoint {
+    /// Start of the interval, Unix s.
+    pub t: u64,
+    pub mean: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Samples aggregated.
+    pub count: u32,
+}
+
+/// `GET /api/v1/stats`: a series' history. Intervals without samples
+/// (the agent was down, the object did not exist) are absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StatsSeries {
+    pub series: String,
+    pub node: String,
+    pub from: u64,
+    pub to: u64,
+    /// The step of the points, s.
+    pub step_s: u64,
+    /// The step of the tier read (10, 60 or 3600 s).
+    pub tier_step_s: u64,
+    pub points: Vec<StatsPoint>,
+}
+
+/// `GET /api/v1/stats/series`: the series this node records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StatsSeriesList {
+    pub node: String,
+    pub series: Vec<String>,
+    /// The most one series takes on disk.
+    pub series_bytes_max: u64,
+    /// What the series files take on disk now (allocated blocks).
+    pub disk_bytes: u64,
+    /// `history.enabled`.
+    pub enabled: bool,
+}
+
+/// A phase of a migration and when it began.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReportPhase {
+    pub phase: String,
+    pub at_unix: u64,
+}
+
+/// Mean and peak of a rate over a migration, from the statistics history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReportRate {
+    pub mean_bytes_per_s: f64,
+    pub peak_bytes_per_s: f64,
+}
+
+/// `GET /api/v1/migrations/{name}/report`: a migration after the fact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MigrationReport {
+    pub workload: String,
+    pub source: String,
+    pub target: String,
+    pub mode: String,
+    /// Its phase now (`completed` once cut over).
+    pub phase: String,
+    pub completed: bool,
+    pub started_unix: u64,
+    /// When it reached its final phase (the last mark of the timeline).
+    pub ended_unix: Option<u64>,
+    /// Each phase and when it began, oldest first.
+    pub timeline: Vec<ReportPhase>,
+    /// Bytes sent on the links over the migration (the integral of the
+    /// workload's `link_bytes_per_s` history; `null` without history).
+    pub bytes_moved: Option<u64>,
+    pub link_rate: Option<ReportRate>,
+    pub write_rate: Option<ReportRate>,
+    /// The cutover: freeze → target serving, and stop hook → check passing.
+    pub downtime_ms: Option<f64>,
+    pub outage_ms: Option<f64>,
+    /// The verified cutover passed: the target's data compared equal and
+    /// it came up healthy.
+    pub verified: Option<bool>,
+    pub cutover: Option<CutoverReport>,
+    /// Who started it and who cut it over (the audit log's token names;
+    /// `null` until it records them).
+    pub started_by: Option<String>,
+    pub cut_over_by: Option<String>,
+    pub reason: Option<String>,
+}
+
 macro_rules! replies {
     ($( $kind:ident => $variant:ident($ty:ty); )*) => {
         /// Any action's reply. Encoded as the inner value (no tag): the
@@ -855,6 +943,9 @@ replies! {
     GetSession => Session(SessionInfo);
     DeleteSession => SessionEnded(SessionEnded);
     Events => Events(Value);
+    GetStats => Stats(StatsSeries);
+    ListStats => StatsSeriesList(StatsSeriesList);
+    MigrationReport => MigrationReport(MigrationReport);
 }
 
 #[cfg(test)]

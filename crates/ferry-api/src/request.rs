@@ -370,3 +370,23 @@ impl std::fmt::Debug for CreateSession {
         f.debug_struct("CreateSession").finish_non_exhaustive()
     }
 }
+
+/// `GET /api/v1/stats`: which series, over which time, every how long.
+/// Query: `series`, and any of `from`, `to` (Unix s; `to` defaults to now),
+/// `since` (s before `to`, when `from` is not given; default 3600) and
+/// `step` (s; default 0: the finest step kept for that range).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatsQuery {
+    /// `SCOPE/NAME/METRIC` (README, "Statistics history").
+    #[schemars(with = "String")]
+    pub series: ferry_core::history::SeriesName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
+}

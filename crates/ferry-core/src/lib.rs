@@ -23,6 +23,7 @@ pub mod dirty;
 pub mod extent;
 pub mod generation;
 pub mod handover;
+pub mod history;
 pub mod link;
 pub mod migration;
 pub mod name;

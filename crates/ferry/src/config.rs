@@ -30,6 +30,12 @@
 //! scheduled_cutover_retry_ms = 5000    # a scheduled cutover finding the migration not ready looks again after
 //! scheduled_cutover_grace_ms = 3600000 # `--at` alone: gives up this long after the time
 //!
+//! [history]                            # all optional; defaults shown
+//! enabled = true                       # record statistics history (DATA_DIR/history)
+//! sample_interval_ms = 10000           # one sample of every series this often (100-10000)
+//! fsync_interval_ms = 60000            # written series files are fdatasync'ed this often
+//! series_max = 4096                    # series files kept, each at most 1,454,400 bytes
+//!
 //! [nbd]                                # all optional; defaults shown
 //! socket_path = "DATA_DIR/run/nbd.sock" # always served; its directory only the agent's user may enter
 //! tls_names = []                       # more names/addresses in the TLS server certificate
@@ -43,6 +49,7 @@
 //! Unknown keys are errors (a typo must not silently fall back to a default),
 //! and every error names the file, line and key.
 
+pub use crate::history::HistorySettings;
 pub use crate::share::settings::ShareSettings;
 pub use crate::transport::settings::ReplicationSettings;
 use std::net::SocketAddr;
@@ -87,6 +94,9 @@ pub struct AgentConfig {
     /// `[audit]`: the audit log's retention and head exchange.
     #[serde(default)]
     pub audit: crate::audit::AuditSettings,
+    /// `[history]`: statistics history (series files under DATA_DIR/history).
+    #[serde(default)]
+    pub history: HistorySettings,
     /// High availability: the peer, heartbeat paths, the witness.
     #[serde(default)]
     pub cluster: Option<ClusterSettings>,
@@ -418,6 +428,7 @@ impl AgentConfig {
         if self.migration.migrations_max == 0 {
             return Err("key `migration.migrations_max` must be at least 1".into());
         }
+        self.history.validate().map_err(|e| format!("key `{e}`"))?;
         let n = &self.nbd;
         if n.max_connections == 0 || n.max_in_flight_per_connection == 0 {
             return Err(
@@ -518,6 +529,34 @@ mod tests {
         assert!(e.contains("line 5") && e.contains("typo_key"), "{e}");
         let e = load("node_name = \"a\"\n").unwrap_err().to_string();
         assert!(e.contains("data_dir"), "{e}");
+    }
+
+    #[test]
+    fn history_keys_load_and_are_checked() {
+        let c = load(GOOD).unwrap();
+        assert!(c.history.enabled);
+        assert_eq!(c.history.sample_interval_ms, 10_000);
+        let c = load(&format!(
+            "{GOOD}[history]\nenabled = false\nsample_interval_ms = 500\nfsync_interval_ms = 1000\nseries_max = 10\n"
+        ))
+        .unwrap();
+        assert!(!c.history.enabled);
+        assert_eq!(
+            (c.history.series_max, c.history.fsync_interval_ms),
+            (10, 1000)
+        );
+        for bad in [
+            "sample_interval_ms = 50",
+            "sample_interval_ms = 60000",
+            "series_max = 0",
+            "fsync_interval_ms = 0",
+            "colour = 1",
+        ] {
+            let e = load(&format!("{GOOD}[history]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("history") || e.contains("colour"), "{bad}: {e}");
+        }
     }
 
     #[test]

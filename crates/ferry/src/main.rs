@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod config;
 mod handover;
+mod history;
 mod migration;
 mod share;
 mod store;
@@ -102,6 +103,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Events { follow, conn } => {
             remote::events(conn, &cli.global.data_dir, *follow, json)
         }
+        Command::Stats(args) => remote::stats(args, &cli.global.data_dir, json),
         Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
             // The served router is built from this table (api::server::routes).

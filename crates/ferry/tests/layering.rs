@@ -13,6 +13,8 @@ const LAYERS: &[&[&str]] = &[
     &["store", "sys"],
     // the audit log on disk (hash chain, decisions queue, heads held for peers)
     &["audit"],
+    // statistics history: series files (rings) and their queries
+    &["history"],
     // how nodes reach each other: identities, TLS, dialing, the listener, settings
     &["transport"],
     // the engines (volume first: shares reuse its write permit and link flag),

@@ -660,6 +660,11 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
                 "sessions and event streams are served by the API listener itself",
             ))
         }
+        Action::GetStats(q) => Reply::Stats(crate::agent::stats::get(&ctx, q).await?),
+        Action::ListStats => Reply::StatsSeriesList(crate::agent::stats::list(&ctx).await?),
+        Action::MigrationReport { name } => {
+            Reply::MigrationReport(crate::agent::stats::migration_report(&ctx, name).await?)
+        }
     })
 }
 

@@ -11,6 +11,8 @@ mod audit;
 pub mod dispatch;
 mod hosts;
 pub mod nbd_tls;
+mod sampler;
+pub mod stats;
 pub mod tokens;
 
 use std::collections::HashMap;
@@ -103,6 +105,8 @@ pub struct AgentCtx {
     pub forced_promotions: Mutex<std::collections::HashSet<String>>,
     /// Shares (file-level replication) of this node.
     pub shares: crate::share::Shares,
+    /// Statistics history (`None`: `history.enabled = false`).
+    pub history: Option<Arc<crate::history::HistoryStore>>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -1070,6 +1074,9 @@ impl AgentCtx {
         }
         self.nbd.shutdown();
         self.shares.shutdown();
+        if let Some(h) = &self.history {
+            h.sync();
+        }
         for v in self.primaries() {
             v.link.lock().stop = true;
             v.link.copier.notify_all();
@@ -1197,6 +1204,12 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     let r = &cfg.replication;
     let repl_conns = conns::ConnTable::new("replication", r.connections_max, r.handshakes_max);
     repl_conns.spawn_reaper(Duration::from_millis(r.handshake_timeout_ms))?;
+    let history = cfg.history.enabled.then(|| {
+        Arc::new(crate::history::HistoryStore::new(
+            &cfg.data_dir,
+            cfg.history.clone(),
+        ))
+    });
     let ctx = Arc::new(AgentCtx {
         audit,
         tokens,
@@ -1221,6 +1234,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
         cluster: crate::cluster::ClusterView::default(),
         forced_promotions: Mutex::new(std::collections::HashSet::new()),
         shares: Default::default(),
+        history,
         started: Instant::now(),
         admin: Mutex::new(()),
         damaged,
@@ -1296,6 +1310,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     audit::spawn_heads(ctx.clone())?;
     crate::cluster::spawn(ctx.clone())?;
     crate::migration::schedule::spawn(ctx.clone())?;
+    sampler::spawn(ctx.clone())?;
     rt.spawn(serve_api(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
     tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint(),

@@ -5,5 +5,6 @@
 
 pub mod console;
 pub mod events;
+pub mod report_html;
 pub mod server;
 pub mod session;

@@ -80,6 +80,8 @@ pub enum Command {
     /// The REST API itself.
     #[command(subcommand)]
     Api(ApiCommand),
+    /// Statistics history: a series' points (or, without one, the series).
+    Stats(StatsArgs),
     /// The agent's API token.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -543,6 +545,56 @@ pub enum MigrateCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
+    /// A migration after the fact: timeline of phases, bytes moved, rates,
+    /// downtime, outage, verification (JSON with --json, a printable page
+    /// with --html).
+    Report {
+        name: String,
+        /// Print the report as a printable HTML page.
+        #[arg(long)]
+        html: bool,
+        #[command(flatten)]
+        conn: AgentConn,
+    },
+}
+
+/// `ferry stats`: a series' history from the agent's statistics store.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// SCOPE/NAME/METRIC, e.g. volume/disk0/write_bytes_per_s (README,
+    /// "Statistics history"). Without it: the list of series.
+    pub series: Option<String>,
+    /// How far back: 90s, 30m, 1h, 7d (default 1h).
+    #[arg(long, value_parser = parse_seconds, default_value = "1h")]
+    pub since: u64,
+    /// Seconds between points (10s, 1m, 1h; default: the finest kept).
+    #[arg(long, value_parser = parse_seconds)]
+    pub step: Option<u64>,
+    /// Print CSV (t,mean,min,max,count) instead of text.
+    #[arg(long, conflicts_with = "json")]
+    pub csv: bool,
+    #[command(flatten)]
+    pub conn: AgentConn,
+}
+
+/// A duration in seconds: `90`, `90s`, `30m`, `1h`, `7d`.
+pub fn parse_seconds(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: a number with s, m, h or d (e.g. 1h)"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too large"))
 }
 
 /// How to reach the local agent's REST API.

@@ -1050,6 +1050,38 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
             }
             Ok(())
         }
+        MigrateCommand::Report {
+            name: n,
+            html,
+            conn,
+        } => {
+            let v = expect!(
+                client(conn, data_dir)?.send(&Action::MigrationReport { name: name(n)? })?,
+                MigrationReport
+            );
+            if *html {
+                print!("{}", crate::api::report_html::render(&v));
+                return Ok(());
+            }
+            print(&v, json, |v| {
+                println!(
+                    "migration of {} from {} to {}: {}",
+                    v.workload, v.source, v.target, v.phase
+                );
+                for p in &v.timeline {
+                    println!("  {}  {}", crate::api::report_html::utc(p.at_unix), p.phase);
+                }
+                if let Some(b) = v.bytes_moved {
+                    println!("  bytes moved: {}", ByteSize(b));
+                }
+                if let Some(d) = v.downtime_ms {
+                    println!("  downtime: {d} ms, outage: {} ms", num(v.outage_ms));
+                }
+                if let Some(ok) = v.verified {
+                    println!("  verified: {}", if ok { "yes" } else { "no" });
+                }
+            })
+        }
         MigrateCommand::Finalize { name: n, conn } => {
             let v = expect!(
                 client(conn, data_dir)?.send(&Action::Finalize { name: name(n)? })?,
@@ -1520,4 +1552,53 @@ pub fn share(cmd: &crate::cli::ShareCommand, data_dir: &Path, json: bool) -> Res
             }
         }
     }
+}
+
+/// `ferry stats`.
+pub fn stats(args: &crate::cli::StatsArgs, data_dir: &Path, json: bool) -> Result<()> {
+    let c = client(&args.conn, data_dir)?;
+    let Some(series) = &args.series else {
+        let v = expect!(c.send(&Action::ListStats)?, StatsSeriesList);
+        return print(&v, json, |v| {
+            for s in &v.series {
+                println!("{s}");
+            }
+        });
+    };
+    let series = ferry_core::history::SeriesName::parse(series)?;
+    let v = expect!(
+        c.send(&Action::GetStats(q::StatsQuery {
+            series,
+            from: None,
+            to: None,
+            since: Some(args.since),
+            step: args.step,
+        }))?,
+        Stats
+    );
+    if args.csv {
+        println!("t,mean,min,max,count");
+        for p in &v.points {
+            println!("{},{},{},{},{}", p.t, p.mean, p.min, p.max, p.count);
+        }
+        return Ok(());
+    }
+    print(&v, json, |v| {
+        println!(
+            "{} on {}: {} points, every {} s",
+            v.series,
+            v.node,
+            v.points.len(),
+            v.step_s
+        );
+        for p in &v.points {
+            println!(
+                "{}  mean {}  min {}  max {}",
+                crate::api::report_html::utc(p.t),
+                p.mean,
+                p.min,
+                p.max
+            );
+        }
+    })
 }

@@ -91,13 +91,43 @@ pub struct MigrationRecord {
     /// `migrate start --auto-cutover --window`).
     #[serde(default)]
     pub schedule: Option<ferry_core::schedule::Schedule>,
+    /// When each phase was first saved, oldest first (the migration
+    /// report's timeline; at most [`TIMELINE_MAX`] marks).
+    #[serde(default)]
+    pub timeline: Vec<PhaseMark>,
 }
+
+/// A phase and when a save first saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseMark {
+    pub phase: String,
+    pub at_unix: u64,
+}
+
+/// Most phase marks a migration keeps (the first and the latest).
+pub const TIMELINE_MAX: usize = 64;
 
 /// Automatic cutovers tried per migration before it waits for an operator.
 pub const AUTO_CUTOVER_ATTEMPTS_MAX: u32 = 3;
 
 impl MigrationRecord {
-    pub fn save(&self, data_dir: &Path) -> Result<()> {
+    /// Adds the current phase to the timeline if it is new there.
+    pub fn mark_phase(&mut self, at_unix: u64) {
+        let phase = self.state.phase.as_str();
+        if self.timeline.last().is_some_and(|m| m.phase == phase) {
+            return;
+        }
+        if self.timeline.len() >= TIMELINE_MAX {
+            self.timeline.remove(1);
+        }
+        self.timeline.push(PhaseMark {
+            phase: phase.to_string(),
+            at_unix,
+        });
+    }
+
+    pub fn save(&mut self, data_dir: &Path) -> Result<()> {
+        self.mark_phase(unix_now());
         let dir = migrations_dir(data_dir);
         std::fs::create_dir_all(&dir)?;
         Ok(crate::store::save(
@@ -1004,7 +1034,7 @@ fn begin_record<H: Host + ?Sized>(
     auto_converge: bool,
     reverse: bool,
 ) -> Result<()> {
-    let rec = MigrationRecord {
+    let mut rec = MigrationRecord {
         workload: Name::parse(workload)?,
         source: ctx.identity().node_name.clone(),
         target: target.to_string(),
@@ -1019,6 +1049,7 @@ fn begin_record<H: Host + ?Sized>(
         auto_cutover_attempts: 0,
         auto_cutover_running: false,
         schedule: None,
+        timeline: Vec::new(),
     };
     rec.save(&ctx.cfg().data_dir)?;
     ctx.migrations().insert(workload.to_string(), rec);
