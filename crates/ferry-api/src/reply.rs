@@ -831,8 +831,9 @@ pub struct MigrationReport {
     /// it came up healthy.
     pub verified: Option<bool>,
     pub cutover: Option<CutoverReport>,
-    /// Who started it and who cut it over (the audit log's token names;
-    /// `null` until it records them).
+    /// Who started it and who cut it over, from the source node's audit
+    /// log (`token NAME (ROLE)`, `auto-cutover`, `scheduled cutover`;
+    /// `null` when the log has no record of it).
     pub started_by: Option<String>,
     pub cut_over_by: Option<String>,
     pub reason: Option<String>,

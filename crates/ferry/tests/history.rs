@@ -189,7 +189,26 @@ fn a_completed_migration_has_a_report() {
         (Some(false), &Value::Null),
         "{r}"
     );
-    let cut = a.json(&["migrate", "cutover", "w"]);
+    // An operator's own token cuts over: the report names who did what
+    // (from the audit log).
+    let ops = a.ok(&["token", "create", "ops", "--role", "operator"]);
+    let ops = ops
+        .split_whitespace()
+        .find(|w| w.starts_with("ops."))
+        .unwrap()
+        .to_string();
+    let out = a
+        .cli()
+        .env("FERRY_TOKEN", &ops)
+        .args(["--json", "migrate", "cutover", "w"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cut: Value = serde_json::from_slice(&out.stdout).unwrap();
     // Give the sampler a sample after the end.
     std::thread::sleep(std::time::Duration::from_millis(500));
     let r = a.json(&["migrate", "report", "w"]);
@@ -197,7 +216,8 @@ fn a_completed_migration_has_a_report() {
     assert_eq!(r["phase"], "completed");
     assert_eq!(r["downtime_ms"], cut["downtime_ms"], "{r}");
     assert_eq!(r["verified"], true);
-    assert!(r["started_by"].is_null() && r["cut_over_by"].is_null());
+    assert_eq!(r["started_by"], "token api.token (admin)", "{r}");
+    assert_eq!(r["cut_over_by"], "token ops (operator)", "{r}");
     let phases: Vec<&str> = r["timeline"]
         .as_array()
         .unwrap()

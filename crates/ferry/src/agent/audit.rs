@@ -442,3 +442,61 @@ mod tests {
         assert_eq!(v["name"], "b");
     }
 }
+
+/// Who started the migration of `workload` and who cut it over, from this
+/// node's audit log (the last successful `StartMigration` and cutover of
+/// it): a token (`NAME (ROLE)`) or a decision (`auto-cutover`,
+/// `scheduled cutover`). `None` where the log has no such record (pruned,
+/// or the migration predates the log).
+pub fn who_did(ctx: &AgentCtx, workload: &str) -> (Option<String>, Option<String>) {
+    let Ok(bytes) = ctx.audit.read() else {
+        return (None, None);
+    };
+    let p = chain::parse(&bytes);
+    let cutover_path = format!("/api/v1/migrations/{workload}/cutover");
+    // Requests by operation id: what each was (the result record does not
+    // repeat the request).
+    let mut asked: std::collections::HashMap<String, (&'static str, String)> = Default::default();
+    let (mut started, mut cut) = (None, None);
+    for f in p.frames.iter().filter(|f| !f.checkpoint) {
+        let Ok(v) = serde_json::from_slice::<Value>(&f.payload) else {
+            continue;
+        };
+        let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("");
+        let ok = v
+            .get("result")
+            .or_else(|| v.get("detail"))
+            .and_then(|r| r.get("ok"))
+            .and_then(Value::as_bool)
+            == Some(true);
+        match (s("kind"), s("phase")) {
+            ("action", "request") => {
+                let req = v.get("request").cloned().unwrap_or(Value::Null);
+                let what = match s("action") {
+                    "StartMigration" if req["body"]["workload"].as_str() == Some(workload) => {
+                        Some("start")
+                    }
+                    "Cutover" if req["path"].as_str() == Some(cutover_path.as_str()) => {
+                        Some("cutover")
+                    }
+                    _ => None,
+                };
+                if let Some(what) = what {
+                    asked.insert(s("op").to_string(), (what, s("who").to_string()));
+                }
+            }
+            ("action", "result") if ok => match asked.get(s("op")) {
+                Some(("start", who)) => started = Some(who.clone()),
+                Some(("cutover", who)) => cut = Some(who.clone()),
+                _ => {}
+            },
+            ("decision", _) if ok && s("workload") == workload => match s("decision") {
+                "auto-cutover-result" => cut = Some("auto-cutover".to_string()),
+                "scheduled-cutover-result" => cut = Some("scheduled cutover".to_string()),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    (started, cut)
+}

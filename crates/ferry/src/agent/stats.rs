@@ -170,6 +170,10 @@ pub async fn migration_report(ctx: &Arc<AgentCtx>, name: Name) -> Res<r::Migrati
         .and_then(|v| serde_json::from_value(v).ok());
     let now = unix_now();
     let (from, to) = (rec.started_unix, ended_unix.unwrap_or(now));
+    let (started_by, cut_over_by) = {
+        let (ctx, w) = (ctx.clone(), rec.workload.to_string());
+        blocking(move || Ok(super::audit::who_did(&ctx, &w))).await?
+    };
     let hist = ctx.history.clone();
     let workload = rec.workload.clone();
     let (link, write) = blocking(move || {
@@ -201,9 +205,8 @@ pub async fn migration_report(ctx: &Arc<AgentCtx>, name: Name) -> Res<r::Migrati
             .as_ref()
             .map(|c| c.target_healthy && phase == ferry_core::MigrationPhase::Completed),
         cutover,
-        // The audit log (issue 20, point 3) records who; until then, unknown.
-        started_by: None,
-        cut_over_by: None,
+        started_by,
+        cut_over_by,
         reason: rec.state.reason.clone(),
     })
 }
