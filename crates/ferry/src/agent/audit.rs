@@ -420,29 +420,6 @@ pub fn spawn_heads(ctx: Arc<AgentCtx>) -> std::io::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn since_takes_a_time_or_an_age_and_secrets_are_redacted() {
-        let now = jiff::Timestamp::now().as_millisecond();
-        let h = since_ms("1h").unwrap();
-        assert!((now - 3_600_000 - h).abs() < 5_000, "{h}");
-        assert_eq!(since_ms("2026-12-07T10:00:00Z").unwrap(), 1_796_637_600_000);
-        assert!(since_ms("1y").is_err() && since_ms("soon").is_err());
-        let mut v = json!({"name": "b", "token": "s3cret", "nested": [{"password": "x"}], "req": {"token": 7}});
-        redact(&mut v);
-        assert_eq!(v["token"], "<redacted>");
-        assert_eq!(v["nested"][0]["password"], "<redacted>");
-        assert_eq!(
-            v["req"]["token"], 7,
-            "a snapshot's number token is not a secret"
-        );
-        assert_eq!(v["name"], "b");
-    }
-}
-
 /// Who started the migration of `workload` and who cut it over, from this
 /// node's audit log (the last successful `StartMigration` and cutover of
 /// it): a token (`NAME (ROLE)`) or a decision (`auto-cutover`,
@@ -499,4 +476,27 @@ pub fn who_did(ctx: &AgentCtx, workload: &str) -> (Option<String>, Option<String
         }
     }
     (started, cut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_a_time_or_an_age_and_secrets_are_redacted() {
+        let now = jiff::Timestamp::now().as_millisecond();
+        let h = since_ms("1h").unwrap();
+        assert!((now - 3_600_000 - h).abs() < 5_000, "{h}");
+        assert_eq!(since_ms("2026-12-07T10:00:00Z").unwrap(), 1_796_637_600_000);
+        assert!(since_ms("1y").is_err() && since_ms("soon").is_err());
+        let mut v = json!({"name": "b", "token": "s3cret", "nested": [{"password": "x"}], "req": {"token": 7}});
+        redact(&mut v);
+        assert_eq!(v["token"], "<redacted>");
+        assert_eq!(v["nested"][0]["password"], "<redacted>");
+        assert_eq!(
+            v["req"]["token"], 7,
+            "a snapshot's number token is not a secret"
+        );
+        assert_eq!(v["name"], "b");
+    }
 }
