@@ -371,19 +371,8 @@ pub fn handover_members<H: Node + ?Sized>(
     demote: bool,
 ) -> Result<Vec<Box<dyn Member>>> {
     let mut members: Vec<Box<dyn Member>> = Vec::new();
-    let volumes = spec
-        .volumes
-        .iter()
-        .map(|v| {
-            ctx.primary(v)
-                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let shares = spec
-        .shares
-        .iter()
-        .map(|s| crate::share::primary_here(&**ctx, s))
-        .collect::<Result<Vec<_>>>()?;
+    let volumes = primaries(&**ctx, spec)?;
+    let shares = share_primaries(&**ctx, spec)?;
     for v in volumes {
         let d: Option<Demote> = demote.then(|| {
             let (c, n, t) = (ctx.clone(), v.name.clone(), target.to_string());
@@ -416,4 +405,29 @@ pub fn handover_members<H: Node + ?Sized>(
         )));
     }
     Ok(members)
+}
+
+/// The workload's volumes, each a primary on this node.
+pub fn primaries<H: Node + ?Sized>(
+    ctx: &H,
+    spec: &crate::workload::WorkloadSpec,
+) -> Result<Vec<Arc<PrimaryVolume>>> {
+    spec.volumes
+        .iter()
+        .map(|v| {
+            ctx.primary(v)
+                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
+        })
+        .collect()
+}
+
+/// The workload's shares, each a primary on this node.
+pub fn share_primaries<H: Node + ?Sized>(
+    ctx: &H,
+    spec: &crate::workload::WorkloadSpec,
+) -> Result<Vec<Arc<PrimaryShare>>> {
+    spec.shares
+        .iter()
+        .map(|s| crate::share::primary_here(ctx, s))
+        .collect()
 }

@@ -256,7 +256,7 @@ pub fn start<H: Host + ?Sized>(
     })?;
     // Shares: each a primary here, replicating to `to` or to no node yet
     // (a share has one peer). Checked before anything starts.
-    let shares = share_primaries(ctx, &spec)?;
+    let shares = crate::handover::members::share_primaries(&**ctx, &spec)?;
     for sh in &shares {
         let peer = sh
             .rec
@@ -504,31 +504,6 @@ pub fn sample<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) {
         tracing::error!(workload, error = %e, "migration.auto_cutover.spawn_failed");
         set_phase(ctx, workload, |r| r.auto_cutover_running = false);
     }
-}
-
-/// The workload's volumes, each a primary on this node.
-fn primaries<H: Host + ?Sized>(
-    ctx: &H,
-    spec: &WorkloadSpec,
-) -> Result<Vec<Arc<crate::volume::primary::PrimaryVolume>>> {
-    spec.volumes
-        .iter()
-        .map(|v| {
-            ctx.primary(v)
-                .ok_or_else(|| anyhow!("volume {v:?} is not a primary here"))
-        })
-        .collect()
-}
-
-/// The workload's shares, each a primary on this node.
-fn share_primaries<H: Host + ?Sized>(
-    ctx: &H,
-    spec: &WorkloadSpec,
-) -> Result<Vec<Arc<crate::share::primary::PrimaryShare>>> {
-    spec.shares
-        .iter()
-        .map(|s| crate::share::primary_here(ctx, s))
-        .collect()
 }
 
 fn no_migration<H: Host + ?Sized>(ctx: &H, workload: &str) -> anyhow::Error {
@@ -1257,7 +1232,7 @@ pub fn test_start<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
         }
         rec.target.clone()
     };
-    let vols = primaries(ctx, &spec)?;
+    let vols = crate::handover::members::primaries(&**ctx, &spec)?;
     let peer = ctx
         .peers()
         .get(&target)

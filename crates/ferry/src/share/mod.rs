@@ -538,31 +538,14 @@ pub trait Host: Send + Sync + 'static {
 }
 
 impl<T: Host + ?Sized> Host for std::sync::Arc<T> {
-    fn node_name(&self) -> &str {
-        (**self).node_name()
-    }
-    fn data_dir(&self) -> &std::path::Path {
-        (**self).data_dir()
-    }
-    fn share_settings(&self) -> &settings::ShareSettings {
-        (**self).share_settings()
-    }
-    fn link_settings(&self) -> &crate::transport::settings::ReplicationSettings {
-        (**self).link_settings()
-    }
-    fn shares(&self) -> &Shares {
-        (**self).shares()
-    }
-    fn dialer(&self) -> crate::transport::dial::Dialer {
-        (**self).dialer()
-    }
-    fn peer_get(
-        &self,
-        peer: &str,
-        path: &str,
-        timeout: std::time::Duration,
-    ) -> anyhow::Result<serde_json::Value> {
-        (**self).peer_get(peer, path, timeout)
+    crate::sys::forward_to_arc! {
+        node_name(&self) -> &str;
+        data_dir(&self) -> &std::path::Path;
+        share_settings(&self) -> &settings::ShareSettings;
+        link_settings(&self) -> &crate::transport::settings::ReplicationSettings;
+        shares(&self) -> &Shares;
+        dialer(&self) -> crate::transport::dial::Dialer;
+        peer_get(&self, peer: &str, path: &str, timeout: std::time::Duration) -> anyhow::Result<serde_json::Value>;
     }
 }
 

@@ -135,17 +135,11 @@ pub trait Host: Send + Sync {
 }
 
 impl<T: Host + ?Sized> Host for Arc<T> {
-    fn node_name(&self) -> &str {
-        (**self).node_name()
-    }
-    fn link_settings(&self) -> &ReplicationSettings {
-        (**self).link_settings()
-    }
-    fn replica(&self, volume: &str) -> Option<Arc<ReplicaVolume>> {
-        (**self).replica(volume)
-    }
-    fn refuse_link(&self, volume: &str) -> Option<String> {
-        (**self).refuse_link(volume)
+    crate::sys::forward_to_arc! {
+        node_name(&self) -> &str;
+        link_settings(&self) -> &ReplicationSettings;
+        replica(&self, volume: &str) -> Option<Arc<ReplicaVolume>>;
+        refuse_link(&self, volume: &str) -> Option<String>;
     }
 }
 
