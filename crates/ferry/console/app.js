@@ -144,9 +144,13 @@ function route() {
   render();
 }
 
+// Each view's script (console/VIEW.js) registers its function here:
+// VIEW_FNS.name = () => Node, rendered on every state change.
+const VIEW_FNS = {};
+
 function render() {
   if (!S.session) return;
-  const f = { overview: overview, cluster: clusterView }[S.view] || notBuilt;
+  const f = VIEW_FNS[S.view] || notBuilt;
   const active = document.activeElement && document.activeElement.id;
   $("view").replaceChildren(f());
   if (active && $(active)) $(active).focus();
@@ -324,6 +328,9 @@ function clusterView() {
     el("h2", { class: "section" }, "Workloads under HA"),
     c.workloads.length ? el("div", { class: "grid" }, cards) : el("p", { class: "muted" }, "No workload is under HA on this node."));
 }
+
+VIEW_FNS.overview = overview;
+VIEW_FNS.cluster = clusterView;
 
 // ---------- start ----------
 

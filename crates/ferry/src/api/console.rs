@@ -16,8 +16,30 @@ use axum::response::{IntoResponse, Response};
 pub const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 const INDEX: &str = include_str!("../../console/index.html");
-const APP_JS: &str = include_str!("../../console/app.js");
-const APP_CSS: &str = include_str!("../../console/app.css");
+
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+/// Every file under `/console/`: name, content type, body. `app.js` holds
+/// the session, the event stream and the shared helpers; each view has
+/// its own script, loaded after it (`defer` keeps the order).
+const FILES: &[(&str, &str, &str)] = &[
+    ("app.js", JS, include_str!("../../console/app.js")),
+    ("migrate.js", JS, include_str!("../../console/migrate.js")),
+    (
+        "statistics.js",
+        JS,
+        include_str!("../../console/statistics.js"),
+    ),
+    (
+        "configure.js",
+        JS,
+        include_str!("../../console/configure.js"),
+    ),
+    ("audit.js", JS, include_str!("../../console/audit.js")),
+    ("app.css", CSS, include_str!("../../console/app.css")),
+    ("print.css", CSS, include_str!("../../console/print.css")),
+];
 
 /// The security headers every console response carries.
 pub fn secure(mut r: Response) -> Response {
@@ -46,12 +68,8 @@ pub async fn index() -> Response {
 
 /// `GET /console/{file}`.
 pub async fn file(Path(file): Path<String>) -> Response {
-    let (ctype, body) = match file.as_str() {
-        "app.js" => ("text/javascript; charset=utf-8", APP_JS),
-        "app.css" => ("text/css; charset=utf-8", APP_CSS),
-        _ => {
-            return secure((StatusCode::NOT_FOUND, "no such console file").into_response());
-        }
-    };
-    secure(([(header::CONTENT_TYPE, ctype)], body).into_response())
+    match FILES.iter().find(|(name, _, _)| *name == file) {
+        Some((_, ctype, body)) => secure(([(header::CONTENT_TYPE, *ctype)], *body).into_response()),
+        None => secure((StatusCode::NOT_FOUND, "no such console file").into_response()),
+    }
 }

@@ -1,0 +1,4 @@
+// ferry console: the Configure view (registered in VIEW_FNS; uses app.js's
+// S, el, api, badge, act, confirmThen). Not built yet: app.js shows the
+// placeholder until this file sets VIEW_FNS.configure.
+"use strict";

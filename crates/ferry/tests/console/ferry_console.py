@@ -1,0 +1,91 @@
+"""Shared helpers for the console's browser scripts (console_test.py and
+each view's *_test.py): checks that exit on the first failure, HTTP with a
+token or a cookie, screenshots, axe-core, login. Call `setup(base, shots,
+axe)` first."""
+
+import json
+import ssl
+import sys
+import urllib.request
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+NO_VERIFY = ssl.create_default_context()
+NO_VERIFY.check_hostname = False
+NO_VERIFY.verify_mode = ssl.CERT_NONE
+
+CFG = {"base": None, "shots": None, "axe": None}
+
+
+def setup(base, shots, axe_path):
+    CFG["base"] = base
+    CFG["shots"] = shots
+    CFG["axe"] = open(axe_path, encoding="utf-8").read()
+
+
+def check(cond, what):
+    if not cond:
+        print("FAILED: " + what, file=sys.stderr)
+        sys.exit(1)
+    print("ok: " + what)
+
+
+def http(method, path, token=None, body=None, headers=None):
+    req = urllib.request.Request(CFG["base"] + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode())
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, context=NO_VERIFY, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def shot(page, name):
+    """Checks the page shows no raw script value, then saves a full-page
+    screenshot and prints its path."""
+    text = page.inner_text("body")
+    check("[object" not in text and "undefined" not in text and "NaN" not in text,
+          f"{name} shows no raw script value")
+    path = f"{CFG['shots']}/{name}.png"
+    page.screenshot(path=path, full_page=True)
+    print("screenshot: " + path)
+
+
+def axe(page, name):
+    """axe-core on the page as it is: no serious or critical violation.
+    Evaluated through the DevTools protocol, which the page's CSP does not
+    govern: axe-core is vendored into the test run, never served."""
+    page.evaluate(CFG["axe"])
+    result = page.evaluate("() => axe.run(document).then(r => r.violations.map(v => "
+                           "({id: v.id, impact: v.impact, nodes: v.nodes.length, help: v.help})))")
+    bad = [v for v in result if v["impact"] in ("serious", "critical")]
+    for v in result:
+        print(f"axe {name}: {v['impact']} {v['id']} ({v['nodes']}): {v['help']}")
+    check(not bad, f"axe-core finds no serious or critical violation on {name}: {bad}")
+
+
+def login(page, token):
+    page.goto(CFG["base"] + "/")
+    page.wait_for_selector("#login:not([hidden])")
+    page.fill("#token", token)
+    page.press("#token", "Enter")
+    page.wait_for_selector("h1:has-text('Overview')")
+
+
+def visible_buttons(page):
+    return [b.inner_text().strip() for b in page.query_selector_all("main button") if b.is_visible()]
+
+
+def context(browser):
+    return browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+
+
+def launch(pw):
+    return pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
