@@ -268,22 +268,27 @@ function clusterView() {
     const id = w.workload.replace(/[^A-Za-z0-9_-]/g, "_");
     const result = el("p", { class: "result", id: "result-" + id, role: "status" }, lastResult[w.workload] || "");
     const actions = [];
-    if (may("operator") && w.primary === here && !w.split_brain) {
-      const ready = w.peer_alive && w.replicas.some((r) => r.node === w.peer && r.state === "up-to-date");
+    // A switchover is offered on either node's console: the serving
+    // node's does it, the other one's forwards it to the serving node.
+    if (may("operator") && w.primary && !w.split_brain) {
+      const from = w.primary;
+      const to = from === here ? w.peer : here;
+      const copy = w.replicas.find((r) => r.node === to);
+      const ready = w.peer_alive && copy && copy.state === "up-to-date";
       const b = el("button", { type: "button", id: "switchover-" + id, disabled: !ready,
         "aria-describedby": ready ? null : "why-" + id });
-      b.textContent = "Switch over to " + w.peer;
+      b.textContent = "Switch over to " + to;
+      const via = from === here ? "" : " (asked of " + from + ", which serves it)";
       b.addEventListener("click", () => confirmThen("Switch " + w.workload + " over?",
-        "The workload stops on " + here + ", both copies are compared, and " + w.peer + " starts serving it. Clients see a short pause.",
+        "The workload stops on " + from + ", both copies are compared, and " + to + " starts serving it" + via + ". Clients see a short pause.",
         "Switch over", () => act(b, result, "POST", "/api/v1/cluster/workloads/" + encodeURIComponent(w.workload) + "/switchover", {},
           (r) => (lastResult[w.workload] = "Switched over to " + r.to + ": verified in " + r.verified_ms + " ms, downtime " + r.downtime_ms + " ms."))));
       actions.push(b);
       if (!ready) {
         actions.push(el("p", { class: "note", id: "why-" + id },
-          w.peer_alive ? "No switchover until " + w.peer + "'s copy is up to date." : w.peer + " is down: no switchover until it is back and up to date."));
+          !w.peer_alive ? w.peer + " is down: no switchover until it is back and up to date."
+            : "No switchover until " + to + "'s copy is up to date."));
       }
-    } else if (may("operator") && w.primary && w.primary !== here) {
-      actions.push(el("p", { class: "note" }, "Served by " + w.primary + ": switch it over from " + w.primary + "'s console."));
     }
     if (may("admin") && w.split_brain) {
       for (const keep of [here, w.peer]) {

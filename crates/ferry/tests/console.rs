@@ -338,6 +338,28 @@ fn the_console_logs_in_shows_the_cluster_switches_over_and_honours_roles() {
     let s = net.status("b", "web");
     assert_eq!(s["primary"], "b", "{s}");
     assert_eq!(s["role"], "primary", "{s}");
+    // The switchover back that a's console forwarded to b (which served the
+    // workload then): in both audit logs under one operation id, alice's
+    // on a, node a's on b.
+    let switchovers = |n: &str| -> Vec<Value> {
+        net.json(n, &["audit", "list"])["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["record"].clone())
+            .filter(|r| r["action"] == "ClusterSwitchover" && r["phase"] == "result")
+            .collect()
+    };
+    let (on_a, on_b) = (switchovers("a"), switchovers("b"));
+    let forwarded = on_b
+        .iter()
+        .find(|r| r["who"] == "node a")
+        .unwrap_or_else(|| panic!("no switchover from node a on b: {on_b:?}"));
+    let mine = on_a
+        .iter()
+        .find(|r| r["op"] == forwarded["op"])
+        .unwrap_or_else(|| panic!("a has no switchover with op {}: {on_a:?}", forwarded["op"]));
+    assert_eq!(mine["token"], "alice", "{mine}");
     // b's agent is killed with a's Cluster view open: the page shows a
     // serving again, with the detection and failover times, over SSE.
     let b_pid = net.children[2].id().to_string();

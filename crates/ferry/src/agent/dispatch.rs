@@ -634,9 +634,10 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
             .await?;
             Reply::CopiesDropped(v)
         }
-        Action::ClusterSwitchover { name } => Reply::Switchover(typed(
-            blocking(move || with_op(op, || crate::cluster::switchover(&ctx, &name))).await?,
-        )?),
+        Action::ClusterSwitchover { name } => {
+            let from_peer = who.peer.is_some();
+            blocking(move || with_op(op, || switchover(&ctx, &name, from_peer))).await?
+        }
         Action::OpenApi => Reply::OpenApi(ferry_api::openapi::document()),
         Action::ListAudit { since } => {
             Reply::Audit(blocking(move || super::audit::list(&ctx, since.as_deref())).await?)
@@ -710,6 +711,39 @@ fn heartbeat_addrs(ctx: &AgentCtx) -> Vec<String> {
         .as_ref()
         .map(|c| c.heartbeat.iter().map(|a| a.to_string()).collect())
         .unwrap_or_default()
+}
+
+/// `ferry cluster switchover` (or the console's button) on either node: on
+/// the serving node it is the switchover itself; on the other one, asked by
+/// an operator whose role the route already checked, it is forwarded to
+/// the serving peer with this node's own authority (the control plane's
+/// rule for forwarded actions) under the same operation id, so both audit
+/// logs hold it. A call that came from the peer is never forwarded again.
+fn switchover(ctx: &Arc<AgentCtx>, name: &str, from_peer: bool) -> anyhow::Result<Reply> {
+    let here = ctx.identity.node_name.clone();
+    let served_by = ctx
+        .cluster
+        .workload(name)
+        .ok()
+        .and_then(|s| s["primary"].as_str().map(str::to_string));
+    let peer = ctx.cfg.cluster.as_ref().map(|c| c.peer.clone());
+    match (served_by, peer) {
+        (Some(p), Some(peer)) if !from_peer && p != here && p == peer => {
+            let peer = ctx
+                .peers
+                .get(&peer)
+                .ok_or_else(|| anyhow::anyhow!("peer {peer} is not registered"))?;
+            let c = ApiClient::to_peer(&ctx.identity, &peer)?;
+            tracing::info!(workload = %name, to = %peer.name, "cluster.switchover.forwarded: served by the peer");
+            c.send(&Action::ClusterSwitchover {
+                name: name.parse()?,
+            })
+            .map_err(|e| e.context(format!("{} refused the switchover of {name:?}", peer.name)))
+        }
+        _ => Ok(Reply::Switchover(typed(crate::cluster::switchover(
+            ctx, name,
+        )?)?)),
+    }
 }
 
 fn peer_info(p: &Peer) -> r::PeerInfo {

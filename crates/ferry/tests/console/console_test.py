@@ -147,6 +147,22 @@ with sync_playwright() as pw:
     page.wait_for_selector(f".result:has-text('Switched over to {args.switch_to}')", timeout=60000)
     page.wait_for_selector(f"#serving-{args.workload}:text-is('{args.switch_to}')", timeout=20000)
     shot(page, "cluster-after-switchover")
+    # Now the peer serves: this node's console still offers the switchover
+    # (back to this node), asked of the serving node; then once more away.
+    here = args.nodes.split(",")[0]
+    for to in (here, args.switch_to):
+        btn = page.wait_for_selector(f"#switchover-{args.workload}:has-text('Switch over to {to}'):not([disabled])",
+                                     timeout=30000)
+        btn.click()
+        page.wait_for_selector("dialog[open]")
+        if to == here:
+            check(f"asked of {args.switch_to}" in page.inner_text("#confirm-text"),
+                  "the confirmation says the serving peer is asked")
+        page.click("#confirm-ok")
+        page.wait_for_selector(f".result:has-text('Switched over to {to}')", timeout=60000)
+        page.wait_for_selector(f"#serving-{args.workload}:text-is('{to}')", timeout=20000)
+        if to == here:
+            shot(page, "cluster-after-forwarded-switchover")
     # Logout ends the session: its cookie no longer works.
     sid = c["value"]
     page.click("#logout")
