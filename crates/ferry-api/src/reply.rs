@@ -54,6 +54,21 @@ pub struct PeerInfo {
     pub api: String,
     pub replication: String,
     pub fingerprint: String,
+    /// Whether it answered this node's last probe (every
+    /// `api.peer_probe_interval_ms`); `null` before the first.
+    #[serde(default)]
+    pub up: Option<bool>,
+    /// Its version, from its last answer.
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub uptime_seconds: Option<u64>,
+    /// When it last answered (Unix ms).
+    #[serde(default)]
+    pub answered_unix_ms: Option<u64>,
+    /// Why the last probe failed.
+    #[serde(default)]
+    pub probe_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -595,8 +610,22 @@ pub struct ClusterStatus {
     pub standby: bool,
     pub state: String,
     pub configured: bool,
+    /// The witness this node asks (`null`: none configured).
+    #[serde(default)]
+    pub witness: Option<WitnessState>,
     pub workloads: Vec<HaWorkloadStatus>,
     pub damaged: Vec<DamagedObject>,
+}
+
+/// The witness as this node hears it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WitnessState {
+    pub address: String,
+    /// When a signed answer of it last arrived (Unix ms; `null`: none since
+    /// this agent started — it is asked only while a workload is under HA).
+    pub answered_unix_ms: Option<u64>,
+    /// Whether it answered within the lease length (`cluster.lease_ms`).
+    pub up: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -52,7 +52,7 @@ function when(ms) { return ms ? new Date(ms).toLocaleTimeString() : "—"; }
 function badgeClass(state) {
   const s = String(state || "").toLowerCase();
   if (/(up-to-date|streaming|primary|completed|ready|serving|up|ok|finalized)/.test(s)) return "ok";
-  if (/(fail|split|error|down|inconsistent|fenced|rolled)/.test(s)) return "bad";
+  if (/(fail|split|error|down|inconsistent|fenced|rolled|silent)/.test(s)) return "bad";
   if (/(sync|resync|cutting|degraded|standby|held|waiting|behind|outdated|stale|paused)/.test(s)) return "warn";
   return "info";
 }
@@ -184,13 +184,19 @@ function overview() {
     el("td", {}, badge("up")), el("td", {}, c.configured ? (c.standby ? "standby" : "cluster member") : "standalone"),
     el("td", {}, S.node.version))];
   for (const p of S.nodes || []) {
+    // Up: the heartbeat's verdict where a workload is under HA with it,
+    // else this node's last probe of its API.
     const alive = peerAlive(p.name);
-    nodeRows.push(el("tr", {}, el("td", {}, p.name), el("td", {}, badge(alive === null ? "paired" : alive ? "up" : "down")),
-      el("td", {}, "peer"), el("td", { class: "muted" }, "—")));
+    const up = alive !== null ? alive : p.up;
+    const state = up === null || up === undefined ? "not probed yet" : up ? "up" : "down";
+    nodeRows.push(el("tr", {}, el("td", {}, p.name), el("td", { title: p.probe_error || null }, badge(state)),
+      el("td", {}, "peer"), el("td", {}, p.version || el("span", { class: "muted" }, "unknown"))));
   }
   if (c.configured) {
-    nodeRows.push(el("tr", {}, el("td", {}, "witness"), el("td", {}, badge("not reported")),
-      el("td", {}, "witness"), el("td", { class: "muted" }, "—")));
+    const w = c.witness;
+    const state = !w ? "none configured" : w.up ? "up" : w.answered_unix_ms ? "silent since " + when(w.answered_unix_ms) : "no answer yet";
+    nodeRows.push(el("tr", {}, el("td", {}, "witness", w ? el("span", { class: "muted" }, " " + w.address) : null),
+      el("td", {}, badge(state)), el("td", {}, "witness"), el("td", { class: "muted" }, "—")));
   }
   const wl = [];
   for (const w of c.workloads) {
@@ -212,7 +218,7 @@ function overview() {
       el("div", { class: "card" }, el("h2", {}, "Nodes"),
         el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Node"), el("th", {}, "Up"), el("th", {}, "Role"), el("th", {}, "Version"))),
           el("tbody", {}, nodeRows)),
-        el("p", { class: "note" }, "Peers' versions and the witness's state are not in the API yet; each workload's lease epoch is on the Cluster view.")),
+        el("p", { class: "note" }, "Peers are asked every few seconds (api.peer_probe_interval_ms); the witness is up while it answers within a lease.")),
       el("div", { class: "card" }, el("h2", {}, "Workloads"),
         wl.length ? el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Workload"), el("th", {}, "Kind"), el("th", {}, "State"), el("th", {}, "Replicas"))),
           el("tbody", {}, wl)) : el("p", { class: "muted" }, "No workloads under HA or migrating.")),

@@ -224,6 +224,9 @@ pub struct ApiSettings {
     pub session_ttl_ms: u64,
     /// `GET /api/v1/events` streams open at once; one more is refused (429).
     pub event_streams_max: usize,
+    /// How often each paired node is asked for its version and whether it
+    /// is up (what node lists and the console's overview show).
+    pub peer_probe_interval_ms: u64,
     /// An operator-supplied certificate for browsers (PEM, the chain, leaf
     /// first), with `tls_key_file` (PEM, mode 0600: a key others can read
     /// is refused). Served to clients that do not ask for ferry's internal
@@ -241,6 +244,7 @@ impl Default for ApiSettings {
             body_bytes_max: 1024 * 1024,
             session_ttl_ms: 8 * 3600 * 1000,
             event_streams_max: 32,
+            peer_probe_interval_ms: 5000,
             tls_cert_file: None,
             tls_key_file: None,
         }
@@ -411,9 +415,12 @@ impl AgentConfig {
         if self.api.connections_max == 0 {
             return Err("key `api.connections_max` must be at least 1".into());
         }
-        if self.api.session_ttl_ms == 0 || self.api.event_streams_max == 0 {
+        if self.api.session_ttl_ms == 0
+            || self.api.event_streams_max == 0
+            || self.api.peer_probe_interval_ms == 0
+        {
             return Err(
-                "keys `api.session_ttl_ms` and `api.event_streams_max` must be at least 1".into(),
+                "keys `api.session_ttl_ms`, `api.event_streams_max` and `api.peer_probe_interval_ms` must be at least 1".into(),
             );
         }
         match (&self.api.tls_cert_file, &self.api.tls_key_file) {

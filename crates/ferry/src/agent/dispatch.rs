@@ -191,7 +191,13 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
     let op = op.map(str::to_string);
     Ok(match action {
         Action::GetNode => Reply::Node(node_info(&ctx)),
-        Action::ListNodes => Reply::Nodes(ctx.peers.list().iter().map(peer_info).collect()),
+        Action::ListNodes => Reply::Nodes(
+            ctx.peers
+                .list()
+                .iter()
+                .map(|p| peer_info(&ctx, p))
+                .collect(),
+        ),
         Action::AddNode(req) => Reply::NodeAdded(add_node(ctx, req).await?),
         Action::Pair(p) => Reply::Paired(pair(ctx, who, p).await?),
         Action::Repin(req) => Reply::Repinned(repin(ctx, who, req).await?),
@@ -746,12 +752,19 @@ fn switchover(ctx: &Arc<AgentCtx>, name: &str, from_peer: bool) -> anyhow::Resul
     }
 }
 
-fn peer_info(p: &Peer) -> r::PeerInfo {
+fn peer_info(ctx: &AgentCtx, p: &Peer) -> r::PeerInfo {
+    let seen = ctx.peer_watch.get(&p.name).unwrap_or_default();
+    let probed = seen.up || seen.error.is_some();
     r::PeerInfo {
         name: p.name.clone(),
         api: p.api.clone(),
         replication: p.replication.clone(),
         fingerprint: p.fingerprint.clone(),
+        up: probed.then_some(seen.up),
+        version: seen.version,
+        uptime_seconds: seen.uptime_seconds,
+        answered_unix_ms: seen.answered_unix_ms,
+        probe_error: seen.error,
     }
 }
 
@@ -759,6 +772,7 @@ fn peer_info(p: &Peer) -> r::PeerInfo {
 /// operator gave, check its name, pair both ways (mutual TLS; the peer's
 /// token authorizes this one call and is not kept).
 async fn add_node(ctx: Arc<AgentCtx>, req: q::AddNode) -> Res<r::PeerInfo> {
+    let here = ctx.clone();
     let peer = blocking(move || {
         let client = ApiClient::pairing(&ctx.identity, &req.api, &req.fingerprint, &req.token)?;
         let Reply::Node(info) = client.send(&Action::GetNode)? else {
@@ -829,7 +843,7 @@ async fn add_node(ctx: Arc<AgentCtx>, req: q::AddNode) -> Res<r::PeerInfo> {
         Ok(peer)
     })
     .await?;
-    Ok(peer_info(&peer))
+    Ok(peer_info(&here, &peer))
 }
 
 /// (peer → peer) the other half of `node add`. The caller must present the

@@ -11,6 +11,7 @@ mod audit;
 pub mod dispatch;
 mod hosts;
 pub mod nbd_tls;
+mod peerwatch;
 mod sampler;
 pub mod stats;
 pub mod tokens;
@@ -58,6 +59,8 @@ impl crate::store::Record for CommitRecord {
 
 /// Shared state of a running agent.
 pub struct AgentCtx {
+    /// What each paired node last answered (version, up).
+    pub peer_watch: peerwatch::PeerWatch,
     /// The audit log (`DATA_DIR/audit/`): actions and automatic decisions.
     pub audit: Arc<crate::audit::AuditLog>,
     /// Records found damaged and set aside (served: everything else).
@@ -1229,6 +1232,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
         vms: Arc::new(crate::vm::Vms::default()),
         tests: Mutex::new(HashMap::new()),
         link_spawn: Mutex::new(()),
+        peer_watch: Default::default(),
         starting: std::sync::atomic::AtomicBool::new(true),
         deferred_links: Mutex::new(std::collections::HashSet::new()),
         cluster: crate::cluster::ClusterView::default(),
@@ -1311,6 +1315,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     crate::cluster::spawn(ctx.clone())?;
     crate::migration::schedule::spawn(ctx.clone())?;
     sampler::spawn(ctx.clone())?;
+    peerwatch::spawn(ctx.clone())?;
     rt.spawn(serve_api(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
     tracing::info!(node = %ctx.identity.node_name, fingerprint = %ctx.identity.fingerprint(),

@@ -402,9 +402,21 @@ pub fn node(cmd: &NodeCommand, data_dir: &Path, json: bool) -> Result<()> {
             let v = expect!(client(conn, data_dir)?.send(&Action::ListNodes)?, Nodes);
             print(&v, json, |v| {
                 for p in v {
+                    let up = match p.up {
+                        Some(true) => "up",
+                        Some(false) => "down",
+                        None => "not probed yet",
+                    };
                     println!(
-                        "{:<16} api {:<22} replication {:<22} {}",
-                        p.name, p.api, p.replication, p.fingerprint
+                        "{:<16} api {:<22} replication {:<22} {}  {up}{}",
+                        p.name,
+                        p.api,
+                        p.replication,
+                        p.fingerprint,
+                        p.version
+                            .as_deref()
+                            .map(|v| format!(", version {v}"))
+                            .unwrap_or_default()
                     );
                 }
             })

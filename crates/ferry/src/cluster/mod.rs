@@ -236,6 +236,8 @@ pub struct ClusterView {
     /// Volumes of workloads this node asked the witness to promote it for:
     /// their copies must not change until it answers (no inbound resync).
     candidate_volumes: Mutex<std::collections::HashSet<String>>,
+    /// When a signed answer of the witness last arrived (Unix ms; 0: none).
+    witness_answered_unix_ms: std::sync::atomic::AtomicU64,
 }
 
 impl ClusterView {
@@ -307,11 +309,25 @@ impl ClusterView {
             });
             v["copies"] = json!(spec.map(|s| kept_copies(ctx, &s)).unwrap_or_default());
         }
+        let witness = ctx.cfg().cluster.as_ref().and_then(|c| {
+            let addr = c.witness?;
+            let at = self
+                .witness_answered_unix_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let lease = c.lease_ms.unwrap_or(c.failure_timeout_ms);
+            let now = crate::sys::unix_ms();
+            Some(json!({
+                "address": addr.to_string(),
+                "answered_unix_ms": (at > 0).then_some(at),
+                "up": at > 0 && now.saturating_sub(at) <= lease,
+            }))
+        });
         json!({
             "node": ctx.identity().node_name,
             "standby": in_standby(&ctx.cfg().data_dir),
             "state": self.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "configured": ctx.cfg().cluster.is_some(),
+            "witness": witness,
             "workloads": w,
             "damaged": ctx.damaged().list(),
         })
@@ -965,6 +981,10 @@ impl Manager {
             if self.cluster_id.as_deref() != Some(r.cluster.as_str()) {
                 continue;
             }
+            self.ctx
+                .cluster()
+                .witness_answered_unix_ms
+                .store(crate::sys::unix_ms(), std::sync::atomic::Ordering::Relaxed);
             if let Some(slot) = self.slots.get_mut(&r.workload) {
                 let actions = slot.node.on_input(now, Input::Witness(r.reply));
                 self.perform(&r.workload, actions);

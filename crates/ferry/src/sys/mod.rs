@@ -14,3 +14,11 @@ macro_rules! forward_to_arc {
     };
 }
 pub(crate) use forward_to_arc;
+
+/// Wall-clock time now, in Unix milliseconds (0 before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -5,6 +5,7 @@ tests/console.rs with two agents under HA; exits non-zero on the first
 failed check. Prints each screenshot's path ("screenshot: PATH")."""
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -115,6 +116,13 @@ with sync_playwright() as pw:
         page.wait_for_selector(f".card:has(h2:has-text('Nodes')) td:text-is('{n}'), "
                                f".card:has(h2:has-text('Nodes')) td:has-text('{n} (this node)')")
     page.wait_for_selector(f".card:has(h2:has-text('Workloads')) td:text-is('{args.workload}')")
+    # The peer's version (from this node's probe) and the witness's state.
+    version = json.loads(http("GET", "/api/v1/node", token=args.admin)[1])["version"]
+    for n in args.nodes.split(",")[1:]:
+        page.wait_for_selector(f".card:has(h2:has-text('Nodes')) tr:has(td:text-is('{n}')) "
+                               f"td:text-is('{version}')", timeout=20000)
+    page.wait_for_selector(".card:has(h2:has-text('Nodes')) tr:has(td:has-text('witness')) .badge:text-is('up')",
+                           timeout=20000)
     page.wait_for_selector("#live:has-text('live')")  # an SSE snapshot arrived
     check("Overview" in page.title(), "the overview is titled")
     lines = page.eval_on_selector_all(".events li", "els => els.map(e => e.textContent)")
