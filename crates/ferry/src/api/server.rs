@@ -436,7 +436,23 @@ fn app(ctx: Arc<AgentCtx>) -> Router {
         .route("/", get(console::index))
         .route("/console/{file}", get(console::file))
         .merge(api)
+        .layer(middleware::from_fn(server_timing))
         .with_state(ctx)
+}
+
+/// Every answer says how long the agent took to make it (from the request's
+/// headers read to its answer's headers, authentication included):
+/// `Server-Timing: app;dur=MS`, which browsers show per request
+/// (`PerformanceResourceTiming.serverTiming`) — what the console's
+/// benchmark reads.
+async fn server_timing(req: Request, next: Next) -> Response {
+    let t0 = std::time::Instant::now();
+    let mut r = next.run(req).await;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("app;dur={ms:.2}")) {
+        r.headers_mut().insert("server-timing", v);
+    }
+    r
 }
 
 /// Serves the API over TLS (the node's certificate) on `listener` until the
