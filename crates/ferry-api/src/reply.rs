@@ -61,11 +61,9 @@ pub struct PeerInfo {
     /// Its version, from its last answer.
     #[serde(default)]
     pub version: Option<String>,
+    /// Since when `up` has been what it is (Unix ms).
     #[serde(default)]
-    pub uptime_seconds: Option<u64>,
-    /// When it last answered (Unix ms).
-    #[serde(default)]
-    pub answered_unix_ms: Option<u64>,
+    pub since_unix_ms: Option<u64>,
     /// Why the last probe failed.
     #[serde(default)]
     pub probe_error: Option<String>,

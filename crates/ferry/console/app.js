@@ -95,6 +95,25 @@ async function start() {
   await refresh();
   listen();
   route();
+  nodeRates();
+}
+
+// The node's replication link rate and write rate: the history's latest
+// 10-s points, asked every 10 s (the sampler's own interval).
+async function nodeRates() {
+  if (!S.session) return;
+  const name = S.node && S.node.node_name;
+  const last = async (metric) => {
+    try {
+      const r = await api("GET", "/api/v1/stats?series=" + encodeURIComponent("node/" + name + "/" + metric) + "&since=60");
+      return r.points.length ? r.points[r.points.length - 1].mean : null;
+    } catch (_) { return null; }
+  };
+  const [link, write] = await Promise.all([last("link_bytes_per_s"), last("write_bytes_per_s")]);
+  S.rates = { link, write };
+  if (S.view === "overview") render();
+  clearTimeout(S.ratesTimer);
+  S.ratesTimer = setTimeout(nodeRates, 10000);
 }
 
 async function refresh() {
@@ -176,8 +195,10 @@ function overview() {
   const migrating = ms.filter((m) => !["completed", "failed", "rolled-back"].includes(m.phase) && !m.finalized).length;
   const protectedN = c.workloads.filter((w) => w.replicas.some((r) => r.state === "up-to-date")).length;
   const failedOver = c.workloads.filter((w) => w.primary && w.primary !== w.preferred).length;
-  const fg = ms.reduce((a, m) => a + (m.write_rate_bytes_per_s || 0), 0);
+  const rates = S.rates || {};
+  const fg = rates.write !== null && rates.write !== undefined ? rates.write : ms.reduce((a, m) => a + (m.write_rate_bytes_per_s || 0), 0);
   const bg = ms.reduce((a, m) => a + (m.bandwidth_bytes_per_s || 0), 0);
+  const link = rates.link !== null && rates.link !== undefined ? bytes(rates.link) + "/s" : "—";
   const total = (n, l) => el("div", { class: "total" }, el("span", { class: "n" }, n), el("span", { class: "l" }, l));
 
   const nodeRows = [el("tr", {}, el("td", {}, S.node.node_name, " ", el("span", { class: "muted" }, "(this node)")),
@@ -189,7 +210,8 @@ function overview() {
     const alive = peerAlive(p.name);
     const up = alive !== null ? alive : p.up;
     const state = up === null || up === undefined ? "not probed yet" : up ? "up" : "down";
-    nodeRows.push(el("tr", {}, el("td", {}, p.name), el("td", { title: p.probe_error || null }, badge(state)),
+    const since = p.since_unix_ms ? " since " + when(p.since_unix_ms) : "";
+    nodeRows.push(el("tr", {}, el("td", {}, p.name), el("td", { title: (p.probe_error || state) + since }, badge(state)),
       el("td", {}, "peer"), el("td", {}, p.version || el("span", { class: "muted" }, "unknown"))));
   }
   if (c.configured) {
@@ -213,7 +235,8 @@ function overview() {
   return el("section", { "aria-labelledby": "h" },
     el("h1", { id: "h" }, "Overview"),
     el("div", { class: "totals" }, total(migrating, "migrating"), total(protectedN, "protected"),
-      total(failedOver, "failed over"), total(bytes(fg) + "/s", "foreground (writes)"), total(bytes(bg) + "/s", "background (copy)")),
+      total(failedOver, "failed over"), total(bytes(fg) + "/s", "foreground (writes)"), total(bytes(bg) + "/s", "background (copy)"),
+      total(link, "replication link")),
     el("div", { class: "grid" },
       el("div", { class: "card" }, el("h2", {}, "Nodes"),
         el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "Node"), el("th", {}, "Up"), el("th", {}, "Role"), el("th", {}, "Version"))),

@@ -762,8 +762,7 @@ fn peer_info(ctx: &AgentCtx, p: &Peer) -> r::PeerInfo {
         fingerprint: p.fingerprint.clone(),
         up: probed.then_some(seen.up),
         version: seen.version,
-        uptime_seconds: seen.uptime_seconds,
-        answered_unix_ms: seen.answered_unix_ms,
+        since_unix_ms: probed.then_some(seen.since_unix_ms),
         probe_error: seen.error,
     }
 }

@@ -22,9 +22,10 @@ pub struct Seen {
     pub up: bool,
     /// Its version, from the last answered probe.
     pub version: Option<String>,
-    pub uptime_seconds: Option<u64>,
-    /// When it last answered (Unix ms).
-    pub answered_unix_ms: Option<u64>,
+    /// Since when `up` has been what it is (Unix ms): a node list changes
+    /// only when a peer comes, goes or is upgraded, so the console's event
+    /// stream sends nothing new on every probe.
+    pub since_unix_ms: u64,
     /// Why the last probe failed.
     pub error: Option<String>,
 }
@@ -42,23 +43,23 @@ impl PeerWatch {
             .cloned()
     }
 
-    fn answered(&self, peer: &str, version: String, uptime_seconds: u64, now_ms: u64) {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.insert(
-            peer.to_string(),
-            Seen {
-                up: true,
-                version: Some(version),
-                uptime_seconds: Some(uptime_seconds),
-                answered_unix_ms: Some(now_ms),
-                error: None,
-            },
-        );
-    }
-
-    fn failed(&self, peer: &str, error: String) {
+    fn answered(&self, peer: &str, version: String, now_ms: u64) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let s = m.entry(peer.to_string()).or_default();
+        if !s.up || s.since_unix_ms == 0 {
+            s.since_unix_ms = now_ms;
+        }
+        s.up = true;
+        s.version = Some(version);
+        s.error = None;
+    }
+
+    fn failed(&self, peer: &str, error: String, now_ms: u64) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry(peer.to_string()).or_default();
+        if s.up || s.since_unix_ms == 0 {
+            s.since_unix_ms = now_ms;
+        }
         s.up = false;
         s.error = Some(error);
     }
@@ -70,15 +71,13 @@ pub fn probe_all(ctx: &AgentCtx) {
         let answer = ApiClient::to_peer(&ctx.identity, &p)
             .map(|c| c.with_timeout(PROBE_TIMEOUT))
             .and_then(|c| c.send(&Action::GetNode));
+        let now = crate::sys::unix_ms();
         match answer {
-            Ok(Reply::Node(n)) => {
-                ctx.peer_watch
-                    .answered(&p.name, n.version, n.uptime_seconds, crate::sys::unix_ms())
-            }
+            Ok(Reply::Node(n)) => ctx.peer_watch.answered(&p.name, n.version, now),
             Ok(_) => ctx
                 .peer_watch
-                .failed(&p.name, "an answer that is not a node's".into()),
-            Err(e) => ctx.peer_watch.failed(&p.name, format!("{e:#}")),
+                .failed(&p.name, "an answer that is not a node's".into(), now),
+            Err(e) => ctx.peer_watch.failed(&p.name, format!("{e:#}"), now),
         }
     }
 }
@@ -100,17 +99,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failed_probe_keeps_the_last_version_and_says_why() {
+    fn a_failed_probe_keeps_the_last_version_and_says_why_and_since_when() {
         let w = PeerWatch::default();
         assert_eq!(w.get("b"), None);
-        w.answered("b", "0.1.0".into(), 7, 1000);
-        w.failed("b", "connection refused".into());
+        w.answered("b", "0.1.0".into(), 1000);
+        w.answered("b", "0.1.0".into(), 6000);
+        assert_eq!(
+            w.get("b").unwrap().since_unix_ms,
+            1000,
+            "still up: unchanged"
+        );
+        w.failed("b", "connection refused".into(), 11000);
+        w.failed("b", "connection refused".into(), 16000);
         let s = w.get("b").unwrap();
         assert!(!s.up);
         assert_eq!(s.version.as_deref(), Some("0.1.0"));
-        assert_eq!(s.answered_unix_ms, Some(1000));
+        assert_eq!(s.since_unix_ms, 11000, "down since the first failure");
         assert_eq!(s.error.as_deref(), Some("connection refused"));
-        w.answered("b", "0.2.0".into(), 1, 2000);
-        assert_eq!(w.get("b").unwrap().error, None);
+        w.answered("b", "0.2.0".into(), 21000);
+        let s = w.get("b").unwrap();
+        assert_eq!((s.up, s.since_unix_ms, s.error), (true, 21000, None));
     }
 }

@@ -146,7 +146,9 @@ with sync_playwright() as pw:
     check(page.query_selector("button:has-text('Put')") is not None, "an operator sees standby")
     shot(page, "cluster")
     axe(page, "cluster")
-    btn.focus()
+    # (Focused through its selector: an event-stream update may have drawn
+    # the view again since.)
+    page.focus(f"#switchover-{args.workload}")
     page.keyboard.press("Enter")
     page.wait_for_selector("dialog[open]")
     check(page.evaluate("document.activeElement.id") == "confirm-cancel", "the confirmation focuses Cancel")
