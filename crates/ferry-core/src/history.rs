@@ -388,6 +388,8 @@ impl Scope {
                 LinkBytesPerS,
                 BacklogBytes,
                 LagSeconds,
+                LagP50Seconds,
+                LagP99Seconds,
                 WriteIops,
                 ResyncPercent,
             ],
@@ -415,6 +417,11 @@ pub enum Metric {
     BacklogBytes,
     /// How far the replica is behind, seconds.
     LagSeconds,
+    /// The median of the lag probed ten times per sample, seconds.
+    LagP50Seconds,
+    /// The 99th percentile (of ten probes: their largest) of the lag
+    /// probed ten times per sample, seconds.
+    LagP99Seconds,
     /// Client writes per second.
     WriteIops,
     /// The 99th percentile of client write latency over the interval, ms.
@@ -424,11 +431,13 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 9] = [
         Metric::WriteBytesPerS,
         Metric::LinkBytesPerS,
         Metric::BacklogBytes,
         Metric::LagSeconds,
+        Metric::LagP50Seconds,
+        Metric::LagP99Seconds,
         Metric::WriteIops,
         Metric::WriteLatencyP99Ms,
         Metric::ResyncPercent,
@@ -440,6 +449,8 @@ impl Metric {
             Metric::LinkBytesPerS => "link_bytes_per_s",
             Metric::BacklogBytes => "backlog_bytes",
             Metric::LagSeconds => "lag_seconds",
+            Metric::LagP50Seconds => "lag_p50_seconds",
+            Metric::LagP99Seconds => "lag_p99_seconds",
             Metric::WriteIops => "write_iops",
             Metric::WriteLatencyP99Ms => "write_latency_p99_ms",
             Metric::ResyncPercent => "resync_percent",

@@ -55,6 +55,7 @@ fn history_records_writes_survives_kill_9_and_reads_torn_records_as_gaps() {
         .unwrap();
     let mut a = Agent::start(root.path(), "a", FAST);
     a.ok(&["volume", "create", "v", "--size", "32MiB"]);
+    a.ok(&["workload", "create", "w", "--volume", "v"]);
     for i in 0..4 {
         qemu_io(&a.uri("v"), &[&format!("write -P {} 0 4M", i + 1)]);
         std::thread::sleep(std::time::Duration::from_millis(300));
@@ -80,6 +81,7 @@ fn history_records_writes_survives_kill_9_and_reads_torn_records_as_gaps() {
         "volume/v/write_latency_p99_ms",
         "volume/v/backlog_bytes",
         "volume/v/resync_percent",
+        "workload/w/write_bytes_per_s",
     ] {
         assert!(names.contains(&want), "{want} not in {list}");
     }
@@ -182,6 +184,24 @@ fn a_completed_migration_has_a_report() {
     wait_until(60, "migration ready", || {
         a.json(&["migrate", "status", "w"])["phase"] == "ready"
     });
+    // The workload's lag, probed ten times per sample: p50 ≤ p99 in every
+    // point, and 0 once nothing waits.
+    wait_until(10, "lag percentiles of 0 once ready", || {
+        let p99 = points(&a, "workload/w/lag_p99_seconds", "5m");
+        p99.last().is_some_and(|p| p["mean"] == 0.0)
+    });
+    let (p50, p99) = (
+        points(&a, "workload/w/lag_p50_seconds", "5m"),
+        points(&a, "workload/w/lag_p99_seconds", "5m"),
+    );
+    for q in &p50 {
+        let same = p99.iter().find(|p| p["t"] == q["t"]);
+        let same = same.unwrap_or_else(|| panic!("no p99 at {q}: {p99:?}"));
+        assert!(
+            q["max"].as_f64().unwrap() <= same["max"].as_f64().unwrap(),
+            "p50 {q} above p99 {same}"
+        );
+    }
     // A report before the end says so.
     let r = a.json(&["migrate", "report", "w"]);
     assert_eq!(

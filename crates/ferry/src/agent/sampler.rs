@@ -10,7 +10,10 @@
 //! - per primary share: `write_bytes_per_s`, `link_bytes_per_s`,
 //!   `backlog_bytes`, `lag_seconds` (age of the oldest change not yet sent);
 //! - per workload with a primary volume or share here: the sums, its lag
-//!   (backlog / link rate) and its least `resync_percent`;
+//!   (backlog / link rate) and its least `resync_percent`, and the median
+//!   and 99th percentile of its lag probed ten times per sample
+//!   (`lag_p50_seconds`, `lag_p99_seconds`: a burst shorter than the
+//!   sample interval shows in them, not in the sample's own lag);
 //! - the node: the sums over its primaries.
 //!
 //! Rates are counter deltas over the monotonic time between two samples;
@@ -48,6 +51,103 @@ struct Values {
 #[derive(Default)]
 pub struct Sampler {
     last: HashMap<(Scope, String), (Instant, Counters)>,
+    lag: LagProbe,
+}
+
+/// Probes of each workload's lag between two samples.
+#[derive(Default)]
+struct LagProbe {
+    /// Each workload's volumes and shares, as of the last sample.
+    members: Vec<(String, Vec<String>, Vec<String>)>,
+    /// Each primary volume's bytes sent at the last probe.
+    sent: HashMap<String, (Instant, u64)>,
+    /// The lags probed since the last sample, by workload.
+    probes: HashMap<String, Vec<f64>>,
+}
+
+/// The `q`-quantile (0..=1) of `v` by the nearest rank (sorts `v`).
+pub fn quantile(v: &mut [f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
+}
+
+/// A workload's lag from its volumes' backlog and link rate and its
+/// shares' own lag: what is waiting at the rate it leaves (0 when nothing
+/// waits; unknown when something waits and nothing leaves).
+fn workload_lag(backlog: f64, link: f64, share_lag: f64) -> Option<f64> {
+    let vol = if backlog == 0.0 {
+        Some(0.0)
+    } else if link > 1.0 {
+        Some(backlog / link)
+    } else {
+        None
+    };
+    vol.map(|l| l.max(share_lag))
+}
+
+impl LagProbe {
+    /// One probe of every workload's lag.
+    fn probe(&mut self, ctx: &AgentCtx) {
+        let now = Instant::now();
+        let mut vols: HashMap<String, (f64, Option<f64>)> = HashMap::new();
+        for v in ctx.primaries() {
+            let (backlog, sent) = {
+                let l = v.link.lock();
+                let st = l.rep.status();
+                (st.dirty_bytes + st.backlog_bytes, l.stats.bytes_sent)
+            };
+            let rate = self
+                .sent
+                .insert(v.name.clone(), (now, sent))
+                .and_then(|(t, before)| {
+                    let dt = now.duration_since(t).as_secs_f64();
+                    (dt > 0.0).then(|| sent.saturating_sub(before) as f64 / dt)
+                });
+            vols.insert(v.name.clone(), (backlog as f64, rate));
+        }
+        self.sent.retain(|k, _| vols.contains_key(k));
+        let shares = ctx.shares.primaries();
+        for (w, volumes, share_names) in &self.members {
+            let (mut backlog, mut link, mut known) = (0.0, 0.0, true);
+            for v in volumes {
+                if let Some((b, r)) = vols.get(v) {
+                    backlog += b;
+                    match r {
+                        Some(r) => link += r,
+                        None => known = false,
+                    }
+                }
+            }
+            let mut share_lag: f64 = 0.0;
+            for s in share_names {
+                if let Some(r) = shares.get(s) {
+                    let l = r.share.link();
+                    let lag = [l.pending_since, l.pass_since]
+                        .iter()
+                        .flatten()
+                        .map(|t| t.elapsed().as_secs_f64())
+                        .fold(0.0, f64::max);
+                    share_lag = share_lag.max(lag);
+                }
+            }
+            if !known {
+                continue;
+            }
+            if let Some(l) = workload_lag(backlog, link, share_lag) {
+                self.probes.entry(w.clone()).or_default().push(l);
+            }
+        }
+    }
+
+    /// The probes' (p50, p99) of `workload` since the last sample.
+    fn take(&mut self, workload: &str) -> Option<(f64, f64)> {
+        let mut v = self.probes.remove(workload)?;
+        Some((quantile(&mut v, 0.5)?, quantile(&mut v, 0.99)?))
+    }
 }
 
 fn series(scope: Scope, name: &str, metric: Metric) -> Option<SeriesName> {
@@ -207,7 +307,17 @@ impl Sampler {
             by_share.insert(name, vals);
         }
         let workloads = crate::workload::list_workloads(&ctx.cfg.data_dir).unwrap_or_default();
+        let mut members = Vec::with_capacity(workloads.len());
         for w in workloads {
+            members.push((
+                w.name.to_string(),
+                w.volumes.iter().map(|v| v.to_string()).collect(),
+                w.shares.iter().map(|s| s.to_string()).collect(),
+            ));
+            if let Some((p50, p99)) = self.lag.take(w.name.as_str()) {
+                push(Scope::Workload, w.name.as_str(), Metric::LagP50Seconds, p50);
+                push(Scope::Workload, w.name.as_str(), Metric::LagP99Seconds, p99);
+            }
             let mut sum = Values::default();
             let mut resync: Option<f64> = None;
             let mut lag: f64 = 0.0;
@@ -242,18 +352,12 @@ impl Sampler {
             if let Some(r) = resync {
                 push(Scope::Workload, name, Metric::ResyncPercent, r);
             }
-            // What is waiting, at the rate it leaves (0 when nothing waits).
-            let vol_lag = if sum.backlog == 0.0 {
-                Some(0.0)
-            } else if sum.link > 1.0 {
-                Some(sum.backlog / sum.link)
-            } else {
-                None
-            };
-            if let Some(l) = vol_lag {
-                push(Scope::Workload, name, Metric::LagSeconds, l.max(lag));
+            if let Some(l) = workload_lag(sum.backlog, sum.link, lag) {
+                push(Scope::Workload, name, Metric::LagSeconds, l);
             }
         }
+        self.lag.members = members;
+        self.lag.probes.clear();
         let me = ctx.identity.node_name.clone();
         push(Scope::Node, &me, Metric::WriteBytesPerS, node.write);
         push(Scope::Node, &me, Metric::LinkBytesPerS, node.link);
@@ -287,17 +391,25 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> std::io::Result<()> {
         .spawn(move || {
             let mut s = Sampler::default();
             let mut next = Instant::now();
+            // Ten lag probes per sample, the last one just before it.
+            let probe_every = interval / 10;
             loop {
                 next += interval;
+                for i in (0..10u32).rev() {
+                    let at = next - probe_every * i;
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    s.lag.probe(&ctx);
+                }
                 let samples = s.sample(&ctx);
                 let r = store.record(unix_now(), &samples);
                 if r.dropped > 0 {
                     tracing::debug!(dropped = r.dropped, "history.samples_dropped");
                 }
                 let now = Instant::now();
-                if next > now {
-                    std::thread::sleep(next - now);
-                } else {
+                if next + interval / 2 < now {
                     // Late (a stalled disk): skip the missed ticks.
                     next = now;
                 }
@@ -309,6 +421,23 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        assert_eq!(quantile(&mut [], 0.5), None);
+        let mut v = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 6.0, 9.0, 7.0, 8.0];
+        assert_eq!(quantile(&mut v, 0.5), Some(5.0));
+        assert_eq!(quantile(&mut v, 0.99), Some(10.0));
+        assert_eq!(quantile(&mut [0.25], 0.99), Some(0.25));
+    }
+
+    #[test]
+    fn a_workload_lags_by_its_backlog_over_its_link_rate() {
+        assert_eq!(workload_lag(0.0, 0.0, 0.0), Some(0.0));
+        assert_eq!(workload_lag(1000.0, 500.0, 0.0), Some(2.0));
+        assert_eq!(workload_lag(1000.0, 500.0, 3.5), Some(3.5));
+        assert_eq!(workload_lag(1000.0, 0.0, 0.0), None, "nothing leaves");
+    }
 
     #[test]
     fn p99_is_the_bucket_of_the_99th_percentile() {
