@@ -15,7 +15,8 @@ const MIG = {
   form: { workload: "", to: "", mode: "sync", rate: "", autoConverge: false },
   // Per workload: the rate field, the schedule fields, the last result.
   rate: {}, sched: {}, result: {}, open: {},
-  // From GET /api/v1/workloads and /api/v1/volumes (for the bar's total).
+  // From GET /api/v1/workloads and /api/v1/volumes: the bar's total is
+  // the bytes allocated in the workload's volumes (what the seeding copies).
   workloads: null, sizes: {}, loading: false, loadError: "",
   // The largest bytes_remaining seen per workload (if larger than its volumes).
   peak: {},
@@ -30,7 +31,7 @@ async function migLoad() {
     const [workloads, volumes] = await Promise.all([api("GET", "/api/v1/workloads"), api("GET", "/api/v1/volumes")]);
     MIG.workloads = workloads;
     MIG.sizes = {};
-    for (const v of volumes) MIG.sizes[v.name] = v.size_bytes;
+    for (const v of volumes) MIG.sizes[v.name] = v.allocated_bytes;
     MIG.loadError = "";
   } catch (e) {
     MIG.loadError = "Could not list the workloads: " + e.message;

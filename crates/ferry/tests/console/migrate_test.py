@@ -63,7 +63,7 @@ def viewer_sees_no_control(browser, state):
     page.wait_for_selector(f"#migration-{W}")
     b = [x for x in visible_buttons(page) if x != "Log out"]
     check(b == [], f"a viewer's Migrate view ({state}) has no state-changing button: {b}")
-    inputs = page.query_selector_all("main input, main select, main form")
+    inputs = page.query_selector_all("#view input, #view select, #view form")
     check(inputs == [], f"a viewer's Migrate view ({state}) has no form: {len(inputs)} fields")
     check(page.query_selector("#start-form") is None, "no start form for a viewer")
     res = page.evaluate("""async (w) => {
@@ -88,7 +88,7 @@ with sync_playwright() as pw:
     login(page, args.operator)
     page.goto(args.base + "/#migrate")
     page.wait_for_selector("h1:has-text('Migrate')")
-    page.wait_for_selector(f"#mig-workload option[value='{W}']")
+    page.wait_for_selector(f"#mig-workload option[value='{W}']", state="attached")
     check(page.query_selector(f"#mig-to option[value='{args.target}']") is not None, "the target node is offered")
     modes = page.eval_on_selector_all("#mig-mode option", "os => os.map(o => o.value)")
     check(modes == ["sync", "async"], f"both modes are offered: {modes}")
