@@ -88,7 +88,10 @@ function migStartForm() {
     migLoad();
     return el("div", { class: "card" }, el("h2", {}, "Start a migration"), el("p", { class: "muted" }, "Loading the workloads…"));
   }
-  const busy = new Set((S.migrations || []).filter((m) => MIG_LIVE.includes(m.phase) || m.phase === "cutting-over").map((m) => m.workload));
+  // A workload with a migration record here is not offered again (a
+  // completed one has moved; a rolled-back one is retried by cutting over
+  // once ready); only a failed one may be started again.
+  const busy = new Set((S.migrations || []).filter((m) => m.phase !== "failed").map((m) => m.workload));
   const free = MIG.workloads.map((w) => w.name).filter((n) => !busy.has(n));
   const peers = (S.nodes || []).map((p) => p.name);
   if (!free.includes(f.workload)) f.workload = free[0] || "";
@@ -120,10 +123,10 @@ function migStartForm() {
       return ("Started: " + m.workload + " " + m.source + " → " + m.target + ", " + m.phase + ".");
     });
   });
+  const why = !free.length ? (MIG.workloads.length ? "Every workload on this node has a migration already (see below)." :
+    "No workload is defined on this node (ferry workload create).") : !peers.length ? "No paired node to migrate to (ferry node add)." : null;
   return el("div", { class: "card" }, el("h2", { id: "start-h" }, "Start a migration"),
-    free.length ? null : el("p", { class: "note" }, "Every workload here is migrating already, or none is defined (ferry workload create)."),
-    peers.length ? null : el("p", { class: "note" }, "No paired node to migrate to (ferry node add)."),
-    form);
+    why ? [el("p", { class: "note" }, why), el("p", { class: "result", id: "result-start", role: "status" }, MIG.result[""] || MIG.loadError)] : form);
 }
 
 function migTotal(m) {
@@ -225,7 +228,9 @@ function migActions(m) {
     if (rf[w] === undefined) rf[w] = "";
     const set = el("button", { type: "submit", class: "secondary", id: "rate-set-" + id }, "Set rate");
     const form = el("form", { class: "inline", id: "rate-form-" + id },
-      migField("rate-" + id, "Copy rate limit, MiB/s (empty or 0: unlimited)", rf, w, { type: "text", placeholder: "unlimited", inputmode: "decimal", autocomplete: "off", spellcheck: "false" }),
+      migField("rate-" + id, "New copy rate limit, MiB/s (empty or 0: unlimited)", rf, w, { type: "text",
+        placeholder: m.max_rate_bytes_per_s ? "now " + (m.max_rate_bytes_per_s / 1048576).toFixed(1) : "now unlimited",
+        inputmode: "decimal", autocomplete: "off", spellcheck: "false" }),
       set);
     form.addEventListener("submit", (ev) => {
       ev.preventDefault();

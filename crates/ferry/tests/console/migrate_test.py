@@ -137,6 +137,33 @@ with sync_playwright() as pw:
     axe(page, "migrate-ready")
     viewer_sees_no_control(browser, "ready")
 
+    # --- a test cutover: started and ended from the page ---
+    page.click(f"#test-start-{W}")
+    page.wait_for_selector(f"#result-{W}:has-text('Test instance on {args.target}: its check passed')", timeout=60000)
+    page.wait_for_selector(f"#migration-{W} .test-report")
+    check(page.query_selector(f"#cutover-{W}") is None, "no cutover is offered while a test runs")
+    shot(page, "migrate-test")
+    axe(page, "migrate-test")
+    page.click(f"#test-end-{W}")
+    page.wait_for_selector(f"#result-{W}:has-text('Test ended on {args.target}')", timeout=60000)
+    page.wait_for_selector(f"#migration-{W} .test-report", state="detached")
+
+    # --- a scheduled cutover (tomorrow), then cancelled ---
+    page.click(f"#schedule-summary-{W}")
+    tomorrow = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
+    page.fill(f"#at-{W}", tomorrow)
+    page.press(f"#at-{W}", "Enter")
+    page.wait_for_selector(f"#result-{W}:has-text('Cutover scheduled')", timeout=30000)
+    page.wait_for_selector(f"#schedule-cancel-{W}")
+    check(tomorrow in page.inner_text(f"#migration-{W} dl"), f"the schedule shows its time ({tomorrow})")
+    shot(page, "migrate-scheduled")
+    axe(page, "migrate-scheduled")
+    page.click(f"#schedule-cancel-{W}")
+    page.wait_for_selector(f"#result-{W}:has-text('Scheduled cutover cancelled')", timeout=30000)
+    page.wait_for_selector(f"#schedule-cancel-{W}", state="detached")
+    page.wait_for_selector(f"#phase-{W}:has-text('ready')", timeout=120000)
+    page.wait_for_selector(f"#cutover-{W}")
+
     # --- the cutover from the page, confirmed in a dialog ---
     page.focus(f"#cutover-{W}")
     page.keyboard.press("Enter")
