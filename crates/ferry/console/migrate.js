@@ -52,6 +52,7 @@ function migSecs(s) {
   if (s < 3600) return Math.floor(s / 60) + " min " + String(s % 60).padStart(2, "0") + " s";
   return Math.floor(s / 3600) + " h " + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + " min";
 }
+function migUs(us) { return us < 1000 ? us + " µs" : (us / 1000).toFixed(1) + " ms"; }
 function migMs(x) { return x === null || x === undefined ? "—" : Number(x).toFixed(1) + " ms"; }
 function migMiB(text) {
   const t = String(text || "").trim();
@@ -199,7 +200,7 @@ function migActions(m) {
       buttons.push(migButton(m, "test-start", "Start test cutover", "secondary",
         (b, res) => act(b, res, "POST", migPath(w, "/test"), undefined,
           (r) => say("Test instance on " + r.node + ": " + (r.check_ok ? "its check passed" : "its check FAILED (left up for inspection)") +
-            " after " + r.start_to_check_ms + " ms" + (r.source_frozen_us !== undefined ? "; the source paused " + (r.source_frozen_us / 1000).toFixed(1) + " ms" : "") + "."))));
+            " after " + r.start_to_check_ms + " ms" + (r.source_frozen_us !== undefined ? "; the source paused " + migUs(r.source_frozen_us) : "") + "."))));
     }
   }
   if (m.test) {
@@ -219,6 +220,11 @@ function migActions(m) {
       (b, res) => act(b, res, "POST", migPath(w, "/finalize"), undefined,
         (r) => say("Finalized: " + r.note)),
       ["Finalize the migration of " + w + "?", "Replication back to the old source stops; its copy stays but no rollback is possible after this.", "Finalize"]));
+  }
+  const pending = m.schedule && (m.schedule.state === "pending" || m.schedule.state === "cutting-over");
+  if (live && !m.reverse && pending) {
+    buttons.push(migButton(m, "schedule-cancel", "Cancel scheduled cutover", "secondary",
+      (b, res) => act(b, res, "DELETE", migPath(w, "/schedule"), undefined, () => say("Scheduled cutover cancelled."))));
   }
   if (buttons.length) out.push(el("div", { class: "actions" }, buttons));
 
@@ -240,12 +246,8 @@ function migActions(m) {
         (s) => { rf[w] = ""; return say("Copy rate limit now " + (s.max_rate_bytes_per_s ? migRate(s.max_rate_bytes_per_s) : "unlimited") + "."); });
     });
     out.push(form);
-    // Scheduled cutover.
-    const pending = m.schedule && (m.schedule.state === "pending" || m.schedule.state === "cutting-over");
-    if (pending) {
-      out.push(el("div", { class: "actions" }, migButton(m, "schedule-cancel", "Cancel scheduled cutover", "secondary",
-        (b, res) => act(b, res, "DELETE", migPath(w, "/schedule"), undefined, () => say("Scheduled cutover cancelled.")))));
-    } else {
+    // Scheduled cutover (its cancel button is with the others above).
+    if (!pending) {
       const sf = MIG.sched[w] || (MIG.sched[w] = { at: "", window: "", deadline: "" });
       const go = el("button", { type: "submit", class: "secondary", id: "schedule-" + id }, "Schedule cutover");
       const form2 = el("form", { id: "schedule-form-" + id },
@@ -294,7 +296,7 @@ function migTestReport(m) {
   return el("div", { class: "test-report" },
     el("h3", {}, "Test cutover running on " + t.node),
     el("p", {}, badge(t.check_ok ? "check ok" : "check failed"), " started in " + t.start_to_check_ms + " ms",
-      t.source_frozen_us !== undefined ? ", source paused " + (t.source_frozen_us / 1000).toFixed(1) + " ms" : "",
+      t.source_frozen_us !== undefined ? ", source paused " + migUs(t.source_frozen_us) : "",
       " · exports " + ((t.exports || []).join(", ") || "none")),
     el("p", { class: "note" }, "Replication goes on underneath; a cutover is refused until the test ends."));
 }
