@@ -17,7 +17,7 @@ const MIG = {
   rate: {}, sched: {}, result: {}, open: {},
   // From GET /api/v1/workloads and /api/v1/volumes: the bar's total is
   // the bytes allocated in the workload's volumes (what the seeding copies).
-  workloads: null, sizes: {}, loading: false, loadError: "",
+  workloads: null, sizes: {}, loading: false, loadError: "", loadedAt: 0,
   // The largest bytes_remaining seen per workload (if larger than its volumes).
   peak: {},
 };
@@ -38,6 +38,7 @@ async function migLoad() {
     MIG.workloads = MIG.workloads || [];
   } finally {
     MIG.loading = false;
+    MIG.loadedAt = Date.now();
     if (S.view === "migrate") render();
   }
 }
@@ -337,7 +338,8 @@ function migCard(m) {
 
 function migView() {
   document.title = "Migrate · ferry";
-  if (MIG.workloads === null) migLoad();
+  // Workloads and volume sizes change rarely: read again at most every 30 s.
+  if (MIG.workloads === null || Date.now() - MIG.loadedAt > 30000) migLoad();
   const list = S.migrations || [];
   return el("section", { "aria-labelledby": "h", class: "migrate" },
     el("h1", { id: "h" }, "Migrate"),
