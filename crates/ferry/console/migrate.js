@@ -307,11 +307,14 @@ function migCard(m) {
   const kv = [];
   const row = (k, v, vid) => { kv.push(el("dt", {}, k), el("dd", { id: vid || null }, v)); };
   row("Mode", m.mode + (m.auto_converge ? " · auto-converge" : "") + (m.auto_cutover ? " · auto-cutover" : ""));
-  row("Rates", el("span", {}, "writes " + migRate(m.write_rate_bytes_per_s) + " vs link " + migRate(m.bandwidth_bytes_per_s)), "rates-" + id);
-  row("Rate limit", m.max_rate_bytes_per_s ? migRate(m.max_rate_bytes_per_s) : "unlimited", "limit-" + id);
-  row("Lag", m.lag_seconds === null || m.lag_seconds === undefined ? "—" : m.lag_seconds.toFixed(2) + " s");
-  row("Backlog", bytes(m.backlog_bytes) + (m.merkle_stale_bytes ? " · " + bytes(m.merkle_stale_bytes) + " to re-hash" : ""));
-  if (m.throttle_pct) row("Throttle", "writes held back " + m.throttle_pct + "%");
+  if (m.phase !== "completed" && !m.finalized) {
+    // Copy figures: meaningless once the workload has moved.
+    row("Rates", el("span", {}, "writes " + migRate(m.write_rate_bytes_per_s) + " vs link " + migRate(m.bandwidth_bytes_per_s)), "rates-" + id);
+    row("Rate limit", m.max_rate_bytes_per_s ? migRate(m.max_rate_bytes_per_s) : "unlimited", "limit-" + id);
+    row("Lag", m.lag_seconds === null || m.lag_seconds === undefined ? "—" : m.lag_seconds.toFixed(2) + " s");
+    row("Backlog", bytes(m.backlog_bytes) + (m.merkle_stale_bytes ? " · " + bytes(m.merkle_stale_bytes) + " to re-hash" : ""));
+    if (m.throttle_pct) row("Throttle", "writes held back " + m.throttle_pct + "%");
+  }
   row("Started", new Date(m.started_unix * 1000).toLocaleString());
   if (m.schedule) {
     const s = m.schedule;
