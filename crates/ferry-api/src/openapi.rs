@@ -85,6 +85,11 @@ fn query_params(kind: ActionKind) -> &'static [(&'static str, &'static str, &'st
                 "…or after this many ms (at most 5000).",
             ),
         ],
+        K::MigrationReport => &[(
+            "format",
+            "string",
+            "`html`: the printable page (text/html; the console's links use it); `json` (the default): the reply below.",
+        )],
         K::ListAudit => &[(
             "since",
             "string",
@@ -161,6 +166,9 @@ pub fn document() -> Value {
                 },
             },
         });
+        if r.kind == ActionKind::MigrationReport {
+            op["responses"]["200"]["content"]["text/html"] = json!({"schema": {"type": "string"}});
+        }
         if !params.is_empty() {
             op["parameters"] = Value::Array(params);
         }

@@ -359,8 +359,14 @@ pub struct MigrationStatus {
     pub eta_seconds: Option<f64>,
     pub bandwidth_bytes_per_s: u64,
     pub write_rate_bytes_per_s: u64,
+    /// The copy rate limit (`migrate start/set --max-rate`); `null`: none.
+    #[serde(default)]
+    pub max_rate_bytes_per_s: Option<u64>,
     pub lag_seconds: Option<f64>,
     pub not_converging: bool,
+    /// While `not_converging`: what to do about it.
+    #[serde(default)]
+    pub advice: Option<String>,
     pub auto_converge: bool,
     pub throttle_pct: u64,
     pub reason: Option<String>,

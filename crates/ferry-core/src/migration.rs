@@ -158,6 +158,22 @@ impl Migration {
         (net > 1.0).then(|| self.bytes_remaining as f64 / net)
     }
 
+    /// What to do while it does not converge (`advice` in the status; the
+    /// CLI and the console show it), `None` while it does.
+    pub fn advice(&self) -> Option<&'static str> {
+        if !self.not_converging {
+            return None;
+        }
+        Some(if self.auto_converge {
+            "writes outrun the link: auto-converge is slowing them until it converges; \
+             raise the rate limit if one is set (ferry migrate set NAME --max-rate 0)"
+        } else {
+            "writes outrun the link: raise or remove the rate limit (ferry migrate set NAME \
+             --max-rate 0), slow the application's writes, or start the migration again with \
+             --auto-converge"
+        })
+    }
+
     /// Feeds one observation; moves between seeding, syncing and ready.
     pub fn observe(&mut self, s: LinkSample) {
         if matches!(
@@ -327,6 +343,11 @@ mod tests {
             remaining = (remaining + (w * mib as f64) as u64).saturating_sub(50 * mib);
             m.observe(sample(sec * 1000, sent, written, remaining.max(1)));
             throttles.push(m.throttle_pct);
+            // The advice goes with not_converging, and says auto-converge acts.
+            match m.advice() {
+                Some(a) => assert!(m.not_converging && a.contains("auto-converge is slowing")),
+                None => assert!(!m.not_converging),
+            }
         }
         assert!(m.not_converging || m.throttle_pct >= 40, "{m:?}");
         // Reported only after not_converging_after_ms, then 20%, +10% per step.
@@ -345,6 +366,7 @@ mod tests {
             (m.phase, m.throttle_pct, m.not_converging),
             (MigrationPhase::Ready, 0, false)
         );
+        assert_eq!(m.advice(), None);
     }
 
     #[test]
@@ -354,6 +376,7 @@ mod tests {
             m.observe(sample(sec * 1000, sec * 10, sec * 30, 1000 + sec * 20));
         }
         assert!(m.not_converging);
+        assert!(m.advice().unwrap().contains("--auto-converge"), "{m:?}");
         assert_eq!(m.throttle_pct, 0);
         assert_eq!(m.eta_seconds(), None, "no ETA while it does not converge");
     }

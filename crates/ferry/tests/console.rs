@@ -238,6 +238,61 @@ impl Net {
     }
 }
 
+/// For the Migrate view's test: plain agents (no `[cluster]`, no
+/// witness) in the namespaces, `b` registered at `a`.
+impl Net {
+    fn start_plain_agent(&mut self, n: &str) {
+        let dir = self.dir(n);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ip = addr_of(n);
+        let config = self.root.path().join(format!("{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n",
+                dir.display(),
+            ),
+        )
+        .unwrap();
+        let mut c = self.cmd(n, ferry_bin());
+        c.args(["agent", "--config"]).arg(&config);
+        self.spawn(c, &format!("{n}.log"), "fingerprint");
+    }
+
+    /// `b` registered at `a` (`ferry node add`).
+    fn add_b_at_a(&self) {
+        let token = self.dir("b").join("api.token");
+        let fp = self.json("b", &["node", "id"])["fingerprint"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let api_b = format!("{}:7360", addr_of("b"));
+        self.ok(
+            "a",
+            &[
+                "node",
+                "add",
+                "b",
+                "--api",
+                &api_b,
+                "--token-file",
+                token.to_str().unwrap(),
+                "--fingerprint",
+                &fp,
+            ],
+        );
+    }
+
+    /// Volume `name` on node `n`'s NBD Unix socket (reachable from any
+    /// namespace: it is a file).
+    fn nbd_uri(&self, n: &str, volume: &str) -> String {
+        format!(
+            "nbd+unix:///{volume}?socket={}",
+            self.dir(n).join("run").join("nbd.sock").display()
+        )
+    }
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         for c in self.children.iter_mut() {
@@ -452,4 +507,160 @@ fn an_operator_certificate_is_served_to_browsers_and_a_readable_key_refused() {
     let (code, body) = common::https(&a.api, "/", None);
     assert_eq!(code, 200);
     assert!(body.contains("ferry console"), "{body}");
+}
+
+/// Writes numbered 4 KiB records through an NBD URI with qemu-io (one
+/// process a write, as a slow application) until stopped or a write fails
+/// (the volume moved away); returns the acknowledged records.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(uri: String) -> Writer {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), acked.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                let out = Command::new("qemu-io")
+                    .args(["-f", "raw", "-c"])
+                    .arg(format!("write -P {} {} 4k", i % 200 + 1, i * 4096))
+                    .arg(&uri)
+                    .output()
+                    .unwrap();
+                if !out.status.success()
+                    || !String::from_utf8_lossy(&out.stdout).contains("wrote 4096/4096")
+                {
+                    return;
+                }
+                a.lock().unwrap().push(i);
+                i += 1;
+            }
+        });
+        Writer {
+            stop,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn finish(mut self) -> Vec<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap();
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+/// The Migrate view (tests/console/migrate_test.py): volume `vol` of
+/// workload `web` on `a`, 48 MiB written, then a writer that keeps
+/// writing 4 KiB records; in the browser an operator starts the migration
+/// to `b` at 2 MiB/s, watches the progress bar move over SSE, lifts the
+/// limit live, sees `ready`, runs and ends a test cutover, schedules a
+/// cutover and cancels it, cuts over from the page and reads the downtime
+/// in the report on the page and in the printable report (who started,
+/// who cut over). Checked here: `b` serves `vol` with every record the
+/// writer had acknowledged, and the writer wrote during the migration.
+#[test]
+fn a_migration_is_started_watched_and_cut_over_from_the_console() {
+    require("chromium");
+    require("qemu-io");
+    for need in [VENV_PYTHON, AXE] {
+        assert!(
+            std::path::Path::new(need).exists(),
+            "{need} missing: run scripts/install-deps"
+        );
+    }
+    let mut net = Net::new();
+    net.start_plain_agent("a");
+    net.start_plain_agent("b");
+    net.add_b_at_a();
+    net.ok("a", &["volume", "create", "vol", "--size", "64MiB"]);
+    let hooks = net.root.path().join("hooks.log");
+    let h = hooks.display();
+    net.ok(
+        "a",
+        &[
+            "workload",
+            "create",
+            "web",
+            "--volume",
+            "vol",
+            "--start",
+            &format!("echo start $FERRY_NODE $FERRY_ROLE >> {h}"),
+            "--stop",
+            &format!("echo stop $FERRY_NODE $FERRY_ROLE >> {h}"),
+            "--check",
+            &format!("[ $FERRY_ROLE = test ] || grep -q 'start b target' {h}"),
+        ],
+    );
+    common::qemu_io(&net.nbd_uri("a", "vol"), &["write -P 0x77 16M 48M"]);
+    let writer = Writer::start(net.nbd_uri("a", "vol"));
+    let token = |name: &str, role: &str| -> String {
+        let out = net.ok("a", &["token", "create", name, "--role", role]);
+        out.lines().next().unwrap().trim().to_string()
+    };
+    let (operator, viewer) = (token("oscar", "operator"), token("vic", "viewer"));
+    let shots = screenshot_dir();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/console/migrate_test.py");
+    let before = writer.acked();
+    let out = net
+        .cmd("c", VENV_PYTHON)
+        .arg(&script)
+        .args(["--base", &format!("https://{}:7360", addr_of("a"))])
+        .args(["--operator", &operator, "--viewer", &viewer])
+        .args(["--workload", "web", "--target", "b", "--rate-mib", "2"])
+        .arg("--shots")
+        .arg(&shots)
+        .args(["--axe", AXE])
+        .env("HOME", net.root.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    let acked = writer.finish();
+    assert!(
+        out.status.success(),
+        "the browser script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        acked.len() >= before + 20,
+        "the writer kept writing during the migration: {before} → {}",
+        acked.len()
+    );
+    // What the page did, as the CLI sees it.
+    let st = net.json("a", &["migrate", "status", "web"]);
+    assert_eq!(st["phase"], "completed", "{st}");
+    assert!(
+        st["last_cutover"]["downtime_ms"].as_f64().unwrap() > 0.0,
+        "{st}"
+    );
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    // The test instance (started and ended from the page), then the cutover.
+    assert!(
+        log.starts_with("start b test\n") && log.ends_with("stop a source\nstart b target\n"),
+        "{log}"
+    );
+    // b serves the volume with every acknowledged record and the old data.
+    let uri = net.nbd_uri("b", "vol");
+    for chunk in acked.chunks(64) {
+        let cmds: Vec<String> = chunk
+            .iter()
+            .map(|i| format!("read -P {} {} 4k", i % 200 + 1, i * 4096))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let out = common::qemu_io(&uri, &cmds);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+    let out = common::qemu_io(&uri, &["read -P 0x77 16M 48M"]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
 }

@@ -1,7 +1,9 @@
 //! A migration report as a printable HTML page: plain HTML, no script, no
 //! inline style (the console's Content-Security-Policy forbids both); its
 //! look is `/console/print.css` (`crates/ferry/console/print.css`). Every
-//! value from the report is escaped.
+//! value from the report is escaped. `ferry migrate report NAME --html`
+//! prints it; the API serves it at
+//! `GET /api/v1/migrations/{name}/report?format=html` (`server.rs`).
 
 use std::fmt::Write as _;
 

@@ -301,6 +301,10 @@ async fn handle(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let query: BTreeMap<String, String> = query.into_iter().collect();
+    let html = match report_format(kind, &query) {
+        Ok(html) => html,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     let body: &[u8] = if route.method.has_body() { &bytes } else { b"" };
     let action = match Action::decode(kind, &params, &query, body) {
         Ok(a) => a,
@@ -334,7 +338,16 @@ async fn handle(
             if changes_tokens {
                 http.console.sessions.tokens_changed(&ctx);
             }
-            Json(reply).into_response()
+            match reply {
+                Reply::MigrationReport(r) if html => console::secure(
+                    (
+                        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                        super::report_html::render(&r),
+                    )
+                        .into_response(),
+                ),
+                reply => Json(reply).into_response(),
+            }
         }
         Err(e) => {
             if e.kind == ErrorKind::Internal {
@@ -342,6 +355,22 @@ async fn handle(
             }
             ApiError::from(e).into_response()
         }
+    }
+}
+
+/// `GET /api/v1/migrations/{name}/report?format=html`: the migration
+/// report as its printable page ([`super::report_html`], with the
+/// console's security headers) instead of JSON; `format=json` or none is
+/// the JSON reply; any other value is 400 (other routes ignore `format`).
+fn report_format(kind: ActionKind, query: &BTreeMap<String, String>) -> Result<bool, ActionError> {
+    match (kind, query.get("format").map(String::as_str)) {
+        (_, None) => Ok(false),
+        (ActionKind::MigrationReport, Some("json")) => Ok(false),
+        (ActionKind::MigrationReport, Some("html")) => Ok(true),
+        (ActionKind::MigrationReport, Some(other)) => Err(ActionError::bad_input(format!(
+            "format must be html or json, not {other:?}"
+        ))),
+        (_, Some(_)) => Ok(false),
     }
 }
 

@@ -880,13 +880,10 @@ fn human_migration(v: &r::MigrationStatus) -> String {
         eta
     );
     if v.not_converging {
-        line.push_str(", NOT CONVERGING (writes outrun the link");
-        line.push_str(if v.auto_converge {
-            "; auto-converge is slowing them"
-        } else {
-            "; try --auto-converge or --max-rate"
-        });
-        line.push(')');
+        line.push_str(", NOT CONVERGING");
+        if let Some(a) = &v.advice {
+            line.push_str(&format!(" ({a})"));
+        }
     }
     if v.throttle_pct > 0 {
         line.push_str(&format!(", writes throttled {}%", v.throttle_pct));

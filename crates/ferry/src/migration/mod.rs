@@ -547,6 +547,11 @@ pub fn status<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
         .iter()
         .map(|p| p.leaves.stale_blocks() * ctx.cfg().replication.granularity_bytes)
         .sum();
+    // The copy rate limit (`migrate set`): the same on every volume.
+    let max_rate_bytes_per_s = vols
+        .iter()
+        .filter_map(|p| p.link.lock().max_rate_bytes_per_s)
+        .max();
     let lag_seconds =
         (m.send_rate_bytes_per_s > 1.0).then(|| m.bytes_remaining as f64 / m.send_rate_bytes_per_s);
     Ok(json!({
@@ -562,8 +567,10 @@ pub fn status<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
         "eta_seconds": m.eta_seconds().map(|s| (s * 10.0).round() / 10.0),
         "bandwidth_bytes_per_s": m.send_rate_bytes_per_s.round() as u64,
         "write_rate_bytes_per_s": m.write_rate_bytes_per_s.round() as u64,
+        "max_rate_bytes_per_s": max_rate_bytes_per_s,
         "lag_seconds": lag_seconds.map(|s| (s * 100.0).round() / 100.0),
         "not_converging": m.not_converging,
+        "advice": m.advice(),
         "auto_converge": m.auto_converge,
         "throttle_pct": m.throttle_pct,
         "reason": m.reason,
