@@ -154,6 +154,29 @@ impl Net {
         self.spawn(c, &format!("{n}.log"), "fingerprint");
     }
 
+    /// [`Net::start_agent`] with `extra` TOML appended to its config (its
+    /// own tables, e.g. `[audit]`).
+    fn start_agent_with(&mut self, n: &str, extra: &str) {
+        let dir = self.dir(n);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ip = addr_of(n);
+        let peer = if n == "a" { "b" } else { "a" };
+        let config = self.root.path().join(format!("{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nwitness_key_file = \"{}\"\n{extra}",
+                dir.display(),
+                addr_of("w"),
+                self.root.path().join("witness.key").display(),
+            ),
+        )
+        .unwrap();
+        let mut c = self.cmd(n, ferry_bin());
+        c.args(["agent", "--config"]).arg(&config);
+        self.spawn(c, &format!("{n}.log"), "fingerprint");
+    }
+
     fn log(&self, n: &str) -> String {
         std::fs::read_to_string(self.root.path().join(format!("{n}.log"))).unwrap_or_default()
     }
@@ -430,4 +453,102 @@ fn an_operator_certificate_is_served_to_browsers_and_a_readable_key_refused() {
     let (code, body) = common::https(&a.api, "/", None);
     assert_eq!(code, 200);
     assert!(body.contains("ferry console"), "{body}");
+}
+
+/// The Configure and Audit views (tests/console/confaudit_test.py): an
+/// admin creates a token (secret shown once), revokes one after the
+/// confirmation and changes a workload's start hook and time limit — on
+/// both nodes, checked here with the CLI; the Audit view shows each with
+/// the token's name, and the login, filters narrow it, and the chain
+/// verifies; a viewer gets no control and 403s. Then one byte of a's audit
+/// log is changed on disk: `ferry audit verify` fails, and so does the
+/// Audit view's "Verify now".
+#[test]
+fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
+    require("chromium");
+    for need in [VENV_PYTHON, AXE] {
+        assert!(
+            std::path::Path::new(need).exists(),
+            "{need} missing: run scripts/install-deps"
+        );
+    }
+    let mut net = Net::new();
+    net.start_witness();
+    // Heads sent every second: the Audit view compares them.
+    let audit = "\n[audit]\nhead_interval_ms = 1000\n";
+    net.start_agent_with("a", audit);
+    net.start_agent_with("b", audit);
+    net.ha_workload();
+    let token = |name: &str, role: &str| -> String {
+        let out = net.ok("a", &["token", "create", name, "--role", role]);
+        out.lines().next().unwrap().trim().to_string()
+    };
+    let (admin, viewer, doomed) = (
+        token("alice", "admin"),
+        token("vic", "viewer"),
+        token("doomed", "operator"),
+    );
+    let shots = screenshot_dir();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/console/confaudit_test.py");
+    let run = |extra: &[&str]| {
+        let out = net
+            .cmd("c", VENV_PYTHON)
+            .arg(&script)
+            .args(["--base", &format!("https://{}:7360", addr_of("a"))])
+            .args([
+                "--admin",
+                &admin,
+                "--admin-name",
+                "alice",
+                "--viewer",
+                &viewer,
+            ])
+            .args(["--doomed", &doomed, "--doomed-name", "doomed"])
+            .args(["--workload", "web", "--peer", "b"])
+            .arg("--shots")
+            .arg(&shots)
+            .args(["--axe", AXE])
+            .args(extra)
+            .env("HOME", net.root.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("{stdout}");
+        assert!(
+            out.status.success(),
+            "the browser script failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[]);
+    // The workload change the page made, on both nodes.
+    for n in ["a", "b"] {
+        let w = net.json(n, &["workload", "show", "web"]);
+        assert_eq!(w["start"], "/bin/true set-from-console", "{n}: {w}");
+        assert_eq!(w["hook_timeout_ms"], 45000, "{n}: {w}");
+    }
+    // The token the page created is listed; the one it revoked is not.
+    let tokens = net.ok("a", &["--json", "token", "list"]);
+    assert!(
+        tokens.contains("\"carol\"") && !tokens.contains("\"doomed\""),
+        "{tokens}"
+    );
+    // One byte of a's log changed on disk: `ferry audit verify` fails…
+    assert!(net.ferry("a", &["audit", "verify"]).status.success());
+    let log = net.dir("a").join("audit").join("audit.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let at = bytes
+        .windows(5)
+        .position(|w| w == b"carol")
+        .expect("carol in a's audit log");
+    bytes[at] = b'k';
+    std::fs::write(&log, &bytes).unwrap();
+    let out = net.ferry("a", &["audit", "verify"]);
+    assert!(
+        !out.status.success(),
+        "verify passed after a byte changed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // …and the Audit view shows it.
+    run(&["--tampered"]);
 }
