@@ -140,6 +140,7 @@
     }
     A.verifying = false;
     A.dirty = true; render();
+    fillList();
     const b = $("verify-now");
     if (b && document.activeElement === document.body) b.focus();
   }
@@ -168,7 +169,7 @@
             ? ", and it matches all " + v.heads_matched + " heads the peer and the witness hold."
             : "; no head of it is held elsewhere yet (sent every audit.head_interval_ms)."))
         : el("p", { class: "audit-verdict bad", id: "audit-verdict" }, "✘ Verification failed: ", el("strong", {}, v.problem || "the chain does not verify"),
-          v.first_bad_seq !== null && v.first_bad_seq !== undefined ? " First bad record: seq " + v.first_bad_seq + "." : "");
+          v.first_bad_seq !== null && v.first_bad_seq !== undefined ? ". First bad record: seq " + v.first_bad_seq + " (marked in the list below)." : ".");
       const holders = v.holders.map((h) => {
         const [cmp, cls] = compare(h.newest);
         return el("tr", {}, el("td", {}, h.holder),
@@ -203,14 +204,17 @@
     const all = rows(A.list.records);
     const hit = all.filter(matches);
     const shown = hit.slice(0, A.shown);
-    const trs = shown.map((r) => el("tr", { class: "audit-" + r.state.replace(/ /g, "-") },
+    const bad = A.verify && !A.verify.ok ? A.verify.first_bad_seq : null;
+    const trs = shown.map((r) => el("tr", { class: "audit-" + r.state.replace(/ /g, "-") + (bad !== null && r.seqs.includes(bad) ? " audit-bad-record" : "") },
       el("td", { class: "nowrap" }, stamp(r.time)),
       el("td", { class: "mono nowrap" }, r.seqs.length > 1 ? r.seqs[0] + "–" + r.seqs[r.seqs.length - 1] : String(r.seqs[0])),
       el("td", {}, whoText(r)),
       el("td", { class: "mono" }, r.from || "—"),
       el("td", {}, r.action || "—"),
       el("td", { class: "audit-target" }, r.target || "—"),
-      el("td", {}, badge(r.state), r.reason ? el("span", { class: "audit-reason" }, " " + r.reason) : null),
+      el("td", {}, el("span", { class: "badge " + ({ ok: "ok", refused: "warn", failed: "bad" }[r.state] || "info") }, r.state),
+        bad !== null && r.seqs.includes(bad) ? el("strong", { class: "audit-reason" }, " changed on disk: this record no longer matches its hash") : null,
+        r.reason ? el("span", { class: "audit-reason" }, " " + r.reason) : null),
       el("td", { class: "mono muted" }, r.op || "—")));
     const summary = "Showing " + shown.length + " of " + hit.length + " matching" +
       (hit.length !== all.length ? " (" + all.length + " in the range)" : "") +

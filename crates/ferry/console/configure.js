@@ -9,7 +9,7 @@
 
 (() => {
   const C = {
-    who: null, tokens: null, tokensError: "", workloads: null, workloadsError: "",
+    who: null, tokens: null, tokensError: "", workloads: null, workloadsError: "", config: null, configError: "", open: {},
     created: null, results: {}, editing: null, root: null, dirty: true, nodesKey: "",
     // Form values, kept across re-renders.
     f: { tokName: "", tokRole: "viewer", nodeName: "", nodeApi: "", nodeFp: "", nodeToken: "", edit: {} },
@@ -34,8 +34,12 @@
     try { C.workloads = await api("GET", "/api/v1/workloads"); C.workloadsError = ""; } catch (e) { C.workloadsError = e.message; }
   }
 
+  async function loadConfig() {
+    try { C.config = await api("GET", "/api/v1/config"); C.configError = ""; } catch (e) { C.configError = e.message; }
+  }
+
   async function loadAll() {
-    await Promise.all([loadTokens(), loadWorkloads(), refresh().catch(() => {})]);
+    await Promise.all([loadTokens(), loadWorkloads(), loadConfig(), refresh().catch(() => {})]);
     mark();
   }
 
@@ -249,9 +253,38 @@
     return el("div", { class: "card" }, parts);
   }
 
+  function value(v) {
+    if (v === null || v === undefined) return el("span", { class: "muted" }, "not set");
+    if (Array.isArray(v)) return v.length ? el("code", {}, v.map(String).join(", ")) : el("span", { class: "muted" }, "none");
+    if (typeof v === "object") return el("code", {}, JSON.stringify(v));
+    return el("code", {}, String(v));
+  }
+
+  // The effective config (GetConfig), read-only: one table per [table] of
+  // the file, each key as written there.
   function limitsCard() {
-    return el("div", { class: "card" }, el("h2", {}, "Agent limits"),
-      el("p", { class: "note" }, "The agent's own limits (api.*, audit.*, replication.*, cluster.* …) live in its config file, read at start (ferry agent --config FILE): change them there and restart the agent. No API route shows them yet, so this page does not; see README.md's configuration reference."));
+    const parts = [el("h2", {}, "Agent settings and limits (read-only)"),
+      el("p", { class: "note" }, "The agent's effective config: its file (ferry agent --config FILE) with every default filled in. It is read at start: change a value in that file, under the table and key shown, and restart the agent.")];
+    if (C.configError) parts.push(el("p", { class: "error" }, "Could not read the config: " + C.configError));
+    else if (!C.config) parts.push(el("p", { class: "muted" }, "Loading…"));
+    else {
+      const cfg = C.config.config || {};
+      const top = Object.keys(cfg).filter((k) => cfg[k] === null || typeof cfg[k] !== "object" || Array.isArray(cfg[k]));
+      const tables = Object.keys(cfg).filter((k) => !top.includes(k));
+      const section = (name, keys, obj, prefix, key) => {
+        const id = "cfg-t-" + key;
+        const d = el("details", { class: "cfg-table", id, open: !!C.open[id] },
+          el("summary", {}, name, el("span", { class: "muted" }, " · " + keys.length + " keys")),
+          el("table", {}, el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Key in the file"), el("th", { scope: "col" }, "Effective value"))),
+            el("tbody", {}, keys.map((k) => el("tr", {}, el("td", { class: "mono" }, prefix + k), el("td", {}, value(obj[k])))))));
+        d.addEventListener("toggle", () => { C.open[id] = d.open; });
+        return d;
+      };
+      const list = [section("top of the file", top, cfg, "", "top")];
+      for (const t of tables) list.push(section("[" + t + "]", Object.keys(cfg[t]), cfg[t], t + ".", t.replace(/[^A-Za-z0-9_-]/g, "_")));
+      parts.push(el("div", { class: "cfg-tables", id: "cfg-config" }, list));
+    }
+    return el("div", { class: "card" }, parts);
   }
 
   function build() {

@@ -191,6 +191,10 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
     let op = op.map(str::to_string);
     Ok(match action {
         Action::GetNode => Reply::Node(node_info(&ctx)),
+        Action::GetConfig => Reply::Config(r::EffectiveConfig {
+            node: ctx.identity.node_name.clone(),
+            config: serde_json::to_value(&ctx.cfg).map_err(|e| internal(e.to_string()))?,
+        }),
         Action::ListNodes => Reply::Nodes(ctx.peers.list().iter().map(peer_info).collect()),
         Action::AddNode(req) => Reply::NodeAdded(add_node(ctx, req).await?),
         Action::Pair(p) => Reply::Paired(pair(ctx, who, p).await?),

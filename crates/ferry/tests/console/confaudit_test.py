@@ -55,6 +55,8 @@ def tampered(browser):
     page.wait_for_selector("#audit-verdict.bad", timeout=30000)
     text = page.inner_text("#audit-verdict")
     check("failed" in text and "First bad record" in text, f"the Audit view shows the failed verification: {text}")
+    marked = page.inner_text("#audit-table tr.audit-bad-record")
+    check("changed on disk" in marked, f"the list marks the changed record: {marked}")
     shot(page, "audit-tampered")
     axe(page, "audit-tampered")
     ctx.close()
@@ -74,7 +76,12 @@ def admin(browser):
     fps = page.query_selector_all("code.fingerprint")
     check(len(fps) >= 2 and all(len(f.inner_text()) > 20 for f in fps), "this node's and the peer's fingerprints are shown")
     check(args.doomed_name in page.inner_text("#cfg-tokens"), "the tokens are listed")
-    check("config file" in text, "the agent's limits say where they are changed")
+    check("restart the agent" in text, "the agent's limits say where they are changed")
+    # The effective config (GetConfig): [audit] head_interval_ms as this test set it.
+    page.click("#cfg-t-audit summary")
+    row = page.inner_text("#cfg-t-audit tr:has-text('audit.head_interval_ms')")
+    check("1000" in row, f"the effective config shows [audit] head_interval_ms = 1000: {row}")
+    check(http("GET", "/api/v1/config", args.viewer)[0] == 200, "a viewer may read the effective config")
     shot(page, "configure")
     axe(page, "configure")
 
