@@ -158,7 +158,8 @@
     const v = A.verify;
     const button = el("button", { type: "button", id: "verify-now", class: "secondary", disabled: A.verifying },
       A.verifying ? "Verifying…" : "Verify now");
-    button.addEventListener("click", runVerify);
+    // The records are read again too: the heads are compared with them.
+    button.addEventListener("click", () => { loadList(); runVerify(); });
     const status = el("p", { class: "result", role: "status", id: "verify-status" },
       A.verifying ? "Checking the chain and asking the peer and the witness for the heads they hold…" : A.verifyError);
     let body = [];
@@ -215,7 +216,7 @@
       el("td", {}, r.action || "—"),
       el("td", { class: "audit-target" }, r.target || "—"),
       el("td", {}, el("span", { class: "badge " + ({ ok: "ok", refused: "warn", failed: "bad" }[r.state] || "info") }, r.state),
-        bad !== null && r.seqs.includes(bad) ? el("strong", { class: "audit-reason" }, " changed on disk: this record no longer matches its hash") : null,
+        bad !== null && r.seqs.includes(bad) ? el("strong", { class: "audit-reason" }, " the first bad record: see the verification above") : null,
         r.reason ? el("span", { class: "audit-reason" }, " " + r.reason) : null),
       el("td", { class: "mono muted" }, r.op || "—")));
     const summary = "Showing " + shown.length + " of " + hit.length + " matching" +

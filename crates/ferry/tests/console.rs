@@ -551,4 +551,92 @@ fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
     );
     // …and the Audit view shows it.
     run(&["--tampered"]);
+    // The byte back; then, with the Audit view open (its login recorded
+    // first), the chain rewritten consistently: whole on its own, but the
+    // heads the peer and the witness hold reveal it on the page.
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[at] = b'c';
+    std::fs::write(&log, &bytes).unwrap();
+    assert!(net.ferry("a", &["audit", "verify"]).status.success());
+    let (ready, go) = (net.root.path().join("ready"), net.root.path().join("go"));
+    let child = net
+        .cmd("c", VENV_PYTHON)
+        .arg(&script)
+        .args(["--base", &format!("https://{}:7360", addr_of("a"))])
+        .args([
+            "--admin",
+            &admin,
+            "--admin-name",
+            "alice",
+            "--viewer",
+            &viewer,
+        ])
+        .args(["--doomed", &doomed, "--doomed-name", "doomed"])
+        .args(["--workload", "web", "--peer", "b", "--rewritten"])
+        .arg("--ready")
+        .arg(&ready)
+        .arg("--go")
+        .arg(&go)
+        .arg("--shots")
+        .arg(&shots)
+        .args(["--axe", AXE])
+        .env("HOME", net.root.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rewrite_consistently(&log, "\"carol\"", "\"karol\"");
+    std::fs::write(&go, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the browser script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Rewrites the audit log at `path` consistently: in the first record
+/// whose payload holds `from`, `from` becomes `to`, and every hash from
+/// there on is recomputed (what a root user with the file alone can do;
+/// as in tests/audit.rs).
+fn rewrite_consistently(path: &std::path::Path, from: &str, to: &str) {
+    use ferry_core::audit as chain;
+    let bytes = std::fs::read(path).unwrap();
+    let p = chain::parse(&bytes);
+    assert!(p.tail.is_none());
+    let at = p
+        .frames
+        .iter()
+        .position(|f| String::from_utf8_lossy(&f.payload).contains(from))
+        .expect("a record to rewrite");
+    let mut out = Vec::new();
+    let mut prev = [0u8; 32];
+    for (i, f) in p.frames.iter().enumerate() {
+        assert!(!f.checkpoint);
+        if i < at {
+            let end = f.offset as usize + chain::HEADER_BYTES + f.payload.len();
+            out.extend_from_slice(&bytes[f.offset as usize..end]);
+            prev = f.hash;
+            continue;
+        }
+        let payload = if i == at {
+            String::from_utf8(f.payload.clone())
+                .unwrap()
+                .replacen(from, to, 1)
+                .into_bytes()
+        } else {
+            f.payload.clone()
+        };
+        let (frame, h) = chain::encode_record(f.seq, &prev, &payload);
+        out.extend(frame);
+        prev = h;
+    }
+    std::fs::write(path, &out).unwrap();
+    chain::verify(&chain::parse(&out), &[]).expect("a consistent rewrite");
 }

@@ -13,6 +13,7 @@ Exits non-zero on the first failed check; prints each screenshot's path."""
 import argparse
 import os
 import sys
+import time
 
 from playwright.sync_api import sync_playwright
 
@@ -32,6 +33,10 @@ p.add_argument("--peer", required=True, help="the paired node's name")
 p.add_argument("--shots", required=True)
 p.add_argument("--axe", required=True)
 p.add_argument("--tampered", action="store_true")
+p.add_argument("--rewritten", action="store_true", help="log in, open the Audit view, create --ready, wait "
+               "for --go (the test rewrites the chain consistently meanwhile), then verify from the page")
+p.add_argument("--ready")
+p.add_argument("--go")
 args = p.parse_args()
 setup(args.base, args.shots, args.axe)
 
@@ -56,9 +61,34 @@ def tampered(browser):
     text = page.inner_text("#audit-verdict")
     check("failed" in text and "First bad record" in text, f"the Audit view shows the failed verification: {text}")
     marked = page.inner_text("#audit-table tr.audit-bad-record")
-    check("changed on disk" in marked, f"the list marks the changed record: {marked}")
+    check("first bad record" in marked, f"the list marks the changed record: {marked}")
     shot(page, "audit-tampered")
     axe(page, "audit-tampered")
+    ctx.close()
+
+
+def rewritten(browser):
+    ctx = context(browser)
+    page = ctx.new_page()
+    login(page, args.admin)
+    goto(page, "audit", "Audit")
+    page.wait_for_selector("#audit-verdict", timeout=30000)
+    open(args.ready, "w").close()
+    for _ in range(600):
+        if os.path.exists(args.go):
+            break
+        time.sleep(0.1)
+    check(os.path.exists(args.go), "the test rewrote the chain")
+    page.focus("#verify-now")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#audit-verdict.bad", timeout=30000)
+    text = page.inner_text("#audit-verdict")
+    check("rewritten" in text, f"the Audit view says the chain was rewritten: {text}")
+    page.wait_for_selector(".audit-holders :text('differs from record')", timeout=10000)
+    holders = page.inner_text(".audit-holders")
+    check(holders.count("differs from record") == 2, f"the heads the peer and the witness hold differ: {holders}")
+    shot(page, "audit-rewritten")
+    axe(page, "audit-rewritten")
     ctx.close()
 
 
@@ -212,6 +242,8 @@ with sync_playwright() as pw:
     browser = launch(pw)
     if args.tampered:
         tampered(browser)
+    elif args.rewritten:
+        rewritten(browser)
     else:
         admin(browser)
         viewer(browser)
