@@ -184,8 +184,8 @@
           el("dt", {}, "Node"), el("dd", {}, v.node),
           el("dt", {}, "Head"), el("dd", { class: "mono" }, v.head_seq + ":" + short(v.head_hash)),
           el("dt", {}, "Checkpoint"), el("dd", {}, v.checkpoint ? v.checkpoint.split(":")[0] + " (log pruned before it)" : "none (never pruned)"),
-          el("dt", {}, "Heads held elsewhere"), el("dd", {}, !v.ok && !v.heads_matched
-            ? "not compared: the chain itself failed first (the newest heads are compared below)"
+          el("dt", {}, "Heads held elsewhere"), el("dd", {}, !v.ok
+            ? v.heads_matched + " matched before the first problem (the newest ones are compared below)"
             : v.heads_matched + " matched" + (v.heads_pruned ? ", " + v.heads_pruned + " older than the checkpoint" : ""))),
         holders.length
           ? el("table", { class: "audit-holders" },

@@ -462,7 +462,9 @@ fn an_operator_certificate_is_served_to_browsers_and_a_readable_key_refused() {
 /// the token's name, and the login, filters narrow it, and the chain
 /// verifies; a viewer gets no control and 403s. Then one byte of a's audit
 /// log is changed on disk: `ferry audit verify` fails, and so does the
-/// Audit view's "Verify now".
+/// Audit view's "Verify now"; the byte back, the chain is rewritten
+/// consistently with the Audit view open: "Verify now" shows it rewritten,
+/// the peer's and the witness's heads differing from the records.
 #[test]
 fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
     require("chromium");
