@@ -189,6 +189,7 @@ pub enum Action {
     MigrationReport {
         name: Name,
     },
+    GetConfig,
 }
 
 /// A request's path parameters or query, by name (percent-decoded).
@@ -288,6 +289,7 @@ impl Action {
         let n = || name(params, "name");
         Ok(match kind {
             K::GetNode => Action::GetNode,
+            K::GetConfig => Action::GetConfig,
             K::ListNodes => Action::ListNodes,
             K::AddNode => Action::AddNode(body(bytes)?),
             K::Pair => Action::Pair(body(bytes)?),
@@ -443,6 +445,7 @@ impl Action {
         use ActionKind as K;
         match self {
             Action::GetNode => K::GetNode,
+            Action::GetConfig => K::GetConfig,
             Action::ListNodes => K::ListNodes,
             Action::AddNode(_) => K::AddNode,
             Action::Pair(_) => K::Pair,

@@ -700,6 +700,15 @@ pub struct AuditRecord {
     pub record: Value,
 }
 
+/// `GET /api/v1/config`: the agent's effective config, as its file's
+/// tables and keys (`[api] body_bytes_max` is `config.api.body_bytes_max`),
+/// every default filled in. Changed only in the file, read at start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EffectiveConfig {
+    pub node: String,
+    pub config: Value,
+}
+
 /// `ferry audit list`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AuditList {
@@ -980,6 +989,7 @@ replies! {
     GetStats => Stats(StatsSeries);
     ListStats => StatsSeriesList(StatsSeriesList);
     MigrationReport => MigrationReport(MigrationReport);
+    GetConfig => Config(EffectiveConfig);
 }
 
 #[cfg(test)]

@@ -244,6 +244,7 @@ routes! {
     GetStats: Get "/api/v1/stats", VIEWER, ANY, "`ferry stats`: a series' history (`series`, `from`, `to`, `since`, `step`).";
     ListStats: Get "/api/v1/stats/series", VIEWER, ANY, "The statistics series this node records.";
     MigrationReport: Get "/api/v1/migrations/{name}/report", VIEWER, ANY, "`ferry migrate report`: a migration after the fact (timeline, bytes, rates, downtime).";
+    GetConfig: Get "/api/v1/config", VIEWER, ANY, "The agent's effective config (its file with every default filled in; it holds no secrets, only paths to them).";
 }
 
 #[cfg(test)]

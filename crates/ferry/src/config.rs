@@ -69,7 +69,7 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub node_name: String,
@@ -103,7 +103,7 @@ pub struct AgentConfig {
 }
 
 /// `[cluster]`: this node's half of a two-node HA cluster.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSettings {
     /// The other node (registered with `ferry node add`; until it is, the
@@ -204,7 +204,7 @@ impl ClusterSettings {
 }
 
 /// Limits of the API listener (HTTPS), each with its unit in its name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSettings {
     /// Connections open at once. When full, the oldest connection that has
@@ -252,7 +252,7 @@ impl Default for ApiSettings {
 }
 
 /// Limits of migrations, each with its unit in its name.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MigrationSettings {
     /// Workloads migrating at once (a cutover is not counted twice).
@@ -287,7 +287,7 @@ impl Default for MigrationSettings {
 
 /// The node's NBD server: where it listens locally, and its limits, each
 /// with its unit in its name.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NbdSettings {
     /// The Unix socket local clients (VMs, hooks, qemu-io on the node) use,

@@ -416,3 +416,111 @@ fn a_torn_tail_is_cut_at_start_and_recorded() {
     let out = a.ok(&["audit", "verify"]);
     assert!(out.contains("ok: the chain is whole"), "{out}");
 }
+
+/// One curl call with a cookie jar (the console's way: the login's cookie,
+/// then its CSRF header): (status, body).
+fn curl_with_jar(
+    api: &str,
+    jar: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    csrf: Option<&str>,
+) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-s", "-k", "-m", "30", "-w", "\n%{http_code}", "-X", method])
+        .arg("-c")
+        .arg(jar)
+        .arg("-b")
+        .arg(jar);
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "--data", b]);
+    }
+    if let Some(t) = csrf {
+        c.args(["-H", &format!("X-Ferry-CSRF: {t}")]);
+    }
+    let out = c.arg(format!("https://{api}{path}")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// Console logins are in the audit log: a login (the token's name and
+/// role, the client's address), a logout, and failed logins (a bad token:
+/// nobody to name, the address) — these at most
+/// `audit.failed_logins_per_minute_max` a minute.
+#[test]
+fn console_logins_logouts_and_failed_logins_are_recorded() {
+    common::require("curl");
+    let root = tempfile::Builder::new()
+        .prefix("ferry-audit-login-")
+        .tempdir()
+        .unwrap();
+    let a = Agent::start(
+        root.path(),
+        "a",
+        "\n[audit]\nfailed_logins_per_minute_max = 2\n",
+    );
+    let alice = a.ok(&["token", "create", "alice", "--role", "operator"]);
+    let jar = root.path().join("cookies");
+    let body = serde_json::json!({"token": alice.trim()}).to_string();
+    let (code, reply) = curl_with_jar(&a.api, &jar, "POST", "/api/v1/session", Some(&body), None);
+    assert_eq!(code, 200, "{reply}");
+    let csrf = serde_json::from_str::<Value>(&reply).unwrap()["csrf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, reply) = curl_with_jar(&a.api, &jar, "DELETE", "/api/v1/session", None, Some(&csrf));
+    assert_eq!(code, 200, "{reply}");
+    let bad = serde_json::json!({"token": "not-a-token"}).to_string();
+    for _ in 0..5 {
+        let (code, _) = curl_with_jar(&a.api, &jar, "POST", "/api/v1/session", Some(&bad), None);
+        assert_eq!(code, 401);
+    }
+    let recs: Vec<Value> = records(&a, None)
+        .into_iter()
+        .map(|r| r["record"].clone())
+        .collect();
+    let login = recs
+        .iter()
+        .find(|r| r["action"] == "CreateSession" && r["result"]["ok"] == true)
+        .unwrap_or_else(|| panic!("no login recorded: {recs:?}"));
+    assert_eq!(login["token"], "alice", "{login}");
+    assert_eq!(login["role"], "operator", "{login}");
+    assert!(
+        login["from"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("127.0.0.1:")),
+        "{login}"
+    );
+    assert!(login["time_ms"].as_i64().is_some(), "{login}");
+    let logout = recs
+        .iter()
+        .find(|r| r["action"] == "DeleteSession")
+        .unwrap_or_else(|| panic!("no logout recorded: {recs:?}"));
+    assert_eq!(logout["token"], "alice", "{logout}");
+    assert_eq!(logout["result"]["ended"], true, "{logout}");
+    let failed: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["action"] == "CreateSession" && r["result"]["ok"] == false)
+        .collect();
+    // Two a minute: 2, or up to 4 if a minute began during the five.
+    assert!(
+        (2..=4).contains(&failed.len()),
+        "{} failed logins recorded: {failed:?}",
+        failed.len()
+    );
+    for f in &failed {
+        assert_eq!(f["who"], "unknown token", "{f}");
+        assert_eq!(f["result"]["error"]["status"], 401, "{f}");
+        assert!(
+            f["from"]
+                .as_str()
+                .is_some_and(|x| x.starts_with("127.0.0.1:")),
+            "{f}"
+        );
+    }
+    // The chain still verifies with them in it.
+    let (ok, v, err) = verify(&a);
+    assert!(ok, "{v} {err}");
+}

@@ -154,6 +154,29 @@ impl Net {
         self.spawn(c, &format!("{n}.log"), "fingerprint");
     }
 
+    /// [`Net::start_agent`] with `extra` TOML appended to its config (its
+    /// own tables, e.g. `[audit]`).
+    fn start_agent_with(&mut self, n: &str, extra: &str) {
+        let dir = self.dir(n);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ip = addr_of(n);
+        let peer = if n == "a" { "b" } else { "a" };
+        let config = self.root.path().join(format!("{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nwitness_key_file = \"{}\"\n{extra}",
+                dir.display(),
+                addr_of("w"),
+                self.root.path().join("witness.key").display(),
+            ),
+        )
+        .unwrap();
+        let mut c = self.cmd(n, ferry_bin());
+        c.args(["agent", "--config"]).arg(&config);
+        self.spawn(c, &format!("{n}.log"), "fingerprint");
+    }
+
     fn log(&self, n: &str) -> String {
         std::fs::read_to_string(self.root.path().join(format!("{n}.log"))).unwrap_or_default()
     }
@@ -573,6 +596,19 @@ impl Writer {
 fn a_migration_is_started_watched_and_cut_over_from_the_console() {
     require("chromium");
     require("qemu-io");
+/// The Configure and Audit views (tests/console/confaudit_test.py): an
+/// admin creates a token (secret shown once), revokes one after the
+/// confirmation and changes a workload's start hook and time limit — on
+/// both nodes, checked here with the CLI; the Audit view shows each with
+/// the token's name, and the login, filters narrow it, and the chain
+/// verifies; a viewer gets no control and 403s. Then one byte of a's audit
+/// log is changed on disk: `ferry audit verify` fails, and so does the
+/// Audit view's "Verify now"; the byte back, the chain is rewritten
+/// consistently with the Audit view open: "Verify now" shows it rewritten,
+/// the peer's and the witness's heads differing from the records.
+#[test]
+fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
+    require("chromium");
     for need in [VENV_PYTHON, AXE] {
         assert!(
             std::path::Path::new(need).exists(),
@@ -604,6 +640,12 @@ fn a_migration_is_started_watched_and_cut_over_from_the_console() {
     );
     common::qemu_io(&net.nbd_uri("a", "vol"), &["write -P 0x77 16M 48M"]);
     let writer = Writer::start(net.nbd_uri("a", "vol"));
+    net.start_witness();
+    // Heads sent every second: the Audit view compares them.
+    let audit = "\n[audit]\nhead_interval_ms = 1000\n";
+    net.start_agent_with("a", audit);
+    net.start_agent_with("b", audit);
+    net.ha_workload();
     let token = |name: &str, role: &str| -> String {
         let out = net.ok("a", &["token", "create", name, "--role", role]);
         out.lines().next().unwrap().trim().to_string()
@@ -618,6 +660,100 @@ fn a_migration_is_started_watched_and_cut_over_from_the_console() {
         .args(["--base", &format!("https://{}:7360", addr_of("a"))])
         .args(["--operator", &operator, "--viewer", &viewer])
         .args(["--workload", "web", "--target", "b", "--rate-mib", "2"])
+    let (admin, viewer, doomed) = (
+        token("alice", "admin"),
+        token("vic", "viewer"),
+        token("doomed", "operator"),
+    );
+    let shots = screenshot_dir();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/console/confaudit_test.py");
+    let run = |extra: &[&str]| {
+        let out = net
+            .cmd("c", VENV_PYTHON)
+            .arg(&script)
+            .args(["--base", &format!("https://{}:7360", addr_of("a"))])
+            .args([
+                "--admin",
+                &admin,
+                "--admin-name",
+                "alice",
+                "--viewer",
+                &viewer,
+            ])
+            .args(["--doomed", &doomed, "--doomed-name", "doomed"])
+            .args(["--workload", "web", "--peer", "b"])
+            .arg("--shots")
+            .arg(&shots)
+            .args(["--axe", AXE])
+            .args(extra)
+            .env("HOME", net.root.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        println!("{stdout}");
+        assert!(
+            out.status.success(),
+            "the browser script failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[]);
+    // The workload change the page made, on both nodes.
+    for n in ["a", "b"] {
+        let w = net.json(n, &["workload", "show", "web"]);
+        assert_eq!(w["start"], "/bin/true set-from-console", "{n}: {w}");
+        assert_eq!(w["hook_timeout_ms"], 45000, "{n}: {w}");
+    }
+    // The token the page created is listed; the one it revoked is not.
+    let tokens = net.ok("a", &["--json", "token", "list"]);
+    assert!(
+        tokens.contains("\"carol\"") && !tokens.contains("\"doomed\""),
+        "{tokens}"
+    );
+    // One byte of a's log changed on disk: `ferry audit verify` fails…
+    assert!(net.ferry("a", &["audit", "verify"]).status.success());
+    let log = net.dir("a").join("audit").join("audit.log");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let at = bytes
+        .windows(5)
+        .position(|w| w == b"carol")
+        .expect("carol in a's audit log");
+    bytes[at] = b'k';
+    std::fs::write(&log, &bytes).unwrap();
+    let out = net.ferry("a", &["audit", "verify"]);
+    assert!(
+        !out.status.success(),
+        "verify passed after a byte changed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // …and the Audit view shows it.
+    run(&["--tampered"]);
+    // The byte back; then, with the Audit view open (its login recorded
+    // first), the chain rewritten consistently: whole on its own, but the
+    // heads the peer and the witness hold reveal it on the page.
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[at] = b'c';
+    std::fs::write(&log, &bytes).unwrap();
+    assert!(net.ferry("a", &["audit", "verify"]).status.success());
+    let (ready, go) = (net.root.path().join("ready"), net.root.path().join("go"));
+    let child = net
+        .cmd("c", VENV_PYTHON)
+        .arg(&script)
+        .args(["--base", &format!("https://{}:7360", addr_of("a"))])
+        .args([
+            "--admin",
+            &admin,
+            "--admin-name",
+            "alice",
+            "--viewer",
+            &viewer,
+        ])
+        .args(["--doomed", &doomed, "--doomed-name", "doomed"])
+        .args(["--workload", "web", "--peer", "b", "--rewritten"])
+        .arg("--ready")
+        .arg(&ready)
+        .arg("--go")
+        .arg(&go)
         .arg("--shots")
         .arg(&shots)
         .args(["--axe", AXE])
@@ -627,6 +763,19 @@ fn a_migration_is_started_watched_and_cut_over_from_the_console() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     println!("{stdout}");
     let acked = writer.finish();
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rewrite_consistently(&log, "\"carol\"", "\"karol\"");
+    std::fs::write(&go, "").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
     assert!(
         out.status.success(),
         "the browser script failed:\n{stdout}\n{}",
@@ -663,4 +812,44 @@ fn a_migration_is_started_watched_and_cut_over_from_the_console() {
     }
     let out = common::qemu_io(&uri, &["read -P 0x77 16M 48M"]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+/// Rewrites the audit log at `path` consistently: in the first record
+/// whose payload holds `from`, `from` becomes `to`, and every hash from
+/// there on is recomputed (what a root user with the file alone can do;
+/// as in tests/audit.rs).
+fn rewrite_consistently(path: &std::path::Path, from: &str, to: &str) {
+    use ferry_core::audit as chain;
+    let bytes = std::fs::read(path).unwrap();
+    let p = chain::parse(&bytes);
+    assert!(p.tail.is_none());
+    let at = p
+        .frames
+        .iter()
+        .position(|f| String::from_utf8_lossy(&f.payload).contains(from))
+        .expect("a record to rewrite");
+    let mut out = Vec::new();
+    let mut prev = [0u8; 32];
+    for (i, f) in p.frames.iter().enumerate() {
+        assert!(!f.checkpoint);
+        if i < at {
+            let end = f.offset as usize + chain::HEADER_BYTES + f.payload.len();
+            out.extend_from_slice(&bytes[f.offset as usize..end]);
+            prev = f.hash;
+            continue;
+        }
+        let payload = if i == at {
+            String::from_utf8(f.payload.clone())
+                .unwrap()
+                .replacen(from, to, 1)
+                .into_bytes()
+        } else {
+            f.payload.clone()
+        };
+        let (frame, h) = chain::encode_record(f.seq, &prev, &payload);
+        out.extend(frame);
+        prev = h;
+    }
+    std::fs::write(path, &out).unwrap();
+    chain::verify(&chain::parse(&out), &[]).expect("a consistent rewrite");
 }

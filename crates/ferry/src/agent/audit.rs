@@ -69,6 +69,76 @@ pub fn action_record(who: &Asker, action: &Action, op: &str) -> Value {
     })
 }
 
+/// A console login (`CreateSession`) or logout (`DeleteSession`) as one
+/// result record: the HTTP layer answers them itself (cookies), not
+/// [`super::dispatch::execute`], so it records them with this. `who`:
+/// `None` for a failed login (no token matched: nobody to name).
+pub fn session_record(
+    action: ferry_api::ActionKind,
+    who: Option<&Authority>,
+    from: Option<SocketAddr>,
+    result: Value,
+) -> Value {
+    let (token, role) = match who {
+        Some(Authority::Token { name, role }) => (Some(name.clone()), Some(role.as_str())),
+        _ => (None, None),
+    };
+    let route = action.route();
+    json!({
+        "kind": "action",
+        "op": crate::audit::new_op_id(),
+        "action": action.name(),
+        "who": who.map_or_else(|| "unknown token".to_string(), Authority::describe),
+        "token": token,
+        "role": role,
+        "peer": null,
+        "from": from.map(|a| a.to_string()),
+        "request": {"method": route.method.as_str(), "path": route.path},
+        "phase": "result",
+        "result": result,
+    })
+}
+
+/// How many failed console logins are recorded per minute
+/// (`audit.failed_logins_per_minute_max`): anyone who reaches the API can
+/// try a login, and the log is pruned by size, so a flood of bad tokens
+/// must not push the real records out. The ones over the limit are counted
+/// and the count goes into the next failed login recorded.
+#[derive(Debug)]
+pub struct FailedLogins {
+    per_minute_max: u32,
+    /// (the minute, failed logins recorded in it, not recorded since the
+    /// last one that was).
+    state: std::sync::Mutex<(i64, u32, u64)>,
+}
+
+impl FailedLogins {
+    pub fn new(per_minute_max: u32) -> FailedLogins {
+        FailedLogins {
+            per_minute_max,
+            state: std::sync::Mutex::new((i64::MIN, 0, 0)),
+        }
+    }
+
+    /// A failed login at `now_ms`: `Some(n)` to record it (`n` failed
+    /// logins before it went unrecorded), `None` over the limit.
+    pub fn admit(&self, now_ms: i64) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let minute = now_ms.div_euclid(60_000);
+        if s.0 != minute {
+            s.0 = minute;
+            s.1 = 0;
+        }
+        if s.1 < self.per_minute_max {
+            s.1 += 1;
+            Some(std::mem::take(&mut s.2))
+        } else {
+            s.2 += 1;
+            None
+        }
+    }
+}
+
 /// `rec` as its `request` or `result` record.
 pub fn phase(rec: &Value, phase: &str, result: Option<Value>) -> Value {
     let mut v = rec.clone();
@@ -498,5 +568,47 @@ mod tests {
             "a snapshot's number token is not a secret"
         );
         assert_eq!(v["name"], "b");
+    }
+
+    #[test]
+    fn failed_logins_are_recorded_up_to_the_limit_per_minute_and_the_rest_counted() {
+        let f = FailedLogins::new(2);
+        let t = 10 * 60_000;
+        assert_eq!(f.admit(t), Some(0));
+        assert_eq!(f.admit(t + 1), Some(0));
+        assert_eq!(f.admit(t + 2), None);
+        assert_eq!(f.admit(t + 59_999), None);
+        // The next minute: recorded again, with the two left out counted.
+        assert_eq!(f.admit(t + 60_000), Some(2));
+        assert_eq!(f.admit(t + 60_001), Some(0));
+        assert_eq!(f.admit(t + 60_002), None);
+    }
+
+    #[test]
+    fn a_session_record_names_who_from_where_and_the_result() {
+        let who = Authority::Token {
+            name: "alice".into(),
+            role: ferry_api::Role::Admin,
+        };
+        let from: SocketAddr = "198.18.0.4:5000".parse().unwrap();
+        let v = session_record(
+            ferry_api::ActionKind::CreateSession,
+            Some(&who),
+            Some(from),
+            json!({"ok": true}),
+        );
+        assert_eq!(v["action"], "CreateSession");
+        assert_eq!(v["token"], "alice");
+        assert_eq!(v["role"], "admin");
+        assert_eq!(v["from"], "198.18.0.4:5000");
+        assert_eq!(v["phase"], "result");
+        let v = session_record(
+            ferry_api::ActionKind::CreateSession,
+            None,
+            None,
+            json!({"ok": false}),
+        );
+        assert_eq!(v["who"], "unknown token");
+        assert_eq!(v["token"], Value::Null);
     }
 }

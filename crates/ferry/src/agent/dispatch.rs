@@ -198,6 +198,10 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
                 .map(|p| peer_info(&ctx, p))
                 .collect(),
         ),
+        Action::GetConfig => Reply::Config(r::EffectiveConfig {
+            node: ctx.identity.node_name.clone(),
+            config: serde_json::to_value(&ctx.cfg).map_err(|e| internal(e.to_string()))?,
+        }),
         Action::AddNode(req) => Reply::NodeAdded(add_node(ctx, req).await?),
         Action::Pair(p) => Reply::Paired(pair(ctx, who, p).await?),
         Action::Repin(req) => Reply::Repinned(repin(ctx, who, req).await?),

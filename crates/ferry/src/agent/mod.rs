@@ -7,7 +7,7 @@
 //! drop, dirty maps are saved and every volume is marked cleanly stopped, so a
 //! restart resumes without a full resync.
 
-mod audit;
+pub mod audit;
 pub mod dispatch;
 mod hosts;
 pub mod nbd_tls;

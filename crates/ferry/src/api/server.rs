@@ -79,6 +79,9 @@ pub struct Caller {
 pub struct Console {
     pub sessions: Arc<Sessions>,
     pub streams: Arc<events::Streams>,
+    /// Failed logins recorded in the audit log, at most
+    /// `audit.failed_logins_per_minute_max`.
+    pub failed_logins: Arc<crate::agent::audit::FailedLogins>,
 }
 
 fn unauthorized() -> Response {
@@ -109,6 +112,7 @@ async fn auth(State(ctx): Ctx, mut req: Request, next: Next) -> Response {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(|t| t.trim().to_string());
     let peer = caller.as_ref().and_then(|c| c.peer.clone());
+    let login = req.method() == Method::POST && req.uri().path() == "/api/v1/session";
     let mut session_id = None;
     if peer.is_none() && presented.is_none() {
         if req.method() == Method::POST && req.uri().path() == "/api/v1/session" {
@@ -181,6 +185,9 @@ async fn auth(State(ctx): Ctx, mut req: Request, next: Next) -> Response {
         (None, None) => req.extensions().get::<Authority>().cloned(),
     };
     let Some(authority) = authority else {
+        if login {
+            failed_login(&ctx, &console, caller.as_ref().and_then(|c| c.addr)).await;
+        }
         return unauthorized();
     };
     if let Some(id) = session_id {
@@ -191,6 +198,27 @@ async fn auth(State(ctx): Ctx, mut req: Request, next: Next) -> Response {
     }
     req.extensions_mut().insert(authority);
     next.run(req).await
+}
+
+/// A console login with a token that is not valid here, in the audit log
+/// (at most `audit.failed_logins_per_minute_max` a minute; the rest
+/// counted in the next one). Recorded before the 401 goes out; a log that
+/// cannot be written does not change the answer.
+async fn failed_login(ctx: &Arc<AgentCtx>, console: &Console, from: Option<std::net::SocketAddr>) {
+    let now = jiff::Timestamp::now().as_millisecond();
+    let Some(unrecorded) = console.failed_logins.admit(now) else {
+        return;
+    };
+    tracing::warn!(from = ?from, "api.login_failed");
+    let mut result = json!({"ok": false, "error": {"kind": "unauthorized", "status": 401,
+        "message": "not a valid token on this node"}});
+    if unrecorded > 0 {
+        result["unrecorded_failed_logins_before"] = json!(unrecorded);
+    }
+    let rec = crate::agent::audit::session_record(ActionKind::CreateSession, None, from, result);
+    if let Err(e) = crate::agent::audit::record(ctx, rec).await {
+        tracing::error!(error = %e, "audit.login_not_recorded");
+    }
 }
 
 /// Every route, authorization: what the route needs of its caller
@@ -328,7 +356,7 @@ async fn handle(
         addr: caller.as_ref().and_then(|c| c.addr),
         op: dispatch::op_header(&http.headers),
     };
-    let (who, action) = match http_action(&ctx, &http, who, action) {
+    let (who, action) = match http_action(&ctx, &http, who, action).await {
         Ok(done) => return done,
         Err(to_dispatch) => to_dispatch,
     };
@@ -377,7 +405,7 @@ fn report_format(kind: ActionKind, query: &BTreeMap<String, String>) -> Result<b
 /// The actions the HTTP layer answers itself (sessions: cookies; events: a
 /// streamed body); any other goes back to be dispatched.
 #[allow(clippy::result_large_err)]
-fn http_action(
+async fn http_action(
     ctx: &Arc<AgentCtx>,
     http: &HttpSide,
     who: Asker,
@@ -397,6 +425,21 @@ fn http_action(
                 .into_response());
             };
             tracing::info!(token = %s.name, role = %s.role, "api.session_created");
+            // Recorded before the cookie goes out; no login the log
+            // cannot record (as for any action that changes something).
+            let rec = crate::agent::audit::session_record(
+                ActionKind::CreateSession,
+                Some(&who.authority),
+                who.addr,
+                json!({"ok": true}),
+            );
+            if let Err(e) = crate::agent::audit::record(ctx, rec).await {
+                sessions.remove(&id);
+                return Ok(ApiError::from(ActionError::unavailable(format!(
+                    "refused: the audit log cannot record this login ({e})"
+                )))
+                .into_response());
+            }
             (
                 [(header::SET_COOKIE, session::set_cookie(&id, sessions.ttl()))],
                 Json(Reply::SessionCreated(s.info())),
@@ -416,6 +459,17 @@ fn http_action(
                 .session
                 .as_deref()
                 .is_some_and(|id| sessions.remove(id));
+            // The session has ended whatever the log says: a logout that
+            // could not be recorded is logged, not refused.
+            let rec = crate::agent::audit::session_record(
+                ActionKind::DeleteSession,
+                Some(&who.authority),
+                who.addr,
+                json!({"ok": true, "ended": ended}),
+            );
+            if let Err(e) = crate::agent::audit::record(ctx, rec).await {
+                tracing::error!(error = %e, "audit.logout_not_recorded");
+            }
             (
                 [(header::SET_COOKIE, session::clear_cookie())],
                 Json(Reply::SessionEnded(ferry_api::reply::SessionEnded {
@@ -451,6 +505,9 @@ fn app(ctx: Arc<AgentCtx>) -> Router {
     let console = Console {
         sessions: Arc::new(Sessions::new(ctx.cfg.api.session_ttl_ms)),
         streams: Arc::new(events::Streams::default()),
+        failed_logins: Arc::new(crate::agent::audit::FailedLogins::new(
+            ctx.cfg.audit.failed_logins_per_minute_max,
+        )),
     };
     let api = by_path
         .into_iter()

@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// `[audit]`: the audit log's limits, each with its unit.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSettings {
     /// The log file is pruned (oldest records first, a checkpoint kept)
@@ -51,6 +51,10 @@ pub struct AuditSettings {
     /// Recent heads a holder keeps per node (plus as many older ones,
     /// spaced out).
     pub heads_kept: usize,
+    /// Failed console logins recorded per minute; more are counted and the
+    /// count goes into the next one recorded (a flood of bad tokens must
+    /// not push the real records out of a log pruned by size).
+    pub failed_logins_per_minute_max: u32,
 }
 
 impl Default for AuditSettings {
@@ -60,6 +64,7 @@ impl Default for AuditSettings {
             head_interval_ms: 60_000,
             queue_max: 4096,
             heads_kept: 32,
+            failed_logins_per_minute_max: 20,
         }
     }
 }
@@ -72,8 +77,8 @@ impl AuditSettings {
         if self.head_interval_ms < 10 {
             return Err("audit.head_interval_ms must be at least 10".into());
         }
-        if self.queue_max == 0 || self.heads_kept == 0 {
-            return Err("audit.queue_max and audit.heads_kept must be at least 1".into());
+        if self.queue_max == 0 || self.heads_kept == 0 || self.failed_logins_per_minute_max == 0 {
+            return Err("audit.queue_max, audit.heads_kept and audit.failed_logins_per_minute_max must be at least 1".into());
         }
         Ok(())
     }

@@ -35,7 +35,7 @@ use ferry_core::history::{
 use serde::Deserialize;
 
 /// `[history]` in the agent's config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HistorySettings {
     /// Record statistics history at all.

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 
 /// Async shares' watcher, each setting with its unit in its name.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShareSettings {
     /// Changes seen are gathered this long after the first before they go.

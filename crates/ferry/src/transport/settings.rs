@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 /// Limits of replication links, each with its unit in its name.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicationSettings {
     /// Dirty-map block size (power of two, 4 KiB to 64 MiB).
