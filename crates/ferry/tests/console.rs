@@ -596,19 +596,6 @@ impl Writer {
 fn a_migration_is_started_watched_and_cut_over_from_the_console() {
     require("chromium");
     require("qemu-io");
-/// The Configure and Audit views (tests/console/confaudit_test.py): an
-/// admin creates a token (secret shown once), revokes one after the
-/// confirmation and changes a workload's start hook and time limit — on
-/// both nodes, checked here with the CLI; the Audit view shows each with
-/// the token's name, and the login, filters narrow it, and the chain
-/// verifies; a viewer gets no control and 403s. Then one byte of a's audit
-/// log is changed on disk: `ferry audit verify` fails, and so does the
-/// Audit view's "Verify now"; the byte back, the chain is rewritten
-/// consistently with the Audit view open: "Verify now" shows it rewritten,
-/// the peer's and the witness's heads differing from the records.
-#[test]
-fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
-    require("chromium");
     for need in [VENV_PYTHON, AXE] {
         assert!(
             std::path::Path::new(need).exists(),
@@ -640,12 +627,6 @@ fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
     );
     common::qemu_io(&net.nbd_uri("a", "vol"), &["write -P 0x77 16M 48M"]);
     let writer = Writer::start(net.nbd_uri("a", "vol"));
-    net.start_witness();
-    // Heads sent every second: the Audit view compares them.
-    let audit = "\n[audit]\nhead_interval_ms = 1000\n";
-    net.start_agent_with("a", audit);
-    net.start_agent_with("b", audit);
-    net.ha_workload();
     let token = |name: &str, role: &str| -> String {
         let out = net.ok("a", &["token", "create", name, "--role", role]);
         out.lines().next().unwrap().trim().to_string()
@@ -660,6 +641,83 @@ fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
         .args(["--base", &format!("https://{}:7360", addr_of("a"))])
         .args(["--operator", &operator, "--viewer", &viewer])
         .args(["--workload", "web", "--target", "b", "--rate-mib", "2"])
+        .arg("--shots")
+        .arg(&shots)
+        .args(["--axe", AXE])
+        .env("HOME", net.root.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    let acked = writer.finish();
+    assert!(
+        out.status.success(),
+        "the browser script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        acked.len() >= before + 20,
+        "the writer kept writing during the migration: {before} → {}",
+        acked.len()
+    );
+    // What the page did, as the CLI sees it.
+    let st = net.json("a", &["migrate", "status", "web"]);
+    assert_eq!(st["phase"], "completed", "{st}");
+    assert!(
+        st["last_cutover"]["downtime_ms"].as_f64().unwrap() > 0.0,
+        "{st}"
+    );
+    let log = std::fs::read_to_string(&hooks).unwrap();
+    // The test instance (started and ended from the page), then the cutover.
+    assert!(
+        log.starts_with("start b test\n") && log.ends_with("stop a source\nstart b target\n"),
+        "{log}"
+    );
+    // b serves the volume with every acknowledged record and the old data.
+    let uri = net.nbd_uri("b", "vol");
+    for chunk in acked.chunks(64) {
+        let cmds: Vec<String> = chunk
+            .iter()
+            .map(|i| format!("read -P {} {} 4k", i % 200 + 1, i * 4096))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let out = common::qemu_io(&uri, &cmds);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+    let out = common::qemu_io(&uri, &["read -P 0x77 16M 48M"]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+/// The Configure and Audit views (tests/console/confaudit_test.py): an
+/// admin creates a token (secret shown once), revokes one after the
+/// confirmation and changes a workload's start hook and time limit — on
+/// both nodes, checked here with the CLI; the Audit view shows each with
+/// the token's name, and the login, filters narrow it, and the chain
+/// verifies; a viewer gets no control and 403s. Then one byte of a's audit
+/// log is changed on disk: `ferry audit verify` fails, and so does the
+/// Audit view's "Verify now"; the byte back, the chain is rewritten
+/// consistently with the Audit view open: "Verify now" shows it rewritten,
+/// the peer's and the witness's heads differing from the records.
+#[test]
+fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
+    require("chromium");
+    for need in [VENV_PYTHON, AXE] {
+        assert!(
+            std::path::Path::new(need).exists(),
+            "{need} missing: run scripts/install-deps"
+        );
+    }
+    let mut net = Net::new();
+    net.start_witness();
+    // Heads sent every second: the Audit view compares them.
+    let audit = "\n[audit]\nhead_interval_ms = 1000\n";
+    net.start_agent_with("a", audit);
+    net.start_agent_with("b", audit);
+    net.ha_workload();
+    let token = |name: &str, role: &str| -> String {
+        let out = net.ok("a", &["token", "create", name, "--role", role]);
+        out.lines().next().unwrap().trim().to_string()
+    };
     let (admin, viewer, doomed) = (
         token("alice", "admin"),
         token("vic", "viewer"),
@@ -758,11 +816,6 @@ fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
         .arg(&shots)
         .args(["--axe", AXE])
         .env("HOME", net.root.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!("{stdout}");
-    let acked = writer.finish();
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -781,37 +834,6 @@ fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
         "the browser script failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        acked.len() >= before + 20,
-        "the writer kept writing during the migration: {before} → {}",
-        acked.len()
-    );
-    // What the page did, as the CLI sees it.
-    let st = net.json("a", &["migrate", "status", "web"]);
-    assert_eq!(st["phase"], "completed", "{st}");
-    assert!(
-        st["last_cutover"]["downtime_ms"].as_f64().unwrap() > 0.0,
-        "{st}"
-    );
-    let log = std::fs::read_to_string(&hooks).unwrap();
-    // The test instance (started and ended from the page), then the cutover.
-    assert!(
-        log.starts_with("start b test\n") && log.ends_with("stop a source\nstart b target\n"),
-        "{log}"
-    );
-    // b serves the volume with every acknowledged record and the old data.
-    let uri = net.nbd_uri("b", "vol");
-    for chunk in acked.chunks(64) {
-        let cmds: Vec<String> = chunk
-            .iter()
-            .map(|i| format!("read -P {} {} 4k", i % 200 + 1, i * 4096))
-            .collect();
-        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        let out = common::qemu_io(&uri, &cmds);
-        assert!(!out.contains("Pattern verification failed"), "{out}");
-    }
-    let out = common::qemu_io(&uri, &["read -P 0x77 16M 48M"]);
-    assert!(!out.contains("Pattern verification failed"), "{out}");
 }
 
 /// Rewrites the audit log at `path` consistently: in the first record
