@@ -456,7 +456,7 @@ fn the_statistics_view_charts_history_and_downloads_the_same_csv_as_the_cli() {
         .tempdir()
         .unwrap();
     let a = Agent::start(root.path(), "a", "\n[history]\nsample_interval_ms = 500\n");
-    let off = Agent::start(root.path(), "off", "\n[history]\nenabled = false\n");
+    let off = Agent::start(root.path(), "b", "\n[history]\nenabled = false\n");
     a.ok(&["volume", "create", "v", "--size", "32MiB"]);
     a.ok(&["workload", "create", "web", "--volume", "v"]);
     // The writer: 1 MiB every 2 s for ~20 s.
