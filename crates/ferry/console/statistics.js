@@ -277,6 +277,7 @@ function statsChart(metric, reply, label) {
   const t0 = Math.ceil((from - tz) / tickS) * tickS + tz;
   for (let t = t0; t <= to; t += tickS) {
     const xx = x(t);
+    if (xx < CH.l + 22 || xx > CH.w - CH.r - 14) continue; // its label would hit the y axis' or leave the chart
     root.append(svg("line", { x1: f(xx), x2: f(xx), y1: CH.t + ph, y2: CH.t + ph + 4, class: "axis" }));
     root.append(svg("text", { x: f(xx), y: CH.h - 8, class: "xlabel", "text-anchor": "middle" }, timeLabel(t, span)));
   }
@@ -303,6 +304,31 @@ function statsChart(metric, reply, label) {
     if (r.length === 1) root.append(svg("circle", { cx: f(mid(r[0])), cy: f(y(r[0].mean)), r: 2.5, class: "dot" }));
   }
   root.append(svg("line", { x1: CH.l, x2: CH.l, y1: CH.t, y2: CH.t + ph, class: "axis" }));
+  // The pointer's readout: the nearest point's time and values (for the
+  // mouse; the data table below is the same for everyone).
+  const cursor = svg("line", { y1: CH.t, y2: CH.t + ph, class: "cursor", visibility: "hidden", "aria-hidden": "true" });
+  const readout = svg("text", { x: CH.w - CH.r - 4, y: CH.t + 12, class: "readout", "text-anchor": "end",
+    visibility: "hidden", "aria-hidden": "true" });
+  root.append(cursor, readout);
+  const hide = () => { cursor.setAttribute("visibility", "hidden"); readout.setAttribute("visibility", "hidden"); };
+  root.addEventListener("pointermove", (ev) => {
+    const box = root.getBoundingClientRect();
+    const sx = ((ev.clientX - box.left) * CH.w) / Math.max(1, box.width);
+    let best = null, dist = Infinity;
+    for (const p of pts) {
+      const dd = Math.abs(mid(p) - sx);
+      if (dd < dist) { dist = dd; best = p; }
+    }
+    if (!best || dist > 30 || sx < CH.l) { hide(); return; }
+    const v = (n) => statsValue(metric.unit, n);
+    cursor.setAttribute("x1", f(mid(best)));
+    cursor.setAttribute("x2", f(mid(best)));
+    readout.textContent = timeFull(best.t) + ": " + v(best.mean) +
+      (best.min !== best.max ? " (" + v(best.min) + " – " + v(best.max) + ")" : "");
+    cursor.setAttribute("visibility", "visible");
+    readout.setAttribute("visibility", "visible");
+  });
+  root.addEventListener("pointerleave", hide);
   if (sum) {
     root.dataset.latest = sum.latest;
     root.dataset.min = sum.min;
@@ -355,7 +381,7 @@ function statsCard(metric, series) {
   chart.setAttribute("aria-describedby", "d-" + id);
   const open = ST.tables.has(series);
   const details = el("details", { id: "table-" + id },
-    el("summary", {}, "Data table (" + reply.points.length + " points)"),
+    el("summary", { id: "sum-" + id }, "Data table (" + reply.points.length + " points)"),
     open ? el("table", { class: "data" },
       el("caption", {}, metric.title + ", " + series + " (" + metric.unit + ")"),
       el("thead", {}, el("tr", {}, ["Time", "Mean", "Min", "Max", "Samples"].map((h) => el("th", { scope: "col" }, h)))),

@@ -179,6 +179,15 @@ with sync_playwright() as pw:
     check(any("since=900&step=10" in u for u in asked), f"15 min asks since=900&step=10: {asked}")
     check(page.evaluate("document.activeElement.id") == "range-15m", "the focus stays on the range")
     page.wait_for_selector(CHART + " path.mean")
+    # The pointer over the highest point: the readout names its values.
+    d = page.get_attribute(CHART + " path.band", "d")
+    peak = min((tuple(map(float, xy.split(","))) for xy in
+                d.replace("M", " ").replace("L", " ").replace("Z", " ").split()), key=lambda q: q[1])
+    box = page.query_selector(CHART).bounding_box()
+    page.mouse.move(box["x"] + peak[0] * box["width"] / 600, box["y"] + peak[1] * box["height"] / 230)
+    page.wait_for_selector(CHART + " text.readout[visibility=visible]")
+    readout = page.text_content(CHART + " text.readout")
+    check(f"– {bytes_per_s(cli_max)}" in readout, f"the pointer's readout shows the peak {bytes_per_s(cli_max)}: {readout}")
     shot(page, "statistics-volume")
     axe(page, "statistics-volume")
     for _ in range(3):
@@ -219,6 +228,13 @@ with sync_playwright() as pw:
     login(page, args.viewer)
     page.goto(args.base + "/#statistics")
     page.wait_for_selector("#stats-scope")
+    page.select_option("#stats-scope", f"workload/{args.workload}")
+    page.wait_for_selector(f'svg[data-series="workload/{args.workload}/write_bytes_per_s"]')
+    titles = page.eval_on_selector_all(".chartcard h2", "hs => hs.map(h => h.firstChild.textContent.trim())")
+    check(titles[:3] == ["Write rate", "Link rate", "Backlog"] and "Write IOPS" in titles,
+          f"the workload's charts: {titles}")
+    shot(page, "statistics-workload")
+    axe(page, "statistics-workload")
     page.select_option("#stats-scope", f"volume/{args.volume}")
     page.wait_for_selector(CHART + " path.mean")
     buttons = set(visible_buttons(page))
