@@ -207,6 +207,7 @@ function statsTick() {
     ST.timer = null;
     return;
   }
+  if (document.hidden) return; // a tab in the background asks nothing
   statsLoad();
 }
 
@@ -269,7 +270,7 @@ function statsChart(metric, reply, label) {
     const yy = CH.t + ph - (v / yMax) * ph;
     root.append(svg("line", { x1: CH.l, x2: CH.w - CH.r, y1: f(yy), y2: f(yy), class: v === 0 ? "axis" : "grid" }));
     root.append(svg("text", { x: CH.l - 6, y: f(yy + 4), class: "ylabel", "text-anchor": "end" },
-      trimNum(v, decimals) + sc.suffix));
+      v === 0 ? "0" : trimNum(v, decimals) + sc.suffix));
   }
   // Time ticks.
   const tickS = TIME_TICKS_S.find((s) => span / s <= 6) || TIME_TICKS_S[TIME_TICKS_S.length - 1];
