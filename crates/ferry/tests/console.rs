@@ -434,7 +434,7 @@ fn an_operator_certificate_is_served_to_browsers_and_a_readable_key_refused() {
 
 /// The Statistics view (tests/console/statistics_test.py): an agent whose
 /// history samples every 500 ms, a volume in a workload that qemu-io
-/// writes for ~20 s (so the write rate and IOPS have real non-zero points
+/// writes for ~30 s (so the write rate and IOPS have real non-zero points
 /// in several 10 s intervals), and an agent with history off (the empty
 /// state). The page lists the scopes, draws the volume's write rate, its
 /// summary and CSV equal `ferry stats`, the range choice changes the
@@ -459,8 +459,9 @@ fn the_statistics_view_charts_history_and_downloads_the_same_csv_as_the_cli() {
     let off = Agent::start(root.path(), "b", "\n[history]\nenabled = false\n");
     a.ok(&["volume", "create", "v", "--size", "32MiB"]);
     a.ok(&["workload", "create", "web", "--volume", "v"]);
-    // The writer: 1 MiB every 2 s for ~20 s.
-    for i in 0..10 {
+    // The writer: 1 MiB every 2 s for ≥ 28 s (any 20 s or more touch at
+    // least three 10 s intervals).
+    for i in 0..15 {
         common::qemu_io(&a.uri("v"), &[&format!("write -P {} {i}M 1M", i + 1)]);
         std::thread::sleep(Duration::from_secs(2));
     }
