@@ -875,3 +875,91 @@ fn rewrite_consistently(path: &std::path::Path, from: &str, to: &str) {
     std::fs::write(path, &out).unwrap();
     chain::verify(&chain::parse(&out), &[]).expect("a consistent rewrite");
 }
+
+/// The Statistics view (tests/console/statistics_test.py): an agent whose
+/// history samples every 500 ms, a volume in a workload that qemu-io
+/// writes for ~30 s (so the write rate and IOPS have real non-zero points
+/// in several 10 s intervals), and an agent with history off (the empty
+/// state). The page lists the scopes, draws the volume's write rate, its
+/// summary and CSV equal `ferry stats`, the range choice changes the
+/// query, keyboard operation, a viewer's view, refreshing only while the
+/// view is open. Runs on 127.0.0.1 (no namespace needed: one node).
+#[test]
+fn the_statistics_view_charts_history_and_downloads_the_same_csv_as_the_cli() {
+    use common::agent::{wait_until, Agent};
+    require("chromium");
+    require("qemu-io");
+    for need in [VENV_PYTHON, AXE] {
+        assert!(
+            std::path::Path::new(need).exists(),
+            "{need} missing: run scripts/install-deps"
+        );
+    }
+    let root = tempfile::Builder::new()
+        .prefix("ferry-console-stats")
+        .tempdir()
+        .unwrap();
+    let a = Agent::start(root.path(), "a", "\n[history]\nsample_interval_ms = 500\n");
+    let off = Agent::start(root.path(), "b", "\n[history]\nenabled = false\n");
+    a.ok(&["volume", "create", "v", "--size", "32MiB"]);
+    a.ok(&["workload", "create", "web", "--volume", "v"]);
+    // The writer: 1 MiB every 2 s for ≥ 28 s (any 20 s or more touch at
+    // least three 10 s intervals).
+    for i in 0..15 {
+        common::qemu_io(&a.uri("v"), &[&format!("write -P {} {i}M 1M", i + 1)]);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let written_points = || -> usize {
+        a.json(&["stats", "volume/v/write_bytes_per_s", "--since", "5m"])["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["max"].as_f64().unwrap() > 0.0)
+            .count()
+    };
+    wait_until(30, "3 points with writes in the history", || {
+        written_points() >= 3
+    });
+    let token = |agent: &Agent, name: &str, role: &str| -> String {
+        let out = agent.ok(&["token", "create", name, "--role", role]);
+        out.lines().next().unwrap().trim().to_string()
+    };
+    let (admin, viewer, off_admin) = (
+        token(&a, "alice", "admin"),
+        token(&a, "vic", "viewer"),
+        token(&off, "olga", "admin"),
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/console/statistics_test.py");
+    let out = Command::new(VENV_PYTHON)
+        .arg(&script)
+        .args(["--base", &format!("https://{}", a.api)])
+        .args(["--base-off", &format!("https://{}", off.api)])
+        .args([
+            "--admin",
+            &admin,
+            "--viewer",
+            &viewer,
+            "--admin-off",
+            &off_admin,
+        ])
+        .args(["--node", "a", "--volume", "v", "--workload", "web"])
+        .arg("--ferry")
+        .arg(ferry_bin())
+        .args(["--api", &a.api])
+        .arg("--data-dir")
+        .arg(&a.dir)
+        .arg("--shots")
+        .arg(screenshot_dir())
+        .args(["--axe", AXE])
+        .env("HOME", root.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the browser script failed:\n{stdout}\n{}\n--- agent log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log_text()
+    );
+}
