@@ -63,6 +63,8 @@ function badge(state) { return el("span", { class: "badge " + badgeClass(state) 
 function showLogin(message) {
   if (S.source) { S.source.close(); S.source = null; }
   S.session = null;
+  S.view = null;
+  clearTimeout(S.ratesTimer);
   $("nav").hidden = true; $("who").hidden = true; $("view").replaceChildren();
   $("login").hidden = false;
   $("login-error").textContent = message || "";
@@ -95,13 +97,14 @@ async function start() {
   await refresh();
   listen();
   route();
-  nodeRates();
 }
 
 // The node's replication link rate and write rate: the history's latest
-// 10-s points, asked every 10 s (the sampler's own interval).
+// 10-s points, asked every 10 s (the sampler's own interval) while the
+// Overview is shown, and not at all otherwise.
 async function nodeRates() {
-  if (!S.session) return;
+  clearTimeout(S.ratesTimer);
+  if (!S.session || S.view !== "overview") return;
   const name = S.node && S.node.node_name;
   const last = async (metric) => {
     try {
@@ -111,7 +114,8 @@ async function nodeRates() {
   };
   const [link, write] = await Promise.all([last("link_bytes_per_s"), last("write_bytes_per_s")]);
   S.rates = { link, write };
-  if (S.view === "overview") render();
+  if (S.view !== "overview") return;
+  render();
   clearTimeout(S.ratesTimer);
   S.ratesTimer = setTimeout(nodeRates, 10000);
 }
@@ -159,8 +163,10 @@ function route() {
   for (const a of document.querySelectorAll("nav a")) {
     if (a.dataset.view === v) a.setAttribute("aria-current", "page"); else a.removeAttribute("aria-current");
   }
+  const was = S.view;
   S.view = v;
   render();
+  if (v === "overview" && was !== "overview") nodeRates();
 }
 
 // Each view's script (console/VIEW.js) registers its function here:
