@@ -73,6 +73,9 @@ data_dir = "$work/$n"
 api_listen = "127.0.0.1:$api"
 replication_listen = "127.0.0.1:$repl"
 
+[migration]
+migrations_max = $workloads
+
 [cluster]
 peer = "$peer"
 heartbeat = ["127.0.0.1:$hb"]

@@ -240,7 +240,7 @@ routes! {
     CreateSession: Post "/api/v1/session", VIEWER, ANY, "Console login: the named token in the body; a `ferry_session` cookie (HttpOnly, Secure, SameSite=Strict) and its CSRF value.";
     GetSession: Get "/api/v1/session", VIEWER, ANY, "The console session the cookie holds: who, role, expiry.";
     DeleteSession: Delete "/api/v1/session", VIEWER, ANY, "Console logout: the session ends.";
-    Events: Get "/api/v1/events", VIEWER, ANY, "Server-Sent Events: `migrations`, `cluster`, `nodes` snapshots when they change (at most once per second) and each cluster `event`.";
+    Events: Get "/api/v1/events", VIEWER, ANY, "Server-Sent Events: `migrations`, `cluster`, `nodes` snapshots when they change (looked at once per second, and every 200 ms for 2 s after an action on this node) and each cluster `event`.";
     GetStats: Get "/api/v1/stats", VIEWER, ANY, "`ferry stats`: a series' history (`series`, `from`, `to`, `since`, `step`).";
     ListStats: Get "/api/v1/stats/series", VIEWER, ANY, "The statistics series this node records.";
     MigrationReport: Get "/api/v1/migrations/{name}/report", VIEWER, ANY, "`ferry migrate report`: a migration after the fact (timeline, bytes, rates, downtime).";

@@ -1,8 +1,10 @@
 //! `GET /api/v1/events`: Server-Sent Events for the console and `ferry
-//! events --follow`. At most once per second a stream sends `event:
-//! migrations`, `cluster` and `nodes` — the same typed replies as the GET
-//! routes — when they changed since it last sent them, and `event: event`
-//! for each cluster event it has not sent yet. At most
+//! events --follow`. Once per second — and every `EVENTS_BURST_TICK_MS`
+//! for `EVENTS_BURST_MS` after an action changed something on this node,
+//! so that what an operator just did shows at once — a stream sends
+//! `event: migrations`, `cluster` and `nodes` — the same typed replies as
+//! the GET routes — when they changed since it last sent them, and `event:
+//! event` for each cluster event it has not sent yet. At most
 //! `api.event_streams_max` streams are open at once (429 past that). A
 //! stream ends (`event: end`) as soon as the token it was opened with is
 //! revoked or its session ends.
@@ -27,6 +29,11 @@ use super::session::{self, Sessions};
 
 /// How often a stream looks for changes.
 pub const EVENTS_INTERVAL_MS: u64 = 1000;
+/// After an action changed something here, a stream looks this often…
+pub const EVENTS_BURST_TICK_MS: u64 = 200;
+/// …for this long (the handover's last steps, e.g. the cluster thread
+/// publishing the new primary, land within it).
+pub const EVENTS_BURST_MS: u64 = 2000;
 /// A stream with nothing new sends a comment this often (clients and
 /// proxies see it alive).
 pub const EVENTS_KEEPALIVE_MS: u64 = 15_000;
@@ -121,19 +128,38 @@ async fn run(
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) {
     let mut revoked = sessions.watch();
-    let mut tick = tokio::time::interval(Duration::from_millis(EVENTS_INTERVAL_MS));
+    let mut changes = sessions.watch_changes();
+    let mut tick = tokio::time::interval(Duration::from_millis(EVENTS_BURST_TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut looked: Option<tokio::time::Instant> = None;
+    let mut burst_until = tokio::time::Instant::now();
     let mut last: [Option<String>; 3] = [None, None, None];
     let mut seen: HashSet<String> = HashSet::new();
     let mut quiet_since = tokio::time::Instant::now();
     loop {
+        let mut now_please = false;
         tokio::select! {
             _ = tick.tick() => {}
             changed = revoked.changed() => {
                 if changed.is_err() { return; }
+                now_please = true;
+            }
+            changed = changes.changed() => {
+                if changed.is_err() { return; }
+                burst_until = tokio::time::Instant::now() + Duration::from_millis(EVENTS_BURST_MS);
+                now_please = true;
             }
             _ = tx.closed() => return,
         }
+        let now = tokio::time::Instant::now();
+        let due = now_please
+            || now < burst_until
+            || looked
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_millis(EVENTS_INTERVAL_MS));
+        if !due {
+            continue;
+        }
+        looked = Some(now);
         if !owner.still_valid(&ctx, &sessions) {
             let _ = tx
                 .send(frame(

@@ -366,6 +366,9 @@ async fn handle(
             if changes_tokens {
                 http.console.sessions.tokens_changed(&ctx);
             }
+            if route.method != ferry_api::Method::Get {
+                http.console.sessions.state_changed();
+            }
             match reply {
                 Reply::MigrationReport(r) if html => console::secure(
                     (

@@ -67,6 +67,9 @@ pub struct Sessions {
     map: Mutex<HashMap<String, Session>>,
     ttl: Duration,
     revoked: tokio::sync::watch::Sender<u64>,
+    /// Moves after every state-changing action this node answered: event
+    /// streams look again at once rather than at their next second.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// The role `token` has on this node now: the api.token file's (admin) or a
@@ -91,6 +94,7 @@ impl Sessions {
             map: Mutex::new(HashMap::new()),
             ttl: Duration::from_millis(ttl_ms),
             revoked: tokio::sync::watch::channel(0).0,
+            changed: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -168,6 +172,16 @@ impl Sessions {
     /// Moves whenever [`Sessions::tokens_changed`] runs.
     pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
         self.revoked.subscribe()
+    }
+
+    /// An action changed something on this node.
+    pub fn state_changed(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Moves whenever [`Sessions::state_changed`] runs.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Whether `presented` is the session's CSRF value.

@@ -104,8 +104,9 @@ pub enum Command {
         key_file: Option<PathBuf>,
     },
     /// The agent's live updates (`GET /api/v1/events`, Server-Sent Events):
-    /// `migrations`, `cluster`, `nodes` snapshots when they change (at most
-    /// once per second) and each cluster `event`. Without --follow: the
+    /// `migrations`, `cluster`, `nodes` snapshots when they change (looked
+    /// at once per second, and every 200 ms for 2 s after an action here)
+    /// and each cluster `event`. Without --follow: the
     /// first snapshots, then exit. With --json: one JSON object a line,
     /// `{"event": NAME, "data": …}`.
     Events {
