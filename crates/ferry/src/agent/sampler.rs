@@ -59,10 +59,20 @@ pub struct Sampler {
 struct LagProbe {
     /// Each workload's volumes and shares, as of the last sample.
     members: Vec<(String, Vec<String>, Vec<String>)>,
-    /// Each primary volume's bytes sent at the last probe.
-    sent: HashMap<String, (Instant, u64)>,
+    /// Each primary volume at its last probe.
+    vols: HashMap<String, VolProbe>,
     /// The lags probed since the last sample, by workload.
     probes: HashMap<String, Vec<f64>>,
+}
+
+/// One volume at its last probe.
+struct VolProbe {
+    at: Instant,
+    sent: u64,
+    written: u64,
+    backlog: u64,
+    /// Whether the last probe saw it.
+    seen: bool,
 }
 
 /// The `q`-quantile (0..=1) of `v` by the nearest rank (sorts `v`).
@@ -90,26 +100,49 @@ fn workload_lag(backlog: f64, link: f64, share_lag: f64) -> Option<f64> {
 }
 
 impl LagProbe {
-    /// One probe of every workload's lag.
-    fn probe(&mut self, ctx: &AgentCtx) {
+    /// One probe of every workload's lag; `full`: read every volume's link
+    /// (else an idle one — nothing written since a probe that found nothing
+    /// waiting — counts as 0 without its lock; a resync that starts without
+    /// a write shows at the next full probe, one per sample).
+    fn probe(&mut self, ctx: &AgentCtx, full: bool) {
         let now = Instant::now();
         let mut vols: HashMap<String, (f64, Option<f64>)> = HashMap::new();
+        for p in self.vols.values_mut() {
+            p.seen = false;
+        }
         for v in ctx.primaries() {
+            let written = v.bytes_written();
+            if let Some(p) = self.vols.get_mut(&v.name) {
+                p.seen = true;
+                // Nothing written since a probe that found nothing waiting:
+                // nothing waits now (no lock taken: most volumes are idle).
+                if !full && p.written == written && p.backlog == 0 {
+                    vols.insert(v.name.clone(), (0.0, Some(0.0)));
+                    continue;
+                }
+            }
             let (backlog, sent) = {
                 let l = v.link.lock();
                 let st = l.rep.status();
                 (st.dirty_bytes + st.backlog_bytes, l.stats.bytes_sent)
             };
-            let rate = self
-                .sent
-                .insert(v.name.clone(), (now, sent))
-                .and_then(|(t, before)| {
-                    let dt = now.duration_since(t).as_secs_f64();
-                    (dt > 0.0).then(|| sent.saturating_sub(before) as f64 / dt)
-                });
+            let probe = VolProbe {
+                at: now,
+                sent,
+                written,
+                backlog,
+                seen: true,
+            };
+            let rate = match self.vols.insert(v.name.clone(), probe) {
+                Some(before) => {
+                    let dt = now.duration_since(before.at).as_secs_f64();
+                    (dt > 0.0).then(|| sent.saturating_sub(before.sent) as f64 / dt)
+                }
+                None => None,
+            };
             vols.insert(v.name.clone(), (backlog as f64, rate));
         }
-        self.sent.retain(|k, _| vols.contains_key(k));
+        self.vols.retain(|_, p| p.seen);
         let shares = ctx.shares.primaries();
         for (w, volumes, share_names) in &self.members {
             let (mut backlog, mut link, mut known) = (0.0, 0.0, true);
@@ -401,7 +434,7 @@ pub fn spawn(ctx: Arc<AgentCtx>) -> std::io::Result<()> {
                     if at > now {
                         std::thread::sleep(at - now);
                     }
-                    s.lag.probe(&ctx);
+                    s.lag.probe(&ctx, i == 0);
                 }
                 let samples = s.sample(&ctx);
                 let r = store.record(unix_now(), &samples);
