@@ -134,41 +134,33 @@ impl Net {
     }
 
     fn start_agent(&mut self, n: &str) {
-        let dir = self.dir(n);
-        std::fs::create_dir_all(&dir).unwrap();
-        let ip = addr_of(n);
-        let peer = if n == "a" { "b" } else { "a" };
-        let config = self.root.path().join(format!("{n}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nwitness_key_file = \"{}\"\n",
-                dir.display(),
-                addr_of("w"),
-                self.root.path().join("witness.key").display(),
-            ),
-        )
-        .unwrap();
-        let mut c = self.cmd(n, ferry_bin());
-        c.args(["agent", "--config"]).arg(&config);
-        self.spawn(c, &format!("{n}.log"), "fingerprint");
+        self.start_agent_with(n, "");
     }
 
     /// [`Net::start_agent`] with `extra` TOML appended to its config (its
     /// own tables, e.g. `[audit]`).
     fn start_agent_with(&mut self, n: &str, extra: &str) {
+        let ip = addr_of(n);
+        let peer = if n == "a" { "b" } else { "a" };
+        let cluster = format!(
+            "\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nwitness_key_file = \"{}\"\n{extra}",
+            addr_of("w"),
+            self.root.path().join("witness.key").display(),
+        );
+        self.start_agent_config(n, &cluster);
+    }
+
+    /// An agent in namespace `n` with its addresses, `extra` TOML appended.
+    fn start_agent_config(&mut self, n: &str, extra: &str) {
         let dir = self.dir(n);
         std::fs::create_dir_all(&dir).unwrap();
         let ip = addr_of(n);
-        let peer = if n == "a" { "b" } else { "a" };
         let config = self.root.path().join(format!("{n}.toml"));
         std::fs::write(
             &config,
             format!(
-                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n\n[cluster]\npeer = \"{peer}\"\nheartbeat = [\"{ip}:7370\"]\nwitness = \"{}:7380\"\nheartbeat_interval_ms = 100\nfailure_timeout_ms = 1000\ncheck_interval_ms = 200\nwitness_key_file = \"{}\"\n{extra}",
+                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n{extra}",
                 dir.display(),
-                addr_of("w"),
-                self.root.path().join("witness.key").display(),
             ),
         )
         .unwrap();
@@ -265,21 +257,7 @@ impl Net {
 /// witness) in the namespaces, `b` registered at `a`.
 impl Net {
     fn start_plain_agent(&mut self, n: &str) {
-        let dir = self.dir(n);
-        std::fs::create_dir_all(&dir).unwrap();
-        let ip = addr_of(n);
-        let config = self.root.path().join(format!("{n}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "node_name = \"{n}\"\ndata_dir = \"{}\"\napi_listen = \"{ip}:7360\"\nreplication_listen = \"{ip}:7361\"\n\n[replication]\nreconnect_backoff_max_ms = 500\n",
-                dir.display(),
-            ),
-        )
-        .unwrap();
-        let mut c = self.cmd(n, ferry_bin());
-        c.args(["agent", "--config"]).arg(&config);
-        self.spawn(c, &format!("{n}.log"), "fingerprint");
+        self.start_agent_config(n, "");
     }
 
     /// `b` registered at `a` (`ferry node add`).
@@ -824,7 +802,7 @@ fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
     while !ready.exists() && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    rewrite_consistently(&log, "\"carol\"", "\"karol\"");
+    common::audit_chain::rewrite_consistently(&log, "\"carol\"", "\"karol\"");
     std::fs::write(&go, "").unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -834,46 +812,6 @@ fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
         "the browser script failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Rewrites the audit log at `path` consistently: in the first record
-/// whose payload holds `from`, `from` becomes `to`, and every hash from
-/// there on is recomputed (what a root user with the file alone can do;
-/// as in tests/audit.rs).
-fn rewrite_consistently(path: &std::path::Path, from: &str, to: &str) {
-    use ferry_core::audit as chain;
-    let bytes = std::fs::read(path).unwrap();
-    let p = chain::parse(&bytes);
-    assert!(p.tail.is_none());
-    let at = p
-        .frames
-        .iter()
-        .position(|f| String::from_utf8_lossy(&f.payload).contains(from))
-        .expect("a record to rewrite");
-    let mut out = Vec::new();
-    let mut prev = [0u8; 32];
-    for (i, f) in p.frames.iter().enumerate() {
-        assert!(!f.checkpoint);
-        if i < at {
-            let end = f.offset as usize + chain::HEADER_BYTES + f.payload.len();
-            out.extend_from_slice(&bytes[f.offset as usize..end]);
-            prev = f.hash;
-            continue;
-        }
-        let payload = if i == at {
-            String::from_utf8(f.payload.clone())
-                .unwrap()
-                .replacen(from, to, 1)
-                .into_bytes()
-        } else {
-            f.payload.clone()
-        };
-        let (frame, h) = chain::encode_record(f.seq, &prev, &payload);
-        out.extend(frame);
-        prev = h;
-    }
-    std::fs::write(path, &out).unwrap();
-    chain::verify(&chain::parse(&out), &[]).expect("a consistent rewrite");
 }
 
 /// The Statistics view (tests/console/statistics_test.py): an agent whose

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod audit_chain;
 pub mod raw;
 
 use std::io::{BufRead, BufReader, Read};
