@@ -23,6 +23,7 @@
 # FERRY_BIN=PATH runs that binary instead of building this tree's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 workloads=100
 size=4
@@ -38,12 +39,7 @@ done
 python=/opt/ferry-venv/bin/python
 [[ -x $python && -x /usr/bin/chromium ]] || { echo "needs scripts/install-deps (chromium, the Playwright venv)" >&2; exit 1; }
 
-if [[ -n ${FERRY_BIN:-} ]]; then
-  ferry=$(realpath "$FERRY_BIN")
-else
-  cargo build --release --quiet -p ferry
-  ferry="${CARGO_TARGET_DIR:-$PWD/target}/release/ferry"
-fi
+bench_ferry
 work=$(mktemp -d /var/tmp/ferry-cbench.XXXXXX)
 pids=()
 cleanup() {
@@ -53,8 +49,6 @@ cleanup() {
 trap cleanup EXIT
 export FERRY_LOG=warn
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-udp_port() { python3 -c 'import socket; s=socket.socket(type=socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 (umask 077; head -c 32 /dev/urandom | base64 >"$work/witness.key")
 wport=$(udp_port)
 mkdir -p "$work/w"

@@ -17,6 +17,7 @@
 # FERRY_BIN=PATH runs that binary instead of building this tree's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 workloads=100
 seconds=60
@@ -30,12 +31,7 @@ while (($#)); do
   esac
 done
 
-if [[ -n ${FERRY_BIN:-} ]]; then
-  ferry=$(realpath "$FERRY_BIN")
-else
-  cargo build --release --quiet -p ferry
-  ferry="${CARGO_TARGET_DIR:-$PWD/target}/release/ferry"
-fi
+bench_ferry
 work=$(mktemp -d /var/tmp/ferry-hbench.XXXXXX)
 pids=()
 cleanup() {
@@ -45,7 +41,6 @@ cleanup() {
 trap cleanup EXIT
 export FERRY_LOG=warn
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 declare -A API PID
 start_agent() { # name
   local n=$1 api repl

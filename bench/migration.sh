@@ -21,6 +21,7 @@
 #                           [--share-files 20000] [--share-reps 2] [--runtime 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 reps=5
 sizes="256M 1G 4G"
@@ -55,7 +56,6 @@ cleanup() {
 trap cleanup EXIT
 export FERRY_LOG=warn
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 declare -A API NBD PID
 start_agent() { # name [extra config]

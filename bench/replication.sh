@@ -13,6 +13,7 @@
 # Usage: bench/replication.sh [--parts 1,2,3] [--size 1G] [--runtime 10] [--reps 3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 has() { [[ ",$parts," == *",$1,"* ]]; }
 
 size_mib=1024
@@ -41,7 +42,6 @@ cleanup() {
 trap cleanup EXIT
 export FERRY_LOG=warn
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 cpu_s() { awk '{print ($14+$15)/100}' "/proc/$1/stat"; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }

@@ -19,6 +19,7 @@
 # Usage: bench/shares.sh [--parts 1,2,3,4] [--reps 3] [--small N] [--big-mib M]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 parts=1,2,3,4
 reps=3
@@ -54,7 +55,6 @@ cleanup() {
 trap cleanup EXIT
 export FERRY_LOG=warn
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
