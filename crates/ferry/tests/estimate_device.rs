@@ -71,14 +71,18 @@ impl Drop for LoopDevice {
     }
 }
 
-/// tracefs: the machine's mount, or one made for this test (unmounted when
-/// the last `Tracefs` clone goes).
+/// tracefs: the machine's mount at /sys/kernel/tracing, or one made for
+/// this test (unmounted when the last `Tracefs` clone goes). Not another
+/// mount `locate` may find: a concurrent test's own mount goes when it ends.
 fn tracefs(dir: &Path) -> Tracefs {
     match Tracefs::locate() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("{e}\n(the test mounts it at {})", dir.display());
+        Ok(t) if t.root() == Path::new("/sys/kernel/tracing") => t,
+        other => {
+            if let Err(e) = other {
+                eprintln!("{e}");
+            }
             let at = dir.join("tracefs");
+            eprintln!("(the test mounts tracefs at {})", at.display());
             std::fs::create_dir_all(&at).unwrap();
             Tracefs::mount_at(&at).expect("mounting tracefs")
         }
@@ -246,10 +250,45 @@ fn a_trace_session_is_removed_on_a_panic() {
         panic!("failure while observing");
     }));
     assert!(r.is_err());
-    let instance = rx.recv().unwrap();
+    let instance = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the session did not start");
     assert!(
         !instance.exists(),
         "{} is left behind after a panic",
         instance.display()
     );
+}
+
+/// The instance of a ferry process killed before its drop ran is removed
+/// by the next session; another program's instance is left alone.
+#[test]
+fn a_dead_process_instance_is_removed_by_the_next_session() {
+    assert!(is_root(), "this test needs root");
+    let work = tempfile::Builder::new()
+        .prefix("ferry-estdev-work-")
+        .tempdir()
+        .unwrap();
+    let lo = LoopDevice::new(8 << 20);
+    let dev = device::resolve_device(&lo.path).unwrap();
+    let tfs = tracefs(work.path());
+    // A pid above pid_max is never running.
+    let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let stale = tfs
+        .root()
+        .join(format!("instances/ferry-{}-0", pid_max + 1));
+    let foreign = tfs.root().join("instances/ferry-test-other");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::create_dir(&foreign).unwrap();
+    let s = TraceSession::start(&tfs, dev, TraceConfig::default(), |_| {}).unwrap();
+    let (stale_left, foreign_left) = (stale.exists(), foreign.exists());
+    drop(s);
+    let _ = std::fs::remove_dir(&stale);
+    let _ = std::fs::remove_dir(&foreign);
+    assert!(!stale_left, "{} was not removed", stale.display());
+    assert!(foreign_left, "{} was removed", foreign.display());
 }

@@ -341,6 +341,7 @@ impl TraceSession {
         if !root.join(event_rel).join("format").exists() {
             return Err(TraceError::NoTracepoint(root.join(event_rel)));
         }
+        remove_stale_instances(&instances);
         let name = format!(
             "ferry-{}-{}",
             std::process::id(),
@@ -456,6 +457,32 @@ impl Drop for TraceSession {
         if self.reader.is_some() || self.instance.exists() {
             let _ = self.teardown();
         }
+    }
+}
+
+/// Removes the instances of ferry processes that are gone (killed before
+/// their drop ran): `ferry-<pid>-<n>` whose pid is not running. An
+/// instance whose pid was reused by another process stays (harmless: it
+/// only holds a disabled buffer). Best effort: errors are ignored.
+fn remove_stale_instances(instances: &Path) {
+    let Ok(dir) = std::fs::read_dir(instances) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("ferry-"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, n)| n.parse::<u64>().ok().and(pid.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let _ = std::fs::write(e.path().join("events/block/block_rq_issue/enable"), "0");
+        let _ = std::fs::remove_dir(e.path());
     }
 }
 
