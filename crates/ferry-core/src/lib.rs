@@ -16,6 +16,7 @@
 //! block maps of test cutovers.
 
 pub mod audit;
+pub mod blockobs;
 pub mod cluster;
 pub mod crc32c;
 pub mod delta;

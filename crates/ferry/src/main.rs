@@ -8,6 +8,7 @@ mod audit;
 mod cli;
 mod cluster;
 mod config;
+mod estimate;
 mod handover;
 mod history;
 mod migration;

@@ -18,8 +18,9 @@ const LAYERS: &[&[&str]] = &[
     // how nodes reach each other: identities, TLS, dialing, the listener, settings
     &["transport"],
     // the engines (volume first: shares reuse its write permit and link flag),
-    // and the QEMU processes of VM workloads
-    &["volume", "vm"],
+    // the QEMU processes of VM workloads, and the estimator's observers
+    // (issue 21: devices ferry does not serve yet)
+    &["volume", "vm", "estimate"],
     &["share"],
     // the node's configuration file: every section's settings
     &["config"],
