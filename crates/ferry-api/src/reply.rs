@@ -359,6 +359,13 @@ pub struct MigrationStatus {
     pub eta_seconds: Option<f64>,
     pub bandwidth_bytes_per_s: u64,
     pub write_rate_bytes_per_s: u64,
+    /// Over the convergence window: what writes add to the bytes still to
+    /// send (re-dirtied blocks, a growing backlog), and what the copier
+    /// sends of them; `not_converging` compares the two.
+    #[serde(default)]
+    pub dirty_rate_bytes_per_s: u64,
+    #[serde(default)]
+    pub copy_rate_bytes_per_s: u64,
     /// The copy rate limit (`migrate start/set --max-rate`); `null`: none.
     #[serde(default)]
     pub max_rate_bytes_per_s: Option<u64>,

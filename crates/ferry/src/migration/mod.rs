@@ -381,6 +381,7 @@ pub fn sample<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) {
         s.seeding |= st.phase == Phase::Resyncing;
         s.bytes_remaining += st.dirty_bytes + st.backlog_bytes;
         s.bytes_sent_total += l.stats.bytes_sent;
+        s.bytes_copied_total += l.stats.copy_bytes_sent;
         drop(l);
         s.bytes_written_total += p.bytes_written();
         throttle_targets.push(p);
@@ -412,6 +413,8 @@ pub fn sample<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) {
             sent.saturating_sub(load(&sh.stats.resync_bytes)) + load(&sh.stats.pumped_bytes);
         s.bytes_sent_total += sent;
         s.bytes_written_total += written;
+        // What drains a share's queue is what it sends.
+        s.bytes_copied_total += sent;
     }
     let mut migs = ctx.migrations();
     let Some(rec) = migs.get_mut(workload) else {
@@ -567,6 +570,8 @@ pub fn status<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
         "eta_seconds": m.eta_seconds().map(|s| (s * 10.0).round() / 10.0),
         "bandwidth_bytes_per_s": m.send_rate_bytes_per_s.round() as u64,
         "write_rate_bytes_per_s": m.write_rate_bytes_per_s.round() as u64,
+        "dirty_rate_bytes_per_s": m.dirty_rate_bytes_per_s.round() as u64,
+        "copy_rate_bytes_per_s": m.copy_rate_bytes_per_s.round() as u64,
         "max_rate_bytes_per_s": max_rate_bytes_per_s,
         "lag_seconds": lag_seconds.map(|s| (s * 100.0).round() / 100.0),
         "not_converging": m.not_converging,

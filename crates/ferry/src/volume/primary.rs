@@ -125,6 +125,19 @@ pub struct LinkStats {
     pub last_rx: Option<Instant>,
 }
 
+/// Auto-converge's pacing state of a volume.
+#[derive(Debug, Default)]
+struct ThrottlePace {
+    /// The last rate probe: when, and the bytes written then.
+    probe: Option<(Instant, u64)>,
+    /// The write rate while not throttled (smoothed), bytes/s.
+    rate_bytes_per_s: f64,
+    /// The rate the throttle holds back a share of (0: none measured).
+    base_bytes_per_s: f64,
+    /// When the next write may be answered.
+    next_free: Option<Instant>,
+}
+
 /// Everything guarded by the link lock.
 #[derive(Debug)]
 pub struct LinkInner {
@@ -505,6 +518,8 @@ pub struct PrimaryVolume {
     bytes_written: std::sync::atomic::AtomicU64,
     /// Auto-converge: percent of the write rate held back by delaying replies.
     throttle_pct: std::sync::atomic::AtomicU8,
+    /// Auto-converge's pacing of writes (see [`PrimaryVolume::throttle`]).
+    throttle_pace: Mutex<ThrottlePace>,
     /// Merkle leaves kept current for cutovers and verify.
     pub leaves: super::verify::LeafCache,
     /// HA: may a write the peer did not confirm be acknowledged?
@@ -674,6 +689,7 @@ impl PrimaryVolume {
             gate_cv: Condvar::new(),
             bytes_written: std::sync::atomic::AtomicU64::new(0),
             throttle_pct: std::sync::atomic::AtomicU8::new(0),
+            throttle_pace: Mutex::new(ThrottlePace::default()),
             leaves,
             alone: AlonePermit::default(),
             lease_until_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
@@ -696,8 +712,33 @@ impl PrimaryVolume {
     }
 
     /// Auto-converge: slow client writes by `pct` percent (0 = off, ≤ 95).
+    /// Called about once a second (each migration sample): while off, it
+    /// measures the volume's write rate; the rate when the throttle goes on
+    /// is the one it holds `pct` percent of back.
     pub fn set_throttle_pct(&self, pct: u8) {
-        self.throttle_pct.store(pct.min(95), Ordering::Relaxed);
+        let pct = pct.min(95);
+        let now = Instant::now();
+        let written = self.bytes_written();
+        let mut p = self.throttle_pace.lock().unwrap_or_else(|e| e.into_inner());
+        if pct == 0 {
+            if let Some((t, b)) = p.probe {
+                let sec = now.duration_since(t).as_secs_f64();
+                if sec > 0.2 {
+                    let r = written.saturating_sub(b) as f64 / sec;
+                    p.rate_bytes_per_s = if p.rate_bytes_per_s > 0.0 {
+                        0.5 * r + 0.5 * p.rate_bytes_per_s
+                    } else {
+                        r
+                    };
+                }
+            }
+            p.base_bytes_per_s = 0.0;
+        } else if p.base_bytes_per_s == 0.0 {
+            p.base_bytes_per_s = p.rate_bytes_per_s;
+        }
+        p.probe = Some((now, written));
+        drop(p);
+        self.throttle_pct.store(pct, Ordering::Relaxed);
     }
 
     /// Bytes the image really occupies (sparse files).
@@ -725,14 +766,31 @@ impl PrimaryVolume {
         used
     }
 
-    /// Auto-converge: a write that took `spent` waits a little more, so a
-    /// client that waits for its writes writes `throttle_pct` percent slower.
-    fn throttle(&self, spent: Duration) {
+    /// Auto-converge: a write of `len` bytes that took `spent` waits a
+    /// little more, so the volume's writes come `throttle_pct` percent
+    /// slower: paced to that share of the write rate measured when the
+    /// throttle went on (a client writing at a fixed rate, whose writes are
+    /// fast enough to leave gaps, is slowed too), and at least by the same
+    /// share of the write's own time (a client that waits for each write).
+    fn throttle(&self, len: usize, spent: Duration) {
         let pct = u32::from(self.throttle_pct.load(Ordering::Relaxed));
-        if pct > 0 {
-            let base = spent.max(Duration::from_micros(200));
-            std::thread::sleep(base * pct / (100 - pct));
+        if pct == 0 {
+            return;
         }
+        let base = spent.max(Duration::from_micros(200));
+        let mut wait = base * pct / (100 - pct);
+        let mut p = self.throttle_pace.lock().unwrap_or_else(|e| e.into_inner());
+        if p.base_bytes_per_s > 0.0 {
+            let cap = p.base_bytes_per_s * f64::from(100 - pct) / 100.0;
+            let now = Instant::now();
+            let free = p.next_free.filter(|&t| t > now).unwrap_or(now);
+            // At most one second of writes waits its turn.
+            let free = free.min(now + Duration::from_secs(1));
+            p.next_free = Some(free + Duration::from_secs_f64(len as f64 / cap));
+            wait = wait.max(free - now);
+        }
+        drop(p);
+        std::thread::sleep(wait);
     }
 
     /// Lets a write in: waits while the volume is frozen, fails once it was
@@ -1354,7 +1412,7 @@ impl PrimaryVolume {
                         done,
                     });
                     drop(l);
-                    self.throttle(started.elapsed());
+                    self.throttle(buf.len(), started.elapsed());
                     return None;
                 }
                 let confirmed = l.rep.epoch() == epoch;
@@ -1362,7 +1420,7 @@ impl PrimaryVolume {
                 self.answer(confirmed, epoch)
             }
         };
-        self.throttle(started.elapsed());
+        self.throttle(buf.len(), started.elapsed());
         self.write_latency
             .record(started.elapsed().as_micros() as u64);
         Some((done, result))
