@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod crc32c;
 pub mod delta;
 pub mod dirty;
+pub mod estimate;
 pub mod extent;
 pub mod generation;
 pub mod handover;

@@ -1,0 +1,1434 @@
+//! The migration estimator, sans-IO: observe a workload's writes, forecast
+//! its migration.
+//!
+//! # Observation
+//!
+//! An [`Observation`] is fed by the edge with what the IO filter sees
+//! (`record_write_extent`, `record_write_key`, `record_reads`) and with the
+//! time (`now_ms`, never read from a clock here). It keeps:
+//!
+//! * the **working-set curve** W(T): for each window length T of
+//!   [`LADDER_S`] (1 s … 24 h), the largest and the mean number of distinct
+//!   keys (blocks at the replication granularity, or file ids for a share)
+//!   written within a window of length T. A block written many times in a
+//!   window counts once, as in the dirty map.
+//! * per-10 s totals (bytes written, write and read IOs, distinct keys) for
+//!   the last 24 h, and the distinct keys of each whole clock hour.
+//!
+//! Distinct counts are [`Sketch`]es: an exact sorted set of 64-bit hashes
+//! up to [`SPARSE_MAX`] keys, then a HyperLogLog of [`HLL_REGISTERS`]
+//! 6-bit-valued registers (one byte each, packed 8 to a `u64`), estimated
+//! with Ertl's improved raw estimator (no bias table, relative standard
+//! error 1.04/√m = [`HLL_RELATIVE_STD_ERROR`] over the whole range).
+//! Merging is register-wise max, so the sketch of a window is the merge of
+//! the sketches of the intervals it covers.
+//!
+//! Intervals are aligned to the clock: a sketch per second ([`LEVELS_S`]
+//! level 0) is merged, when it closes, into the open 10 s one, that into
+//! the minute, that into the 10 min. A ladder window of length T is built
+//! from the coarsest level that splits it in at least two; windows hop by
+//! about T/2 (so a burst up to T/2 long always falls inside one window), and
+//! each window accumulates the interval sketches as they close and is
+//! estimated once full, updating that T's max, sum and count. So only the
+//! open sketches are kept, never a day of them: the memory is bounded by
+//! [`MEMORY_BOUND_BYTES`] whatever the write rate and duration (see
+//! [`Observation::memory_bytes`]).
+//!
+//! # Forecast
+//!
+//! Pure functions over a [`Profile`] (what an observation saw) and a
+//! [`Link`] (the probed bandwidth, the `--max-rate`). Every result carries a
+//! [`Why`]: the formula's name and explanation and the inputs it used.
+//! The central one is the copy's fixed point ([`time_to_ready`]): pass 0
+//! copies the allocated bytes in d₀ = allocated / bw; pass n+1 re-sends
+//! the blocks dirtied during pass n, d₍ₙ₊₁₎ = W(dₙ)·block / bw; ready once a
+//! pass is no longer than [`READY_PASS_S`]; time to ready = Σ dₙ.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::link::Mode;
+
+// ---------------------------------------------------------------------------
+// Hashing and the sketch
+// ---------------------------------------------------------------------------
+
+/// HyperLogLog precision: 2^p registers.
+pub const HLL_PRECISION: u32 = 12;
+/// Registers of a dense sketch (one byte each: 4 KiB).
+pub const HLL_REGISTERS: usize = 1 << HLL_PRECISION;
+/// Relative standard error of a dense estimate: 1.04 / √m (1.625 %).
+pub const HLL_RELATIVE_STD_ERROR: f64 = 1.04 / 64.0;
+/// A sketch is an exact set of hashes up to this many keys (4 KiB, the size
+/// of the dense form), then dense.
+pub const SPARSE_MAX: usize = HLL_REGISTERS / 8;
+
+const WORDS: usize = HLL_REGISTERS / 8;
+/// Bits of the hash after the register index.
+const Q: u32 = 64 - HLL_PRECISION;
+const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// The splitmix64 finalizer: a bijective 64-bit mix, so distinct keys stay
+/// distinct and consecutive block numbers spread uniformly.
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The key of a file of a share: the first 8 bytes of the BLAKE3 hash of
+/// its path relative to the share's root.
+pub fn file_key(path: &[u8]) -> u64 {
+    let h = blake3::hash(path);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(b)
+}
+
+/// A set of keys counted exactly while small, as a HyperLogLog beyond.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sketch {
+    repr: Repr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Repr {
+    /// Sorted distinct hashes, at most [`SPARSE_MAX`].
+    Sparse(Vec<u64>),
+    /// [`HLL_REGISTERS`] registers, 8 per word, each < 128.
+    Dense(Box<[u64]>),
+}
+
+impl Default for Sketch {
+    fn default() -> Self {
+        Sketch::new()
+    }
+}
+
+impl Sketch {
+    pub fn new() -> Sketch {
+        Sketch {
+            repr: Repr::Sparse(Vec::new()),
+        }
+    }
+
+    /// Adds a key (hashed with [`mix64`]).
+    pub fn insert(&mut self, key: u64) {
+        self.insert_hash(mix64(key));
+    }
+
+    fn insert_hash(&mut self, h: u64) {
+        match &mut self.repr {
+            Repr::Sparse(v) => match v.binary_search(&h) {
+                Ok(_) => {}
+                Err(pos) if v.len() < SPARSE_MAX => v.insert(pos, h),
+                Err(_) => {
+                    let mut d = dense_from(v);
+                    set_max(&mut d, h);
+                    self.repr = Repr::Dense(d);
+                }
+            },
+            Repr::Dense(d) => set_max(d, h),
+        }
+    }
+
+    /// True while the count is exact.
+    pub fn is_exact(&self) -> bool {
+        matches!(self.repr, Repr::Sparse(_))
+    }
+
+    /// Adds every key of `other` (the union).
+    pub fn merge(&mut self, other: &Sketch) {
+        match (&mut self.repr, &other.repr) {
+            (_, Repr::Sparse(b)) if b.is_empty() => {}
+            (Repr::Sparse(a), Repr::Sparse(b)) => {
+                let mut u = Vec::with_capacity(a.len() + b.len());
+                let (mut i, mut j) = (0, 0);
+                while i < a.len() && j < b.len() {
+                    if a[i] < b[j] {
+                        u.push(a[i]);
+                        i += 1;
+                    } else if b[j] < a[i] {
+                        u.push(b[j]);
+                        j += 1;
+                    } else {
+                        u.push(a[i]);
+                        i += 1;
+                        j += 1;
+                    }
+                }
+                u.extend_from_slice(&a[i..]);
+                u.extend_from_slice(&b[j..]);
+                if u.len() <= SPARSE_MAX {
+                    u.shrink_to_fit();
+                    *a = u;
+                } else {
+                    self.repr = Repr::Dense(dense_from(&u));
+                }
+            }
+            (Repr::Dense(d), Repr::Sparse(b)) => {
+                for &h in b {
+                    set_max(d, h);
+                }
+            }
+            (Repr::Sparse(a), Repr::Dense(b)) => {
+                let mut d = b.clone();
+                for &h in a.iter() {
+                    set_max(&mut d, h);
+                }
+                self.repr = Repr::Dense(d);
+            }
+            (Repr::Dense(a), Repr::Dense(b)) => {
+                for (x, &y) in a.iter_mut().zip(b.iter()) {
+                    *x = bytewise_max(*x, y);
+                }
+            }
+        }
+    }
+
+    /// The estimated number of distinct keys (exact while sparse).
+    pub fn estimate(&self) -> f64 {
+        match &self.repr {
+            Repr::Sparse(v) => v.len() as f64,
+            Repr::Dense(d) => ertl_estimate(d),
+        }
+    }
+
+    /// [`Sketch::estimate`] rounded.
+    pub fn count(&self) -> u64 {
+        self.estimate().round() as u64
+    }
+
+    /// Heap bytes held (the inline part is counted by its owner).
+    pub fn heap_bytes(&self) -> usize {
+        match &self.repr {
+            Repr::Sparse(v) => v.capacity() * 8,
+            Repr::Dense(d) => d.len() * 8,
+        }
+    }
+
+    /// Most heap bytes a sketch ever holds.
+    pub const MAX_HEAP_BYTES: usize = WORDS * 8;
+}
+
+fn dense_from(hashes: &[u64]) -> Box<[u64]> {
+    let mut d = vec![0u64; WORDS].into_boxed_slice();
+    for &h in hashes {
+        set_max(&mut d, h);
+    }
+    d
+}
+
+fn set_max(d: &mut [u64], h: u64) {
+    let idx = (h >> Q) as usize;
+    let w = h << HLL_PRECISION;
+    let rank = if w == 0 { Q + 1 } else { w.leading_zeros() + 1 };
+    let word = &mut d[idx / 8];
+    let shift = (idx % 8) * 8;
+    let cur = (*word >> shift) & 0xff;
+    if u64::from(rank) > cur {
+        *word = (*word & !(0xff << shift)) | (u64::from(rank) << shift);
+    }
+}
+
+/// Byte-wise max of 8 registers each below 128 (SWAR): per byte,
+/// `(a | 0x80) - b` keeps its high bit iff a ≥ b, without borrowing.
+fn bytewise_max(a: u64, b: u64) -> u64 {
+    let ge = ((a | HIGH).wrapping_sub(b & LOW7)) & HIGH;
+    let mask = (ge >> 7).wrapping_mul(0xff);
+    (a & mask) | (b & !mask)
+}
+
+/// Ertl (2017), "New cardinality estimation algorithms for HyperLogLog
+/// sketches", improved raw estimator (algorithm 6).
+fn ertl_estimate(d: &[u64]) -> f64 {
+    let mut counts = [0u32; (Q + 2) as usize];
+    for &w in d {
+        for k in 0..8 {
+            let r = ((w >> (k * 8)) & 0xff) as usize;
+            counts[r.min((Q + 1) as usize)] += 1;
+        }
+    }
+    let m = HLL_REGISTERS as f64;
+    if counts[0] as usize == HLL_REGISTERS {
+        return 0.0;
+    }
+    let mut z = m * tau(1.0 - f64::from(counts[(Q + 1) as usize]) / m);
+    for k in (1..=Q as usize).rev() {
+        z = 0.5 * (z + f64::from(counts[k]));
+    }
+    z += m * sigma(f64::from(counts[0]) / m);
+    let alpha_inf = 1.0 / (2.0 * std::f64::consts::LN_2);
+    alpha_inf * m * m / z
+}
+
+fn sigma(mut x: f64) -> f64 {
+    if x >= 1.0 {
+        return f64::INFINITY;
+    }
+    let mut y = 1.0;
+    let mut z = x;
+    loop {
+        x *= x;
+        let old = z;
+        z += x * y;
+        y += y;
+        if z == old {
+            return z;
+        }
+    }
+}
+
+fn tau(mut x: f64) -> f64 {
+    if x == 0.0 || x >= 1.0 {
+        return 0.0;
+    }
+    let mut y = 1.0;
+    let mut z = 1.0 - x;
+    loop {
+        x = x.sqrt();
+        let old = z;
+        y *= 0.5;
+        z -= (1.0 - x).powi(2) * y;
+        if z == old {
+            return z / 3.0;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Observation
+// ---------------------------------------------------------------------------
+
+/// Interval lengths of the sketch levels, each a multiple of the previous.
+pub const LEVELS_S: [u64; 4] = [1, 10, 60, 600];
+/// Window lengths of the working-set curve.
+pub const LADDER_S: [u64; 14] = [
+    1, 5, 10, 30, 60, 300, 600, 1_800, 3_600, 7_200, 14_400, 28_800, 43_200, 86_400,
+];
+/// Per-interval totals are kept at this resolution (as the history store's
+/// finest tier)…
+pub const TOTALS_STEP_S: u64 = 10;
+/// …for this many intervals (24 h).
+pub const TOTALS_KEEP: usize = 8_640;
+/// Clock hours whose distinct keys are kept (7 days).
+pub const HOURS_KEEP: usize = 168;
+/// A gap in `now_ms` longer than this (the agent was down) pauses the
+/// observation: open windows are dropped instead of counted as idle.
+pub const GAP_MAX_S: u64 = 86_400;
+/// Open windows per ladder entry: ⌈T / hop⌉ ≤ 3 (see [`window_plan`]).
+const OPEN_WINDOWS_MAX: usize = 3;
+
+/// Upper bound of [`Observation::memory_bytes`], whatever the rate and the
+/// duration: 4 level sketches + 14 × 3 + 1 window sketches, each at most
+/// 4 KiB and 32 B inline, + 8,640 totals of 40 B + 168 hours of 24 B +
+/// the fixed parts. Checked by a 24 h simulation in the tests.
+pub const MEMORY_BOUND_BYTES: usize = 600 * 1024;
+
+/// The level a ladder window is built from and its hop: the coarsest level
+/// that splits T in at least two (or T's own length), hop ≈ T/2 rounded
+/// down to that level's interval.
+pub fn window_plan(window_s: u64) -> (usize, u64) {
+    let mut level = 0;
+    for (i, &g) in LEVELS_S.iter().enumerate() {
+        if window_s % g == 0 && window_s / g >= 2 {
+            level = i;
+        }
+    }
+    let g = LEVELS_S[level];
+    let hop = ((window_s / 2) / g * g).max(g);
+    (level, hop)
+}
+
+/// What the keys of an observation are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum KeyKind {
+    /// Blocks of a volume at the replication granularity (the dirty map's).
+    Blocks { block_bytes: u64 },
+    /// Files of a share (see [`file_key`]).
+    Files,
+}
+
+/// Totals of one [`TOTALS_STEP_S`] interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct IntervalTotals {
+    /// Interval start, seconds (the clock `now_ms` is on).
+    pub start_s: u64,
+    pub bytes_written: u64,
+    pub write_ios: u64,
+    pub read_ios: u64,
+    /// Distinct keys written in the interval (estimate).
+    pub keys: u64,
+}
+
+/// One clock hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HourStat {
+    pub start_s: u64,
+    /// Distinct keys written in the hour (estimate).
+    pub keys: u64,
+    pub bytes_written: u64,
+}
+
+/// W(T) for one window length.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub window_s: u64,
+    /// Largest distinct-key count over the observed windows.
+    pub max_keys: u64,
+    /// Mean over the observed windows.
+    pub mean_keys: f64,
+    /// Windows observed.
+    pub windows: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Track {
+    window_s: u64,
+    level: usize,
+    hop_s: u64,
+    open: VecDeque<(u64, Sketch)>,
+    max: u64,
+    sum: f64,
+    count: u64,
+}
+
+impl Track {
+    fn new(window_s: u64, level: usize, hop_s: u64) -> Track {
+        Track {
+            window_s,
+            level,
+            hop_s,
+            open: VecDeque::with_capacity(OPEN_WINDOWS_MAX),
+            max: 0,
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Takes the closed level interval `[start, start + g)`; returns the
+    /// windows it completed (start, estimate).
+    fn feed(&mut self, start: u64, g: u64, s: &Sketch, first_s: u64, done: &mut Vec<(u64, u64)>) {
+        if start % self.hop_s == 0 && start >= first_s && self.open.len() < OPEN_WINDOWS_MAX {
+            self.open.push_back((start, Sketch::new()));
+        }
+        for (_, acc) in self.open.iter_mut() {
+            acc.merge(s);
+        }
+        while let Some((ws, _)) = self.open.front() {
+            if ws + self.window_s > start + g {
+                break;
+            }
+            let Some((ws, acc)) = self.open.pop_front() else {
+                break;
+            };
+            let n = acc.count();
+            self.max = self.max.max(n);
+            self.sum += n as f64;
+            self.count += 1;
+            done.push((ws, n));
+        }
+    }
+}
+
+/// A running observation of one volume's or share's writes.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    kind: KeyKind,
+    started_ms: u64,
+    first_s: u64,
+    /// The open second.
+    cur_s: u64,
+    last_ms: u64,
+    levels: [Sketch; 4],
+    tracks: Vec<Track>,
+    hourly: Track,
+    totals: VecDeque<IntervalTotals>,
+    open_totals: IntervalTotals,
+    hour_bytes: u64,
+    hours: VecDeque<HourStat>,
+    bytes_written: u64,
+    write_ios: u64,
+    read_ios: u64,
+}
+
+impl Observation {
+    /// Starts observing at `now_ms`.
+    pub fn new(kind: KeyKind, now_ms: u64) -> Observation {
+        let s = now_ms / 1000;
+        let tracks = LADDER_S
+            .iter()
+            .map(|&t| {
+                let (level, hop) = window_plan(t);
+                Track::new(t, level, hop)
+            })
+            .collect();
+        Observation {
+            kind,
+            started_ms: now_ms,
+            first_s: s,
+            cur_s: s,
+            last_ms: now_ms,
+            levels: Default::default(),
+            tracks,
+            hourly: Track::new(3_600, 3, 3_600),
+            totals: VecDeque::with_capacity(TOTALS_KEEP),
+            open_totals: IntervalTotals {
+                start_s: s - s % TOTALS_STEP_S,
+                ..Default::default()
+            },
+            hour_bytes: 0,
+            hours: VecDeque::with_capacity(HOURS_KEEP),
+            bytes_written: 0,
+            write_ios: 0,
+            read_ios: 0,
+        }
+    }
+
+    pub fn kind(&self) -> KeyKind {
+        self.kind
+    }
+
+    /// A write of `len` bytes at `offset` of a volume: every block it
+    /// touches is a key. On a [`KeyKind::Files`] observation only the
+    /// totals count (use [`Observation::record_write_key`]).
+    pub fn record_write_extent(&mut self, now_ms: u64, offset: u64, len: u64) {
+        self.advance(now_ms);
+        self.count_write(len);
+        if let KeyKind::Blocks { block_bytes } = self.kind {
+            if len == 0 || block_bytes == 0 {
+                return;
+            }
+            let first = offset / block_bytes;
+            let last = offset.saturating_add(len - 1) / block_bytes;
+            for b in first..=last {
+                self.levels[0].insert(b);
+            }
+        }
+    }
+
+    /// A write of `bytes` to the thing `key` names (a file: [`file_key`]).
+    pub fn record_write_key(&mut self, now_ms: u64, key: u64, bytes: u64) {
+        self.advance(now_ms);
+        self.count_write(bytes);
+        self.levels[0].insert(key);
+    }
+
+    /// `ios` reads.
+    pub fn record_reads(&mut self, now_ms: u64, ios: u64) {
+        self.advance(now_ms);
+        self.open_totals.read_ios = self.open_totals.read_ios.saturating_add(ios);
+        self.read_ios = self.read_ios.saturating_add(ios);
+    }
+
+    fn count_write(&mut self, bytes: u64) {
+        let t = &mut self.open_totals;
+        t.bytes_written = t.bytes_written.saturating_add(bytes);
+        t.write_ios = t.write_ios.saturating_add(1);
+        self.bytes_written = self.bytes_written.saturating_add(bytes);
+        self.write_ios = self.write_ios.saturating_add(1);
+    }
+
+    /// Closes every second before `now_ms` (call it at least once a second
+    /// while nothing is written, so idle windows count). Time going
+    /// backwards is taken as the open second.
+    pub fn advance(&mut self, now_ms: u64) {
+        self.last_ms = self.last_ms.max(now_ms);
+        let target = now_ms / 1000;
+        if target <= self.cur_s {
+            return;
+        }
+        if target - self.cur_s > GAP_MAX_S {
+            self.pause(target);
+            return;
+        }
+        while self.cur_s < target {
+            let s = self.cur_s;
+            self.close(0, s);
+            self.cur_s += 1;
+        }
+    }
+
+    /// A gap: what was open is dropped; windows start again at `s`.
+    fn pause(&mut self, s: u64) {
+        for l in self.levels.iter_mut() {
+            *l = Sketch::new();
+        }
+        for t in self
+            .tracks
+            .iter_mut()
+            .chain(std::iter::once(&mut self.hourly))
+        {
+            t.open.clear();
+        }
+        self.push_totals();
+        self.open_totals = IntervalTotals {
+            start_s: s - s % TOTALS_STEP_S,
+            ..Default::default()
+        };
+        self.hour_bytes = 0;
+        self.first_s = s;
+        self.cur_s = s;
+    }
+
+    fn push_totals(&mut self) {
+        if self.totals.len() == TOTALS_KEEP {
+            self.totals.pop_front();
+        }
+        self.totals.push_back(self.open_totals);
+        self.hour_bytes = self
+            .hour_bytes
+            .saturating_add(self.open_totals.bytes_written);
+    }
+
+    /// Closes level `level`'s interval starting at `start`.
+    fn close(&mut self, level: usize, start: u64) {
+        let g = LEVELS_S[level];
+        let sketch = std::mem::take(&mut self.levels[level]);
+        let mut done = Vec::new();
+        for t in self.tracks.iter_mut().filter(|t| t.level == level) {
+            t.feed(start, g, &sketch, self.first_s, &mut done);
+        }
+        if level == 1 {
+            self.open_totals.keys = sketch.count();
+            self.push_totals();
+            self.open_totals = IntervalTotals {
+                start_s: start + g,
+                ..Default::default()
+            };
+        }
+        if level == self.hourly.level {
+            done.clear();
+            self.hourly.feed(start, g, &sketch, self.first_s, &mut done);
+            for &(hs, keys) in &done {
+                if self.hours.len() == HOURS_KEEP {
+                    self.hours.pop_front();
+                }
+                self.hours.push_back(HourStat {
+                    start_s: hs,
+                    keys,
+                    bytes_written: self.hour_bytes,
+                });
+            }
+            if !done.is_empty() || (start + g) % 3_600 == 0 {
+                self.hour_bytes = 0;
+            }
+        }
+        if level + 1 < LEVELS_S.len() {
+            self.levels[level + 1].merge(&sketch);
+            let up = LEVELS_S[level + 1];
+            if (start + g) % up == 0 {
+                self.close(level + 1, start + g - up);
+            }
+        }
+    }
+
+    /// Bytes this observation holds (inline and heap), computed from the
+    /// capacities actually allocated.
+    pub fn memory_bytes(&self) -> usize {
+        let mut n = std::mem::size_of::<Observation>();
+        n += self.levels.iter().map(|s| s.heap_bytes()).sum::<usize>();
+        for t in self.tracks.iter().chain(std::iter::once(&self.hourly)) {
+            n += std::mem::size_of::<Track>();
+            n += t.open.capacity() * std::mem::size_of::<(u64, Sketch)>();
+            n += t.open.iter().map(|(_, s)| s.heap_bytes()).sum::<usize>();
+        }
+        n += self.totals.capacity() * std::mem::size_of::<IntervalTotals>();
+        n += self.hours.capacity() * std::mem::size_of::<HourStat>();
+        n
+    }
+
+    /// What has been observed so far (full windows only).
+    pub fn profile(&self) -> Profile {
+        let points = self
+            .tracks
+            .iter()
+            .filter(|t| t.count > 0)
+            .map(|t| CurvePoint {
+                window_s: t.window_s,
+                max_keys: t.max,
+                mean_keys: t.sum / t.count as f64,
+                windows: t.count,
+            })
+            .collect();
+        Profile {
+            kind: self.kind,
+            observed_s: self.last_ms.saturating_sub(self.started_ms) as f64 / 1000.0,
+            bytes_written: self.bytes_written,
+            write_ios: self.write_ios,
+            read_ios: self.read_ios,
+            curve: WorkingSetCurve { points },
+            totals: self.totals.iter().copied().collect(),
+            hours: self.hours.iter().copied().collect(),
+        }
+    }
+}
+
+/// What an observation saw: the input of every forecast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub kind: KeyKind,
+    pub observed_s: f64,
+    pub bytes_written: u64,
+    pub write_ios: u64,
+    pub read_ios: u64,
+    pub curve: WorkingSetCurve,
+    /// Per-[`TOTALS_STEP_S`] totals, oldest first (the last 24 h).
+    pub totals: Vec<IntervalTotals>,
+    /// Whole clock hours, oldest first.
+    pub hours: Vec<HourStat>,
+}
+
+impl Profile {
+    /// Bytes a key stands for (a block; for files, the mean bytes written
+    /// per write, at least 1).
+    pub fn key_bytes(&self) -> f64 {
+        match self.kind {
+            KeyKind::Blocks { block_bytes } => block_bytes as f64,
+            KeyKind::Files => {
+                if self.write_ios == 0 {
+                    1.0
+                } else {
+                    (self.bytes_written as f64 / self.write_ios as f64).max(1.0)
+                }
+            }
+        }
+    }
+
+    /// Mean bytes written per second over the observation.
+    pub fn write_rate(&self) -> f64 {
+        if self.observed_s > 0.0 {
+            self.bytes_written as f64 / self.observed_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Which statistic of W(T) a forecast uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stat {
+    /// The worst window observed (the default: a forecast one can rely on).
+    Max,
+    Mean,
+}
+
+/// W(T) at the ladder's window lengths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkingSetCurve {
+    pub points: Vec<CurvePoint>,
+}
+
+impl WorkingSetCurve {
+    /// W(t) for any `t` ≥ 0: linear from 0 to the first point, linear
+    /// between points (made non-decreasing), and past the last point
+    /// W(t_last)·t / t_last (W is subadditive: a window of k·T is covered
+    /// by k windows of T); at most `cap_keys`.
+    pub fn at(&self, t_s: f64, stat: Stat, cap_keys: f64) -> f64 {
+        if self.points.is_empty() || t_s <= 0.0 || t_s.is_nan() {
+            return 0.0;
+        }
+        let mut pts = Vec::with_capacity(self.points.len());
+        let mut run = 0.0f64;
+        for p in &self.points {
+            let v = match stat {
+                Stat::Max => p.max_keys as f64,
+                Stat::Mean => p.mean_keys,
+            };
+            run = run.max(v);
+            pts.push((p.window_s as f64, run));
+        }
+        let (t0, v0) = pts[0];
+        let w = if t_s <= t0 {
+            v0 * t_s / t0
+        } else if let Some(i) = pts.iter().position(|&(t, _)| t >= t_s) {
+            let (ta, va) = pts[i - 1];
+            let (tb, vb) = pts[i];
+            va + (vb - va) * (t_s - ta) / (tb - ta)
+        } else {
+            let (tl, vl) = pts[pts.len() - 1];
+            vl * t_s / tl
+        };
+        w.min(cap_keys)
+    }
+
+    /// The longest window observed.
+    pub fn longest_s(&self) -> u64 {
+        self.points.last().map_or(0, |p| p.window_s)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Forecast
+// ---------------------------------------------------------------------------
+
+/// A pass of the copy this short (or shorter) means ready.
+pub const READY_PASS_S: f64 = 1.0;
+/// Most passes the fixed point iterates before calling it stalled.
+pub const MAX_PASSES: usize = 10_000;
+
+/// Why a forecast could not be made.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ForecastError {
+    #[error("nothing observed yet: no full 1 s window")]
+    NotObserved,
+    #[error("{name} must be a positive finite number, got {value}")]
+    BadInput { name: &'static str, value: f64 },
+}
+
+fn positive(name: &'static str, value: f64) -> Result<f64, ForecastError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(value)
+    } else {
+        Err(ForecastError::BadInput { name, value })
+    }
+}
+
+fn non_negative(name: &'static str, value: f64) -> Result<f64, ForecastError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(ForecastError::BadInput { name, value })
+    }
+}
+
+/// One input of a figure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Input {
+    pub name: String,
+    pub value: f64,
+    pub unit: String,
+}
+
+/// The formula of a figure and the inputs it used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Why {
+    /// Short name (`initial-sync`, `fixed-point`, …).
+    pub formula: String,
+    /// The formula in words.
+    pub explanation: String,
+    pub inputs: Vec<Input>,
+}
+
+impl Why {
+    fn new(formula: &str, explanation: &str) -> Why {
+        Why {
+            formula: formula.to_string(),
+            explanation: explanation.to_string(),
+            inputs: Vec::new(),
+        }
+    }
+
+    fn input(mut self, name: &str, value: f64, unit: &str) -> Why {
+        self.inputs.push(Input {
+            name: name.to_string(),
+            value,
+            unit: unit.to_string(),
+        });
+        self
+    }
+}
+
+/// The link a migration would use.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Link {
+    /// Probed throughput (under the workload's load), bytes/s.
+    pub bandwidth_bytes_per_s: f64,
+    /// The migration's `--max-rate`, bytes/s.
+    pub max_rate_bytes_per_s: Option<f64>,
+}
+
+impl Link {
+    /// What a migration gets: the bandwidth, capped by `--max-rate`.
+    pub fn effective(&self) -> Result<f64, ForecastError> {
+        let bw = positive("bandwidth_bytes_per_s", self.bandwidth_bytes_per_s)?;
+        match self.max_rate_bytes_per_s {
+            Some(r) => Ok(bw.min(positive("max_rate_bytes_per_s", r)?)),
+            None => Ok(bw),
+        }
+    }
+}
+
+/// The volume or share being forecast.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Target {
+    /// Allocated bytes (holes are skipped by the initial copy).
+    pub allocated_bytes: u64,
+    /// Size: no window dirties more keys than this holds.
+    pub size_bytes: u64,
+}
+
+impl Target {
+    fn cap_keys(&self, p: &Profile) -> f64 {
+        (self.size_bytes as f64 / p.key_bytes()).ceil().max(1.0)
+    }
+}
+
+/// A duration figure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Seconds {
+    pub seconds: f64,
+    pub why: Why,
+}
+
+/// Initial sync: allocated bytes / bandwidth (holes skipped).
+pub fn initial_sync(target: &Target, link: &Link) -> Result<Seconds, ForecastError> {
+    let bw = link.effective()?;
+    Ok(Seconds {
+        seconds: target.allocated_bytes as f64 / bw,
+        why: Why::new(
+            "initial-sync",
+            "allocated bytes / bandwidth (holes are not sent)",
+        )
+        .input("allocated_bytes", target.allocated_bytes as f64, "B")
+        .input("bandwidth", bw, "B/s"),
+    })
+}
+
+/// The outcome of the copy's fixed point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "verdict")]
+pub enum Verdict {
+    /// Ready after `seconds`, in `passes` passes.
+    Converges { seconds: f64, passes: usize },
+    /// A pass of `pass_s` dirties at least as much as it sends: writes
+    /// outrun the link (`dirty_rate` ≥ `bandwidth`, B/s).
+    Diverges {
+        pass_s: f64,
+        dirty_rate: f64,
+        bandwidth: f64,
+    },
+    /// The passes shrink ever more slowly towards `pass_s` (a fixed point
+    /// of pass ↦ W(pass)·key/bw above [`READY_PASS_S`]): never ready.
+    Stalls { pass_s: f64 },
+}
+
+impl Verdict {
+    pub fn converges(&self) -> bool {
+        matches!(self, Verdict::Converges { .. })
+    }
+}
+
+/// Time to `ready` in one mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadyForecast {
+    pub mode: String,
+    pub verdict: Verdict,
+    /// Pass durations (async; the first ones), seconds.
+    pub passes_s: Vec<f64>,
+    pub why: Why,
+}
+
+/// The fixed point: `d0 = first_bytes / bw`, `d(n+1) = W(keep·dn)·key / bw`
+/// (a throttle that keeps the fraction `keep` of the writes stretches the
+/// workload: W_keep(T) = W(keep·T)); ready once dn ≤ [`READY_PASS_S`].
+pub fn fixed_point(
+    p: &Profile,
+    stat: Stat,
+    cap_keys: f64,
+    first_bytes: f64,
+    bw: f64,
+    keep: f64,
+) -> (Verdict, Vec<f64>) {
+    let key = p.key_bytes();
+    let mut d = first_bytes / bw;
+    let mut total = d;
+    let mut passes = vec![d];
+    for n in 1..=MAX_PASSES {
+        if d <= READY_PASS_S {
+            return (
+                Verdict::Converges {
+                    seconds: total,
+                    passes: n,
+                },
+                passes,
+            );
+        }
+        let next = p.curve.at(keep * d, stat, cap_keys) * key / bw;
+        // W is non-decreasing, so the passes are monotone: they grow from
+        // the first (writes outrun the link) or shrink for ever after.
+        if next >= d && n > 1 {
+            return (Verdict::Stalls { pass_s: d }, passes);
+        }
+        if next >= d {
+            return (
+                Verdict::Diverges {
+                    pass_s: d,
+                    dirty_rate: next * bw / d,
+                    bandwidth: bw,
+                },
+                passes,
+            );
+        }
+        total += next;
+        if passes.len() < 32 {
+            passes.push(next);
+        }
+        d = next;
+    }
+    (Verdict::Stalls { pass_s: d }, passes)
+}
+
+/// Time to `ready`.
+///
+/// * `async`: the copy sends the allocated bytes while writes only mark
+///   blocks dirty (coalesced), iterated to the fixed point of
+///   [`fixed_point`].
+/// * `sync`: every write is sent as it comes, sharing the link with the
+///   copy: `allocated / (bw − write rate)`; it does not converge when the
+///   write rate reaches the bandwidth (the writers would be slowed to the
+///   link's pace instead).
+pub fn time_to_ready(
+    p: &Profile,
+    target: &Target,
+    link: &Link,
+    mode: Mode,
+    stat: Stat,
+) -> Result<ReadyForecast, ForecastError> {
+    if p.curve.points.is_empty() {
+        return Err(ForecastError::NotObserved);
+    }
+    let bw = link.effective()?;
+    let allocated = target.allocated_bytes as f64;
+    match mode {
+        Mode::Async => {
+            let (verdict, passes_s) = fixed_point(p, stat, target.cap_keys(p), allocated, bw, 1.0);
+            Ok(ReadyForecast {
+                mode: "async".into(),
+                verdict,
+                passes_s,
+                why: Why::new(
+                    "fixed-point",
+                    "pass 0 copies the allocated bytes in d0 = allocated / bw; pass n+1 re-sends \
+                     what was dirtied during pass n, d(n+1) = W(dn) x key / bw; ready once a pass \
+                     takes <= ready_pass_s; time to ready = sum of the passes; diverges when a \
+                     pass dirties as much as it sends",
+                )
+                .input("allocated_bytes", allocated, "B")
+                .input("bandwidth", bw, "B/s")
+                .input("key_bytes", p.key_bytes(), "B")
+                .input("ready_pass_s", READY_PASS_S, "s"),
+            })
+        }
+        Mode::Sync => {
+            let wr = p.write_rate();
+            let verdict = if wr < bw {
+                Verdict::Converges {
+                    seconds: allocated / (bw - wr),
+                    passes: 1,
+                }
+            } else {
+                Verdict::Diverges {
+                    pass_s: allocated / bw,
+                    dirty_rate: wr,
+                    bandwidth: bw,
+                }
+            };
+            Ok(ReadyForecast {
+                mode: "sync".into(),
+                verdict,
+                passes_s: Vec::new(),
+                why: Why::new(
+                    "sync-shared-link",
+                    "every write is streamed as it comes and shares the link with the copy: \
+                     allocated / (bw - write rate); no convergence when the write rate reaches bw",
+                )
+                .input("allocated_bytes", allocated, "B")
+                .input("bandwidth", bw, "B/s")
+                .input("write_rate", wr, "B/s"),
+            })
+        }
+    }
+}
+
+/// The throttle at which a migration converges.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThrottleForecast {
+    pub mode: String,
+    /// Smallest throttle percent (writes held back) that converges: 0 when
+    /// it converges unthrottled, `None` when even 99 % does not.
+    pub throttle_pct: Option<u8>,
+    /// The write rate it must be cut to (observed rate × (100 − pct) %), B/s.
+    pub write_rate_bytes_per_s: Option<f64>,
+    /// Whether auto-converge reaches it (pct ≤ `throttle_pct_max`).
+    pub within_auto_converge: bool,
+    pub why: Why,
+}
+
+/// The throttle (auto-converge's percentage, or the write rate a `--max-rate`
+/// user must cut the workload to) at which the migration converges.
+pub fn converging_throttle(
+    p: &Profile,
+    target: &Target,
+    link: &Link,
+    mode: Mode,
+    stat: Stat,
+    throttle_pct_max: u8,
+) -> Result<ThrottleForecast, ForecastError> {
+    if p.curve.points.is_empty() {
+        return Err(ForecastError::NotObserved);
+    }
+    let bw = link.effective()?;
+    let wr = p.write_rate();
+    let converges = |pct: u8| -> bool {
+        let keep = f64::from(100 - pct) / 100.0;
+        match mode {
+            Mode::Sync => wr * keep < bw,
+            Mode::Async => fixed_point(
+                p,
+                stat,
+                target.cap_keys(p),
+                target.allocated_bytes as f64,
+                bw,
+                keep,
+            )
+            .0
+            .converges(),
+        }
+    };
+    // Converging is monotone in the throttle (W is non-decreasing).
+    let pct = if converges(0) {
+        Some(0)
+    } else if !converges(99) {
+        None
+    } else {
+        let (mut lo, mut hi) = (0u8, 99u8); // lo fails, hi converges
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if converges(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some(hi)
+    };
+    Ok(ThrottleForecast {
+        mode: match mode {
+            Mode::Sync => "sync",
+            Mode::Async => "async",
+        }
+        .into(),
+        throttle_pct: pct,
+        write_rate_bytes_per_s: pct.map(|x| wr * f64::from(100 - x) / 100.0),
+        within_auto_converge: pct.is_some_and(|x| x <= throttle_pct_max),
+        why: Why::new(
+            "converging-throttle",
+            "smallest throttle pct for which the time-to-ready forecast converges, a throttle \
+             keeping the fraction k of the writes stretching the workload: W_k(T) = W(k T)",
+        )
+        .input("bandwidth", bw, "B/s")
+        .input("write_rate", wr, "B/s")
+        .input("throttle_pct_max", f64::from(throttle_pct_max), "%"),
+    })
+}
+
+/// Steady replication lag in async mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LagForecast {
+    pub max_backlog_bytes: f64,
+    pub max_lag_s: f64,
+    pub mean_lag_s: f64,
+    /// Intervals that ended with a backlog above `backlog_bytes_max` (the
+    /// link falls behind: a dirty-map resync).
+    pub overflows: u64,
+    /// The mean write rate reaches the bandwidth: the lag grows without end.
+    pub unbounded: bool,
+    pub why: Why,
+}
+
+/// The async backlog replayed over the observed 10 s totals: b ← max(0,
+/// b + written − bw·10 s); lag = b / bw.
+pub fn steady_lag(
+    p: &Profile,
+    link: &Link,
+    backlog_bytes_max: u64,
+) -> Result<LagForecast, ForecastError> {
+    let bw = link.effective()?;
+    if p.totals.is_empty() {
+        return Err(ForecastError::NotObserved);
+    }
+    let step = TOTALS_STEP_S as f64;
+    let (mut b, mut max_b, mut sum_lag, mut overflows) = (0.0f64, 0.0f64, 0.0, 0u64);
+    for t in &p.totals {
+        b = (b + t.bytes_written as f64 - bw * step).max(0.0);
+        max_b = max_b.max(b);
+        sum_lag += b / bw;
+        if b > backlog_bytes_max as f64 {
+            overflows += 1;
+        }
+    }
+    let written: f64 = p.totals.iter().map(|t| t.bytes_written as f64).sum();
+    let unbounded = written / (p.totals.len() as f64 * step) >= bw;
+    Ok(LagForecast {
+        max_backlog_bytes: max_b,
+        max_lag_s: max_b / bw,
+        mean_lag_s: sum_lag / p.totals.len() as f64,
+        overflows,
+        unbounded,
+        why: Why::new(
+            "async-backlog",
+            "backlog replayed over the observed 10 s totals: b = max(0, b + written - bw x 10 s), \
+             lag = b / bw",
+        )
+        .input("bandwidth", bw, "B/s")
+        .input("write_rate", p.write_rate(), "B/s")
+        .input("backlog_bytes_max", backlog_bytes_max as f64, "B"),
+    })
+}
+
+/// Inputs of the cutover downtime.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CutoverInputs {
+    pub mode: Mode,
+    /// Time between the last pre-freeze flush and the freeze, seconds: what
+    /// is written in it must be drained inside the freeze (async).
+    pub drain_window_s: f64,
+    /// Time since the prehash step: the leaves of what is written in it are
+    /// re-hashed inside the freeze, seconds.
+    pub rehash_window_s: f64,
+    /// Leaf hashing speed, bytes/s.
+    pub hash_bytes_per_s: f64,
+    /// The commit's time, seconds.
+    pub commit_s: f64,
+    /// The start hook's time from the last test cutover, if any.
+    pub start_hook_s: Option<f64>,
+}
+
+/// Expected cutover downtime, with its parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CutoverForecast {
+    pub seconds: f64,
+    pub drain_bytes: f64,
+    pub drain_s: f64,
+    pub rehash_bytes: f64,
+    pub rehash_s: f64,
+    pub commit_s: f64,
+    pub start_hook_s: f64,
+    pub why: Why,
+}
+
+/// Downtime = dirty bytes at the freeze / bw + re-hash of the recently
+/// written blocks / hash rate + commit + start hook. In sync mode the
+/// replica already has every write: nothing to drain.
+pub fn cutover_downtime(
+    p: &Profile,
+    target: &Target,
+    link: &Link,
+    c: &CutoverInputs,
+    stat: Stat,
+) -> Result<CutoverForecast, ForecastError> {
+    if p.curve.points.is_empty() {
+        return Err(ForecastError::NotObserved);
+    }
+    let bw = link.effective()?;
+    let hash = positive("hash_bytes_per_s", c.hash_bytes_per_s)?;
+    let drain_w = non_negative("drain_window_s", c.drain_window_s)?;
+    let rehash_w = non_negative("rehash_window_s", c.rehash_window_s)?;
+    let commit = non_negative("commit_s", c.commit_s)?;
+    let hook = non_negative("start_hook_s", c.start_hook_s.unwrap_or(0.0))?;
+    let cap = target.cap_keys(p);
+    let key = p.key_bytes();
+    let drain_bytes = match c.mode {
+        Mode::Sync => 0.0,
+        Mode::Async => p.curve.at(drain_w, stat, cap) * key,
+    };
+    let rehash_bytes = p.curve.at(rehash_w, stat, cap) * key;
+    let drain_s = drain_bytes / bw;
+    let rehash_s = rehash_bytes / hash;
+    Ok(CutoverForecast {
+        seconds: drain_s + rehash_s + commit + hook,
+        drain_bytes,
+        drain_s,
+        rehash_bytes,
+        rehash_s,
+        commit_s: commit,
+        start_hook_s: hook,
+        why: Why::new(
+            "cutover-downtime",
+            "W(drain window) x key / bw (async; sync has nothing to drain) + W(rehash window) x \
+             key / hash rate + commit + start hook",
+        )
+        .input("drain_window_s", drain_w, "s")
+        .input("rehash_window_s", rehash_w, "s")
+        .input("bandwidth", bw, "B/s")
+        .input("hash_bytes_per_s", hash, "B/s")
+        .input("key_bytes", key, "B")
+        .input("commit_s", commit, "s")
+        .input("start_hook_s", hook, "s"),
+    })
+}
+
+/// The best hours for a cutover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CutoverWindows {
+    /// Up to `n` whole clock hours, fewest distinct keys written first.
+    pub hours: Vec<HourStat>,
+    pub why: Why,
+}
+
+/// The `n` observed hours with the lowest W (ties: the earlier first).
+pub fn best_cutover_hours(p: &Profile, n: usize) -> CutoverWindows {
+    let mut hours = p.hours.clone();
+    hours.sort_by_key(|h| (h.keys, h.start_s));
+    hours.truncate(n);
+    CutoverWindows {
+        hours,
+        why: Why::new(
+            "best-cutover-hours",
+            "whole clock hours of the observation sorted by distinct keys written in the hour",
+        )
+        .input("hours_observed", p.hours.len() as f64, "h"),
+    }
+}
+
+/// Which seeding finishes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Seeding {
+    Network,
+    Shipment,
+    /// Neither converges.
+    Neither,
+}
+
+/// Offline seeding (ship a disk) against an initial sync over the link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedingComparison {
+    /// Time to ready over the link (async).
+    pub network: ReadyForecast,
+    pub ship_s: f64,
+    /// Bytes dirtied during the shipment: W(ship) x key, at most the size.
+    pub catch_up_bytes: f64,
+    /// The catch-up after the shipment, to ready (its first pass sends the
+    /// catch-up bytes).
+    pub catch_up: Verdict,
+    /// ship + catch-up, if it converges.
+    pub shipment_total_s: Option<f64>,
+    pub faster: Seeding,
+    pub why: Why,
+}
+
+/// Ship a disk in `ship_days` then catch up over the link, or send it all.
+pub fn offline_seeding(
+    p: &Profile,
+    target: &Target,
+    link: &Link,
+    ship_days: f64,
+    stat: Stat,
+) -> Result<SeedingComparison, ForecastError> {
+    let ship_s = non_negative("ship_days", ship_days)? * 86_400.0;
+    let network = time_to_ready(p, target, link, Mode::Async, stat)?;
+    let bw = link.effective()?;
+    let cap = target.cap_keys(p);
+    let catch_up_bytes = p.curve.at(ship_s, stat, cap) * p.key_bytes();
+    let (catch_up, _) = fixed_point(p, stat, cap, catch_up_bytes, bw, 1.0);
+    let shipment_total_s = match catch_up {
+        Verdict::Converges { seconds, .. } => Some(ship_s + seconds),
+        _ => None,
+    };
+    let net_s = match network.verdict {
+        Verdict::Converges { seconds, .. } => Some(seconds),
+        _ => None,
+    };
+    let faster = match (net_s, shipment_total_s) {
+        (Some(n), Some(s)) if s < n => Seeding::Shipment,
+        (Some(_), _) => Seeding::Network,
+        (None, Some(_)) => Seeding::Shipment,
+        (None, None) => Seeding::Neither,
+    };
+    Ok(SeedingComparison {
+        network,
+        ship_s,
+        catch_up_bytes,
+        catch_up,
+        shipment_total_s,
+        faster,
+        why: Why::new(
+            "offline-seeding",
+            "shipment = ship time + fixed point starting from W(ship time) x key (what the \
+             workload dirtied meanwhile, W extrapolated subadditively past the longest window \
+             observed, at most the size); network = time to ready (async)",
+        )
+        .input("ship_s", ship_s, "s")
+        .input("bandwidth", bw, "B/s")
+        .input("longest_window_observed_s", p.curve.longest_s() as f64, "s"),
+    })
+}
+
+/// One migration sharing a link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub name: String,
+    /// Its time to ready alone on the whole link, `None` if it never is.
+    pub alone_s: Option<f64>,
+}
+
+/// Migrations sharing one link, run one after the other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedLinkPlan {
+    /// Shortest first; those that never converge last, in input order.
+    pub order: Vec<String>,
+    /// Completion time of each, in `order`, seconds (`None` from the first
+    /// that never converges on).
+    pub completions_s: Vec<Option<f64>>,
+    /// When the last is ready (the same in any order), if all converge.
+    pub total_s: Option<f64>,
+    /// Σ completion times: the least of any order (shortest first).
+    pub sum_completion_s: Option<f64>,
+    pub why: Why,
+}
+
+/// The order that gets migrations ready soonest on a shared link.
+///
+/// Model: one migration at a time on the whole link, each cut over (and
+/// off the link) once ready, so job i takes its `alone_s` whatever runs
+/// before it. The total is then Σ alone_s in any order, and shortest first
+/// minimises Σ completion times (so the mean wait): swapping two adjacent
+/// jobs a, b with a > b changes only their two completions, from
+/// (s + a) + (s + a + b) to (s + b) + (s + a + b), which is smaller; any
+/// order with an inversion is improved by removing it.
+pub fn shared_link(jobs: &[Job]) -> SharedLinkPlan {
+    let mut ok: Vec<(&str, f64)> = Vec::new();
+    let mut never: Vec<&str> = Vec::new();
+    for j in jobs {
+        match j.alone_s {
+            Some(s) if s.is_finite() && s >= 0.0 => ok.push((&j.name, s)),
+            _ => never.push(&j.name),
+        }
+    }
+    ok.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut t = 0.0;
+    let mut sum = 0.0;
+    let mut completions_s = Vec::new();
+    let mut order = Vec::new();
+    for (n, s) in &ok {
+        t += s;
+        sum += t;
+        completions_s.push(Some(t));
+        order.push(n.to_string());
+    }
+    for n in &never {
+        order.push(n.to_string());
+        completions_s.push(None);
+    }
+    let all = never.is_empty();
+    SharedLinkPlan {
+        order,
+        completions_s,
+        total_s: all.then_some(t),
+        sum_completion_s: all.then_some(sum),
+        why: Why::new(
+            "shortest-first",
+            "one migration at a time on the whole link, each off the link once ready: total = \
+             sum of the times alone (any order); shortest first minimises the sum of completion \
+             times",
+        )
+        .input("migrations", jobs.len() as f64, ""),
+    }
+}
