@@ -454,6 +454,9 @@ pub struct Observation {
     bytes_written: u64,
     write_ios: u64,
     read_ios: u64,
+    /// Tests: every full window (T, start, estimate).
+    #[cfg(test)]
+    log: Option<Vec<(u64, u64, u64)>>,
 }
 
 impl Observation {
@@ -486,6 +489,8 @@ impl Observation {
             bytes_written: 0,
             write_ios: 0,
             read_ios: 0,
+            #[cfg(test)]
+            log: None,
         }
     }
 
@@ -553,8 +558,11 @@ impl Observation {
         }
     }
 
-    /// A gap: what was open is dropped; windows start again at `s`.
+    /// A gap: the open second is closed, longer intervals and windows
+    /// still open are dropped; windows start again at `s`.
     fn pause(&mut self, s: u64) {
+        let open = self.cur_s;
+        self.close(0, open);
         for l in self.levels.iter_mut() {
             *l = Sketch::new();
         }
@@ -591,7 +599,12 @@ impl Observation {
         let sketch = std::mem::take(&mut self.levels[level]);
         let mut done = Vec::new();
         for t in self.tracks.iter_mut().filter(|t| t.level == level) {
+            done.clear();
             t.feed(start, g, &sketch, self.first_s, &mut done);
+            #[cfg(test)]
+            if let Some(log) = self.log.as_mut() {
+                log.extend(done.iter().map(|&(ws, n)| (t.window_s, ws, n)));
+            }
         }
         if level == 1 {
             self.open_totals.keys = sketch.count();
@@ -1430,5 +1443,720 @@ pub fn shared_link(jobs: &[Job]) -> SharedLinkPlan {
              times",
         )
         .input("migrations", jobs.len() as f64, ""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    const SIGMA: f64 = HLL_RELATIVE_STD_ERROR;
+    const BLOCK: u64 = 64 * 1024;
+
+    /// A deterministic generator (splitmix64 stream).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(1);
+            mix64(self.0.wrapping_mul(0x2545_f491_4f6c_dd1d))
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn rel(est: f64, exact: f64) -> f64 {
+        (est - exact).abs() / exact.max(1.0)
+    }
+
+    #[test]
+    fn sketch_is_exact_while_sparse() {
+        let mut s = Sketch::new();
+        for k in 0..SPARSE_MAX as u64 {
+            s.insert(k * 7);
+            s.insert(k * 7); // a block written twice counts once
+        }
+        assert!(s.is_exact());
+        assert_eq!(s.count(), SPARSE_MAX as u64);
+        assert!(s.heap_bytes() <= Sketch::MAX_HEAP_BYTES);
+        s.insert(u64::MAX);
+        assert!(!s.is_exact(), "one more key goes dense");
+        assert!(rel(s.estimate(), SPARSE_MAX as f64 + 1.0) < 3.0 * SIGMA);
+        assert_eq!(s.heap_bytes(), Sketch::MAX_HEAP_BYTES);
+    }
+
+    #[test]
+    fn hll_estimate_within_three_sigma() {
+        let mut rng = Rng(42);
+        for &n in &[600u64, 2_000, 5_000, 20_000, 100_000, 1_000_000] {
+            let mut s = Sketch::new();
+            let base = rng.next();
+            for k in 0..n {
+                s.insert(base.wrapping_add(k));
+            }
+            let e = rel(s.estimate(), n as f64);
+            assert!(e <= 3.0 * SIGMA, "n={n}: error {e:.4} > 3 sigma");
+        }
+        assert_eq!(Sketch::new().estimate(), 0.0);
+    }
+
+    #[test]
+    fn swar_max_is_bytewise_max() {
+        let mut rng = Rng(7);
+        for _ in 0..10_000 {
+            let a = rng.next() & LOW7;
+            let b = rng.next() & LOW7;
+            let m = bytewise_max(a, b);
+            for k in 0..8 {
+                let x = (a >> (8 * k)) & 0xff;
+                let y = (b >> (8 * k)) & 0xff;
+                assert_eq!((m >> (8 * k)) & 0xff, x.max(y));
+            }
+        }
+    }
+
+    #[test]
+    fn merge_is_the_sketch_of_the_union() {
+        // Every pair of forms: sparse+sparse (staying sparse or going dense),
+        // sparse+dense, dense+sparse, dense+dense.
+        for &(a, b) in &[
+            (100u64, 100u64),
+            (400, 400),
+            (100, 5_000),
+            (5_000, 100),
+            (9_000, 20_000),
+        ] {
+            let mut x = Sketch::new();
+            let mut y = Sketch::new();
+            let mut u = Sketch::new();
+            for k in 0..a {
+                x.insert(k);
+                u.insert(k);
+            }
+            // Overlapping by half.
+            for k in a / 2..a / 2 + b {
+                y.insert(k);
+                u.insert(k);
+            }
+            let mut m = x.clone();
+            m.merge(&y);
+            assert_eq!(m, u, "merge of {a} and {b} keys");
+            let mut m2 = y.clone();
+            m2.merge(&x);
+            assert_eq!(m2, u, "merge is commutative ({a}, {b})");
+        }
+    }
+
+    /// Runs `trace` (ms, block) through an observation and compares every
+    /// full window with the exact distinct count of the same window.
+    fn check_trace(name: &str, start_ms: u64, end_ms: u64, trace: &[(u64, u64)]) {
+        let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, start_ms);
+        o.log = Some(Vec::new());
+        for &(ms, b) in trace {
+            o.record_write_extent(ms, b * BLOCK, BLOCK);
+        }
+        o.advance(end_ms);
+        let first_s = start_ms / 1000;
+        let secs = (end_ms / 1000 - first_s) as usize;
+        let mut by_s: Vec<Vec<u64>> = vec![Vec::new(); secs + 1];
+        for &(ms, b) in trace {
+            by_s[(ms / 1000 - first_s) as usize].push(b);
+        }
+        let log = o.log.take().unwrap();
+        let mut windows = 0usize;
+        let mut beyond_3 = 0usize;
+        let profile = o.profile();
+        for &t in LADDER_S.iter() {
+            let (_, hop) = window_plan(t);
+            let mut exact_max = 0u64;
+            let mut exact_sum = 0u64;
+            let mut n = 0u64;
+            let mut ws = first_s.div_ceil(hop) * hop;
+            while ws + t <= end_ms / 1000 {
+                let mut set = HashSet::new();
+                for s in ws..ws + t {
+                    set.extend(by_s[(s - first_s) as usize].iter().copied());
+                }
+                let exact = set.len() as u64;
+                let got = log
+                    .iter()
+                    .find(|&&(lt, lws, _)| lt == t && lws == ws)
+                    .unwrap_or_else(|| panic!("{name}: window T={t} at {ws} missing"))
+                    .2;
+                if exact <= SPARSE_MAX as u64 {
+                    assert_eq!(got, exact, "{name}: T={t} at {ws}: a small set is exact");
+                }
+                let e = rel(got as f64, exact as f64);
+                assert!(e <= 5.0 * SIGMA, "{name}: T={t} at {ws}: {got} vs {exact}");
+                if e > 3.0 * SIGMA {
+                    beyond_3 += 1;
+                }
+                windows += 1;
+                exact_max = exact_max.max(exact);
+                exact_sum += exact;
+                n += 1;
+                ws += hop;
+            }
+            let logged = log.iter().filter(|w| w.0 == t).count() as u64;
+            assert_eq!(logged, n, "{name}: T={t}: as many windows as expected");
+            if n == 0 {
+                assert!(profile.curve.points.iter().all(|p| p.window_s != t));
+                continue;
+            }
+            let p = profile
+                .curve
+                .points
+                .iter()
+                .find(|p| p.window_s == t)
+                .unwrap();
+            assert_eq!(p.windows, n);
+            // The max of n estimates picks up their noise: within
+            // sqrt(2 ln n) + 3 sigma; the mean averages it out: 3 sigma.
+            let max_tol = ((2.0 * (n as f64).ln()).sqrt() + 3.0) * SIGMA;
+            let em = rel(p.max_keys as f64, exact_max as f64);
+            assert!(
+                em <= max_tol,
+                "{name}: T={t}: max {} vs {exact_max}",
+                p.max_keys
+            );
+            let mean = exact_sum as f64 / n as f64;
+            assert!(
+                rel(p.mean_keys, mean) <= 3.0 * SIGMA,
+                "{name}: T={t}: mean {} vs {mean}",
+                p.mean_keys
+            );
+            eprintln!(
+                "{name}: T={t:>5} s windows={n:>5} W max {:>8} exact {exact_max:>8} ({:+.2} %), mean {:>10.1} exact {mean:>10.1} ({:+.2} %)",
+                p.max_keys,
+                100.0 * (p.max_keys as f64 - exact_max as f64) / exact_max.max(1) as f64,
+                p.mean_keys,
+                100.0 * (p.mean_keys - mean) / mean.max(1.0)
+            );
+        }
+        // 99.73 % of normal errors fall within 3 sigma; allow 1 %.
+        assert!(
+            beyond_3 * 100 <= windows,
+            "{name}: {beyond_3} of {windows} windows beyond 3 sigma"
+        );
+    }
+
+    const TRACE_S: u64 = 1_900;
+
+    #[test]
+    fn working_set_matches_exact_count_uniform() {
+        let mut rng = Rng(1);
+        let start = 1_700_000_000_250; // not aligned to anything
+        let mut trace = Vec::new();
+        for s in 0..TRACE_S {
+            for i in 0..200 {
+                trace.push((start + s * 1000 + i * 5, rng.below(200_000)));
+            }
+        }
+        check_trace("uniform", start, start + TRACE_S * 1000 + 1, &trace);
+    }
+
+    #[test]
+    fn working_set_matches_exact_count_hot_and_cold() {
+        let mut rng = Rng(2);
+        let mut trace = Vec::new();
+        for s in 0..TRACE_S {
+            for i in 0..200 {
+                let b = if rng.below(10) < 9 {
+                    rng.below(1_000)
+                } else {
+                    1_000 + rng.below(10_000_000)
+                };
+                trace.push((s * 1000 + i * 5, b));
+            }
+        }
+        check_trace("hot-cold", 0, TRACE_S * 1000, &trace);
+    }
+
+    #[test]
+    fn working_set_matches_exact_count_sequential() {
+        let mut trace = Vec::new();
+        let mut b = 0u64;
+        for s in 0..TRACE_S {
+            for i in 0..150 {
+                trace.push((s * 1000 + i * 6, b));
+                b = (b + 1) % 100_000; // wraps: long windows saturate
+            }
+        }
+        check_trace("sequential", 0, TRACE_S * 1000, &trace);
+    }
+
+    #[test]
+    fn memory_stays_under_the_bound_over_24_hours_of_heavy_writes() {
+        // 600 random 64 KiB writes a second (37.5 MiB/s) over a 1 TiB
+        // volume for 24 h: every interval sketch is dense.
+        let mut rng = Rng(3);
+        let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, 0);
+        let mut peak = 0;
+        for s in 0..86_400u64 {
+            for i in 0..600 {
+                o.record_write_extent(s * 1000 + i, rng.below(1 << 24) * BLOCK, BLOCK);
+            }
+            if s % 600 == 0 {
+                peak = peak.max(o.memory_bytes());
+            }
+        }
+        o.advance(86_400_000);
+        peak = peak.max(o.memory_bytes());
+        eprintln!("memory peak {peak} B, bound {MEMORY_BOUND_BYTES} B");
+        assert!(
+            peak <= MEMORY_BOUND_BYTES,
+            "{peak} B > {MEMORY_BOUND_BYTES} B"
+        );
+        let p = o.profile();
+        assert_eq!(
+            p.curve.points.len(),
+            LADDER_S.len(),
+            "every window length seen, 24 h included"
+        );
+        assert_eq!(p.totals.len(), TOTALS_KEEP);
+        assert_eq!(p.hours.len(), 24);
+        assert_eq!(p.bytes_written, 86_400 * 600 * BLOCK);
+        // The day's working set: 51.84 M writes over 16.78 M blocks.
+        let n = 86_400.0 * 600.0;
+        let m = (1u64 << 24) as f64;
+        let expect = m * (1.0 - (-n / m).exp());
+        let day = p.curve.points.last().unwrap();
+        assert!(
+            rel(day.max_keys as f64, expect) <= 3.0 * SIGMA,
+            "{} vs {expect}",
+            day.max_keys
+        );
+    }
+
+    #[test]
+    fn totals_hours_and_files() {
+        let mut o = Observation::new(KeyKind::Files, 0);
+        // Hour 0: 300 files; hour 1: nothing; hour 2: 20 files; hour 3: 100.
+        for s in 0..4 * 3_600u64 {
+            let hour = s / 3_600;
+            let files = [300u64, 0, 20, 100][hour as usize];
+            if files > 0 {
+                let f = s % files;
+                o.record_write_key(s * 1000, file_key(format!("dir/f{f}").as_bytes()), 1_000);
+            }
+            o.record_reads(s * 1000 + 500, 2);
+        }
+        o.advance(4 * 3_600_000);
+        let p = o.profile();
+        assert_eq!(p.kind, KeyKind::Files);
+        let keys: Vec<u64> = p.hours.iter().map(|h| h.keys).collect();
+        assert_eq!(keys, vec![300, 0, 20, 100]);
+        let bytes: Vec<u64> = p.hours.iter().map(|h| h.bytes_written).collect();
+        assert_eq!(bytes, vec![3_600_000, 0, 3_600_000, 3_600_000]);
+        assert_eq!(p.totals.len(), 4 * 360);
+        let t = p.totals[0];
+        assert_eq!(
+            (t.start_s, t.bytes_written, t.write_ios, t.read_ios, t.keys),
+            (0, 10_000, 10, 20, 10)
+        );
+        assert_eq!(p.curve.points[0].max_keys, 1, "one file a second");
+        let best = best_cutover_hours(&p, 2);
+        assert_eq!(
+            best.hours.iter().map(|h| h.start_s).collect::<Vec<_>>(),
+            vec![3_600, 7_200]
+        );
+        assert_eq!(p.key_bytes(), 1_000.0);
+    }
+
+    #[test]
+    fn gaps_and_clock_steps_do_not_break_it() {
+        let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, 10_000);
+        o.record_write_extent(12_000, 0, 3 * BLOCK + 1); // 4 blocks
+        o.record_write_extent(11_000, 0, 0); // backwards, empty
+        o.record_write_extent(u64::MAX / 2, u64::MAX - 10, 100); // a huge jump, the last block
+        o.advance(u64::MAX / 2 + 5_000);
+        let p = o.profile();
+        assert_eq!(p.write_ios, 3);
+        assert_eq!(p.curve.points[0].max_keys, 4);
+        assert!(o.memory_bytes() <= MEMORY_BOUND_BYTES);
+    }
+
+    // ---- forecasts on hand-computed cases ----
+
+    /// W(T) = keys_per_s · T, block `block` bytes, writing `write_rate` B/s
+    /// for a day.
+    fn linear(block: u64, keys_per_s: f64, write_rate: f64) -> Profile {
+        Profile {
+            kind: KeyKind::Blocks { block_bytes: block },
+            observed_s: 86_400.0,
+            bytes_written: (write_rate * 86_400.0) as u64,
+            write_ios: 1,
+            read_ios: 0,
+            curve: WorkingSetCurve {
+                points: vec![
+                    CurvePoint {
+                        window_s: 1,
+                        max_keys: keys_per_s as u64,
+                        mean_keys: keys_per_s,
+                        windows: 1,
+                    },
+                    CurvePoint {
+                        window_s: 86_400,
+                        max_keys: (keys_per_s * 86_400.0) as u64,
+                        mean_keys: keys_per_s * 86_400.0,
+                        windows: 1,
+                    },
+                ],
+            },
+            totals: Vec::new(),
+            hours: Vec::new(),
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn link(bw: f64) -> Link {
+        Link {
+            bandwidth_bytes_per_s: bw,
+            max_rate_bytes_per_s: None,
+        }
+    }
+
+    #[test]
+    fn fixed_point_converges_halving_each_pass() {
+        // 8 MiB/s of distinct blocks against 16 MiB/s: each pass half the last.
+        let p = linear(MIB, 8.0, 8.0 * MIB as f64);
+        let t = Target {
+            allocated_bytes: 1024 * 16 * MIB,
+            size_bytes: 1 << 50,
+        };
+        let l = link(16.0 * MIB as f64);
+        assert_eq!(initial_sync(&t, &l).unwrap().seconds, 1024.0);
+        let r = time_to_ready(&p, &t, &l, Mode::Async, Stat::Max).unwrap();
+        // 1024 + 512 + … + 1 = 2047 s in 11 passes.
+        assert_eq!(
+            r.verdict,
+            Verdict::Converges {
+                seconds: 2047.0,
+                passes: 11
+            }
+        );
+        assert_eq!(r.passes_s[..3], [1024.0, 512.0, 256.0]);
+        assert_eq!(r.why.formula, "fixed-point");
+        // --max-rate 8 MiB/s: the link is capped, the writes equal it.
+        let capped = Link {
+            max_rate_bytes_per_s: Some(8.0 * MIB as f64),
+            ..l
+        };
+        let r = time_to_ready(&p, &t, &capped, Mode::Async, Stat::Max).unwrap();
+        assert!(
+            matches!(r.verdict, Verdict::Diverges { pass_s, .. } if pass_s == 2048.0),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn fixed_point_diverges_when_writes_outrun_the_link() {
+        let p = linear(MIB, 8.0, 8.0 * MIB as f64);
+        let t = Target {
+            allocated_bytes: 1024 * MIB,
+            size_bytes: 1 << 50,
+        };
+        let r = time_to_ready(&p, &t, &link(4.0 * MIB as f64), Mode::Async, Stat::Max).unwrap();
+        assert_eq!(
+            r.verdict,
+            Verdict::Diverges {
+                pass_s: 256.0,
+                dirty_rate: 8.0 * MIB as f64,
+                bandwidth: 4.0 * MIB as f64
+            }
+        );
+    }
+
+    #[test]
+    fn fixed_point_stalls_above_the_ready_pass() {
+        // W(T) = 80 + 8 T blocks of 1 MiB at 16 MiB/s: d' = 5 + d/2, fixed
+        // point 10 s > READY_PASS_S: never ready.
+        let mut p = linear(MIB, 8.0, 0.0);
+        p.curve.points = vec![
+            CurvePoint {
+                window_s: 1,
+                max_keys: 88,
+                mean_keys: 88.0,
+                windows: 1,
+            },
+            CurvePoint {
+                window_s: 86_400,
+                max_keys: 80 + 8 * 86_400,
+                mean_keys: 0.0,
+                windows: 1,
+            },
+        ];
+        let t = Target {
+            allocated_bytes: 1024 * 16 * MIB,
+            size_bytes: 1 << 50,
+        };
+        let r = time_to_ready(&p, &t, &link(16.0 * MIB as f64), Mode::Async, Stat::Max).unwrap();
+        match r.verdict {
+            Verdict::Stalls { pass_s } => assert!((pass_s - 10.0).abs() < 1e-6, "{pass_s}"),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn sync_mode_shares_the_link_with_the_writes() {
+        let p = linear(MIB, 8.0, 50e6);
+        let t = Target {
+            allocated_bytes: 1_000_000_000,
+            size_bytes: 1 << 40,
+        };
+        let r = time_to_ready(&p, &t, &link(100e6), Mode::Sync, Stat::Max).unwrap();
+        assert_eq!(
+            r.verdict,
+            Verdict::Converges {
+                seconds: 20.0,
+                passes: 1
+            }
+        );
+        let p = linear(MIB, 8.0, 150e6);
+        let r = time_to_ready(&p, &t, &link(100e6), Mode::Sync, Stat::Max).unwrap();
+        assert!(!r.verdict.converges());
+    }
+
+    #[test]
+    fn converging_throttle_cuts_writes_below_the_link() {
+        // Distinct blocks at 3x the link: a throttle keeping k of the writes
+        // converges iff 3k < 1: 67 % (k = 0.33), not 66 % (k = 0.34).
+        let p = linear(MIB, 48.0, 60e6);
+        let t = Target {
+            allocated_bytes: 1 << 30,
+            size_bytes: 1 << 50,
+        };
+        let l = link(16.0 * MIB as f64);
+        let a = converging_throttle(&p, &t, &l, Mode::Async, Stat::Max, 90).unwrap();
+        assert_eq!(a.throttle_pct, Some(67));
+        assert!((a.write_rate_bytes_per_s.unwrap() - 60e6 * 0.33).abs() < 1.0);
+        assert!(a.within_auto_converge);
+        let a = converging_throttle(&p, &t, &l, Mode::Async, Stat::Max, 60).unwrap();
+        assert!(!a.within_auto_converge);
+        // Sync: 60e6 B/s of writes on 16 MiB/s: k < 0.2796 → 73 %.
+        let s = converging_throttle(&p, &t, &l, Mode::Sync, Stat::Max, 90).unwrap();
+        assert_eq!(s.throttle_pct, Some(73));
+        // Already converging: 0 %.
+        let s = converging_throttle(&p, &t, &link(1e9), Mode::Async, Stat::Max, 90).unwrap();
+        assert_eq!(s.throttle_pct, Some(0));
+    }
+
+    #[test]
+    fn steady_lag_replays_the_backlog() {
+        let mut p = linear(MIB, 1.0, 0.0);
+        p.totals = [20e6, 0.0, 5e6, 30e6]
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| IntervalTotals {
+                start_s: i as u64 * 10,
+                bytes_written: b as u64,
+                ..Default::default()
+            })
+            .collect();
+        // 1 MB/s drains 10 MB per interval: backlog 10, 0, 0, 20 MB.
+        let l = steady_lag(&p, &link(1e6), 15_000_000).unwrap();
+        assert_eq!(l.max_backlog_bytes, 20e6);
+        assert_eq!(l.max_lag_s, 20.0);
+        assert_eq!(l.mean_lag_s, 7.5);
+        assert_eq!(l.overflows, 1);
+        assert!(l.unbounded, "55 MB in 40 s > 1 MB/s");
+        assert!(!steady_lag(&p, &link(2e6), 15_000_000).unwrap().unbounded);
+    }
+
+    #[test]
+    fn cutover_downtime_adds_its_parts() {
+        // 100 blocks/s of 64 KiB, link 100 blocks/s: a 2 s drain window is
+        // 2 s; 3 s of writes re-hashed at 3000 blocks/s: 0.1 s; + 0.5 + 1.5.
+        let p = linear(BLOCK, 100.0, 0.0);
+        let t = Target {
+            allocated_bytes: 1 << 30,
+            size_bytes: 1 << 40,
+        };
+        let mut c = CutoverInputs {
+            mode: Mode::Async,
+            drain_window_s: 2.0,
+            rehash_window_s: 3.0,
+            hash_bytes_per_s: 3000.0 * BLOCK as f64,
+            commit_s: 0.5,
+            start_hook_s: Some(1.5),
+        };
+        let l = link(100.0 * BLOCK as f64);
+        let f = cutover_downtime(&p, &t, &l, &c, Stat::Max).unwrap();
+        assert_eq!(f.drain_bytes, 200.0 * BLOCK as f64);
+        assert_eq!(f.drain_s, 2.0);
+        assert!((f.rehash_s - 0.1).abs() < 1e-12);
+        assert!((f.seconds - 4.1).abs() < 1e-12, "{}", f.seconds);
+        c.mode = Mode::Sync;
+        c.start_hook_s = None;
+        let f = cutover_downtime(&p, &t, &l, &c, Stat::Max).unwrap();
+        assert!((f.seconds - 0.6).abs() < 1e-12, "{}", f.seconds);
+        // The drain is capped by the size.
+        let small = Target {
+            allocated_bytes: BLOCK,
+            size_bytes: 10 * BLOCK,
+        };
+        c.mode = Mode::Async;
+        let f = cutover_downtime(&p, &small, &l, &c, Stat::Max).unwrap();
+        assert_eq!(f.drain_bytes, 10.0 * BLOCK as f64);
+    }
+
+    #[test]
+    fn offline_seeding_ships_a_big_disk() {
+        // 8 MiB/s distinct, link 16 MiB/s; 8 TiB allocated: 2^19 s first
+        // pass, 2^20 - 1 s to ready. Ship 2 days: 1,382,400 MiB dirtied,
+        // catch-up 86,400 s halving to below 1 s (17 passes).
+        let p = linear(MIB, 8.0, 0.0);
+        let t = Target {
+            allocated_bytes: 8 << 40,
+            size_bytes: 16 << 40,
+        };
+        let l = link(16.0 * MIB as f64);
+        let c = offline_seeding(&p, &t, &l, 2.0, Stat::Max).unwrap();
+        assert_eq!(
+            c.network.verdict,
+            Verdict::Converges {
+                seconds: 1_048_575.0,
+                passes: 20
+            }
+        );
+        assert_eq!(c.catch_up_bytes, 1_382_400.0 * MIB as f64);
+        let catch_up = 172_800.0 - 86_400.0 / 131_072.0;
+        assert_eq!(
+            c.catch_up,
+            Verdict::Converges {
+                seconds: catch_up,
+                passes: 18
+            }
+        );
+        assert_eq!(c.shipment_total_s, Some(172_800.0 + catch_up));
+        assert_eq!(c.faster, Seeding::Shipment);
+        // A small disk: the network wins; the catch-up is capped at the size.
+        let t = Target {
+            allocated_bytes: 16 << 30,
+            size_bytes: 64 << 30,
+        };
+        let c = offline_seeding(&p, &t, &l, 1.0, Stat::Max).unwrap();
+        assert_eq!(c.catch_up_bytes, (64u64 << 30) as f64);
+        assert_eq!(c.faster, Seeding::Network);
+    }
+
+    fn permutations(v: &[f64]) -> Vec<Vec<f64>> {
+        if v.len() <= 1 {
+            return vec![v.to_vec()];
+        }
+        let mut out = Vec::new();
+        for i in 0..v.len() {
+            let mut rest = v.to_vec();
+            let x = rest.remove(i);
+            for mut p in permutations(&rest) {
+                p.insert(0, x);
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn shared_link_shortest_first_minimises_the_sum_of_completions() {
+        let times = [300.0, 20.0, 4_000.0, 75.0, 75.0, 1.0];
+        let jobs: Vec<Job> = times
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| Job {
+                name: format!("w{i}"),
+                alone_s: Some(s),
+            })
+            .collect();
+        let plan = shared_link(&jobs);
+        assert_eq!(plan.order, ["w5", "w1", "w3", "w4", "w0", "w2"]);
+        assert_eq!(plan.total_s, Some(times.iter().sum()));
+        let best = permutations(&times)
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .scan(0.0, |t, x| {
+                        *t += x;
+                        Some(*t)
+                    })
+                    .sum::<f64>()
+            })
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(plan.sum_completion_s, Some(best));
+        assert_eq!(plan.completions_s[0], Some(1.0));
+        // One that never converges goes last and leaves no total.
+        let mut jobs = jobs;
+        jobs.insert(
+            0,
+            Job {
+                name: "hot".into(),
+                alone_s: None,
+            },
+        );
+        let plan = shared_link(&jobs);
+        assert_eq!(plan.order.last().unwrap(), "hot");
+        assert_eq!(plan.completions_s.last().unwrap(), &None);
+        assert_eq!(plan.total_s, None);
+    }
+
+    #[test]
+    fn forecasts_refuse_bad_inputs() {
+        let p = linear(MIB, 8.0, 0.0);
+        let t = Target {
+            allocated_bytes: 1,
+            size_bytes: 1,
+        };
+        assert!(matches!(
+            initial_sync(&t, &link(0.0)),
+            Err(ForecastError::BadInput { .. })
+        ));
+        assert!(matches!(
+            initial_sync(&t, &link(f64::NAN)),
+            Err(ForecastError::BadInput { .. })
+        ));
+        let mut empty = p.clone();
+        empty.curve.points.clear();
+        assert_eq!(
+            time_to_ready(&empty, &t, &link(1.0), Mode::Async, Stat::Max),
+            Err(ForecastError::NotObserved)
+        );
+        assert_eq!(
+            steady_lag(&p, &link(1.0), 0),
+            Err(ForecastError::NotObserved)
+        );
+    }
+
+    #[test]
+    fn curve_interpolates_and_extrapolates() {
+        let c = WorkingSetCurve {
+            points: vec![
+                CurvePoint {
+                    window_s: 10,
+                    max_keys: 100,
+                    mean_keys: 50.0,
+                    windows: 1,
+                },
+                CurvePoint {
+                    window_s: 60,
+                    max_keys: 90,
+                    mean_keys: 60.0,
+                    windows: 1,
+                }, // noise: made monotone
+                CurvePoint {
+                    window_s: 600,
+                    max_keys: 1_000,
+                    mean_keys: 500.0,
+                    windows: 1,
+                },
+            ],
+        };
+        assert_eq!(c.at(5.0, Stat::Max, 1e9), 50.0);
+        assert_eq!(c.at(35.0, Stat::Max, 1e9), 100.0);
+        assert_eq!(c.at(330.0, Stat::Max, 1e9), 550.0);
+        assert_eq!(c.at(1_200.0, Stat::Max, 1e9), 2_000.0);
+        assert_eq!(c.at(1_200.0, Stat::Max, 1_500.0), 1_500.0);
+        assert_eq!(c.at(600.0, Stat::Mean, 1e9), 500.0);
+        assert_eq!(c.at(0.0, Stat::Max, 1e9), 0.0);
     }
 }
