@@ -89,7 +89,8 @@ pub fn file_key(path: &[u8]) -> u64 {
 }
 
 /// A set of keys counted exactly while small, as a HyperLogLog beyond.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SketchState", into = "SketchState")]
 pub struct Sketch {
     repr: Repr,
 }
@@ -133,6 +134,11 @@ impl Sketch {
             },
             Repr::Dense(d) => set_max(d, h),
         }
+    }
+
+    /// No key yet.
+    pub fn is_empty(&self) -> bool {
+        matches!(&self.repr, Repr::Sparse(v) if v.is_empty())
     }
 
     /// True while the count is exact.
@@ -212,6 +218,59 @@ impl Sketch {
 
     /// Most heap bytes a sketch ever holds.
     pub const MAX_HEAP_BYTES: usize = WORDS * 8;
+}
+
+/// A sketch as stored (checked when loaded).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum SketchState {
+    Sparse(Vec<u64>),
+    Dense(Vec<u64>),
+}
+
+impl From<Sketch> for SketchState {
+    fn from(s: Sketch) -> SketchState {
+        match s.repr {
+            Repr::Sparse(v) => SketchState::Sparse(v),
+            Repr::Dense(d) => SketchState::Dense(d.into_vec()),
+        }
+    }
+}
+
+impl TryFrom<SketchState> for Sketch {
+    type Error = StateError;
+    fn try_from(s: SketchState) -> Result<Sketch, StateError> {
+        match s {
+            SketchState::Sparse(v) => {
+                if v.len() > SPARSE_MAX || v.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(StateError::Sketch("sparse set too long or not sorted"));
+                }
+                Ok(Sketch {
+                    repr: Repr::Sparse(v),
+                })
+            }
+            SketchState::Dense(d) => {
+                let bad_register = d
+                    .iter()
+                    .any(|w| (0..8).any(|k| (w >> (8 * k)) & 0xff > u64::from(Q + 1)));
+                if d.len() != WORDS || bad_register {
+                    return Err(StateError::Sketch("dense registers of the wrong shape"));
+                }
+                Ok(Sketch {
+                    repr: Repr::Dense(d.into_boxed_slice()),
+                })
+            }
+        }
+    }
+}
+
+/// Why a stored observation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("stored estimate sketch is damaged: {0}")]
+    Sketch(&'static str),
+    #[error("stored estimate is damaged or of another layout: {0}")]
+    Layout(&'static str),
 }
 
 fn dense_from(hashes: &[u64]) -> Box<[u64]> {
@@ -386,7 +445,7 @@ pub struct CurvePoint {
     pub windows: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Track {
     window_s: u64,
     level: usize,
@@ -436,7 +495,14 @@ impl Track {
 }
 
 /// A running observation of one volume's or share's writes.
-#[derive(Debug, Clone)]
+///
+/// It serializes (serde) so the agent can keep it across restarts; loading
+/// checks every part against this build's layout and bounds, so a damaged
+/// or foreign file is refused ([`StateError`]), never trusted. After a
+/// restart call [`Observation::resume`]: the time the agent was down is not
+/// counted as idle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "ObservationState")]
 pub struct Observation {
     kind: KeyKind,
     started_ms: u64,
@@ -444,6 +510,8 @@ pub struct Observation {
     /// The open second.
     cur_s: u64,
     last_ms: u64,
+    /// Time not observed (gaps, restarts), ms.
+    paused_ms: u64,
     levels: [Sketch; 4],
     tracks: Vec<Track>,
     hourly: Track,
@@ -456,7 +524,87 @@ pub struct Observation {
     read_ios: u64,
     /// Tests: every full window (T, start, estimate).
     #[cfg(test)]
+    #[serde(skip)]
     log: Option<Vec<(u64, u64, u64)>>,
+}
+
+#[derive(Deserialize)]
+struct ObservationState {
+    kind: KeyKind,
+    started_ms: u64,
+    first_s: u64,
+    /// The open second.
+    cur_s: u64,
+    last_ms: u64,
+    /// Time not observed (gaps, restarts), ms.
+    paused_ms: u64,
+    levels: [Sketch; 4],
+    tracks: Vec<Track>,
+    hourly: Track,
+    totals: VecDeque<IntervalTotals>,
+    open_totals: IntervalTotals,
+    hour_bytes: u64,
+    hours: VecDeque<HourStat>,
+    bytes_written: u64,
+    write_ios: u64,
+    read_ios: u64,
+}
+
+impl TryFrom<ObservationState> for Observation {
+    type Error = StateError;
+    fn try_from(st: ObservationState) -> Result<Observation, StateError> {
+        let layout = |what| Err(StateError::Layout(what));
+        if st.tracks.len() != LADDER_S.len() {
+            return layout("ladder");
+        }
+        for (t, &w) in st.tracks.iter().zip(LADDER_S.iter()) {
+            let (level, hop) = window_plan(w);
+            if (t.window_s, t.level, t.hop_s) != (w, level, hop) || t.open.len() > OPEN_WINDOWS_MAX
+            {
+                return layout("ladder window");
+            }
+        }
+        let h = &st.hourly;
+        if (h.window_s, h.level, h.hop_s) != (3_600, 3, 3_600) || h.open.len() > 1 {
+            return layout("hourly window");
+        }
+        if st.totals.len() > TOTALS_KEEP || st.hours.len() > HOURS_KEEP {
+            return layout("too many totals or hours");
+        }
+        if st.first_s > st.cur_s || st.open_totals.start_s > st.cur_s {
+            return layout("times out of order");
+        }
+        let mut o = Observation {
+            kind: st.kind,
+            started_ms: st.started_ms,
+            first_s: st.first_s,
+            cur_s: st.cur_s,
+            last_ms: st.last_ms,
+            paused_ms: st.paused_ms,
+            levels: st.levels,
+            tracks: st.tracks,
+            hourly: st.hourly,
+            totals: st.totals,
+            open_totals: st.open_totals,
+            hour_bytes: st.hour_bytes,
+            hours: st.hours,
+            bytes_written: st.bytes_written,
+            write_ios: st.write_ios,
+            read_ios: st.read_ios,
+            #[cfg(test)]
+            log: None,
+        };
+        // Capacities as a fresh observation's, so the bound holds.
+        for t in o.tracks.iter_mut().chain(std::iter::once(&mut o.hourly)) {
+            t.open.shrink_to_fit();
+            t.open.reserve_exact(OPEN_WINDOWS_MAX - t.open.len());
+        }
+        o.totals.shrink_to_fit();
+        o.totals.reserve_exact(TOTALS_KEEP - o.totals.len());
+        o.hours.shrink_to_fit();
+        o.hours.reserve_exact(HOURS_KEEP - o.hours.len());
+        Ok(o)
+    }
 }
 
 impl Observation {
@@ -476,6 +624,7 @@ impl Observation {
             first_s: s,
             cur_s: s,
             last_ms: now_ms,
+            paused_ms: 0,
             levels: Default::default(),
             tracks,
             hourly: Track::new(3_600, 3, 3_600),
@@ -542,13 +691,13 @@ impl Observation {
     /// while nothing is written, so idle windows count). Time going
     /// backwards is taken as the open second.
     pub fn advance(&mut self, now_ms: u64) {
-        self.last_ms = self.last_ms.max(now_ms);
         let target = now_ms / 1000;
-        if target <= self.cur_s {
+        if target > self.cur_s && target - self.cur_s > GAP_MAX_S {
+            self.pause(now_ms);
             return;
         }
-        if target - self.cur_s > GAP_MAX_S {
-            self.pause(target);
+        self.last_ms = self.last_ms.max(now_ms);
+        if target <= self.cur_s {
             return;
         }
         while self.cur_s < target {
@@ -558,11 +707,31 @@ impl Observation {
         }
     }
 
-    /// A gap: the open second is closed, longer intervals and windows
-    /// still open are dropped; windows start again at `s`.
-    fn pause(&mut self, s: u64) {
+    /// Continues after a restart at `now_ms`: the second open at the stop
+    /// is closed, windows still open are dropped (what was written while
+    /// the agent was down was not seen, so it must not count as idle).
+    pub fn resume(&mut self, now_ms: u64) {
+        if now_ms / 1000 > self.cur_s {
+            self.pause(now_ms);
+        } else {
+            self.last_ms = self.last_ms.max(now_ms);
+        }
+    }
+
+    /// A gap until `now_ms` (a later second): the open second is closed if
+    /// anything was written in it (else dropped: it was hardly observed),
+    /// longer intervals and windows still open are dropped, the gap is not
+    /// observed time; windows start again at `now_ms`'s second.
+    fn pause(&mut self, now_ms: u64) {
+        let s = now_ms / 1000;
         let open = self.cur_s;
-        self.close(0, open);
+        if !self.levels[0].is_empty() {
+            self.close(0, open);
+        }
+        self.paused_ms = self
+            .paused_ms
+            .saturating_add(now_ms.saturating_sub(self.last_ms));
+        self.last_ms = self.last_ms.max(now_ms);
         for l in self.levels.iter_mut() {
             *l = Sketch::new();
         }
@@ -670,7 +839,11 @@ impl Observation {
             .collect();
         Profile {
             kind: self.kind,
-            observed_s: self.last_ms.saturating_sub(self.started_ms) as f64 / 1000.0,
+            observed_s: self
+                .last_ms
+                .saturating_sub(self.started_ms)
+                .saturating_sub(self.paused_ms) as f64
+                / 1000.0,
             bytes_written: self.bytes_written,
             write_ios: self.write_ios,
             read_ios: self.read_ios,
@@ -1775,6 +1948,76 @@ mod tests {
         assert_eq!(p.write_ios, 3);
         assert_eq!(p.curve.points[0].max_keys, 4);
         assert!(o.memory_bytes() <= MEMORY_BOUND_BYTES);
+    }
+
+    #[test]
+    fn survives_a_restart_through_serde() {
+        let mut rng = Rng(9);
+        let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, 0);
+        let mut feed = |o: &mut Observation, from: u64, to: u64, rng: &mut Rng| {
+            for s in from..to {
+                for i in 0..300 {
+                    o.record_write_extent(s * 1000 + i, rng.below(1 << 20) * BLOCK, 4096);
+                }
+                o.record_reads(s * 1000 + 999, 3);
+            }
+        };
+        feed(&mut o, 0, 700, &mut rng);
+        let json = serde_json::to_string(&o).unwrap();
+        let mut back: Observation = serde_json::from_str(&json).unwrap();
+        assert!(back.memory_bytes() <= MEMORY_BOUND_BYTES);
+        // Fed the same, the restored one says exactly what the original does.
+        let mut rng2 = Rng(rng.0);
+        feed(&mut o, 700, 1_300, &mut rng);
+        feed(&mut back, 700, 1_300, &mut rng2);
+        o.advance(1_300_000);
+        back.advance(1_300_000);
+        assert_eq!(o.profile(), back.profile());
+        assert!(back
+            .profile()
+            .curve
+            .points
+            .iter()
+            .any(|p| p.window_s == 600));
+
+        // Damage is refused, not trusted.
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let mut bad = v.clone();
+        bad["tracks"].as_array_mut().unwrap().pop();
+        assert!(serde_json::from_value::<Observation>(bad).is_err());
+        let mut bad = v.clone();
+        bad["levels"][1] = serde_json::json!({ "dense": [1, 2, 3] });
+        let e = serde_json::from_value::<Observation>(bad).unwrap_err();
+        assert!(e.to_string().contains("damaged"), "{e}");
+        let mut bad = v.clone();
+        bad["levels"][1] = serde_json::json!({ "sparse": [5, 4] });
+        assert!(serde_json::from_value::<Observation>(bad).is_err());
+        let mut bad = v;
+        bad["totals"] = serde_json::json!(vec![IntervalTotals::default(); TOTALS_KEEP + 1]);
+        assert!(serde_json::from_value::<Observation>(bad).is_err());
+    }
+
+    #[test]
+    fn resume_does_not_count_the_downtime_as_idle() {
+        let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, 0);
+        for s in 0..100u64 {
+            o.record_write_extent(s * 1000, s * BLOCK, BLOCK);
+        }
+        o.advance(100_000);
+        let before = o.profile();
+        let ones = |p: &Profile| p.curve.points[0].windows;
+        assert_eq!(ones(&before), 100);
+        // Down from 100 s to 1,000 s.
+        o.resume(1_000_000);
+        o.advance(1_010_000);
+        let after = o.profile();
+        assert_eq!(
+            ones(&after),
+            110,
+            "only the 10 s after the restart are new windows"
+        );
+        assert_eq!(after.observed_s, 110.0);
+        assert_eq!(after.curve.points[0].mean_keys, 100.0 / 110.0);
     }
 
     // ---- forecasts on hand-computed cases ----
