@@ -13,8 +13,8 @@
 //! and the state machines: [`dirty`] maps, [`generation`] histories, the
 //! [`link`] replicator, the [`migration`] lifecycle, [`schedule`]d
 //! cutovers and maintenance windows, and the [`snapshot`] and overlay
-//! block maps of test cutovers, and the migration [`estimate`]or (working-set
-//! sketches and forecasts).
+//! block maps of test cutovers, and the migration estimator ([`estimate`]:
+//! working-set sketches and forecasts).
 
 pub mod audit;
 pub mod cluster;
