@@ -1186,7 +1186,10 @@ pub fn time_to_ready(
     let allocated = target.allocated_bytes as f64;
     match mode {
         Mode::Async => {
-            let (verdict, passes_s) = fixed_point(p, stat, target.cap_keys(p), allocated, bw, 1.0);
+            let cap = target.cap_keys(p);
+            let (verdict, passes_s) = fixed_point(p, stat, cap, allocated, bw, 1.0);
+            let d0 = allocated / bw;
+            let w_d0 = p.curve.at(d0, stat, cap);
             Ok(ReadyForecast {
                 mode: "async".into(),
                 verdict,
@@ -1201,7 +1204,9 @@ pub fn time_to_ready(
                 .input("allocated_bytes", allocated, "B")
                 .input("bandwidth", bw, "B/s")
                 .input("key_bytes", p.key_bytes(), "B")
-                .input("ready_pass_s", READY_PASS_S, "s"),
+                .input("ready_pass_s", READY_PASS_S, "s")
+                .input("first_pass_s", d0, "s")
+                .input("w_of_first_pass", w_d0, "keys"),
             })
         }
         Mode::Sync => {
@@ -1620,6 +1625,65 @@ pub fn shared_link(jobs: &[Job]) -> SharedLinkPlan {
         )
         .input("migrations", jobs.len() as f64, ""),
     }
+}
+
+/// Everything a forecast needs besides the profile.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForecastInputs {
+    pub target: Target,
+    pub link: Link,
+    /// The mode the migration would run in (cutover downtime).
+    pub cutover: CutoverInputs,
+    /// Async: most bytes sent but not acknowledged (`backlog_bytes_max`).
+    pub backlog_bytes_max: u64,
+    /// Auto-converge's largest throttle (`throttle_pct_max`).
+    pub throttle_pct_max: u8,
+    /// Offline seeding: days a shipped disk takes, if asked.
+    pub ship_days: Option<f64>,
+    /// How many best cutover hours to list.
+    pub best_hours: usize,
+    pub stat: Stat,
+}
+
+/// Every figure of a forecast, each with its [`Why`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub initial_sync: Seconds,
+    pub ready_async: ReadyForecast,
+    pub ready_sync: ReadyForecast,
+    pub throttle_async: ThrottleForecast,
+    pub throttle_sync: ThrottleForecast,
+    /// `None` before the first 10 s interval closed.
+    pub lag: Option<LagForecast>,
+    pub cutover: CutoverForecast,
+    pub best_hours: CutoverWindows,
+    pub seeding: Option<SeedingComparison>,
+    /// The working-set curve the figures were read from.
+    pub curve: WorkingSetCurve,
+}
+
+/// All the figures at once (what `ferry estimate report` shows).
+pub fn report(p: &Profile, i: &ForecastInputs) -> Result<Report, ForecastError> {
+    let (t, l, st) = (&i.target, &i.link, i.stat);
+    Ok(Report {
+        initial_sync: initial_sync(t, l)?,
+        ready_async: time_to_ready(p, t, l, Mode::Async, st)?,
+        ready_sync: time_to_ready(p, t, l, Mode::Sync, st)?,
+        throttle_async: converging_throttle(p, t, l, Mode::Async, st, i.throttle_pct_max)?,
+        throttle_sync: converging_throttle(p, t, l, Mode::Sync, st, i.throttle_pct_max)?,
+        lag: match steady_lag(p, l, i.backlog_bytes_max) {
+            Ok(x) => Some(x),
+            Err(ForecastError::NotObserved) => None,
+            Err(e) => return Err(e),
+        },
+        cutover: cutover_downtime(p, t, l, &i.cutover, st)?,
+        best_hours: best_cutover_hours(p, i.best_hours),
+        seeding: match i.ship_days {
+            Some(d) => Some(offline_seeding(p, t, l, d, st)?),
+            None => None,
+        },
+        curve: p.curve.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -2313,6 +2377,53 @@ mod tests {
         let c = offline_seeding(&p, &t, &l, 1.0, Stat::Max).unwrap();
         assert_eq!(c.catch_up_bytes, (64u64 << 30) as f64);
         assert_eq!(c.faster, Seeding::Network);
+    }
+
+    #[test]
+    fn report_gathers_every_figure_and_serializes() {
+        let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, 0);
+        let mut rng = Rng(5);
+        for s in 0..7_300u64 {
+            for i in 0..50 {
+                o.record_write_extent(s * 1000 + i, rng.below(100_000) * BLOCK, BLOCK);
+            }
+        }
+        o.advance(7_300_000);
+        let p = o.profile();
+        let inputs = ForecastInputs {
+            target: Target {
+                allocated_bytes: 4 << 30,
+                size_bytes: 100_000 * BLOCK,
+            },
+            link: link(100e6),
+            cutover: CutoverInputs {
+                mode: Mode::Async,
+                drain_window_s: 1.0,
+                rehash_window_s: 1.0,
+                hash_bytes_per_s: 1e9,
+                commit_s: 0.2,
+                start_hook_s: None,
+            },
+            backlog_bytes_max: 64 << 20,
+            throttle_pct_max: 90,
+            ship_days: Some(3.0),
+            best_hours: 3,
+            stat: Stat::Max,
+        };
+        let r = report(&p, &inputs).unwrap();
+        // 3.28 MB/s of writes on 100 MB/s: both modes converge, unthrottled.
+        assert!(r.ready_async.verdict.converges() && r.ready_sync.verdict.converges());
+        assert_eq!(r.throttle_async.throttle_pct, Some(0));
+        assert_eq!(r.initial_sync.seconds, (4u64 << 30) as f64 / 100e6);
+        assert_eq!(r.best_hours.hours.len(), 2);
+        assert_eq!(r.seeding.as_ref().unwrap().faster, Seeding::Network);
+        assert!(!r.lag.as_ref().unwrap().unbounded);
+        // 50 blocks a second: the drain of 1 s is 50 blocks (exact while sparse).
+        assert_eq!(r.cutover.drain_bytes, 50.0 * BLOCK as f64);
+        let json = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        assert!(json.contains("\"formula\":\"fixed-point\""));
     }
 
     fn permutations(v: &[f64]) -> Vec<Vec<f64>> {
