@@ -34,6 +34,13 @@
 //! [`MEMORY_BOUND_BYTES`] whatever the write rate and duration (see
 //! [`Observation::memory_bytes`]).
 //!
+//! For a Linux block device ferry does not serve yet, the edge reads
+//! `/proc/diskstats` ([`parse_diskstats_line`], [`diskstats_delta`]: bytes
+//! written are an upper bound on unique bytes, there are no addresses) and,
+//! where tracefs allows, `block:block_rq_issue` events
+//! ([`parse_block_rq_issue`]) whose write ranges feed
+//! [`Observation::record_write_extent`] like the filter's.
+//!
 //! # Forecast
 //!
 //! Pure functions over a [`Profile`] (what an observation saw) and a
@@ -950,6 +957,119 @@ impl WorkingSetCurve {
     pub fn longest_s(&self) -> u64 {
         self.points.last().map_or(0, |p| p.window_s)
     }
+}
+
+// ---------------------------------------------------------------------------
+// A Linux block device ferry does not serve yet
+// ---------------------------------------------------------------------------
+
+/// One line of `/proc/diskstats` (the counters the estimator uses).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStats {
+    pub major: u32,
+    pub minor: u32,
+    pub name: String,
+    pub reads: u64,
+    pub sectors_read: u64,
+    pub writes: u64,
+    pub sectors_written: u64,
+}
+
+/// Parses one `/proc/diskstats` line (major, minor, name, then at least the
+/// 11 classic counters; newer kernels add discards and flushes). `None` for
+/// anything else.
+pub fn parse_diskstats_line(line: &str) -> Option<DiskStats> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 14 {
+        return None;
+    }
+    let n = |i: usize| f[i].parse::<u64>().ok();
+    Some(DiskStats {
+        major: f[0].parse().ok()?,
+        minor: f[1].parse().ok()?,
+        name: f[2].to_string(),
+        reads: n(3)?,
+        sectors_read: n(5)?,
+        writes: n(7)?,
+        sectors_written: n(9)?,
+    })
+}
+
+/// Bytes in a diskstats sector (always 512, whatever the device's).
+pub const DISKSTATS_SECTOR_BYTES: u64 = 512;
+
+/// What two diskstats readings of one device tell: IOs and bytes written
+/// in between. The bytes are an **upper bound** on the unique bytes (no
+/// addresses: a block written twice counts twice). A counter that went
+/// back (device re-created) gives `None`.
+pub fn diskstats_delta(before: &DiskStats, after: &DiskStats) -> Option<(u64, u64, u64)> {
+    Some((
+        after.writes.checked_sub(before.writes)?,
+        after.reads.checked_sub(before.reads)?,
+        after
+            .sectors_written
+            .checked_sub(before.sectors_written)?
+            .checked_mul(DISKSTATS_SECTOR_BYTES)?,
+    ))
+}
+
+/// One `block:block_rq_issue` trace event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RqIssue {
+    pub major: u32,
+    pub minor: u32,
+    /// `rwbs`: `W` for a write, `S` sync, `F` flush, `D` discard…
+    pub rwbs: String,
+    /// In 512-byte sectors.
+    pub sector: u64,
+    pub sectors: u64,
+}
+
+impl RqIssue {
+    /// A write with data (not a discard or a bare flush).
+    pub fn is_write(&self) -> bool {
+        self.rwbs.contains('W') && !self.rwbs.contains('D') && self.sectors > 0
+    }
+
+    /// The byte range it covers.
+    pub fn byte_range(&self) -> Option<(u64, u64)> {
+        Some((
+            self.sector.checked_mul(DISKSTATS_SECTOR_BYTES)?,
+            self.sectors.checked_mul(DISKSTATS_SECTOR_BYTES)?,
+        ))
+    }
+}
+
+/// Parses a `trace_pipe` line of `block_rq_issue`:
+/// `… block_rq_issue: 7,0 WS 4096 () 2048 + 8 [fio]` (newer kernels add an
+/// ioprio field before the command name). `None` for anything else.
+pub fn parse_block_rq_issue(line: &str) -> Option<RqIssue> {
+    let rest = line.split_once("block_rq_issue: ")?.1;
+    let mut it = rest.split_whitespace();
+    let (major, minor) = it.next()?.split_once(',')?;
+    let rwbs = it.next()?.to_string();
+    let _bytes: u64 = it.next()?.parse().ok()?;
+    // The command in parentheses (usually "()"), possibly with spaces.
+    let cmd = it.next()?;
+    if !cmd.starts_with('(') {
+        return None;
+    }
+    let mut tok = cmd;
+    while !tok.ends_with(')') {
+        tok = it.next()?;
+    }
+    let sector: u64 = it.next()?.parse().ok()?;
+    if it.next()? != "+" {
+        return None;
+    }
+    let sectors: u64 = it.next()?.parse().ok()?;
+    Some(RqIssue {
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        rwbs,
+        sector,
+        sectors,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -2424,6 +2544,60 @@ mod tests {
         let back: Report = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
         assert!(json.contains("\"formula\":\"fixed-point\""));
+    }
+
+    #[test]
+    fn diskstats_and_block_rq_issue_lines() {
+        let a = parse_diskstats_line(
+            "   7       0 loop0 10 0 80 5 16384 0 131072 993 0 172 993 0 0 0 0 0 0",
+        )
+        .unwrap();
+        assert_eq!((a.major, a.minor, a.name.as_str()), (7, 0, "loop0"));
+        assert_eq!(
+            (a.reads, a.sectors_read, a.writes, a.sectors_written),
+            (10, 80, 16384, 131072)
+        );
+        let b =
+            parse_diskstats_line("7 0 loop0 12 0 96 5 16390 0 131120 999 0 180 1000 0").unwrap();
+        assert_eq!(diskstats_delta(&a, &b), Some((6, 2, 48 * 512)));
+        assert_eq!(diskstats_delta(&b, &a), None, "counters went back");
+        assert_eq!(parse_diskstats_line("7 0 loop0 1 2"), None);
+        assert_eq!(
+            parse_diskstats_line("x 0 loop0 1 0 8 0 1 0 8 0 0 0 0"),
+            None
+        );
+
+        let old =
+            "  fio-4242  [001] d..1. 1234.567890: block_rq_issue: 7,0 WS 4096 () 2048 + 8 [fio]";
+        let r = parse_block_rq_issue(old).unwrap();
+        assert_eq!(
+            r,
+            RqIssue {
+                major: 7,
+                minor: 0,
+                rwbs: "WS".into(),
+                sector: 2048,
+                sectors: 8
+            }
+        );
+        assert!(r.is_write());
+        assert_eq!(r.byte_range(), Some((2048 * 512, 4096)));
+        let new = "kworker/u8:2-99 [000] ..... 77.1: block_rq_issue: 259,1 R 65536 () 100 + 128 none,0,0 [kworker/u8:2]";
+        let r = parse_block_rq_issue(new).unwrap();
+        assert_eq!((r.major, r.minor, r.sector, r.sectors), (259, 1, 100, 128));
+        assert!(!r.is_write());
+        let flush = "x: block_rq_issue: 7,0 FWS 0 () 0 + 0 [jbd2/loop0-8]";
+        assert!(!parse_block_rq_issue(flush).unwrap().is_write());
+        let cmd = "x: block_rq_issue: 8,0 W 512 (28 00 00 ) 7 + 1 [sg]";
+        assert_eq!(parse_block_rq_issue(cmd).unwrap().sector, 7);
+        assert_eq!(
+            parse_block_rq_issue("x: block_rq_complete: 7,0 W () 1 + 1 [0]"),
+            None
+        );
+        assert_eq!(
+            parse_block_rq_issue("x: block_rq_issue: 7,0 W 4096 () 1 - 1 [f]"),
+            None
+        );
     }
 
     fn permutations(v: &[f64]) -> Vec<Vec<f64>> {
