@@ -752,7 +752,10 @@ impl Observation {
         {
             t.open.clear();
         }
-        self.push_totals();
+        let o = &self.open_totals;
+        if o.write_ios > 0 || o.read_ios > 0 {
+            self.push_totals();
+        }
         self.open_totals = IntervalTotals {
             start_s: s - s % TOTALS_STEP_S,
             ..Default::default()
@@ -1469,7 +1472,12 @@ pub fn steady_lag(
     }
     let step = TOTALS_STEP_S as f64;
     let (mut b, mut max_b, mut sum_lag, mut overflows) = (0.0f64, 0.0f64, 0.0, 0u64);
+    let mut prev: Option<u64> = None;
     for t in &p.totals {
+        if prev.is_some_and(|s| t.start_s != s + TOTALS_STEP_S) {
+            b = 0.0; // a gap in the observation: start again
+        }
+        prev = Some(t.start_s);
         b = (b + t.bytes_written as f64 - bw * step).max(0.0);
         max_b = max_b.max(b);
         sum_lag += b / bw;
@@ -2420,6 +2428,19 @@ mod tests {
         assert_eq!(l.overflows, 1);
         assert!(l.unbounded, "55 MB in 40 s > 1 MB/s");
         assert!(!steady_lag(&p, &link(2e6), 15_000_000).unwrap().unbounded);
+        // A gap in the observation (a restart) starts the backlog again.
+        p.totals[1].start_s = 500;
+        p.totals[2].start_s = 510;
+        p.totals[3].start_s = 520;
+        let l = steady_lag(&p, &link(1e6), 15_000_000).unwrap();
+        assert_eq!(l.max_backlog_bytes, 20e6);
+        assert_eq!(l.mean_lag_s, 7.5, "10, 0 (restart), 0, 20 MB");
+        p.totals[0].bytes_written = 40_000_000;
+        let l = steady_lag(&p, &link(1e6), 15_000_000).unwrap();
+        assert_eq!(
+            l.mean_lag_s, 12.5,
+            "30, 0 (the 30 MB backlog does not carry over), 0, 20 MB"
+        );
     }
 
     #[test]
@@ -2598,6 +2619,25 @@ mod tests {
             parse_block_rq_issue("x: block_rq_issue: 7,0 W 4096 () 1 - 1 [f]"),
             None
         );
+    }
+
+    /// Cost on the write path: `cargo test --release -p ferry-core --lib
+    /// estimate::tests::bench -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_record_write() {
+        for &per_s in &[100u64, 100_000] {
+            let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, 0);
+            let mut rng = Rng(11);
+            let n = 5_000_000u64;
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                let ms = i * 1000 / per_s;
+                o.record_write_extent(ms, rng.below(1 << 24) * 4096, 4096);
+            }
+            let ns = t.elapsed().as_nanos() as f64 / n as f64;
+            eprintln!("{per_s} writes/s: {ns:.1} ns per 4 KiB write (sketch, windows, totals)");
+        }
     }
 
     fn permutations(v: &[f64]) -> Vec<Vec<f64>> {
