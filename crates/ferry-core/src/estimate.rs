@@ -2055,6 +2055,42 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_across_a_window_boundary_is_seen_whole() {
+        // 400 distinct blocks (exact) in each of seconds 8..12, nothing
+        // else: tumbling 10 s windows would see at most 800; hopping by
+        // 5 s, the window [5, 15) holds all 1,600.
+        let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, 0);
+        let mut b = 0;
+        for s in 8..12u64 {
+            for i in 0..400 {
+                o.record_write_extent(s * 1000 + i, b * BLOCK, BLOCK);
+                b += 1;
+            }
+        }
+        o.advance(30_000);
+        let p = o.profile();
+        let w10 = p.curve.points.iter().find(|p| p.window_s == 10).unwrap();
+        assert!(
+            rel(w10.max_keys as f64, 1_600.0) <= 3.0 * SIGMA,
+            "{}",
+            w10.max_keys
+        );
+        let w5 = p.curve.points.iter().find(|p| p.window_s == 5).unwrap();
+        // Windows of 5 s hop by 2 s: [8, 13) holds it too.
+        assert!(
+            rel(w5.max_keys as f64, 1_600.0) <= 3.0 * SIGMA,
+            "{}",
+            w5.max_keys
+        );
+        let w1 = p.curve.points.iter().find(|p| p.window_s == 1).unwrap();
+        assert_eq!(
+            (w1.max_keys, w1.windows),
+            (400, 30),
+            "a second of 400 is exact"
+        );
+    }
+
+    #[test]
     fn memory_stays_under_the_bound_over_24_hours_of_heavy_writes() {
         // 600 random 64 KiB writes a second (37.5 MiB/s) over a 1 TiB
         // volume for 24 h: every interval sketch is dense.
