@@ -13,7 +13,8 @@
 //! and the state machines: [`dirty`] maps, [`generation`] histories, the
 //! [`link`] replicator, the [`migration`] lifecycle, [`schedule`]d
 //! cutovers and maintenance windows, and the [`snapshot`] and overlay
-//! block maps of test cutovers.
+//! block maps of test cutovers, and the migration estimator ([`estimate`]:
+//! working-set sketches and forecasts).
 
 pub mod audit;
 pub mod blockobs;
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod crc32c;
 pub mod delta;
 pub mod dirty;
+pub mod estimate;
 pub mod extent;
 pub mod generation;
 pub mod handover;
