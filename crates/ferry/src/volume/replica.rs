@@ -105,10 +105,13 @@ impl ReplicaVolume {
 
     /// Ends the current inbound link and waits (up to `timeout`) until its
     /// threads stopped writing the image. False if they did not in time.
+    /// A link the primary opens again meanwhile (its reconnect racing a
+    /// handover: it took the stream as the old one let go) is ended too, at
+    /// every look: otherwise the wait ran out on a stream nobody closed.
     pub fn close_link_and_wait(&self, timeout: std::time::Duration) -> bool {
-        self.close_link();
         let deadline = std::time::Instant::now() + timeout;
         loop {
+            self.close_link();
             match self.stream.try_lock() {
                 Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
                 Err(std::sync::TryLockError::WouldBlock) => {}
