@@ -156,6 +156,24 @@ pub async fn execute(ctx: &Arc<AgentCtx>, who: &Asker, action: Action) -> Res<Re
     }
     let op = who.op.clone().unwrap_or_else(crate::audit::new_op_id);
     let rec = super::audit::action_record(who, &action, &op);
+    // A peer-internal call (takeover, promote, snapshot arm, …) is a step
+    // of a handover its node runs for an operator whose action that node
+    // recorded durably before it began: here it is recorded like an
+    // automatic decision, through the queue, so the handover's critical
+    // path (the workload is frozen) never waits for this disk.
+    if who.peer.is_some() && action.route().need == ferry_api::auth::Need::Peer {
+        ctx.audit.decide(super::audit::phase(&rec, "request", None));
+        let res = run(ctx, who, action, Some(&op)).await;
+        let outcome = match &res {
+            Ok(_) => serde_json::json!({"ok": true}),
+            Err(e) => {
+                serde_json::json!({"ok": false, "error": {"kind": e.kind, "status": e.kind.status(), "message": e.message}})
+            }
+        };
+        ctx.audit
+            .decide(super::audit::phase(&rec, "result", Some(outcome)));
+        return res;
+    }
     super::audit::record(ctx, super::audit::phase(&rec, "request", None))
         .await
         .map_err(|e| {
