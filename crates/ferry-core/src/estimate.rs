@@ -2489,25 +2489,6 @@ mod tests {
         assert!(json.contains("\"formula\":\"fixed-point\""));
     }
 
-    /// Cost on the write path: `cargo test --release -p ferry-core --lib
-    /// estimate::tests::bench -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn bench_record_write() {
-        for &per_s in &[100u64, 100_000] {
-            let mut o = Observation::new(KeyKind::Blocks { block_bytes: BLOCK }, 0);
-            let mut rng = Rng(11);
-            let n = 5_000_000u64;
-            let t = std::time::Instant::now();
-            for i in 0..n {
-                let ms = i * 1000 / per_s;
-                o.record_write_extent(ms, rng.below(1 << 24) * 4096, 4096);
-            }
-            let ns = t.elapsed().as_nanos() as f64 / n as f64;
-            eprintln!("{per_s} writes/s: {ns:.1} ns per 4 KiB write (sketch, windows, totals)");
-        }
-    }
-
     fn permutations(v: &[f64]) -> Vec<Vec<f64>> {
         if v.len() <= 1 {
             return vec![v.to_vec()];

@@ -213,26 +213,7 @@ impl Net {
     /// `b` paired with `a`, volume `vol` replicated in sync mode, workload
     /// `web` under HA served by `a`.
     fn ha_workload(&self) {
-        let token = self.dir("b").join("api.token");
-        let fp = self.json("b", &["node", "id"])["fingerprint"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let api_b = format!("{}:7360", addr_of("b"));
-        self.ok(
-            "a",
-            &[
-                "node",
-                "add",
-                "b",
-                "--api",
-                &api_b,
-                "--token-file",
-                token.to_str().unwrap(),
-                "--fingerprint",
-                &fp,
-            ],
-        );
+        self.add_b_at_a();
         self.ok("a", &["volume", "create", "vol", "--size", "4MiB"]);
         self.ok("a", &["workload", "create", "web", "--volume", "vol"]);
         self.ok(
@@ -510,57 +491,6 @@ fn an_operator_certificate_is_served_to_browsers_and_a_readable_key_refused() {
     assert!(body.contains("ferry console"), "{body}");
 }
 
-/// Writes numbered 4 KiB records through an NBD URI with qemu-io (one
-/// process a write, as a slow application) until stopped or a write fails
-/// (the volume moved away); returns the acknowledged records.
-struct Writer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    acked: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(uri: String) -> Writer {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (s, a) = (stop.clone(), acked.clone());
-        let thread = std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !s.load(Ordering::SeqCst) {
-                let out = Command::new("qemu-io")
-                    .args(["-f", "raw", "-c"])
-                    .arg(format!("write -P {} {} 4k", i % 200 + 1, i * 4096))
-                    .arg(&uri)
-                    .output()
-                    .unwrap();
-                if !out.status.success()
-                    || !String::from_utf8_lossy(&out.stdout).contains("wrote 4096/4096")
-                {
-                    return;
-                }
-                a.lock().unwrap().push(i);
-                i += 1;
-            }
-        });
-        Writer {
-            stop,
-            acked,
-            thread: Some(thread),
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    fn finish(mut self) -> Vec<u64> {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-        self.acked.lock().unwrap().clone()
-    }
-}
-
 /// The Migrate view (tests/console/migrate_test.py): volume `vol` of
 /// workload `web` on `a`, 48 MiB written, then a writer that keeps
 /// writing 4 KiB records; in the browser an operator starts the migration
@@ -604,7 +534,7 @@ fn a_migration_is_started_watched_and_cut_over_from_the_console() {
         ],
     );
     common::qemu_io(&net.nbd_uri("a", "vol"), &["write -P 0x77 16M 48M"]);
-    let writer = Writer::start(net.nbd_uri("a", "vol"));
+    let writer = common::records::Writer::start(net.nbd_uri("a", "vol"), 0);
     let token = |name: &str, role: &str| -> String {
         let out = net.ok("a", &["token", "create", name, "--role", role]);
         out.lines().next().unwrap().trim().to_string()

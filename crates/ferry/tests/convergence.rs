@@ -9,8 +9,6 @@
 mod common;
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::Agent;
@@ -62,63 +60,6 @@ impl Drop for Fio {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// Numbered 4 KiB records written one by one with qemu-io (record i at
-/// offset i × 4 KiB, every byte `i % 200 + 1`), beside fio's region; the
-/// records whose write was acknowledged.
-struct Records {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<u64>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Records {
-    fn start(uri: String, first: u64) -> Records {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let (s, a) = (stop.clone(), acked.clone());
-        let thread = std::thread::spawn(move || {
-            let mut i = first;
-            while !s.load(Ordering::SeqCst) {
-                let out = Command::new("qemu-io")
-                    .args(["-f", "raw", "-c"])
-                    .arg(format!("write -P {} {} 4k", i % 200 + 1, i * 4096))
-                    .arg(&uri)
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                if !out.status.success() || !text.contains("wrote 4096/4096") {
-                    return;
-                }
-                a.lock().unwrap().push(i);
-                i += 1;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Records {
-            stop,
-            acked,
-            thread: Some(thread),
-        }
-    }
-
-    fn finish(mut self) -> Vec<u64> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-        self.acked.lock().unwrap().clone()
-    }
-}
-
-fn verify_records(uri: &str, records: &[u64]) {
-    for chunk in records.chunks(64) {
-        let cmds: Vec<String> = chunk
-            .iter()
-            .map(|i| format!("read -P {} {} 4k", i % 200 + 1, i * 4096))
-            .collect();
-        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        qemu_io(uri, &cmds);
     }
 }
 
@@ -215,7 +156,7 @@ fn writes_outrunning_the_rate_limit_report_not_converging_within_the_bound() {
 fn auto_converge_slows_a_real_writer_until_ready_and_cuts_over() {
     let (_root, a, b) = setup();
     let fio = Fio::start(&a.uri("app"), WRITE_RATE);
-    let records = Records::start(a.uri("app"), 16 * MIB / 4096);
+    let records = records::Writer::paced(a.uri("app"), 16 * MIB / 4096, Duration::from_millis(50));
     std::thread::sleep(Duration::from_secs(2));
     let rate = format!("{}MiB/s", MAX_RATE / MIB);
     a.ok(&[
@@ -275,7 +216,7 @@ fn auto_converge_slows_a_real_writer_until_ready_and_cuts_over() {
     drop(fio);
     assert_eq!(report["to"], "b", "{report}");
     assert!(acked.len() >= 20, "{}", acked.len());
-    verify_records(&b.uri("app"), &acked);
+    records::verify(&b.uri("app"), &acked);
     assert_eq!(b.status("app")["role"], "primary");
     // Everything else fio wrote reached b too: b's image (primary) and a's
     // (now its replica) compare equal once nothing writes.

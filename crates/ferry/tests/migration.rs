@@ -5,7 +5,6 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,66 +13,6 @@ use common::*;
 
 fn two_agents(extra: &str) -> (tempfile::TempDir, Agent, Agent) {
     common::agent::two_agents("ferry-migr-", extra)
-}
-
-/// Writes numbered 4 KiB records (record i at offset i × 4 KiB, every byte
-/// `i % 200 + 1`) through `uri` until told to stop or a write fails; returns
-/// the records whose write was acknowledged.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<u64>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(uri: String, first: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let (s, a) = (stop.clone(), acked.clone());
-        let thread = std::thread::spawn(move || {
-            let mut i = first;
-            while !s.load(Ordering::SeqCst) {
-                let out = Command::new("qemu-io")
-                    .args(["-f", "raw", "-c"])
-                    .arg(format!("write -P {} {} 4k", i % 200 + 1, i * 4096))
-                    .arg(&uri)
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                if !out.status.success() || !text.contains("wrote 4096/4096") {
-                    return;
-                }
-                a.lock().unwrap().push(i);
-                i += 1;
-            }
-        });
-        Writer {
-            stop,
-            acked,
-            thread: Some(thread),
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    fn finish(mut self) -> Vec<u64> {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().unwrap().join().unwrap();
-        self.acked.lock().unwrap().clone()
-    }
-}
-
-fn verify_records(uri: &str, records: &[u64]) {
-    for chunk in records.chunks(64) {
-        let cmds: Vec<String> = chunk
-            .iter()
-            .map(|i| format!("read -P {} {} 4k", i % 200 + 1, i * 4096))
-            .collect();
-        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-        qemu_io(uri, &cmds);
-    }
 }
 
 /// `migrate start W --to b` at `a`, then waits until the migration is ready.
@@ -156,7 +95,7 @@ fn verified_cutover_under_live_writes_moves_the_workload() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let writer = Writer::start(a.uri("app"), 0);
+    let writer = records::Writer::start(a.uri("app"), 0);
     let st = a.json(&["migrate", "start", "web", "--to", "b"]);
     assert!(
         ["seeding", "syncing", "ready"].contains(&st["phase"].as_str().unwrap()),
@@ -186,7 +125,7 @@ fn verified_cutover_under_live_writes_moves_the_workload() {
     assert_eq!(log, "stop a source\nstart b target web\n", "{log}");
     // b serves the volume now, with every acknowledged record and the old data.
     assert!(acked.len() >= 20);
-    verify_records(&b.uri("app"), &acked);
+    records::verify(&b.uri("app"), &acked);
     qemu_io(&b.uri("app"), &["read -P 0x77 32M 8M"]);
     assert_eq!(b.status("app")["role"], "primary");
     // a holds the replica; replication runs b → a and b's writes reach a.
@@ -207,7 +146,7 @@ fn verified_cutover_under_live_writes_moves_the_workload() {
         &a.uri("app"),
         &["read -P 0x42 60M 1M", "read -P 0x77 32M 8M"],
     );
-    verify_records(&a.uri("app"), &acked);
+    records::verify(&a.uri("app"), &acked);
     let log = std::fs::read_to_string(&hooks).unwrap();
     assert!(
         log.ends_with("start b target web\nstop b source\nstart a target web\n"),
@@ -671,7 +610,7 @@ fn a_test_cutover_runs_on_a_snapshot_while_production_keeps_writing() {
     ]);
     let out = a.cli().args(["migrate", "test", "web"]).output().unwrap();
     assert!(!out.status.success(), "no test without a migration");
-    let writer = Writer::start(a.uri("app"), 0);
+    let writer = records::Writer::start(a.uri("app"), 0);
     migrate_until_ready(&a, "web");
     wait_until(30, "writes during the migration", || writer.acked() >= 20);
     let before = writer.acked() as u64;
@@ -756,7 +695,7 @@ fn a_test_cutover_runs_on_a_snapshot_while_production_keeps_writing() {
     // Replication went on underneath: the real cutover carries every record.
     let report = a.json(&["migrate", "cutover", "web"]);
     assert_eq!(report["to"], "b", "{report}");
-    verify_records(&b.uri("app"), &acked);
+    records::verify(&b.uri("app"), &acked);
     qemu_io(&b.uri("app"), &["read -P 0 30M 64k"]);
 }
 
@@ -1699,7 +1638,7 @@ fn a_rolling_upgrade_from_the_previous_release_moves_the_workload() {
     qemu_io(&a.uri("app"), &["write -P 0x61 0 4M"]);
     a.ok(&["workload", "create", "web", "--volume", "app"]);
     migrate_until_ready(&a, "web");
-    let w = Writer::start(a.uri("app"), 2048);
+    let w = records::Writer::start(a.uri("app"), 2048);
     wait_until(30, "writes", || w.acked() >= 5);
 
     // 1. Upgrade the replica: the old primary's link comes back to it.
@@ -1719,7 +1658,7 @@ fn a_rolling_upgrade_from_the_previous_release_moves_the_workload() {
     assert_eq!(report["to"], "b", "{report}");
     assert!(acked.len() >= 5);
     qemu_io(&b.uri("app"), &["read -P 0x61 0 4M"]);
-    verify_records(&b.uri("app"), &acked);
+    records::verify(&b.uri("app"), &acked);
     // 3. Upgrade the old source, now the replica: the way back runs
     //    between two new nodes.
     a.stop();
@@ -1760,5 +1699,5 @@ fn a_rolling_upgrade_from_the_previous_release_moves_the_workload() {
         std::thread::sleep(Duration::from_millis(500));
     };
     assert_eq!(back["to"], "a", "{back}");
-    verify_records(&a.uri("app"), &acked);
+    records::verify(&a.uri("app"), &acked);
 }

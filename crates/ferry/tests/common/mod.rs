@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod audit_chain;
 pub mod raw;
+pub mod records;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
