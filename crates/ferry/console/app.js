@@ -176,9 +176,19 @@ const VIEW_FNS = {};
 function render() {
   if (!S.session) return;
   const f = VIEW_FNS[S.view] || notBuilt;
-  const active = document.activeElement && document.activeElement.id;
+  // The view is rebuilt on every state change (the event stream pushes one
+  // every second): keep the focused field's caret where the person left it,
+  // or typing during a refresh would insert at the start of the field.
+  const a = document.activeElement;
+  const active = a && a.id;
+  let sel = null;
+  try { if (a && typeof a.selectionStart === "number") sel = [a.selectionStart, a.selectionEnd, a.selectionDirection]; } catch (_) { sel = null; }
   $("view").replaceChildren(f());
-  if (active && $(active)) $(active).focus();
+  const b = active && $(active);
+  if (b) {
+    b.focus();
+    if (sel) { try { b.setSelectionRange(sel[0], sel[1], sel[2] || "none"); } catch (_) { /* not a text field */ } }
+  }
 }
 
 function notBuilt() {
