@@ -190,6 +190,23 @@ pub enum Action {
         name: Name,
     },
     GetConfig,
+    ListEstimates,
+    StartEstimate(StartEstimate),
+    GetEstimate {
+        name: Name,
+    },
+    StopEstimate {
+        name: Name,
+    },
+    DeleteEstimate {
+        name: Name,
+    },
+    EstimateReport {
+        name: Name,
+        query: EstimateReportQuery,
+    },
+    ProbeLink(ProbeLink),
+    ListProbes,
 }
 
 /// A request's path parameters or query, by name (percent-decoded).
@@ -268,6 +285,58 @@ fn stats_query(query: &Params) -> Result<StatsQuery, ActionError> {
         to: number(query, "to")?,
         since: number(query, "since")?,
         step: number(query, "step")?,
+    })
+}
+
+fn report_query(query: &Params) -> Result<EstimateReportQuery, ActionError> {
+    let u = |k: &str| -> Result<Option<u64>, ActionError> {
+        query
+            .get(k)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| ActionError::bad_input(format!("?{k}={v}: a whole number")))
+            })
+            .transpose()
+    };
+    let ship_days = query
+        .get("ship_days")
+        .map(|v| match v.parse::<f64>() {
+            Ok(d) if d.is_finite() && d > 0.0 => Ok(d),
+            _ => Err(ActionError::bad_input(format!(
+                "?ship_days={v}: a number of days above 0"
+            ))),
+        })
+        .transpose()?;
+    let with = match query.get("with") {
+        None => Vec::new(),
+        Some(w) => w
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| Name::parse(x).map_err(|e| ActionError::bad_input(format!("?with={w}: {e}"))))
+            .collect::<Result<_, _>>()?,
+    };
+    let stat = query.get("stat").cloned();
+    if let Some(s) = &stat {
+        if s != "max" && s != "mean" {
+            return Err(ActionError::bad_input(format!("?stat={s}: max or mean")));
+        }
+    }
+    let to = match query.get("to") {
+        None => None,
+        Some(t) => Some(
+            Name::parse(t)
+                .map_err(|e| ActionError::bad_input(format!("?to={t}: {e}")))?
+                .as_str()
+                .to_string(),
+        ),
+    };
+    Ok(EstimateReportQuery {
+        to,
+        bandwidth_bytes_per_s: u("bandwidth_bytes_per_s")?,
+        max_rate_bytes_per_s: u("max_rate_bytes_per_s")?,
+        ship_days,
+        with,
+        stat,
     })
 }
 
@@ -437,6 +506,17 @@ impl Action {
             K::GetStats => Action::GetStats(stats_query(query)?),
             K::ListStats => Action::ListStats,
             K::MigrationReport => Action::MigrationReport { name: n()? },
+            K::ListEstimates => Action::ListEstimates,
+            K::StartEstimate => Action::StartEstimate(body(bytes)?),
+            K::GetEstimate => Action::GetEstimate { name: n()? },
+            K::StopEstimate => Action::StopEstimate { name: n()? },
+            K::DeleteEstimate => Action::DeleteEstimate { name: n()? },
+            K::EstimateReport => Action::EstimateReport {
+                name: n()?,
+                query: report_query(query)?,
+            },
+            K::ProbeLink => Action::ProbeLink(body(bytes)?),
+            K::ListProbes => Action::ListProbes,
         })
     }
 
@@ -518,6 +598,14 @@ impl Action {
             Action::GetStats(_) => K::GetStats,
             Action::ListStats => K::ListStats,
             Action::MigrationReport { .. } => K::MigrationReport,
+            Action::ListEstimates => K::ListEstimates,
+            Action::StartEstimate(_) => K::StartEstimate,
+            Action::GetEstimate { .. } => K::GetEstimate,
+            Action::StopEstimate { .. } => K::StopEstimate,
+            Action::DeleteEstimate { .. } => K::DeleteEstimate,
+            Action::EstimateReport { .. } => K::EstimateReport,
+            Action::ProbeLink(_) => K::ProbeLink,
+            Action::ListProbes => K::ListProbes,
         }
     }
 
@@ -570,7 +658,11 @@ impl Action {
             | Action::ClusterResolve { name, .. }
             | Action::ClusterDropCopy { name, .. }
             | Action::ClusterSwitchover { name }
-            | Action::MigrationReport { name } => Some(name),
+            | Action::MigrationReport { name }
+            | Action::GetEstimate { name }
+            | Action::StopEstimate { name }
+            | Action::DeleteEstimate { name }
+            | Action::EstimateReport { name, .. } => Some(name),
             _ => None,
         }
     }
@@ -626,6 +718,29 @@ impl Action {
                     }
                 }
             }
+            Action::EstimateReport { query: r, .. } => {
+                if let Some(t) = &r.to {
+                    q.push(format!("to={t}"));
+                }
+                for (k, v) in [
+                    ("bandwidth_bytes_per_s", r.bandwidth_bytes_per_s),
+                    ("max_rate_bytes_per_s", r.max_rate_bytes_per_s),
+                ] {
+                    if let Some(v) = v {
+                        q.push(format!("{k}={v}"));
+                    }
+                }
+                if let Some(d) = r.ship_days {
+                    q.push(format!("ship_days={d}"));
+                }
+                if !r.with.is_empty() {
+                    let w: Vec<&str> = r.with.iter().map(Name::as_str).collect();
+                    q.push(format!("with={}", w.join(",")));
+                }
+                if let Some(st) = &r.stat {
+                    q.push(format!("stat={st}"));
+                }
+            }
             _ => {}
         }
         if !q.is_empty() {
@@ -669,6 +784,8 @@ impl Action {
             Action::ClusterDropCopy { req, .. } => enc(req),
             Action::PutAuditHead(r) => enc(r),
             Action::CreateSession(r) => enc(r),
+            Action::StartEstimate(r) => enc(r),
+            Action::ProbeLink(r) => enc(r),
             _ => serde_json::json!({}),
         })
     }
@@ -713,6 +830,8 @@ mod tests {
             K::ClusterDropCopy => r#"{"node":"a"}"#,
             K::PutAuditHead => r#"{"seq":1,"hash":"00"}"#,
             K::CreateSession => r#"{"token":"t.s"}"#,
+            K::StartEstimate => r#"{"name":"e","volume":"v"}"#,
+            K::ProbeLink => r#"{"to":"b"}"#,
             _ => "{}",
         }
     }

@@ -888,6 +888,162 @@ pub struct MigrationReport {
     pub reason: Option<String>,
 }
 
+/// What an estimate observes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EstimateSource {
+    /// `volume`, `workload`, `share` or `device`.
+    pub kind: String,
+    /// The volume's, workload's or share's name, or the device's path.
+    pub name: String,
+    /// A workload's volumes (its shares are not observed); else `[name]`.
+    pub members: Vec<String>,
+}
+
+/// W(T) at one window length.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkingSetPoint {
+    pub window_s: u64,
+    /// The most distinct blocks (files, for a share) written within one
+    /// window of this length.
+    pub max_keys: u64,
+    pub mean_keys: f64,
+    /// `max_keys` × the block size (for files: × the mean bytes per write).
+    pub max_bytes: u64,
+    /// Windows measured.
+    pub windows: u64,
+}
+
+/// `GET /api/v1/estimates/{name}`: one observation (`ferry estimate status`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EstimateStatus {
+    pub name: String,
+    pub node: String,
+    pub source: EstimateSource,
+    /// `observing`, `waiting` (the source is not here or not primary: not
+    /// counted as observed), `done` (its duration is over), `stopped`,
+    /// `failed`.
+    pub state: String,
+    /// Why it waits or failed.
+    pub error: Option<String>,
+    /// `filter` (ferry's own write path), `watcher` (a share's op stream),
+    /// `tracepoint` (block:block_rq_issue: the written sectors) or
+    /// `diskstats` (bytes only).
+    pub method: String,
+    pub started_unix_ms: u64,
+    pub duration_s: u64,
+    pub ends_unix_ms: u64,
+    /// Time observed (gaps and agent restarts not counted), s.
+    pub observed_s: f64,
+    /// Time not observed since the start (agent down, source away), s.
+    pub unobserved_s: f64,
+    /// observed / duration, 0 to 1.
+    pub progress: f64,
+    pub bytes_written: u64,
+    pub write_ios: u64,
+    pub read_ios: u64,
+    /// Over the last full 10 s interval.
+    pub write_bytes_per_s: f64,
+    pub write_iops: f64,
+    pub read_iops: f64,
+    /// Bytes the data takes (holes not counted): what an initial sync
+    /// copies. For a share: the files' bytes. For a device: its size
+    /// (a device's holes are not known).
+    pub allocated_bytes: u64,
+    pub size_bytes: u64,
+    /// `blocks` or `files`.
+    pub key_kind: String,
+    /// The replication granularity (blocks), or `null` (files).
+    pub block_bytes: Option<u64>,
+    pub working_set: Vec<WorkingSetPoint>,
+    /// diskstats only: unique bytes are not known, W(T) is not measured;
+    /// `bytes_written` bounds them from above.
+    pub unique_bytes_upper_bound: bool,
+    /// Write events the observer could not keep up with (its buffer,
+    /// `estimate.tap_events_max`, was full): W(T) is then a lower bound.
+    pub events_dropped: u64,
+    /// What the observation holds in memory, and its bound.
+    pub memory_bytes: u64,
+    pub memory_bound_bytes: u64,
+}
+
+/// `POST /api/v1/probes`: one measurement of the replication link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProbeResult {
+    /// From this node…
+    pub node: String,
+    /// …to this one.
+    pub to: String,
+    pub at_unix_ms: u64,
+    /// Each measurement's length, s.
+    pub seconds: f64,
+    /// Bytes acknowledged by the peer over the real (mutual TLS)
+    /// replication transport, unlimited.
+    pub bytes: u64,
+    pub throughput_bytes_per_s: f64,
+    /// At the `--max-rate` asked for, if any.
+    pub limited: Option<ProbeLimited>,
+    /// Round trip of a small frame before the measurement (idle link).
+    pub rtt_ms_idle: f64,
+    /// Round trips of small frames during the measurement (loaded link):
+    /// median and 99th percentile.
+    pub rtt_ms_p50: f64,
+    pub rtt_ms_p99: f64,
+    /// The estimates observing on this node during the probe and their
+    /// write rate: the load the probe ran under (a probe on an idle
+    /// machine overstates what a migration will get).
+    pub under_load: Vec<ProbeLoad>,
+}
+
+/// A probe's measurement at a rate limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProbeLimited {
+    pub max_rate_bytes_per_s: u64,
+    pub bytes: u64,
+    pub throughput_bytes_per_s: f64,
+}
+
+/// An estimate's write rate while a probe ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProbeLoad {
+    pub estimate: String,
+    pub write_bytes_per_s: f64,
+}
+
+/// The link a forecast assumed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReportLink {
+    pub bandwidth_bytes_per_s: f64,
+    pub max_rate_bytes_per_s: Option<f64>,
+    /// `probe` (the last `ferry estimate probe --to NODE`) or `given`
+    /// (`--bandwidth`).
+    pub from: String,
+    pub probe: Option<ProbeResult>,
+}
+
+/// `GET /api/v1/estimates/{name}/report`: the forecast of a migration of
+/// what the estimate observed, every figure with its formula and inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EstimateReport {
+    pub name: String,
+    pub node: String,
+    pub source: EstimateSource,
+    pub generated_unix_ms: u64,
+    pub observed_s: f64,
+    /// `max` or `mean`: the statistic of W(T) used.
+    pub stat: String,
+    pub link: ReportLink,
+    pub allocated_bytes: u64,
+    pub size_bytes: u64,
+    /// The observation's state when the report was made (`status` fields).
+    pub status: EstimateStatus,
+    /// What to keep in mind reading it (short observation, bounds).
+    pub warnings: Vec<String>,
+    pub forecast: ferry_core::estimate::Report,
+    /// With `with`: the migrations sharing the link, in the order that
+    /// finishes soonest.
+    pub shared_link: Option<ferry_core::estimate::SharedLinkPlan>,
+}
+
 macro_rules! replies {
     ($( $kind:ident => $variant:ident($ty:ty); )*) => {
         /// Any action's reply. Encoded as the inner value (no tag): the
@@ -997,6 +1153,14 @@ replies! {
     ListStats => StatsSeriesList(StatsSeriesList);
     MigrationReport => MigrationReport(MigrationReport);
     GetConfig => Config(EffectiveConfig);
+    ListEstimates => Estimates(Vec<EstimateStatus>);
+    StartEstimate => EstimateStarted(EstimateStatus);
+    GetEstimate => Estimate(EstimateStatus);
+    StopEstimate => EstimateStopped(EstimateStatus);
+    DeleteEstimate => EstimateDeleted(Deleted);
+    EstimateReport => EstimateReport(EstimateReport);
+    ProbeLink => Probe(ProbeResult);
+    ListProbes => Probes(Vec<ProbeResult>);
 }
 
 #[cfg(test)]

@@ -390,3 +390,68 @@ pub struct StatsQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
 }
+
+/// `POST /api/v1/estimates`: observe a workload's writes (`ferry estimate
+/// start`). Exactly one of `volume`, `workload`, `share`, `device`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartEstimate {
+    #[schemars(with = "String")]
+    pub name: Name,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub volume: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub workload: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub share: Option<Name>,
+    /// A Linux block device ferry does not serve (`/dev/sdb`, `/dev/loop3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// How long to observe (default `estimate.duration_s_default`, 24 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<u64>,
+}
+
+/// `GET /api/v1/estimates/{name}/report`: the forecast's link and options
+/// (query parameters).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EstimateReportQuery {
+    /// Use the last probe of the link to this node (`ferry estimate probe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Or a bandwidth given, bytes/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bytes_per_s: Option<u64>,
+    /// The migration's `--max-rate`, bytes/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate_bytes_per_s: Option<u64>,
+    /// Offline seeding: days a shipped disk takes to arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ship_days: Option<f64>,
+    /// Other estimates whose migrations share the link.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(with = "Vec<String>")]
+    pub with: Vec<Name>,
+    /// `max` (default: the worst window observed) or `mean`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stat: Option<String>,
+}
+
+/// `POST /api/v1/probes`: measure the replication link to a node
+/// (`ferry estimate probe`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeLink {
+    pub to: String,
+    /// Seconds of each measurement (default 10; at most
+    /// `estimate.probe_seconds_max`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<u64>,
+    /// Also measure at this rate limit, bytes/s (as `--max-rate` would).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate_bytes_per_s: Option<u64>,
+}

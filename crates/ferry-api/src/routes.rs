@@ -245,6 +245,14 @@ routes! {
     ListStats: Get "/api/v1/stats/series", VIEWER, ANY, "The statistics series this node records.";
     MigrationReport: Get "/api/v1/migrations/{name}/report", VIEWER, ANY, "`ferry migrate report`: a migration after the fact (timeline, bytes, rates, downtime).";
     GetConfig: Get "/api/v1/config", VIEWER, ANY, "The agent's effective config (its file with every default filled in; it holds no secrets, only paths to them).";
+    ListEstimates: Get "/api/v1/estimates", VIEWER, ANY, "`ferry estimate list`: every observation of this node.";
+    StartEstimate: Post "/api/v1/estimates", OPERATOR, ANY, "`ferry estimate start`: observe a volume's, workload's, share's or block device's writes.";
+    GetEstimate: Get "/api/v1/estimates/{name}", VIEWER, ANY, "`ferry estimate status`: one observation, with its working-set curve W(T).";
+    StopEstimate: Post "/api/v1/estimates/{name}/stop", OPERATOR, ANY, "`ferry estimate stop`: stop observing; what was observed stays for reports.";
+    DeleteEstimate: Delete "/api/v1/estimates/{name}", OPERATOR, ANY, "`ferry estimate delete`: stop and forget an observation.";
+    EstimateReport: Get "/api/v1/estimates/{name}/report", VIEWER, ANY, "`ferry estimate report`: the forecast of its migration (`to`: the last probe to that node, or `bandwidth_bytes_per_s`; `max_rate_bytes_per_s`, `ship_days`, `with`, `stat`).";
+    ProbeLink: Post "/api/v1/probes", OPERATOR, ANY, "`ferry estimate probe`: throughput and round trip of the replication link to a node, under the load running now.";
+    ListProbes: Get "/api/v1/probes", VIEWER, ANY, "The last probe to each node.";
 }
 
 #[cfg(test)]

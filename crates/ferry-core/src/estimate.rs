@@ -414,6 +414,7 @@ pub fn window_plan(window_s: u64) -> (usize, u64) {
 /// What the keys of an observation are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum KeyKind {
     /// Blocks of a volume at the replication granularity (the dirty map's).
     Blocks { block_bytes: u64 },
@@ -435,6 +436,7 @@ pub struct IntervalTotals {
 
 /// One clock hour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct HourStat {
     pub start_s: u64,
     /// Distinct keys written in the hour (estimate).
@@ -444,6 +446,7 @@ pub struct HourStat {
 
 /// W(T) for one window length.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CurvePoint {
     pub window_s: u64,
     /// Largest distinct-key count over the observed windows.
@@ -681,6 +684,60 @@ impl Observation {
         self.levels[0].insert(key);
     }
 
+    /// Writes known only by their totals (a device's `/proc/diskstats`):
+    /// `bytes` in `ios` writes, no keys (see [`Observation::record_key`]).
+    pub fn record_write_totals(&mut self, now_ms: u64, bytes: u64, ios: u64) {
+        self.advance(now_ms);
+        let t = &mut self.open_totals;
+        t.bytes_written = t.bytes_written.saturating_add(bytes);
+        t.write_ios = t.write_ios.saturating_add(ios);
+        self.bytes_written = self.bytes_written.saturating_add(bytes);
+        self.write_ios = self.write_ios.saturating_add(ios);
+    }
+
+    /// A key written, its bytes and IO counted elsewhere
+    /// ([`Observation::record_write_totals`]).
+    pub fn record_key(&mut self, now_ms: u64, key: u64) {
+        self.advance(now_ms);
+        self.levels[0].insert(key);
+    }
+
+    /// The last closed 10 s interval's totals.
+    pub fn last_totals(&self) -> Option<IntervalTotals> {
+        self.totals.back().copied()
+    }
+
+    /// Bytes written, write IOs and read IOs since the start.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (self.bytes_written, self.write_ios, self.read_ios)
+    }
+
+    /// Observed and unobserved (gaps, restarts) time since the start, s.
+    pub fn observed_unobserved_s(&self) -> (f64, f64) {
+        let span = self.last_ms.saturating_sub(self.started_ms);
+        (
+            span.saturating_sub(self.paused_ms) as f64 / 1000.0,
+            self.paused_ms.min(span) as f64 / 1000.0,
+        )
+    }
+
+    /// W(T) so far (full windows only).
+    pub fn working_set(&self) -> WorkingSetCurve {
+        WorkingSetCurve {
+            points: self
+                .tracks
+                .iter()
+                .filter(|t| t.count > 0)
+                .map(|t| CurvePoint {
+                    window_s: t.window_s,
+                    max_keys: t.max,
+                    mean_keys: t.sum / t.count as f64,
+                    windows: t.count,
+                })
+                .collect(),
+        }
+    }
+
     /// `ios` reads.
     pub fn record_reads(&mut self, now_ms: u64, ios: u64) {
         self.advance(now_ms);
@@ -838,17 +895,6 @@ impl Observation {
 
     /// What has been observed so far (full windows only).
     pub fn profile(&self) -> Profile {
-        let points = self
-            .tracks
-            .iter()
-            .filter(|t| t.count > 0)
-            .map(|t| CurvePoint {
-                window_s: t.window_s,
-                max_keys: t.max,
-                mean_keys: t.sum / t.count as f64,
-                windows: t.count,
-            })
-            .collect();
         Profile {
             kind: self.kind,
             observed_s: self
@@ -859,7 +905,7 @@ impl Observation {
             bytes_written: self.bytes_written,
             write_ios: self.write_ios,
             read_ios: self.read_ios,
-            curve: WorkingSetCurve { points },
+            curve: self.working_set(),
             totals: self.totals.iter().copied().collect(),
             hours: self.hours.iter().copied().collect(),
         }
@@ -918,6 +964,7 @@ pub enum Stat {
 
 /// W(T) at the ladder's window lengths.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WorkingSetCurve {
     pub points: Vec<CurvePoint>,
 }
@@ -997,6 +1044,7 @@ fn non_negative(name: &'static str, value: f64) -> Result<f64, ForecastError> {
 
 /// One input of a figure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Input {
     pub name: String,
     pub value: f64,
@@ -1005,6 +1053,7 @@ pub struct Input {
 
 /// The formula of a figure and the inputs it used.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Why {
     /// Short name (`initial-sync`, `fixed-point`, …).
     pub formula: String,
@@ -1069,6 +1118,7 @@ impl Target {
 
 /// A duration figure.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Seconds {
     pub seconds: f64,
     pub why: Why,
@@ -1091,6 +1141,7 @@ pub fn initial_sync(target: &Target, link: &Link) -> Result<Seconds, ForecastErr
 /// The outcome of the copy's fixed point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "verdict")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Verdict {
     /// Ready after `seconds`, in `passes` passes.
     Converges { seconds: f64, passes: usize },
@@ -1114,12 +1165,23 @@ impl Verdict {
 
 /// Time to `ready` in one mode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ReadyForecast {
     pub mode: String,
     pub verdict: Verdict,
     /// Pass durations (async; the first ones), seconds.
     pub passes_s: Vec<f64>,
     pub why: Why,
+}
+
+impl ReadyForecast {
+    /// Seconds to ready, if it converges.
+    pub fn seconds(&self) -> Option<f64> {
+        match self.verdict {
+            Verdict::Converges { seconds, .. } => Some(seconds),
+            _ => None,
+        }
+    }
 }
 
 /// The fixed point: `d0 = first_bytes / bw`, `d(n+1) = W(keep·dn)·key / bw`
@@ -1251,6 +1313,7 @@ pub fn time_to_ready(
 
 /// The throttle at which a migration converges.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ThrottleForecast {
     pub mode: String,
     /// Smallest throttle percent (writes held back) that converges: 0 when
@@ -1333,6 +1396,7 @@ pub fn converging_throttle(
 
 /// Steady replication lag in async mode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LagForecast {
     pub max_backlog_bytes: f64,
     pub max_lag_s: f64,
@@ -1410,6 +1474,7 @@ pub struct CutoverInputs {
 
 /// Expected cutover downtime, with its parts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CutoverForecast {
     pub seconds: f64,
     pub drain_bytes: f64,
@@ -1474,6 +1539,7 @@ pub fn cutover_downtime(
 
 /// The best hours for a cutover.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CutoverWindows {
     /// Up to `n` whole clock hours, fewest distinct keys written first.
     pub hours: Vec<HourStat>,
@@ -1498,6 +1564,7 @@ pub fn best_cutover_hours(p: &Profile, n: usize) -> CutoverWindows {
 /// Which seeding finishes first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Seeding {
     Network,
     Shipment,
@@ -1507,6 +1574,7 @@ pub enum Seeding {
 
 /// Offline seeding (ship a disk) against an initial sync over the link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SeedingComparison {
     /// Time to ready over the link (async).
     pub network: ReadyForecast,
@@ -1579,6 +1647,7 @@ pub struct Job {
 
 /// Migrations sharing one link, run one after the other.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SharedLinkPlan {
     /// Shortest first; those that never converge last, in input order.
     pub order: Vec<String>,
@@ -1661,6 +1730,7 @@ pub struct ForecastInputs {
 
 /// Every figure of a forecast, each with its [`Why`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Report {
     pub initial_sync: Seconds,
     pub ready_async: ReadyForecast,

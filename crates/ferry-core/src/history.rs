@@ -364,10 +364,18 @@ pub enum Scope {
     Workload,
     Volume,
     Share,
+    /// An observation of the migration estimator (`ferry estimate`).
+    Estimate,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 4] = [Scope::Node, Scope::Workload, Scope::Volume, Scope::Share];
+    pub const ALL: [Scope; 5] = [
+        Scope::Node,
+        Scope::Workload,
+        Scope::Volume,
+        Scope::Share,
+        Scope::Estimate,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -375,6 +383,7 @@ impl Scope {
             Scope::Workload => "workload",
             Scope::Volume => "volume",
             Scope::Share => "share",
+            Scope::Estimate => "estimate",
         }
     }
 
@@ -402,6 +411,7 @@ impl Scope {
                 ResyncPercent,
             ],
             Scope::Share => &[WriteBytesPerS, LinkBytesPerS, BacklogBytes, LagSeconds],
+            Scope::Estimate => &[WriteBytesPerS, WriteIops, ReadIops, UniqueBytes],
         }
     }
 }
@@ -428,10 +438,16 @@ pub enum Metric {
     WriteLatencyP99Ms,
     /// Resync progress, percent (100: in sync).
     ResyncPercent,
+    /// Client reads per second.
+    ReadIops,
+    /// Distinct bytes written in the sample's interval (blocks at the
+    /// replication granularity, or files × mean write: what a copy then
+    /// re-sends), bytes.
+    UniqueBytes,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 9] = [
+    pub const ALL: [Metric; 11] = [
         Metric::WriteBytesPerS,
         Metric::LinkBytesPerS,
         Metric::BacklogBytes,
@@ -441,6 +457,8 @@ impl Metric {
         Metric::WriteIops,
         Metric::WriteLatencyP99Ms,
         Metric::ResyncPercent,
+        Metric::ReadIops,
+        Metric::UniqueBytes,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -454,13 +472,15 @@ impl Metric {
             Metric::WriteIops => "write_iops",
             Metric::WriteLatencyP99Ms => "write_latency_p99_ms",
             Metric::ResyncPercent => "resync_percent",
+            Metric::ReadIops => "read_iops",
+            Metric::UniqueBytes => "unique_bytes",
         }
     }
 }
 
 /// Why a string is not a series name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid series {series:?}: {reason} (a series is SCOPE/NAME/METRIC: node|workload|volume|share, a name, and a metric of that scope, e.g. volume/disk0/write_bytes_per_s)")]
+#[error("invalid series {series:?}: {reason} (a series is SCOPE/NAME/METRIC: node|workload|volume|share|estimate, a name, and a metric of that scope, e.g. volume/disk0/write_bytes_per_s)")]
 pub struct SeriesError {
     pub series: String,
     pub reason: String,

@@ -97,6 +97,9 @@ pub struct AgentConfig {
     /// `[history]`: statistics history (series files under DATA_DIR/history).
     #[serde(default)]
     pub history: HistorySettings,
+    /// `[estimate]`: the migration estimator's limits (`ferry estimate`).
+    #[serde(default)]
+    pub estimate: crate::estimate::EstimateSettings,
     /// High availability: the peer, heartbeat paths, the witness.
     #[serde(default)]
     pub cluster: Option<ClusterSettings>,

@@ -92,6 +92,13 @@ async fn blocking<T: Send + 'static>(
         .map_err(action_error)
 }
 
+/// Runs `f` (an estimator action, typed errors) on the blocking pool.
+async fn est_blocking<T: Send + 'static>(f: impl FnOnce() -> Res<T> + Send + 'static) -> Res<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(e.to_string()))?
+}
+
 /// A reply an engine function built as JSON, as its type. In debug builds
 /// (the tests) a reply that changes on the way — a field the type does not
 /// know, a number of another kind — is an error naming both.
@@ -693,6 +700,40 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
         Action::ListStats => Reply::StatsSeriesList(crate::agent::stats::list(&ctx).await?),
         Action::MigrationReport { name } => {
             Reply::MigrationReport(crate::agent::stats::migration_report(&ctx, name).await?)
+        }
+        Action::ListEstimates => {
+            Reply::Estimates(est_blocking(move || Ok(crate::agent::estimates::list(&ctx))).await?)
+        }
+        Action::StartEstimate(req) => Reply::EstimateStarted(
+            est_blocking(move || crate::agent::estimates::start(&ctx, req)).await?,
+        ),
+        Action::GetEstimate { name } => {
+            Reply::Estimate(est_blocking(move || crate::agent::estimates::get(&ctx, &name)).await?)
+        }
+        Action::StopEstimate { name } => Reply::EstimateStopped(
+            est_blocking(move || crate::agent::estimates::stop(&ctx, &name)).await?,
+        ),
+        Action::DeleteEstimate { name } => Reply::EstimateDeleted(
+            est_blocking(move || {
+                crate::agent::estimates::delete(&ctx, &name)?;
+                Ok(r::Deleted {
+                    deleted: name.to_string(),
+                })
+            })
+            .await?,
+        ),
+        Action::EstimateReport { name, query } => Reply::EstimateReport(
+            est_blocking(move || crate::agent::estimates::report(&ctx, &name, query)).await?,
+        ),
+        Action::ProbeLink(req) => Reply::Probe(
+            est_blocking(move || {
+                let load = ctx.estimates.current_load();
+                crate::agent::probe::run(&ctx, req, load)
+            })
+            .await?,
+        ),
+        Action::ListProbes => {
+            Reply::Probes(est_blocking(move || Ok(crate::agent::probe::list(&ctx))).await?)
         }
     })
 }

@@ -9,9 +9,11 @@
 
 pub mod audit;
 pub mod dispatch;
+pub mod estimates;
 mod hosts;
 pub mod nbd_tls;
 mod peerwatch;
+pub mod probe;
 mod sampler;
 pub mod stats;
 pub mod tokens;
@@ -110,6 +112,8 @@ pub struct AgentCtx {
     pub shares: crate::share::Shares,
     /// Statistics history (`None`: `history.enabled = false`).
     pub history: Option<Arc<crate::history::HistoryStore>>,
+    /// The migration estimator's observations (`ferry estimate`).
+    pub estimates: estimates::Estimates,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -1213,6 +1217,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
             cfg.history.clone(),
         ))
     });
+    let estimates = estimates::Estimates::load(&cfg.data_dir, cfg.estimate);
     let ctx = Arc::new(AgentCtx {
         audit,
         tokens,
@@ -1238,6 +1243,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
         cluster: crate::cluster::ClusterView::default(),
         forced_promotions: Mutex::new(std::collections::HashSet::new()),
         shares: Default::default(),
+        estimates,
         history,
         started: Instant::now(),
         admin: Mutex::new(()),
@@ -1315,6 +1321,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     crate::cluster::spawn(ctx.clone())?;
     crate::migration::schedule::spawn(ctx.clone())?;
     sampler::spawn(ctx.clone())?;
+    estimates::spawn(ctx.clone())?;
     peerwatch::spawn(ctx.clone())?;
     rt.spawn(serve_api(api_listener, ctx.clone()));
     rt.spawn(housekeeping(ctx.clone()));
@@ -1335,6 +1342,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
     crate::sys::out::flush_stdout();
     let sig = signals.wait()?;
     tracing::info!(signal = sig, "agent.stopping");
+    estimates::save_all(&ctx);
     ctx.shutdown();
     rt.shutdown_timeout(Duration::from_secs(2));
     tracing::info!("agent.stopped");

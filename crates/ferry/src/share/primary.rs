@@ -180,6 +180,9 @@ pub struct ShareStats {
 
 pub struct PrimaryShare {
     pub name: String,
+    /// The estimator's view of the changes (off unless an estimate
+    /// observes this share): one event per file an op changes.
+    pub tap: crate::estimate::tap::WriteTap,
     pub rec: Mutex<ShareRecord>,
     pub store: ShareStore,
     pub tree: Tree,
@@ -370,6 +373,15 @@ impl Journal {
     }
 }
 
+/// Bytes an op changes, for the estimator (an op not sent: the journal).
+fn op_bytes(op: &FileOp) -> u64 {
+    match op {
+        FileOp::Write { data, .. } => data.len() as u64,
+        FileOp::Fallocate { length, .. } => *length,
+        _ => 0,
+    }
+}
+
 impl PrimaryShare {
     pub fn open(
         store: ShareStore,
@@ -404,6 +416,7 @@ impl PrimaryShare {
         }
         Ok(Arc::new(PrimaryShare {
             name: rec.name.to_string(),
+            tap: crate::estimate::tap::WriteTap::new(),
             rec: Mutex::new(rec),
             store,
             tree,
@@ -480,10 +493,16 @@ impl PrimaryShare {
         let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
         let parents = op.parents();
         if !self.link().connected {
+            if live {
+                self.tap_op(&touched, op_bytes(&op));
+            }
             lock(&self.journal).add_op(&touched, &parents, true);
             return None;
         }
         let payload = StampedOp { op, stamps }.encode();
+        if live {
+            self.tap_op(&touched, payload.len() as u64);
+        }
         let frame = ferry_wire::encode_frame(Kind::FileOp, 0, 0, &payload);
         // Live ops are sent by their caller, a resync's by the sender thread.
         self.push_encoded(o, frame, touched, parents, live, !live)
@@ -502,7 +521,18 @@ impl PrimaryShare {
         wake_sender: bool,
     ) -> Option<u64> {
         let touched: Vec<SharePath> = op.touched().into_iter().cloned().collect();
+        self.tap_op(&touched, frame.len() as u64);
         self.push_encoded(o, frame, touched, op.parents(), true, wake_sender)
+    }
+
+    /// The estimator's event per file an op changed (`bytes`: the op's
+    /// size on the wire, shared among its paths).
+    fn tap_op(&self, touched: &[SharePath], bytes: u64) {
+        let n = touched.len().max(1) as u64;
+        for p in touched {
+            self.tap
+                .write_key(ferry_core::estimate::file_key(p.as_bytes()), bytes / n);
+        }
     }
 
     /// `op` went on the stream but failed here: the replica may apply what

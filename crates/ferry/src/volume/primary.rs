@@ -522,6 +522,9 @@ pub struct PrimaryVolume {
     throttle_pace: Mutex<ThrottlePace>,
     /// Merkle leaves kept current for cutovers and verify.
     pub leaves: super::verify::LeafCache,
+    /// The estimator's view of the writes and reads (off unless an
+    /// estimate observes this volume).
+    pub tap: crate::estimate::tap::WriteTap,
     /// HA: may a write the peer did not confirm be acknowledged?
     pub alone: AlonePermit,
     /// HA: writes enter only before this instant ([`mono_ms`]); the cluster
@@ -691,6 +694,7 @@ impl PrimaryVolume {
             throttle_pct: std::sync::atomic::AtomicU8::new(0),
             throttle_pace: Mutex::new(ThrottlePace::default()),
             leaves,
+            tap: crate::estimate::tap::WriteTap::new(),
             alone: AlonePermit::default(),
             lease_until_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
             io_errors: std::sync::atomic::AtomicU64::new(0),
@@ -1313,6 +1317,7 @@ impl PrimaryVolume {
         let _active = self.enter()?;
         self.bytes_written
             .fetch_add(extent.length, Ordering::Relaxed);
+        self.tap.write_extent(extent.offset, extent.length);
         let guard = self.overlap.acquire(extent);
         self.activity_log(extent)?;
         let wrote = local();
@@ -1567,6 +1572,7 @@ impl BlockDevice for PrimaryVolume {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.tap.read();
         self.local.read_at(buf, offset).inspect_err(|_| {
             self.io_errors.fetch_add(1, Ordering::Relaxed);
         })
