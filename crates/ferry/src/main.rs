@@ -105,6 +105,7 @@ fn run(cli: &Cli) -> Result<()> {
             remote::events(conn, &cli.global.data_dir, *follow, json)
         }
         Command::Stats(args) => remote::stats(args, &cli.global.data_dir, json),
+        Command::Estimate(cmd) => cli::estimate::run(cmd, &cli.global.data_dir, json),
         Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
             // The served router is built from this table (api::server::routes).

@@ -503,36 +503,43 @@ fn end(r: &mut Running, state: &str, now: u64) {
 pub fn spawn(ctx: Arc<AgentCtx>) -> std::io::Result<()> {
     let every = Duration::from_millis(ctx.estimates.settings.tick_interval_ms.max(10));
     let save_every = Duration::from_millis(ctx.estimates.settings.save_interval_ms.max(1000));
+    // The first tick now, before the agent says it is up: the taps of
+    // resumed observations are on before clients come back.
+    tick_all(&ctx, save_every);
     std::thread::Builder::new()
         .name("ferry-estimate".into())
         .spawn(move || loop {
             std::thread::sleep(every);
-            let all: Vec<_> = lock(&ctx.estimates.map).values().cloned().collect();
-            for r in all {
-                let mut r = lock(&r);
-                if r.rec.state != "observing" {
-                    continue;
-                }
-                let now = unix_ms();
-                if now
-                    >= r.rec
-                        .started_unix_ms
-                        .saturating_add(r.rec.duration_s * 1000)
-                {
-                    tick_one(&ctx, &mut r, now);
-                    end(&mut r, "done", now);
-                    ctx.estimates.save(&mut r);
-                    tracing::info!(estimate = %r.rec.name, "estimate.done");
-                    continue;
-                }
-                tick_one(&ctx, &mut r, now);
-                sample_history(&ctx, &mut r);
-                if r.last_save.elapsed() >= save_every {
-                    ctx.estimates.save(&mut r);
-                }
-            }
+            tick_all(&ctx, save_every);
         })?;
     Ok(())
+}
+
+fn tick_all(ctx: &Arc<AgentCtx>, save_every: Duration) {
+    let all: Vec<_> = lock(&ctx.estimates.map).values().cloned().collect();
+    for r in all {
+        let mut r = lock(&r);
+        if r.rec.state != "observing" {
+            continue;
+        }
+        let now = unix_ms();
+        if now
+            >= r.rec
+                .started_unix_ms
+                .saturating_add(r.rec.duration_s * 1000)
+        {
+            tick_one(ctx, &mut r, now);
+            end(&mut r, "done", now);
+            ctx.estimates.save(&mut r);
+            tracing::info!(estimate = %r.rec.name, "estimate.done");
+            continue;
+        }
+        tick_one(ctx, &mut r, now);
+        sample_history(ctx, &mut r);
+        if r.last_save.elapsed() >= save_every {
+            ctx.estimates.save(&mut r);
+        }
+    }
 }
 
 /// Saves every observing estimate and ends its device traces (the agent
@@ -586,9 +593,12 @@ fn sample_history(ctx: &AgentCtx, r: &mut Running) {
 
 /// One tick: the taps drained into the observation at `now`.
 fn tick_one(ctx: &AgentCtx, r: &mut Running, now: u64) {
+    // A volume's allocation is one stat(2) away; a share's is a walk of
+    // its tree.
+    let every = if r.rec.kind == "share" { 60 } else { 2 };
     let refresh_alloc = r
         .last_alloc
-        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        .is_none_or(|t| t.elapsed() >= Duration::from_secs(every));
     match r.rec.kind.as_str() {
         "volume" | "workload" => tick_volumes(ctx, r, now, refresh_alloc),
         "share" => tick_share(ctx, r, now, refresh_alloc),

@@ -1,6 +1,7 @@
 //! Every command, flag and environment variable of the `ferry` binary, in one place.
 
 pub mod demo;
+pub mod estimate;
 pub mod export;
 pub mod remote;
 
@@ -82,6 +83,10 @@ pub enum Command {
     Api(ApiCommand),
     /// Statistics history: a series' points (or, without one, the series).
     Stats(StatsArgs),
+    /// The migration estimator: observe a workload's writes, probe the
+    /// link, forecast its migration.
+    #[command(subcommand)]
+    Estimate(estimate::EstimateCommand),
     /// The agent's API token.
     #[command(subcommand)]
     Token(TokenCommand),

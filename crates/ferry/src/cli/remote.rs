@@ -271,7 +271,7 @@ pub fn audit(cmd: &crate::cli::AuditCommand, data_dir: &Path, json: bool) -> Res
 }
 
 /// `--json`: the reply as is; else `human`.
-fn print<T: Serialize + ?Sized>(v: &T, json: bool, human: impl FnOnce(&T)) -> Result<()> {
+pub fn print<T: Serialize + ?Sized>(v: &T, json: bool, human: impl FnOnce(&T)) -> Result<()> {
     if json {
         crate::sys::out::print_json(v)
     } else {

@@ -217,6 +217,20 @@ impl Agent {
         c
     }
 
+    /// Runs the CLI, which must fail (not by a usage error the CLI itself
+    /// finds only: any non-zero exit); its stderr.
+    #[allow(dead_code)]
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli().args(args).output().unwrap();
+        assert!(
+            !out.status.success(),
+            "ferry {args:?} on {} succeeded: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli().args(args).output().unwrap();
         assert!(
