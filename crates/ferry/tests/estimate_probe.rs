@@ -11,6 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::https_request;
+use ferry_wire::{FrameHeader, Kind};
 use serde_json::Value;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -104,6 +105,22 @@ fn probe_measures_the_replication_link() {
     assert!(busy.to_string().contains("already running"), "{busy}");
     assert_eq!(first.join().unwrap().0, 200);
 
+    // Hostile input on the receiver (a's own certificate, raw frames via
+    // openssl): answered, then refused with an Error, and b carries on.
+    let frames = hostile_probe(&a, &b);
+    let kinds: Vec<_> = frames.iter().map(|f| f.0.kind).collect();
+    assert_eq!(
+        kinds,
+        [Kind::Probe, Kind::Ping, Kind::Error],
+        "{frames:?}\n{}",
+        b.log_text()
+    );
+    assert_eq!(frames[1].0.seq, 7);
+    assert!(frames[2].1.contains("frame_bytes_max"), "{frames:?}");
+    assert!(b.is_running());
+    let (code, r3) = post_probe(&a, r#"{"to": "b", "seconds": 1}"#);
+    assert_eq!(code, 200, "after the hostile probe: {r3}");
+
     // Refusals.
     for bad in [
         r#"{"to": "b", "seconds": 0}"#,
@@ -132,4 +149,50 @@ fn probe_measures_the_replication_link() {
     let (code, text) = common::https(&a.api, "/api/v1/probes", Some(&a.token()));
     assert_eq!(code, 200);
     assert!(text.contains(r#""to":"b""#), "{text}");
+}
+
+/// Opens a probe to `b` as `a` with openssl and sends: the Probe frame, a
+/// ping, then a header announcing a payload above any frame_bytes_max.
+/// Returns the frames b answered (header, payload as text) until it closed.
+fn hostile_probe(a: &common::agent::Agent, b: &common::agent::Agent) -> Vec<(FrameHeader, String)> {
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &b.replication, "-cert"])
+        .arg(a.dir.join("tls/node.crt"))
+        .arg("-key")
+        .arg(a.dir.join("tls/node.key"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = FrameHeader::new(Kind::Probe, 0, 0, 0).encode().to_vec();
+    input.extend_from_slice(&FrameHeader::new(Kind::Ping, 7, 0, 0).encode());
+    input.extend_from_slice(&FrameHeader::new(Kind::Copy, 0, 0, u32::MAX).encode());
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        let _ = tx.send(buf);
+    });
+    let buf = rx.recv_timeout(Duration::from_secs(20));
+    if buf.is_err() {
+        // SAFETY: kill(2) on the PID of our own unreaped child.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+    let _ = child.wait();
+    let buf = buf.expect("b did not close the hostile probe within 20 s");
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while let Ok(Some((h, payload, used))) = ferry_wire::split_frame(&buf[at..], 1 << 20) {
+        frames.push((h, String::from_utf8_lossy(payload).into_owned()));
+        at += used;
+    }
+    frames
 }

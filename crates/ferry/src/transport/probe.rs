@@ -472,6 +472,8 @@ pub fn serve(inbound: Inbound, limits: ServeLimits) -> anyhow::Result<Served> {
         anyhow::bail!("probe refused: {why}");
     }
     let _active = Active(peer.name.clone());
+    // A prober that stops reading its answers cannot hold this thread.
+    control.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     send(
         &mut reader,
         &FrameHeader::new(Kind::Probe, 0, u64::from(limits.frame_bytes_max), 0).encode(),
