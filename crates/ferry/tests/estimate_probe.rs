@@ -99,7 +99,9 @@ fn probe_measures_the_replication_link() {
             Some(r#"{"to": "b", "seconds": 3}"#),
         )
     });
-    std::thread::sleep(Duration::from_millis(800));
+    let started = |b: &common::agent::Agent| b.log_text().matches("probe.inbound.start").count();
+    let before = started(&b);
+    common::agent::wait_until(20, "b answering the first probe", || started(&b) > before);
     let (code, busy) = post_probe(&a, r#"{"to": "b", "seconds": 1}"#);
     assert_eq!(code, 409, "{busy}");
     assert!(busy.to_string().contains("already running"), "{busy}");

@@ -280,7 +280,9 @@ fn phase(
         if elapsed >= seconds {
             break;
         }
-        if rate.is_none() && now - last_ping >= LOADED_PING_INTERVAL {
+        // Pings in the paced phase too: at a low rate they keep the
+        // listener's idle timeout from ending the probe between frames.
+        if now - last_ping >= LOADED_PING_INTERVAL {
             last_ping = now;
             pings.push(send_ping(wire, heard, next_seq)?);
         }
@@ -290,7 +292,12 @@ fn phase(
             if tokens < chunk as f64 {
                 let wait = (chunk as f64 - tokens) / r as f64;
                 let left = (seconds - elapsed).as_secs_f64();
-                std::thread::sleep(Duration::from_secs_f64(wait.min(left).max(0.0001)));
+                let ping_due = LOADED_PING_INTERVAL
+                    .saturating_sub(now - last_ping)
+                    .as_secs_f64();
+                std::thread::sleep(Duration::from_secs_f64(
+                    wait.min(left).min(ping_due).max(0.0001),
+                ));
                 continue;
             }
             tokens -= chunk as f64;
