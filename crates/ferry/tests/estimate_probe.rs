@@ -87,6 +87,70 @@ fn probe_measures_the_replication_link() {
     assert_eq!(code, 200, "{r2}");
     assert!(r2["limited"].is_null(), "{r2}");
 
+    // Through the CLI, with an estimate observing on a: the probe names its
+    // load, and a report --to b takes the probe's figure at the same rate
+    // limit.
+    a.ok(&["volume", "create", "v", "--size", "16MiB"]);
+    a.ok(&[
+        "estimate",
+        "start",
+        "e",
+        "--volume",
+        "v",
+        "--duration",
+        "1h",
+    ]);
+    let p = a.json(&[
+        "estimate",
+        "probe",
+        "--to",
+        "b",
+        "--seconds",
+        "1",
+        "--max-rate",
+        "20MiB/s",
+    ]);
+    let loads = p["under_load"].as_array().unwrap();
+    assert_eq!(loads.len(), 1, "{p}");
+    assert_eq!(loads[0]["estimate"], "e", "{p}");
+    let text = a.ok(&["estimate", "probe", "--to", "b", "--seconds", "1"]);
+    assert!(
+        text.contains("link a → b") && text.contains("under load: estimate e"),
+        "{text}"
+    );
+    let rep = a.json(&["estimate", "report", "e", "--to", "b", "--json"]);
+    assert_eq!(rep["link"]["from"], "probe", "{rep}");
+    assert_eq!(rep["link"]["probe"]["to"], "b", "{rep}");
+    assert!(
+        rep["link"]["probe"]["limited"].is_null(),
+        "the last probe: {rep}"
+    );
+    a.ok(&[
+        "estimate",
+        "probe",
+        "--to",
+        "b",
+        "--seconds",
+        "1",
+        "--max-rate",
+        "20MiB/s",
+    ]);
+    let rep = a.json(&[
+        "estimate",
+        "report",
+        "e",
+        "--to",
+        "b",
+        "--max-rate",
+        "20MiB/s",
+    ]);
+    assert_eq!(
+        rep["link"]["bandwidth_bytes_per_s"],
+        rep["link"]["probe"]["limited"]["throughput_bytes_per_s"],
+        "at the probed rate limit: {rep}"
+    );
+    a.ok(&["estimate", "delete", "e"]);
+
     // One probe per peer at a time on the receiver: the second is refused.
     let a_api = a.api.clone();
     let tok = a.token();
