@@ -42,6 +42,7 @@ const EST_METHODS = {
 function estDur(s) {
   if (s === null || s === undefined || !Number.isFinite(Number(s))) return "—";
   s = Number(s);
+  if (s === 0) return "0 s";
   if (s < 1) return Math.round(s * 1000) + " ms";
   if (s < 60) return trimNum(s, s < 10 ? 2 : 1) + " s";
   s = Math.round(s);
@@ -89,7 +90,7 @@ function estInput(i) {
 
 function estVerdict(v) {
   if (!v) return "—";
-  if (v.verdict === "converges") return "ready in " + estDur(v.seconds) + " (" + v.passes + " passes)";
+  if (v.verdict === "converges") return "ready in " + estDur(v.seconds) + " (" + v.passes + (v.passes === 1 ? " pass)" : " passes)");
   if (v.verdict === "diverges") return "does not converge: writes dirty " + estRate(v.dirty_rate) + " against " + estRate(v.bandwidth) + " of link";
   if (v.verdict === "stalls") return "does not converge: the passes shrink towards " + estDur(v.pass_s) + " and stay there";
   return String(v.verdict);
@@ -241,7 +242,8 @@ function estStartForm() {
   });
   return el("div", { class: "card" }, el("h2", { id: "est-start-h" }, "Start an estimate"),
     el("p", { class: "note" }, "Observes the writes for the duration (default 24 h in the CLI), in the agent: it survives restarts, the time the agent is down is not counted. Same as ",
-      el("code", {}, "ferry estimate start NAME --" + f.kind + " " + (f.source || kind[2].split(",")[0]) + " --duration " + (f.duration || "24h")), "."),
+      el("code", {}, "ferry estimate start " + (f.name.trim() || "NAME") + " --" + f.kind + " " +
+      (f.source.trim() || (f.kind === "device" ? "/dev/X" : f.kind.toUpperCase())) + " --duration " + (f.duration.trim() || "24h")), "."),
     form);
 }
 
@@ -257,7 +259,7 @@ function estList() {
   const rows = list.map((e) => {
     const id = estId(e.name);
     const left = Math.max(0, e.duration_s - e.observed_s);
-    const pct = Math.round(Math.min(1, e.progress) * 100);
+    const pct = Math.round(Math.min(1, e.progress) * 1000) / 10;
     const method = EST_METHODS[e.method] || e.method;
     const sel = el("button", { type: "button", class: "secondary small", id: "est-select-" + id,
       "aria-pressed": e.name === EST.selected ? "true" : "false" }, e.name === EST.selected ? "Shown" : "Show");
@@ -289,14 +291,15 @@ function estList() {
   });
   return el("div", { class: "card" }, el("h2", { id: "est-list-h" }, "Estimates"),
     el("table", { id: "est-list", "aria-labelledby": "est-list-h" },
-      el("thead", {}, el("tr", {}, ["Name", "Source", "Method", "State", "Observed", "Write rate (last 10 s)", "Allocated", ""]
-        .map((h) => el("th", { scope: "col" }, h)))),
+      el("thead", {}, el("tr", {}, ["Name", "Source", "Method", "State", "Observed", "Write rate (last 10 s)", "Allocated"]
+        .map((h) => el("th", { scope: "col" }, h)), el("th", { scope: "col" }, el("span", { class: "sr-only" }, "Show")))),
       el("tbody", {}, rows)));
 }
 
 // ---------- W(T) ----------
 
-const WT = { w: 640, h: 250, l: 78, r: 16, t: 14, b: 40 };
+// Drawn at about its own size in the card (its labels stay readable).
+const WT = { w: 470, h: 250, l: 66, r: 14, t: 12, b: 40 };
 const WT_TICKS = [1, 10, 60, 600, 3600, 6 * 3600, 86400];
 
 // The working-set curve: distinct bytes written within a window of length
@@ -499,8 +502,8 @@ function estForecastForm(e) {
   const fields = [estSelect("fc-link", "Link", L, "choice", choices, () => render())];
   if (L.choice === "bandwidth") fields.push(estField("fc-bandwidth", "Bandwidth", L, "bandwidth", { placeholder: "100MiB/s" }));
   fields.push(estField("fc-max-rate", "Max rate (optional)", L, "maxRate", { placeholder: "none, e.g. 50MiB/s" }),
-    estField("fc-ship-days", "Ship a disk: days (optional)", L, "shipDays", { placeholder: "e.g. 2", inputmode: "decimal" }),
-    estSelect("fc-stat", "W(T) statistic", L, "stat", [["max", "max (the worst window)"], ["mean", "mean"]]));
+    estField("fc-ship-days", "Ship days (optional)", L, "shipDays", { placeholder: "e.g. 2", inputmode: "decimal" }),
+    estSelect("fc-stat", "W(T) statistic", L, "stat", [["max", "max (worst window)"], ["mean", "mean"]]));
   const go = el("button", { type: "submit", id: "fc-go", disabled: EST.reportBusy }, EST.reportBusy ? "Forecasting…" : "Forecast");
   const actions = [go];
   const probeTo = L.choice.startsWith("to:") ? L.choice.slice(3) : peers[0];
@@ -528,8 +531,7 @@ function estFigure(id, title, value, words, why) {
     el("span", { class: "n" }, value),
     words ? el("p", { class: "words" }, words) : null,
     why ? estDetails("why-" + id, "Why",
-      el("p", {}, el("code", {}, why.formula)),
-      el("p", {}, why.explanation),
+      el("p", { class: "formula" }, why.explanation, " ", el("span", { class: "muted" }, "(", el("code", {}, why.formula), ")")),
       inputs.length ? el("table", { class: "inputs" },
         el("caption", {}, "Inputs of " + title.toLowerCase()),
         el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Input"), el("th", { scope: "col" }, "Value"), el("th", { scope: "col" }, "Unit"))),
@@ -587,7 +589,7 @@ function estReport(r) {
     el("p", { class: "fc-head" }, "Forecast for estimate ", el("strong", {}, r.name), " (" + r.source.kind + " " + r.source.name + "; observed " +
       estDur(r.observed_s) + "; W(T) statistic: " + r.stat + ") over link " + link +
       (r.link.max_rate_bytes_per_s ? ", --max-rate " + estRate(r.link.max_rate_bytes_per_s) : "") + "."),
-    r.warnings.length ? el("ul", { class: "alert fc-warnings", id: "fc-warnings", "aria-label": "Notes on this forecast" },
+    r.warnings.length ? el("ul", { class: "fc-warnings", id: "fc-warnings", "aria-label": "Notes on this forecast" },
       r.warnings.map((w) => el("li", {}, w))) : null,
     el("div", { class: "figures fc-figures" }, figs),
     r.shared_link ? el("p", {}, "Sharing the link: order " + r.shared_link.order.join(" → ") + ", total " +
