@@ -432,7 +432,7 @@ function estProbeText(p) {
 
 async function estForecast(e) {
   const L = EST.link;
-  EST.reportError = "";
+  EST.reportError = ""; EST.probeError = "";
   const q = [];
   if (L.choice === "bandwidth") {
     const bw = estParseRate(L.bandwidth);
@@ -469,7 +469,7 @@ async function estForecast(e) {
 
 async function estProbe(to) {
   EST.probing = true;
-  EST.probeError = ""; EST.probeResult = "";
+  EST.probeError = ""; EST.probeResult = ""; EST.reportError = "";
   render();
   const body = { to, seconds: 5 };
   const mr = EST.link.maxRate.trim() ? estParseRate(EST.link.maxRate) : null;

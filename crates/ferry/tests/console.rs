@@ -839,7 +839,9 @@ fn the_statistics_view_charts_history_and_downloads_the_same_csv_as_the_cli() {
 /// starts a second estimate (of `v2`) from the form by keyboard and shows
 /// the API's refusal next to the form, forecasts over an entered bandwidth
 /// (the initial sync is allocated ÷ bandwidth, as the API says, with its
-/// why), deletes after a confirmation; a viewer gets no start form.
+/// why), probes the link to the paired node `b` (its result, or the API's
+/// refusal, shown by the form), deletes after a confirmation; a viewer
+/// gets no start form.
 #[test]
 fn the_estimate_view_lists_charts_starts_and_forecasts() {
     use common::agent::{wait_until, Agent};
@@ -860,6 +862,9 @@ fn the_estimate_view_lists_charts_starts_and_forecasts() {
         "a",
         "\n[history]\nsample_interval_ms = 500\n[estimate]\nsave_interval_ms = 1000\n",
     );
+    // A paired node: the forecast's link choice and the probe button.
+    let b = Agent::start(root.path(), "b", "");
+    common::agent::pair(&a, &b);
     a.ok(&["volume", "create", "v", "--size", "64MiB"]);
     a.ok(&["volume", "create", "v2", "--size", "32MiB"]);
     a.ok(&["workload", "create", "web", "--volume", "v"]);
@@ -895,7 +900,16 @@ fn the_estimate_view_lists_charts_starts_and_forecasts() {
         .arg(&script)
         .args(["--base", &format!("https://{}", a.api)])
         .args(["--operator", &operator, "--viewer", &viewer])
-        .args(["--estimate", "e", "--volume", "v", "--volume2", "v2"])
+        .args([
+            "--estimate",
+            "e",
+            "--volume",
+            "v",
+            "--volume2",
+            "v2",
+            "--peer",
+            "b",
+        ])
         .arg("--shots")
         .arg(screenshot_dir())
         .args(["--axe", AXE])

@@ -30,6 +30,7 @@ p.add_argument("--viewer", required=True)
 p.add_argument("--estimate", required=True, help="an estimate observing --volume, which a writer wrote")
 p.add_argument("--volume", required=True)
 p.add_argument("--volume2", required=True, help="a volume no estimate observes")
+p.add_argument("--peer", required=True, help="a node paired with this one")
 p.add_argument("--shots", required=True)
 p.add_argument("--axe", required=True)
 p.add_argument("--console-dir", help="serve the console's files (and index.html) from this directory "
@@ -195,6 +196,30 @@ with sync_playwright() as pw:
     page.fill("#fc-bandwidth", "fast")
     page.click("#fc-go")
     check("Bandwidth" in page.inner_text("#fc-error"), "an unreadable bandwidth is said")
+
+    # The paired node as the link: no probe yet, said; then the probe,
+    # whose result (or the API's refusal, e.g. 409 while it is not built)
+    # the form shows.
+    opts = page.eval_on_selector_all("#fc-link option", "os => os.map(o => o.value)")
+    check(f"to:{args.peer}" in opts, f"the paired node is a link choice: {opts}")
+    page.select_option("#fc-link", f"to:{args.peer}")
+    page.wait_for_selector("#fc-bandwidth", state="detached")
+    page.click("#fc-go")
+    page.wait_for_selector("#fc-error:has-text('No forecast')")
+    check("probe" in page.inner_text("#fc-error"), f"no probe yet: {page.inner_text('#fc-error')}")
+    page.focus("#fc-probe")
+    check(page.inner_text("#fc-probe") == f"Probe link to {args.peer}", "the probe button names the node")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => /Probe refused|link .* → /.test(document.querySelector('#fc-error').textContent + "
+                           "document.querySelector('#fc-probe-result').textContent)", timeout=60000)
+    status, body = http("GET", "/api/v1/probes", args.operator)
+    probes = json.loads(body) if status == 200 else []
+    if probes:
+        check(f"→ {args.peer}" in page.inner_text("#fc-probe-result"), "the probe's throughput and round trips shown")
+    else:
+        check("Probe refused: " in page.inner_text("#fc-error"), f"the refusal shown: {page.inner_text('#fc-error')}")
+    check(page.evaluate("document.activeElement.id") == "fc-probe", "the focus stays on the probe button")
+    page.select_option("#fc-link", "bandwidth")
 
     # Refreshed while open (every 2 s: never faster than once a second)…
     mark = len(requests)
