@@ -161,9 +161,11 @@ with sync_playwright() as pw:
     # (back to this node), asked of the serving node; then once more away.
     here = args.nodes.split(",")[0]
     for to in (here, args.switch_to):
-        btn = page.wait_for_selector(f"#switchover-{args.workload}:has-text('Switch over to {to}'):not([disabled])",
-                                     timeout=30000)
-        btn.click()
+        # By selector, not by a handle: the view is rebuilt when the event
+        # stream brings news, and a handle may be of the replaced button.
+        sel = f"#switchover-{args.workload}:has-text('Switch over to {to}'):not([disabled])"
+        page.wait_for_selector(sel, timeout=30000)
+        page.click(sel)
         page.wait_for_selector("dialog[open]")
         if to == here:
             check(f"asked of {args.switch_to}" in page.inner_text("#confirm-text"),
