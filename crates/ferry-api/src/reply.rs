@@ -1158,7 +1158,7 @@ replies! {
     GetEstimate => Estimate(EstimateStatus);
     StopEstimate => EstimateStopped(EstimateStatus);
     DeleteEstimate => EstimateDeleted(Deleted);
-    EstimateReport => EstimateReport(EstimateReport);
+    EstimateReport => EstimateReport(Box<EstimateReport>);
     ProbeLink => Probe(ProbeResult);
     ListProbes => Probes(Vec<ProbeResult>);
 }

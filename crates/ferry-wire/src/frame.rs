@@ -49,6 +49,13 @@ pub enum Kind {
     /// Replica → primary: an op it could not apply while not held to every
     /// op (resyncing, or an async share); payload = the path, compared again.
     Failed = 16,
+    /// A link probe (`ferry estimate probe`): the dialing side's first
+    /// frame (empty); the listener answers with a `Probe` whose `offset` is
+    /// its `frame_bytes_max`, or an `Error`. Then `Copy` frames are data to
+    /// discard, `Ping{seq}` is answered at once by `Ping{seq, offset = bytes
+    /// received}`, and the listener sends `Ack{offset = bytes received}`
+    /// as the data arrives.
+    Probe = 17,
 }
 
 impl Kind {
@@ -70,6 +77,7 @@ impl Kind {
             14 => Kind::SumsRequest,
             15 => Kind::Sums,
             16 => Kind::Failed,
+            17 => Kind::Probe,
             _ => return None,
         })
     }

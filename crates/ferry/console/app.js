@@ -5,7 +5,7 @@
 
 const S = { session: null, node: null, nodes: [], cluster: null, migrations: [], events: [], source: null };
 const ROLES = { viewer: 0, operator: 1, admin: 2 };
-const VIEWS = ["overview", "migrate", "cluster", "statistics", "configure", "audit"];
+const VIEWS = ["overview", "migrate", "estimate", "cluster", "statistics", "configure", "audit"];
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs, ...kids) {

@@ -831,3 +831,97 @@ fn the_statistics_view_charts_history_and_downloads_the_same_csv_as_the_cli() {
         a.log_text()
     );
 }
+
+/// The Estimate view (tests/console/estimate_test.py): an agent with two
+/// volumes; estimate `e` observes `v` while qemu-io writes 1 MiB a second
+/// for ~12 s (so W(T) has measured windows). The page lists it (method,
+/// state, progress, allocated bytes), draws W(T) with its data table,
+/// starts a second estimate (of `v2`) from the form by keyboard and shows
+/// the API's refusal next to the form, forecasts over an entered bandwidth
+/// (the initial sync is allocated ÷ bandwidth, as the API says, with its
+/// why), probes the link to the paired node `b` (its result, or the API's
+/// refusal, shown by the form), deletes after a confirmation; a viewer
+/// gets no start form.
+#[test]
+fn the_estimate_view_lists_charts_starts_and_forecasts() {
+    use common::agent::{wait_until, Agent};
+    require("chromium");
+    require("qemu-io");
+    for need in [VENV_PYTHON, AXE] {
+        assert!(
+            std::path::Path::new(need).exists(),
+            "{need} missing: run scripts/install-deps"
+        );
+    }
+    let root = tempfile::Builder::new()
+        .prefix("ferry-console-est")
+        .tempdir()
+        .unwrap();
+    let a = Agent::start(
+        root.path(),
+        "a",
+        "\n[history]\nsample_interval_ms = 500\n[estimate]\nsave_interval_ms = 1000\n",
+    );
+    // A paired node: the forecast's link choice and the probe button.
+    let b = Agent::start(root.path(), "b", "");
+    common::agent::pair(&a, &b);
+    a.ok(&["volume", "create", "v", "--size", "64MiB"]);
+    a.ok(&["volume", "create", "v2", "--size", "32MiB"]);
+    a.ok(&["workload", "create", "web", "--volume", "v"]);
+    a.ok(&[
+        "estimate",
+        "start",
+        "e",
+        "--volume",
+        "v",
+        "--duration",
+        "1h",
+    ]);
+    // Overlapping writes: 1 MiB a second over an 8 MiB range, ~12 s.
+    for i in 0..12 {
+        common::qemu_io(
+            &a.uri("v"),
+            &[&format!("write -P {} {}M 1M", i + 1, (i * 3) % 8)],
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    wait_until(40, "W(T) measured at 3 window lengths or more", || {
+        a.json(&["estimate", "status", "e"])["working_set"]
+            .as_array()
+            .is_some_and(|w| w.len() >= 3)
+    });
+    let token = |name: &str, role: &str| -> String {
+        let out = a.ok(&["token", "create", name, "--role", role]);
+        out.lines().next().unwrap().trim().to_string()
+    };
+    let (operator, viewer) = (token("olive", "operator"), token("vic", "viewer"));
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/console/estimate_test.py");
+    let out = Command::new(VENV_PYTHON)
+        .arg(&script)
+        .args(["--base", &format!("https://{}", a.api)])
+        .args(["--operator", &operator, "--viewer", &viewer])
+        .args([
+            "--estimate",
+            "e",
+            "--volume",
+            "v",
+            "--volume2",
+            "v2",
+            "--peer",
+            "b",
+        ])
+        .arg("--shots")
+        .arg(screenshot_dir())
+        .args(["--axe", AXE])
+        .env("HOME", root.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the browser script failed:\n{stdout}\n{}\n--- agent log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        a.log_text()
+    );
+}

@@ -292,3 +292,98 @@ fn a_dead_process_instance_is_removed_by_the_next_session() {
     assert!(!stale_left, "{} was not removed", stale.display());
     assert!(foreign_left, "{} was removed", foreign.display());
 }
+
+/// `ferry estimate start --device` on a real agent: from the tracepoint
+/// the blocks fio wrote exactly (overwrites coalesce); with the tracepoint
+/// turned off, from /proc/diskstats: at least as much, flagged an upper
+/// bound.
+#[test]
+fn an_agent_estimates_a_device_by_its_tracepoint_or_else_from_diskstats() {
+    assert!(is_root(), "this test needs root (loop devices, tracefs)");
+    let fio = common::require("fio");
+    let root = tempfile::Builder::new()
+        .prefix("ferry-estdev-agent-")
+        .tempdir()
+        .unwrap();
+    let lo = LoopDevice::new(64 << 20);
+    for (name, cfg, method) in [
+        ("a", "", "tracepoint"),
+        ("b", "\n[estimate]\nuse_tracepoint = false\n", "diskstats"),
+    ] {
+        let mut a = common::agent::Agent::start(root.path(), name, cfg);
+        let dev = lo.path.to_str().unwrap();
+        let st = a.json(&[
+            "estimate",
+            "start",
+            "d",
+            "--device",
+            dev,
+            "--duration",
+            "1h",
+        ]);
+        assert_eq!(st["source"]["kind"], "device", "{st}");
+        // A 10 s window holds the writes whole from 6 s on (see estimate.rs).
+        std::thread::sleep(std::time::Duration::from_secs(6));
+        // 4 MiB written twice, 64 KiB at a time, bypassing the page cache:
+        // 128 writes, 8 MiB, 64 distinct 64 KiB blocks.
+        let out = Command::new(&fio)
+            .args([
+                "--name=w",
+                "--rw=write",
+                "--bs=64k",
+                "--size=4M",
+                "--loops=2",
+                "--direct=1",
+                "--ioengine=psync",
+            ])
+            .arg(format!("--filename={dev}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let w10 = |st: &serde_json::Value| {
+            st["working_set"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["window_s"] == 10)
+                .map(|p| p["max_keys"].as_u64().unwrap())
+        };
+        common::agent::wait_until(30, "a full 10 s window with the writes", || {
+            w10(&a.json(&["estimate", "status", "d"])).is_some_and(|n| n > 0)
+        });
+        // diskstats is read once a second: let it see the last writes.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let st = a.json(&["estimate", "status", "d"]);
+        assert_eq!(st["method"], method, "{st}");
+        assert_eq!(st["size_bytes"], 64u64 << 20, "{st}");
+        let written = st["bytes_written"].as_u64().unwrap();
+        if method == "tracepoint" {
+            assert_eq!(st["unique_bytes_upper_bound"], false, "{st}");
+            assert_eq!(written, 8 << 20, "{st}");
+            assert_eq!(w10(&st), Some(64), "{st}");
+        } else {
+            assert_eq!(st["unique_bytes_upper_bound"], true, "{st}");
+            assert!(written >= 8 << 20, "{st}");
+            // Every write counted as new blocks: at least the 128 writes.
+            assert!(w10(&st).unwrap() >= 128, "{st}");
+            let rep = a.json(&["estimate", "report", "d", "--bandwidth", "10MiB/s"]);
+            assert!(rep["warnings"].to_string().contains("upper bound"), "{rep}");
+        }
+        a.ok(&["estimate", "delete", "d"]);
+        a.stop();
+    }
+    // The agent's tracefs instances are gone with its sessions.
+    if let Ok(t) = Tracefs::locate() {
+        let left: Vec<_> = std::fs::read_dir(t.root().join("instances"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ferry-"))
+            .collect();
+        assert!(left.is_empty(), "instances left: {left:?}");
+    }
+}

@@ -17,10 +17,12 @@ const LAYERS: &[&[&str]] = &[
     &["history"],
     // how nodes reach each other: identities, TLS, dialing, the listener, settings
     &["transport"],
+    // the estimator's observers: the write taps the engines hold, block
+    // devices ferry does not serve yet, the estimator's settings
+    &["estimate"],
     // the engines (volume first: shares reuse its write permit and link flag),
-    // the QEMU processes of VM workloads, and the estimator's observers
-    // (issue 21: devices ferry does not serve yet)
-    &["volume", "vm", "estimate"],
+    // the QEMU processes of VM workloads
+    &["volume", "vm"],
     &["share"],
     // the node's configuration file: every section's settings
     &["config"],

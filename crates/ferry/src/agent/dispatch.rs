@@ -722,9 +722,9 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
             })
             .await?,
         ),
-        Action::EstimateReport { name, query } => Reply::EstimateReport(
+        Action::EstimateReport { name, query } => Reply::EstimateReport(Box::new(
             est_blocking(move || crate::agent::estimates::report(&ctx, &name, query)).await?,
-        ),
+        )),
         Action::ProbeLink(req) => Reply::Probe(
             est_blocking(move || {
                 let load = ctx.estimates.current_load();

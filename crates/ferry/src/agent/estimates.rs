@@ -728,11 +728,15 @@ fn open_device(ctx: &AgentCtx, r: &mut Running) -> Result<DeviceObs, String> {
     let _ = diskstats.sample();
     let tap = Arc::new(WriteTap::new());
     let _ = tap.enable(&r.rec.name, ctx.estimates.settings.tap_events_max);
-    let tracefs = Tracefs::locate().or_else(|_| {
-        let d = tracefs_dir(ctx);
-        std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
-        Tracefs::mount_at(&d).map_err(|e| e.to_string())
-    });
+    let tracefs = if !ctx.estimates.settings.use_tracepoint {
+        Err("estimate.use_tracepoint = false".to_string())
+    } else {
+        Tracefs::locate().or_else(|_| {
+            let d = tracefs_dir(ctx);
+            std::fs::create_dir_all(&d).map_err(|e| e.to_string())?;
+            Tracefs::mount_at(&d).map_err(|e| e.to_string())
+        })
+    };
     let sink_tap = tap.clone();
     let trace = match tracefs {
         Ok(t) => match TraceSession::start(

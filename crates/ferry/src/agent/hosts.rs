@@ -109,7 +109,8 @@ impl crate::volume::replica::Host for AgentCtx {
 
 impl AgentCtx {
     /// Routes an inbound replication link by its first frame: a share's
-    /// link (its own protocol on the same listener) or a volume stream.
+    /// link (its own protocol on the same listener), a link probe, or a
+    /// volume stream.
     pub fn route_inbound(&self, inbound: crate::transport::inbound::Inbound) -> Result<()> {
         use ferry_wire::Kind;
         if inbound.first.kind == Kind::ShareHello {
@@ -127,6 +128,17 @@ impl AgentCtx {
                 tls,
                 inbound.control,
             );
+        }
+        if inbound.first.kind == Kind::Probe {
+            // `ferry estimate probe` from the peer: data to discard. A
+            // second probe from the same peer is refused while one runs.
+            let limits = crate::transport::probe::ServeLimits {
+                frame_bytes_max: self.cfg.replication.frame_bytes_max,
+                duration_max: Duration::from_secs(
+                    self.cfg.estimate.probe_seconds_max.saturating_mul(2) + 60,
+                ),
+            };
+            return crate::transport::probe::serve(inbound, limits).map(|_| ());
         }
         crate::volume::replica::serve_stream(self, inbound)
     }

@@ -26,6 +26,7 @@ const CSS: &str = "text/css; charset=utf-8";
 const FILES: &[(&str, &str, &str)] = &[
     ("app.js", JS, include_str!("../../console/app.js")),
     ("migrate.js", JS, include_str!("../../console/migrate.js")),
+    ("estimate.js", JS, include_str!("../../console/estimate.js")),
     (
         "statistics.js",
         JS,

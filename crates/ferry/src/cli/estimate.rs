@@ -570,7 +570,7 @@ pub fn run(cmd: &EstimateCommand, data_dir: &Path, json: bool) -> Result<()> {
                     stat: stat.clone(),
                 },
             })? {
-                Reply::EstimateReport(v) => print(&v, json, print_report),
+                Reply::EstimateReport(v) => print(&*v, json, print_report),
                 other => bail!("unexpected reply: {}", serde_json::to_string(&other)?),
             }
         }

@@ -47,6 +47,11 @@ pub struct EstimateSettings {
     pub probe_seconds_default: u64,
     #[serde(default = "default_probe_seconds_max")]
     pub probe_seconds_max: u64,
+    /// Observe a block device through the `block:block_rq_issue`
+    /// tracepoint where tracefs allows (false: `/proc/diskstats` only, an
+    /// upper bound).
+    #[serde(default = "yes")]
+    pub use_tracepoint: bool,
     /// A device's tracepoint ring buffer per CPU, KiB.
     #[serde(default = "default_trace_buffer_kb")]
     pub trace_buffer_kb: u32,
@@ -80,6 +85,9 @@ fn default_rehash_window_ms() -> u64 {
     1000
 }
 
+fn yes() -> bool {
+    true
+}
 fn default_duration_s() -> u64 {
     86_400
 }
@@ -119,6 +127,7 @@ impl Default for EstimateSettings {
             save_interval_ms: default_save_interval_ms(),
             probe_seconds_default: default_probe_seconds(),
             probe_seconds_max: default_probe_seconds_max(),
+            use_tracepoint: true,
             trace_buffer_kb: default_trace_buffer_kb(),
             hash_bytes_per_s: default_hash_bytes_per_s(),
             commit_ms: default_commit_ms(),

@@ -11,6 +11,7 @@ pub mod dial;
 pub mod identity;
 pub mod inbound;
 pub mod peers;
+pub mod probe;
 pub mod settings;
 pub mod tls;
 pub mod tls_io;

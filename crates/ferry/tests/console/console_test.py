@@ -137,9 +137,9 @@ with sync_playwright() as pw:
     check(page.evaluate("document.activeElement.className") == "skip", "Tab reaches the skip link first")
     page.keyboard.press("Tab")
     check(page.evaluate("document.activeElement.dataset.view") == "overview", "then the Overview link")
-    for _ in range(2):
+    for _ in range(3):
         page.keyboard.press("Tab")
-    check(page.evaluate("document.activeElement.dataset.view") == "cluster", "then Migrate, Cluster")
+    check(page.evaluate("document.activeElement.dataset.view") == "cluster", "then Migrate, Estimate, Cluster")
     page.keyboard.press("Enter")
     page.wait_for_selector("h1:has-text('Cluster')")
     btn = page.wait_for_selector(f"button:has-text('Switch over to {args.switch_to}')")
