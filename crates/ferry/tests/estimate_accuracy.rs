@@ -20,9 +20,6 @@ use common::*;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-/// The link's bandwidth given to the report: a loopback link carries far
-/// more (`ferry estimate probe` is not merged here yet).
-const LINK: &str = "1GiB/s";
 
 /// fio writing `bs` blocks at random over `[0, region)` at `rate` through
 /// `uri` until killed.
@@ -106,20 +103,16 @@ fn run(c: &Case, limit_s: f64, done: impl Fn(&Value) -> bool) -> Run {
         "--duration",
         "1h",
     ]);
-    std::thread::sleep(Duration::from_secs(c.observe_s));
-    a.ok(&["estimate", "stop", "e"]);
     let rate = format!("{}MiB/s", c.max_rate / MIB);
-    // The link is loopback (far above 1 GiB/s); `--max-rate` caps the
-    // copier only, which makes the copy link-bound.
-    let report = a.json(&[
-        "estimate",
-        "report",
-        "e",
-        "--bandwidth",
-        LINK,
-        "--max-rate",
-        &rate,
-    ]);
+    // The link probed under the load, unlimited and at the migration's
+    // `--max-rate` (which paces the copier only: the copy is link-bound).
+    let t = Instant::now();
+    let probe = a.json(&["estimate", "probe", "--to", "b", "--max-rate", &rate]);
+    eprintln!("probe: {probe}");
+    std::thread::sleep(Duration::from_secs(c.observe_s).saturating_sub(t.elapsed()));
+    a.ok(&["estimate", "stop", "e"]);
+    let report = a.json(&["estimate", "report", "e", "--to", "b", "--max-rate", &rate]);
+    eprintln!("link: {}", report["link"]);
     let mut trace = Vec::new();
     a.ok(&[
         "migrate",
