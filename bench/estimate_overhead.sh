@@ -55,7 +55,8 @@ for rep in $(seq "$reps"); do
   on_+=("$(run)")
   on --json estimate status e >"$work/est.json"
   on estimate delete e >/dev/null 2>&1 || { on estimate stop e >/dev/null; on estimate delete e >/dev/null; }
-  echo "rep $rep: without ${off[-1]} IOPS, with ${on_[-1]} IOPS" >&2
+  seen=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["write_ios"])' "$work/est.json")
+  echo "rep $rep: without ${off[-1]} IOPS, with ${on_[-1]} IOPS (the estimate saw $seen writes)" >&2
 done
 m_off=$(printf '%s\n' "${off[@]}" | median)
 m_on=$(printf '%s\n' "${on_[@]}" | median)
