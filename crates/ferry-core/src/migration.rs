@@ -148,7 +148,7 @@ pub struct Migration {
 
 /// The backlog must shrink by this share of the copy rate to count as
 /// converging…
-const CONVERGING_SHRINK: f64 = 0.10;
+pub const CONVERGING_SHRINK: f64 = 0.10;
 /// …and by this share to clear a `not_converging` already reported.
 const CONVERGED_SHRINK: f64 = 0.25;
 

@@ -151,17 +151,30 @@ fn an_estimate_counts_what_clients_write_and_survives_a_restart() {
     });
 
     // Stop keeps what was seen; the report's initial sync is the allocated
-    // bytes over the bandwidth given, its inputs say so.
+    // bytes over what the bandwidth given leaves the copy beside the
+    // streamed writes (1 MiB/s less the observed write rate), its inputs
+    // say so.
     let st = a.json(&["estimate", "stop", "e"]);
     assert_eq!(st["state"], "stopped");
     let rep = a.json(&["estimate", "report", "e", "--bandwidth", "1MiB/s"]);
     let alloc = rep["allocated_bytes"].as_f64().unwrap();
     let init = rep["forecast"]["initial_sync"]["seconds"].as_f64().unwrap();
+    let inputs = &rep["forecast"]["initial_sync"]["why"]["inputs"];
+    let input = |name: &str| {
+        inputs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .and_then(|i| i["value"].as_f64())
+            .unwrap_or_else(|| panic!("no input {name}: {inputs}"))
+    };
+    let copy = 1048576.0 - input("write_rate");
+    assert!(input("write_rate") > 0.0, "{inputs}");
     assert!(
-        (init - alloc / 1048576.0).abs() < 1e-6,
+        (init - alloc / copy).abs() < 1e-6 && input("copy_rate") == copy,
         "initial sync {init} s for {alloc} B at 1 MiB/s: {rep}"
     );
-    let inputs = &rep["forecast"]["initial_sync"]["why"]["inputs"];
     assert!(inputs.to_string().contains("allocated_bytes"), "{inputs}");
     assert_eq!(rep["link"]["from"], "given");
     // The text report names every figure.

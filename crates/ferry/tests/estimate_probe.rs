@@ -144,9 +144,19 @@ fn probe_measures_the_replication_link() {
         "--max-rate",
         "20MiB/s",
     ]);
+    // --max-rate paces the copier only: the link is the unlimited figure,
+    // the copy gets what the probe measured at that limit (at most it).
     assert_eq!(
-        rep["link"]["bandwidth_bytes_per_s"],
-        rep["link"]["probe"]["limited"]["throughput_bytes_per_s"],
+        rep["link"]["bandwidth_bytes_per_s"], rep["link"]["probe"]["throughput_bytes_per_s"],
+        "{rep}"
+    );
+    let paced = rep["link"]["probe"]["limited"]["throughput_bytes_per_s"]
+        .as_f64()
+        .unwrap()
+        .min(20.0 * MIB);
+    assert_eq!(
+        rep["link"]["max_rate_bytes_per_s"].as_f64(),
+        Some(paced),
         "at the probed rate limit: {rep}"
     );
     a.ok(&["estimate", "delete", "e"]);

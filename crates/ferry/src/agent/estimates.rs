@@ -955,7 +955,7 @@ pub fn report(
     use ferry_api::reply::{EstimateReport, ReportLink};
     let s = ctx.estimates.settings;
     let (prof, status) = profile(ctx, name.as_str())?;
-    let (bw, from, probe) = match (&q.to, q.bandwidth_bytes_per_s) {
+    let (bw, from, probe, paced) = match (&q.to, q.bandwidth_bytes_per_s) {
         (Some(_), Some(_)) => {
             return Err(ActionError::bad_input(
                 "give --to NODE (the last probe of that link) or --bandwidth, not both",
@@ -966,19 +966,24 @@ pub fn report(
                 "give --to NODE (the last probe of that link: ferry estimate probe --to NODE) or --bandwidth RATE",
             ))
         }
-        (None, Some(b)) => (b as f64, "given", None),
+        (None, Some(b)) => (b as f64, "given", None, None),
         (Some(to), None) => {
             let p = crate::agent::probe::last(ctx, to).ok_or_else(|| {
                 ActionError::conflict(format!(
                     "no probe of the link to {to} yet: run ferry estimate probe --to {to} (while the workload runs)"
                 ))
             })?;
-            // The probe at the same rate limit, if it measured one.
-            let bw = match (&p.limited, q.max_rate_bytes_per_s) {
-                (Some(l), Some(m)) if l.max_rate_bytes_per_s == m => l.throughput_bytes_per_s,
-                _ => p.throughput_bytes_per_s,
+            // `--max-rate` paces the copier only (streamed writes are not
+            // paced): the link is the unlimited probe's figure, and the
+            // probe at the same rate limit, if it measured one, is what
+            // the copier really gets at that limit.
+            let paced = match (&p.limited, q.max_rate_bytes_per_s) {
+                (Some(l), Some(m)) if l.max_rate_bytes_per_s == m => {
+                    Some(l.throughput_bytes_per_s.min(m as f64))
+                }
+                _ => None,
             };
-            (bw, "probe", Some(p))
+            (p.throughput_bytes_per_s, "probe", Some(p), paced)
         }
     };
     if !(bw.is_finite() && bw > 0.0) {
@@ -986,6 +991,7 @@ pub fn report(
             "the link's bandwidth is 0: probe it again (ferry estimate probe) or give --bandwidth",
         ));
     }
+    let max_rate = paced.or(q.max_rate_bytes_per_s.map(|m| m as f64));
     let stat = match q.stat.as_deref() {
         Some("mean") => est::Stat::Mean,
         _ => est::Stat::Max,
@@ -1000,7 +1006,7 @@ pub fn report(
         },
         link: est::Link {
             bandwidth_bytes_per_s: bw,
-            max_rate_bytes_per_s: q.max_rate_bytes_per_s.map(|m| m as f64),
+            max_rate_bytes_per_s: max_rate,
         },
         cutover: est::CutoverInputs {
             mode,
@@ -1090,7 +1096,7 @@ pub fn report(
         .into(),
         link: ReportLink {
             bandwidth_bytes_per_s: bw,
-            max_rate_bytes_per_s: q.max_rate_bytes_per_s.map(|m| m as f64),
+            max_rate_bytes_per_s: max_rate,
             from: from.into(),
             probe,
         },

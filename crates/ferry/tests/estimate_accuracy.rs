@@ -1,0 +1,266 @@
+//! The estimator's forecast against the real migration it forecasts: fio
+//! (its `nbd` engine) writes at a fixed rate over an overlapping random
+//! pattern through the source's export for the whole test; `ferry estimate`
+//! observes it, its report (at the migration's `--max-rate`) forecasts the
+//! initial sync, the time to `ready` and the convergence verdict; then the
+//! real migration runs under the same load and each measured figure must lie
+//! within ±20 % of the forecast (the verdicts must agree).
+//!
+//! Each figure is printed as `ACCURACY <case> <figure> forecast=… measured=…
+//! error=…` (bench/estimate_accuracy.sh collects them). The load can be
+//! changed for the bench: `FERRY_ACCURACY_WRITE_RATE` (fio's `rate=`, e.g.
+//! `2m`), `FERRY_ACCURACY_MODE` (`async` or `sync`).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// fio writing `bs` blocks at random over `[0, region)` at `rate` through
+/// `uri` until killed.
+struct Fio(Child);
+
+impl Fio {
+    fn start(uri: &str, bs: &str, region: &str, rate: &str) -> Fio {
+        let child = Command::new("fio")
+            .args([
+                "--name=w",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                &format!("--bs={bs}"),
+                "--offset=0",
+                &format!("--size={region}"),
+                &format!("--rate={rate}"),
+                "--iodepth=1",
+                "--norandommap",
+                "--time_based",
+                "--runtime=600",
+                "--output-format=json",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fio");
+        Fio(child)
+    }
+}
+
+impl Drop for Fio {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One case: a volume of `size_mib` MiB with its first `written_mib` MiB
+/// written, in workload `web`.
+struct Case {
+    name: &'static str,
+    size_mib: u64,
+    written_mib: u64,
+    bs: &'static str,
+    region: &'static str,
+    write_rate: String,
+    max_rate: u64,
+    observe_s: u64,
+    mode: String,
+}
+
+struct Run {
+    report: Value,
+    /// `(seconds since migrate start, status)` polled every 200 ms.
+    trace: Vec<(f64, Value)>,
+}
+
+/// Observes the load with an estimate, reports at the migration's rate, then
+/// migrates under the same load until `done` holds on the status (or
+/// `limit_s` pass).
+fn run(c: &Case, limit_s: f64, done: impl Fn(&Value) -> bool) -> Run {
+    require("fio");
+    require("qemu-io");
+    let (_root, a, _b) = common::agent::two_agents("ferry-acc-", "");
+    let size = format!("{}MiB", c.size_mib);
+    a.ok(&["volume", "create", "app", "--size", &size]);
+    qemu_io(
+        &a.uri("app"),
+        &[&format!("write -P 0x33 0 {}M", c.written_mib)],
+    );
+    a.ok(&["workload", "create", "web", "--volume", "app"]);
+    let _fio = Fio::start(&a.uri("app"), c.bs, c.region, &c.write_rate);
+    std::thread::sleep(Duration::from_secs(1));
+    a.ok(&[
+        "estimate",
+        "start",
+        "e",
+        "--volume",
+        "app",
+        "--duration",
+        "1h",
+    ]);
+    let rate = format!("{}MiB/s", c.max_rate / MIB);
+    // The link probed under the load, unlimited and at the migration's
+    // `--max-rate` (which paces the copier only: the copy is link-bound).
+    let t = Instant::now();
+    let probe = a.json(&["estimate", "probe", "--to", "b", "--max-rate", &rate]);
+    eprintln!("probe: {probe}");
+    std::thread::sleep(Duration::from_secs(c.observe_s).saturating_sub(t.elapsed()));
+    a.ok(&["estimate", "stop", "e"]);
+    let report = a.json(&["estimate", "report", "e", "--to", "b", "--max-rate", &rate]);
+    eprintln!("link: {}", report["link"]);
+    let mut trace = Vec::new();
+    a.ok(&[
+        "migrate",
+        "start",
+        "web",
+        "--to",
+        "b",
+        "--mode",
+        &c.mode,
+        "--max-rate",
+        &rate,
+    ]);
+    let t0 = Instant::now();
+    loop {
+        let st = a.json(&["migrate", "status", "web"]);
+        let t = t0.elapsed().as_secs_f64();
+        let stop = done(&st) || t > limit_s;
+        trace.push((t, st));
+        if stop {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    print_trace(c.name, &trace);
+    Run { report, trace }
+}
+
+fn print_trace(name: &str, trace: &[(f64, Value)]) {
+    let mut last = String::new();
+    for (t, st) in trace {
+        let line = format!(
+            "phase={} remaining={} backlog={} copy={} dirty={} write={} not_converging={}",
+            st["phase"],
+            st["bytes_remaining"],
+            st["backlog_bytes"],
+            st["copy_rate_bytes_per_s"],
+            st["dirty_rate_bytes_per_s"],
+            st["write_rate_bytes_per_s"],
+            st["not_converging"]
+        );
+        if line != last {
+            eprintln!("{name} {t:6.2}s {line}");
+            last = line;
+        }
+    }
+}
+
+/// The first time (s since migrate start) `f` held.
+fn first(trace: &[(f64, Value)], f: impl Fn(&Value) -> bool) -> Option<f64> {
+    trace.iter().find(|(_, st)| f(st)).map(|(t, _)| *t)
+}
+
+fn verdict(report: &Value, mode: &str) -> (String, Option<f64>) {
+    let v = &report["forecast"][format!("ready_{mode}")]["verdict"];
+    (
+        v["verdict"].as_str().unwrap_or_default().to_string(),
+        v["seconds"].as_f64(),
+    )
+}
+
+/// Prints one figure; returns its relative error.
+fn figure(case: &str, what: &str, forecast: f64, measured: f64) -> f64 {
+    let err = (forecast - measured) / measured;
+    println!(
+        "ACCURACY {case} {what} forecast={forecast:.2}s measured={measured:.2}s error={:+.1}%",
+        err * 100.0
+    );
+    err
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// The copy is link-bound (4 MiB/s for 96 MiB allocated: about 24 s) while
+/// fio rewrites 64 KiB blocks of a 32 MiB region at 2 MiB/s: it converges,
+/// and the initial sync (the copy's first pass over the allocated bytes)
+/// and the time to `ready` are each within ±20 % of the forecast.
+#[test]
+fn forecast_matches_a_converging_migration_under_load() {
+    let mode = env_or("FERRY_ACCURACY_MODE", "async");
+    let c = Case {
+        name: "converging",
+        size_mib: 256,
+        written_mib: 96,
+        bs: "64k",
+        region: "32m",
+        write_rate: env_or("FERRY_ACCURACY_WRITE_RATE", "2m"),
+        max_rate: 4 * MIB,
+        observe_s: 60,
+        mode: mode.clone(),
+    };
+    let r = run(&c, 120.0, |st| st["phase"] == "ready");
+    let rep = &r.report;
+    eprintln!("report: {}", rep["forecast"]);
+    let init_forecast = rep["forecast"]["initial_sync"]["seconds"].as_f64().unwrap();
+    let (v, ready_forecast) = verdict(rep, &mode);
+    let ready = first(&r.trace, |st| st["phase"] == "ready");
+    // The first pass ends when what remains is what the writes re-dirtied
+    // meanwhile: the status (sampled once a second) first shows less than a
+    // second of copy left, plus that remainder at the copy's rate.
+    let first_pass = r
+        .trace
+        .iter()
+        .find(|(_, st)| st["bytes_remaining"].as_u64().unwrap_or(u64::MAX) < c.max_rate)
+        .map(|(t, st)| t + st["bytes_remaining"].as_f64().unwrap() / c.max_rate as f64);
+    println!("ACCURACY converging verdict forecast={v} measured_ready={ready:?}");
+    assert_eq!(v, "converges", "{rep}");
+    let ready = ready.expect("the migration became ready");
+    let first_pass = first_pass.expect("the first pass ended");
+    let e1 = figure("converging", "initial_sync", init_forecast, first_pass);
+    let e2 = figure(
+        "converging",
+        &format!("ready_{mode}"),
+        ready_forecast.unwrap(),
+        ready,
+    );
+    assert!(e1.abs() <= 0.2, "initial sync off by {:.0} %", e1 * 100.0);
+    assert!(e2.abs() <= 0.2, "time to ready off by {:.0} %", e2 * 100.0);
+}
+
+/// 4 KiB writes at 2 MiB/s over an 8 MiB region against a 1 MiB/s copy (as
+/// in tests/convergence.rs): the forecast says async does not converge, and
+/// the real migration reports `not_converging`.
+#[test]
+fn forecast_and_migration_agree_that_a_hot_writer_does_not_converge() {
+    let c = Case {
+        name: "not-converging",
+        size_mib: 64,
+        written_mib: 8,
+        bs: "4k",
+        region: "8m",
+        write_rate: "2m".into(),
+        max_rate: MIB,
+        observe_s: 25,
+        mode: "async".into(),
+    };
+    let r = run(&c, 40.0, |st| {
+        st["not_converging"] == true || st["phase"] == "ready"
+    });
+    let rep = &r.report;
+    eprintln!("report: {}", rep["forecast"]);
+    let (v, secs) = verdict(rep, "async");
+    let last = &r.trace.last().unwrap().1;
+    println!(
+        "ACCURACY not-converging verdict forecast={v} ({secs:?}) measured_not_converging={} phase={}",
+        last["not_converging"], last["phase"]
+    );
+    assert!(v == "diverges" || v == "stalls", "{rep}");
+    assert_eq!(last["not_converging"], true, "{last}");
+}
