@@ -543,8 +543,12 @@ function estReport(r) {
   const f = r.forecast;
   const c = f.cutover;
   const figs = [];
+  // The copy gets what the streamed writes leave of the link (at most the
+  // max rate): the why's copy_rate input.
+  const cr = (f.initial_sync.why.inputs.find((i) => i.name === "copy_rate") || {}).value;
   const init = estFigure("initial-sync", "Initial sync", estDur(f.initial_sync.seconds),
-    bytes(r.allocated_bytes) + " allocated (holes skipped) at " + estRate(r.link.bandwidth_bytes_per_s), f.initial_sync.why);
+    bytes(r.allocated_bytes) + " allocated (holes skipped) at a copy rate of " +
+    estRate(cr === undefined ? r.link.bandwidth_bytes_per_s : cr) + " (of " + estRate(r.link.bandwidth_bytes_per_s) + ")", f.initial_sync.why);
   init.dataset.seconds = f.initial_sync.seconds;
   figs.push(init);
   for (const [id, t, rf] of [["ready-sync", "Time to ready, sync", f.ready_sync], ["ready-async", "Time to ready, async", f.ready_async]]) {
