@@ -55,6 +55,12 @@ impl WriteTap {
         }
     }
 
+    /// Whether an estimate taps it now (to skip work only the tap needs).
+    #[inline]
+    pub fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
     /// A volume wrote `len` bytes at `offset`.
     #[inline]
     pub fn write_extent(&self, offset: u64, len: u64) {

@@ -1032,6 +1032,20 @@ impl PrimaryShare {
         if changes.is_empty() {
             return;
         }
+        if self.tap.is_on() {
+            // The watcher knows paths, not bytes: a changed file counts its
+            // size (what the pump sends again), a directory 0.
+            for p in &changes.deep {
+                let bytes = self
+                    .tree
+                    .lstat(&ferry_wire::Target::Path(p.clone()))
+                    .ok()
+                    .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                    .map_or(0, |st| st.st_size as u64);
+                self.tap
+                    .write_key(ferry_core::estimate::file_key(p.as_bytes()), bytes);
+            }
+        }
         let mut l = self.link();
         {
             let mut j = lock(&self.journal);
