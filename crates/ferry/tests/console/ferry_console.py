@@ -6,7 +6,31 @@ axe)` first."""
 import json
 import ssl
 import sys
+import time
 import urllib.request
+
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page
+
+# Chromium aborts a navigation with ERR_NETWORK_CHANGED when a network
+# interface comes or goes in its namespace, which other tests running
+# beside these do (they make and remove network namespaces and veths). That
+# says nothing about the page: navigate again, a few times.
+_goto = Page.goto
+
+
+def _goto_again_on_network_change(self, url, **kw):
+    for attempt in range(5):
+        try:
+            return _goto(self, url, **kw)
+        except PlaywrightError as e:
+            if "ERR_NETWORK_CHANGED" not in str(e) or attempt == 4:
+                raise
+            print(f"(navigation to {url} hit ERR_NETWORK_CHANGED; again)", file=sys.stderr)
+            time.sleep(0.2)
+
+
+Page.goto = _goto_again_on_network_change
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
