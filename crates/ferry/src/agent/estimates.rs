@@ -213,10 +213,20 @@ impl Estimates {
                 let r = lock(r);
                 (r.rec.state == "observing").then(|| ProbeLoad {
                     estimate: r.rec.name.clone(),
-                    write_bytes_per_s: r
-                        .obs
-                        .last_totals()
-                        .map_or(0.0, |t| t.bytes_written as f64 / est::TOTALS_STEP_S as f64),
+                    // The last 10 s interval, or before one closed, the
+                    // mean so far.
+                    write_bytes_per_s: match r.obs.last_totals() {
+                        Some(t) => t.bytes_written as f64 / est::TOTALS_STEP_S as f64,
+                        None => {
+                            let (obs_s, _) = r.obs.observed_unobserved_s();
+                            let (bytes, _, _) = r.obs.counts();
+                            if obs_s >= 1.0 {
+                                bytes as f64 / obs_s
+                            } else {
+                                0.0
+                            }
+                        }
+                    },
                 })
             })
             .collect()
