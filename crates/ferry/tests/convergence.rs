@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::agent::Agent;
+use common::fio::RateWriter;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -25,43 +25,6 @@ const WRITE_RATE: &str = "2m";
 /// (the machine's 5 s window, `not_converging_after_ms`, plus two 1 s
 /// samples) of the backlog ceasing to shrink — here from the start.
 const NOT_CONVERGING_WITHIN_S: f64 = 7.0;
-
-/// fio writing 4 KiB blocks at random over `REGION` at `WRITE_RATE` through
-/// `uri` until killed.
-struct Fio(Child);
-
-impl Fio {
-    fn start(uri: &str, rate: &str) -> Fio {
-        let child = Command::new("fio")
-            .args([
-                "--name=w",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                "--bs=4k",
-                "--offset=0",
-                &format!("--size={REGION}"),
-                &format!("--rate={rate}"),
-                "--iodepth=1",
-                "--norandommap",
-                "--time_based",
-                "--runtime=300",
-                "--output-format=json",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("fio");
-        Fio(child)
-    }
-}
-
-impl Drop for Fio {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Two agents, a 64 MiB volume `app` (its first 8 MiB written) in workload
 /// `web`.
@@ -114,7 +77,7 @@ fn until(
 #[test]
 fn writes_outrunning_the_rate_limit_report_not_converging_within_the_bound() {
     let (_root, a, _b) = setup();
-    let _fio = Fio::start(&a.uri("app"), WRITE_RATE);
+    let _fio = RateWriter::start(&a.uri("app"), "4k", REGION, WRITE_RATE);
     // The writer runs at its rate before the migration starts.
     std::thread::sleep(Duration::from_secs(2));
     let rate = format!("{}MiB/s", MAX_RATE / MIB);
@@ -155,7 +118,7 @@ fn writes_outrunning_the_rate_limit_report_not_converging_within_the_bound() {
 #[test]
 fn auto_converge_slows_a_real_writer_until_ready_and_cuts_over() {
     let (_root, a, b) = setup();
-    let fio = Fio::start(&a.uri("app"), WRITE_RATE);
+    let fio = RateWriter::start(&a.uri("app"), "4k", REGION, WRITE_RATE);
     let records = records::Writer::paced(a.uri("app"), 16 * MIB / 4096, Duration::from_millis(50));
     std::thread::sleep(Duration::from_secs(2));
     let rate = format!("{}MiB/s", MAX_RATE / MIB);

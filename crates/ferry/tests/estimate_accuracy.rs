@@ -13,50 +13,13 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fio::RateWriter;
 use common::*;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
-
-/// fio writing `bs` blocks at random over `[0, region)` at `rate` through
-/// `uri` until killed.
-struct Fio(Child);
-
-impl Fio {
-    fn start(uri: &str, bs: &str, region: &str, rate: &str) -> Fio {
-        let child = Command::new("fio")
-            .args([
-                "--name=w",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randwrite",
-                &format!("--bs={bs}"),
-                "--offset=0",
-                &format!("--size={region}"),
-                &format!("--rate={rate}"),
-                "--iodepth=1",
-                "--norandommap",
-                "--time_based",
-                "--runtime=600",
-                "--output-format=json",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("fio");
-        Fio(child)
-    }
-}
-
-impl Drop for Fio {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One case: a volume of `size_mib` MiB with its first `written_mib` MiB
 /// written, in workload `web`.
@@ -92,7 +55,7 @@ fn run(c: &Case, limit_s: f64, done: impl Fn(&Value) -> bool) -> Run {
         &[&format!("write -P 0x33 0 {}M", c.written_mib)],
     );
     a.ok(&["workload", "create", "web", "--volume", "app"]);
-    let _fio = Fio::start(&a.uri("app"), c.bs, c.region, &c.write_rate);
+    let _fio = RateWriter::start(&a.uri("app"), c.bs, c.region, &c.write_rate);
     std::thread::sleep(Duration::from_secs(1));
     a.ok(&[
         "estimate",

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod audit_chain;
+pub mod fio;
 pub mod raw;
 pub mod records;
 
