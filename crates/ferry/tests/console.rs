@@ -23,6 +23,18 @@ use serde_json::Value;
 const VENV_PYTHON: &str = "/opt/ferry-venv/bin/python";
 const AXE: &str = "/opt/ferry-node/node_modules/axe-core/axe.min.js";
 
+/// Chromium, the Python venv with Playwright and axe-core
+/// (scripts/install-deps installs them).
+fn require_browser() {
+    require("chromium");
+    for need in [VENV_PYTHON, AXE] {
+        assert!(
+            std::path::Path::new(need).exists(),
+            "{need} missing: run scripts/install-deps"
+        );
+    }
+}
+
 fn addr_of(node: &str) -> &'static str {
     match node {
         "a" => "198.18.0.1",
@@ -325,13 +337,7 @@ fn screenshot_dir() -> PathBuf {
 
 #[test]
 fn the_console_logs_in_shows_the_cluster_switches_over_and_honours_roles() {
-    require("chromium");
-    for need in [VENV_PYTHON, AXE] {
-        assert!(
-            std::path::Path::new(need).exists(),
-            "{need} missing: run scripts/install-deps"
-        );
-    }
+    require_browser();
     let mut net = Net::new();
     net.start_witness();
     net.start_agent("a");
@@ -502,14 +508,8 @@ fn an_operator_certificate_is_served_to_browsers_and_a_readable_key_refused() {
 /// writer had acknowledged, and the writer wrote during the migration.
 #[test]
 fn a_migration_is_started_watched_and_cut_over_from_the_console() {
-    require("chromium");
+    require_browser();
     require("qemu-io");
-    for need in [VENV_PYTHON, AXE] {
-        assert!(
-            std::path::Path::new(need).exists(),
-            "{need} missing: run scripts/install-deps"
-        );
-    }
     let mut net = Net::new();
     net.start_plain_agent("a");
     net.start_plain_agent("b");
@@ -608,13 +608,7 @@ fn a_migration_is_started_watched_and_cut_over_from_the_console() {
 /// the peer's and the witness's heads differing from the records.
 #[test]
 fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
-    require("chromium");
-    for need in [VENV_PYTHON, AXE] {
-        assert!(
-            std::path::Path::new(need).exists(),
-            "{need} missing: run scripts/install-deps"
-        );
-    }
+    require_browser();
     let mut net = Net::new();
     net.start_witness();
     // Heads sent every second: the Audit view compares them.
@@ -755,14 +749,8 @@ fn the_console_configures_tokens_and_workloads_and_shows_the_audit_log() {
 #[test]
 fn the_statistics_view_charts_history_and_downloads_the_same_csv_as_the_cli() {
     use common::agent::{wait_until, Agent};
-    require("chromium");
+    require_browser();
     require("qemu-io");
-    for need in [VENV_PYTHON, AXE] {
-        assert!(
-            std::path::Path::new(need).exists(),
-            "{need} missing: run scripts/install-deps"
-        );
-    }
     let root = tempfile::Builder::new()
         .prefix("ferry-console-stats")
         .tempdir()
@@ -845,14 +833,8 @@ fn the_statistics_view_charts_history_and_downloads_the_same_csv_as_the_cli() {
 #[test]
 fn the_estimate_view_lists_charts_starts_and_forecasts() {
     use common::agent::{wait_until, Agent};
-    require("chromium");
+    require_browser();
     require("qemu-io");
-    for need in [VENV_PYTHON, AXE] {
-        assert!(
-            std::path::Path::new(need).exists(),
-            "{need} missing: run scripts/install-deps"
-        );
-    }
     let root = tempfile::Builder::new()
         .prefix("ferry-console-est")
         .tempdir()
