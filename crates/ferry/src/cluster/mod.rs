@@ -799,13 +799,29 @@ impl Manager {
             check_fall: self.cfg.check_fall,
         });
         // Errors counted before the workload came under HA here: a baseline.
-        let baseline = node.on_input(
+        let mut baseline = node.on_input(
             self.now(),
             Input::IoErrors {
                 total: n.io_errors_seen,
             },
         );
         tracing::info!(workload = %w, role = ?n.record.state.role, policy = ?n.policy, "cluster.workload.managed");
+        // Stopped between recording its demotion and carrying it out (a
+        // switchover, then at once a restart: an upgrade): the record says
+        // secondary, a volume is still loaded as primary (frozen, as every
+        // HA primary at start). Carry the demotion out now, or the two
+        // nodes refuse each other's links for ever.
+        if n.record.state.role == Role::Secondary {
+            let stale: Vec<&String> = n
+                .volumes
+                .iter()
+                .filter(|v| self.ctx.primary(v).is_some())
+                .collect();
+            if !stale.is_empty() {
+                tracing::warn!(workload = %w, volumes = ?stale, "cluster.reconcile: secondary here but its volumes are still primary: demoting them");
+                baseline.push(Action::Demote);
+            }
+        }
         self.slots.insert(
             w.clone(),
             Slot {
