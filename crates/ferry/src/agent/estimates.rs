@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ferry_api::reply::{EstimateSource, EstimateStatus, ProbeLoad, WorkingSetPoint};
 use ferry_api::request::StartEstimate;
@@ -40,6 +40,7 @@ use crate::agent::AgentCtx;
 use crate::estimate::device::{DiskstatsReader, TraceConfig, TraceSession, Tracefs};
 use crate::estimate::tap::{TapEvent, WriteTap};
 use crate::estimate::EstimateSettings;
+use crate::sys::unix_ms;
 
 /// What an estimate is (`DATA_DIR/estimates/NAME.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,13 +124,6 @@ impl Tapped for crate::share::primary::PrimaryShare {
     fn tap(&self) -> &WriteTap {
         &self.tap
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// The estimates of this node.
@@ -296,14 +290,11 @@ fn new_running(rec: EstimateRecord, saved: Option<SavedObservation>, now: u64) -
     }
 }
 
-/// Allocated bytes of a file (its blocks: holes not counted).
-fn allocated(path: &Path) -> u64 {
+/// A file's allocated bytes (its blocks: holes not counted) and size, from
+/// one stat(2).
+fn allocated_and_size(path: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
-}
-
-fn file_size(path: &Path) -> u64 {
-    std::fs::metadata(path).map_or(0, |m| m.len())
+    std::fs::metadata(path).map_or((0, 0), |m| (m.blocks() * 512, m.len()))
 }
 
 // ----------------------------------------------------------------- actions
@@ -580,13 +571,7 @@ fn sample_history(ctx: &AgentCtx, r: &mut Running) {
         return;
     };
     let step = est::TOTALS_STEP_S as f64;
-    let key_bytes = if r.rec.block_bytes > 0 {
-        r.rec.block_bytes as f64
-    } else if t.write_ios > 0 {
-        t.bytes_written as f64 / t.write_ios as f64
-    } else {
-        0.0
-    };
+    let key_bytes = key_bytes(r.rec.block_bytes, t.bytes_written, t.write_ios);
     let mut samples = Vec::new();
     for (m, v) in [
         (Metric::WriteBytesPerS, t.bytes_written as f64 / step),
@@ -663,9 +648,9 @@ fn tick_volumes(ctx: &AgentCtx, r: &mut Running, now: u64, refresh_alloc: bool) 
         r.events_dropped += d.dropped;
         if refresh_alloc {
             if let Ok(n) = crate::volume::validate_name(m) {
-                let data = ctx.store.dir(&n).join("data.raw");
-                alloc += allocated(&data);
-                size += file_size(&data);
+                let (a, z) = allocated_and_size(&ctx.store.dir(&n).join("data.raw"));
+                alloc += a;
+                size += z;
             }
         }
     }
@@ -875,19 +860,25 @@ fn tick_device(ctx: &AgentCtx, r: &mut Running, now: u64) {
     r.device = Some(d);
 }
 
+/// Bytes a key stands for: a block, or (files) the mean bytes per write,
+/// at least 1 — as ferry-core's `Profile::key_bytes`.
+fn key_bytes(block_bytes: u64, bytes: u64, writes: u64) -> f64 {
+    if block_bytes > 0 {
+        block_bytes as f64
+    } else if writes > 0 {
+        (bytes as f64 / writes as f64).max(1.0)
+    } else {
+        1.0
+    }
+}
+
 /// An estimate's status.
 fn status_of(ctx: &AgentCtx, r: &Running) -> EstimateStatus {
     let (observed_s, unobserved_s) = r.obs.observed_unobserved_s();
     let (bytes, wios, rios) = r.obs.counts();
     let last = r.obs.last_totals();
     let step = est::TOTALS_STEP_S as f64;
-    let key_bytes = if r.rec.block_bytes > 0 {
-        r.rec.block_bytes as f64
-    } else if wios > 0 {
-        (bytes as f64 / wios as f64).max(1.0)
-    } else {
-        1.0
-    };
+    let key_bytes = key_bytes(r.rec.block_bytes, bytes, wios);
     let (state, error) = match (&r.trouble, r.rec.state.as_str()) {
         (Some((s, why)), "observing") => (s.to_string(), Some(why.clone())),
         (_, s) => (s.to_string(), None),

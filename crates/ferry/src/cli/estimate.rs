@@ -9,9 +9,9 @@ use ferry_api::reply as r;
 use ferry_api::request as q;
 use ferry_api::{Action, Reply};
 use ferry_core::estimate::{Verdict, Why};
-use ferry_core::{ByteSize, Name};
+use ferry_core::ByteSize;
 
-use crate::cli::remote::{client, print};
+use crate::cli::remote::{client, name, print};
 use crate::cli::{parse_seconds, AgentConn, Rate};
 
 #[derive(Debug, Subcommand)]
@@ -106,10 +106,6 @@ pub enum EstimateCommand {
         #[command(flatten)]
         conn: AgentConn,
     },
-}
-
-fn name(s: &str) -> Result<Name> {
-    Ok(Name::parse(s)?)
 }
 
 fn bytes(n: f64) -> String {

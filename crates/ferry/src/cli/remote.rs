@@ -71,7 +71,7 @@ fn get_waiting(
 }
 
 /// A name as the API takes it (checked here, before anything is sent).
-fn name(s: &str) -> Result<Name> {
+pub fn name(s: &str) -> Result<Name> {
     Ok(Name::parse(s)?)
 }
 
