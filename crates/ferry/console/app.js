@@ -173,8 +173,26 @@ function route() {
 // VIEW_FNS.name = () => Node, rendered on every state change.
 const VIEW_FNS = {};
 
+// A click is a press and a release on the same element: a rebuild between
+// the two (the event stream pushes one every second) would swallow it, the
+// press landing on the old button and the release on its replacement. So
+// while a pointer button is held the view is not rebuilt; the rebuild that
+// was due runs right after the release's click (or after
+// POINTER_HOLD_MAX_MS, should the release never come).
+const POINTER_HOLD_MAX_MS = 3000;
+const HOLD = { since: 0, due: false };
+document.addEventListener("pointerdown", () => { HOLD.since = Date.now(); }, true);
+function releasePointer() {
+  if (!HOLD.since) return;
+  HOLD.since = 0;
+  if (HOLD.due) { HOLD.due = false; setTimeout(render, 0); }
+}
+document.addEventListener("pointerup", releasePointer, true);
+document.addEventListener("pointercancel", releasePointer, true);
+
 function render() {
   if (!S.session) return;
+  if (HOLD.since && Date.now() - HOLD.since < POINTER_HOLD_MAX_MS) { HOLD.due = true; return; }
   const f = VIEW_FNS[S.view] || notBuilt;
   // The view is rebuilt on every state change (the event stream pushes one
   // every second): keep the focused field's caret where the person left it,

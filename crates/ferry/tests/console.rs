@@ -765,15 +765,30 @@ fn the_statistics_view_charts_history_and_downloads_the_same_csv_as_the_cli() {
         common::qemu_io(&a.uri("v"), &[&format!("write -P {} {i}M 1M", i + 1)]);
         std::thread::sleep(Duration::from_secs(2));
     }
+    // Closed points (their 10 s over, as the script counts them) with
+    // writes: the script compares only closed rows, so it must not start
+    // while the third written interval is still open.
     let written_points = || -> usize {
-        a.json(&["stats", "volume/v/write_bytes_per_s", "--since", "5m"])["points"]
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        a.json(&[
+            "stats",
+            "volume/v/write_bytes_per_s",
+            "--since",
+            "5m",
+            "--step",
+            "10",
+        ])["points"]
             .as_array()
             .unwrap()
             .iter()
+            .filter(|p| p["t"].as_f64().unwrap() + 10.0 < now - 2.0)
             .filter(|p| p["max"].as_f64().unwrap() > 0.0)
             .count()
     };
-    wait_until(30, "3 points with writes in the history", || {
+    wait_until(40, "3 closed points with writes in the history", || {
         written_points() >= 3
     });
     let token = |agent: &Agent, name: &str, role: &str| -> String {
