@@ -16,6 +16,7 @@
 //! block maps of test cutovers, and the migration estimator ([`estimate`]:
 //! working-set sketches and forecasts).
 
+pub mod archive;
 pub mod audit;
 pub mod blockobs;
 pub mod cluster;
@@ -28,6 +29,7 @@ pub mod generation;
 pub mod handover;
 pub mod history;
 pub mod link;
+pub mod merkle;
 pub mod migration;
 pub mod name;
 pub mod schedule;

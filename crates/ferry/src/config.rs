@@ -100,6 +100,10 @@ pub struct AgentConfig {
     /// `[estimate]`: the migration estimator's limits (`ferry estimate`).
     #[serde(default)]
     pub estimate: crate::estimate::EstimateSettings,
+    /// `[archive]`: the image archive's chunking, compression and threads
+    /// (archives the agent takes: live volumes, workloads, shares).
+    #[serde(default)]
+    pub archive: crate::archive::ArchiveSettings,
     /// High availability: the peer, heartbeat paths, the witness.
     #[serde(default)]
     pub cluster: Option<ClusterSettings>,
@@ -382,6 +386,9 @@ impl AgentConfig {
             )
         })?;
         self.audit.validate()?;
+        self.archive
+            .check(self.replication.granularity_bytes)
+            .map_err(|e| e.to_string())?;
         if let Some(l) = &self.nbd_listen {
             match l.parse::<ferry_nbd::ListenAddr>() {
                 Ok(ferry_nbd::ListenAddr::Tcp(_)) => {}

@@ -4,6 +4,7 @@
 
 mod agent;
 mod api;
+mod archive;
 mod audit;
 mod cli;
 mod cluster;
@@ -106,6 +107,8 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Stats(args) => remote::stats(args, &cli.global.data_dir, json),
         Command::Estimate(cmd) => cli::estimate::run(cmd, &cli.global.data_dir, json),
+        Command::Archive(cmd) => cli::archive::run(cmd, &cli.global.data_dir, json),
+        Command::P2v(cmd) => cli::p2v::run(cmd, &cli.global.data_dir, json),
         Command::Api(cli::ApiCommand::Openapi) => remote::openapi(),
         Command::Api(cli::ApiCommand::Routes) => {
             // The served router is built from this table (api::server::routes).

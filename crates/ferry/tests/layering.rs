@@ -23,6 +23,9 @@ const LAYERS: &[&[&str]] = &[
     // the engines (volume first: shares reuse its write permit and link flag),
     // the QEMU processes of VM workloads
     &["volume", "vm"],
+    // the image archive: chunks, manifests, create/restore/verify/prune of
+    // disks and trees the agent hands it (uses the volume's Merkle leaves)
+    &["archive"],
     &["share"],
     // the node's configuration file: every section's settings
     &["config"],

@@ -1,8 +1,11 @@
 //! Every command, flag and environment variable of the `ferry` binary, in one place.
 
+pub mod archive;
+pub mod archive_remote;
 pub mod demo;
 pub mod estimate;
 pub mod export;
+pub mod p2v;
 pub mod remote;
 
 use std::path::PathBuf;
@@ -87,6 +90,16 @@ pub enum Command {
     /// link, forecast its migration.
     #[command(subcommand)]
     Estimate(estimate::EstimateCommand),
+    /// The image archive: deduplicated, compressed copies of volumes,
+    /// workloads, shares, images and devices in a store directory; restore
+    /// to a volume or an image (raw, qcow2, vmdk, vhdx); import an image as
+    /// a volume.
+    #[command(subcommand)]
+    Archive(archive::ArchiveCommand),
+    /// Physical to virtual: capture a live Linux root tree into an archive,
+    /// build a bootable disk image from it.
+    #[command(subcommand)]
+    P2v(p2v::P2vCommand),
     /// The agent's API token.
     #[command(subcommand)]
     Token(TokenCommand),

@@ -202,29 +202,7 @@ pub fn leaf_hashes(dev: &dyn BlockDevice, granularity: u64) -> Result<Vec<blake3
     Ok(out)
 }
 
-/// The binary Merkle root over `leaves` (an odd node is carried up as is).
-pub fn merkle_root(leaves: &[blake3::Hash]) -> blake3::Hash {
-    if leaves.is_empty() {
-        return blake3::hash(b"");
-    }
-    let mut level: Vec<blake3::Hash> = leaves.to_vec();
-    while level.len() > 1 {
-        level = level
-            .chunks(2)
-            .map(|c| match c {
-                [a, b] => {
-                    let mut h = blake3::Hasher::new();
-                    h.update(a.as_bytes());
-                    h.update(b.as_bytes());
-                    h.finalize()
-                }
-                [a] => *a,
-                _ => unreachable!("chunks(2) yields one or two"),
-            })
-            .collect();
-    }
-    level[0]
-}
+pub use ferry_core::merkle::merkle_root;
 
 /// Drains the link of primary `vol`, then compares both sides' hashes
 /// (`granularity` bytes each; `peer_get(peer, path)` fetches the replica's

@@ -51,6 +51,7 @@ def setup(base, shots, axe_path):
 def check(cond, what):
     if not cond:
         print("FAILED: " + what, file=sys.stderr)
+        dump_pages(what)
         sys.exit(1)
     print("ok: " + what)
 
@@ -107,8 +108,56 @@ def visible_buttons(page):
     return [b.inner_text().strip() for b in page.query_selector_all("main button") if b.is_visible()]
 
 
+# Every page the scripts open, and its last console messages: on a failure
+# (a failed check or an exception) each is dumped — URL, the view's text,
+# the console, a screenshot — so a CI failure can be read afterwards.
+PAGES = []
+
+
+def _watch(page):
+    page._ferry_console = []
+
+    def keep(msg):
+        page._ferry_console.append(f"{msg.type}: {msg.text}")
+        del page._ferry_console[:-20]
+    page.on("console", keep)
+    page.on("pageerror", lambda e: keep(type("M", (), {"type": "pageerror", "text": str(e)})))
+    PAGES.append(page)
+
+
+def dump_pages(why):
+    for i, page in enumerate(PAGES):
+        try:
+            if page.is_closed():
+                continue
+            print(f"--- page {i} at failure ({why}): {page.url}", file=sys.stderr)
+            print(page.inner_text("#view")[:3000] if page.query_selector("#view") else page.inner_text("body")[:3000],
+                  file=sys.stderr)
+            for m in getattr(page, "_ferry_console", []):
+                print("console " + m, file=sys.stderr)
+            if CFG["shots"]:
+                path = f"{CFG['shots']}/FAILED-{i}.png"
+                page.screenshot(path=path, full_page=True)
+                print("screenshot: " + path, file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - a dump must never hide the failure
+            print(f"(page {i} could not be dumped: {e})", file=sys.stderr)
+
+
+_excepthook = sys.excepthook
+
+
+def _dump_then_raise(kind, value, tb):
+    dump_pages(f"{kind.__name__}: {value}")
+    _excepthook(kind, value, tb)
+
+
+sys.excepthook = _dump_then_raise
+
+
 def context(browser):
-    return browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    ctx = browser.new_context(ignore_https_errors=True, viewport={"width": 1280, "height": 800})
+    ctx.on("page", _watch)
+    return ctx
 
 
 def launch(pw):
