@@ -207,6 +207,12 @@ pub enum Action {
     },
     ProbeLink(ProbeLink),
     ListProbes,
+    CreateArchive(CreateArchive),
+    RestoreArchive(RestoreArchive),
+    ListArchiveJobs,
+    GetArchiveJob {
+        name: Name,
+    },
 }
 
 /// A request's path parameters or query, by name (percent-decoded).
@@ -517,6 +523,10 @@ impl Action {
             },
             K::ProbeLink => Action::ProbeLink(body(bytes)?),
             K::ListProbes => Action::ListProbes,
+            K::CreateArchive => Action::CreateArchive(body(bytes)?),
+            K::RestoreArchive => Action::RestoreArchive(body(bytes)?),
+            K::ListArchiveJobs => Action::ListArchiveJobs,
+            K::GetArchiveJob => Action::GetArchiveJob { name: n()? },
         })
     }
 
@@ -606,6 +616,10 @@ impl Action {
             Action::EstimateReport { .. } => K::EstimateReport,
             Action::ProbeLink(_) => K::ProbeLink,
             Action::ListProbes => K::ListProbes,
+            Action::CreateArchive(_) => K::CreateArchive,
+            Action::RestoreArchive(_) => K::RestoreArchive,
+            Action::ListArchiveJobs => K::ListArchiveJobs,
+            Action::GetArchiveJob { .. } => K::GetArchiveJob,
         }
     }
 
@@ -662,7 +676,8 @@ impl Action {
             | Action::GetEstimate { name }
             | Action::StopEstimate { name }
             | Action::DeleteEstimate { name }
-            | Action::EstimateReport { name, .. } => Some(name),
+            | Action::EstimateReport { name, .. }
+            | Action::GetArchiveJob { name } => Some(name),
             _ => None,
         }
     }
@@ -786,6 +801,8 @@ impl Action {
             Action::CreateSession(r) => enc(r),
             Action::StartEstimate(r) => enc(r),
             Action::ProbeLink(r) => enc(r),
+            Action::CreateArchive(r) => enc(r),
+            Action::RestoreArchive(r) => enc(r),
             _ => serde_json::json!({}),
         })
     }
@@ -832,6 +849,8 @@ mod tests {
             K::CreateSession => r#"{"token":"t.s"}"#,
             K::StartEstimate => r#"{"name":"e","volume":"v"}"#,
             K::ProbeLink => r#"{"to":"b"}"#,
+            K::CreateArchive => r#"{"source":"volume/v","store":"/s"}"#,
+            K::RestoreArchive => r#"{"store":"/s","archive":"a","volume":"v"}"#,
             _ => "{}",
         }
     }

@@ -966,6 +966,50 @@ pub struct EstimateStatus {
     pub memory_bound_bytes: u64,
 }
 
+/// One disk of an archive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ArchiveDisk {
+    pub name: String,
+    pub size_bytes: u64,
+    /// Merkle root (hex) of its bytes, as replication's verify computes it.
+    pub merkle_root: String,
+    /// The generation minted at the barrier (hex): offline seeding's key.
+    pub generation: Option<String>,
+    pub volume_id: Option<String>,
+}
+
+/// An archive create or restore the agent runs (`ferry archive create
+/// volume/V …`, `ferry archive restore … --volume V`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ArchiveJob {
+    /// The job: the archive's name (create) or `restore-VOLUME`.
+    pub name: String,
+    /// `create` or `restore`.
+    pub kind: String,
+    pub archive: String,
+    pub store: String,
+    /// `volume/NAME`, `workload/NAME`, `share/NAME` (create) or the volume
+    /// restored into.
+    pub source: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    pub started_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub bytes_per_s: f64,
+    pub eta_s: Option<f64>,
+    pub error: Option<String>,
+    /// `flush-barrier`, `file-level`, …
+    pub consistency: Option<String>,
+    pub disks: Vec<ArchiveDisk>,
+    /// Chunks the archive names, those it added to the store, and their
+    /// bytes on disk (compressed).
+    pub chunks: u64,
+    pub new_chunks: u64,
+    pub new_stored_bytes: u64,
+}
+
 /// `POST /api/v1/probes`: one measurement of the replication link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProbeResult {
@@ -1161,6 +1205,10 @@ replies! {
     EstimateReport => EstimateReport(Box<EstimateReport>);
     ProbeLink => Probe(ProbeResult);
     ListProbes => Probes(Vec<ProbeResult>);
+    CreateArchive => ArchiveJobStarted(ArchiveJob);
+    RestoreArchive => RestoreJobStarted(ArchiveJob);
+    ListArchiveJobs => ArchiveJobs(Vec<ArchiveJob>);
+    GetArchiveJob => ArchiveJob(ArchiveJob);
 }
 
 #[cfg(test)]

@@ -441,6 +441,45 @@ pub struct EstimateReportQuery {
     pub stat: Option<String>,
 }
 
+/// `POST /api/v1/archives`: archive a live source of this node
+/// (`ferry archive create SOURCE --to STORE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateArchive {
+    /// `volume/NAME`, `workload/NAME` or `share/NAME`.
+    pub source: String,
+    /// The store: an absolute directory path on this node (made if new).
+    pub store: String,
+    /// The archive's name (default: the source's name and the UTC time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub name: Option<Name>,
+}
+
+/// `POST /api/v1/archives/restore`: a new volume from an archive
+/// (`ferry archive restore NAME --store STORE --volume V`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreArchive {
+    /// The store: an absolute directory path on this node.
+    pub store: String,
+    #[schemars(with = "String")]
+    pub archive: Name,
+    /// The new volume (it must not exist).
+    #[schemars(with = "String")]
+    pub volume: Name,
+    /// Which disk of the archive (default: the only one, or the one named
+    /// like `volume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Offline seeding: restore as the replica of that node's volume (its
+    /// id and the generation of the archive's barrier kept), for `ferry
+    /// migrate start … --seed ARCHIVE` there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub replica_of: Option<Name>,
+}
+
 /// `POST /api/v1/probes`: measure the replication link to a node
 /// (`ferry estimate probe`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -253,6 +253,10 @@ routes! {
     EstimateReport: Get "/api/v1/estimates/{name}/report", VIEWER, ANY, "`ferry estimate report`: the forecast of its migration (`to`: the last probe to that node, or `bandwidth_bytes_per_s`; `max_rate_bytes_per_s`, `ship_days`, `with`, `stat`).";
     ProbeLink: Post "/api/v1/probes", OPERATOR, ANY, "`ferry estimate probe`: throughput and round trip of the replication link to a node, under the load running now.";
     ListProbes: Get "/api/v1/probes", VIEWER, ANY, "The last probe to each node.";
+    CreateArchive: Post "/api/v1/archives", ADMIN, ANY, "`ferry archive create volume/V|workload/W|share/S --to STORE`: archive a live source at a flush barrier into a store directory on this node (a job; admin: it writes a path on the node).";
+    RestoreArchive: Post "/api/v1/archives/restore", ADMIN, ANY, "`ferry archive restore NAME --volume V`: a new volume from an archive in a store directory on this node (`replica_of`: as the replica of that node's volume, for offline seeding).";
+    ListArchiveJobs: Get "/api/v1/archive-jobs", VIEWER, ANY, "Archive creates and restores this agent ran since it started, with progress.";
+    GetArchiveJob: Get "/api/v1/archive-jobs/{name}", VIEWER, ANY, "One archive job: state, progress, ETA, and the archive it made.";
 }
 
 #[cfg(test)]

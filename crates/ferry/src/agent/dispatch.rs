@@ -735,6 +735,14 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
         Action::ListProbes => {
             Reply::Probes(est_blocking(move || Ok(crate::agent::probe::list(&ctx))).await?)
         }
+        Action::CreateArchive(req) => Reply::ArchiveJobStarted(
+            est_blocking(move || crate::agent::archives::create(&ctx, req)).await?,
+        ),
+        Action::RestoreArchive(req) => Reply::RestoreJobStarted(
+            est_blocking(move || crate::agent::archives::restore(&ctx, req)).await?,
+        ),
+        Action::ListArchiveJobs => Reply::ArchiveJobs(ctx.archive_jobs.list()),
+        Action::GetArchiveJob { name } => Reply::ArchiveJob(ctx.archive_jobs.get(name.as_str())?),
     })
 }
 

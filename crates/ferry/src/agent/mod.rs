@@ -7,6 +7,7 @@
 //! drop, dirty maps are saved and every volume is marked cleanly stopped, so a
 //! restart resumes without a full resync.
 
+pub mod archives;
 pub mod audit;
 pub mod dispatch;
 pub mod estimates;
@@ -114,6 +115,8 @@ pub struct AgentCtx {
     pub history: Option<Arc<crate::history::HistoryStore>>,
     /// The migration estimator's observations (`ferry estimate`).
     pub estimates: estimates::Estimates,
+    /// Archive creates and restores (`ferry archive`).
+    pub archive_jobs: archives::ArchiveJobs,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -266,6 +269,12 @@ impl AgentCtx {
                     dirty,
                     self.cfg.replication,
                 ));
+                vol.seeds.load(
+                    &vol.dir,
+                    size,
+                    g,
+                    (!st.clean).then_some((&st.al_extents[..], AL_EXTENT_SHIFT)),
+                );
                 match vol.save_dirty_map(true) {
                     Ok(()) => {}
                     // A full disk: the map on disk and the activity log in
@@ -1091,6 +1100,9 @@ impl AgentCtx {
             if let Err(e) = v.save_dirty_map(true) {
                 tracing::error!(volume = %v.name, error = %e, "volume.dirty_map.save_failed");
             }
+            if let Err(e) = v.seeds.save() {
+                tracing::error!(volume = %v.name, error = %e, "volume.seeds.save_failed");
+            }
             let r = v
                 .meta
                 .lock()
@@ -1244,6 +1256,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
         forced_promotions: Mutex::new(std::collections::HashSet::new()),
         shares: Default::default(),
         estimates,
+        archive_jobs: archives::ArchiveJobs::default(),
         history,
         started: Instant::now(),
         admin: Mutex::new(()),
@@ -1461,6 +1474,15 @@ async fn housekeeping(ctx: Arc<AgentCtx>) {
             if tick % 5 == 0 && prev.is_some_and(|(_, d)| d != dirty) {
                 let v = v.clone();
                 let _ = tokio::task::spawn_blocking(move || v.save_dirty_map(true)).await;
+            }
+            if tick % 5 == 0 {
+                let v = v.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Err(e) = v.seeds.save() {
+                        tracing::warn!(volume = %v.name, error = %e, "volume.seeds.save_failed: retried in 5 s; a crash until then recovers the blocks from the activity log");
+                    }
+                })
+                .await;
             }
         }
     }

@@ -43,6 +43,9 @@ pub struct ArchiveSettings {
     /// A create syncs the store and records its progress every this many
     /// bytes of the source (what an interrupted create resumes from).
     pub checkpoint_bytes: u64,
+    /// Offline seeding: archives per volume whose written blocks since
+    /// their barrier the volume keeps tracking (the oldest goes first).
+    pub seed_maps_max: usize,
 }
 
 impl Default for ArchiveSettings {
@@ -52,6 +55,7 @@ impl Default for ArchiveSettings {
             zstd_level: 3,
             threads: 0,
             checkpoint_bytes: 256 << 20,
+            seed_maps_max: 4,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod link;
 pub mod meta;
 pub mod primary;
 pub mod replica;
+pub mod seeds;
 pub mod snapshot;
 pub mod verify;
 

@@ -525,6 +525,11 @@ pub struct PrimaryVolume {
     /// The estimator's view of the writes and reads (off unless an
     /// estimate observes this volume).
     pub tap: crate::estimate::tap::WriteTap,
+    /// An archive's copy-before-write snapshot at a flush barrier (off
+    /// unless an archive of this volume is being taken).
+    pub archive_snap: super::snapshot::Snapshot,
+    /// Offline seeding: blocks written since each archive's barrier.
+    pub seeds: super::seeds::SeedMaps,
     /// HA: may a write the peer did not confirm be acknowledged?
     pub alone: AlonePermit,
     /// HA: writes enter only before this instant ([`mono_ms`]); the cluster
@@ -695,6 +700,8 @@ impl PrimaryVolume {
             throttle_pace: Mutex::new(ThrottlePace::default()),
             leaves,
             tap: crate::estimate::tap::WriteTap::new(),
+            archive_snap: super::snapshot::Snapshot::default(),
+            seeds: super::seeds::SeedMaps::default(),
             alone: AlonePermit::default(),
             lease_until_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
             io_errors: std::sync::atomic::AtomicU64::new(0),
@@ -1021,6 +1028,47 @@ impl PrimaryVolume {
         Ok(())
     }
 
+    /// Is the write gate open (no cutover or fence holds writes)?
+    pub fn gate_open(&self) -> bool {
+        self.gate.load(Ordering::SeqCst) == GATE_OPEN
+    }
+
+    /// An archive's barrier, the volume frozen: starts a new generation `g`
+    /// (offline seeding names the copy by it). A peer that is up to date
+    /// and streaming is told at once, in stream order (every write before
+    /// the barrier precedes it), so both copies keep one history.
+    pub fn mint_generation(&self, g: u64) -> io::Result<()> {
+        // Lock order: meta, then link (as every bump).
+        let mut meta = self.meta();
+        meta.update(|s| s.generation.bump(g)).map_err(io_other)?;
+        let now = self.now_ms();
+        let mut l = self.link.lock();
+        if l.rep.phase() == ferry_core::link::Phase::Streaming && l.announced_up_to_date {
+            if let Some(seq) = l.rep.announce_up_to_date(now) {
+                self.link.push(
+                    &mut l,
+                    Out::Flush {
+                        seq,
+                        up_to_date_generation: Some(g),
+                        snapshot: None,
+                    },
+                );
+            }
+        }
+        drop(l);
+        drop(meta);
+        self.link.pump();
+        tracing::info!(volume = %self.name, generation = format!("{g:016x}"), "volume.generation.minted: an archive's barrier");
+        Ok(())
+    }
+
+    /// The generation history (current first, then ancestors).
+    pub fn generations(&self) -> Vec<u64> {
+        let meta = self.meta();
+        let g = &meta.state().generation;
+        std::iter::once(g.current()).chain(g.ancestors()).collect()
+    }
+
     /// Records the activity-log extents `e` touches before a write into them.
     ///
     /// Group commit: a writer that finds its extents missing first posts them
@@ -1075,8 +1123,10 @@ impl PrimaryVolume {
         }
         if evicted {
             // What the evicted extents may still differ in must survive a crash
-            // without them: save a pessimistic dirty map first.
+            // without them: save a pessimistic dirty map first (and the
+            // seed maps, which a crash also recovers from the log).
             self.save_dirty_map(true)?;
+            self.seeds.save()?;
         }
         meta.update(|s| s.al_extents = al).map_err(io_other)
     }
@@ -1320,7 +1370,13 @@ impl PrimaryVolume {
         self.tap.write_extent(extent.offset, extent.length);
         let guard = self.overlap.acquire(extent);
         self.activity_log(extent)?;
-        let wrote = local();
+        self.seeds.mark(extent);
+        let wrote = {
+            let _snap = self
+                .archive_snap
+                .before_write_if_on(&self.local, extent.offset, extent.length);
+            local()
+        };
         // Even a failed write may have changed some bytes.
         self.leaves.invalidate(extent.offset, extent.length);
         if wrote.is_err() {

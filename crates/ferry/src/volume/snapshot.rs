@@ -96,6 +96,9 @@ impl Active {
 pub struct Snapshot {
     state: Mutex<State>,
     taken: Condvar,
+    /// A snapshot is active: the primary's writes check this first (one
+    /// atomic load when none is).
+    on: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Snapshot {
@@ -103,6 +106,7 @@ impl Default for Snapshot {
         Snapshot {
             state: Mutex::new(State::Off),
             taken: Condvar::new(),
+            on: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -180,6 +184,7 @@ impl Snapshot {
             map,
             broken: None,
         });
+        self.on.store(true, std::sync::atomic::Ordering::SeqCst);
         self.taken.notify_all();
         Ok(true)
     }
@@ -224,7 +229,35 @@ impl Snapshot {
 
     /// Drops the snapshot (its file was unlinked when it was taken).
     pub fn end(&self) {
-        *self.lock() = State::Off;
+        let mut st = self.lock();
+        *st = State::Off;
+        self.on.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// [`Snapshot::before_write`] for writers that run concurrently (the
+    /// primary's): nothing, not even the lock, unless a snapshot is active.
+    /// A snapshot is taken only with the volume frozen (no write inside),
+    /// so a write that saw it off finished before it was taken.
+    pub fn before_write_if_on(&self, dev: &FileDevice, offset: u64, length: u64) -> Option<WriteGuard<'_>> {
+        if !self.on.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.before_write(dev, offset, length))
+    }
+
+    /// Does the snapshot read `[offset, offset + length)` as zeroes without
+    /// reading it (nothing saved there, and a hole in the live image)?
+    pub fn is_hole(&self, dev: &FileDevice, offset: u64, length: u64) -> io::Result<bool> {
+        let st = self.lock();
+        let State::Active(a) = &*st else {
+            return Err(io::Error::other("the snapshot was ended"));
+        };
+        if a.map.read_plan(offset, length).iter().any(|(_, s)| *s == Source::Side) {
+            return Ok(false);
+        }
+        let mut runs = Vec::new();
+        dev.block_status(offset, length, 1, &mut runs)?;
+        Ok(runs.first().is_some_and(|r| r.hole && r.zero && r.length >= length))
     }
 
     /// Before the stream writes `[offset, offset + length)` of the replica:
