@@ -213,6 +213,15 @@ pub struct StartMigration {
     pub window: Option<String>,
     /// …and not after this (RFC 3339).
     pub deadline: Option<String>,
+    /// Offline seeding: `to` holds this archive of the workload's volumes
+    /// (restored with `--replica-of`): send only what changed since its
+    /// barrier and whatever block hashes find different.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub seed: Option<Name>,
+    /// `to` holds old copies: compare block hashes, send what differs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checksum: bool,
 }
 
 /// `PATCH /api/v1/migrations/{name}` and `PATCH /api/v1/replications/{name}`.

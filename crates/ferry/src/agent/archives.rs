@@ -480,3 +480,52 @@ fn restore_volume(
     tracing::info!(volume = vname, archive = %m.name.as_str(), seed_for = ?seed.as_ref().map(|s| &s.0), "archive.restored");
     Ok(())
 }
+
+/// Offline seeding's checks before the first sync of `vol` to node `to`:
+/// this volume has a seed for `archive` whose generation is still in its
+/// history, and `to`'s copy is at that generation (restored from that
+/// archive with `--replica-of`). Returns the blocks written since the
+/// barrier.
+pub fn seed_check(
+    vol: &Arc<PrimaryVolume>,
+    peer: &crate::transport::client::ApiClient,
+    to: &str,
+    archive: &Name,
+    me: &str,
+) -> anyhow::Result<ferry_core::DirtyMap> {
+    use anyhow::{anyhow, bail};
+    let a = archive.as_str();
+    let (g, map) = vol.seeds.get(a).ok_or_else(|| {
+        anyhow!(
+            "volume {} has no seed for archive {a:?}: it was not archived on this node at a barrier (ferry archive create volume/{} …), or its seed was dropped (archive.seed_maps_max); use --checksum instead",
+            vol.name,
+            vol.name
+        )
+    })?;
+    if !vol.generations().contains(&g) {
+        bail!(
+            "archive {a:?} is too old for volume {}: its generation {g:016x} is no longer in the volume's history (too many role changes since); use --checksum instead",
+            vol.name
+        );
+    }
+    let v = peer.get(&format!("/api/v1/volumes/{}/generation", vol.name))?;
+    let ids: Vec<u64> = v["ids"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+        .unwrap_or_default();
+    match ids.first() {
+        Some(&cur) if cur == g => {}
+        Some(&cur) => bail!(
+            "node {to}'s copy of volume {} is at generation {cur:016x}, not at archive {a:?}'s ({g:016x}): it was restored from another archive, or written since; restore {a} there (ferry archive restore {a} --volume {} --replica-of {me}), or use --checksum",
+            vol.name,
+            vol.name
+        ),
+        None => bail!(
+            "node {to} has no copy of volume {}: restore archive {a} there first (ferry archive restore {a} --volume {} --replica-of {me})",
+            vol.name,
+            vol.name
+        ),
+    }
+    tracing::info!(volume = %vol.name, archive = a, generation = format!("{g:016x}"), written_since_bytes = map.dirty_bytes(), "replication.seed.checked");
+    Ok(map)
+}

@@ -447,6 +447,11 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
                         auto_converge: req.auto_converge,
                         auto_cutover: req.auto_cutover,
                         window,
+                        baseline: match (&req.seed, req.checksum) {
+                            (Some(a), _) => crate::volume::Baseline::Seed(a.clone()),
+                            (None, true) => crate::volume::Baseline::Checksum,
+                            (None, false) => crate::volume::Baseline::Full,
+                        },
                     },
                 )
             })
@@ -531,7 +536,11 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
                     &req.to,
                     mode,
                     req.max_rate_bytes_per_s,
-                    req.checksum,
+                    &if req.checksum {
+                        crate::volume::Baseline::Checksum
+                    } else {
+                        crate::volume::Baseline::Full
+                    },
                 )
             })
             .await?;
@@ -1244,7 +1253,13 @@ async fn cluster_add(ctx: Arc<AgentCtx>, r: q::ClusterAdd) -> Res<r::ClusterAdde
                         "volume {v:?} replicates to {other}, not to the cluster peer {}",
                         cfg.peer
                     ),
-                    None => ctx.start_replication(v, &cfg.peer, Mode::Sync, None, false)?,
+                    None => ctx.start_replication(
+                        v,
+                        &cfg.peer,
+                        Mode::Sync,
+                        None,
+                        &crate::volume::Baseline::Full,
+                    )?,
                 }
             }
         }

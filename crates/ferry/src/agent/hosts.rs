@@ -234,9 +234,9 @@ impl crate::migration::Host for AgentCtx {
         to: &str,
         mode: ferry_core::link::Mode,
         max_rate: Option<u64>,
-        checksum: bool,
+        baseline: &crate::volume::Baseline,
     ) -> Result<()> {
-        AgentCtx::start_replication(&self, name, to, mode, max_rate, checksum)
+        AgentCtx::start_replication(&self, name, to, mode, max_rate, baseline)
     }
     fn stop_replication(&self, name: &str) -> Result<()> {
         AgentCtx::stop_replication(self, name)

@@ -940,7 +940,7 @@ impl AgentCtx {
         to: &str,
         mode: Mode,
         max_rate: Option<u64>,
-        checksum: bool,
+        baseline: &crate::volume::Baseline,
     ) -> Result<()> {
         let vol = self.primary(name).ok_or_else(|| {
             anyhow!(
@@ -972,8 +972,15 @@ impl AgentCtx {
                 &serde_json::json!({"volume": name, "volume_id": vol.id, "size_bytes": size, "primary": self.identity.node_name}),
             )
             .with_context(|| format!("node {to} could not create the replica"))?;
-        if checksum && vol.link.lock().rep.phase() == ferry_core::link::Phase::Disconnected {
-            self.checksum_baseline(&vol, &client)?;
+        if vol.link.lock().rep.phase() == ferry_core::link::Phase::Disconnected {
+            match baseline {
+                crate::volume::Baseline::Full => {}
+                crate::volume::Baseline::Checksum => self.checksum_baseline(&vol, &client, None)?,
+                crate::volume::Baseline::Seed(archive) => {
+                    let seed = archives::seed_check(&vol, &client, to, archive, &self.identity.node_name)?;
+                    self.checksum_baseline(&vol, &client, Some(&seed))?;
+                }
+            }
         }
         {
             let mut meta = vol.meta.lock().unwrap_or_else(|p| p.into_inner());
@@ -1027,6 +1034,7 @@ impl AgentCtx {
         &self,
         vol: &Arc<PrimaryVolume>,
         peer: &crate::transport::client::ApiClient,
+        seed: Option<&DirtyMap>,
     ) -> Result<()> {
         let g = self.cfg.replication.granularity_bytes;
         // Writes from now on are marked dirty by the replicator itself.
@@ -1060,8 +1068,16 @@ impl AgentCtx {
                 differing += 1;
             }
         }
+        // Offline seeding: also every block written since the archive's
+        // barrier (the hashes already found most of them; the map is what
+        // the source knows it changed).
+        let seeded = seed.map(|m| {
+            d.merge(m);
+            m.dirty_blocks()
+        });
+        let resend = d.dirty_bytes();
         l.checksum_baseline = true;
-        tracing::info!(volume = %vol.name, blocks = local.len(), differing, "replication.checksum.compared");
+        tracing::info!(volume = %vol.name, blocks = local.len(), differing, seed_blocks = ?seeded, resend_bytes = resend, "replication.checksum.compared");
         Ok(())
     }
 

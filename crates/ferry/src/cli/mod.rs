@@ -488,6 +488,16 @@ pub enum MigrateCommand {
         /// zone, e.g. 2026-12-31T23:00:00Z).
         #[arg(long, requires = "auto_cutover")]
         deadline: Option<String>,
+        /// Offline seeding: NODE holds this archive of the workload's
+        /// volumes (`ferry archive restore ARCHIVE --volume V --replica-of
+        /// THIS-NODE` there); send only the blocks written since its barrier
+        /// and those whose hashes differ.
+        #[arg(long, conflicts_with = "checksum")]
+        seed: Option<String>,
+        /// NODE holds old copies of the volumes: compare block hashes
+        /// (BLAKE3) and send only the blocks that differ.
+        #[arg(long)]
+        checksum: bool,
         #[command(flatten)]
         conn: AgentConn,
     },

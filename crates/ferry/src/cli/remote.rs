@@ -938,6 +938,8 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
             auto_cutover,
             window,
             deadline,
+            seed,
+            checksum,
             conn,
         } => {
             let v = expect!(
@@ -950,6 +952,8 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
                     auto_cutover: *auto_cutover,
                     window: window.clone(),
                     deadline: deadline.clone(),
+                    seed: seed.as_deref().map(crate::cli::remote::name).transpose()?,
+                    checksum: *checksum,
                 }))?,
                 MigrationStarted
             );

@@ -30,7 +30,7 @@ pub trait Host: Node {
         to: &str,
         mode: Mode,
         max_rate: Option<u64>,
-        checksum: bool,
+        baseline: &crate::volume::Baseline,
     ) -> Result<()>;
     fn stop_replication(&self, name: &str) -> Result<()>;
 }
@@ -51,8 +51,8 @@ impl<T: Host + ?Sized> Host for Arc<T> {
         to: &str,
         mode: Mode,
         max_rate: Option<u64>,
-        checksum: bool,
+        baseline: &crate::volume::Baseline,
     ) -> Result<()> {
-        T::start_replication((*self).clone(), name, to, mode, max_rate, checksum)
+        T::start_replication((*self).clone(), name, to, mode, max_rate, baseline)
     }
 }

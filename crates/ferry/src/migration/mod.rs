@@ -226,6 +226,9 @@ pub struct StartOptions {
     pub auto_cutover: bool,
     /// …only inside this window / until this deadline.
     pub window: Option<crate::migration::schedule::ScheduleRequest>,
+    /// How each volume's first sync finds what to send (offline seeding,
+    /// checksum, or everything).
+    pub baseline: crate::volume::Baseline,
 }
 
 /// `ferry migrate start`: replicate every volume of `workload` to `to`.
@@ -241,6 +244,7 @@ pub fn start<H: Host + ?Sized>(
         auto_converge,
         auto_cutover,
         window,
+        baseline,
     } = o;
     // Checked before anything starts: a bad window or deadline starts nothing.
     let schedule = match &window {
@@ -340,7 +344,7 @@ pub fn start<H: Host + ?Sized>(
         .with_context(|| format!("node {to} could not store the workload definition"))?;
     for v in &spec.volumes {
         ctx.clone()
-            .start_replication(v, to, mode, max_rate, false)?;
+            .start_replication(v, to, mode, max_rate, &baseline)?;
     }
     for s in &spec.shares {
         crate::share::replicate_to(ctx, s, to)?;

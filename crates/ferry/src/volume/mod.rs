@@ -39,6 +39,19 @@ use ferry_core::ByteSize;
 use ferry_core::Name;
 use serde::{Deserialize, Serialize};
 
+/// How a new replica's first sync finds what to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Baseline {
+    /// Everything allocated (the peer's copy is blank or unknown).
+    Full,
+    /// The peer holds an old copy: send the blocks whose hashes differ.
+    Checksum,
+    /// Offline seeding: the peer's copy was restored from this archive of
+    /// this volume; send the blocks written since its barrier and those
+    /// whose hashes differ.
+    Seed(Name),
+}
+
 /// Largest volume: what `off_t` can address.
 const VOLUME_BYTES_MAX: u64 = i64::MAX as u64;
 /// Volume sizes are whole sectors, as every block client expects.
