@@ -29,8 +29,20 @@ async function api(method, path, body) {
   const headers = { "Accept": "application/json" };
   if (method !== "GET" && S.session) headers["X-Ferry-CSRF"] = S.session.csrf;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const r = await fetch(path, { method, headers, credentials: "same-origin",
-    body: body === undefined ? undefined : JSON.stringify(body) });
+  // A read that failed in the network (no answer at all: the machine's
+  // network changed, a connection reset) is asked again, twice, before the
+  // view says it could not read; a change is never repeated on its own.
+  let r;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      r = await fetch(path, { method, headers, credentials: "same-origin",
+        body: body === undefined ? undefined : JSON.stringify(body) });
+      break;
+    } catch (e) {
+      if (method !== "GET" || attempt >= 2) throw e;
+      await new Promise((ok) => setTimeout(ok, 300));
+    }
+  }
   let data = null;
   try { data = await r.json(); } catch (_) { data = null; }
   if (!r.ok) {

@@ -23,7 +23,9 @@ use ferry_api::ActionError;
 use ferry_core::Name;
 
 use super::AgentCtx;
-use crate::archive::{self, ArchiveError, Consistency, DiskInput, DiskSource, Source, SourceKind, Store};
+use crate::archive::{
+    self, ArchiveError, Consistency, DiskInput, DiskSource, Source, SourceKind, Store,
+};
 use crate::volume::primary::PrimaryVolume;
 
 type Res<T> = Result<T, ActionError>;
@@ -82,14 +84,21 @@ impl ArchiveJobs {
     }
 
     pub fn list(&self) -> Vec<r::ArchiveJob> {
-        lock(&self.jobs).values().map(|j| lock(&j.status).clone()).collect()
+        lock(&self.jobs)
+            .values()
+            .map(|j| lock(&j.status).clone())
+            .collect()
     }
 
     pub fn get(&self, name: &str) -> Res<r::ArchiveJob> {
         lock(&self.jobs)
             .get(name)
             .map(|j| lock(&j.status).clone())
-            .ok_or_else(|| ActionError::not_found(format!("no archive job {name:?} on this node (ferry archive jobs)")))
+            .ok_or_else(|| {
+                ActionError::not_found(format!(
+                    "no archive job {name:?} on this node (ferry archive jobs)"
+                ))
+            })
     }
 }
 
@@ -100,15 +109,23 @@ fn bad(e: impl std::fmt::Display) -> ActionError {
 /// A store path from the API: absolute, no NUL, no `..` part.
 fn store_path(s: &str) -> Res<PathBuf> {
     let p = Path::new(s);
-    if !p.is_absolute() || s.contains('\0') || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(bad(format!("store {s:?}: give an absolute directory path without `..`")));
+    if !p.is_absolute()
+        || s.contains('\0')
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(bad(format!(
+            "store {s:?}: give an absolute directory path without `..`"
+        )));
     }
     Ok(p.to_path_buf())
 }
 
 fn archive_err(e: ArchiveError) -> ActionError {
     match e {
-        ArchiveError::NoStore(_) | ArchiveError::NoArchive { .. } => ActionError::not_found(e.to_string()),
+        ArchiveError::NoStore(_) | ArchiveError::NoArchive { .. } => {
+            ActionError::not_found(e.to_string())
+        }
         ArchiveError::Exists { .. } | ArchiveError::Busy(_) => ActionError::conflict(e.to_string()),
         ArchiveError::NotAStore(_) | ArchiveError::Settings(_) => bad(e),
         e => ActionError::new(ferry_api::ErrorKind::Internal, e.to_string()),
@@ -131,7 +148,9 @@ impl DiskSource for SnapSource {
 }
 
 fn default_name(source: &str) -> Res<Name> {
-    let now = jiff::Timestamp::now().strftime("%Y%m%dt%H%M%Sz").to_string();
+    let now = jiff::Timestamp::now()
+        .strftime("%Y%m%dt%H%M%Sz")
+        .to_string();
     let base: String = source.chars().take(40).collect();
     Name::parse(&format!("{base}-{now}")).map_err(bad)
 }
@@ -162,15 +181,29 @@ fn barrier(ctx: &AgentCtx, vols: &[Arc<PrimaryVolume>], archive: &Name) -> Res<u
     let result = (|| -> Res<()> {
         for v in vols {
             let size = ferry_nbd::BlockDevice::size(&v.local);
-            v.archive_snap.arm(&v.name, true, token).map_err(|e| ActionError::conflict(e.to_string()))?;
+            v.archive_snap
+                .arm(&v.name, true, token)
+                .map_err(|e| ActionError::conflict(e.to_string()))?;
             v.archive_snap
                 .take_if_armed(&v.dir.join("archive.cow"), size, gran, token)
                 .map_err(|e| ActionError::new(ferry_api::ErrorKind::Internal, e.to_string()))?;
-            v.mint_generation(g)
-                .map_err(|e| ActionError::new(ferry_api::ErrorKind::Internal, format!("volume {}: cannot record the barrier's generation: {e}", v.name)))?;
+            v.mint_generation(g).map_err(|e| {
+                ActionError::new(
+                    ferry_api::ErrorKind::Internal,
+                    format!(
+                        "volume {}: cannot record the barrier's generation: {e}",
+                        v.name
+                    ),
+                )
+            })?;
             v.seeds
                 .add(archive, g, size, gran, ctx.cfg.archive.seed_maps_max)
-                .map_err(|e| ActionError::new(ferry_api::ErrorKind::Internal, format!("volume {}: cannot start the seed map: {e}", v.name)))?;
+                .map_err(|e| {
+                    ActionError::new(
+                        ferry_api::ErrorKind::Internal,
+                        format!("volume {}: cannot start the seed map: {e}", v.name),
+                    )
+                })?;
         }
         Ok(())
     })();
@@ -227,7 +260,9 @@ fn finish(job: &Job, r: Result<archive::Manifest, String>) {
     match r {
         Ok(m) => {
             s.state = "done".into();
-            s.consistency = serde_json::to_value(m.consistency).ok().and_then(|v| v.as_str().map(String::from));
+            s.consistency = serde_json::to_value(m.consistency)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from));
             s.disks = m
                 .disks
                 .iter()
@@ -254,27 +289,41 @@ fn finish(job: &Job, r: Result<archive::Manifest, String>) {
 
 /// `POST /api/v1/archives`.
 pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> {
-    let (kind, src_name) = req
-        .source
-        .split_once('/')
-        .ok_or_else(|| bad(format!("source {:?}: give volume/NAME, workload/NAME or share/NAME", req.source)))?;
+    let (kind, src_name) = req.source.split_once('/').ok_or_else(|| {
+        bad(format!(
+            "source {:?}: give volume/NAME, workload/NAME or share/NAME",
+            req.source
+        ))
+    })?;
     let src_name = Name::parse(src_name).map_err(bad)?;
     let store_dir = store_path(&req.store)?;
     let name = match req.name {
         Some(n) => n,
         None => default_name(src_name.as_str())?,
     };
-    let (kind, vols, workload): (SourceKind, Vec<Arc<PrimaryVolume>>, Option<serde_json::Value>) = match kind {
+    let (kind, vols, workload): (
+        SourceKind,
+        Vec<Arc<PrimaryVolume>>,
+        Option<serde_json::Value>,
+    ) = match kind {
         "volume" => {
             let v = ctx.primary(src_name.as_str()).ok_or_else(|| {
-                ActionError::not_found(format!("volume {:?} is not a primary on this node", src_name.as_str()))
+                ActionError::not_found(format!(
+                    "volume {:?} is not a primary on this node",
+                    src_name.as_str()
+                ))
             })?;
             (SourceKind::Volume, vec![v], None)
         }
         "workload" => {
             let spec = crate::workload::load_workload(&ctx.cfg.data_dir, src_name.as_str())
                 .map_err(|e| ActionError::new(ferry_api::ErrorKind::Internal, format!("{e:#}")))?
-                .ok_or_else(|| ActionError::not_found(format!("no workload {:?} on this node", src_name.as_str())))?;
+                .ok_or_else(|| {
+                    ActionError::not_found(format!(
+                        "no workload {:?} on this node",
+                        src_name.as_str()
+                    ))
+                })?;
             if !spec.shares.is_empty() {
                 return Err(bad(format!(
                     "workload {:?} has shares ({}): archiving a workload's shares is not built yet; archive its volumes one by one (volume/NAME)",
@@ -285,15 +334,25 @@ pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> 
             let mut vols = Vec::new();
             for v in &spec.volumes {
                 vols.push(ctx.primary(v.as_str()).ok_or_else(|| {
-                    ActionError::conflict(format!("volume {:?} of workload {:?} is not a primary on this node", v.as_str(), src_name.as_str()))
+                    ActionError::conflict(format!(
+                        "volume {:?} of workload {:?} is not a primary on this node",
+                        v.as_str(),
+                        src_name.as_str()
+                    ))
                 })?);
             }
             (SourceKind::Workload, vols, serde_json::to_value(&spec).ok())
         }
         "share" => {
-            return Err(bad("archiving a share (file-level) through the agent is not built yet"));
+            return Err(bad(
+                "archiving a share (file-level) through the agent is not built yet",
+            ));
         }
-        other => return Err(bad(format!("source kind {other:?}: give volume/NAME, workload/NAME or share/NAME"))),
+        other => {
+            return Err(bad(format!(
+                "source kind {other:?}: give volume/NAME, workload/NAME or share/NAME"
+            )))
+        }
     };
     let store = Store::open(&store_dir, true).map_err(archive_err)?;
     if store.exists(&name) {
@@ -302,11 +361,18 @@ pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> 
             store: store_dir,
         }));
     }
-    ctx.cfg.archive.check(ctx.cfg.replication.granularity_bytes).map_err(archive_err)?;
+    ctx.cfg
+        .archive
+        .check(ctx.cfg.replication.granularity_bytes)
+        .map_err(archive_err)?;
     let source_label = format!("{}/{}", kind.as_str(), src_name.as_str());
-    let job = ctx
-        .archive_jobs
-        .add(job_status(name.as_str(), "create", name.as_str(), &store_dir, &source_label))?;
+    let job = ctx.archive_jobs.add(job_status(
+        name.as_str(),
+        "create",
+        name.as_str(),
+        &store_dir,
+        &source_label,
+    ))?;
     let g = match barrier(ctx, &vols, &name) {
         Ok(g) => g,
         Err(e) => {
@@ -314,7 +380,10 @@ pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> 
             return Err(e);
         }
     };
-    lock(&job.status).total_bytes = vols.iter().map(|v| ferry_nbd::BlockDevice::size(&v.local)).sum();
+    lock(&job.status).total_bytes = vols
+        .iter()
+        .map(|v| ferry_nbd::BlockDevice::size(&v.local))
+        .sum();
     let ctx2 = ctx.clone();
     let job2 = job.clone();
     let spawned = std::thread::Builder::new().name("ferry-archive".into()).spawn(move || {
@@ -381,7 +450,11 @@ pub fn restore(ctx: &Arc<AgentCtx>, req: q::RestoreArchive) -> Res<r::ArchiveJob
         bad(format!(
             "archive {:?} has disks {}: choose one with --disk",
             m.name.as_str(),
-            m.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+            m.disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     })?;
     let vname = req.volume.as_str().to_string();
@@ -395,7 +468,10 @@ pub fn restore(ctx: &Arc<AgentCtx>, req: q::RestoreArchive) -> Res<r::ArchiveJob
         None => None,
         Some(primary) => {
             if ctx.peers.get(primary.as_str()).is_none() {
-                return Err(bad(format!("node {:?} is not registered here (ferry node add)", primary.as_str())));
+                return Err(bad(format!(
+                    "node {:?} is not registered here (ferry node add)",
+                    primary.as_str()
+                )));
             }
             let id = disk.volume_id.clone().ok_or_else(|| {
                 bad("this archive's disk is not a ferry volume's (no volume id): it cannot seed a replica; restore it as a volume of its own")
@@ -409,7 +485,13 @@ pub fn restore(ctx: &Arc<AgentCtx>, req: q::RestoreArchive) -> Res<r::ArchiveJob
         }
     };
     let job_name = format!("restore-{vname}");
-    let job = ctx.archive_jobs.add(job_status(&job_name, "restore", m.name.as_str(), &store_dir, &vname))?;
+    let job = ctx.archive_jobs.add(job_status(
+        &job_name,
+        "restore",
+        m.name.as_str(),
+        &store_dir,
+        &vname,
+    ))?;
     lock(&job.status).total_bytes = disk.size_bytes;
     let ctx2 = ctx.clone();
     let job2 = job.clone();
@@ -449,17 +531,27 @@ fn restore_volume(
     let dir = ctx.store.dir(&checked);
     // Until the data is whole, the volume is an inconsistent replica of
     // nobody: a crash here leaves nothing that serves half an image.
-    let mut st = MetaState::new_secondary(seed.as_ref().map(|s| s.0.as_str()).unwrap_or("restoring"));
+    let mut st =
+        MetaState::new_secondary(seed.as_ref().map(|s| s.0.as_str()).unwrap_or("restoring"));
     st.consistent = false;
-    let mut meta = MetaFile::open_or_create(&dir.join("meta.bin"), st).map_err(|e| e.to_string())?;
+    let mut meta =
+        MetaFile::open_or_create(&dir.join("meta.bin"), st).map_err(|e| e.to_string())?;
     let image = ctx.store.image_path(&checked);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(&image)
         .map_err(|e| format!("{}: {e}", image.display()))?;
     let stop = AtomicBool::new(false);
-    archive::restore_disk(store, m, disk, &archive::FileTarget { file, fresh: true }, &ctx.cfg.archive, &stop, &mut progress_into(job))
-        .map_err(|e| e.to_string())?;
+    archive::restore_disk(
+        store,
+        m,
+        disk,
+        &archive::FileTarget { file, fresh: true },
+        &ctx.cfg.archive,
+        &stop,
+        &mut progress_into(job),
+    )
+    .map_err(|e| e.to_string())?;
     std::fs::File::open(&image)
         .and_then(|f| f.sync_all())
         .map_err(|e| format!("{}: {e}", image.display()))?;

@@ -977,7 +977,8 @@ impl AgentCtx {
                 crate::volume::Baseline::Full => {}
                 crate::volume::Baseline::Checksum => self.checksum_baseline(&vol, &client, None)?,
                 crate::volume::Baseline::Seed(archive) => {
-                    let seed = archives::seed_check(&vol, &client, to, archive, &self.identity.node_name)?;
+                    let seed =
+                        archives::seed_check(&vol, &client, to, archive, &self.identity.node_name)?;
                     self.checksum_baseline(&vol, &client, Some(&seed))?;
                 }
             }

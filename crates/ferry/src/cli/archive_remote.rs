@@ -81,7 +81,10 @@ pub fn restore_volume(
         other => bail!("unexpected reply: {}", serde_json::to_string(&other)?),
     };
     if !json {
-        eprintln!("restoring archive {} into volume {}", job.archive, job.source);
+        eprintln!(
+            "restoring archive {} into volume {}",
+            job.archive, job.source
+        );
     }
     finish(follow(&c, &job.name, json)?, json)
 }
@@ -102,7 +105,10 @@ pub fn jobs(conn: &AgentConn, data_dir: &Path, json: bool) -> Result<()> {
                     j.source,
                     ByteSize(j.done_bytes),
                     ByteSize(j.total_bytes),
-                    j.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                    j.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 );
             }
         }),

@@ -1372,9 +1372,9 @@ impl PrimaryVolume {
         self.activity_log(extent)?;
         self.seeds.mark(extent);
         let wrote = {
-            let _snap = self
-                .archive_snap
-                .before_write_if_on(&self.local, extent.offset, extent.length);
+            let _snap =
+                self.archive_snap
+                    .before_write_if_on(&self.local, extent.offset, extent.length);
             local()
         };
         // Even a failed write may have changed some bytes.

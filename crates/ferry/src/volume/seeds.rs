@@ -69,10 +69,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl SeedMaps {
     /// Loads the seeds of the volume in `vol_dir`; `unclean_al`: the
     /// activity log's extents after a crash (each counts as written).
-    pub fn load(&self, vol_dir: &Path, size: u64, granularity: u64, unclean_al: Option<(&[u64], u32)>) {
+    pub fn load(
+        &self,
+        vol_dir: &Path,
+        size: u64,
+        granularity: u64,
+        unclean_al: Option<(&[u64], u32)>,
+    ) {
         let dir = vol_dir.join(SEEDS_DIR);
         *lock(&self.dir) = Some(dir.clone());
-        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
         let mut seeds = Vec::new();
         for e in rd.flatten() {
             let p = e.path();
@@ -121,7 +129,14 @@ impl SeedMaps {
 
     /// Starts a seed for `archive` at `generation` (call with the volume
     /// frozen at the barrier); at most `max` are kept (the oldest goes).
-    pub fn add(&self, archive: &Name, generation: u64, size: u64, granularity: u64, max: usize) -> std::io::Result<()> {
+    pub fn add(
+        &self,
+        archive: &Name,
+        generation: u64,
+        size: u64,
+        granularity: u64,
+        max: usize,
+    ) -> std::io::Result<()> {
         let map = DirtyMap::new(size, granularity).map_err(std::io::Error::other)?;
         let record = SeedRecord {
             archive: archive.clone(),
@@ -178,7 +193,9 @@ impl SeedMaps {
         }
         let seeds = lock(&self.seeds);
         for s in seeds.iter() {
-            let Some((_, map)) = self.paths(&s.record.archive) else { continue };
+            let Some((_, map)) = self.paths(&s.record.archive) else {
+                continue;
+            };
             if let Err(e) = crate::store::write_atomic_private(&map, &s.map.encode()) {
                 self.changed.store(true, Ordering::Relaxed);
                 return Err(e);
@@ -192,7 +209,12 @@ impl SeedMaps {
         lock(&self.seeds)
             .iter()
             .find(|s| s.record.archive.as_str() == archive)
-            .and_then(|s| Some((u64::from_str_radix(&s.record.generation, 16).ok()?, s.map.clone())))
+            .and_then(|s| {
+                Some((
+                    u64::from_str_radix(&s.record.generation, 16).ok()?,
+                    s.map.clone(),
+                ))
+            })
     }
 
     /// Forgets `archive`'s seed.
@@ -227,10 +249,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SeedMaps::default();
         s.load(dir.path(), 1 << 20, 4096, None);
-        s.mark(Extent { offset: 0, length: 10 }); // before any seed: not recorded
+        s.mark(Extent {
+            offset: 0,
+            length: 10,
+        }); // before any seed: not recorded
         let a = Name::parse("a1").unwrap();
         s.add(&a, 0xabc, 1 << 20, 4096, 2).unwrap();
-        s.mark(Extent { offset: 8192, length: 100 });
+        s.mark(Extent {
+            offset: 8192,
+            length: 100,
+        });
         s.save().unwrap();
         let (g, m) = s.get("a1").unwrap();
         assert_eq!(g, 0xabc);
@@ -241,8 +269,10 @@ mod tests {
         let (_, m) = t.get("a1").unwrap();
         assert!(m.is_dirty(2) && m.is_dirty(3 * 16) && m.is_dirty(3 * 16 + 15) && !m.is_dirty(0));
         // Bounded: a third seed drops the oldest.
-        t.add(&Name::parse("a2").unwrap(), 2, 1 << 20, 4096, 2).unwrap();
-        t.add(&Name::parse("a3").unwrap(), 3, 1 << 20, 4096, 2).unwrap();
+        t.add(&Name::parse("a2").unwrap(), 2, 1 << 20, 4096, 2)
+            .unwrap();
+        t.add(&Name::parse("a3").unwrap(), 3, 1 << 20, 4096, 2)
+            .unwrap();
         assert!(t.get("a1").is_none());
         assert_eq!(t.list().len(), 2);
         assert!(!dir.path().join("seeds/a1.seed").exists());

@@ -238,7 +238,12 @@ impl Snapshot {
     /// primary's): nothing, not even the lock, unless a snapshot is active.
     /// A snapshot is taken only with the volume frozen (no write inside),
     /// so a write that saw it off finished before it was taken.
-    pub fn before_write_if_on(&self, dev: &FileDevice, offset: u64, length: u64) -> Option<WriteGuard<'_>> {
+    pub fn before_write_if_on(
+        &self,
+        dev: &FileDevice,
+        offset: u64,
+        length: u64,
+    ) -> Option<WriteGuard<'_>> {
         if !self.on.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
@@ -252,12 +257,18 @@ impl Snapshot {
         let State::Active(a) = &*st else {
             return Err(io::Error::other("the snapshot was ended"));
         };
-        if a.map.read_plan(offset, length).iter().any(|(_, s)| *s == Source::Side) {
+        if a.map
+            .read_plan(offset, length)
+            .iter()
+            .any(|(_, s)| *s == Source::Side)
+        {
             return Ok(false);
         }
         let mut runs = Vec::new();
         dev.block_status(offset, length, 1, &mut runs)?;
-        Ok(runs.first().is_some_and(|r| r.hole && r.zero && r.length >= length))
+        Ok(runs
+            .first()
+            .is_some_and(|r| r.hole && r.zero && r.length >= length))
     }
 
     /// Before the stream writes `[offset, offset + length)` of the replica:
