@@ -474,9 +474,17 @@ pub struct RestoreArchive {
     pub store: String,
     #[schemars(with = "String")]
     pub archive: Name,
-    /// The new volume (it must not exist).
-    #[schemars(with = "String")]
-    pub volume: Name,
+    /// The new volume (it must not exist). Exactly one of `volume` and
+    /// `workload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub volume: Option<Name>,
+    /// I2V: a new workload from the archive: every disk a new volume named
+    /// like it, and the workload's definition (hooks, VM) as archived
+    /// (`ferry workload create W --from-archive NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    pub workload: Option<Name>,
     /// Which disk of the archive (default: the only one, or the one named
     /// like `volume`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

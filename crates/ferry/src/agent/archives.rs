@@ -440,33 +440,108 @@ pub fn restore(ctx: &Arc<AgentCtx>, req: q::RestoreArchive) -> Res<r::ArchiveJob
     let store_dir = store_path(&req.store)?;
     let store = Store::open(&store_dir, false).map_err(archive_err)?;
     let m = store.manifest(&req.archive).map_err(archive_err)?;
-    let disk = match &req.disk {
-        Some(d) => m.disks.iter().find(|x| &x.name == d),
-        None if m.disks.len() == 1 => m.disks.first(),
-        None => m.disks.iter().find(|x| x.name == req.volume.as_str()),
-    }
-    .cloned()
-    .ok_or_else(|| {
-        bad(format!(
-            "archive {:?} has disks {}: choose one with --disk",
-            m.name.as_str(),
-            m.disks
+    // What to restore: one disk into `volume`, or (I2V) every disk into a
+    // volume of its own name and the workload's definition.
+    let (job_name, targets, workload): (
+        String,
+        Vec<(archive::Disk, String)>,
+        Option<crate::workload::WorkloadSpec>,
+    ) = match (&req.volume, &req.workload) {
+        (Some(v), None) => {
+            let disk = match &req.disk {
+                Some(d) => m.disks.iter().find(|x| &x.name == d),
+                None if m.disks.len() == 1 => m.disks.first(),
+                None => m.disks.iter().find(|x| x.name == v.as_str()),
+            }
+            .cloned()
+            .ok_or_else(|| {
+                bad(format!(
+                    "archive {:?} has disks {}: choose one with --disk",
+                    m.name.as_str(),
+                    m.disks
+                        .iter()
+                        .map(|d| d.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            (
+                format!("restore-{}", v.as_str()),
+                vec![(disk, v.as_str().to_string())],
+                None,
+            )
+        }
+        (None, Some(w)) => {
+            if req.replica_of.is_some() {
+                return Err(bad(
+                    "--replica-of restores one volume (--volume), not a workload",
+                ));
+            }
+            if m.disks.is_empty() {
+                return Err(bad(format!("archive {:?} holds no disk", m.name.as_str())));
+            }
+            if crate::workload::load_workload(&ctx.cfg.data_dir, w.as_str())
+                .ok()
+                .flatten()
+                .is_some()
+            {
+                return Err(ActionError::conflict(format!(
+                    "workload {:?} exists on this node: choose another name",
+                    w.as_str()
+                )));
+            }
+            let mut targets = Vec::new();
+            for d in &m.disks {
+                Name::parse(&d.name).map_err(|e| {
+                    bad(format!(
+                        "disk {:?} cannot name a volume ({e}): restore it with --volume",
+                        d.name
+                    ))
+                })?;
+                targets.push((d.clone(), d.name.clone()));
+            }
+            let mut spec: crate::workload::WorkloadSpec = match &m.workload {
+                Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                    bad(format!(
+                        "archive {:?}'s workload definition cannot be read ({e})",
+                        m.name.as_str()
+                    ))
+                })?,
+                None => crate::workload::WorkloadSpec {
+                    name: w.clone(),
+                    volumes: Vec::new(),
+                    shares: Vec::new(),
+                    start: None,
+                    stop: None,
+                    check: None,
+                    hook_timeout_ms: 30_000,
+                    vm: None,
+                    vip: None,
+                    vip_interface: None,
+                },
+            };
+            spec.name = w.clone();
+            spec.volumes = targets
                 .iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    })?;
-    let vname = req.volume.as_str().to_string();
-    if ctx.store.meta(&vname).is_ok() {
-        return Err(ActionError::conflict(format!(
-            "volume {vname:?} exists on this node: restore into a new name, or delete it first"
-        )));
+                .filter_map(|(_, v)| Name::parse(v).ok())
+                .collect();
+            spec.shares.clear();
+            (format!("restore-{}", w.as_str()), targets, Some(spec))
+        }
+        _ => return Err(bad("give exactly one of volume and workload")),
+    };
+    for (_, v) in &targets {
+        if ctx.store.meta(v).is_ok() {
+            return Err(ActionError::conflict(format!(
+                "volume {v:?} exists on this node: restore into a new name, or delete it first"
+            )));
+        }
     }
     // Seeding: the source's id and the barrier's generation, as its replica.
     let seed = match &req.replica_of {
         None => None,
         Some(primary) => {
+            let disk = &targets[0].0;
             if ctx.peers.get(primary.as_str()).is_none() {
                 return Err(bad(format!(
                     "node {:?} is not registered here (ferry node add)",
@@ -484,21 +559,36 @@ pub fn restore(ctx: &Arc<AgentCtx>, req: q::RestoreArchive) -> Res<r::ArchiveJob
             Some((primary.as_str().to_string(), id, g))
         }
     };
-    let job_name = format!("restore-{vname}");
+    let label = targets
+        .iter()
+        .map(|(_, v)| v.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
     let job = ctx.archive_jobs.add(job_status(
         &job_name,
         "restore",
         m.name.as_str(),
         &store_dir,
-        &vname,
+        &label,
     ))?;
-    lock(&job.status).total_bytes = disk.size_bytes;
+    lock(&job.status).total_bytes = targets.iter().map(|(d, _)| d.size_bytes).sum();
     let ctx2 = ctx.clone();
     let job2 = job.clone();
     let spawned = std::thread::Builder::new().name("ferry-restore".into()).spawn(move || {
-        let r = restore_volume(&ctx2, &store, &m, &disk, &vname, seed, &job2);
+        let r = (|| -> Result<(), String> {
+            let mut before = 0;
+            for (disk, vname) in &targets {
+                restore_volume(&ctx2, &store, &m, disk, vname, seed.clone(), &job2, before)?;
+                before += disk.size_bytes;
+            }
+            if let Some(spec) = &workload {
+                crate::workload::save_workload(&ctx2.cfg.data_dir, spec).map_err(|e| format!("{e:#}"))?;
+                tracing::info!(workload = %spec.name.as_str(), archive = %m.name.as_str(), "archive.workload_restored");
+            }
+            Ok(())
+        })();
         if let Err(e) = &r {
-            tracing::error!(volume = %vname, archive = %m.name.as_str(), error = %e, "archive.restore_failed");
+            tracing::error!(job = %job2.status.lock().unwrap_or_else(|p| p.into_inner()).name, archive = %m.name.as_str(), error = %e, "archive.restore_failed");
         }
         finish(&job2, r.map(|()| m.clone()));
     });
@@ -519,6 +609,7 @@ fn restore_volume(
     vname: &str,
     seed: Option<(String, String, u64)>,
     job: &Job,
+    done_before: u64,
 ) -> Result<(), String> {
     use crate::volume::meta::{MetaFile, MetaState};
     let size = disk.size_bytes;

@@ -72,7 +72,8 @@ pub fn restore_volume(
     let req = q::RestoreArchive {
         store: abs(store)?,
         archive: name(archive)?,
-        volume: name(volume)?,
+        volume: Some(name(volume)?),
+        workload: None,
         disk: disk.map(String::from),
         replica_of: replica_of.map(name).transpose()?,
     };
@@ -87,6 +88,93 @@ pub fn restore_volume(
         );
     }
     finish(follow(&c, &job.name, json)?, json)
+}
+
+/// `ferry workload create W --from-archive NAME --store STORE [--run]`
+/// (I2V): every disk restored as a volume, the definition as archived
+/// (`vm`: replaces the archived VM), then started if `run`.
+#[allow(clippy::too_many_arguments)]
+pub fn restore_workload(
+    archive: &str,
+    store: &Path,
+    workload: &str,
+    vm: Option<q::VmSpec>,
+    run: bool,
+    conn: &AgentConn,
+    data_dir: &Path,
+    json: bool,
+) -> Result<()> {
+    let c = client(conn, data_dir)?;
+    let w = name(workload)?;
+    let req = q::RestoreArchive {
+        store: abs(store)?,
+        archive: name(archive)?,
+        volume: None,
+        workload: Some(w.clone()),
+        disk: None,
+        replica_of: None,
+    };
+    let job = match c.send(&Action::RestoreArchive(req))? {
+        Reply::RestoreJobStarted(j) => j,
+        other => bail!("unexpected reply: {}", serde_json::to_string(&other)?),
+    };
+    if !json {
+        eprintln!(
+            "restoring archive {} as workload {workload} (volumes {})",
+            job.archive, job.source
+        );
+    }
+    let j = follow(&c, &job.name, json)?;
+    if j.state != "done" {
+        return finish(j, json);
+    }
+    let mut spec = match c.send(&Action::GetWorkload { name: w.clone() })? {
+        Reply::Workload(s) => s,
+        other => bail!("unexpected reply: {}", serde_json::to_string(&other)?),
+    };
+    if vm.is_some() {
+        spec.vm = vm;
+        match c.send(&Action::PutWorkload {
+            name: w.clone(),
+            forwarded: false,
+            spec: spec.clone(),
+        })? {
+            Reply::WorkloadUpdated(_) => {}
+            other => bail!("unexpected reply: {}", serde_json::to_string(&other)?),
+        }
+    }
+    let started = if run {
+        match c.send(&Action::RunHook {
+            name: w.clone(),
+            which: q::HookName::Start,
+            req: q::HookRequest {
+                role: Some("primary".into()),
+            },
+        })? {
+            Reply::Hook(h) => Some(h),
+            other => bail!("unexpected reply: {}", serde_json::to_string(&other)?),
+        }
+    } else {
+        None
+    };
+    let out = serde_json::json!({"job": j, "workload": spec, "started": started});
+    print(&out, json, |_| {
+        println!(
+            "workload {workload} created from archive {} (volumes {}; {}){}",
+            j.archive,
+            spec.volumes
+                .iter()
+                .map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if spec.vm.is_some() {
+                "a QEMU VM"
+            } else {
+                "no VM"
+            },
+            if run { "; started" } else { "" }
+        )
+    })
 }
 
 /// `ferry archive jobs`: the agent's archive jobs.

@@ -353,7 +353,7 @@ pub enum ClusterCommand {
 pub struct WorkloadCreate {
     pub name: String,
     /// A volume of the workload (repeat for more).
-    #[arg(long = "volume", required_unless_present = "shares")]
+    #[arg(long = "volume", required_unless_present_any = ["shares", "from_archive"])]
     pub volumes: Vec<String>,
     /// A share of the workload (repeat for more): moved and failed over
     /// with its volumes.
@@ -394,6 +394,18 @@ pub struct WorkloadCreate {
     /// The interface the virtual IP is added to on whichever node serves.
     #[arg(long)]
     pub vip_interface: Option<String>,
+    /// I2V: the workload from this archive (`ferry archive create
+    /// workload/W …`): every disk restored as a volume of its own name (each
+    /// checked against its Merkle root), and the definition as archived —
+    /// hooks and VM; --vm-* flags given here replace the archived VM.
+    #[arg(long, requires = "store", conflicts_with_all = ["volumes", "shares"])]
+    pub from_archive: Option<String>,
+    /// The archive store (a directory on the agent's node) of --from-archive.
+    #[arg(long, env = "FERRY_ARCHIVE_STORE")]
+    pub store: Option<PathBuf>,
+    /// With --from-archive: start the workload (its VM) once restored.
+    #[arg(long, requires = "from_archive")]
+    pub run: bool,
     #[command(flatten)]
     pub conn: AgentConn,
 }

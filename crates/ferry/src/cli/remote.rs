@@ -725,6 +725,9 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
                 vm_args,
                 vip,
                 vip_interface,
+                from_archive,
+                store,
+                run,
                 conn,
             } = &**c;
             let vm = (vm_kernel.is_some() || !vm_args.is_empty()).then(|| q::VmSpec {
@@ -735,6 +738,11 @@ pub fn workload(cmd: &WorkloadCommand, data_dir: &Path, json: bool) -> Result<()
                 accel: Some(vm_accel.clone()),
                 extra_args: vm_args.clone(),
             });
+            if let (Some(archive), Some(store)) = (from_archive, store) {
+                return crate::cli::archive_remote::restore_workload(
+                    archive, store, n, vm, *run, conn, data_dir, json,
+                );
+            }
             let spec = q::WorkloadSpec {
                 name: name(n)?,
                 volumes: volumes.iter().map(|v| name(v)).collect::<Result<_>>()?,
