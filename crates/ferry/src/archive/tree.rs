@@ -164,6 +164,7 @@ fn open_at(dir: RawFd, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> i
 fn stat_at(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
     // SAFETY: zeroed is a valid `stat`; fstatat writes into it; `name` outlives the call.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     let rc = unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -174,6 +175,7 @@ fn stat_at(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
 fn stat_fd(fd: RawFd) -> io::Result<libc::stat> {
     // SAFETY: zeroed is a valid `stat`; fstat writes into it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -322,8 +324,9 @@ impl Watcher {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Watcher {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             wds: HashMap::new(),
         })
     }

@@ -349,12 +349,15 @@ fn resolve<'a>(by_path: &HashMap<&str, &'a Entry>, path: &str) -> Result<&'a Ent
     bail!("/{path}: more than {SYMLINK_HOPS_MAX} symlinks")
 }
 
+/// A boot file: its path in the tree and its (file) entry.
+type BootFile<'a> = (String, &'a Entry);
+
 /// The kernel and initramfs to boot: given, or found in /boot.
 fn boot_files<'a>(
     tree: &'a crate::archive::manifest::Tree,
     kernel: Option<&str>,
     initrd: Option<&str>,
-) -> Result<(String, &'a Entry, Option<(String, &'a Entry)>)> {
+) -> Result<(BootFile<'a>, Option<BootFile<'a>>)> {
     let by_path: HashMap<&str, &Entry> =
         tree.entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let newest = |prefix: &str, suffix: &str| -> Option<String> {
@@ -394,7 +397,7 @@ fn boot_files<'a>(
         Some(p) => Some((p.clone(), resolve(&by_path, &p)?)),
         None => None,
     };
-    Ok((kpath, k, i))
+    Ok(((kpath, k), i))
 }
 
 /// Removes a directory tree when dropped (the restored tree of a build).
@@ -436,7 +439,7 @@ pub fn build_image(
     let Some(tree) = m.trees.first() else {
         bail!("archive {archive} holds no file tree (it is a disk archive: restore it with ferry archive restore)");
     };
-    let (kpath, k, i) = boot_files(tree, kernel, initrd)?;
+    let ((kpath, k), i) = boot_files(tree, kernel, initrd)?;
     if size.0 < tree.entries.iter().map(|e| e.size_bytes).sum::<u64>() {
         bail!(
             "--size {} is smaller than the tree's files ({} bytes)",
