@@ -441,3 +441,66 @@ fn build_refuses_a_volume_until_the_agent_imports_images() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not built yet"), "{err}");
 }
+
+#[test]
+fn an_interrupted_capture_keeps_its_chunks_named_and_writes_no_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    ok(
+        Command::new("head")
+            .args(["-c", "400M", "/dev/urandom"])
+            .stdout(std::fs::File::create(root.join("big")).unwrap())
+            .output()
+            .unwrap(),
+        "head",
+    );
+    let store = dir.path().join("store");
+    let mut cap = Group::spawn(
+        Command::new(ferry_bin())
+            .args(["p2v", "capture", "--root"])
+            .arg(&root)
+            .arg("--to")
+            .arg(&store)
+            .args(["--name", "cut"])
+            .env("FERRY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    // Interrupted once the first checkpoint's chunks are being written.
+    let t0 = Instant::now();
+    while std::fs::read_dir(store.join("chunks"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the capture writes no chunk"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) of the process this test started.
+    unsafe { libc::kill(cap.0.id() as i32, libc::SIGINT) };
+    let status = cap.0.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut cap.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(
+        !store.join("archives/cut.json").exists(),
+        "no manifest of a cut capture"
+    );
+    let partial = std::fs::read_to_string(store.join("partial/cut.json")).unwrap();
+    assert!(partial.contains("\"files\""), "{partial}");
+    let v: Value = serde_json::from_str(&partial).unwrap();
+    let n = v
+        .pointer("/body/files")
+        .or_else(|| v.get("files"))
+        .map(|f| f.as_array().unwrap().len())
+        .unwrap_or(0);
+    assert!(
+        n > 0,
+        "the partial record names the chunks written: {partial}"
+    );
+}

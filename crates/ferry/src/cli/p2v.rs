@@ -162,6 +162,24 @@ fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// A flag set by SIGINT or SIGTERM: a capture ends early and keeps a
+/// progress record naming the chunks written (a prune keeps them).
+fn stop_on_signal() -> Result<&'static AtomicBool> {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let signals = crate::sys::signals::Signals::block()?;
+    std::thread::Builder::new()
+        .name("ferry-p2v-signals".into())
+        .spawn(move || {
+            if signals.wait().is_ok() {
+                eprintln!(
+                    "interrupted: stopping (what is copied so far is kept for a prune-safe retry)"
+                );
+                STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })?;
+    Ok(&STOP)
+}
+
 fn archive_name(name: Option<&str>) -> Result<Name> {
     let s = match name {
         Some(n) => n.to_string(),
@@ -227,7 +245,7 @@ fn capture(
         cross_filesystems,
         ..Default::default()
     };
-    let stop = AtomicBool::new(false);
+    let stop = stop_on_signal()?;
     let c = tree::capture(
         &store,
         &root_abs,
@@ -236,7 +254,7 @@ fn capture(
         source,
         &ArchiveSettings::default(),
         &opts,
-        &stop,
+        stop,
         &mut |p| show_progress("capture", &p),
     )?;
     #[derive(Serialize)]
@@ -615,8 +633,8 @@ fn capture_disk(device: &Path, to: &Path, name: Option<&str>, json: bool) -> Res
         workload: None,
         leaf_bytes: ferry_core::dirty::DEFAULT_GRANULARITY_BYTES,
     };
-    let stop = AtomicBool::new(false);
-    let m = create_disks(&store, spec, &settings, &stop, &mut |p| {
+    let stop = stop_on_signal()?;
+    let m = create_disks(&store, spec, &settings, stop, &mut |p| {
         eprintln!(
             "archive: {:.1} of {:.1} MiB, {:.1} MiB/s{}",
             mib(p.done_bytes),
