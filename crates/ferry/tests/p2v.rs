@@ -492,13 +492,8 @@ fn an_interrupted_capture_keeps_its_chunks_named_and_writes_no_manifest() {
         "no manifest of a cut capture"
     );
     let partial = std::fs::read_to_string(store.join("partial/cut.json")).unwrap();
-    assert!(partial.contains("\"files\""), "{partial}");
     let v: Value = serde_json::from_str(&partial).unwrap();
-    let n = v
-        .pointer("/body/files")
-        .or_else(|| v.get("files"))
-        .map(|f| f.as_array().unwrap().len())
-        .unwrap_or(0);
+    let n = v["body"]["files"].as_array().map_or(0, |f| f.len());
     assert!(
         n > 0,
         "the partial record names the chunks written: {partial}"
