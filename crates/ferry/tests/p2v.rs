@@ -266,7 +266,13 @@ fn a_live_root_is_captured_in_passes_built_into_an_image_and_boots() {
         });
         if let Some(num) = num {
             writer_files += 1;
-            assert_eq!(String::from_utf8_lossy(data), format!("{num}\n"), "{p}");
+            // Empty is a state it had too (created, not yet written) when
+            // the last pass ended between the two.
+            let text = String::from_utf8_lossy(data);
+            assert!(
+                text.is_empty() || text == format!("{num}\n"),
+                "{p}: {text:?}"
+            );
         }
     }
     assert!(
