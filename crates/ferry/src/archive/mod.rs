@@ -15,6 +15,7 @@
 
 pub mod manifest;
 pub mod store;
+pub mod tree;
 
 use std::collections::BTreeMap;
 use std::io;

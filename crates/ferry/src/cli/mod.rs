@@ -6,6 +6,7 @@ pub mod demo;
 pub mod estimate;
 pub mod export;
 pub mod p2v;
+pub mod p2v_remote;
 pub mod remote;
 
 use std::path::PathBuf;
