@@ -311,28 +311,56 @@ fn a_running_vm_is_archived_and_booted_elsewhere_from_the_archive() {
     let kernel = guest_dir.join("vmlinuz");
     let initrd = guest_dir.join("initramfs.cpio.gz");
     a.ok(&[
-        "workload", "create", "vm", "--volume", "disk",
-        "--vm-kernel", kernel.to_str().unwrap(),
-        "--vm-initrd", initrd.to_str().unwrap(),
-        "--vm-memory", "256MiB",
-        "--vm-append", "console=ttyS0 panic=-1 quiet",
-        "--hook-timeout", "20s",
+        "workload",
+        "create",
+        "vm",
+        "--volume",
+        "disk",
+        "--vm-kernel",
+        kernel.to_str().unwrap(),
+        "--vm-initrd",
+        initrd.to_str().unwrap(),
+        "--vm-memory",
+        "256MiB",
+        "--vm-append",
+        "console=ttyS0 panic=-1 quiet",
+        "--hook-timeout",
+        "20s",
     ]);
     a.ok(&["workload", "start", "vm"]);
     let con_a = a.dir.join("vms/vm/console.log");
-    wait_until(120, "the guest writes at a", || console(&con_a).0.is_some_and(|n| n >= 20));
+    wait_until(120, "the guest writes at a", || {
+        console(&con_a).0.is_some_and(|n| n >= 20)
+    });
     let store = root.path().join("store");
     let acked_before = console(&con_a).0.unwrap();
-    a.ok(&["archive", "create", "workload/vm", "--to", store.to_str().unwrap(), "--name", "vm1"]);
+    a.ok(&[
+        "archive",
+        "create",
+        "workload/vm",
+        "--to",
+        store.to_str().unwrap(),
+        "--name",
+        "vm1",
+    ]);
     let acked_after = console(&con_a).0.unwrap();
     a.ok(&["workload", "stop", "vm"]);
     // At b: the disk and the definition (its VM) from the archive, booted.
     let out = b.json(&[
-        "workload", "create", "vm", "--from-archive", "vm1", "--store", store.to_str().unwrap(), "--run",
+        "workload",
+        "create",
+        "vm",
+        "--from-archive",
+        "vm1",
+        "--store",
+        store.to_str().unwrap(),
+        "--run",
     ]);
     assert_eq!(out["workload"]["vm"]["memory_mib"], 256, "{out}");
     let con_b = b.dir.join("vms/vm/console.log");
-    wait_until(120, "the guest verifies its disk at b", || console(&con_b).1.is_some());
+    wait_until(120, "the guest verifies its disk at b", || {
+        console(&con_b).1.is_some()
+    });
     let text = std::fs::read_to_string(&con_b).unwrap();
     assert!(!text.contains("CORRUPT"), "{text}");
     let verified = console(&con_b).1.unwrap();
@@ -342,6 +370,8 @@ fn a_running_vm_is_archived_and_booted_elsewhere_from_the_archive() {
         verified > acked_before && verified <= acked_after + 1,
         "acknowledged before the archive: 0..={acked_before}, by its end: {acked_after}; found at b: {verified}"
     );
-    wait_until(60, "the guest writes at b", || console(&con_b).0.is_some_and(|n| n > verified));
+    wait_until(60, "the guest writes at b", || {
+        console(&con_b).0.is_some_and(|n| n > verified)
+    });
     b.ok(&["workload", "stop", "vm"]);
 }

@@ -344,9 +344,13 @@ pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> 
             (SourceKind::Workload, vols, serde_json::to_value(&spec).ok())
         }
         "share" => {
-            return Err(bad(
-                "archiving a share (file-level) through the agent is not built yet",
-            ));
+            if ctx.shares.primary(src_name.as_str()).is_none() {
+                return Err(ActionError::not_found(format!(
+                    "share {:?} is not a primary on this node",
+                    src_name.as_str()
+                )));
+            }
+            return create_share(ctx, src_name, &store_dir, name);
         }
         other => {
             return Err(bad(format!(
@@ -425,6 +429,66 @@ pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> 
             Err(e) => tracing::error!(archive = %name.as_str(), error = %e, "archive.create_failed"),
         }
         finish(&job2, r.map_err(|e| e.to_string()));
+    });
+    if let Err(e) = spawned {
+        let msg = format!("cannot start the archive thread: {e}");
+        finish(&job, Err(msg.clone()));
+        return Err(ActionError::new(ferry_api::ErrorKind::Internal, msg));
+    }
+    let s = lock(&job.status).clone();
+    Ok(s)
+}
+
+/// A share's archive: its files, copied while its watcher catches changes,
+/// pass after pass until one finds none (`archive::tree::capture`); each file
+/// as of its last copy.
+fn create_share(
+    ctx: &Arc<AgentCtx>,
+    share: Name,
+    store_dir: &Path,
+    name: Name,
+) -> Res<r::ArchiveJob> {
+    let store = Store::open(store_dir, true).map_err(archive_err)?;
+    if store.exists(&name) {
+        return Err(archive_err(ArchiveError::Exists {
+            name: name.as_str().to_string(),
+            store: store_dir.to_path_buf(),
+        }));
+    }
+    let data = crate::share::ShareStore::new(&ctx.cfg.data_dir).data_dir(&share);
+    let label = format!("share/{}", share.as_str());
+    let job = ctx.archive_jobs.add(job_status(
+        name.as_str(),
+        "create",
+        name.as_str(),
+        store_dir,
+        &label,
+    ))?;
+    let ctx2 = ctx.clone();
+    let job2 = job.clone();
+    let spawned = std::thread::Builder::new().name("ferry-archive".into()).spawn(move || {
+        let stop = AtomicBool::new(false);
+        let opts = archive::tree::CaptureOptions {
+            leaf_bytes: ctx2.cfg.replication.granularity_bytes,
+            ..Default::default()
+        };
+        let source = Source {
+            kind: SourceKind::Share,
+            name: share.as_str().to_string(),
+            node: ctx2.identity.node_name.clone(),
+        };
+        let r = archive::tree::capture(&store, &data, &[], &name, source, &ctx2.cfg.archive, &opts, &stop, &mut |p| {
+            let mut s = lock(&job2.status);
+            s.done_bytes = p.done_bytes;
+            s.total_bytes = p.total_bytes;
+            s.bytes_per_s = p.bytes_per_s;
+            s.eta_s = p.eta_s;
+        });
+        match &r {
+            Ok(c) => tracing::info!(archive = %name.as_str(), share = %share.as_str(), passes = c.report.passes, files = c.report.files, "archive.created"),
+            Err(e) => tracing::error!(archive = %name.as_str(), error = %e, "archive.create_failed"),
+        }
+        finish(&job2, r.map(|c| c.manifest).map_err(|e| e.to_string()));
     });
     if let Err(e) = spawned {
         let msg = format!("cannot start the archive thread: {e}");
