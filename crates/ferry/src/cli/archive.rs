@@ -36,13 +36,19 @@ pub enum ArchiveCommand {
         /// The store directory (made if missing; must then be empty).
         #[arg(long, env = "FERRY_ARCHIVE_STORE")]
         to: PathBuf,
-        /// The archive's name (default: SOURCE-NAME-yyyymmddThhmmssZ, UTC).
+        /// The archive's name (default: SOURCE-NAME-yyyymmddthhmmssz, UTC, lower
+        /// case as names are).
         #[arg(long)]
         name: Option<String>,
         /// Bytes per chunk, the unit of dedup (a multiple of 64KiB, at most
         /// 4MiB; default 1MiB, `[archive] chunk_bytes`).
         #[arg(long)]
         chunk_bytes: Option<ByteSize>,
+        /// Sync the store and record progress every this many bytes of the
+        /// source: what an interrupted create resumes from (default 256MiB,
+        /// `[archive] checkpoint_bytes`).
+        #[arg(long)]
+        checkpoint_bytes: Option<ByteSize>,
         #[command(flatten)]
         conn: AgentConn,
     },
@@ -80,9 +86,11 @@ pub enum ArchiveCommand {
         name: String,
         #[arg(long, env = "FERRY_ARCHIVE_STORE")]
         store: PathBuf,
-        #[arg(long, group = "target", required = true)]
+        /// A new image file.
+        #[arg(long, required_unless_present = "volume", conflicts_with = "volume")]
         to: Option<PathBuf>,
-        #[arg(long, group = "target", required = true)]
+        /// A volume of the agent (through its API).
+        #[arg(long)]
         volume: Option<String>,
         /// The image format of --to: raw (sparse), qcow2, vmdk
         /// (streamOptimized) or vhdx.
@@ -115,6 +123,7 @@ pub fn run(cmd: &ArchiveCommand, data_dir: &Path, json: bool) -> Result<()> {
             to,
             name,
             chunk_bytes,
+            checkpoint_bytes,
             conn,
         } => {
             for kind in ["volume", "workload", "share"] {
@@ -131,7 +140,14 @@ pub fn run(cmd: &ArchiveCommand, data_dir: &Path, json: bool) -> Result<()> {
                     }
                 }
             }
-            create_local(Path::new(source), to, name.as_deref(), *chunk_bytes, json)
+            let mut settings = ArchiveSettings::default();
+            if let Some(c) = chunk_bytes {
+                settings.chunk_bytes = c.0;
+            }
+            if let Some(c) = checkpoint_bytes {
+                settings.checkpoint_bytes = c.0.max(1);
+            }
+            create_local(Path::new(source), to, name.as_deref(), &settings, json)
         }
         ArchiveCommand::List { store } => list(&open(store)?, json),
         ArchiveCommand::Verify { names, store } => verify(&open(store)?, names, json),
@@ -288,7 +304,7 @@ fn hostname() -> String {
 
 fn utc_stamp() -> String {
     jiff::Timestamp::now()
-        .strftime("%Y%m%dT%H%M%SZ")
+        .strftime("%Y%m%dt%H%M%Sz")
         .to_string()
 }
 
@@ -318,14 +334,6 @@ fn default_name(source: &Path) -> Result<Name> {
     Ok(Name::parse(&format!("{base}-{stamp}"))?)
 }
 
-fn settings(chunk_bytes: Option<ByteSize>) -> ArchiveSettings {
-    let mut s = ArchiveSettings::default();
-    if let Some(c) = chunk_bytes {
-        s.chunk_bytes = c.0;
-    }
-    s
-}
-
 const LEAF_BYTES: u64 = ferry_core::dirty::DEFAULT_GRANULARITY_BYTES;
 
 #[derive(Debug, Serialize)]
@@ -349,7 +357,7 @@ fn create_local(
     source: &Path,
     to: &Path,
     name: Option<&str>,
-    chunk_bytes: Option<ByteSize>,
+    settings: &ArchiveSettings,
     json: bool,
 ) -> Result<()> {
     let stop = stop_on_signal()?;
@@ -358,7 +366,6 @@ fn create_local(
     let src = FileSource::open(&path)?;
     let key = src.key(&path);
     let store = Store::open(to, true)?;
-    let settings = settings(chunk_bytes);
     // Resume: the same name, or (no name given) an interrupted create of
     // the same source.
     let partial = store.partials().into_iter().find(|p| p.source_key == key);
@@ -411,7 +418,7 @@ fn create_local(
         kind.as_str()
     );
     let mut rep = Reporter::new("archived");
-    let r = archive::create_disks(&store, spec, &settings, &stop, &mut |p| rep.show(p));
+    let r = archive::create_disks(&store, spec, settings, &stop, &mut |p| rep.show(p));
     rep.done();
     let m = match r {
         Ok(m) => m,
