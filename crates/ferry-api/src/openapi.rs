@@ -19,6 +19,7 @@ fn request_schema(kind: ActionKind, g: &mut SchemaGenerator) -> Option<schemars:
         K::Repin => g.subschema_for::<Repin>(),
         K::CreateToken => g.subschema_for::<CreateToken>(),
         K::CreateVolume => g.subschema_for::<CreateVolume>(),
+        K::ImportImage => g.subschema_for::<ImportImage>(),
         K::PromoteVolume => g.subschema_for::<Promote>(),
         K::ArmSnapshot => g.subschema_for::<ArmSnapshot>(),
         K::Takeover => g.subschema_for::<Takeover>(),

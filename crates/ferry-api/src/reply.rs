@@ -134,6 +134,16 @@ pub struct VolumeInfo {
     pub path: String,
 }
 
+/// An image imported as a volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ImageImported {
+    pub path: String,
+    pub format: String,
+    /// The image's virtual size, rounded up to 512 bytes: the volume's size.
+    pub size_bytes: u64,
+    pub volume: VolumeInfo,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Deleted {
     pub deleted: String,
@@ -1135,6 +1145,7 @@ replies! {
     RevokeToken => TokenRevoked(TokenRevoked);
     ListVolumes => Volumes(Vec<VolumeInfo>);
     CreateVolume => VolumeCreated(VolumeInfo);
+    ImportImage => ImageImported(ImageImported);
     DeleteVolume => VolumeDeleted(Deleted);
     VolumeHashes => Hashes(BlockHashes);
     VolumeGeneration => Generation(Generation);

@@ -75,6 +75,20 @@ pub struct CreateVolume {
     pub size_bytes: u64,
 }
 
+/// `POST /api/v1/images/import`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImage {
+    /// The image file on the node: an absolute path, its last part not a
+    /// symlink.
+    pub path: String,
+    /// `raw`, `qcow2`, `vmdk` or `vhdx` (never probed).
+    pub format: String,
+    /// The new volume.
+    #[schemars(with = "String")]
+    pub volume: Name,
+}
+
 /// `GET /api/v1/volumes/{name}/hashes` (query).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct HashesQuery {

@@ -183,6 +183,7 @@ routes! {
     RevokeToken: Delete "/api/v1/tokens/{name}", ADMIN, ANY, "`ferry token revoke`.";
     ListVolumes: Get "/api/v1/volumes", VIEWER, ANY, "Volumes of this node.";
     CreateVolume: Post "/api/v1/volumes", OPERATOR, ANY, "Create a volume.";
+    ImportImage: Post "/api/v1/images/import", ADMIN, ANY, "`ferry archive import`: a qcow2, vmdk, vhdx or raw image file on this node as a new volume (refused if it names another file: backing file, data file, extent).";
     DeleteVolume: Delete "/api/v1/volumes/{name}", ADMIN, ANY, "Delete a volume and its data.";
     VolumeHashes: Get "/api/v1/volumes/{name}/hashes", VIEWER, ANY, "BLAKE3 per block (`?fresh=1`: read the image; `?warm=1`: only bring the cache up to date).";
     VolumeGeneration: Get "/api/v1/volumes/{name}/generation", VIEWER, ANY, "A volume's data history: [current, ancestors…].";

@@ -20,6 +20,9 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::agent::AgentCtx;
+
+#[path = "import.rs"]
+mod import;
 use crate::transport::client::ApiClient;
 use crate::transport::peers::Peer;
 
@@ -280,6 +283,19 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
             blocking(move || c.create_volume(&req.name, req.size_bytes)).await?;
             let info = blocking(move || Ok(ctx.store.info(&name)?)).await?;
             Reply::VolumeCreated(convert(&info)?)
+        }
+        Action::ImportImage(req) => {
+            let c = ctx.clone();
+            let (path, format, volume) = (req.path.clone(), req.format.clone(), req.volume.clone());
+            let image =
+                blocking(move || Ok(import::import_image(&c, &path, &format, &volume)?)).await?;
+            let info = blocking(move || Ok(ctx.store.info(req.volume.as_str())?)).await?;
+            Reply::ImageImported(r::ImageImported {
+                path: req.path,
+                format: image.format.as_str().to_string(),
+                size_bytes: info.size_bytes,
+                volume: convert(&info)?,
+            })
         }
         Action::DeleteVolume { name } => {
             let n = name.to_string();

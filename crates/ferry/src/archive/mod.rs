@@ -14,6 +14,7 @@
 //!   the progress every long command reports.
 
 pub mod manifest;
+pub mod qemu;
 pub mod store;
 pub mod tree;
 
@@ -136,6 +137,14 @@ pub enum ArchiveError {
     Store(crate::store::StoreError),
     #[error("interrupted")]
     Interrupted,
+    #[error("{what} {path}: {stderr}")]
+    Qemu {
+        what: &'static str,
+        path: PathBuf,
+        stderr: String,
+    },
+    #[error("refusing the image {path}: {why}")]
+    UnsafeImage { path: PathBuf, why: String },
 }
 
 /// A disk an archive reads: an image file, a block device, a volume's
@@ -207,6 +216,11 @@ impl FileSource {
             size,
             regular,
         })
+    }
+
+    /// A block device (not a regular file)?
+    pub fn is_device(&self) -> bool {
+        !self.regular
     }
 
     /// What identifies this file unchanged (resume): device, inode, size, mtime.

@@ -29,9 +29,10 @@ fn abs(store: &Path) -> Result<String> {
         .ok_or_else(|| anyhow::anyhow!("the store path {} is not UTF-8", p.display()))
 }
 
-/// `ferry archive create volume/V|workload/W|share/S --to STORE`.
+/// `ferry archive create volume/V|workload/W|share/S --to STORE`:
+/// `source` is `(kind, name)`.
 pub fn create(
-    source: &str,
+    source: (&str, &str),
     store: &Path,
     archive: Option<&str>,
     conn: &AgentConn,
@@ -40,7 +41,7 @@ pub fn create(
 ) -> Result<()> {
     let c = client(conn, data_dir)?;
     let req = q::CreateArchive {
-        source: source.to_string(),
+        source: format!("{}/{}", source.0, source.1),
         store: abs(store)?,
         name: archive.map(name).transpose()?,
     };
@@ -306,4 +307,35 @@ fn finish(j: r::ArchiveJob, json: bool) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `ferry archive import FILE -f FORMAT --volume V`: the agent inspects the
+/// image (`qemu-img info`, refusing one that names another file), creates
+/// the volume with its virtual size and converts the image into it.
+pub fn import(
+    file: &Path,
+    format: &str,
+    volume: &str,
+    conn: &AgentConn,
+    data_dir: &Path,
+    json: bool,
+) -> Result<()> {
+    let path = std::path::absolute(file)?;
+    let Some(path_str) = path.to_str() else {
+        bail!("{}: the path must be UTF-8", path.display());
+    };
+    let req = q::ImportImage {
+        path: path_str.to_string(),
+        format: format.to_string(),
+        volume: name(volume)?,
+    };
+    match client(conn, data_dir)?.send(&Action::ImportImage(req))? {
+        Reply::ImageImported(v) => print(&v, json, |v| {
+            println!(
+                "imported {} ({}, {} bytes) as volume {}",
+                v.path, v.format, v.size_bytes, v.volume.name
+            )
+        }),
+        other => bail!("unexpected reply: {}", serde_json::to_string(&other)?),
+    }
 }
