@@ -697,6 +697,8 @@ fn restore_volume(
         .open(&image)
         .map_err(|e| format!("{}: {e}", image.display()))?;
     let stop = AtomicBool::new(false);
+    let total = lock(&job.status).total_bytes;
+    let mut progress = progress_into(job);
     archive::restore_disk(
         store,
         m,
@@ -704,7 +706,13 @@ fn restore_volume(
         &archive::FileTarget { file, fresh: true },
         &ctx.cfg.archive,
         &stop,
-        &mut progress_into(job),
+        &mut |p| {
+            progress(archive::Progress {
+                done_bytes: done_before + p.done_bytes,
+                total_bytes: total,
+                ..p
+            })
+        },
     )
     .map_err(|e| e.to_string())?;
     std::fs::File::open(&image)
