@@ -287,7 +287,7 @@ fn console(path: &Path) -> (Option<u64>, Option<u64>) {
         text.lines()
             .filter_map(|l| l.trim().strip_prefix(tag))
             .filter_map(|n| n.trim().parse::<u64>().ok())
-            .last()
+            .next_back()
     };
     (last("WROTE "), last("VERIFIED "))
 }

@@ -665,6 +665,7 @@ pub fn restore(ctx: &Arc<AgentCtx>, req: q::RestoreArchive) -> Res<r::ArchiveJob
     Ok(s)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn restore_volume(
     ctx: &Arc<AgentCtx>,
     store: &Store,

@@ -59,6 +59,7 @@ pub fn create(
 }
 
 /// `ferry archive restore NAME --store STORE --volume V [--replica-of NODE]`.
+#[allow(clippy::too_many_arguments)]
 pub fn restore_volume(
     archive: &str,
     store: &Path,
