@@ -286,14 +286,21 @@ impl Store {
             }
         })?;
         let len = f.metadata().map_err(io_err("cannot read", &path))?.len();
-        let mut all = Vec::with_capacity(len as usize);
-        f.read_to_end(&mut all)
+        // The header, then the body read straight into its own buffer (a
+        // raw chunk's body is returned as it is: no copy).
+        let mut head = [0u8; CHUNK_HEADER_BYTES];
+        if len < CHUNK_HEADER_BYTES as u64 {
+            return Err(bad(ChunkError::Short(len)));
+        }
+        f.read_exact(&mut head)
             .map_err(io_err("cannot read", &path))?;
-        let header = ChunkHeader::decode(&all, len).map_err(bad)?;
-        let body = &all[CHUNK_HEADER_BYTES..];
+        let header = ChunkHeader::decode(&head, len).map_err(bad)?;
+        let mut body = Vec::with_capacity((len as usize).saturating_sub(CHUNK_HEADER_BYTES));
+        f.read_to_end(&mut body)
+            .map_err(io_err("cannot read", &path))?;
         let raw = match header.codec {
-            Codec::Raw => body.to_vec(),
-            Codec::Zstd => zstd::bulk::decompress(body, header.raw_len as usize).map_err(|e| {
+            Codec::Raw => body,
+            Codec::Zstd => zstd::bulk::decompress(&body, header.raw_len as usize).map_err(|e| {
                 ArchiveError::BadChunk {
                     id: *id,
                     path: path.clone(),
