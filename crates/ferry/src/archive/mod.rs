@@ -759,7 +759,7 @@ pub fn restore_disk(
     };
     std::thread::scope(|s| {
         for _ in 0..settings.threads().max(1) {
-            s.spawn(&work);
+            s.spawn(work);
         }
         while next.load(Ordering::Relaxed) < n
             && err.lock().unwrap_or_else(|p| p.into_inner()).is_none()
@@ -878,8 +878,8 @@ pub fn verify(
     let total: u64 = todo.iter().map(|(c, _)| store.stored_bytes(c)).sum();
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
-    let found: Mutex<BTreeMap<(ChunkId, u64), Result<Vec<blake3::Hash>, String>>> =
-        Mutex::new(BTreeMap::new());
+    type Found = BTreeMap<(ChunkId, u64), Result<Vec<blake3::Hash>, String>>;
+    let found: Mutex<Found> = Mutex::new(BTreeMap::new());
     std::thread::scope(|s| {
         for _ in 0..settings.threads().max(1) {
             s.spawn(|| {

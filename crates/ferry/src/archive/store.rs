@@ -34,6 +34,9 @@ use super::ArchiveError;
 
 const STORE_FORMAT: u32 = 1;
 
+/// A file in `archives/` that is not a readable manifest, and why.
+pub type Damaged = (PathBuf, String);
+
 /// An open store.
 #[derive(Debug)]
 pub struct Store {
@@ -433,7 +436,7 @@ impl Store {
 
     /// Every manifest, and the files that are not one (damaged: named,
     /// never guessed at).
-    pub fn manifests(&self) -> Result<(Vec<Manifest>, Vec<(PathBuf, String)>), ArchiveError> {
+    pub fn manifests(&self) -> Result<(Vec<Manifest>, Vec<Damaged>), ArchiveError> {
         let base = self.root.join("archives");
         let mut ok = Vec::new();
         let mut bad = Vec::new();
