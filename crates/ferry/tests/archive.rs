@@ -693,6 +693,28 @@ fn import_refuses_images_naming_other_files_and_a_clean_qcow2_replicates() {
     let v = a.json(&["volume", "verify", "imp"]);
     assert_eq!(v["equal"], true, "{v}");
     run_ok(Command::new("cmp").arg(a.image("imp")).arg(b.image("imp")));
+    // A single-file vmdk (its extent is itself) and a vhdx import too.
+    for (fmt, opts) in [("vmdk", "subformat=streamOptimized"), ("vhdx", "")] {
+        let f = root.path().join(format!("src.{fmt}"));
+        let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([s(&raw), s(&f)]);
+        qemu_img(&args);
+        let vol = format!("imp-{fmt}");
+        a.json(&["archive", "import", s(&f), "-f", fmt, "--volume", &vol]);
+        let cmp = qemu_img(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            s(&raw),
+            s(&a.image(&vol)),
+        ]);
+        assert!(cmp.contains("identical"), "{fmt}: {cmp}");
+    }
     // An existing volume name is refused, and the existing one kept.
     let e = a.fails(&["archive", "import", s(&q), "-f", "qcow2", "--volume", "imp"]);
     assert!(e.contains("exists"), "{e}");
