@@ -300,6 +300,24 @@ fn verify_names_a_truncated_chunk_and_its_users() {
         json(&["archive", "verify", "--store", s(&store)])["ok"],
         true
     );
+    // A damaged manifest is named by list and verify (exit 1), and prune
+    // refuses to guess at its chunks.
+    std::fs::write(store.join("archives/four.json"), b"{not a manifest").unwrap();
+    let l = json(&["archive", "list", "--store", s(&store)]);
+    assert!(
+        l["damaged_manifests"][0]
+            .as_str()
+            .unwrap()
+            .contains("four.json"),
+        "{l}"
+    );
+    assert_eq!(l["archives"].as_array().unwrap().len(), 3);
+    let out = ferry(&["archive", "verify", "--store", s(&store)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("DAMAGED manifest"));
+    let out = ferry(&["archive", "prune", "--store", s(&store)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("four.json"));
 }
 
 #[test]
