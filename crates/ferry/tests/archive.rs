@@ -368,8 +368,12 @@ fn a_second_archive_after_rewriting_one_percent_adds_about_one_percent() {
     assert_eq!(b["new_chunks"], rewrite, "{b}");
     assert!(pct <= 1.1, "{pct} %");
     assert!(stored as f64 <= 0.011 * size as f64 + 4096.0, "{stored}");
+    // The restore's progress: a line every 0.5 s on stderr (not a
+    // terminal: one line each), the result alone on stdout.
     let out = dir.path().join("after.raw");
-    json(&[
+    let t = Instant::now();
+    let o = ferry(&[
+        "--json",
         "archive",
         "restore",
         "after",
@@ -378,6 +382,14 @@ fn a_second_archive_after_rewriting_one_percent_adds_about_one_percent() {
         "--to",
         s(&out),
     ]);
+    let took = t.elapsed().as_secs_f64();
+    assert!(o.status.success());
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["size_bytes"], size);
+    let err = String::from_utf8_lossy(&o.stderr);
+    // (The rate of the lines: archive::tests::progress_is_reported_every_half_second.)
+    eprintln!("restore took {took:.2} s");
+    assert!(err.contains("restored 256 MiB of 256 MiB (100%)"), "{err}");
     run_ok(Command::new("cmp").arg(&img).arg(&out));
 }
 

@@ -761,12 +761,14 @@ pub fn restore_disk(
         for _ in 0..settings.threads().max(1) {
             s.spawn(work);
         }
+        let mut last = Instant::now();
         while next.load(Ordering::Relaxed) < n
             && err.lock().unwrap_or_else(|p| p.into_inner()).is_none()
             && !stop.load(Ordering::Relaxed)
         {
             std::thread::sleep(Duration::from_millis(50));
-            if started.elapsed() >= PROGRESS_EVERY {
+            if last.elapsed() >= PROGRESS_EVERY {
+                last = Instant::now();
                 progress(Progress::at(done.load(Ordering::Relaxed), size, started));
             }
         }
@@ -902,9 +904,11 @@ pub fn verify(
                 }
             });
         }
+        let mut last = Instant::now();
         while next.load(Ordering::Relaxed) < todo.len() {
             std::thread::sleep(Duration::from_millis(100));
-            if started.elapsed() >= PROGRESS_EVERY {
+            if last.elapsed() >= PROGRESS_EVERY {
+                last = Instant::now();
                 progress(Progress::at(done.load(Ordering::Relaxed), total, started));
             }
         }
@@ -1013,6 +1017,60 @@ mod tests {
             workload: None,
             leaf_bytes: 64 << 10,
         }
+    }
+
+    /// A target slow enough that a restore lasts ~2 s.
+    struct Slow(FileTarget);
+    impl DiskTarget for Slow {
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            std::thread::sleep(Duration::from_millis(40));
+            self.0.write_at(buf, offset)
+        }
+        fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.0.zero(offset, len)
+        }
+    }
+
+    #[test]
+    fn progress_is_reported_every_half_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img.raw");
+        let n = 96u64;
+        let data: Vec<u8> = (0..n * (64 << 10)).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&img, &data).unwrap();
+        let store = Store::open(&dir.path().join("store"), true).unwrap();
+        let src = FileSource::open(&img).unwrap();
+        let stop = AtomicBool::new(false);
+        let mut s = settings();
+        s.chunk_bytes = 64 << 10;
+        s.threads = 2;
+        let m = create_disks(&store, spec("p", &src, "k"), &s, &stop, &mut |_| {}).unwrap();
+        let out = dir.path().join("out.raw");
+        let of = std::fs::File::create_new(&out).unwrap();
+        of.set_len(data.len() as u64).unwrap();
+        let started = Instant::now();
+        let mut calls = 0u32;
+        restore_disk(
+            &store,
+            &m,
+            &m.disks[0],
+            &Slow(FileTarget {
+                file: of,
+                fresh: true,
+            }),
+            &s,
+            &stop,
+            &mut |_| calls += 1,
+        )
+        .unwrap();
+        let took = started.elapsed().as_secs_f64();
+        assert!(took > 1.5, "{took}");
+        assert!(
+            calls as f64 <= took * 2.0 + 2.0,
+            "{calls} progress reports in {took:.2} s"
+        );
+        assert!(calls >= 2, "{calls}");
+        assert_eq!(std::fs::read(&out).unwrap(), data);
     }
 
     #[test]
