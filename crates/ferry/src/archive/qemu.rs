@@ -158,13 +158,34 @@ fn open_image(path: &Path) -> Result<Opened, ArchiveError> {
     Ok(Opened { file, fd_path })
 }
 
+/// `qemu-img`, with the signals ferry blocks (SIGINT, SIGTERM: awaited by
+/// a thread, `sys::signals`) unblocked again, so a Ctrl-C ends it too.
+fn qemu_cmd() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("qemu-img");
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only sigemptyset/sigprocmask, which are async-signal-safe, on a
+    // sigset_t on its own stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// `qemu-img` inheriting `keep`'s descriptor (close-on-exec cleared in the
 /// child only).
 fn qemu_img(keep: &Opened) -> Command {
     use std::os::unix::io::AsRawFd;
     use std::os::unix::process::CommandExt;
     let fd = keep.file.as_raw_fd();
-    let mut cmd = Command::new("qemu-img");
+    let mut cmd = qemu_cmd();
     // SAFETY: the closure runs in the child between fork and exec and calls
     // only fcntl(2), which is async-signal-safe; it touches no memory of
     // the parent but the copied integer `fd`.
@@ -336,7 +357,7 @@ pub fn convert_to_raw(
 pub fn convert_from_raw(raw: &Path, out: &Path, format: ImageFormat) -> Result<(), ArchiveError> {
     absolute(raw)?;
     absolute(out)?;
-    let mut cmd = Command::new("qemu-img");
+    let mut cmd = qemu_cmd();
     cmd.arg("convert")
         .arg("--image-opts")
         .arg("-O")
