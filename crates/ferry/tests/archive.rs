@@ -608,6 +608,36 @@ fn a_create_stopped_by_sigterm_resumes_where_it_stopped() {
         .unwrap()
         .next()
         .is_none());
+    // An interrupted create can be forgotten: delete drops its record, and
+    // prune then frees its chunks.
+    let name = "forgotten";
+    let mut kid = Reap(vec![spawn(&[
+        "archive",
+        "create",
+        s(&img),
+        "--to",
+        s(&store),
+        "--name",
+        name,
+        "--chunk-bytes",
+        "128KiB",
+        "--checkpoint-bytes",
+        "1MiB",
+    ])]);
+    let rec = store.join("partial").join(format!("{name}.json"));
+    wait_until(60, "a progress record", || rec.exists());
+    let _ = kid.0[0].kill();
+    let _ = kid.0[0].wait();
+    let l = json(&["archive", "list", "--store", s(&store)]);
+    assert!(l["interrupted_creates"].to_string().contains(name), "{l}");
+    ok(&["archive", "delete", name, "--store", s(&store)]);
+    assert!(!rec.exists());
+    let p = json(&["archive", "prune", "--store", s(&store)]);
+    assert!(p["chunks_deleted"].as_u64().unwrap() > 0, "{p}");
+    assert_eq!(
+        json(&["archive", "verify", "--store", s(&store)])["ok"],
+        true
+    );
 }
 
 /// Images that name another file, made by the real qemu-img.
