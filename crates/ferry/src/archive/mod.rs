@@ -1074,6 +1074,44 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_short_progress_record_names_nothing() {
+        // kill -9 between a record's write and its rename leaves NAME.tmp,
+        // whole: prune must neither keep its chunks nor leave it there.
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img.raw");
+        std::fs::write(&img, vec![7u8; 256 << 10]).unwrap();
+        let store = Store::open(&dir.path().join("store"), true).unwrap();
+        let src = FileSource::open(&img).unwrap();
+        let stop = AtomicBool::new(false);
+        let m = create_disks(
+            &store,
+            spec("t", &src, "k"),
+            &settings(),
+            &stop,
+            &mut |_| {},
+        )
+        .unwrap();
+        let p = Partial {
+            name: Name::parse("gone").unwrap(),
+            source_key: "k".into(),
+            chunk_bytes: m.chunk_bytes,
+            leaf_bytes: m.leaf_bytes,
+            disks: vec![m.disks[0].chunks.clone()],
+            files: Vec::new(),
+            updated_unix_ms: 0,
+        };
+        store.save_partial(&p).unwrap();
+        let rec = dir.path().join("store/partial/gone.json");
+        let tmp = dir.path().join("store/partial/gone.tmp");
+        std::fs::rename(&rec, &tmp).unwrap();
+        store.delete_manifest(&m.name).unwrap();
+        assert!(store.partials().is_empty());
+        let r = prune(&store, false).unwrap();
+        assert_eq!(r.chunks_deleted, 1, "{r:?}");
+        assert!(!tmp.exists());
+    }
+
+    #[test]
     fn create_restore_verify_prune_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("img.raw");

@@ -388,8 +388,9 @@ impl Store {
         }
     }
 
-    /// Removes temporary files of writers that are gone (prune, under the
-    /// exclusive lock: no create runs).
+    /// Removes temporary files of writers that are gone: chunks in `tmp/`,
+    /// cut-short record writes in `partial/` and `archives/` (prune, under
+    /// the exclusive lock: no create runs).
     pub fn clear_tmp(&self) -> Result<u64, ArchiveError> {
         let base = self.root.join("tmp");
         let mut n = 0;
@@ -397,6 +398,19 @@ impl Store {
             let f = f.map_err(io_err("cannot list", &base))?;
             if fs::remove_file(f.path()).is_ok() {
                 n += 1;
+            }
+        }
+        // Record writes a crash cut short (`crate::store::save`'s NAME.tmp).
+        for d in ["partial", "archives"] {
+            let base = self.root.join(d);
+            let Ok(rd) = fs::read_dir(&base) else {
+                continue;
+            };
+            for f in rd.filter_map(|e| e.ok()) {
+                let p = f.path();
+                if p.extension().is_some_and(|x| x == "tmp") && fs::remove_file(&p).is_ok() {
+                    n += 1;
+                }
             }
         }
         Ok(n)
@@ -497,8 +511,12 @@ impl Store {
         let Ok(rd) = fs::read_dir(&base) else {
             return Vec::new();
         };
+        // Only NAME.json: a NAME.tmp is a record write a crash cut short
+        // (or finished but never renamed): it names nothing.
         rd.filter_map(|e| e.ok())
-            .filter_map(|e| crate::store::load::<Partial>(&e.path()).ok().flatten())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter_map(|p| crate::store::load::<Partial>(&p).ok().flatten())
             .collect()
     }
 
