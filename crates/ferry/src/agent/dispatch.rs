@@ -287,8 +287,7 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
         Action::ImportImage(req) => {
             let c = ctx.clone();
             let (path, format, volume) = (req.path.clone(), req.format.clone(), req.volume.clone());
-            let image =
-                blocking(move || Ok(import::import_image(&c, &path, &format, &volume)?)).await?;
+            let image = blocking(move || import::import_image(&c, &path, &format, &volume)).await?;
             let info = blocking(move || Ok(ctx.store.info(req.volume.as_str())?)).await?;
             Reply::ImageImported(r::ImageImported {
                 path: req.path,

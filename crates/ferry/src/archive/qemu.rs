@@ -9,8 +9,12 @@
 //!
 //! - the format is always given, never probed (a raw image whose first bytes
 //!   look like a qcow2 header is still raw);
-//! - the file is opened through the `file` protocol with `--image-opts`
-//!   (no `json:` or `nbd:` filename is ever interpreted), read-only;
+//! - the file is opened here, read-only with O_NOFOLLOW, and handed to
+//!   `qemu-img` as that open descriptor (`/dev/fd/N`, through the `file`
+//!   protocol with `--image-opts`: no `json:` or `nbd:` filename is ever
+//!   interpreted): what is checked is what is converted, even if the path
+//!   is swapped meanwhile, and a relative extent resolves under `/dev/fd/`
+//!   (to nothing);
 //! - [`inspect`] runs `qemu-img info` (which opens no backing file and
 //!   reads no data) and refuses every image that names another file;
 //! - [`convert_to_raw`] converts only an image [`inspect`] accepted.
@@ -122,49 +126,108 @@ fn refuse(path: &Path, why: String) -> ArchiveError {
     }
 }
 
-/// Runs `qemu-img info` on `path` as `format` and accepts it only if it
-/// is one self-contained file: no backing file, no external data file, no
-/// extent or child outside it.
-pub fn inspect(path: &Path, format: ImageFormat) -> Result<ImageInfo, ArchiveError> {
+/// The image, open: read-only, O_NOFOLLOW, a regular file.
+struct Opened {
+    file: std::fs::File,
+    /// `/dev/fd/N`: how `qemu-img` (a child that inherits it) names it.
+    fd_path: PathBuf,
+}
+
+fn open_image(path: &Path) -> Result<Opened, ArchiveError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
     absolute(path)?;
-    // Open it ourselves first: it must be a regular file, not a symlink.
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| ArchiveError::Io {
-                what: "cannot open the image",
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let m = f.metadata().map_err(|source| ArchiveError::Io {
-            what: "cannot stat the image",
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| ArchiveError::Io {
+            what: "cannot open the image",
             path: path.to_path_buf(),
             source,
         })?;
-        if !m.is_file() {
-            return Err(refuse(path, "not a regular file".into()));
-        }
+    let m = file.metadata().map_err(|source| ArchiveError::Io {
+        what: "cannot stat the image",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !m.is_file() {
+        return Err(refuse(path, "not a regular file".into()));
     }
+    let fd_path = PathBuf::from(format!("/dev/fd/{}", file.as_raw_fd()));
+    Ok(Opened { file, fd_path })
+}
+
+/// `qemu-img`, with the signals ferry blocks (SIGINT, SIGTERM: awaited by
+/// a thread, `sys::signals`) unblocked again, so a Ctrl-C ends it too.
+fn qemu_cmd() -> Command {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new("qemu-img");
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only sigemptyset/sigprocmask, which are async-signal-safe, on a
+    // sigset_t on its own stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// `qemu-img` inheriting `keep`'s descriptor (close-on-exec cleared in the
+/// child only).
+fn qemu_img(keep: &Opened) -> Command {
+    use std::os::unix::io::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = keep.file.as_raw_fd();
+    let mut cmd = qemu_cmd();
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only fcntl(2), which is async-signal-safe; it touches no memory of
+    // the parent but the copied integer `fd`.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn info_of(path: &Path, img: &Opened, format: ImageFormat) -> Result<ImageInfo, ArchiveError> {
+    let mut cmd = qemu_img(img);
     cmd.arg("info")
         .arg("--output=json")
         .arg("--image-opts")
-        .arg(image_opts(path, format, true));
+        .arg(image_opts(&img.fd_path, format, true));
     let out = run(cmd, "qemu-img info failed on", path)?;
     let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| ArchiveError::Qemu {
         what: "qemu-img info gave unreadable JSON for",
         path: path.to_path_buf(),
         stderr: e.to_string(),
     })?;
-    check_info(path, format, &v)
+    check_info(path, &img.fd_path, format, &v)
+}
+
+/// Runs `qemu-img info` on `path` as `format` and accepts it only if it
+/// is one self-contained file: no backing file, no external data file, no
+/// extent or child outside it.
+pub fn inspect(path: &Path, format: ImageFormat) -> Result<ImageInfo, ArchiveError> {
+    let img = open_image(path)?;
+    info_of(path, &img, format)
 }
 
 /// The decision over `qemu-img info`'s JSON (separate for the unit tests).
 fn check_info(
     path: &Path,
+    own: &Path,
     format: ImageFormat,
     v: &serde_json::Value,
 ) -> Result<ImageInfo, ArchiveError> {
@@ -221,7 +284,7 @@ fn check_info(
         let extents = spec["extents"].as_array().cloned().unwrap_or_default();
         for e in &extents {
             let f = e["filename"].as_str().unwrap_or("");
-            if Path::new(f) != path {
+            if Path::new(f) != own {
                 return Err(refuse(
                     path,
                     format!("its extent {f:?} is another file: converting it would read that file (CVE-2022-47951)"),
@@ -235,7 +298,7 @@ fn check_info(
         for c in children {
             let name = c["name"].as_str().unwrap_or("");
             let f = c["info"]["filename"].as_str().unwrap_or("");
-            if name != "file" || Path::new(f) != path {
+            if name != "file" || Path::new(f) != own {
                 return Err(refuse(
                     path,
                     format!("it has a child {name:?} ({f:?}) besides its own file (CVE-2024-32498 class)"),
@@ -268,19 +331,20 @@ pub fn convert_to_raw(
     out_raw: &Path,
     existing: bool,
 ) -> Result<ImageInfo, ArchiveError> {
-    let info = inspect(path, format)?;
+    let img = open_image(path)?;
+    let info = info_of(path, &img, format)?;
     absolute(out_raw)?;
-    let mut cmd = Command::new("qemu-img");
+    let mut cmd = qemu_img(&img);
     cmd.arg("convert").arg("--image-opts");
     if existing {
         cmd.arg("-n")
             .arg("--target-image-opts")
-            .arg(image_opts(path, format, true))
+            .arg(image_opts(&img.fd_path, format, true))
             .arg(image_opts(out_raw, ImageFormat::Raw, false));
     } else {
         cmd.arg("-O")
             .arg("raw")
-            .arg(image_opts(path, format, true))
+            .arg(image_opts(&img.fd_path, format, true))
             .arg(out_raw);
     }
     run(cmd, "qemu-img convert failed on", path)?;
@@ -293,7 +357,7 @@ pub fn convert_to_raw(
 pub fn convert_from_raw(raw: &Path, out: &Path, format: ImageFormat) -> Result<(), ArchiveError> {
     absolute(raw)?;
     absolute(out)?;
-    let mut cmd = Command::new("qemu-img");
+    let mut cmd = qemu_cmd();
     cmd.arg("convert")
         .arg("--image-opts")
         .arg("-O")
@@ -319,13 +383,13 @@ mod tests {
     fn refuses_what_names_another_file() {
         let ok = json!({"format": "qcow2", "virtual-size": 1048576, "format-specific": {"type": "qcow2", "data": {}}});
         assert_eq!(
-            check_info(&p(), ImageFormat::Qcow2, &ok)
+            check_info(&p(), &p(), ImageFormat::Qcow2, &ok)
                 .unwrap()
                 .virtual_size_bytes,
             1 << 20
         );
         let back = json!({"format": "qcow2", "virtual-size": 1, "backing-filename": "/etc/shadow"});
-        let e = check_info(&p(), ImageFormat::Qcow2, &back)
+        let e = check_info(&p(), &p(), ImageFormat::Qcow2, &back)
             .unwrap_err()
             .to_string();
         assert!(
@@ -333,7 +397,7 @@ mod tests {
             "{e}"
         );
         let df = json!({"format": "qcow2", "virtual-size": 1, "format-specific": {"data": {"data-file": "/x"}}});
-        let e = check_info(&p(), ImageFormat::Qcow2, &df)
+        let e = check_info(&p(), &p(), ImageFormat::Qcow2, &df)
             .unwrap_err()
             .to_string();
         assert!(
@@ -341,8 +405,15 @@ mod tests {
             "{e}"
         );
         let vm = |ct: &str, f: &str| json!({"format": "vmdk", "virtual-size": 1, "format-specific": {"data": {"create-type": ct, "parent-cid": 4294967295u64, "extents": [{"filename": f}]}}});
-        assert!(check_info(&p(), ImageFormat::Vmdk, &vm("streamOptimized", "/i/x.img")).is_ok());
+        assert!(check_info(
+            &p(),
+            &p(),
+            ImageFormat::Vmdk,
+            &vm("streamOptimized", "/i/x.img")
+        )
+        .is_ok());
         let e = check_info(
+            &p(),
             &p(),
             ImageFormat::Vmdk,
             &vm("monolithicSparse", "/etc/shadow"),
@@ -350,14 +421,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("CVE-2022-47951"), "{e}");
-        let e = check_info(&p(), ImageFormat::Vmdk, &vm("monolithicFlat", "/i/x.img"))
-            .unwrap_err()
-            .to_string();
+        let e = check_info(
+            &p(),
+            &p(),
+            ImageFormat::Vmdk,
+            &vm("monolithicFlat", "/i/x.img"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("CVE-2022-47951"), "{e}");
         let child = json!({"format": "raw", "virtual-size": 1, "children": [{"name": "file", "info": {"filename": "/i/x.img"}}, {"name": "data-file", "info": {"filename": "/y"}}]});
-        assert!(check_info(&p(), ImageFormat::Raw, &child).is_err());
+        assert!(check_info(&p(), &p(), ImageFormat::Raw, &child).is_err());
         let wrong = json!({"format": "raw", "virtual-size": 1});
-        assert!(check_info(&p(), ImageFormat::Qcow2, &wrong).is_err());
+        assert!(check_info(&p(), &p(), ImageFormat::Qcow2, &wrong).is_err());
     }
 
     #[test]

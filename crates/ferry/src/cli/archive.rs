@@ -80,7 +80,8 @@ pub enum ArchiveCommand {
         #[arg(long)]
         wait: bool,
     },
-    /// Delete an archive (its chunks go at the next prune).
+    /// Delete an archive, or an interrupted create of that name (its chunks
+    /// go at the next prune).
     Delete {
         name: String,
         #[arg(long, env = "FERRY_ARCHIVE_STORE")]
@@ -182,7 +183,17 @@ pub fn run(cmd: &ArchiveCommand, data_dir: &Path, json: bool) -> Result<()> {
         }
         ArchiveCommand::Delete { name, store } => {
             let s = open(store)?;
-            s.delete_manifest(&Name::parse(name)?)?;
+            let n = Name::parse(name)?;
+            // An interrupted create of that name is forgotten too (else its
+            // progress record keeps its chunks from prune).
+            let partial = s.partial(&n).is_some();
+            if partial {
+                s.remove_partial(&n);
+            }
+            match s.delete_manifest(&n) {
+                Err(ArchiveError::NoArchive { .. }) if partial => {}
+                r => r?,
+            }
             crate::cli::remote::print(&serde_json::json!({"deleted": name}), json, |_| {
                 println!("deleted archive {name} (its chunks go at the next `ferry archive prune`)")
             })
