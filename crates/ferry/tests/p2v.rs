@@ -395,19 +395,19 @@ fn a_physical_disk_is_archived_and_restored_byte_for_byte() {
     let _loop = Loop(dev.clone());
     let store = dir.path().join("store");
     let c = ferry_json(&[
-        "p2v",
-        "capture-disk",
+        "archive",
+        "create",
         &dev,
         "--to",
         store.to_str().unwrap(),
         "--name",
         "disk",
     ]);
-    assert_eq!(c["size_bytes"], 48 << 20, "{c}");
+    assert_eq!(c["consistency"], "crash-consistent-if-idle", "{c}");
     let out = dir.path().join("restored.raw");
     ferry_json(&[
-        "p2v",
-        "restore-disk",
+        "archive",
+        "restore",
         "disk",
         "--store",
         store.to_str().unwrap(),
@@ -430,22 +430,89 @@ fn a_physical_disk_is_archived_and_restored_byte_for_byte() {
     }
 }
 
+/// P2V to a workload: a captured root built straight into a ferry volume
+/// (`p2v build --volume`, imported by the agent) runs as a QEMU VM
+/// workload, whose console shows the captured system's check passing.
 #[test]
-fn build_refuses_a_volume_until_the_agent_imports_images() {
-    let out = ferry(&[
+fn a_captured_root_built_into_a_volume_runs_as_a_vm_workload() {
+    for t in [
+        "qemu-system-x86_64",
+        "mke2fs",
+        "cpio",
+        "busybox",
+        "qemu-img",
+    ] {
+        require(t);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    ok(
+        Command::new(ws().join("crates/ferry/tests/p2v/build-root"))
+            .arg(&root)
+            .arg(ws().join("target/guest-p2v"))
+            .output()
+            .unwrap(),
+        "build-root",
+    );
+    let store = dir.path().join("store");
+    ferry_json(&[
+        "p2v",
+        "capture",
+        "--root",
+        root.to_str().unwrap(),
+        "--to",
+        store.to_str().unwrap(),
+        "--name",
+        "srv",
+    ]);
+    let a = common::agent::Agent::start(dir.path(), "a", "");
+    let image = dir.path().join("srv.raw");
+    let b = a.json(&[
         "p2v",
         "build",
-        "x",
+        "srv",
         "--store",
-        "/nonexistent",
+        store.to_str().unwrap(),
         "--volume",
-        "v",
+        "srv",
+        "--to",
+        image.to_str().unwrap(),
         "--size",
-        "1GiB",
+        "64MiB",
     ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not built yet"), "{err}");
+    assert!(!image.exists(), "the built image is removed once imported");
+    assert_eq!(b["volume"], "srv", "{b}");
+    let kernel = b["kernel"].as_str().unwrap().to_string();
+    let initrd = b["initrd"].as_str().unwrap().to_string();
+    a.ok(&[
+        "workload",
+        "create",
+        "srv",
+        "--volume",
+        "srv",
+        "--vm-kernel",
+        &kernel,
+        "--vm-initrd",
+        &initrd,
+        "--vm-append",
+        "root=/dev/vda rw console=ttyS0 panic=-1 quiet",
+        "--vm-memory",
+        "256MiB",
+        "--hook-timeout",
+        "20s",
+    ]);
+    a.ok(&["workload", "start", "srv"]);
+    let con = a.dir.join("vms/srv/console.log");
+    common::agent::wait_until(180, "the P2V guest's check", || {
+        let t = std::fs::read_to_string(&con).unwrap_or_default();
+        t.contains("P2V CHECK OK") || t.contains("P2V CHECK FAILED")
+    });
+    let text = std::fs::read_to_string(&con).unwrap();
+    assert!(
+        text.contains("P2V CHECK OK") && !text.contains("P2V CHECK FAILED"),
+        "{text}"
+    );
+    a.ok(&["workload", "stop", "srv"]);
 }
 
 #[test]

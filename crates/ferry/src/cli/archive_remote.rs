@@ -321,6 +321,23 @@ pub fn import(
     data_dir: &Path,
     json: bool,
 ) -> Result<()> {
+    let v = import_image(file, format, volume, conn, data_dir)?;
+    print(&v, json, |v| {
+        println!(
+            "imported {} ({}, {} bytes) as volume {}",
+            v.path, v.format, v.size_bytes, v.volume.name
+        )
+    })
+}
+
+/// The import's request and reply (for `ferry p2v build --volume` too).
+pub fn import_image(
+    file: &Path,
+    format: &str,
+    volume: &str,
+    conn: &AgentConn,
+    data_dir: &Path,
+) -> Result<r::ImageImported> {
     let path = std::path::absolute(file)?;
     let Some(path_str) = path.to_str() else {
         bail!("{}: the path must be UTF-8", path.display());
@@ -331,12 +348,7 @@ pub fn import(
         volume: name(volume)?,
     };
     match client(conn, data_dir)?.send(&Action::ImportImage(req))? {
-        Reply::ImageImported(v) => print(&v, json, |v| {
-            println!(
-                "imported {} ({}, {} bytes) as volume {}",
-                v.path, v.format, v.size_bytes, v.volume.name
-            )
-        }),
+        Reply::ImageImported(v) => Ok(v),
         other => bail!("unexpected reply: {}", serde_json::to_string(&other)?),
     }
 }

@@ -62,11 +62,14 @@ pub enum P2vCommand {
         /// The archive store.
         #[arg(long)]
         store: PathBuf,
-        /// The raw image to write (must not exist).
-        #[arg(long, group = "out", required = true)]
+        /// The raw image to write (must not exist). With --volume: where it
+        /// is built before the import (default ./VOLUME.raw), removed after.
+        #[arg(long, required_unless_present = "volume")]
         to: Option<PathBuf>,
-        /// A ferry volume to import the image into (through the agent).
-        #[arg(long, group = "out", required = true)]
+        /// A new ferry volume to import the image into (through the agent,
+        /// on this machine: it reads the built image); the kernel and
+        /// initramfs stay next to the image's path.
+        #[arg(long)]
         volume: Option<String>,
         /// The image's size: 4GiB, 512MiB.
         #[arg(long)]
@@ -78,26 +81,8 @@ pub enum P2vCommand {
         /// /boot/initrd.img-VERSION or /boot/initramfs-VERSION.img, else the newest).
         #[arg(long)]
         initrd: Option<String>,
-    },
-    /// Archive a block device (a physical disk) read while idle, until
-    /// `ferry archive create DEVICE` does it.
-    #[command(hide = true)]
-    CaptureDisk {
-        device: PathBuf,
-        #[arg(long)]
-        to: PathBuf,
-        #[arg(long)]
-        name: Option<String>,
-    },
-    /// Restore a disk archive into a new raw file, until `ferry archive
-    /// restore` does it.
-    #[command(hide = true)]
-    RestoreDisk {
-        archive: String,
-        #[arg(long)]
-        store: PathBuf,
-        #[arg(long)]
-        to: PathBuf,
+        #[command(flatten)]
+        conn: crate::cli::AgentConn,
     },
 }
 
@@ -129,9 +114,20 @@ pub fn run(cmd: &P2vCommand, _data_dir: &Path, json: bool) -> Result<()> {
             size,
             kernel,
             initrd,
+            conn,
         } => {
             if let Some(v) = volume {
-                return super::p2v_remote::p2v_build_volume(archive, store, v, *size);
+                return super::p2v_remote::p2v_build_volume(
+                    archive,
+                    store,
+                    v,
+                    to.as_deref(),
+                    *size,
+                    (kernel.as_deref(), initrd.as_deref()),
+                    conn,
+                    _data_dir,
+                    json,
+                );
             }
             let to = to.as_ref().expect("clap: --to or --volume");
             build(
@@ -144,10 +140,6 @@ pub fn run(cmd: &P2vCommand, _data_dir: &Path, json: bool) -> Result<()> {
                 json,
             )
         }
-        P2vCommand::CaptureDisk { device, to, name } => {
-            capture_disk(device, to, name.as_deref(), json)
-        }
-        P2vCommand::RestoreDisk { archive, store, to } => restore_disk(archive, store, to, json),
     }
 }
 
@@ -601,108 +593,6 @@ fn build(
                 .map(|s| shell_quote(s))
                 .collect::<Vec<_>>()
                 .join(" ")
-        );
-    }
-    Ok(())
-}
-
-fn capture_disk(device: &Path, to: &Path, name: Option<&str>, json: bool) -> Result<()> {
-    use crate::archive::{create_disks, Consistency, CreateSpec, DiskInput, FileSource};
-    let name = archive_name(name)?;
-    let store = Store::open(to, true)?;
-    let src = FileSource::open(device)?;
-    let settings = ArchiveSettings::default();
-    let spec = CreateSpec {
-        name: name.clone(),
-        source: Source {
-            kind: SourceKind::Device,
-            name: device.display().to_string(),
-            node: hostname(),
-        },
-        consistency: Consistency::CrashConsistentIfIdle,
-        source_key: src.key(device),
-        disks: vec![DiskInput {
-            name: device
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "disk".into()),
-            volume_id: None,
-            generation: None,
-            source: &src,
-        }],
-        workload: None,
-        leaf_bytes: ferry_core::dirty::DEFAULT_GRANULARITY_BYTES,
-    };
-    let stop = stop_on_signal()?;
-    let m = create_disks(&store, spec, &settings, stop, &mut |p| {
-        eprintln!(
-            "archive: {:.1} of {:.1} MiB, {:.1} MiB/s{}",
-            mib(p.done_bytes),
-            mib(p.total_bytes),
-            mib(p.bytes_per_s as u64),
-            p.eta_s
-                .map(|s| format!(", ETA {s:.0} s"))
-                .unwrap_or_default()
-        )
-    })?;
-    if json {
-        crate::sys::out::print_json(&serde_json::json!({
-            "archive": name.as_str(),
-            "size_bytes": m.size_bytes(),
-            "merkle_root": m.disks[0].merkle_root,
-            "stats": m.stats,
-        }))?;
-    } else {
-        println!(
-            "archive {} of {} ({} bytes): {} chunks, {} new",
-            name.as_str(),
-            device.display(),
-            m.size_bytes(),
-            m.stats.chunks,
-            m.stats.new_chunks
-        );
-    }
-    Ok(())
-}
-
-fn restore_disk(archive: &str, store: &Path, to: &Path, json: bool) -> Result<()> {
-    use crate::archive::FileTarget;
-    let store = Store::open(store, false)?;
-    let m = store.manifest(&Name::parse(archive)?)?;
-    let Some(d) = m.disks.first() else {
-        bail!("archive {archive} holds no disk");
-    };
-    let f = std::fs::File::create_new(to)
-        .with_context(|| format!("cannot create {} (it must not exist)", to.display()))?;
-    f.set_len(d.size_bytes)?;
-    let stop = AtomicBool::new(false);
-    crate::archive::restore_disk(
-        &store,
-        &m,
-        d,
-        &FileTarget {
-            file: f,
-            fresh: true,
-        },
-        &ArchiveSettings::default(),
-        &stop,
-        &mut |p| {
-            eprintln!(
-                "restore: {:.1} of {:.1} MiB",
-                mib(p.done_bytes),
-                mib(p.total_bytes)
-            )
-        },
-    )?;
-    if json {
-        crate::sys::out::print_json(&serde_json::json!({
-            "archive": archive, "file": to, "size_bytes": d.size_bytes, "merkle_root": d.merkle_root,
-        }))?;
-    } else {
-        println!(
-            "restored {archive} to {} ({} bytes, Merkle root checked)",
-            to.display(),
-            d.size_bytes
         );
     }
     Ok(())
