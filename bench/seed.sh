@@ -53,6 +53,8 @@ node_name = "$n"
 data_dir = "$work/$n"
 api_listen = "127.0.0.1:$api"
 replication_listen = "127.0.0.1:$repl"
+[migration]
+migrations_max = 64
 EOT
   "$ferry" agent --config "$work/$n.toml" >"$work/$n.out" 2>"$work/$n.log" &
   pids+=($!)
