@@ -21,8 +21,6 @@ use serde_json::Value;
 
 use crate::agent::AgentCtx;
 
-#[path = "import.rs"]
-mod import;
 use crate::transport::client::ApiClient;
 use crate::transport::peers::Peer;
 
@@ -287,7 +285,9 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
         Action::ImportImage(req) => {
             let c = ctx.clone();
             let (path, format, volume) = (req.path.clone(), req.format.clone(), req.volume.clone());
-            let image = blocking(move || import::import_image(&c, &path, &format, &volume)).await?;
+            let image =
+                blocking(move || crate::agent::import::import_image(&c, &path, &format, &volume))
+                    .await?;
             let info = blocking(move || Ok(ctx.store.info(req.volume.as_str())?)).await?;
             Reply::ImageImported(r::ImageImported {
                 path: req.path,

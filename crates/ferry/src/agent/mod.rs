@@ -12,6 +12,7 @@ pub mod audit;
 pub mod dispatch;
 pub mod estimates;
 mod hosts;
+pub mod import;
 pub mod nbd_tls;
 mod peerwatch;
 pub mod probe;
