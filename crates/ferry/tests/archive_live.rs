@@ -280,17 +280,7 @@ fn a_migration_seeded_from_an_archive_sends_only_what_changed() {
     let _ = Duration::ZERO;
 }
 
-/// Every "WROTE i" and the last "VERIFIED n" of a guest console.
-fn console(path: &Path) -> (Option<u64>, Option<u64>) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let last = |tag: &str| {
-        text.lines()
-            .filter_map(|l| l.trim().strip_prefix(tag))
-            .filter_map(|n| n.trim().parse::<u64>().ok())
-            .next_back()
-    };
-    (last("WROTE "), last("VERIFIED "))
-}
+use common::records::guest_console as console;
 
 /// I2V with a real guest: a QEMU VM writing records is archived live
 /// (`workload/vm`, one barrier), and `workload create --from-archive … --run`

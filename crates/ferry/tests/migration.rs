@@ -218,17 +218,7 @@ fn cutover_aborts_before_the_commit_point_when_the_target_dies() {
     std::thread::sleep(Duration::from_millis(10));
 }
 
-/// The last `WROTE n` on a console, and whether `VERIFIED m` appeared (m).
-fn console(path: &std::path::Path) -> (Option<u64>, Option<u64>) {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let last = |tag: &str| {
-        text.lines()
-            .filter_map(|l| l.trim().strip_prefix(tag))
-            .filter_map(|n| n.trim().parse::<u64>().ok())
-            .next_back()
-    };
-    (last("WROTE "), last("VERIFIED "))
-}
+use common::records::guest_console as console;
 
 /// Waits until the guest on `con` has verified its disk; how many records it found.
 fn verified_by_guest(con: &std::path::Path, what: &str) -> u64 {

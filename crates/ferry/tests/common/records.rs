@@ -76,3 +76,18 @@ pub fn verify(uri: &str, records: &[u64]) {
         super::qemu_io(uri, &cmds);
     }
 }
+
+/// The guest of tests/guest/records.sh, from its console file: the last
+/// `WROTE n` (the last record its disk acknowledged) and the last
+/// `VERIFIED m` (records found on the disk at boot).
+#[allow(dead_code)]
+pub fn guest_console(path: &std::path::Path) -> (Option<u64>, Option<u64>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let last = |tag: &str| {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(tag))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .next_back()
+    };
+    (last("WROTE "), last("VERIFIED "))
+}
