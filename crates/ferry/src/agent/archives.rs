@@ -5,8 +5,9 @@
 //! `GET /api/v1/archive-jobs/{name}`.
 //!
 //! The barrier: with the cutover lock held (no handover meanwhile), every
-//! volume of the source is frozen — every write acknowledged before is in
-//! its image, none after has begun — and then, on each, a copy-before-write
+//! volume of the source holds its writes (`hold_for_barrier`, beside the
+//! gate: a fence meanwhile is not undone) — every write acknowledged before
+//! is in its image, none after has begun — and then, on each, a copy-before-write
 //! snapshot is taken (`PrimaryVolume::archive_snap`), a new generation is
 //! minted and a seed map started (offline seeding), and the volumes are
 //! thawed. Writes go on while the archive reads the snapshots; each
@@ -176,7 +177,7 @@ fn barrier(ctx: &AgentCtx, vols: &[Arc<PrimaryVolume>], archive: &Name) -> Res<u
     let token = crate::transport::identity::random_u64();
     let gran = ctx.cfg.replication.granularity_bytes;
     for v in vols {
-        v.freeze();
+        v.hold_for_barrier();
     }
     let result = (|| -> Res<()> {
         for v in vols {
@@ -208,7 +209,7 @@ fn barrier(ctx: &AgentCtx, vols: &[Arc<PrimaryVolume>], archive: &Name) -> Res<u
         Ok(())
     })();
     for v in vols {
-        v.unfreeze();
+        v.release_barrier();
     }
     if let Err(e) = result {
         for v in vols {

@@ -512,6 +512,9 @@ pub struct PrimaryVolume {
     gate: std::sync::atomic::AtomicU8,
     /// Writes between their gate check and their hand-off to the link.
     active_writes: std::sync::atomic::AtomicUsize,
+    /// An archive's barrier holds new writes (apart from the gate, so a
+    /// fence or cutover freezing the gate meanwhile is never undone by it).
+    barrier_hold: AtomicBool,
     gate_lock: Mutex<()>,
     gate_cv: Condvar,
     /// Bytes clients wrote (the foreground write rate of a migration).
@@ -605,7 +608,8 @@ struct Active<'a>(&'a PrimaryVolume);
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         if self.0.active_writes.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.0.gate.load(Ordering::SeqCst) != GATE_OPEN
+            && (self.0.gate.load(Ordering::SeqCst) != GATE_OPEN
+                || self.0.barrier_hold.load(Ordering::SeqCst))
         {
             let _g = self.0.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.0.gate_cv.notify_all();
@@ -693,6 +697,7 @@ impl PrimaryVolume {
             al_pending: Mutex::new(std::collections::BTreeSet::new()),
             gate: std::sync::atomic::AtomicU8::new(GATE_OPEN),
             active_writes: std::sync::atomic::AtomicUsize::new(0),
+            barrier_hold: AtomicBool::new(false),
             gate_lock: Mutex::new(()),
             gate_cv: Condvar::new(),
             bytes_written: std::sync::atomic::AtomicU64::new(0),
@@ -811,7 +816,9 @@ impl PrimaryVolume {
             self.active_writes.fetch_add(1, Ordering::SeqCst);
             let active = Active(self);
             match self.gate.load(Ordering::SeqCst) {
-                GATE_OPEN if self.lease_holds() => return Ok(active),
+                GATE_OPEN if self.lease_holds() && !self.barrier_hold.load(Ordering::SeqCst) => {
+                    return Ok(active)
+                }
                 GATE_CLOSED => return Err(handed_over(&self.name)),
                 _ => {}
             }
@@ -820,7 +827,8 @@ impl PrimaryVolume {
             loop {
                 match self.gate.load(Ordering::SeqCst) {
                     GATE_FROZEN => {}
-                    GATE_OPEN if !self.lease_holds() => {}
+                    GATE_OPEN
+                        if !self.lease_holds() || self.barrier_hold.load(Ordering::SeqCst) => {}
                     _ => break,
                 }
                 g = self
@@ -851,6 +859,28 @@ impl PrimaryVolume {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// An archive's barrier: new writes wait and the ones inside finish, the
+    /// gate left as it is (see `barrier_hold`). Ends with
+    /// [`PrimaryVolume::release_barrier`].
+    pub fn hold_for_barrier(&self) {
+        self.barrier_hold.store(true, Ordering::SeqCst);
+        let mut g = self.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.active_writes.load(Ordering::SeqCst) > 0 {
+            g = self
+                .gate_cv
+                .wait_timeout(g, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The barrier is taken: held writes go on (unless the gate holds them).
+    pub fn release_barrier(&self) {
+        self.barrier_hold.store(false, Ordering::SeqCst);
+        let _g = self.gate_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.gate_cv.notify_all();
     }
 
     /// HA fencing: new writes wait from now on, without waiting for the
