@@ -178,6 +178,9 @@ with sync_playwright() as pw:
     m = re.fullmatch(r"(\d+\.\d) ms", downtime)
     check(m is not None and float(m.group(1)) > 0, f"the downtime is shown: {downtime}")
     print(f"downtime on the page: {downtime}")
+    # The event stream may show the report before the cutover's own reply
+    # reaches the page: wait for the reply's line.
+    page.wait_for_selector(f"#result-{W}:has-text('Cut over to')", timeout=30000)
     check(page.inner_text(f"#result-{W}").startswith("Cut over to " + args.target), "the result says where it went")
     steps = page.eval_on_selector_all(f"#cutover-report-{W} table.steps td:first-child", "t => t.map(e => e.textContent)")
     check("frozen" in " ".join(steps) or len(steps) >= 3, f"the cutover's steps are listed: {steps}")
