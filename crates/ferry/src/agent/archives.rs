@@ -255,6 +255,26 @@ fn progress_into(job: &Job) -> impl FnMut(archive::Progress) + '_ {
     }
 }
 
+/// Runs `work` on a thread of its own (`thread`), its outcome into the
+/// job; answers the job's status as it is now.
+fn run_job(
+    job: Arc<Job>,
+    thread: &str,
+    work: impl FnOnce(&Job) -> Result<archive::Manifest, String> + Send + 'static,
+) -> Res<r::ArchiveJob> {
+    let j = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name(thread.to_string())
+        .spawn(move || finish(&j, work(&j)));
+    if let Err(e) = spawned {
+        let msg = format!("cannot start the {thread} thread: {e}");
+        finish(&job, Err(msg.clone()));
+        return Err(ActionError::new(ferry_api::ErrorKind::Internal, msg));
+    }
+    let s = lock(&job.status).clone();
+    Ok(s)
+}
+
 fn finish(job: &Job, r: Result<archive::Manifest, String>) {
     let mut s = lock(&job.status);
     s.finished_unix_ms = Some(crate::sys::unix_ms());
@@ -390,8 +410,7 @@ pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> 
         .map(|v| ferry_nbd::BlockDevice::size(&v.local))
         .sum();
     let ctx2 = ctx.clone();
-    let job2 = job.clone();
-    let spawned = std::thread::Builder::new().name("ferry-archive".into()).spawn(move || {
+    run_job(job, "ferry-archive", move |job2| {
         let sources: Vec<SnapSource> = vols.iter().map(|v| SnapSource(v.clone())).collect();
         let spec = archive::CreateSpec {
             name: name.clone(),
@@ -418,7 +437,13 @@ pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> 
             leaf_bytes: ctx2.cfg.replication.granularity_bytes,
         };
         let stop = AtomicBool::new(false);
-        let r = archive::create_disks(&store, spec, &ctx2.cfg.archive, &stop, &mut progress_into(&job2));
+        let r = archive::create_disks(
+            &store,
+            spec,
+            &ctx2.cfg.archive,
+            &stop,
+            &mut progress_into(job2),
+        );
         for v in &vols {
             v.archive_snap.end();
             if r.is_err() {
@@ -426,18 +451,15 @@ pub fn create(ctx: &Arc<AgentCtx>, req: q::CreateArchive) -> Res<r::ArchiveJob> 
             }
         }
         match &r {
-            Ok(m) => tracing::info!(archive = %name.as_str(), store = %store.root().display(), new_chunks = m.stats.new_chunks, new_stored_bytes = m.stats.new_stored_bytes, "archive.created"),
-            Err(e) => tracing::error!(archive = %name.as_str(), error = %e, "archive.create_failed"),
+            Ok(m) => {
+                tracing::info!(archive = %name.as_str(), store = %store.root().display(), new_chunks = m.stats.new_chunks, new_stored_bytes = m.stats.new_stored_bytes, "archive.created")
+            }
+            Err(e) => {
+                tracing::error!(archive = %name.as_str(), error = %e, "archive.create_failed")
+            }
         }
-        finish(&job2, r.map_err(|e| e.to_string()));
-    });
-    if let Err(e) = spawned {
-        let msg = format!("cannot start the archive thread: {e}");
-        finish(&job, Err(msg.clone()));
-        return Err(ActionError::new(ferry_api::ErrorKind::Internal, msg));
-    }
-    let s = lock(&job.status).clone();
-    Ok(s)
+        r.map_err(|e| e.to_string())
+    })
 }
 
 /// A share's archive: its files, copied while its watcher catches changes,
@@ -466,8 +488,7 @@ fn create_share(
         &label,
     ))?;
     let ctx2 = ctx.clone();
-    let job2 = job.clone();
-    let spawned = std::thread::Builder::new().name("ferry-archive".into()).spawn(move || {
+    run_job(job, "ferry-archive", move |job2| {
         let stop = AtomicBool::new(false);
         let opts = archive::tree::CaptureOptions {
             leaf_bytes: ctx2.cfg.replication.granularity_bytes,
@@ -478,26 +499,33 @@ fn create_share(
             name: share.as_str().to_string(),
             node: ctx2.identity.node_name.clone(),
         };
-        let r = archive::tree::capture(&store, &data, &[], &name, source, &ctx2.cfg.archive, &opts, &stop, &mut |p| {
-            let mut s = lock(&job2.status);
-            s.done_bytes = p.done_bytes;
-            s.total_bytes = p.total_bytes;
-            s.bytes_per_s = p.bytes_per_s;
-            s.eta_s = p.eta_s;
-        });
+        let r = archive::tree::capture(
+            &store,
+            &data,
+            &[],
+            &name,
+            source,
+            &ctx2.cfg.archive,
+            &opts,
+            &stop,
+            &mut |p| {
+                let mut s = lock(&job2.status);
+                s.done_bytes = p.done_bytes;
+                s.total_bytes = p.total_bytes;
+                s.bytes_per_s = p.bytes_per_s;
+                s.eta_s = p.eta_s;
+            },
+        );
         match &r {
-            Ok(c) => tracing::info!(archive = %name.as_str(), share = %share.as_str(), passes = c.report.passes, files = c.report.files, "archive.created"),
-            Err(e) => tracing::error!(archive = %name.as_str(), error = %e, "archive.create_failed"),
+            Ok(c) => {
+                tracing::info!(archive = %name.as_str(), share = %share.as_str(), passes = c.report.passes, files = c.report.files, "archive.created")
+            }
+            Err(e) => {
+                tracing::error!(archive = %name.as_str(), error = %e, "archive.create_failed")
+            }
         }
-        finish(&job2, r.map(|c| c.manifest).map_err(|e| e.to_string()));
-    });
-    if let Err(e) = spawned {
-        let msg = format!("cannot start the archive thread: {e}");
-        finish(&job, Err(msg.clone()));
-        return Err(ActionError::new(ferry_api::ErrorKind::Internal, msg));
-    }
-    let s = lock(&job.status).clone();
-    Ok(s)
+        r.map(|c| c.manifest).map_err(|e| e.to_string())
+    })
 }
 
 /// `POST /api/v1/archives/restore`.
@@ -638,16 +666,16 @@ pub fn restore(ctx: &Arc<AgentCtx>, req: q::RestoreArchive) -> Res<r::ArchiveJob
     ))?;
     lock(&job.status).total_bytes = targets.iter().map(|(d, _)| d.size_bytes).sum();
     let ctx2 = ctx.clone();
-    let job2 = job.clone();
-    let spawned = std::thread::Builder::new().name("ferry-restore".into()).spawn(move || {
+    run_job(job, "ferry-restore", move |job2| {
         let r = (|| -> Result<(), String> {
             let mut before = 0;
             for (disk, vname) in &targets {
-                restore_volume(&ctx2, &store, &m, disk, vname, seed.clone(), &job2, before)?;
+                restore_volume(&ctx2, &store, &m, disk, vname, seed.clone(), job2, before)?;
                 before += disk.size_bytes;
             }
             if let Some(spec) = &workload {
-                crate::workload::save_workload(&ctx2.cfg.data_dir, spec).map_err(|e| format!("{e:#}"))?;
+                crate::workload::save_workload(&ctx2.cfg.data_dir, spec)
+                    .map_err(|e| format!("{e:#}"))?;
                 tracing::info!(workload = %spec.name.as_str(), archive = %m.name.as_str(), "archive.workload_restored");
             }
             Ok(())
@@ -655,15 +683,8 @@ pub fn restore(ctx: &Arc<AgentCtx>, req: q::RestoreArchive) -> Res<r::ArchiveJob
         if let Err(e) = &r {
             tracing::error!(job = %job2.status.lock().unwrap_or_else(|p| p.into_inner()).name, archive = %m.name.as_str(), error = %e, "archive.restore_failed");
         }
-        finish(&job2, r.map(|()| m.clone()));
-    });
-    if let Err(e) = spawned {
-        let msg = format!("cannot start the restore thread: {e}");
-        finish(&job, Err(msg.clone()));
-        return Err(ActionError::new(ferry_api::ErrorKind::Internal, msg));
-    }
-    let s = lock(&job.status).clone();
-    Ok(s)
+        r.map(|()| m.clone())
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
