@@ -73,6 +73,13 @@ pub enum Action {
     DeleteWorkload {
         name: Name,
     },
+    PrepareVmIncoming {
+        name: Name,
+        req: VmIncomingRequest,
+    },
+    CancelVmIncoming {
+        name: Name,
+    },
     StartTestHere {
         name: Name,
     },
@@ -411,6 +418,11 @@ impl Action {
                 spec: body(bytes)?,
             },
             K::DeleteWorkload => Action::DeleteWorkload { name: n()? },
+            K::PrepareVmIncoming => Action::PrepareVmIncoming {
+                name: n()?,
+                req: body(bytes)?,
+            },
+            K::CancelVmIncoming => Action::CancelVmIncoming { name: n()? },
             K::StartTestHere => Action::StartTestHere { name: n()? },
             K::EndTestHere => Action::EndTestHere { name: n()? },
             K::RunHook => {
@@ -564,6 +576,8 @@ impl Action {
             Action::GetWorkload { .. } => K::GetWorkload,
             Action::PutWorkload { .. } => K::PutWorkload,
             Action::DeleteWorkload { .. } => K::DeleteWorkload,
+            Action::PrepareVmIncoming { .. } => K::PrepareVmIncoming,
+            Action::CancelVmIncoming { .. } => K::CancelVmIncoming,
             Action::StartTestHere { .. } => K::StartTestHere,
             Action::EndTestHere { .. } => K::EndTestHere,
             Action::RunHook { .. } => K::RunHook,
@@ -650,6 +664,8 @@ impl Action {
             | Action::GetWorkload { name }
             | Action::PutWorkload { name, .. }
             | Action::DeleteWorkload { name }
+            | Action::PrepareVmIncoming { name, .. }
+            | Action::CancelVmIncoming { name }
             | Action::StartTestHere { name }
             | Action::EndTestHere { name }
             | Action::RunHook { name, .. }
@@ -784,6 +800,7 @@ impl Action {
             Action::PromoteVolume { req, .. } => enc(req),
             Action::ArmSnapshot { req, .. } => enc(req),
             Action::Takeover { req, .. } => enc(req),
+            Action::PrepareVmIncoming { req, .. } => enc(req),
             Action::CreateReplica(r) => enc(r),
             Action::CreateWorkload(s) => enc(s),
             Action::PutWorkload { spec, .. } => enc(spec),
@@ -840,6 +857,7 @@ mod tests {
             K::ImportImage => r#"{"path":"/i.qcow2","format":"qcow2","volume":"v"}"#,
             K::ArmSnapshot => r#"{"token":1}"#,
             K::Takeover => r#"{"volumes":["v"]}"#,
+            K::PrepareVmIncoming => r#"{"source":"a"}"#,
             K::CreateReplica => r#"{"volume":"v","volume_id":"i","size_bytes":1,"primary":"a"}"#,
             K::CreateWorkload | K::PutWorkload => r#"{"name":"w","volumes":["v"]}"#,
             K::StartMigration => r#"{"workload":"w","to":"b"}"#,

@@ -23,6 +23,7 @@ fn request_schema(kind: ActionKind, g: &mut SchemaGenerator) -> Option<schemars:
         K::PromoteVolume => g.subschema_for::<Promote>(),
         K::ArmSnapshot => g.subschema_for::<ArmSnapshot>(),
         K::Takeover => g.subschema_for::<Takeover>(),
+        K::PrepareVmIncoming => g.subschema_for::<VmIncomingRequest>(),
         K::CreateReplica => g.subschema_for::<CreateReplica>(),
         K::CreateWorkload | K::PutWorkload => g.subschema_for::<WorkloadSpec>(),
         K::RunHook => g.subschema_for::<HookRequest>(),

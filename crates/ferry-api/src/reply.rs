@@ -294,6 +294,9 @@ pub struct CutoverReport {
     pub steps_us: Vec<CutoverStep>,
     pub hooks: Vec<HookRun>,
     pub target_healthy: bool,
+    /// A VM workload: how its VM moved (live or cold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmMoveReport>,
     /// The target did not come up: the reverse cutover that returned it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverse_cutover: Option<Box<ReverseOutcome>>,
@@ -396,6 +399,88 @@ pub struct MigrationStatus {
     pub auto_cutover_attempts: u32,
     pub scheduled_at: Option<String>,
     pub schedule: Option<ScheduleView>,
+    /// A live VM move under way (its RAM pre-copy): QEMU's figures.
+    #[serde(default)]
+    pub vm: Option<VmMoveProgress>,
+}
+
+/// A live VM move's RAM pre-copy, from QEMU's `query-migrate` on the
+/// source (the disks' side is the migration's own `bytes_remaining`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmMoveProgress {
+    /// `preparing` (the target's VM starting), then QEMU's migration
+    /// status: `setup`, `active`, `device`, `completed`, `failed`, …
+    pub state: String,
+    pub ram_total_bytes: u64,
+    pub ram_transferred_bytes: u64,
+    pub ram_remaining_bytes: u64,
+    /// Pages the guest dirties per second (QEMU's `dirty-pages-rate`).
+    pub dirty_pages_rate: u64,
+    /// RAM passes so far (QEMU's `dirty-sync-count`).
+    pub dirty_sync_count: u64,
+    /// QEMU's estimate of the pause if it stopped the guest now.
+    pub expected_downtime_ms: Option<u64>,
+    /// auto-converge's vCPU throttle, percent.
+    pub cpu_throttle_percent: u64,
+    /// Bytes the stream carried to the target (ferry's tunnel).
+    pub stream_bytes: u64,
+    pub elapsed_ms: u64,
+}
+
+/// How a VM moved in a cutover or a switchover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmMoveReport {
+    /// `live` (RAM and disks together, the guest paused) or `cold` (stopped
+    /// here, booted at the target).
+    pub mode: String,
+    /// The guest's pause: QEMU's `STOP` of the source's vCPUs to the
+    /// target's answer that its VM continued, on the source's clock.
+    pub downtime_ms: Option<f64>,
+    /// From the move's start to QEMU's `completed` (the RAM pre-copy).
+    pub precopy_ms: f64,
+    /// ferry's steps inside the pause, ms after the vCPUs stopped.
+    pub freeze_ms: Option<f64>,
+    pub drain_ms: Option<f64>,
+    pub verify_ms: Option<f64>,
+    pub commit_ms: Option<f64>,
+    /// QEMU's own statistics at completion (`query-migrate`).
+    pub qemu: QemuMigrationStats,
+    /// Bytes ferry's tunnel carried to the target.
+    pub stream_bytes: u64,
+}
+
+/// QEMU's `query-migrate` at completion, as reported by the source.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QemuMigrationStats {
+    /// QEMU's measured downtime (its last stop-and-copy), ms.
+    pub downtime_ms: Option<u64>,
+    pub total_time_ms: Option<u64>,
+    pub setup_time_ms: Option<u64>,
+    pub transferred_bytes: Option<u64>,
+    pub ram_total_bytes: Option<u64>,
+    pub dirty_sync_count: Option<u64>,
+    /// Mbit/s, as QEMU says it.
+    pub mbps: Option<f64>,
+}
+
+/// `POST /api/v1/workloads/{name}/vm-incoming`: the target's VM waits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmIncoming {
+    pub workload: String,
+    /// The one-time token the source's stream presents.
+    pub token: String,
+    /// The standby exports the VM opened (the replicas, writable after the
+    /// commit).
+    pub exports: Vec<String>,
+}
+
+/// `DELETE /api/v1/workloads/{name}/vm-incoming`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmIncomingCancelled {
+    pub workload: String,
+    /// A waiting VM was ended.
+    pub vm_ended: bool,
+    pub exports_removed: Vec<String>,
 }
 
 /// `POST /api/v1/migrations/{name}/schedule`.
@@ -1160,6 +1245,8 @@ replies! {
     GetWorkload => Workload(WorkloadSpec);
     PutWorkload => WorkloadUpdated(WorkloadUpdated);
     DeleteWorkload => WorkloadDeleted(Deleted);
+    PrepareVmIncoming => VmIncomingReady(VmIncoming);
+    CancelVmIncoming => VmIncomingCancelled(VmIncomingCancelled);
     StartTestHere => TestStartedHere(TestReport);
     EndTestHere => TestEndedHere(TestEnded);
     RunHook => Hook(HookResult);

@@ -118,6 +118,14 @@ pub struct Takeover {
     pub mode: Option<String>,
 }
 
+/// `POST /api/v1/workloads/{name}/vm-incoming`: a live VM move begins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmIncomingRequest {
+    /// The node the VM moves from (the only one its stream is taken from).
+    pub source: String,
+}
+
 /// `POST /api/v1/volumes/{name}/snapshot`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -252,12 +260,17 @@ pub struct CutoverRequest {
     /// A target whose start/check hook fails hands the workload back.
     #[serde(default = "yes")]
     pub reverse_on_failure: bool,
+    /// A VM workload is stopped here and booted at the target (`--cold`),
+    /// instead of moving live with its RAM (the default when its VM runs).
+    #[serde(default)]
+    pub cold: bool,
 }
 
 impl Default for CutoverRequest {
     fn default() -> Self {
         CutoverRequest {
             reverse_on_failure: true,
+            cold: false,
         }
     }
 }

@@ -198,6 +198,8 @@ routes! {
     GetWorkload: Get "/api/v1/workloads/{name}", VIEWER, ANY, "One workload's definition.";
     PutWorkload: Put "/api/v1/workloads/{name}", ADMIN, ANY, "Change a workload's definition, on every node that holds it (`?forwarded=true`: from a peer).";
     DeleteWorkload: Delete "/api/v1/workloads/{name}", ADMIN, ANY, "Delete a workload's definition.";
+    PrepareVmIncoming: Post "/api/v1/workloads/{name}/vm-incoming", PEER, ANY, "(peer-internal) A live VM move, on the target: start the VM paused on standby exports of the replicas, waiting for its RAM (a one-time stream token in the reply).";
+    CancelVmIncoming: Delete "/api/v1/workloads/{name}/vm-incoming", PEER, ANY, "(peer-internal) A live VM move rolled back, on the target: its waiting VM quits, the standby exports go.";
     StartTestHere: Post "/api/v1/workloads/{name}/test", PEER, ANY, "(peer-internal) Test cutover, on the target: start the test instance.";
     EndTestHere: Delete "/api/v1/workloads/{name}/test", PEER, ANY, "(peer-internal) Test cutover, on the target: end it.";
     RunHook: Post "/api/v1/workloads/{name}/hooks/{which}", OPERATOR, ANY, "Run a workload's start, stop or check here.";

@@ -88,6 +88,11 @@ pub struct Plan {
     pub check_timeout_ms: u64,
     /// The wait between two attempts of the check.
     pub check_retry_ms: u64,
+    /// The workload's VM moves live: its RAM is pre-copied to the target
+    /// while it runs, before the freeze ([`Effect::MoveVm`]); a rollback
+    /// resumes it at the source ([`Effect::ResumeSourceVm`]), a commit
+    /// stops it there ([`Effect::StopSourceVm`]).
+    pub live_vm: bool,
 }
 
 /// A named point of the handover, stamped in the [`Timeline`] (the names are
@@ -96,6 +101,9 @@ pub struct Plan {
 pub enum Step {
     Prehashed,
     Preflushed,
+    /// The VM's RAM is at the target; the source's vCPUs are stopped and
+    /// its drives flushed and inactive (a live VM move).
+    VmMoved,
     Stopped,
     Flushed,
     Frozen,
@@ -104,6 +112,8 @@ pub enum Step {
     Committed,
     TargetStarted,
     Checked,
+    /// The source's paused VM was told to quit (a live VM move).
+    SourceVmStopped,
     SourceReplica,
 }
 
@@ -112,6 +122,7 @@ impl Step {
         match self {
             Step::Prehashed => "prehashed",
             Step::Preflushed => "preflushed",
+            Step::VmMoved => "vm-moved",
             Step::Stopped => "stopped",
             Step::Flushed => "flushed",
             Step::Frozen => "frozen",
@@ -120,6 +131,7 @@ impl Step {
             Step::Committed => "committed",
             Step::TargetStarted => "target-started",
             Step::Checked => "checked",
+            Step::SourceVmStopped => "source-vm-stopped",
             Step::SourceReplica => "source-replica",
         }
     }
@@ -161,6 +173,12 @@ pub enum Effect {
     /// (each waits at most `timeout_ms`). Best effort: the drain decides.
     /// → [`Input::Done`]
     FlushReplicas { when: FlushWhen, timeout_ms: u64 },
+    /// A live VM move: start the VM paused at the target on its replicas,
+    /// pre-copy its RAM while it runs here, and return once QEMU's
+    /// migration completed (the source's vCPUs stopped, its drives flushed
+    /// and inactive; the target paused with the whole device state). It
+    /// must not resume the source on its own. → [`Input::VmMoved`]
+    MoveVm,
     /// The workload's stop hook at the source (none defined: Ok).
     /// → [`Input::StopHook`]
     RunStopHook,
@@ -199,6 +217,14 @@ pub enum Effect {
     /// Rollback: the workload's start hook at the source again.
     /// → [`Input::Done`]
     StartSource,
+    /// Rollback of a live VM move: the target's VM quits, the source's
+    /// continues (QEMU reactivates its drives). Last, after every member
+    /// was unfrozen. → [`Input::Done`]
+    ResumeSourceVm,
+    /// After the commit of a live VM move: the source's paused VM quits; it
+    /// never runs again here (its disks are the target's now).
+    /// → [`Input::Done`]
+    StopSourceVm,
 }
 
 /// A member's comparison.
@@ -228,6 +254,7 @@ pub enum CommitAnswer {
 pub enum Input {
     /// An effect whose result decides nothing finished.
     Done,
+    VmMoved(Result<(), String>),
     StopHook(Result<(), String>),
     Drained(Result<(), String>),
     Compared(Comparison),
@@ -243,6 +270,7 @@ impl Input {
     fn name(&self) -> &'static str {
         match self {
             Input::Done => "done",
+            Input::VmMoved(_) => "vm-moved",
             Input::StopHook(_) => "stop-hook",
             Input::Drained(_) => "drained",
             Input::Compared(_) => "compared",
@@ -258,6 +286,9 @@ impl Input {
 /// Why a handover stopped before its commit point.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Abort {
+    /// The VM's live move failed before it completed (QEMU's migration
+    /// failed, the target's VM died, the link broke).
+    VmMove(String),
     StopHook(String),
     /// A member's drain failed or timed out.
     Drain {
@@ -285,6 +316,7 @@ impl Abort {
     pub fn why(&self) -> &str {
         match self {
             Abort::StopHook(w)
+            | Abort::VmMove(w)
             | Abort::CommitRefused(w)
             | Abort::NotTakenOver(w)
             | Abort::Drain { why: w, .. }
@@ -374,6 +406,7 @@ enum State {
     Idle,
     Prehash(usize),
     Preflush,
+    MoveVm,
     StopHook,
     Flush,
     Freeze(usize),
@@ -395,6 +428,8 @@ enum State {
     Resend(usize),
     Unfreeze(usize),
     StartSource,
+    ResumeSourceVm,
+    StopSourceVm,
     Done,
 }
 
@@ -412,6 +447,10 @@ pub struct Handover {
     check_deadline: Micros,
     unhealthy: Option<String>,
     reversed: Option<Result<(), String>>,
+    /// The VM's move was asked for: a rollback resumes it at the source.
+    vm_moving: bool,
+    /// Where the handover goes once the source's VM was stopped.
+    after_vm_stop: Option<Box<State>>,
     timeline: Timeline,
     outcome: Option<Outcome>,
 }
@@ -428,6 +467,8 @@ impl Handover {
             check_deadline: 0,
             unhealthy: None,
             reversed: None,
+            vm_moving: false,
+            after_vm_stop: None,
             timeline: Timeline::default(),
             outcome: None,
         }
@@ -453,11 +494,17 @@ impl Handover {
             (State::Prehash(i), Input::Done) => State::Prehash(i + 1),
             (State::Preflush, Input::Done) => {
                 self.mark(Step::Preflushed, now);
-                match self.plan.kind {
-                    Kind::Cutover { .. } => State::StopHook,
-                    Kind::Switchover => State::Freeze(0),
+                if self.plan.live_vm {
+                    State::MoveVm
+                } else {
+                    self.before_freeze()
                 }
             }
+            (State::MoveVm, Input::VmMoved(Ok(()))) => {
+                self.mark(Step::VmMoved, now);
+                self.before_freeze()
+            }
+            (State::MoveVm, Input::VmMoved(Err(why))) => self.abort(Abort::VmMove(why)),
             (State::StopHook, Input::StopHook(Ok(()))) => {
                 self.mark(Step::Stopped, now);
                 State::Flush
@@ -505,15 +552,21 @@ impl Handover {
             (State::StartTarget, Input::Started(r)) => {
                 self.timeline.serving_at = Some(now);
                 self.mark(Step::TargetStarted, now);
-                match r {
+                let next = match r {
                     Ok(()) if self.plan.check => {
                         self.check_deadline = now + self.plan.check_timeout_ms * 1000;
                         State::Check
                     }
                     Ok(()) => self.healthy(now),
                     Err(why) => self.unhealthy(now, why),
-                }
+                };
+                self.stop_source_vm_then(next)
             }
+            (State::StopSourceVm, Input::Done) => {
+                self.mark(Step::SourceVmStopped, now);
+                self.after_vm_stop.take().map_or(State::Done, |s| *s)
+            }
+            (State::ResumeSourceVm, Input::Done) => State::Done,
             (State::Check, Input::Checked(Ok(()))) => {
                 if self.plan.kind == Kind::Switchover {
                     self.timeline.serving_at = Some(now);
@@ -534,7 +587,7 @@ impl Handover {
             }
             (State::Resend(_), Input::Done) => State::Unfreeze(0),
             (State::Unfreeze(i), Input::Done) => State::Unfreeze(i + 1),
-            (State::StartSource, Input::Done) => State::Done,
+            (State::StartSource, Input::Done) => self.resume_source_vm_then(State::Done),
             (_, input) => {
                 return Err(HandoverError::Unexpected {
                     input: input.name(),
@@ -602,8 +655,39 @@ impl Handover {
             Kind::Cutover { .. } => State::RecordReverse,
             Kind::Switchover => {
                 self.check_deadline = now + self.plan.check_timeout_ms * 1000;
-                State::Check
+                // The peer continues the VM when it takes over: the paused
+                // one here quits at once.
+                self.stop_source_vm_then(State::Check)
             }
+        }
+    }
+
+    /// After the stop hook's place (a live move: after the VM moved): a
+    /// cutover runs the stop hook, a switchover freezes.
+    fn before_freeze(&self) -> State {
+        match self.plan.kind {
+            Kind::Cutover { .. } => State::StopHook,
+            Kind::Switchover => State::Freeze(0),
+        }
+    }
+
+    /// Past the commit point: a moved VM's paused source quits before `next`.
+    fn stop_source_vm_then(&mut self, next: State) -> State {
+        if self.vm_moving {
+            self.after_vm_stop = Some(Box::new(next));
+            State::StopSourceVm
+        } else {
+            next
+        }
+    }
+
+    /// The end of a rollback: a VM whose move was asked for continues at
+    /// the source (whatever the move did), then `next`.
+    fn resume_source_vm_then(&mut self, next: State) -> State {
+        if self.vm_moving {
+            State::ResumeSourceVm
+        } else {
+            next
         }
     }
 
@@ -647,6 +731,10 @@ impl Handover {
                     },
                     timeout_ms: self.plan.drain_timeout_ms,
                 }),
+                State::MoveVm => {
+                    self.vm_moving = true;
+                    Some(Effect::MoveVm)
+                }
                 State::StopHook => {
                     self.timeline.stop_at = Some(now);
                     Some(Effect::RunStopHook)
@@ -704,7 +792,7 @@ impl Handover {
                 State::RecordReverse => Some(Effect::RecordReverse),
                 State::CloseGate(i) if i >= n => {
                     s = if self.partly.is_some() {
-                        State::Done
+                        self.stop_source_vm_then(State::Done)
                     } else {
                         State::StartTarget
                     };
@@ -736,12 +824,14 @@ impl Handover {
                     s = if cutover {
                         State::StartSource
                     } else {
-                        State::Done
+                        self.resume_source_vm_then(State::Done)
                     };
                     continue;
                 }
                 State::Unfreeze(member) => Some(Effect::Unfreeze { member }),
                 State::StartSource => Some(Effect::StartSource),
+                State::ResumeSourceVm => Some(Effect::ResumeSourceVm),
+                State::StopSourceVm => Some(Effect::StopSourceVm),
                 State::Done => {
                     self.finish();
                     None
@@ -782,7 +872,13 @@ mod tests {
             check,
             check_timeout_ms: 300,
             check_retry_ms: 100,
+            live_vm: false,
         }
+    }
+
+    fn live(mut p: Plan) -> Plan {
+        p.live_vm = true;
+        p
     }
 
     fn cutover(members: usize, check: bool) -> Plan {
@@ -798,6 +894,7 @@ mod tests {
     /// The answer that lets the handover go on.
     fn ok(e: &Effect) -> Input {
         match e {
+            Effect::MoveVm => Input::VmMoved(Ok(())),
             Effect::RunStopHook => Input::StopHook(Ok(())),
             Effect::Drain { .. } => Input::Drained(Ok(())),
             Effect::Compare { .. } => Input::Compared(Comparison::Equal),
@@ -1297,10 +1394,120 @@ mod tests {
         assert!(h.outcome().unwrap().committed());
     }
 
+    #[test]
+    fn a_live_vm_move_precopies_before_the_stop_hook_and_stops_the_source_vm_after_the_target_continues(
+    ) {
+        let mut h = Handover::new(live(cutover(1, true)));
+        let seen = run(&mut h, |_| None);
+        use Effect::*;
+        assert_eq!(
+            seen,
+            vec![
+                Prehash { member: 0 },
+                FlushReplicas {
+                    when: FlushWhen::BeforeStopHook,
+                    timeout_ms: 10_000
+                },
+                MoveVm,
+                RunStopHook,
+                FlushReplicas {
+                    when: FlushWhen::AfterStopHook,
+                    timeout_ms: 10_000
+                },
+                Freeze { member: 0 },
+                Drain {
+                    member: 0,
+                    timeout_ms: 10_000
+                },
+                Compare { member: 0 },
+                Commit,
+                RecordReverse,
+                CloseGate { member: 0 },
+                StartTarget,
+                StopSourceVm,
+                Check,
+                Demote { member: 0 },
+            ]
+        );
+        assert_eq!(
+            names(&h),
+            [
+                "prehashed",
+                "preflushed",
+                "vm-moved",
+                "stopped",
+                "flushed",
+                "frozen",
+                "drained",
+                "verified",
+                "committed",
+                "target-started",
+                "source-vm-stopped",
+                "checked",
+                "source-replica"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_vm_move_resumes_the_source_vm_and_freezes_nothing() {
+        let mut h = Handover::new(live(cutover(2, false)));
+        let seen = run(&mut h, |e| {
+            (*e == Effect::MoveVm).then(|| Input::VmMoved(Err("the target QEMU died".into())))
+        });
+        assert_eq!(
+            &seen[seen.len() - 3..],
+            [Effect::MoveVm, Effect::StartSource, Effect::ResumeSourceVm]
+        );
+        assert_eq!(
+            h.outcome(),
+            Some(&Outcome::RolledBack(Abort::VmMove(
+                "the target QEMU died".into()
+            )))
+        );
+    }
+
+    #[test]
+    fn a_mismatch_after_the_vm_moved_unfreezes_then_resumes_the_source_vm() {
+        let mut h = Handover::new(live(cutover(1, false)));
+        let seen = run(&mut h, |e| {
+            matches!(e, Effect::Compare { .. })
+                .then(|| Input::Compared(Comparison::Differs("block 7".into())))
+        });
+        let tail = &seen[seen.len() - 4..];
+        assert_eq!(
+            tail,
+            [
+                Effect::Resend { member: 0 },
+                Effect::Unfreeze { member: 0 },
+                Effect::StartSource,
+                Effect::ResumeSourceVm
+            ]
+        );
+        assert!(!seen.contains(&Effect::StopSourceVm));
+    }
+
+    #[test]
+    fn a_live_switchover_stops_the_source_vm_right_after_resigning() {
+        let mut h = Handover::new(live(plan(Kind::Switchover, 1, true)));
+        let seen = run(&mut h, |_| None);
+        let commit = seen.iter().position(|e| *e == Effect::Commit).unwrap();
+        assert_eq!(
+            &seen[commit..],
+            [Effect::Commit, Effect::StopSourceVm, Effect::Check]
+        );
+        let mut h = Handover::new(live(plan(Kind::Switchover, 1, true)));
+        let seen = run(&mut h, |e| {
+            (*e == Effect::Commit).then(|| Input::Commit(CommitAnswer::Refused("no".into())))
+        });
+        assert_eq!(seen.last(), Some(&Effect::ResumeSourceVm));
+    }
+
     /// Every answer an effect can get in the walk.
     fn answers(e: &Effect) -> Vec<Input> {
         let err = || Err("failed".to_string());
         match e {
+            Effect::MoveVm => vec![Input::VmMoved(Ok(())), Input::VmMoved(err())],
             Effect::RunStopHook => vec![Input::StopHook(Ok(())), Input::StopHook(err())],
             Effect::Drain { .. } => vec![Input::Drained(Ok(())), Input::Drained(err())],
             Effect::Compare { .. } => vec![
@@ -1344,7 +1551,9 @@ mod tests {
                     "{seen:?}"
                 );
                 if cutover {
-                    assert_eq!(seen.last(), Some(&Effect::StartSource));
+                    // Last, or just before a live move's resume.
+                    let start_at = seen.iter().rposition(|e| *e == Effect::StartSource);
+                    assert_eq!(start_at, Some(seen.len() - 1 - usize::from(plan.live_vm)));
                 }
                 assert_eq!(
                     count(&|e| matches!(
@@ -1413,6 +1622,34 @@ mod tests {
         if !cutover {
             assert_eq!(count(&|e| *e == Effect::RunStopHook), 0);
         }
+        // A live VM move: the move first, before the stop hook and the
+        // freeze; a rollback resumes the VM at the source once, last; a
+        // commit stops it there once, after the commit (a cutover: after
+        // the target started), and never resumes it.
+        let moved = count(&|e| *e == Effect::MoveVm);
+        let resumed = count(&|e| *e == Effect::ResumeSourceVm);
+        let stopped = count(&|e| *e == Effect::StopSourceVm);
+        if !plan.live_vm {
+            assert_eq!((moved, resumed, stopped), (0, 0, 0), "{seen:?}");
+            return;
+        }
+        assert_eq!(moved, 1, "{seen:?}");
+        let moved_at = first(&|e| *e == Effect::MoveVm).unwrap();
+        assert!(!seen[..moved_at].iter().any(|e| matches!(
+            e,
+            Effect::RunStopHook | Effect::Freeze { .. } | Effect::Commit
+        )));
+        if outcome.committed() {
+            assert_eq!((resumed, stopped), (0, 1), "{seen:?}");
+            let stop_at = first(&|e| *e == Effect::StopSourceVm).unwrap();
+            assert!(stop_at > commit_at.unwrap());
+            if let Some(started) = first(&|e| *e == Effect::StartTarget) {
+                assert!(started < stop_at, "{seen:?}");
+            }
+        } else {
+            assert_eq!((resumed, stopped), (1, 0), "{seen:?}");
+            assert_eq!(seen.last(), Some(&Effect::ResumeSourceVm));
+        }
     }
 
     /// Walks every sequence of answers (and, at each wait, time passing).
@@ -1476,10 +1713,13 @@ mod tests {
                 Kind::Switchover,
             ] {
                 for check in [false, true] {
-                    let p = plan(kind, members, check);
-                    let mut h = Handover::new(p.clone());
-                    let e = h.start(0).unwrap();
-                    walk(&p, h, 0, e, &mut Vec::new(), &mut ends);
+                    for live_vm in [false, true] {
+                        let mut p = plan(kind, members, check);
+                        p.live_vm = live_vm;
+                        let mut h = Handover::new(p.clone());
+                        let e = h.start(0).unwrap();
+                        walk(&p, h, 0, e, &mut Vec::new(), &mut ends);
+                    }
                 }
             }
         }
@@ -1494,6 +1734,7 @@ mod tests {
                 "Drain",
                 "NotTakenOver",
                 "StopHook",
+                "VmMove",
                 "committed/false/false",
                 "committed/true/false",
                 "committed/true/true",

@@ -104,6 +104,10 @@ pub struct AgentConfig {
     /// (archives the agent takes: live volumes, workloads, shares).
     #[serde(default)]
     pub archive: crate::archive::ArchiveSettings,
+    /// `[vm]`: how a VM workload moves live (QEMU's downtime limit,
+    /// auto-converge, the RAM stream's rate, timeouts).
+    #[serde(default)]
+    pub vm: crate::vm::VmSettings,
     /// High availability: the peer, heartbeat paths, the witness.
     #[serde(default)]
     pub cluster: Option<ClusterSettings>,

@@ -19,6 +19,8 @@ pub struct HookEnv<'a> {
     /// Where this node's NBD exports are (`nbd+unix://` URIs).
     pub nbd_uri_base: &'a ferry_nbd::ListenAddr,
     pub vms: &'a std::sync::Arc<crate::vm::Vms>,
+    /// `[vm]`: QMP timeouts, live moves.
+    pub vm_settings: &'a crate::vm::VmSettings,
 }
 
 /// Longest hook output kept (its tail).
@@ -243,6 +245,29 @@ pub fn workload_hook(
     which: &str,
     role: &str,
 ) -> Option<HookRun> {
+    run_action(env, spec, which, role, true)
+}
+
+/// Like [`workload_hook`] without the VM: only the shell hook. A live VM
+/// move runs the stop hook once the VM's RAM has moved (the guest is
+/// paused, it never stops) and the start hook at the source again on a
+/// rollback; the VM itself moves or continues on its own.
+pub fn workload_shell_hook(
+    env: &HookEnv<'_>,
+    spec: &WorkloadSpec,
+    which: &str,
+    role: &str,
+) -> Option<HookRun> {
+    run_action(env, spec, which, role, false)
+}
+
+fn run_action(
+    env: &HookEnv<'_>,
+    spec: &WorkloadSpec,
+    which: &str,
+    role: &str,
+    with_vm: bool,
+) -> Option<HookRun> {
     let cmd = match which {
         "start" => spec.start.as_deref(),
         "stop" => spec.stop.as_deref(),
@@ -272,12 +297,19 @@ pub fn workload_hook(
         .collect();
     let share_paths = share_paths.join(" ");
     let vm = |what: &str| -> Option<HookRun> {
-        let vm = spec.vm.as_ref()?;
+        let vm = spec.vm.as_ref().filter(|_| with_vm)?;
         let started = Instant::now();
         let r = match what {
             "start" => env
                 .vms
-                .start(env.data_dir, env.nbd_uri_base, &instance, &exports, vm)
+                .start(
+                    env.data_dir,
+                    env.nbd_uri_base,
+                    &instance,
+                    &exports,
+                    vm,
+                    env.vm_settings,
+                )
                 .map(|()| "VM started".to_string()),
             _ => env
                 .vms

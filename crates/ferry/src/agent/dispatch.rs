@@ -330,6 +330,16 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
                 armed: name.to_string(),
             })
         }
+        Action::PrepareVmIncoming { name, req } => {
+            let ctx = ctx.clone();
+            Reply::VmIncomingReady(
+                blocking(move || ctx.prepare_vm_incoming(&name, &req.source)).await?,
+            )
+        }
+        Action::CancelVmIncoming { name } => {
+            let ctx = ctx.clone();
+            Reply::VmIncomingCancelled(blocking(move || ctx.cancel_vm_incoming(&name)).await?)
+        }
         Action::Takeover { name, req } => {
             let mode = parse_mode(req.mode.as_deref())?;
             let promoted = blocking(move || {
@@ -489,7 +499,7 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
         Action::Cutover { name, req } => Reply::Cutover(typed(
             blocking(move || {
                 with_op(op, || {
-                    crate::migration::cutover_with(&ctx, &name, req.reverse_on_failure)
+                    crate::migration::cutover_with(&ctx, &name, req.reverse_on_failure, req.cold)
                 })
             })
             .await?,

@@ -20,6 +20,7 @@ impl AgentCtx {
             data_dir: &self.cfg.data_dir,
             nbd_uri_base: &self.nbd_uri_base,
             vms: &self.vms,
+            vm_settings: &self.cfg.vm,
         }
     }
 

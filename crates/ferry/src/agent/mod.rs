@@ -19,6 +19,7 @@ pub mod probe;
 mod sampler;
 pub mod stats;
 pub mod tokens;
+pub mod vm_moves;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -118,6 +119,8 @@ pub struct AgentCtx {
     pub estimates: estimates::Estimates,
     /// Archive creates and restores (`ferry archive`).
     pub archive_jobs: archives::ArchiveJobs,
+    /// Live VM moves towards this node: waiting VMs, standby exports.
+    pub incoming_vms: vm_moves::IncomingVms,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -293,12 +296,20 @@ impl AgentCtx {
                         .store(0, std::sync::atomic::Ordering::SeqCst);
                     vol.freeze_nowait();
                 }
-                self.nbd.add_export(Export {
-                    name: name.to_string(),
-                    description: format!("ferry volume {name}"),
-                    read_only: false,
-                    device: vol.clone(),
-                })?;
+                // A live VM move's standby export becomes this primary in
+                // place: the waiting VM's NBD connection survives.
+                match self.incoming_vms.take_standby(name) {
+                    Some(standby) => {
+                        standby.promote(vol.clone());
+                        tracing::info!(volume = name, "volume.standby_export.promoted");
+                    }
+                    None => self.nbd.add_export(Export {
+                        name: name.to_string(),
+                        description: format!("ferry volume {name}"),
+                        read_only: false,
+                        device: vol.clone(),
+                    })?,
+                }
                 self.primaries
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -1275,6 +1286,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
         shares: Default::default(),
         estimates,
         archive_jobs: archives::ArchiveJobs::default(),
+        incoming_vms: vm_moves::IncomingVms::default(),
         history,
         started: Instant::now(),
         admin: Mutex::new(()),

@@ -1779,6 +1779,7 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
         check: true,
         check_timeout_ms: SWITCHOVER_TAKEOVER_MS,
         check_retry_ms: 20,
+        live_vm: false,
     };
     let mut side = SwitchoverSide {
         ctx,

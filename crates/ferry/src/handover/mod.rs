@@ -69,6 +69,15 @@ pub trait Side {
     fn reverse(&mut self) -> Result<(), String>;
     /// Rollback: the start hook at the source again.
     fn start_source(&mut self);
+    /// A live VM move: the VM's RAM to the target until QEMU completes (the
+    /// source paused). Only asked when the plan says `live_vm`.
+    fn move_vm(&mut self) -> Result<(), String> {
+        Err("this handover does not move a VM live".into())
+    }
+    /// Rollback of a live move: the target's VM ends, the source's goes on.
+    fn resume_source_vm(&mut self) {}
+    /// After the commit of a live move: the source's paused VM quits.
+    fn stop_source_vm(&mut self) {}
 }
 
 /// How a handover ended, and when each of its steps was reached.
@@ -138,6 +147,21 @@ fn perform(
                     sc.spawn(move || m.flush(ms(timeout_ms), when.as_str()));
                 }
             });
+            Input::Done
+        }
+        Effect::MoveVm => {
+            let r = side.move_vm();
+            if let Err(why) = &r {
+                tracing::warn!(workload, error = %why, "handover.vm_move_failed: the guest goes on at the source");
+            }
+            Input::VmMoved(r)
+        }
+        Effect::ResumeSourceVm => {
+            side.resume_source_vm();
+            Input::Done
+        }
+        Effect::StopSourceVm => {
+            side.stop_source_vm();
             Input::Done
         }
         Effect::RunStopHook => Input::StopHook(side.run_stop_hook()),

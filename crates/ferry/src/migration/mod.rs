@@ -592,6 +592,7 @@ pub fn status<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
         "auto_cutover_attempts": rec.auto_cutover_attempts,
         "scheduled_at": rec.schedule.as_ref().and_then(crate::migration::schedule::scheduled_at),
         "schedule": rec.schedule.as_ref().map(crate::migration::schedule::to_json),
+        "vm": ctx.hook_env().vms.move_progress(workload),
     }))
 }
 
@@ -619,7 +620,7 @@ fn set_phase<H: Host + ?Sized>(ctx: &H, workload: &str, f: impl FnOnce(&mut Migr
 /// `ferry migrate cutover`: see the module documentation. Blocks until it
 /// ends; returns the report (downtime, outage, each step's time).
 pub fn cutover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Value> {
-    cutover_with(ctx, workload, true)
+    cutover_with(ctx, workload, true, false)
 }
 
 /// A cutover; with `reverse_on_failure`, a target whose start/check hook
@@ -632,6 +633,7 @@ pub fn cutover_with<H: Host + ?Sized>(
     ctx: &Arc<H>,
     workload: &str,
     reverse_on_failure: bool,
+    cold: bool,
 ) -> Result<Value> {
     use ferry_core::handover::{Kind, Outcome, Plan};
     let _one = ctx.cutover_lock().lock().unwrap_or_else(|p| p.into_inner());
@@ -666,7 +668,18 @@ pub fn cutover_with<H: Host + ?Sized>(
             },
         )
     };
-    tracing::info!(workload, %target, "cutover.begin");
+    // A VM workload whose VM runs here moves live unless `--cold`; one
+    // started without a QMP socket (an older ferry) is refused rather than
+    // stopped behind the operator's back.
+    let vms = ctx.hook_env().vms.clone();
+    let live = spec.vm.is_some() && !cold && vms.is_running(workload) && !vms.is_incoming(workload);
+    if live {
+        if let Err(e) = crate::vm::live::LiveMove::check(&vms, workload) {
+            set_phase(ctx, workload, |r| r.state.cutover_aborted(e.to_string()));
+            return Err(ferry_api::ActionError::conflict(format!("cutover refused: {e}")).into());
+        }
+    }
+    tracing::info!(workload, %target, live, "cutover.begin");
     let me = ctx.identity().node_name.clone();
     // Nothing was frozen or stopped yet: a cutover that cannot begin is
     // aborted.
@@ -695,7 +708,20 @@ pub fn cutover_with<H: Host + ?Sized>(
         check: spec.check.is_some(),
         check_timeout_ms: spec.hook_timeout_ms,
         check_retry_ms: CHECK_RETRY_MS,
+        live_vm: live,
     };
+    let live_move = live.then(|| {
+        crate::vm::live::LiveMove::new(
+            vms.clone(),
+            ctx.cfg().data_dir.clone(),
+            client.clone(),
+            ctx.dialer(),
+            workload,
+            &target,
+            ctx.cfg().vm.clone(),
+            vms.move_progress_slot(workload),
+        )
+    });
     let mut side = CutoverSide {
         ctx,
         spec: &spec,
@@ -708,10 +734,31 @@ pub fn cutover_with<H: Host + ?Sized>(
         last_check: None,
         original: None,
         reverse_report: None,
+        live: live_move,
+        shell_stopped: false,
+        moved_unix_us: None,
+        continued_unix_us: None,
     };
     let ran = crate::handover::run(plan, &members, &mut side, workload)
         .map_err(|e| anyhow!("cutover of {workload}: {e}"))?;
     drop(members);
+    let vm_report = match &side.live {
+        Some(l) => Some(l.report(
+            side.continued_unix_us,
+            live_steps_unix_us(&ran.timeline, side.moved_unix_us),
+        )),
+        None => spec.vm.as_ref().map(|_| ferry_api::reply::VmMoveReport {
+            mode: "cold".into(),
+            downtime_ms: None,
+            precopy_ms: 0.0,
+            freeze_ms: None,
+            drain_ms: None,
+            verify_ms: None,
+            commit_ms: None,
+            qemu: Default::default(),
+            stream_bytes: 0,
+        }),
+    };
     let CutoverSide {
         mut hooks,
         last_check,
@@ -743,14 +790,14 @@ pub fn cutover_with<H: Host + ?Sized>(
         } => {
             hooks.extend(last_check);
             let check_ok = unhealthy.is_none();
-            let report = serde_json::to_value(cutover_report(
-                workload,
-                &me,
-                &target,
-                &ran.timeline,
-                &hooks,
-                check_ok,
-            ))?;
+            let mut report =
+                cutover_report(workload, &me, &target, &ran.timeline, &hooks, check_ok);
+            // A live move: the downtime is the guest's pause.
+            if let Some(d) = vm_report.as_ref().and_then(|v| v.downtime_ms) {
+                report.downtime_ms = d;
+            }
+            report.vm = vm_report;
+            let report = serde_json::to_value(report)?;
             if let Some(back) = reversed {
                 // The workload did not come up at the target: a reverse
                 // verified cutover returned it here (or tried to).
@@ -812,6 +859,7 @@ fn cutover_abort_why(abort: &ferry_core::handover::Abort, target: &str) -> Strin
         }
         Abort::NotTakenOver(why) => format!("{target} did not take the workload over: {why}"),
         Abort::StopHook(why) | Abort::Drain { why, .. } | Abort::CommitRefused(why) => why.clone(),
+        Abort::VmMove(why) => format!("the VM's live move failed ({why}); the guest goes on here"),
     }
 }
 
@@ -844,8 +892,30 @@ fn cutover_report(
             .collect(),
         hooks: hooks.to_vec(),
         target_healthy: healthy,
+        vm: None,
         reverse_cutover: None,
     }
+}
+
+/// When the freeze, the drain, the verification and the commit ended, on
+/// this node's clock (µs since the epoch), from the machine's timeline and
+/// the moment the VM's move completed.
+fn live_steps_unix_us(
+    t: &ferry_core::handover::Timeline,
+    moved_unix_us: Option<u64>,
+) -> [Option<u64>; 4] {
+    use ferry_core::handover::Step;
+    let base = moved_unix_us.zip(t.at(Step::VmMoved));
+    let at = |s: Step| {
+        let (unix, rel) = base?;
+        Some(unix + t.at(s)?.saturating_sub(rel))
+    };
+    [
+        at(Step::Frozen),
+        at(Step::Drained),
+        at(Step::Verified),
+        at(Step::Committed),
+    ]
 }
 
 /// What a cutover does that is not a member's: the hooks, the commit (one
@@ -865,14 +935,30 @@ struct CutoverSide<'a, H: Host + ?Sized> {
     original: Option<MigrationRecord>,
     /// The reverse cutover's report, or why it failed.
     reverse_report: Option<std::result::Result<Value, String>>,
+    /// The VM moves live (the plan's `live_vm`).
+    live: Option<crate::vm::live::LiveMove>,
+    /// The shell stop hook ran (a rollback runs the start hook again).
+    shell_stopped: bool,
+    /// This node's clock when the VM's move completed, and when the
+    /// target's VM continued (µs since the epoch).
+    moved_unix_us: Option<u64>,
+    continued_unix_us: Option<u64>,
 }
 
 impl<H: Host + ?Sized> crate::handover::Side for CutoverSide<'_, H> {
     /// The application-visible outage starts here.
     fn run_stop_hook(&mut self) -> std::result::Result<(), String> {
-        let Some(h) = workload_hook(&self.ctx.hook_env(), self.spec, "stop", "source") else {
+        // A live move: the VM is paused, its RAM at the target; only the
+        // shell hook is left to run.
+        let run = if self.live.is_some() {
+            crate::workload::workload_shell_hook(&self.ctx.hook_env(), self.spec, "stop", "source")
+        } else {
+            workload_hook(&self.ctx.hook_env(), self.spec, "stop", "source")
+        };
+        let Some(h) = run else {
             return Ok(());
         };
+        self.shell_stopped = true;
         let ok = h.ok;
         let why = format!(
             "stop hook failed (exit {:?}, timed out {}): {}",
@@ -926,6 +1012,9 @@ impl<H: Host + ?Sized> crate::handover::Side for CutoverSide<'_, H> {
             Ok(v) => {
                 let run: Option<HookRun> = serde_json::from_value(v["run"].clone()).ok();
                 let failed = run.as_ref().is_some_and(|h| !h.ok);
+                if !failed {
+                    self.continued_unix_us = Some(crate::vm::live::now_unix_us());
+                }
                 self.hooks.extend(run);
                 if failed {
                     Err(format!("the start hook failed at {}", self.target))
@@ -967,8 +1056,42 @@ impl<H: Host + ?Sized> crate::handover::Side for CutoverSide<'_, H> {
     }
 
     fn start_source(&mut self) {
-        if let Some(h) = workload_hook(&self.ctx.hook_env(), self.spec, "start", "source") {
+        let run = if self.live.is_some() {
+            // The VM goes on by itself (resume_source_vm); the shell start
+            // hook runs again only if its stop hook ran.
+            if !self.shell_stopped {
+                return;
+            }
+            crate::workload::workload_shell_hook(&self.ctx.hook_env(), self.spec, "start", "source")
+        } else {
+            workload_hook(&self.ctx.hook_env(), self.spec, "start", "source")
+        };
+        if let Some(h) = run {
             self.hooks.push(h);
+        }
+    }
+
+    fn move_vm(&mut self) -> std::result::Result<(), String> {
+        let l = self
+            .live
+            .as_mut()
+            .ok_or_else(|| "no live move was planned".to_string())?;
+        let r = l.run().map_err(|e| e.to_string());
+        if r.is_ok() {
+            self.moved_unix_us = Some(crate::vm::live::now_unix_us());
+        }
+        r
+    }
+
+    fn resume_source_vm(&mut self) {
+        if let Some(l) = self.live.as_mut() {
+            l.resume_source();
+        }
+    }
+
+    fn stop_source_vm(&mut self) {
+        if let Some(l) = self.live.as_mut() {
+            l.stop_source();
         }
     }
 }

@@ -7,6 +7,15 @@
 //! Each VM has a supervisor thread that spawned it and waits for it; the VM
 //! is started with `PR_SET_PDEATHSIG`, so it dies with that thread (and with
 //! the agent) instead of outliving it.
+//!
+//! Every VM has a QMP socket (`vms/INSTANCE/qmp.sock`, the directory 0700).
+//! A live move (issue 23, [`live`]) starts the VM at the target paused and
+//! waiting for its RAM (`-S -incoming defer`, [`Vms::start_incoming`]); the
+//! workload's start at the target then continues that VM
+//! ([`Vms::start`] finds it) instead of booting a new one.
+
+pub mod live;
+pub mod qmp;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,10 +29,56 @@ use ferry_nbd::ListenAddr;
 /// How to run a workload's VM: the API's type.
 pub use ferry_api::request::VmSpec;
 
+/// `[vm]`: how VMs move live, each limit with its unit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmSettings {
+    /// The longest pause QEMU aims for when it stops the guest to send the
+    /// last of its RAM (QEMU's `downtime-limit`).
+    pub downtime_limit_ms: u64,
+    /// QEMU throttles the guest's vCPUs when RAM does not converge (its
+    /// `auto-converge`).
+    pub auto_converge: bool,
+    /// The RAM stream's rate limit (QEMU's `max-bandwidth`); 0: as fast as
+    /// the link goes.
+    pub max_bandwidth_bytes_per_s: u64,
+    /// A live move whose RAM has not converged and completed this long
+    /// after it began is cancelled; the guest goes on at the source.
+    pub precopy_timeout_ms: u64,
+    /// The target's VM must be up and waiting for the RAM within this long.
+    pub incoming_timeout_ms: u64,
+    /// Each QMP command's answer within this long.
+    pub qmp_timeout_ms: u64,
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        VmSettings {
+            downtime_limit_ms: 300,
+            auto_converge: true,
+            max_bandwidth_bytes_per_s: 0,
+            precopy_timeout_ms: 600_000,
+            incoming_timeout_ms: 10_000,
+            qmp_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// A running VM.
+#[derive(Debug)]
+struct VmProc {
+    child: Arc<Mutex<std::process::Child>>,
+    qmp: PathBuf,
+    /// Started paused, waiting for a live move's RAM (not yet continued).
+    incoming: std::sync::atomic::AtomicBool,
+}
+
 /// Running VMs of this node, by workload.
 #[derive(Debug, Default)]
 pub struct Vms {
-    running: Mutex<HashMap<String, Arc<Mutex<std::process::Child>>>>,
+    running: Mutex<HashMap<String, Arc<VmProc>>>,
+    /// Live moves under way from here, by workload (`migrate status`).
+    moves: Mutex<HashMap<String, live::SharedProgress>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -53,6 +108,11 @@ fn nbd_uri(base: &ListenAddr, volume: &str) -> String {
 /// `NAME@test` for its test instance: the name is checked before it
 /// becomes a path.
 fn console_path(data_dir: &std::path::Path, instance: &str) -> Result<PathBuf> {
+    Ok(vm_dir(data_dir, instance)?.join("console.log"))
+}
+
+/// `vms/INSTANCE`, the name checked (see [`console_path`]).
+pub fn vm_dir(data_dir: &std::path::Path, instance: &str) -> Result<PathBuf> {
     let (base, test) = match instance.strip_suffix("@test") {
         Some(b) => (b, true),
         None => (instance, false),
@@ -63,7 +123,7 @@ fn console_path(data_dir: &std::path::Path, instance: &str) -> Result<PathBuf> {
     } else {
         name.into_string()
     };
-    Ok(data_dir.join("vms").join(dir).join("console.log"))
+    Ok(data_dir.join("vms").join(dir))
 }
 
 impl Vms {
@@ -71,7 +131,37 @@ impl Vms {
         lock(&self.running).contains_key(workload)
     }
 
-    /// Starts the VM of `workload` on this node's exports of `volumes`.
+    /// The progress slot of a live move of `workload` from here.
+    pub fn move_progress_slot(&self, workload: &str) -> live::SharedProgress {
+        lock(&self.moves)
+            .entry(workload.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// A live move of `workload` under way from here: QEMU's figures.
+    pub fn move_progress(&self, workload: &str) -> Option<ferry_api::reply::VmMoveProgress> {
+        let slot = lock(&self.moves).get(workload).cloned()?;
+        let p = lock(&slot).clone();
+        p
+    }
+
+    /// Whether the VM of `workload` runs here paused, waiting for (or
+    /// holding) a live move's RAM.
+    pub fn is_incoming(&self, workload: &str) -> bool {
+        lock(&self.running)
+            .get(workload)
+            .is_some_and(|p| p.incoming.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// The QMP socket of the running VM of `workload`.
+    pub fn qmp_path(&self, workload: &str) -> Option<PathBuf> {
+        lock(&self.running).get(workload).map(|p| p.qmp.clone())
+    }
+
+    /// Starts the VM of `workload` on this node's exports of `volumes`. A VM
+    /// a live move brought here (paused, its RAM complete) is continued
+    /// instead; one whose move did not complete is ended and booted anew.
     pub fn start(
         self: &Arc<Self>,
         data_dir: &std::path::Path,
@@ -79,6 +169,118 @@ impl Vms {
         workload: &str,
         volumes: &[String],
         spec: &VmSpec,
+        settings: &VmSettings,
+    ) -> Result<()> {
+        if self.is_incoming(workload) {
+            match self.continue_incoming(workload, settings) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(workload, error = %format!("{e:#}"), "vm.incoming.not_continued: booting it anew");
+                    self.kill(workload);
+                }
+            }
+        }
+        self.spawn(data_dir, nbd, workload, volumes, spec, false)
+    }
+
+    /// Starts the VM of `workload` paused and waiting for a live move's RAM
+    /// (`-S -incoming defer`), listening for the stream on
+    /// `vms/W/incoming.sock`; returns that socket's path.
+    pub fn start_incoming(
+        self: &Arc<Self>,
+        data_dir: &std::path::Path,
+        nbd: &ListenAddr,
+        workload: &str,
+        volumes: &[String],
+        spec: &VmSpec,
+        settings: &VmSettings,
+    ) -> Result<PathBuf> {
+        self.spawn(data_dir, nbd, workload, volumes, spec, true)?;
+        let set_up = (|| {
+            let qmp_path = self
+                .qmp_path(workload)
+                .ok_or_else(|| anyhow!("the VM of {workload:?} exited at once"))?;
+            let mut q = connect_qmp(&qmp_path, settings)?;
+            // The drives are activated at `cont`, after ferry's commit, not
+            // when the RAM is in (the exports refuse writes until then).
+            q.execute(
+                "migrate-set-capabilities",
+                serde_json::json!({"capabilities": [
+                    {"capability": "late-block-activate", "state": true},
+                    {"capability": "events", "state": true},
+                ]}),
+            )?;
+            let sock = vm_dir(data_dir, workload)?.join("incoming.sock");
+            let _ = std::fs::remove_file(&sock);
+            q.execute(
+                "migrate-incoming",
+                serde_json::json!({"uri": format!("unix:{}", sock.display())}),
+            )?;
+            anyhow::Ok(sock)
+        })();
+        if set_up.is_err() {
+            self.kill(workload);
+        }
+        set_up
+    }
+
+    /// Continues the paused VM a live move brought here, once QEMU has
+    /// loaded all of its state (waits up to `incoming_timeout_ms`).
+    fn continue_incoming(&self, workload: &str, settings: &VmSettings) -> Result<()> {
+        let qmp_path = self
+            .qmp_path(workload)
+            .ok_or_else(|| anyhow!("no VM of {workload:?} runs here"))?;
+        let mut q = connect_qmp(&qmp_path, settings)?;
+        let deadline = Instant::now() + Duration::from_millis(settings.incoming_timeout_ms);
+        loop {
+            let st = q.execute("query-status", serde_json::Value::Null)?;
+            let status = st["status"].as_str().unwrap_or("");
+            // `inmigrate` while the RAM arrives; `paused` (`-S`) once all is in.
+            if status == "paused" || status == "prelaunch" && migration_completed(&mut q) {
+                break;
+            }
+            if status != "inmigrate" && status != "prelaunch" {
+                bail!("the incoming VM of {workload:?} is {status}, not paused with its RAM in");
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the incoming VM of {workload:?} did not receive all of its state in {} ms (it is {status})",
+                    settings.incoming_timeout_ms
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        q.execute("cont", serde_json::Value::Null)?;
+        if let Some(p) = lock(&self.running).get(workload) {
+            p.incoming.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        tracing::info!(workload, "vm.continued: the live move's VM runs here");
+        Ok(())
+    }
+
+    /// Ends the VM of `workload` at once (SIGKILL): a live move's VM that
+    /// will not run here. `false` when none ran.
+    pub fn kill(&self, workload: &str) -> bool {
+        let Some(p) = lock(&self.running).get(workload).cloned() else {
+            return false;
+        };
+        signal(&mut lock(&p.child), libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.is_running(workload) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tracing::info!(workload, "vm.killed");
+        true
+    }
+
+    fn spawn(
+        self: &Arc<Self>,
+        data_dir: &std::path::Path,
+        nbd: &ListenAddr,
+        workload: &str,
+        volumes: &[String],
+        spec: &VmSpec,
+        incoming: bool,
     ) -> Result<()> {
         if self.is_running(workload) {
             bail!("the VM of {workload:?} already runs here");
@@ -89,7 +291,18 @@ impl Vms {
             }
         }
         let console = console_path(data_dir, workload)?;
-        std::fs::create_dir_all(console.parent().unwrap_or(data_dir))?;
+        let dir = vm_dir(data_dir, workload)?;
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)?;
+            // The QMP and migration sockets live here: the agent's user only.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let qmp = dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&qmp);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -115,6 +328,11 @@ impl Vms {
                 nbd_uri(nbd, v)
             ));
         }
+        c.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if incoming {
+            c.args(["-S", "-incoming", "defer"]);
+        }
         c.args(&spec.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -133,6 +351,7 @@ impl Vms {
         let (tx, rx) = std::sync::mpsc::channel();
         let me = self.clone();
         let name = workload.to_string();
+        let qmp_path = qmp.clone();
         std::thread::Builder::new()
             .name(format!("vm-{workload}"))
             .spawn(move || {
@@ -143,7 +362,14 @@ impl Vms {
                         return;
                     }
                 };
-                lock(&me.running).insert(name.clone(), child.clone());
+                lock(&me.running).insert(
+                    name.clone(),
+                    Arc::new(VmProc {
+                        child: child.clone(),
+                        qmp: qmp_path,
+                        incoming: std::sync::atomic::AtomicBool::new(incoming),
+                    }),
+                );
                 let _ = tx.send(Ok(()));
                 // Poll rather than wait(): stop() signals under the same lock,
                 // so a PID is never signalled after it was reaped.
@@ -166,8 +392,16 @@ impl Vms {
         rx.recv_timeout(Duration::from_secs(10))
             .map_err(|_| anyhow!("the VM supervisor did not report"))??;
         // A VM that dies at once (a bad argument) is an error. This wait is
-        // part of a cutover's downtime, so it is short.
-        std::thread::sleep(Duration::from_millis(100));
+        // part of a cutover's downtime, so it is short. An incoming VM is
+        // waited for until its QMP socket answers (below, by the caller).
+        if incoming {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !qmp.exists() && self.is_running(workload) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         if !self.is_running(workload) {
             let text = std::fs::read_to_string(&console).unwrap_or_default();
             let tail: String = text
@@ -190,9 +424,10 @@ impl Vms {
     /// Stops the VM of `workload`: SIGTERM, then SIGKILL after `timeout`.
     /// `Ok(false)` when none ran.
     pub fn stop(&self, workload: &str, timeout: Duration) -> Result<bool> {
-        let Some(child) = lock(&self.running).get(workload).cloned() else {
+        let Some(p) = lock(&self.running).get(workload).cloned() else {
             return Ok(false);
         };
+        let child = p.child.clone();
         signal(&mut lock(&child), libc::SIGTERM);
         let deadline = Instant::now() + timeout;
         while self.is_running(workload) {
@@ -206,6 +441,29 @@ impl Vms {
         tracing::info!(workload, "vm.stopped");
         Ok(true)
     }
+}
+
+/// A QMP connection with the node's QMP timeout.
+pub fn connect_qmp(path: &std::path::Path, settings: &VmSettings) -> Result<qmp::Qmp> {
+    let t = Duration::from_millis(settings.qmp_timeout_ms);
+    let deadline = Instant::now() + t;
+    loop {
+        match qmp::Qmp::connect(path, t) {
+            Ok(q) => return Ok(q),
+            // QEMU creates the socket early in its start: retry briefly.
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "vm.qmp.retry");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether QEMU's (incoming) migration says `completed`.
+fn migration_completed(q: &mut qmp::Qmp) -> bool {
+    q.execute("query-migrate", serde_json::Value::Null)
+        .is_ok_and(|m| m["status"] == "completed")
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod primary;
 pub mod replica;
 pub mod seeds;
 pub mod snapshot;
+pub mod standby;
 pub mod verify;
 
 use std::fs::{self, File, OpenOptions};
