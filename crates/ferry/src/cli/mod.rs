@@ -524,7 +524,9 @@ pub enum MigrateCommand {
         conn: AgentConn,
     },
     /// Stop at the source, freeze, drain, verify, switch, start at the target.
-    /// Blocks until done; prints the downtime.
+    /// A VM workload whose VM runs here moves live (its RAM pre-copied while
+    /// it runs; the guest pauses, it does not reboot). Blocks until done;
+    /// prints the downtime.
     Cutover {
         /// The workload (or --all).
         #[arg(required_unless_present = "all")]
@@ -553,6 +555,10 @@ pub enum MigrateCommand {
         /// Cancel the scheduled cutover.
         #[arg(long, conflicts_with_all = ["all", "at", "window", "deadline"])]
         cancel: bool,
+        /// A VM workload: stop its VM here and boot it at the target, instead
+        /// of moving it live with its RAM.
+        #[arg(long, conflicts_with_all = ["all", "at", "window", "deadline", "cancel"])]
+        cold: bool,
         #[command(flatten)]
         conn: AgentConn,
     },

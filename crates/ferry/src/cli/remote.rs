@@ -905,6 +905,24 @@ fn human_migration(v: &r::MigrationStatus) -> String {
             line.push_str(&format!(" (last error: {e})"));
         }
     }
+    if let Some(vm) = &v.vm {
+        line.push_str(&format!(
+            "\n  VM moving live: {}, RAM {} of {} sent, {} left, {} pages/s dirtied, pass {}, expected pause {} ms{}, disks {} left",
+            vm.state,
+            ByteSize(vm.ram_transferred_bytes),
+            ByteSize(vm.ram_total_bytes),
+            ByteSize(vm.ram_remaining_bytes),
+            vm.dirty_pages_rate,
+            vm.dirty_sync_count,
+            num(vm.expected_downtime_ms),
+            if vm.cpu_throttle_percent > 0 {
+                format!(", vCPUs throttled {}%", vm.cpu_throttle_percent)
+            } else {
+                String::new()
+            },
+            ByteSize(v.bytes_remaining),
+        ));
+    }
     if let Some(r) = &v.reason {
         line.push_str(&format!("\n  reason: {r}"));
     }
@@ -1200,33 +1218,68 @@ pub fn migrate(cmd: &MigrateCommand, data_dir: &Path, json: bool) -> Result<()> 
         MigrateCommand::Cutover {
             name: Some(n),
             conn,
+            cold,
             ..
-        }
-        | MigrateCommand::Rollback { name: n, conn } => {
+        } => {
             let c = client(conn, data_dir)?;
-            let v = if matches!(cmd, MigrateCommand::Rollback { .. }) {
-                expect!(c.send(&Action::Rollback { name: name(n)? })?, RolledBack)
-            } else {
-                expect!(
-                    c.send(&Action::Cutover {
-                        name: name(n)?,
-                        req: q::CutoverRequest::default(),
-                    })?,
-                    Cutover
-                )
-            };
-            print(&v, json, |v| {
-                println!(
-                    "cut over {n} from {} to {}: downtime {} ms (freeze → {} serving), app outage {} ms (stop → check passing){}",
-                    v.from,
-                    v.to,
-                    num(v.downtime_ms),
-                    v.to,
-                    num(v.outage_ms),
-                    if !v.target_healthy { "; WARNING: the target's start/check hook failed" } else { "" }
-                )
-            })
+            let v = expect!(
+                c.send(&Action::Cutover {
+                    name: name(n)?,
+                    req: q::CutoverRequest {
+                        reverse_on_failure: true,
+                        cold: *cold,
+                    },
+                })?,
+                Cutover
+            );
+            print(&v, json, |v| print_cutover(n, v))
         }
+        MigrateCommand::Rollback { name: n, conn } => {
+            let c = client(conn, data_dir)?;
+            let v = expect!(c.send(&Action::Rollback { name: name(n)? })?, RolledBack);
+            print(&v, json, |v| print_cutover(n, v))
+        }
+    }
+}
+
+/// A cutover's report, in words.
+fn print_cutover(n: &str, v: &ferry_api::reply::CutoverReport) {
+    let warn = if !v.target_healthy {
+        "; WARNING: the target's start/check hook failed"
+    } else {
+        ""
+    };
+    match &v.vm {
+        Some(vm) if vm.mode == "live" => {
+            println!(
+                "moved {n} live from {} to {}: guest paused {} ms (vCPUs stopped at {} → running at {}), RAM pre-copied in {} ms{warn}",
+                v.from,
+                v.to,
+                num(v.downtime_ms),
+                v.from,
+                v.to,
+                num(vm.precopy_ms),
+            );
+            let q = &vm.qemu;
+            println!(
+                "  inside the pause (ms after the vCPUs stopped): frozen {}, drained {}, verified {}, committed {}; QEMU: downtime {} ms, {} bytes sent in {} passes",
+                num(vm.freeze_ms),
+                num(vm.drain_ms),
+                num(vm.verify_ms),
+                num(vm.commit_ms),
+                num(q.downtime_ms),
+                num(q.transferred_bytes),
+                num(q.dirty_sync_count),
+            );
+        }
+        _ => println!(
+            "cut over {n} from {} to {}: downtime {} ms (freeze → {} serving), app outage {} ms (stop → check passing){warn}",
+            v.from,
+            v.to,
+            num(v.downtime_ms),
+            v.to,
+            num(v.outage_ms),
+        ),
     }
 }
 

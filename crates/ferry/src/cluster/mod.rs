@@ -1772,6 +1772,14 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
         "switchover",
         false,
     )?;
+    // A VM that runs here moves live: the peer continues it when it
+    // takes over (its start finds the VM waiting with its RAM).
+    let vms = ctx.hook_env().vms.clone();
+    let live = spec.vm.is_some() && vms.is_running(workload) && !vms.is_incoming(workload);
+    if live {
+        crate::vm::live::LiveMove::check(&vms, workload)
+            .map_err(|e| anyhow!("switchover refused: {e}"))?;
+    }
     let plan = ferry_core::handover::Plan {
         kind: ferry_core::handover::Kind::Switchover,
         members: members.len(),
@@ -1779,13 +1787,25 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
         check: true,
         check_timeout_ms: SWITCHOVER_TAKEOVER_MS,
         check_retry_ms: 20,
-        live_vm: false,
+        live_vm: live,
     };
     let mut side = SwitchoverSide {
         ctx,
         client: &client,
         workload,
         peer: &cfg.peer,
+        live: live.then(|| {
+            crate::vm::live::LiveMove::new(
+                vms.clone(),
+                ctx.cfg().data_dir.clone(),
+                client.clone(),
+                ctx.dialer(),
+                workload,
+                &cfg.peer,
+                ctx.cfg().vm.clone(),
+                vms.move_progress_slot(workload),
+            )
+        }),
     };
     let ran = crate::handover::run(plan, &members, &mut side, workload)
         .map_err(|e| anyhow!("switchover of {workload}: {e}"))?;
@@ -1811,13 +1831,14 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
             };
             let verified_ms = since_freeze(t.at(ferry_core::handover::Step::Verified));
             let downtime_ms = t.downtime_us().unwrap_or(0) / 1000;
-            tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, "cluster.switchover.done");
+            tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, live, "cluster.switchover.done");
             Ok(json!({
                 "workload": workload,
                 "from": ctx.identity().node_name,
                 "to": cfg.peer,
                 "verified_ms": verified_ms,
                 "downtime_ms": downtime_ms,
+                "vm": side.live.as_ref().map(|l| l.report(None, [None; 4])),
             }))
         }
         // The peer never reported serving (a switchover never commits
@@ -1847,6 +1868,8 @@ struct SwitchoverSide<'a, H: Host + ?Sized> {
     client: &'a crate::transport::client::ApiClient,
     workload: &'a str,
     peer: &'a str,
+    /// The VM moves live (the plan's `live_vm`).
+    live: Option<crate::vm::live::LiveMove>,
 }
 
 impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
@@ -1881,6 +1904,26 @@ impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
 
     fn start_target(&mut self) -> std::result::Result<(), String> {
         Ok(())
+    }
+
+    fn move_vm(&mut self) -> std::result::Result<(), String> {
+        self.live
+            .as_mut()
+            .ok_or_else(|| "no live move was planned".to_string())?
+            .run()
+            .map_err(|e| e.to_string())
+    }
+
+    fn resume_source_vm(&mut self) {
+        if let Some(l) = self.live.as_mut() {
+            l.resume_source();
+        }
+    }
+
+    fn stop_source_vm(&mut self) {
+        if let Some(l) = self.live.as_mut() {
+            l.stop_source();
+        }
     }
 
     /// Whether the peer serves the workload now.
