@@ -54,6 +54,7 @@ function migSecs(s) {
   return Math.floor(s / 3600) + " h " + String(Math.floor((s % 3600) / 60)).padStart(2, "0") + " min";
 }
 function migUs(us) { return us < 1000 ? us + " µs" : (us / 1000).toFixed(1) + " ms"; }
+function migHasVm(w) { const spec = (MIG.workloads || []).find((x) => x.name === w); return !!(spec && spec.vm); }
 function migMs(x) { return x === null || x === undefined ? "—" : Number(x).toFixed(1) + " ms"; }
 function migMiB(text) {
   const t = String(text || "").trim();
@@ -184,8 +185,10 @@ function migActions(m) {
   if (m.phase === "ready" && !m.test && !m.reverse) {
     buttons.push(migButton(m, "cutover", "Cut over to " + m.target, "danger",
       (b, res) => act(b, res, "POST", migPath(w, "/cutover"), {},
-        (r) => say("Cut over to " + r.to + ": downtime " + migMs(r.downtime_ms) + ", outage " + migMs(r.outage_ms) + (r.target_healthy ? "." : "; the target is not healthy."))),
+        (r) => say((r.vm && r.vm.mode === "live" ? "Moved live to " + r.to + ": guest paused " + migMs(r.downtime_ms) : "Cut over to " + r.to + ": downtime " + migMs(r.downtime_ms)) +
+          ", outage " + migMs(r.outage_ms) + (r.target_healthy ? "." : "; the target is not healthy."))),
       ["Cut " + w + " over to " + m.target + "?",
+        (migHasVm(w) ? "Its VM moves live: its memory is copied to " + m.target + " while it runs, then the guest pauses (it does not reboot); " : "") +
         "The stop hook runs on " + m.source + ", its volumes freeze, the links drain and both copies are compared; then " + m.target +
         " serves " + w + " and replicates back to " + m.source + " (rollback stays possible until you finalize). Clients see a short pause.",
         "Cut over"]));
@@ -279,9 +282,13 @@ function migCutoverReport(m) {
   return el("section", { class: "cutover-report", id: "cutover-report-" + id, "aria-labelledby": "cr-h-" + id },
     el("h3", { id: "cr-h-" + id }, "Cutover report: " + c.from + " → " + c.to),
     el("div", { class: "figures" },
-      el("div", { class: "figure" }, el("span", { class: "n", id: "downtime-" + id }, migMs(c.downtime_ms)), el("span", { class: "l" }, "downtime (freeze → target serving)")),
+      el("div", { class: "figure" }, el("span", { class: "n", id: "downtime-" + id }, migMs(c.downtime_ms)),
+        el("span", { class: "l" }, c.vm && c.vm.mode === "live" ? "guest paused (vCPUs stopped → running at " + c.to + ")" : "downtime (freeze → target serving)")),
       el("div", { class: "figure" }, el("span", { class: "n", id: "outage-" + id }, migMs(c.outage_ms)), el("span", { class: "l" }, "application outage (stop hook → check passing)")),
       el("div", { class: "figure" }, el("span", { class: "n" }, c.target_healthy ? "healthy" : "not healthy"), el("span", { class: "l" }, "target after the cutover"))),
+    c.vm && c.vm.mode === "live" ? el("p", { class: "note", id: "vm-report-" + id }, "VM moved live: RAM pre-copied in " + migMs(c.vm.precopy_ms) +
+      ", " + bytes(c.vm.qemu.transferred_bytes || 0) + " in " + (c.vm.qemu.dirty_sync_count || 0) + " passes; inside the pause: frozen at " + migMs(c.vm.freeze_ms) +
+      ", verified at " + migMs(c.vm.verify_ms) + ", committed at " + migMs(c.vm.commit_ms) + "; QEMU's own downtime " + migMs(c.vm.qemu.downtime_ms) + ".") : null,
     steps.length ? el("table", { class: "steps" },
       el("caption", {}, "Steps, ms from the cutover's start"),
       el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Step"), el("th", { scope: "col" }, "At"))),
@@ -314,6 +321,13 @@ function migCard(m) {
     row("Lag", m.lag_seconds === null || m.lag_seconds === undefined ? "—" : m.lag_seconds.toFixed(2) + " s");
     row("Backlog", bytes(m.backlog_bytes) + (m.merkle_stale_bytes ? " · " + bytes(m.merkle_stale_bytes) + " to re-hash" : ""));
     if (m.throttle_pct) row("Throttle", "writes held back " + m.throttle_pct + "%");
+  }
+  if (m.vm) {
+    const v = m.vm;
+    row("VM moving live", [badge(v.state), " RAM " + bytes(v.ram_transferred_bytes) + " of " + bytes(v.ram_total_bytes) + " sent, " + bytes(v.ram_remaining_bytes) + " left · " +
+      v.dirty_pages_rate + " pages/s dirtied · pass " + v.dirty_sync_count +
+      (v.expected_downtime_ms !== null && v.expected_downtime_ms !== undefined ? " · expected pause " + v.expected_downtime_ms + " ms" : "") +
+      (v.cpu_throttle_percent ? " · vCPUs throttled " + v.cpu_throttle_percent + "%" : "") + " · disks " + bytes(m.bytes_remaining) + " left"], "vm-" + id);
   }
   row("Started", new Date(m.started_unix * 1000).toLocaleString());
   if (m.schedule) {
