@@ -15,3 +15,4 @@ pub mod probe;
 pub mod settings;
 pub mod tls;
 pub mod tls_io;
+pub mod vmstream;

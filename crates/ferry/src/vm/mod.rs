@@ -20,6 +20,8 @@ use ferry_nbd::ListenAddr;
 /// How to run a workload's VM: the API's type.
 pub use ferry_api::request::VmSpec;
 
+pub mod qmp;
+
 /// Running VMs of this node, by workload.
 #[derive(Debug, Default)]
 pub struct Vms {
