@@ -140,7 +140,49 @@ impl AgentCtx {
             };
             return crate::transport::probe::serve(inbound, limits).map(|_| ());
         }
+        if inbound.first.kind == Kind::VmStream {
+            // A VM's live-migration stream from the source node, tunnelled
+            // to the local socket of the session it names.
+            let limits = crate::transport::vmstream::TunnelLimits {
+                frame_bytes_max: self.cfg.replication.frame_bytes_max,
+                ..Default::default()
+            };
+            return crate::transport::vmstream::serve(
+                inbound,
+                |h| self.incoming_vm_socket(&h.workload, &h.token),
+                limits,
+            )
+            .map(|_| ())
+            .map_err(Into::into);
+        }
         crate::volume::replica::serve_stream(self, inbound)
+    }
+
+    /// The local socket of the incoming VM move of `workload`, if `token`
+    /// is its session's (compared in constant time); otherwise why not.
+    pub fn incoming_vm_socket(
+        &self,
+        workload: &str,
+        token: &str,
+    ) -> Result<std::path::PathBuf, String> {
+        let map = self.incoming_vms.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(workload) {
+            None => Err(format!(
+                "no live move of workload {workload:?} is expected on {}",
+                self.identity.node_name
+            )),
+            Some((expected, _))
+                if !crate::transport::identity::constant_time_eq(
+                    expected.as_bytes(),
+                    token.as_bytes(),
+                ) =>
+            {
+                Err(format!(
+                    "wrong session token for the live move of workload {workload:?}"
+                ))
+            }
+            Some((_, path)) => Ok(path.clone()),
+        }
     }
 }
 

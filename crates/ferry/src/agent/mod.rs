@@ -118,6 +118,10 @@ pub struct AgentCtx {
     pub estimates: estimates::Estimates,
     /// Archive creates and restores (`ferry archive`).
     pub archive_jobs: archives::ArchiveJobs,
+    /// VM live moves this node is the target of: workload → (session
+    /// token, the local socket of QEMU's incoming migration), for the
+    /// tunnelled migration stream ([`AgentCtx::incoming_vm_socket`]).
+    pub incoming_vms: Mutex<HashMap<String, (String, std::path::PathBuf)>>,
 }
 
 impl std::fmt::Debug for AgentCtx {
@@ -1275,6 +1279,7 @@ pub fn run(config_path: &Path, serve_api: ServeApi) -> Result<()> {
         shares: Default::default(),
         estimates,
         archive_jobs: archives::ArchiveJobs::default(),
+        incoming_vms: Mutex::new(HashMap::new()),
         history,
         started: Instant::now(),
         admin: Mutex::new(()),

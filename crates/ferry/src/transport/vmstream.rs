@@ -991,6 +991,8 @@ mod tests {
             got
         });
         let out = Outgoing::open(&p.dialer, &p.peer, "w1", "tok-1", &out_sock, limits).unwrap();
+        assert_eq!(out.listen_path(), out_sock);
+        assert!(!out.is_done());
         let mode = std::fs::metadata(&out_sock).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let data = pattern(3, 64 << 20);
