@@ -313,6 +313,17 @@ mod tests {
     }
 
     #[test]
+    fn vm_stream_kind_round_trips() {
+        let f = encode_frame(Kind::VmStream, 0, 0, b"{}");
+        let h: [u8; HEADER_BYTES] = f[..HEADER_BYTES].try_into().unwrap();
+        assert_eq!(f[5], 18);
+        assert_eq!(
+            FrameHeader::parse(&h, 1 << 20).unwrap().kind,
+            Kind::VmStream
+        );
+    }
+
+    #[test]
     fn split_frame_waits_for_whole_frames() {
         let mut buf = encode_frame(Kind::Write, 1, 0, b"abc");
         buf.extend_from_slice(&encode_frame(Kind::Flush, 2, 0, b""));
