@@ -56,6 +56,13 @@ pub enum Kind {
     /// received}`, and the listener sends `Ack{offset = bytes received}`
     /// as the data arrives.
     Probe = 17,
+    /// A VM's live-migration stream tunnelled between two nodes' agents
+    /// (QEMU's migration socket at each end). The dialing side's first
+    /// frame carries JSON `{workload, token}`; the listener answers with a
+    /// `VmStream` frame carrying JSON `{refused: null | reason}`. Then
+    /// `VmStream` frames carry the stream's bytes both ways; an empty one
+    /// ends its direction, and the tunnel closes.
+    VmStream = 18,
 }
 
 impl Kind {
@@ -78,6 +85,7 @@ impl Kind {
             15 => Kind::Sums,
             16 => Kind::Failed,
             17 => Kind::Probe,
+            18 => Kind::VmStream,
             _ => return None,
         })
     }
@@ -301,6 +309,17 @@ mod tests {
         assert_eq!(
             FrameHeader::parse(&h2, 1 << 20),
             Err(WireError::HeaderChecksum)
+        );
+    }
+
+    #[test]
+    fn vm_stream_kind_round_trips() {
+        let f = encode_frame(Kind::VmStream, 0, 0, b"{}");
+        let h: [u8; HEADER_BYTES] = f[..HEADER_BYTES].try_into().unwrap();
+        assert_eq!(f[5], 18);
+        assert_eq!(
+            FrameHeader::parse(&h, 1 << 20).unwrap().kind,
+            Kind::VmStream
         );
     }
 

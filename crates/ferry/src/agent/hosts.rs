@@ -141,6 +141,22 @@ impl AgentCtx {
             };
             return crate::transport::probe::serve(inbound, limits).map(|_| ());
         }
+        if inbound.first.kind == Kind::VmStream {
+            // A VM's live-migration stream from the source node, tunnelled
+            // to the local socket of the session it names.
+            let limits = crate::transport::vmstream::TunnelLimits {
+                frame_bytes_max: self.cfg.replication.frame_bytes_max,
+                ..Default::default()
+            };
+            let from = inbound.peer.name.clone();
+            return crate::transport::vmstream::serve(
+                inbound,
+                |h| self.incoming_vm_socket(&h.workload, &h.token, &from),
+                limits,
+            )
+            .map(|_| ())
+            .map_err(Into::into);
+        }
         crate::volume::replica::serve_stream(self, inbound)
     }
 }

@@ -37,15 +37,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Constant-time comparison of two tokens.
-fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
 impl IncomingVms {
     /// The standby export of `volume`, if one waits to be promoted: the
     /// promotion hands it the primary instead of exporting anew (the VM's
@@ -167,7 +158,11 @@ impl AgentCtx {
             ));
         }
         match entry.token.take() {
-            Some(t) if same_token(&t, token) => Ok(entry.socket.clone()),
+            Some(t)
+                if crate::transport::identity::constant_time_eq(t.as_bytes(), token.as_bytes()) =>
+            {
+                Ok(entry.socket.clone())
+            }
             Some(t) => {
                 entry.token = Some(t);
                 Err("wrong stream token for this live move".into())

@@ -469,11 +469,6 @@ impl LiveMove {
         tracing::info!(workload = %self.workload, "vm.live.source_stopped");
     }
 
-    /// When QEMU stopped the source's vCPUs (its clock, µs since the epoch).
-    pub fn stop_at_unix_us(&self) -> Option<u64> {
-        self.stop_at_unix_us
-    }
-
     /// The report, once the target's VM continued at `continued_unix_us`
     /// (this node's clock); `steps_unix_us`: when ferry's freeze, drain,
     /// verification and commit ended.

@@ -46,11 +46,6 @@ impl StandbyDevice {
         }
     }
 
-    /// The volume's name.
-    pub fn name(&self) -> &str {
-        &self.replica.name
-    }
-
     /// From now on every request goes to `primary` (the same volume,
     /// promoted). Only the first call counts.
     pub fn promote(&self, primary: Arc<dyn BlockDevice>) {
