@@ -49,6 +49,8 @@ use super::tls_io::SharedTls;
 pub const VMSTREAM_HELLO_BYTES_MAX: u32 = 4096;
 /// Longest workload name and token in a hello (bytes each).
 pub const VMSTREAM_FIELD_BYTES_MAX: usize = 256;
+/// A refusal's reason is cut to this many characters.
+pub const VMSTREAM_REASON_CHARS_MAX: usize = 500;
 /// Stream bytes per frame at most.
 pub const VMSTREAM_CHUNK_BYTES: usize = 256 * 1024;
 /// How often blocked reads look at the stop flag and the idle clock.
@@ -491,6 +493,8 @@ pub fn serve(
     let answer = |reader: &mut std::io::BufReader<super::inbound::InboundTls>,
                   refused: Option<String>|
      -> io::Result<()> {
+        // The answer stays within VMSTREAM_HELLO_BYTES_MAX (JSON escapes included).
+        let refused = refused.map(|why| why.chars().take(VMSTREAM_REASON_CHARS_MAX).collect());
         let w = reader.get_mut();
         w.write_all(&encode_json(&VmStreamReply { refused }))?;
         w.flush()
