@@ -2313,3 +2313,205 @@ fn a_copy_being_demoted_is_never_reported_up_to_date() {
         seen.first()
     );
 }
+
+/// The records guest (tests/guest/records.sh: a Debian kernel and a busybox
+/// initramfs), built once into `target/guest`: (kernel, initrd).
+fn records_guest() -> (PathBuf, PathBuf) {
+    require("qemu-system-x86_64");
+    let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let guest_dir = ws.join("target/guest");
+    let out = Command::new(ws.join("scripts/build-guest"))
+        .arg(ws.join("crates/ferry/tests/guest/records.sh"))
+        .arg(&guest_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "build-guest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        guest_dir.join("vmlinuz"),
+        guest_dir.join("initramfs.cpio.gz"),
+    )
+}
+
+/// The PIDs of the live (not zombie) children of `parent` whose command
+/// name starts with `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") "))
+        else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
+        if ppid == Some(parent) && state != Some("Z") && comm.starts_with(name) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Whether process `pid` still runs (exists and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+impl Net {
+    fn console(&self, n: &str) -> PathBuf {
+        self.dir(n).join("vms/web/console.log")
+    }
+}
+
+/// Issue 23, HA for VM workloads: a QEMU guest (the records guest, TCG)
+/// under two-node HA with the witness. Its host dies (the agent SIGKILLed;
+/// its QEMU dies with it, PR_SET_PDEATHSIG); the survivor takes over and
+/// boots the VM cold on its replica, where the guest finds every record
+/// whose write its disk acknowledged at the dead node, and writes on. Then
+/// the old primary returns: it rejoins as the replica, its VM not started.
+#[test]
+fn a_vm_workload_fails_over_to_a_cold_boot_with_every_acknowledged_record() {
+    let (kernel, initrd) = records_guest();
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    net.ha_workload_with(
+        "16MiB",
+        &[
+            "--vm-kernel",
+            kernel.to_str().unwrap(),
+            "--vm-initrd",
+            initrd.to_str().unwrap(),
+            "--vm-memory",
+            "256MiB",
+            "--vm-append",
+            "console=ttyS0 panic=-1 quiet",
+            "--hook-timeout",
+            "20s",
+        ],
+    );
+    let (con_a, con_b) = (net.console("a"), net.console("b"));
+    let console = common::records::guest_console;
+    // Putting the workload under HA with a as its primary boots the VM at a.
+    wait_for(120, "the guest writes 20 records at a", || {
+        console(&con_a).0.is_some_and(|n| n >= 20)
+    });
+    assert_eq!(console(&con_a).1, Some(0), "a fresh disk holds no record");
+    assert!(!con_b.exists(), "no VM runs at the replica while a serves");
+    wait_for(20, "b up to date", || {
+        net.status("a", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    let agent_a = net.agent_pid("a");
+    let qemu_a = children_named(agent_a, "qemu-system");
+    assert_eq!(qemu_a.len(), 1, "one QEMU under agent a: {qemu_a:?}");
+    let qemu_a = qemu_a[0];
+
+    // The host dies right after the guest's disk acknowledged a record.
+    let before = console(&con_a).0.unwrap();
+    wait_for(30, "the next record at a", || {
+        console(&con_a).0.is_some_and(|n| n > before)
+    });
+    let last_write_seen = Instant::now();
+    net.crash("a");
+    let killed = Instant::now();
+    // QEMU dies with its agent (PR_SET_PDEATHSIG), as on a dead host.
+    wait_for(5, "a's QEMU to die with its agent", || !alive(qemu_a));
+    let last_a = console(&con_a).0.unwrap();
+
+    // b promotes and boots the VM cold on its copy.
+    let mut verified = None;
+    let mut first_write_b = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while first_write_b.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not write at b within 120 s of the crash: {}\n--- b's console ---\n{}",
+            serde_json::to_string(&net.status("b", "web")).unwrap(),
+            std::fs::read_to_string(&con_b).unwrap_or_default()
+        );
+        let (w, v) = console(&con_b);
+        if v.is_some() && verified.is_none() {
+            verified = Some((v.unwrap(), killed.elapsed()));
+        }
+        if w.is_some() {
+            first_write_b = Some(killed.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let failover = first_write_b.unwrap();
+    let (verified, verified_after) =
+        verified.unwrap_or_else(|| (console(&con_b).1.unwrap(), failover));
+    let text_b = std::fs::read_to_string(&con_b).unwrap();
+    assert!(!text_b.contains("CORRUPT"), "{text_b}");
+    assert!(
+        verified > last_a,
+        "records acknowledged at a: 0..={last_a}, found at b: {verified}"
+    );
+    let s = net.status("b", "web");
+    assert_eq!(s["primary"], "b", "{s}");
+    let promoted_after = s["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["event"] == "promoted");
+    assert!(promoted_after, "{s}");
+    net.wait_vip("b");
+    let outage = last_write_seen.elapsed() - (killed.elapsed() - failover);
+    eprintln!(
+        "VM failover: last record at a {last_a}, verified at b {verified} records; \
+         kill -> VERIFIED {verified_after:?}, kill -> first WROTE at b {failover:?}, \
+         write outage (last WROTE at a -> first WROTE at b) {outage:?}"
+    );
+    assert!(
+        failover < Duration::from_secs(90),
+        "failover took {failover:?}"
+    );
+    // The guest writes on at b.
+    wait_for(60, "the guest writes on at b", || {
+        console(&con_b).0.is_some_and(|n| n >= verified + 10)
+    });
+
+    // The old primary returns: a replica of b, its VM not started, b's
+    // guest writing on meanwhile.
+    let a_console_len = std::fs::metadata(&con_a).unwrap().len();
+    net.link_up("a");
+    net.start_agent("a");
+    wait_for(60, "a to be b's up-to-date replica", || {
+        let s = net.status("a", "web");
+        s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"
+    });
+    let during = console(&con_b).0.unwrap();
+    wait_for(60, "the guest writes on at b while a is back", || {
+        console(&con_b).0.is_some_and(|n| n >= during + 10)
+    });
+    assert_eq!(net.status("a", "web")["primary"], "b");
+    assert_eq!(net.status("b", "web")["primary"], "b");
+    assert!(!net.has_vip("a"), "a took the VIP back");
+    assert!(
+        children_named(net.agent_pid("a"), "qemu-system").is_empty(),
+        "a VM runs at the returned node"
+    );
+    assert_eq!(
+        std::fs::metadata(&con_a).unwrap().len(),
+        a_console_len,
+        "the returned node's VM wrote to its console"
+    );
+    assert_eq!(
+        children_named(net.agent_pid("b"), "qemu-system").len(),
+        1,
+        "b runs the VM"
+    );
+}
