@@ -2443,8 +2443,8 @@ fn a_vm_workload_fails_over_to_a_cold_boot_with_every_acknowledged_record() {
             std::fs::read_to_string(&con_b).unwrap_or_default()
         );
         let (w, v) = console(&con_b);
-        if v.is_some() && verified.is_none() {
-            verified = Some((v.unwrap(), killed.elapsed()));
+        if let (Some(v), None) = (v, verified) {
+            verified = Some((v, killed.elapsed()));
         }
         if w.is_some() {
             first_write_b = Some(killed.elapsed());
