@@ -2565,8 +2565,8 @@ fn a_vm_workload_fails_over_to_a_cold_boot_with_every_acknowledged_record() {
 
 /// A VM workload whose node is cut off from everything (b, the witness,
 /// the clients) while its guest writes: that node fences itself — writes
-/// frozen, VIP dropped, its VM stopped — and b boots the VM cold with every
-/// record a's disk acknowledged. When the links return, a becomes b's
+/// frozen, VIP dropped, its VM killed at once — and b boots the VM cold
+/// with every record a's disk acknowledged. When the links return, a becomes b's
 /// replica without starting its VM, and the copies end up equal (whatever
 /// a's frozen guest had in flight is resent from b).
 #[test]
@@ -2583,13 +2583,22 @@ fn a_vm_workload_on_a_node_cut_off_from_everything_stops_there_and_boots_at_the_
     net.cut("a", "b");
     net.cut("a", "w");
     net.cut("a", "c");
+    // When a's VM stops, watched from now on.
+    let a_vm_stopped = std::thread::spawn(move || {
+        while alive(qemu_a) && cut.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cut.elapsed()
+    });
     wait_for(10, "b to take over", || {
         net.status("b", "web")["primary"] == "b"
     });
+    // The last event of its kind (a node may fence while it starts).
     let ev = |n: &str, kind: &str| -> Option<u64> {
         net.status_via(n, n, "web")["events"]
             .as_array()?
             .iter()
+            .rev()
             .find(|e| e["event"] == kind)?["at_unix_ms"]
             .as_u64()
     };
@@ -2600,11 +2609,25 @@ fn a_vm_workload_on_a_node_cut_off_from_everything_stops_there_and_boots_at_the_
         "a fenced at {fenced}, b promoted at {promoted}"
     );
     let verified = net.cold_boot_at_b(cut, cut_at);
-    // The fence stopped a's VM (SIGTERM; SIGKILL after the hook timeout,
-    // 20 s, when its frozen disk holds QEMU up); whatever its guest saw
-    // acknowledged is at b.
-    wait_for(30, "a's VM to stop after the fence", || !alive(qemu_a));
-    eprintln!("a's VM stopped {:?} after the cut", cut.elapsed());
+    // The fence killed a's VM at once: its disk is frozen, so QEMU's
+    // orderly exit would wait on its frozen writes until the hook timeout
+    // (20 s here), holding up everything the node does after the fence.
+    let stopped = a_vm_stopped.join().unwrap();
+    eprintln!(
+        "a fenced {} ms after the cut; its VM stopped {stopped:?} after the cut",
+        fenced.saturating_sub(
+            cut_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        )
+    );
+    assert!(!alive(qemu_a), "a's VM still runs 60 s after the cut");
+    assert!(
+        stopped < Duration::from_secs(10),
+        "a's VM stopped only {stopped:?} after the cut"
+    );
+    // Whatever a's guest saw acknowledged is at b.
     let last_a = console(&con_a).0.unwrap();
     assert!(
         verified > last_a,
