@@ -2313,3 +2313,328 @@ fn a_copy_being_demoted_is_never_reported_up_to_date() {
         seen.first()
     );
 }
+
+/// The records guest (tests/guest/records.sh: a Debian kernel and a busybox
+/// initramfs), built once into `target/guest`: (kernel, initrd).
+fn records_guest() -> (PathBuf, PathBuf) {
+    require("qemu-system-x86_64");
+    let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let guest_dir = ws.join("target/guest");
+    let out = Command::new(ws.join("scripts/build-guest"))
+        .arg(ws.join("crates/ferry/tests/guest/records.sh"))
+        .arg(&guest_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "build-guest: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        guest_dir.join("vmlinuz"),
+        guest_dir.join("initramfs.cpio.gz"),
+    )
+}
+
+/// The PIDs of the live (not zombie) children of `parent` whose command
+/// name starts with `name`.
+fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some((comm, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") "))
+        else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let (state, ppid) = (f.next(), f.next().and_then(|p| p.parse::<u32>().ok()));
+        if ppid == Some(parent) && state != Some("Z") && comm.starts_with(name) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Whether process `pid` still runs (exists and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+impl Net {
+    fn console(&self, n: &str) -> PathBuf {
+        self.dir(n).join("vms/web/console.log")
+    }
+}
+
+impl Net {
+    /// The HA workload `web` of [`Net::ha_workload`] with a VM: the records
+    /// guest on its volume (16 MiB), 256 MiB of RAM, TCG. Putting it under
+    /// HA with a as its primary boots it at a; returns once the guest wrote
+    /// 20 records there and b is up to date, with the PID of a's QEMU.
+    fn vm_ha_workload(&self) -> u32 {
+        let (kernel, initrd) = records_guest();
+        self.ha_workload_with(
+            "16MiB",
+            &[
+                "--vm-kernel",
+                kernel.to_str().unwrap(),
+                "--vm-initrd",
+                initrd.to_str().unwrap(),
+                "--vm-memory",
+                "256MiB",
+                "--vm-append",
+                "console=ttyS0 panic=-1 quiet",
+                "--hook-timeout",
+                "20s",
+            ],
+        );
+        let console = common::records::guest_console;
+        let (con_a, con_b) = (self.console("a"), self.console("b"));
+        wait_for(120, "the guest writes 20 records at a", || {
+            console(&con_a).0.is_some_and(|n| n >= 20)
+        });
+        assert_eq!(console(&con_a).1, Some(0), "a fresh disk holds no record");
+        assert!(!con_b.exists(), "no VM runs at the replica while a serves");
+        wait_for(20, "b up to date", || {
+            self.status("a", "web")["replicas"][0]["state"] == "up-to-date"
+        });
+        let qemu = children_named(self.agent_pid("a"), "qemu-system");
+        assert_eq!(qemu.len(), 1, "one QEMU under agent a: {qemu:?}");
+        qemu[0]
+    }
+
+    /// Waits (from `killed`, at most 90 s) for the guest's cold boot at b:
+    /// it checks the records on its disk (none corrupt) and writes on.
+    /// Prints where the time went; returns how many records it found.
+    fn cold_boot_at_b(&self, killed: Instant, killed_at: std::time::SystemTime) -> u64 {
+        let console = common::records::guest_console;
+        let con_b = self.console("b");
+        let mut verified = None;
+        let mut first_write_b = None;
+        let deadline = killed + Duration::from_secs(90);
+        while first_write_b.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not write at b within 90 s: {}\n--- b's console ---\n{}",
+                serde_json::to_string(&self.status("b", "web")).unwrap(),
+                std::fs::read_to_string(&con_b).unwrap_or_default()
+            );
+            let (w, v) = console(&con_b);
+            if let (Some(v), None) = (v, verified) {
+                verified = Some((v, killed.elapsed()));
+            }
+            if w.is_some() {
+                first_write_b = Some(killed.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let failover = first_write_b.unwrap();
+        let (verified, verified_after) =
+            verified.unwrap_or_else(|| (console(&con_b).1.unwrap(), failover));
+        let text_b = std::fs::read_to_string(&con_b).unwrap();
+        assert!(!text_b.contains("CORRUPT"), "{text_b}");
+        let s = self.status("b", "web");
+        assert_eq!(s["primary"], "b", "{s}");
+        self.wait_vip("b");
+        // Where the time went: until the promotion (failure detection, the
+        // witness, the commit, VIP, QEMU spawned), then the guest's cold boot.
+        let promoted = s["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["event"] == "promoted")
+            .unwrap_or_else(|| panic!("b promoted: {s}"));
+        let killed_unix_ms = killed_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let to_promoted = Duration::from_millis(
+            promoted["at_unix_ms"]
+                .as_u64()
+                .unwrap()
+                .saturating_sub(killed_unix_ms),
+        );
+        eprintln!(
+            "VM failover: the guest at b verified {verified} records; \
+             -> promoted {to_promoted:?} (detection {} ms), -> VERIFIED {verified_after:?}, \
+             -> first WROTE at b {failover:?}",
+            promoted["detection_ms"]
+        );
+        wait_for(60, "the guest writes on at b", || {
+            console(&con_b).0.is_some_and(|n| n >= verified + 10)
+        });
+        verified
+    }
+
+    /// a, back (its agent running, its links up): it becomes b's up-to-date
+    /// replica without starting its VM again (a's console stays
+    /// `a_console_len` long) while the guest writes on at b; once that VM is
+    /// stopped both copies are equal.
+    fn vm_rejoins_as_replica(&self, a_console_len: u64) {
+        let console = common::records::guest_console;
+        let (con_a, con_b) = (self.console("a"), self.console("b"));
+        wait_for(60, "a to be b's up-to-date replica", || {
+            let s = self.status("a", "web");
+            s["role"] == "secondary" && s["replicas"][0]["state"] == "up-to-date"
+        });
+        let during = console(&con_b).0.unwrap();
+        wait_for(60, "the guest writes on at b while a is back", || {
+            console(&con_b).0.is_some_and(|n| n >= during + 10)
+        });
+        assert_eq!(self.status("a", "web")["primary"], "b");
+        assert_eq!(self.status("b", "web")["primary"], "b");
+        assert!(!self.has_vip("a"), "a took the VIP back");
+        assert!(
+            children_named(self.agent_pid("a"), "qemu-system").is_empty(),
+            "a VM runs at the returned node"
+        );
+        assert_eq!(
+            std::fs::metadata(&con_a).unwrap().len(),
+            a_console_len,
+            "the returned node's VM wrote to its console"
+        );
+        assert_eq!(
+            self.log("a").matches("vm.started").count(),
+            1,
+            "the returned node started its VM again"
+        );
+        let qemu_b = children_named(self.agent_pid("b"), "qemu-system");
+        assert_eq!(qemu_b.len(), 1, "b runs the VM");
+        // The VM stopped (SIGTERM: QEMU flushes its disk), both copies equal.
+        self.ok("b", &["workload", "stop", "web"]);
+        assert!(!alive(qemu_b[0]), "b's VM stopped");
+        self.ok("b", &["replicate", "wait", "vol", "--timeout", "30s"]);
+        assert!(
+            self.image("a") == self.image("b"),
+            "a's copy differs from b's"
+        );
+    }
+}
+
+/// Issue 23, HA for VM workloads: a QEMU guest (the records guest, TCG)
+/// under two-node HA with the witness. Its host dies (the agent SIGKILLed,
+/// its link down; its QEMU dies with it, PR_SET_PDEATHSIG); the survivor
+/// takes over and boots the VM cold on its replica, where the guest finds
+/// every record whose write its disk acknowledged at the dead node, and
+/// writes on. Then the old primary returns: it rejoins as the replica, its
+/// VM not started.
+#[test]
+fn a_vm_workload_fails_over_to_a_cold_boot_with_every_acknowledged_record() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let qemu_a = net.vm_ha_workload();
+    let con_a = net.console("a");
+    let console = common::records::guest_console;
+
+    // The host dies right after the guest's disk acknowledged a record.
+    let before = console(&con_a).0.unwrap();
+    wait_for(30, "the next record at a", || {
+        console(&con_a).0.is_some_and(|n| n > before)
+    });
+    let (killed, killed_at) = (Instant::now(), std::time::SystemTime::now());
+    net.crash("a");
+    // QEMU dies with its agent (PR_SET_PDEATHSIG), as on a dead host.
+    wait_for(5, "a's QEMU to die with its agent", || !alive(qemu_a));
+    let last_a = console(&con_a).0.unwrap();
+
+    // b promotes and boots the VM cold on its copy, with every record
+    // a's guest saw acknowledged.
+    let verified = net.cold_boot_at_b(killed, killed_at);
+    assert!(
+        verified > last_a,
+        "records acknowledged at a: 0..={last_a}, found at b: {verified}"
+    );
+
+    // The old primary returns.
+    let a_console_len = std::fs::metadata(&con_a).unwrap().len();
+    net.link_up("a");
+    net.start_agent("a");
+    net.vm_rejoins_as_replica(a_console_len);
+}
+
+/// A VM workload whose node is cut off from everything (b, the witness,
+/// the clients) while its guest writes: that node fences itself — writes
+/// frozen, VIP dropped, its VM killed at once — and b boots the VM cold
+/// with every record a's disk acknowledged. When the links return, a becomes b's
+/// replica without starting its VM, and the copies end up equal (whatever
+/// a's frozen guest had in flight is resent from b).
+#[test]
+fn a_vm_workload_on_a_node_cut_off_from_everything_stops_there_and_boots_at_the_other() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let qemu_a = net.vm_ha_workload();
+    let con_a = net.console("a");
+    let console = common::records::guest_console;
+
+    let (cut, cut_at) = (Instant::now(), std::time::SystemTime::now());
+    net.cut("a", "b");
+    net.cut("a", "w");
+    net.cut("a", "c");
+    // When a's VM stops, watched from now on.
+    let a_vm_stopped = std::thread::spawn(move || {
+        while alive(qemu_a) && cut.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cut.elapsed()
+    });
+    wait_for(10, "b to take over", || {
+        net.status("b", "web")["primary"] == "b"
+    });
+    // The last event of its kind (a node may fence while it starts).
+    let ev = |n: &str, kind: &str| -> Option<u64> {
+        net.status_via(n, n, "web")["events"]
+            .as_array()?
+            .iter()
+            .rev()
+            .find(|e| e["event"] == kind)?["at_unix_ms"]
+            .as_u64()
+    };
+    let fenced = ev("a", "fenced").expect("a fenced itself");
+    let promoted = ev("b", "promoted").expect("b promoted");
+    assert!(
+        fenced < promoted,
+        "a fenced at {fenced}, b promoted at {promoted}"
+    );
+    let verified = net.cold_boot_at_b(cut, cut_at);
+    // The fence killed a's VM at once: its disk is frozen, so QEMU's
+    // orderly exit would wait on its frozen writes until the hook timeout
+    // (20 s here), holding up everything the node does after the fence.
+    let stopped = a_vm_stopped.join().unwrap();
+    eprintln!(
+        "a fenced {} ms after the cut; its VM stopped {stopped:?} after the cut",
+        fenced.saturating_sub(
+            cut_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        )
+    );
+    assert!(!alive(qemu_a), "a's VM still runs 60 s after the cut");
+    assert!(
+        stopped < Duration::from_secs(10),
+        "a's VM stopped only {stopped:?} after the cut"
+    );
+    // Whatever a's guest saw acknowledged is at b.
+    let last_a = console(&con_a).0.unwrap();
+    assert!(
+        verified > last_a,
+        "records acknowledged at a: 0..={last_a}, found at b: {verified}"
+    );
+
+    let a_console_len = std::fs::metadata(&con_a).unwrap().len();
+    net.uncut("a");
+    net.vm_rejoins_as_replica(a_console_len);
+}

@@ -1503,7 +1503,7 @@ fn spec<H: Host + ?Sized>(ctx: &H, workload: &str) -> Result<WorkloadSpec> {
 }
 
 /// Freeze (again: a Resume queued before may have reopened), drop the VIP,
-/// stop the application.
+/// kill the VM, stop the application.
 fn fence<H: Host + ?Sized>(ctx: &H, workload: &str) -> Result<()> {
     let spec = spec(ctx, workload)?;
     for v in &spec.volumes {
@@ -1515,6 +1515,16 @@ fn fence<H: Host + ?Sized>(ctx: &H, workload: &str) -> Result<()> {
         crate::share::set_frozen(ctx, s, true);
     }
     vip(&spec, false)?;
+    // A VM is killed at once: its disks are frozen now, so QEMU's orderly
+    // exit (SIGTERM) would wait on its frozen writes until the hook timeout,
+    // holding up this worker (and the demotion after it) meanwhile. Its RAM
+    // is lost either way, and every write its guest saw acknowledged is
+    // already on both copies.
+    if spec.vm.is_some() {
+        if let Err(e) = ctx.hook_env().vms.stop(&spec.name, Duration::ZERO) {
+            tracing::warn!(workload, error = %format!("{e:#}"), "cluster.vm_kill_failed");
+        }
+    }
     if let Some(run) = crate::workload::workload_hook(&ctx.hook_env(), &spec, "stop", "fenced") {
         if !run.ok {
             tracing::warn!(workload, output = %run.output, "cluster.stop_hook_failed");
