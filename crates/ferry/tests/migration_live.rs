@@ -208,9 +208,24 @@ fn cutover_fails(from: &Agent) -> String {
 /// The guest keeps ticking and writing at `n` (new ticks and records).
 fn still_running_at(n: &Agent, ticks: &Ticks) {
     let (t0, r0) = (ticks.count(), console(&con(n)).0.unwrap_or(0));
-    wait_until(60, "the guest goes on", || {
-        ticks.count() > t0 + 20 && console(&con(n)).0.is_some_and(|r| r > r0 + 2)
-    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(ticks.count() > t0 + 20 && console(&con(n)).0.is_some_and(|r| r > r0 + 2)) {
+        if Instant::now() > deadline {
+            let text = std::fs::read_to_string(con(n)).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            let log = n.log_text();
+            let log_tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "the guest does not go on at {} (ticks {t0} → {}, records {r0} → {:?}); console tail:\n{}\nagent log tail:\n{}",
+                n.name,
+                ticks.count(),
+                console(&con(n)).0,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                log_tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The QEMU processes whose command line names `dir` (the agent there

@@ -27,7 +27,6 @@
 //! knows about VMs, QEMU or workloads beyond the session's name and token.
 
 // The live move (issue 23) calls these; until it is wired in, only tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -339,16 +338,19 @@ impl Outgoing {
     }
 
     /// Bytes received from the target so far.
+    #[cfg(test)]
     pub fn bytes_in(&self) -> u64 {
         self.shared.bytes_in.load(Ordering::Relaxed)
     }
 
     /// The tunnel has ended (either way).
+    #[cfg(test)]
     pub fn is_done(&self) -> bool {
         self.shared.done.load(Ordering::SeqCst)
     }
 
     /// The socket QEMU is to connect to.
+    #[cfg(test)]
     pub fn listen_path(&self) -> &Path {
         &self.listen_path
     }

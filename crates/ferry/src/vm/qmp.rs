@@ -13,7 +13,6 @@
 //! [`Qmp::events_dropped`]), every read waits at most the call's timeout.
 
 // The live move (issue 23) calls these; until it is wired in, only tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -139,6 +138,7 @@ impl Qmp {
     }
 
     /// The socket's path.
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -205,6 +205,7 @@ impl Qmp {
     /// The first event named `name`: a kept one first (it and the events
     /// before it are taken; others stay kept), else the next that arrives
     /// within `timeout`. `None` on timeout.
+    #[cfg(test)]
     pub fn wait_event(
         &mut self,
         name: &str,
@@ -227,6 +228,7 @@ impl Qmp {
 
     /// Reads the events that arrive within `wait` (kept for
     /// [`Qmp::take_events`]).
+    #[cfg(test)]
     pub fn poll_events(&mut self, wait: Duration) -> Result<(), QmpError> {
         self.check()?;
         let deadline = Instant::now() + wait;
