@@ -117,7 +117,7 @@ fn the_watcher_stamps_lines_as_they_are_written() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // A line in two writes: stamped once, whole.
-    write!(fa, "TICK 20 1.20 {BO", BO = &BOOT[..10]).unwrap();
+    write!(fa, "TICK 20 1.20 {}", &BOOT[..10]).unwrap();
     fa.flush().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     writeln!(fa, "{} 89", &BOOT[10..]).unwrap();
@@ -139,9 +139,10 @@ fn the_watcher_stamps_lines_as_they_are_written() {
     assert_eq!(r.ticks, 39);
     assert_eq!(r.seq_holes, 0, "{ticks:?}");
     assert!(r.one_continuous_run(), "{r:?}");
+    // The watcher may stamp the tick before the pause a little late (it
+    // polls every ~1 ms, on a loaded machine later): a smaller gap.
     assert!(
-        r.max_gap >= Duration::from_millis(300)
-            && r.max_gap < Duration::from_millis(300) + paused.elapsed(),
+        r.max_gap >= Duration::from_millis(250) && r.max_gap <= paused.elapsed(),
         "{r:?}"
     );
     assert_eq!(r.max_gap_after, Some((0, 20)));
