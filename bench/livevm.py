@@ -55,8 +55,12 @@ class ConsoleWatch:
     """Tails console files on a thread (every ~1 ms); every new TICK line is
     stamped with time.monotonic() when it is first seen."""
 
-    def __init__(self, paths, poll_s=0.001):
+    def __init__(self, paths, poll_s=0.001, from_end=False):
         self.paths = list(paths)
+        # from_end: lines already in the files are skipped (their stamps
+        # would all be the same moment).
+        self.start_at = [os.path.getsize(p) if from_end and os.path.exists(p) else 0
+                         for p in self.paths]
         self.poll_s = poll_s
         self.ticks = []  # (host_monotonic_s, file_index, seq, uptime, boot, pid)
         self.lines = [[] for _ in self.paths]
@@ -74,6 +78,7 @@ class ConsoleWatch:
                 if files[i] is None:
                     try:
                         files[i] = open(p, "rb")
+                        files[i].seek(self.start_at[i])
                     except FileNotFoundError:
                         continue
                 data = files[i].read()
@@ -364,7 +369,8 @@ def main():
         print(json.dumps(analyse(ticks)))
     elif cmd == "watch":
         out, paths = rest[0], rest[1:]
-        w = ConsoleWatch(paths)
+        w = ConsoleWatch(paths, from_end=True)
+        open(out + ".ready", "w").close()  # the caller waits for this
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())

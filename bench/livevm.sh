@@ -29,6 +29,7 @@
 # Usage: bench/livevm.sh [--rows floor] [--reps 5] [--memory-mib 256]
 #                        [--downtime-limit-ms 300] [--max-bandwidth-mib N]
 #                        [--warmup-s 5]
+# Results: bench/out/livevm-DATE.md (tables), raw JSON lines on stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -144,6 +145,7 @@ ferry_run() {
   sleep "$warmup_s"
   python3 bench/livevm.py watch "$work/$w.ticks.json" "$con_a" "$con_b" &
   local watcher=$!; pids+=($watcher)
+  until [[ -e "$work/$w.ticks.json.ready" ]]; do sleep 0.02; done
   local r; r=$(on a --json migrate cutover "$w" "${flags[@]}")
   wait_console "$con_b" TICK 120 || true
   sleep 2  # ticks at the target after the move
