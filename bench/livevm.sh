@@ -100,6 +100,12 @@ node_name = "$n"
 data_dir = "$work/$n"
 api_listen = "127.0.0.1:$api"
 replication_listen = "127.0.0.1:$repl"
+
+[vm]
+# The same QEMU parameters as the floor's: downtime limit, and the RAM
+# stream's rate (0 there: QEMU's default of 128 MiB/s).
+downtime_limit_ms = $downtime_limit_ms
+max_bandwidth_bytes_per_s = $(( max_bandwidth_mib == 0 ? 134217728 : max_bandwidth_mib * 1048576 ))
 EOT
     "$ferry" agent --config "$work/$n.toml" >"$work/$n.out" 2>"$work/$n.log" &
     PID[$n]=$!; pids+=($!)
@@ -208,11 +214,15 @@ print(" ".join(out))'; }
   fi
   for mode in live cold; do
     has "$mode" || continue
-    echo "| ferry migrate cutover ($mode) | downtime_ms | outage_ms | TICK gap across the move | max TICK gap | boot ids / pids / seq holes per run |"
-    echo "|---|---|---|---|---|---|"
+    echo "| ferry migrate cutover ($mode) | downtime_ms | outage_ms | TICK gap across the move | max TICK gap | QEMU downtime | frozen / verified / committed (ms after STOP) | pre-copy | boot ids / pids / seq holes per run |"
+    echo "|---|---|---|---|---|---|---|---|---|"
     for load in idle busy; do
       s=$(sel "$mode" "$load")
-      echo "| $load | $(echo "$s" | median reply.downtime_ms) ms | $(echo "$s" | median reply.outage_ms) ms | $(echo "$s" | median ticks.switch_gap_ms) ms | $(echo "$s" | median ticks.max_gap_ms) ms | $(echo "$s" | bph) |"
+      echo "| $load | $(echo "$s" | median reply.downtime_ms) ms | $(echo "$s" | median reply.outage_ms) ms | $(echo "$s" | median ticks.switch_gap_ms) ms | $(echo "$s" | median ticks.max_gap_ms) ms | $(echo "$s" | median reply.vm.qemu.downtime_ms) ms | $(echo "$s" | median reply.vm.freeze_ms) / $(echo "$s" | median reply.vm.verify_ms) / $(echo "$s" | median reply.vm.commit_ms) | $(echo "$s" | median reply.vm.precopy_ms) ms | $(echo "$s" | bph) |"
+    done
+    echo
+    for load in idle busy; do
+      echo "raw $mode $load: downtime_ms $(raw "$mode" "$load" reply.downtime_ms); gap across the move ms $(raw "$mode" "$load" ticks.switch_gap_ms); outage_ms $(raw "$mode" "$load" reply.outage_ms)"
     done
     echo
   done
