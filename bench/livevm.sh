@@ -65,7 +65,7 @@ cleanup() {
     while read -r p; do kill -9 "$p" 2>/dev/null || true; done <"$f"
   done
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  rm -rf "$work"
+  if [[ -n ${KEEP_WORK:-} ]]; then echo "kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 export FERRY_LOG=warn
@@ -165,6 +165,8 @@ print(json.dumps({"row": mode, "load": load, "reply": json.loads(reply),
 EOF
 }
 
+# The agents start here, once: ferry_run runs in a pipeline's subshell.
+if has live || has cold; then ferry_agents; fi
 for load in idle busy; do
   for rep in $(seq "$reps"); do
     if has floor; then

@@ -155,6 +155,12 @@ pub fn run_hook(hook: &str, cmd: &str, timeout: Duration, env: &[(&str, &str)]) 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // resets the signal mask (async-signal-safe): a hook, and what it
+    // starts, must see SIGTERM, which the agent blocks in every thread.
+    unsafe {
+        c.pre_exec(crate::sys::signals::unblock_all_in_child);
+    }
     for (k, v) in env {
         c.env(k, v);
     }
@@ -372,4 +378,26 @@ fn run_action(
 /// The export name of a volume's test overlay.
 pub fn test_export(volume: &str) -> String {
     format!("{volume}@test")
+}
+
+#[cfg(test)]
+mod signal_tests {
+    use super::run_hook;
+    use std::time::Duration;
+
+    #[test]
+    fn a_hook_sees_sigterm_although_the_agent_blocks_it() {
+        // The agent blocks SIGTERM in every thread (sys::signals); a child
+        // inherits the mask. Block it here the same way, then run a hook
+        // that sends itself SIGTERM: it must die at once, not sleep on.
+        let _blocked = crate::sys::signals::Signals::block().unwrap();
+        let run = run_hook(
+            "stop",
+            "kill -TERM $$; sleep 10; echo survived",
+            Duration::from_secs(20),
+            &[],
+        );
+        assert!(!run.output.contains("survived"), "{run:?}");
+        assert!(run.elapsed_ms < 5_000, "{run:?}");
+    }
 }

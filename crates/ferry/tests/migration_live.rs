@@ -376,6 +376,17 @@ fn cold_keeps_the_stop_and_boot() {
     let last_a = console(&con(&a)).0.unwrap();
     let report = a.json(&["migrate", "cutover", "vm", "--cold"]);
     assert_eq!(report["vm"]["mode"], "cold", "{report}");
+    // QEMU stopped on SIGTERM, not at the hook timeout's SIGKILL (a VM
+    // spawned with the agent's blocked SIGTERM ignored it for 20 s).
+    let stop = report["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hook"] == "vm-stop")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(stop["elapsed_ms"].as_u64().unwrap() < 10_000, "{report}");
+    let text = std::fs::read_to_string(con(&a)).unwrap();
+    assert!(text.contains("terminating on signal 15"), "{text}");
     wait_until(120, "the guest boots at b", || {
         console(&con(&b)).1.is_some()
     });

@@ -163,18 +163,10 @@ fn open_image(path: &Path) -> Result<Opened, ArchiveError> {
 fn qemu_cmd() -> Command {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new("qemu-img");
-    // SAFETY: the closure runs in the child between fork and exec and calls
-    // only sigemptyset/sigprocmask, which are async-signal-safe, on a
-    // sigset_t on its own stack.
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // resets the signal mask, which is async-signal-safe.
     unsafe {
-        cmd.pre_exec(|| {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(crate::sys::signals::unblock_all_in_child);
     }
     cmd
 }

@@ -43,3 +43,21 @@ impl Signals {
         Ok(sig)
     }
 }
+
+/// Unblocks every signal in this thread: for a child between fork and exec
+/// (`CommandExt::pre_exec`). Children inherit the mask, and ferry blocks
+/// SIGINT and SIGTERM in every thread ([`Signals::block`]): a QEMU or a
+/// hook started with them blocked would ignore SIGTERM until SIGKILL.
+/// Async-signal-safe: only sigemptyset/sigprocmask on a stack sigset_t.
+pub fn unblock_all_in_child() -> std::io::Result<()> {
+    // SAFETY: sigset_t is a plain C struct initialised by sigemptyset right
+    // away; sigprocmask only reads it and changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -350,14 +350,16 @@ impl Vms {
             .stdout(log.try_clone()?)
             .stderr(log);
         // SAFETY: prctl(2) with PR_SET_PDEATHSIG only sets a flag of the
-        // child; it is async-signal-safe and touches no memory of ours.
+        // child, and the signal mask is reset (QEMU must see SIGTERM: the
+        // agent blocks it in every thread); both are async-signal-safe and
+        // touch no memory of ours.
         unsafe {
             use std::os::unix::process::CommandExt;
             c.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                Ok(())
+                crate::sys::signals::unblock_all_in_child()
             });
         }
         let (tx, rx) = std::sync::mpsc::channel();
