@@ -152,7 +152,7 @@ ferry_run() {
   python3 bench/livevm.py watch "$work/$w.ticks.json" "$con_a" "$con_b" &
   local watcher=$!; pids+=($watcher)
   until [[ -e "$work/$w.ticks.json.ready" ]]; do sleep 0.02; done
-  local r; r=$(on a --json migrate cutover "$w" "${flags[@]}")
+  local r; r=$(on a --json migrate cutover "$w" "${flags[@]}") || r='{"error": "the cutover failed (see the agents logs)"}'
   wait_console "$con_b" TICK 120 || true
   sleep 2  # ticks at the target after the move
   kill "$watcher"; wait "$watcher" 2>/dev/null || true

@@ -84,8 +84,9 @@ fn unix_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// How often QEMU's progress is read while the RAM is copied.
-const POLL: Duration = Duration::from_millis(20);
+/// How often QEMU's progress is read while the RAM is copied (a status
+/// change, `completed` above all, is read at once: QEMU's MIGRATION event).
+const POLL: Duration = Duration::from_millis(100);
 /// QEMU's `max-bandwidth` for "no limit" (it refuses values above about
 /// SIZE_MAX / 1000).
 const UNLIMITED_BYTES_PER_S: u64 = 1 << 40;
@@ -331,7 +332,13 @@ impl LiveMove {
                 });
             }
             self.set_progress(p);
-            std::thread::sleep(POLL);
+            // Until the next look, or at once when QEMU's migration status
+            // changes (`events` capability): `completed` is acted on within
+            // a QMP round trip, not a poll interval, since the guest is
+            // paused from then on.
+            if let Err(e) = q.wait_event("MIGRATION", POLL) {
+                break Err(self.qmp_err(e));
+            }
         };
         // The vCPUs' stop, as QEMU stamped it.
         self.stop_at_unix_us = q
@@ -345,34 +352,39 @@ impl LiveMove {
         self.precopy_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
         // `completed` with the source paused: anything else is not a
         // finished move.
+        // QEMU says `completed` a moment before its run state leaves
+        // `finish-migrate` for `postmigrate`.
         let q = self.qmp.as_mut().expect("set above");
-        let st = q
-            .execute("query-status", Value::Null)
-            .map_err(|e| LiveError::Qmp {
-                workload: self.workload.clone(),
-                source: e,
-            })?;
-        if st["status"] != "postmigrate" {
-            return Err(LiveError::Migration {
-                target: self.target.clone(),
-                status: "completed".into(),
-                why: format!("the source VM is {} instead of postmigrate", st["status"]),
-            });
+        let settle = Instant::now() + Duration::from_millis(self.settings.qmp_timeout_ms);
+        loop {
+            let st = q
+                .execute("query-status", Value::Null)
+                .map_err(|e| LiveError::Qmp {
+                    workload: self.workload.clone(),
+                    source: e,
+                })?;
+            match st["status"].as_str() {
+                Some("postmigrate") => break,
+                Some("finish-migrate") if Instant::now() < settle => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                _ => {
+                    return Err(LiveError::Migration {
+                        target: self.target.clone(),
+                        status: "completed".into(),
+                        why: format!("the source VM is {} instead of postmigrate", st["status"]),
+                    })
+                }
+            }
         }
         if self.stop_at_unix_us.is_none() {
             // QEMU sent no STOP event (older QEMU): the completion is the
             // latest it can have been.
             self.stop_at_unix_us = Some(unix_us());
         }
-        if let Some(t) = self.tunnel.take() {
-            self.stream_bytes = t.bytes_out();
-            match t.finish(Duration::from_secs(5)) {
-                Ok(s) => self.stream_bytes = s.bytes_out,
-                Err(e) => {
-                    tracing::warn!(workload = %self.workload, error = %e, "vm.live.stream_end")
-                }
-            }
-        }
+        // The stream ends on its own now (QEMU closed it); its end is
+        // awaited after the pause ([`LiveMove::end_stream`]), not inside it.
+        self.stream_bytes = self.tunnel.as_ref().map_or(0, |t| t.bytes_out());
         tracing::info!(workload = %self.workload, target = %self.target,
             precopy_ms = ?self.precopy_ms, qemu_downtime_ms = ?self.stats.downtime_ms,
             "vm.live.completed: the source is paused, the target holds the RAM");
@@ -450,9 +462,22 @@ impl LiveMove {
         *lock(&self.progress) = None;
     }
 
+    /// Waits (briefly) for the RAM stream's end, once the pause is over.
+    fn end_stream(&mut self) {
+        if let Some(t) = self.tunnel.take() {
+            match t.finish(Duration::from_secs(5)) {
+                Ok(s) => self.stream_bytes = s.bytes_out,
+                Err(e) => {
+                    tracing::warn!(workload = %self.workload, error = %e, "vm.live.stream_end")
+                }
+            }
+        }
+    }
+
     /// After the commit: the paused source VM quits (its disks belong to
     /// the target now; it never runs here again).
     pub fn stop_source(&mut self) {
+        self.end_stream();
         if let Some(q) = self.qmp.as_mut() {
             if let Err(e) = q.execute("quit", Value::Null) {
                 tracing::debug!(workload = %self.workload, error = %e, "vm.live.quit");

@@ -205,7 +205,6 @@ impl Qmp {
     /// The first event named `name`: a kept one first (it and the events
     /// before it are taken; others stay kept), else the next that arrives
     /// within `timeout`. `None` on timeout.
-    #[cfg(test)]
     pub fn wait_event(
         &mut self,
         name: &str,
