@@ -296,7 +296,7 @@ pub struct CutoverReport {
     pub target_healthy: bool,
     /// A VM workload: how its VM moved (live or cold).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<VmMoveReport>,
+    pub vm: Option<Box<VmMoveReport>>,
     /// The target did not come up: the reverse cutover that returned it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reverse_cutover: Option<Box<ReverseOutcome>>,

@@ -1813,7 +1813,6 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
                 workload,
                 &cfg.peer,
                 ctx.cfg().vm.clone(),
-                vms.move_progress_slot(workload),
             )
         }),
     };

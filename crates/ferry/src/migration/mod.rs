@@ -719,7 +719,6 @@ pub fn cutover_with<H: Host + ?Sized>(
             workload,
             &target,
             ctx.cfg().vm.clone(),
-            vms.move_progress_slot(workload),
         )
     });
     let mut side = CutoverSide {
@@ -796,7 +795,7 @@ pub fn cutover_with<H: Host + ?Sized>(
             if let Some(d) = vm_report.as_ref().and_then(|v| v.downtime_ms) {
                 report.downtime_ms = d;
             }
-            report.vm = vm_report;
+            report.vm = vm_report.map(Box::new);
             let report = serde_json::to_value(report)?;
             if let Some(back) = reversed {
                 // The workload did not come up at the target: a reverse

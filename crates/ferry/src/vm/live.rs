@@ -122,8 +122,8 @@ impl LiveMove {
         workload: &str,
         target: &str,
         settings: VmSettings,
-        progress: SharedProgress,
     ) -> LiveMove {
+        let progress = vms.move_progress_slot(workload);
         LiveMove {
             vms,
             data_dir,
