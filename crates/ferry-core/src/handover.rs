@@ -5,7 +5,7 @@
 //! ```text
 //! prehash ─ preflush ─ stop hook ─ flush ─ freeze ─ drain ─ compare ─ COMMIT ─ …
 //!   (while the workload still runs)        └──── the downtime starts here
-//! … record the way back ─ close gates ─ start at the target ─ check ─ demote ─ (reverse)
+//! … close gates ─ start at the target ─ record the way back ─ check ─ demote ─ (reverse)
 //! ```
 //!
 //! The machine is driven in the raft-rs style: the driver calls [`Handover::start`]
@@ -451,6 +451,8 @@ pub struct Handover {
     vm_moving: bool,
     /// Where the handover goes once the source's VM was stopped.
     after_vm_stop: Option<Box<State>>,
+    /// Where a cutover goes once the way back was recorded.
+    after_record: Option<Box<State>>,
     timeline: Timeline,
     outcome: Option<Outcome>,
 }
@@ -469,6 +471,7 @@ impl Handover {
             reversed: None,
             vm_moving: false,
             after_vm_stop: None,
+            after_record: None,
             timeline: Timeline::default(),
             outcome: None,
         }
@@ -547,7 +550,9 @@ impl Handover {
                 serving: serving + usize::from(serves),
                 why: why.clone(),
             },
-            (State::RecordReverse, Input::Done) => State::CloseGate(0),
+            (State::RecordReverse, Input::Done) => {
+                self.after_record.take().map_or(State::Done, |s| *s)
+            }
             (State::CloseGate(i), Input::Done) => State::CloseGate(i + 1),
             (State::StartTarget, Input::Started(r)) => {
                 self.timeline.serving_at = Some(now);
@@ -560,7 +565,10 @@ impl Handover {
                     Ok(()) => self.healthy(now),
                     Err(why) => self.unhealthy(now, why),
                 };
-                self.stop_source_vm_then(next)
+                // The way back is recorded once the target serves (it is
+                // best effort, and no part of the downtime).
+                self.after_record = Some(Box::new(next));
+                self.stop_source_vm_then(State::RecordReverse)
             }
             (State::StopSourceVm, Input::Done) => {
                 self.mark(Step::SourceVmStopped, now);
@@ -652,7 +660,7 @@ impl Handover {
         self.committed = true;
         self.mark(Step::Committed, now);
         match self.plan.kind {
-            Kind::Cutover { .. } => State::RecordReverse,
+            Kind::Cutover { .. } => State::CloseGate(0),
             Kind::Switchover => {
                 self.check_deadline = now + self.plan.check_timeout_ms * 1000;
                 // The peer continues the VM when it takes over: the paused
@@ -968,10 +976,10 @@ mod tests {
                 Compare { member: 0 },
                 Compare { member: 1 },
                 Commit,
-                RecordReverse,
                 CloseGate { member: 0 },
                 CloseGate { member: 1 },
                 StartTarget,
+                RecordReverse,
                 Check,
                 Demote { member: 0 },
                 Demote { member: 1 },
@@ -1262,9 +1270,10 @@ mod tests {
             (*e == Effect::StartTarget).then(|| Input::Started(Err("exit 1".into())))
         });
         assert_eq!(
-            seen[seen.len() - 3..],
+            seen[seen.len() - 4..],
             [
                 Effect::StartTarget,
+                Effect::RecordReverse,
                 Effect::Demote { member: 0 },
                 Effect::Reverse
             ]
@@ -1421,10 +1430,10 @@ mod tests {
                 },
                 Compare { member: 0 },
                 Commit,
-                RecordReverse,
                 CloseGate { member: 0 },
                 StartTarget,
                 StopSourceVm,
+                RecordReverse,
                 Check,
                 Demote { member: 0 },
             ]
