@@ -758,6 +758,9 @@ pub struct SwitchoverReport {
     pub verified_ms: u64,
     /// Freeze → the peer serving.
     pub downtime_ms: u64,
+    /// A VM workload whose VM ran here: how it moved (live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmMoveReport>,
 }
 
 /// `POST /api/v1/cluster/standby`.

@@ -1842,14 +1842,19 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
             let verified_ms = since_freeze(t.at(ferry_core::handover::Step::Verified));
             let downtime_ms = t.downtime_us().unwrap_or(0) / 1000;
             tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, live, "cluster.switchover.done");
-            Ok(json!({
+            let mut reply = json!({
                 "workload": workload,
                 "from": ctx.identity().node_name,
                 "to": cfg.peer,
                 "verified_ms": verified_ms,
                 "downtime_ms": downtime_ms,
-                "vm": side.live.as_ref().map(|l| l.report(None, [None; 4])),
-            }))
+            });
+            // Only a VM that moved has a `vm` report (the reply's type
+            // omits it otherwise: a `null` would not survive the typing).
+            if let Some(l) = side.live.as_ref() {
+                reply["vm"] = serde_json::to_value(l.report(None, [None; 4]))?;
+            }
+            Ok(reply)
         }
         // The peer never reported serving (a switchover never commits
         // partly: its commit is this node's resignation).

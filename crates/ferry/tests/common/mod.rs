@@ -11,6 +11,7 @@ pub mod audit_chain;
 pub mod fio;
 pub mod raw;
 pub mod records;
+pub mod ticks;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
