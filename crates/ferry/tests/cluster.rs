@@ -2709,7 +2709,20 @@ impl Net {
             reply["vm"]["stream_bytes"].as_u64() > Some(1 << 20),
             "{reply}"
         );
-        assert!(reply["downtime_ms"].as_f64().is_some(), "{reply}");
+        // Its downtime is the guest's pause: QEMU stopped the vCPUs here →
+        // the peer's VM runs (the check waits for its `vm: running`).
+        let pause = reply["vm"]["downtime_ms"]
+            .as_f64()
+            .expect("the guest's pause");
+        assert_eq!(reply["downtime_ms"], pause.round() as u64, "{reply}");
+        for k in ["freeze_ms", "drain_ms", "verify_ms", "commit_ms"] {
+            assert!(
+                reply["vm"][k]
+                    .as_f64()
+                    .is_some_and(|v| v >= 0.0 && v <= pause),
+                "{k}: {reply}"
+            );
+        }
         // The source's VM quit before the reply (after the commit it never
         // runs again).
         assert!(!alive(qemu_from), "{from}'s QEMU {qemu_from} still runs");
@@ -2735,6 +2748,8 @@ impl Net {
             (&"primary".into(), &to.into()),
             "{s}"
         );
+        assert_eq!(s["vm"], "running", "{s}");
+        assert_eq!(self.status(from, "web")["vm"], Value::Null);
         self.wait_vip(to);
         assert!(!self.has_vip(from), "{from} kept the VIP");
         let qemu = children_named(self.agent_pid(to), "qemu-system");
@@ -2788,6 +2803,14 @@ fn a_vm_workload_switches_over_live_and_back_without_a_reboot_or_a_lost_record()
         back["vm"],
         all.len()
     );
+    // The ticks' largest gap is the pause seen from outside: no shorter
+    // than the shorter reported pause, within the host's noise (the check
+    // polls the peer every 20 ms, so a report may run a little long).
+    let shorter = there["vm"]["downtime_ms"]
+        .as_f64()
+        .unwrap()
+        .min(back["vm"]["downtime_ms"].as_f64().unwrap());
+    assert!(gap + 50.0 >= shorter, "gap {gap} ms, reported {shorter} ms");
     net.ok("a", &["workload", "stop", "web"]);
 }
 

@@ -307,6 +307,19 @@ impl ClusterView {
                     .ok()
                     .flatten()
             });
+            // Where its VM is (a live switchover's check waits for
+            // `running` at the peer).
+            let vms = &ctx.hook_env().vms;
+            v["vm"] = match &spec {
+                Some(s) if s.vm.is_some() && vms.is_running(&s.name) => {
+                    json!(if vms.is_incoming(&s.name) {
+                        "incoming"
+                    } else {
+                        "running"
+                    })
+                }
+                _ => Value::Null,
+            };
             v["copies"] = json!(spec.map(|s| kept_copies(ctx, &s)).unwrap_or_default());
         }
         let witness = ctx.cfg().cluster.as_ref().and_then(|c| {
@@ -1816,6 +1829,8 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
                 vms.move_progress_slot(workload),
             )
         }),
+        moved_unix_us: None,
+        continued_unix_us: None,
     };
     let ran = crate::handover::run(plan, &members, &mut side, workload)
         .map_err(|e| anyhow!("switchover of {workload}: {e}"))?;
@@ -1840,7 +1855,17 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
                     .map_or(0, |(a, f)| a.saturating_sub(f) / 1000)
             };
             let verified_ms = since_freeze(t.at(ferry_core::handover::Step::Verified));
-            let downtime_ms = t.downtime_us().unwrap_or(0) / 1000;
+            let vm = side.live.as_ref().map(|l| {
+                l.report(
+                    side.continued_unix_us,
+                    crate::vm::live::steps_unix_us(t, side.moved_unix_us),
+                )
+            });
+            // A live move: the downtime is the guest's pause.
+            let downtime_ms = match vm.as_ref().and_then(|v| v.downtime_ms) {
+                Some(d) => d.round() as u64,
+                None => t.downtime_us().unwrap_or(0) / 1000,
+            };
             tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, live, "cluster.switchover.done");
             let mut reply = json!({
                 "workload": workload,
@@ -1851,8 +1876,8 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
             });
             // Only a VM that moved has a `vm` report (the reply's type
             // omits it otherwise: a `null` would not survive the typing).
-            if let Some(l) = side.live.as_ref() {
-                reply["vm"] = serde_json::to_value(l.report(None, [None; 4]))?;
+            if let Some(vm) = vm {
+                reply["vm"] = serde_json::to_value(vm)?;
             }
             Ok(reply)
         }
@@ -1885,6 +1910,10 @@ struct SwitchoverSide<'a, H: Host + ?Sized> {
     peer: &'a str,
     /// The VM moves live (the plan's `live_vm`).
     live: Option<crate::vm::live::LiveMove>,
+    /// When the VM's move completed (this node's clock, µs since the epoch).
+    moved_unix_us: Option<u64>,
+    /// When the check first saw the peer's VM running (continued).
+    continued_unix_us: Option<u64>,
 }
 
 impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
@@ -1926,7 +1955,9 @@ impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
             .as_mut()
             .ok_or_else(|| "no live move was planned".to_string())?
             .run()
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        self.moved_unix_us = Some(crate::vm::live::now_unix_us());
+        Ok(())
     }
 
     fn resume_source_vm(&mut self) {
@@ -1941,15 +1972,19 @@ impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
         }
     }
 
-    /// Whether the peer serves the workload now.
+    /// Whether the peer serves the workload now (a VM that moved live:
+    /// and its VM runs there, continued by the peer's promotion).
     fn check(&mut self) -> std::result::Result<(), String> {
         let v = self.client.get("/api/v1/cluster").unwrap_or(Value::Null);
-        let serving = v["workloads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|w| w["workload"] == self.workload && w["primary"] == self.peer);
+        let serving = v["workloads"].as_array().into_iter().flatten().any(|w| {
+            w["workload"] == self.workload
+                && w["primary"] == self.peer
+                && (self.live.is_none() || w["vm"] == "running")
+        });
         if serving {
+            if self.live.is_some() {
+                self.continued_unix_us = Some(crate::vm::live::now_unix_us());
+            }
             Ok(())
         } else {
             Err(format!(
