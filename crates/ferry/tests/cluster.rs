@@ -2656,21 +2656,42 @@ fn live_guest() -> (PathBuf, PathBuf) {
     build_guest("live.sh", "guest-live")
 }
 
+/// What the ticks of live moves show: one boot id and one pid ticked with
+/// no seq missing; returns the longest gap between two ticks (ms) and how
+/// many there were.
+fn one_life(watch: common::ticks::ConsoleWatch) -> (f64, usize) {
+    let (ticks, r) = watch.finish();
+    assert!(ticks.len() > 10, "too few ticks: {}", ticks.len());
+    assert_eq!(
+        r.boot_ids.len(),
+        1,
+        "the guest rebooted: boot ids {:?}",
+        r.boot_ids
+    );
+    assert_eq!(r.pids.len(), 1, "the ticking process changed: {:?}", r.pids);
+    assert_eq!(r.seq_holes, 0, "ticks lost or repeated: {r:?}");
+    eprintln!(
+        "ticks: {}, median period {:?}, largest gap {:?} between {:?} and {:?}",
+        r.ticks, r.median_period, r.max_gap, r.max_gap_after, r.max_gap_before
+    );
+    (r.max_gap.as_secs_f64() * 1000.0, r.ticks)
+}
+
 impl Net {
     /// The guest ticks and writes on at `n`: 20 more ticks (either
     /// console) and 3 more records in `n`'s console, within 60 s.
-    fn guest_goes_on(&self, n: &str, ticks: &common::ticks::Ticks) {
+    fn guest_goes_on(&self, n: &str, ticks: &common::ticks::ConsoleWatch) {
         let console = common::records::guest_console;
         let con = self.console(n);
-        let (t0, r0) = (ticks.count(), console(&con).0.unwrap_or(0));
+        let (t0, r0) = (ticks.count(None), console(&con).0.unwrap_or(0));
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !(ticks.count() > t0 + 20 && console(&con).0.is_some_and(|r| r > r0 + 2)) {
+        while !(ticks.count(None) > t0 + 20 && console(&con).0.is_some_and(|r| r > r0 + 2)) {
             if Instant::now() > deadline {
                 let text = std::fs::read_to_string(&con).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(15).collect();
                 panic!(
                     "the guest does not go on at {n} (ticks {t0} → {}, records {r0} → {:?}); console tail:\n{}",
-                    ticks.count(),
+                    ticks.count(None),
                     console(&con).0,
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
                 );
@@ -2693,7 +2714,7 @@ impl Net {
         qemu_from: u32,
         last_from: u64,
         to_console_len: usize,
-        ticks: &common::ticks::Ticks,
+        ticks: &common::ticks::ConsoleWatch,
     ) -> u32 {
         assert_eq!(
             (&reply["from"], &reply["to"]),
@@ -2774,7 +2795,7 @@ fn a_vm_workload_switches_over_live_and_back_without_a_reboot_or_a_lost_record()
     net.start_agent("b");
     let qemu_a = net.vm_ha_workload_of(live_guest());
     let console = common::records::guest_console;
-    let ticks = common::ticks::Ticks::watch(&[net.console("a"), net.console("b")]);
+    let ticks = common::ticks::ConsoleWatch::start(&[net.console("a"), net.console("b")]);
     net.guest_goes_on("a", &ticks);
 
     // a → b.
@@ -2793,15 +2814,14 @@ fn a_vm_workload_switches_over_live_and_back_without_a_reboot_or_a_lost_record()
     let back = net.json("b", &["cluster", "switchover", "web"]);
     net.moved_live(&back, ("b", "a"), qemu_b, last_b, len_a, &ticks);
 
-    let all = ticks.finish();
-    let gap = common::ticks::one_life(&all);
+    let (gap, count) = one_life(ticks);
     eprintln!(
         "live switchovers: a→b downtime_ms {} (vm {}), b→a downtime_ms {} (vm {}); largest tick gap {gap:.1} ms over {} ticks",
         there["downtime_ms"],
         there["vm"],
         back["downtime_ms"],
         back["vm"],
-        all.len()
+        count
     );
     // The ticks' largest gap is the pause seen from outside: no shorter
     // than the shorter reported pause, within the host's noise (the check
@@ -2827,7 +2847,7 @@ fn a_vm_switchover_whose_live_move_fails_leaves_the_guest_running_at_the_source(
     net.start_agent("b");
     let qemu_a = net.vm_ha_workload_of(live_guest());
     let console = common::records::guest_console;
-    let ticks = common::ticks::Ticks::watch(&[net.console("a"), net.console("b")]);
+    let ticks = common::ticks::ConsoleWatch::start(&[net.console("a"), net.console("b")]);
     net.guest_goes_on("a", &ticks);
 
     let precopies = net.log("a").matches("vm.live.precopy").count();
@@ -2878,7 +2898,7 @@ fn a_vm_switchover_whose_live_move_fails_leaves_the_guest_running_at_the_source(
     let len_b = net.console_len("b");
     let v = net.json("a", &["cluster", "switchover", "web"]);
     net.moved_live(&v, ("a", "b"), qemu_a, last_a, len_b, &ticks);
-    let gap = common::ticks::one_life(&ticks.finish());
+    let (gap, _) = one_life(ticks);
     eprintln!(
         "after a failed live switchover and one that went through (downtime_ms {}): largest tick gap {gap:.1} ms",
         v["downtime_ms"]

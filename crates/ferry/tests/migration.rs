@@ -298,8 +298,10 @@ fn a_qemu_guest_keeps_every_record_across_a_test_cutover_and_a_cutover() {
         end["overlay_bytes_discarded"].as_u64().unwrap() > 0,
         "{end}"
     );
-    let report = a.json(&["migrate", "cutover", "vm"]);
+    // The stop-and-boot (a running VM would move live: migration_live.rs).
+    let report = a.json(&["migrate", "cutover", "vm", "--cold"]);
     assert_eq!(report["target_healthy"], true, "{report}");
+    assert_eq!(report["vm"]["mode"], "cold", "{report}");
     // Stopped at a: its last acknowledged record is final there.
     let last_a = console(&con_a).0.unwrap();
     // At b the guest finds every record written at a, then appends.

@@ -146,6 +146,8 @@ impl AgentCtx {
             // to the local socket of the session it names.
             let limits = crate::transport::vmstream::TunnelLimits {
                 frame_bytes_max: self.cfg.replication.frame_bytes_max,
+                connect_timeout_ms: self.cfg.vm.incoming_timeout_ms,
+                idle_timeout_ms: self.cfg.vm.stream_idle_timeout_ms,
                 ..Default::default()
             };
             let from = inbound.peer.name.clone();

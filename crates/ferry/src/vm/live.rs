@@ -230,6 +230,7 @@ impl LiveMove {
         let limits = TunnelLimits {
             accept_timeout_ms: self.settings.incoming_timeout_ms,
             connect_timeout_ms: self.settings.incoming_timeout_ms,
+            idle_timeout_ms: self.settings.stream_idle_timeout_ms,
             ..TunnelLimits::default()
         };
         let tunnel = Outgoing::open(

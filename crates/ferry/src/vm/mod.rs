@@ -49,6 +49,9 @@ pub struct VmSettings {
     pub incoming_timeout_ms: u64,
     /// Each QMP command's answer within this long.
     pub qmp_timeout_ms: u64,
+    /// The RAM stream ends as failed when no byte went either way for this
+    /// long (both ends).
+    pub stream_idle_timeout_ms: u64,
 }
 
 impl Default for VmSettings {
@@ -60,6 +63,7 @@ impl Default for VmSettings {
             precopy_timeout_ms: 600_000,
             incoming_timeout_ms: 10_000,
             qmp_timeout_ms: 10_000,
+            stream_idle_timeout_ms: 60_000,
         }
     }
 }
@@ -302,6 +306,14 @@ impl Vms {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let qmp = dir.join("qmp.sock");
+        // sockaddr_un holds 107 bytes of path: QEMU could not bind a longer one.
+        let longest = dir.join("incoming.sock");
+        if longest.as_os_str().len() > SOCKET_PATH_BYTES_MAX {
+            bail!(
+                "the VM's socket path {} is longer than {SOCKET_PATH_BYTES_MAX} bytes (a Unix socket's limit): use a shorter data_dir or workload name",
+                longest.display()
+            );
+        }
         let _ = std::fs::remove_file(&qmp);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -442,6 +454,9 @@ impl Vms {
         Ok(true)
     }
 }
+
+/// The longest Unix socket path (`sockaddr_un.sun_path` less its NUL).
+const SOCKET_PATH_BYTES_MAX: usize = 107;
 
 /// A QMP connection with the node's QMP timeout.
 pub fn connect_qmp(path: &std::path::Path, settings: &VmSettings) -> Result<qmp::Qmp> {
