@@ -2778,6 +2778,30 @@ impl Net {
         qemu[0]
     }
 
+    /// Where a move's pause went, as the ticks show it: the last tick seen
+    /// at `from` (file index) and the first at `to`, against the moment
+    /// the switchover's reply arrived.
+    fn pause_seen(
+        ticks: &common::ticks::ConsoleWatch,
+        (from, to): (usize, usize),
+        replied: Instant,
+    ) -> String {
+        let all = ticks.ticks();
+        let last = all.iter().rfind(|t| t.file == from && t.at <= replied);
+        let first = all
+            .iter()
+            .find(|t| t.file == to && last.is_some_and(|l| t.at > l.at));
+        match (last, first) {
+            (Some(l), Some(f)) => format!(
+                "last tick at the source {:.1} ms before the reply, first at the target {:.1} ms after it (gap {:.1} ms)",
+                replied.duration_since(l.at).as_secs_f64() * 1000.0,
+                f.at.saturating_duration_since(replied).as_secs_f64() * 1000.0,
+                f.at.duration_since(l.at).as_secs_f64() * 1000.0
+            ),
+            _ => "no ticks around the move".into(),
+        }
+    }
+
     fn console_len(&self, n: &str) -> usize {
         std::fs::metadata(self.console(n)).map_or(0, |m| m.len() as usize)
     }
@@ -2802,7 +2826,9 @@ fn a_vm_workload_switches_over_live_and_back_without_a_reboot_or_a_lost_record()
     let last_a = console(&net.console("a")).0.unwrap();
     let len_b = net.console_len("b");
     let there = net.json("a", &["cluster", "switchover", "web"]);
+    let replied = Instant::now();
     let qemu_b = net.moved_live(&there, ("a", "b"), qemu_a, last_a, len_b, &ticks);
+    let seen_there = Net::pause_seen(&ticks, (0, 1), replied);
 
     // b → a, once a is b's up-to-date replica.
     wait_for(60, "a to be b's up-to-date replica", || {
@@ -2812,7 +2838,9 @@ fn a_vm_workload_switches_over_live_and_back_without_a_reboot_or_a_lost_record()
     let last_b = console(&net.console("b")).0.unwrap();
     let len_a = net.console_len("a");
     let back = net.json("b", &["cluster", "switchover", "web"]);
+    let replied = Instant::now();
     net.moved_live(&back, ("b", "a"), qemu_b, last_b, len_a, &ticks);
+    let seen_back = Net::pause_seen(&ticks, (1, 0), replied);
 
     let (gap, count) = one_life(ticks);
     eprintln!(
@@ -2823,6 +2851,7 @@ fn a_vm_workload_switches_over_live_and_back_without_a_reboot_or_a_lost_record()
         back["vm"],
         count
     );
+    eprintln!("a→b: {seen_there}\nb→a: {seen_back}");
     // The ticks' largest gap is the pause seen from outside: no shorter
     // than the shorter reported pause, within the host's noise (the check
     // polls the peer every 20 ms, so a report may run a little long).
