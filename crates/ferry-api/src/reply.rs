@@ -306,7 +306,7 @@ pub struct CutoverReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum ReverseOutcome {
-    Done(CutoverReport),
+    Done(Box<CutoverReport>),
     Failed(ErrorBody),
 }
 
@@ -315,7 +315,7 @@ pub enum ReverseOutcome {
 #[serde(untagged)]
 pub enum CutoverOutcome {
     Skipped(CutoverSkipped),
-    Done(CutoverReport),
+    Done(Box<CutoverReport>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

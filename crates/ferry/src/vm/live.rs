@@ -113,6 +113,7 @@ pub struct LiveMove {
 }
 
 impl LiveMove {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         vms: Arc<Vms>,
         data_dir: PathBuf,
