@@ -2934,3 +2934,61 @@ fn a_vm_switchover_whose_live_move_fails_leaves_the_guest_running_at_the_source(
     );
     net.ok("b", &["workload", "stop", "web"]);
 }
+
+/// A live switchover whose peer cannot take the workload up after the
+/// commit (b cut off from the witness: no lease for it): a quit its VM at
+/// the commit, abandons its resignation after four failure timeouts and
+/// serves again, booting the VM anew from its disk. b's waiting VM holds
+/// the RAM of the VM a quit, paired with disks a's new VM now writes: it
+/// must end, never to be continued by a later promotion of b.
+#[test]
+fn a_live_switchover_nobody_takes_up_leaves_no_stale_vm_waiting_at_the_peer() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let qemu_a = net.vm_ha_workload_of(live_guest());
+    let console = common::records::guest_console;
+    let ticks = common::ticks::ConsoleWatch::start(&[net.console("a"), net.console("b")]);
+    net.guest_goes_on("a", &ticks);
+
+    net.cut("b", "w");
+    let len_a = net.console_len("a");
+    let out = net.ferry("a", &["cluster", "switchover", "web"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the switchover nobody took up: {err}");
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!alive(qemu_a), "a's moved VM runs on after the commit");
+    // a serves again with a VM booted anew from its disk.
+    wait_for(60, "a to serve again", || {
+        let s = net.status("a", "web");
+        s["primary"] == "a" && s["vm"] == "running"
+    });
+    wait_for(120, "the guest boots anew at a", || {
+        let text = std::fs::read_to_string(net.console("a")).unwrap_or_default();
+        text[len_a..].contains("VERIFIED")
+    });
+    net.guest_goes_on("a", &ticks);
+    assert!(!std::fs::read_to_string(net.console("a"))
+        .unwrap()
+        .contains("CORRUPT"));
+    // b's waiting VM (the old RAM) is ended.
+    wait_for(30, "b's stale waiting VM to end", || {
+        children_named(net.agent_pid("b"), "qemu-system").is_empty()
+    });
+    assert_eq!(net.status("b", "web")["vm"], Value::Null);
+    let (ticks, r) = ticks.finish();
+    assert_eq!(r.boot_ids.len(), 2, "one boot at a, then a new one: {r:?}");
+    // The new boot's ticks are a's only.
+    let new_boot = &ticks.last().unwrap().line.boot_id;
+    assert!(ticks
+        .iter()
+        .filter(|t| &t.line.boot_id == new_boot)
+        .all(|t| t.file == 0));
+    let _ = console;
+    net.ok("a", &["workload", "stop", "web"]);
+}

@@ -1560,9 +1560,47 @@ fn resume<H: Host + ?Sized>(ctx: &H, workload: &str, start: bool) -> Result<()> 
     }
     if start {
         vip(&spec, true)?;
+        end_peer_waiting_vm(ctx, &spec);
         start_app(ctx, &spec);
     }
     Ok(())
+}
+
+/// Before this node starts the VM of `spec` anew (not a live move's VM
+/// continued: a resignation nobody took up, a failover): a VM the peer
+/// holds waiting for this workload's RAM is older than the disks this one
+/// will write (the source's VM quit at the switchover's commit), so a later
+/// promotion there must never continue it. The peer ends it (best effort,
+/// on a thread; it refuses if it serves the workload, and the promotion it
+/// would need cannot happen while this node holds the lease).
+fn end_peer_waiting_vm<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) {
+    if spec.vm.is_none() || ctx.hook_env().vms.is_incoming(&spec.name) {
+        return;
+    }
+    let Some(cfg) = ctx.cfg().cluster.as_ref() else {
+        return;
+    };
+    let Some(peer) = ctx.peers().get(&cfg.peer) else {
+        return;
+    };
+    let (Ok(client), Ok(name)) = (
+        crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer),
+        ferry_core::Name::parse(&spec.name),
+    ) else {
+        return;
+    };
+    let workload = spec.name.to_string();
+    std::thread::spawn(
+        move || match client.send(&ferry_api::Action::CancelVmIncoming { name }) {
+            Ok(ferry_api::Reply::VmIncomingCancelled(r)) if r.vm_ended => {
+                tracing::warn!(workload = %workload, "cluster.peer_waiting_vm_ended: the peer held this workload's VM waiting for a live move's RAM; it is stale now")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(workload = %workload, error = %format!("{e:#}"), "cluster.peer_waiting_vm.unknown")
+            }
+        },
+    );
 }
 
 fn start_app<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) {
@@ -1627,6 +1665,7 @@ fn promote_volumes<H: Host + ?Sized>(
         }
     }
     vip(spec, true)?;
+    end_peer_waiting_vm(ctx.as_ref(), spec);
     start_app(ctx, spec);
     Ok(())
 }
