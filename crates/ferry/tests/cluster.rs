@@ -2902,7 +2902,9 @@ fn a_vm_switchover_whose_live_move_fails_leaves_the_guest_running_at_the_source(
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("the failed switchover: {err}");
     assert!(
-        !out.status.success() && err.contains("switchover aborted"),
+        !out.status.success()
+            && err.contains("switchover aborted")
+            && err.contains("live move failed"),
         "{err}"
     );
     net.guest_goes_on("a", &ticks);

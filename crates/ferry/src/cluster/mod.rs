@@ -1882,6 +1882,9 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
                 Abort::Differs { why, .. } | Abort::Compare { why, .. } => {
                     format!("{why}: not switching over")
                 }
+                Abort::VmMove(why) => {
+                    format!("the VM's live move failed ({why}); the guest goes on here")
+                }
                 a => a.why().to_string(),
             };
             Err(anyhow!(why).context("switchover aborted; the workload stays here"))
