@@ -2994,3 +2994,77 @@ fn a_live_switchover_nobody_takes_up_leaves_no_stale_vm_waiting_at_the_peer() {
     let _ = console;
     net.ok("a", &["workload", "stop", "web"]);
 }
+
+/// A live switchover that fails after the RAM reached b, with a's API
+/// requests to b dropped (the hashes cannot be compared; the cancel of b's
+/// waiting VM is lost): the guest goes on at a, and b's waiting VM holds
+/// RAM a's guest has left behind. When a dies, b's failover boots the VM
+/// anew from its disks (every record a acknowledged), never continuing the
+/// stale guest.
+#[test]
+fn a_failover_never_continues_a_stale_vm_a_failed_live_switchover_left_waiting() {
+    let mut net = Net::new();
+    net.cluster_extra = "\n[vm]\nmax_bandwidth_bytes_per_s = 4194304\n".into();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let qemu_a = net.vm_ha_workload_of(live_guest());
+    let console = common::records::guest_console;
+    let ticks = common::ticks::ConsoleWatch::start(&[net.console("a"), net.console("b")]);
+    net.guest_goes_on("a", &ticks);
+
+    let precopies = net.log("a").matches("vm.live.precopy").count();
+    let out = std::thread::scope(|s| {
+        let switchover = s.spawn(|| net.ferry("a", &["cluster", "switchover", "web"]));
+        wait_for(60, "the RAM copy under way", || {
+            net.log("a").matches("vm.live.precopy").count() > precopies
+        });
+        wait_for(10, "b's waiting QEMU", || {
+            children_named(net.agent_pid("b"), "qemu-system").len() == 1
+        });
+        net.drop_in_ns("a", "b", "tcp dport 7360");
+        switchover.join().unwrap()
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the switchover with b's API cut off: {err}");
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        net.log("a").contains("vm.live.completed"),
+        "the RAM did not reach b: {err}"
+    );
+    net.guest_goes_on("a", &ticks);
+    assert!(alive(qemu_a));
+    assert_eq!(net.status("a", "web")["primary"], "a");
+    assert_eq!(
+        children_named(net.agent_pid("b"), "qemu-system").len(),
+        1,
+        "b's waiting VM (its cancel was lost)"
+    );
+    assert_eq!(net.status("b", "web")["vm"], "incoming");
+
+    // a dies; b fails over and boots the VM anew.
+    let before = console(&net.console("a")).0.unwrap();
+    wait_for(30, "the next record at a", || {
+        console(&net.console("a")).0.is_some_and(|n| n > before)
+    });
+    let (killed, killed_at) = (Instant::now(), std::time::SystemTime::now());
+    net.crash("a");
+    wait_for(5, "a's QEMU to die with its agent", || !alive(qemu_a));
+    let last_a = console(&net.console("a")).0.unwrap();
+    let verified = net.cold_boot_at_b(killed, killed_at);
+    assert!(
+        verified > last_a,
+        "records acknowledged at a: 0..={last_a}, found at b: {verified}"
+    );
+    let (ticks, r) = ticks.finish();
+    assert_eq!(r.boot_ids.len(), 2, "a's boot, then b's: {r:?}");
+    let first_boot = &ticks[0].line.boot_id;
+    assert!(
+        ticks
+            .iter()
+            .filter(|t| t.file == 1)
+            .all(|t| &t.line.boot_id != first_boot),
+        "b continued the stale guest"
+    );
+    net.ok("b", &["workload", "stop", "web"]);
+}

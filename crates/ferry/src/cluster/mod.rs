@@ -376,7 +376,12 @@ const DATAGRAMS_PER_TURN_MAX: usize = 256;
 pub(super) enum Job {
     Fence,
     Resume,
-    Promote { force: bool },
+    /// `handed_over`: the peer had resigned (its last heartbeat said so),
+    /// so a VM it moved here live may continue.
+    Promote {
+        force: bool,
+        handed_over: bool,
+    },
     Demote,
 }
 
@@ -1210,7 +1215,8 @@ impl Manager {
             Action::Resume => {}
             Action::Promote => {
                 let force = self.slots.get(w).is_some_and(|s| s.node.promoted_forced());
-                self.job(w, Job::Promote { force })
+                let handed_over = self.slots.get(w).is_some_and(|s| s.node.peer_resigning());
+                self.job(w, Job::Promote { force, handed_over })
             }
             Action::Demote => self.job(w, Job::Demote),
             Action::Failback => self.failback(w),
@@ -1433,8 +1439,18 @@ fn worker<H: Host + ?Sized>(
                 serving = true;
                 r
             }
-            Job::Promote { force } => {
+            Job::Promote { force, handed_over } => {
                 serving = true;
+                // Not a hand-over (a failover, a forced promotion): a VM
+                // waiting here for the peer's RAM holds a state the peer
+                // may have left behind since (it served again after a
+                // resignation nobody took up, its cancel lost): it never
+                // continues; the start boots the VM anew from the disks.
+                let vms = &ctx.hook_env().vms;
+                if !handed_over && vms.is_incoming(workload) {
+                    tracing::warn!(workload, "cluster.promote.stale_waiting_vm: ended, not continued (the peer did not hand the workload over)");
+                    vms.kill(workload);
+                }
                 // The witness already names this node primary: a transient
                 // failure (a busy lock) must not leave the workload unserved.
                 let mut r = promote(ctx, workload, peer, force);
