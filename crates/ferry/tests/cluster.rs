@@ -2448,8 +2448,12 @@ impl Net {
             std::thread::sleep(Duration::from_millis(20));
         }
         let failover = first_write_b.unwrap();
-        let (verified, verified_after) =
-            verified.unwrap_or_else(|| (console(&con_b).1.unwrap(), failover));
+        let (verified, verified_after) = verified.unwrap_or_else(|| {
+            let v = console(&con_b).1.expect(
+                "the guest at b wrote without a boot (no VERIFIED): a stale VM was continued",
+            );
+            (v, failover)
+        });
         let text_b = std::fs::read_to_string(&con_b).unwrap();
         assert!(!text_b.contains("CORRUPT"), "{text_b}");
         let s = self.status("b", "web");
