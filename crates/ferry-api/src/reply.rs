@@ -306,7 +306,7 @@ pub struct CutoverReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum ReverseOutcome {
-    Done(CutoverReport),
+    Done(Box<CutoverReport>),
     Failed(ErrorBody),
 }
 
@@ -315,7 +315,7 @@ pub enum ReverseOutcome {
 #[serde(untagged)]
 pub enum CutoverOutcome {
     Skipped(CutoverSkipped),
-    Done(CutoverReport),
+    Done(Box<CutoverReport>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -707,6 +707,10 @@ pub struct HaWorkloadStatus {
     pub copies: Vec<String>,
     pub replicas: Vec<HaReplica>,
     pub events: Vec<ClusterEvent>,
+    /// The workload's VM on this node: `running`, or `incoming` (paused:
+    /// waiting for, or holding, a live move's RAM); `null`: none runs here.
+    #[serde(default)]
+    pub vm: Option<String>,
 }
 
 /// `GET /api/v1/cluster`.
@@ -756,8 +760,12 @@ pub struct SwitchoverReport {
     pub to: String,
     /// Freeze → both copies proven equal.
     pub verified_ms: u64,
-    /// Freeze → the peer serving.
+    /// Freeze → the peer serving. A VM that moved live: the guest's pause
+    /// (QEMU stopped its vCPUs here → the peer's VM runs), as `vm.downtime_ms`.
     pub downtime_ms: u64,
+    /// A VM workload whose VM ran here: how it moved (live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmMoveReport>,
 }
 
 /// `POST /api/v1/cluster/standby`.

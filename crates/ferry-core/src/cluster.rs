@@ -1050,6 +1050,12 @@ impl ClusterNode {
         self.peer_lease_end.max(self.witness_lease_end)
     }
 
+    /// Whether the peer's last heartbeat said it resigns (it hands the
+    /// workload over: a switchover, a failed check).
+    pub fn peer_resigning(&self) -> bool {
+        self.peer_resigning
+    }
+
     /// Whether the peer was heard within the failure timeout.
     pub fn peer_alive(&self, now: Millis) -> bool {
         self.peer_last_heard

@@ -2317,11 +2317,17 @@ fn a_copy_being_demoted_is_never_reported_up_to_date() {
 /// The records guest (tests/guest/records.sh: a Debian kernel and a busybox
 /// initramfs), built once into `target/guest`: (kernel, initrd).
 fn records_guest() -> (PathBuf, PathBuf) {
+    build_guest("records.sh", "guest")
+}
+
+/// Guest `script` of tests/guest (scripts/build-guest), built once into
+/// `target/DIR`: (kernel, initrd).
+fn build_guest(script: &str, dir: &str) -> (PathBuf, PathBuf) {
     require("qemu-system-x86_64");
     let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let guest_dir = ws.join("target/guest");
+    let guest_dir = ws.join("target").join(dir);
     let out = Command::new(ws.join("scripts/build-guest"))
-        .arg(ws.join("crates/ferry/tests/guest/records.sh"))
+        .arg(ws.join("crates/ferry/tests/guest").join(script))
         .arg(&guest_dir)
         .output()
         .unwrap();
@@ -2381,7 +2387,11 @@ impl Net {
     /// HA with a as its primary boots it at a; returns once the guest wrote
     /// 20 records there and b is up to date, with the PID of a's QEMU.
     fn vm_ha_workload(&self) -> u32 {
-        let (kernel, initrd) = records_guest();
+        self.vm_ha_workload_of(records_guest())
+    }
+
+    /// [`Net::vm_ha_workload`] with the guest `(kernel, initrd)`.
+    fn vm_ha_workload_of(&self, (kernel, initrd): (PathBuf, PathBuf)) -> u32 {
         self.ha_workload_with(
             "16MiB",
             &[
@@ -2438,8 +2448,12 @@ impl Net {
             std::thread::sleep(Duration::from_millis(20));
         }
         let failover = first_write_b.unwrap();
-        let (verified, verified_after) =
-            verified.unwrap_or_else(|| (console(&con_b).1.unwrap(), failover));
+        let (verified, verified_after) = verified.unwrap_or_else(|| {
+            let v = console(&con_b).1.expect(
+                "the guest at b wrote without a boot (no VERIFIED): a stale VM was continued",
+            );
+            (v, failover)
+        });
         let text_b = std::fs::read_to_string(&con_b).unwrap();
         assert!(!text_b.contains("CORRUPT"), "{text_b}");
         let s = self.status("b", "web");
@@ -2637,4 +2651,424 @@ fn a_vm_workload_on_a_node_cut_off_from_everything_stops_there_and_boots_at_the_
     let a_console_len = std::fs::metadata(&con_a).unwrap().len();
     net.uncut("a");
     net.vm_rejoins_as_replica(a_console_len);
+}
+
+/// The live guest (tests/guest/live.sh: the records of records.sh, and a
+/// `TICK seq uptime boot_id pid` line every ~10 ms), built once into
+/// `target/guest-live`.
+fn live_guest() -> (PathBuf, PathBuf) {
+    build_guest("live.sh", "guest-live")
+}
+
+/// What the ticks of live moves show: one boot id and one pid ticked with
+/// no seq missing; returns the longest gap between two ticks (ms) and how
+/// many there were.
+fn one_life(watch: common::ticks::ConsoleWatch) -> (f64, usize) {
+    let (ticks, r) = watch.finish();
+    assert!(ticks.len() > 10, "too few ticks: {}", ticks.len());
+    assert_eq!(
+        r.boot_ids.len(),
+        1,
+        "the guest rebooted: boot ids {:?}",
+        r.boot_ids
+    );
+    assert_eq!(r.pids.len(), 1, "the ticking process changed: {:?}", r.pids);
+    assert_eq!(r.seq_holes, 0, "ticks lost or repeated: {r:?}");
+    eprintln!(
+        "ticks: {}, median period {:?}, largest gap {:?} between {:?} and {:?}",
+        r.ticks, r.median_period, r.max_gap, r.max_gap_after, r.max_gap_before
+    );
+    (r.max_gap.as_secs_f64() * 1000.0, r.ticks)
+}
+
+impl Net {
+    /// The guest ticks and writes on at `n`: 20 more ticks (either
+    /// console) and 3 more records in `n`'s console, within 60 s.
+    fn guest_goes_on(&self, n: &str, ticks: &common::ticks::ConsoleWatch) {
+        let console = common::records::guest_console;
+        let con = self.console(n);
+        let (t0, r0) = (ticks.count(None), console(&con).0.unwrap_or(0));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(ticks.count(None) > t0 + 20 && console(&con).0.is_some_and(|r| r > r0 + 2)) {
+            if Instant::now() > deadline {
+                let text = std::fs::read_to_string(&con).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                panic!(
+                    "the guest does not go on at {n} (ticks {t0} → {}, records {r0} → {:?}); console tail:\n{}",
+                    ticks.count(None),
+                    console(&con).0,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `cluster switchover web` asked of `from` (serving it, its VM's QEMU
+    /// `qemu_from`) moved the guest live to `to`: the reply says so; the
+    /// guest goes on at `to` without booting (no `VERIFIED` in the part of
+    /// `to`'s console written since `to_console_len`), its records past
+    /// `last_from` (the last one acknowledged at `from`); `from`'s QEMU is
+    /// gone, `to` serves with the VIP and runs the only QEMU. Returns that
+    /// QEMU's PID.
+    fn moved_live(
+        &self,
+        reply: &Value,
+        (from, to): (&str, &str),
+        qemu_from: u32,
+        last_from: u64,
+        to_console_len: usize,
+        ticks: &common::ticks::ConsoleWatch,
+    ) -> u32 {
+        assert_eq!(
+            (&reply["from"], &reply["to"]),
+            (&from.into(), &to.into()),
+            "{reply}"
+        );
+        assert_eq!(reply["vm"]["mode"], "live", "{reply}");
+        assert!(
+            reply["vm"]["qemu"]["transferred_bytes"].as_u64() > Some(1 << 20),
+            "{reply}"
+        );
+        assert!(
+            reply["vm"]["stream_bytes"].as_u64() > Some(1 << 20),
+            "{reply}"
+        );
+        // Its downtime is the guest's pause: QEMU stopped the vCPUs here →
+        // the peer's VM runs (the check waits for its `vm: running`).
+        let pause = reply["vm"]["downtime_ms"]
+            .as_f64()
+            .expect("the guest's pause");
+        assert_eq!(reply["downtime_ms"], pause.round() as u64, "{reply}");
+        for k in ["freeze_ms", "drain_ms", "verify_ms", "commit_ms"] {
+            assert!(
+                reply["vm"][k]
+                    .as_f64()
+                    .is_some_and(|v| v >= 0.0 && v <= pause),
+                "{k}: {reply}"
+            );
+        }
+        // The source's VM quit before the reply (after the commit it never
+        // runs again).
+        assert!(!alive(qemu_from), "{from}'s QEMU {qemu_from} still runs");
+        assert!(children_named(self.agent_pid(from), "qemu-system").is_empty());
+        self.guest_goes_on(to, ticks);
+        let console = common::records::guest_console;
+        let con = self.console(to);
+        assert!(
+            console(&con).0.unwrap() > last_from,
+            "records acknowledged at {from}: 0..={last_from}, at {to}: {:?}",
+            console(&con).0
+        );
+        let text = std::fs::read_to_string(&con).unwrap();
+        assert!(
+            !text[to_console_len..].contains("VERIFIED"),
+            "the guest booted again at {to}: {}",
+            &text[to_console_len..]
+        );
+        assert!(!text.contains("CORRUPT"), "{text}");
+        let s = self.status(to, "web");
+        assert_eq!(
+            (&s["role"], &s["primary"]),
+            (&"primary".into(), &to.into()),
+            "{s}"
+        );
+        assert_eq!(s["vm"], "running", "{s}");
+        assert_eq!(self.status(from, "web")["vm"], Value::Null);
+        self.wait_vip(to);
+        assert!(!self.has_vip(from), "{from} kept the VIP");
+        let qemu = children_named(self.agent_pid(to), "qemu-system");
+        assert_eq!(qemu.len(), 1, "one QEMU under agent {to}: {qemu:?}");
+        qemu[0]
+    }
+
+    /// Where a move's pause went, as the ticks show it: the last tick seen
+    /// at `from` (file index) and the first at `to`, against the moment
+    /// the switchover's reply arrived.
+    fn pause_seen(
+        ticks: &common::ticks::ConsoleWatch,
+        (from, to): (usize, usize),
+        replied: Instant,
+    ) -> String {
+        let all = ticks.ticks();
+        let last = all.iter().rfind(|t| t.file == from && t.at <= replied);
+        let first = all
+            .iter()
+            .find(|t| t.file == to && last.is_some_and(|l| t.at > l.at));
+        match (last, first) {
+            (Some(l), Some(f)) => format!(
+                "last tick at the source {:.1} ms before the reply, first at the target {:.1} ms after it (gap {:.1} ms)",
+                replied.duration_since(l.at).as_secs_f64() * 1000.0,
+                f.at.saturating_duration_since(replied).as_secs_f64() * 1000.0,
+                f.at.duration_since(l.at).as_secs_f64() * 1000.0
+            ),
+            _ => "no ticks around the move".into(),
+        }
+    }
+
+    fn console_len(&self, n: &str) -> usize {
+        std::fs::metadata(self.console(n)).map_or(0, |m| m.len() as usize)
+    }
+}
+
+/// Issue 23, a planned switchover of a VM workload: the guest (the live
+/// guest, TCG, 256 MiB) moves live to b — one boot id and one ticking
+/// process throughout, no boot at b, its records go on past the last one
+/// a acknowledged, a's QEMU gone — and back to a the same way.
+#[test]
+fn a_vm_workload_switches_over_live_and_back_without_a_reboot_or_a_lost_record() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let qemu_a = net.vm_ha_workload_of(live_guest());
+    let console = common::records::guest_console;
+    let ticks = common::ticks::ConsoleWatch::start(&[net.console("a"), net.console("b")]);
+    net.guest_goes_on("a", &ticks);
+
+    // a → b.
+    let last_a = console(&net.console("a")).0.unwrap();
+    let len_b = net.console_len("b");
+    let there = net.json("a", &["cluster", "switchover", "web"]);
+    let replied = Instant::now();
+    let qemu_b = net.moved_live(&there, ("a", "b"), qemu_a, last_a, len_b, &ticks);
+    let seen_there = Net::pause_seen(&ticks, (0, 1), replied);
+
+    // b → a, once a is b's up-to-date replica.
+    wait_for(60, "a to be b's up-to-date replica", || {
+        let s = net.status("a", "web");
+        s["role"] == "secondary" && net.status("b", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    let last_b = console(&net.console("b")).0.unwrap();
+    let len_a = net.console_len("a");
+    let back = net.json("b", &["cluster", "switchover", "web"]);
+    let replied = Instant::now();
+    net.moved_live(&back, ("b", "a"), qemu_b, last_b, len_a, &ticks);
+    let seen_back = Net::pause_seen(&ticks, (1, 0), replied);
+
+    let (gap, count) = one_life(ticks);
+    eprintln!(
+        "live switchovers: a→b downtime_ms {} (vm {}), b→a downtime_ms {} (vm {}); largest tick gap {gap:.1} ms over {} ticks",
+        there["downtime_ms"],
+        there["vm"],
+        back["downtime_ms"],
+        back["vm"],
+        count
+    );
+    eprintln!("a→b: {seen_there}\nb→a: {seen_back}");
+    // The ticks' largest gap is the pause seen from outside: no shorter
+    // than the shorter reported pause, within the host's noise (the check
+    // polls the peer every 20 ms, so a report may run a little long).
+    let shorter = there["vm"]["downtime_ms"]
+        .as_f64()
+        .unwrap()
+        .min(back["vm"]["downtime_ms"].as_f64().unwrap());
+    assert!(gap + 50.0 >= shorter, "gap {gap} ms, reported {shorter} ms");
+    net.ok("a", &["workload", "stop", "web"]);
+}
+
+/// A switchover of a VM workload whose live move fails while the RAM is
+/// copied (b's waiting QEMU killed; the RAM stream slowed to 4 MiB/s)
+/// aborts before its commit: the guest goes on at a, not rebooted, a
+/// serves with the VIP, b runs no QEMU. The next switchover goes through.
+#[test]
+fn a_vm_switchover_whose_live_move_fails_leaves_the_guest_running_at_the_source() {
+    let mut net = Net::new();
+    net.cluster_extra = "\n[vm]\nmax_bandwidth_bytes_per_s = 4194304\n".into();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let qemu_a = net.vm_ha_workload_of(live_guest());
+    let console = common::records::guest_console;
+    let ticks = common::ticks::ConsoleWatch::start(&[net.console("a"), net.console("b")]);
+    net.guest_goes_on("a", &ticks);
+
+    let precopies = net.log("a").matches("vm.live.precopy").count();
+    let out = std::thread::scope(|s| {
+        let switchover = s.spawn(|| net.ferry("a", &["cluster", "switchover", "web"]));
+        wait_for(60, "the RAM copy under way", || {
+            net.log("a").matches("vm.live.precopy").count() > precopies
+        });
+        let waiting = children_named(net.agent_pid("b"), "qemu-system");
+        assert_eq!(waiting.len(), 1, "b's waiting QEMU: {waiting:?}");
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(
+            !net.log("a").contains("vm.live.completed"),
+            "the RAM was copied within a second: too fast to fail it"
+        );
+        // The QEMU b's agent started for this test, by its PID.
+        // SAFETY: kill(2) on a child of the agent this test started.
+        unsafe {
+            libc::kill(waiting[0] as i32, libc::SIGKILL);
+        }
+        switchover.join().unwrap()
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the failed switchover: {err}");
+    assert!(
+        !out.status.success()
+            && err.contains("switchover aborted")
+            && err.contains("live move failed"),
+        "{err}"
+    );
+    net.guest_goes_on("a", &ticks);
+    assert!(alive(qemu_a), "a's QEMU was replaced");
+    let s = net.status("a", "web");
+    assert_eq!(
+        (&s["role"], &s["primary"]),
+        (&"primary".into(), &"a".into()),
+        "{s}"
+    );
+    assert!(net.has_vip("a"));
+    assert!(!net.has_vip("b"));
+    wait_for(10, "b's waiting VM ended", || {
+        children_named(net.agent_pid("b"), "qemu-system").is_empty()
+    });
+
+    // The next one goes through, and the guest lived one life all along.
+    wait_for(60, "b up to date again", || {
+        net.status("a", "web")["replicas"][0]["state"] == "up-to-date"
+    });
+    let last_a = console(&net.console("a")).0.unwrap();
+    let len_b = net.console_len("b");
+    let v = net.json("a", &["cluster", "switchover", "web"]);
+    net.moved_live(&v, ("a", "b"), qemu_a, last_a, len_b, &ticks);
+    let (gap, _) = one_life(ticks);
+    eprintln!(
+        "after a failed live switchover and one that went through (downtime_ms {}): largest tick gap {gap:.1} ms",
+        v["downtime_ms"]
+    );
+    net.ok("b", &["workload", "stop", "web"]);
+}
+
+/// A live switchover whose peer cannot take the workload up after the
+/// commit (b cut off from the witness: no lease for it): a quit its VM at
+/// the commit, abandons its resignation after four failure timeouts and
+/// serves again, booting the VM anew from its disk. b's waiting VM holds
+/// the RAM of the VM a quit, paired with disks a's new VM now writes: it
+/// must end, never to be continued by a later promotion of b.
+#[test]
+fn a_live_switchover_nobody_takes_up_leaves_no_stale_vm_waiting_at_the_peer() {
+    let mut net = Net::new();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let qemu_a = net.vm_ha_workload_of(live_guest());
+    let console = common::records::guest_console;
+    let ticks = common::ticks::ConsoleWatch::start(&[net.console("a"), net.console("b")]);
+    net.guest_goes_on("a", &ticks);
+
+    net.cut("b", "w");
+    let len_a = net.console_len("a");
+    let out = net.ferry("a", &["cluster", "switchover", "web"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the switchover nobody took up: {err}");
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!alive(qemu_a), "a's moved VM runs on after the commit");
+    // a serves again with a VM booted anew from its disk.
+    wait_for(60, "a to serve again", || {
+        let s = net.status("a", "web");
+        s["primary"] == "a" && s["vm"] == "running"
+    });
+    wait_for(120, "the guest boots anew at a", || {
+        let text = std::fs::read_to_string(net.console("a")).unwrap_or_default();
+        text[len_a..].contains("VERIFIED")
+    });
+    net.guest_goes_on("a", &ticks);
+    assert!(!std::fs::read_to_string(net.console("a"))
+        .unwrap()
+        .contains("CORRUPT"));
+    // b's waiting VM (the old RAM) is ended.
+    wait_for(30, "b's stale waiting VM to end", || {
+        children_named(net.agent_pid("b"), "qemu-system").is_empty()
+    });
+    assert_eq!(net.status("b", "web")["vm"], Value::Null);
+    let (ticks, r) = ticks.finish();
+    assert_eq!(r.boot_ids.len(), 2, "one boot at a, then a new one: {r:?}");
+    // The new boot's ticks are a's only.
+    let new_boot = &ticks.last().unwrap().line.boot_id;
+    assert!(ticks
+        .iter()
+        .filter(|t| &t.line.boot_id == new_boot)
+        .all(|t| t.file == 0));
+    let _ = console;
+    net.ok("a", &["workload", "stop", "web"]);
+}
+
+/// A live switchover that fails after the RAM reached b, with a's API
+/// requests to b dropped (the hashes cannot be compared; the cancel of b's
+/// waiting VM is lost): the guest goes on at a, and b's waiting VM holds
+/// RAM a's guest has left behind. When a dies, b's failover boots the VM
+/// anew from its disks (every record a acknowledged), never continuing the
+/// stale guest.
+#[test]
+fn a_failover_never_continues_a_stale_vm_a_failed_live_switchover_left_waiting() {
+    let mut net = Net::new();
+    net.cluster_extra = "\n[vm]\nmax_bandwidth_bytes_per_s = 4194304\n".into();
+    net.start_witness();
+    net.start_agent("a");
+    net.start_agent("b");
+    let qemu_a = net.vm_ha_workload_of(live_guest());
+    let console = common::records::guest_console;
+    let ticks = common::ticks::ConsoleWatch::start(&[net.console("a"), net.console("b")]);
+    net.guest_goes_on("a", &ticks);
+
+    let precopies = net.log("a").matches("vm.live.precopy").count();
+    let out = std::thread::scope(|s| {
+        let switchover = s.spawn(|| net.ferry("a", &["cluster", "switchover", "web"]));
+        wait_for(60, "the RAM copy under way", || {
+            net.log("a").matches("vm.live.precopy").count() > precopies
+        });
+        wait_for(10, "b's waiting QEMU", || {
+            children_named(net.agent_pid("b"), "qemu-system").len() == 1
+        });
+        net.drop_in_ns("a", "b", "tcp dport 7360");
+        switchover.join().unwrap()
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the switchover with b's API cut off: {err}");
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        net.log("a").contains("vm.live.completed"),
+        "the RAM did not reach b: {err}"
+    );
+    net.guest_goes_on("a", &ticks);
+    assert!(alive(qemu_a));
+    assert_eq!(net.status("a", "web")["primary"], "a");
+    assert_eq!(
+        children_named(net.agent_pid("b"), "qemu-system").len(),
+        1,
+        "b's waiting VM (its cancel was lost)"
+    );
+    assert_eq!(net.status("b", "web")["vm"], "incoming");
+
+    // a dies; b fails over and boots the VM anew.
+    let before = console(&net.console("a")).0.unwrap();
+    wait_for(30, "the next record at a", || {
+        console(&net.console("a")).0.is_some_and(|n| n > before)
+    });
+    let (killed, killed_at) = (Instant::now(), std::time::SystemTime::now());
+    net.crash("a");
+    wait_for(5, "a's QEMU to die with its agent", || !alive(qemu_a));
+    let last_a = console(&net.console("a")).0.unwrap();
+    let verified = net.cold_boot_at_b(killed, killed_at);
+    assert!(
+        verified > last_a,
+        "records acknowledged at a: 0..={last_a}, found at b: {verified}"
+    );
+    let (ticks, r) = ticks.finish();
+    assert_eq!(r.boot_ids.len(), 2, "a's boot, then b's: {r:?}");
+    let first_boot = &ticks[0].line.boot_id;
+    assert!(
+        ticks
+            .iter()
+            .filter(|t| t.file == 1)
+            .all(|t| &t.line.boot_id != first_boot),
+        "b continued the stale guest"
+    );
+    net.ok("b", &["workload", "stop", "web"]);
 }

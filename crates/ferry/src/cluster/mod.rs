@@ -307,6 +307,19 @@ impl ClusterView {
                     .ok()
                     .flatten()
             });
+            // Where its VM is (a live switchover's check waits for
+            // `running` at the peer).
+            let vms = &ctx.hook_env().vms;
+            v["vm"] = match &spec {
+                Some(s) if s.vm.is_some() && vms.is_running(&s.name) => {
+                    json!(if vms.is_incoming(&s.name) {
+                        "incoming"
+                    } else {
+                        "running"
+                    })
+                }
+                _ => Value::Null,
+            };
             v["copies"] = json!(spec.map(|s| kept_copies(ctx, &s)).unwrap_or_default());
         }
         let witness = ctx.cfg().cluster.as_ref().and_then(|c| {
@@ -363,7 +376,12 @@ const DATAGRAMS_PER_TURN_MAX: usize = 256;
 pub(super) enum Job {
     Fence,
     Resume,
-    Promote { force: bool },
+    /// `handed_over`: the peer had resigned (its last heartbeat said so),
+    /// so a VM it moved here live may continue.
+    Promote {
+        force: bool,
+        handed_over: bool,
+    },
     Demote,
 }
 
@@ -1197,7 +1215,8 @@ impl Manager {
             Action::Resume => {}
             Action::Promote => {
                 let force = self.slots.get(w).is_some_and(|s| s.node.promoted_forced());
-                self.job(w, Job::Promote { force })
+                let handed_over = self.slots.get(w).is_some_and(|s| s.node.peer_resigning());
+                self.job(w, Job::Promote { force, handed_over })
             }
             Action::Demote => self.job(w, Job::Demote),
             Action::Failback => self.failback(w),
@@ -1420,8 +1439,18 @@ fn worker<H: Host + ?Sized>(
                 serving = true;
                 r
             }
-            Job::Promote { force } => {
+            Job::Promote { force, handed_over } => {
                 serving = true;
+                // Not a hand-over (a failover, a forced promotion): a VM
+                // waiting here for the peer's RAM holds a state the peer
+                // may have left behind since (it served again after a
+                // resignation nobody took up, its cancel lost): it never
+                // continues; the start boots the VM anew from the disks.
+                let vms = &ctx.hook_env().vms;
+                if !handed_over && vms.is_incoming(workload) {
+                    tracing::warn!(workload, "cluster.promote.stale_waiting_vm: ended, not continued (the peer did not hand the workload over)");
+                    vms.kill(workload);
+                }
                 // The witness already names this node primary: a transient
                 // failure (a busy lock) must not leave the workload unserved.
                 let mut r = promote(ctx, workload, peer, force);
@@ -1547,9 +1576,47 @@ fn resume<H: Host + ?Sized>(ctx: &H, workload: &str, start: bool) -> Result<()> 
     }
     if start {
         vip(&spec, true)?;
+        end_peer_waiting_vm(ctx, &spec);
         start_app(ctx, &spec);
     }
     Ok(())
+}
+
+/// Before this node starts the VM of `spec` anew (not a live move's VM
+/// continued: a resignation nobody took up, a failover): a VM the peer
+/// holds waiting for this workload's RAM is older than the disks this one
+/// will write (the source's VM quit at the switchover's commit), so a later
+/// promotion there must never continue it. The peer ends it (best effort,
+/// on a thread; it refuses if it serves the workload, and the promotion it
+/// would need cannot happen while this node holds the lease).
+fn end_peer_waiting_vm<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) {
+    if spec.vm.is_none() || ctx.hook_env().vms.is_incoming(&spec.name) {
+        return;
+    }
+    let Some(cfg) = ctx.cfg().cluster.as_ref() else {
+        return;
+    };
+    let Some(peer) = ctx.peers().get(&cfg.peer) else {
+        return;
+    };
+    let (Ok(client), Ok(name)) = (
+        crate::transport::client::ApiClient::to_peer(ctx.identity(), &peer),
+        ferry_core::Name::parse(&spec.name),
+    ) else {
+        return;
+    };
+    let workload = spec.name.to_string();
+    std::thread::spawn(
+        move || match client.send(&ferry_api::Action::CancelVmIncoming { name }) {
+            Ok(ferry_api::Reply::VmIncomingCancelled(r)) if r.vm_ended => {
+                tracing::warn!(workload = %workload, "cluster.peer_waiting_vm_ended: the peer held this workload's VM waiting for a live move's RAM; it is stale now")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(workload = %workload, error = %format!("{e:#}"), "cluster.peer_waiting_vm.unknown")
+            }
+        },
+    );
 }
 
 fn start_app<H: Host + ?Sized>(ctx: &H, spec: &WorkloadSpec) {
@@ -1614,6 +1681,7 @@ fn promote_volumes<H: Host + ?Sized>(
         }
     }
     vip(spec, true)?;
+    end_peer_waiting_vm(ctx.as_ref(), spec);
     start_app(ctx, spec);
     Ok(())
 }
@@ -1815,6 +1883,8 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
                 ctx.cfg().vm.clone(),
             )
         }),
+        moved_unix_us: None,
+        continued_unix_us: None,
     };
     let ran = crate::handover::run(plan, &members, &mut side, workload)
         .map_err(|e| anyhow!("switchover of {workload}: {e}"))?;
@@ -1826,6 +1896,9 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
             let why = match &abort {
                 Abort::Differs { why, .. } | Abort::Compare { why, .. } => {
                     format!("{why}: not switching over")
+                }
+                Abort::VmMove(why) => {
+                    format!("the VM's live move failed ({why}); the guest goes on here")
                 }
                 a => a.why().to_string(),
             };
@@ -1839,16 +1912,31 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
                     .map_or(0, |(a, f)| a.saturating_sub(f) / 1000)
             };
             let verified_ms = since_freeze(t.at(ferry_core::handover::Step::Verified));
-            let downtime_ms = t.downtime_us().unwrap_or(0) / 1000;
+            let vm = side.live.as_ref().map(|l| {
+                l.report(
+                    side.continued_unix_us,
+                    crate::vm::live::steps_unix_us(t, side.moved_unix_us),
+                )
+            });
+            // A live move: the downtime is the guest's pause.
+            let downtime_ms = match vm.as_ref().and_then(|v| v.downtime_ms) {
+                Some(d) => d.round() as u64,
+                None => t.downtime_us().unwrap_or(0) / 1000,
+            };
             tracing::info!(workload, to = %cfg.peer, downtime_ms, verified_ms, live, "cluster.switchover.done");
-            Ok(json!({
+            let mut reply = json!({
                 "workload": workload,
                 "from": ctx.identity().node_name,
                 "to": cfg.peer,
                 "verified_ms": verified_ms,
                 "downtime_ms": downtime_ms,
-                "vm": side.live.as_ref().map(|l| l.report(None, [None; 4])),
-            }))
+            });
+            // Only a VM that moved has a `vm` report (the reply's type
+            // omits it otherwise: a `null` would not survive the typing).
+            if let Some(vm) = vm {
+                reply["vm"] = serde_json::to_value(vm)?;
+            }
+            Ok(reply)
         }
         // The peer never reported serving (a switchover never commits
         // partly: its commit is this node's resignation).
@@ -1879,6 +1967,10 @@ struct SwitchoverSide<'a, H: Host + ?Sized> {
     peer: &'a str,
     /// The VM moves live (the plan's `live_vm`).
     live: Option<crate::vm::live::LiveMove>,
+    /// When the VM's move completed (this node's clock, µs since the epoch).
+    moved_unix_us: Option<u64>,
+    /// When the check first saw the peer's VM running (continued).
+    continued_unix_us: Option<u64>,
 }
 
 impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
@@ -1920,7 +2012,9 @@ impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
             .as_mut()
             .ok_or_else(|| "no live move was planned".to_string())?
             .run()
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        self.moved_unix_us = Some(crate::vm::live::now_unix_us());
+        Ok(())
     }
 
     fn resume_source_vm(&mut self) {
@@ -1935,15 +2029,19 @@ impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
         }
     }
 
-    /// Whether the peer serves the workload now.
+    /// Whether the peer serves the workload now (a VM that moved live:
+    /// and its VM runs there, continued by the peer's promotion).
     fn check(&mut self) -> std::result::Result<(), String> {
         let v = self.client.get("/api/v1/cluster").unwrap_or(Value::Null);
-        let serving = v["workloads"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|w| w["workload"] == self.workload && w["primary"] == self.peer);
+        let serving = v["workloads"].as_array().into_iter().flatten().any(|w| {
+            w["workload"] == self.workload
+                && w["primary"] == self.peer
+                && (self.live.is_none() || w["vm"] == "running")
+        });
         if serving {
+            if self.live.is_some() {
+                self.continued_unix_us = Some(crate::vm::live::now_unix_us());
+            }
             Ok(())
         } else {
             Err(format!(

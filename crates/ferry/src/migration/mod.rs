@@ -744,7 +744,7 @@ pub fn cutover_with<H: Host + ?Sized>(
     let vm_report = match &side.live {
         Some(l) => Some(l.report(
             side.continued_unix_us,
-            live_steps_unix_us(&ran.timeline, side.moved_unix_us),
+            crate::vm::live::steps_unix_us(&ran.timeline, side.moved_unix_us),
         )),
         None => spec.vm.as_ref().map(|_| ferry_api::reply::VmMoveReport {
             mode: "cold".into(),
@@ -894,27 +894,6 @@ fn cutover_report(
         vm: None,
         reverse_cutover: None,
     }
-}
-
-/// When the freeze, the drain, the verification and the commit ended, on
-/// this node's clock (µs since the epoch), from the machine's timeline and
-/// the moment the VM's move completed.
-fn live_steps_unix_us(
-    t: &ferry_core::handover::Timeline,
-    moved_unix_us: Option<u64>,
-) -> [Option<u64>; 4] {
-    use ferry_core::handover::Step;
-    let base = moved_unix_us.zip(t.at(Step::VmMoved));
-    let at = |s: Step| {
-        let (unix, rel) = base?;
-        Some(unix + t.at(s)?.saturating_sub(rel))
-    };
-    [
-        at(Step::Frozen),
-        at(Step::Drained),
-        at(Step::Verified),
-        at(Step::Committed),
-    ]
 }
 
 /// What a cutover does that is not a member's: the hooks, the commit (one

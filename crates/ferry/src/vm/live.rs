@@ -519,6 +519,27 @@ impl LiveMove {
     }
 }
 
+/// When the freeze, the drain, the verification and the commit ended, on
+/// this node's clock (µs since the epoch), from the machine's timeline and
+/// the moment the VM's move completed.
+pub fn steps_unix_us(
+    t: &ferry_core::handover::Timeline,
+    moved_unix_us: Option<u64>,
+) -> [Option<u64>; 4] {
+    use ferry_core::handover::Step;
+    let base = moved_unix_us.zip(t.at(Step::VmMoved));
+    let at = |s: Step| {
+        let (unix, rel) = base?;
+        Some(unix + t.at(s)?.saturating_sub(rel))
+    };
+    [
+        at(Step::Frozen),
+        at(Step::Drained),
+        at(Step::Verified),
+        at(Step::Committed),
+    ]
+}
+
 /// This node's clock now, µs since the epoch (for [`LiveMove::report`]).
 pub fn now_unix_us() -> u64 {
     unix_us()
