@@ -116,6 +116,11 @@ pub struct Takeover {
     pub shares: Vec<String>,
     pub reverse_to: Option<String>,
     pub mode: Option<String>,
+    /// A live VM move's token (`vm-incoming`'s reply): the VM waiting here
+    /// with that move's RAM is the one the workload's start continues.
+    /// Without it, a VM waiting here is ended and booted anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_token: Option<String>,
 }
 
 /// `POST /api/v1/workloads/{name}/vm-incoming`: a live VM move begins.

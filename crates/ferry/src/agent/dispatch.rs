@@ -343,13 +343,15 @@ async fn run(ctx: &Arc<AgentCtx>, who: &Asker, action: Action, op: Option<&str>)
         Action::Takeover { name, req } => {
             let mode = parse_mode(req.mode.as_deref())?;
             let promoted = blocking(move || {
-                ctx.commit_takeover(
+                let promoted = ctx.commit_takeover(
                     &name,
                     &req.volumes,
                     &req.shares,
                     req.reverse_to.as_deref(),
                     mode,
-                )
+                )?;
+                ctx.settle_incoming_at_commit(&name, req.vm_token.as_deref());
+                anyhow::Ok(promoted)
             })
             .await?;
             Reply::TakenOver(r::TakenOver {

@@ -19,6 +19,8 @@ use crate::volume::standby::StandbyDevice;
 struct Waiting {
     /// The token the source's stream must present (taken by its first use).
     token: Option<String>,
+    /// The move's token as the commit presents it (kept).
+    move_token: String,
     /// QEMU's `-incoming` socket.
     socket: PathBuf,
     /// The node the VM moves from.
@@ -124,6 +126,7 @@ impl AgentCtx {
             workload.to_string(),
             Waiting {
                 token: Some(token.clone()),
+                move_token: token.clone(),
                 socket,
                 source: source.to_string(),
             },
@@ -168,6 +171,44 @@ impl AgentCtx {
                 Err("wrong stream token for this live move".into())
             }
             None => Err("this live move's stream was already opened".into()),
+        }
+    }
+
+    /// At a cutover's commit here: a VM waiting for `workload` continues at
+    /// the workload's start only if the commit names its move (`vm_token`);
+    /// any other waiting VM holds a state that may be stale and is ended.
+    pub fn settle_incoming_at_commit(&self, workload: &str, vm_token: Option<&str>) {
+        if !self.vms.is_incoming(workload) {
+            return;
+        }
+        let matches = {
+            let w = lock(&self.incoming_vms.waiting);
+            match (w.get(workload), vm_token) {
+                (Some(e), Some(t)) => crate::transport::identity::constant_time_eq(
+                    e.move_token.as_bytes(),
+                    t.as_bytes(),
+                ),
+                _ => false,
+            }
+        };
+        if matches {
+            self.vms.arm_incoming(workload);
+            lock(&self.incoming_vms.waiting).remove(workload);
+            tracing::info!(
+                workload,
+                "vm.incoming.armed: the committed move's VM continues at the start"
+            );
+        } else {
+            tracing::warn!(
+                workload,
+                "vm.incoming.stale: the commit does not name the move this VM waits for; ended"
+            );
+            let volumes = crate::workload::load_workload(&self.cfg.data_dir, workload)
+                .ok()
+                .flatten()
+                .map(|s| s.volumes)
+                .unwrap_or_default();
+            self.end_incoming(workload, &volumes);
         }
     }
 

@@ -1450,6 +1450,10 @@ fn worker<H: Host + ?Sized>(
                 if !handed_over && vms.is_incoming(workload) {
                     tracing::warn!(workload, "cluster.promote.stale_waiting_vm: ended, not continued (the peer did not hand the workload over)");
                     vms.kill(workload);
+                } else if handed_over {
+                    // The peer resigned after its VM's RAM came here: the
+                    // start continues it.
+                    vms.arm_incoming(workload);
                 }
                 // The witness already names this node primary: a transient
                 // failure (a busy lock) must not leave the workload unserved.

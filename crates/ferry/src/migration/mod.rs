@@ -957,14 +957,20 @@ impl<H: Host + ?Sized> crate::handover::Side for CutoverSide<'_, H> {
     /// may have lost the answer: the machine asks the target what it serves.
     fn commit(&mut self) -> ferry_core::handover::CommitAnswer {
         use ferry_core::handover::CommitAnswer;
+        let mut body = json!({
+            "volumes": self.spec.volumes,
+            "shares": self.spec.shares,
+            "reverse_to": self.me,
+            "mode": self.mode,
+        });
+        // Only when there is one: a previous release's target refuses
+        // fields it does not know (a rolling upgrade moves cold).
+        if let Some(t) = self.live.as_ref().and_then(|l| l.token()) {
+            body["vm_token"] = json!(t);
+        }
         match self.client.post(
             &format!("/api/v1/workloads/{}/takeover", self.workload),
-            &json!({
-                "volumes": self.spec.volumes,
-                "shares": self.spec.shares,
-                "reverse_to": self.me,
-                "mode": self.mode,
-            }),
+            &body,
         ) {
             Ok(_) => CommitAnswer::Committed,
             Err(e) => CommitAnswer::Lost(format!("{e:#}")),

@@ -50,7 +50,7 @@ pub enum LiveError {
         #[source]
         source: QmpError,
     },
-    #[error("{target} could not start the VM waiting for the move: {why}")]
+    #[error("{target} could not start the VM waiting for the move: {why} (a node of a previous release? cut over with --cold)")]
     Prepare { target: String, why: String },
     #[error("the RAM stream to {target}: {why}")]
     Stream { target: String, why: String },
@@ -111,6 +111,9 @@ pub struct LiveMove {
     stop_at_unix_us: Option<u64>,
     stats: QemuMigrationStats,
     stream_bytes: u64,
+    /// The move's token (the target's `vm-incoming` reply); the commit
+    /// names it so the target continues this move's VM and no other.
+    token: Option<String>,
 }
 
 impl LiveMove {
@@ -141,6 +144,7 @@ impl LiveMove {
             stop_at_unix_us: None,
             stats: QemuMigrationStats::default(),
             stream_bytes: 0,
+            token: None,
         }
     }
 
@@ -215,7 +219,10 @@ impl LiveMove {
                 why: format!("{e:#}"),
             })?;
         let token = match ready {
-            ferry_api::Reply::VmIncomingReady(r) => r.token,
+            ferry_api::Reply::VmIncomingReady(r) => {
+                self.token = Some(r.token.clone());
+                r.token
+            }
             other => {
                 return Err(LiveError::Prepare {
                     target: self.target.clone(),
@@ -460,6 +467,11 @@ impl LiveMove {
             }
         }
         *lock(&self.progress) = None;
+    }
+
+    /// The move's token, once the target's VM waits for it.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     /// Waits (briefly) for the RAM stream's end, once the pause is over.

@@ -75,6 +75,9 @@ struct VmProc {
     qmp: PathBuf,
     /// Started paused, waiting for a live move's RAM (not yet continued).
     incoming: std::sync::atomic::AtomicBool,
+    /// The move it waits for was committed here ([`Vms::arm_incoming`]):
+    /// only then does the workload's start continue it.
+    armed: std::sync::atomic::AtomicBool,
 }
 
 /// Running VMs of this node, by workload.
@@ -163,9 +166,32 @@ impl Vms {
         lock(&self.running).get(workload).map(|p| p.qmp.clone())
     }
 
+    /// The live move the waiting VM of `workload` holds was committed here
+    /// (a cutover's takeover with its token, an HA hand-over): the next
+    /// [`Vms::start`] continues it. `false` when no VM waits.
+    pub fn arm_incoming(&self, workload: &str) -> bool {
+        match lock(&self.running).get(workload) {
+            Some(p) if p.incoming.load(std::sync::atomic::Ordering::SeqCst) => {
+                p.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn is_armed(&self, workload: &str) -> bool {
+        lock(&self.running)
+            .get(workload)
+            .is_some_and(|p| p.armed.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
     /// Starts the VM of `workload` on this node's exports of `volumes`. A VM
-    /// a live move brought here (paused, its RAM complete) is continued
-    /// instead; one whose move did not complete is ended and booted anew.
+    /// a live move brought here whose move was committed here
+    /// ([`Vms::arm_incoming`]; paused, its RAM complete) is continued
+    /// instead. Any other waiting VM holds a state that may be stale (a move
+    /// aborted after its RAM arrived, its cancel lost): it is ended and the
+    /// VM booted anew from the disks; so is one whose move did not
+    /// complete.
     pub fn start(
         self: &Arc<Self>,
         data_dir: &std::path::Path,
@@ -176,11 +202,16 @@ impl Vms {
         settings: &VmSettings,
     ) -> Result<()> {
         if self.is_incoming(workload) {
-            match self.continue_incoming(workload, settings) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(workload, error = %format!("{e:#}"), "vm.incoming.not_continued: booting it anew");
-                    self.kill(workload);
+            if !self.is_armed(workload) {
+                tracing::warn!(workload, "vm.incoming.stale: a VM waited here for a move that was not committed here; ended, booting anew");
+                self.kill(workload);
+            } else {
+                match self.continue_incoming(workload, settings) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(workload, error = %format!("{e:#}"), "vm.incoming.not_continued: booting it anew");
+                        self.kill(workload);
+                    }
                 }
             }
         }
@@ -382,6 +413,7 @@ impl Vms {
                         child: child.clone(),
                         qmp: qmp_path,
                         incoming: std::sync::atomic::AtomicBool::new(incoming),
+                        armed: std::sync::atomic::AtomicBool::new(false),
                     }),
                 );
                 let _ = tx.send(Ok(()));
