@@ -393,3 +393,72 @@ fn cold_keeps_the_stop_and_boot() {
     assert!(console(&con(&b)).1.unwrap() > last_a);
     b.ok(&["workload", "stop", "vm"]);
 }
+
+/// An nftables table of this test's, deleted when dropped (even on failure).
+struct NftTable(String);
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn a_vm_left_waiting_by_an_aborted_move_is_never_continued() {
+    // A move aborts after its RAM reached b while b's API is refused (the
+    // stop hook, which runs once the RAM is at b, rejects connections to
+    // b's API port): the source's cancel is lost, and b's VM keeps waiting
+    // with RAM the guest at a has moved on from. A later cold cutover must
+    // boot the guest anew at b from its disks, never continue that VM.
+    require("nft");
+    let armed = tempfile::NamedTempFile::new().unwrap().path().with_extension("armed");
+    let port_file = armed.with_extension("port");
+    let table = format!("ferrylive{}", std::process::id());
+    let _table = NftTable(table.clone());
+    let hook = format!(
+        "if rm {armed} 2>/dev/null; then nft add table inet {table} && \
+         nft add chain inet {table} out '{{ type filter hook output priority 0; }}' && \
+         nft add rule inet {table} out ip daddr 127.0.0.1 tcp dport $(cat {port}) reject with tcp reset; fi",
+        armed = armed.display(),
+        port = port_file.display(),
+    );
+    let (_root, a, b) = vm_at_a("", &["--stop", &hook]);
+    std::fs::write(&port_file, b.api.rsplit(':').next().unwrap()).unwrap();
+    migrate_until_ready(&a);
+    let ticks = ConsoleWatch::start(&[con(&a), con(&b)]);
+    std::fs::write(&armed, "").unwrap();
+    let err = cutover_fails(&a);
+    assert!(!armed.exists(), "the stop hook did not run: {err}");
+    let _ = Command::new("nft")
+        .args(["delete", "table", "inet", &table])
+        .output();
+    still_running_at(&a, &ticks);
+    assert_eq!(a.status("disk")["role"], "primary");
+    assert_eq!(
+        qemu_pids_under(&b.dir).len(),
+        1,
+        "b's VM should still wait (the cancel was lost): {err}"
+    );
+    let boots_before = ticks.ticks().last().map(|t| t.line.boot_id.clone()).unwrap();
+
+    // The cold cutover: b boots the guest from its disks.
+    wait_until(60, "ready again", || phase(&a, "vm") == "ready");
+    let last_a = console(&con(&a)).0.unwrap();
+    let report = a.json(&["migrate", "cutover", "vm", "--cold"]);
+    assert_eq!(report["target_healthy"], true, "{report}");
+    wait_until(120, "the guest boots anew at b", || console(&con(&b)).1.is_some());
+    assert!(console(&con(&b)).1.unwrap() > last_a);
+    wait_until(60, "ticks of the new boot at b", || {
+        ticks
+            .ticks()
+            .last()
+            .is_some_and(|t| t.file == 1 && t.line.boot_id != boots_before)
+    });
+    assert!(
+        b.log_text().contains("vm.incoming.stale"),
+        "b did not say it ended the stale VM"
+    );
+    b.ok(&["workload", "stop", "vm"]);
+}
