@@ -413,7 +413,10 @@ fn a_vm_left_waiting_by_an_aborted_move_is_never_continued() {
     // with RAM the guest at a has moved on from. A later cold cutover must
     // boot the guest anew at b from its disks, never continue that VM.
     require("nft");
-    let armed = tempfile::NamedTempFile::new().unwrap().path().with_extension("armed");
+    let armed = tempfile::NamedTempFile::new()
+        .unwrap()
+        .path()
+        .with_extension("armed");
     let port_file = armed.with_extension("port");
     let table = format!("ferrylive{}", std::process::id());
     let _table = NftTable(table.clone());
@@ -441,14 +444,20 @@ fn a_vm_left_waiting_by_an_aborted_move_is_never_continued() {
         1,
         "b's VM should still wait (the cancel was lost): {err}"
     );
-    let boots_before = ticks.ticks().last().map(|t| t.line.boot_id.clone()).unwrap();
+    let boots_before = ticks
+        .ticks()
+        .last()
+        .map(|t| t.line.boot_id.clone())
+        .unwrap();
 
     // The cold cutover: b boots the guest from its disks.
     wait_until(60, "ready again", || phase(&a, "vm") == "ready");
     let last_a = console(&con(&a)).0.unwrap();
     let report = a.json(&["migrate", "cutover", "vm", "--cold"]);
     assert_eq!(report["target_healthy"], true, "{report}");
-    wait_until(120, "the guest boots anew at b", || console(&con(&b)).1.is_some());
+    wait_until(120, "the guest boots anew at b", || {
+        console(&con(&b)).1.is_some()
+    });
     assert!(console(&con(&b)).1.unwrap() > last_a);
     wait_until(60, "ticks of the new boot at b", || {
         ticks

@@ -78,6 +78,9 @@ struct VmProc {
     /// The move it waits for was committed here ([`Vms::arm_incoming`]):
     /// only then does the workload's start continue it.
     armed: std::sync::atomic::AtomicBool,
+    /// A waiting VM's QMP connection, kept open from its start so that its
+    /// `cont` (inside the guest's pause) does not pay for a new one.
+    waiting_qmp: Mutex<Option<qmp::Qmp>>,
 }
 
 /// Running VMs of this node, by workload.
@@ -251,6 +254,9 @@ impl Vms {
                 "migrate-incoming",
                 serde_json::json!({"uri": format!("unix:{}", sock.display())}),
             )?;
+            if let Some(p) = lock(&self.running).get(workload) {
+                *lock(&p.waiting_qmp) = Some(q);
+            }
             anyhow::Ok(sock)
         })();
         if set_up.is_err() {
@@ -265,7 +271,13 @@ impl Vms {
         let qmp_path = self
             .qmp_path(workload)
             .ok_or_else(|| anyhow!("no VM of {workload:?} runs here"))?;
-        let mut q = connect_qmp(&qmp_path, settings)?;
+        let kept = lock(&self.running)
+            .get(workload)
+            .and_then(|p| lock(&p.waiting_qmp).take());
+        let mut q = match kept {
+            Some(q) => q,
+            None => connect_qmp(&qmp_path, settings)?,
+        };
         let deadline = Instant::now() + Duration::from_millis(settings.incoming_timeout_ms);
         loop {
             let st = q.execute("query-status", serde_json::Value::Null)?;
@@ -283,7 +295,7 @@ impl Vms {
                     settings.incoming_timeout_ms
                 );
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(1));
         }
         q.execute("cont", serde_json::Value::Null)?;
         if let Some(p) = lock(&self.running).get(workload) {
@@ -414,6 +426,7 @@ impl Vms {
                         qmp: qmp_path,
                         incoming: std::sync::atomic::AtomicBool::new(incoming),
                         armed: std::sync::atomic::AtomicBool::new(false),
+                        waiting_qmp: Mutex::new(None),
                     }),
                 );
                 let _ = tx.send(Ok(()));
