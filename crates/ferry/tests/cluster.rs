@@ -2660,27 +2660,6 @@ fn live_guest() -> (PathBuf, PathBuf) {
     build_guest("live.sh", "guest-live")
 }
 
-/// What the ticks of live moves show: one boot id and one pid ticked with
-/// no seq missing; returns the longest gap between two ticks (ms) and how
-/// many there were.
-fn one_life(watch: common::ticks::ConsoleWatch) -> (f64, usize) {
-    let (ticks, r) = watch.finish();
-    assert!(ticks.len() > 10, "too few ticks: {}", ticks.len());
-    assert_eq!(
-        r.boot_ids.len(),
-        1,
-        "the guest rebooted: boot ids {:?}",
-        r.boot_ids
-    );
-    assert_eq!(r.pids.len(), 1, "the ticking process changed: {:?}", r.pids);
-    assert_eq!(r.seq_holes, 0, "ticks lost or repeated: {r:?}");
-    eprintln!(
-        "ticks: {}, median period {:?}, largest gap {:?} between {:?} and {:?}",
-        r.ticks, r.median_period, r.max_gap, r.max_gap_after, r.max_gap_before
-    );
-    (r.max_gap.as_secs_f64() * 1000.0, r.ticks)
-}
-
 impl Net {
     /// The guest ticks and writes on at `n`: 20 more ticks (either
     /// console) and 3 more records in `n`'s console, within 60 s.
@@ -2846,7 +2825,7 @@ fn a_vm_workload_switches_over_live_and_back_without_a_reboot_or_a_lost_record()
     net.moved_live(&back, ("b", "a"), qemu_b, last_b, len_a, &ticks);
     let seen_back = Net::pause_seen(&ticks, (1, 0), replied);
 
-    let (gap, count) = one_life(ticks);
+    let (gap, count) = common::ticks::one_life(ticks);
     eprintln!(
         "live switchovers: a→b downtime_ms {} (vm {}), b→a downtime_ms {} (vm {}); largest tick gap {gap:.1} ms over {} ticks",
         there["downtime_ms"],
@@ -2933,7 +2912,7 @@ fn a_vm_switchover_whose_live_move_fails_leaves_the_guest_running_at_the_source(
     let len_b = net.console_len("b");
     let v = net.json("a", &["cluster", "switchover", "web"]);
     net.moved_live(&v, ("a", "b"), qemu_a, last_a, len_b, &ticks);
-    let (gap, _) = one_life(ticks);
+    let (gap, _) = common::ticks::one_life(ticks);
     eprintln!(
         "after a failed live switchover and one that went through (downtime_ms {}): largest tick gap {gap:.1} ms",
         v["downtime_ms"]

@@ -17,26 +17,6 @@ use common::records::guest_console as console;
 use common::ticks::ConsoleWatch;
 use common::*;
 
-/// What the ticks of a live move show: one boot id and one pid ticked with
-/// no seq missing; returns the longest gap between two ticks (ms).
-fn one_life(watch: ConsoleWatch) -> f64 {
-    let (ticks, r) = watch.finish();
-    assert!(ticks.len() > 10, "too few ticks: {}", ticks.len());
-    assert_eq!(
-        r.boot_ids.len(),
-        1,
-        "the guest rebooted: boot ids {:?}",
-        r.boot_ids
-    );
-    assert_eq!(r.pids.len(), 1, "the ticking process changed: {:?}", r.pids);
-    assert_eq!(r.seq_holes, 0, "ticks lost or repeated: {r:?}");
-    eprintln!(
-        "ticks: {}, median period {:?}, largest gap {:?} between {:?} and {:?}",
-        r.ticks, r.median_period, r.max_gap, r.max_gap_after, r.max_gap_before
-    );
-    r.max_gap.as_secs_f64() * 1000.0
-}
-
 fn guest() -> (PathBuf, PathBuf) {
     require("qemu-system-x86_64");
     let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -209,7 +189,7 @@ fn a_vm_moves_live_to_b_and_back_without_a_reboot_or_a_lost_record() {
     );
     assert_eq!(back["vm"]["mode"], "live", "{back}");
     still_running_at(&a, &ticks);
-    let gap = one_life(ticks);
+    let (gap, _) = common::ticks::one_life(ticks);
     eprintln!(
         "live moves: guest pause a→b {} ms, b→a {} ms (reports); largest tick gap seen {gap:.1} ms",
         report["downtime_ms"], back["downtime_ms"],
@@ -363,7 +343,7 @@ fn failures_before_the_commit_leave_the_guest_running_at_the_source() {
     let report = a.json(&["migrate", "cutover", "vm"]);
     assert_eq!(report["vm"]["mode"], "live", "{report}");
     still_running_at(&b, &ticks);
-    let gap = one_life(ticks);
+    let (gap, _) = common::ticks::one_life(ticks);
     eprintln!("after three aborted moves and one that went through: largest tick gap {gap:.1} ms");
     assert_eq!(console(&con(&b)).1, None, "the guest booted again at b");
     b.ok(&["workload", "stop", "vm"]);

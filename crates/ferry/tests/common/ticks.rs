@@ -232,3 +232,25 @@ impl Drop for ConsoleWatch {
         }
     }
 }
+
+/// What the ticks of a live move show: one boot id and one pid ticked with
+/// no seq missing (asserted); the longest gap between two ticks (ms) and
+/// how many ticks there were.
+#[allow(dead_code)]
+pub fn one_life(watch: ConsoleWatch) -> (f64, usize) {
+    let (ticks, r) = watch.finish();
+    assert!(ticks.len() > 10, "too few ticks: {}", ticks.len());
+    assert_eq!(
+        r.boot_ids.len(),
+        1,
+        "the guest rebooted: boot ids {:?}",
+        r.boot_ids
+    );
+    assert_eq!(r.pids.len(), 1, "the ticking process changed: {:?}", r.pids);
+    assert_eq!(r.seq_holes, 0, "ticks lost or repeated: {r:?}");
+    eprintln!(
+        "ticks: {}, median period {:?}, largest gap {:?} between {:?} and {:?}",
+        r.ticks, r.median_period, r.max_gap, r.max_gap_after, r.max_gap_before
+    );
+    (r.max_gap.as_secs_f64() * 1000.0, r.ticks)
+}
