@@ -78,6 +78,18 @@ fn the_report_finds_the_pause_and_a_new_boot() {
     assert_eq!(r.median_period, Duration::from_millis(10));
     assert!(r.one_continuous_run(), "{r:?}");
 
+    // A live move that cut the guest's line in two: tick 5 is whole in
+    // neither console; not a lost tick.
+    let mut cut: Vec<Tick> = (0..5).map(|s| tick(ms(s * 10), 0, s, BOOT, 89)).collect();
+    cut.extend((6..10).map(|s| tick(ms(190 + s * 10), 1, s, BOOT, 89)));
+    let r = analyse(&cut);
+    assert_eq!((r.seq_holes, r.lines_cut_by_a_move), (0, 1), "{r:?}");
+    assert!(r.one_continuous_run(), "{r:?}");
+    // Two missing across a move are lost ticks.
+    let mut lost2: Vec<Tick> = (0..5).map(|s| tick(ms(s * 10), 0, s, BOOT, 89)).collect();
+    lost2.extend((7..10).map(|s| tick(ms(190 + s * 10), 1, s, BOOT, 89)));
+    assert_eq!(analyse(&lost2).seq_holes, 1);
+
     // A cold move: the target boots again (another boot id, seq from 0).
     let mut cold: Vec<Tick> = (0..5).map(|s| tick(ms(s * 10), 0, s, BOOT, 89)).collect();
     let other = "0b7ab5a8-2b8e-4c39-8a3d-0c7f4a8a2f11";

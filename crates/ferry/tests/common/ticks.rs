@@ -76,6 +76,13 @@ pub struct TickReport {
     pub pids: BTreeSet<u32>,
     /// Places where seq is not the previous seq + 1.
     pub seq_holes: usize,
+    /// Places where exactly one tick is missing where the console moved to
+    /// another file: the guest's line was cut by the move (its start in the
+    /// source's console, its end in the target's), so neither file holds it
+    /// whole. Not a lost tick: the serial stream is one stream that moved.
+    pub lines_cut_by_a_move: usize,
+    /// The first hole: the ticks (file, seq) on either side of it.
+    pub first_hole: Option<((usize, u64), (usize, u64))>,
 }
 
 impl TickReport {
@@ -91,6 +98,8 @@ pub fn analyse(ticks: &[Tick]) -> TickReport {
     let mut max_gap = Duration::ZERO;
     let (mut after, mut before) = (None, None);
     let mut seq_holes = 0;
+    let mut lines_cut = 0;
+    let mut first_hole = None;
     for w in ticks.windows(2) {
         let g = w[1].at.saturating_duration_since(w[0].at);
         if g > max_gap || after.is_none() {
@@ -100,7 +109,12 @@ pub fn analyse(ticks: &[Tick]) -> TickReport {
         }
         gaps.push(g);
         if w[1].line.seq != w[0].line.seq + 1 {
-            seq_holes += 1;
+            if w[0].file != w[1].file && w[1].line.seq == w[0].line.seq + 2 {
+                lines_cut += 1;
+            } else {
+                seq_holes += 1;
+                first_hole.get_or_insert(((w[0].file, w[0].line.seq), (w[1].file, w[1].line.seq)));
+            }
         }
     }
     gaps.sort();
@@ -113,6 +127,8 @@ pub fn analyse(ticks: &[Tick]) -> TickReport {
         boot_ids: ticks.iter().map(|t| t.line.boot_id.clone()).collect(),
         pids: ticks.iter().map(|t| t.line.pid).collect(),
         seq_holes,
+        lines_cut_by_a_move: lines_cut,
+        first_hole,
     }
 }
 
