@@ -1865,7 +1865,15 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
     let plan = ferry_core::handover::Plan {
         kind: ferry_core::handover::Kind::Switchover,
         members: members.len(),
-        drain_timeout_ms: ctx.cfg().migration.cutover_drain_timeout_ms,
+        // A live move drains with the guest paused: it gives up sooner.
+        drain_timeout_ms: if live {
+            ctx.cfg()
+                .vm
+                .drain_timeout_ms
+                .min(ctx.cfg().migration.cutover_drain_timeout_ms)
+        } else {
+            ctx.cfg().migration.cutover_drain_timeout_ms
+        },
         check: true,
         check_timeout_ms: SWITCHOVER_TAKEOVER_MS,
         check_retry_ms: 20,

@@ -704,7 +704,15 @@ pub fn cutover_with<H: Host + ?Sized>(
     let plan = Plan {
         kind: Kind::Cutover { reverse_on_failure },
         members: members.len(),
-        drain_timeout_ms: ctx.cfg().migration.cutover_drain_timeout_ms,
+        // A live move drains with the guest paused: it gives up sooner.
+        drain_timeout_ms: if live {
+            ctx.cfg()
+                .vm
+                .drain_timeout_ms
+                .min(ctx.cfg().migration.cutover_drain_timeout_ms)
+        } else {
+            ctx.cfg().migration.cutover_drain_timeout_ms
+        },
         check: spec.check.is_some(),
         check_timeout_ms: spec.hook_timeout_ms,
         check_retry_ms: CHECK_RETRY_MS,

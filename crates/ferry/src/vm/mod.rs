@@ -52,6 +52,10 @@ pub struct VmSettings {
     /// The RAM stream ends as failed when no byte went either way for this
     /// long (both ends).
     pub stream_idle_timeout_ms: u64,
+    /// A live move flushes and drains its volumes with the guest paused:
+    /// they give up after this long (at most the migration's
+    /// `cutover_drain_timeout_ms`), and the guest goes on at the source.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for VmSettings {
@@ -64,6 +68,7 @@ impl Default for VmSettings {
             incoming_timeout_ms: 10_000,
             qmp_timeout_ms: 10_000,
             stream_idle_timeout_ms: 60_000,
+            drain_timeout_ms: 5_000,
         }
     }
 }
