@@ -1895,7 +1895,6 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
                 ctx.cfg().vm.clone(),
             )
         }),
-        moved_unix_us: None,
         continued_unix_us: None,
     };
     let ran = crate::handover::run(plan, &members, &mut side, workload)
@@ -1924,12 +1923,10 @@ pub fn switchover<H: Host + ?Sized>(ctx: &Arc<H>, workload: &str) -> Result<Valu
                     .map_or(0, |(a, f)| a.saturating_sub(f) / 1000)
             };
             let verified_ms = since_freeze(t.at(ferry_core::handover::Step::Verified));
-            let vm = side.live.as_ref().map(|l| {
-                l.report(
-                    side.continued_unix_us,
-                    crate::vm::live::steps_unix_us(t, side.moved_unix_us),
-                )
-            });
+            let vm = side
+                .live
+                .as_ref()
+                .map(|l| l.report(side.continued_unix_us, t));
             // A live move: the downtime is the guest's pause.
             let downtime_ms = match vm.as_ref().and_then(|v| v.downtime_ms) {
                 Some(d) => d.round() as u64,
@@ -1979,8 +1976,6 @@ struct SwitchoverSide<'a, H: Host + ?Sized> {
     peer: &'a str,
     /// The VM moves live (the plan's `live_vm`).
     live: Option<crate::vm::live::LiveMove>,
-    /// When the VM's move completed (this node's clock, µs since the epoch).
-    moved_unix_us: Option<u64>,
     /// When the check first saw the peer's VM running (continued).
     continued_unix_us: Option<u64>,
 }
@@ -2024,9 +2019,7 @@ impl<H: Host + ?Sized> crate::handover::Side for SwitchoverSide<'_, H> {
             .as_mut()
             .ok_or_else(|| "no live move was planned".to_string())?
             .run()
-            .map_err(|e| e.to_string())?;
-        self.moved_unix_us = Some(crate::vm::live::now_unix_us());
-        Ok(())
+            .map_err(|e| e.to_string())
     }
 
     fn resume_source_vm(&mut self) {

@@ -743,17 +743,13 @@ pub fn cutover_with<H: Host + ?Sized>(
         reverse_report: None,
         live: live_move,
         shell_stopped: false,
-        moved_unix_us: None,
         continued_unix_us: None,
     };
     let ran = crate::handover::run(plan, &members, &mut side, workload)
         .map_err(|e| anyhow!("cutover of {workload}: {e}"))?;
     drop(members);
     let vm_report = match &side.live {
-        Some(l) => Some(l.report(
-            side.continued_unix_us,
-            crate::vm::live::steps_unix_us(&ran.timeline, side.moved_unix_us),
-        )),
+        Some(l) => Some(l.report(side.continued_unix_us, &ran.timeline)),
         None => spec.vm.as_ref().map(|_| ferry_api::reply::VmMoveReport {
             mode: "cold".into(),
             downtime_ms: None,
@@ -925,9 +921,7 @@ struct CutoverSide<'a, H: Host + ?Sized> {
     live: Option<crate::vm::live::LiveMove>,
     /// The shell stop hook ran (a rollback runs the start hook again).
     shell_stopped: bool,
-    /// This node's clock when the VM's move completed, and when the
-    /// target's VM continued (µs since the epoch).
-    moved_unix_us: Option<u64>,
+    /// This node's clock when the target's VM continued (µs since the epoch).
     continued_unix_us: Option<u64>,
 }
 
@@ -1064,15 +1058,11 @@ impl<H: Host + ?Sized> crate::handover::Side for CutoverSide<'_, H> {
     }
 
     fn move_vm(&mut self) -> std::result::Result<(), String> {
-        let l = self
-            .live
+        self.live
             .as_mut()
-            .ok_or_else(|| "no live move was planned".to_string())?;
-        let r = l.run().map_err(|e| e.to_string());
-        if r.is_ok() {
-            self.moved_unix_us = Some(crate::vm::live::now_unix_us());
-        }
-        r
+            .ok_or_else(|| "no live move was planned".to_string())?
+            .run()
+            .map_err(|e| e.to_string())
     }
 
     fn resume_source_vm(&mut self) {

@@ -111,6 +111,9 @@ pub struct LiveMove {
     stop_at_unix_us: Option<u64>,
     stats: QemuMigrationStats,
     stream_bytes: u64,
+    /// This node's clock when `run` returned the move completed (the
+    /// handover's `vm-moved` step), to place the timeline's steps.
+    moved_unix_us: Option<u64>,
     /// The move's token (the target's `vm-incoming` reply); the commit
     /// names it so the target continues this move's VM and no other.
     token: Option<String>,
@@ -145,6 +148,7 @@ impl LiveMove {
             stats: QemuMigrationStats::default(),
             stream_bytes: 0,
             token: None,
+            moved_unix_us: None,
         }
     }
 
@@ -395,6 +399,7 @@ impl LiveMove {
         tracing::info!(workload = %self.workload, target = %self.target,
             precopy_ms = ?self.precopy_ms, qemu_downtime_ms = ?self.stats.downtime_ms,
             "vm.live.completed: the source is paused, the target holds the RAM");
+        self.moved_unix_us = Some(unix_us());
         Ok(())
     }
 
@@ -508,13 +513,14 @@ impl LiveMove {
     }
 
     /// The report, once the target's VM continued at `continued_unix_us`
-    /// (this node's clock); `steps_unix_us`: when ferry's freeze, drain,
-    /// verification and commit ended.
+    /// (this node's clock); `t`: the handover's timeline, which says when
+    /// ferry's freeze, drain, verification and commit ended.
     pub fn report(
         &self,
         continued_unix_us: Option<u64>,
-        steps_unix_us: [Option<u64>; 4],
+        t: &ferry_core::handover::Timeline,
     ) -> VmMoveReport {
+        let steps_unix_us = steps_unix_us(t, self.moved_unix_us);
         let ms = |us: u64| (us as f64 / 100.0).round() / 10.0;
         let since_stop = |at: Option<u64>| Some(ms(at?.saturating_sub(self.stop_at_unix_us?)));
         VmMoveReport {
@@ -534,7 +540,7 @@ impl LiveMove {
 /// When the freeze, the drain, the verification and the commit ended, on
 /// this node's clock (µs since the epoch), from the machine's timeline and
 /// the moment the VM's move completed.
-pub fn steps_unix_us(
+fn steps_unix_us(
     t: &ferry_core::handover::Timeline,
     moved_unix_us: Option<u64>,
 ) -> [Option<u64>; 4] {
